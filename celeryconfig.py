@@ -1,0 +1,39 @@
+"""Celery settings, mapped from the orchestrator's typed settings (``orchestrator.settings.Settings``).
+
+``celery -A workers`` loads these through ``workers.app.create_app``; this module only maps settings onto Celery's
+keys and holds no other logic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.settings import Settings
+
+
+def from_settings(settings: Settings) -> dict[str, Any]:
+    """Celery configuration for ``settings``."""
+    return {
+        "broker_url": settings.effective_broker_url,
+        # Step state and outputs live in the orchestrator's own Redis hashes; Celery results would only cost commands.
+        "result_backend": None,
+        "task_ignore_result": True,
+        # JSON only: a pickled message is refused before it reaches any task.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # State is written before the message is acknowledged; a worker that dies hands its message back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Long LLM calls: one message per process slot, so a slow step never hoards work another worker could do.
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": settings.cpu_queue,
+        "task_create_missing_queues": True,
+        # Flower and event consumers see every task, with its sent time.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "imports": list(settings.imports),
+    }

@@ -1,0 +1,58 @@
+"""A distributed orchestrator for multi-step LLM workflows on Celery and Redis."""
+
+from orchestrator.client import Client
+from orchestrator.errors import (
+    CycleError,
+    InputValidationError,
+    NonRetryableStepError,
+    OrchestratorError,
+    RetryableStepError,
+    RunNotFoundError,
+    StateError,
+    StepError,
+    StoreUnavailableError,
+    UnknownDependencyError,
+    UnknownWorkflowError,
+    WorkflowDefinitionError,
+)
+from orchestrator.registry import function, functions, workflows
+from orchestrator.settings import Settings
+from orchestrator.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
+from orchestrator.state import RunStatus, StepStatus
+from orchestrator.steps import StepContext
+from orchestrator.workflow import LLMStep, NoopStep, PythonStep, Step, Workflow
+
+__all__ = [
+    # defining workflows
+    "LLMStep",
+    "NoopStep",
+    "PythonStep",
+    "RetryPolicy",
+    "Step",
+    "StepContext",
+    "StepSpec",
+    "Workflow",
+    "WorkflowSpec",
+    "function",
+    "functions",
+    "parse_workflow",
+    "workflows",
+    # running them
+    "Client",
+    "RunStatus",
+    "Settings",
+    "StepStatus",
+    # errors
+    "CycleError",
+    "InputValidationError",
+    "NonRetryableStepError",
+    "OrchestratorError",
+    "RetryableStepError",
+    "RunNotFoundError",
+    "StateError",
+    "StepError",
+    "StoreUnavailableError",
+    "UnknownDependencyError",
+    "UnknownWorkflowError",
+    "WorkflowDefinitionError",
+]

@@ -1,0 +1,183 @@
+"""The ``orchestrator`` command: validate, submit, status, worker, demo.
+
+Every error a user can cause ends in one line on stderr naming the problem and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.errors import OrchestratorError, StoreUnavailableError
+from orchestrator.files import load_workflow_file
+from orchestrator.inputs import parse_cli_inputs
+from orchestrator.registry import import_modules, workflows
+from orchestrator.settings import Settings
+from orchestrator.spec import WorkflowSpec
+from orchestrator.validation import check_workflow
+
+EXIT_FAILED_RUN = 1
+EXIT_ERROR = 2
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        settings = Settings.from_env()
+        import_modules(settings.imports)
+    except (ValueError, OrchestratorError) as exc:
+        _fail(str(exc))
+    return settings
+
+
+def _client(settings: Settings) -> Any:
+    from orchestrator.client import Client
+
+    client = Client(settings)
+    try:
+        client.store.ping()
+    except StoreUnavailableError:
+        where = settings.redis_url.rsplit("@", 1)[-1]
+        _fail(f"Redis at {where} does not answer (set REDIS_URL to a reachable Redis)")
+    return client
+
+
+def _load(file: str) -> WorkflowSpec:
+    """A workflow file, or the name of a registered workflow when no such file exists."""
+    if not Path(file).exists() and "/" not in file and not file.endswith((".yaml", ".yml", ".json")):
+        return workflows.get(file)
+    return load_workflow_file(file)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """A distributed orchestrator for multi-step LLM workflows on Celery and Redis."""
+
+
+@main.command()
+@click.argument("file")
+def validate(file: str) -> None:
+    """Check a workflow file; exit 0 when it is valid."""
+    _settings()
+    try:
+        spec = load_workflow_file(file)
+        check_workflow(spec)
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
+    click.echo(f"ok: {spec.name} version {spec.version}, {len(spec.steps)} steps, definition {spec.definition_hash}")
+
+
+@main.command()
+@click.argument("file")
+@click.option("--input", "inputs", multiple=True, metavar="KEY=VALUE", help="A workflow input (repeatable).")
+@click.option("--idempotency-key", default=None, help="Submitting again with the same key returns the same run.")
+@click.option("--wait", is_flag=True, help="Wait for the run to end; exit non-zero unless it succeeded.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+def submit(file: str, inputs: tuple[str, ...], idempotency_key: str | None, wait: bool, as_json: bool,
+           timeout: float | None) -> None:  # fmt: skip
+    """Start a run of a workflow file (or a registered workflow's name); prints the run id."""
+    settings = _settings()
+    try:
+        spec = _load(file)
+        values = parse_cli_inputs(spec, inputs)
+        client = _client(settings)
+        run_id = client.submit(spec, values, idempotency_key=idempotency_key)
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
+    if not wait:
+        click.echo(json.dumps({"run_id": run_id}) if as_json else run_id)
+        return
+    try:
+        view = client.wait(run_id, timeout=timeout)
+    except TimeoutError as exc:
+        _fail(str(exc), EXIT_FAILED_RUN)
+    except OrchestratorError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(view))
+    else:
+        click.echo(run_id)
+        _print_status(view)
+    sys.exit(0 if view["status"] == "succeeded" else EXIT_FAILED_RUN)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the status JSON.")
+def status(run_id: str, as_json: bool) -> None:
+    """Show a run's status."""
+    client = _client(_settings())
+    try:
+        view = client.status(run_id)
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
+    except redis.RedisError as exc:
+        _fail(f"Redis: {exc}")
+    if as_json:
+        click.echo(json.dumps(view))
+    else:
+        _print_status(view)
+
+
+def _print_status(view: dict[str, Any]) -> None:
+    console = Console()
+    table = Table(title=f"{view['workflow']} v{view['version']} · run {view['run_id']} · {view['status']}")
+    for column in ("step", "status", "attempts", "started", "finished", "error"):
+        table.add_column(column)
+    for name, step in view["steps"].items():
+        error = step.get("error") or {}
+        table.add_row(
+            name, step["status"], str(step["attempts"]), (step["started_at"] or "")[11:23],
+            (step["finished_at"] or "")[11:23], str(error.get("message", ""))[:60],
+        )  # fmt: skip
+    console.print(table)
+    if view.get("error"):
+        console.print(f"[red]{view['error']}[/]")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(celery_args: tuple[str, ...]) -> None:
+    """Start a worker; options are Celery's (``orchestrator worker -c 8 --pool threads -Q llm``)."""
+    settings = _settings()
+    from workers.app import create_app
+
+    app = create_app(settings)
+    args = list(celery_args)
+    if not any(a in {"-Q", "--queues"} or a.startswith("--queues=") for a in args):
+        args += ["--queues", f"{settings.llm_queue},{settings.cpu_queue}"]
+    app.worker_main(["worker", *args])
+
+
+@main.command()
+@click.option("--topic", default="How Celery chords work", help="The demo pipeline's topic.")
+@click.option("--workers", "count", default=2, show_default=True, help="Worker processes to start.")
+@click.option("--concurrency", default=4, show_default=True, help="Slots per worker.")
+def demo(topic: str, count: int, concurrency: int) -> None:
+    """Run the content pipeline end to end on worker processes this command starts and stops."""
+    from orchestrator.demo import run_demo
+
+    settings = _settings()
+    try:
+        code = run_demo(settings, topic=topic, workers=count, concurrency=concurrency, console=Console())
+    except OrchestratorError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; workers and the embedded Redis were stopped", 130)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The Python client producers use: submit a run, read its status, wait for its end."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import Celery
+
+from orchestrator.dispatch import dispatch
+from orchestrator.errors import RunNotFoundError, StoreUnavailableError
+from orchestrator.inputs import validate_inputs
+from orchestrator.registry import import_modules, workflows
+from orchestrator.settings import Settings
+from orchestrator.spec import WorkflowSpec, parse_workflow
+from orchestrator.state import RedisStateStore, RunStatus
+from orchestrator.status import run_view
+from orchestrator.validation import check_workflow
+from orchestrator.workflow import Workflow
+
+WorkflowRef = str | Workflow | WorkflowSpec | Mapping[str, Any]
+
+
+class Client:
+    """Submit runs and follow them.
+
+    Args:
+        settings: Where Redis is, limits (default: ``Settings.from_env()``).
+        app: The Celery app to publish with (default: the one built from ``settings``).
+        store: The state store (default: Redis at ``settings.redis_url``).
+    """
+
+    def __init__(
+        self, settings: Settings | None = None, *, app: Celery | None = None, store: RedisStateStore | None = None
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        import_modules(self.settings.imports)
+        if app is None:
+            from workers.app import create_app
+
+            app = create_app(self.settings)
+        self.app = app
+        self.store = store or RedisStateStore.from_url(self.settings.redis_url, retention_s=self.settings.retention_s)
+
+    def resolve(self, workflow: WorkflowRef, version: int | None = None) -> WorkflowSpec:
+        """The spec behind a registered name, a :class:`Workflow`, a spec, or workflow-file data.
+
+        Raises:
+            WorkflowDefinitionError: When it is unknown or invalid.
+        """
+        if isinstance(workflow, str):
+            return workflows.get(workflow, version)
+        if isinstance(workflow, Workflow):
+            return workflow.spec
+        if isinstance(workflow, WorkflowSpec):
+            return workflow
+        return parse_workflow(dict(workflow))
+
+    def submit(
+        self,
+        workflow: WorkflowRef,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Validate, create and start a run; returns its id at once.
+
+        Nothing is written when validation fails. A repeated ``idempotency_key`` returns the first run's id.
+
+        Raises:
+            WorkflowDefinitionError: The workflow is invalid or unknown.
+            InputValidationError: The inputs do not fit the workflow's schema or are too large.
+            StoreUnavailableError: Redis or the broker did not answer.
+        """
+        spec = self.resolve(workflow, version)
+        check_workflow(spec)
+        filled = validate_inputs(spec, inputs or {}, max_bytes=self.settings.max_input_bytes)
+        run_id = uuid.uuid4().hex
+        try:
+            if idempotency_key:
+                bound = self.store.reserve_idempotency_key(idempotency_key, run_id)
+                if bound != run_id:
+                    return bound
+            self.store.save_definition(spec)
+            self.store.create_run(run_id, spec, filled, idempotency_key)
+        except redis.RedisError as exc:
+            raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
+        try:
+            dispatch(self.app, self.settings, spec, run_id=run_id, steps=spec.graph.roots, generation="1")
+        except Exception as exc:
+            # The run exists but no task does: fail it rather than leave it "running" forever.
+            self.store.mark_dispatch_failed(run_id, f"could not publish the first steps: {exc}")
+            if idempotency_key:
+                self.store.release_idempotency_key(idempotency_key, run_id)
+            raise StoreUnavailableError(f"cannot publish to the broker: {exc}") from exc
+        return run_id
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        """The run's status JSON (see README, "Status JSON").
+
+        Raises:
+            RunNotFoundError: No such run (or its retention expired).
+            StoreUnavailableError: Redis did not answer.
+        """
+        try:
+            fields = self.store.run_fields(run_id)
+            spec = self.store.load_definition(fields["def_hash"])
+        except redis.RedisError as exc:
+            raise StoreUnavailableError(f"cannot reach Redis: {exc}") from exc
+        except KeyError:
+            raise RunNotFoundError(run_id) from None
+        return run_view(fields, spec)
+
+    def wait(self, run_id: str, timeout: float | None = None, poll_s: float = 0.1) -> dict[str, Any]:
+        """Block until the run ends (or ``timeout`` seconds pass) and return its status JSON.
+
+        Raises:
+            TimeoutError: When ``timeout`` passed first.
+            RunNotFoundError: No such run.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            view = self.status(run_id)
+            if RunStatus(view["status"]).finished:
+                return view
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id} still {view['status']} after {timeout}s")
+            time.sleep(poll_s)

@@ -1,0 +1,101 @@
+"""The coordinator's decisions: plain functions of (workflow spec, run state) → what to do next.
+
+No I/O here. ``workers.tasks`` loads state, asks these functions, and applies the answers through the state store
+and Celery canvas, so every decision can be tested without Redis or workers.
+
+How the DAG becomes Celery canvas: the steps that become ready together (the roots at submit, the children a
+finishing step releases) are sent as one ``group``, so independent steps fan out across worker processes. Joins are
+released by per-step pending-parent counters that the finishing parent decrements atomically in Redis: a step starts
+the moment its own last dependency is done, with no barrier from siblings, on any DAG shape (see README, "Why
+counters and not chords").
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+from orchestrator.spec import LLMParams, RetryPolicy, StepKind, StepSpec, WorkflowSpec
+from orchestrator.state.base import StepOutcome, StepStatus
+from orchestrator.templates import referenced_steps
+
+_FAILED = {StepStatus.FAILED.value, StepStatus.UPSTREAM_FAILED.value, StepStatus.CANCELLED.value}
+_SKIPPED = {StepStatus.SKIPPED.value}
+
+
+def decide_start(step: StepSpec, parent_status: Mapping[str, str]) -> StepOutcome | None:
+    """Whether a released step runs, given its parents' final statuses.
+
+    Returns:
+        ``None`` to run it, else the outcome to record without running it: ``upstream_failed`` when a parent
+        failed, ``skipped`` when a parent was skipped.
+    """
+    statuses = [parent_status.get(p, "") for p in step.depends_on]
+    if any(s in _FAILED for s in statuses):
+        return StepOutcome.UPSTREAM_FAILED
+    if any(s in _SKIPPED for s in statuses):
+        return StepOutcome.SKIPPED
+    return None
+
+
+_READS: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+def upstream_reads(spec: WorkflowSpec, step: str) -> tuple[str, ...]:
+    """The steps whose status and output a step's attempt loads: its parents, plus for ``python`` steps every
+    ancestor and for ``llm`` steps the ancestors its templates name (a long chain then stays linear in cost)."""
+    key = (spec.definition_hash, step)
+    cached = _READS.get(key)
+    if cached is not None:
+        return cached
+    step_spec = spec.steps_by_name[step]
+    wanted = set(step_spec.depends_on)
+    if step_spec.uses == StepKind.PYTHON:
+        wanted |= spec.graph.ancestors(step)
+    elif isinstance(step_spec.params, LLMParams):
+        for source in (step_spec.params.prompt, step_spec.params.system or ""):
+            wanted |= referenced_steps(source)
+    reads = tuple(s.name for s in spec.steps if s.name in wanted)
+    _READS[key] = reads
+    return reads
+
+
+def retry_delay(
+    policy: RetryPolicy,
+    attempt: int,
+    retry_after: float | None,
+    cap_s: float,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before the next attempt after attempt number ``attempt`` failed.
+
+    Exponential backoff with full jitter (``uniform(0, min(max, base * 2**(attempt-1)))``), never shorter than the
+    provider's ``retry_after``, never longer than ``cap_s``.
+    """
+    ceiling = min(policy.backoff_max_s, policy.backoff_s * 2 ** max(0, attempt - 1))
+    delay = (rng or random).uniform(0, ceiling) if policy.jitter else ceiling
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return max(0.0, min(delay, cap_s))
+
+
+def should_retry(policy: RetryPolicy, attempt: int) -> bool:
+    """Whether attempt number ``attempt`` may be followed by another."""
+    return attempt < policy.max_attempts
+
+
+def queue_for(step: StepSpec, llm_queue: str, cpu_queue: str) -> str:
+    """LLM calls go to the I/O queue (a high-concurrency pool), everything else to the CPU queue."""
+    if step.queue:
+        return step.queue
+    return llm_queue if step.uses == StepKind.LLM else cpu_queue
+
+
+def failure_summary(step: str, error: Mapping[str, object] | None) -> str:
+    """One line naming the failed step and its error, for the run's ``error``."""
+    if not error:
+        return f"step {step!r} failed"
+    kind = error.get("type") or "error"
+    status = error.get("status")
+    where = f" (HTTP {status})" if status else ""
+    return f"step {step!r} failed: {kind}{where}: {error.get('message', '')}".rstrip(": ")

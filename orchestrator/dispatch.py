@@ -1,0 +1,59 @@
+"""Publishing step tasks as Celery canvas."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from celery import Celery, group
+from celery.canvas import Signature
+
+from orchestrator.coordinator import queue_for
+from orchestrator.settings import Settings
+from orchestrator.spec import WorkflowSpec
+
+STEP_TASK = "orchestrator.run_step"
+
+
+def step_signature(
+    app: Celery,
+    settings: Settings,
+    spec: WorkflowSpec,
+    *,
+    run_id: str,
+    step: str,
+    generation: str,
+    task_id: str | None = None,
+) -> Signature:
+    """The immutable signature of one step attempt, routed by kind and named ``workflow.step`` for Flower."""
+    options: dict[str, object] = {
+        "queue": queue_for(spec.steps_by_name[step], settings.llm_queue, settings.cpu_queue),
+        "shadow": f"{spec.name}.{step}",
+    }
+    if task_id is not None:
+        options["task_id"] = task_id
+    args = (run_id, spec.definition_hash, step, generation)
+    return app.signature(STEP_TASK, args=args, options=options, immutable=True)
+
+
+def dispatch(
+    app: Celery,
+    settings: Settings,
+    spec: WorkflowSpec,
+    *,
+    run_id: str,
+    steps: Sequence[str],
+    generation: str,
+    task_ids: Mapping[str, str] | None = None,
+) -> None:
+    """Send the steps that became ready together: one signature, or a ``group`` fanning out across workers."""
+    if not steps:
+        return
+    ids = task_ids or {}
+    signatures = [
+        step_signature(app, settings, spec, run_id=run_id, step=s, generation=generation, task_id=ids.get(s))
+        for s in steps
+    ]
+    if len(signatures) == 1:
+        signatures[0].apply_async()
+    else:
+        group(signatures).apply_async()

@@ -1,0 +1,129 @@
+"""Every exception the orchestrator raises, under one root.
+
+::
+
+    OrchestratorError
+    ├── WorkflowDefinitionError        a workflow (file or Python) is not valid
+    │   ├── CycleError                 .cycle: the step names around the loop
+    │   ├── UnknownDependencyError     .step, .dependency
+    │   └── UnknownWorkflowError       .name, .version
+    ├── InputValidationError           submitted inputs do not fit the workflow's schema
+    ├── StateError                     the state store refused or could not answer
+    │   ├── RunNotFoundError           .run_id
+    │   └── StoreUnavailableError      Redis did not answer
+    └── StepError                      one attempt of a step went wrong
+        ├── RetryableStepError         .retry_after: the provider's minimum wait, seconds
+        └── NonRetryableStepError      fails the step at once
+
+Data lives in fields so callers need not parse messages. Which errors are retried is decided by type alone:
+``workers.tasks`` maps ``RetryableStepError`` onto Celery's retry options, nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrchestratorError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class WorkflowDefinitionError(OrchestratorError):
+    """A workflow definition is invalid.
+
+    Attributes:
+        step: The offending step's name, when one step is to blame.
+    """
+
+    def __init__(self, message: str, *, step: str | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class CycleError(WorkflowDefinitionError):
+    """The steps' dependencies form a loop; ``cycle`` lists it, first step repeated at the end."""
+
+    def __init__(self, cycle: list[str]) -> None:
+        super().__init__("dependency cycle: " + " -> ".join(cycle), step=cycle[0])
+        self.cycle = cycle
+
+
+class UnknownDependencyError(WorkflowDefinitionError):
+    """A step depends on a step that does not exist."""
+
+    def __init__(self, step: str, dependency: str) -> None:
+        super().__init__(f"step {step!r} depends on unknown step {dependency!r}", step=step)
+        self.dependency = dependency
+
+
+class UnknownWorkflowError(WorkflowDefinitionError):
+    """No workflow is registered under this name (and version)."""
+
+    def __init__(self, name: str, version: int | None = None) -> None:
+        what = name if version is None else f"{name} version {version}"
+        super().__init__(f"no registered workflow {what!r}")
+        self.name = name
+        self.version = version
+
+
+class InputValidationError(OrchestratorError):
+    """Submitted inputs do not match the workflow's input schema, or are too large."""
+
+
+class StateError(OrchestratorError):
+    """The state store refused an operation or could not be reached."""
+
+
+class RunNotFoundError(StateError):
+    """No run has this id (it never existed or its retention expired)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"unknown run {run_id!r}")
+        self.run_id = run_id
+
+
+class StoreUnavailableError(StateError):
+    """Redis did not answer at the configured URL."""
+
+
+class StepError(OrchestratorError):
+    """One attempt of a step failed.
+
+    Attributes:
+        kind: A short machine-readable name (``rate_limit``, ``timeout``, ``invalid_output`` …).
+        status_code: The provider's HTTP status, when there was one.
+    """
+
+    def __init__(self, message: str, *, kind: str = "error", status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status_code = status_code
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON-ready form stored in the step's attempt history."""
+        return {"type": self.kind, "status": self.status_code, "message": str(self)}
+
+
+class RetryableStepError(StepError):
+    """A transient failure: the attempt may be repeated after a backoff.
+
+    Attributes:
+        retry_after: Seconds the provider asked us to wait at least, or ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str = "error",
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, kind=kind, status_code=status_code)
+        self.retry_after = retry_after
+        # Set by the worker from the step's retry policy just before Celery's autoretry schedules the next attempt.
+        self.countdown: float | None = None
+
+
+class NonRetryableStepError(StepError):
+    """A permanent failure: repeating the attempt cannot help."""

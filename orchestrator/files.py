@@ -1,0 +1,53 @@
+"""Reading workflow files (YAML or JSON, one shape for both)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import WorkflowDefinitionError
+from orchestrator.spec import WorkflowSpec, parse_workflow
+
+MAX_FILE_BYTES = 2 * 1024 * 1024
+
+
+def load_workflow_file(path: str | Path) -> WorkflowSpec:
+    """Parse and validate a workflow file.
+
+    Raises:
+        WorkflowDefinitionError: Unreadable, too large, malformed YAML/JSON (with the line), or an invalid workflow.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise WorkflowDefinitionError(f"cannot read {path}: {exc.strerror}") from None
+    if size > MAX_FILE_BYTES:
+        raise WorkflowDefinitionError(f"{path} is {size} bytes; the limit is {MAX_FILE_BYTES}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkflowDefinitionError(f"cannot read {path}: {exc}") from None
+    return parse_workflow(parse_document(text, source=str(path)))
+
+
+def parse_document(text: str, *, source: str = "<input>") -> Any:
+    """Parse YAML (a superset of JSON) with a message that names the line of a syntax error.
+
+    Raises:
+        WorkflowDefinitionError: On malformed input.
+    """
+    try:
+        if source.endswith(".json"):
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise WorkflowDefinitionError(f"{source}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise WorkflowDefinitionError(f"{source}: malformed YAML{where}: {problem}") from None

@@ -1,0 +1,224 @@
+"""The LLM client over the official Anthropic SDK, and the one map from its exceptions to ours.
+
+The SDK's own retries are switched off (``max_retries=0``): Celery's autoretry owns retrying so that every attempt
+shows in Redis and Flower. :func:`classify_error` is the single place where a provider failure becomes a
+:class:`~orchestrator.errors.RetryableStepError` or :class:`~orchestrator.errors.NonRetryableStepError`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import time
+from collections.abc import Mapping
+from types import MappingProxyType, TracebackType
+from typing import Final, Self
+
+import anthropic
+import httpx2
+from anthropic.types import Message
+
+from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError
+from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
+
+__all__ = ["AnthropicClient", "classify_error"]
+
+SIMULATE_HEADER: Final = "x-orch-simulate"
+"""Request header carrying ``LLMRequest.simulate`` as compact JSON (read by the offline provider)."""
+
+ATTEMPT_HEADER: Final = "x-orch-attempt"
+"""Request header carrying ``LLMRequest.attempt`` whenever ``simulate`` is sent."""
+
+_RETRYABLE_STATUS_KINDS: Final[Mapping[int, str]] = MappingProxyType(
+    {408: "request_timeout", 409: "conflict", 429: "rate_limit", 529: "overloaded"}
+)
+_NON_RETRYABLE_STATUS_KINDS: Final[Mapping[int, str]] = MappingProxyType(
+    {400: "bad_request", 401: "authentication", 403: "permission", 404: "not_found", 413: "request_too_large"}
+)
+
+
+class AnthropicClient:
+    """An :class:`~orchestrator.llm.base.LLMClient` that calls the Messages API through the official SDK.
+
+    The client is safe to share between threads, as the SDK's is.
+
+    Args:
+        api_key: The API key; ``None`` lets the SDK find credentials itself (``ANTHROPIC_API_KEY``, profiles).
+        base_url: The API root; ``None`` means ``ANTHROPIC_BASE_URL`` or the public endpoint.
+        http_client: An ``httpx2.Client`` to send requests through (a proxy, or an in-process transport).
+        timeout_s: Default timeout in seconds; each request overrides it with its own ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        http_client: httpx2.Client | None = None,
+        timeout_s: float = 120.0,
+    ) -> None:
+        self._sdk = anthropic.Anthropic(
+            api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s, http_client=http_client
+        )
+
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        """Make exactly one Messages API call.
+
+        Args:
+            request: What to ask which model.
+
+        Returns:
+            The reply's text blocks joined, with the model, usage, stop reason and request id.
+
+        Raises:
+            RetryableStepError: 408, 409, 429, 5xx, 529, connection errors and timeouts.
+            NonRetryableStepError: 400, 401, 403, 404, 413, any other client error, or an unexpected failure.
+        """
+        extra_headers: dict[str, str] | None = None
+        if request.simulate is not None:
+            # ensure_ascii because httpx2 encodes header values as ASCII.
+            extra_headers = {
+                SIMULATE_HEADER: json.dumps(request.simulate, separators=(",", ":"), ensure_ascii=True),
+                ATTEMPT_HEADER: str(request.attempt),
+            }
+        # SDK 2.x removed `temperature` from the signature (current models take no sampling parameters);
+        # `extra_body` still sends it, for the older models that honour it.
+        extra_body = None if request.temperature is None else {"temperature": request.temperature}
+        try:
+            message = self._sdk.messages.create(
+                model=request.model,
+                max_tokens=request.max_tokens,
+                messages=[{"role": "user", "content": request.prompt}],
+                system=anthropic.omit if request.system is None else request.system,
+                extra_headers=extra_headers,
+                extra_body=extra_body,
+                timeout=request.timeout_s,
+            )
+        except Exception as exc:
+            raise classify_error(exc) from exc
+        return _to_response(message)
+
+    def close(self) -> None:
+        """Close the underlying HTTP connections."""
+        self._sdk.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def classify_error(exc: Exception) -> StepError:
+    """Map an exception raised by the Anthropic SDK to the orchestrator's retryable or non-retryable error.
+
+    Retryable: 408, 409, 429 (``rate_limit``), 529 (``overloaded``), other 5xx (``server_error``), timeouts
+    (``timeout``) and connection errors (``connection``), with ``retry_after`` taken from the response's
+    ``retry-after-ms`` or ``retry-after`` header, uncapped but never negative. Non-retryable: 400 (``bad_request``),
+    401 (``authentication``), 403 (``permission``), 404 (``not_found``), 413 (``request_too_large``), other 4xx
+    (``client_error``) and anything the SDK did not raise as an API error (``unexpected``).
+
+    Args:
+        exc: The exception ``messages.create`` raised.
+
+    Returns:
+        The error to raise in its place (chain it with ``from exc``).
+    """
+    if isinstance(exc, anthropic.APIStatusError):
+        status = exc.status_code
+        message = _describe_status_error(exc)
+        if status in _NON_RETRYABLE_STATUS_KINDS:
+            return NonRetryableStepError(message, kind=_NON_RETRYABLE_STATUS_KINDS[status], status_code=status)
+        if status in _RETRYABLE_STATUS_KINDS or status >= 500:
+            kind = _RETRYABLE_STATUS_KINDS.get(status, "server_error")
+            retry_after = _parse_retry_after(exc.response.headers)
+            return RetryableStepError(message, kind=kind, status_code=status, retry_after=retry_after)
+        return NonRetryableStepError(message, kind="client_error", status_code=status)
+    # APITimeoutError subclasses APIConnectionError, so it must be tested first.
+    if isinstance(exc, anthropic.APITimeoutError):
+        return RetryableStepError(f"Anthropic API call timed out{_cause(exc)}", kind="timeout")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return RetryableStepError(f"could not reach the Anthropic API{_cause(exc)}", kind="connection")
+    return NonRetryableStepError(f"Anthropic API call failed: {type(exc).__name__}: {exc}", kind="unexpected")
+
+
+def _parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Read the wait a response asks for, in seconds, the way the SDK reads it.
+
+    ``retry-after-ms`` (milliseconds) wins over ``retry-after`` (seconds, or an HTTP date). Values that do not
+    parse, or are not finite, count as absent; a wait in the past is 0.
+
+    Args:
+        headers: The response headers (case-insensitive, as ``httpx2.Headers`` are).
+
+    Returns:
+        Seconds to wait, at least 0, or ``None`` when the response named no wait.
+    """
+    milliseconds = _finite_float(headers.get("retry-after-ms"))
+    if milliseconds is not None:
+        return max(0.0, milliseconds / 1000)
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = _finite_float(value)
+    if seconds is not None:
+        return max(0.0, seconds)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())
+
+
+def _cause(exc: Exception) -> str:
+    # The SDK's own message is generic; the transport error it chains names what actually happened.
+    return f": {type(exc.__cause__).__name__}: {exc.__cause__}" if exc.__cause__ is not None else f": {exc}"
+
+
+def _finite_float(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _describe_status_error(exc: anthropic.APIStatusError) -> str:
+    what = exc.api_message or _body_text(exc.body) or exc.message
+    error_type = f" {exc.type}" if exc.type else ""
+    request_id = exc.request_id or _body_request_id(exc.body)
+    suffix = f" (request {request_id})" if request_id else ""
+    return f"Anthropic API {exc.status_code}{error_type}: {what}{suffix}"
+
+
+def _body_text(body: object) -> str | None:
+    # A proxy or load balancer may answer with plain text or HTML; keep the message readable.
+    if isinstance(body, str) and body:
+        return body[:500]
+    return None
+
+
+def _body_request_id(body: object) -> str | None:
+    # The SDK reads the id from the `request-id` header only; error bodies carry it too.
+    if isinstance(body, Mapping):
+        request_id = body.get("request_id")
+        if isinstance(request_id, str):
+            return request_id
+    return None
+
+
+def _to_response(message: Message) -> LLMResponse:
+    text = "".join(block.text for block in message.content if block.type == "text")
+    return LLMResponse(
+        text=text,
+        model=message.model,
+        usage=LLMUsage(input_tokens=message.usage.input_tokens, output_tokens=message.usage.output_tokens),
+        stop_reason=message.stop_reason,
+        request_id=message._request_id,
+        extra={"message_id": message.id},
+    )

@@ -1,0 +1,70 @@
+"""The LLM client contract every provider implements.
+
+A client makes exactly one provider call per :meth:`LLMClient.complete` (no hidden retries: Celery's autoretry owns
+retrying, so every attempt shows in Redis and Flower) and raises only
+:class:`~orchestrator.errors.RetryableStepError` or :class:`~orchestrator.errors.NonRetryableStepError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """One call to a model.
+
+    Attributes:
+        model: Provider model id, e.g. ``claude-haiku-4-5``.
+        prompt: The rendered user message.
+        max_tokens: Upper bound on output tokens.
+        system: Optional system prompt.
+        temperature: Optional sampling temperature.
+        attempt: 1-based attempt number of the step (the offline provider scripts failures by it).
+        simulate: Offline-provider directives (``latency_s``, ``errors``); ignored by real providers.
+        timeout_s: Per-call timeout in seconds.
+    """
+
+    model: str
+    prompt: str
+    max_tokens: int = 1024
+    system: str | None = None
+    temperature: float | None = None
+    attempt: int = 1
+    simulate: dict[str, Any] | None = None
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class LLMUsage:
+    """Tokens billed for one call."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class LLMResponse:
+    """What a model answered."""
+
+    text: str
+    model: str
+    usage: LLMUsage
+    stop_reason: str | None = None
+    request_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LLMClient(Protocol):
+    """A provider of completions."""
+
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        """Make one call.
+
+        Raises:
+            RetryableStepError: 408, 409, 429, 5xx, 529, connection errors and timeouts (``retry_after`` set from
+                the provider's header when it sent one).
+            NonRetryableStepError: 400, 401, 403, 404, 413 and any other client error.
+        """
+        ...

@@ -1,0 +1,108 @@
+"""Typed settings, read once from the environment at the edge (``Settings.from_env()``).
+
+Every default is named and documented here; the README's configuration table mirrors this file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _parse_bool(raw: str) -> bool:
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with its environment variable.
+
+    Attributes:
+        redis_url: ``REDIS_URL``: state store, broker and result backend (password/TLS go in the URL).
+        broker_url: ``ORCH_BROKER_URL``: a different broker (e.g. RabbitMQ), defaults to ``redis_url``.
+        anthropic_api_key: ``ANTHROPIC_API_KEY``; when absent LLM steps use the offline provider.
+        anthropic_base_url: ``ANTHROPIC_BASE_URL``: another Messages API endpoint.
+        imports: ``ORCH_IMPORTS``: comma-separated modules defining workflows and functions, imported by
+            workers and by the CLI (like Celery's ``imports``).
+        retention_s: ``ORCH_RETENTION_S``: how long a finished run's state is kept (default 7 days).
+        lease_s: ``ORCH_LEASE_S``: a running attempt's lease; renewed every third of it by a heartbeat. A step
+            whose worker died is re-dispatched within ``lease_s + sweep_interval_s``.
+        sweep_interval_s: ``ORCH_SWEEP_INTERVAL_S``: how often workers look for expired leases.
+        visibility_timeout_s: ``ORCH_VISIBILITY_TIMEOUT_S``: Redis broker visibility timeout; longer than any
+            retry countdown or LLM call so Redis itself never redelivers a message that is still being worked.
+        max_input_bytes: ``ORCH_MAX_INPUT_BYTES``: cap on a run's serialized inputs.
+        max_output_bytes: ``ORCH_MAX_OUTPUT_BYTES``: cap on one step's serialized output.
+        max_steps: ``ORCH_MAX_STEPS``: cap on steps per workflow.
+        retry_cap_s: ``ORCH_RETRY_CAP_S``: no retry waits longer, whatever ``retry-after`` says.
+        llm_timeout_s: ``ORCH_LLM_TIMEOUT_S``: default per-call LLM timeout.
+        llm_queue: ``ORCH_LLM_QUEUE``: queue for ``llm`` steps.
+        cpu_queue: ``ORCH_CPU_QUEUE``: queue for every other step kind.
+    """
+
+    redis_url: str = DEFAULT_REDIS_URL
+    broker_url: str | None = None
+    anthropic_api_key: str | None = None
+    anthropic_base_url: str | None = None
+    imports: tuple[str, ...] = ()
+    retention_s: int = 7 * 24 * 3600
+    lease_s: float = 15.0
+    sweep_interval_s: float = 5.0
+    visibility_timeout_s: int = 6 * 3600
+    max_input_bytes: int = 256 * 1024
+    max_output_bytes: int = 1024 * 1024
+    max_steps: int = 2000
+    retry_cap_s: float = 300.0
+    llm_timeout_s: float = 120.0
+    llm_queue: str = "llm"
+    cpu_queue: str = "cpu"
+    redis_url_explicit: bool = field(default=False, compare=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from ``environ`` (default ``os.environ``)."""
+        env = os.environ if environ is None else environ
+        names = {
+            "redis_url": "REDIS_URL",
+            "broker_url": "ORCH_BROKER_URL",
+            "anthropic_api_key": "ANTHROPIC_API_KEY",
+            "anthropic_base_url": "ANTHROPIC_BASE_URL",
+            "imports": "ORCH_IMPORTS",
+            "retention_s": "ORCH_RETENTION_S",
+            "lease_s": "ORCH_LEASE_S",
+            "sweep_interval_s": "ORCH_SWEEP_INTERVAL_S",
+            "visibility_timeout_s": "ORCH_VISIBILITY_TIMEOUT_S",
+            "max_input_bytes": "ORCH_MAX_INPUT_BYTES",
+            "max_output_bytes": "ORCH_MAX_OUTPUT_BYTES",
+            "max_steps": "ORCH_MAX_STEPS",
+            "retry_cap_s": "ORCH_RETRY_CAP_S",
+            "llm_timeout_s": "ORCH_LLM_TIMEOUT_S",
+            "llm_queue": "ORCH_LLM_QUEUE",
+            "cpu_queue": "ORCH_CPU_QUEUE",
+        }
+        kinds = {f.name: f.type for f in fields(cls)}
+        values: dict[str, object] = {}
+        for attr, var in names.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            kind = kinds[attr]
+            if attr == "imports":
+                values[attr] = tuple(m.strip() for m in raw.split(",") if m.strip())
+            elif kind == "int":
+                values[attr] = int(raw)
+            elif kind == "float":
+                values[attr] = float(raw)
+            elif kind == "bool":
+                values[attr] = _parse_bool(raw)
+            else:
+                values[attr] = raw
+        values["redis_url_explicit"] = bool(env.get("REDIS_URL"))
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The broker Celery connects to."""
+        return self.broker_url or self.redis_url

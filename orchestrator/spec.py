@@ -1,0 +1,313 @@
+"""Workflow and step specifications: the one validated shape behind workflow files and Python workflows.
+
+A :class:`WorkflowSpec` is frozen and JSON-serialisable; workers execute exactly the spec stored with a run
+(by its :attr:`WorkflowSpec.definition_hash`), so a run never changes definition under its feet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from functools import cached_property
+from typing import Annotated, Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.dag import Graph, find_cycle
+from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
+
+STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+WORKFLOW_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
+MAX_STEPS = 2000
+DEFAULT_MODEL = "claude-haiku-4-5"
+SIMULATED_ERRORS = frozenset(
+    {
+        "rate_limit",
+        "overloaded",
+        "server_error",
+        "bad_gateway",
+        "unavailable",
+        "request_timeout",
+        "conflict",
+        "timeout",
+        "connection",
+        "bad_request",
+        "authentication",
+        "permission",
+        "not_found",
+        "request_too_large",
+        "invalid_json",
+    }
+)
+
+
+class StepKind(StrEnum):
+    """What a step does."""
+
+    LLM = "llm"
+    PYTHON = "python"
+    NOOP = "noop"
+    APPROVAL = "approval"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RetryPolicy(_Frozen):
+    """How often and how patiently a step is retried after retryable errors.
+
+    Attributes:
+        max_attempts: Attempts in all, the first included (1 = never retry).
+        backoff_s: Base of the exponential backoff: attempt n waits up to ``backoff_s * 2**(n-1)``.
+        backoff_max_s: Cap on one wait before jitter.
+        jitter: Full jitter (a uniform draw in ``[0, backoff]``), so retries of many steps spread out.
+    """
+
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    backoff_s: float = Field(default=1.0, ge=0, le=3600)
+    backoff_max_s: float = Field(default=60.0, ge=0, le=3600)
+    jitter: bool = True
+
+
+class SimulateSpec(_Frozen):
+    """Offline-provider directives: latency per call and failures scripted by attempt number."""
+
+    latency_s: float = Field(default=0.0, ge=0, le=300)
+    errors: tuple[str, ...] = ()
+    retry_after_s: float | None = Field(default=None, ge=0, le=3600)
+    output: str | None = None
+
+    @field_validator("errors")
+    @classmethod
+    def _known_errors(cls, errors: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [e for e in errors if e not in SIMULATED_ERRORS]
+        if unknown:
+            raise ValueError(f"unknown simulated error {unknown[0]!r}; known: {', '.join(sorted(SIMULATED_ERRORS))}")
+        return errors
+
+
+class LLMParams(_Frozen):
+    """The ``with:`` of an ``llm`` step. ``prompt`` and ``system`` are sandboxed Jinja templates."""
+
+    prompt: str = Field(min_length=1, max_length=200_000)
+    model: str = Field(default=DEFAULT_MODEL, min_length=1, max_length=100)
+    max_tokens: int = Field(default=1024, ge=1, le=64_000)
+    system: str | None = Field(default=None, max_length=100_000)
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    output_schema: dict[str, Any] | None = None
+    simulate: SimulateSpec | None = None
+
+    @field_validator("output_schema")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            try:
+                Draft202012Validator.check_schema(schema)
+            except SchemaError as exc:
+                raise ValueError(f"output_schema is not a valid JSON Schema: {exc.message}") from None
+        return schema
+
+
+class PythonParams(_Frozen):
+    """The ``with:`` of a ``python`` step: a function registered by name, and keyword arguments for it."""
+
+    function: str = Field(min_length=1, max_length=200)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class NoopParams(_Frozen):
+    """A ``noop`` step takes no parameters: it joins branches and stands in for real work in tests."""
+
+
+StepParams = LLMParams | PythonParams | NoopParams
+_PARAMS_BY_KIND: dict[StepKind, type[BaseModel]] = {
+    StepKind.LLM: LLMParams,
+    StepKind.PYTHON: PythonParams,
+    StepKind.NOOP: NoopParams,
+}
+
+
+class StepSpec(_Frozen):
+    """One step of a workflow, in the workflow-file shape (``uses`` + ``with``)."""
+
+    name: Annotated[str, Field(pattern=STEP_NAME_PATTERN)]
+    uses: StepKind
+    depends_on: tuple[str, ...] = ()
+    params: StepParams = Field(default_factory=NoopParams, alias="with")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _params_for_kind(cls, data: Any) -> Any:
+        # Parse ``with`` by the step's own kind so errors name the right fields (a union would try all three).
+        if not isinstance(data, dict):
+            return data
+        uses = data.get("uses")
+        if uses == StepKind.APPROVAL:
+            raise ValueError(
+                "step type 'approval' is not available yet (human approval steps arrive in a later release)"
+            )
+        raw = data.get("with", data.get("params"))
+        if isinstance(raw, BaseModel):
+            return data
+        data = {k: v for k, v in data.items() if k not in {"with", "params"}}
+        if uses in {k.value for k in _PARAMS_BY_KIND}:
+            try:
+                data["with"] = _PARAMS_BY_KIND[StepKind(uses)].model_validate(raw if raw is not None else {})
+            except ValidationError as exc:
+                raise ValueError("; ".join(_plain_errors(exc, prefix="with"))) from None
+        return data
+
+    @field_validator("depends_on")
+    @classmethod
+    def _no_repeats(cls, deps: tuple[str, ...]) -> tuple[str, ...]:
+        seen: set[str] = set()
+        for dep in deps:
+            if dep in seen:
+                raise ValueError(f"lists dependency {dep!r} twice")
+            seen.add(dep)
+        return deps
+
+    @cached_property
+    def definition_hash(self) -> str:
+        """A hash of this step's own definition (not of its inputs)."""
+        return _hash(self.model_dump(mode="json", by_alias=True))
+
+
+class WorkflowSpec(_Frozen):
+    """A whole workflow, as in a workflow file."""
+
+    name: Annotated[str, Field(pattern=WORKFLOW_NAME_PATTERN)]
+    version: int = Field(default=1, ge=1)
+    description: str | None = Field(default=None, max_length=10_000)
+    inputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    timeout_s: float | None = Field(default=None, gt=0)
+    budget_usd: float | None = Field(default=None, ge=0)
+    steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=MAX_STEPS)
+
+    @field_validator("inputs")
+    @classmethod
+    def _valid_input_schema(cls, inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for key, schema in inputs.items():
+            try:
+                Draft202012Validator.check_schema(schema)
+            except SchemaError as exc:
+                raise ValueError(f"input {key!r} has an invalid schema: {exc.message}") from None
+        return inputs
+
+    @model_validator(mode="after")
+    def _valid_graph(self) -> WorkflowSpec:
+        names: set[str] = set()
+        for step in self.steps:
+            if step.name in names:
+                raise WorkflowDefinitionError(f"duplicate step name {step.name!r}", step=step.name)
+            names.add(step.name)
+        for step in self.steps:
+            for dep in step.depends_on:
+                if dep == step.name:
+                    raise CycleError([step.name, step.name])
+                if dep not in names:
+                    raise UnknownDependencyError(step.name, dep)
+        cycle = find_cycle({s.name: list(s.depends_on) for s in self.steps})
+        if cycle is not None:
+            raise CycleError(cycle)
+        return self
+
+    @cached_property
+    def graph(self) -> Graph:
+        """The dependency graph."""
+        return Graph.from_dependencies({s.name: s.depends_on for s in self.steps})
+
+    @cached_property
+    def steps_by_name(self) -> dict[str, StepSpec]:
+        """Steps keyed by name."""
+        return {s.name: s for s in self.steps}
+
+    @cached_property
+    def definition_hash(self) -> str:
+        """Hash of the canonical JSON form: the run pins it, workers load the spec by it."""
+        return _hash(self.to_json_dict())
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The workflow-file shape as plain JSON data."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _hash(data: Any) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def parse_workflow(data: Any) -> WorkflowSpec:
+    """Validate workflow data (a parsed file or an API body).
+
+    Raises:
+        WorkflowDefinitionError: With a message naming the offending step and field.
+    """
+    if not isinstance(data, dict):
+        raise WorkflowDefinitionError(f"a workflow must be a mapping, got {type(data).__name__}")
+    steps = data.get("steps")
+    if steps == [] or steps is None:
+        raise WorkflowDefinitionError("workflow has no steps: it needs at least one")
+    if isinstance(steps, list) and len(steps) > MAX_STEPS:
+        raise WorkflowDefinitionError(f"workflow has {len(steps)} steps; the limit is {MAX_STEPS}")
+    try:
+        return WorkflowSpec.model_validate(data)
+    except ValidationError as exc:
+        raise WorkflowDefinitionError(_describe(exc, data), step=_step_of(exc, data)) from None
+    except WorkflowDefinitionError:
+        raise
+
+
+def _step_of(exc: ValidationError, data: dict[str, Any]) -> str | None:
+    for error in exc.errors():
+        loc = error["loc"]
+        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+            steps = data.get("steps") or []
+            if loc[1] < len(steps) and isinstance(steps[loc[1]], dict):
+                name = steps[loc[1]].get("name")
+                return name if isinstance(name, str) else f"#{loc[1] + 1}"
+    return None
+
+
+def _plain_errors(exc: ValidationError, prefix: str) -> list[str]:
+    out = []
+    for error in exc.errors(include_url=False):
+        where = ".".join([prefix, *(str(p) for p in error["loc"])])
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        out.append(f"{where}: {message}")
+    return out
+
+
+def _describe(exc: ValidationError, data: dict[str, Any]) -> str:
+    """One line per problem, locations spelled with step names instead of list indexes."""
+    lines = []
+    steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+    errors = exc.errors(include_url=False)
+    for error in errors:
+        # pydantic also reports the steps tuple as too short when any item failed; the item's error says it all.
+        if error["type"] == "too_short" and error["loc"] == ("steps",) and len(errors) > 1:
+            continue
+        parts: list[str] = []
+        loc = list(error["loc"])
+        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+            index = loc[1]
+            raw = steps[index] if steps and index < len(steps) else None
+            name = raw.get("name") if isinstance(raw, dict) else None
+            parts.append(f"step {name!r}" if isinstance(name, str) else f"step #{index + 1}")
+            loc = loc[2:]
+        # pydantic puts the discriminating model's name in the location; it means nothing to a file's author.
+        loc = [p for p in loc if not (isinstance(p, str) and p.endswith("Params"))]
+        if loc:
+            parts.append(".".join(str(p) for p in loc))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{': '.join(parts)}: {message}" if parts else message)
+    return "invalid workflow: " + "; ".join(lines)

@@ -1,0 +1,44 @@
+"""Every Redis key name, built in one place.
+
+A run's state lives in one hash whose name carries the run id as a hash tag (``orch:{RUN}``), so the whole run sits
+on one Redis Cluster slot and every transition is a single-key Lua script. Fields of a step are ``s:STEP:FIELD``
+(step names are identifiers, so the colon is unambiguous).
+"""
+
+from __future__ import annotations
+
+PREFIX = "orch"
+LEASES = f"{PREFIX}:leases"
+RUNS_INDEX = f"{PREFIX}:runs"
+SWEEPER_LOCK = f"{PREFIX}:sweeper:lock"
+
+
+def run_key(run_id: str) -> str:
+    """The hash holding a run and all of its steps."""
+    return f"{PREFIX}:{{{run_id}}}"
+
+
+def definition_key(definition_hash: str) -> str:
+    """A workflow definition, stored by hash so any worker executes exactly what was submitted."""
+    return f"{PREFIX}:def:{definition_hash}"
+
+
+def idempotency_key(key: str) -> str:
+    """Maps a producer's idempotency key to the run it created."""
+    return f"{PREFIX}:idem:{key}"
+
+
+def step_field(step: str, field: str) -> str:
+    """A step's field inside the run hash."""
+    return f"s:{step}:{field}"
+
+
+def lease_member(run_id: str, step: str, task_id: str) -> str:
+    """A running attempt in the lease index."""
+    return f"{run_id}|{step}|{task_id}"
+
+
+def parse_lease_member(member: str) -> tuple[str, str, str]:
+    """Split a lease index member into run id, step and task id."""
+    run_id, step, task_id = member.split("|", 2)
+    return run_id, step, task_id

@@ -1,0 +1,57 @@
+-- Claim a step for one attempt: the only way a step starts running.
+-- KEYS[1] run hash. ARGV: step, generation, task_id, lease_s, n_parents, parents..., n_children, children...
+-- Returns {outcome, ...}:
+--   {"ok", attempt, now, last_error, inputs, p1_status, p1_output, ...}   the caller runs the attempt
+--   {"inactive", run_status} | {"stale"} | {"superseded"} | {"busy"} | {"missing"}
+--   {"done", step_status, c1_status, c1_task, ...}   a duplicate delivery of a finished step
+local run = KEYS[1]
+local step, gen, task, lease_s = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local n_parents = tonumber(ARGV[5])
+local n_children = tonumber(ARGV[6 + n_parents])
+local p = 's:' .. step .. ':'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+
+local head = redis.call('HMGET', run, 'status', 'gen', p .. 'status', p .. 'task', p .. 'lease', p .. 'attempts',
+  p .. 'errors', 'inputs')
+local run_status, run_gen, status, owner, lease, attempts = head[1], head[2], head[3], head[4], head[5], head[6]
+if not run_status or not status then return {'missing'} end
+if run_gen ~= gen then return {'stale'} end
+
+if status ~= 'queued' and status ~= 'running' and status ~= 'pending' then
+  local out = {'done', status}
+  for i = 1, n_children do
+    local c = 's:' .. ARGV[6 + n_parents + i] .. ':'
+    local row = redis.call('HMGET', run, c .. 'status', c .. 'task')
+    out[#out + 1] = row[1] or ''
+    out[#out + 1] = row[2] or ''
+  end
+  return out
+end
+if run_status ~= 'running' then return {'inactive', run_status} end
+if status == 'pending' then return {'busy'} end
+if status == 'queued' and owner and owner ~= '' and owner ~= task then return {'superseded'} end
+-- A running step is never started twice: the sweeper re-queues it once its lease has expired.
+if status == 'running' then return {'busy'} end
+
+attempts = (tonumber(attempts) or 0) + 1
+local fields = {p .. 'status', 'running', p .. 'task', task, p .. 'lease', string.format('%.6f', now + lease_s),
+  p .. 'attempts', attempts, p .. 'attempt_started_at', string.format('%.6f', now)}
+if attempts == 1 or not redis.call('HGET', run, p .. 'started_at') then
+  fields[#fields + 1] = p .. 'started_at'
+  fields[#fields + 1] = string.format('%.6f', now)
+end
+redis.call('HSET', run, unpack(fields))
+
+local out = {'ok', attempts, string.format('%.6f', now), head[7] or '', head[8] or '{}'}
+if n_parents > 0 then
+  local want = {}
+  for i = 1, n_parents do
+    local q = 's:' .. ARGV[5 + i] .. ':'
+    want[#want + 1] = q .. 'status'
+    want[#want + 1] = q .. 'output'
+  end
+  local rows = redis.call('HMGET', run, unpack(want))
+  for i = 1, #rows do out[#out + 1] = rows[i] or '' end
+end
+return out

@@ -1,0 +1,11 @@
+-- Create a run with all its steps in one step; refuses to overwrite an existing run.
+-- KEYS[1] run hash. ARGV: ttl_s, then field, value pairs. Returns the creation time, or false if it exists.
+local run = KEYS[1]
+if redis.call('EXISTS', run) == 1 then return false end
+local t = redis.call('TIME')
+local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
+local fields = {'created_at', now, 'started_at', now}
+for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', run, unpack(fields))
+redis.call('EXPIRE', run, tonumber(ARGV[1]))
+return now

@@ -1,0 +1,48 @@
+-- Record a step's final outcome, release its children, and close the run when nothing is left.
+-- KEYS[1] run hash. ARGV: step, generation, task_id, outcome, output_json, error_json, retention_s, children...
+-- Returns {"stale"} or {"ok", run_status_or_empty, released_child...}.
+local run = KEYS[1]
+local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local output, err, retention = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local p = 's:' .. step .. ':'
+local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors')
+if head[1] ~= gen or head[2] ~= 'running' or head[3] ~= task then return {'stale'} end
+
+local t = redis.call('TIME')
+local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
+local fields = {p .. 'status', outcome, p .. 'finished_at', now, p .. 'lease', ''}
+if output ~= '' then
+  fields[#fields + 1] = p .. 'output'
+  fields[#fields + 1] = output
+end
+if err ~= '' then
+  local errors = cjson.decode(head[4] ~= false and head[4] ~= '' and head[4] or '[]')
+  errors[#errors + 1] = cjson.decode(err)
+  fields[#fields + 1] = p .. 'error'
+  fields[#fields + 1] = err
+  fields[#fields + 1] = p .. 'errors'
+  fields[#fields + 1] = cjson.encode(errors)
+end
+redis.call('HSET', run, unpack(fields))
+if outcome == 'failed' or outcome == 'upstream_failed' then
+  redis.call('HINCRBY', run, 'failures', 1)
+  if outcome == 'failed' then redis.call('HSETNX', run, 'first_failure', step) end
+end
+
+local out = {'ok', ''}
+for i = 8, #ARGV do
+  local c = 's:' .. ARGV[i] .. ':'
+  if redis.call('HINCRBY', run, c .. 'pending', -1) == 0 then
+    redis.call('HSET', run, c .. 'status', 'queued', c .. 'queued_at', now)
+    out[#out + 1] = ARGV[i]
+  end
+end
+
+if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
+  local failures = tonumber(redis.call('HGET', run, 'failures') or '0')
+  local status = failures > 0 and 'failed' or 'succeeded'
+  redis.call('HSET', run, 'status', status, 'finished_at', now)
+  redis.call('EXPIRE', run, retention)
+  out[2] = status
+end
+return out

@@ -1,0 +1,69 @@
+"""The status JSON of a run (``orchestrator status --json``, ``GET /runs/{id}``), built from its Redis hash."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from orchestrator.coordinator import failure_summary
+from orchestrator.spec import WorkflowSpec
+
+
+def iso(epoch: str | None) -> str | None:
+    """An epoch-seconds string as ISO 8601 with microseconds, UTC."""
+    if not epoch:
+        return None
+    return datetime.fromtimestamp(float(epoch), tz=UTC).isoformat(timespec="microseconds")
+
+
+def _json(raw: str | None) -> Any:
+    return json.loads(raw) if raw else None
+
+
+def run_view(fields: dict[str, str], spec: WorkflowSpec) -> dict[str, Any]:
+    """The run's status JSON: run fields, then every step in declaration order."""
+    steps: dict[str, Any] = {}
+    input_tokens = output_tokens = 0
+    for step in spec.steps:
+        p = f"s:{step.name}:"
+        output = _json(fields.get(p + "output"))
+        usage = output.get("usage") if isinstance(output, dict) and step.uses == "llm" else None
+        view: dict[str, Any] = {
+            "status": fields.get(p + "status", "pending"),
+            "attempts": int(fields.get(p + "attempts") or 0),
+            "queued_at": iso(fields.get(p + "queued_at")),
+            "started_at": iso(fields.get(p + "started_at")),
+            "finished_at": iso(fields.get(p + "finished_at")),
+            "output": output,
+            "error": _json(fields.get(p + "error")) if fields.get(p + "status") == "failed" else None,
+            "errors": _json(fields.get(p + "errors")) or [],
+            "depends_on": list(step.depends_on),
+            "kind": step.uses.value,
+        }
+        if usage:
+            view["usage"] = usage
+            input_tokens += int(usage.get("input_tokens", 0))
+            output_tokens += int(usage.get("output_tokens", 0))
+        steps[step.name] = view
+    status = fields.get("status", "pending")
+    error = fields.get("error") or None
+    first = fields.get("first_failure")
+    if status == "failed" and not error and first and first in steps:
+        error = failure_summary(first, steps[first]["error"])
+    view_run: dict[str, Any] = {
+        "run_id": fields["run_id"],
+        "workflow": fields["workflow"],
+        "version": int(fields["version"]),
+        "definition_hash": fields["def_hash"],
+        "status": status,
+        "created_at": iso(fields.get("created_at")),
+        "started_at": iso(fields.get("started_at")),
+        "finished_at": iso(fields.get("finished_at")),
+        "inputs": _json(fields.get("inputs")) or {},
+        "error": error,
+        "steps": steps,
+    }
+    if input_tokens or output_tokens:
+        view_run["usage"] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    return view_run

@@ -1,0 +1,174 @@
+"""Running one attempt of one step: pure of Redis and Celery, given the step's context and an LLM client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError, WorkflowDefinitionError
+from orchestrator.llm import LLMClient, LLMRequest, parse_structured, structured_output_instruction
+from orchestrator.registry import FunctionRegistry
+from orchestrator.spec import LLMParams, PythonParams, StepSpec
+from orchestrator.templates import render
+
+
+@dataclass(frozen=True)
+class StepContext(Mapping[str, Any]):
+    """What a step sees: the run's inputs and its dependencies' outputs.
+
+    It reads as a mapping of dependency name → output, so the seed's ``context["blog_post"]["word_count"]`` works.
+
+    Attributes:
+        run_id: The run.
+        step: This step's name.
+        attempt: 1-based attempt number.
+        inputs: The run's inputs.
+        outputs: Each dependency's output.
+        params: The ``args`` of a ``python`` step.
+    """
+
+    run_id: str
+    step: str
+    attempt: int
+    inputs: Mapping[str, Any]
+    outputs: Mapping[str, Any]
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.outputs[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.outputs)
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    def template_context(self) -> dict[str, Any]:
+        """The variables a template sees: ``inputs``, ``steps.NAME.output``, ``run_id``, ``attempt``."""
+        return {
+            "inputs": dict(self.inputs),
+            "steps": {name: {"output": out} for name, out in self.outputs.items()},
+            "run_id": self.run_id,
+            "attempt": self.attempt,
+        }
+
+
+class StepExecutor:
+    """Runs step attempts.
+
+    Args:
+        llm: The client for ``llm`` steps.
+        functions: The registry ``python`` steps call into.
+        max_output_bytes: Outputs larger than this fail the step.
+        llm_timeout_s: Default per-call LLM timeout (a step's ``timeout_s`` wins).
+    """
+
+    def __init__(self, llm: LLMClient, functions: FunctionRegistry, *, max_output_bytes: int, llm_timeout_s: float):
+        self.llm = llm
+        self.functions = functions
+        self.max_output_bytes = max_output_bytes
+        self.llm_timeout_s = llm_timeout_s
+
+    def run(self, step: StepSpec, ctx: StepContext) -> Any:
+        """Run one attempt and return its JSON-serialisable output.
+
+        Raises:
+            RetryableStepError: A transient failure.
+            NonRetryableStepError: A permanent one (including an output over the size cap).
+        """
+        if isinstance(step.params, LLMParams):
+            output = self._run_llm(step, step.params, ctx)
+        elif isinstance(step.params, PythonParams):
+            output = self._run_python(step.params, ctx)
+        else:
+            output = None
+        self._check_size(output)
+        return output
+
+    def _run_llm(self, step: StepSpec, params: LLMParams, ctx: StepContext) -> dict[str, Any]:
+        variables = ctx.template_context()
+        prompt = render(params.prompt, variables)
+        system = render(params.system, variables) if params.system else None
+        if params.output_schema is not None:
+            instruction = structured_output_instruction(params.output_schema)
+            system = f"{system}\n\n{instruction}" if system else instruction
+        request = LLMRequest(
+            model=params.model,
+            prompt=prompt,
+            max_tokens=params.max_tokens,
+            system=system,
+            temperature=params.temperature,
+            attempt=ctx.attempt,
+            simulate=params.simulate.model_dump(exclude_none=True) if params.simulate else None,
+            timeout_s=step.timeout_s or self.llm_timeout_s,
+        )
+        response = self.llm.complete(request)
+        usage = {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens}
+        output: dict[str, Any] = {
+            "text": response.text,
+            "word_count": len(response.text.split()),
+            "model": response.model,
+            "usage": usage,
+        }
+        if params.output_schema is not None:
+            try:
+                output["data"] = parse_structured(response.text, params.output_schema)
+            except NonRetryableStepError as first:
+                # One bounded repair: show the model its reply and the validation error, once.
+                repair = LLMRequest(
+                    model=request.model,
+                    prompt=(
+                        f"{prompt}\n\nYour previous reply was not valid: {first}\n"
+                        f"Previous reply:\n{response.text[:4000]}\n\nReply again with only the corrected JSON."
+                    ),
+                    max_tokens=request.max_tokens,
+                    system=request.system,
+                    temperature=request.temperature,
+                    attempt=request.attempt,
+                    simulate=_without_errors(request.simulate),
+                    timeout_s=request.timeout_s,
+                )
+                repaired = self.llm.complete(repair)
+                usage["input_tokens"] += repaired.usage.input_tokens
+                usage["output_tokens"] += repaired.usage.output_tokens
+                output.update(text=repaired.text, word_count=len(repaired.text.split()), repaired=True)
+                output["data"] = parse_structured(repaired.text, params.output_schema)
+        return output
+
+    def _run_python(self, params: PythonParams, ctx: StepContext) -> Any:
+        try:
+            fn = self.functions.get(params.function)
+        except WorkflowDefinitionError as exc:
+            raise NonRetryableStepError(str(exc), kind="unknown_function") from None
+        call_ctx = StepContext(ctx.run_id, ctx.step, ctx.attempt, ctx.inputs, ctx.outputs, params.args)
+        try:
+            return fn(call_ctx, **params.args)
+        except StepError:
+            raise
+        except (TimeoutError, ConnectionError) as exc:
+            raise RetryableStepError(
+                f"{type(exc).__name__}: {exc}", kind="timeout" if isinstance(exc, TimeoutError) else "connection"
+            ) from exc
+        except Exception as exc:
+            # A bug in user code does not get better by repeating it; raise RetryableStepError to ask for retries.
+            raise NonRetryableStepError(f"{type(exc).__name__}: {exc}", kind="exception") from exc
+
+    def _check_size(self, output: Any) -> None:
+        try:
+            size = len(json.dumps(output, separators=(",", ":")).encode())
+        except (TypeError, ValueError) as exc:
+            raise NonRetryableStepError(f"output is not JSON-serialisable: {exc}", kind="invalid_output") from None
+        if size > self.max_output_bytes:
+            raise NonRetryableStepError(
+                f"output is {size} bytes; the limit is {self.max_output_bytes} (ORCH_MAX_OUTPUT_BYTES)",
+                kind="output_too_large",
+            )
+
+
+def _without_errors(simulate: dict[str, Any] | None) -> dict[str, Any] | None:
+    # The repair call is part of the same attempt: scripted failures must not fire twice.
+    if simulate is None:
+        return None
+    return {k: v for k, v in simulate.items() if k != "errors"}

@@ -1,0 +1,51 @@
+"""Prompt templates, rendered in Jinja's immutable sandbox: no attribute access to Python internals."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
+
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+@lru_cache(maxsize=1024)
+def _compile(source: str) -> Any:
+    return _ENV.from_string(source)
+
+
+def check_template(source: str, *, step: str) -> None:
+    """Check that a template parses.
+
+    Raises:
+        WorkflowDefinitionError: Naming the step and the syntax error.
+    """
+    try:
+        _ENV.parse(source)
+    except TemplateError as exc:
+        raise WorkflowDefinitionError(f"step {step!r}: template does not parse: {exc}", step=step) from None
+
+
+def referenced_steps(source: str) -> set[str]:
+    """Step names a template reads through ``steps.NAME``."""
+    found: set[str] = set()
+    for node in _ENV.parse(source).find_all(nodes.Getattr):
+        if isinstance(node.node, nodes.Name) and node.node.name == "steps":
+            found.add(node.attr)
+    return found
+
+
+def render(source: str, context: dict[str, Any]) -> str:
+    """Render ``source`` against ``context`` (``inputs`` and ``steps``).
+
+    Raises:
+        NonRetryableStepError: On a missing variable, a sandbox violation or any other rendering error.
+    """
+    try:
+        return str(_compile(source).render(context))
+    except TemplateError as exc:
+        raise NonRetryableStepError(f"template failed: {exc}", kind="template_error") from None

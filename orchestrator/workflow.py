@@ -1,0 +1,174 @@
+"""Workflows written in Python: step classes in the seed's style, compiled to the same spec as workflow files.
+
+::
+
+    class ResearchStep(LLMStep):
+        prompt: str = "Research {{ inputs.topic }}"
+
+    pipeline = Workflow(
+        "content_pipeline",
+        version=1,
+        inputs={"topic": {"type": "string"}},
+        steps=[ResearchStep(name="research"), BlogPostStep(name="blog_post", depends_on=["research"])],
+    )
+
+Constructing a :class:`Workflow` registers it (by name and version), so a module listed in ``ORCH_IMPORTS`` makes
+its workflows known to producers and workers alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.registry import WorkflowRegistry, functions, workflows
+from orchestrator.spec import (
+    DEFAULT_MODEL,
+    RetryPolicy,
+    SimulateSpec,
+    StepKind,
+    StepSpec,
+    WorkflowSpec,
+    parse_workflow,
+)
+
+
+class Step(BaseModel):
+    """Fields every step has. Subclass :class:`LLMStep`, :class:`PythonStep` or :class:`NoopStep`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    kind: ClassVar[StepKind]
+
+    name: str
+    depends_on: Sequence[str] = ()
+    retry: RetryPolicy | int | None = None
+    timeout_s: float | None = None
+    queue: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The step's ``with:`` parameters in the workflow-file shape."""
+        return {}
+
+    def to_spec_data(self) -> dict[str, Any]:
+        """The step in the workflow-file shape."""
+        data: dict[str, Any] = {"name": self.name, "uses": self.kind.value, "depends_on": list(self.depends_on)}
+        if isinstance(self.retry, int):
+            data["retry"] = {"max_attempts": self.retry}
+        elif self.retry is not None:
+            data["retry"] = self.retry.model_dump()
+        if self.timeout_s is not None:
+            data["timeout_s"] = self.timeout_s
+        if self.queue is not None:
+            data["queue"] = self.queue
+        data["with"] = self.params()
+        return data
+
+
+class LLMStep(Step):
+    """A call to a model. ``prompt`` and ``system`` are templates over ``inputs`` and ``steps``.
+
+    ``output_schema`` (a pydantic model class or a JSON Schema) asks for structured output: the reply is parsed and
+    validated, and lands in the output's ``data``.
+    """
+
+    kind: ClassVar[StepKind] = StepKind.LLM
+
+    prompt: str
+    model: str = DEFAULT_MODEL
+    max_tokens: int = 1024
+    system: str | None = None
+    temperature: float | None = None
+    output_schema: type[BaseModel] | dict[str, Any] | None = None
+    simulate: SimulateSpec | dict[str, Any] | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The step's ``with:`` parameters in the workflow-file shape."""
+        data: dict[str, Any] = {"prompt": self.prompt, "model": self.model, "max_tokens": self.max_tokens}
+        if self.system is not None:
+            data["system"] = self.system
+        if self.temperature is not None:
+            data["temperature"] = self.temperature
+        if isinstance(self.output_schema, type):
+            data["output_schema"] = self.output_schema.model_json_schema()
+        elif self.output_schema is not None:
+            data["output_schema"] = self.output_schema
+        if isinstance(self.simulate, SimulateSpec):
+            data["simulate"] = self.simulate.model_dump(exclude_none=True)
+        elif self.simulate is not None:
+            data["simulate"] = self.simulate
+        return data
+
+
+class PythonStep(Step):
+    """A call to a registered Python function ``fn(ctx, **args)``; a callable is registered on the spot."""
+
+    kind: ClassVar[StepKind] = StepKind.PYTHON
+
+    fn: Callable[..., Any] | str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    def params(self) -> dict[str, Any]:
+        """The step's ``with:`` parameters in the workflow-file shape."""
+        if isinstance(self.fn, str):
+            name = self.fn
+        else:
+            if self.fn.__name__ == "<lambda>":
+                raise ValueError(f"step {self.name!r}: give the function a name (def), lambdas cannot be registered")
+            name = f"{self.fn.__module__}.{self.fn.__qualname__}"
+            functions.register(self.fn, name)
+        return {"function": name, "args": self.args}
+
+
+class NoopStep(Step):
+    """Does nothing: joins branches, stands in for work in tests."""
+
+    kind: ClassVar[StepKind] = StepKind.NOOP
+
+
+class Workflow:
+    """A workflow defined in Python.
+
+    Raises:
+        WorkflowDefinitionError: When the steps do not form a valid workflow (cycles, unknown dependencies …).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        steps: Sequence[Step],
+        version: int = 1,
+        inputs: dict[str, dict[str, Any]] | None = None,
+        timeout_s: float | None = None,
+        budget_usd: float | None = None,
+        description: str | None = None,
+        registry: WorkflowRegistry | None = workflows,
+    ) -> None:
+        data: dict[str, Any] = {
+            "name": name,
+            "version": version,
+            "inputs": inputs or {},
+            "steps": [step.to_spec_data() for step in steps],
+        }
+        for key, value in (("timeout_s", timeout_s), ("budget_usd", budget_usd), ("description", description)):
+            if value is not None:
+                data[key] = value
+        self.spec: WorkflowSpec = parse_workflow(data)
+        if registry is not None:
+            registry.register(self.spec)
+
+    @property
+    def name(self) -> str:
+        """The workflow's name."""
+        return self.spec.name
+
+    @property
+    def version(self) -> int:
+        """The workflow's version."""
+        return self.spec.version
+
+    def step(self, name: str) -> StepSpec:
+        """The compiled spec of one step."""
+        return self.spec.steps_by_name[name]

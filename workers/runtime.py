@@ -1,0 +1,58 @@
+"""What a worker process needs to run steps, built once per process (after fork) from the settings."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from celery import Celery
+
+from orchestrator.llm import make_llm_client
+from orchestrator.registry import functions, import_modules
+from orchestrator.settings import Settings
+from orchestrator.state import RedisStateStore
+from orchestrator.steps import StepExecutor
+from workers.leases import LeaseKeeper
+
+
+@dataclass
+class Runtime:
+    """The state store, step executor and lease keeper of one worker process."""
+
+    app: Celery
+    settings: Settings
+    store: RedisStateStore
+    executor: StepExecutor
+    leases: LeaseKeeper
+
+
+class RuntimeHolder:
+    """Builds the :class:`Runtime` lazily and again after a fork (Redis connections must not cross processes)."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self._runtime: Runtime | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def get(self) -> Runtime:
+        """This process's runtime."""
+        with self._lock:
+            if self._runtime is None or self._pid != os.getpid():
+                self._runtime = self._build()
+                self._pid = os.getpid()
+            return self._runtime
+
+    def _build(self) -> Runtime:
+        settings = self.settings
+        import_modules(settings.imports)
+        store = RedisStateStore.from_url(settings.redis_url, retention_s=settings.retention_s)
+        executor = StepExecutor(
+            make_llm_client(settings.anthropic_api_key, settings.anthropic_base_url, settings.llm_timeout_s),
+            functions,
+            max_output_bytes=settings.max_output_bytes,
+            llm_timeout_s=settings.llm_timeout_s,
+        )
+        return Runtime(self.app, settings, store, executor, LeaseKeeper(store, settings.lease_s))

@@ -1,0 +1,135 @@
+"""The step task: a thin shell that claims, runs, records and releases.
+
+Retryable errors are mapped onto Celery's retry options here and nowhere else (:meth:`StepTask.retry`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from orchestrator.coordinator import decide_start, failure_summary, retry_delay, should_retry, upstream_reads
+from orchestrator.dispatch import STEP_TASK, dispatch
+from orchestrator.errors import RetryableStepError, StepError
+from orchestrator.spec import WorkflowSpec
+from orchestrator.state import Attempt, StepOutcome
+from orchestrator.steps import StepContext
+from workers.runtime import Runtime, RuntimeHolder
+
+log = logging.getLogger(__name__)
+
+
+class StepTask(Task[Any, Any]):
+    """Celery task base for steps: late acks, redelivery on worker loss, autoretry for retryable step errors."""
+
+    autoretry_for = (RetryableStepError,)
+    # The step's own RetryPolicy decides how often (see ``execute``); Celery must not stop earlier.
+    max_retries = None
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        # The one place retryability becomes Celery retry options: the policy's backoff, never below retry-after.
+        exc = kwargs.get("exc")
+        if isinstance(exc, RetryableStepError) and exc.countdown is not None:
+            kwargs["countdown"] = exc.countdown
+        return super().retry(*args, **kwargs)
+
+
+def register_tasks(app: Celery, runtime: RuntimeHolder) -> Task[Any, Any]:
+    """Register the step task on ``app``."""
+
+    @app.task(bind=True, base=StepTask, name=STEP_TASK, shared=False)
+    def run_step(self: StepTask, run_id: str, definition_hash: str, step: str, generation: str) -> str:
+        return execute(runtime.get(), Attempt(run_id, step, generation, str(self.request.id)), definition_hash)
+
+    return run_step
+
+
+def execute(rt: Runtime, attempt: Attempt, definition_hash: str) -> str:
+    """Run one delivery of a step message; returns what happened, for the worker log.
+
+    Raises:
+        RetryableStepError: With ``countdown`` set, for Celery's autoretry to schedule the next attempt.
+    """
+    spec = rt.store.load_definition(definition_hash)
+    step_spec = spec.steps_by_name[attempt.step]
+    children = spec.graph.children[attempt.step]
+    upstream = upstream_reads(spec, attempt.step)
+    claim = rt.store.claim(attempt, lease_s=rt.settings.lease_s, upstream=upstream, children=children)
+    if claim.outcome == "done":
+        if claim.unclaimed_children:
+            # A redelivery after the finishing worker died between recording and publishing: publish again
+            # (a duplicate message is dropped by the claim, so this is safe).
+            _dispatch(rt, spec, attempt, claim.unclaimed_children)
+        return f"duplicate delivery of finished step ({claim.detail})"
+    if claim.outcome != "ok":
+        log.info("dropping %s: %s %s", attempt, claim.outcome, claim.detail)
+        return f"dropped: {claim.outcome}"
+
+    rt.leases.hold(attempt, claim.now + rt.settings.lease_s)
+    try:
+        skip = decide_start(step_spec, claim.parent_status)
+        if skip is not None:
+            return _finish(rt, spec, attempt, skip)
+        if claim.attempt > step_spec.retry.max_attempts:
+            last = claim.errors[-1] if claim.errors else {"type": "worker_lost", "message": "worker lost"}
+            error = {**last, "attempt": claim.attempt - 1, "message": f"gave up: {last.get('message', '')}"}
+            return _finish(rt, spec, attempt, StepOutcome.FAILED, error=error)
+        ctx = StepContext(attempt.run_id, attempt.step, claim.attempt, claim.inputs, claim.parent_output)
+        try:
+            output = rt.executor.run(step_spec, ctx)
+        except SoftTimeLimitExceeded:
+            raise RetryableStepError(f"step exceeded its timeout of {step_spec.timeout_s}s", kind="timeout") from None
+    except RetryableStepError as exc:
+        error = _error_record(exc, claim.attempt)
+        if not should_retry(step_spec.retry, claim.attempt):
+            return _finish(rt, spec, attempt, StepOutcome.FAILED, error=error)
+        if not rt.store.retry(attempt, error):
+            return "stale attempt: not retried"
+        exc.countdown = retry_delay(step_spec.retry, claim.attempt, exc.retry_after, rt.settings.retry_cap_s)
+        log.warning("%s attempt %d: %s; retrying in %.2fs", attempt, claim.attempt, exc, exc.countdown)
+        raise
+    except StepError as exc:
+        return _finish(rt, spec, attempt, StepOutcome.FAILED, error=_error_record(exc, claim.attempt))
+    finally:
+        rt.leases.release(attempt)
+    return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, output=output)
+
+
+def _error_record(exc: StepError, attempt: int) -> dict[str, Any]:
+    record = exc.to_record()
+    record["attempt"] = attempt
+    record["retryable"] = isinstance(exc, RetryableStepError)
+    if isinstance(exc, RetryableStepError) and exc.retry_after is not None:
+        record["retry_after"] = exc.retry_after
+    return record
+
+
+def _dispatch(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, steps: tuple[str, ...]) -> None:
+    dispatch(rt.app, rt.settings, spec, run_id=attempt.run_id, steps=steps, generation=attempt.generation)
+
+
+def _finish(
+    rt: Runtime,
+    spec: WorkflowSpec,
+    attempt: Attempt,
+    outcome: StepOutcome,
+    *,
+    output: Any = None,
+    error: dict[str, Any] | None = None,
+) -> str:
+    children = spec.graph.children[attempt.step]
+    result = rt.store.finish(attempt, outcome, output=output, error=error, children=children)
+    if not result.recorded:
+        return "stale attempt: not recorded"
+    if outcome == StepOutcome.FAILED:
+        log.error("%s: %s", attempt.run_id, failure_summary(attempt.step, error))
+    _dispatch(rt, spec, attempt, result.released)
+    if result.run_status is not None:
+        log.info("run %s %s", attempt.run_id, result.run_status)
+    return outcome.value
