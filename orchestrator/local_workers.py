@@ -64,8 +64,13 @@ class LocalWorkers:
         ]  # fmt: skip
         env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-        out = subprocess.DEVNULL if self.log_dir is None else open(self.log_dir / f"{name.split('@')[0]}.log", "ab")  # noqa: SIM115
-        self.processes[name] = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        if self.log_dir is None:
+            self.processes[name] = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.STDOUT, cwd=REPO_ROOT)  # fmt: skip
+            return name
+        with open(self.log_dir / f"{name.split('@')[0]}.log", "ab") as log:
+            # The child keeps its own copy of the descriptor; ours closes with the block.
+            self.processes[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         return name
 
     def start(self, timeout: float = 60.0) -> LocalWorkers:

@@ -47,6 +47,10 @@ class FunctionRegistry:
         except KeyError:
             raise WorkflowDefinitionError(f"no registered function {name!r}") from None
 
+    def name_of(self, fn: StepFunction) -> str | None:
+        """The name ``fn`` is registered under, if it is."""
+        return next((name for name, known in self._functions.items() if known is fn), None)
+
     def __contains__(self, name: object) -> bool:
         return name in self._functions
 

@@ -116,8 +116,10 @@ class PythonStep(Step):
         else:
             if self.fn.__name__ == "<lambda>":
                 raise ValueError(f"step {self.name!r}: give the function a name (def), lambdas cannot be registered")
-            name = f"{self.fn.__module__}.{self.fn.__qualname__}"
-            functions.register(self.fn, name)
+            name = functions.name_of(self.fn) or ""
+            if not name:
+                name = f"{self.fn.__module__}.{self.fn.__qualname__}"
+                functions.register(self.fn, name)
         return {"function": name, "args": self.args}
 
 

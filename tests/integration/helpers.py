@@ -1,0 +1,57 @@
+"""Small builders for test workflows and polling with a deadline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def llm(name: str, *deps: str, latency: float = 0.0, errors: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    """An offline ``llm`` step."""
+    simulate: dict[str, Any] = {"latency_s": latency, "errors": list(errors)}
+    if "retry_after_s" in extra:
+        simulate["retry_after_s"] = extra.pop("retry_after_s")
+    step: dict[str, Any] = {
+        "name": name,
+        "uses": "llm",
+        "depends_on": list(deps),
+        "with": {"prompt": f"Write about {name} for {{{{ inputs.topic }}}}", "max_tokens": 60, "simulate": simulate},
+    }
+    step.update(extra)
+    return step
+
+
+def py(name: str, function: str, *deps: str, **args: Any) -> dict[str, Any]:
+    """A ``python`` step calling a function from ``tests.workflows``."""
+    queue = args.pop("queue", None)
+    step: dict[str, Any] = {"name": name, "uses": "python", "depends_on": list(deps),
+                            "with": {"function": function, "args": args}}  # fmt: skip
+    if queue:
+        step["queue"] = queue
+    return step
+
+
+def workflow(name: str, *steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A workflow taking a ``topic`` input (defaulted)."""
+    return {"name": name, "inputs": {"topic": {"type": "string", "default": "tests"}}, "steps": list(steps), **extra}
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def ts(value: str) -> float:
+    """An ISO timestamp from the status JSON as epoch seconds."""
+    return datetime.fromisoformat(value).timestamp()
