@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
-from orchestrator.spec import LLMParams, RetryPolicy, StepKind, StepSpec, WorkflowSpec
+from orchestrator.spec import LLMParams, RetryPolicy, StepKind, StepSpec, TriggerRule, WorkflowSpec
 from orchestrator.state.base import StepOutcome, StepStatus
 from orchestrator.templates import referenced_steps
 
@@ -24,16 +24,25 @@ _SKIPPED = {StepStatus.SKIPPED.value}
 
 
 def decide_start(step: StepSpec, parent_status: Mapping[str, str]) -> StepOutcome | None:
-    """Whether a released step runs, given its parents' final statuses.
+    """Whether a released step runs, by its trigger rule and its parents' final statuses.
 
     Returns:
-        ``None`` to run it, else the outcome to record without running it: ``upstream_failed`` when a parent
-        failed, ``skipped`` when a parent was skipped.
+        ``None`` to run it (its condition, if any, is checked next), else the outcome to record without running:
+        ``upstream_failed`` or ``skipped``.
     """
     statuses = [parent_status.get(p, "") for p in step.depends_on]
-    if any(s in _FAILED for s in statuses):
+    failed = any(s in _FAILED for s in statuses)
+    skipped = any(s in _SKIPPED for s in statuses)
+    rule = step.trigger_rule
+    if rule == TriggerRule.ALL_DONE or not statuses:
+        return None
+    if rule == TriggerRule.ONE_SUCCESS:
+        if any(s == StepStatus.SUCCEEDED.value for s in statuses):
+            return None
+        return StepOutcome.UPSTREAM_FAILED if failed else StepOutcome.SKIPPED
+    if failed:
         return StepOutcome.UPSTREAM_FAILED
-    if any(s in _SKIPPED for s in statuses):
+    if skipped and rule == TriggerRule.ALL_SUCCESS:
         return StepOutcome.SKIPPED
     return None
 
@@ -42,18 +51,22 @@ _READS: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 def upstream_reads(spec: WorkflowSpec, step: str) -> tuple[str, ...]:
-    """The steps whose status and output a step's attempt loads: its parents, plus for ``python`` steps every
-    ancestor and for ``llm`` steps the ancestors its templates name (a long chain then stays linear in cost)."""
+    """The steps whose status and output a step's attempt loads: its parents, plus every ancestor for ``python``
+    steps and condition functions, else the ancestors its templates and condition name (a long chain of ``llm``
+    steps then stays linear in cost)."""
     key = (spec.definition_hash, step)
     cached = _READS.get(key)
     if cached is not None:
         return cached
     step_spec = spec.steps_by_name[step]
     wanted = set(step_spec.depends_on)
-    if step_spec.uses == StepKind.PYTHON:
+    if step_spec.uses == StepKind.PYTHON or step_spec.condition_function:
         wanted |= spec.graph.ancestors(step)
-    elif isinstance(step_spec.params, LLMParams):
-        for source in (step_spec.params.prompt, step_spec.params.system or ""):
+    else:
+        sources = [step_spec.condition or ""]
+        if isinstance(step_spec.params, LLMParams):
+            sources += [step_spec.params.prompt, step_spec.params.system or ""]
+        for source in sources:
             wanted |= referenced_steps(source)
     reads = tuple(s.name for s in spec.steps if s.name in wanted)
     _READS[key] = reads
@@ -79,8 +92,10 @@ def retry_delay(
     return max(0.0, min(delay, cap_s))
 
 
-def should_retry(policy: RetryPolicy, attempt: int) -> bool:
-    """Whether attempt number ``attempt`` may be followed by another."""
+def should_retry(policy: RetryPolicy, attempt: int, kind: str = "error") -> bool:
+    """Whether attempt number ``attempt``, which failed with a retryable error of ``kind``, is followed by another."""
+    if kind == "timeout" and not policy.retry_timeouts:
+        return False
     return attempt < policy.max_attempts
 
 

@@ -9,7 +9,7 @@ from celery.canvas import Signature
 
 from orchestrator.coordinator import queue_for
 from orchestrator.settings import Settings
-from orchestrator.spec import WorkflowSpec
+from orchestrator.spec import StepKind, WorkflowSpec
 
 STEP_TASK = "orchestrator.run_step"
 
@@ -29,6 +29,11 @@ def step_signature(
         "queue": queue_for(spec.steps_by_name[step], settings.llm_queue, settings.cpu_queue),
         "shadow": f"{spec.name}.{step}",
     }
+    step_spec = spec.steps_by_name[step]
+    if step_spec.timeout_s is not None and step_spec.uses != StepKind.LLM:
+        # Prefork enforces these with signals; LLM calls get the timeout from the SDK instead, on any pool.
+        options["soft_time_limit"] = step_spec.timeout_s
+        options["time_limit"] = step_spec.timeout_s + 10
     if task_id is not None:
         options["task_id"] = task_id
     args = (run_id, spec.definition_hash, step, generation)

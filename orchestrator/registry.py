@@ -23,15 +23,21 @@ class FunctionRegistry:
     def __init__(self) -> None:
         self._functions: dict[str, StepFunction] = {}
 
-    def register(self, fn: F, name: str | None = None) -> F:
+    def register(self, fn: F, name: str | None = None, *, replace: bool = False) -> F:
         """Expose ``fn`` under ``name`` (default: ``module.qualname``).
+
+        Args:
+            fn: The function.
+            name: The name steps use.
+            replace: Let ``fn`` take over a name already held (a workflow module imported twice re-creates its
+                lambdas).
 
         Raises:
             WorkflowDefinitionError: When another function already holds the name.
         """
         key = name or f"{fn.__module__}.{fn.__qualname__}"
         existing = self._functions.get(key)
-        if existing is not None and existing is not fn and _origin(existing) != _origin(fn):
+        if not replace and existing is not None and existing is not fn and _origin(existing) != _origin(fn):
             raise WorkflowDefinitionError(f"function name {key!r} is already registered")
         self._functions[key] = fn
         return fn

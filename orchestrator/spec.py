@@ -53,6 +53,20 @@ class StepKind(StrEnum):
     APPROVAL = "approval"
 
 
+class TriggerRule(StrEnum):
+    """When a step whose parents have all finished runs (as in Airflow).
+
+    ``all_success``: every parent succeeded (a failed parent makes it ``upstream_failed``, a skipped one ``skipped``);
+    ``all_done``: whatever happened; ``none_failed``: no parent failed (skipped ones are fine);
+    ``one_success``: at least one parent succeeded.
+    """
+
+    ALL_SUCCESS = "all_success"
+    ALL_DONE = "all_done"
+    NONE_FAILED = "none_failed"
+    ONE_SUCCESS = "one_success"
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -65,12 +79,14 @@ class RetryPolicy(_Frozen):
         backoff_s: Base of the exponential backoff: attempt n waits up to ``backoff_s * 2**(n-1)``.
         backoff_max_s: Cap on one wait before jitter.
         jitter: Full jitter (a uniform draw in ``[0, backoff]``), so retries of many steps spread out.
+        retry_timeouts: Whether an attempt that hit the step's ``timeout_s`` is retried.
     """
 
     max_attempts: int = Field(default=5, ge=1, le=100)
     backoff_s: float = Field(default=1.0, ge=0, le=3600)
     backoff_max_s: float = Field(default=60.0, ge=0, le=3600)
     jitter: bool = True
+    retry_timeouts: bool = True
 
 
 class SimulateSpec(_Frozen):
@@ -132,7 +148,12 @@ _PARAMS_BY_KIND: dict[StepKind, type[BaseModel]] = {
 
 
 class StepSpec(_Frozen):
-    """One step of a workflow, in the workflow-file shape (``uses`` + ``with``)."""
+    """One step of a workflow, in the workflow-file shape (``uses`` + ``with``).
+
+    ``condition`` is a safe expression (see :mod:`orchestrator.conditions`); ``condition_function`` names a
+    registered callable taking the step context (Python workflows' ``condition=`` lambdas end up here). ``cache: false``
+    marks a non-deterministic step: it always re-runs when invalidated instead of reusing a result whose inputs match.
+    """
 
     name: Annotated[str, Field(pattern=STEP_NAME_PATTERN)]
     uses: StepKind
@@ -141,6 +162,10 @@ class StepSpec(_Frozen):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    condition: str | None = Field(default=None, min_length=1, max_length=2000)
+    condition_function: str | None = Field(default=None, min_length=1, max_length=200)
+    trigger_rule: TriggerRule = TriggerRule.ALL_SUCCESS
+    cache: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -164,6 +189,12 @@ class StepSpec(_Frozen):
                 raise ValueError("; ".join(_plain_errors(exc, prefix="with"))) from None
         return data
 
+    @model_validator(mode="after")
+    def _one_condition(self) -> StepSpec:
+        if self.condition is not None and self.condition_function is not None:
+            raise ValueError("give either condition (an expression) or condition_function, not both")
+        return self
+
     @field_validator("depends_on")
     @classmethod
     def _no_repeats(cls, deps: tuple[str, ...]) -> tuple[str, ...]:
@@ -177,7 +208,7 @@ class StepSpec(_Frozen):
     @cached_property
     def definition_hash(self) -> str:
         """A hash of this step's own definition (not of its inputs)."""
-        return _hash(self.model_dump(mode="json", by_alias=True))
+        return _hash(self.model_dump(mode="json", by_alias=True, exclude_defaults=True))
 
 
 class WorkflowSpec(_Frozen):
@@ -236,7 +267,7 @@ class WorkflowSpec(_Frozen):
 
     def to_json_dict(self) -> dict[str, Any]:
         """The workflow-file shape as plain JSON data."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
 
 
 def _hash(data: Any) -> str:

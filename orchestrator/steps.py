@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.conditions import evaluate_condition
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError, WorkflowDefinitionError
 from orchestrator.llm import LLMClient, LLMRequest, parse_structured, structured_output_instruction
 from orchestrator.registry import FunctionRegistry
@@ -70,6 +71,24 @@ class StepExecutor:
         self.functions = functions
         self.max_output_bytes = max_output_bytes
         self.llm_timeout_s = llm_timeout_s
+
+    def should_run(self, step: StepSpec, ctx: StepContext) -> bool:
+        """Evaluate the step's condition (``True`` when it has none).
+
+        Raises:
+            NonRetryableStepError: When the condition raises; the step then fails with the cause.
+        """
+        if step.condition is not None:
+            return evaluate_condition(step.condition, inputs=dict(ctx.inputs), outputs=dict(ctx.outputs))
+        if step.condition_function is not None:
+            try:
+                fn = self.functions.get(step.condition_function)
+                return bool(fn(ctx))
+            except Exception as exc:
+                raise NonRetryableStepError(
+                    f"condition {step.condition_function!r} raised {type(exc).__name__}: {exc}", kind="condition_error"
+                ) from None
+        return True
 
     def run(self, step: StepSpec, ctx: StepContext) -> Any:
         """Run one attempt and return its JSON-serialisable output.

@@ -10,6 +10,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
 
+# What evaluating an expression in a template can raise besides TemplateError. Not ``Exception``: a Celery soft time
+# limit arriving mid-render must stay a timeout.
+_EXPRESSION_ERRORS = (ArithmeticError, AttributeError, LookupError, RuntimeError, TypeError, ValueError)
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
 
@@ -31,11 +34,18 @@ def check_template(source: str, *, step: str) -> None:
 
 
 def referenced_steps(source: str) -> set[str]:
-    """Step names a template reads through ``steps.NAME``."""
+    """Step names a template reads through ``steps.NAME`` or ``steps['NAME']``."""
     found: set[str] = set()
-    for node in _ENV.parse(source).find_all(nodes.Getattr):
+    tree = _ENV.parse(source)
+    for node in tree.find_all(nodes.Getattr):
         if isinstance(node.node, nodes.Name) and node.node.name == "steps":
             found.add(node.attr)
+    # Jinja reads ``steps['x']`` like ``steps.x``; missing it would let a template read a step nobody loads.
+    for item in tree.find_all(nodes.Getitem):
+        target, key = item.node, item.arg
+        on_steps = isinstance(target, nodes.Name) and target.name == "steps"
+        if on_steps and isinstance(key, nodes.Const) and isinstance(key.value, str):
+            found.add(key.value)
     return found
 
 
@@ -49,3 +59,7 @@ def render(source: str, context: dict[str, Any]) -> str:
         return str(_compile(source).render(context))
     except TemplateError as exc:
         raise NonRetryableStepError(f"template failed: {exc}", kind="template_error") from None
+    except _EXPRESSION_ERRORS as exc:
+        # ``{{ 1 / 0 }}`` or a sandbox range limit: as permanent as a syntax error. Left uncaught, the task would
+        # crash without recording anything and the step would fail only after its leases ran out, as "worker lost".
+        raise NonRetryableStepError(f"template failed: {type(exc).__name__}: {exc}", kind="template_error") from None

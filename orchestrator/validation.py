@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orchestrator.conditions import check_condition
 from orchestrator.errors import WorkflowDefinitionError
 from orchestrator.registry import FunctionRegistry, check_functions, functions
 from orchestrator.spec import LLMParams, WorkflowSpec
@@ -14,15 +15,22 @@ def check_workflow(spec: WorkflowSpec, registry: FunctionRegistry | None = None)
     Raises:
         WorkflowDefinitionError: Naming the step and the problem.
     """
-    check_functions(spec, registry or functions)
+    registry = registry or functions
+    check_functions(spec, registry)
     for step in spec.steps:
+        upstream = spec.graph.ancestors(step.name)
+        if step.condition is not None:
+            check_condition(step.condition, step=step.name, upstream=upstream)
+        if step.condition_function is not None and step.condition_function not in registry:
+            raise WorkflowDefinitionError(
+                f"step {step.name!r}: no registered condition function {step.condition_function!r}", step=step.name
+            )
         if not isinstance(step.params, LLMParams):
             continue
         for source in (step.params.prompt, step.params.system):
             if source is None:
                 continue
             check_template(source, step=step.name)
-            upstream = spec.graph.ancestors(step.name)
             for ref in sorted(referenced_steps(source) - upstream):
                 what = "an unknown step" if ref not in spec.steps_by_name else "a step it does not depend on"
                 raise WorkflowDefinitionError(

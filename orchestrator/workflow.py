@@ -36,7 +36,12 @@ from orchestrator.spec import (
 
 
 class Step(BaseModel):
-    """Fields every step has. Subclass :class:`LLMStep`, :class:`PythonStep` or :class:`NoopStep`."""
+    """Fields every step has. Subclass :class:`LLMStep`, :class:`PythonStep` or :class:`NoopStep`.
+
+    ``condition`` is a callable on the step context (``lambda ctx: ctx["blog_post"]["word_count"] > 500``) or a
+    safe expression string; ``trigger_rule`` one of ``all_success``, ``all_done``, ``none_failed``, ``one_success``;
+    ``cache=False`` marks a non-deterministic step.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
     kind: ClassVar[StepKind]
@@ -46,14 +51,30 @@ class Step(BaseModel):
     retry: RetryPolicy | int | None = None
     timeout_s: float | None = None
     queue: str | None = None
+    condition: Callable[..., Any] | str | None = None
+    trigger_rule: str = "all_success"
+    cache: bool = True
 
     def params(self) -> dict[str, Any]:
         """The step's ``with:`` parameters in the workflow-file shape."""
         return {}
 
-    def to_spec_data(self) -> dict[str, Any]:
-        """The step in the workflow-file shape."""
-        data: dict[str, Any] = {"name": self.name, "uses": self.kind.value, "depends_on": list(self.depends_on)}
+    def to_spec_data(self, workflow: str = "") -> dict[str, Any]:
+        """The step in the workflow-file shape; a callable condition is registered as ``WORKFLOW.STEP.condition``."""
+        data: dict[str, Any] = {
+            "name": self.name,
+            "uses": self.kind.value,
+            "depends_on": list(self.depends_on),
+            "trigger_rule": self.trigger_rule,
+            "cache": self.cache,
+        }
+        if isinstance(self.condition, str):
+            data["condition"] = self.condition
+        elif self.condition is not None:
+            # Workers import the same module, so the same name maps to the same callable there: nothing is pickled.
+            name = f"{workflow}.{self.name}.condition"
+            functions.register(self.condition, name, replace=True)
+            data["condition_function"] = name
         if isinstance(self.retry, int):
             data["retry"] = {"max_attempts": self.retry}
         elif self.retry is not None:
@@ -152,7 +173,7 @@ class Workflow:
             "name": name,
             "version": version,
             "inputs": inputs or {},
-            "steps": [step.to_spec_data() for step in steps],
+            "steps": [step.to_spec_data(f"{name}.v{version}") for step in steps],
         }
         for key, value in (("timeout_s", timeout_s), ("budget_usd", budget_usd), ("description", description)):
             if value is not None:

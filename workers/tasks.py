@@ -13,7 +13,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestrator.coordinator import decide_start, failure_summary, retry_delay, should_retry, upstream_reads
 from orchestrator.dispatch import STEP_TASK, dispatch
-from orchestrator.errors import RetryableStepError, StepError
+from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError
 from orchestrator.spec import WorkflowSpec
 from orchestrator.state import Attempt, StepOutcome
 from orchestrator.steps import StepContext
@@ -81,13 +81,15 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str) -> str:
             error = {**last, "attempt": claim.attempt - 1, "message": f"gave up: {last.get('message', '')}"}
             return _finish(rt, spec, attempt, StepOutcome.FAILED, error=error)
         ctx = StepContext(attempt.run_id, attempt.step, claim.attempt, claim.inputs, claim.parent_output)
+        if not rt.executor.should_run(step_spec, ctx):
+            return _finish(rt, spec, attempt, StepOutcome.SKIPPED)
         try:
             output = rt.executor.run(step_spec, ctx)
         except SoftTimeLimitExceeded:
             raise RetryableStepError(f"step exceeded its timeout of {step_spec.timeout_s}s", kind="timeout") from None
     except RetryableStepError as exc:
         error = _error_record(exc, claim.attempt)
-        if not should_retry(step_spec.retry, claim.attempt):
+        if not should_retry(step_spec.retry, claim.attempt, exc.kind):
             return _finish(rt, spec, attempt, StepOutcome.FAILED, error=error)
         if not rt.store.retry(attempt, error):
             return "stale attempt: not retried"
@@ -96,6 +98,11 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str) -> str:
         raise
     except StepError as exc:
         return _finish(rt, spec, attempt, StepOutcome.FAILED, error=_error_record(exc, claim.attempt))
+    except Exception as exc:
+        # A bug of ours must still end the step, not leave it running until its lease runs out.
+        log.exception("%s: internal error", attempt)
+        internal = NonRetryableStepError(f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
+        return _finish(rt, spec, attempt, StepOutcome.FAILED, error=_error_record(internal, claim.attempt))
     finally:
         rt.leases.release(attempt)
     return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, output=output)

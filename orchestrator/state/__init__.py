@@ -1,6 +1,23 @@
-"""Run and step state: statuses, key names, and the Redis store."""
+"""Run and step state: statuses, key names, the state-store contract and its Redis and in-memory stores."""
 
-from orchestrator.state.base import Attempt, Claim, Finish, RunStatus, StepOutcome, StepStatus
+from typing import TYPE_CHECKING
+
+from orchestrator.state.base import Attempt, Claim, Finish, RunStatus, StateStore, StepOutcome, StepStatus
+from orchestrator.state.memory import MemoryStateStore
 from orchestrator.state.redis import RedisStateStore
 
-__all__ = ["Attempt", "Claim", "Finish", "RedisStateStore", "RunStatus", "StepOutcome", "StepStatus"]
+if TYPE_CHECKING:
+    # mypy proves here that both stores keep the contract, signature for signature.
+    _STORES: tuple[type[StateStore], ...] = (RedisStateStore, MemoryStateStore)
+
+__all__ = [
+    "Attempt",
+    "Claim",
+    "Finish",
+    "MemoryStateStore",
+    "RedisStateStore",
+    "RunStatus",
+    "StateStore",
+    "StepOutcome",
+    "StepStatus",
+]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from orchestrator.spec import WorkflowSpec
 
 
 class RunStatus(StrEnum):
@@ -109,3 +112,163 @@ class Finish:
     recorded: bool
     run_status: str | None = None
     released: tuple[str, ...] = ()
+
+
+class StateStore(Protocol):
+    """Where runs, step attempts, leases and definitions live: the contract both stores keep.
+
+    ``RedisStateStore`` runs each transition as one Lua script on the run's own hash; ``MemoryStateStore`` does the
+    same in-process under one lock. ``tests/unit/test_state_contract.py`` runs one suite against both.
+
+    A run is a flat map of strings: run fields (``status``, ``gen``, ``inputs``, ``remaining``, ``failures`` …) and
+    step fields ``s:STEP:FIELD`` (``status``, ``task``, ``lease``, ``attempts``, ``output``, ``errors`` …), so
+    ``orchestrator.status.run_view`` reads either store's :meth:`run_fields`. Every step transition names the
+    :class:`Attempt` it applies to and is refused when that attempt is stale: another generation, or a task id that
+    no longer owns the step. A run that outlived its retention behaves exactly like one that never existed.
+    """
+
+    def ping(self) -> None:
+        """Check that the store answers.
+
+        Raises:
+            StoreUnavailableError: When it does not.
+        """
+        ...
+
+    def save_definition(self, spec: WorkflowSpec) -> None:
+        """Store a workflow definition under its ``definition_hash`` (refreshing its TTL)."""
+        ...
+
+    def load_definition(self, definition_hash: str) -> WorkflowSpec:
+        """The definition stored under ``definition_hash``.
+
+        Raises:
+            RunNotFoundError: When it expired or never existed.
+        """
+        ...
+
+    def reserve_idempotency_key(self, key: str, run_id: str) -> str:
+        """Bind ``key`` to ``run_id`` unless it is bound already.
+
+        Returns:
+            The run id ``key`` is bound to: ``run_id`` when this call bound it, else the earlier run's id.
+        """
+        ...
+
+    def release_idempotency_key(self, key: str, run_id: str) -> None:
+        """Forget ``key`` if it is still bound to ``run_id`` (a creation that failed half way)."""
+        ...
+
+    def create_run(self, run_id: str, spec: WorkflowSpec, inputs: dict[str, Any], idempotency_key: str | None) -> bool:
+        """Create a ``running`` run with its roots ``queued`` and every other step ``pending``.
+
+        Each step gets a pending-parent counter; the run counts ``remaining`` steps and ``failures``. The run is kept
+        for four times the retention period while it runs.
+
+        Returns:
+            ``False`` when a (live) run with this id exists already; nothing is changed then.
+        """
+        ...
+
+    def run_fields(self, run_id: str) -> dict[str, str]:
+        """Every field of the run, as strings (the input of ``orchestrator.status.run_view``).
+
+        Raises:
+            RunNotFoundError: When the run does not exist or its retention expired.
+        """
+        ...
+
+    def list_run_ids(self, limit: int = 100) -> list[str]:
+        """Run ids, newest first, at most ``limit`` of them."""
+        ...
+
+    def mark_dispatch_failed(self, run_id: str, message: str) -> None:
+        """Fail a run whose first tasks could not be published (``error`` = ``message``), keep it for the retention."""
+        ...
+
+    def claim(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
+        """Start an attempt of a step if this message may run it; the only way a step starts running.
+
+        In order: an unknown run or step is ``missing``; another generation is ``stale``; a finished step is
+        ``done`` (whatever the task id), listing the ``children`` that are ``queued`` but were never claimed; a run
+        that is not ``running`` is ``inactive``; a step not released yet, or already running (even under the same
+        task id), is ``busy``; a queued step owned by another task id (re-queued by :meth:`reclaim`) is
+        ``superseded``. Otherwise the step becomes ``running``, owned by ``attempt.task_id``, its attempt counter
+        goes up and its lease runs ``lease_s`` seconds from now.
+
+        Args:
+            attempt: The delivery asking.
+            lease_s: How long the attempt may go without :meth:`renew` before the sweeper may reclaim it.
+            upstream: Steps whose status and output the attempt needs.
+            children: The step's children, for a duplicate delivery of a finished step to find lost dispatches.
+        """
+        ...
+
+    def add_lease(self, attempt: Attempt, until: float) -> None:
+        """Index a running attempt so :meth:`expired_leases` finds it after ``until`` if its worker dies."""
+        ...
+
+    def finish(
+        self,
+        attempt: Attempt,
+        outcome: StepOutcome,
+        *,
+        output: Any = None,
+        error: dict[str, Any] | None = None,
+        children: tuple[str, ...] = (),
+    ) -> Finish:
+        """Record a running attempt's final outcome and release the children whose last parent this was.
+
+        ``error`` is also appended to the step's ``errors``. ``failed`` and ``upstream_failed`` count as failures;
+        the first ``failed`` step is remembered as ``first_failure``. When this was the run's last step the run
+        becomes ``failed`` (any failure) or ``succeeded`` and is kept for the retention period from now. The
+        attempt leaves the lease index in every case.
+
+        Returns:
+            ``Finish(recorded=False)`` when the attempt is stale (other generation, step not running, or owned by
+            another task id): nothing changed.
+        """
+        ...
+
+    def retry(self, attempt: Attempt, error: dict[str, Any]) -> bool:
+        """Put a running attempt's step back to ``queued`` after a retryable error, appending it to ``errors``.
+
+        The step stays owned by the same task id: Celery's retry message carries it, so that message may claim.
+        The attempt leaves the lease index.
+
+        Returns:
+            ``False`` when the attempt is stale (as for :meth:`finish`); nothing changed then.
+        """
+        ...
+
+    def renew(self, leases: dict[str, list[tuple[str, str]]], lease_s: float) -> list[tuple[str, str, str, bool]]:
+        """Extend to ``lease_s`` from now the leases of attempts that still run and are still owned.
+
+        Args:
+            leases: ``(step, task_id)`` pairs grouped by run id.
+            lease_s: The new lease length.
+
+        Returns:
+            ``(run_id, step, task_id, renewed)`` for every pair, in order; ``renewed`` is ``False`` where the attempt
+            finished, was re-queued, or its run is gone or not running.
+        """
+        ...
+
+    def expired_leases(self, limit: int = 500) -> list[str]:
+        """Lease index members (``run|step|task``) whose lease ran out, oldest first, at most ``limit``."""
+        ...
+
+    def reclaim(self, member: str, new_task_id: str, error: dict[str, Any]) -> tuple[str, str] | None:
+        """Re-queue the attempt behind an expired lease under ``new_task_id``, appending ``error`` to ``errors``.
+
+        Only an attempt that is still running, still owned by the member's task id, in a running run, and whose
+        lease has run out is re-queued; the old task id is then ``superseded``.
+
+        Returns:
+            ``(definition_hash, generation)`` to re-dispatch with, or ``None`` when there is nothing to do.
+        """
+        ...
+
+    def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
+        """Take the cluster-wide sweeper turn for ``ttl_s`` seconds; ``False`` while anyone (``owner`` too) holds it."""
+        ...

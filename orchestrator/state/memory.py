@@ -1,0 +1,420 @@
+"""The in-memory state store: the Lua transitions of ``RedisStateStore`` as Python under one lock.
+
+For tests and single-process use. A run is the same flat field map as the Redis hash (``s:STEP:FIELD``), so
+``orchestrator.status.run_view`` reads it unchanged; every transition mirrors its script in ``lua/`` rule for rule.
+Time comes from an injectable clock, so tests move it instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.errors import RunNotFoundError
+from orchestrator.spec import WorkflowSpec
+from orchestrator.state import keys
+from orchestrator.state.base import Attempt, Claim, Finish, StepOutcome
+
+_UNFINISHED = ("queued", "running", "pending")
+_COMPACT = (",", ":")
+
+
+def _stamp(epoch: float) -> str:
+    """Epoch seconds as the scripts write them (``%.6f``)."""
+    return f"{epoch:.6f}"
+
+
+def _json_list(raw: str | None) -> list[Any]:
+    return list(json.loads(raw)) if raw else []
+
+
+@dataclass
+class _Run:
+    fields: dict[str, str]
+    expires_at: float
+
+
+class MemoryStateStore:
+    """Run and step state in this process, with the semantics of :class:`~orchestrator.state.RedisStateStore`.
+
+    Args:
+        retention_s: How long a finished run is kept.
+        clock: Epoch seconds now; the stand-in for Redis's ``TIME`` (inject a fake one to move time in tests).
+    """
+
+    def __init__(self, *, retention_s: int = 7 * 24 * 3600, clock: Callable[[], float] = time.time) -> None:
+        self.retention_s = retention_s
+        # As in Redis: a run can outlive its retention while still running, so it is kept 4x as long.
+        self.active_ttl_s = retention_s * 4
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._runs: dict[str, _Run] = {}
+        self._run_index: dict[str, float] = {}
+        self._definitions: dict[str, WorkflowSpec] = {}
+        self._idempotency: dict[str, tuple[str, float]] = {}
+        self._leases: dict[str, float] = {}
+        self._sweeper_lock: tuple[str, float] | None = None
+
+    def ping(self) -> None:
+        """Always answers: the store is this process."""
+
+    # -- definitions -------------------------------------------------------------------------------------------
+
+    def save_definition(self, spec: WorkflowSpec) -> None:
+        """Store a workflow definition by its hash."""
+        with self._lock:
+            self._definitions[spec.definition_hash] = spec
+
+    def load_definition(self, definition_hash: str) -> WorkflowSpec:
+        """The definition stored under ``definition_hash``.
+
+        Definitions never expire here: ``RedisStateStore`` caches every definition it saw for the life of its
+        process, and this store's life is its process.
+
+        Raises:
+            RunNotFoundError: When it was never saved.
+        """
+        with self._lock:
+            spec = self._definitions.get(definition_hash)
+        if spec is None:
+            raise RunNotFoundError(f"definition {definition_hash}")
+        return spec
+
+    # -- runs ----------------------------------------------------------------------------------------------------
+
+    def reserve_idempotency_key(self, key: str, run_id: str) -> str:
+        """Bind ``key`` to ``run_id`` unless it is bound already; returns the run id it is bound to."""
+        with self._lock:
+            now = self._clock()
+            bound = self._idempotency.get(key)
+            if bound is not None and bound[1] > now:
+                return bound[0]
+            self._idempotency[key] = (run_id, now + self.active_ttl_s)
+            return run_id
+
+    def release_idempotency_key(self, key: str, run_id: str) -> None:
+        """Forget ``key`` if it still points at ``run_id`` (a creation that failed half way)."""
+        with self._lock:
+            bound = self._idempotency.get(key)
+            if bound is not None and bound[0] == run_id:
+                del self._idempotency[key]
+
+    def create_run(self, run_id: str, spec: WorkflowSpec, inputs: dict[str, Any], idempotency_key: str | None) -> bool:
+        """Create the run with every step ``pending`` (roots ``queued``), as ``lua/create.lua`` does.
+
+        Returns:
+            ``False`` when a run with this id exists already.
+        """
+        graph = spec.graph
+        fields: dict[str, str] = {
+            "run_id": run_id,
+            "workflow": spec.name,
+            "version": str(spec.version),
+            "def_hash": spec.definition_hash,
+            "status": "running",
+            "gen": "1",
+            "inputs": json.dumps(inputs, separators=_COMPACT),
+            "remaining": str(len(spec.steps)),
+            "total": str(len(spec.steps)),
+            "failures": "0",
+            "idempotency_key": idempotency_key or "",
+        }
+        for step in spec.steps:
+            parents = graph.parents[step.name]
+            fields[keys.step_field(step.name, "status")] = "pending" if parents else "queued"
+            fields[keys.step_field(step.name, "pending")] = str(len(parents))
+            fields[keys.step_field(step.name, "attempts")] = "0"
+        with self._lock:
+            now = self._clock()
+            if self._live(run_id, now) is not None:
+                return False
+            created = _stamp(now)
+            self._runs[run_id] = _Run({"created_at": created, "started_at": created, **fields}, now + self.active_ttl_s)
+            score = float(created)
+            self._run_index[run_id] = score
+            for old in [r for r, s in self._run_index.items() if s <= score - self.active_ttl_s]:
+                del self._run_index[old]
+            return True
+
+    def run_fields(self, run_id: str) -> dict[str, str]:
+        """Every field of the run.
+
+        Raises:
+            RunNotFoundError: When the run does not exist (or expired).
+        """
+        with self._lock:
+            run = self._live(run_id, self._clock())
+            if run is None:
+                raise RunNotFoundError(run_id)
+            return dict(run.fields)
+
+    def list_run_ids(self, limit: int = 100) -> list[str]:
+        """The newest run ids first (like Redis's index, it may name runs whose retention expired)."""
+        with self._lock:
+            ordered = sorted(self._run_index.items(), key=lambda item: (item[1], item[0]), reverse=True)
+        ids = [run_id for run_id, _ in ordered]
+        # ZREVRANGE 0 limit-1: a limit below 1 counts from the end, as in RedisStateStore.
+        return ids[:limit] if limit > 0 else ids[: len(ids) + limit]
+
+    def mark_dispatch_failed(self, run_id: str, message: str) -> None:
+        """Fail a run whose first tasks could not be published, so it cannot sit ``running`` forever."""
+        with self._lock:
+            now = self._clock()
+            run = self._live(run_id, now)
+            if run is None:
+                # HSET on a missing key creates it: the same three fields, as in Redis.
+                run = self._runs[run_id] = _Run({}, now)
+            run.fields.update({"status": "failed", "error": message, "first_failure": "(dispatch)"})
+            run.expires_at = now + self.retention_s
+
+    # -- step transitions ----------------------------------------------------------------------------------------
+
+    def claim(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
+        """Start an attempt of a step if this message may run it (see ``lua/claim.lua``)."""
+        p = f"s:{attempt.step}:"
+        with self._lock:
+            now = self._clock()
+            run = self._live(attempt.run_id, now)
+            fields = run.fields if run is not None else {}
+            run_status, status = fields.get("status"), fields.get(p + "status")
+            if run_status is None or status is None:
+                return Claim(outcome="missing")
+            if fields.get("gen") != attempt.generation:
+                return Claim(outcome="stale")
+            if status not in _UNFINISHED:
+                waiting = tuple(
+                    c for c in children if fields.get(f"s:{c}:status") == "queued" and not fields.get(f"s:{c}:task")
+                )
+                return Claim(outcome="done", detail=status, unclaimed_children=waiting)
+            if run_status != "running":
+                return Claim(outcome="inactive", detail=run_status)
+            if status == "pending":
+                return Claim(outcome="busy")
+            owner = fields.get(p + "task")
+            if status == "queued" and owner and owner != attempt.task_id:
+                return Claim(outcome="superseded")
+            # A running step is never started twice: the sweeper re-queues it once its lease has expired.
+            if status == "running":
+                return Claim(outcome="busy")
+
+            number = int(fields.get(p + "attempts") or 0) + 1
+            started = _stamp(now)
+            fields.update(
+                {
+                    p + "status": "running",
+                    p + "task": attempt.task_id,
+                    p + "lease": _stamp(now + lease_s),
+                    p + "attempts": str(number),
+                    p + "attempt_started_at": started,
+                }
+            )
+            if number == 1 or p + "started_at" not in fields:
+                fields[p + "started_at"] = started
+            outputs = {u: fields.get(f"s:{u}:output", "") for u in upstream}
+            return Claim(
+                outcome="ok",
+                attempt=number,
+                now=float(started),
+                errors=_json_list(fields.get(p + "errors")),
+                inputs=json.loads(fields.get("inputs") or "{}"),
+                parent_status={u: fields.get(f"s:{u}:status", "") for u in upstream},
+                parent_output={u: json.loads(raw) if raw else None for u, raw in outputs.items()},
+            )
+
+    def add_lease(self, attempt: Attempt, until: float) -> None:
+        """Index a running attempt so the sweeper finds it if its worker dies."""
+        with self._lock:
+            self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = until
+
+    def finish(
+        self,
+        attempt: Attempt,
+        outcome: StepOutcome,
+        *,
+        output: Any = None,
+        error: dict[str, Any] | None = None,
+        children: tuple[str, ...] = (),
+    ) -> Finish:
+        """Record a final outcome and release the children whose last parent this was (see ``lua/finish.lua``)."""
+        p = f"s:{attempt.step}:"
+        with self._lock:
+            now = self._clock()
+            self._leases.pop(keys.lease_member(attempt.run_id, attempt.step, attempt.task_id), None)
+            run = self._live(attempt.run_id, now)
+            if run is None or not self._owns(run.fields, attempt):
+                return Finish(recorded=False)
+            fields = run.fields
+            stamp = _stamp(now)
+            fields.update({p + "status": outcome.value, p + "finished_at": stamp, p + "lease": ""})
+            if output is not None:
+                fields[p + "output"] = json.dumps(output, separators=_COMPACT)
+            if error is not None:
+                raw = json.dumps(error, separators=_COMPACT)
+                errors = [*_json_list(fields.get(p + "errors")), json.loads(raw)]
+                fields.update({p + "error": raw, p + "errors": json.dumps(errors, separators=_COMPACT)})
+            if outcome in (StepOutcome.FAILED, StepOutcome.UPSTREAM_FAILED):
+                _increment(fields, "failures", 1)
+                if outcome == StepOutcome.FAILED:
+                    fields.setdefault("first_failure", attempt.step)
+
+            released: list[str] = []
+            for child in children:
+                c = f"s:{child}:"
+                if _increment(fields, c + "pending", -1) == 0:
+                    fields.update({c + "status": "queued", c + "queued_at": stamp})
+                    released.append(child)
+
+            run_status: str | None = None
+            if _increment(fields, "remaining", -1) == 0:
+                run_status = "failed" if int(fields.get("failures") or 0) > 0 else "succeeded"
+                fields.update({"status": run_status, "finished_at": stamp})
+                run.expires_at = now + self.retention_s
+            return Finish(recorded=True, run_status=run_status, released=tuple(released))
+
+    def retry(self, attempt: Attempt, error: dict[str, Any]) -> bool:
+        """Record a retryable error and put the step back to ``queued`` (see ``lua/retry.lua``).
+
+        Returns:
+            ``False`` when the attempt is stale.
+        """
+        p = f"s:{attempt.step}:"
+        with self._lock:
+            now = self._clock()
+            self._leases.pop(keys.lease_member(attempt.run_id, attempt.step, attempt.task_id), None)
+            run = self._live(attempt.run_id, now)
+            if run is None or not self._owns(run.fields, attempt):
+                return False
+            raw = json.dumps(error)
+            errors = [*_json_list(run.fields.get(p + "errors")), json.loads(raw)]
+            run.fields.update(
+                {
+                    p + "status": "queued",
+                    p + "lease": "",
+                    p + "queued_at": _stamp(now),
+                    p + "error": raw,
+                    p + "errors": json.dumps(errors, separators=_COMPACT),
+                }
+            )
+            return True
+
+    def renew(self, leases: dict[str, list[tuple[str, str]]], lease_s: float) -> list[tuple[str, str, str, bool]]:
+        """Extend the leases of running attempts, grouped by run id; returns each with whether it is still ours."""
+        out: list[tuple[str, str, str, bool]] = []
+        with self._lock:
+            now = self._clock()
+            until = float(_stamp(now)) + lease_s
+            for run_id, pairs in leases.items():
+                run = self._live(run_id, now)
+                fields = run.fields if run is not None else {}
+                for step, task_id in pairs:
+                    p = f"s:{step}:"
+                    ours = (
+                        fields.get("status") == "running"
+                        and fields.get(p + "status") == "running"
+                        and fields.get(p + "task") == task_id
+                    )
+                    if ours:
+                        fields[p + "lease"] = _stamp(now + lease_s)
+                        member = keys.lease_member(run_id, step, task_id)
+                        # Only re-scores an indexed attempt (ZADD XX): renewing never adds one.
+                        if member in self._leases:
+                            self._leases[member] = until
+                    out.append((run_id, step, task_id, ours))
+        return out
+
+    def expired_leases(self, limit: int = 500) -> list[str]:
+        """Lease index members whose lease ran out, oldest first."""
+        with self._lock:
+            now = self._clock()
+            due = sorted((until, member) for member, until in self._leases.items() if until <= now)
+        members = [member for _, member in due]
+        return members[:limit] if limit >= 0 else members
+
+    def reclaim(self, member: str, new_task_id: str, error: dict[str, Any]) -> tuple[str, str] | None:
+        """Re-queue the attempt behind an expired lease under ``new_task_id`` (see ``lua/reclaim.lua``).
+
+        An attempt whose lease is still live stays in the lease index, re-scored to that lease, so the sweeper
+        finds it again if its worker dies later.
+
+        Returns:
+            ``(definition_hash, generation)`` to re-dispatch with, or ``None`` when there is nothing to do.
+        """
+        run_id, step, task_id = keys.parse_lease_member(member)
+        p = f"s:{step}:"
+        with self._lock:
+            now = self._clock()
+            run = self._live(run_id, now)
+            fields = run.fields if run is not None else {}
+            if (
+                fields.get("status") != "running"
+                or fields.get(p + "status") != "running"
+                or fields.get(p + "task") != task_id
+            ):
+                self._leases.pop(member, None)
+                return None
+            lease = _float_or_none(fields.get(p + "lease") or "0")
+            if lease is not None and lease > now:
+                self._leases[member] = lease
+                return None
+            self._leases.pop(member, None)
+            raw = json.dumps(error)
+            errors = [*_json_list(fields.get(p + "errors")), json.loads(raw)]
+            fields.update(
+                {
+                    p + "status": "queued",
+                    p + "task": new_task_id,
+                    p + "lease": "",
+                    p + "queued_at": _stamp(now),
+                    p + "error": raw,
+                    p + "errors": json.dumps(errors, separators=_COMPACT),
+                }
+            )
+            return fields.get("def_hash", ""), fields.get("gen", "")
+
+    def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
+        """Take the sweeper turn for ``ttl_s`` (whole milliseconds, at least one, as in Redis)."""
+        with self._lock:
+            now = self._clock()
+            if self._sweeper_lock is not None and self._sweeper_lock[1] > now:
+                return False
+            self._sweeper_lock = (owner, now + max(1, int(ttl_s * 1000)) / 1000)
+            return True
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _live(self, run_id: str, now: float) -> _Run | None:
+        """The run, or ``None`` when it never existed or its time ran out (then it is dropped, as Redis would)."""
+        run = self._runs.get(run_id)
+        if run is not None and run.expires_at <= now:
+            del self._runs[run_id]
+            return None
+        return run
+
+    @staticmethod
+    def _owns(fields: dict[str, str], attempt: Attempt) -> bool:
+        """Whether ``attempt`` is the step's current running attempt: the guard of finish and retry."""
+        p = f"s:{attempt.step}:"
+        return (
+            fields.get("gen") == attempt.generation
+            and fields.get(p + "status") == "running"
+            and fields.get(p + "task") == attempt.task_id
+        )
+
+
+def _increment(fields: dict[str, str], name: str, by: int) -> int:
+    """HINCRBY on a field map."""
+    value = int(fields.get(name) or 0) + by
+    fields[name] = str(value)
+    return value
+
+
+def _float_or_none(raw: str) -> float | None:
+    """Lua's ``tonumber``: ``None`` for text that is no number."""
+    try:
+        return float(raw)
+    except ValueError:
+        return None
