@@ -85,8 +85,9 @@ def validate(file: str) -> None:
 @click.option("--wait", is_flag=True, help="Wait for the run to end; exit non-zero unless it succeeded.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
-def submit(file: str, inputs: tuple[str, ...], idempotency_key: str | None, wait: bool, as_json: bool,
-           timeout: float | None) -> None:  # fmt: skip
+def submit(
+    *, file: str, inputs: tuple[str, ...], idempotency_key: str | None, wait: bool, as_json: bool, timeout: float | None
+) -> None:
     """Start a run of a workflow file (or a registered workflow's name); prints the run id."""
     settings = _settings()
     try:
@@ -129,6 +130,43 @@ def status(run_id: str, as_json: bool) -> None:
         click.echo(json.dumps(view))
     else:
         _print_status(view)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def cancel(run_id: str, as_json: bool) -> None:
+    """Cancel a run: no step starts after this returns; finished outputs are kept. Harmless twice."""
+    client = _client(_settings())
+    try:
+        outcome = client.cancel(run_id)
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
+    click.echo(json.dumps(outcome) if as_json else outcome["message"])
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--from", "from_step", default=None, metavar="STEP", help="Re-run this step and its dependents too.")
+@click.option("--wait", is_flag=True, help="Wait for the run to end; exit non-zero unless it succeeded.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def resume(run_id: str, from_step: str | None, wait: bool, as_json: bool) -> None:
+    """Re-run a failed, cancelled or timed-out run from its checkpoint."""
+    client = _client(_settings())
+    try:
+        generation = client.resume(run_id, from_step=from_step)
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
+    if not wait:
+        message = {"run_id": run_id, "generation": int(generation)}
+        click.echo(json.dumps(message) if as_json else f"resumed run {run_id} (generation {generation})")
+        return
+    view = client.wait(run_id)
+    if as_json:
+        click.echo(json.dumps(view))
+    else:
+        _print_status(view)
+    sys.exit(0 if view["status"] == "succeeded" else EXIT_FAILED_RUN)
 
 
 def _print_status(view: dict[str, Any]) -> None:

@@ -10,13 +10,14 @@ from typing import Any
 import redis
 from celery import Celery
 
+from orchestrator.control import resume_run, stop_run
 from orchestrator.dispatch import dispatch
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.inputs import validate_inputs
 from orchestrator.registry import import_modules, workflows
 from orchestrator.settings import Settings
 from orchestrator.spec import WorkflowSpec, parse_workflow
-from orchestrator.state import RedisStateStore, RunStatus
+from orchestrator.state import RedisStateStore, RunStatus, StateStore
 from orchestrator.status import run_view
 from orchestrator.validation import check_workflow
 from orchestrator.workflow import Workflow
@@ -34,7 +35,7 @@ class Client:
     """
 
     def __init__(
-        self, settings: Settings | None = None, *, app: Celery | None = None, store: RedisStateStore | None = None
+        self, settings: Settings | None = None, *, app: Celery | None = None, store: StateStore | None = None
     ) -> None:
         self.settings = settings or Settings.from_env()
         import_modules(self.settings.imports)
@@ -43,7 +44,9 @@ class Client:
 
             app = create_app(self.settings)
         self.app = app
-        self.store = store or RedisStateStore.from_url(self.settings.redis_url, retention_s=self.settings.retention_s)
+        self.store: StateStore = store or RedisStateStore.from_url(
+            self.settings.redis_url, retention_s=self.settings.retention_s
+        )
 
     def resolve(self, workflow: WorkflowRef, version: int | None = None) -> WorkflowSpec:
         """The spec behind a registered name, a :class:`Workflow`, a spec, or workflow-file data.
@@ -87,6 +90,8 @@ class Client:
                     return bound
             self.store.save_definition(spec)
             self.store.create_run(run_id, spec, filled, idempotency_key)
+            if spec.timeout_s is not None:
+                self.store.add_deadline(run_id, "1", time.time() + spec.timeout_s)
         except redis.RedisError as exc:
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:
@@ -114,6 +119,41 @@ class Client:
         except KeyError:
             raise RunNotFoundError(run_id) from None
         return run_view(fields, spec)
+
+    def cancel(self, run_id: str) -> dict[str, Any]:
+        """Cancel a run: no step starts after this returns; running steps are interrupted; outputs are kept.
+
+        Cancelling twice, or cancelling a finished run, changes nothing and says so.
+
+        Returns:
+            ``{"run_id", "status", "cancelled": bool, "message"}``.
+
+        Raises:
+            RunNotFoundError: No such run.
+        """
+        result = stop_run(self.app, self.store, run_id, RunStatus.CANCELLED, "cancelled")
+        if result.outcome == "ok":
+            running = [step for step, _ in result.interrupted]
+            message = f"cancelled run {run_id}" + (f"; interrupted {', '.join(running)}" if running else "")
+            return {"run_id": run_id, "status": "cancelled", "cancelled": True, "message": message}
+        if result.outcome == "missing":
+            raise RunNotFoundError(run_id)
+        status = result.detail
+        return {"run_id": run_id, "status": status, "cancelled": False,
+                "message": f"run {run_id} had already ended ({status}): nothing to cancel"}  # fmt: skip
+
+    def resume(self, run_id: str, *, from_step: str | None = None) -> str:
+        """Re-run a failed, cancelled or timed-out run from its checkpoint; returns the new generation.
+
+        Only steps that did not succeed run again (``from_step``: that step and its dependents too); a step whose
+        definition and inputs match its stored result reuses it.
+
+        Raises:
+            RunNotFoundError: No such run.
+            RunStateError: The run is still going, succeeded (without ``from_step``), or another resume won.
+            WorkflowDefinitionError: ``from_step`` is not one of its steps.
+        """
+        return resume_run(self.app, self.settings, self.store, run_id, from_step=from_step)
 
     def wait(self, run_id: str, timeout: float | None = None, poll_s: float = 0.1) -> dict[str, Any]:
         """Block until the run ends (or ``timeout`` seconds pass) and return its status JSON.

@@ -12,11 +12,15 @@ counters and not chords").
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Mapping
+from typing import Any
 
+from orchestrator.errors import WorkflowDefinitionError
 from orchestrator.spec import LLMParams, RetryPolicy, StepKind, StepSpec, TriggerRule, WorkflowSpec
-from orchestrator.state.base import StepOutcome, StepStatus
+from orchestrator.state.base import ResumePlan, RunStatus, StepOutcome, StepStatus
 from orchestrator.templates import referenced_steps
 
 _FAILED = {StepStatus.FAILED.value, StepStatus.UPSTREAM_FAILED.value, StepStatus.CANCELLED.value}
@@ -114,3 +118,47 @@ def failure_summary(step: str, error: Mapping[str, object] | None) -> str:
     status = error.get("status")
     where = f" (HTTP {status})" if status else ""
     return f"step {step!r} failed: {kind}{where}: {error.get('message', '')}".rstrip(": ")
+
+
+def result_key(step: StepSpec, inputs: Mapping[str, Any], upstream_outputs: Mapping[str, Any]) -> str:
+    """The key a step's result is stored under: its own definition and everything it reads.
+
+    When a resumed step's key matches its stored result, that result is reused instead of paying for the step again;
+    so a re-executed parent whose output did not change leaves its dependents' keys, and results, as they were.
+    """
+    material = {"step": step.definition_hash, "inputs": inputs, "upstream": upstream_outputs}
+    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+RESUMABLE = (RunStatus.FAILED.value, RunStatus.CANCELLED.value, RunStatus.TIMED_OUT.value)
+
+
+def plan_resume(
+    spec: WorkflowSpec, step_status: Mapping[str, str], generation: str, from_step: str | None = None
+) -> ResumePlan:
+    """Which steps a resume resets, from the run's current step statuses.
+
+    Without ``from_step``: every step that did not succeed. With it: that step, its transitive dependents, and
+    every step that did not succeed; its ancestors and siblings keep their results. A reset step is ``queued`` when
+    all of its parents keep their results, else ``pending`` on the reset parents.
+
+    Raises:
+        WorkflowDefinitionError: When ``from_step`` is not a step of the workflow.
+    """
+    graph = spec.graph
+    reset = {name for name in graph.parents if step_status.get(name) != StepStatus.SUCCEEDED.value}
+    allowed: tuple[str, ...] = RESUMABLE
+    if from_step is not None:
+        if from_step not in graph.parents:
+            raise WorkflowDefinitionError(f"resume --from: no step {from_step!r} in workflow {spec.name!r}")
+        reset |= {from_step} | graph.descendants(from_step)
+        allowed = (*RESUMABLE, RunStatus.SUCCEEDED.value)
+    resets = []
+    for name in graph.topological_order:
+        if name in reset:
+            pending = sum(1 for parent in graph.parents[name] if parent in reset)
+            resets.append((name, StepStatus.QUEUED.value if pending == 0 else StepStatus.PENDING.value, pending))
+    return ResumePlan(
+        expected_generation=generation, allowed_statuses=allowed, resets=tuple(resets), forced_step=from_step
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -32,10 +31,8 @@ def run_demo(settings: Settings, *, topic: str, workers: int = 2, concurrency: i
             client = Client(settings)
             env = {"REDIS_URL": url, "ORCH_IMPORTS": ",".join(imports)}
             log_dir = Path(tempfile.mkdtemp(prefix="orchestrator-demo-"))
-            console.print(f"starting {workers} worker processes × {concurrency} slots (logs in {log_dir}) …")
-            with LocalWorkers(
-                client.app, count=workers, concurrency=concurrency, env=env, log_dir=log_dir
-            ) as pool:
+            console.print(f"starting {workers} worker processes, {concurrency} slots each (logs in {log_dir}) …")
+            with LocalWorkers(client.app, count=workers, concurrency=concurrency, env=env, log_dir=log_dir) as pool:
                 console.print(f"workers ready: {', '.join(n.split('@')[0] for n in pool.processes)}")
                 return _follow(client, topic, console)
         finally:
@@ -96,5 +93,3 @@ def _print_outputs(view: dict[str, Any], console: Console) -> None:
     if usage:
         console.print(f"  tokens: {usage['input_tokens']} in, {usage['output_tokens']} out")
     console.print()
-
-

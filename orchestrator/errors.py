@@ -10,6 +10,7 @@
     ├── InputValidationError           submitted inputs do not fit the workflow's schema
     ├── StateError                     the state store refused or could not answer
     │   ├── RunNotFoundError           .run_id
+    │   ├── RunStateError              the run's status forbids it (.status): resuming a running run …
     │   └── StoreUnavailableError      Redis did not answer
     └── StepError                      one attempt of a step went wrong
         ├── RetryableStepError         .retry_after: the provider's minimum wait, seconds
@@ -80,6 +81,14 @@ class RunNotFoundError(StateError):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"unknown run {run_id!r}")
         self.run_id = run_id
+
+
+class RunStateError(StateError):
+    """The run's status forbids the operation (resume a running run, or a resume that lost a race)."""
+
+    def __init__(self, message: str, *, status: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class StoreUnavailableError(StateError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -68,7 +69,7 @@ class LocalWorkers:
             self.processes[name] = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
                                                     stderr=subprocess.STDOUT, cwd=REPO_ROOT)  # fmt: skip
             return name
-        with open(self.log_dir / f"{name.split('@')[0]}.log", "ab") as log:
+        with open(self.log_dir / f"{name.split('@', maxsplit=1)[0]}.log", "ab") as log:
             # The child keeps its own copy of the descriptor; ours closes with the block.
             self.processes[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         return name
@@ -116,10 +117,8 @@ class LocalWorkers:
         process.kill()
         process.wait()
         for child in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def stop(self, grace: float = 15.0) -> None:
         """Warm-shutdown every worker (SIGTERM), then SIGKILL what is left after ``grace`` seconds."""

@@ -30,7 +30,9 @@ class Settings:
         retention_s: ``ORCH_RETENTION_S``: how long a finished run's state is kept (default 7 days).
         lease_s: ``ORCH_LEASE_S``: a running attempt's lease; renewed every third of it by a heartbeat. A step
             whose worker died is re-dispatched within ``lease_s + sweep_interval_s``.
-        sweep_interval_s: ``ORCH_SWEEP_INTERVAL_S``: how often workers look for expired leases.
+        sweep_interval_s: ``ORCH_SWEEP_INTERVAL_S``: how often workers look for expired leases and deadlines.
+        queued_grace_s: ``ORCH_QUEUED_GRACE_S``: how long a delayed retry or a re-dispatched step may wait in the
+            queue before the sweeper sends it again (a copy that arrives late finds the step taken).
         visibility_timeout_s: ``ORCH_VISIBILITY_TIMEOUT_S``: Redis broker visibility timeout; longer than any
             retry countdown or LLM call so Redis itself never redelivers a message that is still being worked.
         max_input_bytes: ``ORCH_MAX_INPUT_BYTES``: cap on a run's serialized inputs.
@@ -50,6 +52,7 @@ class Settings:
     retention_s: int = 7 * 24 * 3600
     lease_s: float = 15.0
     sweep_interval_s: float = 5.0
+    queued_grace_s: float = 300.0
     visibility_timeout_s: int = 6 * 3600
     max_input_bytes: int = 256 * 1024
     max_output_bytes: int = 1024 * 1024
@@ -73,6 +76,7 @@ class Settings:
             "retention_s": "ORCH_RETENTION_S",
             "lease_s": "ORCH_LEASE_S",
             "sweep_interval_s": "ORCH_SWEEP_INTERVAL_S",
+            "queued_grace_s": "ORCH_QUEUED_GRACE_S",
             "visibility_timeout_s": "ORCH_VISIBILITY_TIMEOUT_S",
             "max_input_bytes": "ORCH_MAX_INPUT_BYTES",
             "max_output_bytes": "ORCH_MAX_OUTPUT_BYTES",

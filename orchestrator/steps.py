@@ -64,10 +64,21 @@ class StepExecutor:
         functions: The registry ``python`` steps call into.
         max_output_bytes: Outputs larger than this fail the step.
         llm_timeout_s: Default per-call LLM timeout (a step's ``timeout_s`` wins).
+        interrupts: Exceptions that interrupt a step from outside (Celery's soft time limit) and must reach the
+            worker as they are, never be mistaken for an error of the step's own code.
     """
 
-    def __init__(self, llm: LLMClient, functions: FunctionRegistry, *, max_output_bytes: int, llm_timeout_s: float):
+    def __init__(
+        self,
+        llm: LLMClient,
+        functions: FunctionRegistry,
+        *,
+        max_output_bytes: int,
+        llm_timeout_s: float,
+        interrupts: tuple[type[BaseException], ...] = (),
+    ):
         self.llm = llm
+        self.interrupts = interrupts
         self.functions = functions
         self.max_output_bytes = max_output_bytes
         self.llm_timeout_s = llm_timeout_s
@@ -164,7 +175,7 @@ class StepExecutor:
         call_ctx = StepContext(ctx.run_id, ctx.step, ctx.attempt, ctx.inputs, ctx.outputs, params.args)
         try:
             return fn(call_ctx, **params.args)
-        except StepError:
+        except (StepError, *self.interrupts):
             raise
         except (TimeoutError, ConnectionError) as exc:
             raise RetryableStepError(

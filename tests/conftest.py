@@ -23,7 +23,11 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 # Short leases so a lost worker is noticed in seconds, not the production default.
-WORKER_ENV = {"ORCH_IMPORTS": "tests.workflows,examples.content_pipeline", "ORCH_LEASE_S": "3", "ORCH_SWEEP_INTERVAL_S": "0.5"}
+WORKER_ENV = {
+    "ORCH_IMPORTS": "tests.workflows,examples.content_pipeline",
+    "ORCH_LEASE_S": "3",
+    "ORCH_SWEEP_INTERVAL_S": "0.5",
+}
 
 
 def _unavailable(reason: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from orchestrator import StepContext, function
+from orchestrator import LLMStep, NoopStep, StepContext, Workflow, function
 
 
 def _redis() -> redis.Redis:
@@ -47,3 +47,45 @@ def fail(ctx: StepContext, **_: Any) -> None:
 def big_output(ctx: StepContext, size: int = 0, **_: Any) -> str:
     """Return a string of ``size`` characters."""
     return "x" * size
+
+
+@function("tests.gate")
+def gate(ctx: StepContext, **_: Any) -> dict[str, Any]:
+    """Fail for good until the test "fixes the cause" by setting ``test:fixed:RUN``."""
+    r = _redis()
+    r.incr(f"test:calls:{ctx.run_id}:{ctx.step}")
+    if not r.exists(f"test:fixed:{ctx.run_id}"):
+        raise ValueError("the cause is not fixed yet")
+    return {"fixed": True}
+
+
+@function("tests.count_constant")
+def count_constant(ctx: StepContext, **_: Any) -> dict[str, Any]:
+    """Count executions but always return the same output (a deterministic step)."""
+    _redis().incr(f"test:calls:{ctx.run_id}:{ctx.step}")
+    return {"value": 42}
+
+
+# The seed's Option C, as written there: a Python condition on the context (registered on workers by import).
+conditional = Workflow(
+    "tests_conditional",
+    inputs={"topic": {"type": "string", "default": "tests"}, "tokens": {"type": "integer", "default": 900}},
+    steps=[
+        LLMStep(name="draft", prompt="Draft about {{ inputs.topic }}", max_tokens=900),
+        LLMStep(name="short_draft", prompt="Draft briefly about {{ inputs.topic }}", max_tokens=100),
+        LLMStep(
+            name="quality_check",
+            prompt="Check the draft",
+            depends_on=["draft"],
+            condition=lambda context: context["draft"]["word_count"] > 500,
+        ),
+        LLMStep(
+            name="quality_check_short",
+            prompt="Check the short draft",
+            depends_on=["short_draft"],
+            condition=lambda context: context["short_draft"]["word_count"] > 500,
+        ),
+        NoopStep(name="publish_short", depends_on=["quality_check_short"]),
+        NoopStep(name="publish_anyway", depends_on=["quality_check_short"], trigger_rule="none_failed"),
+    ],
+)

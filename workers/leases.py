@@ -11,7 +11,7 @@ import logging
 import threading
 from collections import defaultdict
 
-from orchestrator.state import Attempt, RedisStateStore
+from orchestrator.state import Attempt, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class LeaseKeeper:
     """Renews the leases of this process's running attempts every third of the lease."""
 
-    def __init__(self, store: RedisStateStore, lease_s: float) -> None:
+    def __init__(self, store: StateStore, lease_s: float) -> None:
         self.store = store
         self.lease_s = lease_s
         self._active: dict[Attempt, None] = {}
@@ -27,9 +27,8 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def hold(self, attempt: Attempt, until: float) -> None:
-        """Start keeping an attempt's lease (the claim already set it to ``until``)."""
-        self.store.add_lease(attempt, until)
+    def hold(self, attempt: Attempt) -> None:
+        """Start keeping a claimed attempt's lease (the claim set it and indexed it)."""
         with self._lock:
             self._active[attempt] = None
             if self._thread is None:

@@ -7,11 +7,12 @@ import threading
 from dataclasses import dataclass
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestrator.llm import make_llm_client
 from orchestrator.registry import functions, import_modules
 from orchestrator.settings import Settings
-from orchestrator.state import RedisStateStore
+from orchestrator.state import RedisStateStore, StateStore
 from orchestrator.steps import StepExecutor
 from workers.leases import LeaseKeeper
 
@@ -22,7 +23,7 @@ class Runtime:
 
     app: Celery
     settings: Settings
-    store: RedisStateStore
+    store: StateStore
     executor: StepExecutor
     leases: LeaseKeeper
 
@@ -54,5 +55,6 @@ class RuntimeHolder:
             functions,
             max_output_bytes=settings.max_output_bytes,
             llm_timeout_s=settings.llm_timeout_s,
+            interrupts=(SoftTimeLimitExceeded,),
         )
         return Runtime(self.app, settings, store, executor, LeaseKeeper(store, settings.lease_s))

@@ -1,6 +1,7 @@
-"""The sweeper: re-dispatches steps whose attempt lost its worker (lease expired).
+"""The sweeper: recovers steps whose worker was lost and fires workflow deadlines.
 
 It runs in every worker's main process as a Celery bootstep; a short Redis lock lets one worker sweep per interval.
+Deadlines are durable (a sorted set in Redis): one that passed while no worker ran fires when the first one starts.
 """
 
 from __future__ import annotations
@@ -12,32 +13,50 @@ from typing import Any
 
 from celery import bootsteps
 
+from orchestrator.control import stop_run
 from orchestrator.dispatch import dispatch
-from orchestrator.state import keys
+from orchestrator.errors import RunNotFoundError
+from orchestrator.state import RunStatus, keys
 from workers.runtime import Runtime, RuntimeHolder
 
 log = logging.getLogger(__name__)
 
 
 def sweep_once(rt: Runtime, owner: str) -> int:
-    """Re-queue and re-dispatch every attempt whose lease expired; returns how many were re-dispatched."""
+    """One sweep: re-dispatch lost steps, time out runs past their deadline; returns how many actions it took."""
     if not rt.store.try_sweeper_lock(owner, rt.settings.sweep_interval_s * 0.9):
         return 0
+    return _recover_lost_steps(rt) + _fire_deadlines(rt)
+
+
+def _recover_lost_steps(rt: Runtime) -> int:
     count = 0
     for member in rt.store.expired_leases():
-        run_id, step, old_task = keys.parse_lease_member(member)
-        new_task = uuid.uuid4().hex
+        _, step, old_task = keys.parse_lease_member(member)
         lost = {"type": "worker_lost", "status": None, "message": f"worker lost during attempt (task {old_task})"}
-        found = rt.store.reclaim(member, new_task, lost)
+        found = rt.store.reclaim(member, uuid.uuid4().hex, lost, grace_s=rt.settings.queued_grace_s)
         if found is None:
             continue
-        definition_hash, generation = found
-        spec = rt.store.load_definition(definition_hash)
-        dispatch(
-            rt.app, rt.settings, spec, run_id=run_id, steps=[step], generation=generation, task_ids={step: new_task}
-        )
-        log.warning("re-dispatched %s/%s after its worker was lost", run_id, step)
+        spec = rt.store.load_definition(found.definition_hash)
+        dispatch(rt.app, rt.settings, spec, run_id=found.run_id, steps=[step], generation=found.generation,
+                 task_ids={step: found.task_id})  # fmt: skip
+        log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
         count += 1
+    return count
+
+
+def _fire_deadlines(rt: Runtime) -> int:
+    count = 0
+    for run_id, generation in rt.store.due_deadlines():
+        try:
+            result = stop_run(rt.app, rt.store, run_id, RunStatus.TIMED_OUT, "the workflow deadline passed",
+                              generation=generation)  # fmt: skip
+        except RunNotFoundError:
+            result = None
+        rt.store.drop_deadline(run_id, generation)
+        if result is not None and result.outcome == "ok":
+            log.warning("run %s timed out; interrupted %d steps", run_id, len(result.interrupted))
+            count += 1
     return count
 
 
@@ -57,11 +76,14 @@ class Sweeper(bootsteps.StartStopStep):
 
         def loop() -> None:
             interval = holder.settings.sweep_interval_s
-            while not self._stop.wait(interval):
+            # Sweep at once on start: a deadline that passed while no worker ran fires now, not an interval later.
+            while True:
                 try:
                     sweep_once(holder.get(), owner)
                 except Exception:
                     log.exception("sweep failed")
+                if self._stop.wait(interval):
+                    return
 
         self._thread = threading.Thread(target=loop, name="orchestrator-sweeper", daemon=True)
         self._thread.start()

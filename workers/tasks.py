@@ -11,11 +11,18 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from orchestrator.coordinator import decide_start, failure_summary, retry_delay, should_retry, upstream_reads
+from orchestrator.coordinator import (
+    decide_start,
+    failure_summary,
+    result_key,
+    retry_delay,
+    should_retry,
+    upstream_reads,
+)
 from orchestrator.dispatch import STEP_TASK, dispatch
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError
 from orchestrator.spec import WorkflowSpec
-from orchestrator.state import Attempt, StepOutcome
+from orchestrator.state import Attempt, Claim, StepOutcome
 from orchestrator.steps import StepContext
 from workers.runtime import Runtime, RuntimeHolder
 
@@ -57,7 +64,6 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str) -> str:
         RetryableStepError: With ``countdown`` set, for Celery's autoretry to schedule the next attempt.
     """
     spec = rt.store.load_definition(definition_hash)
-    step_spec = spec.steps_by_name[attempt.step]
     children = spec.graph.children[attempt.step]
     upstream = upstream_reads(spec, attempt.step)
     claim = rt.store.claim(attempt, lease_s=rt.settings.lease_s, upstream=upstream, children=children)
@@ -70,30 +76,41 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str) -> str:
     if claim.outcome != "ok":
         log.info("dropping %s: %s %s", attempt, claim.outcome, claim.detail)
         return f"dropped: {claim.outcome}"
-
-    rt.leases.hold(attempt, claim.now + rt.settings.lease_s)
+    rt.leases.hold(attempt)
     try:
-        skip = decide_start(step_spec, claim.parent_status)
+        return _run_attempt(rt, spec, attempt, claim)
+    finally:
+        rt.leases.release(attempt)
+
+
+def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim) -> str:
+    step = spec.steps_by_name[attempt.step]
+    try:
+        skip = decide_start(step, claim.parent_status)
         if skip is not None:
             return _finish(rt, spec, attempt, skip)
-        if claim.attempt > step_spec.retry.max_attempts:
+        if claim.attempt > step.retry.max_attempts:
             last = claim.errors[-1] if claim.errors else {"type": "worker_lost", "message": "worker lost"}
             error = {**last, "attempt": claim.attempt - 1, "message": f"gave up: {last.get('message', '')}"}
             return _finish(rt, spec, attempt, StepOutcome.FAILED, error=error)
         ctx = StepContext(attempt.run_id, attempt.step, claim.attempt, claim.inputs, claim.parent_output)
-        if not rt.executor.should_run(step_spec, ctx):
+        if not rt.executor.should_run(step, ctx):
             return _finish(rt, spec, attempt, StepOutcome.SKIPPED)
+        key = result_key(step, claim.inputs, claim.parent_output)
+        if step.cache and not claim.force and claim.cache_key == key:
+            # Resumed with the same definition and inputs as the result it already has: never pay for it twice.
+            return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, cache_key=key, cached=True)
         try:
-            output = rt.executor.run(step_spec, ctx)
+            output = rt.executor.run(step, ctx)
         except SoftTimeLimitExceeded:
-            raise RetryableStepError(f"step exceeded its timeout of {step_spec.timeout_s}s", kind="timeout") from None
+            raise RetryableStepError(f"step exceeded its timeout of {step.timeout_s}s", kind="timeout") from None
     except RetryableStepError as exc:
         error = _error_record(exc, claim.attempt)
-        if not should_retry(step_spec.retry, claim.attempt, exc.kind):
+        if not should_retry(step.retry, claim.attempt, exc.kind):
             return _finish(rt, spec, attempt, StepOutcome.FAILED, error=error)
-        if not rt.store.retry(attempt, error):
+        exc.countdown = retry_delay(step.retry, claim.attempt, exc.retry_after, rt.settings.retry_cap_s)
+        if not rt.store.retry(attempt, error, countdown_s=exc.countdown, grace_s=rt.settings.queued_grace_s):
             return "stale attempt: not retried"
-        exc.countdown = retry_delay(step_spec.retry, claim.attempt, exc.retry_after, rt.settings.retry_cap_s)
         log.warning("%s attempt %d: %s; retrying in %.2fs", attempt, claim.attempt, exc, exc.countdown)
         raise
     except StepError as exc:
@@ -103,9 +120,7 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str) -> str:
         log.exception("%s: internal error", attempt)
         internal = NonRetryableStepError(f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
         return _finish(rt, spec, attempt, StepOutcome.FAILED, error=_error_record(internal, claim.attempt))
-    finally:
-        rt.leases.release(attempt)
-    return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, output=output)
+    return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, output=output, cache_key=key)
 
 
 def _error_record(exc: StepError, attempt: int) -> dict[str, Any]:
@@ -129,9 +144,13 @@ def _finish(
     *,
     output: Any = None,
     error: dict[str, Any] | None = None,
+    cache_key: str = "",
+    cached: bool = False,
 ) -> str:
     children = spec.graph.children[attempt.step]
-    result = rt.store.finish(attempt, outcome, output=output, error=error, children=children)
+    result = rt.store.finish(
+        attempt, outcome, output=output, error=error, children=children, cache_key=cache_key, cached=cached
+    )
     if not result.recorded:
         return "stale attempt: not recorded"
     if outcome == StepOutcome.FAILED:

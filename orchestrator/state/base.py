@@ -78,7 +78,10 @@ class Claim:
         outcome: ``ok`` (run it), ``done`` (the step finished already), or why not: ``stale`` (older generation),
             ``superseded`` (re-dispatched under another task id), ``busy`` (another attempt holds a live lease, or
             the step is not released yet), ``inactive`` (the run is not running), ``missing`` (no such run).
-        attempt: 1-based number of the attempt now starting.
+        attempt: 1-based number of the attempt now starting, counted in this generation (a resume starts over).
+        total_attempts: Attempts over the run's whole life.
+        cache_key: The key of the step's stored result from an earlier generation ('' when none).
+        force: The step must run even if its cache key matches (``resume --from`` names it).
         now: Redis's clock when the attempt started (epoch seconds).
         errors: Errors of earlier attempts.
         inputs: The run's inputs.
@@ -90,13 +93,64 @@ class Claim:
 
     outcome: str
     attempt: int = 0
+    total_attempts: int = 0
     now: float = 0.0
+    cache_key: str = ""
+    force: bool = False
     errors: list[dict[str, Any]] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)
     parent_status: dict[str, str] = field(default_factory=dict)
     parent_output: dict[str, Any] = field(default_factory=dict)
     detail: str = ""
     unclaimed_children: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Reclaim:
+    """A step to publish again after its lease ran out."""
+
+    run_id: str
+    step: str
+    definition_hash: str
+    generation: str
+    task_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The result of cancelling or timing out a run.
+
+    Attributes:
+        outcome: ``ok``; ``finished`` (it had ended: ``detail`` says how); ``stale``; ``missing``.
+        detail: When it stopped (epoch seconds), or the status it had already ended with.
+        interrupted: ``(step, task_id)`` of steps that were running or queued, to revoke.
+    """
+
+    outcome: str
+    detail: str = ""
+    interrupted: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Which steps a resume resets, computed from the state read at ``expected_generation``.
+
+    Attributes:
+        expected_generation: The generation the plan was made from; the resume is refused if it moved.
+        allowed_statuses: Run statuses this resume may start from.
+        resets: ``(step, status, pending_parents)``: ``queued`` when all its parents keep their results.
+        forced_step: The ``--from`` step, which runs even when its result could be reused.
+    """
+
+    expected_generation: str
+    allowed_statuses: tuple[str, ...]
+    resets: tuple[tuple[str, str, int], ...]
+    forced_step: str | None = None
+
+    @property
+    def queued(self) -> tuple[str, ...]:
+        """The steps to dispatch at once."""
+        return tuple(step for step, status, _ in self.resets if status == "queued")
 
 
 @dataclass(frozen=True)
@@ -204,10 +258,6 @@ class StateStore(Protocol):
         """
         ...
 
-    def add_lease(self, attempt: Attempt, until: float) -> None:
-        """Index a running attempt so :meth:`expired_leases` finds it after ``until`` if its worker dies."""
-        ...
-
     def finish(
         self,
         attempt: Attempt,
@@ -216,8 +266,13 @@ class StateStore(Protocol):
         output: Any = None,
         error: dict[str, Any] | None = None,
         children: tuple[str, ...] = (),
+        cache_key: str = "",
+        cached: bool = False,
     ) -> Finish:
         """Record a running attempt's final outcome and release the children whose last parent this was.
+
+        A success stores ``output`` and ``cache_key`` (an empty ``output`` with ``cached`` keeps the stored output:
+        a result reused on resume); any other outcome clears the output.
 
         ``error`` is also appended to the step's ``errors``. ``failed`` and ``upstream_failed`` count as failures;
         the first ``failed`` step is remembered as ``first_failure``. When this was the run's last step the run
@@ -230,11 +285,12 @@ class StateStore(Protocol):
         """
         ...
 
-    def retry(self, attempt: Attempt, error: dict[str, Any]) -> bool:
+    def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
         """Put a running attempt's step back to ``queued`` after a retryable error, appending it to ``errors``.
 
         The step stays owned by the same task id: Celery's retry message carries it, so that message may claim.
-        The attempt leaves the lease index.
+        The attempt stays in the lease index with a lease of ``countdown_s + grace_s``, so a delayed retry lost
+        with its worker is sent again by the sweeper.
 
         Returns:
             ``False`` when the attempt is stale (as for :meth:`finish`); nothing changed then.
@@ -258,15 +314,44 @@ class StateStore(Protocol):
         """Lease index members (``run|step|task``) whose lease ran out, oldest first, at most ``limit``."""
         ...
 
-    def reclaim(self, member: str, new_task_id: str, error: dict[str, Any]) -> tuple[str, str] | None:
-        """Re-queue the attempt behind an expired lease under ``new_task_id``, appending ``error`` to ``errors``.
+    def reclaim(self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float) -> Reclaim | None:
+        """Recover the step behind an expired lease.
 
-        Only an attempt that is still running, still owned by the member's task id, in a running run, and whose
-        lease has run out is re-queued; the old task id is then ``superseded``.
+        A ``running`` step whose lease ran out (its worker died) is re-queued under ``new_task_id`` with ``error``
+        appended; a ``queued`` one (a delayed retry or re-dispatch lost with its worker) is sent again under its own
+        task id. Either way it gets a lease of ``grace_s`` to be claimed in. A lease renewed meanwhile is put back
+        in the index at its new expiry.
 
         Returns:
-            ``(definition_hash, generation)`` to re-dispatch with, or ``None`` when there is nothing to do.
+            What to publish, or ``None`` when there is nothing to do.
         """
+        ...
+
+    def stop(self, run_id: str, status: RunStatus, reason: str, steps: tuple[str, ...], generation: str = "") -> Stop:
+        """End a running run as ``cancelled`` or ``timed_out``: its unfinished ``steps`` become ``cancelled``.
+
+        ``generation`` (when given) must match, so a deadline of an earlier generation cannot stop a resumed run.
+        """
+        ...
+
+    def resume(self, run_id: str, plan: ResumePlan) -> tuple[str, str]:
+        """Start the next generation: reset the plan's steps, unless the generation moved or the status forbids it.
+
+        Returns:
+            ``("ok", new_generation)``, ``("conflict", generation)`` or ``("refused", run_status)``.
+        """
+        ...
+
+    def add_deadline(self, run_id: str, generation: str, at: float) -> None:
+        """Schedule a run's workflow deadline."""
+        ...
+
+    def due_deadlines(self, limit: int = 500) -> list[tuple[str, str]]:
+        """``(run_id, generation)`` of deadlines that have passed."""
+        ...
+
+    def drop_deadline(self, run_id: str, generation: str) -> None:
+        """Forget a deadline."""
         ...
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 PREFIX = "orch"
 LEASES = f"{PREFIX}:leases"
+DEADLINES = f"{PREFIX}:deadlines"
 RUNS_INDEX = f"{PREFIX}:runs"
 SWEEPER_LOCK = f"{PREFIX}:sweeper:lock"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from importlib import resources
 from typing import Any, cast
 
@@ -13,9 +14,9 @@ from redis.commands.core import Script
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.spec import WorkflowSpec, parse_workflow
 from orchestrator.state import keys
-from orchestrator.state.base import Attempt, Claim, Finish, StepOutcome
+from orchestrator.state.base import Attempt, Claim, Finish, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
 
-_SCRIPTS = ("create", "claim", "finish", "retry", "reclaim", "renew")
+_SCRIPTS = ("create", "claim", "finish", "retry", "reclaim", "renew", "stop", "resume")
 
 
 def _load_lua(name: str) -> str:
@@ -170,26 +171,36 @@ class RedisStateStore:
     def claim(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
         """Start an attempt of a step if this message may run it (see ``lua/claim.lua``).
 
+        The attempt enters the lease index in the same round trip, before the claim: a worker that dies right after
+        claiming can then never leave a running step the sweeper cannot see.
+
         ``upstream`` names the steps whose status and output the attempt needs; ``children`` lets a duplicate
         delivery of a finished step find children whose dispatch was lost.
         """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
-        parents = upstream
-        argv: list[Any] = [step, generation, task_id, lease_s, len(parents), *parents, len(children), *children]
-        reply = [_text(x) for x in self._scripts["claim"](keys=[keys.run_key(run_id)], args=argv)]
+        member = keys.lease_member(run_id, step, task_id)
+        argv: list[Any] = [step, generation, task_id, lease_s, len(upstream), *upstream, len(children), *children]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(keys.LEASES, {member: time.time() + lease_s})
+        self._scripts["claim"](keys=[keys.run_key(run_id)], args=argv, client=pipe)
+        reply = [_text(x) for x in pipe.execute()[1]]
         outcome = reply[0]
+        if outcome != "ok":
+            self.client.zrem(keys.LEASES, member)
         if outcome == "ok":
-            parent_rows = reply[5:]
+            rows = reply[8:]
             return Claim(
                 outcome="ok",
-                attempt=int(reply[1]),
+                attempt=int(reply[1]) - int(reply[5] or 0),
+                total_attempts=int(reply[1]),
                 now=float(reply[2]),
                 errors=json.loads(reply[3]) if reply[3] else [],
                 inputs=json.loads(reply[4]),
-                parent_status={p: parent_rows[2 * i] for i, p in enumerate(parents)},
+                cache_key=reply[6],
+                force=reply[7] == "1",
+                parent_status={p: rows[2 * i] for i, p in enumerate(upstream)},
                 parent_output={
-                    p: json.loads(parent_rows[2 * i + 1]) if parent_rows[2 * i + 1] else None
-                    for i, p in enumerate(parents)
+                    p: json.loads(rows[2 * i + 1]) if rows[2 * i + 1] else None for i, p in enumerate(upstream)
                 },
             )
         if outcome == "done":
@@ -197,10 +208,6 @@ class RedisStateStore:
             waiting = tuple(c for i, c in enumerate(children) if rows[2 * i] == "queued" and rows[2 * i + 1] == "")
             return Claim(outcome="done", detail=reply[1], unclaimed_children=waiting)
         return Claim(outcome=outcome, detail=reply[1] if len(reply) > 1 else "")
-
-    def add_lease(self, attempt: Attempt, until: float) -> None:
-        """Index a running attempt so the sweeper finds it if its worker dies."""
-        self.client.zadd(keys.LEASES, {keys.lease_member(attempt.run_id, attempt.step, attempt.task_id): until})
 
     def finish(
         self,
@@ -210,14 +217,19 @@ class RedisStateStore:
         output: Any = None,
         error: dict[str, Any] | None = None,
         children: tuple[str, ...] = (),
+        cache_key: str = "",
+        cached: bool = False,
     ) -> Finish:
-        """Record a final outcome and release the children whose last parent this was."""
+        """Record a final outcome and release the children whose last parent this was.
+
+        ``cached`` marks a success served from the step's stored result (its output is then kept as it is).
+        """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
         argv: list[Any] = [
             step, generation, task_id, outcome.value,
             "" if output is None else json.dumps(output, separators=(",", ":")),
             "" if error is None else json.dumps(error, separators=(",", ":")),
-            self.retention_s, *children,
+            self.retention_s, cache_key, "1" if cached else "", *children,
         ]  # fmt: skip
         pipe = self.client.pipeline(transaction=False)
         self._scripts["finish"](keys=[keys.run_key(run_id)], args=argv, client=pipe)
@@ -227,15 +239,19 @@ class RedisStateStore:
             return Finish(recorded=False)
         return Finish(recorded=True, run_status=reply[1] or None, released=tuple(reply[2:]))
 
-    def retry(self, attempt: Attempt, error: dict[str, Any]) -> bool:
-        """Record a retryable error and put the step back to ``queued``; ``False`` when the attempt is stale."""
+    def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+        """Record a retryable error and put the step back to ``queued`` for ``countdown_s``.
+
+        The attempt stays in the lease index until ``countdown_s + grace_s`` (Celery's retry keeps the task id), so
+        a delayed retry lost with its worker is sent again. ``False`` when the attempt is stale.
+        """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
-        pipe = self.client.pipeline(transaction=False)
-        self._scripts["retry"](
-            keys=[keys.run_key(run_id)], args=[step, generation, task_id, json.dumps(error)], client=pipe
-        )
-        pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, task_id))
-        return bool(pipe.execute()[0])
+        argv: list[Any] = [step, generation, task_id, json.dumps(error), countdown_s, grace_s]
+        lease = self._scripts["retry"](keys=[keys.run_key(run_id)], args=argv)
+        if lease is None:
+            return False
+        self.client.zadd(keys.LEASES, {keys.lease_member(run_id, step, task_id): float(_text(lease))})
+        return True
 
     def renew(self, leases: dict[str, list[tuple[str, str]]], lease_s: float) -> list[tuple[str, str, str, bool]]:
         """Extend the leases of running attempts, grouped by run id; returns each with whether it is still ours."""
@@ -265,20 +281,73 @@ class RedisStateStore:
         now = seconds + micros / 1e6
         return [_text(m) for m in self.client.zrangebyscore(keys.LEASES, "-inf", now, start=0, num=limit)]
 
-    def reclaim(self, member: str, new_task_id: str, error: dict[str, Any]) -> tuple[str, str] | None:
-        """Re-queue the attempt behind an expired lease under ``new_task_id``.
+    def reclaim(self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float) -> Reclaim | None:
+        """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
 
         Returns:
-            ``(definition_hash, generation)`` to re-dispatch with, or ``None`` when there is nothing to do.
+            What to publish, or ``None`` when there is nothing to do (the lease is live again, or the attempt ended).
         """
         run_id, step, task_id = keys.parse_lease_member(member)
-        reply = [_text(x) for x in self._scripts["reclaim"](
-            keys=[keys.run_key(run_id)], args=[step, task_id, new_task_id, json.dumps(error)]
-        )]  # fmt: skip
-        self.client.zrem(keys.LEASES, member)
+        argv: list[Any] = [step, task_id, new_task_id, json.dumps(error), grace_s]
+        reply = [_text(x) for x in self._scripts["reclaim"](keys=[keys.run_key(run_id)], args=argv)]
+        if reply[0] == "live":
+            # The heartbeat renewed it after we read the index: keep it findable at its new expiry.
+            self.client.zadd(keys.LEASES, {member: float(reply[1])})
+            return None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(keys.LEASES, member)
+        if reply[0] == "ok":
+            pipe.zadd(keys.LEASES, {keys.lease_member(run_id, step, reply[3]): float(reply[4])})
+        pipe.execute()
         if reply[0] != "ok":
             return None
-        return reply[1], reply[2]
+        return Reclaim(run_id=run_id, step=step, definition_hash=reply[1], generation=reply[2], task_id=reply[3])
+
+    def stop(self, run_id: str, status: RunStatus, reason: str, steps: tuple[str, ...], generation: str = "") -> Stop:
+        """End a run early (``cancelled`` or ``timed_out``; see ``lua/stop.lua``)."""
+        argv: list[Any] = [status.value, reason, self.retention_s, generation, *steps]
+        reply = [_text(x) for x in self._scripts["stop"](keys=[keys.run_key(run_id)], args=argv)]
+        if reply[0] != "ok":
+            return Stop(outcome=reply[0], detail=reply[1] if len(reply) > 1 else "")
+        pairs = reply[2:]
+        interrupted = tuple((pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2))
+        members = [keys.lease_member(run_id, s, t) for s, t in interrupted if t]
+        if members:
+            self.client.zrem(keys.LEASES, *members)
+        return Stop(outcome="ok", detail=reply[1], interrupted=interrupted)
+
+    def resume(self, run_id: str, plan: ResumePlan) -> tuple[str, str]:
+        """Apply a resume plan atomically (see ``lua/resume.lua``).
+
+        Returns:
+            ``("ok", new_generation)``, ``("conflict", generation)`` when another resume won, or
+            ``("refused", run_status)``.
+        """
+        argv: list[Any] = [
+            plan.expected_generation, ",".join(plan.allowed_statuses), self.active_ttl_s, plan.forced_step or "",
+        ]  # fmt: skip
+        for step, status, pending in plan.resets:
+            argv += [step, status, pending]
+        reply = [_text(x) for x in self._scripts["resume"](keys=[keys.run_key(run_id)], args=argv)]
+        return reply[0], reply[1]
+
+    def add_deadline(self, run_id: str, generation: str, at: float) -> None:
+        """Schedule the run's workflow deadline (durable: swept by any worker, whenever one runs)."""
+        self.client.zadd(keys.DEADLINES, {f"{run_id}|{generation}": at})
+
+    def due_deadlines(self, limit: int = 500) -> list[tuple[str, str]]:
+        """``(run_id, generation)`` of deadlines that have passed, by Redis's clock."""
+        seconds, micros = self.client.time()
+        members = self.client.zrangebyscore(keys.DEADLINES, "-inf", seconds + micros / 1e6, start=0, num=limit)
+        out: list[tuple[str, str]] = []
+        for member in members:
+            run_id, _, generation = _text(member).partition("|")
+            out.append((run_id, generation))
+        return out
+
+    def drop_deadline(self, run_id: str, generation: str) -> None:
+        """Forget a deadline that fired or no longer applies."""
+        self.client.zrem(keys.DEADLINES, f"{run_id}|{generation}")
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` (one worker sweeps per interval)."""

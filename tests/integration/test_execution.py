@@ -22,8 +22,10 @@ def test_the_content_pipeline_succeeds_with_every_output(client: Client, workers
     assert set(steps) == {"research", "blog_post", "social_posts", "email_newsletter", "seo_metadata", "final_review"}
     for name in ("research", "blog_post", "social_posts", "email_newsletter"):
         out = steps[name]["output"]
-        assert out["text"] and out["word_count"] == len(out["text"].split())
-        assert out["usage"]["input_tokens"] > 0 and out["usage"]["output_tokens"] > 0
+        assert out["text"]
+        assert out["word_count"] == len(out["text"].split())
+        assert out["usage"]["input_tokens"] > 0
+        assert out["usage"]["output_tokens"] > 0
     assert set(steps["seo_metadata"]["output"]["data"]) == {"title", "description", "keywords"}
     assert steps["final_review"]["output"]["approved"] is True
     assert view["usage"]["output_tokens"] == sum(
@@ -116,7 +118,8 @@ def test_a_non_retryable_error_fails_at_once_and_dependents_are_upstream_failed(
     assert steps["after_broken"]["output"] is None
     assert steps["sibling"]["status"] == "succeeded"
     assert steps["after_sibling"]["status"] == "succeeded"
-    assert "broken" in view["error"] and "bad_request" in view["error"]
+    assert "broken" in view["error"]
+    assert "bad_request" in view["error"]
 
 
 def test_retries_stop_at_the_step_max_attempts(client: Client, workers: LocalWorkers, unique: str) -> None:

@@ -1,7 +1,7 @@
 -- Claim a step for one attempt: the only way a step starts running.
 -- KEYS[1] run hash. ARGV: step, generation, task_id, lease_s, n_parents, parents..., n_children, children...
 -- Returns {outcome, ...}:
---   {"ok", attempt, now, last_error, inputs, p1_status, p1_output, ...}   the caller runs the attempt
+--   {"ok", attempt, now, errors, inputs, attempt_base, cache_key, force, p1_status, p1_output, ...}  run it
 --   {"inactive", run_status} | {"stale"} | {"superseded"} | {"busy"} | {"missing"}
 --   {"done", step_status, c1_status, c1_task, ...}   a duplicate delivery of a finished step
 local run = KEYS[1]
@@ -13,7 +13,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 
 local head = redis.call('HMGET', run, 'status', 'gen', p .. 'status', p .. 'task', p .. 'lease', p .. 'attempts',
-  p .. 'errors', 'inputs')
+  p .. 'errors', 'inputs', p .. 'attempt_base', p .. 'cache_key', p .. 'force')
 local run_status, run_gen, status, owner, lease, attempts = head[1], head[2], head[3], head[4], head[5], head[6]
 if not run_status or not status then return {'missing'} end
 if run_gen ~= gen then return {'stale'} end
@@ -43,7 +43,8 @@ if attempts == 1 or not redis.call('HGET', run, p .. 'started_at') then
 end
 redis.call('HSET', run, unpack(fields))
 
-local out = {'ok', attempts, string.format('%.6f', now), head[7] or '', head[8] or '{}'}
+local out = {'ok', attempts, string.format('%.6f', now), head[7] or '', head[8] or '{}', head[9] or '0',
+  head[10] or '', head[11] or ''}
 if n_parents > 0 then
   local want = {}
   for i = 1, n_parents do

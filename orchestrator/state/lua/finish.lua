@@ -1,17 +1,24 @@
 -- Record a step's final outcome, release its children, and close the run when nothing is left.
--- KEYS[1] run hash. ARGV: step, generation, task_id, outcome, output_json, error_json, retention_s, children...
+-- KEYS[1] run hash. ARGV: step, generation, task_id, outcome, output_json ('' keeps the stored output: a cache hit),
+-- error_json, retention_s, cache_key, cached ('1' or ''), children...
 -- Returns {"stale"} or {"ok", run_status_or_empty, released_child...}.
 local run = KEYS[1]
 local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local output, err, retention = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local output, err, retention, cache_key, cached = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
 local p = 's:' .. step .. ':'
 local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors')
 if head[1] ~= gen or head[2] ~= 'running' or head[3] ~= task then return {'stale'} end
 
 local t = redis.call('TIME')
 local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
-local fields = {p .. 'status', outcome, p .. 'finished_at', now, p .. 'lease', ''}
-if output ~= '' then
+local fields = {p .. 'status', outcome, p .. 'finished_at', now, p .. 'lease', '', p .. 'cache_key', cache_key,
+  p .. 'cached', cached, p .. 'force', ''}
+if outcome ~= 'succeeded' then
+  -- Only a success is a result to reuse; anything else must not be served from the cache on resume.
+  fields[#fields + 1] = p .. 'output'
+  fields[#fields + 1] = output
+end
+if outcome == 'succeeded' and output ~= '' then
   fields[#fields + 1] = p .. 'output'
   fields[#fields + 1] = output
 end
@@ -30,7 +37,7 @@ if outcome == 'failed' or outcome == 'upstream_failed' then
 end
 
 local out = {'ok', ''}
-for i = 8, #ARGV do
+for i = 10, #ARGV do
   local c = 's:' .. ARGV[i] .. ':'
   if redis.call('HINCRBY', run, c .. 'pending', -1) == 0 then
     redis.call('HSET', run, c .. 'status', 'queued', c .. 'queued_at', now)

@@ -1,17 +1,31 @@
--- Re-queue a step whose attempt lost its worker (lease expired), under a new task id.
--- KEYS[1] run hash. ARGV: step, expected_task, new_task, error_json.
--- Returns {"ok", def_hash, generation} or {"skip"} when the attempt is alive, finished or already re-queued.
+-- Recover a step whose message was lost: its lease ran out.
+--   running: the worker died mid-attempt. Re-queue it under a new task id (the lost message, should the broker ever
+--            redeliver it, is then superseded) and record the loss as the attempt's error.
+--   queued:  a delayed retry or an earlier re-dispatch was lost with its worker. Send it again under the same task id
+--            (whichever copy arrives first runs; the other finds it taken), so a backlog cannot supersede itself.
+-- KEYS[1] run hash. ARGV: step, expected_task, new_task, error_json, grace_s.
+-- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease} while the lease holds;
+-- {"skip"} when the attempt is finished, stale or not the expected one.
 local run = KEYS[1]
-local step, expected, new_task, err = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local step, expected, new_task, err, grace = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local p = 's:' .. step .. ':'
 local head = redis.call('HMGET', run, 'status', p .. 'status', p .. 'task', p .. 'lease', p .. 'errors', 'def_hash',
   'gen')
-if head[1] ~= 'running' or head[2] ~= 'running' or head[3] ~= expected then return {'skip'} end
+local status = head[2]
+if head[1] ~= 'running' or head[3] ~= expected or (status ~= 'running' and status ~= 'queued') then
+  return {'skip'}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-if tonumber(head[4] or '0') and tonumber(head[4] or '0') > now then return {'skip'} end
+local lease = tonumber(head[4] or '')
+if lease and lease > now then return {'live', head[4]} end
+local until_ = string.format('%.6f', now + grace)
+if status == 'queued' then
+  redis.call('HSET', run, p .. 'lease', until_)
+  return {'ok', head[6], head[7], expected, until_}
+end
 local errors = cjson.decode(head[5] ~= false and head[5] ~= '' and head[5] or '[]')
 errors[#errors + 1] = cjson.decode(err)
-redis.call('HSET', run, p .. 'status', 'queued', p .. 'task', new_task, p .. 'lease', '',
+redis.call('HSET', run, p .. 'status', 'queued', p .. 'task', new_task, p .. 'lease', until_,
   p .. 'queued_at', string.format('%.6f', now), p .. 'error', err, p .. 'errors', cjson.encode(errors))
-return {'ok', head[6], head[7]}
+return {'ok', head[6], head[7], new_task, until_}

@@ -1,0 +1,25 @@
+-- Start a new generation of a finished run from its checkpoint. The caller computed which steps to reset from the
+-- state it read at generation expected_gen; if another resume won meanwhile, the generation moved and this refuses.
+-- KEYS[1] run hash. ARGV: expected_gen, allowed_statuses (comma-separated), active_ttl_s, forced_step ('' none),
+--   then step, status, pending triples for every step to reset.
+-- Returns {"ok", new_generation}, {"conflict", generation} or {"refused", run_status}.
+local run = KEYS[1]
+local expected, allowed, ttl, forced = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local head = redis.call('HMGET', run, 'status', 'gen')
+if not head[1] then return {'refused', 'missing'} end
+if head[2] ~= expected then return {'conflict', head[2]} end
+if not string.find(',' .. allowed .. ',', ',' .. head[1] .. ',', 1, true) then return {'refused', head[1]} end
+local gen = tostring(tonumber(expected) + 1)
+local count = 0
+for i = 5, #ARGV, 3 do
+  local p = 's:' .. ARGV[i] .. ':'
+  local attempts = redis.call('HGET', run, p .. 'attempts') or '0'
+  redis.call('HSET', run, p .. 'status', ARGV[i + 1], p .. 'pending', ARGV[i + 2], p .. 'task', '', p .. 'lease', '',
+    p .. 'attempt_base', attempts, p .. 'force', ARGV[i] == forced and '1' or '')
+  redis.call('HDEL', run, p .. 'finished_at', p .. 'error', p .. 'queued_at')
+  count = count + 1
+end
+redis.call('HSET', run, 'status', 'running', 'gen', gen, 'remaining', count, 'failures', 0)
+redis.call('HDEL', run, 'finished_at', 'stopped_at', 'error', 'first_failure')
+redis.call('EXPIRE', run, ttl)
+return {'ok', gen}
