@@ -173,9 +173,10 @@ class StepExecutor:
         except WorkflowDefinitionError as exc:
             raise NonRetryableStepError(str(exc), kind="unknown_function") from None
         call_ctx = StepContext(ctx.run_id, ctx.step, ctx.attempt, ctx.inputs, ctx.outputs, params.args)
+        passthrough: tuple[type[BaseException], ...] = (StepError, *self.interrupts)
         try:
             return fn(call_ctx, **params.args)
-        except (StepError, *self.interrupts):
+        except passthrough:
             raise
         except (TimeoutError, ConnectionError) as exc:
             raise RetryableStepError(

@@ -17,9 +17,12 @@ from typing import Any
 from orchestrator.errors import RunNotFoundError
 from orchestrator.spec import WorkflowSpec
 from orchestrator.state import keys
-from orchestrator.state.base import Attempt, Claim, Finish, StepOutcome
+from orchestrator.state.base import Attempt, Claim, Finish, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
 
 _UNFINISHED = ("queued", "running", "pending")
+# Run statuses stop.lua may end; step statuses it cancels.
+_STOPPABLE_RUN = ("running", "waiting", "pending")
+_STOPPABLE_STEP = ("pending", "queued", "running", "waiting")
 _COMPACT = (",", ":")
 
 
@@ -57,6 +60,7 @@ class MemoryStateStore:
         self._definitions: dict[str, WorkflowSpec] = {}
         self._idempotency: dict[str, tuple[str, float]] = {}
         self._leases: dict[str, float] = {}
+        self._deadlines: dict[str, float] = {}
         self._sweeper_lock: tuple[str, float] | None = None
 
     def ping(self) -> None:
@@ -174,61 +178,72 @@ class MemoryStateStore:
     # -- step transitions ----------------------------------------------------------------------------------------
 
     def claim(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
-        """Start an attempt of a step if this message may run it (see ``lua/claim.lua``)."""
+        """Start an attempt of a step if this message may run it (see ``lua/claim.lua``).
+
+        As in Redis, the attempt enters the lease index (at the clock plus ``lease_s``) before the claim, and leaves
+        it again when the claim is anything but ``ok``.
+        """
+        member = keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)
+        with self._lock:
+            self._leases[member] = self._clock() + lease_s
+            got = self._claim(attempt, lease_s, upstream, children)
+            if got.outcome != "ok" and not (got.outcome == "busy" and got.detail == "own"):
+                self._leases.pop(member, None)
+            return got
+
+    def _claim(self, attempt: Attempt, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
+        """``lua/claim.lua``, under the lock."""
         p = f"s:{attempt.step}:"
-        with self._lock:
-            now = self._clock()
-            run = self._live(attempt.run_id, now)
-            fields = run.fields if run is not None else {}
-            run_status, status = fields.get("status"), fields.get(p + "status")
-            if run_status is None or status is None:
-                return Claim(outcome="missing")
-            if fields.get("gen") != attempt.generation:
-                return Claim(outcome="stale")
-            if status not in _UNFINISHED:
-                waiting = tuple(
-                    c for c in children if fields.get(f"s:{c}:status") == "queued" and not fields.get(f"s:{c}:task")
-                )
-                return Claim(outcome="done", detail=status, unclaimed_children=waiting)
-            if run_status != "running":
-                return Claim(outcome="inactive", detail=run_status)
-            if status == "pending":
-                return Claim(outcome="busy")
-            owner = fields.get(p + "task")
-            if status == "queued" and owner and owner != attempt.task_id:
-                return Claim(outcome="superseded")
-            # A running step is never started twice: the sweeper re-queues it once its lease has expired.
-            if status == "running":
-                return Claim(outcome="busy")
-
-            number = int(fields.get(p + "attempts") or 0) + 1
-            started = _stamp(now)
-            fields.update(
-                {
-                    p + "status": "running",
-                    p + "task": attempt.task_id,
-                    p + "lease": _stamp(now + lease_s),
-                    p + "attempts": str(number),
-                    p + "attempt_started_at": started,
-                }
+        now = self._clock()
+        run = self._live(attempt.run_id, now)
+        fields = run.fields if run is not None else {}
+        run_status, status = fields.get("status"), fields.get(p + "status")
+        if run_status is None or status is None:
+            return Claim(outcome="missing")
+        if fields.get("gen") != attempt.generation:
+            return Claim(outcome="stale")
+        if status not in _UNFINISHED:
+            waiting = tuple(
+                c for c in children if fields.get(f"s:{c}:status") == "queued" and not fields.get(f"s:{c}:task")
             )
-            if number == 1 or p + "started_at" not in fields:
-                fields[p + "started_at"] = started
-            outputs = {u: fields.get(f"s:{u}:output", "") for u in upstream}
-            return Claim(
-                outcome="ok",
-                attempt=number,
-                now=float(started),
-                errors=_json_list(fields.get(p + "errors")),
-                inputs=json.loads(fields.get("inputs") or "{}"),
-                parent_status={u: fields.get(f"s:{u}:status", "") for u in upstream},
-                parent_output={u: json.loads(raw) if raw else None for u, raw in outputs.items()},
-            )
+            return Claim(outcome="done", detail=status, unclaimed_children=waiting)
+        if run_status != "running":
+            return Claim(outcome="inactive", detail=run_status)
+        if status == "pending":
+            return Claim(outcome="busy")
+        owner = fields.get(p + "task")
+        if status == "queued" and owner and owner != attempt.task_id:
+            return Claim(outcome="superseded")
+        # A running step is never started twice: the sweeper re-queues it once its lease has expired.
+        if status == "running":
+            return Claim(outcome="busy", detail="own" if owner == attempt.task_id else "")
 
-    def add_lease(self, attempt: Attempt, until: float) -> None:
-        """Index a running attempt so the sweeper finds it if its worker dies."""
-        with self._lock:
-            self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = until
+        number = int(fields.get(p + "attempts") or 0) + 1
+        started = _stamp(now)
+        fields.update(
+            {
+                p + "status": "running",
+                p + "task": attempt.task_id,
+                p + "lease": _stamp(now + lease_s),
+                p + "attempts": str(number),
+                p + "attempt_started_at": started,
+            }
+        )
+        if number == 1 or p + "started_at" not in fields:
+            fields[p + "started_at"] = started
+        outputs = {u: fields.get(f"s:{u}:output", "") for u in upstream}
+        return Claim(
+            outcome="ok",
+            attempt=number - int(fields.get(p + "attempt_base") or 0),
+            total_attempts=number,
+            now=float(started),
+            cache_key=fields.get(p + "cache_key", ""),
+            force=fields.get(p + "force") == "1",
+            errors=_json_list(fields.get(p + "errors")),
+            inputs=json.loads(fields.get("inputs") or "{}"),
+            parent_status={u: fields.get(f"s:{u}:status", "") for u in upstream},
+            parent_output={u: json.loads(raw) if raw else None for u, raw in outputs.items()},
+        )
 
     def finish(
         self,
@@ -238,9 +253,16 @@ class MemoryStateStore:
         output: Any = None,
         error: dict[str, Any] | None = None,
         children: tuple[str, ...] = (),
+        cache_key: str = "",
+        cached: bool = False,
     ) -> Finish:
-        """Record a final outcome and release the children whose last parent this was (see ``lua/finish.lua``)."""
+        """Record a final outcome and release the children whose last parent this was (see ``lua/finish.lua``).
+
+        A success stores ``output`` (``None`` keeps the stored output: a cached result) and ``cache_key``; any other
+        outcome replaces the output, so a failure is never served as a cached result.
+        """
         p = f"s:{attempt.step}:"
+        raw_output = "" if output is None else json.dumps(output, separators=_COMPACT)
         with self._lock:
             now = self._clock()
             self._leases.pop(keys.lease_member(attempt.run_id, attempt.step, attempt.task_id), None)
@@ -249,9 +271,18 @@ class MemoryStateStore:
                 return Finish(recorded=False)
             fields = run.fields
             stamp = _stamp(now)
-            fields.update({p + "status": outcome.value, p + "finished_at": stamp, p + "lease": ""})
-            if output is not None:
-                fields[p + "output"] = json.dumps(output, separators=_COMPACT)
+            fields.update(
+                {
+                    p + "status": outcome.value,
+                    p + "finished_at": stamp,
+                    p + "lease": "",
+                    p + "cache_key": cache_key,
+                    p + "cached": "1" if cached else "",
+                    p + "force": "",
+                }
+            )
+            if outcome != StepOutcome.SUCCEEDED or raw_output != "":
+                fields[p + "output"] = raw_output
             if error is not None:
                 raw = json.dumps(error, separators=_COMPACT)
                 errors = [*_json_list(fields.get(p + "errors")), json.loads(raw)]
@@ -275,30 +306,33 @@ class MemoryStateStore:
                 run.expires_at = now + self.retention_s
             return Finish(recorded=True, run_status=run_status, released=tuple(released))
 
-    def retry(self, attempt: Attempt, error: dict[str, Any]) -> bool:
-        """Record a retryable error and put the step back to ``queued`` (see ``lua/retry.lua``).
+    def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+        """Record a retryable error and put the step back to ``queued`` for ``countdown_s`` (see ``lua/retry.lua``).
+
+        The attempt stays in the lease index, re-scored to its new lease of ``countdown_s + grace_s``.
 
         Returns:
-            ``False`` when the attempt is stale.
+            ``False`` when the attempt is stale; nothing changed then (the lease index neither).
         """
         p = f"s:{attempt.step}:"
         with self._lock:
             now = self._clock()
-            self._leases.pop(keys.lease_member(attempt.run_id, attempt.step, attempt.task_id), None)
             run = self._live(attempt.run_id, now)
             if run is None or not self._owns(run.fields, attempt):
                 return False
+            lease = _stamp(now + countdown_s + grace_s)
             raw = json.dumps(error)
             errors = [*_json_list(run.fields.get(p + "errors")), json.loads(raw)]
             run.fields.update(
                 {
                     p + "status": "queued",
-                    p + "lease": "",
+                    p + "lease": lease,
                     p + "queued_at": _stamp(now),
                     p + "error": raw,
                     p + "errors": json.dumps(errors, separators=_COMPACT),
                 }
             )
+            self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = float(lease)
             return True
 
     def renew(self, leases: dict[str, list[tuple[str, str]]], lease_s: float) -> list[tuple[str, str, str, bool]]:
@@ -329,19 +363,17 @@ class MemoryStateStore:
     def expired_leases(self, limit: int = 500) -> list[str]:
         """Lease index members whose lease ran out, oldest first."""
         with self._lock:
-            now = self._clock()
-            due = sorted((until, member) for member, until in self._leases.items() if until <= now)
-        members = [member for _, member in due]
-        return members[:limit] if limit >= 0 else members
+            return _due(self._leases, self._clock(), limit)
 
-    def reclaim(self, member: str, new_task_id: str, error: dict[str, Any]) -> tuple[str, str] | None:
-        """Re-queue the attempt behind an expired lease under ``new_task_id`` (see ``lua/reclaim.lua``).
+    def reclaim(self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float) -> Reclaim | None:
+        """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
 
-        An attempt whose lease is still live stays in the lease index, re-scored to that lease, so the sweeper
-        finds it again if its worker dies later.
+        A ``running`` step is re-queued under ``new_task_id`` with ``error`` appended; a ``queued`` one is sent again
+        under its own task id. Either way it gets a lease of ``grace_s`` and is indexed under the task id to publish
+        with. A lease that is live stays in the index, re-scored to that lease; anything else leaves the index.
 
         Returns:
-            ``(definition_hash, generation)`` to re-dispatch with, or ``None`` when there is nothing to do.
+            What to publish, or ``None`` when there is nothing to do.
         """
         run_id, step, task_id = keys.parse_lease_member(member)
         p = f"s:{step}:"
@@ -349,31 +381,144 @@ class MemoryStateStore:
             now = self._clock()
             run = self._live(run_id, now)
             fields = run.fields if run is not None else {}
+            status = fields.get(p + "status")
             if (
                 fields.get("status") != "running"
-                or fields.get(p + "status") != "running"
                 or fields.get(p + "task") != task_id
+                or status not in ("running", "queued")
             ):
                 self._leases.pop(member, None)
                 return None
-            lease = _float_or_none(fields.get(p + "lease") or "0")
+            raw_lease = fields.get(p + "lease") or ""
+            lease = _float_or_none(raw_lease)
             if lease is not None and lease > now:
-                self._leases[member] = lease
+                self._leases[member] = float(raw_lease)
                 return None
+            until = _stamp(now + grace_s)
+            publish = task_id
+            if status == "queued":
+                fields[p + "lease"] = until
+            else:
+                publish = new_task_id
+                raw = json.dumps(error)
+                errors = [*_json_list(fields.get(p + "errors")), json.loads(raw)]
+                fields.update(
+                    {
+                        p + "status": "queued",
+                        p + "task": new_task_id,
+                        p + "lease": until,
+                        p + "queued_at": _stamp(now),
+                        p + "error": raw,
+                        p + "errors": json.dumps(errors, separators=_COMPACT),
+                    }
+                )
             self._leases.pop(member, None)
-            raw = json.dumps(error)
-            errors = [*_json_list(fields.get(p + "errors")), json.loads(raw)]
-            fields.update(
-                {
-                    p + "status": "queued",
-                    p + "task": new_task_id,
-                    p + "lease": "",
-                    p + "queued_at": _stamp(now),
-                    p + "error": raw,
-                    p + "errors": json.dumps(errors, separators=_COMPACT),
-                }
+            self._leases[keys.lease_member(run_id, step, publish)] = float(until)
+            return Reclaim(
+                run_id=run_id,
+                step=step,
+                definition_hash=fields.get("def_hash", ""),
+                generation=fields.get("gen", ""),
+                task_id=publish,
             )
-            return fields.get("def_hash", ""), fields.get("gen", "")
+
+    # -- cancel, time out, resume --------------------------------------------------------------------------------
+
+    def stop(self, run_id: str, status: RunStatus, reason: str, steps: tuple[str, ...], generation: str = "") -> Stop:
+        """End a run early as ``cancelled`` or ``timed_out`` (see ``lua/stop.lua``).
+
+        Its unfinished ``steps`` become ``cancelled``; the running and queued ones are returned to interrupt and
+        leave the lease index.
+        """
+        with self._lock:
+            now = self._clock()
+            run = self._live(run_id, now)
+            fields = run.fields if run is not None else {}
+            if run is None or "status" not in fields:
+                return Stop(outcome="missing")
+            if generation != "" and fields.get("gen") != generation:
+                return Stop(outcome="stale")
+            if fields["status"] not in _STOPPABLE_RUN:
+                return Stop(outcome="finished", detail=fields["status"])
+            stamp = _stamp(now)
+            fields.update({"status": status.value, "finished_at": stamp, "stopped_at": stamp, "error": reason})
+            interrupted: list[tuple[str, str]] = []
+            for step in steps:
+                p = f"s:{step}:"
+                was = fields.get(p + "status")
+                if was in _STOPPABLE_STEP:
+                    fields.update({p + "status": "cancelled", p + "finished_at": stamp, p + "lease": ""})
+                    if was in ("running", "queued"):
+                        interrupted.append((step, fields.get(p + "task") or ""))
+            run.expires_at = now + self.retention_s
+            for step, task_id in interrupted:
+                if task_id:
+                    self._leases.pop(keys.lease_member(run_id, step, task_id), None)
+            return Stop(outcome="ok", detail=stamp, interrupted=tuple(interrupted))
+
+    def resume(self, run_id: str, plan: ResumePlan) -> tuple[str, str]:
+        """Start the run's next generation from ``plan`` (see ``lua/resume.lua``).
+
+        Returns:
+            ``("ok", new_generation)``, ``("conflict", generation)`` when the generation moved since the plan was
+            made, or ``("refused", run_status)`` (``"missing"`` for an unknown run).
+        """
+        with self._lock:
+            now = self._clock()
+            run = self._live(run_id, now)
+            fields = run.fields if run is not None else {}
+            if run is None or "status" not in fields:
+                return "refused", "missing"
+            current = fields.get("gen", "")
+            if current != plan.expected_generation:
+                return "conflict", current
+            allowed = ",".join(plan.allowed_statuses)
+            if f",{fields['status']}," not in f",{allowed},":
+                return "refused", fields["status"]
+            generation = str(int(plan.expected_generation) + 1)
+            for step, status, pending in plan.resets:
+                p = f"s:{step}:"
+                fields.update(
+                    {
+                        p + "status": status,
+                        p + "pending": str(pending),
+                        p + "task": "",
+                        p + "lease": "",
+                        p + "attempt_base": fields.get(p + "attempts", "0"),
+                        p + "force": "1" if step == plan.forced_step else "",
+                    }
+                )
+                for name in ("finished_at", "error", "queued_at"):
+                    fields.pop(p + name, None)
+            fields.update({"status": "running", "gen": generation, "remaining": str(len(plan.resets)), "failures": "0"})
+            for name in ("finished_at", "stopped_at", "error", "first_failure"):
+                fields.pop(name, None)
+            run.expires_at = now + self.active_ttl_s
+            return "ok", generation
+
+    # -- deadlines -----------------------------------------------------------------------------------------------
+
+    def add_deadline(self, run_id: str, generation: str, at: float) -> None:
+        """Schedule the run's workflow deadline."""
+        with self._lock:
+            self._deadlines[f"{run_id}|{generation}"] = at
+
+    def due_deadlines(self, limit: int = 500) -> list[tuple[str, str]]:
+        """``(run_id, generation)`` of deadlines that have passed, oldest first."""
+        with self._lock:
+            members = _due(self._deadlines, self._clock(), limit)
+        out: list[tuple[str, str]] = []
+        for member in members:
+            run_id, _, generation = member.partition("|")
+            out.append((run_id, generation))
+        return out
+
+    def drop_deadline(self, run_id: str, generation: str) -> None:
+        """Forget a deadline that fired or no longer applies."""
+        with self._lock:
+            self._deadlines.pop(f"{run_id}|{generation}", None)
+
+    # -- sweeper -------------------------------------------------------------------------------------------------
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the sweeper turn for ``ttl_s`` (whole milliseconds, at least one, as in Redis)."""
@@ -410,6 +555,12 @@ def _increment(fields: dict[str, str], name: str, by: int) -> int:
     value = int(fields.get(name) or 0) + by
     fields[name] = str(value)
     return value
+
+
+def _due(index: dict[str, float], now: float, limit: int) -> list[str]:
+    """ZRANGEBYSCORE -inf now LIMIT 0 limit: members due by ``now``, by score then name (a negative limit: all)."""
+    members = [member for until, member in sorted((until, m) for m, until in index.items() if until <= now)]
+    return members[:limit] if limit >= 0 else members
 
 
 def _float_or_none(raw: str) -> float | None:

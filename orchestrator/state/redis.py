@@ -185,7 +185,7 @@ class RedisStateStore:
         self._scripts["claim"](keys=[keys.run_key(run_id)], args=argv, client=pipe)
         reply = [_text(x) for x in pipe.execute()[1]]
         outcome = reply[0]
-        if outcome != "ok":
+        if outcome != "ok" and not (outcome == "busy" and reply[1:2] == ["own"]):
             self.client.zrem(keys.LEASES, member)
         if outcome == "ok":
             rows = reply[8:]

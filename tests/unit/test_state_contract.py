@@ -20,7 +20,8 @@ import redis
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.redis_server import RedisServer, find_redis_server
 from orchestrator.spec import WorkflowSpec, parse_workflow
-from orchestrator.state import Attempt, MemoryStateStore, RedisStateStore, StateStore, StepOutcome, keys
+from orchestrator.state import Attempt, MemoryStateStore, RedisStateStore, RunStatus, StateStore, StepOutcome, keys
+from orchestrator.state.base import Reclaim, ResumePlan, Stop
 from orchestrator.status import run_view
 
 pytestmark = pytest.mark.timeout(30)
@@ -29,6 +30,9 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 RETENTION_S = 3600
 LONG_LEASE_S = 60.0
 SHORT_LEASE_S = 0.3
+# A retry's countdown and the grace a re-sent message gets to be claimed in, where their timing does not matter.
+RETRY_COUNTDOWN_S = 5.0
+GRACE_S = 60.0
 # How long past a deadline the Redis side keeps polling before the test gives up.
 POLL_MARGIN_S = 5.0
 
@@ -151,6 +155,8 @@ CHAIN = workflow("chain", {"a": [], "b": ["a"]})
 DIAMOND = workflow("diamond", {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]})
 N_SHAPE = workflow("n_shape", {"a": [], "b": [], "c": ["a", "b"], "d": ["b"]})
 SINGLE = workflow("single", {"a": []})
+ALL_STEPS = ("a", "b", "c", "d")
+RESUMABLE = ("failed", "cancelled", "timed_out")
 
 
 def start(backend: Backend, spec: WorkflowSpec, run_id: str = "run1", inputs: dict[str, Any] | None = None) -> str:
@@ -184,6 +190,33 @@ def run_step(backend: Backend, spec: WorkflowSpec, step: str, outcome: StepOutco
     at = attempt(step)
     assert claim(backend, spec, at).outcome == "ok"
     return finish(backend, spec, at, outcome)
+
+
+def retry(
+    backend: Backend,
+    at: Attempt,
+    error: dict[str, Any] = RATE_LIMITED,
+    *,
+    countdown_s: float = RETRY_COUNTDOWN_S,
+    grace_s: float = GRACE_S,
+) -> bool:
+    return backend.store.retry(at, error, countdown_s=countdown_s, grace_s=grace_s)
+
+
+def succeed(backend: Backend, spec: WorkflowSpec, step: str, output: Any, cache_key: str) -> None:
+    """Claim and finish one step as succeeded with ``output`` stored under ``cache_key``."""
+    at = attempt(step)
+    assert claim(backend, spec, at).outcome == "ok"
+    assert finish(backend, spec, at, output=output, cache_key=cache_key).recorded
+
+
+def resume_plan(
+    *resets: tuple[str, str, int],
+    expected: str = "1",
+    allowed: tuple[str, ...] = RESUMABLE,
+    forced: str | None = None,
+) -> ResumePlan:
+    return ResumePlan(expected_generation=expected, allowed_statuses=allowed, resets=resets, forced_step=forced)
 
 
 def step_fields(backend: Backend, step: str, run_id: str = "run1") -> dict[str, str]:
@@ -278,8 +311,10 @@ def test_an_unknown_run_is_missing_to_every_transition(backend: Backend) -> None
     ghost = attempt("a", "t1", run_id="ghost")
     assert claim(backend, SINGLE, ghost).outcome == "missing"
     assert not finish(backend, SINGLE, ghost).recorded
-    assert backend.store.retry(ghost, RATE_LIMITED) is False
-    assert backend.store.reclaim(keys.lease_member("ghost", "a", "t1"), "t2", LOST) is None
+    assert retry(backend, ghost) is False
+    assert backend.store.reclaim(keys.lease_member("ghost", "a", "t1"), "t2", LOST, grace_s=GRACE_S) is None
+    assert backend.store.stop("ghost", RunStatus.CANCELLED, "cancelled", ("a",)) == Stop("missing")
+    assert backend.store.resume("ghost", resume_plan(("a", "queued", 0))) == ("refused", "missing")
     assert backend.store.renew({"ghost": [("a", "t1")]}, LONG_LEASE_S) == [("ghost", "a", "t1", False)]
     with pytest.raises(RunNotFoundError) as caught:
         backend.store.run_fields("ghost")
@@ -406,7 +441,7 @@ def test_a_stale_generation_is_refused_by_claim_finish_and_retry(backend: Backen
     assert claim(backend, SINGLE, attempt("a", "t1")).outcome == "ok"
 
     assert not finish(backend, SINGLE, old).recorded
-    assert backend.store.retry(old, RATE_LIMITED) is False
+    assert retry(backend, old, RATE_LIMITED) is False
     fields = step_fields(backend, "a")
     assert (fields["status"], fields.get("errors")) == ("running", None)
     assert backend.store.run_fields("run1")["remaining"] == "1"
@@ -418,7 +453,7 @@ def test_a_stale_task_id_can_neither_finish_nor_retry(backend: Backend) -> None:
     intruder = attempt("a", "t2")
 
     assert not finish(backend, SINGLE, intruder).recorded
-    assert backend.store.retry(intruder, RATE_LIMITED) is False
+    assert retry(backend, intruder, RATE_LIMITED) is False
     fields = step_fields(backend, "a")
     assert (fields["status"], fields["task"], fields.get("errors")) == ("running", "t1", None)
 
@@ -435,11 +470,15 @@ def test_a_step_that_was_never_claimed_cannot_be_finished(backend: Backend) -> N
 def test_a_retry_requeues_the_step_with_its_error_and_keeps_the_task_id(backend: Backend) -> None:
     start(backend, SINGLE)
     assert claim(backend, SINGLE, attempt("a", "t1")).outcome == "ok"
+    before = backend.now()
 
-    assert backend.store.retry(attempt("a", "t1"), RATE_LIMITED) is True
+    assert retry(backend, attempt("a", "t1"), RATE_LIMITED, countdown_s=RETRY_COUNTDOWN_S, grace_s=GRACE_S) is True
 
     fields = step_fields(backend, "a")
-    assert (fields["status"], fields["task"], fields["lease"]) == ("queued", "t1", "")
+    assert (fields["status"], fields["task"]) == ("queued", "t1")
+    # The delayed retry's lease: it may be sent again only once its countdown and a grace period have passed.
+    assert float(fields["lease"]) >= before + RETRY_COUNTDOWN_S + GRACE_S - 1e-3
+    assert float(fields["lease"]) <= backend.now() + RETRY_COUNTDOWN_S + GRACE_S + 1e-3
     assert fields["queued_at"]
     assert backend.store.run_fields("run1")["remaining"] == "1"
     view = run_view(backend.store.run_fields("run1"), SINGLE)
@@ -450,7 +489,7 @@ def test_after_a_retry_only_the_same_task_id_may_claim_and_it_sees_the_errors(ba
     # Celery's retry message carries the task id of the attempt that asked for it.
     start(backend, SINGLE)
     claim(backend, SINGLE, attempt("a", "t1"))
-    backend.store.retry(attempt("a", "t1"), RATE_LIMITED)
+    retry(backend, attempt("a", "t1"), RATE_LIMITED)
     started_at = step_fields(backend, "a")["started_at"]
     backend.tick()
 
@@ -470,7 +509,7 @@ def test_errors_accumulate_across_retries_and_the_final_failure(backend: Backend
     final = {"type": "rate_limit", "status": 429, "message": "gave up", "attempt": 3}
     for error in (RATE_LIMITED, second):
         claim(backend, SINGLE, attempt("a", "t1"))
-        assert backend.store.retry(attempt("a", "t1"), error)
+        assert retry(backend, attempt("a", "t1"), error)
     assert claim(backend, SINGLE, attempt("a", "t1")).errors == [RATE_LIMITED, second]
     finish(backend, SINGLE, attempt("a", "t1"), StepOutcome.FAILED, error=final)
 
@@ -504,7 +543,7 @@ def test_a_child_requeued_by_a_retry_is_not_listed_as_unclaimed(backend: Backend
     run_step(backend, DIAMOND, "a")
     for child in ("b", "c"):
         claim(backend, DIAMOND, attempt(child))
-        assert backend.store.retry(attempt(child), RATE_LIMITED)
+        assert retry(backend, attempt(child), RATE_LIMITED)
     assert step_fields(backend, "b")["status"] == "queued"
 
     assert claim(backend, DIAMOND, attempt("a")).unclaimed_children == ()
@@ -531,36 +570,131 @@ def test_a_run_whose_dispatch_failed_is_failed_and_turns_claims_away_as_inactive
 # -- leases, reclaim and renew -------------------------------------------------------------------------------------
 
 
-def test_finish_and_retry_take_the_attempt_out_of_the_lease_index(backend: Backend) -> None:
+def test_a_claimed_attempt_is_found_by_the_sweeper_once_its_lease_has_passed(backend: Backend) -> None:
     start(backend, N_SHAPE)
-    a, b = attempt("a", "ta"), attempt("b", "tb")
-    for at in (a, b):
-        got = claim(backend, N_SHAPE, at)
-        backend.store.add_lease(at, got.now - 1)  # as if overdue, so the index lists it now
-    members = {keys.lease_member("run1", "a", "ta"), keys.lease_member("run1", "b", "tb")}
-    assert members <= set(backend.store.expired_leases())
+    assert claim(backend, N_SHAPE, attempt("a", "ta"), lease_s=LONG_LEASE_S).outcome == "ok"
+    assert claim(backend, N_SHAPE, attempt("b", "tb"), lease_s=SHORT_LEASE_S).outcome == "ok"
+    short = keys.lease_member("run1", "b", "tb")
 
-    finish(backend, N_SHAPE, a)
-    backend.store.retry(b, RATE_LIMITED)
+    assert backend.wait_past(SHORT_LEASE_S, lambda: short in backend.store.expired_leases())
+    assert backend.store.expired_leases() == [short]
 
-    assert not members & set(backend.store.expired_leases())
+
+def test_a_refused_claim_leaves_nothing_in_the_lease_index(backend: Backend) -> None:
+    start(backend, CHAIN)
+    assert claim(backend, CHAIN, attempt("a", "t1")).outcome == "ok"
+    start(backend, SINGLE, "failed-run")
+    backend.store.mark_dispatch_failed("failed-run", "broker down")
+    start(backend, SINGLE, "done-run")
+    finished = attempt("a", "t-done", run_id="done-run")
+    claim(backend, SINGLE, finished)
+    assert finish(backend, SINGLE, finished).recorded
+    refused = [
+        ("busy", CHAIN, attempt("a", "t2")),
+        ("busy", CHAIN, attempt("b", "tb")),  # not released yet
+        ("stale", CHAIN, attempt("a", "t-old", generation="0")),
+        ("missing", CHAIN, attempt("a", "t-ghost", run_id="ghost")),
+        ("inactive", SINGLE, attempt("a", "t-failed", run_id="failed-run")),
+        ("done", SINGLE, attempt("a", "t-dup", run_id="done-run")),
+    ]
+    for outcome, spec, at in refused:
+        assert claim(backend, spec, at, lease_s=SHORT_LEASE_S).outcome == outcome
+    # A claim made after all of them, with the same lease: once it is overdue, any of theirs would be too.
+    start(backend, SINGLE, "sentinel")
+    assert claim(backend, SINGLE, attempt("a", "t-sentinel", run_id="sentinel"), lease_s=SHORT_LEASE_S).outcome == "ok"
+    sentinel = keys.lease_member("sentinel", "a", "t-sentinel")
+
+    assert backend.wait_past(SHORT_LEASE_S, lambda: sentinel in backend.store.expired_leases())
+    assert backend.store.expired_leases() == [sentinel]
+
+
+def test_a_duplicate_delivery_of_a_running_attempt_leaves_it_findable_by_the_sweeper(backend: Backend) -> None:
+    # Celery redelivers a message under the same task id (acks_late past the visibility timeout), and reclaim sends a
+    # lost delayed retry again under its own task id: whichever copy claims second is turned away as busy. Its refusal
+    # must not drop the running attempt's lease entry (renew cannot put it back), or a worker that dies later leaves
+    # the step running for ever.
+    start(backend, SINGLE)
+    at = attempt("a", "t1")
+    assert claim(backend, SINGLE, at, lease_s=SHORT_LEASE_S).outcome == "ok"
+    assert claim(backend, SINGLE, at, lease_s=SHORT_LEASE_S).outcome == "busy"
+
+    member = keys.lease_member("run1", "a", "t1")
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
 
 
 def test_expired_leases_lists_the_overdue_oldest_first_up_to_the_limit(backend: Backend) -> None:
-    now = backend.now()
-    for name, until in (("late", now - 30), ("later", now - 20), ("latest", now - 10), ("live", now + 600)):
-        backend.store.add_lease(attempt("a", name), until)
-    assert backend.store.expired_leases() == [keys.lease_member("run1", "a", n) for n in ("late", "later", "latest")]
-    assert backend.store.expired_leases(limit=2) == [keys.lease_member("run1", "a", n) for n in ("late", "later")]
+    for run_id in ("r3", "r1", "r2"):
+        start(backend, SINGLE, run_id)
+        assert claim(backend, SINGLE, attempt("a", "t", run_id=run_id), lease_s=SHORT_LEASE_S).outcome == "ok"
+        backend.tick()
+    start(backend, SINGLE, "live")
+    assert claim(backend, SINGLE, attempt("a", "t", run_id="live"), lease_s=LONG_LEASE_S).outcome == "ok"
+
+    assert backend.wait_past(SHORT_LEASE_S, lambda: len(backend.store.expired_leases()) == 3)
+    assert backend.store.expired_leases() == [keys.lease_member(r, "a", "t") for r in ("r3", "r1", "r2")]
+    assert backend.store.expired_leases(limit=2) == [keys.lease_member(r, "a", "t") for r in ("r3", "r1")]
+
+
+def test_finish_takes_the_attempt_out_of_the_lease_index(backend: Backend) -> None:
+    start(backend, N_SHAPE)
+    a = attempt("a", "ta")
+    assert claim(backend, N_SHAPE, a, lease_s=SHORT_LEASE_S).outcome == "ok"
+    assert finish(backend, N_SHAPE, a).recorded
+    assert claim(backend, N_SHAPE, attempt("b", "tb"), lease_s=SHORT_LEASE_S).outcome == "ok"
+    later = keys.lease_member("run1", "b", "tb")
+
+    assert backend.wait_past(SHORT_LEASE_S, lambda: later in backend.store.expired_leases())
+    assert backend.store.expired_leases() == [later]
+
+
+def test_a_retry_keeps_the_attempt_in_the_lease_index_until_its_countdown_and_grace_have_passed(
+    backend: Backend,
+) -> None:
+    start(backend, SINGLE)
+    at = attempt("a", "t1")
+    assert claim(backend, SINGLE, at, lease_s=LONG_LEASE_S).outcome == "ok"
+    before = backend.now()
+    assert retry(backend, at, countdown_s=SHORT_LEASE_S / 2, grace_s=SHORT_LEASE_S / 2)
+    after = backend.now()
+
+    fields = step_fields(backend, "a")
+    assert (fields["status"], fields["task"]) == ("queued", "t1")
+    assert before + SHORT_LEASE_S - 1e-3 <= float(fields["lease"]) <= after + SHORT_LEASE_S + 1e-3
+    member = keys.lease_member("run1", "a", "t1")
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+
+
+def test_a_delayed_retry_lost_with_its_worker_is_sent_again_under_the_same_task_id(backend: Backend) -> None:
+    start(backend, SINGLE)
+    at = attempt("a", "t1")
+    claim(backend, SINGLE, at)
+    assert retry(backend, at, countdown_s=SHORT_LEASE_S / 2, grace_s=SHORT_LEASE_S / 2)
+    member = keys.lease_member("run1", "a", "t1")
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+    before = backend.now()
+
+    got = backend.store.reclaim(member, "t2", LOST, grace_s=SHORT_LEASE_S)
+
+    assert got == Reclaim("run1", "a", SINGLE.definition_hash, "1", "t1")
+    fields = step_fields(backend, "a")
+    assert (fields["status"], fields["task"]) == ("queued", "t1")
+    assert float(fields["lease"]) >= before + SHORT_LEASE_S - 1e-3
+    assert run_view(backend.store.run_fields("run1"), SINGLE)["steps"]["a"]["errors"] == [RATE_LIMITED]
+    # Lost again: it is found again, and sent again under the same task id.
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+    assert backend.store.reclaim(member, "t3", LOST, grace_s=LONG_LEASE_S) == got
+    assert member not in backend.store.expired_leases()
+    assert claim(backend, SINGLE, attempt("a", "t2")).outcome == "superseded"
+    again = claim(backend, SINGLE, at)
+    assert (again.outcome, again.attempt, again.errors) == ("ok", 2, [RATE_LIMITED])
 
 
 def test_reclaim_does_nothing_while_the_lease_is_live(backend: Backend) -> None:
     start(backend, SINGLE)
     at = attempt("a", "t1")
-    got = claim(backend, SINGLE, at, lease_s=LONG_LEASE_S)
-    backend.store.add_lease(at, got.now + LONG_LEASE_S)
+    claim(backend, SINGLE, at, lease_s=LONG_LEASE_S)
 
-    assert backend.store.reclaim(keys.lease_member("run1", "a", "t1"), "t2", LOST) is None
+    assert backend.store.reclaim(keys.lease_member("run1", "a", "t1"), "t2", LOST, grace_s=GRACE_S) is None
 
     fields = step_fields(backend, "a")
     assert (fields["status"], fields["task"], fields.get("errors")) == ("running", "t1", None)
@@ -568,33 +702,37 @@ def test_reclaim_does_nothing_while_the_lease_is_live(backend: Backend) -> None:
 
 def test_after_the_lease_expires_reclaim_requeues_the_step_under_a_new_task_id(backend: Backend) -> None:
     start(backend, SINGLE)
-    at = attempt("a", "t1")
-    got = claim(backend, SINGLE, at, lease_s=SHORT_LEASE_S)
-    backend.store.add_lease(at, got.now + SHORT_LEASE_S)
+    claim(backend, SINGLE, attempt("a", "t1"), lease_s=SHORT_LEASE_S)
     member = keys.lease_member("run1", "a", "t1")
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+    before = backend.now()
 
-    assert backend.store.reclaim(member, "t2", LOST) == (SINGLE.definition_hash, "1")
+    got = backend.store.reclaim(member, "t2", LOST, grace_s=SHORT_LEASE_S)
 
+    assert got == Reclaim("run1", "a", SINGLE.definition_hash, "1", "t2")
     fields = step_fields(backend, "a")
-    assert (fields["status"], fields["task"], fields["lease"]) == ("queued", "t2", "")
+    assert (fields["status"], fields["task"]) == ("queued", "t2")
+    assert float(fields["lease"]) >= before + SHORT_LEASE_S - 1e-3
     assert run_view(backend.store.run_fields("run1"), SINGLE)["steps"]["a"]["errors"] == [LOST]
-    assert member not in backend.store.expired_leases()
-    assert backend.store.reclaim(member, "t3", LOST) is None
+    assert backend.store.reclaim(member, "t3", LOST, grace_s=SHORT_LEASE_S) is None
+    # The re-dispatch is indexed under its own task id: if it is lost too, it is sent again, as it was.
+    new = keys.lease_member("run1", "a", "t2")
+    assert backend.wait_past(SHORT_LEASE_S, lambda: new in backend.store.expired_leases())
+    assert backend.store.expired_leases() == [new]
+    assert backend.store.reclaim(new, "t3", LOST, grace_s=LONG_LEASE_S) == got
 
 
 def test_after_a_reclaim_the_old_task_id_is_superseded_and_the_new_one_runs(backend: Backend) -> None:
     start(backend, SINGLE)
     old = attempt("a", "t1")
-    got = claim(backend, SINGLE, old, lease_s=SHORT_LEASE_S)
-    backend.store.add_lease(old, got.now + SHORT_LEASE_S)
+    claim(backend, SINGLE, old, lease_s=SHORT_LEASE_S)
     member = keys.lease_member("run1", "a", "t1")
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
-    assert backend.store.reclaim(member, "t2", LOST) is not None
+    assert backend.store.reclaim(member, "t2", LOST, grace_s=GRACE_S) is not None
 
     assert claim(backend, SINGLE, old).outcome == "superseded"
     assert not finish(backend, SINGLE, old).recorded
-    assert backend.store.retry(old, RATE_LIMITED) is False
+    assert retry(backend, old) is False
     assert backend.store.renew({"run1": [("a", "t1")]}, LONG_LEASE_S) == [("run1", "a", "t1", False)]
     new = claim(backend, SINGLE, attempt("a", "t2"))
     assert (new.outcome, new.attempt, new.errors) == ("ok", 2, [LOST])
@@ -604,10 +742,12 @@ def test_after_a_reclaim_the_old_task_id_is_superseded_and_the_new_one_runs(back
 def test_renew_extends_only_the_leases_of_attempts_still_running_and_owned(backend: Backend) -> None:
     start(backend, N_SHAPE)
     a, b = attempt("a", "ta"), attempt("b", "tb")
-    got = claim(backend, N_SHAPE, a, lease_s=LONG_LEASE_S)
-    backend.store.add_lease(a, got.now - 1)  # the index thinks it is overdue
+    claim(backend, N_SHAPE, a, lease_s=SHORT_LEASE_S)
     claim(backend, N_SHAPE, b)
     finish(backend, N_SHAPE, b)
+    member = keys.lease_member("run1", "a", "ta")
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+    before = backend.now()
 
     renewed = backend.store.renew({"run1": [("a", "ta"), ("b", "tb"), ("a", "not-ta")], "ghost": [("a", "t")]}, 120)
 
@@ -617,9 +757,9 @@ def test_renew_extends_only_the_leases_of_attempts_still_running_and_owned(backe
         ("run1", "a", "not-ta", False),
         ("ghost", "a", "t", False),
     ]
-    assert float(step_fields(backend, "a")["lease"]) >= got.now + 119
+    assert float(step_fields(backend, "a")["lease"]) >= before + 119
     assert step_fields(backend, "b")["lease"] == ""
-    assert keys.lease_member("run1", "a", "ta") not in backend.store.expired_leases()
+    assert member not in backend.store.expired_leases()
 
 
 def test_renew_never_revives_the_lease_of_a_run_that_is_not_running(backend: Backend) -> None:
@@ -629,28 +769,282 @@ def test_renew_never_revives_the_lease_of_a_run_that_is_not_running(backend: Bac
     assert backend.store.renew({"run1": [("a", "t1")]}, LONG_LEASE_S) == [("run1", "a", "t1", False)]
 
 
-def test_a_reclaim_refused_for_a_live_lease_keeps_the_attempt_findable_by_the_sweeper(
-    backend: Backend, request: pytest.FixtureRequest
-) -> None:
-    # The race: the sweeper reads an overdue index entry; the heartbeat then renews the hash; the sweeper's reclaim
-    # sees a live lease and refuses. If the refusal also drops the index entry, later heartbeats (ZADD XX) cannot
+def test_a_reclaim_refused_for_a_live_lease_keeps_the_attempt_findable_by_the_sweeper(backend: Backend) -> None:
+    # The race: the sweeper reads an overdue index entry; the heartbeat then renews the lease; the sweeper's reclaim
+    # sees a live lease and refuses. If the refusal also dropped the index entry, later heartbeats (ZADD XX) could not
     # put it back, and when that worker dies its step is never re-queued: the run hangs in ``running`` for ever.
-    if backend.name == "redis":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True, reason="RedisStateStore.reclaim ZREMs the lease member even when reclaim.lua skipped"
-            )
-        )
     start(backend, SINGLE)
-    at = attempt("a", "t1")
-    got = claim(backend, SINGLE, at, lease_s=LONG_LEASE_S)
-    backend.store.add_lease(at, got.now - 1)  # the index entry went overdue before the heartbeat caught up
+    claim(backend, SINGLE, attempt("a", "t1"), lease_s=SHORT_LEASE_S)
     member = keys.lease_member("run1", "a", "t1")
-    assert backend.store.reclaim(member, "t2", LOST) is None
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+    assert backend.store.renew({"run1": [("a", "t1")]}, LONG_LEASE_S) == [("run1", "a", "t1", True)]
+    assert backend.store.reclaim(member, "t2", LOST, grace_s=GRACE_S) is None
 
     assert backend.store.renew({"run1": [("a", "t1")]}, SHORT_LEASE_S) == [("run1", "a", "t1", True)]
     # The worker dies now: no more heartbeats. Its step must come up for reclaim once the lease runs out.
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+
+
+# -- result cache --------------------------------------------------------------------------------------------------
+
+
+def test_a_successful_finish_stores_its_output_and_cache_key(backend: Backend) -> None:
+    start(backend, SINGLE)
+    at = attempt("a")
+    claim(backend, SINGLE, at)
+    assert finish(backend, SINGLE, at, output={"text": "hoot"}, cache_key="k1").recorded
+
+    fields = step_fields(backend, "a")
+    assert (fields["output"], fields["cache_key"], fields["cached"]) == ('{"text":"hoot"}', "k1", "")
+
+
+def test_a_cached_finish_keeps_the_stored_output_and_clears_the_force_flag(backend: Backend) -> None:
+    start(backend, CHAIN)
+    succeed(backend, CHAIN, "a", {"x": 1}, "ka")
+    succeed(backend, CHAIN, "b", {"y": 2}, "kb")
+    plan = resume_plan(("a", "queued", 0), ("b", "pending", 1), allowed=(*RESUMABLE, "succeeded"), forced="a")
+    assert backend.store.resume("run1", plan) == ("ok", "2")
+
+    a = attempt("a", "a2", generation="2")
+    got = claim(backend, CHAIN, a)
+    assert (got.outcome, got.cache_key, got.force) == ("ok", "ka", True)
+    assert finish(backend, CHAIN, a, cache_key="ka", cached=True).released == ("b",)
+
+    fields = step_fields(backend, "a")
+    assert (fields["output"], fields["cache_key"], fields["cached"], fields["force"]) == ('{"x":1}', "ka", "1", "")
+    child = claim(backend, CHAIN, attempt("b", "b2", generation="2"))
+    assert (child.cache_key, child.force, child.parent_output) == ("kb", False, {"a": {"x": 1}})
+
+
+@pytest.mark.parametrize("outcome", [StepOutcome.FAILED, StepOutcome.SKIPPED, StepOutcome.UPSTREAM_FAILED])
+def test_a_finish_other_than_success_clears_the_stored_output(backend: Backend, outcome: StepOutcome) -> None:
+    start(backend, SINGLE)
+    succeed(backend, SINGLE, "a", {"x": 1}, "ka")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0), allowed=("succeeded",), forced="a"))[0] == "ok"
+    a = attempt("a", "a2", generation="2")
+    claim(backend, SINGLE, a)
+
+    assert finish(backend, SINGLE, a, outcome, error={"type": "error", "message": "no"}).recorded
+
+    fields = step_fields(backend, "a")
+    assert (fields["status"], fields["output"], fields["cache_key"]) == (outcome.value, "", "")
+    assert run_view(backend.store.run_fields("run1"), SINGLE)["steps"]["a"]["output"] is None
+
+
+# -- cancelling and timing out -------------------------------------------------------------------------------------
+
+
+def test_stopping_a_run_cancels_its_unfinished_steps_and_lists_the_running_and_queued_ones(backend: Backend) -> None:
+    start(backend, DIAMOND)
+    run_step(backend, DIAMOND, "a")
+    claim(backend, DIAMOND, attempt("b"))
+
+    got = backend.store.stop("run1", RunStatus.CANCELLED, "cancelled by alice", ALL_STEPS)
+
+    assert (got.outcome, got.interrupted) == ("ok", (("b", "task-b"), ("c", "")))
+    assert float(got.detail) == pytest.approx(backend.now(), abs=POLL_MARGIN_S)
+    fields = backend.store.run_fields("run1")
+    assert (fields["status"], fields["error"]) == ("cancelled", "cancelled by alice")
+    assert fields["stopped_at"] == fields["finished_at"] == got.detail
+    assert {s: fields[f"s:{s}:status"] for s in "abcd"} == {
+        "a": "succeeded",
+        "b": "cancelled",
+        "c": "cancelled",
+        "d": "cancelled",
+    }
+    assert all(fields[f"s:{s}:finished_at"] == got.detail for s in "bcd")
+    assert fields["s:b:lease"] == ""
+    backend.assert_expires_in("run1", RETENTION_S)
+
+
+def test_after_a_stop_no_step_starts_and_the_interrupted_attempt_records_nothing(backend: Backend) -> None:
+    start(backend, DIAMOND)
+    run_step(backend, DIAMOND, "a")
+    b = attempt("b")
+    claim(backend, DIAMOND, b)
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ALL_STEPS).outcome == "ok"
+
+    for step, status in (("a", "succeeded"), ("b", "cancelled"), ("c", "cancelled"), ("d", "cancelled")):
+        got = claim(backend, DIAMOND, attempt(step, "late"))
+        assert (got.outcome, got.detail) == ("done", status)
+    assert not finish(backend, DIAMOND, b).recorded
+    assert retry(backend, b) is False
+    assert backend.store.renew({"run1": [("b", "task-b")]}, LONG_LEASE_S) == [("run1", "b", "task-b", False)]
+    fields = backend.store.run_fields("run1")
+    assert (fields["status"], fields["remaining"], fields["s:b:status"]) == ("cancelled", "3", "cancelled")
+
+
+def test_a_step_the_stop_did_not_name_is_turned_away_as_inactive(backend: Backend) -> None:
+    start(backend, CHAIN)
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("b",)).interrupted == ()
+    got = claim(backend, CHAIN, attempt("a"))
+    assert (got.outcome, got.detail) == ("inactive", "cancelled")
+
+
+def test_stopping_a_run_takes_its_interrupted_attempts_out_of_the_lease_index(backend: Backend) -> None:
+    start(backend, N_SHAPE)
+    a, b = attempt("a", "ta"), attempt("b", "tb")
+    claim(backend, N_SHAPE, a, lease_s=SHORT_LEASE_S)
+    claim(backend, N_SHAPE, b)
+    assert retry(backend, b, countdown_s=SHORT_LEASE_S / 2, grace_s=SHORT_LEASE_S / 2)
+
+    got = backend.store.stop("run1", RunStatus.TIMED_OUT, "the workflow deadline passed", ("a", "b", "c", "d"))
+
+    assert got.interrupted == (("a", "ta"), ("b", "tb"))
+    start(backend, SINGLE, "sentinel")
+    claim(backend, SINGLE, attempt("a", "t-sentinel", run_id="sentinel"), lease_s=SHORT_LEASE_S)
+    sentinel = keys.lease_member("sentinel", "a", "t-sentinel")
+    assert backend.wait_past(SHORT_LEASE_S, lambda: sentinel in backend.store.expired_leases())
+    assert backend.store.expired_leases() == [sentinel]
+
+
+def test_stopping_a_run_that_has_ended_reports_how_it_ended_and_changes_nothing(backend: Backend) -> None:
+    start(backend, SINGLE)
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "first", ("a",)).outcome == "ok"
+    before = backend.store.run_fields("run1")
+    start(backend, SINGLE, "run2")
+    done = attempt("a", run_id="run2")
+    claim(backend, SINGLE, done)
+    assert finish(backend, SINGLE, done).run_status == "succeeded"
+
+    assert backend.store.stop("run1", RunStatus.TIMED_OUT, "second", ("a",)) == Stop("finished", "cancelled")
+    assert backend.store.stop("run2", RunStatus.CANCELLED, "too late", ("a",)) == Stop("finished", "succeeded")
+    assert backend.store.run_fields("run1") == before
+    fields = backend.store.run_fields("run2")
+    assert (fields["status"], fields["s:a:status"]) == ("succeeded", "succeeded")
+    assert not {"stopped_at", "error"} & fields.keys()
+
+
+def test_a_stop_for_another_generation_is_stale_and_one_for_an_unknown_run_is_missing(backend: Backend) -> None:
+    start(backend, SINGLE)
+    assert backend.store.stop("run1", RunStatus.TIMED_OUT, "deadline", ("a",), generation="0") == Stop("stale")
+    assert backend.store.run_fields("run1")["status"] == "running"
+    assert backend.store.stop("ghost", RunStatus.CANCELLED, "cancelled", ("a",)) == Stop("missing")
+
+    got = backend.store.stop("run1", RunStatus.TIMED_OUT, "deadline", ("a",), generation="1")
+    assert (got.outcome, got.interrupted) == ("ok", (("a", ""),))
+    assert backend.store.run_fields("run1")["status"] == "timed_out"
+
+
+# -- resuming ------------------------------------------------------------------------------------------------------
+
+
+def test_a_resume_resets_the_planned_steps_and_starts_the_next_generation(backend: Backend) -> None:
+    start(backend, CHAIN)
+    succeed(backend, CHAIN, "a", {"x": 1}, "ka")
+    b = attempt("b")
+    claim(backend, CHAIN, b)
+    assert retry(backend, b)
+    claim(backend, CHAIN, b)
+    assert finish(backend, CHAIN, b, StepOutcome.FAILED, error={"type": "error", "message": "broken"}).run_status
+    assert backend.store.run_fields("run1")["first_failure"] == "b"
+
+    assert backend.store.resume("run1", resume_plan(("b", "queued", 0))) == ("ok", "2")
+
+    fields = backend.store.run_fields("run1")
+    assert (fields["status"], fields["gen"], fields["remaining"], fields["failures"]) == ("running", "2", "1", "0")
+    assert not {"finished_at", "stopped_at", "error", "first_failure"} & fields.keys()
+    b_fields = step_fields(backend, "b")
+    assert {k: b_fields[k] for k in ("status", "pending", "task", "lease", "attempt_base", "force")} == {
+        "status": "queued",
+        "pending": "0",
+        "task": "",
+        "lease": "",
+        "attempt_base": "2",
+        "force": "",
+    }
+    assert not {"finished_at", "error", "queued_at"} & b_fields.keys()
+    assert (fields["s:a:status"], fields["s:a:output"]) == ("succeeded", '{"x":1}')
+    backend.assert_expires_in("run1", 4 * RETENTION_S)
+
+
+def test_after_a_resume_the_old_generation_is_stale_and_attempts_count_from_the_new_base(backend: Backend) -> None:
+    start(backend, SINGLE)
+    old = attempt("a", "t1")
+    claim(backend, SINGLE, old)
+    assert retry(backend, old)
+    claim(backend, SINGLE, old)
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).interrupted == (("a", "t1"),)
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
+
+    assert claim(backend, SINGLE, attempt("a", "t2", generation="1")).outcome == "stale"
+    assert not finish(backend, SINGLE, old).recorded
+    new = attempt("a", "t2", generation="2")
+    got = claim(backend, SINGLE, new)
+    assert (got.outcome, got.attempt, got.total_attempts, got.errors) == ("ok", 1, 3, [RATE_LIMITED])
+    assert retry(backend, new)
+    again = claim(backend, SINGLE, new)
+    assert (again.attempt, again.total_attempts) == (2, 4)
+    assert finish(backend, SINGLE, new).run_status == "succeeded"
+
+
+def test_of_two_simultaneous_resumes_from_one_generation_only_one_wins(backend: Backend) -> None:
+    start(backend, SINGLE)
+    run_step(backend, SINGLE, "a", StepOutcome.FAILED)
+    plan = resume_plan(("a", "queued", 0))
+    barrier = threading.Barrier(2)
+
+    def resume() -> tuple[str, str]:
+        barrier.wait(timeout=10)
+        return backend.store.resume("run1", plan)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(lambda _: resume(), range(2)))
+
+    assert outcomes == [("conflict", "2"), ("ok", "2")]
+    assert backend.store.run_fields("run1")["gen"] == "2"
+    assert backend.store.resume("run1", plan) == ("conflict", "2")
+
+
+def test_a_resume_is_refused_unless_the_run_status_is_allowed(backend: Backend) -> None:
+    start(backend, SINGLE)
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("refused", "running")
+    run_step(backend, SINGLE, "a")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("refused", "succeeded")
+    assert backend.store.resume("ghost", resume_plan(("a", "queued", 0))) == ("refused", "missing")
+    fields = backend.store.run_fields("run1")
+    assert (fields["status"], fields["gen"], fields["s:a:status"]) == ("succeeded", "1", "succeeded")
+
+
+def test_a_claim_reports_force_only_for_the_step_a_resume_starts_from(backend: Backend) -> None:
+    start(backend, CHAIN)
+    succeed(backend, CHAIN, "a", {"x": 1}, "ka")
+    succeed(backend, CHAIN, "b", {"y": 2}, "kb")
+    plan = resume_plan(("b", "queued", 0), allowed=("succeeded",), forced="b")
+    assert backend.store.resume("run1", plan) == ("ok", "2")
+    assert step_fields(backend, "a").get("force", "") == ""
+
+    got = claim(backend, CHAIN, attempt("b", "b2", generation="2"))
+
+    assert (got.outcome, got.force, got.cache_key, got.attempt, got.total_attempts) == ("ok", True, "kb", 1, 2)
+    assert finish(backend, CHAIN, attempt("b", "b2", generation="2"), output={"y": 3}, cache_key="kb2").recorded
+    fields = step_fields(backend, "b")
+    assert (fields["force"], fields["output"], fields["cache_key"]) == ("", '{"y":3}', "kb2")
+
+
+# -- deadlines -----------------------------------------------------------------------------------------------------
+
+
+def test_a_deadline_is_due_only_once_its_time_has_passed(backend: Backend) -> None:
+    now = backend.now()
+    backend.store.add_deadline("run1", "1", now + 1.0)
+    backend.store.add_deadline("run2", "1", now + LONG_LEASE_S)
+    assert backend.store.due_deadlines() == []
+
+    assert backend.wait_past(1.0, lambda: backend.store.due_deadlines() != [])
+    assert backend.store.due_deadlines() == [("run1", "1")]
+
+
+def test_due_deadlines_are_listed_oldest_first_up_to_the_limit_until_dropped(backend: Backend) -> None:
+    now = backend.now()
+    for run_id, generation, ago in (("r2", "1", 20), ("r1", "2", 30), ("r1", "1", 10)):
+        backend.store.add_deadline(run_id, generation, now - ago)
+
+    assert backend.store.due_deadlines() == [("r1", "2"), ("r2", "1"), ("r1", "1")]
+    assert backend.store.due_deadlines(limit=2) == [("r1", "2"), ("r2", "1")]
+    backend.store.drop_deadline("r1", "2")
+    backend.store.drop_deadline("r9", "1")
+    assert backend.store.due_deadlines() == [("r2", "1"), ("r1", "1")]
 
 
 # -- idempotency, definitions, listing, retention, sweeper lock ----------------------------------------------------

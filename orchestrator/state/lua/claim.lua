@@ -2,7 +2,7 @@
 -- KEYS[1] run hash. ARGV: step, generation, task_id, lease_s, n_parents, parents..., n_children, children...
 -- Returns {outcome, ...}:
 --   {"ok", attempt, now, errors, inputs, attempt_base, cache_key, force, p1_status, p1_output, ...}  run it
---   {"inactive", run_status} | {"stale"} | {"superseded"} | {"busy"} | {"missing"}
+--   {"inactive", run_status} | {"stale"} | {"superseded"} | {"busy", "own" or ""} | {"missing"}
 --   {"done", step_status, c1_status, c1_task, ...}   a duplicate delivery of a finished step
 local run = KEYS[1]
 local step, gen, task, lease_s = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -31,8 +31,9 @@ end
 if run_status ~= 'running' then return {'inactive', run_status} end
 if status == 'pending' then return {'busy'} end
 if status == 'queued' and owner and owner ~= '' and owner ~= task then return {'superseded'} end
--- A running step is never started twice: the sweeper re-queues it once its lease has expired.
-if status == 'running' then return {'busy'} end
+-- A running step is never started twice: the sweeper re-queues it once its lease has expired. A second copy of the
+-- running attempt's own message says so, so that the caller leaves the attempt's lease entry in place.
+if status == 'running' then return {'busy', owner == task and 'own' or ''} end
 
 attempts = (tonumber(attempts) or 0) + 1
 local fields = {p .. 'status', 'running', p .. 'task', task, p .. 'lease', string.format('%.6f', now + lease_s),
