@@ -66,18 +66,17 @@ def final_review(ctx: StepContext) -> dict[str, Any]:
 
 def build(latency: dict[str, Any] | None = None, *, name: str = "content_pipeline", version: int = 1) -> Workflow:
     """The pipeline, with optional simulated LLM latency."""
-    sim = {"simulate": latency} if latency else {}
     return Workflow(
         name,
         version=version,
         description="Research a topic, write a blog post, then social posts, a newsletter and SEO in parallel.",
         inputs={"topic": {"type": "string", "minLength": 1}, "audience": {"type": "string", "default": "developers"}},
         steps=[
-            ResearchStep(name="research", **sim),
-            BlogPostStep(name="blog_post", depends_on=["research"], **sim),
-            SocialPostsStep(name="social_posts", depends_on=["blog_post"], **sim),
-            EmailNewsletterStep(name="email_newsletter", depends_on=["blog_post"], **sim),
-            SeoMetadataStep(name="seo_metadata", depends_on=["blog_post"], **sim),
+            ResearchStep(name="research", simulate=latency),
+            BlogPostStep(name="blog_post", depends_on=["research"], simulate=latency),
+            SocialPostsStep(name="social_posts", depends_on=["blog_post"], simulate=latency),
+            EmailNewsletterStep(name="email_newsletter", depends_on=["blog_post"], simulate=latency),
+            SeoMetadataStep(name="seo_metadata", depends_on=["blog_post"], simulate=latency),
             PythonStep(
                 name="final_review",
                 fn=final_review,

@@ -90,8 +90,6 @@ class Client:
                     return bound
             self.store.save_definition(spec)
             self.store.create_run(run_id, spec, filled, idempotency_key)
-            if spec.timeout_s is not None:
-                self.store.add_deadline(run_id, "1", time.time() + spec.timeout_s)
         except redis.RedisError as exc:
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:

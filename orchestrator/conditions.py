@@ -15,6 +15,7 @@ from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
+from orchestrator.templates import referenced_steps_in
 
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined)
 _NAMES = frozenset({"inputs", "steps"})
@@ -48,12 +49,11 @@ def check_condition(source: str, *, step: str, upstream: Set[str]) -> None:
     for node in expr.find_all(nodes.Getattr):
         if node.attr.startswith("_"):
             raise WorkflowDefinitionError(f"step {step!r}: condition reads private attribute {node.attr!r}", step=step)
-        if isinstance(node.node, nodes.Name) and node.node.name == "steps" and node.attr not in upstream:
-            raise WorkflowDefinitionError(
-                f"step {step!r}: condition reads steps.{node.attr}, which is not upstream of it; "
-                f"add {node.attr!r} to depends_on",
-                step=step,
-            )
+    for ref in sorted(referenced_steps_in(expr) - set(upstream)):
+        raise WorkflowDefinitionError(
+            f"step {step!r}: condition reads steps.{ref}, which is not upstream of it; add {ref!r} to depends_on",
+            step=step,
+        )
 
 
 @lru_cache(maxsize=1024)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from celery import Celery
 
 from orchestrator.coordinator import plan_resume
@@ -11,6 +9,8 @@ from orchestrator.dispatch import dispatch
 from orchestrator.errors import RunStateError
 from orchestrator.settings import Settings
 from orchestrator.state.base import RunStatus, StateStore, Stop
+
+DEADLINE_REASON = "the workflow deadline passed"
 
 
 def stop_run(
@@ -61,7 +61,5 @@ def resume_run(app: Celery, settings: Settings, store: StateStore, run_id: str, 
         raise RunStateError(f"run {run_id} was resumed by someone else meanwhile (generation {value})", status=status)
     if outcome != "ok":
         raise RunStateError(f"run {run_id} cannot be resumed from {value}", status=value)
-    if spec.timeout_s is not None:
-        store.add_deadline(run_id, value, time.time() + spec.timeout_s)
     dispatch(app, settings, spec, run_id=run_id, steps=plan.queued, generation=value)
     return value

@@ -117,7 +117,8 @@ def failure_summary(step: str, error: Mapping[str, object] | None) -> str:
     kind = error.get("type") or "error"
     status = error.get("status")
     where = f" (HTTP {status})" if status else ""
-    return f"step {step!r} failed: {kind}{where}: {error.get('message', '')}".rstrip(": ")
+    message = error.get("message")
+    return f"step {step!r} failed: {kind}{where}" + (f": {message}" if message else "")
 
 
 def result_key(step: StepSpec, inputs: Mapping[str, Any], upstream_outputs: Mapping[str, Any]) -> str:

@@ -34,6 +34,20 @@ def load_workflow_file(path: str | Path) -> WorkflowSpec:
     return parse_workflow(parse_document(text, source=str(path)))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice (PyYAML keeps the last one silently: a second ``steps:`` would
+    quietly replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_document(text: str, *, source: str = "<input>") -> Any:
     """Parse YAML (a superset of JSON) with a message that names the line of a syntax error.
 
@@ -43,7 +57,7 @@ def parse_document(text: str, *, source: str = "<input>") -> Any:
     try:
         if source.endswith(".json"):
             return json.loads(text)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except json.JSONDecodeError as exc:
         raise WorkflowDefinitionError(f"{source}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
     except yaml.YAMLError as exc:

@@ -35,8 +35,12 @@ def check_template(source: str, *, step: str) -> None:
 
 def referenced_steps(source: str) -> set[str]:
     """Step names a template reads through ``steps.NAME`` or ``steps['NAME']``."""
+    return referenced_steps_in(_ENV.parse(source))
+
+
+def referenced_steps_in(tree: nodes.Node) -> set[str]:
+    """Step names a parsed template or expression reads through ``steps.NAME`` or ``steps['NAME']``."""
     found: set[str] = set()
-    tree = _ENV.parse(source)
     for node in tree.find_all(nodes.Getattr):
         if isinstance(node.node, nodes.Name) and node.node.name == "steps":
             found.add(node.attr)

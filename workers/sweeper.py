@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from orchestrator.control import stop_run
+from orchestrator.control import DEADLINE_REASON, stop_run
 from orchestrator.dispatch import dispatch
 from orchestrator.errors import RunNotFoundError
 from orchestrator.state import RunStatus, keys
@@ -49,8 +49,7 @@ def _fire_deadlines(rt: Runtime) -> int:
     count = 0
     for run_id, generation in rt.store.due_deadlines():
         try:
-            result = stop_run(rt.app, rt.store, run_id, RunStatus.TIMED_OUT, "the workflow deadline passed",
-                              generation=generation)  # fmt: skip
+            result = stop_run(rt.app, rt.store, run_id, RunStatus.TIMED_OUT, DEADLINE_REASON, generation=generation)
         except RunNotFoundError:
             result = None
         rt.store.drop_deadline(run_id, generation)

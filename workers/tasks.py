@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from orchestrator.control import DEADLINE_REASON, stop_run
 from orchestrator.coordinator import (
     decide_start,
     failure_summary,
@@ -22,7 +23,7 @@ from orchestrator.coordinator import (
 from orchestrator.dispatch import STEP_TASK, dispatch
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError
 from orchestrator.spec import WorkflowSpec
-from orchestrator.state import Attempt, Claim, StepOutcome
+from orchestrator.state import Attempt, Claim, RunStatus, StepOutcome
 from orchestrator.steps import StepContext
 from workers.runtime import Runtime, RuntimeHolder
 
@@ -73,6 +74,10 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str) -> str:
             # (a duplicate message is dropped by the claim, so this is safe).
             _dispatch(rt, spec, attempt, claim.unclaimed_children)
         return f"duplicate delivery of finished step ({claim.detail})"
+    if claim.outcome == "inactive" and claim.detail == "deadline":
+        # Past the workflow deadline: time the run out now rather than wait for the next sweep.
+        stop_run(rt.app, rt.store, attempt.run_id, RunStatus.TIMED_OUT, DEADLINE_REASON, generation=attempt.generation)
+        return "dropped: the run is past its deadline"
     if claim.outcome != "ok":
         log.info("dropping %s: %s %s", attempt, claim.outcome, claim.detail)
         return f"dropped: {claim.outcome}"

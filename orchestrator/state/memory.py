@@ -126,6 +126,7 @@ class MemoryStateStore:
             "total": str(len(spec.steps)),
             "failures": "0",
             "idempotency_key": idempotency_key or "",
+            "timeout_s": "" if spec.timeout_s is None else repr(spec.timeout_s),
         }
         for step in spec.steps:
             parents = graph.parents[step.name]
@@ -139,6 +140,9 @@ class MemoryStateStore:
             created = _stamp(now)
             self._runs[run_id] = _Run({"created_at": created, "started_at": created, **fields}, now + self.active_ttl_s)
             score = float(created)
+            if spec.timeout_s is not None:
+                self._runs[run_id].fields["deadline"] = _stamp(score + spec.timeout_s)
+                self._deadlines[f"{run_id}|1"] = score + spec.timeout_s
             self._run_index[run_id] = score
             for old in [r for r, s in self._run_index.items() if s <= score - self.active_ttl_s]:
                 del self._run_index[old]
@@ -209,6 +213,9 @@ class MemoryStateStore:
             return Claim(outcome="done", detail=status, unclaimed_children=waiting)
         if run_status != "running":
             return Claim(outcome="inactive", detail=run_status)
+        deadline = fields.get("deadline")
+        if deadline and now > float(deadline):
+            return Claim(outcome="inactive", detail="deadline")
         if status == "pending":
             return Claim(outcome="busy")
         owner = fields.get(p + "task")
@@ -491,8 +498,12 @@ class MemoryStateStore:
                 for name in ("finished_at", "error", "queued_at"):
                     fields.pop(p + name, None)
             fields.update({"status": "running", "gen": generation, "remaining": str(len(plan.resets)), "failures": "0"})
-            for name in ("finished_at", "stopped_at", "error", "first_failure"):
+            for name in ("finished_at", "stopped_at", "error", "first_failure", "deadline"):
                 fields.pop(name, None)
+            if fields.get("timeout_s"):
+                at = now + float(fields["timeout_s"])
+                fields["deadline"] = _stamp(at)
+                self._deadlines[f"{run_id}|{generation}"] = at
             run.expires_at = now + self.active_ttl_s
             return "ok", generation
 

@@ -107,7 +107,7 @@ class RedisStateStore:
             self.client.delete(name)
 
     def create_run(self, run_id: str, spec: WorkflowSpec, inputs: dict[str, Any], idempotency_key: str | None) -> bool:
-        """Create the run hash with every step ``pending`` (roots ``queued``).
+        """Create the run hash with every step ``pending`` (roots ``queued``), and its deadline if it has one.
 
         Returns:
             ``False`` when a run with this id exists already.
@@ -125,6 +125,7 @@ class RedisStateStore:
             "total": len(spec.steps),
             "failures": 0,
             "idempotency_key": idempotency_key or "",
+            "timeout_s": "" if spec.timeout_s is None else spec.timeout_s,
         }
         for step in spec.steps:
             parents = graph.parents[step.name]
@@ -141,6 +142,8 @@ class RedisStateStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.zadd(keys.RUNS_INDEX, {run_id: score})
         pipe.zremrangebyscore(keys.RUNS_INDEX, "-inf", score - self.active_ttl_s)
+        if spec.timeout_s is not None:
+            pipe.zadd(keys.DEADLINES, {f"{run_id}|1": score + spec.timeout_s})
         pipe.execute()
         return True
 
@@ -317,7 +320,7 @@ class RedisStateStore:
         return Stop(outcome="ok", detail=reply[1], interrupted=interrupted)
 
     def resume(self, run_id: str, plan: ResumePlan) -> tuple[str, str]:
-        """Apply a resume plan atomically (see ``lua/resume.lua``).
+        """Apply a resume plan atomically (see ``lua/resume.lua``); a workflow deadline starts again from now.
 
         Returns:
             ``("ok", new_generation)``, ``("conflict", generation)`` when another resume won, or
@@ -329,6 +332,8 @@ class RedisStateStore:
         for step, status, pending in plan.resets:
             argv += [step, status, pending]
         reply = [_text(x) for x in self._scripts["resume"](keys=[keys.run_key(run_id)], args=argv)]
+        if reply[0] == "ok" and reply[2]:
+            self.add_deadline(run_id, reply[1], float(reply[2]))
         return reply[0], reply[1]
 
     def add_deadline(self, run_id: str, generation: str, at: float) -> None:

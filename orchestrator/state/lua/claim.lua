@@ -2,7 +2,7 @@
 -- KEYS[1] run hash. ARGV: step, generation, task_id, lease_s, n_parents, parents..., n_children, children...
 -- Returns {outcome, ...}:
 --   {"ok", attempt, now, errors, inputs, attempt_base, cache_key, force, p1_status, p1_output, ...}  run it
---   {"inactive", run_status} | {"stale"} | {"superseded"} | {"busy", "own" or ""} | {"missing"}
+--   {"inactive", run_status or "deadline"} | {"stale"} | {"superseded"} | {"busy", "own" or ""} | {"missing"}
 --   {"done", step_status, c1_status, c1_task, ...}   a duplicate delivery of a finished step
 local run = KEYS[1]
 local step, gen, task, lease_s = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -13,7 +13,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 
 local head = redis.call('HMGET', run, 'status', 'gen', p .. 'status', p .. 'task', p .. 'lease', p .. 'attempts',
-  p .. 'errors', 'inputs', p .. 'attempt_base', p .. 'cache_key', p .. 'force')
+  p .. 'errors', 'inputs', p .. 'attempt_base', p .. 'cache_key', p .. 'force', 'deadline')
 local run_status, run_gen, status, owner, lease, attempts = head[1], head[2], head[3], head[4], head[5], head[6]
 if not run_status or not status then return {'missing'} end
 if run_gen ~= gen then return {'stale'} end
@@ -29,6 +29,8 @@ if status ~= 'queued' and status ~= 'running' and status ~= 'pending' then
   return out
 end
 if run_status ~= 'running' then return {'inactive', run_status} end
+-- Past the workflow deadline nothing new starts, even before a sweeper gets to time the run out.
+if head[12] and head[12] ~= '' and now > tonumber(head[12]) then return {'inactive', 'deadline'} end
 if status == 'pending' then return {'busy'} end
 if status == 'queued' and owner and owner ~= '' and owner ~= task then return {'superseded'} end
 -- A running step is never started twice: the sweeper re-queues it once its lease has expired. A second copy of the

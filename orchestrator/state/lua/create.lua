@@ -7,5 +7,9 @@ local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
 local fields = {'created_at', now, 'started_at', now}
 for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', run, unpack(fields))
+local timeout = redis.call('HGET', run, 'timeout_s')
+if timeout and timeout ~= '' then
+  redis.call('HSET', run, 'deadline', string.format('%.6f', tonumber(now) + tonumber(timeout)))
+end
 redis.call('EXPIRE', run, tonumber(ARGV[1]))
 return now

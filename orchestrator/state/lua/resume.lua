@@ -2,7 +2,7 @@
 -- state it read at generation expected_gen; if another resume won meanwhile, the generation moved and this refuses.
 -- KEYS[1] run hash. ARGV: expected_gen, allowed_statuses (comma-separated), active_ttl_s, forced_step ('' none),
 --   then step, status, pending triples for every step to reset.
--- Returns {"ok", new_generation}, {"conflict", generation} or {"refused", run_status}.
+-- Returns {"ok", new_generation, deadline_or_empty}, {"conflict", generation} or {"refused", run_status}.
 local run = KEYS[1]
 local expected, allowed, ttl, forced = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local head = redis.call('HMGET', run, 'status', 'gen')
@@ -20,6 +20,14 @@ for i = 5, #ARGV, 3 do
   count = count + 1
 end
 redis.call('HSET', run, 'status', 'running', 'gen', gen, 'remaining', count, 'failures', 0)
-redis.call('HDEL', run, 'finished_at', 'stopped_at', 'error', 'first_failure')
+redis.call('HDEL', run, 'finished_at', 'stopped_at', 'error', 'first_failure', 'deadline')
+local deadline = ''
+local timeout = redis.call('HGET', run, 'timeout_s')
+if timeout and timeout ~= '' then
+  -- The workflow deadline runs again from the resume: the caller's new budget, not what was left of the old one.
+  local t = redis.call('TIME')
+  deadline = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(timeout))
+  redis.call('HSET', run, 'deadline', deadline)
+end
 redis.call('EXPIRE', run, ttl)
-return {'ok', gen}
+return {'ok', gen, deadline}
