@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import redis
@@ -13,6 +13,7 @@ from celery import Celery
 from orchestrator.control import resume_run, stop_run
 from orchestrator.dispatch import dispatch
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
+from orchestrator.events import Event, EventType, ProgressListener, deliver
 from orchestrator.inputs import validate_inputs
 from orchestrator.registry import import_modules, workflows
 from orchestrator.settings import Settings
@@ -94,6 +95,7 @@ class Client:
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:
             dispatch(self.app, self.settings, spec, run_id=run_id, steps=spec.graph.roots, generation="1")
+            self.store.announce(run_id, "run_started", spec.name)
         except Exception as exc:
             # The run exists but no task does: fail it rather than leave it "running" forever.
             self.store.mark_dispatch_failed(run_id, f"could not publish the first steps: {exc}")
@@ -152,6 +154,36 @@ class Client:
             WorkflowDefinitionError: ``from_step`` is not one of its steps.
         """
         return resume_run(self.app, self.settings, self.store, run_id, from_step=from_step)
+
+    def stream(self, run_id: str, *, after: int = 0, until_end: bool = True, poll_s: float = 5.0) -> Iterator[Event]:
+        """The run's events in order, from ``seq > after``, live as they happen.
+
+        Replays what already happened, then blocks for more; stops after the run's final event when ``until_end``.
+        Reconnecting with ``after=`` the last ``seq`` seen misses and repeats nothing.
+
+        Raises:
+            RunNotFoundError: No such run.
+        """
+        self.store.run_fields(run_id)
+        while True:
+            batch = self.store.wait_events(run_id, after, poll_s)
+            for event in batch:
+                after = event.seq
+                yield event
+                if until_end and EventType(event.type).ends_run:
+                    return
+            if not batch and until_end and RunStatus(self.store.run_fields(run_id)["status"]).finished:
+                # Ended before we started listening and its final event was trimmed or already seen.
+                return
+
+    def watch(self, run_id: str, listener: ProgressListener, *, after: int = 0) -> dict[str, Any]:
+        """Feed the run's events to ``listener`` until it ends; returns the final status JSON.
+
+        A listener that raises is logged and skipped; the run is never affected.
+        """
+        for event in self.stream(run_id, after=after):
+            deliver(listener, event)
+        return self.status(run_id)
 
     def wait(self, run_id: str, timeout: float | None = None, poll_s: float = 0.1) -> dict[str, Any]:
         """Block until the run ends (or ``timeout`` seconds pass) and return its status JSON.

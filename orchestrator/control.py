@@ -27,6 +27,8 @@ def stop_run(
     fields = store.run_fields(run_id)
     spec = store.load_definition(fields["def_hash"])
     result = store.stop(run_id, status, reason, tuple(s.name for s in spec.steps), generation)
+    if result.outcome == "ok":
+        store.announce(run_id, f"run_{status.value}", spec.name)
     task_ids = [task for _, task in result.interrupted if task]
     if task_ids:
         app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
@@ -62,4 +64,5 @@ def resume_run(app: Celery, settings: Settings, store: StateStore, run_id: str, 
     if outcome != "ok":
         raise RunStateError(f"run {run_id} cannot be resumed from {value}", status=value)
     dispatch(app, settings, spec, run_id=run_id, steps=plan.queued, generation=value)
+    store.announce(run_id, "run_resumed", spec.name)
     return value

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator.coordinator import failure_summary
 from orchestrator.spec import WorkflowSpec
-
-
-def iso(epoch: str | None) -> str | None:
-    """An epoch-seconds string as ISO 8601 with microseconds, UTC."""
-    if not epoch:
-        return None
-    return datetime.fromtimestamp(float(epoch), tz=UTC).isoformat(timespec="microseconds")
+from orchestrator.timestamps import iso
 
 
 def _json(raw: str | None) -> Any:

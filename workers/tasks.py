@@ -163,4 +163,5 @@ def _finish(
     _dispatch(rt, spec, attempt, result.released)
     if result.run_status is not None:
         log.info("run %s %s", attempt.run_id, result.run_status)
+        rt.store.announce(attempt.run_id, f"run_{result.run_status}", spec.name)
     return outcome.value

@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from orchestrator.events import Event
     from orchestrator.spec import WorkflowSpec
 
 
@@ -352,6 +353,18 @@ class StateStore(Protocol):
 
     def drop_deadline(self, run_id: str, generation: str) -> None:
         """Forget a deadline."""
+        ...
+
+    def events(self, run_id: str, after: int = 0, count: int | None = None) -> list[Event]:
+        """The run's events with ``seq > after``, in order (at most ``count``)."""
+        ...
+
+    def wait_events(self, run_id: str, after: int, timeout_s: float) -> list[Event]:
+        """Like :meth:`events`, but wait up to ``timeout_s`` until at least one arrives."""
+        ...
+
+    def announce(self, run_id: str, event_type: str, workflow: str) -> None:
+        """Append a run-level event to the global stream dashboards follow."""
         ...
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:

@@ -12,11 +12,17 @@ LEASES = f"{PREFIX}:leases"
 DEADLINES = f"{PREFIX}:deadlines"
 RUNS_INDEX = f"{PREFIX}:runs"
 SWEEPER_LOCK = f"{PREFIX}:sweeper:lock"
+EVENTS = f"{PREFIX}:events"
 
 
 def run_key(run_id: str) -> str:
     """The hash holding a run and all of its steps."""
     return f"{PREFIX}:{{{run_id}}}"
+
+
+def events_key(run_id: str) -> str:
+    """The run's event stream (same hash tag as the run: one slot, one script can write both)."""
+    return f"{PREFIX}:{{{run_id}}}:events"
 
 
 def definition_key(definition_hash: str) -> str:

@@ -12,6 +12,7 @@ import redis
 from redis.commands.core import Script
 
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
+from orchestrator.events import Event
 from orchestrator.spec import WorkflowSpec, parse_workflow
 from orchestrator.state import keys
 from orchestrator.state.base import Attempt, Claim, Finish, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
@@ -19,8 +20,25 @@ from orchestrator.state.base import Attempt, Claim, Finish, Reclaim, ResumePlan,
 _SCRIPTS = ("create", "claim", "finish", "retry", "reclaim", "renew", "stop", "resume")
 
 
+_WITH_EVENTS = {"create", "claim", "finish", "retry", "reclaim", "stop", "resume"}
+
+
 def _load_lua(name: str) -> str:
-    return resources.files("orchestrator.state").joinpath(f"lua/{name}.lua").read_text()
+    lua = resources.files("orchestrator.state").joinpath("lua")
+    body = lua.joinpath(f"{name}.lua").read_text()
+    # Scripts cannot include one another: the event helpers are prepended to every script that emits.
+    return lua.joinpath("_events.lua").read_text() + body if name in _WITH_EVENTS else body
+
+
+GLOBAL_EVENTS_MAXLEN = 100_000
+
+
+def _event(run_id: str, entry_id: Any, fields: dict[Any, Any]) -> Event:
+    return Event.from_stream(run_id, _text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
+
+
+def _run_keys(run_id: str) -> list[str]:
+    return [keys.run_key(run_id), keys.events_key(run_id)]
 
 
 def _text(value: Any) -> str:
@@ -135,7 +153,7 @@ class RedisStateStore:
         argv: list[Any] = [self.active_ttl_s]
         for name, value in fields.items():
             argv += [name, value]
-        created = self._scripts["create"](keys=[keys.run_key(run_id)], args=argv)
+        created = self._scripts["create"](keys=_run_keys(run_id), args=argv)
         if created is None:
             return False
         score = float(_text(created))
@@ -185,7 +203,7 @@ class RedisStateStore:
         argv: list[Any] = [step, generation, task_id, lease_s, len(upstream), *upstream, len(children), *children]
         pipe = self.client.pipeline(transaction=False)
         pipe.zadd(keys.LEASES, {member: time.time() + lease_s})
-        self._scripts["claim"](keys=[keys.run_key(run_id)], args=argv, client=pipe)
+        self._scripts["claim"](keys=_run_keys(run_id), args=argv, client=pipe)
         reply = [_text(x) for x in pipe.execute()[1]]
         outcome = reply[0]
         if outcome != "ok" and not (outcome == "busy" and reply[1:2] == ["own"]):
@@ -235,7 +253,7 @@ class RedisStateStore:
             self.retention_s, cache_key, "1" if cached else "", *children,
         ]  # fmt: skip
         pipe = self.client.pipeline(transaction=False)
-        self._scripts["finish"](keys=[keys.run_key(run_id)], args=argv, client=pipe)
+        self._scripts["finish"](keys=_run_keys(run_id), args=argv, client=pipe)
         pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, task_id))
         reply = [_text(x) for x in pipe.execute()[0]]
         if reply[0] != "ok":
@@ -250,7 +268,7 @@ class RedisStateStore:
         """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
         argv: list[Any] = [step, generation, task_id, json.dumps(error), countdown_s, grace_s]
-        lease = self._scripts["retry"](keys=[keys.run_key(run_id)], args=argv)
+        lease = self._scripts["retry"](keys=_run_keys(run_id), args=argv)
         if lease is None:
             return False
         self.client.zadd(keys.LEASES, {keys.lease_member(run_id, step, task_id): float(_text(lease))})
@@ -264,7 +282,7 @@ class RedisStateStore:
             argv: list[Any] = [lease_s]
             for step, task_id in pairs:
                 argv += [step, task_id]
-            self._scripts["renew"](keys=[keys.run_key(run_id)], args=argv, client=pipe)
+            self._scripts["renew"](keys=_run_keys(run_id), args=argv, client=pipe)
         replies = pipe.execute()
         out: list[tuple[str, str, str, bool]] = []
         index: dict[str, float] = {}
@@ -292,7 +310,7 @@ class RedisStateStore:
         """
         run_id, step, task_id = keys.parse_lease_member(member)
         argv: list[Any] = [step, task_id, new_task_id, json.dumps(error), grace_s]
-        reply = [_text(x) for x in self._scripts["reclaim"](keys=[keys.run_key(run_id)], args=argv)]
+        reply = [_text(x) for x in self._scripts["reclaim"](keys=_run_keys(run_id), args=argv)]
         if reply[0] == "live":
             # The heartbeat renewed it after we read the index: keep it findable at its new expiry.
             self.client.zadd(keys.LEASES, {member: float(reply[1])})
@@ -309,7 +327,7 @@ class RedisStateStore:
     def stop(self, run_id: str, status: RunStatus, reason: str, steps: tuple[str, ...], generation: str = "") -> Stop:
         """End a run early (``cancelled`` or ``timed_out``; see ``lua/stop.lua``)."""
         argv: list[Any] = [status.value, reason, self.retention_s, generation, *steps]
-        reply = [_text(x) for x in self._scripts["stop"](keys=[keys.run_key(run_id)], args=argv)]
+        reply = [_text(x) for x in self._scripts["stop"](keys=_run_keys(run_id), args=argv)]
         if reply[0] != "ok":
             return Stop(outcome=reply[0], detail=reply[1] if len(reply) > 1 else "")
         pairs = reply[2:]
@@ -331,7 +349,7 @@ class RedisStateStore:
         ]  # fmt: skip
         for step, status, pending in plan.resets:
             argv += [step, status, pending]
-        reply = [_text(x) for x in self._scripts["resume"](keys=[keys.run_key(run_id)], args=argv)]
+        reply = [_text(x) for x in self._scripts["resume"](keys=_run_keys(run_id), args=argv)]
         if reply[0] == "ok" and reply[2]:
             self.add_deadline(run_id, reply[1], float(reply[2]))
         return reply[0], reply[1]
@@ -353,6 +371,24 @@ class RedisStateStore:
     def drop_deadline(self, run_id: str, generation: str) -> None:
         """Forget a deadline that fired or no longer applies."""
         self.client.zrem(keys.DEADLINES, f"{run_id}|{generation}")
+
+    # -- events --------------------------------------------------------------------------------------------------
+
+    def events(self, run_id: str, after: int = 0, count: int | None = None) -> list[Event]:
+        """The run's events with ``seq > after``, in order (at most ``count``)."""
+        rows: Any = self.client.xrange(keys.events_key(run_id), min=f"0-{after + 1}", max="+", count=count)
+        return [_event(run_id, entry_id, fields) for entry_id, fields in rows]
+
+    def wait_events(self, run_id: str, after: int, timeout_s: float) -> list[Event]:
+        """Like :meth:`events`, but block up to ``timeout_s`` until at least one arrives."""
+        reply: Any = self.client.xread({keys.events_key(run_id): f"0-{after}"}, block=max(1, int(timeout_s * 1000)))
+        return [_event(run_id, entry_id, fields) for _, rows in reply or [] for entry_id, fields in rows]
+
+    def announce(self, run_id: str, event_type: str, workflow: str) -> None:
+        """Append a run-level event to the global stream dashboards follow (``orch:events``, capped)."""
+        self.client.xadd(
+            keys.EVENTS, {"run_id": run_id, "type": event_type, "workflow": workflow}, maxlen=GLOBAL_EVENTS_MAXLEN
+        )
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` (one worker sweeps per interval)."""

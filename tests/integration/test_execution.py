@@ -37,7 +37,7 @@ def test_independent_steps_run_in_parallel_across_workers(client: Client, worker
     spec = workflow(
         f"fanout_{unique}",
         llm("root"),
-        *(py(f"branch{i}", "tests.sleep", "root", seconds=1.0) for i in range(4)),
+        *(py(f"branch{i}", "tests.sleep", "root", seconds=2.0) for i in range(4)),
         llm("join", *(f"branch{i}" for i in range(4))),
     )
     view = client.wait(client.submit(spec), timeout=60)
@@ -46,7 +46,7 @@ def test_independent_steps_run_in_parallel_across_workers(client: Client, worker
     branches = [view["steps"][f"branch{i}"] for i in range(4)]
     latest_start = max(ts(b["started_at"]) for b in branches)
     earliest_end = min(ts(b["finished_at"]) for b in branches)
-    assert latest_start < earliest_end, "all four 1 s branches must overlap in time"
+    assert latest_start < earliest_end, "all four 2 s branches must overlap in time"
     assert len({b["output"]["pid"] for b in branches}) == 4, "four slots on two workers ran them"
     assert ts(view["steps"]["join"]["started_at"]) >= max(ts(b["finished_at"]) for b in branches)
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from orchestrator.spec import WorkflowSpec, parse_workflow
-from orchestrator.status import iso, run_view
+from orchestrator.status import run_view
+from orchestrator.timestamps import iso
 
 pytestmark = pytest.mark.timeout(30)
 

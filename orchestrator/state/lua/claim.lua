@@ -1,10 +1,10 @@
 -- Claim a step for one attempt: the only way a step starts running.
--- KEYS[1] run hash. ARGV: step, generation, task_id, lease_s, n_parents, parents..., n_children, children...
+-- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, generation, task_id, lease_s, n_parents, parents..., n_children, children...
 -- Returns {outcome, ...}:
 --   {"ok", attempt, now, errors, inputs, attempt_base, cache_key, force, p1_status, p1_output, ...}  run it
 --   {"inactive", run_status or "deadline"} | {"stale"} | {"superseded"} | {"busy", "own" or ""} | {"missing"}
 --   {"done", step_status, c1_status, c1_task, ...}   a duplicate delivery of a finished step
-local run = KEYS[1]
+local run, events = KEYS[1], KEYS[2]
 local step, gen, task, lease_s = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local n_parents = tonumber(ARGV[5])
 local n_children = tonumber(ARGV[6 + n_parents])
@@ -45,6 +45,8 @@ if attempts == 1 or not redis.call('HGET', run, p .. 'started_at') then
   fields[#fields + 1] = string.format('%.6f', now)
 end
 redis.call('HSET', run, unpack(fields))
+emit(run, events, string.format('%.6f', now), 'step_started', step, attempts, '')
+emitted(run)
 
 local out = {'ok', attempts, string.format('%.6f', now), head[7] or '', head[8] or '{}', head[9] or '0',
   head[10] or '', head[11] or ''}

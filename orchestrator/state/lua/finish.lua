@@ -1,12 +1,13 @@
 -- Record a step's final outcome, release its children, and close the run when nothing is left.
--- KEYS[1] run hash. ARGV: step, generation, task_id, outcome, output_json ('' keeps the stored output: a cache hit),
+-- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, generation, task_id, outcome, output_json ('' keeps the stored output: a cache hit),
 -- error_json, retention_s, cache_key, cached ('1' or ''), children...
 -- Returns {"stale"} or {"ok", run_status_or_empty, released_child...}.
-local run = KEYS[1]
+local run, events = KEYS[1], KEYS[2]
 local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local output, err, retention, cache_key, cached = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
 local p = 's:' .. step .. ':'
-local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors')
+local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts',
+  p .. 'attempt_base')
 if head[1] ~= gen or head[2] ~= 'running' or head[3] ~= task then return {'stale'} end
 
 local t = redis.call('TIME')
@@ -31,6 +32,10 @@ if err ~= '' then
   fields[#fields + 1] = cjson.encode(errors)
 end
 redis.call('HSET', run, unpack(fields))
+local attempt = (tonumber(head[5]) or 0) - (tonumber(head[6]) or 0)
+local detail = err
+if outcome == 'succeeded' and cached == '1' then detail = '{"cached":true}' end
+emit(run, events, now, 'step_' .. outcome, step, attempt, detail)
 if outcome == 'failed' or outcome == 'upstream_failed' then
   redis.call('HINCRBY', run, 'failures', 1)
   if outcome == 'failed' then redis.call('HSETNX', run, 'first_failure', step) end
@@ -41,6 +46,7 @@ for i = 10, #ARGV do
   local c = 's:' .. ARGV[i] .. ':'
   if redis.call('HINCRBY', run, c .. 'pending', -1) == 0 then
     redis.call('HSET', run, c .. 'status', 'queued', c .. 'queued_at', now)
+    emit(run, events, now, 'step_queued', ARGV[i], 0, '')
     out[#out + 1] = ARGV[i]
   end
 end
@@ -49,7 +55,10 @@ if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
   local failures = tonumber(redis.call('HGET', run, 'failures') or '0')
   local status = failures > 0 and 'failed' or 'succeeded'
   redis.call('HSET', run, 'status', status, 'finished_at', now)
+  emit(run, events, now, 'run_' .. status, '', 0, '')
   redis.call('EXPIRE', run, retention)
+  redis.call('EXPIRE', events, retention)
   out[2] = status
 end
+emitted(run)
 return out

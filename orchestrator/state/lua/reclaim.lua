@@ -3,10 +3,10 @@
 --            redeliver it, is then superseded) and record the loss as the attempt's error.
 --   queued:  a delayed retry or an earlier re-dispatch was lost with its worker. Send it again under the same task id
 --            (whichever copy arrives first runs; the other finds it taken), so a backlog cannot supersede itself.
--- KEYS[1] run hash. ARGV: step, expected_task, new_task, error_json, grace_s.
+-- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, expected_task, new_task, error_json, grace_s.
 -- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease} while the lease holds;
 -- {"skip"} when the attempt is finished, stale or not the expected one.
-local run = KEYS[1]
+local run, events = KEYS[1], KEYS[2]
 local step, expected, new_task, err, grace = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local p = 's:' .. step .. ':'
 local head = redis.call('HMGET', run, 'status', p .. 'status', p .. 'task', p .. 'lease', p .. 'errors', 'def_hash',
@@ -20,12 +20,18 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local lease = tonumber(head[4] or '')
 if lease and lease > now then return {'live', head[4]} end
 local until_ = string.format('%.6f', now + grace)
+local stamp = string.format('%.6f', now)
 if status == 'queued' then
   redis.call('HSET', run, p .. 'lease', until_)
+  emit(run, events, stamp, 'step_queued', step, 0, cjson.encode({resent = true}))
+  emitted(run)
   return {'ok', head[6], head[7], expected, until_}
 end
 local errors = cjson.decode(head[5] ~= false and head[5] ~= '' and head[5] or '[]')
 errors[#errors + 1] = cjson.decode(err)
 redis.call('HSET', run, p .. 'status', 'queued', p .. 'task', new_task, p .. 'lease', until_,
-  p .. 'queued_at', string.format('%.6f', now), p .. 'error', err, p .. 'errors', cjson.encode(errors))
+  p .. 'queued_at', stamp, p .. 'error', err, p .. 'errors', cjson.encode(errors))
+emit(run, events, stamp, 'step_lost', step, 0, err)
+emit(run, events, stamp, 'step_queued', step, 0, '')
+emitted(run)
 return {'ok', head[6], head[7], new_task, until_}

@@ -1,15 +1,18 @@
 -- Start a new generation of a finished run from its checkpoint. The caller computed which steps to reset from the
 -- state it read at generation expected_gen; if another resume won meanwhile, the generation moved and this refuses.
--- KEYS[1] run hash. ARGV: expected_gen, allowed_statuses (comma-separated), active_ttl_s, forced_step ('' none),
+-- KEYS[1] run hash, KEYS[2] its event stream. ARGV: expected_gen, allowed_statuses (comma-separated), active_ttl_s, forced_step ('' none),
 --   then step, status, pending triples for every step to reset.
 -- Returns {"ok", new_generation, deadline_or_empty}, {"conflict", generation} or {"refused", run_status}.
-local run = KEYS[1]
+local run, events = KEYS[1], KEYS[2]
 local expected, allowed, ttl, forced = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local head = redis.call('HMGET', run, 'status', 'gen')
 if not head[1] then return {'refused', 'missing'} end
 if head[2] ~= expected then return {'conflict', head[2]} end
 if not string.find(',' .. allowed .. ',', ',' .. head[1] .. ',', 1, true) then return {'refused', head[1]} end
 local gen = tostring(tonumber(expected) + 1)
+local t0 = redis.call('TIME')
+local stamp = string.format('%.6f', tonumber(t0[1]) + tonumber(t0[2]) / 1e6)
+emit(run, events, stamp, 'run_resumed', '', 0, cjson.encode({generation = tonumber(gen)}))
 local count = 0
 for i = 5, #ARGV, 3 do
   local p = 's:' .. ARGV[i] .. ':'
@@ -17,6 +20,7 @@ for i = 5, #ARGV, 3 do
   redis.call('HSET', run, p .. 'status', ARGV[i + 1], p .. 'pending', ARGV[i + 2], p .. 'task', '', p .. 'lease', '',
     p .. 'attempt_base', attempts, p .. 'force', ARGV[i] == forced and '1' or '')
   redis.call('HDEL', run, p .. 'finished_at', p .. 'error', p .. 'queued_at')
+  if ARGV[i + 1] == 'queued' then emit(run, events, stamp, 'step_queued', ARGV[i], 0, '') end
   count = count + 1
 end
 redis.call('HSET', run, 'status', 'running', 'gen', gen, 'remaining', count, 'failures', 0)
@@ -29,5 +33,7 @@ if timeout and timeout ~= '' then
   deadline = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(timeout))
   redis.call('HSET', run, 'deadline', deadline)
 end
+emitted(run)
 redis.call('EXPIRE', run, ttl)
+redis.call('EXPIRE', events, ttl)
 return {'ok', gen, deadline}

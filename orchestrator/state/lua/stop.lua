@@ -1,9 +1,9 @@
 -- End a run early: cancelled by a user or timed out at its deadline. No step starts after this returns: every
 -- claim checks the run's status. Finished steps keep their outputs; unfinished ones become "cancelled".
--- KEYS[1] run hash. ARGV: final_status, reason, retention_s, expected_generation ('' for any), steps...
+-- KEYS[1] run hash, KEYS[2] its event stream. ARGV: final_status, reason, retention_s, expected_generation ('' for any), steps...
 -- Returns {"ok", stopped_at, step, task_id, ...} for the steps that were running (to interrupt),
 -- {"finished", status} when the run had already ended, {"stale"} for another generation, {"missing"}.
-local run = KEYS[1]
+local run, events = KEYS[1], KEYS[2]
 local final, reason, retention, gen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local head = redis.call('HMGET', run, 'status', 'gen')
 if not head[1] then return {'missing'} end
@@ -19,11 +19,15 @@ for i = 5, #ARGV do
   local st = row[1]
   if st == 'pending' or st == 'queued' or st == 'running' or st == 'waiting' then
     redis.call('HSET', run, p .. 'status', 'cancelled', p .. 'finished_at', now, p .. 'lease', '')
+    emit(run, events, now, 'step_cancelled', ARGV[i], 0, '')
     if st == 'running' or st == 'queued' then
       out[#out + 1] = ARGV[i]
       out[#out + 1] = row[2] or ''
     end
   end
 end
+emit(run, events, now, 'run_' .. final, '', 0, cjson.encode({reason = reason}))
+emitted(run)
 redis.call('EXPIRE', run, retention)
+redis.call('EXPIRE', events, retention)
 return out
