@@ -85,8 +85,16 @@ def validate(file: str) -> None:
 @click.option("--wait", is_flag=True, help="Wait for the run to end; exit non-zero unless it succeeded.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option("--watch", "live", is_flag=True, help="Show live progress until the run ends (exit code as --wait).")
 def submit(
-    *, file: str, inputs: tuple[str, ...], idempotency_key: str | None, wait: bool, as_json: bool, timeout: float | None
+    *,
+    file: str,
+    inputs: tuple[str, ...],
+    idempotency_key: str | None,
+    wait: bool,
+    as_json: bool,
+    timeout: float | None,
+    live: bool,
 ) -> None:
     """Start a run of a workflow file (or a registered workflow's name); prints the run id."""
     settings = _settings()
@@ -97,6 +105,11 @@ def submit(
         run_id = client.submit(spec, values, idempotency_key=idempotency_key)
     except OrchestratorError as exc:
         _fail(str(exc), 1)
+    if live:
+        from orchestrator.watch import watch_run
+
+        click.echo(run_id)
+        sys.exit(watch_run(client, run_id))
     if not wait:
         click.echo(json.dumps({"run_id": run_id}) if as_json else run_id)
         return
@@ -130,6 +143,22 @@ def status(run_id: str, as_json: bool) -> None:
         click.echo(json.dumps(view))
     else:
         _print_status(view)
+
+
+@main.command()
+@click.argument("run_id")
+def watch(run_id: str) -> None:
+    """Show a run's progress live (a bar and a row per step); exit 0 when it succeeds."""
+    from orchestrator.watch import watch_run
+
+    client = _client(_settings())
+    try:
+        code = watch_run(client, run_id)
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        _fail("stopped watching (the run goes on)", 130)
+    sys.exit(code)
 
 
 @main.command()

@@ -170,11 +170,15 @@ class Client:
             for event in batch:
                 after = event.seq
                 yield event
-                if until_end and EventType(event.type).ends_run:
+                if until_end and EventType(event.type).ends_run and self._really_ended(run_id, event.seq):
                     return
             if not batch and until_end and RunStatus(self.store.run_fields(run_id)["status"]).finished:
                 # Ended before we started listening and its final event was trimmed or already seen.
                 return
+
+    def _really_ended(self, run_id: str, seq: int) -> bool:
+        # A replay passes the end of an earlier generation before reaching a resume: only the last end is the end.
+        return not self.store.events(run_id, after=seq, count=1)
 
     def watch(self, run_id: str, listener: ProgressListener, *, after: int = 0) -> dict[str, Any]:
         """Feed the run's events to ``listener`` until it ends; returns the final status JSON.

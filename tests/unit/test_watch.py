@@ -1,0 +1,65 @@
+"""The watch view folds a run's events into rows: tested without a terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from orchestrator.events import Event
+from orchestrator.watch import RunView
+
+
+def _event(seq: int, kind: str, step: str | None = None, attempt: int = 0, ts: float = 0.0, **data: Any) -> Event:
+    return Event("r1", seq, kind, step, attempt, ts, data)
+
+
+def _view() -> RunView:
+    return RunView.from_status({"run_id": "r1", "workflow": "w", "version": 1, "steps": {"a": {}, "b": {}}})
+
+
+def test_a_retried_then_successful_step_shows_its_attempt_and_duration() -> None:
+    view = _view()
+    for event in [
+        _event(1, "run_started"),
+        _event(2, "step_queued", "a"),
+        _event(3, "step_started", "a", 1, ts=10.0),
+        _event(4, "step_retry", "a", 1, error={"type": "rate_limit"}, countdown_s=2.0),
+        _event(5, "step_started", "a", 2, ts=13.0),
+        _event(6, "step_succeeded", "a", 2, ts=13.5),
+    ]:
+        view.apply(event)
+
+    row = view.steps["a"]
+    assert (row.status, row.attempt, row.finished) == ("succeeded", 2, 13.5)
+    assert view.done == 1
+    assert view.last_seq == 6
+    text = _render(view)
+    assert "0.50s" in text
+    assert "succeeded" in text
+
+
+def test_the_run_status_follows_run_events_and_a_resume_reopens_it() -> None:
+    view = _view()
+    view.apply(_event(1, "run_started"))
+    view.apply(_event(2, "step_failed", "a", 1, message="boom"))
+    view.apply(_event(3, "run_failed"))
+    assert view.status == "failed"
+    assert view.steps["a"].note == "boom"
+
+    view.apply(_event(4, "run_resumed", generation=2))
+    assert view.status == "running"
+
+
+def test_a_lost_worker_and_a_reused_result_are_explained() -> None:
+    view = _view()
+    view.apply(_event(1, "step_lost", "a", type="worker_lost"))
+    assert view.steps["a"].note == "worker lost: re-dispatched"
+    view.apply(_event(2, "step_succeeded", "b", 1, cached=True))
+    assert view.steps["b"].note == "reused stored result"
+
+
+def _render(view: RunView) -> str:
+    console = Console(width=120, record=True)
+    console.print(view.table())
+    return console.export_text()
