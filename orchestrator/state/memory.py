@@ -1,8 +1,9 @@
 """The in-memory state store: the Lua transitions of ``RedisStateStore`` as Python under one lock.
 
 For tests and single-process use. A run is the same flat field map as the Redis hash (``s:STEP:FIELD``), so
-``orchestrator.status.run_view`` reads it unchanged; every transition mirrors its script in ``lua/`` rule for rule.
-Time comes from an injectable clock, so tests move it instead of sleeping.
+``orchestrator.status.run_view`` reads it unchanged; every transition mirrors its script in ``lua/`` rule for rule,
+down to the progress events it emits (``lua/_events.lua``): same types, order, step, attempt and data, numbered by the
+run's ``seq`` field. Time comes from an injectable clock, so tests move it instead of sleeping.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from orchestrator.errors import RunNotFoundError
+from orchestrator.events import Event
 from orchestrator.spec import WorkflowSpec
 from orchestrator.state import keys
 from orchestrator.state.base import Attempt, Claim, Finish, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
@@ -24,6 +28,10 @@ _UNFINISHED = ("queued", "running", "pending")
 _STOPPABLE_RUN = ("running", "waiting", "pending")
 _STOPPABLE_STEP = ("pending", "queued", "running", "waiting")
 _COMPACT = (",", ":")
+# A run's events are capped like ``XADD ... MAXLEN ~ 10000`` (exactly here; Redis trims whole nodes, so a little later).
+EVENTS_MAXLEN = 10_000
+# The global stream of run-level events (``RedisStateStore.announce``).
+GLOBAL_EVENTS_MAXLEN = 100_000
 
 
 def _stamp(epoch: float) -> str:
@@ -35,10 +43,20 @@ def _json_list(raw: str | None) -> list[Any]:
     return list(json.loads(raw)) if raw else []
 
 
+# One stream entry: its sequence number and its fields, as ``XADD`` stores them (decoded on every read).
+_Entry = tuple[int, dict[str, str]]
+
+
+def _new_stream() -> deque[_Entry]:
+    return deque(maxlen=EVENTS_MAXLEN)
+
+
 @dataclass
 class _Run:
     fields: dict[str, str]
     expires_at: float
+    # The run's event stream; it expires with the run (as in Redis, but for mark_dispatch_failed: see the tests).
+    events: deque[_Entry] = field(default_factory=_new_stream)
 
 
 class MemoryStateStore:
@@ -55,6 +73,10 @@ class MemoryStateStore:
         self.active_ttl_s = retention_s * 4
         self._clock = clock
         self._lock = threading.Lock()
+        # Every event emitted notifies it: ``wait_events`` sleeps on it (the stand-in for ``XREAD BLOCK``).
+        self._changed = threading.Condition(self._lock)
+        self._waiting = 0
+        self._announcements: deque[dict[str, str]] = deque(maxlen=GLOBAL_EVENTS_MAXLEN)
         self._runs: dict[str, _Run] = {}
         self._run_index: dict[str, float] = {}
         self._definitions: dict[str, WorkflowSpec] = {}
@@ -138,11 +160,16 @@ class MemoryStateStore:
             if self._live(run_id, now) is not None:
                 return False
             created = _stamp(now)
-            self._runs[run_id] = _Run({"created_at": created, "started_at": created, **fields}, now + self.active_ttl_s)
+            run = _Run({"created_at": created, "started_at": created, **fields}, now + self.active_ttl_s)
+            self._runs[run_id] = run
             score = float(created)
             if spec.timeout_s is not None:
-                self._runs[run_id].fields["deadline"] = _stamp(score + spec.timeout_s)
+                run.fields["deadline"] = _stamp(score + spec.timeout_s)
                 self._deadlines[f"{run_id}|1"] = score + spec.timeout_s
+            self._emit(run, created, "run_started")
+            for step in spec.steps:
+                if fields[keys.step_field(step.name, "status")] == "queued":
+                    self._emit(run, created, "step_queued", step.name)
             self._run_index[run_id] = score
             for old in [r for r, s in self._run_index.items() if s <= score - self.active_ttl_s]:
                 del self._run_index[old]
@@ -202,7 +229,7 @@ class MemoryStateStore:
         run = self._live(attempt.run_id, now)
         fields = run.fields if run is not None else {}
         run_status, status = fields.get("status"), fields.get(p + "status")
-        if run_status is None or status is None:
+        if run is None or run_status is None or status is None:
             return Claim(outcome="missing")
         if fields.get("gen") != attempt.generation:
             return Claim(outcome="stale")
@@ -238,6 +265,9 @@ class MemoryStateStore:
         )
         if number == 1 or p + "started_at" not in fields:
             fields[p + "started_at"] = started
+        self._emit(
+            run, started, "step_started", attempt.step, attempt=number - int(fields.get(p + "attempt_base") or 0)
+        )
         outputs = {u: fields.get(f"s:{u}:output", "") for u in upstream}
         return Claim(
             outcome="ok",
@@ -270,6 +300,7 @@ class MemoryStateStore:
         """
         p = f"s:{attempt.step}:"
         raw_output = "" if output is None else json.dumps(output, separators=_COMPACT)
+        raw_error = "" if error is None else json.dumps(error, separators=_COMPACT)
         with self._lock:
             now = self._clock()
             self._leases.pop(keys.lease_member(attempt.run_id, attempt.step, attempt.task_id), None)
@@ -290,10 +321,12 @@ class MemoryStateStore:
             )
             if outcome != StepOutcome.SUCCEEDED or raw_output != "":
                 fields[p + "output"] = raw_output
-            if error is not None:
-                raw = json.dumps(error, separators=_COMPACT)
-                errors = [*_json_list(fields.get(p + "errors")), json.loads(raw)]
-                fields.update({p + "error": raw, p + "errors": json.dumps(errors, separators=_COMPACT)})
+            if raw_error:
+                errors = [*_json_list(fields.get(p + "errors")), json.loads(raw_error)]
+                fields.update({p + "error": raw_error, p + "errors": json.dumps(errors, separators=_COMPACT)})
+            number = int(fields.get(p + "attempts") or 0) - int(fields.get(p + "attempt_base") or 0)
+            detail = '{"cached":true}' if outcome == StepOutcome.SUCCEEDED and cached else raw_error
+            self._emit(run, stamp, f"step_{outcome.value}", attempt.step, attempt=number, data=detail)
             if outcome in (StepOutcome.FAILED, StepOutcome.UPSTREAM_FAILED):
                 _increment(fields, "failures", 1)
                 if outcome == StepOutcome.FAILED:
@@ -304,12 +337,14 @@ class MemoryStateStore:
                 c = f"s:{child}:"
                 if _increment(fields, c + "pending", -1) == 0:
                     fields.update({c + "status": "queued", c + "queued_at": stamp})
+                    self._emit(run, stamp, "step_queued", child)
                     released.append(child)
 
             run_status: str | None = None
             if _increment(fields, "remaining", -1) == 0:
                 run_status = "failed" if int(fields.get("failures") or 0) > 0 else "succeeded"
                 fields.update({"status": run_status, "finished_at": stamp})
+                self._emit(run, stamp, f"run_{run_status}")
                 run.expires_at = now + self.retention_s
             return Finish(recorded=True, run_status=run_status, released=tuple(released))
 
@@ -328,17 +363,22 @@ class MemoryStateStore:
             if run is None or not self._owns(run.fields, attempt):
                 return False
             lease = _stamp(now + countdown_s + grace_s)
+            stamp = _stamp(now)
             raw = json.dumps(error)
             errors = [*_json_list(run.fields.get(p + "errors")), json.loads(raw)]
             run.fields.update(
                 {
                     p + "status": "queued",
                     p + "lease": lease,
-                    p + "queued_at": _stamp(now),
+                    p + "queued_at": stamp,
                     p + "error": raw,
                     p + "errors": json.dumps(errors, separators=_COMPACT),
                 }
             )
+            number = int(run.fields.get(p + "attempts") or 0) - int(run.fields.get(p + "attempt_base") or 0)
+            # As retry.lua: the error's JSON as it was given, the countdown as redis-py sends a float.
+            detail = '{"error":' + raw + ',"countdown_s":' + repr(float(countdown_s)) + "}"
+            self._emit(run, stamp, "step_retry", attempt.step, attempt=number, data=detail)
             self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = float(lease)
             return True
 
@@ -390,7 +430,8 @@ class MemoryStateStore:
             fields = run.fields if run is not None else {}
             status = fields.get(p + "status")
             if (
-                fields.get("status") != "running"
+                run is None
+                or fields.get("status") != "running"
                 or fields.get(p + "task") != task_id
                 or status not in ("running", "queued")
             ):
@@ -402,9 +443,11 @@ class MemoryStateStore:
                 self._leases[member] = float(raw_lease)
                 return None
             until = _stamp(now + grace_s)
+            stamp = _stamp(now)
             publish = task_id
             if status == "queued":
                 fields[p + "lease"] = until
+                self._emit(run, stamp, "step_queued", step, data='{"resent":true}')
             else:
                 publish = new_task_id
                 raw = json.dumps(error)
@@ -414,11 +457,13 @@ class MemoryStateStore:
                         p + "status": "queued",
                         p + "task": new_task_id,
                         p + "lease": until,
-                        p + "queued_at": _stamp(now),
+                        p + "queued_at": stamp,
                         p + "error": raw,
                         p + "errors": json.dumps(errors, separators=_COMPACT),
                     }
                 )
+                self._emit(run, stamp, "step_lost", step, data=raw)
+                self._emit(run, stamp, "step_queued", step)
             self._leases.pop(member, None)
             self._leases[keys.lease_member(run_id, step, publish)] = float(until)
             return Reclaim(
@@ -455,8 +500,10 @@ class MemoryStateStore:
                 was = fields.get(p + "status")
                 if was in _STOPPABLE_STEP:
                     fields.update({p + "status": "cancelled", p + "finished_at": stamp, p + "lease": ""})
+                    self._emit(run, stamp, "step_cancelled", step)
                     if was in ("running", "queued"):
                         interrupted.append((step, fields.get(p + "task") or ""))
+            self._emit(run, stamp, f"run_{status.value}", data=json.dumps({"reason": reason}, separators=_COMPACT))
             run.expires_at = now + self.retention_s
             for step, task_id in interrupted:
                 if task_id:
@@ -483,6 +530,8 @@ class MemoryStateStore:
             if f",{fields['status']}," not in f",{allowed},":
                 return "refused", fields["status"]
             generation = str(int(plan.expected_generation) + 1)
+            stamp = _stamp(now)
+            self._emit(run, stamp, "run_resumed", data=json.dumps({"generation": int(generation)}, separators=_COMPACT))
             for step, status, pending in plan.resets:
                 p = f"s:{step}:"
                 fields.update(
@@ -497,6 +546,8 @@ class MemoryStateStore:
                 )
                 for name in ("finished_at", "error", "queued_at"):
                     fields.pop(p + name, None)
+                if status == "queued":
+                    self._emit(run, stamp, "step_queued", step)
             fields.update({"status": "running", "gen": generation, "remaining": str(len(plan.resets)), "failures": "0"})
             for name in ("finished_at", "stopped_at", "error", "first_failure", "deadline"):
                 fields.pop(name, None)
@@ -528,6 +579,76 @@ class MemoryStateStore:
         """Forget a deadline that fired or no longer applies."""
         with self._lock:
             self._deadlines.pop(f"{run_id}|{generation}", None)
+
+    # -- events ------------------------------------------------------------------------------------------------------
+
+    def events(self, run_id: str, after: int = 0, count: int | None = None) -> list[Event]:
+        """The run's events with ``seq > after``, in order (at most ``count``; none once the run has expired).
+
+        Raises:
+            ValueError: When ``count`` is given but not positive (redis-py refuses it too).
+        """
+        if count is not None and count < 1:
+            raise ValueError("count must be a positive integer")
+        with self._lock:
+            return self._events_after(run_id, after, count)
+
+    def wait_events(self, run_id: str, after: int, timeout_s: float) -> list[Event]:
+        """Like :meth:`events`, but block up to ``timeout_s`` (real time) until at least one arrives.
+
+        Like ``XREAD BLOCK`` it waits for a run that does not exist (yet) too, and gives ``[]`` when time runs out.
+        """
+        deadline = time.monotonic() + max(0.001, timeout_s)
+        with self._changed:
+            self._waiting += 1
+            try:
+                while not (found := self._events_after(run_id, after, None)):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
+                return found
+            finally:
+                self._waiting -= 1
+
+    def waiting_readers(self) -> int:
+        """How many :meth:`wait_events` calls are blocked right now (tests wait for a reader to block)."""
+        with self._lock:
+            return self._waiting
+
+    def announce(self, run_id: str, event_type: str, workflow: str) -> None:
+        """Append a run-level event to the global list dashboards follow (the newest 100,000 are kept)."""
+        with self._lock:
+            self._announcements.append({"run_id": run_id, "type": event_type, "workflow": workflow})
+
+    def announcements(self) -> list[dict[str, str]]:
+        """The global list's entries, oldest first (what ``XRANGE orch:events - +`` holds in Redis)."""
+        with self._lock:
+            return [dict(entry) for entry in self._announcements]
+
+    def _events_after(self, run_id: str, after: int, count: int | None) -> list[Event]:
+        """``XRANGE events (after + COUNT count``, under the lock."""
+        run = self._live(run_id, self._clock())
+        if run is None or not run.events:
+            return []
+        # Numbers are gapless and trimming drops the oldest, so ``seq`` finds its entry by position.
+        start = max(0, after + 1 - run.events[0][0])
+        stop = len(run.events) if count is None else min(len(run.events), start + count)
+        return [Event.from_stream(run_id, f"0-{seq}", dict(fields)) for seq, fields in islice(run.events, start, stop)]
+
+    def _emit(
+        self, run: _Run, stamp: str, event_type: str, step: str = "", *, attempt: int = 0, data: str = ""
+    ) -> None:
+        """``emit`` of ``lua/_events.lua``: the run's next ``seq``, appended to its stream; wakes every waiting reader.
+
+        The caller holds the lock.
+        """
+        seq = int(run.fields.get("seq") or 0) + 1
+        run.fields["seq"] = str(seq)
+        run.events.append(
+            (seq, {"type": event_type, "step": step, "attempt": str(attempt), "ts": stamp, "data": data}),
+        )
+        self._changed.notify_all()
 
     # -- sweeper -------------------------------------------------------------------------------------------------
 

@@ -186,6 +186,7 @@ class RedisStateStore:
             keys.run_key(run_id), mapping={"status": "failed", "error": message, "first_failure": "(dispatch)"}
         )
         self.client.expire(keys.run_key(run_id), self.retention_s)
+        self.client.expire(keys.events_key(run_id), self.retention_s)
 
     # -- step transitions ----------------------------------------------------------------------------------------
 
@@ -381,7 +382,9 @@ class RedisStateStore:
 
     def wait_events(self, run_id: str, after: int, timeout_s: float) -> list[Event]:
         """Like :meth:`events`, but block up to ``timeout_s`` until at least one arrives."""
-        reply: Any = self.client.xread({keys.events_key(run_id): f"0-{after}"}, block=max(1, int(timeout_s * 1000)))
+        # Blocking longer than the socket timeout would end in a timeout error: wait at most 20 s per call.
+        block_ms = max(1, int(min(timeout_s, 20.0) * 1000))
+        reply: Any = self.client.xread({keys.events_key(run_id): f"0-{after}"}, block=block_ms)
         return [_event(run_id, entry_id, fields) for _, rows in reply or [] for entry_id, fields in rows]
 
     def announce(self, run_id: str, event_type: str, workflow: str) -> None:

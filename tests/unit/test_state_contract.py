@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
+from orchestrator.events import Event
 from orchestrator.redis_server import RedisServer, find_redis_server
 from orchestrator.spec import WorkflowSpec, parse_workflow
 from orchestrator.state import Attempt, MemoryStateStore, RedisStateStore, RunStatus, StateStore, StepOutcome, keys
@@ -106,6 +107,41 @@ class Backend:
         self.clock.advance(2)
         with pytest.raises(RunNotFoundError):
             self.store.run_fields(run_id)
+
+    def assert_events_expire_with_run(self, run_id: str, seconds: float) -> None:
+        """The run's events are there now and go away with the run, ``seconds`` from now (Redis: both TTLs say so)."""
+        assert self.store.events(run_id)
+        if self.client is not None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.pttl(keys.run_key(run_id))
+            pipe.pttl(keys.events_key(run_id))
+            run_ttl, events_ttl = pipe.execute()
+            assert (seconds - POLL_MARGIN_S) * 1000 <= run_ttl <= seconds * 1000
+            # Both keys get their expiry in the same script: the same instant, give or take a few milliseconds.
+            assert abs(events_ttl - run_ttl) <= 5, (events_ttl, run_ttl)
+            return
+        assert self.clock is not None
+        self.clock.advance(seconds - 1)
+        assert self.store.events(run_id)
+        self.clock.advance(2)
+        assert self.store.events(run_id) == []
+        with pytest.raises(RunNotFoundError):
+            self.store.run_fields(run_id)
+
+    def blocked_readers(self) -> int:
+        """How many ``wait_events`` calls are blocked now (Redis: its count of blocked clients)."""
+        if self.client is not None:
+            return int(self.client.info("clients")["blocked_clients"])
+        assert isinstance(self.store, MemoryStateStore)
+        return self.store.waiting_readers()
+
+    def announced(self) -> list[dict[str, str]]:
+        """The global stream of run-level events, oldest first."""
+        if self.client is not None:
+            rows: Any = self.client.xrange(keys.EVENTS)
+            return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in rows]
+        assert isinstance(self.store, MemoryStateStore)
+        return self.store.announcements()
 
 
 @pytest.fixture(scope="module")
@@ -1113,3 +1149,417 @@ def test_the_sweeper_lock_has_one_owner_until_it_expires(backend: Backend) -> No
     assert not store.try_sweeper_lock("w2", 1.0)
     assert not store.try_sweeper_lock("w1", 1.0)
     assert backend.wait_past(1.0, lambda: store.try_sweeper_lock("w2", 1.0))
+
+
+# -- progress events -----------------------------------------------------------------------------------------------
+
+# How long a reader may block where it must not need to: the tests fail long before, if it does.
+WAIT_S = 20.0
+# A short wait that is meant to run out.
+SHORT_WAIT_S = 0.3
+
+Told = tuple[str, str | None, int, dict[str, Any]]
+
+
+def told(events: list[Event]) -> list[Told]:
+    """What each event says: ``(type, step, attempt, data)``."""
+    return [(e.type, e.step, e.attempt, e.data) for e in events]
+
+
+def eventually(condition: Callable[[], bool], within_s: float = POLL_MARGIN_S) -> bool:
+    """Poll ``condition`` until it holds or ``within_s`` has passed."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+class Journal:
+    """Follows a run's events transition by transition, checking the numbering and stamps of what each one adds."""
+
+    def __init__(self, backend: Backend, run_id: str = "run1", *, tick: bool = False) -> None:
+        self.backend, self.run_id, self.tick = backend, run_id, tick
+        self.seen: list[Event] = []
+
+    def record(self, transition: Callable[[], Any]) -> list[Told]:
+        """Make the transition; return the events it added (numbered on from the last, stamped by its clock)."""
+        if self.tick:
+            self.backend.tick()
+        before = self.backend.now()
+        transition()
+        after = self.backend.now()
+        new = self.backend.store.events(self.run_id, after=len(self.seen))
+        assert [e.seq for e in new] == list(range(len(self.seen) + 1, len(self.seen) + len(new) + 1))
+        assert all(e.run_id == self.run_id for e in new)
+        assert all(before - 1e-6 <= e.ts <= after + 1e-6 for e in new), (before, [e.ts for e in new], after)
+        self.seen += new
+        return told(new)
+
+
+def started(step: str, number: int = 1) -> Told:
+    return ("step_started", step, number, {})
+
+
+def queued(step: str, data: dict[str, Any] | None = None) -> Told:
+    return ("step_queued", step, 0, data or {})
+
+
+def test_a_run_tells_its_whole_story_in_gapless_numbered_events_stamped_by_the_clock(backend: Backend) -> None:
+    journal = Journal(backend, tick=True)
+    a, b, c, d = (attempt(s) for s in "abcd")
+
+    assert journal.record(lambda: start(backend, N_SHAPE)) == [("run_started", None, 0, {}), queued("a"), queued("b")]
+    assert journal.record(lambda: claim(backend, N_SHAPE, a)) == [started("a")]
+    assert journal.record(lambda: claim(backend, N_SHAPE, b)) == [started("b")]
+    assert journal.record(lambda: finish(backend, N_SHAPE, b)) == [("step_succeeded", "b", 1, {}), queued("d")]
+    assert journal.record(lambda: claim(backend, N_SHAPE, d)) == [started("d")]
+    assert journal.record(lambda: finish(backend, N_SHAPE, a)) == [("step_succeeded", "a", 1, {}), queued("c")]
+    assert journal.record(lambda: finish(backend, N_SHAPE, d)) == [("step_succeeded", "d", 1, {})]
+    assert journal.record(lambda: claim(backend, N_SHAPE, c)) == [started("c")]
+    assert journal.record(lambda: finish(backend, N_SHAPE, c)) == [
+        ("step_succeeded", "c", 1, {}),
+        ("run_succeeded", None, 0, {}),
+    ]
+
+    everything = backend.store.events("run1")
+    assert everything == journal.seen
+    assert [e.seq for e in everything] == list(range(1, 15))
+    stamps = [e.ts for e in everything]
+    assert stamps == sorted(stamps)
+    assert backend.store.run_fields("run1")["seq"] == "14"
+
+
+def test_a_finish_queues_the_children_it_releases_in_the_order_it_names_them(backend: Backend) -> None:
+    start(backend, DIAMOND)
+    a = attempt("a")
+    claim(backend, DIAMOND, a)
+    journal = Journal(backend)
+    journal.seen = backend.store.events("run1")
+
+    got = journal.record(lambda: backend.store.finish(a, StepOutcome.SUCCEEDED, children=("c", "b")))
+
+    assert got == [("step_succeeded", "a", 1, {}), queued("c"), queued("b")]
+
+
+def test_failed_skipped_and_upstream_failed_steps_are_told_with_their_errors_and_the_run_fails(
+    backend: Backend,
+) -> None:
+    error = {"type": "bad_request", "status": 400, "message": "prompt is too long", "attempt": 1}
+    start(backend, N_SHAPE)
+    journal = Journal(backend)
+    journal.seen = backend.store.events("run1")
+
+    assert journal.record(lambda: run_step_with_error(backend, "a", StepOutcome.FAILED, error)) == [
+        started("a"),
+        ("step_failed", "a", 1, error),
+    ]
+    assert journal.record(lambda: run_step(backend, N_SHAPE, "b")) == [
+        started("b"),
+        ("step_succeeded", "b", 1, {}),
+        queued("c"),
+        queued("d"),
+    ]
+    assert journal.record(lambda: run_step(backend, N_SHAPE, "d", StepOutcome.SKIPPED)) == [
+        started("d"),
+        ("step_skipped", "d", 1, {}),
+    ]
+    assert journal.record(lambda: run_step(backend, N_SHAPE, "c", StepOutcome.UPSTREAM_FAILED)) == [
+        started("c"),
+        ("step_upstream_failed", "c", 1, {}),
+        ("run_failed", None, 0, {}),
+    ]
+
+
+def run_step_with_error(backend: Backend, step: str, outcome: StepOutcome, error: dict[str, Any]) -> None:
+    at = attempt(step)
+    assert claim(backend, N_SHAPE, at).outcome == "ok"
+    assert finish(backend, N_SHAPE, at, outcome, error=error).recorded
+
+
+def test_a_success_served_from_the_cache_says_so_in_its_event(backend: Backend) -> None:
+    start(backend, SINGLE)
+    a = attempt("a")
+    claim(backend, SINGLE, a)
+
+    assert finish(backend, SINGLE, a, cache_key="ka", cached=True).run_status == "succeeded"
+
+    assert told(backend.store.events("run1", after=3)) == [
+        ("step_succeeded", "a", 1, {"cached": True}),
+        ("run_succeeded", None, 0, {}),
+    ]
+
+
+def test_a_retry_is_told_with_its_error_and_countdown_and_the_next_attempt_counts_on(backend: Backend) -> None:
+    final = {"type": "rate_limit", "status": 429, "message": "gave up", "attempt": 2}
+    start(backend, SINGLE)
+    a = attempt("a", "t1")
+    journal = Journal(backend)
+    journal.seen = backend.store.events("run1")
+
+    assert journal.record(lambda: claim(backend, SINGLE, a)) == [started("a")]
+    assert journal.record(lambda: retry(backend, a, RATE_LIMITED, countdown_s=2.5)) == [
+        ("step_retry", "a", 1, {"error": RATE_LIMITED, "countdown_s": 2.5}),
+    ]
+    assert journal.record(lambda: claim(backend, SINGLE, a)) == [started("a", 2)]
+    assert journal.record(lambda: finish(backend, SINGLE, a, StepOutcome.FAILED, error=final)) == [
+        ("step_failed", "a", 2, final),
+        ("run_failed", None, 0, {}),
+    ]
+
+
+def test_a_lost_attempt_is_told_with_its_error_and_requeued_and_a_lost_retry_is_told_as_resent(
+    backend: Backend,
+) -> None:
+    start(backend, SINGLE)
+    claim(backend, SINGLE, attempt("a", "t1"), lease_s=SHORT_LEASE_S)
+    lost = keys.lease_member("run1", "a", "t1")
+    assert backend.wait_past(SHORT_LEASE_S, lambda: lost in backend.store.expired_leases())
+    journal = Journal(backend)
+    journal.seen = backend.store.events("run1")
+
+    assert journal.record(lambda: backend.store.reclaim(lost, "t2", LOST, grace_s=SHORT_LEASE_S)) == [
+        ("step_lost", "a", 0, LOST),
+        queued("a"),
+    ]
+    resent = keys.lease_member("run1", "a", "t2")
+    assert backend.wait_past(SHORT_LEASE_S, lambda: resent in backend.store.expired_leases())
+    assert journal.record(lambda: backend.store.reclaim(resent, "t3", LOST, grace_s=GRACE_S)) == [
+        queued("a", {"resent": True}),
+    ]
+
+
+@pytest.mark.parametrize("status", [RunStatus.CANCELLED, RunStatus.TIMED_OUT])
+def test_a_stop_tells_each_unfinished_step_cancelled_then_how_the_run_ended_and_why(
+    backend: Backend, status: RunStatus
+) -> None:
+    start(backend, DIAMOND)
+    run_step(backend, DIAMOND, "a")
+    claim(backend, DIAMOND, attempt("c"))
+    journal = Journal(backend)
+    journal.seen = backend.store.events("run1")
+
+    got = journal.record(lambda: backend.store.stop("run1", status, "stopped by alice", ("d", "c", "b", "a")))
+
+    assert got == [
+        ("step_cancelled", "d", 0, {}),
+        ("step_cancelled", "c", 0, {}),
+        ("step_cancelled", "b", 0, {}),
+        (f"run_{status.value}", None, 0, {"reason": "stopped by alice"}),
+    ]
+
+
+def test_a_resume_tells_the_new_generation_then_queues_only_the_reset_steps_that_can_run(backend: Backend) -> None:
+    start(backend, CHAIN)
+    run_step(backend, CHAIN, "a")
+    run_step(backend, CHAIN, "b", StepOutcome.FAILED)
+    journal = Journal(backend)
+    journal.seen = backend.store.events("run1")
+    plan = resume_plan(("a", "queued", 0), ("b", "pending", 1), forced="a")
+
+    assert journal.record(lambda: backend.store.resume("run1", plan)) == [
+        ("run_resumed", None, 0, {"generation": 2}),
+        queued("a"),
+    ]
+    assert journal.record(lambda: claim(backend, CHAIN, attempt("b", "b2", generation="2"))) == []  # still pending
+    a2 = attempt("a", "a2", generation="2")
+    assert journal.record(lambda: claim(backend, CHAIN, a2)) == [started("a", 1)]
+    assert journal.record(lambda: finish(backend, CHAIN, a2)) == [("step_succeeded", "a", 1, {}), queued("b")]
+
+
+def test_after_a_resume_the_start_and_the_end_of_one_attempt_carry_the_same_attempt_number(backend: Backend) -> None:
+    start(backend, SINGLE)
+    run_step(backend, SINGLE, "a", StepOutcome.FAILED)
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
+    a2 = attempt("a", "a2", generation="2")
+    assert claim(backend, SINGLE, a2).attempt == 1
+
+    finish(backend, SINGLE, a2)
+
+    start_event, end_event = backend.store.events("run1", after=7, count=2)
+    assert (start_event.type, end_event.type) == ("step_started", "step_succeeded")
+    assert start_event.attempt == end_event.attempt == 1
+
+
+def test_a_retry_event_carries_the_error_exactly_as_it_was_given(backend: Backend) -> None:
+    error = {**RATE_LIMITED, "retry_after": 0.1 + 0.2, "details": []}
+    start(backend, SINGLE)
+    a = attempt("a", "t1")
+    claim(backend, SINGLE, a)
+
+    assert retry(backend, a, error)
+
+    (event,) = backend.store.events("run1", after=3)
+    assert event.data == {"error": error, "countdown_s": RETRY_COUNTDOWN_S}
+
+
+def test_events_after_a_sequence_number_are_exactly_the_ones_that_came_after_it(backend: Backend) -> None:
+    start(backend, DIAMOND)
+    run_step(backend, DIAMOND, "a")
+    run_step(backend, DIAMOND, "b")
+    everything = backend.store.events("run1")
+    assert len(everything) == 8
+
+    for seen in range(len(everything) + 2):
+        assert backend.store.events("run1", after=seen) == everything[seen:]
+        assert backend.store.events("run1", after=seen, count=2) == everything[seen : seen + 2]
+    assert backend.store.events("ghost") == []
+
+
+def test_waiting_for_events_that_are_already_there_returns_them_at_once(backend: Backend) -> None:
+    start(backend, N_SHAPE)
+    began = time.monotonic()
+
+    got = backend.store.wait_events("run1", after=1, timeout_s=WAIT_S)
+
+    assert time.monotonic() - began < WAIT_S / 2
+    assert got == backend.store.events("run1", after=1)
+    assert told(got) == [queued("a"), queued("b")]
+
+
+def test_a_waiting_reader_sleeps_through_other_runs_and_wakes_for_a_transition_of_its_own(backend: Backend) -> None:
+    start(backend, SINGLE)
+    start(backend, SINGLE, "run2")
+    got: list[list[Event]] = []
+    woke: list[float] = []
+
+    def read() -> None:
+        got.append(backend.store.wait_events("run1", 2, WAIT_S))
+        woke.append(time.monotonic())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert eventually(lambda: backend.blocked_readers() == 1), "the reader never blocked"
+        assert claim(backend, SINGLE, attempt("a", run_id="run2")).outcome == "ok"
+        transition_at = time.monotonic()
+        assert claim(backend, SINGLE, attempt("a")).outcome == "ok"
+    finally:
+        reader.join(WAIT_S)
+    assert not reader.is_alive()
+
+    # Woken by the transition, not by its timeout running out.
+    assert woke[0] - transition_at < WAIT_S / 2
+    assert len(got) == 1
+    assert [(e.run_id, e.seq) for e in got[0]] == [("run1", 3)]
+    assert told(got[0]) == [started("a")]
+
+
+def test_waiting_for_events_when_nothing_happens_returns_nothing_once_the_timeout_has_passed(
+    backend: Backend,
+) -> None:
+    start(backend, SINGLE)
+    began = time.monotonic()
+
+    got = backend.store.wait_events("run1", after=2, timeout_s=SHORT_WAIT_S)
+
+    assert got == []
+    assert time.monotonic() - began >= SHORT_WAIT_S - 0.01
+
+
+def test_a_refused_transition_tells_nothing(backend: Backend) -> None:
+    start(backend, CHAIN)
+    a = attempt("a", "t1")
+    claim(backend, CHAIN, a, lease_s=LONG_LEASE_S)
+    before = backend.store.events("run1")
+
+    assert not backend.store.create_run("run1", CHAIN, {}, None)
+    assert claim(backend, CHAIN, attempt("a", "t2")).outcome == "busy"
+    assert claim(backend, CHAIN, attempt("b")).outcome == "busy"
+    assert claim(backend, CHAIN, attempt("a", "t1", generation="0")).outcome == "stale"
+    assert not finish(backend, CHAIN, attempt("a", "t2")).recorded
+    assert not finish(backend, CHAIN, attempt("b")).recorded
+    assert retry(backend, attempt("a", "t2")) is False
+    assert backend.store.reclaim(keys.lease_member("run1", "a", "t1"), "t9", LOST, grace_s=GRACE_S) is None
+    assert backend.store.reclaim(keys.lease_member("run1", "b", "tb"), "t9", LOST, grace_s=GRACE_S) is None
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "no", ALL_STEPS, generation="0") == Stop("stale")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("refused", "running")
+    # Renewing a lease is no transition: it tells nothing either.
+    assert backend.store.renew({"run1": [("a", "t1"), ("b", "tb")]}, LONG_LEASE_S)[0][3]
+    assert backend.store.events("run1") == before
+    assert retry(backend, a)
+    with_retry = backend.store.events("run1")
+    assert claim(backend, CHAIN, attempt("a", "t2")).outcome == "superseded"
+    assert not finish(backend, CHAIN, a).recorded  # queued for its retry, not running
+    assert retry(backend, a) is False
+    assert backend.store.events("run1") == with_retry
+
+    claim(backend, CHAIN, a)
+    finish(backend, CHAIN, a)
+    run_step(backend, CHAIN, "b")
+    after_end = backend.store.events("run1")
+    assert after_end[-1].type == "run_succeeded"
+    assert claim(backend, CHAIN, attempt("a", "late")).outcome == "done"
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "no", ALL_STEPS) == Stop("finished", "succeeded")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0), expected="0")) == ("conflict", "1")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("refused", "succeeded")
+    assert backend.store.events("run1") == after_end
+    assert backend.store.run_fields("run1")["seq"] == str(len(after_end))
+
+
+def finish_all(backend: Backend) -> None:
+    run_step(backend, CHAIN, "a")
+    run_step(backend, CHAIN, "b")
+
+
+def cancel(backend: Backend) -> None:
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ALL_STEPS[:2]).outcome == "ok"
+
+
+def cancel_and_resume(backend: Backend) -> None:
+    cancel(backend)
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0), ("b", "pending", 1)))[0] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("transitions", "kept_for"),
+    [
+        pytest.param(lambda backend: None, 4 * RETENTION_S, id="running"),
+        pytest.param(finish_all, RETENTION_S, id="finished"),
+        pytest.param(cancel, RETENTION_S, id="cancelled"),
+        pytest.param(cancel_and_resume, 4 * RETENTION_S, id="resumed"),
+    ],
+)
+def test_a_run_s_events_expire_together_with_the_run(
+    backend: Backend, transitions: Callable[[Backend], None], kept_for: int
+) -> None:
+    start(backend, CHAIN)
+    transitions(backend)
+    backend.assert_events_expire_with_run("run1", kept_for)
+
+
+def test_a_run_whose_dispatch_failed_keeps_its_events_no_longer_than_itself(backend: Backend) -> None:
+    start(backend, CHAIN)
+    backend.store.mark_dispatch_failed("run1", "broker down")
+    backend.assert_events_expire_with_run("run1", RETENTION_S)
+
+
+def test_a_run_keeps_only_its_newest_ten_thousand_or_so_events(backend: Backend) -> None:
+    start(backend, SINGLE)
+    rounds = 2_525
+    for generation in range(1, rounds + 1):
+        # Four events a round: step_cancelled, run_cancelled, run_resumed, step_queued.
+        assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == "ok"
+        assert backend.store.resume("run1", resume_plan(("a", "queued", 0), expected=str(generation)))[0] == "ok"
+    total = 2 + 4 * rounds
+
+    kept = backend.store.events("run1")
+
+    # Redis trims whole stream nodes of 100 entries (MAXLEN ~): never below the cap, less than a node above it.
+    assert 10_000 <= len(kept) < 10_100
+    assert [e.seq for e in kept] == list(range(total - len(kept) + 1, total + 1))
+    assert backend.store.run_fields("run1")["seq"] == str(total)
+    assert backend.store.events("run1", after=total - 2) == kept[-2:]
+
+
+def test_run_level_events_are_announced_in_one_global_stream_in_order(backend: Backend) -> None:
+    backend.store.announce("run1", "run_started", "chain")
+    backend.store.announce("run2", "run_started", "single")
+    backend.store.announce("run1", "run_succeeded", "chain")
+
+    assert backend.announced() == [
+        {"run_id": "run1", "type": "run_started", "workflow": "chain"},
+        {"run_id": "run2", "type": "run_started", "workflow": "single"},
+        {"run_id": "run1", "type": "run_succeeded", "workflow": "chain"},
+    ]

@@ -45,7 +45,7 @@ if attempts == 1 or not redis.call('HGET', run, p .. 'started_at') then
   fields[#fields + 1] = string.format('%.6f', now)
 end
 redis.call('HSET', run, unpack(fields))
-emit(run, events, string.format('%.6f', now), 'step_started', step, attempts, '')
+emit(run, events, string.format('%.6f', now), 'step_started', step, attempts - (tonumber(head[9]) or 0), '')
 emitted(run)
 
 local out = {'ok', attempts, string.format('%.6f', now), head[7] or '', head[8] or '{}', head[9] or '0',

@@ -18,7 +18,7 @@ errors[#errors + 1] = cjson.decode(err)
 redis.call('HSET', run, p .. 'status', 'queued', p .. 'lease', lease, p .. 'queued_at', now, p .. 'error', err,
   p .. 'errors', cjson.encode(errors))
 local attempt = (tonumber(head[5]) or 0) - (tonumber(head[6]) or 0)
-emit(run, events, now, 'step_retry', step, attempt,
-  cjson.encode({error = cjson.decode(err), countdown_s = countdown}))
+-- Joined as text, not re-encoded: cjson would round numbers and turn empty lists into objects.
+emit(run, events, now, 'step_retry', step, attempt, '{"error":' .. err .. ',"countdown_s":' .. ARGV[5] .. '}')
 emitted(run)
 return lease
