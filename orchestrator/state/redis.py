@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import functools
 import threading
 import time
 from importlib import resources
+from collections.abc import Callable
 from typing import Any, cast
 
 import redis
+from redis.client import Pipeline
 from redis.commands.core import Script
 
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
@@ -69,6 +72,30 @@ class RedisStateStore:
         """Connect to ``url`` (``redis://`` or ``rediss://``, password in the URL)."""
         client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
         return cls(client, **kwargs)
+
+    def _evalsha(self, pipe: Pipeline, script: str, run_id: str, argv: list[Any]) -> Any:
+        run_keys = _run_keys(run_id)
+        return pipe.evalsha(self._scripts[script].sha, len(run_keys), *run_keys, *argv)
+
+    def _pipeline(self, *commands: Callable[[Pipeline], Any]) -> list[Any]:
+        """Run commands in one round trip, scripts by EVALSHA alone.
+
+        redis-py's own script objects add a SCRIPT EXISTS round trip before every pipeline that holds one; a step
+        attempt runs two such pipelines, so that doubled its round trips. Scripts are loaded once when Redis says it
+        does not know one (first use, or after a restart or SCRIPT FLUSH); every command here is safe to repeat.
+        """
+        for tries_left in (1, 0):
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                command(pipe)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if not tries_left:
+                    raise
+                for script in self._scripts.values():
+                    self.client.script_load(script.script)
+        raise AssertionError("unreachable")
 
     def ping(self) -> None:
         """Check that Redis answers.
@@ -202,10 +229,11 @@ class RedisStateStore:
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
         member = keys.lease_member(run_id, step, task_id)
         argv: list[Any] = [step, generation, task_id, lease_s, len(upstream), *upstream, len(children), *children]
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(keys.LEASES, {member: time.time() + lease_s})
-        self._scripts["claim"](keys=_run_keys(run_id), args=argv, client=pipe)
-        reply = [_text(x) for x in pipe.execute()[1]]
+        replies = self._pipeline(
+            lambda pipe: pipe.zadd(keys.LEASES, {member: time.time() + lease_s}),
+            lambda pipe: self._evalsha(pipe, "claim", run_id, argv),
+        )
+        reply = [_text(x) for x in replies[1]]
         outcome = reply[0]
         if outcome != "ok" and not (outcome == "busy" and reply[1:2] == ["own"]):
             self.client.zrem(keys.LEASES, member)
@@ -253,10 +281,11 @@ class RedisStateStore:
             "" if error is None else json.dumps(error, separators=(",", ":")),
             self.retention_s, cache_key, "1" if cached else "", *children,
         ]  # fmt: skip
-        pipe = self.client.pipeline(transaction=False)
-        self._scripts["finish"](keys=_run_keys(run_id), args=argv, client=pipe)
-        pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, task_id))
-        reply = [_text(x) for x in pipe.execute()[0]]
+        replies = self._pipeline(
+            lambda pipe: self._evalsha(pipe, "finish", run_id, argv),
+            lambda pipe: pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, task_id)),
+        )
+        reply = [_text(x) for x in replies[0]]
         if reply[0] != "ok":
             return Finish(recorded=False)
         return Finish(recorded=True, run_status=reply[1] or None, released=tuple(reply[2:]))
@@ -277,14 +306,14 @@ class RedisStateStore:
 
     def renew(self, leases: dict[str, list[tuple[str, str]]], lease_s: float) -> list[tuple[str, str, str, bool]]:
         """Extend the leases of running attempts, grouped by run id; returns each with whether it is still ours."""
-        pipe = self.client.pipeline(transaction=False)
         order = list(leases.items())
+        calls = []
         for run_id, pairs in order:
             argv: list[Any] = [lease_s]
             for step, task_id in pairs:
                 argv += [step, task_id]
-            self._scripts["renew"](keys=_run_keys(run_id), args=argv, client=pipe)
-        replies = pipe.execute()
+            calls.append(functools.partial(self._evalsha, script="renew", run_id=run_id, argv=argv))
+        replies = self._pipeline(*calls)
         out: list[tuple[str, str, str, bool]] = []
         index: dict[str, float] = {}
         for (run_id, pairs), reply in zip(order, replies, strict=True):

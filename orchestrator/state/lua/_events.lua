@@ -8,6 +8,10 @@ local function emit(run, events, now, etype, step, attempt, data)
   redis.call('XADD', events, 'MAXLEN', '~', EVENTS_MAXLEN, '0-' .. _seq, 'type', etype, 'step', step or '',
     'attempt', tostring(attempt or 0), 'ts', now, 'data', data or '')
 end
+-- Scripts that already read the run hash pass its "seq" here instead of paying for another HGET.
+local function events_from(seq)
+  _seq = tonumber(seq) or 0
+end
 local function emitted(run)
   if _seq then redis.call('HSET', run, 'seq', _seq) end
 end

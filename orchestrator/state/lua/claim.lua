@@ -13,7 +13,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 
 local head = redis.call('HMGET', run, 'status', 'gen', p .. 'status', p .. 'task', p .. 'lease', p .. 'attempts',
-  p .. 'errors', 'inputs', p .. 'attempt_base', p .. 'cache_key', p .. 'force', 'deadline')
+  p .. 'errors', 'inputs', p .. 'attempt_base', p .. 'cache_key', p .. 'force', 'deadline', 'seq')
 local run_status, run_gen, status, owner, lease, attempts = head[1], head[2], head[3], head[4], head[5], head[6]
 if not run_status or not status then return {'missing'} end
 if run_gen ~= gen then return {'stale'} end
@@ -44,9 +44,11 @@ if attempts == 1 or not redis.call('HGET', run, p .. 'started_at') then
   fields[#fields + 1] = p .. 'started_at'
   fields[#fields + 1] = string.format('%.6f', now)
 end
-redis.call('HSET', run, unpack(fields))
+events_from(head[13])
 emit(run, events, string.format('%.6f', now), 'step_started', step, attempts - (tonumber(head[9]) or 0), '')
-emitted(run)
+fields[#fields + 1] = 'seq'
+fields[#fields + 1] = _seq
+redis.call('HSET', run, unpack(fields))
 
 local out = {'ok', attempts, string.format('%.6f', now), head[7] or '', head[8] or '{}', head[9] or '0',
   head[10] or '', head[11] or ''}

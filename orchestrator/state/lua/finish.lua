@@ -7,8 +7,9 @@ local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local output, err, retention, cache_key, cached = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
 local p = 's:' .. step .. ':'
 local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts',
-  p .. 'attempt_base')
+  p .. 'attempt_base', 'seq')
 if head[1] ~= gen or head[2] ~= 'running' or head[3] ~= task then return {'stale'} end
+events_from(head[7])
 
 local t = redis.call('TIME')
 local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
