@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import functools
+import json
 import threading
 import time
-from importlib import resources
 from collections.abc import Callable
+from importlib import resources
 from typing import Any, cast
 
 import redis
