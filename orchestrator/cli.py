@@ -246,5 +246,19 @@ def demo(topic: str, count: int, concurrency: int) -> None:
     sys.exit(code)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback unless tokens).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+def api(host: str, port: int) -> None:
+    """Serve the HTTP API; ORCH_API_TOKENS holds its tokens (without them it serves loopback only)."""
+    settings = _settings()
+    from orchestrator.api.server import serve
+
+    try:
+        serve(settings, host=host, port=port)
+    except OrchestratorError as exc:
+        _fail(str(exc))
+
+
 if __name__ == "__main__":
     main()

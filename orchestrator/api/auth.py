@@ -1,0 +1,192 @@
+"""API tokens and scopes: ``Authorization: Bearer TOKEN``, tokens read from ``ORCH_API_TOKENS`` at start.
+
+``ORCH_API_TOKENS`` is a JSON object mapping each token to ``{"principal": NAME, "scopes": [...]}`` with scopes from
+``read`` (GETs and event streams), ``write`` (submit, cancel, resume) and ``approve`` (decisions). With no tokens the
+API serves loopback clients only, and :func:`check_bind` refuses any other address to listen on.
+
+Tokens never appear in a message or a log line: a bad entry is named by its position and principal.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.errors import OrchestratorError
+
+TOKENS_ENV = "ORCH_API_TOKENS"
+ANONYMOUS = "anonymous"
+
+
+class ApiConfigError(OrchestratorError):
+    """The API's configuration is unusable (a malformed ``ORCH_API_TOKENS``, an address it may not listen on)."""
+
+
+class Scope(StrEnum):
+    """What a token may do."""
+
+    READ = "read"
+    WRITE = "write"
+    APPROVE = "approve"
+
+
+class AuthError(Exception):
+    """A request without a valid token (401) or without the scope it needs (403).
+
+    Attributes:
+        status_code: 401 or 403.
+    """
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, and what they may do."""
+
+    name: str
+    scopes: frozenset[Scope]
+
+
+class _TokenEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    principal: str = Field(min_length=1, max_length=200)
+    scopes: list[Scope] = Field(min_length=1)
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is this machine's loopback interface."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ApiAuth:
+    """The configured tokens; empty means "no authentication, loopback clients only".
+
+    Attributes:
+        tokens: ``(token, principal)`` pairs.
+    """
+
+    tokens: tuple[tuple[str, Principal], ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether requests need a token."""
+        return bool(self.tokens)
+
+    @property
+    def principals(self) -> list[str]:
+        """The configured principals' names (safe to log)."""
+        return sorted({principal.name for _, principal in self.tokens})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ApiAuth:
+        """Read ``ORCH_API_TOKENS`` from ``environ`` (default ``os.environ``); unset or empty means no tokens.
+
+        Raises:
+            ApiConfigError: When the value is malformed (the message never contains a token).
+        """
+        env = os.environ if environ is None else environ
+        return cls.parse(env.get(TOKENS_ENV, ""))
+
+    @classmethod
+    def parse(cls, raw: str) -> ApiAuth:
+        """Parse the ``ORCH_API_TOKENS`` JSON.
+
+        Raises:
+            ApiConfigError: When it is not a JSON object of ``token -> {"principal", "scopes"}``.
+        """
+        if not raw.strip():
+            return cls()
+        try:
+            data: Any = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ApiConfigError(f"{TOKENS_ENV} is not valid JSON ({exc.msg} at position {exc.pos})") from None
+        if not isinstance(data, dict):
+            raise ApiConfigError(f"{TOKENS_ENV} must be a JSON object mapping tokens to principals")
+        tokens: list[tuple[str, Principal]] = []
+        for index, (token, entry) in enumerate(data.items(), start=1):
+            where = f"{TOKENS_ENV} entry {index}"
+            if isinstance(entry, dict) and isinstance(entry.get("principal"), str):
+                where += f" (principal {entry['principal']!r})"
+            if not token or not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+                raise ApiConfigError(f"{where}: a token must be non-empty printable ASCII without spaces")
+            try:
+                parsed = _TokenEntry.model_validate(entry)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in error['loc']) or 'entry'}: {error['msg']}" for error in exc.errors()
+                )
+                raise ApiConfigError(f"{where}: {problems}") from None
+            tokens.append((token, Principal(parsed.principal, frozenset(parsed.scopes))))
+        return cls(tuple(tokens))
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The principal holding ``token``, or ``None``; compares in constant time."""
+        found: Principal | None = None
+        for known, principal in self.tokens:
+            if hmac.compare_digest(known.encode(), token.encode()):
+                found = principal
+        return found
+
+    def authorize(self, token: str | None, scope: Scope, client_host: str | None) -> Principal:
+        """Who may do something that needs ``scope``.
+
+        Without configured tokens every loopback client may do everything, and nobody else anything.
+
+        Raises:
+            AuthError: 401 without a valid token, 403 without the scope (or, with no tokens, from afar).
+        """
+        if not self.enabled:
+            if is_loopback(client_host):
+                return Principal(ANONYMOUS, frozenset(Scope))
+            raise AuthError(403, f"{TOKENS_ENV} is not set: the API only serves loopback clients")
+        if not token:
+            raise AuthError(401, "missing bearer token (send 'Authorization: Bearer TOKEN')")
+        principal = self.authenticate(token)
+        if principal is None:
+            raise AuthError(401, "invalid bearer token")
+        if scope not in principal.scopes:
+            raise AuthError(403, f"principal {principal.name!r} lacks the {scope.value!r} scope")
+        return principal
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header value, or ``None``."""
+    if not authorization:
+        return None
+    kind, _, token = authorization.strip().partition(" ")
+    if kind.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def check_bind(host: str, auth: ApiAuth) -> None:
+    """Refuse to listen anywhere but loopback while no tokens are configured.
+
+    Raises:
+        ApiConfigError: When ``host`` is not a loopback address and there are no tokens.
+    """
+    if not auth.enabled and not is_loopback(host):
+        raise ApiConfigError(
+            f"refusing to listen on {host}: {TOKENS_ENV} is not set, so the API has no authentication; "
+            "listen on 127.0.0.1 or configure tokens"
+        )

@@ -1,0 +1,72 @@
+"""The API's own Prometheus metrics, in a registry per app (``GET /metrics`` exposes it).
+
+Requests are counted by route template, never by raw path, so run ids do not explode the label space.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class ApiMetrics:
+    """Counters and gauges of one API app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "orchestrator_api_requests",
+            "HTTP requests answered, by method, route template and status code.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.stream_clients = Gauge(
+            "orchestrator_api_stream_clients",
+            "Event stream clients connected now, by kind (sse, ws).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.stream_drops = Counter(
+            "orchestrator_api_stream_clients_dropped",
+            "Event stream clients disconnected because they fell behind, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.hubs = Gauge(
+            "orchestrator_api_event_hubs",
+            "Runs with a live Redis event reader shared by their stream clients.",
+            registry=self.registry,
+        )
+        for kind in ("sse", "ws"):
+            self.stream_clients.labels(kind)
+            self.stream_drops.labels(kind)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request once it is answered (a stream, once it ends)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()

@@ -1,0 +1,150 @@
+"""Runs: submit, read, list, cancel, resume, decide.
+
+These routes are plain functions: FastAPI runs them in its thread pool, where the (blocking) client belongs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response
+
+from orchestrator.api.context import ApiContext, api_context
+from orchestrator.api.deps import Approver, Reader, Writer
+from orchestrator.api.schemas import (
+    Cancelled,
+    Decision,
+    Problem,
+    Resumed,
+    ResumeRun,
+    RunCreated,
+    RunList,
+    RunSummary,
+    RunView,
+    SubmitRun,
+)
+from orchestrator.errors import InputValidationError, RunNotFoundError, WorkflowDefinitionError
+from orchestrator.state import RunStatus, keys
+from orchestrator.timestamps import iso
+
+router = APIRouter(tags=["runs"])
+
+RunId = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem} for code in (401, 403, 404, 409, 422, 503)
+}  # fmt: skip
+_SUMMARY_FIELDS = ("run_id", "workflow", "version", "status", "gen", "created_at", "finished_at")
+
+
+@router.post("/runs", status_code=201, response_model=RunCreated, responses={200: {"model": RunCreated}, **_ERRORS})
+def submit_run(
+    body: SubmitRun,
+    request: Request,
+    response: Response,
+    _: Writer,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
+) -> RunCreated:
+    """Validate and start a run; 201 with its id, or 200 with the earlier run's id for a repeated idempotency key."""
+    ctx = api_context(request)
+    earlier = ctx.redis.get(keys.idempotency_key(idempotency_key)) if idempotency_key else None
+    field = "workflow" if body.workflow is not None else "definition"
+    try:
+        run_id = ctx.client.submit(
+            body.workflow if body.workflow is not None else body.definition or {},
+            body.inputs,
+            version=body.version,
+            idempotency_key=idempotency_key,
+        )
+    except InputValidationError as exc:
+        raise HTTPException(422, f"inputs: {exc}") from None
+    except WorkflowDefinitionError as exc:
+        raise HTTPException(422, f"{field}: {exc}") from None
+    if earlier is not None and earlier == run_id:
+        response.status_code = 200
+    return RunCreated(run_id=run_id)
+
+
+@router.get("/runs/{run_id}", responses={200: {"model": RunView}, **_ERRORS})
+def get_run(run_id: RunId, request: Request, _: Reader) -> dict[str, Any]:
+    """The run's status JSON (the same as ``orchestrator status RUN_ID --json``)."""
+    return api_context(request).client.status(run_id)
+
+
+@router.get("/runs", response_model=RunList, responses=_ERRORS)
+def list_runs(
+    request: Request,
+    _: Reader,
+    status: Annotated[RunStatus | None, Query(description="Only runs with this status.")] = None,
+    workflow: Annotated[str | None, Query(max_length=200, description="Only runs of this workflow.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many runs.")] = 50,
+) -> RunList:
+    """Runs, newest first; filters look through the newest runs only (see ``StreamLimits.list_scan``)."""
+    ctx = api_context(request)
+    filtered = status is not None or workflow is not None
+    ids = ctx.client.store.list_run_ids(limit=max(limit, ctx.streams.list_scan) if filtered else limit)
+    runs: list[RunSummary] = []
+    for start in range(0, len(ids), 200):
+        for summary in _summaries(ctx, ids[start : start + 200]):
+            if (status is None or summary.status == status) and (workflow is None or summary.workflow == workflow):
+                runs.append(summary)
+                if len(runs) == limit:
+                    return RunList(runs=runs)
+    return RunList(runs=runs)
+
+
+def _summaries(ctx: ApiContext, run_ids: list[str]) -> list[RunSummary]:
+    pipe = ctx.redis.pipeline(transaction=False)
+    for run_id in run_ids:
+        pipe.hmget(keys.run_key(run_id), list(_SUMMARY_FIELDS))
+    out: list[RunSummary] = []
+    for row in pipe.execute():
+        run_id, workflow, version, status, gen, created_at, finished_at = row
+        if run_id is None:
+            continue  # expired since the index was read
+        out.append(
+            RunSummary(
+                run_id=run_id,
+                workflow=workflow or "",
+                version=int(version or 1),
+                status=status or "pending",
+                generation=int(gen or 1),
+                created_at=iso(created_at),
+                finished_at=iso(finished_at),
+            )
+        )
+    return out
+
+
+@router.post("/runs/{run_id}/cancel", response_model=Cancelled, responses=_ERRORS)
+def cancel_run(run_id: RunId, request: Request, _: Writer) -> Cancelled:
+    """Cancel a run: no step starts afterwards, running ones are interrupted; harmless when it already ended."""
+    return Cancelled(**api_context(request).client.cancel(run_id))
+
+
+@router.post("/runs/{run_id}/resume", response_model=Resumed, responses=_ERRORS)
+def resume_run(run_id: RunId, request: Request, _: Writer, body: Annotated[ResumeRun | None, Body()] = None) -> Resumed:
+    """Re-run a failed, cancelled or timed-out run from its checkpoint (409 while it runs or when nothing is left)."""
+    from_step = body.from_step if body is not None else None
+    try:
+        generation = api_context(request).client.resume(run_id, from_step=from_step)
+    except WorkflowDefinitionError as exc:
+        raise HTTPException(422, f"from_step: {exc}") from None
+    return Resumed(run_id=run_id, generation=int(generation))
+
+
+@router.post("/runs/{run_id}/steps/{step}/decision", responses=_ERRORS)
+def decide_step(
+    run_id: RunId, step: Annotated[str, Path(max_length=200)], body: Decision, request: Request, principal: Approver
+) -> dict[str, Any]:
+    """Approve or reject a step waiting for a human decision."""
+    ctx = api_context(request)
+    fields = ctx.client.store.run_fields(run_id)
+    try:
+        spec = ctx.client.store.load_definition(fields["def_hash"])
+    except KeyError:
+        raise RunNotFoundError(run_id) from None
+    if step not in spec.steps_by_name:
+        raise HTTPException(404, f"run {run_id} has no step {step!r}")
+    status = fields.get(keys.step_field(step, "status"), "pending")
+    # Approval steps are not available yet, so no step can be waiting: refuse rather than pretend to decide.
+    raise HTTPException(409, f"step {step!r} of run {run_id} is not waiting for a decision (it is {status})")

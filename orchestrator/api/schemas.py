@@ -1,0 +1,142 @@
+"""Request and response bodies: pydantic at the trust boundary, unknown fields refused."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator.spec import WORKFLOW_NAME_PATTERN
+from orchestrator.state import RunStatus
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SubmitRun(_Body):
+    """Start a run of a registered workflow (``workflow``, optional ``version``) or of a ``definition``."""
+
+    workflow: str | None = Field(
+        default=None, pattern=WORKFLOW_NAME_PATTERN, description="A registered workflow's name."
+    )
+    version: int | None = Field(default=None, ge=1, description="Its version (default: the latest).")
+    definition: dict[str, Any] | None = Field(default=None, description="A workflow file's content as JSON.")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="The run's inputs.")
+
+    @model_validator(mode="after")
+    def _one_workflow(self) -> SubmitRun:
+        if (self.workflow is None) == (self.definition is None):
+            raise ValueError("give exactly one of 'workflow' (a registered name) or 'definition' (a workflow)")
+        if self.version is not None and self.workflow is None:
+            raise ValueError("'version' only goes with 'workflow'")
+        return self
+
+
+class RunCreated(BaseModel):
+    """The id of the run a submit created (201) or found by its idempotency key (200)."""
+
+    run_id: str
+
+
+class ResumeRun(_Body):
+    """Resume from the checkpoint; ``from_step`` also re-runs that step and its dependents."""
+
+    from_step: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class Resumed(BaseModel):
+    """The run and the generation the resume started."""
+
+    run_id: str
+    generation: int
+
+
+class Cancelled(BaseModel):
+    """The outcome of a cancel (``cancelled`` is false when the run had already ended)."""
+
+    run_id: str
+    status: str
+    cancelled: bool
+    message: str
+
+
+class Decision(_Body):
+    """A human decision on a step waiting for approval."""
+
+    decision: Literal["approve", "reject"]
+    comment: str | None = Field(default=None, max_length=10_000)
+
+
+class RunSummary(BaseModel):
+    """One run in a listing."""
+
+    run_id: str
+    workflow: str
+    version: int
+    status: str = Field(description="pending running waiting succeeded failed cancelled timed_out")
+    generation: int
+    created_at: str | None
+    finished_at: str | None
+
+
+class RunList(BaseModel):
+    """Runs, newest first."""
+
+    runs: list[RunSummary]
+
+
+class StepView(BaseModel):
+    """A step in the status JSON (documentation only: the status JSON is returned as it is built)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str
+    attempts: int
+    started_at: str | None
+    finished_at: str | None
+    output: Any
+    error: Any
+
+
+class RunView(BaseModel):
+    """The status JSON, as ``orchestrator status --json`` prints it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str
+    workflow: str
+    version: int
+    status: RunStatus
+    steps: dict[str, StepView]
+
+
+class WorkflowStep(BaseModel):
+    """A step of a registered workflow."""
+
+    name: str
+    uses: str
+    depends_on: list[str]
+
+
+class WorkflowInfo(BaseModel):
+    """A registered workflow."""
+
+    name: str
+    version: int
+    definition_hash: str
+    inputs: dict[str, dict[str, Any]]
+    steps: list[WorkflowStep]
+
+
+class WorkflowList(BaseModel):
+    """Every registered workflow, by name and version."""
+
+    workflows: list[WorkflowInfo]
+
+
+class Problem(BaseModel):
+    """An error: ``detail`` is one line naming the problem (and the field, for a bad request)."""
+
+    detail: str
+    errors: list[dict[str, Any]] | None = None

@@ -1,0 +1,227 @@
+// One run: its DAG coloured live from the SSE stream, a step's details on click, cancel and resume.
+import {
+  FINISHED_RUN, FINISHED_STEP, api, el, formatDuration, formatTime, messageOf, setupTokenForm, showMessage,
+  statusClass, token,
+} from "./common.js";
+import { drawDag } from "./dag.js";
+
+const STEP_EVENTS = {
+  step_queued: "queued", step_started: "running", step_retry: "queued", step_lost: "queued",
+  step_succeeded: "succeeded", step_failed: "failed", step_skipped: "skipped",
+  step_upstream_failed: "upstream_failed", step_cancelled: "cancelled", step_waiting: "waiting",
+};
+const RUN_EVENTS = {
+  run_started: "running", run_resumed: "running", run_succeeded: "succeeded", run_failed: "failed",
+  run_cancelled: "cancelled", run_timed_out: "timed_out",
+};
+const POLL_MS = 2000;
+const IDLE_POLL_MS = 15000;
+const RELOAD_DEBOUNCE_MS = 250;
+
+const runId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
+const $ = (id) => document.getElementById(id);
+
+// What the page shows: the last status JSON, overlaid with the events that arrived since.
+let view = null;
+let dag = null;
+let selected = null;
+let seenSeq = 0; // the highest event seq applied
+const stepSeq = new Map(); // step → seq of the last event applied to it
+let runSeq = 0;
+let source = null;
+let pollTimer = null;
+let reloadTimer = null;
+
+function endpoint(suffix = "") {
+  return `/runs/${encodeURIComponent(runId)}${suffix}`;
+}
+
+// Applies a status JSON fetched when events up to `asOf` had been applied: an event newer than that wins over it.
+function applySnapshot(snapshot, asOf) {
+  const old = view;
+  view = snapshot;
+  for (const [name, step] of Object.entries(snapshot.steps)) {
+    if ((stepSeq.get(name) || 0) > asOf && old?.steps[name]) {
+      step.status = old.steps[name].status;
+      step.attempts = old.steps[name].attempts;
+    }
+  }
+  if (runSeq > asOf && old) snapshot.status = old.status;
+  if (!dag) dag = drawDag($("dag"), snapshot.steps, select);
+  render();
+}
+
+let loadFailed = false;
+
+async function reload() {
+  const asOf = seenSeq;
+  try {
+    applySnapshot(await api(endpoint()), asOf);
+    if (loadFailed) showMessage($("message"), "");
+    loadFailed = false;
+  } catch (error) {
+    showMessage($("message"), `Cannot load run ${runId}: ${error.message}`, "error");
+    loadFailed = true;
+  }
+}
+
+function scheduleReload() {
+  clearTimeout(reloadTimer);
+  reloadTimer = setTimeout(reload, RELOAD_DEBOUNCE_MS);
+}
+
+function onEvent(message) {
+  let event;
+  try {
+    event = JSON.parse(message.data);
+  } catch {
+    return;
+  }
+  const seq = Number(message.lastEventId || event.seq || 0);
+  if (seq && seq <= seenSeq) return; // a reconnect never repeats, but stay safe
+  seenSeq = Math.max(seenSeq, seq);
+  const type = event.type || message.type;
+  if (!view) return scheduleReload();
+  if (event.step && STEP_EVENTS[type] && view.steps[event.step]) {
+    const step = view.steps[event.step];
+    step.status = STEP_EVENTS[type];
+    if (event.attempt) step.attempts = event.attempt;
+    stepSeq.set(event.step, seq);
+    if (FINISHED_STEP.has(step.status) || step.status === "waiting") scheduleReload(); // fetch output and error
+  } else if (RUN_EVENTS[type]) {
+    view.status = RUN_EVENTS[type];
+    runSeq = seq;
+    scheduleReload(); // a resume resets steps without an event each; an end brings the run's error
+  }
+  render();
+}
+
+function openStream() {
+  source?.close();
+  clearTimeout(pollTimer);
+  // EventSource cannot send headers: the token goes in the query string. It resends Last-Event-ID on reconnects.
+  const query = token() ? `?token=${encodeURIComponent(token())}` : "";
+  source = new EventSource(endpoint(`/events${query}`));
+  for (const type of [...Object.keys(STEP_EVENTS), ...Object.keys(RUN_EVENTS)]) {
+    source.addEventListener(type, onEvent);
+  }
+  source.addEventListener("message", onEvent);
+  source.addEventListener("open", renderLive);
+  source.addEventListener("error", () => {
+    // Refused, or told not to come back (HTTP 204 once the run ended): keep the page current by polling.
+    if (source.readyState === EventSource.CLOSED) poll();
+    renderLive();
+  });
+}
+
+// Without a stream: often while the run goes on, rarely once it ended (someone may resume it elsewhere).
+async function poll() {
+  await reload();
+  if (source?.readyState !== EventSource.CLOSED) return; // the stream was reopened meanwhile
+  pollTimer = setTimeout(poll, view && FINISHED_RUN.has(view.status) ? IDLE_POLL_MS : POLL_MS);
+}
+
+// The stream's state; an ended run's stream closing (and the browser's retries) is nothing to report.
+function renderLive() {
+  const ended = view && FINISHED_RUN.has(view.status);
+  let text = "";
+  if (source?.readyState === EventSource.OPEN) text = "live";
+  else if (!ended) text = source?.readyState === EventSource.CLOSED ? "polling" : "reconnecting…";
+  $("live").textContent = text ? `● ${text}` : "";
+  $("live").className = text === "live" ? "live" : "muted";
+}
+
+function render() {
+  if (!view) return;
+  const steps = Object.entries(view.steps);
+  for (const [name, step] of steps) dag.update(name, step.status, step.attempts);
+  $("workflow").textContent = `${view.workflow} v${view.version}`;
+  $("run-status").textContent = view.status.replace("_", " ");
+  $("run-status").className = `badge ${statusClass(view.status)}`;
+  const done = steps.filter(([, s]) => FINISHED_STEP.has(s.status)).length;
+  $("progress").max = steps.length || 1;
+  $("progress").value = done;
+  const running = steps.filter(([, s]) => s.status === "running").length;
+  $("progress-text").textContent = `${done} of ${steps.length} steps done${running ? `, ${running} running` : ""}`;
+  const error = view.status === "failed" || view.status === "timed_out" ? messageOf(view.error) || view.error : "";
+  $("run-error").textContent = typeof error === "string" ? error : JSON.stringify(error);
+  $("run-error").hidden = !error;
+  const finished = FINISHED_RUN.has(view.status);
+  $("cancel").disabled = finished;
+  $("resume").disabled = !finished || view.status === "succeeded";
+  $("resume-from").hidden = !selected;
+  $("resume-from").disabled = !finished;
+  $("resume-from").textContent = `Resume from ${selected}`;
+  renderLive();
+  renderPanel();
+}
+
+function pretty(value) {
+  if (value === null || value === undefined) return "—";
+  return typeof value === "string" ? value : JSON.stringify(value, null, 2);
+}
+
+function renderPanel() {
+  const step = selected && view.steps[selected];
+  $("panel").hidden = !step;
+  if (!step) return;
+  $("panel-title").textContent = selected;
+  const facts = [
+    ["Status", el("span", { class: `badge ${statusClass(step.status)}` }, step.status.replace("_", " "))],
+    ["Kind", step.kind || "—"],
+    ["Attempts", String(step.attempts ?? 0)],
+    ["Depends on", (step.depends_on || []).join(", ") || "—"],
+    ["Started", formatTime(step.started_at)],
+    ["Finished", formatTime(step.finished_at)],
+    ["Duration", step.started_at ? formatDuration(step.started_at, step.finished_at) : "—"],
+  ];
+  if (step.cached) facts.push(["Cached", "yes (result reused)"]);
+  $("panel-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
+  $("panel-output").textContent = pretty(step.output);
+  const errors = step.error ? [step.error] : step.errors || [];
+  $("panel-error").textContent = errors.length ? errors.map(pretty).join("\n\n") : "—";
+  $("panel-error").classList.toggle("has-error", Boolean(step.error));
+}
+
+function select(name) {
+  selected = name;
+  dag.select(name);
+  render();
+  reload(); // the freshest output and error
+}
+
+async function control(path, body, done) {
+  for (const id of ["cancel", "resume", "resume-from"]) $(id).disabled = true;
+  try {
+    const answer = await api(endpoint(path), { method: "POST", body });
+    showMessage($("message"), messageOf(answer) || done(answer), "ok");
+  } catch (error) {
+    showMessage($("message"), error.message, "error");
+  }
+  await reload();
+  if (source?.readyState === EventSource.CLOSED) openStream();
+  render(); // re-enables the buttons even when the reload failed
+}
+
+$("cancel").addEventListener("click", () => {
+  if (!confirm(`Cancel run ${runId}? Running steps are interrupted; finished outputs are kept.`)) return;
+  control("/cancel", undefined, () => "cancel requested");
+});
+$("resume").addEventListener("click", () => control("/resume", {}, (a) => `resumed (generation ${a?.generation ?? "?"})`));
+$("resume-from").addEventListener("click", () =>
+  control("/resume", { from_step: selected }, (a) => `resumed from ${selected} (generation ${a?.generation ?? "?"})`),
+);
+$("panel-close").addEventListener("click", () => {
+  selected = null;
+  dag?.select(null);
+  render();
+});
+
+$("run-id").textContent = runId;
+document.title = `Run ${runId} · Orchestrator`;
+setupTokenForm(() => {
+  reload();
+  openStream();
+});
+reload();
+openStream();

@@ -1,0 +1,78 @@
+"""Step functions and raw Celery tasks for ``scripts/bench.py``.
+
+Worker processes import this module through ``ORCH_IMPORTS=bench_tasks`` (the benchmark puts ``scripts/`` on their
+``PYTHONPATH``): Celery's ``imports`` setting registers the raw ``@shared_task`` tasks on the workers' own app, and the
+orchestrator's registry gets the ``python`` step functions. So the raw baseline runs on the very same worker processes,
+app configuration (acks late, ignore results, task events) and broker as the orchestrator's steps.
+
+Raw tasks record their start and end times (``time.time()``) by appending one line to a per-process file in
+``$BENCH_RECORD_DIR``, not to Redis, so the raw baseline's Redis command counts carry no measurement traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import IO, Any
+
+from celery import group, shared_task
+
+from orchestrator import StepContext, function
+
+RECORD_DIR_ENV = "BENCH_RECORD_DIR"
+
+_sinks: dict[int, IO[str]] = {}
+
+
+def _record(tag: str, index: int, start: float, end: float) -> None:
+    """Append ``tag index start end`` to this process's record file (opened once per process, after any fork)."""
+    pid = os.getpid()
+    sink = _sinks.get(pid)
+    if sink is None:
+        path = os.path.join(os.environ[RECORD_DIR_ENV], f"{pid}.log")
+        sink = _sinks[pid] = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    sink.write(f"{tag} {index} {start:.6f} {end:.6f}\n")
+
+
+# -- raw Celery tasks (the baseline) ---------------------------------------------------------------------------------
+
+
+@shared_task(name="bench.raw_noop", ignore_result=True)
+def raw_noop(tag: str, index: int) -> None:
+    """A no-op task: records when it started and ended."""
+    start = time.time()
+    end = time.time()
+    _record(tag, index, start, end)
+
+
+@shared_task(name="bench.raw_sleep", ignore_result=True)
+def raw_sleep(tag: str, index: int, seconds: float) -> None:
+    """Sleep ``seconds``: records when it started and ended."""
+    start = time.time()
+    time.sleep(seconds)
+    end = time.time()
+    _record(tag, index, start, end)
+
+
+@shared_task(name="bench.raw_fanout", ignore_result=True)
+def raw_fanout(tag: str, count: int) -> None:
+    """Publish a ``group`` of ``count`` raw no-ops from inside a worker, as a finishing step's dispatch does."""
+    start = time.time()
+    group(raw_noop.si(tag, i) for i in range(count)).apply_async()
+    end = time.time()
+    _record(f"{tag}:root", 0, start, end)
+
+
+# -- orchestrator step functions -------------------------------------------------------------------------------------
+
+
+@function("bench.noop")
+def noop(ctx: StepContext, **_: Any) -> None:
+    """A python step doing nothing."""
+    return None
+
+
+@function("bench.sleep")
+def sleep(ctx: StepContext, seconds: float = 0.2, **_: Any) -> None:
+    """A python step sleeping ``seconds``."""
+    time.sleep(seconds)
