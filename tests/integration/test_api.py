@@ -558,3 +558,19 @@ def test_the_api_command_serves_on_loopback_and_says_it_has_no_authentication(re
 
     assert listed.status_code == 200, "no tokens: loopback clients may do everything"
     assert "ORCH_API_TOKENS is not set" in output
+
+
+def test_a_browser_stream_may_carry_its_read_token_in_the_query(
+    server: ApiServer, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    # EventSource and browser WebSockets cannot set headers: ?token= is accepted on the two stream endpoints only.
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as http:
+        run_id = http.post("/runs", json={"definition": steady_chain(f"api_qtoken_{unique}")},
+                           headers=bearer(WRITE)).json()["run_id"]  # fmt: skip
+        assert http.get(f"/runs/{run_id}/events").status_code == 401
+        assert http.get(f"/runs/{run_id}?token={READ}").status_code == 401, "only stream endpoints read ?token="
+        with http.stream("GET", f"/runs/{run_id}/events?token={READ}") as response:
+            assert response.status_code == 200
+            events, ended = read_sse(response)
+    assert ended
+    assert [as_tuple(e) for e in events] == stream_of(client, run_id)
