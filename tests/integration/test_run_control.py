@@ -374,3 +374,38 @@ def test_cancel_while_steps_are_being_released_leaves_no_step_behind(
     assert redis_client.zcount("orch:leases", "-inf", "+inf") == sum(
         1 for m in redis_client.zrange("orch:leases", 0, -1) if not m.startswith(run_id)
     ), "no lease of the cancelled run is left behind"
+
+
+# -- progress ---------------------------------------------------------------------------------------------------
+
+
+def test_a_progress_listener_sees_the_whole_run_in_order_and_its_bugs_never_harm_it(
+    client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    from orchestrator.events import Event, ProgressListener
+
+    class Listener(ProgressListener):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, str, str | None]] = []
+
+        def on_event(self, event: Event) -> None:
+            self.seen.append((event.seq, event.type, event.step))
+
+        def on_step_start(self, event: Event) -> None:
+            raise RuntimeError("a bug in the listener")
+
+    spec = workflow(f"listen_{unique}", py("a", "tests.count_calls"), llm("b", "a", errors=("overloaded",),
+                    retry={"backoff_s": 0.05}), py("c", "tests.count_calls", "a"))  # fmt: skip
+    run_id = client.submit(spec)
+    listener = Listener()
+    final = client.watch(run_id, listener)
+
+    assert final["status"] == "succeeded"
+    assert [seq for seq, _, _ in listener.seen] == list(range(1, len(listener.seen) + 1))
+    assert listener.seen[0][1:] == ("run_started", None)
+    assert listener.seen[-1][1:] == ("run_succeeded", None)
+    assert ("step_retry", "b") in [(t, s) for _, t, s in listener.seen]
+    assert [(t, s) for _, t, s in listener.seen].count(("step_started", "b")) == 2
+    # Reconnecting after any seq yields exactly the rest.
+    middle = listener.seen[len(listener.seen) // 2][0]
+    assert [e.seq for e in client.stream(run_id, after=middle)] == [s for s, _, _ in listener.seen if s > middle]
