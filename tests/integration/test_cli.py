@@ -303,3 +303,35 @@ def test_a_finished_runs_hash_expires_after_the_retention(
     ttl = redis_client.ttl(keys.run_key(run_id))
 
     assert 0 < ttl <= settings.retention_s
+
+
+# -- run control from the command line -----------------------------------------------------------------------------
+
+
+def test_watch_cancel_and_resume_work_from_the_command_line(
+    redis_url: str, workers: LocalWorkers, client: Client, redis_client: redis.Redis, tmp_path: Path, unique: str
+) -> None:
+    path = write(
+        tmp_path / "gate.yaml",
+        f"name: cli_control_{unique}\nsteps:\n"
+        "  - {name: first, uses: python, with: {function: tests.count_calls}}\n"
+        "  - {name: gated, uses: python, depends_on: [first], with: {function: tests.gate}}\n",
+    )
+    run_id = orchestrator("submit", path, redis_url=redis_url).stdout.strip()
+
+    watched = orchestrator("watch", run_id, redis_url=redis_url)
+    assert watched.returncode == 1, "watch exits non-zero when the run fails"
+    assert "gated" in watched.stdout
+    assert "run failed" in watched.stdout
+
+    redis_client.set(f"test:fixed:{run_id}", 1)
+    resumed = orchestrator("resume", run_id, "--wait", "--json", redis_url=redis_url)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["status"] == "succeeded"
+    assert redis_client.get(f"test:calls:{run_id}:first") == "1"
+
+    again = orchestrator("cancel", run_id, redis_url=redis_url)
+    assert again.returncode == 0
+    assert "already ended (succeeded)" in again.stdout
+    refused = orchestrator("resume", run_id, redis_url=redis_url)
+    assert_clean_failure(refused, "nothing to resume")
