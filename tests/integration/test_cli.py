@@ -309,7 +309,7 @@ def test_a_finished_runs_hash_expires_after_the_retention(
 
 
 def test_watch_cancel_and_resume_work_from_the_command_line(
-    redis_url: str, workers: LocalWorkers, client: Client, redis_client: redis.Redis, tmp_path: Path, unique: str
+    redis_url: str, workers: LocalWorkers, redis_client: redis.Redis, tmp_path: Path, unique: str
 ) -> None:
     path = write(
         tmp_path / "gate.yaml",
