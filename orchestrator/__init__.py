@@ -3,11 +3,13 @@
 from orchestrator.client import Client
 from orchestrator.errors import (
     CycleError,
+    DecisionRefusedError,
     InputValidationError,
     NonRetryableStepError,
     OrchestratorError,
     RetryableStepError,
     RunNotFoundError,
+    RunStateError,
     StateError,
     StepError,
     StoreUnavailableError,
@@ -20,10 +22,11 @@ from orchestrator.settings import Settings
 from orchestrator.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
 from orchestrator.state import RunStatus, StepStatus
 from orchestrator.steps import StepContext
-from orchestrator.workflow import LLMStep, NoopStep, PythonStep, Step, Workflow
+from orchestrator.workflow import ApprovalStep, LLMStep, NoopStep, PythonStep, Step, Workflow
 
 __all__ = [
     # defining workflows
+    "ApprovalStep",
     "LLMStep",
     "NoopStep",
     "PythonStep",
@@ -44,11 +47,13 @@ __all__ = [
     "StepStatus",
     # errors
     "CycleError",
+    "DecisionRefusedError",
     "InputValidationError",
     "NonRetryableStepError",
     "OrchestratorError",
     "RetryableStepError",
     "RunNotFoundError",
+    "RunStateError",
     "StateError",
     "StepError",
     "StoreUnavailableError",

@@ -198,6 +198,38 @@ def resume(run_id: str, from_step: str | None, wait: bool, as_json: bool) -> Non
     sys.exit(0 if view["status"] == "succeeded" else EXIT_FAILED_RUN)
 
 
+def _decide(decision: str, run_id: str, step: str, who: str, comment: str) -> None:
+    client = _client(_settings())
+    try:
+        if decision == "approve":
+            record = client.approve(run_id, step, by=who, comment=comment)
+        else:
+            record = client.reject(run_id, step, by=who, comment=comment)
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
+    click.echo(f"{step}: {record['decision']}d by {record['by']}" + (f" ({comment})" if comment else ""))
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("step")
+@click.option("--as", "who", required=True, help="Who decides; must be one of the step's approvers.")
+@click.option("--comment", default="", help="Why (kept in the audit trail).")
+def approve(run_id: str, step: str, who: str, comment: str) -> None:
+    """Approve a waiting approval step."""
+    _decide("approve", run_id, step, who, comment)
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("step")
+@click.option("--as", "who", required=True, help="Who decides; must be one of the step's approvers.")
+@click.option("--comment", default="", help="Why (kept in the audit trail).")
+def reject(run_id: str, step: str, who: str, comment: str) -> None:
+    """Reject a waiting approval step."""
+    _decide("reject", run_id, step, who, comment)
+
+
 def _print_status(view: dict[str, Any]) -> None:
     console = Console()
     table = Table(title=f"{view['workflow']} v{view['version']} · run {view['run_id']} · {view['status']}")

@@ -10,7 +10,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from orchestrator.control import resume_run, stop_run
+from orchestrator.control import decide_step, resume_run, stop_run
 from orchestrator.dispatch import dispatch
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.events import Event, EventType, ProgressListener, deliver
@@ -154,6 +154,28 @@ class Client:
             WorkflowDefinitionError: ``from_step`` is not one of its steps.
         """
         return resume_run(self.app, self.settings, self.store, run_id, from_step=from_step)
+
+    def approve(self, run_id: str, step: str, *, by: str, comment: str = "") -> dict[str, Any]:
+        """Approve a waiting approval step as ``by``; its dependents are released at once.
+
+        Raises:
+            RunNotFoundError: No such run.
+            WorkflowDefinitionError: No such step, or not an approval step.
+            DecisionRefusedError: ``by`` is not an approver, or the step is not waiting (decided already …).
+        """
+        return decide_step(self.app, self.settings, self.store, run_id, step, decision="approve", by=by,
+                           comment=comment)  # fmt: skip
+
+    def reject(self, run_id: str, step: str, *, by: str, comment: str = "") -> dict[str, Any]:
+        """Reject a waiting approval step as ``by``: it fails (its output says ``approved: false``).
+
+        Raises:
+            RunNotFoundError: No such run.
+            WorkflowDefinitionError: No such step, or not an approval step.
+            DecisionRefusedError: ``by`` is not an approver, or the step is not waiting.
+        """
+        return decide_step(self.app, self.settings, self.store, run_id, step, decision="reject", by=by,
+                           comment=comment)  # fmt: skip
 
     def stream(self, run_id: str, *, after: int = 0, until_end: bool = True, poll_s: float = 5.0) -> Iterator[Event]:
         """The run's events in order, from ``seq > after``, live as they happen.

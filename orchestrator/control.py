@@ -2,15 +2,111 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
+from typing import Any
+
 from celery import Celery
 
-from orchestrator.coordinator import plan_resume
+from orchestrator.coordinator import failure_summary, plan_resume
 from orchestrator.dispatch import dispatch
-from orchestrator.errors import RunStateError
+from orchestrator.errors import DecisionRefusedError, RunNotFoundError, RunStateError, WorkflowDefinitionError
 from orchestrator.settings import Settings
-from orchestrator.state.base import RunStatus, StateStore, Stop
+from orchestrator.spec import ApprovalParams, WorkflowSpec
+from orchestrator.state.base import Attempt, Decision, RunStatus, StateStore, StepOutcome, Stop
 
 DEADLINE_REASON = "the workflow deadline passed"
+log = logging.getLogger(__name__)
+
+
+def record_outcome(
+    app: Celery,
+    settings: Settings,
+    store: StateStore,
+    spec: WorkflowSpec,
+    attempt: Attempt,
+    *,
+    outcome: StepOutcome,
+    output: Any = None,
+    error: dict[str, Any] | None = None,
+    cache_key: str = "",
+    cached: bool = False,
+) -> bool:
+    """Record a step attempt's final outcome, dispatch the children it released, announce the run's end.
+
+    Returns:
+        ``False`` when the attempt was stale and nothing was recorded.
+    """
+    children = spec.graph.children[attempt.step]
+    result = store.finish(
+        attempt, outcome, output=output, error=error, children=children, cache_key=cache_key, cached=cached
+    )
+    if not result.recorded:
+        return False
+    if outcome == StepOutcome.FAILED:
+        log.error("%s: %s", attempt.run_id, failure_summary(attempt.step, error))
+    dispatch(app, settings, spec, run_id=attempt.run_id, steps=result.released, generation=attempt.generation)
+    if result.run_status is not None:
+        log.info("run %s %s", attempt.run_id, result.run_status)
+        store.announce(attempt.run_id, f"run_{result.run_status}", spec.name)
+    return True
+
+
+def decide_step(
+    app: Celery,
+    settings: Settings,
+    store: StateStore,
+    run_id: str,
+    step: str,
+    *,
+    decision: str,
+    by: str,
+    comment: str = "",
+) -> dict[str, Any]:
+    """Approve or reject a waiting approval step as ``by``; the first allowed decision wins.
+
+    ``decision`` is ``approve`` or ``reject``, or what a timeout decides (``timeout:approve``, ``timeout:reject``,
+    ``timeout:fail``, with ``by="timeout"``). Every attempt is audited, allowed or not.
+
+    Returns:
+        The decision as recorded (the step's output).
+
+    Raises:
+        RunNotFoundError: No such run.
+        WorkflowDefinitionError: No such step, or it is not an approval step.
+        DecisionRefusedError: ``by`` is not an approver (``reason="not_an_approver"``), or the step is not waiting
+            (``reason="not_waiting"``: decided already, not reached yet, or the run ended).
+    """
+    fields = store.run_fields(run_id)
+    spec = store.load_definition(fields["def_hash"])
+    step_spec = spec.steps_by_name.get(step)
+    if step_spec is None:
+        raise WorkflowDefinitionError(f"run {run_id} has no step {step!r}", step=step)
+    if not isinstance(step_spec.params, ApprovalParams):
+        raise WorkflowDefinitionError(f"step {step!r} is a {step_spec.uses.value} step, not an approval", step=step)
+    allowed = by == "timeout" or by in step_spec.params.approvers
+    token = f"decision-{uuid.uuid4().hex}"
+    outcome, detail = store.decide(run_id, step, Decision(decision, by, comment, allowed, token))
+    if outcome == "missing":
+        raise RunNotFoundError(run_id)
+    if outcome == "forbidden":
+        raise DecisionRefusedError(f"{by!r} may not decide step {step!r}: approvers are "
+                                   f"{', '.join(step_spec.params.approvers)}", reason="not_an_approver")  # fmt: skip
+    if outcome != "ok":
+        raise DecisionRefusedError(f"step {step!r} is not waiting for a decision (it is {detail})",
+                                   reason="not_waiting")  # fmt: skip
+    verdict = decision.removeprefix("timeout:")
+    record = {"approved": verdict == "approve", "decision": decision, "by": by, "comment": comment}
+    attempt = Attempt(run_id, step, detail, token)
+    if verdict == "approve":
+        record_outcome(app, settings, store, spec, attempt, outcome=StepOutcome.SUCCEEDED, output=record)
+    else:
+        kind = "approval_timeout" if verdict == "fail" else "rejected"
+        message = "no decision before the approval timeout" if verdict == "fail" else f"rejected by {by}"
+        error = {"type": kind, "status": None, "message": message + (f": {comment}" if comment else ""),
+                 "retryable": False}  # fmt: skip
+        record_outcome(app, settings, store, spec, attempt, outcome=StepOutcome.FAILED, output=record, error=error)
+    return record
 
 
 def stop_run(

@@ -11,6 +11,7 @@
     ├── StateError                     the state store refused or could not answer
     │   ├── RunNotFoundError           .run_id
     │   ├── RunStateError              the run's status forbids it (.status): resuming a running run …
+    │   ├── DecisionRefusedError       an approval decision refused (.reason: not_an_approver | not_waiting)
     │   └── StoreUnavailableError      Redis did not answer
     └── StepError                      one attempt of a step went wrong
         ├── RetryableStepError         .retry_after: the provider's minimum wait, seconds
@@ -89,6 +90,18 @@ class RunStateError(StateError):
     def __init__(self, message: str, *, status: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class DecisionRefusedError(StateError):
+    """A decision on an approval step was refused (it is audited all the same).
+
+    Attributes:
+        reason: ``not_an_approver`` or ``not_waiting``.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StoreUnavailableError(StateError):

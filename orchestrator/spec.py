@@ -10,7 +10,7 @@ import hashlib
 import json
 from enum import StrEnum
 from functools import cached_property
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
@@ -139,11 +139,28 @@ class NoopParams(_Frozen):
     """A ``noop`` step takes no parameters: it joins branches and stands in for real work in tests."""
 
 
-StepParams = LLMParams | PythonParams | NoopParams
+class ApprovalParams(_Frozen):
+    """The ``with:`` of an ``approval`` step: who may decide, what they see, and what happens if nobody does.
+
+    Attributes:
+        approvers: Principals allowed to decide (API token principals, or the ``--as`` name on the CLI).
+        message: A template over ``inputs`` and ``steps``, shown to the approvers.
+        timeout_s: How long to wait for a decision; ``None`` waits as long as the run lives.
+        on_timeout: What a timeout decides: ``approve``, ``reject`` or ``fail`` (fail the step).
+    """
+
+    approvers: tuple[Annotated[str, Field(min_length=1, max_length=200)], ...] = Field(min_length=1, max_length=100)
+    message: str | None = Field(default=None, max_length=20_000)
+    timeout_s: float | None = Field(default=None, gt=0, le=365 * 24 * 3600)
+    on_timeout: Literal["approve", "reject", "fail"] = "fail"
+
+
+StepParams = LLMParams | PythonParams | NoopParams | ApprovalParams
 _PARAMS_BY_KIND: dict[StepKind, type[BaseModel]] = {
     StepKind.LLM: LLMParams,
     StepKind.PYTHON: PythonParams,
     StepKind.NOOP: NoopParams,
+    StepKind.APPROVAL: ApprovalParams,
 }
 
 
@@ -174,10 +191,6 @@ class StepSpec(_Frozen):
         if not isinstance(data, dict):
             return data
         uses = data.get("uses")
-        if uses == StepKind.APPROVAL:
-            raise ValueError(
-                "step type 'approval' is not available yet (human approval steps arrive in a later release)"
-            )
         raw = data.get("with", data.get("params"))
         if isinstance(raw, BaseModel):
             return data

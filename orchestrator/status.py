@@ -35,12 +35,23 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> dict[str, Any]:
             "depends_on": list(step.depends_on),
             "kind": step.uses.value,
         }
+        if step.uses == "approval":
+            view["approval"] = {
+                "waiting_since": iso(fields.get(p + "waiting_since")),
+                "decide_by": iso(fields.get(p + "decide_by")),
+                "decision": _json(fields.get(p + "decision")),
+                "audit": _json(fields.get(p + "audit")) or [],
+            }
         if usage:
             view["usage"] = usage
             input_tokens += int(usage.get("input_tokens", 0))
             output_tokens += int(usage.get("output_tokens", 0))
         steps[step.name] = view
     status = fields.get("status", "pending")
+    live = {v["status"] for v in steps.values()}
+    if status == "running" and "waiting" in live and not live & {"queued", "running"}:
+        # Nothing can move until a human decides: the run waits, holding no worker.
+        status = "waiting"
     error = fields.get("error") or None
     first = fields.get("first_failure")
     if status == "failed" and not error and first and first in steps:

@@ -144,6 +144,31 @@ class PythonStep(Step):
         return {"function": name, "args": self.args}
 
 
+class ApprovalStep(Step):
+    """Wait for a human: one of ``approvers`` approves or rejects (CLI, API or web page); holds no worker meanwhile.
+
+    ``message`` is a template shown to the approvers; after ``decision_timeout_s`` the step takes ``on_timeout``
+    (``approve``, ``reject`` or ``fail``). Approve → the step succeeds with the decision as its output; reject → it
+    fails with ``output.approved == False`` (dependents can route around it with conditions and trigger rules).
+    """
+
+    kind: ClassVar[StepKind] = StepKind.APPROVAL
+
+    approvers: Sequence[str]
+    message: str | None = None
+    decision_timeout_s: float | None = None
+    on_timeout: str = "fail"
+
+    def params(self) -> dict[str, Any]:
+        """The step's ``with:`` parameters in the workflow-file shape."""
+        data: dict[str, Any] = {"approvers": list(self.approvers), "on_timeout": self.on_timeout}
+        if self.message is not None:
+            data["message"] = self.message
+        if self.decision_timeout_s is not None:
+            data["timeout_s"] = self.decision_timeout_s
+        return data
+
+
 class NoopStep(Step):
     """Does nothing: joins branches, stands in for work in tests."""
 

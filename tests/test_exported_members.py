@@ -12,6 +12,7 @@ pytestmark = pytest.mark.timeout(30)
 
 EXPORTED = {
     # defining workflows
+    "ApprovalStep",
     "LLMStep",
     "NoopStep",
     "PythonStep",
@@ -32,11 +33,13 @@ EXPORTED = {
     "StepStatus",
     # errors
     "CycleError",
+    "DecisionRefusedError",
     "InputValidationError",
     "NonRetryableStepError",
     "OrchestratorError",
     "RetryableStepError",
     "RunNotFoundError",
+    "RunStateError",
     "StateError",
     "StepError",
     "StoreUnavailableError",
@@ -71,7 +74,7 @@ def test_a_star_import_binds_exactly_the_exported_names() -> None:
 def test_every_exported_error_derives_from_the_one_root() -> None:
     errors = [getattr(orchestrator, n) for n in EXPORTED if n.endswith("Error")]
 
-    assert len(errors) == 12
+    assert len(errors) == 14
     assert all(issubclass(e, orchestrator.OrchestratorError) for e in errors)
 
 

@@ -13,9 +13,10 @@ from typing import Any
 
 from celery import bootsteps
 
-from orchestrator.control import DEADLINE_REASON, stop_run
+from orchestrator.control import DEADLINE_REASON, decide_step, stop_run
 from orchestrator.dispatch import dispatch
-from orchestrator.errors import RunNotFoundError
+from orchestrator.errors import DecisionRefusedError, RunNotFoundError
+from orchestrator.spec import ApprovalParams
 from orchestrator.state import RunStatus, keys
 from workers.runtime import Runtime, RuntimeHolder
 
@@ -26,7 +27,7 @@ def sweep_once(rt: Runtime, owner: str) -> int:
     """One sweep: re-dispatch lost steps, time out runs past their deadline; returns how many actions it took."""
     if not rt.store.try_sweeper_lock(owner, rt.settings.sweep_interval_s * 0.9):
         return 0
-    return _recover_lost_steps(rt) + _fire_deadlines(rt)
+    return _recover_lost_steps(rt) + _fire_deadlines(rt) + _fire_approval_timeouts(rt)
 
 
 def _recover_lost_steps(rt: Runtime) -> int:
@@ -56,6 +57,21 @@ def _fire_deadlines(rt: Runtime) -> int:
         if result is not None and result.outcome == "ok":
             log.warning("run %s timed out; interrupted %d steps", run_id, len(result.interrupted))
             count += 1
+    return count
+
+
+def _fire_approval_timeouts(rt: Runtime) -> int:
+    count = 0
+    for run_id, generation, step in rt.store.due_approvals():
+        try:
+            spec = rt.store.load_definition(rt.store.run_fields(run_id)["def_hash"])
+            params = spec.steps_by_name[step].params
+            on_timeout = params.on_timeout if isinstance(params, ApprovalParams) else "fail"
+            decide_step(rt.app, rt.settings, rt.store, run_id, step, decision=f"timeout:{on_timeout}", by="timeout")
+            count += 1
+        except (RunNotFoundError, DecisionRefusedError, KeyError):
+            pass  # decided meanwhile, or the run ended or expired: nothing left to time out
+        rt.store.drop_approval(run_id, generation, step)
     return count
 
 

@@ -11,10 +11,9 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from orchestrator.control import DEADLINE_REASON, stop_run
+from orchestrator.control import DEADLINE_REASON, record_outcome, stop_run
 from orchestrator.coordinator import (
     decide_start,
-    failure_summary,
     result_key,
     retry_delay,
     should_retry,
@@ -22,9 +21,10 @@ from orchestrator.coordinator import (
 )
 from orchestrator.dispatch import STEP_TASK, dispatch
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError
-from orchestrator.spec import WorkflowSpec
+from orchestrator.spec import ApprovalParams, WorkflowSpec
 from orchestrator.state import Attempt, Claim, RunStatus, StepOutcome
 from orchestrator.steps import StepContext
+from orchestrator.templates import render
 from workers.runtime import Runtime, RuntimeHolder
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,8 @@ def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim
         ctx = StepContext(attempt.run_id, attempt.step, claim.attempt, claim.inputs, claim.parent_output)
         if not rt.executor.should_run(step, ctx):
             return _finish(rt, spec, attempt, StepOutcome.SKIPPED)
+        if isinstance(step.params, ApprovalParams):
+            return _wait_for_decision(rt, step.params, attempt, ctx)
         key = result_key(step, claim.inputs, claim.parent_output)
         if step.cache and not claim.force and claim.cache_key == key:
             # Resumed with the same definition and inputs as the result it already has: never pay for it twice.
@@ -128,6 +130,15 @@ def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim
     return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, output=output, cache_key=key)
 
 
+def _wait_for_decision(rt: Runtime, params: ApprovalParams, attempt: Attempt, ctx: StepContext) -> str:
+    # The task ends here: a human decision can take days, and no worker slot is held meanwhile.
+    message = render(params.message, ctx.template_context()) if params.message else None
+    data = {"approvers": list(params.approvers), "message": message, "timeout_s": params.timeout_s}
+    if not rt.store.wait_for_decision(attempt, data, params.timeout_s):
+        return "stale attempt: not parked"
+    return "waiting for a decision"
+
+
 def _error_record(exc: StepError, attempt: int) -> dict[str, Any]:
     record = exc.to_record()
     record["attempt"] = attempt
@@ -152,16 +163,8 @@ def _finish(
     cache_key: str = "",
     cached: bool = False,
 ) -> str:
-    children = spec.graph.children[attempt.step]
-    result = rt.store.finish(
-        attempt, outcome, output=output, error=error, children=children, cache_key=cache_key, cached=cached
-    )
-    if not result.recorded:
-        return "stale attempt: not recorded"
-    if outcome == StepOutcome.FAILED:
-        log.error("%s: %s", attempt.run_id, failure_summary(attempt.step, error))
-    _dispatch(rt, spec, attempt, result.released)
-    if result.run_status is not None:
-        log.info("run %s %s", attempt.run_id, result.run_status)
-        rt.store.announce(attempt.run_id, f"run_{result.run_status}", spec.name)
-    return outcome.value
+    recorded = record_outcome(
+        rt.app, rt.settings, rt.store, spec, attempt, outcome=outcome, output=output, error=error, cache_key=cache_key,
+        cached=cached,
+    )  # fmt: skip
+    return outcome.value if recorded else "stale attempt: not recorded"

@@ -23,7 +23,7 @@ from orchestrator.api.schemas import (
     RunView,
     SubmitRun,
 )
-from orchestrator.errors import InputValidationError, RunNotFoundError, WorkflowDefinitionError
+from orchestrator.errors import DecisionRefusedError, InputValidationError, WorkflowDefinitionError
 from orchestrator.state import RunStatus, keys
 from orchestrator.timestamps import iso
 
@@ -136,15 +136,17 @@ def resume_run(run_id: RunId, request: Request, _: Writer, body: Annotated[Resum
 def decide_step(
     run_id: RunId, step: Annotated[str, Path(max_length=200)], body: Decision, request: Request, principal: Approver
 ) -> dict[str, Any]:
-    """Approve or reject a step waiting for a human decision."""
-    ctx = api_context(request)
-    fields = ctx.client.store.run_fields(run_id)
+    """Approve or reject a step waiting for a human decision, as the token's principal (never a name in the body).
+
+    403 when the principal is not one of the step's approvers, 409 when the step is not waiting (decided already,
+    not reached yet, or the run ended); every attempt is audited either way.
+    """
+    client = api_context(request).client
     try:
-        spec = ctx.client.store.load_definition(fields["def_hash"])
-    except KeyError:
-        raise RunNotFoundError(run_id) from None
-    if step not in spec.steps_by_name:
-        raise HTTPException(404, f"run {run_id} has no step {step!r}")
-    status = fields.get(keys.step_field(step, "status"), "pending")
-    # Approval steps are not available yet, so no step can be waiting: refuse rather than pretend to decide.
-    raise HTTPException(409, f"step {step!r} of run {run_id} is not waiting for a decision (it is {status})")
+        if body.decision == "approve":
+            return client.approve(run_id, step, by=principal.name, comment=body.comment or "")
+        return client.reject(run_id, step, by=principal.name, comment=body.comment or "")
+    except WorkflowDefinitionError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except DecisionRefusedError as exc:
+        raise HTTPException(403 if exc.reason == "not_an_approver" else 409, str(exc)) from None

@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from orchestrator.state.base import Attempt, Claim, Finish, RunStatus, StateStore, StepOutcome, StepStatus
+from orchestrator.state.base import Attempt, Claim, Decision, Finish, RunStatus, StateStore, StepOutcome, StepStatus
 from orchestrator.state.memory import MemoryStateStore
 from orchestrator.state.redis import RedisStateStore
 
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Attempt",
     "Claim",
+    "Decision",
     "Finish",
     "MemoryStateStore",
     "RedisStateStore",

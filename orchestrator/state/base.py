@@ -155,6 +155,27 @@ class ResumePlan:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """A human's decision on an approval step.
+
+    Attributes:
+        decision: ``approve`` or ``reject`` (or what a timeout decided: ``timeout:approve`` …).
+        by: Who decided (``timeout`` when nobody did in time).
+        comment: Free text, kept in the audit trail.
+        allowed: Whether ``by`` is one of the step's approvers (a refused attempt is audited too).
+        task_id: The id the step runs under while its outcome is recorded.
+        lease_s: Lease for recording it (a crash in between is recovered by the sweeper).
+    """
+
+    decision: str
+    by: str
+    comment: str
+    allowed: bool
+    task_id: str
+    lease_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Finish:
     """The result of recording a step's final outcome.
 
@@ -353,6 +374,30 @@ class StateStore(Protocol):
 
     def drop_deadline(self, run_id: str, generation: str) -> None:
         """Forget a deadline."""
+        ...
+
+    def wait_for_decision(self, attempt: Attempt, data: dict[str, Any], timeout_s: float | None) -> bool:
+        """Park a claimed approval step as ``waiting`` (no task, no lease); schedule its timeout.
+
+        Returns:
+            ``False`` when the attempt is stale.
+        """
+        ...
+
+    def decide(self, run_id: str, step: str, decision: Decision) -> tuple[str, str]:
+        """Audit a decision; the first allowed one on a waiting step makes it ``running`` under ``decision.task_id``.
+
+        Returns:
+            ``("ok", generation)``, ``("forbidden", "")``, ``("not_waiting", step_status)`` or ``("missing", "")``.
+        """
+        ...
+
+    def due_approvals(self, limit: int = 500) -> list[tuple[str, str, str]]:
+        """``(run_id, generation, step)`` of approval waits whose timeout passed."""
+        ...
+
+    def drop_approval(self, run_id: str, generation: str, step: str) -> None:
+        """Forget an approval timeout."""
         ...
 
     def events(self, run_id: str, after: int = 0, count: int | None = None) -> list[Event]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 PREFIX = "orch"
 LEASES = f"{PREFIX}:leases"
 DEADLINES = f"{PREFIX}:deadlines"
+APPROVALS = f"{PREFIX}:approvals"
 RUNS_INDEX = f"{PREFIX}:runs"
 SWEEPER_LOCK = f"{PREFIX}:sweeper:lock"
 EVENTS = f"{PREFIX}:events"

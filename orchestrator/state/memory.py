@@ -21,7 +21,7 @@ from orchestrator.errors import RunNotFoundError
 from orchestrator.events import Event
 from orchestrator.spec import WorkflowSpec
 from orchestrator.state import keys
-from orchestrator.state.base import Attempt, Claim, Finish, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
+from orchestrator.state.base import Attempt, Claim, Decision, Finish, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
 
 _UNFINISHED = ("queued", "running", "pending")
 # Run statuses stop.lua may end; step statuses it cancels.
@@ -83,6 +83,7 @@ class MemoryStateStore:
         self._idempotency: dict[str, tuple[str, float]] = {}
         self._leases: dict[str, float] = {}
         self._deadlines: dict[str, float] = {}
+        self._approvals: dict[str, float] = {}
         self._sweeper_lock: tuple[str, float] | None = None
 
     def ping(self) -> None:
@@ -544,7 +545,7 @@ class MemoryStateStore:
                         p + "force": "1" if step == plan.forced_step else "",
                     }
                 )
-                for name in ("finished_at", "error", "queued_at"):
+                for name in ("finished_at", "error", "queued_at", "decision", "decide_by"):
                     fields.pop(p + name, None)
                 if status == "queued":
                     self._emit(run, stamp, "step_queued", step)
@@ -579,6 +580,73 @@ class MemoryStateStore:
         """Forget a deadline that fired or no longer applies."""
         with self._lock:
             self._deadlines.pop(f"{run_id}|{generation}", None)
+
+    # -- approvals -----------------------------------------------------------------------------------------------
+
+    def wait_for_decision(self, attempt: Attempt, data: dict[str, Any], timeout_s: float | None) -> bool:
+        """Park a claimed approval step as ``waiting`` (``lua/wait.lua``)."""
+        p = f"s:{attempt.step}:"
+        with self._lock:
+            now = self._clock()
+            run = self._live(attempt.run_id, now)
+            self._leases.pop(keys.lease_member(attempt.run_id, attempt.step, attempt.task_id), None)
+            if run is None or not self._owns(run.fields, attempt):
+                return False
+            stamp = _stamp(now)
+            decide_by = _stamp(now + timeout_s) if timeout_s else ""
+            self._emit(run, stamp, "step_waiting", attempt.step, data=json.dumps(data))
+            run.fields.update({p + "status": "waiting", p + "task": "", p + "lease": "", p + "waiting_since": stamp,
+                               p + "decide_by": decide_by})  # fmt: skip
+            if decide_by:
+                self._approvals[f"{attempt.run_id}|{attempt.generation}|{attempt.step}"] = float(decide_by)
+            return True
+
+    def decide(self, run_id: str, step: str, decision: Decision) -> tuple[str, str]:
+        """Audit a decision; the first allowed one on a waiting step wins (``lua/decide.lua``)."""
+        p = f"s:{step}:"
+        with self._lock:
+            now = self._clock()
+            run = self._live(run_id, now)
+            fields = run.fields if run is not None else {}
+            run_status, status = fields.get("status"), fields.get(p + "status")
+            if run is None or run_status is None or status is None:
+                return "missing", ""
+            stamp = _stamp(now)
+            outcome = "accepted"
+            if not decision.allowed:
+                outcome = "refused: not an approver"
+            elif run_status != "running" or status != "waiting":
+                outcome = f"refused: not waiting ({run_status if status == 'waiting' else status})"
+            audit = _json_list(fields.get(p + "audit"))
+            audit.append({"at": stamp, "by": decision.by, "decision": decision.decision, "comment": decision.comment,
+                          "outcome": outcome})  # fmt: skip
+            fields[p + "audit"] = json.dumps(audit, separators=_COMPACT)
+            if not decision.allowed:
+                return "forbidden", ""
+            if outcome != "accepted":
+                return "not_waiting", status
+            record = {"decision": decision.decision, "by": decision.by, "comment": decision.comment, "at": stamp}
+            fields.update({p + "status": "running", p + "task": decision.task_id,
+                           p + "lease": _stamp(now + decision.lease_s), p + "decision": json.dumps(record),
+                           p + "decide_by": ""})  # fmt: skip
+            self._leases[keys.lease_member(run_id, step, decision.task_id)] = now + decision.lease_s
+            self._approvals.pop(f"{run_id}|{fields['gen']}|{step}", None)
+            return "ok", fields["gen"]
+
+    def due_approvals(self, limit: int = 500) -> list[tuple[str, str, str]]:
+        """``(run_id, generation, step)`` of approval waits whose timeout passed, oldest first."""
+        with self._lock:
+            members = _due(self._approvals, self._clock(), limit)
+        out: list[tuple[str, str, str]] = []
+        for member in members:
+            run_id, generation, step = member.split("|", 2)
+            out.append((run_id, generation, step))
+        return out
+
+    def drop_approval(self, run_id: str, generation: str, step: str) -> None:
+        """Forget an approval timeout that fired or no longer applies."""
+        with self._lock:
+            self._approvals.pop(f"{run_id}|{generation}|{step}", None)
 
     # -- events ------------------------------------------------------------------------------------------------------
 

@@ -18,12 +18,12 @@ from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.events import Event
 from orchestrator.spec import WorkflowSpec, parse_workflow
 from orchestrator.state import keys
-from orchestrator.state.base import Attempt, Claim, Finish, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
+from orchestrator.state.base import Attempt, Claim, Decision, Finish, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
 
-_SCRIPTS = ("create", "claim", "finish", "retry", "reclaim", "renew", "stop", "resume")
+_SCRIPTS = ("create", "claim", "finish", "retry", "reclaim", "renew", "stop", "resume", "wait", "decide")
 
 
-_WITH_EVENTS = {"create", "claim", "finish", "retry", "reclaim", "stop", "resume"}
+_WITH_EVENTS = {"create", "claim", "finish", "retry", "reclaim", "stop", "resume", "wait", "decide"}
 
 
 def _load_lua(name: str) -> str:
@@ -401,6 +401,56 @@ class RedisStateStore:
     def drop_deadline(self, run_id: str, generation: str) -> None:
         """Forget a deadline that fired or no longer applies."""
         self.client.zrem(keys.DEADLINES, f"{run_id}|{generation}")
+
+    # -- approvals -----------------------------------------------------------------------------------------------
+
+    def wait_for_decision(self, attempt: Attempt, data: dict[str, Any], timeout_s: float | None) -> bool:
+        """Park a claimed approval step as ``waiting``: no task, no lease, no worker slot (see ``lua/wait.lua``).
+
+        Returns:
+            ``False`` when the attempt is stale.
+        """
+        run_id, step = attempt.run_id, attempt.step
+        argv: list[Any] = [step, attempt.generation, attempt.task_id, json.dumps(data), timeout_s or ""]
+        reply = [_text(x) for x in self._scripts["wait"](keys=_run_keys(run_id), args=argv)]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, attempt.task_id))
+        if reply[0] == "ok" and reply[1]:
+            pipe.zadd(keys.APPROVALS, {f"{run_id}|{attempt.generation}|{step}": float(reply[1])})
+        pipe.execute()
+        return reply[0] == "ok"
+
+    def decide(self, run_id: str, step: str, decision: Decision) -> tuple[str, str]:
+        """Record a decision on a waiting step; the first allowed one wins (see ``lua/decide.lua``).
+
+        Returns:
+            ``("ok", generation)`` (the step now runs under ``decision.task_id``, lease indexed: finish it next),
+            ``("forbidden", "")``, ``("not_waiting", step_status)`` or ``("missing", "")``.
+        """
+        argv: list[Any] = [step, decision.decision, decision.by, decision.comment, "1" if decision.allowed else "0",
+                           decision.task_id, decision.lease_s]  # fmt: skip
+        reply = [_text(x) for x in self._scripts["decide"](keys=_run_keys(run_id), args=argv)]
+        if reply[0] != "ok":
+            return reply[0], reply[1] if len(reply) > 1 else ""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(keys.LEASES, {keys.lease_member(run_id, step, decision.task_id): time.time() + decision.lease_s})
+        pipe.zrem(keys.APPROVALS, f"{run_id}|{reply[1]}|{step}")
+        pipe.execute()
+        return "ok", reply[1]
+
+    def due_approvals(self, limit: int = 500) -> list[tuple[str, str, str]]:
+        """``(run_id, generation, step)`` of approval waits whose timeout passed, by Redis's clock."""
+        seconds, micros = self.client.time()
+        members = self.client.zrangebyscore(keys.APPROVALS, "-inf", seconds + micros / 1e6, start=0, num=limit)
+        out: list[tuple[str, str, str]] = []
+        for member in members:
+            run_id, generation, step = _text(member).split("|", 2)
+            out.append((run_id, generation, step))
+        return out
+
+    def drop_approval(self, run_id: str, generation: str, step: str) -> None:
+        """Forget an approval timeout that fired or no longer applies."""
+        self.client.zrem(keys.APPROVALS, f"{run_id}|{generation}|{step}")
 
     # -- events --------------------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ for i = 5, #ARGV, 3 do
   local attempts = redis.call('HGET', run, p .. 'attempts') or '0'
   redis.call('HSET', run, p .. 'status', ARGV[i + 1], p .. 'pending', ARGV[i + 2], p .. 'task', '', p .. 'lease', '',
     p .. 'attempt_base', attempts, p .. 'force', ARGV[i] == forced and '1' or '')
-  redis.call('HDEL', run, p .. 'finished_at', p .. 'error', p .. 'queued_at')
+  redis.call('HDEL', run, p .. 'finished_at', p .. 'error', p .. 'queued_at', p .. 'decision', p .. 'decide_by')
   if ARGV[i + 1] == 'queued' then emit(run, events, stamp, 'step_queued', ARGV[i], 0, '') end
   count = count + 1
 end
