@@ -179,11 +179,15 @@ def cancel(run_id: str, as_json: bool) -> None:
 @click.option("--from", "from_step", default=None, metavar="STEP", help="Re-run this step and its dependents too.")
 @click.option("--wait", is_flag=True, help="Wait for the run to end; exit non-zero unless it succeeded.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def resume(run_id: str, from_step: str | None, wait: bool, as_json: bool) -> None:
+@click.option(
+    "--allow-definition-change", "allow_change", is_flag=True,
+    help="Move the run to the workflow version's changed definition; unchanged steps keep their results.",
+)  # fmt: skip
+def resume(run_id: str, from_step: str | None, wait: bool, as_json: bool, allow_change: bool) -> None:
     """Re-run a failed, cancelled or timed-out run from its checkpoint."""
     client = _client(_settings())
     try:
-        generation = client.resume(run_id, from_step=from_step)
+        generation = client.resume(run_id, from_step=from_step, allow_definition_change=allow_change)
     except OrchestratorError as exc:
         _fail(str(exc), 1)
     if not wait:
@@ -228,6 +232,39 @@ def approve(run_id: str, step: str, who: str, comment: str) -> None:
 def reject(run_id: str, step: str, who: str, comment: str) -> None:
     """Reject a waiting approval step."""
     _decide("reject", run_id, step, who, comment)
+
+
+@main.command("workflows")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--scan", default=10_000, show_default=True, help="How many of the newest runs to count.")
+def list_workflows(as_json: bool, scan: int) -> None:
+    """Registered workflows by name and version, with the runs in flight on each."""
+    client = _client(_settings())
+    in_flight: dict[tuple[str, int], int] = {}
+    for row in client.store.run_summaries(client.store.list_run_ids(limit=scan)):
+        if row["status"] in {"pending", "running", "waiting"}:
+            key = (row["workflow"], int(row["version"] or 1))
+            in_flight[key] = in_flight.get(key, 0) + 1
+    rows: list[dict[str, Any]] = [
+        {"name": spec.name, "version": spec.version, "definition_hash": spec.definition_hash,
+         "steps": len(spec.steps), "in_flight": in_flight.pop((spec.name, spec.version), 0)}
+        for spec in workflows.all()
+    ]  # fmt: skip
+    # Runs of workflows not registered here (submitted as files, or retired versions) still count.
+    rows += [
+        {"name": name, "version": version, "definition_hash": None, "steps": None, "in_flight": count}
+        for (name, version), count in sorted(in_flight.items())
+    ]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table = Table(title="workflows")
+    for column in ("name", "version", "definition", "steps", "in flight"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], str(row["version"]), (row["definition_hash"] or "(not registered here)")[:12],
+                      str(row["steps"] or ""), str(row["in_flight"]))  # fmt: skip
+    Console().print(table)
 
 
 def _print_status(view: dict[str, Any]) -> None:

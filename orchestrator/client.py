@@ -142,7 +142,7 @@ class Client:
         return {"run_id": run_id, "status": status, "cancelled": False,
                 "message": f"run {run_id} had already ended ({status}): nothing to cancel"}  # fmt: skip
 
-    def resume(self, run_id: str, *, from_step: str | None = None) -> str:
+    def resume(self, run_id: str, *, from_step: str | None = None, allow_definition_change: bool = False) -> str:
         """Re-run a failed, cancelled or timed-out run from its checkpoint; returns the new generation.
 
         Only steps that did not succeed run again (``from_step``: that step and its dependents too); a step whose
@@ -150,10 +150,12 @@ class Client:
 
         Raises:
             RunNotFoundError: No such run.
-            RunStateError: The run is still going, succeeded (without ``from_step``), or another resume won.
+            RunStateError: The run is still going, succeeded (without ``from_step``), another resume won, or the
+                deployed definition of its workflow version changed and ``allow_definition_change`` is off.
             WorkflowDefinitionError: ``from_step`` is not one of its steps.
         """
-        return resume_run(self.app, self.settings, self.store, run_id, from_step=from_step)
+        return resume_run(self.app, self.settings, self.store, run_id, from_step=from_step,
+                          allow_definition_change=allow_definition_change)  # fmt: skip
 
     def approve(self, run_id: str, step: str, *, by: str, comment: str = "") -> dict[str, Any]:
         """Approve a waiting approval step as ``by``; its dependents are released at once.

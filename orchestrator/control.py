@@ -10,7 +10,14 @@ from celery import Celery
 
 from orchestrator.coordinator import failure_summary, plan_resume
 from orchestrator.dispatch import dispatch
-from orchestrator.errors import DecisionRefusedError, RunNotFoundError, RunStateError, WorkflowDefinitionError
+from orchestrator.errors import (
+    DecisionRefusedError,
+    RunNotFoundError,
+    RunStateError,
+    UnknownWorkflowError,
+    WorkflowDefinitionError,
+)
+from orchestrator.registry import workflows
 from orchestrator.settings import Settings
 from orchestrator.spec import ApprovalParams, WorkflowSpec
 from orchestrator.state.base import Attempt, Decision, RunStatus, StateStore, StepOutcome, Stop
@@ -52,6 +59,15 @@ def record_outcome(
     return True
 
 
+def _deployed(pinned: WorkflowSpec) -> WorkflowSpec | None:
+    """The workflow registered here under the pinned name and version, when its definition differs."""
+    try:
+        current = workflows.get(pinned.name, pinned.version)
+    except UnknownWorkflowError:
+        return None  # submitted as a file, or not deployed here: the stored definition is the only one
+    return current if current.definition_hash != pinned.definition_hash else None
+
+
 def decide_step(
     app: Celery,
     settings: Settings,
@@ -83,7 +99,10 @@ def decide_step(
     if step_spec is None:
         raise WorkflowDefinitionError(f"run {run_id} has no step {step!r}", step=step)
     if not isinstance(step_spec.params, ApprovalParams):
-        raise WorkflowDefinitionError(f"step {step!r} is a {step_spec.uses.value} step, not an approval", step=step)
+        raise DecisionRefusedError(
+            f"step {step!r} is not waiting for a decision (it is a {step_spec.uses.value} step, not an approval)",
+            reason="not_waiting",
+        )
     allowed = by == "timeout" or by in step_spec.params.approvers
     token = f"decision-{uuid.uuid4().hex}"
     outcome, detail = store.decide(run_id, step, Decision(decision, by, comment, allowed, token))
@@ -131,15 +150,29 @@ def stop_run(
     return result
 
 
-def resume_run(app: Celery, settings: Settings, store: StateStore, run_id: str, *, from_step: str | None = None) -> str:
+def resume_run(
+    app: Celery,
+    settings: Settings,
+    store: StateStore,
+    run_id: str,
+    *,
+    from_step: str | None = None,
+    allow_definition_change: bool = False,
+) -> str:
     """Start the run's next generation from its checkpoint and dispatch what can run now.
+
+    A run is pinned to the definition it was submitted with. When the workflow registered here under the run's name
+    and version has a different definition (code deployed without a version bump), the resume is refused unless
+    ``allow_definition_change``: then the run moves to the new definition, steps whose own definition is unchanged
+    keep their results, and the rest re-run.
 
     Returns:
         The new generation.
 
     Raises:
         RunNotFoundError: No such run.
-        RunStateError: The run is still going, succeeded with nothing to re-run, or another resume won.
+        RunStateError: The run is still going, succeeded with nothing to re-run, its definition changed (and that
+            was not allowed), or another resume won.
         WorkflowDefinitionError: ``from_step`` is not a step of the workflow.
     """
     fields = store.run_fields(run_id)
@@ -147,13 +180,29 @@ def resume_run(app: Celery, settings: Settings, store: StateStore, run_id: str, 
     status = fields["status"]
     if status in {RunStatus.RUNNING.value, RunStatus.PENDING.value, RunStatus.WAITING.value}:
         raise RunStateError(f"run {run_id} is {status}: cancel it or wait for it to end before resuming", status=status)
-    if status == RunStatus.SUCCEEDED.value and from_step is None:
+    deployed = _deployed(spec)
+    changed: frozenset[str] = frozenset()
+    if deployed is not None:
+        if not allow_definition_change:
+            raise RunStateError(
+                f"run {run_id} is pinned to {spec.name} v{spec.version} as {spec.definition_hash[:12]}, but that "
+                f"version is now {deployed.definition_hash[:12]} here: resume with --allow-definition-change to move "
+                "it (steps whose definition is unchanged keep their results), or deploy the pinned code",
+                status=status,
+            )
+        old = spec.steps_by_name
+        changed = frozenset(
+            s.name for s in deployed.steps if s.name not in old or old[s.name].definition_hash != s.definition_hash
+        )
+        spec = deployed
+    if status == RunStatus.SUCCEEDED.value and from_step is None and not changed:
         raise RunStateError(
             f"run {run_id} succeeded: nothing to resume (use --from STEP to re-run a step and its dependents)",
             status=status,
         )
     statuses = {s.name: fields.get(f"s:{s.name}:status", "") for s in spec.steps}
-    plan = plan_resume(spec, statuses, fields["gen"], from_step)
+    plan = plan_resume(spec, statuses, fields["gen"], from_step, changed=changed,
+                       new_definition=spec if deployed is not None else None)  # fmt: skip
     outcome, value = store.resume(run_id, plan)
     if outcome == "conflict":
         raise RunStateError(f"run {run_id} was resumed by someone else meanwhile (generation {value})", status=status)

@@ -136,13 +136,20 @@ RESUMABLE = (RunStatus.FAILED.value, RunStatus.CANCELLED.value, RunStatus.TIMED_
 
 
 def plan_resume(
-    spec: WorkflowSpec, step_status: Mapping[str, str], generation: str, from_step: str | None = None
+    spec: WorkflowSpec,
+    step_status: Mapping[str, str],
+    generation: str,
+    from_step: str | None = None,
+    *,
+    changed: frozenset[str] = frozenset(),
+    new_definition: WorkflowSpec | None = None,
 ) -> ResumePlan:
     """Which steps a resume resets, from the run's current step statuses.
 
     Without ``from_step``: every step that did not succeed. With it: that step, its transitive dependents, and
-    every step that did not succeed; its ancestors and siblings keep their results. A reset step is ``queued`` when
-    all of its parents keep their results, else ``pending`` on the reset parents.
+    every step that did not succeed; its ancestors and siblings keep their results. ``changed`` steps (under a new
+    definition, which ``spec`` then is) are reset with their dependents, and result keys decide what really runs.
+    A reset step is ``queued`` when all of its parents keep their results, else ``pending`` on the reset parents.
 
     Raises:
         WorkflowDefinitionError: When ``from_step`` is not a step of the workflow.
@@ -150,6 +157,10 @@ def plan_resume(
     graph = spec.graph
     reset = {name for name in graph.parents if step_status.get(name) != StepStatus.SUCCEEDED.value}
     allowed: tuple[str, ...] = RESUMABLE
+    for name in changed:
+        reset |= {name} | graph.descendants(name)
+    if changed:
+        allowed = (*RESUMABLE, RunStatus.SUCCEEDED.value)
     if from_step is not None:
         if from_step not in graph.parents:
             raise WorkflowDefinitionError(f"resume --from: no step {from_step!r} in workflow {spec.name!r}")
@@ -161,5 +172,9 @@ def plan_resume(
             pending = sum(1 for parent in graph.parents[name] if parent in reset)
             resets.append((name, StepStatus.QUEUED.value if pending == 0 else StepStatus.PENDING.value, pending))
     return ResumePlan(
-        expected_generation=generation, allowed_statuses=allowed, resets=tuple(resets), forced_step=from_step
+        expected_generation=generation,
+        allowed_statuses=allowed,
+        resets=tuple(resets),
+        forced_step=from_step,
+        definition=new_definition,
     )

@@ -72,15 +72,20 @@ class WorkflowRegistry:
     def __init__(self) -> None:
         self._workflows: dict[tuple[str, int], WorkflowSpec] = {}
 
-    def register(self, spec: WorkflowSpec) -> WorkflowSpec:
+    def register(self, spec: WorkflowSpec, *, replace: bool = False) -> WorkflowSpec:
         """Register ``spec``; registering the same definition again is harmless.
+
+        Args:
+            spec: The workflow.
+            replace: Let a changed definition take over its name and version (what a redeploy of changed code
+                without a version bump amounts to; runs stay pinned to the definition they started with).
 
         Raises:
             WorkflowDefinitionError: When a different definition already holds this name and version.
         """
         key = (spec.name, spec.version)
         existing = self._workflows.get(key)
-        if existing is not None and existing.definition_hash != spec.definition_hash:
+        if not replace and existing is not None and existing.definition_hash != spec.definition_hash:
             raise WorkflowDefinitionError(
                 f"workflow {spec.name!r} version {spec.version} is already registered with another definition; "
                 "bump the version"

@@ -33,7 +33,6 @@ RunId = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem} for code in (401, 403, 404, 409, 422, 503)
 }  # fmt: skip
-_SUMMARY_FIELDS = ("run_id", "workflow", "version", "status", "gen", "created_at", "finished_at")
 
 
 @router.post("/runs", status_code=201, response_model=RunCreated, responses={200: {"model": RunCreated}, **_ERRORS})
@@ -93,26 +92,18 @@ def list_runs(
 
 
 def _summaries(ctx: ApiContext, run_ids: list[str]) -> list[RunSummary]:
-    pipe = ctx.redis.pipeline(transaction=False)
-    for run_id in run_ids:
-        pipe.hmget(keys.run_key(run_id), list(_SUMMARY_FIELDS))
-    out: list[RunSummary] = []
-    for row in pipe.execute():
-        run_id, workflow, version, status, gen, created_at, finished_at = row
-        if run_id is None:
-            continue  # expired since the index was read
-        out.append(
-            RunSummary(
-                run_id=run_id,
-                workflow=workflow or "",
-                version=int(version or 1),
-                status=status or "pending",
-                generation=int(gen or 1),
-                created_at=iso(created_at),
-                finished_at=iso(finished_at),
-            )
+    return [
+        RunSummary(
+            run_id=row["run_id"],
+            workflow=row["workflow"],
+            version=int(row["version"] or 1),
+            status=row["status"] or "pending",
+            generation=int(row["gen"] or 1),
+            created_at=iso(row["created_at"]),
+            finished_at=iso(row["finished_at"]),
         )
-    return out
+        for row in ctx.client.store.run_summaries(run_ids)
+    ]
 
 
 @router.post("/runs/{run_id}/cancel", response_model=Cancelled, responses=_ERRORS)
@@ -125,8 +116,9 @@ def cancel_run(run_id: RunId, request: Request, _: Writer) -> Cancelled:
 def resume_run(run_id: RunId, request: Request, _: Writer, body: Annotated[ResumeRun | None, Body()] = None) -> Resumed:
     """Re-run a failed, cancelled or timed-out run from its checkpoint (409 while it runs or when nothing is left)."""
     from_step = body.from_step if body is not None else None
+    allow = body.allow_definition_change if body is not None else False
     try:
-        generation = api_context(request).client.resume(run_id, from_step=from_step)
+        generation = api_context(request).client.resume(run_id, from_step=from_step, allow_definition_change=allow)
     except WorkflowDefinitionError as exc:
         raise HTTPException(422, f"from_step: {exc}") from None
     return Resumed(run_id=run_id, generation=int(generation))

@@ -43,6 +43,7 @@ class ResumeRun(_Body):
     """Resume from the checkpoint; ``from_step`` also re-runs that step and its dependents."""
 
     from_step: str | None = Field(default=None, min_length=1, max_length=200)
+    allow_definition_change: bool = False
 
 
 class Resumed(BaseModel):

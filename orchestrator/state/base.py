@@ -141,17 +141,22 @@ class ResumePlan:
         allowed_statuses: Run statuses this resume may start from.
         resets: ``(step, status, pending_parents)``: ``queued`` when all its parents keep their results.
         forced_step: The ``--from`` step, which runs even when its result could be reused.
+        definition: A changed definition the run moves to (``--allow-definition-change``), else ``None``.
     """
 
     expected_generation: str
     allowed_statuses: tuple[str, ...]
     resets: tuple[tuple[str, str, int], ...]
     forced_step: str | None = None
+    definition: WorkflowSpec | None = None
 
     @property
     def queued(self) -> tuple[str, ...]:
         """The steps to dispatch at once."""
         return tuple(step for step, status, _ in self.resets if status == "queued")
+
+
+SUMMARY_FIELDS = ("run_id", "workflow", "version", "status", "gen", "created_at", "finished_at")
 
 
 @dataclass(frozen=True)
@@ -398,6 +403,10 @@ class StateStore(Protocol):
 
     def drop_approval(self, run_id: str, generation: str, step: str) -> None:
         """Forget an approval timeout."""
+        ...
+
+    def run_summaries(self, run_ids: list[str]) -> list[dict[str, str]]:
+        """``run_id, workflow, version, status, gen, created_at, finished_at`` of each run still kept, in order."""
         ...
 
     def events(self, run_id: str, after: int = 0, count: int | None = None) -> list[Event]:

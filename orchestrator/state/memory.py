@@ -21,7 +21,18 @@ from orchestrator.errors import RunNotFoundError
 from orchestrator.events import Event
 from orchestrator.spec import WorkflowSpec
 from orchestrator.state import keys
-from orchestrator.state.base import Attempt, Claim, Decision, Finish, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
+from orchestrator.state.base import (
+    SUMMARY_FIELDS,
+    Attempt,
+    Claim,
+    Decision,
+    Finish,
+    Reclaim,
+    ResumePlan,
+    RunStatus,
+    StepOutcome,
+    Stop,
+)
 
 _UNFINISHED = ("queued", "running", "pending")
 # Run statuses stop.lua may end; step statuses it cancels.
@@ -187,6 +198,13 @@ class MemoryStateStore:
             if run is None:
                 raise RunNotFoundError(run_id)
             return dict(run.fields)
+
+    def run_summaries(self, run_ids: list[str]) -> list[dict[str, str]]:
+        """A few fields of each run still kept, in order."""
+        with self._lock:
+            now = self._clock()
+            runs = [run for run in (self._live(run_id, now) for run_id in run_ids) if run is not None]
+            return [{name: run.fields.get(name, "") for name in SUMMARY_FIELDS} for run in runs]
 
     def list_run_ids(self, limit: int = 100) -> list[str]:
         """The newest run ids first (like Redis's index, it may name runs whose retention expired)."""
@@ -550,6 +568,9 @@ class MemoryStateStore:
                 if status == "queued":
                     self._emit(run, stamp, "step_queued", step)
             fields.update({"status": "running", "gen": generation, "remaining": str(len(plan.resets)), "failures": "0"})
+            if plan.definition is not None:
+                self._definitions[plan.definition.definition_hash] = plan.definition
+                fields["def_hash"] = plan.definition.definition_hash
             for name in ("finished_at", "stopped_at", "error", "first_failure", "deadline"):
                 fields.pop(name, None)
             if fields.get("timeout_s"):

@@ -18,7 +18,18 @@ from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.events import Event
 from orchestrator.spec import WorkflowSpec, parse_workflow
 from orchestrator.state import keys
-from orchestrator.state.base import Attempt, Claim, Decision, Finish, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
+from orchestrator.state.base import (
+    SUMMARY_FIELDS,
+    Attempt,
+    Claim,
+    Decision,
+    Finish,
+    Reclaim,
+    ResumePlan,
+    RunStatus,
+    StepOutcome,
+    Stop,
+)
 
 _SCRIPTS = ("create", "claim", "finish", "retry", "reclaim", "renew", "stop", "resume", "wait", "decide")
 
@@ -203,6 +214,20 @@ class RedisStateStore:
             raise RunNotFoundError(run_id)
         return {_text(k): _text(v) for k, v in raw.items()}
 
+    def run_summaries(self, run_ids: list[str]) -> list[dict[str, str]]:
+        """A few fields of each run still kept, in order, one round trip per 500 runs."""
+        out: list[dict[str, str]] = []
+        for start in range(0, len(run_ids), 500):
+            pipe = self.client.pipeline(transaction=False)
+            for run_id in run_ids[start : start + 500]:
+                pipe.hmget(keys.run_key(run_id), list(SUMMARY_FIELDS))
+            for row in pipe.execute():
+                if row[0] is not None:  # expired since the index was read
+                    out.append(
+                        {name: "" if v is None else _text(v) for name, v in zip(SUMMARY_FIELDS, row, strict=True)}
+                    )
+        return out
+
     def list_run_ids(self, limit: int = 100) -> list[str]:
         """The newest run ids first."""
         return [_text(r) for r in self.client.zrevrange(keys.RUNS_INDEX, 0, limit - 1)]
@@ -374,9 +399,14 @@ class RedisStateStore:
             ``("ok", new_generation)``, ``("conflict", generation)`` when another resume won, or
             ``("refused", run_status)``.
         """
+        if plan.definition is not None:
+            self.save_definition(plan.definition)
+        new_hash = plan.definition.definition_hash if plan.definition is not None else ""
         argv: list[Any] = [
             plan.expected_generation, ",".join(plan.allowed_statuses), self.active_ttl_s, plan.forced_step or "",
+            new_hash,
         ]  # fmt: skip
+
         for step, status, pending in plan.resets:
             argv += [step, status, pending]
         reply = [_text(x) for x in self._scripts["resume"](keys=_run_keys(run_id), args=argv)]

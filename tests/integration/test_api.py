@@ -31,12 +31,13 @@ from tests.integration.helpers import py, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-READ, WRITE, ADMIN = "read-token-0123", "write-token-4567", "admin-token-89ab"
+READ, WRITE, ADMIN, EDITOR = "read-token-0123", "write-token-4567", "admin-token-89ab", "editor-token-cdef"
 TOKENS = ApiAuth(
     (
         (READ, Principal("reader", frozenset({Scope.READ}))),
         (WRITE, Principal("producer", frozenset({Scope.READ, Scope.WRITE}))),
         (ADMIN, Principal("admin", frozenset(Scope))),
+        (EDITOR, Principal("editor", frozenset({Scope.READ, Scope.APPROVE}))),
     )
 )
 # Short keep-alives and XREAD blocks so streams and shutdown are quick in tests.
@@ -275,6 +276,32 @@ def test_a_decision_on_a_step_that_is_not_waiting_is_409_and_on_an_unknown_step_
     assert "no step 'zzz'" in unknown.json()["detail"]
     assert bad.status_code == 422
     assert bad.json()["detail"].startswith("decision: ")
+
+
+def test_the_token_s_principal_decides_an_approval_and_anyone_else_gets_403(
+    server: ApiServer, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    spec = workflow(f"api_approval_{unique}", {"name": "review", "uses": "approval", "with": {"approvers": ["editor"]}},
+                    py("publish", "tests.count_calls", "review"))  # fmt: skip
+    run_id = client.submit(spec)
+    wait_for(lambda: client.status(run_id)["steps"]["review"]["status"] == "waiting", what="the review to wait")
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as http:
+        url = f"/runs/{run_id}/steps/review/decision"
+        # The body cannot claim an identity: the admin token's principal is "admin", not an approver.
+        forbidden = http.post(url, json={"decision": "approve", "comment": "as editor?"}, headers=bearer(ADMIN))
+        no_scope = http.post(url, json={"decision": "approve"}, headers=bearer(WRITE))
+        approved = http.post(url, json={"decision": "approve", "comment": "lgtm"}, headers=bearer(EDITOR))
+        again = http.post(url, json={"decision": "reject"}, headers=bearer(EDITOR))
+
+    assert forbidden.status_code == 403
+    assert "approvers are editor" in forbidden.json()["detail"]
+    assert no_scope.status_code == 403
+    assert approved.status_code == 200
+    assert approved.json() == {"approved": True, "decision": "approve", "by": "editor", "comment": "lgtm"}
+    assert again.status_code == 409
+    view = client.wait(run_id, timeout=30)
+    assert view["status"] == "succeeded"
+    assert [a["by"] for a in view["steps"]["review"]["approval"]["audit"]] == ["admin", "editor", "editor"]
 
 
 # -- client mistakes ------------------------------------------------------------------------------------------------

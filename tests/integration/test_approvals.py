@@ -113,3 +113,43 @@ def test_two_hundred_waiting_runs_hold_no_worker_and_all_finish_when_approved(
 
     assert {view["status"] for view in finished} == {"succeeded"}
     assert all(calls(redis_client, run_id, "after") == 1 for run_id in run_ids)
+
+
+# -- versions ------------------------------------------------------------------------------------------------------
+
+
+def test_a_run_stays_on_its_version_and_a_changed_definition_is_resumed_only_when_allowed(
+    client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
+) -> None:
+    from orchestrator import workflows
+    from orchestrator.errors import RunStateError
+
+    name = f"versioned_{unique}"
+    v1 = client.resolve(workflow(name, py("a", "tests.count_calls"), py("b", "tests.gate", "a"),
+                                 py("c", "tests.count_calls", "b")))  # fmt: skip
+    workflows.register(v1)
+    run_id = client.submit(name)
+    assert client.wait(run_id, timeout=30)["status"] == "failed"
+
+    # v2 deployed: the v1 run is untouched and a new submit takes the latest.
+    v2 = client.resolve({**workflow(name, py("a", "tests.count_calls"), py("b", "tests.count_constant", "a"),
+                                    py("c", "tests.count_calls", "b")), "version": 2})  # fmt: skip
+    workflows.register(v2)
+    assert client.status(run_id)["version"] == 1
+    assert client.status(client.submit(name))["version"] == 2
+
+    # v1's code changed without a version bump: resuming the pinned run is refused unless allowed.
+    changed = client.resolve(workflow(name, py("a", "tests.count_calls"), py("b", "tests.count_constant", "a"),
+                                      py("c", "tests.count_calls", "b")))  # fmt: skip
+    workflows.register(changed, replace=True)
+    with pytest.raises(RunStateError, match="allow-definition-change"):
+        client.resume(run_id)
+
+    client.resume(run_id, allow_definition_change=True)
+    view = client.wait(run_id, timeout=30)
+
+    assert view["status"] == "succeeded"
+    assert view["definition_hash"] == changed.definition_hash
+    assert calls(redis_client, run_id, "a") == 1, "a's definition is unchanged: its result is kept"
+    assert calls(redis_client, run_id, "b") == 2
+    assert calls(redis_client, run_id, "c") == 1

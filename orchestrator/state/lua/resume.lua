@@ -1,10 +1,10 @@
 -- Start a new generation of a finished run from its checkpoint. The caller computed which steps to reset from the
 -- state it read at generation expected_gen; if another resume won meanwhile, the generation moved and this refuses.
--- KEYS[1] run hash, KEYS[2] its event stream. ARGV: expected_gen, allowed_statuses (comma-separated), active_ttl_s, forced_step ('' none),
---   then step, status, pending triples for every step to reset.
+-- KEYS[1] run hash, KEYS[2] its event stream. ARGV: expected_gen, allowed_statuses (comma-separated), active_ttl_s,
+--   forced_step ('' none), new definition hash ('' keeps it), then step, status, pending triples to reset.
 -- Returns {"ok", new_generation, deadline_or_empty}, {"conflict", generation} or {"refused", run_status}.
 local run, events = KEYS[1], KEYS[2]
-local expected, allowed, ttl, forced = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local expected, allowed, ttl, forced, definition = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local head = redis.call('HMGET', run, 'status', 'gen')
 if not head[1] then return {'refused', 'missing'} end
 if head[2] ~= expected then return {'conflict', head[2]} end
@@ -14,7 +14,7 @@ local t0 = redis.call('TIME')
 local stamp = string.format('%.6f', tonumber(t0[1]) + tonumber(t0[2]) / 1e6)
 emit(run, events, stamp, 'run_resumed', '', 0, cjson.encode({generation = tonumber(gen)}))
 local count = 0
-for i = 5, #ARGV, 3 do
+for i = 6, #ARGV, 3 do
   local p = 's:' .. ARGV[i] .. ':'
   local attempts = redis.call('HGET', run, p .. 'attempts') or '0'
   redis.call('HSET', run, p .. 'status', ARGV[i + 1], p .. 'pending', ARGV[i + 2], p .. 'task', '', p .. 'lease', '',
@@ -24,6 +24,7 @@ for i = 5, #ARGV, 3 do
   count = count + 1
 end
 redis.call('HSET', run, 'status', 'running', 'gen', gen, 'remaining', count, 'failures', 0)
+if definition ~= '' then redis.call('HSET', run, 'def_hash', definition) end
 redis.call('HDEL', run, 'finished_at', 'stopped_at', 'error', 'first_failure', 'deadline')
 local deadline = ''
 local timeout = redis.call('HGET', run, 'timeout_s')
