@@ -17,6 +17,7 @@ import redis
 from orchestrator import Client, Settings
 from orchestrator.local_workers import LocalWorkers
 from orchestrator.state import keys
+from tests.integration.helpers import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -335,3 +336,26 @@ def test_watch_cancel_and_resume_work_from_the_command_line(
     assert "already ended (succeeded)" in again.stdout
     refused = orchestrator("resume", run_id, redis_url=redis_url)
     assert_clean_failure(refused, "nothing to resume")
+
+
+def test_approve_and_reject_from_the_command_line_name_who_decides(
+    redis_url: str, workers: LocalWorkers, client: Client, tmp_path: Path, unique: str
+) -> None:
+    path = write(
+        tmp_path / "review.yaml",
+        f"name: cli_review_{unique}\nsteps:\n"
+        "  - {name: review, uses: approval, with: {approvers: [alice]}}\n"
+        "  - {name: publish, uses: noop, depends_on: [review]}\n",
+    )
+    run_id = orchestrator("submit", path, redis_url=redis_url).stdout.strip()
+
+    def waiting() -> bool:
+        return bool(client.status(run_id)["steps"]["review"]["status"] == "waiting")
+
+    wait_for(waiting, what="the review to wait")
+    assert_clean_failure(orchestrator("reject", run_id, "review", "--as", "mallory", redis_url=redis_url),
+                         "may not decide")  # fmt: skip
+    approved = orchestrator("approve", run_id, "review", "--as", "alice", "--comment", "ok", redis_url=redis_url)
+    assert approved.returncode == 0, approved.stderr
+    assert "approved by alice" in approved.stdout
+    assert client.wait(run_id, timeout=30)["status"] == "succeeded"

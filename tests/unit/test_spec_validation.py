@@ -162,13 +162,15 @@ def test_an_unknown_key_inside_retry_is_named_with_its_step() -> None:
 # -- kinds not available, empty and malformed documents -------------------------------------------------------------
 
 
-def test_an_approval_step_is_refused_as_not_available_yet() -> None:
-    error = refused(wf(noop("a"), {"name": "sign_off", "uses": "approval", "depends_on": ["a"]}))
+def test_an_approval_step_needs_its_approvers_and_a_known_timeout_choice() -> None:
+    missing = refused(wf(noop("a"), {"name": "sign_off", "uses": "approval", "depends_on": ["a"]}))
+    wrong = refused(wf({"name": "sign_off", "uses": "approval", "with": {"approvers": ["x"], "on_timeout": "maybe"}}))
+    spec = parse_workflow(wf({"name": "sign_off", "uses": "approval", "with": {"approvers": ["alice"]}}))
 
-    assert "step 'sign_off'" in str(error)
-    assert "approval" in str(error)
-    assert "not available yet" in str(error)
-    assert error.step == "sign_off"
+    assert missing.step == "sign_off"
+    assert "with.approvers: Field required" in str(missing)
+    assert "with.on_timeout" in str(wrong)
+    assert spec.steps[0].params.approvers == ("alice",)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("data", [{"name": "wf", "steps": []}, {"name": "wf"}], ids=["empty-list", "missing"])

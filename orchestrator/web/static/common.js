@@ -54,7 +54,8 @@ export async function api(path, { method = "GET", body } = {}) {
   }
   if (!response.ok) {
     let message = messageOf(parsed) || `${response.status} ${response.statusText}`;
-    if (response.status === 401 || response.status === 403) message += " (enter an API token above)";
+    // A 403 with a token set is about that token's principal (a scope, not an approver): no hint then.
+    if (response.status === 401 || (response.status === 403 && !token())) message += " (enter an API token above)";
     throw new ApiError(response.status, message);
   }
   return parsed;
@@ -82,9 +83,10 @@ export function statusBadge(status) {
   return el("span", { class: `badge ${statusClass(status)}` }, (status || "unknown").replace("_", " "));
 }
 
+// An ISO 8601 time, or epoch seconds (a number or a numeric string, as in approval audit entries).
 export function formatTime(iso) {
-  if (!iso) return "—";
-  const date = new Date(iso);
+  if (iso === null || iso === undefined || iso === "") return "—";
+  const date = /^\d+(\.\d+)?$/.test(String(iso)) ? new Date(Number(iso) * 1000) : new Date(iso);
   return Number.isNaN(date.getTime()) ? String(iso) : date.toLocaleString();
 }
 
