@@ -211,7 +211,8 @@ def _decide(decision: str, run_id: str, step: str, who: str, comment: str) -> No
             record = client.reject(run_id, step, by=who, comment=comment)
     except OrchestratorError as exc:
         _fail(str(exc), 1)
-    click.echo(f"{step}: {record['decision']}d by {record['by']}" + (f" ({comment})" if comment else ""))
+    verb = "approved" if record["approved"] else "rejected"
+    click.echo(f"{step}: {verb} by {record['by']}" + (f" ({comment})" if comment else ""))
 
 
 @main.command()

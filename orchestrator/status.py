@@ -36,11 +36,14 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> dict[str, Any]:
             "kind": step.uses.value,
         }
         if step.uses == "approval":
+            decision = _json(fields.get(p + "decision"))
+            if decision:
+                decision = {**decision, "at": iso(decision.get("at"))}
             view["approval"] = {
                 "waiting_since": iso(fields.get(p + "waiting_since")),
                 "decide_by": iso(fields.get(p + "decide_by")),
-                "decision": _json(fields.get(p + "decision")),
-                "audit": _json(fields.get(p + "audit")) or [],
+                "decision": decision,
+                "audit": [{**entry, "at": iso(entry.get("at"))} for entry in _json(fields.get(p + "audit")) or []],
             }
         if usage:
             view["usage"] = usage

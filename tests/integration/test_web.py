@@ -230,6 +230,67 @@ def test_with_tokens_configured_the_page_works_once_a_token_is_entered(
         assert page.evaluate("sessionStorage.getItem('orchestrator.token')") == TOKEN
 
 
+def _enter_token(page: Page, token: str) -> None:
+    page.locator("#token-form input").fill(token)
+    page.locator("#token-form button[type=submit]").click()
+    _expect()(page.locator("#token-form .token-state")).to_have_text("token set")
+
+
+def test_an_approval_step_waits_on_the_run_page_until_an_approver_decides_there(
+    page: Page, settings: Settings, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    expect = _expect()
+    editor, other = "web-editor-token", "web-other-token"
+    auth = ApiAuth.parse(json.dumps({editor: {"principal": "editor", "scopes": ["read", "approve"]},
+                                     other: {"principal": "mallory", "scopes": ["read", "approve"]}}))  # fmt: skip
+    review = {"name": "review", "uses": "approval", "depends_on": ["draft"],
+              "with": {"approvers": ["editor"], "message": "Publish it?"}}  # fmt: skip
+    spec = workflow(f"web_approval_{unique}", py("draft", "tests.sleep", seconds=0.5), review,
+                    py("publish", "tests.sleep", "review", seconds=0.5))  # fmt: skip
+    run_id = client.submit(spec)
+    with _serve(_with_web_page(create_app(settings, client, auth=auth))) as url:
+        page.goto(f"{url}/ui/runs/{run_id}")
+        _enter_token(page, other)
+        box = page.locator('[data-step="review"]')
+        expect(box).to_have_attribute("data-status", "waiting", timeout=WAIT_MS)
+        expect(page.locator("#run-status")).to_have_text("waiting", timeout=WAIT_MS)
+        expect(page.locator('[data-step="publish"]')).to_have_attribute("data-status", "pending")
+
+        box.click()
+        expect(page.locator("#approval-message")).to_have_text("Publish it?")
+        expect(page.locator("#approval-facts")).to_contain_text("Approvers")
+        expect(page.locator("#approval-facts")).to_contain_text("editor")
+        expect(page.locator("#audit-empty")).to_be_visible()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-approval-waiting.png"), full_page=True)
+
+        # Not an approver: the API's 403 is shown, the attempt audited, the step still waits.
+        page.locator("#decision-comment").fill("let me in")
+        page.locator("#approve").click()
+        expect(page.locator("#decision-result")).to_contain_text("'mallory' may not decide step 'review'")
+        expect(page.locator("#audit li")).to_have_count(1)
+        expect(page.locator("#audit li").first).to_contain_text("mallory approve · refused: not an approver")
+        expect(box).to_have_attribute("data-status", "waiting")
+
+        _enter_token(page, editor)
+        page.locator("#decision-comment").fill("Looks good")
+        page.locator("#approve").click()
+        expect(page.locator("#decision-result")).to_have_text("review approved by editor")
+        for name in ("draft", "review", "publish"):
+            expect(page.locator(f'[data-step="{name}"]')).to_have_attribute("data-status", "succeeded", timeout=WAIT_MS)
+        expect(page.locator("#run-status")).to_have_text("succeeded", timeout=WAIT_MS)
+        expect(page.locator("#decision-form")).to_be_hidden()
+        audit = page.locator("#audit li")
+        expect(audit).to_have_count(2)
+        expect(audit.nth(1)).to_contain_text("editor approve · accepted")
+        expect(audit.nth(1)).to_contain_text("Looks good")
+        expect(page.locator("#approval-facts")).to_contain_text("approve by editor")
+        expect(page.locator("#panel-output")).to_contain_text('"approved": true')
+        page.screenshot(path=str(ARTIFACTS / "web-approval.png"), full_page=True)
+    output = client.status(run_id)["steps"]["review"]["output"]
+    assert output == {"approved": True, "decision": "approve", "by": "editor", "comment": "Looks good"}
+
+
 def test_the_web_routes_serve_only_the_page_files_under_a_strict_content_policy() -> None:
     from fastapi.testclient import TestClient
 

@@ -1,4 +1,5 @@
-// One run: its DAG coloured live from the SSE stream, a step's details on click, cancel and resume.
+// One run: its DAG coloured live from the SSE stream, a step's details on click, cancel and resume, and the
+// approve / reject form of an approval step that waits for a human.
 import {
   FINISHED_RUN, FINISHED_STEP, api, el, formatDuration, formatTime, messageOf, setupTokenForm, showMessage,
   statusClass, token,
@@ -31,6 +32,8 @@ let runSeq = 0;
 let source = null;
 let pollTimer = null;
 let reloadTimer = null;
+const waits = new Map(); // step → data of its last step_waiting event: {approvers, message, timeout_s}
+let deciding = false;
 
 function endpoint(suffix = "") {
   return `/runs/${encodeURIComponent(runId)}${suffix}`;
@@ -81,6 +84,7 @@ function onEvent(message) {
   if (seq && seq <= seenSeq) return; // a reconnect never repeats, but stay safe
   seenSeq = Math.max(seenSeq, seq);
   const type = event.type || message.type;
+  if (type === "step_waiting" && event.step) waits.set(event.step, event.data || {});
   if (!view) return scheduleReload();
   if (event.step && STEP_EVENTS[type] && view.steps[event.step]) {
     const step = view.steps[event.step];
@@ -131,18 +135,28 @@ function renderLive() {
   $("live").className = text === "live" ? "live" : "muted";
 }
 
+// The run's status as the API computes it, kept current between snapshots: a live run "waits" when only steps
+// waiting for a human decision are under way.
+function runStatus() {
+  if (view.status !== "running" && view.status !== "waiting") return view.status;
+  const live = new Set(Object.values(view.steps).map((s) => s.status));
+  return live.has("waiting") && !live.has("queued") && !live.has("running") ? "waiting" : "running";
+}
+
 function render() {
   if (!view) return;
   const steps = Object.entries(view.steps);
   for (const [name, step] of steps) dag.update(name, step.status, step.attempts);
   $("workflow").textContent = `${view.workflow} v${view.version}`;
-  $("run-status").textContent = view.status.replace("_", " ");
-  $("run-status").className = `badge ${statusClass(view.status)}`;
+  const status = runStatus();
+  $("run-status").textContent = status.replace("_", " ");
+  $("run-status").className = `badge ${statusClass(status)}`;
   const done = steps.filter(([, s]) => FINISHED_STEP.has(s.status)).length;
   $("progress").max = steps.length || 1;
   $("progress").value = done;
-  const running = steps.filter(([, s]) => s.status === "running").length;
-  $("progress-text").textContent = `${done} of ${steps.length} steps done${running ? `, ${running} running` : ""}`;
+  const count = (what) => steps.filter(([, s]) => s.status === what).length;
+  const busy = ["running", "waiting"].filter((what) => count(what)).map((what) => `, ${count(what)} ${what}`);
+  $("progress-text").textContent = `${done} of ${steps.length} steps done${busy.join("")}`;
   const error = view.status === "failed" || view.status === "timed_out" ? messageOf(view.error) || view.error : "";
   $("run-error").textContent = typeof error === "string" ? error : JSON.stringify(error);
   $("run-error").hidden = !error;
@@ -181,9 +195,45 @@ function renderPanel() {
   const errors = step.error ? [step.error] : step.errors || [];
   $("panel-error").textContent = errors.length ? errors.map(pretty).join("\n\n") : "—";
   $("panel-error").classList.toggle("has-error", Boolean(step.error));
+  renderApproval(step);
+}
+
+// An approval step: what the approvers are asked, the decision form while it waits, and every decision attempt.
+function renderApproval(step) {
+  const approval = step.kind === "approval" ? step.approval || {} : null;
+  $("approval").hidden = !approval;
+  if (!approval) return;
+  const asked = { ...approval, ...waits.get(selected) }; // the event's data, else what the status JSON may carry
+  $("approval-message").textContent = asked.message || "";
+  $("approval-message").hidden = !asked.message;
+  const facts = [["Approvers", [].concat(asked.approvers ?? []).join(", ") || "—"]];
+  if (approval.waiting_since) facts.push(["Waiting since", formatTime(approval.waiting_since)]);
+  if (approval.decide_by) facts.push(["Decide by", formatTime(approval.decide_by)]);
+  const decided = approval.decision;
+  if (decided) facts.push(["Decision", `${decided.decision} by ${decided.by}, ${formatTime(decided.at)}`]);
+  $("approval-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
+  $("decision-form").hidden = step.status !== "waiting";
+  $("approve").disabled = deciding;
+  $("reject").disabled = deciding;
+  const audit = approval.audit || [];
+  $("audit-empty").hidden = audit.length > 0;
+  $("audit").hidden = !audit.length;
+  $("audit").replaceChildren(
+    ...audit.map((entry) =>
+      el("li", { class: entry.outcome === "accepted" ? "accepted" : "refused" },
+        el("div", {}, el("strong", {}, entry.by ?? "?"), ` ${entry.decision ?? "?"} · ${entry.outcome ?? "?"}`),
+        el("div", { class: "muted" }, formatTime(entry.at)),
+        entry.comment ? el("q", {}, entry.comment) : null,
+      ),
+    ),
+  );
 }
 
 function select(name) {
+  if (name !== selected) {
+    showMessage($("decision-result"), "");
+    $("decision-comment").value = "";
+  }
   selected = name;
   dag.select(name);
   render();
@@ -211,6 +261,31 @@ $("resume").addEventListener("click", () => control("/resume", {}, (a) => `resum
 $("resume-from").addEventListener("click", () =>
   control("/resume", { from_step: selected }, (a) => `resumed from ${selected} (generation ${a?.generation ?? "?"})`),
 );
+// Decides as the principal of the token (or the API's anonymous loopback principal); shows the API's answer.
+async function decide(decision) {
+  const step = selected;
+  deciding = true;
+  render();
+  try {
+    const body = { decision, comment: $("decision-comment").value.trim() };
+    const answer = await api(endpoint(`/steps/${encodeURIComponent(step)}/decision`), { method: "POST", body });
+    const verdict = answer?.approved ? "approved" : "rejected";
+    showMessage($("decision-result"), `${step} ${verdict} by ${answer?.by ?? "?"}`, "ok");
+    $("decision-comment").value = "";
+  } catch (error) {
+    showMessage($("decision-result"), `Could not ${decision}: ${error.message}`, "error");
+  }
+  deciding = false;
+  await reload(); // the decision and the audit trail
+  if (source?.readyState === EventSource.CLOSED) openStream();
+  render();
+}
+
+$("decision-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const decision = event.submitter?.value;
+  if (selected && (decision === "approve" || decision === "reject")) decide(decision);
+});
 $("panel-close").addEventListener("click", () => {
   selected = null;
   dag?.select(null);
