@@ -29,6 +29,9 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
+        # A Redis blip must not kill running LLM calls: their state transitions are guarded by generation and task
+        # id, so a step that finishes after a reconnect records once, and a redelivered copy finds it taken.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_default_queue": settings.cpu_queue,
         "task_create_missing_queues": True,
         # Flower and event consumers see every task, with its sent time.
