@@ -79,7 +79,7 @@ def create_app(
     metrics = ApiMetrics()
     aredis = aioredis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=5, socket_timeout=streams.block_ms / 1000 + 10,
-        health_check_interval=30,
+        health_check_interval=30, max_connections=streams.redis_connections,
     )  # fmt: skip
     context = ApiContext(
         settings=settings,

@@ -29,6 +29,9 @@ class StreamLimits:
         block_ms: How long a hub's ``XREAD`` blocks before asking again.
         read_batch: Events a hub reads at once; ``queue_size`` must be at least twice as many.
         list_scan: How many of the newest runs ``GET /runs`` looks through when filtering.
+        redis_connections: Cap on the API's async Redis connections. Every watched run's hub holds one for its
+            blocking ``XREAD``, so this bounds the runs watched at once (redis-py's own default of 100 would refuse
+            clients beyond about 100 runs).
     """
 
     queue_size: int = 1000
@@ -36,6 +39,7 @@ class StreamLimits:
     send_timeout_s: float = 30.0
     block_ms: int = 5000
     read_batch: int = 100
+    redis_connections: int = 10_000
     list_scan: int = 2000
 
     def __post_init__(self) -> None:
