@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import itertools
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -54,11 +52,11 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
+from benchkit import fmt, json_safe, percentile, ts, versions
 from celery import chain, group
 
 from orchestrator import Client, Settings, WorkflowSpec, parse_workflow
@@ -191,27 +189,9 @@ def dag_spec(step_s: float) -> WorkflowSpec:
 # -- statistics ------------------------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1), linear interpolation between closest ranks."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 def median(values: Iterable[float]) -> float:
     vals = [v for v in values if not math.isnan(v)]
     return statistics.median(vals) if vals else math.nan
-
-
-def ts(iso: str | None) -> float:
-    """An ISO timestamp of the status JSON as epoch seconds."""
-    if not iso:
-        raise ValueError("missing timestamp in status JSON")
-    return datetime.fromisoformat(iso).timestamp()
 
 
 def cmd_name(command: str) -> str:
@@ -877,12 +857,6 @@ def summarise(
 # -- output ----------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.{digits}f}"
-
-
 def print_report(results: dict[str, Any]) -> None:
     cfg = results["config"]
     print()
@@ -915,7 +889,7 @@ def print_report(results: dict[str, Any]) -> None:
         if key in {"d_hop_after_sleep", "c_fanout_cpu_per_step"}:
             digits = 2
         result = "—" if m["pass"] is None else ("pass" if m["pass"] else "MISS")
-        rows.append((label, _fmt(m["ours"], digits), _fmt(m["raw"], digits), _fmt(m["ratio"]), m["target"], result))
+        rows.append((label, fmt(m["ours"], digits), fmt(m["raw"], digits), fmt(m["ratio"]), m["target"], result))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
@@ -985,27 +959,6 @@ def source_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def _versions(url: str) -> dict[str, Any]:
-    server = redis.Redis.from_url(url).info("server")
-    return {
-        "python": platform.python_version(),
-        **{name: importlib.metadata.version(name) for name in ("celery", "kombu", "redis")},
-        "redis_server": server.get("redis_version"),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 # -- main ------------------------------------------------------------------------------------------------------------
 
 
@@ -1040,7 +993,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench.code_at_start = code_before
                 results = bench.run()
                 results["environment"] = {
-                    **_versions(server.url),
+                    **versions(server.url),
                     "loadavg_1_5_15_before": load_before,
                     "loadavg_1_5_15_after": os.getloadavg(),
                     "product_code_fingerprint": code_before,
@@ -1062,7 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["runtime_s"] = time.monotonic() - started
     print_report(results)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps(_json_safe(results), indent=2, ensure_ascii=False) + "\n")
+    cfg.out.write_text(json.dumps(json_safe(results), indent=2, ensure_ascii=False) + "\n")
     for note in results.get("notes", []):
         print(f"Note: {note}")
     for anomaly in results["anomalies"]:

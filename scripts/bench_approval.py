@@ -33,17 +33,14 @@ stopped on exit, Ctrl-C, SIGTERM and SIGHUP.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +50,8 @@ SCRIPTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SCRIPTS_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # tests.workflows (the functions the steps call) is imported by the client too
     sys.path.insert(0, str(REPO_ROOT))
+
+from benchkit import fmt, json_safe, percentile, ts, versions  # noqa: E402
 
 from orchestrator import Client, Settings, WorkflowSpec, parse_workflow  # noqa: E402
 from orchestrator.local_workers import LocalWorkers  # noqa: E402
@@ -122,28 +121,10 @@ def probe_spec() -> WorkflowSpec:
     ]})  # fmt: skip
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1), linear interpolation between closest ranks."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 def summary_ms(values_s: Sequence[float]) -> dict[str, float]:
     ms = [v * 1e3 for v in values_s]
     return {"p50_ms": percentile(ms, 0.5), "p99_ms": percentile(ms, 0.99), "max_ms": max(ms, default=math.nan),
             "min_ms": min(ms, default=math.nan), "n": len(ms)}  # fmt: skip
-
-
-def ts(iso: str | None) -> float:
-    """An ISO timestamp of the status JSON as epoch seconds."""
-    if not iso:
-        raise ValueError("missing timestamp in status JSON")
-    return datetime.fromisoformat(iso).timestamp()
 
 
 def bursts(values_ms: Sequence[float], threshold_ms: float) -> list[tuple[int, int]]:
@@ -428,12 +409,6 @@ class Bench:
 # -- output ----------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.{digits}f}"
-
-
 def print_report(results: dict[str, Any]) -> None:
     cfg = results["config"]
     rel = results["release"]
@@ -450,7 +425,7 @@ def print_report(results: dict[str, Any]) -> None:
         ("  (info) decision at → review finished_at", rel["decision_at_to_review_finished"]),
         ("Client.approve call (client clock)", call),
     ):
-        rows.append((label, _fmt(s["p50_ms"]), _fmt(s["p99_ms"]), _fmt(s["max_ms"])))
+        rows.append((label, fmt(s["p50_ms"]), fmt(s["p99_ms"]), fmt(s["max_ms"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
@@ -509,27 +484,6 @@ def env_cpus(results: dict[str, Any]) -> int:
     return int(results.get("environment", {}).get("cpus") or os.cpu_count() or 1)
 
 
-def _versions(url: str) -> dict[str, Any]:
-    server = redis.Redis.from_url(url).info("server")
-    return {
-        "python": platform.python_version(),
-        **{name: importlib.metadata.version(name) for name in ("celery", "kombu", "redis")},
-        "redis_server": server.get("redis_version"),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 # -- main ------------------------------------------------------------------------------------------------------------
 
 
@@ -552,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workers.start()
                 results = Bench(cfg, client, server.url, CpuProbe(workers, server.pid)).run()
                 results["environment"] = {
-                    **_versions(server.url),
+                    **versions(server.url),
                     "loadavg_1_5_15_before": load_before,
                     "loadavg_1_5_15_after": os.getloadavg(),
                 }
@@ -569,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["runtime_s"] = time.monotonic() - started
     print_report(results)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps(_json_safe(results), indent=2, ensure_ascii=False) + "\n")
+    cfg.out.write_text(json.dumps(json_safe(results), indent=2, ensure_ascii=False) + "\n")
     for anomaly in results["anomalies"]:
         print(f"WARNING: {anomaly}")
     print(f"\nresults: {cfg.out}  (total {results['runtime_s']:.0f}s)")

@@ -81,6 +81,7 @@ for _path in (str(REPO_ROOT), str(SCRIPTS_DIR)):  # tests.workflows and bench_st
         sys.path.insert(0, _path)
 
 from bench_stream_tasks import gate_key  # noqa: E402
+from benchkit import json_safe  # noqa: E402
 
 from orchestrator import Client, Settings  # noqa: E402
 from orchestrator.local_workers import LocalWorkers  # noqa: E402
@@ -1383,16 +1384,6 @@ def _hiredis_in(env: dict[str, str]) -> bool | None:
     return {"True": True, "False": False}.get(out.stdout.strip())
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 # -- main ------------------------------------------------------------------------------------------------------------
 
 
@@ -1546,7 +1537,7 @@ def finish(cfg: Config, results: dict[str, Any], profile_path: Path | None, star
     results["runtime_s"] = time.monotonic() - started
     print_report(results)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps(_json_safe(results), indent=2, ensure_ascii=False) + "\n")
+    cfg.out.write_text(json.dumps(json_safe(results), indent=2, ensure_ascii=False) + "\n")
     print(f"\nresults: {cfg.out}  (total {results['runtime_s']:.0f}s)")
     ok = all(results["summary"][key]["all_exact"] for key in ("one_run", "many_runs"))
     return 0 if ok else 1
