@@ -188,7 +188,9 @@ class Client:
         Raises:
             RunNotFoundError: No such run.
         """
-        self.store.run_fields(run_id)
+        # A few fields, not the whole hash: outputs can be large and this repeats on every quiet poll.
+        if not self.store.run_summaries([run_id]):
+            raise RunNotFoundError(run_id)
         while True:
             batch = self.store.wait_events(run_id, after, poll_s)
             for event in batch:
@@ -196,7 +198,12 @@ class Client:
                 yield event
                 if until_end and EventType(event.type).ends_run and self._really_ended(run_id, event.seq):
                     return
-            if not batch and until_end and RunStatus(self.store.run_fields(run_id)["status"]).finished:
+            if batch or not until_end:
+                continue
+            summary = self.store.run_summaries([run_id])
+            if not summary:
+                raise RunNotFoundError(run_id)  # expired while we listened
+            if RunStatus(summary[0]["status"]).finished:
                 # Ended before we started listening and its final event was trimmed or already seen.
                 return
 

@@ -152,19 +152,6 @@ def _dispatch(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, steps: tuple[st
     dispatch(rt.app, rt.settings, spec, run_id=attempt.run_id, steps=steps, generation=attempt.generation)
 
 
-def _finish(
-    rt: Runtime,
-    spec: WorkflowSpec,
-    attempt: Attempt,
-    outcome: StepOutcome,
-    *,
-    output: Any = None,
-    error: dict[str, Any] | None = None,
-    cache_key: str = "",
-    cached: bool = False,
-) -> str:
-    recorded = record_outcome(
-        rt.app, rt.settings, rt.store, spec, attempt, outcome=outcome, output=output, error=error, cache_key=cache_key,
-        cached=cached,
-    )  # fmt: skip
+def _finish(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, outcome: StepOutcome, **details: Any) -> str:
+    recorded = record_outcome(rt.app, rt.settings, rt.store, spec, attempt, outcome=outcome, **details)
     return outcome.value if recorded else "stale attempt: not recorded"
