@@ -149,3 +149,26 @@ class RetryableStepError(StepError):
 
 class NonRetryableStepError(StepError):
     """A permanent failure: repeating the attempt cannot help."""
+
+
+class StepDeferred(RetryableStepError):
+    """The step must wait before its LLM call (a shared rate limit, or a provider's cool-down) and has failed nothing.
+
+    The worker puts it back in the queue for ``countdown`` seconds without counting an attempt and without holding a
+    worker slot (Celery's retry delays the message).
+
+    Attributes:
+        reason: ``rate_limit`` (the cluster-wide requests or tokens per minute), or ``cooldown`` (a provider's
+            ``retry-after`` for this model).
+        model: The model waited for.
+    """
+
+    def __init__(self, message: str, *, reason: str, model: str, countdown: float) -> None:
+        super().__init__(message, kind="deferred")
+        self.reason = reason
+        self.model = model
+        self.countdown = countdown
+
+    def to_record(self) -> dict[str, Any]:
+        """The deferral as stored with the step and sent in its ``step_deferred`` event."""
+        return {"reason": self.reason, "model": self.model, "message": str(self)}

@@ -34,6 +34,7 @@ class EventType(StrEnum):
     STEP_QUEUED = "step_queued"
     STEP_STARTED = "step_started"
     STEP_RETRY = "step_retry"
+    STEP_DEFERRED = "step_deferred"
     STEP_SUCCEEDED = "step_succeeded"
     STEP_FAILED = "step_failed"
     STEP_SKIPPED = "step_skipped"
@@ -118,6 +119,10 @@ class ProgressListener:
     def on_step_retry(self, event: Event) -> None:
         """An attempt failed with a retryable error; ``event.data`` has the error and the countdown."""
 
+    def on_step_deferred(self, event: Event) -> None:
+        """A step went back to the queue, not counted as an attempt, to wait for a shared LLM rate limit or a
+        provider's cool-down; ``event.data`` has the ``deferral`` (reason, model) and the countdown."""
+
     def on_step_complete(self, event: Event) -> None:
         """A step succeeded."""
 
@@ -147,6 +152,7 @@ _CALLBACKS = {
     EventType.STEP_STARTED: "on_step_start",
     EventType.STEP_RETRY: "on_step_retry",
     EventType.STEP_LOST: "on_step_retry",
+    EventType.STEP_DEFERRED: "on_step_deferred",
     EventType.STEP_SUCCEEDED: "on_step_complete",
     EventType.STEP_FAILED: "on_step_failed",
     EventType.STEP_UPSTREAM_FAILED: "on_step_failed",

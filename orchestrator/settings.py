@@ -42,6 +42,11 @@ class Settings:
         llm_timeout_s: ``ORCH_LLM_TIMEOUT_S``: default per-call LLM timeout.
         llm_queue: ``ORCH_LLM_QUEUE``: queue for ``llm`` steps.
         cpu_queue: ``ORCH_CPU_QUEUE``: queue for every other step kind.
+        llm_prices: ``ORCH_LLM_PRICES``: JSON ``{"MODEL": {"input": USD, "output": USD}}`` per million tokens,
+            over the built-in Claude prices.
+        llm_limits: ``ORCH_LLM_LIMITS``: JSON ``{"MODEL": {"rpm": N, "tpm": N}, "*": {...}}``: cluster-wide
+            requests and tokens per minute per model (none by default).
+        shared_reply_ttl_s: ``ORCH_SHARED_REPLY_TTL_S``: how long a reply cached across runs is kept.
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -61,6 +66,9 @@ class Settings:
     llm_timeout_s: float = 120.0
     llm_queue: str = "llm"
     cpu_queue: str = "cpu"
+    llm_prices: str | None = None
+    llm_limits: str | None = None
+    shared_reply_ttl_s: int = 7 * 24 * 3600
     redis_url_explicit: bool = field(default=False, compare=False)
 
     @classmethod
@@ -85,6 +93,9 @@ class Settings:
             "llm_timeout_s": "ORCH_LLM_TIMEOUT_S",
             "llm_queue": "ORCH_LLM_QUEUE",
             "cpu_queue": "ORCH_CPU_QUEUE",
+            "llm_prices": "ORCH_LLM_PRICES",
+            "llm_limits": "ORCH_LLM_LIMITS",
+            "shared_reply_ttl_s": "ORCH_SHARED_REPLY_TTL_S",
         }
         kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, object] = {}

@@ -107,7 +107,13 @@ class SimulateSpec(_Frozen):
 
 
 class LLMParams(_Frozen):
-    """The ``with:`` of an ``llm`` step. ``prompt`` and ``system`` are sandboxed Jinja templates."""
+    """The ``with:`` of an ``llm`` step. ``prompt`` and ``system`` are sandboxed Jinja templates.
+
+    ``reply_cache`` decides where an identical request (model, system, prompt, max_tokens, temperature) is answered
+    from a stored reply instead of paid for again: ``run`` (the default: within the run, so a redelivered or resumed
+    step never pays twice), ``shared`` (across runs too, opt-in), or ``off``. A step with ``cache: false`` never
+    reuses a reply.
+    """
 
     prompt: str = Field(min_length=1, max_length=200_000)
     model: str = Field(default=DEFAULT_MODEL, min_length=1, max_length=100)
@@ -116,6 +122,7 @@ class LLMParams(_Frozen):
     temperature: float | None = Field(default=None, ge=0, le=1)
     output_schema: dict[str, Any] | None = None
     simulate: SimulateSpec | None = None
+    reply_cache: Literal["run", "shared", "off"] = "run"
 
     @field_validator("output_schema")
     @classmethod

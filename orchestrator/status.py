@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from orchestrator.coordinator import failure_summary
+from orchestrator.llm.governor import from_nano_usd
 from orchestrator.spec import WorkflowSpec
 from orchestrator.timestamps import iso
 
@@ -49,6 +50,13 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> dict[str, Any]:
             view["usage"] = usage
             input_tokens += int(usage.get("input_tokens", 0))
             output_tokens += int(usage.get("output_tokens", 0))
+            if isinstance(output, dict) and output.get("cost_usd") is not None:
+                view["cost"] = round(float(output["cost_usd"]), 9)
+        if view["status"] == "queued" and fields.get(p + "deferral"):
+            view["deferred"] = {
+                **(_json(fields.get(p + "deferral")) or {}),
+                "until": iso(fields.get(p + "deferred_until")),
+            }
         steps[step.name] = view
     status = fields.get("status", "pending")
     live = {v["status"] for v in steps.values()}
@@ -76,4 +84,14 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> dict[str, Any]:
     }
     if input_tokens or output_tokens:
         view_run["usage"] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    if spec.budget_usd is not None or fields.get("llm_spent_nusd"):
+        # What the provider billed this run, every attempt included (replies served from the cache cost nothing).
+        view_run["cost"] = from_nano_usd(int(fields.get("llm_spent_nusd") or 0))
+        view_run["llm_calls"] = int(fields.get("llm_calls") or 0)
+    if spec.budget_usd is not None:
+        view_run["budget"] = {
+            "budget_usd": spec.budget_usd,
+            "held_usd": from_nano_usd(int(fields.get("llm_held_nusd") or 0)),
+            "exhausted": fields.get("budget_exhausted") == "1",
+        }
     return view_run

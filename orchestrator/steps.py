@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.conditions import evaluate_condition
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError, WorkflowDefinitionError
-from orchestrator.llm import LLMClient, LLMRequest, parse_structured, structured_output_instruction
+from orchestrator.llm import LLMRequest, parse_structured, structured_output_instruction
+from orchestrator.llm.gateway import CallContext, LLMGateway
 from orchestrator.registry import FunctionRegistry
 from orchestrator.spec import LLMParams, PythonParams, StepSpec
 from orchestrator.templates import render
@@ -60,7 +61,7 @@ class StepExecutor:
     """Runs step attempts.
 
     Args:
-        llm: The client for ``llm`` steps.
+        llm: The gateway ``llm`` steps call through (cache, limits, budget, cost).
         functions: The registry ``python`` steps call into.
         max_output_bytes: Outputs larger than this fail the step.
         llm_timeout_s: Default per-call LLM timeout (a step's ``timeout_s`` wins).
@@ -70,7 +71,7 @@ class StepExecutor:
 
     def __init__(
         self,
-        llm: LLMClient,
+        llm: LLMGateway,
         functions: FunctionRegistry,
         *,
         max_output_bytes: int,
@@ -101,15 +102,25 @@ class StepExecutor:
                 ) from None
         return True
 
-    def run(self, step: StepSpec, ctx: StepContext) -> Any:
+    def run(self, step: StepSpec, ctx: StepContext, call: CallContext) -> Any:
         """Run one attempt and return its JSON-serialisable output.
 
+        Args:
+            step: The step.
+            ctx: What it sees.
+            call: The run's LLM budget and workflow name, for ``llm`` steps.
+
         Raises:
+            StepDeferred: An LLM step must wait for a shared rate limit or a cool-down.
             RetryableStepError: A transient failure.
-            NonRetryableStepError: A permanent one (including an output over the size cap).
+            NonRetryableStepError: A permanent one (including an output over the size cap, or a spent budget).
         """
         if isinstance(step.params, LLMParams):
-            output = self._run_llm(step, step.params, ctx)
+            if not step.cache:
+                call = replace(call, reply_cache="off")
+            else:
+                call = replace(call, reply_cache=step.params.reply_cache)
+            output = self._run_llm(step, step.params, ctx, call)
         elif isinstance(step.params, PythonParams):
             output = self._run_python(step.params, ctx)
         else:
@@ -117,7 +128,7 @@ class StepExecutor:
         self._check_size(output)
         return output
 
-    def _run_llm(self, step: StepSpec, params: LLMParams, ctx: StepContext) -> dict[str, Any]:
+    def _run_llm(self, step: StepSpec, params: LLMParams, ctx: StepContext, call: CallContext) -> dict[str, Any]:
         variables = ctx.template_context()
         prompt = render(params.prompt, variables)
         system = render(params.system, variables) if params.system else None
@@ -134,14 +145,18 @@ class StepExecutor:
             simulate=params.simulate.model_dump(exclude_none=True) if params.simulate else None,
             timeout_s=step.timeout_s or self.llm_timeout_s,
         )
-        response = self.llm.complete(request)
+        reply = self.llm.complete(request, call)
+        response = reply.response
         usage = {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens}
         output: dict[str, Any] = {
             "text": response.text,
             "word_count": len(response.text.split()),
             "model": response.model,
             "usage": usage,
+            "cost_usd": reply.cost_usd,
         }
+        if reply.cached:
+            output["reply_cached"] = True
         if params.output_schema is not None:
             try:
                 output["data"] = parse_structured(response.text, params.output_schema)
@@ -160,9 +175,12 @@ class StepExecutor:
                     simulate=_without_errors(request.simulate),
                     timeout_s=request.timeout_s,
                 )
-                repaired = self.llm.complete(repair)
+                second = self.llm.complete(repair, call)
+                repaired = second.response
                 usage["input_tokens"] += repaired.usage.input_tokens
                 usage["output_tokens"] += repaired.usage.output_tokens
+                if output["cost_usd"] is not None and second.cost_usd is not None:
+                    output["cost_usd"] += second.cost_usd
                 output.update(text=repaired.text, word_count=len(repaired.text.split()), repaired=True)
                 output["data"] = parse_structured(repaired.text, params.output_schema)
         return output

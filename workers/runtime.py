@@ -10,6 +10,10 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestrator.llm import make_llm_client
+from orchestrator.llm.cache import ReplyCache
+from orchestrator.llm.gateway import LLMGateway
+from orchestrator.llm.governor import RateLimits, RedisGovernor
+from orchestrator.llm.pricing import PriceTable
 from orchestrator.registry import functions, import_modules
 from orchestrator.settings import Settings
 from orchestrator.state import RedisStateStore, StateStore
@@ -50,8 +54,14 @@ class RuntimeHolder:
         settings = self.settings
         import_modules(settings.imports)
         store = RedisStateStore.from_url(settings.redis_url, retention_s=settings.retention_s)
-        executor = StepExecutor(
+        gateway = LLMGateway(
             make_llm_client(settings.anthropic_api_key, settings.anthropic_base_url, settings.llm_timeout_s),
+            prices=PriceTable.from_json(settings.llm_prices),
+            governor=RedisGovernor(store.client, RateLimits.from_json(settings.llm_limits)),
+            cache=ReplyCache(store.client, run_ttl_s=settings.retention_s, shared_ttl_s=settings.shared_reply_ttl_s),
+        )
+        executor = StepExecutor(
+            gateway,
             functions,
             max_output_bytes=settings.max_output_bytes,
             llm_timeout_s=settings.llm_timeout_s,

@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from orchestrator import telemetry
 from orchestrator.control import DEADLINE_REASON, record_outcome, stop_run
 from orchestrator.coordinator import (
     decide_start,
@@ -20,10 +21,12 @@ from orchestrator.coordinator import (
     upstream_reads,
 )
 from orchestrator.dispatch import STEP_TASK, dispatch
-from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError
+from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepDeferred, StepError
+from orchestrator.llm.gateway import CallContext
 from orchestrator.spec import ApprovalParams, WorkflowSpec
 from orchestrator.state import Attempt, Claim, RunStatus, StepOutcome
 from orchestrator.steps import StepContext
+from orchestrator.telemetry import AttemptScope
 from orchestrator.templates import render
 from workers.runtime import Runtime, RuntimeHolder
 
@@ -53,12 +56,19 @@ def register_tasks(app: Celery, runtime: RuntimeHolder) -> Task[Any, Any]:
 
     @app.task(bind=True, base=StepTask, name=STEP_TASK, shared=False)
     def run_step(self: StepTask, run_id: str, definition_hash: str, step: str, generation: str) -> str:
-        return execute(runtime.get(), Attempt(run_id, step, generation, str(self.request.id)), definition_hash)
+        attempt = Attempt(run_id, step, generation, str(self.request.id))
+        return execute(runtime.get(), attempt, definition_hash, _delivery(self.request))
 
     return run_step
 
 
-def execute(rt: Runtime, attempt: Attempt, definition_hash: str) -> str:
+def _delivery(request: Any) -> dict[str, Any]:
+    # The message's queue and headers (trace context), as Celery hands them to the task.
+    info = request.delivery_info or {}
+    return {"queue": info.get("routing_key") or "", "headers": request.headers or {}}
+
+
+def execute(rt: Runtime, attempt: Attempt, definition_hash: str, delivery: dict[str, Any] | None = None) -> str:
     """Run one delivery of a step message; returns what happened, for the worker log.
 
     Raises:
@@ -81,53 +91,80 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str) -> str:
     if claim.outcome != "ok":
         log.info("dropping %s: %s %s", attempt, claim.outcome, claim.detail)
         return f"dropped: {claim.outcome}"
+    delivery = delivery or {}
+    info = telemetry.AttemptInfo(
+        run_id=attempt.run_id,
+        workflow=spec.name,
+        step=attempt.step,
+        kind=spec.steps_by_name[attempt.step].uses.value,
+        attempt=claim.attempt,
+        task_id=attempt.task_id,
+        queue=delivery.get("queue", ""),
+        queued_at=claim.queued_at,
+        started_at=claim.now,
+        headers=delivery.get("headers") or {},
+    )
     rt.leases.hold(attempt)
     try:
-        return _run_attempt(rt, spec, attempt, claim)
+        with telemetry.step_attempt(info) as scope:
+            return _run_attempt(rt, spec, attempt, claim, scope)
     finally:
         rt.leases.release(attempt)
 
 
-def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim) -> str:
+def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim, scope: AttemptScope) -> str:
     step = spec.steps_by_name[attempt.step]
     try:
         skip = decide_start(step, claim.parent_status)
         if skip is not None:
-            return _finish(rt, spec, attempt, skip)
+            return _finish(rt, spec, attempt, skip, scope)
         if claim.attempt > step.retry.max_attempts:
             last = claim.errors[-1] if claim.errors else {"type": "worker_lost", "message": "worker lost"}
             error = {**last, "attempt": claim.attempt - 1, "message": f"gave up: {last.get('message', '')}"}
-            return _finish(rt, spec, attempt, StepOutcome.FAILED, error=error)
+            return _finish(rt, spec, attempt, StepOutcome.FAILED, scope, error=error)
         ctx = StepContext(attempt.run_id, attempt.step, claim.attempt, claim.inputs, claim.parent_output)
         if not rt.executor.should_run(step, ctx):
-            return _finish(rt, spec, attempt, StepOutcome.SKIPPED)
+            return _finish(rt, spec, attempt, StepOutcome.SKIPPED, scope)
         if isinstance(step.params, ApprovalParams):
+            scope.finish("waiting")
             return _wait_for_decision(rt, step.params, attempt, ctx)
         key = result_key(step, claim.inputs, claim.parent_output)
         if step.cache and not claim.force and claim.cache_key == key:
             # Resumed with the same definition and inputs as the result it already has: never pay for it twice.
-            return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, cache_key=key, cached=True)
+            return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, scope, cache_key=key, cached=True)
+        call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd)
         try:
-            output = rt.executor.run(step, ctx)
+            output = rt.executor.run(step, ctx, call)
         except SoftTimeLimitExceeded:
             raise RetryableStepError(f"step exceeded its timeout of {step.timeout_s}s", kind="timeout") from None
+    except StepDeferred as exc:
+        # Not a failure: the attempt is given back and the message waits in the broker, holding no worker slot.
+        wait = exc.countdown or 0.0
+        if not rt.store.defer(attempt, exc.to_record(), countdown_s=wait, grace_s=rt.settings.queued_grace_s):
+            return "stale attempt: not deferred"
+        scope.finish("deferred", exc.reason)
+        log.info("%s deferred %.2fs: %s", attempt, wait, exc)
+        raise
     except RetryableStepError as exc:
         error = _error_record(exc, claim.attempt)
         if not should_retry(step.retry, claim.attempt, exc.kind):
-            return _finish(rt, spec, attempt, StepOutcome.FAILED, error=error)
+            return _finish(rt, spec, attempt, StepOutcome.FAILED, scope, error=error)
         exc.countdown = retry_delay(step.retry, claim.attempt, exc.retry_after, rt.settings.retry_cap_s)
         if not rt.store.retry(attempt, error, countdown_s=exc.countdown, grace_s=rt.settings.queued_grace_s):
             return "stale attempt: not retried"
+        scope.finish("retry", exc.kind)
         log.warning("%s attempt %d: %s; retrying in %.2fs", attempt, claim.attempt, exc, exc.countdown)
         raise
     except StepError as exc:
-        return _finish(rt, spec, attempt, StepOutcome.FAILED, error=_error_record(exc, claim.attempt))
+        return _finish(rt, spec, attempt, StepOutcome.FAILED, scope, error=_error_record(exc, claim.attempt))
     except Exception as exc:
         # A bug of ours must still end the step, not leave it running until its lease runs out.
         log.exception("%s: internal error", attempt)
         internal = NonRetryableStepError(f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
-        return _finish(rt, spec, attempt, StepOutcome.FAILED, error=_error_record(internal, claim.attempt))
-    return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, output=output, cache_key=key)
+        return _finish(rt, spec, attempt, StepOutcome.FAILED, scope, error=_error_record(internal, claim.attempt))
+    if isinstance(output, dict) and isinstance(output.get("cost_usd"), float):
+        scope.cost_usd = output["cost_usd"]
+    return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output, cache_key=key)
 
 
 def _wait_for_decision(rt: Runtime, params: ApprovalParams, attempt: Attempt, ctx: StepContext) -> str:
@@ -152,6 +189,10 @@ def _dispatch(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, steps: tuple[st
     dispatch(rt.app, rt.settings, spec, run_id=attempt.run_id, steps=steps, generation=attempt.generation)
 
 
-def _finish(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, outcome: StepOutcome, **details: Any) -> str:
+def _finish(
+    rt: Runtime, spec: WorkflowSpec, attempt: Attempt, outcome: StepOutcome, scope: AttemptScope, **details: Any
+) -> str:
     recorded = record_outcome(rt.app, rt.settings, rt.store, spec, attempt, outcome=outcome, **details)
+    error = details.get("error")
+    scope.finish(outcome.value if recorded else "stale", error.get("type") if error else None)
     return outcome.value if recorded else "stale attempt: not recorded"

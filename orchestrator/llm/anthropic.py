@@ -217,7 +217,12 @@ def _to_response(message: Message) -> LLMResponse:
     return LLMResponse(
         text=text,
         model=message.model,
-        usage=LLMUsage(input_tokens=message.usage.input_tokens, output_tokens=message.usage.output_tokens),
+        usage=LLMUsage(
+            input_tokens=message.usage.input_tokens,
+            output_tokens=message.usage.output_tokens,
+            cache_creation_input_tokens=message.usage.cache_creation_input_tokens or 0,
+            cache_read_input_tokens=message.usage.cache_read_input_tokens or 0,
+        ),
         stop_reason=message.stop_reason,
         request_id=message._request_id,
         extra={"message_id": message.id},

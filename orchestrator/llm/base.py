@@ -38,10 +38,21 @@ class LLMRequest:
 
 @dataclass(frozen=True)
 class LLMUsage:
-    """Tokens billed for one call."""
+    """Tokens billed for one call (prompt-cache reads and writes apart from plain input)."""
 
     input_tokens: int
     output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts, omitting prompt-cache ones that are zero."""
+        out = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        if self.cache_creation_input_tokens:
+            out["cache_creation_input_tokens"] = self.cache_creation_input_tokens
+        if self.cache_read_input_tokens:
+            out["cache_read_input_tokens"] = self.cache_read_input_tokens
+        return out
 
 
 @dataclass(frozen=True)

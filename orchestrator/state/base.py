@@ -84,6 +84,7 @@ class Claim:
         cache_key: The key of the step's stored result from an earlier generation ('' when none).
         force: The step must run even if its cache key matches (``resume --from`` names it).
         now: Redis's clock when the attempt started (epoch seconds).
+        queued_at: When the step was last queued (the run's creation for a root), for the queue-wait metric.
         errors: Errors of earlier attempts.
         inputs: The run's inputs.
         parent_status: Each dependency's status.
@@ -96,6 +97,7 @@ class Claim:
     attempt: int = 0
     total_attempts: int = 0
     now: float = 0.0
+    queued_at: float | None = None
     cache_key: str = ""
     force: bool = False
     errors: list[dict[str, Any]] = field(default_factory=list)
@@ -321,6 +323,18 @@ class StateStore(Protocol):
 
         Returns:
             ``False`` when the attempt is stale (as for :meth:`finish`); nothing changed then.
+        """
+        ...
+
+    def defer(self, attempt: Attempt, deferral: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+        """Put a running attempt's step back to ``queued`` for ``countdown_s`` without counting the attempt.
+
+        For a step that must wait for a shared LLM rate limit or a provider's cool-down: it failed nothing, so the
+        attempt number is given back, and it holds no worker slot while it waits (the delayed message does). Records
+        ``deferred_until``, the ``deferral`` detail and a ``step_deferred`` event; leases as :meth:`retry` does.
+
+        Returns:
+            ``False`` when the attempt is stale; nothing changed then.
         """
         ...
 

@@ -50,3 +50,18 @@ def parse_lease_member(member: str) -> tuple[str, str, str]:
     """Split a lease index member into run id, step and task id."""
     run_id, step, task_id = member.split("|", 2)
     return run_id, step, task_id
+
+
+def llm_limiter_key(model: str) -> str:
+    """A model's cluster-wide rate-limit buckets and cool-down (hash-tagged by model)."""
+    return f"{PREFIX}:llm:{{{model}}}"
+
+
+def llm_run_cache_key(run_id: str) -> str:
+    """LLM replies cached for one run, by request digest (same slot as the run)."""
+    return f"{PREFIX}:{{{run_id}}}:llm"
+
+
+def llm_shared_cache_key(digest: str) -> str:
+    """An LLM reply cached across runs (opt-in), by request digest."""
+    return f"{PREFIX}:llmcache:{digest}"

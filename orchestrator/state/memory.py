@@ -295,6 +295,7 @@ class MemoryStateStore:
             now=float(started),
             cache_key=fields.get(p + "cache_key", ""),
             force=fields.get(p + "force") == "1",
+            queued_at=_float_or_none(fields.get(p + "queued_at") or fields.get("created_at") or ""),
             errors=_json_list(fields.get(p + "errors")),
             inputs=json.loads(fields.get("inputs") or "{}"),
             parent_status={u: fields.get(f"s:{u}:status", "") for u in upstream},
@@ -398,6 +399,35 @@ class MemoryStateStore:
             # As retry.lua: the error's JSON as it was given, the countdown as redis-py sends a float.
             detail = '{"error":' + raw + ',"countdown_s":' + repr(float(countdown_s)) + "}"
             self._emit(run, stamp, "step_retry", attempt.step, attempt=number, data=detail)
+            self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = float(lease)
+            return True
+
+    def defer(self, attempt: Attempt, deferral: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+        """Put a running step back to ``queued`` for ``countdown_s`` without counting the attempt (as ``defer.lua``)."""
+        p = f"s:{attempt.step}:"
+        with self._lock:
+            now = self._clock()
+            run = self._live(attempt.run_id, now)
+            if run is None or not self._owns(run.fields, attempt):
+                return False
+            lease = _stamp(now + countdown_s + grace_s)
+            stamp = _stamp(now)
+            attempts = int(run.fields.get(p + "attempts") or 1) - 1
+            raw = json.dumps(deferral)
+            run.fields.update(
+                {
+                    p + "status": "queued",
+                    p + "lease": lease,
+                    p + "queued_at": stamp,
+                    p + "attempts": str(attempts),
+                    p + "deferred_until": _stamp(now + countdown_s),
+                    p + "deferral": raw,
+                    p + "deferrals": str(int(run.fields.get(p + "deferrals") or 0) + 1),
+                }
+            )
+            number = attempts + 1 - int(run.fields.get(p + "attempt_base") or 0)
+            detail = '{"deferral":' + raw + ',"countdown_s":' + repr(float(countdown_s)) + "}"
+            self._emit(run, stamp, "step_deferred", attempt.step, attempt=number, data=detail)
             self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = float(lease)
             return True
 

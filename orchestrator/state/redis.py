@@ -31,10 +31,10 @@ from orchestrator.state.base import (
     Stop,
 )
 
-_SCRIPTS = ("create", "claim", "finish", "retry", "reclaim", "renew", "stop", "resume", "wait", "decide")
+_SCRIPTS = ("create", "claim", "finish", "retry", "defer", "reclaim", "renew", "stop", "resume", "wait", "decide")
 
 
-_WITH_EVENTS = {"create", "claim", "finish", "retry", "reclaim", "stop", "resume", "wait", "decide"}
+_WITH_EVENTS = {"create", "claim", "finish", "retry", "defer", "reclaim", "stop", "resume", "wait", "decide"}
 
 
 def _load_lua(name: str) -> str:
@@ -263,7 +263,7 @@ class RedisStateStore:
         if outcome != "ok" and not (outcome == "busy" and reply[1:2] == ["own"]):
             self.client.zrem(keys.LEASES, member)
         if outcome == "ok":
-            rows = reply[8:]
+            rows = reply[9:]
             return Claim(
                 outcome="ok",
                 attempt=int(reply[1]) - int(reply[5] or 0),
@@ -273,6 +273,7 @@ class RedisStateStore:
                 inputs=json.loads(reply[4]),
                 cache_key=reply[6],
                 force=reply[7] == "1",
+                queued_at=float(reply[8]) if reply[8] else None,
                 parent_status={p: rows[2 * i] for i, p in enumerate(upstream)},
                 parent_output={
                     p: json.loads(rows[2 * i + 1]) if rows[2 * i + 1] else None for i, p in enumerate(upstream)
@@ -324,6 +325,19 @@ class RedisStateStore:
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
         argv: list[Any] = [step, generation, task_id, json.dumps(error), countdown_s, grace_s]
         lease = self._scripts["retry"](keys=_run_keys(run_id), args=argv)
+        if lease is None:
+            return False
+        self.client.zadd(keys.LEASES, {keys.lease_member(run_id, step, task_id): float(_text(lease))})
+        return True
+
+    def defer(self, attempt: Attempt, deferral: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+        """Put a running step back to ``queued`` for ``countdown_s`` without counting the attempt (see ``defer.lua``).
+
+        ``False`` when the attempt is stale.
+        """
+        run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
+        argv: list[Any] = [step, generation, task_id, countdown_s, grace_s, json.dumps(deferral)]
+        lease = self._scripts["defer"](keys=_run_keys(run_id), args=argv)
         if lease is None:
             return False
         self.client.zadd(keys.LEASES, {keys.lease_member(run_id, step, task_id): float(_text(lease))})

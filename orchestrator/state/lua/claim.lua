@@ -1,7 +1,7 @@
 -- Claim a step for one attempt: the only way a step starts running.
 -- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, generation, task_id, lease_s, n_parents, parents..., n_children, children...
 -- Returns {outcome, ...}:
---   {"ok", attempt, now, errors, inputs, attempt_base, cache_key, force, p1_status, p1_output, ...}  run it
+--   {"ok", attempt, now, errors, inputs, attempt_base, cache_key, force, queued_at, p1_status, p1_output, ...}  run it
 --   {"inactive", run_status or "deadline"} | {"stale"} | {"superseded"} | {"busy", "own" or ""} | {"missing"}
 --   {"done", step_status, c1_status, c1_task, ...}   a duplicate delivery of a finished step
 local run, events = KEYS[1], KEYS[2]
@@ -13,7 +13,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 
 local head = redis.call('HMGET', run, 'status', 'gen', p .. 'status', p .. 'task', p .. 'lease', p .. 'attempts',
-  p .. 'errors', 'inputs', p .. 'attempt_base', p .. 'cache_key', p .. 'force', 'deadline', 'seq')
+  p .. 'errors', 'inputs', p .. 'attempt_base', p .. 'cache_key', p .. 'force', 'deadline', 'seq', p .. 'queued_at',
+  'created_at')
 local run_status, run_gen, status, owner, lease, attempts = head[1], head[2], head[3], head[4], head[5], head[6]
 if not run_status or not status then return {'missing'} end
 if run_gen ~= gen then return {'stale'} end
@@ -51,7 +52,7 @@ fields[#fields + 1] = _seq
 redis.call('HSET', run, unpack(fields))
 
 local out = {'ok', attempts, string.format('%.6f', now), head[7] or '', head[8] or '{}', head[9] or '0',
-  head[10] or '', head[11] or ''}
+  head[10] or '', head[11] or '', head[14] or head[15] or ''}
 if n_parents > 0 then
   local want = {}
   for i = 1, n_parents do

@@ -7,7 +7,7 @@ import {
 import { drawDag } from "./dag.js";
 
 const STEP_EVENTS = {
-  step_queued: "queued", step_started: "running", step_retry: "queued", step_lost: "queued",
+  step_queued: "queued", step_started: "running", step_retry: "queued", step_deferred: "queued", step_lost: "queued",
   step_succeeded: "succeeded", step_failed: "failed", step_skipped: "skipped",
   step_upstream_failed: "upstream_failed", step_cancelled: "cancelled", step_waiting: "waiting",
 };

@@ -1,0 +1,71 @@
+"""Replies stored by the content hash of their request, so an identical call is never paid for twice.
+
+Within a run (the default) replies live in a hash next to the run's own (same Redis Cluster slot), kept as long as
+finished runs are; across runs (opt-in, ``reply_cache: shared``) in a key per request with their own time to live.
+A reply is stored the moment it arrives, before the step records its result: a worker killed in between leaves
+the reply for the redelivered attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Any
+
+import redis
+
+from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
+from orchestrator.state import keys
+
+__all__ = ["ReplyCache", "request_digest"]
+
+
+def request_digest(request: LLMRequest) -> str:
+    """The content hash of what decides a reply: model, system, prompt, max_tokens and temperature."""
+    body = [request.model, request.system, request.prompt, request.max_tokens, request.temperature]
+    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
+class ReplyCache:
+    """LLM replies in Redis, by request digest.
+
+    Args:
+        client: A redis-py client.
+        run_ttl_s: How long a run's replies are kept after the last one was stored.
+        shared_ttl_s: How long a reply shared across runs is kept.
+    """
+
+    def __init__(self, client: redis.Redis, *, run_ttl_s: int, shared_ttl_s: int) -> None:
+        self.client = client
+        self.run_ttl_s = run_ttl_s
+        self.shared_ttl_s = shared_ttl_s
+
+    def get(self, run_id: str, digest: str, *, shared: bool) -> LLMResponse | None:
+        """The stored reply, from the run's replies first, then (when ``shared``) from other runs'."""
+        raw = self.client.hget(keys.llm_run_cache_key(run_id), digest)
+        if raw is None and shared:
+            raw = self.client.get(keys.llm_shared_cache_key(digest))
+        return None if raw is None else _decode(raw)
+
+    def put(self, run_id: str, digest: str, response: LLMResponse, *, shared: bool) -> None:
+        """Store a reply for the run (and for every run, when ``shared``)."""
+        body = json.dumps(asdict(response), separators=(",", ":"))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(keys.llm_run_cache_key(run_id), digest, body)
+        pipe.expire(keys.llm_run_cache_key(run_id), self.run_ttl_s)
+        if shared:
+            pipe.set(keys.llm_shared_cache_key(digest), body, ex=self.shared_ttl_s)
+        pipe.execute()
+
+
+def _decode(raw: Any) -> LLMResponse:
+    data = json.loads(raw)
+    return LLMResponse(
+        text=data["text"],
+        model=data["model"],
+        usage=LLMUsage(**data["usage"]),
+        stop_reason=data.get("stop_reason"),
+        request_id=data.get("request_id"),
+        extra=data.get("extra") or {},
+    )

@@ -1,0 +1,229 @@
+"""Every LLM call a step makes goes through here: reply cache, shared limits, budget, the call, its cost.
+
+In order: a stored reply for the same request is used if there is one (cost 0); otherwise the governor admits the
+call (cool-down, rate limits, budget) or says how long to wait; the provider is called once; the call is settled
+with its real usage and cost; the reply is stored before anything else can fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from orchestrator import telemetry
+from orchestrator.errors import NonRetryableStepError, StepDeferred, StepError
+from orchestrator.llm.base import LLMClient, LLMRequest, LLMResponse
+from orchestrator.llm.cache import ReplyCache, request_digest
+from orchestrator.llm.governor import RedisGovernor
+from orchestrator.llm.pricing import PriceTable, estimate_input_tokens
+
+__all__ = ["CallContext", "GatewayReply", "LLMGateway"]
+
+log = logging.getLogger(__name__)
+
+_COOLDOWN_KINDS = frozenset({"rate_limit", "overloaded"})
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Who is calling.
+
+    Attributes:
+        run_id: The run paying.
+        workflow: The workflow's name (a metrics label).
+        budget_usd: The run's budget, or ``None``.
+        reply_cache: ``run``, ``shared`` or ``off`` (see :class:`~orchestrator.spec.LLMParams`).
+    """
+
+    run_id: str
+    workflow: str
+    budget_usd: float | None = None
+    reply_cache: str = "run"
+
+
+@dataclass(frozen=True)
+class GatewayReply:
+    """A reply and what it cost.
+
+    Attributes:
+        response: The reply.
+        cost_usd: Dollars paid for it: 0 when it came from the cache, ``None`` when the model has no price.
+        cached: Served from the reply cache.
+    """
+
+    response: LLMResponse
+    cost_usd: float | None
+    cached: bool
+
+
+class LLMGateway:
+    """Governs and prices the calls of one worker process.
+
+    Args:
+        client: The provider.
+        prices: The price table.
+        governor: Limits and budgets in Redis; ``None`` governs nothing (a client without Redis).
+        cache: The reply cache; ``None`` caches nothing.
+    """
+
+    def __init__(
+        self,
+        client: LLMClient,
+        *,
+        prices: PriceTable | None = None,
+        governor: RedisGovernor | None = None,
+        cache: ReplyCache | None = None,
+    ) -> None:
+        self.client = client
+        self.prices = prices or PriceTable()
+        self.governor = governor
+        self.cache = cache
+
+    def complete(self, request: LLMRequest, ctx: CallContext) -> GatewayReply:
+        """Answer ``request`` for ``ctx``'s run.
+
+        Raises:
+            StepDeferred: The model is cooling down or at its rate limit; the step should wait ``countdown``.
+            NonRetryableStepError: ``budget_exceeded``, or the provider's permanent errors.
+            RetryableStepError: The provider's transient errors (a ``retry-after`` also cools the model down).
+        """
+        digest = request_digest(request)
+        shared = ctx.reply_cache == "shared"
+        if self.cache is not None and ctx.reply_cache != "off":
+            stored = self.cache.get(ctx.run_id, digest, shared=shared)
+            if stored is not None:
+                usage = stored.usage
+                telemetry.llm_call(
+                    telemetry.LLMCallRecord(
+                        ctx.workflow, request.model, usage.input_tokens, usage.output_tokens, 0.0, cached=True
+                    )
+                )
+                return GatewayReply(stored, 0.0, cached=True)
+        estimated_input = estimate_input_tokens(request.prompt, request.system)
+        tokens = estimated_input + request.max_tokens
+        worst_case = self.prices.worst_case(request.model, estimated_input, request.max_tokens)
+        if self.governor is not None:
+            self._admit(request, ctx, tokens, worst_case)
+        started = time.monotonic()
+        billed = False
+        used = cost = 0.0
+        priced: float | None = None
+        cooldown = 0.0
+        try:
+            response = self.client.complete(request)
+            billed = True
+            counts = response.usage.as_dict()
+            used = sum(counts.values())
+            priced = self.prices.cost(response.model, counts)
+            # An unpriced model is charged to the budget at the dearest known price, so the budget still holds.
+            cost = (
+                priced
+                if priced is not None
+                else self.prices.worst_case(response.model, response.usage.input_tokens, response.usage.output_tokens)
+            )
+        except StepError as exc:
+            retry_after = getattr(exc, "retry_after", None)
+            if exc.kind in _COOLDOWN_KINDS and retry_after:
+                cooldown = float(retry_after)
+            self._record(ctx, request, None, duration_s=time.monotonic() - started, error_kind=exc.kind)
+            raise
+        finally:
+            if self.governor is not None:
+                self._settle(
+                    request,
+                    ctx,
+                    tokens=tokens,
+                    used=int(used),
+                    worst_case=worst_case,
+                    cost=cost,
+                    billed=billed,
+                    cooldown=cooldown,
+                )
+        if self.cache is not None and ctx.reply_cache != "off":
+            self._store(ctx, digest, response, shared)
+        self._record(ctx, request, response, duration_s=time.monotonic() - started, cost=priced)
+        return GatewayReply(response, priced, cached=False)
+
+    def _admit(self, request: LLMRequest, ctx: CallContext, tokens: int, worst_case: float) -> None:
+        assert self.governor is not None
+        admission = self.governor.admit(
+            run_id=ctx.run_id, model=request.model, tokens=tokens, worst_case_usd=worst_case, budget_usd=ctx.budget_usd
+        )
+        if admission.outcome == "budget_exceeded":
+            raise NonRetryableStepError(
+                f"the run's LLM budget of ${ctx.budget_usd:.4f} is spent: ${admission.spent_usd:.4f} spent or held, "
+                f"and this call to {request.model} could cost up to ${worst_case:.4f}",
+                kind="budget_exceeded",
+            )
+        if admission.outcome != "ok":
+            telemetry.step_deferred(ctx.workflow, request.model, admission.outcome)
+            # A little jitter, so the steps that waited for one slot do not all come back in the same instant.
+            countdown = admission.wait_s + random.uniform(0, min(1.0, 0.1 + admission.wait_s * 0.2))
+            what = "a provider's retry-after" if admission.outcome == "cooldown" else "the cluster-wide rate limit"
+            raise StepDeferred(
+                f"{request.model}: waiting {admission.wait_s:.2f}s for {what}",
+                reason=admission.outcome,
+                model=request.model,
+                countdown=countdown,
+            )
+
+    def _settle(
+        self,
+        request: LLMRequest,
+        ctx: CallContext,
+        *,
+        tokens: int,
+        used: int,
+        worst_case: float,
+        cost: float,
+        billed: bool,
+        cooldown: float,
+    ) -> None:
+        assert self.governor is not None
+        try:
+            self.governor.settle(
+                run_id=ctx.run_id,
+                model=request.model,
+                tokens_estimated=tokens,
+                tokens_used=used,
+                worst_case_usd=worst_case,
+                cost_usd=cost,
+                billed=billed,
+                cooldown_s=cooldown,
+            )
+        except Exception:
+            # The call has happened; losing its accounting must not lose its reply.
+            log.warning("could not settle an LLM call of run %s", ctx.run_id, exc_info=True)
+
+    def _store(self, ctx: CallContext, digest: str, response: LLMResponse, shared: bool) -> None:
+        assert self.cache is not None
+        try:
+            self.cache.put(ctx.run_id, digest, response, shared=shared)
+        except Exception:
+            log.warning("could not store an LLM reply of run %s", ctx.run_id, exc_info=True)
+
+    def _record(
+        self,
+        ctx: CallContext,
+        request: LLMRequest,
+        response: LLMResponse | None,
+        *,
+        duration_s: float,
+        error_kind: str | None = None,
+        cost: float | None = 0.0,
+    ) -> None:
+        usage = response.usage if response is not None else None
+        telemetry.llm_call(
+            telemetry.LLMCallRecord(
+                ctx.workflow,
+                request.model,
+                usage.input_tokens if usage else 0,
+                usage.output_tokens if usage else 0,
+                cost,
+                cached=False,
+                duration_s=duration_s,
+                error_kind=error_kind,
+            )
+        )

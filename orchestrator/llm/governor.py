@@ -1,0 +1,186 @@
+"""Cluster-wide LLM governance in Redis: per-run budgets, per-model rate limits and provider cool-downs.
+
+Every worker process asks the same Redis, so the limits hold for the whole cluster:
+
+- **Rate limits** (``ORCH_LLM_LIMITS``): requests and tokens per minute per model, as two token buckets in one hash
+  per model. A call is admitted with its token estimate and settled with the real usage after.
+- **Cool-downs**: a 429 or 529 that names a ``retry-after`` stops every worker's calls to that model until it
+  passes, not only the failed task's.
+- **Budgets**: a run's ``budget_usd``. Each call's worst-case cost is held in the run's hash before the call and
+  settled with the real cost after; a call that could pass the budget is refused, and so is every later one.
+
+A call that must wait is refused with the wait (:class:`Admission`); the step task then defers the step, holding
+no worker slot. Each check is one Lua script: atomic, whichever worker asks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.state import keys
+
+__all__ = ["Admission", "Limit", "RateLimits", "RedisGovernor", "from_nano_usd", "to_nano_usd"]
+
+NANO = 1_000_000_000
+
+
+def to_nano_usd(usd: float) -> int:
+    """Dollars as whole nano-dollars, rounded up (so a budget is never under-counted)."""
+    return math.ceil(usd * NANO - 1e-6)
+
+
+def from_nano_usd(nano: int) -> float:
+    """Nano-dollars as dollars."""
+    return nano / NANO
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A model's cluster-wide limits; 0 means none.
+
+    Attributes:
+        rpm: Requests per minute.
+        tpm: Tokens (input + output) per minute.
+    """
+
+    rpm: int = 0
+    tpm: int = 0
+
+
+class RateLimits:
+    """Limits by model id, matched by longest prefix, ``*`` for every other model.
+
+    Args:
+        limits: Model id (or prefix, or ``*``) to its limit.
+    """
+
+    def __init__(self, limits: Mapping[str, Limit] | None = None) -> None:
+        self._limits = dict(sorted((limits or {}).items(), key=lambda item: -len(item[0])))
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> RateLimits:
+        """Parse ``ORCH_LLM_LIMITS``: ``{"MODEL": {"rpm": N, "tpm": N}, "*": {...}}``.
+
+        Raises:
+            OrchestratorError: Not such an object, or a negative limit.
+        """
+        if not raw:
+            return cls()
+        try:
+            parsed = json.loads(raw)
+            if not isinstance(parsed, dict):
+                raise TypeError("expected a JSON object")
+            limits = {}
+            for model, entry in parsed.items():
+                if not isinstance(entry, dict) or not set(entry) <= {"rpm", "tpm"}:
+                    raise TypeError(f"entry for {model!r} must be an object with 'rpm' and/or 'tpm'")
+                limit = Limit(rpm=int(entry.get("rpm", 0)), tpm=int(entry.get("tpm", 0)))
+                if limit.rpm < 0 or limit.tpm < 0:
+                    raise ValueError(f"entry for {model!r} has a negative limit")
+                limits[str(model)] = limit
+        except (TypeError, ValueError) as exc:
+            raise OrchestratorError(f'ORCH_LLM_LIMITS: {exc}; expected {{"MODEL": {{"rpm": N, "tpm": N}}}}') from None
+        return cls(limits)
+
+    def for_model(self, model: str) -> Limit:
+        """The limit that applies to ``model`` (no limit when nothing matches)."""
+        for prefix, limit in self._limits.items():
+            if prefix != "*" and (model == prefix or model.startswith(prefix + "-")):
+                return limit
+        return self._limits.get("*", Limit())
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer to "may this call go now?".
+
+    Attributes:
+        outcome: ``ok``; ``rate_limit`` or ``cooldown`` (wait ``wait_s`` and ask again); ``budget_exceeded``.
+        wait_s: Seconds to wait, for the two waiting outcomes.
+        spent_usd: For ``budget_exceeded``: what the run had spent and held.
+    """
+
+    outcome: str
+    wait_s: float = 0.0
+    spent_usd: float = 0.0
+
+
+class RedisGovernor:
+    """Admission and settlement of LLM calls against Redis.
+
+    Args:
+        client: A redis-py client.
+        limits: The cluster-wide limits per model.
+    """
+
+    def __init__(self, client: redis.Redis, limits: RateLimits | None = None) -> None:
+        self.client = client
+        self.limits = limits or RateLimits()
+        lua = resources.files("orchestrator.llm").joinpath("lua")
+        self._admit = client.register_script(lua.joinpath("admit.lua").read_text())
+        self._settle = client.register_script(lua.joinpath("settle.lua").read_text())
+        self._budget = client.register_script(lua.joinpath("budget.lua").read_text())
+
+    def admit(
+        self, *, run_id: str, model: str, tokens: int, worst_case_usd: float, budget_usd: float | None
+    ) -> Admission:
+        """Ask to make one call: the model's cool-down and rate limits first, then the run's budget.
+
+        On ``ok`` the call's tokens and one request are counted and its worst case is held against the budget:
+        :meth:`settle` must follow, whatever the call does.
+        """
+        limit = self.limits.for_model(model)
+        limiter = keys.llm_limiter_key(model)
+        if limit.rpm or limit.tpm or self.client.exists(limiter):
+            # A limiter hash exists once a model has limits or a cool-down: check it (cool-downs hold for any model).
+            reply = self._admit(keys=[limiter], args=[limit.rpm, limit.tpm, tokens])
+            outcome = _text(reply[0])
+            if outcome != "ok":
+                return Admission(outcome, wait_s=float(_text(reply[1])))
+        held = to_nano_usd(worst_case_usd)
+        budget = -1 if budget_usd is None else to_nano_usd(budget_usd)
+        reply = self._budget(keys=[keys.run_key(run_id)], args=["reserve", held, budget])
+        if int(reply[0]) != 1:
+            self._settle(keys=[limiter], args=[limit.tpm, tokens, 0, 1, 0])
+            spent = from_nano_usd(int(_text(reply[1])) + int(_text(reply[2])))
+            return Admission("budget_exceeded", spent_usd=spent)
+        return Admission("ok")
+
+    def settle(
+        self,
+        *,
+        run_id: str,
+        model: str,
+        tokens_estimated: int,
+        tokens_used: int,
+        worst_case_usd: float,
+        cost_usd: float,
+        billed: bool,
+        cooldown_s: float = 0.0,
+    ) -> None:
+        """Close an admitted call: charge its real tokens and cost, and start a cool-down if the provider asked."""
+        limit = self.limits.for_model(model)
+        pipe = self.client.pipeline(transaction=False)
+        if limit.tpm or cooldown_s > 0:
+            args: list[Any] = [limit.tpm, tokens_estimated, tokens_used, 0, cooldown_s]
+            self._settle(keys=[keys.llm_limiter_key(model)], args=args, client=pipe)
+        args = ["settle", to_nano_usd(worst_case_usd), to_nano_usd(cost_usd), "1" if billed else "0"]
+        self._budget(keys=[keys.run_key(run_id)], args=args, client=pipe)
+        pipe.execute()
+
+    def cool_down(self, model: str, seconds: float) -> None:
+        """Stop every worker's calls to ``model`` for ``seconds`` (a provider's ``retry-after``)."""
+        limit = self.limits.for_model(model)
+        self._settle(keys=[keys.llm_limiter_key(model)], args=[limit.tpm, 0, 0, 0, seconds])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

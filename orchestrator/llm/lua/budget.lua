@@ -1,0 +1,24 @@
+-- A run's LLM spend, in nano-dollars (integers: sums stay exact). KEYS[1] the run hash.
+-- ARGV[1] = "reserve": ARGV[2] worst-case cost, ARGV[3] budget (-1 = none). Holds the worst case until settled;
+--   refuses, for good, once spent + held + this call would pass the budget. Returns {1} or {0, spent, held}.
+-- ARGV[1] = "settle": ARGV[2] the cost held, ARGV[3] the real cost, ARGV[4] "1" when the provider billed a reply.
+--   Returns {1, spent}.
+local run, op, amount = KEYS[1], ARGV[1], tonumber(ARGV[2])
+if op == 'reserve' then
+  local budget = tonumber(ARGV[3])
+  local s = redis.call('HMGET', run, 'llm_spent_nusd', 'llm_held_nusd', 'budget_exhausted', 'status')
+  if not s[4] then return {0, '0', '0', 'missing'} end
+  local spent, held = tonumber(s[1]) or 0, tonumber(s[2]) or 0
+  if budget >= 0 and (s[3] == '1' or spent + held + amount > budget) then
+    redis.call('HSET', run, 'budget_exhausted', '1')
+    return {0, tostring(spent), tostring(held)}
+  end
+  redis.call('HINCRBY', run, 'llm_held_nusd', amount)
+  return {1}
+end
+local real = tonumber(ARGV[3])
+if not redis.call('HGET', run, 'status') then return {0, '0'} end
+redis.call('HINCRBY', run, 'llm_held_nusd', -amount)
+local spent = redis.call('HINCRBY', run, 'llm_spent_nusd', real)
+if ARGV[4] == '1' then redis.call('HINCRBY', run, 'llm_calls', 1) end
+return {1, tostring(spent)}

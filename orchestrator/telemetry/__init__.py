@@ -1,0 +1,125 @@
+"""What the orchestrator tells operators: metrics, traces and log context, behind a few calls.
+
+The step task and the LLM gateway call only the functions here; :mod:`.metrics` (Prometheus), :mod:`.tracing`
+(OpenTelemetry) and :mod:`.logs` (JSON lines with run id, step and attempt) do the work. Every call is cheap when
+the backend is off, and none of them may raise into a step: telemetry failing must never fail a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.telemetry import logs, metrics, tracing
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AttemptInfo", "AttemptScope", "LLMCallRecord", "llm_call", "step_attempt", "step_deferred"]
+
+
+@dataclass(frozen=True)
+class AttemptInfo:
+    """One attempt of one step, as the worker starts it.
+
+    Attributes:
+        run_id: The run (its 32-hex id is also the run's trace id).
+        workflow: The workflow's name.
+        step: The step's name.
+        kind: ``llm``, ``python``, ``noop`` or ``approval``.
+        attempt: 1-based attempt number in this generation.
+        task_id: The Celery task id of this delivery.
+        queue: The queue the message came from.
+        queued_at: When the step was queued (epoch seconds, Redis clock), for the queue-wait histogram.
+        started_at: When the attempt was claimed (epoch seconds, Redis clock).
+        headers: The Celery message headers (they carry the trace context).
+    """
+
+    run_id: str
+    workflow: str
+    step: str
+    kind: str
+    attempt: int
+    task_id: str
+    queue: str
+    queued_at: float | None
+    started_at: float
+    headers: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttemptScope:
+    """What the attempt came to; set by the step task before the scope closes.
+
+    Attributes:
+        info: The attempt.
+        outcome: ``succeeded``, ``failed``, ``skipped``, ``retry``, ``deferred``, ``waiting`` or ``stale``.
+        error_kind: The error's kind for ``failed`` and ``retry`` (``rate_limit``, ``budget_exceeded`` …).
+        cost_usd: What the attempt's LLM calls cost.
+    """
+
+    info: AttemptInfo
+    outcome: str = "unknown"
+    error_kind: str | None = None
+    cost_usd: float = 0.0
+
+    def finish(self, outcome: str, error_kind: str | None = None) -> None:
+        """Record how the attempt ended."""
+        self.outcome = outcome
+        self.error_kind = error_kind
+
+
+@dataclass(frozen=True)
+class LLMCallRecord:
+    """One LLM call made (or served from the cache) inside an attempt.
+
+    Attributes:
+        workflow: The workflow's name.
+        model: The model asked.
+        input_tokens: Input tokens billed (or that the cached reply had).
+        output_tokens: Output tokens billed.
+        cost_usd: What it cost; 0 when served from the cache, ``None`` when the model has no price.
+        cached: Served from the content-hash cache rather than the provider.
+        duration_s: Wall time of the call.
+        error_kind: Why the call failed, or ``None``.
+    """
+
+    workflow: str
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = 0.0
+    cached: bool = False
+    duration_s: float = 0.0
+    error_kind: str | None = None
+
+
+@contextlib.contextmanager
+def step_attempt(info: AttemptInfo) -> Iterator[AttemptScope]:
+    """Wrap one attempt: log context, a span joined to the run's trace, and the step metrics when it ends."""
+    scope = AttemptScope(info)
+    with logs.attempt_context(info), tracing.attempt_span(info, scope):
+        try:
+            yield scope
+        finally:
+            _safely(metrics.record_attempt, scope)
+
+
+def llm_call(record: LLMCallRecord) -> None:
+    """Count one LLM call's tokens and cost (metrics, and attributes on the current step span)."""
+    _safely(metrics.record_llm_call, record)
+    _safely(tracing.record_llm_call, record)
+
+
+def step_deferred(workflow: str, model: str, reason: str) -> None:
+    """Count a step put back in the queue to wait for a rate limit or a provider's cool-down."""
+    _safely(metrics.record_deferral, workflow, model, reason)
+
+
+def _safely(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.warning("telemetry: %s failed", getattr(fn, "__qualname__", fn), exc_info=True)
