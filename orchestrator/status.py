@@ -52,6 +52,9 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> dict[str, Any]:
             output_tokens += int(usage.get("output_tokens", 0))
             if isinstance(output, dict) and output.get("cost_usd") is not None:
                 view["cost"] = round(float(output["cost_usd"]), 9)
+        if fields.get(p + "deferrals"):
+            # Times the step waited for a shared LLM rate limit or cool-down (never counted as attempts).
+            view["deferrals"] = int(fields[p + "deferrals"])
         if view["status"] == "queued" and fields.get(p + "deferral"):
             view["deferred"] = {
                 **(_json(fields.get(p + "deferral")) or {}),
@@ -84,7 +87,7 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> dict[str, Any]:
     }
     if input_tokens or output_tokens:
         view_run["usage"] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-    if spec.budget_usd is not None or fields.get("llm_spent_nusd"):
+    if spec.budget_usd is not None or any(step.uses == "llm" for step in spec.steps):
         # What the provider billed this run, every attempt included (replies served from the cache cost nothing).
         view_run["cost"] = from_nano_usd(int(fields.get("llm_spent_nusd") or 0))
         view_run["llm_calls"] = int(fields.get("llm_calls") or 0)

@@ -27,6 +27,9 @@ WORKER_ENV = {
     "ORCH_IMPORTS": "tests.workflows,examples.content_pipeline",
     "ORCH_LEASE_S": "3",
     "ORCH_SWEEP_INTERVAL_S": "0.5",
+    # Models only the LLM economics tests use: one paced to a request a second, all priced like Haiku.
+    "ORCH_LLM_LIMITS": '{"claude-test-paced": {"rpm": 60, "burst": 1}}',
+    "ORCH_LLM_PRICES": '{"claude-test": {"input": 1, "output": 5}}',
 }
 
 

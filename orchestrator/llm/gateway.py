@@ -35,12 +35,15 @@ class CallContext:
         workflow: The workflow's name (a metrics label).
         budget_usd: The run's budget, or ``None``.
         reply_cache: ``run``, ``shared`` or ``off`` (see :class:`~orchestrator.spec.LLMParams`).
+        fresh: Ask the provider even if a reply is stored (``resume --from`` names the step: the user wants a new
+            answer); the new reply is stored as usual.
     """
 
     run_id: str
     workflow: str
     budget_usd: float | None = None
     reply_cache: str = "run"
+    fresh: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class LLMGateway:
         """
         digest = request_digest(request)
         shared = ctx.reply_cache == "shared"
-        if self.cache is not None and ctx.reply_cache != "off":
+        if self.cache is not None and ctx.reply_cache != "off" and not ctx.fresh:
             stored = self.cache.get(ctx.run_id, digest, shared=shared)
             if stored is not None:
                 usage = stored.usage

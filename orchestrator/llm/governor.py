@@ -49,10 +49,18 @@ class Limit:
     Attributes:
         rpm: Requests per minute.
         tpm: Tokens (input + output) per minute.
+        burst: Requests that may go at once after a quiet spell (the request bucket's size); ``rpm`` when 0, as
+            the provider counts. Lower it to smooth bursts.
     """
 
     rpm: int = 0
     tpm: int = 0
+    burst: int = 0
+
+    @property
+    def capacity(self) -> int:
+        """The request bucket's size."""
+        return self.burst or self.rpm
 
 
 class RateLimits:
@@ -80,14 +88,18 @@ class RateLimits:
                 raise TypeError("expected a JSON object")
             limits = {}
             for model, entry in parsed.items():
-                if not isinstance(entry, dict) or not set(entry) <= {"rpm", "tpm"}:
-                    raise TypeError(f"entry for {model!r} must be an object with 'rpm' and/or 'tpm'")
-                limit = Limit(rpm=int(entry.get("rpm", 0)), tpm=int(entry.get("tpm", 0)))
-                if limit.rpm < 0 or limit.tpm < 0:
+                if not isinstance(entry, dict) or not set(entry) <= {"rpm", "tpm", "burst"}:
+                    raise TypeError(f"entry for {model!r} must be an object of 'rpm', 'tpm' and 'burst'")
+                limit = Limit(
+                    rpm=int(entry.get("rpm", 0)), tpm=int(entry.get("tpm", 0)), burst=int(entry.get("burst", 0))
+                )
+                if min(limit.rpm, limit.tpm, limit.burst) < 0:
                     raise ValueError(f"entry for {model!r} has a negative limit")
                 limits[str(model)] = limit
         except (TypeError, ValueError) as exc:
-            raise OrchestratorError(f'ORCH_LLM_LIMITS: {exc}; expected {{"MODEL": {{"rpm": N, "tpm": N}}}}') from None
+            raise OrchestratorError(
+                f'ORCH_LLM_LIMITS: {exc}; expected {{"MODEL": {{"rpm": N, "tpm": N, "burst": N}}}}'
+            ) from None
         return cls(limits)
 
     def for_model(self, model: str) -> Limit:
@@ -141,7 +153,7 @@ class RedisGovernor:
         limiter = keys.llm_limiter_key(model)
         if limit.rpm or limit.tpm or self.client.exists(limiter):
             # A limiter hash exists once a model has limits or a cool-down: check it (cool-downs hold for any model).
-            reply = self._admit(keys=[limiter], args=[limit.rpm, limit.tpm, tokens])
+            reply = self._admit(keys=[limiter], args=[limit.rpm, limit.tpm, tokens, limit.capacity])
             outcome = _text(reply[0])
             if outcome != "ok":
                 return Admission(outcome, wait_s=float(_text(reply[1])))

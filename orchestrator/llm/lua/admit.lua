@@ -1,16 +1,17 @@
 -- Admit one LLM call to a model, cluster-wide: the provider's cool-down first, then two token buckets, requests per
 -- minute and tokens per minute, both refilled continuously and full at rest (as the provider's own limits are).
--- KEYS[1] the model's limiter hash. ARGV: rpm (0 = none), tpm (0 = none), estimated tokens.
+-- KEYS[1] the model's limiter hash. ARGV: rpm (0 = none), tpm (0 = none), estimated tokens, request burst (the
+-- request bucket's capacity; rpm by default).
 -- Returns {"ok"} with the call counted, or {"cooldown"|"rate_limit", seconds to wait as a string}.
 local key = KEYS[1]
-local rpm, tpm, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rpm, tpm, want, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local s = redis.call('HMGET', key, 'cooldown_until', 'requests', 'tokens', 'ts')
 local cooldown = tonumber(s[1]) or 0
 if cooldown > now then return {'cooldown', string.format('%.6f', cooldown - now)} end
 local elapsed = math.max(0, now - (tonumber(s[4]) or now))
-local requests = rpm > 0 and math.min(rpm, (tonumber(s[2]) or rpm) + elapsed * rpm / 60) or 0
+local requests = rpm > 0 and math.min(burst, (tonumber(s[2]) or burst) + elapsed * rpm / 60) or 0
 local tokens = tpm > 0 and math.min(tpm, (tonumber(s[3]) or tpm) + elapsed * tpm / 60) or 0
 -- A call bigger than the whole minute's tokens would never fit: it waits for a full bucket instead.
 if tpm > 0 then want = math.min(want, tpm) end

@@ -1,0 +1,298 @@
+"""Prices, the Redis governor (budgets, shared rate limits, cool-downs), the reply cache and the gateway."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+
+from orchestrator.errors import NonRetryableStepError, OrchestratorError, RetryableStepError, StepDeferred
+from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
+from orchestrator.llm.cache import ReplyCache, request_digest
+from orchestrator.llm.gateway import CallContext, LLMGateway
+from orchestrator.llm.governor import Limit, RateLimits, RedisGovernor, from_nano_usd, to_nano_usd
+from orchestrator.llm.pricing import PriceTable
+from orchestrator.state import keys
+
+HAIKU = "claude-haiku-4-5"
+
+
+@pytest.fixture
+def r() -> redis.Redis:
+    return fakeredis.FakeRedis()
+
+
+def _run(r: redis.Redis, run_id: str = "run1") -> str:
+    r.hset(keys.run_key(run_id), mapping={"status": "running"})
+    return run_id
+
+
+class FakeProvider:
+    """Counts calls; answers with fixed usage, or raises the queued errors first."""
+
+    def __init__(self, *errors: Exception, output_tokens: int = 100) -> None:
+        self.errors = list(errors)
+        self.calls: list[LLMRequest] = []
+        self.output_tokens = output_tokens
+        self.lock = threading.Lock()
+
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        with self.lock:
+            self.calls.append(request)
+            if self.errors:
+                raise self.errors.pop(0)
+        return LLMResponse("reply " + request.prompt, request.model, LLMUsage(1000, self.output_tokens))
+
+
+def _gateway(r: redis.Redis, provider: FakeProvider, limits: dict[str, Limit] | None = None) -> LLMGateway:
+    return LLMGateway(
+        provider,
+        prices=PriceTable(),
+        governor=RedisGovernor(r, RateLimits(limits)),
+        cache=ReplyCache(r, run_ttl_s=60, shared_ttl_s=60),
+    )
+
+
+def _request(prompt: str = "hello", model: str = HAIKU, max_tokens: int = 200) -> LLMRequest:
+    return LLMRequest(model=model, prompt=prompt, max_tokens=max_tokens)
+
+
+# -- prices --------------------------------------------------------------------------------------------------------
+
+
+def test_prices_match_dated_model_ids_by_longest_prefix() -> None:
+    table = PriceTable()
+    assert table.cost("claude-haiku-4-5-20251001", {"input_tokens": 1_000_000, "output_tokens": 0}) == 1.0
+    assert table.cost("claude-opus-4-1-20250805", {"input_tokens": 0, "output_tokens": 1_000_000}) == 75.0
+    assert table.cost("claude-opus-4-5", {"input_tokens": 0, "output_tokens": 1_000_000}) == 25.0
+    assert table.cost("gpt-unknown", {"input_tokens": 10, "output_tokens": 10}) is None
+
+
+def test_prompt_cache_tokens_are_priced_apart_from_plain_input() -> None:
+    usage = {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 1_000_000,
+             "cache_creation_input_tokens": 1_000_000}  # fmt: skip
+    assert PriceTable().cost(HAIKU, usage) == pytest.approx(0.1 + 1.25)
+
+
+def test_price_overrides_come_from_json_and_bad_json_names_the_setting() -> None:
+    table = PriceTable.from_json(
+        '{"my-model": {"input": 2, "output": 4}, "claude-haiku-4-5": {"input": 9, "output": 9}}'
+    )
+    assert table.cost("my-model", {"input_tokens": 500_000, "output_tokens": 500_000}) == 3.0
+    assert table.cost(HAIKU, {"input_tokens": 1_000_000, "output_tokens": 0}) == 9.0
+    with pytest.raises(OrchestratorError, match="ORCH_LLM_PRICES"):
+        PriceTable.from_json('{"m": {"input": 1}}')
+    with pytest.raises(OrchestratorError, match="ORCH_LLM_PRICES"):
+        PriceTable.from_json('{"m": {"input": -1, "output": 1}}')
+
+
+def test_an_unpriced_model_is_held_at_the_dearest_price() -> None:
+    table = PriceTable()
+    assert table.worst_case("mystery", 0, 1_000_000) == 75.0
+
+
+def test_limits_parse_and_match_by_prefix_with_a_default() -> None:
+    limits = RateLimits.from_json('{"claude-haiku-4-5": {"rpm": 50, "tpm": 1000}, "*": {"rpm": 5}}')
+    assert limits.for_model("claude-haiku-4-5-20251001") == Limit(50, 1000)
+    assert limits.for_model("claude-sonnet-4-5") == Limit(5, 0)
+    assert RateLimits().for_model(HAIKU) == Limit()
+    with pytest.raises(OrchestratorError, match="ORCH_LLM_LIMITS"):
+        RateLimits.from_json('{"m": {"rps": 1}}')
+
+
+def test_nano_dollars_round_up_and_back() -> None:
+    assert to_nano_usd(0.000000001) == 1
+    assert to_nano_usd(1.5) == 1_500_000_000
+    assert from_nano_usd(to_nano_usd(0.25)) == 0.25
+
+
+# -- the governor ----------------------------------------------------------------------------------------------------
+
+
+def test_requests_per_minute_admit_the_bucket_then_name_the_wait(r: redis.Redis) -> None:
+    gov = RedisGovernor(r, RateLimits({HAIKU: Limit(rpm=2)}))
+    run = _run(r)
+    admit = [gov.admit(run_id=run, model=HAIKU, tokens=10, worst_case_usd=0, budget_usd=None) for _ in range(3)]
+    assert [a.outcome for a in admit] == ["ok", "ok", "rate_limit"]
+    assert 25 < admit[2].wait_s <= 30  # one request every 30 s at 2 per minute
+
+
+def test_a_lower_burst_spaces_requests_out(r: redis.Redis) -> None:
+    gov = RedisGovernor(r, RateLimits({HAIKU: Limit(rpm=60, burst=1)}))
+    run = _run(r)
+    first = gov.admit(run_id=run, model=HAIKU, tokens=1, worst_case_usd=0, budget_usd=None)
+    second = gov.admit(run_id=run, model=HAIKU, tokens=1, worst_case_usd=0, budget_usd=None)
+    assert first.outcome == "ok"
+    assert second.outcome == "rate_limit"
+    assert 0.5 < second.wait_s <= 1.0
+
+
+def test_tokens_per_minute_count_the_estimate_and_settle_the_real_use(r: redis.Redis) -> None:
+    gov = RedisGovernor(r, RateLimits({HAIKU: Limit(tpm=1000)}))
+    run = _run(r)
+    assert gov.admit(run_id=run, model=HAIKU, tokens=800, worst_case_usd=0, budget_usd=None).outcome == "ok"
+    refused = gov.admit(run_id=run, model=HAIKU, tokens=800, worst_case_usd=0, budget_usd=None)
+    assert refused.outcome == "rate_limit"
+    assert refused.wait_s > 30  # 600 tokens short at 1000 per minute
+    # The first call used only 100 of its 800: settling gives 700 back, and the second call fits.
+    gov.settle(run_id=run, model=HAIKU, tokens_estimated=800, tokens_used=100, worst_case_usd=0, cost_usd=0,
+               billed=True)  # fmt: skip
+    assert gov.admit(run_id=run, model=HAIKU, tokens=800, worst_case_usd=0, budget_usd=None).outcome == "ok"
+
+
+def test_a_cool_down_stops_every_workers_calls_to_that_model_only(r: redis.Redis) -> None:
+    worker_a, worker_b = RedisGovernor(r), RedisGovernor(r)
+    run = _run(r)
+    worker_a.cool_down(HAIKU, 5.0)
+    held = worker_b.admit(run_id=run, model=HAIKU, tokens=1, worst_case_usd=0, budget_usd=None)
+    assert held.outcome == "cooldown"
+    assert 4 < held.wait_s <= 5
+    other = worker_b.admit(run_id=run, model="claude-sonnet-4-5", tokens=1, worst_case_usd=0, budget_usd=None)
+    assert other.outcome == "ok"
+
+
+def test_a_budget_holds_worst_cases_settles_real_costs_and_refuses_for_good(r: redis.Redis) -> None:
+    gov = RedisGovernor(r)
+    run = _run(r)
+    assert gov.admit(run_id=run, model=HAIKU, tokens=1, worst_case_usd=0.6, budget_usd=1.0).outcome == "ok"
+    # 0.6 held: another 0.6 could pass the budget.
+    refused = gov.admit(run_id=run, model=HAIKU, tokens=1, worst_case_usd=0.6, budget_usd=1.0)
+    assert refused.outcome == "budget_exceeded"
+    assert refused.spent_usd == pytest.approx(0.6)
+    gov.settle(run_id=run, model=HAIKU, tokens_estimated=1, tokens_used=1, worst_case_usd=0.6, cost_usd=0.1,
+               billed=True)  # fmt: skip
+    fields = {k.decode(): v.decode() for k, v in r.hgetall(keys.run_key(run)).items()}
+    assert fields["llm_held_nusd"] == "0"
+    assert from_nano_usd(int(fields["llm_spent_nusd"])) == pytest.approx(0.1)
+    assert fields["llm_calls"] == "1"
+    # Only 0.1 spent now, but the run's budget was refused once: no further call starts.
+    assert gov.admit(run_id=run, model=HAIKU, tokens=1, worst_case_usd=0.01, budget_usd=1.0).outcome == (
+        "budget_exceeded"
+    )
+
+
+def test_concurrent_admissions_never_hold_more_than_the_budget(r: redis.Redis) -> None:
+    gov = RedisGovernor(r)
+    run = _run(r)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def ask() -> None:
+        answer = gov.admit(run_id=run, model=HAIKU, tokens=1, worst_case_usd=0.1, budget_usd=0.5)
+        with lock:
+            outcomes.append(answer.outcome)
+
+    threads = [threading.Thread(target=ask) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 5
+
+
+def test_a_refused_budget_gives_the_request_back_to_the_rate_limit(r: redis.Redis) -> None:
+    gov = RedisGovernor(r, RateLimits({HAIKU: Limit(rpm=1)}))
+    run = _run(r)
+    assert gov.admit(run_id=run, model=HAIKU, tokens=1, worst_case_usd=2, budget_usd=1).outcome == "budget_exceeded"
+    other = _run(r, "run2")
+    assert gov.admit(run_id=other, model=HAIKU, tokens=1, worst_case_usd=0, budget_usd=None).outcome == "ok"
+
+
+# -- the gateway ----------------------------------------------------------------------------------------------------
+
+
+def test_an_identical_request_in_the_same_run_is_paid_for_once(r: redis.Redis) -> None:
+    provider = FakeProvider()
+    gateway = _gateway(r, provider)
+    ctx = CallContext(_run(r), "wf")
+    first = gateway.complete(_request(), ctx)
+    second = gateway.complete(_request(), ctx)
+    assert len(provider.calls) == 1
+    assert (first.cached, second.cached) == (False, True)
+    assert first.cost_usd == pytest.approx((1000 * 1 + 100 * 5) / 1e6)
+    assert second.cost_usd == 0.0
+    assert second.response.text == first.response.text
+
+
+def test_a_reply_stored_by_a_worker_that_died_serves_the_redelivery(r: redis.Redis) -> None:
+    ctx = CallContext(_run(r), "wf")
+    _gateway(r, FakeProvider()).complete(_request(), ctx)  # then the worker is killed before recording the step
+    provider = FakeProvider()
+    again = _gateway(r, provider).complete(_request(), ctx)
+    assert provider.calls == []
+    assert again.cached
+
+
+def test_replies_are_shared_across_runs_only_when_asked(r: redis.Redis) -> None:
+    provider = FakeProvider()
+    gateway = _gateway(r, provider)
+    gateway.complete(_request(), CallContext(_run(r, "a"), "wf", reply_cache="shared"))
+    assert gateway.complete(_request(), CallContext(_run(r, "b"), "wf", reply_cache="shared")).cached
+    assert not gateway.complete(_request(), CallContext(_run(r, "c"), "wf")).cached
+    assert not gateway.complete(_request(), CallContext(_run(r, "c"), "wf", reply_cache="off")).cached
+    assert len(provider.calls) == 3
+
+
+def test_the_digest_covers_what_decides_the_reply() -> None:
+    base = _request()
+    assert request_digest(base) == request_digest(LLMRequest(model=HAIKU, prompt="hello", max_tokens=200, attempt=3))
+    for other in (_request(prompt="hello!"), _request(model="claude-sonnet-4-5"), _request(max_tokens=201),
+                  LLMRequest(model=HAIKU, prompt="hello", max_tokens=200, system="be brief"),
+                  LLMRequest(model=HAIKU, prompt="hello", max_tokens=200, temperature=0.5)):  # fmt: skip
+        assert request_digest(other) != request_digest(base)
+
+
+def test_a_call_at_the_rate_limit_is_deferred_not_made(r: redis.Redis) -> None:
+    provider = FakeProvider()
+    gateway = _gateway(r, provider, {HAIKU: Limit(rpm=1)})
+    ctx = CallContext(_run(r), "wf", reply_cache="off")
+    gateway.complete(_request(), ctx)
+    with pytest.raises(StepDeferred) as deferred:
+        gateway.complete(_request("other"), ctx)
+    assert deferred.value.reason == "rate_limit"
+    assert deferred.value.countdown is not None
+    assert deferred.value.countdown >= 55
+    assert len(provider.calls) == 1
+
+
+def test_a_429_with_retry_after_cools_the_model_down_for_every_run(r: redis.Redis) -> None:
+    limited = RetryableStepError("429", kind="rate_limit", status_code=429, retry_after=4.0)
+    provider = FakeProvider(limited)
+    gateway = _gateway(r, provider)
+    with pytest.raises(RetryableStepError) as raised:
+        gateway.complete(_request(), CallContext(_run(r, "a"), "wf"))
+    assert raised.value is limited
+    with pytest.raises(StepDeferred) as deferred:
+        gateway.complete(_request("another prompt"), CallContext(_run(r, "b"), "wf"))
+    assert deferred.value.reason == "cooldown"
+    assert deferred.value.countdown is not None
+    assert 3 < deferred.value.countdown < 6
+    assert len(provider.calls) == 1
+    # A failed call is not billed and holds nothing.
+    fields = r.hgetall(keys.run_key("a"))
+    assert fields[b"llm_held_nusd"] == b"0"
+    assert fields.get(b"llm_calls") is None
+
+
+def test_a_call_that_could_pass_the_budget_fails_the_step_without_calling(r: redis.Redis) -> None:
+    provider = FakeProvider()
+    gateway = _gateway(r, provider)
+    ctx = CallContext(_run(r), "wf", budget_usd=0.001)
+    with pytest.raises(NonRetryableStepError) as refused:
+        gateway.complete(_request(max_tokens=1000), ctx)  # up to 1000 output tokens at $5/M: $0.005
+    assert refused.value.kind == "budget_exceeded"
+    assert "budget" in str(refused.value)
+    assert provider.calls == []
+
+
+def test_the_run_cost_sums_what_the_provider_billed(r: redis.Redis) -> None:
+    provider = FakeProvider()
+    gateway = _gateway(r, provider)
+    ctx = CallContext(_run(r), "wf", budget_usd=1.0)
+    costs: list[Any] = [gateway.complete(_request(f"p{i}"), ctx).cost_usd for i in range(3)]
+    spent = from_nano_usd(int(r.hget(keys.run_key("run1"), "llm_spent_nusd") or 0))
+    assert spent == pytest.approx(sum(costs), abs=1e-9)
+    assert r.hget(keys.run_key("run1"), "llm_held_nusd") == b"0"
