@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -438,3 +439,13 @@ class StateStore(Protocol):
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` seconds; ``False`` while anyone (``owner`` too) holds it."""
         ...
+
+
+def success_detail(output: Any) -> str:
+    """The ``step_succeeded`` event's data for an output: an LLM step's usage and cost, else nothing ('')."""
+    if not isinstance(output, dict) or "usage" not in output:
+        return ""
+    detail = {"usage": output["usage"], "cost_usd": output.get("cost_usd")}
+    if output.get("reply_cached"):
+        detail["reply_cached"] = True
+    return json.dumps(detail, separators=(",", ":"))

@@ -32,6 +32,7 @@ from orchestrator.state.base import (
     RunStatus,
     StepOutcome,
     Stop,
+    success_detail,
 )
 
 _UNFINISHED = ("queued", "running", "pending")
@@ -345,7 +346,9 @@ class MemoryStateStore:
                 errors = [*_json_list(fields.get(p + "errors")), json.loads(raw_error)]
                 fields.update({p + "error": raw_error, p + "errors": json.dumps(errors, separators=_COMPACT)})
             number = int(fields.get(p + "attempts") or 0) - int(fields.get(p + "attempt_base") or 0)
-            detail = '{"cached":true}' if outcome == StepOutcome.SUCCEEDED and cached else raw_error
+            detail = raw_error
+            if outcome == StepOutcome.SUCCEEDED:
+                detail = '{"cached":true}' if cached else success_detail(output) or raw_error
             self._emit(run, stamp, f"step_{outcome.value}", attempt.step, attempt=number, data=detail)
             if outcome in (StepOutcome.FAILED, StepOutcome.UPSTREAM_FAILED):
                 _increment(fields, "failures", 1)

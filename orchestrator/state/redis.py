@@ -29,6 +29,7 @@ from orchestrator.state.base import (
     RunStatus,
     StepOutcome,
     Stop,
+    success_detail,
 )
 
 _SCRIPTS = ("create", "claim", "finish", "retry", "defer", "reclaim", "renew", "stop", "resume", "wait", "decide")
@@ -305,7 +306,7 @@ class RedisStateStore:
             step, generation, task_id, outcome.value,
             "" if output is None else json.dumps(output, separators=(",", ":")),
             "" if error is None else json.dumps(error, separators=(",", ":")),
-            self.retention_s, cache_key, "1" if cached else "", *children,
+            self.retention_s, cache_key, "1" if cached else "", success_detail(output), *children,
         ]  # fmt: skip
         replies = self._pipeline(
             lambda pipe: self._evalsha(pipe, "finish", run_id, argv),

@@ -49,7 +49,8 @@ def test_a_spent_budget_fails_the_next_llm_step_and_starts_no_other_call(
 
 def test_cost_is_reported_per_step_and_per_run(client: Client, workers: LocalWorkers, unique: str) -> None:
     spec = workflow(f"cost_{unique}", llm("a"), llm("b", "a"))
-    view = client.wait(client.submit(spec), timeout=60)
+    run_id = client.submit(spec)
+    view = client.wait(run_id, timeout=60)
 
     assert view["status"] == "succeeded"
     for name in ("a", "b"):
@@ -59,6 +60,8 @@ def test_cost_is_reported_per_step_and_per_run(client: Client, workers: LocalWor
     assert view["cost"] == pytest.approx(view["steps"]["a"]["cost"] + view["steps"]["b"]["cost"], abs=1e-9)
     assert view["llm_calls"] == 2
     assert "budget" not in view
+    succeeded = {e.step: e.data for e in _events(client, run_id, "step_succeeded")}  # type: ignore[attr-defined]
+    assert succeeded["a"] == {"usage": view["steps"]["a"]["usage"], "cost_usd": view["steps"]["a"]["cost"]}
 
 
 def test_paced_calls_are_deferred_without_failing_or_holding_worker_slots(

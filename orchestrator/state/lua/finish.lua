@@ -1,6 +1,6 @@
 -- Record a step's final outcome, release its children, and close the run when nothing is left.
 -- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, generation, task_id, outcome, output_json ('' keeps the stored output: a cache hit),
--- error_json, retention_s, cache_key, cached ('1' or ''), children...
+-- error_json, retention_s, cache_key, cached ('1' or ''), success_detail_json ('' for none), children...
 -- Returns {"stale"} or {"ok", run_status_or_empty, released_child...}.
 local run, events = KEYS[1], KEYS[2]
 local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -35,7 +35,9 @@ end
 redis.call('HSET', run, unpack(fields))
 local attempt = (tonumber(head[5]) or 0) - (tonumber(head[6]) or 0)
 local detail = err
-if outcome == 'succeeded' and cached == '1' then detail = '{"cached":true}' end
+if outcome == 'succeeded' then
+  if cached == '1' then detail = '{"cached":true}' elseif ARGV[10] ~= '' then detail = ARGV[10] end
+end
 emit(run, events, now, 'step_' .. outcome, step, attempt, detail)
 if outcome == 'failed' or outcome == 'upstream_failed' then
   redis.call('HINCRBY', run, 'failures', 1)
@@ -43,7 +45,7 @@ if outcome == 'failed' or outcome == 'upstream_failed' then
 end
 
 local out = {'ok', ''}
-for i = 10, #ARGV do
+for i = 11, #ARGV do
   local c = 's:' .. ARGV[i] .. ':'
   if redis.call('HINCRBY', run, c .. 'pending', -1) == 0 then
     redis.call('HSET', run, c .. 'status', 'queued', c .. 'queued_at', now)
