@@ -20,6 +20,7 @@ from orchestrator.settings import Settings
 from orchestrator.spec import WorkflowSpec, parse_workflow
 from orchestrator.state import RedisStateStore, RunStatus, StateStore
 from orchestrator.status import run_view
+from orchestrator.telemetry.tracing import run_span
 from orchestrator.validation import check_workflow
 from orchestrator.workflow import Workflow
 
@@ -94,7 +95,8 @@ class Client:
         except redis.RedisError as exc:
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:
-            dispatch(self.app, self.settings, spec, run_id=run_id, steps=spec.graph.roots, generation="1")
+            with run_span(run_id, spec.name):
+                dispatch(self.app, self.settings, spec, run_id=run_id, steps=spec.graph.roots, generation="1")
             self.store.announce(run_id, "run_started", spec.name)
         except Exception as exc:
             # The run exists but no task does: fail it rather than leave it "running" forever.

@@ -10,6 +10,7 @@ from celery.canvas import Signature
 from orchestrator.coordinator import queue_for
 from orchestrator.settings import Settings
 from orchestrator.spec import StepKind, WorkflowSpec
+from orchestrator.telemetry.tracing import dispatch_headers
 
 STEP_TASK = "orchestrator.run_step"
 
@@ -24,7 +25,11 @@ def step_signature(
     generation: str,
     task_id: str | None = None,
 ) -> Signature:
-    """The immutable signature of one step attempt, routed by kind and named ``workflow.step`` for Flower."""
+    """The immutable signature of one step attempt, routed by kind and named ``workflow.step`` for Flower.
+
+    Dispatched inside a traced span of the same run (a step attempt, the run's root), its headers carry that span
+    as the W3C ``traceparent``.
+    """
     options: dict[str, object] = {
         "queue": queue_for(spec.steps_by_name[step], settings.llm_queue, settings.cpu_queue),
         "shadow": f"{spec.name}.{step}",
@@ -36,6 +41,9 @@ def step_signature(
         options["time_limit"] = step_spec.timeout_s + 10
     if task_id is not None:
         options["task_id"] = task_id
+    headers = dispatch_headers(run_id)
+    if headers:
+        options["headers"] = headers
     args = (run_id, spec.definition_hash, step, generation)
     return app.signature(STEP_TASK, args=args, options=options, immutable=True)
 

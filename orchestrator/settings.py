@@ -47,6 +47,15 @@ class Settings:
         llm_limits: ``ORCH_LLM_LIMITS``: JSON ``{"MODEL": {"rpm": N, "tpm": N}, "*": {...}}``: cluster-wide
             requests and tokens per minute per model (none by default).
         shared_reply_ttl_s: ``ORCH_SHARED_REPLY_TTL_S``: how long a reply cached across runs is kept.
+        metrics_port: ``ORCH_METRICS_PORT``: a worker serves Prometheus metrics of all its pool processes on this
+            port (default 0: no endpoint).
+        metrics_addr: ``ORCH_METRICS_ADDR``: the address that endpoint listens on.
+        log_format: ``ORCH_LOG_FORMAT``: ``json`` (one JSON object a line), ``text``, or ``auto``: text when
+            the log goes to a terminal, JSON otherwise (files, containers, pipes).
+        log_level: ``ORCH_LOG_LEVEL``: ``DEBUG``, ``INFO`` …; default: the worker's ``--loglevel``, ``INFO``
+            for the API.
+        llm_shared_cooldown: ``ORCH_LLM_SHARED_COOLDOWN``: a provider's ``retry-after`` pauses every worker's calls
+            to that model (default on; off leaves each task to its own retry, for comparison).
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -69,6 +78,11 @@ class Settings:
     llm_prices: str | None = None
     llm_limits: str | None = None
     shared_reply_ttl_s: int = 7 * 24 * 3600
+    metrics_port: int = 0
+    metrics_addr: str = "0.0.0.0"
+    log_format: str = "auto"
+    log_level: str | None = None
+    llm_shared_cooldown: bool = True
     redis_url_explicit: bool = field(default=False, compare=False)
 
     @classmethod
@@ -96,6 +110,11 @@ class Settings:
             "llm_prices": "ORCH_LLM_PRICES",
             "llm_limits": "ORCH_LLM_LIMITS",
             "shared_reply_ttl_s": "ORCH_SHARED_REPLY_TTL_S",
+            "metrics_port": "ORCH_METRICS_PORT",
+            "metrics_addr": "ORCH_METRICS_ADDR",
+            "log_format": "ORCH_LOG_FORMAT",
+            "log_level": "ORCH_LOG_LEVEL",
+            "llm_shared_cooldown": "ORCH_LLM_SHARED_COOLDOWN",
         }
         kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, object] = {}

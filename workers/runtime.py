@@ -59,6 +59,7 @@ class RuntimeHolder:
             prices=PriceTable.from_json(settings.llm_prices),
             governor=RedisGovernor(store.client, RateLimits.from_json(settings.llm_limits)),
             cache=ReplyCache(store.client, run_ttl_s=settings.retention_s, shared_ttl_s=settings.shared_reply_ttl_s),
+            shared_cooldown=settings.llm_shared_cooldown,
         )
         executor = StepExecutor(
             gateway,

@@ -69,6 +69,8 @@ class LLMGateway:
         prices: The price table.
         governor: Limits and budgets in Redis; ``None`` governs nothing (a client without Redis).
         cache: The reply cache; ``None`` caches nothing.
+        shared_cooldown: A provider's ``retry-after`` pauses every worker's calls to the model (else only the
+            failed task waits, by its own retry).
     """
 
     def __init__(
@@ -78,8 +80,10 @@ class LLMGateway:
         prices: PriceTable | None = None,
         governor: RedisGovernor | None = None,
         cache: ReplyCache | None = None,
+        shared_cooldown: bool = True,
     ) -> None:
         self.client = client
+        self.shared_cooldown = shared_cooldown
         self.prices = prices or PriceTable()
         self.governor = governor
         self.cache = cache
@@ -128,7 +132,7 @@ class LLMGateway:
             )
         except StepError as exc:
             retry_after = getattr(exc, "retry_after", None)
-            if exc.kind in _COOLDOWN_KINDS and retry_after:
+            if self.shared_cooldown and exc.kind in _COOLDOWN_KINDS and retry_after:
                 cooldown = float(retry_after)
             self._record(ctx, request, None, duration_s=time.monotonic() - started, error_kind=exc.kind)
             raise

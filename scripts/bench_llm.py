@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""LLM economics under load: a provider that pushes back, and workers that die at the worst moment.
+
+Phases (each on a private Redis, 4 worker processes, and a local Messages API served by
+``orchestrator.llm.offline_server`` that answers 429 with ``retry-after`` beyond ``--rpm`` requests a minute):
+
+1. ``alone``: no shared limiter, no shared cool-down; each task retries its own 429s.
+2. ``shared``: the cluster-wide limiter (``ORCH_LLM_LIMITS`` at the provider's rpm) and the shared cool-down.
+   Both run ``--steps`` LLM steps (runs of 30 parallel steps, distinct prompts); reported: 429s the provider sent,
+   total time, steps failed, attempts and deferrals.
+3. ``chaos``: no rate limit; pool processes SIGKILL themselves right after a reply is stored (probability
+   ``--kill-probability``), whole workers are SIGKILLed and restarted every ``--kill-every`` seconds, and each run
+   ends with a step that fails once, so every run is resumed. Reported: paid calls (replies the provider billed)
+   ÷ needed calls (distinct requests), which must be 1.00.
+
+    python scripts/bench_llm.py                       # the issue's figures: 300 steps at 60 rpm (about 10 min)
+    python scripts/bench_llm.py --steps 120 --rpm 60  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS_DIR = Path(__file__).resolve().parent
+for _path in (str(REPO_ROOT), str(SCRIPTS_DIR)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import bench_llm_chaos  # noqa: E402, F401  (registers bench.fail_once, for the client's validation)
+import redis  # noqa: E402
+from benchkit import json_safe, versions  # noqa: E402
+
+from orchestrator import Client, Settings  # noqa: E402
+from orchestrator.llm.offline_server import OfflineAPIServer  # noqa: E402
+from orchestrator.local_workers import LocalWorkers  # noqa: E402
+from orchestrator.redis_server import RedisServer  # noqa: E402
+
+MODEL = "claude-haiku-4-5"
+RUN_WIDTH = 30
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="LLM steps in each rate-limit phase")
+    parser.add_argument("--rpm", type=int, default=60, help="the provider's requests per minute")
+    parser.add_argument("--limit-rpm", type=int, default=None, help="the shared limiter's rpm (default: --rpm)")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=2, help="prefork processes per worker")
+    parser.add_argument("--latency", type=float, default=0.2, help="seconds each LLM call takes")
+    parser.add_argument("--chaos-steps", type=int, default=120, help="LLM steps in the chaos phase")
+    parser.add_argument("--kill-probability", type=float, default=0.1)
+    parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between whole-worker SIGKILLs")
+    parser.add_argument("--phases", default="alone,shared,chaos")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds a phase may take")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args()
+
+
+def spec(name: str, run: int, width: int, latency: float, *, fail_once: bool = False) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = [
+        {
+            "name": f"s{i}",
+            "uses": "llm",
+            "with": {
+                "model": MODEL,
+                "prompt": f"Run {run}, question {i}: what is worth knowing about {{{{ inputs.topic }}}}?",
+                "max_tokens": 200,
+                "simulate": {"latency_s": latency},
+            },
+            "retry": {"max_attempts": 100, "backoff_s": 1.0, "backoff_max_s": 30.0},
+        }
+        for i in range(width)
+    ]
+    if fail_once:
+        steps.append({"name": "last", "uses": "python", "depends_on": [f"s{i}" for i in range(width)],
+                      "with": {"function": "bench.fail_once"}})  # fmt: skip
+    return {"name": name, "inputs": {"topic": {"type": "string", "default": "Redis"}}, "steps": steps}
+
+
+def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str, Any]:
+    chaos = phase == "chaos"
+    total = args.chaos_steps if chaos else args.steps
+    env = {
+        "REDIS_URL": redis_url,
+        "ANTHROPIC_API_KEY": "bench-offline-key",
+        "ORCH_LEASE_S": "3",
+        "ORCH_SWEEP_INTERVAL_S": "0.5",
+        "ORCH_QUEUED_GRACE_S": "5",
+        "ORCH_RETRY_CAP_S": "60",
+        "ORCH_LLM_SHARED_COOLDOWN": "true" if phase == "shared" else "false",
+        "ORCH_LLM_LIMITS": json.dumps({MODEL: {"rpm": args.limit_rpm or args.rpm}}) if phase == "shared" else "",
+    }
+    if chaos:
+        env.update({"ORCH_IMPORTS": "bench_llm_chaos", "BENCH_KILL_AFTER_REPLY": str(args.kill_probability),
+                    "PYTHONPATH": str(SCRIPTS_DIR)})  # fmt: skip
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    server = OfflineAPIServer(rpm=0 if chaos else args.rpm).start()
+    env["ANTHROPIC_BASE_URL"] = server.base_url
+    settings = replace(Settings.from_env({"REDIS_URL": redis_url}), anthropic_api_key="bench-offline-key")
+    client = Client(settings)
+    pool = LocalWorkers(client.app, count=args.workers, concurrency=args.concurrency, env=env, loglevel="WARNING")
+    with ExitStack() as stack:
+        stack.callback(server.stop)
+        pool.start()
+        stack.callback(pool.stop)
+        stop_killing = threading.Event()
+        node_kills = [0]
+        if chaos:
+            threading.Thread(target=_kill_workers, args=(pool, args.kill_every, stop_killing, node_kills),
+                             daemon=True).start()  # fmt: skip
+        started = time.monotonic()
+        widths = [min(RUN_WIDTH, total - start) for start in range(0, total, RUN_WIDTH)]
+        runs = [
+            client.submit(spec(f"bench_llm_{phase}", n, width, args.latency, fail_once=chaos))
+            for n, width in enumerate(widths)
+        ]
+        views = [client.wait(run_id, timeout=args.timeout) for run_id in runs]
+        elapsed = time.monotonic() - started
+        result: dict[str, Any] = {"phase": phase, "steps": total, "seconds": round(elapsed, 2)}
+        if chaos:
+            billed_before_resume = server.stats()["billed"]
+            for run_id in runs:
+                client.resume(run_id)
+            views = [client.wait(run_id, timeout=args.timeout) for run_id in runs]
+            stop_killing.set()
+            result.update(
+                billed_before_resume=billed_before_resume,
+                pool_process_self_kills=int(r.get("bench:chaos:kills") or 0),
+                worker_node_kills=node_kills[0],
+            )
+        stats = server.stats()
+        llm_steps = [s for v in views for name, s in v["steps"].items() if name != "last"]
+        result.update(
+            runs_succeeded=sum(v["status"] == "succeeded" for v in views),
+            runs=len(views),
+            provider_429s=stats["rate_limited"],
+            provider_requests=stats["requests"],
+            paid_calls=stats["billed"],
+            needed_calls=total,
+            paid_per_needed=round(stats["billed"] / total, 4),
+            repaid_requests=sum(1 for n in stats["billed_by_request"].values() if n > 1),
+            steps_failed=sum(s["status"] != "succeeded" for s in llm_steps),
+            attempts=sum(s["attempts"] for s in llm_steps),
+            deferrals=sum(s.get("deferrals", 0) for s in llm_steps),
+            cost_usd=round(sum(v.get("cost", 0.0) for v in views), 6),
+        )
+        return result
+
+
+def _kill_workers(pool: LocalWorkers, every: float, stop: threading.Event, count: list[int]) -> None:
+    rng = random.Random(7)
+    while not stop.wait(every):
+        name = rng.choice(list(pool.processes))
+        pool.kill(name)
+        del pool.processes[name]
+        pool.wait_ready([pool.start_one()])
+        count[0] += 1
+
+
+def main() -> int:
+    args = parse_args()
+    with RedisServer() as server:
+        results = [run_phase(args, phase, server.url) for phase in args.phases.split(",")]
+        meta = versions(server.url)
+    print(f"{'phase':<8} {'steps':>5} {'time s':>8} {'429s':>6} {'failed':>6} {'attempts':>8} {'deferrals':>9} "
+          f"{'paid':>5} {'paid/needed':>11}")  # fmt: skip
+    for r in results:
+        print(f"{r['phase']:<8} {r['steps']:>5} {r['seconds']:>8.1f} {r['provider_429s']:>6} {r['steps_failed']:>6} "
+              f"{r['attempts']:>8} {r['deferrals']:>9} {r['paid_calls']:>5} {r['paid_per_needed']:>11.2f}")  # fmt: skip
+    chaos = next((r for r in results if r["phase"] == "chaos"), None)
+    if chaos:
+        print(f"chaos: {chaos['pool_process_self_kills']} pool processes killed right after a paid reply, "
+              f"{chaos['worker_node_kills']} whole workers killed, {chaos['runs']} runs resumed; "
+              f"{chaos['runs_succeeded']}/{chaos['runs']} succeeded")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(json_safe({"results": results, "versions": meta, "args": vars(args)}),
+                                        indent=2, default=str))  # fmt: skip
+    ok = all(r["runs_succeeded"] == r["runs"] for r in results) and (chaos is None or chaos["paid_per_needed"] == 1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
