@@ -132,7 +132,7 @@ def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim
         if step.cache and not claim.force and claim.cache_key == key:
             # Resumed with the same definition and inputs as the result it already has: never pay for it twice.
             return _finish(rt, spec, attempt, StepOutcome.SUCCEEDED, scope, cache_key=key, cached=True)
-        call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, fresh=claim.force)
+        call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, fresh=claim.force, step=attempt.step)
         try:
             output = rt.executor.run(step, ctx, call)
         except SoftTimeLimitExceeded:

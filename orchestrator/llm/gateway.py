@@ -37,6 +37,7 @@ class CallContext:
         reply_cache: ``run``, ``shared`` or ``off`` (see :class:`~orchestrator.spec.LLMParams`).
         fresh: Ask the provider even if a reply is stored (``resume --from`` names the step: the user wants a new
             answer); the new reply is stored as usual.
+        step: The step calling (with the run and the request, it names the caller's booking in a rate limit).
     """
 
     run_id: str
@@ -44,6 +45,7 @@ class CallContext:
     budget_usd: float | None = None
     reply_cache: str = "run"
     fresh: bool = False
+    step: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class LLMGateway:
         tokens = estimated_input + request.max_tokens
         worst_case = self.prices.worst_case(request.model, estimated_input, request.max_tokens)
         if self.governor is not None:
-            self._admit(request, ctx, tokens, worst_case)
+            self._admit(request, ctx, tokens, worst_case, caller=f"{ctx.run_id}:{ctx.step}:{digest[:16]}")
         started = time.monotonic()
         billed = False
         used = cost = 0.0
@@ -153,10 +155,15 @@ class LLMGateway:
         self._record(ctx, request, response, duration_s=time.monotonic() - started, cost=priced)
         return GatewayReply(response, priced, cached=False)
 
-    def _admit(self, request: LLMRequest, ctx: CallContext, tokens: int, worst_case: float) -> None:
+    def _admit(self, request: LLMRequest, ctx: CallContext, tokens: int, worst_case: float, *, caller: str) -> None:
         assert self.governor is not None
         admission = self.governor.admit(
-            run_id=ctx.run_id, model=request.model, tokens=tokens, worst_case_usd=worst_case, budget_usd=ctx.budget_usd
+            run_id=ctx.run_id,
+            model=request.model,
+            tokens=tokens,
+            worst_case_usd=worst_case,
+            budget_usd=ctx.budget_usd,
+            caller=caller,
         )
         if admission.outcome == "budget_exceeded":
             raise NonRetryableStepError(
@@ -166,8 +173,12 @@ class LLMGateway:
             )
         if admission.outcome != "ok":
             telemetry.step_deferred(ctx.workflow, request.model, admission.outcome)
-            # A little jitter, so the steps that waited for one slot do not all come back in the same instant.
-            countdown = admission.wait_s + random.uniform(0, min(1.0, 0.1 + admission.wait_s * 0.2))
+            # A booked place comes back when its turn comes; a cool-down ends for every waiting step at once, so those
+            # spread out a little.
+            spread = (
+                0.0 if admission.outcome == "rate_limit" else random.uniform(0, min(1.0, 0.1 + admission.wait_s / 5))
+            )
+            countdown = admission.wait_s + spread
             what = "a provider's retry-after" if admission.outcome == "cooldown" else "the cluster-wide rate limit"
             raise StepDeferred(
                 f"{request.model}: waiting {admission.wait_s:.2f}s for {what}",

@@ -142,18 +142,28 @@ class RedisGovernor:
         self._budget = client.register_script(lua.joinpath("budget.lua").read_text())
 
     def admit(
-        self, *, run_id: str, model: str, tokens: int, worst_case_usd: float, budget_usd: float | None
+        self,
+        *,
+        run_id: str,
+        model: str,
+        tokens: int,
+        worst_case_usd: float,
+        budget_usd: float | None,
+        caller: str | None = None,
     ) -> Admission:
         """Ask to make one call: the model's cool-down and rate limits first, then the run's budget.
 
         On ``ok`` the call's tokens and one request are counted and its worst case is held against the budget:
-        :meth:`settle` must follow, whatever the call does.
+        :meth:`settle` must follow, whatever the call does. A ``caller`` told to wait for the rate limit is booked
+        a place (first come, first served): asking again with the same ``caller`` after the wait goes through.
         """
         limit = self.limits.for_model(model)
         limiter = keys.llm_limiter_key(model)
         if limit.rpm or limit.tpm or self.client.exists(limiter):
             # A limiter hash exists once a model has limits or a cool-down: check it (cool-downs hold for any model).
-            reply = self._admit(keys=[limiter], args=[limit.rpm, limit.tpm, tokens, limit.capacity])
+            booking = keys.llm_booking_key(model, caller or "")
+            args = [limit.rpm, limit.tpm, tokens, limit.capacity, "1" if caller else "0"]
+            reply = self._admit(keys=[limiter, booking], args=args)
             outcome = _text(reply[0])
             if outcome != "ok":
                 return Admission(outcome, wait_s=float(_text(reply[1])))

@@ -57,6 +57,11 @@ def llm_limiter_key(model: str) -> str:
     return f"{PREFIX}:llm:{{{model}}}"
 
 
+def llm_booking_key(model: str, caller: str) -> str:
+    """A caller's booked place in a model's rate limit (same slot as the limiter)."""
+    return f"{PREFIX}:llm:{{{model}}}:booked:{caller}"
+
+
 def llm_run_cache_key(run_id: str) -> str:
     """LLM replies cached for one run, by request digest (same slot as the run)."""
     return f"{PREFIX}:{{{run_id}}}:llm"

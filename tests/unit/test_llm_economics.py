@@ -130,6 +130,24 @@ def test_a_lower_burst_spaces_requests_out(r: redis.Redis) -> None:
     assert 0.5 < second.wait_s <= 1.0
 
 
+def test_waiting_callers_are_booked_first_come_first_served_and_pass_when_they_return(r: redis.Redis) -> None:
+    gov = RedisGovernor(r, RateLimits({HAIKU: Limit(rpm=60, burst=1)}))
+    run = _run(r)
+
+    def ask(caller: str) -> tuple[str, float]:
+        answer = gov.admit(run_id=run, model=HAIKU, tokens=1, worst_case_usd=0, budget_usd=None, caller=caller)
+        return answer.outcome, answer.wait_s
+
+    assert ask("a")[0] == "ok"
+    b_outcome, b_wait = ask("b")
+    c_outcome, c_wait = ask("c")
+    assert (b_outcome, c_outcome) == ("rate_limit", "rate_limit")
+    assert 0.5 < b_wait <= 1.0
+    assert 1.5 < c_wait <= 2.0, "c queues behind b's booking, not beside it"
+    assert ask("b") == ("ok", 0.0), "b's booked place lets it through when it comes back"
+    assert ask("d")[1] > c_wait, "b's return was not charged again: d queues after c"
+
+
 def test_tokens_per_minute_count_the_estimate_and_settle_the_real_use(r: redis.Redis) -> None:
     gov = RedisGovernor(r, RateLimits({HAIKU: Limit(tpm=1000)}))
     run = _run(r)
