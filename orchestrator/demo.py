@@ -91,5 +91,7 @@ def _print_outputs(view: dict[str, Any], console: Console) -> None:
             console.print(f"  [bold]{name}[/]: {out}")
     usage = view.get("usage")
     if usage:
-        console.print(f"  tokens: {usage['input_tokens']} in, {usage['output_tokens']} out")
+        cost = view.get("cost")
+        priced = f"; ${cost:.4f} at list prices over {view.get('llm_calls', 0)} paid calls" if cost is not None else ""
+        console.print(f"  tokens: {usage['input_tokens']} in, {usage['output_tokens']} out{priced}")
     console.print()
