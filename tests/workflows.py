@@ -89,3 +89,16 @@ conditional = Workflow(
         NoopStep(name="publish_anyway", depends_on=["quality_check_short"], trigger_rule="none_failed"),
     ],
 )
+
+
+@function("tests.log_secrets")
+def log_secrets(ctx: StepContext, **_: Any) -> dict[str, Any]:
+    """Log every secret this process can see, as careless code might: the log redaction must hide them all."""
+    import json
+    import logging
+
+    tokens = list(json.loads(os.environ.get("ORCH_API_TOKENS") or "{}"))
+    log = logging.getLogger("tests.workflows")
+    log.warning("calling out with Authorization: Bearer %s", tokens[0] if tokens else "")
+    log.warning("tokens %s, key %s, store %s", tokens, os.environ.get("ANTHROPIC_API_KEY"), os.environ["REDIS_URL"])
+    return {"logged": len(tokens)}

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import (
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 import celeryconfig
 from orchestrator.settings import Settings
+from orchestrator.telemetry.logs import Redactor, configure_logging
+from workers.metrics import WorkerMetricsEndpoint
 from workers.runtime import RuntimeHolder
 from workers.sweeper import Sweeper
 from workers.tasks import register_tasks
@@ -26,6 +38,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     register_tasks(app, holder)
     app.steps["worker"].add(Sweeper)
     _warm_up(holder)
+    _observe(app, settings)
     return app
 
 
@@ -50,3 +63,50 @@ def _warm_up(holder: RuntimeHolder) -> None:
 
     worker_init.connect(import_providers, weak=False)
     worker_process_init.connect(build_runtime, weak=False)
+
+
+def _observe(app: Celery, settings: Settings) -> None:
+    """Logging and the metrics endpoint of a worker of ``app`` (``celery -A workers worker``).
+
+    Celery's signals are process-wide and every process that builds an app connects these receivers (the API and
+    clients build one too), so each acts only for a worker of its own app. The first app of a process configures
+    logging (the ``dispatch_uid``); ``worker_hijack_root_logger`` is off, and this receiver replaces Celery's own
+    logging setup: one root handler on stderr (or ``--logfile``) in ``ORCH_LOG_FORMAT``, at ``ORCH_LOG_LEVEL`` or
+    else ``--loglevel``, with step attempt fields and secrets redacted.
+    """
+    endpoint = WorkerMetricsEndpoint(settings)
+
+    def configure(loglevel: int | None = None, logfile: str | None = None, **_: Any) -> None:
+        configure_logging(
+            log_format=settings.log_format,
+            level=settings.log_level or loglevel or logging.WARNING,
+            # The real stderr: Celery redirects sys.stderr to the logger right after this.
+            stream=sys.__stderr__,
+            filename=logfile or None,
+            redactor=Redactor.from_env(os.environ),
+        )
+
+    def prepare(sender: Any, **_: Any) -> None:
+        if sender.app is app:
+            endpoint.prepare()
+
+    def serve(sender: Any, **_: Any) -> None:
+        if sender.app is app:
+            endpoint.start()
+
+    def stop(sender: Any, **_: Any) -> None:
+        if sender.app is app:
+            endpoint.stop()
+
+    def forked(**_: Any) -> None:
+        endpoint.after_fork()
+
+    def exiting(pid: int, **_: Any) -> None:
+        endpoint.process_exited(pid)
+
+    setup_logging.connect(configure, weak=False, dispatch_uid="orchestrator.setup_logging")
+    worker_init.connect(prepare, weak=False)
+    worker_ready.connect(serve, weak=False)
+    worker_shutdown.connect(stop, weak=False)
+    worker_process_init.connect(forked, weak=False)
+    worker_process_shutdown.connect(exiting, weak=False)

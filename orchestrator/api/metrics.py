@@ -1,12 +1,19 @@
 """The API's own Prometheus metrics, in a registry per app (``GET /metrics`` exposes it).
 
-Requests are counted by route template, never by raw path, so run ids do not explode the label space.
+Requests are counted by route template, never by raw path, so run ids do not explode the label space. The same
+registry also carries the cluster gauges (queue depth, runs in flight; :mod:`orchestrator.telemetry.cluster`), read
+from Redis at scrape time. Step and LLM metrics come from the workers' own endpoints (``ORCH_METRICS_PORT``).
 """
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orchestrator.settings import Settings
+from orchestrator.telemetry.cluster import ClusterCollector
 
 
 class ApiMetrics:
@@ -40,9 +47,18 @@ class ApiMetrics:
         for kind in ("sse", "ws"):
             self.stream_clients.labels(kind)
             self.stream_drops.labels(kind)
+        self._cluster: ClusterCollector | None = None
+        self._cluster_lock = threading.Lock()
+
+    def watch_cluster(self, settings: Settings) -> None:
+        """Add the cluster gauges read from the Redis of ``settings`` (once; later calls do nothing)."""
+        with self._cluster_lock:
+            if self._cluster is None:
+                self._cluster = ClusterCollector.from_settings(settings)
+                self.registry.register(self._cluster)
 
     def exposition(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
+        """The Prometheus text exposition of every metric (the cluster gauges read Redis now)."""
         return generate_latest(self.registry)
 
 

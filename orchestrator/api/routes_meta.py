@@ -49,5 +49,7 @@ def healthz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 def metrics(request: Request, _: Reader) -> Response:
-    """The API's metrics in the Prometheus text format."""
-    return Response(api_context(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    """The API's metrics and the cluster's queue depth and runs in flight, in the Prometheus text format."""
+    context = api_context(request)
+    context.metrics.watch_cluster(context.settings)
+    return Response(context.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

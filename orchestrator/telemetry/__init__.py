@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,12 +59,14 @@ class AttemptScope:
         outcome: ``succeeded``, ``failed``, ``skipped``, ``retry``, ``deferred``, ``waiting`` or ``stale``.
         error_kind: The error's kind for ``failed`` and ``retry`` (``rate_limit``, ``budget_exceeded`` …).
         cost_usd: What the attempt's LLM calls cost.
+        entered_monotonic: When the attempt's scope was entered (``time.monotonic()``), for its duration.
     """
 
     info: AttemptInfo
     outcome: str = "unknown"
     error_kind: str | None = None
     cost_usd: float = 0.0
+    entered_monotonic: float = field(default_factory=time.monotonic)
 
     def finish(self, outcome: str, error_kind: str | None = None) -> None:
         """Record how the attempt ended."""

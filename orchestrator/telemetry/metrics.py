@@ -1,20 +1,200 @@
-"""Prometheus metrics of steps and LLM calls. (Placeholder: filled in by the metrics work.)"""
+"""Prometheus metrics of steps and LLM calls, safe under Celery's prefork pool.
+
+Every family is labelled by workflow, step, model, queue and error type, never by run id, so the number of series
+stays bounded by what is deployed rather than by traffic. Names and labels::
+
+    orchestrator_step_attempts_total{workflow, step, kind, outcome, error_type}   counter
+    orchestrator_step_duration_seconds{workflow, step, kind, outcome}            histogram
+    orchestrator_step_queue_wait_seconds{workflow, step, queue}                  histogram
+    orchestrator_step_deferrals_total{workflow, model, reason}                   counter
+    orchestrator_llm_calls_total{workflow, model, outcome, error_type}           counter (provider calls)
+    orchestrator_llm_call_duration_seconds{workflow, model}                      histogram
+    orchestrator_llm_tokens_total{workflow, model, token_type}                   counter (input, output)
+    orchestrator_llm_cost_usd_total{workflow, model}                             counter
+    orchestrator_llm_reply_cache_hits_total{workflow, model}                     counter
+
+``outcome`` of a step attempt is ``succeeded``, ``failed``, ``retry``, ``deferred``, ``skipped``, ``waiting``,
+``stale`` or ``unknown`` (an exception escaped the task); retries are the ``retry`` outcome. The queue wait runs from
+the moment the step was queued to the claim, both on Redis's clock; for a retry or a deferral it includes the
+countdown the step was given. Tokens and cost count what the provider billed; replies served from the reply cache
+count only as cache hits.
+
+The families are built lazily, on the first observation in each process. A worker that serves metrics switches
+``prometheus_client`` to its multiprocess mode before it forks (:mod:`workers.metrics`), so each pool process then
+writes its values to files that the endpoint in the main process sums up. Without that (a test, a client process)
+they live in :func:`registry`, an ordinary in-process registry.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 if TYPE_CHECKING:
     from orchestrator.telemetry import AttemptScope, LLMCallRecord
 
+__all__ = [
+    "DURATION_BUCKETS",
+    "StepMetrics",
+    "record_attempt",
+    "record_deferral",
+    "record_llm_call",
+    "registry",
+    "reset",
+]
+
+# From a cache hit or a tiny Python step (10 ms) to a long generation with retries (10 min).
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+# Label values come from workflow definitions and error kinds; a cap keeps a pathological name from bloating Prometheus.
+_MAX_LABEL = 100
+
+
+class StepMetrics:
+    """The metric families of steps and LLM calls.
+
+    Args:
+        registry: Where to register them; ``None`` registers nowhere (multiprocess mode, where values go to files
+            that ``MultiProcessCollector`` reads).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.step_attempts = Counter(
+            "orchestrator_step_attempts",
+            "Step attempts ended, by outcome (succeeded, failed, retry, deferred, skipped, waiting, stale, unknown) "
+            "and error type.",
+            ["workflow", "step", "kind", "outcome", "error_type"],
+            registry=registry,
+        )
+        self.step_duration = Histogram(
+            "orchestrator_step_duration_seconds",
+            "Wall time of a step attempt in the worker, from claim to recorded outcome.",
+            ["workflow", "step", "kind", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "orchestrator_step_queue_wait_seconds",
+            "Time from a step being queued to an attempt starting (Redis clock; includes retry and deferral "
+            "countdowns).",
+            ["workflow", "step", "queue"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.deferrals = Counter(
+            "orchestrator_step_deferrals",
+            "Steps put back in the queue to wait for a shared rate limit or a provider's cool-down, by model and "
+            "reason.",
+            ["workflow", "model", "reason"],
+            registry=registry,
+        )
+        self.llm_calls = Counter(
+            "orchestrator_llm_calls",
+            "Calls made to the LLM provider, by outcome (ok, error) and error type.",
+            ["workflow", "model", "outcome", "error_type"],
+            registry=registry,
+        )
+        self.llm_duration = Histogram(
+            "orchestrator_llm_call_duration_seconds",
+            "Wall time of a call to the LLM provider.",
+            ["workflow", "model"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.llm_tokens = Counter(
+            "orchestrator_llm_tokens",
+            "Tokens billed by the LLM provider, by token type (input, output).",
+            ["workflow", "model", "token_type"],
+            registry=registry,
+        )
+        self.llm_cost = Counter(
+            "orchestrator_llm_cost_usd",
+            "What LLM calls cost in US dollars (models without a price add nothing).",
+            ["workflow", "model"],
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            "orchestrator_llm_reply_cache_hits",
+            "LLM requests answered from the reply cache instead of the provider.",
+            ["workflow", "model"],
+            registry=registry,
+        )
+
+
+class _Current:
+    """This process's families and the registry they are in, rebuilt lazily after :func:`reset`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.metrics: StepMetrics | None = None
+        self.registry = CollectorRegistry()
+
+
+_current = _Current()
+
+
+def _metrics() -> StepMetrics:
+    if _current.metrics is None:
+        with _current.lock:
+            if _current.metrics is None:
+                # In multiprocess mode the values live in files; registering them too would count them twice.
+                multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+                _current.metrics = StepMetrics(None if multiprocess else _current.registry)
+    return _current.metrics
+
+
+def registry() -> CollectorRegistry:
+    """The in-process registry holding the families when multiprocess mode is off."""
+    return _current.registry
+
+
+def reset() -> None:
+    """Forget the families, so the next observation builds them again (after switching modes, and in tests)."""
+    with _current.lock:
+        _current.metrics = None
+        _current.registry = CollectorRegistry()
+
 
 def record_attempt(scope: AttemptScope) -> None:
     """Count the attempt's outcome and observe its duration and queue wait."""
+    metrics = _metrics()
+    info = scope.info
+    workflow, step, kind = _label(info.workflow), _label(info.step), _label(info.kind)
+    outcome = _label(scope.outcome)
+    metrics.step_attempts.labels(workflow, step, kind, outcome, _label(scope.error_kind)).inc()
+    metrics.step_duration.labels(workflow, step, kind, outcome).observe(
+        max(0.0, time.monotonic() - scope.entered_monotonic)
+    )
+    if info.queued_at is not None:
+        wait = max(0.0, info.started_at - info.queued_at)
+        metrics.queue_wait.labels(workflow, step, _label(info.queue)).observe(wait)
 
 
 def record_llm_call(record: LLMCallRecord) -> None:
-    """Count an LLM call's tokens and cost."""
+    """Count an LLM call's tokens and cost, or a reply cache hit."""
+    metrics = _metrics()
+    workflow, model = _label(record.workflow), _label(record.model)
+    if record.cached:
+        metrics.cache_hits.labels(workflow, model).inc()
+        return
+    outcome = "error" if record.error_kind else "ok"
+    metrics.llm_calls.labels(workflow, model, outcome, _label(record.error_kind)).inc()
+    metrics.llm_duration.labels(workflow, model).observe(max(0.0, record.duration_s))
+    for token_type, count in (("input", record.input_tokens), ("output", record.output_tokens)):
+        if count > 0:
+            metrics.llm_tokens.labels(workflow, model, token_type).inc(count)
+    if record.cost_usd:
+        metrics.llm_cost.labels(workflow, model).inc(record.cost_usd)
 
 
 def record_deferral(workflow: str, model: str, reason: str) -> None:
-    """Count a deferral."""
+    """Count a step deferred to wait for a shared rate limit (``rate_limit``) or a cool-down (``cooldown``)."""
+    _metrics().deferrals.labels(_label(workflow), _label(model), _label(reason)).inc()
+
+
+def _label(value: str | None) -> str:
+    return (value or "")[:_MAX_LABEL]

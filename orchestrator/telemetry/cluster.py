@@ -1,0 +1,147 @@
+"""Gauges of the whole cluster, read from Redis when Prometheus scrapes: queue depth and runs in flight.
+
+::
+
+    orchestrator_queue_depth{queue}          messages waiting in each step queue (Redis broker only)
+    orchestrator_runs_in_flight{status}      pending, running and waiting runs among the newest ``run_scan`` runs
+    orchestrator_cluster_scrape_ok           1 when Redis answered this scrape, else 0
+
+Both the API and every worker endpoint export them (each reads the same Redis), so dashboards take ``max`` over
+instances rather than a sum. A scrape costs three round trips: one pipeline of ``LLEN`` per queue (with Kombu's
+priority sub-queues), the run index's newest ids, and one pipeline of ``HGET status`` per run, so at most
+``run_scan`` (default 1000) small reads. Runs are counted among the newest ``run_scan`` only: an older run still in
+flight (one waiting days for an approval behind more than ``run_scan`` newer runs) is not counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from orchestrator.settings import Settings
+from orchestrator.state import keys
+
+__all__ = ["DEFAULT_RUN_SCAN", "IN_FLIGHT_STATUSES", "ClusterCollector"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_SCAN = 1000
+IN_FLIGHT_STATUSES = ("pending", "running", "waiting")
+
+# Kombu's Redis transport keeps priority 0 in the queue's own list and the others in lists named QUEUE\x06\x16N.
+_PRIORITY_SEPARATOR = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_SOCKET_TIMEOUT_S = 5.0
+
+
+class ClusterCollector(Collector):
+    """Reads queue depth and runs in flight from Redis on every collection.
+
+    Args:
+        store: The state store's Redis (run index and run hashes).
+        broker: The broker's Redis, or ``None`` when the broker is not Redis (no queue depth then).
+        queues: The step queues to measure.
+        run_scan: How many of the newest runs to look at for runs in flight.
+    """
+
+    def __init__(
+        self,
+        store: redis.Redis,
+        broker: redis.Redis | None,
+        queues: Sequence[str],
+        *,
+        run_scan: int = DEFAULT_RUN_SCAN,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.queues = tuple(dict.fromkeys(queues))
+        self.run_scan = run_scan
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, run_scan: int = DEFAULT_RUN_SCAN) -> ClusterCollector:
+        """A collector on the settings' Redis and broker, with short timeouts so a scrape never hangs long."""
+        store = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S
+        )
+        broker_url = settings.effective_broker_url
+        broker = store if broker_url == settings.redis_url else _redis_broker(broker_url)
+        return cls(store, broker, (settings.llm_queue, settings.cpu_queue), run_scan=run_scan)
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        """The families, without reading Redis (so registering the collector costs nothing)."""
+        return self._families()
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        """The families with their values read now; Redis not answering yields ``scrape_ok 0`` and no values."""
+        depth, runs, ok = self._families()
+        try:
+            if self.broker is not None:
+                for queue, count in self._queue_depths().items():
+                    depth.add_metric([queue], count)
+            for status, count in self._runs_in_flight().items():
+                runs.add_metric([status], count)
+        except redis.RedisError as exc:
+            log.warning("metrics: could not read queue depth and runs from Redis: %s", exc)
+            ok.add_metric([], 0)
+            return [ok]
+        ok.add_metric([], 1)
+        return [depth, runs, ok]
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "orchestrator_queue_depth", "Step messages waiting in each queue of the Redis broker.", labels=["queue"]
+            ),
+            GaugeMetricFamily(
+                "orchestrator_runs_in_flight",
+                f"Runs pending, running or waiting, among the newest {self.run_scan} runs.",
+                labels=["status"],
+            ),
+            GaugeMetricFamily("orchestrator_cluster_scrape_ok", "1 when Redis answered this scrape's reads, else 0."),
+        ]
+
+    def _queue_depths(self) -> dict[str, int]:
+        assert self.broker is not None
+        pipe = self.broker.pipeline(transaction=False)
+        for queue in self.queues:
+            pipe.llen(queue)
+            for priority in _PRIORITY_STEPS:
+                pipe.llen(f"{queue}{_PRIORITY_SEPARATOR}{priority}")
+        lengths = pipe.execute()
+        per_queue = 1 + len(_PRIORITY_STEPS)
+        return {
+            queue: sum(int(n) for n in lengths[i * per_queue : (i + 1) * per_queue])
+            for i, queue in enumerate(self.queues)
+        }
+
+    def _runs_in_flight(self) -> dict[str, int]:
+        counts = dict.fromkeys(IN_FLIGHT_STATUSES, 0)
+        run_ids = self.store.zrevrange(keys.RUNS_INDEX, 0, self.run_scan - 1)
+        if not run_ids:
+            return counts
+        pipe = self.store.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hget(keys.run_key(_text(run_id)), "status")
+        for status in pipe.execute():
+            name = _text(status) if status is not None else ""
+            if name in counts:
+                counts[name] += 1
+        return counts
+
+
+def _redis_broker(url: str) -> redis.Redis | None:
+    # Kombu accepts several broker URLs separated by ';' for failover: measure the first. Not Redis: no queue depth.
+    first = url.split(";", 1)[0].strip()
+    if urlsplit(first).scheme not in _REDIS_SCHEMES:
+        return None
+    return redis.Redis.from_url(first, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,128 @@
+"""Flower, run as ``celery -A workers flower`` with basic auth, shows our workers and steps named ``workflow.step``.
+
+Workers send task events (``worker_send_task_events``, ``task_send_sent_event``) and every step is sent with
+``shadow="WORKFLOW.STEP"``, which is the name Flower shows. The module uses a Redis database of its own, so Flower
+sees only this module's workers and tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import redis
+
+from orchestrator import Client, Settings
+from orchestrator.local_workers import REPO_ROOT, LocalWorkers
+from tests.conftest import ARTIFACTS, WORKER_ENV
+from tests.integration.helpers import llm, py, wait_for, workflow
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+DATABASE = 13
+AUTH = ("flower-user", "flower-pass-5f1c")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def env(redis_url: str) -> dict[str, str]:
+    url = urlsplit(redis_url)._replace(path=f"/{DATABASE}").geturl()
+    redis.Redis.from_url(url).flushdb()
+    return {"REDIS_URL": url, **WORKER_ENV}
+
+
+@pytest.fixture(scope="module")
+def client(env: dict[str, str]) -> Client:
+    return Client(Settings.from_env(env))
+
+
+@pytest.fixture(scope="module")
+def workers(client: Client, env: dict[str, str]) -> Iterator[LocalWorkers]:
+    log_dir = ARTIFACTS / "worker-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with LocalWorkers(client.app, count=2, concurrency=1, env=env, log_dir=log_dir) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def flower(env: dict[str, str], workers: LocalWorkers) -> Iterator[httpx.Client]:
+    """Flower on a free loopback port with basic auth; ready once its event receiver sees every worker alive."""
+    port = free_port()
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1",
+            f"--basic-auth={AUTH[0]}:{AUTH[1]}"]  # fmt: skip
+    process_env = {**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)}
+    log_dir = ARTIFACTS / "worker-logs"
+    with (log_dir / "flower.log").open("ab") as log:
+        process = subprocess.Popen(argv, env=process_env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+            def workers_alive() -> bool:
+                assert process.poll() is None, "flower exited; see test-artifacts/worker-logs/flower.log"
+                try:
+                    alive = http.get("/api/workers", params={"status": "true"}, auth=AUTH).json()
+                except (httpx.TransportError, ValueError):
+                    return False
+                return all(alive.get(name) for name in workers.processes)
+
+            wait_for(workers_alive, timeout=60, what="Flower to see both workers' heartbeats")
+            yield http
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_flower_api_needs_credentials_while_healthcheck_and_metrics_stay_open(flower: httpx.Client) -> None:
+    assert flower.get("/api/workers").status_code == 401
+    assert flower.get("/api/tasks").status_code == 401
+    assert flower.get("/api/tasks", auth=(AUTH[0], "wrong")).status_code == 401
+    assert flower.get("/healthcheck").status_code == 200
+    assert flower.get("/metrics").status_code == 200
+
+
+def test_flower_lists_our_workers_with_their_queues(flower: httpx.Client, workers: LocalWorkers) -> None:
+    listed = flower.get("/api/workers", params={"refresh": "true"}, auth=AUTH).json()
+
+    assert set(workers.processes) <= set(listed)
+    for name in workers.processes:
+        assert {q["name"] for q in listed[name]["active_queues"]} == {"llm", "cpu"}
+
+
+def test_flower_shows_each_step_as_workflow_dot_step_succeeded_on_our_workers(
+    flower: httpx.Client, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    name = f"flower_{unique}"
+    spec = workflow(name, llm("outline"), py("count", "tests.sleep", "outline"), llm("summary", "outline", "count"))
+    run_id = client.submit(spec)
+    assert client.wait(run_id, timeout=60)["status"] == "succeeded"
+    expected = {f"{name}.outline", f"{name}.count", f"{name}.summary"}
+
+    def ours() -> dict[str, Any] | None:
+        tasks = flower.get("/api/tasks", auth=AUTH).json()
+        mine = {t["name"]: t for t in tasks.values() if str(t.get("name", "")).startswith(f"{name}.")}
+        done = set(mine) == expected and all(t["state"] == "SUCCESS" for t in mine.values())
+        return mine if done else None
+
+    tasks = wait_for(ours, timeout=30, what="Flower to report every step as succeeded")
+
+    assert tasks is not None
+    assert set(tasks) == expected
+    for task in tasks.values():
+        assert task["worker"] in workers.processes
+        assert run_id in task["args"], "the step's arguments name its run"

@@ -1,0 +1,207 @@
+"""Prometheus metrics end to end: a real prefork worker's endpoint and the API's ``/metrics``, on real Redis.
+
+The module runs its own worker on a Redis database of its own, so the counts it reads are its runs' alone.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import redis
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator import Client, Settings
+from orchestrator.api import ApiAuth, create_app
+from orchestrator.local_workers import LocalWorkers
+from tests.conftest import ARTIFACTS, WORKER_ENV
+from tests.integration.helpers import llm, py, wait_for, workflow
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+DATABASE = 11
+SONNET = "claude-sonnet-4-5"
+HAIKU = "claude-haiku-4-5"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def on_database(url: str, db: int) -> str:
+    return urlsplit(url)._replace(path=f"/{db}").geturl()
+
+
+def parse(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def get(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+@pytest.fixture(scope="module")
+def env(redis_url: str) -> dict[str, str]:
+    url = on_database(redis_url, DATABASE)
+    redis.Redis.from_url(url).flushdb()
+    return {"REDIS_URL": url, **WORKER_ENV, "ORCH_METRICS_PORT": str(free_port()), "ORCH_METRICS_ADDR": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def client(env: dict[str, str]) -> Client:
+    return Client(replace(Settings.from_env(env), retry_cap_s=5.0))
+
+
+@pytest.fixture(scope="module")
+def worker(client: Client, env: dict[str, str]) -> Iterator[LocalWorkers]:
+    log_dir = ARTIFACTS / "worker-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with LocalWorkers(client.app, count=1, concurrency=2, env=env, log_dir=log_dir) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def api(client: Client) -> Iterator[str]:
+    """The API under uvicorn in a thread (no tokens: loopback clients only), on this module's database."""
+    config = uvicorn.Config(create_app(client.settings, client, auth=ApiAuth()), host="127.0.0.1", port=0,
+                            log_level="warning", timeout_graceful_shutdown=2)  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="metrics-api", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), timeout=20, what="uvicorn to start")
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def scrape_worker(env: dict[str, str]) -> Samples:
+    return parse(httpx.get(f"http://127.0.0.1:{env['ORCH_METRICS_PORT']}/metrics", timeout=10).text)
+
+
+def same_prompt(name: str, *deps: str) -> dict[str, object]:
+    return {"name": name, "uses": "llm", "depends_on": list(deps), "with": {"prompt": "One line on {{ inputs.topic }}"}}
+
+
+def test_the_worker_endpoint_counts_steps_retries_deferrals_tokens_cost_and_cache_hits(
+    client: Client, worker: LocalWorkers, env: dict[str, str], unique: str
+) -> None:
+    name = f"metrics_{unique}"
+    # A 429 with retry-after 2 s cools Sonnet down cluster-wide; "blocked" asks during it and is deferred.
+    limited = llm("limited", errors=("rate_limit",), retry_after_s=2.0,
+                  retry={"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2})  # fmt: skip
+    blocked = llm("blocked", "later")
+    for step in (limited, blocked):
+        step["with"]["model"] = SONNET
+    spec = workflow(
+        name,
+        same_prompt("draft"),
+        same_prompt("again", "draft"),  # the same request again: the reply cache answers
+        limited,
+        py("later", "tests.sleep", seconds=0.5),
+        blocked,
+    )
+    view = client.wait(client.submit(spec), timeout=60)
+    assert view["status"] == "succeeded", view["error"]
+
+    def attempts(step: str, outcome: str, error_type: str = "") -> float | None:
+        kind = "python" if step == "later" else "llm"
+        return get(found, "orchestrator_step_attempts_total", workflow=name, step=step, kind=kind, outcome=outcome,
+                   error_type=error_type)  # fmt: skip
+
+    found: Samples = {}
+
+    def complete() -> bool:
+        # An attempt's metrics are written as its scope closes, just after its outcome: poll until the last is in.
+        nonlocal found
+        found = scrape_worker(env)
+        return all(attempts(s, "succeeded") == 1 for s in ("draft", "again", "limited", "later", "blocked"))
+
+    wait_for(complete, timeout=20, what="every step's success in the worker's metrics")
+
+    assert attempts("limited", "retry", "rate_limit") == 1
+    assert (attempts("blocked", "deferred", "cooldown") or 0) >= 1
+    assert (get(found, "orchestrator_step_deferrals_total", workflow=name, model=SONNET, reason="cooldown") or 0) >= 1
+
+    sleep_labels = {"workflow": name, "step": "later", "kind": "python", "outcome": "succeeded"}
+    assert get(found, "orchestrator_step_duration_seconds_count", **sleep_labels) == 1
+    assert get(found, "orchestrator_step_duration_seconds_bucket", **sleep_labels, le="0.25") == 0, "it slept 0.5 s"
+    assert get(found, "orchestrator_step_duration_seconds_bucket", **sleep_labels, le="1.0") == 1
+    assert get(found, "orchestrator_step_queue_wait_seconds_count", workflow=name, step="later", queue="cpu") == 1
+    assert get(found, "orchestrator_step_queue_wait_seconds_count", workflow=name, step="draft", queue="llm") == 1
+
+    for model in (HAIKU, SONNET):
+        for token_type in ("input", "output"):
+            tokens = get(found, "orchestrator_llm_tokens_total", workflow=name, model=model, token_type=token_type)
+            assert (tokens or 0) > 0, (model, token_type)
+        assert (get(found, "orchestrator_llm_cost_usd_total", workflow=name, model=model) or 0) > 0, model
+    assert get(found, "orchestrator_llm_reply_cache_hits_total", workflow=name, model=HAIKU) == 1
+    assert get(found, "orchestrator_llm_calls_total", workflow=name, model=HAIKU, outcome="ok", error_type="") == 1
+    assert get(found, "orchestrator_llm_calls_total", workflow=name, model=SONNET, outcome="error",
+               error_type="rate_limit") == 1  # fmt: skip
+
+    assert get(found, "orchestrator_queue_depth", queue="llm") == 0
+    assert get(found, "orchestrator_queue_depth", queue="cpu") == 0
+    assert get(found, "orchestrator_cluster_scrape_ok") == 1
+    assert not [labels for _, labels in found if any(v == view["run_id"] for _, v in labels)], "no run id label"
+
+
+def test_queue_depth_and_runs_in_flight_show_work_waiting_for_busy_workers_in_both_endpoints(
+    client: Client, worker: LocalWorkers, env: dict[str, str], api: str, unique: str
+) -> None:
+    # Two slots and a prefetch of one per slot: of four 2 s steps two run and two wait in the broker's cpu list.
+    spec = workflow(f"backlog_{unique}", *(py(f"s{i}", "tests.sleep", seconds=2.0) for i in range(4)))
+    run_id = client.submit(spec)
+
+    def backlog(samples: Samples) -> bool:
+        return (
+            get(samples, "orchestrator_queue_depth", queue="cpu") == 2
+            and get(samples, "orchestrator_queue_depth", queue="llm") == 0
+            and get(samples, "orchestrator_runs_in_flight", status="running") == 1
+            and get(samples, "orchestrator_cluster_scrape_ok") == 1
+        )
+
+    wait_for(
+        lambda: backlog(scrape_worker(env)) and backlog(parse(httpx.get(f"{api}/metrics", timeout=10).text)),
+        timeout=20,
+        what="both endpoints to show two steps waiting and one run running",
+    )
+    assert client.wait(run_id, timeout=60)["status"] == "succeeded"
+    drained = scrape_worker(env)
+
+    assert get(drained, "orchestrator_queue_depth", queue="cpu") == 0
+    assert get(drained, "orchestrator_runs_in_flight", status="running") == 0
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_the_worker_removes_its_private_metrics_directory_when_it_stops(
+    client: Client, env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    with LocalWorkers(client.app, count=1, concurrency=1, env={**env, "ORCH_METRICS_PORT": str(port),
+                      "TMPDIR": str(tmp_path)}, queues=("unused",)):  # fmt: skip
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/metrics"), timeout=20, what="the metrics endpoint")
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("orchestrator-metrics-")]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("orchestrator-metrics-")]
