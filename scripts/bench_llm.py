@@ -8,10 +8,12 @@ Phases (each on a private Redis, 4 worker processes, and a local Messages API se
 2. ``shared``: the cluster-wide limiter (``ORCH_LLM_LIMITS`` at the provider's rpm) and the shared cool-down.
    Both run ``--steps`` LLM steps (runs of 30 parallel steps, distinct prompts); reported: 429s the provider sent,
    total time, steps failed, attempts and deferrals.
-3. ``chaos``: no rate limit; pool processes SIGKILL themselves right after a reply is stored (probability
-   ``--kill-probability``), whole workers are SIGKILLed and restarted every ``--kill-every`` seconds, and each run
-   ends with a step that fails once, so every run is resumed. Reported: paid calls (replies the provider billed)
-   ÷ needed calls (distinct requests), which must be 1.00.
+3. ``after-reply``: no rate limit; pool processes SIGKILL themselves right after a reply is stored, before the step
+   is recorded (probability ``--kill-probability``), and each run ends with a step that fails once, so every run is
+   resumed. Reported: paid calls (replies the provider billed) ÷ needed calls (distinct requests): must be 1.00.
+4. ``kill-workers``: the same runs while whole workers are SIGKILLed and restarted every ``--kill-every`` seconds.
+   A worker killed mid-call has been billed for that call (as by a real provider); ``lost`` counts those the
+   provider saw the caller vanish for. Replies that reached a worker must still never be paid twice.
 
     python scripts/bench_llm.py                       # the figures: 300 steps at 60 rpm (about 10 min)
     python scripts/bench_llm.py --steps 120 --rpm 60  # quicker
@@ -25,6 +27,7 @@ import random
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -57,10 +60,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2, help="prefork processes per worker")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds each LLM call takes")
-    parser.add_argument("--chaos-steps", type=int, default=120, help="LLM steps in the chaos phase")
-    parser.add_argument("--kill-probability", type=float, default=0.1)
-    parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between whole-worker SIGKILLs")
-    parser.add_argument("--phases", default="alone,shared,chaos")
+    parser.add_argument("--chaos-steps", type=int, default=120, help="LLM steps in each kill phase")
+    parser.add_argument("--kill-probability", type=float, default=0.2, help="after-reply: chance a process dies")
+    parser.add_argument("--kill-every", type=float, default=2.0, help="kill-workers: seconds between SIGKILLs")
+    parser.add_argument("--phases", default="alone,shared,after-reply,kill-workers")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a phase may take")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
@@ -88,7 +91,7 @@ def spec(name: str, run: int, width: int, latency: float, *, fail_once: bool = F
 
 
 def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str, Any]:
-    chaos = phase == "chaos"
+    chaos = phase in {"after-reply", "kill-workers"}
     total = args.chaos_steps if chaos else args.steps
     env = {
         "REDIS_URL": redis_url,
@@ -101,7 +104,8 @@ def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str,
         "ORCH_LLM_LIMITS": json.dumps({MODEL: {"rpm": args.limit_rpm or args.rpm}}) if phase == "shared" else "",
     }
     if chaos:
-        env.update({"ORCH_IMPORTS": "bench_llm_chaos", "BENCH_KILL_AFTER_REPLY": str(args.kill_probability),
+        after_reply = args.kill_probability if phase == "after-reply" else 0.0
+        env.update({"ORCH_IMPORTS": "bench_llm_chaos", "BENCH_KILL_AFTER_REPLY": str(after_reply),
                     "PYTHONPATH": str(SCRIPTS_DIR)})  # fmt: skip
     r = redis.Redis.from_url(redis_url)
     r.flushall()
@@ -116,9 +120,9 @@ def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str,
         stack.callback(pool.stop)
         stop_killing = threading.Event()
         node_kills = [0]
-        if chaos:
-            threading.Thread(target=_kill_workers, args=(pool, args.kill_every, stop_killing, node_kills),
-                             daemon=True).start()  # fmt: skip
+        killer = threading.Thread(target=_kill_workers, args=(pool, args.kill_every, stop_killing, node_kills))
+        if phase == "kill-workers":
+            killer.start()
         started = time.monotonic()
         widths = [min(RUN_WIDTH, total - start) for start in range(0, total, RUN_WIDTH)]
         runs = [
@@ -134,6 +138,8 @@ def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str,
                 client.resume(run_id)
             views = [client.wait(run_id, timeout=args.timeout) for run_id in runs]
             stop_killing.set()
+            if killer.is_alive():
+                killer.join()
             result.update(
                 billed_before_resume=billed_before_resume,
                 pool_process_self_kills=int(r.get("bench:chaos:kills") or 0),
@@ -149,11 +155,14 @@ def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str,
             paid_calls=stats["billed"],
             needed_calls=total,
             paid_per_needed=round(stats["billed"] / total, 4),
+            paid_undelivered=stats["undelivered"],
+            delivered_paid_per_needed=round((stats["billed"] - stats["undelivered"]) / total, 4),
             repaid_requests=sum(1 for n in stats["billed_by_request"].values() if n > 1),
             steps_failed=sum(s["status"] != "succeeded" for s in llm_steps),
             attempts=sum(s["attempts"] for s in llm_steps),
             deferrals=sum(s.get("deferrals", 0) for s in llm_steps),
             cost_usd=round(sum(v.get("cost", 0.0) for v in views), 6),
+            attempt_errors=dict(Counter(e.get("type") for s in llm_steps for e in s["errors"])),
         )
         return result
 
@@ -174,19 +183,23 @@ def main() -> int:
         results = [run_phase(args, phase, server.url) for phase in args.phases.split(",")]
         meta = versions(server.url)
     print(f"{'phase':<8} {'steps':>5} {'time s':>8} {'429s':>6} {'failed':>6} {'attempts':>8} {'deferrals':>9} "
-          f"{'paid':>5} {'paid/needed':>11}")  # fmt: skip
+          f"{'paid':>5} {'lost':>5} {'paid/needed':>11}")  # fmt: skip
     for r in results:
         print(f"{r['phase']:<8} {r['steps']:>5} {r['seconds']:>8.1f} {r['provider_429s']:>6} {r['steps_failed']:>6} "
-              f"{r['attempts']:>8} {r['deferrals']:>9} {r['paid_calls']:>5} {r['paid_per_needed']:>11.2f}")  # fmt: skip
-    chaos = next((r for r in results if r["phase"] == "chaos"), None)
-    if chaos:
-        print(f"chaos: {chaos['pool_process_self_kills']} pool processes killed right after a paid reply, "
-              f"{chaos['worker_node_kills']} whole workers killed, {chaos['runs']} runs resumed; "
-              f"{chaos['runs_succeeded']}/{chaos['runs']} succeeded")  # fmt: skip
+              f"{r['attempts']:>8} {r['deferrals']:>9} {r['paid_calls']:>5} {r['paid_undelivered']:>5} "
+              f"{r['paid_per_needed']:>11.3f}")  # fmt: skip
+    print("lost: replies billed while the worker that asked was being SIGKILLed (a real provider bills them too)")
+    for chaos in (r for r in results if "worker_node_kills" in r):
+        in_flight = chaos["worker_node_kills"] * args.concurrency
+        print(f"{chaos['phase']}: {chaos['pool_process_self_kills']} pool processes killed right after a paid reply, "
+              f"{chaos['worker_node_kills']} whole workers killed (at most {in_flight} calls in flight in them), "
+              f"{chaos['runs']} runs resumed, {chaos['runs_succeeded']} succeeded; "
+              f"{chaos['paid_calls'] - chaos['needed_calls']} extra paid calls")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(json_safe({"results": results, "versions": meta, "args": vars(args)}),
                                         indent=2, default=str))  # fmt: skip
-    ok = all(r["runs_succeeded"] == r["runs"] for r in results) and (chaos is None or chaos["paid_per_needed"] == 1)
+    after = next((r for r in results if r["phase"] == "after-reply"), None)
+    ok = all(r["runs_succeeded"] == r["runs"] for r in results) and (after is None or after["paid_per_needed"] == 1)
     return 0 if ok else 1
 
 

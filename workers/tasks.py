@@ -6,6 +6,7 @@ Retryable errors are mapped onto Celery's retry options here and nowhere else (:
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from celery import Celery, Task
@@ -63,9 +64,16 @@ def register_tasks(app: Celery, runtime: RuntimeHolder) -> Task[Any, Any]:
 
 
 def _delivery(request: Any) -> dict[str, Any]:
-    # The message's queue and headers (trace context), as Celery hands them to the task.
+    # The message's queue, headers (trace context) and, for a delayed retry or deferral, when it became due.
     info = request.delivery_info or {}
-    return {"queue": info.get("routing_key") or "", "headers": request.headers or {}}
+    due = request.eta
+    if isinstance(due, str):
+        due = datetime.fromisoformat(due)
+    return {
+        "queue": info.get("routing_key") or "",
+        "headers": request.headers or {},
+        "due_at": due.timestamp() if isinstance(due, datetime) else None,
+    }
 
 
 def execute(rt: Runtime, attempt: Attempt, definition_hash: str, delivery: dict[str, Any] | None = None) -> str:
@@ -103,6 +111,7 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str, delivery: dict[
         queued_at=claim.queued_at,
         started_at=claim.now,
         headers=delivery.get("headers") or {},
+        due_at=delivery.get("due_at"),
     )
     rt.leases.hold(attempt)
     try:

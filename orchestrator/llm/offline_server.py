@@ -5,7 +5,10 @@ SDK over a real socket. It answers as :class:`~orchestrator.llm.offline.OfflineM
 requests-per-minute limit the way the service does (a token bucket, full at rest, answering 429 with
 ``retry-after``), so load tests see the provider push back. ``GET /stats`` reports what it billed::
 
-    {"billed": 300, "rate_limited": 12, "requests": 312, "billed_by_request": {"<sha256>": 1, ...}}
+    {"billed": 300, "undelivered": 0, "rate_limited": 12, "requests": 312, "billed_by_request": {"<sha256>": 1}}
+
+``undelivered`` counts billed replies that could not be written back: the caller was gone (a worker killed during
+the call). A real provider bills those too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import contextlib
 import hashlib
 import json
 import math
+import select
+import socket
 import threading
 import time
 from collections import Counter
@@ -65,6 +70,7 @@ class OfflineAPIServer:
         self.billed: Counter[str] = Counter()
         self.rate_limited = 0
         self.requests = 0
+        self.undelivered = 0
         self._httpd = ThreadingHTTPServer((host, port), self._handler())
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -82,6 +88,7 @@ class OfflineAPIServer:
                 "requests": self.requests,
                 "rate_limited": self.rate_limited,
                 "billed": sum(self.billed.values()),
+                "undelivered": self.undelivered,
                 "billed_by_request": dict(self.billed),
             }
 
@@ -154,13 +161,35 @@ class OfflineAPIServer:
                     if name.lower() not in {"content-length", "transfer-encoding", "connection", "content-encoding"}:
                         self.send_header(name, value)
                 self.send_header("content-length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
+                if status == 200 and _peer_closed(self.connection):
+                    # The caller died while the reply was being made (a SIGKILLed worker): billed, never delivered.
+                    with server._lock:
+                        server.undelivered += 1
+                    self.close_connection = True
+                    return
+                try:
+                    self.end_headers()
+                    self.wfile.write(content)
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+                    if status == 200:
+                        with server._lock:
+                            server.undelivered += 1
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         return Handler
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    # A caller waiting for its reply sends nothing more; a readable socket that reads empty has been closed.
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 @contextlib.contextmanager

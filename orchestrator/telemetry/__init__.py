@@ -36,6 +36,7 @@ class AttemptInfo:
         queued_at: When the step was queued (epoch seconds, Redis clock), for the queue-wait histogram.
         started_at: When the attempt was claimed (epoch seconds, Redis clock).
         headers: The Celery message headers (they carry the trace context).
+        due_at: When a delayed message (a retry's or a deferral's countdown) became due, if it was delayed.
     """
 
     run_id: str
@@ -48,6 +49,14 @@ class AttemptInfo:
     queued_at: float | None
     started_at: float
     headers: Mapping[str, Any] = field(default_factory=dict)
+    due_at: float | None = None
+
+    @property
+    def queue_wait_s(self) -> float | None:
+        """Seconds the step waited for a worker: from queued (or, when delayed, from due) to started."""
+        if self.queued_at is None:
+            return None
+        return max(0.0, self.started_at - max(self.queued_at, self.due_at or 0.0))
 
 
 @dataclass

@@ -169,8 +169,8 @@ def record_attempt(scope: AttemptScope) -> None:
     metrics.step_duration.labels(workflow, step, kind, outcome).observe(
         max(0.0, time.monotonic() - scope.entered_monotonic)
     )
-    if info.queued_at is not None:
-        wait = max(0.0, info.started_at - info.queued_at)
+    wait = info.queue_wait_s
+    if wait is not None:
         metrics.queue_wait.labels(workflow, step, _label(info.queue)).observe(wait)
 
 

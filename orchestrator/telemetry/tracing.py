@@ -212,8 +212,8 @@ class _AttemptSpan:
                 "orchestrator.task_id": info.task_id,
                 "orchestrator.queue": info.queue,
             }
-            if info.queued_at is not None:
-                attributes["orchestrator.queue_wait_s"] = max(0.0, info.started_at - info.queued_at)
+            if info.queue_wait_s is not None:
+                attributes["orchestrator.queue_wait_s"] = info.queue_wait_s
             span = self._tracer.start_span(f"{info.workflow}.{info.step}", context=parent, kind=SpanKind.CONSUMER,
                                            attributes=attributes)  # fmt: skip
             current = otel_context.set_value(_LLM_TOTALS, self._totals, trace.set_span_in_context(span))
