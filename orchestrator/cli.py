@@ -330,5 +330,22 @@ def api(host: str, port: int) -> None:
         _fail(str(exc))
 
 
+@main.command("offline-api")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8081, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--rpm", default=0, show_default=True, type=click.IntRange(0), help="Answer 429 beyond this many "
+              "requests a minute, as the service does (0: no limit).")  # fmt: skip
+def offline_api(host: str, port: int, rpm: int) -> None:
+    """Serve the offline provider as a local Messages API (point workers at it with ANTHROPIC_BASE_URL)."""
+    from orchestrator.llm.offline_server import OfflineAPIServer
+
+    server = OfflineAPIServer(host, port, rpm=rpm)
+    click.echo(f"offline Messages API on {server.base_url} (rpm limit: {rpm or 'none'}); GET /stats for counts")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+
+
 if __name__ == "__main__":
     main()

@@ -243,5 +243,6 @@ class LLMGateway:
                 cached=False,
                 duration_s=duration_s,
                 error_kind=error_kind,
+                response_model=response.model if response is not None else None,
             )
         )

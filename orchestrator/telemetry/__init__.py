@@ -96,6 +96,7 @@ class LLMCallRecord:
         cached: Served from the content-hash cache rather than the provider.
         duration_s: Wall time of the call.
         error_kind: Why the call failed, or ``None``.
+        response_model: The model the reply names (a dated id, say), when there was a reply.
     """
 
     workflow: str
@@ -106,6 +107,7 @@ class LLMCallRecord:
     cached: bool = False
     duration_s: float = 0.0
     error_kind: str | None = None
+    response_model: str | None = None
 
 
 @contextlib.contextmanager

@@ -120,7 +120,7 @@ def record_llm_call(record: LLMCallRecord) -> None:
     end = time.time_ns()
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
-        **_gen_ai(record.model, record.input_tokens, record.output_tokens),
+        **_gen_ai(record.model, record.input_tokens, record.output_tokens, record.response_model),
         "orchestrator.cached": record.cached,
     }
     if record.cost_usd is not None:
@@ -257,12 +257,11 @@ class _AttemptSpan:
         span.end()
 
 
-def _gen_ai(model: str, input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    # The LLM call record names the model asked; replies name the same model.
+def _gen_ai(model: str, input_tokens: int, output_tokens: int, response_model: str | None = None) -> dict[str, Any]:
     return {
         "gen_ai.system": GEN_AI_SYSTEM,
         "gen_ai.request.model": model,
-        "gen_ai.response.model": model,
+        "gen_ai.response.model": response_model or model,
         "gen_ai.usage.input_tokens": input_tokens,
         "gen_ai.usage.output_tokens": output_tokens,
     }
