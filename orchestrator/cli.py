@@ -330,6 +330,20 @@ def api(host: str, port: int) -> None:
         _fail(str(exc))
 
 
+@main.command()
+@click.option("--heartbeat-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Touch this file after every sweep that reached Redis (for a container healthcheck).")  # fmt: skip
+def sweeper(heartbeat_file: Path | None) -> None:
+    """Only sweep: re-send lost steps, fire deadlines and approval timeouts (workers sweep too, one at a time)."""
+    settings = _settings()
+    from orchestrator.sweep_service import serve
+
+    try:
+        serve(settings, heartbeat=heartbeat_file)
+    except OrchestratorError as exc:
+        _fail(str(exc))
+
+
 @main.command("offline-api")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8081, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
