@@ -10,14 +10,14 @@ from collections.abc import Set
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2 import TemplateError, nodes
 from jinja2.parser import Parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
-from orchestrator.templates import referenced_steps_in
+from orchestrator.templates import BoundedSandbox, bounded_evaluation, referenced_steps_in, unsafe_name
 
-_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined)
+# The templates' bounded sandbox: ``'a' * 10**10 > ''`` or ``x|center(10**10)`` is refused, never computed.
+_ENV = BoundedSandbox()
 _NAMES = frozenset({"inputs", "steps"})
 
 
@@ -36,7 +36,9 @@ def check_condition(source: str, *, step: str, upstream: Set[str]) -> None:
         WorkflowDefinitionError: Naming the step and the problem.
     """
     try:
-        expr = _parse(source)
+        # ``find_all`` looks below a node, never at the node itself: wrapped, a bare ``config`` or ``inputs.__class__``
+        # is checked too.
+        expr = nodes.Output([_parse(source)])
     except TemplateError as exc:
         raise WorkflowDefinitionError(f"step {step!r}: condition does not parse: {exc}", step=step) from None
     for call in expr.find_all(nodes.Call):
@@ -49,6 +51,9 @@ def check_condition(source: str, *, step: str, upstream: Set[str]) -> None:
     for node in expr.find_all(nodes.Getattr):
         if node.attr.startswith("_"):
             raise WorkflowDefinitionError(f"step {step!r}: condition reads private attribute {node.attr!r}", step=step)
+    private = unsafe_name(expr)
+    if private is not None:
+        raise WorkflowDefinitionError(f"step {step!r}: condition reads private attribute {private!r}", step=step)
     for ref in sorted(referenced_steps_in(expr) - set(upstream)):
         raise WorkflowDefinitionError(
             f"step {step!r}: condition reads steps.{ref}, which is not upstream of it; add {ref!r} to depends_on",
@@ -69,7 +74,8 @@ def evaluate_condition(source: str, *, inputs: dict[str, Any], outputs: dict[str
     """
     steps = {name: {"output": out} for name, out in outputs.items()}
     try:
-        return bool(_compile(source)(inputs=inputs, steps=steps))
+        with bounded_evaluation():
+            return bool(_compile(source)(inputs=inputs, steps=steps))
     except Exception as exc:
         raise NonRetryableStepError(f"condition {source!r} failed: {type(exc).__name__}: {exc}",
                                     kind="condition_error") from None  # fmt: skip

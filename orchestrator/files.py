@@ -42,7 +42,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                duplicate = key in seen
+            except TypeError:  # a list or mapping as a key (``? [a, b]``): PyYAML's own check would come too late
+                raise yaml.constructor.ConstructorError(None, None, "unhashable key", key_node.start_mark) from None
+            if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -60,8 +64,15 @@ def parse_document(text: str, *, source: str = "<input>") -> Any:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except json.JSONDecodeError as exc:
         raise WorkflowDefinitionError(f"{source}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    except RecursionError:
+        what = "JSON" if source.endswith(".json") else "YAML"
+        raise WorkflowDefinitionError(f"{source}: malformed {what}: nested too deeply") from None
+    except ValueError as exc:  # an integer of more digits than Python converts from text (4300)
+        what = "JSON" if source.endswith(".json") else "YAML"
+        raise WorkflowDefinitionError(f"{source}: malformed {what}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        # One line: some YAML errors (an unacceptable character) span several, naming a position of their own.
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
         raise WorkflowDefinitionError(f"{source}: malformed YAML{where}: {problem}") from None

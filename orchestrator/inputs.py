@@ -35,6 +35,8 @@ def validate_inputs(spec: WorkflowSpec, inputs: Mapping[str, Any], *, max_bytes:
         size = len(json.dumps(inputs, separators=(",", ":")).encode())
     except (TypeError, ValueError) as exc:
         raise InputValidationError(f"inputs are not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise InputValidationError("inputs are nested too deeply") from None
     if size > max_bytes:
         raise InputValidationError(f"inputs are {size} bytes; the limit is {max_bytes}")
     filled = {key: schema["default"] for key, schema in spec.inputs.items() if "default" in schema}

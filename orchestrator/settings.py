@@ -37,6 +37,8 @@ class Settings:
             retry countdown or LLM call so Redis itself never redelivers a message that is still being worked.
         max_input_bytes: ``ORCH_MAX_INPUT_BYTES``: cap on a run's serialized inputs.
         max_output_bytes: ``ORCH_MAX_OUTPUT_BYTES``: cap on one step's serialized output.
+        max_prompt_bytes: ``ORCH_MAX_PROMPT_BYTES``: cap on an ``llm`` step's rendered prompt and system prompt
+            together (UTF-8); a larger one fails the step (``prompt_too_large``) before any LLM call.
         max_steps: ``ORCH_MAX_STEPS``: cap on steps per workflow.
         retry_cap_s: ``ORCH_RETRY_CAP_S``: no retry waits longer, whatever ``retry-after`` says.
         llm_timeout_s: ``ORCH_LLM_TIMEOUT_S``: default per-call LLM timeout.
@@ -70,6 +72,7 @@ class Settings:
     visibility_timeout_s: int = 6 * 3600
     max_input_bytes: int = 256 * 1024
     max_output_bytes: int = 1024 * 1024
+    max_prompt_bytes: int = 4 * 1024 * 1024
     max_steps: int = 2000
     retry_cap_s: float = 300.0
     llm_timeout_s: float = 120.0
@@ -102,6 +105,7 @@ class Settings:
             "visibility_timeout_s": "ORCH_VISIBILITY_TIMEOUT_S",
             "max_input_bytes": "ORCH_MAX_INPUT_BYTES",
             "max_output_bytes": "ORCH_MAX_OUTPUT_BYTES",
+            "max_prompt_bytes": "ORCH_MAX_PROMPT_BYTES",
             "max_steps": "ORCH_MAX_STEPS",
             "retry_cap_s": "ORCH_RETRY_CAP_S",
             "llm_timeout_s": "ORCH_LLM_TIMEOUT_S",

@@ -22,6 +22,7 @@ from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefi
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
 MAX_STEPS = 2000
+MAX_NESTING = 100
 DEFAULT_MODEL = "claude-haiku-4-5"
 SIMULATED_ERRORS = frozenset(
     {
@@ -202,7 +203,7 @@ class StepSpec(_Frozen):
         if isinstance(raw, BaseModel):
             return data
         data = {k: v for k, v in data.items() if k not in {"with", "params"}}
-        if uses in {k.value for k in _PARAMS_BY_KIND}:
+        if isinstance(uses, str) and uses in {k.value for k in _PARAMS_BY_KIND}:
             try:
                 data["with"] = _PARAMS_BY_KIND[StepKind(uses)].model_validate(raw if raw is not None else {})
             except ValidationError as exc:
@@ -308,6 +309,8 @@ def parse_workflow(data: Any) -> WorkflowSpec:
         raise WorkflowDefinitionError("workflow has no steps: it needs at least one")
     if isinstance(steps, list) and len(steps) > MAX_STEPS:
         raise WorkflowDefinitionError(f"workflow has {len(steps)} steps; the limit is {MAX_STEPS}")
+    if _nested_deeper_than(data, MAX_NESTING):
+        raise WorkflowDefinitionError(f"workflow is nested more than {MAX_NESTING} levels deep")
     try:
         return WorkflowSpec.model_validate(data)
     except ValidationError as exc:
@@ -316,24 +319,45 @@ def parse_workflow(data: Any) -> WorkflowSpec:
         raise
 
 
+def _nested_deeper_than(data: Any, limit: int) -> bool:
+    # Iterative: validating, hashing or printing a structure thousands of levels deep would hit the recursion limit.
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend((item, depth + 1) for item in value)
+    return False
+
+
 def _step_of(exc: ValidationError, data: dict[str, Any]) -> str | None:
     for error in exc.errors():
         loc = error["loc"]
-        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
-            steps = data.get("steps") or []
-            if loc[1] < len(steps) and isinstance(steps[loc[1]], dict):
-                name = steps[loc[1]].get("name")
-                return name if isinstance(name, str) else f"#{loc[1] + 1}"
+        steps = data.get("steps")  # may be anything: a set from YAML's !!set, a string …
+        if len(loc) < 2 or loc[0] != "steps" or not isinstance(loc[1], int) or not isinstance(steps, list | tuple):
+            continue
+        if loc[1] < len(steps) and isinstance(steps[loc[1]], dict):
+            name = steps[loc[1]].get("name")
+            return name if isinstance(name, str) else f"#{loc[1] + 1}"
     return None
 
 
 def _plain_errors(exc: ValidationError, prefix: str) -> list[str]:
     out = []
     for error in exc.errors(include_url=False):
-        where = ".".join([prefix, *(str(p) for p in error["loc"])])
+        where = ".".join([prefix, *(_printable(p) for p in error["loc"])])
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
         out.append(f"{where}: {message}")
     return out
+
+
+def _printable(part: Any) -> str:
+    # A key is the author's text: shown raw, a control character could end the one-line message or drive the terminal.
+    text = str(part)
+    return text if text.isprintable() and text else repr(text)
 
 
 def _describe(exc: ValidationError, data: dict[str, Any]) -> str:
@@ -356,7 +380,7 @@ def _describe(exc: ValidationError, data: dict[str, Any]) -> str:
         # pydantic puts the discriminating model's name in the location; it means nothing to a file's author.
         loc = [p for p in loc if not (isinstance(p, str) and p.endswith("Params"))]
         if loc:
-            parts.append(".".join(str(p) for p in loc))
+            parts.append(".".join(_printable(p) for p in loc))
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"

@@ -64,6 +64,8 @@ class StepExecutor:
         llm: The gateway ``llm`` steps call through (cache, limits, budget, cost).
         functions: The registry ``python`` steps call into.
         max_output_bytes: Outputs larger than this fail the step.
+        max_prompt_bytes: A rendered prompt and system prompt larger than this (UTF-8, together) fail the step
+            before any LLM call.
         llm_timeout_s: Default per-call LLM timeout (a step's ``timeout_s`` wins).
         interrupts: Exceptions that interrupt a step from outside (Celery's soft time limit) and must reach the
             worker as they are, never be mistaken for an error of the step's own code.
@@ -77,11 +79,13 @@ class StepExecutor:
         max_output_bytes: int,
         llm_timeout_s: float,
         interrupts: tuple[type[BaseException], ...] = (),
+        max_prompt_bytes: int = 4 * 1024 * 1024,
     ):
         self.llm = llm
         self.interrupts = interrupts
         self.functions = functions
         self.max_output_bytes = max_output_bytes
+        self.max_prompt_bytes = max_prompt_bytes
         self.llm_timeout_s = llm_timeout_s
 
     def should_run(self, step: StepSpec, ctx: StepContext) -> bool:
@@ -130,8 +134,20 @@ class StepExecutor:
 
     def _run_llm(self, step: StepSpec, params: LLMParams, ctx: StepContext, call: CallContext) -> dict[str, Any]:
         variables = ctx.template_context()
-        prompt = render(params.prompt, variables)
-        system = render(params.system, variables) if params.system else None
+        # Inputs and upstream outputs can make a small template render huge: refuse before paying for it.
+        try:
+            prompt = render(params.prompt, variables, max_chars=self.max_prompt_bytes)
+            system = render(params.system, variables, max_chars=self.max_prompt_bytes) if params.system else None
+        except NonRetryableStepError as exc:
+            if exc.kind == "prompt_too_large":
+                raise NonRetryableStepError(f"{exc} (ORCH_MAX_PROMPT_BYTES)", kind=exc.kind) from None
+            raise
+        size = len(prompt.encode()) + (len(system.encode()) if system else 0)
+        if size > self.max_prompt_bytes:
+            raise NonRetryableStepError(
+                f"the rendered prompt is {size} bytes; the limit is {self.max_prompt_bytes} (ORCH_MAX_PROMPT_BYTES)",
+                kind="prompt_too_large",
+            )
         if params.output_schema is not None:
             instruction = structured_output_instruction(params.output_schema)
             system = f"{system}\n\n{instruction}" if system else instruction

@@ -1,19 +1,47 @@
-"""Prompt templates, rendered in Jinja's immutable sandbox: no attribute access to Python internals."""
+"""Prompt templates, rendered in a bounded immutable sandbox (:mod:`orchestrator.sandbox`): no attribute access to
+Python internals, and no expression, loop or output large enough to exhaust a worker.
+
+Validation refuses access to dunder and name-mangled attributes and undefined names before a run exists; rendering
+refuses them again, and bounds sizes and loops.
+"""
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import TemplateError, meta, nodes
 
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
+from orchestrator.sandbox import (
+    EXPRESSION_ERRORS,
+    MAX_INT_BITS,
+    MAX_LOOP_ITERATIONS,
+    MAX_OUTPUT_CHARS,
+    MAX_VALUE_CHARS,
+    BoundedSandbox,
+    bounded_evaluation,
+)
 
-# What evaluating an expression in a template can raise besides TemplateError. Not ``Exception``: a Celery soft time
-# limit arriving mid-render must stay a timeout.
-_EXPRESSION_ERRORS = (ArithmeticError, AttributeError, LookupError, RuntimeError, TypeError, ValueError)
-_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_NAMES = frozenset({"inputs", "steps", "run_id", "attempt"})
+"""The variables a prompt template sees."""
+
+__all__ = [
+    "MAX_INT_BITS",
+    "MAX_LOOP_ITERATIONS",
+    "MAX_OUTPUT_CHARS",
+    "MAX_VALUE_CHARS",
+    "BoundedSandbox",
+    "bounded_evaluation",
+    "check_template",
+    "referenced_steps",
+    "referenced_steps_in",
+    "render",
+    "unsafe_name",
+]
+
+_ENV = BoundedSandbox(autoescape=False, keep_trailing_newline=True)
 
 
 @lru_cache(maxsize=1024)
@@ -21,16 +49,53 @@ def _compile(source: str) -> Any:
     return _ENV.from_string(source)
 
 
+def unsafe_name(tree: nodes.Node) -> str | None:
+    """The first dunder or name-mangled attribute a parsed template or expression reads, or ``None``.
+
+    Attribute reads, constant subscripts and the ``attr`` filter are all checked: the sandbox would refuse them
+    when rendering, and no prompt needs them, so they are refused when the workflow is validated.
+    """
+
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        if isinstance(node, nodes.Getattr):
+            # ``steps.NAME`` reads a step, whatever its name; an unknown one is refused by the depends_on check.
+            on_steps = isinstance(node.node, nodes.Name) and node.node.name == "steps"
+            if _private(node.attr) and not on_steps:
+                return node.attr
+        elif isinstance(node, nodes.Getitem):
+            if isinstance(node.arg, nodes.Const) and _private(node.arg.value):
+                return str(node.arg.value)
+        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args:
+            first = node.args[0]
+            if isinstance(first, nodes.Const) and _private(first.value):
+                return str(first.value)
+    return None
+
+
+def _private(name: Any) -> bool:
+    """A dunder (``__class__``) or name-mangled (``_TemplateReference__context``) attribute name."""
+    return isinstance(name, str) and (name.startswith("__") or re.match(r"_[A-Za-z][A-Za-z0-9]*__", name) is not None)
+
+
 def check_template(source: str, *, step: str) -> None:
-    """Check that a template parses.
+    """Check that a template parses, reads no Python internals and names only variables a step can see.
 
     Raises:
-        WorkflowDefinitionError: Naming the step and the syntax error.
+        WorkflowDefinitionError: Naming the step and the problem.
     """
     try:
-        _ENV.parse(source)
+        tree = _ENV.parse(source)
     except TemplateError as exc:
         raise WorkflowDefinitionError(f"step {step!r}: template does not parse: {exc}", step=step) from None
+    name = unsafe_name(tree)
+    if name is not None:
+        raise WorkflowDefinitionError(f"step {step!r}: template reads the internal attribute {name!r}", step=step)
+    for unknown in sorted(meta.find_undeclared_variables(tree) - _NAMES - set(_ENV.globals)):
+        raise WorkflowDefinitionError(
+            f"step {step!r}: template refers to {unknown!r}, which is not defined; "
+            f"a template sees {', '.join(sorted(_NAMES))}",
+            step=step,
+        )
 
 
 def referenced_steps(source: str) -> set[str]:
@@ -53,17 +118,33 @@ def referenced_steps_in(tree: nodes.Node) -> set[str]:
     return found
 
 
-def render(source: str, context: dict[str, Any]) -> str:
+def render(source: str, context: dict[str, Any], *, max_chars: int = MAX_VALUE_CHARS) -> str:
     """Render ``source`` against ``context`` (``inputs`` and ``steps``).
 
+    Args:
+        source: The template.
+        context: Its variables.
+        max_chars: The rendered text may not be longer; rendering stops as soon as it is.
+
     Raises:
-        NonRetryableStepError: On a missing variable, a sandbox violation or any other rendering error.
+        NonRetryableStepError: ``prompt_too_large`` past ``max_chars``; ``template_error`` on a missing variable,
+            a sandbox violation, a size or loop limit, or any other rendering error.
     """
+    pieces: list[str] = []
+    length = 0
     try:
-        return str(_compile(source).render(context))
+        with bounded_evaluation(max_chars):
+            for piece in _compile(source).generate(context):
+                length += len(piece)
+                if length > max_chars:
+                    raise NonRetryableStepError(
+                        f"the rendered text passes {max_chars} characters, the limit", kind="prompt_too_large"
+                    )
+                pieces.append(piece)
     except TemplateError as exc:
         raise NonRetryableStepError(f"template failed: {exc}", kind="template_error") from None
-    except _EXPRESSION_ERRORS as exc:
+    except EXPRESSION_ERRORS as exc:
         # ``{{ 1 / 0 }}`` or a sandbox range limit: as permanent as a syntax error. Left uncaught, the task would
         # crash without recording anything and the step would fail only after its leases ran out, as "worker lost".
         raise NonRetryableStepError(f"template failed: {type(exc).__name__}: {exc}", kind="template_error") from None
+    return "".join(pieces)

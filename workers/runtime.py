@@ -65,6 +65,7 @@ class RuntimeHolder:
             gateway,
             functions,
             max_output_bytes=settings.max_output_bytes,
+            max_prompt_bytes=settings.max_prompt_bytes,
             llm_timeout_s=settings.llm_timeout_s,
             interrupts=(SoftTimeLimitExceeded,),
         )
