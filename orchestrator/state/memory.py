@@ -380,33 +380,49 @@ class MemoryStateStore:
             ``False`` when the attempt is stale; nothing changed then (the lease index neither).
         """
         p = f"s:{attempt.step}:"
-        with self._lock:
-            now = self._clock()
-            run = self._live(attempt.run_id, now)
-            if run is None or not self._owns(run.fields, attempt):
-                return False
-            lease = _stamp(now + countdown_s + grace_s)
-            stamp = _stamp(now)
-            raw = json.dumps(error)
-            errors = [*_json_list(run.fields.get(p + "errors")), json.loads(raw)]
-            run.fields.update(
-                {
-                    p + "status": "queued",
-                    p + "lease": lease,
-                    p + "queued_at": stamp,
-                    p + "error": raw,
-                    p + "errors": json.dumps(errors, separators=_COMPACT),
-                }
-            )
-            number = int(run.fields.get(p + "attempts") or 0) - int(run.fields.get(p + "attempt_base") or 0)
+        raw = json.dumps(error)
+
+        def record(fields: dict[str, str], now: float) -> tuple[int, str]:
+            errors = [*_json_list(fields.get(p + "errors")), json.loads(raw)]
+            fields.update({p + "error": raw, p + "errors": json.dumps(errors, separators=_COMPACT)})
             # As retry.lua: the error's JSON as it was given, the countdown as redis-py sends a float.
-            detail = '{"error":' + raw + ',"countdown_s":' + repr(float(countdown_s)) + "}"
-            self._emit(run, stamp, "step_retry", attempt.step, attempt=number, data=detail)
-            self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = float(lease)
-            return True
+            return int(fields.get(p + "attempts") or 0), '{"error":' + raw
+
+        return self._requeue(attempt, "step_retry", record, countdown_s=countdown_s, grace_s=grace_s)
 
     def defer(self, attempt: Attempt, deferral: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
         """Put a running step back to ``queued`` for ``countdown_s`` without counting the attempt (as ``defer.lua``)."""
+        p = f"s:{attempt.step}:"
+        raw = json.dumps(deferral)
+
+        def record(fields: dict[str, str], now: float) -> tuple[int, str]:
+            attempts = int(fields.get(p + "attempts") or 1) - 1
+            fields.update(
+                {
+                    p + "attempts": str(attempts),
+                    p + "deferred_until": _stamp(now + countdown_s),
+                    p + "deferral": raw,
+                    p + "deferrals": str(int(fields.get(p + "deferrals") or 0) + 1),
+                }
+            )
+            return attempts + 1, '{"deferral":' + raw
+
+        return self._requeue(attempt, "step_deferred", record, countdown_s=countdown_s, grace_s=grace_s)
+
+    def _requeue(
+        self,
+        attempt: Attempt,
+        event: str,
+        record: Callable[[dict[str, str], float], tuple[int, str]],
+        *,
+        countdown_s: float,
+        grace_s: float,
+    ) -> bool:
+        """Put an owned running step back to ``queued`` for ``countdown_s``, keeping a lease of countdown + grace.
+
+        ``record`` writes what is particular to the transition and returns the attempt number (before
+        ``attempt_base``) and the event's data up to its countdown.
+        """
         p = f"s:{attempt.step}:"
         with self._lock:
             now = self._clock()
@@ -415,22 +431,11 @@ class MemoryStateStore:
                 return False
             lease = _stamp(now + countdown_s + grace_s)
             stamp = _stamp(now)
-            attempts = int(run.fields.get(p + "attempts") or 1) - 1
-            raw = json.dumps(deferral)
-            run.fields.update(
-                {
-                    p + "status": "queued",
-                    p + "lease": lease,
-                    p + "queued_at": stamp,
-                    p + "attempts": str(attempts),
-                    p + "deferred_until": _stamp(now + countdown_s),
-                    p + "deferral": raw,
-                    p + "deferrals": str(int(run.fields.get(p + "deferrals") or 0) + 1),
-                }
-            )
-            number = attempts + 1 - int(run.fields.get(p + "attempt_base") or 0)
-            detail = '{"deferral":' + raw + ',"countdown_s":' + repr(float(countdown_s)) + "}"
-            self._emit(run, stamp, "step_deferred", attempt.step, attempt=number, data=detail)
+            run.fields.update({p + "status": "queued", p + "lease": lease, p + "queued_at": stamp})
+            number, head = record(run.fields, now)
+            number -= int(run.fields.get(p + "attempt_base") or 0)
+            detail = head + ',"countdown_s":' + repr(float(countdown_s)) + "}"
+            self._emit(run, stamp, event, attempt.step, attempt=number, data=detail)
             self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = float(lease)
             return True
 

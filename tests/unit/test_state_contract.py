@@ -555,6 +555,41 @@ def test_errors_accumulate_across_retries_and_the_final_failure(backend: Backend
     assert view["steps"]["a"]["attempts"] == 3
 
 
+# -- deferrals (waiting for a shared LLM rate limit or cool-down) ----------------------------------------------------
+
+DEFERRAL = {"reason": "rate_limit", "model": "claude-haiku-4-5", "message": "waiting 2.00s"}
+
+
+def test_a_deferral_requeues_the_step_without_counting_the_attempt(backend: Backend) -> None:
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1")).attempt == 1
+    before = backend.now()
+
+    deferred = backend.store.defer(attempt("a", "t1"), DEFERRAL, countdown_s=RETRY_COUNTDOWN_S, grace_s=GRACE_S)
+
+    assert deferred is True
+    fields = step_fields(backend, "a")
+    assert (fields["status"], fields["task"], fields["attempts"], fields["deferrals"]) == ("queued", "t1", "0", "1")
+    assert float(fields["lease"]) >= before + RETRY_COUNTDOWN_S + GRACE_S - 1e-3
+    assert float(fields["deferred_until"]) >= before + RETRY_COUNTDOWN_S - 1e-3
+    assert fields.get("errors") is None, "a deferral is no error"
+    event = backend.store.events("run1")[-1]
+    assert (event.type, event.step, event.attempt) == ("step_deferred", "a", 1)
+    assert event.data == {"deferral": DEFERRAL, "countdown_s": RETRY_COUNTDOWN_S}
+    view = run_view(backend.store.run_fields("run1"), SINGLE)["steps"]["a"]
+    assert (view["status"], view["deferrals"], view["deferred"]["reason"]) == ("queued", 1, "rate_limit")
+    backend.tick()
+    assert claim(backend, SINGLE, attempt("a", "t1")).attempt == 1, "the same attempt starts again"
+
+
+def test_a_stale_attempt_cannot_defer(backend: Backend) -> None:
+    start(backend, SINGLE)
+    claim(backend, SINGLE, attempt("a", "t1"))
+    assert backend.store.defer(attempt("a", "t2"), DEFERRAL, countdown_s=1.0, grace_s=1.0) is False
+    assert backend.store.defer(attempt("a", "t1", generation="0"), DEFERRAL, countdown_s=1.0, grace_s=1.0) is False
+    assert step_fields(backend, "a")["status"] == "running"
+
+
 # -- duplicate deliveries ------------------------------------------------------------------------------------------
 
 
