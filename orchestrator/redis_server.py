@@ -125,8 +125,13 @@ class RedisServer:
     Args:
         port: The TCP port; ``None`` picks a free one at random (a fixed port can hit someone else's server).
         appendonly: Turn on the append-only file, so data survives ``restart()``.
+        appendfsync: With ``appendonly``, when the file is synced to disk: ``always`` (before each write is
+            acknowledged), ``everysec`` (Redis's default) or ``no``; ``None`` leaves Redis's default.
         password: Sets ``requirepass``; it also appears in ``url``.
         dir: The data directory; ``None`` uses a temporary directory owned, and removed by ``stop()``, by this object.
+
+    Raises:
+        ValueError: ``appendfsync`` is not one of Redis's three policies.
 
     Example::
 
@@ -139,12 +144,16 @@ class RedisServer:
         port: int | None = None,
         *,
         appendonly: bool = False,
+        appendfsync: str | None = None,
         password: str | None = None,
         dir: str | None = None,
     ) -> None:
+        if appendfsync not in {None, "always", "everysec", "no"}:
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         self._requested_port = port
         self._port: int | None = port
         self._appendonly = appendonly
+        self._appendfsync = appendfsync
         self._password = password
         self._dir = dir
         self._owned_dir: str | None = None
@@ -243,6 +252,8 @@ class RedisServer:
             "--logfile",
             log_path,
         ]
+        if self._appendfsync is not None:
+            args += ["--appendfsync", self._appendfsync]
         if self._password is not None:
             args += ["--requirepass", self._password]
         # The log goes to a file, not a pipe nobody reads: a full pipe would block the server.

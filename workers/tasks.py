@@ -6,11 +6,15 @@ Retryable errors are mapped onto Celery's retry options here and nowhere else (:
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import kombu.exceptions
+import redis
 from celery import Celery, Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from orchestrator import telemetry
 from orchestrator.control import DEADLINE_REASON, record_outcome, stop_run
@@ -22,7 +26,13 @@ from orchestrator.coordinator import (
     upstream_reads,
 )
 from orchestrator.dispatch import STEP_TASK, dispatch
-from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepDeferred, StepError
+from orchestrator.errors import (
+    NonRetryableStepError,
+    RetryableStepError,
+    RunNotFoundError,
+    StepDeferred,
+    StepError,
+)
 from orchestrator.llm.gateway import CallContext
 from orchestrator.spec import ApprovalParams, WorkflowSpec
 from orchestrator.state import Attempt, Claim, RunStatus, StepOutcome
@@ -32,6 +42,13 @@ from orchestrator.templates import render
 from workers.runtime import Runtime, RuntimeHolder
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Redis (the state store and the broker) not answering, or still loading its data after a restart.
+OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
+OUTAGE_PATIENCE_S = 300.0
+"""How long a step task waits for Redis to come back before it gives up a transition (and the sweeper takes over)."""
 
 
 class StepTask(Task[Any, Any]):
@@ -56,11 +73,47 @@ def register_tasks(app: Celery, runtime: RuntimeHolder) -> Task[Any, Any]:
     """Register the step task on ``app``."""
 
     @app.task(bind=True, base=StepTask, name=STEP_TASK, shared=False)
-    def run_step(self: StepTask, run_id: str, definition_hash: str, step: str, generation: str) -> str:
+    def run_step(self: StepTask, *args: Any, **kwargs: Any) -> str:
+        """``run_step(run_id, definition_hash, step, generation)``, all strings, as ``dispatch`` sends it."""
+        # Anyone who can write to the broker can send anything: a message not shaped like ours is refused for good
+        # (rejected without requeueing, so never redelivered), with the reason in the log.
+        try:
+            run_id, definition_hash, step, generation = _step_args(args, kwargs)
+        except ValueError as exc:
+            log.error("rejecting malformed step message %s: %s", self.request.id, exc)
+            raise Reject(f"malformed step message: {exc}", requeue=False) from None
         attempt = Attempt(run_id, step, generation, str(self.request.id))
         return execute(runtime.get(), attempt, definition_hash, _delivery(self.request))
 
     return run_step
+
+
+_STEP_ARGS = ("run_id", "definition_hash", "step", "generation")
+
+
+def _step_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str, str, str]:
+    """The arguments of a step message, by position or by name.
+
+    Raises:
+        ValueError: Missing, surplus or unknown arguments, or one that is not a non-empty string.
+    """
+    if len(args) > len(_STEP_ARGS):
+        raise ValueError(f"{len(args)} positional arguments; expected {', '.join(_STEP_ARGS)}")
+    values = dict(zip(_STEP_ARGS, args, strict=False))
+    unknown = sorted(set(kwargs) - set(_STEP_ARGS))
+    if unknown:
+        raise ValueError(f"unexpected keyword arguments {unknown}")
+    twice = sorted(set(kwargs) & set(values))
+    if twice:
+        raise ValueError(f"arguments given twice: {twice}")
+    values.update(kwargs)
+    missing = [name for name in _STEP_ARGS if name not in values]
+    if missing:
+        raise ValueError(f"missing arguments {missing}")
+    wrong = {name: type(values[name]).__name__ for name in _STEP_ARGS if not isinstance(values[name], str)}
+    if wrong or not all(values.values()):
+        raise ValueError(f"every argument must be a non-empty string; got {wrong or values}")
+    return values["run_id"], values["definition_hash"], values["step"], values["generation"]
 
 
 def _delivery(request: Any) -> dict[str, Any]:
@@ -82,15 +135,26 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str, delivery: dict[
     Raises:
         RetryableStepError: With ``countdown`` set, for Celery's autoretry to schedule the next attempt.
     """
-    spec = rt.store.load_definition(definition_hash)
+    try:
+        spec = _outlast(f"{attempt}: load its definition", lambda: rt.store.load_definition(definition_hash))
+    except RunNotFoundError:
+        log.warning("dropping %s: no definition %s is stored (it expired, or was never submitted)",
+                    attempt, definition_hash)  # fmt: skip
+        return "dropped: unknown definition"
+    if attempt.step not in spec.steps_by_name:
+        log.warning("dropping %s: workflow %s has no step %r", attempt, spec.name, attempt.step)
+        return "dropped: unknown step"
     children = spec.graph.children[attempt.step]
     upstream = upstream_reads(spec, attempt.step)
-    claim = rt.store.claim(attempt, lease_s=rt.settings.lease_s, upstream=upstream, children=children)
+    # A claim lost to an outage would leave the step queued with no message: wait for Redis instead. Repeating it
+    # after a lost reply is safe: the step is then ours and running ("busy", "own"), and its lease recovers it.
+    claim = _outlast(f"{attempt}: claim", lambda: rt.store.claim(attempt, lease_s=rt.settings.lease_s,
+                                                                  upstream=upstream, children=children))  # fmt: skip
     if claim.outcome == "done":
         if claim.unclaimed_children:
             # A redelivery after the finishing worker died between recording and publishing: publish again
             # (a duplicate message is dropped by the claim, so this is safe).
-            _dispatch(rt, spec, attempt, claim.unclaimed_children)
+            _outlast(f"{attempt}: publish", lambda: _dispatch(rt, spec, attempt, claim.unclaimed_children))
         return f"duplicate delivery of finished step ({claim.detail})"
     if claim.outcome == "inactive" and claim.detail == "deadline":
         # Past the workflow deadline: time the run out now rather than wait for the next sweep.
@@ -149,7 +213,9 @@ def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim
     except StepDeferred as exc:
         # Not a failure: the attempt is given back and the message waits in the broker, holding no worker slot.
         wait = exc.countdown or 0.0
-        if not rt.store.defer(attempt, exc.to_record(), countdown_s=wait, grace_s=rt.settings.queued_grace_s):
+        record = exc.to_record()
+        if not _outlast(f"{attempt}: defer", lambda: rt.store.defer(attempt, record, countdown_s=wait,
+                                                                      grace_s=rt.settings.queued_grace_s)):  # fmt: skip
             return "stale attempt: not deferred"
         scope.finish("deferred", exc.reason)
         log.info("%s deferred %.2fs: %s", attempt, wait, exc)
@@ -158,14 +224,21 @@ def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim
         error = _error_record(exc, claim.attempt)
         if not should_retry(step.retry, claim.attempt, exc.kind):
             return _finish(rt, spec, attempt, StepOutcome.FAILED, scope, error=error)
-        exc.countdown = retry_delay(step.retry, claim.attempt, exc.retry_after, rt.settings.retry_cap_s)
-        if not rt.store.retry(attempt, error, countdown_s=exc.countdown, grace_s=rt.settings.queued_grace_s):
+        countdown = exc.countdown = retry_delay(step.retry, claim.attempt, exc.retry_after, rt.settings.retry_cap_s)
+        if not _outlast(f"{attempt}: retry", lambda: rt.store.retry(attempt, error, countdown_s=countdown,
+                                                                      grace_s=rt.settings.queued_grace_s)):  # fmt: skip
             return "stale attempt: not retried"
         scope.finish("retry", exc.kind)
         log.warning("%s attempt %d: %s; retrying in %.2fs", attempt, claim.attempt, exc, exc.countdown)
         raise
     except StepError as exc:
         return _finish(rt, spec, attempt, StepOutcome.FAILED, scope, error=_error_record(exc, claim.attempt))
+    except OUTAGE_ERRORS as exc:
+        # Redis went away under the step (the LLM gateway's cache and limits live there): not the step's fault,
+        # so not a failure. The attempt keeps its lease; once Redis is back and the lease has run out, the sweeper
+        # queues the step again.
+        log.warning("%s: Redis does not answer (%s); the attempt is left to its lease", attempt, exc)
+        raise
     except Exception as exc:
         # A bug of ours must still end the step, not leave it running until its lease runs out.
         log.exception("%s: internal error", attempt)
@@ -180,7 +253,7 @@ def _wait_for_decision(rt: Runtime, params: ApprovalParams, attempt: Attempt, ct
     # The task ends here: a human decision can take days, and no worker slot is held meanwhile.
     message = render(params.message, ctx.template_context()) if params.message else None
     data = {"approvers": list(params.approvers), "message": message, "timeout_s": params.timeout_s}
-    if not rt.store.wait_for_decision(attempt, data, params.timeout_s):
+    if not _outlast(f"{attempt}: wait", lambda: rt.store.wait_for_decision(attempt, data, params.timeout_s)):
         return "stale attempt: not parked"
     return "waiting for a decision"
 
@@ -201,7 +274,51 @@ def _dispatch(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, steps: tuple[st
 def _finish(
     rt: Runtime, spec: WorkflowSpec, attempt: Attempt, outcome: StepOutcome, scope: AttemptScope, **details: Any
 ) -> str:
-    recorded = record_outcome(rt.app, rt.settings, rt.store, spec, attempt, outcome=outcome, **details)
+    interrupted = False
+
+    def record() -> bool:
+        nonlocal interrupted
+        try:
+            return record_outcome(rt.app, rt.settings, rt.store, spec, attempt, outcome=outcome, **details)
+        except OUTAGE_ERRORS:
+            interrupted = True
+            raise
+
+    recorded = _outlast(f"{attempt}: record {outcome.value}", record)
+    if interrupted and not recorded:
+        # The outage may have hidden our own finish: applied, but its reply or the children's publish lost, so the
+        # repeat was refused as stale. Claiming again tells, as for a redelivered message: a finished step's
+        # released children that no message has claimed are published again (duplicates are dropped by the claim).
+        children = spec.graph.children[attempt.step]
+        claim = _outlast(f"{attempt}: check", lambda: rt.store.claim(attempt, lease_s=rt.settings.lease_s,
+                                                                      upstream=(), children=children))  # fmt: skip
+        if claim.outcome == "done" and claim.unclaimed_children:
+            _outlast(f"{attempt}: publish", lambda: _dispatch(rt, spec, attempt, claim.unclaimed_children))
     error = details.get("error")
     scope.finish(outcome.value if recorded else "stale", error.get("type") if error else None)
     return outcome.value if recorded else "stale attempt: not recorded"
+
+
+def _outlast(what: str, call: Callable[[], T], patience_s: float = OUTAGE_PATIENCE_S) -> T:
+    """``call()``, repeated while Redis (or the broker) does not answer, for up to ``patience_s``.
+
+    A transition given up half way strands a step: a claim that fails leaves it queued with its message already
+    taken, a publish that fails leaves released children with no message. Nothing can move while Redis is down
+    anyway, so the task waits for it rather than lose its message. Every call repeated here is safe to repeat:
+    the scripts check the attempt's generation and task id, so a repeat after a lost reply is refused, not applied
+    twice (``_finish`` handles what that refusal can hide).
+
+    Raises:
+        redis.exceptions.ConnectionError: Or another of ``OUTAGE_ERRORS``, once ``patience_s`` has passed.
+    """
+    deadline = time.monotonic() + patience_s
+    pause = 0.1
+    while True:
+        try:
+            return call()
+        except OUTAGE_ERRORS as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s: Redis does not answer (%s); trying again in %.1fs", what, exc, pause)
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)

