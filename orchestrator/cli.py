@@ -284,10 +284,33 @@ def _print_status(view: dict[str, Any]) -> None:
         console.print(f"[red]{view['error']}[/]")
 
 
+GREEN_POOLS = frozenset({"gevent", "eventlet"})
+
+
+def _pool_option(args: tuple[str, ...]) -> str | None:
+    """The value of Celery's ``-P``/``--pool`` among ``args`` (``-P x``, ``-Px``, ``--pool x``, ``--pool=x``)."""
+    pool = None
+    for i, arg in enumerate(args):
+        if arg in {"-P", "--pool"} and i + 1 < len(args):
+            pool = args[i + 1]
+        elif arg.startswith("--pool="):
+            pool = arg.split("=", 1)[1]
+        elif arg.startswith("-P") and len(arg) > 2:
+            pool = arg[2:]
+    return pool
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(celery_args: tuple[str, ...]) -> None:
-    """Start a worker; options are Celery's (``orchestrator worker -c 8 --pool threads -Q llm``)."""
+    """Start a worker; options are Celery's (``orchestrator worker -Q llm -P threads -c 100``)."""
+    pool = _pool_option(celery_args)
+    if pool in GREEN_POOLS:
+        # Celery monkeypatches for these only when its own `celery` command starts, before any import. Here redis,
+        # the SDK and Celery are imported first, so the pool would take messages and never run them.
+        _fail(f"--pool {pool} needs monkeypatching before anything is imported, which `orchestrator worker` cannot "
+              f"do; use `--pool threads` (the recommended pool for the llm queue) or `celery -A workers worker "
+              f"--pool {pool}`")  # fmt: skip
     settings = _settings()
     from workers.app import create_app
 

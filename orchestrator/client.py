@@ -26,6 +26,9 @@ from orchestrator.workflow import Workflow
 
 WorkflowRef = str | Workflow | WorkflowSpec | Mapping[str, Any]
 
+_CHECKED_CAP = 10_000
+"""Validated definition hashes a client remembers (a producer of many distinct files starts over past this)."""
+
 
 class Client:
     """Submit runs and follow them.
@@ -49,6 +52,9 @@ class Client:
         self.store: StateStore = store or RedisStateStore.from_url(
             self.settings.redis_url, retention_s=self.settings.retention_s
         )
+        # Definition hashes that passed check_workflow here: it parses every template twice, which was more than
+        # half of a submit's CPU, and a definition that passed once passes again (registries only grow).
+        self._checked: set[str] = set()
 
     def resolve(self, workflow: WorkflowRef, version: int | None = None) -> WorkflowSpec:
         """The spec behind a registered name, a :class:`Workflow`, a spec, or workflow-file data.
@@ -82,7 +88,11 @@ class Client:
             StoreUnavailableError: Redis or the broker did not answer.
         """
         spec = self.resolve(workflow, version)
-        check_workflow(spec)
+        if spec.definition_hash not in self._checked:
+            check_workflow(spec)
+            if len(self._checked) >= _CHECKED_CAP:
+                self._checked.clear()
+            self._checked.add(spec.definition_hash)
         filled = validate_inputs(spec, inputs or {}, max_bytes=self.settings.max_input_bytes)
         run_id = uuid.uuid4().hex
         try:

@@ -47,6 +47,12 @@ def _load_lua(name: str) -> str:
 
 GLOBAL_EVENTS_MAXLEN = 100_000
 
+MAX_CONNECTIONS = 100
+"""Redis connections one store (one worker process) opens at most; more threads than this wait for a free one."""
+
+CONNECTION_WAIT_S = 30.0
+"""How long a thread waits for a free connection before the command fails as if Redis did not answer."""
+
 
 def _event(run_id: str, entry_id: Any, fields: dict[Any, Any]) -> Event:
     return Event.from_stream(run_id, _text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
@@ -80,10 +86,22 @@ class RedisStateStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisStateStore:
-        """Connect to ``url`` (``redis://`` or ``rediss://``, password in the URL)."""
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
-        return cls(client, **kwargs)
+    def from_url(cls, url: str, *, max_connections: int = MAX_CONNECTIONS, **kwargs: Any) -> RedisStateStore:
+        """Connect to ``url`` (``redis://`` or ``rediss://``, password in the URL).
+
+        The connections are a blocking pool: a thread that finds all ``max_connections`` in use waits for one.
+        redis-py's default pool instead fails the command with ``Too many connections`` once 100 are in use: a
+        threads worker with ``-c`` above about 100 got that on claims and finishes under load.
+        """
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=CONNECTION_WAIT_S,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=30,
+        )
+        return cls(redis.Redis(connection_pool=pool), **kwargs)
 
     def _evalsha(self, pipe: Pipeline, script: str, run_id: str, argv: list[Any]) -> Any:
         run_keys = _run_keys(run_id)

@@ -1,0 +1,813 @@
+#!/usr/bin/env python3
+"""Load benchmark: thousands of content-pipeline runs in flight on one small machine, against raw Celery's floor.
+
+Two measurements, each on a private Redis with real ``celery -A workers worker`` processes:
+
+**The load** (default). ``--runs`` runs (10,000) of the seed's content pipeline, ``demo_pipeline``: research →
+blog post → social posts, newsletter and SEO in parallel → final review; five ``llm`` steps with 1 s of simulated
+latency (the offline provider) and one ``python`` step. They go through one ``llm`` worker (``--llm-pool``, threads by
+default, ``--llm-concurrency`` slots) and one prefork ``cpu`` worker (``--cpu-concurrency`` processes), submitted with
+``Client.submit`` from ``--submit-threads`` threads. Reported:
+
+- submit rate (runs/s) and ``Client.submit`` latency;
+- throughput (steps/s, first ``created_at`` → last ``finished_at``) and run latency p50/p99 (``created_at`` →
+  ``finished_at`` of each run; with every run submitted at once this is mostly queueing);
+- Redis memory (``INFO memory`` ``used_memory``) per in-flight run, at the moment most runs were in flight (finished
+  runs at that moment are charged at the per-finished figure), and per finished run once all have finished (retention
+  keeps them: outputs, events, reply cache);
+- worker RSS (``/proc``: peak ``VmHWM`` and final ``VmRSS``) and CPU seconds per process role;
+- the ratio to the **floor**: the same number of raw Celery tasks through the same two workers, published the same
+  way (from the same number of threads, all at once): one ``bench.raw_sleep`` of the same latency per ``llm`` step on
+  the ``llm`` queue and one ``bench.raw_noop`` per ``python`` step on the ``cpu`` queue, with no dependencies between
+  them. That is what Celery alone costs to move the same messages with the same sleeps on the same pools: an upper
+  bound for any orchestration on top. It runs in two halves, before and after ours, so it shares the machine's drift.
+
+**The pools** (``--pools threads,gevent``). One worker process per pool, ``-P POOL -c --concurrency`` on the ``llm``
+queue, ``--steps`` single-step runs of one ``llm`` step (1 s simulated latency), and the same number of raw
+``bench.raw_sleep(1)`` tasks on the same worker, interleaved over ``--reps`` repetitions (rotating order), medians
+reported: throughput, step latency (started → finished, and queued → finished), worker CPU, peak RSS, threads, time to
+shut down.
+
+Usage::
+
+    .venv/bin/python scripts/bench_load.py                        # 10,000 runs (20-30 minutes on 2 cores)
+    .venv/bin/python scripts/bench_load.py --quick                # 300 runs, about 2 minutes
+    .venv/bin/python scripts/bench_load.py --pools threads,gevent # the pool comparison, about 3 minutes
+
+gevent must be installed for ``-P gevent`` (``pip install gevent``). Results go to ``test-artifacts/bench_load.json``
+(``--json PATH``); worker logs to ``test-artifacts/bench-load-logs/``. It exits 1 when a run did not succeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCRIPTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = SCRIPTS_DIR.parent
+for _path in (str(REPO_ROOT), str(SCRIPTS_DIR)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import redis  # noqa: E402
+from bench import CpuProbe, RecordReader  # noqa: E402
+from benchkit import fmt, json_safe, percentile, ts, versions  # noqa: E402
+
+from orchestrator import Client, Settings, WorkflowSpec, parse_workflow  # noqa: E402
+from orchestrator.local_workers import LocalWorkers  # noqa: E402
+from orchestrator.redis_server import RedisServer, stop_on_signals  # noqa: E402
+from orchestrator.state import keys  # noqa: E402
+
+DEFAULT_OUT = REPO_ROOT / "test-artifacts" / "bench_load.json"
+LOG_DIR = REPO_ROOT / "test-artifacts" / "bench-load-logs"
+IMPORTS = "examples.content_pipeline,bench_tasks"
+FINISHED = {"succeeded", "failed", "cancelled", "timed_out"}
+LLM_QUEUE, CPU_QUEUE = "llm", "cpu"
+
+
+# -- configuration -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """What to run, after ``--quick`` and the explicit flags are applied."""
+
+    runs: int
+    llm_pool: str
+    llm_concurrency: int
+    llm_workers: int
+    cpu_concurrency: int
+    submit_threads: int
+    floor: bool
+    timeout_s: float
+    sample_s: float
+    pools: tuple[str, ...]
+    steps: int
+    concurrency: int
+    reps: int
+    loglevel: str
+    worker_env: dict[str, str]
+    quick: bool
+    out: Path
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=None, help="content-pipeline runs (default 10000, quick 300)")
+    parser.add_argument("--quick", action="store_true", help="300 runs, 200 pool steps, 1 rep: a couple of minutes")
+    parser.add_argument("--llm-pool", default="threads", help="pool of the llm worker (default threads)")
+    parser.add_argument("--llm-concurrency", type=int, default=None, help="llm worker slots (default 500, quick 200)")
+    parser.add_argument("--llm-workers", type=int, default=1, help="llm worker processes (default 1)")
+    parser.add_argument("--cpu-concurrency", type=int, default=2, help="cpu worker prefork processes (default 2)")
+    parser.add_argument("--submit-threads", type=int, default=4, help="threads calling Client.submit (default 4)")
+    parser.add_argument("--no-floor", action="store_true", help="skip the raw Celery floor")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the runs may take (default 3600)")
+    parser.add_argument("--sample-s", type=float, default=2.0, help="seconds between progress samples (default 2)")
+    parser.add_argument("--pools", default="", help="compare these pools instead (e.g. threads,gevent)")
+    parser.add_argument("--steps", type=int, default=None, help="pools: LLM steps per pool and rep (default 500)")
+    parser.add_argument("--concurrency", type=int, default=100, help="pools: slots of the worker (default 100)")
+    parser.add_argument("--reps", type=int, default=None, help="pools: repetitions (default 3, quick 1)")
+    parser.add_argument("--loglevel", default="WARNING", help="worker log level (default WARNING)")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra worker environment, e.g. ORCH_LEASE_S=30 (repeatable)")  # fmt: skip
+    parser.add_argument("--json", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    ns = parser.parse_args(argv)
+    quick = bool(ns.quick)
+    extra = dict(item.split("=", 1) for item in ns.worker_env)
+    return Config(
+        runs=ns.runs or (300 if quick else 10_000),
+        llm_pool=ns.llm_pool,
+        llm_concurrency=ns.llm_concurrency or (200 if quick else 500),
+        llm_workers=ns.llm_workers,
+        cpu_concurrency=ns.cpu_concurrency,
+        submit_threads=max(1, ns.submit_threads),
+        floor=not ns.no_floor,
+        timeout_s=ns.timeout,
+        sample_s=ns.sample_s,
+        pools=tuple(p for p in ns.pools.split(",") if p),
+        steps=ns.steps or (200 if quick else 500),
+        concurrency=ns.concurrency,
+        reps=ns.reps or (1 if quick else 3),
+        loglevel=ns.loglevel,
+        worker_env=extra,
+        quick=quick,
+        out=ns.json,
+    )
+
+
+# -- workflows ---------------------------------------------------------------------------------------------------------
+
+
+def pipeline_spec() -> WorkflowSpec:
+    """The seed's content pipeline with 1 s of simulated latency on each LLM step."""
+    from examples.content_pipeline import demo_pipeline
+
+    return demo_pipeline.spec
+
+
+def single_llm_spec(latency_s: float) -> WorkflowSpec:
+    """One ``llm`` step, for the pool comparison."""
+    return parse_workflow({
+        "name": "bench_load_llm",
+        "inputs": {"topic": {"type": "string"}},
+        "steps": [{"name": "ask", "uses": "llm", "with": {"prompt": "Three facts about {{ inputs.topic }}.",
+                                                           "max_tokens": 200, "simulate": {"latency_s": latency_s}}}],
+    })  # fmt: skip
+
+
+def step_latency_s(spec: WorkflowSpec) -> float:
+    """The simulated latency of the spec's LLM steps (the floor's raw tasks sleep as long)."""
+    for step in spec.steps:
+        simulate = getattr(step.params, "simulate", None)
+        if simulate is not None:
+            return float(simulate.latency_s)
+    return 0.0
+
+
+# -- measuring processes -----------------------------------------------------------------------------------------------
+
+
+def proc_memory_kb(pid: int) -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` (peak RSS) of a process, in kB (empty when it is gone)."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in {"VmRSS", "VmHWM", "Threads"}:
+                out[name] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def worker_memory(workers: LocalWorkers) -> dict[str, Any]:
+    """RSS of each worker's main process and pool children, in MB: current, peak, and thread counts."""
+    out: dict[str, Any] = {"main_rss_mb": 0.0, "main_peak_mb": 0.0, "children_rss_mb": 0.0,
+                           "children_peak_mb": 0.0, "threads": 0}  # fmt: skip
+    for name, process in list(workers.processes.items()):
+        main = proc_memory_kb(process.pid)
+        out["main_rss_mb"] += main.get("VmRSS", 0) / 1024
+        out["main_peak_mb"] += main.get("VmHWM", 0) / 1024
+        out["threads"] += main.get("Threads", 0)
+        for child in workers.pool_children(name):
+            mem = proc_memory_kb(child)
+            out["children_rss_mb"] += mem.get("VmRSS", 0) / 1024
+            out["children_peak_mb"] += mem.get("VmHWM", 0) / 1024
+    return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
+
+
+class Probes:
+    """CPU seconds by role (llm worker, cpu worker main and children, redis, this process) and Redis counters."""
+
+    def __init__(self, llm: LocalWorkers, cpu: LocalWorkers | None, redis_pid: int | None, stats: redis.Redis) -> None:
+        self.llm = CpuProbe(llm, redis_pid)
+        self.cpu = CpuProbe(cpu, None) if cpu is not None else None
+        self.stats = stats
+
+    def snapshot(self) -> dict[str, float]:
+        llm = self.llm.snapshot()
+        out = {"llm_worker": llm.get("worker_main", 0.0) + llm.get("pool_children", 0.0),
+               "redis": llm.get("redis", 0.0), "bench_client": llm.get("bench_client", 0.0)}  # fmt: skip
+        if self.cpu is not None:
+            cpu = self.cpu.snapshot()
+            out["cpu_worker_main"] = cpu.get("worker_main", 0.0)
+            out["cpu_worker_children"] = cpu.get("pool_children", 0.0)
+        out["redis_commands"] = float(self.stats.info("stats")["total_commands_processed"])
+        return out
+
+    @staticmethod
+    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
+
+
+def used_memory(stats: redis.Redis) -> int:
+    return int(stats.info("memory")["used_memory"])
+
+
+# -- submitting --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Submitted:
+    """What a burst of submissions produced: ids in order, per-call latencies, start and end (epoch)."""
+
+    ids: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    started: float = 0.0
+    ended: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return len(self.ids) / (self.ended - self.started) if self.ended > self.started else float("nan")
+
+
+def burst(count: int, threads: int, call: Callable[[int], str], progress: Submitted | None = None) -> Submitted:
+    """Call ``call(i)`` for ``i`` in ``range(count)`` from ``threads`` threads; ids land in ``progress`` as they come.
+
+    Raises:
+        Exception: The first exception a call raised, after every thread stopped.
+    """
+    out = progress if progress is not None else Submitted()
+    lock = threading.Lock()
+    out.started = time.time()
+
+    def worker(indices: Iterable[int]) -> None:
+        for i in indices:
+            t0 = time.perf_counter()
+            ident = call(i)
+            elapsed = time.perf_counter() - t0
+            with lock:
+                out.ids.append(ident)
+                out.latencies.append(elapsed)
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="submit") as pool:
+        futures = [pool.submit(worker, range(k, count, threads)) for k in range(threads)]
+        for future in futures:
+            future.result()
+    out.ended = time.time()
+    return out
+
+
+# -- the load ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One progress sample of the load."""
+
+    t: float
+    submitted: int
+    finished: int
+    used_memory: int
+    llm_rss_mb: float
+
+
+class LoadBench:
+    """Runs the load and its floor on one set of workers."""
+
+    def __init__(self, cfg: Config, client: Client, url: str, redis_pid: int | None, record_dir: str) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.url = url
+        self.redis_pid = redis_pid
+        self.record_dir = record_dir
+        self.stats = redis.Redis.from_url(url, decode_responses=True)
+        self.records = RecordReader(record_dir)
+        self.spec = pipeline_spec()
+        self.latency_s = step_latency_s(self.spec)
+        self.llm_steps = sum(1 for s in self.spec.steps if s.uses.value == "llm")
+        self.cpu_steps = len(self.spec.steps) - self.llm_steps
+        self.t0 = time.monotonic()
+        self.worker_errors: dict[str, int] = {}
+        self.polled = 0  # commands this benchmark sent to follow the runs, taken out of the per-step count
+
+    def log(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def workers(self) -> Iterator[tuple[LocalWorkers, LocalWorkers]]:
+        env = {"REDIS_URL": self.url, "ORCH_IMPORTS": IMPORTS, "PYTHONPATH": str(SCRIPTS_DIR),
+               "BENCH_RECORD_DIR": self.record_dir, **self.cfg.worker_env}  # fmt: skip
+        cfg = self.cfg
+        llm = LocalWorkers(self.client.app, count=cfg.llm_workers, env=env, pool=cfg.llm_pool,
+                           concurrency=cfg.llm_concurrency, queues=(LLM_QUEUE,), log_dir=LOG_DIR,
+                           loglevel=cfg.loglevel)  # fmt: skip
+        cpu = LocalWorkers(self.client.app, count=1, env=env, pool="prefork", concurrency=cfg.cpu_concurrency,
+                           queues=(CPU_QUEUE,), log_dir=LOG_DIR, loglevel=cfg.loglevel)  # fmt: skip
+        try:
+            llm.start(timeout=120)
+            cpu.start(timeout=120)
+            yield llm, cpu
+        finally:
+            llm.stop(grace=30)
+            cpu.stop(grace=30)
+
+    def warm_up(self) -> None:
+        """A few runs and raw tasks, so imports, connections and script loading are paid before measuring."""
+        ids = [self.client.submit(self.spec, {"topic": f"warm-up {i}"}) for i in range(4)]
+        self._wait_runs(ids, timeout=120, samples=None)
+        self._floor_pass("warm-up", 8)
+
+    # -- ours --
+
+    def ours(self, llm: LocalWorkers, cpu: LocalWorkers) -> dict[str, Any]:
+        cfg = self.cfg
+        probes = Probes(llm, cpu, self.redis_pid, self.stats)
+        base_memory = used_memory(self.stats)
+        samples: list[Sample] = []
+        progress = Submitted()
+        cpu_before = probes.snapshot()
+        self.polled = 0
+        self.log(f"ours: submitting {cfg.runs} runs from {cfg.submit_threads} threads")
+
+        def submit(i: int) -> str:
+            return self.client.submit(self.spec, {"topic": f"load topic {i}"})
+
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def submitter() -> None:
+            try:
+                burst(cfg.runs, cfg.submit_threads, submit, progress)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=submitter, name="bench-submitter", daemon=True)
+        thread.start()
+        finished = self._wait_runs(progress.ids, timeout=cfg.timeout_s, samples=samples, llm=llm, submitting=done)
+        thread.join()
+        if errors:
+            raise errors[0]
+        cpu_used = Probes.delta(cpu_before, probes.snapshot())
+        after_memory = used_memory(self.stats)
+        self.log(f"ours: all {len(finished)} runs ended; reading their status")
+        return self._summarise_ours(progress=progress, finished=finished, samples=samples, base_memory=base_memory,
+                                    after_memory=after_memory, cpu_used=cpu_used, llm=llm, cpu=cpu)  # fmt: skip
+
+    def _wait_runs(
+        self,
+        ids: list[str],
+        *,
+        timeout: float,
+        samples: list[Sample] | None,
+        llm: LocalWorkers | None = None,
+        submitting: threading.Event | None = None,
+    ) -> dict[str, dict[str, str]]:
+        """Poll the runs' summaries until every one has ended (and submission is over); sample progress meanwhile."""
+        deadline = time.monotonic() + timeout
+        finished: dict[str, dict[str, str]] = {}
+        seen = 0
+        last_log = 0.0
+        while True:
+            submitted = len(ids)
+            pending = [r for r in ids[:submitted] if r not in finished]
+            seen = submitted
+            for row in self.client.store.run_summaries(pending):
+                if row["status"] in FINISHED:
+                    finished[row["run_id"]] = row
+            self.polled += len(pending) + (1 if samples is not None else 0)  # HMGETs and INFO memory
+            if samples is not None:
+                rss = worker_memory(llm)["main_rss_mb"] if llm is not None else 0.0
+                samples.append(Sample(time.time(), seen, len(finished), used_memory(self.stats), rss))
+            over = submitting is None or submitting.is_set()
+            if over and len(finished) >= len(ids):
+                return finished
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(ids) - len(finished)} runs still going after {timeout}s (logs in {LOG_DIR})")
+            if samples is not None and time.monotonic() - last_log > 15:
+                last_log = time.monotonic()
+                self.log(f"ours: {seen} submitted, {len(finished)} finished, "
+                         f"Redis {samples[-1].used_memory / 2**20:.0f} MB")  # fmt: skip
+            time.sleep(self.cfg.sample_s if samples is not None else 0.2)
+
+    def _summarise_ours(
+        self,
+        *,
+        progress: Submitted,
+        finished: dict[str, dict[str, str]],
+        samples: list[Sample],
+        base_memory: int,
+        after_memory: int,
+        cpu_used: dict[str, float],
+        llm: LocalWorkers,
+        cpu: LocalWorkers,
+    ) -> dict[str, Any]:
+        rows = list(finished.values())
+        statuses = collections.Counter(row["status"] for row in rows)
+        created = [float(row["created_at"]) for row in rows]
+        ended = [float(row["finished_at"]) for row in rows if row["finished_at"]]
+        latencies = [float(row["finished_at"]) - float(row["created_at"]) for row in rows if row["finished_at"]]
+        steps = len(rows) * len(self.spec.steps)
+        makespan = max(ended) - min(created)
+        per_finished = (after_memory - base_memory) / len(rows)
+        # The moment most runs were in flight; runs finished by then are charged at the per-finished figure.
+        peak = max(samples, key=lambda s: (s.submitted - s.finished, -s.t))
+        in_flight = peak.submitted - peak.finished
+        per_in_flight = (peak.used_memory - base_memory - peak.finished * per_finished) / max(1, in_flight)
+        detail = self._step_detail(list(finished)[:: max(1, len(finished) // 500)])
+        per_key = self._memory_by_key(list(finished)[:: max(1, len(finished) // 50)])
+        return {
+            "runs": len(rows),
+            "statuses": dict(statuses),
+            "steps": steps,
+            "submit": {
+                "rate_runs_per_s": round(progress.rate, 1),
+                "seconds": round(progress.ended - progress.started, 2),
+                "call_p50_ms": round(percentile(progress.latencies, 0.5) * 1000, 2),
+                "call_p99_ms": round(percentile(progress.latencies, 0.99) * 1000, 2),
+                "threads": self.cfg.submit_threads,
+            },
+            "makespan_s": round(makespan, 2),
+            "steps_per_s": round(steps / makespan, 1),
+            "run_latency_p50_s": round(percentile(latencies, 0.5), 2),
+            "run_latency_p99_s": round(percentile(latencies, 0.99), 2),
+            "run_latency_max_s": round(max(latencies), 2),
+            "redis": {
+                "base_used_memory_mb": round(base_memory / 2**20, 1),
+                "peak_in_flight_runs": in_flight,
+                "finished_at_peak": peak.finished,
+                "used_memory_at_peak_mb": round(peak.used_memory / 2**20, 1),
+                "bytes_per_in_flight_run": round(per_in_flight),
+                "bytes_per_finished_run": round(per_finished),
+                "used_memory_after_mb": round(after_memory / 2**20, 1),
+                "max_used_memory_mb": round(max(s.used_memory for s in samples) / 2**20, 1),
+                "commands_per_step": round((cpu_used.pop("redis_commands") - self.polled) / steps, 1),
+                "finished_run_bytes_by_key": per_key,
+            },
+            "cpu_s": cpu_used,
+            "cpu_ms_per_step": round(sum(v for k, v in cpu_used.items() if k != "bench_client") / steps * 1000, 3),
+            "llm_worker_memory": worker_memory(llm),
+            "cpu_worker_memory": worker_memory(cpu),
+            "steps_detail": detail,
+            "timeline": [_timeline_point(s, samples[0].t) for s in samples],
+        }
+
+    def _memory_by_key(self, run_ids: list[str]) -> dict[str, int]:
+        """``MEMORY USAGE`` of a finished run's keys, averaged over a sample: its hash, events, reply cache."""
+        names = {"run_hash": keys.run_key, "events_stream": keys.events_key, "reply_cache": keys.llm_run_cache_key}
+        totals = dict.fromkeys(names, 0)
+        for run_id in run_ids:
+            for label, key_of in names.items():
+                totals[label] += int(self.stats.memory_usage(key_of(run_id), samples=0) or 0)
+        return {label: round(total / max(1, len(run_ids))) for label, total in totals.items()}
+
+    def _step_detail(self, run_ids: list[str]) -> dict[str, Any]:
+        """Step latencies from the status JSON of a sample of runs: execution (started → finished) and queueing."""
+        by_kind: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        attempts = 0
+        for run_id in run_ids:
+            view = self.client.status(run_id)
+            for step in view["steps"].values():
+                queued = step["queued_at"] or view["created_at"]
+                kind = by_kind[step["kind"]]
+                kind["run_s"].append(ts(step["finished_at"]) - ts(step["started_at"]))
+                kind["wait_s"].append(ts(step["started_at"]) - ts(queued))
+                attempts += step["attempts"] - 1
+        out: dict[str, Any] = {"sampled_runs": len(run_ids), "extra_attempts": attempts}
+        for kind, series in by_kind.items():
+            for name, values in series.items():
+                out[f"{kind}_{name}_p50"] = round(percentile(values, 0.5), 3)
+                out[f"{kind}_{name}_p99"] = round(percentile(values, 0.99), 3)
+        return out
+
+    # -- the floor --
+
+    def _floor_pass(self, tag: str, runs: int) -> dict[str, Any]:
+        """Publish ``runs`` x (one raw sleep per llm step, one raw no-op per cpu step) and wait for all of them."""
+        send = self.client.app.send_task  # explicit app: a shared task in a thread would use Celery's default app
+        per_run = self.llm_steps + self.cpu_steps
+        total = runs * per_run
+
+        def publish(i: int) -> str:
+            if i % per_run < self.llm_steps:
+                send("bench.raw_sleep", (tag, i, self.latency_s), queue=LLM_QUEUE)
+            else:
+                send("bench.raw_noop", (tag, i), queue=CPU_QUEUE)
+            return ""
+
+        sent = burst(total, self.cfg.submit_threads, publish)
+        records = self.records.wait(tag, total, timeout=self.cfg.timeout_s, poll_s=0.5)
+        makespan = max(r.end for r in records) - sent.started
+        return {"tasks": total, "publish_rate_per_s": round(sent.rate, 1), "makespan_s": round(makespan, 2),
+                "tasks_per_s": round(total / makespan, 1)}  # fmt: skip
+
+    def floor(self, llm: LocalWorkers, cpu: LocalWorkers, half: str, runs: int) -> dict[str, Any]:
+        probes = Probes(llm, cpu, self.redis_pid, self.stats)
+        before = probes.snapshot()
+        self.log(f"floor ({half}): {runs * (self.llm_steps + self.cpu_steps)} raw tasks")
+        result = self._floor_pass(f"floor-{half}-{uuid.uuid4().hex[:8]}", runs)
+        used = Probes.delta(before, probes.snapshot())
+        result["commands_per_task"] = round(used.pop("redis_commands") / result["tasks"], 1)
+        result["cpu_s"] = used
+        result["cpu_ms_per_task"] = round(sum(v for k, v in used.items() if k != "bench_client")
+                                          / result["tasks"] * 1000, 3)  # fmt: skip
+        self.log(f"floor ({half}): {result['tasks_per_s']} tasks/s")
+        return result
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        with self.workers() as (llm, cpu):
+            self.log(f"workers up: llm {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}, "
+                     f"cpu -P prefork -c {cfg.cpu_concurrency}")  # fmt: skip
+            self.warm_up()
+            floor: list[dict[str, Any]] = []
+            first_half = cfg.runs // 2
+            if cfg.floor:
+                floor.append(self.floor(llm, cpu, "before", first_half))
+            ours = self.ours(llm, cpu)
+            if cfg.floor:
+                floor.append(self.floor(llm, cpu, "after", cfg.runs - first_half))
+        self.worker_errors = scan_logs(LOG_DIR)
+        result: dict[str, Any] = {"ours": ours, "floor": floor}
+        if floor:
+            tasks = sum(f["tasks"] for f in floor)
+            seconds = sum(f["makespan_s"] for f in floor)
+            cpu_ms = sum(f["cpu_ms_per_task"] * f["tasks"] for f in floor) / tasks
+            result["floor_total"] = {"tasks": tasks, "tasks_per_s": round(tasks / seconds, 1),
+                                     "cpu_ms_per_task": round(cpu_ms, 3)}  # fmt: skip
+            result["ratio"] = {
+                "throughput_ours_over_floor": round(ours["steps_per_s"] / (tasks / seconds), 3),
+                "cpu_per_step_ours_over_floor": round(ours["cpu_ms_per_step"] / cpu_ms, 2),
+            }
+        result["worker_log_problems"] = self.worker_errors
+        return result
+
+
+def _timeline_point(sample: Sample, t0: float) -> dict[str, Any]:
+    return {"t": round(sample.t - t0, 1), "submitted": sample.submitted, "finished": sample.finished,
+            "used_memory_mb": round(sample.used_memory / 2**20, 1), "llm_rss_mb": sample.llm_rss_mb}  # fmt: skip
+
+
+def scan_logs(directory: Path) -> dict[str, int]:
+    """Error lines in the worker logs of this benchmark, by file (``Too many connections``, tracebacks …)."""
+    out: dict[str, int] = {}
+    for path in sorted(directory.glob("*.log")):
+        text = path.read_text(errors="replace")
+        count = sum(1 for line in text.splitlines() if "ERROR" in line or "Traceback" in line or "CRITICAL" in line)
+        if count:
+            out[path.name] = count
+    return out
+
+
+# -- the pools -----------------------------------------------------------------------------------------------------
+
+
+class PoolBench:
+    """One ``llm`` worker per pool: our single-LLM-step runs and raw sleeps of the same latency, interleaved."""
+
+    def __init__(self, cfg: Config, client: Client, url: str, redis_pid: int | None, record_dir: str) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.url = url
+        self.redis_pid = redis_pid
+        self.record_dir = record_dir
+        self.stats = redis.Redis.from_url(url, decode_responses=True)
+        self.records = RecordReader(record_dir)
+        self.spec = single_llm_spec(1.0)
+        self.t0 = time.monotonic()
+
+    def log(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def one(self, pool: str, rep: int) -> dict[str, Any]:
+        cfg = self.cfg
+        env = {"REDIS_URL": self.url, "ORCH_IMPORTS": IMPORTS, "PYTHONPATH": str(SCRIPTS_DIR),
+               "BENCH_RECORD_DIR": self.record_dir, **cfg.worker_env}  # fmt: skip
+        workers = LocalWorkers(self.client.app, count=1, env=env, pool=pool, concurrency=cfg.concurrency,
+                               queues=(LLM_QUEUE,), log_dir=LOG_DIR, loglevel=cfg.loglevel)  # fmt: skip
+        started = time.monotonic()
+        workers.start(timeout=120)
+        out: dict[str, Any] = {"pool": pool, "rep": rep, "start_s": round(time.monotonic() - started, 2)}
+        try:
+            probes = Probes(workers, None, self.redis_pid, self.stats)
+            self._ours(8, probes)  # warm-up: imports, connections, scripts
+            self._raw(8, probes)
+            order = [self._ours, self._raw] if rep % 2 == 0 else [self._raw, self._ours]
+            for measure in order:
+                out.update(measure(cfg.steps, probes))
+            out["memory"] = worker_memory(workers)
+        finally:
+            stopping = time.monotonic()
+            workers.stop(grace=60)
+            out["stop_s"] = round(time.monotonic() - stopping, 2)
+        self.log(f"{pool} rep {rep}: ours {out['ours_steps_per_s']} steps/s, raw {out['raw_tasks_per_s']} tasks/s")
+        return out
+
+    def _ours(self, count: int, probes: Probes) -> dict[str, Any]:
+        before = probes.snapshot()
+        sent = burst(count, self.cfg.submit_threads, lambda i: self.client.submit(self.spec, {"topic": f"t{i}"}))
+        views = []
+        for run_id in sent.ids:
+            views.append(self._wait(run_id))
+        used = Probes.delta(before, probes.snapshot())
+        steps = [v["steps"]["ask"] for v in views]
+        run_s = [ts(s["finished_at"]) - ts(s["started_at"]) for s in steps]
+        total_s = [ts(s["finished_at"]) - ts(v["created_at"]) for s, v in zip(steps, views, strict=True)]
+        makespan = max(ts(s["finished_at"]) for s in steps) - sent.started
+        return {
+            "ours_ok": sum(v["status"] == "succeeded" for v in views),
+            "ours_steps": count,
+            "ours_steps_per_s": round(count / makespan, 1),
+            "ours_run_p50_s": round(percentile(run_s, 0.5), 3),
+            "ours_run_p99_s": round(percentile(run_s, 0.99), 3),
+            "ours_total_p50_s": round(percentile(total_s, 0.5), 3),
+            "ours_total_p99_s": round(percentile(total_s, 0.99), 3),
+            "ours_worker_cpu_s": used["llm_worker"],
+            "ours_cpu_ms_per_step": round(used["llm_worker"] / count * 1000, 2),
+            "ours_redis_cpu_s": used["redis"],
+        }
+
+    def _wait(self, run_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + self.cfg.timeout_s
+        key = keys.run_key(run_id)
+        while self.stats.hget(key, "status") not in FINISHED:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} did not end within {self.cfg.timeout_s}s")
+            time.sleep(0.05)
+        return self.client.status(run_id)
+
+    def _raw(self, count: int, probes: Probes) -> dict[str, Any]:
+        send = self.client.app.send_task
+        tag = f"pool-{uuid.uuid4().hex[:8]}"
+        before = probes.snapshot()
+        sent = burst(count, self.cfg.submit_threads,
+                     lambda i: str(send("bench.raw_sleep", (tag, i, 1.0), queue=LLM_QUEUE).id))  # fmt: skip
+        records = self.records.wait(tag, count, timeout=self.cfg.timeout_s, poll_s=0.05)
+        used = Probes.delta(before, probes.snapshot())
+        run_s = [r.end - r.start for r in records]
+        makespan = max(r.end for r in records) - sent.started
+        return {
+            "raw_tasks_per_s": round(count / makespan, 1),
+            "raw_run_p50_s": round(percentile(run_s, 0.5), 3),
+            "raw_run_p99_s": round(percentile(run_s, 0.99), 3),
+            "raw_total_p99_s": round(max(r.end for r in records) - sent.started, 3),
+            "raw_worker_cpu_s": used["llm_worker"],
+            "raw_cpu_ms_per_task": round(used["llm_worker"] / count * 1000, 2),
+        }
+
+    def run(self) -> dict[str, Any]:
+        reps: list[dict[str, Any]] = []
+        pools = list(self.cfg.pools)
+        for rep in range(self.cfg.reps):
+            rotated = pools[rep % len(pools) :] + pools[: rep % len(pools)]
+            for pool in rotated:
+                reps.append(self.one(pool, rep))
+        medians: dict[str, dict[str, Any]] = {}
+        for pool in pools:
+            mine = [r for r in reps if r["pool"] == pool]
+            flat = [{**r, **{f"mem_{k}": v for k, v in r["memory"].items()}} for r in mine]
+            medians[pool] = {
+                k: statistics.median(r[k] for r in flat)
+                for k in flat[0]
+                if isinstance(flat[0][k], int | float) and k != "rep"
+            }
+            medians[pool]["ratio_ours_over_raw"] = round(
+                medians[pool]["ours_steps_per_s"] / medians[pool]["raw_tasks_per_s"], 3
+            )
+        return {"reps": reps, "medians": medians}
+
+
+# -- report ------------------------------------------------------------------------------------------------------------
+
+
+def print_load(cfg: Config, results: dict[str, Any]) -> None:
+    ours = results["ours"]
+    redis_ = ours["redis"]
+    print(f"\n{ours['runs']} content-pipeline runs ({ours['steps']} steps, 1 s simulated LLM latency): "
+          f"llm worker {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}, "
+          f"cpu worker -P prefork -c {cfg.cpu_concurrency}")  # fmt: skip
+    print(f"  statuses: {ours['statuses']}")
+    sub = ours["submit"]
+    print(f"  submit: {sub['rate_runs_per_s']} runs/s from {sub['threads']} threads "
+          f"(Client.submit p50 {sub['call_p50_ms']} ms, p99 {sub['call_p99_ms']} ms)")  # fmt: skip
+    print(f"  throughput: {ours['steps_per_s']} steps/s (makespan {ours['makespan_s']} s); run latency p50 "
+          f"{ours['run_latency_p50_s']} s, p99 {ours['run_latency_p99_s']} s")  # fmt: skip
+    d = ours["steps_detail"]
+    print(f"  llm step execution p50/p99 {fmt(d.get('llm_run_s_p50'), 3)}/{fmt(d.get('llm_run_s_p99'), 3)} s; "
+          f"extra attempts in {d['sampled_runs']} sampled runs: {d['extra_attempts']}")  # fmt: skip
+    print(f"  Redis: {redis_['bytes_per_in_flight_run']} B per in-flight run ({redis_['peak_in_flight_runs']} in "
+          f"flight, {redis_['used_memory_at_peak_mb']} MB), {redis_['bytes_per_finished_run']} B per finished run "
+          f"({redis_['used_memory_after_mb']} MB after); {redis_['commands_per_step']} commands per step")  # fmt: skip
+    print(f"  a finished run's keys (bytes): {redis_['finished_run_bytes_by_key']}")
+    llm_mem, cpu_mem = ours["llm_worker_memory"], ours["cpu_worker_memory"]
+    print(f"  worker RSS: llm {llm_mem['main_rss_mb']} MB (peak {llm_mem['main_peak_mb']} MB, "
+          f"{llm_mem['threads']} threads); cpu main {cpu_mem['main_rss_mb']} MB + children "
+          f"{cpu_mem['children_rss_mb']} MB")  # fmt: skip
+    print(f"  CPU s: {ours['cpu_s']}; {ours['cpu_ms_per_step']} ms per step (workers + Redis)")
+    if results.get("floor"):
+        total = results["floor_total"]
+        for half in results["floor"]:
+            print(f"  floor pass: {half['tasks']} raw tasks, {half['tasks_per_s']} tasks/s, {half['cpu_ms_per_task']} "
+                  f"ms CPU per task, {half['commands_per_task']} commands per task")  # fmt: skip
+        ratio = results["ratio"]
+        print(f"  floor: {total['tasks_per_s']} tasks/s, {total['cpu_ms_per_task']} ms CPU per task; ours / floor: "
+              f"throughput {ratio['throughput_ours_over_floor']}x, CPU per step "
+              f"{ratio['cpu_per_step_ours_over_floor']}x")  # fmt: skip
+    if results.get("worker_log_problems"):
+        print(f"  worker log error lines: {results['worker_log_problems']}")
+
+
+def print_pools(cfg: Config, results: dict[str, Any]) -> None:
+    print(f"\n{cfg.steps} LLM steps (1 s simulated latency) per pool, 1 worker -c {cfg.concurrency}, "
+          f"median of {cfg.reps}:")  # fmt: skip
+    head = ("pool", "ours steps/s", "raw tasks/s", "ours/raw", "step run p50", "p99", "queued→done p50", "p99",
+            "CPU ms/step ours", "raw", "peak RSS MB", "threads", "stop s")  # fmt: skip
+    print(" | ".join(head))
+    for pool, m in results["medians"].items():
+        row = (pool, m["ours_steps_per_s"], m["raw_tasks_per_s"], m["ratio_ours_over_raw"], m["ours_run_p50_s"],
+               m["ours_run_p99_s"], m["ours_total_p50_s"], m["ours_total_p99_s"], m["ours_cpu_ms_per_step"],
+               m["raw_cpu_ms_per_task"], m["mem_main_peak_mb"], m["mem_threads"], m["stop_s"])  # fmt: skip
+        print(" | ".join(str(v) for v in row))
+
+
+# -- main ------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    record_dir = tempfile.mkdtemp(prefix="orchestrator-bench-load-")
+    if LOG_DIR.exists():
+        shutil.rmtree(LOG_DIR)
+    LOG_DIR.mkdir(parents=True)
+    server = RedisServer()
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with stop_on_signals(server):
+            server.start()
+            settings = Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS})
+            client = Client(settings)
+            try:
+                bench: LoadBench | PoolBench
+                if cfg.pools:
+                    bench = PoolBench(cfg, client, server.url, server.pid, record_dir)
+                else:
+                    bench = LoadBench(cfg, client, server.url, server.pid, record_dir)
+                results = bench.run()
+            finally:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            results["environment"] = {**versions(server.url), "loadavg_1_5_15_before": load_before,
+                                      "loadavg_1_5_15_after": os.getloadavg()}  # fmt: skip
+    except KeyboardInterrupt:
+        print("interrupted: workers and Redis stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+        shutil.rmtree(record_dir, ignore_errors=True)
+    results["runtime_s"] = round(time.monotonic() - started, 1)
+    results["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()}
+    results["command"] = " ".join(["scripts/bench_load.py", *(sys.argv[1:] if argv is None else argv)])
+    if cfg.pools:
+        print_pools(cfg, results)
+        ok = all(r["ours_ok"] == cfg.steps for r in results["reps"])
+    else:
+        print_load(cfg, results)
+        ok = results["ours"]["statuses"] == {"succeeded": cfg.runs}
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.out.write_text(json.dumps(json_safe(results), indent=2, ensure_ascii=False) + "\n")
+    print(f"\nresults: {cfg.out}  (total {results['runtime_s']:.0f}s; load average before "
+          f"{load_before[0]:.2f}, after {results['environment']['loadavg_1_5_15_after'][0]:.2f})")  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
