@@ -101,18 +101,29 @@ class Client:
                 if bound != run_id:
                     return bound
             self.store.save_definition(spec)
+            held = {step: uuid.uuid4().hex for step in spec.graph.roots}
+            self.store.hold_dispatch(run_id, held, self.settings.queued_grace_s)
             self.store.create_run(run_id, spec, filled, idempotency_key)
         except redis.RedisError as exc:
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:
             with run_span(run_id, spec.name):
-                dispatch(self.app, self.settings, spec, run_id=run_id, steps=spec.graph.roots, generation="1")
+                dispatch(
+                    self.app, self.settings, spec, run_id=run_id, steps=spec.graph.roots, generation="1", task_ids=held
+                )
             self.store.announce(run_id, "run_started", spec.name)
         except Exception as exc:
-            # The run exists but no task does: fail it rather than leave it "running" forever.
-            self.store.mark_dispatch_failed(run_id, f"could not publish the first steps: {exc}")
-            if idempotency_key:
-                self.store.release_idempotency_key(idempotency_key, run_id)
+            # The run exists but no task may: fail it rather than leave it "running" forever.
+            try:
+                self.store.mark_dispatch_failed(run_id, f"could not publish the first steps: {exc}")
+                if idempotency_key:
+                    self.store.release_idempotency_key(idempotency_key, run_id)
+            except redis.RedisError as cleanup:
+                # Redis went away too: the roots' dispatch hold has the sweeper publish them once it is back.
+                raise StoreUnavailableError(
+                    f"cannot publish the first steps of run {run_id} ({exc}) nor mark it failed ({cleanup}); "
+                    "it starts once Redis is back"
+                ) from exc
             raise StoreUnavailableError(f"cannot publish to the broker: {exc}") from exc
         return run_id
 

@@ -46,13 +46,28 @@ def record_outcome(
     """
     children = spec.graph.children[attempt.step]
     result = store.finish(
-        attempt, outcome, output=output, error=error, children=children, cache_key=cache_key, cached=cached
+        attempt,
+        outcome,
+        output=output,
+        error=error,
+        children=children,
+        cache_key=cache_key,
+        cached=cached,
+        grace_s=settings.queued_grace_s,
     )
     if not result.recorded:
         return False
     if outcome == StepOutcome.FAILED:
         log.error("%s: %s", attempt.run_id, failure_summary(attempt.step, error))
-    dispatch(app, settings, spec, run_id=attempt.run_id, steps=result.released, generation=attempt.generation)
+    dispatch(
+        app,
+        settings,
+        spec,
+        run_id=attempt.run_id,
+        steps=result.released,
+        generation=attempt.generation,
+        task_ids=result.task_ids,
+    )
     if result.run_status is not None:
         log.info("run %s %s", attempt.run_id, result.run_status)
         store.announce(attempt.run_id, f"run_{result.run_status}", spec.name)
@@ -203,11 +218,13 @@ def resume_run(
     statuses = {s.name: fields.get(f"s:{s.name}:status", "") for s in spec.steps}
     plan = plan_resume(spec, statuses, fields["gen"], from_step, changed=changed,
                        new_definition=spec if deployed is not None else None)  # fmt: skip
+    held = {step: uuid.uuid4().hex for step in plan.queued}
+    store.hold_dispatch(run_id, held, settings.queued_grace_s)
     outcome, value = store.resume(run_id, plan)
     if outcome == "conflict":
         raise RunStateError(f"run {run_id} was resumed by someone else meanwhile (generation {value})", status=status)
     if outcome != "ok":
         raise RunStateError(f"run {run_id} cannot be resumed from {value}", status=value)
-    dispatch(app, settings, spec, run_id=run_id, steps=plan.queued, generation=value)
+    dispatch(app, settings, spec, run_id=run_id, steps=plan.queued, generation=value, task_ids=held)
     store.announce(run_id, "run_resumed", spec.name)
     return value

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -268,7 +269,11 @@ def _error_record(exc: StepError, attempt: int) -> dict[str, Any]:
 
 
 def _dispatch(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, steps: tuple[str, ...]) -> None:
-    dispatch(rt.app, rt.settings, spec, run_id=attempt.run_id, steps=steps, generation=attempt.generation)
+    held = {step: uuid.uuid4().hex for step in steps}
+    rt.store.hold_dispatch(attempt.run_id, held, rt.settings.queued_grace_s)
+    dispatch(
+        rt.app, rt.settings, spec, run_id=attempt.run_id, steps=steps, generation=attempt.generation, task_ids=held
+    )
 
 
 def _finish(

@@ -191,11 +191,14 @@ class Finish:
         recorded: ``False`` when the attempt was stale and nothing changed.
         run_status: The run's final status when this step was its last, else ``None``.
         released: Children whose last dependency this was: they are now ``queued`` and must be dispatched.
+        task_ids: The task id each released child must be published with: the lease index already holds it, due
+            ``grace_s`` from now, so the sweeper sends the child again should its message be lost before any claim.
     """
 
     recorded: bool
     run_status: str | None = None
     released: tuple[str, ...] = ()
+    task_ids: dict[str, str] = field(default_factory=dict)
 
 
 class StateStore(Protocol):
@@ -298,6 +301,7 @@ class StateStore(Protocol):
         children: tuple[str, ...] = (),
         cache_key: str = "",
         cached: bool = False,
+        grace_s: float = 300.0,
     ) -> Finish:
         """Record a running attempt's final outcome and release the children whose last parent this was.
 
@@ -307,11 +311,22 @@ class StateStore(Protocol):
         ``error`` is also appended to the step's ``errors``. ``failed`` and ``upstream_failed`` count as failures;
         the first ``failed`` step is remembered as ``first_failure``. When this was the run's last step the run
         becomes ``failed`` (any failure) or ``succeeded`` and is kept for the retention period from now. The
-        attempt leaves the lease index in every case.
+        attempt leaves the lease index in every case. Each released child enters it under a fresh task id
+        (``Finish.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish, or a
+        message lost in the broker, leaves the sweeper a step to send again.
 
         Returns:
             ``Finish(recorded=False)`` when the attempt is stale (other generation, step not running, or owned by
             another task id): nothing changed.
+        """
+        ...
+
+    def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
+        """Enter steps about to be published in the lease index under the task ids their messages will carry.
+
+        Due ``grace_s`` from now: should the message be lost before any worker claims the step, the sweeper finds
+        the step still ``queued`` and unclaimed and sends it again under the same task id (see :meth:`reclaim`).
+        A claim under that task id turns the entry into the attempt's lease.
         """
         ...
 
@@ -360,8 +375,9 @@ class StateStore(Protocol):
         """Recover the step behind an expired lease.
 
         A ``running`` step whose lease ran out (its worker died) is re-queued under ``new_task_id`` with ``error``
-        appended; a ``queued`` one (a delayed retry or re-dispatch lost with its worker) is sent again under its own
-        task id. Either way it gets a lease of ``grace_s`` to be claimed in. A lease renewed meanwhile is put back
+        appended; a ``queued`` one (a delayed retry or re-dispatch lost with its worker, or a step no worker has
+        claimed since :meth:`hold_dispatch` or :meth:`finish` released it) is sent again under the task id of the
+        expired entry. Either way it gets a lease of ``grace_s`` to be claimed in. A lease renewed meanwhile is put back
         in the index at its new expiry.
 
         Returns:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -313,6 +314,7 @@ class MemoryStateStore:
         children: tuple[str, ...] = (),
         cache_key: str = "",
         cached: bool = False,
+        grace_s: float = 300.0,
     ) -> Finish:
         """Record a final outcome and release the children whose last parent this was (see ``lua/finish.lua``).
 
@@ -369,7 +371,17 @@ class MemoryStateStore:
                 fields.update({"status": run_status, "finished_at": stamp})
                 self._emit(run, stamp, f"run_{run_status}")
                 run.expires_at = now + self.retention_s
-            return Finish(recorded=True, run_status=run_status, released=tuple(released))
+            task_ids = {child: uuid.uuid4().hex for child in released}
+            for child, task_id in task_ids.items():
+                self._leases[keys.lease_member(attempt.run_id, child, task_id)] = now + grace_s
+            return Finish(recorded=True, run_status=run_status, released=tuple(released), task_ids=task_ids)
+
+    def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
+        """Cover steps about to be published in the lease index, so the sweeper resends a message that is lost."""
+        with self._lock:
+            due = self._clock() + grace_s
+            for step, task_id in task_ids.items():
+                self._leases[keys.lease_member(run_id, step, task_id)] = due
 
     def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
         """Record a retryable error and put the step back to ``queued`` for ``countdown_s`` (see ``lua/retry.lua``).
@@ -486,10 +498,11 @@ class MemoryStateStore:
             run = self._live(run_id, now)
             fields = run.fields if run is not None else {}
             status = fields.get(p + "status")
+            unclaimed = status == "queued" and not fields.get(p + "task")
             if (
                 run is None
                 or fields.get("status") != "running"
-                or fields.get(p + "task") != task_id
+                or (fields.get(p + "task") != task_id and not unclaimed)
                 or status not in ("running", "queued")
             ):
                 self._leases.pop(member, None)

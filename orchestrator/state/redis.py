@@ -6,6 +6,7 @@ import functools
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, cast
@@ -314,6 +315,7 @@ class RedisStateStore:
         children: tuple[str, ...] = (),
         cache_key: str = "",
         cached: bool = False,
+        grace_s: float = 300.0,
     ) -> Finish:
         """Record a final outcome and release the children whose last parent this was.
 
@@ -326,14 +328,34 @@ class RedisStateStore:
             "" if error is None else json.dumps(error, separators=(",", ":")),
             self.retention_s, cache_key, "1" if cached else "", success_detail(output), *children,
         ]  # fmt: skip
-        replies = self._pipeline(
-            lambda pipe: self._evalsha(pipe, "finish", run_id, argv),
-            lambda pipe: pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, task_id)),
-        )
-        reply = [_text(x) for x in replies[0]]
+        # Each child this finish may release is covered in the lease index before the script runs, under the task id
+        # its message will carry: a worker dying between the finish and the publish, or a message lost in the
+        # broker, leaves the sweeper something to send again.
+        held = {child: uuid.uuid4().hex for child in children}
+        due = time.time() + grace_s
+        commands: list[Callable[[Pipeline], Any]] = []
+        if held:
+            members = {keys.lease_member(run_id, c, t): due for c, t in held.items()}
+            commands.append(lambda pipe: pipe.zadd(keys.LEASES, cast(Any, members)))
+        commands.append(lambda pipe: self._evalsha(pipe, "finish", run_id, argv))
+        commands.append(lambda pipe: pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, task_id)))
+        replies = self._pipeline(*commands)
+        reply = [_text(x) for x in replies[1 if held else 0]]
+        released = tuple(reply[2:]) if reply[0] == "ok" else ()
+        unreleased = [keys.lease_member(run_id, c, t) for c, t in held.items() if c not in released]
+        if unreleased:
+            self.client.zrem(keys.LEASES, *unreleased)
         if reply[0] != "ok":
             return Finish(recorded=False)
-        return Finish(recorded=True, run_status=reply[1] or None, released=tuple(reply[2:]))
+        return Finish(recorded=True, run_status=reply[1] or None, released=released,
+                      task_ids={c: held[c] for c in released})  # fmt: skip
+
+    def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
+        """Cover steps about to be published in the lease index, so the sweeper resends a message that is lost."""
+        if task_ids:
+            due = time.time() + grace_s
+            members = {keys.lease_member(run_id, s, t): due for s, t in task_ids.items()}
+            self.client.zadd(keys.LEASES, cast(Any, members))
 
     def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
         """Record a retryable error and put the step back to ``queued`` for ``countdown_s``.

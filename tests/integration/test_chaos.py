@@ -36,14 +36,6 @@ def private_redis() -> Iterator[str]:
         yield server.url
 
 
-KNOWN_GAP = (
-    "A step message lost before its claim (a worker SIGKILLed between receiving and claiming it, or a message taken "
-    "as Redis was killed) is invisible to the sweeper until the broker visibility timeout: about 5% of kills strand "
-    "a run. The fix (cover every publish in the lease index) is open in issue 7."
-)
-
-
-@pytest.mark.xfail(reason=KNOWN_GAP, strict=False)
 def test_runs_succeed_and_record_each_output_once_while_workers_are_sigkilled(
     chaos: ModuleType, private_redis: str
 ) -> None:

@@ -119,16 +119,9 @@ def _mixed(name: str) -> dict[str, Any]:
     )
 
 
-KNOWN_GAP = (
-    "A step message lost before its claim (a worker SIGKILLed between receiving and claiming it, or a message taken "
-    "as Redis was killed) is invisible to the sweeper until the broker visibility timeout: about 5% of kills strand "
-    "a run. The fix (cover every publish in the lease index) is open in issue 7."
-)
-
-
 @pytest.mark.parametrize(
     "sig",
-    [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.xfail(reason=KNOWN_GAP, strict=False))],
+    [signal.SIGTERM, signal.SIGKILL],
     ids=["sigterm", "sigkill"],
 )
 def test_runs_in_flight_all_succeed_when_redis_restarts_from_its_append_only_file_mid_run(
@@ -194,11 +187,6 @@ def test_submit_whose_broker_is_down_fails_the_run_it_created_and_frees_its_idem
         assert raw.get(keys.idempotency_key(f"key-{unique}")) is None, "a retry with the same key may create a run"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Client.submit: when Redis dies between creating the run and publishing its roots, mark_dispatch_failed "
-    "fails too and its redis ConnectionError escapes; the run stays 'running' with no message (fix in client.py)",
-)
 def test_submit_when_redis_dies_between_creating_the_run_and_publishing_leaves_no_stranded_run(
     aof_server: RedisServer, tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -760,6 +760,64 @@ def test_a_delayed_retry_lost_with_its_worker_is_sent_again_under_the_same_task_
     assert (again.outcome, again.attempt, again.errors) == ("ok", 2, [RATE_LIMITED])
 
 
+def test_a_released_child_is_held_in_the_lease_index_under_the_task_id_it_is_published_with(
+    backend: Backend,
+) -> None:
+    # A worker dying between the finish and the publish (or a message lost in the broker) must leave the sweeper
+    # something to send again: the child is covered before any message exists.
+    start(backend, N_SHAPE)
+    a = attempt("a", "ta")
+    assert claim(backend, N_SHAPE, a).outcome == "ok"
+    assert finish(backend, N_SHAPE, a, grace_s=SHORT_LEASE_S).task_ids == {}  # c still waits for b
+    b = attempt("b", "tb")
+    assert claim(backend, N_SHAPE, b).outcome == "ok"
+    done = finish(backend, N_SHAPE, b, grace_s=SHORT_LEASE_S)
+    assert set(done.released) == {"c", "d"} == set(done.task_ids)
+    held = {step: keys.lease_member("run1", step, task) for step, task in done.task_ids.items()}
+
+    assert backend.wait_past(SHORT_LEASE_S, lambda: len(backend.store.expired_leases()) == 2)
+    assert sorted(backend.store.expired_leases()) == sorted(held.values())
+    # Nobody claimed c: it is sent again under the task id its lost message carried, and stays unclaimed.
+    got = backend.store.reclaim(held["c"], "t-new", LOST, grace_s=LONG_LEASE_S)
+    assert got == Reclaim("run1", "c", N_SHAPE.definition_hash, "1", done.task_ids["c"])
+    fields = step_fields(backend, "c")
+    assert (fields["status"], fields.get("task", ""), fields.get("errors")) == ("queued", "", None)
+    assert claim(backend, N_SHAPE, attempt("c", done.task_ids["c"])).outcome == "ok"
+    # d was claimed by its message meanwhile: the hold became its lease, and a live lease is left alone.
+    assert claim(backend, N_SHAPE, attempt("d", done.task_ids["d"])).outcome == "ok"
+    assert backend.store.reclaim(held["d"], "t-new", LOST, grace_s=LONG_LEASE_S) is None
+    assert backend.store.expired_leases() == []
+
+
+def test_a_dispatch_hold_sends_a_lost_root_again_until_a_worker_claims_it(backend: Backend) -> None:
+    start(backend, CHAIN)
+    backend.store.hold_dispatch("run1", {"a": "t1"}, SHORT_LEASE_S)
+    member = keys.lease_member("run1", "a", "t1")
+
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+    assert backend.store.reclaim(member, "t2", LOST, grace_s=SHORT_LEASE_S) == Reclaim(
+        "run1", "a", CHAIN.definition_hash, "1", "t1"
+    )
+    # Lost again: sent again, under the same task id.
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+    assert backend.store.reclaim(member, "t3", LOST, grace_s=LONG_LEASE_S) is not None
+    assert claim(backend, CHAIN, attempt("a", "t1")).outcome == "ok"
+    assert backend.store.reclaim(member, "t4", LOST, grace_s=LONG_LEASE_S) is None
+    assert step_fields(backend, "a")["status"] == "running"
+
+
+def test_a_dispatch_hold_of_a_step_claimed_under_another_task_id_is_dropped(backend: Backend) -> None:
+    start(backend, SINGLE)
+    backend.store.hold_dispatch("run1", {"a": "t-held"}, SHORT_LEASE_S)
+    assert claim(backend, SINGLE, attempt("a", "t-other")).outcome == "ok"
+    member = keys.lease_member("run1", "a", "t-held")
+
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+    assert backend.store.reclaim(member, "t-new", LOST, grace_s=LONG_LEASE_S) is None
+    assert backend.store.expired_leases() == []
+    assert step_fields(backend, "a")["task"] == "t-other"
+
+
 def test_reclaim_does_nothing_while_the_lease_is_live(backend: Backend) -> None:
     start(backend, SINGLE)
     at = attempt("a", "t1")

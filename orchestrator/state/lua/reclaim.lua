@@ -1,8 +1,10 @@
--- Recover a step whose message was lost: its lease ran out.
+-- Recover a step whose message was lost: its lease (or its dispatch hold) ran out.
 --   running: the worker died mid-attempt. Re-queue it under a new task id (the lost message, should the broker ever
 --            redeliver it, is then superseded) and record the loss as the attempt's error.
 --   queued:  a delayed retry or an earlier re-dispatch was lost with its worker. Send it again under the same task id
 --            (whichever copy arrives first runs; the other finds it taken), so a backlog cannot supersede itself.
+--            A step released but never claimed has no task yet: the expired entry is its dispatch hold, whose task id
+--            the lost message carried.
 -- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, expected_task, new_task, error_json, grace_s.
 -- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease} while the lease holds;
 -- {"skip"} when the attempt is finished, stale or not the expected one.
@@ -12,7 +14,8 @@ local p = 's:' .. step .. ':'
 local head = redis.call('HMGET', run, 'status', p .. 'status', p .. 'task', p .. 'lease', p .. 'errors', 'def_hash',
   'gen')
 local status = head[2]
-if head[1] ~= 'running' or head[3] ~= expected or (status ~= 'running' and status ~= 'queued') then
+local unclaimed = status == 'queued' and (not head[3] or head[3] == '')
+if head[1] ~= 'running' or (head[3] ~= expected and not unclaimed) or (status ~= 'running' and status ~= 'queued') then
   return {'skip'}
 end
 local t = redis.call('TIME')
