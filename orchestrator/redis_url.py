@@ -279,8 +279,22 @@ def async_client(url: str, **options: Any) -> aioredis.Redis:
         return aioredis.Redis.from_url(url, **options)
     parsed = parse_sentinel_url(url)
     manager = asentinel.Sentinel(parsed.sentinels, sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call]
-    master = manager.master_for(parsed.master_name, redis_class=aioredis.Redis, **parsed.master_kwargs(), **options)
+    master = manager.master_for(
+        parsed.master_name,
+        redis_class=aioredis.Redis,
+        connection_pool_class=_AsyncSentinelConnectionPool,
+        **parsed.master_kwargs(),
+        **options,
+    )
     return cast(aioredis.Redis, master)
+
+
+class _AsyncSentinelConnectionPool(asentinel.SentinelConnectionPool):
+    """Closes the connections to the Sentinels with its own (redis-py leaves them to the garbage collector)."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.sentinel_manager.aclose()
 
 
 def _sentinel(parsed: SentinelUrl) -> redis.sentinel.Sentinel:
