@@ -23,6 +23,7 @@ from orchestrator.redis_url import (
 )
 from orchestrator.settings import Settings
 from orchestrator.state import RedisStateStore
+from orchestrator.telemetry.cluster import ClusterCollector
 from orchestrator.telemetry.logs import REDACTED, Redactor
 
 PASSWORD = "m4ster/pa:ss@word"
@@ -249,3 +250,16 @@ def test_a_sentinel_password_option_is_redacted_by_pattern_even_when_the_environ
     line = "url redis+sentinel://h/m?sentinel_password=unknown-secret&sentinel_username=mon"
 
     assert Redactor().redact(line) == f"url redis+sentinel://h/m?sentinel_password={REDACTED}&sentinel_username=mon"
+
+
+def test_the_metrics_collector_reads_state_and_queue_depth_through_sentinel_without_connecting() -> None:
+    shared = ClusterCollector.from_settings(Settings.from_env({"REDIS_URL": URL}))
+    separate = ClusterCollector.from_settings(
+        Settings.from_env({"REDIS_URL": "redis://state:6379/0", "ORCH_BROKER_URL": "redis+sentinel://b:1/q/4"})
+    )
+
+    assert isinstance(shared.store.connection_pool, redis.sentinel.SentinelConnectionPool)
+    assert shared.broker is shared.store
+    assert separate.broker is not None
+    assert separate.broker.connection_pool.service_name == "q"
+    assert separate.broker.connection_pool.connection_kwargs["db"] == 4
