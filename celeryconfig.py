@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.redis_url import broker_connection
 from orchestrator.settings import Settings
 
 
 def from_settings(settings: Settings) -> dict[str, Any]:
-    """Celery configuration for ``settings``."""
+    """Celery configuration for ``settings``.
+
+    Raises:
+        RedisUrlError: The broker URL is a malformed Sentinel URL.
+    """
+    # A Sentinel URL becomes kombu's ``sentinel://`` URLs plus the master name (and TLS) in transport options.
+    broker = broker_connection(settings.effective_broker_url)
     return {
-        "broker_url": settings.effective_broker_url,
+        "broker_url": broker.url,
         # Step state and outputs live in the orchestrator's own Redis hashes; Celery results would only cost commands.
         "result_backend": None,
         "task_ignore_result": True,
@@ -27,7 +34,7 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # Long LLM calls: one message per process slot, so a slow step never hoards work another worker could do.
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s, **broker.transport_options},
         "broker_connection_retry_on_startup": True,
         # A Redis blip must not kill running LLM calls: their state transitions are guarded by generation and task
         # id, so a step that finishes after a reconnect records once, and a redelivered copy finds it taken.
@@ -39,4 +46,5 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
         "imports": list(settings.imports),
+        **({"broker_use_ssl": dict(broker.use_ssl)} if broker.use_ssl is not None else {}),
     }

@@ -18,6 +18,7 @@ from rich.table import Table
 from orchestrator.errors import OrchestratorError, StoreUnavailableError
 from orchestrator.files import load_workflow_file
 from orchestrator.inputs import parse_cli_inputs
+from orchestrator.redis_url import redact_url
 from orchestrator.registry import import_modules, workflows
 from orchestrator.settings import Settings
 from orchestrator.spec import WorkflowSpec
@@ -48,7 +49,7 @@ def _client(settings: Settings) -> Any:
     try:
         client.store.ping()
     except StoreUnavailableError:
-        where = settings.redis_url.rsplit("@", 1)[-1]
+        where = redact_url(settings.redis_url).rsplit("@", 1)[-1]
         _fail(f"Redis at {where} does not answer (set REDIS_URL to a reachable Redis)")
     return client
 

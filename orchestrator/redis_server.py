@@ -24,11 +24,12 @@ import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import redis
 
 from orchestrator.errors import StoreUnavailableError
+from orchestrator.redis_url import redact_url, sync_client, url_secrets
 from orchestrator.settings import DEFAULT_REDIS_URL
 
 __all__ = [
@@ -87,25 +88,9 @@ def _free_port() -> int:
         return port
 
 
-def _redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "<unparseable Redis URL>"
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port is not None else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def _ping(url: str, timeout: float) -> None:
     """Raise if the Redis at ``url`` does not answer PING within ``timeout`` seconds."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    client = sync_client(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         if not client.ping():
             raise redis.RedisError("PING was not answered with PONG")
@@ -390,10 +375,9 @@ def ensure_redis(url: str | None) -> tuple[str, RedisServer | None]:
             _ping(url, timeout=_PING_TIMEOUT)
         except (redis.RedisError, OSError, ValueError) as exc:
             detail = str(exc)
-            password = _password_of(url)
-            if password:
-                detail = detail.replace(password, "***")
-            raise StoreUnavailableError(f"Redis at {_redact_url(url)} does not answer: {detail}") from None
+            for secret in url_secrets(url):
+                detail = detail.replace(secret, "***")
+            raise StoreUnavailableError(f"Redis at {redact_url(url)} does not answer: {detail}") from None
         return url, None
     try:
         _ping(DEFAULT_REDIS_URL, timeout=_PING_TIMEOUT)
@@ -402,13 +386,6 @@ def ensure_redis(url: str | None) -> tuple[str, RedisServer | None]:
         server.start()
         return server.url, server
     return DEFAULT_REDIS_URL, None
-
-
-def _password_of(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
 
 
 @contextlib.contextmanager

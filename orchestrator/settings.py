@@ -9,6 +9,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from orchestrator.redis_url import is_sentinel_url, parse_sentinel_url
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -21,8 +23,11 @@ class Settings:
     """Everything configurable, with its environment variable.
 
     Attributes:
-        redis_url: ``REDIS_URL``: state store, broker and result backend (password/TLS go in the URL).
-        broker_url: ``ORCH_BROKER_URL``: a different broker (e.g. RabbitMQ), defaults to ``redis_url``.
+        redis_url: ``REDIS_URL``: state store, broker and result backend (password/TLS go in the URL);
+            ``redis+sentinel://HOST:26379[,HOST:26379]/MASTER_NAME[/DB]`` finds the master through Sentinel
+            (the form is in ``orchestrator.redis_url``).
+        broker_url: ``ORCH_BROKER_URL``: a different broker (e.g. RabbitMQ, or Redis through Sentinel), defaults to
+            ``redis_url``.
         anthropic_api_key: ``ANTHROPIC_API_KEY``; when absent LLM steps use the offline provider.
         anthropic_base_url: ``ANTHROPIC_BASE_URL``: another Messages API endpoint.
         imports: ``ORCH_IMPORTS``: comma-separated modules defining workflows and functions, imported by
@@ -88,9 +93,19 @@ class Settings:
     llm_shared_cooldown: bool = True
     redis_url_explicit: bool = field(default=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # A typo in a Sentinel URL fails at start with its cause, not at the first connection.
+        for url in (self.redis_url, self.broker_url):
+            if url is not None and is_sentinel_url(url):
+                parse_sentinel_url(url)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read settings from ``environ`` (default ``os.environ``)."""
+        """Read settings from ``environ`` (default ``os.environ``).
+
+        Raises:
+            ValueError: A number that does not parse, or a malformed Sentinel URL (``RedisUrlError``).
+        """
         env = os.environ if environ is None else environ
         names = {
             "redis_url": "REDIS_URL",

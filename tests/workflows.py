@@ -9,10 +9,11 @@ from typing import Any
 import redis
 
 from orchestrator import LLMStep, NoopStep, StepContext, Workflow, function
+from orchestrator.redis_url import sync_client
 
 
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(os.environ["REDIS_URL"])
+    return sync_client(os.environ["REDIS_URL"])
 
 
 @function("tests.sleep")

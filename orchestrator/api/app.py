@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -31,6 +30,7 @@ from orchestrator.errors import (
     StoreUnavailableError,
     WorkflowDefinitionError,
 )
+from orchestrator.redis_url import async_client, sync_client
 from orchestrator.settings import Settings
 from orchestrator.web import router as web_router
 
@@ -77,7 +77,7 @@ def create_app(
         client = Client(settings)
     streams = streams or StreamLimits()
     metrics = ApiMetrics()
-    aredis = aioredis.Redis.from_url(
+    aredis = async_client(
         settings.redis_url, socket_connect_timeout=5, socket_timeout=streams.block_ms / 1000 + 10,
         health_check_interval=30, max_connections=streams.redis_connections,
     )  # fmt: skip
@@ -86,9 +86,7 @@ def create_app(
         client=client,
         auth=auth,
         metrics=metrics,
-        redis=redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30
-        ),
+        redis=sync_client(settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30),
         aredis=aredis,
         hubs=EventHubs(aredis, block_ms=streams.block_ms, batch=streams.read_batch, on_change=metrics.hubs.set),
         streams=streams,

@@ -17,6 +17,7 @@ from redis.commands.core import Script
 
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.events import Event
+from orchestrator.redis_url import blocking_pool
 from orchestrator.spec import WorkflowSpec, parse_workflow
 from orchestrator.state import keys
 from orchestrator.state.base import (
@@ -88,13 +89,17 @@ class RedisStateStore:
 
     @classmethod
     def from_url(cls, url: str, *, max_connections: int = MAX_CONNECTIONS, **kwargs: Any) -> RedisStateStore:
-        """Connect to ``url`` (``redis://`` or ``rediss://``, password in the URL).
+        """Connect to ``url`` (``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``, password in the URL).
 
         The connections are a blocking pool: a thread that finds all ``max_connections`` in use waits for one.
         redis-py's default pool instead fails the command with ``Too many connections`` once 100 are in use: a
-        threads worker with ``-c`` above about 100 got that on claims and finishes under load.
+        threads worker with ``-c`` above about 100 got that on claims and finishes under load. Through Sentinel, each
+        new connection goes to the master the Sentinels name at that moment.
+
+        Raises:
+            RedisUrlError: A malformed Sentinel URL.
         """
-        pool = redis.BlockingConnectionPool.from_url(
+        pool = blocking_pool(
             url,
             max_connections=max_connections,
             timeout=CONNECTION_WAIT_S,

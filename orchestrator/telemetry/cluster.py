@@ -23,6 +23,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from orchestrator.redis_url import SENTINEL_SCHEMES, sync_client
 from orchestrator.settings import Settings
 from orchestrator.state import keys
 
@@ -36,7 +37,7 @@ IN_FLIGHT_STATUSES = ("pending", "running", "waiting")
 # Kombu's Redis transport keeps priority 0 in the queue's own list and the others in lists named QUEUE\x06\x16N.
 _PRIORITY_SEPARATOR = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", *SENTINEL_SCHEMES})
 _SOCKET_TIMEOUT_S = 5.0
 
 
@@ -66,7 +67,7 @@ class ClusterCollector(Collector):
     @classmethod
     def from_settings(cls, settings: Settings, *, run_scan: int = DEFAULT_RUN_SCAN) -> ClusterCollector:
         """A collector on the settings' Redis and broker, with short timeouts so a scrape never hangs long."""
-        store = redis.Redis.from_url(
+        store = sync_client(
             settings.redis_url, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S
         )
         broker_url = settings.effective_broker_url
@@ -140,7 +141,7 @@ def _redis_broker(url: str) -> redis.Redis | None:
     first = url.split(";", 1)[0].strip()
     if urlsplit(first).scheme not in _REDIS_SCHEMES:
         return None
-    return redis.Redis.from_url(first, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S)
+    return sync_client(first, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S)
 
 
 def _text(value: object) -> str:

@@ -26,12 +26,13 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.redis_url import url_secrets
 
 if TYPE_CHECKING:
     from orchestrator.telemetry import AttemptInfo
@@ -69,7 +70,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(rf"(?i)\b(bearer\s+){_VALUE}"), rf"\g<1>{REDACTED}"),
     (re.compile(rf"(?i)(x-api-key[\"']?\s*[:=]\s*[\"']?){_VALUE}"), rf"\g<1>{REDACTED}"),
     (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@\"']*:)[^\s/@\"']+@"), rf"\g<1>{REDACTED}@"),
-    (re.compile(rf"(?i)([?&](?:token|access_token|api_key|apikey|password)=){_VALUE}"), rf"\g<1>{REDACTED}"),
+    (re.compile(rf"(?i)([?&](?:token|access_token|api_key|apikey|\w*password)=){_VALUE}"), rf"\g<1>{REDACTED}"),
     # Last, so a key already hidden as a header value is not matched again.
     (re.compile(r"sk-ant-[A-Za-z0-9_\-]+"), f"sk-ant-{REDACTED}"),
 )
@@ -270,15 +271,8 @@ def _api_tokens(raw: str) -> list[str]:
 
 
 def _url_passwords(raw: str) -> list[str]:
-    found: list[str] = []
-    for url in raw.split(";"):
-        try:
-            password = urlsplit(url.strip()).password
-        except ValueError:
-            continue
-        if password:
-            found += [password, unquote(password)]
-    return found
+    # Kombu accepts several broker URLs separated by ';'.
+    return [secret for url in raw.split(";") for secret in url_secrets(url.strip())]
 
 
 def _header_values(raw: str) -> list[str]:
