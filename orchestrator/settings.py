@@ -38,6 +38,8 @@ class Settings:
         sweep_interval_s: ``ORCH_SWEEP_INTERVAL_S``: how often workers look for expired leases and deadlines.
         queued_grace_s: ``ORCH_QUEUED_GRACE_S``: how long a delayed retry or a re-dispatched step may wait in the
             queue before the sweeper sends it again (a copy that arrives late finds the step taken).
+        outage_patience_s: ``ORCH_OUTAGE_PATIENCE_S``: how long a step task waits for Redis or the broker to answer
+            before it gives up a state transition or a publish (the step's lease then lets the sweeper take over).
         visibility_timeout_s: ``ORCH_VISIBILITY_TIMEOUT_S``: Redis broker visibility timeout; longer than any
             retry countdown or LLM call so Redis itself never redelivers a message that is still being worked.
         max_input_bytes: ``ORCH_MAX_INPUT_BYTES``: cap on a run's serialized inputs.
@@ -74,6 +76,7 @@ class Settings:
     lease_s: float = 15.0
     sweep_interval_s: float = 5.0
     queued_grace_s: float = 300.0
+    outage_patience_s: float = 300.0
     visibility_timeout_s: int = 6 * 3600
     max_input_bytes: int = 256 * 1024
     max_output_bytes: int = 1024 * 1024
@@ -117,6 +120,7 @@ class Settings:
             "lease_s": "ORCH_LEASE_S",
             "sweep_interval_s": "ORCH_SWEEP_INTERVAL_S",
             "queued_grace_s": "ORCH_QUEUED_GRACE_S",
+            "outage_patience_s": "ORCH_OUTAGE_PATIENCE_S",
             "visibility_timeout_s": "ORCH_VISIBILITY_TIMEOUT_S",
             "max_input_bytes": "ORCH_MAX_INPUT_BYTES",
             "max_output_bytes": "ORCH_MAX_OUTPUT_BYTES",

@@ -47,9 +47,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Redis (the state store and the broker) not answering, or still loading its data after a restart.
-OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
-OUTAGE_PATIENCE_S = 300.0
-"""How long a step task waits for Redis to come back before it gives up a transition (and the sweeper takes over)."""
+OUTAGE_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    # A master demoted behind a proxy or a managed endpoint answers READONLY until the address moves to the new one.
+    redis.exceptions.ReadOnlyError,
+    kombu.exceptions.OperationalError,
+)
 
 
 class StepTask(Task[Any, Any]):
@@ -137,7 +141,7 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str, delivery: dict[
         RetryableStepError: With ``countdown`` set, for Celery's autoretry to schedule the next attempt.
     """
     try:
-        spec = _outlast(f"{attempt}: load its definition", lambda: rt.store.load_definition(definition_hash))
+        spec = _outlast(rt, f"{attempt}: load its definition", lambda: rt.store.load_definition(definition_hash))
     except RunNotFoundError:
         log.warning("dropping %s: no definition %s is stored (it expired, or was never submitted)",
                     attempt, definition_hash)  # fmt: skip
@@ -149,13 +153,13 @@ def execute(rt: Runtime, attempt: Attempt, definition_hash: str, delivery: dict[
     upstream = upstream_reads(spec, attempt.step)
     # A claim lost to an outage would leave the step queued with no message: wait for Redis instead. Repeating it
     # after a lost reply is safe: the step is then ours and running ("busy", "own"), and its lease recovers it.
-    claim = _outlast(f"{attempt}: claim", lambda: rt.store.claim(attempt, lease_s=rt.settings.lease_s,
+    claim = _outlast(rt, f"{attempt}: claim", lambda: rt.store.claim(attempt, lease_s=rt.settings.lease_s,
                                                                   upstream=upstream, children=children))  # fmt: skip
     if claim.outcome == "done":
         if claim.unclaimed_children:
             # A redelivery after the finishing worker died between recording and publishing: publish again
             # (a duplicate message is dropped by the claim, so this is safe).
-            _outlast(f"{attempt}: publish", lambda: _dispatch(rt, spec, attempt, claim.unclaimed_children))
+            _outlast(rt, f"{attempt}: publish", lambda: _dispatch(rt, spec, attempt, claim.unclaimed_children))
         return f"duplicate delivery of finished step ({claim.detail})"
     if claim.outcome == "inactive" and claim.detail == "deadline":
         # Past the workflow deadline: time the run out now rather than wait for the next sweep.
@@ -215,7 +219,7 @@ def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim
         # Not a failure: the attempt is given back and the message waits in the broker, holding no worker slot.
         wait = exc.countdown or 0.0
         record = exc.to_record()
-        if not _outlast(f"{attempt}: defer", lambda: rt.store.defer(attempt, record, countdown_s=wait,
+        if not _outlast(rt, f"{attempt}: defer", lambda: rt.store.defer(attempt, record, countdown_s=wait,
                                                                       grace_s=rt.settings.queued_grace_s)):  # fmt: skip
             return "stale attempt: not deferred"
         scope.finish("deferred", exc.reason)
@@ -226,7 +230,7 @@ def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim
         if not should_retry(step.retry, claim.attempt, exc.kind):
             return _finish(rt, spec, attempt, StepOutcome.FAILED, scope, error=error)
         countdown = exc.countdown = retry_delay(step.retry, claim.attempt, exc.retry_after, rt.settings.retry_cap_s)
-        if not _outlast(f"{attempt}: retry", lambda: rt.store.retry(attempt, error, countdown_s=countdown,
+        if not _outlast(rt, f"{attempt}: retry", lambda: rt.store.retry(attempt, error, countdown_s=countdown,
                                                                       grace_s=rt.settings.queued_grace_s)):  # fmt: skip
             return "stale attempt: not retried"
         scope.finish("retry", exc.kind)
@@ -254,7 +258,7 @@ def _wait_for_decision(rt: Runtime, params: ApprovalParams, attempt: Attempt, ct
     # The task ends here: a human decision can take days, and no worker slot is held meanwhile.
     message = render(params.message, ctx.template_context()) if params.message else None
     data = {"approvers": list(params.approvers), "message": message, "timeout_s": params.timeout_s}
-    if not _outlast(f"{attempt}: wait", lambda: rt.store.wait_for_decision(attempt, data, params.timeout_s)):
+    if not _outlast(rt, f"{attempt}: wait", lambda: rt.store.wait_for_decision(attempt, data, params.timeout_s)):
         return "stale attempt: not parked"
     return "waiting for a decision"
 
@@ -289,22 +293,27 @@ def _finish(
             interrupted = True
             raise
 
-    recorded = _outlast(f"{attempt}: record {outcome.value}", record)
+    recorded = _outlast(rt, f"{attempt}: record {outcome.value}", record)
     if interrupted and not recorded:
         # The outage may have hidden our own finish: applied, but its reply or the children's publish lost, so the
         # repeat was refused as stale. Claiming again tells, as for a redelivered message: a finished step's
         # released children that no message has claimed are published again (duplicates are dropped by the claim).
         children = spec.graph.children[attempt.step]
-        claim = _outlast(f"{attempt}: check", lambda: rt.store.claim(attempt, lease_s=rt.settings.lease_s,
+        claim = _outlast(rt, f"{attempt}: check", lambda: rt.store.claim(attempt, lease_s=rt.settings.lease_s,
                                                                       upstream=(), children=children))  # fmt: skip
         if claim.outcome == "done" and claim.unclaimed_children:
-            _outlast(f"{attempt}: publish", lambda: _dispatch(rt, spec, attempt, claim.unclaimed_children))
+            _outlast(rt, f"{attempt}: publish", lambda: _dispatch(rt, spec, attempt, claim.unclaimed_children))
     error = details.get("error")
     scope.finish(outcome.value if recorded else "stale", error.get("type") if error else None)
     return outcome.value if recorded else "stale attempt: not recorded"
 
 
-def _outlast(what: str, call: Callable[[], T], patience_s: float = OUTAGE_PATIENCE_S) -> T:
+def _outlast(rt: Runtime, what: str, call: Callable[[], T]) -> T:
+    """:func:`outlast` for up to the ``ORCH_OUTAGE_PATIENCE_S`` setting."""
+    return outlast(what, call, patience_s=rt.settings.outage_patience_s)
+
+
+def outlast(what: str, call: Callable[[], T], *, patience_s: float) -> T:
     """``call()``, repeated while Redis (or the broker) does not answer, for up to ``patience_s``.
 
     A transition given up half way strands a step: a claim that fails leaves it queued with its message already

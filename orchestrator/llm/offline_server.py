@@ -19,6 +19,7 @@ import json
 import math
 import select
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -54,6 +55,16 @@ class _Bucket:
             return (1 - self.level) * 60 / self.rpm
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A caller that dies mid-request (a SIGKILLed worker) resets its connection: expected, not worth a traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 class OfflineAPIServer:
     """A threaded HTTP server answering ``POST /v1/messages`` offline.
 
@@ -71,8 +82,7 @@ class OfflineAPIServer:
         self.rate_limited = 0
         self.requests = 0
         self.undelivered = 0
-        self._httpd = ThreadingHTTPServer((host, port), self._handler())
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer((host, port), self._handler())
         self._thread: threading.Thread | None = None
 
     @property

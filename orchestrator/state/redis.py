@@ -111,6 +111,8 @@ class RedisStateStore:
 
     def _evalsha(self, pipe: Pipeline, script: str, run_id: str, argv: list[Any]) -> Any:
         run_keys = _run_keys(run_id)
+        if script == "finish":
+            run_keys.append(keys.llm_run_cache_key(run_id))
         return pipe.evalsha(self._scripts[script].sha, len(run_keys), *run_keys, *argv)
 
     def _pipeline(self, *commands: Callable[[Pipeline], Any]) -> list[Any]:

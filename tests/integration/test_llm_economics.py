@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator import Client
 from orchestrator.local_workers import LocalWorkers
+from orchestrator.state import keys
 from tests.integration.helpers import llm, py, ts, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -127,6 +128,19 @@ def test_an_identical_request_in_a_run_is_paid_once_and_resume_from_asks_again(
     assert again["status"] == "succeeded"
     assert again["llm_calls"] == 2, "resume --from asks the model again"
     assert "reply_cached" not in again["steps"]["b"]["output"]
+
+
+def test_a_succeeded_run_drops_its_reply_cache_and_a_failed_one_keeps_it_for_resume(
+    client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    succeeded = client.wait(client.submit(workflow(f"drop_{unique}", llm("a"))), timeout=60)
+    failed = client.wait(client.submit(workflow(f"keep_{unique}", llm("a"), py("b", "tests.fail", "a"))), timeout=60)
+
+    assert (succeeded["status"], failed["status"]) == ("succeeded", "failed")
+    redis_client = client.store.client  # type: ignore[attr-defined]
+    assert redis_client.exists(keys.llm_run_cache_key(succeeded["run_id"])) == 0
+    assert redis_client.hlen(keys.llm_run_cache_key(failed["run_id"])) == 1
+    assert redis_client.ttl(keys.llm_run_cache_key(failed["run_id"])) > 0
 
 
 def test_replies_are_shared_across_runs_only_when_opted_in(client: Client, workers: LocalWorkers, unique: str) -> None:

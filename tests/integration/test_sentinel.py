@@ -27,7 +27,7 @@ from orchestrator.redis_server import find_redis_server
 from orchestrator.state import RedisStateStore, keys
 from tests.conftest import ARTIFACTS, IN_CI, WORKER_ENV
 from tests.integration.helpers import llm, py, wait_for, workflow
-from workers.tasks import OUTAGE_ERRORS, _outlast
+from workers.tasks import OUTAGE_ERRORS, outlast
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -255,7 +255,7 @@ def test_a_demoted_masters_readonly_reaches_the_workers_as_an_outage_they_wait_o
 
     answers = iter([("127.0.0.1", demoted)] * 5)
     pool.sentinel_manager.discover_master = _first_then(answers, real)
-    assert _outlast("test write", lambda: store.client.set("orch:test:readonly", "2"), patience_s=30)
+    assert outlast("test write", lambda: store.client.set("orch:test:readonly", "2"), patience_s=30)
     assert redis.Redis(port=group.master).get("orch:test:readonly") == b"2"
     assert next(answers, None) is None, "the demoted master was tried first"
 

@@ -99,3 +99,19 @@ def test_the_instruction_is_the_marker_followed_by_the_schema() -> None:
 
     assert marker_line == STRUCTURED_OUTPUT_MARKER
     assert json.loads(schema_text) == SCHEMA
+
+
+def test_a_schema_is_checked_and_compiled_once_however_many_replies_it_validates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from jsonschema import Draft202012Validator
+
+    checks: list[object] = []
+    original = Draft202012Validator.check_schema
+    monkeypatch.setattr(Draft202012Validator, "check_schema", lambda schema: checks.append(schema) or original(schema))
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 7}}, "required": ["n"]}
+
+    assert [parse_structured(f'{{"n": {n}}}', schema) for n in (7, 8, 9)] == [{"n": 7}, {"n": 8}, {"n": 9}]
+    with pytest.raises(NonRetryableStepError, match="minimum"):
+        parse_structured('{"n": 1}', dict(reversed(list(schema.items()))))  # the same schema, keys in another order
+    assert len(checks) == 1

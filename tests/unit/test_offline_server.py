@@ -32,3 +32,20 @@ def test_replies_match_the_in_process_provider() -> None:
     with serve_offline_api() as server, AnthropicClient(api_key="k", base_url=server.base_url) as client:
         over_http = client.complete(request)
     assert over_http.text == OfflineClient().complete(request).text
+
+
+def test_a_caller_that_resets_its_connection_prints_no_traceback_but_a_real_error_does(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with serve_offline_api() as server:
+        httpd = server._httpd
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            httpd.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a bug in the handler")
+        except ValueError:
+            httpd.handle_error(None, ("127.0.0.1", 1))
+        assert "ValueError: a bug in the handler" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 -- Record a step's final outcome, release its children, and close the run when nothing is left.
--- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, generation, task_id, outcome, output_json ('' keeps the stored output: a cache hit),
+-- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the run's LLM reply cache (dropped when the run succeeds: no
+-- step will ask again; a failed run keeps it, so a resume pays for no reply twice). ARGV: step, generation, task_id, outcome, output_json ('' keeps the stored output: a cache hit),
 -- error_json, retention_s, cache_key, cached ('1' or ''), success_detail_json ('' for none), children...
 -- Returns {"stale"} or {"ok", run_status_or_empty, released_child...}.
 local run, events = KEYS[1], KEYS[2]
@@ -61,6 +62,7 @@ if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
   emit(run, events, now, 'run_' .. status, '', 0, '')
   redis.call('EXPIRE', run, retention)
   redis.call('EXPIRE', events, retention)
+  if status == 'succeeded' then redis.call('DEL', KEYS[3]) end
   out[2] = status
 end
 emitted(run)
