@@ -171,6 +171,7 @@ class ChaosReport:
     attempts: int = 0
     steps_rerun: int = 0
     steps_lost: int = 0
+    steps_resent: int = 0
 
     @property
     def in_flight_bound(self) -> int:
@@ -369,6 +370,10 @@ def _check_runs(client: Client, run_ids: list[str], report: ChaosReport) -> None
         events = client.store.events(run_id)
         successes = _successes(events)
         report.steps_lost += sum(1 for e in events if e.type == EventType.STEP_LOST)
+        # Sent again by the sweeper while still queued: a message lost before any worker claimed it.
+        report.steps_resent += sum(
+            1 for e in events if e.type == EventType.STEP_QUEUED and (e.data or {}).get("resent")
+        )
         for (step, generation), count in successes.items():
             if count > 1:
                 report.duplicate_successes.append((run_id, step, generation, count))
@@ -396,7 +401,7 @@ def print_report(report: ChaosReport, config: ChaosConfig) -> None:
     print(f"workers: {config.workers} x {config.concurrency} slots; {report.kills} SIGKILLs of a whole worker "
           f"(about one every {config.kill_every:g} s)")  # fmt: skip
     print(f"steps: {report.steps}, attempts {report.attempts}, re-run after a loss {report.steps_rerun}, "
-          f"step_lost events {report.steps_lost}")  # fmt: skip
+          f"step_lost events {report.steps_lost}, queued steps sent again {report.steps_resent}")  # fmt: skip
     print(f"outputs recorded more than once: {len(report.duplicate_successes)}; "
           f"steps of succeeded runs without a success event: {len(report.missing_successes)}")  # fmt: skip
     print(f"paid LLM calls: {report.paid_calls} for {report.needed_calls} needed "
