@@ -15,13 +15,17 @@ functions::
 
 At most ``--parallel`` runs are in flight at once. Every ``--kill-every`` seconds (±50 %), a random worker is
 SIGKILLed, main process and pool children together, as an OOM kill or a lost machine would, and a new one is
-started in its place. The report checks:
+started in its place; a worker that exits on its own is restarted too. With ``--redis-kill-every``, Redis itself
+(append-only file, synced on every write, as in compose) is SIGKILLed as often and started again ``--redis-down``
+seconds later, while the driver keeps submitting (a submit cut off by the outage is made again under the same
+idempotency key). The report checks:
 
 - every run succeeded, and none stalled (no event for ``--stall-timeout`` seconds);
 - every step's output was recorded exactly once: one ``step_succeeded`` per step and generation in each run's
   event stream;
 - paid LLM calls against needed ones (distinct requests): every needed request billed, and the extra calls no more
-  than the calls that can have been in flight in the killed workers (kills x slots). A worker killed mid-call has
+  than the calls that can have been cut off (worker kills x slots, plus every slot for each Redis kill: a reply that
+  arrives while Redis is down cannot be stored). A worker killed mid-call has
   been billed for it, as by a real provider; a reply that reached a worker is stored before anything else, so it
   is never paid for again.
 
@@ -29,6 +33,7 @@ It exits 1 when any check fails::
 
     python scripts/chaos.py              # 1,000 runs
     python scripts/chaos.py --runs 50    # a smoke run, about a minute
+    python scripts/chaos.py --redis-kill-every 15   # Redis SIGKILLed too, about every 15 s
 
 Workers import this file as the module ``chaos`` (``ORCH_IMPORTS=chaos``) for its two step functions.
 """
@@ -36,9 +41,12 @@ Workers import this file as the module ``chaos`` (``ORCH_IMPORTS=chaos``) for it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -54,10 +62,12 @@ for _path in (str(REPO_ROOT), str(SCRIPTS_DIR)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+import kombu.exceptions  # noqa: E402
 import redis  # noqa: E402
 from celery import Celery  # noqa: E402
 
 from orchestrator import Client, Settings, StepContext, function  # noqa: E402
+from orchestrator.errors import StoreUnavailableError  # noqa: E402
 from orchestrator.events import Event, EventType  # noqa: E402
 from orchestrator.llm.offline_server import OfflineAPIServer  # noqa: E402
 from orchestrator.local_workers import LocalWorkers  # noqa: E402
@@ -132,6 +142,9 @@ class ChaosConfig:
         lease_s, sweep_interval_s, queued_grace_s: The workers' ``ORCH_LEASE_S``, ``ORCH_SWEEP_INTERVAL_S`` and
             ``ORCH_QUEUED_GRACE_S``: short, so a lost step is noticed in seconds.
         log_dir: Where worker logs go (default: discarded).
+        redis_kill_every: Mean seconds between SIGKILLs of the Redis server itself (jittered as for workers); 0 (the
+            default) kills none. Needs the server, started with an append-only file synced on every write.
+        redis_down_s: How long Redis stays down after each kill before it is started again from its AOF.
     """
 
     runs: int = 1000
@@ -146,6 +159,8 @@ class ChaosConfig:
     sweep_interval_s: float = 0.5
     queued_grace_s: float = 5.0
     log_dir: Path | None = None
+    redis_kill_every: float = 0.0
+    redis_down_s: float = 2.0
 
 
 @dataclass
@@ -172,11 +187,17 @@ class ChaosReport:
     steps_rerun: int = 0
     steps_lost: int = 0
     steps_resent: int = 0
+    workers_alive: int = 0
+    redis_kills: int = 0
+    worker_exits: int = 0
 
     @property
     def in_flight_bound(self) -> int:
-        """The most LLM calls that can have been in flight in the killed workers: one per slot per kill."""
-        return self.kills * self.slots_per_worker
+        """The most LLM calls that can have been cut off: one per slot per worker kill, every slot per Redis kill.
+
+        A call whose reply arrives while Redis is down cannot be stored, so the attempt is re-run and pays again.
+        """
+        return (self.kills + self.redis_kills * self.workers_alive) * self.slots_per_worker
 
     @property
     def extra_paid_calls(self) -> int:
@@ -201,7 +222,7 @@ class ChaosReport:
             out.append(f"{self.distinct_paid_requests} distinct requests paid for, {self.needed_calls} needed")
         if self.extra_paid_calls > self.in_flight_bound:
             out.append(f"{self.extra_paid_calls} extra paid calls, more than the {self.in_flight_bound} "
-                       "that can have been in flight in the killed workers")  # fmt: skip
+                       "that can have been cut off by the kills")  # fmt: skip
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -211,7 +232,13 @@ class ChaosReport:
 
 
 class _Killer(threading.Thread):
-    """SIGKILLs a random worker every ``every`` seconds (jittered) and starts a new one in its place."""
+    """SIGKILLs a random worker every ``every`` seconds (jittered; 0: never) and starts a new one in its place.
+
+    It also restarts a worker that exited on its own, as compose's ``restart: unless-stopped`` would (Celery's Redis
+    transport can exit a worker when its broker connection is cut at the wrong moment); ``exits`` counts those.
+    """
+
+    TICK_S = 0.5
 
     def __init__(self, pool: LocalWorkers, every: float, rng: random.Random) -> None:
         super().__init__(name="chaos-killer", daemon=True)
@@ -219,6 +246,7 @@ class _Killer(threading.Thread):
         self.every = every
         self.rng = rng
         self.kills = 0
+        self.exits = 0
         self.kill_times: list[float] = []
         self.error: str | None = None
         self._stop_event = threading.Event()
@@ -226,16 +254,65 @@ class _Killer(threading.Thread):
 
     def run(self) -> None:
         try:
+            due = self._next_kill()
+            while not self._stop_event.wait(self.TICK_S):
+                for name, process in list(self.pool.processes.items()):
+                    if process.poll() is not None:
+                        del self.pool.processes[name]
+                        self.exits += 1
+                        self._replace()
+                if time.monotonic() >= due:
+                    victim = self.rng.choice(sorted(self.pool.processes))
+                    self.pool.kill(victim)
+                    self.kill_times.append(time.time())
+                    del self.pool.processes[victim]
+                    self.kills += 1
+                    self._replace()
+                    due = self._next_kill()
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def _next_kill(self) -> float:
+        return time.monotonic() + self.every * self.rng.uniform(0.5, 1.5) if self.every > 0 else float("inf")
+
+    def _replace(self) -> None:
+        # Distinct node names: a name reused while the dead one is still in the broker's memory confuses pings.
+        replacement = self.pool.start_one(self._next_index)
+        self._next_index += 1
+        # It may exit while starting, or Redis may be down: the next tick sees to it.
+        with contextlib.suppress(RuntimeError, OSError, redis.RedisError, kombu.exceptions.OperationalError):
+            self.pool.wait_ready([replacement], timeout=120)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+
+
+class _RedisKiller(threading.Thread):
+    """SIGKILLs the Redis server every ``every`` seconds (jittered); starts it again from its AOF ``down_s`` later."""
+
+    def __init__(self, server: RedisServer, every: float, down_s: float, rng: random.Random) -> None:
+        super().__init__(name="chaos-redis-killer", daemon=True)
+        self.server = server
+        self.every = every
+        self.down_s = down_s
+        self.rng = rng
+        self.kills = 0
+        self.error: str | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
             while not self._stop_event.wait(self.every * self.rng.uniform(0.5, 1.5)):
-                victim = self.rng.choice(sorted(self.pool.processes))
-                self.pool.kill(victim)
-                self.kill_times.append(time.time())
-                del self.pool.processes[victim]
+                pid = self.server.pid
+                if pid is None:
+                    raise RuntimeError("redis-server exited on its own")
+                os.kill(pid, signal.SIGKILL)
                 self.kills += 1
-                # Distinct node names: a name reused while the dead one is still in the broker's memory confuses pings.
-                replacement = self.pool.start_one(self._next_index)
-                self._next_index += 1
-                self.pool.wait_ready([replacement], timeout=120)
+                # The outage itself: Redis stays down this long (a wait by design, not a synchronisation).
+                self._stop_event.wait(self.down_s)
+                self.server.start()
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
 
@@ -243,6 +320,8 @@ class _Killer(threading.Thread):
         self._stop_event.set()
         if self.is_alive():
             self.join()
+        if self.server.pid is None:
+            self.server.start()
 
 
 def worker_env(config: ChaosConfig, redis_url: str, provider_url: str) -> dict[str, str]:
@@ -260,8 +339,16 @@ def worker_env(config: ChaosConfig, redis_url: str, provider_url: str) -> dict[s
     }
 
 
-def run_chaos(config: ChaosConfig, redis_url: str, *, progress: bool = False) -> ChaosReport:
-    """Run a chaos session on the (empty, private) Redis at ``redis_url`` and check what it left behind."""
+def run_chaos(
+    config: ChaosConfig, redis_url: str, *, server: RedisServer | None = None, progress: bool = False
+) -> ChaosReport:
+    """Run a chaos session on the (empty, private) Redis at ``redis_url`` and check what it left behind.
+
+    Raises:
+        ValueError: ``redis_kill_every`` without the ``server`` to kill.
+    """
+    if config.redis_kill_every > 0 and server is None:
+        raise ValueError("killing Redis needs the RedisServer it runs as")
     rng = random.Random(config.seed)
     client = Client(Settings.from_env({"REDIS_URL": redis_url}))
     with ExitStack() as stack:
@@ -276,16 +363,26 @@ def run_chaos(config: ChaosConfig, redis_url: str, *, progress: bool = False) ->
         stack.callback(pool.stop)
         pool.start(timeout=120)
         killer = _Killer(pool, config.kill_every, random.Random(config.seed + 1))
-        if config.kill_every > 0:
-            killer.start()
+        killer.start()
         stack.callback(killer.stop)
+        redis_killer = None
+        if server is not None and config.redis_kill_every > 0:
+            redis_killer = _RedisKiller(server, config.redis_kill_every, config.redis_down_s,
+                                        random.Random(config.seed + 2))  # fmt: skip
+            redis_killer.start()
+            stack.callback(redis_killer.stop)
         started = time.monotonic()
-        run_ids, stuck = _drive(client, config, rng, progress=progress, killer=killer)
+        run_ids, stuck = _drive(client, config, rng, progress=progress, killer=killer, redis_killer=redis_killer)
         seconds = time.monotonic() - started
+        if redis_killer is not None:
+            redis_killer.stop()
         killer.stop()
         stats = provider.stats()
+    errors = [e for e in (killer.error, redis_killer and redis_killer.error) if e]
     report = ChaosReport(runs=config.runs, seconds=round(seconds, 2), succeeded=0, kills=killer.kills,
-                         slots_per_worker=config.concurrency, killer_error=killer.error, stuck=stuck)  # fmt: skip
+                         slots_per_worker=config.concurrency, killer_error="; ".join(errors) or None, stuck=stuck,
+                         workers_alive=config.workers, redis_kills=redis_killer.kills if redis_killer else 0,
+                         worker_exits=killer.exits)  # fmt: skip
     _check_runs(client, run_ids, report)
     report.needed_calls = config.runs * len(LLM_STEPS)
     report.paid_calls = stats["billed"]
@@ -295,38 +392,60 @@ def run_chaos(config: ChaosConfig, redis_url: str, *, progress: bool = False) ->
     return report
 
 
+# What the driver waits out while Redis is down: it submits again with the same idempotency key, and polls again.
+_OUTAGE = (StoreUnavailableError, redis.RedisError, kombu.exceptions.OperationalError)
+
+
 def _drive(
-    client: Client, config: ChaosConfig, rng: random.Random, *, progress: bool, killer: _Killer
+    client: Client,
+    config: ChaosConfig,
+    rng: random.Random,
+    *,
+    progress: bool,
+    killer: _Killer,
+    redis_killer: _RedisKiller | None = None,
 ) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """Keep ``parallel`` runs going until ``runs`` have ended (or stalled); returns every run id and the stuck ones."""
     run_ids: list[str] = []
+    specs: list[dict[str, Any]] = []
     in_flight: dict[str, tuple[int, float]] = {}  # run id -> (last seq seen, when it last moved)
     stuck: dict[str, dict[str, Any]] = {}
     ended = 0
     last_print = time.monotonic()
     while len(run_ids) < config.runs or in_flight:
-        while len(run_ids) < config.runs and len(in_flight) < config.parallel:
-            n = len(run_ids)
-            run_id = client.submit(workflow(n, rng, config.latency), {"topic": f"topic {n}"})
-            run_ids.append(run_id)
-            in_flight[run_id] = (0, time.monotonic())
-        now = time.monotonic()
-        for run_id, (seq, moved) in list(in_flight.items()):
-            events = client.store.events(run_id, after=seq)
-            if events:
-                in_flight[run_id] = (events[-1].seq, now)
-                if any(EventType(e.type).ends_run for e in events):
+        try:
+            while len(run_ids) < config.runs and len(in_flight) < config.parallel:
+                n = len(run_ids)
+                if len(specs) == n:
+                    specs.append(workflow(n, rng, config.latency))
+                # A submit cut off by an outage is made again with the same key: it returns the run it created, if any.
+                run_id = client.submit(specs[n], {"topic": f"topic {n}"}, idempotency_key=f"chaos-{config.seed}-{n}")
+                run_ids.append(run_id)
+                in_flight[run_id] = (0, time.monotonic())
+            now = time.monotonic()
+            for run_id, (seq, moved) in list(in_flight.items()):
+                events = client.store.events(run_id, after=seq)
+                if events:
+                    in_flight[run_id] = (events[-1].seq, now)
+                    if any(EventType(e.type).ends_run for e in events):
+                        del in_flight[run_id]
+                        ended += 1
+                elif now - moved > config.stall_timeout:
+                    stuck[run_id] = _diagnose(client, run_id, killer.kill_times)
                     del in_flight[run_id]
-                    ended += 1
-            elif now - moved > config.stall_timeout:
-                stuck[run_id] = _diagnose(client, run_id, killer.kill_times)
-                del in_flight[run_id]
+        except _OUTAGE:
+            # Redis is down: nothing moves meanwhile, so the outage does not count towards a run's stall.
+            now = time.monotonic()
+            in_flight = {run_id: (seq, max(moved, now)) for run_id, (seq, moved) in in_flight.items()}
         if killer.error:
             raise RuntimeError(f"the killer stopped: {killer.error}")
+        if redis_killer is not None and redis_killer.error:
+            raise RuntimeError(f"the Redis killer stopped: {redis_killer.error}")
         if progress and now - last_print > 10:
             last_print = now
-            print(f"  {ended}/{config.runs} runs ended, {len(in_flight)} in flight, {killer.kills} kills, "
-                  f"{len(stuck)} stuck", flush=True)  # fmt: skip
+            redis_kills = f", {redis_killer.kills} Redis kills" if redis_killer else ""
+            print(f"  {ended}/{config.runs} runs ended, {len(in_flight)} in flight, {killer.kills} kills"
+                  f"{redis_kills}, {len(stuck)} stuck", flush=True)  # fmt: skip
         time.sleep(0.2)
     return run_ids, stuck
 
@@ -398,15 +517,20 @@ def print_report(report: ChaosReport, config: ChaosConfig) -> None:
     """The human-readable summary."""
     print(f"runs: {report.succeeded}/{report.runs} succeeded in {report.seconds:.1f} s "
           f"({report.runs / report.seconds:.1f} runs/s), {len(report.stuck)} stalled")  # fmt: skip
-    print(f"workers: {config.workers} x {config.concurrency} slots; {report.kills} SIGKILLs of a whole worker "
-          f"(about one every {config.kill_every:g} s)")  # fmt: skip
+    print(
+        f"workers: {config.workers} x {config.concurrency} slots; {report.kills} SIGKILLs of a whole worker "
+        f"(about one every {config.kill_every:g} s); {report.worker_exits} exited on their own and were restarted"
+    )
+    if config.redis_kill_every > 0:
+        print(f"redis: {report.redis_kills} SIGKILLs (about one every {config.redis_kill_every:g} s, down "
+              f"{config.redis_down_s:g} s each, restarted from its AOF)")  # fmt: skip
     print(f"steps: {report.steps}, attempts {report.attempts}, re-run after a loss {report.steps_rerun}, "
           f"step_lost events {report.steps_lost}, queued steps sent again {report.steps_resent}")  # fmt: skip
     print(f"outputs recorded more than once: {len(report.duplicate_successes)}; "
           f"steps of succeeded runs without a success event: {len(report.missing_successes)}")  # fmt: skip
     print(f"paid LLM calls: {report.paid_calls} for {report.needed_calls} needed "
           f"({report.paid_calls / max(1, report.needed_calls):.4f}); extra {report.extra_paid_calls} "
-          f"(in flight at kill time at most {report.in_flight_bound} = kills x slots); "
+          f"(at most {report.in_flight_bound} cut off: (worker kills + Redis kills x workers) x slots); "
           f"requests paid twice or more {report.repaid_requests}; billed but never delivered "
           f"{report.paid_undelivered}")  # fmt: skip
 
@@ -423,6 +547,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, nargs=2, default=defaults.latency, metavar=("MIN", "MAX"))
     parser.add_argument("--stall-timeout", type=float, default=defaults.stall_timeout)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--redis-kill-every",
+        type=float,
+        default=defaults.redis_kill_every,
+        help="mean seconds between SIGKILLs of Redis itself (0: none); it restarts from its AOF",
+    )
+    parser.add_argument("--redis-down", type=float, default=defaults.redis_down_s, help="seconds Redis stays down")
     parser.add_argument("--log-dir", type=Path, help="keep each worker's log here")
     parser.add_argument("--json", type=Path, help="also write the report here")
     return parser.parse_args(argv)
@@ -434,9 +565,11 @@ def main(argv: list[str] | None = None) -> int:
         args.log_dir.mkdir(parents=True, exist_ok=True)
     config = ChaosConfig(runs=args.runs, workers=args.workers, concurrency=args.concurrency,
                          kill_every=args.kill_every, parallel=args.parallel, latency=tuple(args.latency),
-                         stall_timeout=args.stall_timeout, seed=args.seed, log_dir=args.log_dir)  # fmt: skip
-    with RedisServer() as server:
-        report = run_chaos(config, server.url, progress=True)
+                         stall_timeout=args.stall_timeout, seed=args.seed, log_dir=args.log_dir,
+                         redis_kill_every=args.redis_kill_every, redis_down_s=args.redis_down)  # fmt: skip
+    # With an append-only file synced before each write is acknowledged, as in compose: a killed Redis loses nothing.
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        report = run_chaos(config, server.url, server=server, progress=True)
         version = redis.Redis.from_url(server.url).info("server").get("redis_version")
     print_report(report, config)
     if args.json:

@@ -1,4 +1,5 @@
-"""A short chaos session (``scripts/chaos.py``): runs succeed and record each output once while workers are SIGKILLed.
+"""Short chaos sessions (``scripts/chaos.py``): runs succeed and record each output once while workers, and Redis, are
+SIGKILLed.
 
 Its own Redis and its own workers: they import the script's step functions (``ORCH_IMPORTS=chaos``), which the
 session's workers do not.
@@ -47,6 +48,23 @@ def test_runs_succeed_and_record_each_output_once_while_workers_are_sigkilled(
     report = chaos.run_chaos(config, private_redis)
 
     assert report.kills >= 3, "workers were really killed while runs were in flight"
+    assert report.problems() == []
+    assert report.succeeded == report.runs == 30
+    assert report.duplicate_successes == report.missing_successes == []
+    assert report.distinct_paid_requests == report.needed_calls == 30 * len(chaos.LLM_STEPS)
+    assert report.extra_paid_calls <= report.in_flight_bound
+
+
+def test_runs_succeed_and_record_each_output_once_while_redis_and_workers_are_sigkilled(chaos: ModuleType) -> None:
+    log_dir = ARTIFACTS / "chaos-redis-worker-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    config = chaos.ChaosConfig(runs=30, workers=3, concurrency=2, kill_every=4.0, parallel=10, stall_timeout=45,
+                               redis_kill_every=4.0, redis_down_s=1.0, log_dir=log_dir)  # fmt: skip
+
+    with start_private_redis(appendonly=True, appendfsync="always") as server:
+        report = chaos.run_chaos(config, server.url, server=server)
+
+    assert report.redis_kills >= 2, "Redis was really killed while runs were in flight"
     assert report.problems() == []
     assert report.succeeded == report.runs == 30
     assert report.duplicate_successes == report.missing_successes == []
