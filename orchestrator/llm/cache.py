@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
 from orchestrator.state import keys
@@ -48,15 +49,22 @@ class ReplyCache:
             raw = self.client.get(keys.llm_shared_cache_key(digest))
         return None if raw is None else _decode(raw)
 
-    def put(self, run_id: str, digest: str, response: LLMResponse, *, shared: bool) -> None:
-        """Store a reply for the run (and for every run, when ``shared``)."""
+    def put(
+        self, run_id: str, digest: str, response: LLMResponse, *, shared: bool, pipe: Pipeline | None = None
+    ) -> None:
+        """Store a reply for the run (and for every run, when ``shared``).
+
+        Args:
+            pipe: Queue the commands on this pipeline for the caller to run; by default they run at once.
+        """
         body = json.dumps(asdict(response), separators=(",", ":"))
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(keys.llm_run_cache_key(run_id), digest, body)
-        pipe.expire(keys.llm_run_cache_key(run_id), self.run_ttl_s)
+        queue = self.client.pipeline(transaction=False) if pipe is None else pipe
+        queue.hset(keys.llm_run_cache_key(run_id), digest, body)
+        queue.expire(keys.llm_run_cache_key(run_id), self.run_ttl_s)
         if shared:
-            pipe.set(keys.llm_shared_cache_key(digest), body, ex=self.shared_ttl_s)
-        pipe.execute()
+            queue.set(keys.llm_shared_cache_key(digest), body, ex=self.shared_ttl_s)
+        if pipe is None:
+            queue.execute()
 
 
 def _decode(raw: Any) -> LLMResponse:

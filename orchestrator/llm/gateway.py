@@ -63,6 +63,18 @@ class GatewayReply:
     cached: bool
 
 
+@dataclass(frozen=True)
+class _Settlement:
+    """What an admitted call used: tokens estimated and used, worst-case and real cost, and a cool-down to start."""
+
+    tokens: int
+    used: int
+    worst_case: float
+    cost: float
+    billed: bool
+    cooldown: float
+
+
 class LLMGateway:
     """Governs and prices the calls of one worker process.
 
@@ -120,6 +132,7 @@ class LLMGateway:
         used = cost = 0.0
         priced: float | None = None
         cooldown = 0.0
+        response: LLMResponse | None = None
         try:
             response = self.client.complete(request)
             billed = True
@@ -139,19 +152,10 @@ class LLMGateway:
             self._record(ctx, request, None, duration_s=time.monotonic() - started, error_kind=exc.kind)
             raise
         finally:
-            if self.governor is not None:
-                self._settle(
-                    request,
-                    ctx,
-                    tokens=tokens,
-                    used=int(used),
-                    worst_case=worst_case,
-                    cost=cost,
-                    billed=billed,
-                    cooldown=cooldown,
-                )
-        if self.cache is not None and ctx.reply_cache != "off":
-            self._store(ctx, digest, response, shared)
+            # Settling the call and storing its reply take one round trip together.
+            settle = _Settlement(tokens, int(used), worst_case, cost, billed, cooldown)
+            self._close(request, ctx, settle, digest, response, shared)
+        assert response is not None
         self._record(ctx, request, response, duration_s=time.monotonic() - started, cost=priced)
         return GatewayReply(response, priced, cached=False)
 
@@ -187,40 +191,43 @@ class LLMGateway:
                 countdown=countdown,
             )
 
-    def _settle(
+    def _close(
         self,
         request: LLMRequest,
         ctx: CallContext,
-        *,
-        tokens: int,
-        used: int,
-        worst_case: float,
-        cost: float,
-        billed: bool,
-        cooldown: float,
+        settle: _Settlement,
+        digest: str,
+        response: LLMResponse | None,
+        shared: bool,
     ) -> None:
-        assert self.governor is not None
-        try:
+        """Settle an admitted call with the governor and store its reply (if any), in one pipeline."""
+        cache = self.cache if ctx.reply_cache != "off" and response is not None else None
+        owner = self.governor or cache
+        if owner is None:
+            return
+        pipe = owner.client.pipeline(transaction=False)
+        if self.governor is not None:
             self.governor.settle(
                 run_id=ctx.run_id,
                 model=request.model,
-                tokens_estimated=tokens,
-                tokens_used=used,
-                worst_case_usd=worst_case,
-                cost_usd=cost,
-                billed=billed,
-                cooldown_s=cooldown,
+                tokens_estimated=settle.tokens,
+                tokens_used=settle.used,
+                worst_case_usd=settle.worst_case,
+                cost_usd=settle.cost,
+                billed=settle.billed,
+                cooldown_s=settle.cooldown,
+                pipe=pipe,
             )
-        except Exception:
-            # The call has happened; losing its accounting must not lose its reply.
-            log.warning("could not settle an LLM call of run %s", ctx.run_id, exc_info=True)
-
-    def _store(self, ctx: CallContext, digest: str, response: LLMResponse, shared: bool) -> None:
-        assert self.cache is not None
+        if cache is not None and response is not None:
+            cache.put(ctx.run_id, digest, response, shared=shared, pipe=pipe)
         try:
-            self.cache.put(ctx.run_id, digest, response, shared=shared)
+            if self.governor is not None:
+                self.governor.execute(pipe)
+            else:
+                pipe.execute()
         except Exception:
-            log.warning("could not store an LLM reply of run %s", ctx.run_id, exc_info=True)
+            # The call has happened; losing its accounting or its stored reply must not lose the reply itself.
+            log.warning("could not settle or store an LLM call of run %s", ctx.run_id, exc_info=True)
 
     def _record(
         self,

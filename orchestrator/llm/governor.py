@@ -23,6 +23,7 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.state import keys
@@ -186,16 +187,46 @@ class RedisGovernor:
         cost_usd: float,
         billed: bool,
         cooldown_s: float = 0.0,
+        pipe: Pipeline | None = None,
     ) -> None:
-        """Close an admitted call: charge its real tokens and cost, and start a cool-down if the provider asked."""
+        """Close an admitted call: charge its real tokens and cost, and start a cool-down if the provider asked.
+
+        Args:
+            pipe: Queue the commands on this pipeline, for the caller to run with :meth:`execute` (so the reply can
+                be stored in the same round trip); by default they run at once.
+        """
         limit = self.limits.for_model(model)
-        pipe = self.client.pipeline(transaction=False)
+        queue = self.client.pipeline(transaction=False) if pipe is None else pipe
         if limit.tpm or cooldown_s > 0:
             args: list[Any] = [limit.tpm, tokens_estimated, tokens_used, 0, cooldown_s]
-            self._settle(keys=[keys.llm_limiter_key(model)], args=args, client=pipe)
+            queue.evalsha(self._settle.sha, 1, keys.llm_limiter_key(model), *args)
         args = ["settle", to_nano_usd(worst_case_usd), to_nano_usd(cost_usd), "1" if billed else "0"]
-        self._budget(keys=[keys.run_key(run_id)], args=args, client=pipe)
-        pipe.execute()
+        queue.evalsha(self._budget.sha, 1, keys.run_key(run_id), *args)
+        if pipe is None:
+            self.execute(queue)
+
+    def execute(self, pipe: Pipeline) -> list[Any]:
+        """Run a pipeline holding this governor's scripts by EVALSHA, in one round trip.
+
+        redis-py's script objects would add a ``SCRIPT EXISTS`` round trip to every such pipeline. Instead, a script
+        Redis does not know (first use since a restart or ``SCRIPT FLUSH``) is loaded and its command alone run
+        again: the others have been applied, and a settle must not be counted twice.
+        """
+        commands = [args for args, _ in pipe.command_stack]
+        replies = pipe.execute(raise_on_error=False)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                args = commands[index]
+                self._load(str(args[1]))
+                replies[index] = self.client.evalsha(*args[1:])
+            elif isinstance(reply, Exception):
+                raise reply
+        return list(replies)
+
+    def _load(self, sha: str) -> None:
+        for script in (self._admit, self._settle, self._budget):
+            if script.sha == sha:
+                self.client.script_load(script.script)
 
     def cool_down(self, model: str, seconds: float) -> None:
         """Stop every worker's calls to ``model`` for ``seconds`` (a provider's ``retry-after``)."""

@@ -192,6 +192,25 @@ def test_a_budget_holds_worst_cases_settles_real_costs_and_refuses_for_good(r: r
     )
 
 
+def test_a_settle_after_redis_forgot_its_scripts_is_counted_once(r: redis.Redis) -> None:
+    # Only the budget script is known again (as after a restart where another worker settled first): the settle
+    # script must be loaded and run on its own, without the budget being settled a second time.
+    gov = RedisGovernor(r, RateLimits({HAIKU: Limit(tpm=1000)}))
+    run = _run(r)
+    assert gov.admit(run_id=run, model=HAIKU, tokens=800, worst_case_usd=0.5, budget_usd=None).outcome == "ok"
+    r.script_flush()
+    r.script_load(gov._budget.script)
+
+    gov.settle(run_id=run, model=HAIKU, tokens_estimated=800, tokens_used=100, worst_case_usd=0.5, cost_usd=0.2,
+               billed=True)  # fmt: skip
+
+    fields = {k.decode(): v.decode() for k, v in r.hgetall(keys.run_key(run)).items()}
+    assert (fields["llm_held_nusd"], fields["llm_calls"]) == ("0", "1")
+    assert from_nano_usd(int(fields["llm_spent_nusd"])) == pytest.approx(0.2)
+    # The tokens came back too: 900 of the 1,000 per minute are free again.
+    assert gov.admit(run_id=run, model=HAIKU, tokens=900, worst_case_usd=0, budget_usd=None).outcome == "ok"
+
+
 def test_concurrent_admissions_never_hold_more_than_the_budget(r: redis.Redis) -> None:
     gov = RedisGovernor(r)
     run = _run(r)
