@@ -377,8 +377,9 @@ class StateStore(Protocol):
         A ``running`` step whose lease ran out (its worker died) is re-queued under ``new_task_id`` with ``error``
         appended; a ``queued`` one (a delayed retry or re-dispatch lost with its worker, or a step no worker has
         claimed since :meth:`hold_dispatch` or :meth:`finish` released it) is sent again under the task id of the
-        expired entry. Either way it gets a lease of ``grace_s`` to be claimed in. A lease renewed meanwhile is put back
-        in the index at its new expiry.
+        expired entry. Either way it gets a lease of ``grace_s`` to be claimed in; a ``queued`` step's grace doubles
+        with each resend, up to 8 × ``grace_s``, so a step waiting behind a long backlog is not resent every period.
+        A lease renewed meanwhile is put back in the index at its new expiry.
 
         Returns:
             What to publish, or ``None`` when there is nothing to do.

@@ -42,6 +42,8 @@ _STOPPABLE_RUN = ("running", "waiting", "pending")
 _STOPPABLE_STEP = ("pending", "queued", "running", "waiting")
 _COMPACT = (",", ":")
 # A run's events are capped like ``XADD ... MAXLEN ~ 10000`` (exactly here; Redis trims whole nodes, so a little later).
+MAX_RESEND_BACKOFF = 8
+"""A step sent again while still waiting gets ``grace_s`` × 1, 2, 4, then 8 before the next resend (``reclaim.lua``)."""
 EVENTS_MAXLEN = 10_000
 # The global stream of run-level events (``RedisStateStore.announce``).
 GLOBAL_EVENTS_MAXLEN = 100_000
@@ -516,6 +518,8 @@ class MemoryStateStore:
             stamp = _stamp(now)
             publish = task_id
             if status == "queued":
+                resends = _increment(fields, p + "resends", 1)
+                until = _stamp(now + grace_s * min(2 ** (resends - 1), MAX_RESEND_BACKOFF))
                 fields[p + "lease"] = until
                 self._emit(run, stamp, "step_queued", step, data='{"resent":true}')
             else:

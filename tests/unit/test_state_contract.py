@@ -806,6 +806,24 @@ def test_a_dispatch_hold_sends_a_lost_root_again_until_a_worker_claims_it(backen
     assert step_fields(backend, "a")["status"] == "running"
 
 
+def test_each_resend_of_a_step_nobody_claims_doubles_its_grace_up_to_eight_times(backend: Backend) -> None:
+    # A step stuck behind a backlog longer than the grace is resent a few times, not once per grace period.
+    start(backend, SINGLE)
+    grace = SHORT_LEASE_S / 4
+    backend.store.hold_dispatch("run1", {"a": "t1"}, grace)
+    member = keys.lease_member("run1", "a", "t1")
+    granted: list[float] = []
+    for _ in range(5):
+        assert backend.wait_past(grace * 8, lambda: member in backend.store.expired_leases())
+        before = backend.now()
+        assert backend.store.reclaim(member, "t-new", LOST, grace_s=grace) is not None
+        granted.append(float(step_fields(backend, "a")["lease"]) - before)
+
+    for got, factor in zip(granted, (1, 2, 4, 8, 8), strict=True):
+        assert factor * grace - 0.05 <= got <= factor * grace + 0.05, (granted, factor)
+    assert step_fields(backend, "a")["resends"] == "5"
+
+
 def test_a_dispatch_hold_of_a_step_claimed_under_another_task_id_is_dropped(backend: Backend) -> None:
     start(backend, SINGLE)
     backend.store.hold_dispatch("run1", {"a": "t-held"}, SHORT_LEASE_S)

@@ -8,6 +8,7 @@
 -- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, expected_task, new_task, error_json, grace_s.
 -- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease} while the lease holds;
 -- {"skip"} when the attempt is finished, stale or not the expected one.
+local MAX_BACKOFF = 8
 local run, events = KEYS[1], KEYS[2]
 local step, expected, new_task, err, grace = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local p = 's:' .. step .. ':'
@@ -25,6 +26,10 @@ if lease and lease > now then return {'live', head[4]} end
 local until_ = string.format('%.6f', now + grace)
 local stamp = string.format('%.6f', now)
 if status == 'queued' then
+  -- Each time a step still waiting is sent again its next grace doubles (up to 8 times): a step stuck behind a backlog
+  -- longer than the grace is resent a few times, not once per grace period.
+  local resends = redis.call('HINCRBY', run, p .. 'resends', 1)
+  until_ = string.format('%.6f', now + grace * math.min(2 ^ (resends - 1), MAX_BACKOFF))
   redis.call('HSET', run, p .. 'lease', until_)
   emit(run, events, stamp, 'step_queued', step, 0, cjson.encode({resent = true}))
   emitted(run)
