@@ -86,13 +86,9 @@ def workers(client: Client, redis_url: str) -> Iterator[LocalWorkers]:
     """Two real prefork worker processes with two slots each, for the whole session."""
     log_dir = ARTIFACTS / "worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    pool = LocalWorkers(client.app, count=2, concurrency=2, env={"REDIS_URL": redis_url, **WORKER_ENV},
-                        log_dir=log_dir)  # fmt: skip
-    pool.start()
-    try:
+    with LocalWorkers(client.app, count=2, concurrency=2, env={"REDIS_URL": redis_url, **WORKER_ENV},
+                      log_dir=log_dir) as pool:  # fmt: skip
         yield pool
-    finally:
-        pool.stop()
 
 
 @pytest.fixture

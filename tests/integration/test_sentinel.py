@@ -175,13 +175,9 @@ def client(group: SentinelGroup) -> Client:
 def sentinel_workers(client: Client, group: SentinelGroup) -> Iterator[LocalWorkers]:
     """One real prefork worker with two slots, state and broker both through the Sentinel."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    pool = LocalWorkers(client.app, count=1, concurrency=2, env={"REDIS_URL": group.url, **ENV},
-                        log_dir=LOG_DIR)  # fmt: skip
-    pool.start()
-    try:
+    with LocalWorkers(client.app, count=1, concurrency=2, env={"REDIS_URL": group.url, **ENV},
+                      log_dir=LOG_DIR) as pool:  # fmt: skip
         yield pool
-    finally:
-        pool.stop()
 
 
 def test_a_workflow_runs_with_state_and_broker_found_through_sentinel(
