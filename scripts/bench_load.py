@@ -33,6 +33,7 @@ Usage::
     .venv/bin/python scripts/bench_load.py                        # 10,000 runs (20-30 minutes on 2 cores)
     .venv/bin/python scripts/bench_load.py --quick                # 300 runs, about 2 minutes
     .venv/bin/python scripts/bench_load.py --pools threads,gevent # the pool comparison, about 3 minutes
+    .venv/bin/python scripts/bench_load.py --quick --priorities off  # first in, first out, for comparison
 
 gevent must be installed for ``-P gevent`` (``pip install gevent``). Results go to ``test-artifacts/bench_load.json``
 (``--json PATH``); worker logs to ``test-artifacts/bench-load-logs/``. It exits 1 when a run did not succeed.
@@ -123,13 +124,15 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--steps", type=int, default=None, help="pools: LLM steps per pool and rep (default 500)")
     parser.add_argument("--concurrency", type=int, default=100, help="pools: slots of the worker (default 100)")
     parser.add_argument("--reps", type=int, default=None, help="pools: repetitions (default 3, quick 1)")
+    parser.add_argument("--priorities", choices=("depth", "off"), default=Settings().priorities,
+                        help="ORCH_PRIORITIES of the producer and the workers (default: the setting's)")  # fmt: skip
     parser.add_argument("--loglevel", default="WARNING", help="worker log level (default WARNING)")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra worker environment, e.g. ORCH_LEASE_S=30 (repeatable)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     ns = parser.parse_args(argv)
     quick = bool(ns.quick)
-    extra = dict(item.split("=", 1) for item in ns.worker_env)
+    extra = {"ORCH_PRIORITIES": ns.priorities, **dict(item.split("=", 1) for item in ns.worker_env)}
     return Config(
         runs=ns.runs or (300 if quick else 10_000),
         llm_pool=ns.llm_pool,
@@ -713,7 +716,8 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
     redis_ = ours["redis"]
     print(f"\n{ours['runs']} content-pipeline runs ({ours['steps']} steps, 1 s simulated LLM latency): "
           f"llm worker {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}, "
-          f"cpu worker -P prefork -c {cfg.cpu_concurrency}")  # fmt: skip
+          f"cpu worker -P prefork -c {cfg.cpu_concurrency}, "
+          f"priorities {cfg.worker_env['ORCH_PRIORITIES']}")  # fmt: skip
     print(f"  statuses: {ours['statuses']}")
     sub = ours["submit"]
     print(f"  submit: {sub['rate_runs_per_s']} runs/s from {sub['threads']} threads "
@@ -774,7 +778,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with stop_on_signals(server):
             server.start()
-            settings = Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS})
+            settings = Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS,
+                                          "ORCH_PRIORITIES": cfg.worker_env["ORCH_PRIORITIES"]})  # fmt: skip
             client = Client(settings)
             try:
                 bench: LoadBench | PoolBench
