@@ -14,7 +14,8 @@ default, ``--llm-concurrency`` slots) and one prefork ``cpu`` worker (``--cpu-co
   ``finished_at`` of each run; with every run submitted at once this is mostly queueing);
 - Redis memory (``INFO memory`` ``used_memory``) per in-flight run, at the moment most runs were in flight (finished
   runs at that moment are charged at the per-finished figure), and per finished run once all have finished (retention
-  keeps them: outputs, events, reply cache);
+  keeps them: outputs, events, reply cache); the peak of what the runs in flight hold (used memory less the finished
+  runs at the per-finished figure, over the samples);
 - worker RSS (``/proc``: peak ``VmHWM`` and final ``VmRSS``) and CPU seconds per process role;
 - the ratio to the **floor**: the same number of raw Celery tasks through the same two workers, published the same
   way (from the same number of threads, all at once): one ``bench.raw_sleep`` of the same latency per ``llm`` step on
@@ -445,6 +446,8 @@ class LoadBench:
         peak = max(samples, key=lambda s: (s.submitted - s.finished, -s.t))
         in_flight = peak.submitted - peak.finished
         per_in_flight = (peak.used_memory - base_memory - peak.finished * per_finished) / max(1, in_flight)
+        # What the runs not yet finished hold (state, events, messages), at its largest: priorities move this peak.
+        in_flight_peak = max(s.used_memory - base_memory - s.finished * per_finished for s in samples)
         detail = self._step_detail(list(finished)[:: max(1, len(finished) // 500)])
         per_key = self._memory_by_key(list(finished)[:: max(1, len(finished) // 50)])
         return {
@@ -472,6 +475,7 @@ class LoadBench:
                 "bytes_per_finished_run": round(per_finished),
                 "used_memory_after_mb": round(after_memory / 2**20, 1),
                 "max_used_memory_mb": round(max(s.used_memory for s in samples) / 2**20, 1),
+                "in_flight_memory_peak_mb": round(in_flight_peak / 2**20, 1),
                 "commands_per_step": round((cpu_used.pop("redis_commands") - self.polled) / steps, 1),
                 "finished_run_bytes_by_key": per_key,
             },
@@ -730,6 +734,9 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
     print(f"  Redis: {redis_['bytes_per_in_flight_run']} B per in-flight run ({redis_['peak_in_flight_runs']} in "
           f"flight, {redis_['used_memory_at_peak_mb']} MB), {redis_['bytes_per_finished_run']} B per finished run "
           f"({redis_['used_memory_after_mb']} MB after); {redis_['commands_per_step']} commands per step")  # fmt: skip
+    peak_mb, in_flight_mb = redis_["max_used_memory_mb"], redis_["in_flight_memory_peak_mb"]
+    print(f"  Redis peak: {peak_mb} MB; runs in flight {in_flight_mb} MB at most (finished runs at the per-finished "
+          "figure taken off)")  # fmt: skip
     print(f"  a finished run's keys (bytes): {redis_['finished_run_bytes_by_key']}")
     llm_mem, cpu_mem = ours["llm_worker_memory"], ours["cpu_worker_memory"]
     print(f"  worker RSS: llm {llm_mem['main_rss_mb']} MB (peak {llm_mem['main_peak_mb']} MB, "
