@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.priorities import REDIS_PRIORITY_SEPARATOR, REDIS_PRIORITY_STEPS, TOP_LEVEL
 from orchestrator.redis_url import broker_connection
 from orchestrator.settings import Settings
 
@@ -34,13 +35,23 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # Long LLM calls: one message per process slot, so a slow step never hoards work another worker could do.
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s, **broker.transport_options},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Redis: kombu's default priority lists, pinned, since a producer and a consumer that disagree strand
+            # messages; ``queue_order_strategy`` stays round robin (it orders queues, not priorities).
+            "priority_steps": list(REDIS_PRIORITY_STEPS),
+            "sep": REDIS_PRIORITY_SEPARATOR,
+            **broker.transport_options,
+        },
         "broker_connection_retry_on_startup": True,
         # A Redis blip must not kill running LLM calls: their state transitions are guarded by generation and task
         # id, so a step that finishes after a reconnect records once, and a redelivered copy finds it taken.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_default_queue": settings.cpu_queue,
         "task_create_missing_queues": True,
+        # RabbitMQ honours message priorities only on queues declared with x-max-priority (opt-in: an existing queue
+        # redeclared with another argument fails with PRECONDITION_FAILED).
+        **({"task_queue_max_priority": TOP_LEVEL} if settings.rabbitmq_priority_queues else {}),
         # Flower and event consumers see every task, with its sent time.
         "worker_send_task_events": True,
         "task_send_sent_event": True,

@@ -87,6 +87,17 @@ class Graph:
                     ready.append(child)
         return tuple(order)
 
+    @cached_property
+    def depths(self) -> Mapping[str, int]:
+        """Each step mapped to its depth: the number of edges on the longest path from a root to it (roots are 0).
+
+        A join is as deep as its deepest parent plus one, so depth only grows as a run progresses.
+        """
+        depth: dict[str, int] = {}
+        for name in self.topological_order:
+            depth[name] = max((depth[p] + 1 for p in self.parents[name]), default=0)
+        return depth
+
     def descendants(self, step: str) -> set[str]:
         """Every step that depends on ``step``, directly or transitively."""
         seen: set[str] = set()

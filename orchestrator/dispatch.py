@@ -8,6 +8,7 @@ from celery import Celery, group
 from celery.canvas import Signature
 
 from orchestrator.coordinator import queue_for
+from orchestrator.priorities import message_priority, step_level
 from orchestrator.settings import Settings
 from orchestrator.spec import StepKind, WorkflowSpec
 from orchestrator.telemetry.tracing import dispatch_headers
@@ -27,14 +28,17 @@ def step_signature(
 ) -> Signature:
     """The immutable signature of one step attempt, routed by kind and named ``workflow.step`` for Flower.
 
-    Dispatched inside a traced span of the same run (a step attempt, the run's root), its headers carry that span
-    as the W3C ``traceparent``.
+    With ``ORCH_PRIORITIES=depth`` it carries the step's priority (:mod:`orchestrator.priorities`), which Celery keeps
+    on retries. Dispatched inside a traced span of the same run (a step attempt, the run's root), its headers carry
+    that span as the W3C ``traceparent``.
     """
+    step_spec = spec.steps_by_name[step]
     options: dict[str, object] = {
-        "queue": queue_for(spec.steps_by_name[step], settings.llm_queue, settings.cpu_queue),
+        "queue": queue_for(step_spec, settings.llm_queue, settings.cpu_queue),
         "shadow": f"{spec.name}.{step}",
     }
-    step_spec = spec.steps_by_name[step]
+    if settings.priorities == "depth":
+        options["priority"] = message_priority(step_level(spec, step), settings.effective_broker_url)
     if step_spec.timeout_s is not None and step_spec.uses != StepKind.LLM:
         # Prefork enforces these with signals; LLM calls get the timeout from the SDK instead, on any pool.
         options["soft_time_limit"] = step_spec.timeout_s

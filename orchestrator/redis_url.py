@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -33,6 +33,7 @@ from orchestrator.errors import OrchestratorError
 
 __all__ = [
     "DEFAULT_SENTINEL_PORT",
+    "REDIS_SCHEMES",
     "SENTINEL_SCHEMES",
     "BlockingSentinelConnectionPool",
     "BrokerConnection",
@@ -41,6 +42,7 @@ __all__ = [
     "async_client",
     "blocking_pool",
     "broker_connection",
+    "is_redis_url",
     "is_sentinel_url",
     "parse_sentinel_url",
     "redact_url",
@@ -49,6 +51,8 @@ __all__ = [
 ]
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "sentinel", *SENTINEL_SCHEMES})
+"""URL schemes of a Redis server (kombu's own ``sentinel://`` included): anything else is another kind of broker."""
 DEFAULT_SENTINEL_PORT = 26379
 
 SENTINEL_TIMEOUT_S = 5.0
@@ -105,6 +109,12 @@ class SentinelUrl:
         if self.tls:
             options.update(ssl=True, **dict(self.ssl_options))
         return options
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether ``url`` (the first, when kombu's ``;``-separated failover list) names a Redis server."""
+    first = url.split(";", 1)[0].strip()
+    return urlsplit(first).scheme.lower() in REDIS_SCHEMES
 
 
 def is_sentinel_url(url: str) -> bool:

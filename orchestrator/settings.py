@@ -13,6 +13,9 @@ from orchestrator.redis_url import is_sentinel_url, parse_sentinel_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
+PRIORITY_MODES = ("depth", "off")
+"""``ORCH_PRIORITIES`` values: ``depth`` sends each step with its DAG depth as priority, ``off`` sends none (FIFO)."""
+
 
 def _parse_bool(raw: str) -> bool:
     return raw.strip().lower() in {"1", "true", "yes", "on"}
@@ -65,6 +68,12 @@ class Settings:
             for the API.
         llm_shared_cooldown: ``ORCH_LLM_SHARED_COOLDOWN``: a provider's ``retry-after`` pauses every worker's calls
             to that model (default on; off leaves each task to its own retry, for comparison).
+        priorities: ``ORCH_PRIORITIES``: ``depth`` (default): a step deeper in its DAG is taken from the queue
+            first, so runs in flight finish before new ones start (:mod:`orchestrator.priorities`); ``off``: first
+            in, first out.
+        rabbitmq_priority_queues: ``ORCH_RABBITMQ_PRIORITY_QUEUES``: declare step queues with ``x-max-priority``
+            so RabbitMQ honours priorities (default off: RabbitMQ refuses to redeclare an existing queue with another
+            argument, so existing queues must be deleted first).
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -94,6 +103,8 @@ class Settings:
     log_format: str = "auto"
     log_level: str | None = None
     llm_shared_cooldown: bool = True
+    priorities: str = "depth"
+    rabbitmq_priority_queues: bool = False
     redis_url_explicit: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -101,13 +112,16 @@ class Settings:
         for url in (self.redis_url, self.broker_url):
             if url is not None and is_sentinel_url(url):
                 parse_sentinel_url(url)
+        if self.priorities not in PRIORITY_MODES:
+            raise ValueError(f"ORCH_PRIORITIES must be one of {', '.join(PRIORITY_MODES)}, not {self.priorities!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read settings from ``environ`` (default ``os.environ``).
 
         Raises:
-            ValueError: A number that does not parse, or a malformed Sentinel URL (``RedisUrlError``).
+            ValueError: A number that does not parse, an unknown ``ORCH_PRIORITIES``, or a malformed Sentinel URL
+                (``RedisUrlError``).
         """
         env = os.environ if environ is None else environ
         names = {
@@ -138,6 +152,8 @@ class Settings:
             "log_format": "ORCH_LOG_FORMAT",
             "log_level": "ORCH_LOG_LEVEL",
             "llm_shared_cooldown": "ORCH_LLM_SHARED_COOLDOWN",
+            "priorities": "ORCH_PRIORITIES",
+            "rabbitmq_priority_queues": "ORCH_RABBITMQ_PRIORITY_QUEUES",
         }
         kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, object] = {}

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.dag import Graph, find_cycle
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
+from orchestrator.priorities import TOP_LEVEL
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
@@ -178,6 +179,8 @@ class StepSpec(_Frozen):
     ``condition`` is a safe expression (see :mod:`orchestrator.conditions`); ``condition_function`` names a
     registered callable taking the step context (Python workflows' ``condition=`` lambdas end up here). ``cache: false``
     marks a non-deterministic step: it always re-runs when invalidated instead of reusing a result whose inputs match.
+    ``priority`` (0 taken last … 3 first) overrides the step's depth as its queue priority (see
+    :mod:`orchestrator.priorities`).
     """
 
     name: Annotated[str, Field(pattern=STEP_NAME_PATTERN)]
@@ -187,6 +190,7 @@ class StepSpec(_Frozen):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    priority: int | None = Field(default=None, ge=0, le=TOP_LEVEL)
     condition: str | None = Field(default=None, min_length=1, max_length=2000)
     condition_function: str | None = Field(default=None, min_length=1, max_length=200)
     trigger_rule: TriggerRule = TriggerRule.ALL_SUCCESS

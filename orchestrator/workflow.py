@@ -40,7 +40,8 @@ class Step(BaseModel):
 
     ``condition`` is a callable on the step context (``lambda ctx: ctx["blog_post"]["word_count"] > 500``) or a
     safe expression string; ``trigger_rule`` one of ``all_success``, ``all_done``, ``none_failed``, ``one_success``;
-    ``cache=False`` marks a non-deterministic step.
+    ``cache=False`` marks a non-deterministic step; ``priority`` (0 taken last … 3 first) overrides its depth as its
+    queue priority.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -51,6 +52,7 @@ class Step(BaseModel):
     retry: RetryPolicy | int | None = None
     timeout_s: float | None = None
     queue: str | None = None
+    priority: int | None = None
     condition: Callable[..., Any] | str | None = None
     trigger_rule: str = "all_success"
     cache: bool = True
@@ -83,6 +85,8 @@ class Step(BaseModel):
             data["timeout_s"] = self.timeout_s
         if self.queue is not None:
             data["queue"] = self.queue
+        if self.priority is not None:
+            data["priority"] = self.priority
         data["with"] = self.params()
         return data
 

@@ -55,6 +55,7 @@ from benchkit import fmt, json_safe, percentile, ts, versions  # noqa: E402
 
 from orchestrator import Client, Settings, WorkflowSpec, parse_workflow  # noqa: E402
 from orchestrator.local_workers import LocalWorkers  # noqa: E402
+from orchestrator.priorities import redis_queue_lists  # noqa: E402
 from orchestrator.redis_server import RedisServer, stop_on_signals  # noqa: E402
 from orchestrator.state import keys  # noqa: E402
 
@@ -275,7 +276,8 @@ class Bench:
         inspect = self.client.app.control.inspect(timeout=1.0)
         active = inspect.active() or {}
         reserved = inspect.reserved() or {}
-        queued = sum(int(self.r.llen(q)) for q in {settings.cpu_queue, settings.llm_queue})
+        queued = sum(int(self.r.llen(name)) for q in {settings.cpu_queue, settings.llm_queue}
+                     for name in redis_queue_lists(q))  # fmt: skip
         unacked = int(self.r.hlen("unacked"))
         slots = self.cfg.workers * self.cfg.concurrency
         self.log(f"probe: {slots} runs of a {PROBE_SLEEP_S}s step while {len(run_ids)} runs wait")

@@ -14,7 +14,8 @@ default, ``--llm-concurrency`` slots) and one prefork ``cpu`` worker (``--cpu-co
   ``finished_at`` of each run; with every run submitted at once this is mostly queueing);
 - Redis memory (``INFO memory`` ``used_memory``) per in-flight run, at the moment most runs were in flight (finished
   runs at that moment are charged at the per-finished figure), and per finished run once all have finished (retention
-  keeps them: outputs, events, reply cache);
+  keeps them: outputs, events, reply cache); the peak of what the runs in flight hold (used memory less the finished
+  runs at the per-finished figure, over the samples);
 - worker RSS (``/proc``: peak ``VmHWM`` and final ``VmRSS``) and CPU seconds per process role;
 - the ratio to the **floor**: the same number of raw Celery tasks through the same two workers, published the same
   way (from the same number of threads, all at once): one ``bench.raw_sleep`` of the same latency per ``llm`` step on
@@ -33,6 +34,7 @@ Usage::
     .venv/bin/python scripts/bench_load.py                        # 10,000 runs (20-30 minutes on 2 cores)
     .venv/bin/python scripts/bench_load.py --quick                # 300 runs, about 2 minutes
     .venv/bin/python scripts/bench_load.py --pools threads,gevent # the pool comparison, about 3 minutes
+    .venv/bin/python scripts/bench_load.py --quick --priorities off  # first in, first out, for comparison
 
 gevent must be installed for ``-P gevent`` (``pip install gevent``). Results go to ``test-artifacts/bench_load.json``
 (``--json PATH``); worker logs to ``test-artifacts/bench-load-logs/``. It exits 1 when a run did not succeed.
@@ -123,13 +125,15 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--steps", type=int, default=None, help="pools: LLM steps per pool and rep (default 500)")
     parser.add_argument("--concurrency", type=int, default=100, help="pools: slots of the worker (default 100)")
     parser.add_argument("--reps", type=int, default=None, help="pools: repetitions (default 3, quick 1)")
+    parser.add_argument("--priorities", choices=("depth", "off"), default=Settings().priorities,
+                        help="ORCH_PRIORITIES of the producer and the workers (default: the setting's)")  # fmt: skip
     parser.add_argument("--loglevel", default="WARNING", help="worker log level (default WARNING)")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra worker environment, e.g. ORCH_LEASE_S=30 (repeatable)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     ns = parser.parse_args(argv)
     quick = bool(ns.quick)
-    extra = dict(item.split("=", 1) for item in ns.worker_env)
+    extra = {"ORCH_PRIORITIES": ns.priorities, **dict(item.split("=", 1) for item in ns.worker_env)}
     return Config(
         runs=ns.runs or (300 if quick else 10_000),
         llm_pool=ns.llm_pool,
@@ -442,6 +446,8 @@ class LoadBench:
         peak = max(samples, key=lambda s: (s.submitted - s.finished, -s.t))
         in_flight = peak.submitted - peak.finished
         per_in_flight = (peak.used_memory - base_memory - peak.finished * per_finished) / max(1, in_flight)
+        # What the runs not yet finished hold (state, events, messages), at its largest: priorities move this peak.
+        in_flight_peak = max(s.used_memory - base_memory - s.finished * per_finished for s in samples)
         detail = self._step_detail(list(finished)[:: max(1, len(finished) // 500)])
         per_key = self._memory_by_key(list(finished)[:: max(1, len(finished) // 50)])
         return {
@@ -469,6 +475,7 @@ class LoadBench:
                 "bytes_per_finished_run": round(per_finished),
                 "used_memory_after_mb": round(after_memory / 2**20, 1),
                 "max_used_memory_mb": round(max(s.used_memory for s in samples) / 2**20, 1),
+                "in_flight_memory_peak_mb": round(in_flight_peak / 2**20, 1),
                 "commands_per_step": round((cpu_used.pop("redis_commands") - self.polled) / steps, 1),
                 "finished_run_bytes_by_key": per_key,
             },
@@ -713,7 +720,8 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
     redis_ = ours["redis"]
     print(f"\n{ours['runs']} content-pipeline runs ({ours['steps']} steps, 1 s simulated LLM latency): "
           f"llm worker {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}, "
-          f"cpu worker -P prefork -c {cfg.cpu_concurrency}")  # fmt: skip
+          f"cpu worker -P prefork -c {cfg.cpu_concurrency}, "
+          f"priorities {cfg.worker_env['ORCH_PRIORITIES']}")  # fmt: skip
     print(f"  statuses: {ours['statuses']}")
     sub = ours["submit"]
     print(f"  submit: {sub['rate_runs_per_s']} runs/s from {sub['threads']} threads "
@@ -726,6 +734,9 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
     print(f"  Redis: {redis_['bytes_per_in_flight_run']} B per in-flight run ({redis_['peak_in_flight_runs']} in "
           f"flight, {redis_['used_memory_at_peak_mb']} MB), {redis_['bytes_per_finished_run']} B per finished run "
           f"({redis_['used_memory_after_mb']} MB after); {redis_['commands_per_step']} commands per step")  # fmt: skip
+    peak_mb, in_flight_mb = redis_["max_used_memory_mb"], redis_["in_flight_memory_peak_mb"]
+    print(f"  Redis peak: {peak_mb} MB; runs in flight {in_flight_mb} MB at most (finished runs at the per-finished "
+          "figure taken off)")  # fmt: skip
     print(f"  a finished run's keys (bytes): {redis_['finished_run_bytes_by_key']}")
     llm_mem, cpu_mem = ours["llm_worker_memory"], ours["cpu_worker_memory"]
     print(f"  worker RSS: llm {llm_mem['main_rss_mb']} MB (peak {llm_mem['main_peak_mb']} MB, "
@@ -774,7 +785,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with stop_on_signals(server):
             server.start()
-            settings = Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS})
+            settings = Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS,
+                                          "ORCH_PRIORITIES": cfg.worker_env["ORCH_PRIORITIES"]})  # fmt: skip
             client = Client(settings)
             try:
                 bench: LoadBench | PoolBench

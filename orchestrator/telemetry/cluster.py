@@ -7,23 +7,24 @@
     orchestrator_cluster_scrape_ok           1 when Redis answered this scrape, else 0
 
 Both the API and every worker endpoint export them (each reads the same Redis), so dashboards take ``max`` over
-instances rather than a sum. A scrape costs three round trips: one pipeline of ``LLEN`` per queue (with Kombu's
-priority sub-queues), the run index's newest ids, and one pipeline of ``HGET status`` per run, so at most
-``run_scan`` (default 1000) small reads. Runs are counted among the newest ``run_scan`` only: an older run still in
-flight (one waiting days for an approval behind more than ``run_scan`` newer runs) is not counted.
+instances rather than a sum. A scrape costs three round trips: one pipeline of ``LLEN`` of each queue's priority
+lists (:func:`orchestrator.priorities.redis_queue_lists`), summed; the run index's newest ids; and one pipeline of
+``HGET status`` per run, so at most ``run_scan`` (default 1000) small reads. Runs are counted among the newest
+``run_scan`` only: an older run still in flight (one waiting days for an approval behind more than ``run_scan`` newer
+runs) is not counted.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from urllib.parse import urlsplit
 
 import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.redis_url import SENTINEL_SCHEMES, sync_client
+from orchestrator.priorities import redis_queue_lists
+from orchestrator.redis_url import is_redis_url, sync_client
 from orchestrator.settings import Settings
 from orchestrator.state import keys
 
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 DEFAULT_RUN_SCAN = 1000
 IN_FLIGHT_STATUSES = ("pending", "running", "waiting")
 
-# Kombu's Redis transport keeps priority 0 in the queue's own list and the others in lists named QUEUE\x06\x16N.
-_PRIORITY_SEPARATOR = "\x06\x16"
-_PRIORITY_STEPS = (3, 6, 9)
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", *SENTINEL_SCHEMES})
 _SOCKET_TIMEOUT_S = 5.0
 
 
@@ -111,11 +108,10 @@ class ClusterCollector(Collector):
         assert self.broker is not None
         pipe = self.broker.pipeline(transaction=False)
         for queue in self.queues:
-            pipe.llen(queue)
-            for priority in _PRIORITY_STEPS:
-                pipe.llen(f"{queue}{_PRIORITY_SEPARATOR}{priority}")
+            for name in redis_queue_lists(queue):
+                pipe.llen(name)
         lengths = pipe.execute()
-        per_queue = 1 + len(_PRIORITY_STEPS)
+        per_queue = len(redis_queue_lists(""))
         return {
             queue: sum(int(n) for n in lengths[i * per_queue : (i + 1) * per_queue])
             for i, queue in enumerate(self.queues)
@@ -139,7 +135,8 @@ class ClusterCollector(Collector):
 def _redis_broker(url: str) -> redis.Redis | None:
     # Kombu accepts several broker URLs separated by ';' for failover: measure the first. Not Redis: no queue depth.
     first = url.split(";", 1)[0].strip()
-    if urlsplit(first).scheme not in _REDIS_SCHEMES:
+    # kombu's own ``sentinel://`` form has no redis-py client here: no queue depth, as for a broker that is not Redis.
+    if not is_redis_url(first) or first.lower().startswith("sentinel://"):
         return None
     return sync_client(first, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S)
 

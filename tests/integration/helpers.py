@@ -7,6 +7,10 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
+import redis
+
+from orchestrator.priorities import redis_queue_lists
+
 T = TypeVar("T")
 
 
@@ -55,3 +59,8 @@ def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float 
 def ts(value: str) -> float:
     """An ISO timestamp from the status JSON as epoch seconds."""
     return datetime.fromisoformat(value).timestamp()
+
+
+def queue_length(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in ``queue`` on the Redis broker: the sum of its priority lists."""
+    return sum(int(client.llen(name)) for name in redis_queue_lists(queue))

@@ -17,7 +17,7 @@ import redis
 from orchestrator import Client, Settings
 from orchestrator.local_workers import LocalWorkers
 from orchestrator.state import keys
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import queue_length, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -57,7 +57,7 @@ def assert_clean_failure(proc: subprocess.CompletedProcess[str], *needles: str) 
 def footprint(r: redis.Redis) -> tuple[set[str], int, dict[str, int]]:
     """Everything a submit would write: orchestrator keys, the runs index, the step queues."""
     names = {str(k) for k in r.keys(f"{keys.PREFIX}:*") if k not in TRANSIENT_KEYS}
-    return names, r.zcard(keys.RUNS_INDEX), {q: r.llen(q) for q in ("llm", "cpu")}
+    return names, r.zcard(keys.RUNS_INDEX), {q: queue_length(r, q) for q in ("llm", "cpu")}
 
 
 def run_hashes(r: redis.Redis) -> set[str]:

@@ -27,7 +27,7 @@ from orchestrator.local_workers import LocalWorkers
 from orchestrator.redis_server import RedisServer
 from orchestrator.state import keys
 from tests.conftest import WORKER_ENV, private_redis
-from tests.integration.helpers import py, wait_for, workflow
+from tests.integration.helpers import py, queue_length, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -266,5 +266,5 @@ def test_after_all_of_that_the_worker_still_has_its_pool_and_runs_steps(
 
     assert view["status"] == "succeeded"
     assert view["steps"]["b"]["output"]["calls"] == 1
-    assert setup.raw.llen("llm") == setup.raw.llen("cpu") == 0
+    assert queue_length(setup.raw, "llm") == queue_length(setup.raw, "cpu") == 0
     assert setup.raw.hlen("unacked") == 0, "no message is left unacknowledged"

@@ -352,3 +352,26 @@ def test_a_worker_that_loses_its_broker_connection_mid_step_finishes_the_step_on
     # "after" runs on the same queue: the worker consumed it over a new connection.
     assert reconnected
     assert view["steps"]["after"]["output"]["calls"] == 1
+
+
+def test_on_priority_queues_a_backlog_is_taken_higher_priority_first(broker: Broker, env: dict[str, str]) -> None:
+    # RabbitMQ takes higher priorities first, the reverse of Redis, and only on a queue declared with x-max-priority:
+    # the publisher declares this fresh queue so (ORCH_RABBITMQ_PRIORITY_QUEUES) before any worker consumes it. The
+    # whole backlog is queued before the worker starts: a child published by a step could race the step's ack here,
+    # since RabbitMQ does not order a publish and an ack sent on two connections.
+    queue = broker.queue("prio")
+    prio_env = {**env, "ORCH_CPU_QUEUE": queue, "ORCH_PRIORITIES": "depth", "ORCH_RABBITMQ_PRIORITY_QUEUES": "true"}
+    prio_client = Client(Settings.from_env(prio_env))
+    spec = workflow(f"rabbit_prio_{broker.tag}", {"name": "low", "uses": "noop"},
+                    {"name": "high", "uses": "noop", "priority": 3})  # fmt: skip
+    try:
+        run_ids = [prio_client.submit(spec) for _ in range(3)]
+        assert wait_for(lambda: broker.ready(queue) == 6, what="the six roots to wait in the queue")
+        with _pool(prio_client, prio_env, (queue,), count=1, pool="prefork", concurrency=1):
+            views = [prio_client.wait(run_id, timeout=60) for run_id in run_ids]
+    finally:
+        prio_client.app.close()
+
+    assert [v["status"] for v in views] == ["succeeded"] * 3
+    started = sorted((ts(v["steps"][s]["started_at"]), s) for v in views for s in ("low", "high"))
+    assert [s for _, s in started] == ["high"] * 3 + ["low"] * 3

@@ -25,7 +25,7 @@ from orchestrator.local_workers import LocalWorkers
 from orchestrator.redis_server import RedisServer, find_redis_server
 from orchestrator.state import RunStatus, keys
 from tests.conftest import WORKER_ENV, _unavailable, private_redis
-from tests.integration.helpers import llm, py, wait_for, workflow
+from tests.integration.helpers import llm, py, queue_length, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -183,7 +183,7 @@ def test_submit_whose_broker_is_down_fails_the_run_it_created_and_frees_its_idem
     assert view["status"] == "failed"
     assert "could not publish the first steps" in view["error"]
     with redis.Redis.from_url(aof_server.url) as raw:
-        assert raw.llen("cpu") == raw.llen("llm") == 0
+        assert queue_length(raw, "cpu") == queue_length(raw, "llm") == 0
         assert raw.get(keys.idempotency_key(f"key-{unique}")) is None, "a retry with the same key may create a run"
 
 

@@ -16,7 +16,7 @@ from orchestrator import Client, Settings
 from orchestrator.local_workers import LocalWorkers
 from orchestrator.state import RedisStateStore
 from tests.conftest import ARTIFACTS, WORKER_ENV
-from tests.integration.helpers import llm, py, ts, wait_for, workflow
+from tests.integration.helpers import llm, py, queue_length, ts, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -71,8 +71,8 @@ def test_llm_steps_run_on_the_threads_worker_and_python_steps_on_the_prefork_wor
         run_id = routed.submit(spec)
         # Only the threads worker consumes the llm queue, and nothing consumes the others yet: the python steps
         # wait as messages in their own queues.
-        wait_for(lambda: redis_client.llen(cpu_queue) == 1 and redis_client.llen(side_queue) == 1, timeout=30,
-                 what="the released python steps to wait in the cpu and side queues")  # fmt: skip
+        wait_for(lambda: queue_length(redis_client, cpu_queue) == queue_length(redis_client, side_queue) == 1,
+                 timeout=30, what="the released python steps to wait in the cpu and side queues")  # fmt: skip
         view = routed.status(run_id)
         assert view["steps"]["draft"]["status"] == "succeeded"
         assert view["steps"]["check"]["status"] == view["steps"]["side"]["status"] == "queued"
@@ -83,7 +83,7 @@ def test_llm_steps_run_on_the_threads_worker_and_python_steps_on_the_prefork_wor
             (name,) = prefork.processes
             assert routed.status(run_id)["steps"]["check"]["output"]["pid"] in prefork.pool_children(name)
             # Its `queue:` keeps the other python step off the cpu queue.
-            assert redis_client.llen(side_queue) == 1
+            assert queue_length(redis_client, side_queue) == 1
             assert routed.status(run_id)["steps"]["side"]["status"] == "queued"
 
             with side:
