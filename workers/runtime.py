@@ -6,9 +6,11 @@ import os
 import threading
 from dataclasses import dataclass
 
+import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
+from orchestrator.backlog import redis_broker_client
 from orchestrator.llm import make_llm_client
 from orchestrator.llm.cache import ReplyCache
 from orchestrator.llm.gateway import LLMGateway
@@ -30,6 +32,8 @@ class Runtime:
     store: StateStore
     executor: StepExecutor
     leases: LeaseKeeper
+    broker: redis.Redis | None = None
+    """The broker's Redis, to read queue depths; ``None`` when the broker is not Redis."""
 
 
 class RuntimeHolder:
@@ -69,4 +73,6 @@ class RuntimeHolder:
             llm_timeout_s=settings.llm_timeout_s,
             interrupts=(SoftTimeLimitExceeded,),
         )
-        return Runtime(self.app, settings, store, executor, LeaseKeeper(store, settings.lease_s))
+        broker_url = settings.effective_broker_url
+        broker = store.client if broker_url == settings.redis_url else redis_broker_client(broker_url)
+        return Runtime(self.app, settings, store, executor, LeaseKeeper(store, settings.lease_s), broker)

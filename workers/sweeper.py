@@ -11,8 +11,10 @@ import threading
 import uuid
 from typing import Any
 
+import redis
 from celery import bootsteps
 
+from orchestrator.backlog import queue_depths
 from orchestrator.control import DEADLINE_REASON, decide_step, stop_run
 from orchestrator.dispatch import dispatch
 from orchestrator.errors import DecisionRefusedError, RunNotFoundError
@@ -21,6 +23,9 @@ from orchestrator.state import RunStatus, keys
 from workers.runtime import Runtime, RuntimeHolder
 
 log = logging.getLogger(__name__)
+
+MAX_BACKLOG_GRACES = 8
+"""While the step queues hold a backlog, a step nobody claimed is sent again only after this many graces."""
 
 
 def sweep_once(rt: Runtime, owner: str) -> int:
@@ -32,10 +37,13 @@ def sweep_once(rt: Runtime, owner: str) -> int:
 
 def _recover_lost_steps(rt: Runtime) -> int:
     count = 0
-    for member in rt.store.expired_leases():
+    expired = rt.store.expired_leases()
+    backlog_wait_s = _backlog_wait_s(rt) if expired else 0.0
+    for member in expired:
         _, step, old_task = keys.parse_lease_member(member)
         lost = {"type": "worker_lost", "status": None, "message": f"worker lost during attempt (task {old_task})"}
-        found = rt.store.reclaim(member, uuid.uuid4().hex, lost, grace_s=rt.settings.queued_grace_s)
+        found = rt.store.reclaim(member, uuid.uuid4().hex, lost, grace_s=rt.settings.queued_grace_s,
+                                 backlog_wait_s=backlog_wait_s)  # fmt: skip
         if found is None:
             continue
         spec = rt.store.load_definition(found.definition_hash)
@@ -44,6 +52,24 @@ def _recover_lost_steps(rt: Runtime) -> int:
         log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
         count += 1
     return count
+
+
+def _backlog_wait_s(rt: Runtime) -> float:
+    """How long a step nobody claimed may wait before it is sent again, while messages wait in the step queues.
+
+    A step whose dispatch hold ran out while its queue still holds messages has most likely not been reached yet
+    (10,000 runs submitted at once keep roots waiting longer than any grace): sending copies would only lengthen the
+    queue. So while a backlog is seen the hold is extended, up to ``MAX_BACKLOG_GRACES`` graces since the step was
+    queued; a lost message then waits that long at most. 0 (resend now) when the queues are empty or cannot be read.
+    """
+    broker = rt.broker
+    if broker is None:
+        return 0.0
+    try:
+        depths = queue_depths(broker, (rt.settings.llm_queue, rt.settings.cpu_queue))
+    except redis.RedisError:
+        return 0.0
+    return MAX_BACKLOG_GRACES * rt.settings.queued_grace_s if any(depths.values()) else 0.0
 
 
 def _fire_deadlines(rt: Runtime) -> int:

@@ -154,7 +154,7 @@ class LLMGateway:
         finally:
             # Settling the call and storing its reply take one round trip together.
             settle = _Settlement(tokens, int(used), worst_case, cost, billed, cooldown)
-            self._close(request, ctx, settle, digest, response, shared)
+            self._close(request, ctx, settle, digest=digest, response=response, shared=shared)
         assert response is not None
         self._record(ctx, request, response, duration_s=time.monotonic() - started, cost=priced)
         return GatewayReply(response, priced, cached=False)
@@ -196,6 +196,7 @@ class LLMGateway:
         request: LLMRequest,
         ctx: CallContext,
         settle: _Settlement,
+        *,
         digest: str,
         response: LLMResponse | None,
         shared: bool,

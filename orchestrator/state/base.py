@@ -371,15 +371,21 @@ class StateStore(Protocol):
         """Lease index members (``run|step|task``) whose lease ran out, oldest first, at most ``limit``."""
         ...
 
-    def reclaim(self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float) -> Reclaim | None:
+    def reclaim(
+        self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float, backlog_wait_s: float = 0.0
+    ) -> Reclaim | None:
         """Recover the step behind an expired lease.
 
         A ``running`` step whose lease ran out (its worker died) is re-queued under ``new_task_id`` with ``error``
         appended; a ``queued`` one (a delayed retry or re-dispatch lost with its worker, or a step no worker has
         claimed since :meth:`hold_dispatch` or :meth:`finish` released it) is sent again under the task id of the
         expired entry. Either way it gets a lease of ``grace_s`` to be claimed in; a ``queued`` step's grace doubles
-        with each resend, up to 8 × ``grace_s``, so a step waiting behind a long backlog is not resent every period.
+        with each resend, up to 8 times ``grace_s``, so a step waiting behind a long backlog is not resent every period.
         A lease renewed meanwhile is put back in the index at its new expiry.
+
+        ``backlog_wait_s`` > 0 says the step queues hold a backlog: a step nobody has claimed is then likely still
+        waiting in it, so its hold is extended by ``grace_s`` instead of sending a copy, until the step has waited
+        ``backlog_wait_s`` since it was queued.
 
         Returns:
             What to publish, or ``None`` when there is nothing to do.

@@ -41,9 +41,9 @@ _UNFINISHED = ("queued", "running", "pending")
 _STOPPABLE_RUN = ("running", "waiting", "pending")
 _STOPPABLE_STEP = ("pending", "queued", "running", "waiting")
 _COMPACT = (",", ":")
-# A run's events are capped like ``XADD ... MAXLEN ~ 10000`` (exactly here; Redis trims whole nodes, so a little later).
+# A step sent again while still waiting gets grace_s times 1, 2, 4, then 8 before the next resend (``reclaim.lua``).
 MAX_RESEND_BACKOFF = 8
-"""A step sent again while still waiting gets ``grace_s`` × 1, 2, 4, then 8 before the next resend (``reclaim.lua``)."""
+# A run's events are capped like ``XADD ... MAXLEN ~ 10000`` (exactly here; Redis trims whole nodes, so a little later).
 EVENTS_MAXLEN = 10_000
 # The global stream of run-level events (``RedisStateStore.announce``).
 GLOBAL_EVENTS_MAXLEN = 100_000
@@ -483,7 +483,9 @@ class MemoryStateStore:
         with self._lock:
             return _due(self._leases, self._clock(), limit)
 
-    def reclaim(self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float) -> Reclaim | None:
+    def reclaim(
+        self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float, backlog_wait_s: float = 0.0
+    ) -> Reclaim | None:
         """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
 
         A ``running`` step is re-queued under ``new_task_id`` with ``error`` appended; a ``queued`` one is sent again
@@ -513,6 +515,12 @@ class MemoryStateStore:
             lease = _float_or_none(raw_lease)
             if lease is not None and lease > now:
                 self._leases[member] = float(raw_lease)
+                return None
+            since = _float_or_none(fields.get(p + "queued_at") or fields.get("created_at") or "")
+            if unclaimed and backlog_wait_s > 0 and now - (now if since is None else since) < backlog_wait_s:
+                held = _stamp(now + grace_s)
+                fields[p + "lease"] = held
+                self._leases[member] = float(held)
                 return None
             until = _stamp(now + grace_s)
             stamp = _stamp(now)

@@ -23,8 +23,8 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.priorities import redis_queue_lists
-from orchestrator.redis_url import is_redis_url, sync_client
+from orchestrator.backlog import queue_depths, redis_broker_client
+from orchestrator.redis_url import sync_client
 from orchestrator.settings import Settings
 from orchestrator.state import keys
 
@@ -68,7 +68,7 @@ class ClusterCollector(Collector):
             settings.redis_url, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S
         )
         broker_url = settings.effective_broker_url
-        broker = store if broker_url == settings.redis_url else _redis_broker(broker_url)
+        broker = store if broker_url == settings.redis_url else redis_broker_client(broker_url)
         return cls(store, broker, (settings.llm_queue, settings.cpu_queue), run_scan=run_scan)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
@@ -106,16 +106,7 @@ class ClusterCollector(Collector):
 
     def _queue_depths(self) -> dict[str, int]:
         assert self.broker is not None
-        pipe = self.broker.pipeline(transaction=False)
-        for queue in self.queues:
-            for name in redis_queue_lists(queue):
-                pipe.llen(name)
-        lengths = pipe.execute()
-        per_queue = len(redis_queue_lists(""))
-        return {
-            queue: sum(int(n) for n in lengths[i * per_queue : (i + 1) * per_queue])
-            for i, queue in enumerate(self.queues)
-        }
+        return queue_depths(self.broker, self.queues)
 
     def _runs_in_flight(self) -> dict[str, int]:
         counts = dict.fromkeys(IN_FLIGHT_STATUSES, 0)
@@ -130,15 +121,6 @@ class ClusterCollector(Collector):
             if name in counts:
                 counts[name] += 1
         return counts
-
-
-def _redis_broker(url: str) -> redis.Redis | None:
-    # Kombu accepts several broker URLs separated by ';' for failover: measure the first. Not Redis: no queue depth.
-    first = url.split(";", 1)[0].strip()
-    # kombu's own ``sentinel://`` form has no redis-py client here: no queue depth, as for a broker that is not Redis.
-    if not is_redis_url(first) or first.lower().startswith("sentinel://"):
-        return None
-    return sync_client(first, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S)
 
 
 def _text(value: object) -> str:

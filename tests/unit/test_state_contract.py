@@ -824,6 +824,38 @@ def test_each_resend_of_a_step_nobody_claims_doubles_its_grace_up_to_eight_times
     assert step_fields(backend, "a")["resends"] == "5"
 
 
+def test_while_the_queues_hold_a_backlog_an_unclaimed_step_is_held_longer_not_resent(backend: Backend) -> None:
+    # 10,000 runs submitted at once keep roots waiting longer than any grace: copies would only lengthen the queue.
+    start(backend, CHAIN)
+    grace = SHORT_LEASE_S / 3
+    backend.store.hold_dispatch("run1", {"a": "t1"}, grace)
+    member = keys.lease_member("run1", "a", "t1")
+    assert backend.wait_past(grace, lambda: member in backend.store.expired_leases())
+    before = backend.now()
+
+    assert backend.store.reclaim(member, "t-new", LOST, grace_s=grace, backlog_wait_s=LONG_LEASE_S) is None
+
+    fields = step_fields(backend, "a")
+    assert (fields["status"], fields.get("task", ""), fields.get("resends")) == ("queued", "", None)
+    assert before + grace - 1e-3 <= float(fields["lease"]) <= before + grace + 0.05
+    assert member not in backend.store.expired_leases()
+    # Once it has waited backlog_wait_s since it was queued, it is sent again, backlog or not.
+    assert backend.wait_past(grace, lambda: member in backend.store.expired_leases())
+    got = backend.store.reclaim(member, "t-new", LOST, grace_s=grace, backlog_wait_s=grace)
+    assert got == Reclaim("run1", "a", CHAIN.definition_hash, "1", "t1")
+
+
+def test_a_backlog_does_not_delay_recovering_an_attempt_whose_worker_died(backend: Backend) -> None:
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=SHORT_LEASE_S).outcome == "ok"
+    member = keys.lease_member("run1", "a", "t1")
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+
+    got = backend.store.reclaim(member, "t2", LOST, grace_s=GRACE_S, backlog_wait_s=LONG_LEASE_S)
+
+    assert got == Reclaim("run1", "a", SINGLE.definition_hash, "1", "t2")
+
+
 def test_a_dispatch_hold_of_a_step_claimed_under_another_task_id_is_dropped(backend: Backend) -> None:
     start(backend, SINGLE)
     backend.store.hold_dispatch("run1", {"a": "t-held"}, SHORT_LEASE_S)

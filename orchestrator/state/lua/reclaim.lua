@@ -5,15 +5,19 @@
 --            (whichever copy arrives first runs; the other finds it taken), so a backlog cannot supersede itself.
 --            A step released but never claimed has no task yet: the expired entry is its dispatch hold, whose task id
 --            the lost message carried.
--- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, expected_task, new_task, error_json, grace_s.
+--   unclaimed, while the step queues hold a backlog (backlog_wait_s > 0): the message is likely still waiting in it,
+--            so the hold is extended by grace_s instead, until the step has waited backlog_wait_s since it was queued.
+-- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, expected_task, new_task, error_json, grace_s,
+-- backlog_wait_s.
 -- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease} while the lease holds;
 -- {"skip"} when the attempt is finished, stale or not the expected one.
 local MAX_BACKOFF = 8
 local run, events = KEYS[1], KEYS[2]
 local step, expected, new_task, err, grace = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local backlog_wait = tonumber(ARGV[6] or '0')
 local p = 's:' .. step .. ':'
 local head = redis.call('HMGET', run, 'status', p .. 'status', p .. 'task', p .. 'lease', p .. 'errors', 'def_hash',
-  'gen')
+  'gen', p .. 'queued_at', 'created_at')
 local status = head[2]
 local unclaimed = status == 'queued' and (not head[3] or head[3] == '')
 if head[1] ~= 'running' or (head[3] ~= expected and not unclaimed) or (status ~= 'running' and status ~= 'queued') then
@@ -23,6 +27,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local lease = tonumber(head[4] or '')
 if lease and lease > now then return {'live', head[4]} end
+if unclaimed and backlog_wait > 0 and now - tonumber(head[8] or head[9] or now) < backlog_wait then
+  local held = string.format('%.6f', now + grace)
+  redis.call('HSET', run, p .. 'lease', held)
+  return {'live', held}
+end
 local until_ = string.format('%.6f', now + grace)
 local stamp = string.format('%.6f', now)
 if status == 'queued' then

@@ -1,0 +1,39 @@
+"""Messages waiting in the step queues, read from a Redis broker: for the queue-depth gauge and for the sweeper.
+
+A step queue on Redis is several lists, one per priority level (:func:`orchestrator.priorities.redis_queue_lists`);
+its depth is their sum. A broker that is not Redis (RabbitMQ, kombu's ``sentinel://`` form) cannot be read here:
+its depths are unknown (``None``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from orchestrator.priorities import redis_queue_lists
+from orchestrator.redis_url import is_redis_url, sync_client
+
+__all__ = ["queue_depths", "redis_broker_client"]
+
+SOCKET_TIMEOUT_S = 5.0
+
+
+def redis_broker_client(url: str) -> redis.Redis | None:
+    """A client of the broker at ``url`` when it is Redis, else ``None``."""
+    # Kombu accepts several broker URLs separated by ';' for failover: read the first.
+    first = url.split(";", 1)[0].strip()
+    if not is_redis_url(first) or first.lower().startswith("sentinel://"):
+        return None
+    return sync_client(first, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S)
+
+
+def queue_depths(broker: redis.Redis, queues: Sequence[str]) -> dict[str, int]:
+    """Messages waiting in each queue, all its priority lists added up, in one round trip."""
+    pipe = broker.pipeline(transaction=False)
+    for queue in queues:
+        for name in redis_queue_lists(queue):
+            pipe.llen(name)
+    lengths = pipe.execute()
+    per_queue = len(redis_queue_lists(""))
+    return {queue: sum(int(n) for n in lengths[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(queues)}
