@@ -434,9 +434,8 @@ def _drive(
                     stuck[run_id] = _diagnose(client, run_id, killer.kill_times)
                     del in_flight[run_id]
         except _OUTAGE:
-            # Redis is down: nothing moves meanwhile, so the outage does not count towards a run's stall.
+            # Redis is down for a moment (far shorter than the stall timeout): look again on the next turn.
             now = time.monotonic()
-            in_flight = {run_id: (seq, max(moved, now)) for run_id, (seq, moved) in in_flight.items()}
         if killer.error:
             raise RuntimeError(f"the killer stopped: {killer.error}")
         if redis_killer is not None and redis_killer.error:

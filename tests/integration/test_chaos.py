@@ -42,16 +42,16 @@ def test_runs_succeed_and_record_each_output_once_while_workers_are_sigkilled(
 ) -> None:
     log_dir = ARTIFACTS / "chaos-worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    config = chaos.ChaosConfig(runs=30, workers=3, concurrency=2, kill_every=2.0, parallel=10, stall_timeout=45,
+    config = chaos.ChaosConfig(runs=40, workers=3, concurrency=2, kill_every=1.5, parallel=10, stall_timeout=45,
                                log_dir=log_dir)  # fmt: skip
 
     report = chaos.run_chaos(config, private_redis)
 
     assert report.kills >= 3, "workers were really killed while runs were in flight"
     assert report.problems() == []
-    assert report.succeeded == report.runs == 30
+    assert report.succeeded == report.runs == 40
     assert report.duplicate_successes == report.missing_successes == []
-    assert report.distinct_paid_requests == report.needed_calls == 30 * len(chaos.LLM_STEPS)
+    assert report.distinct_paid_requests == report.needed_calls == 40 * len(chaos.LLM_STEPS)
     assert report.extra_paid_calls <= report.in_flight_bound
 
 

@@ -279,7 +279,8 @@ def test_a_delayed_retry_held_by_a_killed_worker_goes_back_to_the_queue_at_once(
     queue = broker.queue("eta")
     spec = workflow(
         f"rabbit_eta_{broker.tag}",
-        llm("paced", errors=("rate_limit",), retry_after_s=3.0, queue=queue,
+        # The retry waits 8 s: long enough that, on a loaded machine, the worker is killed while it still holds it.
+        llm("paced", errors=("rate_limit",), retry_after_s=8.0, queue=queue,
             retry={"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2}),
     )  # fmt: skip
     run_id = client.submit(spec)
@@ -312,7 +313,7 @@ def test_a_delayed_retry_held_by_a_killed_worker_goes_back_to_the_queue_at_once(
     assert view["status"] == "succeeded"
     assert paced["attempts"] == 2
     assert [e["type"] for e in paced["errors"]] == ["rate_limit"]
-    assert ts(paced["finished_at"]) - ts(paced["started_at"]) >= 3.0
+    assert ts(paced["finished_at"]) - ts(paced["started_at"]) >= 8.0
     # Not the sweeper's resend after ORCH_QUEUED_GRACE_S (300 s): the broker itself gave the message back.
     assert time.time() - killed_at < 30
 
