@@ -13,8 +13,9 @@ import redis
 
 from orchestrator.priorities import redis_queue_lists
 from orchestrator.redis_url import is_redis_url, sync_client
+from orchestrator.settings import Settings
 
-__all__ = ["queue_depths", "redis_broker_client"]
+__all__ = ["broker_for", "queue_depths", "redis_broker_client"]
 
 SOCKET_TIMEOUT_S = 5.0
 
@@ -26,6 +27,12 @@ def redis_broker_client(url: str) -> redis.Redis | None:
     if not is_redis_url(first) or first.lower().startswith("sentinel://"):
         return None
     return sync_client(first, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S)
+
+
+def broker_for(settings: Settings, state: redis.Redis) -> redis.Redis | None:
+    """The broker's Redis for ``settings``: ``state`` itself when the broker is the state store's Redis."""
+    url = settings.effective_broker_url
+    return state if url == settings.redis_url else redis_broker_client(url)
 
 
 def queue_depths(broker: redis.Redis, queues: Sequence[str]) -> dict[str, int]:

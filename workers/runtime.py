@@ -10,7 +10,7 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from orchestrator.backlog import redis_broker_client
+from orchestrator.backlog import broker_for
 from orchestrator.llm import make_llm_client
 from orchestrator.llm.cache import ReplyCache
 from orchestrator.llm.gateway import LLMGateway
@@ -73,6 +73,5 @@ class RuntimeHolder:
             llm_timeout_s=settings.llm_timeout_s,
             interrupts=(SoftTimeLimitExceeded,),
         )
-        broker_url = settings.effective_broker_url
-        broker = store.client if broker_url == settings.redis_url else redis_broker_client(broker_url)
-        return Runtime(self.app, settings, store, executor, LeaseKeeper(store, settings.lease_s), broker)
+        leases = LeaseKeeper(store, settings.lease_s)
+        return Runtime(self.app, settings, store, executor, leases, broker_for(settings, store.client))

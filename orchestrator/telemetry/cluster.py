@@ -23,7 +23,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.backlog import queue_depths, redis_broker_client
+from orchestrator.backlog import broker_for, queue_depths
 from orchestrator.redis_url import sync_client
 from orchestrator.settings import Settings
 from orchestrator.state import keys
@@ -67,9 +67,7 @@ class ClusterCollector(Collector):
         store = sync_client(
             settings.redis_url, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S
         )
-        broker_url = settings.effective_broker_url
-        broker = store if broker_url == settings.redis_url else redis_broker_client(broker_url)
-        return cls(store, broker, (settings.llm_queue, settings.cpu_queue), run_scan=run_scan)
+        return cls(store, broker_for(settings, store), (settings.llm_queue, settings.cpu_queue), run_scan=run_scan)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         """The families, without reading Redis (so registering the collector costs nothing)."""

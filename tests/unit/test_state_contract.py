@@ -790,9 +790,7 @@ def test_a_released_child_is_held_in_the_lease_index_under_the_task_id_it_is_pub
 
 
 def test_a_dispatch_hold_sends_a_lost_root_again_until_a_worker_claims_it(backend: Backend) -> None:
-    start(backend, CHAIN)
-    backend.store.hold_dispatch("run1", {"a": "t1"}, SHORT_LEASE_S)
-    member = keys.lease_member("run1", "a", "t1")
+    member = held_root(backend, CHAIN, SHORT_LEASE_S)
 
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
     assert backend.store.reclaim(member, "t2", LOST, grace_s=SHORT_LEASE_S) == Reclaim(
@@ -806,12 +804,17 @@ def test_a_dispatch_hold_sends_a_lost_root_again_until_a_worker_claims_it(backen
     assert step_fields(backend, "a")["status"] == "running"
 
 
+def held_root(backend: Backend, spec: WorkflowSpec, grace_s: float) -> str:
+    """Start a run of ``spec`` whose root ``a`` is held for dispatch under task ``t1``; returns the hold's member."""
+    start(backend, spec)
+    backend.store.hold_dispatch("run1", {"a": "t1"}, grace_s)
+    return keys.lease_member("run1", "a", "t1")
+
+
 def test_each_resend_of_a_step_nobody_claims_doubles_its_grace_up_to_eight_times(backend: Backend) -> None:
     # A step stuck behind a backlog longer than the grace is resent a few times, not once per grace period.
-    start(backend, SINGLE)
     grace = SHORT_LEASE_S / 4
-    backend.store.hold_dispatch("run1", {"a": "t1"}, grace)
-    member = keys.lease_member("run1", "a", "t1")
+    member = held_root(backend, SINGLE, grace)
     granted: list[float] = []
     for _ in range(5):
         assert backend.wait_past(grace * 8, lambda: member in backend.store.expired_leases())
@@ -826,10 +829,8 @@ def test_each_resend_of_a_step_nobody_claims_doubles_its_grace_up_to_eight_times
 
 def test_while_the_queues_hold_a_backlog_an_unclaimed_step_is_held_longer_not_resent(backend: Backend) -> None:
     # 10,000 runs submitted at once keep roots waiting longer than any grace: copies would only lengthen the queue.
-    start(backend, CHAIN)
     grace = SHORT_LEASE_S / 3
-    backend.store.hold_dispatch("run1", {"a": "t1"}, grace)
-    member = keys.lease_member("run1", "a", "t1")
+    member = held_root(backend, CHAIN, grace)
     assert backend.wait_past(grace, lambda: member in backend.store.expired_leases())
     before = backend.now()
 
