@@ -105,6 +105,8 @@ class Client:
             self.store.hold_dispatch(run_id, held, self.settings.queued_grace_s)
             self.store.create_run(run_id, spec, filled, idempotency_key)
         except redis.RedisError as exc:
+            if idempotency_key:
+                self._unbind(idempotency_key, run_id)
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:
             with run_span(run_id, spec.name):
@@ -126,6 +128,20 @@ class Client:
                 ) from exc
             raise StoreUnavailableError(f"cannot publish to the broker: {exc}") from exc
         return run_id
+
+    def _unbind(self, idempotency_key: str, run_id: str) -> None:
+        """Free a reserved idempotency key whose run was never created, so the producer's retry creates one.
+
+        The key and the run live on different Redis slots, so they cannot be written in one script: a creation that
+        failed half way is undone here instead. A run that was created (its reply lost) keeps the key: the sweeper
+        starts it from its dispatch hold, and a retry must find it, not make a second one.
+        """
+        try:
+            if not self.store.run_summaries([run_id]):
+                self.store.release_idempotency_key(idempotency_key, run_id)
+        except redis.RedisError:
+            # Redis is still away: the binding stays until the key's TTL (the submit reports the outage).
+            pass
 
     def status(self, run_id: str) -> dict[str, Any]:
         """The run's status JSON (see README, "Status JSON").

@@ -12,6 +12,7 @@ from orchestrator.coordinator import failure_summary, plan_resume
 from orchestrator.dispatch import dispatch
 from orchestrator.errors import (
     DecisionRefusedError,
+    InputValidationError,
     RunNotFoundError,
     RunStateError,
     UnknownWorkflowError,
@@ -20,7 +21,15 @@ from orchestrator.errors import (
 from orchestrator.registry import workflows
 from orchestrator.settings import Settings
 from orchestrator.spec import ApprovalParams, WorkflowSpec
-from orchestrator.state.base import Attempt, Decision, RunStatus, StateStore, StepOutcome, Stop
+from orchestrator.state.base import (
+    MAX_DECISION_COMMENT_CHARS,
+    Attempt,
+    Decision,
+    RunStatus,
+    StateStore,
+    StepOutcome,
+    Stop,
+)
 
 DEADLINE_REASON = "the workflow deadline passed"
 log = logging.getLogger(__name__)
@@ -93,21 +102,29 @@ def decide_step(
     decision: str,
     by: str,
     comment: str = "",
+    generation: str = "",
 ) -> dict[str, Any]:
     """Approve or reject a waiting approval step as ``by``; the first allowed decision wins.
 
     ``decision`` is ``approve`` or ``reject``, or what a timeout decides (``timeout:approve``, ``timeout:reject``,
-    ``timeout:fail``, with ``by="timeout"``). Every attempt is audited, allowed or not.
+    ``timeout:fail``, with ``by="timeout"``). Every attempt is audited, allowed or not, while the run lasts.
+    ``generation`` (a timeout's) must be the run's current one: a timer set before a resume decides nothing after it.
 
     Returns:
         The decision as recorded (the step's output).
 
     Raises:
+        InputValidationError: ``comment`` is longer than ``MAX_DECISION_COMMENT_CHARS``; nothing is written.
         RunNotFoundError: No such run.
         WorkflowDefinitionError: No such step, or it is not an approval step.
         DecisionRefusedError: ``by`` is not an approver (``reason="not_an_approver"``), or the step is not waiting
-            (``reason="not_waiting"``: decided already, not reached yet, or the run ended).
+            (``reason="not_waiting"``: decided already, not reached yet, the run ended, or it is at another
+            ``generation``).
     """
+    if len(comment) > MAX_DECISION_COMMENT_CHARS:
+        raise InputValidationError(
+            f"the comment is {len(comment)} characters; the limit is {MAX_DECISION_COMMENT_CHARS}"
+        )
     fields = store.run_fields(run_id)
     spec = store.load_definition(fields["def_hash"])
     step_spec = spec.steps_by_name.get(step)
@@ -120,9 +137,12 @@ def decide_step(
         )
     allowed = by == "timeout" or by in step_spec.params.approvers
     token = f"decision-{uuid.uuid4().hex}"
-    outcome, detail = store.decide(run_id, step, Decision(decision, by, comment, allowed, token))
+    outcome, detail = store.decide(run_id, step, Decision(decision, by, comment, allowed, token, generation=generation))
     if outcome == "missing":
         raise RunNotFoundError(run_id)
+    if outcome == "stale":
+        raise DecisionRefusedError(f"step {step!r} is not waiting for a decision of generation {generation} (the run "
+                                   f"is at generation {detail})", reason="not_waiting")  # fmt: skip
     if outcome == "forbidden":
         raise DecisionRefusedError(f"{by!r} may not decide step {step!r}: approvers are "
                                    f"{', '.join(step_spec.params.approvers)}", reason="not_an_approver")  # fmt: skip

@@ -24,6 +24,9 @@ STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
 MAX_STEPS = 2000
 MAX_NESTING = 100
+MAX_WORKFLOW_TIMEOUT_S = 28 * 24 * 3600
+"""The longest workflow ``timeout_s`` (28 days): as long as a running run is kept with the default retention
+(``ORCH_RETENTION_S`` 7 days, times 4), so a deadline never outlives its run in the deadline index."""
 DEFAULT_MODEL = "claude-haiku-4-5"
 SIMULATED_ERRORS = frozenset(
     {
@@ -214,6 +217,15 @@ class StepSpec(_Frozen):
                 raise ValueError("; ".join(_plain_errors(exc, prefix="with"))) from None
         return data
 
+    @field_validator("uses", mode="before")
+    @classmethod
+    def _known_kind(cls, uses: Any) -> Any:
+        # pydantic's own message lists the choices but not what was given: name it.
+        if isinstance(uses, str) and uses not in {k.value for k in StepKind}:
+            choices = ", ".join(k.value for k in StepKind)
+            raise ValueError(f"unknown step type {uses[:100]!r} (expected one of {choices})")
+        return uses
+
     @model_validator(mode="after")
     def _one_condition(self) -> StepSpec:
         if self.condition is not None and self.condition_function is not None:
@@ -243,7 +255,7 @@ class WorkflowSpec(_Frozen):
     version: int = Field(default=1, ge=1)
     description: str | None = Field(default=None, max_length=10_000)
     inputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_WORKFLOW_TIMEOUT_S)
     budget_usd: float | None = Field(default=None, ge=0)
     steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=MAX_STEPS)
 

@@ -93,7 +93,8 @@ def _fire_approval_timeouts(rt: Runtime) -> int:
             spec = rt.store.load_definition(rt.store.run_fields(run_id)["def_hash"])
             params = spec.steps_by_name[step].params
             on_timeout = params.on_timeout if isinstance(params, ApprovalParams) else "fail"
-            decide_step(rt.app, rt.settings, rt.store, run_id, step, decision=f"timeout:{on_timeout}", by="timeout")
+            decide_step(rt.app, rt.settings, rt.store, run_id, step, decision=f"timeout:{on_timeout}", by="timeout",
+                        generation=generation)  # fmt: skip
             count += 1
         except (RunNotFoundError, DecisionRefusedError, KeyError):
             pass  # decided meanwhile, or the run ended or expired: nothing left to time out

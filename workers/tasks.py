@@ -196,7 +196,8 @@ def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim
         skip = decide_start(step, claim.parent_status)
         if skip is not None:
             return _finish(rt, spec, attempt, skip, scope)
-        if claim.attempt > step.retry.max_attempts:
+        # The retry budget is per generation (a resume grants it afresh); the attempt number is the run's own.
+        if claim.generation_attempt > step.retry.max_attempts:
             last = claim.errors[-1] if claim.errors else {"type": "worker_lost", "message": "worker lost"}
             error = {**last, "attempt": claim.attempt - 1, "message": f"gave up: {last.get('message', '')}"}
             return _finish(rt, spec, attempt, StepOutcome.FAILED, scope, error=error)
@@ -227,9 +228,11 @@ def _run_attempt(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim
         raise
     except RetryableStepError as exc:
         error = _error_record(exc, claim.attempt)
-        if not should_retry(step.retry, claim.attempt, exc.kind):
+        if not should_retry(step.retry, claim.generation_attempt, exc.kind):
             return _finish(rt, spec, attempt, StepOutcome.FAILED, scope, error=error)
-        countdown = exc.countdown = retry_delay(step.retry, claim.attempt, exc.retry_after, rt.settings.retry_cap_s)
+        countdown = exc.countdown = retry_delay(
+            step.retry, claim.generation_attempt, exc.retry_after, rt.settings.retry_cap_s
+        )
         if not _outlast(rt, f"{attempt}: retry", lambda: rt.store.retry(attempt, error, countdown_s=countdown,
                                                                       grace_s=rt.settings.queued_grace_s)):  # fmt: skip
             return "stale attempt: not retried"

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.spec import WORKFLOW_NAME_PATTERN
 from orchestrator.state import RunStatus
+from orchestrator.state.base import MAX_DECISION_COMMENT_CHARS
 
 
 class _Body(BaseModel):
@@ -66,7 +67,7 @@ class Decision(_Body):
     """A human decision on a step waiting for approval."""
 
     decision: Literal["approve", "reject"]
-    comment: str | None = Field(default=None, max_length=10_000)
+    comment: str | None = Field(default=None, max_length=MAX_DECISION_COMMENT_CHARS)
 
 
 class RunSummary(BaseModel):

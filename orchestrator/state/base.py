@@ -80,8 +80,10 @@ class Claim:
         outcome: ``ok`` (run it), ``done`` (the step finished already), or why not: ``stale`` (older generation),
             ``superseded`` (re-dispatched under another task id), ``busy`` (another attempt holds a live lease, or
             the step is not released yet), ``inactive`` (the run is not running), ``missing`` (no such run).
-        attempt: 1-based number of the attempt now starting, counted in this generation (a resume starts over).
-        total_attempts: Attempts over the run's whole life.
+        attempt: 1-based number of the attempt now starting, counted over the run's whole life: the number the status
+            (``attempts``), the events, the error records, the step itself and the logs all show.
+        generation_attempt: 1-based number of the attempt within this generation: the retry policy's count, which
+            a resume starts over (a resumed step gets its full ``max_attempts`` again).
         cache_key: The key of the step's stored result from an earlier generation ('' when none).
         force: The step must run even if its cache key matches (``resume --from`` names it).
         now: Redis's clock when the attempt started (epoch seconds).
@@ -96,7 +98,7 @@ class Claim:
 
     outcome: str
     attempt: int = 0
-    total_attempts: int = 0
+    generation_attempt: int = 0
     now: float = 0.0
     queued_at: float | None = None
     cache_key: str = ""
@@ -161,6 +163,15 @@ class ResumePlan:
 
 SUMMARY_FIELDS = ("run_id", "workflow", "version", "status", "gen", "created_at", "finished_at")
 
+MAX_AUDIT_ENTRIES = 100
+"""Entries an approval step's audit trail keeps: the newest, an accepted decision before any refused one.
+
+Every decision is audited, and anyone with a token can send refused ones: the trail is re-encoded on each, so
+without a cap it grew (and slowed every decision) without bound."""
+
+MAX_DECISION_COMMENT_CHARS = 2000
+"""The longest comment a decision may carry (characters); a longer one is refused before anything is written."""
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -173,6 +184,8 @@ class Decision:
         allowed: Whether ``by`` is one of the step's approvers (a refused attempt is audited too).
         task_id: The id the step runs under while its outcome is recorded.
         lease_s: Lease for recording it (a crash in between is recovered by the sweeper).
+        generation: The generation the decision is for ('' for the current one): a timeout names the generation
+            its wait began in, and is refused (``stale``) once the run has moved on to another.
     """
 
     decision: str
@@ -181,6 +194,7 @@ class Decision:
     allowed: bool
     task_id: str
     lease_s: float = 30.0
+    generation: str = ""
 
 
 @dataclass(frozen=True)
@@ -430,8 +444,13 @@ class StateStore(Protocol):
     def decide(self, run_id: str, step: str, decision: Decision) -> tuple[str, str]:
         """Audit a decision; the first allowed one on a waiting step makes it ``running`` under ``decision.task_id``.
 
+        A decision naming another ``generation`` than the run's changes nothing (not even the audit). The audit keeps
+        the newest :data:`MAX_AUDIT_ENTRIES` (refused ones give way first) and, once the run has ended, records no
+        refused decision; the step's approval timeout leaves the index when a decision wins.
+
         Returns:
-            ``("ok", generation)``, ``("forbidden", "")``, ``("not_waiting", step_status)`` or ``("missing", "")``.
+            ``("ok", generation)``, ``("forbidden", "")``, ``("not_waiting", step_status)``,
+            ``("stale", run_generation)`` or ``("missing", "")``.
         """
         ...
 

@@ -52,6 +52,16 @@ def parse_lease_member(member: str) -> tuple[str, str, str]:
     return run_id, step, task_id
 
 
+def deadline_member(run_id: str, generation: str) -> str:
+    """A generation's workflow deadline in the deadline index."""
+    return f"{run_id}|{generation}"
+
+
+def approval_member(run_id: str, generation: str, step: str) -> str:
+    """An approval wait's timeout in the approval index (set for one generation: it decides no other)."""
+    return f"{run_id}|{generation}|{step}"
+
+
 def llm_limiter_key(model: str) -> str:
     """A model's cluster-wide rate-limit buckets and cool-down (hash-tagged by model)."""
     return f"{PREFIX}:llm:{{{model}}}"

@@ -23,6 +23,7 @@ from orchestrator.events import Event
 from orchestrator.spec import WorkflowSpec
 from orchestrator.state import keys
 from orchestrator.state.base import (
+    MAX_AUDIT_ENTRIES,
     SUMMARY_FIELDS,
     Attempt,
     Claim,
@@ -70,7 +71,7 @@ def _new_stream() -> deque[_Entry]:
 class _Run:
     fields: dict[str, str]
     expires_at: float
-    # The run's event stream; it expires with the run (as in Redis, but for mark_dispatch_failed: see the tests).
+    # The run's event stream; it expires with the run, as in Redis.
     events: deque[_Entry] = field(default_factory=_new_stream)
 
 
@@ -181,7 +182,7 @@ class MemoryStateStore:
             score = float(created)
             if spec.timeout_s is not None:
                 run.fields["deadline"] = _stamp(score + spec.timeout_s)
-                self._deadlines[f"{run_id}|1"] = score + spec.timeout_s
+                self._deadlines[keys.deadline_member(run_id, "1")] = score + spec.timeout_s
             self._emit(run, created, "run_started")
             for step in spec.steps:
                 if fields[keys.step_field(step.name, "status")] == "queued":
@@ -219,15 +220,22 @@ class MemoryStateStore:
         return ids[:limit] if limit > 0 else ids[: len(ids) + limit]
 
     def mark_dispatch_failed(self, run_id: str, message: str) -> None:
-        """Fail a run whose first tasks could not be published, so it cannot sit ``running`` forever."""
+        """Fail a run whose first tasks could not be published, with its ``run_failed`` event (``fail_dispatch.lua``).
+
+        A run that is missing or has ended already is left as it is.
+        """
         with self._lock:
             now = self._clock()
             run = self._live(run_id, now)
-            if run is None:
-                # HSET on a missing key creates it: the same three fields, as in Redis.
-                run = self._runs[run_id] = _Run({}, now)
-            run.fields.update({"status": "failed", "error": message, "first_failure": "(dispatch)"})
+            if run is None or run.fields.get("status") not in _STOPPABLE_RUN:
+                return
+            stamp = _stamp(now)
+            self._emit(run, stamp, "run_failed", data=json.dumps({"reason": message}, separators=_COMPACT))
+            run.fields.update(
+                {"status": "failed", "finished_at": stamp, "error": message, "first_failure": "(dispatch)"}
+            )
             run.expires_at = now + self.retention_s
+            self._deadlines.pop(keys.deadline_member(run_id, run.fields.get("gen", "")), None)
 
     # -- step transitions ----------------------------------------------------------------------------------------
 
@@ -288,14 +296,12 @@ class MemoryStateStore:
         )
         if number == 1 or p + "started_at" not in fields:
             fields[p + "started_at"] = started
-        self._emit(
-            run, started, "step_started", attempt.step, attempt=number - int(fields.get(p + "attempt_base") or 0)
-        )
+        self._emit(run, started, "step_started", attempt.step, attempt=number)
         outputs = {u: fields.get(f"s:{u}:output", "") for u in upstream}
         return Claim(
             outcome="ok",
-            attempt=number - int(fields.get(p + "attempt_base") or 0),
-            total_attempts=number,
+            attempt=number,
+            generation_attempt=number - int(fields.get(p + "attempt_base") or 0),
             now=float(started),
             cache_key=fields.get(p + "cache_key", ""),
             force=fields.get(p + "force") == "1",
@@ -349,7 +355,7 @@ class MemoryStateStore:
             if raw_error:
                 errors = [*_json_list(fields.get(p + "errors")), json.loads(raw_error)]
                 fields.update({p + "error": raw_error, p + "errors": json.dumps(errors, separators=_COMPACT)})
-            number = int(fields.get(p + "attempts") or 0) - int(fields.get(p + "attempt_base") or 0)
+            number = int(fields.get(p + "attempts") or 0)
             detail = raw_error
             if outcome == StepOutcome.SUCCEEDED:
                 detail = '{"cached":true}' if cached else success_detail(output) or raw_error
@@ -373,6 +379,7 @@ class MemoryStateStore:
                 fields.update({"status": run_status, "finished_at": stamp})
                 self._emit(run, stamp, f"run_{run_status}")
                 run.expires_at = now + self.retention_s
+                self._deadlines.pop(keys.deadline_member(attempt.run_id, attempt.generation), None)
             task_ids = {child: uuid.uuid4().hex for child in released}
             for child, task_id in task_ids.items():
                 self._leases[keys.lease_member(attempt.run_id, child, task_id)] = now + grace_s
@@ -434,8 +441,8 @@ class MemoryStateStore:
     ) -> bool:
         """Put an owned running step back to ``queued`` for ``countdown_s``, keeping a lease of countdown + grace.
 
-        ``record`` writes what is particular to the transition and returns the attempt number (before
-        ``attempt_base``) and the event's data up to its countdown.
+        ``record`` writes what is particular to the transition and returns the attempt number and the event's data
+        up to its countdown.
         """
         p = f"s:{attempt.step}:"
         with self._lock:
@@ -447,7 +454,6 @@ class MemoryStateStore:
             stamp = _stamp(now)
             run.fields.update({p + "status": "queued", p + "lease": lease, p + "queued_at": stamp})
             number, head = record(run.fields, now)
-            number -= int(run.fields.get(p + "attempt_base") or 0)
             detail = head + ',"countdown_s":' + repr(float(countdown_s)) + "}"
             self._emit(run, stamp, event, attempt.step, attempt=number, data=detail)
             self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = float(lease)
@@ -590,6 +596,10 @@ class MemoryStateStore:
             for step, task_id in interrupted:
                 if task_id:
                     self._leases.pop(keys.lease_member(run_id, step, task_id), None)
+            stopped_gen = fields.get("gen", "")
+            self._deadlines.pop(keys.deadline_member(run_id, stopped_gen), None)
+            for step in steps:
+                self._approvals.pop(keys.approval_member(run_id, stopped_gen, step), None)
             return Stop(outcome="ok", detail=stamp, interrupted=tuple(interrupted))
 
     def resume(self, run_id: str, plan: ResumePlan) -> tuple[str, str]:
@@ -636,10 +646,14 @@ class MemoryStateStore:
                 fields["def_hash"] = plan.definition.definition_hash
             for name in ("finished_at", "stopped_at", "error", "first_failure", "deadline"):
                 fields.pop(name, None)
+            old = plan.expected_generation
+            self._deadlines.pop(keys.deadline_member(run_id, old), None)
+            for step, _, _ in plan.resets:
+                self._approvals.pop(keys.approval_member(run_id, old, step), None)
             if fields.get("timeout_s"):
                 at = now + float(fields["timeout_s"])
                 fields["deadline"] = _stamp(at)
-                self._deadlines[f"{run_id}|{generation}"] = at
+                self._deadlines[keys.deadline_member(run_id, generation)] = at
             run.expires_at = now + self.active_ttl_s
             return "ok", generation
 
@@ -648,7 +662,7 @@ class MemoryStateStore:
     def add_deadline(self, run_id: str, generation: str, at: float) -> None:
         """Schedule the run's workflow deadline."""
         with self._lock:
-            self._deadlines[f"{run_id}|{generation}"] = at
+            self._deadlines[keys.deadline_member(run_id, generation)] = at
 
     def due_deadlines(self, limit: int = 500) -> list[tuple[str, str]]:
         """``(run_id, generation)`` of deadlines that have passed, oldest first."""
@@ -663,7 +677,7 @@ class MemoryStateStore:
     def drop_deadline(self, run_id: str, generation: str) -> None:
         """Forget a deadline that fired or no longer applies."""
         with self._lock:
-            self._deadlines.pop(f"{run_id}|{generation}", None)
+            self._deadlines.pop(keys.deadline_member(run_id, generation), None)
 
     # -- approvals -----------------------------------------------------------------------------------------------
 
@@ -682,7 +696,9 @@ class MemoryStateStore:
             run.fields.update({p + "status": "waiting", p + "task": "", p + "lease": "", p + "waiting_since": stamp,
                                p + "decide_by": decide_by})  # fmt: skip
             if decide_by:
-                self._approvals[f"{attempt.run_id}|{attempt.generation}|{attempt.step}"] = float(decide_by)
+                self._approvals[keys.approval_member(attempt.run_id, attempt.generation, attempt.step)] = float(
+                    decide_by
+                )
             return True
 
     def decide(self, run_id: str, step: str, decision: Decision) -> tuple[str, str]:
@@ -695,16 +711,22 @@ class MemoryStateStore:
             run_status, status = fields.get("status"), fields.get(p + "status")
             if run is None or run_status is None or status is None:
                 return "missing", ""
+            if decision.generation != "" and fields.get("gen") != decision.generation:
+                return "stale", fields.get("gen", "")
             stamp = _stamp(now)
             outcome = "accepted"
             if not decision.allowed:
                 outcome = "refused: not an approver"
             elif run_status != "running" or status != "waiting":
                 outcome = f"refused: not waiting ({run_status if status == 'waiting' else status})"
-            audit = _json_list(fields.get(p + "audit"))
-            audit.append({"at": stamp, "by": decision.by, "decision": decision.decision, "comment": decision.comment,
-                          "outcome": outcome})  # fmt: skip
-            fields[p + "audit"] = json.dumps(audit, separators=_COMPACT)
+            if run_status in _STOPPABLE_RUN:
+                audit = _json_list(fields.get(p + "audit"))
+                audit.append({"at": stamp, "by": decision.by, "decision": decision.decision,
+                              "comment": decision.comment, "outcome": outcome})  # fmt: skip
+                while len(audit) > MAX_AUDIT_ENTRIES:
+                    oldest = next((i for i, entry in enumerate(audit) if entry["outcome"] != "accepted"), 0)
+                    del audit[oldest]
+                fields[p + "audit"] = json.dumps(audit, separators=_COMPACT)
             if not decision.allowed:
                 return "forbidden", ""
             if outcome != "accepted":
@@ -714,7 +736,7 @@ class MemoryStateStore:
                            p + "lease": _stamp(now + decision.lease_s), p + "decision": json.dumps(record),
                            p + "decide_by": ""})  # fmt: skip
             self._leases[keys.lease_member(run_id, step, decision.task_id)] = now + decision.lease_s
-            self._approvals.pop(f"{run_id}|{fields['gen']}|{step}", None)
+            self._approvals.pop(keys.approval_member(run_id, fields["gen"], step), None)
             return "ok", fields["gen"]
 
     def due_approvals(self, limit: int = 500) -> list[tuple[str, str, str]]:
@@ -730,7 +752,7 @@ class MemoryStateStore:
     def drop_approval(self, run_id: str, generation: str, step: str) -> None:
         """Forget an approval timeout that fired or no longer applies."""
         with self._lock:
-            self._approvals.pop(f"{run_id}|{generation}|{step}", None)
+            self._approvals.pop(keys.approval_member(run_id, generation, step), None)
 
     # -- events ------------------------------------------------------------------------------------------------------
 

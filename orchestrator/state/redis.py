@@ -21,6 +21,7 @@ from orchestrator.redis_url import blocking_pool
 from orchestrator.spec import WorkflowSpec, parse_workflow
 from orchestrator.state import keys
 from orchestrator.state.base import (
+    MAX_AUDIT_ENTRIES,
     SUMMARY_FIELDS,
     Attempt,
     Claim,
@@ -34,10 +35,15 @@ from orchestrator.state.base import (
     success_detail,
 )
 
-_SCRIPTS = ("create", "claim", "finish", "retry", "defer", "reclaim", "renew", "stop", "resume", "wait", "decide")
+_SCRIPTS = (
+    "create", "claim", "finish", "retry", "defer", "reclaim", "renew", "stop", "resume", "wait", "decide",
+    "fail_dispatch",
+)  # fmt: skip
 
 
-_WITH_EVENTS = {"create", "claim", "finish", "retry", "defer", "reclaim", "stop", "resume", "wait", "decide"}
+_WITH_EVENTS = {
+    "create", "claim", "finish", "retry", "defer", "reclaim", "stop", "resume", "wait", "decide", "fail_dispatch",
+}  # fmt: skip
 
 
 def _load_lua(name: str) -> str:
@@ -226,7 +232,7 @@ class RedisStateStore:
         pipe.zadd(keys.RUNS_INDEX, {run_id: score})
         pipe.zremrangebyscore(keys.RUNS_INDEX, "-inf", score - self.active_ttl_s)
         if spec.timeout_s is not None:
-            pipe.zadd(keys.DEADLINES, {f"{run_id}|1": score + spec.timeout_s})
+            pipe.zadd(keys.DEADLINES, {keys.deadline_member(run_id, "1"): score + spec.timeout_s})
         pipe.execute()
         return True
 
@@ -260,12 +266,14 @@ class RedisStateStore:
         return [_text(r) for r in self.client.zrevrange(keys.RUNS_INDEX, 0, limit - 1)]
 
     def mark_dispatch_failed(self, run_id: str, message: str) -> None:
-        """Fail a run whose first tasks could not be published, so it cannot sit ``running`` forever."""
-        self.client.hset(
-            keys.run_key(run_id), mapping={"status": "failed", "error": message, "first_failure": "(dispatch)"}
-        )
-        self.client.expire(keys.run_key(run_id), self.retention_s)
-        self.client.expire(keys.events_key(run_id), self.retention_s)
+        """Fail a run whose first tasks could not be published, with its ``run_failed`` event and ``finished_at``.
+
+        One script (``lua/fail_dispatch.lua``), so the run never sits ``running`` nor ends without its final event.
+        """
+        raw = self._scripts["fail_dispatch"](keys=_run_keys(run_id), args=[message, self.retention_s])
+        reply = [_text(x) for x in raw]
+        if reply[0] == "ok":
+            self.client.zrem(keys.DEADLINES, keys.deadline_member(run_id, reply[1]))
 
     # -- step transitions ----------------------------------------------------------------------------------------
 
@@ -293,8 +301,8 @@ class RedisStateStore:
             rows = reply[9:]
             return Claim(
                 outcome="ok",
-                attempt=int(reply[1]) - int(reply[5] or 0),
-                total_attempts=int(reply[1]),
+                attempt=int(reply[1]),
+                generation_attempt=int(reply[1]) - int(reply[5] or 0),
                 now=float(reply[2]),
                 errors=json.loads(reply[3]) if reply[3] else [],
                 inputs=json.loads(reply[4]),
@@ -350,8 +358,14 @@ class RedisStateStore:
         reply = [_text(x) for x in replies[1 if held else 0]]
         released = tuple(reply[2:]) if reply[0] == "ok" else ()
         unreleased = [keys.lease_member(run_id, c, t) for c, t in held.items() if c not in released]
-        if unreleased:
-            self.client.zrem(keys.LEASES, *unreleased)
+        ended = reply[0] == "ok" and reply[1] != ""
+        if unreleased or ended:
+            pipe = self.client.pipeline(transaction=False)
+            if unreleased:
+                pipe.zrem(keys.LEASES, *unreleased)
+            if ended:
+                pipe.zrem(keys.DEADLINES, keys.deadline_member(run_id, generation))
+            pipe.execute()
         if reply[0] != "ok":
             return Finish(recorded=False)
         return Finish(recorded=True, run_status=reply[1] or None, released=released,
@@ -449,11 +463,18 @@ class RedisStateStore:
         reply = [_text(x) for x in self._scripts["stop"](keys=_run_keys(run_id), args=argv)]
         if reply[0] != "ok":
             return Stop(outcome=reply[0], detail=reply[1] if len(reply) > 1 else "")
-        pairs = reply[2:]
+        stopped_gen, pairs = reply[2], reply[3:]
         interrupted = tuple((pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2))
         members = [keys.lease_member(run_id, s, t) for s, t in interrupted if t]
+        pipe = self.client.pipeline(transaction=False)
         if members:
-            self.client.zrem(keys.LEASES, *members)
+            pipe.zrem(keys.LEASES, *members)
+        # The ended run's timers go with it: a deadline or an approval timeout left behind would fire into a later
+        # generation (or linger in the index for as long as the workflow's timeout).
+        pipe.zrem(keys.DEADLINES, keys.deadline_member(run_id, stopped_gen))
+        if steps:
+            pipe.zrem(keys.APPROVALS, *(keys.approval_member(run_id, stopped_gen, step) for step in steps))
+        pipe.execute()
         return Stop(outcome="ok", detail=reply[1], interrupted=interrupted)
 
     def resume(self, run_id: str, plan: ResumePlan) -> tuple[str, str]:
@@ -474,13 +495,21 @@ class RedisStateStore:
         for step, status, pending in plan.resets:
             argv += [step, status, pending]
         reply = [_text(x) for x in self._scripts["resume"](keys=_run_keys(run_id), args=argv)]
-        if reply[0] == "ok" and reply[2]:
-            self.add_deadline(run_id, reply[1], float(reply[2]))
+        if reply[0] == "ok":
+            # Timers of the generation left behind must not fire into the new one; fresh ones are set as steps wait.
+            old = plan.expected_generation
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrem(keys.DEADLINES, keys.deadline_member(run_id, old))
+            if plan.resets:
+                pipe.zrem(keys.APPROVALS, *(keys.approval_member(run_id, old, step) for step, _, _ in plan.resets))
+            if reply[2]:
+                pipe.zadd(keys.DEADLINES, {keys.deadline_member(run_id, reply[1]): float(reply[2])})
+            pipe.execute()
         return reply[0], reply[1]
 
     def add_deadline(self, run_id: str, generation: str, at: float) -> None:
         """Schedule the run's workflow deadline (durable: swept by any worker, whenever one runs)."""
-        self.client.zadd(keys.DEADLINES, {f"{run_id}|{generation}": at})
+        self.client.zadd(keys.DEADLINES, {keys.deadline_member(run_id, generation): at})
 
     def due_deadlines(self, limit: int = 500) -> list[tuple[str, str]]:
         """``(run_id, generation)`` of deadlines that have passed, by Redis's clock."""
@@ -494,7 +523,7 @@ class RedisStateStore:
 
     def drop_deadline(self, run_id: str, generation: str) -> None:
         """Forget a deadline that fired or no longer applies."""
-        self.client.zrem(keys.DEADLINES, f"{run_id}|{generation}")
+        self.client.zrem(keys.DEADLINES, keys.deadline_member(run_id, generation))
 
     # -- approvals -----------------------------------------------------------------------------------------------
 
@@ -510,7 +539,7 @@ class RedisStateStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, attempt.task_id))
         if reply[0] == "ok" and reply[1]:
-            pipe.zadd(keys.APPROVALS, {f"{run_id}|{attempt.generation}|{step}": float(reply[1])})
+            pipe.zadd(keys.APPROVALS, {keys.approval_member(run_id, attempt.generation, step): float(reply[1])})
         pipe.execute()
         return reply[0] == "ok"
 
@@ -519,16 +548,17 @@ class RedisStateStore:
 
         Returns:
             ``("ok", generation)`` (the step now runs under ``decision.task_id``, lease indexed: finish it next),
-            ``("forbidden", "")``, ``("not_waiting", step_status)`` or ``("missing", "")``.
+            ``("forbidden", "")``, ``("not_waiting", step_status)``, ``("stale", run_generation)`` or
+            ``("missing", "")``.
         """
         argv: list[Any] = [step, decision.decision, decision.by, decision.comment, "1" if decision.allowed else "0",
-                           decision.task_id, decision.lease_s]  # fmt: skip
+                           decision.task_id, decision.lease_s, decision.generation, MAX_AUDIT_ENTRIES]  # fmt: skip
         reply = [_text(x) for x in self._scripts["decide"](keys=_run_keys(run_id), args=argv)]
         if reply[0] != "ok":
             return reply[0], reply[1] if len(reply) > 1 else ""
         pipe = self.client.pipeline(transaction=False)
         pipe.zadd(keys.LEASES, {keys.lease_member(run_id, step, decision.task_id): time.time() + decision.lease_s})
-        pipe.zrem(keys.APPROVALS, f"{run_id}|{reply[1]}|{step}")
+        pipe.zrem(keys.APPROVALS, keys.approval_member(run_id, reply[1], step))
         pipe.execute()
         return "ok", reply[1]
 
@@ -544,7 +574,7 @@ class RedisStateStore:
 
     def drop_approval(self, run_id: str, generation: str, step: str) -> None:
         """Forget an approval timeout that fired or no longer applies."""
-        self.client.zrem(keys.APPROVALS, f"{run_id}|{generation}|{step}")
+        self.client.zrem(keys.APPROVALS, keys.approval_member(run_id, generation, step))
 
     # -- events --------------------------------------------------------------------------------------------------
 

@@ -301,7 +301,9 @@ def test_the_token_s_principal_decides_an_approval_and_anyone_else_gets_403(
     assert again.status_code == 409
     view = client.wait(run_id, timeout=30)
     assert view["status"] == "succeeded"
-    assert [a["by"] for a in view["steps"]["review"]["approval"]["audit"]] == ["admin", "editor", "editor"]
+    # The late "reject" is audited only if it came before the run ended (publish may have finished first).
+    audit = [a["by"] for a in view["steps"]["review"]["approval"]["audit"]]
+    assert audit in (["admin", "editor"], ["admin", "editor", "editor"])
 
 
 # -- client mistakes ------------------------------------------------------------------------------------------------

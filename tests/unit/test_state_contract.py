@@ -6,6 +6,7 @@ own ``TIME``, short leases are used and the test polls for the condition with a 
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from orchestrator.events import Event
 from orchestrator.redis_server import RedisServer, find_redis_server
 from orchestrator.spec import WorkflowSpec, parse_workflow
 from orchestrator.state import Attempt, MemoryStateStore, RedisStateStore, RunStatus, StateStore, StepOutcome, keys
-from orchestrator.state.base import Reclaim, ResumePlan, Stop
+from orchestrator.state.base import MAX_AUDIT_ENTRIES, Decision, Reclaim, ResumePlan, Stop
 from orchestrator.status import run_view
 
 pytestmark = pytest.mark.timeout(30)
@@ -1138,7 +1139,9 @@ def test_a_resume_resets_the_planned_steps_and_starts_the_next_generation(backen
     backend.assert_expires_in("run1", 4 * RETENTION_S)
 
 
-def test_after_a_resume_the_old_generation_is_stale_and_attempts_count_from_the_new_base(backend: Backend) -> None:
+def test_after_a_resume_the_old_generation_is_stale_and_the_retry_budget_counts_from_the_new_base(
+    backend: Backend,
+) -> None:
     start(backend, SINGLE)
     old = attempt("a", "t1")
     claim(backend, SINGLE, old)
@@ -1151,10 +1154,10 @@ def test_after_a_resume_the_old_generation_is_stale_and_attempts_count_from_the_
     assert not finish(backend, SINGLE, old).recorded
     new = attempt("a", "t2", generation="2")
     got = claim(backend, SINGLE, new)
-    assert (got.outcome, got.attempt, got.total_attempts, got.errors) == ("ok", 1, 3, [RATE_LIMITED])
+    assert (got.outcome, got.attempt, got.generation_attempt, got.errors) == ("ok", 3, 1, [RATE_LIMITED])
     assert retry(backend, new)
     again = claim(backend, SINGLE, new)
-    assert (again.attempt, again.total_attempts) == (2, 4)
+    assert (again.attempt, again.generation_attempt) == (4, 2)
     assert finish(backend, SINGLE, new).run_status == "succeeded"
 
 
@@ -1196,7 +1199,7 @@ def test_a_claim_reports_force_only_for_the_step_a_resume_starts_from(backend: B
 
     got = claim(backend, CHAIN, attempt("b", "b2", generation="2"))
 
-    assert (got.outcome, got.force, got.cache_key, got.attempt, got.total_attempts) == ("ok", True, "kb", 1, 2)
+    assert (got.outcome, got.force, got.cache_key, got.attempt, got.generation_attempt) == ("ok", True, "kb", 2, 1)
     assert finish(backend, CHAIN, attempt("b", "b2", generation="2"), output={"y": 3}, cache_key="kb2").recorded
     fields = step_fields(backend, "b")
     assert (fields["force"], fields["output"], fields["cache_key"]) == ("", '{"y":3}', "kb2")
@@ -1508,8 +1511,8 @@ def test_a_resume_tells_the_new_generation_then_queues_only_the_reset_steps_that
     ]
     assert journal.record(lambda: claim(backend, CHAIN, attempt("b", "b2", generation="2"))) == []  # still pending
     a2 = attempt("a", "a2", generation="2")
-    assert journal.record(lambda: claim(backend, CHAIN, a2)) == [started("a", 1)]
-    assert journal.record(lambda: finish(backend, CHAIN, a2)) == [("step_succeeded", "a", 1, {}), queued("b")]
+    assert journal.record(lambda: claim(backend, CHAIN, a2)) == [started("a", 2)]
+    assert journal.record(lambda: finish(backend, CHAIN, a2)) == [("step_succeeded", "a", 2, {}), queued("b")]
 
 
 def test_after_a_resume_the_start_and_the_end_of_one_attempt_carry_the_same_attempt_number(backend: Backend) -> None:
@@ -1517,13 +1520,13 @@ def test_after_a_resume_the_start_and_the_end_of_one_attempt_carry_the_same_atte
     run_step(backend, SINGLE, "a", StepOutcome.FAILED)
     assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
     a2 = attempt("a", "a2", generation="2")
-    assert claim(backend, SINGLE, a2).attempt == 1
+    assert claim(backend, SINGLE, a2).attempt == 2
 
     finish(backend, SINGLE, a2)
 
     start_event, end_event = backend.store.events("run1", after=7, count=2)
     assert (start_event.type, end_event.type) == ("step_started", "step_succeeded")
-    assert start_event.attempt == end_event.attempt == 1
+    assert start_event.attempt == end_event.attempt == 2
 
 
 def test_a_retry_event_carries_the_error_exactly_as_it_was_given(backend: Backend) -> None:
@@ -1707,3 +1710,166 @@ def test_run_level_events_are_announced_in_one_global_stream_in_order(backend: B
         {"run_id": "run2", "type": "run_started", "workflow": "single"},
         {"run_id": "run1", "type": "run_succeeded", "workflow": "chain"},
     ]
+
+
+# -- hostile input: bounded audits, timers that end with their run, one attempt count (issue 12) -----------------
+
+
+def timed(spec: WorkflowSpec, timeout_s: float) -> WorkflowSpec:
+    """``spec`` with a workflow deadline of ``timeout_s``."""
+    return parse_workflow({**spec.to_json_dict(), "name": f"{spec.name}_timed", "timeout_s": timeout_s})
+
+
+def wait_in(backend: Backend, at: Attempt, timeout_s: float | None = LONG_LEASE_S) -> None:
+    """Claim ``at`` and park its step waiting for a decision."""
+    assert claim(backend, SINGLE, at).outcome == "ok"
+    assert backend.store.wait_for_decision(at, {"approvers": ["alice"]}, timeout_s)
+
+
+def decision(
+    by: str = "alice", *, allowed: bool = True, comment: str = "", generation: str = "", verdict: str = "approve"
+) -> Decision:
+    """A decision on step ``a``, recorded under a task id of its own."""
+    return Decision(verdict, by, comment, allowed, f"decision-{by}-{comment}", generation=generation)
+
+
+def audit_of(backend: Backend, step: str = "a") -> list[dict[str, Any]]:
+    raw = step_fields(backend, step).get("audit", "")
+    return list(json.loads(raw)) if raw else []
+
+
+def test_a_cancelled_run_leaves_no_approval_timeout_behind_to_fire(backend: Backend) -> None:
+    start(backend, SINGLE)
+    wait_in(backend, attempt("a", "t1"), timeout_s=SHORT_LEASE_S)
+
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == "ok"
+
+    assert not backend.wait_past(SHORT_LEASE_S, lambda: backend.store.due_approvals() != [])
+
+
+def test_a_timeout_set_for_an_earlier_generation_decides_nothing_in_a_resumed_run(backend: Backend) -> None:
+    start(backend, SINGLE)
+    wait_in(backend, attempt("a", "t1"))
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == "ok"
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
+    wait_in(backend, attempt("a", "t2", generation="2"))
+
+    late = decision("timeout", verdict="timeout:approve", generation="1")
+    assert backend.store.decide("run1", "a", late) == ("stale", "2")
+
+    assert step_fields(backend, "a")["status"] == "waiting"
+    assert audit_of(backend) == []
+    assert backend.store.decide("run1", "a", decision("timeout", verdict="timeout:approve", generation="2"))[0] == "ok"
+
+
+def test_an_approval_audit_keeps_the_newest_entries_and_never_loses_the_accepted_decision(backend: Backend) -> None:
+    start(backend, DIAMOND)
+    a = attempt("a", "ta")
+    assert claim(backend, DIAMOND, a).outcome == "ok"
+    assert backend.store.wait_for_decision(a, {}, None)
+    assert backend.store.decide("run1", "a", decision("alice", comment="ok"))[0] == "ok"
+    refusals = MAX_AUDIT_ENTRIES + 20
+
+    for i in range(refusals):
+        assert backend.store.decide("run1", "a", decision("mallory", allowed=False, comment=str(i))) == (
+            "forbidden",
+            "",
+        )
+
+    audit = audit_of(backend)
+    assert len(audit) == MAX_AUDIT_ENTRIES
+    assert (audit[0]["by"], audit[0]["outcome"]) == ("alice", "accepted")
+    assert [e["comment"] for e in audit[1:]] == [str(i) for i in range(refusals - MAX_AUDIT_ENTRIES + 1, refusals)]
+
+
+def test_a_decision_refused_after_the_run_ended_is_not_audited(backend: Backend) -> None:
+    start(backend, SINGLE)
+    wait_in(backend, attempt("a", "t1"))
+    outcome, generation = backend.store.decide("run1", "a", decision("alice"))
+    assert outcome == "ok"
+    assert finish(backend, SINGLE, Attempt("run1", "a", generation, "decision-alice-")).run_status == "succeeded"
+
+    assert backend.store.decide("run1", "a", decision("alice", verdict="reject")) == ("not_waiting", "succeeded")
+    assert backend.store.decide("run1", "a", decision("mallory", allowed=False)) == ("forbidden", "")
+
+    assert [(e["by"], e["outcome"]) for e in audit_of(backend)] == [("alice", "accepted")]
+
+
+def test_a_run_whose_dispatch_failed_ends_with_its_final_event_and_finish_time(backend: Backend) -> None:
+    start(backend, CHAIN)
+
+    backend.store.mark_dispatch_failed("run1", "broker down")
+
+    last = backend.store.events("run1")[-1]
+    assert (last.type, last.data) == ("run_failed", {"reason": "broker down"})
+    fields = backend.store.run_fields("run1")
+    assert float(fields["finished_at"]) == pytest.approx(backend.now(), abs=POLL_MARGIN_S)
+    assert fields["seq"] == str(last.seq)
+
+
+def test_marking_the_dispatch_of_an_unknown_or_ended_run_failed_changes_nothing(backend: Backend) -> None:
+    start(backend, SINGLE)
+    run_step(backend, SINGLE, "a")
+    before = backend.store.run_fields("run1")
+
+    backend.store.mark_dispatch_failed("run1", "broker down")
+    backend.store.mark_dispatch_failed("ghost", "broker down")
+
+    assert backend.store.run_fields("run1") == before
+    with pytest.raises(RunNotFoundError):
+        backend.store.run_fields("ghost")
+
+
+def _finish_run(backend: Backend, spec: WorkflowSpec) -> None:
+    run_step(backend, spec, "a", StepOutcome.FAILED)
+
+
+def _cancel_run(backend: Backend, spec: WorkflowSpec) -> None:
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == "ok"
+
+
+def _fail_dispatch(backend: Backend, spec: WorkflowSpec) -> None:
+    backend.store.mark_dispatch_failed("run1", "broker down")
+
+
+@pytest.mark.parametrize("end", [_finish_run, _cancel_run, _fail_dispatch], ids=["finished", "cancelled", "dispatch"])
+def test_a_run_that_ends_leaves_the_deadline_index(
+    backend: Backend, end: Callable[[Backend, WorkflowSpec], None]
+) -> None:
+    spec = timed(SINGLE, SHORT_LEASE_S)
+    start(backend, spec)
+
+    end(backend, spec)
+
+    assert not backend.wait_past(SHORT_LEASE_S, lambda: backend.store.due_deadlines() != [])
+
+
+def test_a_resumed_run_keeps_only_the_deadline_of_its_new_generation(backend: Backend) -> None:
+    spec = timed(SINGLE, SHORT_LEASE_S)
+    start(backend, spec)
+    run_step(backend, spec, "a", StepOutcome.FAILED)
+    backend.store.add_deadline("run1", "1", backend.now())  # as if a worker died before dropping it
+
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
+
+    assert backend.wait_past(SHORT_LEASE_S, lambda: backend.store.due_deadlines() != [])
+    assert backend.store.due_deadlines() == [("run1", "2")]
+
+
+def test_attempt_numbers_run_on_across_generations_in_claims_events_and_status(backend: Backend) -> None:
+    start(backend, SINGLE)
+    first = attempt("a", "t1")
+    claim(backend, SINGLE, first)
+    assert finish(backend, SINGLE, first, StepOutcome.FAILED, error={"type": "boom", "attempt": 1}).recorded
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
+    second = attempt("a", "t2", generation="2")
+
+    got = claim(backend, SINGLE, second)
+    assert retry(backend, second)
+    again = claim(backend, SINGLE, second)
+
+    assert (got.attempt, got.generation_attempt, again.attempt, again.generation_attempt) == (2, 1, 3, 2)
+    numbers = [(e.type, e.attempt) for e in backend.store.events("run1") if e.step == "a" and e.attempt]
+    assert numbers == [("step_started", 1), ("step_failed", 1), ("step_started", 2), ("step_retry", 2),
+                       ("step_started", 3)]  # fmt: skip
+    assert run_view(backend.store.run_fields("run1"), SINGLE)["steps"]["a"]["attempts"] == again.attempt

@@ -2,6 +2,8 @@
 -- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, generation, task_id, lease_s, n_parents, parents..., n_children, children...
 -- Returns {outcome, ...}:
 --   {"ok", attempt, now, errors, inputs, attempt_base, cache_key, force, queued_at, p1_status, p1_output, ...}  run it
+-- Attempts are numbered over the run's whole life (a resume does not start over: status, events and error records
+-- all show this one number); attempt_base, the count when the generation began, gives the retry policy its own.
 --   {"inactive", run_status or "deadline"} | {"stale"} | {"superseded"} | {"busy", "own" or ""} | {"missing"}
 --   {"done", step_status, c1_status, c1_task, ...}   a duplicate delivery of a finished step
 local run, events = KEYS[1], KEYS[2]
@@ -46,7 +48,7 @@ if attempts == 1 or not redis.call('HGET', run, p .. 'started_at') then
   fields[#fields + 1] = string.format('%.6f', now)
 end
 events_from(head[13])
-emit(run, events, string.format('%.6f', now), 'step_started', step, attempts - (tonumber(head[9]) or 0), '')
+emit(run, events, string.format('%.6f', now), 'step_started', step, attempts, '')
 fields[#fields + 1] = 'seq'
 fields[#fields + 1] = _seq
 redis.call('HSET', run, unpack(fields))

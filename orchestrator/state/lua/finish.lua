@@ -7,10 +7,9 @@ local run, events = KEYS[1], KEYS[2]
 local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local output, err, retention, cache_key, cached = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
 local p = 's:' .. step .. ':'
-local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts',
-  p .. 'attempt_base', 'seq')
+local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts', 'seq')
 if head[1] ~= gen or head[2] ~= 'running' or head[3] ~= task then return {'stale'} end
-events_from(head[7])
+events_from(head[6])
 
 local t = redis.call('TIME')
 local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
@@ -34,7 +33,7 @@ if err ~= '' then
   fields[#fields + 1] = cjson.encode(errors)
 end
 redis.call('HSET', run, unpack(fields))
-local attempt = (tonumber(head[5]) or 0) - (tonumber(head[6]) or 0)
+local attempt = tonumber(head[5]) or 0
 local detail = err
 if outcome == 'succeeded' then
   if cached == '1' then detail = '{"cached":true}' elseif ARGV[10] ~= '' then detail = ARGV[10] end

@@ -6,8 +6,7 @@ local run, events = KEYS[1], KEYS[2]
 local step, gen, task, err = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local countdown, grace = tonumber(ARGV[5]), tonumber(ARGV[6])
 local p = 's:' .. step .. ':'
-local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts',
-  p .. 'attempt_base')
+local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts')
 if head[1] ~= gen or head[2] ~= 'running' or head[3] ~= task then return false end
 local t = redis.call('TIME')
 local clock = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -17,7 +16,7 @@ local errors = cjson.decode(head[4] ~= false and head[4] ~= '' and head[4] or '[
 errors[#errors + 1] = cjson.decode(err)
 redis.call('HSET', run, p .. 'status', 'queued', p .. 'lease', lease, p .. 'queued_at', now, p .. 'error', err,
   p .. 'errors', cjson.encode(errors))
-local attempt = (tonumber(head[5]) or 0) - (tonumber(head[6]) or 0)
+local attempt = tonumber(head[5]) or 0
 -- Joined as text, not re-encoded: cjson would round numbers and turn empty lists into objects.
 emit(run, events, now, 'step_retry', step, attempt, '{"error":' .. err .. ',"countdown_s":' .. ARGV[5] .. '}')
 emitted(run)

@@ -1,7 +1,7 @@
 -- End a run early: cancelled by a user or timed out at its deadline. No step starts after this returns: every
 -- claim checks the run's status. Finished steps keep their outputs; unfinished ones become "cancelled".
 -- KEYS[1] run hash, KEYS[2] its event stream. ARGV: final_status, reason, retention_s, expected_generation ('' for any), steps...
--- Returns {"ok", stopped_at, step, task_id, ...} for the steps that were running (to interrupt),
+-- Returns {"ok", stopped_at, generation, step, task_id, ...} for the steps that were running (to interrupt),
 -- {"finished", status} when the run had already ended, {"stale"} for another generation, {"missing"}.
 local run, events = KEYS[1], KEYS[2]
 local final, reason, retention, gen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
@@ -12,7 +12,7 @@ if head[1] ~= 'running' and head[1] ~= 'waiting' and head[1] ~= 'pending' then r
 local t = redis.call('TIME')
 local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
 redis.call('HSET', run, 'status', final, 'finished_at', now, 'stopped_at', now, 'error', reason)
-local out = {'ok', now}
+local out = {'ok', now, head[2]}
 for i = 5, #ARGV do
   local p = 's:' .. ARGV[i] .. ':'
   local row = redis.call('HMGET', run, p .. 'status', p .. 'task')
