@@ -17,6 +17,7 @@ from orchestrator.errors import (
     UnknownWorkflowError,
     WorkflowDefinitionError,
 )
+from orchestrator.principals import TIMEOUT_PRINCIPAL, reserved_message
 from orchestrator.registry import workflows
 from orchestrator.settings import Settings
 from orchestrator.spec import ApprovalParams, WorkflowSpec
@@ -83,6 +84,10 @@ def _deployed(pinned: WorkflowSpec) -> WorkflowSpec | None:
     return current if current.definition_hash != pinned.definition_hash else None
 
 
+_HUMAN_DECISIONS = frozenset({"approve", "reject"})
+_TIMEOUT_DECISIONS = frozenset({"timeout:approve", "timeout:reject", "timeout:fail"})
+
+
 def decide_step(
     app: Celery,
     settings: Settings,
@@ -93,21 +98,28 @@ def decide_step(
     decision: str,
     by: str,
     comment: str = "",
+    timed_out: bool = False,
 ) -> dict[str, Any]:
     """Approve or reject a waiting approval step as ``by``; the first allowed decision wins.
 
-    ``decision`` is ``approve`` or ``reject``, or what a timeout decides (``timeout:approve``, ``timeout:reject``,
-    ``timeout:fail``, with ``by="timeout"``). Every attempt is audited, allowed or not.
+    ``decision`` is ``approve`` or ``reject`` by one of the step's approvers. Only the sweeper passes
+    ``timed_out=True``, with what the timeout decides (``timeout:approve``, ``timeout:reject``, ``timeout:fail``) and
+    ``by="timeout"`` for the audit trail: the flag allows that decision, a name never does, so ``by="timeout"``
+    without it is refused like any stranger. Every attempt is audited, allowed or not.
 
     Returns:
         The decision as recorded (the step's output).
 
     Raises:
+        ValueError: ``decision`` does not fit ``timed_out`` (a ``timeout:`` decision needs the flag and vice versa).
         RunNotFoundError: No such run.
         WorkflowDefinitionError: No such step, or it is not an approval step.
         DecisionRefusedError: ``by`` is not an approver (``reason="not_an_approver"``), or the step is not waiting
             (``reason="not_waiting"``: decided already, not reached yet, or the run ended).
     """
+    allowed_decisions = _TIMEOUT_DECISIONS if timed_out else _HUMAN_DECISIONS
+    if decision not in allowed_decisions:
+        raise ValueError(f"decision {decision!r} is not one of {', '.join(sorted(allowed_decisions))}")
     fields = store.run_fields(run_id)
     spec = store.load_definition(fields["def_hash"])
     step_spec = spec.steps_by_name.get(step)
@@ -118,11 +130,15 @@ def decide_step(
             f"step {step!r} is not waiting for a decision (it is a {step_spec.uses.value} step, not an approval)",
             reason="not_waiting",
         )
-    allowed = by == "timeout" or by in step_spec.params.approvers
+    # The timeout's audit name grants nothing by itself: a step listing "timeout" as an approver gains no backdoor.
+    allowed = timed_out or (by != TIMEOUT_PRINCIPAL and by in step_spec.params.approvers)
     token = f"decision-{uuid.uuid4().hex}"
     outcome, detail = store.decide(run_id, step, Decision(decision, by, comment, allowed, token))
     if outcome == "missing":
         raise RunNotFoundError(run_id)
+    if outcome == "forbidden" and by == TIMEOUT_PRINCIPAL:
+        raise DecisionRefusedError(f"{by!r} may not decide step {step!r}: {reserved_message(by)}",
+                                   reason="not_an_approver")  # fmt: skip
     if outcome == "forbidden":
         raise DecisionRefusedError(f"{by!r} may not decide step {step!r}: approvers are "
                                    f"{', '.join(step_spec.params.approvers)}", reason="not_an_approver")  # fmt: skip
