@@ -83,6 +83,11 @@ def _is_port(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 5
 
 
+def shown(value: str, limit: int = 100) -> str:
+    """``value`` quoted for a one-line error, cut at ``limit`` characters: headers may be kilobytes long."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
 def is_loopback_host_header(value: str | None) -> bool:
     """Whether a ``Host`` header names this machine's loopback (``localhost``, 127.0.0.0/8, ``[::1]``, any port).
 
@@ -210,11 +215,11 @@ class ApiAuth:
         if self.enabled:
             return
         if not is_loopback_host_header(host):
-            raise AuthError(403, f"Host {host or ''!r} is not a loopback name: without {TOKENS_ENV} the API answers "
-                                 "only to localhost, 127.0.0.1 or [::1]")  # fmt: skip
+            raise AuthError(403, f"Host {shown(host or '')} is not a loopback name: without {TOKENS_ENV} the API "
+                                 "answers only to localhost, 127.0.0.1 or [::1]")  # fmt: skip
         if origin is not None and not is_loopback_origin(origin):
-            raise AuthError(403, f"Origin {origin!r} is not a loopback origin: without {TOKENS_ENV} the API refuses "
-                                 "requests from other sites")  # fmt: skip
+            raise AuthError(403, f"Origin {shown(origin)} is not a loopback origin: without {TOKENS_ENV} the API "
+                                 "refuses requests from other sites")  # fmt: skip
 
     def authorize(self, token: str | None, scope: Scope, client_host: str | None) -> Principal:
         """Who may do something that needs ``scope``.

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from orchestrator.api.auth import ApiAuth, AuthError
+from orchestrator.api.auth import ApiAuth, AuthError, shown
 from orchestrator.api.ws import refuse_handshake
 
 JSON_MEDIA_TYPE = "application/json"
@@ -36,7 +36,7 @@ def body_problem(method: str, headers: Headers) -> str | None:
         return None
     if not media_type and headers.get("content-length", "0").strip() == "0" and "transfer-encoding" not in headers:
         return None
-    return f"Content-Type {content_type!r} is not {JSON_MEDIA_TYPE}: request bodies must be JSON"
+    return f"Content-Type {shown(content_type)} is not {JSON_MEDIA_TYPE}: request bodies must be JSON"
 
 
 class BrowserGuardMiddleware:

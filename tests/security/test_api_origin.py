@@ -130,6 +130,15 @@ def test_a_submit_from_a_foreign_origin_is_refused_and_writes_nothing(
     assert footprint(redis_client) == before
 
 
+def test_a_huge_foreign_origin_is_named_in_a_short_detail(http: httpx.Client, running: str) -> None:
+    origin = "https://" + "e" * 10_000 + ".example"
+
+    answer = http.post(f"/runs/{running}/cancel", headers={"Origin": origin})
+
+    assert_refused(answer, 403, "Origin 'https://eeee")
+    assert len(answer.json()["detail"]) < 300
+
+
 # -- DNS rebinding -----------------------------------------------------------------------------------------------------
 
 
