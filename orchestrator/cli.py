@@ -18,6 +18,7 @@ from rich.table import Table
 from orchestrator.errors import OrchestratorError, StoreUnavailableError
 from orchestrator.files import load_workflow_file
 from orchestrator.inputs import parse_cli_inputs
+from orchestrator.principals import is_reserved, reserved_message
 from orchestrator.redis_url import redact_url
 from orchestrator.registry import import_modules, workflows
 from orchestrator.settings import Settings
@@ -204,6 +205,8 @@ def resume(run_id: str, from_step: str | None, wait: bool, as_json: bool, allow_
 
 
 def _decide(decision: str, run_id: str, step: str, who: str, comment: str) -> None:
+    if is_reserved(who):
+        _fail(f"--as: {reserved_message(who)}")
     client = _client(_settings())
     try:
         if decision == "approve":

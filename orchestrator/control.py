@@ -18,6 +18,7 @@ from orchestrator.errors import (
     UnknownWorkflowError,
     WorkflowDefinitionError,
 )
+from orchestrator.principals import TIMEOUT_PRINCIPAL, reserved_message
 from orchestrator.registry import workflows
 from orchestrator.settings import Settings
 from orchestrator.spec import ApprovalParams, WorkflowSpec
@@ -92,6 +93,10 @@ def _deployed(pinned: WorkflowSpec) -> WorkflowSpec | None:
     return current if current.definition_hash != pinned.definition_hash else None
 
 
+_HUMAN_DECISIONS = frozenset({"approve", "reject"})
+_TIMEOUT_DECISIONS = frozenset({"timeout:approve", "timeout:reject", "timeout:fail"})
+
+
 def decide_step(
     app: Celery,
     settings: Settings,
@@ -102,12 +107,15 @@ def decide_step(
     decision: str,
     by: str,
     comment: str = "",
+    timed_out: bool = False,
     generation: str = "",
 ) -> dict[str, Any]:
     """Approve or reject a waiting approval step as ``by``; the first allowed decision wins.
 
-    ``decision`` is ``approve`` or ``reject``, or what a timeout decides (``timeout:approve``, ``timeout:reject``,
-    ``timeout:fail``, with ``by="timeout"``). Every attempt is audited, allowed or not, while the run lasts.
+    ``decision`` is ``approve`` or ``reject`` by one of the step's approvers. Only the sweeper passes
+    ``timed_out=True``, with what the timeout decides (``timeout:approve``, ``timeout:reject``, ``timeout:fail``) and
+    ``by="timeout"`` for the audit trail: the flag allows that decision, a name never does, so ``by="timeout"``
+    without it is refused like any stranger. Every attempt is audited, allowed or not, while the run lasts.
     ``generation`` (a timeout's) must be the run's current one: a timer set before a resume decides nothing after it.
 
     Returns:
@@ -115,6 +123,7 @@ def decide_step(
 
     Raises:
         InputValidationError: ``comment`` is longer than ``MAX_DECISION_COMMENT_CHARS``; nothing is written.
+        ValueError: ``decision`` does not fit ``timed_out`` (a ``timeout:`` decision needs the flag and vice versa).
         RunNotFoundError: No such run.
         WorkflowDefinitionError: No such step, or it is not an approval step.
         DecisionRefusedError: ``by`` is not an approver (``reason="not_an_approver"``), or the step is not waiting
@@ -125,6 +134,9 @@ def decide_step(
         raise InputValidationError(
             f"the comment is {len(comment)} characters; the limit is {MAX_DECISION_COMMENT_CHARS}"
         )
+    allowed_decisions = _TIMEOUT_DECISIONS if timed_out else _HUMAN_DECISIONS
+    if decision not in allowed_decisions:
+        raise ValueError(f"decision {decision!r} is not one of {', '.join(sorted(allowed_decisions))}")
     fields = store.run_fields(run_id)
     spec = store.load_definition(fields["def_hash"])
     step_spec = spec.steps_by_name.get(step)
@@ -135,7 +147,8 @@ def decide_step(
             f"step {step!r} is not waiting for a decision (it is a {step_spec.uses.value} step, not an approval)",
             reason="not_waiting",
         )
-    allowed = by == "timeout" or by in step_spec.params.approvers
+    # The timeout's audit name grants nothing by itself: a step listing "timeout" as an approver gains no backdoor.
+    allowed = timed_out or (by != TIMEOUT_PRINCIPAL and by in step_spec.params.approvers)
     token = f"decision-{uuid.uuid4().hex}"
     outcome, detail = store.decide(run_id, step, Decision(decision, by, comment, allowed, token, generation=generation))
     if outcome == "missing":
@@ -143,6 +156,9 @@ def decide_step(
     if outcome == "stale":
         raise DecisionRefusedError(f"step {step!r} is not waiting for a decision of generation {generation} (the run "
                                    f"is at generation {detail})", reason="not_waiting")  # fmt: skip
+    if outcome == "forbidden" and by == TIMEOUT_PRINCIPAL:
+        raise DecisionRefusedError(f"{by!r} may not decide step {step!r}: {reserved_message(by)}",
+                                   reason="not_an_approver")  # fmt: skip
     if outcome == "forbidden":
         raise DecisionRefusedError(f"{by!r} may not decide step {step!r}: approvers are "
                                    f"{', '.join(step_spec.params.approvers)}", reason="not_an_approver")  # fmt: skip

@@ -62,6 +62,9 @@ class Settings:
         metrics_port: ``ORCH_METRICS_PORT``: a worker serves Prometheus metrics of all its pool processes on this
             port (default 0: no endpoint).
         metrics_addr: ``ORCH_METRICS_ADDR``: the address that endpoint listens on.
+        metrics_max_series: ``ORCH_METRICS_MAX_SERIES``: distinct ``(workflow, step)`` and ``(workflow, model)``
+            label pairs each worker process reports by name; later ones go under ``workflow="_other"`` (names come
+            from submitted definitions, so they are bounded here).
         log_format: ``ORCH_LOG_FORMAT``: ``json`` (one JSON object a line), ``text``, or ``auto``: text when
             the log goes to a terminal, JSON otherwise (files, containers, pipes).
         log_level: ``ORCH_LOG_LEVEL``: ``DEBUG``, ``INFO`` …; default: the worker's ``--loglevel``, ``INFO``
@@ -100,6 +103,7 @@ class Settings:
     shared_reply_ttl_s: int = 7 * 24 * 3600
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
+    metrics_max_series: int = 2000
     log_format: str = "auto"
     log_level: str | None = None
     llm_shared_cooldown: bool = True
@@ -112,6 +116,8 @@ class Settings:
         for url in (self.redis_url, self.broker_url):
             if url is not None and is_sentinel_url(url):
                 parse_sentinel_url(url)
+        if self.metrics_max_series < 1:
+            raise ValueError(f"ORCH_METRICS_MAX_SERIES must be at least 1, not {self.metrics_max_series}")
         if self.priorities not in PRIORITY_MODES:
             raise ValueError(f"ORCH_PRIORITIES must be one of {', '.join(PRIORITY_MODES)}, not {self.priorities!r}")
 
@@ -120,8 +126,8 @@ class Settings:
         """Read settings from ``environ`` (default ``os.environ``).
 
         Raises:
-            ValueError: A number that does not parse, an unknown ``ORCH_PRIORITIES``, or a malformed Sentinel URL
-                (``RedisUrlError``).
+            ValueError: A number that does not parse, an unknown ``ORCH_PRIORITIES``, an ``ORCH_METRICS_MAX_SERIES``
+                below 1, or a malformed Sentinel URL (``RedisUrlError``).
         """
         env = os.environ if environ is None else environ
         names = {
@@ -149,6 +155,7 @@ class Settings:
             "shared_reply_ttl_s": "ORCH_SHARED_REPLY_TTL_S",
             "metrics_port": "ORCH_METRICS_PORT",
             "metrics_addr": "ORCH_METRICS_ADDR",
+            "metrics_max_series": "ORCH_METRICS_MAX_SERIES",
             "log_format": "ORCH_LOG_FORMAT",
             "log_level": "ORCH_LOG_LEVEL",
             "llm_shared_cooldown": "ORCH_LLM_SHARED_COOLDOWN",

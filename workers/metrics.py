@@ -5,6 +5,8 @@ worker switches ``prometheus_client`` to its multiprocess mode before the pool f
 its counters and histograms to files in ``PROMETHEUS_MULTIPROC_DIR``, and the endpoint in the main process adds them
 up with ``MultiProcessCollector``, next to the cluster gauges (queue depth, runs in flight) read from Redis at scrape
 time. Counters of a pool process that exits stay in its files, so totals never go down while the worker lives.
+Workflow, step and model labels are bounded per process by ``ORCH_METRICS_MAX_SERIES`` (see
+:mod:`orchestrator.telemetry.metrics`): with a prefork pool the endpoint shows up to that many pairs per pool process.
 
 ``PROMETHEUS_MULTIPROC_DIR`` left unset gets a private temporary directory, removed when the worker stops. When it is
 set, it must belong to this worker alone and be empty when the worker starts (``prometheus_client``'s rule): two
@@ -58,7 +60,9 @@ class WorkerMetricsEndpoint:
         return int(self._server.server_port) if self._server is not None else None
 
     def prepare(self) -> None:
-        """Switch to multiprocess mode; call in the main process before the pool forks (``worker_init``)."""
+        """Set the label budget, then go multiprocess; call in the main process before forking (``worker_init``)."""
+        # The budget applies with or without an endpoint: the in-process registry would grow just the same.
+        metrics.configure(max_series=self.settings.metrics_max_series)
         if not self.enabled:
             return
         directory = os.environ.get(MULTIPROC_DIR_ENV)

@@ -18,6 +18,7 @@ from orchestrator.backlog import queue_depths
 from orchestrator.control import DEADLINE_REASON, decide_step, stop_run
 from orchestrator.dispatch import dispatch
 from orchestrator.errors import DecisionRefusedError, RunNotFoundError
+from orchestrator.principals import TIMEOUT_PRINCIPAL
 from orchestrator.spec import ApprovalParams
 from orchestrator.state import RunStatus, keys
 from workers.runtime import Runtime, RuntimeHolder
@@ -93,8 +94,8 @@ def _fire_approval_timeouts(rt: Runtime) -> int:
             spec = rt.store.load_definition(rt.store.run_fields(run_id)["def_hash"])
             params = spec.steps_by_name[step].params
             on_timeout = params.on_timeout if isinstance(params, ApprovalParams) else "fail"
-            decide_step(rt.app, rt.settings, rt.store, run_id, step, decision=f"timeout:{on_timeout}", by="timeout",
-                        generation=generation)  # fmt: skip
+            decide_step(rt.app, rt.settings, rt.store, run_id, step, decision=f"timeout:{on_timeout}",
+                        by=TIMEOUT_PRINCIPAL, timed_out=True, generation=generation)  # fmt: skip
             count += 1
         except (RunNotFoundError, DecisionRefusedError, KeyError):
             pass  # decided meanwhile, or the run ended or expired: nothing left to time out

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from orchestrator.api import routes_meta, routes_runs, sse, ws
 from orchestrator.api.auth import TOKENS_ENV, ApiAuth, AuthError
 from orchestrator.api.context import ApiContext, StreamLimits
+from orchestrator.api.guard import BrowserGuardMiddleware
 from orchestrator.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from orchestrator.api.streams import EventHubs
 from orchestrator.errors import (
@@ -109,7 +110,9 @@ def create_app(
         title="orchestrator",
         summary="Submit, watch and control runs of multi-step LLM workflows.",
         description=(
-            "Send `Authorization: Bearer TOKEN` (tokens come from `ORCH_API_TOKENS`). Live events: "
+            "Send `Authorization: Bearer TOKEN` (tokens come from `ORCH_API_TOKENS`) and JSON bodies "
+            "(`Content-Type: application/json`). Without tokens only loopback clients are served, under a loopback "
+            "`Host`, from no foreign `Origin`. Live events: "
             "`GET /runs/{run_id}/events` (Server-Sent Events, resumes after `Last-Event-ID`) and the WebSocket "
             "`/runs/{run_id}/ws?after=SEQ` (each event as JSON text; not listed below, OpenAPI has no WebSockets)."
         ),
@@ -118,6 +121,8 @@ def create_app(
         max_body_size=MAX_BODY_BYTES + settings.max_input_bytes,
     )
     app.state.orchestrator = context
+    # Added first, so it runs inside the metrics middleware: refused requests are counted too.
+    app.add_middleware(BrowserGuardMiddleware, auth=auth)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     for router in (routes_runs.router, sse.router, ws.router, routes_meta.router, web_router):
         app.include_router(router)

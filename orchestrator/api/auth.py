@@ -21,9 +21,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.principals import ANONYMOUS_PRINCIPAL, is_reserved, reserved_message
 
 TOKENS_ENV = "ORCH_API_TOKENS"
-ANONYMOUS = "anonymous"
+ANONYMOUS = ANONYMOUS_PRINCIPAL
 
 
 class ApiConfigError(OrchestratorError):
@@ -65,6 +66,45 @@ class _TokenEntry(BaseModel):
     scopes: list[Scope] = Field(min_length=1)
 
 
+def _authority_host(authority: str) -> str | None:
+    """The host of ``name``, ``name:port``, ``[v6]`` or ``[v6]:port``; ``None`` when malformed."""
+    if authority.startswith("["):
+        host, bracket, rest = authority[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and _is_port(rest[1:]))):
+            return None
+        return host
+    host, colon, port = authority.partition(":")
+    if colon and not _is_port(port):
+        return None
+    return host
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5
+
+
+def shown(value: str, limit: int = 100) -> str:
+    """``value`` quoted for a one-line error, cut at ``limit`` characters: headers may be kilobytes long."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def is_loopback_host_header(value: str | None) -> bool:
+    """Whether a ``Host`` header names this machine's loopback (``localhost``, 127.0.0.0/8, ``[::1]``, any port).
+
+    A DNS rebinding attack reaches a loopback server under the attacker's own name, so that name is what it sends.
+    """
+    host = _authority_host(value.strip()) if value else None
+    return host is not None and is_loopback(host)
+
+
+def is_loopback_origin(origin: str) -> bool:
+    """Whether an ``Origin`` header is an ``http(s)`` origin on this machine's loopback (``null`` is not)."""
+    scheme, separator, authority = origin.strip().partition("://")
+    if not separator or scheme.lower() not in {"http", "https"}:
+        return False
+    return is_loopback_host_header(authority)
+
+
 def is_loopback(host: str | None) -> bool:
     """Whether ``host`` (an address or ``localhost``) is this machine's loopback interface."""
     if not host:
@@ -81,11 +121,22 @@ def is_loopback(host: str | None) -> bool:
 class ApiAuth:
     """The configured tokens; empty means "no authentication, loopback clients only".
 
+    No principal may take a reserved name (:mod:`orchestrator.principals`): ``timeout`` is who approval timeouts are
+    audited as, ``anonymous`` who a loopback client is without tokens.
+
     Attributes:
         tokens: ``(token, principal)`` pairs.
+
+    Raises:
+        ApiConfigError: A principal has a reserved name.
     """
 
     tokens: tuple[tuple[str, Principal], ...] = ()
+
+    def __post_init__(self) -> None:
+        for index, (_, principal) in enumerate(self.tokens, start=1):
+            if is_reserved(principal.name):
+                raise ApiConfigError(f"token {index}: {reserved_message(principal.name)}")
 
     @property
     def enabled(self) -> bool:
@@ -112,7 +163,8 @@ class ApiAuth:
         """Parse the ``ORCH_API_TOKENS`` JSON.
 
         Raises:
-            ApiConfigError: When it is not a JSON object of ``token -> {"principal", "scopes"}``.
+            ApiConfigError: When it is not a JSON object of ``token -> {"principal", "scopes"}``, or a principal has
+                a reserved name.
         """
         if not raw.strip():
             return cls()
@@ -136,6 +188,8 @@ class ApiAuth:
                     f"{'.'.join(str(p) for p in error['loc']) or 'entry'}: {error['msg']}" for error in exc.errors()
                 )
                 raise ApiConfigError(f"{where}: {problems}") from None
+            if is_reserved(parsed.principal):
+                raise ApiConfigError(f"{where}: {reserved_message(parsed.principal)}")
             tokens.append((token, Principal(parsed.principal, frozenset(parsed.scopes))))
         return cls(tuple(tokens))
 
@@ -146,6 +200,26 @@ class ApiAuth:
             if hmac.compare_digest(known.encode(), token.encode()):
                 found = principal
         return found
+
+    def check_browser(self, host: str | None, origin: str | None) -> None:
+        """Refuse what a web page could send from a browser on this machine while there are no tokens.
+
+        Without tokens, being on loopback is the only credential, and a browser on loopback carries it for any page
+        it shows: a page's form or fetch sends a foreign ``Origin``, and a DNS rebinding attack sends its own name as
+        ``Host``. So only loopback ``Host`` names are served, and an ``Origin``, when present, must be loopback
+        too. A bearer token is never sent by a browser on its own, so with tokens nothing here applies.
+
+        Raises:
+            AuthError: 403 naming the refused header.
+        """
+        if self.enabled:
+            return
+        if not is_loopback_host_header(host):
+            raise AuthError(403, f"Host {shown(host or '')} is not a loopback name: without {TOKENS_ENV} the API "
+                                 "answers only to localhost, 127.0.0.1 or [::1]")  # fmt: skip
+        if origin is not None and not is_loopback_origin(origin):
+            raise AuthError(403, f"Origin {shown(origin)} is not a loopback origin: without {TOKENS_ENV} the API "
+                                 "refuses requests from other sites")  # fmt: skip
 
     def authorize(self, token: str | None, scope: Scope, client_host: str | None) -> Principal:
         """Who may do something that needs ``scope``.

@@ -1,6 +1,7 @@
 """The API's own Prometheus metrics, in a registry per app (``GET /metrics`` exposes it).
 
-Requests are counted by route template, never by raw path, so run ids do not explode the label space. The same
+Requests are counted by route template, never by raw path, so run ids do not explode the label space; a method
+outside the standard ones is counted as ``OTHER``, since a client may send any token there. The same
 registry also carries the cluster gauges (queue depth, runs in flight; :mod:`orchestrator.telemetry.cluster`), read
 from Redis at scrape time. Step and LLM metrics come from the workers' own endpoints (``ORCH_METRICS_PORT``).
 """
@@ -14,6 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.settings import Settings
 from orchestrator.telemetry.cluster import ClusterCollector
+
+# RFC 9110's methods plus PATCH; HTTP servers pass any other token through, and each would be a new series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
 class ApiMetrics:
@@ -85,4 +89,5 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, capture)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            self.metrics.requests.labels(method, route, str(status)).inc()

@@ -101,8 +101,8 @@ async def _until_disconnect(websocket: WebSocket) -> None:
         pass
 
 
-async def _refuse(websocket: WebSocket, status_code: int, message: str) -> None:
-    """Answer the handshake with an HTTP error where the server allows it, else close with 4000 + status."""
+async def refuse_handshake(websocket: WebSocket, status_code: int, message: str) -> None:
+    """Refuse a WebSocket handshake: an HTTP error where the server allows it, else a close with 4000 + status."""
     body = JSONResponse({"detail": message}, status_code=status_code)
     if status_code == 401:
         body.headers["WWW-Authenticate"] = "Bearer"
@@ -130,18 +130,18 @@ async def run_events_ws(
             websocket.client.host if websocket.client else None,
         )
     except AuthError as exc:
-        await _refuse(websocket, exc.status_code, str(exc))
+        await refuse_handshake(websocket, exc.status_code, str(exc))
         return
     try:
         if not await run_exists(ctx.aredis, run_id):
-            await _refuse(websocket, 404, f"unknown run {run_id!r}")
+            await refuse_handshake(websocket, 404, f"unknown run {run_id!r}")
             return
         await websocket.accept()
         code = await _stream(ctx, websocket, run_id, after)
     except RedisError as exc:
         log.warning("websocket stream of run %s: Redis does not answer: %s", run_id, exc)
         if websocket.client_state == WebSocketState.CONNECTING:
-            await _refuse(websocket, 503, "Redis does not answer; try again")
+            await refuse_handshake(websocket, 503, "Redis does not answer; try again")
             return
         code = CLOSE_INTERNAL_ERROR
     if code and websocket.client_state == WebSocketState.CONNECTED:

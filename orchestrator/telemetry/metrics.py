@@ -13,6 +13,13 @@ stays bounded by what is deployed rather than by traffic. Names and labels::
     orchestrator_llm_cost_usd_total{workflow, model}                             counter
     orchestrator_llm_reply_cache_hits_total{workflow, model}                     counter
 
+Workflow, step and model names come from submitted definitions, so each process admits at most
+``ORCH_METRICS_MAX_SERIES`` (default 2,000) distinct ``(workflow, step)`` pairs, and as many ``(workflow, model)``
+pairs, in the order it first sees them; every later pair is reported as ``workflow="_other"`` with
+``step="_other"`` (or ``model="_other"``), so totals stay right while the series stop growing. The budget is per
+process (each prefork pool process has its own), and the other labels take values the deployment fixes (step kinds,
+outcomes, error types, the queues a worker serves).
+
 ``outcome`` of a step attempt is ``succeeded``, ``failed``, ``retry``, ``deferred``, ``skipped``, ``waiting``,
 ``stale`` or ``unknown`` (an exception escaped the task); retries are the ``retry`` outcome. The queue wait runs from
 the moment the step was queued to the claim, both on Redis's clock; for a retry or a deferral it includes the
@@ -30,16 +37,21 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from orchestrator.settings import Settings
 
 if TYPE_CHECKING:
     from orchestrator.telemetry import AttemptScope, LLMCallRecord
 
 __all__ = [
+    "DEFAULT_MAX_SERIES",
     "DURATION_BUCKETS",
+    "OVERFLOW_LABEL",
     "StepMetrics",
+    "configure",
     "record_attempt",
     "record_deferral",
     "record_llm_call",
@@ -52,6 +64,31 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
 
 # Label values come from workflow definitions and error kinds; a cap keeps a pathological name from bloating Prometheus.
 _MAX_LABEL = 100
+
+# Distinct (workflow, step) and (workflow, model) pairs a process reports by name until configure() says otherwise:
+# the default of ORCH_METRICS_MAX_SERIES.
+DEFAULT_MAX_SERIES: Final[int] = Settings.metrics_max_series
+
+# What the pairs past the budget are reported as; a leading underscore, which workflow names cannot have.
+OVERFLOW_LABEL = "_other"
+
+
+class _PairBudget:
+    """Admits the first ``limit`` distinct label pairs it is asked about; any other pair becomes the overflow pair."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._admitted: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def admit(self, pair: tuple[str, str]) -> tuple[str, str]:
+        if pair in self._admitted:
+            return pair
+        with self._lock:
+            if len(self._admitted) < self.limit:
+                self._admitted.add(pair)
+                return pair
+        return OVERFLOW_LABEL, OVERFLOW_LABEL
 
 
 class StepMetrics:
@@ -132,6 +169,9 @@ class _Current:
         self.lock = threading.Lock()
         self.metrics: StepMetrics | None = None
         self.registry = CollectorRegistry()
+        self.max_series = DEFAULT_MAX_SERIES
+        self.steps = _PairBudget(self.max_series)
+        self.models = _PairBudget(self.max_series)
 
 
 _current = _Current()
@@ -153,17 +193,32 @@ def registry() -> CollectorRegistry:
 
 
 def reset() -> None:
-    """Forget the families, so the next observation builds them again (after switching modes, and in tests)."""
+    """Forget the families and the admitted label pairs: the next observation starts over (mode switches, tests)."""
     with _current.lock:
         _current.metrics = None
         _current.registry = CollectorRegistry()
+        _current.steps = _PairBudget(_current.max_series)
+        _current.models = _PairBudget(_current.max_series)
+
+
+def configure(*, max_series: int) -> None:
+    """Set this process's label budget (``Settings.metrics_max_series``) and start over with empty families.
+
+    Raises:
+        ValueError: ``max_series`` is below 1.
+    """
+    if max_series < 1:
+        raise ValueError(f"ORCH_METRICS_MAX_SERIES must be at least 1, not {max_series}")
+    _current.max_series = max_series
+    reset()
 
 
 def record_attempt(scope: AttemptScope) -> None:
     """Count the attempt's outcome and observe its duration and queue wait."""
     metrics = _metrics()
     info = scope.info
-    workflow, step, kind = _label(info.workflow), _label(info.step), _label(info.kind)
+    workflow, step = _current.steps.admit((_label(info.workflow), _label(info.step)))
+    kind = _label(info.kind)
     outcome = _label(scope.outcome)
     metrics.step_attempts.labels(workflow, step, kind, outcome, _label(scope.error_kind)).inc()
     metrics.step_duration.labels(workflow, step, kind, outcome).observe(
@@ -177,7 +232,7 @@ def record_attempt(scope: AttemptScope) -> None:
 def record_llm_call(record: LLMCallRecord) -> None:
     """Count an LLM call's tokens and cost, or a reply cache hit."""
     metrics = _metrics()
-    workflow, model = _label(record.workflow), _label(record.model)
+    workflow, model = _current.models.admit((_label(record.workflow), _label(record.model)))
     if record.cached:
         metrics.cache_hits.labels(workflow, model).inc()
         return
@@ -193,7 +248,9 @@ def record_llm_call(record: LLMCallRecord) -> None:
 
 def record_deferral(workflow: str, model: str, reason: str) -> None:
     """Count a step deferred to wait for a shared rate limit (``rate_limit``) or a cool-down (``cooldown``)."""
-    _metrics().deferrals.labels(_label(workflow), _label(model), _label(reason)).inc()
+    metrics = _metrics()
+    workflow, model = _current.models.admit((_label(workflow), _label(model)))
+    metrics.deferrals.labels(workflow, model, _label(reason)).inc()
 
 
 def _label(value: str | None) -> str:
