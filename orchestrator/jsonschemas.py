@@ -12,6 +12,9 @@ validator:
   ``^(a+)+$`` and holds the GIL meanwhile, freezing every thread of the process. A pattern RE2 cannot compile
   (backreferences, lookaround) is refused. ``unevaluatedProperties`` beside ``patternProperties`` is refused because
   jsonschema evaluates that pair with Python's ``re`` internally.
+- **Its work is bounded.** ``uniqueItems`` is linear (jsonschema compares objects pairwise: 4,000 of them took a
+  minute), and one validation may evaluate at most :data:`MAX_VALIDATION_STEPS` keywords: ``allOf`` over ``$ref`` s
+  nests into exponential work in a schema of a few lines (18 levels of two refs: 15 s).
 
 The format checks jsonschema applies (``date``, ``email``, ``ipv4``, ``uuid``, ``regex`` …) match fixed, linear
 patterns or only compile the instance; none runs a submitted pattern.
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any, Final
 
 import re2
@@ -33,8 +37,11 @@ from jsonschema.validators import extend
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-__all__ = ["SchemaError", "check_schema", "schema_errors"]
+__all__ = ["MAX_VALIDATION_STEPS", "SchemaError", "check_schema", "schema_errors"]
 
+MAX_VALIDATION_STEPS: Final = 300_000
+"""The most keyword evaluations one validation may take (some 2-5 s at worst): 256 KB of inputs, the most a run
+takes, need far fewer even against a detailed schema."""
 _REF_KEYWORDS: Final = ("$ref", "$dynamicRef", "$recursiveRef")
 _RE2_OPTIONS: Final = re2.Options()
 _RE2_OPTIONS.log_errors = False  # a refused pattern is reported to the user; RE2 would also print it to stderr
@@ -68,10 +75,18 @@ def schema_errors(schema: Mapping[str, Any], instance: Any, *, check_formats: bo
         SchemaError: When the schema is refused (see :func:`check_schema`) or a reference fails during validation.
     """
     validator = _validator(_canonical(schema), check_formats)
+    budget = _steps_left.set([MAX_VALIDATION_STEPS])
     try:
         return list(validator.iter_errors(instance))
     except referencing.exceptions.Unresolvable as exc:  # a $ref into data only reached at validation time
         raise SchemaError(f"a reference in the schema does not resolve: {exc}") from None
+    except _OverBudgetError:
+        message = f"validating this value takes more than {MAX_VALIDATION_STEPS} steps (allOf/anyOf over $refs?)"
+        raise SchemaError(message) from None
+    except RecursionError:
+        raise SchemaError("the schema applies itself without end, or the value is nested too deeply") from None
+    finally:
+        _steps_left.reset(budget)
 
 
 def _canonical(schema: Mapping[str, Any]) -> str:
@@ -164,6 +179,41 @@ def _refuse_retrieval(uri: str) -> Resource[Any]:
 _NO_RETRIEVAL: Final[Registry[Any]] = Registry(retrieve=_refuse_retrieval)  # type: ignore[call-arg]
 
 
+_Keyword = Callable[[Any, Any, Any, Any], Iterator[ValidationError] | None]
+_steps_left: ContextVar[list[int]] = ContextVar("_steps_left")
+
+
+class _OverBudgetError(Exception):
+    """A validation took more than ``MAX_VALIDATION_STEPS`` keyword evaluations."""
+
+
+def _counted(keyword: _Keyword) -> _Keyword:
+    def evaluate(validator: Any, value: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+        left = _steps_left.get(None)
+        if left is not None:
+            left[0] -= 1
+            if left[0] < 0:
+                raise _OverBudgetError
+        yield from keyword(validator, value, instance, schema) or ()
+
+    return evaluate
+
+
+def _equality_key(value: Any) -> Hashable:
+    """A key equal for values JSON Schema calls equal: ``1`` and ``1.0`` are, ``1`` and ``true`` are not."""
+    if isinstance(value, bool) or value is None:
+        return ("literal", value)
+    if isinstance(value, str):
+        return ("string", value)
+    if isinstance(value, int | float):
+        return ("number", value)
+    if isinstance(value, list | tuple):
+        return ("array", tuple(_equality_key(item) for item in value))
+    if isinstance(value, dict):
+        return ("object", frozenset((key, _equality_key(item)) for key, item in value.items()))
+    return ("other", id(value))  # not JSON: equal only to itself
+
+
 # jsonschema's keyword functions have this signature; the instance is whatever was submitted.
 def _pattern(
     validator: Draft202012Validator, pattern: str, instance: Any, schema: Mapping[str, Any]
@@ -207,11 +257,22 @@ def _additional_properties(
             yield ValidationError(f"Additional properties are not allowed ({names} {verb} unexpected)")
 
 
+def _unique_items(
+    validator: Draft202012Validator, unique: Any, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    if unique and validator.is_type(instance, "array"):
+        keys = [_equality_key(item) for item in instance]
+        if len(set(keys)) < len(keys):
+            yield ValidationError(f"{instance!r} has non-unique elements")
+
+
+_KEYWORDS: Final[dict[str, _Keyword]] = {
+    **Draft202012Validator.VALIDATORS,
+    "pattern": _pattern,
+    "patternProperties": _pattern_properties,
+    "additionalProperties": _additional_properties,
+    "uniqueItems": _unique_items,
+}
 _LinearValidator: Final[type[Validator]] = extend(  # type: ignore[no-untyped-call]
-    Draft202012Validator,
-    validators={
-        "pattern": _pattern,
-        "patternProperties": _pattern_properties,
-        "additionalProperties": _additional_properties,
-    },
+    Draft202012Validator, validators={name: _counted(keyword) for name, keyword in _KEYWORDS.items()}
 )

@@ -19,6 +19,7 @@ import pytest
 
 from orchestrator.errors import InputValidationError, NonRetryableStepError, WorkflowDefinitionError
 from orchestrator.inputs import validate_inputs
+from orchestrator.jsonschemas import MAX_VALIDATION_STEPS
 from orchestrator.llm import parse_structured
 from orchestrator.spec import parse_workflow
 from tests.integration.helpers import wait_for
@@ -270,3 +271,46 @@ def test_healthz_answers_while_a_catastrophic_pattern_is_validated(api_url: str)
 
     assert response.status_code == 422, response.text
     assert "does not match" in response.text
+
+
+@pytest.mark.timeout(20)
+def test_unique_items_over_many_objects_is_checked_in_linear_time() -> None:
+    schema = {"type": "array", "uniqueItems": True}
+    rows = [{"id": index} for index in range(20_000)]  # jsonschema compares objects pairwise: hours
+
+    assert parse_structured(json.dumps(rows), schema) == rows
+    with pytest.raises(NonRetryableStepError, match="non-unique"):
+        parse_structured(json.dumps([*rows, {"id": 7}]), schema)
+    with pytest.raises(NonRetryableStepError, match="non-unique"):
+        parse_structured(json.dumps([[1, {"a": 1.0}], [1.0, {"a": 1}]]), schema)
+    distinct = [1, True, "1", [1], {"a": 1}, {"a": True}, None, False, 0]
+    assert parse_structured(json.dumps(distinct), schema) == distinct
+    spec = parse_workflow(definition({"rows": schema}))
+    assert validate_inputs(spec, {"rows": rows}, max_bytes=1_000_000) == {"rows": rows}
+
+
+def ref_bomb(levels: int) -> dict[str, Any]:
+    """A schema of a few lines whose each level applies the one below twice: 2^levels evaluations of one value."""
+    defs: dict[str, Any] = {"a0": {"type": "string"}}
+    for level in range(1, levels + 1):
+        defs[f"a{level}"] = {"allOf": [{"$ref": f"#/$defs/a{level - 1}"}] * 2}
+    return {"$defs": defs, "$ref": f"#/$defs/a{levels}"}
+
+
+@pytest.mark.timeout(60)
+def test_a_schema_that_multiplies_its_work_through_refs_is_stopped_at_the_step_budget() -> None:
+    with pytest.raises(NonRetryableStepError, match=f"more than {MAX_VALIDATION_STEPS} steps") as caught:
+        parse_structured('"x"', ref_bomb(24))
+    assert caught.value.kind == "invalid_schema"
+    spec = parse_workflow(definition({"word": ref_bomb(24)}))
+    with pytest.raises(InputValidationError, match=f"more than {MAX_VALIDATION_STEPS} steps"):
+        validate_inputs(spec, {"word": "x"}, max_bytes=1_000)
+
+
+def test_a_schema_that_applies_itself_without_end_is_a_clear_error() -> None:
+    schema = {"$defs": {"n": {"allOf": [{"$ref": "#/$defs/n"}]}}, "$ref": "#/$defs/n"}
+
+    with pytest.raises(NonRetryableStepError, match="without end"):
+        parse_structured("1", schema)
+    with pytest.raises(InputValidationError, match="without end"):
+        validate_inputs(parse_workflow(definition({"n": schema})), {"n": 1}, max_bytes=1_000)
