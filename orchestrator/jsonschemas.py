@@ -42,6 +42,10 @@ __all__ = ["MAX_VALIDATION_STEPS", "SchemaError", "check_schema", "schema_errors
 MAX_VALIDATION_STEPS: Final = 300_000
 """The most keyword evaluations one validation may take (some 2-5 s at worst): 256 KB of inputs, the most a run
 takes, need far fewer even against a detailed schema."""
+_CACHED_SCHEMAS: Final = 512
+_MAX_CACHED_SCHEMA_CHARS: Final = 64 * 1024
+"""Checked schemas and their validators are kept (``_CACHED_SCHEMAS`` of each) only up to this size of canonical
+JSON; a larger one is checked on every use, so a stream of distinct multi-megabyte schemas cannot pin memory."""
 _REF_KEYWORDS: Final = ("$ref", "$dynamicRef", "$recursiveRef")
 _RE2_OPTIONS: Final = re2.Options()
 _RE2_OPTIONS.log_errors = False  # a refused pattern is reported to the user; RE2 would also print it to stderr
@@ -98,9 +102,20 @@ def _canonical(schema: Mapping[str, Any]) -> str:
         raise SchemaError("the schema is nested too deeply") from None
 
 
-@functools.lru_cache(maxsize=512)
 def _checked(schema_json: str) -> Any:
-    """The schema of a canonical JSON, checked: checking costs a few milliseconds, so once per process and schema."""
+    """The schema of a canonical JSON, checked: a few milliseconds, so once per process for a schema of common size."""
+    if len(schema_json) > _MAX_CACHED_SCHEMA_CHARS:
+        return _check(schema_json)
+    return _check_cached(schema_json)
+
+
+def _validator(schema_json: str, check_formats: bool) -> Validator:
+    if len(schema_json) > _MAX_CACHED_SCHEMA_CHARS:
+        return _build(schema_json, check_formats)
+    return _build_cached(schema_json, check_formats)
+
+
+def _check(schema_json: str) -> Any:
     schema = json.loads(schema_json)
     Draft202012Validator.check_schema(schema)
     _check_references_and_patterns(schema)
@@ -108,10 +123,13 @@ def _checked(schema_json: str) -> Any:
     return schema
 
 
-@functools.lru_cache(maxsize=512)
-def _validator(schema_json: str, check_formats: bool) -> Validator:
+def _build(schema_json: str, check_formats: bool) -> Validator:
     format_checker = Draft202012Validator.FORMAT_CHECKER if check_formats else None
     return _LinearValidator(_checked(schema_json), registry=_NO_RETRIEVAL, format_checker=format_checker)
+
+
+_check_cached = functools.lru_cache(maxsize=_CACHED_SCHEMAS)(_check)
+_build_cached = functools.lru_cache(maxsize=_CACHED_SCHEMAS)(_build)
 
 
 def _check_references_and_patterns(schema: Any) -> None:
