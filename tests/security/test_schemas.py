@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from orchestrator.errors import InputValidationError, NonRetryableStepError, WorkflowDefinitionError
 from orchestrator.inputs import validate_inputs
@@ -314,3 +316,84 @@ def test_a_schema_that_applies_itself_without_end_is_a_clear_error() -> None:
         parse_structured("1", schema)
     with pytest.raises(InputValidationError, match="without end"):
         validate_inputs(parse_workflow(definition({"n": schema})), {"n": 1}, max_bytes=1_000)
+
+
+# A fuzzer for the two ways a schema attacks: references that leave the document, patterns that backtrack.
+
+_ATOMS = st.sampled_from(["a", "b", ".", "[ab]", "\\d", "a+", "(a|aa)", "\\1", "(?=a)", "(?<!b)"])
+PATTERNS = st.recursive(
+    _ATOMS,
+    lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(["+", "*", "?", "{2,5}", "+?"])).map(lambda parts: f"({parts[0]}){parts[1]}"),
+        st.tuples(inner, inner).map("".join),
+        st.tuples(inner, inner).map("|".join),
+    ),
+    max_leaves=6,
+).map(lambda pattern: f"^{pattern}$")
+REFS = st.sampled_from(
+    [
+        "#",
+        "#/$defs/a",
+        "#/$defs/missing",
+        "#/properties",
+        "#anchor",
+        "x.json",
+        "{server}/x.json",
+        "file:///etc/hostname",
+    ]
+)
+SCHEMAS = st.recursive(
+    st.one_of(
+        st.just({"type": "string"}),
+        PATTERNS.map(lambda pattern: {"type": "string", "pattern": pattern}),
+        REFS.map(lambda ref: {"$ref": ref}),
+        REFS.map(lambda ref: {"$dynamicRef": ref}),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, min_size=1, max_size=3).map(lambda schemas: {"allOf": schemas}),
+        st.lists(inner, min_size=1, max_size=3).map(lambda schemas: {"anyOf": schemas}),
+        st.tuples(PATTERNS, inner).map(
+            lambda parts: {"patternProperties": {parts[0]: parts[1]}, "additionalProperties": False}
+        ),
+        inner.map(lambda schema: {"$defs": {"a": schema}, "$ref": "#/$defs/a"}),
+        inner.map(lambda schema: {"$anchor": "anchor", "properties": {"p": schema}}),
+        st.tuples(st.sampled_from(["{server}/", "urn:example:x", "file:///tmp/"]), inner).map(
+            lambda parts: {"$id": parts[0], "items": parts[1]}
+        ),
+    ),
+    max_leaves=8,
+)
+VALUES = st.one_of(
+    st.text("ab1!", max_size=40),
+    st.just(EVIL_INPUT),
+    st.dictionaries(
+        st.one_of(st.text("ab1!", max_size=30), st.just(EVIL_INPUT)), st.text("ab", max_size=3), max_size=3
+    ),
+    st.lists(st.text("ab", max_size=30), max_size=3),
+)
+
+
+@pytest.fixture(scope="module")
+def module_schema_server() -> Iterator[SchemaServer]:
+    server = SchemaServer()
+    server.thread.start()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(template=SCHEMAS, value=VALUES)
+def test_fuzzed_schemas_are_refused_in_one_line_or_validate_without_fetching_or_backtracking(
+    module_schema_server: SchemaServer, template: dict[str, Any], value: Any
+) -> None:
+    schema = json.loads(json.dumps(template).replace("{server}", module_schema_server.url))
+    message = ""
+    try:
+        validate_inputs(parse_workflow(definition({"v": schema})), {"v": value}, max_bytes=100_000)
+    except (WorkflowDefinitionError, InputValidationError) as exc:
+        message = str(exc)
+
+    assert "\n" not in message
+    assert module_schema_server.requests == []
