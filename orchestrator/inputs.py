@@ -6,9 +6,10 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import ValidationError
 
 from orchestrator.errors import InputValidationError
+from orchestrator.jsonschemas import SchemaError, schema_errors
 from orchestrator.spec import WorkflowSpec
 
 
@@ -41,15 +42,35 @@ def validate_inputs(spec: WorkflowSpec, inputs: Mapping[str, Any], *, max_bytes:
         raise InputValidationError(f"inputs are {size} bytes; the limit is {max_bytes}")
     filled = {key: schema["default"] for key, schema in spec.inputs.items() if "default" in schema}
     filled.update(inputs)
-    errors = sorted(Draft202012Validator(input_schema(spec)).iter_errors(filled), key=lambda e: list(e.path))
-    if errors:
-        first = errors[0]
-        where = ".".join(str(p) for p in first.absolute_path)
-        message = first.message
-        if first.validator == "additionalProperties":
+    first = _first_error(spec, filled)
+    if first is not None:
+        where, error = first
+        message = error.message
+        if error.validator == "additionalProperties" and not where:
             message = f"{message} (the workflow declares: {', '.join(sorted(spec.inputs)) or 'no inputs'})"
         raise InputValidationError(f"input {where!r}: {message}" if where else f"inputs: {message}")
     return filled
+
+
+def _first_error(spec: WorkflowSpec, filled: Mapping[str, Any]) -> tuple[str, ValidationError] | None:
+    """The first error with its dotted path: of the inputs as a whole, else of the first input (by name) with one.
+
+    Each input's schema is a document of its own (its ``#/$defs/...`` refer to itself), so each is validated alone.
+
+    Raises:
+        InputValidationError: When a schema fails while validating (a reference into data, reached only then).
+    """
+    envelope = {**input_schema(spec), "properties": dict.fromkeys(spec.inputs, True)}
+    try:
+        errors: list[tuple[list[str], ValidationError]] = [([], error) for error in schema_errors(envelope, filled)]
+        for key in sorted(key for key in filled if key in spec.inputs):
+            if errors:
+                break
+            errors = [([key], error) for error in schema_errors(spec.inputs[key], filled[key])]
+    except SchemaError as exc:
+        raise InputValidationError(f"inputs: the workflow's input schema fails: {exc.message}") from None
+    paths = [(".".join(str(part) for part in [*prefix, *error.absolute_path]), error) for prefix, error in errors]
+    return min(paths, key=lambda pair: pair[0], default=None)
 
 
 def parse_cli_inputs(spec: WorkflowSpec, pairs: Iterable[str]) -> dict[str, Any]:

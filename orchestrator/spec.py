@@ -12,12 +12,11 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.dag import Graph, find_cycle
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
+from orchestrator.jsonschemas import SchemaError, check_schema
 from orchestrator.priorities import TOP_LEVEL
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
@@ -134,7 +133,7 @@ class LLMParams(_Frozen):
     def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         if schema is not None:
             try:
-                Draft202012Validator.check_schema(schema)
+                check_schema(schema)
             except SchemaError as exc:
                 raise ValueError(f"output_schema is not a valid JSON Schema: {exc.message}") from None
         return schema
@@ -264,7 +263,7 @@ class WorkflowSpec(_Frozen):
     def _valid_input_schema(cls, inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for key, schema in inputs.items():
             try:
-                Draft202012Validator.check_schema(schema)
+                check_schema(schema)
             except SchemaError as exc:
                 raise ValueError(f"input {key!r} has an invalid schema: {exc.message}") from None
         return inputs

@@ -8,16 +8,13 @@ the caller's loop, not this module's.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
-import jsonschema
-from jsonschema import Draft202012Validator
-
 from orchestrator.errors import NonRetryableStepError
+from orchestrator.jsonschemas import SchemaError, check_schema, schema_errors
 
 __all__ = ["STRUCTURED_OUTPUT_MARKER", "parse_structured", "structured_output_instruction"]
 
@@ -59,28 +56,21 @@ def parse_structured(text: str, schema: Mapping[str, Any]) -> Any:
     Raises:
         NonRetryableStepError: ``kind="invalid_output"`` when no JSON is found or it does not match the schema
             (the message names each failing location, fit to show the model in a repair prompt);
-            ``kind="invalid_schema"`` when ``schema`` itself is not a valid JSON Schema.
+            ``kind="invalid_schema"`` when ``schema`` itself is not a valid JSON Schema or is refused (a ``$ref``
+            outside the schema, a pattern RE2 cannot run: see :mod:`orchestrator.jsonschemas`).
     """
-    validator = _validator(json.dumps(schema, sort_keys=True))
-    document = _extract_json(text)
-    errors = sorted(validator.iter_errors(document), key=lambda error: error.json_path)
+    try:
+        check_schema(schema)
+        document = _extract_json(text)
+        errors = sorted(schema_errors(schema, document, check_formats=True), key=lambda error: error.json_path)
+    except SchemaError as exc:
+        message = f"the output schema is not a valid JSON Schema: {exc.message}"
+        raise NonRetryableStepError(message, kind="invalid_schema") from None
     if errors:
         shown = "; ".join(f"at {error.json_path}: {error.message}" for error in errors[:_MAX_REPORTED_ERRORS])
         more = f" (and {len(errors) - _MAX_REPORTED_ERRORS} more)" if len(errors) > _MAX_REPORTED_ERRORS else ""
         raise NonRetryableStepError(f"output does not match the schema: {shown}{more}", kind="invalid_output")
     return document
-
-
-@functools.lru_cache(maxsize=256)
-def _validator(schema_json: str) -> Draft202012Validator:
-    """The validator for a schema (by its canonical JSON), checked and built once per process: about 4 ms each."""
-    schema = json.loads(schema_json)
-    try:
-        Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        message = f"the output schema is not a valid JSON Schema: {exc.message}"
-        raise NonRetryableStepError(message, kind="invalid_schema") from exc
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 def _extract_json(text: str) -> Any:
