@@ -1,4 +1,4 @@
-"""Celery settings, mapped from the orchestrator's typed settings (``orchestrator.settings.Settings``).
+"""Celery settings, mapped from the orchestrator's typed settings (``orchestrator.infra.settings.Settings``).
 
 ``celery -A workers`` loads these through ``workers.app.create_app``; this module only maps settings onto Celery's
 keys and holds no other logic.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.priorities import REDIS_PRIORITY_SEPARATOR, REDIS_PRIORITY_STEPS, TOP_LEVEL
-from orchestrator.redis_url import broker_connection
-from orchestrator.settings import Settings
+from orchestrator.engine.priorities import REDIS_PRIORITY_SEPARATOR, REDIS_PRIORITY_STEPS, TOP_LEVEL
+from orchestrator.infra.redis_url import broker_connection
+from orchestrator.infra.settings import Settings
 
 
 def from_settings(settings: Settings) -> dict[str, Any]:

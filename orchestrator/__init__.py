@@ -1,6 +1,10 @@
 """A distributed orchestrator for multi-step LLM workflows on Celery and Redis."""
 
 from orchestrator.client import Client
+from orchestrator.definition.registry import function, functions, workflows
+from orchestrator.definition.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
+from orchestrator.definition.workflow import ApprovalStep, LLMStep, NoopStep, PythonStep, Step, Workflow
+from orchestrator.engine.steps import StepContext
 from orchestrator.errors import (
     CycleError,
     DecisionRefusedError,
@@ -17,12 +21,8 @@ from orchestrator.errors import (
     UnknownWorkflowError,
     WorkflowDefinitionError,
 )
-from orchestrator.registry import function, functions, workflows
-from orchestrator.settings import Settings
-from orchestrator.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
+from orchestrator.infra.settings import Settings
 from orchestrator.state import RunStatus, StepStatus
-from orchestrator.steps import StepContext
-from orchestrator.workflow import ApprovalStep, LLMStep, NoopStep, PythonStep, Step, Workflow
 
 __all__ = [
     # defining workflows

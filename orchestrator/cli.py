@@ -15,14 +15,14 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.definition.files import load_workflow_file
+from orchestrator.definition.inputs import parse_cli_inputs
+from orchestrator.definition.registry import import_modules, workflows
+from orchestrator.definition.spec import WorkflowSpec
+from orchestrator.definition.validation import check_workflow
 from orchestrator.errors import OrchestratorError, StoreUnavailableError
-from orchestrator.files import load_workflow_file
-from orchestrator.inputs import parse_cli_inputs
-from orchestrator.redis_url import redact_url
-from orchestrator.registry import import_modules, workflows
-from orchestrator.settings import Settings
-from orchestrator.spec import WorkflowSpec
-from orchestrator.validation import check_workflow
+from orchestrator.infra.redis_url import redact_url
+from orchestrator.infra.settings import Settings
 
 EXIT_FAILED_RUN = 1
 EXIT_ERROR = 2
@@ -328,7 +328,7 @@ def worker(celery_args: tuple[str, ...]) -> None:
 @click.option("--concurrency", default=4, show_default=True, help="Slots per worker.")
 def demo(topic: str, count: int, concurrency: int) -> None:
     """Run the content pipeline end to end on worker processes this command starts and stops."""
-    from orchestrator.demo import run_demo
+    from orchestrator.dev.demo import run_demo
 
     settings = _settings()
     try:
@@ -360,7 +360,7 @@ def api(host: str, port: int) -> None:
 def sweeper(heartbeat_file: Path | None) -> None:
     """Only sweep: re-send lost steps, fire deadlines and approval timeouts (workers sweep too, one at a time)."""
     settings = _settings()
-    from orchestrator.sweep_service import serve
+    from orchestrator.engine.sweep_service import serve
 
     try:
         serve(settings, heartbeat=heartbeat_file)
@@ -375,7 +375,7 @@ def sweeper(heartbeat_file: Path | None) -> None:
               "requests a minute, as the service does (0: no limit).")  # fmt: skip
 def offline_api(host: str, port: int, rpm: int) -> None:
     """Serve the offline provider as a local Messages API (point workers at it with ANTHROPIC_BASE_URL)."""
-    from orchestrator.llm.offline_server import OfflineAPIServer
+    from orchestrator.dev.offline_server import OfflineAPIServer
 
     server = OfflineAPIServer(host, port, rpm=rpm)
     click.echo(f"offline Messages API on {server.base_url} (rpm limit: {rpm or 'none'}); GET /stats for counts")

@@ -10,19 +10,19 @@ from typing import Any
 import redis
 from celery import Celery
 
-from orchestrator.control import decide_step, resume_run, stop_run
-from orchestrator.dispatch import dispatch
+from orchestrator.definition.inputs import validate_inputs
+from orchestrator.definition.registry import import_modules, workflows
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
+from orchestrator.definition.validation import check_workflow
+from orchestrator.definition.workflow import Workflow
+from orchestrator.engine.control import decide_step, resume_run, stop_run
+from orchestrator.engine.dispatch import dispatch
+from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
+from orchestrator.engine.status import run_view
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
-from orchestrator.events import Event, EventType, ProgressListener, deliver
-from orchestrator.inputs import validate_inputs
-from orchestrator.registry import import_modules, workflows
-from orchestrator.settings import Settings
-from orchestrator.spec import WorkflowSpec, parse_workflow
+from orchestrator.infra.settings import Settings
 from orchestrator.state import RedisStateStore, RunStatus, StateStore
-from orchestrator.status import run_view
 from orchestrator.telemetry.tracing import run_span
-from orchestrator.validation import check_workflow
-from orchestrator.workflow import Workflow
 
 WorkflowRef = str | Workflow | WorkflowSpec | Mapping[str, Any]
 

@@ -18,7 +18,7 @@ from celery.signals import (
 )
 
 import celeryconfig
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.logs import Redactor, configure_logging
 from workers.metrics import WorkerMetricsEndpoint
 from workers.runtime import RuntimeHolder

@@ -10,16 +10,16 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from orchestrator.backlog import broker_for
+from orchestrator.definition.registry import functions, import_modules
+from orchestrator.engine.backlog import broker_for
+from orchestrator.engine.steps import StepExecutor
+from orchestrator.infra.settings import Settings
 from orchestrator.llm import make_llm_client
 from orchestrator.llm.cache import ReplyCache
 from orchestrator.llm.gateway import LLMGateway
 from orchestrator.llm.governor import RateLimits, RedisGovernor
 from orchestrator.llm.pricing import PriceTable
-from orchestrator.registry import functions, import_modules
-from orchestrator.settings import Settings
 from orchestrator.state import RedisStateStore, StateStore
-from orchestrator.steps import StepExecutor
 from workers.leases import LeaseKeeper
 
 

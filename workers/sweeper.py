@@ -14,11 +14,11 @@ from typing import Any
 import redis
 from celery import bootsteps
 
-from orchestrator.backlog import queue_depths
-from orchestrator.control import DEADLINE_REASON, decide_step, stop_run
-from orchestrator.dispatch import dispatch
+from orchestrator.definition.spec import ApprovalParams
+from orchestrator.engine.backlog import queue_depths
+from orchestrator.engine.control import DEADLINE_REASON, decide_step, stop_run
+from orchestrator.engine.dispatch import dispatch
 from orchestrator.errors import DecisionRefusedError, RunNotFoundError
-from orchestrator.spec import ApprovalParams
 from orchestrator.state import RunStatus, keys
 from workers.runtime import Runtime, RuntimeHolder
 

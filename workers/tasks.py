@@ -18,15 +18,18 @@ from celery import Celery, Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from orchestrator import telemetry
-from orchestrator.control import DEADLINE_REASON, record_outcome, stop_run
-from orchestrator.coordinator import (
+from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
+from orchestrator.definition.templates import render
+from orchestrator.engine.control import DEADLINE_REASON, record_outcome, stop_run
+from orchestrator.engine.coordinator import (
     decide_start,
     result_key,
     retry_delay,
     should_retry,
     upstream_reads,
 )
-from orchestrator.dispatch import STEP_TASK, dispatch
+from orchestrator.engine.dispatch import STEP_TASK, dispatch
+from orchestrator.engine.steps import StepContext
 from orchestrator.errors import (
     NonRetryableStepError,
     RetryableStepError,
@@ -35,11 +38,8 @@ from orchestrator.errors import (
     StepError,
 )
 from orchestrator.llm.gateway import CallContext
-from orchestrator.spec import ApprovalParams, WorkflowSpec
 from orchestrator.state import Attempt, Claim, RunStatus, StepOutcome
-from orchestrator.steps import StepContext
 from orchestrator.telemetry import AttemptScope
-from orchestrator.templates import render
 from workers.runtime import Runtime, RuntimeHolder
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.cluster import ClusterCollector
 
 

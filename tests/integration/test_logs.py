@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from orchestrator import Client, Settings
-from orchestrator.local_workers import REPO_ROOT, LocalWorkers
+from orchestrator.dev.local_workers import REPO_ROOT, LocalWorkers
 from tests.conftest import WORKER_ENV
 from tests.fake_anthropic import FakeAnthropicServer, FakeReply, error_body, fake_anthropic_server
 from tests.integration.helpers import py, wait_for, workflow

@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from orchestrator import Client
-from orchestrator.dispatch import dispatch
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.engine.dispatch import dispatch
 from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import py, wait_for, workflow
 

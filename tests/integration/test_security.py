@@ -21,11 +21,11 @@ from kombu import Connection, Exchange, Producer
 from orchestrator import Client, Settings
 from orchestrator.api import ApiAuth, StreamLimits, create_app
 from orchestrator.api.auth import Principal, Scope
-from orchestrator.dispatch import STEP_TASK, dispatch
+from orchestrator.definition.spec import parse_workflow
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.redis_server import RedisServer, find_redis_server
+from orchestrator.engine.dispatch import STEP_TASK, dispatch
 from orchestrator.errors import StoreUnavailableError, WorkflowDefinitionError
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.redis_server import RedisServer, find_redis_server
-from orchestrator.spec import parse_workflow
 from orchestrator.state import keys
 from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import llm, py, wait_for, workflow

@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 from workers.tasks import outlast
 
 

@@ -9,12 +9,12 @@ from celery import Celery
 
 from celeryconfig import from_settings
 from orchestrator import Settings, parse_workflow
-from orchestrator.dag import Graph
-from orchestrator.dispatch import step_signature
+from orchestrator.definition.dag import Graph
+from orchestrator.definition.spec import WorkflowSpec
+from orchestrator.definition.workflow import NoopStep, Workflow
+from orchestrator.engine.dispatch import step_signature
+from orchestrator.engine.priorities import REDIS_PRIORITY_STEPS, message_priority, redis_queue_lists, step_level
 from orchestrator.errors import WorkflowDefinitionError
-from orchestrator.priorities import REDIS_PRIORITY_STEPS, message_priority, redis_queue_lists, step_level
-from orchestrator.spec import WorkflowSpec
-from orchestrator.workflow import NoopStep, Workflow
 
 REDIS = "redis://127.0.0.1:6379/0"
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"

@@ -7,8 +7,8 @@ from typing import Any, cast
 import fakeredis
 import redis
 
-from orchestrator.priorities import redis_queue_lists
-from orchestrator.settings import Settings
+from orchestrator.engine.priorities import redis_queue_lists
+from orchestrator.infra.settings import Settings
 from workers.runtime import Runtime
 from workers.sweeper import MAX_BACKLOG_GRACES, _backlog_wait_s
 

@@ -16,9 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from orchestrator import telemetry
-from orchestrator.dispatch import step_signature
-from orchestrator.settings import Settings
-from orchestrator.spec import parse_workflow
+from orchestrator.definition.spec import parse_workflow
+from orchestrator.engine.dispatch import step_signature
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry import AttemptInfo, LLMCallRecord, trace_provider, tracing
 
 pytestmark = pytest.mark.timeout(30)

@@ -8,8 +8,10 @@ from typing import Any
 
 from celery import Celery
 
-from orchestrator.coordinator import failure_summary, plan_resume
-from orchestrator.dispatch import dispatch
+from orchestrator.definition.registry import workflows
+from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
+from orchestrator.engine.coordinator import failure_summary, plan_resume
+from orchestrator.engine.dispatch import dispatch
 from orchestrator.errors import (
     DecisionRefusedError,
     RunNotFoundError,
@@ -17,9 +19,7 @@ from orchestrator.errors import (
     UnknownWorkflowError,
     WorkflowDefinitionError,
 )
-from orchestrator.registry import workflows
-from orchestrator.settings import Settings
-from orchestrator.spec import ApprovalParams, WorkflowSpec
+from orchestrator.infra.settings import Settings
 from orchestrator.state.base import Attempt, Decision, RunStatus, StateStore, StepOutcome, Stop
 
 DEADLINE_REASON = "the workflow deadline passed"

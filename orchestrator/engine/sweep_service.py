@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from types import FrameType
 
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.logs import Redactor, configure_logging
 
 __all__ = ["SweepService", "serve"]

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.errors import WorkflowDefinitionError
-from orchestrator.spec import WorkflowSpec, parse_workflow
 
 MAX_FILE_BYTES = 2 * 1024 * 1024
 

@@ -16,9 +16,9 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.dag import Graph, find_cycle
+from orchestrator.definition.dag import Graph, find_cycle
+from orchestrator.engine.priorities import TOP_LEVEL
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
-from orchestrator.priorities import TOP_LEVEL
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
@@ -176,11 +176,11 @@ _PARAMS_BY_KIND: dict[StepKind, type[BaseModel]] = {
 class StepSpec(_Frozen):
     """One step of a workflow, in the workflow-file shape (``uses`` + ``with``).
 
-    ``condition`` is a safe expression (see :mod:`orchestrator.conditions`); ``condition_function`` names a
+    ``condition`` is a safe expression (see :mod:`orchestrator.definition.conditions`); ``condition_function`` names a
     registered callable taking the step context (Python workflows' ``condition=`` lambdas end up here). ``cache: false``
     marks a non-deterministic step: it always re-runs when invalidated instead of reusing a result whose inputs match.
     ``priority`` (0 taken last … 3 first) overrides the step's depth as its queue priority (see
-    :mod:`orchestrator.priorities`).
+    :mod:`orchestrator.engine.priorities`).
     """
 
     name: Annotated[str, Field(pattern=STEP_NAME_PATTERN)]

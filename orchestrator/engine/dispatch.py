@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 from celery import Celery, group
 from celery.canvas import Signature
 
-from orchestrator.coordinator import queue_for
-from orchestrator.priorities import message_priority, step_level
-from orchestrator.settings import Settings
-from orchestrator.spec import StepKind, WorkflowSpec
+from orchestrator.definition.spec import StepKind, WorkflowSpec
+from orchestrator.engine.coordinator import queue_for
+from orchestrator.engine.priorities import message_priority, step_level
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.tracing import dispatch_headers
 
 STEP_TASK = "orchestrator.run_step"
@@ -28,7 +28,7 @@ def step_signature(
 ) -> Signature:
     """The immutable signature of one step attempt, routed by kind and named ``workflow.step`` for Flower.
 
-    With ``ORCH_PRIORITIES=depth`` it carries the step's priority (:mod:`orchestrator.priorities`), which Celery keeps
+    With ``ORCH_PRIORITIES=depth`` it carries the step's priority (:mod:`orchestrator.engine.priorities`), which Celery keeps
     on retries. Dispatched inside a traced span of the same run (a step attempt, the run's root), its headers carry
     that span as the W3C ``traceparent``.
     """

@@ -8,8 +8,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.errors import InputValidationError
-from orchestrator.spec import WorkflowSpec
 
 
 def input_schema(spec: WorkflowSpec) -> dict[str, Any]:
