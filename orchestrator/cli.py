@@ -6,7 +6,9 @@ Every error a user can cause ends in one line on stderr naming the problem and a
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -285,41 +287,24 @@ def _print_status(view: dict[str, Any]) -> None:
         console.print(f"[red]{view['error']}[/]")
 
 
-GREEN_POOLS = frozenset({"gevent", "eventlet"})
-
-
-def _pool_option(args: tuple[str, ...]) -> str | None:
-    """The value of Celery's ``-P``/``--pool`` among ``args`` (``-P x``, ``-Px``, ``--pool x``, ``--pool=x``)."""
-    pool = None
-    for i, arg in enumerate(args):
-        if arg in {"-P", "--pool"} and i + 1 < len(args):
-            pool = args[i + 1]
-        elif arg.startswith("--pool="):
-            pool = arg.split("=", 1)[1]
-        elif arg.startswith("-P") and len(arg) > 2:
-            pool = arg[2:]
-    return pool
-
-
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(celery_args: tuple[str, ...]) -> None:
-    """Start a worker; options are Celery's (``orchestrator worker -Q llm -P threads -c 100``)."""
-    pool = _pool_option(celery_args)
-    if pool in GREEN_POOLS:
-        # Celery monkeypatches for these only when its own `celery` command starts, before any import. Here redis,
-        # the SDK and Celery are imported first, so the pool would take messages and never run them.
-        _fail(f"--pool {pool} needs monkeypatching before anything is imported, which `orchestrator worker` cannot "
-              f"do; use `--pool threads` (the recommended pool for the llm queue) or `celery -A workers worker "
-              f"--pool {pool}`")  # fmt: skip
-    settings = _settings()
-    from workers.app import create_app
+    """Start a worker; options are Celery's (``orchestrator worker -Q llm -P threads -c 100``).
 
-    app = create_app(settings)
+    It becomes ``celery -A workers worker``, so every pool works (Celery monkeypatches gevent and eventlet itself,
+    before anything is imported) and the worker's settings come from the same environment.
+    """
+    argv = worker_argv(celery_args, _settings())
+    os.execv(argv[0], argv)
+
+
+def worker_argv(celery_args: Sequence[str], settings: Settings) -> list[str]:
+    """The ``celery -A workers worker`` command line for ``celery_args``, on both step queues unless they say."""
     args = list(celery_args)
-    if not any(a in {"-Q", "--queues"} or a.startswith("--queues=") for a in args):
+    if not any(a in {"-Q", "--queues"} or a.startswith(("--queues=", "-Q")) for a in args):
         args += ["--queues", f"{settings.llm_queue},{settings.cpu_queue}"]
-    app.worker_main(["worker", *args])
+    return [sys.executable, "-m", "celery", "-A", "workers", "worker", *args]
 
 
 @main.command()

@@ -17,13 +17,14 @@ from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.definition.dag import Graph, find_cycle
-from orchestrator.engine.priorities import TOP_LEVEL
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
 MAX_STEPS = 2000
 MAX_NESTING = 100
+TOP_LEVEL = 3
+"""The highest queue priority level a step can have (:mod:`orchestrator.engine.priorities`): depth 3 or more."""
 DEFAULT_MODEL = "claude-haiku-4-5"
 SIMULATED_ERRORS = frozenset(
     {

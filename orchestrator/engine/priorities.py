@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from orchestrator.definition.spec import TOP_LEVEL
 from orchestrator.infra.redis_url import is_redis_url
 
 if TYPE_CHECKING:
@@ -35,9 +36,6 @@ __all__ = [
     "redis_queue_lists",
     "step_level",
 ]
-
-TOP_LEVEL = 3
-"""The highest level: steps at depth 3 or more share it."""
 
 REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 """kombu's default ``priority_steps``, pinned in the Celery config: a change of kombu's default cannot strand lists."""

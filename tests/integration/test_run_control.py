@@ -10,7 +10,6 @@ import redis
 
 from orchestrator import Client
 from orchestrator.dev.local_workers import LocalWorkers
-from orchestrator.engine.dispatch import dispatch
 from orchestrator.errors import RunStateError, WorkflowDefinitionError
 from orchestrator.state import keys
 from tests.integration.helpers import llm, py, ts, wait_for, workflow
@@ -159,7 +158,7 @@ def test_a_late_message_from_the_previous_generation_changes_nothing(
     client.resume(run_id)
     client.wait(run_id, timeout=30)
 
-    dispatch(client.app, client.settings, spec, run_id=run_id, steps=["a", "g"], generation="1")
+    client.publisher.publish(spec, run_id=run_id, steps=["a", "g"], generation="1")
     wait_for(lambda: _drained(redis_client, run_id), what="the late messages to be consumed")
 
     view = client.status(run_id)

@@ -7,7 +7,7 @@ import pytest
 import redis
 import redis.sentinel
 
-from celeryconfig import from_settings
+from orchestrator.celery_app import celery_config as from_settings
 from orchestrator.infra.redis_url import (
     DEFAULT_SENTINEL_PORT,
     BlockingSentinelConnectionPool,
