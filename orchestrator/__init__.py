@@ -1,28 +1,38 @@
-"""A distributed orchestrator for multi-step LLM workflows on Celery and Redis."""
+"""A distributed orchestrator for multi-step LLM workflows on Celery and Redis.
 
-from orchestrator.client import Client
-from orchestrator.errors import (
-    CycleError,
-    DecisionRefusedError,
-    InputValidationError,
-    NonRetryableStepError,
-    OrchestratorError,
-    RetryableStepError,
-    RunNotFoundError,
-    RunStateError,
-    StateError,
-    StepError,
-    StoreUnavailableError,
-    UnknownDependencyError,
-    UnknownWorkflowError,
-    WorkflowDefinitionError,
-)
-from orchestrator.registry import function, functions, workflows
-from orchestrator.settings import Settings
-from orchestrator.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
-from orchestrator.state import RunStatus, StepStatus
-from orchestrator.steps import StepContext
-from orchestrator.workflow import ApprovalStep, LLMStep, NoopStep, PythonStep, Step, Workflow
+The public names below are imported on first use (PEP 562), so importing one part of the package (the pure
+coordinator, the workflow definitions) does not pull in Celery, Redis or OpenTelemetry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator.client import Client
+    from orchestrator.definition.registry import function, functions, workflows
+    from orchestrator.definition.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
+    from orchestrator.definition.workflow import ApprovalStep, LLMStep, NoopStep, PythonStep, Step, Workflow
+    from orchestrator.engine.steps import StepContext
+    from orchestrator.errors import (
+        CycleError,
+        DecisionRefusedError,
+        InputValidationError,
+        NonRetryableStepError,
+        OrchestratorError,
+        RetryableStepError,
+        RunNotFoundError,
+        RunStateError,
+        StateError,
+        StepError,
+        StoreUnavailableError,
+        UnknownDependencyError,
+        UnknownWorkflowError,
+        WorkflowDefinitionError,
+    )
+    from orchestrator.infra.settings import Settings
+    from orchestrator.state import RunStatus, StepStatus
 
 __all__ = [
     # defining workflows
@@ -61,3 +71,39 @@ __all__ = [
     "UnknownWorkflowError",
     "WorkflowDefinitionError",
 ]
+
+_ERRORS = "orchestrator.errors"
+_HOME = {
+    "ApprovalStep": "orchestrator.definition.workflow",
+    "LLMStep": "orchestrator.definition.workflow",
+    "NoopStep": "orchestrator.definition.workflow",
+    "PythonStep": "orchestrator.definition.workflow",
+    "Step": "orchestrator.definition.workflow",
+    "Workflow": "orchestrator.definition.workflow",
+    "RetryPolicy": "orchestrator.definition.spec",
+    "StepSpec": "orchestrator.definition.spec",
+    "WorkflowSpec": "orchestrator.definition.spec",
+    "parse_workflow": "orchestrator.definition.spec",
+    "function": "orchestrator.definition.registry",
+    "functions": "orchestrator.definition.registry",
+    "workflows": "orchestrator.definition.registry",
+    "StepContext": "orchestrator.engine.steps",
+    "Client": "orchestrator.client",
+    "RunStatus": "orchestrator.state",
+    "StepStatus": "orchestrator.state",
+    "Settings": "orchestrator.infra.settings",
+    **{name: _ERRORS for name in __all__ if name.endswith("Error")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -6,7 +6,9 @@ Every error a user can cause ends in one line on stderr naming the problem and a
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -15,15 +17,15 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.definition.files import load_workflow_file
+from orchestrator.definition.inputs import parse_cli_inputs
+from orchestrator.definition.registry import import_modules, workflows
+from orchestrator.definition.spec import WorkflowSpec
+from orchestrator.definition.validation import check_workflow
 from orchestrator.errors import OrchestratorError, StoreUnavailableError
-from orchestrator.files import load_workflow_file
-from orchestrator.inputs import parse_cli_inputs
+from orchestrator.infra.redis_url import redact_url
+from orchestrator.infra.settings import Settings
 from orchestrator.principals import is_reserved, reserved_message
-from orchestrator.redis_url import redact_url
-from orchestrator.registry import import_modules, workflows
-from orchestrator.settings import Settings
-from orchestrator.spec import WorkflowSpec
-from orchestrator.validation import check_workflow
 
 EXIT_FAILED_RUN = 1
 EXIT_ERROR = 2
@@ -288,41 +290,24 @@ def _print_status(view: dict[str, Any]) -> None:
         console.print(f"[red]{view['error']}[/]")
 
 
-GREEN_POOLS = frozenset({"gevent", "eventlet"})
-
-
-def _pool_option(args: tuple[str, ...]) -> str | None:
-    """The value of Celery's ``-P``/``--pool`` among ``args`` (``-P x``, ``-Px``, ``--pool x``, ``--pool=x``)."""
-    pool = None
-    for i, arg in enumerate(args):
-        if arg in {"-P", "--pool"} and i + 1 < len(args):
-            pool = args[i + 1]
-        elif arg.startswith("--pool="):
-            pool = arg.split("=", 1)[1]
-        elif arg.startswith("-P") and len(arg) > 2:
-            pool = arg[2:]
-    return pool
-
-
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(celery_args: tuple[str, ...]) -> None:
-    """Start a worker; options are Celery's (``orchestrator worker -Q llm -P threads -c 100``)."""
-    pool = _pool_option(celery_args)
-    if pool in GREEN_POOLS:
-        # Celery monkeypatches for these only when its own `celery` command starts, before any import. Here redis,
-        # the SDK and Celery are imported first, so the pool would take messages and never run them.
-        _fail(f"--pool {pool} needs monkeypatching before anything is imported, which `orchestrator worker` cannot "
-              f"do; use `--pool threads` (the recommended pool for the llm queue) or `celery -A workers worker "
-              f"--pool {pool}`")  # fmt: skip
-    settings = _settings()
-    from workers.app import create_app
+    """Start a worker; options are Celery's (``orchestrator worker -Q llm -P threads -c 100``).
 
-    app = create_app(settings)
+    It becomes ``celery -A workers worker``, so every pool works (Celery monkeypatches gevent and eventlet itself,
+    before anything is imported) and the worker's settings come from the same environment.
+    """
+    argv = worker_argv(celery_args, _settings())
+    os.execv(argv[0], argv)
+
+
+def worker_argv(celery_args: Sequence[str], settings: Settings) -> list[str]:
+    """The ``celery -A workers worker`` command line for ``celery_args``, on both step queues unless they say."""
     args = list(celery_args)
-    if not any(a in {"-Q", "--queues"} or a.startswith("--queues=") for a in args):
+    if not any(a in {"-Q", "--queues"} or a.startswith(("--queues=", "-Q")) for a in args):
         args += ["--queues", f"{settings.llm_queue},{settings.cpu_queue}"]
-    app.worker_main(["worker", *args])
+    return [sys.executable, "-m", "celery", "-A", "workers", "worker", *args]
 
 
 @main.command()
@@ -331,7 +316,7 @@ def worker(celery_args: tuple[str, ...]) -> None:
 @click.option("--concurrency", default=4, show_default=True, help="Slots per worker.")
 def demo(topic: str, count: int, concurrency: int) -> None:
     """Run the content pipeline end to end on worker processes this command starts and stops."""
-    from orchestrator.demo import run_demo
+    from orchestrator.dev.demo import run_demo
 
     settings = _settings()
     try:
@@ -363,7 +348,7 @@ def api(host: str, port: int) -> None:
 def sweeper(heartbeat_file: Path | None) -> None:
     """Only sweep: re-send lost steps, fire deadlines and approval timeouts (workers sweep too, one at a time)."""
     settings = _settings()
-    from orchestrator.sweep_service import serve
+    from orchestrator.engine.sweep_service import serve
 
     try:
         serve(settings, heartbeat=heartbeat_file)
@@ -378,7 +363,7 @@ def sweeper(heartbeat_file: Path | None) -> None:
               "requests a minute, as the service does (0: no limit).")  # fmt: skip
 def offline_api(host: str, port: int, rpm: int) -> None:
     """Serve the offline provider as a local Messages API (point workers at it with ANTHROPIC_BASE_URL)."""
-    from orchestrator.llm.offline_server import OfflineAPIServer
+    from orchestrator.dev.offline_server import OfflineAPIServer
 
     server = OfflineAPIServer(host, port, rpm=rpm)
     click.echo(f"offline Messages API on {server.base_url} (rpm limit: {rpm or 'none'}); GET /stats for counts")

@@ -10,19 +10,19 @@ from typing import Any
 import redis
 from celery import Celery
 
-from orchestrator.control import decide_step, resume_run, stop_run
-from orchestrator.dispatch import dispatch
+from orchestrator.celery_app import CeleryPublisher, create_app
+from orchestrator.definition.inputs import validate_inputs
+from orchestrator.definition.registry import import_modules, workflows
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
+from orchestrator.definition.validation import check_workflow
+from orchestrator.definition.workflow import Workflow
+from orchestrator.engine.control import decide_step, resume_run, stop_run
+from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
+from orchestrator.engine.status import run_view
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
-from orchestrator.events import Event, EventType, ProgressListener, deliver
-from orchestrator.inputs import validate_inputs
-from orchestrator.registry import import_modules, workflows
-from orchestrator.settings import Settings
-from orchestrator.spec import WorkflowSpec, parse_workflow
+from orchestrator.infra.settings import Settings
 from orchestrator.state import RedisStateStore, RunStatus, StateStore
-from orchestrator.status import run_view
 from orchestrator.telemetry.tracing import run_span
-from orchestrator.validation import check_workflow
-from orchestrator.workflow import Workflow
 
 WorkflowRef = str | Workflow | WorkflowSpec | Mapping[str, Any]
 
@@ -44,11 +44,8 @@ class Client:
     ) -> None:
         self.settings = settings or Settings.from_env()
         import_modules(self.settings.imports)
-        if app is None:
-            from workers.app import create_app
-
-            app = create_app(self.settings)
-        self.app = app
+        self.app = app if app is not None else create_app(self.settings)
+        self.publisher = CeleryPublisher(self.app, self.settings)
         self.store: StateStore = store or RedisStateStore.from_url(
             self.settings.redis_url, retention_s=self.settings.retention_s
         )
@@ -110,9 +107,7 @@ class Client:
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:
             with run_span(run_id, spec.name):
-                dispatch(
-                    self.app, self.settings, spec, run_id=run_id, steps=spec.graph.roots, generation="1", task_ids=held
-                )
+                self.publisher.publish(spec, run_id=run_id, steps=spec.graph.roots, generation="1", task_ids=held)
             self.store.announce(run_id, "run_started", spec.name)
         except Exception as exc:
             # The run exists but no task may: fail it rather than leave it "running" forever.
@@ -170,7 +165,7 @@ class Client:
         Raises:
             RunNotFoundError: No such run.
         """
-        result = stop_run(self.app, self.store, run_id, RunStatus.CANCELLED, "cancelled")
+        result = stop_run(self.publisher, self.store, run_id, RunStatus.CANCELLED, "cancelled")
         if result.outcome == "ok":
             running = [step for step, _ in result.interrupted]
             message = f"cancelled run {run_id}" + (f"; interrupted {', '.join(running)}" if running else "")
@@ -193,7 +188,7 @@ class Client:
                 deployed definition of its workflow version changed and ``allow_definition_change`` is off.
             WorkflowDefinitionError: ``from_step`` is not one of its steps.
         """
-        return resume_run(self.app, self.settings, self.store, run_id, from_step=from_step,
+        return resume_run(self.publisher, self.settings, self.store, run_id, from_step=from_step,
                           allow_definition_change=allow_definition_change)  # fmt: skip
 
     def approve(self, run_id: str, step: str, *, by: str, comment: str = "") -> dict[str, Any]:
@@ -204,7 +199,7 @@ class Client:
             WorkflowDefinitionError: No such step, or not an approval step.
             DecisionRefusedError: ``by`` is not an approver, or the step is not waiting (decided already …).
         """
-        return decide_step(self.app, self.settings, self.store, run_id, step, decision="approve", by=by,
+        return decide_step(self.publisher, self.settings, self.store, run_id, step, decision="approve", by=by,
                            comment=comment)  # fmt: skip
 
     def reject(self, run_id: str, step: str, *, by: str, comment: str = "") -> dict[str, Any]:
@@ -215,7 +210,7 @@ class Client:
             WorkflowDefinitionError: No such step, or not an approval step.
             DecisionRefusedError: ``by`` is not an approver, or the step is not waiting.
         """
-        return decide_step(self.app, self.settings, self.store, run_id, step, decision="reject", by=by,
+        return decide_step(self.publisher, self.settings, self.store, run_id, step, decision="reject", by=by,
                            comment=comment)  # fmt: skip
 
     def stream(self, run_id: str, *, after: int = 0, until_end: bool = True, poll_s: float = 5.0) -> Iterator[Event]:

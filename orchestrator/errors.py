@@ -13,6 +13,7 @@
     │   ├── RunStateError              the run's status forbids it (.status): resuming a running run …
     │   ├── DecisionRefusedError       an approval decision refused (.reason: not_an_approver | not_waiting)
     │   └── StoreUnavailableError      Redis did not answer
+    │       └── BrokerUnavailableError the message broker did not answer
     └── StepError                      one attempt of a step went wrong
         ├── RetryableStepError         .retry_after: the provider's minimum wait, seconds
         └── NonRetryableStepError      fails the step at once
@@ -106,6 +107,10 @@ class DecisionRefusedError(StateError):
 
 class StoreUnavailableError(StateError):
     """Redis did not answer at the configured URL."""
+
+
+class BrokerUnavailableError(StoreUnavailableError):
+    """The message broker did not answer: a publish may not have happened (the dispatch hold covers it)."""
 
 
 class StepError(OrchestratorError):

@@ -1,7 +1,7 @@
 """Principal names the orchestrator uses itself, so no token and no ``--as`` may take them.
 
 ``timeout`` is the name an approval timeout is audited under: the sweeper's decision is allowed by its explicit
-``timed_out`` flag (:func:`orchestrator.control.decide_step`), never by this name, and anyone else deciding as
+``timed_out`` flag (:func:`orchestrator.engine.control.decide_step`), never by this name, and anyone else deciding as
 ``timeout`` is refused. ``anonymous`` is who a loopback client acts as when the API has no tokens. A token or a CLI
 user taking either name would make the audit trail lie about who decided.
 """

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from orchestrator.client import Client
-from orchestrator.events import Event, EventType
+from orchestrator.engine.events import Event, EventType
 
 _STYLE = {
     "succeeded": "green",

@@ -60,8 +60,8 @@ from benchkit import fmt, json_safe, percentile, ts, versions
 from celery import chain, group
 
 from orchestrator import Client, Settings, WorkflowSpec, parse_workflow
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.redis_server import RedisServer, stop_on_signals
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.redis_server import RedisServer, stop_on_signals
 from orchestrator.state import keys
 
 SCRIPTS_DIR = Path(__file__).resolve().parent

@@ -2,7 +2,7 @@
 """LLM economics under load: a provider that pushes back, and workers that die at the worst moment.
 
 Phases (each on a private Redis, 4 worker processes, and a local Messages API served by
-``orchestrator.llm.offline_server`` that answers 429 with ``retry-after`` beyond ``--rpm`` requests a minute):
+``orchestrator.dev.offline_server`` that answers 429 with ``retry-after`` beyond ``--rpm`` requests a minute):
 
 1. ``alone``: no shared limiter, no shared cool-down; each task retries its own 429s.
 2. ``shared``: the cluster-wide limiter (``ORCH_LLM_LIMITS`` at the provider's rpm) and the shared cool-down.
@@ -44,9 +44,9 @@ import redis  # noqa: E402
 from benchkit import json_safe, versions  # noqa: E402
 
 from orchestrator import Client, Settings  # noqa: E402
-from orchestrator.llm.offline_server import OfflineAPIServer  # noqa: E402
-from orchestrator.local_workers import LocalWorkers  # noqa: E402
-from orchestrator.redis_server import RedisServer  # noqa: E402
+from orchestrator.dev.local_workers import LocalWorkers  # noqa: E402
+from orchestrator.dev.offline_server import OfflineAPIServer  # noqa: E402
+from orchestrator.dev.redis_server import RedisServer  # noqa: E402
 
 MODEL = "claude-haiku-4-5"
 RUN_WIDTH = 30

@@ -14,10 +14,10 @@ from typing import Any
 
 import redis
 
+from orchestrator.definition.registry import function
+from orchestrator.engine.steps import StepContext
 from orchestrator.errors import NonRetryableStepError
 from orchestrator.llm.cache import ReplyCache
-from orchestrator.registry import function
-from orchestrator.steps import StepContext
 
 KILLS_KEY = "bench:chaos:kills"
 _probability = float(os.environ.get("BENCH_KILL_AFTER_REPLY", "0"))

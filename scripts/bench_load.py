@@ -72,8 +72,8 @@ from bench import CpuProbe, RecordReader  # noqa: E402
 from benchkit import fmt, json_safe, percentile, ts, versions  # noqa: E402
 
 from orchestrator import Client, Settings, WorkflowSpec, parse_workflow  # noqa: E402
-from orchestrator.local_workers import LocalWorkers  # noqa: E402
-from orchestrator.redis_server import RedisServer, stop_on_signals  # noqa: E402
+from orchestrator.dev.local_workers import LocalWorkers  # noqa: E402
+from orchestrator.dev.redis_server import RedisServer, stop_on_signals  # noqa: E402
 from orchestrator.state import keys  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "test-artifacts" / "bench_load.json"

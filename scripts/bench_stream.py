@@ -84,8 +84,8 @@ from bench_stream_tasks import gate_key  # noqa: E402
 from benchkit import json_safe  # noqa: E402
 
 from orchestrator import Client, Settings  # noqa: E402
-from orchestrator.local_workers import LocalWorkers  # noqa: E402
-from orchestrator.redis_server import RedisServer, stop_on_signals  # noqa: E402
+from orchestrator.dev.local_workers import LocalWorkers  # noqa: E402
+from orchestrator.dev.redis_server import RedisServer, stop_on_signals  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "test-artifacts" / "bench_stream.json"
 LOG_DIR = REPO_ROOT / "test-artifacts" / "bench-stream-logs"

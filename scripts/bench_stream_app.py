@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 
 from orchestrator.api import server
 from orchestrator.api.app import create_app
-from orchestrator.registry import import_modules
-from orchestrator.settings import Settings
+from orchestrator.definition.registry import import_modules
+from orchestrator.infra.settings import Settings
 
 
 def with_pool(create_app: Callable[..., Any], max_connections: int) -> Callable[..., Any]:

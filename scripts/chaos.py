@@ -3,7 +3,7 @@
 
 Everything runs on this machine: a private ``redis-server``, ``--workers`` real Celery worker processes (prefork,
 ``--concurrency`` slots each) and the offline provider served over HTTP by
-``orchestrator.llm.offline_server.OfflineAPIServer``, which counts the calls it bills per request digest. Each run
+``orchestrator.dev.offline_server.OfflineAPIServer``, which counts the calls it bills per request digest. Each run
 is six steps, four of them LLM calls with a simulated latency drawn from ``--latency`` and two of them Python
 functions::
 
@@ -67,11 +67,11 @@ import redis  # noqa: E402
 from celery import Celery  # noqa: E402
 
 from orchestrator import Client, Settings, StepContext, function  # noqa: E402
+from orchestrator.dev.local_workers import LocalWorkers  # noqa: E402
+from orchestrator.dev.offline_server import OfflineAPIServer  # noqa: E402
+from orchestrator.dev.redis_server import RedisServer  # noqa: E402
+from orchestrator.engine.events import Event, EventType  # noqa: E402
 from orchestrator.errors import StoreUnavailableError  # noqa: E402
-from orchestrator.events import Event, EventType  # noqa: E402
-from orchestrator.llm.offline_server import OfflineAPIServer  # noqa: E402
-from orchestrator.local_workers import LocalWorkers  # noqa: E402
-from orchestrator.redis_server import RedisServer  # noqa: E402
 from orchestrator.state import keys  # noqa: E402
 
 MODEL = "claude-haiku-4-5"

@@ -17,9 +17,9 @@ import pytest
 import redis
 
 from orchestrator import Client, Settings
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.redis_server import RedisServer, find_redis_server
 from orchestrator.errors import StoreUnavailableError
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.redis_server import RedisServer, find_redis_server
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

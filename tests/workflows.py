@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from orchestrator import LLMStep, NoopStep, StepContext, Workflow, function
-from orchestrator.redis_url import sync_client
+from orchestrator.infra.redis_url import sync_client
 
 
 def _redis() -> redis.Redis:

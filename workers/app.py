@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import (
     setup_logging,
     worker_init,
@@ -17,11 +18,12 @@ from celery.signals import (
     worker_shutdown,
 )
 
-import celeryconfig
-from orchestrator.settings import Settings
+from orchestrator import celery_app
+from orchestrator.celery_app import CeleryPublisher
+from orchestrator.engine.runtime import RuntimeHolder
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.logs import Redactor, configure_logging
 from workers.metrics import WorkerMetricsEndpoint
-from workers.runtime import RuntimeHolder
 from workers.sweeper import Sweeper
 from workers.tasks import register_tasks
 
@@ -29,11 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """Build the Celery app: configuration, the step task and the sweeper bootstep."""
+    """Build the worker's Celery app: the producers' app plus the step task, the sweeper bootstep and signals."""
     settings = settings or Settings.from_env()
-    app = Celery("orchestrator")
-    app.config_from_object(celeryconfig.from_settings(settings))
-    holder = RuntimeHolder(app, settings)
+    app = celery_app.create_app(settings)
+    holder = RuntimeHolder(settings, lambda: CeleryPublisher(app, settings), interrupts=(SoftTimeLimitExceeded,))
     app.orchestrator_runtime = holder  # type: ignore[attr-defined]
     register_tasks(app, holder)
     app.steps["worker"].add(Sweeper)

@@ -25,7 +25,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server, values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry import metrics
 from orchestrator.telemetry.cluster import ClusterCollector
 

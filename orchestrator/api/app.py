@@ -31,8 +31,8 @@ from orchestrator.errors import (
     StoreUnavailableError,
     WorkflowDefinitionError,
 )
-from orchestrator.redis_url import async_client, sync_client
-from orchestrator.settings import Settings
+from orchestrator.infra.redis_url import async_client, sync_client
+from orchestrator.infra.settings import Settings
 from orchestrator.web import router as web_router
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from starlette.requests import HTTPConnection
 from orchestrator.api.auth import ApiAuth
 from orchestrator.api.metrics import ApiMetrics
 from orchestrator.api.streams import EventHubs
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 
 if TYPE_CHECKING:
     from orchestrator.client import Client

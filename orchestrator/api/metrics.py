@@ -13,7 +13,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.cluster import ClusterCollector
 
 # RFC 9110's methods plus PATCH; HTTP servers pass any other token through, and each would be a new series.

@@ -11,8 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from orchestrator.api.context import api_context
 from orchestrator.api.deps import Reader
 from orchestrator.api.schemas import WorkflowInfo, WorkflowList, WorkflowStep
+from orchestrator.definition.registry import workflows
 from orchestrator.errors import StoreUnavailableError
-from orchestrator.registry import workflows
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from orchestrator.api.schemas import (
     SubmitRun,
 )
 from orchestrator.errors import DecisionRefusedError, InputValidationError, WorkflowDefinitionError
+from orchestrator.infra.timestamps import iso
 from orchestrator.state import RunStatus, keys
-from orchestrator.timestamps import iso
 
 router = APIRouter(tags=["runs"])
 

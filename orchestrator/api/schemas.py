@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.spec import WORKFLOW_NAME_PATTERN
+from orchestrator.definition.spec import WORKFLOW_NAME_PATTERN
 from orchestrator.state import RunStatus
 from orchestrator.state.base import MAX_DECISION_COMMENT_CHARS
 

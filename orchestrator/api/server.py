@@ -8,7 +8,7 @@ import uvicorn
 
 from orchestrator.api.app import create_app
 from orchestrator.api.auth import ApiAuth, check_bind
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.logs import Redactor, configure_logging
 
 DEFAULT_HOST = "127.0.0.1"

@@ -24,8 +24,8 @@ from orchestrator.api.deps import StreamReader
 from orchestrator.api.routes_runs import RunId
 from orchestrator.api.schemas import Problem
 from orchestrator.api.streams import follow, nothing_more, run_exists
+from orchestrator.engine.events import Event
 from orchestrator.errors import RunNotFoundError
-from orchestrator.events import Event
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from orchestrator.events import Event, EventType, ProgressListener, deliver
+from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
 from orchestrator.state import RunStatus, keys
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from starlette.websockets import WebSocketState
 from orchestrator.api.auth import AuthError, Scope, bearer_token
 from orchestrator.api.context import ApiContext, api_context
 from orchestrator.api.streams import RunHub, Subscription, follow, nothing_more, run_exists
-from orchestrator.events import Event, ProgressListener
+from orchestrator.engine.events import Event, ProgressListener
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ class CallContext:
         run_id: The run paying.
         workflow: The workflow's name (a metrics label).
         budget_usd: The run's budget, or ``None``.
-        reply_cache: ``run``, ``shared`` or ``off`` (see :class:`~orchestrator.spec.LLMParams`).
+        reply_cache: ``run``, ``shared`` or ``off`` (see :class:`~orchestrator.definition.spec.LLMParams`).
         fresh: Ask the provider even if a reply is stored (``resume --from`` names the step: the user wants a new
             answer); the new reply is stored as usual.
         step: The step calling (with the run and the request, it names the caller's booking in a rate limit).

@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
+from orchestrator.definition.jsonschemas import SchemaError, check_schema, schema_errors
 from orchestrator.errors import NonRetryableStepError
-from orchestrator.jsonschemas import SchemaError, check_schema, schema_errors
 
 __all__ = ["STRUCTURED_OUTPUT_MARKER", "parse_structured", "structured_output_instruction"]
 
@@ -57,7 +57,7 @@ def parse_structured(text: str, schema: Mapping[str, Any]) -> Any:
         NonRetryableStepError: ``kind="invalid_output"`` when no JSON is found or it does not match the schema
             (the message names each failing location, fit to show the model in a repair prompt);
             ``kind="invalid_schema"`` when ``schema`` itself is not a valid JSON Schema or is refused (a ``$ref``
-            outside the schema, a pattern RE2 cannot run: see :mod:`orchestrator.jsonschemas`).
+            outside the schema, a pattern RE2 cannot run: see :mod:`orchestrator.definition.jsonschemas`).
     """
     try:
         check_schema(schema)

@@ -8,8 +8,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from orchestrator.events import Event
-    from orchestrator.spec import WorkflowSpec
+    from orchestrator.definition.spec import WorkflowSpec
+    from orchestrator.engine.events import Event
 
 
 class RunStatus(StrEnum):
@@ -223,7 +223,7 @@ class StateStore(Protocol):
 
     A run is a flat map of strings: run fields (``status``, ``gen``, ``inputs``, ``remaining``, ``failures`` …) and
     step fields ``s:STEP:FIELD`` (``status``, ``task``, ``lease``, ``attempts``, ``output``, ``errors`` …), so
-    ``orchestrator.status.run_view`` reads either store's :meth:`run_fields`. Every step transition names the
+    ``orchestrator.engine.status.run_view`` reads either store's :meth:`run_fields`. Every step transition names the
     :class:`Attempt` it applies to and is refused when that attempt is stale: another generation, or a task id that
     no longer owns the step. A run that outlived its retention behaves exactly like one that never existed.
     """
@@ -272,7 +272,7 @@ class StateStore(Protocol):
         ...
 
     def run_fields(self, run_id: str) -> dict[str, str]:
-        """Every field of the run, as strings (the input of ``orchestrator.status.run_view``).
+        """Every field of the run, as strings (the input of ``orchestrator.engine.status.run_view``).
 
         Raises:
             RunNotFoundError: When the run does not exist or its retention expired.

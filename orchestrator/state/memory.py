@@ -1,7 +1,7 @@
 """The in-memory state store: the Lua transitions of ``RedisStateStore`` as Python under one lock.
 
 For tests and single-process use. A run is the same flat field map as the Redis hash (``s:STEP:FIELD``), so
-``orchestrator.status.run_view`` reads it unchanged; every transition mirrors its script in ``lua/`` rule for rule,
+``orchestrator.engine.status.run_view`` reads it unchanged; every transition mirrors its script in ``lua/`` rule for rule,
 down to the progress events it emits (``lua/_events.lua``): same types, order, step, attempt and data, numbered by the
 run's ``seq`` field. Time comes from an injectable clock, so tests move it instead of sleeping.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from orchestrator.definition.spec import WorkflowSpec
+from orchestrator.engine.events import Event
 from orchestrator.errors import RunNotFoundError
-from orchestrator.events import Event
-from orchestrator.spec import WorkflowSpec
 from orchestrator.state import keys
 from orchestrator.state.base import (
     MAX_AUDIT_ENTRIES,

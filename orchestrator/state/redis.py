@@ -15,10 +15,10 @@ import redis
 from redis.client import Pipeline
 from redis.commands.core import Script
 
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
+from orchestrator.engine.events import Event
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
-from orchestrator.events import Event
-from orchestrator.redis_url import blocking_pool
-from orchestrator.spec import WorkflowSpec, parse_workflow
+from orchestrator.infra.redis_url import blocking_pool
 from orchestrator.state import keys
 from orchestrator.state.base import (
     MAX_AUDIT_ENTRIES,

@@ -8,7 +8,7 @@
 
 Both the API and every worker endpoint export them (each reads the same Redis), so dashboards take ``max`` over
 instances rather than a sum. A scrape costs three round trips: one pipeline of ``LLEN`` of each queue's priority
-lists (:func:`orchestrator.priorities.redis_queue_lists`), summed; the run index's newest ids; and one pipeline of
+lists (:func:`orchestrator.engine.priorities.redis_queue_lists`), summed; the run index's newest ids; and one pipeline of
 ``HGET status`` per run, so at most ``run_scan`` (default 1000) small reads. Runs are counted among the newest
 ``run_scan`` only: an older run still in flight (one waiting days for an approval behind more than ``run_scan`` newer
 runs) is not counted.
@@ -23,9 +23,9 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.backlog import broker_for, queue_depths
-from orchestrator.redis_url import sync_client
-from orchestrator.settings import Settings
+from orchestrator.engine.backlog import broker_for, queue_depths
+from orchestrator.infra.redis_url import sync_client
+from orchestrator.infra.settings import Settings
 from orchestrator.state import keys
 
 __all__ = ["DEFAULT_RUN_SCAN", "IN_FLIGHT_STATUSES", "ClusterCollector"]

@@ -32,7 +32,7 @@ from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.redis_url import url_secrets
+from orchestrator.infra.redis_url import url_secrets
 
 if TYPE_CHECKING:
     from orchestrator.telemetry import AttemptInfo

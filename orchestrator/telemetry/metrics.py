@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 
 if TYPE_CHECKING:
     from orchestrator.telemetry import AttemptScope, LLMCallRecord

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from orchestrator.priorities import redis_queue_lists
+from orchestrator.engine.priorities import redis_queue_lists
 
 T = TypeVar("T")
 

@@ -25,7 +25,7 @@ from orchestrator import Client
 from orchestrator.api import ApiAuth, StreamLimits, create_app
 from orchestrator.api.auth import Principal, Scope
 from orchestrator.api.streams import EventHubs, follow
-from orchestrator.local_workers import REPO_ROOT, LocalWorkers
+from orchestrator.dev.local_workers import REPO_ROOT, LocalWorkers
 from orchestrator.state import keys
 from tests.integration.helpers import py, wait_for, workflow
 

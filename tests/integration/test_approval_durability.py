@@ -12,9 +12,9 @@ import pytest
 import redis
 
 from orchestrator import Client, Settings
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.redis_server import RedisServer, find_redis_server
 from orchestrator.errors import StoreUnavailableError
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.redis_server import RedisServer, find_redis_server
 from tests.conftest import ARTIFACTS, WORKER_ENV, _unavailable
 from tests.integration.helpers import py, ts, wait_for, workflow
 

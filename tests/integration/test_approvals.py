@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from orchestrator import Client, DecisionRefusedError
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
 from tests.integration.helpers import py, ts, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from orchestrator import Client, Settings
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.state import keys
 from tests.integration.helpers import queue_length, wait_for
 

@@ -14,7 +14,7 @@ from orchestrator import (
     UnknownWorkflowError,
     Workflow,
 )
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.state import keys
 from tests.integration.helpers import py, ts, workflow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator import Client
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
 from tests.integration.helpers import llm, py, ts, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

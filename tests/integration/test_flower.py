@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from orchestrator import Client, Settings
-from orchestrator.local_workers import REPO_ROOT, LocalWorkers
+from orchestrator.dev.local_workers import REPO_ROOT, LocalWorkers
 from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import llm, py, wait_for, workflow
 

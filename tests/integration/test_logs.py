@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from orchestrator import Client, Settings
-from orchestrator.local_workers import REPO_ROOT, LocalWorkers
+from orchestrator.dev.local_workers import REPO_ROOT, LocalWorkers
 from tests.conftest import WORKER_ENV
 from tests.fake_anthropic import FakeAnthropicServer, FakeReply, error_body, fake_anthropic_server
 from tests.integration.helpers import py, wait_for, workflow
@@ -155,7 +155,7 @@ def test_the_worker_logs_json_lines_only_besides_celerys_printed_banner(logs: An
 
 def test_step_records_carry_run_id_step_and_attempt_and_show_where_secrets_were_cut(logs: Any) -> None:
     run_id, parsed = logs["view"]["run_id"], records(logs["worker"])
-    retry = [r for r in parsed if r["logger"] == "workers.tasks" and "retrying" in r["message"]]
+    retry = [r for r in parsed if r["logger"] == "orchestrator.engine.attempt" and "retrying" in r["message"]]
     leaks = [r for r in parsed if r["logger"] == "tests.workflows"]
 
     assert len(retry) == 1

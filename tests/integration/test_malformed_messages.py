@@ -22,9 +22,9 @@ import redis
 from kombu import Connection, Exchange, Producer
 
 from orchestrator import Client, Settings
-from orchestrator.dispatch import STEP_TASK
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.redis_server import RedisServer
+from orchestrator.celery_app import STEP_TASK
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.redis_server import RedisServer
 from orchestrator.state import keys
 from tests.conftest import WORKER_ENV, private_redis
 from tests.integration.helpers import py, queue_length, wait_for, workflow

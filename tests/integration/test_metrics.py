@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import Client, Settings
 from orchestrator.api import ApiAuth, create_app
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
 from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import llm, py, wait_for, workflow
 

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from orchestrator import Client, Settings
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.priorities import REDIS_PRIORITY_SEPARATOR
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.engine.priorities import REDIS_PRIORITY_SEPARATOR
 from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import queue_length, ts, workflow
 

@@ -28,7 +28,7 @@ import redis
 from kombu import Connection
 
 from orchestrator import Client, Settings
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
 from tests.conftest import ARTIFACTS, IN_CI, WORKER_ENV
 from tests.integration.helpers import llm, py, ts, wait_for, workflow
 

@@ -11,8 +11,7 @@ import pytest
 import redis
 
 from orchestrator import Client
-from orchestrator.dispatch import dispatch
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
 from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import py, wait_for, workflow
 
@@ -97,7 +96,7 @@ def test_a_duplicate_delivery_of_a_finished_step_neither_reruns_nor_overwrites_i
     before = client.wait(run_id, timeout=30)
 
     marker = uuid.uuid4().hex
-    dispatch(client.app, client.settings, spec, run_id=run_id, steps=["once"], generation="1",
+    client.publisher.publish(spec, run_id=run_id, steps=["once"], generation="1",
              task_ids={"once": marker})  # fmt: skip
     # With late acks a message leaves the queue and kombu's unacked hash only once its task has returned.
     wait_for(lambda: not _in_broker(redis_client, marker), what="the duplicate to be processed and acked")

@@ -9,9 +9,8 @@ import pytest
 import redis
 
 from orchestrator import Client
-from orchestrator.dispatch import dispatch
+from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.errors import RunStateError, WorkflowDefinitionError
-from orchestrator.local_workers import LocalWorkers
 from orchestrator.state import keys
 from tests.integration.helpers import llm, py, ts, wait_for, workflow
 
@@ -159,7 +158,7 @@ def test_a_late_message_from_the_previous_generation_changes_nothing(
     client.resume(run_id)
     client.wait(run_id, timeout=30)
 
-    dispatch(client.app, client.settings, spec, run_id=run_id, steps=["a", "g"], generation="1")
+    client.publisher.publish(spec, run_id=run_id, steps=["a", "g"], generation="1")
     wait_for(lambda: _drained(redis_client, run_id), what="the late messages to be consumed")
 
     view = client.status(run_id)
@@ -331,7 +330,7 @@ def test_a_step_timeout_is_retried_unless_the_step_says_otherwise(
 
 def test_a_deadline_that_passed_while_no_worker_ran_fires_when_one_starts(unique: str) -> None:
     from orchestrator import Settings
-    from orchestrator.redis_server import RedisServer
+    from orchestrator.dev.redis_server import RedisServer
     from tests.conftest import WORKER_ENV
 
     with RedisServer() as server:
@@ -388,7 +387,7 @@ def test_cancel_while_steps_are_being_released_leaves_no_step_behind(
 def test_a_progress_listener_sees_the_whole_run_in_order_and_its_bugs_never_harm_it(
     client: Client, workers: LocalWorkers, unique: str
 ) -> None:
-    from orchestrator.events import Event, ProgressListener
+    from orchestrator.engine.events import Event, ProgressListener
 
     class Listener(ProgressListener):
         def __init__(self) -> None:

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from orchestrator import Client, Settings
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.state import RedisStateStore
 from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import llm, py, queue_length, ts, wait_for, workflow

@@ -21,11 +21,11 @@ from kombu import Connection, Exchange, Producer
 from orchestrator import Client, Settings
 from orchestrator.api import ApiAuth, StreamLimits, create_app
 from orchestrator.api.auth import Principal, Scope
-from orchestrator.dispatch import STEP_TASK, dispatch
+from orchestrator.celery_app import STEP_TASK
+from orchestrator.definition.spec import parse_workflow
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.redis_server import RedisServer, find_redis_server
 from orchestrator.errors import StoreUnavailableError, WorkflowDefinitionError
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.redis_server import RedisServer, find_redis_server
-from orchestrator.spec import parse_workflow
 from orchestrator.state import keys
 from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import llm, py, wait_for, workflow
@@ -99,7 +99,7 @@ def in_broker(r: redis.Redis, marker: str) -> bool:
 
 
 def celeryconfig_accepts() -> list[str]:
-    from celeryconfig import from_settings
+    from orchestrator.celery_app import celery_config as from_settings
 
     config = from_settings(Settings())
     assert config["task_serializer"] == "json"
@@ -225,7 +225,7 @@ def test_a_stored_definition_naming_an_import_path_fails_its_step_unknown_functi
     run_id = uuid.uuid4().hex
     client.store.save_definition(spec)
     client.store.create_run(run_id, spec, {"topic": "x"}, None)
-    dispatch(client.app, client.settings, spec, run_id=run_id, steps=spec.graph.roots, generation="1")
+    client.publisher.publish(spec, run_id=run_id, steps=spec.graph.roots, generation="1")
 
     view = client.wait(run_id, timeout=60)
 

@@ -22,12 +22,12 @@ from fastapi.testclient import TestClient
 from orchestrator import Client, Settings
 from orchestrator.api import ApiAuth, StreamLimits, create_app
 from orchestrator.api.auth import Principal, Scope
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.redis_server import find_redis_server
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.redis_server import find_redis_server
+from orchestrator.engine.outage import OUTAGE_ERRORS, outlast
 from orchestrator.state import RedisStateStore, keys
 from tests.conftest import ARTIFACTS, IN_CI, WORKER_ENV
 from tests.integration.helpers import llm, py, wait_for, workflow
-from workers.tasks import OUTAGE_ERRORS, outlast
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -12,8 +12,8 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from orchestrator import Client
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.spec import DEFAULT_MODEL
+from orchestrator.definition.spec import DEFAULT_MODEL
+from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.telemetry import trace_provider, tracing
 from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import llm, py, wait_for, workflow

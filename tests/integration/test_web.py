@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 from orchestrator import Client, Settings
 from orchestrator.api import ApiAuth, create_app
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.web import router as web_router
 from tests.conftest import ARTIFACTS, IN_CI
 from tests.integration.helpers import py, workflow

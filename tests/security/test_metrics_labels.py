@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from orchestrator.api.metrics import ApiMetrics, RequestMetricsMiddleware
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry import AttemptInfo, AttemptScope, LLMCallRecord, metrics
 from workers.metrics import MULTIPROC_DIR_ENV, WorkerMetricsEndpoint
 

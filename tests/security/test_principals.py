@@ -10,8 +10,8 @@ import pytest
 
 from orchestrator import Client
 from orchestrator.api.auth import ApiAuth, ApiConfigError, Principal, Scope
+from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.errors import DecisionRefusedError
-from orchestrator.local_workers import LocalWorkers
 from tests.integration.helpers import py, wait_for, workflow
 from tests.integration.test_cli import assert_clean_failure, orchestrator
 

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from orchestrator.definition.inputs import validate_inputs
+from orchestrator.definition.jsonschemas import MAX_VALIDATION_STEPS
+from orchestrator.definition.spec import parse_workflow
 from orchestrator.errors import InputValidationError, NonRetryableStepError, WorkflowDefinitionError
-from orchestrator.inputs import validate_inputs
-from orchestrator.jsonschemas import MAX_VALIDATION_STEPS
 from orchestrator.llm import parse_structured
-from orchestrator.spec import parse_workflow
 from tests.integration.helpers import wait_for
 
 # Python's re takes seconds on this pair, doubling with each extra "a"; RE2 answers in microseconds.

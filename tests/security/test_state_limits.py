@@ -18,9 +18,9 @@ from pydantic import ValidationError
 import orchestrator.client
 from orchestrator import Client
 from orchestrator.api.schemas import Decision as DecisionBody
+from orchestrator.definition.spec import MAX_WORKFLOW_TIMEOUT_S, parse_workflow
+from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.errors import InputValidationError, StoreUnavailableError, WorkflowDefinitionError
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.spec import MAX_WORKFLOW_TIMEOUT_S, parse_workflow
 from orchestrator.state import keys
 from orchestrator.state.base import MAX_DECISION_COMMENT_CHARS
 from tests.integration.helpers import llm, py, wait_for, workflow

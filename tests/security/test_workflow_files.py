@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.definition.files import MAX_YAML_NODES, load_workflow_file
 from orchestrator.errors import WorkflowDefinitionError
-from orchestrator.files import MAX_YAML_NODES, load_workflow_file
 
 
 def alias_bomb(levels: int = 8, fan_out: int = 10) -> str:

@@ -10,7 +10,7 @@ from fastapi import HTTPException
 
 from orchestrator.api.sse import sse_frame, start_after
 from orchestrator.api.streams import Subscription, ends_run
-from orchestrator.events import Event
+from orchestrator.engine.events import Event
 
 pytestmark = pytest.mark.timeout(30)
 

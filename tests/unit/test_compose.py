@@ -30,7 +30,7 @@ import yaml
 
 from orchestrator.api.auth import ApiAuth, ApiConfigError, check_bind
 from orchestrator.cli import main as cli
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -583,6 +583,6 @@ def test_declared_files_cover_the_modules_the_workers_import() -> None:
         "celeryconfig.py",
         "workers/__init__.py",
         "orchestrator/cli.py",
-        "orchestrator/sweep_service.py",
+        "orchestrator/engine/sweep_service.py",
     } <= declared
     assert any(fnmatch.fnmatch(name, "orchestrator/state/lua/*.lua") for name in declared)

@@ -9,9 +9,16 @@ from typing import Any
 
 import pytest
 
-from orchestrator.coordinator import decide_start, failure_summary, queue_for, retry_delay, should_retry, upstream_reads
-from orchestrator.dag import Graph, find_cycle
-from orchestrator.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
+from orchestrator.definition.dag import Graph, find_cycle
+from orchestrator.definition.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
+from orchestrator.engine.coordinator import (
+    decide_start,
+    failure_summary,
+    queue_for,
+    retry_delay,
+    should_retry,
+    upstream_reads,
+)
 from orchestrator.state import StepOutcome
 
 pytestmark = pytest.mark.timeout(30)

@@ -118,7 +118,7 @@ def test_the_configuration_page_matches_the_settings_class() -> None:
 
 
 def test_the_configuration_page_lists_every_variable_settings_reads() -> None:
-    from orchestrator.settings import Settings
+    from orchestrator.infra.settings import Settings
 
     asked: list[str] = []
 

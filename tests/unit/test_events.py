@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from orchestrator.events import Event, ProgressListener, deliver
+from orchestrator.engine.events import Event, ProgressListener, deliver
 
 
 def test_a_stream_entry_decodes_into_an_event_and_back_to_its_wire_form() -> None:
@@ -50,7 +50,7 @@ def test_each_event_reaches_its_callback_and_a_raising_listener_is_only_logged(
         Event("r1", 3, "run_succeeded", None, 0, 3.0),
         Event("r1", 4, "some_future_type", None, 0, 4.0),
     ]
-    with caplog.at_level(logging.ERROR, logger="orchestrator.events"):
+    with caplog.at_level(logging.ERROR, logger="orchestrator.engine.events"):
         for event in events:
             deliver(listener, event)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.definition.files import MAX_FILE_BYTES, load_workflow_file
+from orchestrator.definition.spec import LLMParams, PythonParams
+from orchestrator.definition.templates import check_template, referenced_steps, render
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
-from orchestrator.files import MAX_FILE_BYTES, load_workflow_file
-from orchestrator.spec import LLMParams, PythonParams
-from orchestrator.templates import check_template, referenced_steps, render
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -25,19 +25,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.cli import main
-from orchestrator.conditions import check_condition, evaluate_condition
+from orchestrator.definition.conditions import check_condition, evaluate_condition
+from orchestrator.definition.files import load_workflow_file, parse_document
+from orchestrator.definition.inputs import validate_inputs
+from orchestrator.definition.registry import FunctionRegistry
+from orchestrator.definition.spec import LLMParams, PythonParams, WorkflowSpec, parse_workflow
+from orchestrator.definition.templates import check_template, referenced_steps, render
+from orchestrator.definition.validation import check_workflow
 from orchestrator.errors import (
     InputValidationError,
     NonRetryableStepError,
     OrchestratorError,
     WorkflowDefinitionError,
 )
-from orchestrator.files import load_workflow_file, parse_document
-from orchestrator.inputs import validate_inputs
-from orchestrator.registry import FunctionRegistry
-from orchestrator.spec import LLMParams, PythonParams, WorkflowSpec, parse_workflow
-from orchestrator.templates import check_template, referenced_steps, render
-from orchestrator.validation import check_workflow
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from orchestrator.definition.inputs import input_schema, parse_cli_inputs, validate_inputs
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.errors import InputValidationError
-from orchestrator.inputs import input_schema, parse_cli_inputs, validate_inputs
-from orchestrator.spec import WorkflowSpec, parse_workflow
 
 pytestmark = pytest.mark.timeout(30)
 

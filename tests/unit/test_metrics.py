@@ -18,7 +18,7 @@ from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import telemetry
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 from orchestrator.state import keys
 from orchestrator.telemetry import AttemptInfo, AttemptScope, LLMCallRecord, metrics
 from orchestrator.telemetry.cluster import ClusterCollector

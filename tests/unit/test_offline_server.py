@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.dev.offline_server import serve_offline_api
 from orchestrator.errors import RetryableStepError
 from orchestrator.llm.anthropic import AnthropicClient
 from orchestrator.llm.base import LLMRequest
-from orchestrator.llm.offline_server import serve_offline_api
 
 
 def test_it_answers_through_the_sdk_and_rate_limits_like_the_service() -> None:

@@ -7,8 +7,8 @@ import time
 import pytest
 import redis
 
-from orchestrator.settings import Settings
-from workers.tasks import outlast
+from orchestrator.engine.outage import outlast
+from orchestrator.infra.settings import Settings
 
 
 def test_the_patience_is_a_setting_read_from_the_environment() -> None:

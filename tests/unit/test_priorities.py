@@ -7,14 +7,14 @@ import sys
 import pytest
 from celery import Celery
 
-from celeryconfig import from_settings
 from orchestrator import Settings, parse_workflow
-from orchestrator.dag import Graph
-from orchestrator.dispatch import step_signature
+from orchestrator.celery_app import CeleryPublisher
+from orchestrator.celery_app import celery_config as from_settings
+from orchestrator.definition.dag import Graph
+from orchestrator.definition.spec import WorkflowSpec
+from orchestrator.definition.workflow import NoopStep, Workflow
+from orchestrator.engine.priorities import REDIS_PRIORITY_STEPS, message_priority, redis_queue_lists, step_level
 from orchestrator.errors import WorkflowDefinitionError
-from orchestrator.priorities import REDIS_PRIORITY_STEPS, message_priority, redis_queue_lists, step_level
-from orchestrator.spec import WorkflowSpec
-from orchestrator.workflow import NoopStep, Workflow
 
 REDIS = "redis://127.0.0.1:6379/0"
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -126,7 +126,7 @@ def test_every_level_lands_on_one_of_the_lists_a_redis_worker_reads() -> None:
 
 def signature_priority(settings: Settings, step: str, spec: WorkflowSpec | None = None) -> object:
     app = Celery("t", set_as_current=False)
-    signature = step_signature(app, settings, spec or pipeline(), run_id="r", step=step, generation="1")
+    signature = CeleryPublisher(app, settings).signature(spec or pipeline(), run_id="r", step=step, generation="1")
     return signature.options.get("priority")
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from orchestrator import redis_server
+from orchestrator.dev import redis_server
+from orchestrator.dev.redis_server import RedisServer, ensure_redis, find_redis_server
 from orchestrator.errors import OrchestratorError, StoreUnavailableError
-from orchestrator.redis_server import RedisServer, ensure_redis, find_redis_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -242,7 +242,7 @@ def test_ensure_redis_starts_a_private_server_when_the_default_is_dead(
 _CHILD = textwrap.dedent(
     """
     import sys, time
-    from orchestrator.redis_server import RedisServer, stop_on_signals
+    from orchestrator.dev.redis_server import RedisServer, stop_on_signals
 
     server = RedisServer().start()
     if sys.argv[1] == "exit":

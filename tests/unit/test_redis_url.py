@@ -7,8 +7,8 @@ import pytest
 import redis
 import redis.sentinel
 
-from celeryconfig import from_settings
-from orchestrator.redis_url import (
+from orchestrator.celery_app import celery_config as from_settings
+from orchestrator.infra.redis_url import (
     DEFAULT_SENTINEL_PORT,
     BlockingSentinelConnectionPool,
     RedisUrlError,
@@ -21,7 +21,7 @@ from orchestrator.redis_url import (
     sync_client,
     url_secrets,
 )
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
 from orchestrator.state import RedisStateStore
 from orchestrator.telemetry.cluster import ClusterCollector
 from orchestrator.telemetry.logs import REDACTED, Redactor

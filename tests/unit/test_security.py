@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from orchestrator.conditions import check_condition, evaluate_condition
+from orchestrator.definition.conditions import check_condition, evaluate_condition
+from orchestrator.definition.registry import FunctionRegistry
+from orchestrator.definition.spec import parse_workflow
+from orchestrator.definition.templates import MAX_VALUE_CHARS, check_template, render
+from orchestrator.definition.validation import check_workflow
+from orchestrator.engine.steps import StepContext, StepExecutor
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
+from orchestrator.infra.settings import Settings
 from orchestrator.llm.gateway import CallContext
-from orchestrator.registry import FunctionRegistry
-from orchestrator.settings import Settings
-from orchestrator.spec import parse_workflow
-from orchestrator.steps import StepContext, StepExecutor
-from orchestrator.templates import MAX_VALUE_CHARS, check_template, render
-from orchestrator.validation import check_workflow
 
 pytestmark = pytest.mark.timeout(30)  # a resource bomb that got through would hang or exhaust memory here
 

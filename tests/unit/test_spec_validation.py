@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from orchestrator.definition.registry import FunctionRegistry
+from orchestrator.definition.spec import MAX_STEPS, WorkflowSpec, parse_workflow
+from orchestrator.definition.validation import check_workflow
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
-from orchestrator.registry import FunctionRegistry
-from orchestrator.spec import MAX_STEPS, WorkflowSpec, parse_workflow
-from orchestrator.validation import check_workflow
 
 pytestmark = pytest.mark.timeout(30)
 

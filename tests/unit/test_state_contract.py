@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 import redis
 
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
+from orchestrator.dev.redis_server import RedisServer, find_redis_server
+from orchestrator.engine.events import Event
+from orchestrator.engine.status import run_view
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
-from orchestrator.events import Event
-from orchestrator.redis_server import RedisServer, find_redis_server
-from orchestrator.spec import WorkflowSpec, parse_workflow
 from orchestrator.state import Attempt, MemoryStateStore, RedisStateStore, RunStatus, StateStore, StepOutcome, keys
 from orchestrator.state.base import MAX_AUDIT_ENTRIES, Decision, Reclaim, ResumePlan, Stop
-from orchestrator.status import run_view
 
 pytestmark = pytest.mark.timeout(30)
 

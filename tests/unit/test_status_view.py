@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.spec import WorkflowSpec, parse_workflow
-from orchestrator.status import run_view
-from orchestrator.timestamps import iso
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
+from orchestrator.engine.status import run_view
+from orchestrator.infra.timestamps import iso
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -7,16 +7,16 @@ from typing import Any, cast
 import fakeredis
 import redis
 
-from orchestrator.priorities import redis_queue_lists
-from orchestrator.settings import Settings
-from workers.runtime import Runtime
-from workers.sweeper import MAX_BACKLOG_GRACES, _backlog_wait_s
+from orchestrator.engine.priorities import redis_queue_lists
+from orchestrator.engine.runtime import Runtime
+from orchestrator.engine.sweep import MAX_BACKLOG_GRACES, _backlog_wait_s
+from orchestrator.infra.settings import Settings
 
 
 def _runtime(broker: redis.Redis | None) -> Runtime:
     settings = Settings.from_env({"ORCH_QUEUED_GRACE_S": "30"})
     unused = cast(Any, None)
-    return Runtime(unused, settings, unused, unused, unused, broker)
+    return Runtime(settings, unused, unused, unused, unused, broker)
 
 
 def test_empty_queues_let_a_lost_message_be_sent_again_at_once() -> None:

@@ -16,9 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from orchestrator import telemetry
-from orchestrator.dispatch import step_signature
-from orchestrator.settings import Settings
-from orchestrator.spec import parse_workflow
+from orchestrator.celery_app import CeleryPublisher
+from orchestrator.definition.spec import parse_workflow
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry import AttemptInfo, LLMCallRecord, trace_provider, tracing
 
 pytestmark = pytest.mark.timeout(30)
@@ -108,9 +108,9 @@ def test_a_step_signature_carries_the_current_span_of_its_run_in_its_headers() -
     spec = parse_workflow({"name": "wf", "steps": [{"name": "a", "uses": "noop"}]})
     run_id = uuid.uuid4().hex
 
-    plain = step_signature(app, settings, spec, run_id=run_id, step="a", generation="1")
+    plain = CeleryPublisher(app, settings).signature(spec, run_id=run_id, step="a", generation="1")
     with trace.use_span(trace.NonRecordingSpan(tracing.run_root(run_id))):
-        traced = step_signature(app, settings, spec, run_id=run_id, step="a", generation="1")
+        traced = CeleryPublisher(app, settings).signature(spec, run_id=run_id, step="a", generation="1")
 
     assert "headers" not in plain.options
     assert tracing.parent_context(run_id, traced.options["headers"]) == tracing.run_root(run_id)

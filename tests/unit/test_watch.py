@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from orchestrator.events import Event
+from orchestrator.engine.events import Event
 from orchestrator.watch import RunView
 
 

@@ -1,31 +1,31 @@
-"""``orchestrator worker``: which pools it can start."""
+"""``orchestrator worker``: it becomes ``celery -A workers worker``, so every pool Celery knows works."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
-from click.testing import CliRunner
 
-from orchestrator.cli import _pool_option, main
+from orchestrator.cli import worker_argv
+from orchestrator.infra.settings import Settings
 
-
-@pytest.mark.parametrize(
-    ("args", "pool"),
-    [
-        (("-Q", "llm", "-P", "threads", "-c", "100"), "threads"),
-        (("-Pgevent",), "gevent"),
-        (("--pool", "eventlet"), "eventlet"),
-        (("--pool=prefork", "-c", "2"), "prefork"),
-        (("-c", "8"), None),
-    ],
-)
-def test_the_pool_is_read_from_every_spelling_of_celerys_option(args: tuple[str, ...], pool: str | None) -> None:
-    assert _pool_option(args) == pool
+SETTINGS = Settings.from_env({})
 
 
-@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
-def test_the_worker_command_refuses_a_green_pool_it_could_not_monkeypatch_in_time(pool: str) -> None:
-    result = CliRunner().invoke(main, ["worker", "-Q", "llm", "-P", pool, "-c", "100"])
+@pytest.mark.parametrize("pool", ["threads", "gevent", "eventlet", "prefork"])
+def test_the_worker_command_hands_every_pool_to_celerys_own_command(pool: str) -> None:
+    argv = worker_argv(["-P", pool, "-c", "100"], SETTINGS)
 
-    assert result.exit_code != 0
-    assert f"--pool {pool} needs monkeypatching" in result.output
-    assert "--pool threads" in result.output
+    assert argv[:6] == [sys.executable, "-m", "celery", "-A", "workers", "worker"]
+    assert argv[6:10] == ["-P", pool, "-c", "100"]
+
+
+def test_without_queues_the_worker_consumes_both_step_queues() -> None:
+    argv = worker_argv(["-c", "8"], SETTINGS)
+
+    assert argv[-2:] == ["--queues", f"{SETTINGS.llm_queue},{SETTINGS.cpu_queue}"]
+
+
+@pytest.mark.parametrize("spelling", [["-Q", "llm"], ["--queues", "llm"], ["--queues=llm"], ["-Qllm"]])
+def test_queues_the_user_names_are_kept_as_they_are(spelling: list[str]) -> None:
+    assert worker_argv(spelling, SETTINGS)[6:] == spelling

@@ -1,7 +1,7 @@
 """Step message priorities: a step deeper in its DAG is taken first, so runs in flight finish before new ones start.
 
 A step's *level* runs from 0 (taken last) to :data:`TOP_LEVEL` (taken first): its ``priority`` when the workflow sets
-one, else its depth, the longest path from a root to it (:attr:`orchestrator.dag.Graph.depths`), capped at the top.
+one, else its depth, the longest path from a root to it (:attr:`orchestrator.definition.dag.Graph.depths`), capped at the top.
 Depth from the roots rather than distance to the sinks: every root is level 0 whatever its workflow, so no new run's
 first step overtakes a step of a run already started, and a run's level only rises as it progresses; distance to the
 sinks would rank the root of a one-step workflow above the middle of a long run already half done.
@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from orchestrator.redis_url import is_redis_url
+from orchestrator.definition.spec import TOP_LEVEL
+from orchestrator.infra.redis_url import is_redis_url
 
 if TYPE_CHECKING:
-    from orchestrator.spec import WorkflowSpec
+    from orchestrator.definition.spec import WorkflowSpec
 
 __all__ = [
     "REDIS_PRIORITY_SEPARATOR",
@@ -35,9 +36,6 @@ __all__ = [
     "redis_queue_lists",
     "step_level",
 ]
-
-TOP_LEVEL = 3
-"""The highest level: steps at depth 3 or more share it."""
 
 REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 """kombu's default ``priority_steps``, pinned in the Celery config: a change of kombu's default cannot strand lists."""

@@ -6,10 +6,10 @@ import logging
 import uuid
 from typing import Any
 
-from celery import Celery
-
-from orchestrator.coordinator import failure_summary, plan_resume
-from orchestrator.dispatch import dispatch
+from orchestrator.definition.registry import workflows
+from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
+from orchestrator.engine.coordinator import failure_summary, plan_resume
+from orchestrator.engine.publisher import StepPublisher
 from orchestrator.errors import (
     DecisionRefusedError,
     InputValidationError,
@@ -18,10 +18,8 @@ from orchestrator.errors import (
     UnknownWorkflowError,
     WorkflowDefinitionError,
 )
+from orchestrator.infra.settings import Settings
 from orchestrator.principals import TIMEOUT_PRINCIPAL, reserved_message
-from orchestrator.registry import workflows
-from orchestrator.settings import Settings
-from orchestrator.spec import ApprovalParams, WorkflowSpec
 from orchestrator.state.base import (
     MAX_DECISION_COMMENT_CHARS,
     Attempt,
@@ -37,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def record_outcome(
-    app: Celery,
+    publisher: StepPublisher,
     settings: Settings,
     store: StateStore,
     spec: WorkflowSpec,
@@ -69,14 +67,8 @@ def record_outcome(
         return False
     if outcome == StepOutcome.FAILED:
         log.error("%s: %s", attempt.run_id, failure_summary(attempt.step, error))
-    dispatch(
-        app,
-        settings,
-        spec,
-        run_id=attempt.run_id,
-        steps=result.released,
-        generation=attempt.generation,
-        task_ids=result.task_ids,
+    publisher.publish(
+        spec, run_id=attempt.run_id, steps=result.released, generation=attempt.generation, task_ids=result.task_ids
     )
     if result.run_status is not None:
         log.info("run %s %s", attempt.run_id, result.run_status)
@@ -98,7 +90,7 @@ _TIMEOUT_DECISIONS = frozenset({"timeout:approve", "timeout:reject", "timeout:fa
 
 
 def decide_step(
-    app: Celery,
+    publisher: StepPublisher,
     settings: Settings,
     store: StateStore,
     run_id: str,
@@ -169,18 +161,18 @@ def decide_step(
     record = {"approved": verdict == "approve", "decision": decision, "by": by, "comment": comment}
     attempt = Attempt(run_id, step, detail, token)
     if verdict == "approve":
-        record_outcome(app, settings, store, spec, attempt, outcome=StepOutcome.SUCCEEDED, output=record)
+        record_outcome(publisher, settings, store, spec, attempt, outcome=StepOutcome.SUCCEEDED, output=record)
     else:
         kind = "approval_timeout" if verdict == "fail" else "rejected"
         message = "no decision before the approval timeout" if verdict == "fail" else f"rejected by {by}"
         error = {"type": kind, "status": None, "message": message + (f": {comment}" if comment else ""),
                  "retryable": False}  # fmt: skip
-        record_outcome(app, settings, store, spec, attempt, outcome=StepOutcome.FAILED, output=record, error=error)
+        record_outcome(publisher, settings, store, spec, attempt, outcome=StepOutcome.FAILED, output=record, error=error)
     return record
 
 
 def stop_run(
-    app: Celery, store: StateStore, run_id: str, status: RunStatus, reason: str, *, generation: str = ""
+    publisher: StepPublisher, store: StateStore, run_id: str, status: RunStatus, reason: str, *, generation: str = ""
 ) -> Stop:
     """Cancel or time out a run: no step starts after this returns, running ones are interrupted.
 
@@ -195,14 +187,12 @@ def stop_run(
     result = store.stop(run_id, status, reason, tuple(s.name for s in spec.steps), generation)
     if result.outcome == "ok":
         store.announce(run_id, f"run_{status.value}", spec.name)
-    task_ids = [task for _, task in result.interrupted if task]
-    if task_ids:
-        app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
+    publisher.revoke([task for _, task in result.interrupted if task])
     return result
 
 
 def resume_run(
-    app: Celery,
+    publisher: StepPublisher,
     settings: Settings,
     store: StateStore,
     run_id: str,
@@ -261,6 +251,6 @@ def resume_run(
         raise RunStateError(f"run {run_id} was resumed by someone else meanwhile (generation {value})", status=status)
     if outcome != "ok":
         raise RunStateError(f"run {run_id} cannot be resumed from {value}", status=value)
-    dispatch(app, settings, spec, run_id=run_id, steps=plan.queued, generation=value, task_ids=held)
+    publisher.publish(spec, run_id=run_id, steps=plan.queued, generation=value, task_ids=held)
     store.announce(run_id, "run_resumed", spec.name)
     return value

@@ -10,8 +10,8 @@ import importlib
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from orchestrator.definition.spec import PythonParams, WorkflowSpec
 from orchestrator.errors import UnknownWorkflowError, WorkflowDefinitionError
-from orchestrator.spec import PythonParams, WorkflowSpec
 
 StepFunction = Callable[..., Any]
 F = TypeVar("F", bound=StepFunction)

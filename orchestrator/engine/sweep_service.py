@@ -1,7 +1,7 @@
 """A process that only sweeps (``orchestrator sweeper``): lost steps, workflow deadlines, approval timeouts.
 
 Every worker already runs the sweeper as a Celery bootstep (:mod:`workers.sweeper`). This process runs the same
-:func:`~workers.sweeper.sweep_once` on its own, so deadlines and approval timeouts fire and lost steps are sent again
+:func:`~orchestrator.engine.sweep.sweep_once` on its own, so deadlines and approval timeouts fire and lost steps are sent again
 while no worker is up: every worker scaled to zero, crash-looping, or being redeployed. It takes the same Redis lock
 as the workers' sweepers, so running it next to them never sweeps twice in one interval; it consumes no queue.
 
@@ -21,7 +21,9 @@ import uuid
 from pathlib import Path
 from types import FrameType
 
-from orchestrator.settings import Settings
+from orchestrator.engine.runtime import RuntimeHolder
+from orchestrator.engine.sweep import sweep_once
+from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.logs import Redactor, configure_logging
 
 __all__ = ["SweepService", "serve"]
@@ -38,15 +40,15 @@ class SweepService:
     """
 
     def __init__(self, settings: Settings, *, heartbeat: Path | None = None) -> None:
-        # The worker's own app: the same Celery configuration and step routing, so a re-sent step goes where a
-        # worker's sweeper would send it.
-        from workers.app import create_app
-        from workers.runtime import RuntimeHolder
+        # The producers' app: the same Celery configuration and step routing as the workers', so a re-sent step goes
+        # where a worker's sweeper would send it.
+        from orchestrator.celery_app import CeleryPublisher, create_app
 
+        app = create_app(settings)
         self.settings = settings
         self.heartbeat = heartbeat
         self.owner = f"sweeper@{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
-        self._holder = RuntimeHolder(create_app(settings), settings)
+        self._holder = RuntimeHolder(settings, lambda: CeleryPublisher(app, settings))
         self._stop = threading.Event()
 
     def sweep(self) -> int:
@@ -55,8 +57,6 @@ class SweepService:
         Raises:
             redis.RedisError: When Redis does not answer (the heartbeat is then left as it was).
         """
-        from workers.sweeper import sweep_once
-
         actions = sweep_once(self._holder.get(), self.owner)
         if self.heartbeat is not None:
             self.heartbeat.touch()

@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from orchestrator.redis_url import is_sentinel_url, parse_sentinel_url
+from orchestrator.infra.redis_url import is_sentinel_url, parse_sentinel_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -28,7 +28,7 @@ class Settings:
     Attributes:
         redis_url: ``REDIS_URL``: state store, broker and result backend (password/TLS go in the URL);
             ``redis+sentinel://HOST:26379[,HOST:26379]/MASTER_NAME[/DB]`` finds the master through Sentinel
-            (the form is in ``orchestrator.redis_url``).
+            (the form is in ``orchestrator.infra.redis_url``).
         broker_url: ``ORCH_BROKER_URL``: a different broker (e.g. RabbitMQ, or Redis through Sentinel), defaults to
             ``redis_url``.
         anthropic_api_key: ``ANTHROPIC_API_KEY``; when absent LLM steps use the offline provider.
@@ -72,7 +72,7 @@ class Settings:
         llm_shared_cooldown: ``ORCH_LLM_SHARED_COOLDOWN``: a provider's ``retry-after`` pauses every worker's calls
             to that model (default on; off leaves each task to its own retry, for comparison).
         priorities: ``ORCH_PRIORITIES``: ``depth`` (default): a step deeper in its DAG is taken from the queue
-            first, so runs in flight finish before new ones start (:mod:`orchestrator.priorities`); ``off``: first
+            first, so runs in flight finish before new ones start (:mod:`orchestrator.engine.priorities`); ``off``: first
             in, first out.
         rabbitmq_priority_queues: ``ORCH_RABBITMQ_PRIORITY_QUEUES``: declare step queues with ``x-max-priority``
             so RabbitMQ honours priorities (default off: RabbitMQ refuses to redeclare an existing queue with another

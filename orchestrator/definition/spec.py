@@ -14,10 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.dag import Graph, find_cycle
+from orchestrator.definition.dag import Graph, find_cycle
+from orchestrator.definition.jsonschemas import SchemaError, check_schema
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
-from orchestrator.jsonschemas import SchemaError, check_schema
-from orchestrator.priorities import TOP_LEVEL
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
@@ -26,6 +25,8 @@ MAX_NESTING = 100
 MAX_WORKFLOW_TIMEOUT_S = 28 * 24 * 3600
 """The longest workflow ``timeout_s`` (28 days): as long as a running run is kept with the default retention
 (``ORCH_RETENTION_S`` 7 days, times 4), so a deadline never outlives its run in the deadline index."""
+TOP_LEVEL = 3
+"""The highest queue priority level a step can have (:mod:`orchestrator.engine.priorities`): depth 3 or more."""
 DEFAULT_MODEL = "claude-haiku-4-5"
 SIMULATED_ERRORS = frozenset(
     {
@@ -178,11 +179,11 @@ _PARAMS_BY_KIND: dict[StepKind, type[BaseModel]] = {
 class StepSpec(_Frozen):
     """One step of a workflow, in the workflow-file shape (``uses`` + ``with``).
 
-    ``condition`` is a safe expression (see :mod:`orchestrator.conditions`); ``condition_function`` names a
+    ``condition`` is a safe expression (see :mod:`orchestrator.definition.conditions`); ``condition_function`` names a
     registered callable taking the step context (Python workflows' ``condition=`` lambdas end up here). ``cache: false``
     marks a non-deterministic step: it always re-runs when invalidated instead of reusing a result whose inputs match.
     ``priority`` (0 taken last … 3 first) overrides the step's depth as its queue priority (see
-    :mod:`orchestrator.priorities`).
+    :mod:`orchestrator.engine.priorities`).
     """
 
     name: Annotated[str, Field(pattern=STEP_NAME_PATTERN)]

@@ -8,9 +8,9 @@ from typing import Any
 
 from jsonschema import ValidationError
 
+from orchestrator.definition.jsonschemas import SchemaError, schema_errors
+from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.errors import InputValidationError
-from orchestrator.jsonschemas import SchemaError, schema_errors
-from orchestrator.spec import WorkflowSpec
 
 
 def input_schema(spec: WorkflowSpec) -> dict[str, Any]:

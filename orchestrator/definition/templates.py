@@ -1,4 +1,4 @@
-"""Prompt templates, rendered in a bounded immutable sandbox (:mod:`orchestrator.sandbox`): no attribute access to
+"""Prompt templates, rendered in a bounded immutable sandbox (:mod:`orchestrator.definition.sandbox`): no attribute access to
 Python internals, and no expression, loop or output large enough to exhaust a worker.
 
 Validation refuses access to dunder and name-mangled attributes and undefined names before a run exists; rendering
@@ -13,8 +13,7 @@ from typing import Any
 
 from jinja2 import TemplateError, meta, nodes
 
-from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
-from orchestrator.sandbox import (
+from orchestrator.definition.sandbox import (
     EXPRESSION_ERRORS,
     MAX_INT_BITS,
     MAX_LOOP_ITERATIONS,
@@ -23,6 +22,7 @@ from orchestrator.sandbox import (
     BoundedSandbox,
     bounded_evaluation,
 )
+from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
 
 _NAMES = frozenset({"inputs", "steps", "run_id", "attempt"})
 """The variables a prompt template sees."""

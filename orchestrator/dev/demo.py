@@ -11,9 +11,9 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.client import Client
-from orchestrator.local_workers import LocalWorkers
-from orchestrator.redis_server import ensure_redis, stop_on_signals
-from orchestrator.settings import Settings
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.redis_server import ensure_redis, stop_on_signals
+from orchestrator.infra.settings import Settings
 
 DEMO_MODULE = "examples.content_pipeline"
 _MARK = {"succeeded": "[green]✓[/]", "failed": "[red]✗[/]", "upstream_failed": "[red]⊘[/]", "skipped": "[yellow]↷[/]"}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestrator.coordinator import failure_summary
+from orchestrator.definition.spec import WorkflowSpec
+from orchestrator.engine.coordinator import failure_summary
+from orchestrator.infra.timestamps import iso
 from orchestrator.llm.governor import from_nano_usd
-from orchestrator.spec import WorkflowSpec
-from orchestrator.timestamps import iso
 
 
 def _json(raw: str | None) -> Any:

@@ -29,8 +29,8 @@ from urllib.parse import quote
 import redis
 
 from orchestrator.errors import StoreUnavailableError
-from orchestrator.redis_url import redact_url, sync_client, url_secrets
-from orchestrator.settings import DEFAULT_REDIS_URL
+from orchestrator.infra.redis_url import redact_url, sync_client, url_secrets
+from orchestrator.infra.settings import DEFAULT_REDIS_URL
 
 __all__ = [
     "DEFAULT_REDIS_URL",

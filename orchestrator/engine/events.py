@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from orchestrator.timestamps import iso
+from orchestrator.infra.timestamps import iso
 
 log = logging.getLogger(__name__)
 

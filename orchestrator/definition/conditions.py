@@ -13,8 +13,8 @@ from typing import Any
 from jinja2 import TemplateError, nodes
 from jinja2.parser import Parser
 
+from orchestrator.definition.templates import BoundedSandbox, bounded_evaluation, referenced_steps_in, unsafe_name
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
-from orchestrator.templates import BoundedSandbox, bounded_evaluation, referenced_steps_in, unsafe_name
 
 # The templates' bounded sandbox: ``'a' * 10**10 > ''`` or ``x|center(10**10)`` is refused, never computed.
 _ENV = BoundedSandbox()

@@ -18,10 +18,10 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+from orchestrator.definition.spec import LLMParams, RetryPolicy, StepKind, StepSpec, TriggerRule, WorkflowSpec
+from orchestrator.definition.templates import referenced_steps
 from orchestrator.errors import WorkflowDefinitionError
-from orchestrator.spec import LLMParams, RetryPolicy, StepKind, StepSpec, TriggerRule, WorkflowSpec
 from orchestrator.state.base import ResumePlan, RunStatus, StepOutcome, StepStatus
-from orchestrator.templates import referenced_steps
 
 _FAILED = {StepStatus.FAILED.value, StepStatus.UPSTREAM_FAILED.value, StepStatus.CANCELLED.value}
 _SKIPPED = {StepStatus.SKIPPED.value}

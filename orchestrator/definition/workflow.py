@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.registry import WorkflowRegistry, functions, workflows
-from orchestrator.spec import (
+from orchestrator.definition.registry import WorkflowRegistry, functions, workflows
+from orchestrator.definition.spec import (
     DEFAULT_MODEL,
     RetryPolicy,
     SimulateSpec,

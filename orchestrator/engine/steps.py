@@ -7,13 +7,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from orchestrator.conditions import evaluate_condition
+from orchestrator.definition.conditions import evaluate_condition
+from orchestrator.definition.registry import FunctionRegistry
+from orchestrator.definition.spec import LLMParams, PythonParams, StepSpec
+from orchestrator.definition.templates import render
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError, WorkflowDefinitionError
 from orchestrator.llm import LLMRequest, parse_structured, structured_output_instruction
 from orchestrator.llm.gateway import CallContext, LLMGateway
-from orchestrator.registry import FunctionRegistry
-from orchestrator.spec import LLMParams, PythonParams, StepSpec
-from orchestrator.templates import render
 
 
 @dataclass(frozen=True)

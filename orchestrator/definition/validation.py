@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from orchestrator.conditions import check_condition
+from orchestrator.definition.conditions import check_condition
+from orchestrator.definition.registry import FunctionRegistry, check_functions, functions
+from orchestrator.definition.spec import LLMParams, WorkflowSpec
+from orchestrator.definition.templates import check_template, referenced_steps
 from orchestrator.errors import WorkflowDefinitionError
-from orchestrator.registry import FunctionRegistry, check_functions, functions
-from orchestrator.spec import LLMParams, WorkflowSpec
-from orchestrator.templates import check_template, referenced_steps
 
 
 def check_workflow(spec: WorkflowSpec, registry: FunctionRegistry | None = None) -> None:

@@ -1,6 +1,6 @@
 """Messages waiting in the step queues, read from a Redis broker: for the queue-depth gauge and for the sweeper.
 
-A step queue on Redis is several lists, one per priority level (:func:`orchestrator.priorities.redis_queue_lists`);
+A step queue on Redis is several lists, one per priority level (:func:`orchestrator.engine.priorities.redis_queue_lists`);
 its depth is their sum. A broker that is not Redis (RabbitMQ, kombu's ``sentinel://`` form) cannot be read here:
 its depths are unknown (``None``).
 """
@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import redis
 
-from orchestrator.priorities import redis_queue_lists
-from orchestrator.redis_url import is_redis_url, sync_client
-from orchestrator.settings import Settings
+from orchestrator.engine.priorities import redis_queue_lists
+from orchestrator.infra.redis_url import is_redis_url, sync_client
+from orchestrator.infra.settings import Settings
 
 __all__ = ["broker_for", "queue_depths", "redis_broker_client"]
 

@@ -10,8 +10,8 @@ from typing import Any, Final
 
 import yaml
 
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.errors import WorkflowDefinitionError
-from orchestrator.spec import WorkflowSpec, parse_workflow
 
 MAX_FILE_BYTES: Final = 2 * 1024 * 1024
 """The largest workflow file read; at most one byte more is ever read, whatever the file claims to be."""

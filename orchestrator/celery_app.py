@@ -1,0 +1,170 @@
+"""Celery for producers: the configuration built from :class:`Settings`, a publish-only app, and the publisher.
+
+Everything that sends step messages (the client, the CLI, the API, the sweeper service) builds its app here; it
+registers no task, so a producer never imports the worker package. Workers build theirs with
+:func:`workers.app.create_app`, which starts from :func:`create_app` and adds the step task, bootsteps and signals.
+``celeryconfig.py`` at the top of the repository maps the same :func:`celery_config` for ``celery -A`` users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import kombu.exceptions
+from celery import Celery, group
+from celery.canvas import Signature
+
+from orchestrator.definition.spec import TOP_LEVEL, StepKind, WorkflowSpec
+from orchestrator.engine.coordinator import queue_for
+from orchestrator.engine.priorities import REDIS_PRIORITY_SEPARATOR, REDIS_PRIORITY_STEPS, message_priority, step_level
+from orchestrator.errors import BrokerUnavailableError
+from orchestrator.infra.redis_url import broker_connection
+from orchestrator.infra.settings import Settings
+from orchestrator.telemetry.tracing import dispatch_headers
+
+STEP_TASK = "orchestrator.run_step"
+"""The step task's registered name: the producers' messages and the workers' task must agree on it."""
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery configuration for ``settings``.
+
+    Raises:
+        RedisUrlError: The broker URL is a malformed Sentinel URL.
+    """
+    # A Sentinel URL becomes kombu's ``sentinel://`` URLs plus the master name (and TLS) in transport options.
+    broker = broker_connection(settings.effective_broker_url)
+    return {
+        "broker_url": broker.url,
+        # Step state and outputs live in the orchestrator's own Redis hashes; Celery results would only cost commands.
+        "result_backend": None,
+        "task_ignore_result": True,
+        # JSON only: a pickled message is refused before it reaches any task.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # State is written before the message is acknowledged; a worker that dies hands its message back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Long LLM calls: one message per process slot, so a slow step never hoards work another worker could do.
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Redis: kombu's default priority lists, pinned, since a producer and a consumer that disagree strand
+            # messages; ``queue_order_strategy`` stays round robin (it orders queues, not priorities).
+            "priority_steps": list(REDIS_PRIORITY_STEPS),
+            "sep": REDIS_PRIORITY_SEPARATOR,
+            **broker.transport_options,
+        },
+        "broker_connection_retry_on_startup": True,
+        # A Redis blip must not kill running LLM calls: their state transitions are guarded by generation and task
+        # id, so a step that finishes after a reconnect records once, and a redelivered copy finds it taken.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_default_queue": settings.cpu_queue,
+        "task_create_missing_queues": True,
+        # RabbitMQ honours message priorities only on queues declared with x-max-priority (opt-in: an existing queue
+        # redeclared with another argument fails with PRECONDITION_FAILED).
+        **({"task_queue_max_priority": TOP_LEVEL} if settings.rabbitmq_priority_queues else {}),
+        # Flower and event consumers see every task, with its sent time.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "imports": list(settings.imports),
+        **({"broker_use_ssl": dict(broker.use_ssl)} if broker.use_ssl is not None else {}),
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app that sends step messages and registers no task (the producers' app)."""
+    settings = settings or Settings.from_env()
+    app = Celery("orchestrator")
+    app.config_from_object(celery_config(settings))
+    return app
+
+
+@contextmanager
+def _broker_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except kombu.exceptions.OperationalError as exc:
+        raise BrokerUnavailableError(f"{what}: the broker did not answer: {exc}") from exc
+
+
+class CeleryPublisher:
+    """Sends step attempts as Celery canvas and revokes them (the engine's :class:`StepPublisher` on Celery).
+
+    Args:
+        app: The Celery app to send with (a producer's or a worker's).
+        settings: Queues, priorities and the broker URL.
+    """
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def signature(
+        self, spec: WorkflowSpec, *, run_id: str, step: str, generation: str, task_id: str | None = None
+    ) -> Signature:
+        """The immutable signature of one step attempt, routed by kind and named ``workflow.step`` for Flower.
+
+        With ``ORCH_PRIORITIES=depth`` it carries the step's priority (:mod:`orchestrator.engine.priorities`),
+        which Celery keeps on retries. Dispatched inside a traced span of the same run (a step attempt, the run's
+        root), its headers carry that span as the W3C ``traceparent``.
+        """
+        settings = self.settings
+        step_spec = spec.steps_by_name[step]
+        options: dict[str, object] = {
+            "queue": queue_for(step_spec, settings.llm_queue, settings.cpu_queue),
+            "shadow": f"{spec.name}.{step}",
+        }
+        if settings.priorities == "depth":
+            options["priority"] = message_priority(step_level(spec, step), settings.effective_broker_url)
+        if step_spec.timeout_s is not None and step_spec.uses != StepKind.LLM:
+            # Prefork enforces these with signals; LLM calls get the timeout from the SDK instead, on any pool.
+            options["soft_time_limit"] = step_spec.timeout_s
+            options["time_limit"] = step_spec.timeout_s + 10
+        if task_id is not None:
+            options["task_id"] = task_id
+        headers = dispatch_headers(run_id)
+        if headers:
+            options["headers"] = headers
+        args = (run_id, spec.definition_hash, step, generation)
+        return self.app.signature(STEP_TASK, args=args, options=options, immutable=True)
+
+    def publish(
+        self,
+        spec: WorkflowSpec,
+        *,
+        run_id: str,
+        steps: Sequence[str],
+        generation: str,
+        task_ids: Mapping[str, str] | None = None,
+    ) -> None:
+        """Send the steps that became ready together: one signature, or a ``group`` fanning out across workers.
+
+        Raises:
+            BrokerUnavailableError: The broker did not answer.
+        """
+        if not steps:
+            return
+        ids = task_ids or {}
+        signatures = [
+            self.signature(spec, run_id=run_id, step=s, generation=generation, task_id=ids.get(s)) for s in steps
+        ]
+        with _broker_errors(f"run {run_id}: publish {', '.join(steps)}"):
+            if len(signatures) == 1:
+                signatures[0].apply_async()
+            else:
+                group(signatures).apply_async()
+
+    def revoke(self, task_ids: Sequence[str]) -> None:
+        """Interrupt the attempts running under ``task_ids`` (prefork: SIGTERM; thread pools cannot be).
+
+        Raises:
+            BrokerUnavailableError: The broker did not answer.
+        """
+        if task_ids:
+            with _broker_errors("revoke"):
+                self.app.control.revoke(list(task_ids), terminate=True, signal="SIGTERM")

@@ -1,0 +1,1 @@
+"""The engine: the coordinator's decisions, the attempt lifecycle, control, dispatch and events."""

@@ -1,0 +1,100 @@
+"""The sweep: recovers steps whose worker was lost, fires workflow deadlines and approval timeouts.
+
+It runs in every worker's main process (a Celery bootstep, :mod:`workers.sweeper`) and in ``orchestrator sweeper``
+(:mod:`orchestrator.engine.sweep_service`); a short Redis lock lets one process sweep per interval. Deadlines are
+durable (a sorted set in Redis): one that passed while no worker ran fires when the first sweep runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import redis
+
+from orchestrator.definition.spec import ApprovalParams
+from orchestrator.engine.backlog import queue_depths
+from orchestrator.engine.control import DEADLINE_REASON, decide_step, stop_run
+from orchestrator.engine.runtime import Runtime
+from orchestrator.errors import DecisionRefusedError, RunNotFoundError
+from orchestrator.principals import TIMEOUT_PRINCIPAL
+from orchestrator.state import RunStatus, keys
+
+log = logging.getLogger(__name__)
+
+MAX_BACKLOG_GRACES = 8
+"""While the step queues hold a backlog, a step nobody claimed is sent again only after this many graces."""
+
+
+def sweep_once(rt: Runtime, owner: str) -> int:
+    """One sweep: re-dispatch lost steps, time out runs past their deadline; returns how many actions it took."""
+    if not rt.store.try_sweeper_lock(owner, rt.settings.sweep_interval_s * 0.9):
+        return 0
+    return _recover_lost_steps(rt) + _fire_deadlines(rt) + _fire_approval_timeouts(rt)
+
+
+def _recover_lost_steps(rt: Runtime) -> int:
+    count = 0
+    expired = rt.store.expired_leases()
+    backlog_wait_s = _backlog_wait_s(rt) if expired else 0.0
+    for member in expired:
+        _, step, old_task = keys.parse_lease_member(member)
+        lost = {"type": "worker_lost", "status": None, "message": f"worker lost during attempt (task {old_task})"}
+        found = rt.store.reclaim(member, uuid.uuid4().hex, lost, grace_s=rt.settings.queued_grace_s,
+                                 backlog_wait_s=backlog_wait_s)  # fmt: skip
+        if found is None:
+            continue
+        spec = rt.store.load_definition(found.definition_hash)
+        rt.publisher.publish(spec, run_id=found.run_id, steps=[step], generation=found.generation,
+                             task_ids={step: found.task_id})  # fmt: skip
+        log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
+        count += 1
+    return count
+
+
+def _backlog_wait_s(rt: Runtime) -> float:
+    """How long a step nobody claimed may wait before it is sent again, while messages wait in the step queues.
+
+    A step whose dispatch hold ran out while its queue still holds messages has most likely not been reached yet
+    (10,000 runs submitted at once keep roots waiting longer than any grace): sending copies would only lengthen the
+    queue. So while a backlog is seen the hold is extended, up to ``MAX_BACKLOG_GRACES`` graces since the step was
+    queued; a lost message then waits that long at most. 0 (resend now) when the queues are empty or cannot be read.
+    """
+    broker = rt.broker
+    if broker is None:
+        return 0.0
+    try:
+        depths = queue_depths(broker, (rt.settings.llm_queue, rt.settings.cpu_queue))
+    except redis.RedisError:
+        return 0.0
+    return MAX_BACKLOG_GRACES * rt.settings.queued_grace_s if any(depths.values()) else 0.0
+
+
+def _fire_deadlines(rt: Runtime) -> int:
+    count = 0
+    for run_id, generation in rt.store.due_deadlines():
+        try:
+            result = stop_run(rt.publisher, rt.store, run_id, RunStatus.TIMED_OUT, DEADLINE_REASON, generation=generation)
+        except RunNotFoundError:
+            result = None
+        rt.store.drop_deadline(run_id, generation)
+        if result is not None and result.outcome == "ok":
+            log.warning("run %s timed out; interrupted %d steps", run_id, len(result.interrupted))
+            count += 1
+    return count
+
+
+def _fire_approval_timeouts(rt: Runtime) -> int:
+    count = 0
+    for run_id, generation, step in rt.store.due_approvals():
+        try:
+            spec = rt.store.load_definition(rt.store.run_fields(run_id)["def_hash"])
+            params = spec.steps_by_name[step].params
+            on_timeout = params.on_timeout if isinstance(params, ApprovalParams) else "fail"
+            decide_step(rt.publisher, rt.settings, rt.store, run_id, step, decision=f"timeout:{on_timeout}",
+                        by=TIMEOUT_PRINCIPAL, timed_out=True, generation=generation)  # fmt: skip
+            count += 1
+        except (RunNotFoundError, DecisionRefusedError, KeyError):
+            pass  # decided meanwhile, or the run ended or expired: nothing left to time out
+        rt.store.drop_approval(run_id, generation, step)
+    return count

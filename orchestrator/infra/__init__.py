@@ -1,0 +1,1 @@
+"""Infrastructure: settings read once from the environment, Redis URLs, timestamps."""
