@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from orchestrator.definition.registry import function, functions, workflows
     from orchestrator.definition.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
     from orchestrator.definition.workflow import ApprovalStep, LLMStep, NoopStep, PythonStep, Step, Workflow
+    from orchestrator.domain import RunStatus, StepStatus
     from orchestrator.engine.steps import StepContext
     from orchestrator.errors import (
         CycleError,
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
         WorkflowDefinitionError,
     )
     from orchestrator.infra.settings import Settings
-    from orchestrator.state import RunStatus, StepStatus
 
 __all__ = [
     # defining workflows
@@ -89,8 +89,8 @@ _HOME = {
     "workflows": "orchestrator.definition.registry",
     "StepContext": "orchestrator.engine.steps",
     "Client": "orchestrator.client",
-    "RunStatus": "orchestrator.state",
-    "StepStatus": "orchestrator.state",
+    "RunStatus": "orchestrator.domain",
+    "StepStatus": "orchestrator.domain",
     "Settings": "orchestrator.infra.settings",
     **{name: _ERRORS for name in __all__ if name.endswith("Error")},
 }

@@ -16,12 +16,13 @@ from orchestrator.definition.registry import import_modules, workflows
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.definition.validation import check_workflow
 from orchestrator.definition.workflow import Workflow
+from orchestrator.domain import RunStatus
 from orchestrator.engine.control import decide_step, resume_run, stop_run
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
 from orchestrator.engine.status import run_view
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.infra.settings import Settings
-from orchestrator.state import RedisStateStore, RunStatus, StateStore
+from orchestrator.state import RedisStateStore, StateStore
 from orchestrator.telemetry.tracing import run_span
 
 WorkflowRef = str | Workflow | WorkflowSpec | Mapping[str, Any]

@@ -13,10 +13,10 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 
 from orchestrator.celery_app import STEP_TASK
+from orchestrator.domain import Attempt
 from orchestrator.engine.attempt import Delivery, execute_attempt
 from orchestrator.engine.runtime import RuntimeHolder
 from orchestrator.errors import RetryableStepError
-from orchestrator.state import Attempt
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from orchestrator.api.schemas import (
     RunView,
     SubmitRun,
 )
+from orchestrator.domain import RunStatus
 from orchestrator.errors import DecisionRefusedError, InputValidationError, WorkflowDefinitionError
 from orchestrator.infra.timestamps import iso
-from orchestrator.state import RunStatus, keys
+from orchestrator.state import keys
 
 router = APIRouter(tags=["runs"])
 

@@ -7,8 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.definition.spec import WORKFLOW_NAME_PATTERN
-from orchestrator.state import RunStatus
-from orchestrator.state.base import MAX_DECISION_COMMENT_CHARS
+from orchestrator.domain import MAX_DECISION_COMMENT_CHARS, RunStatus
 
 
 class _Body(BaseModel):

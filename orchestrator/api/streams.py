@@ -24,8 +24,9 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from orchestrator.domain import RunStatus
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
-from orchestrator.state import RunStatus, keys
+from orchestrator.state import keys
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from orchestrator import telemetry
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
 from orchestrator.definition.templates import render
+from orchestrator.domain import Attempt, Claim, RunStatus, StepOutcome
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, stop_run
 from orchestrator.engine.coordinator import decide_start, result_key, retry_delay, should_retry, upstream_reads
 from orchestrator.engine.outage import OUTAGE_ERRORS, outlast
@@ -32,7 +33,6 @@ from orchestrator.errors import (
     StepError,
 )
 from orchestrator.llm.gateway import CallContext
-from orchestrator.state import Attempt, Claim, RunStatus, StepOutcome
 from orchestrator.telemetry import AttemptScope
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ from typing import Any
 
 from orchestrator.definition.registry import workflows
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
+from orchestrator.domain import MAX_DECISION_COMMENT_CHARS, Attempt, Decision, RunStatus, StepOutcome, Stop
 from orchestrator.engine.coordinator import failure_summary, plan_resume
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.errors import (
@@ -20,15 +21,7 @@ from orchestrator.errors import (
 )
 from orchestrator.infra.settings import Settings
 from orchestrator.principals import TIMEOUT_PRINCIPAL, reserved_message
-from orchestrator.state.base import (
-    MAX_DECISION_COMMENT_CHARS,
-    Attempt,
-    Decision,
-    RunStatus,
-    StateStore,
-    StepOutcome,
-    Stop,
-)
+from orchestrator.state.base import StateStore
 
 DEADLINE_REASON = "the workflow deadline passed"
 log = logging.getLogger(__name__)

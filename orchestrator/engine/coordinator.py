@@ -20,8 +20,8 @@ from typing import Any
 
 from orchestrator.definition.spec import LLMParams, RetryPolicy, StepKind, StepSpec, TriggerRule, WorkflowSpec
 from orchestrator.definition.templates import referenced_steps
+from orchestrator.domain import ResumePlan, RunStatus, StepOutcome, StepStatus
 from orchestrator.errors import WorkflowDefinitionError
-from orchestrator.state.base import ResumePlan, RunStatus, StepOutcome, StepStatus
 
 _FAILED = {StepStatus.FAILED.value, StepStatus.UPSTREAM_FAILED.value, StepStatus.CANCELLED.value}
 _SKIPPED = {StepStatus.SKIPPED.value}

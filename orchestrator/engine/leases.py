@@ -11,7 +11,8 @@ import logging
 import threading
 from collections import defaultdict
 
-from orchestrator.state import Attempt, StateStore
+from orchestrator.domain import Attempt
+from orchestrator.state import StateStore
 
 log = logging.getLogger(__name__)
 

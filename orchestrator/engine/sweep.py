@@ -13,12 +13,13 @@ import uuid
 import redis
 
 from orchestrator.definition.spec import ApprovalParams
+from orchestrator.domain import RunStatus
 from orchestrator.engine.backlog import queue_depths
 from orchestrator.engine.control import DEADLINE_REASON, decide_step, stop_run
 from orchestrator.engine.runtime import Runtime
 from orchestrator.errors import DecisionRefusedError, RunNotFoundError
 from orchestrator.principals import TIMEOUT_PRINCIPAL
-from orchestrator.state import RunStatus, keys
+from orchestrator.state import keys
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 from typing import TYPE_CHECKING
 
-from orchestrator.state.base import Attempt, Claim, Decision, Finish, RunStatus, StateStore, StepOutcome, StepStatus
+from orchestrator.domain import Attempt, Claim, Decision, Finish, RunStatus, StepOutcome, StepStatus
+from orchestrator.state.base import StateStore
 from orchestrator.state.memory import MemoryStateStore
 from orchestrator.state.redis import RedisStateStore
 

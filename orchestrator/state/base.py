@@ -1,10 +1,8 @@
-"""Statuses, transition results and the state-store contract."""
+"""The state-store contract (its values live in :mod:`orchestrator.domain`)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -12,207 +10,19 @@ if TYPE_CHECKING:
     from orchestrator.engine.events import Event
 
 
-class RunStatus(StrEnum):
-    """Where a run is in its life (the status JSON's ``status``)."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    WAITING = "waiting"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMED_OUT = "timed_out"
-
-    @property
-    def finished(self) -> bool:
-        """Whether the run has ended."""
-        return self in _FINISHED_RUN
-
-
-_FINISHED_RUN = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.TIMED_OUT}
-
-
-class StepStatus(StrEnum):
-    """Where a step is in its life (the status JSON's ``steps.*.status``)."""
-
-    PENDING = "pending"
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    UPSTREAM_FAILED = "upstream_failed"
-    CANCELLED = "cancelled"
-    WAITING = "waiting"
-
-
-class StepOutcome(StrEnum):
-    """The final statuses a step attempt can record."""
-
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    UPSTREAM_FAILED = "upstream_failed"
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """Which delivery of which step: every transition names the attempt it applies to, so a stale one is refused.
-
-    Attributes:
-        run_id: The run.
-        step: The step's name.
-        generation: The run's generation the message was sent in (a resume starts a new one).
-        task_id: The Celery task id of the message: the step's current dispatch token.
-    """
-
-    run_id: str
-    step: str
-    generation: str
-    task_id: str
-
-
-@dataclass(frozen=True)
-class Claim:
-    """The answer to "may this message run an attempt of this step?".
-
-    Attributes:
-        outcome: ``ok`` (run it), ``done`` (the step finished already), or why not: ``stale`` (older generation),
-            ``superseded`` (re-dispatched under another task id), ``busy`` (another attempt holds a live lease, or
-            the step is not released yet), ``inactive`` (the run is not running), ``missing`` (no such run).
-        attempt: 1-based number of the attempt now starting, counted over the run's whole life: the number the status
-            (``attempts``), the events, the error records, the step itself and the logs all show.
-        generation_attempt: 1-based number of the attempt within this generation: the retry policy's count, which
-            a resume starts over (a resumed step gets its full ``max_attempts`` again).
-        cache_key: The key of the step's stored result from an earlier generation ('' when none).
-        force: The step must run even if its cache key matches (``resume --from`` names it).
-        now: Redis's clock when the attempt started (epoch seconds).
-        queued_at: When the step was last queued (the run's creation for a root), for the queue-wait metric.
-        errors: Errors of earlier attempts.
-        inputs: The run's inputs.
-        parent_status: Each dependency's status.
-        parent_output: Each dependency's output.
-        detail: The finished step's status, or the inactive run's status.
-        unclaimed_children: For ``done``: children released but never claimed (their dispatch may have been lost).
-    """
-
-    outcome: str
-    attempt: int = 0
-    generation_attempt: int = 0
-    now: float = 0.0
-    queued_at: float | None = None
-    cache_key: str = ""
-    force: bool = False
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    inputs: dict[str, Any] = field(default_factory=dict)
-    parent_status: dict[str, str] = field(default_factory=dict)
-    parent_output: dict[str, Any] = field(default_factory=dict)
-    detail: str = ""
-    unclaimed_children: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Reclaim:
-    """A step to publish again after its lease ran out."""
-
-    run_id: str
-    step: str
-    definition_hash: str
-    generation: str
-    task_id: str
-
-
-@dataclass(frozen=True)
-class Stop:
-    """The result of cancelling or timing out a run.
-
-    Attributes:
-        outcome: ``ok``; ``finished`` (it had ended: ``detail`` says how); ``stale``; ``missing``.
-        detail: When it stopped (epoch seconds), or the status it had already ended with.
-        interrupted: ``(step, task_id)`` of steps that were running or queued, to revoke.
-    """
-
-    outcome: str
-    detail: str = ""
-    interrupted: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class ResumePlan:
-    """Which steps a resume resets, computed from the state read at ``expected_generation``.
-
-    Attributes:
-        expected_generation: The generation the plan was made from; the resume is refused if it moved.
-        allowed_statuses: Run statuses this resume may start from.
-        resets: ``(step, status, pending_parents)``: ``queued`` when all its parents keep their results.
-        forced_step: The ``--from`` step, which runs even when its result could be reused.
-        definition: A changed definition the run moves to (``--allow-definition-change``), else ``None``.
-    """
-
-    expected_generation: str
-    allowed_statuses: tuple[str, ...]
-    resets: tuple[tuple[str, str, int], ...]
-    forced_step: str | None = None
-    definition: WorkflowSpec | None = None
-
-    @property
-    def queued(self) -> tuple[str, ...]:
-        """The steps to dispatch at once."""
-        return tuple(step for step, status, _ in self.resets if status == "queued")
-
+from orchestrator.domain import (
+    Attempt,
+    Claim,
+    Decision,
+    Finish,
+    Reclaim,
+    ResumePlan,
+    RunStatus,
+    StepOutcome,
+    Stop,
+)
 
 SUMMARY_FIELDS = ("run_id", "workflow", "version", "status", "gen", "created_at", "finished_at")
-
-MAX_AUDIT_ENTRIES = 100
-"""Entries an approval step's audit trail keeps: the newest, an accepted decision before any refused one.
-
-Every decision is audited, and anyone with a token can send refused ones: the trail is re-encoded on each, so
-without a cap it grew (and slowed every decision) without bound."""
-
-MAX_DECISION_COMMENT_CHARS = 2000
-"""The longest comment a decision may carry (characters); a longer one is refused before anything is written."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    """A human's decision on an approval step.
-
-    Attributes:
-        decision: ``approve`` or ``reject`` (or what a timeout decided: ``timeout:approve`` …).
-        by: Who decided (``timeout`` when nobody did in time).
-        comment: Free text, kept in the audit trail.
-        allowed: Whether ``by`` is one of the step's approvers (a refused attempt is audited too).
-        task_id: The id the step runs under while its outcome is recorded.
-        lease_s: Lease for recording it (a crash in between is recovered by the sweeper).
-        generation: The generation the decision is for ('' for the current one): a timeout names the generation
-            its wait began in, and is refused (``stale``) once the run has moved on to another.
-    """
-
-    decision: str
-    by: str
-    comment: str
-    allowed: bool
-    task_id: str
-    lease_s: float = 30.0
-    generation: str = ""
-
-
-@dataclass(frozen=True)
-class Finish:
-    """The result of recording a step's final outcome.
-
-    Attributes:
-        recorded: ``False`` when the attempt was stale and nothing changed.
-        run_status: The run's final status when this step was its last, else ``None``.
-        released: Children whose last dependency this was: they are now ``queued`` and must be dispatched.
-        task_ids: The task id each released child must be published with: the lease index already holds it, due
-            ``grace_s`` from now, so the sweeper sends the child again should its message be lost before any claim.
-    """
-
-    recorded: bool
-    run_status: str | None = None
-    released: tuple[str, ...] = ()
-    task_ids: dict[str, str] = field(default_factory=dict)
 
 
 class StateStore(Protocol):

@@ -19,12 +19,8 @@ from itertools import islice
 from typing import Any
 
 from orchestrator.definition.spec import WorkflowSpec
-from orchestrator.engine.events import Event
-from orchestrator.errors import RunNotFoundError
-from orchestrator.state import keys
-from orchestrator.state.base import (
+from orchestrator.domain import (
     MAX_AUDIT_ENTRIES,
-    SUMMARY_FIELDS,
     Attempt,
     Claim,
     Decision,
@@ -34,8 +30,11 @@ from orchestrator.state.base import (
     RunStatus,
     StepOutcome,
     Stop,
-    success_detail,
 )
+from orchestrator.engine.events import Event
+from orchestrator.errors import RunNotFoundError
+from orchestrator.state import keys
+from orchestrator.state.base import SUMMARY_FIELDS, success_detail
 
 _UNFINISHED = ("queued", "running", "pending")
 # Run statuses stop.lua may end; step statuses it cancels.

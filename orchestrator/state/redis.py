@@ -16,13 +16,8 @@ from redis.client import Pipeline
 from redis.commands.core import Script
 
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
-from orchestrator.engine.events import Event
-from orchestrator.errors import RunNotFoundError, StoreUnavailableError
-from orchestrator.infra.redis_url import blocking_pool
-from orchestrator.state import keys
-from orchestrator.state.base import (
+from orchestrator.domain import (
     MAX_AUDIT_ENTRIES,
-    SUMMARY_FIELDS,
     Attempt,
     Claim,
     Decision,
@@ -32,8 +27,12 @@ from orchestrator.state.base import (
     RunStatus,
     StepOutcome,
     Stop,
-    success_detail,
 )
+from orchestrator.engine.events import Event
+from orchestrator.errors import RunNotFoundError, StoreUnavailableError
+from orchestrator.infra.redis_url import blocking_pool
+from orchestrator.state import keys
+from orchestrator.state.base import SUMMARY_FIELDS, success_detail
 
 _SCRIPTS = (
     "create", "claim", "finish", "retry", "defer", "reclaim", "renew", "stop", "resume", "wait", "decide",

@@ -35,7 +35,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.infra.redis_url import url_secrets
 
 if TYPE_CHECKING:
-    from orchestrator.telemetry import AttemptInfo
+    from orchestrator.telemetry.records import AttemptInfo
 
 __all__ = [
     "LOG_FORMATS",

@@ -44,7 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from orchestrator.infra.settings import Settings
 
 if TYPE_CHECKING:
-    from orchestrator.telemetry import AttemptScope, LLMCallRecord
+    from orchestrator.telemetry.records import AttemptScope, LLMCallRecord
 
 __all__ = [
     "DEFAULT_MAX_SERIES",

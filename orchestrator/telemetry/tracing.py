@@ -34,7 +34,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from orchestrator.telemetry import trace_provider
 
 if TYPE_CHECKING:
-    from orchestrator.telemetry import AttemptInfo, AttemptScope, LLMCallRecord
+    from orchestrator.telemetry.records import AttemptInfo, AttemptScope, LLMCallRecord
 
 log = logging.getLogger(__name__)
 

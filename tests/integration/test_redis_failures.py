@@ -21,9 +21,10 @@ import orchestrator.client
 from orchestrator import Client, Settings
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.dev.redis_server import RedisServer, find_redis_server
+from orchestrator.domain import RunStatus
 from orchestrator.engine.events import EventType
 from orchestrator.errors import StoreUnavailableError
-from orchestrator.state import RunStatus, keys
+from orchestrator.state import keys
 from tests.conftest import WORKER_ENV, _unavailable, private_redis
 from tests.integration.helpers import llm, py, queue_length, wait_for, workflow
 

@@ -20,9 +20,9 @@ from orchestrator import Client
 from orchestrator.api.schemas import Decision as DecisionBody
 from orchestrator.definition.spec import MAX_WORKFLOW_TIMEOUT_S, parse_workflow
 from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.domain import MAX_DECISION_COMMENT_CHARS
 from orchestrator.errors import InputValidationError, StoreUnavailableError, WorkflowDefinitionError
 from orchestrator.state import keys
-from orchestrator.state.base import MAX_DECISION_COMMENT_CHARS
 from tests.integration.helpers import llm, py, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -11,6 +11,7 @@ import pytest
 
 from orchestrator.definition.dag import Graph, find_cycle
 from orchestrator.definition.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
+from orchestrator.domain import StepOutcome
 from orchestrator.engine.coordinator import (
     decide_start,
     failure_summary,
@@ -19,7 +20,6 @@ from orchestrator.engine.coordinator import (
     should_retry,
     upstream_reads,
 )
-from orchestrator.state import StepOutcome
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -16,13 +16,14 @@ import redis
 
 from orchestrator.definition.registry import FunctionRegistry
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
+from orchestrator.domain import Attempt, RunStatus, StepStatus
 from orchestrator.engine.attempt import execute_attempt
 from orchestrator.engine.control import resume_run
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepDeferred
 from orchestrator.infra.settings import Settings
-from orchestrator.state import Attempt, MemoryStateStore, RunStatus, StepStatus
+from orchestrator.state import MemoryStateStore
 
 SETTINGS = replace(Settings.from_env({}), outage_patience_s=2.0, retry_cap_s=0.0)
 

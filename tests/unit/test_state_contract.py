@@ -20,11 +20,11 @@ import redis
 
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.dev.redis_server import RedisServer, find_redis_server
+from orchestrator.domain import MAX_AUDIT_ENTRIES, Attempt, Decision, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
 from orchestrator.engine.events import Event
 from orchestrator.engine.status import run_view
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
-from orchestrator.state import Attempt, MemoryStateStore, RedisStateStore, RunStatus, StateStore, StepOutcome, keys
-from orchestrator.state.base import MAX_AUDIT_ENTRIES, Decision, Reclaim, ResumePlan, Stop
+from orchestrator.state import MemoryStateStore, RedisStateStore, StateStore, keys
 
 pytestmark = pytest.mark.timeout(30)
 
