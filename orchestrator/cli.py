@@ -22,6 +22,7 @@ from orchestrator.definition.inputs import parse_cli_inputs
 from orchestrator.definition.registry import import_modules, workflows
 from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.definition.validation import check_workflow
+from orchestrator.domain import RunStatus
 from orchestrator.errors import OrchestratorError, StoreUnavailableError
 from orchestrator.infra.redis_url import redact_url
 from orchestrator.infra.settings import Settings
@@ -239,6 +240,26 @@ def approve(run_id: str, step: str, who: str, comment: str) -> None:
 def reject(run_id: str, step: str, who: str, comment: str) -> None:
     """Reject a waiting approval step."""
     _decide("reject", run_id, step, who, comment)
+
+
+@main.command("runs")
+@click.option("--status", type=click.Choice([s.value for s in RunStatus]), help="Only runs with this status.")
+@click.option("--workflow", help="Only runs of this workflow.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="At most this many runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def list_runs(status: str | None, workflow: str | None, limit: int, as_json: bool) -> None:
+    """Recent runs, newest first (like ``GET /runs``)."""
+    found = _client(_settings()).runs(status=status, workflow=workflow, limit=limit)
+    if as_json:
+        click.echo(json.dumps(found))
+        return
+    table = Table(title="runs")
+    for column in ("run", "workflow", "version", "status", "created", "finished"):
+        table.add_column(column)
+    for run in found:
+        table.add_row(run["run_id"], run["workflow"], str(run["version"]), run["status"],
+                      (run["created_at"] or "")[:19], (run["finished_at"] or "")[:19])  # fmt: skip
+    Console().print(table)
 
 
 @main.command("workflows")

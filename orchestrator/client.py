@@ -19,7 +19,7 @@ from orchestrator.definition.workflow import Workflow
 from orchestrator.domain import RunStatus
 from orchestrator.engine.control import decide_step, resume_run, stop_run
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
-from orchestrator.engine.status import run_view
+from orchestrator.engine.status import run_summary, run_view
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.infra.settings import Settings
 from orchestrator.state import RedisStateStore, StateStore
@@ -154,6 +154,37 @@ class Client:
         except KeyError:
             raise RunNotFoundError(run_id) from None
         return run_view(fields, spec)
+
+    def runs(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50, scan: int = 2000
+    ) -> list[dict[str, Any]]:
+        """Runs, newest first: ``run_id``, ``workflow``, ``version``, ``status``, ``generation``, times.
+
+        Args:
+            status: Only runs with this status.
+            workflow: Only runs of this workflow.
+            limit: At most this many.
+            scan: With a filter, how many of the newest runs to look through.
+
+        Raises:
+            StoreUnavailableError: Redis did not answer.
+        """
+        filtered = status is not None or workflow is not None
+        try:
+            ids = self.store.list_run_ids(limit=max(limit, scan) if filtered else limit)
+            found: list[dict[str, Any]] = []
+            for start in range(0, len(ids), 200):
+                for row in self.store.run_summaries(ids[start : start + 200]):
+                    summary = run_summary(row)
+                    if (status is None or summary["status"] == status) and (
+                        workflow is None or summary["workflow"] == workflow
+                    ):
+                        found.append(summary)
+                        if len(found) == limit:
+                            return found
+        except redis.RedisError as exc:
+            raise StoreUnavailableError(f"cannot reach Redis: {exc}") from exc
+        return found
 
     def cancel(self, run_id: str) -> dict[str, Any]:
         """Cancel a run: no step starts after this returns; running steps are interrupted; outputs are kept.

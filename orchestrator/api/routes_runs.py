@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response
 
-from orchestrator.api.context import ApiContext, api_context
+from orchestrator.api.context import api_context
 from orchestrator.api.deps import Approver, Reader, Writer
 from orchestrator.api.schemas import (
     Cancelled,
@@ -25,7 +25,6 @@ from orchestrator.api.schemas import (
 )
 from orchestrator.domain import RunStatus
 from orchestrator.errors import DecisionRefusedError, InputValidationError, WorkflowDefinitionError
-from orchestrator.infra.timestamps import iso
 from orchestrator.state import keys
 
 router = APIRouter(tags=["runs"])
@@ -80,31 +79,8 @@ def list_runs(
 ) -> RunList:
     """Runs, newest first; filters look through the newest runs only (see ``StreamLimits.list_scan``)."""
     ctx = api_context(request)
-    filtered = status is not None or workflow is not None
-    ids = ctx.client.store.list_run_ids(limit=max(limit, ctx.streams.list_scan) if filtered else limit)
-    runs: list[RunSummary] = []
-    for start in range(0, len(ids), 200):
-        for summary in _summaries(ctx, ids[start : start + 200]):
-            if (status is None or summary.status == status) and (workflow is None or summary.workflow == workflow):
-                runs.append(summary)
-                if len(runs) == limit:
-                    return RunList(runs=runs)
-    return RunList(runs=runs)
-
-
-def _summaries(ctx: ApiContext, run_ids: list[str]) -> list[RunSummary]:
-    return [
-        RunSummary(
-            run_id=row["run_id"],
-            workflow=row["workflow"],
-            version=int(row["version"] or 1),
-            status=row["status"] or "pending",
-            generation=int(row["gen"] or 1),
-            created_at=iso(row["created_at"]),
-            finished_at=iso(row["finished_at"]),
-        )
-        for row in ctx.client.store.run_summaries(run_ids)
-    ]
+    found = ctx.client.runs(status=status, workflow=workflow, limit=limit, scan=ctx.streams.list_scan)
+    return RunList(runs=[RunSummary(**summary) for summary in found])
 
 
 @router.post("/runs/{run_id}/cancel", response_model=Cancelled, responses=_ERRORS)

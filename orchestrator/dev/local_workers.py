@@ -15,7 +15,7 @@ from types import TracebackType
 
 from celery import Celery
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class LocalWorkers:

@@ -98,3 +98,16 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> dict[str, Any]:
             "exhausted": fields.get("budget_exhausted") == "1",
         }
     return view_run
+
+
+def run_summary(row: dict[str, str]) -> dict[str, Any]:
+    """One run in a listing (``orchestrator runs``, ``GET /runs``), from its summary fields."""
+    return {
+        "run_id": row["run_id"],
+        "workflow": row["workflow"],
+        "version": int(row["version"] or 1),
+        "status": row["status"] or "pending",
+        "generation": int(row["gen"] or 1),
+        "created_at": iso(row["created_at"]),
+        "finished_at": iso(row["finished_at"]),
+    }

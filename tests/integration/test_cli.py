@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from orchestrator import Client, Settings
+from orchestrator.definition.files import load_workflow_file
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.state import keys
 from tests.integration.helpers import queue_length, wait_for
@@ -359,3 +360,24 @@ def test_approve_and_reject_from_the_command_line_name_who_decides(
     assert approved.returncode == 0, approved.stderr
     assert "approved by alice" in approved.stdout
     assert client.wait(run_id, timeout=30)["status"] == "succeeded"
+
+
+def test_runs_lists_recent_runs_newest_first_filtered_by_workflow_and_status(
+    redis_url: str, workers: LocalWorkers, client: Client, tmp_path: Path, unique: str
+) -> None:
+    good = write(tmp_path / "good.yaml", f"name: listed_{unique}\nsteps:\n  - {{name: only, uses: noop}}\n")
+    bad = write(tmp_path / "bad.yaml", f"name: listed_{unique}\nversion: 2\nsteps:\n"
+                "  - {name: broken, uses: python, with: {function: tests.fail}}\n")  # fmt: skip
+    first = client.submit(load_workflow_file(good))
+    second = client.submit(load_workflow_file(bad))
+    client.wait(first, timeout=60)
+    client.wait(second, timeout=60)
+
+    listed = json.loads(orchestrator("runs", "--workflow", f"listed_{unique}", "--json", redis_url=redis_url).stdout)
+    failed = json.loads(orchestrator("runs", "--workflow", f"listed_{unique}", "--status", "failed", "--json",
+                                     redis_url=redis_url).stdout)  # fmt: skip
+    table = orchestrator("runs", "--limit", "5", redis_url=redis_url)
+
+    assert [r["run_id"] for r in listed] == [second, first]
+    assert [(r["run_id"], r["version"], r["status"]) for r in failed] == [(second, 2, "failed")]
+    assert table.returncode == 0 and second[:8] in table.stdout
