@@ -7,9 +7,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Only what the package needs (pyproject's packages and py-modules; tests/unit/test_compose.py builds a wheel from
+# Only what the package needs (pyproject's packages; tests/unit/test_compose.py builds a wheel from
 # exactly these): copying the whole context would also bring a host .venv and .git into the image.
-COPY pyproject.toml README.md celeryconfig.py ./
+COPY pyproject.toml README.md ./
 COPY orchestrator ./orchestrator
 COPY workers ./workers
 COPY examples ./examples
