@@ -53,3 +53,37 @@ def test_the_engine_imports_no_celery() -> None:
             if any(n.split(".")[0] in {"celery", "kombu"} for n in names):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def _top_level_imports(path: Path, modules: set[str]) -> set[str]:
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:  # TYPE_CHECKING blocks and lazy imports are not cycles
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                found.add(candidate if candidate in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found & modules
+
+
+def test_no_two_modules_import_each_other_even_through_others() -> None:
+    paths = {}
+    for path in [*(ROOT / "orchestrator").rglob("*.py"), *(ROOT / "workers").rglob("*.py")]:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: _top_level_imports(path, set(paths)) - {name} for name, path in paths.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            current = todo.pop()
+            if current == goal:
+                return True
+            if current not in seen:
+                seen.add(current)
+                todo.extend(graph[current])
+        return False
+
+    cycles = sorted((a, b) for a in graph for b in graph[a] if reaches(b, a))
+    assert cycles == []
