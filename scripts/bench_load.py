@@ -70,7 +70,7 @@ from scripts.harness import cli, probes
 from scripts.harness.lifecycle import log_dir, private_redis, record_dir, run_main, running, worker_env
 from scripts.harness.records import RecordReader
 from scripts.harness.report import Progress, fmt, ts, versions, write_results
-from scripts.harness.runs import FINISHED, Submitted, burst
+from scripts.harness.runs import FINISHED, Submitted, burst, wait_until
 from scripts.harness.stats import delta, percentile
 
 LOGS = "bench-load-logs"
@@ -569,12 +569,9 @@ class PoolBench:
         }
 
     def _wait(self, run_id: str) -> dict[str, Any]:
-        deadline = time.monotonic() + self.cfg.timeout_s
         key = keys.run_key(run_id)
-        while self.stats.hget(key, "status") not in FINISHED:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} did not end within {self.cfg.timeout_s}s")
-            time.sleep(0.05)
+        wait_until(lambda: self.stats.hget(key, "status") in FINISHED, timeout=self.cfg.timeout_s, poll_s=0.05,
+                   what=f"run {run_id} ended")  # fmt: skip
         return self.client.status(run_id)
 
     def _raw(self, count: int, meter: Probes) -> dict[str, Any]:
