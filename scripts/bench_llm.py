@@ -175,11 +175,14 @@ def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str,
 
 def _kill_workers(pool: LocalWorkers, every: float, stop: threading.Event, count: list[int]) -> None:
     rng = random.Random(7)
+    next_index = len(pool.processes) + 1
     while not stop.wait(every):
         name = rng.choice(list(pool.processes))
         pool.kill(name)
         del pool.processes[name]
-        pool.wait_ready([pool.start_one()])
+        # A fresh node name: start_one's default (count + 1) can be a live worker's, which would orphan that worker.
+        pool.wait_ready([pool.start_one(next_index)])
+        next_index += 1
         count[0] += 1
 
 
