@@ -2,12 +2,12 @@
 
 Usage::
 
-    .venv/bin/python scripts/bench.py [--quick] [--workers 2] [--concurrency 2] [--pool prefork] [--reps 7]
+    python -m scripts.bench [--quick] [--workers 2] [--concurrency 2] [--pool prefork] [--reps 7] [--json PATH]
 
 It starts a private ``redis-server`` (random port) and ``--workers`` real ``celery -A workers worker`` processes that
-import ``scripts/bench_tasks.py`` (``ORCH_IMPORTS=bench_tasks``, ``scripts/`` on their ``PYTHONPATH``), so the raw
-Celery tasks of the baseline run on the very same app configuration, pool processes and broker as the orchestrator's
-steps. It measures, as medians over ``--reps`` repetitions:
+import ``scripts.steps.bench`` (``ORCH_IMPORTS=scripts.steps.bench``), so the raw Celery tasks of the baseline run
+on the very same app configuration, pool processes and broker as the orchestrator's steps. It measures, as medians
+over ``--reps`` repetitions:
 
 (a) dependency done → dependent started, p50 and p99: for the orchestrator from the status JSON (parent
     ``finished_at`` → child ``started_at``, both Redis ``TIME`` inside the Lua scripts) over chains of no-op steps
@@ -29,50 +29,48 @@ It also reads each process's CPU time from ``/proc`` around every window (worker
 redis-server, this client), so a throughput gap on a CPU-bound machine can be traced to where the CPU goes. Other
 processes on the machine add noise: ours and raw runs are interleaved (rotating order) so they share it.
 
-It prints a table, writes ``test-artifacts/bench.json`` and exits 0 (it is a measurement, not a test) unless the
-benchmark itself fails. Workers and Redis are stopped on exit, Ctrl-C, SIGTERM and SIGHUP.
+It prints a table, writes ``test-artifacts/bench.json`` (``--json PATH``) and exits 0 (it is a measurement, not a
+test) unless the benchmark itself fails. Workers and Redis are stopped on exit, Ctrl-C, SIGTERM and SIGHUP.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:  # `python scripts/bench.py`: run as `python -m scripts.bench`
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
+    os.execv(sys.executable, [sys.executable, "-m", "scripts.bench", *sys.argv[1:]])
+
 import hashlib
 import itertools
-import json
 import math
-import os
-import shutil
-import signal
-import statistics
-import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
-from benchkit import fmt, json_safe, percentile, ts, versions
 from celery import chain, group
 
 from orchestrator import Client, Settings, WorkflowSpec, parse_workflow
 from orchestrator.dev.local_workers import LocalWorkers
-from orchestrator.dev.redis_server import RedisServer, stop_on_signals
 from orchestrator.state import keys
+from scripts.harness import cli, probes
+from scripts.harness.lifecycle import log_dir, private_redis, record_dir, run_main, running, worker_env
+from scripts.harness.records import Record, RecordReader
+from scripts.harness.report import REPO_ROOT, Progress, fmt, print_table, ts, versions, write_results
+from scripts.harness.runs import FINISHED
+from scripts.harness.stats import median, medians, percentile
+from scripts.steps import bench as tasks
 
-SCRIPTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = SCRIPTS_DIR.parent
-DEFAULT_OUT = REPO_ROOT / "test-artifacts" / "bench.json"
-LOG_DIR = REPO_ROOT / "test-artifacts" / "bench-worker-logs"
-TASKS_MODULE = "bench_tasks"
-
-FINISHED = {"succeeded", "failed", "cancelled", "timed_out"}
-# Commands the benchmark itself sends to the stats connection around a measurement window.
-IGNORED = {"info", "config|resetstat", "echo", "client|info", "monitor"}
+LOGS = "bench-worker-logs"
+TASKS_MODULE = "scripts.steps.bench"
 SUBCOMMANDS = {"script", "config", "client", "cluster", "command", "object", "memory", "function", "acl", "xinfo"}
 MONITOR_MARK = "bench:monitor:"
 
@@ -103,21 +101,16 @@ class Config:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--concurrency", type=int, default=2, help="pool slots per worker (default 2)")
-    parser.add_argument("--pool", default="prefork", help="prefork, threads, solo, gevent (default prefork)")
+    parser = cli.parser(__doc__, name="bench", quick="fewer and shorter repetitions (under a minute)")
+    cli.add_workers(parser, workers=2, concurrency=2, pool="prefork")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 7, quick 3)")
-    parser.add_argument("--quick", action="store_true", help="fewer and shorter repetitions (under a minute)")
     parser.add_argument("--chain-len", type=int, default=20, help="steps per chain in (a)/(b) (default 20)")
     parser.add_argument("--chains", type=int, default=None, help="chains per repetition (default 5, quick 2)")
     parser.add_argument("--fanout", type=int, default=500, help="fan-out width in (c) (default 500)")
     parser.add_argument("--step-s", type=float, default=0.2, help="step duration in (d) (default 0.2)")
     parser.add_argument("--idle-s", type=float, default=None, help="idle-noise window, seconds (default 5, quick 2)")
     parser.add_argument("--poll-s", type=float, default=0.01, help="completion poll interval (default 0.01)")
-    parser.add_argument("--loglevel", default="WARNING", help="worker log level (default WARNING)")
     parser.add_argument("--no-monitor", action="store_true", help="skip the MONITOR pass (in-Lua breakdown)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     ns = parser.parse_args(argv)
     quick = bool(ns.quick)
     if ns.chain_len < 2 or ns.fanout < 1 or ns.workers < 1 or ns.concurrency < 1:
@@ -136,7 +129,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         loglevel=ns.loglevel,
         quick=quick,
         monitor=not ns.no_monitor,
-        out=ns.out,
+        out=ns.json,
     )
 
 
@@ -189,11 +182,6 @@ def dag_spec(step_s: float) -> WorkflowSpec:
 # -- statistics ------------------------------------------------------------------------------------------------------
 
 
-def median(values: Iterable[float]) -> float:
-    vals = [v for v in values if not math.isnan(v)]
-    return statistics.median(vals) if vals else math.nan
-
-
 def cmd_name(command: str) -> str:
     """The commandstats-style name of a MONITOR line's command (``script|exists``, ``evalsha`` …)."""
     parts = command.split(" ", 2)
@@ -201,53 +189,6 @@ def cmd_name(command: str) -> str:
     if name in SUBCOMMANDS and len(parts) > 1:
         name = f"{name}|{parts[1].lower()}"
     return name
-
-
-# -- raw task records ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Record:
-    index: int
-    start: float
-    end: float
-
-
-class RecordReader:
-    """Follows the per-process files the raw tasks append ``tag index start end`` lines to."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self._offsets: dict[str, int] = {}
-        self._partial: dict[str, bytes] = {}
-        self.by_tag: dict[str, list[Record]] = defaultdict(list)
-
-    def poll(self) -> None:
-        for name in os.listdir(self.directory):
-            path = os.path.join(self.directory, name)
-            offset = self._offsets.get(path, 0)
-            if os.path.getsize(path) <= offset:
-                continue
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                data = handle.read()
-            self._offsets[path] = offset + len(data)
-            lines = (self._partial.pop(path, b"") + data).split(b"\n")
-            self._partial[path] = lines.pop()
-            for line in lines:
-                tag, index, start, end = line.decode().split()
-                self.by_tag[tag].append(Record(int(index), float(start), float(end)))
-
-    def wait(self, tag: str, count: int, timeout: float, poll_s: float) -> list[Record]:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.poll()
-            got = self.by_tag.get(tag, [])
-            if len(got) >= count:
-                return sorted(self.by_tag.pop(tag), key=lambda r: r.index)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"raw tasks {tag!r}: {len(got)} of {count} recorded after {timeout}s")
-            time.sleep(poll_s)
 
 
 # -- command counting ------------------------------------------------------------------------------------------------
@@ -259,25 +200,11 @@ class CpuProbe:
     def __init__(self, workers: LocalWorkers, redis_pid: int | None) -> None:
         self.workers = workers
         self.redis_pid = redis_pid
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def _cpu(self, pid: int) -> float:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
 
     def snapshot(self) -> dict[str, float]:
-        if not Path("/proc/self/stat").exists():
-            return {}
-        out = {"worker_main": 0.0, "pool_children": 0.0, "redis": 0.0, "bench_client": self._cpu(os.getpid())}
-        for name, process in list(self.workers.processes.items()):
-            out["worker_main"] += self._cpu(process.pid)
-            out["pool_children"] += sum(self._cpu(child) for child in self.workers.pool_children(name))
-        if self.redis_pid is not None:
-            out["redis"] = self._cpu(self.redis_pid)
-        return out
+        main, children = probes.workers_cpu_s(self.workers)
+        return {"worker_main": main, "pool_children": children, "redis": probes.cpu_s(self.redis_pid),
+                "bench_client": probes.cpu_s(os.getpid())}  # fmt: skip
 
 
 @dataclass
@@ -386,30 +313,15 @@ class Bench:
         self.idle: dict[str, float] = {}
         self.anomalies: list[str] = []
         self.code_at_start = ""  # product code fingerprint before the workers started
-        self.t0 = time.monotonic()
+        self.log = Progress()
         self.chain_noop = chain_spec(cfg.chain_len, "noop")
         self.chain_python = chain_spec(cfg.chain_len, "python")
         self.fanout = fanout_spec(cfg.fanout)
         self.dag = dag_spec(cfg.step_s)
         depth = round(self.dag.graph.critical_path_length(dict.fromkeys(DAG_EDGES, 1.0)))
         self.sleep_chain = chain_spec(depth, "python", sleep_s=cfg.step_s)
-        import bench_tasks
-
-        self.tasks = bench_tasks
-
-    def log(self, message: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     # -- primitives ----------------------------------------------------------------------------------------------
-
-    def read_stats(self) -> dict[str, int]:
-        info: Mapping[str, Any] = self.stats.info("commandstats")
-        out = {}
-        for key, value in info.items():
-            name = key.removeprefix("cmdstat_")
-            if name not in IGNORED:
-                out[name] = int(value["calls"])
-        return out
 
     def measure(self, fn: Callable[[], tuple[T, int]]) -> tuple[T, Window]:
         """Run ``fn`` (returning its result and how many status polls it sent) between RESETSTAT and INFO."""
@@ -418,7 +330,7 @@ class Bench:
         start = time.monotonic()
         result, polls = fn()
         duration = time.monotonic() - start
-        observed = self.read_stats()
+        observed = probes.commandstats(self.stats)
         cpu = {role: used - cpu_before.get(role, 0.0) for role, used in self.cpu.snapshot().items()}
         noise = {cmd: rate * duration for cmd, rate in self.idle.items()}
         return result, Window(duration, observed, polls, noise, cpu)
@@ -434,7 +346,7 @@ class Bench:
             if status in FINISHED:
                 return polls
             if time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} still {status!r} after {timeout}s (see the worker logs in {LOG_DIR})")
+                raise TimeoutError(f"run {run_id} still {status!r} after {timeout}s (see the worker logs in {LOGS})")
             time.sleep(self.cfg.poll_s)
 
     def submit_wait(self, spec: WorkflowSpec) -> tuple[str, int, float, float]:
@@ -468,7 +380,7 @@ class Bench:
 
     def raw_chain(self, length: int) -> list[Record]:
         tag = f"chain-{uuid.uuid4().hex[:12]}"
-        chain(*(self.tasks.raw_noop.si(tag, i) for i in range(length))).apply_async()
+        chain(*(tasks.raw_noop.si(tag, i) for i in range(length))).apply_async()
         return self.records.wait(tag, length, timeout=120.0, poll_s=self.cfg.poll_s)
 
     # -- phases --------------------------------------------------------------------------------------------------
@@ -480,7 +392,7 @@ class Bench:
             self.run_ours(spec)
         self.raw_chain(self.cfg.chain_len)
         tag = f"warm-{uuid.uuid4().hex[:8]}"
-        group(self.tasks.raw_noop.si(tag, i) for i in range(self.cfg.fanout)).apply_async()
+        group(tasks.raw_noop.si(tag, i) for i in range(self.cfg.fanout)).apply_async()
         self.records.wait(tag, self.cfg.fanout, timeout=120.0, poll_s=self.cfg.poll_s)
 
     def measure_idle(self) -> None:
@@ -488,7 +400,7 @@ class Bench:
         time.sleep(0.5)
         self.stats.config_resetstat()
         time.sleep(self.cfg.idle_s)
-        observed = self.read_stats()
+        observed = probes.commandstats(self.stats)
         self.idle = {cmd: n / self.cfg.idle_s for cmd, n in observed.items()}
 
     def chain_ours(self, spec: WorkflowSpec, rep: ChainRep) -> None:
@@ -549,9 +461,9 @@ class Bench:
         def work() -> tuple[tuple[list[Record], float, float], int]:
             t_start = time.time()
             if from_worker:
-                self.tasks.raw_fanout.delay(tag, n)
+                tasks.raw_fanout.delay(tag, n)
             else:
-                group(self.tasks.raw_noop.si(tag, i) for i in range(n)).apply_async()
+                group(tasks.raw_noop.si(tag, i) for i in range(n)).apply_async()
             published = time.time() - t_start
             records = self.records.wait(tag, n, timeout=120.0, poll_s=self.cfg.poll_s)
             return (records, t_start, published), 0
@@ -609,7 +521,7 @@ class Bench:
         depth = len(self.sleep_chain.steps)
         tag = f"sleep-{uuid.uuid4().hex[:12]}"
         sent = time.time()
-        chain(*(self.tasks.raw_sleep.si(tag, i, self.cfg.step_s) for i in range(depth))).apply_async()
+        chain(*(tasks.raw_sleep.si(tag, i, self.cfg.step_s) for i in range(depth))).apply_async()
         records = self.records.wait(tag, depth, timeout=60.0, poll_s=self.cfg.poll_s)
         cp = depth * self.cfg.step_s
         return {
@@ -747,17 +659,6 @@ def _chain_summary(reps: list[ChainRep]) -> dict[str, Any]:
     }
 
 
-def _medians(reps: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-key medians of a list of result dicts (one level of nested dicts too)."""
-    out: dict[str, Any] = {}
-    for key, value in reps[0].items():
-        if isinstance(value, dict):
-            out[key] = {k: median(r[key].get(k, math.nan) for r in reps) for k in value}
-        elif isinstance(value, int | float):
-            out[key] = median(r[key] for r in reps)
-    return out
-
-
 def _without_window(d: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in d.items() if k != "window"}
     window = d.get("window")
@@ -847,7 +748,7 @@ def summarise(
         "metrics": metrics,
         "chains": {"ours_noop": ours, "raw": raw, "ours_python": py},
         "fanout": {k: [_without_window(f) for f in v] for k, v in fan.items()},
-        "fanout_medians": {k: _medians(v) for k, v in fan.items() if v},
+        "fanout_medians": {k: medians(v) for k, v in fan.items() if v},
         "dag": {"reps": dags, "edges": DAG_EDGES, "sleep_chains": sleeps},
         "monitor": monitor,
         "idle_commands_per_s": idle,
@@ -890,11 +791,7 @@ def print_report(results: dict[str, Any]) -> None:
             digits = 2
         result = "—" if m["pass"] is None else ("pass" if m["pass"] else "MISS")
         rows.append((label, fmt(m["ours"], digits), fmt(m["raw"], digits), fmt(m["ratio"]), m["target"], result))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(rows)
 
     ours = results["chains"]["ours_noop"]["commands_by_name_per_step"]
     raw = results["chains"]["raw"]["commands_by_name_per_step"]
@@ -955,73 +852,57 @@ def source_fingerprint() -> str:
             if path.suffix in {".py", ".lua"} and path.is_file():
                 digest.update(str(path.relative_to(REPO_ROOT)).encode())
                 digest.update(path.read_bytes())
-    digest.update((REPO_ROOT / "celeryconfig.py").read_bytes())
     return digest.hexdigest()[:16]
 
 
 # -- main ------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    if str(SCRIPTS_DIR) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS_DIR))
+def measure(cfg: Config) -> dict[str, Any]:
+    """Start Redis and the workers, run the benchmark, stop them."""
     started = time.monotonic()
     load_before = os.getloadavg()
     code_before = source_fingerprint()  # of the code the workers about to start will load
-    record_dir = tempfile.mkdtemp(prefix="orchestrator-bench-")
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    server = RedisServer()
-    previous_sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with stop_on_signals(server):  # SIGTERM/SIGHUP unwind through the finally blocks; Redis is stopped last
-            server.start()
-            settings = Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": TASKS_MODULE})
-            client = Client(settings)
-            env = {
-                "REDIS_URL": server.url,
-                "ORCH_IMPORTS": TASKS_MODULE,
-                "PYTHONPATH": str(SCRIPTS_DIR),
-                "BENCH_RECORD_DIR": record_dir,
+    logs = log_dir(LOGS)
+    with record_dir("orchestrator-bench-") as records, private_redis() as server:
+        env = worker_env(server.url, TASKS_MODULE, record_dir=records)
+        client = Client(Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": TASKS_MODULE}))
+        workers = LocalWorkers(client.app, count=cfg.workers, env=env, pool=cfg.pool,
+                               concurrency=cfg.concurrency, log_dir=logs, loglevel=cfg.loglevel)  # fmt: skip
+        print(f"redis {server.url}; starting {cfg.workers} workers (logs in {logs})", file=sys.stderr)
+        with running(workers, grace=10):
+            bench = Bench(cfg, client, server.url, records, CpuProbe(workers, server.pid))
+            bench.code_at_start = code_before
+            results = bench.run()
+            results["environment"] = {
+                **versions(server.url),
+                "loadavg_1_5_15_before": load_before,
+                "loadavg_1_5_15_after": os.getloadavg(),
+                "product_code_fingerprint": code_before,
             }
-            workers = LocalWorkers(client.app, count=cfg.workers, env=env, pool=cfg.pool,
-                                   concurrency=cfg.concurrency, log_dir=LOG_DIR, loglevel=cfg.loglevel)  # fmt: skip
-            try:
-                print(f"redis {server.url}; starting {cfg.workers} workers (logs in {LOG_DIR})", file=sys.stderr)
-                workers.start()
-                bench = Bench(cfg, client, server.url, record_dir, CpuProbe(workers, server.pid))
-                bench.code_at_start = code_before
-                results = bench.run()
-                results["environment"] = {
-                    **versions(server.url),
-                    "loadavg_1_5_15_before": load_before,
-                    "loadavg_1_5_15_after": os.getloadavg(),
-                    "product_code_fingerprint": code_before,
-                }
-                if source_fingerprint() != code_before:
-                    results["notes"] = ["product code changed on disk after the warm-up: the processes ran the code "
-                                        f"as loaded (fingerprint {code_before} at start)"]  # fmt: skip
-            finally:
-                # A second Ctrl-C must not interrupt the cleanup.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                print("stopping workers", file=sys.stderr)
-                workers.stop(grace=10)
-    except KeyboardInterrupt:
-        print("interrupted: workers and Redis stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, previous_sigint)
-        shutil.rmtree(record_dir, ignore_errors=True)
+            if source_fingerprint() != code_before:
+                results["notes"] = ["product code changed on disk after the warm-up: the processes ran the code "
+                                    f"as loaded (fingerprint {code_before} at start)"]  # fmt: skip
+            print("stopping workers", file=sys.stderr)
     results["runtime_s"] = time.monotonic() - started
-    print_report(results)
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps(json_safe(results), indent=2, ensure_ascii=False) + "\n")
-    for note in results.get("notes", []):
-        print(f"Note: {note}")
-    for anomaly in results["anomalies"]:
-        print(f"WARNING: {anomaly}: these figures are not a valid measurement; run again.")
-    print(f"\nresults: {cfg.out}  (total {results['runtime_s']:.0f}s)")
-    return 0
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+
+    def measure_and_report() -> int:
+        results = measure(cfg)
+        results["command"] = cli.command("scripts.bench", argv)
+        print_report(results)
+        for note in results.get("notes", []):
+            print(f"Note: {note}")
+        for anomaly in results["anomalies"]:
+            print(f"WARNING: {anomaly}: these figures are not a valid measurement; run again.")
+        write_results(cfg.out, results)
+        return 0
+
+    return run_main(measure_and_report)
 
 
 if __name__ == "__main__":

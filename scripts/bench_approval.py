@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python scripts/bench_approval.py [--runs 200] [--quick] [--pace-ms 0] [--workers 2] [--concurrency 2]
+    python -m scripts.bench_approval [--runs 200] [--quick] [--pace-ms 0] [--workers 2] [--concurrency 2]
 
 It starts a private ``redis-server`` (random port) and ``--workers`` real ``celery -A workers worker`` processes
 (prefork, 2 slots each, ``ORCH_IMPORTS=tests.workflows``, as the integration tests run them), then:
@@ -25,50 +25,49 @@ queue. The report says so, from the CPU time the processes used during the appro
 spaces the approvals to measure the release path unloaded.
 
 A warm-up run per pool slot comes first, so the figures do not include loading the Lua scripts or importing code.
-It prints a table, writes ``test-artifacts/bench_approval.json`` and exits 0 (it is a measurement, not a test)
-unless the benchmark itself could not complete (a run did not succeed, a deadline passed). Workers and Redis are
-stopped on exit, Ctrl-C, SIGTERM and SIGHUP.
+It prints a table, writes ``test-artifacts/bench_approval.json`` (``--json PATH``) and exits 0 (it is a measurement,
+not a test) unless the benchmark itself could not complete (a run did not succeed, a deadline passed). Workers and Redis
+are stopped on exit, Ctrl-C, SIGTERM and SIGHUP.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import signal
 import sys
+
+if __name__ == "__main__" and not __package__:  # `python scripts/bench_approval.py`: as `-m scripts.bench_approval`
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
+    os.execv(sys.executable, [sys.executable, "-m", "scripts.bench_approval", *sys.argv[1:]])
+
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
-SCRIPTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = SCRIPTS_DIR.parent
-if str(REPO_ROOT) not in sys.path:  # tests.workflows (the functions the steps call) is imported by the client too
-    sys.path.insert(0, str(REPO_ROOT))
+from orchestrator import Client, Settings, WorkflowSpec, parse_workflow
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.engine.priorities import redis_queue_lists
+from orchestrator.state import keys
+from scripts.harness import cli, probes
+from scripts.harness.lifecycle import log_dir, private_redis, run_main, running, worker_env
+from scripts.harness.report import Progress, fmt, print_table, ts, versions, write_results
+from scripts.harness.runs import FINISHED, wait_until
+from scripts.harness.stats import summary_ms
 
-from benchkit import fmt, json_safe, percentile, ts, versions  # noqa: E402
-
-from orchestrator import Client, Settings, WorkflowSpec, parse_workflow  # noqa: E402
-from orchestrator.dev.local_workers import LocalWorkers  # noqa: E402
-from orchestrator.dev.redis_server import RedisServer, stop_on_signals  # noqa: E402
-from orchestrator.engine.priorities import redis_queue_lists  # noqa: E402
-from orchestrator.state import keys  # noqa: E402
-
-DEFAULT_OUT = REPO_ROOT / "test-artifacts" / "bench_approval.json"
-LOG_DIR = REPO_ROOT / "test-artifacts" / "bench-approval-worker-logs"
-IMPORTS = "tests.workflows"
-FINISHED = {"succeeded", "failed", "cancelled", "timed_out"}
+IMPORTS = "tests.workflows"  # the functions the steps call; the client imports them too
 PROBE_SLEEP_S = 0.5
 APPROVER = "alice"
 
 
 @dataclass(frozen=True)
 class Config:
+    """What to run, after ``--quick`` and the explicit flags are applied."""
+
     runs: int
     workers: int
     concurrency: int
@@ -81,24 +80,19 @@ class Config:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = cli.parser(__doc__, name="bench_approval", quick="50 runs instead of 200")
+    cli.add_workers(parser, workers=2, concurrency=2, pool="prefork")
     parser.add_argument("--runs", type=int, default=None, help="waiting runs to approve (default 200, quick 50)")
-    parser.add_argument("--quick", action="store_true", help="50 runs instead of 200")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--concurrency", type=int, default=2, help="pool slots per worker (default 2)")
-    parser.add_argument("--pool", default="prefork", help="prefork, threads, solo, gevent (default prefork)")
     parser.add_argument("--poll-s", type=float, default=0.01, help="completion poll interval (default 0.01)")
     parser.add_argument(
         "--pace-ms", type=float, default=0.0, help="pause between approve calls (default 0: back to back)"
     )
-    parser.add_argument("--loglevel", default="WARNING", help="worker log level (default WARNING)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     ns = parser.parse_args(argv)
     runs = ns.runs if ns.runs is not None else (50 if ns.quick else 200)
     if runs < 1 or ns.workers < 1 or ns.concurrency < 1 or ns.pace_ms < 0:
         parser.error("--runs, --workers and --concurrency must be ≥ 1, --pace-ms ≥ 0")
     return Config(runs=runs, workers=ns.workers, concurrency=ns.concurrency, pool=ns.pool, poll_s=ns.poll_s,
-                  pace_s=ns.pace_ms / 1e3, loglevel=ns.loglevel, quick=bool(ns.quick), out=ns.out)  # fmt: skip
+                  pace_s=ns.pace_ms / 1e3, loglevel=ns.loglevel, quick=bool(ns.quick), out=ns.json)  # fmt: skip
 
 
 # -- workflows and statistics ----------------------------------------------------------------------------------------
@@ -122,12 +116,6 @@ def probe_spec() -> WorkflowSpec:
     ]})  # fmt: skip
 
 
-def summary_ms(values_s: Sequence[float]) -> dict[str, float]:
-    ms = [v * 1e3 for v in values_s]
-    return {"p50_ms": percentile(ms, 0.5), "p99_ms": percentile(ms, 0.99), "max_ms": max(ms, default=math.nan),
-            "min_ms": min(ms, default=math.nan), "n": len(ms)}  # fmt: skip
-
-
 def bursts(values_ms: Sequence[float], threshold_ms: float) -> list[tuple[int, int]]:
     """Maximal stretches of consecutive runs (in approval order) whose latency exceeds ``threshold_ms``."""
     out: list[tuple[int, int]] = []
@@ -148,29 +136,17 @@ class CpuProbe:
     def __init__(self, workers: LocalWorkers, redis_pid: int | None) -> None:
         self.workers = workers
         self.redis_pid = redis_pid
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def _cpu(self, pid: int) -> float:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
 
     def snapshot(self) -> dict[str, float]:
-        if not Path("/proc/stat").exists():
+        busy, total = probes.machine_cpu_s()
+        if not total:
             return {}
-        workers = 0.0
-        for name, process in list(self.workers.processes.items()):
-            workers += self._cpu(process.pid) + sum(self._cpu(c) for c in self.workers.pool_children(name))
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
         return {
-            "workers": workers,
-            "redis": self._cpu(self.redis_pid) if self.redis_pid is not None else 0.0,
-            "bench_client": self._cpu(os.getpid()),
-            "machine_busy": (sum(ticks) - idle) / self.tick,
-            "machine_total": sum(ticks) / self.tick,
+            "workers": sum(probes.workers_cpu_s(self.workers)),
+            "redis": probes.cpu_s(self.redis_pid),
+            "bench_client": probes.cpu_s(os.getpid()),
+            "machine_busy": busy,
+            "machine_total": total,
         }
 
     @staticmethod
@@ -209,11 +185,8 @@ class Bench:
         self.r = redis.Redis.from_url(url, decode_responses=True)
         self.spec = approval_spec()
         self.probe = probe_spec()
-        self.t0 = time.monotonic()
+        self.log = Progress()
         self.anomalies: list[str] = []
-
-    def log(self, message: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     def fields(self, run_ids: Sequence[str], field: str) -> list[str | None]:
         """One hash field of many runs, in one round trip."""
@@ -224,15 +197,9 @@ class Bench:
 
     def poll(self, what: str, check: Callable[[], bool], timeout: float) -> float:
         """Poll ``check`` until true; returns the seconds it took. Raises after ``timeout``."""
-        start = time.monotonic()
-        deadline = start + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not reached after {timeout:g}s (worker logs in {LOG_DIR})")
-            time.sleep(self.cfg.poll_s)
-        return time.monotonic() - start
+        return wait_until(check, timeout=timeout, poll_s=self.cfg.poll_s, what=f"{what} (worker logs in {LOGS})")
 
-    def all_in(self, run_ids: Sequence[str], field: str, wanted: set[str]) -> bool:
+    def all_in(self, run_ids: Sequence[str], field: str, wanted: Set[str]) -> bool:
         return all(value in wanted for value in self.fields(run_ids, field))
 
     def all_finished(self, run_ids: Sequence[str]) -> bool:
@@ -427,12 +394,8 @@ def print_report(results: dict[str, Any]) -> None:
         ("  (info) decision at → review finished_at", rel["decision_at_to_review_finished"]),
         ("Client.approve call (client clock)", call),
     ):
-        rows.append((label, fmt(s["p50_ms"]), fmt(s["p99_ms"]), fmt(s["max_ms"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+        rows.append((label, fmt(s["p50"]), fmt(s["p99"]), fmt(s["max"])))
+    print_table(rows)
     park, approve, e2e = results["park"], results["approve"], results["end_to_end"]
     print()
     print(f"Submit {cfg['runs']} runs: {park['submit_all_s']:.2f}s; submit → all waiting "
@@ -488,48 +451,42 @@ def env_cpus(results: dict[str, Any]) -> int:
 
 # -- main ------------------------------------------------------------------------------------------------------------
 
+LOGS = "bench-approval-worker-logs"
+
+
+def measure(cfg: Config) -> dict[str, Any]:
+    """Start Redis and the workers, run the benchmark, stop them."""
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    logs = log_dir(LOGS)
+    with private_redis() as server:
+        env = worker_env(server.url, IMPORTS)
+        client = Client(Settings.from_env(env))
+        workers = LocalWorkers(client.app, count=cfg.workers, env=env, pool=cfg.pool,
+                               concurrency=cfg.concurrency, log_dir=logs, loglevel=cfg.loglevel)  # fmt: skip
+        print(f"redis {server.url}; starting {cfg.workers} workers (logs in {logs})", file=sys.stderr)
+        with running(workers, grace=10):
+            results = Bench(cfg, client, server.url, CpuProbe(workers, server.pid)).run()
+            results["environment"] = {**versions(server.url), "loadavg_1_5_15_before": load_before,
+                                      "loadavg_1_5_15_after": os.getloadavg()}  # fmt: skip
+            print("stopping workers", file=sys.stderr)
+    results["runtime_s"] = time.monotonic() - started
+    return results
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
-    started = time.monotonic()
-    load_before = os.getloadavg()
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    server = RedisServer()
-    previous_sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with stop_on_signals(server):  # SIGTERM/SIGHUP unwind through the finally blocks; Redis is stopped last
-            server.start()
-            env = {"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS}
-            client = Client(Settings.from_env(env))
-            workers = LocalWorkers(client.app, count=cfg.workers, env=env, pool=cfg.pool,
-                                   concurrency=cfg.concurrency, log_dir=LOG_DIR, loglevel=cfg.loglevel)  # fmt: skip
-            try:
-                print(f"redis {server.url}; starting {cfg.workers} workers (logs in {LOG_DIR})", file=sys.stderr)
-                workers.start()
-                results = Bench(cfg, client, server.url, CpuProbe(workers, server.pid)).run()
-                results["environment"] = {
-                    **versions(server.url),
-                    "loadavg_1_5_15_before": load_before,
-                    "loadavg_1_5_15_after": os.getloadavg(),
-                }
-            finally:
-                # A second Ctrl-C must not interrupt the cleanup.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                print("stopping workers", file=sys.stderr)
-                workers.stop(grace=10)
-    except KeyboardInterrupt:
-        print("interrupted: workers and Redis stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, previous_sigint)
-    results["runtime_s"] = time.monotonic() - started
-    print_report(results)
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps(json_safe(results), indent=2, ensure_ascii=False) + "\n")
-    for anomaly in results["anomalies"]:
-        print(f"WARNING: {anomaly}")
-    print(f"\nresults: {cfg.out}  (total {results['runtime_s']:.0f}s)")
-    return 0
+
+    def measure_and_report() -> int:
+        results = measure(cfg)
+        results["command"] = cli.command("scripts.bench_approval", argv)
+        print_report(results)
+        for anomaly in results["anomalies"]:
+            print(f"WARNING: {anomaly}")
+        write_results(cfg.out, results)
+        return 0
+
+    return run_main(measure_and_report)
 
 
 if __name__ == "__main__":

@@ -15,58 +15,66 @@ Phases (each on a private Redis, 4 worker processes, and a local Messages API se
    A worker killed mid-call has been billed for that call (as by a real provider); ``lost`` counts those the
    provider saw the caller vanish for. Replies that reached a worker must still never be paid twice.
 
-    python scripts/bench_llm.py                       # the issue's figures: 300 steps at 60 rpm (about 10 min)
-    python scripts/bench_llm.py --steps 120 --rpm 60  # quicker
+    python -m scripts.bench_llm            # the issue's figures: 300 steps at 60 rpm (about 10 min)
+    python -m scripts.bench_llm --quick    # 30 steps per phase: one run each
+    python -m scripts.bench_llm --steps 120 --rpm 60
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:  # `python scripts/bench_llm.py`: run as `python -m scripts.bench_llm`
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
+    os.execv(sys.executable, [sys.executable, "-m", "scripts.bench_llm", *sys.argv[1:]])
+
 import argparse
 import json
 import random
-import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS_DIR = Path(__file__).resolve().parent
-for _path in (str(REPO_ROOT), str(SCRIPTS_DIR)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import redis
 
-import bench_llm_chaos  # noqa: E402, F401  (registers bench.fail_once, for the client's validation)
-import redis  # noqa: E402
-from benchkit import json_safe, versions  # noqa: E402
-
-from orchestrator import Client, Settings  # noqa: E402
-from orchestrator.dev.local_workers import LocalWorkers  # noqa: E402
-from orchestrator.dev.offline_server import OfflineAPIServer  # noqa: E402
-from orchestrator.dev.redis_server import RedisServer  # noqa: E402
+import scripts.steps.llm_chaos  # noqa: F401  (registers bench.fail_once, for the client's validation)
+from orchestrator import Client, Settings
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.offline_server import OfflineAPIServer
+from scripts.harness import cli
+from scripts.harness.lifecycle import private_redis, run_main, running, worker_env
+from scripts.harness.report import versions, write_results
+from scripts.steps.llm_chaos import KILLS_KEY
 
 MODEL = "claude-haiku-4-5"
 RUN_WIDTH = 30
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="LLM steps in each rate-limit phase")
+QUICK_STEPS = 30
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = cli.parser(__doc__, name="bench_llm", quick=f"{QUICK_STEPS} LLM steps in every phase (one run each)")
+    cli.add_workers(parser, workers=4, concurrency=2, pool=None)
+    parser.add_argument("--steps", type=int, default=None, help="LLM steps in each rate-limit phase (default 300)")
     parser.add_argument("--rpm", type=int, default=60, help="the provider's requests per minute")
     parser.add_argument("--limit-rpm", type=int, default=None, help="the shared limiter's rpm (default: --rpm)")
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=2, help="prefork processes per worker")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds each LLM call takes")
-    parser.add_argument("--chaos-steps", type=int, default=120, help="LLM steps in each kill phase")
+    parser.add_argument("--chaos-steps", type=int, default=None, help="LLM steps in each kill phase (default 120)")
     parser.add_argument("--kill-probability", type=float, default=0.2, help="after-reply: chance a process dies")
     parser.add_argument("--kill-every", type=float, default=2.0, help="kill-workers: seconds between SIGKILLs")
     parser.add_argument("--phases", default="alone,shared,after-reply,kill-workers")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a phase may take")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (QUICK_STEPS if args.quick else 300)
+    args.chaos_steps = args.chaos_steps or (QUICK_STEPS if args.quick else 120)
+    return args
 
 
 def spec(name: str, run: int, width: int, latency: float, *, fail_once: bool = False) -> dict[str, Any]:
@@ -94,7 +102,7 @@ def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str,
     chaos = phase in {"after-reply", "kill-workers"}
     total = args.chaos_steps if chaos else args.steps
     env = {
-        "REDIS_URL": redis_url,
+        **worker_env(redis_url, ""),
         "ANTHROPIC_API_KEY": "bench-offline-key",
         "ORCH_LEASE_S": "3",
         "ORCH_SWEEP_INTERVAL_S": "0.5",
@@ -105,19 +113,17 @@ def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str,
     }
     if chaos:
         after_reply = args.kill_probability if phase == "after-reply" else 0.0
-        env.update({"ORCH_IMPORTS": "bench_llm_chaos", "BENCH_KILL_AFTER_REPLY": str(after_reply),
-                    "PYTHONPATH": str(SCRIPTS_DIR)})  # fmt: skip
+        env.update({"ORCH_IMPORTS": "scripts.steps.llm_chaos", "BENCH_KILL_AFTER_REPLY": str(after_reply)})
     r = redis.Redis.from_url(redis_url)
     r.flushall()
     server = OfflineAPIServer(rpm=0 if chaos else args.rpm).start()
     env["ANTHROPIC_BASE_URL"] = server.base_url
     settings = replace(Settings.from_env({"REDIS_URL": redis_url}), anthropic_api_key="bench-offline-key")
     client = Client(settings)
-    pool = LocalWorkers(client.app, count=args.workers, concurrency=args.concurrency, env=env, loglevel="WARNING")
+    pool = LocalWorkers(client.app, count=args.workers, concurrency=args.concurrency, env=env, loglevel=args.loglevel)
     with ExitStack() as stack:
         stack.callback(server.stop)
-        pool.start()
-        stack.callback(pool.stop)
+        stack.enter_context(running(pool, grace=15))
         stop_killing = threading.Event()
         node_kills = [0]
         killer = threading.Thread(target=_kill_workers, args=(pool, args.kill_every, stop_killing, node_kills))
@@ -142,7 +148,7 @@ def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str,
                 killer.join()
             result.update(
                 billed_before_resume=billed_before_resume,
-                pool_process_self_kills=int(r.get("bench:chaos:kills") or 0),
+                pool_process_self_kills=int(r.get(KILLS_KEY) or 0),
                 worker_node_kills=node_kills[0],
             )
         stats = server.stats()
@@ -169,19 +175,18 @@ def run_phase(args: argparse.Namespace, phase: str, redis_url: str) -> dict[str,
 
 def _kill_workers(pool: LocalWorkers, every: float, stop: threading.Event, count: list[int]) -> None:
     rng = random.Random(7)
+    next_index = len(pool.processes) + 1
     while not stop.wait(every):
         name = rng.choice(list(pool.processes))
         pool.kill(name)
         del pool.processes[name]
-        pool.wait_ready([pool.start_one()])
+        # A fresh node name: start_one's default (count + 1) can be a live worker's, which would orphan that worker.
+        pool.wait_ready([pool.start_one(next_index)])
+        next_index += 1
         count[0] += 1
 
 
-def main() -> int:
-    args = parse_args()
-    with RedisServer() as server:
-        results = [run_phase(args, phase, server.url) for phase in args.phases.split(",")]
-        meta = versions(server.url)
+def print_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     print(f"{'phase':<8} {'steps':>5} {'time s':>8} {'429s':>6} {'failed':>6} {'attempts':>8} {'deferrals':>9} "
           f"{'paid':>5} {'lost':>5} {'paid/needed':>11}")  # fmt: skip
     for r in results:
@@ -195,12 +200,25 @@ def main() -> int:
               f"{chaos['worker_node_kills']} whole workers killed (at most {in_flight} calls in flight in them), "
               f"{chaos['runs']} runs resumed, {chaos['runs_succeeded']} succeeded; "
               f"{chaos['paid_calls'] - chaos['needed_calls']} extra paid calls")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(json_safe({"results": results, "versions": meta, "args": vars(args)}),
-                                        indent=2, default=str))  # fmt: skip
-    after = next((r for r in results if r["phase"] == "after-reply"), None)
-    ok = all(r["runs_succeeded"] == r["runs"] for r in results) and (after is None or after["paid_per_needed"] == 1)
-    return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def measure() -> int:
+        started = time.monotonic()
+        with private_redis() as server:
+            results = [run_phase(args, phase, server.url) for phase in args.phases.split(",")]
+            meta = versions(server.url)
+        print_report(args, results)
+        write_results(args.json, {"results": results, "versions": meta, "args": vars(args),
+                                  "command": cli.command("scripts.bench_llm", argv),
+                                  "runtime_s": time.monotonic() - started})  # fmt: skip
+        after = next((r for r in results if r["phase"] == "after-reply"), None)
+        ok = all(r["runs_succeeded"] == r["runs"] for r in results) and (after is None or after["paid_per_needed"] == 1)
+        return 0 if ok else 1
+
+    return run_main(measure)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ shut down.
 
 Usage::
 
-    .venv/bin/python scripts/bench_load.py                        # 10,000 runs (20-30 minutes on 2 cores)
-    .venv/bin/python scripts/bench_load.py --quick                # 300 runs, about 2 minutes
-    .venv/bin/python scripts/bench_load.py --pools threads,gevent # the pool comparison, about 3 minutes
-    .venv/bin/python scripts/bench_load.py --quick --priorities off  # first in, first out, for comparison
+    python -m scripts.bench_load                          # 10,000 runs (20-30 minutes on 2 cores)
+    python -m scripts.bench_load --quick                  # 300 runs, about 2 minutes
+    python -m scripts.bench_load --pools threads,gevent   # the pool comparison, about 3 minutes
+    python -m scripts.bench_load --quick --priorities off # first in, first out, for comparison
 
 gevent must be installed for ``-P gevent`` (``pip install gevent``). Results go to ``test-artifacts/bench_load.json``
 (``--json PATH``); worker logs to ``test-artifacts/bench-load-logs/``. It exits 1 when a run did not succeed.
@@ -42,44 +42,39 @@ gevent must be installed for ``-P gevent`` (``pip install gevent``). Results go 
 
 from __future__ import annotations
 
-import argparse
-import collections
-import json
 import os
-import shutil
-import signal
-import statistics
 import sys
-import tempfile
+
+if __name__ == "__main__" and not __package__:  # `python scripts/bench_load.py`: run as `python -m scripts.bench_load`
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
+    os.execv(sys.executable, [sys.executable, "-m", "scripts.bench_load", *sys.argv[1:]])
+
+import collections
+import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCRIPTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = SCRIPTS_DIR.parent
-for _path in (str(REPO_ROOT), str(SCRIPTS_DIR)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import redis
 
-import redis  # noqa: E402
-from bench import CpuProbe, RecordReader  # noqa: E402
-from benchkit import fmt, json_safe, percentile, ts, versions  # noqa: E402
+from orchestrator import Client, Settings, WorkflowSpec, parse_workflow
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.state import keys
+from scripts.harness import cli, probes
+from scripts.harness.lifecycle import log_dir, private_redis, record_dir, run_main, running, worker_env
+from scripts.harness.records import RecordReader
+from scripts.harness.report import Progress, fmt, ts, versions, write_results
+from scripts.harness.runs import FINISHED, Submitted, burst, wait_until
+from scripts.harness.stats import delta, percentile
 
-from orchestrator import Client, Settings, WorkflowSpec, parse_workflow  # noqa: E402
-from orchestrator.dev.local_workers import LocalWorkers  # noqa: E402
-from orchestrator.dev.redis_server import RedisServer, stop_on_signals  # noqa: E402
-from orchestrator.state import keys  # noqa: E402
-
-DEFAULT_OUT = REPO_ROOT / "test-artifacts" / "bench_load.json"
-LOG_DIR = REPO_ROOT / "test-artifacts" / "bench-load-logs"
-IMPORTS = "examples.content_pipeline,bench_tasks"
-FINISHED = {"succeeded", "failed", "cancelled", "timed_out"}
+LOGS = "bench-load-logs"
+IMPORTS = "examples.content_pipeline,scripts.steps.bench"
 LLM_QUEUE, CPU_QUEUE = "llm", "cpu"
 
 
@@ -110,9 +105,8 @@ class Config:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = cli.parser(__doc__, name="bench_load", quick="300 runs, 200 pool steps, 1 rep: a couple of minutes")
     parser.add_argument("--runs", type=int, default=None, help="content-pipeline runs (default 10000, quick 300)")
-    parser.add_argument("--quick", action="store_true", help="300 runs, 200 pool steps, 1 rep: a couple of minutes")
     parser.add_argument("--llm-pool", default="threads", help="pool of the llm worker (default threads)")
     parser.add_argument("--llm-concurrency", type=int, default=None, help="llm worker slots (default 500, quick 200)")
     parser.add_argument("--llm-workers", type=int, default=1, help="llm worker processes (default 1)")
@@ -127,10 +121,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--reps", type=int, default=None, help="pools: repetitions (default 3, quick 1)")
     parser.add_argument("--priorities", choices=("depth", "off"), default=Settings().priorities,
                         help="ORCH_PRIORITIES of the producer and the workers (default: the setting's)")  # fmt: skip
-    parser.add_argument("--loglevel", default="WARNING", help="worker log level (default WARNING)")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra worker environment, e.g. ORCH_LEASE_S=30 (repeatable)")  # fmt: skip
-    parser.add_argument("--json", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     ns = parser.parse_args(argv)
     quick = bool(ns.quick)
     extra = {"ORCH_PRIORITIES": ns.priorities, **dict(item.split("=", 1) for item in ns.worker_env)}
@@ -187,105 +179,26 @@ def step_latency_s(spec: WorkflowSpec) -> float:
 # -- measuring processes -----------------------------------------------------------------------------------------------
 
 
-def proc_memory_kb(pid: int) -> dict[str, int]:
-    """``VmRSS`` and ``VmHWM`` (peak RSS) of a process, in kB (empty when it is gone)."""
-    out: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in {"VmRSS", "VmHWM", "Threads"}:
-                out[name] = int(value.split()[0])
-    except OSError:
-        pass
-    return out
-
-
-def worker_memory(workers: LocalWorkers) -> dict[str, Any]:
-    """RSS of each worker's main process and pool children, in MB: current, peak, and thread counts."""
-    out: dict[str, Any] = {"main_rss_mb": 0.0, "main_peak_mb": 0.0, "children_rss_mb": 0.0,
-                           "children_peak_mb": 0.0, "threads": 0}  # fmt: skip
-    for name, process in list(workers.processes.items()):
-        main = proc_memory_kb(process.pid)
-        out["main_rss_mb"] += main.get("VmRSS", 0) / 1024
-        out["main_peak_mb"] += main.get("VmHWM", 0) / 1024
-        out["threads"] += main.get("Threads", 0)
-        for child in workers.pool_children(name):
-            mem = proc_memory_kb(child)
-            out["children_rss_mb"] += mem.get("VmRSS", 0) / 1024
-            out["children_peak_mb"] += mem.get("VmHWM", 0) / 1024
-    return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
-
-
 class Probes:
-    """CPU seconds by role (llm worker, cpu worker main and children, redis, this process) and Redis counters."""
+    """CPU seconds by role (llm worker, cpu worker main and children, redis, this process) and Redis's command count."""
 
     def __init__(self, llm: LocalWorkers, cpu: LocalWorkers | None, redis_pid: int | None, stats: redis.Redis) -> None:
-        self.llm = CpuProbe(llm, redis_pid)
-        self.cpu = CpuProbe(cpu, None) if cpu is not None else None
+        self.llm = llm
+        self.cpu = cpu
+        self.redis_pid = redis_pid
         self.stats = stats
 
     def snapshot(self) -> dict[str, float]:
-        llm = self.llm.snapshot()
-        out = {"llm_worker": llm.get("worker_main", 0.0) + llm.get("pool_children", 0.0),
-               "redis": llm.get("redis", 0.0), "bench_client": llm.get("bench_client", 0.0)}  # fmt: skip
+        out = {"llm_worker": sum(probes.workers_cpu_s(self.llm)), "redis": probes.cpu_s(self.redis_pid),
+               "bench_client": probes.cpu_s(os.getpid())}  # fmt: skip
         if self.cpu is not None:
-            cpu = self.cpu.snapshot()
-            out["cpu_worker_main"] = cpu.get("worker_main", 0.0)
-            out["cpu_worker_children"] = cpu.get("pool_children", 0.0)
-        out["redis_commands"] = float(self.stats.info("stats")["total_commands_processed"])
+            out["cpu_worker_main"], out["cpu_worker_children"] = probes.workers_cpu_s(self.cpu)
+        out["redis_commands"] = float(probes.total_commands(self.stats))
         return out
 
     @staticmethod
     def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        return {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
-
-
-def used_memory(stats: redis.Redis) -> int:
-    return int(stats.info("memory")["used_memory"])
-
-
-# -- submitting --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Submitted:
-    """What a burst of submissions produced: ids in order, per-call latencies, start and end (epoch)."""
-
-    ids: list[str] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    started: float = 0.0
-    ended: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return len(self.ids) / (self.ended - self.started) if self.ended > self.started else float("nan")
-
-
-def burst(count: int, threads: int, call: Callable[[int], str], progress: Submitted | None = None) -> Submitted:
-    """Call ``call(i)`` for ``i`` in ``range(count)`` from ``threads`` threads; ids land in ``progress`` as they come.
-
-    Raises:
-        Exception: The first exception a call raised, after every thread stopped.
-    """
-    out = progress if progress is not None else Submitted()
-    lock = threading.Lock()
-    out.started = time.time()
-
-    def worker(indices: Iterable[int]) -> None:
-        for i in indices:
-            t0 = time.perf_counter()
-            ident = call(i)
-            elapsed = time.perf_counter() - t0
-            with lock:
-                out.ids.append(ident)
-                out.latencies.append(elapsed)
-
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="submit") as pool:
-        futures = [pool.submit(worker, range(k, count, threads)) for k in range(threads)]
-        for future in futures:
-            future.result()
-    out.ended = time.time()
-    return out
+        return {k: round(v, 3) for k, v in delta(before, after).items()}
 
 
 # -- the load ----------------------------------------------------------------------------------------------------------
@@ -305,8 +218,11 @@ class Sample:
 class LoadBench:
     """Runs the load and its floor on one set of workers."""
 
-    def __init__(self, cfg: Config, client: Client, url: str, redis_pid: int | None, record_dir: str) -> None:
+    def __init__(
+        self, cfg: Config, client: Client, url: str, redis_pid: int | None, record_dir: str, *, logs: Path
+    ) -> None:
         self.cfg = cfg
+        self.logs = logs
         self.client = client
         self.url = url
         self.redis_pid = redis_pid
@@ -317,30 +233,21 @@ class LoadBench:
         self.latency_s = step_latency_s(self.spec)
         self.llm_steps = sum(1 for s in self.spec.steps if s.uses.value == "llm")
         self.cpu_steps = len(self.spec.steps) - self.llm_steps
-        self.t0 = time.monotonic()
+        self.log = Progress()
         self.worker_errors: dict[str, int] = {}
         self.polled = 0  # commands this benchmark sent to follow the runs, taken out of the per-step count
 
-    def log(self, message: str) -> None:
-        print(f"[{time.monotonic() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
-
     @contextmanager
     def workers(self) -> Iterator[tuple[LocalWorkers, LocalWorkers]]:
-        env = {"REDIS_URL": self.url, "ORCH_IMPORTS": IMPORTS, "PYTHONPATH": str(SCRIPTS_DIR),
-               "BENCH_RECORD_DIR": self.record_dir, **self.cfg.worker_env}  # fmt: skip
+        env = worker_env(self.url, IMPORTS, record_dir=self.record_dir, **self.cfg.worker_env)
         cfg = self.cfg
         llm = LocalWorkers(self.client.app, count=cfg.llm_workers, env=env, pool=cfg.llm_pool,
-                           concurrency=cfg.llm_concurrency, queues=(LLM_QUEUE,), log_dir=LOG_DIR,
+                           concurrency=cfg.llm_concurrency, queues=(LLM_QUEUE,), log_dir=self.logs,
                            loglevel=cfg.loglevel)  # fmt: skip
         cpu = LocalWorkers(self.client.app, count=1, env=env, pool="prefork", concurrency=cfg.cpu_concurrency,
-                           queues=(CPU_QUEUE,), log_dir=LOG_DIR, loglevel=cfg.loglevel)  # fmt: skip
-        try:
-            llm.start(timeout=120)
-            cpu.start(timeout=120)
+                           queues=(CPU_QUEUE,), log_dir=self.logs, loglevel=cfg.loglevel)  # fmt: skip
+        with running(llm, grace=30, timeout=120), running(cpu, grace=30, timeout=120):
             yield llm, cpu
-        finally:
-            llm.stop(grace=30)
-            cpu.stop(grace=30)
 
     def warm_up(self) -> None:
         """A few runs and raw tasks, so imports, connections and script loading are paid before measuring."""
@@ -352,11 +259,11 @@ class LoadBench:
 
     def ours(self, llm: LocalWorkers, cpu: LocalWorkers) -> dict[str, Any]:
         cfg = self.cfg
-        probes = Probes(llm, cpu, self.redis_pid, self.stats)
-        base_memory = used_memory(self.stats)
+        meter = Probes(llm, cpu, self.redis_pid, self.stats)
+        base_memory = probes.used_memory(self.stats)
         samples: list[Sample] = []
         progress = Submitted()
-        cpu_before = probes.snapshot()
+        cpu_before = meter.snapshot()
         self.polled = 0
         self.log(f"ours: submitting {cfg.runs} runs from {cfg.submit_threads} threads")
 
@@ -380,8 +287,8 @@ class LoadBench:
         thread.join()
         if errors:
             raise errors[0]
-        cpu_used = Probes.delta(cpu_before, probes.snapshot())
-        after_memory = used_memory(self.stats)
+        cpu_used = Probes.delta(cpu_before, meter.snapshot())
+        after_memory = probes.used_memory(self.stats)
         self.log(f"ours: all {len(finished)} runs ended; reading their status")
         return self._summarise_ours(progress=progress, finished=finished, samples=samples, base_memory=base_memory,
                                     after_memory=after_memory, cpu_used=cpu_used, llm=llm, cpu=cpu)  # fmt: skip
@@ -409,13 +316,13 @@ class LoadBench:
                     finished[row["run_id"]] = row
             self.polled += len(pending) + (1 if samples is not None else 0)  # HMGETs and INFO memory
             if samples is not None:
-                rss = worker_memory(llm)["main_rss_mb"] if llm is not None else 0.0
-                samples.append(Sample(time.time(), seen, len(finished), used_memory(self.stats), rss))
+                rss = probes.workers_memory_mb(llm)["main_rss_mb"] if llm is not None else 0.0
+                samples.append(Sample(time.time(), seen, len(finished), probes.used_memory(self.stats), rss))
             over = submitting is None or submitting.is_set()
             if over and len(finished) >= len(ids):
                 return finished
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(ids) - len(finished)} runs still going after {timeout}s (logs in {LOG_DIR})")
+                raise TimeoutError(f"{len(ids) - len(finished)} runs still going after {timeout}s (logs: {self.logs})")
             if samples is not None and time.monotonic() - last_log > 15:
                 last_log = time.monotonic()
                 self.log(f"ours: {seen} submitted, {len(finished)} finished, "
@@ -481,8 +388,8 @@ class LoadBench:
             },
             "cpu_s": cpu_used,
             "cpu_ms_per_step": round(sum(v for k, v in cpu_used.items() if k != "bench_client") / steps * 1000, 3),
-            "llm_worker_memory": worker_memory(llm),
-            "cpu_worker_memory": worker_memory(cpu),
+            "llm_worker_memory": probes.workers_memory_mb(llm),
+            "cpu_worker_memory": probes.workers_memory_mb(cpu),
             "steps_detail": detail,
             "timeline": [_timeline_point(s, samples[0].t) for s in samples],
         }
@@ -504,9 +411,9 @@ class LoadBench:
             view = self.client.status(run_id)
             for step in view["steps"].values():
                 queued = step["queued_at"] or view["created_at"]
-                kind = by_kind[step["kind"]]
-                kind["run_s"].append(ts(step["finished_at"]) - ts(step["started_at"]))
-                kind["wait_s"].append(ts(step["started_at"]) - ts(queued))
+                series_of = by_kind[step["kind"]]
+                series_of["run_s"].append(ts(step["finished_at"]) - ts(step["started_at"]))
+                series_of["wait_s"].append(ts(step["started_at"]) - ts(queued))
                 attempts += step["attempts"] - 1
         out: dict[str, Any] = {"sampled_runs": len(run_ids), "extra_attempts": attempts}
         for kind, series in by_kind.items():
@@ -537,11 +444,11 @@ class LoadBench:
                 "tasks_per_s": round(total / makespan, 1)}  # fmt: skip
 
     def floor(self, llm: LocalWorkers, cpu: LocalWorkers, half: str, runs: int) -> dict[str, Any]:
-        probes = Probes(llm, cpu, self.redis_pid, self.stats)
-        before = probes.snapshot()
+        meter = Probes(llm, cpu, self.redis_pid, self.stats)
+        before = meter.snapshot()
         self.log(f"floor ({half}): {runs * (self.llm_steps + self.cpu_steps)} raw tasks")
         result = self._floor_pass(f"floor-{half}-{uuid.uuid4().hex[:8]}", runs)
-        used = Probes.delta(before, probes.snapshot())
+        used = Probes.delta(before, meter.snapshot())
         result["commands_per_task"] = round(used.pop("redis_commands") / result["tasks"], 1)
         result["cpu_s"] = used
         result["cpu_ms_per_task"] = round(sum(v for k, v in used.items() if k != "bench_client")
@@ -562,7 +469,7 @@ class LoadBench:
             ours = self.ours(llm, cpu)
             if cfg.floor:
                 floor.append(self.floor(llm, cpu, "after", cfg.runs - first_half))
-        self.worker_errors = scan_logs(LOG_DIR)
+        self.worker_errors = scan_logs(self.logs)
         result: dict[str, Any] = {"ours": ours, "floor": floor}
         if floor:
             tasks = sum(f["tasks"] for f in floor)
@@ -600,8 +507,11 @@ def scan_logs(directory: Path) -> dict[str, int]:
 class PoolBench:
     """One ``llm`` worker per pool: our single-LLM-step runs and raw sleeps of the same latency, interleaved."""
 
-    def __init__(self, cfg: Config, client: Client, url: str, redis_pid: int | None, record_dir: str) -> None:
+    def __init__(
+        self, cfg: Config, client: Client, url: str, redis_pid: int | None, record_dir: str, *, logs: Path
+    ) -> None:
         self.cfg = cfg
+        self.logs = logs
         self.client = client
         self.url = url
         self.redis_pid = redis_pid
@@ -609,28 +519,24 @@ class PoolBench:
         self.stats = redis.Redis.from_url(url, decode_responses=True)
         self.records = RecordReader(record_dir)
         self.spec = single_llm_spec(1.0)
-        self.t0 = time.monotonic()
-
-    def log(self, message: str) -> None:
-        print(f"[{time.monotonic() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+        self.log = Progress()
 
     def one(self, pool: str, rep: int) -> dict[str, Any]:
         cfg = self.cfg
-        env = {"REDIS_URL": self.url, "ORCH_IMPORTS": IMPORTS, "PYTHONPATH": str(SCRIPTS_DIR),
-               "BENCH_RECORD_DIR": self.record_dir, **cfg.worker_env}  # fmt: skip
+        env = worker_env(self.url, IMPORTS, record_dir=self.record_dir, **cfg.worker_env)
         workers = LocalWorkers(self.client.app, count=1, env=env, pool=pool, concurrency=cfg.concurrency,
-                               queues=(LLM_QUEUE,), log_dir=LOG_DIR, loglevel=cfg.loglevel)  # fmt: skip
+                               queues=(LLM_QUEUE,), log_dir=self.logs, loglevel=cfg.loglevel)  # fmt: skip
         started = time.monotonic()
         workers.start(timeout=120)
         out: dict[str, Any] = {"pool": pool, "rep": rep, "start_s": round(time.monotonic() - started, 2)}
-        try:
-            probes = Probes(workers, None, self.redis_pid, self.stats)
-            self._ours(8, probes)  # warm-up: imports, connections, scripts
-            self._raw(8, probes)
+        try:  # not `running`: how long the pool takes to stop is one of the figures
+            meter = Probes(workers, None, self.redis_pid, self.stats)
+            self._ours(8, meter)  # warm-up: imports, connections, scripts
+            self._raw(8, meter)
             order = [self._ours, self._raw] if rep % 2 == 0 else [self._raw, self._ours]
             for measure in order:
-                out.update(measure(cfg.steps, probes))
-            out["memory"] = worker_memory(workers)
+                out.update(measure(cfg.steps, meter))
+            out["memory"] = probes.workers_memory_mb(workers)
         finally:
             stopping = time.monotonic()
             workers.stop(grace=60)
@@ -638,13 +544,13 @@ class PoolBench:
         self.log(f"{pool} rep {rep}: ours {out['ours_steps_per_s']} steps/s, raw {out['raw_tasks_per_s']} tasks/s")
         return out
 
-    def _ours(self, count: int, probes: Probes) -> dict[str, Any]:
-        before = probes.snapshot()
+    def _ours(self, count: int, meter: Probes) -> dict[str, Any]:
+        before = meter.snapshot()
         sent = burst(count, self.cfg.submit_threads, lambda i: self.client.submit(self.spec, {"topic": f"t{i}"}))
         views = []
         for run_id in sent.ids:
             views.append(self._wait(run_id))
-        used = Probes.delta(before, probes.snapshot())
+        used = Probes.delta(before, meter.snapshot())
         steps = [v["steps"]["ask"] for v in views]
         run_s = [ts(s["finished_at"]) - ts(s["started_at"]) for s in steps]
         total_s = [ts(s["finished_at"]) - ts(v["created_at"]) for s, v in zip(steps, views, strict=True)]
@@ -663,22 +569,19 @@ class PoolBench:
         }
 
     def _wait(self, run_id: str) -> dict[str, Any]:
-        deadline = time.monotonic() + self.cfg.timeout_s
         key = keys.run_key(run_id)
-        while self.stats.hget(key, "status") not in FINISHED:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} did not end within {self.cfg.timeout_s}s")
-            time.sleep(0.05)
+        wait_until(lambda: self.stats.hget(key, "status") in FINISHED, timeout=self.cfg.timeout_s, poll_s=0.05,
+                   what=f"run {run_id} ended")  # fmt: skip
         return self.client.status(run_id)
 
-    def _raw(self, count: int, probes: Probes) -> dict[str, Any]:
+    def _raw(self, count: int, meter: Probes) -> dict[str, Any]:
         send = self.client.app.send_task
         tag = f"pool-{uuid.uuid4().hex[:8]}"
-        before = probes.snapshot()
+        before = meter.snapshot()
         sent = burst(count, self.cfg.submit_threads,
                      lambda i: str(send("bench.raw_sleep", (tag, i, 1.0), queue=LLM_QUEUE).id))  # fmt: skip
         records = self.records.wait(tag, count, timeout=self.cfg.timeout_s, poll_s=0.05)
-        used = Probes.delta(before, probes.snapshot())
+        used = Probes.delta(before, meter.snapshot())
         run_s = [r.end - r.start for r in records]
         makespan = max(r.end for r in records) - sent.started
         return {
@@ -772,53 +675,43 @@ def print_pools(cfg: Config, results: dict[str, Any]) -> None:
 # -- main ------------------------------------------------------------------------------------------------------------
 
 
+def measure(cfg: Config) -> dict[str, Any]:
+    """Start Redis, run the load (or the pools) with its workers, stop everything."""
+    load_before = os.getloadavg()
+    logs = log_dir(LOGS, fresh=True)  # scanned for errors afterwards: this run's logs only
+    with record_dir("orchestrator-bench-load-") as records, private_redis() as server:
+        settings = Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS,
+                                      "ORCH_PRIORITIES": cfg.worker_env["ORCH_PRIORITIES"]})  # fmt: skip
+        client = Client(settings)
+        bench = (PoolBench if cfg.pools else LoadBench)(cfg, client, server.url, server.pid, records, logs=logs)
+        results = bench.run()
+        results["environment"] = {**versions(server.url), "loadavg_1_5_15_before": load_before,
+                                  "loadavg_1_5_15_after": os.getloadavg()}  # fmt: skip
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
-    started = time.monotonic()
-    load_before = os.getloadavg()
-    record_dir = tempfile.mkdtemp(prefix="orchestrator-bench-load-")
-    if LOG_DIR.exists():
-        shutil.rmtree(LOG_DIR)
-    LOG_DIR.mkdir(parents=True)
-    server = RedisServer()
-    previous_sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with stop_on_signals(server):
-            server.start()
-            settings = Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS,
-                                          "ORCH_PRIORITIES": cfg.worker_env["ORCH_PRIORITIES"]})  # fmt: skip
-            client = Client(settings)
-            try:
-                bench: LoadBench | PoolBench
-                if cfg.pools:
-                    bench = PoolBench(cfg, client, server.url, server.pid, record_dir)
-                else:
-                    bench = LoadBench(cfg, client, server.url, server.pid, record_dir)
-                results = bench.run()
-            finally:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-            results["environment"] = {**versions(server.url), "loadavg_1_5_15_before": load_before,
-                                      "loadavg_1_5_15_after": os.getloadavg()}  # fmt: skip
-    except KeyboardInterrupt:
-        print("interrupted: workers and Redis stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, previous_sigint)
-        shutil.rmtree(record_dir, ignore_errors=True)
-    results["runtime_s"] = round(time.monotonic() - started, 1)
-    results["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()}
-    results["command"] = " ".join(["scripts/bench_load.py", *(sys.argv[1:] if argv is None else argv)])
-    if cfg.pools:
-        print_pools(cfg, results)
-        ok = all(r["ours_ok"] == cfg.steps for r in results["reps"])
-    else:
-        print_load(cfg, results)
-        ok = results["ours"]["statuses"] == {"succeeded": cfg.runs}
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps(json_safe(results), indent=2, ensure_ascii=False) + "\n")
-    print(f"\nresults: {cfg.out}  (total {results['runtime_s']:.0f}s; load average before "
-          f"{load_before[0]:.2f}, after {results['environment']['loadavg_1_5_15_after'][0]:.2f})")  # fmt: skip
-    return 0 if ok else 1
+
+    def measure_and_report() -> int:
+        started = time.monotonic()
+        results = measure(cfg)
+        results["runtime_s"] = round(time.monotonic() - started, 1)
+        results["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()}
+        results["command"] = cli.command("scripts.bench_load", argv)
+        if cfg.pools:
+            print_pools(cfg, results)
+            ok = all(r["ours_ok"] == cfg.steps for r in results["reps"])
+        else:
+            print_load(cfg, results)
+            ok = results["ours"]["statuses"] == {"succeeded": cfg.runs}
+        env = results["environment"]
+        print(f"\nload average before {env['loadavg_1_5_15_before'][0]:.2f}, "
+              f"after {env['loadavg_1_5_15_after'][0]:.2f}")  # fmt: skip
+        write_results(cfg.out, results)
+        return 0 if ok else 1
+
+    return run_main(measure_and_report)
 
 
 if __name__ == "__main__":

@@ -31,23 +31,28 @@ idempotency key). The report checks:
 
 It exits 1 when any check fails::
 
-    python scripts/chaos.py              # 1,000 runs
-    python scripts/chaos.py --runs 50    # a smoke run, about a minute
-    python scripts/chaos.py --redis-kill-every 15   # Redis SIGKILLed too, about every 15 s
+    python -m scripts.chaos              # 1,000 runs
+    python -m scripts.chaos --quick      # 50 runs: a smoke run, about a minute
+    python -m scripts.chaos --redis-kill-every 15   # Redis SIGKILLed too, about every 15 s
 
-Workers import this file as the module ``chaos`` (``ORCH_IMPORTS=chaos``) for its two step functions.
+Workers import its two step functions from ``scripts.steps.chaos`` (``ORCH_IMPORTS=scripts.steps.chaos``).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:  # `python scripts/chaos.py`: run as `python -m scripts.chaos`
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
+    os.execv(sys.executable, [sys.executable, "-m", "scripts.chaos", *sys.argv[1:]])
+
 import argparse
 import contextlib
-import hashlib
 import json
-import os
 import random
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -56,44 +61,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS_DIR = Path(__file__).resolve().parent
-for _path in (str(REPO_ROOT), str(SCRIPTS_DIR)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import kombu.exceptions
+import redis
+from celery import Celery
 
-import kombu.exceptions  # noqa: E402
-import redis  # noqa: E402
-from celery import Celery  # noqa: E402
-
-from orchestrator import Client, Settings, StepContext, function  # noqa: E402
-from orchestrator.dev.local_workers import LocalWorkers  # noqa: E402
-from orchestrator.dev.offline_server import OfflineAPIServer  # noqa: E402
-from orchestrator.dev.redis_server import RedisServer  # noqa: E402
-from orchestrator.engine.events import Event, EventType  # noqa: E402
-from orchestrator.errors import StoreUnavailableError  # noqa: E402
-from orchestrator.state import keys  # noqa: E402
+import scripts.steps.chaos  # noqa: F401  (registers the step functions here too, for the client's validation)
+from orchestrator import Client, Settings
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.offline_server import OfflineAPIServer
+from orchestrator.dev.redis_server import RedisServer
+from orchestrator.engine.events import Event, EventType
+from orchestrator.errors import StoreUnavailableError
+from orchestrator.state import keys
+from scripts.harness import cli
+from scripts.harness.lifecycle import private_redis, run_main
+from scripts.harness.report import write_results
 
 MODEL = "claude-haiku-4-5"
 LLM_STEPS = ("outline", "draft_a", "draft_b", "summary")
 PYTHON_STEPS = ("facts", "score")
 # Kills are the point: a step may be lost with its worker several times, and must not run out of attempts for it.
 MAX_ATTEMPTS = 20
-
-
-@function("chaos.facts")
-def facts(ctx: StepContext, seconds: float = 0.0, **_: Any) -> dict[str, Any]:
-    """Some CPU-side work: a digest of the topic, after ``seconds`` of work."""
-    time.sleep(seconds)
-    topic = str(ctx.inputs["topic"])
-    return {"topic": topic, "digest": hashlib.sha256(topic.encode()).hexdigest()[:16]}
-
-
-@function("chaos.score")
-def score(ctx: StepContext, seconds: float = 0.0, **_: Any) -> dict[str, Any]:
-    """Join the two drafts and the facts."""
-    time.sleep(seconds)
-    return {"words": ctx["draft_a"]["word_count"] + ctx["draft_b"]["word_count"], "facts": ctx["facts"]["digest"]}
+QUICK_RUNS = 50
 
 
 def workflow(run: int, rng: random.Random, latency: tuple[float, float]) -> dict[str, Any]:
@@ -142,6 +131,7 @@ class ChaosConfig:
         lease_s, sweep_interval_s, queued_grace_s: The workers' ``ORCH_LEASE_S``, ``ORCH_SWEEP_INTERVAL_S`` and
             ``ORCH_QUEUED_GRACE_S``: short, so a lost step is noticed in seconds.
         log_dir: Where worker logs go (default: discarded).
+        loglevel: The workers' log level.
         redis_kill_every: Mean seconds between SIGKILLs of the Redis server itself (jittered as for workers); 0 (the
             default) kills none. Needs the server, started with an append-only file synced on every write.
         redis_down_s: How long Redis stays down after each kill before it is started again from its AOF.
@@ -159,6 +149,7 @@ class ChaosConfig:
     sweep_interval_s: float = 0.5
     queued_grace_s: float = 5.0
     log_dir: Path | None = None
+    loglevel: str = "WARNING"
     redis_kill_every: float = 0.0
     redis_down_s: float = 2.0
 
@@ -328,8 +319,7 @@ def worker_env(config: ChaosConfig, redis_url: str, provider_url: str) -> dict[s
     """The environment of the chaos workers."""
     return {
         "REDIS_URL": redis_url,
-        "ORCH_IMPORTS": "chaos",
-        "PYTHONPATH": str(SCRIPTS_DIR),
+        "ORCH_IMPORTS": "scripts.steps.chaos",
         "ANTHROPIC_API_KEY": "chaos-offline-key",
         "ANTHROPIC_BASE_URL": provider_url,
         "ORCH_LEASE_S": str(config.lease_s),
@@ -358,7 +348,7 @@ def run_chaos(
         control = Celery("chaos-control", broker=redis_url)
         stack.callback(control.close)
         pool = LocalWorkers(control, count=config.workers, concurrency=config.concurrency,
-                            env=worker_env(config, redis_url, provider.base_url), loglevel="WARNING",
+                            env=worker_env(config, redis_url, provider.base_url), loglevel=config.loglevel,
                             log_dir=config.log_dir)  # fmt: skip
         stack.callback(pool.stop)
         pool.start(timeout=120)
@@ -537,10 +527,9 @@ def print_report(report: ChaosReport, config: ChaosConfig) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     defaults = ChaosConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=defaults.runs)
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help="prefork slots per worker")
+    parser = cli.parser(__doc__, name="chaos", quick=f"{QUICK_RUNS} runs: a smoke run, about a minute")
+    cli.add_workers(parser, workers=defaults.workers, concurrency=defaults.concurrency, pool=None)
+    parser.add_argument("--runs", type=int, default=None, help=f"runs (default {defaults.runs}, quick {QUICK_RUNS})")
     parser.add_argument("--kill-every", type=float, default=defaults.kill_every, help="mean seconds between kills")
     parser.add_argument("--parallel", type=int, default=defaults.parallel, help="runs in flight at once")
     parser.add_argument("--latency", type=float, nargs=2, default=defaults.latency, metavar=("MIN", "MAX"))
@@ -554,8 +543,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--redis-down", type=float, default=defaults.redis_down_s, help="seconds Redis stays down")
     parser.add_argument("--log-dir", type=Path, help="keep each worker's log here")
-    parser.add_argument("--json", type=Path, help="also write the report here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = QUICK_RUNS if args.quick else defaults.runs
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,19 +556,24 @@ def main(argv: list[str] | None = None) -> int:
     config = ChaosConfig(runs=args.runs, workers=args.workers, concurrency=args.concurrency,
                          kill_every=args.kill_every, parallel=args.parallel, latency=tuple(args.latency),
                          stall_timeout=args.stall_timeout, seed=args.seed, log_dir=args.log_dir,
-                         redis_kill_every=args.redis_kill_every, redis_down_s=args.redis_down)  # fmt: skip
-    # With an append-only file synced before each write is acknowledged, as in compose: a killed Redis loses nothing.
-    with RedisServer(appendonly=True, appendfsync="always") as server:
-        report = run_chaos(config, server.url, server=server, progress=True)
-        version = redis.Redis.from_url(server.url).info("server").get("redis_version")
-    print_report(report, config)
-    if args.json:
-        args.json.write_text(json.dumps({**report.to_json(), "config": asdict(config), "redis": version},
-                                        indent=2, default=str))  # fmt: skip
-    problems = report.problems()
-    for problem in problems:
-        print(f"FAIL: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+                         loglevel=args.loglevel, redis_kill_every=args.redis_kill_every,
+                         redis_down_s=args.redis_down)  # fmt: skip
+
+    def session() -> int:
+        # With an append-only file synced before each write is acknowledged, as in compose: a killed Redis loses
+        # nothing.
+        with private_redis(appendonly=True, appendfsync="always") as server:
+            report = run_chaos(config, server.url, server=server, progress=True)
+            version = redis.Redis.from_url(server.url).info("server").get("redis_version")
+        print_report(report, config)
+        write_results(args.json, {**report.to_json(), "config": asdict(config), "redis": version,
+                                  "command": cli.command("scripts.chaos", argv)})  # fmt: skip
+        problems = report.problems()
+        for problem in problems:
+            print(f"FAIL: {problem}", file=sys.stderr)
+        return 1 if problems else 0
+
+    return run_main(session)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,13 @@
-"""Short chaos sessions (``scripts/chaos.py``): runs succeed and record each output once while workers, and Redis, are
+"""Short chaos sessions (``scripts.chaos``): runs succeed and record each output once while workers, and Redis, are
 SIGKILLed.
 
-Its own Redis and its own workers: they import the script's step functions (``ORCH_IMPORTS=chaos``), which the
-session's workers do not.
+Its own Redis and its own workers: they import the session's step functions (``ORCH_IMPORTS=scripts.steps.chaos``),
+which the suite's workers do not.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -20,15 +17,13 @@ from tests.conftest import private_redis as start_private_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
 
 @pytest.fixture(scope="module")
 def chaos() -> ModuleType:
-    """``scripts/chaos.py`` as the module ``chaos``, as the workers import it (registers its step functions)."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    return importlib.import_module("chaos")
+    """``scripts.chaos``, which registers the session's step functions in this process too."""
+    from scripts import chaos
+
+    return chaos
 
 
 @pytest.fixture

@@ -380,4 +380,5 @@ def test_runs_lists_recent_runs_newest_first_filtered_by_workflow_and_status(
 
     assert [r["run_id"] for r in listed] == [second, first]
     assert [(r["run_id"], r["version"], r["status"]) for r in failed] == [(second, 2, "failed")]
-    assert table.returncode == 0 and second[:8] in table.stdout
+    assert table.returncode == 0
+    assert second[:8] in table.stdout

@@ -1,8 +1,8 @@
-"""``orchestrator api`` with a larger asyncio Redis pool: a what-if for ``scripts/bench_stream.py --api-redis-pool N``.
+"""``orchestrator api`` with a larger asyncio Redis pool: a what-if for ``scripts.bench_stream --api-redis-pool N``.
 
-Usage::
+Usage, from the repository root::
 
-    REDIS_URL=... python scripts/bench_stream_app.py --port 8000 --max-connections 5000
+    REDIS_URL=... python -m scripts.stream.app --port 8000 --max-connections 5000
 
 It serves exactly what ``orchestrator api`` serves (``orchestrator.api.server.serve`` with settings from the
 environment), except that the asyncio Redis client ``create_app`` builds for the event streams gets

@@ -1,8 +1,8 @@
-"""Step functions and raw Celery tasks for ``scripts/bench.py``.
+"""Step functions and raw Celery tasks for ``scripts.bench`` and ``scripts.bench_load``.
 
-Worker processes import this module through ``ORCH_IMPORTS=bench_tasks`` (the benchmark puts ``scripts/`` on their
-``PYTHONPATH``): Celery's ``imports`` setting registers the raw ``@shared_task`` tasks on the workers' own app, and the
-orchestrator's registry gets the ``python`` step functions. So the raw baseline runs on the very same worker processes,
+Worker processes import this module through ``ORCH_IMPORTS=scripts.steps.bench``: Celery's ``imports`` setting
+registers the raw ``@shared_task`` tasks on the workers' own app, and the orchestrator's registry gets the ``python``
+step functions. So the raw baseline runs on the very same worker processes,
 app configuration (acks late, ignore results, task events) and broker as the orchestrator's steps.
 
 Raw tasks record their start and end times (``time.time()``) by appending one line to a per-process file in
@@ -18,8 +18,7 @@ from typing import IO, Any
 from celery import group, shared_task
 
 from orchestrator import StepContext, function
-
-RECORD_DIR_ENV = "BENCH_RECORD_DIR"
+from scripts.harness.records import RECORD_DIR_ENV
 
 _sinks: dict[int, IO[str]] = {}
 

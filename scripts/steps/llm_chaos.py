@@ -1,4 +1,4 @@
-"""Imported by the workers of ``scripts/bench_llm.py``'s chaos phase (``ORCH_IMPORTS``); never by the product.
+"""Imported by the workers of ``scripts.bench_llm``'s chaos phases (``ORCH_IMPORTS``); never by the product.
 
 - After a reply has been stored in the reply cache, the pool process SIGKILLs itself with probability
   ``BENCH_KILL_AFTER_REPLY``: the worst moment to die, the call paid for and the step not yet recorded.

@@ -1,9 +1,8 @@
-"""Step functions for ``scripts/bench_stream.py``.
+"""Step functions for ``scripts.bench_stream``.
 
-Worker processes import this module through ``ORCH_IMPORTS`` (the benchmark puts ``scripts/`` on their
-``PYTHONPATH``). ``bench_stream.gate`` holds a run at its first step until the benchmark has connected every SSE
-client to it, so that everything after the gate is delivered live (through the API's per-run hub) rather than
-replayed from the stream on connect.
+Worker processes import this module through ``ORCH_IMPORTS=scripts.steps.stream``. ``bench_stream.gate`` holds a
+run at its first step until the benchmark has connected every SSE client to it, so that everything after the gate is
+delivered live (through the API's per-run hub) rather than replayed from the stream on connect.
 """
 
 from __future__ import annotations
