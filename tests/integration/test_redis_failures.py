@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import redis
 
-import orchestrator.client
 from orchestrator import Client, Settings
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.dev.redis_server import RedisServer, find_redis_server
@@ -192,13 +191,13 @@ def test_submit_when_redis_dies_between_creating_the_run_and_publishing_leaves_n
     aof_server: RedisServer, tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = _client(aof_server.url)
-    publish = orchestrator.client.dispatch
+    publish = client.publisher.publish
 
     def die_then_publish(*args: Any, **kwargs: Any) -> None:
         _kill_redis(aof_server, signal.SIGKILL)
         publish(*args, **kwargs)
 
-    monkeypatch.setattr(orchestrator.client, "dispatch", die_then_publish)
+    monkeypatch.setattr(client.publisher, "publish", die_then_publish)
     with pytest.raises(StoreUnavailableError):
         client.submit(workflow(f"dies_{unique}", py("a", "tests.count_calls")), idempotency_key=f"key-{unique}")
     monkeypatch.undo()

@@ -15,7 +15,6 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-import orchestrator.client
 from orchestrator import Client
 from orchestrator.api.schemas import Decision as DecisionBody
 from orchestrator.definition.spec import MAX_WORKFLOW_TIMEOUT_S, parse_workflow
@@ -139,7 +138,7 @@ def test_a_run_whose_dispatch_failed_ends_its_event_stream_with_run_failed(
         raise ConnectionRefusedError("broker down")
 
     with monkeypatch.context() as patch:
-        patch.setattr(orchestrator.client, "dispatch", broker_down)
+        patch.setattr(client.publisher, "publish", broker_down)
         with pytest.raises(StoreUnavailableError, match="broker"):
             client.submit(workflow(name, py("a", "tests.count_calls")))
     summaries = client.store.run_summaries(client.store.list_run_ids(limit=1000))
