@@ -534,7 +534,7 @@ def test_any_template_is_checked_and_rendered_to_text_or_a_template_error(source
         assert invalid.step == "s"
         assert "step 's'" in str(invalid)
     if isinstance(failed, NonRetryableStepError):
-        assert failed.kind in {"template_error", "prompt_too_large"}, failed.kind
+        assert failed.kind in {"template_error", "template_limit", "prompt_too_large"}, failed.kind
         assert str(failed).strip()
     else:
         assert isinstance(rendered, str)
@@ -552,7 +552,7 @@ def test_any_condition_is_checked_and_evaluated_to_a_bool_or_a_condition_error(s
     if isinstance(invalid, WorkflowDefinitionError):
         assert invalid.step == "s"
     if isinstance(failed, NonRetryableStepError):
-        assert failed.kind == "condition_error"
+        assert failed.kind in {"condition_error", "template_limit"}, failed.kind
     else:
         assert isinstance(result, bool)
 
