@@ -1,5 +1,5 @@
-"""Prompt templates, rendered in a bounded immutable sandbox (:mod:`orchestrator.definition.sandbox`): no attribute access to
-Python internals, and no expression, loop or output large enough to exhaust a worker.
+"""Prompt templates, rendered in a bounded immutable sandbox (:mod:`orchestrator.definition.sandbox`): no attribute
+access to Python internals, and no expression, loop or output large enough to exhaust a worker.
 
 Validation refuses access to dunder and name-mangled attributes, undefined names and nesting too deep to compile before
 a run exists; rendering refuses them again, and bounds sizes, loops, total allocation and time.

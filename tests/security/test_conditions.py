@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from orchestrator.conditions import check_condition, evaluate_condition
+from orchestrator.definition.conditions import check_condition, evaluate_condition
+from orchestrator.definition.templates import TEMPLATE_BUDGET_BYTES
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
-from orchestrator.templates import TEMPLATE_BUDGET_BYTES
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from orchestrator import Client
-from orchestrator.local_workers import LocalWorkers
+from orchestrator.dev.local_workers import LocalWorkers
 from tests.integration.helpers import llm, ts, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

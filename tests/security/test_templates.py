@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
+from orchestrator.definition.registry import FunctionRegistry
+from orchestrator.definition.spec import ApprovalParams, parse_workflow
+from orchestrator.definition.templates import TEMPLATE_BUDGET_BYTES, check_template, render
+from orchestrator.definition.validation import check_workflow
+from orchestrator.engine.steps import MAX_APPROVAL_MESSAGE_CHARS, StepContext, StepExecutor
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
+from orchestrator.infra.settings import Settings
 from orchestrator.llm.gateway import CallContext
-from orchestrator.registry import FunctionRegistry
-from orchestrator.settings import Settings
-from orchestrator.spec import ApprovalParams, parse_workflow
-from orchestrator.steps import MAX_APPROVAL_MESSAGE_CHARS, StepContext, StepExecutor
-from orchestrator.templates import TEMPLATE_BUDGET_BYTES, check_template, render
-from orchestrator.validation import check_workflow
 
 pytestmark = pytest.mark.timeout(60)
 
