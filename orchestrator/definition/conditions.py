@@ -1,7 +1,9 @@
 """Step conditions in workflow files: Jinja's expression language in its immutable sandbox, never ``eval``.
 
 ``steps.blog_post.output.word_count > 500 and inputs.tone == "formal"`` reads the run's inputs and upstream outputs;
-validation checks that an expression parses and names only ``inputs`` and ancestor steps.
+validation checks that an expression parses and names only ``inputs`` and ancestor steps. Evaluation runs under the
+templates' budgets (:mod:`orchestrator.sandbox`): past the allocation or time budget the step fails as
+``template_limit``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from typing import Any
 from jinja2 import TemplateError, nodes
 from jinja2.parser import Parser
 
-from orchestrator.definition.templates import BoundedSandbox, bounded_evaluation, referenced_steps_in, unsafe_name
+from orchestrator.definition.templates import (
+    NESTING_ERRORS,
+    STATIC_CHECK_TIMEOUT_S,
+    TEMPLATE_TIMEOUT_S,
+    BoundedSandbox,
+    TemplateLimitError,
+    bounded_evaluation,
+    referenced_steps_in,
+    unsafe_name,
+)
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
 
 # The templates' bounded sandbox: ``'a' * 10**10 > ''`` or ``x|center(10**10)`` is refused, never computed.
@@ -41,6 +52,8 @@ def check_condition(source: str, *, step: str, upstream: Set[str]) -> None:
         expr = nodes.Output([_parse(source)])
     except TemplateError as exc:
         raise WorkflowDefinitionError(f"step {step!r}: condition does not parse: {exc}", step=step) from None
+    except NESTING_ERRORS:
+        raise WorkflowDefinitionError(f"step {step!r}: condition nests too deeply", step=step) from None
     for call in expr.find_all(nodes.Call):
         raise WorkflowDefinitionError(f"step {step!r}: condition may not call functions ({call!r})", step=step)
     for name in expr.find_all(nodes.Name):
@@ -59,6 +72,24 @@ def check_condition(source: str, *, step: str, upstream: Set[str]) -> None:
             f"step {step!r}: condition reads steps.{ref}, which is not upstream of it; add {ref!r} to depends_on",
             step=step,
         )
+    try:
+        compiled = _compile(source)  # nesting the parser takes can still be too deep for the code generator
+    except NESTING_ERRORS:
+        raise WorkflowDefinitionError(f"step {step!r}: condition nests too deeply", step=step) from None
+    if not any(True for _ in expr.find_all(nodes.Name)):
+        _check_static(compiled, step=step)
+
+
+def _check_static(compiled: Any, *, step: str) -> None:
+    # A condition that reads nothing evaluates the same at every run: past the allocation budget, refuse it now.
+    try:
+        with bounded_evaluation(timeout_s=STATIC_CHECK_TIMEOUT_S):
+            compiled()
+    except TemplateLimitError as exc:
+        if exc.resource == "memory":
+            raise WorkflowDefinitionError(f"step {step!r}: condition passes a limit: {exc}", step=step) from None
+    except Exception:  # any other failure is the run's to report, as the step's error
+        pass
 
 
 @lru_cache(maxsize=1024)
@@ -66,16 +97,38 @@ def _compile(source: str) -> Any:
     return _ENV.compile_expression(source, undefined_to_none=False)
 
 
-def evaluate_condition(source: str, *, inputs: dict[str, Any], outputs: dict[str, Any]) -> bool:
+def evaluate_condition(
+    source: str,
+    *,
+    inputs: dict[str, Any],
+    outputs: dict[str, Any],
+    timeout_s: float = TEMPLATE_TIMEOUT_S,
+) -> bool:
     """Evaluate a condition against the run's inputs and upstream outputs (``steps.NAME.output``).
 
+    Args:
+        source: The expression.
+        inputs: The run's inputs.
+        outputs: Upstream outputs by step name.
+        timeout_s: Seconds evaluation may take.
+
     Raises:
-        NonRetryableStepError: When evaluation fails (a missing value, a type error …), with the cause.
+        NonRetryableStepError: ``template_limit`` past the allocation or time budget; ``condition_error`` when
+            evaluation fails otherwise (a missing value, a type error, nesting too deep …), with the cause.
     """
     steps = {name: {"output": out} for name, out in outputs.items()}
     try:
-        with bounded_evaluation():
+        with bounded_evaluation(timeout_s=timeout_s):
             return bool(_compile(source)(inputs=inputs, steps=steps))
+    except TemplateLimitError as exc:
+        raise NonRetryableStepError(f"condition {_shown(source)} failed: {exc}", kind="template_limit") from None
+    except NESTING_ERRORS:
+        raise NonRetryableStepError(f"condition {_shown(source)} nests too deeply", kind="condition_error") from None
     except Exception as exc:
-        raise NonRetryableStepError(f"condition {source!r} failed: {type(exc).__name__}: {exc}",
+        raise NonRetryableStepError(f"condition {_shown(source)} failed: {type(exc).__name__}: {exc}",
                                     kind="condition_error") from None  # fmt: skip
+
+
+def _shown(source: str, limit: int = 200) -> str:
+    # A condition can be thousands of characters: the error names it, but stays one readable line.
+    return repr(source) if len(source) <= limit else repr(source[:limit]) + "…"

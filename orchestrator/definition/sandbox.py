@@ -8,7 +8,14 @@ resource exhaustion: ``{{ 'a' * 10**10 }}``, ``{{ 10**10**10 }}``, ``{{ 5|round(
 - no value an operator, call or filter makes (string, bytes, list) may pass :data:`MAX_VALUE_CHARS` items, and no
   integer :data:`MAX_INT_BITS` bits; the size is estimated *before* the work is done;
 - one render may run at most :data:`MAX_LOOP_ITERATIONS` loop iterations and write at most
-  :data:`MAX_OUTPUT_CHARS` characters into its output and its blocks and macros together.
+  :data:`MAX_OUTPUT_CHARS` characters into its output and its blocks and macros together;
+- one render (or condition) may allocate at most :data:`TEMPLATE_BUDGET_BYTES` over *all* the values it makes, kept
+  or not (``{% set ns.l = ns.l + ['x' * 16000000] %}`` in a loop would otherwise keep a gigabyte), lists counted
+  by their items (:data:`ITEM_BYTES` each) so ``('x ' * 8000000).split()`` is refused before it is made;
+- one render (or condition) may run for at most :data:`TEMPLATE_TIMEOUT_S` seconds, or less when the step's own
+  timeout ends sooner: the deadline is checked in every loop iteration, operator, call, filter and output.
+
+Past the allocation or time budget, evaluation raises :class:`TemplateLimitError`.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from __future__ import annotations
 import inspect
 import re
 import string
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -39,6 +47,15 @@ MAX_LOOP_ITERATIONS = 1_000_000
 """Loop iterations one render (or condition) may run, over all its loops."""
 MAX_OUTPUT_CHARS = 64 * 1024 * 1024
 """Characters one render may write into its output, blocks and macros together (at least 4x its ``max_chars``)."""
+TEMPLATE_BUDGET_BYTES = 64 * 1024 * 1024
+"""What one render (or condition) may allocate in total: every string, list or dict an operator, call, filter,
+``~`` or output makes counts, kept or not (a character counts 1, an item :data:`ITEM_BYTES`)."""
+ITEM_BYTES = 64
+"""What one item of a list, tuple, set or dict counts against :data:`TEMPLATE_BUDGET_BYTES`: a pointer and a small
+object (``'a b'.split()`` makes a string object per item)."""
+TEMPLATE_TIMEOUT_S = 5.0
+"""Default seconds one render (or condition) may run; the ``ORCH_TEMPLATE_TIMEOUT_S`` setting and a step's own
+``timeout_s`` can shorten it."""
 # Arguments counting rows or digits rather than characters: ``batch(10**9, 'x')`` would fill a billion slots.
 _MAX_COUNT = 100_000
 _MAX_PRECISION = 1000
@@ -48,23 +65,124 @@ _MAX_PRECISION = 1000
 EXPRESSION_ERRORS = (ArithmeticError, AttributeError, LookupError, MemoryError, RuntimeError, TypeError, ValueError)
 
 
+class TemplateLimitError(SecurityError):
+    """A render or condition passed its total allocation or time budget (the step fails as ``template_limit``).
+
+    Attributes:
+        resource: ``"memory"`` or ``"time"``.
+    """
+
+    def __init__(self, message: str, *, resource: str) -> None:
+        super().__init__(message)
+        self.resource = resource
+
+
 @dataclass
 class _Budget:
     iterations_left: int
     output_left: int
+    bytes_left: int
+    bytes_total: int
+    deadline: float
+    """On :func:`time.monotonic`'s clock."""
+    seconds: float
+
+    def spend(self, cost: int, what: str) -> None:
+        """Count ``cost`` bytes made by ``what`` (and check the clock)."""
+        self.bytes_left -= cost
+        if self.bytes_left < 0:
+            raise TemplateLimitError(
+                f"{what}: the template allocates more than its budget of {self.bytes_total} bytes", resource="memory"
+            )
+        self.check_time()
+
+    def afford(self, cost: int, what: str) -> None:
+        """Refuse, before the work is done, to make something that would cost more than what is left."""
+        if cost > self.bytes_left:
+            raise TemplateLimitError(
+                f"{what} would allocate {cost} bytes; the template has {max(self.bytes_left, 0)} of its budget of "
+                f"{self.bytes_total} left",
+                resource="memory",
+            )
+
+    def check_time(self) -> None:
+        """Refuse to go on past the deadline."""
+        if time.monotonic() > self.deadline:
+            raise TemplateLimitError(
+                f"the template ran longer than its time limit of {self.seconds:.3g}s", resource="time"
+            )
 
 
 _BUDGET: ContextVar[_Budget | None] = ContextVar("orchestrator_template_budget", default=None)
 
 
 @contextmanager
-def bounded_evaluation(max_chars: int = MAX_VALUE_CHARS) -> Iterator[None]:
-    """Give the renders and conditions evaluated inside a fresh loop and output budget."""
-    token = _BUDGET.set(_Budget(MAX_LOOP_ITERATIONS, max(MAX_OUTPUT_CHARS, 4 * max_chars)))
+def bounded_evaluation(
+    max_chars: int = MAX_VALUE_CHARS,
+    *,
+    budget_bytes: int = TEMPLATE_BUDGET_BYTES,
+    timeout_s: float = TEMPLATE_TIMEOUT_S,
+    deadline: float | None = None,
+) -> Iterator[None]:
+    """Give the renders and conditions evaluated inside fresh loop, output, allocation and time budgets.
+
+    Args:
+        max_chars: The longest text the caller will accept; output and allocation budgets are at least a few times it.
+        budget_bytes: The allocation budget (see :data:`TEMPLATE_BUDGET_BYTES`).
+        timeout_s: Seconds evaluation may run from now.
+        deadline: A :func:`time.monotonic` time evaluation must end by anyway (the step's own timeout).
+    """
+    now = time.monotonic()
+    end = now + timeout_s if deadline is None else min(now + timeout_s, deadline)
+    allowed = max(budget_bytes, 2 * max_chars)
+    budget = _Budget(MAX_LOOP_ITERATIONS, max(MAX_OUTPUT_CHARS, 4 * max_chars), allowed, allowed, end, end - now)
+    token = _BUDGET.set(budget)
     try:
         yield
     finally:
         _BUDGET.reset(token)
+
+
+def _cost(value: Any) -> int:
+    """What a value counts against the allocation budget (its items, not what they point to, for containers)."""
+    if isinstance(value, str | bytes):
+        return len(value)
+    if isinstance(value, list | tuple | dict | set | frozenset):
+        return len(value) * ITEM_BYTES
+    if isinstance(value, int):
+        return value.bit_length() // 8
+    return 0
+
+
+def _spend(cost: int, what: str) -> None:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.spend(cost, what)
+
+
+def _afford(cost: int, what: str) -> None:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.afford(cost, what)
+
+
+# What ``str.split()`` splits on; ``str.splitlines()`` on the line-breaking ones. Beyond ASCII a string is bounded by
+# its length instead: counting every Unicode space would cost more than the split.
+_ASCII_SPACES = (" ", "\t", "\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")
+_ASCII_LINE_BREAKS = ("\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e")
+
+
+def _split_items(text: str | bytes, sep: Any, maxsplit: int = -1, *, lines: bool = False) -> int:
+    """An upper bound on the number of items ``text.split(sep)`` (or ``splitlines``) makes, counted at C speed."""
+    if isinstance(sep, str | bytes) and sep:
+        hits = text.count(sep)  # type: ignore[arg-type]  # a str/bytes mismatch raises in the split itself
+    elif isinstance(text, bytes):
+        hits = sum(text.count(c.encode()) for c in (_ASCII_LINE_BREAKS[:2] if lines else _ASCII_SPACES[:6]))
+    elif text.isascii():
+        hits = sum(text.count(c) for c in (_ASCII_LINE_BREAKS if lines else _ASCII_SPACES))
+    else:
+        hits = len(text)
+    return (min(hits, maxsplit) if maxsplit >= 0 else hits) + 1
 
 
 def _refuse(what: str, size: int, limit: int = MAX_VALUE_CHARS) -> None:
@@ -73,8 +191,10 @@ def _refuse(what: str, size: int, limit: int = MAX_VALUE_CHARS) -> None:
 
 
 def _check_result(value: Any, what: str) -> Any:
+    """``value``, refused past the size of one value, and counted against the allocation budget."""
     if isinstance(value, str | bytes | list | tuple | dict):
         _refuse(what, len(value))
+    _spend(_cost(value), what)
     return value
 
 
@@ -156,6 +276,10 @@ def _check_call(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tupl
             _refuse(f"{name}()", _format_size(owner, args if name == "format" else (), mapping))
             return args
         bound = _bind(target, args, kwargs)
+        if name in {"split", "rsplit", "splitlines"} and bound is not None:
+            lines = name == "splitlines"
+            parts = _split_items(owner, bound.get("sep"), _as_int(bound.get("maxsplit"), -1), lines=lines)
+            _afford(parts * ITEM_BYTES + len(owner), f"{name}()")
         size = _text_method_size(owner, name, bound) if bound is not None else None
         if size is not None:
             _refuse(f"{name}()", size)
@@ -201,23 +325,56 @@ def _filter_size(name: str, a: Mapping[str, Any]) -> int:
     return 0
 
 
+# Filters whose result has up to one item per item (or character) of their value: checked against what is left of the
+# allocation budget before they run, as ``('x' * 16000000)|sort`` would make 16 M items and sort them for seconds.
+_ITEMIZING_FILTERS = frozenset({"batch", "dictsort", "groupby", "items", "list", "reverse", "slice", "sort", "unique"})
+# Filters splitting their text into words or lines on the way.
+_SPLITTING_FILTERS = frozenset({"indent", "urlize", "wordcount", "wordwrap"})
+# Filters whose arguments can grow their result past its input: sized (or limited) before they run.
+_GUARDED_FILTERS = frozenset({"batch", "center", "format", "indent", "join", "replace", "round", "slice", "sum",
+                              "tojson", "wordwrap"})  # fmt: skip
+
+
 def _bounded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    # Jinja passes the context, eval context or environment before the value to filters marked for it.
+    value_at = 0 if getattr(fn, "jinja_pass_arg", None) is None else 1
+    guarded = name in _GUARDED_FILTERS
+
     @wraps(fn)  # keeps Jinja's pass_context / pass_environment marker
     def bounded(*args: Any, **kwargs: Any) -> Any:
-        bound = _bind(fn, args, kwargs)
-        if bound is not None:
-            if name == "sum" and not isinstance(bound.get("start"), int | float):
-                raise SecurityError("sum() may only add numbers; use join for strings and lists")
-            if name == "join":
-                items = list(bound["value"])
-                parts = sum(len(i) if isinstance(i, str | bytes) else len(str(i)) for i in items)
-                _refuse("join", parts + len(str(bound.get("d", ""))) * len(items))
-                args = tuple(items if v is bound["value"] else v for v in args)
-                kwargs = {k: items if v is bound["value"] else v for k, v in kwargs.items()}
-            _refuse(name, _filter_size(name, bound))
+        budget = _BUDGET.get()
+        if budget is not None and len(args) > value_at:
+            budget.check_time()
+            value = args[value_at]
+            if name in _ITEMIZING_FILTERS and isinstance(value, Sized):
+                budget.afford(len(value) * ITEM_BYTES, name)
+            elif name in _SPLITTING_FILTERS and isinstance(value, str):
+                budget.afford(_split_items(value, None) * ITEM_BYTES, name)
+        if guarded:
+            args, kwargs = _check_filter(name, fn, args, kwargs)
         return _check_result(fn(*args, **kwargs), name)
 
     return bounded
+
+
+def _check_filter(
+    name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Refuse a growing filter whose result would be too large; returns its arguments (an iterable to join,
+    materialised)."""
+    bound = _bind(fn, args, kwargs)
+    if bound is None:
+        return args, kwargs
+    if name == "sum" and not isinstance(bound.get("start"), int | float):
+        raise SecurityError("sum() may only add numbers; use join for strings and lists")
+    if name == "join":
+        items = list(bound["value"])
+        parts = sum(len(i) if isinstance(i, str | bytes) else len(str(i)) for i in items)
+        _refuse("join", parts + len(str(bound.get("d", ""))) * len(items))
+        args = tuple(items if v is bound["value"] else v for v in args)
+        kwargs = {k: items if v is bound["value"] else v for k, v in kwargs.items()}
+    _refuse(name, _filter_size(name, bound))
+    return args, kwargs
 
 
 class _Bounds(NodeTransformer):
@@ -258,33 +415,41 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def __init__(self, **options: Any) -> None:
         super().__init__(undefined=StrictUndefined, **options)
         self.globals["lipsum"] = _bounded_lipsum
-        guarded = {"batch", "center", "format", "indent", "join", "replace", "round", "slice", "sum", "tojson",
-                   "wordwrap"}  # fmt: skip
-        self.filters.update({name: _bounded_filter(name, self.filters[name]) for name in guarded})
+        # Every filter checks the clock and counts what it makes; the growing ones are sized before they run.
+        self.filters.update({name: _bounded_filter(name, fn) for name, fn in self.filters.items()})
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        """Refuse an operation whose result would be too large, before computing it."""
+        """Refuse an operation whose result would be too large, or pass the budget, before computing it."""
         sequences = (str, bytes, list, tuple)
         if operator == "*":
             if isinstance(left, sequences) and isinstance(right, int):
                 _refuse("*", len(left) * right)
+                _afford(_cost(left) * right, "*")
             elif isinstance(right, sequences) and isinstance(left, int):
                 _refuse("*", len(right) * left)
+                _afford(_cost(right) * left, "*")
             elif isinstance(left, int) and isinstance(right, int):
                 _refuse("*", left.bit_length() + right.bit_length(), MAX_INT_BITS)
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
             _refuse("**", left.bit_length() * right, MAX_INT_BITS)
         elif operator == "+" and isinstance(left, sequences) and isinstance(right, sequences):
             _refuse("+", len(left) + len(right))
+            _afford(_cost(left) + _cost(right), "+")
         elif operator == "%" and isinstance(left, str | bytes):
             _refuse("%", _percent_size(left, right))
         return _check_result(super().call_binop(context, operator, left, right), operator)
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         """Call an object from the template, refusing calls whose result would be too large."""
+        if getattr(__obj, "__self__", None) is __self:
+            # The hooks ``_Bounds`` routes loops, ``~`` and output through: they count what they make themselves.
+            return __obj(*args)  # without the _loop_vars and _block_vars keywords meant for Context.call
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.check_time()
         if isinstance(__obj, LoopContext) and args:  # a recursive loop's ``loop(children)`` iterates too
             args = (__self.bounded_iter(args[0]), *args[1:])
-        elif getattr(__obj, "__self__", None) is not __self:
+        else:
             args = _check_call(__obj, args, kwargs)
         return _check_result(super().call(__context, __obj, *args, **kwargs), "call")
 
@@ -296,12 +461,15 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 budget.iterations_left -= 1
                 if budget.iterations_left < 0:
                     raise SecurityError(f"the template runs more than {MAX_LOOP_ITERATIONS} loop iterations")
+                budget.check_time()
             yield item
 
     def bounded_concat(self, parts: tuple[Any, ...]) -> str:
         """``a ~ b ~ …``, refused when the result would be too large."""
         texts = [str(part) for part in parts]
-        _refuse("~", sum(len(t) for t in texts))
+        size = sum(len(t) for t in texts)
+        _refuse("~", size)
+        _spend(size, "~")
         return "".join(texts)
 
     def counted_output(self, value: Any) -> str:
@@ -312,4 +480,5 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             budget.output_left -= len(text)
             if budget.output_left < 0:
                 raise SecurityError("the template writes more output than its budget allows (loops over large text?)")
+            budget.spend(len(text), "output")
         return text

@@ -1,8 +1,8 @@
-"""Prompt templates, rendered in a bounded immutable sandbox (:mod:`orchestrator.definition.sandbox`): no attribute access to
-Python internals, and no expression, loop or output large enough to exhaust a worker.
+"""Prompt templates, rendered in a bounded immutable sandbox (:mod:`orchestrator.definition.sandbox`): no attribute
+access to Python internals, and no expression, loop or output large enough to exhaust a worker.
 
-Validation refuses access to dunder and name-mangled attributes and undefined names before a run exists; rendering
-refuses them again, and bounds sizes and loops.
+Validation refuses access to dunder and name-mangled attributes, undefined names and nesting too deep to compile before
+a run exists; rendering refuses them again, and bounds sizes, loops, total allocation and time.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from orchestrator.definition.sandbox import (
     MAX_LOOP_ITERATIONS,
     MAX_OUTPUT_CHARS,
     MAX_VALUE_CHARS,
+    TEMPLATE_BUDGET_BYTES,
+    TEMPLATE_TIMEOUT_S,
     BoundedSandbox,
+    TemplateLimitError,
     bounded_evaluation,
 )
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
@@ -32,8 +35,13 @@ __all__ = [
     "MAX_LOOP_ITERATIONS",
     "MAX_OUTPUT_CHARS",
     "MAX_VALUE_CHARS",
+    "STATIC_CHECK_TIMEOUT_S",
+    "TEMPLATE_BUDGET_BYTES",
+    "TEMPLATE_TIMEOUT_S",
     "BoundedSandbox",
+    "TemplateLimitError",
     "bounded_evaluation",
+    "check_static_render",
     "check_template",
     "referenced_steps",
     "referenced_steps_in",
@@ -42,6 +50,12 @@ __all__ = [
 ]
 
 _ENV = BoundedSandbox(autoescape=False, keep_trailing_newline=True)
+
+STATIC_CHECK_TIMEOUT_S = 0.5
+"""Seconds validation spends rendering a template that reads no variable; one still running then is left to the
+run-time limits rather than refused (validation runs where a request waits for it)."""
+NESTING_ERRORS = (RecursionError, SyntaxError)
+"""What parsing or compiling a deeply nested template raises (Python's own parser refuses 200 nested brackets)."""
 
 
 @lru_cache(maxsize=1024)
@@ -87,6 +101,8 @@ def check_template(source: str, *, step: str) -> None:
         tree = _ENV.parse(source)
     except TemplateError as exc:
         raise WorkflowDefinitionError(f"step {step!r}: template does not parse: {exc}", step=step) from None
+    except NESTING_ERRORS:
+        raise WorkflowDefinitionError(f"step {step!r}: template nests too deeply", step=step) from None
     name = unsafe_name(tree)
     if name is not None:
         raise WorkflowDefinitionError(f"step {step!r}: template reads the internal attribute {name!r}", step=step)
@@ -96,6 +112,34 @@ def check_template(source: str, *, step: str) -> None:
             f"a template sees {', '.join(sorted(_NAMES))}",
             step=step,
         )
+    try:
+        _compile(source)  # nesting the parser takes can still be too deep for the code generator
+    except TemplateError as exc:
+        raise WorkflowDefinitionError(f"step {step!r}: template does not compile: {exc}", step=step) from None
+    except NESTING_ERRORS:
+        raise WorkflowDefinitionError(f"step {step!r}: template nests too deeply", step=step) from None
+
+
+def check_static_render(source: str, *, step: str, what: str = "template") -> None:
+    """Render a template that reads no variable under the budgets now, so a bomb is refused before a run exists.
+
+    Only a template past its allocation budget is refused: any other failure (or one still running after
+    :data:`STATIC_CHECK_TIMEOUT_S`) is left for the run, which reports it as the step's error.
+
+    Raises:
+        WorkflowDefinitionError: Naming the step and the limit.
+    """
+    if meta.find_undeclared_variables(_ENV.parse(source)) & _NAMES:
+        return
+    try:
+        with bounded_evaluation(timeout_s=STATIC_CHECK_TIMEOUT_S):
+            for _ in _compile(source).generate({}):
+                pass
+    except TemplateLimitError as exc:
+        if exc.resource == "memory":
+            raise WorkflowDefinitionError(f"step {step!r}: {what} passes a limit: {exc}", step=step) from None
+    except (TemplateError, *EXPRESSION_ERRORS, SyntaxError):
+        pass
 
 
 def referenced_steps(source: str) -> set[str]:
@@ -118,22 +162,32 @@ def referenced_steps_in(tree: nodes.Node) -> set[str]:
     return found
 
 
-def render(source: str, context: dict[str, Any], *, max_chars: int = MAX_VALUE_CHARS) -> str:
+def render(
+    source: str,
+    context: dict[str, Any],
+    *,
+    max_chars: int = MAX_VALUE_CHARS,
+    timeout_s: float = TEMPLATE_TIMEOUT_S,
+    deadline: float | None = None,
+) -> str:
     """Render ``source`` against ``context`` (``inputs`` and ``steps``).
 
     Args:
         source: The template.
         context: Its variables.
         max_chars: The rendered text may not be longer; rendering stops as soon as it is.
+        timeout_s: Seconds rendering may take.
+        deadline: A :func:`time.monotonic` time rendering must end by anyway (the step's own timeout).
 
     Raises:
-        NonRetryableStepError: ``prompt_too_large`` past ``max_chars``; ``template_error`` on a missing variable,
-            a sandbox violation, a size or loop limit, or any other rendering error.
+        NonRetryableStepError: ``prompt_too_large`` past ``max_chars``; ``template_limit`` past the allocation
+            budget (:data:`TEMPLATE_BUDGET_BYTES`) or the time limit; ``template_error`` on a missing variable,
+            a sandbox violation, a size or loop limit, nesting too deep, or any other rendering error.
     """
     pieces: list[str] = []
     length = 0
     try:
-        with bounded_evaluation(max_chars):
+        with bounded_evaluation(max_chars, timeout_s=timeout_s, deadline=deadline):
             for piece in _compile(source).generate(context):
                 length += len(piece)
                 if length > max_chars:
@@ -141,8 +195,13 @@ def render(source: str, context: dict[str, Any], *, max_chars: int = MAX_VALUE_C
                         f"the rendered text passes {max_chars} characters, the limit", kind="prompt_too_large"
                     )
                 pieces.append(piece)
+    except TemplateLimitError as exc:
+        raise NonRetryableStepError(f"template failed: {exc}", kind="template_limit") from None
     except TemplateError as exc:
         raise NonRetryableStepError(f"template failed: {exc}", kind="template_error") from None
+    except NESTING_ERRORS:
+        # Raised by the parser or code generator, before anything ran: the traceback would only say "recursion".
+        raise NonRetryableStepError("template failed: it nests too deeply", kind="template_error") from None
     except EXPRESSION_ERRORS as exc:
         # ``{{ 1 / 0 }}`` or a sandbox range limit: as permanent as a syntax error. Left uncaught, the task would
         # crash without recording anything and the step would fail only after its leases ran out, as "worker lost".

@@ -1,11 +1,15 @@
-"""Checks beyond the spec's own shape: registered functions and templates that parse and read only dependencies."""
+"""Checks beyond the spec's own shape: registered functions and templates that parse and read only dependencies.
+
+Prompts, system prompts and approval messages are checked alike; one that reads no variable is rendered under the
+templates' budgets too, so a static bomb is refused before a run exists.
+"""
 
 from __future__ import annotations
 
 from orchestrator.definition.conditions import check_condition
 from orchestrator.definition.registry import FunctionRegistry, check_functions, functions
-from orchestrator.definition.spec import LLMParams, WorkflowSpec
-from orchestrator.definition.templates import check_template, referenced_steps
+from orchestrator.definition.spec import ApprovalParams, LLMParams, StepSpec, WorkflowSpec
+from orchestrator.definition.templates import check_static_render, check_template, referenced_steps
 from orchestrator.errors import WorkflowDefinitionError
 
 
@@ -25,11 +29,7 @@ def check_workflow(spec: WorkflowSpec, registry: FunctionRegistry | None = None)
             raise WorkflowDefinitionError(
                 f"step {step.name!r}: no registered condition function {step.condition_function!r}", step=step.name
             )
-        if not isinstance(step.params, LLMParams):
-            continue
-        for source in (step.params.prompt, step.params.system):
-            if source is None:
-                continue
+        for source in _templates(step):
             check_template(source, step=step.name)
             for ref in sorted(referenced_steps(source) - upstream):
                 what = "an unknown step" if ref not in spec.steps_by_name else "a step it does not depend on"
@@ -37,3 +37,13 @@ def check_workflow(spec: WorkflowSpec, registry: FunctionRegistry | None = None)
                     f"step {step.name!r}: template reads steps.{ref}, {what}; add {ref!r} to depends_on",
                     step=step.name,
                 )
+            check_static_render(source, step=step.name)
+
+
+def _templates(step: StepSpec) -> list[str]:
+    """The templates a step renders: an ``llm`` step's prompt and system prompt, an approval's message."""
+    if isinstance(step.params, LLMParams):
+        return [s for s in (step.params.prompt, step.params.system) if s is not None]
+    if isinstance(step.params, ApprovalParams) and step.params.message is not None:
+        return [step.params.message]
+    return []

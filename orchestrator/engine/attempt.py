@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 from orchestrator import telemetry
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
-from orchestrator.definition.templates import render
 from orchestrator.domain import Attempt, Claim, RunStatus, StepOutcome
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, stop_run
 from orchestrator.engine.coordinator import decide_start, result_key, retry_delay, should_retry, upstream_reads
@@ -201,7 +200,7 @@ def _schedule_retry(
 
 def _wait_for_decision(rt: Runtime, params: ApprovalParams, attempt: Attempt, ctx: StepContext) -> str:
     # The attempt ends here: a human decision can take days, and no worker slot is held meanwhile.
-    message = render(params.message, ctx.template_context()) if params.message else None
+    message = rt.executor.approval_message(params, ctx)
     data = {"approvers": list(params.approvers), "message": message, "timeout_s": params.timeout_s}
     if not _outlast(rt, f"{attempt}: wait", lambda: rt.store.wait_for_decision(attempt, data, params.timeout_s)):
         return "stale attempt: not parked"

@@ -94,6 +94,7 @@ def build_runtime(
         max_prompt_bytes=settings.max_prompt_bytes,
         llm_timeout_s=settings.llm_timeout_s,
         interrupts=interrupts,
+        template_timeout_s=settings.template_timeout_s,
         **executor_options,
     )
     leases = LeaseKeeper(redis_store, settings.lease_s)

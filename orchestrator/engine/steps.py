@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.definition.conditions import evaluate_condition
 from orchestrator.definition.registry import FunctionRegistry
-from orchestrator.definition.spec import LLMParams, PythonParams, StepSpec
-from orchestrator.definition.templates import render
+from orchestrator.definition.spec import ApprovalParams, LLMParams, PythonParams, StepSpec
+from orchestrator.definition.templates import TEMPLATE_TIMEOUT_S, render
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError, WorkflowDefinitionError
 from orchestrator.llm import LLMRequest, parse_structured, structured_output_instruction
 from orchestrator.llm.gateway import CallContext, LLMGateway
+
+MAX_APPROVAL_MESSAGE_CHARS = 20_000
+"""The longest rendered approval message: it is stored with the run and shown to people, not sent to a model."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class StepExecutor:
         llm_timeout_s: Default per-call LLM timeout (a step's ``timeout_s`` wins).
         interrupts: Exceptions that interrupt a step from outside (Celery's soft time limit) and must reach the
             worker as they are, never be mistaken for an error of the step's own code.
+        template_timeout_s: Seconds one render or condition may take (a step's ``timeout_s`` can shorten it).
     """
 
     def __init__(
@@ -80,8 +85,10 @@ class StepExecutor:
         llm_timeout_s: float,
         interrupts: tuple[type[BaseException], ...] = (),
         max_prompt_bytes: int = 4 * 1024 * 1024,
+        template_timeout_s: float = TEMPLATE_TIMEOUT_S,
     ):
         self.llm = llm
+        self.template_timeout_s = template_timeout_s
         self.interrupts = interrupts
         self.functions = functions
         self.max_output_bytes = max_output_bytes
@@ -95,7 +102,8 @@ class StepExecutor:
             NonRetryableStepError: When the condition raises; the step then fails with the cause.
         """
         if step.condition is not None:
-            return evaluate_condition(step.condition, inputs=dict(ctx.inputs), outputs=dict(ctx.outputs))
+            return evaluate_condition(step.condition, inputs=dict(ctx.inputs), outputs=dict(ctx.outputs),
+                                      timeout_s=self._template_timeout(step))  # fmt: skip
         if step.condition_function is not None:
             try:
                 fn = self.functions.get(step.condition_function)
@@ -105,6 +113,29 @@ class StepExecutor:
                     f"condition {step.condition_function!r} raised {type(exc).__name__}: {exc}", kind="condition_error"
                 ) from None
         return True
+
+    def approval_message(self, params: ApprovalParams, ctx: StepContext) -> str | None:
+        """Render an approval step's message (``None`` when it has none).
+
+        Raises:
+            NonRetryableStepError: ``message_too_large`` past :data:`MAX_APPROVAL_MESSAGE_CHARS`; ``template_limit``
+                or ``template_error`` as for a prompt.
+        """
+        if params.message is None:
+            return None
+        try:
+            return render(params.message, ctx.template_context(), max_chars=MAX_APPROVAL_MESSAGE_CHARS,
+                          timeout_s=self.template_timeout_s)  # fmt: skip
+        except NonRetryableStepError as exc:
+            if exc.kind == "prompt_too_large":
+                raise NonRetryableStepError(
+                    f"the approval message passes {MAX_APPROVAL_MESSAGE_CHARS} characters, the limit",
+                    kind="message_too_large",
+                ) from None
+            raise
+
+    def _template_timeout(self, step: StepSpec) -> float:
+        return min(self.template_timeout_s, step.timeout_s) if step.timeout_s else self.template_timeout_s
 
     def run(self, step: StepSpec, ctx: StepContext, call: CallContext) -> Any:
         """Run one attempt and return its JSON-serialisable output.
@@ -133,11 +164,16 @@ class StepExecutor:
         return output
 
     def _run_llm(self, step: StepSpec, params: LLMParams, ctx: StepContext, call: CallContext) -> dict[str, Any]:
+        # Celery's soft time limit cannot interrupt a thread (LLM steps run on the threads pool), so the step's
+        # timeout is one deadline for the whole attempt: rendering stops at it, each LLM call gets what is left.
+        deadline = time.monotonic() + step.timeout_s if step.timeout_s else None
         variables = ctx.template_context()
+        limits: dict[str, Any] = {"max_chars": self.max_prompt_bytes, "timeout_s": self.template_timeout_s,
+                                  "deadline": deadline}  # fmt: skip
         # Inputs and upstream outputs can make a small template render huge: refuse before paying for it.
         try:
-            prompt = render(params.prompt, variables, max_chars=self.max_prompt_bytes)
-            system = render(params.system, variables, max_chars=self.max_prompt_bytes) if params.system else None
+            prompt = render(params.prompt, variables, **limits)
+            system = render(params.system, variables, **limits) if params.system else None
         except NonRetryableStepError as exc:
             if exc.kind == "prompt_too_large":
                 raise NonRetryableStepError(f"{exc} (ORCH_MAX_PROMPT_BYTES)", kind=exc.kind) from None
@@ -159,7 +195,7 @@ class StepExecutor:
             temperature=params.temperature,
             attempt=ctx.attempt,
             simulate=params.simulate.model_dump(exclude_none=True) if params.simulate else None,
-            timeout_s=step.timeout_s or self.llm_timeout_s,
+            timeout_s=_time_left(step, deadline) if deadline is not None else self.llm_timeout_s,
         )
         reply = self.llm.complete(request, call)
         response = reply.response
@@ -189,7 +225,7 @@ class StepExecutor:
                     temperature=request.temperature,
                     attempt=request.attempt,
                     simulate=_without_errors(request.simulate),
-                    timeout_s=request.timeout_s,
+                    timeout_s=_time_left(step, deadline) if deadline is not None else request.timeout_s,
                 )
                 second = self.llm.complete(repair, call)
                 repaired = second.response
@@ -230,6 +266,18 @@ class StepExecutor:
                 f"output is {size} bytes; the limit is {self.max_output_bytes} (ORCH_MAX_OUTPUT_BYTES)",
                 kind="output_too_large",
             )
+
+
+def _time_left(step: StepSpec, deadline: float) -> float:
+    """Seconds left before the attempt's deadline.
+
+    Raises:
+        RetryableStepError: ``timeout`` when none are, as when Celery's soft time limit ends a step.
+    """
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RetryableStepError(f"step exceeded its timeout of {step.timeout_s}s", kind="timeout")
+    return left
 
 
 def _without_errors(simulate: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -50,6 +50,8 @@ class Settings:
         max_prompt_bytes: ``ORCH_MAX_PROMPT_BYTES``: cap on an ``llm`` step's rendered prompt and system prompt
             together (UTF-8); a larger one fails the step (``prompt_too_large``) before any LLM call.
         max_steps: ``ORCH_MAX_STEPS``: cap on steps per workflow.
+        template_timeout_s: ``ORCH_TEMPLATE_TIMEOUT_S``: seconds one prompt render or condition may run (a step's
+            ``timeout_s`` can shorten it); past it the step fails as ``template_limit``.
         retry_cap_s: ``ORCH_RETRY_CAP_S``: no retry waits longer, whatever ``retry-after`` says.
         llm_timeout_s: ``ORCH_LLM_TIMEOUT_S``: default per-call LLM timeout.
         llm_queue: ``ORCH_LLM_QUEUE``: queue for ``llm`` steps.
@@ -94,6 +96,7 @@ class Settings:
     max_output_bytes: int = 1024 * 1024
     max_prompt_bytes: int = 4 * 1024 * 1024
     max_steps: int = 2000
+    template_timeout_s: float = 5.0
     retry_cap_s: float = 300.0
     llm_timeout_s: float = 120.0
     llm_queue: str = "llm"
@@ -146,6 +149,7 @@ class Settings:
             "max_output_bytes": "ORCH_MAX_OUTPUT_BYTES",
             "max_prompt_bytes": "ORCH_MAX_PROMPT_BYTES",
             "max_steps": "ORCH_MAX_STEPS",
+            "template_timeout_s": "ORCH_TEMPLATE_TIMEOUT_S",
             "retry_cap_s": "ORCH_RETRY_CAP_S",
             "llm_timeout_s": "ORCH_LLM_TIMEOUT_S",
             "llm_queue": "ORCH_LLM_QUEUE",

@@ -85,6 +85,10 @@ WEIRD = [
     "True",
 ]
 TEMPLATE_PIECES = [
+    # Within every per-value limit, far past the total allocation budget.
+    "{% set ns = namespace(l=[]) %}{% for i in range(8) %}{% set ns.l = ns.l + ['x' * 16000000] %}{% endfor %}",
+    "{{ ('x ' * 8000000).split()|length }}",
+    "{{ ('x' * 4000000)|sort|length }}",
     "{{ inputs.topic }}",
     "{{ steps.a.output.text }}",
     "{{ steps['b'].output }}",
@@ -131,6 +135,8 @@ TEMPLATE_PIECES = [
     *WEIRD,
 ]
 CONDITION_PIECES = [
+    "(" + " + ".join(["['x' * 16000000]"] * 6) + ")|length > 0",
+    "('x ' * 8000000)|wordcount > 0",
     "steps.a.output.word_count > 500",
     "inputs.topic == 'x'",
     "steps['b'].output.text|length < 3",
@@ -175,12 +181,20 @@ junk = st.recursive(
     max_leaves=12,
 )
 names = st.one_of(st.sampled_from(STEP_NAMES), st.sampled_from(WEIRD), st.text(max_size=70), junk)
-templates = st.lists(st.one_of(st.sampled_from(TEMPLATE_PIECES), st.text(max_size=12)), min_size=0, max_size=6).map(
-    "".join
+# Expressions nested deeper than Jinja's parser or code generator (or Python's own parser) can take.
+nested = st.builds(
+    lambda depth, around: around[0] * depth + "1" + around[1] * depth,
+    st.one_of(st.sampled_from([150, 400, 1000, 3000]), st.integers(min_value=1, max_value=3000)),
+    st.sampled_from([("(", ")"), ("[", "]"), ("-", ""), ("not ", ""), ("[", "][0]")]),
 )
-conditions = st.lists(st.one_of(st.sampled_from(CONDITION_PIECES), st.text(max_size=6)), min_size=0, max_size=6).map(
-    "".join
-)
+templates = st.lists(
+    st.one_of(st.sampled_from(TEMPLATE_PIECES), st.text(max_size=12), nested.map("{{ {} }}".format)),
+    min_size=0,
+    max_size=6,
+).map("".join)
+conditions = st.lists(
+    st.one_of(st.sampled_from(CONDITION_PIECES), st.text(max_size=6), nested), min_size=0, max_size=6
+).map("".join)
 
 
 def maybe(value: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -534,7 +548,7 @@ def test_any_template_is_checked_and_rendered_to_text_or_a_template_error(source
         assert invalid.step == "s"
         assert "step 's'" in str(invalid)
     if isinstance(failed, NonRetryableStepError):
-        assert failed.kind in {"template_error", "prompt_too_large"}, failed.kind
+        assert failed.kind in {"template_error", "template_limit", "prompt_too_large"}, failed.kind
         assert str(failed).strip()
     else:
         assert isinstance(rendered, str)
@@ -552,7 +566,7 @@ def test_any_condition_is_checked_and_evaluated_to_a_bool_or_a_condition_error(s
     if isinstance(invalid, WorkflowDefinitionError):
         assert invalid.step == "s"
     if isinstance(failed, NonRetryableStepError):
-        assert failed.kind == "condition_error"
+        assert failed.kind in {"condition_error", "template_limit"}, failed.kind
     else:
         assert isinstance(result, bool)
 
