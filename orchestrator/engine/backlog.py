@@ -1,8 +1,8 @@
 """Messages waiting in the step queues, read from a Redis broker: for the queue-depth gauge and for the sweeper.
 
-A step queue on Redis is several lists, one per priority level (:func:`orchestrator.engine.priorities.redis_queue_lists`);
-its depth is their sum. A broker that is not Redis (RabbitMQ, kombu's ``sentinel://`` form) cannot be read here:
-its depths are unknown (``None``).
+A step queue on Redis is several lists, one per priority level
+(:func:`orchestrator.engine.priorities.redis_queue_lists`); its depth is their sum. A broker that is not Redis
+(RabbitMQ, kombu's ``sentinel://`` form) cannot be read here: its depths are unknown (``None``).
 """
 
 from __future__ import annotations

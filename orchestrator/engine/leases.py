@@ -1,7 +1,7 @@
 """Per-attempt leases: a heartbeat keeps the leases of running attempts alive while their process lives.
 
-A worker that dies stops renewing; the sweeper (:mod:`orchestrator.engine.sweep`) re-queues its attempts once their leases run
-out, so a step lost with its worker runs again within ``lease_s + sweep_interval_s``, not after the broker's
+A worker that dies stops renewing; the sweeper (:mod:`orchestrator.engine.sweep`) re-queues its attempts once their
+leases run out, so a step lost with its worker runs again within ``lease_s + sweep_interval_s``, not after the broker's
 visibility timeout, and an attempt that is alive, however long it runs, is never started twice.
 """
 

@@ -1,7 +1,8 @@
 """Step message priorities: a step deeper in its DAG is taken first, so runs in flight finish before new ones start.
 
 A step's *level* runs from 0 (taken last) to :data:`TOP_LEVEL` (taken first): its ``priority`` when the workflow sets
-one, else its depth, the longest path from a root to it (:attr:`orchestrator.definition.dag.Graph.depths`), capped at the top.
+one, else its depth, the longest path from a root to it (:attr:`orchestrator.definition.dag.Graph.depths`), capped
+at the top.
 Depth from the roots rather than distance to the sinks: every root is level 0 whatever its workflow, so no new run's
 first step overtakes a step of a run already started, and a run's level only rises as it progresses; distance to the
 sinks would rank the root of a one-step workflow above the middle of a long run already half done.

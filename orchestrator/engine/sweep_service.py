@@ -1,7 +1,8 @@
 """A process that only sweeps (``orchestrator sweeper``): lost steps, workflow deadlines, approval timeouts.
 
 Every worker already runs the sweeper as a Celery bootstep (:mod:`workers.sweeper`). This process runs the same
-:func:`~orchestrator.engine.sweep.sweep_once` on its own, so deadlines and approval timeouts fire and lost steps are sent again
+:func:`~orchestrator.engine.sweep.sweep_once` on its own, so deadlines and approval timeouts fire and lost steps are
+sent again
 while no worker is up: every worker scaled to zero, crash-looping, or being redeployed. It takes the same Redis lock
 as the workers' sweepers, so running it next to them never sweeps twice in one interval; it consumes no queue.
 

@@ -8,7 +8,8 @@
 
 Both the API and every worker endpoint export them (each reads the same Redis), so dashboards take ``max`` over
 instances rather than a sum. A scrape costs three round trips: one pipeline of ``LLEN`` of each queue's priority
-lists (:func:`orchestrator.engine.priorities.redis_queue_lists`), summed; the run index's newest ids; and one pipeline of
+lists (:func:`orchestrator.engine.priorities.redis_queue_lists`), summed; the run index's newest ids; and one
+pipeline of
 ``HGET status`` per run, so at most ``run_scan`` (default 1000) small reads. Runs are counted among the newest
 ``run_scan`` only: an older run still in flight (one waiting days for an approval behind more than ``run_scan`` newer
 runs) is not counted.
