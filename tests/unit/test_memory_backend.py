@@ -403,3 +403,22 @@ def test_the_cli_runs_a_workflow_file_in_its_own_process_with_wait(tmp_path: Pat
     view = json.loads(done.stdout)
     assert view["status"] == "succeeded"
     assert view["steps"]["draft"]["output"]["text"]
+
+
+def test_celery_a_workers_refuses_memory_in_one_line() -> None:
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": "memory://"}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "error: REDIS_URL=memory:// keeps runs inside the one process that uses it, so a worker cannot share them: "
+        "set REDIS_URL to a Redis server"
+    ]
