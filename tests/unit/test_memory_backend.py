@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from orchestrator import Client, Settings
 from orchestrator.cli import main
 from orchestrator.definition.registry import functions
+from orchestrator.definition.spec import parse_workflow
 from orchestrator.engine.steps import StepContext
 from orchestrator.infra.redis_url import RedisUrlError, is_memory_url, require_shared_store
 from orchestrator.state import MemoryStateStore
@@ -268,6 +269,21 @@ def test_a_step_retried_with_a_countdown_is_delivered_again_under_the_same_task_
     assert len(seen) == 2
 
 
+def test_a_run_whose_first_message_was_never_sent_is_started_by_the_sweeper_thread() -> None:
+    spec = parse_workflow({"name": name("lost"), "steps": [{"name": "a", "uses": "noop"}]})
+    run_id = uuid.uuid4().hex
+    with Client(replace(SETTINGS, queued_grace_s=0.1)) as client:
+        # What a producer that died between creating the run and publishing its roots leaves behind.
+        client.store.save_definition(spec)
+        client.store.hold_dispatch(run_id, {"a": uuid.uuid4().hex}, 0.1)
+        assert client.store.create_run(run_id, spec, {}, None)
+
+        view = client.wait(run_id, timeout=WAIT_S)
+
+    assert view["status"] == "succeeded"
+    assert view["steps"]["a"]["attempts"] == 1
+
+
 def test_closing_the_client_stops_its_threads_and_keeps_its_runs_readable() -> None:
     client = Client(SETTINGS)
     run_id = client.submit({"name": name("close"), "steps": [{"name": "a", "uses": "noop"}]})
@@ -283,7 +299,7 @@ def test_closing_the_client_stops_its_threads_and_keeps_its_runs_readable() -> N
     client.close()  # twice is harmless
 
 
-def test_an_interpreter_exits_with_a_run_still_in_progress() -> None:
+def test_an_interpreter_exits_with_a_run_still_in_progress_and_never_imported_celery() -> None:
     script = textwrap.dedent(
         """
         import threading
@@ -300,7 +316,8 @@ def test_an_interpreter_exits_with_a_run_still_in_progress() -> None:
         step = {"name": "a", "uses": "python", "with": {"function": "memtest.forever"}}
         client.submit({"name": "forever", "steps": [step]})
         assert entered.wait(30)
-        print("leaving")
+        import sys
+        print(" ".join(sorted({m.split(".")[0] for m in sys.modules} & {"celery", "kombu"})) or "leaving")
         """
     )
     done = subprocess.run(
