@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.domain import Attempt
@@ -134,14 +134,7 @@ class InProcessPublisher:
 
     def _later(self, message: _Message, countdown: float) -> None:
         """Deliver ``message`` again after ``countdown`` seconds, as Celery's retry does (same task id)."""
-        delayed = _Message(
-            message.run_id,
-            message.definition_hash,
-            message.step,
-            message.generation,
-            message.task_id,
-            due_at=time.time() + countdown,
-        )
+        delayed = replace(message, due_at=time.time() + countdown)
         if countdown <= 0:
             self._put(delayed)
             return
