@@ -36,6 +36,7 @@ SEE_ALSO = {
     "ORCH_MAX_OUTPUT_BYTES": "security.md#size-limits",
     "ORCH_MAX_PROMPT_BYTES": "security.md#size-limits",
     "ORCH_RETRY_CAP_S": "architecture.md#retries",
+    "ORCH_INPROCESS_THREADS": "architecture.md#a-single-process-memory",
     "ORCH_LLM_QUEUE": "operations.md#llm-and-cpu-steps-run-on-separate-pools",
     "ORCH_CPU_QUEUE": "operations.md#llm-and-cpu-steps-run-on-separate-pools",
     "ORCH_LLM_PRICES": "llm-spend.md",

@@ -20,7 +20,7 @@ from orchestrator.definition.spec import TOP_LEVEL, StepKind, WorkflowSpec
 from orchestrator.engine.coordinator import queue_for
 from orchestrator.engine.priorities import REDIS_PRIORITY_SEPARATOR, REDIS_PRIORITY_STEPS, message_priority, step_level
 from orchestrator.errors import BrokerUnavailableError
-from orchestrator.infra.redis_url import broker_connection
+from orchestrator.infra.redis_url import broker_connection, require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.tracing import dispatch_headers
 
@@ -32,8 +32,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration for ``settings``.
 
     Raises:
-        RedisUrlError: The broker URL is a malformed Sentinel URL.
+        RedisUrlError: The broker URL is a malformed Sentinel URL, or ``REDIS_URL`` is ``memory://`` (a process with
+            a Celery app shares its runs with other processes, which a memory store cannot).
     """
+    require_shared_store(settings.redis_url, "Celery workers and producers")
     # A Sentinel URL becomes kombu's ``sentinel://`` URLs plus the master name (and TLS) in transport options.
     broker = broker_connection(settings.effective_broker_url)
     return {

@@ -24,7 +24,7 @@ from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.definition.validation import check_workflow
 from orchestrator.domain import RunStatus
 from orchestrator.errors import OrchestratorError, StoreUnavailableError
-from orchestrator.infra.redis_url import redact_url
+from orchestrator.infra.redis_url import RedisUrlError, is_memory_url, redact_url, require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.principals import is_reserved, reserved_message
 
@@ -46,8 +46,23 @@ def _settings() -> Settings:
     return settings
 
 
-def _client(settings: Settings) -> Any:
+def _shared(settings: Settings, what: str) -> None:
+    """Fail in one line when ``what`` is a process of its own and ``REDIS_URL`` is ``memory://``."""
+    try:
+        require_shared_store(settings.redis_url, what)
+    except RedisUrlError as exc:
+        _fail(str(exc))
+
+
+def _client(settings: Settings, *, runs_here: bool = False) -> Any:
+    """A client; with ``memory://`` only for a command that runs the run itself to its end (``runs_here``)."""
     from orchestrator.client import Client
+
+    if is_memory_url(settings.redis_url) and not runs_here:
+        _fail(
+            "REDIS_URL=memory:// keeps a run inside the command that submitted it, so no other command sees it: "
+            "use `orchestrator submit --wait` (or --watch), or set REDIS_URL to a Redis server"
+        )
 
     client = Client(settings)
     try:
@@ -106,7 +121,7 @@ def submit(
     try:
         spec = _load(file)
         values = parse_cli_inputs(spec, inputs)
-        client = _client(settings)
+        client = _client(settings, runs_here=wait or live)
         run_id = client.submit(spec, values, idempotency_key=idempotency_key)
     except OrchestratorError as exc:
         _fail(str(exc), 1)
@@ -319,7 +334,9 @@ def worker(celery_args: tuple[str, ...]) -> None:
     It becomes ``celery -A workers worker``, so every pool works (Celery monkeypatches gevent and eventlet itself,
     before anything is imported) and the worker's settings come from the same environment.
     """
-    argv = worker_argv(celery_args, _settings())
+    settings = _settings()
+    _shared(settings, "a worker")
+    argv = worker_argv(celery_args, settings)
     os.execv(argv[0], argv)
 
 
@@ -340,6 +357,7 @@ def demo(topic: str, count: int, concurrency: int) -> None:
     from orchestrator.dev.demo import run_demo
 
     settings = _settings()
+    _shared(settings, "the demo's worker processes")
     try:
         code = run_demo(settings, topic=topic, workers=count, concurrency=concurrency, console=Console())
     except OrchestratorError as exc:
@@ -355,6 +373,7 @@ def demo(topic: str, count: int, concurrency: int) -> None:
 def api(host: str, port: int) -> None:
     """Serve the HTTP API; ORCH_API_TOKENS holds its tokens (without them it serves loopback only)."""
     settings = _settings()
+    _shared(settings, "the API server")
     from orchestrator.api.server import serve
 
     try:
@@ -369,6 +388,7 @@ def api(host: str, port: int) -> None:
 def sweeper(heartbeat_file: Path | None) -> None:
     """Only sweep: re-send lost steps, fire deadlines and approval timeouts (workers sweep too, one at a time)."""
     settings = _settings()
+    _shared(settings, "the sweeper service")
     from orchestrator.engine.sweep_service import serve
 
     try:

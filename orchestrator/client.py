@@ -1,16 +1,19 @@
-"""The Python client producers use: submit a run, read its status, wait for its end."""
+"""The Python client producers use: submit a run, read its status, wait for its end.
+
+With ``REDIS_URL=memory://`` the client is the whole system: runs live in its memory and its own threads run their
+steps (:mod:`orchestrator.engine.inprocess`); close it (or use it as a context manager) to stop them.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Celery
 
-from orchestrator.celery_app import CeleryPublisher, create_app
 from orchestrator.definition.inputs import validate_inputs
 from orchestrator.definition.registry import import_modules, workflows
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
@@ -19,11 +22,18 @@ from orchestrator.definition.workflow import Workflow
 from orchestrator.domain import RunStatus
 from orchestrator.engine.control import decide_step, resume_run, stop_run
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
+from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.status import run_summary, run_view
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
+from orchestrator.infra.redis_url import RedisUrlError, is_memory_url
 from orchestrator.infra.settings import Settings
-from orchestrator.state import RedisStateStore, StateStore
+from orchestrator.state import MemoryStateStore, RedisStateStore, StateStore
 from orchestrator.telemetry.tracing import run_span
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from orchestrator.engine.inprocess import InProcessEngine
 
 WorkflowRef = str | Workflow | WorkflowSpec | Mapping[str, Any]
 
@@ -34,10 +44,18 @@ _CHECKED_CAP = 10_000
 class Client:
     """Submit runs and follow them.
 
+    With ``settings.redis_url`` ``memory://`` it runs the workflows itself (no Redis, no broker, no worker): a
+    :class:`~orchestrator.state.MemoryStateStore` holds the runs and its threads run the steps and the sweeper until
+    :meth:`close`. Use it as a context manager to close it.
+
     Args:
         settings: Where Redis is, limits (default: ``Settings.from_env()``).
-        app: The Celery app to publish with (default: the one built from ``settings``).
-        store: The state store (default: Redis at ``settings.redis_url``).
+        app: The Celery app to publish with (default: the one built from ``settings``; none with ``memory://``).
+        store: The state store (default: Redis at ``settings.redis_url``; with ``memory://``, a new in-memory one,
+            or the :class:`~orchestrator.state.MemoryStateStore` given).
+
+    Raises:
+        RedisUrlError: ``memory://`` with an ``app`` or a store that is not a ``MemoryStateStore``.
     """
 
     def __init__(
@@ -45,14 +63,58 @@ class Client:
     ) -> None:
         self.settings = settings or Settings.from_env()
         import_modules(self.settings.imports)
-        self.app = app if app is not None else create_app(self.settings)
-        self.publisher = CeleryPublisher(self.app, self.settings)
-        self.store: StateStore = store or RedisStateStore.from_url(
-            self.settings.redis_url, retention_s=self.settings.retention_s
-        )
+        self._app: Celery | None = None
+        self._engine: InProcessEngine | None = None
+        self.publisher: StepPublisher
+        if is_memory_url(self.settings.redis_url):
+            if app is not None or not isinstance(store, MemoryStateStore | None):
+                raise RedisUrlError(
+                    "REDIS_URL=memory:// runs steps in this process: pass no Celery app, and no "
+                    "store but a MemoryStateStore"
+                )
+            from orchestrator.engine.inprocess import InProcessEngine
+
+            self._engine = InProcessEngine(self.settings, store=store)
+            self.publisher = self._engine.publisher
+            self.store: StateStore = self._engine.store
+        else:
+            from orchestrator.celery_app import CeleryPublisher, create_app
+
+            self._app = app if app is not None else create_app(self.settings)
+            self.publisher = CeleryPublisher(self._app, self.settings)
+            settings = self.settings
+            self.store = store or RedisStateStore.from_url(settings.redis_url, retention_s=settings.retention_s)
         # Definition hashes that passed check_workflow here: it parses every template twice, which was more than
         # half of a submit's CPU, and a definition that passed once passes again (registries only grow).
         self._checked: set[str] = set()
+
+    @property
+    def app(self) -> Celery:
+        """The Celery app this client publishes with.
+
+        Raises:
+            RedisUrlError: With ``REDIS_URL=memory://``, which has none (steps run in this process).
+        """
+        if self._app is None:
+            raise RedisUrlError("REDIS_URL=memory:// has no Celery app: this client runs its steps itself")
+        return self._app
+
+    def close(self, timeout: float | None = None) -> None:
+        """Release what the client holds: with ``memory://``, stop its sweeper and step threads.
+
+        Steps in progress end first (each waited for up to ``timeout`` seconds); queued ones never start. Runs stay
+        readable through :meth:`status`. With Redis there is nothing to stop.
+        """
+        if self._engine is not None:
+            self._engine.close(timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
 
     def resolve(self, workflow: WorkflowRef, version: int | None = None) -> WorkflowSpec:
         """The spec behind a registered name, a :class:`Workflow`, a spec, or workflow-file data.

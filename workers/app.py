@@ -21,6 +21,7 @@ from celery.signals import (
 from orchestrator import celery_app
 from orchestrator.celery_app import CeleryPublisher
 from orchestrator.engine.runtime import RuntimeHolder
+from orchestrator.infra.redis_url import require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.logs import Redactor, configure_logging
 from workers.metrics import WorkerMetricsEndpoint
@@ -31,8 +32,13 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """Build the worker's Celery app: the producers' app plus the step task, the sweeper bootstep and signals."""
+    """Build the worker's Celery app: the producers' app plus the step task, the sweeper bootstep and signals.
+
+    Raises:
+        RedisUrlError: ``REDIS_URL`` is ``memory://``: a worker cannot see the runs of another process's memory.
+    """
     settings = settings or Settings.from_env()
+    require_shared_store(settings.redis_url, "a worker")
     app = celery_app.create_app(settings)
     holder = RuntimeHolder(settings, lambda: CeleryPublisher(app, settings), interrupts=(SoftTimeLimitExceeded,))
     app.orchestrator_runtime = holder  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from orchestrator.errors import (
     StoreUnavailableError,
     WorkflowDefinitionError,
 )
-from orchestrator.infra.redis_url import async_client, sync_client
+from orchestrator.infra.redis_url import async_client, require_shared_store, sync_client
 from orchestrator.infra.settings import Settings
 from orchestrator.web import router as web_router
 
@@ -70,7 +70,9 @@ def create_app(
 
     Raises:
         ApiConfigError: When ``ORCH_API_TOKENS`` is malformed.
+        RedisUrlError: ``REDIS_URL`` is ``memory://``: the API server's runs must be seen by workers.
     """
+    require_shared_store(settings.redis_url, "the API server")
     auth = auth if auth is not None else ApiAuth.from_env()
     if client is None:
         from orchestrator.client import Client

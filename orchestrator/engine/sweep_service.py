@@ -2,9 +2,9 @@
 
 Every worker already runs the sweeper as a Celery bootstep (:mod:`workers.sweeper`). This process runs the same
 :func:`~orchestrator.engine.sweep.sweep_once` on its own, so deadlines and approval timeouts fire and lost steps are
-sent again
-while no worker is up: every worker scaled to zero, crash-looping, or being redeployed. It takes the same Redis lock
-as the workers' sweepers, so running it next to them never sweeps twice in one interval; it consumes no queue.
+sent again while no worker is up: every worker scaled to zero, crash-looping, or being redeployed. It takes the same
+Redis lock as the workers' sweepers, so running it next to them never sweeps twice in one interval; it consumes no
+queue.
 
 Liveness: given a heartbeat file, the service updates the file's modification time after every sweep that reached
 Redis (whether or not it won the lock), so a container healthcheck can tell a sweeper that is stuck or cut off from
@@ -24,6 +24,7 @@ from types import FrameType
 
 from orchestrator.engine.runtime import RuntimeHolder
 from orchestrator.engine.sweep import sweep_once
+from orchestrator.infra.redis_url import require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.logs import Redactor, configure_logging
 
@@ -38,9 +39,13 @@ class SweepService:
     Args:
         settings: Redis, broker and sweep interval; ``ORCH_IMPORTS`` is imported as a worker would.
         heartbeat: A file whose modification time is updated after every sweep that reached Redis.
+
+    Raises:
+        RedisUrlError: ``REDIS_URL`` is ``memory://``: there would be nothing to sweep.
     """
 
     def __init__(self, settings: Settings, *, heartbeat: Path | None = None) -> None:
+        require_shared_store(settings.redis_url, "the sweeper service")
         # The producers' app: the same Celery configuration and step routing as the workers', so a re-sent step goes
         # where a worker's sweeper would send it.
         from orchestrator.celery_app import CeleryPublisher, create_app

@@ -14,6 +14,10 @@ The hosts are the Sentinels (port 26379 when left out), ``MASTER_NAME`` is the n
 Clients built here ask a Sentinel for the master before each new connection; when a command finds the master gone or
 demoted (``READONLY``), redis-py drops the connection and raises ``ConnectionError``, and the next connection goes to
 the master the Sentinels name then.
+
+``memory://`` is not a server: it keeps every run in the process that uses it (``MemoryStateStore``), which then
+runs the steps itself (:mod:`orchestrator.engine.inprocess`). Anything that is a process of its own (a worker, the
+API server, the sweeper service) cannot share that state and refuses it (:func:`require_shared_store`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from orchestrator.errors import OrchestratorError
 
 __all__ = [
     "DEFAULT_SENTINEL_PORT",
+    "MEMORY_URL",
     "REDIS_SCHEMES",
     "SENTINEL_SCHEMES",
     "BlockingSentinelConnectionPool",
@@ -42,10 +47,13 @@ __all__ = [
     "async_client",
     "blocking_pool",
     "broker_connection",
+    "check_memory_url",
+    "is_memory_url",
     "is_redis_url",
     "is_sentinel_url",
     "parse_sentinel_url",
     "redact_url",
+    "require_shared_store",
     "sync_client",
     "url_secrets",
 ]
@@ -54,6 +62,8 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "sentinel", *SENTINEL_SCHEMES})
 """URL schemes of a Redis server (kombu's own ``sentinel://`` included): anything else is another kind of broker."""
 DEFAULT_SENTINEL_PORT = 26379
+MEMORY_URL = "memory://"
+"""``REDIS_URL`` for the single-process backend: state in this process's memory, steps on its own threads."""
 
 SENTINEL_TIMEOUT_S = 5.0
 """Socket timeouts towards a Sentinel: one that does not answer is skipped for the next after this long."""
@@ -115,6 +125,35 @@ def is_redis_url(url: str) -> bool:
     """Whether ``url`` (the first, when kombu's ``;``-separated failover list) names a Redis server."""
     first = url.split(";", 1)[0].strip()
     return urlsplit(first).scheme.lower() in REDIS_SCHEMES
+
+
+def is_memory_url(url: str) -> bool:
+    """Whether ``url`` names the single-process backend (``memory://``, with nothing after the scheme)."""
+    return url.strip().lower() == MEMORY_URL
+
+
+def check_memory_url(url: str) -> None:
+    """Refuse a ``memory:`` URL that carries anything after its scheme (a host, a path), which would mean nothing.
+
+    Raises:
+        RedisUrlError: Naming the URL's form.
+    """
+    stripped = url.strip()
+    if urlsplit(stripped).scheme.lower() == "memory" and not is_memory_url(stripped):
+        raise RedisUrlError(f"REDIS_URL={stripped!r}: the single-process backend is exactly {MEMORY_URL!r}")
+
+
+def require_shared_store(url: str, what: str) -> None:
+    """Refuse ``memory://`` for ``what``, a process of its own that must share its state with others.
+
+    Raises:
+        RedisUrlError: One line saying why and what to set instead.
+    """
+    if is_memory_url(url):
+        raise RedisUrlError(
+            f"REDIS_URL=memory:// keeps runs inside the one process that uses it, so {what} cannot share them: "
+            "set REDIS_URL to a Redis server"
+        )
 
 
 def is_sentinel_url(url: str) -> bool:

@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from orchestrator.infra.redis_url import is_sentinel_url, parse_sentinel_url
+from orchestrator.infra.redis_url import check_memory_url, is_memory_url, is_sentinel_url, parse_sentinel_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -28,7 +28,9 @@ class Settings:
     Attributes:
         redis_url: ``REDIS_URL``: state store, broker and result backend (password/TLS go in the URL);
             ``redis+sentinel://HOST:26379[,HOST:26379]/MASTER_NAME[/DB]`` finds the master through Sentinel
-            (the form is in ``orchestrator.infra.redis_url``).
+            (the form is in ``orchestrator.infra.redis_url``). ``memory://`` runs everything in one process: state in
+            its memory, steps on its own threads (``inprocess_threads``); for quick local runs, notebooks and tests,
+            refused by workers, the API server and the sweeper service (see the architecture page).
         broker_url: ``ORCH_BROKER_URL``: a different broker (e.g. RabbitMQ, or Redis through Sentinel), defaults to
             ``redis_url``.
         anthropic_api_key: ``ANTHROPIC_API_KEY``; when absent LLM steps use the offline provider.
@@ -74,11 +76,13 @@ class Settings:
         llm_shared_cooldown: ``ORCH_LLM_SHARED_COOLDOWN``: a provider's ``retry-after`` pauses every worker's calls
             to that model (default on; off leaves each task to its own retry, for comparison).
         priorities: ``ORCH_PRIORITIES``: ``depth`` (default): a step deeper in its DAG is taken from the queue
-            first, so runs in flight finish before new ones start (:mod:`orchestrator.engine.priorities`); ``off``: first
-            in, first out.
+            first, so runs in flight finish before new ones start (:mod:`orchestrator.engine.priorities`); ``off``:
+            first in, first out.
         rabbitmq_priority_queues: ``ORCH_RABBITMQ_PRIORITY_QUEUES``: declare step queues with ``x-max-priority``
             so RabbitMQ honours priorities (default off: RabbitMQ refuses to redeclare an existing queue with another
             argument, so existing queues must be deleted first).
+        inprocess_threads: ``ORCH_INPROCESS_THREADS``: with ``REDIS_URL=memory://``, how many steps the process runs
+            at once on its own threads.
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -112,6 +116,7 @@ class Settings:
     llm_shared_cooldown: bool = True
     priorities: str = "depth"
     rabbitmq_priority_queues: bool = False
+    inprocess_threads: int = 8
     redis_url_explicit: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +124,14 @@ class Settings:
         for url in (self.redis_url, self.broker_url):
             if url is not None and is_sentinel_url(url):
                 parse_sentinel_url(url)
+        check_memory_url(self.redis_url)
+        if is_memory_url(self.redis_url) and self.broker_url is not None:
+            raise ValueError(
+                "ORCH_BROKER_URL cannot be used with REDIS_URL=memory://: that process runs its own steps "
+                "without a broker; unset one of them"
+            )
+        if self.inprocess_threads < 1:
+            raise ValueError(f"ORCH_INPROCESS_THREADS must be at least 1, not {self.inprocess_threads}")
         if self.metrics_max_series < 1:
             raise ValueError(f"ORCH_METRICS_MAX_SERIES must be at least 1, not {self.metrics_max_series}")
         if self.priorities not in PRIORITY_MODES:
@@ -130,7 +143,8 @@ class Settings:
 
         Raises:
             ValueError: A number that does not parse, an unknown ``ORCH_PRIORITIES``, an ``ORCH_METRICS_MAX_SERIES``
-                below 1, or a malformed Sentinel URL (``RedisUrlError``).
+                or ``ORCH_INPROCESS_THREADS`` below 1, ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a
+                malformed Sentinel or ``memory:`` URL (``RedisUrlError``).
         """
         env = os.environ if environ is None else environ
         names = {
@@ -165,6 +179,7 @@ class Settings:
             "llm_shared_cooldown": "ORCH_LLM_SHARED_COOLDOWN",
             "priorities": "ORCH_PRIORITIES",
             "rabbitmq_priority_queues": "ORCH_RABBITMQ_PRIORITY_QUEUES",
+            "inprocess_threads": "ORCH_INPROCESS_THREADS",
         }
         kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, object] = {}
