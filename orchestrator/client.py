@@ -19,7 +19,7 @@ from orchestrator.definition.registry import import_modules, workflows
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.definition.validation import check_workflow
 from orchestrator.definition.workflow import Workflow
-from orchestrator.domain import RunStatus
+from orchestrator.domain import RunStatus, StopOutcome
 from orchestrator.engine.control import decide_step, resume_run, stop_run
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
 from orchestrator.engine.publisher import StepPublisher
@@ -260,11 +260,11 @@ class Client:
             RunNotFoundError: No such run.
         """
         result = stop_run(self.publisher, self.store, run_id, RunStatus.CANCELLED, "cancelled")
-        if result.outcome == "ok":
+        if result.outcome == StopOutcome.OK:
             running = [step for step, _ in result.interrupted]
             message = f"cancelled run {run_id}" + (f"; interrupted {', '.join(running)}" if running else "")
             return {"run_id": run_id, "status": "cancelled", "cancelled": True, "message": message}
-        if result.outcome == "missing":
+        if result.outcome == StopOutcome.MISSING:
             raise RunNotFoundError(run_id)
         status = result.detail
         return {"run_id": run_id, "status": status, "cancelled": False,

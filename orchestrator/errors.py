@@ -10,6 +10,7 @@
     ├── InputValidationError           submitted inputs do not fit the workflow's schema
     ├── StateError                     the state store refused or could not answer
     │   ├── RunNotFoundError           .run_id
+    │   ├── DefinitionNotFoundError    .definition_hash: no workflow definition stored under it
     │   ├── RunStateError              the run's status forbids it (.status): resuming a running run …
     │   ├── DecisionRefusedError       an approval decision refused (.reason: not_an_approver | not_waiting)
     │   └── StoreUnavailableError      Redis did not answer
@@ -83,6 +84,14 @@ class RunNotFoundError(StateError):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"unknown run {run_id!r}")
         self.run_id = run_id
+
+
+class DefinitionNotFoundError(StateError):
+    """No workflow definition is stored under this hash (it expired, or was never saved)."""
+
+    def __init__(self, definition_hash: str) -> None:
+        super().__init__(f"unknown definition {definition_hash!r} (it expired, or was never stored)")
+        self.definition_hash = definition_hash
 
 
 class RunStateError(StateError):
