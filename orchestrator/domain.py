@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from orchestrator.definition.spec import WorkflowSpec
+    from orchestrator.errors import ErrorRecord
 
 
 class RunStatus(StrEnum):
@@ -144,7 +145,7 @@ class Claim:
     queued_at: float | None = None
     cache_key: str = ""
     force: bool = False
-    errors: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[ErrorRecord] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)
     parent_status: dict[str, str] = field(default_factory=dict)
     parent_output: dict[str, Any] = field(default_factory=dict)

@@ -26,6 +26,7 @@ from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import (
     DefinitionNotFoundError,
+    ErrorRecord,
     NonRetryableStepError,
     RetryableStepError,
     StepDeferred,
@@ -113,9 +114,11 @@ def _claim(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt) -> Claim:
     upstream = upstream_reads(spec, attempt.step)
     # A claim lost to an outage would leave the step queued with no message: wait for Redis instead. Repeating it
     # after a lost reply is safe: the step is then ours and running ("busy", "own"), and its lease recovers it.
-    return _retry_through_outage(runtime, f"{attempt}: claim",
-                    lambda: runtime.store.claim(attempt, lease_s=runtime.settings.lease_s, upstream=upstream,
-                                           children=children))  # fmt: skip
+    return _retry_through_outage(
+        runtime,
+        f"{attempt}: claim",
+        lambda: runtime.store.claim(attempt, lease_s=runtime.settings.lease_s, upstream=upstream, children=children),
+    )
 
 
 def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim, scope: AttemptScope) -> str:
@@ -174,16 +177,16 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
     return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output, cache_key=key)
 
 
-def _gave_up(claim: Claim) -> dict[str, Any]:
+def _gave_up(claim: Claim) -> ErrorRecord:
     # Attempts ran out without a recorded failure of the last one: its worker was lost (the sweeper re-queued it).
-    last = claim.errors[-1] if claim.errors else {"type": "worker_lost", "message": "worker lost"}
+    last: ErrorRecord = claim.errors[-1] if claim.errors else {"type": "worker_lost", "message": "worker lost"}
     return {**last, "attempt": claim.attempt - 1, "message": f"gave up: {last.get('message', '')}"}
 
 
 def _defer(runtime: Runtime, attempt: Attempt, exc: StepDeferred, scope: AttemptScope) -> bool:
     # Not a failure: the attempt is given back and the message waits in the broker, holding no worker slot.
     wait = exc.countdown or 0.0
-    record = exc.to_record()
+    record = exc.to_deferral()
     if not _retry_through_outage(
         runtime,
         f"{attempt}: defer",
@@ -196,7 +199,7 @@ def _defer(runtime: Runtime, attempt: Attempt, exc: StepDeferred, scope: Attempt
 
 
 def _schedule_retry(
-    runtime: Runtime, attempt: Attempt, exc: RetryableStepError, error: dict[str, Any], scope: AttemptScope
+    runtime: Runtime, attempt: Attempt, exc: RetryableStepError, error: ErrorRecord, scope: AttemptScope
 ) -> bool:
     countdown = exc.countdown or 0.0
     if not _retry_through_outage(
@@ -221,7 +224,7 @@ def _wait_for_decision(runtime: Runtime, params: ApprovalParams, attempt: Attemp
     return "waiting for a decision"
 
 
-def error_record(exc: StepError, attempt: int) -> dict[str, Any]:
+def error_record(exc: StepError, attempt: int) -> ErrorRecord:
     """The step error as recorded in the attempt's history and the status JSON."""
     record = exc.to_record()
     record["attempt"] = attempt

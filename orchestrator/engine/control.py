@@ -23,6 +23,7 @@ from orchestrator.engine.coordinator import failure_summary, plan_resume
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.errors import (
     DecisionRefusedError,
+    ErrorRecord,
     InputValidationError,
     RunNotFoundError,
     RunStateError,
@@ -47,7 +48,7 @@ def record_outcome(
     *,
     outcome: StepOutcome,
     output: Any = None,
-    error: dict[str, Any] | None = None,
+    error: ErrorRecord | None = None,
     cache_key: str = "",
     cached: bool = False,
 ) -> bool:
@@ -171,7 +172,7 @@ def decide_step(
     else:
         kind = "approval_timeout" if verdict == "fail" else "rejected"
         message = "no decision before the approval timeout" if verdict == "fail" else f"rejected by {by}"
-        error = {"type": kind, "status": None, "message": message + (f": {comment}" if comment else ""),
+        error: ErrorRecord = {"type": kind, "status": None, "message": message + (f": {comment}" if comment else ""),
                  "retryable": False}  # fmt: skip
         record_outcome(
             publisher, settings, store, spec, attempt, outcome=StepOutcome.FAILED, output=record, error=error

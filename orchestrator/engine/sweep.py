@@ -17,7 +17,7 @@ from orchestrator.domain import RunStatus, StopOutcome
 from orchestrator.engine.backlog import queue_depths
 from orchestrator.engine.control import DEADLINE_REASON, decide_step, stop_run
 from orchestrator.engine.runtime import Runtime
-from orchestrator.errors import DecisionRefusedError, DefinitionNotFoundError, RunNotFoundError
+from orchestrator.errors import DecisionRefusedError, DefinitionNotFoundError, ErrorRecord, RunNotFoundError
 from orchestrator.principals import TIMEOUT_PRINCIPAL
 from orchestrator.state import keys
 
@@ -40,14 +40,20 @@ def _recover_lost_steps(runtime: Runtime) -> int:
     backlog_wait_s = _backlog_wait_s(runtime) if expired else 0.0
     for member in expired:
         _, step, old_task = keys.parse_lease_member(member)
-        lost = {"type": "worker_lost", "status": None, "message": f"worker lost during attempt (task {old_task})"}
-        found = runtime.store.reclaim(member, uuid.uuid4().hex, lost, grace_s=runtime.settings.queued_grace_s,
-                                 backlog_wait_s=backlog_wait_s)  # fmt: skip
+        lost: ErrorRecord = {
+            "type": "worker_lost",
+            "status": None,
+            "message": f"worker lost during attempt (task {old_task})",
+        }
+        found = runtime.store.reclaim(
+            member, uuid.uuid4().hex, lost, grace_s=runtime.settings.queued_grace_s, backlog_wait_s=backlog_wait_s
+        )
         if found is None:
             continue
         spec = runtime.store.load_definition(found.definition_hash)
-        runtime.publisher.publish(spec, run_id=found.run_id, steps=[step], generation=found.generation,
-                             task_ids={step: found.task_id})  # fmt: skip
+        runtime.publisher.publish(
+            spec, run_id=found.run_id, steps=[step], generation=found.generation, task_ids={step: found.task_id}
+        )
         log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
         count += 1
     return count

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from orchestrator.definition.spec import WorkflowSpec
     from orchestrator.engine.events import Event
+    from orchestrator.errors import DeferralRecord, ErrorRecord
 
 
 from orchestrator.domain import (
@@ -123,7 +124,7 @@ class StateStore(Protocol):
         outcome: StepOutcome,
         *,
         output: Any = None,
-        error: dict[str, Any] | None = None,
+        error: ErrorRecord | None = None,
         children: tuple[str, ...] = (),
         cache_key: str = "",
         cached: bool = False,
@@ -156,7 +157,7 @@ class StateStore(Protocol):
         """
         ...
 
-    def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def retry(self, attempt: Attempt, error: ErrorRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Put a running attempt's step back to ``queued`` after a retryable error, appending it to ``errors``.
 
         The step stays owned by the same task id: Celery's retry message carries it, so that message may claim.
@@ -168,7 +169,7 @@ class StateStore(Protocol):
         """
         ...
 
-    def defer(self, attempt: Attempt, deferral: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def defer(self, attempt: Attempt, deferral: DeferralRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Put a running attempt's step back to ``queued`` for ``countdown_s`` without counting the attempt.
 
         For a step that must wait for a shared LLM rate limit or a provider's cool-down: it failed nothing, so the
@@ -198,7 +199,7 @@ class StateStore(Protocol):
         ...
 
     def reclaim(
-        self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float, backlog_wait_s: float = 0.0
+        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
     ) -> ReclaimedStep | None:
         """Recover the step behind an expired lease.
 

@@ -38,7 +38,7 @@ from orchestrator.domain import (
     StopResult,
 )
 from orchestrator.engine.events import Event
-from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError
+from orchestrator.errors import DeferralRecord, DefinitionNotFoundError, ErrorRecord, RunNotFoundError
 from orchestrator.state import keys
 from orchestrator.state.base import SUMMARY_FIELDS, success_detail
 
@@ -325,7 +325,7 @@ class MemoryStateStore:
         outcome: StepOutcome,
         *,
         output: Any = None,
-        error: dict[str, Any] | None = None,
+        error: ErrorRecord | None = None,
         children: tuple[str, ...] = (),
         cache_key: str = "",
         cached: bool = False,
@@ -399,7 +399,7 @@ class MemoryStateStore:
             for step, task_id in task_ids.items():
                 self._leases[keys.lease_member(run_id, step, task_id)] = due
 
-    def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def retry(self, attempt: Attempt, error: ErrorRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Record a retryable error and put the step back to ``queued`` for ``countdown_s`` (see ``lua/retry.lua``).
 
         The attempt stays in the lease index, re-scored to its new lease of ``countdown_s + grace_s``.
@@ -418,7 +418,7 @@ class MemoryStateStore:
 
         return self._requeue(attempt, "step_retry", record, countdown_s=countdown_s, grace_s=grace_s)
 
-    def defer(self, attempt: Attempt, deferral: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def defer(self, attempt: Attempt, deferral: DeferralRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Put a running step back to ``queued`` for ``countdown_s`` without counting the attempt (as ``defer.lua``)."""
         p = keys.step_prefix(attempt.step)
         raw = json.dumps(deferral)
@@ -497,7 +497,7 @@ class MemoryStateStore:
             return _due(self._leases, self._clock(), limit)
 
     def reclaim(
-        self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float, backlog_wait_s: float = 0.0
+        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
     ) -> ReclaimedStep | None:
         """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
 

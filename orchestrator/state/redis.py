@@ -35,7 +35,13 @@ from orchestrator.domain import (
     StopResult,
 )
 from orchestrator.engine.events import Event
-from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError, StoreUnavailableError
+from orchestrator.errors import (
+    DeferralRecord,
+    DefinitionNotFoundError,
+    ErrorRecord,
+    RunNotFoundError,
+    StoreUnavailableError,
+)
 from orchestrator.infra.redis_url import blocking_pool
 from orchestrator.state import keys
 from orchestrator.state.base import SUMMARY_FIELDS, success_detail
@@ -331,7 +337,7 @@ class RedisStateStore:
         outcome: StepOutcome,
         *,
         output: Any = None,
-        error: dict[str, Any] | None = None,
+        error: ErrorRecord | None = None,
         children: tuple[str, ...] = (),
         cache_key: str = "",
         cached: bool = False,
@@ -383,7 +389,7 @@ class RedisStateStore:
             members = {keys.lease_member(run_id, s, t): due for s, t in task_ids.items()}
             self.client.zadd(keys.LEASES, cast(Any, members))
 
-    def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def retry(self, attempt: Attempt, error: ErrorRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Record a retryable error and put the step back to ``queued`` for ``countdown_s``.
 
         The attempt stays in the lease index until ``countdown_s + grace_s`` (Celery's retry keeps the task id), so
@@ -397,7 +403,7 @@ class RedisStateStore:
         self.client.zadd(keys.LEASES, {keys.lease_member(run_id, step, task_id): float(_text(lease))})
         return True
 
-    def defer(self, attempt: Attempt, deferral: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def defer(self, attempt: Attempt, deferral: DeferralRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Put a running step back to ``queued`` for ``countdown_s`` without counting the attempt (see ``defer.lua``).
 
         ``False`` when the attempt is stale.
@@ -439,7 +445,7 @@ class RedisStateStore:
         return [_text(m) for m in self.client.zrangebyscore(keys.LEASES, "-inf", now, start=0, num=limit)]
 
     def reclaim(
-        self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float, backlog_wait_s: float = 0.0
+        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
     ) -> ReclaimedStep | None:
         """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
 
