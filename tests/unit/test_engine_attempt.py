@@ -23,7 +23,7 @@ from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepDeferred
 from orchestrator.infra.settings import Settings
-from orchestrator.state import MemoryStateStore
+from orchestrator.state import MemoryStateStore, keys
 
 SETTINGS = replace(Settings.from_env({}), outage_patience_s=2.0, retry_cap_s=0.0)
 
@@ -97,7 +97,7 @@ def drive(runtime: Runtime, publisher: RecordingPublisher, limit: int = 100) -> 
 
 
 def step_status(runtime: Runtime, run_id: str, step: str) -> str:
-    return runtime.store.run_fields(run_id)[f"s:{step}:status"]
+    return runtime.store.run_fields(run_id)[keys.step_field(step, "status")]
 
 
 def run_status(runtime: Runtime, run_id: str) -> str:

@@ -272,7 +272,7 @@ def resume_plan(
 
 
 def step_fields(backend: Backend, step: str, run_id: str = "run1") -> dict[str, str]:
-    prefix = f"s:{step}:"
+    prefix = keys.step_prefix(step)
     return {k.removeprefix(prefix): v for k, v in backend.store.run_fields(run_id).items() if k.startswith(prefix)}
 
 
@@ -284,7 +284,7 @@ def test_a_new_run_queues_only_its_roots(backend: Backend) -> None:
     fields = backend.store.run_fields("run1")
     assert fields["status"] == "running"
     assert fields["remaining"] == "4"
-    assert {s: fields[f"s:{s}:status"] for s in "abcd"} == {
+    assert {s: fields[keys.step_field(s, "status")] for s in "abcd"} == {
         "a": "queued",
         "b": "queued",
         "c": "pending",
@@ -1052,13 +1052,13 @@ def test_stopping_a_run_cancels_its_unfinished_steps_and_lists_the_running_and_q
     fields = backend.store.run_fields("run1")
     assert (fields["status"], fields["error"]) == ("cancelled", "cancelled by alice")
     assert fields["stopped_at"] == fields["finished_at"] == got.detail
-    assert {s: fields[f"s:{s}:status"] for s in "abcd"} == {
+    assert {s: fields[keys.step_field(s, "status")] for s in "abcd"} == {
         "a": "succeeded",
         "b": "cancelled",
         "c": "cancelled",
         "d": "cancelled",
     }
-    assert all(fields[f"s:{s}:finished_at"] == got.detail for s in "bcd")
+    assert all(fields[keys.step_field(s, "finished_at")] == got.detail for s in "bcd")
     assert fields["s:b:lease"] == ""
     backend.assert_expires_in("run1", RETENTION_S)
 
