@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from orchestrator.api import create_app
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.domain import RunStatus, StepStatus
 from orchestrator.engine.status import RunView, StepView, run_view
+from orchestrator.infra.settings import Settings
 from orchestrator.infra.timestamps import iso
 from orchestrator.state import keys
 
@@ -280,3 +282,12 @@ def test_statuses_are_the_enums_and_serialise_as_their_plain_values(spec: Workfl
     assert view["status"] is RunStatus.RUNNING
     assert view["steps"]["research"]["status"] is StepStatus.PENDING
     assert json.loads(json.dumps(view))["status"] == "running"
+
+
+def test_the_api_documents_the_run_response_with_the_status_json_type() -> None:
+    schema = create_app(Settings()).openapi()
+
+    response = schema["paths"]["/runs/{run_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert response == {"$ref": "#/components/schemas/RunView"}
+    assert set(schema["components"]["schemas"]["RunView"]["properties"]) == RUN_FIELDS
+    assert set(schema["components"]["schemas"]["StepView"]["properties"]) == STEP_FIELDS
