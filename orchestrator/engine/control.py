@@ -173,7 +173,7 @@ def decide_step(
         kind = "approval_timeout" if verdict == "fail" else "rejected"
         message = "no decision before the approval timeout" if verdict == "fail" else f"rejected by {by}"
         error: ErrorRecord = {"type": kind, "status": None, "message": message + (f": {comment}" if comment else ""),
-                 "retryable": False}  # fmt: skip
+                              "retryable": False}  # fmt: skip
         record_outcome(
             publisher, settings, store, spec, attempt, outcome=StepOutcome.FAILED, output=record, error=error
         )

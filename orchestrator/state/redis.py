@@ -380,7 +380,7 @@ class RedisStateStore:
         if reply[0] != "ok":
             return FinishResult(recorded=False)
         return FinishResult(recorded=True, run_status=reply[1] or None, released=released,
-                      task_ids={c: held[c] for c in released})  # fmt: skip
+                            task_ids={c: held[c] for c in released})  # fmt: skip
 
     def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
         """Cover steps about to be published in the lease index, so the sweeper resends a message that is lost."""

@@ -111,7 +111,7 @@ def workflow(*steps: dict[str, Any]) -> dict[str, Any]:
 def test_a_claimed_step_runs_records_and_publishes_the_children_it_released() -> None:
     runtime, publisher = make_runtime()
     run_id = start(runtime, publisher, workflow({"name": "a", "uses": "noop"},
-                                           {"name": "b", "uses": "noop", "depends_on": ["a"]}))  # fmt: skip
+                                                {"name": "b", "uses": "noop", "depends_on": ["a"]}))  # fmt: skip
 
     assert deliver(runtime, publisher.sent.pop(0)) == "succeeded"
 
