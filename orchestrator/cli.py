@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import redis
@@ -27,6 +27,9 @@ from orchestrator.errors import OrchestratorError, StoreUnavailableError
 from orchestrator.infra.redis_url import RedisUrlError, is_memory_url, redact_url, require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.principals import is_reserved, reserved_message
+
+if TYPE_CHECKING:
+    from orchestrator.engine.status import RunView
 
 EXIT_FAILED_RUN = 1
 EXIT_ERROR = 2
@@ -310,16 +313,16 @@ def list_workflows(as_json: bool, scan: int) -> None:
     Console().print(table)
 
 
-def _print_status(view: dict[str, Any]) -> None:
+def _print_status(view: RunView) -> None:
     console = Console()
     table = Table(title=f"{view['workflow']} v{view['version']} · run {view['run_id']} · {view['status']}")
     for column in ("step", "status", "attempts", "started", "finished", "error"):
         table.add_column(column)
     for name, step in view["steps"].items():
-        error = step.get("error") or {}
+        error = step["error"]
         table.add_row(
             name, step["status"], str(step["attempts"]), (step["started_at"] or "")[11:23],
-            (step["finished_at"] or "")[11:23], str(error.get("message", ""))[:60],
+            (step["finished_at"] or "")[11:23], str(error.get("message", "") if error else "")[:60],
         )  # fmt: skip
     console.print(table)
     if view.get("error"):

@@ -19,11 +19,11 @@ from orchestrator.definition.registry import import_modules, workflows
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.definition.validation import check_workflow
 from orchestrator.definition.workflow import Workflow
-from orchestrator.domain import RunStatus
+from orchestrator.domain import RunStatus, StopOutcome
 from orchestrator.engine.control import decide_step, resume_run, stop_run
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
 from orchestrator.engine.publisher import StepPublisher
-from orchestrator.engine.status import run_summary, run_view
+from orchestrator.engine.status import RunView, run_summary, run_view
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.infra.redis_url import RedisUrlError, is_memory_url
 from orchestrator.infra.settings import Settings
@@ -201,7 +201,7 @@ class Client:
             # Redis is still away: the binding stays until the key's TTL (the submit reports the outage).
             pass
 
-    def status(self, run_id: str) -> dict[str, Any]:
+    def status(self, run_id: str) -> RunView:
         """The run's status JSON (see README, "Status JSON").
 
         Raises:
@@ -260,11 +260,11 @@ class Client:
             RunNotFoundError: No such run.
         """
         result = stop_run(self.publisher, self.store, run_id, RunStatus.CANCELLED, "cancelled")
-        if result.outcome == "ok":
+        if result.outcome == StopOutcome.OK:
             running = [step for step, _ in result.interrupted]
             message = f"cancelled run {run_id}" + (f"; interrupted {', '.join(running)}" if running else "")
             return {"run_id": run_id, "status": "cancelled", "cancelled": True, "message": message}
-        if result.outcome == "missing":
+        if result.outcome == StopOutcome.MISSING:
             raise RunNotFoundError(run_id)
         status = result.detail
         return {"run_id": run_id, "status": status, "cancelled": False,
@@ -339,7 +339,7 @@ class Client:
         # A replay passes the end of an earlier generation before reaching a resume: only the last end is the end.
         return not self.store.events(run_id, after=seq, count=1)
 
-    def watch(self, run_id: str, listener: ProgressListener, *, after: int = 0) -> dict[str, Any]:
+    def watch(self, run_id: str, listener: ProgressListener, *, after: int = 0) -> RunView:
         """Feed the run's events to ``listener`` until it ends; returns the final status JSON.
 
         A listener that raises is logged and skipped; the run is never affected.
@@ -348,7 +348,7 @@ class Client:
             deliver(listener, event)
         return self.status(run_id)
 
-    def wait(self, run_id: str, timeout: float | None = None, poll_s: float = 0.1) -> dict[str, Any]:
+    def wait(self, run_id: str, timeout: float | None = None, poll_s: float = 0.1) -> RunView:
         """Block until the run ends (or ``timeout`` seconds pass) and return its status JSON.
 
         Raises:

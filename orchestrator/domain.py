@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from orchestrator.definition.spec import WorkflowSpec
+    from orchestrator.errors import ErrorRecord
 
 
 class RunStatus(StrEnum):
@@ -57,6 +58,45 @@ class StepOutcome(StrEnum):
     UPSTREAM_FAILED = "upstream_failed"
 
 
+class ClaimOutcome(StrEnum):
+    """The answer of :meth:`StateStore.claim <orchestrator.state.base.StateStore.claim>` (see :class:`Claim`)."""
+
+    OK = "ok"
+    DONE = "done"
+    STALE = "stale"
+    SUPERSEDED = "superseded"
+    BUSY = "busy"
+    INACTIVE = "inactive"
+    MISSING = "missing"
+
+
+class StopOutcome(StrEnum):
+    """The answer of cancelling or timing out a run (see :class:`StopResult`)."""
+
+    OK = "ok"
+    FINISHED = "finished"
+    STALE = "stale"
+    MISSING = "missing"
+
+
+class DecisionOutcome(StrEnum):
+    """The answer of recording a decision on an approval step (see :class:`DecisionResult`)."""
+
+    OK = "ok"
+    FORBIDDEN = "forbidden"
+    NOT_WAITING = "not_waiting"
+    STALE = "stale"
+    MISSING = "missing"
+
+
+class ResumeOutcome(StrEnum):
+    """The answer of starting a run's next generation (see :class:`ResumeResult`)."""
+
+    OK = "ok"
+    CONFLICT = "conflict"
+    REFUSED = "refused"
+
+
 @dataclass(frozen=True)
 class Attempt:
     """Which delivery of which step: every transition names the attempt it applies to, so a stale one is refused.
@@ -79,9 +119,9 @@ class Claim:
     """The answer to "may this message run an attempt of this step?".
 
     Attributes:
-        outcome: ``ok`` (run it), ``done`` (the step finished already), or why not: ``stale`` (older generation),
-            ``superseded`` (re-dispatched under another task id), ``busy`` (another attempt holds a live lease, or
-            the step is not released yet), ``inactive`` (the run is not running), ``missing`` (no such run).
+        outcome: ``OK`` (run it), ``DONE`` (the step finished already), or why not: ``STALE`` (older generation),
+            ``SUPERSEDED`` (re-dispatched under another task id), ``BUSY`` (another attempt holds a live lease, or
+            the step is not released yet), ``INACTIVE`` (the run is not running), ``MISSING`` (no such run).
         attempt: 1-based number of the attempt now starting, counted over the run's whole life: the number the status
             (``attempts``), the events, the error records, the step itself and the logs all show.
         generation_attempt: 1-based number of the attempt within this generation: the retry policy's count, which
@@ -98,14 +138,14 @@ class Claim:
         unclaimed_children: For ``done``: children released but never claimed (their dispatch may have been lost).
     """
 
-    outcome: str
+    outcome: ClaimOutcome
     attempt: int = 0
     generation_attempt: int = 0
     now: float = 0.0
     queued_at: float | None = None
     cache_key: str = ""
     force: bool = False
-    errors: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[ErrorRecord] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)
     parent_status: dict[str, str] = field(default_factory=dict)
     parent_output: dict[str, Any] = field(default_factory=dict)
@@ -114,7 +154,7 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class Reclaim:
+class ReclaimedStep:
     """A step to publish again after its lease ran out."""
 
     run_id: str
@@ -125,18 +165,51 @@ class Reclaim:
 
 
 @dataclass(frozen=True)
-class Stop:
+class StopResult:
     """The result of cancelling or timing out a run.
 
     Attributes:
-        outcome: ``ok``; ``finished`` (it had ended: ``detail`` says how); ``stale``; ``missing``.
+        outcome: ``OK``; ``FINISHED`` (it had ended: ``detail`` says how); ``STALE``; ``MISSING``.
         detail: When it stopped (epoch seconds), or the status it had already ended with.
         interrupted: ``(step, task_id)`` of steps that were running or queued, to revoke.
     """
 
-    outcome: str
+    outcome: StopOutcome
     detail: str = ""
     interrupted: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ResumeResult:
+    """The result of starting a run's next generation.
+
+    Attributes:
+        outcome: ``OK``; ``CONFLICT`` (another resume moved the generation first); ``REFUSED`` (the run's status
+            does not allow this resume, or the run is gone).
+        generation: For ``OK`` the new generation, for ``CONFLICT`` the run's current one.
+        detail: For ``REFUSED`` the run's status (``missing`` when the run is gone).
+    """
+
+    outcome: ResumeOutcome
+    generation: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class DecisionResult:
+    """The result of recording a decision on an approval step.
+
+    Attributes:
+        outcome: ``OK`` (the step now runs under the decision's task id: record its outcome next), ``FORBIDDEN``
+            (the decider is not an approver), ``NOT_WAITING`` (the step is not waiting), ``STALE`` (the decision
+            names another generation), ``MISSING`` (no such run or step).
+        generation: For ``OK`` the generation the step runs in, for ``STALE`` the run's current one.
+        detail: For ``NOT_WAITING`` the step's status.
+    """
+
+    outcome: DecisionOutcome
+    generation: str = ""
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,7 +234,6 @@ class ResumePlan:
     def queued(self) -> tuple[str, ...]:
         """The steps to dispatch at once."""
         return tuple(step for step, status, _ in self.resets if status == "queued")
-
 
 
 MAX_AUDIT_ENTRIES = 100
@@ -199,7 +271,7 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class Finish:
+class FinishResult:
     """The result of recording a step's final outcome.
 
     Attributes:

@@ -10,6 +10,7 @@
     ├── InputValidationError           submitted inputs do not fit the workflow's schema
     ├── StateError                     the state store refused or could not answer
     │   ├── RunNotFoundError           .run_id
+    │   ├── DefinitionNotFoundError    .definition_hash: no workflow definition stored under it
     │   ├── RunStateError              the run's status forbids it (.status): resuming a running run …
     │   ├── DecisionRefusedError       an approval decision refused (.reason: not_an_approver | not_waiting)
     │   └── StoreUnavailableError      Redis did not answer
@@ -22,9 +23,9 @@ Data lives in fields so callers need not parse messages. Which errors are retrie
 ``workers.tasks`` maps ``RetryableStepError`` onto Celery's retry options, nowhere else.
 """
 
-from __future__ import annotations
+from typing import NotRequired
 
-from typing import Any
+from typing_extensions import TypedDict
 
 
 class OrchestratorError(Exception):
@@ -85,6 +86,14 @@ class RunNotFoundError(StateError):
         self.run_id = run_id
 
 
+class DefinitionNotFoundError(StateError):
+    """No workflow definition is stored under this hash (it expired, or was never saved)."""
+
+    def __init__(self, definition_hash: str) -> None:
+        super().__init__(f"unknown definition {definition_hash!r} (it expired, or was never stored)")
+        self.definition_hash = definition_hash
+
+
 class RunStateError(StateError):
     """The run's status forbids the operation (resume a running run, or a resume that lost a race)."""
 
@@ -113,6 +122,42 @@ class BrokerUnavailableError(StoreUnavailableError):
     """The message broker did not answer: a publish may not have happened (the dispatch hold covers it)."""
 
 
+class ErrorRecord(TypedDict):
+    """A failed attempt as stored in the step's ``errors`` (and ``error``) and shown in the status JSON.
+
+    A ``typing_extensions`` TypedDict so pydantic can describe it (the API's schema) on Python 3.11.
+
+    Attributes:
+        type: A short machine-readable name (``rate_limit``, ``timeout``, ``worker_lost``, ``rejected`` …).
+        message: What happened, one line.
+        status: The provider's HTTP status, or ``None``.
+        retryable: Whether another attempt could help.
+        attempt: The 1-based attempt that failed (over the run's whole life).
+        retry_after: Seconds the provider asked to wait at least, when it said.
+    """
+
+    type: str
+    message: str
+    status: NotRequired[int | None]
+    retryable: NotRequired[bool]
+    attempt: NotRequired[int]
+    retry_after: NotRequired[float]
+
+
+class DeferralRecord(TypedDict):
+    """Why a step waits without failing (stored with it, sent in its ``step_deferred`` event).
+
+    Attributes:
+        reason: ``rate_limit`` or ``cooldown``.
+        model: The model waited for.
+        message: What happened, one line.
+    """
+
+    reason: str
+    model: str
+    message: str
+
+
 class StepError(OrchestratorError):
     """One attempt of a step failed.
 
@@ -126,7 +171,7 @@ class StepError(OrchestratorError):
         self.kind = kind
         self.status_code = status_code
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> ErrorRecord:
         """The JSON-ready form stored in the step's attempt history."""
         return {"type": self.kind, "status": self.status_code, "message": str(self)}
 
@@ -174,6 +219,6 @@ class StepDeferred(RetryableStepError):
         self.model = model
         self.countdown = countdown
 
-    def to_record(self) -> dict[str, Any]:
+    def to_deferral(self) -> DeferralRecord:
         """The deferral as stored with the step and sent in its ``step_deferred`` event."""
         return {"reason": self.reason, "model": self.model, "message": str(self)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -12,6 +11,7 @@ from rich.table import Table
 
 from orchestrator.client import Client
 from orchestrator.engine.events import Event, EventType
+from orchestrator.engine.status import RunView
 
 _STYLE = {
     "succeeded": "green",
@@ -36,7 +36,7 @@ class _StepRow:
 
 
 @dataclass
-class RunView:
+class WatchView:
     """What the watch shows, folded from the run's events (a pure reducer, tested without a terminal)."""
 
     run_id: str
@@ -46,7 +46,7 @@ class RunView:
     last_seq: int = 0
 
     @classmethod
-    def from_status(cls, view: dict[str, Any]) -> RunView:
+    def from_status(cls, view: RunView) -> WatchView:
         """An empty view with the run's steps in declaration order."""
         return cls(
             view["run_id"], f"{view['workflow']} v{view['version']}", {name: _StepRow() for name in view["steps"]}
@@ -106,7 +106,7 @@ def watch_run(client: Client, run_id: str, console: Console | None = None) -> in
         RunNotFoundError: No such run.
     """
     console = console or Console()
-    view = RunView.from_status(client.status(run_id))
+    view = WatchView.from_status(client.status(run_id))
     progress = Progress(TextColumn("steps"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
     task = progress.add_task("steps", total=len(view.steps))
     with Live(Group(progress, view.table()), console=console, refresh_per_second=8, transient=False) as live:

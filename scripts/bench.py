@@ -60,6 +60,7 @@ from celery import chain, group
 
 from orchestrator import Client, Settings, WorkflowSpec, parse_workflow
 from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.engine.status import RunView
 from orchestrator.state import keys
 from scripts.harness import cli, probes
 from scripts.harness.lifecycle import log_dir, private_redis, record_dir, run_main, running, worker_env
@@ -357,7 +358,7 @@ class Bench:
         polls = self.wait_run(run_id)
         return run_id, polls, t_submit, submit_s
 
-    def view(self, run_id: str) -> dict[str, Any]:
+    def view(self, run_id: str) -> RunView:
         """The status JSON of a run that must have succeeded (read outside the counting windows).
 
         A step that needed more than one attempt (an error, or a lost worker recovered by the sweeper) makes the
@@ -373,7 +374,7 @@ class Bench:
             )
         return view
 
-    def run_ours(self, spec: WorkflowSpec) -> tuple[dict[str, Any], int, float, float]:
+    def run_ours(self, spec: WorkflowSpec) -> tuple[RunView, int, float, float]:
         """Submit, wait and read the status JSON."""
         run_id, polls, t_submit, submit_s = self.submit_wait(spec)
         return self.view(run_id), polls, t_submit, submit_s

@@ -52,6 +52,7 @@ import redis
 from orchestrator import Client, Settings, WorkflowSpec, parse_workflow
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.engine.priorities import redis_queue_lists
+from orchestrator.engine.status import RunView
 from orchestrator.state import keys
 from scripts.harness import cli, probes
 from scripts.harness.lifecycle import log_dir, private_redis, run_main, running, worker_env
@@ -205,7 +206,7 @@ class Bench:
     def all_finished(self, run_ids: Sequence[str]) -> bool:
         return self.all_in(run_ids, "status", FINISHED)
 
-    def check_succeeded(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+    def check_succeeded(self, run_ids: Sequence[str]) -> list[RunView]:
         views = [self.client.status(run_id) for run_id in run_ids]
         bad = [v for v in views if v["status"] != "succeeded"]
         if bad:
@@ -312,7 +313,10 @@ class Bench:
         finished_to_start, decision_to_start, decision_to_finished = [], [], []
         for view in views:
             review, publish = view["steps"]["review"], view["steps"]["publish"]
-            decided_at = epoch(review["approval"]["decision"]["at"])
+            decision = review["approval"]["decision"]
+            if decision is None:
+                raise RuntimeError(f"run {view['run_id']}: review succeeded without a recorded decision")
+            decided_at = epoch(decision["at"])
             started = ts(publish["started_at"])
             finished_to_start.append(started - ts(review["finished_at"]))
             decision_to_start.append(started - decided_at)

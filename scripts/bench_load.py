@@ -65,6 +65,7 @@ import redis
 
 from orchestrator import Client, Settings, WorkflowSpec, parse_workflow
 from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.engine.status import RunView
 from orchestrator.state import keys
 from scripts.harness import cli, probes
 from scripts.harness.lifecycle import log_dir, private_redis, record_dir, run_main, running, worker_env
@@ -568,7 +569,7 @@ class PoolBench:
             "ours_redis_cpu_s": used["redis"],
         }
 
-    def _wait(self, run_id: str) -> dict[str, Any]:
+    def _wait(self, run_id: str) -> RunView:
         key = keys.run_key(run_id)
         wait_until(lambda: self.stats.hget(key, "status") in FINISHED, timeout=self.cfg.timeout_s, poll_s=0.05,
                    what=f"run {run_id} ended")  # fmt: skip

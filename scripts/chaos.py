@@ -452,10 +452,10 @@ def _diagnose(client: Client, run_id: str, kills: list[float]) -> dict[str, Any]
     for name, step in view["steps"].items():
         if step["status"] in {"succeeded", "skipped"}:
             continue
-        queued = float(fields.get(f"s:{name}:queued_at") or fields.get("created_at") or 0)
+        queued = float(fields.get(keys.step_field(name, "queued_at")) or fields.get("created_at") or 0)
         out[name] = {
             "status": step["status"],
-            "task": fields.get(f"s:{name}:task", ""),
+            "task": fields.get(keys.step_field(name, "task"), ""),
             "lease_indexed": any(m.startswith(f"{run_id}|{name}|") for m in leases),
             "messages": sum(1 for m in messages if run_id in m and f"'{name}'" in m),
             "kills_within_5s_of_release": [round(k - queued, 3) for k in kills if queued and abs(k - queued) < 5],
@@ -471,10 +471,10 @@ def _check_runs(client: Client, run_ids: list[str], report: ChaosReport) -> None
             report.succeeded += 1
         else:
             report.not_succeeded[run_id] = f"{view['status']}: {view.get('error')}"
-        for step in view["steps"].values():
+        for step_view in view["steps"].values():
             report.steps += 1
-            report.attempts += step["attempts"]
-            report.steps_rerun += step["attempts"] > 1
+            report.attempts += step_view["attempts"]
+            report.steps_rerun += step_view["attempts"] > 1
         events = client.store.events(run_id)
         successes = _successes(events)
         report.steps_lost += sum(1 for e in events if e.type == EventType.STEP_LOST)

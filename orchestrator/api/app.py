@@ -24,6 +24,7 @@ from orchestrator.api.guard import BrowserGuardMiddleware
 from orchestrator.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from orchestrator.api.streams import EventHubs
 from orchestrator.errors import (
+    DefinitionNotFoundError,
     InputValidationError,
     OrchestratorError,
     RunNotFoundError,
@@ -45,6 +46,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (RunNotFoundError, 404),
+    (DefinitionNotFoundError, 404),
     (RunStateError, 409),
     (StoreUnavailableError, 503),
     (WorkflowDefinitionError, 422),

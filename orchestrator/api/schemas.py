@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.definition.spec import WORKFLOW_NAME_PATTERN
-from orchestrator.domain import MAX_DECISION_COMMENT_CHARS, RunStatus
+from orchestrator.domain import MAX_DECISION_COMMENT_CHARS
 
 
 class _Body(BaseModel):
@@ -62,8 +62,8 @@ class Cancelled(BaseModel):
     message: str
 
 
-class Decision(_Body):
-    """A human decision on a step waiting for approval."""
+class DecideStep(_Body):
+    """A human decision on a step waiting for approval (``orchestrator.domain.Decision`` is what gets recorded)."""
 
     decision: Literal["approve", "reject"]
     comment: str | None = Field(default=None, max_length=MAX_DECISION_COMMENT_CHARS)
@@ -85,31 +85,6 @@ class RunList(BaseModel):
     """Runs, newest first."""
 
     runs: list[RunSummary]
-
-
-class StepView(BaseModel):
-    """A step in the status JSON (documentation only: the status JSON is returned as it is built)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    status: str
-    attempts: int
-    started_at: str | None
-    finished_at: str | None
-    output: Any
-    error: Any
-
-
-class RunView(BaseModel):
-    """The status JSON, as ``orchestrator status --json`` prints it."""
-
-    model_config = ConfigDict(extra="allow")
-
-    run_id: str
-    workflow: str
-    version: int
-    status: RunStatus
-    steps: dict[str, StepView]
 
 
 class WorkflowStep(BaseModel):

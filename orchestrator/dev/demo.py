@@ -6,13 +6,13 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from orchestrator.client import Client
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.dev.redis_server import ensure_redis, stop_on_signals
+from orchestrator.engine.status import RunView, StepView
 from orchestrator.infra.settings import Settings
 
 DEMO_MODULE = "examples.content_pipeline"
@@ -68,7 +68,7 @@ def _follow(client: Client, topic: str, console: Console) -> int:
     return 0 if ok else 1
 
 
-def _summary(step: dict[str, Any]) -> str:
+def _summary(step: StepView) -> str:
     out = step.get("output")
     parts = [f"attempts={step['attempts']}"]
     if isinstance(out, dict) and "word_count" in out:
@@ -78,7 +78,7 @@ def _summary(step: dict[str, Any]) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
-def _print_outputs(view: dict[str, Any], console: Console) -> None:
+def _print_outputs(view: RunView, console: Console) -> None:
     console.print("\n[bold]outputs[/]")
     for name, step in view["steps"].items():
         out = step.get("output")

@@ -18,16 +18,17 @@ from typing import Any, TypeVar
 
 from orchestrator import telemetry
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
-from orchestrator.domain import Attempt, Claim, RunStatus, StepOutcome
+from orchestrator.domain import Attempt, Claim, ClaimOutcome, RunStatus, StepOutcome
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, stop_run
 from orchestrator.engine.coordinator import decide_start, result_key, retry_delay, should_retry, upstream_reads
-from orchestrator.engine.outage import OUTAGE_ERRORS, outlast
+from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import (
+    DefinitionNotFoundError,
+    ErrorRecord,
     NonRetryableStepError,
     RetryableStepError,
-    RunNotFoundError,
     StepDeferred,
     StepError,
 )
@@ -48,7 +49,7 @@ class Delivery:
     due_at: float | None = None
 
 
-def execute_attempt(rt: Runtime, attempt: Attempt, definition_hash: str, delivery: Delivery | None = None) -> str:
+def execute_attempt(runtime: Runtime, attempt: Attempt, definition_hash: str, delivery: Delivery | None = None) -> str:
     """Run one delivery of a step message; returns what happened, for the worker log.
 
     Raises:
@@ -57,27 +58,33 @@ def execute_attempt(rt: Runtime, attempt: Attempt, definition_hash: str, deliver
         redis.exceptions.ConnectionError: Or another outage error, when Redis stayed away past the patience.
     """
     try:
-        spec = _outlast(rt, f"{attempt}: load its definition", lambda: rt.store.load_definition(definition_hash))
-    except RunNotFoundError:
+        spec = _retry_through_outage(
+            runtime, f"{attempt}: load its definition", lambda: runtime.store.load_definition(definition_hash)
+        )
+    except DefinitionNotFoundError:
         log.warning("dropping %s: no definition %s is stored (it expired, or was never submitted)",
                     attempt, definition_hash)  # fmt: skip
         return "dropped: unknown definition"
     if attempt.step not in spec.steps_by_name:
         log.warning("dropping %s: workflow %s has no step %r", attempt, spec.name, attempt.step)
         return "dropped: unknown step"
-    claim = _claim(rt, spec, attempt)
-    if claim.outcome == "done":
+    claim = _claim(runtime, spec, attempt)
+    if claim.outcome == ClaimOutcome.DONE:
         if claim.unclaimed_children:
             # A redelivery after the finishing worker died between recording and publishing: publish again
             # (a duplicate message is dropped by the claim, so this is safe).
-            _outlast(rt, f"{attempt}: publish", lambda: publish_children(rt, spec, attempt, claim.unclaimed_children))
+            _retry_through_outage(
+                runtime,
+                f"{attempt}: publish",
+                lambda: publish_children(runtime, spec, attempt, claim.unclaimed_children),
+            )
         return f"duplicate delivery of finished step ({claim.detail})"
-    if claim.outcome == "inactive" and claim.detail == "deadline":
+    if claim.outcome == ClaimOutcome.INACTIVE and claim.detail == "deadline":
         # Past the workflow deadline: time the run out now rather than wait for the next sweep.
-        stop_run(rt.publisher, rt.store, attempt.run_id, RunStatus.TIMED_OUT, DEADLINE_REASON,
+        stop_run(runtime.publisher, runtime.store, attempt.run_id, RunStatus.TIMED_OUT, DEADLINE_REASON,
                  generation=attempt.generation)  # fmt: skip
         return "dropped: the run is past its deadline"
-    if claim.outcome != "ok":
+    if claim.outcome != ClaimOutcome.OK:
         log.info("dropping %s: %s %s", attempt, claim.outcome, claim.detail)
         return f"dropped: {claim.outcome}"
     delivery = delivery or Delivery()
@@ -94,63 +101,65 @@ def execute_attempt(rt: Runtime, attempt: Attempt, definition_hash: str, deliver
         headers=delivery.headers,
         due_at=delivery.due_at,
     )
-    rt.leases.hold(attempt)
+    runtime.leases.hold(attempt)
     try:
         with telemetry.step_attempt(info) as scope:
-            return run_claimed(rt, spec, attempt, claim, scope)
+            return run_claimed(runtime, spec, attempt, claim, scope)
     finally:
-        rt.leases.release(attempt)
+        runtime.leases.release(attempt)
 
 
-def _claim(rt: Runtime, spec: WorkflowSpec, attempt: Attempt) -> Claim:
+def _claim(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt) -> Claim:
     children = spec.graph.children[attempt.step]
     upstream = upstream_reads(spec, attempt.step)
     # A claim lost to an outage would leave the step queued with no message: wait for Redis instead. Repeating it
     # after a lost reply is safe: the step is then ours and running ("busy", "own"), and its lease recovers it.
-    return _outlast(rt, f"{attempt}: claim",
-                    lambda: rt.store.claim(attempt, lease_s=rt.settings.lease_s, upstream=upstream,
-                                           children=children))  # fmt: skip
+    return _retry_through_outage(
+        runtime,
+        f"{attempt}: claim",
+        lambda: runtime.store.claim(attempt, lease_s=runtime.settings.lease_s, upstream=upstream, children=children),
+    )
 
 
-def run_claimed(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim, scope: AttemptScope) -> str:
+def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim, scope: AttemptScope) -> str:
     """Decide, run and record an attempt this process has claimed; see :func:`execute_attempt`."""
     step = spec.steps_by_name[attempt.step]
     try:
         skip = decide_start(step, claim.parent_status)
         if skip is not None:
-            return finish_attempt(rt, spec, attempt, skip, scope)
+            return finish_attempt(runtime, spec, attempt, skip, scope)
         # The retry budget is per generation (a resume grants it afresh); the attempt number is the run's own.
         if claim.generation_attempt > step.retry.max_attempts:
-            return finish_attempt(rt, spec, attempt, StepOutcome.FAILED, scope, error=_gave_up(claim))
+            return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, error=_gave_up(claim))
         ctx = StepContext(attempt.run_id, attempt.step, claim.attempt, claim.inputs, claim.parent_output)
-        if not rt.executor.should_run(step, ctx):
-            return finish_attempt(rt, spec, attempt, StepOutcome.SKIPPED, scope)
+        if not runtime.executor.should_run(step, ctx):
+            return finish_attempt(runtime, spec, attempt, StepOutcome.SKIPPED, scope)
         if isinstance(step.params, ApprovalParams):
             scope.finish("waiting")
-            return _wait_for_decision(rt, step.params, attempt, ctx)
+            return _wait_for_decision(runtime, step.params, attempt, ctx)
         key = result_key(step, claim.inputs, claim.parent_output)
         if step.cache and not claim.force and claim.cache_key == key:
             # Resumed with the same definition and inputs as the result it already has: never pay for it twice.
-            return finish_attempt(rt, spec, attempt, StepOutcome.SUCCEEDED, scope, cache_key=key, cached=True)
+            return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, cache_key=key, cached=True)
         call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, fresh=claim.force, step=attempt.step)
         try:
-            output = rt.executor.run(step, ctx, call)
-        except rt.interrupts:
+            output = runtime.executor.run(step, ctx, call)
+        except runtime.interrupts:
             raise RetryableStepError(f"step exceeded its timeout of {step.timeout_s}s", kind="timeout") from None
     except StepDeferred as exc:
-        if not _defer(rt, attempt, exc, scope):
+        if not _defer(runtime, attempt, exc, scope):
             return "stale attempt: not deferred"
         raise
     except RetryableStepError as exc:
         error = error_record(exc, claim.attempt)
         if not should_retry(step.retry, claim.generation_attempt, exc.kind):
-            return finish_attempt(rt, spec, attempt, StepOutcome.FAILED, scope, error=error)
-        exc.countdown = retry_delay(step.retry, claim.generation_attempt, exc.retry_after, rt.settings.retry_cap_s)
-        if not _schedule_retry(rt, attempt, exc, error, scope):
+            return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error)
+        exc.countdown = retry_delay(step.retry, claim.generation_attempt, exc.retry_after, runtime.settings.retry_cap_s)
+        if not _schedule_retry(runtime, attempt, exc, error, scope):
             return "stale attempt: not retried"
         raise
     except StepError as exc:
-        return finish_attempt(rt, spec, attempt, StepOutcome.FAILED, scope, error=error_record(exc, claim.attempt))
+        return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error_record(exc, claim.attempt))
     except OUTAGE_ERRORS as exc:
         # Redis went away under the step (the LLM gateway's cache and limits live there): not the step's fault,
         # so not a failure. The attempt keeps its lease; once Redis is back and the lease has run out, the sweeper
@@ -162,24 +171,27 @@ def run_claimed(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim,
         log.exception("%s: internal error", attempt)
         internal = NonRetryableStepError(f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
         error = error_record(internal, claim.attempt)
-        return finish_attempt(rt, spec, attempt, StepOutcome.FAILED, scope, error=error)
+        return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error)
     if isinstance(output, dict) and isinstance(output.get("cost_usd"), float):
         scope.cost_usd = output["cost_usd"]
-    return finish_attempt(rt, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output, cache_key=key)
+    return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output, cache_key=key)
 
 
-def _gave_up(claim: Claim) -> dict[str, Any]:
+def _gave_up(claim: Claim) -> ErrorRecord:
     # Attempts ran out without a recorded failure of the last one: its worker was lost (the sweeper re-queued it).
-    last = claim.errors[-1] if claim.errors else {"type": "worker_lost", "message": "worker lost"}
+    last: ErrorRecord = claim.errors[-1] if claim.errors else {"type": "worker_lost", "message": "worker lost"}
     return {**last, "attempt": claim.attempt - 1, "message": f"gave up: {last.get('message', '')}"}
 
 
-def _defer(rt: Runtime, attempt: Attempt, exc: StepDeferred, scope: AttemptScope) -> bool:
+def _defer(runtime: Runtime, attempt: Attempt, exc: StepDeferred, scope: AttemptScope) -> bool:
     # Not a failure: the attempt is given back and the message waits in the broker, holding no worker slot.
     wait = exc.countdown or 0.0
-    record = exc.to_record()
-    if not _outlast(rt, f"{attempt}: defer", lambda: rt.store.defer(attempt, record, countdown_s=wait,
-                                                                  grace_s=rt.settings.queued_grace_s)):  # fmt: skip
+    record = exc.to_deferral()
+    if not _retry_through_outage(
+        runtime,
+        f"{attempt}: defer",
+        lambda: runtime.store.defer(attempt, record, countdown_s=wait, grace_s=runtime.settings.queued_grace_s),
+    ):
         return False
     scope.finish("deferred", exc.reason)
     log.info("%s deferred %.2fs: %s", attempt, wait, exc)
@@ -187,27 +199,32 @@ def _defer(rt: Runtime, attempt: Attempt, exc: StepDeferred, scope: AttemptScope
 
 
 def _schedule_retry(
-    rt: Runtime, attempt: Attempt, exc: RetryableStepError, error: dict[str, Any], scope: AttemptScope
+    runtime: Runtime, attempt: Attempt, exc: RetryableStepError, error: ErrorRecord, scope: AttemptScope
 ) -> bool:
     countdown = exc.countdown or 0.0
-    if not _outlast(rt, f"{attempt}: retry", lambda: rt.store.retry(attempt, error, countdown_s=countdown,
-                                                                  grace_s=rt.settings.queued_grace_s)):  # fmt: skip
+    if not _retry_through_outage(
+        runtime,
+        f"{attempt}: retry",
+        lambda: runtime.store.retry(attempt, error, countdown_s=countdown, grace_s=runtime.settings.queued_grace_s),
+    ):
         return False
     scope.finish("retry", exc.kind)
     log.warning("%s attempt %d: %s; retrying in %.2fs", attempt, error["attempt"], exc, countdown)
     return True
 
 
-def _wait_for_decision(rt: Runtime, params: ApprovalParams, attempt: Attempt, ctx: StepContext) -> str:
+def _wait_for_decision(runtime: Runtime, params: ApprovalParams, attempt: Attempt, ctx: StepContext) -> str:
     # The attempt ends here: a human decision can take days, and no worker slot is held meanwhile.
-    message = rt.executor.approval_message(params, ctx)
+    message = runtime.executor.approval_message(params, ctx)
     data = {"approvers": list(params.approvers), "message": message, "timeout_s": params.timeout_s}
-    if not _outlast(rt, f"{attempt}: wait", lambda: rt.store.wait_for_decision(attempt, data, params.timeout_s)):
+    if not _retry_through_outage(
+        runtime, f"{attempt}: wait", lambda: runtime.store.wait_for_decision(attempt, data, params.timeout_s)
+    ):
         return "stale attempt: not parked"
     return "waiting for a decision"
 
 
-def error_record(exc: StepError, attempt: int) -> dict[str, Any]:
+def error_record(exc: StepError, attempt: int) -> ErrorRecord:
     """The step error as recorded in the attempt's history and the status JSON."""
     record = exc.to_record()
     record["attempt"] = attempt
@@ -217,15 +234,15 @@ def error_record(exc: StepError, attempt: int) -> dict[str, Any]:
     return record
 
 
-def publish_children(rt: Runtime, spec: WorkflowSpec, attempt: Attempt, steps: tuple[str, ...]) -> None:
+def publish_children(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, steps: tuple[str, ...]) -> None:
     """Publish released steps again under fresh task ids, each held first so a lost publish is resent."""
     held = {step: uuid.uuid4().hex for step in steps}
-    rt.store.hold_dispatch(attempt.run_id, held, rt.settings.queued_grace_s)
-    rt.publisher.publish(spec, run_id=attempt.run_id, steps=steps, generation=attempt.generation, task_ids=held)
+    runtime.store.hold_dispatch(attempt.run_id, held, runtime.settings.queued_grace_s)
+    runtime.publisher.publish(spec, run_id=attempt.run_id, steps=steps, generation=attempt.generation, task_ids=held)
 
 
 def finish_attempt(
-    rt: Runtime, spec: WorkflowSpec, attempt: Attempt, outcome: StepOutcome, scope: AttemptScope, **details: Any
+    runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, outcome: StepOutcome, scope: AttemptScope, **details: Any
 ) -> str:
     """Record the attempt's final outcome (waiting out an outage) and publish the children it released."""
     interrupted = False
@@ -233,25 +250,34 @@ def finish_attempt(
     def record() -> bool:
         nonlocal interrupted
         try:
-            return record_outcome(rt.publisher, rt.settings, rt.store, spec, attempt, outcome=outcome, **details)
+            return record_outcome(
+                runtime.publisher, runtime.settings, runtime.store, spec, attempt, outcome=outcome, **details
+            )
         except OUTAGE_ERRORS:
             interrupted = True
             raise
 
-    recorded = _outlast(rt, f"{attempt}: record {outcome.value}", record)
+    recorded = _retry_through_outage(runtime, f"{attempt}: record {outcome.value}", record)
     if interrupted and not recorded:
         # The outage may have hidden our own finish: applied, but its reply or the children's publish lost, so the
         # repeat was refused as stale. Claiming again tells, as for a redelivered message: a finished step's
         # released children that no message has claimed are published again (duplicates are dropped by the claim).
         children = spec.graph.children[attempt.step]
-        claim = _outlast(rt, f"{attempt}: check", lambda: rt.store.claim(attempt, lease_s=rt.settings.lease_s,
-                                                                      upstream=(), children=children))  # fmt: skip
-        if claim.outcome == "done" and claim.unclaimed_children:
-            _outlast(rt, f"{attempt}: publish", lambda: publish_children(rt, spec, attempt, claim.unclaimed_children))
+        claim = _retry_through_outage(
+            runtime,
+            f"{attempt}: check",
+            lambda: runtime.store.claim(attempt, lease_s=runtime.settings.lease_s, upstream=(), children=children),
+        )
+        if claim.outcome == ClaimOutcome.DONE and claim.unclaimed_children:
+            _retry_through_outage(
+                runtime,
+                f"{attempt}: publish",
+                lambda: publish_children(runtime, spec, attempt, claim.unclaimed_children),
+            )
     error = details.get("error")
     scope.finish(outcome.value if recorded else "stale", error.get("type") if error else None)
     return outcome.value if recorded else "stale attempt: not recorded"
 
 
-def _outlast(rt: Runtime, what: str, call: Callable[[], T]) -> T:
-    return outlast(what, call, patience_s=rt.settings.outage_patience_s)
+def _retry_through_outage(runtime: Runtime, what: str, call: Callable[[], T]) -> T:
+    return retry_through_outage(what, call, patience_s=runtime.settings.outage_patience_s)

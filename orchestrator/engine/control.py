@@ -8,11 +8,22 @@ from typing import Any
 
 from orchestrator.definition.registry import workflows
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
-from orchestrator.domain import MAX_DECISION_COMMENT_CHARS, Attempt, Decision, RunStatus, StepOutcome, Stop
+from orchestrator.domain import (
+    MAX_DECISION_COMMENT_CHARS,
+    Attempt,
+    Decision,
+    DecisionOutcome,
+    ResumeOutcome,
+    RunStatus,
+    StepOutcome,
+    StopOutcome,
+    StopResult,
+)
 from orchestrator.engine.coordinator import failure_summary, plan_resume
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.errors import (
     DecisionRefusedError,
+    ErrorRecord,
     InputValidationError,
     RunNotFoundError,
     RunStateError,
@@ -21,6 +32,7 @@ from orchestrator.errors import (
 )
 from orchestrator.infra.settings import Settings
 from orchestrator.principals import TIMEOUT_PRINCIPAL, reserved_message
+from orchestrator.state import keys
 from orchestrator.state.base import StateStore
 
 DEADLINE_REASON = "the workflow deadline passed"
@@ -36,7 +48,7 @@ def record_outcome(
     *,
     outcome: StepOutcome,
     output: Any = None,
-    error: dict[str, Any] | None = None,
+    error: ErrorRecord | None = None,
     cache_key: str = "",
     cached: bool = False,
 ) -> bool:
@@ -110,6 +122,7 @@ def decide_step(
         InputValidationError: ``comment`` is longer than ``MAX_DECISION_COMMENT_CHARS``; nothing is written.
         ValueError: ``decision`` does not fit ``timed_out`` (a ``timeout:`` decision needs the flag and vice versa).
         RunNotFoundError: No such run.
+        DefinitionNotFoundError: The run's workflow definition is no longer stored.
         WorkflowDefinitionError: No such step, or it is not an approval step.
         DecisionRefusedError: ``by`` is not an approver (``reason="not_an_approver"``), or the step is not waiting
             (``reason="not_waiting"``: decided already, not reached yet, the run ended, or it is at another
@@ -135,38 +148,41 @@ def decide_step(
     # The timeout's audit name grants nothing by itself: a step listing "timeout" as an approver gains no backdoor.
     allowed = timed_out or (by != TIMEOUT_PRINCIPAL and by in step_spec.params.approvers)
     token = f"decision-{uuid.uuid4().hex}"
-    outcome, detail = store.decide(run_id, step, Decision(decision, by, comment, allowed, token, generation=generation))
-    if outcome == "missing":
+    result = store.decide(run_id, step, Decision(decision, by, comment, allowed, token, generation=generation))
+    outcome = result.outcome
+    if outcome == DecisionOutcome.MISSING:
         raise RunNotFoundError(run_id)
-    if outcome == "stale":
+    if outcome == DecisionOutcome.STALE:
         raise DecisionRefusedError(f"step {step!r} is not waiting for a decision of generation {generation} (the run "
-                                   f"is at generation {detail})", reason="not_waiting")  # fmt: skip
-    if outcome == "forbidden" and by == TIMEOUT_PRINCIPAL:
+                                   f"is at generation {result.generation})", reason="not_waiting")  # fmt: skip
+    if outcome == DecisionOutcome.FORBIDDEN and by == TIMEOUT_PRINCIPAL:
         raise DecisionRefusedError(f"{by!r} may not decide step {step!r}: {reserved_message(by)}",
                                    reason="not_an_approver")  # fmt: skip
-    if outcome == "forbidden":
+    if outcome == DecisionOutcome.FORBIDDEN:
         raise DecisionRefusedError(f"{by!r} may not decide step {step!r}: approvers are "
                                    f"{', '.join(step_spec.params.approvers)}", reason="not_an_approver")  # fmt: skip
-    if outcome != "ok":
-        raise DecisionRefusedError(f"step {step!r} is not waiting for a decision (it is {detail})",
+    if outcome != DecisionOutcome.OK:
+        raise DecisionRefusedError(f"step {step!r} is not waiting for a decision (it is {result.detail})",
                                    reason="not_waiting")  # fmt: skip
     verdict = decision.removeprefix("timeout:")
     record = {"approved": verdict == "approve", "decision": decision, "by": by, "comment": comment}
-    attempt = Attempt(run_id, step, detail, token)
+    attempt = Attempt(run_id, step, result.generation, token)
     if verdict == "approve":
         record_outcome(publisher, settings, store, spec, attempt, outcome=StepOutcome.SUCCEEDED, output=record)
     else:
         kind = "approval_timeout" if verdict == "fail" else "rejected"
         message = "no decision before the approval timeout" if verdict == "fail" else f"rejected by {by}"
-        error = {"type": kind, "status": None, "message": message + (f": {comment}" if comment else ""),
-                 "retryable": False}  # fmt: skip
-        record_outcome(publisher, settings, store, spec, attempt, outcome=StepOutcome.FAILED, output=record, error=error)
+        error: ErrorRecord = {"type": kind, "status": None, "message": message + (f": {comment}" if comment else ""),
+                              "retryable": False}  # fmt: skip
+        record_outcome(
+            publisher, settings, store, spec, attempt, outcome=StepOutcome.FAILED, output=record, error=error
+        )
     return record
 
 
 def stop_run(
     publisher: StepPublisher, store: StateStore, run_id: str, status: RunStatus, reason: str, *, generation: str = ""
-) -> Stop:
+) -> StopResult:
     """Cancel or time out a run: no step starts after this returns, running ones are interrupted.
 
     Prefork workers interrupt a running step at once (revoke with terminate); on thread and gevent pools the step's
@@ -174,11 +190,12 @@ def stop_run(
 
     Raises:
         RunNotFoundError: No such run.
+        DefinitionNotFoundError: The run's workflow definition is no longer stored.
     """
     fields = store.run_fields(run_id)
     spec = store.load_definition(fields["def_hash"])
     result = store.stop(run_id, status, reason, tuple(s.name for s in spec.steps), generation)
-    if result.outcome == "ok":
+    if result.outcome == StopOutcome.OK:
         store.announce(run_id, f"run_{status.value}", spec.name)
     publisher.revoke([task for _, task in result.interrupted if task])
     return result
@@ -205,6 +222,7 @@ def resume_run(
 
     Raises:
         RunNotFoundError: No such run.
+        DefinitionNotFoundError: The run's workflow definition is no longer stored.
         RunStateError: The run is still going, succeeded with nothing to re-run, its definition changed (and that
             was not allowed), or another resume won.
         WorkflowDefinitionError: ``from_step`` is not a step of the workflow.
@@ -234,16 +252,18 @@ def resume_run(
             f"run {run_id} succeeded: nothing to resume (use --from STEP to re-run a step and its dependents)",
             status=status,
         )
-    statuses = {s.name: fields.get(f"s:{s.name}:status", "") for s in spec.steps}
+    statuses = {s.name: fields.get(keys.step_field(s.name, "status"), "") for s in spec.steps}
     plan = plan_resume(spec, statuses, fields["gen"], from_step, changed=changed,
                        new_definition=spec if deployed is not None else None)  # fmt: skip
     held = {step: uuid.uuid4().hex for step in plan.queued}
     store.hold_dispatch(run_id, held, settings.queued_grace_s)
-    outcome, value = store.resume(run_id, plan)
-    if outcome == "conflict":
-        raise RunStateError(f"run {run_id} was resumed by someone else meanwhile (generation {value})", status=status)
-    if outcome != "ok":
-        raise RunStateError(f"run {run_id} cannot be resumed from {value}", status=value)
-    publisher.publish(spec, run_id=run_id, steps=plan.queued, generation=value, task_ids=held)
+    resumed = store.resume(run_id, plan)
+    if resumed.outcome == ResumeOutcome.CONFLICT:
+        raise RunStateError(
+            f"run {run_id} was resumed by someone else meanwhile (generation {resumed.generation})", status=status
+        )
+    if resumed.outcome != ResumeOutcome.OK:
+        raise RunStateError(f"run {run_id} cannot be resumed from {resumed.detail}", status=resumed.detail)
+    publisher.publish(spec, run_id=run_id, steps=plan.queued, generation=resumed.generation, task_ids=held)
     store.announce(run_id, "run_resumed", spec.name)
-    return value
+    return resumed.generation

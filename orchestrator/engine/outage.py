@@ -25,7 +25,7 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
 """Redis (the state store and the broker) not answering, or still loading its data after a restart."""
 
 
-def outlast(what: str, call: Callable[[], T], *, patience_s: float) -> T:
+def retry_through_outage(what: str, call: Callable[[], T], *, patience_s: float) -> T:
     """``call()``, repeated while Redis (or the broker) does not answer, for up to ``patience_s``.
 
     A transition given up half way strands a step: a claim that fails leaves it queued with its message already

@@ -1,30 +1,148 @@
-"""The status JSON of a run (``orchestrator status --json``, ``GET /runs/{id}``), built from its Redis hash."""
+"""The status JSON of a run (``orchestrator status --json``, ``GET /runs/{id}``), built from its Redis hash.
 
-from __future__ import annotations
+:class:`RunView` is its one typed form: :func:`run_view` builds it, ``Client.status`` returns it, the CLI prints it
+and the API documents it as the response of ``GET /runs/{id}``. The status JSON is a stable interface: a field may be
+added, never renamed or removed (``docs/status-json.md``). The types are ``typing_extensions`` TypedDicts so pydantic
+can describe them on Python 3.11; the value is a plain dict, serialised as it is.
+"""
 
 import json
-from typing import Any
+from typing import Any, NotRequired
+
+from typing_extensions import TypedDict
 
 from orchestrator.definition.spec import WorkflowSpec
+from orchestrator.domain import RunStatus, StepStatus
 from orchestrator.engine.coordinator import failure_summary
+from orchestrator.errors import ErrorRecord
 from orchestrator.infra.timestamps import iso
 from orchestrator.llm.governor import from_nano_usd
+from orchestrator.state import keys
+
+
+class TokenUsage(TypedDict):
+    """Tokens the provider counted, summed over the run's LLM steps."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+class ApprovalView(TypedDict):
+    """An approval step's wait and decisions.
+
+    Attributes:
+        waiting_since: When the step began to wait (ISO 8601), or ``None``.
+        decide_by: When its approval timeout fires, or ``None``.
+        decision: The decision that won (``decision``, ``by``, ``comment``, ``at``), or ``None``.
+        audit: Every decision sent while the run lasted, accepted or refused (``at``, ``by``, ``decision``,
+            ``comment``, ``outcome``), the newest ``MAX_AUDIT_ENTRIES``.
+    """
+
+    waiting_since: str | None
+    decide_by: str | None
+    decision: dict[str, Any] | None
+    audit: list[dict[str, Any]]
+
+
+class StepView(TypedDict):
+    """A step in the status JSON.
+
+    Attributes:
+        status: Where the step is.
+        attempts: Attempts started over the run's whole life.
+        queued_at: When it was last queued (ISO 8601, UTC, microseconds), or ``None``; likewise the others.
+        output: What it returned (``None`` unless it succeeded).
+        error: The error of its last attempt when it ``failed``, else ``None``.
+        errors: Every failed attempt, oldest first.
+        cached: Whether its output was reused from an earlier generation.
+        depends_on: Its dependencies.
+        kind: What it uses (``llm``, ``tool``, ``approval`` …).
+        approval: An approval step's wait and decisions.
+        usage: An LLM step's token usage, as its provider reported it.
+        cost: An LLM step's cost in US dollars at list prices.
+        deferrals: Times it waited for a shared LLM rate limit or cool-down (never counted as attempts).
+        deferred: While it waits so: the deferral record and ``until`` (ISO 8601).
+    """
+
+    status: StepStatus
+    attempts: int
+    queued_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    output: Any
+    error: ErrorRecord | None
+    errors: list[ErrorRecord]
+    cached: bool
+    depends_on: list[str]
+    kind: str
+    approval: NotRequired[ApprovalView]
+    usage: NotRequired[dict[str, Any]]
+    cost: NotRequired[float]
+    deferrals: NotRequired[int]
+    deferred: NotRequired[dict[str, Any]]
+
+
+class BudgetView(TypedDict):
+    """A run's LLM budget: its limit, what is held for calls in flight, and whether it ran out."""
+
+    budget_usd: float
+    held_usd: float
+    exhausted: bool
+
+
+class RunView(TypedDict):
+    """The status JSON of a run.
+
+    Attributes:
+        run_id: The run.
+        workflow: The workflow's name.
+        version: The workflow's version.
+        definition_hash: The hash of the definition the run is pinned to.
+        status: Where the run is.
+        generation: 1, plus one per resume.
+        created_at: When it was submitted (ISO 8601, UTC, microseconds); likewise the others, ``None`` until then.
+        inputs: The run's inputs.
+        error: One line saying why it failed, was cancelled or timed out, else ``None``.
+        steps: Every step, in declaration order.
+        usage: Token usage over its LLM steps, when any were counted.
+        cost: What the provider billed the run in US dollars (runs with LLM steps or a budget).
+        llm_calls: Paid LLM calls (runs with LLM steps or a budget).
+        budget: The run's LLM budget, when the workflow sets ``budget_usd``.
+    """
+
+    run_id: str
+    workflow: str
+    version: int
+    definition_hash: str
+    status: RunStatus
+    generation: int
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    stopped_at: str | None
+    inputs: dict[str, Any]
+    error: str | None
+    steps: dict[str, StepView]
+    usage: NotRequired[TokenUsage]
+    cost: NotRequired[float]
+    llm_calls: NotRequired[int]
+    budget: NotRequired[BudgetView]
 
 
 def _json(raw: str | None) -> Any:
     return json.loads(raw) if raw else None
 
 
-def run_view(fields: dict[str, str], spec: WorkflowSpec) -> dict[str, Any]:
+def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
     """The run's status JSON: run fields, then every step in declaration order."""
-    steps: dict[str, Any] = {}
+    steps: dict[str, StepView] = {}
     input_tokens = output_tokens = 0
     for step in spec.steps:
-        p = f"s:{step.name}:"
+        p = keys.step_prefix(step.name)
         output = _json(fields.get(p + "output"))
         usage = output.get("usage") if isinstance(output, dict) and step.uses == "llm" else None
-        view: dict[str, Any] = {
-            "status": fields.get(p + "status", "pending"),
+        view: StepView = {
+            "status": StepStatus(fields.get(p + "status") or StepStatus.PENDING),
             "attempts": int(fields.get(p + "attempts") or 0),
             "queued_at": iso(fields.get(p + "queued_at")),
             "started_at": iso(fields.get(p + "started_at")),
@@ -61,16 +179,20 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> dict[str, Any]:
                 "until": iso(fields.get(p + "deferred_until")),
             }
         steps[step.name] = view
-    status = fields.get("status", "pending")
+    status = RunStatus(fields.get("status") or RunStatus.PENDING)
     live = {v["status"] for v in steps.values()}
-    if status == "running" and "waiting" in live and not live & {"queued", "running"}:
+    if (
+        status == RunStatus.RUNNING
+        and StepStatus.WAITING in live
+        and not live & {StepStatus.QUEUED, StepStatus.RUNNING}
+    ):
         # Nothing can move until a human decides: the run waits, holding no worker.
-        status = "waiting"
+        status = RunStatus.WAITING
     error = fields.get("error") or None
     first = fields.get("first_failure")
     if status == "failed" and not error and first and first in steps:
         error = failure_summary(first, steps[first]["error"])
-    view_run: dict[str, Any] = {
+    view_run: RunView = {
         "run_id": fields["run_id"],
         "workflow": fields["workflow"],
         "version": int(fields["version"]),

@@ -13,11 +13,11 @@ import uuid
 import redis
 
 from orchestrator.definition.spec import ApprovalParams
-from orchestrator.domain import RunStatus
+from orchestrator.domain import RunStatus, StopOutcome
 from orchestrator.engine.backlog import queue_depths
 from orchestrator.engine.control import DEADLINE_REASON, decide_step, stop_run
 from orchestrator.engine.runtime import Runtime
-from orchestrator.errors import DecisionRefusedError, RunNotFoundError
+from orchestrator.errors import DecisionRefusedError, DefinitionNotFoundError, ErrorRecord, RunNotFoundError
 from orchestrator.principals import TIMEOUT_PRINCIPAL
 from orchestrator.state import keys
 
@@ -27,33 +27,39 @@ MAX_BACKLOG_GRACES = 8
 """While the step queues hold a backlog, a step nobody claimed is sent again only after this many graces."""
 
 
-def sweep_once(rt: Runtime, owner: str) -> int:
+def sweep_once(runtime: Runtime, owner: str) -> int:
     """One sweep: re-dispatch lost steps, time out runs past their deadline; returns how many actions it took."""
-    if not rt.store.try_sweeper_lock(owner, rt.settings.sweep_interval_s * 0.9):
+    if not runtime.store.try_sweeper_lock(owner, runtime.settings.sweep_interval_s * 0.9):
         return 0
-    return _recover_lost_steps(rt) + _fire_deadlines(rt) + _fire_approval_timeouts(rt)
+    return _recover_lost_steps(runtime) + _fire_deadlines(runtime) + _fire_approval_timeouts(runtime)
 
 
-def _recover_lost_steps(rt: Runtime) -> int:
+def _recover_lost_steps(runtime: Runtime) -> int:
     count = 0
-    expired = rt.store.expired_leases()
-    backlog_wait_s = _backlog_wait_s(rt) if expired else 0.0
+    expired = runtime.store.expired_leases()
+    backlog_wait_s = _backlog_wait_s(runtime) if expired else 0.0
     for member in expired:
         _, step, old_task = keys.parse_lease_member(member)
-        lost = {"type": "worker_lost", "status": None, "message": f"worker lost during attempt (task {old_task})"}
-        found = rt.store.reclaim(member, uuid.uuid4().hex, lost, grace_s=rt.settings.queued_grace_s,
-                                 backlog_wait_s=backlog_wait_s)  # fmt: skip
+        lost: ErrorRecord = {
+            "type": "worker_lost",
+            "status": None,
+            "message": f"worker lost during attempt (task {old_task})",
+        }
+        found = runtime.store.reclaim(
+            member, uuid.uuid4().hex, lost, grace_s=runtime.settings.queued_grace_s, backlog_wait_s=backlog_wait_s
+        )
         if found is None:
             continue
-        spec = rt.store.load_definition(found.definition_hash)
-        rt.publisher.publish(spec, run_id=found.run_id, steps=[step], generation=found.generation,
-                             task_ids={step: found.task_id})  # fmt: skip
+        spec = runtime.store.load_definition(found.definition_hash)
+        runtime.publisher.publish(
+            spec, run_id=found.run_id, steps=[step], generation=found.generation, task_ids={step: found.task_id}
+        )
         log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
         count += 1
     return count
 
 
-def _backlog_wait_s(rt: Runtime) -> float:
+def _backlog_wait_s(runtime: Runtime) -> float:
     """How long a step nobody claimed may wait before it is sent again, while messages wait in the step queues.
 
     A step whose dispatch hold ran out while its queue still holds messages has most likely not been reached yet
@@ -61,41 +67,52 @@ def _backlog_wait_s(rt: Runtime) -> float:
     queue. So while a backlog is seen the hold is extended, up to ``MAX_BACKLOG_GRACES`` graces since the step was
     queued; a lost message then waits that long at most. 0 (resend now) when the queues are empty or cannot be read.
     """
-    broker = rt.broker
+    broker = runtime.broker
     if broker is None:
         return 0.0
     try:
-        depths = queue_depths(broker, (rt.settings.llm_queue, rt.settings.cpu_queue))
+        depths = queue_depths(broker, (runtime.settings.llm_queue, runtime.settings.cpu_queue))
     except redis.RedisError:
         return 0.0
-    return MAX_BACKLOG_GRACES * rt.settings.queued_grace_s if any(depths.values()) else 0.0
+    return MAX_BACKLOG_GRACES * runtime.settings.queued_grace_s if any(depths.values()) else 0.0
 
 
-def _fire_deadlines(rt: Runtime) -> int:
+def _fire_deadlines(runtime: Runtime) -> int:
     count = 0
-    for run_id, generation in rt.store.due_deadlines():
+    for run_id, generation in runtime.store.due_deadlines():
         try:
-            result = stop_run(rt.publisher, rt.store, run_id, RunStatus.TIMED_OUT, DEADLINE_REASON, generation=generation)
-        except RunNotFoundError:
+            result = stop_run(
+                runtime.publisher, runtime.store, run_id, RunStatus.TIMED_OUT, DEADLINE_REASON, generation=generation
+            )
+        except (RunNotFoundError, DefinitionNotFoundError):
             result = None
-        rt.store.drop_deadline(run_id, generation)
-        if result is not None and result.outcome == "ok":
+        runtime.store.drop_deadline(run_id, generation)
+        if result is not None and result.outcome == StopOutcome.OK:
             log.warning("run %s timed out; interrupted %d steps", run_id, len(result.interrupted))
             count += 1
     return count
 
 
-def _fire_approval_timeouts(rt: Runtime) -> int:
+def _fire_approval_timeouts(runtime: Runtime) -> int:
     count = 0
-    for run_id, generation, step in rt.store.due_approvals():
+    for run_id, generation, step in runtime.store.due_approvals():
         try:
-            spec = rt.store.load_definition(rt.store.run_fields(run_id)["def_hash"])
+            spec = runtime.store.load_definition(runtime.store.run_fields(run_id)["def_hash"])
             params = spec.steps_by_name[step].params
             on_timeout = params.on_timeout if isinstance(params, ApprovalParams) else "fail"
-            decide_step(rt.publisher, rt.settings, rt.store, run_id, step, decision=f"timeout:{on_timeout}",
-                        by=TIMEOUT_PRINCIPAL, timed_out=True, generation=generation)  # fmt: skip
+            decide_step(
+                runtime.publisher,
+                runtime.settings,
+                runtime.store,
+                run_id,
+                step,
+                decision=f"timeout:{on_timeout}",
+                by=TIMEOUT_PRINCIPAL,
+                timed_out=True,
+                generation=generation,
+            )
             count += 1
-        except (RunNotFoundError, DecisionRefusedError, KeyError):
+        except (RunNotFoundError, DefinitionNotFoundError, DecisionRefusedError, KeyError):
             pass  # decided meanwhile, or the run ended or expired: nothing left to time out
-        rt.store.drop_approval(run_id, generation, step)
+        runtime.store.drop_approval(run_id, generation, step)
     return count

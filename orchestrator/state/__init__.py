@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from orchestrator.domain import Attempt, Claim, Decision, Finish, RunStatus, StepOutcome, StepStatus
+from orchestrator.domain import Attempt, Claim, Decision, FinishResult, RunStatus, StepOutcome, StepStatus
 from orchestrator.state.base import StateStore
 from orchestrator.state.memory import MemoryStateStore
 from orchestrator.state.redis import RedisStateStore
@@ -15,7 +15,7 @@ __all__ = [
     "Attempt",
     "Claim",
     "Decision",
-    "Finish",
+    "FinishResult",
     "MemoryStateStore",
     "RedisStateStore",
     "RunStatus",

@@ -8,18 +8,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from orchestrator.definition.spec import WorkflowSpec
     from orchestrator.engine.events import Event
+    from orchestrator.errors import DeferralRecord, ErrorRecord
 
 
 from orchestrator.domain import (
     Attempt,
     Claim,
     Decision,
-    Finish,
-    Reclaim,
+    DecisionResult,
+    FinishResult,
+    ReclaimedStep,
     ResumePlan,
+    ResumeResult,
     RunStatus,
     StepOutcome,
-    Stop,
+    StopResult,
 )
 
 SUMMARY_FIELDS = ("run_id", "workflow", "version", "status", "gen", "created_at", "finished_at")
@@ -54,7 +57,7 @@ class StateStore(Protocol):
         """The definition stored under ``definition_hash``.
 
         Raises:
-            RunNotFoundError: When it expired or never existed.
+            DefinitionNotFoundError: When it expired or never existed.
         """
         ...
 
@@ -121,12 +124,12 @@ class StateStore(Protocol):
         outcome: StepOutcome,
         *,
         output: Any = None,
-        error: dict[str, Any] | None = None,
+        error: ErrorRecord | None = None,
         children: tuple[str, ...] = (),
         cache_key: str = "",
         cached: bool = False,
         grace_s: float = 300.0,
-    ) -> Finish:
+    ) -> FinishResult:
         """Record a running attempt's final outcome and release the children whose last parent this was.
 
         A success stores ``output`` and ``cache_key`` (an empty ``output`` with ``cached`` keeps the stored output:
@@ -136,11 +139,11 @@ class StateStore(Protocol):
         the first ``failed`` step is remembered as ``first_failure``. When this was the run's last step the run
         becomes ``failed`` (any failure) or ``succeeded`` and is kept for the retention period from now. The
         attempt leaves the lease index in every case. Each released child enters it under a fresh task id
-        (``Finish.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish, or a
+        (``FinishResult.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish, or a
         message lost in the broker, leaves the sweeper a step to send again.
 
         Returns:
-            ``Finish(recorded=False)`` when the attempt is stale (other generation, step not running, or owned by
+            ``FinishResult(recorded=False)`` when the attempt is stale (other generation, step not running, or owned by
             another task id): nothing changed.
         """
         ...
@@ -154,7 +157,7 @@ class StateStore(Protocol):
         """
         ...
 
-    def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def retry(self, attempt: Attempt, error: ErrorRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Put a running attempt's step back to ``queued`` after a retryable error, appending it to ``errors``.
 
         The step stays owned by the same task id: Celery's retry message carries it, so that message may claim.
@@ -166,7 +169,7 @@ class StateStore(Protocol):
         """
         ...
 
-    def defer(self, attempt: Attempt, deferral: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def defer(self, attempt: Attempt, deferral: DeferralRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Put a running attempt's step back to ``queued`` for ``countdown_s`` without counting the attempt.
 
         For a step that must wait for a shared LLM rate limit or a provider's cool-down: it failed nothing, so the
@@ -196,8 +199,8 @@ class StateStore(Protocol):
         ...
 
     def reclaim(
-        self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float, backlog_wait_s: float = 0.0
-    ) -> Reclaim | None:
+        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+    ) -> ReclaimedStep | None:
         """Recover the step behind an expired lease.
 
         A ``running`` step whose lease ran out (its worker died) is re-queued under ``new_task_id`` with ``error``
@@ -216,18 +219,21 @@ class StateStore(Protocol):
         """
         ...
 
-    def stop(self, run_id: str, status: RunStatus, reason: str, steps: tuple[str, ...], generation: str = "") -> Stop:
+    def stop(
+        self, run_id: str, status: RunStatus, reason: str, steps: tuple[str, ...], generation: str = ""
+    ) -> StopResult:
         """End a running run as ``cancelled`` or ``timed_out``: its unfinished ``steps`` become ``cancelled``.
 
         ``generation`` (when given) must match, so a deadline of an earlier generation cannot stop a resumed run.
         """
         ...
 
-    def resume(self, run_id: str, plan: ResumePlan) -> tuple[str, str]:
+    def resume(self, run_id: str, plan: ResumePlan) -> ResumeResult:
         """Start the next generation: reset the plan's steps, unless the generation moved or the status forbids it.
 
         Returns:
-            ``("ok", new_generation)``, ``("conflict", generation)`` or ``("refused", run_status)``.
+            ``OK`` with the new generation, ``CONFLICT`` with the run's current generation, or ``REFUSED`` with the
+            run's status (``missing`` when the run is gone).
         """
         ...
 
@@ -251,7 +257,7 @@ class StateStore(Protocol):
         """
         ...
 
-    def decide(self, run_id: str, step: str, decision: Decision) -> tuple[str, str]:
+    def decide(self, run_id: str, step: str, decision: Decision) -> DecisionResult:
         """Audit a decision; the first allowed one on a waiting step makes it ``running`` under ``decision.task_id``.
 
         A decision naming another ``generation`` than the run's changes nothing (not even the audit). The audit keeps
@@ -259,8 +265,8 @@ class StateStore(Protocol):
         refused decision; the step's approval timeout leaves the index when a decision wins.
 
         Returns:
-            ``("ok", generation)``, ``("forbidden", "")``, ``("not_waiting", step_status)``,
-            ``("stale", run_generation)`` or ``("missing", "")``.
+            ``OK`` with the generation the step now runs in, ``FORBIDDEN``, ``NOT_WAITING`` with the step's status
+            (as ``detail``), ``STALE`` with the run's generation, or ``MISSING``.
         """
         ...
 

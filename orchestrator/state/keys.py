@@ -38,7 +38,12 @@ def idempotency_key(key: str) -> str:
 
 def step_field(step: str, field: str) -> str:
     """A step's field inside the run hash."""
-    return f"s:{step}:{field}"
+    return f"{step_prefix(step)}{field}"
+
+
+def step_prefix(step: str) -> str:
+    """What every field of ``step`` starts with: ``step_field(step, f) == step_prefix(step) + f``."""
+    return f"s:{step}:"
 
 
 def lease_member(run_id: str, step: str, task_id: str) -> str:

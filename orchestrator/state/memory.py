@@ -1,9 +1,9 @@
 """The in-memory state store: the Lua transitions of ``RedisStateStore`` as Python under one lock.
 
 For tests and single-process use. A run is the same flat field map as the Redis hash (``s:STEP:FIELD``), so
-``orchestrator.engine.status.run_view`` reads it unchanged; every transition mirrors its script in ``lua/`` rule for rule,
-down to the progress events it emits (``lua/_events.lua``): same types, order, step, attempt and data, numbered by the
-run's ``seq`` field. Time comes from an injectable clock, so tests move it instead of sleeping.
+``orchestrator.engine.status.run_view`` reads it unchanged; every transition mirrors its script in ``lua/`` rule for
+rule, down to the progress events it emits (``lua/_events.lua``): same types, order, step, attempt and data, numbered
+by the run's ``seq`` field. Time comes from an injectable clock, so tests move it instead of sleeping.
 """
 
 from __future__ import annotations
@@ -23,16 +23,22 @@ from orchestrator.domain import (
     MAX_AUDIT_ENTRIES,
     Attempt,
     Claim,
+    ClaimOutcome,
     Decision,
-    Finish,
-    Reclaim,
+    DecisionOutcome,
+    DecisionResult,
+    FinishResult,
+    ReclaimedStep,
+    ResumeOutcome,
     ResumePlan,
+    ResumeResult,
     RunStatus,
     StepOutcome,
-    Stop,
+    StopOutcome,
+    StopResult,
 )
 from orchestrator.engine.events import Event
-from orchestrator.errors import RunNotFoundError
+from orchestrator.errors import DeferralRecord, DefinitionNotFoundError, ErrorRecord, RunNotFoundError
 from orchestrator.state import keys
 from orchestrator.state.base import SUMMARY_FIELDS, success_detail
 
@@ -118,12 +124,12 @@ class MemoryStateStore:
         process, and this store's life is its process.
 
         Raises:
-            RunNotFoundError: When it was never saved.
+            DefinitionNotFoundError: When it was never saved.
         """
         with self._lock:
             spec = self._definitions.get(definition_hash)
         if spec is None:
-            raise RunNotFoundError(f"definition {definition_hash}")
+            raise DefinitionNotFoundError(definition_hash)
         return spec
 
     # -- runs ----------------------------------------------------------------------------------------------------
@@ -248,39 +254,41 @@ class MemoryStateStore:
         with self._lock:
             self._leases[member] = self._clock() + lease_s
             got = self._claim(attempt, lease_s, upstream, children)
-            if got.outcome != "ok" and not (got.outcome == "busy" and got.detail == "own"):
+            if got.outcome != ClaimOutcome.OK and not (got.outcome == ClaimOutcome.BUSY and got.detail == "own"):
                 self._leases.pop(member, None)
             return got
 
     def _claim(self, attempt: Attempt, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
         """``lua/claim.lua``, under the lock."""
-        p = f"s:{attempt.step}:"
+        p = keys.step_prefix(attempt.step)
         now = self._clock()
         run = self._live(attempt.run_id, now)
         fields = run.fields if run is not None else {}
         run_status, status = fields.get("status"), fields.get(p + "status")
         if run is None or run_status is None or status is None:
-            return Claim(outcome="missing")
+            return Claim(outcome=ClaimOutcome.MISSING)
         if fields.get("gen") != attempt.generation:
-            return Claim(outcome="stale")
+            return Claim(outcome=ClaimOutcome.STALE)
         if status not in _UNFINISHED:
             waiting = tuple(
-                c for c in children if fields.get(f"s:{c}:status") == "queued" and not fields.get(f"s:{c}:task")
+                c
+                for c in children
+                if fields.get(keys.step_field(c, "status")) == "queued" and not fields.get(keys.step_field(c, "task"))
             )
-            return Claim(outcome="done", detail=status, unclaimed_children=waiting)
+            return Claim(outcome=ClaimOutcome.DONE, detail=status, unclaimed_children=waiting)
         if run_status != "running":
-            return Claim(outcome="inactive", detail=run_status)
+            return Claim(outcome=ClaimOutcome.INACTIVE, detail=run_status)
         deadline = fields.get("deadline")
         if deadline and now > float(deadline):
-            return Claim(outcome="inactive", detail="deadline")
+            return Claim(outcome=ClaimOutcome.INACTIVE, detail="deadline")
         if status == "pending":
-            return Claim(outcome="busy")
+            return Claim(outcome=ClaimOutcome.BUSY)
         owner = fields.get(p + "task")
         if status == "queued" and owner and owner != attempt.task_id:
-            return Claim(outcome="superseded")
+            return Claim(outcome=ClaimOutcome.SUPERSEDED)
         # A running step is never started twice: the sweeper re-queues it once its lease has expired.
         if status == "running":
-            return Claim(outcome="busy", detail="own" if owner == attempt.task_id else "")
+            return Claim(outcome=ClaimOutcome.BUSY, detail="own" if owner == attempt.task_id else "")
 
         number = int(fields.get(p + "attempts") or 0) + 1
         started = _stamp(now)
@@ -296,9 +304,9 @@ class MemoryStateStore:
         if number == 1 or p + "started_at" not in fields:
             fields[p + "started_at"] = started
         self._emit(run, started, "step_started", attempt.step, attempt=number)
-        outputs = {u: fields.get(f"s:{u}:output", "") for u in upstream}
+        outputs = {u: fields.get(keys.step_field(u, "output"), "") for u in upstream}
         return Claim(
-            outcome="ok",
+            outcome=ClaimOutcome.OK,
             attempt=number,
             generation_attempt=number - int(fields.get(p + "attempt_base") or 0),
             now=float(started),
@@ -307,7 +315,7 @@ class MemoryStateStore:
             queued_at=_float_or_none(fields.get(p + "queued_at") or fields.get("created_at") or ""),
             errors=_json_list(fields.get(p + "errors")),
             inputs=json.loads(fields.get("inputs") or "{}"),
-            parent_status={u: fields.get(f"s:{u}:status", "") for u in upstream},
+            parent_status={u: fields.get(keys.step_field(u, "status"), "") for u in upstream},
             parent_output={u: json.loads(raw) if raw else None for u, raw in outputs.items()},
         )
 
@@ -317,18 +325,18 @@ class MemoryStateStore:
         outcome: StepOutcome,
         *,
         output: Any = None,
-        error: dict[str, Any] | None = None,
+        error: ErrorRecord | None = None,
         children: tuple[str, ...] = (),
         cache_key: str = "",
         cached: bool = False,
         grace_s: float = 300.0,
-    ) -> Finish:
+    ) -> FinishResult:
         """Record a final outcome and release the children whose last parent this was (see ``lua/finish.lua``).
 
         A success stores ``output`` (``None`` keeps the stored output: a cached result) and ``cache_key``; any other
         outcome replaces the output, so a failure is never served as a cached result.
         """
-        p = f"s:{attempt.step}:"
+        p = keys.step_prefix(attempt.step)
         raw_output = "" if output is None else json.dumps(output, separators=_COMPACT)
         raw_error = "" if error is None else json.dumps(error, separators=_COMPACT)
         with self._lock:
@@ -336,7 +344,7 @@ class MemoryStateStore:
             self._leases.pop(keys.lease_member(attempt.run_id, attempt.step, attempt.task_id), None)
             run = self._live(attempt.run_id, now)
             if run is None or not self._owns(run.fields, attempt):
-                return Finish(recorded=False)
+                return FinishResult(recorded=False)
             fields = run.fields
             stamp = _stamp(now)
             fields.update(
@@ -366,7 +374,7 @@ class MemoryStateStore:
 
             released: list[str] = []
             for child in children:
-                c = f"s:{child}:"
+                c = keys.step_prefix(child)
                 if _increment(fields, c + "pending", -1) == 0:
                     fields.update({c + "status": "queued", c + "queued_at": stamp})
                     self._emit(run, stamp, "step_queued", child)
@@ -382,7 +390,7 @@ class MemoryStateStore:
             task_ids = {child: uuid.uuid4().hex for child in released}
             for child, task_id in task_ids.items():
                 self._leases[keys.lease_member(attempt.run_id, child, task_id)] = now + grace_s
-            return Finish(recorded=True, run_status=run_status, released=tuple(released), task_ids=task_ids)
+            return FinishResult(recorded=True, run_status=run_status, released=tuple(released), task_ids=task_ids)
 
     def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
         """Cover steps about to be published in the lease index, so the sweeper resends a message that is lost."""
@@ -391,7 +399,7 @@ class MemoryStateStore:
             for step, task_id in task_ids.items():
                 self._leases[keys.lease_member(run_id, step, task_id)] = due
 
-    def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def retry(self, attempt: Attempt, error: ErrorRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Record a retryable error and put the step back to ``queued`` for ``countdown_s`` (see ``lua/retry.lua``).
 
         The attempt stays in the lease index, re-scored to its new lease of ``countdown_s + grace_s``.
@@ -399,7 +407,7 @@ class MemoryStateStore:
         Returns:
             ``False`` when the attempt is stale; nothing changed then (the lease index neither).
         """
-        p = f"s:{attempt.step}:"
+        p = keys.step_prefix(attempt.step)
         raw = json.dumps(error)
 
         def record(fields: dict[str, str], now: float) -> tuple[int, str]:
@@ -410,9 +418,9 @@ class MemoryStateStore:
 
         return self._requeue(attempt, "step_retry", record, countdown_s=countdown_s, grace_s=grace_s)
 
-    def defer(self, attempt: Attempt, deferral: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def defer(self, attempt: Attempt, deferral: DeferralRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Put a running step back to ``queued`` for ``countdown_s`` without counting the attempt (as ``defer.lua``)."""
-        p = f"s:{attempt.step}:"
+        p = keys.step_prefix(attempt.step)
         raw = json.dumps(deferral)
 
         def record(fields: dict[str, str], now: float) -> tuple[int, str]:
@@ -443,7 +451,7 @@ class MemoryStateStore:
         ``record`` writes what is particular to the transition and returns the attempt number and the event's data
         up to its countdown.
         """
-        p = f"s:{attempt.step}:"
+        p = keys.step_prefix(attempt.step)
         with self._lock:
             now = self._clock()
             run = self._live(attempt.run_id, now)
@@ -468,7 +476,7 @@ class MemoryStateStore:
                 run = self._live(run_id, now)
                 fields = run.fields if run is not None else {}
                 for step, task_id in pairs:
-                    p = f"s:{step}:"
+                    p = keys.step_prefix(step)
                     ours = (
                         fields.get("status") == "running"
                         and fields.get(p + "status") == "running"
@@ -489,8 +497,8 @@ class MemoryStateStore:
             return _due(self._leases, self._clock(), limit)
 
     def reclaim(
-        self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float, backlog_wait_s: float = 0.0
-    ) -> Reclaim | None:
+        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+    ) -> ReclaimedStep | None:
         """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
 
         A ``running`` step is re-queued under ``new_task_id`` with ``error`` appended; a ``queued`` one is sent again
@@ -501,7 +509,7 @@ class MemoryStateStore:
             What to publish, or ``None`` when there is nothing to do.
         """
         run_id, step, task_id = keys.parse_lease_member(member)
-        p = f"s:{step}:"
+        p = keys.step_prefix(step)
         with self._lock:
             now = self._clock()
             run = self._live(run_id, now)
@@ -553,7 +561,7 @@ class MemoryStateStore:
                 self._emit(run, stamp, "step_queued", step)
             self._leases.pop(member, None)
             self._leases[keys.lease_member(run_id, step, publish)] = float(until)
-            return Reclaim(
+            return ReclaimedStep(
                 run_id=run_id,
                 step=step,
                 definition_hash=fields.get("def_hash", ""),
@@ -563,7 +571,9 @@ class MemoryStateStore:
 
     # -- cancel, time out, resume --------------------------------------------------------------------------------
 
-    def stop(self, run_id: str, status: RunStatus, reason: str, steps: tuple[str, ...], generation: str = "") -> Stop:
+    def stop(
+        self, run_id: str, status: RunStatus, reason: str, steps: tuple[str, ...], generation: str = ""
+    ) -> StopResult:
         """End a run early as ``cancelled`` or ``timed_out`` (see ``lua/stop.lua``).
 
         Its unfinished ``steps`` become ``cancelled``; the running and queued ones are returned to interrupt and
@@ -574,16 +584,16 @@ class MemoryStateStore:
             run = self._live(run_id, now)
             fields = run.fields if run is not None else {}
             if run is None or "status" not in fields:
-                return Stop(outcome="missing")
+                return StopResult(outcome=StopOutcome.MISSING)
             if generation != "" and fields.get("gen") != generation:
-                return Stop(outcome="stale")
+                return StopResult(outcome=StopOutcome.STALE)
             if fields["status"] not in _STOPPABLE_RUN:
-                return Stop(outcome="finished", detail=fields["status"])
+                return StopResult(outcome=StopOutcome.FINISHED, detail=fields["status"])
             stamp = _stamp(now)
             fields.update({"status": status.value, "finished_at": stamp, "stopped_at": stamp, "error": reason})
             interrupted: list[tuple[str, str]] = []
             for step in steps:
-                p = f"s:{step}:"
+                p = keys.step_prefix(step)
                 was = fields.get(p + "status")
                 if was in _STOPPABLE_STEP:
                     fields.update({p + "status": "cancelled", p + "finished_at": stamp, p + "lease": ""})
@@ -599,32 +609,32 @@ class MemoryStateStore:
             self._deadlines.pop(keys.deadline_member(run_id, stopped_gen), None)
             for step in steps:
                 self._approvals.pop(keys.approval_member(run_id, stopped_gen, step), None)
-            return Stop(outcome="ok", detail=stamp, interrupted=tuple(interrupted))
+            return StopResult(outcome=StopOutcome.OK, detail=stamp, interrupted=tuple(interrupted))
 
-    def resume(self, run_id: str, plan: ResumePlan) -> tuple[str, str]:
+    def resume(self, run_id: str, plan: ResumePlan) -> ResumeResult:
         """Start the run's next generation from ``plan`` (see ``lua/resume.lua``).
 
         Returns:
-            ``("ok", new_generation)``, ``("conflict", generation)`` when the generation moved since the plan was
-            made, or ``("refused", run_status)`` (``"missing"`` for an unknown run).
+            ``OK`` with the new generation, ``CONFLICT`` with the current one when the generation moved since the
+            plan was made, or ``REFUSED`` with the run's status (``missing`` for an unknown run).
         """
         with self._lock:
             now = self._clock()
             run = self._live(run_id, now)
             fields = run.fields if run is not None else {}
             if run is None or "status" not in fields:
-                return "refused", "missing"
+                return ResumeResult(ResumeOutcome.REFUSED, detail="missing")
             current = fields.get("gen", "")
             if current != plan.expected_generation:
-                return "conflict", current
+                return ResumeResult(ResumeOutcome.CONFLICT, generation=current)
             allowed = ",".join(plan.allowed_statuses)
             if f",{fields['status']}," not in f",{allowed},":
-                return "refused", fields["status"]
+                return ResumeResult(ResumeOutcome.REFUSED, detail=fields["status"])
             generation = str(int(plan.expected_generation) + 1)
             stamp = _stamp(now)
             self._emit(run, stamp, "run_resumed", data=json.dumps({"generation": int(generation)}, separators=_COMPACT))
             for step, status, pending in plan.resets:
-                p = f"s:{step}:"
+                p = keys.step_prefix(step)
                 fields.update(
                     {
                         p + "status": status,
@@ -654,7 +664,7 @@ class MemoryStateStore:
                 fields["deadline"] = _stamp(at)
                 self._deadlines[keys.deadline_member(run_id, generation)] = at
             run.expires_at = now + self.active_ttl_s
-            return "ok", generation
+            return ResumeResult(ResumeOutcome.OK, generation=generation)
 
     # -- deadlines -----------------------------------------------------------------------------------------------
 
@@ -682,7 +692,7 @@ class MemoryStateStore:
 
     def wait_for_decision(self, attempt: Attempt, data: dict[str, Any], timeout_s: float | None) -> bool:
         """Park a claimed approval step as ``waiting`` (``lua/wait.lua``)."""
-        p = f"s:{attempt.step}:"
+        p = keys.step_prefix(attempt.step)
         with self._lock:
             now = self._clock()
             run = self._live(attempt.run_id, now)
@@ -700,18 +710,18 @@ class MemoryStateStore:
                 )
             return True
 
-    def decide(self, run_id: str, step: str, decision: Decision) -> tuple[str, str]:
+    def decide(self, run_id: str, step: str, decision: Decision) -> DecisionResult:
         """Audit a decision; the first allowed one on a waiting step wins (``lua/decide.lua``)."""
-        p = f"s:{step}:"
+        p = keys.step_prefix(step)
         with self._lock:
             now = self._clock()
             run = self._live(run_id, now)
             fields = run.fields if run is not None else {}
             run_status, status = fields.get("status"), fields.get(p + "status")
             if run is None or run_status is None or status is None:
-                return "missing", ""
+                return DecisionResult(DecisionOutcome.MISSING)
             if decision.generation != "" and fields.get("gen") != decision.generation:
-                return "stale", fields.get("gen", "")
+                return DecisionResult(DecisionOutcome.STALE, generation=fields.get("gen", ""))
             stamp = _stamp(now)
             outcome = "accepted"
             if not decision.allowed:
@@ -727,16 +737,16 @@ class MemoryStateStore:
                     del audit[oldest]
                 fields[p + "audit"] = json.dumps(audit, separators=_COMPACT)
             if not decision.allowed:
-                return "forbidden", ""
+                return DecisionResult(DecisionOutcome.FORBIDDEN)
             if outcome != "accepted":
-                return "not_waiting", status
+                return DecisionResult(DecisionOutcome.NOT_WAITING, detail=status)
             record = {"decision": decision.decision, "by": decision.by, "comment": decision.comment, "at": stamp}
             fields.update({p + "status": "running", p + "task": decision.task_id,
                            p + "lease": _stamp(now + decision.lease_s), p + "decision": json.dumps(record),
                            p + "decide_by": ""})  # fmt: skip
             self._leases[keys.lease_member(run_id, step, decision.task_id)] = now + decision.lease_s
             self._approvals.pop(keys.approval_member(run_id, fields["gen"], step), None)
-            return "ok", fields["gen"]
+            return DecisionResult(DecisionOutcome.OK, generation=fields["gen"])
 
     def due_approvals(self, limit: int = 500) -> list[tuple[str, str, str]]:
         """``(run_id, generation, step)`` of approval waits whose timeout passed, oldest first."""
@@ -847,7 +857,7 @@ class MemoryStateStore:
     @staticmethod
     def _owns(fields: dict[str, str], attempt: Attempt) -> bool:
         """Whether ``attempt`` is the step's current running attempt: the guard of finish and retry."""
-        p = f"s:{attempt.step}:"
+        p = keys.step_prefix(attempt.step)
         return (
             fields.get("gen") == attempt.generation
             and fields.get(p + "status") == "running"

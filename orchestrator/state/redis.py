@@ -20,16 +20,28 @@ from orchestrator.domain import (
     MAX_AUDIT_ENTRIES,
     Attempt,
     Claim,
+    ClaimOutcome,
     Decision,
-    Finish,
-    Reclaim,
+    DecisionOutcome,
+    DecisionResult,
+    FinishResult,
+    ReclaimedStep,
+    ResumeOutcome,
     ResumePlan,
+    ResumeResult,
     RunStatus,
     StepOutcome,
-    Stop,
+    StopOutcome,
+    StopResult,
 )
 from orchestrator.engine.events import Event
-from orchestrator.errors import RunNotFoundError, StoreUnavailableError
+from orchestrator.errors import (
+    DeferralRecord,
+    DefinitionNotFoundError,
+    ErrorRecord,
+    RunNotFoundError,
+    StoreUnavailableError,
+)
 from orchestrator.infra.redis_url import blocking_pool
 from orchestrator.state import keys
 from orchestrator.state.base import SUMMARY_FIELDS, success_detail
@@ -164,7 +176,7 @@ class RedisStateStore:
         """The definition stored under ``definition_hash`` (cached: definitions never change).
 
         Raises:
-            RunNotFoundError: When it expired or never existed.
+            DefinitionNotFoundError: When it expired or never existed.
         """
         with self._lock:
             cached = self._definitions.get(definition_hash)
@@ -172,7 +184,7 @@ class RedisStateStore:
             return cached
         raw = self.client.get(keys.definition_key(definition_hash))
         if raw is None:
-            raise RunNotFoundError(f"definition {definition_hash}")
+            raise DefinitionNotFoundError(definition_hash)
         spec = parse_workflow(json.loads(raw))
         with self._lock:
             self._definitions[definition_hash] = spec
@@ -293,13 +305,13 @@ class RedisStateStore:
             lambda pipe: self._evalsha(pipe, "claim", run_id, argv),
         )
         reply = [_text(x) for x in replies[1]]
-        outcome = reply[0]
-        if outcome != "ok" and not (outcome == "busy" and reply[1:2] == ["own"]):
+        outcome = ClaimOutcome(reply[0])
+        if outcome != ClaimOutcome.OK and not (outcome == ClaimOutcome.BUSY and reply[1:2] == ["own"]):
             self.client.zrem(keys.LEASES, member)
-        if outcome == "ok":
+        if outcome == ClaimOutcome.OK:
             rows = reply[9:]
             return Claim(
-                outcome="ok",
+                outcome=ClaimOutcome.OK,
                 attempt=int(reply[1]),
                 generation_attempt=int(reply[1]) - int(reply[5] or 0),
                 now=float(reply[2]),
@@ -313,10 +325,10 @@ class RedisStateStore:
                     p: json.loads(rows[2 * i + 1]) if rows[2 * i + 1] else None for i, p in enumerate(upstream)
                 },
             )
-        if outcome == "done":
+        if outcome == ClaimOutcome.DONE:
             rows = reply[2:]
             waiting = tuple(c for i, c in enumerate(children) if rows[2 * i] == "queued" and rows[2 * i + 1] == "")
-            return Claim(outcome="done", detail=reply[1], unclaimed_children=waiting)
+            return Claim(outcome=ClaimOutcome.DONE, detail=reply[1], unclaimed_children=waiting)
         return Claim(outcome=outcome, detail=reply[1] if len(reply) > 1 else "")
 
     def finish(
@@ -325,12 +337,12 @@ class RedisStateStore:
         outcome: StepOutcome,
         *,
         output: Any = None,
-        error: dict[str, Any] | None = None,
+        error: ErrorRecord | None = None,
         children: tuple[str, ...] = (),
         cache_key: str = "",
         cached: bool = False,
         grace_s: float = 300.0,
-    ) -> Finish:
+    ) -> FinishResult:
         """Record a final outcome and release the children whose last parent this was.
 
         ``cached`` marks a success served from the step's stored result (its output is then kept as it is).
@@ -366,9 +378,9 @@ class RedisStateStore:
                 pipe.zrem(keys.DEADLINES, keys.deadline_member(run_id, generation))
             pipe.execute()
         if reply[0] != "ok":
-            return Finish(recorded=False)
-        return Finish(recorded=True, run_status=reply[1] or None, released=released,
-                      task_ids={c: held[c] for c in released})  # fmt: skip
+            return FinishResult(recorded=False)
+        return FinishResult(recorded=True, run_status=reply[1] or None, released=released,
+                            task_ids={c: held[c] for c in released})  # fmt: skip
 
     def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
         """Cover steps about to be published in the lease index, so the sweeper resends a message that is lost."""
@@ -377,7 +389,7 @@ class RedisStateStore:
             members = {keys.lease_member(run_id, s, t): due for s, t in task_ids.items()}
             self.client.zadd(keys.LEASES, cast(Any, members))
 
-    def retry(self, attempt: Attempt, error: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def retry(self, attempt: Attempt, error: ErrorRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Record a retryable error and put the step back to ``queued`` for ``countdown_s``.
 
         The attempt stays in the lease index until ``countdown_s + grace_s`` (Celery's retry keeps the task id), so
@@ -391,7 +403,7 @@ class RedisStateStore:
         self.client.zadd(keys.LEASES, {keys.lease_member(run_id, step, task_id): float(_text(lease))})
         return True
 
-    def defer(self, attempt: Attempt, deferral: dict[str, Any], *, countdown_s: float, grace_s: float) -> bool:
+    def defer(self, attempt: Attempt, deferral: DeferralRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Put a running step back to ``queued`` for ``countdown_s`` without counting the attempt (see ``defer.lua``).
 
         ``False`` when the attempt is stale.
@@ -433,8 +445,8 @@ class RedisStateStore:
         return [_text(m) for m in self.client.zrangebyscore(keys.LEASES, "-inf", now, start=0, num=limit)]
 
     def reclaim(
-        self, member: str, new_task_id: str, error: dict[str, Any], *, grace_s: float, backlog_wait_s: float = 0.0
-    ) -> Reclaim | None:
+        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+    ) -> ReclaimedStep | None:
         """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
 
         Returns:
@@ -454,14 +466,16 @@ class RedisStateStore:
         pipe.execute()
         if reply[0] != "ok":
             return None
-        return Reclaim(run_id=run_id, step=step, definition_hash=reply[1], generation=reply[2], task_id=reply[3])
+        return ReclaimedStep(run_id=run_id, step=step, definition_hash=reply[1], generation=reply[2], task_id=reply[3])
 
-    def stop(self, run_id: str, status: RunStatus, reason: str, steps: tuple[str, ...], generation: str = "") -> Stop:
+    def stop(
+        self, run_id: str, status: RunStatus, reason: str, steps: tuple[str, ...], generation: str = ""
+    ) -> StopResult:
         """End a run early (``cancelled`` or ``timed_out``; see ``lua/stop.lua``)."""
         argv: list[Any] = [status.value, reason, self.retention_s, generation, *steps]
         reply = [_text(x) for x in self._scripts["stop"](keys=_run_keys(run_id), args=argv)]
-        if reply[0] != "ok":
-            return Stop(outcome=reply[0], detail=reply[1] if len(reply) > 1 else "")
+        if reply[0] != StopOutcome.OK:
+            return StopResult(outcome=StopOutcome(reply[0]), detail=reply[1] if len(reply) > 1 else "")
         stopped_gen, pairs = reply[2], reply[3:]
         interrupted = tuple((pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2))
         members = [keys.lease_member(run_id, s, t) for s, t in interrupted if t]
@@ -474,14 +488,14 @@ class RedisStateStore:
         if steps:
             pipe.zrem(keys.APPROVALS, *(keys.approval_member(run_id, stopped_gen, step) for step in steps))
         pipe.execute()
-        return Stop(outcome="ok", detail=reply[1], interrupted=interrupted)
+        return StopResult(outcome=StopOutcome.OK, detail=reply[1], interrupted=interrupted)
 
-    def resume(self, run_id: str, plan: ResumePlan) -> tuple[str, str]:
+    def resume(self, run_id: str, plan: ResumePlan) -> ResumeResult:
         """Apply a resume plan atomically (see ``lua/resume.lua``); a workflow deadline starts again from now.
 
         Returns:
-            ``("ok", new_generation)``, ``("conflict", generation)`` when another resume won, or
-            ``("refused", run_status)``.
+            ``OK`` with the new generation, ``CONFLICT`` with the current one when another resume won, or
+            ``REFUSED`` with the run's status.
         """
         if plan.definition is not None:
             self.save_definition(plan.definition)
@@ -494,7 +508,10 @@ class RedisStateStore:
         for step, status, pending in plan.resets:
             argv += [step, status, pending]
         reply = [_text(x) for x in self._scripts["resume"](keys=_run_keys(run_id), args=argv)]
-        if reply[0] == "ok":
+        outcome = ResumeOutcome(reply[0])
+        if outcome == ResumeOutcome.REFUSED:
+            return ResumeResult(outcome, detail=reply[1])
+        if outcome == ResumeOutcome.OK:
             # Timers of the generation left behind must not fire into the new one; fresh ones are set as steps wait.
             old = plan.expected_generation
             pipe = self.client.pipeline(transaction=False)
@@ -504,7 +521,7 @@ class RedisStateStore:
             if reply[2]:
                 pipe.zadd(keys.DEADLINES, {keys.deadline_member(run_id, reply[1]): float(reply[2])})
             pipe.execute()
-        return reply[0], reply[1]
+        return ResumeResult(outcome, generation=reply[1])
 
     def add_deadline(self, run_id: str, generation: str, at: float) -> None:
         """Schedule the run's workflow deadline (durable: swept by any worker, whenever one runs)."""
@@ -542,24 +559,27 @@ class RedisStateStore:
         pipe.execute()
         return reply[0] == "ok"
 
-    def decide(self, run_id: str, step: str, decision: Decision) -> tuple[str, str]:
+    def decide(self, run_id: str, step: str, decision: Decision) -> DecisionResult:
         """Record a decision on a waiting step; the first allowed one wins (see ``lua/decide.lua``).
 
         Returns:
-            ``("ok", generation)`` (the step now runs under ``decision.task_id``, lease indexed: finish it next),
-            ``("forbidden", "")``, ``("not_waiting", step_status)``, ``("stale", run_generation)`` or
-            ``("missing", "")``.
+            ``OK`` with the generation (the step now runs under ``decision.task_id``, lease indexed: finish it
+            next), ``FORBIDDEN``, ``NOT_WAITING`` with the step's status, ``STALE`` with the run's generation, or
+            ``MISSING``.
         """
         argv: list[Any] = [step, decision.decision, decision.by, decision.comment, "1" if decision.allowed else "0",
                            decision.task_id, decision.lease_s, decision.generation, MAX_AUDIT_ENTRIES]  # fmt: skip
         reply = [_text(x) for x in self._scripts["decide"](keys=_run_keys(run_id), args=argv)]
-        if reply[0] != "ok":
-            return reply[0], reply[1] if len(reply) > 1 else ""
+        outcome = DecisionOutcome(reply[0])
+        if outcome == DecisionOutcome.NOT_WAITING:
+            return DecisionResult(outcome, detail=reply[1])
+        if outcome != DecisionOutcome.OK:
+            return DecisionResult(outcome, generation=reply[1] if len(reply) > 1 else "")
         pipe = self.client.pipeline(transaction=False)
         pipe.zadd(keys.LEASES, {keys.lease_member(run_id, step, decision.task_id): time.time() + decision.lease_s})
         pipe.zrem(keys.APPROVALS, keys.approval_member(run_id, reply[1], step))
         pipe.execute()
-        return "ok", reply[1]
+        return DecisionResult(DecisionOutcome.OK, generation=reply[1])
 
     def due_approvals(self, limit: int = 500) -> list[tuple[str, str, str]]:
         """``(run_id, generation, step)`` of approval waits whose timeout passed, by Redis's clock."""

@@ -94,7 +94,7 @@ def _stranded(client: Client, url: str, run_ids: list[str]) -> dict[str, Any]:
         if RunStatus(fields["status"]).finished:
             continue
         out[run_id] = {
-            step: (status, fields.get(f"s:{step}:task", ""),
+            step: (status, fields.get(keys.step_field(step, "task"), ""),
                    any(m.startswith(f"{run_id}|{step}|") for m in leases),
                    sum(run_id in m and f"'{step}'" in m for m in messages))
             for key, status in fields.items()

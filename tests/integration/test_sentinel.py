@@ -24,7 +24,7 @@ from orchestrator.api import ApiAuth, StreamLimits, create_app
 from orchestrator.api.auth import Principal, Scope
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.dev.redis_server import find_redis_server
-from orchestrator.engine.outage import OUTAGE_ERRORS, outlast
+from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
 from orchestrator.state import RedisStateStore, keys
 from tests.conftest import ARTIFACTS, IN_CI, WORKER_ENV
 from tests.integration.helpers import llm, py, wait_for, workflow
@@ -251,7 +251,7 @@ def test_a_demoted_masters_readonly_reaches_the_workers_as_an_outage_they_wait_o
 
     answers = iter([("127.0.0.1", demoted)] * 5)
     pool.sentinel_manager.discover_master = _first_then(answers, real)
-    assert outlast("test write", lambda: store.client.set("orch:test:readonly", "2"), patience_s=30)
+    assert retry_through_outage("test write", lambda: store.client.set("orch:test:readonly", "2"), patience_s=30)
     assert redis.Redis(port=group.master).get("orch:test:readonly") == b"2"
     assert next(answers, None) is None, "the demoted master was tried first"
 

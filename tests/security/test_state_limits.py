@@ -16,7 +16,7 @@ import redis
 from pydantic import ValidationError
 
 from orchestrator import Client
-from orchestrator.api.schemas import Decision as DecisionBody
+from orchestrator.api.schemas import DecideStep
 from orchestrator.definition.spec import MAX_WORKFLOW_TIMEOUT_S, parse_workflow
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.domain import MAX_DECISION_COMMENT_CHARS
@@ -62,9 +62,9 @@ def test_a_workflow_timeout_beyond_the_run_s_own_life_is_refused() -> None:
 
 
 def test_a_decision_comment_over_the_limit_is_refused_by_the_api_body() -> None:
-    DecisionBody(decision="approve", comment="x" * MAX_DECISION_COMMENT_CHARS)
+    DecideStep(decision="approve", comment="x" * MAX_DECISION_COMMENT_CHARS)
     with pytest.raises(ValidationError, match=str(MAX_DECISION_COMMENT_CHARS)):
-        DecisionBody(decision="approve", comment="x" * (MAX_DECISION_COMMENT_CHARS + 1))
+        DecideStep(decision="approve", comment="x" * (MAX_DECISION_COMMENT_CHARS + 1))
 
 
 def test_a_decision_comment_over_the_limit_is_refused_by_the_client_before_anything_is_read_or_written(

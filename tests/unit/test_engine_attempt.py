@@ -23,7 +23,7 @@ from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepDeferred
 from orchestrator.infra.settings import Settings
-from orchestrator.state import MemoryStateStore
+from orchestrator.state import MemoryStateStore, keys
 
 SETTINGS = replace(Settings.from_env({}), outage_patience_s=2.0, retry_cap_s=0.0)
 
@@ -61,47 +61,47 @@ class RecordingPublisher:
         self.revoked.extend(task_ids)
 
 
-def runtime(store: MemoryStateStore | None = None, **executor: Any) -> tuple[Runtime, RecordingPublisher]:
+def make_runtime(store: MemoryStateStore | None = None, **executor: Any) -> tuple[Runtime, RecordingPublisher]:
     publisher = RecordingPublisher()
-    rt = build_runtime(SETTINGS, publisher, store=store or MemoryStateStore(), **executor)
-    return rt, publisher
+    runtime = build_runtime(SETTINGS, publisher, store=store or MemoryStateStore(), **executor)
+    return runtime, publisher
 
 
-def start(rt: Runtime, publisher: RecordingPublisher, definition: dict[str, Any], **inputs: Any) -> str:
+def start(runtime: Runtime, publisher: RecordingPublisher, definition: dict[str, Any], **inputs: Any) -> str:
     """Create a run as a producer would and publish its roots."""
     spec = parse_workflow(definition)
     run_id = uuid.uuid4().hex
-    rt.store.save_definition(spec)
-    assert rt.store.create_run(run_id, spec, dict(inputs), None)
+    runtime.store.save_definition(spec)
+    assert runtime.store.create_run(run_id, spec, dict(inputs), None)
     publisher.publish(spec, run_id=run_id, steps=spec.graph.roots, generation="1")
     return run_id
 
 
-def deliver(rt: Runtime, message: Message) -> str:
+def deliver(runtime: Runtime, message: Message) -> str:
     attempt = Attempt(message.run_id, message.step, message.generation, message.task_id)
-    return execute_attempt(rt, attempt, message.definition_hash)
+    return execute_attempt(runtime, attempt, message.definition_hash)
 
 
-def drive(rt: Runtime, publisher: RecordingPublisher, limit: int = 100) -> list[str]:
+def drive(runtime: Runtime, publisher: RecordingPublisher, limit: int = 100) -> list[str]:
     """Deliver every published message, redelivering retried ones (their countdown is not waited for)."""
     results = []
     while publisher.sent and limit:
         limit -= 1
         message = publisher.sent.pop(0)
         try:
-            results.append(deliver(rt, message))
+            results.append(deliver(runtime, message))
         except RetryableStepError:
             publisher.sent.append(message)  # Celery's retry: the same task id, delivered again later
             results.append("retry")
     return results
 
 
-def step_status(rt: Runtime, run_id: str, step: str) -> str:
-    return rt.store.run_fields(run_id)[f"s:{step}:status"]
+def step_status(runtime: Runtime, run_id: str, step: str) -> str:
+    return runtime.store.run_fields(run_id)[keys.step_field(step, "status")]
 
 
-def run_status(rt: Runtime, run_id: str) -> str:
-    return rt.store.run_fields(run_id)["status"]
+def run_status(runtime: Runtime, run_id: str) -> str:
+    return runtime.store.run_fields(run_id)["status"]
 
 
 def workflow(*steps: dict[str, Any]) -> dict[str, Any]:
@@ -109,25 +109,27 @@ def workflow(*steps: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_a_claimed_step_runs_records_and_publishes_the_children_it_released() -> None:
-    rt, publisher = runtime()
-    run_id = start(rt, publisher, workflow({"name": "a", "uses": "noop"},
-                                           {"name": "b", "uses": "noop", "depends_on": ["a"]}))  # fmt: skip
+    runtime, publisher = make_runtime()
+    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "noop"},
+                                                {"name": "b", "uses": "noop", "depends_on": ["a"]}))  # fmt: skip
 
-    assert deliver(rt, publisher.sent.pop(0)) == "succeeded"
+    assert deliver(runtime, publisher.sent.pop(0)) == "succeeded"
 
     assert [m.step for m in publisher.sent] == ["b"]
-    assert drive(rt, publisher) == ["succeeded"]
-    assert run_status(rt, run_id) == RunStatus.SUCCEEDED
+    assert drive(runtime, publisher) == ["succeeded"]
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
 
 
 def test_a_second_delivery_of_a_finished_step_runs_nothing_and_republishes_unclaimed_children() -> None:
-    rt, publisher = runtime()
-    start(rt, publisher, workflow({"name": "a", "uses": "noop"}, {"name": "b", "uses": "noop", "depends_on": ["a"]}))
+    runtime, publisher = make_runtime()
+    start(
+        runtime, publisher, workflow({"name": "a", "uses": "noop"}, {"name": "b", "uses": "noop", "depends_on": ["a"]})
+    )
     first = publisher.sent.pop(0)
-    deliver(rt, first)
+    deliver(runtime, first)
     lost_child = publisher.sent.pop(0)  # as if the finishing worker died before the child's message left
 
-    outcome = deliver(rt, first)
+    outcome = deliver(runtime, first)
 
     assert outcome.startswith("duplicate delivery of finished step")
     assert [(m.step, m.task_id) for m in publisher.sent] != []
@@ -135,88 +137,98 @@ def test_a_second_delivery_of_a_finished_step_runs_nothing_and_republishes_uncla
 
 
 def test_a_message_of_an_older_generation_is_dropped() -> None:
-    rt, publisher = runtime()
-    start(rt, publisher, workflow({"name": "a", "uses": "noop"}))
+    runtime, publisher = make_runtime()
+    start(runtime, publisher, workflow({"name": "a", "uses": "noop"}))
     message = publisher.sent.pop(0)
 
-    assert deliver(rt, replace(message, generation="0")) == "dropped: stale"
+    assert deliver(runtime, replace(message, generation="0")) == "dropped: stale"
 
 
 def test_a_message_naming_an_unknown_definition_or_step_is_dropped() -> None:
-    rt, publisher = runtime()
-    start(rt, publisher, workflow({"name": "a", "uses": "noop"}))
+    runtime, publisher = make_runtime()
+    start(runtime, publisher, workflow({"name": "a", "uses": "noop"}))
     message = publisher.sent.pop(0)
 
-    assert deliver(rt, replace(message, definition_hash="0" * 32)) == "dropped: unknown definition"
-    assert deliver(rt, replace(message, step="nope")) == "dropped: unknown step"
+    assert deliver(runtime, replace(message, definition_hash="0" * 32)) == "dropped: unknown definition"
+    assert deliver(runtime, replace(message, step="nope")) == "dropped: unknown step"
 
 
 def test_a_retryable_error_is_recorded_and_raised_with_its_countdown_then_the_next_attempt_succeeds() -> None:
-    rt, publisher = runtime()
-    run_id = start(rt, publisher, workflow({"name": "a", "uses": "llm", "with": {
+    runtime, publisher = make_runtime()
+    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "llm", "with": {
         "prompt": "hi", "simulate": {"errors": ["overloaded"]}}}))  # fmt: skip
     message = publisher.sent.pop(0)
 
     with pytest.raises(RetryableStepError) as raised:
-        deliver(rt, message)
+        deliver(runtime, message)
 
     assert raised.value.countdown is not None
-    assert step_status(rt, run_id, "a") == StepStatus.QUEUED
-    assert deliver(rt, message) == "succeeded"
-    view_errors = rt.store.run_fields(run_id)["s:a:errors"]
+    assert step_status(runtime, run_id, "a") == StepStatus.QUEUED
+    assert deliver(runtime, message) == "succeeded"
+    view_errors = runtime.store.run_fields(run_id)["s:a:errors"]
     assert "overloaded" in view_errors
 
 
 def test_a_non_retryable_error_fails_the_step_and_the_run_at_once() -> None:
-    rt, publisher = runtime()
-    run_id = start(rt, publisher, workflow({"name": "a", "uses": "llm", "with": {
+    runtime, publisher = make_runtime()
+    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "llm", "with": {
         "prompt": "hi", "simulate": {"errors": ["bad_request"]}}}))  # fmt: skip
 
-    assert drive(rt, publisher) == ["failed"]
-    assert run_status(rt, run_id) == RunStatus.FAILED
+    assert drive(runtime, publisher) == ["failed"]
+    assert run_status(runtime, run_id) == RunStatus.FAILED
 
 
 def test_a_step_out_of_attempts_gives_up_naming_the_last_error() -> None:
-    rt, publisher = runtime()
-    run_id = start(rt, publisher, workflow({"name": "a", "uses": "llm", "retry": {"max_attempts": 2},
-                                            "with": {"prompt": "hi", "simulate": {"errors": ["overloaded"] * 5}}}))  # fmt: skip
+    runtime, publisher = make_runtime()
+    run_id = start(
+        runtime,
+        publisher,
+        workflow(
+            {
+                "name": "a",
+                "uses": "llm",
+                "retry": {"max_attempts": 2},
+                "with": {"prompt": "hi", "simulate": {"errors": ["overloaded"] * 5}},
+            }
+        ),
+    )
 
-    assert drive(rt, publisher) == ["retry", "failed"]
-    assert step_status(rt, run_id, "a") == StepStatus.FAILED
+    assert drive(runtime, publisher) == ["retry", "failed"]
+    assert step_status(runtime, run_id, "a") == StepStatus.FAILED
 
 
 def test_a_false_condition_skips_the_step_and_its_dependents_follow_their_trigger_rule() -> None:
-    rt, publisher = runtime()
-    run_id = start(rt, publisher, workflow(
+    runtime, publisher = make_runtime()
+    run_id = start(runtime, publisher, workflow(
         {"name": "a", "uses": "noop", "condition": "inputs.go"},
         {"name": "b", "uses": "noop", "depends_on": ["a"]},
         {"name": "c", "uses": "noop", "depends_on": ["a"], "trigger_rule": "all_done"},
     ), go=False)  # fmt: skip
 
-    drive(rt, publisher)
+    drive(runtime, publisher)
 
-    assert [step_status(rt, run_id, s) for s in "abc"] == ["skipped", "skipped", "succeeded"]
-    assert run_status(rt, run_id) == RunStatus.SUCCEEDED
+    assert [step_status(runtime, run_id, s) for s in "abc"] == ["skipped", "skipped", "succeeded"]
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
 
 
 def test_a_failed_parent_makes_its_child_upstream_failed_without_running_it() -> None:
-    rt, publisher = runtime()
-    run_id = start(rt, publisher, workflow(
+    runtime, publisher = make_runtime()
+    run_id = start(runtime, publisher, workflow(
         {"name": "a", "uses": "llm", "with": {"prompt": "x", "simulate": {"errors": ["bad_request"]}}},
         {"name": "b", "uses": "noop", "depends_on": ["a"]},
     ))  # fmt: skip
 
-    drive(rt, publisher)
+    drive(runtime, publisher)
 
-    assert step_status(rt, run_id, "b") == StepStatus.UPSTREAM_FAILED
+    assert step_status(runtime, run_id, "b") == StepStatus.UPSTREAM_FAILED
 
 
 def test_an_approval_step_parks_the_attempt_holding_nothing() -> None:
-    rt, publisher = runtime()
-    run_id = start(rt, publisher, workflow({"name": "a", "uses": "approval", "with": {"approvers": ["ann"]}}))
+    runtime, publisher = make_runtime()
+    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "approval", "with": {"approvers": ["ann"]}}))
 
-    assert drive(rt, publisher) == ["waiting for a decision"]
-    assert step_status(rt, run_id, "a") == StepStatus.WAITING
+    assert drive(runtime, publisher) == ["waiting for a decision"]
+    assert step_status(runtime, run_id, "a") == StepStatus.WAITING
     assert not publisher.sent
 
 
@@ -231,14 +243,14 @@ def test_a_step_deferred_by_a_shared_limit_is_given_back_without_counting_an_att
         def run(self, step: Any, ctx: StepContext, call: Any) -> Any:
             raise StepDeferred("wait", reason="rate_limit", model="m", countdown=1.5)
 
-    rt, publisher = runtime()
-    rt.executor = Deferring(rt.executor)  # type: ignore[assignment]
-    run_id = start(rt, publisher, workflow({"name": "a", "uses": "noop"}))
+    runtime, publisher = make_runtime()
+    runtime.executor = Deferring(runtime.executor)  # type: ignore[assignment]
+    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "noop"}))
 
     with pytest.raises(StepDeferred):
-        deliver(rt, publisher.sent.pop(0))
+        deliver(runtime, publisher.sent.pop(0))
 
-    fields = rt.store.run_fields(run_id)
+    fields = runtime.store.run_fields(run_id)
     assert fields["s:a:status"] == StepStatus.QUEUED
     assert fields["s:a:attempts"] == "0"
 
@@ -251,12 +263,12 @@ def test_a_bug_in_the_step_code_fails_the_step_as_an_internal_error_instead_of_s
         def run(self, step: Any, ctx: StepContext, call: Any) -> Any:
             raise KeyError("oops")
 
-    rt, publisher = runtime()
-    rt.executor = Broken()  # type: ignore[assignment]
-    run_id = start(rt, publisher, workflow({"name": "a", "uses": "noop"}))
+    runtime, publisher = make_runtime()
+    runtime.executor = Broken()  # type: ignore[assignment]
+    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "noop"}))
 
-    assert drive(rt, publisher) == ["failed"]
-    assert "internal_error" in rt.store.run_fields(run_id)["s:a:error"]
+    assert drive(runtime, publisher) == ["failed"]
+    assert "internal_error" in runtime.store.run_fields(run_id)["s:a:error"]
 
 
 def test_an_interrupt_from_the_pool_is_a_timeout_and_retried() -> None:
@@ -270,37 +282,37 @@ def test_an_interrupt_from_the_pool_is_a_timeout_and_retried() -> None:
         def run(self, step: Any, ctx: StepContext, call: Any) -> Any:
             raise Interrupted
 
-    rt, publisher = runtime()
-    rt.executor = Slow()  # type: ignore[assignment]
-    rt.interrupts = (Interrupted,)
-    run_id = start(rt, publisher, workflow({"name": "a", "uses": "noop", "timeout_s": 1}))
+    runtime, publisher = make_runtime()
+    runtime.executor = Slow()  # type: ignore[assignment]
+    runtime.interrupts = (Interrupted,)
+    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "noop", "timeout_s": 1}))
 
     with pytest.raises(RetryableStepError) as raised:
-        deliver(rt, publisher.sent.pop(0))
+        deliver(runtime, publisher.sent.pop(0))
 
     assert raised.value.kind == "timeout"
-    assert "timeout" in rt.store.run_fields(run_id)["s:a:errors"]
+    assert "timeout" in runtime.store.run_fields(run_id)["s:a:errors"]
 
 
 def test_a_resumed_step_whose_inputs_match_its_stored_result_reuses_it() -> None:
-    rt, publisher = runtime()
-    run_id = start(rt, publisher, workflow(
+    runtime, publisher = make_runtime()
+    run_id = start(runtime, publisher, workflow(
         {"name": "a", "uses": "llm", "with": {"prompt": "x"}},
         {"name": "b", "uses": "llm", "depends_on": ["a"], "with": {"prompt": "{{ steps.a.output.text }}"}},
     ))  # fmt: skip
-    drive(rt, publisher)
-    assert run_status(rt, run_id) == RunStatus.SUCCEEDED
+    drive(runtime, publisher)
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
 
-    resume_run(publisher, SETTINGS, rt.store, run_id, from_step="a")
-    drive(rt, publisher)
+    resume_run(publisher, SETTINGS, runtime.store, run_id, from_step="a")
+    drive(runtime, publisher)
 
-    fields = rt.store.run_fields(run_id)
+    fields = runtime.store.run_fields(run_id)
     assert (fields["s:a:cached"], fields["s:b:cached"]) == ("", "1")
 
 
 def test_an_outage_while_recording_is_waited_out_and_the_finish_lands_once() -> None:
-    rt, publisher = runtime()
-    store = rt.store
+    runtime, publisher = make_runtime()
+    store = runtime.store
     real_finish = store.finish
     calls = {"n": 0}
 
@@ -311,11 +323,11 @@ def test_an_outage_while_recording_is_waited_out_and_the_finish_lands_once() -> 
         return real_finish(*args, **kwargs)
 
     store.finish = flaky_finish  # type: ignore[method-assign]
-    run_id = start(rt, publisher, workflow({"name": "a", "uses": "noop"}))
+    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "noop"}))
 
-    assert drive(rt, publisher) == ["succeeded"]
+    assert drive(runtime, publisher) == ["succeeded"]
     assert calls["n"] == 2
-    assert run_status(rt, run_id) == RunStatus.SUCCEEDED
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
 
 
 def test_a_python_step_raising_a_non_retryable_error_fails_with_its_kind() -> None:
@@ -325,9 +337,9 @@ def test_a_python_step_raising_a_non_retryable_error_fails_with_its_kind() -> No
         raise NonRetryableStepError("no", kind="refused")
 
     registry.register(refuse, "refuse")
-    rt, publisher = runtime()
-    rt.executor.functions = registry
-    run_id = start(rt, publisher, workflow({"name": "a", "uses": "python", "with": {"function": "refuse"}}))
+    runtime, publisher = make_runtime()
+    runtime.executor.functions = registry
+    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "python", "with": {"function": "refuse"}}))
 
-    assert drive(rt, publisher) == ["failed"]
-    assert "refused" in rt.store.run_fields(run_id)["s:a:error"]
+    assert drive(runtime, publisher) == ["failed"]
+    assert "refused" in runtime.store.run_fields(run_id)["s:a:error"]

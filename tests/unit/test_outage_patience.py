@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from orchestrator.engine.outage import outlast
+from orchestrator.engine.outage import retry_through_outage
 from orchestrator.infra.settings import Settings
 
 
@@ -25,7 +25,7 @@ def test_a_call_is_repeated_while_redis_does_not_answer_and_its_result_returned_
             raise redis.exceptions.ConnectionError("Connection refused")
         return "claimed"
 
-    assert outlast("claim", flaky, patience_s=30) == "claimed"
+    assert retry_through_outage("claim", flaky, patience_s=30) == "claimed"
     assert len(calls) == 3
 
 
@@ -38,13 +38,15 @@ def test_a_demoted_master_answering_readonly_counts_as_an_outage() -> None:
             raise redis.exceptions.ReadOnlyError("You can't write against a read only replica.")
         return "ok"
 
-    assert outlast("finish", demoted_then_promoted, patience_s=30) == "ok"
+    assert retry_through_outage("finish", demoted_then_promoted, patience_s=30) == "ok"
 
 
 def test_past_its_patience_the_outage_error_is_raised() -> None:
     started = time.monotonic()
     with pytest.raises(redis.exceptions.TimeoutError):
-        outlast("publish", lambda: (_ for _ in ()).throw(redis.exceptions.TimeoutError("timed out")), patience_s=0.3)
+        retry_through_outage(
+            "publish", lambda: (_ for _ in ()).throw(redis.exceptions.TimeoutError("timed out")), patience_s=0.3
+        )
     assert time.monotonic() - started < 5
 
 
@@ -56,5 +58,5 @@ def test_an_error_that_is_not_an_outage_is_raised_at_once() -> None:
         raise redis.exceptions.ResponseError("WRONGTYPE")
 
     with pytest.raises(redis.exceptions.ResponseError):
-        outlast("claim", broken, patience_s=30)
+        retry_through_outage("claim", broken, patience_s=30)
     assert calls == [1]

@@ -20,10 +20,25 @@ import redis
 
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.dev.redis_server import RedisServer, find_redis_server
-from orchestrator.domain import MAX_AUDIT_ENTRIES, Attempt, Decision, Reclaim, ResumePlan, RunStatus, StepOutcome, Stop
+from orchestrator.domain import (
+    MAX_AUDIT_ENTRIES,
+    Attempt,
+    ClaimOutcome,
+    Decision,
+    DecisionOutcome,
+    DecisionResult,
+    ReclaimedStep,
+    ResumeOutcome,
+    ResumePlan,
+    ResumeResult,
+    RunStatus,
+    StepOutcome,
+    StopOutcome,
+    StopResult,
+)
 from orchestrator.engine.events import Event
 from orchestrator.engine.status import run_view
-from orchestrator.errors import RunNotFoundError, StoreUnavailableError
+from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError, StoreUnavailableError
 from orchestrator.state import MemoryStateStore, RedisStateStore, StateStore, keys
 
 pytestmark = pytest.mark.timeout(30)
@@ -225,7 +240,7 @@ def finish(
 def run_step(backend: Backend, spec: WorkflowSpec, step: str, outcome: StepOutcome = StepOutcome.SUCCEEDED) -> Any:
     """Claim and finish one step under its default task id."""
     at = attempt(step)
-    assert claim(backend, spec, at).outcome == "ok"
+    assert claim(backend, spec, at).outcome == ClaimOutcome.OK
     return finish(backend, spec, at, outcome)
 
 
@@ -243,7 +258,7 @@ def retry(
 def succeed(backend: Backend, spec: WorkflowSpec, step: str, output: Any, cache_key: str) -> None:
     """Claim and finish one step as succeeded with ``output`` stored under ``cache_key``."""
     at = attempt(step)
-    assert claim(backend, spec, at).outcome == "ok"
+    assert claim(backend, spec, at).outcome == ClaimOutcome.OK
     assert finish(backend, spec, at, output=output, cache_key=cache_key).recorded
 
 
@@ -257,7 +272,7 @@ def resume_plan(
 
 
 def step_fields(backend: Backend, step: str, run_id: str = "run1") -> dict[str, str]:
-    prefix = f"s:{step}:"
+    prefix = keys.step_prefix(step)
     return {k.removeprefix(prefix): v for k, v in backend.store.run_fields(run_id).items() if k.startswith(prefix)}
 
 
@@ -269,7 +284,7 @@ def test_a_new_run_queues_only_its_roots(backend: Backend) -> None:
     fields = backend.store.run_fields("run1")
     assert fields["status"] == "running"
     assert fields["remaining"] == "4"
-    assert {s: fields[f"s:{s}:status"] for s in "abcd"} == {
+    assert {s: fields[keys.step_field(s, "status")] for s in "abcd"} == {
         "a": "queued",
         "b": "queued",
         "c": "pending",
@@ -280,8 +295,8 @@ def test_a_new_run_queues_only_its_roots(backend: Backend) -> None:
 
 def test_a_root_can_be_claimed_but_a_child_is_busy_until_released(backend: Backend) -> None:
     start(backend, CHAIN)
-    assert claim(backend, CHAIN, attempt("a")).outcome == "ok"
-    assert claim(backend, CHAIN, attempt("b")).outcome == "busy"
+    assert claim(backend, CHAIN, attempt("a")).outcome == ClaimOutcome.OK
+    assert claim(backend, CHAIN, attempt("b")).outcome == ClaimOutcome.BUSY
     assert step_fields(backend, "b")["status"] == "pending"
 
 
@@ -290,15 +305,15 @@ def test_of_many_simultaneous_claims_of_one_step_exactly_one_starts_an_attempt(b
     tasks = [f"t{i}" for i in range(16)]
     barrier = threading.Barrier(len(tasks))
 
-    def race(task_id: str) -> str:
+    def race(task_id: str) -> ClaimOutcome:
         barrier.wait(timeout=10)
-        return str(claim(backend, SINGLE, attempt("a", task_id)).outcome)
+        return claim(backend, SINGLE, attempt("a", task_id)).outcome
 
     with ThreadPoolExecutor(len(tasks)) as pool:
         outcomes = list(pool.map(race, tasks))
 
-    assert sorted(outcomes) == ["busy"] * 15 + ["ok"]
-    assert step_fields(backend, "a")["task"] == tasks[outcomes.index("ok")]
+    assert sorted(outcomes) == [ClaimOutcome.BUSY] * 15 + [ClaimOutcome.OK]
+    assert step_fields(backend, "a")["task"] == tasks[outcomes.index(ClaimOutcome.OK)]
 
 
 def test_creating_a_run_with_an_existing_id_is_refused_and_changes_nothing(backend: Backend) -> None:
@@ -311,14 +326,14 @@ def test_creating_a_run_with_an_existing_id_is_refused_and_changes_nothing(backe
 def test_a_claim_returns_the_inputs_and_the_upstream_outputs_and_statuses(backend: Backend) -> None:
     start(backend, N_SHAPE, inputs={"topic": "owls", "n": 3})
     a, b = attempt("a"), attempt("b")
-    assert claim(backend, N_SHAPE, a).outcome == "ok"
-    assert claim(backend, N_SHAPE, b).outcome == "ok"
+    assert claim(backend, N_SHAPE, a).outcome == ClaimOutcome.OK
+    assert claim(backend, N_SHAPE, b).outcome == ClaimOutcome.OK
     finish(backend, N_SHAPE, a, output={"text": "hoot"})
     finish(backend, N_SHAPE, b, StepOutcome.FAILED, error={"type": "error", "message": "broken"})
 
     got = claim(backend, N_SHAPE, attempt("c"))
 
-    assert got.outcome == "ok"
+    assert got.outcome == ClaimOutcome.OK
     assert got.attempt == 1
     assert got.errors == []
     assert got.inputs == {"topic": "owls", "n": 3}
@@ -338,20 +353,22 @@ def test_a_claim_marks_the_step_running_under_its_task_id_with_a_lease(backend: 
 
 def test_a_second_claim_of_a_running_step_is_busy_whatever_its_task_id(backend: Backend) -> None:
     start(backend, SINGLE)
-    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == "ok"
-    assert claim(backend, SINGLE, attempt("a", "t2")).outcome == "busy"
-    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == "busy"
+    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == ClaimOutcome.OK
+    assert claim(backend, SINGLE, attempt("a", "t2")).outcome == ClaimOutcome.BUSY
+    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == ClaimOutcome.BUSY
     assert step_fields(backend, "a")["attempts"] == "1"
 
 
 def test_an_unknown_run_is_missing_to_every_transition(backend: Backend) -> None:
     ghost = attempt("a", "t1", run_id="ghost")
-    assert claim(backend, SINGLE, ghost).outcome == "missing"
+    assert claim(backend, SINGLE, ghost).outcome == ClaimOutcome.MISSING
     assert not finish(backend, SINGLE, ghost).recorded
     assert retry(backend, ghost) is False
     assert backend.store.reclaim(keys.lease_member("ghost", "a", "t1"), "t2", LOST, grace_s=GRACE_S) is None
-    assert backend.store.stop("ghost", RunStatus.CANCELLED, "cancelled", ("a",)) == Stop("missing")
-    assert backend.store.resume("ghost", resume_plan(("a", "queued", 0))) == ("refused", "missing")
+    assert backend.store.stop("ghost", RunStatus.CANCELLED, "cancelled", ("a",)) == StopResult(StopOutcome.MISSING)
+    assert backend.store.resume("ghost", resume_plan(("a", "queued", 0))) == ResumeResult(
+        ResumeOutcome.REFUSED, detail="missing"
+    )
     assert backend.store.renew({"ghost": [("a", "t1")]}, LONG_LEASE_S) == [("ghost", "a", "t1", False)]
     with pytest.raises(RunNotFoundError) as caught:
         backend.store.run_fields("ghost")
@@ -360,7 +377,7 @@ def test_an_unknown_run_is_missing_to_every_transition(backend: Backend) -> None
 
 def test_a_step_the_run_does_not_have_is_missing(backend: Backend) -> None:
     start(backend, SINGLE)
-    assert claim(backend, DIAMOND, attempt("d")).outcome == "missing"
+    assert claim(backend, DIAMOND, attempt("d")).outcome == ClaimOutcome.MISSING
 
 
 # -- finishing and releasing ---------------------------------------------------------------------------------------
@@ -370,10 +387,10 @@ def test_a_join_in_a_diamond_is_released_only_when_its_last_parent_finishes(back
     start(backend, DIAMOND)
     assert set(run_step(backend, DIAMOND, "a").released) == {"b", "c"}
     assert run_step(backend, DIAMOND, "b").released == ()
-    assert claim(backend, DIAMOND, attempt("d")).outcome == "busy"
+    assert claim(backend, DIAMOND, attempt("d")).outcome == ClaimOutcome.BUSY
     assert run_step(backend, DIAMOND, "c").released == ("d",)
     assert step_fields(backend, "d")["status"] == "queued"
-    assert claim(backend, DIAMOND, attempt("d")).outcome == "ok"
+    assert claim(backend, DIAMOND, attempt("d")).outcome == ClaimOutcome.OK
 
 
 def test_parents_finishing_at_the_same_time_release_their_join_exactly_once(backend: Backend) -> None:
@@ -474,8 +491,8 @@ def test_an_upstream_failure_alone_fails_the_run_but_is_not_its_first_failure(ba
 def test_a_stale_generation_is_refused_by_claim_finish_and_retry(backend: Backend) -> None:
     start(backend, SINGLE)
     old = attempt("a", "t1", generation="0")
-    assert claim(backend, SINGLE, old).outcome == "stale"
-    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == "ok"
+    assert claim(backend, SINGLE, old).outcome == ClaimOutcome.STALE
+    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == ClaimOutcome.OK
 
     assert not finish(backend, SINGLE, old).recorded
     assert retry(backend, old, RATE_LIMITED) is False
@@ -486,7 +503,7 @@ def test_a_stale_generation_is_refused_by_claim_finish_and_retry(backend: Backen
 
 def test_a_stale_task_id_can_neither_finish_nor_retry(backend: Backend) -> None:
     start(backend, SINGLE)
-    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == "ok"
+    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == ClaimOutcome.OK
     intruder = attempt("a", "t2")
 
     assert not finish(backend, SINGLE, intruder).recorded
@@ -506,7 +523,7 @@ def test_a_step_that_was_never_claimed_cannot_be_finished(backend: Backend) -> N
 
 def test_a_retry_requeues_the_step_with_its_error_and_keeps_the_task_id(backend: Backend) -> None:
     start(backend, SINGLE)
-    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == "ok"
+    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == ClaimOutcome.OK
     before = backend.now()
 
     assert retry(backend, attempt("a", "t1"), RATE_LIMITED, countdown_s=RETRY_COUNTDOWN_S, grace_s=GRACE_S) is True
@@ -530,9 +547,9 @@ def test_after_a_retry_only_the_same_task_id_may_claim_and_it_sees_the_errors(ba
     started_at = step_fields(backend, "a")["started_at"]
     backend.tick()
 
-    assert claim(backend, SINGLE, attempt("a", "t2")).outcome == "superseded"
+    assert claim(backend, SINGLE, attempt("a", "t2")).outcome == ClaimOutcome.SUPERSEDED
     again = claim(backend, SINGLE, attempt("a", "t1"))
-    assert again.outcome == "ok"
+    assert again.outcome == ClaimOutcome.OK
     assert again.attempt == 2
     assert again.errors == [RATE_LIMITED]
     fields = step_fields(backend, "a")
@@ -599,11 +616,11 @@ def test_a_duplicate_delivery_of_a_finished_step_is_done_and_lists_released_uncl
 ) -> None:
     start(backend, DIAMOND)
     run_step(backend, DIAMOND, "a")
-    assert claim(backend, DIAMOND, attempt("b")).outcome == "ok"
+    assert claim(backend, DIAMOND, attempt("b")).outcome == ClaimOutcome.OK
 
     again = claim(backend, DIAMOND, attempt("a"))
 
-    assert again.outcome == "done"
+    assert again.outcome == ClaimOutcome.DONE
     assert again.detail == "succeeded"
     assert again.unclaimed_children == ("c",)
     assert step_fields(backend, "a")["attempts"] == "1"
@@ -625,7 +642,7 @@ def test_a_finished_step_is_done_for_any_task_id_even_once_the_run_has_ended(bac
     start(backend, SINGLE)
     run_step(backend, SINGLE, "a", StepOutcome.FAILED)
     got = claim(backend, SINGLE, attempt("a", "someone-else"))
-    assert (got.outcome, got.detail, got.unclaimed_children) == ("done", "failed", ())
+    assert (got.outcome, got.detail, got.unclaimed_children) == (ClaimOutcome.DONE, "failed", ())
 
 
 def test_a_run_whose_dispatch_failed_is_failed_and_turns_claims_away_as_inactive(backend: Backend) -> None:
@@ -635,7 +652,7 @@ def test_a_run_whose_dispatch_failed_is_failed_and_turns_claims_away_as_inactive
     fields = backend.store.run_fields("run1")
     assert (fields["status"], fields["error"], fields["first_failure"]) == ("failed", "broker down", "(dispatch)")
     got = claim(backend, CHAIN, attempt("a"))
-    assert (got.outcome, got.detail) == ("inactive", "failed")
+    assert (got.outcome, got.detail) == (ClaimOutcome.INACTIVE, "failed")
     backend.assert_expires_in("run1", RETENTION_S)
 
 
@@ -644,8 +661,8 @@ def test_a_run_whose_dispatch_failed_is_failed_and_turns_claims_away_as_inactive
 
 def test_a_claimed_attempt_is_found_by_the_sweeper_once_its_lease_has_passed(backend: Backend) -> None:
     start(backend, N_SHAPE)
-    assert claim(backend, N_SHAPE, attempt("a", "ta"), lease_s=LONG_LEASE_S).outcome == "ok"
-    assert claim(backend, N_SHAPE, attempt("b", "tb"), lease_s=SHORT_LEASE_S).outcome == "ok"
+    assert claim(backend, N_SHAPE, attempt("a", "ta"), lease_s=LONG_LEASE_S).outcome == ClaimOutcome.OK
+    assert claim(backend, N_SHAPE, attempt("b", "tb"), lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.OK
     short = keys.lease_member("run1", "b", "tb")
 
     assert backend.wait_past(SHORT_LEASE_S, lambda: short in backend.store.expired_leases())
@@ -654,7 +671,7 @@ def test_a_claimed_attempt_is_found_by_the_sweeper_once_its_lease_has_passed(bac
 
 def test_a_refused_claim_leaves_nothing_in_the_lease_index(backend: Backend) -> None:
     start(backend, CHAIN)
-    assert claim(backend, CHAIN, attempt("a", "t1")).outcome == "ok"
+    assert claim(backend, CHAIN, attempt("a", "t1")).outcome == ClaimOutcome.OK
     start(backend, SINGLE, "failed-run")
     backend.store.mark_dispatch_failed("failed-run", "broker down")
     start(backend, SINGLE, "done-run")
@@ -662,18 +679,21 @@ def test_a_refused_claim_leaves_nothing_in_the_lease_index(backend: Backend) -> 
     claim(backend, SINGLE, finished)
     assert finish(backend, SINGLE, finished).recorded
     refused = [
-        ("busy", CHAIN, attempt("a", "t2")),
-        ("busy", CHAIN, attempt("b", "tb")),  # not released yet
-        ("stale", CHAIN, attempt("a", "t-old", generation="0")),
-        ("missing", CHAIN, attempt("a", "t-ghost", run_id="ghost")),
-        ("inactive", SINGLE, attempt("a", "t-failed", run_id="failed-run")),
-        ("done", SINGLE, attempt("a", "t-dup", run_id="done-run")),
+        (ClaimOutcome.BUSY, CHAIN, attempt("a", "t2")),
+        (ClaimOutcome.BUSY, CHAIN, attempt("b", "tb")),  # not released yet
+        (ClaimOutcome.STALE, CHAIN, attempt("a", "t-old", generation="0")),
+        (ClaimOutcome.MISSING, CHAIN, attempt("a", "t-ghost", run_id="ghost")),
+        (ClaimOutcome.INACTIVE, SINGLE, attempt("a", "t-failed", run_id="failed-run")),
+        (ClaimOutcome.DONE, SINGLE, attempt("a", "t-dup", run_id="done-run")),
     ]
     for outcome, spec, at in refused:
         assert claim(backend, spec, at, lease_s=SHORT_LEASE_S).outcome == outcome
     # A claim made after all of them, with the same lease: once it is overdue, any of theirs would be too.
     start(backend, SINGLE, "sentinel")
-    assert claim(backend, SINGLE, attempt("a", "t-sentinel", run_id="sentinel"), lease_s=SHORT_LEASE_S).outcome == "ok"
+    assert (
+        claim(backend, SINGLE, attempt("a", "t-sentinel", run_id="sentinel"), lease_s=SHORT_LEASE_S).outcome
+        == ClaimOutcome.OK
+    )
     sentinel = keys.lease_member("sentinel", "a", "t-sentinel")
 
     assert backend.wait_past(SHORT_LEASE_S, lambda: sentinel in backend.store.expired_leases())
@@ -687,8 +707,8 @@ def test_a_duplicate_delivery_of_a_running_attempt_leaves_it_findable_by_the_swe
     # the step running for ever.
     start(backend, SINGLE)
     at = attempt("a", "t1")
-    assert claim(backend, SINGLE, at, lease_s=SHORT_LEASE_S).outcome == "ok"
-    assert claim(backend, SINGLE, at, lease_s=SHORT_LEASE_S).outcome == "busy"
+    assert claim(backend, SINGLE, at, lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.OK
+    assert claim(backend, SINGLE, at, lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.BUSY
 
     member = keys.lease_member("run1", "a", "t1")
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
@@ -697,10 +717,12 @@ def test_a_duplicate_delivery_of_a_running_attempt_leaves_it_findable_by_the_swe
 def test_expired_leases_lists_the_overdue_oldest_first_up_to_the_limit(backend: Backend) -> None:
     for run_id in ("r3", "r1", "r2"):
         start(backend, SINGLE, run_id)
-        assert claim(backend, SINGLE, attempt("a", "t", run_id=run_id), lease_s=SHORT_LEASE_S).outcome == "ok"
+        assert (
+            claim(backend, SINGLE, attempt("a", "t", run_id=run_id), lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.OK
+        )
         backend.tick()
     start(backend, SINGLE, "live")
-    assert claim(backend, SINGLE, attempt("a", "t", run_id="live"), lease_s=LONG_LEASE_S).outcome == "ok"
+    assert claim(backend, SINGLE, attempt("a", "t", run_id="live"), lease_s=LONG_LEASE_S).outcome == ClaimOutcome.OK
 
     assert backend.wait_past(SHORT_LEASE_S, lambda: len(backend.store.expired_leases()) == 3)
     assert backend.store.expired_leases() == [keys.lease_member(r, "a", "t") for r in ("r3", "r1", "r2")]
@@ -710,9 +732,9 @@ def test_expired_leases_lists_the_overdue_oldest_first_up_to_the_limit(backend: 
 def test_finish_takes_the_attempt_out_of_the_lease_index(backend: Backend) -> None:
     start(backend, N_SHAPE)
     a = attempt("a", "ta")
-    assert claim(backend, N_SHAPE, a, lease_s=SHORT_LEASE_S).outcome == "ok"
+    assert claim(backend, N_SHAPE, a, lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.OK
     assert finish(backend, N_SHAPE, a).recorded
-    assert claim(backend, N_SHAPE, attempt("b", "tb"), lease_s=SHORT_LEASE_S).outcome == "ok"
+    assert claim(backend, N_SHAPE, attempt("b", "tb"), lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.OK
     later = keys.lease_member("run1", "b", "tb")
 
     assert backend.wait_past(SHORT_LEASE_S, lambda: later in backend.store.expired_leases())
@@ -724,7 +746,7 @@ def test_a_retry_keeps_the_attempt_in_the_lease_index_until_its_countdown_and_gr
 ) -> None:
     start(backend, SINGLE)
     at = attempt("a", "t1")
-    assert claim(backend, SINGLE, at, lease_s=LONG_LEASE_S).outcome == "ok"
+    assert claim(backend, SINGLE, at, lease_s=LONG_LEASE_S).outcome == ClaimOutcome.OK
     before = backend.now()
     assert retry(backend, at, countdown_s=SHORT_LEASE_S / 2, grace_s=SHORT_LEASE_S / 2)
     after = backend.now()
@@ -747,7 +769,7 @@ def test_a_delayed_retry_lost_with_its_worker_is_sent_again_under_the_same_task_
 
     got = backend.store.reclaim(member, "t2", LOST, grace_s=SHORT_LEASE_S)
 
-    assert got == Reclaim("run1", "a", SINGLE.definition_hash, "1", "t1")
+    assert got == ReclaimedStep("run1", "a", SINGLE.definition_hash, "1", "t1")
     fields = step_fields(backend, "a")
     assert (fields["status"], fields["task"]) == ("queued", "t1")
     assert float(fields["lease"]) >= before + SHORT_LEASE_S - 1e-3
@@ -756,9 +778,9 @@ def test_a_delayed_retry_lost_with_its_worker_is_sent_again_under_the_same_task_
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
     assert backend.store.reclaim(member, "t3", LOST, grace_s=LONG_LEASE_S) == got
     assert member not in backend.store.expired_leases()
-    assert claim(backend, SINGLE, attempt("a", "t2")).outcome == "superseded"
+    assert claim(backend, SINGLE, attempt("a", "t2")).outcome == ClaimOutcome.SUPERSEDED
     again = claim(backend, SINGLE, at)
-    assert (again.outcome, again.attempt, again.errors) == ("ok", 2, [RATE_LIMITED])
+    assert (again.outcome, again.attempt, again.errors) == (ClaimOutcome.OK, 2, [RATE_LIMITED])
 
 
 def test_a_released_child_is_held_in_the_lease_index_under_the_task_id_it_is_published_with(
@@ -768,10 +790,10 @@ def test_a_released_child_is_held_in_the_lease_index_under_the_task_id_it_is_pub
     # something to send again: the child is covered before any message exists.
     start(backend, N_SHAPE)
     a = attempt("a", "ta")
-    assert claim(backend, N_SHAPE, a).outcome == "ok"
+    assert claim(backend, N_SHAPE, a).outcome == ClaimOutcome.OK
     assert finish(backend, N_SHAPE, a, grace_s=SHORT_LEASE_S).task_ids == {}  # c still waits for b
     b = attempt("b", "tb")
-    assert claim(backend, N_SHAPE, b).outcome == "ok"
+    assert claim(backend, N_SHAPE, b).outcome == ClaimOutcome.OK
     done = finish(backend, N_SHAPE, b, grace_s=SHORT_LEASE_S)
     assert set(done.released) == {"c", "d"} == set(done.task_ids)
     held = {step: keys.lease_member("run1", step, task) for step, task in done.task_ids.items()}
@@ -780,12 +802,12 @@ def test_a_released_child_is_held_in_the_lease_index_under_the_task_id_it_is_pub
     assert sorted(backend.store.expired_leases()) == sorted(held.values())
     # Nobody claimed c: it is sent again under the task id its lost message carried, and stays unclaimed.
     got = backend.store.reclaim(held["c"], "t-new", LOST, grace_s=LONG_LEASE_S)
-    assert got == Reclaim("run1", "c", N_SHAPE.definition_hash, "1", done.task_ids["c"])
+    assert got == ReclaimedStep("run1", "c", N_SHAPE.definition_hash, "1", done.task_ids["c"])
     fields = step_fields(backend, "c")
     assert (fields["status"], fields.get("task", ""), fields.get("errors")) == ("queued", "", None)
-    assert claim(backend, N_SHAPE, attempt("c", done.task_ids["c"])).outcome == "ok"
+    assert claim(backend, N_SHAPE, attempt("c", done.task_ids["c"])).outcome == ClaimOutcome.OK
     # d was claimed by its message meanwhile: the hold became its lease, and a live lease is left alone.
-    assert claim(backend, N_SHAPE, attempt("d", done.task_ids["d"])).outcome == "ok"
+    assert claim(backend, N_SHAPE, attempt("d", done.task_ids["d"])).outcome == ClaimOutcome.OK
     assert backend.store.reclaim(held["d"], "t-new", LOST, grace_s=LONG_LEASE_S) is None
     assert backend.store.expired_leases() == []
 
@@ -794,13 +816,13 @@ def test_a_dispatch_hold_sends_a_lost_root_again_until_a_worker_claims_it(backen
     member = held_root(backend, CHAIN, SHORT_LEASE_S)
 
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
-    assert backend.store.reclaim(member, "t2", LOST, grace_s=SHORT_LEASE_S) == Reclaim(
+    assert backend.store.reclaim(member, "t2", LOST, grace_s=SHORT_LEASE_S) == ReclaimedStep(
         "run1", "a", CHAIN.definition_hash, "1", "t1"
     )
     # Lost again: sent again, under the same task id.
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
     assert backend.store.reclaim(member, "t3", LOST, grace_s=LONG_LEASE_S) is not None
-    assert claim(backend, CHAIN, attempt("a", "t1")).outcome == "ok"
+    assert claim(backend, CHAIN, attempt("a", "t1")).outcome == ClaimOutcome.OK
     assert backend.store.reclaim(member, "t4", LOST, grace_s=LONG_LEASE_S) is None
     assert step_fields(backend, "a")["status"] == "running"
 
@@ -844,24 +866,24 @@ def test_while_the_queues_hold_a_backlog_an_unclaimed_step_is_held_longer_not_re
     # Once it has waited backlog_wait_s since it was queued, it is sent again, backlog or not.
     assert backend.wait_past(grace, lambda: member in backend.store.expired_leases())
     got = backend.store.reclaim(member, "t-new", LOST, grace_s=grace, backlog_wait_s=grace)
-    assert got == Reclaim("run1", "a", CHAIN.definition_hash, "1", "t1")
+    assert got == ReclaimedStep("run1", "a", CHAIN.definition_hash, "1", "t1")
 
 
 def test_a_backlog_does_not_delay_recovering_an_attempt_whose_worker_died(backend: Backend) -> None:
     start(backend, SINGLE)
-    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=SHORT_LEASE_S).outcome == "ok"
+    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.OK
     member = keys.lease_member("run1", "a", "t1")
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
 
     got = backend.store.reclaim(member, "t2", LOST, grace_s=GRACE_S, backlog_wait_s=LONG_LEASE_S)
 
-    assert got == Reclaim("run1", "a", SINGLE.definition_hash, "1", "t2")
+    assert got == ReclaimedStep("run1", "a", SINGLE.definition_hash, "1", "t2")
 
 
 def test_a_dispatch_hold_of_a_step_claimed_under_another_task_id_is_dropped(backend: Backend) -> None:
     start(backend, SINGLE)
     backend.store.hold_dispatch("run1", {"a": "t-held"}, SHORT_LEASE_S)
-    assert claim(backend, SINGLE, attempt("a", "t-other")).outcome == "ok"
+    assert claim(backend, SINGLE, attempt("a", "t-other")).outcome == ClaimOutcome.OK
     member = keys.lease_member("run1", "a", "t-held")
 
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
@@ -890,7 +912,7 @@ def test_after_the_lease_expires_reclaim_requeues_the_step_under_a_new_task_id(b
 
     got = backend.store.reclaim(member, "t2", LOST, grace_s=SHORT_LEASE_S)
 
-    assert got == Reclaim("run1", "a", SINGLE.definition_hash, "1", "t2")
+    assert got == ReclaimedStep("run1", "a", SINGLE.definition_hash, "1", "t2")
     fields = step_fields(backend, "a")
     assert (fields["status"], fields["task"]) == ("queued", "t2")
     assert float(fields["lease"]) >= before + SHORT_LEASE_S - 1e-3
@@ -911,13 +933,13 @@ def test_after_a_reclaim_the_old_task_id_is_superseded_and_the_new_one_runs(back
     assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
     assert backend.store.reclaim(member, "t2", LOST, grace_s=GRACE_S) is not None
 
-    assert claim(backend, SINGLE, old).outcome == "superseded"
+    assert claim(backend, SINGLE, old).outcome == ClaimOutcome.SUPERSEDED
     assert not finish(backend, SINGLE, old).recorded
     assert retry(backend, old) is False
     assert backend.store.renew({"run1": [("a", "t1")]}, LONG_LEASE_S) == [("run1", "a", "t1", False)]
     new = claim(backend, SINGLE, attempt("a", "t2"))
-    assert (new.outcome, new.attempt, new.errors) == ("ok", 2, [LOST])
-    assert claim(backend, SINGLE, old).outcome == "busy"
+    assert (new.outcome, new.attempt, new.errors) == (ClaimOutcome.OK, 2, [LOST])
+    assert claim(backend, SINGLE, old).outcome == ClaimOutcome.BUSY
 
 
 def test_renew_extends_only_the_leases_of_attempts_still_running_and_owned(backend: Backend) -> None:
@@ -984,11 +1006,11 @@ def test_a_cached_finish_keeps_the_stored_output_and_clears_the_force_flag(backe
     succeed(backend, CHAIN, "a", {"x": 1}, "ka")
     succeed(backend, CHAIN, "b", {"y": 2}, "kb")
     plan = resume_plan(("a", "queued", 0), ("b", "pending", 1), allowed=(*RESUMABLE, "succeeded"), forced="a")
-    assert backend.store.resume("run1", plan) == ("ok", "2")
+    assert backend.store.resume("run1", plan) == ResumeResult(ResumeOutcome.OK, "2")
 
     a = attempt("a", "a2", generation="2")
     got = claim(backend, CHAIN, a)
-    assert (got.outcome, got.cache_key, got.force) == ("ok", "ka", True)
+    assert (got.outcome, got.cache_key, got.force) == (ClaimOutcome.OK, "ka", True)
     assert finish(backend, CHAIN, a, cache_key="ka", cached=True).released == ("b",)
 
     fields = step_fields(backend, "a")
@@ -1001,7 +1023,10 @@ def test_a_cached_finish_keeps_the_stored_output_and_clears_the_force_flag(backe
 def test_a_finish_other_than_success_clears_the_stored_output(backend: Backend, outcome: StepOutcome) -> None:
     start(backend, SINGLE)
     succeed(backend, SINGLE, "a", {"x": 1}, "ka")
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0), allowed=("succeeded",), forced="a"))[0] == "ok"
+    assert (
+        backend.store.resume("run1", resume_plan(("a", "queued", 0), allowed=("succeeded",), forced="a")).outcome
+        == ResumeOutcome.OK
+    )
     a = attempt("a", "a2", generation="2")
     claim(backend, SINGLE, a)
 
@@ -1022,18 +1047,18 @@ def test_stopping_a_run_cancels_its_unfinished_steps_and_lists_the_running_and_q
 
     got = backend.store.stop("run1", RunStatus.CANCELLED, "cancelled by alice", ALL_STEPS)
 
-    assert (got.outcome, got.interrupted) == ("ok", (("b", "task-b"), ("c", "")))
+    assert (got.outcome, got.interrupted) == (StopOutcome.OK, (("b", "task-b"), ("c", "")))
     assert float(got.detail) == pytest.approx(backend.now(), abs=POLL_MARGIN_S)
     fields = backend.store.run_fields("run1")
     assert (fields["status"], fields["error"]) == ("cancelled", "cancelled by alice")
     assert fields["stopped_at"] == fields["finished_at"] == got.detail
-    assert {s: fields[f"s:{s}:status"] for s in "abcd"} == {
+    assert {s: fields[keys.step_field(s, "status")] for s in "abcd"} == {
         "a": "succeeded",
         "b": "cancelled",
         "c": "cancelled",
         "d": "cancelled",
     }
-    assert all(fields[f"s:{s}:finished_at"] == got.detail for s in "bcd")
+    assert all(fields[keys.step_field(s, "finished_at")] == got.detail for s in "bcd")
     assert fields["s:b:lease"] == ""
     backend.assert_expires_in("run1", RETENTION_S)
 
@@ -1043,11 +1068,11 @@ def test_after_a_stop_no_step_starts_and_the_interrupted_attempt_records_nothing
     run_step(backend, DIAMOND, "a")
     b = attempt("b")
     claim(backend, DIAMOND, b)
-    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ALL_STEPS).outcome == "ok"
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ALL_STEPS).outcome == StopOutcome.OK
 
     for step, status in (("a", "succeeded"), ("b", "cancelled"), ("c", "cancelled"), ("d", "cancelled")):
         got = claim(backend, DIAMOND, attempt(step, "late"))
-        assert (got.outcome, got.detail) == ("done", status)
+        assert (got.outcome, got.detail) == (ClaimOutcome.DONE, status)
     assert not finish(backend, DIAMOND, b).recorded
     assert retry(backend, b) is False
     assert backend.store.renew({"run1": [("b", "task-b")]}, LONG_LEASE_S) == [("run1", "b", "task-b", False)]
@@ -1059,7 +1084,7 @@ def test_a_step_the_stop_did_not_name_is_turned_away_as_inactive(backend: Backen
     start(backend, CHAIN)
     assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("b",)).interrupted == ()
     got = claim(backend, CHAIN, attempt("a"))
-    assert (got.outcome, got.detail) == ("inactive", "cancelled")
+    assert (got.outcome, got.detail) == (ClaimOutcome.INACTIVE, "cancelled")
 
 
 def test_stopping_a_run_takes_its_interrupted_attempts_out_of_the_lease_index(backend: Backend) -> None:
@@ -1081,15 +1106,19 @@ def test_stopping_a_run_takes_its_interrupted_attempts_out_of_the_lease_index(ba
 
 def test_stopping_a_run_that_has_ended_reports_how_it_ended_and_changes_nothing(backend: Backend) -> None:
     start(backend, SINGLE)
-    assert backend.store.stop("run1", RunStatus.CANCELLED, "first", ("a",)).outcome == "ok"
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "first", ("a",)).outcome == StopOutcome.OK
     before = backend.store.run_fields("run1")
     start(backend, SINGLE, "run2")
     done = attempt("a", run_id="run2")
     claim(backend, SINGLE, done)
     assert finish(backend, SINGLE, done).run_status == "succeeded"
 
-    assert backend.store.stop("run1", RunStatus.TIMED_OUT, "second", ("a",)) == Stop("finished", "cancelled")
-    assert backend.store.stop("run2", RunStatus.CANCELLED, "too late", ("a",)) == Stop("finished", "succeeded")
+    assert backend.store.stop("run1", RunStatus.TIMED_OUT, "second", ("a",)) == StopResult(
+        StopOutcome.FINISHED, "cancelled"
+    )
+    assert backend.store.stop("run2", RunStatus.CANCELLED, "too late", ("a",)) == StopResult(
+        StopOutcome.FINISHED, "succeeded"
+    )
     assert backend.store.run_fields("run1") == before
     fields = backend.store.run_fields("run2")
     assert (fields["status"], fields["s:a:status"]) == ("succeeded", "succeeded")
@@ -1098,12 +1127,14 @@ def test_stopping_a_run_that_has_ended_reports_how_it_ended_and_changes_nothing(
 
 def test_a_stop_for_another_generation_is_stale_and_one_for_an_unknown_run_is_missing(backend: Backend) -> None:
     start(backend, SINGLE)
-    assert backend.store.stop("run1", RunStatus.TIMED_OUT, "deadline", ("a",), generation="0") == Stop("stale")
+    assert backend.store.stop("run1", RunStatus.TIMED_OUT, "deadline", ("a",), generation="0") == StopResult(
+        StopOutcome.STALE
+    )
     assert backend.store.run_fields("run1")["status"] == "running"
-    assert backend.store.stop("ghost", RunStatus.CANCELLED, "cancelled", ("a",)) == Stop("missing")
+    assert backend.store.stop("ghost", RunStatus.CANCELLED, "cancelled", ("a",)) == StopResult(StopOutcome.MISSING)
 
     got = backend.store.stop("run1", RunStatus.TIMED_OUT, "deadline", ("a",), generation="1")
-    assert (got.outcome, got.interrupted) == ("ok", (("a", ""),))
+    assert (got.outcome, got.interrupted) == (StopOutcome.OK, (("a", ""),))
     assert backend.store.run_fields("run1")["status"] == "timed_out"
 
 
@@ -1120,7 +1151,7 @@ def test_a_resume_resets_the_planned_steps_and_starts_the_next_generation(backen
     assert finish(backend, CHAIN, b, StepOutcome.FAILED, error={"type": "error", "message": "broken"}).run_status
     assert backend.store.run_fields("run1")["first_failure"] == "b"
 
-    assert backend.store.resume("run1", resume_plan(("b", "queued", 0))) == ("ok", "2")
+    assert backend.store.resume("run1", resume_plan(("b", "queued", 0))) == ResumeResult(ResumeOutcome.OK, "2")
 
     fields = backend.store.run_fields("run1")
     assert (fields["status"], fields["gen"], fields["remaining"], fields["failures"]) == ("running", "2", "1", "0")
@@ -1148,13 +1179,13 @@ def test_after_a_resume_the_old_generation_is_stale_and_the_retry_budget_counts_
     assert retry(backend, old)
     claim(backend, SINGLE, old)
     assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).interrupted == (("a", "t1"),)
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ResumeResult(ResumeOutcome.OK, "2")
 
-    assert claim(backend, SINGLE, attempt("a", "t2", generation="1")).outcome == "stale"
+    assert claim(backend, SINGLE, attempt("a", "t2", generation="1")).outcome == ClaimOutcome.STALE
     assert not finish(backend, SINGLE, old).recorded
     new = attempt("a", "t2", generation="2")
     got = claim(backend, SINGLE, new)
-    assert (got.outcome, got.attempt, got.generation_attempt, got.errors) == ("ok", 3, 1, [RATE_LIMITED])
+    assert (got.outcome, got.attempt, got.generation_attempt, got.errors) == (ClaimOutcome.OK, 3, 1, [RATE_LIMITED])
     assert retry(backend, new)
     again = claim(backend, SINGLE, new)
     assert (again.attempt, again.generation_attempt) == (4, 2)
@@ -1167,24 +1198,30 @@ def test_of_two_simultaneous_resumes_from_one_generation_only_one_wins(backend: 
     plan = resume_plan(("a", "queued", 0))
     barrier = threading.Barrier(2)
 
-    def resume() -> tuple[str, str]:
+    def resume() -> ResumeResult:
         barrier.wait(timeout=10)
         return backend.store.resume("run1", plan)
 
     with ThreadPoolExecutor(2) as pool:
-        outcomes = sorted(pool.map(lambda _: resume(), range(2)))
+        outcomes = sorted(pool.map(lambda _: resume(), range(2)), key=lambda result: result.outcome)
 
-    assert outcomes == [("conflict", "2"), ("ok", "2")]
+    assert outcomes == [ResumeResult(ResumeOutcome.CONFLICT, "2"), ResumeResult(ResumeOutcome.OK, "2")]
     assert backend.store.run_fields("run1")["gen"] == "2"
-    assert backend.store.resume("run1", plan) == ("conflict", "2")
+    assert backend.store.resume("run1", plan) == ResumeResult(ResumeOutcome.CONFLICT, "2")
 
 
 def test_a_resume_is_refused_unless_the_run_status_is_allowed(backend: Backend) -> None:
     start(backend, SINGLE)
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("refused", "running")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ResumeResult(
+        ResumeOutcome.REFUSED, detail="running"
+    )
     run_step(backend, SINGLE, "a")
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("refused", "succeeded")
-    assert backend.store.resume("ghost", resume_plan(("a", "queued", 0))) == ("refused", "missing")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ResumeResult(
+        ResumeOutcome.REFUSED, detail="succeeded"
+    )
+    assert backend.store.resume("ghost", resume_plan(("a", "queued", 0))) == ResumeResult(
+        ResumeOutcome.REFUSED, detail="missing"
+    )
     fields = backend.store.run_fields("run1")
     assert (fields["status"], fields["gen"], fields["s:a:status"]) == ("succeeded", "1", "succeeded")
 
@@ -1194,12 +1231,18 @@ def test_a_claim_reports_force_only_for_the_step_a_resume_starts_from(backend: B
     succeed(backend, CHAIN, "a", {"x": 1}, "ka")
     succeed(backend, CHAIN, "b", {"y": 2}, "kb")
     plan = resume_plan(("b", "queued", 0), allowed=("succeeded",), forced="b")
-    assert backend.store.resume("run1", plan) == ("ok", "2")
+    assert backend.store.resume("run1", plan) == ResumeResult(ResumeOutcome.OK, "2")
     assert step_fields(backend, "a").get("force", "") == ""
 
     got = claim(backend, CHAIN, attempt("b", "b2", generation="2"))
 
-    assert (got.outcome, got.force, got.cache_key, got.attempt, got.generation_attempt) == ("ok", True, "kb", 2, 1)
+    assert (got.outcome, got.force, got.cache_key, got.attempt, got.generation_attempt) == (
+        ClaimOutcome.OK,
+        True,
+        "kb",
+        2,
+        1,
+    )
     assert finish(backend, CHAIN, attempt("b", "b2", generation="2"), output={"y": 3}, cache_key="kb2").recorded
     fields = step_fields(backend, "b")
     assert (fields["force"], fields["output"], fields["cache_key"]) == ("", '{"y":3}', "kb2")
@@ -1246,8 +1289,9 @@ def test_an_idempotency_key_binds_once_and_is_released_only_by_its_own_run(backe
 def test_a_saved_definition_loads_by_its_hash_and_an_unknown_one_raises(backend: Backend) -> None:
     backend.store.save_definition(DIAMOND)
     assert backend.store.load_definition(DIAMOND.definition_hash) == DIAMOND
-    with pytest.raises(RunNotFoundError):
+    with pytest.raises(DefinitionNotFoundError) as caught:
         backend.store.load_definition(SINGLE.definition_hash)
+    assert caught.value.definition_hash == SINGLE.definition_hash
 
 
 def test_run_ids_are_listed_newest_first_up_to_the_limit(backend: Backend) -> None:
@@ -1286,7 +1330,7 @@ def test_an_expired_run_behaves_as_if_it_never_existed(backend: Backend) -> None
         return False
 
     assert backend.wait_past(1, gone)
-    assert store.claim(at, lease_s=LONG_LEASE_S, upstream=(), children=()).outcome == "missing"
+    assert store.claim(at, lease_s=LONG_LEASE_S, upstream=(), children=()).outcome == ClaimOutcome.MISSING
     assert store.create_run("run1", SINGLE, {}, None)
 
 
@@ -1421,7 +1465,7 @@ def test_failed_skipped_and_upstream_failed_steps_are_told_with_their_errors_and
 
 def run_step_with_error(backend: Backend, step: str, outcome: StepOutcome, error: dict[str, Any]) -> None:
     at = attempt(step)
-    assert claim(backend, N_SHAPE, at).outcome == "ok"
+    assert claim(backend, N_SHAPE, at).outcome == ClaimOutcome.OK
     assert finish(backend, N_SHAPE, at, outcome, error=error).recorded
 
 
@@ -1518,7 +1562,7 @@ def test_a_resume_tells_the_new_generation_then_queues_only_the_reset_steps_that
 def test_after_a_resume_the_start_and_the_end_of_one_attempt_carry_the_same_attempt_number(backend: Backend) -> None:
     start(backend, SINGLE)
     run_step(backend, SINGLE, "a", StepOutcome.FAILED)
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ResumeResult(ResumeOutcome.OK, "2")
     a2 = attempt("a", "a2", generation="2")
     assert claim(backend, SINGLE, a2).attempt == 2
 
@@ -1579,9 +1623,9 @@ def test_a_waiting_reader_sleeps_through_other_runs_and_wakes_for_a_transition_o
     reader.start()
     try:
         assert eventually(lambda: backend.blocked_readers() == 1), "the reader never blocked"
-        assert claim(backend, SINGLE, attempt("a", run_id="run2")).outcome == "ok"
+        assert claim(backend, SINGLE, attempt("a", run_id="run2")).outcome == ClaimOutcome.OK
         transition_at = time.monotonic()
-        assert claim(backend, SINGLE, attempt("a")).outcome == "ok"
+        assert claim(backend, SINGLE, attempt("a")).outcome == ClaimOutcome.OK
     finally:
         reader.join(WAIT_S)
     assert not reader.is_alive()
@@ -1612,22 +1656,26 @@ def test_a_refused_transition_tells_nothing(backend: Backend) -> None:
     before = backend.store.events("run1")
 
     assert not backend.store.create_run("run1", CHAIN, {}, None)
-    assert claim(backend, CHAIN, attempt("a", "t2")).outcome == "busy"
-    assert claim(backend, CHAIN, attempt("b")).outcome == "busy"
-    assert claim(backend, CHAIN, attempt("a", "t1", generation="0")).outcome == "stale"
+    assert claim(backend, CHAIN, attempt("a", "t2")).outcome == ClaimOutcome.BUSY
+    assert claim(backend, CHAIN, attempt("b")).outcome == ClaimOutcome.BUSY
+    assert claim(backend, CHAIN, attempt("a", "t1", generation="0")).outcome == ClaimOutcome.STALE
     assert not finish(backend, CHAIN, attempt("a", "t2")).recorded
     assert not finish(backend, CHAIN, attempt("b")).recorded
     assert retry(backend, attempt("a", "t2")) is False
     assert backend.store.reclaim(keys.lease_member("run1", "a", "t1"), "t9", LOST, grace_s=GRACE_S) is None
     assert backend.store.reclaim(keys.lease_member("run1", "b", "tb"), "t9", LOST, grace_s=GRACE_S) is None
-    assert backend.store.stop("run1", RunStatus.CANCELLED, "no", ALL_STEPS, generation="0") == Stop("stale")
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("refused", "running")
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "no", ALL_STEPS, generation="0") == StopResult(
+        StopOutcome.STALE
+    )
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ResumeResult(
+        ResumeOutcome.REFUSED, detail="running"
+    )
     # Renewing a lease is no transition: it tells nothing either.
     assert backend.store.renew({"run1": [("a", "t1"), ("b", "tb")]}, LONG_LEASE_S)[0][3]
     assert backend.store.events("run1") == before
     assert retry(backend, a)
     with_retry = backend.store.events("run1")
-    assert claim(backend, CHAIN, attempt("a", "t2")).outcome == "superseded"
+    assert claim(backend, CHAIN, attempt("a", "t2")).outcome == ClaimOutcome.SUPERSEDED
     assert not finish(backend, CHAIN, a).recorded  # queued for its retry, not running
     assert retry(backend, a) is False
     assert backend.store.events("run1") == with_retry
@@ -1637,10 +1685,16 @@ def test_a_refused_transition_tells_nothing(backend: Backend) -> None:
     run_step(backend, CHAIN, "b")
     after_end = backend.store.events("run1")
     assert after_end[-1].type == "run_succeeded"
-    assert claim(backend, CHAIN, attempt("a", "late")).outcome == "done"
-    assert backend.store.stop("run1", RunStatus.CANCELLED, "no", ALL_STEPS) == Stop("finished", "succeeded")
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0), expected="0")) == ("conflict", "1")
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("refused", "succeeded")
+    assert claim(backend, CHAIN, attempt("a", "late")).outcome == ClaimOutcome.DONE
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "no", ALL_STEPS) == StopResult(
+        StopOutcome.FINISHED, "succeeded"
+    )
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0), expected="0")) == ResumeResult(
+        ResumeOutcome.CONFLICT, "1"
+    )
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ResumeResult(
+        ResumeOutcome.REFUSED, detail="succeeded"
+    )
     assert backend.store.events("run1") == after_end
     assert backend.store.run_fields("run1")["seq"] == str(len(after_end))
 
@@ -1651,12 +1705,14 @@ def finish_all(backend: Backend) -> None:
 
 
 def cancel(backend: Backend) -> None:
-    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ALL_STEPS[:2]).outcome == "ok"
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ALL_STEPS[:2]).outcome == StopOutcome.OK
 
 
 def cancel_and_resume(backend: Backend) -> None:
     cancel(backend)
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0), ("b", "pending", 1)))[0] == "ok"
+    assert (
+        backend.store.resume("run1", resume_plan(("a", "queued", 0), ("b", "pending", 1))).outcome == ResumeOutcome.OK
+    )
 
 
 @pytest.mark.parametrize(
@@ -1687,8 +1743,11 @@ def test_a_run_keeps_only_its_newest_ten_thousand_or_so_events(backend: Backend)
     rounds = 2_525
     for generation in range(1, rounds + 1):
         # Four events a round: step_cancelled, run_cancelled, run_resumed, step_queued.
-        assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == "ok"
-        assert backend.store.resume("run1", resume_plan(("a", "queued", 0), expected=str(generation)))[0] == "ok"
+        assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == StopOutcome.OK
+        assert (
+            backend.store.resume("run1", resume_plan(("a", "queued", 0), expected=str(generation))).outcome
+            == ResumeOutcome.OK
+        )
     total = 2 + 4 * rounds
 
     kept = backend.store.events("run1")
@@ -1722,7 +1781,7 @@ def timed(spec: WorkflowSpec, timeout_s: float) -> WorkflowSpec:
 
 def wait_in(backend: Backend, at: Attempt, timeout_s: float | None = LONG_LEASE_S) -> None:
     """Claim ``at`` and park its step waiting for a decision."""
-    assert claim(backend, SINGLE, at).outcome == "ok"
+    assert claim(backend, SINGLE, at).outcome == ClaimOutcome.OK
     assert backend.store.wait_for_decision(at, {"approvers": ["alice"]}, timeout_s)
 
 
@@ -1742,7 +1801,7 @@ def test_a_cancelled_run_leaves_no_approval_timeout_behind_to_fire(backend: Back
     start(backend, SINGLE)
     wait_in(backend, attempt("a", "t1"), timeout_s=SHORT_LEASE_S)
 
-    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == "ok"
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == StopOutcome.OK
 
     assert not backend.wait_past(SHORT_LEASE_S, lambda: backend.store.due_approvals() != [])
 
@@ -1750,31 +1809,32 @@ def test_a_cancelled_run_leaves_no_approval_timeout_behind_to_fire(backend: Back
 def test_a_timeout_set_for_an_earlier_generation_decides_nothing_in_a_resumed_run(backend: Backend) -> None:
     start(backend, SINGLE)
     wait_in(backend, attempt("a", "t1"))
-    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == "ok"
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == StopOutcome.OK
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ResumeResult(ResumeOutcome.OK, "2")
     wait_in(backend, attempt("a", "t2", generation="2"))
 
     late = decision("timeout", verdict="timeout:approve", generation="1")
-    assert backend.store.decide("run1", "a", late) == ("stale", "2")
+    assert backend.store.decide("run1", "a", late) == DecisionResult(DecisionOutcome.STALE, "2")
 
     assert step_fields(backend, "a")["status"] == "waiting"
     assert audit_of(backend) == []
-    assert backend.store.decide("run1", "a", decision("timeout", verdict="timeout:approve", generation="2"))[0] == "ok"
+    assert (
+        backend.store.decide("run1", "a", decision("timeout", verdict="timeout:approve", generation="2")).outcome
+        == DecisionOutcome.OK
+    )
 
 
 def test_an_approval_audit_keeps_the_newest_entries_and_never_loses_the_accepted_decision(backend: Backend) -> None:
     start(backend, DIAMOND)
     a = attempt("a", "ta")
-    assert claim(backend, DIAMOND, a).outcome == "ok"
+    assert claim(backend, DIAMOND, a).outcome == ClaimOutcome.OK
     assert backend.store.wait_for_decision(a, {}, None)
-    assert backend.store.decide("run1", "a", decision("alice", comment="ok"))[0] == "ok"
+    assert backend.store.decide("run1", "a", decision("alice", comment="ok")).outcome == DecisionOutcome.OK
     refusals = MAX_AUDIT_ENTRIES + 20
 
     for i in range(refusals):
-        assert backend.store.decide("run1", "a", decision("mallory", allowed=False, comment=str(i))) == (
-            "forbidden",
-            "",
-        )
+        refused = backend.store.decide("run1", "a", decision("mallory", allowed=False, comment=str(i)))
+        assert refused == DecisionResult(DecisionOutcome.FORBIDDEN)
 
     audit = audit_of(backend)
     assert len(audit) == MAX_AUDIT_ENTRIES
@@ -1785,12 +1845,18 @@ def test_an_approval_audit_keeps_the_newest_entries_and_never_loses_the_accepted
 def test_a_decision_refused_after_the_run_ended_is_not_audited(backend: Backend) -> None:
     start(backend, SINGLE)
     wait_in(backend, attempt("a", "t1"))
-    outcome, generation = backend.store.decide("run1", "a", decision("alice"))
-    assert outcome == "ok"
-    assert finish(backend, SINGLE, Attempt("run1", "a", generation, "decision-alice-")).run_status == "succeeded"
+    accepted = backend.store.decide("run1", "a", decision("alice"))
+    assert accepted.outcome == DecisionOutcome.OK
+    assert (
+        finish(backend, SINGLE, Attempt("run1", "a", accepted.generation, "decision-alice-")).run_status == "succeeded"
+    )
 
-    assert backend.store.decide("run1", "a", decision("alice", verdict="reject")) == ("not_waiting", "succeeded")
-    assert backend.store.decide("run1", "a", decision("mallory", allowed=False)) == ("forbidden", "")
+    assert backend.store.decide("run1", "a", decision("alice", verdict="reject")) == DecisionResult(
+        DecisionOutcome.NOT_WAITING, detail="succeeded"
+    )
+    assert backend.store.decide("run1", "a", decision("mallory", allowed=False)) == DecisionResult(
+        DecisionOutcome.FORBIDDEN
+    )
 
     assert [(e["by"], e["outcome"]) for e in audit_of(backend)] == [("alice", "accepted")]
 
@@ -1825,7 +1891,7 @@ def _finish_run(backend: Backend, spec: WorkflowSpec) -> None:
 
 
 def _cancel_run(backend: Backend, spec: WorkflowSpec) -> None:
-    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == "ok"
+    assert backend.store.stop("run1", RunStatus.CANCELLED, "cancelled", ("a",)).outcome == StopOutcome.OK
 
 
 def _fail_dispatch(backend: Backend, spec: WorkflowSpec) -> None:
@@ -1850,7 +1916,7 @@ def test_a_resumed_run_keeps_only_the_deadline_of_its_new_generation(backend: Ba
     run_step(backend, spec, "a", StepOutcome.FAILED)
     backend.store.add_deadline("run1", "1", backend.now())  # as if a worker died before dropping it
 
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ResumeResult(ResumeOutcome.OK, "2")
 
     assert backend.wait_past(SHORT_LEASE_S, lambda: backend.store.due_deadlines() != [])
     assert backend.store.due_deadlines() == [("run1", "2")]
@@ -1861,7 +1927,7 @@ def test_attempt_numbers_run_on_across_generations_in_claims_events_and_status(b
     first = attempt("a", "t1")
     claim(backend, SINGLE, first)
     assert finish(backend, SINGLE, first, StepOutcome.FAILED, error={"type": "boom", "attempt": 1}).recorded
-    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ("ok", "2")
+    assert backend.store.resume("run1", resume_plan(("a", "queued", 0))) == ResumeResult(ResumeOutcome.OK, "2")
     second = attempt("a", "t2", generation="2")
 
     got = claim(backend, SINGLE, second)

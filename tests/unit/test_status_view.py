@@ -9,9 +9,13 @@ from typing import Any
 
 import pytest
 
+from orchestrator.api import create_app
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
-from orchestrator.engine.status import run_view
+from orchestrator.domain import RunStatus, StepStatus
+from orchestrator.engine.status import RunView, StepView, run_view
+from orchestrator.infra.settings import Settings
 from orchestrator.infra.timestamps import iso
+from orchestrator.state import keys
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,7 +51,7 @@ def usage(inp: int, out: int) -> dict[str, int]:
 def step_fields(name: str, status: str, attempts: int, *, start: float | None = None, end: float | None = None,
                 output: Any = None, error: dict[str, Any] | None = None,
                 errors: list[dict[str, Any]] | None = None) -> dict[str, str]:  # fmt: skip
-    p = f"s:{name}:"
+    p = keys.step_prefix(name)
     fields = {p + "status": status, p + "attempts": str(attempts), p + "pending": "0"}
     if start is not None:
         fields[p + "queued_at"] = repr(start - 0.01)
@@ -214,3 +218,76 @@ def test_a_run_without_llm_usage_has_no_usage_field(spec: WorkflowSpec) -> None:
     fields = {**run_fields(spec, "running"), **step_fields("tally", "succeeded", 1, output={"usage": usage(5, 5)})}
 
     assert "usage" not in run_view(fields, spec)
+
+
+# The status JSON is a stable interface: a field may be added, never renamed or removed (docs/status-json.md).
+RUN_FIELDS = {
+    "run_id", "workflow", "version", "definition_hash", "status", "generation", "created_at", "started_at",
+    "finished_at", "stopped_at", "inputs", "error", "steps", "usage", "cost", "llm_calls", "budget",
+}  # fmt: skip
+STEP_FIELDS = {
+    "status", "attempts", "queued_at", "started_at", "finished_at", "output", "error", "errors", "cached",
+    "depends_on", "kind", "approval", "usage", "cost", "deferrals", "deferred",
+}  # fmt: skip
+
+
+def _names(typed: Any) -> set[str]:
+    return set(typed.__required_keys__ | typed.__optional_keys__)
+
+
+def test_the_run_view_types_name_every_field_of_the_status_json_and_no_other() -> None:
+    assert _names(RunView) == RUN_FIELDS
+    assert _names(StepView) == STEP_FIELDS
+
+
+def test_a_run_using_every_feature_builds_only_fields_its_type_names() -> None:
+    spec = parse_workflow(
+        {
+            "name": "everything",
+            "version": 1,
+            "budget_usd": 2.0,
+            "steps": [
+                {"name": "draft", "uses": "llm", "with": {"prompt": "hi"}},
+                {"name": "gate", "uses": "approval", "depends_on": ["draft"], "with": {"approvers": ["alice"]}},
+            ],
+        }
+    )
+    decision = {"decision": "approve", "by": "alice", "comment": "", "at": repr(T0 + 3)}
+    audit = [{**decision, "outcome": "accepted"}]
+    fields = {
+        **run_fields(spec, "running", llm_spent_nusd="1500", llm_calls="1", llm_held_nusd="0"),
+        **step_fields("draft", "queued", 1, output={"text": "x", "usage": usage(3, 4), "cost_usd": 0.0015}),
+        keys.step_field("draft", "deferrals"): "2",
+        keys.step_field("draft", "deferral"): json.dumps({"reason": "rate_limit", "model": "m", "message": "wait"}),
+        keys.step_field("draft", "deferred_until"): repr(T0 + 5),
+        **step_fields("gate", "waiting", 1, start=T0 + 2),
+        keys.step_field("gate", "waiting_since"): repr(T0 + 2),
+        keys.step_field("gate", "decision"): json.dumps(decision),
+        keys.step_field("gate", "audit"): json.dumps(audit),
+    }
+
+    view = run_view(fields, spec)
+
+    assert RunView.__required_keys__ <= set(view) <= _names(RunView)
+    for step in view["steps"].values():
+        assert StepView.__required_keys__ <= set(step) <= _names(StepView)
+    assert {"usage", "cost", "llm_calls", "budget"} <= set(view)
+    assert {"approval"} <= set(view["steps"]["gate"])
+    assert {"usage", "cost", "deferrals", "deferred"} <= set(view["steps"]["draft"])
+
+
+def test_statuses_are_the_enums_and_serialise_as_their_plain_values(spec: WorkflowSpec) -> None:
+    view = run_view(run_fields(spec, "running"), spec)
+
+    assert view["status"] is RunStatus.RUNNING
+    assert view["steps"]["research"]["status"] is StepStatus.PENDING
+    assert json.loads(json.dumps(view))["status"] == "running"
+
+
+def test_the_api_documents_the_run_response_with_the_status_json_type() -> None:
+    schema = create_app(Settings()).openapi()
+
+    response = schema["paths"]["/runs/{run_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert response == {"$ref": "#/components/schemas/RunView"}
+    assert set(schema["components"]["schemas"]["RunView"]["properties"]) == RUN_FIELDS
+    assert set(schema["components"]["schemas"]["StepView"]["properties"]) == STEP_FIELDS

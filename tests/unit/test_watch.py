@@ -7,15 +7,15 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.engine.events import Event
-from orchestrator.watch import RunView
+from orchestrator.watch import WatchView
 
 
 def _event(seq: int, kind: str, step: str | None = None, attempt: int = 0, ts: float = 0.0, **data: Any) -> Event:
     return Event("r1", seq, kind, step, attempt, ts, data)
 
 
-def _view() -> RunView:
-    return RunView.from_status({"run_id": "r1", "workflow": "w", "version": 1, "steps": {"a": {}, "b": {}}})
+def _view() -> WatchView:
+    return WatchView.from_status({"run_id": "r1", "workflow": "w", "version": 1, "steps": {"a": {}, "b": {}}})
 
 
 def test_a_retried_then_successful_step_shows_its_attempt_and_duration() -> None:
@@ -59,7 +59,7 @@ def test_a_lost_worker_and_a_reused_result_are_explained() -> None:
     assert view.steps["b"].note == "reused stored result"
 
 
-def _render(view: RunView) -> str:
+def _render(view: WatchView) -> str:
     console = Console(width=120, record=True)
     console.print(view.table())
     return console.export_text()
