@@ -203,9 +203,11 @@ def cancel(run_id: str, as_json: bool) -> None:
 @click.option("--wait", is_flag=True, help="Wait for the run to end; exit non-zero unless it succeeded.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option(
-    "--allow-definition-change", "allow_change", is_flag=True,
+    "--allow-definition-change",
+    "allow_change",
+    is_flag=True,
     help="Move the run to the workflow version's changed definition; unchanged steps keep their results.",
-)  # fmt: skip
+)
 def resume(run_id: str, from_step: str | None, wait: bool, as_json: bool, allow_change: bool) -> None:
     """Re-run a failed, cancelled or timed-out run from its checkpoint."""
     client = _client(_settings())
@@ -275,8 +277,14 @@ def list_runs(status: str | None, workflow: str | None, limit: int, as_json: boo
     for column in ("run", "workflow", "version", "status", "created", "finished"):
         table.add_column(column)
     for run in found:
-        table.add_row(run["run_id"], run["workflow"], str(run["version"]), run["status"],
-                      (run["created_at"] or "")[:19], (run["finished_at"] or "")[:19])  # fmt: skip
+        table.add_row(
+            run["run_id"],
+            run["workflow"],
+            str(run["version"]),
+            run["status"],
+            (run["created_at"] or "")[:19],
+            (run["finished_at"] or "")[:19],
+        )
     Console().print(table)
 
 
@@ -292,10 +300,15 @@ def list_workflows(as_json: bool, scan: int) -> None:
             key = (row["workflow"], int(row["version"] or 1))
             in_flight[key] = in_flight.get(key, 0) + 1
     rows: list[dict[str, Any]] = [
-        {"name": spec.name, "version": spec.version, "definition_hash": spec.definition_hash,
-         "steps": len(spec.steps), "in_flight": in_flight.pop((spec.name, spec.version), 0)}
+        {
+            "name": spec.name,
+            "version": spec.version,
+            "definition_hash": spec.definition_hash,
+            "steps": len(spec.steps),
+            "in_flight": in_flight.pop((spec.name, spec.version), 0),
+        }
         for spec in workflows.all()
-    ]  # fmt: skip
+    ]
     # Runs of workflows not registered here (submitted as files, or retired versions) still count.
     rows += [
         {"name": name, "version": version, "definition_hash": None, "steps": None, "in_flight": count}
@@ -308,8 +321,13 @@ def list_workflows(as_json: bool, scan: int) -> None:
     for column in ("name", "version", "definition", "steps", "in flight"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], str(row["version"]), (row["definition_hash"] or "(not registered here)")[:12],
-                      str(row["steps"] or ""), str(row["in_flight"]))  # fmt: skip
+        table.add_row(
+            row["name"],
+            str(row["version"]),
+            (row["definition_hash"] or "(not registered here)")[:12],
+            str(row["steps"] or ""),
+            str(row["in_flight"]),
+        )
     Console().print(table)
 
 
@@ -321,9 +339,13 @@ def _print_status(view: RunView) -> None:
     for name, step in view["steps"].items():
         error = step["error"]
         table.add_row(
-            name, step["status"], str(step["attempts"]), (step["started_at"] or "")[11:23],
-            (step["finished_at"] or "")[11:23], str(error.get("message", "") if error else "")[:60],
-        )  # fmt: skip
+            name,
+            step["status"],
+            str(step["attempts"]),
+            (step["started_at"] or "")[11:23],
+            (step["finished_at"] or "")[11:23],
+            str(error.get("message", "") if error else "")[:60],
+        )
     console.print(table)
     if view.get("error"):
         console.print(f"[red]{view['error']}[/]")
@@ -386,8 +408,12 @@ def api(host: str, port: int) -> None:
 
 
 @main.command()
-@click.option("--heartbeat-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Touch this file after every sweep that reached Redis (for a container healthcheck).")  # fmt: skip
+@click.option(
+    "--heartbeat-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Touch this file after every sweep that reached Redis (for a container healthcheck).",
+)
 def sweeper(heartbeat_file: Path | None) -> None:
     """Only sweep: re-send lost steps, fire deadlines and approval timeouts (workers sweep too, one at a time)."""
     settings = _settings()
@@ -403,8 +429,13 @@ def sweeper(heartbeat_file: Path | None) -> None:
 @main.command("offline-api")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8081, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
-@click.option("--rpm", default=0, show_default=True, type=click.IntRange(0), help="Answer 429 beyond this many "
-              "requests a minute, as the service does (0: no limit).")  # fmt: skip
+@click.option(
+    "--rpm",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Answer 429 beyond this many requests a minute, as the service does (0: no limit).",
+)
 def offline_api(host: str, port: int, rpm: int) -> None:
     """Serve the offline provider as a local Messages API (point workers at it with ANTHROPIC_BASE_URL)."""
     from orchestrator.dev.offline_server import OfflineAPIServer

@@ -267,8 +267,12 @@ class Client:
         if result.outcome == StopOutcome.MISSING:
             raise RunNotFoundError(run_id)
         status = result.detail
-        return {"run_id": run_id, "status": status, "cancelled": False,
-                "message": f"run {run_id} had already ended ({status}): nothing to cancel"}  # fmt: skip
+        return {
+            "run_id": run_id,
+            "status": status,
+            "cancelled": False,
+            "message": f"run {run_id} had already ended ({status}): nothing to cancel",
+        }
 
     def resume(self, run_id: str, *, from_step: str | None = None, allow_definition_change: bool = False) -> str:
         """Re-run a failed, cancelled or timed-out run from its checkpoint; returns the new generation.
@@ -282,8 +286,14 @@ class Client:
                 deployed definition of its workflow version changed and ``allow_definition_change`` is off.
             WorkflowDefinitionError: ``from_step`` is not one of its steps.
         """
-        return resume_run(self.publisher, self.settings, self.store, run_id, from_step=from_step,
-                          allow_definition_change=allow_definition_change)  # fmt: skip
+        return resume_run(
+            self.publisher,
+            self.settings,
+            self.store,
+            run_id,
+            from_step=from_step,
+            allow_definition_change=allow_definition_change,
+        )
 
     def approve(self, run_id: str, step: str, *, by: str, comment: str = "") -> dict[str, Any]:
         """Approve a waiting approval step as ``by``; its dependents are released at once.
@@ -293,8 +303,9 @@ class Client:
             WorkflowDefinitionError: No such step, or not an approval step.
             DecisionRefusedError: ``by`` is not an approver, or the step is not waiting (decided already …).
         """
-        return decide_step(self.publisher, self.settings, self.store, run_id, step, decision="approve", by=by,
-                           comment=comment)  # fmt: skip
+        return decide_step(
+            self.publisher, self.settings, self.store, run_id, step, decision="approve", by=by, comment=comment
+        )
 
     def reject(self, run_id: str, step: str, *, by: str, comment: str = "") -> dict[str, Any]:
         """Reject a waiting approval step as ``by``: it fails (its output says ``approved: false``).
@@ -304,8 +315,9 @@ class Client:
             WorkflowDefinitionError: No such step, or not an approval step.
             DecisionRefusedError: ``by`` is not an approver, or the step is not waiting.
         """
-        return decide_step(self.publisher, self.settings, self.store, run_id, step, decision="reject", by=by,
-                           comment=comment)  # fmt: skip
+        return decide_step(
+            self.publisher, self.settings, self.store, run_id, step, decision="reject", by=by, comment=comment
+        )
 
     def stream(self, run_id: str, *, after: int = 0, until_end: bool = True, poll_s: float = 5.0) -> Iterator[Event]:
         """The run's events in order, from ``seq > after``, live as they happen.

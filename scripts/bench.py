@@ -161,22 +161,32 @@ def fanout_spec(width: int) -> WorkflowSpec:
 # A layered DAG that is not series-parallel: it contains the "N" A→C, B→C, B→D (A does not reach D), repeated at
 # every layer. Width ≤ 3, so 4 pool slots can run it at its critical path.
 DAG_EDGES: dict[str, list[str]] = {
-    "A": [], "B": [],
-    "C": ["A", "B"], "D": ["B"],
-    "E": ["C"], "F": ["C", "D"], "G": ["D"],
-    "H": ["E", "F"], "I": ["F", "G"],
-    "J": ["H", "I"], "K": ["I"],
+    "A": [],
+    "B": [],
+    "C": ["A", "B"],
+    "D": ["B"],
+    "E": ["C"],
+    "F": ["C", "D"],
+    "G": ["D"],
+    "H": ["E", "F"],
+    "I": ["F", "G"],
+    "J": ["H", "I"],
+    "K": ["I"],
     "L": ["J", "K"],
-}  # fmt: skip
+}
 DAG_WIDTH = 3
 
 
 def dag_spec(step_s: float) -> WorkflowSpec:
     steps = [
-        {"name": name, "uses": "python", "depends_on": deps, "with": {"function": "bench.sleep",
-                                                                       "args": {"seconds": step_s}}}
+        {
+            "name": name,
+            "uses": "python",
+            "depends_on": deps,
+            "with": {"function": "bench.sleep", "args": {"seconds": step_s}},
+        }
         for name, deps in DAG_EDGES.items()
-    ]  # fmt: skip
+    ]
     return parse_workflow({"name": "bench_dag_n", "steps": steps})
 
 
@@ -204,8 +214,12 @@ class CpuProbe:
 
     def snapshot(self) -> dict[str, float]:
         main, children = probes.workers_cpu_s(self.workers)
-        return {"worker_main": main, "pool_children": children, "redis": probes.cpu_s(self.redis_pid),
-                "bench_client": probes.cpu_s(os.getpid())}  # fmt: skip
+        return {
+            "worker_main": main,
+            "pool_children": children,
+            "redis": probes.cpu_s(self.redis_pid),
+            "bench_client": probes.cpu_s(os.getpid()),
+        }
 
 
 @dataclass
@@ -703,34 +717,92 @@ def summarise(
     p50, p99 = raw["hop_p50_ms"], raw["hop_p99_ms"]
     cmds = ours["commands_per_step"]
     metrics: dict[str, dict[str, Any]] = {
-        "a_hop_p50": _metric(ours["hop_p50_ms"], p50, target="≤ 1.3x raw", passed=ours["hop_p50_ms"] <= 1.3 * p50,
-                             unit="ms", note="no-op chain"),
-        "a_hop_p99": _metric(ours["hop_p99_ms"], p99, target="≤ 1.5x raw", passed=ours["hop_p99_ms"] <= 1.5 * p99,
-                             unit="ms", note="no-op chain"),
-        "a_hop_p50_python": _metric(py["hop_p50_ms"], p50, target="≤ 1.3x raw", passed=py["hop_p50_ms"] <= 1.3 * p50,
-                                    unit="ms", note="python chain (info)"),
-        "a_hop_p99_python": _metric(py["hop_p99_ms"], p99, target="≤ 1.5x raw", passed=py["hop_p99_ms"] <= 1.5 * p99,
-                                    unit="ms", note="python chain (info)"),
-        "b_commands_per_step": _metric(cmds, raw["commands_per_step"], target="≤ 22", passed=cmds <= 22,
-                                       unit="cmds", note="no-op chain, incl. commands inside Lua"),
-        "c_fanout_steps_per_s": _metric(fan_ours, fan_raw, target="≥ 0.8x raw", passed=fan_ours >= 0.8 * fan_raw,
-                                        unit="steps/s", note=f"1->{cfg.fanout}, raw group published by the client"),
-        "c_fanout_vs_worker_published": _metric(fan_ours, fan_raw_worker, target="(info)", passed=None,
-                                                unit="steps/s", note="raw group published inside a worker task"),
-        "c_fanout_cpu_per_step": _metric(cpu_ours, cpu_raw, target="(info)", passed=None, unit="ms",
-                                         note="CPU of all processes per step: on a CPU-bound machine raw/ours "
-                                              "bounds the throughput ratio, and other load does not move it"),
-        "d_makespan_over_cp": _metric(d_created, None, target="≤ 1.05", passed=d_created <= 1.05, unit="x",
-                                      note="from run created_at"),
-        "d_makespan_over_cp_first_start": _metric(d_first, None, target="≤ 1.05", passed=d_first <= 1.05, unit="x",
-                                                  note="from first step started_at"),
-        "d_chain_over_cp": _metric(chain_o, chain_r, target="(info)", passed=None, unit="x",
-                                   note="chain of sleeping steps as deep as the DAG, from submit"),
-        "d_chain_over_cp_first_start": _metric(chain_o_first, chain_r_first, target="(info)", passed=None, unit="x",
-                                               note="same, from first start"),
-        "d_hop_after_sleep": _metric(sleep_hop_o, sleep_hop_r, target="(info)", passed=None, unit="ms",
-                                     note="hop p50 after a sleeping step"),
-    }  # fmt: skip
+        "a_hop_p50": _metric(
+            ours["hop_p50_ms"],
+            p50,
+            target="≤ 1.3x raw",
+            passed=ours["hop_p50_ms"] <= 1.3 * p50,
+            unit="ms",
+            note="no-op chain",
+        ),
+        "a_hop_p99": _metric(
+            ours["hop_p99_ms"],
+            p99,
+            target="≤ 1.5x raw",
+            passed=ours["hop_p99_ms"] <= 1.5 * p99,
+            unit="ms",
+            note="no-op chain",
+        ),
+        "a_hop_p50_python": _metric(
+            py["hop_p50_ms"],
+            p50,
+            target="≤ 1.3x raw",
+            passed=py["hop_p50_ms"] <= 1.3 * p50,
+            unit="ms",
+            note="python chain (info)",
+        ),
+        "a_hop_p99_python": _metric(
+            py["hop_p99_ms"],
+            p99,
+            target="≤ 1.5x raw",
+            passed=py["hop_p99_ms"] <= 1.5 * p99,
+            unit="ms",
+            note="python chain (info)",
+        ),
+        "b_commands_per_step": _metric(
+            cmds,
+            raw["commands_per_step"],
+            target="≤ 22",
+            passed=cmds <= 22,
+            unit="cmds",
+            note="no-op chain, incl. commands inside Lua",
+        ),
+        "c_fanout_steps_per_s": _metric(
+            fan_ours,
+            fan_raw,
+            target="≥ 0.8x raw",
+            passed=fan_ours >= 0.8 * fan_raw,
+            unit="steps/s",
+            note=f"1->{cfg.fanout}, raw group published by the client",
+        ),
+        "c_fanout_vs_worker_published": _metric(
+            fan_ours,
+            fan_raw_worker,
+            target="(info)",
+            passed=None,
+            unit="steps/s",
+            note="raw group published inside a worker task",
+        ),
+        "c_fanout_cpu_per_step": _metric(
+            cpu_ours,
+            cpu_raw,
+            target="(info)",
+            passed=None,
+            unit="ms",
+            note="CPU of all processes per step: on a CPU-bound machine raw/ours "
+            "bounds the throughput ratio, and other load does not move it",
+        ),
+        "d_makespan_over_cp": _metric(
+            d_created, None, target="≤ 1.05", passed=d_created <= 1.05, unit="x", note="from run created_at"
+        ),
+        "d_makespan_over_cp_first_start": _metric(
+            d_first, None, target="≤ 1.05", passed=d_first <= 1.05, unit="x", note="from first step started_at"
+        ),
+        "d_chain_over_cp": _metric(
+            chain_o,
+            chain_r,
+            target="(info)",
+            passed=None,
+            unit="x",
+            note="chain of sleeping steps as deep as the DAG, from submit",
+        ),
+        "d_chain_over_cp_first_start": _metric(
+            chain_o_first, chain_r_first, target="(info)", passed=None, unit="x", note="same, from first start"
+        ),
+        "d_hop_after_sleep": _metric(
+            sleep_hop_o, sleep_hop_r, target="(info)", passed=None, unit="ms", note="hop p50 after a sleeping step"
+        ),
+    }
     monitor_ours = monitor.get("ours", {})
     if monitor_ours:
         top = monitor_ours["top_level_total_per_step"]
@@ -868,8 +940,15 @@ def measure(cfg: Config) -> dict[str, Any]:
     with record_dir("orchestrator-bench-") as records, private_redis() as server:
         env = worker_env(server.url, TASKS_MODULE, record_dir=records)
         client = Client(Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": TASKS_MODULE}))
-        workers = LocalWorkers(client.app, count=cfg.workers, env=env, pool=cfg.pool,
-                               concurrency=cfg.concurrency, log_dir=logs, loglevel=cfg.loglevel)  # fmt: skip
+        workers = LocalWorkers(
+            client.app,
+            count=cfg.workers,
+            env=env,
+            pool=cfg.pool,
+            concurrency=cfg.concurrency,
+            log_dir=logs,
+            loglevel=cfg.loglevel,
+        )
         print(f"redis {server.url}; starting {cfg.workers} workers (logs in {logs})", file=sys.stderr)
         with running(workers, grace=10):
             bench = Bench(cfg, client, server.url, records, CpuProbe(workers, server.pid))
@@ -882,8 +961,10 @@ def measure(cfg: Config) -> dict[str, Any]:
                 "product_code_fingerprint": code_before,
             }
             if source_fingerprint() != code_before:
-                results["notes"] = ["product code changed on disk after the warm-up: the processes ran the code "
-                                    f"as loaded (fingerprint {code_before} at start)"]  # fmt: skip
+                results["notes"] = [
+                    "product code changed on disk after the warm-up: the processes ran the code "
+                    f"as loaded (fingerprint {code_before} at start)"
+                ]
             print("stopping workers", file=sys.stderr)
     results["runtime_s"] = time.monotonic() - started
     return results

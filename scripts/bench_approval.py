@@ -92,29 +92,52 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     runs = ns.runs if ns.runs is not None else (50 if ns.quick else 200)
     if runs < 1 or ns.workers < 1 or ns.concurrency < 1 or ns.pace_ms < 0:
         parser.error("--runs, --workers and --concurrency must be ≥ 1, --pace-ms ≥ 0")
-    return Config(runs=runs, workers=ns.workers, concurrency=ns.concurrency, pool=ns.pool, poll_s=ns.poll_s,
-                  pace_s=ns.pace_ms / 1e3, loglevel=ns.loglevel, quick=bool(ns.quick), out=ns.json)  # fmt: skip
+    return Config(
+        runs=runs,
+        workers=ns.workers,
+        concurrency=ns.concurrency,
+        pool=ns.pool,
+        poll_s=ns.poll_s,
+        pace_s=ns.pace_ms / 1e3,
+        loglevel=ns.loglevel,
+        quick=bool(ns.quick),
+        out=ns.json,
+    )
 
 
 # -- workflows and statistics ----------------------------------------------------------------------------------------
 
 
 def approval_spec() -> WorkflowSpec:
-    return parse_workflow({
-        "name": "bench_approval",
-        "steps": [
-            {"name": "review", "uses": "approval",
-             "with": {"approvers": [APPROVER], "message": "Publish this?"}},
-            {"name": "publish", "uses": "python", "depends_on": ["review"],
-             "with": {"function": "tests.count_calls"}},
-        ],
-    })  # fmt: skip
+    return parse_workflow(
+        {
+            "name": "bench_approval",
+            "steps": [
+                {"name": "review", "uses": "approval", "with": {"approvers": [APPROVER], "message": "Publish this?"}},
+                {
+                    "name": "publish",
+                    "uses": "python",
+                    "depends_on": ["review"],
+                    "with": {"function": "tests.count_calls"},
+                },
+            ],
+        }
+    )
 
 
 def probe_spec() -> WorkflowSpec:
-    return parse_workflow({"name": "bench_approval_probe", "steps": [
-        {"name": "probe", "uses": "python", "with": {"function": "tests.sleep", "args": {"seconds": PROBE_SLEEP_S}}},
-    ]})  # fmt: skip
+    return parse_workflow(
+        {
+            "name": "bench_approval_probe",
+            "steps": [
+                {
+                    "name": "probe",
+                    "uses": "python",
+                    "with": {"function": "tests.sleep", "args": {"seconds": PROBE_SLEEP_S}},
+                },
+            ],
+        }
+    )
 
 
 def bursts(values_ms: Sequence[float], threshold_ms: float) -> list[tuple[int, int]]:
@@ -210,8 +233,10 @@ class Bench:
         views = [self.client.status(run_id) for run_id in run_ids]
         bad = [v for v in views if v["status"] != "succeeded"]
         if bad:
-            raise RuntimeError(f"{len(bad)} of {len(views)} runs did not succeed, e.g. {bad[0]['run_id']}: "
-                               f"{bad[0]['status']} {bad[0].get('error')}")  # fmt: skip
+            raise RuntimeError(
+                f"{len(bad)} of {len(views)} runs did not succeed, e.g. {bad[0]['run_id']}: "
+                f"{bad[0]['status']} {bad[0].get('error')}"
+            )
         return views
 
     # -- phases --------------------------------------------------------------------------------------------------
@@ -232,11 +257,15 @@ class Bench:
         start = time.monotonic()
         run_ids = [self.client.submit(self.spec) for _ in range(self.cfg.runs)]
         submitted = time.monotonic() - start
-        waited = self.poll(f"{self.cfg.runs} runs waiting",
-                           lambda: self.all_in(run_ids, "s:review:status", {"waiting"}), 120)  # fmt: skip
+        waited = self.poll(
+            f"{self.cfg.runs} runs waiting", lambda: self.all_in(run_ids, "s:review:status", {"waiting"}), 120
+        )
         self.log(f"all {self.cfg.runs} runs waiting")
-        return run_ids, {"submit_all_s": submitted, "submitted_to_all_waiting_s": waited,
-                         "submit_to_all_waiting_s": submitted + waited}  # fmt: skip
+        return run_ids, {
+            "submit_all_s": submitted,
+            "submitted_to_all_waiting_s": waited,
+            "submit_to_all_waiting_s": submitted + waited,
+        }
 
     def slot_check(self, run_ids: Sequence[str]) -> dict[str, Any]:
         """While the runs wait: nothing runs, nothing is queued, and every pool slot takes a probe at once."""
@@ -244,8 +273,9 @@ class Bench:
         inspect = self.client.app.control.inspect(timeout=1.0)
         active = inspect.active() or {}
         reserved = inspect.reserved() or {}
-        queued = sum(int(self.r.llen(name)) for q in {settings.cpu_queue, settings.llm_queue}
-                     for name in redis_queue_lists(q))  # fmt: skip
+        queued = sum(
+            int(self.r.llen(name)) for q in {settings.cpu_queue, settings.llm_queue} for name in redis_queue_lists(q)
+        )
         unacked = int(self.r.hlen("unacked"))
         slots = self.cfg.workers * self.cfg.concurrency
         self.log(f"probe: {slots} runs of a {PROBE_SLEEP_S}s step while {len(run_ids)} runs wait")
@@ -299,8 +329,12 @@ class Bench:
         waited = self.poll(f"{len(run_ids)} runs finished", lambda: self.all_finished(run_ids), 120)
         cpu = CpuProbe.usage(cpu_before, self.cpu.snapshot(), time.monotonic() - start)
         self.log("all approved runs finished")
-        return calls, {"first_approve_epoch": first_call, "approve_all_s": approving,
-                       "last_approve_to_all_finished_seen_s": waited, "cpu": cpu}  # fmt: skip
+        return calls, {
+            "first_approve_epoch": first_call,
+            "approve_all_s": approving,
+            "last_approve_to_all_finished_seen_s": waited,
+            "cpu": cpu,
+        }
 
     def release_latencies(self, run_ids: Sequence[str]) -> dict[str, Any]:
         views = self.check_succeeded(run_ids)
@@ -345,8 +379,12 @@ class Bench:
             return {"approvals_per_s": rate}
         per_run = cpu["ours_cpu_s"] / runs
         capacity = (os.cpu_count() or 1) / per_run
-        return {"approvals_per_s": rate, "ours_cpu_ms_per_run": per_run * 1e3,
-                "capacity_runs_per_s_estimate": capacity, "utilisation_estimate": rate / capacity}  # fmt: skip
+        return {
+            "approvals_per_s": rate,
+            "ours_cpu_ms_per_run": per_run * 1e3,
+            "capacity_runs_per_s_estimate": capacity,
+            "utilisation_estimate": rate / capacity,
+        }
 
     def _counts(self, run_ids: Sequence[str]) -> list[str | None]:
         pipe = self.r.pipeline(transaction=False)
@@ -388,9 +426,11 @@ def print_report(results: dict[str, Any]) -> None:
     call = results["approve_call"]
     slots = results["no_worker_held"]
     print()
-    print(f"Approval benchmark: {cfg['runs']} runs of review (approval) → publish (python), "
-          f"{cfg['workers']} workers x {cfg['pool']} c{cfg['concurrency']}"
-          + (f", approvals paced {cfg['pace_s'] * 1e3:g} ms apart" if cfg["pace_s"] else ""))  # fmt: skip
+    print(
+        f"Approval benchmark: {cfg['runs']} runs of review (approval) → publish (python), "
+        f"{cfg['workers']} workers x {cfg['pool']} c{cfg['concurrency']}"
+        + (f", approvals paced {cfg['pace_s'] * 1e3:g} ms apart" if cfg["pace_s"] else "")
+    )
     rows = [("measure", "p50 ms", "p99 ms", "max ms")]
     for label, s in (
         ("review finished_at → publish started_at", rel["review_finished_to_publish_started"]),
@@ -402,11 +442,15 @@ def print_report(results: dict[str, Any]) -> None:
     print_table(rows)
     park, approve, e2e = results["park"], results["approve"], results["end_to_end"]
     print()
-    print(f"Submit {cfg['runs']} runs: {park['submit_all_s']:.2f}s; submit → all waiting "
-          f"{park['submit_to_all_waiting_s']:.2f}s")  # fmt: skip
-    print(f"Approve {cfg['runs']} runs one by one: {approve['approve_all_s']:.2f}s; "
-          f"first approve call → last publish finished: {e2e['first_approve_to_last_publish_finished_s']:.2f}s "
-          f"({e2e['runs_per_s']:.0f} runs/s)")  # fmt: skip
+    print(
+        f"Submit {cfg['runs']} runs: {park['submit_all_s']:.2f}s; submit → all waiting "
+        f"{park['submit_to_all_waiting_s']:.2f}s"
+    )
+    print(
+        f"Approve {cfg['runs']} runs one by one: {approve['approve_all_s']:.2f}s; "
+        f"first approve call → last publish finished: {e2e['first_approve_to_last_publish_finished_s']:.2f}s "
+        f"({e2e['runs_per_s']:.0f} runs/s)"
+    )
     over = rel["over_50ms"]
     if over["runs"]:
         stretches = ", ".join(f"#{b['first']}..#{b['last']}" for b in over["bursts_of_consecutive_runs"])
@@ -445,8 +489,10 @@ def print_report(results: dict[str, Any]) -> None:
         f"/{cfg['runs']}"
     )
     env = results["environment"]
-    print(f"Machine: {env['cpus']} CPUs; 1-min load average {env['loadavg_1_5_15_before'][0]:.2f} before, "
-          f"{env['loadavg_1_5_15_after'][0]:.2f} after; redis {env['redis_server']}")  # fmt: skip
+    print(
+        f"Machine: {env['cpus']} CPUs; 1-min load average {env['loadavg_1_5_15_before'][0]:.2f} before, "
+        f"{env['loadavg_1_5_15_after'][0]:.2f} after; redis {env['redis_server']}"
+    )
 
 
 def env_cpus(results: dict[str, Any]) -> int:
@@ -466,13 +512,23 @@ def measure(cfg: Config) -> dict[str, Any]:
     with private_redis() as server:
         env = worker_env(server.url, IMPORTS)
         client = Client(Settings.from_env(env))
-        workers = LocalWorkers(client.app, count=cfg.workers, env=env, pool=cfg.pool,
-                               concurrency=cfg.concurrency, log_dir=logs, loglevel=cfg.loglevel)  # fmt: skip
+        workers = LocalWorkers(
+            client.app,
+            count=cfg.workers,
+            env=env,
+            pool=cfg.pool,
+            concurrency=cfg.concurrency,
+            log_dir=logs,
+            loglevel=cfg.loglevel,
+        )
         print(f"redis {server.url}; starting {cfg.workers} workers (logs in {logs})", file=sys.stderr)
         with running(workers, grace=10):
             results = Bench(cfg, client, server.url, CpuProbe(workers, server.pid)).run()
-            results["environment"] = {**versions(server.url), "loadavg_1_5_15_before": load_before,
-                                      "loadavg_1_5_15_after": os.getloadavg()}  # fmt: skip
+            results["environment"] = {
+                **versions(server.url),
+                "loadavg_1_5_15_before": load_before,
+                "loadavg_1_5_15_after": os.getloadavg(),
+            }
             print("stopping workers", file=sys.stderr)
     results["runtime_s"] = time.monotonic() - started
     return results

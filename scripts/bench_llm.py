@@ -93,8 +93,14 @@ def spec(name: str, run: int, width: int, latency: float, *, fail_once: bool = F
         for i in range(width)
     ]
     if fail_once:
-        steps.append({"name": "last", "uses": "python", "depends_on": [f"s{i}" for i in range(width)],
-                      "with": {"function": "bench.fail_once"}})  # fmt: skip
+        steps.append(
+            {
+                "name": "last",
+                "uses": "python",
+                "depends_on": [f"s{i}" for i in range(width)],
+                "with": {"function": "bench.fail_once"},
+            }
+        )
     return {"name": name, "inputs": {"topic": {"type": "string", "default": "Redis"}}, "steps": steps}
 
 
@@ -187,19 +193,25 @@ def _kill_workers(pool: LocalWorkers, every: float, stop: threading.Event, count
 
 
 def print_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    print(f"{'phase':<8} {'steps':>5} {'time s':>8} {'429s':>6} {'failed':>6} {'attempts':>8} {'deferrals':>9} "
-          f"{'paid':>5} {'lost':>5} {'paid/needed':>11}")  # fmt: skip
+    print(
+        f"{'phase':<8} {'steps':>5} {'time s':>8} {'429s':>6} {'failed':>6} {'attempts':>8} {'deferrals':>9} "
+        f"{'paid':>5} {'lost':>5} {'paid/needed':>11}"
+    )
     for r in results:
-        print(f"{r['phase']:<8} {r['steps']:>5} {r['seconds']:>8.1f} {r['provider_429s']:>6} {r['steps_failed']:>6} "
-              f"{r['attempts']:>8} {r['deferrals']:>9} {r['paid_calls']:>5} {r['paid_undelivered']:>5} "
-              f"{r['paid_per_needed']:>11.3f}")  # fmt: skip
+        print(
+            f"{r['phase']:<8} {r['steps']:>5} {r['seconds']:>8.1f} {r['provider_429s']:>6} {r['steps_failed']:>6} "
+            f"{r['attempts']:>8} {r['deferrals']:>9} {r['paid_calls']:>5} {r['paid_undelivered']:>5} "
+            f"{r['paid_per_needed']:>11.3f}"
+        )
     print("lost: replies billed while the worker that asked was being SIGKILLed (a real provider bills them too)")
     for chaos in (r for r in results if "worker_node_kills" in r):
         in_flight = chaos["worker_node_kills"] * args.concurrency
-        print(f"{chaos['phase']}: {chaos['pool_process_self_kills']} pool processes killed right after a paid reply, "
-              f"{chaos['worker_node_kills']} whole workers killed (at most {in_flight} calls in flight in them), "
-              f"{chaos['runs']} runs resumed, {chaos['runs_succeeded']} succeeded; "
-              f"{chaos['paid_calls'] - chaos['needed_calls']} extra paid calls")  # fmt: skip
+        print(
+            f"{chaos['phase']}: {chaos['pool_process_self_kills']} pool processes killed right after a paid reply, "
+            f"{chaos['worker_node_kills']} whole workers killed (at most {in_flight} calls in flight in them), "
+            f"{chaos['runs']} runs resumed, {chaos['runs_succeeded']} succeeded; "
+            f"{chaos['paid_calls'] - chaos['needed_calls']} extra paid calls"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,9 +223,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = [run_phase(args, phase, server.url) for phase in args.phases.split(",")]
             meta = versions(server.url)
         print_report(args, results)
-        write_results(args.json, {"results": results, "versions": meta, "args": vars(args),
-                                  "command": cli.command("scripts.bench_llm", argv),
-                                  "runtime_s": time.monotonic() - started})  # fmt: skip
+        write_results(
+            args.json,
+            {
+                "results": results,
+                "versions": meta,
+                "args": vars(args),
+                "command": cli.command("scripts.bench_llm", argv),
+                "runtime_s": time.monotonic() - started,
+            },
+        )
         after = next((r for r in results if r["phase"] == "after-reply"), None)
         ok = all(r["runs_succeeded"] == r["runs"] for r in results) and (after is None or after["paid_per_needed"] == 1)
         return 0 if ok else 1

@@ -120,10 +120,19 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--steps", type=int, default=None, help="pools: LLM steps per pool and rep (default 500)")
     parser.add_argument("--concurrency", type=int, default=100, help="pools: slots of the worker (default 100)")
     parser.add_argument("--reps", type=int, default=None, help="pools: repetitions (default 3, quick 1)")
-    parser.add_argument("--priorities", choices=("depth", "off"), default=Settings().priorities,
-                        help="ORCH_PRIORITIES of the producer and the workers (default: the setting's)")  # fmt: skip
-    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra worker environment, e.g. ORCH_LEASE_S=30 (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--priorities",
+        choices=("depth", "off"),
+        default=Settings().priorities,
+        help="ORCH_PRIORITIES of the producer and the workers (default: the setting's)",
+    )
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra worker environment, e.g. ORCH_LEASE_S=30 (repeatable)",
+    )
     ns = parser.parse_args(argv)
     quick = bool(ns.quick)
     extra = {"ORCH_PRIORITIES": ns.priorities, **dict(item.split("=", 1) for item in ns.worker_env)}
@@ -160,12 +169,23 @@ def pipeline_spec() -> WorkflowSpec:
 
 def single_llm_spec(latency_s: float) -> WorkflowSpec:
     """One ``llm`` step, for the pool comparison."""
-    return parse_workflow({
-        "name": "bench_load_llm",
-        "inputs": {"topic": {"type": "string"}},
-        "steps": [{"name": "ask", "uses": "llm", "with": {"prompt": "Three facts about {{ inputs.topic }}.",
-                                                           "max_tokens": 200, "simulate": {"latency_s": latency_s}}}],
-    })  # fmt: skip
+    return parse_workflow(
+        {
+            "name": "bench_load_llm",
+            "inputs": {"topic": {"type": "string"}},
+            "steps": [
+                {
+                    "name": "ask",
+                    "uses": "llm",
+                    "with": {
+                        "prompt": "Three facts about {{ inputs.topic }}.",
+                        "max_tokens": 200,
+                        "simulate": {"latency_s": latency_s},
+                    },
+                }
+            ],
+        }
+    )
 
 
 def step_latency_s(spec: WorkflowSpec) -> float:
@@ -190,8 +210,11 @@ class Probes:
         self.stats = stats
 
     def snapshot(self) -> dict[str, float]:
-        out = {"llm_worker": sum(probes.workers_cpu_s(self.llm)), "redis": probes.cpu_s(self.redis_pid),
-               "bench_client": probes.cpu_s(os.getpid())}  # fmt: skip
+        out = {
+            "llm_worker": sum(probes.workers_cpu_s(self.llm)),
+            "redis": probes.cpu_s(self.redis_pid),
+            "bench_client": probes.cpu_s(os.getpid()),
+        }
         if self.cpu is not None:
             out["cpu_worker_main"], out["cpu_worker_children"] = probes.workers_cpu_s(self.cpu)
         out["redis_commands"] = float(probes.total_commands(self.stats))
@@ -242,11 +265,26 @@ class LoadBench:
     def workers(self) -> Iterator[tuple[LocalWorkers, LocalWorkers]]:
         env = worker_env(self.url, IMPORTS, record_dir=self.record_dir, **self.cfg.worker_env)
         cfg = self.cfg
-        llm = LocalWorkers(self.client.app, count=cfg.llm_workers, env=env, pool=cfg.llm_pool,
-                           concurrency=cfg.llm_concurrency, queues=(LLM_QUEUE,), log_dir=self.logs,
-                           loglevel=cfg.loglevel)  # fmt: skip
-        cpu = LocalWorkers(self.client.app, count=1, env=env, pool="prefork", concurrency=cfg.cpu_concurrency,
-                           queues=(CPU_QUEUE,), log_dir=self.logs, loglevel=cfg.loglevel)  # fmt: skip
+        llm = LocalWorkers(
+            self.client.app,
+            count=cfg.llm_workers,
+            env=env,
+            pool=cfg.llm_pool,
+            concurrency=cfg.llm_concurrency,
+            queues=(LLM_QUEUE,),
+            log_dir=self.logs,
+            loglevel=cfg.loglevel,
+        )
+        cpu = LocalWorkers(
+            self.client.app,
+            count=1,
+            env=env,
+            pool="prefork",
+            concurrency=cfg.cpu_concurrency,
+            queues=(CPU_QUEUE,),
+            log_dir=self.logs,
+            loglevel=cfg.loglevel,
+        )
         with running(llm, grace=30, timeout=120), running(cpu, grace=30, timeout=120):
             yield llm, cpu
 
@@ -291,8 +329,16 @@ class LoadBench:
         cpu_used = Probes.delta(cpu_before, meter.snapshot())
         after_memory = probes.used_memory(self.stats)
         self.log(f"ours: all {len(finished)} runs ended; reading their status")
-        return self._summarise_ours(progress=progress, finished=finished, samples=samples, base_memory=base_memory,
-                                    after_memory=after_memory, cpu_used=cpu_used, llm=llm, cpu=cpu)  # fmt: skip
+        return self._summarise_ours(
+            progress=progress,
+            finished=finished,
+            samples=samples,
+            base_memory=base_memory,
+            after_memory=after_memory,
+            cpu_used=cpu_used,
+            llm=llm,
+            cpu=cpu,
+        )
 
     def _wait_runs(
         self,
@@ -326,8 +372,9 @@ class LoadBench:
                 raise TimeoutError(f"{len(ids) - len(finished)} runs still going after {timeout}s (logs: {self.logs})")
             if samples is not None and time.monotonic() - last_log > 15:
                 last_log = time.monotonic()
-                self.log(f"ours: {seen} submitted, {len(finished)} finished, "
-                         f"Redis {samples[-1].used_memory / 2**20:.0f} MB")  # fmt: skip
+                self.log(
+                    f"ours: {seen} submitted, {len(finished)} finished, Redis {samples[-1].used_memory / 2**20:.0f} MB"
+                )
             time.sleep(self.cfg.sample_s if samples is not None else 0.2)
 
     def _summarise_ours(
@@ -441,8 +488,12 @@ class LoadBench:
         sent = burst(total, self.cfg.submit_threads, publish)
         records = self.records.wait(tag, total, timeout=self.cfg.timeout_s, poll_s=0.5)
         makespan = max(r.end for r in records) - sent.started
-        return {"tasks": total, "publish_rate_per_s": round(sent.rate, 1), "makespan_s": round(makespan, 2),
-                "tasks_per_s": round(total / makespan, 1)}  # fmt: skip
+        return {
+            "tasks": total,
+            "publish_rate_per_s": round(sent.rate, 1),
+            "makespan_s": round(makespan, 2),
+            "tasks_per_s": round(total / makespan, 1),
+        }
 
     def floor(self, llm: LocalWorkers, cpu: LocalWorkers, half: str, runs: int) -> dict[str, Any]:
         meter = Probes(llm, cpu, self.redis_pid, self.stats)
@@ -452,16 +503,19 @@ class LoadBench:
         used = Probes.delta(before, meter.snapshot())
         result["commands_per_task"] = round(used.pop("redis_commands") / result["tasks"], 1)
         result["cpu_s"] = used
-        result["cpu_ms_per_task"] = round(sum(v for k, v in used.items() if k != "bench_client")
-                                          / result["tasks"] * 1000, 3)  # fmt: skip
+        result["cpu_ms_per_task"] = round(
+            sum(v for k, v in used.items() if k != "bench_client") / result["tasks"] * 1000, 3
+        )
         self.log(f"floor ({half}): {result['tasks_per_s']} tasks/s")
         return result
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         with self.workers() as (llm, cpu):
-            self.log(f"workers up: llm {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}, "
-                     f"cpu -P prefork -c {cfg.cpu_concurrency}")  # fmt: skip
+            self.log(
+                f"workers up: llm {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}, "
+                f"cpu -P prefork -c {cfg.cpu_concurrency}"
+            )
             self.warm_up()
             floor: list[dict[str, Any]] = []
             first_half = cfg.runs // 2
@@ -476,8 +530,11 @@ class LoadBench:
             tasks = sum(f["tasks"] for f in floor)
             seconds = sum(f["makespan_s"] for f in floor)
             cpu_ms = sum(f["cpu_ms_per_task"] * f["tasks"] for f in floor) / tasks
-            result["floor_total"] = {"tasks": tasks, "tasks_per_s": round(tasks / seconds, 1),
-                                     "cpu_ms_per_task": round(cpu_ms, 3)}  # fmt: skip
+            result["floor_total"] = {
+                "tasks": tasks,
+                "tasks_per_s": round(tasks / seconds, 1),
+                "cpu_ms_per_task": round(cpu_ms, 3),
+            }
             result["ratio"] = {
                 "throughput_ours_over_floor": round(ours["steps_per_s"] / (tasks / seconds), 3),
                 "cpu_per_step_ours_over_floor": round(ours["cpu_ms_per_step"] / cpu_ms, 2),
@@ -487,8 +544,13 @@ class LoadBench:
 
 
 def _timeline_point(sample: Sample, t0: float) -> dict[str, Any]:
-    return {"t": round(sample.t - t0, 1), "submitted": sample.submitted, "finished": sample.finished,
-            "used_memory_mb": round(sample.used_memory / 2**20, 1), "llm_rss_mb": sample.llm_rss_mb}  # fmt: skip
+    return {
+        "t": round(sample.t - t0, 1),
+        "submitted": sample.submitted,
+        "finished": sample.finished,
+        "used_memory_mb": round(sample.used_memory / 2**20, 1),
+        "llm_rss_mb": sample.llm_rss_mb,
+    }
 
 
 def scan_logs(directory: Path) -> dict[str, int]:
@@ -525,8 +587,16 @@ class PoolBench:
     def one(self, pool: str, rep: int) -> dict[str, Any]:
         cfg = self.cfg
         env = worker_env(self.url, IMPORTS, record_dir=self.record_dir, **cfg.worker_env)
-        workers = LocalWorkers(self.client.app, count=1, env=env, pool=pool, concurrency=cfg.concurrency,
-                               queues=(LLM_QUEUE,), log_dir=self.logs, loglevel=cfg.loglevel)  # fmt: skip
+        workers = LocalWorkers(
+            self.client.app,
+            count=1,
+            env=env,
+            pool=pool,
+            concurrency=cfg.concurrency,
+            queues=(LLM_QUEUE,),
+            log_dir=self.logs,
+            loglevel=cfg.loglevel,
+        )
         started = time.monotonic()
         workers.start(timeout=120)
         out: dict[str, Any] = {"pool": pool, "rep": rep, "start_s": round(time.monotonic() - started, 2)}
@@ -571,16 +641,21 @@ class PoolBench:
 
     def _wait(self, run_id: str) -> RunView:
         key = keys.run_key(run_id)
-        wait_until(lambda: self.stats.hget(key, "status") in FINISHED, timeout=self.cfg.timeout_s, poll_s=0.05,
-                   what=f"run {run_id} ended")  # fmt: skip
+        wait_until(
+            lambda: self.stats.hget(key, "status") in FINISHED,
+            timeout=self.cfg.timeout_s,
+            poll_s=0.05,
+            what=f"run {run_id} ended",
+        )
         return self.client.status(run_id)
 
     def _raw(self, count: int, meter: Probes) -> dict[str, Any]:
         send = self.client.app.send_task
         tag = f"pool-{uuid.uuid4().hex[:8]}"
         before = meter.snapshot()
-        sent = burst(count, self.cfg.submit_threads,
-                     lambda i: str(send("bench.raw_sleep", (tag, i, 1.0), queue=LLM_QUEUE).id))  # fmt: skip
+        sent = burst(
+            count, self.cfg.submit_threads, lambda i: str(send("bench.raw_sleep", (tag, i, 1.0), queue=LLM_QUEUE).id)
+        )
         records = self.records.wait(tag, count, timeout=self.cfg.timeout_s, poll_s=0.05)
         used = Probes.delta(before, meter.snapshot())
         run_s = [r.end - r.start for r in records]
@@ -622,54 +697,99 @@ class PoolBench:
 def print_load(cfg: Config, results: dict[str, Any]) -> None:
     ours = results["ours"]
     redis_ = ours["redis"]
-    print(f"\n{ours['runs']} content-pipeline runs ({ours['steps']} steps, 1 s simulated LLM latency): "
-          f"llm worker {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}, "
-          f"cpu worker -P prefork -c {cfg.cpu_concurrency}, "
-          f"priorities {cfg.worker_env['ORCH_PRIORITIES']}")  # fmt: skip
+    print(
+        f"\n{ours['runs']} content-pipeline runs ({ours['steps']} steps, 1 s simulated LLM latency): "
+        f"llm worker {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}, "
+        f"cpu worker -P prefork -c {cfg.cpu_concurrency}, "
+        f"priorities {cfg.worker_env['ORCH_PRIORITIES']}"
+    )
     print(f"  statuses: {ours['statuses']}")
     sub = ours["submit"]
-    print(f"  submit: {sub['rate_runs_per_s']} runs/s from {sub['threads']} threads "
-          f"(Client.submit p50 {sub['call_p50_ms']} ms, p99 {sub['call_p99_ms']} ms)")  # fmt: skip
-    print(f"  throughput: {ours['steps_per_s']} steps/s (makespan {ours['makespan_s']} s); run latency p50 "
-          f"{ours['run_latency_p50_s']} s, p99 {ours['run_latency_p99_s']} s")  # fmt: skip
+    print(
+        f"  submit: {sub['rate_runs_per_s']} runs/s from {sub['threads']} threads "
+        f"(Client.submit p50 {sub['call_p50_ms']} ms, p99 {sub['call_p99_ms']} ms)"
+    )
+    print(
+        f"  throughput: {ours['steps_per_s']} steps/s (makespan {ours['makespan_s']} s); run latency p50 "
+        f"{ours['run_latency_p50_s']} s, p99 {ours['run_latency_p99_s']} s"
+    )
     d = ours["steps_detail"]
-    print(f"  llm step execution p50/p99 {fmt(d.get('llm_run_s_p50'), 3)}/{fmt(d.get('llm_run_s_p99'), 3)} s; "
-          f"extra attempts in {d['sampled_runs']} sampled runs: {d['extra_attempts']}")  # fmt: skip
-    print(f"  Redis: {redis_['bytes_per_in_flight_run']} B per in-flight run ({redis_['peak_in_flight_runs']} in "
-          f"flight, {redis_['used_memory_at_peak_mb']} MB), {redis_['bytes_per_finished_run']} B per finished run "
-          f"({redis_['used_memory_after_mb']} MB after); {redis_['commands_per_step']} commands per step")  # fmt: skip
+    print(
+        f"  llm step execution p50/p99 {fmt(d.get('llm_run_s_p50'), 3)}/{fmt(d.get('llm_run_s_p99'), 3)} s; "
+        f"extra attempts in {d['sampled_runs']} sampled runs: {d['extra_attempts']}"
+    )
+    print(
+        f"  Redis: {redis_['bytes_per_in_flight_run']} B per in-flight run ({redis_['peak_in_flight_runs']} in "
+        f"flight, {redis_['used_memory_at_peak_mb']} MB), {redis_['bytes_per_finished_run']} B per finished run "
+        f"({redis_['used_memory_after_mb']} MB after); {redis_['commands_per_step']} commands per step"
+    )
     peak_mb, in_flight_mb = redis_["max_used_memory_mb"], redis_["in_flight_memory_peak_mb"]
-    print(f"  Redis peak: {peak_mb} MB; runs in flight {in_flight_mb} MB at most (finished runs at the per-finished "
-          "figure taken off)")  # fmt: skip
+    print(
+        f"  Redis peak: {peak_mb} MB; runs in flight {in_flight_mb} MB at most (finished runs at the per-finished "
+        "figure taken off)"
+    )
     print(f"  a finished run's keys (bytes): {redis_['finished_run_bytes_by_key']}")
     llm_mem, cpu_mem = ours["llm_worker_memory"], ours["cpu_worker_memory"]
-    print(f"  worker RSS: llm {llm_mem['main_rss_mb']} MB (peak {llm_mem['main_peak_mb']} MB, "
-          f"{llm_mem['threads']} threads); cpu main {cpu_mem['main_rss_mb']} MB + children "
-          f"{cpu_mem['children_rss_mb']} MB")  # fmt: skip
+    print(
+        f"  worker RSS: llm {llm_mem['main_rss_mb']} MB (peak {llm_mem['main_peak_mb']} MB, "
+        f"{llm_mem['threads']} threads); cpu main {cpu_mem['main_rss_mb']} MB + children "
+        f"{cpu_mem['children_rss_mb']} MB"
+    )
     print(f"  CPU s: {ours['cpu_s']}; {ours['cpu_ms_per_step']} ms per step (workers + Redis)")
     if results.get("floor"):
         total = results["floor_total"]
         for half in results["floor"]:
-            print(f"  floor pass: {half['tasks']} raw tasks, {half['tasks_per_s']} tasks/s, {half['cpu_ms_per_task']} "
-                  f"ms CPU per task, {half['commands_per_task']} commands per task")  # fmt: skip
+            print(
+                f"  floor pass: {half['tasks']} raw tasks, {half['tasks_per_s']} tasks/s, {half['cpu_ms_per_task']} "
+                f"ms CPU per task, {half['commands_per_task']} commands per task"
+            )
         ratio = results["ratio"]
-        print(f"  floor: {total['tasks_per_s']} tasks/s, {total['cpu_ms_per_task']} ms CPU per task; ours / floor: "
-              f"throughput {ratio['throughput_ours_over_floor']}x, CPU per step "
-              f"{ratio['cpu_per_step_ours_over_floor']}x")  # fmt: skip
+        print(
+            f"  floor: {total['tasks_per_s']} tasks/s, {total['cpu_ms_per_task']} ms CPU per task; ours / floor: "
+            f"throughput {ratio['throughput_ours_over_floor']}x, CPU per step "
+            f"{ratio['cpu_per_step_ours_over_floor']}x"
+        )
     if results.get("worker_log_problems"):
         print(f"  worker log error lines: {results['worker_log_problems']}")
 
 
 def print_pools(cfg: Config, results: dict[str, Any]) -> None:
-    print(f"\n{cfg.steps} LLM steps (1 s simulated latency) per pool, 1 worker -c {cfg.concurrency}, "
-          f"median of {cfg.reps}:")  # fmt: skip
-    head = ("pool", "ours steps/s", "raw tasks/s", "ours/raw", "step run p50", "p99", "queued→done p50", "p99",
-            "CPU ms/step ours", "raw", "peak RSS MB", "threads", "stop s")  # fmt: skip
+    print(
+        f"\n{cfg.steps} LLM steps (1 s simulated latency) per pool, 1 worker -c {cfg.concurrency}, "
+        f"median of {cfg.reps}:"
+    )
+    head = (
+        "pool",
+        "ours steps/s",
+        "raw tasks/s",
+        "ours/raw",
+        "step run p50",
+        "p99",
+        "queued→done p50",
+        "p99",
+        "CPU ms/step ours",
+        "raw",
+        "peak RSS MB",
+        "threads",
+        "stop s",
+    )
     print(" | ".join(head))
     for pool, m in results["medians"].items():
-        row = (pool, m["ours_steps_per_s"], m["raw_tasks_per_s"], m["ratio_ours_over_raw"], m["ours_run_p50_s"],
-               m["ours_run_p99_s"], m["ours_total_p50_s"], m["ours_total_p99_s"], m["ours_cpu_ms_per_step"],
-               m["raw_cpu_ms_per_task"], m["mem_main_peak_mb"], m["mem_threads"], m["stop_s"])  # fmt: skip
+        row = (
+            pool,
+            m["ours_steps_per_s"],
+            m["raw_tasks_per_s"],
+            m["ratio_ours_over_raw"],
+            m["ours_run_p50_s"],
+            m["ours_run_p99_s"],
+            m["ours_total_p50_s"],
+            m["ours_total_p99_s"],
+            m["ours_cpu_ms_per_step"],
+            m["raw_cpu_ms_per_task"],
+            m["mem_main_peak_mb"],
+            m["mem_threads"],
+            m["stop_s"],
+        )
         print(" | ".join(str(v) for v in row))
 
 
@@ -681,13 +801,17 @@ def measure(cfg: Config) -> dict[str, Any]:
     load_before = os.getloadavg()
     logs = log_dir(LOGS, fresh=True)  # scanned for errors afterwards: this run's logs only
     with record_dir("orchestrator-bench-load-") as records, private_redis() as server:
-        settings = Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS,
-                                      "ORCH_PRIORITIES": cfg.worker_env["ORCH_PRIORITIES"]})  # fmt: skip
+        settings = Settings.from_env(
+            {"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS, "ORCH_PRIORITIES": cfg.worker_env["ORCH_PRIORITIES"]}
+        )
         client = Client(settings)
         bench = (PoolBench if cfg.pools else LoadBench)(cfg, client, server.url, server.pid, records, logs=logs)
         results = bench.run()
-        results["environment"] = {**versions(server.url), "loadavg_1_5_15_before": load_before,
-                                  "loadavg_1_5_15_after": os.getloadavg()}  # fmt: skip
+        results["environment"] = {
+            **versions(server.url),
+            "loadavg_1_5_15_before": load_before,
+            "loadavg_1_5_15_after": os.getloadavg(),
+        }
     return results
 
 
@@ -707,8 +831,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_load(cfg, results)
             ok = results["ours"]["statuses"] == {"succeeded": cfg.runs}
         env = results["environment"]
-        print(f"\nload average before {env['loadavg_1_5_15_before'][0]:.2f}, "
-              f"after {env['loadavg_1_5_15_after'][0]:.2f}")  # fmt: skip
+        print(
+            f"\nload average before {env['loadavg_1_5_15_before'][0]:.2f}, after {env['loadavg_1_5_15_after'][0]:.2f}"
+        )
         write_results(cfg.out, results)
         return 0 if ok else 1
 

@@ -423,8 +423,12 @@ class Bench:
             backlog = 2  # run_started and the first step's step_queued, written by the submit
             connect_until = min(deadline, time.monotonic() + cfg.connect_timeout_s)
             with contextlib.suppress(TimeoutError):
-                await self._until(lambda: all(r.last_seq >= backlog or r.error for r in records), connect_until,
-                                  "every client to connect", 0.02)  # fmt: skip
+                await self._until(
+                    lambda: all(r.last_seq >= backlog or r.error for r in records),
+                    connect_until,
+                    "every client to connect",
+                    0.02,
+                )
             caught_up = sum(1 for r in records if r.last_seq >= backlog)
             window.mark("connected")
             t_release = time.time()
@@ -442,8 +446,12 @@ class Bench:
             resources = await window.stop()
             spec_path.unlink(missing_ok=True)
         expected = await asyncio.to_thread(expected_events, self.client, [r.run_id for r in records])
-        live = [(e[1], e[5] - e[4]) for r in records for e in r.events
-                if r.t_open is not None and e[4] >= max(r.t_open, t_release)]  # fmt: skip
+        live = [
+            (e[1], e[5] - e[4])
+            for r in records
+            for e in r.events
+            if r.t_open is not None and e[4] >= max(r.t_open, t_release)
+        ]
         finals = [e[4] for r in records for e in r.events if e[1] in RUN_ENDS]
         per_second = by_second_ms(
             (e[4] - t_release, e[5] - e[4])
@@ -576,8 +584,15 @@ def measure(cfg: Config, logs: Path, profile_path: Path | None) -> dict[str, Any
         env |= worker_env(server.url, IMPORTS)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         client = Client(Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS}))
-        workers = LocalWorkers(client.app, count=cfg.workers, env=worker_env(server.url, IMPORTS), pool=cfg.pool,
-                               concurrency=cfg.concurrency, log_dir=logs, loglevel=cfg.loglevel)  # fmt: skip
+        workers = LocalWorkers(
+            client.app,
+            count=cfg.workers,
+            env=worker_env(server.url, IMPORTS),
+            pool=cfg.pool,
+            concurrency=cfg.concurrency,
+            log_dir=logs,
+            loglevel=cfg.loglevel,
+        )
         (logs / "api.log").write_bytes(b"")
         api_env = dict(env)
         if cfg.api_pythonpath:

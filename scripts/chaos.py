@@ -93,15 +93,23 @@ def workflow(run: int, rng: random.Random, latency: tuple[float, float]) -> dict
             "name": name,
             "uses": "llm",
             "depends_on": list(deps),
-            "with": {"model": MODEL, "prompt": prompt, "max_tokens": 120,
-                     "simulate": {"latency_s": round(rng.uniform(*latency), 3)}},
+            "with": {
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": 120,
+                "simulate": {"latency_s": round(rng.uniform(*latency), 3)},
+            },
             "retry": {"max_attempts": MAX_ATTEMPTS},
-        }  # fmt: skip
+        }
 
     def py(name: str, fn: str, *deps: str) -> dict[str, Any]:
-        return {"name": name, "uses": "python", "depends_on": list(deps),
-                "with": {"function": fn, "args": {"seconds": round(rng.uniform(0.02, 0.15), 3)}},
-                "retry": {"max_attempts": MAX_ATTEMPTS}}  # fmt: skip
+        return {
+            "name": name,
+            "uses": "python",
+            "depends_on": list(deps),
+            "with": {"function": fn, "args": {"seconds": round(rng.uniform(0.02, 0.15), 3)}},
+            "retry": {"max_attempts": MAX_ATTEMPTS},
+        }
 
     steps = [
         llm("outline", "Outline an article about {{ inputs.topic }}."),
@@ -111,8 +119,7 @@ def workflow(run: int, rng: random.Random, latency: tuple[float, float]) -> dict
         py("score", "chaos.score", "draft_a", "draft_b", "facts"),
         llm("summary", "Summarise {{ inputs.topic }} in {{ steps.score.output.words }} words.", "score"),
     ]
-    return {"name": "chaos", "inputs": {"topic": {"type": "string"}}, "steps": steps,
-            "description": f"chaos run {run}"}  # fmt: skip
+    return {"name": "chaos", "inputs": {"topic": {"type": "string"}}, "steps": steps, "description": f"chaos run {run}"}
 
 
 @dataclass(frozen=True)
@@ -205,21 +212,28 @@ class ChaosReport:
         if self.stuck:
             out.append(f"{len(self.stuck)} runs stalled: {json.dumps(self.stuck, default=str)}")
         if self.duplicate_successes:
-            out.append(f"steps that succeeded more than once (run, step, generation, count): "
-                       f"{self.duplicate_successes}")  # fmt: skip
+            out.append(
+                f"steps that succeeded more than once (run, step, generation, count): {self.duplicate_successes}"
+            )
         if self.missing_successes:
             out.append(f"steps with no step_succeeded event (run, step): {self.missing_successes[:20]}")
         if self.distinct_paid_requests != self.needed_calls:
             out.append(f"{self.distinct_paid_requests} distinct requests paid for, {self.needed_calls} needed")
         if self.extra_paid_calls > self.in_flight_bound:
-            out.append(f"{self.extra_paid_calls} extra paid calls, more than the {self.in_flight_bound} "
-                       "that can have been cut off by the kills")  # fmt: skip
+            out.append(
+                f"{self.extra_paid_calls} extra paid calls, more than the {self.in_flight_bound} "
+                "that can have been cut off by the kills"
+            )
         return out
 
     def to_json(self) -> dict[str, Any]:
         """Every figure, for ``--json``."""
-        return {**asdict(self), "in_flight_bound": self.in_flight_bound, "extra_paid_calls": self.extra_paid_calls,
-                "problems": self.problems()}  # fmt: skip
+        return {
+            **asdict(self),
+            "in_flight_bound": self.in_flight_bound,
+            "extra_paid_calls": self.extra_paid_calls,
+            "problems": self.problems(),
+        }
 
 
 class _Killer(threading.Thread):
@@ -347,9 +361,14 @@ def run_chaos(
         # Pings for the workers go through their own app: the killer thread must not share the client's connections.
         control = Celery("chaos-control", broker=redis_url)
         stack.callback(control.close)
-        pool = LocalWorkers(control, count=config.workers, concurrency=config.concurrency,
-                            env=worker_env(config, redis_url, provider.base_url), loglevel=config.loglevel,
-                            log_dir=config.log_dir)  # fmt: skip
+        pool = LocalWorkers(
+            control,
+            count=config.workers,
+            concurrency=config.concurrency,
+            env=worker_env(config, redis_url, provider.base_url),
+            loglevel=config.loglevel,
+            log_dir=config.log_dir,
+        )
         stack.callback(pool.stop)
         pool.start(timeout=120)
         killer = _Killer(pool, config.kill_every, random.Random(config.seed + 1))
@@ -357,8 +376,9 @@ def run_chaos(
         stack.callback(killer.stop)
         redis_killer = None
         if server is not None and config.redis_kill_every > 0:
-            redis_killer = _RedisKiller(server, config.redis_kill_every, config.redis_down_s,
-                                        random.Random(config.seed + 2))  # fmt: skip
+            redis_killer = _RedisKiller(
+                server, config.redis_kill_every, config.redis_down_s, random.Random(config.seed + 2)
+            )
             redis_killer.start()
             stack.callback(redis_killer.stop)
         started = time.monotonic()
@@ -369,10 +389,18 @@ def run_chaos(
         killer.stop()
         stats = provider.stats()
     errors = [e for e in (killer.error, redis_killer and redis_killer.error) if e]
-    report = ChaosReport(runs=config.runs, seconds=round(seconds, 2), succeeded=0, kills=killer.kills,
-                         slots_per_worker=config.concurrency, killer_error="; ".join(errors) or None, stuck=stuck,
-                         workers_alive=config.workers, redis_kills=redis_killer.kills if redis_killer else 0,
-                         worker_exits=killer.exits)  # fmt: skip
+    report = ChaosReport(
+        runs=config.runs,
+        seconds=round(seconds, 2),
+        succeeded=0,
+        kills=killer.kills,
+        slots_per_worker=config.concurrency,
+        killer_error="; ".join(errors) or None,
+        stuck=stuck,
+        workers_alive=config.workers,
+        redis_kills=redis_killer.kills if redis_killer else 0,
+        worker_exits=killer.exits,
+    )
     _check_runs(client, run_ids, report)
     report.needed_calls = config.runs * len(LLM_STEPS)
     report.paid_calls = stats["billed"]
@@ -433,8 +461,11 @@ def _drive(
         if progress and now - last_print > 10:
             last_print = now
             redis_kills = f", {redis_killer.kills} Redis kills" if redis_killer else ""
-            print(f"  {ended}/{config.runs} runs ended, {len(in_flight)} in flight, {killer.kills} kills"
-                  f"{redis_kills}, {len(stuck)} stuck", flush=True)  # fmt: skip
+            print(
+                f"  {ended}/{config.runs} runs ended, {len(in_flight)} in flight, {killer.kills} kills"
+                f"{redis_kills}, {len(stuck)} stuck",
+                flush=True,
+            )
         time.sleep(0.2)
     return run_ids, stuck
 
@@ -504,24 +535,34 @@ def _successes(events: list[Event]) -> Counter[tuple[str, int]]:
 
 def print_report(report: ChaosReport, config: ChaosConfig) -> None:
     """The human-readable summary."""
-    print(f"runs: {report.succeeded}/{report.runs} succeeded in {report.seconds:.1f} s "
-          f"({report.runs / report.seconds:.1f} runs/s), {len(report.stuck)} stalled")  # fmt: skip
+    print(
+        f"runs: {report.succeeded}/{report.runs} succeeded in {report.seconds:.1f} s "
+        f"({report.runs / report.seconds:.1f} runs/s), {len(report.stuck)} stalled"
+    )
     print(
         f"workers: {config.workers} x {config.concurrency} slots; {report.kills} SIGKILLs of a whole worker "
         f"(about one every {config.kill_every:g} s); {report.worker_exits} exited on their own and were restarted"
     )
     if config.redis_kill_every > 0:
-        print(f"redis: {report.redis_kills} SIGKILLs (about one every {config.redis_kill_every:g} s, down "
-              f"{config.redis_down_s:g} s each, restarted from its AOF)")  # fmt: skip
-    print(f"steps: {report.steps}, attempts {report.attempts}, re-run after a loss {report.steps_rerun}, "
-          f"step_lost events {report.steps_lost}, queued steps sent again {report.steps_resent}")  # fmt: skip
-    print(f"outputs recorded more than once: {len(report.duplicate_successes)}; "
-          f"steps of succeeded runs without a success event: {len(report.missing_successes)}")  # fmt: skip
-    print(f"paid LLM calls: {report.paid_calls} for {report.needed_calls} needed "
-          f"({report.paid_calls / max(1, report.needed_calls):.4f}); extra {report.extra_paid_calls} "
-          f"(at most {report.in_flight_bound} cut off: (worker kills + Redis kills x workers) x slots); "
-          f"requests paid twice or more {report.repaid_requests}; billed but never delivered "
-          f"{report.paid_undelivered}")  # fmt: skip
+        print(
+            f"redis: {report.redis_kills} SIGKILLs (about one every {config.redis_kill_every:g} s, down "
+            f"{config.redis_down_s:g} s each, restarted from its AOF)"
+        )
+    print(
+        f"steps: {report.steps}, attempts {report.attempts}, re-run after a loss {report.steps_rerun}, "
+        f"step_lost events {report.steps_lost}, queued steps sent again {report.steps_resent}"
+    )
+    print(
+        f"outputs recorded more than once: {len(report.duplicate_successes)}; "
+        f"steps of succeeded runs without a success event: {len(report.missing_successes)}"
+    )
+    print(
+        f"paid LLM calls: {report.paid_calls} for {report.needed_calls} needed "
+        f"({report.paid_calls / max(1, report.needed_calls):.4f}); extra {report.extra_paid_calls} "
+        f"(at most {report.in_flight_bound} cut off: (worker kills + Redis kills x workers) x slots); "
+        f"requests paid twice or more {report.repaid_requests}; billed but never delivered "
+        f"{report.paid_undelivered}"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -553,11 +594,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.log_dir:
         args.log_dir.mkdir(parents=True, exist_ok=True)
-    config = ChaosConfig(runs=args.runs, workers=args.workers, concurrency=args.concurrency,
-                         kill_every=args.kill_every, parallel=args.parallel, latency=tuple(args.latency),
-                         stall_timeout=args.stall_timeout, seed=args.seed, log_dir=args.log_dir,
-                         loglevel=args.loglevel, redis_kill_every=args.redis_kill_every,
-                         redis_down_s=args.redis_down)  # fmt: skip
+    config = ChaosConfig(
+        runs=args.runs,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        kill_every=args.kill_every,
+        parallel=args.parallel,
+        latency=tuple(args.latency),
+        stall_timeout=args.stall_timeout,
+        seed=args.seed,
+        log_dir=args.log_dir,
+        loglevel=args.loglevel,
+        redis_kill_every=args.redis_kill_every,
+        redis_down_s=args.redis_down,
+    )
 
     def session() -> int:
         # With an append-only file synced before each write is acknowledged, as in compose: a killed Redis loses
@@ -566,8 +616,15 @@ def main(argv: list[str] | None = None) -> int:
             report = run_chaos(config, server.url, server=server, progress=True)
             version = redis.Redis.from_url(server.url).info("server").get("redis_version")
         print_report(report, config)
-        write_results(args.json, {**report.to_json(), "config": asdict(config), "redis": version,
-                                  "command": cli.command("scripts.chaos", argv)})  # fmt: skip
+        write_results(
+            args.json,
+            {
+                **report.to_json(),
+                "config": asdict(config),
+                "redis": version,
+                "command": cli.command("scripts.chaos", argv),
+            },
+        )
         problems = report.problems()
         for problem in problems:
             print(f"FAIL: {problem}", file=sys.stderr)

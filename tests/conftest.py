@@ -86,8 +86,9 @@ def workers(client: Client, redis_url: str) -> Iterator[LocalWorkers]:
     """Two real prefork worker processes with two slots each, for the whole session."""
     log_dir = ARTIFACTS / "worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    with LocalWorkers(client.app, count=2, concurrency=2, env={"REDIS_URL": redis_url, **WORKER_ENV},
-                      log_dir=log_dir) as pool:  # fmt: skip
+    with LocalWorkers(
+        client.app, count=2, concurrency=2, env={"REDIS_URL": redis_url, **WORKER_ENV}, log_dir=log_dir
+    ) as pool:
         yield pool
 
 

@@ -83,9 +83,12 @@ def create_app(
     streams = streams or StreamLimits()
     metrics = ApiMetrics()
     aredis = async_client(
-        settings.redis_url, socket_connect_timeout=5, socket_timeout=streams.block_ms / 1000 + 10,
-        health_check_interval=30, max_connections=streams.redis_connections,
-    )  # fmt: skip
+        settings.redis_url,
+        socket_connect_timeout=5,
+        socket_timeout=streams.block_ms / 1000 + 10,
+        health_check_interval=30,
+        max_connections=streams.redis_connections,
+    )
     context = ApiContext(
         settings=settings,
         client=client,
@@ -157,9 +160,7 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        errors = [
-            {"field": _field(e["loc"]), "message": e["msg"], "type": e["type"]} for e in exc.errors()
-        ]  # fmt: skip
+        errors = [{"field": _field(e["loc"]), "message": e["msg"], "type": e["type"]} for e in exc.errors()]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
         return _problem(422, detail, errors=errors)
 

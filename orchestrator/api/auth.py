@@ -215,11 +215,17 @@ class ApiAuth:
         if self.enabled:
             return
         if not is_loopback_host_header(host):
-            raise AuthError(403, f"Host {shown(host or '')} is not a loopback name: without {TOKENS_ENV} the API "
-                                 "answers only to localhost, 127.0.0.1 or [::1]")  # fmt: skip
+            raise AuthError(
+                403,
+                f"Host {shown(host or '')} is not a loopback name: without {TOKENS_ENV} the API "
+                "answers only to localhost, 127.0.0.1 or [::1]",
+            )
         if origin is not None and not is_loopback_origin(origin):
-            raise AuthError(403, f"Origin {shown(origin)} is not a loopback origin: without {TOKENS_ENV} the API "
-                                 "refuses requests from other sites")  # fmt: skip
+            raise AuthError(
+                403,
+                f"Origin {shown(origin)} is not a loopback origin: without {TOKENS_ENV} the API "
+                "refuses requests from other sites",
+            )
 
     def authorize(self, token: str | None, scope: Scope, client_host: str | None) -> Principal:
         """Who may do something that needs ``scope``.

@@ -30,9 +30,7 @@ from orchestrator.state import keys
 router = APIRouter(tags=["runs"])
 
 RunId = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem} for code in (401, 403, 404, 409, 422, 503)
-}  # fmt: skip
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (401, 403, 404, 409, 422, 503)}
 
 
 @router.post("/runs", status_code=201, response_model=RunCreated, responses={200: {"model": RunCreated}, **_ERRORS})

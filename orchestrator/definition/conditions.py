@@ -125,8 +125,9 @@ def evaluate_condition(
     except NESTING_ERRORS:
         raise NonRetryableStepError(f"condition {_shown(source)} nests too deeply", kind="condition_error") from None
     except Exception as exc:
-        raise NonRetryableStepError(f"condition {_shown(source)} failed: {type(exc).__name__}: {exc}",
-                                    kind="condition_error") from None  # fmt: skip
+        raise NonRetryableStepError(
+            f"condition {_shown(source)} failed: {type(exc).__name__}: {exc}", kind="condition_error"
+        ) from None
 
 
 def _shown(source: str, limit: int = 200) -> str:

@@ -308,8 +308,9 @@ def _filter_size(name: str, a: Mapping[str, Any]) -> int:
         wrap = a.get("wrapstring")
         return length * (1 + (len(wrap) if isinstance(wrap, str) else 1))
     if name == "replace":
-        size = _text_method_size(str(text), "replace", {"old": str(a.get("old")), "new": str(a.get("new")),
-                                                        "count": a.get("count") or -1})  # fmt: skip
+        size = _text_method_size(
+            str(text), "replace", {"old": str(a.get("old")), "new": str(a.get("new")), "count": a.get("count") or -1}
+        )
         return size or 0
     if name == "format":
         args, kwargs = a.get("args", ()), a.get("kwargs", {})
@@ -331,8 +332,9 @@ _ITEMIZING_FILTERS = frozenset({"batch", "dictsort", "groupby", "items", "list",
 # Filters splitting their text into words or lines on the way.
 _SPLITTING_FILTERS = frozenset({"indent", "urlize", "wordcount", "wordwrap"})
 # Filters whose arguments can grow their result past its input: sized (or limited) before they run.
-_GUARDED_FILTERS = frozenset({"batch", "center", "format", "indent", "join", "replace", "round", "slice", "sum",
-                              "tojson", "wordwrap"})  # fmt: skip
+_GUARDED_FILTERS = frozenset(
+    {"batch", "center", "format", "indent", "join", "replace", "round", "slice", "sum", "tojson", "wordwrap"}
+)
 
 
 def _bounded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:

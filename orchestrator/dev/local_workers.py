@@ -59,15 +59,26 @@ class LocalWorkers:
         index = len(self.processes) + 1 if index is None else index
         name = f"w{index}-{self._tag}@{os.uname().nodename}"
         argv = [
-            sys.executable, "-m", "celery", "-A", "workers", "worker",
-            f"--hostname={name}", f"--pool={self.pool}", f"--concurrency={self.concurrency}",
-            f"--queues={','.join(self.queues)}", f"--loglevel={self.loglevel}", "--without-mingle", "--without-gossip",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers",
+            "worker",
+            f"--hostname={name}",
+            f"--pool={self.pool}",
+            f"--concurrency={self.concurrency}",
+            f"--queues={','.join(self.queues)}",
+            f"--loglevel={self.loglevel}",
+            "--without-mingle",
+            "--without-gossip",
+        ]
         env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
         if self.log_dir is None:
-            self.processes[name] = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
-                                                    stderr=subprocess.STDOUT, cwd=REPO_ROOT)  # fmt: skip
+            self.processes[name] = subprocess.Popen(
+                argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+            )
             return name
         with open(self.log_dir / f"{name.split('@', maxsplit=1)[0]}.log", "ab") as log:
             # The child keeps its own copy of the descriptor; ours closes with the block.

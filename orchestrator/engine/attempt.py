@@ -62,8 +62,9 @@ def execute_attempt(runtime: Runtime, attempt: Attempt, definition_hash: str, de
             runtime, f"{attempt}: load its definition", lambda: runtime.store.load_definition(definition_hash)
         )
     except DefinitionNotFoundError:
-        log.warning("dropping %s: no definition %s is stored (it expired, or was never submitted)",
-                    attempt, definition_hash)  # fmt: skip
+        log.warning(
+            "dropping %s: no definition %s is stored (it expired, or was never submitted)", attempt, definition_hash
+        )
         return "dropped: unknown definition"
     if attempt.step not in spec.steps_by_name:
         log.warning("dropping %s: workflow %s has no step %r", attempt, spec.name, attempt.step)
@@ -81,8 +82,14 @@ def execute_attempt(runtime: Runtime, attempt: Attempt, definition_hash: str, de
         return f"duplicate delivery of finished step ({claim.detail})"
     if claim.outcome == ClaimOutcome.INACTIVE and claim.detail == "deadline":
         # Past the workflow deadline: time the run out now rather than wait for the next sweep.
-        stop_run(runtime.publisher, runtime.store, attempt.run_id, RunStatus.TIMED_OUT, DEADLINE_REASON,
-                 generation=attempt.generation)  # fmt: skip
+        stop_run(
+            runtime.publisher,
+            runtime.store,
+            attempt.run_id,
+            RunStatus.TIMED_OUT,
+            DEADLINE_REASON,
+            generation=attempt.generation,
+        )
         return "dropped: the run is past its deadline"
     if claim.outcome != ClaimOutcome.OK:
         log.info("dropping %s: %s %s", attempt, claim.outcome, claim.detail)

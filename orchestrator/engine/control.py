@@ -153,17 +153,24 @@ def decide_step(
     if outcome == DecisionOutcome.MISSING:
         raise RunNotFoundError(run_id)
     if outcome == DecisionOutcome.STALE:
-        raise DecisionRefusedError(f"step {step!r} is not waiting for a decision of generation {generation} (the run "
-                                   f"is at generation {result.generation})", reason="not_waiting")  # fmt: skip
+        raise DecisionRefusedError(
+            f"step {step!r} is not waiting for a decision of generation {generation} (the run "
+            f"is at generation {result.generation})",
+            reason="not_waiting",
+        )
     if outcome == DecisionOutcome.FORBIDDEN and by == TIMEOUT_PRINCIPAL:
-        raise DecisionRefusedError(f"{by!r} may not decide step {step!r}: {reserved_message(by)}",
-                                   reason="not_an_approver")  # fmt: skip
+        raise DecisionRefusedError(
+            f"{by!r} may not decide step {step!r}: {reserved_message(by)}", reason="not_an_approver"
+        )
     if outcome == DecisionOutcome.FORBIDDEN:
-        raise DecisionRefusedError(f"{by!r} may not decide step {step!r}: approvers are "
-                                   f"{', '.join(step_spec.params.approvers)}", reason="not_an_approver")  # fmt: skip
+        raise DecisionRefusedError(
+            f"{by!r} may not decide step {step!r}: approvers are {', '.join(step_spec.params.approvers)}",
+            reason="not_an_approver",
+        )
     if outcome != DecisionOutcome.OK:
-        raise DecisionRefusedError(f"step {step!r} is not waiting for a decision (it is {result.detail})",
-                                   reason="not_waiting")  # fmt: skip
+        raise DecisionRefusedError(
+            f"step {step!r} is not waiting for a decision (it is {result.detail})", reason="not_waiting"
+        )
     verdict = decision.removeprefix("timeout:")
     record = {"approved": verdict == "approve", "decision": decision, "by": by, "comment": comment}
     attempt = Attempt(run_id, step, result.generation, token)
@@ -172,8 +179,12 @@ def decide_step(
     else:
         kind = "approval_timeout" if verdict == "fail" else "rejected"
         message = "no decision before the approval timeout" if verdict == "fail" else f"rejected by {by}"
-        error: ErrorRecord = {"type": kind, "status": None, "message": message + (f": {comment}" if comment else ""),
-                              "retryable": False}  # fmt: skip
+        error: ErrorRecord = {
+            "type": kind,
+            "status": None,
+            "message": message + (f": {comment}" if comment else ""),
+            "retryable": False,
+        }
         record_outcome(
             publisher, settings, store, spec, attempt, outcome=StepOutcome.FAILED, output=record, error=error
         )
@@ -253,8 +264,9 @@ def resume_run(
             status=status,
         )
     statuses = {s.name: fields.get(keys.step_field(s.name, "status"), "") for s in spec.steps}
-    plan = plan_resume(spec, statuses, fields["gen"], from_step, changed=changed,
-                       new_definition=spec if deployed is not None else None)  # fmt: skip
+    plan = plan_resume(
+        spec, statuses, fields["gen"], from_step, changed=changed, new_definition=spec if deployed is not None else None
+    )
     held = {step: uuid.uuid4().hex for step in plan.queued}
     store.hold_dispatch(run_id, held, settings.queued_grace_s)
     resumed = store.resume(run_id, plan)

@@ -176,5 +176,6 @@ def deliver(listener: ProgressListener, event: Event) -> None:
         try:
             getattr(listener, name)(event)
         except Exception:
-            log.exception("progress listener %r failed in %s for event %s of run %s", listener, name, event.seq,
-                          event.run_id)  # fmt: skip
+            log.exception(
+                "progress listener %r failed in %s for event %s of run %s", listener, name, event.seq, event.run_id
+            )

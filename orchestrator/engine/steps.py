@@ -102,8 +102,12 @@ class StepExecutor:
             NonRetryableStepError: When the condition raises; the step then fails with the cause.
         """
         if step.condition is not None:
-            return evaluate_condition(step.condition, inputs=dict(ctx.inputs), outputs=dict(ctx.outputs),
-                                      timeout_s=self._template_timeout(step))  # fmt: skip
+            return evaluate_condition(
+                step.condition,
+                inputs=dict(ctx.inputs),
+                outputs=dict(ctx.outputs),
+                timeout_s=self._template_timeout(step),
+            )
         if step.condition_function is not None:
             try:
                 fn = self.functions.get(step.condition_function)
@@ -124,8 +128,12 @@ class StepExecutor:
         if params.message is None:
             return None
         try:
-            return render(params.message, ctx.template_context(), max_chars=MAX_APPROVAL_MESSAGE_CHARS,
-                          timeout_s=self.template_timeout_s)  # fmt: skip
+            return render(
+                params.message,
+                ctx.template_context(),
+                max_chars=MAX_APPROVAL_MESSAGE_CHARS,
+                timeout_s=self.template_timeout_s,
+            )
         except NonRetryableStepError as exc:
             if exc.kind == "prompt_too_large":
                 raise NonRetryableStepError(
@@ -168,8 +176,11 @@ class StepExecutor:
         # timeout is one deadline for the whole attempt: rendering stops at it, each LLM call gets what is left.
         deadline = time.monotonic() + step.timeout_s if step.timeout_s else None
         variables = ctx.template_context()
-        limits: dict[str, Any] = {"max_chars": self.max_prompt_bytes, "timeout_s": self.template_timeout_s,
-                                  "deadline": deadline}  # fmt: skip
+        limits: dict[str, Any] = {
+            "max_chars": self.max_prompt_bytes,
+            "timeout_s": self.template_timeout_s,
+            "deadline": deadline,
+        }
         # Inputs and upstream outputs can make a small template render huge: refuse before paying for it.
         try:
             prompt = render(params.prompt, variables, **limits)

@@ -90,6 +90,7 @@ SIMULATED_ERRORS: Final[Mapping[str, SimulatedError]] = MappingProxyType(
 _TRANSPORT_ERRORS: Final = frozenset({"timeout", "connection"})
 _INVALID_JSON: Final = "invalid_json"
 
+
 # Prose reads better than 130 quoted items.
 class OfflineMessagesAPI:
     """An in-process stand-in for the Messages API, to mount as an ``httpx2.MockTransport`` handler.

@@ -31,7 +31,6 @@ VOCABULARY: Final = tuple(
 )
 
 
-
 def prose_tokens(text: str) -> int:
     return math.ceil(len(text.split()) * 1.3)
 

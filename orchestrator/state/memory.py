@@ -702,8 +702,15 @@ class MemoryStateStore:
             stamp = _stamp(now)
             decide_by = _stamp(now + timeout_s) if timeout_s else ""
             self._emit(run, stamp, "step_waiting", attempt.step, data=json.dumps(data))
-            run.fields.update({p + "status": "waiting", p + "task": "", p + "lease": "", p + "waiting_since": stamp,
-                               p + "decide_by": decide_by})  # fmt: skip
+            run.fields.update(
+                {
+                    p + "status": "waiting",
+                    p + "task": "",
+                    p + "lease": "",
+                    p + "waiting_since": stamp,
+                    p + "decide_by": decide_by,
+                }
+            )
             if decide_by:
                 self._approvals[keys.approval_member(attempt.run_id, attempt.generation, attempt.step)] = float(
                     decide_by
@@ -730,8 +737,15 @@ class MemoryStateStore:
                 outcome = f"refused: not waiting ({run_status if status == 'waiting' else status})"
             if run_status in _STOPPABLE_RUN:
                 audit = _json_list(fields.get(p + "audit"))
-                audit.append({"at": stamp, "by": decision.by, "decision": decision.decision,
-                              "comment": decision.comment, "outcome": outcome})  # fmt: skip
+                audit.append(
+                    {
+                        "at": stamp,
+                        "by": decision.by,
+                        "decision": decision.decision,
+                        "comment": decision.comment,
+                        "outcome": outcome,
+                    }
+                )
                 while len(audit) > MAX_AUDIT_ENTRIES:
                     oldest = next((i for i, entry in enumerate(audit) if entry["outcome"] != "accepted"), 0)
                     del audit[oldest]
@@ -741,9 +755,15 @@ class MemoryStateStore:
             if outcome != "accepted":
                 return DecisionResult(DecisionOutcome.NOT_WAITING, detail=status)
             record = {"decision": decision.decision, "by": decision.by, "comment": decision.comment, "at": stamp}
-            fields.update({p + "status": "running", p + "task": decision.task_id,
-                           p + "lease": _stamp(now + decision.lease_s), p + "decision": json.dumps(record),
-                           p + "decide_by": ""})  # fmt: skip
+            fields.update(
+                {
+                    p + "status": "running",
+                    p + "task": decision.task_id,
+                    p + "lease": _stamp(now + decision.lease_s),
+                    p + "decision": json.dumps(record),
+                    p + "decide_by": "",
+                }
+            )
             self._leases[keys.lease_member(run_id, step, decision.task_id)] = now + decision.lease_s
             self._approvals.pop(keys.approval_member(run_id, fields["gen"], step), None)
             return DecisionResult(DecisionOutcome.OK, generation=fields["gen"])

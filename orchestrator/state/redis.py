@@ -47,14 +47,34 @@ from orchestrator.state import keys
 from orchestrator.state.base import SUMMARY_FIELDS, success_detail
 
 _SCRIPTS = (
-    "create", "claim", "finish", "retry", "defer", "reclaim", "renew", "stop", "resume", "wait", "decide",
+    "create",
+    "claim",
+    "finish",
+    "retry",
+    "defer",
+    "reclaim",
+    "renew",
+    "stop",
+    "resume",
+    "wait",
+    "decide",
     "fail_dispatch",
-)  # fmt: skip
+)
 
 
 _WITH_EVENTS = {
-    "create", "claim", "finish", "retry", "defer", "reclaim", "stop", "resume", "wait", "decide", "fail_dispatch",
-}  # fmt: skip
+    "create",
+    "claim",
+    "finish",
+    "retry",
+    "defer",
+    "reclaim",
+    "stop",
+    "resume",
+    "wait",
+    "decide",
+    "fail_dispatch",
+}
 
 
 def _load_lua(name: str) -> str:
@@ -349,11 +369,18 @@ class RedisStateStore:
         """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
         argv: list[Any] = [
-            step, generation, task_id, outcome.value,
+            step,
+            generation,
+            task_id,
+            outcome.value,
             "" if output is None else json.dumps(output, separators=(",", ":")),
             "" if error is None else json.dumps(error, separators=(",", ":")),
-            self.retention_s, cache_key, "1" if cached else "", success_detail(output), *children,
-        ]  # fmt: skip
+            self.retention_s,
+            cache_key,
+            "1" if cached else "",
+            success_detail(output),
+            *children,
+        ]
         # Each child this finish may release is covered in the lease index before the script runs, under the task id
         # its message will carry: a worker dying between the finish and the publish, or a message lost in the
         # broker, leaves the sweeper something to send again.
@@ -379,8 +406,9 @@ class RedisStateStore:
             pipe.execute()
         if reply[0] != "ok":
             return FinishResult(recorded=False)
-        return FinishResult(recorded=True, run_status=reply[1] or None, released=released,
-                            task_ids={c: held[c] for c in released})  # fmt: skip
+        return FinishResult(
+            recorded=True, run_status=reply[1] or None, released=released, task_ids={c: held[c] for c in released}
+        )
 
     def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
         """Cover steps about to be published in the lease index, so the sweeper resends a message that is lost."""
@@ -501,9 +529,12 @@ class RedisStateStore:
             self.save_definition(plan.definition)
         new_hash = plan.definition.definition_hash if plan.definition is not None else ""
         argv: list[Any] = [
-            plan.expected_generation, ",".join(plan.allowed_statuses), self.active_ttl_s, plan.forced_step or "",
+            plan.expected_generation,
+            ",".join(plan.allowed_statuses),
+            self.active_ttl_s,
+            plan.forced_step or "",
             new_hash,
-        ]  # fmt: skip
+        ]
 
         for step, status, pending in plan.resets:
             argv += [step, status, pending]
@@ -567,8 +598,17 @@ class RedisStateStore:
             next), ``FORBIDDEN``, ``NOT_WAITING`` with the step's status, ``STALE`` with the run's generation, or
             ``MISSING``.
         """
-        argv: list[Any] = [step, decision.decision, decision.by, decision.comment, "1" if decision.allowed else "0",
-                           decision.task_id, decision.lease_s, decision.generation, MAX_AUDIT_ENTRIES]  # fmt: skip
+        argv: list[Any] = [
+            step,
+            decision.decision,
+            decision.by,
+            decision.comment,
+            "1" if decision.allowed else "0",
+            decision.task_id,
+            decision.lease_s,
+            decision.generation,
+            MAX_AUDIT_ENTRIES,
+        ]
         reply = [_text(x) for x in self._scripts["decide"](keys=_run_keys(run_id), args=argv)]
         outcome = DecisionOutcome(reply[0])
         if outcome == DecisionOutcome.NOT_WAITING:

@@ -128,9 +128,11 @@ def record_llm_call(record: LLMCallRecord) -> None:
     if record.error_kind:
         attributes["error.type"] = record.error_kind
     span = tracer.start_span(
-        f"chat {record.model}", kind=SpanKind.CLIENT, attributes=attributes,
+        f"chat {record.model}",
+        kind=SpanKind.CLIENT,
+        attributes=attributes,
         start_time=end - int(record.duration_s * 1e9),
-    )  # fmt: skip
+    )
     if record.error_kind:
         span.set_status(Status(StatusCode.ERROR, record.error_kind))
     span.end(end_time=end)
@@ -156,8 +158,9 @@ def run_span(run_id: str, workflow: str) -> Iterator[None]:
             links.append(trace.Link(caller))
         attributes = {"orchestrator.run_id": run_id, "orchestrator.workflow": workflow}
         with trace_provider.forced_ids(root.trace_id, root.span_id):
-            span: trace.Span | None = tracer.start_span(f"run {workflow}", context=otel_context.Context(),
-                                                        links=links, attributes=attributes)  # fmt: skip
+            span: trace.Span | None = tracer.start_span(
+                f"run {workflow}", context=otel_context.Context(), links=links, attributes=attributes
+            )
     except Exception:
         log.warning("tracing: could not start the root span of run %s", run_id, exc_info=True)
         span = None
@@ -214,8 +217,9 @@ class _AttemptSpan:
             }
             if info.queue_wait_s is not None:
                 attributes["orchestrator.queue_wait_s"] = info.queue_wait_s
-            span = self._tracer.start_span(f"{info.workflow}.{info.step}", context=parent, kind=SpanKind.CONSUMER,
-                                           attributes=attributes)  # fmt: skip
+            span = self._tracer.start_span(
+                f"{info.workflow}.{info.step}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+            )
             current = otel_context.set_value(_LLM_TOTALS, self._totals, trace.set_span_in_context(span))
             self._token = otel_context.attach(current)
             self._span = span

@@ -21,8 +21,15 @@ def parser(doc: str | None, *, name: str, quick: str) -> argparse.ArgumentParser
     parser = argparse.ArgumentParser(prog=f"python -m scripts.{name}", description=(doc or "").split("\n\n")[0] or None)
     parser.add_argument("--quick", action="store_true", help=quick)
     default = ARTIFACTS / f"{name}.json"
-    parser.add_argument("--json", "--out", dest="json", type=Path, default=default, metavar="PATH",
-                        help=f"JSON results (default {default.relative_to(ARTIFACTS.parent)})")  # fmt: skip
+    parser.add_argument(
+        "--json",
+        "--out",
+        dest="json",
+        type=Path,
+        default=default,
+        metavar="PATH",
+        help=f"JSON results (default {default.relative_to(ARTIFACTS.parent)})",
+    )
     parser.add_argument("--loglevel", default="WARNING", help="worker log level (default WARNING)")
     return parser
 
@@ -30,8 +37,9 @@ def parser(doc: str | None, *, name: str, quick: str) -> argparse.ArgumentParser
 def add_workers(parser: argparse.ArgumentParser, *, workers: int, concurrency: int, pool: str | None) -> None:
     """``--workers``, ``--concurrency`` and (unless ``pool`` is None) ``--pool``, with these defaults."""
     parser.add_argument("--workers", type=int, default=workers, help=f"worker processes (default {workers})")
-    parser.add_argument("--concurrency", type=int, default=concurrency,
-                        help=f"pool slots per worker (default {concurrency})")  # fmt: skip
+    parser.add_argument(
+        "--concurrency", type=int, default=concurrency, help=f"pool slots per worker (default {concurrency})"
+    )
     if pool is not None:
         parser.add_argument("--pool", default=pool, help=f"prefork, threads, solo, gevent (default {pool})")
 

@@ -85,8 +85,13 @@ def workers_cpu_s(workers: LocalWorkers) -> tuple[float, float]:
 
 def workers_memory_mb(workers: LocalWorkers) -> dict[str, Any]:
     """RSS of the workers' main processes and pool children in MB, now and at peak, and their thread count."""
-    out: dict[str, Any] = {"main_rss_mb": 0.0, "main_peak_mb": 0.0, "children_rss_mb": 0.0,
-                           "children_peak_mb": 0.0, "threads": 0}  # fmt: skip
+    out: dict[str, Any] = {
+        "main_rss_mb": 0.0,
+        "main_peak_mb": 0.0,
+        "children_rss_mb": 0.0,
+        "children_peak_mb": 0.0,
+        "threads": 0,
+    }
     for name, process in list(workers.processes.items()):
         main = proc_status(process.pid)
         out["main_rss_mb"] += main.get("VmRSS", 0) / 1024

@@ -100,8 +100,10 @@ def by_second_ms(samples: Iterable[tuple[float, float]]) -> list[dict[str, float
     groups: dict[int, list[float]] = defaultdict(list)
     for since, latency in samples:
         groups[int(since)].append(latency)
-    return [{"second": sec, **{k: round(v, 2) for k, v in summary_ms(vals).items() if k in {"n", "p50", "p99", "max"}}}
-            for sec, vals in sorted(groups.items())]  # fmt: skip
+    return [
+        {"second": sec, **{k: round(v, 2) for k, v in summary_ms(vals).items() if k in {"n", "p50", "p99", "max"}}}
+        for sec, vals in sorted(groups.items())
+    ]
 
 
 def by_type_ms(samples: Iterable[tuple[str, float]]) -> dict[str, dict[str, float]]:

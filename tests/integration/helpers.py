@@ -32,8 +32,12 @@ def llm(name: str, *deps: str, latency: float = 0.0, errors: tuple[str, ...] = (
 def py(name: str, function: str, *deps: str, **args: Any) -> dict[str, Any]:
     """A ``python`` step calling a function from ``tests.workflows``."""
     queue = args.pop("queue", None)
-    step: dict[str, Any] = {"name": name, "uses": "python", "depends_on": list(deps),
-                            "with": {"function": function, "args": args}}  # fmt: skip
+    step: dict[str, Any] = {
+        "name": name,
+        "uses": "python",
+        "depends_on": list(deps),
+        "with": {"function": function, "args": args},
+    }
     if queue:
         step["queue"] = queue
     return step

@@ -281,8 +281,11 @@ def test_a_decision_on_a_step_that_is_not_waiting_is_409_and_on_an_unknown_step_
 def test_the_token_s_principal_decides_an_approval_and_anyone_else_gets_403(
     server: ApiServer, client: Client, workers: LocalWorkers, unique: str
 ) -> None:
-    spec = workflow(f"api_approval_{unique}", {"name": "review", "uses": "approval", "with": {"approvers": ["editor"]}},
-                    py("publish", "tests.count_calls", "review"))  # fmt: skip
+    spec = workflow(
+        f"api_approval_{unique}",
+        {"name": "review", "uses": "approval", "with": {"approvers": ["editor"]}},
+        py("publish", "tests.count_calls", "review"),
+    )
     run_id = client.submit(spec)
     wait_for(lambda: client.status(run_id)["steps"]["review"]["status"] == "waiting", what="the review to wait")
     with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as http:
@@ -383,8 +386,9 @@ def test_tokens_and_scopes_decide_who_may_do_what(server: ApiServer, workers: Lo
         run_id = http.post("/runs", json=body, headers=bearer(WRITE)).json()["run_id"]
         reader_reads = http.get(f"/runs/{run_id}", headers=bearer(READ))
         reader_cancels = http.post(f"/runs/{run_id}/cancel", headers=bearer(READ))
-        writer_decides = http.post(f"/runs/{run_id}/steps/slow/decision", json={"decision": "approve"},
-                                   headers=bearer(WRITE))  # fmt: skip
+        writer_decides = http.post(
+            f"/runs/{run_id}/steps/slow/decision", json={"decision": "approve"}, headers=bearer(WRITE)
+        )
         writer_cancels = http.post(f"/runs/{run_id}/cancel", headers=bearer(WRITE))
         health = http.get("/healthz")
 
@@ -570,9 +574,14 @@ def test_the_api_command_refuses_a_public_address_without_tokens_and_a_malformed
 
 def test_the_api_command_serves_on_loopback_and_says_it_has_no_authentication(redis_url: str) -> None:
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "api", "--port", str(port)],
-                               env=_api_env(redis_url), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "api", "--port", str(port)],
+        env=_api_env(redis_url),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
 
         def healthy() -> bool:
@@ -596,8 +605,9 @@ def test_a_browser_stream_may_carry_its_read_token_in_the_query(
 ) -> None:
     # EventSource and browser WebSockets cannot set headers: ?token= is accepted on the two stream endpoints only.
     with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as http:
-        run_id = http.post("/runs", json={"definition": steady_chain(f"api_qtoken_{unique}")},
-                           headers=bearer(WRITE)).json()["run_id"]  # fmt: skip
+        run_id = http.post(
+            "/runs", json={"definition": steady_chain(f"api_qtoken_{unique}")}, headers=bearer(WRITE)
+        ).json()["run_id"]
         assert http.get(f"/runs/{run_id}/events").status_code == 401
         assert http.get(f"/runs/{run_id}?token={READ}").status_code == 401, "only stream endpoints read ?token="
         with http.stream("GET", f"/runs/{run_id}/events?token={READ}") as response:

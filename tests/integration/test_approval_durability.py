@@ -44,13 +44,18 @@ def _client(server: RedisServer) -> Client:
 def _workers(client: Client, server: RedisServer) -> LocalWorkers:
     log_dir = ARTIFACTS / "worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    return LocalWorkers(client.app, count=2, concurrency=2, env={"REDIS_URL": server.url, **WORKER_ENV},
-                        log_dir=log_dir)  # fmt: skip
+    return LocalWorkers(
+        client.app, count=2, concurrency=2, env={"REDIS_URL": server.url, **WORKER_ENV}, log_dir=log_dir
+    )
 
 
 def _spec(name: str) -> dict[str, Any]:
-    review = {"name": "review", "uses": "approval", "depends_on": ["draft"],
-              "with": {"approvers": ["alice"], "message": "Publish {{ inputs.topic }}?"}}  # fmt: skip
+    review = {
+        "name": "review",
+        "uses": "approval",
+        "depends_on": ["draft"],
+        "with": {"approvers": ["alice"], "message": "Publish {{ inputs.topic }}?"},
+    }
     return workflow(name, py("draft", "tests.count_calls"), review, py("publish", "tests.sleep", "review"))
 
 

@@ -31,8 +31,12 @@ def calls(r: redis.Redis, run_id: str, step: str) -> int:
 def test_an_approved_step_releases_its_dependents_and_only_approvers_may_decide(
     client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
 ) -> None:
-    spec = workflow(f"approve_{unique}", py("draft", "tests.count_calls"), approval("review", "draft"),
-                    py("publish", "tests.count_calls", "review"))  # fmt: skip
+    spec = workflow(
+        f"approve_{unique}",
+        py("draft", "tests.count_calls"),
+        approval("review", "draft"),
+        py("publish", "tests.count_calls", "review"),
+    )
     run_id = client.submit(spec)
     wait_for(lambda: _waiting(client, run_id, "review"), what="the review to wait")
 
@@ -68,8 +72,11 @@ def test_an_approved_step_releases_its_dependents_and_only_approvers_may_decide(
 def test_a_rejection_fails_the_step_and_dependents_can_route_around_it(
     client: Client, workers: LocalWorkers, unique: str
 ) -> None:
-    revise = {**py("revise", "tests.count_calls", "review"), "trigger_rule": "all_done",
-              "condition": "steps.review.output.approved == false"}  # fmt: skip
+    revise = {
+        **py("revise", "tests.count_calls", "review"),
+        "trigger_rule": "all_done",
+        "condition": "steps.review.output.approved == false",
+    }
     spec = workflow(f"reject_{unique}", approval("review"), py("publish", "tests.count_calls", "review"), revise)
     run_id = client.submit(spec)
     wait_for(lambda: _waiting(client, run_id, "review"), what="the review to wait")
@@ -87,8 +94,11 @@ def test_a_rejection_fails_the_step_and_dependents_can_route_around_it(
 
 
 def test_an_approval_timeout_takes_the_configured_default(client: Client, workers: LocalWorkers, unique: str) -> None:
-    spec = workflow(f"approval_timeout_{unique}", approval("review", timeout_s=0.5, on_timeout="approve"),
-                    py("publish", "tests.count_calls", "review"))  # fmt: skip
+    spec = workflow(
+        f"approval_timeout_{unique}",
+        approval("review", timeout_s=0.5, on_timeout="approve"),
+        py("publish", "tests.count_calls", "review"),
+    )
     view = client.wait(client.submit(spec), timeout=30)
 
     assert view["status"] == "succeeded"
@@ -125,22 +135,35 @@ def test_a_run_stays_on_its_version_and_a_changed_definition_is_resumed_only_whe
     from orchestrator.errors import RunStateError
 
     name = f"versioned_{unique}"
-    v1 = client.resolve(workflow(name, py("a", "tests.count_calls"), py("b", "tests.gate", "a"),
-                                 py("c", "tests.count_calls", "b")))  # fmt: skip
+    v1 = client.resolve(
+        workflow(name, py("a", "tests.count_calls"), py("b", "tests.gate", "a"), py("c", "tests.count_calls", "b"))
+    )
     workflows.register(v1)
     run_id = client.submit(name)
     assert client.wait(run_id, timeout=30)["status"] == "failed"
 
     # v2 deployed: the v1 run is untouched and a new submit takes the latest.
-    v2 = client.resolve({**workflow(name, py("a", "tests.count_calls"), py("b", "tests.count_constant", "a"),
-                                    py("c", "tests.count_calls", "b")), "version": 2})  # fmt: skip
+    v2 = client.resolve(
+        {
+            **workflow(
+                name,
+                py("a", "tests.count_calls"),
+                py("b", "tests.count_constant", "a"),
+                py("c", "tests.count_calls", "b"),
+            ),
+            "version": 2,
+        }
+    )
     workflows.register(v2)
     assert client.status(run_id)["version"] == 1
     assert client.status(client.submit(name))["version"] == 2
 
     # v1's code changed without a version bump: resuming the pinned run is refused unless allowed.
-    changed = client.resolve(workflow(name, py("a", "tests.count_calls"), py("b", "tests.count_constant", "a"),
-                                      py("c", "tests.count_calls", "b")))  # fmt: skip
+    changed = client.resolve(
+        workflow(
+            name, py("a", "tests.count_calls"), py("b", "tests.count_constant", "a"), py("c", "tests.count_calls", "b")
+        )
+    )
     workflows.register(changed, replace=True)
     with pytest.raises(RunStateError, match="allow-definition-change"):
         client.resume(run_id)

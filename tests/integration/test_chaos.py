@@ -37,8 +37,9 @@ def test_runs_succeed_and_record_each_output_once_while_workers_are_sigkilled(
 ) -> None:
     log_dir = ARTIFACTS / "chaos-worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    config = chaos.ChaosConfig(runs=40, workers=3, concurrency=2, kill_every=1.5, parallel=10, stall_timeout=45,
-                               log_dir=log_dir)  # fmt: skip
+    config = chaos.ChaosConfig(
+        runs=40, workers=3, concurrency=2, kill_every=1.5, parallel=10, stall_timeout=45, log_dir=log_dir
+    )
 
     report = chaos.run_chaos(config, private_redis)
 
@@ -53,8 +54,17 @@ def test_runs_succeed_and_record_each_output_once_while_workers_are_sigkilled(
 def test_runs_succeed_and_record_each_output_once_while_redis_and_workers_are_sigkilled(chaos: ModuleType) -> None:
     log_dir = ARTIFACTS / "chaos-redis-worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    config = chaos.ChaosConfig(runs=30, workers=3, concurrency=2, kill_every=4.0, parallel=10, stall_timeout=45,
-                               redis_kill_every=4.0, redis_down_s=1.0, log_dir=log_dir)  # fmt: skip
+    config = chaos.ChaosConfig(
+        runs=30,
+        workers=3,
+        concurrency=2,
+        kill_every=4.0,
+        parallel=10,
+        stall_timeout=45,
+        redis_kill_every=4.0,
+        redis_down_s=1.0,
+        log_dir=log_dir,
+    )
 
     with start_private_redis(appendonly=True, appendfsync="always") as server:
         report = chaos.run_chaos(config, server.url, server=server)

@@ -38,8 +38,13 @@ def orchestrator(*args: str, redis_url: str, timeout: float = 90) -> subprocess.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -132,8 +137,9 @@ def test_validate_refuses_an_unknown_key_naming_it(redis_url: str, tmp_path: Pat
 def test_submit_wait_json_prints_the_finished_runs_status_and_status_json_prints_the_same(
     redis_url: str, workers: LocalWorkers
 ) -> None:
-    proc = orchestrator("submit", str(EXAMPLE), "--input", "topic=Redis streams", "--wait", "--json",
-                        redis_url=redis_url)  # fmt: skip
+    proc = orchestrator(
+        "submit", str(EXAMPLE), "--input", "topic=Redis streams", "--wait", "--json", redis_url=redis_url
+    )
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 1, "exactly one JSON object"
@@ -195,8 +201,9 @@ def test_status_of_an_unknown_run_fails_with_one_clear_line(redis_url: str) -> N
     )
 
 
-def test_submit_wait_exits_non_zero_when_the_run_fails(redis_url: str, workers: LocalWorkers, tmp_path: Path,
-                                                       unique: str) -> None:  # fmt: skip
+def test_submit_wait_exits_non_zero_when_the_run_fails(
+    redis_url: str, workers: LocalWorkers, tmp_path: Path, unique: str
+) -> None:
     path = write(
         tmp_path / "fails.yaml",
         f"name: fails_{unique}\nsteps:\n"
@@ -228,9 +235,14 @@ def test_submit_wait_exits_non_zero_when_the_run_fails(redis_url: str, workers: 
     ids=["missing-required", "wrong-type", "no-equals"],
 )
 def test_bad_inputs_are_refused_clearly_and_nothing_is_written_to_redis(
-    *, redis_url: str, workers: LocalWorkers, redis_client: redis.Redis, typed_inputs_file: str,
-    inputs: tuple[str, ...], needles: tuple[str, ...],
-) -> None:  # fmt: skip
+    *,
+    redis_url: str,
+    workers: LocalWorkers,
+    redis_client: redis.Redis,
+    typed_inputs_file: str,
+    inputs: tuple[str, ...],
+    needles: tuple[str, ...],
+) -> None:
     before = footprint(redis_client)
 
     proc = orchestrator("submit", typed_inputs_file, *inputs, redis_url=redis_url)
@@ -242,16 +254,24 @@ def test_bad_inputs_are_refused_clearly_and_nothing_is_written_to_redis(
 @pytest.mark.parametrize(
     ("body", "needles"),
     [
-        ("  - {name: a, uses: noop, depends_on: [b]}\n  - {name: b, uses: noop, depends_on: [a]}\n",
-         ("dependency cycle",)),
+        (
+            "  - {name: a, uses: noop, depends_on: [b]}\n  - {name: b, uses: noop, depends_on: [a]}\n",
+            ("dependency cycle",),
+        ),
         ("  - {name: a, uses: python, with: {function: os.system}}\n", ("step 'a'", "'os.system'")),
     ],
     ids=["cycle", "unregistered-function"],
-)  # fmt: skip
+)
 def test_an_invalid_workflow_file_is_refused_and_nothing_is_written_to_redis(
-    *, redis_url: str, workers: LocalWorkers, redis_client: redis.Redis, tmp_path: Path, unique: str,
-    body: str, needles: tuple[str, ...],
-) -> None:  # fmt: skip
+    *,
+    redis_url: str,
+    workers: LocalWorkers,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    unique: str,
+    body: str,
+    needles: tuple[str, ...],
+) -> None:
     path = write(tmp_path / "invalid.yaml", f"name: invalid_{unique}\nsteps:\n{body}")
     before = footprint(redis_client)
 
@@ -354,8 +374,9 @@ def test_approve_and_reject_from_the_command_line_name_who_decides(
         return bool(client.status(run_id)["steps"]["review"]["status"] == "waiting")
 
     wait_for(waiting, what="the review to wait")
-    assert_clean_failure(orchestrator("reject", run_id, "review", "--as", "mallory", redis_url=redis_url),
-                         "may not decide")  # fmt: skip
+    assert_clean_failure(
+        orchestrator("reject", run_id, "review", "--as", "mallory", redis_url=redis_url), "may not decide"
+    )
     approved = orchestrator("approve", run_id, "review", "--as", "alice", "--comment", "ok", redis_url=redis_url)
     assert approved.returncode == 0, approved.stderr
     assert "approved by alice" in approved.stdout
@@ -366,16 +387,22 @@ def test_runs_lists_recent_runs_newest_first_filtered_by_workflow_and_status(
     redis_url: str, workers: LocalWorkers, client: Client, tmp_path: Path, unique: str
 ) -> None:
     good = write(tmp_path / "good.yaml", f"name: listed_{unique}\nsteps:\n  - {{name: only, uses: noop}}\n")
-    bad = write(tmp_path / "bad.yaml", f"name: listed_{unique}\nversion: 2\nsteps:\n"
-                "  - {name: broken, uses: python, with: {function: tests.fail}}\n")  # fmt: skip
+    bad = write(
+        tmp_path / "bad.yaml",
+        f"name: listed_{unique}\nversion: 2\nsteps:\n"
+        "  - {name: broken, uses: python, with: {function: tests.fail}}\n",
+    )
     first = client.submit(load_workflow_file(good))
     second = client.submit(load_workflow_file(bad))
     client.wait(first, timeout=60)
     client.wait(second, timeout=60)
 
     listed = json.loads(orchestrator("runs", "--workflow", f"listed_{unique}", "--json", redis_url=redis_url).stdout)
-    failed = json.loads(orchestrator("runs", "--workflow", f"listed_{unique}", "--status", "failed", "--json",
-                                     redis_url=redis_url).stdout)  # fmt: skip
+    failed = json.loads(
+        orchestrator(
+            "runs", "--workflow", f"listed_{unique}", "--status", "failed", "--json", redis_url=redis_url
+        ).stdout
+    )
     table = orchestrator("runs", "--limit", "5", redis_url=redis_url)
 
     assert [r["run_id"] for r in listed] == [second, first]

@@ -76,9 +76,13 @@ def test_retryable_errors_are_retried_and_every_attempt_is_recorded(
 ) -> None:
     spec = workflow(
         f"retry_{unique}",
-        llm("flaky", errors=("rate_limit", "overloaded"), retry_after_s=1.0,
-            retry={"max_attempts": 4, "backoff_s": 0.1, "backoff_max_s": 0.2}),
-    )  # fmt: skip
+        llm(
+            "flaky",
+            errors=("rate_limit", "overloaded"),
+            retry_after_s=1.0,
+            retry={"max_attempts": 4, "backoff_s": 0.1, "backoff_max_s": 0.2},
+        ),
+    )
     view = client.wait(client.submit(spec), timeout=60)
 
     step = view["steps"]["flaky"]

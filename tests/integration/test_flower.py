@@ -60,8 +60,17 @@ def workers(client: Client, env: dict[str, str]) -> Iterator[LocalWorkers]:
 def flower(env: dict[str, str], workers: LocalWorkers) -> Iterator[httpx.Client]:
     """Flower on a free loopback port with basic auth; ready once its event receiver sees every worker alive."""
     port = free_port()
-    argv = [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1",
-            f"--basic-auth={AUTH[0]}:{AUTH[1]}"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        "flower",
+        f"--port={port}",
+        "--address=127.0.0.1",
+        f"--basic-auth={AUTH[0]}:{AUTH[1]}",
+    ]
     process_env = {**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)}
     log_dir = ARTIFACTS / "worker-logs"
     with (log_dir / "flower.log").open("ab") as log:

@@ -61,8 +61,12 @@ def raw(redis_url: str) -> redis.Redis:
 def waiting_run(client: Client) -> str:
     """A run whose approval step stays queued (on a queue no worker serves, even when the session's workers run):
     decisions on it must be refused, not applied."""
-    spec = {"name": "fuzz_api_target", "steps": [{"name": "review", "uses": "approval", "queue": "fuzz_api_nobody",
-                                                  "with": {"approvers": ["fuzz-admin"]}}]}  # fmt: skip
+    spec = {
+        "name": "fuzz_api_target",
+        "steps": [
+            {"name": "review", "uses": "approval", "queue": "fuzz_api_nobody", "with": {"approvers": ["fuzz-admin"]}}
+        ],
+    }
     return client.submit(spec)
 
 
@@ -149,13 +153,21 @@ def test_a_random_submit_is_answered_without_5xx_and_a_refused_one_writes_nothin
         assert footprint(raw) == before, response.text
 
 
-CONTENT_TYPES = ["application/json", "text/plain", "application/x-www-form-urlencoded", "",
-                 "application/json; charset=latin-1", "multipart/form-data; boundary=x"]  # fmt: skip
+CONTENT_TYPES = [
+    "application/json",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "",
+    "application/json; charset=latin-1",
+    "multipart/form-data; boundary=x",
+]
 
 
 @fuzz(120)
-@given(content=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)),
-       content_type=st.sampled_from(CONTENT_TYPES))  # fmt: skip
+@given(
+    content=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)),
+    content_type=st.sampled_from(CONTENT_TYPES),
+)
 def test_bytes_that_are_not_a_json_body_are_a_4xx_and_write_nothing(
     http: TestClient, raw: redis.Redis, content: bytes, content_type: str
 ) -> None:
@@ -200,10 +212,22 @@ def path_of(run_id: str, waiting_run: str) -> str:
 
 
 @fuzz(200)
-@given(run_id=run_ids, step=st.one_of(st.just("review"), path_text),
-       body=st.one_of(st.fixed_dictionaries({}, optional={"decision": st.one_of(st.sampled_from(
-           ["approve", "reject", "APPROVE", ""]), junk), "comment": st.one_of(st.text(max_size=50), junk),
-           "by": st.just("fuzz-admin"), "extra": junk}), junk))  # fmt: skip
+@given(
+    run_id=run_ids,
+    step=st.one_of(st.just("review"), path_text),
+    body=st.one_of(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "decision": st.one_of(st.sampled_from(["approve", "reject", "APPROVE", ""]), junk),
+                "comment": st.one_of(st.text(max_size=50), junk),
+                "by": st.just("fuzz-admin"),
+                "extra": junk,
+            },
+        ),
+        junk,
+    ),
+)
 def test_a_random_decision_is_answered_without_5xx_and_never_decides_a_step_that_is_not_waiting(
     *, http: TestClient, client: Client, raw: redis.Redis, waiting_run: str, run_id: str, step: str, body: Any
 ) -> None:
@@ -219,9 +243,22 @@ def test_a_random_decision_is_answered_without_5xx_and_never_decides_a_step_that
 
 
 @fuzz(150)
-@given(run_id=run_ids, action=st.sampled_from(["resume", "cancel"]),
-       body=st.one_of(st.none(), st.fixed_dictionaries({}, optional={"from_step": st.one_of(st.text(max_size=30),
-           junk), "allow_definition_change": junk, "extra": junk}), junk))  # fmt: skip
+@given(
+    run_id=run_ids,
+    action=st.sampled_from(["resume", "cancel"]),
+    body=st.one_of(
+        st.none(),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "from_step": st.one_of(st.text(max_size=30), junk),
+                "allow_definition_change": junk,
+                "extra": junk,
+            },
+        ),
+        junk,
+    ),
+)
 def test_a_random_resume_or_cancel_of_an_unknown_or_running_run_is_refused_without_5xx(
     *, http: TestClient, client: Client, raw: redis.Redis, waiting_run: str, run_id: str, action: str, body: Any
 ) -> None:
@@ -229,9 +266,11 @@ def test_a_random_resume_or_cancel_of_an_unknown_or_running_run_is_refused_witho
         action = "resume"  # cancelling the target would end it; resuming a running run must be refused
     before = footprint(raw)
 
-    response = http.post(f"/runs/{path_of(run_id, waiting_run)}/{action}",
-                         content=None if body is None else json.dumps(body, default=str),
-                         headers={"Content-Type": "application/json"})  # fmt: skip
+    response = http.post(
+        f"/runs/{path_of(run_id, waiting_run)}/{action}",
+        content=None if body is None else json.dumps(body, default=str),
+        headers={"Content-Type": "application/json"},
+    )
 
     assert_answer(response)
     assert response.status_code >= 400, response.text
@@ -241,8 +280,11 @@ def test_a_random_resume_or_cancel_of_an_unknown_or_running_run_is_refused_witho
 
 # -- reads and query strings -------------------------------------------------------------------------------------------
 
-query_values = st.one_of(st.text(max_size=30), st.integers(-(10**20), 10**20).map(str), st.sampled_from(
-    ["running", "succeeded", "failed", "0", "1000", "1001", "-1", "nan", "1e3", ""]))  # fmt: skip
+query_values = st.one_of(
+    st.text(max_size=30),
+    st.integers(-(10**20), 10**20).map(str),
+    st.sampled_from(["running", "succeeded", "failed", "0", "1000", "1001", "-1", "nan", "1e3", ""]),
+)
 
 
 @fuzz(200)

@@ -51,8 +51,9 @@ def free_port() -> int:
 def secret_redis_url(redis_url: str) -> Iterator[str]:
     """This module's database, reached as an ACL user whose password must never be logged."""
     admin = redis.Redis.from_url(redis_url)
-    admin.acl_setuser(ACL_USER, enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"], channels=["*"],
-                      commands=["+@all"])  # fmt: skip
+    admin.acl_setuser(
+        ACL_USER, enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"], channels=["*"], commands=["+@all"]
+    )
     parts = urlsplit(redis_url)
     url = parts._replace(netloc=f"{ACL_USER}:{PASSWORD}@{parts.hostname}:{parts.port}", path=f"/{DATABASE}").geturl()
     redis.Redis.from_url(url).flushdb()
@@ -90,13 +91,22 @@ def logs(env: dict[str, str], anthropic: FakeAnthropicServer, tmp_path_factory: 
     port = free_port()
     api_env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "ANTHROPIC_"))}, **env}
     name = f"logs_{SECRET}"
-    draft = {"name": "draft", "uses": "llm", "with": {"prompt": "Say hello", "max_tokens": 20},
-             "retry": {"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2}}  # fmt: skip
+    draft = {
+        "name": "draft",
+        "uses": "llm",
+        "with": {"prompt": "Say hello", "max_tokens": 20},
+        "retry": {"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2},
+    }
     spec = workflow(name, draft, py("leak", "tests.log_secrets", "draft"))
     with LocalWorkers(client.app, count=1, concurrency=2, env=env, log_dir=log_dir) as pool:
         with (log_dir / "api.log").open("wb") as api_log:
-            api = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "api", "--port", str(port)],
-                                   env=api_env, cwd=REPO_ROOT, stdout=api_log, stderr=subprocess.STDOUT)  # fmt: skip
+            api = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.cli", "api", "--port", str(port)],
+                env=api_env,
+                cwd=REPO_ROOT,
+                stdout=api_log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
                 wait_for(lambda: _healthy(http, api), timeout=30, what="orchestrator api to answer")
@@ -128,8 +138,10 @@ def records(text: str) -> list[dict[str, Any]]:
 def test_the_run_really_used_the_secrets(logs: Any, anthropic: FakeAnthropicServer) -> None:
     assert logs["view"]["status"] == "succeeded", logs["view"]["error"]
     # SDK versions send the key as x-api-key or as a bearer token.
-    sent = [r.headers.get("x-api-key") or r.headers.get("authorization", "").removeprefix("Bearer ") for r in
-            anthropic.requests]  # fmt: skip
+    sent = [
+        r.headers.get("x-api-key") or r.headers.get("authorization", "").removeprefix("Bearer ")
+        for r in anthropic.requests
+    ]
     assert sent == [API_KEY, API_KEY], "a 500, then the retry"
     assert logs["view"]["steps"]["draft"]["attempts"] == 2
 
@@ -160,8 +172,11 @@ def test_step_records_carry_run_id_step_and_attempt_and_show_where_secrets_were_
 
     assert len(retry) == 1
     assert {k: retry[0][k] for k in ("run_id", "workflow", "step", "attempt")} == {
-        "run_id": run_id, "workflow": logs["name"], "step": "draft", "attempt": 1,
-    }  # fmt: skip
+        "run_id": run_id,
+        "workflow": logs["name"],
+        "step": "draft",
+        "attempt": 1,
+    }
     assert "[REDACTED]" in retry[0]["message"], "the provider's error echoed the key"
     assert len(leaks) == 2
     for record in leaks:

@@ -76,8 +76,11 @@ def _records(log: Path) -> list[dict[str, Any]]:
 
 def _logged(setup: Setup, marker: str, levels: set[str], saying: str = "") -> list[dict[str, Any]]:
     """Log records at ``levels`` that mention ``marker`` (a task id or a string inside the message) and ``saying``."""
-    return [r for r in _records(setup.log)
-            if r.get("level") in levels and marker in (line := json.dumps(r)) and saying in line]  # fmt: skip
+    return [
+        r
+        for r in _records(setup.log)
+        if r.get("level") in levels and marker in (line := json.dumps(r)) and saying in line
+    ]
 
 
 def _in_broker(setup: Setup, marker: str) -> bool:
@@ -104,15 +107,23 @@ def _send_step(setup: Setup, queue: str, args: Any, kwargs: Any | None = None) -
     return task_id
 
 
-def _publish_raw(setup: Setup, queue: str, body: Any, *, headers: dict[str, Any] | None = None,
-                 content_type: str = "application/json", serializer: str | None = None) -> None:  # fmt: skip
+def _publish_raw(
+    setup: Setup,
+    queue: str,
+    body: Any,
+    *,
+    headers: dict[str, Any] | None = None,
+    content_type: str = "application/json",
+    serializer: str | None = None,
+) -> None:
     """Publish straight through kombu, bypassing Celery's protocol."""
     with Connection(setup.server.url) as connection:
         producer = Producer(connection.default_channel, exchange=Exchange(queue, type="direct"), routing_key=queue)
         if serializer is None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            producer.publish(data, headers=headers or {}, content_type=content_type, content_encoding="utf-8",
-                             declare=[])  # fmt: skip
+            producer.publish(
+                data, headers=headers or {}, content_type=content_type, content_encoding="utf-8", declare=[]
+            )
         else:
             producer.publish(body, headers=headers or {}, serializer=serializer, declare=[])
 
@@ -176,8 +187,12 @@ def test_a_malformed_step_message_is_logged_with_its_reason_and_acked_once(
 
 def test_messages_for_an_unknown_run_or_a_stale_generation_change_no_run(setup: Setup, unique: str) -> None:
     review = {"name": "review", "uses": "approval", "depends_on": ["draft"], "with": {"approvers": ["alice"]}}
-    spec = workflow(f"malformed_waiting_{unique}", py("draft", "tests.count_calls"), review,
-                    py("publish", "tests.count_calls", "review"))  # fmt: skip
+    spec = workflow(
+        f"malformed_waiting_{unique}",
+        py("draft", "tests.count_calls"),
+        review,
+        py("publish", "tests.count_calls", "review"),
+    )
     run_id = setup.client.submit(spec)
     wait_for(lambda: setup.client.status(run_id)["steps"]["review"]["status"] == "waiting", what="the review to wait")
     def_hash = setup.client.status(run_id)["definition_hash"]
@@ -185,8 +200,11 @@ def test_messages_for_an_unknown_run_or_a_stale_generation_change_no_run(setup: 
     events_before = setup.raw.xlen(keys.events_key(run_id))
 
     unknown_run = _send_step(setup, "cpu", [uuid.uuid4().hex, def_hash, "draft", "1"])
-    stale = [_send_step(setup, "cpu", [run_id, def_hash, step, generation])
-             for step in ("draft", "review", "publish") for generation in ("0", "2")]  # fmt: skip
+    stale = [
+        _send_step(setup, "cpu", [run_id, def_hash, step, generation])
+        for step in ("draft", "review", "publish")
+        for generation in ("0", "2")
+    ]
     sent = [unknown_run, *stale]
 
     _assert_handled_once(setup, unknown_run, levels={"INFO", *WARNING_OR_WORSE}, saying="dropped: missing")
@@ -260,8 +278,9 @@ def test_after_all_of_that_the_worker_still_has_its_pool_and_runs_steps(
     assert len(children) == setup.workers.concurrency, "the pool is complete (same processes, or replacements)"
     assert setup.client.app.control.ping(destination=list(setup.workers.processes), timeout=5)
 
-    run_id = setup.client.submit(workflow(f"malformed_after_{unique}", py("a", "tests.count_calls"),
-                                          py("b", "tests.count_calls", "a")))  # fmt: skip
+    run_id = setup.client.submit(
+        workflow(f"malformed_after_{unique}", py("a", "tests.count_calls"), py("b", "tests.count_calls", "a"))
+    )
     view = setup.client.wait(run_id, timeout=60)
 
     assert view["status"] == "succeeded"

@@ -77,8 +77,13 @@ def worker(client: Client, env: dict[str, str]) -> Iterator[LocalWorkers]:
 @pytest.fixture(scope="module")
 def api(client: Client) -> Iterator[str]:
     """The API under uvicorn in a thread (no tokens: loopback clients only), on this module's database."""
-    config = uvicorn.Config(create_app(client.settings, client, auth=ApiAuth()), host="127.0.0.1", port=0,
-                            log_level="warning", timeout_graceful_shutdown=2)  # fmt: skip
+    config = uvicorn.Config(
+        create_app(client.settings, client, auth=ApiAuth()),
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="metrics-api", daemon=True)
     thread.start()
@@ -104,8 +109,12 @@ def test_the_worker_endpoint_counts_steps_retries_deferrals_tokens_cost_and_cach
 ) -> None:
     name = f"metrics_{unique}"
     # A 429 with retry-after 2 s cools Sonnet down cluster-wide; "blocked" asks during it and is deferred.
-    limited = llm("limited", errors=("rate_limit",), retry_after_s=2.0,
-                  retry={"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2})  # fmt: skip
+    limited = llm(
+        "limited",
+        errors=("rate_limit",),
+        retry_after_s=2.0,
+        retry={"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2},
+    )
     blocked = llm("blocked", "later")
     for step in (limited, blocked):
         step["with"]["model"] = SONNET
@@ -122,8 +131,15 @@ def test_the_worker_endpoint_counts_steps_retries_deferrals_tokens_cost_and_cach
 
     def attempts(step: str, outcome: str, error_type: str = "") -> float | None:
         kind = "python" if step == "later" else "llm"
-        return get(found, "orchestrator_step_attempts_total", workflow=name, step=step, kind=kind, outcome=outcome,
-                   error_type=error_type)  # fmt: skip
+        return get(
+            found,
+            "orchestrator_step_attempts_total",
+            workflow=name,
+            step=step,
+            kind=kind,
+            outcome=outcome,
+            error_type=error_type,
+        )
 
     found: Samples = {}
 
@@ -153,8 +169,12 @@ def test_the_worker_endpoint_counts_steps_retries_deferrals_tokens_cost_and_cach
         assert (get(found, "orchestrator_llm_cost_usd_total", workflow=name, model=model) or 0) > 0, model
     assert get(found, "orchestrator_llm_reply_cache_hits_total", workflow=name, model=HAIKU) == 1
     assert get(found, "orchestrator_llm_calls_total", workflow=name, model=HAIKU, outcome="ok", error_type="") == 1
-    assert get(found, "orchestrator_llm_calls_total", workflow=name, model=SONNET, outcome="error",
-               error_type="rate_limit") == 1  # fmt: skip
+    assert (
+        get(
+            found, "orchestrator_llm_calls_total", workflow=name, model=SONNET, outcome="error", error_type="rate_limit"
+        )
+        == 1
+    )
 
     assert get(found, "orchestrator_queue_depth", queue="llm") == 0
     assert get(found, "orchestrator_queue_depth", queue="cpu") == 0
@@ -200,8 +220,13 @@ def test_the_worker_removes_its_private_metrics_directory_when_it_stops(
     client: Client, env: dict[str, str], tmp_path: Path
 ) -> None:
     port = free_port()
-    with LocalWorkers(client.app, count=1, concurrency=1, env={**env, "ORCH_METRICS_PORT": str(port),
-                      "TMPDIR": str(tmp_path)}, queues=("unused",)):  # fmt: skip
+    with LocalWorkers(
+        client.app,
+        count=1,
+        concurrency=1,
+        env={**env, "ORCH_METRICS_PORT": str(port), "TMPDIR": str(tmp_path)},
+        queues=("unused",),
+    ):
         wait_for(lambda: answers(f"http://127.0.0.1:{port}/metrics"), timeout=20, what="the metrics endpoint")
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith("orchestrator-metrics-")]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("orchestrator-metrics-")]

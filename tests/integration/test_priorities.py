@@ -27,8 +27,9 @@ CHAIN = ("a", "b", "c")
 
 
 def chain(name: str) -> dict[str, object]:
-    return workflow(name, *({"name": s, "uses": "noop", "depends_on": [CHAIN[i - 1]] if i else []}
-                            for i, s in enumerate(CHAIN)))  # fmt: skip
+    return workflow(
+        name, *({"name": s, "uses": "noop", "depends_on": [CHAIN[i - 1]] if i else []} for i, s in enumerate(CHAIN))
+    )
 
 
 @pytest.mark.parametrize(
@@ -40,13 +41,23 @@ def chain(name: str) -> dict[str, object]:
     ids=["depth-finishes-each-run-before-starting-the-next", "off-runs-every-root-first"],
 )
 def test_one_slot_takes_the_deeper_step_of_a_run_in_flight_before_the_roots_queued_before_it(
-    *, mode: str, expected: list[tuple[int, str]], settings: Settings, redis_url: str, redis_client: redis.Redis,
+    *,
+    mode: str,
+    expected: list[tuple[int, str]],
+    settings: Settings,
+    redis_url: str,
+    redis_client: redis.Redis,
     unique: str,
-) -> None:  # fmt: skip
+) -> None:
     llm_queue, cpu_queue = f"llm_{unique}", f"cpu_{unique}"
     client = Client(replace(settings, llm_queue=llm_queue, cpu_queue=cpu_queue, priorities=mode))
-    env = {"REDIS_URL": redis_url, **WORKER_ENV, "ORCH_LLM_QUEUE": llm_queue, "ORCH_CPU_QUEUE": cpu_queue,
-           "ORCH_PRIORITIES": mode}  # fmt: skip
+    env = {
+        "REDIS_URL": redis_url,
+        **WORKER_ENV,
+        "ORCH_LLM_QUEUE": llm_queue,
+        "ORCH_CPU_QUEUE": cpu_queue,
+        "ORCH_PRIORITIES": mode,
+    }
     log_dir = ARTIFACTS / "worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     spec = chain(f"prio_{unique}")
@@ -57,8 +68,9 @@ def test_one_slot_takes_the_deeper_step_of_a_run_in_flight_before_the_roots_queu
     # The roots wait on the list taken last (priority 9) with priorities on, on the queue's own list without.
     lowest = f"{cpu_queue}{REDIS_PRIORITY_SEPARATOR}9"
     assert redis_client.llen(lowest if mode == "depth" else cpu_queue) == RUNS
-    with LocalWorkers(client.app, count=1, pool="prefork", concurrency=1, queues=(cpu_queue,), env=env,
-                      log_dir=log_dir):  # fmt: skip
+    with LocalWorkers(
+        client.app, count=1, pool="prefork", concurrency=1, queues=(cpu_queue,), env=env, log_dir=log_dir
+    ):
         views = [client.wait(run_id, timeout=60) for run_id in run_ids]
 
     assert [v["status"] for v in views] == ["succeeded"] * RUNS

@@ -210,18 +210,26 @@ def _first_pid(state: redis.Redis, run_id: str, step: str) -> int:
 
 
 def test_a_fan_out_with_a_retried_llm_step_runs_through_rabbitmq_with_state_in_redis(
-    client: Client, workers: tuple[LocalWorkers, LocalWorkers], broker: Broker, env: dict[str, str],
+    client: Client,
+    workers: tuple[LocalWorkers, LocalWorkers],
+    broker: Broker,
+    env: dict[str, str],
     state: redis.Redis,
-) -> None:  # fmt: skip
+) -> None:
     spec = workflow(
         f"rabbit_fan_out_{broker.tag}",
         py("start", "tests.count_calls"),
-        llm("flaky", "start", errors=("rate_limit",), retry_after_s=1.0,
-            retry={"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2}),
+        llm(
+            "flaky",
+            "start",
+            errors=("rate_limit",),
+            retry_after_s=1.0,
+            retry={"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2},
+        ),
         llm("draft", "start", latency=1.0),
         py("crunch", "tests.sleep", "start", seconds=1.0),
         py("join", "tests.count_calls", "flaky", "draft", "crunch"),
-    )  # fmt: skip
+    )
     view = client.wait(client.submit(spec), timeout=60)
 
     steps = view["steps"]
@@ -280,9 +288,14 @@ def test_a_delayed_retry_held_by_a_killed_worker_goes_back_to_the_queue_at_once(
     spec = workflow(
         f"rabbit_eta_{broker.tag}",
         # The retry waits 8 s: long enough that, on a loaded machine, the worker is killed while it still holds it.
-        llm("paced", errors=("rate_limit",), retry_after_s=8.0, queue=queue,
-            retry={"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2}),
-    )  # fmt: skip
+        llm(
+            "paced",
+            errors=("rate_limit",),
+            retry_after_s=8.0,
+            queue=queue,
+            retry={"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2},
+        ),
+    )
     run_id = client.submit(spec)
     # Published before any worker consumed (or declared) the queue: the publisher declared it, so it waits there.
     assert wait_for(lambda: broker.ready(queue) == 1, timeout=10, what="the message to wait in RabbitMQ")
@@ -363,8 +376,9 @@ def test_on_priority_queues_a_backlog_is_taken_higher_priority_first(broker: Bro
     queue = broker.queue("prio")
     prio_env = {**env, "ORCH_CPU_QUEUE": queue, "ORCH_PRIORITIES": "depth", "ORCH_RABBITMQ_PRIORITY_QUEUES": "true"}
     prio_client = Client(Settings.from_env(prio_env))
-    spec = workflow(f"rabbit_prio_{broker.tag}", {"name": "low", "uses": "noop"},
-                    {"name": "high", "uses": "noop", "priority": 3})  # fmt: skip
+    spec = workflow(
+        f"rabbit_prio_{broker.tag}", {"name": "low", "uses": "noop"}, {"name": "high", "uses": "noop", "priority": 3}
+    )
     try:
         run_ids = [prio_client.submit(spec) for _ in range(3)]
         assert wait_for(lambda: broker.ready(queue) == 6, what="the six roots to wait in the queue")

@@ -31,8 +31,11 @@ def _in_broker(redis_client: redis.Redis, task_id: str) -> bool:
 def test_killing_a_pool_child_mid_step_reruns_the_step_and_the_run_succeeds(
     client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
 ) -> None:
-    spec = workflow(f"kill_child_{unique}", py("slow", "tests.report_pid_then_sleep", seconds=2.0),
-                    py("after", "tests.count_calls", "slow"))  # fmt: skip
+    spec = workflow(
+        f"kill_child_{unique}",
+        py("slow", "tests.report_pid_then_sleep", seconds=2.0),
+        py("after", "tests.count_calls", "slow"),
+    )
     run_id = client.submit(spec)
     pid = _first_pid(redis_client, run_id, "slow")
     killed_at = time.time()
@@ -56,8 +59,9 @@ def test_killing_a_whole_worker_mid_step_reruns_the_step_elsewhere(
     queue = f"kill_{unique}"
     log_dir = ARTIFACTS / "worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    pool = LocalWorkers(client.app, count=2, concurrency=1, queues=(queue,),
-                        env={"REDIS_URL": redis_url, **WORKER_ENV}, log_dir=log_dir)  # fmt: skip
+    pool = LocalWorkers(
+        client.app, count=2, concurrency=1, queues=(queue,), env={"REDIS_URL": redis_url, **WORKER_ENV}, log_dir=log_dir
+    )
     with pool:
         spec = workflow(f"kill_worker_{unique}", py("slow", "tests.report_pid_then_sleep", seconds=2.0, queue=queue))
         run_id = client.submit(spec)
@@ -90,14 +94,14 @@ def test_a_long_step_is_never_started_twice_while_its_worker_lives(
 def test_a_duplicate_delivery_of_a_finished_step_neither_reruns_nor_overwrites_it(
     client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
 ) -> None:
-    spec = client.resolve(workflow(f"dup_{unique}", py("once", "tests.count_calls"), py("next", "tests.count_calls",
-                                                                                         "once")))  # fmt: skip
+    spec = client.resolve(
+        workflow(f"dup_{unique}", py("once", "tests.count_calls"), py("next", "tests.count_calls", "once"))
+    )
     run_id = client.submit(spec)
     before = client.wait(run_id, timeout=30)
 
     marker = uuid.uuid4().hex
-    client.publisher.publish(spec, run_id=run_id, steps=["once"], generation="1",
-             task_ids={"once": marker})  # fmt: skip
+    client.publisher.publish(spec, run_id=run_id, steps=["once"], generation="1", task_ids={"once": marker})
     # With late acks a message leaves the queue and kombu's unacked hash only once its task has returned.
     wait_for(lambda: not _in_broker(redis_client, marker), what="the duplicate to be processed and acked")
 

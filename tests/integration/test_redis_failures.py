@@ -94,13 +94,16 @@ def _stranded(client: Client, url: str, run_ids: list[str]) -> dict[str, Any]:
         if RunStatus(fields["status"]).finished:
             continue
         out[run_id] = {
-            step: (status, fields.get(keys.step_field(step, "task"), ""),
-                   any(m.startswith(f"{run_id}|{step}|") for m in leases),
-                   sum(run_id in m and f"'{step}'" in m for m in messages))
+            step: (
+                status,
+                fields.get(keys.step_field(step, "task"), ""),
+                any(m.startswith(f"{run_id}|{step}|") for m in leases),
+                sum(run_id in m and f"'{step}'" in m for m in messages),
+            )
             for key, status in fields.items()
             if key.endswith(":status") and key.startswith("s:") and status not in {"succeeded", "pending"}
             for step in [key.split(":")[1]]
-        }  # fmt: skip
+        }
     return {"(status, task, lease indexed, messages)": out}
 
 
@@ -134,8 +137,10 @@ def test_runs_in_flight_all_succeed_when_redis_restarts_from_its_append_only_fil
     replaced: list[str] = []
     with _workers(client, aof_server.url, tmp_path) as pool:
         run_ids = [client.submit(_mixed(f"restart_{unique}"), {"topic": f"t{i}"}) for i in range(6)]
-        wait_for(lambda: any(client.status(r)["steps"]["outline"]["status"] == "running" for r in run_ids),
-                 what="steps to be running")  # fmt: skip
+        wait_for(
+            lambda: any(client.status(r)["steps"]["outline"]["status"] == "running" for r in run_ids),
+            what="steps to be running",
+        )
         steps = list(client.status(run_ids[0])["steps"])
 
         _kill_redis(aof_server, sig)
@@ -222,14 +227,18 @@ def test_a_worker_started_while_redis_is_down_waits_for_it_then_runs_steps(
     try:
         name = pool.start_one()
         log = tmp_path / f"{name.split('@', maxsplit=1)[0]}.log"
-        wait_for(lambda: "Cannot connect to redis" in log.read_text(errors="replace"), timeout=60,
-                 what="the worker to try Redis and fail")  # fmt: skip
+        wait_for(
+            lambda: "Cannot connect to redis" in log.read_text(errors="replace"),
+            timeout=60,
+            what="the worker to try Redis and fail",
+        )
         assert pool.processes[name].poll() is None, "the worker waits for Redis rather than exit"
 
         server.start()
         pool.wait_ready([name], timeout=60)
-        run_id = client.submit(workflow(f"late_redis_{unique}", py("a", "tests.count_calls"),
-                                        py("b", "tests.count_calls", "a")))  # fmt: skip
+        run_id = client.submit(
+            workflow(f"late_redis_{unique}", py("a", "tests.count_calls"), py("b", "tests.count_calls", "a"))
+        )
         view = client.wait(run_id, timeout=60)
     finally:
         pool.stop()

@@ -34,8 +34,13 @@ def _drained(r: redis.Redis, run_id: str) -> bool:
 def test_resume_after_a_permanent_failure_reruns_only_what_did_not_succeed(
     client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
 ) -> None:
-    spec = workflow(f"resume_{unique}", py("a", "tests.count_calls"), py("b", "tests.count_calls", "a"),
-                    py("c", "tests.gate", "b"), py("d", "tests.count_calls", "c"))  # fmt: skip
+    spec = workflow(
+        f"resume_{unique}",
+        py("a", "tests.count_calls"),
+        py("b", "tests.count_calls", "a"),
+        py("c", "tests.gate", "b"),
+        py("d", "tests.count_calls", "c"),
+    )
     run_id = client.submit(spec)
     failed = client.wait(run_id, timeout=30)
     assert failed["status"] == "failed"
@@ -57,8 +62,13 @@ def test_resume_from_a_middle_step_reruns_it_and_only_its_descendants(
     client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
 ) -> None:
     # Diamond a → (b, c) → d. b's output changes on every call (a counter), so d must run again.
-    spec = workflow(f"from_{unique}", py("a", "tests.count_calls"), py("b", "tests.count_calls", "a"),
-                    py("c", "tests.count_calls", "a"), py("d", "tests.count_calls", "b", "c"))  # fmt: skip
+    spec = workflow(
+        f"from_{unique}",
+        py("a", "tests.count_calls"),
+        py("b", "tests.count_calls", "a"),
+        py("c", "tests.count_calls", "a"),
+        py("d", "tests.count_calls", "b", "c"),
+    )
     run_id = client.submit(spec)
     assert client.wait(run_id, timeout=30)["status"] == "succeeded"
 
@@ -74,8 +84,13 @@ def test_resume_from_a_middle_step_reruns_it_and_only_its_descendants(
 def test_a_reexecuted_step_with_unchanged_output_does_not_invalidate_its_dependents(
     client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
 ) -> None:
-    spec = workflow(f"cutoff_{unique}", py("a", "tests.count_calls"), py("b", "tests.count_constant", "a"),
-                    py("c", "tests.count_calls", "b"), llm("summary", "b"))  # fmt: skip
+    spec = workflow(
+        f"cutoff_{unique}",
+        py("a", "tests.count_calls"),
+        py("b", "tests.count_constant", "a"),
+        py("c", "tests.count_calls", "b"),
+        llm("summary", "b"),
+    )
     run_id = client.submit(spec)
     before = client.wait(run_id, timeout=30)
 
@@ -204,8 +219,9 @@ def _rules_workflow(name: str) -> dict[str, Any]:
     )
 
 
-def test_conditions_and_trigger_rules_decide_every_dependent(client: Client, workers: LocalWorkers,
-                                                             unique: str) -> None:  # fmt: skip
+def test_conditions_and_trigger_rules_decide_every_dependent(
+    client: Client, workers: LocalWorkers, unique: str
+) -> None:
     view = client.wait(client.submit(_rules_workflow(f"rules_{unique}")), timeout=30)
 
     status = {name: step["status"] for name, step in view["steps"].items()}
@@ -236,12 +252,17 @@ def test_conditions_and_trigger_rules_decide_every_dependent(client: Client, wor
 def test_cancel_during_a_fan_out_starts_nothing_afterwards_and_keeps_finished_outputs(
     client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
 ) -> None:
-    spec = workflow(f"cancel_{unique}", py("root", "tests.count_calls"),
-                    *(py(f"branch{i}", "tests.sleep", "root", seconds=1.5) for i in range(8)),
-                    py("join", "tests.count_calls", *(f"branch{i}" for i in range(8))))  # fmt: skip
+    spec = workflow(
+        f"cancel_{unique}",
+        py("root", "tests.count_calls"),
+        *(py(f"branch{i}", "tests.sleep", "root", seconds=1.5) for i in range(8)),
+        py("join", "tests.count_calls", *(f"branch{i}" for i in range(8))),
+    )
     run_id = client.submit(spec)
-    wait_for(lambda: any(s["status"] == "running" for n, s in client.status(run_id)["steps"].items() if n != "root"),
-             what="the fan-out to start")  # fmt: skip
+    wait_for(
+        lambda: any(s["status"] == "running" for n, s in client.status(run_id)["steps"].items() if n != "root"),
+        what="the fan-out to start",
+    )
 
     outcome = client.cancel(run_id)
     wait_for(lambda: _drained(redis_client, run_id), timeout=60, what="every message to be consumed")
@@ -298,8 +319,12 @@ def test_a_cancelled_run_can_be_resumed_and_keeps_what_finished(
 def test_a_workflow_deadline_interrupts_a_long_step_and_times_the_run_out(
     client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
 ) -> None:
-    spec = workflow(f"deadline_{unique}", py("long", "tests.report_pid_then_sleep", seconds=30.0),
-                    py("after", "tests.count_calls", "long"), timeout_s=1.5)  # fmt: skip
+    spec = workflow(
+        f"deadline_{unique}",
+        py("long", "tests.report_pid_then_sleep", seconds=30.0),
+        py("after", "tests.count_calls", "long"),
+        timeout_s=1.5,
+    )
     run_id = client.submit(spec)
     view = client.wait(run_id, timeout=30)
 
@@ -318,8 +343,11 @@ def test_a_step_timeout_is_retried_unless_the_step_says_otherwise(
         "timeout_s": 0.5,
         "retry": {"max_attempts": 2, "backoff_s": 0.1},
     }
-    once = {**py("slow_once", "tests.sleep", seconds=5.0), "timeout_s": 0.5,
-            "retry": {"max_attempts": 3, "retry_timeouts": False}}  # fmt: skip
+    once = {
+        **py("slow_once", "tests.sleep", seconds=5.0),
+        "timeout_s": 0.5,
+        "retry": {"max_attempts": 3, "retry_timeouts": False},
+    }
     view = client.wait(client.submit(workflow(f"steptimeout_{unique}", retried, once)), timeout=60)
 
     assert view["steps"]["slow"]["status"] == "failed"
@@ -356,8 +384,12 @@ def test_cancel_while_steps_are_being_released_leaves_no_step_behind(
     # A wide, fast DAG: cancellation lands while finishing steps release their children.
     layers = [[py(f"l0_{i}", "tests.count_calls") for i in range(6)]]
     for depth in range(1, 5):
-        layers.append([py(f"l{depth}_{i}", "tests.count_calls", f"l{depth - 1}_{i}", f"l{depth - 1}_{(i + 1) % 6}")
-                       for i in range(6)])  # fmt: skip
+        layers.append(
+            [
+                py(f"l{depth}_{i}", "tests.count_calls", f"l{depth - 1}_{i}", f"l{depth - 1}_{(i + 1) % 6}")
+                for i in range(6)
+            ]
+        )
     run_id = client.submit(workflow(f"release_race_{unique}", *(s for layer in layers for s in layer)))
     wait_for(lambda: any(s["status"] == "succeeded" for s in client.status(run_id)["steps"].values()), what="progress")
     client.cancel(run_id)
@@ -399,8 +431,12 @@ def test_a_progress_listener_sees_the_whole_run_in_order_and_its_bugs_never_harm
         def on_step_start(self, event: Event) -> None:
             raise RuntimeError("a bug in the listener")
 
-    spec = workflow(f"listen_{unique}", py("a", "tests.count_calls"), llm("b", "a", errors=("overloaded",),
-                    retry={"backoff_s": 0.05}), py("c", "tests.count_calls", "a"))  # fmt: skip
+    spec = workflow(
+        f"listen_{unique}",
+        py("a", "tests.count_calls"),
+        llm("b", "a", errors=("overloaded",), retry={"backoff_s": 0.05}),
+        py("c", "tests.count_calls", "a"),
+    )
     run_id = client.submit(spec)
     listener = Listener()
     final = client.watch(run_id, listener)

@@ -59,27 +59,40 @@ def test_llm_steps_run_on_the_threads_worker_and_python_steps_on_the_prefork_wor
 ) -> None:
     llm_queue, cpu_queue = queues
     side_queue = f"side_{unique}"
-    spec = workflow(f"routing_{unique}", llm("draft"), py("check", "tests.sleep", "draft"),
-                    py("side", "tests.sleep", "draft", queue=side_queue))  # fmt: skip
-    threads = LocalWorkers(routed.app, count=1, pool="threads", concurrency=8, queues=(llm_queue,), env=worker_env,
-                           log_dir=log_dir)  # fmt: skip
-    prefork = LocalWorkers(routed.app, count=1, pool="prefork", concurrency=1, queues=(cpu_queue,), env=worker_env,
-                           log_dir=log_dir)  # fmt: skip
-    side = LocalWorkers(routed.app, count=1, pool="threads", concurrency=2, queues=(side_queue,), env=worker_env,
-                        log_dir=log_dir)  # fmt: skip
+    spec = workflow(
+        f"routing_{unique}",
+        llm("draft"),
+        py("check", "tests.sleep", "draft"),
+        py("side", "tests.sleep", "draft", queue=side_queue),
+    )
+    threads = LocalWorkers(
+        routed.app, count=1, pool="threads", concurrency=8, queues=(llm_queue,), env=worker_env, log_dir=log_dir
+    )
+    prefork = LocalWorkers(
+        routed.app, count=1, pool="prefork", concurrency=1, queues=(cpu_queue,), env=worker_env, log_dir=log_dir
+    )
+    side = LocalWorkers(
+        routed.app, count=1, pool="threads", concurrency=2, queues=(side_queue,), env=worker_env, log_dir=log_dir
+    )
     with threads:
         run_id = routed.submit(spec)
         # Only the threads worker consumes the llm queue, and nothing consumes the others yet: the python steps
         # wait as messages in their own queues.
-        wait_for(lambda: queue_length(redis_client, cpu_queue) == queue_length(redis_client, side_queue) == 1,
-                 timeout=30, what="the released python steps to wait in the cpu and side queues")  # fmt: skip
+        wait_for(
+            lambda: queue_length(redis_client, cpu_queue) == queue_length(redis_client, side_queue) == 1,
+            timeout=30,
+            what="the released python steps to wait in the cpu and side queues",
+        )
         view = routed.status(run_id)
         assert view["steps"]["draft"]["status"] == "succeeded"
         assert view["steps"]["check"]["status"] == view["steps"]["side"]["status"] == "queued"
 
         with prefork:
-            wait_for(lambda: routed.status(run_id)["steps"]["check"]["status"] == "succeeded", timeout=30,
-                     what="the python step on the prefork worker")  # fmt: skip
+            wait_for(
+                lambda: routed.status(run_id)["steps"]["check"]["status"] == "succeeded",
+                timeout=30,
+                what="the python step on the prefork worker",
+            )
             (name,) = prefork.processes
             assert routed.status(run_id)["steps"]["check"]["output"]["pid"] in prefork.pool_children(name)
             # Its `queue:` keeps the other python step off the cpu queue.
@@ -101,8 +114,9 @@ def test_a_threads_worker_runs_as_many_llm_steps_at_once_as_it_has_threads_each_
     width = 60
     spec = workflow(f"wide_{unique}", *(llm(f"s{i}", latency=1.0) for i in range(width)))
     # A 3 s lease (WORKER_ENV) renewed by one heartbeat thread for all of them, and one SDK client shared by all.
-    with LocalWorkers(routed.app, count=1, pool="threads", concurrency=width, queues=(queues[0],), env=worker_env,
-                      log_dir=log_dir):  # fmt: skip
+    with LocalWorkers(
+        routed.app, count=1, pool="threads", concurrency=width, queues=(queues[0],), env=worker_env, log_dir=log_dir
+    ):
         view = routed.wait(routed.submit(spec), timeout=60)
 
     assert view["status"] == "succeeded", view["error"]

@@ -55,8 +55,11 @@ class Canary:
 def test_a_pickled_step_message_is_refused_unread_and_the_workers_keep_working(
     client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str, tmp_path: Path
 ) -> None:
-    spec = workflow(f"pickle_{unique}", {"name": "review", "uses": "approval", "with": {"approvers": ["ops"]}},
-                    py("publish", "tests.count_calls", "review"))  # fmt: skip
+    spec = workflow(
+        f"pickle_{unique}",
+        {"name": "review", "uses": "approval", "with": {"approvers": ["ops"]}},
+        py("publish", "tests.count_calls", "review"),
+    )
     run_id = client.submit(spec)
     wait_for(lambda: client.status(run_id)["steps"]["review"]["status"] == "waiting", what="the approval to wait")
     definition_hash = redis_client.hget(keys.run_key(run_id), "def_hash")
@@ -153,8 +156,11 @@ def test_a_missing_or_wrong_token_is_401_on_reads_and_writes_and_writes_nothing(
     before = footprint(redis_client)
     body = {"definition": workflow("sec_never", py("a", "tests.count_calls"))}
 
-    answers = [api.get("/runs", headers=headers), api.post("/runs", json=body, headers=headers),
-               api.get(f"/runs?token={READ}", headers=headers)]  # fmt: skip
+    answers = [
+        api.get("/runs", headers=headers),
+        api.post("/runs", json=body, headers=headers),
+        api.get(f"/runs?token={READ}", headers=headers),
+    ]
 
     assert [a.status_code for a in answers] == [status] * 3
     assert all(detail in a.json()["detail"] for a in answers)
@@ -220,8 +226,13 @@ def test_a_stored_definition_naming_an_import_path_fails_its_step_unknown_functi
 ) -> None:
     # What a definition edited in Redis amounts to: a valid shape that never went through check_workflow.
     marker = tmp_path / "owned"
-    spec = parse_workflow(workflow(f"sec_stored_{unique}", py("run", "os.system", command=f"touch {marker}"),
-                                   py("after", "tests.count_calls", "run")))  # fmt: skip
+    spec = parse_workflow(
+        workflow(
+            f"sec_stored_{unique}",
+            py("run", "os.system", command=f"touch {marker}"),
+            py("after", "tests.count_calls", "run"),
+        )
+    )
     run_id = uuid.uuid4().hex
     client.store.save_definition(spec)
     client.store.create_run(run_id, spec, {"topic": "x"}, None)
@@ -264,8 +275,9 @@ def test_inputs_over_the_limit_are_refused_at_the_api_with_413_or_422_and_write_
     before = footprint(redis_client)
     too_big = {"topic": "x" * (client.settings.max_input_bytes + 1)}
 
-    answer = api.post("/runs", headers={"Authorization": f"Bearer {ALL}"},
-                      json={"workflow": "content_pipeline", "inputs": too_big})  # fmt: skip
+    answer = api.post(
+        "/runs", headers={"Authorization": f"Bearer {ALL}"}, json={"workflow": "content_pipeline", "inputs": too_big}
+    )
 
     assert answer.status_code == 422, answer.text
     assert f"the limit is {client.settings.max_input_bytes}" in answer.json()["detail"]
@@ -281,8 +293,9 @@ def run_one_workflow(url: str, unique: str, log_dir: Path) -> dict[str, Any]:
     pool = LocalWorkers(client.app, count=1, concurrency=1, env={"REDIS_URL": url, **WORKER_ENV}, log_dir=log_dir)
     pool.start()
     try:
-        run_id = client.submit(workflow(f"sec_redis_{unique}", py("a", "tests.count_calls"),
-                                        py("b", "tests.count_calls", "a")))  # fmt: skip
+        run_id = client.submit(
+            workflow(f"sec_redis_{unique}", py("a", "tests.count_calls"), py("b", "tests.count_calls", "a"))
+        )
         return client.wait(run_id, timeout=60)
     finally:
         pool.stop()
@@ -327,8 +340,13 @@ def tls_capable_redis_server() -> str | None:
     binary = shutil.which("redis-server")
     if binary is None or shutil.which("openssl") is None:
         return None
-    probe = subprocess.run([binary, "--port", "0", "--tls-port", "1", "--test-memory", "0"], capture_output=True,
-                           text=True, timeout=10, check=False)  # fmt: skip
+    probe = subprocess.run(
+        [binary, "--port", "0", "--tls-port", "1", "--test-memory", "0"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
     # A TLS build rejects only the bogus --test-memory; a build without TLS rejects --tls-port itself.
     return None if "tls-port" in (probe.stdout + probe.stderr) else binary
 
@@ -341,22 +359,87 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
         pytest.skip("the redis-server here is built without TLS (or openssl is missing)")
     certs = tmp_path_factory.mktemp("tls")
     for args in (
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-         "-subj", "/CN=orchestrator-test-ca"],
-        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-         "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-         "-out", "server.crt", "-days", "1", "-extfile", "san.cnf"],
-    ):  # fmt: skip
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=orchestrator-test-ca",
+        ],
+        [
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        [
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "san.cnf",
+        ],
+    ):
         (certs / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
         subprocess.run(["openssl", *args], cwd=certs, check=True, capture_output=True, timeout=60)
     port = _free_port()
     process = subprocess.Popen(
-        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--tls-cert-file", "server.crt", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt",
-         "--tls-auth-clients", "no", "--requirepass", "tls-pass", "--dir", str(certs), "--logfile", "redis.log"],
-        cwd=certs, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            binary,
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.crt",
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "tls-pass",
+            "--dir",
+            str(certs),
+            "--logfile",
+            "redis.log",
+        ],
+        cwd=certs,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"rediss://:tls-pass@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={certs / 'ca.crt'}"
     try:
         wait_for(lambda: _answers(url) or process.poll() is not None, timeout=20, what="the TLS Redis to answer")
@@ -396,9 +479,27 @@ def test_tls_with_a_certificate_from_an_unknown_ca_is_refused_clearly(
 ) -> None:
     url, certs = tls_redis
     other = tmp_path / "other-ca.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k"),
-                    "-out", str(other), "-days", "1", "-subj", "/CN=someone-else"], check=True, capture_output=True,
-                   timeout=60)  # fmt: skip
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(tmp_path / "k"),
+            "-out",
+            str(other),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=someone-else",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     plain = url.replace("rediss://", "redis://").split("?")[0]
 
     with pytest.raises(StoreUnavailableError) as untrusted:

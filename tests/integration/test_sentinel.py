@@ -65,8 +65,23 @@ class RedisProcesses:
         """Start a data server with ``args``; returns its port once it answers."""
         port = _free_port()
         name = f"redis-{next(self._names)}"
-        return self._start(port, name, ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                                        "--save", "", "--appendonly", "no", *args])  # fmt: skip
+        return self._start(
+            port,
+            name,
+            [
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *args,
+            ],
+        )
 
     def sentinel(self, master_port: int) -> int:
         """Start a Sentinel monitoring the master at ``master_port`` with quorum 1; returns its port."""
@@ -85,8 +100,9 @@ class RedisProcesses:
     def _start(self, port: int, name: str, args: list[str]) -> int:
         log = self.directory / f"{name}.log"
         argv = [self.binary, *args, "--logfile", str(log)]
-        process = subprocess.Popen(argv, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            argv, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         self.processes.append(process)
         wait_for(lambda: _answers(port) or process.poll() is not None, timeout=20, what=f"{name} to answer")
         assert process.poll() is None, log.read_text(errors="replace")
@@ -130,8 +146,11 @@ class SentinelGroup:
         """
         sentinel = self.sentinel_client()
         wait_for(lambda: _replica_synced(self.replica), timeout=30, what="the replica to sync")
-        wait_for(lambda: sentinel.execute_command("SENTINEL", "REPLICAS", MASTER_NAME), timeout=30,
-                 what="the Sentinel to discover the replica")  # fmt: skip
+        wait_for(
+            lambda: sentinel.execute_command("SENTINEL", "REPLICAS", MASTER_NAME),
+            timeout=30,
+            what="the Sentinel to discover the replica",
+        )
         sentinel.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
         wait_for(lambda: self.master_port() == self.replica, timeout=30, what="the Sentinel to name the new master")
         wait_for(lambda: _role(self.replica) == "master", timeout=30, what="the replica to be promoted")
@@ -175,16 +194,18 @@ def client(group: SentinelGroup) -> Client:
 def sentinel_workers(client: Client, group: SentinelGroup) -> Iterator[LocalWorkers]:
     """One real prefork worker with two slots, state and broker both through the Sentinel."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    with LocalWorkers(client.app, count=1, concurrency=2, env={"REDIS_URL": group.url, **ENV},
-                      log_dir=LOG_DIR) as pool:  # fmt: skip
+    with LocalWorkers(client.app, count=1, concurrency=2, env={"REDIS_URL": group.url, **ENV}, log_dir=LOG_DIR) as pool:
         yield pool
 
 
 def test_a_workflow_runs_with_state_and_broker_found_through_sentinel(
     group: SentinelGroup, client: Client, sentinel_workers: LocalWorkers, unique: str
 ) -> None:
-    run_id = client.submit(workflow(f"sentinel_{unique}", py("a", "tests.count_calls"),
-                                    llm("b", "a"), py("c", "tests.count_calls", "a", "b")))  # fmt: skip
+    run_id = client.submit(
+        workflow(
+            f"sentinel_{unique}", py("a", "tests.count_calls"), llm("b", "a"), py("c", "tests.count_calls", "a", "b")
+        )
+    )
 
     view = client.wait(run_id, timeout=60)
 
@@ -217,13 +238,15 @@ def test_after_a_failover_a_run_in_flight_and_a_new_run_finish_on_the_new_master
 ) -> None:
     before = client.submit(workflow(f"sentinel_before_{unique}", py("a", "tests.count_calls")))
     assert client.wait(before, timeout=60)["status"] == "succeeded"
-    in_flight = client.submit(workflow(f"sentinel_flight_{unique}", llm("slow", latency=2.0),
-                                       llm("after", "slow", latency=0.5)))  # fmt: skip
+    in_flight = client.submit(
+        workflow(f"sentinel_flight_{unique}", llm("slow", latency=2.0), llm("after", "slow", latency=0.5))
+    )
     wait_for(lambda: client.status(in_flight)["steps"]["slow"]["status"] == "running", what="the slow step to run")
 
     group.fail_over()
-    after = client.submit(workflow(f"sentinel_after_{unique}", py("a", "tests.count_calls"),
-                                   py("b", "tests.count_calls", "a")))  # fmt: skip
+    after = client.submit(
+        workflow(f"sentinel_after_{unique}", py("a", "tests.count_calls"), py("b", "tests.count_calls", "a"))
+    )
 
     assert client.wait(in_flight, timeout=90)["status"] == "succeeded"
     assert client.wait(after, timeout=60)["status"] == "succeeded"

@@ -83,8 +83,9 @@ def test_a_deadline_fires_with_no_worker_running(client: Client, sweeper: Sweepe
     spec = workflow(f"deadline_{unique}", py("never", "tests.sleep", queue=f"nobody-{unique}"), timeout_s=1)
     run_id = client.submit(spec)
 
-    view = wait_for(lambda: (v := client.status(run_id))["status"] == "timed_out" and v, timeout=20,
-                    what="the run to time out")  # fmt: skip
+    view = wait_for(
+        lambda: (v := client.status(run_id))["status"] == "timed_out" and v, timeout=20, what="the run to time out"
+    )
 
     assert view["steps"]["never"]["status"] != "succeeded"
     assert sweeper.process.poll() is None
@@ -98,15 +99,19 @@ def test_a_step_whose_only_worker_died_is_sent_again_by_the_sweeper(
     pool = LocalWorkers(client.app, count=1, concurrency=1, queues=(queue,), env=env, log_dir=LOG_DIR)
     try:
         pool.start()
-        run_id = client.submit(workflow(f"lost_{unique}", py("slow", "tests.report_pid_then_sleep", seconds=2.0,
-                                                             queue=queue)))  # fmt: skip
+        run_id = client.submit(
+            workflow(f"lost_{unique}", py("slow", "tests.report_pid_then_sleep", seconds=2.0, queue=queue))
+        )
         wait_for(lambda: state.lindex(f"test:pids:{run_id}:slow", 0), what="the step to start")
         (only,) = pool.processes
         pool.kill(only)
 
         # No worker is left to sweep: the sweeper process notices the expired lease and queues the step again.
-        requeued = wait_for(lambda: (s := client.status(run_id)["steps"]["slow"])["status"] == "queued" and s,
-                            timeout=20, what="the lost step to be queued again")  # fmt: skip
+        requeued = wait_for(
+            lambda: (s := client.status(run_id)["steps"]["slow"])["status"] == "queued" and s,
+            timeout=20,
+            what="the lost step to be queued again",
+        )
         assert [error["type"] for error in requeued["errors"]] == ["worker_lost"]
         # The step turns queued inside the reclaim script; the sweeper logs once it has sent the step again.
         wait_for(lambda: f"re-dispatched {run_id}/slow" in sweeper.logged(), timeout=10, what="the sweeper's log line")

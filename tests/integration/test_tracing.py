@@ -66,8 +66,11 @@ def test_one_runs_spans_from_two_worker_processes_share_its_trace_with_the_right
 
     steps = ["root", *branches, "join"]
     # A step's span ends just after it records its outcome, so the last one may land after the run has ended.
-    wait_for(lambda: {s["attributes"].get("orchestrator.step") for s in _spans(span_file)} >= set(steps),
-             timeout=20, what="every step's span")  # fmt: skip
+    wait_for(
+        lambda: {s["attributes"].get("orchestrator.step") for s in _spans(span_file)} >= set(steps),
+        timeout=20,
+        what="every step's span",
+    )
     spans = _spans(span_file)
     attempt = {s["attributes"]["orchestrator.step"]: s for s in spans if s["kind"] == "CONSUMER"}
     root_span_id = f"{tracing.run_root(run_id).span_id:016x}"

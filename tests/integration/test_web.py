@@ -176,8 +176,7 @@ def test_cancel_and_resume_on_the_run_page_control_a_long_run(
     page: Page, base_url: str, client: Client, workers: LocalWorkers, unique: str
 ) -> None:
     expect = _expect()
-    spec = workflow(f"web_cancel_{unique}", py("long", "tests.sleep", seconds=60.0),
-                    py("after", "tests.sleep", "long"))  # fmt: skip
+    spec = workflow(f"web_cancel_{unique}", py("long", "tests.sleep", seconds=60.0), py("after", "tests.sleep", "long"))
     run_id = client.submit(spec)
     page.goto(f"{base_url}/ui/runs/{run_id}")
     expect(page.locator('[data-step="long"]')).to_have_attribute("data-status", "running", timeout=WAIT_MS)
@@ -241,12 +240,26 @@ def test_an_approval_step_waits_on_the_run_page_until_an_approver_decides_there(
 ) -> None:
     expect = _expect()
     editor, other = "web-editor-token", "web-other-token"
-    auth = ApiAuth.parse(json.dumps({editor: {"principal": "editor", "scopes": ["read", "approve"]},
-                                     other: {"principal": "mallory", "scopes": ["read", "approve"]}}))  # fmt: skip
-    review = {"name": "review", "uses": "approval", "depends_on": ["draft"],
-              "with": {"approvers": ["editor"], "message": "Publish it?"}}  # fmt: skip
-    spec = workflow(f"web_approval_{unique}", py("draft", "tests.sleep", seconds=0.5), review,
-                    py("publish", "tests.sleep", "review", seconds=0.5))  # fmt: skip
+    auth = ApiAuth.parse(
+        json.dumps(
+            {
+                editor: {"principal": "editor", "scopes": ["read", "approve"]},
+                other: {"principal": "mallory", "scopes": ["read", "approve"]},
+            }
+        )
+    )
+    review = {
+        "name": "review",
+        "uses": "approval",
+        "depends_on": ["draft"],
+        "with": {"approvers": ["editor"], "message": "Publish it?"},
+    }
+    spec = workflow(
+        f"web_approval_{unique}",
+        py("draft", "tests.sleep", seconds=0.5),
+        review,
+        py("publish", "tests.sleep", "review", seconds=0.5),
+    )
     run_id = client.submit(spec)
     with _serve(_with_web_page(create_app(settings, client, auth=auth))) as url:
         page.goto(f"{url}/ui/runs/{run_id}")

@@ -142,8 +142,18 @@ def test_a_huge_foreign_origin_is_named_in_a_short_detail(http: httpx.Client, ru
 # -- DNS rebinding -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["rebind.attacker.example", "rebind.attacker.example:8000", "127.0.0.1.nip.io",
-                                  "localhost.attacker.example", "10.0.0.1", "127.0.0.1:x", ""])  # fmt: skip
+@pytest.mark.parametrize(
+    "host",
+    [
+        "rebind.attacker.example",
+        "rebind.attacker.example:8000",
+        "127.0.0.1.nip.io",
+        "localhost.attacker.example",
+        "10.0.0.1",
+        "127.0.0.1:x",
+        "",
+    ],
+)
 def test_a_submit_under_a_rebound_host_name_is_refused_and_writes_nothing(
     http: httpx.Client, redis_client: redis.Redis, host: str
 ) -> None:
@@ -163,8 +173,16 @@ def test_reads_under_a_rebound_host_name_are_refused_too(http: httpx.Client, run
 # -- JSON bodies only --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-                                          "text/plain", "text/plain;charset=UTF-8", None])  # fmt: skip
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        None,
+    ],
+)
 def test_a_cancel_with_a_body_that_is_not_json_is_refused_with_415(
     http: httpx.Client, client: Client, running: str, content_type: str | None
 ) -> None:
@@ -182,8 +200,9 @@ def test_a_submit_whose_json_is_declared_text_plain_is_refused_and_writes_nothin
 ) -> None:
     before = footprint(redis_client)
 
-    answer = http.post("/runs", content=json.dumps({"definition": definition()}),
-                       headers={"Content-Type": "text/plain"})  # fmt: skip
+    answer = http.post(
+        "/runs", content=json.dumps({"definition": definition()}), headers={"Content-Type": "text/plain"}
+    )
 
     assert_refused(answer, 415, "'text/plain'")
     assert footprint(redis_client) == before
@@ -247,8 +266,11 @@ def test_with_tokens_a_bearer_request_from_any_origin_and_host_works_but_a_form_
     with httpx.Client(base_url=token_api.base, timeout=15) as session:
         submitted = session.post("/runs", json={"definition": definition()}, headers=headers)
         run_id = submitted.json()["run_id"]
-        form = session.post(f"/runs/{run_id}/cancel", content=b"a=1",
-                            headers={**headers, "Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+        form = session.post(
+            f"/runs/{run_id}/cancel",
+            content=b"a=1",
+            headers={**headers, "Content-Type": "application/x-www-form-urlencoded"},
+        )
         cancelled = session.post(f"/runs/{run_id}/cancel", headers=headers)
         anonymous = session.post(f"/runs/{run_id}/cancel", headers={"Origin": EVIL})
 

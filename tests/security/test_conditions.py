@@ -54,8 +54,9 @@ def test_a_condition_reading_nothing_that_passes_the_budget_is_refused_at_valida
 def test_an_ordinary_condition_still_evaluates() -> None:
     outputs = {"draft": {"word_count": 600, "text": "a b c"}}
 
-    assert evaluate_condition("steps.draft.output.word_count > 500 and steps.draft.output.text|wordcount == 3",
-                              inputs={}, outputs=outputs)  # fmt: skip
+    assert evaluate_condition(
+        "steps.draft.output.word_count > 500 and steps.draft.output.text|wordcount == 3", inputs={}, outputs=outputs
+    )
 
 
 DEEP = ["-" * 1990 + "1", "(" * 3000 + "1" + ")" * 3000, "-" * 400 + "1", "not " * 900 + "true"]

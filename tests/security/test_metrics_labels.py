@@ -45,8 +45,12 @@ def record(workflow: str, step: str = "draft", **changes: Any) -> None:
 
 
 def series(name: str) -> set[tuple[str, str]]:
-    return {(s.labels["workflow"], s.labels.get("step", s.labels.get("model", "")))
-            for family in metrics.registry().collect() for s in family.samples if s.name == name}  # fmt: skip
+    return {
+        (s.labels["workflow"], s.labels.get("step", s.labels.get("model", "")))
+        for family in metrics.registry().collect()
+        for s in family.samples
+        if s.name == name
+    }
 
 
 def test_the_workflow_past_the_default_budget_is_reported_under_the_overflow_label() -> None:
@@ -114,6 +118,10 @@ def test_the_api_counts_invented_methods_under_one_label() -> None:
             http.request(f"BREW{index}", "/anything")
         http.get("/anything")
 
-    methods = {s.labels["method"] for family in api.registry.collect() for s in family.samples
-               if s.name == "orchestrator_api_requests_total"}  # fmt: skip
+    methods = {
+        s.labels["method"]
+        for family in api.registry.collect()
+        for s in family.samples
+        if s.name == "orchestrator_api_requests_total"
+    }
     assert methods == {"OTHER", "GET"}

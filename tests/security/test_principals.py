@@ -53,8 +53,12 @@ def test_tokens_built_in_code_cannot_take_a_reserved_name_either() -> None:
 
 
 def test_ordinary_principal_names_are_still_accepted() -> None:
-    raw = json.dumps({"tok-1": {"principal": "timeout-ops", "scopes": ["approve"]},
-                      "tok-2": {"principal": "editor", "scopes": ["read"]}})  # fmt: skip
+    raw = json.dumps(
+        {
+            "tok-1": {"principal": "timeout-ops", "scopes": ["approve"]},
+            "tok-2": {"principal": "editor", "scopes": ["read"]},
+        }
+    )
 
     assert ApiAuth.parse(raw).principals == ["editor", "timeout-ops"]
 
@@ -92,14 +96,21 @@ def test_a_step_listing_timeout_as_an_approver_still_gives_that_name_nothing(
 def test_an_approval_timeout_still_decides_and_is_audited_as_timeout(
     client: Client, workers: LocalWorkers, unique: str
 ) -> None:
-    spec = workflow(f"real_timeout_{unique}", review("editor", timeout_s=0.5, on_timeout="reject"),
-                    py("publish", "tests.count_calls", "review"))  # fmt: skip
+    spec = workflow(
+        f"real_timeout_{unique}",
+        review("editor", timeout_s=0.5, on_timeout="reject"),
+        py("publish", "tests.count_calls", "review"),
+    )
 
     view = client.wait(client.submit(spec), timeout=30)
 
     assert view["steps"]["review"]["status"] == "failed"
-    assert view["steps"]["review"]["output"] == {"approved": False, "decision": "timeout:reject", "by": "timeout",
-                                                 "comment": ""}  # fmt: skip
+    assert view["steps"]["review"]["output"] == {
+        "approved": False,
+        "decision": "timeout:reject",
+        "by": "timeout",
+        "comment": "",
+    }
 
 
 @pytest.mark.integration

@@ -31,8 +31,7 @@ APPROVAL_TIMEOUT_S = 6.0
 
 
 def approval(name: str, *deps: str, **params: Any) -> dict[str, Any]:
-    return {"name": name, "uses": "approval", "depends_on": list(deps),
-            "with": {"approvers": ["alice"], **params}}  # fmt: skip
+    return {"name": name, "uses": "approval", "depends_on": list(deps), "with": {"approvers": ["alice"], **params}}
 
 
 def step_status(client: Client, run_id: str, step: str) -> str:
@@ -74,8 +73,10 @@ def test_a_decision_comment_over_the_limit_is_refused_by_the_client_before_anyth
     with pytest.raises(InputValidationError) as refused:
         client.approve("no-such-run", "review", by="alice", comment="x" * (MAX_DECISION_COMMENT_CHARS + 1))
 
-    assert str(refused.value) == f"the comment is {MAX_DECISION_COMMENT_CHARS + 1} characters; the limit is " \
-                                 f"{MAX_DECISION_COMMENT_CHARS}"  # fmt: skip
+    assert (
+        str(refused.value) == f"the comment is {MAX_DECISION_COMMENT_CHARS + 1} characters; the limit is "
+        f"{MAX_DECISION_COMMENT_CHARS}"
+    )
     assert redis_client.dbsize() == keys_before
 
 

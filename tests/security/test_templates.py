@@ -119,8 +119,13 @@ class RecordingGateway:
 
 
 def executor(gateway: RecordingGateway, **options: Any) -> StepExecutor:
-    return StepExecutor(gateway, FunctionRegistry(), max_output_bytes=10_000, llm_timeout_s=120,  # type: ignore[arg-type]
-                        **options)  # fmt: skip
+    return StepExecutor(
+        gateway,
+        FunctionRegistry(),
+        max_output_bytes=10_000,
+        llm_timeout_s=120,  # type: ignore[arg-type]
+        **options,
+    )
 
 
 def test_an_llm_step_rendering_past_its_timeout_fails_as_template_limit_without_calling_the_llm() -> None:
@@ -155,16 +160,22 @@ def test_an_llm_call_gets_only_what_rendering_left_of_the_steps_timeout() -> Non
 
 
 def approval_spec(message: str) -> Any:
-    return parse_workflow({
-        "name": "t",
-        "inputs": {"topic": {"type": "string", "default": "x"}},
-        "steps": [
-            {"name": "draft", "uses": "noop"},
-            {"name": "other", "uses": "noop"},
-            {"name": "review", "uses": "approval", "depends_on": ["draft"],
-             "with": {"approvers": ["ops"], "message": message}},
-        ],
-    })  # fmt: skip
+    return parse_workflow(
+        {
+            "name": "t",
+            "inputs": {"topic": {"type": "string", "default": "x"}},
+            "steps": [
+                {"name": "draft", "uses": "noop"},
+                {"name": "other", "uses": "noop"},
+                {
+                    "name": "review",
+                    "uses": "approval",
+                    "depends_on": ["draft"],
+                    "with": {"approvers": ["ops"], "message": message},
+                },
+            ],
+        }
+    )
 
 
 @pytest.mark.parametrize(

@@ -49,11 +49,13 @@ MONITORING = {"prometheus", "grafana"}
 REQUIRED_ENV = {
     "REDIS_PASSWORD": "redis-secret",
     "FLOWER_PASSWORD": "flower-secret",
-    "ORCH_API_TOKENS": json.dumps({
-        "tok-ops": {"principal": "ops", "scopes": ["read", "write", "approve"]},
-        "tok-prometheus": {"principal": "prometheus", "scopes": ["read"]},
-    }),
-}  # fmt: skip
+    "ORCH_API_TOKENS": json.dumps(
+        {
+            "tok-ops": {"principal": "ops", "scopes": ["read", "write", "approve"]},
+            "tok-prometheus": {"principal": "prometheus", "scopes": ["read"]},
+        }
+    ),
+}
 
 _VARIABLE = re.compile(
     r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
@@ -437,8 +439,12 @@ def test_prometheus_finds_every_replica_of_every_worker_by_dns(services: dict[st
 
 
 def test_prometheus_sends_the_api_a_token_it_writes_itself(services: dict[str, dict[str, Any]]) -> None:
-    api_jobs = [job for job in _jobs().values() for static in job.get("static_configs", [])
-                if any(target.startswith("api:") for target in static["targets"])]  # fmt: skip
+    api_jobs = [
+        job
+        for job in _jobs().values()
+        for static in job.get("static_configs", [])
+        if any(target.startswith("api:") for target in static["targets"])
+    ]
     assert len(api_jobs) == 1
     authorization = api_jobs[0]["authorization"]
     assert authorization.get("type", "Bearer") == "Bearer"
@@ -550,8 +556,11 @@ def test_the_files_the_image_copies_build_a_package_with_every_declared_module(t
     context = tmp_path / "app"
     context.mkdir()
     for sources, destination in _copies():
-        target = context / PurePosixPath(destination).relative_to(".") if destination.startswith(".") else (
-            context / PurePosixPath(destination).relative_to(workdir))  # fmt: skip
+        target = (
+            context / PurePosixPath(destination).relative_to(".")
+            if destination.startswith(".")
+            else (context / PurePosixPath(destination).relative_to(workdir))
+        )
         for source in sources:
             origin = REPO_ROOT / source
             if origin.is_dir():
@@ -561,10 +570,22 @@ def test_the_files_the_image_copies_build_a_package_with_every_declared_module(t
                 shutil.copy2(origin, target / origin.name)
 
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp_path / "dist"),
-         str(context)],
-        capture_output=True, text=True, timeout=220, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")

@@ -110,8 +110,9 @@ def workflow(*steps: dict[str, Any]) -> dict[str, Any]:
 
 def test_a_claimed_step_runs_records_and_publishes_the_children_it_released() -> None:
     runtime, publisher = make_runtime()
-    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "noop"},
-                                                {"name": "b", "uses": "noop", "depends_on": ["a"]}))  # fmt: skip
+    run_id = start(
+        runtime, publisher, workflow({"name": "a", "uses": "noop"}, {"name": "b", "uses": "noop", "depends_on": ["a"]})
+    )
 
     assert deliver(runtime, publisher.sent.pop(0)) == "succeeded"
 
@@ -155,8 +156,11 @@ def test_a_message_naming_an_unknown_definition_or_step_is_dropped() -> None:
 
 def test_a_retryable_error_is_recorded_and_raised_with_its_countdown_then_the_next_attempt_succeeds() -> None:
     runtime, publisher = make_runtime()
-    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "llm", "with": {
-        "prompt": "hi", "simulate": {"errors": ["overloaded"]}}}))  # fmt: skip
+    run_id = start(
+        runtime,
+        publisher,
+        workflow({"name": "a", "uses": "llm", "with": {"prompt": "hi", "simulate": {"errors": ["overloaded"]}}}),
+    )
     message = publisher.sent.pop(0)
 
     with pytest.raises(RetryableStepError) as raised:
@@ -171,8 +175,11 @@ def test_a_retryable_error_is_recorded_and_raised_with_its_countdown_then_the_ne
 
 def test_a_non_retryable_error_fails_the_step_and_the_run_at_once() -> None:
     runtime, publisher = make_runtime()
-    run_id = start(runtime, publisher, workflow({"name": "a", "uses": "llm", "with": {
-        "prompt": "hi", "simulate": {"errors": ["bad_request"]}}}))  # fmt: skip
+    run_id = start(
+        runtime,
+        publisher,
+        workflow({"name": "a", "uses": "llm", "with": {"prompt": "hi", "simulate": {"errors": ["bad_request"]}}}),
+    )
 
     assert drive(runtime, publisher) == ["failed"]
     assert run_status(runtime, run_id) == RunStatus.FAILED
@@ -199,11 +206,16 @@ def test_a_step_out_of_attempts_gives_up_naming_the_last_error() -> None:
 
 def test_a_false_condition_skips_the_step_and_its_dependents_follow_their_trigger_rule() -> None:
     runtime, publisher = make_runtime()
-    run_id = start(runtime, publisher, workflow(
-        {"name": "a", "uses": "noop", "condition": "inputs.go"},
-        {"name": "b", "uses": "noop", "depends_on": ["a"]},
-        {"name": "c", "uses": "noop", "depends_on": ["a"], "trigger_rule": "all_done"},
-    ), go=False)  # fmt: skip
+    run_id = start(
+        runtime,
+        publisher,
+        workflow(
+            {"name": "a", "uses": "noop", "condition": "inputs.go"},
+            {"name": "b", "uses": "noop", "depends_on": ["a"]},
+            {"name": "c", "uses": "noop", "depends_on": ["a"], "trigger_rule": "all_done"},
+        ),
+        go=False,
+    )
 
     drive(runtime, publisher)
 
@@ -213,10 +225,14 @@ def test_a_false_condition_skips_the_step_and_its_dependents_follow_their_trigge
 
 def test_a_failed_parent_makes_its_child_upstream_failed_without_running_it() -> None:
     runtime, publisher = make_runtime()
-    run_id = start(runtime, publisher, workflow(
-        {"name": "a", "uses": "llm", "with": {"prompt": "x", "simulate": {"errors": ["bad_request"]}}},
-        {"name": "b", "uses": "noop", "depends_on": ["a"]},
-    ))  # fmt: skip
+    run_id = start(
+        runtime,
+        publisher,
+        workflow(
+            {"name": "a", "uses": "llm", "with": {"prompt": "x", "simulate": {"errors": ["bad_request"]}}},
+            {"name": "b", "uses": "noop", "depends_on": ["a"]},
+        ),
+    )
 
     drive(runtime, publisher)
 
@@ -296,10 +312,14 @@ def test_an_interrupt_from_the_pool_is_a_timeout_and_retried() -> None:
 
 def test_a_resumed_step_whose_inputs_match_its_stored_result_reuses_it() -> None:
     runtime, publisher = make_runtime()
-    run_id = start(runtime, publisher, workflow(
-        {"name": "a", "uses": "llm", "with": {"prompt": "x"}},
-        {"name": "b", "uses": "llm", "depends_on": ["a"], "with": {"prompt": "{{ steps.a.output.text }}"}},
-    ))  # fmt: skip
+    run_id = start(
+        runtime,
+        publisher,
+        workflow(
+            {"name": "a", "uses": "llm", "with": {"prompt": "x"}},
+            {"name": "b", "uses": "llm", "depends_on": ["a"], "with": {"prompt": "{{ steps.a.output.text }}"}},
+        ),
+    )
     drive(runtime, publisher)
     assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
 

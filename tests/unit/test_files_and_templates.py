@@ -34,8 +34,13 @@ def test_the_example_yaml_file_loads_with_its_steps_and_dependencies(tmp_path: P
     assert spec.timeout_s == 600
     assert set(spec.inputs) == {"topic", "audience"}
     assert [s.name for s in spec.steps] == [
-        "research", "blog_post", "social_posts", "email_newsletter", "seo_metadata", "final_review",
-    ]  # fmt: skip
+        "research",
+        "blog_post",
+        "social_posts",
+        "email_newsletter",
+        "seo_metadata",
+        "final_review",
+    ]
     assert spec.steps_by_name["final_review"].depends_on == ("social_posts", "email_newsletter", "seo_metadata")
     blog = spec.steps_by_name["blog_post"]
     assert isinstance(blog.params, LLMParams)

@@ -213,17 +213,25 @@ def params_for(kind: Any) -> st.SearchStrategy[Any]:
                 "system": maybe(templates),
                 "temperature": maybe(st.floats(-1, 2)),
                 "output_schema": maybe(st.sampled_from([{"type": "object"}, {"type": "nope"}, {"minLength": -1}])),
-                "simulate": maybe(st.fixed_dictionaries({}, optional={"latency_s": st.floats(-1, 1),
-                                                                      "errors": st.lists(st.sampled_from(
-                                                                          ["rate_limit", "boom", "timeout"]))})),
+                "simulate": maybe(
+                    st.fixed_dictionaries(
+                        {},
+                        optional={
+                            "latency_s": st.floats(-1, 1),
+                            "errors": st.lists(st.sampled_from(["rate_limit", "boom", "timeout"])),
+                        },
+                    )
+                ),
                 "reply_cache": maybe(st.sampled_from(["run", "shared", "off", "forever"])),
                 "unknown": junk,
             },
-        )  # fmt: skip
+        )
     if kind == "python":
         functions = st.sampled_from(["fuzz.echo", "os.system", "builtins.eval", "subprocess.run", "", "fuzz.nope"])
-        return st.fixed_dictionaries({"function": maybe(functions)}, optional={"args": maybe(st.dictionaries(
-            st.text(max_size=5), junk, max_size=3)), "unknown": junk})  # fmt: skip
+        return st.fixed_dictionaries(
+            {"function": maybe(functions)},
+            optional={"args": maybe(st.dictionaries(st.text(max_size=5), junk, max_size=3)), "unknown": junk},
+        )
     if kind == "approval":
         return st.fixed_dictionaries(
             {"approvers": maybe(st.lists(st.text(max_size=10), max_size=3))},
@@ -245,8 +253,9 @@ def step_dicts(draw: st.DrawFn) -> Any:
         step["with"] = draw(params_for(kind))
     optional = {
         "depends_on": maybe(st.lists(names, max_size=4)),
-        "retry": maybe(st.fixed_dictionaries({}, optional={"max_attempts": st.integers(-2, 200),
-                                                            "backoff_s": st.floats(-1, 5000)})),
+        "retry": maybe(
+            st.fixed_dictionaries({}, optional={"max_attempts": st.integers(-2, 200), "backoff_s": st.floats(-1, 5000)})
+        ),
         "timeout_s": maybe(st.floats(-1, 1e7)),
         "queue": maybe(st.sampled_from(["llm", "cpu", "bad queue!", ""])),
         "condition": maybe(conditions),
@@ -255,7 +264,7 @@ def step_dicts(draw: st.DrawFn) -> Any:
         "cache": maybe(st.booleans()),
         "params": junk,
         "mystery": junk,
-    }  # fmt: skip
+    }
     for key in draw(st.lists(st.sampled_from(sorted(optional)), unique=True, max_size=4)):
         step[key] = draw(optional[key])
     return step if draw(st.integers(0, 19)) else draw(junk)
@@ -301,11 +310,16 @@ BASE: dict[str, Any] = {
         {"name": "a", "uses": "llm", "with": {"prompt": "Research {{ inputs.topic }}", "max_tokens": 50}},
         {"name": "b", "uses": "llm", "depends_on": ["a"], "with": {"prompt": "Write from {{ steps.a.output.text }}"}},
         {"name": "c", "uses": "python", "depends_on": ["a"], "with": {"function": "fuzz.echo", "args": {"n": 1}}},
-        {"name": "d", "uses": "noop", "depends_on": ["b", "c"], "condition": "steps.b.output.word_count > 5",
-         "trigger_rule": "all_done"},
+        {
+            "name": "d",
+            "uses": "noop",
+            "depends_on": ["b", "c"],
+            "condition": "steps.b.output.word_count > 5",
+            "trigger_rule": "all_done",
+        },
         {"name": "e", "uses": "approval", "depends_on": ["d"], "with": {"approvers": ["editor"], "timeout_s": 60}},
     ],
-}  # fmt: skip
+}
 
 
 def paths_of(data: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -361,8 +375,15 @@ def mutated_text(draw: st.DrawFn) -> tuple[str, str]:
         at = draw(st.integers(0, len(text)))
         op = draw(st.sampled_from(["insert", "delete", "truncate", "yaml"]))
         if op == "insert":
-            text = text[:at] + draw(st.one_of(st.sampled_from(["{", "[", ":", "- ", "\t", '"', "\\", "&a", "*a", "!!"]),
-                                              st.text(max_size=4))) + text[at:]  # fmt: skip
+            text = (
+                text[:at]
+                + draw(
+                    st.one_of(
+                        st.sampled_from(["{", "[", ":", "- ", "\t", '"', "\\", "&a", "*a", "!!"]), st.text(max_size=4)
+                    )
+                )
+                + text[at:]
+            )
         elif op == "delete":
             text = text[:at] + text[at + draw(st.integers(1, 20)) :]
         elif op == "truncate":
@@ -541,8 +562,9 @@ CONTEXT = {
 @given(source=templates)
 def test_any_template_is_checked_and_rendered_to_text_or_a_template_error(source: str) -> None:
     _, invalid = attempt(lambda: check_template(source, step="s"), WorkflowDefinitionError)
-    rendered, failed = attempt(lambda: render(source, copy.deepcopy(CONTEXT), max_chars=1_000_000),
-                               NonRetryableStepError)  # fmt: skip
+    rendered, failed = attempt(
+        lambda: render(source, copy.deepcopy(CONTEXT), max_chars=1_000_000), NonRetryableStepError
+    )
 
     if isinstance(invalid, WorkflowDefinitionError):
         assert invalid.step == "s"
@@ -560,8 +582,9 @@ def test_any_template_is_checked_and_rendered_to_text_or_a_template_error(source
 def test_any_condition_is_checked_and_evaluated_to_a_bool_or_a_condition_error(source: str) -> None:
     _, invalid = attempt(lambda: check_condition(source, step="s", upstream={"a", "b"}), WorkflowDefinitionError)
     inputs = dict(CONTEXT["inputs"])
-    result, failed = attempt(lambda: evaluate_condition(source, inputs=inputs, outputs={"a": {"word_count": 1}}),
-                             NonRetryableStepError)  # fmt: skip
+    result, failed = attempt(
+        lambda: evaluate_condition(source, inputs=inputs, outputs={"a": {"word_count": 1}}), NonRetryableStepError
+    )
 
     if isinstance(invalid, WorkflowDefinitionError):
         assert invalid.step == "s"

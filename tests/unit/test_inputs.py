@@ -79,9 +79,16 @@ def test_a_missing_required_input_is_named(spec: WorkflowSpec) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value", "expected_type"),
-    [("count", "three", "integer"), ("count", 2.5, "integer"), ("ratio", "half", "number"), ("draft", "yes", "boolean"),
-     ("topic", 7, "string"), ("tags", "a,b", "array"), ("options", [], "object")],
-)  # fmt: skip
+    [
+        ("count", "three", "integer"),
+        ("count", 2.5, "integer"),
+        ("ratio", "half", "number"),
+        ("draft", "yes", "boolean"),
+        ("topic", 7, "string"),
+        ("tags", "a,b", "array"),
+        ("options", [], "object"),
+    ],
+)
 def test_a_value_of_the_wrong_type_is_named_with_the_wanted_type(
     spec: WorkflowSpec, name: str, value: Any, expected_type: str
 ) -> None:

@@ -72,8 +72,12 @@ def test_prices_match_dated_model_ids_by_longest_prefix() -> None:
 
 
 def test_prompt_cache_tokens_are_priced_apart_from_plain_input() -> None:
-    usage = {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 1_000_000,
-             "cache_creation_input_tokens": 1_000_000}  # fmt: skip
+    usage = {
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cache_read_input_tokens": 1_000_000,
+        "cache_creation_input_tokens": 1_000_000,
+    }
     assert PriceTable().cost(HAIKU, usage) == pytest.approx(0.1 + 1.25)
 
 
@@ -156,8 +160,9 @@ def test_tokens_per_minute_count_the_estimate_and_settle_the_real_use(r: redis.R
     assert refused.outcome == "rate_limit"
     assert refused.wait_s > 30  # 600 tokens short at 1000 per minute
     # The first call used only 100 of its 800: settling gives 700 back, and the second call fits.
-    gov.settle(run_id=run, model=HAIKU, tokens_estimated=800, tokens_used=100, worst_case_usd=0, cost_usd=0,
-               billed=True)  # fmt: skip
+    gov.settle(
+        run_id=run, model=HAIKU, tokens_estimated=800, tokens_used=100, worst_case_usd=0, cost_usd=0, billed=True
+    )
     assert gov.admit(run_id=run, model=HAIKU, tokens=800, worst_case_usd=0, budget_usd=None).outcome == "ok"
 
 
@@ -180,8 +185,9 @@ def test_a_budget_holds_worst_cases_settles_real_costs_and_refuses_for_good(r: r
     refused = gov.admit(run_id=run, model=HAIKU, tokens=1, worst_case_usd=0.6, budget_usd=1.0)
     assert refused.outcome == "budget_exceeded"
     assert refused.spent_usd == pytest.approx(0.6)
-    gov.settle(run_id=run, model=HAIKU, tokens_estimated=1, tokens_used=1, worst_case_usd=0.6, cost_usd=0.1,
-               billed=True)  # fmt: skip
+    gov.settle(
+        run_id=run, model=HAIKU, tokens_estimated=1, tokens_used=1, worst_case_usd=0.6, cost_usd=0.1, billed=True
+    )
     fields = {k.decode(): v.decode() for k, v in r.hgetall(keys.run_key(run)).items()}
     assert fields["llm_held_nusd"] == "0"
     assert from_nano_usd(int(fields["llm_spent_nusd"])) == pytest.approx(0.1)
@@ -201,8 +207,9 @@ def test_a_settle_after_redis_forgot_its_scripts_is_counted_once(r: redis.Redis)
     r.script_flush()
     r.script_load(gov._budget.script)
 
-    gov.settle(run_id=run, model=HAIKU, tokens_estimated=800, tokens_used=100, worst_case_usd=0.5, cost_usd=0.2,
-               billed=True)  # fmt: skip
+    gov.settle(
+        run_id=run, model=HAIKU, tokens_estimated=800, tokens_used=100, worst_case_usd=0.5, cost_usd=0.2, billed=True
+    )
 
     fields = {k.decode(): v.decode() for k, v in r.hgetall(keys.run_key(run)).items()}
     assert (fields["llm_held_nusd"], fields["llm_calls"]) == ("0", "1")
@@ -276,9 +283,13 @@ def test_replies_are_shared_across_runs_only_when_asked(r: redis.Redis) -> None:
 def test_the_digest_covers_what_decides_the_reply() -> None:
     base = _request()
     assert request_digest(base) == request_digest(LLMRequest(model=HAIKU, prompt="hello", max_tokens=200, attempt=3))
-    for other in (_request(prompt="hello!"), _request(model="claude-sonnet-4-5"), _request(max_tokens=201),
-                  LLMRequest(model=HAIKU, prompt="hello", max_tokens=200, system="be brief"),
-                  LLMRequest(model=HAIKU, prompt="hello", max_tokens=200, temperature=0.5)):  # fmt: skip
+    for other in (
+        _request(prompt="hello!"),
+        _request(model="claude-sonnet-4-5"),
+        _request(max_tokens=201),
+        LLMRequest(model=HAIKU, prompt="hello", max_tokens=200, system="be brief"),
+        LLMRequest(model=HAIKU, prompt="hello", max_tokens=200, temperature=0.5),
+    ):
         assert request_digest(other) != request_digest(base)
 
 

@@ -276,8 +276,9 @@ def test_the_worker_endpoint_adds_up_the_metrics_of_every_pool_process() -> None
 
 def test_a_pool_process_forked_after_the_endpoint_started_closes_its_copy_of_the_socket() -> None:
     port = free_port()
-    endpoint = WorkerMetricsEndpoint(replace(Settings(), metrics_port=port, metrics_addr="127.0.0.1",
-                                             redis_url=closed_redis_url()))  # fmt: skip
+    endpoint = WorkerMetricsEndpoint(
+        replace(Settings(), metrics_port=port, metrics_addr="127.0.0.1", redis_url=closed_redis_url())
+    )
     fork = multiprocessing.get_context("fork")
     endpoint.prepare()
     endpoint.start()

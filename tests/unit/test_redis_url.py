@@ -209,8 +209,11 @@ def test_a_plain_broker_url_reaches_celery_unchanged(url: str) -> None:
 
     assert config["broker_url"] == url
     # Only the visibility timeout and kombu's pinned priority lists: no Sentinel options.
-    assert config["broker_transport_options"] == {"visibility_timeout": Settings().visibility_timeout_s,
-                                                  "priority_steps": [0, 3, 6, 9], "sep": "\x06\x16"}  # fmt: skip
+    assert config["broker_transport_options"] == {
+        "visibility_timeout": Settings().visibility_timeout_s,
+        "priority_steps": [0, 3, 6, 9],
+        "sep": "\x06\x16",
+    }
     assert "broker_use_ssl" not in config
     assert broker_connection(url).transport_options == {}
 

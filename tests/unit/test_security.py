@@ -212,8 +212,13 @@ def llm_step(prompt: str, system: str | None = None) -> Any:
 
 
 def executor(gateway: RecordingGateway, registry: FunctionRegistry | None = None, prompt_limit: int = 1000) -> Any:
-    return StepExecutor(gateway, registry or FunctionRegistry(), max_output_bytes=10_000, llm_timeout_s=5,  # type: ignore[arg-type]
-                        max_prompt_bytes=prompt_limit)  # fmt: skip
+    return StepExecutor(
+        gateway,
+        registry or FunctionRegistry(),
+        max_output_bytes=10_000,
+        llm_timeout_s=5,  # type: ignore[arg-type]
+        max_prompt_bytes=prompt_limit,
+    )
 
 
 def context(**inputs: Any) -> StepContext:

@@ -1936,6 +1936,11 @@ def test_attempt_numbers_run_on_across_generations_in_claims_events_and_status(b
 
     assert (got.attempt, got.generation_attempt, again.attempt, again.generation_attempt) == (2, 1, 3, 2)
     numbers = [(e.type, e.attempt) for e in backend.store.events("run1") if e.step == "a" and e.attempt]
-    assert numbers == [("step_started", 1), ("step_failed", 1), ("step_started", 2), ("step_retry", 2),
-                       ("step_started", 3)]  # fmt: skip
+    assert numbers == [
+        ("step_started", 1),
+        ("step_failed", 1),
+        ("step_started", 2),
+        ("step_retry", 2),
+        ("step_started", 3),
+    ]
     assert run_view(backend.store.run_fields("run1"), SINGLE)["steps"]["a"]["attempts"] == again.attempt

@@ -48,9 +48,17 @@ def usage(inp: int, out: int) -> dict[str, int]:
     return {"input_tokens": inp, "output_tokens": out}
 
 
-def step_fields(name: str, status: str, attempts: int, *, start: float | None = None, end: float | None = None,
-                output: Any = None, error: dict[str, Any] | None = None,
-                errors: list[dict[str, Any]] | None = None) -> dict[str, str]:  # fmt: skip
+def step_fields(
+    name: str,
+    status: str,
+    attempts: int,
+    *,
+    start: float | None = None,
+    end: float | None = None,
+    output: Any = None,
+    error: dict[str, Any] | None = None,
+    errors: list[dict[str, Any]] | None = None,
+) -> dict[str, str]:
     p = keys.step_prefix(name)
     fields = {p + "status": status, p + "attempts": str(attempts), p + "pending": "0"}
     if start is not None:
@@ -89,15 +97,22 @@ BAD_REQUEST = {"type": "bad_request", "status": 400, "message": "prompt is too l
 def failed_run(spec: WorkflowSpec) -> dict[str, str]:
     return {
         **run_fields(spec, "failed", finished_at=repr(T0 + 9), first_failure="blog"),
-        **step_fields("research", "succeeded", 2, start=T0, end=T0 + 1.5,
-                      output={"text": "facts", "word_count": 1, "model": "m", "usage": usage(100, 40)},
-                      errors=[{"type": "rate_limit", "status": 429, "message": "slow down", "attempt": 1}]),
+        **step_fields(
+            "research",
+            "succeeded",
+            2,
+            start=T0,
+            end=T0 + 1.5,
+            output={"text": "facts", "word_count": 1, "model": "m", "usage": usage(100, 40)},
+            errors=[{"type": "rate_limit", "status": 429, "message": "slow down", "attempt": 1}],
+        ),
         **step_fields("blog", "failed", 1, start=T0 + 2, end=T0 + 3, error=BAD_REQUEST, errors=[BAD_REQUEST]),
-        **step_fields("tally", "succeeded", 1, start=T0 + 2, end=T0 + 2.5,
-                      output={"count": 3, "usage": usage(1000, 1000)}),
+        **step_fields(
+            "tally", "succeeded", 1, start=T0 + 2, end=T0 + 2.5, output={"count": 3, "usage": usage(1000, 1000)}
+        ),
         **step_fields("social", "upstream_failed", 0, end=T0 + 3),
         **step_fields("join", "upstream_failed", 0, end=T0 + 3),
-    }  # fmt: skip
+    }
 
 
 def test_iso_gives_microseconds_and_an_explicit_utc_offset() -> None:
@@ -142,11 +157,19 @@ def test_steps_appear_in_declaration_order_with_status_and_integer_attempts(
 
     assert list(steps) == ["research", "blog", "tally", "social", "join"]
     assert {name: s["status"] for name, s in steps.items()} == {
-        "research": "succeeded", "blog": "failed", "tally": "succeeded", "social": "upstream_failed",
+        "research": "succeeded",
+        "blog": "failed",
+        "tally": "succeeded",
+        "social": "upstream_failed",
         "join": "upstream_failed",
-    }  # fmt: skip
-    assert {name: s["attempts"] for name, s in steps.items()} == {"research": 2, "blog": 1, "tally": 1, "social": 0,
-                                                                  "join": 0}  # fmt: skip
+    }
+    assert {name: s["attempts"] for name, s in steps.items()} == {
+        "research": 2,
+        "blog": 1,
+        "tally": 1,
+        "social": 0,
+        "join": 0,
+    }
     assert all(type(s["attempts"]) is int for s in steps.values())
     assert steps["social"]["started_at"] is None
     assert steps["join"]["depends_on"] == ["social", "tally"]
@@ -160,8 +183,16 @@ def test_a_step_missing_from_the_hash_reads_as_pending_with_nothing_recorded(spe
 
     assert steps["research"]["status"] == "running"
     assert steps["research"]["finished_at"] is None
-    assert steps["join"] == {**steps["join"], "status": "pending", "attempts": 0, "started_at": None,
-                             "finished_at": None, "output": None, "error": None, "errors": []}  # fmt: skip
+    assert steps["join"] == {
+        **steps["join"],
+        "status": "pending",
+        "attempts": 0,
+        "started_at": None,
+        "finished_at": None,
+        "output": None,
+        "error": None,
+        "errors": [],
+    }
 
 
 def test_outputs_and_attempt_errors_are_decoded_from_json(spec: WorkflowSpec, failed_run: dict[str, str]) -> None:
@@ -204,8 +235,12 @@ def test_a_run_that_did_not_fail_has_no_error(spec: WorkflowSpec, failed_run: di
 
 
 def test_usage_is_summed_over_llm_steps_only(spec: WorkflowSpec, failed_run: dict[str, str]) -> None:
-    fields = {**failed_run, **step_fields("social", "succeeded", 1, start=T0 + 4, end=T0 + 5,
-                                          output={"text": "post", "usage": usage(7, 3)})}  # fmt: skip
+    fields = {
+        **failed_run,
+        **step_fields(
+            "social", "succeeded", 1, start=T0 + 4, end=T0 + 5, output={"text": "post", "usage": usage(7, 3)}
+        ),
+    }
 
     view = run_view(fields, spec)
 
@@ -222,13 +257,42 @@ def test_a_run_without_llm_usage_has_no_usage_field(spec: WorkflowSpec) -> None:
 
 # The status JSON is a stable interface: a field may be added, never renamed or removed (docs/status-json.md).
 RUN_FIELDS = {
-    "run_id", "workflow", "version", "definition_hash", "status", "generation", "created_at", "started_at",
-    "finished_at", "stopped_at", "inputs", "error", "steps", "usage", "cost", "llm_calls", "budget",
-}  # fmt: skip
+    "run_id",
+    "workflow",
+    "version",
+    "definition_hash",
+    "status",
+    "generation",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "stopped_at",
+    "inputs",
+    "error",
+    "steps",
+    "usage",
+    "cost",
+    "llm_calls",
+    "budget",
+}
 STEP_FIELDS = {
-    "status", "attempts", "queued_at", "started_at", "finished_at", "output", "error", "errors", "cached",
-    "depends_on", "kind", "approval", "usage", "cost", "deferrals", "deferred",
-}  # fmt: skip
+    "status",
+    "attempts",
+    "queued_at",
+    "started_at",
+    "finished_at",
+    "output",
+    "error",
+    "errors",
+    "cached",
+    "depends_on",
+    "kind",
+    "approval",
+    "usage",
+    "cost",
+    "deferrals",
+    "deferred",
+}
 
 
 def _names(typed: Any) -> set[str]:

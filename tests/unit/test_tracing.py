@@ -45,9 +45,17 @@ def tracing_off() -> Iterator[None]:
 
 
 def _info(run_id: str, step: str = "draft", headers: dict[str, Any] | None = None, **extra: Any) -> AttemptInfo:
-    fields: dict[str, Any] = {"workflow": "wf", "step": step, "kind": "llm", "attempt": 1, "task_id": "t1",
-                              "queue": "llm", "queued_at": 100.0, "started_at": 100.25,
-                              "headers": headers or {}}  # fmt: skip
+    fields: dict[str, Any] = {
+        "workflow": "wf",
+        "step": step,
+        "kind": "llm",
+        "attempt": 1,
+        "task_id": "t1",
+        "queue": "llm",
+        "queued_at": 100.0,
+        "started_at": 100.25,
+        "headers": headers or {},
+    }
     fields.update(extra)
     return AttemptInfo(run_id=run_id, **fields)
 
@@ -135,13 +143,23 @@ def test_an_attempt_span_carries_genai_and_orchestrator_attributes(spans: InMemo
     assert (step.context.trace_id, step.parent.span_id) == (int(run_id, 16), 0x1234)
     assert inside == {"traceparent": f"00-{run_id}-{step.context.span_id:016x}-01"}, "children hang under it"
     assert dict(step.attributes or {}) == {
-        "orchestrator.run_id": run_id, "orchestrator.workflow": "wf", "orchestrator.step": "draft",
-        "orchestrator.kind": "llm", "orchestrator.attempt": 1, "orchestrator.task_id": "t1",
-        "orchestrator.queue": "llm", "orchestrator.queue_wait_s": 0.25, "orchestrator.outcome": "succeeded",
-        "orchestrator.cost_usd": 0.0003, "orchestrator.llm_calls": 2, "gen_ai.system": "anthropic",
-        "gen_ai.request.model": "claude-haiku-4-5", "gen_ai.response.model": "claude-haiku-4-5",
-        "gen_ai.usage.input_tokens": 220, "gen_ai.usage.output_tokens": 40,
-    }  # fmt: skip
+        "orchestrator.run_id": run_id,
+        "orchestrator.workflow": "wf",
+        "orchestrator.step": "draft",
+        "orchestrator.kind": "llm",
+        "orchestrator.attempt": 1,
+        "orchestrator.task_id": "t1",
+        "orchestrator.queue": "llm",
+        "orchestrator.queue_wait_s": 0.25,
+        "orchestrator.outcome": "succeeded",
+        "orchestrator.cost_usd": 0.0003,
+        "orchestrator.llm_calls": 2,
+        "gen_ai.system": "anthropic",
+        "gen_ai.request.model": "claude-haiku-4-5",
+        "gen_ai.response.model": "claude-haiku-4-5",
+        "gen_ai.usage.input_tokens": 220,
+        "gen_ai.usage.output_tokens": 40,
+    }
     assert step.status.status_code == StatusCode.UNSET
     assert chat.parent is not None
     assert chat.parent.span_id == step.context.span_id
@@ -257,8 +275,13 @@ def test_with_tracing_off_an_attempt_costs_a_shared_null_context(tracing_off: No
 def test_the_environment_turns_tracing_on_only_when_an_exporter_is_configured(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], on: bool
 ) -> None:
-    for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
-                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ORCH_TRACE_FILE"):  # fmt: skip
+    for name in (
+        "OTEL_SDK_DISABLED",
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "ORCH_TRACE_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
