@@ -13,18 +13,17 @@ from typing import Any
 
 from jinja2 import TemplateError, meta, nodes
 
-from orchestrator.definition.sandbox import (
-    EXPRESSION_ERRORS,
+from orchestrator.definition.budget import (
     MAX_INT_BITS,
     MAX_LOOP_ITERATIONS,
     MAX_OUTPUT_CHARS,
     MAX_VALUE_CHARS,
     TEMPLATE_BUDGET_BYTES,
     TEMPLATE_TIMEOUT_S,
-    BoundedSandbox,
     TemplateLimitError,
     bounded_evaluation,
 )
+from orchestrator.definition.sandbox import EXPRESSION_ERRORS, BoundedSandbox
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
 
 _NAMES = frozenset({"inputs", "steps", "run_id", "attempt"})

@@ -1,0 +1,355 @@
+"""The in-memory store's step transitions: claim, finish, retry, defer, renew and reclaim, each as its Lua script."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, StepOutcome
+from orchestrator.errors import DeferralRecord, ErrorRecord
+from orchestrator.state import keys
+from orchestrator.state.base import success_detail
+from orchestrator.state.memory.core import (
+    _COMPACT,
+    _UNFINISHED,
+    MAX_RESEND_BACKOFF,
+    MemoryStateCore,
+    _due,
+    _float_or_none,
+    _increment,
+    _json_list,
+    _stamp,
+)
+
+
+class StepTransitions(MemoryStateCore):
+    """Claim, finish, retry, defer, renew and reclaim a step's attempts, under the store's lock."""
+
+    # -- step transitions ----------------------------------------------------------------------------------------
+
+    def claim(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
+        """Start an attempt of a step if this message may run it (see ``lua/claim.lua``).
+
+        As in Redis, the attempt enters the lease index (at the clock plus ``lease_s``) before the claim, and leaves
+        it again when the claim is anything but ``ok``.
+        """
+        member = keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)
+        with self._lock:
+            self._leases[member] = self._clock() + lease_s
+            got = self._claim(attempt, lease_s, upstream, children)
+            if got.outcome != ClaimOutcome.OK and not (got.outcome == ClaimOutcome.BUSY and got.detail == "own"):
+                self._leases.pop(member, None)
+            return got
+
+    def _claim(self, attempt: Attempt, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
+        """``lua/claim.lua``, under the lock."""
+        p = keys.step_prefix(attempt.step)
+        now = self._clock()
+        run = self._live(attempt.run_id, now)
+        fields = run.fields if run is not None else {}
+        run_status, status = fields.get("status"), fields.get(p + "status")
+        if run is None or run_status is None or status is None:
+            return Claim(outcome=ClaimOutcome.MISSING)
+        if fields.get("gen") != attempt.generation:
+            return Claim(outcome=ClaimOutcome.STALE)
+        if status not in _UNFINISHED:
+            waiting = tuple(
+                c
+                for c in children
+                if fields.get(keys.step_field(c, "status")) == "queued" and not fields.get(keys.step_field(c, "task"))
+            )
+            return Claim(outcome=ClaimOutcome.DONE, detail=status, unclaimed_children=waiting)
+        if run_status != "running":
+            return Claim(outcome=ClaimOutcome.INACTIVE, detail=run_status)
+        deadline = fields.get("deadline")
+        if deadline and now > float(deadline):
+            return Claim(outcome=ClaimOutcome.INACTIVE, detail="deadline")
+        if status == "pending":
+            return Claim(outcome=ClaimOutcome.BUSY)
+        owner = fields.get(p + "task")
+        if status == "queued" and owner and owner != attempt.task_id:
+            return Claim(outcome=ClaimOutcome.SUPERSEDED)
+        # A running step is never started twice: the sweeper re-queues it once its lease has expired.
+        if status == "running":
+            return Claim(outcome=ClaimOutcome.BUSY, detail="own" if owner == attempt.task_id else "")
+
+        number = int(fields.get(p + "attempts") or 0) + 1
+        started = _stamp(now)
+        fields.update(
+            {
+                p + "status": "running",
+                p + "task": attempt.task_id,
+                p + "lease": _stamp(now + lease_s),
+                p + "attempts": str(number),
+                p + "attempt_started_at": started,
+            }
+        )
+        if number == 1 or p + "started_at" not in fields:
+            fields[p + "started_at"] = started
+        self._emit(run, started, "step_started", attempt.step, attempt=number)
+        outputs = {u: fields.get(keys.step_field(u, "output"), "") for u in upstream}
+        return Claim(
+            outcome=ClaimOutcome.OK,
+            attempt=number,
+            generation_attempt=number - int(fields.get(p + "attempt_base") or 0),
+            now=float(started),
+            cache_key=fields.get(p + "cache_key", ""),
+            force=fields.get(p + "force") == "1",
+            queued_at=_float_or_none(fields.get(p + "queued_at") or fields.get("created_at") or ""),
+            errors=_json_list(fields.get(p + "errors")),
+            inputs=json.loads(fields.get("inputs") or "{}"),
+            parent_status={u: fields.get(keys.step_field(u, "status"), "") for u in upstream},
+            parent_output={u: json.loads(raw) if raw else None for u, raw in outputs.items()},
+        )
+
+    def finish(
+        self,
+        attempt: Attempt,
+        outcome: StepOutcome,
+        *,
+        output: Any = None,
+        error: ErrorRecord | None = None,
+        children: tuple[str, ...] = (),
+        cache_key: str = "",
+        cached: bool = False,
+        grace_s: float = 300.0,
+    ) -> FinishResult:
+        """Record a final outcome and release the children whose last parent this was (see ``lua/finish.lua``).
+
+        A success stores ``output`` (``None`` keeps the stored output: a cached result) and ``cache_key``; any other
+        outcome replaces the output, so a failure is never served as a cached result.
+        """
+        p = keys.step_prefix(attempt.step)
+        raw_output = "" if output is None else json.dumps(output, separators=_COMPACT)
+        raw_error = "" if error is None else json.dumps(error, separators=_COMPACT)
+        with self._lock:
+            now = self._clock()
+            self._leases.pop(keys.lease_member(attempt.run_id, attempt.step, attempt.task_id), None)
+            run = self._live(attempt.run_id, now)
+            if run is None or not self._owns(run.fields, attempt):
+                return FinishResult(recorded=False)
+            fields = run.fields
+            stamp = _stamp(now)
+            fields.update(
+                {
+                    p + "status": outcome.value,
+                    p + "finished_at": stamp,
+                    p + "lease": "",
+                    p + "cache_key": cache_key,
+                    p + "cached": "1" if cached else "",
+                    p + "force": "",
+                }
+            )
+            if outcome != StepOutcome.SUCCEEDED or raw_output != "":
+                fields[p + "output"] = raw_output
+            if raw_error:
+                errors = [*_json_list(fields.get(p + "errors")), json.loads(raw_error)]
+                fields.update({p + "error": raw_error, p + "errors": json.dumps(errors, separators=_COMPACT)})
+            number = int(fields.get(p + "attempts") or 0)
+            detail = raw_error
+            if outcome == StepOutcome.SUCCEEDED:
+                detail = '{"cached":true}' if cached else success_detail(output) or raw_error
+            self._emit(run, stamp, f"step_{outcome.value}", attempt.step, attempt=number, data=detail)
+            if outcome in (StepOutcome.FAILED, StepOutcome.UPSTREAM_FAILED):
+                _increment(fields, "failures", 1)
+                if outcome == StepOutcome.FAILED:
+                    fields.setdefault("first_failure", attempt.step)
+
+            released: list[str] = []
+            for child in children:
+                c = keys.step_prefix(child)
+                if _increment(fields, c + "pending", -1) == 0:
+                    fields.update({c + "status": "queued", c + "queued_at": stamp})
+                    self._emit(run, stamp, "step_queued", child)
+                    released.append(child)
+
+            run_status: str | None = None
+            if _increment(fields, "remaining", -1) == 0:
+                run_status = "failed" if int(fields.get("failures") or 0) > 0 else "succeeded"
+                fields.update({"status": run_status, "finished_at": stamp})
+                self._emit(run, stamp, f"run_{run_status}")
+                run.expires_at = now + self.retention_s
+                self._deadlines.pop(keys.deadline_member(attempt.run_id, attempt.generation), None)
+            task_ids = {child: uuid.uuid4().hex for child in released}
+            for child, task_id in task_ids.items():
+                self._leases[keys.lease_member(attempt.run_id, child, task_id)] = now + grace_s
+            return FinishResult(recorded=True, run_status=run_status, released=tuple(released), task_ids=task_ids)
+
+    def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
+        """Cover steps about to be published in the lease index, so the sweeper resends a message that is lost."""
+        with self._lock:
+            due = self._clock() + grace_s
+            for step, task_id in task_ids.items():
+                self._leases[keys.lease_member(run_id, step, task_id)] = due
+
+    def retry(self, attempt: Attempt, error: ErrorRecord, *, countdown_s: float, grace_s: float) -> bool:
+        """Record a retryable error and put the step back to ``queued`` for ``countdown_s`` (see ``lua/retry.lua``).
+
+        The attempt stays in the lease index, re-scored to its new lease of ``countdown_s + grace_s``.
+
+        Returns:
+            ``False`` when the attempt is stale; nothing changed then (the lease index neither).
+        """
+        p = keys.step_prefix(attempt.step)
+        raw = json.dumps(error)
+
+        def record(fields: dict[str, str], now: float) -> tuple[int, str]:
+            errors = [*_json_list(fields.get(p + "errors")), json.loads(raw)]
+            fields.update({p + "error": raw, p + "errors": json.dumps(errors, separators=_COMPACT)})
+            # As retry.lua: the error's JSON as it was given, the countdown as redis-py sends a float.
+            return int(fields.get(p + "attempts") or 0), '{"error":' + raw
+
+        return self._requeue(attempt, "step_retry", record, countdown_s=countdown_s, grace_s=grace_s)
+
+    def defer(self, attempt: Attempt, deferral: DeferralRecord, *, countdown_s: float, grace_s: float) -> bool:
+        """Put a running step back to ``queued`` for ``countdown_s`` without counting the attempt (as ``defer.lua``)."""
+        p = keys.step_prefix(attempt.step)
+        raw = json.dumps(deferral)
+
+        def record(fields: dict[str, str], now: float) -> tuple[int, str]:
+            attempts = int(fields.get(p + "attempts") or 1) - 1
+            fields.update(
+                {
+                    p + "attempts": str(attempts),
+                    p + "deferred_until": _stamp(now + countdown_s),
+                    p + "deferral": raw,
+                    p + "deferrals": str(int(fields.get(p + "deferrals") or 0) + 1),
+                }
+            )
+            return attempts + 1, '{"deferral":' + raw
+
+        return self._requeue(attempt, "step_deferred", record, countdown_s=countdown_s, grace_s=grace_s)
+
+    def _requeue(
+        self,
+        attempt: Attempt,
+        event: str,
+        record: Callable[[dict[str, str], float], tuple[int, str]],
+        *,
+        countdown_s: float,
+        grace_s: float,
+    ) -> bool:
+        """Put an owned running step back to ``queued`` for ``countdown_s``, keeping a lease of countdown + grace.
+
+        ``record`` writes what is particular to the transition and returns the attempt number and the event's data
+        up to its countdown.
+        """
+        p = keys.step_prefix(attempt.step)
+        with self._lock:
+            now = self._clock()
+            run = self._live(attempt.run_id, now)
+            if run is None or not self._owns(run.fields, attempt):
+                return False
+            lease = _stamp(now + countdown_s + grace_s)
+            stamp = _stamp(now)
+            run.fields.update({p + "status": "queued", p + "lease": lease, p + "queued_at": stamp})
+            number, head = record(run.fields, now)
+            detail = head + ',"countdown_s":' + repr(float(countdown_s)) + "}"
+            self._emit(run, stamp, event, attempt.step, attempt=number, data=detail)
+            self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = float(lease)
+            return True
+
+    def renew(self, leases: dict[str, list[tuple[str, str]]], lease_s: float) -> list[tuple[str, str, str, bool]]:
+        """Extend the leases of running attempts, grouped by run id; returns each with whether it is still ours."""
+        out: list[tuple[str, str, str, bool]] = []
+        with self._lock:
+            now = self._clock()
+            until = float(_stamp(now)) + lease_s
+            for run_id, pairs in leases.items():
+                run = self._live(run_id, now)
+                fields = run.fields if run is not None else {}
+                for step, task_id in pairs:
+                    p = keys.step_prefix(step)
+                    ours = (
+                        fields.get("status") == "running"
+                        and fields.get(p + "status") == "running"
+                        and fields.get(p + "task") == task_id
+                    )
+                    if ours:
+                        fields[p + "lease"] = _stamp(now + lease_s)
+                        member = keys.lease_member(run_id, step, task_id)
+                        # Only re-scores an indexed attempt (ZADD XX): renewing never adds one.
+                        if member in self._leases:
+                            self._leases[member] = until
+                    out.append((run_id, step, task_id, ours))
+        return out
+
+    def expired_leases(self, limit: int = 500) -> list[str]:
+        """Lease index members whose lease ran out, oldest first."""
+        with self._lock:
+            return _due(self._leases, self._clock(), limit)
+
+    def reclaim(
+        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+    ) -> ReclaimedStep | None:
+        """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
+
+        A ``running`` step is re-queued under ``new_task_id`` with ``error`` appended; a ``queued`` one is sent again
+        under its own task id. Either way it gets a lease of ``grace_s`` and is indexed under the task id to publish
+        with. A lease that is live stays in the index, re-scored to that lease; anything else leaves the index.
+
+        Returns:
+            What to publish, or ``None`` when there is nothing to do.
+        """
+        run_id, step, task_id = keys.parse_lease_member(member)
+        p = keys.step_prefix(step)
+        with self._lock:
+            now = self._clock()
+            run = self._live(run_id, now)
+            fields = run.fields if run is not None else {}
+            status = fields.get(p + "status")
+            unclaimed = status == "queued" and not fields.get(p + "task")
+            if (
+                run is None
+                or fields.get("status") != "running"
+                or (fields.get(p + "task") != task_id and not unclaimed)
+                or status not in ("running", "queued")
+            ):
+                self._leases.pop(member, None)
+                return None
+            raw_lease = fields.get(p + "lease") or ""
+            lease = _float_or_none(raw_lease)
+            if lease is not None and lease > now:
+                self._leases[member] = float(raw_lease)
+                return None
+            since = _float_or_none(fields.get(p + "queued_at") or fields.get("created_at") or "")
+            if unclaimed and backlog_wait_s > 0 and now - (now if since is None else since) < backlog_wait_s:
+                held = _stamp(now + grace_s)
+                fields[p + "lease"] = held
+                self._leases[member] = float(held)
+                return None
+            until = _stamp(now + grace_s)
+            stamp = _stamp(now)
+            publish = task_id
+            if status == "queued":
+                resends = _increment(fields, p + "resends", 1)
+                until = _stamp(now + grace_s * min(2 ** (resends - 1), MAX_RESEND_BACKOFF))
+                fields[p + "lease"] = until
+                self._emit(run, stamp, "step_queued", step, data='{"resent":true}')
+            else:
+                publish = new_task_id
+                raw = json.dumps(error)
+                errors = [*_json_list(fields.get(p + "errors")), json.loads(raw)]
+                fields.update(
+                    {
+                        p + "status": "queued",
+                        p + "task": new_task_id,
+                        p + "lease": until,
+                        p + "queued_at": stamp,
+                        p + "error": raw,
+                        p + "errors": json.dumps(errors, separators=_COMPACT),
+                    }
+                )
+                self._emit(run, stamp, "step_lost", step, data=raw)
+                self._emit(run, stamp, "step_queued", step)
+            self._leases.pop(member, None)
+            self._leases[keys.lease_member(run_id, step, publish)] = float(until)
+            return ReclaimedStep(
+                run_id=run_id,
+                step=step,
+                definition_hash=fields.get("def_hash", ""),
+                generation=fields.get("gen", ""),
+                task_id=publish,
+            )

@@ -1,0 +1,309 @@
+"""The Redis store's connection, its scripts and what every transition shares: runs, definitions, events, sweeping.
+
+Scripts are loaded from ``orchestrator/state/lua/`` once per store and run by EVALSHA, reloaded when Redis answers
+NOSCRIPT. The transitions themselves are mixins over :class:`RedisStateCore` (``steps.py``, ``control.py``); the
+package joins them into :class:`~orchestrator.state.redis.RedisStateStore`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from importlib import resources
+from typing import Any, Self
+
+import redis
+from redis.client import Pipeline
+from redis.commands.core import Script
+
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
+from orchestrator.engine.events import Event
+from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError, StoreUnavailableError
+from orchestrator.infra.redis_url import blocking_pool
+from orchestrator.state import keys
+from orchestrator.state.base import SUMMARY_FIELDS
+
+_SCRIPTS = (
+    "create",
+    "claim",
+    "finish",
+    "retry",
+    "defer",
+    "reclaim",
+    "renew",
+    "stop",
+    "resume",
+    "wait",
+    "decide",
+    "fail_dispatch",
+)
+
+
+_WITH_EVENTS = {
+    "create",
+    "claim",
+    "finish",
+    "retry",
+    "defer",
+    "reclaim",
+    "stop",
+    "resume",
+    "wait",
+    "decide",
+    "fail_dispatch",
+}
+
+
+def _load_lua(name: str) -> str:
+    lua = resources.files("orchestrator.state").joinpath("lua")
+    body = lua.joinpath(f"{name}.lua").read_text()
+    # Scripts cannot include one another: the event helpers are prepended to every script that emits.
+    return lua.joinpath("_events.lua").read_text() + body if name in _WITH_EVENTS else body
+
+
+GLOBAL_EVENTS_MAXLEN = 100_000
+
+MAX_CONNECTIONS = 100
+"""Redis connections one store (one worker process) opens at most; more threads than this wait for a free one."""
+
+CONNECTION_WAIT_S = 30.0
+"""How long a thread waits for a free connection before the command fails as if Redis did not answer."""
+
+
+def _event(run_id: str, entry_id: Any, fields: dict[Any, Any]) -> Event:
+    return Event.from_stream(run_id, _text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
+
+
+def _run_keys(run_id: str) -> list[str]:
+    return [keys.run_key(run_id), keys.events_key(run_id)]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisStateCore:
+    """The connection, scripts and shared operations of a :class:`~orchestrator.state.redis.RedisStateStore`.
+
+    Args:
+        client: A redis-py client (``decode_responses`` off or on, either works).
+        retention_s: How long a finished run is kept.
+        definition_ttl_s: How long a stored workflow definition lives after its last submit.
+    """
+
+    def __init__(self, client: redis.Redis, *, retention_s: int = 7 * 24 * 3600, definition_ttl_s: int | None = None):
+        self.client = client
+        self.retention_s = retention_s
+        # A run can outlive its retention while still running (approvals can wait for days): keep it 4x as long.
+        self.active_ttl_s = retention_s * 4
+        self.definition_ttl_s = definition_ttl_s or self.active_ttl_s
+        self._scripts: dict[str, Script] = {name: client.register_script(_load_lua(name)) for name in _SCRIPTS}
+        self._definitions: dict[str, WorkflowSpec] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, *, max_connections: int = MAX_CONNECTIONS, **kwargs: Any) -> Self:
+        """Connect to ``url`` (``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``, password in the URL).
+
+        The connections are a blocking pool: a thread that finds all ``max_connections`` in use waits for one.
+        redis-py's default pool instead fails the command with ``Too many connections`` once 100 are in use: a
+        threads worker with ``-c`` above about 100 got that on claims and finishes under load. Through Sentinel, each
+        new connection goes to the master the Sentinels name at that moment.
+
+        Raises:
+            RedisUrlError: A malformed Sentinel URL.
+        """
+        pool = blocking_pool(
+            url,
+            max_connections=max_connections,
+            timeout=CONNECTION_WAIT_S,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=30,
+        )
+        return cls(redis.Redis(connection_pool=pool), **kwargs)
+
+    def _evalsha(self, pipe: Pipeline, script: str, run_id: str, argv: list[Any]) -> Any:
+        run_keys = _run_keys(run_id)
+        if script == "finish":
+            run_keys.append(keys.llm_run_cache_key(run_id))
+        return pipe.evalsha(self._scripts[script].sha, len(run_keys), *run_keys, *argv)
+
+    def _pipeline(self, *commands: Callable[[Pipeline], Any]) -> list[Any]:
+        """Run commands in one round trip, scripts by EVALSHA alone.
+
+        redis-py's own script objects add a SCRIPT EXISTS round trip before every pipeline that holds one; a step
+        attempt runs two such pipelines, so that doubled its round trips. Scripts are loaded once when Redis says it
+        does not know one (first use, or after a restart or SCRIPT FLUSH); every command here is safe to repeat.
+        """
+        for tries_left in (1, 0):
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                command(pipe)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if not tries_left:
+                    raise
+                for script in self._scripts.values():
+                    self.client.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    def ping(self) -> None:
+        """Check that Redis answers.
+
+        Raises:
+            StoreUnavailableError: When it does not.
+        """
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            raise StoreUnavailableError(f"Redis does not answer: {exc}") from exc
+
+    # -- definitions -------------------------------------------------------------------------------------------
+
+    def save_definition(self, spec: WorkflowSpec) -> None:
+        """Store a workflow definition by its hash (refreshing its TTL)."""
+        body = json.dumps(spec.to_json_dict(), separators=(",", ":"))
+        self.client.set(keys.definition_key(spec.definition_hash), body, ex=self.definition_ttl_s)
+        with self._lock:
+            self._definitions[spec.definition_hash] = spec
+
+    def load_definition(self, definition_hash: str) -> WorkflowSpec:
+        """The definition stored under ``definition_hash`` (cached: definitions never change).
+
+        Raises:
+            DefinitionNotFoundError: When it expired or never existed.
+        """
+        with self._lock:
+            cached = self._definitions.get(definition_hash)
+        if cached is not None:
+            return cached
+        raw = self.client.get(keys.definition_key(definition_hash))
+        if raw is None:
+            raise DefinitionNotFoundError(definition_hash)
+        spec = parse_workflow(json.loads(raw))
+        with self._lock:
+            self._definitions[definition_hash] = spec
+        return spec
+
+    # -- runs ----------------------------------------------------------------------------------------------------
+
+    def reserve_idempotency_key(self, key: str, run_id: str) -> str:
+        """Bind ``key`` to ``run_id`` unless it is bound already; returns the run id it is bound to."""
+        name = keys.idempotency_key(key)
+        if self.client.set(name, run_id, nx=True, ex=self.active_ttl_s):
+            return run_id
+        existing = self.client.get(name)
+        return _text(existing) if existing is not None else run_id
+
+    def release_idempotency_key(self, key: str, run_id: str) -> None:
+        """Forget ``key`` if it still points at ``run_id`` (a creation that failed half way)."""
+        name = keys.idempotency_key(key)
+        if (existing := self.client.get(name)) is not None and _text(existing) == run_id:
+            self.client.delete(name)
+
+    def create_run(self, run_id: str, spec: WorkflowSpec, inputs: dict[str, Any], idempotency_key: str | None) -> bool:
+        """Create the run hash with every step ``pending`` (roots ``queued``), and its deadline if it has one.
+
+        Returns:
+            ``False`` when a run with this id exists already.
+        """
+        graph = spec.graph
+        fields: dict[str, Any] = {
+            "run_id": run_id,
+            "workflow": spec.name,
+            "version": spec.version,
+            "def_hash": spec.definition_hash,
+            "status": "running",
+            "gen": "1",
+            "inputs": json.dumps(inputs, separators=(",", ":")),
+            "remaining": len(spec.steps),
+            "total": len(spec.steps),
+            "failures": 0,
+            "idempotency_key": idempotency_key or "",
+            "timeout_s": "" if spec.timeout_s is None else spec.timeout_s,
+        }
+        for step in spec.steps:
+            parents = graph.parents[step.name]
+            fields[keys.step_field(step.name, "status")] = "pending" if parents else "queued"
+            fields[keys.step_field(step.name, "pending")] = len(parents)
+            fields[keys.step_field(step.name, "attempts")] = 0
+        argv: list[Any] = [self.active_ttl_s]
+        for name, value in fields.items():
+            argv += [name, value]
+        created = self._scripts["create"](keys=_run_keys(run_id), args=argv)
+        if created is None:
+            return False
+        score = float(_text(created))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(keys.RUNS_INDEX, {run_id: score})
+        pipe.zremrangebyscore(keys.RUNS_INDEX, "-inf", score - self.active_ttl_s)
+        if spec.timeout_s is not None:
+            pipe.zadd(keys.DEADLINES, {keys.deadline_member(run_id, "1"): score + spec.timeout_s})
+        pipe.execute()
+        return True
+
+    def run_fields(self, run_id: str) -> dict[str, str]:
+        """Every field of the run hash, decoded.
+
+        Raises:
+            RunNotFoundError: When the run does not exist (or expired).
+        """
+        raw = self.client.hgetall(keys.run_key(run_id))
+        if not raw:
+            raise RunNotFoundError(run_id)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def run_summaries(self, run_ids: list[str]) -> list[dict[str, str]]:
+        """A few fields of each run still kept, in order, one round trip per 500 runs."""
+        out: list[dict[str, str]] = []
+        for start in range(0, len(run_ids), 500):
+            pipe = self.client.pipeline(transaction=False)
+            for run_id in run_ids[start : start + 500]:
+                pipe.hmget(keys.run_key(run_id), list(SUMMARY_FIELDS))
+            for row in pipe.execute():
+                if row[0] is not None:  # expired since the index was read
+                    out.append(
+                        {name: "" if v is None else _text(v) for name, v in zip(SUMMARY_FIELDS, row, strict=True)}
+                    )
+        return out
+
+    def list_run_ids(self, limit: int = 100) -> list[str]:
+        """The newest run ids first."""
+        return [_text(r) for r in self.client.zrevrange(keys.RUNS_INDEX, 0, limit - 1)]
+
+    def mark_dispatch_failed(self, run_id: str, message: str) -> None:
+        """Fail a run whose first tasks could not be published, with its ``run_failed`` event and ``finished_at``.
+
+        One script (``lua/fail_dispatch.lua``), so the run never sits ``running`` nor ends without its final event.
+        """
+        raw = self._scripts["fail_dispatch"](keys=_run_keys(run_id), args=[message, self.retention_s])
+        reply = [_text(x) for x in raw]
+        if reply[0] == "ok":
+            self.client.zrem(keys.DEADLINES, keys.deadline_member(run_id, reply[1]))
+
+    # -- events --------------------------------------------------------------------------------------------------
+
+    def events(self, run_id: str, after: int = 0, count: int | None = None) -> list[Event]:
+        """The run's events with ``seq > after``, in order (at most ``count``)."""
+        rows: Any = self.client.xrange(keys.events_key(run_id), min=f"0-{after + 1}", max="+", count=count)
+        return [_event(run_id, entry_id, fields) for entry_id, fields in rows]
+
+    def wait_events(self, run_id: str, after: int, timeout_s: float) -> list[Event]:
+        """Like :meth:`events`, but block up to ``timeout_s`` until at least one arrives."""
+        # Blocking longer than the socket timeout would end in a timeout error: wait at most 20 s per call.
+        block_ms = max(1, int(min(timeout_s, 20.0) * 1000))
+        reply: Any = self.client.xread({keys.events_key(run_id): f"0-{after}"}, block=block_ms)
+        return [_event(run_id, entry_id, fields) for _, rows in reply or [] for entry_id, fields in rows]
+
+    def announce(self, run_id: str, event_type: str, workflow: str) -> None:
+        """Append a run-level event to the global stream dashboards follow (``orch:events``, capped)."""
+        self.client.xadd(
+            keys.EVENTS, {"run_id": run_id, "type": event_type, "workflow": workflow}, maxlen=GLOBAL_EVENTS_MAXLEN
+        )
+
+    def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
+        """Take the cluster-wide sweeper turn for ``ttl_s`` (one worker sweeps per interval)."""
+        return bool(self.client.set(keys.SWEEPER_LOCK, owner, nx=True, px=max(1, int(ttl_s * 1000))))

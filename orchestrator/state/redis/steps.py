@@ -1,0 +1,212 @@
+"""The Redis store's step transitions: claim, finish, retry, defer, renew and reclaim, each one Lua script."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, cast
+
+from redis.client import Pipeline
+
+from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, StepOutcome
+from orchestrator.errors import DeferralRecord, ErrorRecord
+from orchestrator.state import keys
+from orchestrator.state.base import success_detail
+from orchestrator.state.redis.core import RedisStateCore, _run_keys, _text
+
+
+class StepTransitions(RedisStateCore):
+    """Claim, finish, retry, defer, renew and reclaim a step's attempts, and keep the lease index in step."""
+
+    # -- step transitions ----------------------------------------------------------------------------------------
+
+    def claim(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
+        """Start an attempt of a step if this message may run it (see ``lua/claim.lua``).
+
+        The attempt enters the lease index in the same round trip, before the claim: a worker that dies right after
+        claiming can then never leave a running step the sweeper cannot see.
+
+        ``upstream`` names the steps whose status and output the attempt needs; ``children`` lets a duplicate
+        delivery of a finished step find children whose dispatch was lost.
+        """
+        run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
+        member = keys.lease_member(run_id, step, task_id)
+        argv: list[Any] = [step, generation, task_id, lease_s, len(upstream), *upstream, len(children), *children]
+        replies = self._pipeline(
+            lambda pipe: pipe.zadd(keys.LEASES, {member: time.time() + lease_s}),
+            lambda pipe: self._evalsha(pipe, "claim", run_id, argv),
+        )
+        reply = [_text(x) for x in replies[1]]
+        outcome = ClaimOutcome(reply[0])
+        if outcome != ClaimOutcome.OK and not (outcome == ClaimOutcome.BUSY and reply[1:2] == ["own"]):
+            self.client.zrem(keys.LEASES, member)
+        if outcome == ClaimOutcome.OK:
+            rows = reply[9:]
+            return Claim(
+                outcome=ClaimOutcome.OK,
+                attempt=int(reply[1]),
+                generation_attempt=int(reply[1]) - int(reply[5] or 0),
+                now=float(reply[2]),
+                errors=json.loads(reply[3]) if reply[3] else [],
+                inputs=json.loads(reply[4]),
+                cache_key=reply[6],
+                force=reply[7] == "1",
+                queued_at=float(reply[8]) if reply[8] else None,
+                parent_status={p: rows[2 * i] for i, p in enumerate(upstream)},
+                parent_output={
+                    p: json.loads(rows[2 * i + 1]) if rows[2 * i + 1] else None for i, p in enumerate(upstream)
+                },
+            )
+        if outcome == ClaimOutcome.DONE:
+            rows = reply[2:]
+            waiting = tuple(c for i, c in enumerate(children) if rows[2 * i] == "queued" and rows[2 * i + 1] == "")
+            return Claim(outcome=ClaimOutcome.DONE, detail=reply[1], unclaimed_children=waiting)
+        return Claim(outcome=outcome, detail=reply[1] if len(reply) > 1 else "")
+
+    def finish(
+        self,
+        attempt: Attempt,
+        outcome: StepOutcome,
+        *,
+        output: Any = None,
+        error: ErrorRecord | None = None,
+        children: tuple[str, ...] = (),
+        cache_key: str = "",
+        cached: bool = False,
+        grace_s: float = 300.0,
+    ) -> FinishResult:
+        """Record a final outcome and release the children whose last parent this was.
+
+        ``cached`` marks a success served from the step's stored result (its output is then kept as it is).
+        """
+        run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
+        argv: list[Any] = [
+            step,
+            generation,
+            task_id,
+            outcome.value,
+            "" if output is None else json.dumps(output, separators=(",", ":")),
+            "" if error is None else json.dumps(error, separators=(",", ":")),
+            self.retention_s,
+            cache_key,
+            "1" if cached else "",
+            success_detail(output),
+            *children,
+        ]
+        # Each child this finish may release is covered in the lease index before the script runs, under the task id
+        # its message will carry: a worker dying between the finish and the publish, or a message lost in the
+        # broker, leaves the sweeper something to send again.
+        held = {child: uuid.uuid4().hex for child in children}
+        due = time.time() + grace_s
+        commands: list[Callable[[Pipeline], Any]] = []
+        if held:
+            members = {keys.lease_member(run_id, c, t): due for c, t in held.items()}
+            commands.append(lambda pipe: pipe.zadd(keys.LEASES, cast(Any, members)))
+        commands.append(lambda pipe: self._evalsha(pipe, "finish", run_id, argv))
+        commands.append(lambda pipe: pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, task_id)))
+        replies = self._pipeline(*commands)
+        reply = [_text(x) for x in replies[1 if held else 0]]
+        released = tuple(reply[2:]) if reply[0] == "ok" else ()
+        unreleased = [keys.lease_member(run_id, c, t) for c, t in held.items() if c not in released]
+        ended = reply[0] == "ok" and reply[1] != ""
+        if unreleased or ended:
+            pipe = self.client.pipeline(transaction=False)
+            if unreleased:
+                pipe.zrem(keys.LEASES, *unreleased)
+            if ended:
+                pipe.zrem(keys.DEADLINES, keys.deadline_member(run_id, generation))
+            pipe.execute()
+        if reply[0] != "ok":
+            return FinishResult(recorded=False)
+        return FinishResult(
+            recorded=True, run_status=reply[1] or None, released=released, task_ids={c: held[c] for c in released}
+        )
+
+    def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
+        """Cover steps about to be published in the lease index, so the sweeper resends a message that is lost."""
+        if task_ids:
+            due = time.time() + grace_s
+            members = {keys.lease_member(run_id, s, t): due for s, t in task_ids.items()}
+            self.client.zadd(keys.LEASES, cast(Any, members))
+
+    def retry(self, attempt: Attempt, error: ErrorRecord, *, countdown_s: float, grace_s: float) -> bool:
+        """Record a retryable error and put the step back to ``queued`` for ``countdown_s``.
+
+        The attempt stays in the lease index until ``countdown_s + grace_s`` (Celery's retry keeps the task id), so
+        a delayed retry lost with its worker is sent again. ``False`` when the attempt is stale.
+        """
+        run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
+        argv: list[Any] = [step, generation, task_id, json.dumps(error), countdown_s, grace_s]
+        lease = self._scripts["retry"](keys=_run_keys(run_id), args=argv)
+        if lease is None:
+            return False
+        self.client.zadd(keys.LEASES, {keys.lease_member(run_id, step, task_id): float(_text(lease))})
+        return True
+
+    def defer(self, attempt: Attempt, deferral: DeferralRecord, *, countdown_s: float, grace_s: float) -> bool:
+        """Put a running step back to ``queued`` for ``countdown_s`` without counting the attempt (see ``defer.lua``).
+
+        ``False`` when the attempt is stale.
+        """
+        run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
+        argv: list[Any] = [step, generation, task_id, countdown_s, grace_s, json.dumps(deferral)]
+        lease = self._scripts["defer"](keys=_run_keys(run_id), args=argv)
+        if lease is None:
+            return False
+        self.client.zadd(keys.LEASES, {keys.lease_member(run_id, step, task_id): float(_text(lease))})
+        return True
+
+    def renew(self, leases: dict[str, list[tuple[str, str]]], lease_s: float) -> list[tuple[str, str, str, bool]]:
+        """Extend the leases of running attempts, grouped by run id; returns each with whether it is still ours."""
+        order = list(leases.items())
+        calls = []
+        for run_id, pairs in order:
+            argv: list[Any] = [lease_s]
+            for step, task_id in pairs:
+                argv += [step, task_id]
+            calls.append(functools.partial(self._evalsha, script="renew", run_id=run_id, argv=argv))
+        replies = self._pipeline(*calls)
+        out: list[tuple[str, str, str, bool]] = []
+        index: dict[str, float] = {}
+        for (run_id, pairs), reply in zip(order, replies, strict=True):
+            now = float(_text(reply[0]))
+            for (step, task_id), flag in zip(pairs, reply[1:], strict=True):
+                out.append((run_id, step, task_id, bool(int(flag))))
+                if int(flag):
+                    index[keys.lease_member(run_id, step, task_id)] = now + lease_s
+        if index:
+            self.client.zadd(keys.LEASES, cast(Any, index), xx=True)
+        return out
+
+    def expired_leases(self, limit: int = 500) -> list[str]:
+        """Lease index members whose lease ran out, by Redis's clock."""
+        seconds, micros = self.client.time()
+        now = seconds + micros / 1e6
+        return [_text(m) for m in self.client.zrangebyscore(keys.LEASES, "-inf", now, start=0, num=limit)]
+
+    def reclaim(
+        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+    ) -> ReclaimedStep | None:
+        """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
+
+        Returns:
+            What to publish, or ``None`` when there is nothing to do (the lease is live again, or the attempt ended).
+        """
+        run_id, step, task_id = keys.parse_lease_member(member)
+        argv: list[Any] = [step, task_id, new_task_id, json.dumps(error), grace_s, backlog_wait_s]
+        reply = [_text(x) for x in self._scripts["reclaim"](keys=_run_keys(run_id), args=argv)]
+        if reply[0] == "live":
+            # The heartbeat renewed it after we read the index: keep it findable at its new expiry.
+            self.client.zadd(keys.LEASES, {member: float(reply[1])})
+            return None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(keys.LEASES, member)
+        if reply[0] == "ok":
+            pipe.zadd(keys.LEASES, {keys.lease_member(run_id, step, reply[3]): float(reply[4])})
+        pipe.execute()
+        if reply[0] != "ok":
+            return None
+        return ReclaimedStep(run_id=run_id, step=step, definition_hash=reply[1], generation=reply[2], task_id=reply[3])
