@@ -63,7 +63,7 @@ from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.engine.status import RunView
 from orchestrator.state import keys
 from scripts.harness import cli, probes
-from scripts.harness.lifecycle import log_dir, private_redis, record_dir, run_main, running, worker_env
+from scripts.harness.lifecycle import log_dir, pool_workers, private_redis, record_dir, run_main, running, worker_env
 from scripts.harness.records import Record, RecordReader
 from scripts.harness.report import REPO_ROOT, Progress, fmt, print_table, ts, versions, write_results
 from scripts.harness.runs import FINISHED
@@ -940,15 +940,7 @@ def measure(cfg: Config) -> dict[str, Any]:
     with record_dir("orchestrator-bench-") as records, private_redis() as server:
         env = worker_env(server.url, TASKS_MODULE, record_dir=records)
         client = Client(Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": TASKS_MODULE}))
-        workers = LocalWorkers(
-            client.app,
-            count=cfg.workers,
-            env=env,
-            pool=cfg.pool,
-            concurrency=cfg.concurrency,
-            log_dir=logs,
-            loglevel=cfg.loglevel,
-        )
+        workers = pool_workers(client.app, cfg, env, logs)
         print(f"redis {server.url}; starting {cfg.workers} workers (logs in {logs})", file=sys.stderr)
         with running(workers, grace=10):
             bench = Bench(cfg, client, server.url, records, CpuProbe(workers, server.pid))

@@ -55,7 +55,7 @@ from orchestrator.engine.priorities import redis_queue_lists
 from orchestrator.engine.status import RunView
 from orchestrator.state import keys
 from scripts.harness import cli, probes
-from scripts.harness.lifecycle import log_dir, private_redis, run_main, running, worker_env
+from scripts.harness.lifecycle import log_dir, pool_workers, private_redis, run_main, running, worker_env
 from scripts.harness.report import Progress, fmt, print_table, ts, versions, write_results
 from scripts.harness.runs import FINISHED, wait_until
 from scripts.harness.stats import summary_ms
@@ -512,15 +512,7 @@ def measure(cfg: Config) -> dict[str, Any]:
     with private_redis() as server:
         env = worker_env(server.url, IMPORTS)
         client = Client(Settings.from_env(env))
-        workers = LocalWorkers(
-            client.app,
-            count=cfg.workers,
-            env=env,
-            pool=cfg.pool,
-            concurrency=cfg.concurrency,
-            log_dir=logs,
-            loglevel=cfg.loglevel,
-        )
+        workers = pool_workers(client.app, cfg, env, logs)
         print(f"redis {server.url}; starting {cfg.workers} workers (logs in {logs})", file=sys.stderr)
         with running(workers, grace=10):
             results = Bench(cfg, client, server.url, CpuProbe(workers, server.pid)).run()

@@ -72,9 +72,17 @@ import redis
 
 import scripts.steps.stream  # noqa: F401  (registers bench_stream.gate, for the client's validation)
 from orchestrator import Client, Settings
-from orchestrator.dev.local_workers import LocalWorkers
 from scripts.harness import cli
-from scripts.harness.lifecycle import log_dir, private_redis, run_loop, run_main, running, until_signalled, worker_env
+from scripts.harness.lifecycle import (
+    log_dir,
+    pool_workers,
+    private_redis,
+    run_loop,
+    run_main,
+    running,
+    until_signalled,
+    worker_env,
+)
 from scripts.harness.report import REPO_ROOT, versions, write_results
 from scripts.harness.stats import median, summary_ms
 from scripts.steps.stream import gate_key
@@ -584,15 +592,7 @@ def measure(cfg: Config, logs: Path, profile_path: Path | None) -> dict[str, Any
         env |= worker_env(server.url, IMPORTS)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         client = Client(Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS}))
-        workers = LocalWorkers(
-            client.app,
-            count=cfg.workers,
-            env=worker_env(server.url, IMPORTS),
-            pool=cfg.pool,
-            concurrency=cfg.concurrency,
-            log_dir=logs,
-            loglevel=cfg.loglevel,
-        )
+        workers = pool_workers(client.app, cfg, worker_env(server.url, IMPORTS), logs)
         (logs / "api.log").write_bytes(b"")
         api_env = dict(env)
         if cfg.api_pythonpath:

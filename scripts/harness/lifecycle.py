@@ -55,6 +55,19 @@ def private_redis(**options: Any) -> Iterator[RedisServer]:
         yield server
 
 
+def pool_workers(app: Any, cfg: Any, env: dict[str, str], logs: Path) -> LocalWorkers:
+    """The workers the common options ask for (``cfg.workers``, ``pool``, ``concurrency``, ``loglevel``), unstarted."""
+    return LocalWorkers(
+        app,
+        count=cfg.workers,
+        env=env,
+        pool=cfg.pool,
+        concurrency=cfg.concurrency,
+        log_dir=logs,
+        loglevel=cfg.loglevel,
+    )
+
+
 @contextmanager
 def running(workers: LocalWorkers, *, grace: float, timeout: float = 60.0) -> Iterator[LocalWorkers]:
     """Start ``workers``, wait until each answers a ping, and stop them when the block ends.
