@@ -50,6 +50,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # State is written before the message is acknowledged; a worker that dies hands its message back.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A step that failed for good raises StepFailed after recording it: acknowledged, never redelivered.
+        "task_acks_on_failure_or_timeout": True,
         # Long LLM calls: one message per process slot, so a slow step never hoards work another worker could do.
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": {

@@ -135,3 +135,50 @@ def test_flower_shows_each_step_as_workflow_dot_step_succeeded_on_our_workers(
     for task in tasks.values():
         assert task["worker"] in workers.processes
         assert run_id in task["args"], "the step's arguments name its run"
+
+
+def test_flower_shows_a_step_that_failed_for_good_as_failure_and_a_retried_one_as_success(
+    flower: httpx.Client, client: Client, unique: str
+) -> None:
+    name = f"flower_fail_{unique}"
+    spec = workflow(
+        name,
+        llm("doomed", errors=("bad_request",)),
+        llm("flaky", errors=("server_error",), retry={"max_attempts": 3, "backoff_s": 0.05, "backoff_max_s": 0.1}),
+        llm("after", "doomed"),
+    )
+    run_id = client.submit(spec)
+    status = client.wait(run_id, timeout=60)
+    assert status["status"] == "failed"
+    assert status["steps"]["doomed"]["status"] == "failed"
+    assert status["steps"]["doomed"]["error"]["type"] == "bad_request"
+    assert status["steps"]["flaky"]["status"] == "succeeded"
+    assert status["steps"]["flaky"]["attempts"] == 2
+    assert status["steps"]["after"]["status"] == "upstream_failed"
+    assert "'doomed'" in status["error"]
+
+    def settled() -> dict[str, list[dict[str, Any]]] | None:
+        tasks = flower.get("/api/tasks", auth=AUTH).json()
+        mine: dict[str, list[dict[str, Any]]] = {}
+        for task in tasks.values():
+            if str(task.get("name", "")).startswith(f"{name}."):
+                mine.setdefault(task["name"], []).append(task)
+        final = {"SUCCESS", "FAILURE"}
+        done = len(mine) == 3 and all(t["state"] in final | {"RETRY"} for ts in mine.values() for t in ts)
+        ended = all(any(t["state"] in final for t in ts) for ts in mine.values())
+        return mine if done and ended else None
+
+    tasks = wait_for(settled, timeout=30, what="Flower to see every step end")
+
+    assert tasks is not None
+    [doomed] = tasks[f"{name}.doomed"]
+    assert doomed["state"] == "FAILURE"
+    assert "StepFailed" in doomed["exception"]
+    assert "bad_request" in doomed["exception"]
+    # A retry keeps the task id: Flower shows the step's one task as it ended, a success.
+    assert [t["state"] for t in tasks[f"{name}.flaky"]] == ["SUCCESS"]
+    assert [t["state"] for t in tasks[f"{name}.after"]] == ["SUCCESS"]
+    failed = flower.get("/api/tasks", params={"state": "FAILURE"}, auth=AUTH).json()
+    assert {t["name"] for t in failed.values() if str(t.get("name", "")).startswith(f"{name}.")} == {f"{name}.doomed"}
+    # Acknowledged, not redelivered: the step ran once and its record is as the worker left it.
+    assert client.status(run_id)["steps"]["doomed"]["attempts"] == 1
