@@ -20,7 +20,7 @@ from orchestrator.domain import Attempt
 from orchestrator.engine.events import Event
 from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError
 from orchestrator.state import keys
-from orchestrator.state.base import SUMMARY_FIELDS
+from orchestrator.state.base import SUMMARY_FIELDS, run_failed_data
 
 _UNFINISHED = ("queued", "running", "pending")
 # Run statuses stop.lua may end; step statuses it cancels.
@@ -215,7 +215,7 @@ class MemoryStateCore:
             if run is None or run.fields.get("status") not in _STOPPABLE_RUN:
                 return
             stamp = _stamp(now)
-            self._emit(run, stamp, "run_failed", data=json.dumps({"reason": message}, separators=_COMPACT))
+            self._emit(run, stamp, "run_failed", data=run_failed_data(message, [], reason=message))
             run.fields.update(
                 {"status": "failed", "finished_at": stamp, "error": message, "first_failure": "(dispatch)"}
             )

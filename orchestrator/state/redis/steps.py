@@ -14,7 +14,7 @@ from redis.client import Pipeline
 from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, StepOutcome
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.state import keys
-from orchestrator.state.base import success_detail
+from orchestrator.state.base import failure_line, success_detail
 from orchestrator.state.redis.core import RedisStateCore, _run_keys, _text
 
 
@@ -94,6 +94,7 @@ class StepTransitions(RedisStateCore):
             cache_key,
             "1" if cached else "",
             success_detail(output),
+            failure_line(attempt.step, outcome, error),
             *children,
         ]
         # Each child this finish may release is covered in the lease index before the script runs, under the task id
