@@ -5,7 +5,9 @@ worker switches ``prometheus_client`` to its multiprocess mode before the pool f
 its counters and histograms to files in ``PROMETHEUS_MULTIPROC_DIR``, and the endpoint in the main process adds them
 up with ``MultiProcessCollector``. The cluster gauges (queue depth, runs in flight) are the same for every process
 that reads them, so they come from the API's ``/metrics``; a worker adds them only with ``ORCH_METRICS_CLUSTER``.
-Counters of a pool process that exits stay in its files, so totals never go down while the worker lives.
+Counters of a pool process that exits stay in its files, so totals never go down while the worker lives. A
+counter or histogram series appearing between two scrapes reads 0 in the first scrape that shows it
+(:mod:`orchestrator.telemetry.exposition`), so ``increase()`` counts its first event.
 Workflow, step and model labels are bounded per process by ``ORCH_METRICS_MAX_SERIES`` (see
 :mod:`orchestrator.telemetry.metrics`): with a prefork pool the endpoint shows up to that many pairs per pool process.
 
@@ -29,6 +31,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry import metrics
 from orchestrator.telemetry.cluster import ClusterCollector
+from orchestrator.telemetry.exposition import serving
 
 __all__ = ["MULTIPROC_DIR_ENV", "WorkerMetricsEndpoint"]
 
@@ -92,12 +95,15 @@ class WorkerMetricsEndpoint:
         log.info("metrics: serving the metrics of every pool process on http://%s:%d/metrics", addr, port)
 
     def registry(self) -> CollectorRegistry:
-        """What the endpoint serves: every pool process's metrics, plus the cluster gauges with ``metrics_cluster``."""
+        """What the endpoint serves: every pool process's metrics, plus the cluster gauges with ``metrics_cluster``.
+
+        New series start at 0 in the scrapes (:class:`~orchestrator.telemetry.exposition.NewSeriesAtZero`).
+        """
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
         if self.settings.metrics_cluster:
             registry.register(ClusterCollector.from_settings(self.settings))
-        return registry
+        return serving(registry)
 
     def after_fork(self) -> None:
         """In a pool process forked after :meth:`start`: close its copy of the listening socket."""
