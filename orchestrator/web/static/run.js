@@ -213,6 +213,8 @@ function renderFigures() {
   scheduleTimeline();
 }
 
+window.addEventListener("resize", () => view && scheduleTimeline());
+
 // While the run goes on, its durations and running bars grow.
 setInterval(() => {
   if (view && !FINISHED_RUN.has(view.status)) renderFigures();
