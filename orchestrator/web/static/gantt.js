@@ -53,7 +53,7 @@ export function timelineOf(events, names) {
       close(row, ts, "lost");
     } else if (type === "step_waiting") {
       close(row, ts, "waiting");
-      row.open = { kind: "wait", from: ts };
+      row.open = { kind: "wait", from: ts, attempt: row.bars.at(-1)?.attempt };
     } else if (type.startsWith("step_")) {
       const outcome = type.slice("step_".length);
       close(row, ts, outcome);

@@ -83,7 +83,9 @@ function routeEdges(steps, columns) {
   const column = new Map();
   columns.forEach((c, index) => c.items.forEach((id) => column.set(id, index)));
   const outDegree = new Map(Object.keys(steps).map((name) => [name, 0]));
-  for (const name of Object.keys(steps)) for (const dep of depsOf(steps, name)) outDegree.set(dep, outDegree.get(dep) + 1);
+  for (const name of Object.keys(steps)) {
+    for (const dep of depsOf(steps, name)) outDegree.set(dep, outDegree.get(dep) + 1);
+  }
   const lanes = new Set();
   const routes = [];
   for (const name of Object.keys(steps)) {

@@ -1,4 +1,4 @@
-// The run page's figures: the progress bar by outcome, and cost, tokens, budget left and duration, per run and per step.
+// The run page's figures: the progress bar by outcome; cost, tokens, budget left and duration, per run and per step.
 import { FINISHED_STEP, el, formatCount, formatDuration, formatUsd, statusClass } from "./common.js";
 
 // Outcomes first, then what is still going on; a status not listed here goes last.
@@ -7,6 +7,7 @@ const ORDER = [
 ];
 
 const words = (status) => status.replace("_", " ");
+const tokens = (usage) => `${formatCount(usage.input_tokens)} in / ${formatCount(usage.output_tokens)} out`;
 
 // A segment per status, as wide as its share of the steps, and the counts in words ("4 succeeded, 1 failed").
 export function renderProgress(bar, text, steps) {
@@ -39,8 +40,8 @@ export function renderRunFacts(nodes, view) {
   const cost = Number(view.cost ?? 0);
   show(nodes.cost, view.cost === undefined ? "" : `Cost ${formatUsd(cost)}`, { usd: cost });
   const usage = view.usage;
-  show(nodes.tokens, usage ? `Tokens ${formatCount(usage.input_tokens)} in / ${formatCount(usage.output_tokens)} out` : "",
-    usage ? { input: usage.input_tokens, output: usage.output_tokens } : {});
+  const counts = usage ? { input: usage.input_tokens, output: usage.output_tokens } : {};
+  show(nodes.tokens, usage ? `Tokens ${tokens(usage)}` : "", counts);
   const budget = view.budget;
   if (budget) {
     const left = budget.budget_usd - cost;
@@ -71,7 +72,7 @@ export function stepMoneyFacts(step) {
   const facts = [];
   if (step.cost !== undefined) facts.push(["Cost", formatUsd(step.cost)]);
   if (step.usage) {
-    facts.push(["Tokens", `${formatCount(step.usage.input_tokens)} in / ${formatCount(step.usage.output_tokens)} out`]);
+    facts.push(["Tokens", tokens(step.usage)]);
   }
   if (step.deferrals) facts.push(["Deferrals", String(step.deferrals)]);
   return facts;
