@@ -231,21 +231,68 @@ def test_a_broken_tracer_never_fails_the_step() -> None:
     assert trace.get_current_span() is trace.INVALID_SPAN
 
 
-def test_the_run_span_records_the_derived_root_and_the_first_dispatch_hangs_under_it(
+def test_the_submit_span_hangs_under_the_runs_root_links_its_caller_and_parents_the_first_dispatch(
     spans: InMemorySpanExporter,
 ) -> None:
     run_id = uuid.uuid4().hex
     caller = trace.SpanContext(0xFEED, 0xBEEF, is_remote=True)
 
-    with trace.use_span(trace.NonRecordingSpan(caller)), tracing.run_span(run_id, "wf"):
+    with trace.use_span(trace.NonRecordingSpan(caller)), tracing.submit_span(run_id, "wf"):
         headers = tracing.dispatch_headers(run_id)
+
+    submit = _by_name(spans)["submit wf"]
+    assert submit.context is not None
+    assert submit.parent is not None
+    assert submit.context.trace_id == int(run_id, 16), "a run is its own trace, whoever submits it"
+    assert submit.parent.span_id == tracing.run_root(run_id).span_id
+    assert submit.kind == trace.SpanKind.PRODUCER
+    assert [link.context.span_id for link in submit.links] == [0xBEEF]
+    assert tracing.parent_context(run_id, headers).span_id == submit.context.span_id
+
+
+def _ended(run_id: str, **fields: str) -> dict[str, str]:
+    return {
+        "workflow": "wf",
+        "status": "succeeded",
+        "gen": "1",
+        "created_at": "1700000000.25",
+        "finished_at": "1700000012.5",
+        **fields,
+    }
+
+
+def test_the_runs_root_span_is_recorded_when_it_ends_with_the_derived_ids_from_creation_to_end(
+    spans: InMemorySpanExporter,
+) -> None:
+    run_id = uuid.uuid4().hex
+    inside = trace.SpanContext(int(run_id, 16), 0xABC, is_remote=False, trace_flags=trace.TraceFlags(1))
+
+    # The last step's worker records it from inside that step's span: the root must not hang under it.
+    with trace.use_span(trace.NonRecordingSpan(inside)):
+        tracing.run_ended(run_id, _ended(run_id))
 
     root = _by_name(spans)["run wf"]
     assert root.context is not None
     assert (root.context.trace_id, root.context.span_id) == (int(run_id, 16), tracing.run_root(run_id).span_id)
-    assert root.parent is None, "a run is its own trace, whoever submits it"
-    assert [link.context.span_id for link in root.links] == [0xBEEF]
-    assert tracing.parent_context(run_id, headers).span_id == root.context.span_id
+    assert root.parent is None
+    assert (root.start_time, root.end_time) == (1_700_000_000_250_000_000, 1_700_000_012_500_000_000)
+    assert root.attributes is not None
+    assert root.attributes["orchestrator.status"] == "succeeded"
+    assert root.status.status_code == StatusCode.UNSET
+
+
+def test_a_failed_runs_root_is_an_error_and_a_resumed_runs_later_end_records_no_second_root(
+    spans: InMemorySpanExporter,
+) -> None:
+    failed, resumed = uuid.uuid4().hex, uuid.uuid4().hex
+
+    tracing.run_ended(failed, _ended(failed, status="failed"))
+    tracing.run_ended(resumed, _ended(resumed, gen="2"))
+
+    (root,) = spans.get_finished_spans()
+    assert root.context is not None
+    assert root.context.trace_id == int(failed, 16)
+    assert root.status.status_code == StatusCode.ERROR
 
 
 def test_with_tracing_off_an_attempt_costs_a_shared_null_context(tracing_off: None) -> None:
