@@ -18,8 +18,12 @@ from opentelemetry.trace import StatusCode
 from orchestrator import telemetry
 from orchestrator.celery_app import CeleryPublisher
 from orchestrator.definition.spec import parse_workflow
+from orchestrator.domain import RunStatus
+from orchestrator.engine.control import resume_run, stop_run
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry import AttemptInfo, LLMCallRecord, trace_provider, tracing
+from tests.unit.test_engine_attempt import SETTINGS, drive, make_runtime, start
+from tests.unit.test_engine_attempt import workflow as engine_workflow
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -359,3 +363,27 @@ def test_the_trace_file_gets_one_json_line_per_span_with_its_parent(
     assert (record["trace_id"], record["parent_span_id"]) == (run_id, f"{tracing.run_root(run_id).span_id:016x}")
     assert record["attributes"]["orchestrator.step"] == "draft"
     assert record["name"] == "wf.draft"
+
+
+def test_the_engine_records_the_root_once_when_a_run_ends_or_is_cancelled_and_not_again_after_a_resume(
+    spans: InMemorySpanExporter,
+) -> None:
+    runtime, publisher = make_runtime()
+    definition = engine_workflow({"name": "a", "uses": "noop"}, {"name": "b", "uses": "noop", "depends_on": ["a"]})
+    name = definition["name"]
+    ended = start(runtime, publisher, definition)
+    drive(runtime, publisher)
+    cancelled = start(runtime, publisher, definition)
+    publisher.sent.clear()
+    stop_run(publisher, runtime.store, cancelled, RunStatus.CANCELLED, "by a test")
+    resume_run(publisher, SETTINGS, runtime.store, ended, from_step="b")
+    drive(runtime, publisher)
+
+    roots = [s for s in spans.get_finished_spans() if s.name == f"run {name}"]
+    assert sorted((s.context.trace_id, s.parent) for s in roots if s.context) == sorted(
+        [(int(ended, 16), None), (int(cancelled, 16), None)]
+    )
+    statuses = {s.context.trace_id: (s.attributes or {})["orchestrator.status"] for s in roots if s.context}
+    assert statuses == {int(ended, 16): "succeeded", int(cancelled, 16): "cancelled"}
+    ids = {s.context.span_id for s in spans.get_finished_spans() if s.context}
+    assert all(s.parent is None or s.parent.span_id in ids for s in spans.get_finished_spans()), "an orphan span"
