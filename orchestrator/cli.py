@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 EXIT_FAILED_RUN = 1
 EXIT_ERROR = 2
+PIPED_WIDTH = 200
+"""Columns tables take when the output is not a terminal (rich would take 80, folding every run id)."""
 DISTRIBUTION = "llm-orchestrator"
 """The package whose version ``orchestrator --version`` prints."""
 
@@ -77,6 +79,11 @@ def _client(settings: Settings, *, runs_here: bool = False) -> Any:
         where = redact_url(settings.redis_url).rsplit("@", 1)[-1]
         _fail(f"Redis at {where} does not answer (set REDIS_URL to a reachable Redis)")
     return client
+
+
+def _console() -> Console:
+    """A console for tables: the terminal's width, or wide enough that piped rows stay whole (run ids unfolded)."""
+    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
 
 
 def _load(file: str) -> WorkflowSpec:
@@ -180,7 +187,7 @@ def watch(run_id: str) -> None:
 
     client = _client(_settings())
     try:
-        code = watch_run(client, run_id)
+        code = watch_run(client, run_id, console=_console())
     except OrchestratorError as exc:
         _fail(str(exc), 1)
     except KeyboardInterrupt:
@@ -283,7 +290,7 @@ def list_runs(*, status: str | None, workflow: str | None, limit: int, offset: i
         click.echo(json.dumps(page["runs"]))
         return
     first = offset + 1 if page["runs"] else offset
-    Console().print(runs_table(page["runs"], title=f"runs {first} to {offset + len(page['runs'])}"))
+    _console().print(runs_table(page["runs"], title=f"runs {first} to {offset + len(page['runs'])}"))
     if page["next_offset"] is not None:
         click.echo(f"more: orchestrator runs --offset {page['next_offset']} --limit {limit}")
 
@@ -305,13 +312,13 @@ def list_workflows(as_json: bool, scan: int) -> None:
     if as_json:
         click.echo(json.dumps(rows))
         return
-    Console().print(workflows_table(rows))
+    _console().print(workflows_table(rows))
 
 
 def _print_status(view: RunView) -> None:
     from orchestrator.tables import run_totals, step_table
 
-    console = Console()
+    console = _console()
     console.print(step_table(view))
     totals = run_totals(view, time.time())
     if totals:
