@@ -406,9 +406,18 @@ def test_the_timeline_draws_a_bar_per_attempt_with_its_queue_wait_and_the_critic
     # Each attempt waited in the queue first (the retry's wait includes its back-off), then ran.
     queued = page.locator('#gantt .gantt-queue[data-name="draft"]')
     expect(queued).to_have_count(2)
-    boxes = [b for b in (queued.nth(1).bounding_box(), runs.nth(0).bounding_box(), runs.nth(1).bounding_box()) if b]
-    assert len(boxes) == 3
-    first_run, retry_wait, second_run = boxes[1], boxes[0], boxes[2]
+    # Read in one go: the timeline is redrawn (its bars replaced) whenever the page learns something new.
+    boxes = page.evaluate(
+        """() => {
+             const box = (sel, i) => {
+               const r = document.querySelectorAll(sel)[i].getBoundingClientRect();
+               return {x: r.x, width: r.width};
+             };
+             const runs = '#gantt .gantt-run[data-name="draft"]', queued = '#gantt .gantt-queue[data-name="draft"]';
+             return [box(runs, 0), box(queued, 1), box(runs, 1)];
+           }"""
+    )
+    first_run, retry_wait, second_run = boxes
     edge = 3  # px: bars have outlines
     assert first_run["x"] + first_run["width"] <= retry_wait["x"] + edge
     assert retry_wait["x"] + retry_wait["width"] <= second_run["x"] + edge
@@ -433,9 +442,17 @@ def test_a_failed_run_shows_its_progress_by_outcome(
     expect(page.locator("#progress-text")).to_have_text("4 succeeded, 1 failed, 1 upstream failed")
     segments = page.locator("#progress .segment")
     expect(segments).to_have_count(3)
-    shares = [(s.get_attribute("data-status"), s.get_attribute("data-count")) for s in segments.all()]
-    assert shares == [("succeeded", "4"), ("failed", "1"), ("upstream_failed", "1")]
-    widths = [box["width"] for box in (s.bounding_box() for s in segments.all()) if box]
+    # Read in one go: the page redraws the bar when the status JSON is fetched again, detaching old segments.
+    shares = page.evaluate(
+        """() => [...document.querySelectorAll("#progress .segment")].map(
+             (s) => [s.dataset.status, s.dataset.count, s.getBoundingClientRect().width])"""
+    )
+    assert [(status, count) for status, count, _ in shares] == [
+        ("succeeded", "4"),
+        ("failed", "1"),
+        ("upstream_failed", "1"),
+    ]
+    widths = [width for _, _, width in shares]
     assert widths[0] == pytest.approx(4 * widths[1], rel=0.1)
     assert widths[1] == pytest.approx(widths[2], rel=0.1)
 
