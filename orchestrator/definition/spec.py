@@ -22,6 +22,8 @@ STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
 MAX_STEPS = 2000
 MAX_NESTING = 100
+MAX_ITERATIONS = 100
+"""The most iterations a ``repeat`` may run (``repeat.max_iterations``): each is a checkpoint in the run's hash."""
 MAX_WORKFLOW_TIMEOUT_S = 28 * 24 * 3600
 """The longest workflow ``timeout_s`` (28 days): as long as a running run is kept with the default retention
 (``ORCH_RETENTION_S`` 7 days, times 4), so a deadline never outlives its run in the deadline index."""
@@ -167,6 +169,30 @@ class ApprovalParams(_Frozen):
     on_timeout: Literal["approve", "reject", "fail"] = "fail"
 
 
+class RepeatSpec(_Frozen):
+    """A step's ``repeat:``: run it again while ``until`` is false, at most ``max_iterations`` times.
+
+    Attributes:
+        until: A safe expression over ``output`` (this iteration's), ``previous``, ``iteration``, ``inputs`` and
+            ``steps``, evaluated after each iteration.
+        until_function: The name of a registered callable on the step context instead (Python workflows).
+        max_iterations: The most iterations, 1 to :data:`MAX_ITERATIONS`.
+        on_exhausted: ``succeed`` (with ``until_met: false``) or ``fail`` (``max_iterations``, never retried) when
+            the last iteration ends with ``until`` still false.
+    """
+
+    until: str | None = Field(default=None, min_length=1, max_length=2000)
+    until_function: str | None = Field(default=None, min_length=1, max_length=200)
+    max_iterations: int = Field(ge=1, le=MAX_ITERATIONS)
+    on_exhausted: Literal["succeed", "fail"] = "succeed"
+
+    @model_validator(mode="after")
+    def _one_until(self) -> RepeatSpec:
+        if (self.until is None) == (self.until_function is None):
+            raise ValueError("give until (an expression) or until_function, exactly one")
+        return self
+
+
 StepParams = LLMParams | PythonParams | NoopParams | ApprovalParams
 _PARAMS_BY_KIND: dict[StepKind, type[BaseModel]] = {
     StepKind.LLM: LLMParams,
@@ -183,7 +209,7 @@ class StepSpec(_Frozen):
     registered callable taking the step context (Python workflows' ``condition=`` lambdas end up here). ``cache: false``
     marks a non-deterministic step: it always re-runs when invalidated instead of reusing a result whose inputs match.
     ``priority`` (0 taken last … 3 first) overrides the step's depth as its queue priority (see
-    :mod:`orchestrator.engine.priorities`).
+    :mod:`orchestrator.engine.priorities`). ``repeat`` runs the step as a bounded loop (see :class:`RepeatSpec`).
     """
 
     name: Annotated[str, Field(pattern=STEP_NAME_PATTERN)]
@@ -198,6 +224,7 @@ class StepSpec(_Frozen):
     condition_function: str | None = Field(default=None, min_length=1, max_length=200)
     trigger_rule: TriggerRule = TriggerRule.ALL_SUCCESS
     cache: bool = True
+    repeat: RepeatSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -230,6 +257,13 @@ class StepSpec(_Frozen):
     def _one_condition(self) -> StepSpec:
         if self.condition is not None and self.condition_function is not None:
             raise ValueError("give either condition (an expression) or condition_function, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _repeatable(self) -> StepSpec:
+        if self.repeat is not None and self.uses == StepKind.APPROVAL:
+            # An approval ends its attempt to wait for a human: a loop would have to park between iterations.
+            raise ValueError("repeat is not supported on approval steps")
         return self
 
     @field_validator("depends_on")

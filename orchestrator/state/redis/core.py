@@ -37,6 +37,7 @@ _SCRIPTS = (
     "wait",
     "decide",
     "fail_dispatch",
+    "iterate",
 )
 
 
@@ -52,6 +53,7 @@ _WITH_EVENTS = {
     "wait",
     "decide",
     "fail_dispatch",
+    "iterate",
 }
 
 
