@@ -63,7 +63,7 @@ def check_condition(
         # is checked too.
         expr = nodes.Output([_parse(source)])
     except TemplateError as exc:
-        raise WorkflowDefinitionError(f"step {step!r}: {what} does not parse: {exc}", step=step) from None
+        raise WorkflowDefinitionError(f"step {step!r}: {what} does not parse: {exc.message}", step=step) from None
     except NESTING_ERRORS:
         raise WorkflowDefinitionError(f"step {step!r}: {what} nests too deeply", step=step) from None
     for call in expr.find_all(nodes.Call):

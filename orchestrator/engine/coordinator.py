@@ -56,8 +56,8 @@ _READS: dict[tuple[str, str], tuple[str, ...]] = {}
 
 def upstream_reads(spec: WorkflowSpec, step: str) -> tuple[str, ...]:
     """The steps whose status and output a step's attempt loads: its parents, plus every ancestor for ``python``
-    steps and condition or until functions, else the ancestors its templates, condition and until name (a long chain of ``llm``
-    steps then stays linear in cost)."""
+    steps and condition or until functions, else the ancestors its templates, condition and until name (a long
+    chain of ``llm`` steps then stays linear in cost)."""
     key = (spec.definition_hash, step)
     cached = _READS.get(key)
     if cached is not None:

@@ -79,11 +79,7 @@ def run_repeated(
             key=key,
             generation=attempt.generation,
         )
-        if not retry_through_outage(
-            f"{attempt}: checkpoint iteration {iteration}",
-            lambda: runtime.store.record_iteration(attempt, checkpoint),
-            patience_s=runtime.settings.outage_patience_s,
-        ):
+        if not _record(runtime, attempt, checkpoint):
             # The step is no longer ours (cancelled, or re-queued by the sweeper): stop paying for iterations. The
             # finish that follows is refused as stale.
             log.info("%s: stale after iteration %d; the loop stops", attempt, iteration)
@@ -91,6 +87,15 @@ def run_repeated(
         if loop_ended(checkpoint, repeat):
             return _result(step, repeat, checkpoint)
         previous = output
+
+
+def _record(runtime: Runtime, attempt: Attempt, checkpoint: IterationCheckpoint) -> bool:
+    # Repeating the script after a lost reply is safe: the same checkpoint again, under the same guard (told twice).
+    return retry_through_outage(
+        f"{attempt}: checkpoint iteration {checkpoint.iteration}",
+        lambda: runtime.store.record_iteration(attempt, checkpoint),
+        patience_s=runtime.settings.outage_patience_s,
+    )
 
 
 def continued_from(

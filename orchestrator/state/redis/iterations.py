@@ -10,6 +10,7 @@ from orchestrator.state import keys
 from orchestrator.state.base import LOOP_FIELDS, checkpoint_from
 from orchestrator.state.redis.core import RedisStateCore, _run_keys, _text
 
+
 class IterationCheckpoints(RedisStateCore):
     """Record and read the latest finished iteration of a repeated step (see ``lua/iterate.lua``)."""
 
@@ -31,4 +32,3 @@ class IterationCheckpoints(RedisStateCore):
         """The step's latest checkpointed iteration, or ``None``."""
         row = self.client.hmget(keys.run_key(run_id), [keys.step_field(step, f) for f in LOOP_FIELDS])
         return checkpoint_from([_text(x) if x is not None else None for x in row])
-
