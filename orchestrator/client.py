@@ -161,7 +161,7 @@ class Client:
                 if bound != run_id:
                     return bound
             self.store.save_definition(spec)
-            held = {step: uuid.uuid4().hex for step in spec.graph.roots}
+            held = {step: uuid.uuid4().hex for step in spec.start_steps}
             self.store.hold_dispatch(run_id, held, self.settings.queued_grace_s)
             self.store.create_run(run_id, spec, filled, idempotency_key)
         except redis.RedisError as exc:
@@ -170,7 +170,7 @@ class Client:
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:
             with run_span(run_id, spec.name):
-                self.publisher.publish(spec, run_id=run_id, steps=spec.graph.roots, generation="1", task_ids=held)
+                self.publisher.publish(spec, run_id=run_id, steps=spec.start_steps, generation="1", task_ids=held)
             self.store.announce(run_id, "run_started", spec.name)
         except Exception as exc:
             # The run exists but no task may: fail it rather than leave it "running" forever.

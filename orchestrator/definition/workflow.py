@@ -39,11 +39,12 @@ class Step(BaseModel):
     """Fields every step has. Subclass :class:`LLMStep`, :class:`PythonStep` or :class:`NoopStep`.
 
     ``condition`` is a callable on the step context (``lambda ctx: ctx["blog_post"]["word_count"] > 500``) or a
-    safe expression string; ``trigger_rule`` one of ``all_success``, ``all_done``, ``none_failed``, ``one_success``;
-    ``cache=False`` marks a non-deterministic step; ``priority`` (0 taken last … 3 first) overrides its depth as its
-    queue priority. ``repeat={"until": ..., "max_iterations": N}`` runs it as a bounded loop; ``until`` is a safe
-    expression or, like ``condition``, a callable on the step context (``ctx.output`` is this iteration's output,
-    ``ctx.previous`` and ``ctx.iteration`` as in the step itself).
+    safe expression string; ``trigger_rule`` one of :class:`~orchestrator.definition.spec.TriggerRule` (Airflow's
+    rules: ``all_success``, ``all_done``, ``one_success``, ...); ``cancel_others=True`` on a ``one_*`` rule cancels
+    the parents still running once it fires; ``cache=False`` marks a non-deterministic step; ``priority`` (0 taken
+    last … 3 first) overrides its depth as its queue priority. ``repeat={"until": ..., "max_iterations": N}`` runs it
+    as a bounded loop; ``until`` is a safe expression or, like ``condition``, a callable on the step context
+    (``ctx.output`` is this iteration's output, ``ctx.previous`` and ``ctx.iteration`` as in the step itself).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -57,6 +58,7 @@ class Step(BaseModel):
     priority: int | None = None
     condition: Callable[..., Any] | str | None = None
     trigger_rule: str = "all_success"
+    cancel_others: bool = False
     cache: bool = True
     repeat: dict[str, Any] | None = None
 
@@ -73,6 +75,8 @@ class Step(BaseModel):
             "trigger_rule": self.trigger_rule,
             "cache": self.cache,
         }
+        if self.cancel_others:
+            data["cancel_others"] = True
         if isinstance(self.condition, str):
             data["condition"] = self.condition
         elif self.condition is not None:

@@ -21,6 +21,7 @@ from orchestrator.domain import (
 )
 from orchestrator.engine.coordinator import failure_summary, plan_resume
 from orchestrator.engine.publisher import StepPublisher
+from orchestrator.engine.triggers import release_rules
 from orchestrator.errors import (
     DecisionRefusedError,
     ErrorRecord,
@@ -52,7 +53,8 @@ def record_outcome(
     cache_key: str = "",
     cached: bool = False,
 ) -> bool:
-    """Record a step attempt's final outcome, dispatch the children it released, announce the run's end.
+    """Record a step attempt's final outcome, dispatch the children it released, interrupt the parents a
+    ``cancel_others`` child cancelled, announce the run's end.
 
     Returns:
         ``False`` when the attempt was stale and nothing was recorded.
@@ -67,6 +69,7 @@ def record_outcome(
         cache_key=cache_key,
         cached=cached,
         grace_s=settings.queued_grace_s,
+        rules=release_rules(spec, attempt.step),
     )
     if not result.recorded:
         return False
@@ -75,6 +78,11 @@ def record_outcome(
     publisher.publish(
         spec, run_id=attempt.run_id, steps=result.released, generation=attempt.generation, task_ids=result.task_ids
     )
+    if result.cancelled:
+        # Parents a cancel_others step overtook: interrupted as a run cancel interrupts its steps. A queued one
+        # finds itself cancelled when claimed and never starts.
+        log.info("%s: cancelled %s", attempt.run_id, ", ".join(step for step, _ in result.cancelled))
+        publisher.revoke([task for _, task in result.cancelled if task])
     if result.run_status is not None:
         log.info("run %s %s", attempt.run_id, result.run_status)
         store.announce(attempt.run_id, f"run_{result.run_status}", spec.name)

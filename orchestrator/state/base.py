@@ -19,6 +19,7 @@ from orchestrator.domain import (
     FinishResult,
     IterationCheckpoint,
     ReclaimedStep,
+    ReleaseRules,
     ResumePlan,
     ResumeResult,
     RunStatus,
@@ -130,15 +131,22 @@ class StateStore(Protocol):
         cache_key: str = "",
         cached: bool = False,
         grace_s: float = 300.0,
+        rules: ReleaseRules | None = None,
     ) -> FinishResult:
-        """Record a running attempt's final outcome and release the children whose last parent this was.
+        """Record a running attempt's final outcome and release the children it decides.
+
+        A child is released (``queued``) when this was its last unfinished parent, or at once when its ``one_*``
+        rule fires on this outcome (``rules.early``); only while it is still ``pending``, so it is queued exactly
+        once however its parents race. A child with ``cancel_others`` released early cancels its other parents
+        still unfinished (``FinishResult.cancelled``, to interrupt); they end as ``cancelled`` for their own children.
 
         A success stores ``output`` and ``cache_key`` (an empty ``output`` with ``cached`` keeps the stored output:
         a result reused on resume); any other outcome clears the output.
 
-        ``error`` is also appended to the step's ``errors``. ``failed`` and ``upstream_failed`` count as failures;
-        the first ``failed`` step is remembered as ``first_failure``. When this was the run's last step the run
-        becomes ``failed`` (any failure) or ``succeeded`` and is kept for the retention period from now. The
+        ``error`` is also appended to the step's ``errors``. A ``failed`` or ``upstream_failed`` leaf (no children)
+        counts as a failure of the run, as in Airflow (the run's state follows its leaves); the first ``failed`` step
+        is remembered as ``first_failure``. When this was the run's last step the run becomes ``failed`` (a failed
+        leaf) or ``succeeded`` and is kept for the retention period from now. The
         attempt leaves the lease index in every case. Each released child enters it under a fresh task id
         (``FinishResult.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish, or a
         message lost in the broker, leaves the sweeper a step to send again.
@@ -325,6 +333,24 @@ def success_detail(output: Any) -> str:
     if output.get("reply_cached"):
         detail["reply_cached"] = True
     return json.dumps(detail, separators=(",", ":"))
+
+
+def rules_json(rules: ReleaseRules | None) -> str:
+    """``ReleaseRules`` as ``finish.lua`` reads them ('' when no child fires early)."""
+    if rules is None or not rules.early:
+        return ""
+    data = {
+        "early": {c: list(on) for c, on in rules.early.items()},
+        "cancel": {c: list(parents) for c, parents in rules.cancel.items()},
+        "after": {p: [[g, list(on)] for g, on in pairs] for p, pairs in rules.after.items()},
+    }
+    return json.dumps(data, separators=(",", ":"))
+
+
+def releasable(children: tuple[str, ...], rules: ReleaseRules | None) -> tuple[str, ...]:
+    """Every step a finish may release: its children, and the children of the parents it may cancel."""
+    more = [g for pairs in (rules.after.values() if rules else ()) for g, _ in pairs]
+    return tuple(dict.fromkeys([*children, *more]))
 
 
 LOOP_FIELDS = ("iterations", "until_met", "loop_key", "loop_gen", "loop_output")

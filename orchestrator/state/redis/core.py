@@ -227,9 +227,10 @@ class RedisStateCore:
             "idempotency_key": idempotency_key or "",
             "timeout_s": "" if spec.timeout_s is None else spec.timeout_s,
         }
+        starting = set(spec.start_steps)
         for step in spec.steps:
             parents = graph.parents[step.name]
-            fields[keys.step_field(step.name, "status")] = "pending" if parents else "queued"
+            fields[keys.step_field(step.name, "status")] = "queued" if step.name in starting else "pending"
             fields[keys.step_field(step.name, "pending")] = len(parents)
             fields[keys.step_field(step.name, "attempts")] = 0
         argv: list[Any] = [self.active_ttl_s]
