@@ -16,14 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.definition.dag import Graph, find_cycle
 from orchestrator.definition.jsonschemas import SchemaError, check_schema
+from orchestrator.definition.repeat import RepeatSpec
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$"
 MAX_STEPS = 2000
 MAX_NESTING = 100
-MAX_ITERATIONS = 100
-"""The most iterations a ``repeat`` may run (``repeat.max_iterations``): each is a checkpoint in the run's hash."""
 MAX_WORKFLOW_TIMEOUT_S = 28 * 24 * 3600
 """The longest workflow ``timeout_s`` (28 days): as long as a running run is kept with the default retention
 (``ORCH_RETENTION_S`` 7 days, times 4), so a deadline never outlives its run in the deadline index."""
@@ -179,30 +178,6 @@ class ApprovalParams(_Frozen):
     message: str | None = Field(default=None, max_length=20_000)
     timeout_s: float | None = Field(default=None, gt=0, le=365 * 24 * 3600)
     on_timeout: Literal["approve", "reject", "fail"] = "fail"
-
-
-class RepeatSpec(_Frozen):
-    """A step's ``repeat:``: run it again while ``until`` is false, at most ``max_iterations`` times.
-
-    Attributes:
-        until: A safe expression over ``output`` (this iteration's), ``previous``, ``iteration``, ``inputs`` and
-            ``steps``, evaluated after each iteration.
-        until_function: The name of a registered callable on the step context instead (Python workflows).
-        max_iterations: The most iterations, 1 to :data:`MAX_ITERATIONS`.
-        on_exhausted: ``succeed`` (with ``until_met: false``) or ``fail`` (``max_iterations``, never retried) when
-            the last iteration ends with ``until`` still false.
-    """
-
-    until: str | None = Field(default=None, min_length=1, max_length=2000)
-    until_function: str | None = Field(default=None, min_length=1, max_length=200)
-    max_iterations: int = Field(ge=1, le=MAX_ITERATIONS)
-    on_exhausted: Literal["succeed", "fail"] = "succeed"
-
-    @model_validator(mode="after")
-    def _one_until(self) -> RepeatSpec:
-        if (self.until is None) == (self.until_function is None):
-            raise ValueError("give until (an expression) or until_function, exactly one")
-        return self
 
 
 StepParams = LLMParams | PythonParams | NoopParams | ApprovalParams

@@ -16,7 +16,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from orchestrator.definition.spec import RepeatSpec, StepSpec
+from orchestrator.definition.repeat import RepeatSpec
+from orchestrator.definition.spec import StepSpec
 from orchestrator.domain import Attempt, IterationCheckpoint
 from orchestrator.engine.outage import retry_through_outage
 from orchestrator.engine.runtime import Runtime

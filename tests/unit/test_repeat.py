@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.definition.registry import FunctionRegistry
-from orchestrator.definition.spec import RepeatSpec, parse_workflow
+from orchestrator.definition.repeat import RepeatSpec
+from orchestrator.definition.spec import parse_workflow
 from orchestrator.definition.validation import check_workflow
 from orchestrator.definition.workflow import NoopStep, PythonStep, Workflow
 from orchestrator.domain import Attempt, IterationCheckpoint, RunStatus
