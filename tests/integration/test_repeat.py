@@ -93,3 +93,20 @@ def test_a_worker_killed_during_the_third_of_four_iterations_is_replaced_from_th
     assert loop["errors"][0]["type"] == "worker_lost"
     runs = [redis_client.get(f"test:iterations:{run_id}:loop:{i}") for i in (1, 2, 3, 4)]
     assert runs == ["1", "1", "2", "1"], "iterations 1 and 2 were checkpointed: never run again"
+
+
+def test_iterations_asking_the_same_prompt_each_get_a_reply_of_their_own(
+    client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    step = {
+        "name": "sample",
+        "uses": "llm",
+        "with": {"prompt": "Suggest a title about {{ inputs.topic }}", "max_tokens": 30},
+        "repeat": {"until": "output.word_count > 100000", "max_iterations": 3},
+    }
+
+    view = client.wait(client.submit(workflow(f"sample_{unique}", step)), timeout=60)
+
+    assert view["status"] == "succeeded"
+    assert view["steps"]["sample"]["iterations"] == 3
+    assert view["llm_calls"] == 3, "the reply cache answers a repeated request within an iteration, not across them"
