@@ -20,7 +20,7 @@ from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.definition.validation import check_workflow
 from orchestrator.definition.workflow import Workflow
 from orchestrator.domain import RunStatus, StopOutcome
-from orchestrator.engine.control import decide_step, resume_run, stop_run
+from orchestrator.engine.control import decide_step, resume_run, stop_run, trace_run_end
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.status import RunView, run_summary, run_view
@@ -28,7 +28,7 @@ from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.infra.redis_url import RedisUrlError, is_memory_url
 from orchestrator.infra.settings import Settings
 from orchestrator.state import MemoryStateStore, RedisStateStore, StateStore
-from orchestrator.telemetry.tracing import run_span
+from orchestrator.telemetry.tracing import submit_span
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -169,13 +169,14 @@ class Client:
                 self._unbind(idempotency_key, run_id)
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:
-            with run_span(run_id, spec.name):
+            with submit_span(run_id, spec.name):
                 self.publisher.publish(spec, run_id=run_id, steps=spec.start_steps, generation="1", task_ids=held)
             self.store.announce(run_id, "run_started", spec.name)
         except Exception as exc:
             # The run exists but no task may: fail it rather than leave it "running" forever.
             try:
                 self.store.mark_dispatch_failed(run_id, f"could not publish the first steps: {exc}")
+                trace_run_end(self.store, run_id)
                 if idempotency_key:
                     self.store.release_idempotency_key(idempotency_key, run_id)
             except redis.RedisError as cleanup:

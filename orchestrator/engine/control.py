@@ -35,6 +35,7 @@ from orchestrator.infra.settings import Settings
 from orchestrator.principals import TIMEOUT_PRINCIPAL, reserved_message
 from orchestrator.state import keys
 from orchestrator.state.base import StateStore
+from orchestrator.telemetry import tracing
 
 DEADLINE_REASON = "the workflow deadline passed"
 log = logging.getLogger(__name__)
@@ -86,7 +87,20 @@ def record_outcome(
     if result.run_status is not None:
         log.info("run %s %s", attempt.run_id, result.run_status)
         store.announce(attempt.run_id, f"run_{result.run_status}", spec.name)
+        trace_run_end(store, attempt.run_id)
     return True
+
+
+def trace_run_end(store: StateStore, run_id: str) -> None:
+    """Record the ended run's root span when this process traces (one more read of the run); never raises."""
+    if not tracing.enabled():
+        return
+    try:
+        fields = store.run_fields(run_id)
+    except Exception as exc:
+        log.warning("tracing: run %s ended but could not be read for its root span: %s", run_id, exc)
+        return
+    tracing.run_ended(run_id, fields)
 
 
 def _deployed(pinned: WorkflowSpec) -> WorkflowSpec | None:
@@ -216,6 +230,7 @@ def stop_run(
     result = store.stop(run_id, status, reason, tuple(s.name for s in spec.steps), generation)
     if result.outcome == StopOutcome.OK:
         store.announce(run_id, f"run_{status.value}", spec.name)
+        trace_run_end(store, run_id)
     publisher.revoke([task for _, task in result.interrupted if task])
     return result
 
