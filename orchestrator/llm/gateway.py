@@ -76,6 +76,7 @@ class _Settlement:
     cost: float
     billed: bool
     cooldown: float
+    tokens_in_out: tuple[int, int] = (0, 0)
 
 
 class LLMGateway:
@@ -156,7 +157,8 @@ class LLMGateway:
             raise
         finally:
             # Settling the call and storing its reply take one round trip together.
-            settle = _Settlement(tokens, int(used), worst_case, cost, billed, cooldown)
+            in_out = (response.usage.input_tokens, response.usage.output_tokens) if response is not None else (0, 0)
+            settle = _Settlement(tokens, int(used), worst_case, cost, billed, cooldown, in_out)
             self._close(request, ctx, settle, digest=digest, response=response, shared=shared)
         assert response is not None
         self._record(ctx, request, response, duration_s=time.monotonic() - started, cost=priced)
@@ -220,6 +222,7 @@ class LLMGateway:
                 cost_usd=settle.cost,
                 billed=settle.billed,
                 cooldown_s=settle.cooldown,
+                tokens_in_out=settle.tokens_in_out,
                 pipe=pipe,
             )
         if cache is not None and response is not None:

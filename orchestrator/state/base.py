@@ -27,7 +27,26 @@ from orchestrator.domain import (
     StopResult,
 )
 
-SUMMARY_FIELDS = ("run_id", "workflow", "version", "status", "gen", "created_at", "finished_at")
+SUMMARY_FIELDS = (
+    "run_id",
+    "workflow",
+    "version",
+    "status",
+    "gen",
+    "created_at",
+    "finished_at",
+    "started_at",
+    "error",
+    "first_failure",
+    "llm_spent_nusd",
+    "llm_calls",
+    "llm_input_tokens",
+    "llm_output_tokens",
+)
+"""The run fields a listing reads (one ``HMGET`` per run); :meth:`StateStore.run_summaries` adds ``failure_error``."""
+
+MAX_SUBMITTED_DEFINITIONS = 1000
+"""Submitted definitions :meth:`StateStore.submitted_definitions` remembers, the most recently submitted."""
 
 
 class StateStore(Protocol):
@@ -52,7 +71,7 @@ class StateStore(Protocol):
         ...
 
     def save_definition(self, spec: WorkflowSpec) -> None:
-        """Store a workflow definition under its ``definition_hash`` (refreshing its TTL)."""
+        """Store a workflow definition under its ``definition_hash`` (refreshing its TTL) and note it as submitted."""
         ...
 
     def load_definition(self, definition_hash: str) -> WorkflowSpec:
@@ -94,8 +113,15 @@ class StateStore(Protocol):
         """
         ...
 
-    def list_run_ids(self, limit: int = 100) -> list[str]:
-        """Run ids, newest first, at most ``limit`` of them."""
+    def list_run_ids(self, limit: int = 100, offset: int = 0) -> list[str]:
+        """Run ids, newest first, at most ``limit`` of them after skipping the ``offset`` newest."""
+        ...
+
+    def submitted_definitions(self) -> list[dict[str, Any]]:
+        """Definitions submitted lately, most recent first (the newest ``MAX_SUBMITTED_DEFINITIONS``, while kept).
+
+        Each is ``{"name", "version", "definition_hash", "first_submitted", "last_submitted"}`` (epoch seconds).
+        """
         ...
 
     def mark_dispatch_failed(self, run_id: str, message: str) -> None:
@@ -288,7 +314,11 @@ class StateStore(Protocol):
         ...
 
     def run_summaries(self, run_ids: list[str]) -> list[dict[str, str]]:
-        """``run_id, workflow, version, status, gen, created_at, finished_at`` of each run still kept, in order."""
+        """The :data:`SUMMARY_FIELDS` of each run still kept, in order (``""`` for a field not set).
+
+        A failed run with a ``first_failure`` step but no run ``error`` also gets ``failure_error``: that step's error
+        record (JSON), read in a second round trip for those runs only.
+        """
         ...
 
     def events(self, run_id: str, after: int = 0, count: int | None = None) -> list[Event]:
@@ -351,6 +381,22 @@ def releasable(children: tuple[str, ...], rules: ReleaseRules | None) -> tuple[s
     """Every step a finish may release: its children, and the children of the parents it may cancel."""
     more = [g for pairs in (rules.after.values() if rules else ()) for g, _ in pairs]
     return tuple(dict.fromkeys([*children, *more]))
+
+
+def needs_failure_error(row: dict[str, str]) -> bool:
+    """Whether a summary row is of a failed run whose one-line error must come from its first failed step."""
+    return row.get("status") == "failed" and not row.get("error") and bool(row.get("first_failure"))
+
+
+def submitted_record(definition_hash: str, last_submitted: float, record: dict[str, Any]) -> dict[str, Any]:
+    """One entry of :meth:`StateStore.submitted_definitions`, from its index score and record."""
+    return {
+        "name": str(record["name"]),
+        "version": int(record["version"]),
+        "definition_hash": definition_hash,
+        "first_submitted": float(record["first_submitted"]),
+        "last_submitted": float(last_submitted),
+    }
 
 
 LOOP_FIELDS = ("iterations", "until_met", "loop_key", "loop_gen", "loop_output")

@@ -173,6 +173,48 @@ def test_the_run_page_draws_the_dag_and_colours_each_step_live_until_all_succeed
     page.screenshot(path=str(ARTIFACTS / "web-run.png"), full_page=True)
 
 
+def test_the_runs_list_shows_cost_duration_and_a_failed_runs_error_filters_by_status_and_pages(
+    page: Page, base_url: str, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    expect = _expect()
+    name = f"web_list_{unique}"
+    paid = [client.submit(workflow(name, llm("draft"))) for _ in range(2)]
+    broken = client.submit(workflow(name, py("a", "tests.fail")))
+    for run_id in [*paid, broken]:
+        client.wait(run_id, timeout=60)
+    cost = client.status(paid[1])["cost"]
+    error = client.status(broken)["error"]
+
+    page.goto(f"{base_url}/?workflow={name}&limit=2")
+
+    rows = page.locator("#runs tbody tr")
+    expect(rows).to_have_count(2, timeout=WAIT_MS)
+    expect(rows.nth(0)).to_have_attribute("data-run-id", broken)
+    expect(rows.nth(0).locator(".run-error")).to_have_text(error)
+    expect(rows.nth(1)).to_have_attribute("data-run-id", paid[1])
+    expect(rows.nth(1).locator(".cost")).to_have_text(f"${cost:.4f}")
+    expect(rows.nth(1)).to_contain_text(" s")
+    expect(rows.nth(1)).to_contain_text(" in / ")
+    expect(page.locator("#page-prev")).to_be_disabled()
+
+    page.locator("#page-next").click()
+    expect(rows).to_have_count(1, timeout=WAIT_MS)
+    expect(rows.nth(0)).to_have_attribute("data-run-id", paid[0])
+    assert "offset=2" in page.url
+    expect(page.locator("#page-next")).to_be_disabled()
+    page.locator("#page-prev").click()
+    expect(rows).to_have_count(2, timeout=WAIT_MS)
+
+    page.locator("#filter-status").select_option("failed")
+    expect(rows).to_have_count(1, timeout=WAIT_MS)
+    expect(rows.nth(0)).to_have_attribute("data-run-id", broken)
+    assert "status=failed" in page.url
+    assert "offset" not in page.url
+    page.reload()
+    expect(page.locator("#filter-status")).to_have_value("failed")
+    expect(rows).to_have_count(1, timeout=WAIT_MS)
+
+
 def test_cancel_and_resume_on_the_run_page_control_a_long_run(
     page: Page, base_url: str, client: Client, workers: LocalWorkers, unique: str
 ) -> None:

@@ -38,7 +38,7 @@ from orchestrator.domain import (
     StopResult,
 )
 from orchestrator.engine.events import Event
-from orchestrator.engine.status import run_view
+from orchestrator.engine.status import run_summary, run_view
 from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError, StoreUnavailableError
 from orchestrator.state import MemoryStateStore, RedisStateStore, StateStore, keys
 
@@ -1945,6 +1945,59 @@ def test_attempt_numbers_run_on_across_generations_in_claims_events_and_status(b
         ("step_started", 3),
     ]
     assert run_view(backend.store.run_fields("run1"), SINGLE)["steps"]["a"]["attempts"] == again.attempt
+
+
+# -- listings -------------------------------------------------------------------------------------------------------
+
+
+def test_run_ids_page_by_offset_newest_first(backend: Backend) -> None:
+    for run_id in ("r1", "r2", "r3", "r4"):
+        start(backend, SINGLE, run_id)
+        backend.tick()
+    assert backend.store.list_run_ids(limit=2, offset=1) == ["r3", "r2"]
+    assert backend.store.list_run_ids(limit=2, offset=3) == ["r1"]
+    assert backend.store.list_run_ids(limit=2, offset=4) == []
+
+
+def test_a_summary_holds_the_runs_spend_and_a_failed_runs_first_error(backend: Backend) -> None:
+    start(backend, N_SHAPE)
+    error = {"type": "bad_request", "status": 400, "message": "prompt is too long"}
+    a = attempt("a")
+    claim(backend, N_SHAPE, a)
+    finish(backend, N_SHAPE, a, StepOutcome.FAILED, error=error)
+    run_step(backend, N_SHAPE, "b")
+    run_step(backend, N_SHAPE, "d")
+    run_step(backend, N_SHAPE, "c", StepOutcome.UPSTREAM_FAILED)
+
+    (row,) = backend.store.run_summaries(["run1", "gone"])
+
+    assert (row["run_id"], row["status"], row["first_failure"]) == ("run1", "failed", "a")
+    assert json.loads(row["failure_error"]) == error
+    assert row["started_at"]
+    assert row["finished_at"] >= row["started_at"]
+    summary = run_summary(row)
+    assert summary["error"] == run_view(backend.store.run_fields("run1"), N_SHAPE)["error"]
+    assert summary["duration_s"] is not None
+    assert summary["duration_s"] >= 0
+    assert summary["cost"] is None, "no paid LLM call"
+
+
+def test_submitted_definitions_are_listed_most_recent_first_with_their_first_submit(backend: Backend) -> None:
+    backend.store.save_definition(DIAMOND)
+    backend.tick()
+    backend.store.save_definition(SINGLE)
+    backend.tick()
+    backend.store.save_definition(DIAMOND)
+
+    listed = backend.store.submitted_definitions()
+
+    assert [(d["name"], d["version"], d["definition_hash"]) for d in listed] == [
+        ("diamond", 1, DIAMOND.definition_hash),
+        ("single", 1, SINGLE.definition_hash),
+    ]
+    diamond, single = listed
+    assert diamond["first_submitted"] < diamond["last_submitted"]
+    assert single["first_submitted"] == single["last_submitted"] < diamond["last_submitted"]
 
 
 # -- loop checkpoints (repeated steps) -----------------------------------------------------------------------------
