@@ -307,3 +307,23 @@ class ReleaseRules:
     early: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     cancel: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     after: Mapping[str, tuple[tuple[str, tuple[str, ...]], ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IterationCheckpoint:
+    """A finished iteration of a repeated step, as the step's record keeps it (one per step: the latest).
+
+    Attributes:
+        iteration: Its 1-based number.
+        output: What it returned: the next iteration's ``previous``.
+        until_met: Whether the step's ``until`` held after it.
+        key: The step's result key when it ran (its definition, inputs and upstream outputs): a checkpoint is
+            continued from only while the key matches.
+        generation: The run's generation when it ran.
+    """
+
+    iteration: int
+    output: Any
+    until_met: bool
+    key: str
+    generation: str

@@ -68,6 +68,20 @@ def count_constant(ctx: StepContext, **_: Any) -> dict[str, Any]:
     return {"value": 42}
 
 
+@function("tests.iterate")
+def iterate(ctx: StepContext, block_in: int = 0, **_: Any) -> dict[str, Any]:
+    """One iteration of a repeated step: counted in Redis per iteration number, its output the previous one's plus
+    its number. The first run of iteration ``block_in`` publishes this process's pid and blocks until it is killed."""
+    r = _redis()
+    runs = r.incr(f"test:iterations:{ctx.run_id}:{ctx.step}:{ctx.iteration}")
+    if ctx.iteration == block_in and runs == 1:
+        r.rpush(f"test:pids:{ctx.run_id}:{ctx.step}", f"{os.getpid()}:{ctx.attempt}")
+        time.sleep(120)  # not synchronisation: the test kills this process meanwhile
+        raise RuntimeError("this worker was to be killed during the iteration")
+    seen = (ctx.previous or {}).get("seen", [])
+    return {"seen": [*seen, ctx.iteration], "n": ctx.iteration}
+
+
 # The seed's Option C, as written there: a Python condition on the context (registered on workers by import).
 conditional = Workflow(
     "tests_conditional",

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.definition.dag import Graph, find_cycle
 from orchestrator.definition.jsonschemas import SchemaError, check_schema
+from orchestrator.definition.repeat import RepeatSpec
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
@@ -195,7 +196,7 @@ class StepSpec(_Frozen):
     registered callable taking the step context (Python workflows' ``condition=`` lambdas end up here). ``cache: false``
     marks a non-deterministic step: it always re-runs when invalidated instead of reusing a result whose inputs match.
     ``priority`` (0 taken last … 3 first) overrides the step's depth as its queue priority (see
-    :mod:`orchestrator.engine.priorities`).
+    :mod:`orchestrator.engine.priorities`). ``repeat`` runs the step as a bounded loop (see :class:`RepeatSpec`).
     """
 
     name: Annotated[str, Field(pattern=STEP_NAME_PATTERN)]
@@ -211,6 +212,7 @@ class StepSpec(_Frozen):
     trigger_rule: TriggerRule = TriggerRule.ALL_SUCCESS
     cancel_others: bool = False
     cache: bool = True
+    repeat: RepeatSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -262,6 +264,13 @@ class StepSpec(_Frozen):
                 f"not {self.trigger_rule.value}",
                 step=self.name,
             )
+        return self
+
+    @model_validator(mode="after")
+    def _repeatable(self) -> StepSpec:
+        if self.repeat is not None and self.uses == StepKind.APPROVAL:
+            # An approval ends its attempt to wait for a human: a loop would have to park between iterations.
+            raise ValueError("repeat is not supported on approval steps")
         return self
 
     @field_validator("depends_on")

@@ -47,18 +47,19 @@ _READS: dict[tuple[str, str], tuple[str, ...]] = {}
 
 def upstream_reads(spec: WorkflowSpec, step: str) -> tuple[str, ...]:
     """The steps whose status and output a step's attempt loads: its parents, plus every ancestor for ``python``
-    steps and condition functions, else the ancestors its templates and condition name (a long chain of ``llm``
-    steps then stays linear in cost)."""
+    steps and condition or until functions, else the ancestors its templates, condition and until name (a long
+    chain of ``llm`` steps then stays linear in cost)."""
     key = (spec.definition_hash, step)
     cached = _READS.get(key)
     if cached is not None:
         return cached
     step_spec = spec.steps_by_name[step]
     wanted = set(step_spec.depends_on)
-    if step_spec.uses == StepKind.PYTHON or step_spec.condition_function:
+    repeat = step_spec.repeat
+    if step_spec.uses == StepKind.PYTHON or step_spec.condition_function or (repeat and repeat.until_function):
         wanted |= spec.graph.ancestors(step)
     else:
-        sources = [step_spec.condition or ""]
+        sources = [step_spec.condition or "", repeat.until or "" if repeat else ""]
         if isinstance(step_spec.params, LLMParams):
             sources += [step_spec.params.prompt, step_spec.params.system or ""]
         for source in sources:

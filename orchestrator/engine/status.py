@@ -63,6 +63,8 @@ class StepView(TypedDict):
         cost: An LLM step's cost in US dollars at list prices.
         deferrals: Times it waited for a shared LLM rate limit or cool-down (never counted as attempts).
         deferred: While it waits so: the deferral record and ``until`` (ISO 8601).
+        iterations: A repeated step's finished iterations (the latest checkpoint's number; 0 before the first).
+        until_met: A repeated step's ``until`` held after its latest iteration.
     """
 
     status: StepStatus
@@ -81,6 +83,8 @@ class StepView(TypedDict):
     cost: NotRequired[float]
     deferrals: NotRequired[int]
     deferred: NotRequired[dict[str, Any]]
+    iterations: NotRequired[int]
+    until_met: NotRequired[bool]
 
 
 class BudgetView(TypedDict):
@@ -171,6 +175,9 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
             output_tokens += int(usage.get("output_tokens", 0))
             if isinstance(output, dict) and output.get("cost_usd") is not None:
                 view["cost"] = round(float(output["cost_usd"]), 9)
+        if step.repeat is not None:
+            view["iterations"] = int(fields.get(p + "iterations") or 0)
+            view["until_met"] = fields.get(p + "until_met") == "1"
         if fields.get(p + "deferrals"):
             # Times the step waited for a shared LLM rate limit or cool-down (never counted as attempts).
             view["deferrals"] = int(fields[p + "deferrals"])

@@ -38,6 +38,8 @@ class CallContext:
         fresh: Ask the provider even if a reply is stored (``resume --from`` names the step: the user wants a new
             answer); the new reply is stored as usual.
         step: The step calling (with the run and the request, it names the caller's booking in a rate limit).
+        iteration: A repeated step's iteration: part of the reply cache's key (see
+            :func:`~orchestrator.llm.cache.request_digest`).
     """
 
     run_id: str
@@ -46,6 +48,7 @@ class CallContext:
     reply_cache: str = "run"
     fresh: bool = False
     step: str = ""
+    iteration: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ class LLMGateway:
             NonRetryableStepError: ``budget_exceeded``, or the provider's permanent errors.
             RetryableStepError: The provider's transient errors (a ``retry-after`` also cools the model down).
         """
-        digest = request_digest(request)
+        digest = request_digest(request, ctx.iteration)
         shared = ctx.reply_cache == "shared"
         if self.cache is not None and ctx.reply_cache != "off" and not ctx.fresh:
             stored = self.cache.get(ctx.run_id, digest, shared=shared)

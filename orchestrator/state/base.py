@@ -17,6 +17,7 @@ from orchestrator.domain import (
     Decision,
     DecisionResult,
     FinishResult,
+    IterationCheckpoint,
     ReclaimedStep,
     ReleaseRules,
     ResumePlan,
@@ -332,6 +333,23 @@ class StateStore(Protocol):
         """Append a run-level event to the global stream dashboards follow."""
         ...
 
+    def record_iteration(self, attempt: Attempt, checkpoint: IterationCheckpoint) -> bool:
+        """Checkpoint a finished iteration of a running attempt's repeated step, replacing the one before.
+
+        Guarded as :meth:`finish` is: the attempt must still own the running step in its generation. The step's
+        ``iterations`` and ``until_met`` fields follow the checkpoint, and a ``step_iteration`` event (data
+        ``{"iteration": N, "until_met": BOOL}``, the step's attempt number) tells it. The checkpoint outlives the
+        attempt (retries, a lost worker, a resume all continue from it) and expires with the run.
+
+        Returns:
+            ``False`` when the attempt is stale; nothing changed then.
+        """
+        ...
+
+    def iteration_checkpoint(self, run_id: str, step: str) -> IterationCheckpoint | None:
+        """The step's latest checkpointed iteration, or ``None`` when it has none (or the run is gone)."""
+        ...
+
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` seconds; ``False`` while anyone (``owner`` too) holds it."""
         ...
@@ -379,3 +397,21 @@ def submitted_record(definition_hash: str, last_submitted: float, record: dict[s
         "first_submitted": float(record["first_submitted"]),
         "last_submitted": float(last_submitted),
     }
+
+
+LOOP_FIELDS = ("iterations", "until_met", "loop_key", "loop_gen", "loop_output")
+"""The step fields a loop checkpoint writes (``iterations`` and ``until_met`` are also the status JSON's)."""
+
+
+def checkpoint_from(row: list[str | None]) -> IterationCheckpoint | None:
+    """A checkpoint from its step fields (in :data:`LOOP_FIELDS` order), or ``None`` when the step has none."""
+    iterations, met, key, generation, output = row
+    if not iterations or output is None:
+        return None
+    return IterationCheckpoint(
+        iteration=int(iterations),
+        output=json.loads(output),
+        until_met=met == "1",
+        key=key or "",
+        generation=generation or "",
+    )

@@ -27,6 +27,7 @@ from orchestrator.domain import (
     Decision,
     DecisionOutcome,
     DecisionResult,
+    IterationCheckpoint,
     ReclaimedStep,
     ResumeOutcome,
     ResumePlan,
@@ -1997,3 +1998,47 @@ def test_submitted_definitions_are_listed_most_recent_first_with_their_first_sub
     diamond, single = listed
     assert diamond["first_submitted"] < diamond["last_submitted"]
     assert single["first_submitted"] == single["last_submitted"] < diamond["last_submitted"]
+
+
+# -- loop checkpoints (repeated steps) -----------------------------------------------------------------------------
+
+
+def test_an_owned_attempt_checkpoints_each_iteration_replacing_the_last_and_tells_it(backend: Backend) -> None:
+    start(backend, SINGLE)
+    a = attempt("a")
+    claim(backend, SINGLE, a)
+    seen = len(backend.store.events("run1"))
+
+    first = IterationCheckpoint(iteration=1, output={"text": "draft"}, until_met=False, key="k1", generation="1")
+    second = IterationCheckpoint(iteration=2, output=[1, {"x": None}], until_met=True, key="k1", generation="1")
+    assert backend.store.record_iteration(a, first)
+    assert backend.store.record_iteration(a, second)
+
+    assert backend.store.iteration_checkpoint("run1", "a") == second
+    assert (step_fields(backend, "a")["iterations"], step_fields(backend, "a")["until_met"]) == ("2", "1")
+    assert told(backend.store.events("run1", after=seen)) == [
+        ("step_iteration", "a", 1, {"iteration": 1, "until_met": False}),
+        ("step_iteration", "a", 1, {"iteration": 2, "until_met": True}),
+    ]
+
+
+def test_a_checkpoint_outlives_its_attempt_but_a_stale_attempt_cannot_write_one(backend: Backend) -> None:
+    start(backend, SINGLE)
+    a = attempt("a", "t1")
+    claim(backend, SINGLE, a)
+    kept = IterationCheckpoint(iteration=1, output="one", until_met=False, key="k", generation="1")
+    assert backend.store.record_iteration(a, kept)
+    assert retry(backend, a)
+    later = IterationCheckpoint(iteration=2, output="two", until_met=False, key="k", generation="1")
+
+    refused = [
+        backend.store.record_iteration(a, later),  # queued again: no longer running
+        backend.store.record_iteration(attempt("a", "t2"), later),
+        backend.store.record_iteration(attempt("a", "t1", generation="2"), later),
+        backend.store.record_iteration(attempt("a", "t1", run_id="nope"), later),
+    ]
+
+    assert refused == [False, False, False, False]
+    assert backend.store.iteration_checkpoint("run1", "a") == kept
+    assert backend.store.iteration_checkpoint("run1", "b") is None
+    assert backend.store.iteration_checkpoint("nope", "a") is None

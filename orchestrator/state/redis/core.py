@@ -43,6 +43,7 @@ _SCRIPTS = (
     "decide",
     "fail_dispatch",
     "note_definition",
+    "iterate",
 )
 
 
@@ -58,6 +59,7 @@ _WITH_EVENTS = {
     "wait",
     "decide",
     "fail_dispatch",
+    "iterate",
 }
 
 
