@@ -69,6 +69,9 @@ class Settings:
         metrics_max_series: ``ORCH_METRICS_MAX_SERIES``: distinct ``(workflow, step)`` and ``(workflow, model)``
             label pairs each worker process reports by name; later ones go under ``workflow="_other"`` (names come
             from submitted definitions, so they are bounded here).
+        metrics_cluster: ``ORCH_METRICS_CLUSTER``: the worker's endpoint also exports the cluster gauges (queue
+            depth, runs in flight), which otherwise only the API's ``/metrics`` does; for a deployment without the
+            API, set it on one worker only, or every worker reports the same cluster and a sum counts it many times.
         log_format: ``ORCH_LOG_FORMAT``: ``json`` (one JSON object a line), ``text``, or ``auto``: text when
             the log goes to a terminal, JSON otherwise (files, containers, pipes).
         log_level: ``ORCH_LOG_LEVEL``: ``DEBUG``, ``INFO`` …; default: the worker's ``--loglevel``, ``INFO``
@@ -111,6 +114,7 @@ class Settings:
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
     metrics_max_series: int = 2000
+    metrics_cluster: bool = False
     log_format: str = "auto"
     log_level: str | None = None
     llm_shared_cooldown: bool = True
@@ -174,6 +178,7 @@ class Settings:
             "metrics_port": "ORCH_METRICS_PORT",
             "metrics_addr": "ORCH_METRICS_ADDR",
             "metrics_max_series": "ORCH_METRICS_MAX_SERIES",
+            "metrics_cluster": "ORCH_METRICS_CLUSTER",
             "log_format": "ORCH_LOG_FORMAT",
             "log_level": "ORCH_LOG_LEVEL",
             "llm_shared_cooldown": "ORCH_LLM_SHARED_COOLDOWN",

@@ -26,6 +26,7 @@ from orchestrator.domain import (
     StepOutcome,
     StopResult,
 )
+from orchestrator.engine.coordinator import failure_summary
 
 SUMMARY_FIELDS = (
     "run_id",
@@ -171,11 +172,12 @@ class StateStore(Protocol):
 
         ``error`` is also appended to the step's ``errors``. A ``failed`` or ``upstream_failed`` leaf (no children)
         counts as a failure of the run, as in Airflow (the run's state follows its leaves); the first ``failed`` step
-        is remembered as ``first_failure``. When this was the run's last step the run becomes ``failed`` (a failed
-        leaf) or ``succeeded`` and is kept for the retention period from now. The
-        attempt leaves the lease index in every case. Each released child enters it under a fresh task id
-        (``FinishResult.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish, or a
-        message lost in the broker, leaves the sweeper a step to send again.
+        is remembered as ``first_failure`` (with its summary, :func:`failure_line`), and every ``failed`` step in
+        ``failed_steps``. When this was the run's last step the run becomes ``failed`` (a failed leaf; its
+        ``run_failed`` event carries :func:`run_failed_data`) or ``succeeded`` and is kept for the retention period
+        from now. The attempt leaves the lease index in every case. Each released child enters it under a fresh task
+        id (``FinishResult.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish,
+        or a message lost in the broker, leaves the sweeper a step to send again.
 
         Returns:
             ``FinishResult(recorded=False)`` when the attempt is stale (other generation, step not running, or owned by
@@ -353,6 +355,18 @@ class StateStore(Protocol):
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` seconds; ``False`` while anyone (``owner`` too) holds it."""
         ...
+
+
+def failure_line(step: str, outcome: StepOutcome, error: ErrorRecord | None) -> str:
+    """The one-line summary a ``failed`` outcome leaves for the run's ``run_failed`` event; '' for any other."""
+    return failure_summary(step, error) if outcome == StepOutcome.FAILED else ""
+
+
+def run_failed_data(failure: str | None, failed_steps: list[str], *, reason: str | None = None) -> str:
+    """The ``run_failed`` event's data: the status's one-line ``error``, the failed steps, a dispatch ``reason``."""
+    data: dict[str, Any] = {"reason": reason} if reason is not None else {}
+    data.update({"error": failure or "run failed", "failed_steps": failed_steps})
+    return json.dumps(data, separators=(",", ":"))
 
 
 def success_detail(output: Any) -> str:

@@ -24,6 +24,7 @@ from orchestrator.state.base import (
     MAX_SUBMITTED_DEFINITIONS,
     SUMMARY_FIELDS,
     needs_failure_error,
+    run_failed_data,
     submitted_record,
 )
 
@@ -243,7 +244,7 @@ class MemoryStateCore:
             if run is None or run.fields.get("status") not in _STOPPABLE_RUN:
                 return
             stamp = _stamp(now)
-            self._emit(run, stamp, "run_failed", data=json.dumps({"reason": message}, separators=_COMPACT))
+            self._emit(run, stamp, "run_failed", data=run_failed_data(message, [], reason=message))
             run.fields.update(
                 {"status": "failed", "finished_at": stamp, "error": message, "first_failure": "(dispatch)"}
             )
