@@ -9,7 +9,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from orchestrator.infra.redis_url import check_memory_url, is_memory_url, is_sentinel_url, parse_sentinel_url
+from orchestrator.infra.redis_url import (
+    check_memory_url,
+    check_url_form,
+    is_memory_url,
+    is_sentinel_url,
+    parse_sentinel_url,
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -120,7 +126,11 @@ class Settings:
     redis_url_explicit: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
-        # A typo in a Sentinel URL fails at start with its cause, not at the first connection.
+        # A URL without a scheme, or a typo in a Sentinel URL, fails at start with its cause, not at the first
+        # connection (deep in a traceback) or, for the broker, as an AMQP host name that does not resolve.
+        check_url_form(self.redis_url, "REDIS_URL")
+        if self.broker_url is not None:
+            check_url_form(self.broker_url, "ORCH_BROKER_URL")
         for url in (self.redis_url, self.broker_url):
             if url is not None and is_sentinel_url(url):
                 parse_sentinel_url(url)
@@ -143,8 +153,8 @@ class Settings:
 
         Raises:
             ValueError: A number that does not parse, an unknown ``ORCH_PRIORITIES``, an ``ORCH_METRICS_MAX_SERIES``
-                or ``ORCH_INPROCESS_THREADS`` below 1, ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a
-                malformed Sentinel or ``memory:`` URL (``RedisUrlError``).
+                or ``ORCH_INPROCESS_THREADS`` below 1, ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a URL
+                without a scheme, with an unknown one, or a malformed Sentinel or ``memory:`` URL (``RedisUrlError``).
         """
         env = os.environ if environ is None else environ
         names = {

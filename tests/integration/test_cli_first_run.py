@@ -1,0 +1,65 @@
+"""What a newcomer meets first: URLs without a scheme, modules not imported, misspelled inputs, no worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_cli import EXAMPLE, REPO, assert_clean_failure
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m orchestrator.cli ARGS`` in ``cwd`` with ``env`` over a bare environment (no ORCH_IMPORTS)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") and k != "REDIS_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        env={**base, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# -- URLs ----------------------------------------------------------------------------------------------------------
+
+COMMANDS = {
+    "submit": ("submit", str(EXAMPLE), "--input", "topic=x"),
+    "validate": ("validate", str(EXAMPLE)),
+    "worker": ("worker", "--pool=solo"),
+    "api": ("api", "--port", "0"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        ({"REDIS_URL": "127.0.0.1:6379"}, ("REDIS_URL='127.0.0.1:6379' has no scheme", "redis://127.0.0.1:6379?")),
+        ({"REDIS_URL": "redis:/h:6379"}, ("REDIS_URL='redis:/h:6379' has no scheme",)),
+        ({"REDIS_URL": "http://h:6379"}, ("unknown scheme http://", "rediss://", "unix://", "redis+sentinel://")),
+        ({"ORCH_BROKER_URL": "127.0.0.1:5672"}, ("ORCH_BROKER_URL='127.0.0.1:5672' has no scheme", "amqp://")),
+        ({"ORCH_BROKER_URL": "amqp://h//;bogus://h"}, ("ORCH_BROKER_URL='bogus://h': unknown scheme bogus://",)),
+    ],
+    ids=["redis-no-scheme", "redis-one-slash", "redis-unknown-scheme", "broker-no-scheme", "broker-unknown-scheme"],
+)
+def test_a_url_without_a_known_scheme_is_one_line_naming_it_and_the_accepted_forms(
+    command: str, env: dict[str, str], needles: tuple[str, ...]
+) -> None:
+    proc = cli(*COMMANDS[command], env=env)
+
+    assert_clean_failure(proc, *needles, "redis://[:PASSWORD@]HOST:6379/DB")
+
+
+def test_a_password_in_a_url_without_a_scheme_is_not_printed() -> None:
+    proc = cli("validate", str(EXAMPLE), env={"REDIS_URL": ":hunter2@db:6379"})
+
+    line = assert_clean_failure(proc, "has no scheme", ":***@db:6379")
+    assert "hunter2" not in line
