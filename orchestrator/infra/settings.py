@@ -128,13 +128,13 @@ class Settings:
     def __post_init__(self) -> None:
         # A URL without a scheme, or a typo in a Sentinel URL, fails at start with its cause, not at the first
         # connection (deep in a traceback) or, for the broker, as an AMQP host name that does not resolve.
+        check_memory_url(self.redis_url)
         check_url_form(self.redis_url, "REDIS_URL")
         if self.broker_url is not None:
             check_url_form(self.broker_url, "ORCH_BROKER_URL")
         for url in (self.redis_url, self.broker_url):
             if url is not None and is_sentinel_url(url):
                 parse_sentinel_url(url)
-        check_memory_url(self.redis_url)
         if is_memory_url(self.redis_url) and self.broker_url is not None:
             raise ValueError(
                 "ORCH_BROKER_URL cannot be used with REDIS_URL=memory://: that process runs its own steps "
