@@ -337,6 +337,10 @@ def test_unknown_runs_are_404_everywhere(api: httpx.Client, server: ApiServer, u
         ({"workflow": "content_pipeline", "definition": {"name": "x"}}, "give exactly one of 'workflow'"),
         ({"workflow": "content_pipeline", "inputs": []}, "inputs: Input should be a valid dictionary"),
         ({"workflow": "content_pipeline", "inputs": {"topic": 42}}, "inputs: "),
+        (
+            {"workflow": "content_pipeline", "inputs": {"topc": "x"}},
+            "inputs: input 'topc' is not an input of workflow 'content_pipeline'; did you mean 'topic'?",
+        ),
         ({"workflow": "no_such_workflow"}, "workflow: no registered workflow 'no_such_workflow'"),
         ({"workflow": "content_pipeline", "version": 0}, "version: Input should be greater than or equal to 1"),
         ({"workflow": "content_pipeline", "colour": "red"}, "colour: Extra inputs are not permitted"),

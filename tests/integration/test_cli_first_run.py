@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
-from tests.integration.test_cli import EXAMPLE, REPO, assert_clean_failure
+from orchestrator import Client
+from orchestrator.definition.files import load_workflow_file
+from orchestrator.errors import InputValidationError
+from tests.integration.test_cli import EXAMPLE, REPO, assert_clean_failure, footprint, orchestrator, write
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -63,3 +67,36 @@ def test_a_password_in_a_url_without_a_scheme_is_not_printed() -> None:
 
     line = assert_clean_failure(proc, "has no scheme", ":***@db:6379")
     assert "hunter2" not in line
+
+
+# -- a misspelled input --------------------------------------------------------------------------------------------
+
+MISSPELLED = "input 'topc' is not an input of workflow 'typed_{unique}'; did you mean 'topic'?"
+
+
+@pytest.fixture
+def typed_file(tmp_path: Path, unique: str) -> str:
+    return write(
+        tmp_path / "typed.yaml",
+        f"name: typed_{unique}\ninputs:\n  topic: {{type: string}}\nsteps:\n  - {{name: only, uses: noop}}\n",
+    )
+
+
+def test_a_misspelled_input_on_the_command_line_is_named_with_the_close_match(
+    redis_url: str, redis_client: redis.Redis, typed_file: str, unique: str
+) -> None:
+    before = footprint(redis_client)
+
+    proc = orchestrator("submit", typed_file, "--input", "topc=x", redis_url=redis_url)
+
+    assert_clean_failure(proc, MISSPELLED.format(unique=unique), "(the workflow declares: topic)")
+    assert footprint(redis_client) == before
+
+
+def test_client_submit_names_a_misspelled_input_with_the_close_match(
+    client: Client, typed_file: str, unique: str
+) -> None:
+    with pytest.raises(InputValidationError) as info:
+        client.submit(load_workflow_file(typed_file), {"topc": "x"})
+
+    assert str(info.value).startswith(MISSPELLED.format(unique=unique))
