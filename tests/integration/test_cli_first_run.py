@@ -69,6 +69,80 @@ def test_a_password_in_a_url_without_a_scheme_is_not_printed() -> None:
     assert "hunter2" not in line
 
 
+# -- a module not imported ---------------------------------------------------------------------------------------
+
+FLOWS = """
+from orchestrator import function
+
+
+@function("{package}.flows.shout")
+def shout(ctx):
+    return {{"text": "hi"}}
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, unique: str) -> tuple[Path, str]:
+    """A user's project directory holding a package that registers ``PACKAGE.flows.shout``."""
+    package = f"proj_{unique}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "flows.py").write_text(FLOWS.format(package=package))
+    return tmp_path, package
+
+
+def flow_file(directory: Path, function: str) -> str:
+    return write(
+        directory / "flow.yaml",
+        f"name: flow\nsteps:\n  - {{name: speak, uses: python, with: {{function: {function}}}}}\n",
+    )
+
+
+def test_the_readme_s_validate_works_without_orch_imports_and_says_what_workers_need() -> None:
+    proc = cli("validate", "examples/content_pipeline.yaml", env={})
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok: content_pipeline_file version 1, 6 steps")
+    assert "workers need ORCH_IMPORTS=examples.content_pipeline" in proc.stderr
+
+
+def test_validate_imports_the_module_of_the_current_directory_that_registers_the_function(
+    project: tuple[Path, str],
+) -> None:
+    root, package = project
+
+    proc = cli("validate", flow_file(root, f"{package}.flows.shout"), env={}, cwd=root)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok: flow version 1, 1 steps")
+
+
+def test_a_function_missing_from_an_imported_module_is_named_with_the_closest_registered_one(
+    project: tuple[Path, str],
+) -> None:
+    root, package = project
+
+    proc = cli("validate", flow_file(root, f"{package}.flows.shuot"), env={}, cwd=root)
+
+    assert_clean_failure(
+        proc,
+        f"step 'speak': no registered function '{package}.flows.shuot'",
+        f"module {package}.flows is imported but registers no function by that name",
+        f"did you mean '{package}.flows.shout'?",
+    )
+
+
+def test_a_module_outside_the_current_directory_is_never_imported_and_the_error_says_how_to_register(
+    project: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    root, package = project
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+
+    proc = cli("validate", flow_file(root, f"{package}.flows.shout"), env={}, cwd=elsewhere)
+
+    assert_clean_failure(proc, "register it with @orchestrator.function and list its module in ORCH_IMPORTS")
+
+
 # -- a misspelled input --------------------------------------------------------------------------------------------
 
 MISSPELLED = "input 'topc' is not an input of workflow 'typed_{unique}'; did you mean 'topic'?"
