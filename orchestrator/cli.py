@@ -17,6 +17,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.consumers import NoWorkerWarning
 from orchestrator.definition.files import load_workflow_file
 from orchestrator.definition.inputs import parse_cli_inputs
 from orchestrator.definition.modules import import_local_modules
@@ -157,7 +158,8 @@ def submit(
         click.echo(json.dumps({"run_id": run_id}) if as_json else run_id)
         return
     try:
-        view = client.wait(run_id, timeout=timeout)
+        with NoWorkerWarning(client, spec, run_id, say=lambda line: click.echo(line, err=True)):
+            view = client.wait(run_id, timeout=timeout)
     except TimeoutError as exc:
         _fail(str(exc), EXIT_FAILED_RUN)
     except OrchestratorError as exc:

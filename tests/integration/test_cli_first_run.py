@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import redis
 
-from orchestrator import Client
+from orchestrator import Client, Settings
+from orchestrator.consumers import NO_WORKER_WARNING_S, queues_without_consumers
 from orchestrator.definition.files import load_workflow_file
+from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.errors import InputValidationError
+from tests.integration.helpers import wait_for
 from tests.integration.test_cli import EXAMPLE, REPO, assert_clean_failure, footprint, orchestrator, write
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -174,3 +178,57 @@ def test_client_submit_names_a_misspelled_input_with_the_close_match(
         client.submit(load_workflow_file(typed_file), {"topc": "x"})
 
     assert str(info.value).startswith(MISSPELLED.format(unique=unique))
+
+
+# -- nobody reads the queue ----------------------------------------------------------------------------------------
+
+
+def test_submit_wait_on_a_queue_no_worker_reads_says_so_once_and_keeps_waiting(
+    redis_url: str, workers: LocalWorkers, tmp_path: Path, unique: str
+) -> None:
+    queue = f"nobody_{unique}"
+    path = write(
+        tmp_path / "idle.yaml", f"name: idle_{unique}\nsteps:\n  - {{name: only, uses: noop, queue: {queue}}}\n"
+    )
+    env = {"REDIS_URL": redis_url, "PYTHONPATH": str(REPO)}
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "submit", path, "--wait"],
+            env={**os.environ, **env},
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            text=True,
+        )
+    try:
+        started = time.monotonic()
+        line = wait_for(
+            lambda: next((x for x in stderr.read_text().splitlines() if x.startswith("warning:")), None),
+            timeout=NO_WORKER_WARNING_S + 20,
+            what="the no-worker warning",
+        )
+        assert time.monotonic() - started >= NO_WORKER_WARNING_S - 0.5
+        assert f"no worker consumes queue '{queue}'" in line
+        assert f"orchestrator worker -Q {queue}" in line
+        assert proc.poll() is None, "it keeps waiting"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert len(stderr.read_text().splitlines()) == 1, stderr.read_text()
+
+
+def test_busy_workers_still_count_as_consuming_their_queues(
+    workers: LocalWorkers, client: Client, settings: Settings, unique: str
+) -> None:
+    steps = [
+        {"name": f"s{i}", "uses": "python", "with": {"function": "tests.sleep", "args": {"seconds": 3}}}
+        for i in range(4)
+    ]
+    run_id = client.submit({"name": f"busy_{unique}", "steps": steps})
+    wait_for(lambda: all(s["started_at"] for s in client.status(run_id)["steps"].values()), what="4 busy slots")
+
+    assert queues_without_consumers(client.app, [settings.cpu_queue, settings.llm_queue, f"nobody_{unique}"]) == [
+        f"nobody_{unique}"
+    ]
+    client.wait(run_id, timeout=30)
