@@ -36,9 +36,12 @@ class Settings:
             ``redis+sentinel://HOST:26379[,HOST:26379]/MASTER_NAME[/DB]`` finds the master through Sentinel
             (the form is in ``orchestrator.infra.redis_url``). ``memory://`` runs everything in one process: state in
             its memory, steps on its own threads (``inprocess_threads``); for quick local runs, notebooks and tests,
-            refused by workers, the API server and the sweeper service (see the architecture page).
+            refused by workers, the API server and the sweeper service (see the architecture page). A URL without
+            one of ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``, ``rediss+sentinel://``,
+            ``memory://`` is refused at start in one line naming the accepted forms.
         broker_url: ``ORCH_BROKER_URL``: a different broker (e.g. RabbitMQ, or Redis through Sentinel), defaults to
-            ``redis_url``.
+            ``redis_url``. Takes the Redis forms (not ``memory://``), ``amqp://``, ``amqps://`` and kombu's other
+            transports; a URL without a known scheme is refused at start.
         anthropic_api_key: ``ANTHROPIC_API_KEY``; when absent LLM steps use the offline provider.
         anthropic_base_url: ``ANTHROPIC_BASE_URL``: another Messages API endpoint.
         imports: ``ORCH_IMPORTS``: comma-separated modules defining workflows and functions, imported by
