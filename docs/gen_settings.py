@@ -77,8 +77,9 @@ FOOTER = """
   [HTTP API](http-api.md#authentication).
 
 - **Tracing**: `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_EXPORTER`, `OTEL_SERVICE_NAME`, `OTEL_SDK_DISABLED`, the
-  `OTEL_BSP_*` and sampler variables (OpenTelemetry, the standard way; tracing is off when none is set), and
-  `ORCH_TRACE_FILE=PATH`, which also writes spans as JSON lines. See
+  `OTEL_BSP_*` and sampler variables (OpenTelemetry, the standard way; tracing is off when none is set),
+  `ORCH_TRACE_FILE=PATH`, which also writes spans as JSON lines, and `ORCH_TRACE_FLUSH_S` (default 1), the seconds
+  the last export may take when a process exits. See
   [Observability](observability.md#traces-opentelemetry).
 - **Metrics**: `PROMETHEUS_MULTIPROC_DIR`, the directory where a worker's pool processes leave their metrics. See
   [Observability](observability.md#metrics).

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -15,7 +16,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 import redis
 from rich.console import Console
-from rich.table import Table
 
 from orchestrator.consumers import NoWorkerWarning
 from orchestrator.definition.files import load_workflow_file
@@ -25,6 +25,7 @@ from orchestrator.definition.registry import functions, import_modules, workflow
 from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.definition.validation import check_workflow
 from orchestrator.domain import RunStatus
+from orchestrator.engine.status import MAX_LIST_OFFSET
 from orchestrator.errors import OrchestratorError, StoreUnavailableError
 from orchestrator.infra.redis_url import RedisUrlError, is_memory_url, redact_url, require_shared_store
 from orchestrator.infra.settings import Settings
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 
 EXIT_FAILED_RUN = 1
 EXIT_ERROR = 2
+PIPED_WIDTH = 200
+"""Columns tables take when the output is not a terminal (rich would take 80, folding every run id)."""
+DISTRIBUTION = "llm-orchestrator"
+"""The package whose version ``orchestrator --version`` prints."""
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
@@ -78,6 +83,11 @@ def _client(settings: Settings, *, runs_here: bool = False) -> Any:
     return client
 
 
+def _console() -> Console:
+    """A console for tables: the terminal's width, or wide enough that piped rows stay whole (run ids unfolded)."""
+    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
+
+
 def _load(file: str) -> tuple[WorkflowSpec, list[str]]:
     """A workflow file (see ``_load_file``), or the name of a registered workflow when no such file exists."""
     if not Path(file).exists() and "/" not in file and not file.endswith((".yaml", ".yml", ".json")):
@@ -102,6 +112,7 @@ def _note_imports(modules: list[str]) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name=DISTRIBUTION, prog_name="orchestrator", message="%(prog)s %(version)s")
 def main() -> None:
     """A distributed orchestrator for multi-step LLM workflows on Celery and Redis."""
 
@@ -198,7 +209,7 @@ def watch(run_id: str) -> None:
 
     client = _client(_settings())
     try:
-        code = watch_run(client, run_id)
+        code = watch_run(client, run_id, console=_console())
     except OrchestratorError as exc:
         _fail(str(exc), 1)
     except KeyboardInterrupt:
@@ -288,87 +299,52 @@ def reject(run_id: str, step: str, who: str, comment: str) -> None:
 @click.option("--status", type=click.Choice([s.value for s in RunStatus]), help="Only runs with this status.")
 @click.option("--workflow", help="Only runs of this workflow.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="At most this many runs.")
+@click.option(
+    "--offset", default=0, show_default=True, type=click.IntRange(0, MAX_LIST_OFFSET), help="Skip this many runs."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-def list_runs(status: str | None, workflow: str | None, limit: int, as_json: bool) -> None:
-    """Recent runs, newest first (like ``GET /runs``)."""
-    found = _client(_settings()).runs(status=status, workflow=workflow, limit=limit)
+def list_runs(*, status: str | None, workflow: str | None, limit: int, offset: int, as_json: bool) -> None:
+    """Recent runs, newest first, with duration, cost, tokens and error (like ``GET /runs``)."""
+    from orchestrator.tables import runs_table
+
+    page = _client(_settings()).runs_page(status=status, workflow=workflow, limit=limit, offset=offset)
     if as_json:
-        click.echo(json.dumps(found))
+        click.echo(json.dumps(page["runs"]))
         return
-    table = Table(title="runs")
-    for column in ("run", "workflow", "version", "status", "created", "finished"):
-        table.add_column(column)
-    for run in found:
-        table.add_row(
-            run["run_id"],
-            run["workflow"],
-            str(run["version"]),
-            run["status"],
-            (run["created_at"] or "")[:19],
-            (run["finished_at"] or "")[:19],
-        )
-    Console().print(table)
+    first = offset + 1 if page["runs"] else offset
+    _console().print(runs_table(page["runs"], title=f"runs {first} to {offset + len(page['runs'])}"))
+    if page["next_offset"] is not None:
+        click.echo(f"more: orchestrator runs --offset {page['next_offset']} --limit {limit}")
 
 
 @main.command("workflows")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--scan", default=10_000, show_default=True, help="How many of the newest runs to count.")
 def list_workflows(as_json: bool, scan: int) -> None:
-    """Registered workflows by name and version, with the runs in flight on each."""
+    """Workflows by name and version, registered here or submitted (as files), with the runs in flight on each."""
+    from orchestrator.tables import workflow_rows, workflows_table
+
     client = _client(_settings())
     in_flight: dict[tuple[str, int], int] = {}
     for row in client.store.run_summaries(client.store.list_run_ids(limit=scan)):
         if row["status"] in {"pending", "running", "waiting"}:
             key = (row["workflow"], int(row["version"] or 1))
             in_flight[key] = in_flight.get(key, 0) + 1
-    rows: list[dict[str, Any]] = [
-        {
-            "name": spec.name,
-            "version": spec.version,
-            "definition_hash": spec.definition_hash,
-            "steps": len(spec.steps),
-            "in_flight": in_flight.pop((spec.name, spec.version), 0),
-        }
-        for spec in workflows.all()
-    ]
-    # Runs of workflows not registered here (submitted as files, or retired versions) still count.
-    rows += [
-        {"name": name, "version": version, "definition_hash": None, "steps": None, "in_flight": count}
-        for (name, version), count in sorted(in_flight.items())
-    ]
+    rows = workflow_rows(workflows.all(), client.store.submitted_definitions(), in_flight)
     if as_json:
         click.echo(json.dumps(rows))
         return
-    table = Table(title="workflows")
-    for column in ("name", "version", "definition", "steps", "in flight"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            row["name"],
-            str(row["version"]),
-            (row["definition_hash"] or "(not registered here)")[:12],
-            str(row["steps"] or ""),
-            str(row["in_flight"]),
-        )
-    Console().print(table)
+    _console().print(workflows_table(rows))
 
 
 def _print_status(view: RunView) -> None:
-    console = Console()
-    table = Table(title=f"{view['workflow']} v{view['version']} · run {view['run_id']} · {view['status']}")
-    for column in ("step", "status", "attempts", "started", "finished", "error"):
-        table.add_column(column)
-    for name, step in view["steps"].items():
-        error = step["error"]
-        table.add_row(
-            name,
-            step["status"],
-            str(step["attempts"]),
-            (step["started_at"] or "")[11:23],
-            (step["finished_at"] or "")[11:23],
-            str(error.get("message", "") if error else "")[:60],
-        )
-    console.print(table)
+    from orchestrator.tables import run_totals, step_table
+
+    console = _console()
+    console.print(step_table(view))
+    totals = run_totals(view, time.time())
+    if totals:
+        console.print(totals)
     if view.get("error"):
         console.print(f"[red]{view['error']}[/]")
 

@@ -20,15 +20,15 @@ from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.definition.validation import check_workflow
 from orchestrator.definition.workflow import Workflow
 from orchestrator.domain import RunStatus, StopOutcome
-from orchestrator.engine.control import decide_step, resume_run, stop_run
+from orchestrator.engine.control import decide_step, resume_run, stop_run, trace_run_end
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
 from orchestrator.engine.publisher import StepPublisher
-from orchestrator.engine.status import RunView, run_summary, run_view
+from orchestrator.engine.status import MAX_LIST_OFFSET, RunPage, RunSummary, RunView, run_summary, run_view
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError
 from orchestrator.infra.redis_url import RedisUrlError, is_memory_url
 from orchestrator.infra.settings import Settings
 from orchestrator.state import MemoryStateStore, RedisStateStore, StateStore
-from orchestrator.telemetry.tracing import run_span
+from orchestrator.telemetry.tracing import submit_span
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -161,7 +161,7 @@ class Client:
                 if bound != run_id:
                     return bound
             self.store.save_definition(spec)
-            held = {step: uuid.uuid4().hex for step in spec.graph.roots}
+            held = {step: uuid.uuid4().hex for step in spec.start_steps}
             self.store.hold_dispatch(run_id, held, self.settings.queued_grace_s)
             self.store.create_run(run_id, spec, filled, idempotency_key)
         except redis.RedisError as exc:
@@ -169,13 +169,14 @@ class Client:
                 self._unbind(idempotency_key, run_id)
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:
-            with run_span(run_id, spec.name):
-                self.publisher.publish(spec, run_id=run_id, steps=spec.graph.roots, generation="1", task_ids=held)
+            with submit_span(run_id, spec.name):
+                self.publisher.publish(spec, run_id=run_id, steps=spec.start_steps, generation="1", task_ids=held)
             self.store.announce(run_id, "run_started", spec.name)
         except Exception as exc:
             # The run exists but no task may: fail it rather than leave it "running" forever.
             try:
                 self.store.mark_dispatch_failed(run_id, f"could not publish the first steps: {exc}")
+                trace_run_end(self.store, run_id)
                 if idempotency_key:
                     self.store.release_idempotency_key(idempotency_key, run_id)
             except redis.RedisError as cleanup:
@@ -218,35 +219,79 @@ class Client:
         return run_view(fields, spec)
 
     def runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50, scan: int = 2000
-    ) -> list[dict[str, Any]]:
-        """Runs, newest first: ``run_id``, ``workflow``, ``version``, ``status``, ``generation``, times.
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        scan: int = 2000,
+    ) -> list[RunSummary]:
+        """Runs, newest first (see :class:`~orchestrator.engine.status.RunSummary`); :meth:`runs_page` also says
+        where the next page starts.
 
         Args:
             status: Only runs with this status.
             workflow: Only runs of this workflow.
             limit: At most this many.
+            offset: Skip this many (of the runs that pass the filters), newest first.
             scan: With a filter, how many of the newest runs to look through.
 
         Raises:
+            ValueError: ``limit`` below 1 or ``offset`` outside ``0..MAX_LIST_OFFSET``.
             StoreUnavailableError: Redis did not answer.
         """
+        return self.runs_page(status=status, workflow=workflow, limit=limit, offset=offset, scan=scan)["runs"]
+
+    def runs_page(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        scan: int = 2000,
+    ) -> RunPage:
+        """One page of :meth:`runs`: ``{"runs", "offset", "limit", "next_offset"}`` (``None`` on the last page).
+
+        Without a filter a page reads ``limit + 1`` index entries and their fields; with one, it looks through the
+        ``max(scan, offset + limit + 1)`` newest runs, 200 at a time (one round trip each), and stops once it has found
+        one more than the page holds. Arguments and errors as :meth:`runs`.
+        """
+        if limit < 1:
+            raise ValueError(f"limit: {limit} is below 1")
+        if not 0 <= offset <= MAX_LIST_OFFSET:
+            raise ValueError(f"offset: {offset} is outside 0..{MAX_LIST_OFFSET}")
         filtered = status is not None or workflow is not None
+        now = time.time()
+        found: list[RunSummary] = []
         try:
-            ids = self.store.list_run_ids(limit=max(limit, scan) if filtered else limit)
-            found: list[dict[str, Any]] = []
+            if filtered:
+                ids = self.store.list_run_ids(limit=max(scan, offset + limit + 1))
+                skip = offset
+            else:
+                ids, skip = self.store.list_run_ids(limit=limit + 1, offset=offset), 0
             for start in range(0, len(ids), 200):
                 for row in self.store.run_summaries(ids[start : start + 200]):
-                    summary = run_summary(row)
+                    summary = run_summary(row, now)
                     if (status is None or summary["status"] == status) and (
                         workflow is None or summary["workflow"] == workflow
                     ):
+                        if skip:
+                            skip -= 1
+                            continue
                         found.append(summary)
-                        if len(found) == limit:
-                            return found
+                if len(found) > limit:
+                    break
         except redis.RedisError as exc:
             raise StoreUnavailableError(f"cannot reach Redis: {exc}") from exc
-        return found
+        more = len(found) > limit if filtered else len(ids) > limit
+        return {
+            "runs": found[:limit],
+            "offset": offset,
+            "limit": limit,
+            "next_offset": offset + limit if more else None,
+        }
 
     def cancel(self, run_id: str) -> dict[str, Any]:
         """Cancel a run: no step starts after this returns; running steps are interrupted; outputs are kept.

@@ -6,6 +6,7 @@ these values from here, and this module imports nothing of theirs (nor Redis, Ce
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -280,9 +281,49 @@ class FinishResult:
         released: Children whose last dependency this was: they are now ``queued`` and must be dispatched.
         task_ids: The task id each released child must be published with: the lease index already holds it, due
             ``grace_s`` from now, so the sweeper sends the child again should its message be lost before any claim.
+        cancelled: ``(step, task_id)`` of parents cancelled by a ``cancel_others`` child this finish released (the
+            task id is empty for a step no worker had claimed): to interrupt, as a run cancel does.
     """
 
     recorded: bool
     run_status: str | None = None
     released: tuple[str, ...] = ()
     task_ids: dict[str, str] = field(default_factory=dict)
+    cancelled: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ReleaseRules:
+    """What a finishing step must know of its children's trigger rules beyond their names (see ``finish.lua``).
+
+    Attributes:
+        early: Child → the outcomes of this step that release it at once (its ``one_*`` rule), whatever its other
+            parents are doing. Other children are released by their last parent.
+        cancel: Child with ``cancel_others`` → its other parents, cancelled if this step's outcome releases it early.
+        after: Each step ``cancel`` may cancel → its children with their ``early`` outcomes: a cancelled step ends
+            like any other for its dependents (as ``cancelled``, which trigger rules count as failed).
+    """
+
+    early: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    cancel: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    after: Mapping[str, tuple[tuple[str, tuple[str, ...]], ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IterationCheckpoint:
+    """A finished iteration of a repeated step, as the step's record keeps it (one per step: the latest).
+
+    Attributes:
+        iteration: Its 1-based number.
+        output: What it returned: the next iteration's ``previous``.
+        until_met: Whether the step's ``until`` held after it.
+        key: The step's result key when it ran (its definition, inputs and upstream outputs): a checkpoint is
+            continued from only while the key matches.
+        generation: The run's generation when it ran.
+    """
+
+    iteration: int
+    output: Any
+    until_met: bool
+    key: str
+    generation: str

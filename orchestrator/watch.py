@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from orchestrator.client import Client
 from orchestrator.engine.events import Event, EventType
 from orchestrator.engine.status import RunView
+from orchestrator.tables import money, run_totals, seconds, tokens
 
 _STYLE = {
     "succeeded": "green",
@@ -24,6 +29,9 @@ _STYLE = {
     "waiting": "magenta",
 }
 _FINAL = {"succeeded", "failed", "upstream_failed", "cancelled", "skipped"}
+# After these the run's totals are read again (a step ended: its spend is settled), at most every _TOTALS_EVERY_S.
+_SETTLED = {f"step_{kind}" for kind in _FINAL}
+_TOTALS_EVERY_S = 0.25
 
 
 @dataclass
@@ -33,6 +41,8 @@ class _StepRow:
     started: float | None = None
     finished: float | None = None
     note: str = ""
+    cost: float | None = None
+    usage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -44,6 +54,8 @@ class WatchView:
     steps: dict[str, _StepRow] = field(default_factory=dict)
     status: str = "running"
     last_seq: int = 0
+    totals: RunView | None = None
+    clock: Callable[[], float] = time.time
 
     @classmethod
     def from_status(cls, view: RunView) -> WatchView:
@@ -78,6 +90,19 @@ class WatchView:
                 row.note = str(event.data.get("message", ""))[:70]
             elif event.data.get("cached"):
                 row.note = "reused stored result"
+            if kind == "succeeded" and event.data.get("usage"):
+                row.usage = dict(event.data["usage"])
+                cost = event.data.get("cost_usd")
+                row.cost = None if cost is None else float(cost)
+
+    def refresh(self, view: RunView) -> None:
+        """Take the run's totals (cost, tokens, budget, times) from a fresh status."""
+        self.totals = view
+
+    def __rich__(self) -> Group:
+        """The table and the totals line, computed when drawn (so a live run's duration keeps moving)."""
+        totals = run_totals(self.totals, self.clock()) if self.totals is not None else ""
+        return Group(self.table(), Text(totals)) if totals else Group(self.table())
 
     @property
     def done(self) -> int:
@@ -85,17 +110,19 @@ class WatchView:
         return sum(1 for row in self.steps.values() if row.status in _FINAL)
 
     def table(self) -> Table:
-        """One row per step: status, attempt, duration, note."""
+        """One row per step: status, attempt, duration (so far, while it runs), cost, tokens, note."""
         table = Table(title=f"{self.workflow} · run {self.run_id} · [bold]{self.status}[/]", expand=False)
-        for column in ("step", "status", "attempt", "duration", "note"):
+        for column in ("step", "status", "attempt", "duration", "cost", "tokens", "note"):
             table.add_column(column)
         for name, row in self.steps.items():
             duration = ""
             if row.started is not None and row.finished is not None:
                 duration = f"{row.finished - row.started:.2f}s"
+            elif row.started is not None and row.status == "running":
+                duration = seconds(max(self.clock() - row.started, 0.0)) + "…"
             style = _STYLE.get(row.status, "")
             status = f"[{style}]{row.status}[/]" if style else row.status
-            table.add_row(name, status, str(row.attempt or ""), duration, row.note)
+            table.add_row(name, status, str(row.attempt or ""), duration, money(row.cost), tokens(row.usage), row.note)
         return table
 
 
@@ -106,17 +133,25 @@ def watch_run(client: Client, run_id: str, console: Console | None = None) -> in
         RunNotFoundError: No such run.
     """
     console = console or Console()
-    view = WatchView.from_status(client.status(run_id))
+    first = client.status(run_id)
+    view = WatchView.from_status(first)
+    view.refresh(first)
+    read_at, stale = time.monotonic(), False
     progress = Progress(TextColumn("steps"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
     task = progress.add_task("steps", total=len(view.steps))
-    with Live(Group(progress, view.table()), console=console, refresh_per_second=8, transient=False) as live:
+    with Live(Group(progress, view), console=console, refresh_per_second=8, transient=False) as live:
         for event in client.stream(run_id):
             view.apply(event)
+            stale = stale or event.type in _SETTLED
+            if stale and time.monotonic() - read_at >= _TOTALS_EVERY_S:
+                view.refresh(client.status(run_id))
+                read_at, stale = time.monotonic(), False
             progress.update(task, completed=view.done)
-            live.update(Group(progress, view.table()))
-    final = client.status(run_id)
-    if final["status"] != view.status:
+            live.update(Group(progress, view))
+        final = client.status(run_id)
         view.status = final["status"]
+        view.refresh(final)
+        live.update(Group(progress, view), refresh=True)
     colour = "green" if final["status"] == "succeeded" else "red"
     console.print(f"[bold {colour}]run {final['status']}[/]" + (f": {final['error']}" if final.get("error") else ""))
     return 0 if final["status"] == "succeeded" else 1

@@ -10,6 +10,7 @@ import redis
 
 from orchestrator import LLMStep, NoopStep, StepContext, Workflow, function
 from orchestrator.infra.redis_url import sync_client
+from orchestrator.state import keys
 
 
 def _redis() -> redis.Redis:
@@ -67,6 +68,20 @@ def count_constant(ctx: StepContext, **_: Any) -> dict[str, Any]:
     return {"value": 42}
 
 
+@function("tests.iterate")
+def iterate(ctx: StepContext, block_in: int = 0, **_: Any) -> dict[str, Any]:
+    """One iteration of a repeated step: counted in Redis per iteration number, its output the previous one's plus
+    its number. The first run of iteration ``block_in`` publishes this process's pid and blocks until it is killed."""
+    r = _redis()
+    runs = r.incr(f"test:iterations:{ctx.run_id}:{ctx.step}:{ctx.iteration}")
+    if ctx.iteration == block_in and runs == 1:
+        r.rpush(f"test:pids:{ctx.run_id}:{ctx.step}", f"{os.getpid()}:{ctx.attempt}")
+        time.sleep(120)  # not synchronisation: the test kills this process meanwhile
+        raise RuntimeError("this worker was to be killed during the iteration")
+    seen = (ctx.previous or {}).get("seen", [])
+    return {"seen": [*seen, ctx.iteration], "n": ctx.iteration}
+
+
 # The seed's Option C, as written there: a Python condition on the context (registered on workers by import).
 conditional = Workflow(
     "tests_conditional",
@@ -103,3 +118,15 @@ def log_secrets(ctx: StepContext, **_: Any) -> dict[str, Any]:
     log.warning("calling out with Authorization: Bearer %s", tokens[0] if tokens else "")
     log.warning("tokens %s, key %s, store %s", tokens, os.environ.get("ANTHROPIC_API_KEY"), os.environ["REDIS_URL"])
     return {"logged": len(tokens)}
+
+
+@function("tests.wait_for_llm_calls")
+def wait_for_llm_calls(ctx: StepContext, calls: int = 1, timeout_s: float = 20.0, **_: Any) -> dict[str, Any]:
+    """Poll until the run has paid for ``calls`` LLM calls (so a test orders steps by spend, not by timing)."""
+    deadline = time.monotonic() + timeout_s
+    client = _redis()
+    while (seen := int(client.hget(keys.run_key(ctx.run_id), "llm_calls") or 0)) < calls:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the run paid for {seen} LLM calls in {timeout_s}s, not {calls}")
+        time.sleep(0.02)
+    return {"calls": seen}

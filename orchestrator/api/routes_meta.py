@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from orchestrator.api.context import api_context
 from orchestrator.api.deps import Reader
-from orchestrator.api.schemas import WorkflowInfo, WorkflowList, WorkflowStep
+from orchestrator.api.schemas import SubmittedWorkflow, WorkflowInfo, WorkflowList, WorkflowStep
 from orchestrator.definition.registry import workflows
 from orchestrator.errors import StoreUnavailableError
+from orchestrator.infra.timestamps import iso
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +22,24 @@ router = APIRouter(tags=["service"])
 
 
 @router.get("/workflows", response_model=WorkflowList)
-def list_workflows(_: Reader) -> WorkflowList:
-    """Every registered workflow (those of the modules in ``ORCH_IMPORTS``), by name and version."""
+def list_workflows(request: Request, _: Reader) -> WorkflowList:
+    """Every registered workflow (those of the modules in ``ORCH_IMPORTS``), by name and version; ``submitted``:
+    the definitions submitted lately (files and registered alike), most recent first."""
+    try:
+        submitted = api_context(request).client.store.submitted_definitions()
+    except redis.RedisError as exc:
+        raise StoreUnavailableError(f"cannot reach Redis: {exc}") from exc
     return WorkflowList(
+        submitted=[
+            SubmittedWorkflow(
+                name=entry["name"],
+                version=entry["version"],
+                definition_hash=entry["definition_hash"],
+                first_submitted=iso(entry["first_submitted"]) or "",
+                last_submitted=iso(entry["last_submitted"]) or "",
+            )
+            for entry in submitted
+        ],
         workflows=[
             WorkflowInfo(
                 name=spec.name,
@@ -32,7 +49,7 @@ def list_workflows(_: Reader) -> WorkflowList:
                 steps=[WorkflowStep(name=s.name, uses=s.uses.value, depends_on=list(s.depends_on)) for s in spec.steps],
             )
             for spec in workflows.all()
-        ]
+        ],
     )
 
 

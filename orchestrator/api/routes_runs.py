@@ -23,7 +23,7 @@ from orchestrator.api.schemas import (
     SubmitRun,
 )
 from orchestrator.domain import RunStatus
-from orchestrator.engine.status import RunView
+from orchestrator.engine.status import MAX_LIST_OFFSET, RunView
 from orchestrator.errors import DecisionRefusedError, InputValidationError, WorkflowDefinitionError
 from orchestrator.state import keys
 
@@ -72,15 +72,43 @@ def get_run(run_id: RunId, request: Request, _: Reader) -> RunView:
 @router.get("/runs", response_model=RunList, responses=_ERRORS)
 def list_runs(
     request: Request,
+    response: Response,
     _: Reader,
+    *,
     status: Annotated[RunStatus | None, Query(description="Only runs with this status.")] = None,
     workflow: Annotated[str | None, Query(max_length=200, description="Only runs of this workflow.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many runs.")] = 50,
+    offset: Annotated[
+        int, Query(ge=0, le=MAX_LIST_OFFSET, description="Skip this many (of those that pass the filters).")
+    ] = 0,
 ) -> RunList:
-    """Runs, newest first; filters look through the newest runs only (see ``StreamLimits.list_scan``)."""
+    """Runs, newest first, a page at a time; filters look through the newest runs only (``StreamLimits.list_scan``).
+
+    ``next_offset`` and the ``Link`` header (``rel="next"``, ``rel="prev"``) say where the neighbouring pages start.
+    """
     ctx = api_context(request)
-    found = ctx.client.runs(status=status, workflow=workflow, limit=limit, scan=ctx.streams.list_scan)
-    return RunList(runs=[RunSummary(**summary) for summary in found])
+    page = ctx.client.runs_page(
+        status=status, workflow=workflow, limit=limit, offset=offset, scan=max(ctx.streams.list_scan, limit)
+    )
+    links = [
+        f'<{_page_link(request, at)}>; rel="{rel}"'
+        for rel, at in (("next", page["next_offset"]), ("prev", max(offset - limit, 0) if offset else None))
+        if at is not None
+    ]
+    if links:
+        response.headers["Link"] = ", ".join(links)
+    return RunList(
+        runs=[RunSummary.model_validate(summary) for summary in page["runs"]],
+        offset=page["offset"],
+        limit=page["limit"],
+        next_offset=page["next_offset"],
+    )
+
+
+def _page_link(request: Request, offset: int) -> str:
+    """This listing's path and query with another ``offset`` (relative: the Host header is not trusted)."""
+    url = request.url.include_query_params(offset=offset)
+    return f"{url.path}?{url.query}"
 
 
 @router.post("/runs/{run_id}/cancel", response_model=Cancelled, responses=_ERRORS)

@@ -69,8 +69,15 @@ class DecideStep(_Body):
     comment: str | None = Field(default=None, max_length=MAX_DECISION_COMMENT_CHARS)
 
 
+class TokenCounts(BaseModel):
+    """Tokens billed over a run's LLM calls."""
+
+    input_tokens: int
+    output_tokens: int
+
+
 class RunSummary(BaseModel):
-    """One run in a listing."""
+    """One run in a listing (``orchestrator.engine.status.RunSummary``)."""
 
     run_id: str
     workflow: str
@@ -78,13 +85,24 @@ class RunSummary(BaseModel):
     status: str = Field(description="pending running waiting succeeded failed cancelled timed_out")
     generation: int
     created_at: str | None
+    started_at: str | None = None
     finished_at: str | None
+    duration_s: float | None = Field(
+        default=None, description="Seconds from started_at to finished_at, or to now while finished_at is null."
+    )
+    error: str | None = Field(default=None, description="Why it failed, was cancelled or timed out (one line).")
+    cost: float | None = Field(default=None, description="US dollars billed over its LLM calls; null: no paid call.")
+    usage: TokenCounts | None = None
+    llm_calls: int | None = None
 
 
 class RunList(BaseModel):
-    """Runs, newest first."""
+    """Runs, newest first, one page: ``next_offset`` (also the ``Link: rel="next"`` header) fetches the next."""
 
     runs: list[RunSummary]
+    offset: int = 0
+    limit: int = 50
+    next_offset: int | None = Field(default=None, description="The next page's offset; null on the last page.")
 
 
 class WorkflowStep(BaseModel):
@@ -105,10 +123,23 @@ class WorkflowInfo(BaseModel):
     steps: list[WorkflowStep]
 
 
+class SubmittedWorkflow(BaseModel):
+    """A definition submitted lately (as a file or a registered workflow), by its hash."""
+
+    name: str
+    version: int
+    definition_hash: str
+    first_submitted: str
+    last_submitted: str
+
+
 class WorkflowList(BaseModel):
-    """Every registered workflow, by name and version."""
+    """Every registered workflow, by name and version, and the definitions submitted lately."""
 
     workflows: list[WorkflowInfo]
+    submitted: list[SubmittedWorkflow] = Field(
+        default_factory=list, description="Definitions submitted lately, most recent first (at most 1000)."
+    )
 
 
 class Problem(BaseModel):

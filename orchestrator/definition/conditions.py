@@ -30,6 +30,9 @@ from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
 # The templates' bounded sandbox: ``'a' * 10**10 > ''`` or ``x|center(10**10)`` is refused, never computed.
 _ENV = BoundedSandbox()
 _NAMES = frozenset({"inputs", "steps"})
+UNTIL_NAMES = frozenset({"inputs", "steps", "output", "previous", "iteration"})
+"""What a ``repeat.until`` expression reads: the step's context plus this iteration's ``output``, the ``previous``
+iteration's and the 1-based ``iteration``."""
 
 
 def _parse(source: str) -> nodes.Expr:
@@ -40,8 +43,17 @@ def _parse(source: str) -> nodes.Expr:
     return expr
 
 
-def check_condition(source: str, *, step: str, upstream: Set[str]) -> None:
-    """Check that a condition parses, calls nothing, and reads only ``inputs`` and steps in ``upstream``.
+def check_condition(
+    source: str, *, step: str, upstream: Set[str], names: Set[str] = _NAMES, what: str = "condition"
+) -> None:
+    """Check that a condition parses, calls nothing, and reads only ``names`` (``steps`` only in ``upstream``).
+
+    Args:
+        source: The expression.
+        step: The step it belongs to, for the error.
+        upstream: The steps it may read.
+        names: The variables it may read (``repeat.until`` passes :data:`UNTIL_NAMES`).
+        what: What the error calls it.
 
     Raises:
         WorkflowDefinitionError: Naming the step and the problem.
@@ -51,43 +63,44 @@ def check_condition(source: str, *, step: str, upstream: Set[str]) -> None:
         # is checked too.
         expr = nodes.Output([_parse(source)])
     except TemplateError as exc:
-        raise WorkflowDefinitionError(f"step {step!r}: condition does not parse: {exc}", step=step) from None
+        raise WorkflowDefinitionError(f"step {step!r}: {what} does not parse: {exc.message}", step=step) from None
     except NESTING_ERRORS:
-        raise WorkflowDefinitionError(f"step {step!r}: condition nests too deeply", step=step) from None
+        raise WorkflowDefinitionError(f"step {step!r}: {what} nests too deeply", step=step) from None
     for call in expr.find_all(nodes.Call):
-        raise WorkflowDefinitionError(f"step {step!r}: condition may not call functions ({call!r})", step=step)
+        raise WorkflowDefinitionError(f"step {step!r}: {what} may not call functions ({call!r})", step=step)
     for name in expr.find_all(nodes.Name):
-        if name.name not in _NAMES:
+        if name.name not in names:
+            available = " and ".join(", ".join(repr(n) for n in sorted(names)).rsplit(", ", 1))
             raise WorkflowDefinitionError(
-                f"step {step!r}: condition refers to {name.name!r}; only 'inputs' and 'steps' are available", step=step
+                f"step {step!r}: {what} refers to {name.name!r}; only {available} are available", step=step
             )
     for node in expr.find_all(nodes.Getattr):
         if node.attr.startswith("_"):
-            raise WorkflowDefinitionError(f"step {step!r}: condition reads private attribute {node.attr!r}", step=step)
+            raise WorkflowDefinitionError(f"step {step!r}: {what} reads private attribute {node.attr!r}", step=step)
     private = unsafe_name(expr)
     if private is not None:
-        raise WorkflowDefinitionError(f"step {step!r}: condition reads private attribute {private!r}", step=step)
+        raise WorkflowDefinitionError(f"step {step!r}: {what} reads private attribute {private!r}", step=step)
     for ref in sorted(referenced_steps_in(expr) - set(upstream)):
         raise WorkflowDefinitionError(
-            f"step {step!r}: condition reads steps.{ref}, which is not upstream of it; add {ref!r} to depends_on",
+            f"step {step!r}: {what} reads steps.{ref}, which is not upstream of it; add {ref!r} to depends_on",
             step=step,
         )
     try:
         compiled = _compile(source)  # nesting the parser takes can still be too deep for the code generator
     except NESTING_ERRORS:
-        raise WorkflowDefinitionError(f"step {step!r}: condition nests too deeply", step=step) from None
+        raise WorkflowDefinitionError(f"step {step!r}: {what} nests too deeply", step=step) from None
     if not any(True for _ in expr.find_all(nodes.Name)):
-        _check_static(compiled, step=step)
+        _check_static(compiled, step=step, what=what)
 
 
-def _check_static(compiled: Any, *, step: str) -> None:
+def _check_static(compiled: Any, *, step: str, what: str) -> None:
     # A condition that reads nothing evaluates the same at every run: past the allocation budget, refuse it now.
     try:
         with bounded_evaluation(timeout_s=STATIC_CHECK_TIMEOUT_S):
             compiled()
     except TemplateLimitError as exc:
         if exc.resource == "memory":
-            raise WorkflowDefinitionError(f"step {step!r}: condition passes a limit: {exc}", step=step) from None
+            raise WorkflowDefinitionError(f"step {step!r}: {what} passes a limit: {exc}", step=step) from None
     except Exception:  # any other failure is the run's to report, as the step's error
         pass
 
@@ -103,6 +116,8 @@ def evaluate_condition(
     inputs: dict[str, Any],
     outputs: dict[str, Any],
     timeout_s: float = TEMPLATE_TIMEOUT_S,
+    extra: dict[str, Any] | None = None,
+    what: str = "condition",
 ) -> bool:
     """Evaluate a condition against the run's inputs and upstream outputs (``steps.NAME.output``).
 
@@ -111,6 +126,8 @@ def evaluate_condition(
         inputs: The run's inputs.
         outputs: Upstream outputs by step name.
         timeout_s: Seconds evaluation may take.
+        extra: More variables (``repeat.until`` reads ``output``, ``previous`` and ``iteration``).
+        what: What the error calls it.
 
     Raises:
         NonRetryableStepError: ``template_limit`` past the allocation or time budget; ``condition_error`` when
@@ -119,14 +136,14 @@ def evaluate_condition(
     steps = {name: {"output": out} for name, out in outputs.items()}
     try:
         with bounded_evaluation(timeout_s=timeout_s):
-            return bool(_compile(source)(inputs=inputs, steps=steps))
+            return bool(_compile(source)(**(extra or {}), inputs=inputs, steps=steps))
     except TemplateLimitError as exc:
-        raise NonRetryableStepError(f"condition {_shown(source)} failed: {exc}", kind="template_limit") from None
+        raise NonRetryableStepError(f"{what} {_shown(source)} failed: {exc}", kind="template_limit") from None
     except NESTING_ERRORS:
-        raise NonRetryableStepError(f"condition {_shown(source)} nests too deeply", kind="condition_error") from None
+        raise NonRetryableStepError(f"{what} {_shown(source)} nests too deeply", kind="condition_error") from None
     except Exception as exc:
         raise NonRetryableStepError(
-            f"condition {_shown(source)} failed: {type(exc).__name__}: {exc}", kind="condition_error"
+            f"{what} {_shown(source)} failed: {type(exc).__name__}: {exc}", kind="condition_error"
         ) from None
 
 

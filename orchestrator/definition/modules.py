@@ -44,13 +44,17 @@ def module_of(name: str, root: Path | None = None) -> str | None:
 def unregistered(spec: WorkflowSpec, registered: Container[str]) -> Iterator[tuple[str, str, str]]:
     """``(step, kind, name)`` of each function ``spec`` names that is not in ``registered``.
 
-    ``kind`` is ``function`` (a ``python`` step's) or ``condition function`` (a step's ``condition_function``).
+    ``kind`` is ``function`` (a ``python`` step's), ``condition function`` (a step's ``condition_function``) or
+    ``until function`` (its ``repeat.until_function``).
     """
     for step in spec.steps:
         if isinstance(step.params, PythonParams) and step.params.function not in registered:
             yield step.name, "function", step.params.function
         if step.condition_function is not None and step.condition_function not in registered:
             yield step.name, "condition function", step.condition_function
+        until = step.repeat.until_function if step.repeat is not None else None
+        if until is not None and until not in registered:
+            yield step.name, "until function", until
 
 
 def unregistered_error(step: str, kind: str, name: str, registered: Iterable[str]) -> WorkflowDefinitionError:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.definition.dag import Graph, find_cycle
 from orchestrator.definition.jsonschemas import SchemaError, check_schema
+from orchestrator.definition.repeat import RepeatSpec
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
@@ -59,17 +60,29 @@ class StepKind(StrEnum):
 
 
 class TriggerRule(StrEnum):
-    """When a step whose parents have all finished runs (as in Airflow).
+    """When a step runs, by its parents' outcomes, with Airflow's semantics (the table is in docs/workflow-files.md).
 
-    ``all_success``: every parent succeeded (a failed parent makes it ``upstream_failed``, a skipped one ``skipped``);
-    ``all_done``: whatever happened; ``none_failed``: no parent failed (skipped ones are fine);
-    ``one_success``: at least one parent succeeded.
+    The ``one_*`` rules fire at the first qualifying parent without waiting for the others; ``always`` runs at
+    once, as a root does; the rest decide when the last parent ends. The pure decision is
+    :func:`orchestrator.engine.triggers.decide`.
     """
 
     ALL_SUCCESS = "all_success"
+    ALL_FAILED = "all_failed"
     ALL_DONE = "all_done"
+    ALL_SKIPPED = "all_skipped"
+    ALL_DONE_MIN_ONE_SUCCESS = "all_done_min_one_success"
     NONE_FAILED = "none_failed"
+    NONE_FAILED_MIN_ONE_SUCCESS = "none_failed_min_one_success"
+    NONE_SKIPPED = "none_skipped"
     ONE_SUCCESS = "one_success"
+    ONE_FAILED = "one_failed"
+    ONE_DONE = "one_done"
+    ALWAYS = "always"
+
+
+# The rules that release a step before all of its parents have ended: the only ones ``cancel_others`` fits.
+EARLY_RULES = frozenset({TriggerRule.ONE_SUCCESS, TriggerRule.ONE_FAILED, TriggerRule.ONE_DONE})
 
 
 class _Frozen(BaseModel):
@@ -183,7 +196,7 @@ class StepSpec(_Frozen):
     registered callable taking the step context (Python workflows' ``condition=`` lambdas end up here). ``cache: false``
     marks a non-deterministic step: it always re-runs when invalidated instead of reusing a result whose inputs match.
     ``priority`` (0 taken last … 3 first) overrides the step's depth as its queue priority (see
-    :mod:`orchestrator.engine.priorities`).
+    :mod:`orchestrator.engine.priorities`). ``repeat`` runs the step as a bounded loop (see :class:`RepeatSpec`).
     """
 
     name: Annotated[str, Field(pattern=STEP_NAME_PATTERN)]
@@ -197,7 +210,9 @@ class StepSpec(_Frozen):
     condition: str | None = Field(default=None, min_length=1, max_length=2000)
     condition_function: str | None = Field(default=None, min_length=1, max_length=200)
     trigger_rule: TriggerRule = TriggerRule.ALL_SUCCESS
+    cancel_others: bool = False
     cache: bool = True
+    repeat: RepeatSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -230,6 +245,32 @@ class StepSpec(_Frozen):
     def _one_condition(self) -> StepSpec:
         if self.condition is not None and self.condition_function is not None:
             raise ValueError("give either condition (an expression) or condition_function, not both")
+        return self
+
+    @field_validator("trigger_rule", mode="before")
+    @classmethod
+    def _known_rule(cls, rule: Any) -> Any:
+        if isinstance(rule, str) and rule not in {r.value for r in TriggerRule}:
+            choices = ", ".join(r.value for r in TriggerRule)
+            raise ValueError(f"unknown trigger rule {rule[:100]!r} (expected one of {choices})")
+        return rule
+
+    @model_validator(mode="after")
+    def _cancel_only_when_early(self) -> StepSpec:
+        if self.cancel_others and self.trigger_rule not in EARLY_RULES:
+            early = ", ".join(sorted(EARLY_RULES))
+            raise WorkflowDefinitionError(
+                f"step {self.name!r}: cancel_others needs a rule that fires before every parent ends ({early}), "
+                f"not {self.trigger_rule.value}",
+                step=self.name,
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _repeatable(self) -> StepSpec:
+        if self.repeat is not None and self.uses == StepKind.APPROVAL:
+            # An approval ends its attempt to wait for a human: a loop would have to park between iterations.
+            raise ValueError("repeat is not supported on approval steps")
         return self
 
     @field_validator("depends_on")
@@ -291,6 +332,11 @@ class WorkflowSpec(_Frozen):
     def graph(self) -> Graph:
         """The dependency graph."""
         return Graph.from_dependencies({s.name: s.depends_on for s in self.steps})
+
+    @cached_property
+    def start_steps(self) -> tuple[str, ...]:
+        """The steps queued when a run starts: the roots, and steps whose rule is ``always``."""
+        return tuple(s.name for s in self.steps if not s.depends_on or s.trigger_rule == TriggerRule.ALWAYS)
 
     @cached_property
     def steps_by_name(self) -> dict[str, StepSpec]:

@@ -90,8 +90,11 @@ def _private(name: Any) -> bool:
     return isinstance(name, str) and (name.startswith("__") or re.match(r"_[A-Za-z][A-Za-z0-9]*__", name) is not None)
 
 
-def check_template(source: str, *, step: str) -> None:
+def check_template(source: str, *, step: str, extra_names: frozenset[str] = frozenset()) -> None:
     """Check that a template parses, reads no Python internals and names only variables a step can see.
+
+    ``extra_names`` are variables this step sees besides the usual ones (a repeated step's ``previous`` and
+    ``iteration``).
 
     Raises:
         WorkflowDefinitionError: Naming the step and the problem.
@@ -105,10 +108,10 @@ def check_template(source: str, *, step: str) -> None:
     name = unsafe_name(tree)
     if name is not None:
         raise WorkflowDefinitionError(f"step {step!r}: template reads the internal attribute {name!r}", step=step)
-    for unknown in sorted(meta.find_undeclared_variables(tree) - _NAMES - set(_ENV.globals)):
+    for unknown in sorted(meta.find_undeclared_variables(tree) - _NAMES - extra_names - set(_ENV.globals)):
         raise WorkflowDefinitionError(
             f"step {step!r}: template refers to {unknown!r}, which is not defined; "
-            f"a template sees {', '.join(sorted(_NAMES))}",
+            f"a template sees {', '.join(sorted(_NAMES | extra_names))}",
             step=step,
         )
     try:
@@ -119,7 +122,9 @@ def check_template(source: str, *, step: str) -> None:
         raise WorkflowDefinitionError(f"step {step!r}: template nests too deeply", step=step) from None
 
 
-def check_static_render(source: str, *, step: str, what: str = "template") -> None:
+def check_static_render(
+    source: str, *, step: str, what: str = "template", extra_names: frozenset[str] = frozenset()
+) -> None:
     """Render a template that reads no variable under the budgets now, so a bomb is refused before a run exists.
 
     Only a template past its allocation budget is refused: any other failure (or one still running after
@@ -128,7 +133,7 @@ def check_static_render(source: str, *, step: str, what: str = "template") -> No
     Raises:
         WorkflowDefinitionError: Naming the step and the limit.
     """
-    if meta.find_undeclared_variables(_ENV.parse(source)) & _NAMES:
+    if meta.find_undeclared_variables(_ENV.parse(source)) & (_NAMES | extra_names):
         return
     try:
         with bounded_evaluation(timeout_s=STATIC_CHECK_TIMEOUT_S):

@@ -6,7 +6,7 @@ templates' budgets too, so a static bomb is refused before a run exists.
 
 from __future__ import annotations
 
-from orchestrator.definition.conditions import check_condition
+from orchestrator.definition.conditions import UNTIL_NAMES, check_condition
 from orchestrator.definition.registry import FunctionRegistry, check_functions, functions
 from orchestrator.definition.spec import ApprovalParams, LLMParams, StepSpec, WorkflowSpec
 from orchestrator.definition.templates import check_static_render, check_template, referenced_steps
@@ -25,15 +25,31 @@ def check_workflow(spec: WorkflowSpec, registry: FunctionRegistry | None = None)
         upstream = spec.graph.ancestors(step.name)
         if step.condition is not None:
             check_condition(step.condition, step=step.name, upstream=upstream)
+        _check_repeat(step, upstream, registry)
+        loop_names = LOOP_NAMES if step.repeat is not None else frozenset()
         for source in _templates(step):
-            check_template(source, step=step.name)
+            check_template(source, step=step.name, extra_names=loop_names)
             for ref in sorted(referenced_steps(source) - upstream):
                 what = "an unknown step" if ref not in spec.steps_by_name else "a step it does not depend on"
                 raise WorkflowDefinitionError(
                     f"step {step.name!r}: template reads steps.{ref}, {what}; add {ref!r} to depends_on",
                     step=step.name,
                 )
-            check_static_render(source, step=step.name)
+            check_static_render(source, step=step.name, extra_names=loop_names)
+
+
+LOOP_NAMES = frozenset({"previous", "iteration"})
+"""What a repeated step's templates see besides ``inputs`` and ``steps``: the last iteration's output and the number."""
+
+
+def _check_repeat(step: StepSpec, upstream: set[str], registry: FunctionRegistry) -> None:
+    if step.repeat is None:
+        return
+    if step.repeat.until is not None:
+        check_condition(step.repeat.until, step=step.name, upstream=upstream, names=UNTIL_NAMES, what="repeat.until")
+    function = step.repeat.until_function
+    if function is not None and function not in registry:
+        raise WorkflowDefinitionError(f"step {step.name!r}: no registered until function {function!r}", step=step.name)
 
 
 def _templates(step: StepSpec) -> list[str]:

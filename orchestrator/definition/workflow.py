@@ -39,9 +39,12 @@ class Step(BaseModel):
     """Fields every step has. Subclass :class:`LLMStep`, :class:`PythonStep` or :class:`NoopStep`.
 
     ``condition`` is a callable on the step context (``lambda ctx: ctx["blog_post"]["word_count"] > 500``) or a
-    safe expression string; ``trigger_rule`` one of ``all_success``, ``all_done``, ``none_failed``, ``one_success``;
-    ``cache=False`` marks a non-deterministic step; ``priority`` (0 taken last … 3 first) overrides its depth as its
-    queue priority.
+    safe expression string; ``trigger_rule`` one of :class:`~orchestrator.definition.spec.TriggerRule` (Airflow's
+    rules: ``all_success``, ``all_done``, ``one_success``, ...); ``cancel_others=True`` on a ``one_*`` rule cancels
+    the parents still running once it fires; ``cache=False`` marks a non-deterministic step; ``priority`` (0 taken
+    last … 3 first) overrides its depth as its queue priority. ``repeat={"until": ..., "max_iterations": N}`` runs it
+    as a bounded loop; ``until`` is a safe expression or, like ``condition``, a callable on the step context
+    (``ctx.output`` is this iteration's output, ``ctx.previous`` and ``ctx.iteration`` as in the step itself).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -55,7 +58,9 @@ class Step(BaseModel):
     priority: int | None = None
     condition: Callable[..., Any] | str | None = None
     trigger_rule: str = "all_success"
+    cancel_others: bool = False
     cache: bool = True
+    repeat: dict[str, Any] | None = None
 
     def params(self) -> dict[str, Any]:
         """The step's ``with:`` parameters in the workflow-file shape."""
@@ -70,6 +75,8 @@ class Step(BaseModel):
             "trigger_rule": self.trigger_rule,
             "cache": self.cache,
         }
+        if self.cancel_others:
+            data["cancel_others"] = True
         if isinstance(self.condition, str):
             data["condition"] = self.condition
         elif self.condition is not None:
@@ -77,6 +84,8 @@ class Step(BaseModel):
             name = f"{workflow}.{self.name}.condition"
             functions.register(self.condition, name, replace=True)
             data["condition_function"] = name
+        if self.repeat is not None:
+            data["repeat"] = self._repeat_data(workflow)
         if isinstance(self.retry, int):
             data["retry"] = {"max_attempts": self.retry}
         elif self.retry is not None:
@@ -89,6 +98,17 @@ class Step(BaseModel):
             data["priority"] = self.priority
         data["with"] = self.params()
         return data
+
+    def _repeat_data(self, workflow: str) -> dict[str, Any]:
+        """``repeat`` in the workflow-file shape; a callable ``until`` is registered as ``WORKFLOW.STEP.until``."""
+        repeat = dict(self.repeat or {})
+        until = repeat.get("until")
+        if callable(until):
+            name = f"{workflow}.{self.name}.until"
+            functions.register(until, name, replace=True)
+            del repeat["until"]
+            repeat["until_function"] = name
+        return repeat
 
 
 class LLMStep(Step):

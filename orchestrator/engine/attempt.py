@@ -22,6 +22,7 @@ from orchestrator.domain import Attempt, Claim, ClaimOutcome, RunStatus, StepOut
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, stop_run
 from orchestrator.engine.coordinator import decide_start, result_key, retry_delay, should_retry, upstream_reads
 from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
+from orchestrator.engine.repeat import run_repeated
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import (
@@ -150,7 +151,10 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
             return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, cache_key=key, cached=True)
         call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, fresh=claim.force, step=attempt.step)
         try:
-            output = runtime.executor.run(step, ctx, call)
+            if step.repeat is not None:
+                output = run_repeated(runtime, step, attempt, ctx, call, key=key, force=claim.force)
+            else:
+                output = runtime.executor.run(step, ctx, call)
         except runtime.interrupts:
             raise RetryableStepError(f"step exceeded its timeout of {step.timeout_s}s", kind="timeout") from None
     except StepDeferred as exc:

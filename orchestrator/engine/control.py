@@ -21,6 +21,7 @@ from orchestrator.domain import (
 )
 from orchestrator.engine.coordinator import failure_summary, plan_resume
 from orchestrator.engine.publisher import StepPublisher
+from orchestrator.engine.triggers import release_rules
 from orchestrator.errors import (
     DecisionRefusedError,
     ErrorRecord,
@@ -34,6 +35,7 @@ from orchestrator.infra.settings import Settings
 from orchestrator.principals import TIMEOUT_PRINCIPAL, reserved_message
 from orchestrator.state import keys
 from orchestrator.state.base import StateStore
+from orchestrator.telemetry import tracing
 
 DEADLINE_REASON = "the workflow deadline passed"
 log = logging.getLogger(__name__)
@@ -52,7 +54,8 @@ def record_outcome(
     cache_key: str = "",
     cached: bool = False,
 ) -> bool:
-    """Record a step attempt's final outcome, dispatch the children it released, announce the run's end.
+    """Record a step attempt's final outcome, dispatch the children it released, interrupt the parents a
+    ``cancel_others`` child cancelled, announce the run's end.
 
     Returns:
         ``False`` when the attempt was stale and nothing was recorded.
@@ -67,6 +70,7 @@ def record_outcome(
         cache_key=cache_key,
         cached=cached,
         grace_s=settings.queued_grace_s,
+        rules=release_rules(spec, attempt.step),
     )
     if not result.recorded:
         return False
@@ -75,10 +79,28 @@ def record_outcome(
     publisher.publish(
         spec, run_id=attempt.run_id, steps=result.released, generation=attempt.generation, task_ids=result.task_ids
     )
+    if result.cancelled:
+        # Parents a cancel_others step overtook: interrupted as a run cancel interrupts its steps. A queued one
+        # finds itself cancelled when claimed and never starts.
+        log.info("%s: cancelled %s", attempt.run_id, ", ".join(step for step, _ in result.cancelled))
+        publisher.revoke([task for _, task in result.cancelled if task])
     if result.run_status is not None:
         log.info("run %s %s", attempt.run_id, result.run_status)
         store.announce(attempt.run_id, f"run_{result.run_status}", spec.name)
+        trace_run_end(store, attempt.run_id)
     return True
+
+
+def trace_run_end(store: StateStore, run_id: str) -> None:
+    """Record the ended run's root span when this process traces (one more read of the run); never raises."""
+    if not tracing.enabled():
+        return
+    try:
+        fields = store.run_fields(run_id)
+    except Exception as exc:
+        log.warning("tracing: run %s ended but could not be read for its root span: %s", run_id, exc)
+        return
+    tracing.run_ended(run_id, fields)
 
 
 def _deployed(pinned: WorkflowSpec) -> WorkflowSpec | None:
@@ -208,6 +230,7 @@ def stop_run(
     result = store.stop(run_id, status, reason, tuple(s.name for s in spec.steps), generation)
     if result.outcome == StopOutcome.OK:
         store.announce(run_id, f"run_{status.value}", spec.name)
+        trace_run_end(store, run_id)
     publisher.revoke([task for _, task in result.interrupted if task])
     return result
 

@@ -18,36 +18,27 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from orchestrator.definition.spec import LLMParams, RetryPolicy, StepKind, StepSpec, TriggerRule, WorkflowSpec
+from orchestrator.definition.spec import LLMParams, RetryPolicy, StepKind, StepSpec, WorkflowSpec
 from orchestrator.definition.templates import referenced_steps
 from orchestrator.domain import ResumePlan, RunStatus, StepOutcome, StepStatus
+from orchestrator.engine.triggers import Verdict, decide
 from orchestrator.errors import WorkflowDefinitionError
-
-_FAILED = {StepStatus.FAILED.value, StepStatus.UPSTREAM_FAILED.value, StepStatus.CANCELLED.value}
-_SKIPPED = {StepStatus.SKIPPED.value}
 
 
 def decide_start(step: StepSpec, parent_status: Mapping[str, str]) -> StepOutcome | None:
-    """Whether a released step runs, by its trigger rule and its parents' final statuses.
+    """Whether a released step runs, by its trigger rule and its parents' statuses (see :mod:`.triggers`).
 
     Returns:
         ``None`` to run it (its condition, if any, is checked next), else the outcome to record without running:
         ``upstream_failed`` or ``skipped``.
     """
-    statuses = [parent_status.get(p, "") for p in step.depends_on]
-    failed = any(s in _FAILED for s in statuses)
-    skipped = any(s in _SKIPPED for s in statuses)
-    rule = step.trigger_rule
-    if rule == TriggerRule.ALL_DONE or not statuses:
-        return None
-    if rule == TriggerRule.ONE_SUCCESS:
-        if any(s == StepStatus.SUCCEEDED.value for s in statuses):
-            return None
-        return StepOutcome.UPSTREAM_FAILED if failed else StepOutcome.SKIPPED
-    if failed:
-        return StepOutcome.UPSTREAM_FAILED
-    if skipped and rule == TriggerRule.ALL_SUCCESS:
+    verdict = decide(step.trigger_rule, [parent_status.get(p, "") for p in step.depends_on])
+    if verdict == Verdict.SKIPPED:
         return StepOutcome.SKIPPED
+    if verdict == Verdict.UPSTREAM_FAILED:
+        return StepOutcome.UPSTREAM_FAILED
+    # WAIT cannot reach a claim: a step is released only once its rule has decided (by a qualifying parent, or
+    # its last one). Should it ever, running is the answer that loses no work.
     return None
 
 
@@ -56,18 +47,19 @@ _READS: dict[tuple[str, str], tuple[str, ...]] = {}
 
 def upstream_reads(spec: WorkflowSpec, step: str) -> tuple[str, ...]:
     """The steps whose status and output a step's attempt loads: its parents, plus every ancestor for ``python``
-    steps and condition functions, else the ancestors its templates and condition name (a long chain of ``llm``
-    steps then stays linear in cost)."""
+    steps and condition or until functions, else the ancestors its templates, condition and until name (a long
+    chain of ``llm`` steps then stays linear in cost)."""
     key = (spec.definition_hash, step)
     cached = _READS.get(key)
     if cached is not None:
         return cached
     step_spec = spec.steps_by_name[step]
     wanted = set(step_spec.depends_on)
-    if step_spec.uses == StepKind.PYTHON or step_spec.condition_function:
+    repeat = step_spec.repeat
+    if step_spec.uses == StepKind.PYTHON or step_spec.condition_function or (repeat and repeat.until_function):
         wanted |= spec.graph.ancestors(step)
     else:
-        sources = [step_spec.condition or ""]
+        sources = [step_spec.condition or "", repeat.until or "" if repeat else ""]
         if isinstance(step_spec.params, LLMParams):
             sources += [step_spec.params.prompt, step_spec.params.system or ""]
         for source in sources:
@@ -149,7 +141,8 @@ def plan_resume(
     Without ``from_step``: every step that did not succeed. With it: that step, its transitive dependents, and
     every step that did not succeed; its ancestors and siblings keep their results. ``changed`` steps (under a new
     definition, which ``spec`` then is) are reset with their dependents, and result keys decide what really runs.
-    A reset step is ``queued`` when all of its parents keep their results, else ``pending`` on the reset parents.
+    A reset step is ``queued`` when all of its parents keep their results or its trigger rule is met already (a
+    ``one_success`` step with a kept parent, an ``always`` step), else ``pending`` on the reset parents.
 
     Raises:
         WorkflowDefinitionError: When ``from_step`` is not a step of the workflow.
@@ -169,8 +162,12 @@ def plan_resume(
     resets = []
     for name in graph.topological_order:
         if name in reset:
-            pending = sum(1 for parent in graph.parents[name] if parent in reset)
-            resets.append((name, StepStatus.QUEUED.value if pending == 0 else StepStatus.PENDING.value, pending))
+            parents = graph.parents[name]
+            pending = sum(1 for parent in parents if parent in reset)
+            # Kept parents succeeded; reset ones are unfinished again. A one_* or always rule may be met already.
+            kept = ["" if parent in reset else StepStatus.SUCCEEDED.value for parent in parents]
+            ready = pending == 0 or decide(spec.steps_by_name[name].trigger_rule, kept) == Verdict.RUN
+            resets.append((name, StepStatus.QUEUED.value if ready else StepStatus.PENDING.value, pending))
     return ResumePlan(
         expected_generation=generation,
         allowed_statuses=allowed,

@@ -42,6 +42,7 @@ class EventType(StrEnum):
     STEP_CANCELLED = "step_cancelled"
     STEP_LOST = "step_lost"
     STEP_WAITING = "step_waiting"
+    STEP_ITERATION = "step_iteration"
 
     @property
     def ends_run(self) -> bool:
@@ -138,6 +139,9 @@ class ProgressListener:
     def on_step_waiting(self, event: Event) -> None:
         """A step waits for a human decision."""
 
+    def on_step_iteration(self, event: Event) -> None:
+        """A repeated step finished an iteration (checkpointed); ``event.data`` has ``iteration`` and ``until_met``."""
+
     def on_event(self, event: Event) -> None:
         """Every event, before its specific callback."""
 
@@ -159,6 +163,7 @@ _CALLBACKS = {
     EventType.STEP_SKIPPED: "on_step_skipped",
     EventType.STEP_CANCELLED: "on_step_cancelled",
     EventType.STEP_WAITING: "on_step_waiting",
+    EventType.STEP_ITERATION: "on_step_iteration",
     EventType.RUN_SUCCEEDED: "on_workflow_complete",
     EventType.RUN_FAILED: "on_workflow_complete",
     EventType.RUN_CANCELLED: "on_workflow_complete",

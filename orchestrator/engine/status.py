@@ -7,6 +7,7 @@ can describe them on Python 3.11; the value is a plain dict, serialised as it is
 """
 
 import json
+import time
 from typing import Any, NotRequired
 
 from typing_extensions import TypedDict
@@ -62,6 +63,8 @@ class StepView(TypedDict):
         cost: An LLM step's cost in US dollars at list prices.
         deferrals: Times it waited for a shared LLM rate limit or cool-down (never counted as attempts).
         deferred: While it waits so: the deferral record and ``until`` (ISO 8601).
+        iterations: A repeated step's finished iterations (the latest checkpoint's number; 0 before the first).
+        until_met: A repeated step's ``until`` held after its latest iteration.
     """
 
     status: StepStatus
@@ -80,6 +83,8 @@ class StepView(TypedDict):
     cost: NotRequired[float]
     deferrals: NotRequired[int]
     deferred: NotRequired[dict[str, Any]]
+    iterations: NotRequired[int]
+    until_met: NotRequired[bool]
 
 
 class BudgetView(TypedDict):
@@ -170,6 +175,9 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
             output_tokens += int(usage.get("output_tokens", 0))
             if isinstance(output, dict) and output.get("cost_usd") is not None:
                 view["cost"] = round(float(output["cost_usd"]), 9)
+        if step.repeat is not None:
+            view["iterations"] = int(fields.get(p + "iterations") or 0)
+            view["until_met"] = fields.get(p + "until_met") == "1"
         if fields.get(p + "deferrals"):
             # Times the step waited for a shared LLM rate limit or cool-down (never counted as attempts).
             view["deferrals"] = int(fields[p + "deferrals"])
@@ -222,14 +230,90 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
     return view_run
 
 
-def run_summary(row: dict[str, str]) -> dict[str, Any]:
-    """One run in a listing (``orchestrator runs``, ``GET /runs``), from its summary fields."""
-    return {
+class RunSummary(TypedDict):
+    """One run in a listing (``orchestrator runs``, ``GET /runs``, the web page's runs list).
+
+    Attributes:
+        run_id: The run.
+        workflow: The workflow's name.
+        version: The workflow's version.
+        status: Where the run is (as stored: a run waiting for a human reads ``running`` here).
+        generation: 1, plus one per resume.
+        created_at: When it was submitted (ISO 8601, UTC, microseconds).
+        started_at: When it started; ``finished_at``: when it ended, ``None`` while it goes on.
+        duration_s: Seconds from ``started_at`` to ``finished_at``, or to now while the run goes on
+            (``finished_at`` is ``None`` then); ``None`` before it started.
+        error: The status JSON's ``error``: one line saying why it failed, was cancelled or timed out, else ``None``.
+        cost: What the provider billed the run in US dollars, every attempt included; ``None`` when it made no
+            paid LLM call.
+        usage: Input and output tokens billed over those calls, when any.
+        llm_calls: Paid LLM calls, when any.
+    """
+
+    run_id: str
+    workflow: str
+    version: int
+    status: str
+    generation: int
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    duration_s: float | None
+    error: str | None
+    cost: float | None
+    usage: NotRequired[TokenUsage]
+    llm_calls: NotRequired[int]
+
+
+MAX_LIST_OFFSET = 100_000
+"""The furthest a run listing pages (``offset``): a deeper page would read that many runs to find its start."""
+
+
+class RunPage(TypedDict):
+    """A page of a run listing: its runs, where it starts, its size and where the next starts (``None``: last)."""
+
+    runs: list[RunSummary]
+    offset: int
+    limit: int
+    next_offset: int | None
+
+
+def run_summary(row: dict[str, str], now: float | None = None) -> RunSummary:
+    """One run in a listing, from the fields ``StateStore.run_summaries`` read.
+
+    Args:
+        row: The run's summary fields.
+        now: Epoch seconds now, for the duration of a run still going (default: the clock).
+    """
+    started, finished = row.get("started_at") or row.get("created_at"), row.get("finished_at")
+    end = float(finished) if finished else (time.time() if now is None else now)
+    summary: RunSummary = {
         "run_id": row["run_id"],
         "workflow": row["workflow"],
         "version": int(row["version"] or 1),
         "status": row["status"] or "pending",
         "generation": int(row["gen"] or 1),
         "created_at": iso(row["created_at"]),
-        "finished_at": iso(row["finished_at"]),
+        "started_at": iso(started),
+        "finished_at": iso(finished),
+        "duration_s": round(max(end - float(started), 0.0), 6) if started else None,
+        "error": _summary_error(row),
+        "cost": None,
     }
+    calls = int(row.get("llm_calls") or 0)
+    if calls or row.get("llm_spent_nusd"):
+        summary["cost"] = from_nano_usd(int(row.get("llm_spent_nusd") or 0))
+        summary["llm_calls"] = calls
+    input_tokens, output_tokens = int(row.get("llm_input_tokens") or 0), int(row.get("llm_output_tokens") or 0)
+    if input_tokens or output_tokens:
+        summary["usage"] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    return summary
+
+
+def _summary_error(row: dict[str, str]) -> str | None:
+    """The run's one-line error as ``run_view`` words it (the first failed step's error, for a failed run)."""
+    if row.get("error"):
+        return row["error"]
+    if row.get("status") == "failed" and row.get("first_failure"):
+        return failure_summary(row["first_failure"], _json(row.get("failure_error")))
+    return None

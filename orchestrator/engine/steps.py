@@ -33,6 +33,9 @@ class StepContext(Mapping[str, Any]):
         inputs: The run's inputs.
         outputs: Each dependency's output.
         params: The ``args`` of a ``python`` step.
+        iteration: A repeated step's 1-based iteration, else ``None``.
+        previous: A repeated step's previous iteration's output (``None`` in the first).
+        output: This iteration's output, for a repeated step's ``until`` callable (``None`` elsewhere).
     """
 
     run_id: str
@@ -41,6 +44,9 @@ class StepContext(Mapping[str, Any]):
     inputs: Mapping[str, Any]
     outputs: Mapping[str, Any]
     params: Mapping[str, Any] = field(default_factory=dict)
+    iteration: int | None = None
+    previous: Any = None
+    output: Any = None
 
     def __getitem__(self, key: str) -> Any:
         return self.outputs[key]
@@ -52,13 +58,17 @@ class StepContext(Mapping[str, Any]):
         return len(self.outputs)
 
     def template_context(self) -> dict[str, Any]:
-        """The variables a template sees: ``inputs``, ``steps.NAME.output``, ``run_id``, ``attempt``."""
-        return {
+        """The variables a template sees: ``inputs``, ``steps.NAME.output``, ``run_id``, ``attempt``; a repeated
+        step's also ``iteration`` and ``previous``."""
+        variables = {
             "inputs": dict(self.inputs),
             "steps": {name: {"output": out} for name, out in self.outputs.items()},
             "run_id": self.run_id,
             "attempt": self.attempt,
         }
+        if self.iteration is not None:
+            variables.update(iteration=self.iteration, previous=self.previous)
+        return variables
 
 
 class StepExecutor:
@@ -109,14 +119,37 @@ class StepExecutor:
                 timeout_s=self._template_timeout(step),
             )
         if step.condition_function is not None:
-            try:
-                fn = self.functions.get(step.condition_function)
-                return bool(fn(ctx))
-            except Exception as exc:
-                raise NonRetryableStepError(
-                    f"condition {step.condition_function!r} raised {type(exc).__name__}: {exc}", kind="condition_error"
-                ) from None
+            return self._predicate(step.condition_function, ctx, "condition")
         return True
+
+    def until_met(self, step: StepSpec, ctx: StepContext, output: Any) -> bool:
+        """Whether a repeated step's ``until`` holds after the iteration ``ctx`` names returned ``output``.
+
+        Raises:
+            NonRetryableStepError: When ``until`` raises; the step then fails with the cause.
+        """
+        repeat = step.repeat
+        assert repeat is not None, f"step {step.name!r} does not repeat"
+        if repeat.until_function is not None:
+            return self._predicate(repeat.until_function, replace(ctx, output=output), "until")
+        assert repeat.until is not None
+        return evaluate_condition(
+            repeat.until,
+            inputs=dict(ctx.inputs),
+            outputs=dict(ctx.outputs),
+            timeout_s=self._template_timeout(step),
+            extra={"output": output, "previous": ctx.previous, "iteration": ctx.iteration},
+            what="repeat.until",
+        )
+
+    def _predicate(self, name: str, ctx: StepContext, what: str) -> bool:
+        try:
+            fn = self.functions.get(name)
+            return bool(fn(ctx))
+        except Exception as exc:
+            raise NonRetryableStepError(
+                f"{what} {name!r} raised {type(exc).__name__}: {exc}", kind="condition_error"
+            ) from None
 
     def approval_message(self, params: ApprovalParams, ctx: StepContext) -> str | None:
         """Render an approval step's message (``None`` when it has none).
@@ -145,13 +178,15 @@ class StepExecutor:
     def _template_timeout(self, step: StepSpec) -> float:
         return min(self.template_timeout_s, step.timeout_s) if step.timeout_s else self.template_timeout_s
 
-    def run(self, step: StepSpec, ctx: StepContext, call: CallContext) -> Any:
-        """Run one attempt and return its JSON-serialisable output.
+    def run(self, step: StepSpec, ctx: StepContext, call: CallContext, deadline: float | None = None) -> Any:
+        """Run one attempt (or one iteration of a repeated step) and return its JSON-serialisable output.
 
         Args:
             step: The step.
             ctx: What it sees.
             call: The run's LLM budget and workflow name, for ``llm`` steps.
+            deadline: When the attempt's ``timeout_s`` runs out (``time.monotonic()``), for an ``llm`` step whose
+                attempt began earlier (a repeated step's later iterations); by default it starts now.
 
         Raises:
             StepDeferred: An LLM step must wait for a shared rate limit or a cool-down.
@@ -163,7 +198,7 @@ class StepExecutor:
                 call = replace(call, reply_cache="off")
             else:
                 call = replace(call, reply_cache=step.params.reply_cache)
-            output = self._run_llm(step, step.params, ctx, call)
+            output = self._run_llm(step, step.params, ctx, call, deadline)
         elif isinstance(step.params, PythonParams):
             output = self._run_python(step.params, ctx)
         else:
@@ -171,10 +206,13 @@ class StepExecutor:
         self._check_size(output)
         return output
 
-    def _run_llm(self, step: StepSpec, params: LLMParams, ctx: StepContext, call: CallContext) -> dict[str, Any]:
+    def _run_llm(
+        self, step: StepSpec, params: LLMParams, ctx: StepContext, call: CallContext, deadline: float | None
+    ) -> dict[str, Any]:
         # Celery's soft time limit cannot interrupt a thread (LLM steps run on the threads pool), so the step's
         # timeout is one deadline for the whole attempt: rendering stops at it, each LLM call gets what is left.
-        deadline = time.monotonic() + step.timeout_s if step.timeout_s else None
+        if deadline is None and step.timeout_s:
+            deadline = time.monotonic() + step.timeout_s
         variables = ctx.template_context()
         limits: dict[str, Any] = {
             "max_chars": self.max_prompt_bytes,
@@ -253,7 +291,7 @@ class StepExecutor:
             fn = self.functions.get(params.function)
         except WorkflowDefinitionError as exc:
             raise NonRetryableStepError(str(exc), kind="unknown_function") from None
-        call_ctx = StepContext(ctx.run_id, ctx.step, ctx.attempt, ctx.inputs, ctx.outputs, params.args)
+        call_ctx = replace(ctx, params=params.args)
         passthrough: tuple[type[BaseException], ...] = (StepError, *self.interrupts)
         try:
             return fn(call_ctx, **params.args)

@@ -22,9 +22,16 @@ from orchestrator.state import keys
 __all__ = ["ReplyCache", "request_digest"]
 
 
-def request_digest(request: LLMRequest) -> str:
-    """The content hash of what decides a reply: model, system, prompt, max_tokens and temperature."""
-    body = [request.model, request.system, request.prompt, request.max_tokens, request.temperature]
+def request_digest(request: LLMRequest, iteration: int | None = None) -> str:
+    """The content hash of what decides a reply: model, system, prompt, max_tokens and temperature.
+
+    A repeated step's ``iteration`` is part of it: two iterations asking the same thing each get their own reply
+    (a loop sampling until a reply passes must not be answered its first reply again), while the same iteration
+    asked again after a lost worker is answered from the cache.
+    """
+    body: list[Any] = [request.model, request.system, request.prompt, request.max_tokens, request.temperature]
+    if iteration is not None:
+        body.append(iteration)
     return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -38,6 +38,8 @@ class CallContext:
         fresh: Ask the provider even if a reply is stored (``resume --from`` names the step: the user wants a new
             answer); the new reply is stored as usual.
         step: The step calling (with the run and the request, it names the caller's booking in a rate limit).
+        iteration: A repeated step's iteration: part of the reply cache's key (see
+            :func:`~orchestrator.llm.cache.request_digest`).
     """
 
     run_id: str
@@ -46,6 +48,7 @@ class CallContext:
     reply_cache: str = "run"
     fresh: bool = False
     step: str = ""
+    iteration: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class _Settlement:
     cost: float
     billed: bool
     cooldown: float
+    tokens_in_out: tuple[int, int] = (0, 0)
 
 
 class LLMGateway:
@@ -110,7 +114,7 @@ class LLMGateway:
             NonRetryableStepError: ``budget_exceeded``, or the provider's permanent errors.
             RetryableStepError: The provider's transient errors (a ``retry-after`` also cools the model down).
         """
-        digest = request_digest(request)
+        digest = request_digest(request, ctx.iteration)
         shared = ctx.reply_cache == "shared"
         if self.cache is not None and ctx.reply_cache != "off" and not ctx.fresh:
             stored = self.cache.get(ctx.run_id, digest, shared=shared)
@@ -153,7 +157,8 @@ class LLMGateway:
             raise
         finally:
             # Settling the call and storing its reply take one round trip together.
-            settle = _Settlement(tokens, int(used), worst_case, cost, billed, cooldown)
+            in_out = (response.usage.input_tokens, response.usage.output_tokens) if response is not None else (0, 0)
+            settle = _Settlement(tokens, int(used), worst_case, cost, billed, cooldown, in_out)
             self._close(request, ctx, settle, digest=digest, response=response, shared=shared)
         assert response is not None
         self._record(ctx, request, response, duration_s=time.monotonic() - started, cost=priced)
@@ -217,6 +222,7 @@ class LLMGateway:
                 cost_usd=settle.cost,
                 billed=settle.billed,
                 cooldown_s=settle.cooldown,
+                tokens_in_out=settle.tokens_in_out,
                 pipe=pipe,
             )
         if cache is not None and response is not None:

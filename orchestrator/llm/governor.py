@@ -187,11 +187,13 @@ class RedisGovernor:
         cost_usd: float,
         billed: bool,
         cooldown_s: float = 0.0,
+        tokens_in_out: tuple[int, int] = (0, 0),
         pipe: Pipeline | None = None,
     ) -> None:
         """Close an admitted call: charge its real tokens and cost, and start a cool-down if the provider asked.
 
         Args:
+            tokens_in_out: The reply's input and output tokens, added to the run's totals when ``billed``.
             pipe: Queue the commands on this pipeline, for the caller to run with :meth:`execute` (so the reply can
                 be stored in the same round trip); by default they run at once.
         """
@@ -200,7 +202,7 @@ class RedisGovernor:
         if limit.tpm or cooldown_s > 0:
             args: list[Any] = [limit.tpm, tokens_estimated, tokens_used, 0, cooldown_s]
             queue.evalsha(self._settle.sha, 1, keys.llm_limiter_key(model), *args)
-        args = ["settle", to_nano_usd(worst_case_usd), to_nano_usd(cost_usd), "1" if billed else "0"]
+        args = ["settle", to_nano_usd(worst_case_usd), to_nano_usd(cost_usd), "1" if billed else "0", *tokens_in_out]
         queue.evalsha(self._budget.sha, 1, keys.run_key(run_id), *args)
         if pipe is None:
             self.execute(queue)

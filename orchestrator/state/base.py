@@ -17,7 +17,9 @@ from orchestrator.domain import (
     Decision,
     DecisionResult,
     FinishResult,
+    IterationCheckpoint,
     ReclaimedStep,
+    ReleaseRules,
     ResumePlan,
     ResumeResult,
     RunStatus,
@@ -25,7 +27,26 @@ from orchestrator.domain import (
     StopResult,
 )
 
-SUMMARY_FIELDS = ("run_id", "workflow", "version", "status", "gen", "created_at", "finished_at")
+SUMMARY_FIELDS = (
+    "run_id",
+    "workflow",
+    "version",
+    "status",
+    "gen",
+    "created_at",
+    "finished_at",
+    "started_at",
+    "error",
+    "first_failure",
+    "llm_spent_nusd",
+    "llm_calls",
+    "llm_input_tokens",
+    "llm_output_tokens",
+)
+"""The run fields a listing reads (one ``HMGET`` per run); :meth:`StateStore.run_summaries` adds ``failure_error``."""
+
+MAX_SUBMITTED_DEFINITIONS = 1000
+"""Submitted definitions :meth:`StateStore.submitted_definitions` remembers, the most recently submitted."""
 
 
 class StateStore(Protocol):
@@ -50,7 +71,7 @@ class StateStore(Protocol):
         ...
 
     def save_definition(self, spec: WorkflowSpec) -> None:
-        """Store a workflow definition under its ``definition_hash`` (refreshing its TTL)."""
+        """Store a workflow definition under its ``definition_hash`` (refreshing its TTL) and note it as submitted."""
         ...
 
     def load_definition(self, definition_hash: str) -> WorkflowSpec:
@@ -92,8 +113,15 @@ class StateStore(Protocol):
         """
         ...
 
-    def list_run_ids(self, limit: int = 100) -> list[str]:
-        """Run ids, newest first, at most ``limit`` of them."""
+    def list_run_ids(self, limit: int = 100, offset: int = 0) -> list[str]:
+        """Run ids, newest first, at most ``limit`` of them after skipping the ``offset`` newest."""
+        ...
+
+    def submitted_definitions(self) -> list[dict[str, Any]]:
+        """Definitions submitted lately, most recent first (the newest ``MAX_SUBMITTED_DEFINITIONS``, while kept).
+
+        Each is ``{"name", "version", "definition_hash", "first_submitted", "last_submitted"}`` (epoch seconds).
+        """
         ...
 
     def mark_dispatch_failed(self, run_id: str, message: str) -> None:
@@ -129,15 +157,22 @@ class StateStore(Protocol):
         cache_key: str = "",
         cached: bool = False,
         grace_s: float = 300.0,
+        rules: ReleaseRules | None = None,
     ) -> FinishResult:
-        """Record a running attempt's final outcome and release the children whose last parent this was.
+        """Record a running attempt's final outcome and release the children it decides.
+
+        A child is released (``queued``) when this was its last unfinished parent, or at once when its ``one_*``
+        rule fires on this outcome (``rules.early``); only while it is still ``pending``, so it is queued exactly
+        once however its parents race. A child with ``cancel_others`` released early cancels its other parents
+        still unfinished (``FinishResult.cancelled``, to interrupt); they end as ``cancelled`` for their own children.
 
         A success stores ``output`` and ``cache_key`` (an empty ``output`` with ``cached`` keeps the stored output:
         a result reused on resume); any other outcome clears the output.
 
-        ``error`` is also appended to the step's ``errors``. ``failed`` and ``upstream_failed`` count as failures;
-        the first ``failed`` step is remembered as ``first_failure``. When this was the run's last step the run
-        becomes ``failed`` (any failure) or ``succeeded`` and is kept for the retention period from now. The
+        ``error`` is also appended to the step's ``errors``. A ``failed`` or ``upstream_failed`` leaf (no children)
+        counts as a failure of the run, as in Airflow (the run's state follows its leaves); the first ``failed`` step
+        is remembered as ``first_failure``. When this was the run's last step the run becomes ``failed`` (a failed
+        leaf) or ``succeeded`` and is kept for the retention period from now. The
         attempt leaves the lease index in every case. Each released child enters it under a fresh task id
         (``FinishResult.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish, or a
         message lost in the broker, leaves the sweeper a step to send again.
@@ -279,7 +314,11 @@ class StateStore(Protocol):
         ...
 
     def run_summaries(self, run_ids: list[str]) -> list[dict[str, str]]:
-        """``run_id, workflow, version, status, gen, created_at, finished_at`` of each run still kept, in order."""
+        """The :data:`SUMMARY_FIELDS` of each run still kept, in order (``""`` for a field not set).
+
+        A failed run with a ``first_failure`` step but no run ``error`` also gets ``failure_error``: that step's error
+        record (JSON), read in a second round trip for those runs only.
+        """
         ...
 
     def events(self, run_id: str, after: int = 0, count: int | None = None) -> list[Event]:
@@ -292,6 +331,23 @@ class StateStore(Protocol):
 
     def announce(self, run_id: str, event_type: str, workflow: str) -> None:
         """Append a run-level event to the global stream dashboards follow."""
+        ...
+
+    def record_iteration(self, attempt: Attempt, checkpoint: IterationCheckpoint) -> bool:
+        """Checkpoint a finished iteration of a running attempt's repeated step, replacing the one before.
+
+        Guarded as :meth:`finish` is: the attempt must still own the running step in its generation. The step's
+        ``iterations`` and ``until_met`` fields follow the checkpoint, and a ``step_iteration`` event (data
+        ``{"iteration": N, "until_met": BOOL}``, the step's attempt number) tells it. The checkpoint outlives the
+        attempt (retries, a lost worker, a resume all continue from it) and expires with the run.
+
+        Returns:
+            ``False`` when the attempt is stale; nothing changed then.
+        """
+        ...
+
+    def iteration_checkpoint(self, run_id: str, step: str) -> IterationCheckpoint | None:
+        """The step's latest checkpointed iteration, or ``None`` when it has none (or the run is gone)."""
         ...
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
@@ -307,3 +363,55 @@ def success_detail(output: Any) -> str:
     if output.get("reply_cached"):
         detail["reply_cached"] = True
     return json.dumps(detail, separators=(",", ":"))
+
+
+def rules_json(rules: ReleaseRules | None) -> str:
+    """``ReleaseRules`` as ``finish.lua`` reads them ('' when no child fires early)."""
+    if rules is None or not rules.early:
+        return ""
+    data = {
+        "early": {c: list(on) for c, on in rules.early.items()},
+        "cancel": {c: list(parents) for c, parents in rules.cancel.items()},
+        "after": {p: [[g, list(on)] for g, on in pairs] for p, pairs in rules.after.items()},
+    }
+    return json.dumps(data, separators=(",", ":"))
+
+
+def releasable(children: tuple[str, ...], rules: ReleaseRules | None) -> tuple[str, ...]:
+    """Every step a finish may release: its children, and the children of the parents it may cancel."""
+    more = [g for pairs in (rules.after.values() if rules else ()) for g, _ in pairs]
+    return tuple(dict.fromkeys([*children, *more]))
+
+
+def needs_failure_error(row: dict[str, str]) -> bool:
+    """Whether a summary row is of a failed run whose one-line error must come from its first failed step."""
+    return row.get("status") == "failed" and not row.get("error") and bool(row.get("first_failure"))
+
+
+def submitted_record(definition_hash: str, last_submitted: float, record: dict[str, Any]) -> dict[str, Any]:
+    """One entry of :meth:`StateStore.submitted_definitions`, from its index score and record."""
+    return {
+        "name": str(record["name"]),
+        "version": int(record["version"]),
+        "definition_hash": definition_hash,
+        "first_submitted": float(record["first_submitted"]),
+        "last_submitted": float(last_submitted),
+    }
+
+
+LOOP_FIELDS = ("iterations", "until_met", "loop_key", "loop_gen", "loop_output")
+"""The step fields a loop checkpoint writes (``iterations`` and ``until_met`` are also the status JSON's)."""
+
+
+def checkpoint_from(row: list[str | None]) -> IterationCheckpoint | None:
+    """A checkpoint from its step fields (in :data:`LOOP_FIELDS` order), or ``None`` when the step has none."""
+    iterations, met, key, generation, output = row
+    if not iterations or output is None:
+        return None
+    return IterationCheckpoint(
+        iteration=int(iterations),
+        output=json.loads(output),
+        until_met=met == "1",
+        key=key or "",
+        generation=generation or "",
+    )

@@ -14,6 +14,10 @@ APPROVALS = f"{PREFIX}:approvals"
 RUNS_INDEX = f"{PREFIX}:runs"
 SWEEPER_LOCK = f"{PREFIX}:sweeper:lock"
 EVENTS = f"{PREFIX}:events"
+# Definitions submitted lately (``orchestrator workflows``): hash -> last submitted (a sorted set) and hash -> its
+# name, version and first submit (a hash); one hash tag, so one script keeps both.
+SUBMITTED_DEFINITIONS = f"{PREFIX}:{{defs}}:submitted"
+SUBMITTED_RECORDS = f"{PREFIX}:{{defs}}:records"
 
 
 def run_key(run_id: str) -> str:

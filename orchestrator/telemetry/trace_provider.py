@@ -1,10 +1,15 @@
 """This process's OpenTelemetry tracer, built once from the standard environment (and again after a fork).
 
 ``OTEL_SDK_DISABLED=true`` turns tracing off. ``OTEL_TRACES_EXPORTER`` lists exporters: ``otlp`` (OTLP over HTTP,
-batched), ``console``, ``none``. When it is unset, ``otlp`` is used only if ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+batched on a background thread), ``console`` (JSON on stderr, never stdout, which belongs to the command's output),
+``none``. When it is unset, ``otlp`` is used only if ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set: unlike the SDK's default, nothing configured means no provider at all,
 so a step pays nothing for tracing. The SDK itself reads ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
 ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*`` and ``OTEL_EXPORTER_OTLP_*`` (endpoint, headers, timeout, compression).
+
+At exit (and when a worker's pool process stops) what is still batched is flushed within ``ORCH_TRACE_FLUSH_S``
+seconds (default 1, at most 30): an unreachable collector costs a command that long at most, and one log line
+(see :mod:`.otlp_export`).
 
 ``ORCH_TRACE_FILE=/path`` (ours, for tests and debugging) also appends every finished span to that file as one JSON
 line, synchronously, so the spans of many processes can be read back together.
@@ -15,11 +20,15 @@ its own setup; the span context is shared all the same, so other instrumentation
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
+import math
 import os
+import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -37,12 +46,17 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
+from orchestrator.telemetry.otlp_export import QuietOTLPExporter
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_SERVICE_NAME", "SpanFileExporter", "configure", "forced_ids", "reset", "shutdown", "tracer"]
 
 #: Used when neither ``OTEL_SERVICE_NAME`` nor ``OTEL_RESOURCE_ATTRIBUTES`` names the service.
 DEFAULT_SERVICE_NAME = "llm-orchestrator"
+#: Seconds the last flush may take at exit, unless ``ORCH_TRACE_FLUSH_S`` says otherwise (at most ``MAX_FLUSH_S``).
+DEFAULT_FLUSH_S = 1.0
+MAX_FLUSH_S = 30.0
 
 _SCOPE = "orchestrator"
 # Ids the next new trace and span must take: set only while starting a run's root span.
@@ -55,7 +69,7 @@ def tracer() -> trace.Tracer | None:
         with _setup.lock:
             if not _setup.done:
                 try:
-                    _install(_processors_from_env(os.environ))
+                    _install(_processors_from_env(os.environ), _flush_budget(os.environ))
                 except Exception:
                     log.warning("tracing: could not be set up from the environment; it stays off", exc_info=True)
                     _setup.done = True
@@ -79,9 +93,11 @@ def reset() -> None:
 
 
 def shutdown(**_: object) -> None:
-    """Flush and close this process's exporters (a worker's pool process calls this as it exits)."""
-    if _setup.provider is not None:
-        _setup.provider.shutdown()
+    """Flush and close this process's exporters within ``ORCH_TRACE_FLUSH_S``.
+
+    Called at exit, and by a worker's pool process as it stops (those leave through ``os._exit``).
+    """
+    _close(_setup.processors, _setup.flush_s)
 
 
 @contextlib.contextmanager
@@ -147,23 +163,26 @@ class _Setup:
     done: bool = False
     provider: TracerProvider | None = None
     tracer: trace.Tracer | None = None
+    processors: list[SpanProcessor] = field(default_factory=list)
+    flush_s: float = DEFAULT_FLUSH_S
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _setup = _Setup()
 
 
-def _install(processors: list[SpanProcessor]) -> None:
+def _install(processors: list[SpanProcessor], flush_s: float = DEFAULT_FLUSH_S) -> None:
     _setup.done = True
     if not processors:
         return
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    provider = TracerProvider(resource=resource, id_generator=_RunIds())
+    # The SDK's own exit hook would flush without a deadline: ours bounds it (see shutdown).
+    provider = TracerProvider(resource=resource, id_generator=_RunIds(), shutdown_on_exit=False)
     for processor in processors:
         provider.add_span_processor(processor)
-    _setup.provider = provider
+    _setup.provider, _setup.processors, _setup.flush_s = provider, processors, flush_s
     _setup.tracer = provider.get_tracer(_SCOPE)
     # Prefork pool processes leave through os._exit, skipping atexit: flush on Celery's signal too.
     from celery.signals import worker_process_shutdown
@@ -171,19 +190,34 @@ def _install(processors: list[SpanProcessor]) -> None:
     worker_process_shutdown.connect(shutdown, weak=False, dispatch_uid="orchestrator.tracing.shutdown")
 
 
+def _close(processors: list[SpanProcessor], budget_s: float) -> None:
+    """Shut the processors down, the batching ones' exporters told to be done within ``budget_s``."""
+    deadline = time.monotonic() + budget_s
+    for processor in processors:
+        exporter = getattr(processor, "span_exporter", None)
+        if isinstance(exporter, QuietOTLPExporter):
+            exporter.finish_within(deadline - time.monotonic())
+    for processor in processors:
+        try:
+            processor.shutdown()
+        except Exception:
+            log.warning("tracing: a span processor failed to shut down", exc_info=True)
+    processors.clear()
+
+
 def _drop() -> None:
-    if _setup.provider is not None:
-        _setup.provider.shutdown()
-    _setup.done, _setup.provider, _setup.tracer = False, None, None
+    _close(_setup.processors, _setup.flush_s)
+    _setup.done, _setup.provider, _setup.tracer, _setup.processors = False, None, None, []
 
 
 def _forget_after_fork() -> None:
     # The parent's export thread does not exist in a forked child, and its lock may be held: start afresh.
-    _setup.done, _setup.provider, _setup.tracer = False, None, None
+    _setup.done, _setup.provider, _setup.tracer, _setup.processors = False, None, None, []
     _setup.lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(shutdown)
 
 
 def _processors_from_env(env: Mapping[str, str]) -> list[SpanProcessor]:
@@ -197,7 +231,8 @@ def _processors_from_env(env: Mapping[str, str]) -> list[SpanProcessor]:
         if name == "otlp":
             processors.append(BatchSpanProcessor(_otlp_exporter(env)))
         elif name == "console":
-            processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
+            # stdout is the command's own output (``submit --json`` must stay JSON).
+            processors.append(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
         elif name != "none":
             log.warning("tracing: unknown OTEL_TRACES_EXPORTER %r ignored (known: otlp, console, none)", name)
     if env.get("ORCH_TRACE_FILE"):
@@ -211,4 +246,32 @@ def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
         log.warning("tracing: OTLP protocol %r is not installed; exporting with http/protobuf", protocol)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter()
+    return QuietOTLPExporter(lambda timeout: OTLPSpanExporter(timeout=timeout), _otlp_endpoint(env))
+
+
+def _otlp_endpoint(env: Mapping[str, str]) -> str:
+    """Where the OTLP exporter sends spans, as it works it out from the same variables."""
+    if traces := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        return traces
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+    return base.rstrip("/") + "/v1/traces"
+
+
+def _flush_budget(env: Mapping[str, str]) -> float:
+    """``ORCH_TRACE_FLUSH_S``: seconds, from 0 to ``MAX_FLUSH_S``; anything else is reported and the default used."""
+    raw = env.get("ORCH_TRACE_FLUSH_S", "").strip()
+    if not raw:
+        return DEFAULT_FLUSH_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_FLUSH_S:
+        log.warning(
+            "tracing: ORCH_TRACE_FLUSH_S=%r is not a number of seconds from 0 to %g; using %g",
+            raw[:40],
+            MAX_FLUSH_S,
+            DEFAULT_FLUSH_S,
+        )
+        return DEFAULT_FLUSH_S
+    return value

@@ -5,8 +5,14 @@ the run's trace without storing anything. Context travels in the Celery message 
 
 * a dispatch made inside an attempt span of the same run (a finishing step releasing its children) sends that span,
   so children hang under the step that released them; a retry re-sends the headers of its first delivery;
-* any other dispatch (submit, sweeper, resume, approvals) sends nothing, and the worker falls back to the run's root
-  span context — which :func:`run_span` records for real when the client that submits the run traces too.
+* a submission made by a producer that traces sends its ``submit WORKFLOW`` span (:func:`submit_span`), itself a
+  child of the run's root;
+* any other dispatch (an untraced producer, the sweeper, resume, approvals) sends nothing, and the worker falls back
+  to the run's root span context.
+
+The root span itself, ``run WORKFLOW``, is recorded by the engine when the run first ends (:func:`run_ended`), by
+whichever process ends it, from the run's creation to its end: it exists in the backend whoever submitted the run,
+and lasts as long as the run. Until then a backend shows the steps under a parent it has not received yet.
 
 Spans carry the GenAI semantic-convention attributes (``gen_ai.*``) and the orchestrator's (``orchestrator.*``);
 each LLM call is also a ``chat MODEL`` child span of its attempt.
@@ -23,6 +29,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextvars import Token
+from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -41,11 +48,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "attempt_span",
     "dispatch_headers",
+    "enabled",
     "parent_context",
     "record_llm_call",
+    "run_ended",
     "run_root",
-    "run_span",
     "run_trace_id",
+    "submit_span",
 ]
 
 #: The GenAI ``gen_ai.system`` of every LLM call: the offline provider stands in for Anthropic's API.
@@ -55,6 +64,7 @@ TRACEPARENT = "traceparent"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _LLM_TOTALS = otel_context.create_key("orchestrator.llm_totals")
 _NOTHING = contextlib.nullcontext()
+_FAILED_RUN = frozenset({"failed", "timed_out"})
 
 
 # --- ids and parents ------------------------------------------------------------------------------------------------
@@ -138,37 +148,71 @@ def record_llm_call(record: LLMCallRecord) -> None:
     span.end(end_time=end)
 
 
-@contextlib.contextmanager
-def run_span(run_id: str, workflow: str) -> Iterator[None]:
-    """Record the run's root span (``run WORKFLOW``, with the id :func:`run_root` derives) around its submission.
+def enabled() -> bool:
+    """Whether this process traces (the environment, or :func:`.trace_provider.configure`, turned it on)."""
+    return trace_provider.tracer() is not None
 
-    Dispatches made inside carry it, so the first steps hang under a real root. A no-op when tracing is off; never
-    raises on its own account.
+
+@contextlib.contextmanager
+def submit_span(run_id: str, workflow: str) -> Iterator[None]:
+    """Record the submission as ``submit WORKFLOW``, a producer span under the run's root, around its first dispatch.
+
+    Dispatches made inside carry it, so the first steps hang under it. When the submission happens inside another
+    trace (a web request …) that span is linked, never the parent, so a run stays one trace. A no-op when tracing is
+    off; never raises on its own account.
     """
     tracer = trace_provider.tracer()
     if tracer is None:
         yield
         return
     try:
-        root = run_root(run_id)
         links = []
         caller = trace.get_current_span().get_span_context()
         if caller.is_valid:
-            # Submitted from inside another trace (a web request …): linked, never the parent, so a run stays a trace.
             links.append(trace.Link(caller))
-        attributes = {"orchestrator.run_id": run_id, "orchestrator.workflow": workflow}
-        with trace_provider.forced_ids(root.trace_id, root.span_id):
-            span: trace.Span | None = tracer.start_span(
-                f"run {workflow}", context=otel_context.Context(), links=links, attributes=attributes
-            )
+        span: trace.Span | None = tracer.start_span(
+            f"submit {workflow}",
+            context=trace.set_span_in_context(trace.NonRecordingSpan(run_root(run_id)), otel_context.Context()),
+            kind=SpanKind.PRODUCER,
+            links=links,
+            attributes={"orchestrator.run_id": run_id, "orchestrator.workflow": workflow},
+        )
     except Exception:
-        log.warning("tracing: could not start the root span of run %s", run_id, exc_info=True)
+        log.warning("tracing: could not start the submit span of run %s", run_id, exc_info=True)
         span = None
     if span is None:
         yield
         return
     with trace.use_span(span, end_on_exit=True):
         yield
+
+
+def run_ended(run_id: str, fields: Mapping[str, str]) -> None:
+    """Record the run's root span ``run WORKFLOW`` (with the id :func:`run_root` derives), from creation to end.
+
+    ``fields`` are the run's stored fields once it has ended (``workflow``, ``status``, ``gen``, ``created_at``,
+    ``finished_at``, epoch seconds). Only the first generation's end records it: a resumed run's later steps hang
+    under the same root, which a backend must receive once. A no-op when tracing is off; never raises.
+    """
+    tracer = trace_provider.tracer()
+    if tracer is None or fields.get("gen", "1") != "1":
+        return
+    try:
+        status = fields.get("status", "")
+        workflow = fields.get("workflow", "")
+        start = _epoch_ns(fields["created_at"])
+        end = max(start, _epoch_ns(fields["finished_at"]) if fields.get("finished_at") else time.time_ns())
+        attributes = {"orchestrator.run_id": run_id, "orchestrator.workflow": workflow, "orchestrator.status": status}
+        root = run_root(run_id)
+        with trace_provider.forced_ids(root.trace_id, root.span_id):
+            span = tracer.start_span(
+                f"run {workflow}", context=otel_context.Context(), attributes=attributes, start_time=start
+            )
+        if status in _FAILED_RUN:
+            span.set_status(Status(StatusCode.ERROR, fields.get("first_failure") or status))
+        span.end(end_time=end)
+    except Exception:
+        log.warning("tracing: could not record the root span of run %s", run_id, exc_info=True)
 
 
 class _LLMTotals:
@@ -259,6 +303,11 @@ class _AttemptSpan:
             span.set_attribute("error.type", type(exc).__qualname__)
             span.set_status(Status(StatusCode.ERROR, type(exc).__qualname__))
         span.end()
+
+
+def _epoch_ns(seconds: str) -> int:
+    # Through Decimal: a float has no nanoseconds left at today's epoch.
+    return int(Decimal(seconds) * 1_000_000_000)
 
 
 def _gen_ai(model: str, input_tokens: int, output_tokens: int, response_model: str | None = None) -> dict[str, Any]:

@@ -5,7 +5,8 @@ served with (``GET /runs``, ``GET /runs/{id}``, ``GET /runs/{id}/events``, cance
 app with ``app.include_router(orchestrator.web.router)``:
 
 - ``GET /`` — the runs list.
-- ``GET /ui/runs/{run_id}`` — one run: its DAG coloured live from the SSE stream, step details, cancel and resume.
+- ``GET /ui/runs/{run_id}`` — one run: its DAG coloured live from the SSE stream, a timeline of its attempts, cost,
+  tokens and budget, step details, cancel and resume.
 - ``GET /ui/static/{name}`` — the page's scripts and stylesheet.
 
 The routes stay out of the OpenAPI schema: they are pages, not API.
@@ -27,8 +28,11 @@ _ASSETS = {
     "app.css": "text/css; charset=utf-8",
     "common.js": "text/javascript; charset=utf-8",
     "dag.js": "text/javascript; charset=utf-8",
+    "gantt.js": "text/javascript; charset=utf-8",
+    "layout.js": "text/javascript; charset=utf-8",
     "run.js": "text/javascript; charset=utf-8",
     "runs.js": "text/javascript; charset=utf-8",
+    "summary.js": "text/javascript; charset=utf-8",
 }
 
 # Scripts and styles only from this origin, no inline script, no frames: data shown on the page can never run.

@@ -209,6 +209,59 @@ def test_listing_filters_by_workflow_and_status_newest_first(
     assert all(r["workflow"] == name and r["created_at"] for r in everything)
 
 
+def test_listing_pages_by_offset_with_a_next_link_and_carries_duration_and_a_failed_runs_error(
+    api: httpx.Client, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    name = f"api_page_{unique}"
+    ok = [client.submit(workflow(name, py("a", "tests.count_calls"))) for _ in range(2)]
+    broken = client.submit(workflow(name, py("a", "tests.fail")))
+    for run_id in [*ok, broken]:
+        client.wait(run_id, timeout=30)
+
+    first = api.get("/runs", params={"workflow": name, "limit": 2})
+    second = api.get(first.links["next"]["url"])
+    failed = api.get("/runs", params={"workflow": name, "status": "failed"}).json()
+    bad = api.get("/runs", params={"offset": -1})
+    too_deep = api.get("/runs", params={"offset": 10**9})
+
+    assert first.status_code == 200, first.text
+    page = first.json()
+    assert [r["run_id"] for r in page["runs"]] == [broken, ok[1]]
+    assert (page["offset"], page["limit"], page["next_offset"]) == (0, 2, 2)
+    assert "prev" not in first.links
+    assert second.status_code == 200, second.text
+    assert [r["run_id"] for r in second.json()["runs"]] == [ok[0]]
+    assert second.json()["next_offset"] is None
+    assert "next" not in second.links
+    assert "offset=0" in second.links["prev"]["url"]
+    (row,) = failed["runs"]
+    assert row["run_id"] == broken
+    assert row["error"] == client.status(broken)["error"]
+    assert row["error"].startswith("step 'a' failed")
+    assert row["duration_s"] >= 0
+    assert row["started_at"]
+    assert row["cost"] is None
+    assert all(r["error"] is None for r in page["runs"][1:])
+    for answer in (bad, too_deep):
+        assert answer.status_code == 422
+        assert "offset" in answer.json()["detail"]
+
+
+def test_workflows_also_lists_the_definitions_submitted_lately(
+    api: httpx.Client, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    definition = {**workflow(f"api_sub_{unique}", py("a", "tests.count_calls")), "version": 4}
+    run_id = api.post("/runs", json={"definition": definition}).json()["run_id"]
+    finished(api, run_id)
+
+    submitted = api.get("/workflows").json()["submitted"]
+
+    entry = next(e for e in submitted if e["name"] == f"api_sub_{unique}")
+    assert entry["version"] == 4
+    assert entry["definition_hash"] == client.status(run_id)["definition_hash"]
+    assert entry["first_submitted"] <= entry["last_submitted"]
+
+
 def test_workflows_lists_the_registered_ones_with_hash_and_steps(api: httpx.Client, client: Client) -> None:
     listed = {(w["name"], w["version"]): w for w in api.get("/workflows").json()["workflows"]}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -409,3 +410,118 @@ def test_runs_lists_recent_runs_newest_first_filtered_by_workflow_and_status(
     assert [(r["run_id"], r["version"], r["status"]) for r in failed] == [(second, 2, "failed")]
     assert table.returncode == 0
     assert second[:8] in table.stdout
+
+
+def _llm_file(tmp_path: Path, name: str, *, version: int = 1, budget: str = "") -> str:
+    """A one-step LLM workflow (the offline provider answers it, with token usage and a list price)."""
+    return write(
+        tmp_path / f"{name}_{version}.yaml",
+        f"name: {name}\nversion: {version}\n{budget}steps:\n"
+        "  - {name: draft, uses: llm, with: {prompt: 'Write about queues', model: claude-haiku-4-5, max_tokens: 80}}\n",
+    )
+
+
+def test_runs_shows_duration_cost_tokens_and_a_failed_runs_error_and_pages_newest_first(
+    redis_url: str, workers: LocalWorkers, client: Client, tmp_path: Path, unique: str
+) -> None:
+    name = f"costed_{unique}"
+    paid = client.submit(load_workflow_file(_llm_file(tmp_path, name)))
+    client.wait(paid, timeout=60)
+    broken = write(
+        tmp_path / "broken.yaml",
+        f"name: {name}\nversion: 2\nsteps:\n  - {{name: broken, uses: python, with: {{function: tests.fail}}}}\n",
+    )
+    failed = client.submit(load_workflow_file(broken))
+    view = client.wait(failed, timeout=60)
+
+    listed = json.loads(orchestrator("runs", "--workflow", name, "--json", redis_url=redis_url).stdout)
+    first_page = json.loads(
+        orchestrator("runs", "--workflow", name, "--limit", "1", "--json", redis_url=redis_url).stdout
+    )
+    second_page = orchestrator(
+        "runs", "--workflow", name, "--limit", "1", "--offset", "1", "--json", redis_url=redis_url
+    )
+    only_failed = orchestrator("runs", "--workflow", name, "--status", "failed", redis_url=redis_url)
+    table = orchestrator("runs", "--workflow", name, "--limit", "1", redis_url=redis_url)
+
+    assert [r["run_id"] for r in listed] == [failed, paid]
+    newest, oldest = listed
+    assert newest["error"] == view["error"]
+    assert "broken" in newest["error"]
+    assert newest["cost"] is None
+    paid_view = client.status(paid)
+    assert oldest["cost"] == paid_view["cost"] > 0
+    assert oldest["llm_calls"] == 1
+    assert oldest["usage"]["input_tokens"] > 0
+    assert oldest["usage"]["output_tokens"] > 0
+    assert oldest["error"] is None
+    assert ISO_UTC_MICROS.match(oldest["started_at"])
+    assert 0 <= oldest["duration_s"] < 60
+    assert [r["run_id"] for r in first_page] == [failed]
+    assert second_page.returncode == 0, second_page.stderr
+    assert [r["run_id"] for r in json.loads(second_page.stdout)] == [paid]
+    assert only_failed.returncode == 0, only_failed.stderr
+    assert failed in only_failed.stdout
+    assert paid not in only_failed.stdout
+    assert "broken" in only_failed.stdout, "the failed run's error is a column"
+    for column in ("started", "duration", "cost", "tokens", "error"):
+        assert column in table.stdout
+    assert "orchestrator runs --offset 1 --limit 1" in table.stdout, "the table says how to see the next page"
+
+
+def test_runs_refuses_a_negative_offset_naming_it(redis_url: str) -> None:
+    proc = orchestrator("runs", "--offset", "-1", redis_url=redis_url)
+    assert proc.returncode != 0
+    assert "--offset" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_version_prints_the_installed_package_version(redis_url: str) -> None:
+    proc = orchestrator("--version", redis_url=redis_url)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"orchestrator {importlib.metadata.version('llm-orchestrator')}"
+
+
+def test_workflows_lists_a_workflow_submitted_as_a_file_once_no_run_is_in_flight(
+    redis_url: str, workers: LocalWorkers, client: Client, tiny_file: str, unique: str
+) -> None:
+    run_id = orchestrator("submit", tiny_file, redis_url=redis_url).stdout.strip()
+    assert client.wait(run_id, timeout=30)["status"] == "succeeded"
+
+    rows = json.loads(orchestrator("workflows", "--json", redis_url=redis_url).stdout)
+    table = orchestrator("workflows", redis_url=redis_url)
+
+    (row,) = [r for r in rows if r["name"] == f"tiny_{unique}"]
+    spec = load_workflow_file(tiny_file)
+    assert (row["version"], row["definition_hash"], row["source"], row["in_flight"]) == (
+        1,
+        spec.definition_hash,
+        "submitted",
+        0,
+    )
+    assert row["last_submitted"] > 0
+    assert f"tiny_{unique}" in table.stdout
+    assert spec.definition_hash[:12] in table.stdout
+
+
+def test_status_and_watch_show_each_steps_cost_and_tokens_and_the_budget_left(
+    redis_url: str, workers: LocalWorkers, client: Client, tmp_path: Path, unique: str
+) -> None:
+    path = _llm_file(tmp_path, f"budgeted_{unique}", budget="budget_usd: 0.5\n")
+    run_id = client.submit(load_workflow_file(path))
+    view = client.wait(run_id, timeout=60)
+    assert view["status"] == "succeeded"
+    cost, usage = view["steps"]["draft"]["cost"], view["steps"]["draft"]["usage"]
+
+    shown = orchestrator("status", run_id, redis_url=redis_url)
+    watched = orchestrator("watch", run_id, redis_url=redis_url)
+
+    assert shown.returncode == 0, shown.stderr
+    tokens = f"{usage['input_tokens']} in / {usage['output_tokens']} out"
+    for output in (shown.stdout, watched.stdout):
+        assert f"${cost:.4f}" in output
+        assert tokens in output
+        assert f"budget left ${0.5 - view['cost']:.4f} of $0.5000" in output
+        assert "duration" in output
+    assert watched.returncode == 0, watched.stderr

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import uvicorn
+import yaml
 from fastapi import FastAPI
 
 from orchestrator import Client, Settings
@@ -25,7 +26,7 @@ from orchestrator.api import ApiAuth, create_app
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.web import router as web_router
 from tests.conftest import ARTIFACTS, IN_CI
-from tests.integration.helpers import py, workflow
+from tests.integration.helpers import llm, py, workflow
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -155,7 +156,7 @@ def test_the_run_page_draws_the_dag_and_colours_each_step_live_until_all_succeed
     for name in steps:
         expect(page.locator(f'[data-step="{name}"]')).to_have_attribute("data-status", "succeeded", timeout=WAIT_MS)
     expect(page.locator("#run-status")).to_have_text("succeeded", timeout=WAIT_MS)
-    expect(page.locator("#progress-text")).to_have_text("4 of 4 steps done")
+    expect(page.locator("#progress-text")).to_have_text("4 succeeded")
 
     # Layers by longest path, left to right: fetch | outline, facts | write.
     x = {name: _left(page, name) for name in steps}
@@ -170,6 +171,48 @@ def test_the_run_page_draws_the_dag_and_colours_each_step_live_until_all_succeed
     expect(page.locator("#resume-from")).to_be_enabled()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-run.png"), full_page=True)
+
+
+def test_the_runs_list_shows_cost_duration_and_a_failed_runs_error_filters_by_status_and_pages(
+    page: Page, base_url: str, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    expect = _expect()
+    name = f"web_list_{unique}"
+    paid = [client.submit(workflow(name, llm("draft"))) for _ in range(2)]
+    broken = client.submit(workflow(name, py("a", "tests.fail")))
+    for run_id in [*paid, broken]:
+        client.wait(run_id, timeout=60)
+    cost = client.status(paid[1])["cost"]
+    error = client.status(broken)["error"]
+
+    page.goto(f"{base_url}/?workflow={name}&limit=2")
+
+    rows = page.locator("#runs tbody tr")
+    expect(rows).to_have_count(2, timeout=WAIT_MS)
+    expect(rows.nth(0)).to_have_attribute("data-run-id", broken)
+    expect(rows.nth(0).locator(".run-error")).to_have_text(error)
+    expect(rows.nth(1)).to_have_attribute("data-run-id", paid[1])
+    expect(rows.nth(1).locator(".cost")).to_have_text(f"${cost:.4f}")
+    expect(rows.nth(1)).to_contain_text(" s")
+    expect(rows.nth(1)).to_contain_text(" in / ")
+    expect(page.locator("#page-prev")).to_be_disabled()
+
+    page.locator("#page-next").click()
+    expect(rows).to_have_count(1, timeout=WAIT_MS)
+    expect(rows.nth(0)).to_have_attribute("data-run-id", paid[0])
+    assert "offset=2" in page.url
+    expect(page.locator("#page-next")).to_be_disabled()
+    page.locator("#page-prev").click()
+    expect(rows).to_have_count(2, timeout=WAIT_MS)
+
+    page.locator("#filter-status").select_option("failed")
+    expect(rows).to_have_count(1, timeout=WAIT_MS)
+    expect(rows.nth(0)).to_have_attribute("data-run-id", broken)
+    assert "status=failed" in page.url
+    assert "offset" not in page.url
+    page.reload()
+    expect(page.locator("#filter-status")).to_have_value("failed")
+    expect(rows).to_have_count(1, timeout=WAIT_MS)
 
 
 def test_cancel_and_resume_on_the_run_page_control_a_long_run(
@@ -304,6 +347,203 @@ def test_an_approval_step_waits_on_the_run_page_until_an_approver_decides_there(
     assert output == {"approved": True, "decision": "approve", "by": "editor", "comment": "Looks good"}
 
 
+def test_the_run_page_shows_cost_tokens_budget_left_and_duration_per_run_and_per_step(
+    page: Page, base_url: str, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    expect = _expect()
+    spec = workflow(f"web_cost_{unique}", llm("research"), llm("draft", "research", latency=0.3), budget_usd=0.5)
+    run_id = client.submit(spec)
+    page.goto(f"{base_url}/ui/runs/{run_id}")
+    expect(page.locator("#run-status")).to_have_text("succeeded", timeout=WAIT_MS)
+    status = client.status(run_id)
+    cost, usage = status["cost"], status["usage"]
+    assert cost > 0, status
+    assert usage["input_tokens"] > 0, status
+
+    # The figures follow the run's events (the status JSON is fetched again as steps finish); both sides print the
+    # shortest decimal that round-trips, so the attribute is the status JSON's float.
+    expect(page.locator("#run-cost")).to_have_attribute("data-usd", repr(cost), timeout=WAIT_MS)
+    expect(page.locator("#run-cost")).to_have_text(re.compile(r"^Cost \$0\.\d+$"))
+    expect(page.locator("#run-tokens")).to_have_text(
+        f"Tokens {usage['input_tokens']:,} in / {usage['output_tokens']:,} out"
+    )
+    expect(page.locator("#budget-left")).to_have_attribute("data-usd", repr(0.5 - cost))
+    expect(page.locator("#budget-left")).to_contain_text("of $0.5000")
+    expect(page.locator("#duration")).to_have_text(re.compile(r"^Duration \d+\.\d s$"))
+
+    # Per step: duration and cost on the box, cost and tokens in the panel.
+    draft = status["steps"]["draft"]
+    expect(page.locator('[data-step="draft"] .step-facts')).to_have_text(
+        re.compile(r"^\d+\.\d s · \$0\.\d+ · \d+ tok$")
+    )
+    page.locator('[data-step="draft"]').click()
+    facts = page.locator("#panel-facts")
+    expect(facts).to_contain_text(f"{draft['usage']['input_tokens']:,} in / {draft['usage']['output_tokens']:,} out")
+    expect(facts).to_contain_text("Cost$0.")
+    expect(facts).to_contain_text(re.compile(r"Duration\d+\.\d s"))
+
+
+def test_the_timeline_draws_a_bar_per_attempt_with_its_queue_wait_and_the_critical_path(
+    page: Page, base_url: str, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    expect = _expect()
+    retry = {"max_attempts": 3, "backoff_s": 0.2, "jitter": False}
+    spec = workflow(
+        f"web_gantt_{unique}",
+        llm("research", latency=0.2),
+        llm("draft", "research", errors=("server_error",), latency=0.2, retry=retry),
+        py("aside", "tests.sleep", seconds=0.0),
+    )
+    run_id = client.submit(spec)
+    page.goto(f"{base_url}/ui/runs/{run_id}")
+    expect(page.locator("#run-status")).to_have_text("succeeded", timeout=WAIT_MS)
+    assert client.status(run_id)["steps"]["draft"]["attempts"] == 2
+
+    runs = page.locator('#gantt .gantt-run[data-name="draft"]')
+    expect(runs).to_have_count(2)
+    assert [runs.nth(i).get_attribute("data-attempt") for i in range(2)] == ["1", "2"]
+    assert [runs.nth(i).get_attribute("data-outcome") for i in range(2)] == ["retry", "succeeded"]
+    # Each attempt waited in the queue first (the retry's wait includes its back-off), then ran.
+    queued = page.locator('#gantt .gantt-queue[data-name="draft"]')
+    expect(queued).to_have_count(2)
+    # Read in one go: the timeline is redrawn (its bars replaced) whenever the page learns something new.
+    boxes = page.evaluate(
+        """() => {
+             const box = (sel, i) => {
+               const r = document.querySelectorAll(sel)[i].getBoundingClientRect();
+               return {x: r.x, width: r.width};
+             };
+             const runs = '#gantt .gantt-run[data-name="draft"]', queued = '#gantt .gantt-queue[data-name="draft"]';
+             return [box(runs, 0), box(queued, 1), box(runs, 1)];
+           }"""
+    )
+    first_run, retry_wait, second_run = boxes
+    edge = 3  # px: bars have outlines
+    assert first_run["x"] + first_run["width"] <= retry_wait["x"] + edge
+    assert retry_wait["x"] + retry_wait["width"] <= second_run["x"] + edge
+    expect(page.locator('#gantt .gantt-run[data-name="research"]')).to_have_count(1)
+    # The chain that decided the run's end: research → draft, not the step on the side.
+    expect(page.locator("#gantt .gantt-row.critical")).to_have_count(2)
+    for name in ("research", "draft"):
+        expect(page.locator(f'#gantt .gantt-row.critical[data-name="{name}"]')).to_have_count(1)
+    expect(page.locator('#dag [data-step="draft"].critical')).to_have_count(1)
+    page.screenshot(path=str(ARTIFACTS / "web-timeline.png"), full_page=True)
+
+
+def test_a_failed_run_shows_its_progress_by_outcome(
+    page: Page, base_url: str, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    expect = _expect()
+    fine = [py(name, "tests.sleep", seconds=0.0) for name in ("a", "b", "c", "d")]
+    spec = workflow(f"web_failed_{unique}", *fine, py("bad", "tests.fail"), py("after", "tests.sleep", "bad"))
+    run_id = client.submit(spec)
+    page.goto(f"{base_url}/ui/runs/{run_id}")
+    expect(page.locator("#run-status")).to_have_text("failed", timeout=WAIT_MS)
+    expect(page.locator("#progress-text")).to_have_text("4 succeeded, 1 failed, 1 upstream failed")
+    segments = page.locator("#progress .segment")
+    expect(segments).to_have_count(3)
+    # Read in one go: the page redraws the bar when the status JSON is fetched again, detaching old segments.
+    shares = page.evaluate(
+        """() => [...document.querySelectorAll("#progress .segment")].map(
+             (s) => [s.dataset.status, s.dataset.count, s.getBoundingClientRect().width])"""
+    )
+    assert [(status, count) for status, count, _ in shares] == [
+        ("succeeded", "4"),
+        ("failed", "1"),
+        ("upstream_failed", "1"),
+    ]
+    widths = [width for _, _, width in shares]
+    assert widths[0] == pytest.approx(4 * widths[1], rel=0.1)
+    assert widths[1] == pytest.approx(widths[2], rel=0.1)
+
+
+# Every edge's path, sampled every 2 px: the points inside a box other than its own two ends.
+_EDGES_THROUGH_BOXES = """() => {
+  const boxes = [...document.querySelectorAll("#dag [data-step]")].map((g) => {
+    const m = g.transform.baseVal.consolidate().matrix;
+    const r = g.querySelector("rect").getBBox();
+    return { name: g.dataset.step, x: m.e + r.x, y: m.f + r.y, w: r.width, h: r.height };
+  });
+  const hits = [];
+  for (const path of document.querySelectorAll("#dag path.edge")) {
+    const length = path.getTotalLength();
+    for (let at = 0; at <= length; at += 2) {
+      const p = path.getPointAtLength(at);
+      for (const b of boxes) {
+        if (b.name === path.dataset.from || b.name === path.dataset.to) continue;
+        if (p.x > b.x + 1 && p.x < b.x + b.w - 1 && p.y > b.y + 1 && p.y < b.y + b.h - 1) {
+          hits.push(`${path.dataset.from} → ${path.dataset.to} crosses ${b.name}`);
+        }
+      }
+    }
+  }
+  return [...new Set(hits)];
+}"""
+
+
+def _overlapping(page: Page) -> list[tuple[str, str]]:
+    boxes = {}
+    for node in page.locator("#dag [data-step]").all():
+        box = node.locator("rect").bounding_box()
+        assert box is not None
+        boxes[node.get_attribute("data-step") or ""] = box
+    names = sorted(boxes)
+    return [
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if boxes[a]["x"] < boxes[b]["x"] + boxes[b]["width"]
+        and boxes[b]["x"] < boxes[a]["x"] + boxes[a]["width"]
+        and boxes[a]["y"] < boxes[b]["y"] + boxes[b]["height"]
+        and boxes[b]["y"] < boxes[a]["y"] + boxes[a]["height"]
+    ]
+
+
+def test_no_edge_runs_behind_a_box_it_does_not_join(page: Page, base_url: str, client: Client, unique: str) -> None:
+    expect = _expect()
+    example = yaml.safe_load((Path(__file__).parents[2] / "examples" / "content_pipeline.yaml").read_text())
+    # A variant with edges that skip layers: translate → publish passes the column of tweet.
+    variant = workflow(
+        "web_edges",
+        py("research", "tests.sleep"),
+        py("draft", "tests.sleep", "research"),
+        py("translate", "tests.sleep", "draft"),
+        py("summary", "tests.sleep", "draft"),
+        py("tweet", "tests.sleep", "summary"),
+        py("thread", "tests.sleep", "tweet"),
+        py("publish", "tests.sleep", "translate", "tweet"),
+        py("archive", "tests.sleep", "research", "thread"),
+    )
+    for spec, inputs in ((example, {"topic": "Redis"}), (variant, {})):
+        run_id = client.submit({**spec, "name": f"{spec['name']}_{unique}"}, inputs)
+        page.goto(f"{base_url}/ui/runs/{run_id}")
+        expect(page.locator("#dag [data-step]")).to_have_count(len(spec["steps"]))
+        expect(page.locator("#dag path.edge")).to_have_count(sum(len(s.get("depends_on", [])) for s in spec["steps"]))
+        assert page.evaluate(_EDGES_THROUGH_BOXES) == [], spec["name"]
+        assert _overlapping(page) == []
+    page.screenshot(path=str(ARTIFACTS / "web-edges.png"), full_page=True)
+
+
+def test_a_twenty_way_fan_out_stays_a_few_rows_high_without_overlaps(
+    page: Page, base_url: str, client: Client, unique: str
+) -> None:
+    expect = _expect()
+    writers = [py(f"writer_{i:02}", "tests.sleep", "plan") for i in range(20)]
+    join = py("merge", "tests.sleep", *(w["name"] for w in writers))
+    run_id = client.submit(workflow(f"web_fan_{unique}", py("plan", "tests.sleep"), *writers, join))
+    page.goto(f"{base_url}/ui/runs/{run_id}")
+    nodes = page.locator("#dag [data-step]")
+    expect(nodes).to_have_count(22)
+    boxes = [box for box in (node.locator("rect").bounding_box() for node in nodes.all()) if box]
+    height = boxes[0]["height"]
+    top = min(b["y"] for b in boxes)
+    bottom = max(b["y"] + b["height"] for b in boxes)
+    assert bottom - top <= 7 * height, f"the fan-out is {(bottom - top) / height:.1f} boxes tall"
+    assert _overlapping(page) == []
+    assert page.evaluate(_EDGES_THROUGH_BOXES) == []
+    page.screenshot(path=str(ARTIFACTS / "web-fan-out.png"), full_page=True)
+
+
 def test_the_web_routes_serve_only_the_page_files_under_a_strict_content_policy() -> None:
     from fastapi.testclient import TestClient
 
@@ -318,6 +558,15 @@ def test_the_web_routes_serve_only_the_page_files_under_a_strict_content_policy(
             for asset in re.findall(r'(?:src|href)="(/ui/static/[^"]+)"', page.text):
                 assert http.get(asset).status_code == 200, f"{path} refers to {asset}, which is not served"
         assert http.get("/ui/static/run.js").headers["content-type"].startswith("text/javascript")
+        # Every module a script imports is served too.
+        for script in ("run.js", "runs.js"):
+            pending, seen = [script], set()
+            while pending:
+                name = pending.pop()
+                source = http.get(f"/ui/static/{name}")
+                assert source.status_code == 200, f"{name} is imported but not served"
+                seen.add(name)
+                pending += [m for m in re.findall(r'from "\./([\w.]+)"', source.text) if m not in seen]
         assert http.get("/ui/static/__init__.py").status_code == 404
         assert http.get("/ui/static/..%2F__init__.py").status_code == 404
     assert app.openapi()["paths"] == {}, "pages stay out of the API's schema"

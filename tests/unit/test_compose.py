@@ -1,4 +1,4 @@
-"""``docker-compose.yml``, its Prometheus and Grafana files and the ``Dockerfile``, checked without a container engine.
+"""``docker-compose.yml``, its Prometheus, Grafana and collector files and the ``Dockerfile``, checked offline.
 
 The compose spec's JSON schema catches malformed files. What it cannot see is checked here against the repository:
 services named in ``depends_on``, commands and modules named on command lines, the variables the file requires, the
@@ -43,7 +43,10 @@ PROMETHEUS_FILE = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 ORCHESTRATOR_SERVICES = {"worker-llm", "worker-cpu", "sweeper", "api", "flower"}
 WORKERS = {"worker-llm", "worker-cpu"}
 SCALABLE = {*WORKERS, "sweeper"}
-MONITORING = {"prometheus", "grafana"}
+MONITORING = {"prometheus", "grafana", "otel-collector"}
+COLLECTOR_FILE = REPO_ROOT / "deploy" / "otel-collector" / "config.yaml"
+# Images with nothing but their program inside (no shell, no HTTP client): no healthcheck can run in them.
+UNPROBEABLE = {"otel-collector"}
 
 # The variables without which `docker compose up` must refuse to start, with stand-in values.
 REQUIRED_ENV = {
@@ -353,6 +356,9 @@ def test_imported_workflow_modules_exist(services: dict[str, dict[str, Any]]) ->
 
 def test_every_long_running_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
+        if name in UNPROBEABLE:
+            assert "healthcheck" not in service, f"{name}'s image cannot run a healthcheck"
+            continue
         check = service.get("healthcheck")
         assert check, f"{name} has no healthcheck"
         assert not check.get("disable")
@@ -493,6 +499,60 @@ def test_the_monitoring_services_refuse_to_start_without_their_secrets(services:
         assert service["entrypoint"] == ["/bin/sh", "-c"]
         assert re.match(rf'test -n "\${variable}" \|\| {{ echo .*; exit 1; }};', script), name
         assert variable in _environment(service)
+
+
+# The OpenTelemetry Collector
+
+
+def _collector_config() -> dict[str, Any]:
+    loaded = yaml.safe_load(COLLECTOR_FILE.read_text(encoding="utf-8"))
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+def test_the_collector_loads_the_repository_config(services: dict[str, dict[str, Any]]) -> None:
+    collector = services["otel-collector"]
+    assert str(collector["image"]).startswith("otel/opentelemetry-collector")
+    config_path = _option(_argv(collector), "--config")
+    assert config_path
+    assert _bind_mounts(collector)[config_path] == "./deploy/otel-collector/config.yaml"
+
+
+def test_the_collector_receives_otlp_over_http_on_4318_and_grpc_on_4317_into_a_complete_pipeline(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    config = _collector_config()
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert _port(protocols["http"]["endpoint"]) == 4318
+    assert _port(protocols["grpc"]["endpoint"]) == 4317
+    assert {4317, 4318} <= _container_ports(services["otel-collector"])
+    pipeline = config["service"]["pipelines"]["traces"]
+    assert "otlp" in pipeline["receivers"]
+    for kind in ("receivers", "processors", "exporters"):
+        for component in pipeline.get(kind, []):
+            assert component in config[kind], f"the traces pipeline names undefined {kind[:-1]} {component!r}"
+    assert pipeline["exporters"], "received spans must go somewhere"
+    for extension in config["service"].get("extensions", []):
+        assert extension in config["extensions"]
+
+
+def test_orchestrator_services_send_spans_to_the_collector_over_http_unless_told_otherwise(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    http_port = _port(_collector_config()["receivers"]["otlp"]["protocols"]["http"]["endpoint"])
+    for name in ORCHESTRATOR_SERVICES:
+        endpoint = urlsplit(_environment(services[name])["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert (endpoint.scheme, endpoint.hostname, endpoint.port) == ("http", "otel-collector", http_port), name
+        # Exports are best effort: nothing may wait for a collector that only runs under a profile.
+        assert "otel-collector" not in services[name].get("depends_on", {})
+    # An empty value (set on purpose) must reach the services, turning tracing off, not fall back to the collector.
+    raw = _raw_compose()["x-orchestrator-env"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    off = _interpolate({"endpoint": raw}, {**REQUIRED_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": ""})
+    assert off == {"endpoint": ""}
 
 
 # The Dockerfile

@@ -27,6 +27,7 @@ from orchestrator.domain import (
     Decision,
     DecisionOutcome,
     DecisionResult,
+    IterationCheckpoint,
     ReclaimedStep,
     ResumeOutcome,
     ResumePlan,
@@ -37,7 +38,7 @@ from orchestrator.domain import (
     StopResult,
 )
 from orchestrator.engine.events import Event
-from orchestrator.engine.status import run_view
+from orchestrator.engine.status import run_summary, run_view
 from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError, StoreUnavailableError
 from orchestrator.state import MemoryStateStore, RedisStateStore, StateStore, keys
 
@@ -1944,3 +1945,100 @@ def test_attempt_numbers_run_on_across_generations_in_claims_events_and_status(b
         ("step_started", 3),
     ]
     assert run_view(backend.store.run_fields("run1"), SINGLE)["steps"]["a"]["attempts"] == again.attempt
+
+
+# -- listings -------------------------------------------------------------------------------------------------------
+
+
+def test_run_ids_page_by_offset_newest_first(backend: Backend) -> None:
+    for run_id in ("r1", "r2", "r3", "r4"):
+        start(backend, SINGLE, run_id)
+        backend.tick()
+    assert backend.store.list_run_ids(limit=2, offset=1) == ["r3", "r2"]
+    assert backend.store.list_run_ids(limit=2, offset=3) == ["r1"]
+    assert backend.store.list_run_ids(limit=2, offset=4) == []
+
+
+def test_a_summary_holds_the_runs_spend_and_a_failed_runs_first_error(backend: Backend) -> None:
+    start(backend, N_SHAPE)
+    error = {"type": "bad_request", "status": 400, "message": "prompt is too long"}
+    a = attempt("a")
+    claim(backend, N_SHAPE, a)
+    finish(backend, N_SHAPE, a, StepOutcome.FAILED, error=error)
+    run_step(backend, N_SHAPE, "b")
+    run_step(backend, N_SHAPE, "d")
+    run_step(backend, N_SHAPE, "c", StepOutcome.UPSTREAM_FAILED)
+
+    (row,) = backend.store.run_summaries(["run1", "gone"])
+
+    assert (row["run_id"], row["status"], row["first_failure"]) == ("run1", "failed", "a")
+    assert json.loads(row["failure_error"]) == error
+    assert row["started_at"]
+    assert row["finished_at"] >= row["started_at"]
+    summary = run_summary(row)
+    assert summary["error"] == run_view(backend.store.run_fields("run1"), N_SHAPE)["error"]
+    assert summary["duration_s"] is not None
+    assert summary["duration_s"] >= 0
+    assert summary["cost"] is None, "no paid LLM call"
+
+
+def test_submitted_definitions_are_listed_most_recent_first_with_their_first_submit(backend: Backend) -> None:
+    backend.store.save_definition(DIAMOND)
+    backend.tick()
+    backend.store.save_definition(SINGLE)
+    backend.tick()
+    backend.store.save_definition(DIAMOND)
+
+    listed = backend.store.submitted_definitions()
+
+    assert [(d["name"], d["version"], d["definition_hash"]) for d in listed] == [
+        ("diamond", 1, DIAMOND.definition_hash),
+        ("single", 1, SINGLE.definition_hash),
+    ]
+    diamond, single = listed
+    assert diamond["first_submitted"] < diamond["last_submitted"]
+    assert single["first_submitted"] == single["last_submitted"] < diamond["last_submitted"]
+
+
+# -- loop checkpoints (repeated steps) -----------------------------------------------------------------------------
+
+
+def test_an_owned_attempt_checkpoints_each_iteration_replacing_the_last_and_tells_it(backend: Backend) -> None:
+    start(backend, SINGLE)
+    a = attempt("a")
+    claim(backend, SINGLE, a)
+    seen = len(backend.store.events("run1"))
+
+    first = IterationCheckpoint(iteration=1, output={"text": "draft"}, until_met=False, key="k1", generation="1")
+    second = IterationCheckpoint(iteration=2, output=[1, {"x": None}], until_met=True, key="k1", generation="1")
+    assert backend.store.record_iteration(a, first)
+    assert backend.store.record_iteration(a, second)
+
+    assert backend.store.iteration_checkpoint("run1", "a") == second
+    assert (step_fields(backend, "a")["iterations"], step_fields(backend, "a")["until_met"]) == ("2", "1")
+    assert told(backend.store.events("run1", after=seen)) == [
+        ("step_iteration", "a", 1, {"iteration": 1, "until_met": False}),
+        ("step_iteration", "a", 1, {"iteration": 2, "until_met": True}),
+    ]
+
+
+def test_a_checkpoint_outlives_its_attempt_but_a_stale_attempt_cannot_write_one(backend: Backend) -> None:
+    start(backend, SINGLE)
+    a = attempt("a", "t1")
+    claim(backend, SINGLE, a)
+    kept = IterationCheckpoint(iteration=1, output="one", until_met=False, key="k", generation="1")
+    assert backend.store.record_iteration(a, kept)
+    assert retry(backend, a)
+    later = IterationCheckpoint(iteration=2, output="two", until_met=False, key="k", generation="1")
+
+    refused = [
+        backend.store.record_iteration(a, later),  # queued again: no longer running
+        backend.store.record_iteration(attempt("a", "t2"), later),
+        backend.store.record_iteration(attempt("a", "t1", generation="2"), later),
+        backend.store.record_iteration(attempt("a", "t1", run_id="nope"), later),
+    ]
+
+    assert refused == [False, False, False, False]
+    assert backend.store.iteration_checkpoint("run1", "a") == kept
+    assert backend.store.iteration_checkpoint("run1", "b") is None
+    assert backend.store.iteration_checkpoint("nope", "a") is None

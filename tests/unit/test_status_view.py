@@ -292,6 +292,8 @@ STEP_FIELDS = {
     "cost",
     "deferrals",
     "deferred",
+    "iterations",
+    "until_met",
 }
 
 
@@ -313,6 +315,7 @@ def test_a_run_using_every_feature_builds_only_fields_its_type_names() -> None:
             "steps": [
                 {"name": "draft", "uses": "llm", "with": {"prompt": "hi"}},
                 {"name": "gate", "uses": "approval", "depends_on": ["draft"], "with": {"approvers": ["alice"]}},
+                {"name": "polish", "uses": "noop", "repeat": {"until": "iteration > 1", "max_iterations": 3}},
             ],
         }
     )
@@ -328,6 +331,9 @@ def test_a_run_using_every_feature_builds_only_fields_its_type_names() -> None:
         keys.step_field("gate", "waiting_since"): repr(T0 + 2),
         keys.step_field("gate", "decision"): json.dumps(decision),
         keys.step_field("gate", "audit"): json.dumps(audit),
+        **step_fields("polish", "succeeded", 1),
+        keys.step_field("polish", "iterations"): "2",
+        keys.step_field("polish", "until_met"): "1",
     }
 
     view = run_view(fields, spec)
@@ -338,6 +344,8 @@ def test_a_run_using_every_feature_builds_only_fields_its_type_names() -> None:
     assert {"usage", "cost", "llm_calls", "budget"} <= set(view)
     assert {"approval"} <= set(view["steps"]["gate"])
     assert {"usage", "cost", "deferrals", "deferred"} <= set(view["steps"]["draft"])
+    assert (view["steps"]["polish"]["iterations"], view["steps"]["polish"]["until_met"]) == (2, True)
+    assert "iterations" not in view["steps"]["draft"]
 
 
 def test_statuses_are_the_enums_and_serialise_as_their_plain_values(spec: WorkflowSpec) -> None:

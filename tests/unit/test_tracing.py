@@ -18,8 +18,12 @@ from opentelemetry.trace import StatusCode
 from orchestrator import telemetry
 from orchestrator.celery_app import CeleryPublisher
 from orchestrator.definition.spec import parse_workflow
+from orchestrator.domain import RunStatus
+from orchestrator.engine.control import resume_run, stop_run
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry import AttemptInfo, LLMCallRecord, trace_provider, tracing
+from tests.unit.test_engine_attempt import SETTINGS, drive, make_runtime, start
+from tests.unit.test_engine_attempt import workflow as engine_workflow
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -231,21 +235,68 @@ def test_a_broken_tracer_never_fails_the_step() -> None:
     assert trace.get_current_span() is trace.INVALID_SPAN
 
 
-def test_the_run_span_records_the_derived_root_and_the_first_dispatch_hangs_under_it(
+def test_the_submit_span_hangs_under_the_runs_root_links_its_caller_and_parents_the_first_dispatch(
     spans: InMemorySpanExporter,
 ) -> None:
     run_id = uuid.uuid4().hex
     caller = trace.SpanContext(0xFEED, 0xBEEF, is_remote=True)
 
-    with trace.use_span(trace.NonRecordingSpan(caller)), tracing.run_span(run_id, "wf"):
+    with trace.use_span(trace.NonRecordingSpan(caller)), tracing.submit_span(run_id, "wf"):
         headers = tracing.dispatch_headers(run_id)
+
+    submit = _by_name(spans)["submit wf"]
+    assert submit.context is not None
+    assert submit.parent is not None
+    assert submit.context.trace_id == int(run_id, 16), "a run is its own trace, whoever submits it"
+    assert submit.parent.span_id == tracing.run_root(run_id).span_id
+    assert submit.kind == trace.SpanKind.PRODUCER
+    assert [link.context.span_id for link in submit.links] == [0xBEEF]
+    assert tracing.parent_context(run_id, headers).span_id == submit.context.span_id
+
+
+def _ended(run_id: str, **fields: str) -> dict[str, str]:
+    return {
+        "workflow": "wf",
+        "status": "succeeded",
+        "gen": "1",
+        "created_at": "1700000000.25",
+        "finished_at": "1700000012.5",
+        **fields,
+    }
+
+
+def test_the_runs_root_span_is_recorded_when_it_ends_with_the_derived_ids_from_creation_to_end(
+    spans: InMemorySpanExporter,
+) -> None:
+    run_id = uuid.uuid4().hex
+    inside = trace.SpanContext(int(run_id, 16), 0xABC, is_remote=False, trace_flags=trace.TraceFlags(1))
+
+    # The last step's worker records it from inside that step's span: the root must not hang under it.
+    with trace.use_span(trace.NonRecordingSpan(inside)):
+        tracing.run_ended(run_id, _ended(run_id))
 
     root = _by_name(spans)["run wf"]
     assert root.context is not None
     assert (root.context.trace_id, root.context.span_id) == (int(run_id, 16), tracing.run_root(run_id).span_id)
-    assert root.parent is None, "a run is its own trace, whoever submits it"
-    assert [link.context.span_id for link in root.links] == [0xBEEF]
-    assert tracing.parent_context(run_id, headers).span_id == root.context.span_id
+    assert root.parent is None
+    assert (root.start_time, root.end_time) == (1_700_000_000_250_000_000, 1_700_000_012_500_000_000)
+    assert root.attributes is not None
+    assert root.attributes["orchestrator.status"] == "succeeded"
+    assert root.status.status_code == StatusCode.UNSET
+
+
+def test_a_failed_runs_root_is_an_error_and_a_resumed_runs_later_end_records_no_second_root(
+    spans: InMemorySpanExporter,
+) -> None:
+    failed, resumed = uuid.uuid4().hex, uuid.uuid4().hex
+
+    tracing.run_ended(failed, _ended(failed, status="failed"))
+    tracing.run_ended(resumed, _ended(resumed, gen="2"))
+
+    (root,) = spans.get_finished_spans()
+    assert root.context is not None
+    assert root.context.trace_id == int(failed, 16)
+    assert root.status.status_code == StatusCode.ERROR
 
 
 def test_with_tracing_off_an_attempt_costs_a_shared_null_context(tracing_off: None) -> None:
@@ -312,3 +363,27 @@ def test_the_trace_file_gets_one_json_line_per_span_with_its_parent(
     assert (record["trace_id"], record["parent_span_id"]) == (run_id, f"{tracing.run_root(run_id).span_id:016x}")
     assert record["attributes"]["orchestrator.step"] == "draft"
     assert record["name"] == "wf.draft"
+
+
+def test_the_engine_records_the_root_once_when_a_run_ends_or_is_cancelled_and_not_again_after_a_resume(
+    spans: InMemorySpanExporter,
+) -> None:
+    runtime, publisher = make_runtime()
+    definition = engine_workflow({"name": "a", "uses": "noop"}, {"name": "b", "uses": "noop", "depends_on": ["a"]})
+    name = definition["name"]
+    ended = start(runtime, publisher, definition)
+    drive(runtime, publisher)
+    cancelled = start(runtime, publisher, definition)
+    publisher.sent.clear()
+    stop_run(publisher, runtime.store, cancelled, RunStatus.CANCELLED, "by a test")
+    resume_run(publisher, SETTINGS, runtime.store, ended, from_step="b")
+    drive(runtime, publisher)
+
+    roots = [s for s in spans.get_finished_spans() if s.name == f"run {name}"]
+    assert sorted((s.context.trace_id, s.parent) for s in roots if s.context) == sorted(
+        [(int(ended, 16), None), (int(cancelled, 16), None)]
+    )
+    statuses = {s.context.trace_id: (s.attributes or {})["orchestrator.status"] for s in roots if s.context}
+    assert statuses == {int(ended, 16): "succeeded", int(cancelled, 16): "cancelled"}
+    ids = {s.context.span_id for s in spans.get_finished_spans() if s.context}
+    assert all(s.parent is None or s.parent.span_id in ids for s in spans.get_finished_spans()), "an orphan span"

@@ -60,6 +60,44 @@ def test_a_lost_worker_and_a_reused_result_are_explained() -> None:
 
 
 def _render(view: WatchView) -> str:
-    console = Console(width=120, record=True)
-    console.print(view.table())
+    console = Console(width=160, record=True)
+    console.print(view)
     return console.export_text()
+
+
+def test_a_finished_llm_step_shows_its_cost_and_tokens_and_the_run_its_totals_and_budget_left() -> None:
+    view = _view()
+    view.clock = lambda: 1_700_000_010.0
+    view.apply(_event(1, "step_started", "a", 1, ts=1_700_000_000.0))
+    running = _render(view)
+    view.apply(
+        _event(
+            2,
+            "step_succeeded",
+            "a",
+            1,
+            ts=1_700_000_001.5,
+            usage={"input_tokens": 120, "output_tokens": 45},
+            cost_usd=0.00123,
+        )
+    )
+    view.refresh(
+        {
+            "started_at": "2023-11-14T22:13:20.000000+00:00",
+            "finished_at": None,
+            "cost": 0.0025,
+            "llm_calls": 2,
+            "usage": {"input_tokens": 240, "output_tokens": 90},
+            "budget": {"budget_usd": 0.5, "held_usd": 0.0, "exhausted": False},
+        }
+    )
+
+    text = _render(view)
+
+    assert "10.00s…" in running, "a running step's duration so far"
+    assert "$0.0012" in text
+    assert "120 in / 45 out" in text
+    assert "cost $0.0025 over 2 paid LLM calls" in text
+    assert "tokens 240 in / 90 out" in text
+    assert "budget left $0.4975 of $0.5000" in text
+    assert "duration 10.00s so far" in text

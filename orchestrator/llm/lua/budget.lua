@@ -1,8 +1,8 @@
 -- A run's LLM spend, in nano-dollars (integers: sums stay exact). KEYS[1] the run hash.
 -- ARGV[1] = "reserve": ARGV[2] worst-case cost, ARGV[3] budget (-1 = none). Holds the worst case until settled;
 --   refuses, for good, once spent + held + this call would pass the budget. Returns {1} or {0, spent, held}.
--- ARGV[1] = "settle": ARGV[2] the cost held, ARGV[3] the real cost, ARGV[4] "1" when the provider billed a reply.
---   Returns {1, spent}.
+-- ARGV[1] = "settle": ARGV[2] the cost held, ARGV[3] the real cost, ARGV[4] "1" when the provider billed a reply,
+--   ARGV[5] and ARGV[6] its input and output tokens (run totals for listings). Returns {1, spent}.
 local run, op, amount = KEYS[1], ARGV[1], tonumber(ARGV[2])
 if op == 'reserve' then
   local budget = tonumber(ARGV[3])
@@ -20,5 +20,9 @@ local real = tonumber(ARGV[3])
 if not redis.call('HGET', run, 'status') then return {0, '0'} end
 redis.call('HINCRBY', run, 'llm_held_nusd', -amount)
 local spent = redis.call('HINCRBY', run, 'llm_spent_nusd', real)
-if ARGV[4] == '1' then redis.call('HINCRBY', run, 'llm_calls', 1) end
+if ARGV[4] == '1' then
+  redis.call('HINCRBY', run, 'llm_calls', 1)
+  redis.call('HINCRBY', run, 'llm_input_tokens', tonumber(ARGV[5]) or 0)
+  redis.call('HINCRBY', run, 'llm_output_tokens', tonumber(ARGV[6]) or 0)
+end
 return {1, tostring(spent)}

@@ -1,8 +1,14 @@
 -- Record a step's final outcome, release its children, and close the run when nothing is left.
 -- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the run's LLM reply cache (dropped when the run succeeds: no
--- step will ask again; a failed run keeps it, so a resume pays for no reply twice). ARGV: step, generation, task_id, outcome, output_json ('' keeps the stored output: a cache hit),
--- error_json, retention_s, cache_key, cached ('1' or ''), success_detail_json ('' for none), children...
--- Returns {"stale"} or {"ok", run_status_or_empty, released_child...}.
+-- step will ask again; a failed run keeps it, so a resume pays for no reply twice). ARGV: step, generation, task_id,
+-- outcome, output_json ('' keeps the stored output: a cache hit), error_json, retention_s, cache_key, cached ('1' or
+-- ''), success_detail_json ('' for none), rules_json ('' for none: see ReleaseRules), children...
+-- A child is released (queued) when its last parent ends, or at once when its rule fires on this outcome
+-- (rules.early); either way only while it is still "pending", so a step is queued exactly once however its parents
+-- race. A child with cancel_others released early cancels its other parents still unfinished (rules.cancel), which
+-- end for their own children as "cancelled" (rules.after). Only a failed or upstream_failed leaf (a step without
+-- children) fails the run, as in Airflow: the run's state follows its leaves.
+-- Returns {"stale"} or {"ok", run_status_or_empty, n_released, released_child..., cancelled_step, task_id, ...}.
 local run, events = KEYS[1], KEYS[2]
 local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local output, err, retention, cache_key, cached = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
@@ -42,20 +48,53 @@ emit(run, events, now, 'step_' .. outcome, step, attempt, detail)
 if outcome == 'failed' or outcome == 'upstream_failed' then
   redis.call('HINCRBY', run, 'failures', 1)
   if outcome == 'failed' then redis.call('HSETNX', run, 'first_failure', step) end
+  if #ARGV < 12 then redis.call('HINCRBY', run, 'leaf_failures', 1) end
 end
 
-local out = {'ok', ''}
-for i = 11, #ARGV do
-  local c = 's:' .. ARGV[i] .. ':'
-  if redis.call('HINCRBY', run, c .. 'pending', -1) == 0 then
+local rules = ARGV[11] ~= '' and cjson.decode(ARGV[11]) or {}
+local early, cancel, after = rules.early or {}, rules.cancel or {}, rules.after or {}
+local released, cancelled = {}, {}
+local function fires(on, what)
+  for _, o in ipairs(on or {}) do if o == what then return true end end
+  return false
+end
+-- One parent of `child` ended with `what`: count it down, and queue the child if this decides it.
+local function release(child, on, what)
+  local c = 's:' .. child .. ':'
+  local left = redis.call('HINCRBY', run, c .. 'pending', -1)
+  if (left == 0 or fires(on, what)) and redis.call('HGET', run, c .. 'status') == 'pending' then
     redis.call('HSET', run, c .. 'status', 'queued', c .. 'queued_at', now)
-    emit(run, events, now, 'step_queued', ARGV[i], 0, '')
-    out[#out + 1] = ARGV[i]
+    emit(run, events, now, 'step_queued', child, 0, '')
+    released[#released + 1] = child
+    return true
+  end
+  return false
+end
+for i = 12, #ARGV do
+  local child = ARGV[i]
+  if release(child, early[child], outcome) and cancel[child] and redis.call('HGET', run, 's:' .. child .. ':pending') ~= '0' then
+    for _, parent in ipairs(cancel[child]) do
+      local q = 's:' .. parent .. ':'
+      local row = redis.call('HMGET', run, q .. 'status', q .. 'task')
+      local st = row[1]
+      if st == 'pending' or st == 'queued' or st == 'running' or st == 'waiting' then
+        redis.call('HSET', run, q .. 'status', 'cancelled', q .. 'finished_at', now, q .. 'lease', '')
+        emit(run, events, now, 'step_cancelled', parent, 0, cjson.encode({reason = 'step ' .. child .. ' fired first'}))
+        redis.call('HINCRBY', run, 'remaining', -1)
+        cancelled[#cancelled + 1] = parent
+        cancelled[#cancelled + 1] = (st == 'running' or st == 'queued') and (row[2] or '') or ''
+        for _, pair in ipairs(after[parent] or {}) do release(pair[1], pair[2], 'cancelled') end
+      end
+    end
   end
 end
 
+local out = {'ok', '', #released}
+for _, name in ipairs(released) do out[#out + 1] = name end
+for _, value in ipairs(cancelled) do out[#out + 1] = value end
+
 if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
-  local failures = tonumber(redis.call('HGET', run, 'failures') or '0')
+  local failures = tonumber(redis.call('HGET', run, 'leaf_failures') or '0')
   local status = failures > 0 and 'failed' or 'succeeded'
   redis.call('HSET', run, 'status', status, 'finished_at', now)
   emit(run, events, now, 'run_' .. status, '', 0, '')

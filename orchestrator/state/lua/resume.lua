@@ -23,7 +23,7 @@ for i = 6, #ARGV, 3 do
   if ARGV[i + 1] == 'queued' then emit(run, events, stamp, 'step_queued', ARGV[i], 0, '') end
   count = count + 1
 end
-redis.call('HSET', run, 'status', 'running', 'gen', gen, 'remaining', count, 'failures', 0)
+redis.call('HSET', run, 'status', 'running', 'gen', gen, 'remaining', count, 'failures', 0, 'leaf_failures', 0)
 if definition ~= '' then redis.call('HSET', run, 'def_hash', definition) end
 redis.call('HDEL', run, 'finished_at', 'stopped_at', 'error', 'first_failure', 'deadline')
 local deadline = ''

@@ -113,7 +113,15 @@ class RunControl(MemoryStateCore):
                     fields.pop(p + name, None)
                 if status == "queued":
                     self._emit(run, stamp, "step_queued", step)
-            fields.update({"status": "running", "gen": generation, "remaining": str(len(plan.resets)), "failures": "0"})
+            fields.update(
+                {
+                    "status": "running",
+                    "gen": generation,
+                    "remaining": str(len(plan.resets)),
+                    "failures": "0",
+                    "leaf_failures": "0",
+                }
+            )
             if plan.definition is not None:
                 self._definitions[plan.definition.definition_hash] = plan.definition
                 fields["def_hash"] = plan.definition.definition_hash

@@ -20,7 +20,12 @@ from orchestrator.domain import Attempt
 from orchestrator.engine.events import Event
 from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError
 from orchestrator.state import keys
-from orchestrator.state.base import SUMMARY_FIELDS
+from orchestrator.state.base import (
+    MAX_SUBMITTED_DEFINITIONS,
+    SUMMARY_FIELDS,
+    needs_failure_error,
+    submitted_record,
+)
 
 _UNFINISHED = ("queued", "running", "pending")
 # Run statuses stop.lua may end; step statuses it cancels.
@@ -81,6 +86,8 @@ class MemoryStateCore:
         self._runs: dict[str, _Run] = {}
         self._run_index: dict[str, float] = {}
         self._definitions: dict[str, WorkflowSpec] = {}
+        # Definition hash -> (last submitted, name, version, first submitted), least recently submitted first.
+        self._submitted: dict[str, tuple[float, str, int, float]] = {}
         self._idempotency: dict[str, tuple[str, float]] = {}
         self._leases: dict[str, float] = {}
         self._deadlines: dict[str, float] = {}
@@ -96,6 +103,20 @@ class MemoryStateCore:
         """Store a workflow definition by its hash."""
         with self._lock:
             self._definitions[spec.definition_hash] = spec
+            now = self._clock()
+            first = self._submitted.pop(spec.definition_hash, (0.0, spec.name, spec.version, now))[3]
+            self._submitted[spec.definition_hash] = (now, spec.name, spec.version, first)
+            while len(self._submitted) > MAX_SUBMITTED_DEFINITIONS:
+                del self._submitted[next(iter(self._submitted))]
+
+    def submitted_definitions(self) -> list[dict[str, Any]]:
+        """Definitions submitted lately, most recent first (they never expire here, as definitions do not)."""
+        with self._lock:
+            entries = list(self._submitted.items())
+        return [
+            submitted_record(h, last, {"name": name, "version": version, "first_submitted": first})
+            for h, (last, name, version, first) in reversed(entries)
+        ]
 
     def load_definition(self, definition_hash: str) -> WorkflowSpec:
         """The definition stored under ``definition_hash``.
@@ -152,9 +173,10 @@ class MemoryStateCore:
             "idempotency_key": idempotency_key or "",
             "timeout_s": "" if spec.timeout_s is None else repr(spec.timeout_s),
         }
+        starting = set(spec.start_steps)
         for step in spec.steps:
             parents = graph.parents[step.name]
-            fields[keys.step_field(step.name, "status")] = "pending" if parents else "queued"
+            fields[keys.step_field(step.name, "status")] = "queued" if step.name in starting else "pending"
             fields[keys.step_field(step.name, "pending")] = str(len(parents))
             fields[keys.step_field(step.name, "attempts")] = "0"
         with self._lock:
@@ -194,15 +216,21 @@ class MemoryStateCore:
         with self._lock:
             now = self._clock()
             runs = [run for run in (self._live(run_id, now) for run_id in run_ids) if run is not None]
-            return [{name: run.fields.get(name, "") for name in SUMMARY_FIELDS} for run in runs]
+            rows = [{name: run.fields.get(name, "") for name in SUMMARY_FIELDS} for run in runs]
+            for run, row in zip(runs, rows, strict=True):
+                if needs_failure_error(row):
+                    row["failure_error"] = run.fields.get(keys.step_field(row["first_failure"], "error"), "")
+            return rows
 
-    def list_run_ids(self, limit: int = 100) -> list[str]:
+    def list_run_ids(self, limit: int = 100, offset: int = 0) -> list[str]:
         """The newest run ids first (like Redis's index, it may name runs whose retention expired)."""
         with self._lock:
             ordered = sorted(self._run_index.items(), key=lambda item: (item[1], item[0]), reverse=True)
         ids = [run_id for run_id, _ in ordered]
-        # ZREVRANGE 0 limit-1: a limit below 1 counts from the end, as in RedisStateStore.
-        return ids[:limit] if limit > 0 else ids[: len(ids) + limit]
+        # ZREVRANGE offset offset+limit-1, negative indices counting from the end, as in RedisStateStore.
+        start, stop = offset, offset + limit - 1
+        start, stop = (start + len(ids) if start < 0 else start), (stop + len(ids) if stop < 0 else stop)
+        return ids[max(start, 0) : stop + 1] if stop >= 0 else []
 
     def mark_dispatch_failed(self, run_id: str, message: str) -> None:
         """Fail a run whose first tasks could not be published, with its ``run_failed`` event (``fail_dispatch.lua``).

@@ -7,12 +7,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, StepOutcome
+from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, ReleaseRules, StepOutcome
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.state import keys
 from orchestrator.state.base import success_detail
 from orchestrator.state.memory.core import (
     _COMPACT,
+    _STOPPABLE_STEP,
     _UNFINISHED,
     MAX_RESEND_BACKOFF,
     MemoryStateCore,
@@ -20,6 +21,7 @@ from orchestrator.state.memory.core import (
     _float_or_none,
     _increment,
     _json_list,
+    _Run,
     _stamp,
 )
 
@@ -115,8 +117,9 @@ class StepTransitions(MemoryStateCore):
         cache_key: str = "",
         cached: bool = False,
         grace_s: float = 300.0,
+        rules: ReleaseRules | None = None,
     ) -> FinishResult:
-        """Record a final outcome and release the children whose last parent this was (see ``lua/finish.lua``).
+        """Record a final outcome and release the children it decides (see ``lua/finish.lua``).
 
         A success stores ``output`` (``None`` keeps the stored output: a cached result) and ``cache_key``; any other
         outcome replaces the output, so a failure is never served as a cached result.
@@ -156,18 +159,13 @@ class StepTransitions(MemoryStateCore):
                 _increment(fields, "failures", 1)
                 if outcome == StepOutcome.FAILED:
                     fields.setdefault("first_failure", attempt.step)
+                if not children:
+                    _increment(fields, "leaf_failures", 1)
 
-            released: list[str] = []
-            for child in children:
-                c = keys.step_prefix(child)
-                if _increment(fields, c + "pending", -1) == 0:
-                    fields.update({c + "status": "queued", c + "queued_at": stamp})
-                    self._emit(run, stamp, "step_queued", child)
-                    released.append(child)
-
+            released, cancelled = self._release(run, stamp, outcome.value, children, rules or ReleaseRules())
             run_status: str | None = None
             if _increment(fields, "remaining", -1) == 0:
-                run_status = "failed" if int(fields.get("failures") or 0) > 0 else "succeeded"
+                run_status = "failed" if int(fields.get("leaf_failures") or 0) > 0 else "succeeded"
                 fields.update({"status": run_status, "finished_at": stamp})
                 self._emit(run, stamp, f"run_{run_status}")
                 run.expires_at = now + self.retention_s
@@ -175,7 +173,52 @@ class StepTransitions(MemoryStateCore):
             task_ids = {child: uuid.uuid4().hex for child in released}
             for child, task_id in task_ids.items():
                 self._leases[keys.lease_member(attempt.run_id, child, task_id)] = now + grace_s
-            return FinishResult(recorded=True, run_status=run_status, released=tuple(released), task_ids=task_ids)
+            for step, task_id in cancelled:
+                self._leases.pop(keys.lease_member(attempt.run_id, step, task_id), None)
+            return FinishResult(
+                recorded=True,
+                run_status=run_status,
+                released=tuple(released),
+                task_ids=task_ids,
+                cancelled=tuple(cancelled),
+            )
+
+    def _release(
+        self, run: _Run, stamp: str, outcome: str, children: tuple[str, ...], rules: ReleaseRules
+    ) -> tuple[list[str], list[tuple[str, str]]]:
+        """The release and cancel part of ``lua/finish.lua``, under the lock: (released, cancelled (step, task))."""
+        fields = run.fields
+        released: list[str] = []
+        cancelled: list[tuple[str, str]] = []
+
+        def release(child: str, on: tuple[str, ...], what: str) -> bool:
+            c = keys.step_prefix(child)
+            left = _increment(fields, c + "pending", -1)
+            if (left == 0 or what in on) and fields.get(c + "status") == "pending":
+                fields.update({c + "status": "queued", c + "queued_at": stamp})
+                self._emit(run, stamp, "step_queued", child)
+                released.append(child)
+                return True
+            return False
+
+        for child in children:
+            fired = release(child, rules.early.get(child, ()), outcome)
+            if not fired or child not in rules.cancel or fields.get(keys.step_field(child, "pending")) == "0":
+                continue
+            for parent in rules.cancel[child]:
+                q = keys.step_prefix(parent)
+                status = fields.get(q + "status")
+                if status not in _STOPPABLE_STEP:
+                    continue
+                fields.update({q + "status": "cancelled", q + "finished_at": stamp, q + "lease": ""})
+                data = json.dumps({"reason": f"step {child} fired first"}, separators=_COMPACT)
+                self._emit(run, stamp, "step_cancelled", parent, data=data)
+                _increment(fields, "remaining", -1)
+                task = fields.get(q + "task", "") if status in ("running", "queued") else ""
+                cancelled.append((parent, task))
+                for grandchild, on in rules.after.get(parent, ()):
+                    release(grandchild, on, "cancelled")
+        return released, cancelled
 
     def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
         """Cover steps about to be published in the lease index, so the sweeper resends a message that is lost."""

@@ -22,7 +22,12 @@ from orchestrator.engine.events import Event
 from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError, StoreUnavailableError
 from orchestrator.infra.redis_url import blocking_pool
 from orchestrator.state import keys
-from orchestrator.state.base import SUMMARY_FIELDS
+from orchestrator.state.base import (
+    MAX_SUBMITTED_DEFINITIONS,
+    SUMMARY_FIELDS,
+    needs_failure_error,
+    submitted_record,
+)
 
 _SCRIPTS = (
     "create",
@@ -37,6 +42,8 @@ _SCRIPTS = (
     "wait",
     "decide",
     "fail_dispatch",
+    "note_definition",
+    "iterate",
 )
 
 
@@ -52,6 +59,7 @@ _WITH_EVENTS = {
     "wait",
     "decide",
     "fail_dispatch",
+    "iterate",
 }
 
 
@@ -166,7 +174,18 @@ class RedisStateCore:
     def save_definition(self, spec: WorkflowSpec) -> None:
         """Store a workflow definition by its hash (refreshing its TTL)."""
         body = json.dumps(spec.to_json_dict(), separators=(",", ":"))
-        self.client.set(keys.definition_key(spec.definition_hash), body, ex=self.definition_ttl_s)
+        note: list[str | int] = [
+            spec.definition_hash,
+            spec.name,
+            spec.version,
+            self.definition_ttl_s,
+            MAX_SUBMITTED_DEFINITIONS,
+        ]
+        index = [keys.SUBMITTED_DEFINITIONS, keys.SUBMITTED_RECORDS]
+        self._pipeline(
+            lambda pipe: pipe.set(keys.definition_key(spec.definition_hash), body, ex=self.definition_ttl_s),
+            lambda pipe: pipe.evalsha(self._scripts["note_definition"].sha, 2, *index, *note),
+        )
         with self._lock:
             self._definitions[spec.definition_hash] = spec
 
@@ -225,9 +244,10 @@ class RedisStateCore:
             "idempotency_key": idempotency_key or "",
             "timeout_s": "" if spec.timeout_s is None else spec.timeout_s,
         }
+        starting = set(spec.start_steps)
         for step in spec.steps:
             parents = graph.parents[step.name]
-            fields[keys.step_field(step.name, "status")] = "pending" if parents else "queued"
+            fields[keys.step_field(step.name, "status")] = "queued" if step.name in starting else "pending"
             fields[keys.step_field(step.name, "pending")] = len(parents)
             fields[keys.step_field(step.name, "attempts")] = 0
         argv: list[Any] = [self.active_ttl_s]
@@ -257,22 +277,43 @@ class RedisStateCore:
         return {_text(k): _text(v) for k, v in raw.items()}
 
     def run_summaries(self, run_ids: list[str]) -> list[dict[str, str]]:
-        """A few fields of each run still kept, in order, one round trip per 500 runs."""
+        """The summary fields of each run still kept, in order: one round trip per 500 runs (two with failures)."""
         out: list[dict[str, str]] = []
         for start in range(0, len(run_ids), 500):
             pipe = self.client.pipeline(transaction=False)
             for run_id in run_ids[start : start + 500]:
                 pipe.hmget(keys.run_key(run_id), list(SUMMARY_FIELDS))
-            for row in pipe.execute():
-                if row[0] is not None:  # expired since the index was read
-                    out.append(
-                        {name: "" if v is None else _text(v) for name, v in zip(SUMMARY_FIELDS, row, strict=True)}
-                    )
+            rows = [
+                {name: "" if v is None else _text(v) for name, v in zip(SUMMARY_FIELDS, row, strict=True)}
+                for row in pipe.execute()
+                if row[0] is not None  # expired since the index was read
+            ]
+            failed = [row for row in rows if needs_failure_error(row)]
+            if failed:
+                pipe = self.client.pipeline(transaction=False)
+                for row in failed:
+                    pipe.hget(keys.run_key(row["run_id"]), keys.step_field(row["first_failure"], "error"))
+                for row, error in zip(failed, pipe.execute(), strict=True):
+                    row["failure_error"] = "" if error is None else _text(error)
+            out += rows
         return out
 
-    def list_run_ids(self, limit: int = 100) -> list[str]:
-        """The newest run ids first."""
-        return [_text(r) for r in self.client.zrevrange(keys.RUNS_INDEX, 0, limit - 1)]
+    def list_run_ids(self, limit: int = 100, offset: int = 0) -> list[str]:
+        """The newest run ids first, after the ``offset`` newest."""
+        return [_text(r) for r in self.client.zrevrange(keys.RUNS_INDEX, offset, offset + limit - 1)]
+
+    def submitted_definitions(self) -> list[dict[str, Any]]:
+        """Definitions submitted lately, most recent first (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrevrange(keys.SUBMITTED_DEFINITIONS, 0, MAX_SUBMITTED_DEFINITIONS - 1, withscores=True)
+        pipe.hgetall(keys.SUBMITTED_RECORDS)
+        ranked, raw = pipe.execute()
+        records = {_text(k): json.loads(v) for k, v in raw.items()}
+        return [
+            submitted_record(_text(member), last, records[_text(member)])
+            for member, last in ranked
+            if _text(member) in records
+        ]
 
     def mark_dispatch_failed(self, run_id: str, message: str) -> None:
         """Fail a run whose first tasks could not be published, with its ``run_failed`` event and ``finished_at``.

@@ -11,10 +11,10 @@ from typing import Any, cast
 
 from redis.client import Pipeline
 
-from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, StepOutcome
+from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, ReleaseRules, StepOutcome
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.state import keys
-from orchestrator.state.base import success_detail
+from orchestrator.state.base import releasable, rules_json, success_detail
 from orchestrator.state.redis.core import RedisStateCore, _run_keys, _text
 
 
@@ -77,8 +77,9 @@ class StepTransitions(RedisStateCore):
         cache_key: str = "",
         cached: bool = False,
         grace_s: float = 300.0,
+        rules: ReleaseRules | None = None,
     ) -> FinishResult:
-        """Record a final outcome and release the children whose last parent this was.
+        """Record a final outcome and release the children it decides (see ``lua/finish.lua``).
 
         ``cached`` marks a success served from the step's stored result (its output is then kept as it is).
         """
@@ -94,12 +95,13 @@ class StepTransitions(RedisStateCore):
             cache_key,
             "1" if cached else "",
             success_detail(output),
+            rules_json(rules),
             *children,
         ]
-        # Each child this finish may release is covered in the lease index before the script runs, under the task id
+        # Each step this finish may release is covered in the lease index before the script runs, under the task id
         # its message will carry: a worker dying between the finish and the publish, or a message lost in the
         # broker, leaves the sweeper something to send again.
-        held = {child: uuid.uuid4().hex for child in children}
+        held = {child: uuid.uuid4().hex for child in releasable(children, rules)}
         due = time.time() + grace_s
         commands: list[Callable[[Pipeline], Any]] = []
         if held:
@@ -109,20 +111,29 @@ class StepTransitions(RedisStateCore):
         commands.append(lambda pipe: pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, task_id)))
         replies = self._pipeline(*commands)
         reply = [_text(x) for x in replies[1 if held else 0]]
-        released = tuple(reply[2:]) if reply[0] == "ok" else ()
-        unreleased = [keys.lease_member(run_id, c, t) for c, t in held.items() if c not in released]
-        ended = reply[0] == "ok" and reply[1] != ""
-        if unreleased or ended:
+        ok = reply[0] == "ok"
+        count = int(reply[2]) if ok else 0
+        released = tuple(reply[3 : 3 + count])
+        rest = reply[3 + count :]
+        cancelled = tuple((rest[i], rest[i + 1]) for i in range(0, len(rest), 2))
+        stale = [keys.lease_member(run_id, c, t) for c, t in held.items() if c not in released]
+        stale += [keys.lease_member(run_id, s, t) for s, t in cancelled if t]
+        ended = ok and reply[1] != ""
+        if stale or ended:
             pipe = self.client.pipeline(transaction=False)
-            if unreleased:
-                pipe.zrem(keys.LEASES, *unreleased)
+            if stale:
+                pipe.zrem(keys.LEASES, *stale)
             if ended:
                 pipe.zrem(keys.DEADLINES, keys.deadline_member(run_id, generation))
             pipe.execute()
-        if reply[0] != "ok":
+        if not ok:
             return FinishResult(recorded=False)
         return FinishResult(
-            recorded=True, run_status=reply[1] or None, released=released, task_ids={c: held[c] for c in released}
+            recorded=True,
+            run_status=reply[1] or None,
+            released=released,
+            task_ids={c: held[c] for c in released},
+            cancelled=cancelled,
         )
 
     def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:

@@ -126,3 +126,16 @@ export function setupTokenForm(onChange) {
   });
   refresh();
 }
+
+// US dollars: cents from $1, four decimals from 1 ¢, six below (LLM calls cost fractions of a cent).
+export function formatUsd(value) {
+  const usd = Number(value);
+  if (!Number.isFinite(usd)) return "—";
+  const digits = Math.abs(usd) >= 1 ? 2 : Math.abs(usd) >= 0.01 ? 4 : 6;
+  return `${usd < 0 ? "−" : ""}$${Math.abs(usd).toFixed(digits)}`;
+}
+
+// A count with thousands separators, the same in every locale (1,234).
+export function formatCount(value) {
+  return Number(value || 0).toLocaleString("en-US");
+}

@@ -1,78 +1,27 @@
-// The run's DAG as SVG: steps in columns by longest path from a root, left to right, arrows from each dependency.
+// The run's DAG as SVG: boxes where layout.js puts them, an arrow from each dependency, routed around the boxes.
 import { statusClass } from "./common.js";
+import { BOX, edgePath, layout } from "./layout.js";
 
 const SVG = "http://www.w3.org/2000/svg";
-const BOX = { width: 176, height: 50, colGap: 64, rowGap: 18, pad: 16 };
-const MAX_NAME = 19;
+const MAX_NAME = 20;
 
-function svg(tag, attrs = {}, text) {
+// An SVG element with attributes and, optionally, text (shared with the timeline).
+export function svg(tag, attrs = {}, text) {
   const node = document.createElementNS(SVG, tag);
   for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
   if (text !== undefined) node.textContent = text;
   return node;
 }
 
-// Layer of each step: 0 for a root, else one more than its deepest dependency (unknown names are ignored).
-export function layersOf(steps) {
-  const layer = new Map();
-  const visiting = new Set();
-  const visit = (name) => {
-    if (layer.has(name)) return layer.get(name);
-    if (visiting.has(name)) return 0; // a cycle cannot pass validation; never loop on one anyway
-    visiting.add(name);
-    const deps = (steps[name].depends_on || []).filter((d) => d in steps);
-    const value = deps.length ? 1 + Math.max(...deps.map(visit)) : 0;
-    visiting.delete(name);
-    layer.set(name, value);
-    return value;
-  };
-  Object.keys(steps).forEach(visit);
-  return layer;
-}
-
-// Positions: columns by layer; within a column, declaration order, then sorted by the mean row of the dependencies
-// (one barycentre pass, enough to untangle most real workflows); columns centred on the tallest.
-export function layout(steps) {
-  const layer = layersOf(steps);
-  const columns = [];
-  for (const name of Object.keys(steps)) (columns[layer.get(name)] ||= []).push(name);
-  const row = new Map();
-  columns.forEach((column, index) => {
-    if (index > 0) {
-      const mean = (name) => {
-        const rows = (steps[name].depends_on || []).filter((d) => row.has(d)).map((d) => row.get(d));
-        return rows.length ? rows.reduce((a, b) => a + b, 0) / rows.length : 0;
-      };
-      const order = new Map(column.map((name, i) => [name, i]));
-      column.sort((a, b) => mean(a) - mean(b) || order.get(a) - order.get(b));
-    }
-    column.forEach((name, i) => row.set(name, i));
-  });
-  const tallest = Math.max(1, ...columns.map((c) => c.length));
-  const nodes = new Map();
-  columns.forEach((column, index) => {
-    const shift = ((tallest - column.length) * (BOX.height + BOX.rowGap)) / 2;
-    column.forEach((name, i) => {
-      nodes.set(name, {
-        x: BOX.pad + index * (BOX.width + BOX.colGap),
-        y: BOX.pad + shift + i * (BOX.height + BOX.rowGap),
-      });
-    });
-  });
-  return {
-    nodes,
-    width: 2 * BOX.pad + columns.length * BOX.width + Math.max(0, columns.length - 1) * BOX.colGap,
-    height: 2 * BOX.pad + tallest * BOX.height + (tallest - 1) * BOX.rowGap,
-  };
-}
-
 function shortName(name) {
   return name.length > MAX_NAME ? `${name.slice(0, MAX_NAME - 1)}…` : name;
 }
 
-// Draws the DAG into the <svg> element; returns update(name, status, attempts) and select(name) for the page.
+// Draws the DAG into the <svg> element; returns update(name, status, attempts, facts) (facts: the third line, e.g.
+// duration and cost), select(name) and mark(names) (the critical path) for the page.
 export function drawDag(root, steps, onSelect) {
-  const { nodes, width, height } = layout(steps);
+  const placed = layout(steps);
+  const { nodes, width, height } = placed;
   root.replaceChildren();
   root.setAttribute("viewBox", `0 0 ${width} ${height}`);
   root.setAttribute("width", width);
@@ -85,16 +34,9 @@ export function drawDag(root, steps, onSelect) {
   root.append(defs);
 
   const edges = svg("g", { class: "edges" });
-  for (const [name, step] of Object.entries(steps)) {
-    for (const dep of (step.depends_on || []).filter((d) => nodes.has(d))) {
-      const from = nodes.get(dep);
-      const to = nodes.get(name);
-      const [x1, y1] = [from.x + BOX.width, from.y + BOX.height / 2];
-      const [x2, y2] = [to.x - 2, to.y + BOX.height / 2];
-      const bend = Math.max(24, (x2 - x1) / 2);
-      edges.append(svg("path", { class: "edge", "data-from": dep, "data-to": name, "marker-end": "url(#arrow)",
-        d: `M ${x1} ${y1} C ${x1 + bend} ${y1}, ${x2 - bend} ${y2}, ${x2} ${y2}` }));
-    }
+  for (const edge of placed.edges) {
+    edges.append(svg("path", { class: "edge", "data-from": edge.from, "data-to": edge.to, "marker-end": "url(#arrow)",
+      d: edgePath(edge, placed) }));
   }
   root.append(edges);
 
@@ -102,9 +44,10 @@ export function drawDag(root, steps, onSelect) {
   for (const [name, { x, y }] of nodes) {
     const box = svg("g", { class: "step", transform: `translate(${x} ${y})`, tabindex: 0, role: "button",
       "data-step": name, "aria-label": `step ${name}` });
-    const meta = svg("text", { x: 12, y: 38, class: "step-meta" });
+    const meta = svg("text", { x: 12, y: 37, class: "step-meta" });
+    const facts = svg("text", { x: 12, y: 53, class: "step-facts" });
     box.append(svg("title", {}, name), svg("rect", { width: BOX.width, height: BOX.height, rx: 8 }),
-      svg("text", { x: 12, y: 21, class: "step-name" }, shortName(name)), meta);
+      svg("text", { x: 12, y: 20, class: "step-name" }, shortName(name)), meta, facts);
     box.addEventListener("click", () => onSelect(name));
     box.addEventListener("keydown", (event) => {
       if (event.key === "Enter" || event.key === " ") {
@@ -112,22 +55,30 @@ export function drawDag(root, steps, onSelect) {
         onSelect(name);
       }
     });
-    boxes.set(name, { box, meta });
+    boxes.set(name, { box, meta, facts });
     root.append(box);
   }
 
   return {
-    update(name, status, attempts) {
+    update(name, status, attempts, facts = "") {
       const entry = boxes.get(name);
       if (!entry) return;
       entry.box.setAttribute("data-status", status);
-      const selected = entry.box.classList.contains("selected") ? " selected" : "";
-      entry.box.setAttribute("class", `step ${statusClass(status)}${selected}`);
+      const kept = ["selected", "critical"].filter((flag) => entry.box.classList.contains(flag));
+      entry.box.setAttribute("class", ["step", statusClass(status), ...kept].join(" "));
       const kind = steps[name].kind ? `${steps[name].kind} · ` : "";
       entry.meta.textContent = `${kind}${status.replace("_", " ")}${attempts > 1 ? ` · attempt ${attempts}` : ""}`;
+      if (entry.facts.textContent !== facts) entry.facts.textContent = facts;
     },
     select(name) {
       for (const [other, { box }] of boxes) box.classList.toggle("selected", other === name);
+    },
+    mark(names) {
+      for (const [other, { box }] of boxes) box.classList.toggle("critical", names.has(other));
+      for (const path of edges.children) {
+        const on = names.has(path.dataset.from) && names.has(path.dataset.to);
+        path.classList.toggle("critical", on);
+      }
     },
   };
 }

@@ -1,10 +1,12 @@
-// One run: its DAG coloured live from the SSE stream, a step's details on click, cancel and resume, and the
-// approve / reject form of an approval step that waits for a human.
+// One run: its DAG coloured live from the SSE stream, its timeline of attempts, cost, tokens and budget, a step's
+// details on click, cancel and resume, and the approve / reject form of an approval step that waits for a human.
 import {
   FINISHED_RUN, FINISHED_STEP, api, el, formatDuration, formatTime, messageOf, setupTokenForm, showMessage,
   statusClass, token,
 } from "./common.js";
 import { drawDag } from "./dag.js";
+import { criticalPath, drawTimeline, timelineOf } from "./gantt.js";
+import { renderProgress, renderRunFacts, stepFacts, stepMoneyFacts } from "./summary.js";
 
 const STEP_EVENTS = {
   step_queued: "queued", step_started: "running", step_retry: "queued", step_deferred: "queued", step_lost: "queued",
@@ -18,6 +20,7 @@ const RUN_EVENTS = {
 const POLL_MS = 2000;
 const IDLE_POLL_MS = 15000;
 const RELOAD_DEBOUNCE_MS = 250;
+const TICK_MS = 1000; // durations and the timeline's running bars grow while the run goes on
 
 const runId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
 const $ = (id) => document.getElementById(id);
@@ -34,6 +37,8 @@ let pollTimer = null;
 let reloadTimer = null;
 const waits = new Map(); // step → data of its last step_waiting event: {approvers, message, timeout_s}
 let deciding = false;
+const events = []; // every event applied, in seq order: {type, step, attempt, ts (ms), data}, for the timeline
+let timelineFrame = 0;
 
 function endpoint(suffix = "") {
   return `/runs/${encodeURIComponent(runId)}${suffix}`;
@@ -84,12 +89,14 @@ function onEvent(message) {
   if (seq && seq <= seenSeq) return; // a reconnect never repeats, but stay safe
   seenSeq = Math.max(seenSeq, seq);
   const type = event.type || message.type;
+  events.push({ type, step: event.step, attempt: event.attempt, ts: Date.parse(event.ts), data: event.data || {} });
   if (type === "step_waiting" && event.step) waits.set(event.step, event.data || {});
   if (!view) return scheduleReload();
   if (event.step && STEP_EVENTS[type] && view.steps[event.step]) {
     const step = view.steps[event.step];
     step.status = STEP_EVENTS[type];
     if (event.attempt) step.attempts = event.attempt;
+    applyFigures(step, type, event);
     stepSeq.set(event.step, seq);
     if (FINISHED_STEP.has(step.status) || step.status === "waiting") scheduleReload(); // fetch output and error
   } else if (RUN_EVENTS[type]) {
@@ -98,6 +105,19 @@ function onEvent(message) {
     scheduleReload(); // a resume resets steps without an event each; an end brings the run's error
   }
   render();
+}
+
+// What an event tells about a step's times, tokens and cost before the next snapshot brings them.
+function applyFigures(step, type, event) {
+  if (type === "step_started") {
+    step.started_at ||= event.ts;
+    step.finished_at = null;
+  } else if (FINISHED_STEP.has(STEP_EVENTS[type])) {
+    step.finished_at = event.ts;
+  }
+  const data = event.data || {};
+  if (type === "step_succeeded" && data.usage) step.usage = data.usage;
+  if (type === "step_succeeded" && typeof data.cost_usd === "number") step.cost = data.cost_usd;
 }
 
 function openStream() {
@@ -145,18 +165,12 @@ function runStatus() {
 
 function render() {
   if (!view) return;
-  const steps = Object.entries(view.steps);
-  for (const [name, step] of steps) dag.update(name, step.status, step.attempts);
+  renderFigures();
   $("workflow").textContent = `${view.workflow} v${view.version}`;
   const status = runStatus();
   $("run-status").textContent = status.replace("_", " ");
   $("run-status").className = `badge ${statusClass(status)}`;
-  const done = steps.filter(([, s]) => FINISHED_STEP.has(s.status)).length;
-  $("progress").max = steps.length || 1;
-  $("progress").value = done;
-  const count = (what) => steps.filter(([, s]) => s.status === what).length;
-  const busy = ["running", "waiting"].filter((what) => count(what)).map((what) => `, ${count(what)} ${what}`);
-  $("progress-text").textContent = `${done} of ${steps.length} steps done${busy.join("")}`;
+  renderProgress($("progress"), $("progress-text"), Object.values(view.steps));
   const error = view.status === "failed" || view.status === "timed_out" ? messageOf(view.error) || view.error : "";
   $("run-error").textContent = typeof error === "string" ? error : JSON.stringify(error);
   $("run-error").hidden = !error;
@@ -169,6 +183,42 @@ function render() {
   renderLive();
   renderPanel();
 }
+
+function scheduleTimeline() {
+  if (!timelineFrame) timelineFrame = requestAnimationFrame(renderTimeline);
+}
+
+// The timeline, rebuilt from every event at most once a frame; the critical path is marked on the DAG too.
+function renderTimeline() {
+  timelineFrame = 0;
+  if (!view) return;
+  const names = Object.keys(view.steps);
+  const timeline = timelineOf(events, names);
+  const now = Date.now();
+  const critical = criticalPath(timeline, view.steps, now);
+  const wrap = $("gantt").parentElement;
+  drawTimeline($("gantt"), {
+    timeline, names, now, critical, width: Math.max(600, wrap.clientWidth - 18),
+    factsOf: (name) => stepFacts(view.steps[name]), onSelect: select,
+  });
+  $("gantt-empty").hidden = timeline.start !== null;
+  dag.mark(critical);
+}
+
+// What changes with time: the run's cost, tokens, budget left and duration, each step's box, the timeline.
+function renderFigures() {
+  renderRunFacts({ cost: $("run-cost"), tokens: $("run-tokens"), budget: $("budget-left"), duration: $("duration") },
+    view);
+  for (const [name, step] of Object.entries(view.steps)) dag.update(name, step.status, step.attempts, stepFacts(step));
+  scheduleTimeline();
+}
+
+window.addEventListener("resize", () => view && scheduleTimeline());
+
+// While the run goes on, its durations and running bars grow.
+setInterval(() => {
+  if (view && !FINISHED_RUN.has(view.status)) renderFigures();
+}, TICK_MS);
 
 function pretty(value) {
   if (value === null || value === undefined) return "—";
@@ -189,6 +239,7 @@ function renderPanel() {
     ["Finished", formatTime(step.finished_at)],
     ["Duration", step.started_at ? formatDuration(step.started_at, step.finished_at) : "—"],
   ];
+  facts.push(...stepMoneyFacts(step));
   if (step.cached) facts.push(["Cached", "yes (result reused)"]);
   $("panel-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
   $("panel-output").textContent = pretty(step.output);
