@@ -25,10 +25,6 @@ def check_workflow(spec: WorkflowSpec, registry: FunctionRegistry | None = None)
         upstream = spec.graph.ancestors(step.name)
         if step.condition is not None:
             check_condition(step.condition, step=step.name, upstream=upstream)
-        if step.condition_function is not None and step.condition_function not in registry:
-            raise WorkflowDefinitionError(
-                f"step {step.name!r}: no registered condition function {step.condition_function!r}", step=step.name
-            )
         _check_repeat(step, upstream, registry)
         loop_names = LOOP_NAMES if step.repeat is not None else frozenset()
         for source in _templates(step):

@@ -9,7 +9,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from orchestrator.infra.redis_url import check_memory_url, is_memory_url, is_sentinel_url, parse_sentinel_url
+from orchestrator.infra.redis_url import (
+    check_memory_url,
+    check_url_form,
+    is_memory_url,
+    is_sentinel_url,
+    parse_sentinel_url,
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -30,9 +36,12 @@ class Settings:
             ``redis+sentinel://HOST:26379[,HOST:26379]/MASTER_NAME[/DB]`` finds the master through Sentinel
             (the form is in ``orchestrator.infra.redis_url``). ``memory://`` runs everything in one process: state in
             its memory, steps on its own threads (``inprocess_threads``); for quick local runs, notebooks and tests,
-            refused by workers, the API server and the sweeper service (see the architecture page).
+            refused by workers, the API server and the sweeper service (see the architecture page). A URL without
+            one of ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``, ``rediss+sentinel://``,
+            ``memory://`` is refused at start in one line naming the accepted forms.
         broker_url: ``ORCH_BROKER_URL``: a different broker (e.g. RabbitMQ, or Redis through Sentinel), defaults to
-            ``redis_url``.
+            ``redis_url``. Takes the Redis forms (not ``memory://``), ``amqp://``, ``amqps://`` and kombu's other
+            transports; a URL without a known scheme is refused at start.
         anthropic_api_key: ``ANTHROPIC_API_KEY``; when absent LLM steps use the offline provider.
         anthropic_base_url: ``ANTHROPIC_BASE_URL``: another Messages API endpoint.
         imports: ``ORCH_IMPORTS``: comma-separated modules defining workflows and functions, imported by
@@ -124,11 +133,15 @@ class Settings:
     redis_url_explicit: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
-        # A typo in a Sentinel URL fails at start with its cause, not at the first connection.
+        # A URL without a scheme, or a typo in a Sentinel URL, fails at start with its cause, not at the first
+        # connection (deep in a traceback) or, for the broker, as an AMQP host name that does not resolve.
+        check_memory_url(self.redis_url)
+        check_url_form(self.redis_url, "REDIS_URL")
+        if self.broker_url is not None:
+            check_url_form(self.broker_url, "ORCH_BROKER_URL")
         for url in (self.redis_url, self.broker_url):
             if url is not None and is_sentinel_url(url):
                 parse_sentinel_url(url)
-        check_memory_url(self.redis_url)
         if is_memory_url(self.redis_url) and self.broker_url is not None:
             raise ValueError(
                 "ORCH_BROKER_URL cannot be used with REDIS_URL=memory://: that process runs its own steps "
@@ -147,8 +160,8 @@ class Settings:
 
         Raises:
             ValueError: A number that does not parse, an unknown ``ORCH_PRIORITIES``, an ``ORCH_METRICS_MAX_SERIES``
-                or ``ORCH_INPROCESS_THREADS`` below 1, ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a
-                malformed Sentinel or ``memory:`` URL (``RedisUrlError``).
+                or ``ORCH_INPROCESS_THREADS`` below 1, ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a URL
+                without a scheme, with an unknown one, or a malformed Sentinel or ``memory:`` URL (``RedisUrlError``).
         """
         env = os.environ if environ is None else environ
         names = {
