@@ -23,7 +23,7 @@ Data lives in fields so callers need not parse messages. Which errors are retrie
 ``workers.tasks`` maps ``RetryableStepError`` onto Celery's retry options, nowhere else.
 """
 
-from typing import NotRequired
+from typing import Any, NotRequired
 
 from typing_extensions import TypedDict
 
@@ -134,6 +134,7 @@ class ErrorRecord(TypedDict):
         retryable: Whether another attempt could help.
         attempt: The 1-based attempt that failed (over the run's whole life).
         retry_after: Seconds the provider asked to wait at least, when it said.
+        transcript: An agent step's turns and tool calls so far (``max_turns``, a spent budget …).
     """
 
     type: str
@@ -142,6 +143,7 @@ class ErrorRecord(TypedDict):
     retryable: NotRequired[bool]
     attempt: NotRequired[int]
     retry_after: NotRequired[float]
+    transcript: NotRequired[dict[str, Any]]
 
 
 class DeferralRecord(TypedDict):
