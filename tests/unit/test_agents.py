@@ -272,3 +272,20 @@ def test_the_sdk_sends_tools_and_tool_results_and_reads_tool_use_blocks() -> Non
     sent = server.requests[1].body
     assert sent["tools"] == [definition]
     assert sent["messages"][2]["content"][0]["tool_use_id"] == "toolu_1"
+
+
+def test_the_research_team_example_runs_offline_sharing_notes_between_agents() -> None:
+    import yaml
+
+    from orchestrator.definition.spec import parse_workflow
+
+    definition = yaml.safe_load((Path(__file__).parents[2] / "examples" / "research_team.yaml").read_text())
+    runtime, publisher = make_runtime(MemoryStateStore())
+    run_id = start(runtime, publisher, definition, topic="tides")
+    drive(runtime, publisher)
+
+    view = run_view(runtime.store.run_fields(run_id), parse_workflow(definition))
+    assert view["status"] == "succeeded"
+    calls = view["steps"]["supervisor"]["output"]["tool_calls"]
+    assert calls[0]["output"]["value"][0] == "two tides a day", "the scout's note, read by the supervisor"
+    assert calls[1]["output"] == {"result": 12.0}
