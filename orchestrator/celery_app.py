@@ -144,7 +144,7 @@ class CeleryPublisher:
         }
         if settings.priorities == "depth":
             options["priority"] = message_priority(step_level(spec, step), settings.effective_broker_url)
-        if step_spec.timeout_s is not None and step_spec.uses != StepKind.LLM:
+        if step_spec.timeout_s is not None and step_spec.uses not in {StepKind.LLM, StepKind.AGENT}:
             # Prefork enforces these with signals; LLM calls get the timeout from the SDK instead, on any pool.
             options["soft_time_limit"] = step_spec.timeout_s
             options["time_limit"] = step_spec.timeout_s + 10

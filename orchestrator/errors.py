@@ -135,6 +135,7 @@ class ErrorRecord(TypedDict):
         retryable: Whether another attempt could help.
         attempt: The 1-based attempt that failed (over the run's whole life).
         retry_after: Seconds the provider asked to wait at least, when it said.
+        transcript: An agent step's turns and tool calls so far (``max_turns``, a spent budget …).
     """
 
     type: str
@@ -143,6 +144,7 @@ class ErrorRecord(TypedDict):
     retryable: NotRequired[bool]
     attempt: NotRequired[int]
     retry_after: NotRequired[float]
+    transcript: NotRequired[dict[str, Any]]
 
 
 class DeferralRecord(TypedDict):

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from orchestrator import telemetry
+from orchestrator.agents.loop import run_agent
+from orchestrator.definition.agent import AgentParams
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
 from orchestrator.domain import Attempt, Claim, ClaimOutcome, RunStatus, StepOutcome
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, stop_run
@@ -181,6 +183,9 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
         try:
             if step.repeat is not None:
                 output = run_repeated(runtime, step, attempt, ctx, call, key=key, force=claim.force)
+            elif isinstance(step.params, AgentParams):
+                output = run_agent(runtime, step, attempt, ctx, call, key=key, force=claim.force)
+                runtime.executor.check_output(output)
             else:
                 output = runtime.executor.run(step, ctx, call)
         except runtime.interrupts:

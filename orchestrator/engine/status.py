@@ -217,7 +217,7 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
     }
     if input_tokens or output_tokens:
         view_run["usage"] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-    if spec.budget_usd is not None or any(step.uses == "llm" for step in spec.steps):
+    if spec.budget_usd is not None or any(step.uses in {"llm", "agent"} for step in spec.steps):
         # What the provider billed this run, every attempt included (replies served from the cache cost nothing).
         view_run["cost"] = from_nano_usd(int(fields.get("llm_spent_nusd") or 0))
         view_run["llm_calls"] = int(fields.get("llm_calls") or 0)

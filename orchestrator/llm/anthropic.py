@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self, cast
 
 import anthropic
 import httpx2
@@ -85,11 +85,15 @@ class AnthropicClient:
         # SDK 2.x removed `temperature` from the signature (current models take no sampling parameters);
         # `extra_body` still sends it, for the older models that honour it.
         extra_body = None if request.temperature is None else {"temperature": request.temperature}
+        messages: Any = (
+            list(request.messages) if request.messages is not None else [{"role": "user", "content": request.prompt}]
+        )
         try:
             message = self._sdk.messages.create(
                 model=request.model,
                 max_tokens=request.max_tokens,
-                messages=[{"role": "user", "content": request.prompt}],
+                messages=messages,
+                tools=anthropic.omit if request.tools is None else cast(Any, list(request.tools)),
                 system=anthropic.omit if request.system is None else request.system,
                 extra_headers=extra_headers,
                 extra_body=extra_body,
@@ -214,6 +218,9 @@ def _body_request_id(body: object) -> str | None:
 
 def _to_response(message: Message) -> LLMResponse:
     text = "".join(block.text for block in message.content if block.type == "text")
+    # Plain replies keep only their text; a reply with tool calls keeps its blocks, which the next turn sends back.
+    blocks = message.content
+    content = () if all(b.type == "text" for b in blocks) else tuple(b.model_dump(exclude_none=True) for b in blocks)
     return LLMResponse(
         text=text,
         model=message.model,
@@ -226,4 +233,5 @@ def _to_response(message: Message) -> LLMResponse:
         stop_reason=message.stop_reason,
         request_id=message._request_id,
         extra={"message_id": message.id},
+        content=content,
     )

@@ -126,7 +126,7 @@ class LLMGateway:
                     )
                 )
                 return GatewayReply(stored, 0.0, cached=True)
-        estimated_input = estimate_input_tokens(request.prompt, request.system)
+        estimated_input = estimate_input_tokens(request.input_text, request.system)
         tokens = estimated_input + request.max_tokens
         worst_case = self.prices.worst_case(request.model, estimated_input, request.max_tokens)
         if self.governor is not None:

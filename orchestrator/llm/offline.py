@@ -34,6 +34,7 @@ from typing import Any, Final
 import httpx2
 
 from orchestrator.llm.anthropic import ATTEMPT_HEADER, SIMULATE_HEADER, AnthropicClient
+from orchestrator.llm.offline_agent import agent_tool_uses, conversation_text
 from orchestrator.llm.structured import structured_output_instruction
 from orchestrator.llm.synthetic import compose_prose, example, prose_tokens, requested_schema
 
@@ -177,6 +178,8 @@ class _MessagesCall:
     max_tokens: int
     simulate: Mapping[str, Any]
     attempt: int
+    messages: tuple[Any, ...] = ()
+    tools: tuple[Any, ...] = ()
 
     @classmethod
     def from_request(cls, request: httpx2.Request) -> _MessagesCall:
@@ -194,7 +197,12 @@ class _MessagesCall:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages: at least one message is required")
-        prompt = "\n\n".join(_text_of(message.get("content")) for message in messages if isinstance(message, dict))
+        prompt = conversation_text(messages)
+        tools = body.get("tools") or []
+        if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools
+        ):
+            raise ValueError("tools: a list of {name, description, input_schema}")
         simulate_header = request.headers.get(SIMULATE_HEADER)
         try:
             simulate = json.loads(simulate_header) if simulate_header else {}
@@ -203,7 +211,8 @@ class _MessagesCall:
             raise ValueError(f"malformed {SIMULATE_HEADER} or {ATTEMPT_HEADER} header: {exc}") from exc
         if not isinstance(simulate, dict):
             raise ValueError(f"{SIMULATE_HEADER} must be a JSON object")
-        return cls(model, _text_of(body.get("system")), prompt, max_tokens, simulate, attempt)
+        system = _text_of(body.get("system"))
+        return cls(model, system, prompt, max_tokens, simulate, attempt, tuple(messages), tuple(tools))
 
     @property
     def digest(self) -> bytes:
@@ -255,6 +264,13 @@ class _MessagesCall:
         rng = random.Random(int.from_bytes(self.digest[:8], "big"))
         schema = requested_schema(self.system)
         fixed = self.simulate.get("output")
+        try:
+            tool_uses = agent_tool_uses(self.tools, self.messages, self.simulate, self.digest) if self.tools else []
+        except ValueError as exc:
+            return _error_response(SimulatedError(400, "invalid_request_error", str(exc)), self.request_id)
+        if tool_uses:
+            tokens = sum(prose_tokens(json.dumps(use["input"])) + 8 for use in tool_uses)
+            return self._message(tool_uses, "tool_use", min(tokens, self.max_tokens))
         if isinstance(fixed, str):
             text, output_tokens = fixed, prose_tokens(fixed)
         elif schema is not None:
@@ -266,13 +282,16 @@ class _MessagesCall:
         else:
             text = compose_prose(rng, self.prompt, self.max_tokens)
             output_tokens = prose_tokens(text)
+        return self._message([{"type": "text", "text": text}], "end_turn", output_tokens)
+
+    def _message(self, content: list[dict[str, Any]], stop_reason: str, output_tokens: int) -> httpx2.Response:
         body = {
             "id": f"msg_offline_{self.digest.hex()[:24]}",
             "type": "message",
             "role": "assistant",
             "model": self.model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn",
+            "content": content,
+            "stop_reason": stop_reason,
             "stop_sequence": None,
             "usage": {
                 "input_tokens": math.ceil(len(self.system + self.prompt) / 4) + 8,

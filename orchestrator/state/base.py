@@ -352,6 +352,31 @@ class StateStore(Protocol):
         """The step's latest checkpointed iteration, or ``None`` when it has none (or the run is gone)."""
         ...
 
+    def record_journal_entry(
+        self, attempt: Attempt, entry_id: str, entry_json: str, *, event: str = "", event_data: str = ""
+    ) -> bool:
+        """Journal an entry of a running attempt's agent step (a turn, a tool call), replacing one of the same id.
+
+        Guarded as :meth:`finish` is. With ``event``, emits it (data ``event_data``, the step's attempt number) in
+        the same transition. The journal outlives the attempt (the next one replays it) and expires with the run.
+
+        Returns:
+            ``False`` when the attempt is stale; nothing changed then.
+        """
+        ...
+
+    def journal(self, run_id: str, step: str) -> dict[str, str]:
+        """Every journal entry of an agent step, by id (empty when it has none, or the run is gone)."""
+        ...
+
+    def write_note(self, run_id: str, key: str, value_json: str) -> None:
+        """Set a note on the run's blackboard (``notes.write``), kept as long as the run."""
+        ...
+
+    def read_note(self, run_id: str, key: str) -> str | None:
+        """A note's JSON (``notes.read``), or ``None`` when nobody wrote it."""
+        ...
+
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` seconds; ``False`` while anyone (``owner`` too) holds it."""
         ...

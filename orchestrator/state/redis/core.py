@@ -44,6 +44,7 @@ _SCRIPTS = (
     "fail_dispatch",
     "note_definition",
     "iterate",
+    "journal",
 )
 
 
@@ -60,6 +61,7 @@ _WITH_EVENTS = {
     "decide",
     "fail_dispatch",
     "iterate",
+    "journal",
 }
 
 
