@@ -134,6 +134,7 @@ class ErrorRecord(TypedDict):
         retryable: Whether another attempt could help.
         attempt: The 1-based attempt that failed (over the run's whole life).
         retry_after: Seconds the provider asked to wait at least, when it said.
+        child_run_id: The child run whose failure failed a ``workflow`` step.
     """
 
     type: str
@@ -142,6 +143,7 @@ class ErrorRecord(TypedDict):
     retryable: NotRequired[bool]
     attempt: NotRequired[int]
     retry_after: NotRequired[float]
+    child_run_id: NotRequired[str]
 
 
 class DeferralRecord(TypedDict):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.definition.dag import Graph, find_cycle
 from orchestrator.definition.jsonschemas import SchemaError, check_schema
 from orchestrator.definition.repeat import RepeatSpec
+from orchestrator.definition.subflow import WorkflowParams
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
@@ -57,6 +58,7 @@ class StepKind(StrEnum):
     PYTHON = "python"
     NOOP = "noop"
     APPROVAL = "approval"
+    WORKFLOW = "workflow"
 
 
 class TriggerRule(StrEnum):
@@ -180,12 +182,13 @@ class ApprovalParams(_Frozen):
     on_timeout: Literal["approve", "reject", "fail"] = "fail"
 
 
-StepParams = LLMParams | PythonParams | NoopParams | ApprovalParams
+StepParams = LLMParams | PythonParams | NoopParams | ApprovalParams | WorkflowParams
 _PARAMS_BY_KIND: dict[StepKind, type[BaseModel]] = {
     StepKind.LLM: LLMParams,
     StepKind.PYTHON: PythonParams,
     StepKind.NOOP: NoopParams,
     StepKind.APPROVAL: ApprovalParams,
+    StepKind.WORKFLOW: WorkflowParams,
 }
 
 
@@ -268,9 +271,9 @@ class StepSpec(_Frozen):
 
     @model_validator(mode="after")
     def _repeatable(self) -> StepSpec:
-        if self.repeat is not None and self.uses == StepKind.APPROVAL:
-            # An approval ends its attempt to wait for a human: a loop would have to park between iterations.
-            raise ValueError("repeat is not supported on approval steps")
+        if self.repeat is not None and self.uses in (StepKind.APPROVAL, StepKind.WORKFLOW):
+            # Both end their attempt to wait (a human, a child run): a loop would have to park between iterations.
+            raise ValueError(f"repeat is not supported on {self.uses.value} steps")
         return self
 
     @field_validator("depends_on")

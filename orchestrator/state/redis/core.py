@@ -44,6 +44,8 @@ _SCRIPTS = (
     "fail_dispatch",
     "note_definition",
     "iterate",
+    "child_wait",
+    "child_done",
 )
 
 
@@ -60,6 +62,7 @@ _WITH_EVENTS = {
     "decide",
     "fail_dispatch",
     "iterate",
+    "child_wait",
 }
 
 
