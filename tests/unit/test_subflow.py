@@ -200,7 +200,8 @@ def test_a_failing_child_fails_the_step_naming_the_child_and_resume_resumes_the_
     child_id = view["steps"]["compose"]["child_run_id"]
     error = view["steps"]["compose"]["error"]
     assert view["status"] == "failed"
-    assert error is not None and error["child_run_id"] == child_id
+    assert error is not None
+    assert error["child_run_id"] == child_id
     assert f"child run {child_id} (gated) failed" in error["message"]
     assert "the cause is not fixed yet" in error["message"]
 
@@ -256,6 +257,7 @@ def test_a_child_ending_counts_its_spend_into_the_parent_once_and_completes_only
     assert not store.child_ended(link, "child", totals, task_id="y", lease_s=10)
 
     fields = store.run_fields("parent")
-    assert fields["s:compose:status"] == "running" and fields["s:compose:task"] == "x"
+    assert fields["s:compose:status"] == "running"
+    assert fields["s:compose:task"] == "x"
     assert (fields["llm_spent_nusd"], fields["llm_calls"], fields["llm_output_tokens"]) == ("500", "2", "20")
     assert not store.wait_for_child(Attempt("parent", "compose", "1", "t1"), "child")  # stale
