@@ -17,6 +17,7 @@ resuming the parent resumes a failed child under the same run id.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -25,7 +26,7 @@ from orchestrator.definition.registry import workflows
 from orchestrator.definition.spec import StepSpec, WorkflowSpec
 from orchestrator.definition.subflow import WorkflowLookup, WorkflowParams, child_spec, render_inputs
 from orchestrator.domain import Attempt, ChildTotals, Claim, ParentLink, RunStatus, StepOutcome
-from orchestrator.engine.control import record_outcome, resume_run
+from orchestrator.engine.control import DEADLINE_REASON, record_outcome, resume_run, stop_run
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.status import run_view
@@ -207,10 +208,16 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
         int(fields.get("depth") or 2),
     )
     totals = ChildTotals(*(int(fields.get(name) or 0) for name in _TOTALS))
+    view_status = RunStatus(fields["status"])
     token = f"child-{uuid.uuid4().hex}"
     if not store.child_ended(link, child_run_id, totals, task_id=token, lease_s=settings.lease_s):
         return
-    parent_spec = store.load_definition(store.run_fields(link.run_id)["def_hash"])
+    parent = store.run_fields(link.run_id)
+    if view_status == RunStatus.TIMED_OUT and parent.get("deadline") and float(parent["deadline"]) <= time.time():
+        # The parent's own deadline timed the child out: the parent times out too, rather than fail the step.
+        stop_run(publisher, store, link.run_id, RunStatus.TIMED_OUT, DEADLINE_REASON, generation=link.generation)
+        return
+    parent_spec = store.load_definition(parent["def_hash"])
     view = run_view(fields, store.load_definition(fields["def_hash"]))
     attempt = Attempt(link.run_id, link.step, link.generation, token)
     if view["status"] == RunStatus.SUCCEEDED:
@@ -231,8 +238,6 @@ def stop_children(
     publisher: StepPublisher, settings: Settings | None, store: StateStore, fields: dict[str, str], status: RunStatus
 ) -> None:
     """Stop the children a stopped run was waiting for (``fields``: the run as it was before it stopped)."""
-    from orchestrator.engine.control import stop_run  # control calls this module when a run stops
-
     for name, value in fields.items():
         if not name.endswith(":child_run_id") or not value:
             continue
