@@ -1,4 +1,4 @@
-"""Sub-workflows (``uses: workflow``) on real workers: outputs, links, failure, resume, cancel, deadline, idempotency."""
+"""Sub-workflows on real workers: outputs, links, failure, resume, cancel, deadline, idempotency."""
 
 from __future__ import annotations
 
