@@ -338,10 +338,12 @@ def list_workflows(as_json: bool, scan: int) -> None:
 
 
 def _print_status(view: RunView) -> None:
-    from orchestrator.tables import run_totals, step_table
+    from orchestrator.tables import run_links, run_totals, step_table
 
     console = _console()
     console.print(step_table(view))
+    for line in run_links(view):
+        console.print(line)
     totals = run_totals(view, time.time())
     if totals:
         console.print(totals)

@@ -136,6 +136,7 @@ class ErrorRecord(TypedDict):
         attempt: The 1-based attempt that failed (over the run's whole life).
         retry_after: Seconds the provider asked to wait at least, when it said.
         transcript: An agent step's turns and tool calls so far (``max_turns``, a spent budget …).
+        child_run_id: The child run whose failure failed a ``workflow`` step.
     """
 
     type: str
@@ -145,6 +146,7 @@ class ErrorRecord(TypedDict):
     attempt: NotRequired[int]
     retry_after: NotRequired[float]
     transcript: NotRequired[dict[str, Any]]
+    child_run_id: NotRequired[str]
 
 
 class DeferralRecord(TypedDict):

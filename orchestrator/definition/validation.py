@@ -10,6 +10,7 @@ from orchestrator.definition.agent import BUILTIN_TOOLS, WORKFLOW_TOOL_PREFIX, A
 from orchestrator.definition.conditions import UNTIL_NAMES, check_condition
 from orchestrator.definition.registry import FunctionRegistry, check_functions, functions
 from orchestrator.definition.spec import ApprovalParams, LLMParams, StepSpec, WorkflowSpec
+from orchestrator.definition.subflow import WorkflowParams
 from orchestrator.definition.templates import check_static_render, check_template, referenced_steps
 from orchestrator.errors import WorkflowDefinitionError
 
@@ -71,9 +72,12 @@ def _check_tools(step: StepSpec) -> None:
 
 
 def _templates(step: StepSpec) -> list[str]:
-    """The templates a step renders: an ``llm`` step's prompt and system prompt, an approval's message."""
+    """The templates a step renders: an ``llm`` or ``agent`` step's prompt and system prompt, an approval's
+    message, a ``workflow`` step's inputs."""
     if isinstance(step.params, LLMParams | AgentParams):
         return [s for s in (step.params.prompt, step.params.system) if s is not None]
     if isinstance(step.params, ApprovalParams) and step.params.message is not None:
         return [step.params.message]
+    if isinstance(step.params, WorkflowParams):
+        return step.params.templates()
     return []

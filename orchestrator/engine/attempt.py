@@ -21,6 +21,7 @@ from orchestrator import telemetry
 from orchestrator.agents.loop import run_agent
 from orchestrator.definition.agent import AgentParams
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
+from orchestrator.definition.subflow import WorkflowParams
 from orchestrator.domain import Attempt, Claim, ClaimOutcome, RunStatus, StepOutcome
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, stop_run
 from orchestrator.engine.coordinator import (
@@ -35,6 +36,7 @@ from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
 from orchestrator.engine.repeat import run_repeated
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
+from orchestrator.engine.subflow import run_workflow_step
 from orchestrator.errors import (
     DefinitionNotFoundError,
     ErrorRecord,
@@ -117,6 +119,7 @@ def execute_attempt(
             RunStatus.TIMED_OUT,
             DEADLINE_REASON,
             generation=attempt.generation,
+            settings=runtime.settings,
         )
         return "dropped: the run is past its deadline"
     if claim.outcome != ClaimOutcome.OK:
@@ -175,6 +178,10 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
         if isinstance(step.params, ApprovalParams):
             scope.finish("waiting")
             return _wait_for_decision(runtime, step.params, attempt, ctx)
+        if isinstance(step.params, WorkflowParams):
+            waiting = run_workflow_step(runtime, step, attempt, ctx, claim)
+            scope.finish("waiting")
+            return waiting
         key = result_key(step, claim.inputs, claim.parent_output)
         if step.cache and not claim.force and claim.cache_key == key:
             # Resumed with the same definition and inputs as the result it already has: never pay for it twice.

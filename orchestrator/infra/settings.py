@@ -61,6 +61,8 @@ class Settings:
         max_prompt_bytes: ``ORCH_MAX_PROMPT_BYTES``: cap on an ``llm`` step's rendered prompt and system prompt
             together (UTF-8); a larger one fails the step (``prompt_too_large``) before any LLM call.
         max_steps: ``ORCH_MAX_STEPS``: cap on steps per workflow.
+        max_subflow_depth: ``ORCH_MAX_SUBFLOW_DEPTH``: how deep runs may nest through ``uses: workflow`` steps (a
+            top-level run is depth 1); deeper trees are refused at submit, and a child past it fails its step.
         template_timeout_s: ``ORCH_TEMPLATE_TIMEOUT_S``: seconds one prompt render or condition may run (a step's
             ``timeout_s`` can shorten it); past it the step fails as ``template_limit``.
         retry_cap_s: ``ORCH_RETRY_CAP_S``: no retry waits longer, whatever ``retry-after`` says.
@@ -112,6 +114,7 @@ class Settings:
     max_output_bytes: int = 1024 * 1024
     max_prompt_bytes: int = 4 * 1024 * 1024
     max_steps: int = 2000
+    max_subflow_depth: int = 5
     template_timeout_s: float = 5.0
     retry_cap_s: float = 300.0
     llm_timeout_s: float = 120.0
@@ -180,6 +183,7 @@ class Settings:
             "max_output_bytes": "ORCH_MAX_OUTPUT_BYTES",
             "max_prompt_bytes": "ORCH_MAX_PROMPT_BYTES",
             "max_steps": "ORCH_MAX_STEPS",
+            "max_subflow_depth": "ORCH_MAX_SUBFLOW_DEPTH",
             "template_timeout_s": "ORCH_TEMPLATE_TIMEOUT_S",
             "retry_cap_s": "ORCH_RETRY_CAP_S",
             "llm_timeout_s": "ORCH_LLM_TIMEOUT_S",

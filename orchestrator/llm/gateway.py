@@ -176,7 +176,8 @@ class LLMGateway:
         )
         if admission.outcome == "budget_exceeded":
             raise NonRetryableStepError(
-                f"the run's LLM budget of ${ctx.budget_usd:.4f} is spent: ${admission.spent_usd:.4f} spent or held, "
+                f"the run's LLM budget of {_dollars(ctx.budget_usd)} is spent: "
+                f"${admission.spent_usd:.4f} spent or held, "
                 f"and this call to {request.model} could cost up to ${worst_case:.4f}",
                 kind="budget_exceeded",
             )
@@ -260,3 +261,8 @@ class LLMGateway:
                 response_model=response.model if response is not None else None,
             )
         )
+
+
+def _dollars(budget_usd: float | None) -> str:
+    # A child run without a budget of its own is capped by what its parent had left (budget_cap_nusd).
+    return f"${budget_usd:.4f}" if budget_usd is not None else "its parent run (what it had left)"

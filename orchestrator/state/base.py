@@ -13,11 +13,13 @@ if TYPE_CHECKING:
 
 from orchestrator.domain import (
     Attempt,
+    ChildTotals,
     Claim,
     Decision,
     DecisionResult,
     FinishResult,
     IterationCheckpoint,
+    ParentLink,
     ReclaimedStep,
     ReleaseRules,
     ResumePlan,
@@ -365,6 +367,24 @@ class StateStore(Protocol):
         """
         ...
 
+    def link_parent(self, child_run_id: str, link: ParentLink, *, budget_cap_nusd: int | None = None) -> None:
+        """Write the child run's ``parent_run``, ``parent_step``, ``parent_index``, ``parent_gen`` and ``depth``.
+
+        ``budget_cap_nusd`` (what the parent had left, in nano-dollars) caps the child's LLM spend besides its own
+        ``budget_usd``. Writing again (a resumed parent's new generation) replaces the link.
+        """
+        ...
+
+    def wait_for_child(self, attempt: Attempt, child_run_id: str) -> bool:
+        """Park a claimed ``workflow`` step as ``waiting`` for its child run (no task, no lease), noting the child.
+
+        Emits ``step_waiting`` with data ``{"child_run_id": ID}``. Guarded as :meth:`finish` is.
+
+        Returns:
+            ``False`` when the attempt is stale; nothing changed then.
+        """
+        ...
+
     def journal(self, run_id: str, step: str) -> dict[str, str]:
         """Every journal entry of an agent step, by id (empty when it has none, or the run is gone)."""
         ...
@@ -375,6 +395,21 @@ class StateStore(Protocol):
 
     def read_note(self, run_id: str, key: str) -> str | None:
         """A note's JSON (``notes.read``), or ``None`` when nobody wrote it."""
+        ...
+
+    def child_ended(
+        self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
+    ) -> bool:
+        """A child run ended: count its spend into the parent and take the waiting parent step over.
+
+        While ``child_run_id`` is the step's child, the child's ``totals`` not counted yet are added to the parent
+        run's LLM totals (once, however often the child ends). When the parent is at ``link.generation``, running,
+        and the step waits, the step becomes ``running`` under ``task_id`` with a lease of ``lease_s`` (indexed),
+        to be finished next with the child's outcome.
+
+        Returns:
+            Whether the step was taken over.
+        """
         ...
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
@@ -454,3 +489,17 @@ def checkpoint_from(row: list[str | None]) -> IterationCheckpoint | None:
         key=key or "",
         generation=generation or "",
     )
+
+
+def link_fields(link: ParentLink, budget_cap_nusd: int | None) -> dict[str, str]:
+    """The child run's fields that name its parent (and cap its budget)."""
+    fields = {
+        "parent_run": link.run_id,
+        "parent_step": link.step,
+        "parent_index": "" if link.index is None else str(link.index),
+        "parent_gen": link.generation,
+        "depth": str(link.depth),
+    }
+    if budget_cap_nusd is not None:
+        fields["budget_cap_nusd"] = str(max(0, budget_cap_nusd))
+    return fields

@@ -45,6 +45,8 @@ _SCRIPTS = (
     "note_definition",
     "iterate",
     "journal",
+    "child_wait",
+    "child_done",
 )
 
 
@@ -62,6 +64,7 @@ _WITH_EVENTS = {
     "fail_dispatch",
     "iterate",
     "journal",
+    "child_wait",
 }
 
 
