@@ -13,14 +13,14 @@ import math
 import time
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 import anthropic
 import httpx2
 from anthropic.types import Message
 
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError
-from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
+from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage, TextCallback
 
 __all__ = ["AnthropicClient", "classify_error"]
 
@@ -35,6 +35,21 @@ _RETRYABLE_STATUS_KINDS: Final[Mapping[int, str]] = MappingProxyType(
 )
 _NON_RETRYABLE_STATUS_KINDS: Final[Mapping[int, str]] = MappingProxyType(
     {400: "bad_request", 401: "authentication", 403: "permission", 404: "not_found", 413: "request_too_large"}
+)
+# An error that arrives inside a streamed 200 response (an SSE ``error`` event) has no status of its own: its
+# ``error.type`` says what it would have been. Anything else that breaks a stream midway counts as a server error.
+_STREAM_ERROR_STATUS: Final[Mapping[str, int]] = MappingProxyType(
+    {
+        "overloaded_error": 529,
+        "rate_limit_error": 429,
+        "api_error": 500,
+        "timeout_error": 408,
+        "invalid_request_error": 400,
+        "authentication_error": 401,
+        "permission_error": 403,
+        "not_found_error": 404,
+        "request_too_large": 413,
+    }
 )
 
 
@@ -62,11 +77,13 @@ class AnthropicClient:
             api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s, http_client=http_client
         )
 
-    def complete(self, request: LLMRequest) -> LLMResponse:
-        """Make exactly one Messages API call.
+    def complete(self, request: LLMRequest, on_text: TextCallback | None = None) -> LLMResponse:
+        """Make exactly one Messages API call, streamed (``messages.stream``) when ``on_text`` is given.
 
         Args:
             request: What to ask which model.
+            on_text: Receives each text delta as the SDK parses it from the stream; usage and the final text come
+                from the stream's final message, so they are the same as an unstreamed call's.
 
         Returns:
             The reply's text blocks joined, with the model, usage, stop reason and request id.
@@ -85,19 +102,28 @@ class AnthropicClient:
         # SDK 2.x removed `temperature` from the signature (current models take no sampling parameters);
         # `extra_body` still sends it, for the older models that honour it.
         extra_body = None if request.temperature is None else {"temperature": request.temperature}
+        arguments: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "messages": [{"role": "user", "content": request.prompt}],
+            "system": anthropic.omit if request.system is None else request.system,
+            "extra_headers": extra_headers,
+            "extra_body": extra_body,
+            "timeout": request.timeout_s,
+        }
         try:
-            message = self._sdk.messages.create(
-                model=request.model,
-                max_tokens=request.max_tokens,
-                messages=[{"role": "user", "content": request.prompt}],
-                system=anthropic.omit if request.system is None else request.system,
-                extra_headers=extra_headers,
-                extra_body=extra_body,
-                timeout=request.timeout_s,
-            )
+            if on_text is None:
+                message = self._sdk.messages.create(**arguments)
+            else:
+                with self._sdk.messages.stream(**arguments) as stream:
+                    for text in stream.text_stream:
+                        on_text(text)
+                    message = stream.get_final_message()
+                    # The streamed message does not carry the response's request id; the stream does.
+                    return _to_response(message, stream.request_id)
         except Exception as exc:
             raise classify_error(exc) from exc
-        return _to_response(message)
+        return _to_response(message, message._request_id)
 
     def close(self) -> None:
         """Close the underlying HTTP connections."""
@@ -129,6 +155,9 @@ def classify_error(exc: Exception) -> StepError:
     """
     if isinstance(exc, anthropic.APIStatusError):
         status = exc.status_code
+        if status < 400:
+            # An error event inside a streamed reply (the response itself said 200).
+            status = _STREAM_ERROR_STATUS.get(exc.type or "", 500)
         message = _describe_status_error(exc)
         if status in _NON_RETRYABLE_STATUS_KINDS:
             return NonRetryableStepError(message, kind=_NON_RETRYABLE_STATUS_KINDS[status], status_code=status)
@@ -142,6 +171,11 @@ def classify_error(exc: Exception) -> StepError:
         return RetryableStepError(f"Anthropic API call timed out{_cause(exc)}", kind="timeout")
     if isinstance(exc, anthropic.APIConnectionError):
         return RetryableStepError(f"could not reach the Anthropic API{_cause(exc)}", kind="connection")
+    # A stream that breaks while its body is read raises the transport's own error, not the SDK's.
+    if isinstance(exc, httpx2.TimeoutException):
+        return RetryableStepError(f"Anthropic API stream timed out: {exc}", kind="timeout")
+    if isinstance(exc, httpx2.TransportError):
+        return RetryableStepError(f"Anthropic API stream broke: {type(exc).__name__}: {exc}", kind="connection")
     return NonRetryableStepError(f"Anthropic API call failed: {type(exc).__name__}: {exc}", kind="unexpected")
 
 
@@ -212,7 +246,7 @@ def _body_request_id(body: object) -> str | None:
     return None
 
 
-def _to_response(message: Message) -> LLMResponse:
+def _to_response(message: Message, request_id: str | None) -> LLMResponse:
     text = "".join(block.text for block in message.content if block.type == "text")
     return LLMResponse(
         text=text,
@@ -224,6 +258,6 @@ def _to_response(message: Message) -> LLMResponse:
             cache_read_input_tokens=message.usage.cache_read_input_tokens or 0,
         ),
         stop_reason=message.stop_reason,
-        request_id=message._request_id,
+        request_id=request_id,
         extra={"message_id": message.id},
     )

@@ -15,6 +15,12 @@ the ``x-orch-simulate`` header, with the attempt number in ``x-orch-attempt``) s
   rather than after a real timeout) and ``invalid_json`` (a structured-output request gets a reply that is not JSON).
 - ``retry_after_s``: the ``retry-after`` value sent with ``rate_limit`` (default 1).
 - ``output``: a fixed reply text.
+- ``error_mid_stream``: a streamed call's scripted error arrives after half the text, as an SSE ``error`` event
+  (``timeout`` and ``connection`` as a read failure), instead of as the response's status.
+
+A request with ``"stream": true`` (the SDK's ``messages.stream``) is answered with a real ``text/event-stream`` body:
+``message_start``, one ``content_block_delta`` per word, ``message_delta`` with the usage, ``message_stop``, the
+latency spread over the deltas, so the SDK's own stream parser runs and yields the same text as an unstreamed reply.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import hashlib
 import json
 import math
 import random
+import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
@@ -177,6 +184,7 @@ class _MessagesCall:
     max_tokens: int
     simulate: Mapping[str, Any]
     attempt: int
+    stream: bool = False
 
     @classmethod
     def from_request(cls, request: httpx2.Request) -> _MessagesCall:
@@ -203,7 +211,8 @@ class _MessagesCall:
             raise ValueError(f"malformed {SIMULATE_HEADER} or {ATTEMPT_HEADER} header: {exc}") from exc
         if not isinstance(simulate, dict):
             raise ValueError(f"{SIMULATE_HEADER} must be a JSON object")
-        return cls(model, _text_of(body.get("system")), prompt, max_tokens, simulate, attempt)
+        stream = body.get("stream") is True
+        return cls(model, _text_of(body.get("system")), prompt, max_tokens, simulate, attempt, stream)
 
     @property
     def digest(self) -> bytes:
@@ -224,7 +233,10 @@ class _MessagesCall:
             if read_timeout is not None and latency_s > read_timeout:
                 time.sleep(read_timeout)
                 raise httpx2.ReadTimeout("simulated latency exceeds the read timeout", request=request)
-            time.sleep(latency_s)
+        if self.stream and (scripted is None or self.simulate.get("error_mid_stream") is True):
+            # Latency is spread over the stream; a scripted error, if any, breaks it halfway.
+            return self._reply(broken_json=False, latency_s=latency_s, fail=scripted, request=request)
+        time.sleep(latency_s)
         if scripted == "timeout":
             raise httpx2.ReadTimeout("simulated timeout", request=request)
         if scripted == "connection":
@@ -251,7 +263,14 @@ class _MessagesCall:
             raise ValueError(f"simulate.retry_after_s must be a non-negative number, not {retry_after!r}")
         return min(float(latency_s), MAX_LATENCY_S), scripted, str(retry_after)
 
-    def _reply(self, *, broken_json: bool) -> httpx2.Response:
+    def _reply(
+        self,
+        *,
+        broken_json: bool,
+        latency_s: float = 0.0,
+        fail: str | None = None,
+        request: httpx2.Request | None = None,
+    ) -> httpx2.Response:
         rng = random.Random(int.from_bytes(self.digest[:8], "big"))
         schema = requested_schema(self.system)
         fixed = self.simulate.get("output")
@@ -279,7 +298,59 @@ class _MessagesCall:
                 "output_tokens": max(1, min(output_tokens, self.max_tokens)),
             },
         }
-        return httpx2.Response(200, json=body, headers={"request-id": self.request_id})
+        if not self.stream:
+            return httpx2.Response(200, json=body, headers={"request-id": self.request_id})
+        return httpx2.Response(
+            200,
+            content=_event_stream(body, latency_s, fail, request),
+            headers={"request-id": self.request_id, "content-type": "text/event-stream", "cache-control": "no-cache"},
+        )
+
+
+def _event_stream(
+    body: dict[str, Any], latency_s: float, fail: str | None, request: httpx2.Request | None
+) -> Iterator[bytes]:
+    """The Messages API's SSE events for ``body``: one text delta per word, ``latency_s`` spread over them.
+
+    ``fail`` (a scripted error name) ends the stream halfway: an ``error`` event, or a read failure for ``timeout``
+    and ``connection``.
+    """
+    text = body["content"][0]["text"]
+    pieces = re.findall(r"\s*\S+", text) or [text]
+    pause = latency_s / (len(pieces) + 1)
+    usage = body["usage"]
+    start = {**body, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+    yield _sse("message_start", {"type": "message_start", "message": start})
+    block = {"type": "text", "text": ""}
+    yield _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+    for number, piece in enumerate(pieces):
+        if fail is not None and number == len(pieces) // 2:
+            yield from _stream_failure(fail, request)
+            return
+        if pause:
+            time.sleep(pause)
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
+        yield _sse("content_block_delta", delta)
+    if pause:
+        time.sleep(pause)
+    yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+    end = {"stop_reason": body["stop_reason"], "stop_sequence": None}
+    final_usage = {"output_tokens": usage["output_tokens"]}
+    yield _sse("message_delta", {"type": "message_delta", "delta": end, "usage": final_usage})
+    yield _sse("message_stop", {"type": "message_stop"})
+
+
+def _stream_failure(fail: str, request: httpx2.Request | None) -> Iterator[bytes]:
+    if fail == "timeout":
+        raise httpx2.ReadTimeout("simulated timeout mid-stream", request=request)
+    if fail == "connection":
+        raise httpx2.RemoteProtocolError("simulated connection failure mid-stream", request=request)
+    error = SIMULATED_ERRORS.get(fail, SIMULATED_ERRORS["server_error"])
+    yield _sse("error", {"type": "error", "error": {"type": error.error_type, "message": error.message}})
+
+
+def _sse(event: str, data: Mapping[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
 
 
 def _sha256(text: str) -> str:
