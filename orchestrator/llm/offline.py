@@ -316,7 +316,7 @@ def _event_stream(
     and ``connection``.
     """
     text = body["content"][0]["text"]
-    pieces = re.findall(r"\s*\S+", text) or [text]
+    pieces = re.findall(r"\s*\S+|\s+$", text) or [text]
     pause = latency_s / (len(pieces) + 1)
     usage = body["usage"]
     start = {**body, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
