@@ -2,8 +2,8 @@
 
 A run's :class:`~orchestrator.api.streams.RunHub` subscribes to the run's delta channel before any client reads the
 text so far, so a client that joins mid-stream gets every piece exactly once: :func:`texts_so_far` (one
-``llm_delta`` per streaming attempt), then the live deltas, each cut by :class:`DeltaFilter` to what the text so far
-did not already hold.
+``llm_delta`` per streaming attempt), then the live deltas, each cut by
+:class:`~orchestrator.engine.deltas.DeltaFilter` to what the text so far did not already hold.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from orchestrator.engine.deltas import Delta, parse_member
+from orchestrator.engine.deltas import Delta, texts_as_deltas
 from orchestrator.state import keys
 
 log = logging.getLogger(__name__)
@@ -36,38 +35,7 @@ async def texts_so_far(redis: aioredis.Redis, run_id: str) -> list[Delta]:
     if not members:
         return []
     texts = await redis.mget([keys.stream_text_key(run_id, member) for member in members])
-    deltas = []
-    for member, text in zip(members, texts, strict=True):
-        if text:
-            step, index, attempt = parse_member(member)
-            deltas.append(Delta("llm_delta", step, index, attempt, _text(text)))
-    return deltas
-
-
-class DeltaFilter:
-    """Remembers how much of each attempt's text a client has, and cuts live deltas to what it does not."""
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[str, int | None, int], int] = {}
-
-    def sent(self, delta: Delta) -> None:
-        """The client got ``delta`` (a text so far, or a live one)."""
-        self._held[(delta.step, delta.index, delta.attempt)] = delta.offset + len(delta.text)
-
-    def cut(self, delta: Delta) -> Delta | None:
-        """What of ``delta`` the client still needs (``None``: nothing); a reset starts its attempt's text over."""
-        key = (delta.step, delta.index, delta.attempt)
-        if delta.type == "llm_reset":
-            self._held[key] = 0
-            return delta
-        held = self._held.get(key, 0)
-        end = delta.offset + len(delta.text)
-        if end <= held:
-            return None
-        if delta.offset < held:
-            delta = replace(delta, text=delta.text[held - delta.offset :], offset=held)
-        self._held[key] = end
-        return delta
+    return texts_as_deltas(members, [None if text is None else _text(text) for text in texts])
 
 
 class DeltaFeed:

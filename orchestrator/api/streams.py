@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from orchestrator.api.deltas import DeltaFeed, DeltaFilter, texts_so_far
+from orchestrator.api.deltas import DeltaFeed, texts_so_far
 from orchestrator.domain import RunStatus
-from orchestrator.engine.deltas import Delta
+from orchestrator.engine.deltas import Delta, DeltaFilter
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
 from orchestrator.state import keys
 

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, Protocol
 
 import redis
@@ -34,8 +34,11 @@ __all__ = [
     "DeltaSink",
     "RedisDeltaSink",
     "TextStream",
+    "DeltaFilter",
     "attempt_member",
     "parse_member",
+    "texts_as_deltas",
+    "texts_so_far",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,52 @@ def parse_member(member: str) -> tuple[str, int | None, int]:
     """The step, index and attempt an :func:`attempt_member` names."""
     step, index, attempt = member.rsplit("|", 2)
     return step, None if index == "-" else int(index), int(attempt)
+
+
+class DeltaFilter:
+    """Remembers how much of each attempt's text a client has, and cuts live deltas to what it does not."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, int | None, int], int] = {}
+
+    def sent(self, delta: Delta) -> None:
+        """The client got ``delta`` (a text so far, or a live one)."""
+        self._held[(delta.step, delta.index, delta.attempt)] = delta.offset + len(delta.text)
+
+    def cut(self, delta: Delta) -> Delta | None:
+        """What of ``delta`` the client still needs (``None``: nothing); a reset starts its attempt's text over."""
+        key = (delta.step, delta.index, delta.attempt)
+        if delta.type == "llm_reset":
+            self._held[key] = 0
+            return delta
+        held = self._held.get(key, 0)
+        end = delta.offset + len(delta.text)
+        if end <= held:
+            return None
+        if delta.offset < held:
+            delta = replace(delta, text=delta.text[held - delta.offset :], offset=held)
+        self._held[key] = end
+        return delta
+
+
+def texts_as_deltas(members: list[str], texts: list[str | None]) -> list[Delta]:
+    """One ``llm_delta`` per streaming attempt (``members`` of the run's texts set) holding its text so far."""
+    return [
+        Delta("llm_delta", *parse_member(member), text) for member, text in zip(members, texts, strict=True) if text
+    ]
+
+
+def texts_so_far(client: redis.Redis, run_id: str) -> list[Delta]:
+    """The text so far of every step attempt of the run streaming now (see :func:`texts_as_deltas`)."""
+    members = sorted(_text(member) for member in client.smembers(keys.stream_texts_key(run_id)))
+    if not members:
+        return []
+    texts = client.mget([keys.stream_text_key(run_id, member) for member in members])
+    return texts_as_deltas(members, [None if text is None else _text(text) for text in texts])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class DeltaSink(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,9 +14,11 @@ from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect as ws_connect
 
 from orchestrator import Client
+from orchestrator.definition.files import load_workflow_file
 from orchestrator.dev.local_workers import LocalWorkers
 from tests.integration.helpers import wait_for, workflow
 from tests.integration.test_api import ADMIN, READ, ApiServer, bearer, finished
+from tests.integration.test_cli import orchestrator
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -179,7 +182,7 @@ def test_the_durable_event_stream_keeps_step_events_only(
 ) -> None:
     run_id = api.post("/runs", json={"definition": streaming(f"stream_durable_{unique}", latency=0.5)}).json()["run_id"]
     finished(api, run_id)
-    wait_for(lambda: not client.store.client.exists(f"orch:{{{run_id}}}:texts"), what="the text so far to go")  # type: ignore[attr-defined]
+    wait_for(lambda: not client.store.client.exists(f"orch:{{{run_id}}}:texts"), what="the text so far to go")
 
     with api.stream("GET", f"/runs/{run_id}/events") as response:
         replayed = list(frames(response))
@@ -188,4 +191,20 @@ def test_the_durable_event_stream_keeps_step_events_only(
     assert all(f["id"] is not None for f in replayed)
     assert not [f for f in replayed if f["event"] in {"llm_delta", "llm_reset"}]
     assert not [e for e in client.store.events(run_id) if e.type.startswith("llm_")]
-    assert not client.store.client.keys(f"orch:{{{run_id}}}:text:*")  # type: ignore[attr-defined]
+    assert not client.store.client.keys(f"orch:{{{run_id}}}:text:*")
+
+
+def test_watch_shows_the_streamed_text(
+    redis_url: str, client: Client, workers: LocalWorkers, tmp_path: Path, unique: str
+) -> None:
+    path = tmp_path / "stream.json"
+    path.write_text(json.dumps(streaming(f"stream_watch_{unique}", latency=4.0)))
+    run_id = client.submit(load_workflow_file(path))
+
+    watched = orchestrator("watch", run_id, redis_url=redis_url)
+
+    text = client.status(run_id)["steps"]["write"]["output"]["text"]
+    shown = " ".join(watched.stdout.split())
+    assert watched.returncode == 0, watched.stderr
+    assert "write ▸" in shown
+    assert " ".join(text.split()[-8:]) in shown, "the end of the streamed text is on screen"

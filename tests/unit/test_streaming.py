@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import time
 from typing import Any
 
 import fakeredis
 import pytest
+from rich.console import Console
 
-from orchestrator.api.deltas import DeltaFilter
 from orchestrator.definition.registry import FunctionRegistry
 from orchestrator.definition.workflow import parse_workflow
-from orchestrator.engine.deltas import AttemptStream, Delta, RedisDeltaSink, TextStream, attempt_member
+from orchestrator.engine.deltas import AttemptStream, Delta, DeltaFilter, RedisDeltaSink, TextStream, attempt_member
 from orchestrator.engine.steps import StepContext, StepExecutor
 from orchestrator.errors import RetryableStepError
 from orchestrator.llm.base import LLMRequest
@@ -20,6 +21,7 @@ from orchestrator.llm.gateway import CallContext, LLMGateway
 from orchestrator.llm.offline import OfflineClient
 from orchestrator.llm.structured import structured_output_instruction
 from orchestrator.state import keys
+from orchestrator.watch import WatchView
 
 HAIKU = "claude-haiku-4-5"
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "note": {"type": "string"}}, "required": ["ok"]}
@@ -275,3 +277,20 @@ def test_a_streamed_structured_step_that_needs_a_repair_resets_before_the_repair
     assert output["repaired"] is True
     assert "llm_reset" in [d.type for d in sink.deltas]
     assert _streamed_text(sink.deltas) == output["text"]
+
+
+# -- watch -----------------------------------------------------------------------------------------------------------
+
+
+def test_watch_shows_a_streaming_steps_text_as_it_grows_and_starts_it_again_after_a_reset() -> None:
+    view = WatchView.from_status({"run_id": "r1", "workflow": "w", "version": 1, "steps": {"write": {}}})
+    view.apply_delta(Delta("llm_delta", "write", None, 1, "Rivers run "))
+    view.apply_delta(Delta("llm_delta", "write", None, 1, "to the sea."))
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(view)
+    assert "write ▸ Rivers run to the sea." in console.export_text()
+
+    view.apply_delta(Delta("llm_reset", "write", None, 2))
+    view.apply_delta(Delta("llm_delta", "write", None, 2, "Again."))
+    console.print(view)
+    assert "write ▸ Again." in console.export_text()
