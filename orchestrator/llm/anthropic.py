@@ -78,12 +78,13 @@ class AnthropicClient:
         )
 
     def complete(self, request: LLMRequest, on_text: TextCallback | None = None) -> LLMResponse:
-        """Make exactly one Messages API call, streamed (``messages.stream``) when ``on_text`` is given.
+        """Make exactly one Messages API call, streamed when ``on_text`` is given.
 
         Args:
             request: What to ask which model.
-            on_text: Receives each text delta as the SDK parses it from the stream; usage and the final text come
-                from the stream's final message, so they are the same as an unstreamed call's.
+            on_text: Receives each text delta as the SDK parses it from the stream (``stream=True``); the text is
+                the deltas joined, usage and stop reason come from ``message_start`` and ``message_delta``, so the
+                response is the same as an unstreamed call's.
 
         Returns:
             The reply's text blocks joined, with the model, usage, stop reason and request id.
@@ -115,12 +116,9 @@ class AnthropicClient:
             if on_text is None:
                 message = self._sdk.messages.create(**arguments)
             else:
-                with self._sdk.messages.stream(**arguments) as stream:
-                    for text in stream.text_stream:
-                        on_text(text)
-                    message = stream.get_final_message()
-                    # The streamed message does not carry the response's request id; the stream does.
-                    return _to_response(message, stream.request_id)
+                return _streamed(self._sdk, arguments, on_text)
+        except StepError:
+            raise
         except Exception as exc:
             raise classify_error(exc) from exc
         return _to_response(message, message._request_id)
@@ -244,6 +242,53 @@ def _body_request_id(body: object) -> str | None:
         if isinstance(request_id, str):
             return request_id
     return None
+
+
+def _streamed(sdk: anthropic.Anthropic, arguments: dict[str, Any], on_text: TextCallback) -> LLMResponse:
+    """One streamed call, read from the SDK's raw event stream.
+
+    The raw stream (``messages.create(stream=True)``), not the ``messages.stream`` helper: the helper rebuilds a
+    snapshot of the whole message and a second event object at every delta, which cost four times the CPU per call
+    (58 ms against 14 ms of CPU for a 300-word reply, measured with the offline provider).
+
+    Raises:
+        RetryableStepError: ``connection`` when the stream ends before the message does.
+    """
+    parts: list[str] = []
+    start: Message | None = None
+    final: Any = None
+    stop_reason: str | None = None
+    with sdk.messages.create(**arguments, stream=True) as events:
+        for event in events:
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                parts.append(event.delta.text)
+                on_text(event.delta.text)
+            elif event.type == "message_start":
+                start = event.message
+            elif event.type == "message_delta":
+                final, stop_reason = event.usage, event.delta.stop_reason
+        request_id = events.response.headers.get("request-id")
+    if start is None or final is None:
+        raise RetryableStepError("the Anthropic API stream ended before its message did", kind="connection")
+    usage = start.usage
+    return LLMResponse(
+        text="".join(parts),
+        model=start.model,
+        usage=LLMUsage(
+            # message_delta carries the final counts; fields it leaves out keep message_start's.
+            input_tokens=final.input_tokens if final.input_tokens is not None else usage.input_tokens,
+            output_tokens=final.output_tokens,
+            cache_creation_input_tokens=_first(final.cache_creation_input_tokens, usage.cache_creation_input_tokens),
+            cache_read_input_tokens=_first(final.cache_read_input_tokens, usage.cache_read_input_tokens),
+        ),
+        stop_reason=stop_reason,
+        request_id=request_id,
+        extra={"message_id": start.id},
+    )
+
+
+def _first(*counts: int | None) -> int:
+    return next((count for count in counts if count is not None), 0)
 
 
 def _to_response(message: Message, request_id: str | None) -> LLMResponse:
