@@ -107,34 +107,57 @@ class DeltaCounter(threading.Thread):
 
 
 class SseReader(threading.Thread):
-    """One SSE client of the run: counts ``llm_delta`` frames and joins each step's text."""
+    """One SSE client of the run: counts ``llm_delta`` frames and joins each step's text.
+
+    A client the API drops for falling behind reconnects with ``Last-Event-ID`` (counted); the text so far that comes
+    first on every connect then replaces what it had of each step still running.
+    """
 
     def __init__(self, url: str, run_id: str) -> None:
         super().__init__(daemon=True)
         self.url, self.run_id = url, run_id
-        self.deltas = 0
+        self.deltas = self.reconnects = 0
         self.texts: dict[str, str] = defaultdict(str)
         self.error: str | None = None
+        self._last_id = ""
+        self._done: set[str] = set()
 
     def run(self) -> None:
         try:
-            with (
-                httpx.Client(base_url=self.url, timeout=60) as http,
-                http.stream("GET", f"/runs/{self.run_id}/events") as response,
-            ):
-                event = ""
-                for line in response.iter_lines():
-                    if line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: ") and event in {"llm_delta", "llm_reset"}:
-                        data = json.loads(line[6:])
-                        if event == "llm_reset":
-                            self.texts[data["step"]] = ""
-                        else:
-                            self.deltas += 1
-                            self.texts[data["step"]] += data["text"]
+            with httpx.Client(base_url=self.url, timeout=60) as http:
+                while self._connect(http):
+                    self.reconnects += 1
+                    for step in set(self.texts) - self._done:
+                        self.texts[step] = ""
         except httpx.HTTPError as exc:
             self.error = f"{type(exc).__name__}: {exc}"
+
+    def _connect(self, http: httpx.Client) -> bool:
+        """Read one connection; ``True`` when it dropped before the run's end."""
+        headers = {"Last-Event-ID": self._last_id} if self._last_id else {}
+        with http.stream("GET", f"/runs/{self.run_id}/events", headers=headers) as response:
+            if response.status_code == 204:
+                return False
+            event = ""
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("id: "):
+                    self._last_id = line[4:]
+                elif line.startswith("data: "):
+                    self._frame(event, json.loads(line[6:]))
+                    if event.startswith("run_") and event != "run_started":
+                        return False
+        return True
+
+    def _frame(self, event: str, data: dict[str, Any]) -> None:
+        if event == "llm_reset":
+            self.texts[data["step"]] = ""
+        elif event == "llm_delta":
+            self.deltas += 1
+            self.texts[data["step"]] += data["text"]
+        elif event.startswith("step_") and event in {"step_succeeded", "step_failed"}:
+            self._done.add(data["step"])
 
 
 def run_mode(args: argparse.Namespace, mode: str, client: Client, api: ApiProcess, workers: Any) -> dict[str, Any]:
@@ -166,6 +189,7 @@ def run_mode(args: argparse.Namespace, mode: str, client: Client, api: ApiProces
         "deltas_published": counter.count,
         "deltas_per_s": round(counter.count / window, 1) if window > 0 else 0.0,
         "deltas_delivered_sse": reader.deltas,
+        "sse_reconnects": reader.reconnects,
         "sse_error": reader.error,
     }
     if stream:
@@ -181,13 +205,14 @@ def _redis_cpu(r: redis.Redis) -> float:
 def print_report(results: list[dict[str, Any]]) -> None:
     print(
         f"{'mode':<7} {'steps':>5} {'time s':>7} {'worker cpu s':>12} {'ms/step':>8} {'redis cpu s':>11} "
-        f"{'published':>9} {'deltas/s':>9} {'to 1 SSE':>8} {'texts ok':>8}"
+        f"{'published':>9} {'deltas/s':>9} {'to 1 SSE':>8} {'texts ok':>8} {'reconnects':>10}"
     )
     for r in results:
         print(
             f"{r['mode']:<7} {r['steps']:>5} {r['seconds']:>7.2f} {r['worker_cpu_s']:>12.2f} "
             f"{r['worker_cpu_ms_per_step']:>8.2f} {r['redis_cpu_s']:>11.2f} {r['deltas_published']:>9} "
-            f"{r['deltas_per_s']:>9.1f} {r['deltas_delivered_sse']:>8} {r.get('texts_match', '-'):>8}"
+            f"{r['deltas_per_s']:>9.1f} {r['deltas_delivered_sse']:>8} {r.get('texts_match', '-'):>8} "
+            f"{r['sse_reconnects']:>10}"
         )
 
 
