@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from orchestrator import LLMStep, NoopStep, StepContext, Workflow, function
+from orchestrator import LLMStep, NoopStep, StepContext, ToolContext, Workflow, function, tool
 from orchestrator.infra.redis_url import sync_client
 from orchestrator.state import keys
 
@@ -130,3 +130,16 @@ def wait_for_llm_calls(ctx: StepContext, calls: int = 1, timeout_s: float = 20.0
             raise TimeoutError(f"the run paid for {seen} LLM calls in {timeout_s}s, not {calls}")
         time.sleep(0.02)
     return {"calls": seen}
+
+
+@tool(name="tests.counted", idempotent=True)
+def counted(label: str, ctx: ToolContext) -> dict[str, Any]:
+    """Count this call's runs in Redis; the first run of a label ending in ``!block`` publishes this process's pid and
+    blocks until the test kills it."""
+    r = _redis()
+    runs = r.incr(f"test:tool:{ctx.run_id}:{label}")
+    if label.endswith("!block") and runs == 1:
+        r.rpush(f"test:pids:{ctx.run_id}:{ctx.step}", f"{os.getpid()}:{ctx.attempt}")
+        time.sleep(120)  # not synchronisation: the test kills this process meanwhile
+        raise RuntimeError("this worker was to be killed during the tool call")
+    return {"label": label, "runs": runs}

@@ -14,9 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.definition.agent import AgentParams
 from orchestrator.definition.dag import Graph, find_cycle
 from orchestrator.definition.jsonschemas import SchemaError, check_schema
 from orchestrator.definition.repeat import RepeatSpec
+from orchestrator.definition.subflow import WorkflowParams
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
@@ -57,6 +59,8 @@ class StepKind(StrEnum):
     PYTHON = "python"
     NOOP = "noop"
     APPROVAL = "approval"
+    AGENT = "agent"
+    WORKFLOW = "workflow"
 
 
 class TriggerRule(StrEnum):
@@ -185,12 +189,14 @@ class ApprovalParams(_Frozen):
     on_timeout: Literal["approve", "reject", "fail"] = "fail"
 
 
-StepParams = LLMParams | PythonParams | NoopParams | ApprovalParams
+StepParams = LLMParams | PythonParams | NoopParams | ApprovalParams | AgentParams | WorkflowParams
 _PARAMS_BY_KIND: dict[StepKind, type[BaseModel]] = {
     StepKind.LLM: LLMParams,
     StepKind.PYTHON: PythonParams,
     StepKind.NOOP: NoopParams,
     StepKind.APPROVAL: ApprovalParams,
+    StepKind.AGENT: AgentParams,
+    StepKind.WORKFLOW: WorkflowParams,
 }
 
 
@@ -273,9 +279,10 @@ class StepSpec(_Frozen):
 
     @model_validator(mode="after")
     def _repeatable(self) -> StepSpec:
-        if self.repeat is not None and self.uses == StepKind.APPROVAL:
-            # An approval ends its attempt to wait for a human: a loop would have to park between iterations.
-            raise ValueError("repeat is not supported on approval steps")
+        if self.repeat is not None and self.uses in {StepKind.APPROVAL, StepKind.AGENT, StepKind.WORKFLOW}:
+            # An approval and a workflow step end their attempt to wait (a human, a child run): a loop would have to
+            # park between iterations. An agent is a loop already, with its own journal.
+            raise ValueError(f"repeat is not supported on {self.uses.value} steps")
         return self
 
     @field_validator("depends_on")

@@ -46,6 +46,8 @@ class EventType(StrEnum):
     STEP_LOST = "step_lost"
     STEP_WAITING = "step_waiting"
     STEP_ITERATION = "step_iteration"
+    AGENT_TURN = "agent_turn"
+    TOOL_CALL = "tool_call"
 
     @property
     def ends_run(self) -> bool:
@@ -145,6 +147,12 @@ class ProgressListener:
     def on_step_iteration(self, event: Event) -> None:
         """A repeated step finished an iteration (checkpointed); ``event.data`` has ``iteration`` and ``until_met``."""
 
+    def on_agent_turn(self, event: Event) -> None:
+        """An agent answered a turn: ``event.data`` has ``turn``, ``stop_reason``, ``tool_calls``, ``cached``."""
+
+    def on_tool_call(self, event: Event) -> None:
+        """An agent's tool call finished; ``event.data`` has ``turn``, ``id``, ``name`` and ``error`` (bool)."""
+
     def on_event(self, event: Event) -> None:
         """Every event, before its specific callback."""
 
@@ -170,6 +178,8 @@ _CALLBACKS = {
     EventType.STEP_CANCELLED: "on_step_cancelled",
     EventType.STEP_WAITING: "on_step_waiting",
     EventType.STEP_ITERATION: "on_step_iteration",
+    EventType.AGENT_TURN: "on_agent_turn",
+    EventType.TOOL_CALL: "on_tool_call",
     EventType.RUN_SUCCEEDED: "on_workflow_complete",
     EventType.RUN_FAILED: "on_workflow_complete",
     EventType.RUN_CANCELLED: "on_workflow_complete",

@@ -65,6 +65,7 @@ class StepView(TypedDict):
         deferred: While it waits so: the deferral record and ``until`` (ISO 8601).
         iterations: A repeated step's finished iterations (the latest checkpoint's number; 0 before the first).
         until_met: A repeated step's ``until`` held after its latest iteration.
+        child_run_id: A ``workflow`` step's child run, once it started one.
     """
 
     status: StepStatus
@@ -85,6 +86,21 @@ class StepView(TypedDict):
     deferred: NotRequired[dict[str, Any]]
     iterations: NotRequired[int]
     until_met: NotRequired[bool]
+    child_run_id: NotRequired[str]
+
+
+class ParentView(TypedDict):
+    """Where a child run (``uses: workflow``) came from.
+
+    Attributes:
+        run_id: The parent run.
+        step: The parent's ``workflow`` step.
+        index: The map item's index when that step has ``for_each``, else ``None``.
+    """
+
+    run_id: str
+    step: str
+    index: int | None
 
 
 class BudgetView(TypedDict):
@@ -113,6 +129,7 @@ class RunView(TypedDict):
         cost: What the provider billed the run in US dollars (runs with LLM steps or a budget).
         llm_calls: Paid LLM calls (runs with LLM steps or a budget).
         budget: The run's LLM budget, when the workflow sets ``budget_usd``.
+        parent: A child run's parent run and step.
     """
 
     run_id: str
@@ -132,6 +149,7 @@ class RunView(TypedDict):
     cost: NotRequired[float]
     llm_calls: NotRequired[int]
     budget: NotRequired[BudgetView]
+    parent: NotRequired[ParentView]
 
 
 def _json(raw: str | None) -> Any:
@@ -178,6 +196,8 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
         if step.repeat is not None:
             view["iterations"] = int(fields.get(p + "iterations") or 0)
             view["until_met"] = fields.get(p + "until_met") == "1"
+        if fields.get(p + "child_run_id"):
+            view["child_run_id"] = fields[p + "child_run_id"]
         if fields.get(p + "deferrals"):
             # Times the step waited for a shared LLM rate limit or cool-down (never counted as attempts).
             view["deferrals"] = int(fields[p + "deferrals"])
@@ -217,7 +237,7 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
     }
     if input_tokens or output_tokens:
         view_run["usage"] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-    if spec.budget_usd is not None or any(step.uses == "llm" for step in spec.steps):
+    if spec.budget_usd is not None or any(step.uses in {"llm", "agent"} for step in spec.steps):
         # What the provider billed this run, every attempt included (replies served from the cache cost nothing).
         view_run["cost"] = from_nano_usd(int(fields.get("llm_spent_nusd") or 0))
         view_run["llm_calls"] = int(fields.get("llm_calls") or 0)
@@ -226,6 +246,13 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
             "budget_usd": spec.budget_usd,
             "held_usd": from_nano_usd(int(fields.get("llm_held_nusd") or 0)),
             "exhausted": fields.get("budget_exhausted") == "1",
+        }
+    if fields.get("parent_run"):
+        index = fields.get("parent_index")
+        view_run["parent"] = {
+            "run_id": fields["parent_run"],
+            "step": fields.get("parent_step", ""),
+            "index": int(index) if index else None,
         }
     return view_run
 

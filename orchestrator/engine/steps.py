@@ -212,7 +212,7 @@ class StepExecutor:
             output = self._run_python(step.params, ctx)
         else:
             output = None
-        self._check_size(output)
+        self.check_output(output)
         return output
 
     def attempt_stream(self, ctx: StepContext, index: int | None = None) -> AttemptStream | None:
@@ -240,26 +240,7 @@ class StepExecutor:
         # timeout is one deadline for the whole attempt: rendering stops at it, each LLM call gets what is left.
         if deadline is None and step.timeout_s:
             deadline = time.monotonic() + step.timeout_s
-        variables = ctx.template_context()
-        limits: dict[str, Any] = {
-            "max_chars": self.max_prompt_bytes,
-            "timeout_s": self.template_timeout_s,
-            "deadline": deadline,
-        }
-        # Inputs and upstream outputs can make a small template render huge: refuse before paying for it.
-        try:
-            prompt = render(params.prompt, variables, **limits)
-            system = render(params.system, variables, **limits) if params.system else None
-        except NonRetryableStepError as exc:
-            if exc.kind == "prompt_too_large":
-                raise NonRetryableStepError(f"{exc} (ORCH_MAX_PROMPT_BYTES)", kind=exc.kind) from None
-            raise
-        size = len(prompt.encode()) + (len(system.encode()) if system else 0)
-        if size > self.max_prompt_bytes:
-            raise NonRetryableStepError(
-                f"the rendered prompt is {size} bytes; the limit is {self.max_prompt_bytes} (ORCH_MAX_PROMPT_BYTES)",
-                kind="prompt_too_large",
-            )
+        prompt, system = self.render_prompt(params.prompt, params.system, ctx, deadline)
         if params.output_schema is not None:
             instruction = structured_output_instruction(params.output_schema)
             system = f"{system}\n\n{instruction}" if system else instruction
@@ -317,6 +298,36 @@ class StepExecutor:
                 output["data"] = parse_structured(repaired.text, params.output_schema)
         return output
 
+    def render_prompt(
+        self, prompt_template: str, system_template: str | None, ctx: StepContext, deadline: float | None
+    ) -> tuple[str, str | None]:
+        """Render a prompt and system prompt within the prompt size limit and the templates' time budget.
+
+        Raises:
+            NonRetryableStepError: ``prompt_too_large``, ``template_limit`` or ``template_error``.
+        """
+        variables = ctx.template_context()
+        limits: dict[str, Any] = {
+            "max_chars": self.max_prompt_bytes,
+            "timeout_s": self.template_timeout_s,
+            "deadline": deadline,
+        }
+        # Inputs and upstream outputs can make a small template render huge: refuse before paying for it.
+        try:
+            prompt = render(prompt_template, variables, **limits)
+            system = render(system_template, variables, **limits) if system_template else None
+        except NonRetryableStepError as exc:
+            if exc.kind == "prompt_too_large":
+                raise NonRetryableStepError(f"{exc} (ORCH_MAX_PROMPT_BYTES)", kind=exc.kind) from None
+            raise
+        size = len(prompt.encode()) + (len(system.encode()) if system else 0)
+        if size > self.max_prompt_bytes:
+            raise NonRetryableStepError(
+                f"the rendered prompt is {size} bytes; the limit is {self.max_prompt_bytes} (ORCH_MAX_PROMPT_BYTES)",
+                kind="prompt_too_large",
+            )
+        return prompt, system
+
     def _run_python(self, params: PythonParams, ctx: StepContext) -> Any:
         try:
             fn = self.functions.get(params.function)
@@ -336,7 +347,12 @@ class StepExecutor:
             # A bug in user code does not get better by repeating it; raise RetryableStepError to ask for retries.
             raise NonRetryableStepError(f"{type(exc).__name__}: {exc}", kind="exception") from exc
 
-    def _check_size(self, output: Any) -> None:
+    def check_output(self, output: Any) -> None:
+        """Refuse an output that is not JSON or passes the size cap.
+
+        Raises:
+            NonRetryableStepError: ``invalid_output`` or ``output_too_large``.
+        """
         try:
             size = len(json.dumps(output, separators=(",", ":")).encode())
         except (TypeError, ValueError) as exc:

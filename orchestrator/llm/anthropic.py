@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 import anthropic
 import httpx2
@@ -103,10 +103,14 @@ class AnthropicClient:
         # SDK 2.x removed `temperature` from the signature (current models take no sampling parameters);
         # `extra_body` still sends it, for the older models that honour it.
         extra_body = None if request.temperature is None else {"temperature": request.temperature}
+        messages: Any = (
+            list(request.messages) if request.messages is not None else [{"role": "user", "content": request.prompt}]
+        )
         arguments: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,
-            "messages": [{"role": "user", "content": request.prompt}],
+            "messages": messages,
+            "tools": anthropic.omit if request.tools is None else cast(Any, list(request.tools)),
             "system": anthropic.omit if request.system is None else request.system,
             "extra_headers": extra_headers,
             "extra_body": extra_body,
@@ -254,15 +258,20 @@ def _streamed(sdk: anthropic.Anthropic, arguments: dict[str, Any], on_text: Text
     Raises:
         RetryableStepError: ``connection`` when the stream ends before the message does.
     """
-    parts: list[str] = []
+    blocks: list[dict[str, Any]] = []
+    partial_json: dict[int, list[str]] = {}
     start: Message | None = None
     final: Any = None
     stop_reason: str | None = None
     with sdk.messages.create(**arguments, stream=True) as events:
         for event in events:
             if event.type == "content_block_delta" and event.delta.type == "text_delta":
-                parts.append(event.delta.text)
+                blocks[event.index]["text"] += event.delta.text
                 on_text(event.delta.text)
+            elif event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                partial_json.setdefault(event.index, []).append(event.delta.partial_json)
+            elif event.type == "content_block_start":
+                blocks.append(event.content_block.model_dump(exclude_none=True))
             elif event.type == "message_start":
                 start = event.message
             elif event.type == "message_delta":
@@ -270,9 +279,12 @@ def _streamed(sdk: anthropic.Anthropic, arguments: dict[str, Any], on_text: Text
         request_id = events.response.headers.get("request-id")
     if start is None or final is None:
         raise RetryableStepError("the Anthropic API stream ended before its message did", kind="connection")
+    for index, pieces in partial_json.items():
+        # A tool call's input arrives as pieces of one JSON document.
+        blocks[index]["input"] = json.loads("".join(pieces) or "{}")
     usage = start.usage
     return LLMResponse(
-        text="".join(parts),
+        text="".join(block["text"] for block in blocks if block["type"] == "text"),
         model=start.model,
         usage=LLMUsage(
             # message_delta carries the final counts; fields it leaves out keep message_start's.
@@ -284,6 +296,8 @@ def _streamed(sdk: anthropic.Anthropic, arguments: dict[str, Any], on_text: Text
         stop_reason=stop_reason,
         request_id=request_id,
         extra={"message_id": start.id},
+        # As for an unstreamed reply: the blocks are kept only when there is more than text (tool calls).
+        content=() if all(block["type"] == "text" for block in blocks) else tuple(blocks),
     )
 
 
@@ -293,6 +307,9 @@ def _first(*counts: int | None) -> int:
 
 def _to_response(message: Message, request_id: str | None) -> LLMResponse:
     text = "".join(block.text for block in message.content if block.type == "text")
+    # Plain replies keep only their text; a reply with tool calls keeps its blocks, which the next turn sends back.
+    blocks = message.content
+    content = () if all(b.type == "text" for b in blocks) else tuple(b.model_dump(exclude_none=True) for b in blocks)
     return LLMResponse(
         text=text,
         model=message.model,
@@ -305,4 +322,5 @@ def _to_response(message: Message, request_id: str | None) -> LLMResponse:
         stop_reason=message.stop_reason,
         request_id=request_id,
         extra={"message_id": message.id},
+        content=content,
     )

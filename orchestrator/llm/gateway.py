@@ -131,7 +131,7 @@ class LLMGateway:
                 if on_text is not None and stored.text:
                     on_text(stored.text)
                 return GatewayReply(stored, 0.0, cached=True)
-        estimated_input = estimate_input_tokens(request.prompt, request.system)
+        estimated_input = estimate_input_tokens(request.input_text, request.system)
         tokens = estimated_input + request.max_tokens
         worst_case = self.prices.worst_case(request.model, estimated_input, request.max_tokens)
         if self.governor is not None:
@@ -184,7 +184,8 @@ class LLMGateway:
         )
         if admission.outcome == "budget_exceeded":
             raise NonRetryableStepError(
-                f"the run's LLM budget of ${ctx.budget_usd:.4f} is spent: ${admission.spent_usd:.4f} spent or held, "
+                f"the run's LLM budget of {_dollars(ctx.budget_usd)} is spent: "
+                f"${admission.spent_usd:.4f} spent or held, "
                 f"and this call to {request.model} could cost up to ${worst_case:.4f}",
                 kind="budget_exceeded",
             )
@@ -268,3 +269,8 @@ class LLMGateway:
                 response_model=response.model if response is not None else None,
             )
         )
+
+
+def _dollars(budget_usd: float | None) -> str:
+    # A child run without a budget of its own is capped by what its parent had left (budget_cap_nusd).
+    return f"${budget_usd:.4f}" if budget_usd is not None else "its parent run (what it had left)"

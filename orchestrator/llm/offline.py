@@ -41,6 +41,7 @@ from typing import Any, Final
 import httpx2
 
 from orchestrator.llm.anthropic import ATTEMPT_HEADER, SIMULATE_HEADER, AnthropicClient
+from orchestrator.llm.offline_agent import agent_tool_uses, conversation_text
 from orchestrator.llm.structured import structured_output_instruction
 from orchestrator.llm.synthetic import compose_prose, example, prose_tokens, requested_schema
 
@@ -184,6 +185,8 @@ class _MessagesCall:
     max_tokens: int
     simulate: Mapping[str, Any]
     attempt: int
+    messages: tuple[Any, ...] = ()
+    tools: tuple[Any, ...] = ()
     stream: bool = False
 
     @classmethod
@@ -202,7 +205,12 @@ class _MessagesCall:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages: at least one message is required")
-        prompt = "\n\n".join(_text_of(message.get("content")) for message in messages if isinstance(message, dict))
+        prompt = conversation_text(messages)
+        tools = body.get("tools") or []
+        if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools
+        ):
+            raise ValueError("tools: a list of {name, description, input_schema}")
         simulate_header = request.headers.get(SIMULATE_HEADER)
         try:
             simulate = json.loads(simulate_header) if simulate_header else {}
@@ -211,8 +219,9 @@ class _MessagesCall:
             raise ValueError(f"malformed {SIMULATE_HEADER} or {ATTEMPT_HEADER} header: {exc}") from exc
         if not isinstance(simulate, dict):
             raise ValueError(f"{SIMULATE_HEADER} must be a JSON object")
+        system = _text_of(body.get("system"))
         stream = body.get("stream") is True
-        return cls(model, _text_of(body.get("system")), prompt, max_tokens, simulate, attempt, stream)
+        return cls(model, system, prompt, max_tokens, simulate, attempt, tuple(messages), tuple(tools), stream)
 
     @property
     def digest(self) -> bytes:
@@ -274,6 +283,14 @@ class _MessagesCall:
         rng = random.Random(int.from_bytes(self.digest[:8], "big"))
         schema = requested_schema(self.system)
         fixed = self.simulate.get("output")
+        try:
+            tool_uses = agent_tool_uses(self.tools, self.messages, self.simulate, self.digest) if self.tools else []
+        except ValueError as exc:
+            return _error_response(SimulatedError(400, "invalid_request_error", str(exc)), self.request_id)
+        stream: dict[str, Any] = {"latency_s": latency_s, "fail": fail, "request": request}
+        if tool_uses:
+            tokens = sum(prose_tokens(json.dumps(use["input"])) + 8 for use in tool_uses)
+            return self._message(tool_uses, "tool_use", min(tokens, self.max_tokens), **stream)
         if isinstance(fixed, str):
             text, output_tokens = fixed, prose_tokens(fixed)
         elif schema is not None:
@@ -285,13 +302,25 @@ class _MessagesCall:
         else:
             text = compose_prose(rng, self.prompt, self.max_tokens)
             output_tokens = prose_tokens(text)
+        return self._message([{"type": "text", "text": text}], "end_turn", output_tokens, **stream)
+
+    def _message(
+        self,
+        content: list[dict[str, Any]],
+        stop_reason: str,
+        output_tokens: int,
+        *,
+        latency_s: float = 0.0,
+        fail: str | None = None,
+        request: httpx2.Request | None = None,
+    ) -> httpx2.Response:
         body = {
             "id": f"msg_offline_{self.digest.hex()[:24]}",
             "type": "message",
             "role": "assistant",
             "model": self.model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn",
+            "content": content,
+            "stop_reason": stop_reason,
             "stop_sequence": None,
             "usage": {
                 "input_tokens": math.ceil(len(self.system + self.prompt) / 4) + 8,
@@ -310,30 +339,42 @@ class _MessagesCall:
 def _event_stream(
     body: dict[str, Any], latency_s: float, fail: str | None, request: httpx2.Request | None
 ) -> Iterator[bytes]:
-    """The Messages API's SSE events for ``body``: one text delta per word, ``latency_s`` spread over them.
+    """The Messages API's SSE events for ``body``: one text delta per word (a tool call's input in one
+    ``input_json_delta``), ``latency_s`` spread over the deltas.
 
-    ``fail`` (a scripted error name) ends the stream halfway: an ``error`` event, or a read failure for ``timeout``
-    and ``connection``.
+    ``fail`` (a scripted error name) ends the stream halfway through its deltas: an ``error`` event, or a read failure
+    for ``timeout`` and ``connection``.
     """
-    text = body["content"][0]["text"]
-    pieces = re.findall(r"\s*\S+|\s+$", text) or [text]
-    pause = latency_s / (len(pieces) + 1)
+    deltas: list[tuple[int, dict[str, Any]]] = []
+    for index, block in enumerate(body["content"]):
+        if block["type"] == "text":
+            pieces = re.findall(r"\s*\S+|\s+$", block["text"]) or [block["text"]]
+            deltas += [(index, {"type": "text_delta", "text": piece}) for piece in pieces]
+        else:
+            deltas.append((index, {"type": "input_json_delta", "partial_json": json.dumps(block.get("input", {}))}))
+    pause = latency_s / (len(deltas) + 1)
     usage = body["usage"]
     start = {**body, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
     yield _sse("message_start", {"type": "message_start", "message": start})
-    block = {"type": "text", "text": ""}
-    yield _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
-    for number, piece in enumerate(pieces):
-        if fail is not None and number == len(pieces) // 2:
+    opened = -1
+    for number, (index, delta) in enumerate(deltas):
+        if fail is not None and number == len(deltas) // 2:
             yield from _stream_failure(fail, request)
             return
+        if index != opened:
+            if opened >= 0:
+                yield _sse("content_block_stop", {"type": "content_block_stop", "index": opened})
+            block = body["content"][index]
+            empty = {"type": "text", "text": ""} if block["type"] == "text" else {**block, "input": {}}
+            yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": empty})
+            opened = index
         if pause:
             time.sleep(pause)
-        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
-        yield _sse("content_block_delta", delta)
+        yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
     if pause:
         time.sleep(pause)
-    yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+    if opened >= 0:
+        yield _sse("content_block_stop", {"type": "content_block_stop", "index": opened})
     end = {"stop_reason": body["stop_reason"], "stop_sequence": None}
     final_usage = {"output_tokens": usage["output_tokens"]}
     yield _sse("message_delta", {"type": "message_delta", "delta": end, "usage": final_usage})

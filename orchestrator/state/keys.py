@@ -86,6 +86,16 @@ def llm_run_cache_key(run_id: str) -> str:
     return f"{PREFIX}:{{{run_id}}}:llm"
 
 
+def agent_journal_key(run_id: str, step: str) -> str:
+    """An agent step's journal of turns and tool calls, by entry id (same slot as the run)."""
+    return f"{PREFIX}:{{{run_id}}}:agent:{step}"
+
+
+def notes_key(run_id: str) -> str:
+    """The run's notes, the blackboard its agents share (``notes.read`` / ``notes.write``; same slot as the run)."""
+    return f"{PREFIX}:{{{run_id}}}:notes"
+
+
 def llm_shared_cache_key(digest: str) -> str:
     """An LLM reply cached across runs (opt-in), by request digest."""
     return f"{PREFIX}:llmcache:{digest}"

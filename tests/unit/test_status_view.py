@@ -274,6 +274,7 @@ RUN_FIELDS = {
     "cost",
     "llm_calls",
     "budget",
+    "parent",
 }
 STEP_FIELDS = {
     "status",
@@ -294,6 +295,7 @@ STEP_FIELDS = {
     "deferred",
     "iterations",
     "until_met",
+    "child_run_id",
 }
 
 

@@ -294,3 +294,19 @@ def test_watch_shows_a_streaming_steps_text_as_it_grows_and_starts_it_again_afte
     view.apply_delta(Delta("llm_delta", "write", None, 2, "Again."))
     console.print(view)
     assert "write ▸ Again." in console.export_text()
+
+
+def test_a_streamed_turn_with_tool_calls_keeps_the_same_blocks_as_an_unstreamed_one() -> None:
+    client = OfflineClient()
+    tools = ({"name": "calculator", "description": "math", "input_schema": {"type": "object"}},)
+    simulate = {"tool_calls": [[{"name": "calculator", "input": {"expression": "6*7"}}]]}
+    request = LLMRequest(model=HAIKU, prompt="What is 6*7?", max_tokens=200, tools=tools, simulate=simulate)
+    whole = client.complete(request)
+    pieces: list[str] = []
+
+    streamed = client.complete(request, on_text=pieces.append)
+
+    assert streamed.content == whole.content
+    assert streamed.content[0]["input"] == {"expression": "6*7"}
+    assert (streamed.stop_reason, streamed.usage) == (whole.stop_reason, whole.usage)
+    assert "".join(pieces) == streamed.text == whole.text

@@ -44,6 +44,9 @@ _SCRIPTS = (
     "fail_dispatch",
     "note_definition",
     "iterate",
+    "journal",
+    "child_wait",
+    "child_done",
 )
 
 
@@ -60,6 +63,8 @@ _WITH_EVENTS = {
     "decide",
     "fail_dispatch",
     "iterate",
+    "journal",
+    "child_wait",
 }
 
 
