@@ -12,9 +12,11 @@ from rich.console import Console
 
 from orchestrator.definition.registry import FunctionRegistry
 from orchestrator.definition.workflow import parse_workflow
+from orchestrator.dev.offline_server import serve_offline_api
 from orchestrator.engine.deltas import AttemptStream, Delta, DeltaFilter, RedisDeltaSink, TextStream, attempt_member
 from orchestrator.engine.steps import StepContext, StepExecutor
 from orchestrator.errors import RetryableStepError
+from orchestrator.llm.anthropic import AnthropicClient
 from orchestrator.llm.base import LLMRequest
 from orchestrator.llm.cache import ReplyCache
 from orchestrator.llm.gateway import CallContext, LLMGateway
@@ -310,3 +312,20 @@ def test_a_streamed_turn_with_tool_calls_keeps_the_same_blocks_as_an_unstreamed_
     assert streamed.content[0]["input"] == {"expression": "6*7"}
     assert (streamed.stop_reason, streamed.usage) == (whole.stop_reason, whole.usage)
     assert "".join(pieces) == streamed.text == whole.text
+
+
+def test_the_local_messages_api_streams_over_a_real_socket_as_the_reply_is_made() -> None:
+    with serve_offline_api() as server:
+        client = AnthropicClient(api_key="test", base_url=server.base_url)
+        request = LLMRequest(model=HAIKU, prompt="Write about rivers", max_tokens=100, simulate={"latency_s": 1.0})
+        started, arrivals, pieces = time.monotonic(), [], []
+
+        def on_text(text: str) -> None:
+            pieces.append(text)
+            arrivals.append(time.monotonic() - started)
+
+        streamed = client.complete(request, on_text=on_text)
+        whole = client.complete(request)
+
+    assert "".join(pieces) == streamed.text == whole.text
+    assert arrivals[0] < 0.5 < arrivals[-1], "the first words arrive long before the last"
