@@ -118,6 +118,8 @@ class SimulateSpec(_Frozen):
     errors: tuple[str, ...] = ()
     retry_after_s: float | None = Field(default=None, ge=0, le=3600)
     output: str | None = None
+    error_mid_stream: bool = False
+    """A streamed call's scripted error arrives after half the text (an SSE ``error`` event), not as the status."""
 
     @field_validator("errors")
     @classmethod
@@ -135,6 +137,8 @@ class LLMParams(_Frozen):
     from a stored reply instead of paid for again: ``run`` (the default: within the run, so a redelivered or resumed
     step never pays twice), ``shared`` (across runs too, opt-in), or ``off``. A step with ``cache: false`` never
     reuses a reply.
+
+    ``stream: true`` sends the text as it is generated, as ``llm_delta`` events (see :mod:`orchestrator.engine.deltas`).
     """
 
     prompt: str = Field(min_length=1, max_length=200_000)
@@ -145,6 +149,7 @@ class LLMParams(_Frozen):
     output_schema: dict[str, Any] | None = None
     simulate: SimulateSpec | None = None
     reply_cache: Literal["run", "shared", "off"] = "run"
+    stream: bool = False
 
     @field_validator("output_schema")
     @classmethod

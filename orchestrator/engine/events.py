@@ -15,9 +15,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.infra.timestamps import iso
+
+if TYPE_CHECKING:
+    from orchestrator.engine.deltas import Delta
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,9 @@ class ProgressListener:
 
     def on_event(self, event: Event) -> None:
         """Every event, before its specific callback."""
+
+    def on_delta(self, delta: Delta) -> None:
+        """A piece of a streaming step's text (not an event: no ``seq``); only the API's stream hubs deliver these."""
 
     def on_workflow_complete(self, event: Event) -> None:
         """The run ended; ``event.type`` says how."""

@@ -2,14 +2,20 @@
 
 A client makes exactly one provider call per :meth:`LLMClient.complete` (no hidden retries: Celery's autoretry owns
 retrying, so every attempt shows in Redis and Flower) and raises only
-:class:`~orchestrator.errors.RetryableStepError` or :class:`~orchestrator.errors.NonRetryableStepError`.
+:class:`~orchestrator.errors.RetryableStepError` or :class:`~orchestrator.errors.NonRetryableStepError`. Given an
+``on_text`` callback, the call streams: each piece of text is passed to it as it arrives, and the pieces concatenate
+to the response's ``text``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
+
+TextCallback: TypeAlias = Callable[[str], None]
+"""Receives each piece of a streamed reply's text, in order (see :meth:`LLMClient.complete`)."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,11 @@ class LLMResponse:
 class LLMClient(Protocol):
     """A provider of completions."""
 
-    def complete(self, request: LLMRequest) -> LLMResponse:
-        """Make one call.
+    def complete(self, request: LLMRequest, on_text: TextCallback | None = None) -> LLMResponse:
+        """Make one call; with ``on_text``, stream it, passing each piece of text to ``on_text`` as it arrives.
+
+        A streamed call that fails midway raises as an unstreamed one would; the text already passed on is then
+        not part of any response.
 
         Raises:
             RetryableStepError: 408, 409, 429, 5xx, 529, connection errors and timeouts (``retry_after`` set from
