@@ -137,7 +137,7 @@ def test_a_workflow_tool_runs_a_child_and_answers_with_its_outputs_counting_its_
     assert "error" not in tool_call, tool_call
     views = [client.status(r["run_id"]) for r in client.runs(workflow=checker)]
     (child,) = [v for v in views if v.get("parent")]
-    assert child["parent"]["run_id"] == run_id and child["parent"]["step"] == "agent", child["parent"]
+    assert child["parent"] == {"run_id": run_id, "step": "agent", "index": 1000}, "turn 1's first call"
     assert tool_call["output"] == {"verdict": child["steps"]["verdict"]["output"]}
     assert child["steps"]["verdict"]["output"]["text"].startswith("Regarding")
     assert view["llm_calls"] == step["output"]["turns"] + 1, "the child's LLM call counts in the parent's"

@@ -235,7 +235,7 @@ def test_a_workflow_tool_naming_an_unknown_workflow_answers_the_model_with_an_er
 
     assert step["status"] == "succeeded"
     error = step["output"]["tool_calls"][0]["error"]
-    assert "fact_check" in error and "not available yet" not in error, error
+    assert "no registered workflow 'fact_check'" in error, error
 
 
 def test_a_tool_not_registered_on_the_worker_fails_the_step_as_unknown_tool() -> None:

@@ -2110,4 +2110,3 @@ def test_a_tool_calls_children_count_their_spend_once_each_and_never_take_the_ru
     fields = backend.store.run_fields("run1")
     assert (fields["llm_spent_nusd"], fields["llm_calls"], fields["llm_output_tokens"]) == ("1000", "4", "40")
     assert (fields["s:agent:status"], fields["s:agent:task"]) == ("running", "task-agent")
-
