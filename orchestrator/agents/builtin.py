@@ -2,16 +2,20 @@
 
 ``calculator`` walks the expression's syntax tree (numbers, ``+ - * / // % **``, parentheses): never ``eval``, and
 bounded in length, size, exponent and result. The notes are a blackboard shared by the agents of one run (a hash
-beside the run's, expiring with it). ``workflow:NAME`` runs a child workflow as the tool call: the seam where child
-runs plug in; until they exist it answers with an error result.
+beside the run's, expiring with it). ``workflow:NAME`` runs a child workflow as the tool call: it starts the child
+run (:func:`~orchestrator.engine.subflow.start_child`, keyed by the call's ordinal in the step, so a call replayed
+after a lost worker finds the child it started), waits for it to end within the call's timeout, and answers with the
+child's step outputs by name, or an error naming the child run.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import operator
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -20,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestrator.agents.tools import Tool, ToolContext, make_tool
 from orchestrator.definition.agent import WORKFLOW_TOOL_PREFIX
 
-__all__ = ["MAX_EXPRESSION_CHARS", "MAX_NOTE_BYTES", "builtin_tool", "evaluate_arithmetic"]
+__all__ = ["MAX_EXPRESSION_CHARS", "MAX_NOTE_BYTES", "builtin_tool", "evaluate_arithmetic", "run_child_workflow"]
 
 MAX_EXPRESSION_CHARS: Final = 1000
 MAX_EXPRESSION_NODES: Final = 200
@@ -130,17 +134,53 @@ class WorkflowToolInput(BaseModel):
     inputs: dict[str, Any] = Field(default_factory=dict, description="The child workflow's inputs")
 
 
+CHILD_POLL_S: Final = 0.2
+"""How often a ``workflow:NAME`` call looks whether its child run ended."""
+
+
 def _workflow_tool(name: str) -> Tool:
     workflow = name.removeprefix(WORKFLOW_TOOL_PREFIX)
 
-    def run_child(value: WorkflowToolInput) -> Any:
-        # The seam for child runs (``uses: workflow``): until the engine can start one and wait for it, say so.
-        raise NotImplementedError("workflow tools are not available yet")
+    def run_child(value: WorkflowToolInput, ctx: ToolContext) -> Any:
+        return run_child_workflow(workflow, value.inputs, ctx)
 
     return make_tool(
         run_child, name=f"workflow_{workflow}", description=f"Delegate to the workflow {workflow!r}: run it with inputs"
     )
 
+
+def run_child_workflow(workflow: str, inputs: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+    """Start (or find, on a replay) the child run of a ``workflow:NAME`` call, wait for it, and return its step
+    outputs by name.
+
+    Raises:
+        RuntimeError: The child failed, was cancelled or timed out (naming the child run and its error), or did not
+            end within the call's timeout.
+        NonRetryableStepError: The workflow is unknown, its inputs do not fit, or runs would nest too deep.
+    """
+    # Imported here: the engine imports the agents' loop, which imports the built-ins.
+    from orchestrator.engine.status import run_view
+    from orchestrator.engine.subflow import start_child
+
+    runtime = ctx.runtime
+    if runtime is None:
+        raise RuntimeError(f"workflow:{workflow} needs the worker's runtime to start a child run")
+    child = start_child(runtime, ctx.run_id, ctx.step, ctx.index, ref=workflow, inputs=inputs)
+    until = None if ctx.timeout_s is None else time.monotonic() + ctx.timeout_s - CHILD_POLL_S
+    while True:
+        fields = runtime.store.run_fields(child)
+        if fields.get("status") in _ENDED:
+            break
+        if until is not None and time.monotonic() >= until:
+            raise RuntimeError(f"child run {child} ({workflow}) did not end within {ctx.timeout_s:.1f}s")
+        time.sleep(CHILD_POLL_S)  # a tool call waiting for its child run, bounded by the call's timeout
+    view = run_view(fields, runtime.store.load_definition(fields["def_hash"]))
+    if fields["status"] != "succeeded":
+        raise RuntimeError(f"child run {child} ({workflow}) {fields['status']}: {view['error']}")
+    return {step: entry["output"] for step, entry in view["steps"].items()}
+
+
+_ENDED: Final = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 
 _BUILTINS: Final[dict[str, Tool]] = {
     "calculator": make_tool(calculator),
@@ -152,6 +192,6 @@ _BUILTINS: Final[dict[str, Tool]] = {
 def builtin_tool(name: str) -> Tool | None:
     """The built-in tool of that name (``workflow:NAME`` included), or ``None``."""
     if name.startswith(WORKFLOW_TOOL_PREFIX):
-        entry = _workflow_tool(name)
-        return Tool(name, entry.description, entry.input_schema, entry.fn, entry.model, False, True)
+        # Idempotent: a call replayed after a lost worker finds the child run it started (start_child's key).
+        return dataclasses.replace(_workflow_tool(name), name=name, idempotent=True)
     return _BUILTINS.get(name)

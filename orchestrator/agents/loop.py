@@ -36,6 +36,8 @@ __all__ = ["MAX_TOOL_RESULT_BYTES", "AgentStepError", "call_turn", "resolve_tool
 MAX_TOOL_RESULT_BYTES = 65_536
 """The largest tool result sent back to the model, as JSON; a larger one is an error result."""
 _MAX_TRANSCRIPT_CALLS = 50
+_CALLS_PER_TURN = 1000
+"""A call's ordinal is ``turn * _CALLS_PER_TURN + position``: unique while a turn asks fewer calls than this."""
 
 
 class AgentStepError(NonRetryableStepError):
@@ -145,8 +147,9 @@ class _Loop:
             raise RetryableStepError(f"step exceeded its timeout of {self.step.timeout_s}s", kind="timeout")
         return left
 
-    def run_call(self, turn: int, use: dict[str, Any], toolset: dict[str, Tool]) -> dict[str, Any]:
-        """One ``tool_use`` → its ``tool_result`` block, from the journal when it finished before."""
+    def run_call(self, turn: int, position: int, use: dict[str, Any], toolset: dict[str, Tool]) -> dict[str, Any]:
+        """One ``tool_use`` (the turn's ``position``-th) → its ``tool_result`` block, from the journal when it
+        finished before."""
         call_id, entry_id = str(use.get("id")), f"call:{use.get('id')}"
         entry = toolset.get(str(use.get("name")))
         name = entry.name if entry is not None else str(use.get("name"))
@@ -159,7 +162,7 @@ class _Loop:
         else:
             if seen is None:
                 self.record(entry_id, {"status": "started", "turn": turn, "name": name})
-            result, is_error = self.invoke(entry, name, call_id, use.get("input"))
+            result, is_error = self.invoke(entry, name, (call_id, turn * _CALLS_PER_TURN + position), use.get("input"))
             self.finish_call(turn, call_id, name, (result, is_error))
         record: dict[str, Any] = {"id": call_id, "name": name, "input": use.get("input")}
         record["error" if is_error else "output"] = result if is_error else json.loads(result)
@@ -175,8 +178,9 @@ class _Loop:
         data = {"turn": turn, "id": call_id, "name": name, "error": is_error}
         self.record(f"call:{call_id}", entry, "tool_call", data)
 
-    def invoke(self, entry: Tool | None, name: str, call_id: str, raw: Any) -> tuple[str, bool]:
-        """Validate and run one call with the per-call timeout: (the result's text, whether it is an error)."""
+    def invoke(self, entry: Tool | None, name: str, call: tuple[str, int], raw: Any) -> tuple[str, bool]:
+        """Validate and run one call (its id and ordinal) with the per-call timeout: (the result's text, whether it
+        is an error)."""
         if entry is None:
             return f"there is no tool {name!r}; the tools are: {', '.join(self.params.tools)}", True
         try:
@@ -185,7 +189,17 @@ class _Loop:
             return str(exc), True
         left = self.time_left()
         timeout = self.params.tool_timeout_s if left is None else min(self.params.tool_timeout_s, left)
-        context = ToolContext(self.attempt.run_id, self.attempt.step, self.ctx.attempt, call_id, self.runtime.store)
+        call_id, index = call
+        context = ToolContext(
+            self.attempt.run_id,
+            self.attempt.step,
+            self.ctx.attempt,
+            call_id,
+            self.runtime.store,
+            runtime=self.runtime,
+            index=index,
+            timeout_s=timeout,
+        )
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tool-{self.attempt.step}")
         try:
             output = pool.submit(entry.call, value, context).result(timeout=timeout)
@@ -263,7 +277,9 @@ def run_agent(
         if not uses or reply.response.stop_reason != "tool_use":
             return loop.transcript.output(params.model)
         messages.append({"role": "assistant", "content": content})
-        messages.append({"role": "user", "content": [loop.run_call(turn, use, toolset) for use in uses]})
+        messages.append(
+            {"role": "user", "content": [loop.run_call(turn, n, use, toolset) for n, use in enumerate(uses)]}
+        )
     raise loop.failed(
         f"step {step.name!r}: the model did not end its turn within max_turns={params.max_turns}", "max_turns"
     )

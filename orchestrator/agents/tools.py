@@ -34,6 +34,11 @@ class ToolContext:
         attempt: The step's attempt number.
         call_id: The model's id for this call (``tool_use`` id).
         store: The run's state store (the built-in notes use it).
+        runtime: The worker's runtime (store, publisher, settings; ``workflow:NAME`` starts child runs with it).
+        index: The call's ordinal within the step, stable across a replay: ``turn * 1000 + position`` (its place
+            among the turn's tool calls, from 0).
+        timeout_s: How long the call may take (the step's ``tool_timeout_s``, or less when the step's timeout
+            comes first); ``None``: unbounded.
     """
 
     run_id: str
@@ -41,6 +46,9 @@ class ToolContext:
     attempt: int
     call_id: str
     store: Any = None
+    runtime: Any = None
+    index: int = 0
+    timeout_s: float | None = None
 
 
 class ToolInputError(ValueError):

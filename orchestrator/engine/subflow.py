@@ -21,6 +21,7 @@ import time
 import uuid
 from typing import Any
 
+from orchestrator.definition.agent import AgentParams
 from orchestrator.definition.inputs import validate_inputs
 from orchestrator.definition.registry import workflows
 from orchestrator.definition.spec import StepSpec, WorkflowSpec
@@ -210,14 +211,21 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
     totals = ChildTotals(*(int(fields.get(name) or 0) for name in _TOTALS))
     view_status = RunStatus(fields["status"])
     token = f"child-{uuid.uuid4().hex}"
-    if not store.child_ended(link, child_run_id, totals, task_id=token, lease_s=settings.lease_s):
+    try:
+        parent = store.run_fields(link.run_id)
+    except RunNotFoundError:
+        return
+    parent_spec = store.load_definition(parent["def_hash"])
+    parent_step = parent_spec.steps_by_name.get(link.step)
+    # An agent's workflow:NAME call: its spend counts, but the agent's attempt (running) takes the outcome itself.
+    tool = parent_step is not None and isinstance(parent_step.params, AgentParams)
+    if not store.child_ended(link, child_run_id, totals, task_id=token, lease_s=settings.lease_s, tool=tool):
         return
     parent = store.run_fields(link.run_id)
     if view_status == RunStatus.TIMED_OUT and parent.get("deadline") and float(parent["deadline"]) <= time.time():
         # The parent's own deadline timed the child out: the parent times out too, rather than fail the step.
         stop_run(publisher, store, link.run_id, RunStatus.TIMED_OUT, DEADLINE_REASON, generation=link.generation)
         return
-    parent_spec = store.load_definition(parent["def_hash"])
     view = run_view(fields, store.load_definition(fields["def_hash"]))
     attempt = Attempt(link.run_id, link.step, link.generation, token)
     if view["status"] == RunStatus.SUCCEEDED:

@@ -398,9 +398,20 @@ class StateStore(Protocol):
         ...
 
     def child_ended(
-        self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
+        self,
+        link: ParentLink,
+        child_run_id: str,
+        totals: ChildTotals,
+        *,
+        task_id: str,
+        lease_s: float,
+        tool: bool = False,
     ) -> bool:
         """A child run ended: count its spend into the parent and take the waiting parent step over.
+
+        With ``tool`` (the child of an agent step's ``workflow:NAME`` call) the totals are counted once per child
+        (under a field of its own, whatever the step's ``child_run_id``) and the step is never taken over: the
+        agent's attempt, still running, waits for the child itself.
 
         While ``child_run_id`` is the step's child, the child's ``totals`` not counted yet are added to the parent
         run's LLM totals (once, however often the child ends). When the parent is at ``link.generation``, running,

@@ -119,3 +119,25 @@ def test_a_budget_spent_mid_loop_fails_the_step_naming_the_budget_and_the_turn(
     assert error["message"].startswith("agent turn ")
     assert "budget" in error["message"]
     assert 1 <= error["transcript"]["turns"] < 6
+
+
+def test_a_workflow_tool_runs_a_child_and_answers_with_its_outputs_counting_its_spend(
+    client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    checker = f"fact_check_{unique}"
+    summary = {"name": "verdict", "uses": "llm", "with": {"prompt": "Check {{ inputs.claim }}", "max_tokens": 40}}
+    client.wait(client.submit({**workflow(checker, summary), "inputs": {"claim": {"type": "string"}}}, {"claim": "w"}))
+    call = {"name": f"workflow:{checker}", "input": {"inputs": {"claim": "two tides a day"}}}
+    run_id = client.submit(workflow(f"agent_child_{unique}", agent([f"workflow:{checker}"], [[call]])))
+    view = client.wait(run_id, timeout=60)
+
+    step = view["steps"]["agent"]
+    assert view["status"] == "succeeded", step.get("error")
+    tool_call = step["output"]["tool_calls"][0]
+    assert "error" not in tool_call, tool_call
+    views = [client.status(r["run_id"]) for r in client.runs(workflow=checker)]
+    (child,) = [v for v in views if v.get("parent")]
+    assert child["parent"] == {"run_id": run_id, "step": "agent", "index": 1000}, "turn 1's first call"
+    assert tool_call["output"] == {"verdict": child["steps"]["verdict"]["output"]}
+    assert child["steps"]["verdict"]["output"]["text"].startswith("Regarding")
+    assert view["llm_calls"] == step["output"]["turns"] + 1, "the child's LLM call counts in the parent's"

@@ -229,12 +229,13 @@ def test_an_agent_out_of_turns_fails_once_as_max_turns_keeping_its_transcript() 
     assert [c["output"] for c in error["transcript"]["tool_calls"]] == [{"result": 1}, {"result": 2}]
 
 
-def test_a_workflow_tool_answers_that_workflow_tools_are_not_available_yet() -> None:
+def test_a_workflow_tool_naming_an_unknown_workflow_answers_the_model_with_an_error() -> None:
     script = [[{"name": "workflow:fact_check", "input": {"inputs": {"claim": "x"}}}]]
     step, _, _ = run_agent_step(tools=["workflow:fact_check"], simulate={"tool_calls": script})
 
     assert step["status"] == "succeeded"
-    assert "workflow tools are not available yet" in step["output"]["tool_calls"][0]["error"]
+    error = step["output"]["tool_calls"][0]["error"]
+    assert "no registered workflow 'fact_check'" in error, error
 
 
 def test_a_tool_not_registered_on_the_worker_fails_the_step_as_unknown_tool() -> None:

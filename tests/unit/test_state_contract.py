@@ -23,11 +23,13 @@ from orchestrator.dev.redis_server import RedisServer, find_redis_server
 from orchestrator.domain import (
     MAX_AUDIT_ENTRIES,
     Attempt,
+    ChildTotals,
     ClaimOutcome,
     Decision,
     DecisionOutcome,
     DecisionResult,
     IterationCheckpoint,
+    ParentLink,
     ReclaimedStep,
     ResumeOutcome,
     ResumePlan,
@@ -2091,3 +2093,20 @@ def test_a_checkpoint_outlives_its_attempt_but_a_stale_attempt_cannot_write_one(
     assert backend.store.iteration_checkpoint("run1", "a") == kept
     assert backend.store.iteration_checkpoint("run1", "b") is None
     assert backend.store.iteration_checkpoint("nope", "a") is None
+
+
+def test_a_tool_calls_children_count_their_spend_once_each_and_never_take_the_running_step_over(
+    backend: Backend,
+) -> None:
+    agent = parse_workflow({"name": "a", "steps": [{"name": "agent", "uses": "agent", "with": {"prompt": "p"}}]})
+    start(backend, agent)
+    assert claim(backend, agent, attempt("agent")).outcome == ClaimOutcome.OK
+    totals = ChildTotals(spent_nusd=500, calls=2, input_tokens=10, output_tokens=20)
+
+    for child, index in (("c1", 1000), ("c2", 2000), ("c1", 1000)):
+        link = ParentLink("run1", "agent", index, "1", 2)
+        assert not backend.store.child_ended(link, child, totals, task_id="x", lease_s=10, tool=True)
+
+    fields = backend.store.run_fields("run1")
+    assert (fields["llm_spent_nusd"], fields["llm_calls"], fields["llm_output_tokens"]) == ("1000", "4", "40")
+    assert (fields["s:agent:status"], fields["s:agent:task"]) == ("running", "task-agent")

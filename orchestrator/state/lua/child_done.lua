@@ -1,7 +1,9 @@
 -- A child run ended: count its LLM spend into the parent run, and take the parent's waiting step over so the caller
 -- can finish it (finish.lua) under its own task id, as a decision does (decide.lua).
 -- KEYS[1] the parent's run hash. ARGV: step, generation, child_run_id, task_id, lease_s, then the child's totals:
---   spent_nusd, calls, input_tokens, output_tokens.
+--   spent_nusd, calls, input_tokens, output_tokens, then tool ('1': the child of an agent step's workflow:NAME call).
+-- A tool call's child is counted under its own field (an agent step starts many) and never takes the step over:
+-- the agent's running attempt waits for the child itself.
 -- The spend counts once per child however often it ends (a resumed child ends again): only what it added since it
 -- was last counted, and only while it is the step's child. The step is taken over only in the generation that
 -- started the child (a later resume or cancel fences it off) and only while it waits.
@@ -9,9 +11,11 @@
 local run = KEYS[1]
 local step, gen, child, token, lease_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local p = 's:' .. step .. ':'
-local head = redis.call('HMGET', run, 'status', 'gen', p .. 'status', p .. 'child_run_id', p .. 'child_counted')
+local tool = ARGV[10] == '1'
+local counted_field = tool and (p .. 'counted:' .. child) or (p .. 'child_counted')
+local head = redis.call('HMGET', run, 'status', 'gen', p .. 'status', p .. 'child_run_id', counted_field)
 if not head[1] or not head[3] then return {'missing'} end
-if head[4] ~= child then return {'not_waiting', head[3]} end
+if head[4] ~= child and not tool then return {'not_waiting', head[3]} end
 local counted = {0, 0, 0, 0}
 if head[5] and head[5] ~= '' then
   local i = 1
@@ -24,7 +28,8 @@ for i = 1, 4 do
   if total > counted[i] then redis.call('HINCRBY', run, names[i], total - counted[i]) end
   now_counted[i] = tostring(math.max(total, counted[i]))
 end
-redis.call('HSET', run, p .. 'child_counted', table.concat(now_counted, ','))
+redis.call('HSET', run, counted_field, table.concat(now_counted, ','))
+if tool then return {'not_waiting', head[3]} end
 if head[2] ~= gen then return {'stale', head[2]} end
 if head[1] ~= 'running' or head[3] ~= 'waiting' then return {'not_waiting', head[3]} end
 local t = redis.call('TIME')

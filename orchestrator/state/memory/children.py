@@ -49,7 +49,14 @@ class ChildRuns(MemoryStateCore):
             return True
 
     def child_ended(
-        self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
+        self,
+        link: ParentLink,
+        child_run_id: str,
+        totals: ChildTotals,
+        *,
+        task_id: str,
+        lease_s: float,
+        tool: bool = False,
     ) -> bool:
         """Count the child's spend and take the parent's waiting step over (``lua/child_done.lua``)."""
         p = keys.step_prefix(link.step)
@@ -57,9 +64,12 @@ class ChildRuns(MemoryStateCore):
             now = self._clock()
             run = self._live(link.run_id, now)
             fields = run.fields if run is not None else {}
-            if "status" not in fields or p + "status" not in fields or fields.get(p + "child_run_id") != child_run_id:
+            if "status" not in fields or p + "status" not in fields:
                 return False
-            raw = fields.get(p + "child_counted") or ""
+            if fields.get(p + "child_run_id") != child_run_id and not tool:
+                return False
+            counted_field = p + ("counted:" + child_run_id if tool else "child_counted")
+            raw = fields.get(counted_field) or ""
             counted = [int(n) for n in raw.split(",")] if raw else [0, 0, 0, 0]
             now_counted = []
             for name, total, before in zip(
@@ -71,9 +81,10 @@ class ChildRuns(MemoryStateCore):
                 if total > before:
                     _increment(fields, name, total - before)
                 now_counted.append(str(max(total, before)))
-            fields[p + "child_counted"] = ",".join(now_counted)
+            fields[counted_field] = ",".join(now_counted)
             if (
-                fields.get("gen") != link.generation
+                tool
+                or fields.get("gen") != link.generation
                 or fields["status"] != "running"
                 or fields[p + "status"] != "waiting"
             ):

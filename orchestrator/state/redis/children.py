@@ -27,7 +27,14 @@ class ChildRuns(RedisStateCore):
         return reply[0] == "ok"
 
     def child_ended(
-        self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
+        self,
+        link: ParentLink,
+        child_run_id: str,
+        totals: ChildTotals,
+        *,
+        task_id: str,
+        lease_s: float,
+        tool: bool = False,
     ) -> bool:
         """Count the child's spend and take the parent's waiting step over (see ``lua/child_done.lua``)."""
         argv: list[Any] = [
@@ -40,7 +47,11 @@ class ChildRuns(RedisStateCore):
             totals.calls,
             totals.input_tokens,
             totals.output_tokens,
+            "1" if tool else "0",
         ]
+        if tool:
+            self._scripts["child_done"](keys=[keys.run_key(link.run_id)], args=argv)
+            return False
         member = keys.lease_member(link.run_id, link.step, task_id)
         # Indexed before the script: a process dying between the take-over and the finish leaves a lease to expire.
         self.client.zadd(keys.LEASES, {member: time.time() + lease_s})
