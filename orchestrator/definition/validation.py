@@ -7,6 +7,7 @@ templates' budgets too, so a static bomb is refused before a run exists.
 from __future__ import annotations
 
 from orchestrator.definition.conditions import UNTIL_NAMES, check_condition
+from orchestrator.definition.mapping import ITEM_NAMES, check_for_each, is_map
 from orchestrator.definition.registry import FunctionRegistry, check_functions, functions
 from orchestrator.definition.spec import ApprovalParams, LLMParams, StepSpec, WorkflowSpec
 from orchestrator.definition.templates import check_static_render, check_template, referenced_steps
@@ -30,7 +31,10 @@ def check_workflow(spec: WorkflowSpec, registry: FunctionRegistry | None = None)
                 f"step {step.name!r}: no registered condition function {step.condition_function!r}", step=step.name
             )
         _check_repeat(step, upstream, registry)
-        loop_names = LOOP_NAMES if step.repeat is not None else frozenset()
+        check_for_each(step, upstream, registry)
+        loop_names = (LOOP_NAMES if step.repeat is not None else frozenset()) | (
+            ITEM_NAMES if is_map(step) else frozenset()
+        )
         for source in _templates(step):
             check_template(source, step=step.name, extra_names=loop_names)
             for ref in sorted(referenced_steps(source) - upstream):

@@ -2,13 +2,14 @@
 
 from orchestrator.state.redis.control import RunControl
 from orchestrator.state.redis.core import CONNECTION_WAIT_S, GLOBAL_EVENTS_MAXLEN, MAX_CONNECTIONS
+from orchestrator.state.redis.items import ItemTransitions
 from orchestrator.state.redis.iterations import IterationCheckpoints
 from orchestrator.state.redis.steps import StepTransitions
 
 __all__ = ["CONNECTION_WAIT_S", "GLOBAL_EVENTS_MAXLEN", "MAX_CONNECTIONS", "RedisStateStore"]
 
 
-class RedisStateStore(RunControl, StepTransitions, IterationCheckpoints):
+class RedisStateStore(RunControl, StepTransitions, IterationCheckpoints, ItemTransitions):
     """Run and step state in Redis.
 
     Args:
