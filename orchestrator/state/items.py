@@ -9,7 +9,9 @@ retried, reclaimed and finished like a step (``lua/item_*.lua``), under the task
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol
+
+from typing_extensions import TypedDict
 
 from orchestrator.infra.timestamps import iso
 from orchestrator.state import keys
@@ -39,6 +41,17 @@ class ItemRecord(TypedDict):
     finished_at: str | None
     output: Any
     error: dict[str, Any] | None
+
+
+class ItemPage(TypedDict):
+    """One page of a map step's item records (``GET /runs/{id}/steps/{step}/items``, ``status --step``)."""
+
+    run_id: str
+    step: str
+    total: int
+    offset: int
+    limit: int
+    items: list[ItemRecord]
 
 
 class ItemCounts(TypedDict):

@@ -162,13 +162,13 @@ def test_cancel_stops_every_unfinished_item() -> None:
 def test_validation_rejects_a_bad_for_each_naming_the_step() -> None:
     with pytest.raises(WorkflowDefinitionError, match="step 'm': for_each refers to 'os'"):
         check_workflow(parse_workflow(workflow(_map("os.environ"))))
-    with pytest.raises(WorkflowDefinitionError, match="step 'm'.*for_each is not supported on approval steps"):
+    with pytest.raises(WorkflowDefinitionError, match=r"step 'm'.*for_each is not supported on approval steps"):
         parse_workflow(workflow({"name": "m", "uses": "approval", "for_each": "[1]", "with": {"approvers": ["a"]}}))
-    with pytest.raises(WorkflowDefinitionError, match="step 'm'.*max_parallel needs for_each"):
+    with pytest.raises(WorkflowDefinitionError, match=r"step 'm'.*max_parallel needs for_each"):
         parse_workflow(workflow({"name": "m", "uses": "noop", "max_parallel": 2}))
     with pytest.raises(WorkflowDefinitionError, match="max_parallel"):
         parse_workflow(workflow({"name": "m", "uses": "noop", "for_each": "[1]", "max_parallel": 0}))
-    with pytest.raises(WorkflowDefinitionError, match="template refers to .item."):
+    with pytest.raises(WorkflowDefinitionError, match=r"template refers to .item."):
         check_workflow(parse_workflow(workflow({"name": "m", "uses": "llm", "with": {"prompt": "{{ item }}"}})))
     check_workflow(
         parse_workflow(workflow({"name": "m", "uses": "llm", "for_each": "[1]", "with": {"prompt": "{{ item }}"}}))

@@ -294,6 +294,7 @@ STEP_FIELDS = {
     "deferred",
     "iterations",
     "until_met",
+    "items",
 }
 
 
