@@ -1,7 +1,7 @@
 -- Recover an item behind an expired lease (reclaim.lua's rules, per item): a running item whose worker died is
 -- re-queued under new_task (the error recorded); a queued one whose message was lost is sent again under its own
--- task id, unless the step queues hold a backlog it is likely still waiting in (backlog_wait_s > 0): then its hold
--- is extended by grace_s until it has waited backlog_wait_s since it was queued.
+-- task id, unless the step queues hold a backlog it is likely still waiting in (backlog_wait_s > 0): then it is held
+-- until it has waited backlog_wait_s since it was queued.
 -- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the step's item hash. ARGV: step, index, expected_task,
 -- new_task, error_json, grace_s, backlog_wait_s.
 -- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease}; {"skip"}.
@@ -21,9 +21,13 @@ local lease = tonumber(row[3] or '')
 if lease and lease > now then return {'live', row[3]} end
 local until_ = string.format('%.6f', now + grace)
 if status == 'queued' then
-  if backlog_wait > 0 and now - tonumber(row[4] or now) < backlog_wait then
-    redis.call('HSET', items, f .. 'lease', until_)
-    return {'live', until_}
+  local since = tonumber(row[4] or now)
+  if backlog_wait > 0 and now - since < backlog_wait then
+    -- Held to the end of the backlog wait at once: a map queues thousands of items, each looked at twice, not once
+    -- per grace.
+    local held = string.format('%.6f', since + backlog_wait)
+    redis.call('HSET', items, f .. 'lease', held)
+    return {'live', held}
   end
   redis.call('HSET', items, f .. 'lease', until_)
   return {'ok', head[2], head[3], expected, until_}

@@ -286,7 +286,9 @@ class ItemTransitions(MemoryStateCore):
             since = _float_or_none(items.get(f + "queued_at") or "")
             waiting = status == "queued" and backlog_wait_s > 0 and now - (since or now) < backlog_wait_s
             if (lease is not None and lease > now) or waiting:
-                held = items[f + "lease"] if lease is not None and lease > now else until
+                held = (
+                    items[f + "lease"] if lease is not None and lease > now else _stamp((since or now) + backlog_wait_s)
+                )
                 items[f + "lease"] = held
                 self._leases[member] = float(held)
                 return None
