@@ -133,7 +133,12 @@ def evaluate_condition(
         NonRetryableStepError: ``template_limit`` past the allocation or time budget; ``condition_error`` when
             evaluation fails otherwise (a missing value, a type error, nesting too deep …), with the cause.
     """
-    return bool(evaluate_value(source, inputs=inputs, outputs=outputs, timeout_s=timeout_s, extra=extra, what=what))
+    value = evaluate_value(source, inputs=inputs, outputs=outputs, timeout_s=timeout_s, extra=extra, what=what)
+    try:
+        # The sandbox hands back what it refused as an undefined value that raises when it is looked at.
+        return bool(value)
+    except Exception as exc:
+        raise _failed(source, what, exc) from None
 
 
 def evaluate_value(
@@ -159,9 +164,11 @@ def evaluate_value(
     except NESTING_ERRORS:
         raise NonRetryableStepError(f"{what} {_shown(source)} nests too deeply", kind="condition_error") from None
     except Exception as exc:
-        raise NonRetryableStepError(
-            f"{what} {_shown(source)} failed: {type(exc).__name__}: {exc}", kind="condition_error"
-        ) from None
+        raise _failed(source, what, exc) from None
+
+
+def _failed(source: str, what: str, exc: Exception) -> NonRetryableStepError:
+    return NonRetryableStepError(f"{what} {_shown(source)} failed: {type(exc).__name__}: {exc}", kind="condition_error")
 
 
 def _shown(source: str, limit: int = 200) -> str:
