@@ -133,12 +133,23 @@ def wait_for_llm_calls(ctx: StepContext, calls: int = 1, timeout_s: float = 20.0
     return {"calls": seen}
 
 
+_CLIENTS: dict[int, redis.Redis] = {}
+
+
+def _cached_redis() -> redis.Redis:
+    # A thousand items in a second: one connection per process, not one per item.
+    client = _CLIENTS.get(os.getpid())
+    if client is None:
+        client = _CLIENTS[os.getpid()] = _redis()
+    return client
+
+
 @function("tests.map_item")
 def map_item(ctx: StepContext, seconds: float = 0.0, fail_on: Any = None, **_: Any) -> dict[str, Any]:
     """One item of a map step: sleep, fail for good on ``fail_on`` until ``test:fixed:RUN`` is set, count each
     execution that ran to its end per item (``test:map:RUN:STEP``, field = index)."""
     time.sleep(seconds)
-    r = _redis()
+    r = _cached_redis()
     if fail_on is not None and ctx.item == fail_on and not r.exists(f"test:fixed:{ctx.run_id}"):
         r.hincrby(f"test:map:{ctx.run_id}:{ctx.step}", str(ctx.index), 1)
         raise NonRetryableStepError(f"item {ctx.item!r} is bad", kind="exception")
