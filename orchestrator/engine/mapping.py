@@ -87,7 +87,8 @@ def start_map(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Cla
         texts = [json.dumps(item, separators=_COMPACT, allow_nan=False) for item in items]
     except (TypeError, ValueError) as exc:
         raise NonRetryableStepError(f"step {step.name!r}: an item is not JSON: {exc}", kind="invalid_items") from None
-    base = result_key(step, claim.inputs, claim.parent_output) if step.cache else ""
+    # ``resume --from`` this step (force) re-runs every item; ``cache: false`` never keeps one.
+    base = result_key(step, claim.inputs, claim.parent_output) if step.cache and not claim.force else ""
     keys = [hashlib.sha256(f"{base}|{text}".encode()).hexdigest()[:32] if base else "" for text in texts]
     expanded = retry_through_outage(
         f"{attempt}: expand",
