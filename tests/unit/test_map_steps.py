@@ -10,11 +10,12 @@ import pytest
 from orchestrator.definition.registry import functions
 from orchestrator.definition.spec import parse_workflow
 from orchestrator.definition.validation import check_workflow
-from orchestrator.domain import RunStatus
+from orchestrator.domain import Attempt, RunStatus, StepOutcome
 from orchestrator.engine.control import resume_run, stop_run
 from orchestrator.engine.steps import StepContext
+from orchestrator.engine.sweep import sweep_once
 from orchestrator.errors import NonRetryableStepError, WorkflowDefinitionError
-from orchestrator.state import keys
+from orchestrator.state import MemoryStateStore, keys
 from tests.unit.test_engine_attempt import (
     SETTINGS,
     deliver,
@@ -173,3 +174,54 @@ def test_validation_rejects_a_bad_for_each_naming_the_step() -> None:
     check_workflow(
         parse_workflow(workflow({"name": "m", "uses": "llm", "for_each": "[1]", "with": {"prompt": "{{ item }}"}}))
     )
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_sweeper_requeues_an_item_whose_worker_died_and_it_runs_once_more() -> None:
+    CALLS.clear()
+    clock = _Clock()
+    runtime, publisher = make_runtime(MemoryStateStore(clock=clock))
+    run_id = start(runtime, publisher, workflow(_map("inputs.xs")), xs=["a", "b"])
+    deliver(runtime, publisher.sent.pop(0))
+    lost = publisher.sent.pop(0)
+    assert (
+        runtime.store.claim_item(
+            Attempt(run_id, "m", "1", lost.task_id, lost.index), lease_s=SETTINGS.lease_s, upstream=()
+        ).outcome
+        == "ok"
+    )  # ... and its worker dies here
+    drive(runtime, publisher)
+    clock.now += SETTINGS.lease_s + 1
+
+    assert sweep_once(runtime, "test") == 1
+    assert publisher.sent[0].index == lost.index
+    assert publisher.sent[0].task_id != lost.task_id
+    drive(runtime, publisher)
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+    assert sorted(CALLS) == ["a", "b"]
+    record = runtime.store.item_records(run_id, "m", lost.index or 0, 1)[0]
+    assert record["attempts"] == 2
+
+
+def test_a_map_step_whose_last_item_was_recorded_by_a_worker_that_died_is_finished_by_the_sweeper() -> None:
+    clock = _Clock()
+    runtime, publisher = make_runtime(MemoryStateStore(clock=clock))
+    run_id = start(runtime, publisher, workflow(_map("inputs.xs")), xs=["a"])
+    deliver(runtime, publisher.sent.pop(0))
+    only = publisher.sent.pop(0)
+    at = Attempt(run_id, "m", "1", only.task_id, only.index)
+    runtime.store.claim_item(at, lease_s=SETTINGS.lease_s, upstream=())
+    assert runtime.store.finish_item(at, StepOutcome.SUCCEEDED, output={"ok": 1}).all_ended  # ... then it dies
+    clock.now += SETTINGS.queued_grace_s + 1
+
+    assert sweep_once(runtime, "test") == 1
+    drive(runtime, publisher)
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+    assert runtime.store.run_fields(run_id)[keys.step_field("m", "output")] == '[{"ok":1}]'
