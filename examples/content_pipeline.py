@@ -50,7 +50,7 @@ class SeoMetadataStep(LLMStep):
     output_schema: type[BaseModel] | dict[str, Any] | None = SeoMetadata
 
 
-@function("content_pipeline.final_review")
+@function("examples.content_pipeline.final_review")
 def final_review(ctx: StepContext) -> dict[str, Any]:
     """Check the pieces fit together and assemble the package."""
     blog = ctx["blog_post"]

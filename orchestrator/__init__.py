@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from orchestrator.agents.tools import ToolContext, tool, tools
     from orchestrator.client import Client
     from orchestrator.definition.registry import function, functions, workflows
     from orchestrator.definition.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
@@ -50,6 +51,10 @@ __all__ = [
     "functions",
     "parse_workflow",
     "workflows",
+    # agents' tools
+    "ToolContext",
+    "tool",
+    "tools",
     # running them
     "Client",
     "RunStatus",
@@ -88,6 +93,9 @@ _HOME = {
     "functions": "orchestrator.definition.registry",
     "workflows": "orchestrator.definition.registry",
     "StepContext": "orchestrator.engine.steps",
+    "ToolContext": "orchestrator.agents.tools",
+    "tool": "orchestrator.agents.tools",
+    "tools": "orchestrator.agents.tools",
     "Client": "orchestrator.client",
     "RunStatus": "orchestrator.domain",
     "StepStatus": "orchestrator.domain",

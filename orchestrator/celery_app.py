@@ -14,6 +14,7 @@ from typing import Any
 
 import kombu.exceptions
 from celery import Celery, group
+from celery.app.amqp import AMQP
 from celery.canvas import Signature
 
 from orchestrator.definition.spec import TOP_LEVEL, StepKind, WorkflowSpec
@@ -50,6 +51,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # State is written before the message is acknowledged; a worker that dies hands its message back.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A step that failed for good raises StepFailed after recording it: acknowledged, never redelivered.
+        "task_acks_on_failure_or_timeout": True,
         # Long LLM calls: one message per process slot, so a slow step never hoards work another worker could do.
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": {
@@ -78,10 +81,28 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+class ShadowNamedAMQP(AMQP):
+    """Celery's message factory, with each ``task-sent`` event naming the task as Flower shows it (``WORKFLOW.STEP``).
+
+    Celery names a sent event after the registered task (``orchestrator.run_step``) even when the message has a
+    ``shadow`` name, and event consumers merge a sent event into the task whenever it arrives: one arriving after the
+    worker's ``task-received`` (the producer descheduled between its publish and its event, on a busy machine)
+    renamed the step in Flower, and a failed step then hid as ``orchestrator.run_step``.
+    """
+
+    def as_task_v2(self, *args: Any, **kwargs: Any) -> Any:
+        """The message, with its sent event named like its ``shadow`` header."""
+        message = super().as_task_v2(*args, **kwargs)
+        shadow = message.headers.get("shadow")
+        if shadow and message.sent_event is not None:
+            message.sent_event["name"] = shadow
+        return message
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app that sends step messages and registers no task (the producers' app)."""
     settings = settings or Settings.from_env()
-    app = Celery("orchestrator")
+    app = Celery("orchestrator", amqp=ShadowNamedAMQP)
     app.config_from_object(celery_config(settings))
     return app
 
@@ -131,7 +152,7 @@ class CeleryPublisher:
         }
         if settings.priorities == "depth":
             options["priority"] = message_priority(step_level(spec, step), settings.effective_broker_url)
-        if step_spec.timeout_s is not None and step_spec.uses != StepKind.LLM:
+        if step_spec.timeout_s is not None and step_spec.uses not in {StepKind.LLM, StepKind.AGENT}:
             # Prefork enforces these with signals; LLM calls get the timeout from the SDK instead, on any pool.
             options["soft_time_limit"] = step_spec.timeout_s
             options["time_limit"] = step_spec.timeout_s + 10

@@ -17,9 +17,11 @@ import click
 import redis
 from rich.console import Console
 
+from orchestrator.consumers import NoWorkerWarning
 from orchestrator.definition.files import load_workflow_file
 from orchestrator.definition.inputs import parse_cli_inputs
-from orchestrator.definition.registry import import_modules, workflows
+from orchestrator.definition.modules import import_local_modules
+from orchestrator.definition.registry import functions, import_modules, workflows
 from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.definition.validation import check_workflow
 from orchestrator.domain import RunStatus
@@ -87,11 +89,27 @@ def _console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
 
 
-def _load(file: str) -> WorkflowSpec:
-    """A workflow file, or the name of a registered workflow when no such file exists."""
+def _load(file: str) -> tuple[WorkflowSpec, list[str]]:
+    """A workflow file (see ``_load_file``), or the name of a registered workflow when no such file exists."""
     if not Path(file).exists() and "/" not in file and not file.endswith((".yaml", ".yml", ".json")):
-        return workflows.get(file)
-    return load_workflow_file(file)
+        return workflows.get(file), []
+    return _load_file(file)
+
+
+def _load_file(file: str) -> tuple[WorkflowSpec, list[str]]:
+    """A workflow file, and the modules under the current directory imported because they register its functions.
+
+    The file is the user's and so is the directory: importing a module of it that the file names is what
+    ``ORCH_IMPORTS`` would do. The API never does this (see the security page).
+    """
+    spec = load_workflow_file(file)
+    return spec, import_local_modules(spec, functions)
+
+
+def _note_imports(modules: list[str]) -> None:
+    """Say which modules were imported for the file: workers do not, unless ``ORCH_IMPORTS`` lists them."""
+    for module in modules:
+        click.echo(f"note: imported {module} from {Path.cwd()}; workers need ORCH_IMPORTS={module} too", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,11 +124,12 @@ def validate(file: str) -> None:
     """Check a workflow file; exit 0 when it is valid."""
     _settings()
     try:
-        spec = load_workflow_file(file)
+        spec, imported = _load_file(file)
         check_workflow(spec)
     except OrchestratorError as exc:
         _fail(str(exc), 1)
     click.echo(f"ok: {spec.name} version {spec.version}, {len(spec.steps)} steps, definition {spec.definition_hash}")
+    _note_imports(imported)
 
 
 @main.command()
@@ -134,12 +153,14 @@ def submit(
     """Start a run of a workflow file (or a registered workflow's name); prints the run id."""
     settings = _settings()
     try:
-        spec = _load(file)
+        spec, imported = _load(file)
         values = parse_cli_inputs(spec, inputs)
         client = _client(settings, runs_here=wait or live)
         run_id = client.submit(spec, values, idempotency_key=idempotency_key)
     except OrchestratorError as exc:
         _fail(str(exc), 1)
+    if not is_memory_url(settings.redis_url):
+        _note_imports(imported)
     if live:
         from orchestrator.watch import watch_run
 
@@ -149,7 +170,8 @@ def submit(
         click.echo(json.dumps({"run_id": run_id}) if as_json else run_id)
         return
     try:
-        view = client.wait(run_id, timeout=timeout)
+        with NoWorkerWarning(client, spec, run_id, say=lambda line: click.echo(line, err=True)):
+            view = client.wait(run_id, timeout=timeout)
     except TimeoutError as exc:
         _fail(str(exc), EXIT_FAILED_RUN)
     except OrchestratorError as exc:
@@ -342,10 +364,12 @@ def list_workflows(as_json: bool, scan: int) -> None:
 
 
 def _print_status(view: RunView) -> None:
-    from orchestrator.tables import run_totals, step_table
+    from orchestrator.tables import run_links, run_totals, step_table
 
     console = _console()
     console.print(step_table(view))
+    for line in run_links(view):
+        console.print(line)
     totals = run_totals(view, time.time())
     if totals:
         console.print(totals)

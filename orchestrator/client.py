@@ -18,6 +18,7 @@ from orchestrator.definition.inputs import validate_inputs
 from orchestrator.definition.mapping import is_map
 from orchestrator.definition.registry import import_modules, workflows
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
+from orchestrator.definition.subflow import check_subflows
 from orchestrator.definition.validation import check_workflow
 from orchestrator.definition.workflow import Workflow
 from orchestrator.domain import RunStatus, StopOutcome
@@ -25,6 +26,7 @@ from orchestrator.engine.control import decide_step, resume_run, stop_run, trace
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.status import MAX_LIST_OFFSET, RunPage, RunSummary, RunView, run_summary, run_view
+from orchestrator.engine.subflow import workflow_lookup
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError, WorkflowDefinitionError
 from orchestrator.infra.redis_url import RedisUrlError, is_memory_url
 from orchestrator.infra.settings import Settings
@@ -152,6 +154,9 @@ class Client:
         spec = self.resolve(workflow, version)
         if spec.definition_hash not in self._checked:
             check_workflow(spec)
+            check_subflows(
+                spec, workflow_lookup(self.store), max_depth=self.settings.max_subflow_depth, check=check_workflow
+            )
             if len(self._checked) >= _CHECKED_CAP:
                 self._checked.clear()
             self._checked.add(spec.definition_hash)
@@ -328,7 +333,7 @@ class Client:
         Raises:
             RunNotFoundError: No such run.
         """
-        result = stop_run(self.publisher, self.store, run_id, RunStatus.CANCELLED, "cancelled")
+        result = stop_run(self.publisher, self.store, run_id, RunStatus.CANCELLED, "cancelled", settings=self.settings)
         if result.outcome == StopOutcome.OK:
             running = [step for step, _ in result.interrupted]
             message = f"cancelled run {run_id}" + (f"; interrupted {', '.join(running)}" if running else "")

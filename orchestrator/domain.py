@@ -395,3 +395,32 @@ class ReclaimedItem:
     definition_hash: str
     generation: str
     task_id: str
+
+
+@dataclass(frozen=True)
+class ParentLink:
+    """Where a child run (``uses: workflow``) came from: kept in the child run, read when it ends.
+
+    Attributes:
+        run_id: The parent run.
+        step: The parent's ``workflow`` step.
+        index: The map item's index when the step has ``for_each``, else ``None``.
+        generation: The parent's generation that (re)started the child: only that generation's step is completed.
+        depth: How deep the child nests (a top-level run is 1, its children 2 …).
+    """
+
+    run_id: str
+    step: str
+    index: int | None
+    generation: str
+    depth: int
+
+
+@dataclass(frozen=True)
+class ChildTotals:
+    """A child run's LLM totals when it ended, counted once into its parent run."""
+
+    spent_nusd: int = 0
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0

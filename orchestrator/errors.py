@@ -15,15 +15,16 @@
     │   ├── DecisionRefusedError       an approval decision refused (.reason: not_an_approver | not_waiting)
     │   └── StoreUnavailableError      Redis did not answer
     │       └── BrokerUnavailableError the message broker did not answer
-    └── StepError                      one attempt of a step went wrong
-        ├── RetryableStepError         .retry_after: the provider's minimum wait, seconds
-        └── NonRetryableStepError      fails the step at once
+    ├── StepError                      one attempt of a step went wrong
+    │   ├── RetryableStepError         .retry_after: the provider's minimum wait, seconds
+    │   └── NonRetryableStepError      fails the step at once
+    └── StepFailed                     .step: a step failed for good and it is recorded (Celery's FAILURE)
 
 Data lives in fields so callers need not parse messages. Which errors are retried is decided by type alone:
 ``workers.tasks`` maps ``RetryableStepError`` onto Celery's retry options, nowhere else.
 """
 
-from typing import NotRequired
+from typing import Any, NotRequired
 
 from typing_extensions import TypedDict
 
@@ -134,6 +135,8 @@ class ErrorRecord(TypedDict):
         retryable: Whether another attempt could help.
         attempt: The 1-based attempt that failed (over the run's whole life).
         retry_after: Seconds the provider asked to wait at least, when it said.
+        transcript: An agent step's turns and tool calls so far (``max_turns``, a spent budget …).
+        child_run_id: The child run whose failure failed a ``workflow`` step.
     """
 
     type: str
@@ -142,6 +145,8 @@ class ErrorRecord(TypedDict):
     retryable: NotRequired[bool]
     attempt: NotRequired[int]
     retry_after: NotRequired[float]
+    transcript: NotRequired[dict[str, Any]]
+    child_run_id: NotRequired[str]
 
 
 class DeferralRecord(TypedDict):
@@ -222,3 +227,26 @@ class StepDeferred(RetryableStepError):
     def to_deferral(self) -> DeferralRecord:
         """The deferral as stored with the step and sent in its ``step_deferred`` event."""
         return {"reason": self.reason, "model": self.model, "message": str(self)}
+
+
+class StepFailed(OrchestratorError):
+    """A step failed for good, and that is already recorded: raised last, so Celery marks the task ``FAILURE``.
+
+    Not a :class:`StepError`: nothing is left to decide or retry. The worker's task lists it in ``throws`` (logged as
+    one line, no traceback) and acknowledges the message as for any failure, so it is never redelivered.
+
+    Attributes:
+        step: The step's name.
+    """
+
+    def __init__(self, message: str, *, step: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Celery pickles the exception between the pool process and the worker (keyword arguments need this).
+        return _step_failed, (str(self), self.step)
+
+
+def _step_failed(message: str, step: str) -> StepFailed:
+    return StepFailed(message, step=step)

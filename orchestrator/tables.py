@@ -174,3 +174,17 @@ def run_totals(view: RunView, now: float | None = None) -> str:
     if duration is not None:
         parts.append(f"duration {seconds(duration)}" + ("" if view["finished_at"] else " so far"))
     return "total: " + " · ".join(parts) if parts else ""
+
+
+def run_links(view: RunView) -> list[str]:
+    """Lines naming a run's parent run and its child runs (``uses: workflow``), for ``orchestrator status``."""
+    lines = []
+    parent = view.get("parent")
+    if parent is not None:
+        item = f" item {parent['index']}" if parent["index"] is not None else ""
+        lines.append(f"parent: run {parent['run_id']} step {parent['step']}{item}")
+    for name, step in view["steps"].items():
+        child = step.get("child_run_id")
+        if child:
+            lines.append(f"child run of {name}: {child}")
+    return lines

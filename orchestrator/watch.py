@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -14,8 +16,10 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.client import Client
+from orchestrator.engine.deltas import Delta, DeltaFilter, texts_so_far
 from orchestrator.engine.events import Event, EventType
 from orchestrator.engine.status import RunView
+from orchestrator.state import keys
 from orchestrator.tables import money, run_totals, seconds, tokens
 
 _STYLE = {
@@ -32,6 +36,9 @@ _FINAL = {"succeeded", "failed", "upstream_failed", "cancelled", "skipped"}
 # After these the run's totals are read again (a step ended: its spend is settled), at most every _TOTALS_EVERY_S.
 _SETTLED = {f"step_{kind}" for kind in _FINAL} | {"item_succeeded", "item_failed"}
 _TOTALS_EVERY_S = 0.25
+# A streaming step's text is shown as its last characters, for the few steps that streamed last.
+_TEXT_TAIL_CHARS = 240
+_TEXT_STEPS = 4
 
 
 @dataclass
@@ -58,6 +65,7 @@ class WatchView:
     last_seq: int = 0
     totals: RunView | None = None
     clock: Callable[[], float] = time.time
+    texts: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_status(cls, view: RunView) -> WatchView:
@@ -102,6 +110,12 @@ class WatchView:
                 cost = event.data.get("cost_usd")
                 row.cost = None if cost is None else float(cost)
 
+    def apply_delta(self, delta: Delta) -> None:
+        """Fold a piece of a streaming step's text into the view (a reset starts the step's text again)."""
+        name = delta.step if delta.index is None else f"{delta.step}[{delta.index}]"
+        text = "" if delta.type == "llm_reset" else self.texts.pop(name, "") + delta.text
+        self.texts[name] = text[-4 * _TEXT_TAIL_CHARS :]
+
     def refresh(self, view: RunView) -> None:
         """Take the run's totals (cost, tokens, budget, times) and map steps' item counts from a fresh status."""
         self.totals = view
@@ -117,7 +131,13 @@ class WatchView:
     def __rich__(self) -> Group:
         """The table and the totals line, computed when drawn (so a live run's duration keeps moving)."""
         totals = run_totals(self.totals, self.clock()) if self.totals is not None else ""
-        return Group(self.table(), Text(totals)) if totals else Group(self.table())
+        parts: list[Table | Text] = [self.table()]
+        if totals:
+            parts.append(Text(totals))
+        for name, text in list(self.texts.items())[-_TEXT_STEPS:]:
+            tail = " ".join(text.split())[-_TEXT_TAIL_CHARS:]
+            parts.append(Text.assemble((f"{name} ▸ ", "bold cyan"), tail))
+        return Group(*parts)
 
     @property
     def done(self) -> int:
@@ -159,6 +179,9 @@ def watch_run(client: Client, run_id: str, console: Console | None = None) -> in
     read_at, stale = time.monotonic(), False
     progress = Progress(TextColumn("steps"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
     task = progress.add_task("steps", total=len(view.steps))
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow_deltas, args=(client, run_id, view, stop), daemon=True)
+    follower.start()
     with Live(Group(progress, view), console=console, refresh_per_second=8, transient=False) as live:
         for event in client.stream(run_id):
             view.apply(event)
@@ -168,6 +191,8 @@ def watch_run(client: Client, run_id: str, console: Console | None = None) -> in
                 read_at, stale = time.monotonic(), False
             progress.update(task, completed=view.done)
             live.update(Group(progress, view))
+        stop.set()
+        follower.join(timeout=2)
         final = client.status(run_id)
         view.status = final["status"]
         view.refresh(final)
@@ -175,3 +200,25 @@ def watch_run(client: Client, run_id: str, console: Console | None = None) -> in
     colour = "green" if final["status"] == "succeeded" else "red"
     console.print(f"[bold {colour}]run {final['status']}[/]" + (f": {final['error']}" if final.get("error") else ""))
     return 0 if final["status"] == "succeeded" else 1
+
+
+def _follow_deltas(client: Client, run_id: str, view: WatchView, stop: threading.Event) -> None:
+    """Fold the run's streamed text into ``view`` until ``stop``: the text so far, then live deltas (pub/sub)."""
+    redis_client = getattr(client.store, "client", None)
+    if redis_client is None:
+        return  # an in-memory store has no channel to follow
+    received = DeltaFilter()
+    try:
+        with redis_client.pubsub(ignore_subscribe_messages=True) as pubsub:
+            pubsub.subscribe(keys.deltas_channel(run_id))
+            for delta in texts_so_far(redis_client, run_id):
+                received.sent(delta)
+                view.apply_delta(delta)
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=0.2)
+                decoded = Delta.decode(message["data"]) if message and message.get("type") == "message" else None
+                needed = received.cut(decoded) if decoded is not None else None
+                if needed is not None:
+                    view.apply_delta(needed)
+    except redis.RedisError:
+        return  # the text is a nicety: the table goes on from the event stream

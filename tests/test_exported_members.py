@@ -26,6 +26,10 @@ EXPORTED = {
     "functions",
     "parse_workflow",
     "workflows",
+    # agents' tools
+    "ToolContext",
+    "tool",
+    "tools",
     # running them
     "Client",
     "RunStatus",

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from orchestrator import LLMStep, NoopStep, StepContext, Workflow, function
+from orchestrator import LLMStep, NoopStep, StepContext, ToolContext, Workflow, function, tool
 from orchestrator.errors import NonRetryableStepError
 from orchestrator.infra.redis_url import sync_client
 from orchestrator.state import keys
@@ -161,3 +161,16 @@ def map_item(ctx: StepContext, seconds: float = 0.0, fail_on: Any = None, **_: A
 def collect(ctx: StepContext, **_: Any) -> dict[str, Any]:
     """What a step downstream of a map step sees: its upstream outputs as they are."""
     return {name: ctx[name] for name in ctx}
+
+
+@tool(name="tests.counted", idempotent=True)
+def counted(label: str, ctx: ToolContext) -> dict[str, Any]:
+    """Count this call's runs in Redis; the first run of a label ending in ``!block`` publishes this process's pid and
+    blocks until the test kills it."""
+    r = _redis()
+    runs = r.incr(f"test:tool:{ctx.run_id}:{label}")
+    if label.endswith("!block") and runs == 1:
+        r.rpush(f"test:pids:{ctx.run_id}:{ctx.step}", f"{os.getpid()}:{ctx.attempt}")
+        time.sleep(120)  # not synchronisation: the test kills this process meanwhile
+        raise RuntimeError("this worker was to be killed during the tool call")
+    return {"label": label, "runs": runs}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import CPendingDeprecationWarning, SoftTimeLimitExceeded
 from celery.signals import (
+    celeryd_after_setup,
     setup_logging,
     worker_init,
     worker_process_init,
@@ -111,7 +113,18 @@ def _observe(app: Celery, settings: Settings) -> None:
     def exiting(pid: int, **_: Any) -> None:
         endpoint.process_exited(pid)
 
+    def quiet_reconnect_warning(**_: Any) -> None:
+        # celery_config sets worker_cancel_long_running_tasks_on_connection_loss on purpose, yet Celery prints eight
+        # lines about its future default at each broker reconnect, burying its one line saying the broker was lost.
+        # Added after Celery's own "always" filter for its deprecation warnings, which it installs with its logging.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"\s*In Celery 5\.1 we introduced an optional breaking change",
+            category=CPendingDeprecationWarning,
+        )
+
     setup_logging.connect(configure, weak=False, dispatch_uid="orchestrator.setup_logging")
+    celeryd_after_setup.connect(quiet_reconnect_warning, weak=False)
     worker_init.connect(prepare, weak=False)
     worker_ready.connect(serve, weak=False)
     worker_shutdown.connect(stop, weak=False)

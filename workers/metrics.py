@@ -3,8 +3,11 @@
 Celery's prefork pool runs steps in child processes, each with its own memory. With ``ORCH_METRICS_PORT`` set, the
 worker switches ``prometheus_client`` to its multiprocess mode before the pool forks: each pool process then writes
 its counters and histograms to files in ``PROMETHEUS_MULTIPROC_DIR``, and the endpoint in the main process adds them
-up with ``MultiProcessCollector``, next to the cluster gauges (queue depth, runs in flight) read from Redis at scrape
-time. Counters of a pool process that exits stay in its files, so totals never go down while the worker lives.
+up with ``MultiProcessCollector``. The cluster gauges (queue depth, runs in flight) are the same for every process
+that reads them, so they come from the API's ``/metrics``; a worker adds them only with ``ORCH_METRICS_CLUSTER``.
+Counters of a pool process that exits stay in its files, so totals never go down while the worker lives. A
+counter or histogram series appearing between two scrapes reads 0 in the first scrape that shows it
+(:mod:`orchestrator.telemetry.exposition`), so ``increase()`` counts its first event.
 Workflow, step and model labels are bounded per process by ``ORCH_METRICS_MAX_SERIES`` (see
 :mod:`orchestrator.telemetry.metrics`): with a prefork pool the endpoint shows up to that many pairs per pool process.
 
@@ -28,6 +31,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry import metrics
 from orchestrator.telemetry.cluster import ClusterCollector
+from orchestrator.telemetry.exposition import serving
 
 __all__ = ["MULTIPROC_DIR_ENV", "WorkerMetricsEndpoint"]
 
@@ -81,9 +85,7 @@ class WorkerMetricsEndpoint:
         """Serve ``/metrics`` from a thread of the main process (``worker_ready``); a busy port is logged, not fatal."""
         if not self.enabled or self.directory is None or self._server is not None:
             return
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
-        registry.register(ClusterCollector.from_settings(self.settings))
+        registry = self.registry()
         addr, port = self.settings.metrics_addr, self.settings.metrics_port
         try:
             self._server, _ = start_http_server(port, addr=addr, registry=registry)
@@ -91,6 +93,17 @@ class WorkerMetricsEndpoint:
             log.error("metrics: cannot serve on %s:%d: %s; this worker exports no metrics", addr, port, exc)
             return
         log.info("metrics: serving the metrics of every pool process on http://%s:%d/metrics", addr, port)
+
+    def registry(self) -> CollectorRegistry:
+        """What the endpoint serves: every pool process's metrics, plus the cluster gauges with ``metrics_cluster``.
+
+        New series start at 0 in the scrapes (:class:`~orchestrator.telemetry.exposition.NewSeriesAtZero`).
+        """
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
+        if self.settings.metrics_cluster:
+            registry.register(ClusterCollector.from_settings(self.settings))
+        return serving(registry)
 
     def after_fork(self) -> None:
         """In a pool process forked after :meth:`start`: close its copy of the listening socket."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from orchestrator.engine.outage import OutageLog
 from orchestrator.engine.runtime import RuntimeHolder
 from orchestrator.engine.sweep import sweep_once
 
@@ -31,12 +32,10 @@ class Sweeper(bootsteps.StartStopStep):
 
         def loop() -> None:
             interval = holder.settings.sweep_interval_s
+            outage = OutageLog("sweep", log)
             # Sweep at once on start: a deadline that passed while no worker ran fires now, not an interval later.
             while True:
-                try:
-                    sweep_once(holder.get(), owner)
-                except Exception:
-                    log.exception("sweep failed")
+                outage.run(lambda: sweep_once(holder.get(), owner))
                 if self._stop.wait(interval):
                     return
 

@@ -1,6 +1,17 @@
 """The step task: parses the message and hands it to the engine (:mod:`orchestrator.engine.attempt`).
 
 Retryable errors are mapped onto Celery's retry options here and nowhere else (:meth:`StepTask.retry`).
+
+What Celery (and so Flower, task events and their exporters) sees of each step attempt:
+
+- ``SUCCESS``: the step succeeded, was skipped (its condition, or ``upstream_failed``), waits for a human, or the
+  delivery was dropped (a duplicate, a cancelled or finished run, a stale attempt): the task did what it had to.
+- ``RETRY``: a retryable error the step's retry policy allows again, or a deferral (a shared rate limit).
+- ``FAILURE``: the step failed for good. The failure is recorded first (step record, events, our metrics), then
+  :class:`~orchestrator.errors.StepFailed` is raised: listed in ``throws``, so the worker logs one line without a
+  traceback; not in ``autoretry_for``, so it is never retried; and with ``acks_late`` the message is acknowledged
+  as any failure is (``acks_on_failure_or_timeout``), never redelivered.
+- ``REVOKED``: a running attempt interrupted by ``cancel`` (prefork terminates it).
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from orchestrator.domain import Attempt
 from orchestrator.engine.attempt import Delivery, execute_attempt
 from orchestrator.engine.items import execute_item
 from orchestrator.engine.runtime import RuntimeHolder
-from orchestrator.errors import RetryableStepError
+from orchestrator.errors import RetryableStepError, StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +37,9 @@ class StepTask(Task[Any, Any]):
     """Celery task base for steps: late acks, redelivery on worker loss, autoretry for retryable step errors."""
 
     autoretry_for = (RetryableStepError,)
+    # A step that failed for good is a failed task, expected: logged as one line, and its message acknowledged.
+    throws = (StepFailed,)
+    acks_on_failure_or_timeout = True
     # The step's own RetryPolicy decides how often (the engine); Celery must not stop earlier.
     max_retries = None
     acks_late = True
@@ -55,8 +69,9 @@ def register_tasks(app: Celery, runtime: RuntimeHolder) -> Task[Any, Any]:
             log.error("rejecting malformed step message %s: %s", self.request.id, exc)
             raise Reject(f"malformed step message: {exc}", requeue=False) from None
         attempt = Attempt(run_id, step, generation, str(self.request.id), index)
-        execute = execute_attempt if index is None else execute_item
-        return execute(runtime.get(), attempt, definition_hash, _delivery(self.request))
+        if index is not None:
+            return execute_item(runtime.get(), attempt, definition_hash, _delivery(self.request))
+        return execute_attempt(runtime.get(), attempt, definition_hash, _delivery(self.request), raise_failure=True)
 
     return run_step
 

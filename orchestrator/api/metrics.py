@@ -3,7 +3,9 @@
 Requests are counted by route template, never by raw path, so run ids do not explode the label space; a method
 outside the standard ones is counted as ``OTHER``, since a client may send any token there. The same
 registry also carries the cluster gauges (queue depth, runs in flight; :mod:`orchestrator.telemetry.cluster`), read
-from Redis at scrape time. Step and LLM metrics come from the workers' own endpoints (``ORCH_METRICS_PORT``).
+from Redis at scrape time; the API is where they come from. Step and LLM metrics come from the workers' own endpoints
+(``ORCH_METRICS_PORT``). As there, a counter series new since the last scrape reads 0 once
+(:mod:`orchestrator.telemetry.exposition`), so the first 500 of a route is counted by ``increase()``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.cluster import ClusterCollector
+from orchestrator.telemetry.exposition import serving
 
 # RFC 9110's methods plus PATCH; HTTP servers pass any other token through, and each would be a new series.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
@@ -52,6 +55,7 @@ class ApiMetrics:
             self.stream_clients.labels(kind)
             self.stream_drops.labels(kind)
         self._cluster: ClusterCollector | None = None
+        self._served = serving(self.registry)
         self._cluster_lock = threading.Lock()
 
     def watch_cluster(self, settings: Settings) -> None:
@@ -63,7 +67,7 @@ class ApiMetrics:
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric (the cluster gauges read Redis now)."""
-        return generate_latest(self.registry)
+        return generate_latest(self._served)
 
 
 class RequestMetricsMiddleware:

@@ -1,7 +1,8 @@
 """Run events as Server-Sent Events: ``GET /runs/{id}/events``.
 
 Each event is framed as ``id: SEQ`` / ``event: TYPE`` / ``data: JSON``; a reconnecting client sends the last ``seq``
-it got as ``Last-Event-ID`` (browsers do this by themselves) or ``?after=``, and misses and repeats nothing. The
+it got as ``Last-Event-ID`` (browsers do this by themselves) or ``?after=``, and misses and repeats nothing. A
+streaming step's ``llm_delta`` and ``llm_reset`` come without ``id:``; on every connect the text so far comes first. The
 stream ends after the run's final event; a client asking for more of a run that has ended gets 204, which tells
 browsers to stop reconnecting.
 """
@@ -24,6 +25,7 @@ from orchestrator.api.deps import StreamReader
 from orchestrator.api.routes_runs import RunId
 from orchestrator.api.schemas import Problem
 from orchestrator.api.streams import follow, nothing_more, run_exists
+from orchestrator.engine.deltas import Delta
 from orchestrator.engine.events import Event
 from orchestrator.errors import RunNotFoundError
 
@@ -34,9 +36,15 @@ router = APIRouter(tags=["events"])
 SEPARATOR = "\n"
 
 
-def sse_frame(event: Event) -> ServerSentEvent:
-    """The SSE frame of ``event``: its ``seq`` as ``id``, its type as ``event``, its JSON as ``data``."""
+def sse_frame(event: Event | Delta) -> ServerSentEvent:
+    """The SSE frame of ``event``: its ``seq`` as ``id``, its type as ``event``, its JSON as ``data``.
+
+    A delta (``llm_delta``, ``llm_reset``) has no ``id:``: it is not in the run's durable numbering, so the client's
+    ``Last-Event-ID`` stays the last step event's.
+    """
     data = json.dumps(event.to_json(), separators=(",", ":"))
+    if isinstance(event, Delta):
+        return ServerSentEvent(data=data, event=event.type, sep=SEPARATOR)
     return ServerSentEvent(data=data, event=event.type, id=str(event.seq), sep=SEPARATOR)
 
 

@@ -24,7 +24,9 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from orchestrator.api.deltas import DeltaFeed, texts_so_far
 from orchestrator.domain import RunStatus
+from orchestrator.engine.deltas import Delta, DeltaFilter
 from orchestrator.engine.events import Event, EventType, ProgressListener, deliver
 from orchestrator.state import keys
 
@@ -49,7 +51,7 @@ def _event(run_id: str, entry_id: Any, fields: Any) -> Event:
 
 
 class Subscription(ProgressListener):
-    """One client's queue of live events, at most ``limit`` long; overflowing drops the client.
+    """One client's queue of live events and deltas, at most ``limit`` long; overflowing drops the client.
 
     Attributes:
         position: The hub's last delivered ``seq`` when this subscribed: everything after it arrives here.
@@ -62,10 +64,14 @@ class Subscription(ProgressListener):
         self.dropped = False
         self.closed = False
         self._limit = limit
-        self._events: deque[Event] = deque()
+        self._events: deque[Event | Delta] = deque()
         self._ready = asyncio.Event()
 
-    def on_event(self, event: Event) -> None:
+    def on_delta(self, delta: Delta) -> None:
+        """Queue ``delta`` as an event is queued (:func:`follow` tells them apart)."""
+        self.on_event(delta)
+
+    def on_event(self, event: Event | Delta) -> None:
         """Queue ``event``; a full queue drops the client instead of waiting for it."""
         if self.closed:
             return
@@ -87,8 +93,8 @@ class Subscription(ProgressListener):
         """Events queued and not taken yet."""
         return len(self._events)
 
-    async def next(self) -> Event | None:
-        """The next queued event, waiting for one; ``None`` once closed and drained."""
+    async def next(self) -> Event | Delta | None:
+        """The next queued event or delta, waiting for one; ``None`` once closed and drained."""
         while True:
             if self._events:
                 return self._events.popleft()
@@ -118,10 +124,23 @@ class RunHub:
         self._shared: dict[type[ProgressListener], ProgressListener] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._deltas = DeltaFeed(redis, run_id, self._deliver_delta)
 
-    def start(self) -> None:
-        """Start reading (in a task of the running loop)."""
+    async def start(self) -> None:
+        """Subscribe to the run's deltas, then start reading its events (in a task of the running loop).
+
+        Raises:
+            redis.RedisError: Redis does not answer.
+        """
+        await self._deltas.start()
         self._task = asyncio.get_running_loop().create_task(self._read(), name=f"event-hub-{self.run_id}")
+
+    def _deliver_delta(self, delta: Delta) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener.on_delta(delta)
+            except Exception:
+                log.exception("listener %r failed on a delta of run %s", listener, self.run_id)
 
     def subscribe(self, limit: int) -> Subscription:
         """A new client queue receiving every event after the hub's current position."""
@@ -147,6 +166,7 @@ class RunHub:
     async def stop(self) -> None:
         """Stop reading and close every subscription."""
         self._stopped = True
+        await self._deltas.stop()
         if self._task is not None:
             # redis.asyncio can swallow a cancel that lands while a command is being sent (the command then runs to
             # its end): the flag stops the loop after that XREAD at the latest.
@@ -224,7 +244,7 @@ class EventHubs:
                 hub = RunHub(
                     self.redis, run_id, await last_seq(self.redis, run_id), block_ms=self._block_ms, batch=self._batch
                 )
-                hub.start()
+                await hub.start()
                 self._hubs[run_id] = hub
                 self._on_change(len(self._hubs))
             hub.clients += 1
@@ -276,8 +296,13 @@ async def nothing_more(redis: aioredis.Redis, run_id: str, after: int) -> bool:
     return await run_finished(redis, run_id) and await last_seq(redis, run_id) <= after
 
 
-async def follow(redis: aioredis.Redis, run_id: str, after: int, subscription: Subscription) -> AsyncIterator[Event]:
+async def follow(
+    redis: aioredis.Redis, run_id: str, after: int, subscription: Subscription
+) -> AsyncIterator[Event | Delta]:
     """One client's events after ``after``, gapless and in order: replay from the stream, then live from the hub.
+
+    Between the replay and the live events come the deltas: the text so far of every attempt streaming now, then
+    live deltas, each cut to what the client does not have yet.
 
     Ends after the run's final event (when nothing newer is queued), or when the subscription closes; the caller
     reads ``subscription.dropped`` to tell a slow client to reconnect.
@@ -293,12 +318,22 @@ async def follow(redis: aioredis.Redis, run_id: str, after: int, subscription: S
             last, ended = event.seq, ends_run(event)
     if ended is None:
         ended = await run_finished(redis, run_id)
+    received = DeltaFilter()
+    if not ended:
+        for delta in await texts_so_far(redis, run_id):
+            received.sent(delta)
+            yield delta
     while True:
         if ended and not subscription.pending:
             return
         live = await subscription.next()
         if live is None:
             return
+        if isinstance(live, Delta):
+            needed = received.cut(live)
+            if needed is not None:
+                yield needed
+            continue
         if live.seq <= last:
             continue
         yield live

@@ -1,5 +1,8 @@
 """Run events over WebSocket: ``/runs/{id}/ws?after=SEQ`` sends each event as JSON text, in order.
 
+A streaming step's deltas come as the SSE ``data`` JSON plus ``type`` (``llm_delta`` / ``llm_reset``); they have no
+``seq``, and on every connect the text so far comes first.
+
 The run's hub delivers every event to one :class:`WebSocketProgressListener`, which queues it for each WebSocket
 client of that run; each client's connection drains its own queue. A client whose queue overflows is closed with
 code 1013 ("try again later") and reconnects with ``?after=`` the last ``seq`` it got; one whose socket fails is
@@ -12,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
@@ -22,6 +25,7 @@ from starlette.websockets import WebSocketState
 from orchestrator.api.auth import AuthError, Scope, bearer_token
 from orchestrator.api.context import ApiContext, api_context
 from orchestrator.api.streams import RunHub, Subscription, follow, nothing_more, run_exists
+from orchestrator.engine.deltas import Delta
 from orchestrator.engine.events import Event, ProgressListener
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,11 @@ class WebSocketProgressListener(ProgressListener):
         for client in list(self._clients.values()):
             client.on_event(event)
 
+    def on_delta(self, delta: Delta) -> None:
+        """Queue ``delta`` for every client, as an event."""
+        for client in list(self._clients.values()):
+            client.on_delta(delta)
+
     async def serve(self, websocket: WebSocket, after: int) -> int:
         """Send the run's events after ``after`` to an accepted ``websocket``, replaying first, then live.
 
@@ -92,8 +101,13 @@ class WebSocketProgressListener(ProgressListener):
     async def _send(self, websocket: WebSocket, after: int, subscription: Subscription) -> bool:
         """Send until the stream ends; ``True`` when it ended with the run rather than by closing."""
         async for event in follow(self.hub.redis, self.hub.run_id, after, subscription):
-            await websocket.send_text(json.dumps(event.to_json(), separators=(",", ":")))
+            await websocket.send_text(json.dumps(_message(event), separators=(",", ":")))
         return not subscription.closed
+
+
+def _message(event: Event | Delta) -> dict[str, Any]:
+    # A delta's JSON is the SSE data; a WebSocket has no ``event:`` line, so its type goes in the object.
+    return {"type": event.type, **event.to_json()} if isinstance(event, Delta) else event.to_json()
 
 
 async def _until_disconnect(websocket: WebSocket) -> None:

@@ -105,8 +105,25 @@ def _check_static(compiled: Any, *, step: str, what: str) -> None:
         pass
 
 
+MAX_CONDITION_DEPTH = 200
+"""How deeply an expression may nest (operators, parentheses, attribute reads): a bound of our own, not whatever
+depth the interpreter's recursion limit (which libraries such as hypothesis raise) happens to allow."""
+
+
+def _nesting(expr: nodes.Node) -> int:
+    # Iterative, so that measuring a deep tree cannot itself run out of stack.
+    deepest, stack = 0, [(expr, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.iter_child_nodes())
+    return deepest
+
+
 @lru_cache(maxsize=1024)
 def _compile(source: str) -> Any:
+    if _nesting(_parse(source)) > MAX_CONDITION_DEPTH:
+        raise RecursionError("the expression nests too deeply")
     return _ENV.compile_expression(source, undefined_to_none=False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -11,6 +12,9 @@ from jsonschema import ValidationError
 from orchestrator.definition.jsonschemas import SchemaError, schema_errors
 from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.errors import InputValidationError
+
+_MAX_SHOWN = 80
+"""An unknown key longer than this is cut in the message and not compared with the declared ones."""
 
 
 def input_schema(spec: WorkflowSpec) -> dict[str, Any]:
@@ -40,16 +44,36 @@ def validate_inputs(spec: WorkflowSpec, inputs: Mapping[str, Any], *, max_bytes:
         raise InputValidationError("inputs are nested too deeply") from None
     if size > max_bytes:
         raise InputValidationError(f"inputs are {size} bytes; the limit is {max_bytes}")
+    _refuse_unknown(spec, inputs)
     filled = {key: schema["default"] for key, schema in spec.inputs.items() if "default" in schema}
     filled.update(inputs)
     first = _first_error(spec, filled)
     if first is not None:
         where, error = first
-        message = error.message
-        if error.validator == "additionalProperties" and not where:
-            message = f"{message} (the workflow declares: {', '.join(sorted(spec.inputs)) or 'no inputs'})"
-        raise InputValidationError(f"input {where!r}: {message}" if where else f"inputs: {message}")
+        raise InputValidationError(f"input {where!r}: {error.message}" if where else f"inputs: {error.message}")
     return filled
+
+
+def _refuse_unknown(spec: WorkflowSpec, inputs: Mapping[str, Any]) -> None:
+    """Refuse an input the workflow does not declare, before a missing one is reported: a misspelled key is both,
+    and only its name says which it was.
+
+    Raises:
+        InputValidationError: Naming the first unknown key (by name), the declared key it is closest to, and the
+            declared ones.
+    """
+    unknown = sorted(str(key) for key in inputs if key not in spec.inputs)
+    if not unknown:
+        return
+    key = unknown[0]
+    shown = key if len(key) <= _MAX_SHOWN else key[:_MAX_SHOWN] + "…"
+    close = difflib.get_close_matches(key, spec.inputs, n=1) if len(key) <= _MAX_SHOWN else []
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    more = f" ({len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""
+    declared = ", ".join(sorted(spec.inputs)) or "no inputs"
+    raise InputValidationError(
+        f"input {shown!r} is not an input of workflow {spec.name!r}{hint}{more} (the workflow declares: {declared})"
+    )
 
 
 def _first_error(spec: WorkflowSpec, filled: Mapping[str, Any]) -> tuple[str, ValidationError] | None:

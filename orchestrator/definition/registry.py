@@ -7,10 +7,11 @@ file can only run code a worker deliberately exposed (never an arbitrary import 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from orchestrator.definition.spec import PythonParams, WorkflowSpec
+from orchestrator.definition.modules import unregistered, unregistered_error
+from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.errors import UnknownWorkflowError, WorkflowDefinitionError
 
 StepFunction = Callable[..., Any]
@@ -59,6 +60,9 @@ class FunctionRegistry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._functions
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._functions)
 
 
 def _origin(fn: StepFunction) -> tuple[str, str]:
@@ -128,19 +132,15 @@ def function(name: str | None = None) -> Callable[[F], F]:
 
 
 def check_functions(spec: WorkflowSpec, registry: FunctionRegistry | None = None) -> None:
-    """Check that every ``python`` step names a registered function.
+    """Check that every function ``spec`` names (``python`` steps', ``condition_function``) is registered.
 
     Raises:
-        WorkflowDefinitionError: Naming the step and the missing function.
+        WorkflowDefinitionError: Naming the step, the missing function and, where it can tell, the module to list
+            in ``ORCH_IMPORTS``.
     """
     registry = registry or functions
-    for step in spec.steps:
-        if isinstance(step.params, PythonParams) and step.params.function not in registry:
-            raise WorkflowDefinitionError(
-                f"step {step.name!r}: no registered function {step.params.function!r} "
-                "(register it with @orchestrator.function and list its module in ORCH_IMPORTS)",
-                step=step.name,
-            )
+    for step, kind, name in unregistered(spec, registry):
+        raise unregistered_error(step, kind, name, registry)
 
 
 def import_modules(modules: Iterable[str]) -> None:

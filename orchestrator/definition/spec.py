@@ -14,10 +14,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.definition.agent import AgentParams
 from orchestrator.definition.dag import Graph, find_cycle
 from orchestrator.definition.jsonschemas import SchemaError, check_schema
 from orchestrator.definition.mapping import MAX_PARALLEL_LIMIT, check_map_shape
 from orchestrator.definition.repeat import RepeatSpec
+from orchestrator.definition.subflow import WorkflowParams
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
 
 STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
@@ -58,6 +60,8 @@ class StepKind(StrEnum):
     PYTHON = "python"
     NOOP = "noop"
     APPROVAL = "approval"
+    AGENT = "agent"
+    WORKFLOW = "workflow"
 
 
 class TriggerRule(StrEnum):
@@ -115,6 +119,8 @@ class SimulateSpec(_Frozen):
     errors: tuple[str, ...] = ()
     retry_after_s: float | None = Field(default=None, ge=0, le=3600)
     output: str | None = None
+    error_mid_stream: bool = False
+    """A streamed call's scripted error arrives after half the text (an SSE ``error`` event), not as the status."""
 
     @field_validator("errors")
     @classmethod
@@ -132,6 +138,8 @@ class LLMParams(_Frozen):
     from a stored reply instead of paid for again: ``run`` (the default: within the run, so a redelivered or resumed
     step never pays twice), ``shared`` (across runs too, opt-in), or ``off``. A step with ``cache: false`` never
     reuses a reply.
+
+    ``stream: true`` sends the text as it is generated, as ``llm_delta`` events (see :mod:`orchestrator.engine.deltas`).
     """
 
     prompt: str = Field(min_length=1, max_length=200_000)
@@ -142,6 +150,7 @@ class LLMParams(_Frozen):
     output_schema: dict[str, Any] | None = None
     simulate: SimulateSpec | None = None
     reply_cache: Literal["run", "shared", "off"] = "run"
+    stream: bool = False
 
     @field_validator("output_schema")
     @classmethod
@@ -181,12 +190,14 @@ class ApprovalParams(_Frozen):
     on_timeout: Literal["approve", "reject", "fail"] = "fail"
 
 
-StepParams = LLMParams | PythonParams | NoopParams | ApprovalParams
+StepParams = LLMParams | PythonParams | NoopParams | ApprovalParams | AgentParams | WorkflowParams
 _PARAMS_BY_KIND: dict[StepKind, type[BaseModel]] = {
     StepKind.LLM: LLMParams,
     StepKind.PYTHON: PythonParams,
     StepKind.NOOP: NoopParams,
     StepKind.APPROVAL: ApprovalParams,
+    StepKind.AGENT: AgentParams,
+    StepKind.WORKFLOW: WorkflowParams,
 }
 
 
@@ -273,9 +284,10 @@ class StepSpec(_Frozen):
 
     @model_validator(mode="after")
     def _repeatable(self) -> StepSpec:
-        if self.repeat is not None and self.uses == StepKind.APPROVAL:
-            # An approval ends its attempt to wait for a human: a loop would have to park between iterations.
-            raise ValueError("repeat is not supported on approval steps")
+        if self.repeat is not None and self.uses in {StepKind.APPROVAL, StepKind.AGENT, StepKind.WORKFLOW}:
+            # An approval and a workflow step end their attempt to wait (a human, a child run): a loop would have to
+            # park between iterations. An agent is a loop already, with its own journal.
+            raise ValueError(f"repeat is not supported on {self.uses.value} steps")
         return self
 
     @model_validator(mode="after")

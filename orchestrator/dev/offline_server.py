@@ -119,7 +119,7 @@ class OfflineAPIServer:
 
     def _answer(
         self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, dict[str, str], bytes]:
+    ) -> tuple[int, dict[str, str], bytes | Iterator[bytes]]:
         if method == "GET" and path == "/stats":
             return 200, {"content-type": "application/json"}, json.dumps(self.stats()).encode()
         with self._lock:
@@ -142,6 +142,8 @@ class OfflineAPIServer:
             digest = hashlib.sha256(body).hexdigest()
             with self._lock:
                 self.billed[digest] += 1
+        if response.headers.get("content-type") == "text/event-stream":
+            return response.status_code, dict(response.headers), response.iter_raw()  # streamed as it is made
         return response.status_code, dict(response.headers), response.content
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -170,6 +172,9 @@ class OfflineAPIServer:
                 for name, value in headers.items():
                     if name.lower() not in {"content-length", "transfer-encoding", "connection", "content-encoding"}:
                         self.send_header(name, value)
+                if not isinstance(content, bytes):
+                    self._send_stream(status, content)
+                    return
                 self.send_header("content-length", str(len(content)))
                 if status == 200 and _peer_closed(self.connection):
                     # The caller died while the reply was being made (a SIGKILLed worker): billed, never delivered.
@@ -182,6 +187,22 @@ class OfflineAPIServer:
                     self.wfile.write(content)
                     self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+                    if status == 200:
+                        with server._lock:
+                            server.undelivered += 1
+
+            def _send_stream(self, status: int, chunks: Iterator[bytes]) -> None:
+                # A streamed reply (text/event-stream) goes out chunk by chunk, as the service sends it.
+                self.send_header("transfer-encoding", "chunked")
+                try:
+                    self.end_headers()
+                    for chunk in chunks:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError, httpx2.TransportError):
                     self.close_connection = True
                     if status == 200:
                         with server._lock:

@@ -5,7 +5,8 @@ decides whether this delivery may run), decides from the claim whether to skip, 
 wait for a human, runs the step through the :class:`~orchestrator.engine.steps.StepExecutor`, and records the
 outcome, which publishes the children it released. Nothing here knows Celery: the worker's task parses the message
 and maps what this raises onto Celery's retry (:class:`~orchestrator.errors.RetryableStepError`, with ``countdown``
-set) or its own bookkeeping (:class:`~orchestrator.errors.StepDeferred`).
+set) or its own bookkeeping (:class:`~orchestrator.errors.StepDeferred`), and, asked to, raises
+:class:`~orchestrator.errors.StepFailed` once a step's final failure is recorded, so Celery marks the task failed.
 """
 
 from __future__ import annotations
@@ -17,16 +18,27 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from orchestrator import telemetry
+from orchestrator.agents.loop import run_agent
+from orchestrator.definition.agent import AgentParams
 from orchestrator.definition.mapping import is_map
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
+from orchestrator.definition.subflow import WorkflowParams
 from orchestrator.domain import Attempt, Claim, ClaimOutcome, RunStatus, StepOutcome
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, stop_run
-from orchestrator.engine.coordinator import decide_start, result_key, retry_delay, should_retry, upstream_reads
+from orchestrator.engine.coordinator import (
+    decide_start,
+    failure_summary,
+    result_key,
+    retry_delay,
+    should_retry,
+    upstream_reads,
+)
 from orchestrator.engine.mapping import map_items, start_map
 from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
 from orchestrator.engine.repeat import run_repeated
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
+from orchestrator.engine.subflow import run_workflow_step
 from orchestrator.errors import (
     DefinitionNotFoundError,
     ErrorRecord,
@@ -34,6 +46,7 @@ from orchestrator.errors import (
     RetryableStepError,
     StepDeferred,
     StepError,
+    StepFailed,
 )
 from orchestrator.llm.gateway import CallContext
 from orchestrator.telemetry import AttemptScope
@@ -52,10 +65,26 @@ class Delivery:
     due_at: float | None = None
 
 
-def execute_attempt(runtime: Runtime, attempt: Attempt, definition_hash: str, delivery: Delivery | None = None) -> str:
+def execute_attempt(
+    runtime: Runtime,
+    attempt: Attempt,
+    definition_hash: str,
+    delivery: Delivery | None = None,
+    *,
+    raise_failure: bool = False,
+) -> str:
     """Run one delivery of a step message; returns what happened, for the worker log.
 
+    Args:
+        runtime: The store, publisher, executor and settings.
+        attempt: The delivery: run, step, generation and task id.
+        definition_hash: The definition the message was sent for.
+        delivery: What the broker says about the message.
+        raise_failure: Raise :class:`StepFailed` when this attempt recorded the step's final failure, instead of
+            returning ``"failed"`` (the Celery task does, so Flower and task events show the failure).
+
     Raises:
+        StepFailed: With ``raise_failure``, after the step's final failure was recorded (nothing is left to do).
         RetryableStepError: With ``countdown`` set: the broker should deliver the message again after it.
         StepDeferred: With ``countdown``: the attempt was given back and waits that long in the broker.
         redis.exceptions.ConnectionError: Or another outage error, when Redis stayed away past the patience.
@@ -92,6 +121,7 @@ def execute_attempt(runtime: Runtime, attempt: Attempt, definition_hash: str, de
             RunStatus.TIMED_OUT,
             DEADLINE_REASON,
             generation=attempt.generation,
+            settings=runtime.settings,
         )
         return "dropped: the run is past its deadline"
     if claim.outcome != ClaimOutcome.OK:
@@ -114,9 +144,12 @@ def execute_attempt(runtime: Runtime, attempt: Attempt, definition_hash: str, de
     runtime.leases.hold(attempt)
     try:
         with telemetry.step_attempt(info) as scope:
-            return run_claimed(runtime, spec, attempt, claim, scope)
+            result = run_claimed(runtime, spec, attempt, claim, scope)
     finally:
         runtime.leases.release(attempt)
+    if raise_failure and scope.failure is not None:
+        raise StepFailed(scope.failure, step=attempt.step)
+    return result
 
 
 def _claim(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt) -> Claim:
@@ -154,6 +187,10 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
         if isinstance(step.params, ApprovalParams):
             scope.finish("waiting")
             return _wait_for_decision(runtime, step.params, attempt, ctx)
+        if isinstance(step.params, WorkflowParams):
+            waiting = run_workflow_step(runtime, step, attempt, ctx, claim)
+            scope.finish("waiting")
+            return waiting
         key = result_key(step, claim.inputs, claim.parent_output)
         if step.cache and not claim.force and claim.cache_key == key:
             # Resumed with the same definition and inputs as the result it already has: never pay for it twice.
@@ -162,6 +199,9 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
         try:
             if step.repeat is not None:
                 output = run_repeated(runtime, step, attempt, ctx, call, key=key, force=claim.force)
+            elif isinstance(step.params, AgentParams):
+                output = run_agent(runtime, step, attempt, ctx, call, key=key, force=claim.force)
+                runtime.executor.check_output(output)
             else:
                 output = runtime.executor.run(step, ctx, call)
         except runtime.interrupts:
@@ -296,6 +336,8 @@ def finish_attempt(
             )
     error = details.get("error")
     scope.finish(outcome.value if recorded else "stale", error.get("type") if error else None)
+    if recorded and outcome == StepOutcome.FAILED:
+        scope.failure = failure_summary(attempt.step, error)
     return outcome.value if recorded else "stale attempt: not recorded"
 
 

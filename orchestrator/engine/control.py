@@ -89,7 +89,15 @@ def record_outcome(
         log.info("run %s %s", attempt.run_id, result.run_status)
         store.announce(attempt.run_id, f"run_{result.run_status}", spec.name)
         trace_run_end(store, attempt.run_id)
+        _tell_parent(publisher, settings, store, attempt.run_id)
     return True
+
+
+def _tell_parent(publisher: StepPublisher, settings: Settings, store: StateStore, run_id: str) -> None:
+    """A run ended: when it is a child run (``uses: workflow``), its parent's step takes its outcome."""
+    from orchestrator.engine import subflow  # it builds on this module (record_outcome, resume_run)
+
+    subflow.child_ended(publisher, settings, store, run_id)
 
 
 def trace_run_end(store: StateStore, run_id: str) -> None:
@@ -215,9 +223,19 @@ def decide_step(
 
 
 def stop_run(
-    publisher: StepPublisher, store: StateStore, run_id: str, status: RunStatus, reason: str, *, generation: str = ""
+    publisher: StepPublisher,
+    store: StateStore,
+    run_id: str,
+    status: RunStatus,
+    reason: str,
+    *,
+    generation: str = "",
+    settings: Settings | None = None,
 ) -> StopResult:
     """Cancel or time out a run: no step starts after this returns, running ones are interrupted.
+
+    The child runs its ``workflow`` steps wait for are stopped the same way; when the run is itself a child, its
+    parent's step fails naming it (``settings`` gives that step's lease and grace; default: the defaults).
 
     Prefork workers interrupt a running step at once (revoke with terminate); on thread and gevent pools the step's
     own transitions are refused from now on, so its result is discarded and nothing after it starts.
@@ -237,6 +255,11 @@ def stop_run(
         store.announce(run_id, f"run_{status.value}", spec.name)
         trace_run_end(store, run_id)
     publisher.revoke([task for _, task in result.interrupted if task] + items)
+    if result.outcome == StopOutcome.OK:
+        from orchestrator.engine import subflow  # it builds on this module (record_outcome, resume_run)
+
+        subflow.stop_children(publisher, settings, store, fields, status)
+        subflow.child_ended(publisher, settings, store, run_id)
     return result
 
 

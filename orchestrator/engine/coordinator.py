@@ -18,6 +18,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+from orchestrator.definition.agent import AgentParams
 from orchestrator.definition.spec import LLMParams, RetryPolicy, StepKind, StepSpec, WorkflowSpec
 from orchestrator.definition.templates import referenced_steps
 from orchestrator.domain import ResumePlan, RunStatus, StepOutcome, StepStatus
@@ -60,7 +61,7 @@ def upstream_reads(spec: WorkflowSpec, step: str) -> tuple[str, ...]:
         wanted |= spec.graph.ancestors(step)
     else:
         sources = [step_spec.condition or "", repeat.until or "" if repeat else ""]
-        if isinstance(step_spec.params, LLMParams):
+        if isinstance(step_spec.params, LLMParams | AgentParams):
             sources += [step_spec.params.prompt, step_spec.params.system or ""]
         for source in sources:
             wanted |= referenced_steps(source)
@@ -96,10 +97,11 @@ def should_retry(policy: RetryPolicy, attempt: int, kind: str = "error") -> bool
 
 
 def queue_for(step: StepSpec, llm_queue: str, cpu_queue: str) -> str:
-    """LLM calls go to the I/O queue (a high-concurrency pool), everything else to the CPU queue."""
+    """LLM calls (and agents, whose turns are LLM calls) go to the I/O queue (a high-concurrency pool), everything
+    else to the CPU queue."""
     if step.queue:
         return step.queue
-    return llm_queue if step.uses == StepKind.LLM else cpu_queue
+    return llm_queue if step.uses in {StepKind.LLM, StepKind.AGENT} else cpu_queue
 
 
 def failure_summary(step: str, error: Mapping[str, object] | None) -> str:

@@ -15,9 +15,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.infra.timestamps import iso
+
+if TYPE_CHECKING:
+    from orchestrator.engine.deltas import Delta
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class EventType(StrEnum):
     ITEM_SUCCEEDED = "item_succeeded"
     ITEM_FAILED = "item_failed"
     ITEM_LOST = "item_lost"
+    AGENT_TURN = "agent_turn"
+    TOOL_CALL = "tool_call"
 
     @property
     def ends_run(self) -> bool:
@@ -148,8 +153,17 @@ class ProgressListener:
     def on_step_iteration(self, event: Event) -> None:
         """A repeated step finished an iteration (checkpointed); ``event.data`` has ``iteration`` and ``until_met``."""
 
+    def on_agent_turn(self, event: Event) -> None:
+        """An agent answered a turn: ``event.data`` has ``turn``, ``stop_reason``, ``tool_calls``, ``cached``."""
+
+    def on_tool_call(self, event: Event) -> None:
+        """An agent's tool call finished; ``event.data`` has ``turn``, ``id``, ``name`` and ``error`` (bool)."""
+
     def on_event(self, event: Event) -> None:
         """Every event, before its specific callback."""
+
+    def on_delta(self, delta: Delta) -> None:
+        """A piece of a streaming step's text (not an event: no ``seq``); only the API's stream hubs deliver these."""
 
     def on_workflow_complete(self, event: Event) -> None:
         """The run ended; ``event.type`` says how."""
@@ -170,6 +184,8 @@ _CALLBACKS = {
     EventType.STEP_CANCELLED: "on_step_cancelled",
     EventType.STEP_WAITING: "on_step_waiting",
     EventType.STEP_ITERATION: "on_step_iteration",
+    EventType.AGENT_TURN: "on_agent_turn",
+    EventType.TOOL_CALL: "on_tool_call",
     EventType.RUN_SUCCEEDED: "on_workflow_complete",
     EventType.RUN_FAILED: "on_workflow_complete",
     EventType.RUN_CANCELLED: "on_workflow_complete",

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import redis
 
-from orchestrator.errors import BrokerUnavailableError
+from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     BrokerUnavailableError,
 )
 """Redis (the state store and the broker) not answering, or still loading its data after a restart."""
+_LOGGED_AS_OUTAGE: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, StoreUnavailableError)
 
 
 def retry_through_outage(what: str, call: Callable[[], T], *, patience_s: float) -> T:
@@ -48,3 +49,53 @@ def retry_through_outage(what: str, call: Callable[[], T], *, patience_s: float)
             log.warning("%s: Redis does not answer (%s); trying again in %.1fs", what, exc, pause)
         time.sleep(pause)
         pause = min(pause * 2, 2.0)
+
+
+class OutageLog:
+    """Runs a repeated job (a sweep) and logs a Redis outage once when it starts and once when it ends.
+
+    A job repeated every few seconds while Redis is down would otherwise log the same multi-frame traceback each
+    time. Any other error is logged with its traceback every time, as before.
+
+    Args:
+        what: The job, for the log lines ("sweep").
+        logger: Where the lines go.
+        clock: Seconds, for the outage's duration.
+    """
+
+    def __init__(self, what: str, logger: logging.Logger = log, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what
+        self._log = logger
+        self._clock = clock
+        self._since: float | None = None
+
+    @property
+    def in_outage(self) -> bool:
+        """Whether the last run of the job found Redis down."""
+        return self._since is not None
+
+    def run(self, job: Callable[[], object]) -> bool:
+        """Run ``job`` once; returns whether it succeeded.
+
+        The first failure for want of Redis logs one warning; the first success after it one info line with the
+        outage's duration; the failures in between log nothing.
+        """
+        try:
+            job()
+        except _LOGGED_AS_OUTAGE as exc:
+            if self._since is None:
+                self._since = self._clock()
+                self._log.warning(
+                    "%s: Redis does not answer (%s: %s); trying again quietly until it does",
+                    self.what,
+                    type(exc).__name__,
+                    exc,
+                )
+            return False
+        except Exception:
+            self._log.exception("%s failed", self.what)
+            return False
+        if self._since is not None:
+            self._log.info("%s: Redis answers again after an outage of %.1fs", self.what, self._clock() - self._since)
+            self._since = None
+        return True

@@ -12,6 +12,7 @@ import redis
 
 from orchestrator.definition.registry import functions, import_modules
 from orchestrator.engine.backlog import broker_for
+from orchestrator.engine.deltas import RedisDeltaSink
 from orchestrator.engine.leases import LeaseKeeper
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.steps import StepExecutor
@@ -87,6 +88,8 @@ def build_runtime(
     import_modules(settings.imports)
     redis_store = store or RedisStateStore.from_url(settings.redis_url, retention_s=settings.retention_s)
     client = redis_store.client if isinstance(redis_store, RedisStateStore) else None
+    if client is not None:
+        executor_options.setdefault("deltas", RedisDeltaSink(client))
     executor = StepExecutor(
         make_gateway(settings, client),
         functions,

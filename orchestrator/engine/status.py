@@ -13,7 +13,7 @@ from typing import Any, NotRequired
 from typing_extensions import TypedDict
 
 from orchestrator.definition.mapping import is_map
-from orchestrator.definition.spec import WorkflowSpec
+from orchestrator.definition.spec import StepSpec, WorkflowSpec
 from orchestrator.domain import RunStatus, StepStatus
 from orchestrator.engine.coordinator import failure_summary
 from orchestrator.errors import ErrorRecord
@@ -68,6 +68,7 @@ class StepView(TypedDict):
         iterations: A repeated step's finished iterations (the latest checkpoint's number; 0 before the first).
         until_met: A repeated step's ``until`` held after its latest iteration.
         items: A map step's items by status, once its list is known (``total``, ``pending`` … ``cancelled``).
+        child_run_id: A ``workflow`` step's child run, once it started one.
     """
 
     status: StepStatus
@@ -89,6 +90,21 @@ class StepView(TypedDict):
     iterations: NotRequired[int]
     until_met: NotRequired[bool]
     items: NotRequired[ItemCounts]
+    child_run_id: NotRequired[str]
+
+
+class ParentView(TypedDict):
+    """Where a child run (``uses: workflow``) came from.
+
+    Attributes:
+        run_id: The parent run.
+        step: The parent's ``workflow`` step.
+        index: The map item's index when that step has ``for_each``, else ``None``.
+    """
+
+    run_id: str
+    step: str
+    index: int | None
 
 
 class BudgetView(TypedDict):
@@ -117,6 +133,7 @@ class RunView(TypedDict):
         cost: What the provider billed the run in US dollars (runs with LLM steps or a budget).
         llm_calls: Paid LLM calls (runs with LLM steps or a budget).
         budget: The run's LLM budget, when the workflow sets ``budget_usd``.
+        parent: A child run's parent run and step.
     """
 
     run_id: str
@@ -136,10 +153,20 @@ class RunView(TypedDict):
     cost: NotRequired[float]
     llm_calls: NotRequired[int]
     budget: NotRequired[BudgetView]
+    parent: NotRequired[ParentView]
 
 
 def _json(raw: str | None) -> Any:
     return json.loads(raw) if raw else None
+
+
+def _spend(step: StepSpec, output: Any) -> tuple[dict[str, Any] | None, Any]:
+    """An LLM step's usage and cost from its output (a map step's: its items' summed)."""
+    if is_map(step) and isinstance(output, list) and step.uses == "llm":
+        return _summed_usage(output)
+    if not isinstance(output, dict):
+        return None, None
+    return (output.get("usage") if step.uses == "llm" else None), output.get("cost_usd")
 
 
 def _summed_usage(outputs: list[Any]) -> tuple[dict[str, int] | None, float | None]:
@@ -162,11 +189,7 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
     for step in spec.steps:
         p = keys.step_prefix(step.name)
         output = _json(fields.get(p + "output"))
-        usage = output.get("usage") if isinstance(output, dict) and step.uses == "llm" else None
-        if is_map(step) and isinstance(output, list) and step.uses == "llm":
-            usage, output_cost = _summed_usage(output)
-        else:
-            output_cost = output.get("cost_usd") if isinstance(output, dict) else None
+        usage, output_cost = _spend(step, output)
         view: StepView = {
             "status": StepStatus(fields.get(p + "status") or StepStatus.PENDING),
             "attempts": int(fields.get(p + "attempts") or 0),
@@ -196,12 +219,13 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
             output_tokens += int(usage.get("output_tokens", 0))
             if output_cost is not None:
                 view["cost"] = round(float(output_cost), 9)
-        counts = item_counts(fields, step.name) if is_map(step) else None
-        if counts is not None:
+        if is_map(step) and (counts := item_counts(fields, step.name)) is not None:
             view["items"] = counts
         if step.repeat is not None:
             view["iterations"] = int(fields.get(p + "iterations") or 0)
             view["until_met"] = fields.get(p + "until_met") == "1"
+        if fields.get(p + "child_run_id"):
+            view["child_run_id"] = fields[p + "child_run_id"]
         if fields.get(p + "deferrals"):
             # Times the step waited for a shared LLM rate limit or cool-down (never counted as attempts).
             view["deferrals"] = int(fields[p + "deferrals"])
@@ -241,7 +265,7 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
     }
     if input_tokens or output_tokens:
         view_run["usage"] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-    if spec.budget_usd is not None or any(step.uses == "llm" for step in spec.steps):
+    if spec.budget_usd is not None or any(step.uses in {"llm", "agent"} for step in spec.steps):
         # What the provider billed this run, every attempt included (replies served from the cache cost nothing).
         view_run["cost"] = from_nano_usd(int(fields.get("llm_spent_nusd") or 0))
         view_run["llm_calls"] = int(fields.get("llm_calls") or 0)
@@ -250,6 +274,13 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
             "budget_usd": spec.budget_usd,
             "held_usd": from_nano_usd(int(fields.get("llm_held_nusd") or 0)),
             "exhausted": fields.get("budget_exhausted") == "1",
+        }
+    if fields.get("parent_run"):
+        index = fields.get("parent_index")
+        view_run["parent"] = {
+            "run_id": fields["parent_run"],
+            "step": fields.get("parent_step", ""),
+            "index": int(index) if index else None,
         }
     return view_run
 

@@ -12,6 +12,7 @@ from orchestrator.definition.conditions import evaluate_condition
 from orchestrator.definition.registry import FunctionRegistry
 from orchestrator.definition.spec import ApprovalParams, LLMParams, PythonParams, StepSpec
 from orchestrator.definition.templates import TEMPLATE_TIMEOUT_S, render
+from orchestrator.engine.deltas import AttemptStream, DeltaSink
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError, WorkflowDefinitionError
 from orchestrator.llm import LLMRequest, parse_structured, structured_output_instruction
 from orchestrator.llm.gateway import CallContext, LLMGateway
@@ -92,6 +93,7 @@ class StepExecutor:
         interrupts: Exceptions that interrupt a step from outside (Celery's soft time limit) and must reach the
             worker as they are, never be mistaken for an error of the step's own code.
         template_timeout_s: Seconds one render or condition may take (a step's ``timeout_s`` can shorten it).
+        deltas: Where a ``stream: true`` step's text goes as it is generated; ``None`` streams nothing.
     """
 
     def __init__(
@@ -104,8 +106,10 @@ class StepExecutor:
         interrupts: tuple[type[BaseException], ...] = (),
         max_prompt_bytes: int = 4 * 1024 * 1024,
         template_timeout_s: float = TEMPLATE_TIMEOUT_S,
+        deltas: DeltaSink | None = None,
     ):
         self.llm = llm
+        self.deltas = deltas
         self.template_timeout_s = template_timeout_s
         self.interrupts = interrupts
         self.functions = functions
@@ -206,41 +210,45 @@ class StepExecutor:
                 call = replace(call, reply_cache="off")
             else:
                 call = replace(call, reply_cache=step.params.reply_cache)
-            output = self._run_llm(step, step.params, ctx, call, deadline)
+            stream = self.attempt_stream(ctx) if step.params.stream else None
+            if stream is None:
+                output = self._run_llm(step, step.params, ctx, call, deadline)
+            else:
+                with stream:
+                    output = self._run_llm(step, step.params, ctx, call, deadline, stream=stream)
         elif isinstance(step.params, PythonParams):
             output = self._run_python(step.params, ctx)
         else:
             output = None
-        self._check_size(output)
+        self.check_output(output)
         return output
 
+    def attempt_stream(self, ctx: StepContext, index: int | None = None) -> AttemptStream | None:
+        """The stream an attempt's LLM calls send their text into (``None`` when this executor streams nowhere).
+
+        Pass its ``on_text`` to :meth:`LLMGateway.complete`, and call ``reset()`` before a later call of the same
+        attempt whose text replaces the earlier one's.
+        """
+        if self.deltas is None:
+            return None
+        starts_over = ctx.attempt > 1 or (ctx.iteration or 1) > 1
+        return AttemptStream(self.deltas, ctx.run_id, ctx.step, index, ctx.attempt, starts_over=starts_over)
+
     def _run_llm(
-        self, step: StepSpec, params: LLMParams, ctx: StepContext, call: CallContext, deadline: float | None
+        self,
+        step: StepSpec,
+        params: LLMParams,
+        ctx: StepContext,
+        call: CallContext,
+        deadline: float | None,
+        *,
+        stream: AttemptStream | None = None,
     ) -> dict[str, Any]:
         # Celery's soft time limit cannot interrupt a thread (LLM steps run on the threads pool), so the step's
         # timeout is one deadline for the whole attempt: rendering stops at it, each LLM call gets what is left.
         if deadline is None and step.timeout_s:
             deadline = time.monotonic() + step.timeout_s
-        variables = ctx.template_context()
-        limits: dict[str, Any] = {
-            "max_chars": self.max_prompt_bytes,
-            "timeout_s": self.template_timeout_s,
-            "deadline": deadline,
-        }
-        # Inputs and upstream outputs can make a small template render huge: refuse before paying for it.
-        try:
-            prompt = render(params.prompt, variables, **limits)
-            system = render(params.system, variables, **limits) if params.system else None
-        except NonRetryableStepError as exc:
-            if exc.kind == "prompt_too_large":
-                raise NonRetryableStepError(f"{exc} (ORCH_MAX_PROMPT_BYTES)", kind=exc.kind) from None
-            raise
-        size = len(prompt.encode()) + (len(system.encode()) if system else 0)
-        if size > self.max_prompt_bytes:
-            raise NonRetryableStepError(
-                f"the rendered prompt is {size} bytes; the limit is {self.max_prompt_bytes} (ORCH_MAX_PROMPT_BYTES)",
-                kind="prompt_too_large",
-            )
+        prompt, system = self.render_prompt(params.prompt, params.system, ctx, deadline)
         if params.output_schema is not None:
             instruction = structured_output_instruction(params.output_schema)
             system = f"{system}\n\n{instruction}" if system else instruction
@@ -254,7 +262,9 @@ class StepExecutor:
             simulate=params.simulate.model_dump(exclude_none=True) if params.simulate else None,
             timeout_s=_time_left(step, deadline) if deadline is not None else self.llm_timeout_s,
         )
-        reply = self.llm.complete(request, call)
+        # Passed only when streaming: gateways written before streaming take no ``on_text``.
+        streaming = {"on_text": stream.on_text} if stream is not None else {}
+        reply = self.llm.complete(request, call, **streaming)
         response = reply.response
         usage = {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens}
         output: dict[str, Any] = {
@@ -284,7 +294,9 @@ class StepExecutor:
                     simulate=_without_errors(request.simulate),
                     timeout_s=_time_left(step, deadline) if deadline is not None else request.timeout_s,
                 )
-                second = self.llm.complete(repair, call)
+                if stream is not None:
+                    stream.reset()
+                second = self.llm.complete(repair, call, **streaming)
                 repaired = second.response
                 usage["input_tokens"] += repaired.usage.input_tokens
                 usage["output_tokens"] += repaired.usage.output_tokens
@@ -293,6 +305,36 @@ class StepExecutor:
                 output.update(text=repaired.text, word_count=len(repaired.text.split()), repaired=True)
                 output["data"] = parse_structured(repaired.text, params.output_schema)
         return output
+
+    def render_prompt(
+        self, prompt_template: str, system_template: str | None, ctx: StepContext, deadline: float | None
+    ) -> tuple[str, str | None]:
+        """Render a prompt and system prompt within the prompt size limit and the templates' time budget.
+
+        Raises:
+            NonRetryableStepError: ``prompt_too_large``, ``template_limit`` or ``template_error``.
+        """
+        variables = ctx.template_context()
+        limits: dict[str, Any] = {
+            "max_chars": self.max_prompt_bytes,
+            "timeout_s": self.template_timeout_s,
+            "deadline": deadline,
+        }
+        # Inputs and upstream outputs can make a small template render huge: refuse before paying for it.
+        try:
+            prompt = render(prompt_template, variables, **limits)
+            system = render(system_template, variables, **limits) if system_template else None
+        except NonRetryableStepError as exc:
+            if exc.kind == "prompt_too_large":
+                raise NonRetryableStepError(f"{exc} (ORCH_MAX_PROMPT_BYTES)", kind=exc.kind) from None
+            raise
+        size = len(prompt.encode()) + (len(system.encode()) if system else 0)
+        if size > self.max_prompt_bytes:
+            raise NonRetryableStepError(
+                f"the rendered prompt is {size} bytes; the limit is {self.max_prompt_bytes} (ORCH_MAX_PROMPT_BYTES)",
+                kind="prompt_too_large",
+            )
+        return prompt, system
 
     def _run_python(self, params: PythonParams, ctx: StepContext) -> Any:
         try:
@@ -313,7 +355,12 @@ class StepExecutor:
             # A bug in user code does not get better by repeating it; raise RetryableStepError to ask for retries.
             raise NonRetryableStepError(f"{type(exc).__name__}: {exc}", kind="exception") from exc
 
-    def _check_size(self, output: Any) -> None:
+    def check_output(self, output: Any) -> None:
+        """Refuse an output that is not JSON or passes the size cap.
+
+        Raises:
+            NonRetryableStepError: ``invalid_output`` or ``output_too_large``.
+        """
         try:
             size = len(json.dumps(output, separators=(",", ":")).encode())
         except (TypeError, ValueError) as exc:

@@ -100,7 +100,13 @@ def _fire_deadlines(runtime: Runtime) -> int:
     for run_id, generation in runtime.store.due_deadlines():
         try:
             result = stop_run(
-                runtime.publisher, runtime.store, run_id, RunStatus.TIMED_OUT, DEADLINE_REASON, generation=generation
+                runtime.publisher,
+                runtime.store,
+                run_id,
+                RunStatus.TIMED_OUT,
+                DEADLINE_REASON,
+                generation=generation,
+                settings=runtime.settings,
             )
         except (RunNotFoundError, DefinitionNotFoundError):
             result = None

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 from types import FrameType
 
+from orchestrator.engine.outage import OutageLog
 from orchestrator.engine.runtime import RuntimeHolder
 from orchestrator.engine.sweep import sweep_once
 from orchestrator.infra.redis_url import require_shared_store
@@ -69,13 +70,12 @@ class SweepService:
         return actions
 
     def run(self) -> None:
-        """Sweep at once, then every interval, until :meth:`stop`; a failed sweep is logged and tried again."""
+        """Sweep at once, then every interval, until :meth:`stop`; a failed sweep is logged and tried again (a Redis
+        outage once when it starts and once when it ends)."""
         interval = self.settings.sweep_interval_s
+        outage = OutageLog("sweep", log)
         while True:
-            try:
-                self.sweep()
-            except Exception:
-                log.exception("sweep failed; trying again in %.1fs", interval)
+            outage.run(self.sweep)
             if self._stop.wait(interval):
                 return
 

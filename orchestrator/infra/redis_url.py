@@ -48,6 +48,7 @@ __all__ = [
     "blocking_pool",
     "broker_connection",
     "check_memory_url",
+    "check_url_form",
     "is_memory_url",
     "is_redis_url",
     "is_sentinel_url",
@@ -68,6 +69,15 @@ MEMORY_URL = "memory://"
 SENTINEL_TIMEOUT_S = 5.0
 """Socket timeouts towards a Sentinel: one that does not answer is skipped for the next after this long."""
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_REDIS_FORMS = (
+    "redis://[:PASSWORD@]HOST:6379/DB, rediss:// (TLS), unix:///PATH/redis.sock, "
+    "redis+sentinel://HOST:26379/MASTER_NAME, rediss+sentinel://"
+)
+_FORMS = {
+    "REDIS_URL": f"{_REDIS_FORMS}, memory:// (one process)",
+    "ORCH_BROKER_URL": f"amqp://USER:PASSWORD@HOST:5672// (RabbitMQ), amqps://, {_REDIS_FORMS}, or a kombu transport",
+}
 _EXAMPLE = "redis+sentinel://[:PASSWORD@]HOST:26379[,HOST:26379]/MASTER_NAME[/DB]"
 _SSL_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
 _AUTH_OPTIONS = ("sentinel_username", "sentinel_password")
@@ -141,6 +151,43 @@ def check_memory_url(url: str) -> None:
     stripped = url.strip()
     if urlsplit(stripped).scheme.lower() == "memory" and not is_memory_url(stripped):
         raise RedisUrlError(f"REDIS_URL={stripped!r}: the single-process backend is exactly {MEMORY_URL!r}")
+
+
+def check_url_form(url: str, variable: str) -> None:
+    """Refuse a ``REDIS_URL`` or ``ORCH_BROKER_URL`` whose scheme is missing or unknown, in one line.
+
+    ``REDIS_URL`` takes the Redis forms and ``memory://``; ``ORCH_BROKER_URL`` takes any broker kombu has a transport
+    for (each URL of a ``;``-separated failover list). Without this check redis-py fails at the first connection
+    deep in a traceback, and kombu reads ``HOST:PORT`` as an AMQP host name.
+
+    Args:
+        url: The URL as given.
+        variable: ``REDIS_URL`` or ``ORCH_BROKER_URL``, for the message.
+
+    Raises:
+        RedisUrlError: Naming the URL (its password hidden) and the forms accepted.
+    """
+    broker = variable != "REDIS_URL"
+    for part in url.split(";") if broker else [url]:
+        match = _SCHEME.match(part.strip())
+        scheme = match.group(1).lower() if match else None
+        if scheme in REDIS_SCHEMES - {"sentinel"} or (scheme == "memory" and not broker):
+            continue
+        if broker and scheme is not None and _kombu_transport(scheme):
+            continue
+        # A scheme-less URL is redacted as if it had one, so a ``:PASSWORD@`` in it is hidden too.
+        shown = redact_url(part.strip()) if scheme else redact_url(f"x://{part.strip()}")[4:]
+        forms = _FORMS["ORCH_BROKER_URL" if broker else "REDIS_URL"]
+        if scheme is None:
+            hint = f" (redis://{shown}?)" if not broker and re.fullmatch(r"[\w.-]+(:\d+)?(/\d+)?", shown) else ""
+            raise RedisUrlError(f"{variable}={shown!r} has no scheme{hint}; accepted: {forms}")
+        raise RedisUrlError(f"{variable}={shown!r}: unknown scheme {scheme}://; accepted: {forms}")
+
+
+def _kombu_transport(scheme: str) -> bool:
+    from kombu.transport import TRANSPORT_ALIASES
+
+    return scheme in TRANSPORT_ALIASES and scheme != "memory"
 
 
 def require_shared_store(url: str, what: str) -> None:

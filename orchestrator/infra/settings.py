@@ -9,7 +9,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from orchestrator.infra.redis_url import check_memory_url, is_memory_url, is_sentinel_url, parse_sentinel_url
+from orchestrator.infra.redis_url import (
+    check_memory_url,
+    check_url_form,
+    is_memory_url,
+    is_sentinel_url,
+    parse_sentinel_url,
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -30,9 +36,12 @@ class Settings:
             ``redis+sentinel://HOST:26379[,HOST:26379]/MASTER_NAME[/DB]`` finds the master through Sentinel
             (the form is in ``orchestrator.infra.redis_url``). ``memory://`` runs everything in one process: state in
             its memory, steps on its own threads (``inprocess_threads``); for quick local runs, notebooks and tests,
-            refused by workers, the API server and the sweeper service (see the architecture page).
+            refused by workers, the API server and the sweeper service (see the architecture page). A URL without
+            one of ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``, ``rediss+sentinel://``,
+            ``memory://`` is refused at start in one line naming the accepted forms.
         broker_url: ``ORCH_BROKER_URL``: a different broker (e.g. RabbitMQ, or Redis through Sentinel), defaults to
-            ``redis_url``.
+            ``redis_url``. Takes the Redis forms (not ``memory://``), ``amqp://``, ``amqps://`` and kombu's other
+            transports; a URL without a known scheme is refused at start.
         anthropic_api_key: ``ANTHROPIC_API_KEY``; when absent LLM steps use the offline provider.
         anthropic_base_url: ``ANTHROPIC_BASE_URL``: another Messages API endpoint.
         imports: ``ORCH_IMPORTS``: comma-separated modules defining workflows and functions, imported by
@@ -52,6 +61,8 @@ class Settings:
         max_prompt_bytes: ``ORCH_MAX_PROMPT_BYTES``: cap on an ``llm`` step's rendered prompt and system prompt
             together (UTF-8); a larger one fails the step (``prompt_too_large``) before any LLM call.
         max_steps: ``ORCH_MAX_STEPS``: cap on steps per workflow.
+        max_subflow_depth: ``ORCH_MAX_SUBFLOW_DEPTH``: how deep runs may nest through ``uses: workflow`` steps (a
+            top-level run is depth 1); deeper trees are refused at submit, and a child past it fails its step.
         template_timeout_s: ``ORCH_TEMPLATE_TIMEOUT_S``: seconds one prompt render or condition may run (a step's
             ``timeout_s`` can shorten it); past it the step fails as ``template_limit``.
         retry_cap_s: ``ORCH_RETRY_CAP_S``: no retry waits longer, whatever ``retry-after`` says.
@@ -69,6 +80,9 @@ class Settings:
         metrics_max_series: ``ORCH_METRICS_MAX_SERIES``: distinct ``(workflow, step)`` and ``(workflow, model)``
             label pairs each worker process reports by name; later ones go under ``workflow="_other"`` (names come
             from submitted definitions, so they are bounded here).
+        metrics_cluster: ``ORCH_METRICS_CLUSTER``: the worker's endpoint also exports the cluster gauges (queue
+            depth, runs in flight), which otherwise only the API's ``/metrics`` does; for a deployment without the
+            API, set it on one worker only, or every worker reports the same cluster and a sum counts it many times.
         log_format: ``ORCH_LOG_FORMAT``: ``json`` (one JSON object a line), ``text``, or ``auto``: text when
             the log goes to a terminal, JSON otherwise (files, containers, pipes).
         log_level: ``ORCH_LOG_LEVEL``: ``DEBUG``, ``INFO`` …; default: the worker's ``--loglevel``, ``INFO``
@@ -102,6 +116,7 @@ class Settings:
     max_output_bytes: int = 1024 * 1024
     max_prompt_bytes: int = 4 * 1024 * 1024
     max_steps: int = 2000
+    max_subflow_depth: int = 5
     template_timeout_s: float = 5.0
     retry_cap_s: float = 300.0
     llm_timeout_s: float = 120.0
@@ -113,6 +128,7 @@ class Settings:
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
     metrics_max_series: int = 2000
+    metrics_cluster: bool = False
     log_format: str = "auto"
     log_level: str | None = None
     llm_shared_cooldown: bool = True
@@ -123,11 +139,15 @@ class Settings:
     redis_url_explicit: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
-        # A typo in a Sentinel URL fails at start with its cause, not at the first connection.
+        # A URL without a scheme, or a typo in a Sentinel URL, fails at start with its cause, not at the first
+        # connection (deep in a traceback) or, for the broker, as an AMQP host name that does not resolve.
+        check_memory_url(self.redis_url)
+        check_url_form(self.redis_url, "REDIS_URL")
+        if self.broker_url is not None:
+            check_url_form(self.broker_url, "ORCH_BROKER_URL")
         for url in (self.redis_url, self.broker_url):
             if url is not None and is_sentinel_url(url):
                 parse_sentinel_url(url)
-        check_memory_url(self.redis_url)
         if is_memory_url(self.redis_url) and self.broker_url is not None:
             raise ValueError(
                 "ORCH_BROKER_URL cannot be used with REDIS_URL=memory://: that process runs its own steps "
@@ -148,8 +168,8 @@ class Settings:
 
         Raises:
             ValueError: A number that does not parse, an unknown ``ORCH_PRIORITIES``, an ``ORCH_METRICS_MAX_SERIES``
-                or ``ORCH_INPROCESS_THREADS`` below 1, ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a
-                malformed Sentinel or ``memory:`` URL (``RedisUrlError``).
+                or ``ORCH_INPROCESS_THREADS`` below 1, ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a URL
+                without a scheme, with an unknown one, or a malformed Sentinel or ``memory:`` URL (``RedisUrlError``).
         """
         env = os.environ if environ is None else environ
         names = {
@@ -168,6 +188,7 @@ class Settings:
             "max_output_bytes": "ORCH_MAX_OUTPUT_BYTES",
             "max_prompt_bytes": "ORCH_MAX_PROMPT_BYTES",
             "max_steps": "ORCH_MAX_STEPS",
+            "max_subflow_depth": "ORCH_MAX_SUBFLOW_DEPTH",
             "template_timeout_s": "ORCH_TEMPLATE_TIMEOUT_S",
             "retry_cap_s": "ORCH_RETRY_CAP_S",
             "llm_timeout_s": "ORCH_LLM_TIMEOUT_S",
@@ -179,6 +200,7 @@ class Settings:
             "metrics_port": "ORCH_METRICS_PORT",
             "metrics_addr": "ORCH_METRICS_ADDR",
             "metrics_max_series": "ORCH_METRICS_MAX_SERIES",
+            "metrics_cluster": "ORCH_METRICS_CLUSTER",
             "log_format": "ORCH_LOG_FORMAT",
             "log_level": "ORCH_LOG_LEVEL",
             "llm_shared_cooldown": "ORCH_LLM_SHARED_COOLDOWN",

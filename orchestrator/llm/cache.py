@@ -27,11 +27,14 @@ def request_digest(request: LLMRequest, iteration: int | None = None) -> str:
 
     A repeated step's ``iteration`` is part of it: two iterations asking the same thing each get their own reply
     (a loop sampling until a reply passes must not be answered its first reply again), while the same iteration
-    asked again after a lost worker is answered from the cache.
+    asked again after a lost worker is answered from the cache. An agent's turn adds its conversation so far and its
+    tools: a replayed turn (the same conversation) is answered from the cache, the next one is not.
     """
     body: list[Any] = [request.model, request.system, request.prompt, request.max_tokens, request.temperature]
     if iteration is not None:
         body.append(iteration)
+    if request.messages is not None or request.tools is not None:
+        body.append({"messages": request.messages, "tools": request.tools})
     return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -83,4 +86,5 @@ def _decode(raw: Any) -> LLMResponse:
         stop_reason=data.get("stop_reason"),
         request_id=data.get("request_id"),
         extra=data.get("extra") or {},
+        content=tuple(data.get("content") or ()),
     )

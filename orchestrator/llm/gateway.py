@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from orchestrator import telemetry
 from orchestrator.errors import NonRetryableStepError, StepDeferred, StepError
-from orchestrator.llm.base import LLMClient, LLMRequest, LLMResponse
+from orchestrator.llm.base import LLMClient, LLMRequest, LLMResponse, TextCallback
 from orchestrator.llm.cache import ReplyCache, request_digest
 from orchestrator.llm.governor import RedisGovernor
 from orchestrator.llm.pricing import PriceTable, estimate_input_tokens
@@ -106,8 +106,11 @@ class LLMGateway:
         self.governor = governor
         self.cache = cache
 
-    def complete(self, request: LLMRequest, ctx: CallContext) -> GatewayReply:
-        """Answer ``request`` for ``ctx``'s run.
+    def complete(self, request: LLMRequest, ctx: CallContext, on_text: TextCallback | None = None) -> GatewayReply:
+        """Answer ``request`` for ``ctx``'s run; with ``on_text``, stream the reply's text into it as it arrives.
+
+        A stored reply is streamed as one piece (its whole text), so the pieces always concatenate to the reply's
+        text; limits, budget and cost are the same for a streamed call (usage comes from the final message).
 
         Raises:
             StepDeferred: The model is cooling down or at its rate limit; the step should wait ``countdown``.
@@ -125,8 +128,10 @@ class LLMGateway:
                         ctx.workflow, request.model, usage.input_tokens, usage.output_tokens, 0.0, cached=True
                     )
                 )
+                if on_text is not None and stored.text:
+                    on_text(stored.text)
                 return GatewayReply(stored, 0.0, cached=True)
-        estimated_input = estimate_input_tokens(request.prompt, request.system)
+        estimated_input = estimate_input_tokens(request.input_text, request.system)
         tokens = estimated_input + request.max_tokens
         worst_case = self.prices.worst_case(request.model, estimated_input, request.max_tokens)
         if self.governor is not None:
@@ -138,7 +143,10 @@ class LLMGateway:
         cooldown = 0.0
         response: LLMResponse | None = None
         try:
-            response = self.client.complete(request)
+            # Clients written before streaming take no ``on_text``: pass it only when streaming.
+            response = (
+                self.client.complete(request) if on_text is None else self.client.complete(request, on_text=on_text)
+            )
             billed = True
             counts = response.usage.as_dict()
             used = sum(counts.values())
@@ -176,7 +184,8 @@ class LLMGateway:
         )
         if admission.outcome == "budget_exceeded":
             raise NonRetryableStepError(
-                f"the run's LLM budget of ${ctx.budget_usd:.4f} is spent: ${admission.spent_usd:.4f} spent or held, "
+                f"the run's LLM budget of {_dollars(ctx.budget_usd)} is spent: "
+                f"${admission.spent_usd:.4f} spent or held, "
                 f"and this call to {request.model} could cost up to ${worst_case:.4f}",
                 kind="budget_exceeded",
             )
@@ -260,3 +269,8 @@ class LLMGateway:
                 response_model=response.model if response is not None else None,
             )
         )
+
+
+def _dollars(budget_usd: float | None) -> str:
+    # A child run without a budget of its own is capped by what its parent had left (budget_cap_nusd).
+    return f"${budget_usd:.4f}" if budget_usd is not None else "its parent run (what it had left)"

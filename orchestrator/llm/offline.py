@@ -15,6 +15,12 @@ the ``x-orch-simulate`` header, with the attempt number in ``x-orch-attempt``) s
   rather than after a real timeout) and ``invalid_json`` (a structured-output request gets a reply that is not JSON).
 - ``retry_after_s``: the ``retry-after`` value sent with ``rate_limit`` (default 1).
 - ``output``: a fixed reply text.
+- ``error_mid_stream``: a streamed call's scripted error arrives after half the text, as an SSE ``error`` event
+  (``timeout`` and ``connection`` as a read failure), instead of as the response's status.
+
+A request with ``"stream": true`` (the SDK's ``messages.stream``) is answered with a real ``text/event-stream`` body:
+``message_start``, one ``content_block_delta`` per word, ``message_delta`` with the usage, ``message_stop``, the
+latency spread over the deltas, so the SDK's own stream parser runs and yields the same text as an unstreamed reply.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import hashlib
 import json
 import math
 import random
+import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
@@ -34,6 +41,7 @@ from typing import Any, Final
 import httpx2
 
 from orchestrator.llm.anthropic import ATTEMPT_HEADER, SIMULATE_HEADER, AnthropicClient
+from orchestrator.llm.offline_agent import agent_tool_uses, conversation_text
 from orchestrator.llm.structured import structured_output_instruction
 from orchestrator.llm.synthetic import compose_prose, example, prose_tokens, requested_schema
 
@@ -177,6 +185,9 @@ class _MessagesCall:
     max_tokens: int
     simulate: Mapping[str, Any]
     attempt: int
+    messages: tuple[Any, ...] = ()
+    tools: tuple[Any, ...] = ()
+    stream: bool = False
 
     @classmethod
     def from_request(cls, request: httpx2.Request) -> _MessagesCall:
@@ -194,7 +205,12 @@ class _MessagesCall:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages: at least one message is required")
-        prompt = "\n\n".join(_text_of(message.get("content")) for message in messages if isinstance(message, dict))
+        prompt = conversation_text(messages)
+        tools = body.get("tools") or []
+        if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools
+        ):
+            raise ValueError("tools: a list of {name, description, input_schema}")
         simulate_header = request.headers.get(SIMULATE_HEADER)
         try:
             simulate = json.loads(simulate_header) if simulate_header else {}
@@ -203,7 +219,9 @@ class _MessagesCall:
             raise ValueError(f"malformed {SIMULATE_HEADER} or {ATTEMPT_HEADER} header: {exc}") from exc
         if not isinstance(simulate, dict):
             raise ValueError(f"{SIMULATE_HEADER} must be a JSON object")
-        return cls(model, _text_of(body.get("system")), prompt, max_tokens, simulate, attempt)
+        system = _text_of(body.get("system"))
+        stream = body.get("stream") is True
+        return cls(model, system, prompt, max_tokens, simulate, attempt, tuple(messages), tuple(tools), stream)
 
     @property
     def digest(self) -> bytes:
@@ -224,7 +242,10 @@ class _MessagesCall:
             if read_timeout is not None and latency_s > read_timeout:
                 time.sleep(read_timeout)
                 raise httpx2.ReadTimeout("simulated latency exceeds the read timeout", request=request)
-            time.sleep(latency_s)
+        if self.stream and (scripted is None or self.simulate.get("error_mid_stream") is True):
+            # Latency is spread over the stream; a scripted error, if any, breaks it halfway.
+            return self._reply(broken_json=False, latency_s=latency_s, fail=scripted, request=request)
+        time.sleep(latency_s)
         if scripted == "timeout":
             raise httpx2.ReadTimeout("simulated timeout", request=request)
         if scripted == "connection":
@@ -251,10 +272,25 @@ class _MessagesCall:
             raise ValueError(f"simulate.retry_after_s must be a non-negative number, not {retry_after!r}")
         return min(float(latency_s), MAX_LATENCY_S), scripted, str(retry_after)
 
-    def _reply(self, *, broken_json: bool) -> httpx2.Response:
+    def _reply(
+        self,
+        *,
+        broken_json: bool,
+        latency_s: float = 0.0,
+        fail: str | None = None,
+        request: httpx2.Request | None = None,
+    ) -> httpx2.Response:
         rng = random.Random(int.from_bytes(self.digest[:8], "big"))
         schema = requested_schema(self.system)
         fixed = self.simulate.get("output")
+        try:
+            tool_uses = agent_tool_uses(self.tools, self.messages, self.simulate, self.digest) if self.tools else []
+        except ValueError as exc:
+            return _error_response(SimulatedError(400, "invalid_request_error", str(exc)), self.request_id)
+        stream: dict[str, Any] = {"latency_s": latency_s, "fail": fail, "request": request}
+        if tool_uses:
+            tokens = sum(prose_tokens(json.dumps(use["input"])) + 8 for use in tool_uses)
+            return self._message(tool_uses, "tool_use", min(tokens, self.max_tokens), **stream)
         if isinstance(fixed, str):
             text, output_tokens = fixed, prose_tokens(fixed)
         elif schema is not None:
@@ -266,20 +302,96 @@ class _MessagesCall:
         else:
             text = compose_prose(rng, self.prompt, self.max_tokens)
             output_tokens = prose_tokens(text)
+        return self._message([{"type": "text", "text": text}], "end_turn", output_tokens, **stream)
+
+    def _message(
+        self,
+        content: list[dict[str, Any]],
+        stop_reason: str,
+        output_tokens: int,
+        *,
+        latency_s: float = 0.0,
+        fail: str | None = None,
+        request: httpx2.Request | None = None,
+    ) -> httpx2.Response:
         body = {
             "id": f"msg_offline_{self.digest.hex()[:24]}",
             "type": "message",
             "role": "assistant",
             "model": self.model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn",
+            "content": content,
+            "stop_reason": stop_reason,
             "stop_sequence": None,
             "usage": {
                 "input_tokens": math.ceil(len(self.system + self.prompt) / 4) + 8,
                 "output_tokens": max(1, min(output_tokens, self.max_tokens)),
             },
         }
-        return httpx2.Response(200, json=body, headers={"request-id": self.request_id})
+        if not self.stream:
+            return httpx2.Response(200, json=body, headers={"request-id": self.request_id})
+        return httpx2.Response(
+            200,
+            content=_event_stream(body, latency_s, fail, request),
+            headers={"request-id": self.request_id, "content-type": "text/event-stream", "cache-control": "no-cache"},
+        )
+
+
+def _event_stream(
+    body: dict[str, Any], latency_s: float, fail: str | None, request: httpx2.Request | None
+) -> Iterator[bytes]:
+    """The Messages API's SSE events for ``body``: one text delta per word (a tool call's input in one
+    ``input_json_delta``), ``latency_s`` spread over the deltas.
+
+    ``fail`` (a scripted error name) ends the stream halfway through its deltas: an ``error`` event, or a read failure
+    for ``timeout`` and ``connection``.
+    """
+    deltas: list[tuple[int, dict[str, Any]]] = []
+    for index, block in enumerate(body["content"]):
+        if block["type"] == "text":
+            pieces = re.findall(r"\s*\S+|\s+$", block["text"]) or [block["text"]]
+            deltas += [(index, {"type": "text_delta", "text": piece}) for piece in pieces]
+        else:
+            deltas.append((index, {"type": "input_json_delta", "partial_json": json.dumps(block.get("input", {}))}))
+    pause = latency_s / (len(deltas) + 1)
+    usage = body["usage"]
+    start = {**body, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+    yield _sse("message_start", {"type": "message_start", "message": start})
+    opened = -1
+    for number, (index, delta) in enumerate(deltas):
+        if fail is not None and number == len(deltas) // 2:
+            yield from _stream_failure(fail, request)
+            return
+        if index != opened:
+            if opened >= 0:
+                yield _sse("content_block_stop", {"type": "content_block_stop", "index": opened})
+            block = body["content"][index]
+            empty = {"type": "text", "text": ""} if block["type"] == "text" else {**block, "input": {}}
+            yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": empty})
+            opened = index
+        if pause:
+            time.sleep(pause)
+        yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+    if pause:
+        time.sleep(pause)
+    if opened >= 0:
+        yield _sse("content_block_stop", {"type": "content_block_stop", "index": opened})
+    end = {"stop_reason": body["stop_reason"], "stop_sequence": None}
+    final_usage = {"output_tokens": usage["output_tokens"]}
+    yield _sse("message_delta", {"type": "message_delta", "delta": end, "usage": final_usage})
+    yield _sse("message_stop", {"type": "message_stop"})
+
+
+def _stream_failure(fail: str, request: httpx2.Request | None) -> Iterator[bytes]:
+    if fail == "timeout":
+        raise httpx2.ReadTimeout("simulated timeout mid-stream", request=request)
+    if fail == "connection":
+        raise httpx2.RemoteProtocolError("simulated connection failure mid-stream", request=request)
+    error = SIMULATED_ERRORS.get(fail, SIMULATED_ERRORS["server_error"])
+    yield _sse("error", {"type": "error", "error": {"type": error.error_type, "message": error.message}})
+
+
+def _sse(event: str, data: Mapping[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
 
 
 def _sha256(text: str) -> str:

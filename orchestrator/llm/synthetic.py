@@ -67,13 +67,16 @@ def requested_schema(system: str) -> Any:
 
 
 def example(schema: Any, root: Any, rng: random.Random, depth: int) -> Any:
-    """A deterministic instance of a JSON Schema: all properties, 1-3 array items, first enum value, ``const``."""
+    """A deterministic instance of a JSON Schema: all properties, 1-3 array items, first enum value, ``const``,
+    the first of ``examples``."""
     if not isinstance(schema, dict) or depth > 16:
         return "value"
     if "$ref" in schema:
         return example(_resolve(schema["$ref"], root), root, rng, depth + 1)
     if "const" in schema:
         return schema["const"]
+    if isinstance(schema.get("examples"), list) and schema["examples"]:
+        return schema["examples"][0]
     if isinstance(schema.get("enum"), list) and schema["enum"]:
         return schema["enum"][0]
     for keyword in ("anyOf", "oneOf"):

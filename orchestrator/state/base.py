@@ -13,11 +13,13 @@ if TYPE_CHECKING:
 
 from orchestrator.domain import (
     Attempt,
+    ChildTotals,
     Claim,
     Decision,
     DecisionResult,
     FinishResult,
     IterationCheckpoint,
+    ParentLink,
     ReclaimedStep,
     ReleaseRules,
     ResumePlan,
@@ -26,6 +28,7 @@ from orchestrator.domain import (
     StepOutcome,
     StopResult,
 )
+from orchestrator.engine.coordinator import failure_summary
 from orchestrator.state.items import ItemStore
 
 SUMMARY_FIELDS = (
@@ -172,11 +175,12 @@ class StateStore(ItemStore, Protocol):
 
         ``error`` is also appended to the step's ``errors``. A ``failed`` or ``upstream_failed`` leaf (no children)
         counts as a failure of the run, as in Airflow (the run's state follows its leaves); the first ``failed`` step
-        is remembered as ``first_failure``. When this was the run's last step the run becomes ``failed`` (a failed
-        leaf) or ``succeeded`` and is kept for the retention period from now. The
-        attempt leaves the lease index in every case. Each released child enters it under a fresh task id
-        (``FinishResult.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish, or a
-        message lost in the broker, leaves the sweeper a step to send again.
+        is remembered as ``first_failure`` (with its summary, :func:`failure_line`), and every ``failed`` step in
+        ``failed_steps``. When this was the run's last step the run becomes ``failed`` (a failed leaf; its
+        ``run_failed`` event carries :func:`run_failed_data`) or ``succeeded`` and is kept for the retention period
+        from now. The attempt leaves the lease index in every case. Each released child enters it under a fresh task
+        id (``FinishResult.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish,
+        or a message lost in the broker, leaves the sweeper a step to send again.
 
         Returns:
             ``FinishResult(recorded=False)`` when the attempt is stale (other generation, step not running, or owned by
@@ -351,9 +355,79 @@ class StateStore(ItemStore, Protocol):
         """The step's latest checkpointed iteration, or ``None`` when it has none (or the run is gone)."""
         ...
 
+    def record_journal_entry(
+        self, attempt: Attempt, entry_id: str, entry_json: str, *, event: str = "", event_data: str = ""
+    ) -> bool:
+        """Journal an entry of a running attempt's agent step (a turn, a tool call), replacing one of the same id.
+
+        Guarded as :meth:`finish` is. With ``event``, emits it (data ``event_data``, the step's attempt number) in
+        the same transition. The journal outlives the attempt (the next one replays it) and expires with the run.
+
+        Returns:
+            ``False`` when the attempt is stale; nothing changed then.
+        """
+        ...
+
+    def link_parent(self, child_run_id: str, link: ParentLink, *, budget_cap_nusd: int | None = None) -> None:
+        """Write the child run's ``parent_run``, ``parent_step``, ``parent_index``, ``parent_gen`` and ``depth``.
+
+        ``budget_cap_nusd`` (what the parent had left, in nano-dollars) caps the child's LLM spend besides its own
+        ``budget_usd``. Writing again (a resumed parent's new generation) replaces the link.
+        """
+        ...
+
+    def wait_for_child(self, attempt: Attempt, child_run_id: str) -> bool:
+        """Park a claimed ``workflow`` step as ``waiting`` for its child run (no task, no lease), noting the child.
+
+        Emits ``step_waiting`` with data ``{"child_run_id": ID}``. Guarded as :meth:`finish` is.
+
+        Returns:
+            ``False`` when the attempt is stale; nothing changed then.
+        """
+        ...
+
+    def journal(self, run_id: str, step: str) -> dict[str, str]:
+        """Every journal entry of an agent step, by id (empty when it has none, or the run is gone)."""
+        ...
+
+    def write_note(self, run_id: str, key: str, value_json: str) -> None:
+        """Set a note on the run's blackboard (``notes.write``), kept as long as the run."""
+        ...
+
+    def read_note(self, run_id: str, key: str) -> str | None:
+        """A note's JSON (``notes.read``), or ``None`` when nobody wrote it."""
+        ...
+
+    def child_ended(
+        self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
+    ) -> bool:
+        """A child run ended: count its spend into the parent and take the waiting parent step over.
+
+        While ``child_run_id`` is the step's child, the child's ``totals`` not counted yet are added to the parent
+        run's LLM totals (once, however often the child ends). When the parent is at ``link.generation``, running,
+        and the step waits, the step becomes ``running`` under ``task_id`` with a lease of ``lease_s`` (indexed),
+        to be finished next with the child's outcome.
+
+        Returns:
+            Whether the step was taken over.
+        """
+        ...
+
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` seconds; ``False`` while anyone (``owner`` too) holds it."""
         ...
+
+
+def failure_line(step: str, outcome: StepOutcome, error: ErrorRecord | None) -> str:
+    """The one-line summary a ``failed`` outcome leaves for the run's ``run_failed`` event; '' for any other."""
+    return failure_summary(step, error) if outcome == StepOutcome.FAILED else ""
+
+
+def run_failed_data(failure: str | None, failed_steps: list[str], *, reason: str | None = None) -> str:
+    """The ``run_failed`` event's data: the status's one-line ``error``, the failed steps, a dispatch ``reason``."""
+    data: dict[str, Any] = {"reason": reason} if reason is not None else {}
+    data.update({"error": failure or "run failed", "failed_steps": failed_steps})
+    return json.dumps(data, separators=(",", ":"))
 
 
 def success_detail(output: Any) -> str:
@@ -416,3 +490,17 @@ def checkpoint_from(row: list[str | None]) -> IterationCheckpoint | None:
         key=key or "",
         generation=generation or "",
     )
+
+
+def link_fields(link: ParentLink, budget_cap_nusd: int | None) -> dict[str, str]:
+    """The child run's fields that name its parent (and cap its budget)."""
+    fields = {
+        "parent_run": link.run_id,
+        "parent_step": link.step,
+        "parent_index": "" if link.index is None else str(link.index),
+        "parent_gen": link.generation,
+        "depth": str(link.depth),
+    }
+    if budget_cap_nusd is not None:
+        fields["budget_cap_nusd"] = str(max(0, budget_cap_nusd))
+    return fields

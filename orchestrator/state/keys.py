@@ -106,6 +106,31 @@ def llm_run_cache_key(run_id: str) -> str:
     return f"{PREFIX}:{{{run_id}}}:llm"
 
 
+def agent_journal_key(run_id: str, step: str) -> str:
+    """An agent step's journal of turns and tool calls, by entry id (same slot as the run)."""
+    return f"{PREFIX}:{{{run_id}}}:agent:{step}"
+
+
+def notes_key(run_id: str) -> str:
+    """The run's notes, the blackboard its agents share (``notes.read`` / ``notes.write``; same slot as the run)."""
+    return f"{PREFIX}:{{{run_id}}}:notes"
+
+
 def llm_shared_cache_key(digest: str) -> str:
     """An LLM reply cached across runs (opt-in), by request digest."""
     return f"{PREFIX}:llmcache:{digest}"
+
+
+def deltas_channel(run_id: str) -> str:
+    """The pub/sub channel of a run's ``llm_delta`` and ``llm_reset`` events (never stored; same slot as the run)."""
+    return f"{PREFIX}:{{{run_id}}}:deltas"
+
+
+def stream_texts_key(run_id: str) -> str:
+    """The set of the run's step attempts streaming now (members ``STEP|INDEX|ATTEMPT``, INDEX ``-`` when none)."""
+    return f"{PREFIX}:{{{run_id}}}:texts"
+
+
+def stream_text_key(run_id: str, member: str) -> str:
+    """The text streamed so far by the step attempt ``member`` of :func:`stream_texts_key` names."""
+    return f"{PREFIX}:{{{run_id}}}:text:{member}"

@@ -6,10 +6,12 @@
     orchestrator_runs_in_flight{status}      pending, running and waiting runs among the newest ``run_scan`` runs
     orchestrator_cluster_scrape_ok           1 when Redis answered this scrape, else 0
 
-Both the API and every worker endpoint export them (each reads the same Redis), so dashboards take ``max`` over
-instances rather than a sum. A scrape costs three round trips: one pipeline of ``LLEN`` of each queue's priority
-lists (:func:`orchestrator.engine.priorities.redis_queue_lists`), summed; the run index's newest ids; and one
-pipeline of
+They describe the whole cluster, so one place exports them: the API's ``/metrics`` (and a worker's endpoint only
+with ``ORCH_METRICS_CLUSTER``, meant for one worker of a deployment without the API). Several API replicas each
+export the same values: the dashboard takes ``max`` over instances, which is right however many there are.
+
+A scrape costs three round trips: one pipeline of ``LLEN`` of each queue's priority lists
+(:func:`orchestrator.engine.priorities.redis_queue_lists`), summed; the run index's newest ids; and one pipeline of
 ``HGET status`` per run, so at most ``run_scan`` (default 1000) small reads. Runs are counted among the newest
 ``run_scan`` only: an older run still in flight (one waiting days for an approval behind more than ``run_scan`` newer
 runs) is not counted.

@@ -172,6 +172,13 @@ class JsonLineFormatter(JsonFormatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as one redacted JSON line."""
+        data = getattr(record, "data", None)
+        if not record.exc_info and isinstance(data, dict) and "traceback" in data:
+            # Celery logs an expected task failure (StepFailed, in ``throws``) without a traceback, yet hands the
+            # traceback along in its ``data`` extra: keep the line to what it says.
+            record = logging.makeLogRecord(
+                {**record.__dict__, "data": {k: v for k, v in data.items() if k != "traceback"}}
+            )
         return self.redactor.redact(super().format(record))
 
 

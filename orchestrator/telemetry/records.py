@@ -55,6 +55,7 @@ class AttemptScope:
         outcome: ``succeeded``, ``failed``, ``skipped``, ``retry``, ``deferred``, ``waiting`` or ``stale``.
         error_kind: The error's kind for ``failed`` and ``retry`` (``rate_limit``, ``budget_exceeded`` …).
         cost_usd: What the attempt's LLM calls cost.
+        failure: One line naming the step and its error when this attempt recorded the step's final failure.
         entered_monotonic: When the attempt's scope was entered (``time.monotonic()``), for its duration.
     """
 
@@ -62,6 +63,7 @@ class AttemptScope:
     outcome: str = "unknown"
     error_kind: str | None = None
     cost_usd: float = 0.0
+    failure: str | None = None
     entered_monotonic: float = field(default_factory=time.monotonic)
 
     def finish(self, outcome: str, error_kind: str | None = None) -> None:

@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -390,6 +391,10 @@ def test_unknown_runs_are_404_everywhere(api: httpx.Client, server: ApiServer, u
         ({"workflow": "content_pipeline", "definition": {"name": "x"}}, "give exactly one of 'workflow'"),
         ({"workflow": "content_pipeline", "inputs": []}, "inputs: Input should be a valid dictionary"),
         ({"workflow": "content_pipeline", "inputs": {"topic": 42}}, "inputs: "),
+        (
+            {"workflow": "content_pipeline", "inputs": {"topc": "x"}},
+            "inputs: input 'topc' is not an input of workflow 'content_pipeline'; did you mean 'topic'?",
+        ),
         ({"workflow": "no_such_workflow"}, "workflow: no registered workflow 'no_such_workflow'"),
         ({"workflow": "content_pipeline", "version": 0}, "version: Input should be greater than or equal to 1"),
         ({"workflow": "content_pipeline", "colour": "red"}, "colour: Extra inputs are not permitted"),
@@ -406,6 +411,25 @@ def test_a_bad_submit_is_422_with_a_message_naming_the_field(
 
     assert answer.status_code == 422, answer.text
     assert named in answer.json()["detail"]
+
+
+def test_a_definition_naming_a_module_on_the_server_s_disk_is_422_and_imports_nothing(
+    api: httpx.Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    package = f"probe_{unique}"
+    marker = tmp_path / "imported"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / package / "flows.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    step = {"name": "a", "uses": "python", "with": {"function": f"{package}.flows.run"}}
+
+    answer = api.post("/runs", json={"definition": {"name": f"probe_{unique}", "steps": [step]}})
+
+    assert answer.status_code == 422, answer.text
+    assert f"no registered function '{package}.flows.run'; set ORCH_IMPORTS={package}.flows" in answer.json()["detail"]
+    assert not marker.exists()
+    assert package not in sys.modules
 
 
 def test_malformed_json_bad_query_and_bad_headers_are_422_not_500(api: httpx.Client, unique: str) -> None:

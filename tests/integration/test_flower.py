@@ -11,13 +11,14 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import Client, Settings
 from orchestrator.dev.local_workers import REPO_ROOT, LocalWorkers
@@ -27,6 +28,7 @@ from tests.integration.helpers import llm, py, wait_for, workflow
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 DATABASE = 13
+T = TypeVar("T")
 AUTH = ("flower-user", "flower-pass-5f1c")
 
 
@@ -97,6 +99,16 @@ def flower(env: dict[str, str], workers: LocalWorkers) -> Iterator[httpx.Client]
             process.wait()
 
 
+def wait_in_flower(flower: httpx.Client, condition: Callable[[], T], what: str) -> T:
+    """``wait_for`` the condition, naming every task Flower shows when it times out."""
+    try:
+        return wait_for(condition, timeout=30, what=what)
+    except AssertionError as exc:
+        tasks = flower.get("/api/tasks", auth=AUTH).json()
+        shown = [(t.get("name"), t["state"]) for t in tasks.values()]
+        raise AssertionError(f"{exc}; Flower shows {shown}") from None
+
+
 def test_flower_api_needs_credentials_while_healthcheck_and_metrics_stay_open(flower: httpx.Client) -> None:
     assert flower.get("/api/workers").status_code == 401
     assert flower.get("/api/tasks").status_code == 401
@@ -128,10 +140,65 @@ def test_flower_shows_each_step_as_workflow_dot_step_succeeded_on_our_workers(
         done = set(mine) == expected and all(t["state"] == "SUCCESS" for t in mine.values())
         return mine if done else None
 
-    tasks = wait_for(ours, timeout=30, what="Flower to report every step as succeeded")
+    tasks = wait_in_flower(flower, ours, "Flower to report every step as succeeded")
 
     assert tasks is not None
     assert set(tasks) == expected
     for task in tasks.values():
         assert task["worker"] in workers.processes
         assert run_id in task["args"], "the step's arguments name its run"
+
+
+def test_flower_shows_a_step_that_failed_for_good_as_failure_and_a_retried_one_as_success(
+    flower: httpx.Client, client: Client, unique: str
+) -> None:
+    name = f"flower_fail_{unique}"
+    spec = workflow(
+        name,
+        llm("doomed", errors=("bad_request",)),
+        llm("flaky", errors=("server_error",), retry={"max_attempts": 3, "backoff_s": 0.05, "backoff_max_s": 0.1}),
+        llm("after", "doomed"),
+    )
+    run_id = client.submit(spec)
+    status = client.wait(run_id, timeout=60)
+    assert status["status"] == "failed"
+    assert status["steps"]["doomed"]["status"] == "failed"
+    assert status["steps"]["doomed"]["error"]["type"] == "bad_request"
+    assert status["steps"]["flaky"]["status"] == "succeeded"
+    assert status["steps"]["flaky"]["attempts"] == 2
+    assert status["steps"]["after"]["status"] == "upstream_failed"
+    assert "'doomed'" in status["error"]
+
+    def settled() -> dict[str, list[dict[str, Any]]] | None:
+        tasks = flower.get("/api/tasks", auth=AUTH).json()
+        mine: dict[str, list[dict[str, Any]]] = {}
+        for task in tasks.values():
+            if str(task.get("name", "")).startswith(f"{name}."):
+                mine.setdefault(task["name"], []).append(task)
+        final = {"SUCCESS", "FAILURE"}
+        ended = len(mine) == 3 and all(t["state"] in final for ts in mine.values() for t in ts)
+        return mine if ended else None
+
+    tasks = wait_in_flower(flower, settled, "Flower to see every step end")
+
+    assert tasks is not None
+    [doomed] = tasks[f"{name}.doomed"]
+    assert doomed["state"] == "FAILURE"
+    assert "StepFailed" in doomed["exception"]
+    assert "bad_request" in doomed["exception"]
+    # A retry keeps the task id: Flower shows the step's one task as it ended, a success.
+    assert [t["state"] for t in tasks[f"{name}.flaky"]] == ["SUCCESS"]
+    assert [t["state"] for t in tasks[f"{name}.after"]] == ["SUCCESS"]
+    failed = flower.get("/api/tasks", params={"state": "FAILURE"}, auth=AUTH).json()
+    assert {t["name"] for t in failed.values() if str(t.get("name", "")).startswith(f"{name}.")} == {f"{name}.doomed"}
+    # Flower's own metrics count the failure as a task-failed event.
+    events = [
+        s
+        for family in text_string_to_metric_families(flower.get("/metrics").text)
+        for s in family.samples
+        if s.name == "flower_events_total" and s.labels.get("task", "").startswith(f"{name}.")
+    ]
+    failed_events = {s.labels["task"]: s.value for s in events if s.labels["type"] == "task-failed"}
+    assert failed_events == {f"{name}.doomed": 1.0}
+    # Acknowledged, not redelivered: the step ran once and its record is as the worker left it.
+    assert client.status(run_id)["steps"]["doomed"]["attempts"] == 1

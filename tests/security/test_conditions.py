@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -78,3 +79,16 @@ def test_a_condition_nested_too_deeply_is_a_short_condition_error_when_evaluated
     assert refused.value.kind == "condition_error"
     assert "nests too deeply" in str(refused.value)
     assert len(str(refused.value)) < 300
+
+
+# Parentheses alone make no node: once parsed, 3,000 of them around ``1`` are just ``1``.
+@pytest.mark.parametrize("source", [source for source in DEEP if not source.startswith("(")])
+def test_nesting_is_refused_whatever_recursion_limit_the_process_runs_with(source: str) -> None:
+    # Libraries raise the limit (hypothesis does, while it runs): the bound must be ours, not the interpreter's.
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)
+    try:
+        with pytest.raises(WorkflowDefinitionError, match="nests too deeply"):
+            check_condition(source, step="gate", upstream=set())
+    finally:
+        sys.setrecursionlimit(before)

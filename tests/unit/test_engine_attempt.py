@@ -22,7 +22,7 @@ from orchestrator.engine.control import resume_run
 from orchestrator.engine.items import execute_item
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.engine.steps import StepContext
-from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepDeferred
+from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepDeferred, StepFailed
 from orchestrator.infra.settings import Settings
 from orchestrator.state import MemoryStateStore, keys
 
@@ -192,6 +192,26 @@ def test_a_non_retryable_error_fails_the_step_and_the_run_at_once() -> None:
 
     assert drive(runtime, publisher) == ["failed"]
     assert run_status(runtime, run_id) == RunStatus.FAILED
+
+
+def test_asked_to_raise_a_final_failure_the_attempt_records_it_first_then_raises_step_failed() -> None:
+    runtime, publisher = make_runtime()
+    run_id = start(
+        runtime,
+        publisher,
+        workflow({"name": "a", "uses": "llm", "with": {"prompt": "hi", "simulate": {"errors": ["bad_request"]}}}),
+    )
+    message = publisher.sent.pop(0)
+    attempt = Attempt(message.run_id, message.step, message.generation, message.task_id)
+
+    with pytest.raises(StepFailed, match=r"step 'a' failed: bad_request \(HTTP 400\)") as raised:
+        execute_attempt(runtime, attempt, message.definition_hash, raise_failure=True)
+
+    assert raised.value.step == "a"
+    assert step_status(runtime, run_id, "a") == StepStatus.FAILED
+    assert run_status(runtime, run_id) == RunStatus.FAILED
+    # A redelivery of the same message finds the step finished and raises nothing.
+    assert execute_attempt(runtime, attempt, message.definition_hash, raise_failure=True).startswith("duplicate")
 
 
 def test_a_step_out_of_attempts_gives_up_naming_the_last_error() -> None:

@@ -123,6 +123,27 @@ def test_an_unknown_input_is_named_and_the_declared_ones_listed(spec: WorkflowSp
     assert "audience, count, draft, nick, options, ratio, tags, topic" in message
 
 
+def test_a_misspelled_input_is_named_with_the_close_match_before_the_missing_one(spec: WorkflowSpec) -> None:
+    given = {k: v for k, v in valid(tpoic="typo").items() if k != "topic"}
+
+    with pytest.raises(InputValidationError) as info:
+        validate_inputs(spec, given, max_bytes=LIMIT)
+
+    assert str(info.value).startswith("input 'tpoic' is not an input of workflow 'inputs_demo'; did you mean 'topic'?")
+
+
+def test_several_unknown_inputs_name_the_first_and_count_the_others(spec: WorkflowSpec) -> None:
+    with pytest.raises(InputValidationError, match=r"^input 'aaa' is not an input .* \(2 more unknown\)"):
+        validate_inputs(spec, valid(zzz=1, aaa=2, mmm=3), max_bytes=LIMIT)
+
+
+def test_a_long_unknown_key_is_cut_in_the_message(spec: WorkflowSpec) -> None:
+    with pytest.raises(InputValidationError) as info:
+        validate_inputs(spec, valid(**{"k" * 5000: 1}), max_bytes=LIMIT)
+
+    assert len(str(info.value)) < 300
+
+
 def test_a_workflow_without_inputs_refuses_any_and_says_it_declares_none() -> None:
     bare = parse_workflow({"name": "bare", "steps": [{"name": "a", "uses": "noop"}]})
 

@@ -73,6 +73,19 @@ def test_records_inside_an_attempt_carry_run_id_step_and_attempt_and_others_do_n
     assert {"timestamp", "level", "logger", "pid", "process_name"} <= set(outside)
 
 
+def test_an_expected_task_failure_is_one_line_without_the_traceback_celery_hands_along() -> None:
+    stream = configure(level=logging.INFO)
+    trace = logging.getLogger("celery.app.trace")
+    context = {"id": "t1", "exc": "StepFailed(\"step 'a' failed: bad_request\")", "traceback": "Traceback (most..."}
+
+    trace.info("Task %(id)s raised expected: %(exc)s", context, extra={"data": context})
+
+    [line] = json_lines(stream)
+    assert line["message"] == "Task t1 raised expected: StepFailed(\"step 'a' failed: bad_request\")"
+    assert line["data"] == {"id": "t1", "exc": context["exc"]}
+    assert "Traceback" not in stream.getvalue()
+
+
 def test_the_attempt_context_belongs_to_its_own_thread() -> None:
     stream = configure()
 

@@ -14,7 +14,7 @@ from typing import Any
 import fakeredis
 import httpx
 import pytest
-from prometheus_client import values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import telemetry
@@ -22,6 +22,7 @@ from orchestrator.infra.settings import Settings
 from orchestrator.state import keys
 from orchestrator.telemetry import AttemptInfo, AttemptScope, LLMCallRecord, metrics
 from orchestrator.telemetry.cluster import ClusterCollector
+from orchestrator.telemetry.exposition import serving
 from workers.metrics import MULTIPROC_DIR_ENV, WorkerMetricsEndpoint
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -270,8 +271,20 @@ def test_the_worker_endpoint_adds_up_the_metrics_of_every_pool_process() -> None
     llm = (("model", "claude-haiku-4-5"), ("workflow", "digest"))
     assert found[("orchestrator_llm_tokens_total", (llm[0], ("token_type", "input"), llm[1]))] == 200
     assert found[("orchestrator_llm_cost_usd_total", llm)] == 1.0
-    assert found[("orchestrator_cluster_scrape_ok", ())] == 0, "no Redis here: the gauges say so"
+    assert not [name for name, _ in found if name.startswith("orchestrator_cluster")], "the API exports those"
     assert not os.path.exists(directory), "the private directory goes with the worker"
+
+
+def test_a_worker_asked_to_exports_the_cluster_gauges_too() -> None:
+    settings = replace(Settings(), metrics_port=free_port(), redis_url=closed_redis_url())
+    with_cluster = WorkerMetricsEndpoint(replace(settings, metrics_cluster=True))
+    plain = WorkerMetricsEndpoint(settings)
+    try:
+        with_cluster.prepare()
+        assert with_cluster.registry().get_sample_value("orchestrator_cluster_scrape_ok") == 0, "no Redis here"
+        assert plain.registry().get_sample_value("orchestrator_cluster_scrape_ok") is None
+    finally:
+        with_cluster.stop()
 
 
 def test_a_pool_process_forked_after_the_endpoint_started_closes_its_copy_of_the_socket() -> None:
@@ -317,3 +330,38 @@ def test_without_a_port_the_worker_stays_out_of_multiprocess_mode() -> None:
 
     assert MULTIPROC_DIR_ENV not in os.environ
     assert endpoint.port is None
+
+
+def test_a_counter_or_histogram_series_new_since_the_last_scrape_reads_zero_once_and_gauges_are_left_alone() -> None:
+    source = CollectorRegistry()
+    failures = Counter("failures", "Failures.", ["step"], registry=source)
+    latency = Histogram("latency_seconds", "Latency.", ["step"], buckets=(1.0,), registry=source)
+    depth = Gauge("depth", "Depth.", ["queue"], registry=source)
+    served = serving(source)
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = generate_latest(served).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    failures.labels("old").inc(3)
+    assert scrape()[("failures_total", (("step", "old"),))] == 3, "the first scrape shows values as they are"
+
+    failures.labels("old").inc()
+    failures.labels("new").inc()
+    latency.labels("new").observe(0.5)
+    depth.labels("cpu").set(7)
+    second = scrape()
+    assert second[("failures_total", (("step", "old"),))] == 4
+    assert second[("failures_total", (("step", "new"),))] == 0
+    assert second[("latency_seconds_count", (("step", "new"),))] == 0
+    assert second[("latency_seconds_bucket", (("le", "1.0"), ("step", "new")))] == 0
+    assert second[("depth", (("queue", "cpu"),))] == 7
+
+    third = scrape()
+    assert third[("failures_total", (("step", "new"),))] == 1
+    assert third[("latency_seconds_count", (("step", "new"),))] == 1
+    assert third[("latency_seconds_sum", (("step", "new"),))] == 0.5

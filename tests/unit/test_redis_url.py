@@ -205,7 +205,8 @@ def test_a_sentinel_broker_url_of_its_own_is_mapped_too_and_tls_goes_to_broker_u
 
 @pytest.mark.parametrize("url", ["redis://:pw@h:6379/0", "rediss://h:6380/0?ssl_cert_reqs=required", "amqp://h//"])
 def test_a_plain_broker_url_reaches_celery_unchanged(url: str) -> None:
-    config = from_settings(Settings.from_env({"REDIS_URL": url}))
+    variable = "REDIS_URL" if url.startswith("redis") else "ORCH_BROKER_URL"
+    config = from_settings(Settings.from_env({variable: url}))
 
     assert config["broker_url"] == url
     # Only the visibility timeout and kombu's pinned priority lists: no Sentinel options.

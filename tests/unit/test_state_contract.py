@@ -1460,8 +1460,54 @@ def test_failed_skipped_and_upstream_failed_steps_are_told_with_their_errors_and
     assert journal.record(lambda: run_step(backend, N_SHAPE, "c", StepOutcome.UPSTREAM_FAILED)) == [
         started("c"),
         ("step_upstream_failed", "c", 1, {}),
-        ("run_failed", None, 0, {}),
+        (
+            "run_failed",
+            None,
+            0,
+            {"error": "step 'a' failed: bad_request (HTTP 400): prompt is too long", "failed_steps": ["a"]},
+        ),
     ]
+
+
+def test_a_failed_run_s_final_event_names_every_failed_step_and_the_first_one_s_error_even_after_a_resume(
+    backend: Backend,
+) -> None:
+    first = {"type": "bad_request", "status": 400, "message": "too long", "attempt": 1}
+    second = {"type": "timeout", "status": None, "message": "took too long", "attempt": 1}
+    start(backend, N_SHAPE)
+    run_step_with_error(backend, "b", StepOutcome.FAILED, first)
+    run_step_with_error(backend, "a", StepOutcome.FAILED, second)
+    for step in "cd":
+        assert run_step(backend, N_SHAPE, step, StepOutcome.UPSTREAM_FAILED).recorded
+
+    [ended] = [e for e in backend.store.events("run1") if e.type == "run_failed"]
+    assert ended.data == {
+        "error": "step 'b' failed: bad_request (HTTP 400): too long",
+        "failed_steps": ["b", "a"],
+    }
+
+    plan = resume_plan(("a", "queued", 0), ("b", "queued", 0), ("c", "pending", 2), ("d", "pending", 1))
+    assert backend.store.resume("run1", plan).outcome == ResumeOutcome.OK
+    for step in "ab":
+        at = attempt(step, f"{step}2", generation="2")
+        assert claim(backend, N_SHAPE, at).outcome == ClaimOutcome.OK
+        assert finish(
+            backend,
+            N_SHAPE,
+            at,
+            StepOutcome.FAILED if step == "a" else StepOutcome.SUCCEEDED,
+            error=second if step == "a" else None,
+        ).recorded
+    for step in "cd":
+        at = attempt(step, f"{step}2", generation="2")
+        assert claim(backend, N_SHAPE, at).outcome == ClaimOutcome.OK
+        assert finish(backend, N_SHAPE, at, StepOutcome.UPSTREAM_FAILED).recorded
+
+    last = backend.store.events("run1")[-1]
+    assert (last.type, last.data) == (
+        "run_failed",
+        {"error": "step 'a' failed: timeout: took too long", "failed_steps": ["a"]},
+    )
 
 
 def run_step_with_error(backend: Backend, step: str, outcome: StepOutcome, error: dict[str, Any]) -> None:
@@ -1497,7 +1543,7 @@ def test_a_retry_is_told_with_its_error_and_countdown_and_the_next_attempt_count
     assert journal.record(lambda: claim(backend, SINGLE, a)) == [started("a", 2)]
     assert journal.record(lambda: finish(backend, SINGLE, a, StepOutcome.FAILED, error=final)) == [
         ("step_failed", "a", 2, final),
-        ("run_failed", None, 0, {}),
+        ("run_failed", None, 0, {"error": "step 'a' failed: rate_limit (HTTP 429): gave up", "failed_steps": ["a"]}),
     ]
 
 
@@ -1868,7 +1914,10 @@ def test_a_run_whose_dispatch_failed_ends_with_its_final_event_and_finish_time(b
     backend.store.mark_dispatch_failed("run1", "broker down")
 
     last = backend.store.events("run1")[-1]
-    assert (last.type, last.data) == ("run_failed", {"reason": "broker down"})
+    assert (last.type, last.data) == (
+        "run_failed",
+        {"reason": "broker down", "error": "broker down", "failed_steps": []},
+    )
     fields = backend.store.run_fields("run1")
     assert float(fields["finished_at"]) == pytest.approx(backend.now(), abs=POLL_MARGIN_S)
     assert fields["seq"] == str(last.seq)

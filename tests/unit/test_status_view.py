@@ -274,6 +274,7 @@ RUN_FIELDS = {
     "cost",
     "llm_calls",
     "budget",
+    "parent",
 }
 STEP_FIELDS = {
     "status",
@@ -295,6 +296,7 @@ STEP_FIELDS = {
     "iterations",
     "until_met",
     "items",
+    "child_run_id",
 }
 
 

@@ -10,7 +10,7 @@ if head[1] ~= 'running' and head[1] ~= 'waiting' and head[1] ~= 'pending' then r
 local t = redis.call('TIME')
 local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
 events_from(head[3])
-emit(run, events, now, 'run_failed', '', 0, cjson.encode({reason = message}))
+emit(run, events, now, 'run_failed', '', 0, '{"reason":' .. cjson.encode(message) .. ',"error":' .. cjson.encode(message) .. ',"failed_steps":[]}')
 redis.call('HSET', run, 'status', 'failed', 'finished_at', now, 'error', message, 'first_failure', '(dispatch)',
   'seq', _seq)
 redis.call('EXPIRE', run, retention)

@@ -2,12 +2,14 @@
 -- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the run's LLM reply cache (dropped when the run succeeds: no
 -- step will ask again; a failed run keeps it, so a resume pays for no reply twice). ARGV: step, generation, task_id,
 -- outcome, output_json ('' keeps the stored output: a cache hit), error_json, retention_s, cache_key, cached ('1' or
--- ''), success_detail_json ('' for none), rules_json ('' for none: see ReleaseRules), children...
+-- ''), success_detail_json ('' for none), rules_json ('' for none: see ReleaseRules), failure (the one-line summary
+-- of a 'failed' outcome, else ''), children...
 -- A child is released (queued) when its last parent ends, or at once when its rule fires on this outcome
 -- (rules.early); either way only while it is still "pending", so a step is queued exactly once however its parents
 -- race. A child with cancel_others released early cancels its other parents still unfinished (rules.cancel), which
 -- end for their own children as "cancelled" (rules.after). Only a failed or upstream_failed leaf (a step without
--- children) fails the run, as in Airflow: the run's state follows its leaves.
+-- children) fails the run, as in Airflow: the run's state follows its leaves. A failed run's "run_failed" event
+-- carries {"error": the first failure's summary, "failed_steps": [every step that failed, in order]}.
 -- Returns {"stale"} or {"ok", run_status_or_empty, n_released, released_child..., cancelled_step, task_id, ...}.
 local run, events = KEYS[1], KEYS[2]
 local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -47,8 +49,14 @@ end
 emit(run, events, now, 'step_' .. outcome, step, attempt, detail)
 if outcome == 'failed' or outcome == 'upstream_failed' then
   redis.call('HINCRBY', run, 'failures', 1)
-  if outcome == 'failed' then redis.call('HSETNX', run, 'first_failure', step) end
-  if #ARGV < 12 then redis.call('HINCRBY', run, 'leaf_failures', 1) end
+  if outcome == 'failed' then
+    redis.call('HSETNX', run, 'first_failure', step)
+    redis.call('HSETNX', run, 'failure', ARGV[12])
+    local failed = cjson.decode(redis.call('HGET', run, 'failed_steps') or '[]')
+    failed[#failed + 1] = step
+    redis.call('HSET', run, 'failed_steps', cjson.encode(failed))
+  end
+  if #ARGV < 13 then redis.call('HINCRBY', run, 'leaf_failures', 1) end
 end
 
 local rules = ARGV[11] ~= '' and cjson.decode(ARGV[11]) or {}
@@ -70,7 +78,7 @@ local function release(child, on, what)
   end
   return false
 end
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   local child = ARGV[i]
   if release(child, early[child], outcome) and cancel[child] and redis.call('HGET', run, 's:' .. child .. ':pending') ~= '0' then
     for _, parent in ipairs(cancel[child]) do
@@ -97,7 +105,13 @@ if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
   local failures = tonumber(redis.call('HGET', run, 'leaf_failures') or '0')
   local status = failures > 0 and 'failed' or 'succeeded'
   redis.call('HSET', run, 'status', status, 'finished_at', now)
-  emit(run, events, now, 'run_' .. status, '', 0, '')
+  local data = ''
+  if status == 'failed' then
+    local why = redis.call('HMGET', run, 'failure', 'failed_steps')
+    -- Built by hand: cjson would encode an empty list as an object.
+    data = '{"error":' .. cjson.encode(why[1] or 'run failed') .. ',"failed_steps":' .. (why[2] or '[]') .. '}'
+  end
+  emit(run, events, now, 'run_' .. status, '', 0, data)
   redis.call('EXPIRE', run, retention)
   redis.call('EXPIRE', events, retention)
   if status == 'succeeded' then redis.call('DEL', KEYS[3]) end

@@ -25,7 +25,7 @@ for i = 6, #ARGV, 3 do
 end
 redis.call('HSET', run, 'status', 'running', 'gen', gen, 'remaining', count, 'failures', 0, 'leaf_failures', 0)
 if definition ~= '' then redis.call('HSET', run, 'def_hash', definition) end
-redis.call('HDEL', run, 'finished_at', 'stopped_at', 'error', 'first_failure', 'deadline')
+redis.call('HDEL', run, 'finished_at', 'stopped_at', 'error', 'first_failure', 'failure', 'failed_steps', 'deadline')
 local deadline = ''
 local timeout = redis.call('HGET', run, 'timeout_s')
 if timeout and timeout ~= '' then

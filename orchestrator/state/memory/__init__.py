@@ -6,15 +6,17 @@ rule, down to the progress events it emits (``lua/_events.lua``): same types, or
 by the run's ``seq`` field. Time comes from an injectable clock, so tests move it instead of sleeping.
 """
 
+from orchestrator.state.memory.children import ChildRuns
 from orchestrator.state.memory.control import RunControl
 from orchestrator.state.memory.core import EVENTS_MAXLEN, GLOBAL_EVENTS_MAXLEN, MAX_RESEND_BACKOFF
 from orchestrator.state.memory.iterations import IterationCheckpoints
+from orchestrator.state.memory.journal import AgentJournals
 from orchestrator.state.memory.steps import StepTransitions
 
 __all__ = ["EVENTS_MAXLEN", "GLOBAL_EVENTS_MAXLEN", "MAX_RESEND_BACKOFF", "MemoryStateStore"]
 
 
-class MemoryStateStore(RunControl, StepTransitions, IterationCheckpoints):
+class MemoryStateStore(RunControl, StepTransitions, IterationCheckpoints, AgentJournals, ChildRuns):
     """Run and step state in this process, with the semantics of :class:`~orchestrator.state.RedisStateStore`.
 
     Args:

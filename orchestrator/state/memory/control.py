@@ -125,7 +125,7 @@ class RunControl(MemoryStateCore):
             if plan.definition is not None:
                 self._definitions[plan.definition.definition_hash] = plan.definition
                 fields["def_hash"] = plan.definition.definition_hash
-            for name in ("finished_at", "stopped_at", "error", "first_failure", "deadline"):
+            for name in ("finished_at", "stopped_at", "error", "first_failure", "failure", "failed_steps", "deadline"):
                 fields.pop(name, None)
             old = plan.expected_generation
             self._deadlines.pop(keys.deadline_member(run_id, old), None)

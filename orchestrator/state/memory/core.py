@@ -24,6 +24,7 @@ from orchestrator.state.base import (
     MAX_SUBMITTED_DEFINITIONS,
     SUMMARY_FIELDS,
     needs_failure_error,
+    run_failed_data,
     submitted_record,
 )
 
@@ -65,6 +66,8 @@ class _Run:
     events: deque[_Entry] = field(default_factory=_new_stream)
     # Each map step's items (``keys.items_key``), fields ``INDEX:FIELD`` as in Redis; they expire with the run.
     items: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Hashes beside the run's own (agent journals, notes), by key; they expire with the run.
+    side: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class MemoryStateCore:
@@ -245,7 +248,7 @@ class MemoryStateCore:
             if run is None or run.fields.get("status") not in _STOPPABLE_RUN:
                 return
             stamp = _stamp(now)
-            self._emit(run, stamp, "run_failed", data=json.dumps({"reason": message}, separators=_COMPACT))
+            self._emit(run, stamp, "run_failed", data=run_failed_data(message, [], reason=message))
             run.fields.update(
                 {"status": "failed", "finished_at": stamp, "error": message, "first_failure": "(dispatch)"}
             )

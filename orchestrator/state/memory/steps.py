@@ -10,7 +10,7 @@ from typing import Any
 from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, ReleaseRules, StepOutcome
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.state import keys
-from orchestrator.state.base import success_detail
+from orchestrator.state.base import failure_line, run_failed_data, success_detail
 from orchestrator.state.items import split_item_leases
 from orchestrator.state.memory.core import (
     _COMPACT,
@@ -160,6 +160,9 @@ class StepTransitions(ItemTransitions):
                 _increment(fields, "failures", 1)
                 if outcome == StepOutcome.FAILED:
                     fields.setdefault("first_failure", attempt.step)
+                    fields.setdefault("failure", failure_line(attempt.step, outcome, error))
+                    failed = [*_json_list(fields.get("failed_steps")), attempt.step]
+                    fields["failed_steps"] = json.dumps(failed, separators=_COMPACT)
                 if not children:
                     _increment(fields, "leaf_failures", 1)
 
@@ -168,7 +171,10 @@ class StepTransitions(ItemTransitions):
             if _increment(fields, "remaining", -1) == 0:
                 run_status = "failed" if int(fields.get("leaf_failures") or 0) > 0 else "succeeded"
                 fields.update({"status": run_status, "finished_at": stamp})
-                self._emit(run, stamp, f"run_{run_status}")
+                data = ""
+                if run_status == "failed":
+                    data = run_failed_data(fields.get("failure"), _json_list(fields.get("failed_steps")))
+                self._emit(run, stamp, f"run_{run_status}", data=data)
                 run.expires_at = now + self.retention_s
                 self._deadlines.pop(keys.deadline_member(attempt.run_id, attempt.generation), None)
             task_ids = {child: uuid.uuid4().hex for child in released}

@@ -51,6 +51,9 @@ _SCRIPTS = (
     "item_reclaim",
     "item_stop",
     "item_renew",
+    "journal",
+    "child_wait",
+    "child_done",
 )
 
 
@@ -74,6 +77,8 @@ _WITH_EVENTS = {
     "item_reclaim",
     "item_stop",
     "item_renew",
+    "journal",
+    "child_wait",
 }
 
 

@@ -14,7 +14,7 @@ from redis.client import Pipeline
 from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, ReleaseRules, StepOutcome
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.state import keys
-from orchestrator.state.base import releasable, rules_json, success_detail
+from orchestrator.state.base import failure_line, releasable, rules_json, success_detail
 from orchestrator.state.items import split_item_leases
 from orchestrator.state.redis.core import RedisStateCore, _run_keys, _text
 from orchestrator.state.redis.items import renew_items
@@ -98,6 +98,7 @@ class StepTransitions(RedisStateCore):
             "1" if cached else "",
             success_detail(output),
             rules_json(rules),
+            failure_line(attempt.step, outcome, error),
             *children,
         ]
         # Each step this finish may release is covered in the lease index before the script runs, under the task id

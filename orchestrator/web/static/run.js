@@ -40,6 +40,8 @@ const ITEM_ENDS = { item_succeeded: "succeeded", item_failed: "failed" };
 const waits = new Map(); // step → data of its last step_waiting event: {approvers, message, timeout_s}
 let deciding = false;
 const events = []; // every event applied, in seq order: {type, step, attempt, ts (ms), data}, for the timeline
+// A streaming step's text so far (since its last llm_reset), by step; every (re)connect starts with the text so far.
+const streamed = new Map();
 let timelineFrame = 0;
 
 function endpoint(suffix = "") {
@@ -117,6 +119,26 @@ function onEvent(message) {
   render();
 }
 
+// llm_delta / llm_reset: a streaming step's text grows live in its panel (they have no seq: never counted as seen).
+function onDelta(message) {
+  let delta;
+  try {
+    delta = JSON.parse(message.data);
+  } catch {
+    return;
+  }
+  const name = delta.step;
+  streamed.set(name, message.type === "llm_reset" ? "" : (streamed.get(name) || "") + (delta.text || ""));
+  if (name === selected && view?.steps[name]) renderStreamed(view.steps[name]);
+}
+
+// The panel shows the step's output once it has one, else what it has streamed so far.
+function renderStreamed(step) {
+  const live = (step.output === null || step.output === undefined) && streamed.has(selected);
+  $("panel-output").textContent = live ? streamed.get(selected) : pretty(step.output);
+  $("panel-output").classList.toggle("streaming", live);
+}
+
 // What an event tells about a step's times, tokens and cost before the next snapshot brings them.
 function applyFigures(step, type, event) {
   if (type === "step_started") {
@@ -141,6 +163,9 @@ function openStream() {
     source.addEventListener(type, onEvent);
   }
   source.addEventListener("message", onEvent);
+  source.addEventListener("llm_delta", onDelta);
+  source.addEventListener("llm_reset", onDelta);
+  source.addEventListener("open", () => streamed.clear()); // the server sends the text so far first
   source.addEventListener("open", renderLive);
   source.addEventListener("error", () => {
     // Refused, or told not to come back (HTTP 204 once the run ended): keep the page current by polling.
@@ -253,7 +278,7 @@ function renderPanel() {
   facts.push(...stepMoneyFacts(step));
   if (step.cached) facts.push(["Cached", "yes (result reused)"]);
   $("panel-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
-  $("panel-output").textContent = pretty(step.output);
+  renderStreamed(step);
   const errors = step.error ? [step.error] : step.errors || [];
   $("panel-error").textContent = errors.length ? errors.map(pretty).join("\n\n") : "—";
   $("panel-error").classList.toggle("has-error", Boolean(step.error));
