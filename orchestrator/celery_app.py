@@ -128,19 +128,27 @@ class CeleryPublisher:
         self.settings = settings
 
     def signature(
-        self, spec: WorkflowSpec, *, run_id: str, step: str, generation: str, task_id: str | None = None
+        self,
+        spec: WorkflowSpec,
+        *,
+        run_id: str,
+        step: str,
+        generation: str,
+        task_id: str | None = None,
+        index: int | None = None,
     ) -> Signature:
         """The immutable signature of one step attempt, routed by kind and named ``workflow.step`` for Flower.
 
         With ``ORCH_PRIORITIES=depth`` it carries the step's priority (:mod:`orchestrator.engine.priorities`),
-        which Celery keeps on retries. Dispatched inside a traced span of the same run (a step attempt, the run's
+        which Celery keeps on retries. An item of a map step (``index``) carries its index as a fifth argument and
+        is named ``workflow.step[index]``. Dispatched inside a traced span of the same run (a step attempt, the run's
         root), its headers carry that span as the W3C ``traceparent``.
         """
         settings = self.settings
         step_spec = spec.steps_by_name[step]
         options: dict[str, object] = {
             "queue": queue_for(step_spec, settings.llm_queue, settings.cpu_queue),
-            "shadow": f"{spec.name}.{step}",
+            "shadow": f"{spec.name}.{step}" if index is None else f"{spec.name}.{step}[{index}]",
         }
         if settings.priorities == "depth":
             options["priority"] = message_priority(step_level(spec, step), settings.effective_broker_url)
@@ -153,7 +161,9 @@ class CeleryPublisher:
         headers = dispatch_headers(run_id)
         if headers:
             options["headers"] = headers
-        args = (run_id, spec.definition_hash, step, generation)
+        args: tuple[str, ...] = (run_id, spec.definition_hash, step, generation)
+        if index is not None:
+            args += (str(index),)
         return self.app.signature(STEP_TASK, args=args, options=options, immutable=True)
 
     def publish(
@@ -177,6 +187,26 @@ class CeleryPublisher:
             self.signature(spec, run_id=run_id, step=s, generation=generation, task_id=ids.get(s)) for s in steps
         ]
         with _broker_errors(f"run {run_id}: publish {', '.join(steps)}"):
+            if len(signatures) == 1:
+                signatures[0].apply_async()
+            else:
+                group(signatures).apply_async()
+
+    def publish_items(
+        self, spec: WorkflowSpec, *, run_id: str, step: str, generation: str, items: Sequence[tuple[int, str]]
+    ) -> None:
+        """Send items of a map step as one ``group``, each under its task id (held in the lease index already).
+
+        Raises:
+            BrokerUnavailableError: The broker did not answer.
+        """
+        if not items:
+            return
+        signatures = [
+            self.signature(spec, run_id=run_id, step=step, generation=generation, task_id=task_id, index=index)
+            for index, task_id in items
+        ]
+        with _broker_errors(f"run {run_id}: publish {len(items)} items of {step}"):
             if len(signatures) == 1:
                 signatures[0].apply_async()
             else:

@@ -30,6 +30,7 @@ from orchestrator.errors import OrchestratorError, StoreUnavailableError
 from orchestrator.infra.redis_url import RedisUrlError, is_memory_url, redact_url, require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.principals import is_reserved, reserved_message
+from orchestrator.state.items import MAX_ITEM_PAGE
 
 if TYPE_CHECKING:
     from orchestrator.engine.status import RunView
@@ -186,9 +187,15 @@ def submit(
 @main.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the status JSON.")
-def status(run_id: str, as_json: bool) -> None:
-    """Show a run's status."""
+@click.option("--step", default=None, help="List the items of this map step instead (one page).")
+@click.option("--offset", default=0, type=click.IntRange(0, 1_000_000), help="With --step: skip this many items.")
+@click.option("--limit", default=100, type=click.IntRange(1, MAX_ITEM_PAGE), help="With --step: at most this many.")
+def status(run_id: str, as_json: bool, step: str | None, offset: int, limit: int) -> None:
+    """Show a run's status, or with --step one page of a map step's items."""
     client = _client(_settings())
+    if step is not None:
+        _print_items(client, run_id, step, (offset, limit), as_json=as_json)
+        return
     try:
         view = client.status(run_id)
     except OrchestratorError as exc:
@@ -199,6 +206,25 @@ def status(run_id: str, as_json: bool) -> None:
         click.echo(json.dumps(view))
     else:
         _print_status(view)
+
+
+def _print_items(client: Any, run_id: str, step: str, page_at: tuple[int, int], *, as_json: bool) -> None:
+    offset, limit = page_at
+    try:
+        page = client.items(run_id, step, offset=offset, limit=limit)
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
+    except redis.RedisError as exc:
+        _fail(f"Redis: {exc}")
+    if as_json:
+        click.echo(json.dumps(page))
+        return
+    shown = len(page["items"])
+    click.echo(f"{step}: items {offset}-{offset + shown - 1 if shown else offset} of {page['total']}")
+    for record in page["items"]:
+        error = f"  {record['error'].get('message', '')}" if record["error"] else ""
+        item = json.dumps(record["item"])[:60]
+        click.echo(f"{record['index']:>6}  {record['status']:<10} {record['attempts']}  {item}{error}")
 
 
 @main.command()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from orchestrator.definition.inputs import validate_inputs
+from orchestrator.definition.mapping import is_map
 from orchestrator.definition.registry import import_modules, workflows
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.definition.subflow import check_subflows
@@ -26,10 +27,11 @@ from orchestrator.engine.events import Event, EventType, ProgressListener, deliv
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.status import MAX_LIST_OFFSET, RunPage, RunSummary, RunView, run_summary, run_view
 from orchestrator.engine.subflow import workflow_lookup
-from orchestrator.errors import RunNotFoundError, StoreUnavailableError
+from orchestrator.errors import RunNotFoundError, StoreUnavailableError, WorkflowDefinitionError
 from orchestrator.infra.redis_url import RedisUrlError, is_memory_url
 from orchestrator.infra.settings import Settings
-from orchestrator.state import MemoryStateStore, RedisStateStore, StateStore
+from orchestrator.state import MemoryStateStore, RedisStateStore, StateStore, keys
+from orchestrator.state.items import ItemPage
 from orchestrator.telemetry.tracing import submit_span
 
 if TYPE_CHECKING:
@@ -222,6 +224,28 @@ class Client:
         except KeyError:
             raise RunNotFoundError(run_id) from None
         return run_view(fields, spec)
+
+    def items(self, run_id: str, step: str, *, offset: int = 0, limit: int = 100) -> ItemPage:
+        """One page of a map step's item records, in index order (``limit`` at most 1,000).
+
+        Raises:
+            RunNotFoundError: No such run (or its retention expired).
+            WorkflowDefinitionError: The run has no map step ``step``.
+            StoreUnavailableError: Redis did not answer.
+        """
+        try:
+            fields = self.store.run_fields(run_id)
+            spec = self.store.load_definition(fields["def_hash"])
+            step_spec = spec.steps_by_name.get(step)
+            if step_spec is None or not is_map(step_spec):
+                raise WorkflowDefinitionError(f"run {run_id} has no map step {step[:100]!r}", step=step[:100])
+            records = self.store.item_records(run_id, step, offset, limit)
+        except redis.RedisError as exc:
+            raise StoreUnavailableError(f"cannot reach Redis: {exc}") from exc
+        except KeyError:
+            raise RunNotFoundError(run_id) from None
+        total = int(fields.get(keys.step_field(step, "items_total")) or 0)
+        return {"run_id": run_id, "step": step, "total": total, "offset": offset, "limit": limit, "items": records}
 
     def runs(
         self,

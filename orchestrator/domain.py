@@ -107,12 +107,14 @@ class Attempt:
         step: The step's name.
         generation: The run's generation the message was sent in (a resume starts a new one).
         task_id: The Celery task id of the message: the step's current dispatch token.
+        index: For one item of a map step (``for_each``), its 0-based index; ``None`` for the step itself.
     """
 
     run_id: str
     step: str
     generation: str
     task_id: str
+    index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -327,6 +329,72 @@ class IterationCheckpoint:
     until_met: bool
     key: str
     generation: str
+
+
+@dataclass(frozen=True)
+class ItemClaim:
+    """The answer to "may this message run an attempt of this item?" (a map step's :class:`Claim`).
+
+    Attributes:
+        outcome: As :attr:`Claim.outcome`; ``DONE`` when the item has ended (``detail`` says how).
+        attempt: The item's 1-based attempt number over the run's life.
+        generation_attempt: Its number within this generation (the retry policy's count).
+        now: Redis's clock when the attempt started.
+        queued_at: When the item was last queued.
+        item: The item's value.
+        count: How many items the step has.
+        step_task: The task id the map step itself runs under (its finish names it).
+        inputs: The run's inputs.
+        parent_status: Each dependency's status.
+        parent_output: Each dependency's output.
+        detail: The ended item's status, or why the claim was refused.
+    """
+
+    outcome: ClaimOutcome
+    attempt: int = 0
+    generation_attempt: int = 0
+    now: float = 0.0
+    queued_at: float | None = None
+    item: Any = None
+    count: int = 0
+    step_task: str = ""
+    inputs: dict[str, Any] = field(default_factory=dict)
+    parent_status: dict[str, str] = field(default_factory=dict)
+    parent_output: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ItemDispatch:
+    """What an item transition decided: the items to publish and whether the step's items have all ended.
+
+    Attributes:
+        recorded: ``False`` when the attempt was stale and nothing changed.
+        publish: ``(index, task_id)`` of items queued now, to send.
+        all_ended: Every item of the step has ended: the step is to be finished (:func:`finish_map`).
+        step_task: The map step's own task id.
+        ended: How many items have ended (expansions report it).
+        total: How many items the step has.
+    """
+
+    recorded: bool
+    publish: tuple[tuple[int, str], ...] = ()
+    all_ended: bool = False
+    step_task: str = ""
+    ended: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True)
+class ReclaimedItem:
+    """An item to publish again after its lease ran out."""
+
+    run_id: str
+    step: str
+    index: int
+    definition_hash: str
+    generation: str
+    task_id: str
 
 
 @dataclass(frozen=True)

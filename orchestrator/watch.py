@@ -34,7 +34,7 @@ _STYLE = {
 }
 _FINAL = {"succeeded", "failed", "upstream_failed", "cancelled", "skipped"}
 # After these the run's totals are read again (a step ended: its spend is settled), at most every _TOTALS_EVERY_S.
-_SETTLED = {f"step_{kind}" for kind in _FINAL}
+_SETTLED = {f"step_{kind}" for kind in _FINAL} | {"item_succeeded", "item_failed"}
 _TOTALS_EVERY_S = 0.25
 # A streaming step's text is shown as its last characters, for the few steps that streamed last.
 _TEXT_TAIL_CHARS = 240
@@ -50,6 +50,8 @@ class _StepRow:
     note: str = ""
     cost: float | None = None
     usage: dict[str, Any] | None = None
+    items_done: int = 0
+    items_total: int | None = None
 
 
 @dataclass
@@ -80,6 +82,11 @@ class WatchView:
             self.status = "running" if event.type in {EventType.RUN_STARTED, EventType.RUN_RESUMED} else kind
             return
         row = self.steps.setdefault(event.step, _StepRow())
+        if event.type.startswith("item_"):
+            # A map step's item: the row shows its progress, done of total (the total comes with the next status).
+            row.items_done += event.type in {EventType.ITEM_SUCCEEDED, EventType.ITEM_FAILED}
+            row.note = _items_note(row)
+            return
         kind = event.type.removeprefix("step_")
         if kind == "started":
             row.status, row.attempt, row.started, row.finished = "running", event.attempt, event.ts, None
@@ -110,8 +117,16 @@ class WatchView:
         self.texts[name] = text[-4 * _TEXT_TAIL_CHARS :]
 
     def refresh(self, view: RunView) -> None:
-        """Take the run's totals (cost, tokens, budget, times) from a fresh status."""
+        """Take the run's totals (cost, tokens, budget, times) and map steps' item counts from a fresh status."""
         self.totals = view
+        for name, step in view.get("steps", {}).items():
+            items = step.get("items")
+            row = self.steps.get(name)
+            if items is not None and row is not None:
+                row.items_total = items["total"]
+                row.items_done = items["succeeded"] + items["failed"] + items["skipped"] + items["cancelled"]
+                if row.status not in {"failed"}:
+                    row.note = _items_note(row)
 
     def __rich__(self) -> Group:
         """The table and the totals line, computed when drawn (so a live run's duration keeps moving)."""
@@ -144,6 +159,11 @@ class WatchView:
             status = f"[{style}]{row.status}[/]" if style else row.status
             table.add_row(name, status, str(row.attempt or ""), duration, money(row.cost), tokens(row.usage), row.note)
         return table
+
+
+def _items_note(row: _StepRow) -> str:
+    total = "?" if row.items_total is None else str(row.items_total)
+    return f"{row.items_done} of {total} items"
 
 
 def watch_run(client: Client, run_id: str, console: Console | None = None) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from orchestrator import LLMStep, NoopStep, StepContext, ToolContext, Workflow, function, tool
+from orchestrator.errors import NonRetryableStepError
 from orchestrator.infra.redis_url import sync_client
 from orchestrator.state import keys
 
@@ -130,6 +131,36 @@ def wait_for_llm_calls(ctx: StepContext, calls: int = 1, timeout_s: float = 20.0
             raise TimeoutError(f"the run paid for {seen} LLM calls in {timeout_s}s, not {calls}")
         time.sleep(0.02)
     return {"calls": seen}
+
+
+_CLIENTS: dict[int, redis.Redis] = {}
+
+
+def _cached_redis() -> redis.Redis:
+    # A thousand items in a second: one connection per process, not one per item.
+    client = _CLIENTS.get(os.getpid())
+    if client is None:
+        client = _CLIENTS[os.getpid()] = _redis()
+    return client
+
+
+@function("tests.map_item")
+def map_item(ctx: StepContext, seconds: float = 0.0, fail_on: Any = None, **_: Any) -> dict[str, Any]:
+    """One item of a map step: sleep, fail for good on ``fail_on`` until ``test:fixed:RUN`` is set, count each
+    execution that ran to its end per item (``test:map:RUN:STEP``, field = index)."""
+    time.sleep(seconds)
+    r = _cached_redis()
+    if fail_on is not None and ctx.item == fail_on and not r.exists(f"test:fixed:{ctx.run_id}"):
+        r.hincrby(f"test:map:{ctx.run_id}:{ctx.step}", str(ctx.index), 1)
+        raise NonRetryableStepError(f"item {ctx.item!r} is bad", kind="exception")
+    r.hincrby(f"test:map:{ctx.run_id}:{ctx.step}", str(ctx.index), 1)
+    return {"item": ctx.item, "index": ctx.index, "count": ctx.count}
+
+
+@function("tests.collect")
+def collect(ctx: StepContext, **_: Any) -> dict[str, Any]:
+    """What a step downstream of a map step sees: its upstream outputs as they are."""
+    return {name: ctx[name] for name in ctx}
 
 
 @tool(name="tests.counted", idempotent=True)

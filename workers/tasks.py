@@ -26,6 +26,7 @@ from celery.exceptions import Reject
 from orchestrator.celery_app import STEP_TASK
 from orchestrator.domain import Attempt
 from orchestrator.engine.attempt import Delivery, execute_attempt
+from orchestrator.engine.items import execute_item
 from orchestrator.engine.runtime import RuntimeHolder
 from orchestrator.errors import RetryableStepError, StepFailed
 
@@ -58,33 +59,40 @@ def register_tasks(app: Celery, runtime: RuntimeHolder) -> Task[Any, Any]:
 
     @app.task(bind=True, base=StepTask, name=STEP_TASK, shared=False)
     def run_step(self: StepTask, *args: Any, **kwargs: Any) -> str:
-        """``run_step(run_id, definition_hash, step, generation)``, all strings, as the publisher sends it."""
+        """``run_step(run_id, definition_hash, step, generation[, index])``, all strings, as the publisher sends it
+        (``index``, a map step's item, in decimal digits)."""
         # Anyone who can write to the broker can send anything: a message not shaped like ours is refused for good
         # (rejected without requeueing, so never redelivered), with the reason in the log.
         try:
-            run_id, definition_hash, step, generation = step_args(args, kwargs)
+            run_id, definition_hash, step, generation, index = step_args(args, kwargs)
         except ValueError as exc:
             log.error("rejecting malformed step message %s: %s", self.request.id, exc)
             raise Reject(f"malformed step message: {exc}", requeue=False) from None
-        attempt = Attempt(run_id, step, generation, str(self.request.id))
+        attempt = Attempt(run_id, step, generation, str(self.request.id), index)
+        if index is not None:
+            return execute_item(runtime.get(), attempt, definition_hash, _delivery(self.request))
         return execute_attempt(runtime.get(), attempt, definition_hash, _delivery(self.request), raise_failure=True)
 
     return run_step
 
 
 _STEP_ARGS = ("run_id", "definition_hash", "step", "generation")
+_ITEM_ARG = "index"
+MAX_ITEM_INDEX_DIGITS = 9
 
 
-def step_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str, str, str]:
-    """The arguments of a step message, by position or by name.
+def step_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str, str, str, int | None]:
+    """The arguments of a step message, by position or by name; the item index is ``None`` for a step.
 
     Raises:
-        ValueError: Missing, surplus or unknown arguments, or one that is not a non-empty string.
+        ValueError: Missing, surplus or unknown arguments, one that is not a non-empty string, or an index that is
+            not a small decimal number.
     """
-    if len(args) > len(_STEP_ARGS):
-        raise ValueError(f"{len(args)} positional arguments; expected {', '.join(_STEP_ARGS)}")
-    values = dict(zip(_STEP_ARGS, args, strict=False))
-    unknown = sorted(set(kwargs) - set(_STEP_ARGS))
+    names = (*_STEP_ARGS, _ITEM_ARG)
+    if len(args) > len(names):
+        raise ValueError(f"{len(args)} positional arguments; expected {', '.join(_STEP_ARGS)} and optionally index")
+    values = dict(zip(names, args, strict=False))
+    unknown = sorted(set(kwargs) - set(names))
     if unknown:
         raise ValueError(f"unexpected keyword arguments {unknown}")
     twice = sorted(set(kwargs) & set(values))
@@ -94,10 +102,14 @@ def step_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str, 
     missing = [name for name in _STEP_ARGS if name not in values]
     if missing:
         raise ValueError(f"missing arguments {missing}")
-    wrong = {name: type(values[name]).__name__ for name in _STEP_ARGS if not isinstance(values[name], str)}
+    wrong = {name: type(v).__name__ for name, v in values.items() if not isinstance(v, str)}
     if wrong or not all(values.values()):
         raise ValueError(f"every argument must be a non-empty string; got {wrong or values}")
-    return values["run_id"], values["definition_hash"], values["step"], values["generation"]
+    raw = values.get(_ITEM_ARG)
+    if raw is not None and not (raw.isascii() and raw.isdigit() and len(raw) <= MAX_ITEM_INDEX_DIGITS):
+        raise ValueError(f"index must be decimal digits (at most {MAX_ITEM_INDEX_DIGITS}); got {raw[:20]!r}")
+    index = int(raw) if raw is not None else None
+    return values["run_id"], values["definition_hash"], values["step"], values["generation"], index
 
 
 def _delivery(request: Any) -> Delivery:

@@ -26,6 +26,9 @@ from orchestrator.domain import RunStatus
 from orchestrator.engine.status import MAX_LIST_OFFSET, RunView
 from orchestrator.errors import DecisionRefusedError, InputValidationError, WorkflowDefinitionError
 from orchestrator.state import keys
+from orchestrator.state.items import MAX_ITEM_PAGE, ItemPage
+
+MAX_ITEMS_OFFSET = 1_000_000
 
 router = APIRouter(tags=["runs"])
 
@@ -67,6 +70,27 @@ def submit_run(
 def get_run(run_id: RunId, request: Request, _: Reader) -> RunView:
     """The run's status JSON (the same as ``orchestrator status RUN_ID --json``)."""
     return api_context(request).client.status(run_id)
+
+
+StepName = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+@router.get("/runs/{run_id}/steps/{step}/items", response_model=None, responses={200: {"model": ItemPage}, **_ERRORS})
+def list_items(
+    run_id: RunId,
+    step: StepName,
+    request: Request,
+    _: Reader,
+    *,
+    offset: Annotated[int, Query(ge=0, le=MAX_ITEMS_OFFSET, description="Skip this many items.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_ITEM_PAGE, description="At most this many items.")] = 100,
+) -> ItemPage:
+    """One page of a map step's item records ``{index, item, status, attempts, started_at, finished_at, output,
+    error}``, in index order."""
+    try:
+        return api_context(request).client.items(run_id, step, offset=offset, limit=limit)
+    except WorkflowDefinitionError as exc:
+        raise HTTPException(404, str(exc)) from None
 
 
 @router.get("/runs", response_model=RunList, responses=_ERRORS)

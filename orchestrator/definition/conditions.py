@@ -150,18 +150,42 @@ def evaluate_condition(
         NonRetryableStepError: ``template_limit`` past the allocation or time budget; ``condition_error`` when
             evaluation fails otherwise (a missing value, a type error, nesting too deep …), with the cause.
     """
+    value = evaluate_value(source, inputs=inputs, outputs=outputs, timeout_s=timeout_s, extra=extra, what=what)
+    try:
+        # The sandbox hands back what it refused as an undefined value that raises when it is looked at.
+        return bool(value)
+    except Exception as exc:
+        raise _failed(source, what, exc) from None
+
+
+def evaluate_value(
+    source: str,
+    *,
+    inputs: dict[str, Any],
+    outputs: dict[str, Any],
+    timeout_s: float = TEMPLATE_TIMEOUT_S,
+    extra: dict[str, Any] | None = None,
+    what: str = "expression",
+) -> Any:
+    """Evaluate a safe expression to its value (a ``for_each`` list); see :func:`evaluate_condition`.
+
+    Raises:
+        NonRetryableStepError: As :func:`evaluate_condition`.
+    """
     steps = {name: {"output": out} for name, out in outputs.items()}
     try:
         with bounded_evaluation(timeout_s=timeout_s):
-            return bool(_compile(source)(**(extra or {}), inputs=inputs, steps=steps))
+            return _compile(source)(**(extra or {}), inputs=inputs, steps=steps)
     except TemplateLimitError as exc:
         raise NonRetryableStepError(f"{what} {_shown(source)} failed: {exc}", kind="template_limit") from None
     except NESTING_ERRORS:
         raise NonRetryableStepError(f"{what} {_shown(source)} nests too deeply", kind="condition_error") from None
     except Exception as exc:
-        raise NonRetryableStepError(
-            f"{what} {_shown(source)} failed: {type(exc).__name__}: {exc}", kind="condition_error"
-        ) from None
+        raise _failed(source, what, exc) from None
+
+
+def _failed(source: str, what: str, exc: Exception) -> NonRetryableStepError:
+    return NonRetryableStepError(f"{what} {_shown(source)} failed: {type(exc).__name__}: {exc}", kind="condition_error")
 
 
 def _shown(source: str, limit: int = 200) -> str:

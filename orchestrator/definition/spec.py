@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.definition.agent import AgentParams
 from orchestrator.definition.dag import Graph, find_cycle
 from orchestrator.definition.jsonschemas import SchemaError, check_schema
+from orchestrator.definition.mapping import MAX_PARALLEL_LIMIT, check_map_shape
 from orchestrator.definition.repeat import RepeatSpec
 from orchestrator.definition.subflow import WorkflowParams
 from orchestrator.errors import CycleError, UnknownDependencyError, WorkflowDefinitionError
@@ -208,6 +209,7 @@ class StepSpec(_Frozen):
     marks a non-deterministic step: it always re-runs when invalidated instead of reusing a result whose inputs match.
     ``priority`` (0 taken last … 3 first) overrides the step's depth as its queue priority (see
     :mod:`orchestrator.engine.priorities`). ``repeat`` runs the step as a bounded loop (see :class:`RepeatSpec`).
+    ``for_each`` runs it once per item of a list (see :mod:`orchestrator.definition.mapping`).
     """
 
     name: Annotated[str, Field(pattern=STEP_NAME_PATTERN)]
@@ -224,6 +226,9 @@ class StepSpec(_Frozen):
     cancel_others: bool = False
     cache: bool = True
     repeat: RepeatSpec | None = None
+    for_each: str | None = Field(default=None, min_length=1, max_length=2000)
+    for_each_function: str | None = Field(default=None, min_length=1, max_length=200)
+    max_parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL_LIMIT)
 
     @model_validator(mode="before")
     @classmethod
@@ -283,6 +288,11 @@ class StepSpec(_Frozen):
             # An approval and a workflow step end their attempt to wait (a human, a child run): a loop would have to
             # park between iterations. An agent is a loop already, with its own journal.
             raise ValueError(f"repeat is not supported on {self.uses.value} steps")
+        return self
+
+    @model_validator(mode="after")
+    def _mappable(self) -> StepSpec:
+        check_map_shape(self)
         return self
 
     @field_validator("depends_on")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from orchestrator.definition.agent import BUILTIN_TOOLS, WORKFLOW_TOOL_PREFIX, AgentParams
 from orchestrator.definition.conditions import UNTIL_NAMES, check_condition
+from orchestrator.definition.mapping import ITEM_NAMES, check_for_each, is_map
 from orchestrator.definition.registry import FunctionRegistry, check_functions, functions
 from orchestrator.definition.spec import ApprovalParams, LLMParams, StepSpec, WorkflowSpec
 from orchestrator.definition.subflow import WorkflowParams
@@ -28,8 +29,11 @@ def check_workflow(spec: WorkflowSpec, registry: FunctionRegistry | None = None)
         if step.condition is not None:
             check_condition(step.condition, step=step.name, upstream=upstream)
         _check_repeat(step, upstream, registry)
+        check_for_each(step, upstream, registry)
+        loop_names = (LOOP_NAMES if step.repeat is not None else frozenset()) | (
+            ITEM_NAMES if is_map(step) else frozenset()
+        )
         _check_tools(step)
-        loop_names = LOOP_NAMES if step.repeat is not None else frozenset()
         for source in _templates(step):
             check_template(source, step=step.name, extra_names=loop_names)
             for ref in sorted(referenced_steps(source) - upstream):

@@ -61,6 +61,8 @@ class Step(BaseModel):
     cancel_others: bool = False
     cache: bool = True
     repeat: dict[str, Any] | None = None
+    for_each: Callable[..., Any] | str | None = None
+    max_parallel: int | None = None
 
     def params(self) -> dict[str, Any]:
         """The step's ``with:`` parameters in the workflow-file shape."""
@@ -86,6 +88,14 @@ class Step(BaseModel):
             data["condition_function"] = name
         if self.repeat is not None:
             data["repeat"] = self._repeat_data(workflow)
+        if isinstance(self.for_each, str):
+            data["for_each"] = self.for_each
+        elif self.for_each is not None:
+            name = f"{workflow}.{self.name}.for_each"
+            functions.register(self.for_each, name, replace=True)
+            data["for_each_function"] = name
+        if self.max_parallel is not None:
+            data["max_parallel"] = self.max_parallel
         if isinstance(self.retry, int):
             data["retry"] = {"max_attempts": self.retry}
         elif self.retry is not None:

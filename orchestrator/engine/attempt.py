@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from orchestrator import telemetry
 from orchestrator.agents.loop import run_agent
 from orchestrator.definition.agent import AgentParams
+from orchestrator.definition.mapping import is_map
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
 from orchestrator.definition.subflow import WorkflowParams
 from orchestrator.domain import Attempt, Claim, ClaimOutcome, RunStatus, StepOutcome
@@ -32,6 +33,7 @@ from orchestrator.engine.coordinator import (
     should_retry,
     upstream_reads,
 )
+from orchestrator.engine.mapping import map_items, start_map
 from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
 from orchestrator.engine.repeat import run_repeated
 from orchestrator.engine.runtime import Runtime
@@ -169,12 +171,19 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
         skip = decide_start(step, claim.parent_status)
         if skip is not None:
             return finish_attempt(runtime, spec, attempt, skip, scope)
-        # The retry budget is per generation (a resume grants it afresh); the attempt number is the run's own.
-        if claim.generation_attempt > step.retry.max_attempts:
+        # The retry budget is per generation (a resume grants it afresh); the attempt number is the run's own. A map
+        # step's attempts only expand it (its items retry on their own), so they have no budget to run out of.
+        if claim.generation_attempt > step.retry.max_attempts and not is_map(step):
             return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, error=_gave_up(claim))
         ctx = StepContext(attempt.run_id, attempt.step, claim.attempt, claim.inputs, claim.parent_output)
         if not runtime.executor.should_run(step, ctx):
             return finish_attempt(runtime, spec, attempt, StepOutcome.SKIPPED, scope)
+        if is_map(step):
+            items = map_items(runtime, step, ctx)
+            if not items:
+                return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=[])
+            scope.finish("mapped")
+            return start_map(runtime, spec, attempt, claim, items)
         if isinstance(step.params, ApprovalParams):
             scope.finish("waiting")
             return _wait_for_decision(runtime, step.params, attempt, ctx)

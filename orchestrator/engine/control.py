@@ -6,6 +6,7 @@ import logging
 import uuid
 from typing import Any
 
+from orchestrator.definition.mapping import is_map
 from orchestrator.definition.registry import workflows
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
 from orchestrator.domain import (
@@ -246,10 +247,14 @@ def stop_run(
     fields = store.run_fields(run_id)
     spec = store.load_definition(fields["def_hash"])
     result = store.stop(run_id, status, reason, tuple(s.name for s in spec.steps), generation)
+    items: list[str] = []
     if result.outcome == StopOutcome.OK:
+        # A map step's items stop with it: each unfinished one is cancelled, the running ones interrupted.
+        for step in (s.name for s in spec.steps if is_map(s)):
+            items += store.stop_items(run_id, step, generation or fields["gen"])
         store.announce(run_id, f"run_{status.value}", spec.name)
         trace_run_end(store, run_id)
-    publisher.revoke([task for _, task in result.interrupted if task])
+    publisher.revoke([task for _, task in result.interrupted if task] + items)
     if result.outcome == StopOutcome.OK:
         from orchestrator.engine import subflow  # it builds on this module (record_outcome, resume_run)
 

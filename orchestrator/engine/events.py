@@ -46,6 +46,12 @@ class EventType(StrEnum):
     STEP_LOST = "step_lost"
     STEP_WAITING = "step_waiting"
     STEP_ITERATION = "step_iteration"
+    ITEM_STARTED = "item_started"
+    ITEM_RETRY = "item_retry"
+    ITEM_DEFERRED = "item_deferred"
+    ITEM_SUCCEEDED = "item_succeeded"
+    ITEM_FAILED = "item_failed"
+    ITEM_LOST = "item_lost"
     AGENT_TURN = "agent_turn"
     TOOL_CALL = "tool_call"
 

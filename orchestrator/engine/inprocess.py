@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.domain import Attempt
 from orchestrator.engine.attempt import Delivery, execute_attempt
+from orchestrator.engine.items import execute_item
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.engine.sweep import sweep_once
 from orchestrator.errors import RetryableStepError
@@ -48,6 +49,7 @@ class _Message:
     generation: str
     task_id: str
     due_at: float | None = None
+    index: int | None = None
 
 
 class InProcessPublisher:
@@ -95,6 +97,13 @@ class InProcessPublisher:
         ids = task_ids or {}
         for step in steps:
             self._put(_Message(run_id, spec.definition_hash, step, generation, ids.get(step) or uuid.uuid4().hex))
+
+    def publish_items(
+        self, spec: WorkflowSpec, *, run_id: str, step: str, generation: str, items: Sequence[tuple[int, str]]
+    ) -> None:
+        """Queue a map step's items for this process's threads."""
+        for index, task_id in items:
+            self._put(_Message(run_id, spec.definition_hash, step, generation, task_id, index=index))
 
     def revoke(self, task_ids: Sequence[str]) -> None:
         """Nothing to do: a thread cannot be interrupted, and the store refuses a cancelled attempt's transitions,
@@ -163,9 +172,10 @@ class InProcessPublisher:
     def _deliver(self, message: _Message) -> None:
         runtime = self._runtime
         assert runtime is not None, "messages are only taken after start()"
-        attempt = Attempt(message.run_id, message.step, message.generation, message.task_id)
+        attempt = Attempt(message.run_id, message.step, message.generation, message.task_id, message.index)
+        execute = execute_attempt if message.index is None else execute_item
         try:
-            outcome = execute_attempt(runtime, attempt, message.definition_hash, Delivery(due_at=message.due_at))
+            outcome = execute(runtime, attempt, message.definition_hash, Delivery(due_at=message.due_at))
         except RetryableStepError as exc:
             # A retry or a deferral (StepDeferred is one): the store has put the step back to queued already.
             self._later(message, exc.countdown or 0.0)

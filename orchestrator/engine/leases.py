@@ -12,7 +12,7 @@ import threading
 from collections import defaultdict
 
 from orchestrator.domain import Attempt
-from orchestrator.state import StateStore
+from orchestrator.state import StateStore, keys
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class LeaseKeeper:
                 continue
             grouped: dict[str, list[tuple[str, str]]] = defaultdict(list)
             for a in active:
-                grouped[a.run_id].append((a.step, a.task_id))
+                grouped[a.run_id].append((keys.item_unit(a.step, a.index), a.task_id))
             try:
                 self.store.renew(dict(grouped), self.lease_s)
             except Exception:

@@ -32,5 +32,14 @@ class StepPublisher(Protocol):
             BrokerUnavailableError: The broker did not answer.
         """
 
+    def publish_items(
+        self, spec: WorkflowSpec, *, run_id: str, step: str, generation: str, items: Sequence[tuple[int, str]]
+    ) -> None:
+        """Send items of a map step, ``(index, task_id)`` each, as one group fanning out across workers.
+
+        Raises:
+            BrokerUnavailableError: The broker did not answer.
+        """
+
     def revoke(self, task_ids: Sequence[str]) -> None:
         """Interrupt the attempts running under ``task_ids`` (best effort: a thread pool cannot be interrupted)."""

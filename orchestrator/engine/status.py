@@ -12,13 +12,15 @@ from typing import Any, NotRequired
 
 from typing_extensions import TypedDict
 
-from orchestrator.definition.spec import WorkflowSpec
+from orchestrator.definition.mapping import is_map
+from orchestrator.definition.spec import StepSpec, WorkflowSpec
 from orchestrator.domain import RunStatus, StepStatus
 from orchestrator.engine.coordinator import failure_summary
 from orchestrator.errors import ErrorRecord
 from orchestrator.infra.timestamps import iso
 from orchestrator.llm.governor import from_nano_usd
 from orchestrator.state import keys
+from orchestrator.state.items import ItemCounts, item_counts
 
 
 class TokenUsage(TypedDict):
@@ -65,6 +67,7 @@ class StepView(TypedDict):
         deferred: While it waits so: the deferral record and ``until`` (ISO 8601).
         iterations: A repeated step's finished iterations (the latest checkpoint's number; 0 before the first).
         until_met: A repeated step's ``until`` held after its latest iteration.
+        items: A map step's items by status, once its list is known (``total``, ``pending`` … ``cancelled``).
         child_run_id: A ``workflow`` step's child run, once it started one.
     """
 
@@ -86,6 +89,7 @@ class StepView(TypedDict):
     deferred: NotRequired[dict[str, Any]]
     iterations: NotRequired[int]
     until_met: NotRequired[bool]
+    items: NotRequired[ItemCounts]
     child_run_id: NotRequired[str]
 
 
@@ -156,6 +160,28 @@ def _json(raw: str | None) -> Any:
     return json.loads(raw) if raw else None
 
 
+def _spend(step: StepSpec, output: Any) -> tuple[dict[str, Any] | None, Any]:
+    """An LLM step's usage and cost from its output (a map step's: its items' summed)."""
+    if is_map(step) and isinstance(output, list) and step.uses == "llm":
+        return _summed_usage(output)
+    if not isinstance(output, dict):
+        return None, None
+    return (output.get("usage") if step.uses == "llm" else None), output.get("cost_usd")
+
+
+def _summed_usage(outputs: list[Any]) -> tuple[dict[str, int] | None, float | None]:
+    """A map of LLM items: their usage and cost summed (``None`` when no item reported any)."""
+    found = [o for o in outputs if isinstance(o, dict) and isinstance(o.get("usage"), dict)]
+    if not found:
+        return None, None
+    usage = {
+        "input_tokens": sum(int(o["usage"].get("input_tokens", 0)) for o in found),
+        "output_tokens": sum(int(o["usage"].get("output_tokens", 0)) for o in found),
+    }
+    costs = [float(o["cost_usd"]) for o in found if o.get("cost_usd") is not None]
+    return usage, (sum(costs) if costs else None)
+
+
 def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
     """The run's status JSON: run fields, then every step in declaration order."""
     steps: dict[str, StepView] = {}
@@ -163,7 +189,7 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
     for step in spec.steps:
         p = keys.step_prefix(step.name)
         output = _json(fields.get(p + "output"))
-        usage = output.get("usage") if isinstance(output, dict) and step.uses == "llm" else None
+        usage, output_cost = _spend(step, output)
         view: StepView = {
             "status": StepStatus(fields.get(p + "status") or StepStatus.PENDING),
             "attempts": int(fields.get(p + "attempts") or 0),
@@ -191,8 +217,10 @@ def run_view(fields: dict[str, str], spec: WorkflowSpec) -> RunView:
             view["usage"] = usage
             input_tokens += int(usage.get("input_tokens", 0))
             output_tokens += int(usage.get("output_tokens", 0))
-            if isinstance(output, dict) and output.get("cost_usd") is not None:
-                view["cost"] = round(float(output["cost_usd"]), 9)
+            if output_cost is not None:
+                view["cost"] = round(float(output_cost), 9)
+        if is_map(step) and (counts := item_counts(fields, step.name)) is not None:
+            view["items"] = counts
         if step.repeat is not None:
             view["iterations"] = int(fields.get(p + "iterations") or 0)
             view["until_met"] = fields.get(p + "until_met") == "1"

@@ -37,6 +37,9 @@ class StepContext(Mapping[str, Any]):
         iteration: A repeated step's 1-based iteration, else ``None``.
         previous: A repeated step's previous iteration's output (``None`` in the first).
         output: This iteration's output, for a repeated step's ``until`` callable (``None`` elsewhere).
+        item: A map step's item (``for_each``), else ``None``.
+        index: A map step's item's 0-based index, else ``None``.
+        count: How many items the map step has, else ``None``.
     """
 
     run_id: str
@@ -48,6 +51,9 @@ class StepContext(Mapping[str, Any]):
     iteration: int | None = None
     previous: Any = None
     output: Any = None
+    item: Any = None
+    index: int | None = None
+    count: int | None = None
 
     def __getitem__(self, key: str) -> Any:
         return self.outputs[key]
@@ -60,7 +66,7 @@ class StepContext(Mapping[str, Any]):
 
     def template_context(self) -> dict[str, Any]:
         """The variables a template sees: ``inputs``, ``steps.NAME.output``, ``run_id``, ``attempt``; a repeated
-        step's also ``iteration`` and ``previous``."""
+        step's also ``iteration`` and ``previous``; a map step's item also ``item``, ``index`` and ``count``."""
         variables = {
             "inputs": dict(self.inputs),
             "steps": {name: {"output": out} for name, out in self.outputs.items()},
@@ -69,6 +75,8 @@ class StepContext(Mapping[str, Any]):
         }
         if self.iteration is not None:
             variables.update(iteration=self.iteration, previous=self.previous)
+        if self.index is not None:
+            variables.update(item=self.item, index=self.index, count=self.count)
         return variables
 
 

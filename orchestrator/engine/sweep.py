@@ -45,6 +45,9 @@ def _recover_lost_steps(runtime: Runtime) -> int:
             "status": None,
             "message": f"worker lost during attempt (task {old_task})",
         }
+        if keys.parse_item_unit(step)[1] is not None:
+            count += _recover_lost_item(runtime, member, lost, backlog_wait_s)
+            continue
         found = runtime.store.reclaim(
             member, uuid.uuid4().hex, lost, grace_s=runtime.settings.queued_grace_s, backlog_wait_s=backlog_wait_s
         )
@@ -57,6 +60,21 @@ def _recover_lost_steps(runtime: Runtime) -> int:
         log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
         count += 1
     return count
+
+
+def _recover_lost_item(runtime: Runtime, member: str, lost: ErrorRecord, backlog_wait_s: float) -> int:
+    # An item of a map step: re-queued or sent again by its own script, published as a one-item group.
+    found = runtime.store.reclaim_item(
+        member, uuid.uuid4().hex, lost, grace_s=runtime.settings.queued_grace_s, backlog_wait_s=backlog_wait_s
+    )
+    if found is None:
+        return 0
+    spec = runtime.store.load_definition(found.definition_hash)
+    runtime.publisher.publish_items(
+        spec, run_id=found.run_id, step=found.step, generation=found.generation, items=[(found.index, found.task_id)]
+    )
+    log.warning("re-dispatched %s/%s[%d] as task %s", found.run_id, found.step, found.index, found.task_id)
+    return 1
 
 
 def _backlog_wait_s(runtime: Runtime) -> float:

@@ -95,6 +95,8 @@ class Settings:
         rabbitmq_priority_queues: ``ORCH_RABBITMQ_PRIORITY_QUEUES``: declare step queues with ``x-max-priority``
             so RabbitMQ honours priorities (default off: RabbitMQ refuses to redeclare an existing queue with another
             argument, so existing queues must be deleted first).
+        map_max_items: ``ORCH_MAP_MAX_ITEMS``: the most items a ``for_each`` list may have; a longer one fails
+            its step (not retried).
         inprocess_threads: ``ORCH_INPROCESS_THREADS``: with ``REDIS_URL=memory://``, how many steps the process runs
             at once on its own threads.
     """
@@ -133,6 +135,7 @@ class Settings:
     priorities: str = "depth"
     rabbitmq_priority_queues: bool = False
     inprocess_threads: int = 8
+    map_max_items: int = 10_000
     redis_url_explicit: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -152,6 +155,8 @@ class Settings:
             )
         if self.inprocess_threads < 1:
             raise ValueError(f"ORCH_INPROCESS_THREADS must be at least 1, not {self.inprocess_threads}")
+        if self.map_max_items < 0:
+            raise ValueError(f"ORCH_MAP_MAX_ITEMS must be at least 0, not {self.map_max_items}")
         if self.metrics_max_series < 1:
             raise ValueError(f"ORCH_METRICS_MAX_SERIES must be at least 1, not {self.metrics_max_series}")
         if self.priorities not in PRIORITY_MODES:
@@ -202,6 +207,7 @@ class Settings:
             "priorities": "ORCH_PRIORITIES",
             "rabbitmq_priority_queues": "ORCH_RABBITMQ_PRIORITY_QUEUES",
             "inprocess_threads": "ORCH_INPROCESS_THREADS",
+            "map_max_items": "ORCH_MAP_MAX_ITEMS",
         }
         kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, object] = {}

@@ -29,6 +29,7 @@ from orchestrator.domain import (
     StopResult,
 )
 from orchestrator.engine.coordinator import failure_summary
+from orchestrator.state.items import ItemStore
 
 SUMMARY_FIELDS = (
     "run_id",
@@ -52,7 +53,7 @@ MAX_SUBMITTED_DEFINITIONS = 1000
 """Submitted definitions :meth:`StateStore.submitted_definitions` remembers, the most recently submitted."""
 
 
-class StateStore(Protocol):
+class StateStore(ItemStore, Protocol):
     """Where runs, step attempts, leases and definitions live: the contract both stores keep.
 
     ``RedisStateStore`` runs each transition as one Lua script on the run's own hash; ``MemoryStateStore`` does the

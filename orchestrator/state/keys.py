@@ -50,6 +50,26 @@ def step_prefix(step: str) -> str:
     return f"s:{step}:"
 
 
+def items_key(run_id: str, step: str) -> str:
+    """The hash holding a map step's items (fields ``INDEX:FIELD``; same hash tag as the run)."""
+    return f"{PREFIX}:{{{run_id}}}:items:{step}"
+
+
+ITEM_SEPARATOR = "#"
+"""Joins a step name and an item index where the lease index names an item (``STEP#INDEX``)."""
+
+
+def item_unit(step: str, index: int | None) -> str:
+    """What the lease index and the lease keeper call a unit of work: the step, or ``STEP#INDEX`` for an item."""
+    return step if index is None else f"{step}{ITEM_SEPARATOR}{index}"
+
+
+def parse_item_unit(unit: str) -> tuple[str, int | None]:
+    """Split :func:`item_unit`'s result into the step and the item index (``None`` for a step)."""
+    step, sep, index = unit.partition(ITEM_SEPARATOR)
+    return (step, int(index)) if sep else (step, None)
+
+
 def lease_member(run_id: str, step: str, task_id: str) -> str:
     """A running attempt in the lease index."""
     return f"{run_id}|{step}|{task_id}"

@@ -21,7 +21,8 @@ process (each prefork pool process has its own), and the other labels take value
 outcomes, error types, the queues a worker serves).
 
 ``outcome`` of a step attempt is ``succeeded``, ``failed``, ``retry``, ``deferred``, ``skipped``, ``waiting``,
-``stale`` or ``unknown`` (an exception escaped the task); retries are the ``retry`` outcome. The queue wait runs from
+``mapped`` (a map step expanded into its items), ``stale`` or ``unknown`` (an exception escaped the task); retries
+are the ``retry`` outcome. The queue wait runs from
 the moment the step was queued to the claim, both on Redis's clock; for a retry or a deferral it includes the
 countdown the step was given. Tokens and cost count what the provider billed; replies served from the reply cache
 count only as cache hits.

@@ -150,7 +150,8 @@ def finished_run(setup: Setup) -> dict[str, Any]:
     [
         ("no arguments", "llm", "missing arguments"),
         ("missing arguments", "cpu", "missing arguments"),
-        ("one argument too many", "llm", "5 positional arguments"),
+        ("one argument too many", "llm", "6 positional arguments"),
+        ("an item index that is no number", "cpu", "index must be decimal digits"),
         ("an unexpected keyword argument", "cpu", "unexpected keyword arguments"),
         ("an argument given twice", "llm", "arguments given twice"),
         ("wrong types", "llm", "must be a non-empty string"),
@@ -166,7 +167,8 @@ def test_a_malformed_step_message_is_logged_with_its_reason_and_acked_once(
     args, kwargs = {
         "no arguments": ([], {}),
         "missing arguments": ([run_id], {}),
-        "one argument too many": ([run_id, def_hash, "draft", "1", "surplus"], {}),
+        "one argument too many": ([run_id, def_hash, "draft", "1", "0", "surplus"], {}),
+        "an item index that is no number": ([run_id, def_hash, "draft", "1", "surplus"], {}),
         "an unexpected keyword argument": ([run_id, def_hash, "draft", "1"], {"priority": "high"}),
         "an argument given twice": ([run_id, def_hash, "draft", "1"], {"step": "draft"}),
         "wrong types": ([123, ["not", "a", "hash"], {"step": 1}, None], {}),

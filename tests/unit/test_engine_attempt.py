@@ -19,6 +19,7 @@ from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.domain import Attempt, RunStatus, StepStatus
 from orchestrator.engine.attempt import execute_attempt
 from orchestrator.engine.control import resume_run
+from orchestrator.engine.items import execute_item
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepDeferred, StepFailed
@@ -35,6 +36,7 @@ class Message:
     generation: str
     task_id: str
     definition_hash: str
+    index: int | None = None
 
 
 @dataclass
@@ -57,6 +59,12 @@ class RecordingPublisher:
             task_id = (task_ids or {}).get(step) or uuid.uuid4().hex
             self.sent.append(Message(run_id, step, generation, task_id, spec.definition_hash))
 
+    def publish_items(
+        self, spec: WorkflowSpec, *, run_id: str, step: str, generation: str, items: Sequence[tuple[int, str]]
+    ) -> None:
+        for index, task_id in items:
+            self.sent.append(Message(run_id, step, generation, task_id, spec.definition_hash, index))
+
     def revoke(self, task_ids: Sequence[str]) -> None:
         self.revoked.extend(task_ids)
 
@@ -78,8 +86,9 @@ def start(runtime: Runtime, publisher: RecordingPublisher, definition: dict[str,
 
 
 def deliver(runtime: Runtime, message: Message) -> str:
-    attempt = Attempt(message.run_id, message.step, message.generation, message.task_id)
-    return execute_attempt(runtime, attempt, message.definition_hash)
+    attempt = Attempt(message.run_id, message.step, message.generation, message.task_id, message.index)
+    execute = execute_attempt if message.index is None else execute_item
+    return execute(runtime, attempt, message.definition_hash)
 
 
 def drive(runtime: Runtime, publisher: RecordingPublisher, limit: int = 100) -> list[str]:

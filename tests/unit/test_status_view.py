@@ -295,6 +295,7 @@ STEP_FIELDS = {
     "deferred",
     "iterations",
     "until_met",
+    "items",
     "child_run_id",
 }
 

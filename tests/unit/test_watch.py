@@ -101,3 +101,14 @@ def test_a_finished_llm_step_shows_its_cost_and_tokens_and_the_run_its_totals_an
     assert "tokens 240 in / 90 out" in text
     assert "budget left $0.4975 of $0.5000" in text
     assert "duration 10.00s so far" in text
+
+
+def test_a_map_step_row_shows_its_items_done_of_total() -> None:
+    view = WatchView.from_status({"run_id": "r1", "workflow": "w", "version": 1, "steps": {"m": {}}})
+    view.apply(_event(1, "step_started", "m", 1))
+    counts = {"pending": 6, "queued": 1, "running": 1, "succeeded": 2, "failed": 0, "skipped": 0, "cancelled": 0}
+    view.refresh({"steps": {"m": {"items": {"total": 10, **counts}}}})
+    view.apply(_event(2, "item_succeeded", "m", 1, index=4))
+
+    assert view.steps["m"].note == "3 of 10 items"
+    assert view.steps["m"].status == "running"

@@ -27,6 +27,21 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local lease = tonumber(head[4] or '')
 if lease and lease > now then return {'live', head[4]} end
+-- A map step expanded in this generation runs as its items: its own lease only watches for a lost finish. While
+-- items are unfinished it is extended; once all have ended, it is re-queued below and its next attempt finishes it.
+if status == 'running' then
+  local m = redis.call('HMGET', run, p .. 'map_gen', p .. 'items_total', p .. 'items_succeeded', p .. 'items_failed',
+    p .. 'items_skipped', p .. 'items_cancelled')
+  if m[1] and m[1] == head[7] then
+    local ended = 0
+    for i = 3, 6 do ended = ended + (tonumber(m[i] or '0') or 0) end
+    if ended < (tonumber(m[2]) or 0) then
+      local held = string.format('%.6f', now + grace)
+      redis.call('HSET', run, p .. 'lease', held)
+      return {'live', held}
+    end
+  end
+end
 if unclaimed and backlog_wait > 0 and now - tonumber(head[8] or head[9] or now) < backlog_wait then
   local held = string.format('%.6f', now + grace)
   redis.call('HSET', run, p .. 'lease', held)

@@ -64,6 +64,8 @@ class _Run:
     expires_at: float
     # The run's event stream; it expires with the run, as in Redis.
     events: deque[_Entry] = field(default_factory=_new_stream)
+    # Each map step's items (``keys.items_key``), fields ``INDEX:FIELD`` as in Redis; they expire with the run.
+    items: dict[str, dict[str, str]] = field(default_factory=dict)
     # Hashes beside the run's own (agent journals, notes), by key; they expire with the run.
     side: dict[str, dict[str, str]] = field(default_factory=dict)
 

@@ -11,12 +11,12 @@ from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, Recl
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.state import keys
 from orchestrator.state.base import failure_line, run_failed_data, success_detail
+from orchestrator.state.items import split_item_leases
 from orchestrator.state.memory.core import (
     _COMPACT,
     _STOPPABLE_STEP,
     _UNFINISHED,
     MAX_RESEND_BACKOFF,
-    MemoryStateCore,
     _due,
     _float_or_none,
     _increment,
@@ -24,9 +24,10 @@ from orchestrator.state.memory.core import (
     _Run,
     _stamp,
 )
+from orchestrator.state.memory.items import ItemTransitions, map_unfinished
 
 
-class StepTransitions(MemoryStateCore):
+class StepTransitions(ItemTransitions):
     """Claim, finish, retry, defer, renew and reclaim a step's attempts, under the store's lock."""
 
     # -- step transitions ----------------------------------------------------------------------------------------
@@ -302,6 +303,9 @@ class StepTransitions(MemoryStateCore):
 
     def renew(self, leases: dict[str, list[tuple[str, str]]], lease_s: float) -> list[tuple[str, str, str, bool]]:
         """Extend the leases of running attempts, grouped by run id; returns each with whether it is still ours."""
+        leases, items = split_item_leases(leases)
+        if items:
+            self.renew_items(items, lease_s)
         out: list[tuple[str, str, str, bool]] = []
         with self._lock:
             now = self._clock()
@@ -362,6 +366,12 @@ class StepTransitions(MemoryStateCore):
             lease = _float_or_none(raw_lease)
             if lease is not None and lease > now:
                 self._leases[member] = float(raw_lease)
+                return None
+            if status == "running" and map_unfinished(fields, step):
+                # A map step's own lease watches for a lost finish: extended while items are unfinished.
+                held = _stamp(now + grace_s)
+                fields[p + "lease"] = held
+                self._leases[member] = float(held)
                 return None
             since = _float_or_none(fields.get(p + "queued_at") or fields.get("created_at") or "")
             if unclaimed and backlog_wait_s > 0 and now - (now if since is None else since) < backlog_wait_s:

@@ -3,6 +3,7 @@
 from orchestrator.state.redis.children import ChildRuns
 from orchestrator.state.redis.control import RunControl
 from orchestrator.state.redis.core import CONNECTION_WAIT_S, GLOBAL_EVENTS_MAXLEN, MAX_CONNECTIONS
+from orchestrator.state.redis.items import ItemTransitions
 from orchestrator.state.redis.iterations import IterationCheckpoints
 from orchestrator.state.redis.journal import AgentJournals
 from orchestrator.state.redis.steps import StepTransitions
@@ -10,7 +11,7 @@ from orchestrator.state.redis.steps import StepTransitions
 __all__ = ["CONNECTION_WAIT_S", "GLOBAL_EVENTS_MAXLEN", "MAX_CONNECTIONS", "RedisStateStore"]
 
 
-class RedisStateStore(RunControl, StepTransitions, IterationCheckpoints, AgentJournals, ChildRuns):
+class RedisStateStore(RunControl, StepTransitions, IterationCheckpoints, AgentJournals, ChildRuns, ItemTransitions):
     """Run and step state in Redis.
 
     Args:

@@ -44,6 +44,13 @@ _SCRIPTS = (
     "fail_dispatch",
     "note_definition",
     "iterate",
+    "item_expand",
+    "item_claim",
+    "item_finish",
+    "item_retry",
+    "item_reclaim",
+    "item_stop",
+    "item_renew",
     "journal",
     "child_wait",
     "child_done",
@@ -63,6 +70,13 @@ _WITH_EVENTS = {
     "decide",
     "fail_dispatch",
     "iterate",
+    "item_expand",
+    "item_claim",
+    "item_finish",
+    "item_retry",
+    "item_reclaim",
+    "item_stop",
+    "item_renew",
     "journal",
     "child_wait",
 }
@@ -71,7 +85,10 @@ _WITH_EVENTS = {
 def _load_lua(name: str) -> str:
     lua = resources.files("orchestrator.state").joinpath("lua")
     body = lua.joinpath(f"{name}.lua").read_text()
-    # Scripts cannot include one another: the event helpers are prepended to every script that emits.
+    # Scripts cannot include one another: the event helpers are prepended to every script that emits, the item
+    # helpers to every item script.
+    if name.startswith("item_"):
+        body = lua.joinpath("_items.lua").read_text() + body
     return lua.joinpath("_events.lua").read_text() + body if name in _WITH_EVENTS else body
 
 

@@ -15,7 +15,9 @@ from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, Recl
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.state import keys
 from orchestrator.state.base import failure_line, releasable, rules_json, success_detail
+from orchestrator.state.items import split_item_leases
 from orchestrator.state.redis.core import RedisStateCore, _run_keys, _text
+from orchestrator.state.redis.items import renew_items
 
 
 class StepTransitions(RedisStateCore):
@@ -172,7 +174,13 @@ class StepTransitions(RedisStateCore):
         return True
 
     def renew(self, leases: dict[str, list[tuple[str, str]]], lease_s: float) -> list[tuple[str, str, str, bool]]:
-        """Extend the leases of running attempts, grouped by run id; returns each with whether it is still ours."""
+        """Extend the leases of running attempts, grouped by run id; returns each with whether it is still ours.
+
+        Items of map steps (``STEP#INDEX``) are renewed too, by ``lua/item_renew.lua``, and not listed.
+        """
+        leases, items = split_item_leases(leases)
+        if items:
+            renew_items(self, items, lease_s)
         order = list(leases.items())
         calls = []
         for run_id, pairs in order:

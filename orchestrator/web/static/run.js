@@ -35,6 +35,8 @@ let runSeq = 0;
 let source = null;
 let pollTimer = null;
 let reloadTimer = null;
+// A map step's item events that end an item, and the counter each moves it to.
+const ITEM_ENDS = { item_succeeded: "succeeded", item_failed: "failed" };
 const waits = new Map(); // step → data of its last step_waiting event: {approvers, message, timeout_s}
 let deciding = false;
 const events = []; // every event applied, in seq order: {type, step, attempt, ts (ms), data}, for the timeline
@@ -94,6 +96,14 @@ function onEvent(message) {
   events.push({ type, step: event.step, attempt: event.attempt, ts: Date.parse(event.ts), data: event.data || {} });
   if (type === "step_waiting" && event.step) waits.set(event.step, event.data || {});
   if (!view) return scheduleReload();
+  const items = event.step && view.steps[event.step]?.items;
+  if (items && ITEM_ENDS[type]) {
+    // A map step's item ended: move it between the counters until the next snapshot brings them.
+    items[ITEM_ENDS[type]] += 1;
+    items.running = Math.max(0, items.running - 1);
+  } else if (event.step && type === "item_started" && view.steps[event.step] && !items) {
+    scheduleReload(); // the first item: fetch the step's counters
+  }
   if (event.step && STEP_EVENTS[type] && view.steps[event.step]) {
     const step = view.steps[event.step];
     step.status = STEP_EVENTS[type];
@@ -148,7 +158,8 @@ function openStream() {
   // EventSource cannot send headers: the token goes in the query string. It resends Last-Event-ID on reconnects.
   const query = token() ? `?token=${encodeURIComponent(token())}` : "";
   source = new EventSource(endpoint(`/events${query}`));
-  for (const type of [...Object.keys(STEP_EVENTS), ...Object.keys(RUN_EVENTS)]) {
+  const types = [...Object.keys(STEP_EVENTS), ...Object.keys(RUN_EVENTS), ...Object.keys(ITEM_ENDS), "item_started"];
+  for (const type of types) {
     source.addEventListener(type, onEvent);
   }
   source.addEventListener("message", onEvent);

@@ -61,10 +61,16 @@ export function renderRunFacts(nodes, view) {
 // One line about a step: its duration (first start to finish, ticking while it runs), cost and tokens.
 export function stepFacts(step) {
   const parts = [];
+  if (step.items) parts.push(`${itemsDone(step.items)}/${formatCount(step.items.total)} items`);
   if (step.started_at) parts.push(formatDuration(step.started_at, step.finished_at));
   if (step.cost !== undefined) parts.push(formatUsd(step.cost));
   if (step.usage) parts.push(`${formatCount((step.usage.input_tokens || 0) + (step.usage.output_tokens || 0))} tok`);
   return parts.join(" · ");
+}
+
+// A map step's items that have ended, of its total.
+export function itemsDone(items) {
+  return formatCount(items.succeeded + items.failed + items.skipped + items.cancelled);
 }
 
 // The side panel's rows for a step's cost and tokens, when it has them.

@@ -1,0 +1,185 @@
+"""One item of a map step: claim → run → record → refill, as :mod:`orchestrator.engine.attempt` does for a step.
+
+A delivered item message (the step task with an item index) becomes :func:`execute_item`. The item is claimed in
+the state store, run by its step's kind (:func:`run_item`, the seam where other kinds of item plug in), and its
+outcome recorded; the record queues the next pending items, which this worker publishes, and when it was the step's
+last unfinished item this worker also finishes the step (:func:`orchestrator.engine.mapping.finish_map`). Retries
+follow the step's policy per item, under the item's own task id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from orchestrator import telemetry
+from orchestrator.definition.mapping import is_map
+from orchestrator.definition.spec import StepSpec, WorkflowSpec
+from orchestrator.domain import Attempt, ClaimOutcome, ItemClaim, RunStatus, StepOutcome
+from orchestrator.engine.attempt import Delivery, error_record
+from orchestrator.engine.control import DEADLINE_REASON, stop_run
+from orchestrator.engine.coordinator import retry_delay, should_retry, upstream_reads
+from orchestrator.engine.mapping import finish_map, publish_items
+from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
+from orchestrator.engine.runtime import Runtime
+from orchestrator.engine.steps import StepContext
+from orchestrator.errors import (
+    DefinitionNotFoundError,
+    ErrorRecord,
+    NonRetryableStepError,
+    RetryableStepError,
+    StepDeferred,
+    StepError,
+)
+from orchestrator.llm.gateway import CallContext
+from orchestrator.telemetry import AttemptScope
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def execute_item(runtime: Runtime, attempt: Attempt, definition_hash: str, delivery: Delivery | None = None) -> str:
+    """Run one delivery of an item message (``attempt.index`` set); returns what happened, for the worker log.
+
+    Raises:
+        RetryableStepError: With ``countdown`` set: the broker should deliver the message again after it.
+        redis.exceptions.ConnectionError: Or another outage error, when Redis stayed away past the patience.
+    """
+    try:
+        spec = _patiently(runtime, f"{attempt}: load", lambda: runtime.store.load_definition(definition_hash))
+    except DefinitionNotFoundError:
+        return "dropped: unknown definition"
+    step = spec.steps_by_name.get(attempt.step)
+    if step is None or not is_map(step):
+        log.warning("dropping %s: workflow %s has no map step %r", attempt, spec.name, attempt.step)
+        return "dropped: not a map step"
+    upstream = upstream_reads(spec, attempt.step)
+    claim = _patiently(
+        runtime,
+        f"{attempt}: claim",
+        lambda: runtime.store.claim_item(attempt, lease_s=runtime.settings.lease_s, upstream=upstream),
+    )
+    if claim.outcome == ClaimOutcome.INACTIVE and claim.detail == "deadline":
+        stop_run(runtime.publisher, runtime.store, attempt.run_id, RunStatus.TIMED_OUT, DEADLINE_REASON)
+        return "dropped: the run is past its deadline"
+    if claim.outcome != ClaimOutcome.OK:
+        return f"dropped item: {claim.outcome} {claim.detail}".rstrip()
+    delivery = delivery or Delivery()
+    info = telemetry.AttemptInfo(
+        run_id=attempt.run_id,
+        workflow=spec.name,
+        step=attempt.step,
+        kind=step.uses.value,
+        attempt=claim.attempt,
+        task_id=attempt.task_id,
+        queue=delivery.queue,
+        queued_at=claim.queued_at,
+        started_at=claim.now,
+        headers=delivery.headers,
+        due_at=delivery.due_at,
+    )
+    runtime.leases.hold(attempt)
+    try:
+        with telemetry.step_attempt(info) as scope:
+            return _run_claimed_item(runtime, spec, attempt, claim, scope)
+    finally:
+        runtime.leases.release(attempt)
+
+
+def run_item(runtime: Runtime, step: StepSpec, ctx: StepContext, call: CallContext) -> Any:
+    """Run one item of ``step`` by its kind and return its output (the seam for kinds that run items otherwise)."""
+    return runtime.executor.run(step, ctx, call)
+
+
+def _run_claimed_item(
+    runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: ItemClaim, scope: AttemptScope
+) -> str:
+    step = spec.steps_by_name[attempt.step]
+    try:
+        if claim.generation_attempt > step.retry.max_attempts:
+            # Attempts ran out without a recorded failure of the last one: its worker was lost.
+            lost: ErrorRecord = {"type": "worker_lost", "message": "gave up: worker lost", "attempt": claim.attempt - 1}
+            return _finish(runtime, spec, attempt, StepOutcome.FAILED, scope, error=lost)
+        ctx = StepContext(
+            attempt.run_id,
+            attempt.step,
+            claim.attempt,
+            claim.inputs,
+            claim.parent_output,
+            item=claim.item,
+            index=attempt.index,
+            count=claim.count,
+        )
+        call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, step=attempt.step)
+        try:
+            output = run_item(runtime, step, ctx, call)
+        except runtime.interrupts:
+            raise RetryableStepError(f"step exceeded its timeout of {step.timeout_s}s", kind="timeout") from None
+    except StepDeferred as exc:
+        if not _requeue(runtime, attempt, None, exc.countdown or 0.0, counted=False):
+            return "stale attempt: not deferred"
+        scope.finish("deferred", exc.reason)
+        raise
+    except RetryableStepError as exc:
+        error = error_record(exc, claim.attempt)
+        if not should_retry(step.retry, claim.generation_attempt, exc.kind):
+            return _finish(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error)
+        exc.countdown = retry_delay(step.retry, claim.generation_attempt, exc.retry_after, runtime.settings.retry_cap_s)
+        if not _requeue(runtime, attempt, error, exc.countdown, counted=True):
+            return "stale attempt: not retried"
+        scope.finish("retry", exc.kind)
+        raise
+    except StepError as exc:
+        return _finish(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error_record(exc, claim.attempt))
+    except OUTAGE_ERRORS:
+        raise
+    except Exception as exc:
+        log.exception("%s: internal error", attempt)
+        internal = NonRetryableStepError(f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
+        return _finish(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error_record(internal, claim.attempt))
+    if isinstance(output, dict) and isinstance(output.get("cost_usd"), float):
+        scope.cost_usd = output["cost_usd"]
+    return _finish(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output)
+
+
+def _requeue(runtime: Runtime, attempt: Attempt, error: ErrorRecord | None, countdown: float, *, counted: bool) -> bool:
+    grace = runtime.settings.queued_grace_s
+    return _patiently(
+        runtime,
+        f"{attempt}: requeue",
+        lambda: runtime.store.retry_item(attempt, error, countdown_s=countdown, grace_s=grace, counted=counted),
+    )
+
+
+def _finish(
+    runtime: Runtime,
+    spec: WorkflowSpec,
+    attempt: Attempt,
+    outcome: StepOutcome,
+    scope: AttemptScope,
+    *,
+    output: Any = None,
+    error: ErrorRecord | None = None,
+) -> str:
+    """Record the item's outcome, publish the items it let start, and finish the step after its last item."""
+    done = _patiently(
+        runtime,
+        f"{attempt}: record {outcome.value}",
+        lambda: runtime.store.finish_item(
+            attempt, outcome, output=output, error=error, grace_s=runtime.settings.queued_grace_s
+        ),
+    )
+    scope.finish(outcome.value if done.recorded else "stale", error.get("type") if error else None)
+    if not done.recorded:
+        return "stale attempt: not recorded"
+    publish_items(runtime, spec, attempt, done.publish)
+    if done.all_ended:
+        step_attempt = Attempt(attempt.run_id, attempt.step, attempt.generation, done.step_task)
+        return f"item {outcome.value}; {finish_map(runtime, spec, step_attempt)}"
+    return f"item {outcome.value}"
+
+
+def _patiently(runtime: Runtime, what: str, call: Callable[[], T]) -> T:
+    return retry_through_outage(what, call, patience_s=runtime.settings.outage_patience_s)

@@ -1,0 +1,42 @@
+-- Recover an item behind an expired lease (reclaim.lua's rules, per item): a running item whose worker died is
+-- re-queued under new_task (the error recorded); a queued one whose message was lost is sent again under its own
+-- task id, unless the step queues hold a backlog it is likely still waiting in (backlog_wait_s > 0): then it is held
+-- until it has waited backlog_wait_s since it was queued.
+-- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the step's item hash. ARGV: step, index, expected_task,
+-- new_task, error_json, grace_s, backlog_wait_s.
+-- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease}; {"skip"}.
+local run, events, items = KEYS[1], KEYS[2], KEYS[3]
+local step, index, expected, new_task, err = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local grace, backlog_wait = tonumber(ARGV[6]), tonumber(ARGV[7] or '0')
+local p = 's:' .. step .. ':'
+local f = index .. ':'
+local head = redis.call('HMGET', run, 'status', 'def_hash', 'gen', p .. 'status', 'seq')
+local row = redis.call('HMGET', items, f .. 'status', f .. 'task', f .. 'lease', f .. 'queued_at', f .. 'attempts')
+local status = row[1]
+if head[1] ~= 'running' or head[4] ~= 'running' or row[2] ~= expected then return {'skip'} end
+if status ~= 'running' and status ~= 'queued' then return {'skip'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local lease = tonumber(row[3] or '')
+if lease and lease > now then return {'live', row[3]} end
+local until_ = string.format('%.6f', now + grace)
+if status == 'queued' then
+  local since = tonumber(row[4] or now)
+  if backlog_wait > 0 and now - since < backlog_wait then
+    -- Held to the end of the backlog wait at once: a map queues thousands of items, each looked at twice, not once
+    -- per grace.
+    local held = string.format('%.6f', since + backlog_wait)
+    redis.call('HSET', items, f .. 'lease', held)
+    return {'live', held}
+  end
+  redis.call('HSET', items, f .. 'lease', until_)
+  return {'ok', head[2], head[3], expected, until_}
+end
+local stamp = string.format('%.6f', now)
+redis.call('HSET', items, f .. 'status', 'queued', f .. 'task', new_task, f .. 'lease', until_, f .. 'queued_at', stamp,
+  f .. 'error', err)
+count_move(run, p, 'running', 'queued')
+events_from(head[5])
+emit(run, events, stamp, 'item_lost', step, tonumber(row[5]) or 0, '{"index":' .. index .. ',"error":' .. err .. '}')
+emitted(run)
+return {'ok', head[2], head[3], new_task, until_}

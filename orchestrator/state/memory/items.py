@@ -1,0 +1,380 @@
+"""The in-memory store's item transitions, each as its ``lua/item_*.lua`` script (and ``lua/_items.lua``)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from orchestrator.domain import Attempt, ClaimOutcome, ItemClaim, ItemDispatch, ReclaimedItem, StepOutcome
+from orchestrator.errors import ErrorRecord
+from orchestrator.state import keys
+from orchestrator.state.items import ITEM_FIELDS, ITEM_STATUSES, ItemRecord, dumps, item_record, page_bounds
+from orchestrator.state.memory.core import MemoryStateCore, _float_or_none, _increment, _Run, _stamp
+
+_ENDED = frozenset({"succeeded", "failed", "skipped", "cancelled"})
+_ITEM_KEYS = ("status", "item", "key", "task", "lease", "attempts", "base", "output", "error", "started_at")
+_ITEM_KEYS_ALL = (*_ITEM_KEYS, "finished_at", "queued_at")
+
+
+def _move(fields: dict[str, str], step: str, source: str | None, target: str | None, by: int = 1) -> None:
+    """``count_move``: shift ``by`` items of ``step`` from one status counter to another."""
+    if source:
+        _increment(fields, keys.step_field(step, f"items_{source}"), -by)
+    if target:
+        _increment(fields, keys.step_field(step, f"items_{target}"), by)
+
+
+def _ended(fields: dict[str, str], step: str) -> int:
+    return sum(int(fields.get(keys.step_field(step, f"items_{s}")) or 0) for s in _ENDED)
+
+
+def map_unfinished(fields: dict[str, str], step: str) -> bool:
+    """Whether ``step`` is a map step expanded in the run's generation with items still unfinished."""
+    p = keys.step_prefix(step)
+    if not fields.get(p + "map_gen") or fields.get(p + "map_gen") != fields.get("gen"):
+        return False
+    return _ended(fields, step) < int(fields.get(p + "items_total") or 0)
+
+
+def _item_refusal(fields: dict[str, str], p: str, item: tuple[str, str], task_id: str, now: float) -> ItemClaim | None:
+    """Why an item may not be claimed (``item_claim.lua``'s refusals, in order), or ``None`` when it may."""
+    status, owner = item
+    if status in _ENDED:
+        return ItemClaim(ClaimOutcome.DONE, detail=status)
+    if fields.get("status") != "running":
+        return ItemClaim(ClaimOutcome.INACTIVE, detail=fields.get("status", ""))
+    deadline = _float_or_none(fields.get("deadline") or "")
+    if deadline is not None and now > deadline:
+        return ItemClaim(ClaimOutcome.INACTIVE, detail="deadline")
+    if fields.get(p + "status") != "running":
+        return ItemClaim(ClaimOutcome.INACTIVE, detail=f"step {fields.get(p + 'status', '')}")
+    if status == "pending":
+        return ItemClaim(ClaimOutcome.BUSY)
+    if status == "queued" and owner and owner != task_id:
+        return ItemClaim(ClaimOutcome.SUPERSEDED)
+    if status == "running":
+        return ItemClaim(ClaimOutcome.BUSY, detail="own" if owner == task_id else "")
+    return None
+
+
+class ItemTransitions(MemoryStateCore):
+    """Expand a map step, and claim, finish, retry, reclaim, stop and read its items, under the store's lock."""
+
+    def _items(self, run: _Run, step: str) -> dict[str, str]:
+        return run.items.setdefault(step, {})
+
+    def _take(self, run: _Run, step: str, n: int, prefix: str, now: str) -> list[tuple[int, str]]:
+        """``take``: queue up to ``n`` pending items from the cursor on."""
+        p = keys.step_prefix(step)
+        items = self._items(run, step)
+        total, cursor = int(run.fields.get(p + "items_total") or 0), int(run.fields.get(p + "cursor") or 0)
+        out: list[tuple[int, str]] = []
+        while len(out) < n and cursor < total:
+            if items.get(f"{cursor}:status") == "pending":
+                task = f"{prefix}.{cursor}"
+                items.update({f"{cursor}:status": "queued", f"{cursor}:task": task, f"{cursor}:queued_at": now})
+                items[f"{cursor}:lease"] = ""
+                out.append((cursor, task))
+            cursor += 1
+        run.fields[p + "cursor"] = str(cursor)
+        if out:
+            _move(run.fields, step, "pending", "queued", len(out))
+        return out
+
+    def _room(self, fields: dict[str, str], step: str) -> int:
+        p = keys.step_prefix(step)
+        limit = int(fields.get(p + "max_parallel") or 0)
+        if limit <= 0:
+            return int(fields.get(p + "items_total") or 0)
+        busy = int(fields.get(p + "items_queued") or 0) + int(fields.get(p + "items_running") or 0)
+        return max(0, limit - busy)
+
+    def _hold(self, run_id: str, step: str, publish: list[tuple[int, str]], due: float) -> None:
+        for index, task in publish:
+            self._leases[keys.lease_member(run_id, keys.item_unit(step, index), task)] = due
+
+    def expand_items(
+        self, attempt: Attempt, items: list[str], result_keys: list[str], *, max_parallel: int, grace_s: float
+    ) -> ItemDispatch:
+        """Expand a claimed map step into its items (see ``lua/item_expand.lua``)."""
+        p = keys.step_prefix(attempt.step)
+        with self._lock:
+            now = self._clock()
+            run = self._live(attempt.run_id, now)
+            if run is None or not self._owns(run.fields, attempt):
+                return ItemDispatch(recorded=False)
+            fields = run.fields
+            total = int(fields.get(p + "items_total") or 0)
+            if fields.get(p + "map_gen") == attempt.generation:
+                ended = _ended(fields, attempt.step)
+                return ItemDispatch(True, (), ended >= total, attempt.task_id, ended, total)
+            stored = self._items(run, attempt.step)
+            kept = 0
+            for i, (item, key) in enumerate(zip(items, result_keys, strict=True)):
+                if stored.get(f"{i}:status") == "succeeded" and key and stored.get(f"{i}:key") == key:
+                    kept += 1
+                    continue
+                attempts = stored.get(f"{i}:attempts") or "0"
+                for name in ("output", "error", "started_at", "finished_at"):
+                    stored.pop(f"{i}:{name}", None)
+                stored.update({f"{i}:status": "pending", f"{i}:item": item, f"{i}:key": key, f"{i}:task": ""})
+                stored.update({f"{i}:lease": "", f"{i}:attempts": attempts, f"{i}:base": attempts})
+            for i in range(len(items), total):
+                for name in _ITEM_KEYS_ALL:
+                    stored.pop(f"{i}:{name}", None)
+            counts = dict.fromkeys(ITEM_STATUSES, "0") | {"pending": str(len(items) - kept), "succeeded": str(kept)}
+            fields.update({p + f"items_{s}": n for s, n in counts.items()})
+            fields.update({p + "items_total": str(len(items)), p + "cursor": "0", p + "map_gen": attempt.generation})
+            fields.update({p + "max_parallel": str(max_parallel), p + "lease": _stamp(now + grace_s)})
+            publish = self._take(
+                run, attempt.step, self._room(fields, attempt.step), uuid.uuid4().hex[:16], _stamp(now)
+            )
+            self._leases[keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)] = now + grace_s
+            self._hold(attempt.run_id, attempt.step, publish, now + grace_s)
+            return ItemDispatch(True, tuple(publish), kept >= len(items), attempt.task_id, kept, len(items))
+
+    def claim_item(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...]) -> ItemClaim:
+        """Start an attempt of one item (see ``lua/item_claim.lua``)."""
+        p = keys.step_prefix(attempt.step)
+        f = f"{attempt.index}:"
+        with self._lock:
+            now = self._clock()
+            run = self._live(attempt.run_id, now)
+            if run is None:
+                return ItemClaim(ClaimOutcome.MISSING)
+            fields = run.fields
+            if fields.get("gen") != attempt.generation:
+                return ItemClaim(ClaimOutcome.STALE)
+            items = self._items(run, attempt.step)
+            status, owner = items.get(f + "status"), items.get(f + "task") or ""
+            if status is None:
+                return ItemClaim(ClaimOutcome.MISSING)
+            refusal = _item_refusal(fields, p, (status, owner), attempt.task_id, now)
+            if refusal is not None:
+                return refusal
+            number = int(items.get(f + "attempts") or 0) + 1
+            stamp = _stamp(now)
+            items.update({f + "status": "running", f + "task": attempt.task_id, f + "lease": _stamp(now + lease_s)})
+            items[f + "attempts"] = str(number)
+            items.setdefault(f + "started_at", stamp)
+            _move(fields, attempt.step, "queued", "running")
+            self._emit(run, stamp, "item_started", attempt.step, attempt=number, data=f'{{"index":{attempt.index}}}')
+            self._leases[
+                keys.lease_member(attempt.run_id, keys.item_unit(attempt.step, attempt.index), attempt.task_id)
+            ] = now + lease_s
+            queued = items.get(f + "queued_at")
+            return ItemClaim(
+                outcome=ClaimOutcome.OK,
+                attempt=number,
+                generation_attempt=number - int(items.get(f + "base") or 0),
+                now=float(stamp),
+                queued_at=float(queued) if queued else None,
+                item=json.loads(items.get(f + "item") or "null"),
+                count=int(fields.get(p + "items_total") or 0),
+                step_task=fields.get(p + "task") or "",
+                inputs=json.loads(fields.get("inputs") or "{}"),
+                parent_status={u: fields.get(keys.step_field(u, "status"), "") for u in upstream},
+                parent_output={
+                    u: json.loads(raw) if (raw := fields.get(keys.step_field(u, "output"))) else None for u in upstream
+                },
+            )
+
+    def _owned_item(self, run: _Run | None, attempt: Attempt) -> dict[str, str] | None:
+        if run is None or run.fields.get("gen") != attempt.generation:
+            return None
+        items = self._items(run, attempt.step)
+        f = f"{attempt.index}:"
+        if items.get(f + "status") != "running" or items.get(f + "task") != attempt.task_id:
+            return None
+        return items
+
+    def finish_item(
+        self,
+        attempt: Attempt,
+        outcome: StepOutcome,
+        *,
+        output: Any = None,
+        error: ErrorRecord | None = None,
+        grace_s: float = 300.0,
+    ) -> ItemDispatch:
+        """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``)."""
+        p = keys.step_prefix(attempt.step)
+        f = f"{attempt.index}:"
+        member = keys.lease_member(attempt.run_id, keys.item_unit(attempt.step, attempt.index), attempt.task_id)
+        with self._lock:
+            now = self._clock()
+            self._leases.pop(member, None)
+            run = self._live(attempt.run_id, now)
+            items = self._owned_item(run, attempt)
+            if run is None or items is None:
+                return ItemDispatch(recorded=False)
+            stamp = _stamp(now)
+            items.update({f + "status": outcome.value, f + "finished_at": stamp, f + "lease": ""})
+            if outcome == StepOutcome.SUCCEEDED and output is not None:
+                items[f + "output"] = dumps(output)
+            else:
+                items.pop(f + "output", None)
+            detail = f'{{"index":{attempt.index}}}'
+            if error is not None:
+                items[f + "error"] = json.dumps(error)
+                detail = f'{{"index":{attempt.index},"error":{items[f + "error"]}}}'
+            _move(run.fields, attempt.step, "running", outcome.value)
+            number = int(items.get(f + "attempts") or 0)
+            self._emit(run, stamp, f"item_{outcome.value}", attempt.step, attempt=number, data=detail)
+            publish: list[tuple[int, str]] = []
+            running = run.fields.get(p + "status") == "running"
+            if running:
+                room = self._room(run.fields, attempt.step)
+                publish = self._take(run, attempt.step, room, uuid.uuid4().hex[:16], stamp)
+            self._hold(attempt.run_id, attempt.step, publish, now + grace_s)
+            last = running and _ended(run.fields, attempt.step) >= int(run.fields.get(p + "items_total") or 0)
+            return ItemDispatch(True, tuple(publish), last, run.fields.get(p + "task") or "")
+
+    def retry_item(
+        self, attempt: Attempt, error: ErrorRecord | None, *, countdown_s: float, grace_s: float, counted: bool = True
+    ) -> bool:
+        """Put a running item back to ``queued`` (see ``lua/item_retry.lua``); ``False`` when stale."""
+        f = f"{attempt.index}:"
+        with self._lock:
+            now = self._clock()
+            run = self._live(attempt.run_id, now)
+            items = self._owned_item(run, attempt)
+            if run is None or items is None:
+                return False
+            number = int(items.get(f + "attempts") or 0)
+            lease = _stamp(now + countdown_s + grace_s)
+            stamp = _stamp(now)
+            items.update({f + "status": "queued", f + "lease": lease, f + "queued_at": stamp})
+            items[f + "attempts"] = str(number if counted else number - 1)
+            raw = "" if error is None else json.dumps(error)
+            if raw:
+                items[f + "error"] = raw
+            _move(run.fields, attempt.step, "running", "queued")
+            detail = f'{{"index":{attempt.index},"countdown_s":{float(countdown_s)!r}'
+            detail += f',"error":{raw}}}' if raw else "}"
+            kind = "item_retry" if counted else "item_deferred"
+            self._emit(run, stamp, kind, attempt.step, attempt=number, data=detail)
+            unit = keys.item_unit(attempt.step, attempt.index)
+            self._leases[keys.lease_member(attempt.run_id, unit, attempt.task_id)] = float(lease)
+            return True
+
+    def reclaim_item(
+        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+    ) -> ReclaimedItem | None:
+        """Recover the item behind an expired lease (see ``lua/item_reclaim.lua``)."""
+        run_id, unit, task_id = keys.parse_lease_member(member)
+        step, index = keys.parse_item_unit(unit)
+        p, f = keys.step_prefix(step), f"{index}:"
+        with self._lock:
+            now = self._clock()
+            run = self._live(run_id, now)
+            items = self._items(run, step) if run is not None else {}
+            status = items.get(f + "status")
+            if (
+                run is None
+                or index is None
+                or run.fields.get("status") != "running"
+                or run.fields.get(p + "status") != "running"
+                or items.get(f + "task") != task_id
+                or status not in ("running", "queued")
+            ):
+                self._leases.pop(member, None)
+                return None
+            lease = _float_or_none(items.get(f + "lease") or "")
+            until = _stamp(now + grace_s)
+            since = _float_or_none(items.get(f + "queued_at") or "")
+            waiting = status == "queued" and backlog_wait_s > 0 and now - (since or now) < backlog_wait_s
+            if (lease is not None and lease > now) or waiting:
+                held = (
+                    items[f + "lease"] if lease is not None and lease > now else _stamp((since or now) + backlog_wait_s)
+                )
+                items[f + "lease"] = held
+                self._leases[member] = float(held)
+                return None
+            publish = task_id
+            items[f + "lease"] = until
+            if status == "running":
+                publish = new_task_id
+                raw = json.dumps(error)
+                items.update({f + "status": "queued", f + "task": new_task_id, f + "queued_at": _stamp(now)})
+                items[f + "error"] = raw
+                _move(run.fields, step, "running", "queued")
+                number = int(items.get(f + "attempts") or 0)
+                data = f'{{"index":{index},"error":{raw}}}'
+                self._emit(run, _stamp(now), "item_lost", step, attempt=number, data=data)
+            self._leases.pop(member, None)
+            self._leases[keys.lease_member(run_id, unit, publish)] = float(until)
+            return ReclaimedItem(
+                run_id, step, index, run.fields.get("def_hash", ""), run.fields.get("gen", ""), publish
+            )
+
+    def stop_items(self, run_id: str, step: str, generation: str) -> list[str]:
+        """Cancel a stopped run's unfinished items (see ``lua/item_stop.lua``); the task ids to interrupt."""
+        p = keys.step_prefix(step)
+        with self._lock:
+            now = self._clock()
+            run = self._live(run_id, now)
+            if run is None or run.fields.get("status") == "running":
+                return []
+            if run.fields.get("gen") != generation or run.fields.get(p + "map_gen") != generation:
+                return []
+            items = self._items(run, step)
+            tasks: list[str] = []
+            for i in range(int(run.fields.get(p + "items_total") or 0)):
+                status = items.get(f"{i}:status")
+                if status in ("pending", "queued", "running"):
+                    items.update({f"{i}:status": "cancelled", f"{i}:finished_at": _stamp(now), f"{i}:lease": ""})
+                    _move(run.fields, step, status, "cancelled")
+                    if status != "pending" and items.get(f"{i}:task"):
+                        tasks.append(items[f"{i}:task"])
+            return tasks
+
+    def renew_items(self, items: dict[tuple[str, str], list[tuple[int, str]]], lease_s: float) -> None:
+        """Extend the leases of running items (see ``lua/item_renew.lua``)."""
+        with self._lock:
+            now = self._clock()
+            for (run_id, step), pairs in items.items():
+                run = self._live(run_id, now)
+                if run is None or run.fields.get("status") != "running":
+                    continue
+                stored = self._items(run, step)
+                for index, task_id in pairs:
+                    f = f"{index}:"
+                    if stored.get(f + "status") == "running" and stored.get(f + "task") == task_id:
+                        stored[f + "lease"] = _stamp(now + lease_s)
+                        member = keys.lease_member(run_id, keys.item_unit(step, index), task_id)
+                        if member in self._leases:
+                            self._leases[member] = now + lease_s
+
+    def item_records(self, run_id: str, step: str, offset: int = 0, limit: int = 100) -> list[ItemRecord]:
+        """One page of item records, in index order."""
+        with self._lock:
+            run = self._live(run_id, self._clock())
+            if run is None:
+                return []
+            total = int(run.fields.get(keys.step_field(step, "items_total")) or 0)
+            items = self._items(run, step)
+            return [
+                item_record(i, [items.get(f"{i}:{name}") for name in ITEM_FIELDS])
+                for i in page_bounds(offset, limit, total)
+            ]
+
+    def item_outputs(self, run_id: str, step: str) -> tuple[list[Any], list[tuple[int, str, ErrorRecord | None]]]:
+        """Every item's output in order, and the items that did not succeed (the first with its error)."""
+        with self._lock:
+            run = self._live(run_id, self._clock())
+            if run is None:
+                return [], []
+            total = int(run.fields.get(keys.step_field(step, "items_total")) or 0)
+            items = self._items(run, step)
+            outputs = [json.loads(raw) if (raw := items.get(f"{i}:output")) else None for i in range(total)]
+            bad: list[tuple[int, str, ErrorRecord | None]] = [
+                (i, items.get(f"{i}:status") or "pending", None)
+                for i in range(total)
+                if items.get(f"{i}:status") != "succeeded"
+            ]
+            if bad:
+                raw = items.get(f"{bad[0][0]}:error")
+                bad[0] = (bad[0][0], bad[0][1], json.loads(raw) if raw else None)
+            return outputs, bad

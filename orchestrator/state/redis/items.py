@@ -1,0 +1,212 @@
+"""The Redis store's item transitions: a map step's items claimed, finished, retried and reclaimed by Lua scripts
+(``lua/item_*.lua``) on the run's hash and the step's item hash (one hash tag, one slot)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, cast
+
+from orchestrator.domain import (
+    Attempt,
+    ClaimOutcome,
+    ItemClaim,
+    ItemDispatch,
+    ReclaimedItem,
+    StepOutcome,
+)
+from orchestrator.errors import ErrorRecord
+from orchestrator.state import keys
+from orchestrator.state.items import ITEM_FIELDS, ItemRecord, dumps, item_record, page_bounds
+from orchestrator.state.redis.core import RedisStateCore, _text
+
+_CHUNK = 1000
+"""Item fields read per ``HMGET``: a 10,000-item step is read in ten commands of one pipeline."""
+
+
+def _item_keys(run_id: str, step: str) -> list[str]:
+    return [keys.run_key(run_id), keys.events_key(run_id), keys.items_key(run_id, step)]
+
+
+def _member(attempt: Attempt) -> str:
+    return keys.lease_member(attempt.run_id, keys.item_unit(attempt.step, attempt.index), attempt.task_id)
+
+
+class ItemTransitions(RedisStateCore):
+    """Expand a map step, and claim, finish, retry, reclaim, stop and read its items."""
+
+    def _item_script(self, script: str, run_id: str, step: str, argv: list[Any]) -> Any:
+        return self._scripts[script](keys=_item_keys(run_id, step), args=argv)
+
+    def _hold_items(self, run_id: str, step: str, publish: tuple[tuple[int, str], ...], grace_s: float) -> None:
+        if publish:
+            due = time.time() + grace_s
+            held = {keys.lease_member(run_id, keys.item_unit(step, i), t): due for i, t in publish}
+            self.client.zadd(keys.LEASES, cast(Any, held))
+
+    def expand_items(
+        self, attempt: Attempt, items: list[str], result_keys: list[str], *, max_parallel: int, grace_s: float
+    ) -> ItemDispatch:
+        """Expand a claimed map step into its items (see ``lua/item_expand.lua``)."""
+        argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, max_parallel, grace_s]
+        argv += [uuid.uuid4().hex[:16], len(items)]
+        for item, key in zip(items, result_keys, strict=True):
+            argv += [item, key]
+        reply = [_text(x) for x in self._item_script("item_expand", attempt.run_id, attempt.step, argv)]
+        if reply[0] != "ok":
+            return ItemDispatch(recorded=False)
+        publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2))
+        step_member = keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)
+        # The step's own entry now watches for a lost finish of the step (reclaim.lua extends it while items run).
+        self.client.zadd(keys.LEASES, {step_member: time.time() + grace_s})
+        self._hold_items(attempt.run_id, attempt.step, publish, grace_s)
+        ended, total = int(reply[1]), int(reply[2])
+        return ItemDispatch(
+            recorded=True,
+            publish=publish,
+            all_ended=ended >= total,
+            step_task=attempt.task_id,
+            ended=ended,
+            total=total,
+        )
+
+    def claim_item(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...]) -> ItemClaim:
+        """Start an attempt of one item (see ``lua/item_claim.lua``); the attempt enters the lease index first."""
+        member = _member(attempt)
+        argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, lease_s]
+        argv += [len(upstream), *upstream]
+        script = self._scripts["item_claim"]
+        replies = self._pipeline(
+            lambda pipe: pipe.zadd(keys.LEASES, {member: time.time() + lease_s}),
+            lambda pipe: pipe.evalsha(script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+        )
+        reply = [_text(x) for x in replies[1]]
+        outcome = ClaimOutcome(reply[0])
+        if outcome != ClaimOutcome.OK and not (outcome == ClaimOutcome.BUSY and reply[1:2] == ["own"]):
+            self.client.zrem(keys.LEASES, member)
+        if outcome != ClaimOutcome.OK:
+            return ItemClaim(outcome=outcome, detail=reply[1] if len(reply) > 1 else "")
+        rows = reply[10:]
+        return ItemClaim(
+            outcome=outcome,
+            attempt=int(reply[1]),
+            generation_attempt=int(reply[1]) - int(reply[3] or 0),
+            now=float(reply[2]),
+            item=json.loads(reply[4]),
+            inputs=json.loads(reply[5]),
+            count=int(reply[6]),
+            queued_at=float(reply[7]) if reply[7] else None,
+            step_task=reply[8],
+            parent_status={p: rows[2 * i] for i, p in enumerate(upstream)},
+            parent_output={p: json.loads(rows[2 * i + 1]) if rows[2 * i + 1] else None for i, p in enumerate(upstream)},
+        )
+
+    def finish_item(
+        self,
+        attempt: Attempt,
+        outcome: StepOutcome,
+        *,
+        output: Any = None,
+        error: ErrorRecord | None = None,
+        grace_s: float = 300.0,
+    ) -> ItemDispatch:
+        """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``)."""
+        argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, outcome.value]
+        argv += ["" if output is None else dumps(output), "" if error is None else dumps(error), uuid.uuid4().hex[:16]]
+        script = self._scripts["item_finish"]
+        replies = self._pipeline(
+            lambda pipe: pipe.evalsha(script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+            lambda pipe: pipe.zrem(keys.LEASES, _member(attempt)),
+        )
+        reply = [_text(x) for x in replies[0]]
+        if reply[0] != "ok":
+            return ItemDispatch(recorded=False)
+        publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2))
+        self._hold_items(attempt.run_id, attempt.step, publish, grace_s)
+        return ItemDispatch(recorded=True, publish=publish, all_ended=reply[1] == "1", step_task=reply[2])
+
+    def retry_item(
+        self, attempt: Attempt, error: ErrorRecord | None, *, countdown_s: float, grace_s: float, counted: bool = True
+    ) -> bool:
+        """Put a running item back to ``queued`` (see ``lua/item_retry.lua``); ``False`` when stale."""
+        argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index]
+        argv += ["" if error is None else dumps(error), countdown_s, grace_s, "1" if counted else ""]
+        lease = self._item_script("item_retry", attempt.run_id, attempt.step, argv)
+        if lease is None:
+            return False
+        self.client.zadd(keys.LEASES, {_member(attempt): float(_text(lease))})
+        return True
+
+    def reclaim_item(
+        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+    ) -> ReclaimedItem | None:
+        """Recover the item behind an expired lease (see ``lua/item_reclaim.lua``)."""
+        run_id, unit, task_id = keys.parse_lease_member(member)
+        step, index = keys.parse_item_unit(unit)
+        argv: list[Any] = [step, index, task_id, new_task_id, dumps(error), grace_s, backlog_wait_s]
+        reply = [_text(x) for x in self._item_script("item_reclaim", run_id, step, argv)]
+        if reply[0] == "live":
+            self.client.zadd(keys.LEASES, {member: float(reply[1])})
+            return None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(keys.LEASES, member)
+        if reply[0] == "ok":
+            pipe.zadd(keys.LEASES, {keys.lease_member(run_id, unit, reply[3]): float(reply[4])})
+        pipe.execute()
+        if reply[0] != "ok" or index is None:
+            return None
+        return ReclaimedItem(run_id, step, index, definition_hash=reply[1], generation=reply[2], task_id=reply[3])
+
+    def stop_items(self, run_id: str, step: str, generation: str) -> list[str]:
+        """Cancel a stopped run's unfinished items (see ``lua/item_stop.lua``); the task ids to interrupt."""
+        reply = self._item_script("item_stop", run_id, step, [step, generation])
+        return [_text(x) for x in reply[1:]]
+
+    def item_records(self, run_id: str, step: str, offset: int = 0, limit: int = 100) -> list[ItemRecord]:
+        """One page of item records, in index order (one ``HMGET``)."""
+        total = self.client.hget(keys.run_key(run_id), keys.step_field(step, "items_total"))
+        indices = page_bounds(offset, limit, int(total or 0))
+        if not indices:
+            return []
+        names = [f"{i}:{f}" for i in indices for f in ITEM_FIELDS]
+        row = [None if v is None else _text(v) for v in self.client.hmget(keys.items_key(run_id, step), names)]
+        width = len(ITEM_FIELDS)
+        return [item_record(i, row[n * width : (n + 1) * width]) for n, i in enumerate(indices)]
+
+    def item_outputs(self, run_id: str, step: str) -> tuple[list[Any], list[tuple[int, str, ErrorRecord | None]]]:
+        """Every item's output in order, and the items that did not succeed (one pipeline)."""
+        total = int(self.client.hget(keys.run_key(run_id), keys.step_field(step, "items_total")) or 0)
+        pipe = self.client.pipeline(transaction=False)
+        for start in range(0, total, _CHUNK):
+            names = [f"{i}:{f}" for i in range(start, min(total, start + _CHUNK)) for f in ("status", "output")]
+            pipe.hmget(keys.items_key(run_id, step), names)
+        flat = [None if v is None else _text(v) for chunk in pipe.execute() for v in chunk]
+        outputs: list[Any] = []
+        unsuccessful: list[tuple[int, str, ErrorRecord | None]] = []
+        for i in range(total):
+            status, output = flat[2 * i], flat[2 * i + 1]
+            outputs.append(json.loads(output) if output else None)
+            if status != "succeeded":
+                unsuccessful.append((i, status or "pending", None))
+        if unsuccessful:
+            errors = self.client.hmget(keys.items_key(run_id, step), [f"{i}:error" for i, _, _ in unsuccessful[:1]])
+            first = unsuccessful[0]
+            unsuccessful[0] = (first[0], first[1], json.loads(_text(errors[0])) if errors[0] else None)
+        return outputs, unsuccessful
+
+
+def renew_items(store: RedisStateCore, items: dict[tuple[str, str], list[tuple[int, str]]], lease_s: float) -> None:
+    """Extend the leases of running items, grouped by ``(run_id, step)`` (see ``lua/item_renew.lua``)."""
+    index: dict[str, float] = {}
+    for (run_id, step), pairs in items.items():
+        argv: list[Any] = [lease_s]
+        for item, task_id in pairs:
+            argv += [item, task_id]
+        reply = store._scripts["item_renew"](keys=_item_keys(run_id, step), args=argv)
+        now = float(_text(reply[0]))
+        for (item, task_id), flag in zip(pairs, reply[1:], strict=True):
+            if int(flag):
+                index[keys.lease_member(run_id, keys.item_unit(step, item), task_id)] = now + lease_s
+    if index:
+        store.client.zadd(keys.LEASES, cast(Any, index), xx=True)

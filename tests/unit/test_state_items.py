@@ -1,0 +1,170 @@
+"""The store contract for map steps' items, against both stores (the ``lua/item_*.lua`` scripts and their memory
+twins): expansion and refills under ``max_parallel``, claims, retries, the step's counters, stop, reclaim, paging,
+and a resume that keeps the items that succeeded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
+from orchestrator.domain import Attempt, ClaimOutcome, ItemDispatch, ResumePlan, RunStatus, StepOutcome
+from orchestrator.state import keys
+from orchestrator.state.items import item_counts
+from tests.unit import test_state_contract as contract
+from tests.unit.test_state_contract import GRACE_S, LONG_LEASE_S, LOST, SHORT_LEASE_S, Backend, start
+
+backend = contract.backend
+contract_redis = contract.contract_redis
+
+pytestmark = pytest.mark.timeout(30)
+
+MAP = parse_workflow(
+    {
+        "name": "map",
+        "steps": [
+            {"name": "m", "uses": "noop", "for_each": "inputs.xs"},
+            {"name": "after", "uses": "noop", "depends_on": ["m"]},
+        ],
+    }
+)
+
+
+def expand(
+    backend: Backend,
+    spec: WorkflowSpec,
+    n: int,
+    *,
+    max_parallel: int = 0,
+    keys_: list[str] | None = None,
+    generation: str = "1",
+    task: str = "task-m",
+) -> ItemDispatch:
+    at = Attempt("run1", "m", generation, task)
+    got = backend.store.claim(at, lease_s=LONG_LEASE_S, upstream=(), children=spec.graph.children["m"])
+    assert got.outcome == ClaimOutcome.OK, got
+    items = [json.dumps(f"x{i}") for i in range(n)]
+    return backend.store.expand_items(at, items, keys_ or [""] * n, max_parallel=max_parallel, grace_s=GRACE_S)
+
+
+def item(index: int, task: str, generation: str = "1") -> Attempt:
+    return Attempt("run1", "m", generation, task, index)
+
+
+def counts(backend: Backend) -> dict[str, int]:
+    found = item_counts(backend.store.run_fields("run1"), "m")
+    assert found is not None
+    return dict(found)
+
+
+def run_item(backend: Backend, index: int, task: str, outcome: StepOutcome = StepOutcome.SUCCEEDED) -> ItemDispatch:
+    got = backend.store.claim_item(item(index, task), lease_s=LONG_LEASE_S, upstream=())
+    assert got.outcome == ClaimOutcome.OK, got
+    return backend.store.finish_item(item(index, task), outcome, output={"i": index}, grace_s=GRACE_S)
+
+
+def test_max_parallel_queues_that_many_and_each_finish_queues_the_next(backend: Backend) -> None:
+    start(backend, MAP, inputs={"xs": []})
+    first = expand(backend, MAP, 5, max_parallel=2)
+    assert [i for i, _ in first.publish] == [0, 1]
+    assert counts(backend) == {
+        "total": 5,
+        "pending": 3,
+        "queued": 2,
+        "running": 0,
+        "succeeded": 0,
+        "failed": 0,
+        "skipped": 0,
+        "cancelled": 0,
+    }
+    claimed = backend.store.claim_item(item(0, first.publish[0][1]), lease_s=LONG_LEASE_S, upstream=())
+    assert (claimed.outcome, claimed.item, claimed.count, claimed.attempt) == (ClaimOutcome.OK, "x0", 5, 1)
+    done = backend.store.finish_item(item(0, first.publish[0][1]), StepOutcome.SUCCEEDED, output={"i": 0})
+    assert [i for i, _ in done.publish] == [2]
+    assert not done.all_ended
+    assert counts(backend)["queued"] == 2
+    assert counts(backend)["succeeded"] == 1
+
+
+def test_an_item_is_claimed_once_and_a_finished_one_is_done(backend: Backend) -> None:
+    start(backend, MAP, inputs={"xs": []})
+    task = expand(backend, MAP, 1).publish[0][1]
+    assert backend.store.claim_item(item(0, "someone-else"), lease_s=LONG_LEASE_S, upstream=()).outcome == "superseded"
+    assert backend.store.claim_item(item(0, task), lease_s=LONG_LEASE_S, upstream=()).outcome == ClaimOutcome.OK
+    again = backend.store.claim_item(item(0, task), lease_s=LONG_LEASE_S, upstream=())
+    assert (again.outcome, again.detail) == (ClaimOutcome.BUSY, "own")
+    last = backend.store.finish_item(item(0, task), StepOutcome.SUCCEEDED, output=[1])
+    assert last.all_ended
+    assert last.step_task == "task-m"
+    done = backend.store.claim_item(item(0, task), lease_s=LONG_LEASE_S, upstream=())
+    assert (done.outcome, done.detail) == (ClaimOutcome.DONE, "succeeded")
+    assert backend.store.finish_item(item(0, task), StepOutcome.SUCCEEDED).recorded is False
+
+
+def test_outputs_come_back_in_item_order_with_the_first_failure(backend: Backend) -> None:
+    start(backend, MAP, inputs={"xs": []})
+    tasks = dict(expand(backend, MAP, 3).publish)
+    for index in (2, 0):
+        run_item(backend, index, tasks[index])
+    backend.store.claim_item(item(1, tasks[1]), lease_s=LONG_LEASE_S, upstream=())
+    error = {"type": "exception", "message": "bad"}
+    backend.store.finish_item(item(1, tasks[1]), StepOutcome.FAILED, error=error)
+    outputs, bad = backend.store.item_outputs("run1", "m")
+    assert outputs == [{"i": 0}, None, {"i": 2}]
+    assert bad == [(1, "failed", error)]
+    page = backend.store.item_records("run1", "m", 1, 5)
+    assert [(r["index"], r["item"], r["status"], r["error"]) for r in page] == [
+        (1, "x1", "failed", error),
+        (2, "x2", "succeeded", None),
+    ]
+    assert backend.store.item_records("run1", "m", 0, 10**9)[0]["index"] == 0
+
+
+def test_a_retry_requeues_the_item_under_its_task_and_a_deferral_gives_the_attempt_back(backend: Backend) -> None:
+    start(backend, MAP, inputs={"xs": []})
+    task = expand(backend, MAP, 1).publish[0][1]
+    backend.store.claim_item(item(0, task), lease_s=LONG_LEASE_S, upstream=())
+    assert backend.store.retry_item(item(0, task), dict(LOST), countdown_s=1.0, grace_s=GRACE_S)
+    assert counts(backend)["queued"] == 1
+    assert backend.store.claim_item(item(0, task), lease_s=LONG_LEASE_S, upstream=()).attempt == 2
+    assert backend.store.retry_item(item(0, task), None, countdown_s=1.0, grace_s=GRACE_S, counted=False)
+    assert backend.store.claim_item(item(0, task), lease_s=LONG_LEASE_S, upstream=()).attempt == 2
+
+
+def test_stop_cancels_every_unfinished_item_and_returns_those_to_interrupt(backend: Backend) -> None:
+    start(backend, MAP, inputs={"xs": []})
+    tasks = dict(expand(backend, MAP, 4, max_parallel=2).publish)
+    backend.store.claim_item(item(0, tasks[0]), lease_s=LONG_LEASE_S, upstream=())
+    backend.store.stop("run1", RunStatus.CANCELLED, "test", ("m", "after"))
+    assert sorted(backend.store.stop_items("run1", "m", "1")) == sorted(tasks.values())
+    assert counts(backend)["cancelled"] == 4
+    assert backend.store.finish_item(item(0, tasks[0]), StepOutcome.SUCCEEDED).recorded is False
+
+
+def test_a_lost_item_is_requeued_under_a_new_task_by_the_sweeper(backend: Backend) -> None:
+    start(backend, MAP, inputs={"xs": []})
+    task = expand(backend, MAP, 1).publish[0][1]
+    backend.store.claim_item(item(0, task), lease_s=SHORT_LEASE_S, upstream=())
+    member = keys.lease_member("run1", "m#0", task)
+    assert backend.wait_past(SHORT_LEASE_S, lambda: member in backend.store.expired_leases())
+    found = backend.store.reclaim_item(member, "task-new", LOST, grace_s=GRACE_S)
+    assert found is not None
+    assert (found.step, found.index, found.task_id) == ("m", 0, "task-new")
+    assert counts(backend)["queued"] == 1
+    assert backend.store.claim_item(item(0, "task-new"), lease_s=LONG_LEASE_S, upstream=()).attempt == 2
+
+
+def test_a_resume_keeps_items_that_succeeded_under_the_same_key_and_requeues_the_rest(backend: Backend) -> None:
+    start(backend, MAP, inputs={"xs": []})
+    tasks = dict(expand(backend, MAP, 3, keys_=["k0", "k1", "k2"]).publish)
+    run_item(backend, 0, tasks[0])
+    run_item(backend, 1, tasks[1], StepOutcome.FAILED)
+    run_item(backend, 2, tasks[2])
+    backend.store.stop("run1", RunStatus.CANCELLED, "test", ("m", "after"))
+    plan = ResumePlan("1", ("cancelled",), (("m", "queued", 0), ("after", "pending", 1)))
+    assert backend.store.resume("run1", plan).generation == "2"
+    again = expand(backend, MAP, 3, keys_=["k0", "k1", "changed"], generation="2", task="task-m2")
+    assert [i for i, _ in again.publish] == [1, 2]
+    assert counts(backend)["succeeded"] == 1
+    assert backend.store.item_outputs("run1", "m")[0][0] == {"i": 0}
