@@ -14,7 +14,15 @@ if TYPE_CHECKING:
     from orchestrator.client import Client
     from orchestrator.definition.registry import function, functions, workflows
     from orchestrator.definition.spec import RetryPolicy, StepSpec, WorkflowSpec, parse_workflow
-    from orchestrator.definition.workflow import ApprovalStep, LLMStep, NoopStep, PythonStep, Step, Workflow
+    from orchestrator.definition.workflow import (
+        ApprovalStep,
+        LLMStep,
+        NoopStep,
+        PythonStep,
+        Step,
+        Workflow,
+        WorkflowStep,
+    )
     from orchestrator.domain import RunStatus, StepStatus
     from orchestrator.engine.steps import StepContext
     from orchestrator.errors import (
@@ -47,6 +55,7 @@ __all__ = [
     "StepSpec",
     "Workflow",
     "WorkflowSpec",
+    "WorkflowStep",
     "function",
     "functions",
     "parse_workflow",
@@ -85,6 +94,7 @@ _HOME = {
     "PythonStep": "orchestrator.definition.workflow",
     "Step": "orchestrator.definition.workflow",
     "Workflow": "orchestrator.definition.workflow",
+    "WorkflowStep": "orchestrator.definition.workflow",
     "RetryPolicy": "orchestrator.definition.spec",
     "StepSpec": "orchestrator.definition.spec",
     "WorkflowSpec": "orchestrator.definition.spec",

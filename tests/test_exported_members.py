@@ -22,6 +22,7 @@ EXPORTED = {
     "StepSpec",
     "Workflow",
     "WorkflowSpec",
+    "WorkflowStep",
     "function",
     "functions",
     "parse_workflow",

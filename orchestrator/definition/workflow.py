@@ -209,6 +209,32 @@ class NoopStep(Step):
     kind: ClassVar[StepKind] = StepKind.NOOP
 
 
+class WorkflowStep(Step):
+    """Run another workflow as a child run and wait for it, holding no worker meanwhile.
+
+    ``workflow`` is a :class:`Workflow` (or a registered name, ``version`` pinning one); every string in ``inputs`` is a
+    template over ``inputs`` and ``steps`` (and ``item``/``index`` in a map step). The step's output is the child's
+    step outputs by name; a child that fails, is cancelled or times out fails the step, naming the child run.
+    """
+
+    kind: ClassVar[StepKind] = StepKind.WORKFLOW
+
+    workflow: Workflow | str
+    version: int | None = None
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+    def params(self) -> dict[str, Any]:
+        """The step's ``with:`` parameters in the workflow-file shape."""
+        if isinstance(self.workflow, Workflow):
+            name, version = self.workflow.spec.name, self.workflow.spec.version
+        else:
+            name, version = self.workflow, self.version
+        data: dict[str, Any] = {"workflow": name, "inputs": self.inputs}
+        if version is not None:
+            data["version"] = version
+        return data
+
+
 class Workflow:
     """A workflow defined in Python.
 
@@ -254,3 +280,6 @@ class Workflow:
     def step(self, name: str) -> StepSpec:
         """The compiled spec of one step."""
         return self.spec.steps_by_name[name]
+
+
+WorkflowStep.model_rebuild()  # its ``workflow`` field names :class:`Workflow`, defined after it
