@@ -225,6 +225,7 @@ class WorkflowStep(Step):
 
     def params(self) -> dict[str, Any]:
         """The step's ``with:`` parameters in the workflow-file shape."""
+        version: int | None
         if isinstance(self.workflow, Workflow):
             name, version = self.workflow.spec.name, self.workflow.spec.version
         else:
