@@ -320,10 +320,11 @@ class AttemptStream:
         self.text(text)
 
     def reset(self) -> None:
-        """Start the text again: what was streamed so far is not part of the final text."""
+        """Start the text again: what was streamed so far is not part of the final text (a no-op when nothing was)."""
         self.text.flush()
-        self.text.restart()
-        self._starts_over = True
+        if self.text.sent:
+            self.text.restart()
+            self._starts_over = True
 
     def __enter__(self) -> AttemptStream:
         return self
