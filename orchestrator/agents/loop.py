@@ -1,19 +1,26 @@
 """The agent loop: model turns through the LLM gateway, tool calls journaled under the step, until the model ends.
 
-Each turn sends the conversation so far (with the tools) through :func:`call_turn`, the one place a turn is asked
-(so it can be streamed later). Its reply's ``tool_use`` blocks run the tools, and their results go back as
-``tool_result`` blocks in the next turn. Every turn and every tool call is journaled under the step, fenced by the
-attempt like a finish, before the next turn: a worker killed mid-loop leaves a journal the next attempt replays. A
-replayed turn sends the same conversation, so the reply cache answers it (no turn is paid twice); a finished tool
-call's result is read back from the journal (no finished call runs twice); a call that started but did not finish
-runs again only when its tool is ``idempotent``, else the model is told it was interrupted. ``resume --from`` starts
-the loop afresh (journal entries of earlier generations are ignored and replies are not taken from the cache).
+Each turn sends the conversation so far (with the tools) through :func:`call_turn`, the one place a turn is asked.
+Its reply's ``tool_use`` blocks run the tools, and their results go back as ``tool_result`` blocks in the next turn.
+Every turn and every tool call is journaled under the step, fenced by the attempt like a finish, before the next
+turn: a worker killed mid-loop leaves a journal the next attempt replays. A replayed turn sends the same
+conversation, so the reply cache answers it (no turn is paid twice); a finished tool call's result is read back from
+the journal (no finished call runs twice); a call that started but did not finish runs again only when its tool is
+``idempotent``, else the model is told it was interrupted. ``resume --from`` starts the loop afresh (journal entries
+of earlier generations are ignored and replies are not taken from the cache).
+
+With ``stream: true`` each turn's text streams into the attempt's :class:`~orchestrator.engine.deltas.AttemptStream`.
+The step's output ``text`` is the last turn's, so a turn after one that streamed text starts with an ``llm_reset``:
+what a client shows after the last reset is the output ``text``. A turn answered from the reply cache streams as one
+delta, like a cached ``llm`` reply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -78,9 +85,13 @@ def resolve_tools(names: tuple[str, ...]) -> dict[str, Tool]:
     return found
 
 
-def call_turn(runtime: Runtime, request: LLMRequest, call: CallContext) -> GatewayReply:
-    """Ask the model one turn through the gateway (budget, limits, reply cache); the seam for streaming a turn."""
-    return runtime.executor.llm.complete(request, call)
+def call_turn(
+    runtime: Runtime, request: LLMRequest, call: CallContext, on_text: Callable[[str], None] | None = None
+) -> GatewayReply:
+    """Ask the model one turn through the gateway (budget, limits, reply cache), streaming its text into ``on_text``."""
+    # Passed only when streaming: gateways written before streaming take no ``on_text``.
+    streaming = {"on_text": on_text} if on_text is not None else {}
+    return runtime.executor.llm.complete(request, call, **streaming)
 
 
 @dataclass
@@ -245,44 +256,49 @@ def run_agent(
     loop = _Loop(runtime, step, params, attempt, ctx, key, _journal(runtime, attempt, key, force), deadline)
     simulate = _simulate(params, toolset)
     messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
-    for turn in range(1, params.max_turns + 1):
-        request = LLMRequest(
-            model=params.model,
-            prompt=prompt,
-            max_tokens=params.max_tokens,
-            system=system,
-            attempt=ctx.attempt,
-            simulate=simulate,
-            timeout_s=loop.time_left() or runtime.executor.llm_timeout_s,
-            messages=tuple(messages),
-            tools=definitions or None,
-        )
-        try:
-            reply = call_turn(runtime, request, call)
-        except (StepDeferred, RetryableStepError):
-            raise
-        except StepError as exc:
-            raise loop.failed(f"agent turn {turn}: {exc}", exc.kind, exc.status_code) from None
-        loop.transcript.add(reply)
-        content = list(reply.response.content) or [{"type": "text", "text": reply.response.text}]
-        uses = [block for block in content if block.get("type") == "tool_use"]
-        if f"turn:{turn}" not in loop.journal:
-            data = {"turn": turn, "stop_reason": reply.response.stop_reason, "tool_calls": len(uses)}
-            loop.record(
-                f"turn:{turn}",
-                {"stop_reason": reply.response.stop_reason},
-                "agent_turn",
-                {**data, "cached": reply.cached},
+    stream = runtime.executor.attempt_stream(ctx, attempt.index) if params.stream else None
+    with stream if stream is not None else contextlib.nullcontext():
+        for turn in range(1, params.max_turns + 1):
+            if stream is not None and turn > 1:
+                # The output text is the last turn's: a turn's text replaces what earlier turns streamed.
+                stream.reset()
+            request = LLMRequest(
+                model=params.model,
+                prompt=prompt,
+                max_tokens=params.max_tokens,
+                system=system,
+                attempt=ctx.attempt,
+                simulate=simulate,
+                timeout_s=loop.time_left() or runtime.executor.llm_timeout_s,
+                messages=tuple(messages),
+                tools=definitions or None,
             )
-        if not uses or reply.response.stop_reason != "tool_use":
-            return loop.transcript.output(params.model)
-        messages.append({"role": "assistant", "content": content})
-        messages.append(
-            {"role": "user", "content": [loop.run_call(turn, n, use, toolset) for n, use in enumerate(uses)]}
+            try:
+                reply = call_turn(runtime, request, call, stream.on_text if stream is not None else None)
+            except (StepDeferred, RetryableStepError):
+                raise
+            except StepError as exc:
+                raise loop.failed(f"agent turn {turn}: {exc}", exc.kind, exc.status_code) from None
+            loop.transcript.add(reply)
+            content = list(reply.response.content) or [{"type": "text", "text": reply.response.text}]
+            uses = [block for block in content if block.get("type") == "tool_use"]
+            if f"turn:{turn}" not in loop.journal:
+                data = {"turn": turn, "stop_reason": reply.response.stop_reason, "tool_calls": len(uses)}
+                loop.record(
+                    f"turn:{turn}",
+                    {"stop_reason": reply.response.stop_reason},
+                    "agent_turn",
+                    {**data, "cached": reply.cached},
+                )
+            if not uses or reply.response.stop_reason != "tool_use":
+                return loop.transcript.output(params.model)
+            messages.append({"role": "assistant", "content": content})
+            messages.append(
+                {"role": "user", "content": [loop.run_call(turn, n, use, toolset) for n, use in enumerate(uses)]}
+            )
+        raise loop.failed(
+            f"step {step.name!r}: the model did not end its turn within max_turns={params.max_turns}", "max_turns"
         )
-    raise loop.failed(
-        f"step {step.name!r}: the model did not end its turn within max_turns={params.max_turns}", "max_turns"
-    )
 
 
 def _journal(runtime: Runtime, attempt: Attempt, key: str, force: bool) -> dict[str, dict[str, Any]]:

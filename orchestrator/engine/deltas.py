@@ -8,8 +8,8 @@
 Deltas are not progress events: they have no ``seq`` and never enter the run's durable event stream. A client that
 joins late first gets the text so far of each streaming attempt (one ``llm_delta``), then the live ones; each delta
 carries its ``offset`` in the attempt's text on the channel, so the API can drop what the text so far already held.
-A retried attempt (or a repeated step's next iteration, or a structured-output repair call) starts with an
-``llm_reset``: what was streamed before it is not part of the final text.
+A retried attempt (or a repeated step's next iteration, a structured-output repair call, or an agent's turn after
+one that streamed text) starts with an ``llm_reset``: what was streamed before it is not part of the final text.
 """
 
 from __future__ import annotations
@@ -320,10 +320,11 @@ class AttemptStream:
         self.text(text)
 
     def reset(self) -> None:
-        """Start the text again: what was streamed so far is not part of the final text."""
+        """Start the text again: what was streamed so far is not part of the final text (a no-op when nothing was)."""
         self.text.flush()
-        self.text.restart()
-        self._starts_over = True
+        if self.text.sent:
+            self.text.restart()
+            self._starts_over = True
 
     def __enter__(self) -> AttemptStream:
         return self

@@ -101,6 +101,42 @@ def test_an_sse_client_gets_deltas_without_ids_that_concatenate_to_the_output_te
     assert all(started < i < succeeded for i, f in enumerate(received) if f["event"] == "llm_delta")
 
 
+def test_a_streaming_agent_step_sends_its_final_turns_text_over_sse_after_its_tool_turns(
+    api: httpx.Client, workers: LocalWorkers, unique: str
+) -> None:
+    script = [
+        [{"name": "calculator", "input": {"expression": "6*7"}}],
+        [{"name": "calculator", "input": {"expression": "2+2"}}],
+    ]
+    step = {
+        "name": "agent",
+        "uses": "agent",
+        "with": {
+            "prompt": "Research {{ inputs.topic }}",
+            "tools": ["calculator"],
+            "max_tokens": 200,
+            "stream": True,
+            "simulate": {"latency_s": 1.0, "tool_calls": script},
+        },
+    }
+    run_id = api.post("/runs", json={"definition": workflow(f"stream_agent_{unique}", step)}).json()["run_id"]
+    with api.stream("GET", f"/runs/{run_id}/events") as response:
+        received = list(frames(response))
+    view = finished(api, run_id)
+
+    deltas = deltas_of(received)
+    output = view["steps"]["agent"]["output"]
+    assert view["status"] == "succeeded"
+    assert output["turns"] == 3
+    assert len(deltas) >= 3, "the last turn's text arrived in pieces, while the step ran"
+    assert shown_text(deltas) == output["text"]
+    assert {(data["step"], data["index"], data["attempt"]) for _, data in deltas} == {("agent", None, 1)}
+    turns = [i for i, f in enumerate(received) if f["event"] == "agent_turn"]
+    first_delta = next(i for i, f in enumerate(received) if f["event"] == "llm_delta")
+    succeeded = next(i for i, f in enumerate(received) if f["event"] == "step_succeeded")
+    assert turns[1] < first_delta < succeeded, "the text is the third turn's, streamed before the step ended"
+
+
 def test_a_client_that_connects_midway_gets_the_text_so_far_then_the_rest(
     api: httpx.Client, workers: LocalWorkers, unique: str
 ) -> None:

@@ -5,6 +5,7 @@ The engine helpers of ``test_engine_attempt`` stand in for the broker; the offli
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,12 @@ from orchestrator.agents.tools import ToolContext, ToolInputError, make_tool, to
 from orchestrator.cli import main
 from orchestrator.engine.status import run_view
 from orchestrator.llm import AnthropicClient, LLMRequest
+from orchestrator.llm.base import LLMResponse, TextCallback
+from orchestrator.llm.offline import OfflineClient
 from orchestrator.state import MemoryStateStore
 from tests.fake_anthropic import FakeReply, fake_anthropic_server, message_body
 from tests.unit.test_engine_attempt import drive, make_runtime, start, workflow
+from tests.unit.test_streaming import RecordingSink, _streamed_text
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -290,3 +294,71 @@ def test_the_research_team_example_runs_offline_sharing_notes_between_agents() -
     calls = view["steps"]["supervisor"]["output"]["tool_calls"]
     assert calls[0]["output"]["value"][0] == "two tides a day", "the scout's note, read by the supervisor"
     assert calls[1]["output"] == {"result": 12.0}
+
+
+# -- streaming -----------------------------------------------------------------------------------------------------
+
+
+class ChattyClient:
+    """The offline model, saying a line of text before each turn's tool calls (as a real model often does)."""
+
+    def __init__(self) -> None:
+        self.offline = OfflineClient()
+
+    def complete(self, request: LLMRequest, on_text: TextCallback | None = None) -> LLMResponse:
+        response = self.offline.complete(request, on_text=on_text)
+        if response.stop_reason != "tool_use":
+            return response
+        said = f"Calling tools, turn {sum(1 for m in request.messages if m['role'] == 'assistant') + 1}. "
+        if on_text is not None:
+            on_text(said)
+        content = ({"type": "text", "text": said}, *response.content)
+        return replace(response, text=said, content=content)
+
+
+SCRIPT = [
+    [{"name": "calculator", "input": {"expression": "6*7"}}],
+    [{"name": "calculator", "input": {"expression": "1+1"}}],
+]
+
+
+def streamed_agent(chatty: bool) -> tuple[dict[str, Any], list[Any]]:
+    sink = RecordingSink()
+    runtime, publisher = make_runtime(MemoryStateStore(), deltas=sink)
+    if chatty:
+        runtime.executor.llm.client = ChattyClient()
+    definition = workflow(agent(tools=["calculator"], simulate={"tool_calls": SCRIPT}, stream=True))
+    run_id = start(runtime, publisher, definition, topic="tides")
+    drive(runtime, publisher)
+    from orchestrator.definition.spec import parse_workflow
+
+    view = run_view(runtime.store.run_fields(run_id), parse_workflow(definition))
+    step = dict(view["steps"]["agent"])
+    assert step["status"] == "succeeded"
+    assert [f[1:] for f in sink.finished] == [("agent", None, 1)]
+    return step["output"], sink.deltas
+
+
+def test_a_streaming_agent_streams_its_final_turns_text_as_deltas_that_concatenate_to_the_output() -> None:
+    output, deltas = streamed_agent(chatty=False)
+
+    assert output["turns"] == 3
+    assert [d for d in deltas if d.type == "llm_delta"]
+    assert _streamed_text(deltas) == output["text"]
+    # Tool-only turns streamed no text, so nothing needs starting over.
+    assert "".join(d.text for d in deltas) == output["text"]
+
+
+def test_each_later_turn_of_a_streaming_agent_that_says_something_starts_with_a_reset() -> None:
+    output, deltas = streamed_agent(chatty=True)
+
+    assert output["turns"] == 3
+    kinds = [(d.type, d.text.split(".")[0]) for d in deltas]
+    assert kinds[:4] == [
+        ("llm_delta", "Calling tools, turn 1"),
+        ("llm_reset", ""),
+        ("llm_delta", "Calling tools, turn 2"),
+        ("llm_reset", ""),
+    ]
+    assert "llm_reset" not in [d.type for d in deltas[4:]]
+    assert _streamed_text(deltas) == output["text"]
