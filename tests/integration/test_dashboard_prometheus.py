@@ -13,26 +13,21 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import redis
-import uvicorn
 
-from orchestrator import Client, Settings
-from orchestrator.api import ApiAuth, create_app
+from orchestrator import Client
 from orchestrator.dev.local_workers import LocalWorkers
-from tests.conftest import ARTIFACTS, IN_CI, WORKER_ENV
+from tests.conftest import ARTIFACTS, IN_CI
 from tests.integration.helpers import llm, py, wait_for, workflow
+from tests.integration.metrics_fixtures import free_port, metrics_client, metrics_env, one_worker, serve_api
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -41,12 +36,6 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "orches
 SONNET = "claude-sonnet-4-5"
 HAIKU = "claude-haiku-4-5"
 Series = dict[tuple[str, ...], float]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def prometheus_binary() -> str:
@@ -61,44 +50,25 @@ def prometheus_binary() -> str:
 
 @pytest.fixture(scope="module")
 def env(redis_url: str) -> dict[str, str]:
-    url = urlsplit(redis_url)._replace(path=f"/{DATABASE}").geturl()
-    redis.Redis.from_url(url).flushdb()
-    return {"REDIS_URL": url, **WORKER_ENV, "ORCH_METRICS_PORT": str(free_port()), "ORCH_METRICS_ADDR": "127.0.0.1"}
+    return metrics_env(redis_url, DATABASE)
 
 
 @pytest.fixture(scope="module")
 def client(env: dict[str, str]) -> Client:
-    return Client(replace(Settings.from_env(env), retry_cap_s=5.0))
+    return metrics_client(env)
 
 
 @pytest.fixture(scope="module")
 def worker(client: Client, env: dict[str, str]) -> Iterator[LocalWorkers]:
-    log_dir = ARTIFACTS / "worker-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with LocalWorkers(client.app, count=1, concurrency=2, env=env, log_dir=log_dir) as pool:
+    with one_worker(client, env) as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
 def api_port(client: Client) -> Iterator[int]:
-    """The API under uvicorn in a thread (no tokens: loopback only), where the cluster gauges come from."""
-    config = uvicorn.Config(
-        create_app(client.settings, client, auth=ApiAuth()),
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="dashboard-api", daemon=True)
-    thread.start()
-    wait_for(lambda: server.started or not thread.is_alive(), timeout=20, what="uvicorn to start")
-    assert server.started
-    try:
-        yield int(server.servers[0].sockets[0].getsockname()[1])
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    """The API, where the cluster gauges come from."""
+    with serve_api(client, "dashboard-api") as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

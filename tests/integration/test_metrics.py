@@ -5,24 +5,17 @@ The module runs its own worker on a Redis database of its own, so the counts it 
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import redis
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import Client, Settings
-from orchestrator.api import ApiAuth, create_app
+from orchestrator import Client
 from orchestrator.dev.local_workers import LocalWorkers
-from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import llm, py, wait_for, workflow
+from tests.integration.metrics_fixtures import free_port, metrics_client, metrics_env, one_worker, serve_api
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -30,16 +23,6 @@ DATABASE = 11
 SONNET = "claude-sonnet-4-5"
 HAIKU = "claude-haiku-4-5"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def on_database(url: str, db: int) -> str:
-    return urlsplit(url)._replace(path=f"/{db}").geturl()
 
 
 def parse(text: str) -> Samples:
@@ -56,44 +39,25 @@ def get(samples: Samples, name: str, **labels: str) -> float | None:
 
 @pytest.fixture(scope="module")
 def env(redis_url: str) -> dict[str, str]:
-    url = on_database(redis_url, DATABASE)
-    redis.Redis.from_url(url).flushdb()
-    return {"REDIS_URL": url, **WORKER_ENV, "ORCH_METRICS_PORT": str(free_port()), "ORCH_METRICS_ADDR": "127.0.0.1"}
+    return metrics_env(redis_url, DATABASE)
 
 
 @pytest.fixture(scope="module")
 def client(env: dict[str, str]) -> Client:
-    return Client(replace(Settings.from_env(env), retry_cap_s=5.0))
+    return metrics_client(env)
 
 
 @pytest.fixture(scope="module")
 def worker(client: Client, env: dict[str, str]) -> Iterator[LocalWorkers]:
-    log_dir = ARTIFACTS / "worker-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with LocalWorkers(client.app, count=1, concurrency=2, env=env, log_dir=log_dir) as pool:
+    with one_worker(client, env) as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
 def api(client: Client) -> Iterator[str]:
-    """The API under uvicorn in a thread (no tokens: loopback clients only), on this module's database."""
-    config = uvicorn.Config(
-        create_app(client.settings, client, auth=ApiAuth()),
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="metrics-api", daemon=True)
-    thread.start()
-    wait_for(lambda: server.started or not thread.is_alive(), timeout=20, what="uvicorn to start")
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    """The API, on this module's database."""
+    with serve_api(client, "metrics-api") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def scrape_worker(env: dict[str, str]) -> Samples:
