@@ -23,7 +23,7 @@ from orchestrator.definition.agent import AgentParams
 from orchestrator.definition.mapping import is_map
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
 from orchestrator.definition.subflow import WorkflowParams
-from orchestrator.domain import Attempt, Claim, ClaimOutcome, RunStatus, StepOutcome
+from orchestrator.domain import Attempt, Claim, ClaimOutcome, ItemClaim, RunStatus, StepOutcome
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, stop_run
 from orchestrator.engine.coordinator import (
     decide_start,
@@ -127,20 +127,7 @@ def execute_attempt(
     if claim.outcome != ClaimOutcome.OK:
         log.info("dropping %s: %s %s", attempt, claim.outcome, claim.detail)
         return f"dropped: {claim.outcome}"
-    delivery = delivery or Delivery()
-    info = telemetry.AttemptInfo(
-        run_id=attempt.run_id,
-        workflow=spec.name,
-        step=attempt.step,
-        kind=spec.steps_by_name[attempt.step].uses.value,
-        attempt=claim.attempt,
-        task_id=attempt.task_id,
-        queue=delivery.queue,
-        queued_at=claim.queued_at,
-        started_at=claim.now,
-        headers=delivery.headers,
-        due_at=delivery.due_at,
-    )
+    info = attempt_info(spec, attempt, claim, delivery or Delivery())
     runtime.leases.hold(attempt)
     try:
         with telemetry.step_attempt(info) as scope:
@@ -161,6 +148,25 @@ def _claim(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt) -> Claim:
         runtime,
         f"{attempt}: claim",
         lambda: runtime.store.claim(attempt, lease_s=runtime.settings.lease_s, upstream=upstream, children=children),
+    )
+
+
+def attempt_info(
+    spec: WorkflowSpec, attempt: Attempt, claim: Claim | ItemClaim, delivery: Delivery
+) -> telemetry.AttemptInfo:
+    """What telemetry records of a claimed attempt (of a step, or of a map step's item)."""
+    return telemetry.AttemptInfo(
+        run_id=attempt.run_id,
+        workflow=spec.name,
+        step=attempt.step,
+        kind=spec.steps_by_name[attempt.step].uses.value,
+        attempt=claim.attempt,
+        task_id=attempt.task_id,
+        queue=delivery.queue,
+        queued_at=claim.queued_at,
+        started_at=claim.now,
+        headers=delivery.headers,
+        due_at=delivery.due_at,
     )
 
 

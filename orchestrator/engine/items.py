@@ -17,7 +17,7 @@ from orchestrator import telemetry
 from orchestrator.definition.mapping import is_map
 from orchestrator.definition.spec import StepSpec, WorkflowSpec
 from orchestrator.domain import Attempt, ClaimOutcome, ItemClaim, RunStatus, StepOutcome
-from orchestrator.engine.attempt import Delivery, error_record
+from orchestrator.engine.attempt import Delivery, attempt_info, error_record
 from orchestrator.engine.control import DEADLINE_REASON, stop_run
 from orchestrator.engine.coordinator import retry_delay, should_retry, upstream_reads
 from orchestrator.engine.mapping import finish_map, publish_items
@@ -66,20 +66,7 @@ def execute_item(runtime: Runtime, attempt: Attempt, definition_hash: str, deliv
         return "dropped: the run is past its deadline"
     if claim.outcome != ClaimOutcome.OK:
         return f"dropped item: {claim.outcome} {claim.detail}".rstrip()
-    delivery = delivery or Delivery()
-    info = telemetry.AttemptInfo(
-        run_id=attempt.run_id,
-        workflow=spec.name,
-        step=attempt.step,
-        kind=step.uses.value,
-        attempt=claim.attempt,
-        task_id=attempt.task_id,
-        queue=delivery.queue,
-        queued_at=claim.queued_at,
-        started_at=claim.now,
-        headers=delivery.headers,
-        due_at=delivery.due_at,
-    )
+    info = attempt_info(spec, attempt, claim, delivery or Delivery())
     runtime.leases.hold(attempt)
     try:
         with telemetry.step_attempt(info) as scope:
