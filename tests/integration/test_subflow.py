@@ -151,11 +151,12 @@ def test_a_workflow_map_runs_a_child_per_channel_and_counts_their_spend(
     per_channel = {
         "name": "per_channel",
         "uses": "workflow",
+        "depends_on": ["draft"],
         "for_each": "['blog', 'email']",
         "with": {"workflow": named, "inputs": {"channel": "{{ item }}", "text": "{{ inputs.topic }}"}},
     }
 
-    run_id = client.submit(workflow(f"parent_{unique}", per_channel))
+    run_id = client.submit(workflow(f"parent_{unique}", llm("draft"), per_channel))
     view = client.wait(run_id, timeout=40)
 
     assert view["status"] == "succeeded", view
@@ -169,5 +170,5 @@ def test_a_workflow_map_runs_a_child_per_channel_and_counts_their_spend(
         assert child_view["parent"] == {"run_id": run_id, "step": "per_channel", "index": index}
         assert child_view["inputs"]["channel"] == ["blog", "email"][index]
         assert output[index] == {"post": child_view["steps"]["post"]["output"]}
-    # Each child's LLM call counts once in the parent's cost.
-    assert view["llm_calls"] == 2
+    # Each child's LLM call counts once in the parent's cost: the draft's and one per channel.
+    assert view["llm_calls"] == 3
