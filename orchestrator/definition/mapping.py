@@ -25,8 +25,8 @@ DEFAULT_MAX_ITEMS = 10_000
 MAX_PARALLEL_LIMIT = 10_000
 """The largest ``max_parallel`` a step may ask for."""
 
-MAP_KINDS = frozenset({"llm", "python", "noop"})
-"""Step kinds that take ``for_each`` (``workflow`` items are dispatched by kind once that kind exists)."""
+MAP_KINDS = frozenset({"llm", "python", "noop", "workflow"})
+"""Step kinds that take ``for_each`` (a ``workflow`` step's items each start a child run)."""
 
 ITEM_NAMES = frozenset({"item", "index", "count"})
 """What a map step's templates see besides ``inputs`` and ``steps``: the item, its 0-based index and the count."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.definition.mapping import is_map
 from orchestrator.definition.registry import workflows
-from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
+from orchestrator.definition.spec import ApprovalParams, StepKind, WorkflowSpec
 from orchestrator.domain import (
     MAX_DECISION_COMMENT_CHARS,
     Attempt,
@@ -248,17 +248,21 @@ def stop_run(
     spec = store.load_definition(fields["def_hash"])
     result = store.stop(run_id, status, reason, tuple(s.name for s in spec.steps), generation)
     items: list[str] = []
+    children: list[str] = []
     if result.outcome == StopOutcome.OK:
-        # A map step's items stop with it: each unfinished one is cancelled, the running ones interrupted.
-        for step in (s.name for s in spec.steps if is_map(s)):
-            items += store.stop_items(run_id, step, generation or fields["gen"])
+        # A map step's items stop with it: each unfinished one is cancelled, the running ones interrupted, the
+        # children of waiting ones stopped.
+        for step in (s for s in spec.steps if is_map(s)):
+            if step.uses == StepKind.WORKFLOW:
+                children += store.waiting_children(run_id, step.name)
+            items += store.stop_items(run_id, step.name, generation or fields["gen"])
         store.announce(run_id, f"run_{status.value}", spec.name)
         trace_run_end(store, run_id)
     publisher.revoke([task for _, task in result.interrupted if task] + items)
     if result.outcome == StopOutcome.OK:
         from orchestrator.engine import subflow  # it builds on this module (record_outcome, resume_run)
 
-        subflow.stop_children(publisher, settings, store, fields, status)
+        subflow.stop_children(publisher, settings, store, fields, status, items=children)
         subflow.child_ended(publisher, settings, store, run_id)
     return result
 

@@ -52,6 +52,7 @@ class EventType(StrEnum):
     ITEM_SUCCEEDED = "item_succeeded"
     ITEM_FAILED = "item_failed"
     ITEM_LOST = "item_lost"
+    ITEM_WAITING = "item_waiting"
     AGENT_TURN = "agent_turn"
     TOOL_CALL = "tool_call"
 

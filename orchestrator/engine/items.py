@@ -15,15 +15,16 @@ from typing import Any, TypeVar
 
 from orchestrator import telemetry
 from orchestrator.definition.mapping import is_map
-from orchestrator.definition.spec import StepSpec, WorkflowSpec
+from orchestrator.definition.spec import StepKind, StepSpec, WorkflowSpec
 from orchestrator.domain import Attempt, ClaimOutcome, ItemClaim, RunStatus, StepOutcome
 from orchestrator.engine.attempt import Delivery, attempt_info, error_record
 from orchestrator.engine.control import DEADLINE_REASON, stop_run
 from orchestrator.engine.coordinator import retry_delay, should_retry, upstream_reads
-from orchestrator.engine.mapping import finish_map, publish_items
+from orchestrator.engine.mapping import record_item
 from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
+from orchestrator.engine.subflow import run_workflow_item
 from orchestrator.errors import (
     DefinitionNotFoundError,
     ErrorRecord,
@@ -99,6 +100,10 @@ def _run_claimed_item(
             index=attempt.index,
             count=claim.count,
         )
+        if step.uses == StepKind.WORKFLOW:
+            what = run_workflow_item(runtime, step, attempt, ctx)
+            scope.finish("waiting")
+            return what
         call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, step=attempt.step)
         try:
             output = run_item(runtime, step, ctx, call)
@@ -150,22 +155,10 @@ def _finish(
     output: Any = None,
     error: ErrorRecord | None = None,
 ) -> str:
-    """Record the item's outcome, publish the items it let start, and finish the step after its last item."""
-    done = _patiently(
-        runtime,
-        f"{attempt}: record {outcome.value}",
-        lambda: runtime.store.finish_item(
-            attempt, outcome, output=output, error=error, grace_s=runtime.settings.queued_grace_s
-        ),
-    )
-    scope.finish(outcome.value if done.recorded else "stale", error.get("type") if error else None)
-    if not done.recorded:
-        return "stale attempt: not recorded"
-    publish_items(runtime, spec, attempt, done.publish)
-    if done.all_ended:
-        step_attempt = Attempt(attempt.run_id, attempt.step, attempt.generation, done.step_task)
-        return f"item {outcome.value}; {finish_map(runtime, spec, step_attempt)}"
-    return f"item {outcome.value}"
+    """Record the item's outcome (:func:`~orchestrator.engine.mapping.record_item`) and close its telemetry."""
+    recorded, what = record_item(runtime, spec, attempt, outcome, output=output, error=error)
+    scope.finish(outcome.value if recorded else "stale", error.get("type") if error else None)
+    return what
 
 
 def _patiently(runtime: Runtime, what: str, call: Callable[[], T]) -> T:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from orchestrator.definition.conditions import evaluate_value
 from orchestrator.definition.spec import StepSpec, WorkflowSpec
@@ -22,13 +22,29 @@ from orchestrator.domain import Attempt, Claim, StepOutcome
 from orchestrator.engine.control import record_outcome
 from orchestrator.engine.coordinator import result_key
 from orchestrator.engine.outage import retry_through_outage
+from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import ErrorRecord, NonRetryableStepError
+from orchestrator.infra.settings import Settings
+from orchestrator.state.base import StateStore
 
 log = logging.getLogger(__name__)
 
 _COMPACT = (",", ":")
+
+
+class Parts(Protocol):
+    """What finishing an item needs of a process: a :class:`Runtime` has it, and so has a child run's end."""
+
+    @property
+    def store(self) -> StateStore: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def publisher(self) -> StepPublisher: ...
 
 
 def map_items(runtime: Runtime, step: StepSpec, ctx: StepContext) -> list[Any]:
@@ -105,7 +121,37 @@ def start_map(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Cla
     return f"mapped: {expanded.total} items, {len(expanded.publish)} queued"
 
 
-def publish_items(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, items: Sequence[tuple[int, str]]) -> None:
+def record_item(
+    runtime: Parts,
+    spec: WorkflowSpec,
+    attempt: Attempt,
+    outcome: StepOutcome,
+    *,
+    output: Any = None,
+    error: ErrorRecord | None = None,
+) -> tuple[bool, str]:
+    """Record an item's outcome, publish the items it let start, and finish the step after its last item.
+
+    Returns:
+        Whether the outcome was recorded (``False``: a stale attempt), and what happened, for the worker log.
+    """
+    done = retry_through_outage(
+        f"{attempt}: record {outcome.value}",
+        lambda: runtime.store.finish_item(
+            attempt, outcome, output=output, error=error, grace_s=runtime.settings.queued_grace_s
+        ),
+        patience_s=runtime.settings.outage_patience_s,
+    )
+    if not done.recorded:
+        return False, "stale attempt: not recorded"
+    publish_items(runtime, spec, attempt, done.publish)
+    if done.all_ended:
+        step_attempt = Attempt(attempt.run_id, attempt.step, attempt.generation, done.step_task)
+        return True, f"item {outcome.value}; {finish_map(runtime, spec, step_attempt)}"
+    return True, f"item {outcome.value}"
+
+
+def publish_items(runtime: Parts, spec: WorkflowSpec, attempt: Attempt, items: Sequence[tuple[int, str]]) -> None:
     """Send the items a transition queued (held in the lease index already, so a lost publish is resent)."""
     if items:
         retry_through_outage(
@@ -117,7 +163,7 @@ def publish_items(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, items:
         )
 
 
-def finish_map(runtime: Runtime, spec: WorkflowSpec, step_attempt: Attempt) -> str:
+def finish_map(runtime: Parts, spec: WorkflowSpec, step_attempt: Attempt) -> str:
     """Finish a map step whose items have all ended: the ordered outputs, or a failure naming the first item that
     did not succeed. ``step_attempt`` names the step's own task (the one that expanded it)."""
     run_id, step = step_attempt.run_id, step_attempt.step

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.definition.agent import AgentParams
@@ -28,6 +30,7 @@ from orchestrator.definition.spec import StepSpec, WorkflowSpec
 from orchestrator.definition.subflow import WorkflowLookup, WorkflowParams, child_spec, render_inputs
 from orchestrator.domain import Attempt, ChildTotals, Claim, ParentLink, RunStatus, StepOutcome
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, resume_run, stop_run
+from orchestrator.engine.mapping import record_item
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.status import run_view
@@ -188,6 +191,31 @@ def run_workflow_step(runtime: Runtime, step: StepSpec, attempt: Attempt, ctx: S
     return f"waiting for child run {child}"
 
 
+def run_workflow_item(runtime: Runtime, step: StepSpec, attempt: Attempt, ctx: StepContext) -> str:
+    """The attempt of one item of a ``workflow`` map step: start or find its child (idempotent per parent run, step,
+    item index and generation), park the item waiting for it, and end.
+
+    Raises:
+        NonRetryableStepError: As :func:`run_workflow_step`.
+    """
+    params = step.params
+    assert isinstance(params, WorkflowParams), f"step {step.name!r} is not a workflow step"
+    store = runtime.store
+    try:
+        target = child_spec(params, workflow_lookup(store), step=step.name)
+    except WorkflowDefinitionError as exc:
+        raise NonRetryableStepError(str(exc), kind="unknown_workflow") from None
+    inputs = render_inputs(params.inputs, ctx.template_context(), timeout_s=runtime.settings.template_timeout_s)
+    child = start_child(
+        runtime, attempt.run_id, step.name, attempt.index, ref=target, inputs=inputs, generation=attempt.generation
+    )
+    if not store.wait_item_child(attempt, child):
+        return "stale attempt: not parked"
+    # As for a step: the child may have ended before the item waited.
+    child_ended(runtime.publisher, runtime.settings, store, child)
+    return f"item waiting for child run {child}"
+
+
 def child_ended(publisher: StepPublisher, settings: Settings | None, store: StateStore, child_run_id: str) -> None:
     """Hand an ended child's outcome to its parent step (nothing for a run that is no child, or still going).
 
@@ -217,21 +245,61 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
         return
     parent_spec = store.load_definition(parent["def_hash"])
     parent_step = parent_spec.steps_by_name.get(link.step)
+    if link.index is not None:
+        if store.child_item_ended(link, child_run_id, totals, task_id=token, lease_s=settings.lease_s):
+            parts = _Parts(publisher, settings, store)
+            _finish_item(parts, parent_spec, link, token, child=(child_run_id, fields))
+        return
     # An agent's workflow:NAME call: its spend counts, but the agent's attempt (running) takes the outcome itself.
     tool = parent_step is not None and isinstance(parent_step.params, AgentParams)
     if not store.child_ended(link, child_run_id, totals, task_id=token, lease_s=settings.lease_s, tool=tool):
         return
-    parent = store.run_fields(link.run_id)
-    if view_status == RunStatus.TIMED_OUT and parent.get("deadline") and float(parent["deadline"]) <= time.time():
-        # The parent's own deadline timed the child out: the parent times out too, rather than fail the step.
-        stop_run(publisher, store, link.run_id, RunStatus.TIMED_OUT, DEADLINE_REASON, generation=link.generation)
+    if _parent_timed_out(publisher, store, link, view_status):
         return
-    view = run_view(fields, store.load_definition(fields["def_hash"]))
     attempt = Attempt(link.run_id, link.step, link.generation, token)
-    if view["status"] == RunStatus.SUCCEEDED:
-        output = {name: step["output"] for name, step in view["steps"].items()}
-        record_outcome(publisher, settings, store, parent_spec, attempt, outcome=StepOutcome.SUCCEEDED, output=output)
+    outcome, output, error = _child_outcome(store, child_run_id, fields)
+    record_outcome(publisher, settings, store, parent_spec, attempt, outcome=outcome, output=output, error=error)
+
+
+def _parent_timed_out(publisher: StepPublisher, store: StateStore, link: ParentLink, status: RunStatus) -> bool:
+    """When the parent's own deadline timed the child out, the parent times out too, rather than fail the step."""
+    parent = store.run_fields(link.run_id)
+    if status != RunStatus.TIMED_OUT or not parent.get("deadline") or float(parent["deadline"]) > time.time():
+        return False
+    stop_run(publisher, store, link.run_id, RunStatus.TIMED_OUT, DEADLINE_REASON, generation=link.generation)
+    return True
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What :func:`~orchestrator.engine.mapping.record_item` needs, outside a worker's runtime."""
+
+    publisher: StepPublisher
+    settings: Settings
+    store: StateStore
+
+
+def _finish_item(
+    parts: _Parts, spec: WorkflowSpec, link: ParentLink, token: str, *, child: tuple[str, dict[str, str]]
+) -> None:
+    """Finish a taken-over item with its child's outcome (``child``: its id and fields), then refill and, after the
+    last item, finish the step."""
+    child_run_id, fields = child
+    if _parent_timed_out(parts.publisher, parts.store, link, RunStatus(fields["status"])):
         return
+    outcome, output, error = _child_outcome(parts.store, child_run_id, fields)
+    attempt = Attempt(link.run_id, link.step, link.generation, token, link.index)
+    _, what = record_item(parts, spec, attempt, outcome, output=output, error=error)
+    log.info("run %s step %s item %s: child run %s ended: %s", link.run_id, link.step, link.index, child_run_id, what)
+
+
+def _child_outcome(
+    store: StateStore, child_run_id: str, fields: dict[str, str]
+) -> tuple[StepOutcome, dict[str, Any] | None, ErrorRecord | None]:
+    """An ended child's outcome as its parent's: its step outputs by name, or an error naming it."""
+    view = run_view(fields, store.load_definition(fields["def_hash"]))
+    if view["status"] == RunStatus.SUCCEEDED:
+        return StepOutcome.SUCCEEDED, {name: step["output"] for name, step in view["steps"].items()}, None
     error: ErrorRecord = {
         "type": f"child_{view['status'].value}",
         "status": None,
@@ -239,22 +307,30 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
         "retryable": False,
         "child_run_id": child_run_id,
     }
-    record_outcome(publisher, settings, store, parent_spec, attempt, outcome=StepOutcome.FAILED, error=error)
+    return StepOutcome.FAILED, None, error
 
 
 def stop_children(
-    publisher: StepPublisher, settings: Settings | None, store: StateStore, fields: dict[str, str], status: RunStatus
+    publisher: StepPublisher,
+    settings: Settings | None,
+    store: StateStore,
+    fields: dict[str, str],
+    status: RunStatus,
+    *,
+    items: Sequence[str] = (),
 ) -> None:
-    """Stop the children a stopped run was waiting for (``fields``: the run as it was before it stopped)."""
+    """Stop the children a stopped run was waiting for (``fields``: the run as it was before it stopped; ``items``:
+    the children its map items were waiting for)."""
+    waited = list(items)
     for name, value in fields.items():
         if not name.endswith(":child_run_id") or not value:
             continue
-        step_status = fields.get(name.removesuffix("child_run_id") + "status")
-        if step_status not in ("waiting", "running"):
-            continue
-        reason = f"parent run {fields['run_id']} was {status.value.replace('_', ' ')}"
+        if fields.get(name.removesuffix("child_run_id") + "status") in ("waiting", "running"):
+            waited.append(value)
+    reason = f"parent run {fields['run_id']} was {status.value.replace('_', ' ')}"
+    for child in waited:
         try:
-            stop_run(publisher, store, value, status, reason, settings=settings)
+            stop_run(publisher, store, child, status, reason, settings=settings)
         except RunNotFoundError:
             continue
 

@@ -17,13 +17,21 @@ from orchestrator.infra.timestamps import iso
 from orchestrator.state import keys
 
 if TYPE_CHECKING:
-    from orchestrator.domain import Attempt, ItemClaim, ItemDispatch, ReclaimedItem, StepOutcome
+    from orchestrator.domain import (
+        Attempt,
+        ChildTotals,
+        ItemClaim,
+        ItemDispatch,
+        ParentLink,
+        ReclaimedItem,
+        StepOutcome,
+    )
     from orchestrator.errors import ErrorRecord
 
-ITEM_STATUSES = ("pending", "queued", "running", "succeeded", "failed", "skipped", "cancelled")
+ITEM_STATUSES = ("pending", "queued", "running", "waiting", "succeeded", "failed", "skipped", "cancelled")
 """Every status an item can have; the step keeps a counter of each (``s:STEP:items_STATUS``)."""
 
-ITEM_FIELDS = ("status", "item", "attempts", "started_at", "finished_at", "output", "error")
+ITEM_FIELDS = ("status", "item", "attempts", "started_at", "finished_at", "output", "error", "child_run_id")
 """The item fields a record shows."""
 
 MAX_ITEM_PAGE = 1000
@@ -41,6 +49,8 @@ class ItemRecord(TypedDict):
     finished_at: str | None
     output: Any
     error: dict[str, Any] | None
+    child_run_id: str | None
+    """The child run of a ``workflow`` map step's item (``None`` for other kinds, or before it started)."""
 
 
 class ItemPage(TypedDict):
@@ -61,6 +71,7 @@ class ItemCounts(TypedDict):
     pending: int
     queued: int
     running: int
+    waiting: int
     succeeded: int
     failed: int
     skipped: int
@@ -127,6 +138,24 @@ class ItemStore(Protocol):
         """Cancel every unfinished item of a stopped run's map step; returns the task ids to interrupt."""
         ...
 
+    def wait_item_child(self, attempt: Attempt, child_run_id: str) -> bool:
+        """Park a running item of a ``workflow`` map step as ``waiting`` for its child run: no task, no lease (the
+        sweeper leaves it alone), still one of ``max_parallel``; the attempt leaves the lease index. ``False`` when
+        the attempt is stale."""
+        ...
+
+    def child_item_ended(
+        self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
+    ) -> bool:
+        """Count an ended child's spend into the parent once, and take its waiting item (``link.index``) over:
+        ``running`` under ``task_id`` with a lease of ``lease_s`` (in the lease index), for the caller to finish
+        with :meth:`finish_item`. ``False`` when the item does not wait for this child in ``link.generation``."""
+        ...
+
+    def waiting_children(self, run_id: str, step: str) -> list[str]:
+        """The child runs the step's items wait for."""
+        ...
+
     def item_records(self, run_id: str, step: str, offset: int = 0, limit: int = 100) -> list[ItemRecord]:
         """Item records ``offset`` to ``offset + limit`` (at most :data:`MAX_ITEM_PAGE`), in index order."""
         ...
@@ -139,7 +168,7 @@ class ItemStore(Protocol):
 
 def item_record(index: int, row: list[str | None]) -> ItemRecord:
     """A record from an item's :data:`ITEM_FIELDS`, as stored."""
-    status, item, attempts, started, finished, output, error = row
+    status, item, attempts, started, finished, output, error, child = row
     return {
         "index": index,
         "item": json.loads(item) if item else None,
@@ -149,6 +178,7 @@ def item_record(index: int, row: list[str | None]) -> ItemRecord:
         "finished_at": iso(float(finished)) if finished else None,
         "output": json.loads(output) if output else None,
         "error": json.loads(error) if error else None,
+        "child_run_id": child or None,
     }
 
 
@@ -166,6 +196,7 @@ def item_counts(fields: dict[str, str], step: str) -> ItemCounts | None:
         pending=n("pending"),
         queued=n("queued"),
         running=n("running"),
+        waiting=n("waiting"),
         succeeded=n("succeeded"),
         failed=n("failed"),
         skipped=n("skipped"),

@@ -67,6 +67,7 @@ def test_a_map_of_llm_items_outputs_the_ordered_list_that_downstream_steps_see(
         "pending": 0,
         "queued": 0,
         "running": 0,
+        "waiting": 0,
         "succeeded": 5,
         "failed": 0,
         "skipped": 0,

@@ -135,3 +135,40 @@ def test_a_repeated_start_of_the_same_parent_step_finds_the_child_it_started(
     assert again == child_id
     assert client.status(child_id)["generation"] == 1
     assert client.status(child_id)["steps"]["work"]["output"]["calls"] == 1
+
+
+def test_a_workflow_map_runs_a_child_per_channel_and_counts_their_spend(
+    client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    named = f"channel_post_{unique}"
+    post = {"name": "post", "uses": "llm", "with": {"prompt": "Post {{ inputs.text }} on {{ inputs.channel }}"}}
+    channel_post = {
+        "name": named,
+        "inputs": {"text": {"type": "string"}, "channel": {"type": "string"}},
+        "steps": [{**post, "with": {**post["with"], "max_tokens": 40}}],
+    }
+    client.wait(client.submit(channel_post, {"text": "warm up", "channel": "none"}), timeout=30)  # as a file
+    per_channel = {
+        "name": "per_channel",
+        "uses": "workflow",
+        "depends_on": ["draft"],
+        "for_each": "['blog', 'email']",
+        "with": {"workflow": named, "inputs": {"channel": "{{ item }}", "text": "{{ inputs.topic }}"}},
+    }
+
+    run_id = client.submit(workflow(f"parent_{unique}", llm("draft"), per_channel))
+    view = client.wait(run_id, timeout=40)
+
+    assert view["status"] == "succeeded", view
+    output = view["steps"]["per_channel"]["output"]
+    # The offline provider echoes the prompt's start: each child rendered its own item.
+    assert output[0]["post"]["text"].startswith('Regarding "Post tests on blog')
+    assert output[1]["post"]["text"].startswith('Regarding "Post tests on email')
+    records = client.items(run_id, "per_channel")["items"]
+    for index, record in enumerate(records):
+        child_view = client.status(record["child_run_id"])
+        assert child_view["parent"] == {"run_id": run_id, "step": "per_channel", "index": index}
+        assert child_view["inputs"]["channel"] == ["blog", "email"][index]
+        assert output[index] == {"post": child_view["steps"]["post"]["output"]}
+    # Each child's LLM call counts once in the parent's cost: the draft's and one per channel.
+    assert view["llm_calls"] == 3

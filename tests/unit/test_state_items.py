@@ -5,11 +5,21 @@ and a resume that keeps the items that succeeded."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
-from orchestrator.domain import Attempt, ClaimOutcome, ItemDispatch, ResumePlan, RunStatus, StepOutcome
+from orchestrator.domain import (
+    Attempt,
+    ChildTotals,
+    ClaimOutcome,
+    ItemDispatch,
+    ParentLink,
+    ResumePlan,
+    RunStatus,
+    StepOutcome,
+)
 from orchestrator.state import keys
 from orchestrator.state.items import item_counts
 from tests.unit import test_state_contract as contract
@@ -73,6 +83,7 @@ def test_max_parallel_queues_that_many_and_each_finish_queues_the_next(backend: 
         "pending": 3,
         "queued": 2,
         "running": 0,
+        "waiting": 0,
         "succeeded": 0,
         "failed": 0,
         "skipped": 0,
@@ -168,3 +179,38 @@ def test_a_resume_keeps_items_that_succeeded_under_the_same_key_and_requeues_the
     assert [i for i, _ in again.publish] == [1, 2]
     assert counts(backend)["succeeded"] == 1
     assert backend.store.item_outputs("run1", "m")[0][0] == {"i": 0}
+
+
+def test_a_waiting_item_holds_its_place_and_its_childs_end_takes_it_over_and_counts_spend_once(
+    backend: Backend,
+) -> None:
+    start(backend, MAP, inputs={"xs": []})
+    tasks = dict(expand(backend, MAP, 3, max_parallel=2).publish)
+    assert backend.store.claim_item(item(0, tasks[0]), lease_s=LONG_LEASE_S, upstream=()).outcome == ClaimOutcome.OK
+    assert not backend.store.wait_item_child(item(0, "someone-else"), "child-0")
+    assert backend.store.wait_item_child(item(0, tasks[0]), "child-0")
+    assert (counts(backend)["running"], counts(backend)["waiting"], counts(backend)["pending"]) == (0, 1, 1)
+    assert backend.store.waiting_children("run1", "m") == ["child-0"]
+    assert backend.store.item_records("run1", "m", 0, 1)[0]["child_run_id"] == "child-0"
+    link = ParentLink("run1", "m", 0, "1", 2)
+    totals = ChildTotals(spent_nusd=7, calls=1)
+    assert not backend.store.child_item_ended(replace(link, generation="2"), "child-0", totals, task_id="t", lease_s=9)
+    assert not backend.store.child_item_ended(link, "child-other", totals, task_id="t", lease_s=9)
+    assert backend.store.child_item_ended(link, "child-0", totals, task_id="tk", lease_s=LONG_LEASE_S)
+    assert not backend.store.child_item_ended(link, "child-0", totals, task_id="tk2", lease_s=LONG_LEASE_S)
+    fields = backend.store.run_fields("run1")
+    assert (fields["llm_spent_nusd"], fields["llm_calls"]) == ("7", "1")
+    assert counts(backend)["running"] == 1
+    done = backend.store.finish_item(item(0, "tk"), StepOutcome.SUCCEEDED, output={"c": 0}, grace_s=GRACE_S)
+    assert done.recorded
+    assert [i for i, _ in done.publish] == [2]
+
+
+def test_stop_cancels_a_waiting_item_without_a_task_to_interrupt(backend: Backend) -> None:
+    start(backend, MAP, inputs={"xs": []})
+    tasks = dict(expand(backend, MAP, 1).publish)
+    backend.store.claim_item(item(0, tasks[0]), lease_s=LONG_LEASE_S, upstream=())
+    assert backend.store.wait_item_child(item(0, tasks[0]), "child-0")
+    backend.store.stop("run1", RunStatus.CANCELLED, "test", ("m", "after"))
+    assert backend.store.stop_items("run1", "m", "1") == []
+    assert (counts(backend)["cancelled"], counts(backend)["waiting"]) == (1, 0)

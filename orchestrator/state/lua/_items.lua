@@ -29,12 +29,15 @@ local function take(run, items, p, n, prefix, now, out)
   if taken > 0 then count_move(run, p, 'pending', 'queued', taken) end
   return taken
 end
--- How many items may start now: all pending ones without max_parallel, else the free places.
+-- How many items may start now: all pending ones without max_parallel, else the free places (an item waiting for
+-- its child run holds one).
 local function room(run, p)
-  local row = redis.call('HMGET', run, p .. 'max_parallel', p .. 'items_queued', p .. 'items_running', p .. 'items_total')
+  local row = redis.call('HMGET', run, p .. 'max_parallel', p .. 'items_queued', p .. 'items_running', p .. 'items_total',
+    p .. 'items_waiting')
   local limit = tonumber(row[1] or '0') or 0
   if limit <= 0 then return tonumber(row[4] or '0') end
-  return math.max(0, limit - (tonumber(row[2] or '0') or 0) - (tonumber(row[3] or '0') or 0))
+  local busy = (tonumber(row[2] or '0') or 0) + (tonumber(row[3] or '0') or 0) + (tonumber(row[5] or '0') or 0)
+  return math.max(0, limit - busy)
 end
 local function ended_count(run, p)
   local row = redis.call('HMGET', run, p .. 'items_succeeded', p .. 'items_failed', p .. 'items_skipped',

@@ -39,11 +39,11 @@ end
 for i = count, (tonumber(head[5] or '0') or 0) - 1 do
   local f = i .. ':'
   redis.call('HDEL', items, f .. 'status', f .. 'item', f .. 'key', f .. 'task', f .. 'lease', f .. 'attempts',
-    f .. 'base', f .. 'output', f .. 'error', f .. 'started_at', f .. 'finished_at', f .. 'queued_at')
+    f .. 'base', f .. 'output', f .. 'error', f .. 'started_at', f .. 'finished_at', f .. 'queued_at', f .. 'child_run_id', f .. 'child_counted')
 end
 redis.call('HSET', run, p .. 'items_total', count, p .. 'items_pending', count - kept, p .. 'items_queued', 0,
-  p .. 'items_running', 0, p .. 'items_succeeded', kept, p .. 'items_failed', 0, p .. 'items_skipped', 0,
-  p .. 'items_cancelled', 0, p .. 'cursor', 0, p .. 'map_gen', gen, p .. 'max_parallel', max_parallel,
+  p .. 'items_running', 0, p .. 'items_waiting', 0, p .. 'items_succeeded', kept, p .. 'items_failed', 0,
+  p .. 'items_skipped', 0, p .. 'items_cancelled', 0, p .. 'cursor', 0, p .. 'map_gen', gen, p .. 'max_parallel', max_parallel,
   p .. 'lease', string.format('%.6f', clock + grace))
 redis.call('PEXPIRE', items, redis.call('PTTL', run))
 take(run, items, p, room(run, p), prefix, now, out)

@@ -14,11 +14,11 @@ for i = 0, (tonumber(head[3] or '0') or 0) - 1 do
   local f = i .. ':'
   local row = redis.call('HMGET', items, f .. 'status', f .. 'task')
   local status = row[1]
-  if status == 'pending' or status == 'queued' or status == 'running' then
+  if status == 'pending' or status == 'queued' or status == 'running' or status == 'waiting' then
     redis.call('HSET', items, f .. 'status', 'cancelled', f .. 'finished_at', now, f .. 'lease', '')
     count_move(run, p, status, 'cancelled')
     out[1] = out[1] + 1
-    if status ~= 'pending' and row[2] and row[2] ~= '' then out[#out + 1] = row[2] end
+    if status ~= 'pending' and status ~= 'waiting' and row[2] and row[2] ~= '' then out[#out + 1] = row[2] end
   end
 end
 return out

@@ -6,7 +6,16 @@ import json
 import uuid
 from typing import Any
 
-from orchestrator.domain import Attempt, ClaimOutcome, ItemClaim, ItemDispatch, ReclaimedItem, StepOutcome
+from orchestrator.domain import (
+    Attempt,
+    ChildTotals,
+    ClaimOutcome,
+    ItemClaim,
+    ItemDispatch,
+    ParentLink,
+    ReclaimedItem,
+    StepOutcome,
+)
 from orchestrator.errors import ErrorRecord
 from orchestrator.state import keys
 from orchestrator.state.items import ITEM_FIELDS, ITEM_STATUSES, ItemRecord, dumps, item_record, page_bounds
@@ -14,7 +23,8 @@ from orchestrator.state.memory.core import MemoryStateCore, _float_or_none, _inc
 
 _ENDED = frozenset({"succeeded", "failed", "skipped", "cancelled"})
 _ITEM_KEYS = ("status", "item", "key", "task", "lease", "attempts", "base", "output", "error", "started_at")
-_ITEM_KEYS_ALL = (*_ITEM_KEYS, "finished_at", "queued_at")
+_ITEM_KEYS_ALL = (*_ITEM_KEYS, "finished_at", "queued_at", "child_run_id", "child_counted")
+_TOTALS = ("llm_spent_nusd", "llm_calls", "llm_input_tokens", "llm_output_tokens")
 
 
 def _move(fields: dict[str, str], step: str, source: str | None, target: str | None, by: int = 1) -> None:
@@ -87,7 +97,7 @@ class ItemTransitions(MemoryStateCore):
         limit = int(fields.get(p + "max_parallel") or 0)
         if limit <= 0:
             return int(fields.get(p + "items_total") or 0)
-        busy = int(fields.get(p + "items_queued") or 0) + int(fields.get(p + "items_running") or 0)
+        busy = sum(int(fields.get(p + f"items_{s}") or 0) for s in ("queued", "running", "waiting"))
         return max(0, limit - busy)
 
     def _hold(self, run_id: str, step: str, publish: list[tuple[int, str]], due: float) -> None:
@@ -116,7 +126,7 @@ class ItemTransitions(MemoryStateCore):
                     kept += 1
                     continue
                 attempts = stored.get(f"{i}:attempts") or "0"
-                for name in ("output", "error", "started_at", "finished_at"):
+                for name in ("output", "error", "started_at", "finished_at", "child_run_id", "child_counted"):
                     stored.pop(f"{i}:{name}", None)
                 stored.update({f"{i}:status": "pending", f"{i}:item": item, f"{i}:key": key, f"{i}:task": ""})
                 stored.update({f"{i}:lease": "", f"{i}:attempts": attempts, f"{i}:base": attempts})
@@ -323,12 +333,73 @@ class ItemTransitions(MemoryStateCore):
             tasks: list[str] = []
             for i in range(int(run.fields.get(p + "items_total") or 0)):
                 status = items.get(f"{i}:status")
-                if status in ("pending", "queued", "running"):
+                if status in ("pending", "queued", "running", "waiting"):
                     items.update({f"{i}:status": "cancelled", f"{i}:finished_at": _stamp(now), f"{i}:lease": ""})
                     _move(run.fields, step, status, "cancelled")
-                    if status != "pending" and items.get(f"{i}:task"):
+                    if status in ("queued", "running") and items.get(f"{i}:task"):
                         tasks.append(items[f"{i}:task"])
             return tasks
+
+    def wait_item_child(self, attempt: Attempt, child_run_id: str) -> bool:
+        """Park a running item waiting for its child run (see ``lua/item_wait.lua``)."""
+        f = f"{attempt.index}:"
+        with self._lock:
+            now = self._clock()
+            unit = keys.item_unit(attempt.step, attempt.index)
+            self._leases.pop(keys.lease_member(attempt.run_id, unit, attempt.task_id), None)
+            run = self._live(attempt.run_id, now)
+            items = self._owned_item(run, attempt)
+            if run is None or items is None or run.fields.get(keys.step_field(attempt.step, "status")) != "running":
+                return False
+            stamp = _stamp(now)
+            if items.get(f + "child_run_id") != child_run_id:
+                items[f + "child_counted"] = ""
+            items.update({f + "status": "waiting", f + "task": "", f + "lease": "", f + "child_run_id": child_run_id})
+            _move(run.fields, attempt.step, "running", "waiting")
+            data = json.dumps({"index": attempt.index, "child_run_id": child_run_id}, separators=(",", ":"))
+            number = int(items.get(f + "attempts") or 0)
+            self._emit(run, stamp, "item_waiting", attempt.step, attempt=number, data=data)
+            return True
+
+    def child_item_ended(
+        self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
+    ) -> bool:
+        """Count the child's spend and take its waiting item over (see ``lua/item_child_done.lua``)."""
+        f = f"{link.index}:"
+        with self._lock:
+            now = self._clock()
+            run = self._live(link.run_id, now)
+            items = self._items(run, link.step) if run is not None else {}
+            if run is None or f + "status" not in items or items.get(f + "child_run_id") != child_run_id:
+                return False
+            raw = items.get(f + "child_counted") or ""
+            counted = [int(n) for n in raw.split(",")] if raw else [0, 0, 0, 0]
+            values = (totals.spent_nusd, totals.calls, totals.input_tokens, totals.output_tokens)
+            for name, total, before in zip(_TOTALS, values, counted, strict=True):
+                if total > before:
+                    _increment(run.fields, name, total - before)
+            items[f + "child_counted"] = ",".join(str(max(t, b)) for t, b in zip(values, counted, strict=True))
+            fields = run.fields
+            if fields.get("gen") != link.generation or fields.get("status") != "running":
+                return False
+            if fields.get(keys.step_field(link.step, "status")) != "running" or items[f + "status"] != "waiting":
+                return False
+            items.update({f + "status": "running", f + "task": task_id, f + "lease": _stamp(now + lease_s)})
+            _move(fields, link.step, "waiting", "running")
+            member = keys.lease_member(link.run_id, keys.item_unit(link.step, link.index), task_id)
+            self._leases[member] = now + lease_s
+            return True
+
+    def waiting_children(self, run_id: str, step: str) -> list[str]:
+        """The child runs the step's items wait for."""
+        with self._lock:
+            run = self._live(run_id, self._clock())
+            if run is None:
+                return []
+            items = self._items(run, step)
+            total = int(run.fields.get(keys.step_field(step, "items_total")) or 0)
+            rows = [(items.get(f"{i}:status"), items.get(f"{i}:child_run_id")) for i in range(total)]
+            return [child for status, child in rows if status == "waiting" and child]
 
     def renew_items(self, items: dict[tuple[str, str], list[tuple[int, str]]], lease_s: float) -> None:
         """Extend the leases of running items (see ``lua/item_renew.lua``)."""

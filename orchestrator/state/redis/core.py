@@ -51,6 +51,8 @@ _SCRIPTS = (
     "item_reclaim",
     "item_stop",
     "item_renew",
+    "item_wait",
+    "item_child_done",
     "journal",
     "child_wait",
     "child_done",
@@ -77,6 +79,7 @@ _WITH_EVENTS = {
     "item_reclaim",
     "item_stop",
     "item_renew",
+    "item_wait",
     "journal",
     "child_wait",
 }

@@ -10,9 +10,11 @@ from typing import Any, cast
 
 from orchestrator.domain import (
     Attempt,
+    ChildTotals,
     ClaimOutcome,
     ItemClaim,
     ItemDispatch,
+    ParentLink,
     ReclaimedItem,
     StepOutcome,
 )
@@ -162,6 +164,40 @@ class ItemTransitions(RedisStateCore):
         """Cancel a stopped run's unfinished items (see ``lua/item_stop.lua``); the task ids to interrupt."""
         reply = self._item_script("item_stop", run_id, step, [step, generation])
         return [_text(x) for x in reply[1:]]
+
+    def wait_item_child(self, attempt: Attempt, child_run_id: str) -> bool:
+        """Park a running item waiting for its child run (see ``lua/item_wait.lua``)."""
+        argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, child_run_id]
+        script = self._scripts["item_wait"]
+        replies = self._pipeline(
+            lambda pipe: pipe.evalsha(script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+            lambda pipe: pipe.zrem(keys.LEASES, _member(attempt)),
+        )
+        return _text(replies[0][0]) == "ok"
+
+    def child_item_ended(
+        self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
+    ) -> bool:
+        """Count the child's spend and take its waiting item over (see ``lua/item_child_done.lua``)."""
+        assert link.index is not None, "the child of a step, not of an item"
+        argv: list[Any] = [link.step, link.generation, link.index, child_run_id, task_id, lease_s]
+        argv += [totals.spent_nusd, totals.calls, totals.input_tokens, totals.output_tokens]
+        reply = [_text(x) for x in self._item_script("item_child_done", link.run_id, link.step, argv)]
+        if reply[0] != "ok":
+            return False
+        attempt = Attempt(link.run_id, link.step, link.generation, task_id, link.index)
+        self.client.zadd(keys.LEASES, {_member(attempt): float(reply[1])})
+        return True
+
+    def waiting_children(self, run_id: str, step: str) -> list[str]:
+        """The child runs the step's items wait for (one pipeline)."""
+        total = int(self.client.hget(keys.run_key(run_id), keys.step_field(step, "items_total")) or 0)
+        pipe = self.client.pipeline(transaction=False)
+        for start in range(0, total, _CHUNK):
+            names = [f"{i}:{f}" for i in range(start, min(total, start + _CHUNK)) for f in ("status", "child_run_id")]
+            pipe.hmget(keys.items_key(run_id, step), names)
+        flat = [None if v is None else _text(v) for chunk in pipe.execute() for v in chunk]
+        return [child for status, child in zip(flat[::2], flat[1::2], strict=True) if status == "waiting" and child]
 
     def item_records(self, run_id: str, step: str, offset: int = 0, limit: int = 100) -> list[ItemRecord]:
         """One page of item records, in index order (one ``HMGET``)."""
