@@ -43,7 +43,10 @@ def test_runs_succeed_and_record_each_output_once_while_workers_are_sigkilled(
 
     report = chaos.run_chaos(config, private_redis)
 
-    assert report.kills >= 3, "workers were really killed while runs were in flight"
+    # Each kill waits for its replacement to be ready, so a loaded machine fits fewer kills into the session; what
+    # matters is that kills cut steps off mid-flight and those steps ran again.
+    assert report.kills >= 2, "workers were really killed while runs were in flight"
+    assert report.steps_rerun >= 1, "a killed worker's step ran again elsewhere"
     assert report.problems() == []
     assert report.succeeded == report.runs == 40
     assert report.duplicate_successes == report.missing_successes == []
