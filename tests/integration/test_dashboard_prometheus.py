@@ -104,7 +104,7 @@ def prometheus(
                 assert process.poll() is None, "prometheus exited; see test-artifacts/worker-logs/prometheus.log"
                 try:
                     return len(instant(http, "up == 1")) == 2
-                except (httpx.TransportError, AssertionError):
+                except (httpx.TransportError, AssertionError, ValueError):  # ValueError: a 503 while it starts
                     return False
 
             wait_for(both_up, timeout=30, interval=0.2, what="Prometheus to scrape the worker and the API")
