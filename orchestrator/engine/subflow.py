@@ -245,13 +245,14 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
         return
     parent_spec = store.load_definition(parent["def_hash"])
     parent_step = parent_spec.steps_by_name.get(link.step)
-    if link.index is not None:
+    # An index means a map item's child, unless the step is an agent (its workflow:NAME calls carry an index too).
+    tool = parent_step is not None and isinstance(parent_step.params, AgentParams)
+    if link.index is not None and not tool:
         if store.child_item_ended(link, child_run_id, totals, task_id=token, lease_s=settings.lease_s):
             parts = _Parts(publisher, settings, store)
             _finish_item(parts, parent_spec, link, token, child=(child_run_id, fields))
         return
     # An agent's workflow:NAME call: its spend counts, but the agent's attempt (running) takes the outcome itself.
-    tool = parent_step is not None and isinstance(parent_step.params, AgentParams)
     if not store.child_ended(link, child_run_id, totals, task_id=token, lease_s=settings.lease_s, tool=tool):
         return
     if _parent_timed_out(publisher, store, link, view_status):
