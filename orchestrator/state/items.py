@@ -9,7 +9,7 @@ retried, reclaimed and finished like a step (``lua/item_*.lua``), under the task
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NotRequired, Protocol
 
 from typing_extensions import TypedDict
 
@@ -49,8 +49,8 @@ class ItemRecord(TypedDict):
     finished_at: str | None
     output: Any
     error: dict[str, Any] | None
-    child_run_id: str | None
-    """The child run of a ``workflow`` map step's item (``None`` for other kinds, or before it started)."""
+    child_run_id: NotRequired[str]
+    """The child run of a ``workflow`` map step's item, once it started one (absent for other kinds)."""
 
 
 class ItemPage(TypedDict):
@@ -169,7 +169,7 @@ class ItemStore(Protocol):
 def item_record(index: int, row: list[str | None]) -> ItemRecord:
     """A record from an item's :data:`ITEM_FIELDS`, as stored."""
     status, item, attempts, started, finished, output, error, child = row
-    return {
+    record: ItemRecord = {
         "index": index,
         "item": json.loads(item) if item else None,
         "status": status or "pending",
@@ -178,8 +178,10 @@ def item_record(index: int, row: list[str | None]) -> ItemRecord:
         "finished_at": iso(float(finished)) if finished else None,
         "output": json.loads(output) if output else None,
         "error": json.loads(error) if error else None,
-        "child_run_id": child or None,
     }
+    if child:
+        record["child_run_id"] = child
+    return record
 
 
 def item_counts(fields: dict[str, str], step: str) -> ItemCounts | None:
