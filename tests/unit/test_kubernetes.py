@@ -175,7 +175,7 @@ def _all_text() -> str:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("overlay", ["base", "keda", "hpa"])
 def test_kustomize_builds_each_overlay_into_valid_objects(overlay: str, tmp_path: Path) -> None:
-    # kubectl is not installable from the package registries CI reaches: checked where a machine has it.
+    # kubectl is not in the dev extra: the build is checked where the machine has it.
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (kustomize runs inside it)")
