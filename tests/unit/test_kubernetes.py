@@ -10,6 +10,7 @@ Autoscaling (KEDA and the HPA) is in ``test_kubernetes_scaling.py``.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
 
@@ -27,6 +29,7 @@ from orchestrator.infra.settings import Settings
 from tests.unit.k8s_manifests import (
     BASE_DIR,
     K8S_DIR,
+    KEDA_SCHEMA,
     REPO_ROOT,
     ManifestError,
     argv,
@@ -136,6 +139,13 @@ def test_the_validator_refuses_an_invalid_manifest(case: str, resource: dict[str
     require_kubernetes_validate()
     with pytest.raises(ManifestError):
         validate(resource)
+
+
+def test_the_keda_schema_is_a_valid_json_schema_that_describes_both_kinds() -> None:
+    keda = json.loads(KEDA_SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(keda)
+    assert {"ScaledObject", "TriggerAuthentication"} <= keda["$defs"].keys()
+    assert {doc["kind"] for _, doc in manifests() if doc["apiVersion"].startswith("keda.sh/")} <= keda["$defs"].keys()
 
 
 def test_every_manifest_belongs_to_exactly_one_kustomization_and_each_names_what_exists() -> None:
