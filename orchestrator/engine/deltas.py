@@ -319,6 +319,10 @@ class AttemptStream:
         """The callback a provider call streams into."""
         self.text(text)
 
+    def flush(self) -> None:
+        """Send the text held back by coalescing now (a turn ended: its text is whole before its event is told)."""
+        self.text.flush()
+
     def reset(self) -> None:
         """Start the text again: what was streamed so far is not part of the final text (a no-op when nothing was)."""
         self.text.flush()
