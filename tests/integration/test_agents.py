@@ -165,3 +165,23 @@ def test_a_workflow_tool_runs_a_child_and_answers_with_its_outputs_counting_its_
     assert tool_call["output"] == {"verdict": child["steps"]["verdict"]["output"]}
     assert child["steps"]["verdict"]["output"]["text"].startswith("Regarding")
     assert view["llm_calls"] == step["output"]["turns"] + 1, "the child's LLM call counts in the parent's"
+
+
+def test_the_research_team_example_runs_on_workers_with_its_fact_check_child_run_linked(
+    client: Client, workers: LocalWorkers
+) -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    client.wait(client.submit(load_workflow_file(examples / "fact_check.yaml"), {"claim": "two tides a day"}))
+
+    run_id = client.submit(load_workflow_file(examples / "research_team.yaml"), {"topic": "tides"})
+    view = client.wait(run_id, timeout=90)
+
+    assert view["status"] == "succeeded", view["error"]
+    supervisor = view["steps"]["supervisor"]
+    (call,) = [c for c in supervisor["output"]["tool_calls"] if c["name"] == "workflow:fact_check"]
+    children = [client.status(r["run_id"]) for r in client.runs(workflow="fact_check")]
+    (child,) = [c for c in children if (c.get("parent") or {}).get("run_id") == run_id]
+    assert child["status"] == "succeeded"
+    assert child["parent"]["step"] == "supervisor"
+    assert call["output"] == {"verdict": child["steps"]["verdict"]["output"]}
+    assert view["llm_calls"] > supervisor["output"]["turns"], "the child's turns count in the parent's"
