@@ -356,6 +356,9 @@ async def follow(
     """
     last = after
     ended: bool | None = None
+    # Read right after subscribing, before the replay (which may take a while): a step that ends meanwhile would
+    # take its text so far with it, and the deltas queued since the subscription would lack their beginning.
+    so_far = await texts_so_far(redis, run_id)
     while last < subscription.position:
         batch = await read_events(redis, run_id, last, subscription.position, REPLAY_PAGE)
         if not batch:
@@ -367,7 +370,7 @@ async def follow(
         ended = await run_finished(redis, run_id)
     received = DeltaFilter()
     if not ended:
-        for delta in await texts_so_far(redis, run_id):
+        for delta in so_far:
             received.sent(delta)
             yield delta
     while True:

@@ -20,7 +20,8 @@ from orchestrator import Client
 from orchestrator.api.streams import EventHubs, Subscription
 from orchestrator.definition.files import load_workflow_file
 from orchestrator.dev.local_workers import LocalWorkers
-from orchestrator.engine.deltas import Delta, RedisDeltaSink
+from orchestrator.engine.delta_sink import RedisDeltaSink
+from orchestrator.engine.deltas import Delta
 from orchestrator.state import keys
 from tests.integration.helpers import wait_for, workflow
 from tests.integration.test_api import ADMIN, READ, ApiServer, bearer, finished
