@@ -240,12 +240,25 @@ def test_the_durable_event_stream_keeps_step_events_only(
 def test_watch_shows_the_streamed_text(
     redis_url: str, client: Client, workers: LocalWorkers, tmp_path: Path, unique: str
 ) -> None:
+    # An approval gate holds the streaming step until the watch follows the run's deltas (a CLI can take seconds to
+    # start on a loaded machine; a step that ended before it joined has no text so far to show).
+    definition = streaming(f"stream_watch_{unique}", latency=4.0)
+    gate = {"name": "gate", "uses": "approval", "with": {"approvers": ["alice"]}}
+    definition["steps"] = [gate, {**definition["steps"][0], "depends_on": ["gate"]}]
     path = tmp_path / "stream.json"
-    path.write_text(json.dumps(streaming(f"stream_watch_{unique}", latency=4.0)))
+    path.write_text(json.dumps(definition))
     run_id = client.submit(load_workflow_file(path))
+    finished: dict[str, Any] = {}
+    watcher = threading.Thread(
+        target=lambda: finished.update(proc=orchestrator("watch", run_id, redis_url=redis_url)), daemon=True
+    )
+    watcher.start()
+    channel = keys.deltas_channel(run_id)
+    wait_for(lambda: client.store.client.pubsub_numsub(channel)[0][1] > 0, timeout=60, what="watch to follow deltas")
+    client.approve(run_id, "gate", by="alice")
+    watcher.join(timeout=120)
 
-    watched = orchestrator("watch", run_id, redis_url=redis_url)
-
+    watched = finished["proc"]
     text = client.status(run_id)["steps"]["write"]["output"]["text"]
     shown = " ".join(watched.stdout.split())
     assert watched.returncode == 0, watched.stderr
