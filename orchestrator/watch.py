@@ -39,6 +39,9 @@ _TOTALS_EVERY_S = 0.25
 # A streaming step's text is shown as its last characters, for the few steps that streamed last.
 _TEXT_TAIL_CHARS = 240
 _TEXT_STEPS = 4
+# An agent step's conversation is shown as its last lines (turns, tool calls and results), each cut to a line.
+_TALK_LINES = 12
+_TALK_LINE_CHARS = 160
 
 
 @dataclass
@@ -66,6 +69,7 @@ class WatchView:
     totals: RunView | None = None
     clock: Callable[[], float] = time.time
     texts: dict[str, str] = field(default_factory=dict)
+    talk: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def from_status(cls, view: RunView) -> WatchView:
@@ -80,6 +84,9 @@ class WatchView:
         if event.step is None:
             kind = event.type.removeprefix("run_")
             self.status = "running" if event.type in {EventType.RUN_STARTED, EventType.RUN_RESUMED} else kind
+            return
+        if event.type in {EventType.AGENT_TURN, EventType.TOOL_CALL}:
+            self.apply_agent(event)
             return
         row = self.steps.setdefault(event.step, _StepRow())
         if event.type.startswith("item_"):
@@ -110,6 +117,22 @@ class WatchView:
                 cost = event.data.get("cost_usd")
                 row.cost = None if cost is None else float(cost)
 
+    def apply_agent(self, event: Event) -> None:
+        """Fold an agent step's turn or finished tool call into its conversation (the step's status is unchanged)."""
+        assert event.step is not None
+        data = event.data
+        lines = self.talk.pop(event.step, [])
+        if event.type == EventType.AGENT_TURN:
+            text = " ".join(str(data.get("text", "")).split())
+            lines.append(f"turn {data.get('turn', '?')}" + (f": {text}" if text else ""))
+            lines.extend(f"  → {call.get('name', '?')} {call.get('input', '')}" for call in data.get("calls", []))
+            # The turn's text is in its line now; the next turn streams afresh (after an llm_reset).
+            self.texts.pop(event.step, None)
+        else:
+            mark = "✗" if data.get("error") else "←"
+            lines.append(f"  {mark} {data.get('name', '?')}: {' '.join(str(data.get('result', '')).split())}")
+        self.talk[event.step] = [_cut(line, _TALK_LINE_CHARS) for line in lines[-_TALK_LINES:]]
+
     def apply_delta(self, delta: Delta) -> None:
         """Fold a piece of a streaming step's text into the view (a reset starts the step's text again)."""
         name = delta.step if delta.index is None else f"{delta.step}[{delta.index}]"
@@ -134,9 +157,14 @@ class WatchView:
         parts: list[Table | Text] = [self.table()]
         if totals:
             parts.append(Text(totals))
-        for name, text in list(self.texts.items())[-_TEXT_STEPS:]:
-            tail = " ".join(text.split())[-_TEXT_TAIL_CHARS:]
-            parts.append(Text.assemble((f"{name} ▸ ", "bold cyan"), tail))
+        texts = dict(self.texts)
+        for name, lines in list(self.talk.items())[-_TEXT_STEPS:]:
+            parts.append(Text(f"{name} · conversation", style="bold magenta"))
+            parts.extend(Text(line) for line in lines)
+            if texts.get(name):
+                parts.append(Text.assemble(("  … ", "bold cyan"), _tail(texts.pop(name))))
+        for name, text in list(texts.items())[-_TEXT_STEPS:]:
+            parts.append(Text.assemble((f"{name} ▸ ", "bold cyan"), _tail(text)))
         return Group(*parts)
 
     @property
@@ -159,6 +187,14 @@ class WatchView:
             status = f"[{style}]{row.status}[/]" if style else row.status
             table.add_row(name, status, str(row.attempt or ""), duration, money(row.cost), tokens(row.usage), row.note)
         return table
+
+
+def _tail(text: str) -> str:
+    return " ".join(text.split())[-_TEXT_TAIL_CHARS:]
+
+
+def _cut(line: str, limit: int) -> str:
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _items_note(row: _StepRow) -> str:

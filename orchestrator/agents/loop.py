@@ -38,13 +38,25 @@ from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepD
 from orchestrator.llm.base import LLMRequest
 from orchestrator.llm.gateway import CallContext, GatewayReply
 
-__all__ = ["MAX_TOOL_RESULT_BYTES", "AgentStepError", "call_turn", "resolve_tools", "run_agent"]
+__all__ = [
+    "EVENT_TEXT_CHARS",
+    "EVENT_VALUE_CHARS",
+    "MAX_TOOL_RESULT_BYTES",
+    "AgentStepError",
+    "call_turn",
+    "resolve_tools",
+    "run_agent",
+]
 
 MAX_TOOL_RESULT_BYTES = 65_536
 """The largest tool result sent back to the model, as JSON; a larger one is an error result."""
 _MAX_TRANSCRIPT_CALLS = 50
 _CALLS_PER_TURN = 1000
 """A call's ordinal is ``turn * _CALLS_PER_TURN + position``: unique while a turn asks fewer calls than this."""
+EVENT_TEXT_CHARS = 2000
+"""A turn's text in its ``agent_turn`` event is cut to this many characters (the output holds the whole text)."""
+EVENT_VALUE_CHARS = 500
+"""A tool call's input and result in events are cut, as JSON text, to this many characters."""
 
 
 class AgentStepError(NonRetryableStepError):
@@ -186,7 +198,7 @@ class _Loop:
     def finish_call(self, turn: int, call_id: str, name: str, outcome: tuple[str, bool]) -> None:
         result, is_error = outcome
         entry = {"status": "done", "turn": turn, "name": name, "content": result, "is_error": is_error}
-        data = {"turn": turn, "id": call_id, "name": name, "error": is_error}
+        data = {"turn": turn, "id": call_id, "name": name, "error": is_error, "result": _cut(result, EVENT_VALUE_CHARS)}
         self.record(f"call:{call_id}", entry, "tool_call", data)
 
     def invoke(self, entry: Tool | None, name: str, call: tuple[str, int], raw: Any) -> tuple[str, bool]:
@@ -279,11 +291,19 @@ def run_agent(
                 raise
             except StepError as exc:
                 raise loop.failed(f"agent turn {turn}: {exc}", exc.kind, exc.status_code) from None
+            if stream is not None:
+                stream.flush()
             loop.transcript.add(reply)
             content = list(reply.response.content) or [{"type": "text", "text": reply.response.text}]
             uses = [block for block in content if block.get("type") == "tool_use"]
             if f"turn:{turn}" not in loop.journal:
-                data = {"turn": turn, "stop_reason": reply.response.stop_reason, "tool_calls": len(uses)}
+                data = {
+                    "turn": turn,
+                    "stop_reason": reply.response.stop_reason,
+                    "tool_calls": len(uses),
+                    "text": _cut(reply.response.text, EVENT_TEXT_CHARS),
+                    "calls": [_call_preview(use, toolset) for use in uses],
+                }
                 loop.record(
                     f"turn:{turn}",
                     {"stop_reason": reply.response.stop_reason},
@@ -299,6 +319,19 @@ def run_agent(
         raise loop.failed(
             f"step {step.name!r}: the model did not end its turn within max_turns={params.max_turns}", "max_turns"
         )
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit - 1`` characters and an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _call_preview(use: dict[str, Any], toolset: dict[str, Tool]) -> dict[str, Any]:
+    """A ``tool_use`` block as an ``agent_turn`` event tells it: its id, the tool's name as written, its input cut."""
+    entry = toolset.get(str(use.get("name")))
+    name = entry.name if entry is not None else str(use.get("name"))
+    raw = json.dumps(use.get("input"), separators=(",", ":"), default=str)
+    return {"id": str(use.get("id")), "name": name, "input": _cut(raw, EVENT_VALUE_CHARS)}
 
 
 def _journal(runtime: Runtime, attempt: Attempt, key: str, force: bool) -> dict[str, dict[str, Any]]:

@@ -23,7 +23,8 @@ class StreamLimits:
     """How event streams treat their clients.
 
     Attributes:
-        queue_size: Events a client may have unsent before it is disconnected (it reconnects and loses nothing).
+        queue_size: Events a client may have unsent before it is disconnected (it reconnects and loses nothing);
+            streamed text does not count (a slow client's missed deltas are joined into one).
         keepalive_s: Seconds between SSE keep-alive comments.
         send_timeout_s: An SSE client that accepts no bytes for this long is disconnected.
         block_ms: How long a hub's ``XREAD`` blocks before asking again.

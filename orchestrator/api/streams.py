@@ -6,7 +6,8 @@
                                                                 └──────────▶ WebSocketProgressListener ─▶ WS clients
 
 A :class:`RunHub` is the only reader of its run's stream, however many clients watch it, and it never waits for a
-client: each client has its own bounded :class:`Subscription`, and one that falls behind is dropped. A dropped client
+client: each client has its own bounded :class:`Subscription`, and one that falls behind on events is dropped (on
+streamed text it gets the text it missed in one piece instead). A dropped client
 reconnects with the last ``seq`` it got (``Last-Event-ID`` or ``?after=``) and loses nothing, because
 :func:`follow` joins a client without gaps: it subscribes first (noting the hub's position), replays the stream from
 the client's ``seq`` up to that position, then sends what the hub queued, skipping anything already sent.
@@ -19,6 +20,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -51,36 +53,65 @@ def _event(run_id: str, entry_id: Any, fields: Any) -> Event:
 
 
 class Subscription(ProgressListener):
-    """One client's queue of live events and deltas, at most ``limit`` long; overflowing drops the client.
+    """One client's queue of live events and deltas; more than ``limit`` events unsent drops the client.
+
+    Deltas never drop a client and never lengthen its queue much: a delta that continues the text of a delta still
+    queued for the same attempt is added to that one, so a client that falls behind gets the text so far since its
+    last delivered position in one piece, whatever it missed. At most one queued delta per streaming attempt (plus its
+    resets) is in the queue, so a slow reader holds one copy of each streaming text at most.
 
     Attributes:
         position: The hub's last delivered ``seq`` when this subscribed: everything after it arrives here.
         dropped: The client fell behind and must reconnect.
         closed: Nothing more will arrive (dropped, or the hub is shutting down).
+        coalesced: Deltas added to a queued one instead of queued apart.
     """
 
     def __init__(self, limit: int, position: int) -> None:
         self.position = position
         self.dropped = False
         self.closed = False
+        self.coalesced = 0
         self._limit = limit
-        self._events: deque[Event | Delta] = deque()
+        self._events: deque[Event | _Queued] = deque()
+        self._queued_events = 0
+        # The last queued (not yet taken) delta of each streaming attempt, which a contiguous delta extends.
+        self._open: dict[tuple[str, int | None, int], _Queued] = {}
         self._ready = asyncio.Event()
 
     def on_delta(self, delta: Delta) -> None:
-        """Queue ``delta`` as an event is queued (:func:`follow` tells them apart)."""
-        self.on_event(delta)
-
-    def on_event(self, event: Event | Delta) -> None:
-        """Queue ``event``; a full queue drops the client instead of waiting for it."""
+        """Queue ``delta``, or add its text to the attempt's delta still queued (a reset is always queued apart)."""
         if self.closed:
             return
-        if len(self._events) >= self._limit:
+        key = (delta.step, delta.index, delta.attempt)
+        held = self._open.get(key)
+        if delta.type == "llm_delta" and held is not None and held.delta.offset + len(held.delta.text) == delta.offset:
+            held.delta = replace(held.delta, text=held.delta.text + delta.text)
+            self.coalesced += 1
+            return
+        queued = _Queued(delta)
+        if delta.type == "llm_delta":
+            self._open[key] = queued
+        else:
+            self._open.pop(key, None)
+        self._events.append(queued)
+        self._ready.set()
+
+    def on_event(self, event: Event | Delta) -> None:
+        """Queue ``event``; more than ``limit`` unsent events drops the client instead of waiting for it."""
+        if isinstance(event, Delta):
+            self.on_delta(event)
+            return
+        if self.closed:
+            return
+        if self._queued_events >= self._limit:
             self.dropped = True
             self._events.clear()
+            self._open.clear()
             self.close()
             return
         self._events.append(event)
+        self._queued_events += 1
         self._ready.set()
 
     def close(self) -> None:
@@ -97,11 +128,27 @@ class Subscription(ProgressListener):
         """The next queued event or delta, waiting for one; ``None`` once closed and drained."""
         while True:
             if self._events:
-                return self._events.popleft()
+                item = self._events.popleft()
+                if isinstance(item, Event):
+                    self._queued_events -= 1
+                    return item
+                key = (item.delta.step, item.delta.index, item.delta.attempt)
+                if self._open.get(key) is item:
+                    del self._open[key]  # taken: later text queues anew
+                return item.delta
             if self.closed:
                 return None
             self._ready.clear()
             await self._ready.wait()
+
+
+class _Queued:
+    """A queued delta, which later contiguous text of its attempt extends until the client takes it."""
+
+    __slots__ = ("delta",)
+
+    def __init__(self, delta: Delta) -> None:
+        self.delta = delta
 
 
 class RunHub:
@@ -309,6 +356,9 @@ async def follow(
     """
     last = after
     ended: bool | None = None
+    # Read right after subscribing, before the replay (which may take a while): a step that ends meanwhile would
+    # take its text so far with it, and the deltas queued since the subscription would lack their beginning.
+    so_far = await texts_so_far(redis, run_id)
     while last < subscription.position:
         batch = await read_events(redis, run_id, last, subscription.position, REPLAY_PAGE)
         if not batch:
@@ -320,7 +370,7 @@ async def follow(
         ended = await run_finished(redis, run_id)
     received = DeltaFilter()
     if not ended:
-        for delta in await texts_so_far(redis, run_id):
+        for delta in so_far:
             received.sent(delta)
             yield delta
     while True:

@@ -2,8 +2,10 @@
 
 ::
 
-    SDK text deltas ──▶ TextStream (coalesces, ~every COALESCE_S) ──▶ DeltaSink.publish ─┬─ APPEND orch:{RUN}:text:…
-                                                                                        └─ PUBLISH orch:{RUN}:deltas
+    SDK text deltas ──▶ TextStream (coalesces, ~every COALESCE_S) ──▶ DeltaSink.publish ──▶ one pipeline per process
+                                                                    (delta_sink.py)        every COALESCE_S:
+                                                                                           APPEND orch:{RUN}:text:…
+                                                                                           PUBLISH orch:{RUN}:deltas
 
 Deltas are not progress events: they have no ``seq`` and never enter the run's durable event stream. A client that
 joins late first gets the text so far of each streaming attempt (one ``llm_delta``), then the live ones; each delta
@@ -19,11 +21,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import redis
 
 from orchestrator.state import keys
+
+if TYPE_CHECKING:
+    from orchestrator.engine.delta_sink import DeltaSink
 
 __all__ = [
     "AttemptStream",
@@ -31,8 +36,6 @@ __all__ = [
     "MAX_TEXT_SO_FAR_CHARS",
     "TEXT_TTL_S",
     "Delta",
-    "DeltaSink",
-    "RedisDeltaSink",
     "TextStream",
     "DeltaFilter",
     "attempt_member",
@@ -164,67 +167,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class DeltaSink(Protocol):
-    """Where a streaming attempt's deltas go."""
-
-    def publish(self, run_id: str, delta: Delta) -> None:
-        """Send a delta (or a reset) to the run's watchers and keep the text so far."""
-
-    def finish(self, run_id: str, step: str, index: int | None, attempt: int) -> None:
-        """The attempt's call ended (either way): forget its text so far."""
-
-
-class RedisDeltaSink:
-    """Publishes deltas on the run's channel and APPENDs them to the attempt's text so far, in one round trip.
-
-    A Redis failure loses deltas (logged), never the step: the final text is in the step's output regardless.
-
-    Args:
-        client: The state's Redis.
-        max_text_chars: See :data:`MAX_TEXT_SO_FAR_CHARS`.
-        ttl_s: See :data:`TEXT_TTL_S`.
-    """
-
-    def __init__(
-        self, client: redis.Redis, *, max_text_chars: int = MAX_TEXT_SO_FAR_CHARS, ttl_s: int = TEXT_TTL_S
-    ) -> None:
-        self.client = client
-        self.max_text_chars = max_text_chars
-        self.ttl_s = ttl_s
-
-    def publish(self, run_id: str, delta: Delta) -> None:
-        """Keep the text so far (a reset empties it), then publish; see :meth:`DeltaSink.publish`."""
-        member = attempt_member(delta.step, delta.index, delta.attempt)
-        text_key, texts_key = keys.stream_text_key(run_id, member), keys.stream_texts_key(run_id)
-        pipe = self.client.pipeline(transaction=False)
-        if delta.type == "llm_reset":
-            pipe.delete(text_key)
-        elif delta.offset + len(delta.text) <= self.max_text_chars:
-            pipe.append(text_key, delta.text)
-            if delta.offset == 0:
-                # Once per call: the TTL outlasts any call, and three commands fewer per delta halve its cost.
-                pipe.expire(text_key, self.ttl_s)
-                pipe.sadd(texts_key, member)
-                pipe.expire(texts_key, self.ttl_s)
-        pipe.publish(keys.deltas_channel(run_id), delta.encode())
-        self._execute(pipe, run_id)
-
-    def finish(self, run_id: str, step: str, index: int | None, attempt: int) -> None:
-        """Delete the attempt's text so far; see :meth:`DeltaSink.finish`."""
-        member = attempt_member(step, index, attempt)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.delete(keys.stream_text_key(run_id, member))
-        pipe.srem(keys.stream_texts_key(run_id), member)
-        self._execute(pipe, run_id)
-
-    @staticmethod
-    def _execute(pipe: Any, run_id: str) -> None:
-        try:
-            pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("could not publish streamed text of run %s: %s", run_id, exc)
-
-
 class TextStream:
     """One streaming call's text, coalesced into deltas: the ``on_text`` callback a provider call is given.
 
@@ -318,6 +260,10 @@ class AttemptStream:
     def on_text(self, text: str) -> None:
         """The callback a provider call streams into."""
         self.text(text)
+
+    def flush(self) -> None:
+        """Send the text held back by coalescing now (a turn ended: its text is whole before its event is told)."""
+        self.text.flush()
 
     def reset(self) -> None:
         """Start the text again: what was streamed so far is not part of the final text (a no-op when nothing was)."""

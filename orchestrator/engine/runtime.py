@@ -12,7 +12,7 @@ import redis
 
 from orchestrator.definition.registry import functions, import_modules
 from orchestrator.engine.backlog import broker_for
-from orchestrator.engine.deltas import RedisDeltaSink
+from orchestrator.engine.delta_sink import RedisDeltaSink
 from orchestrator.engine.leases import LeaseKeeper
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.steps import StepExecutor

@@ -12,7 +12,8 @@ from orchestrator.definition.conditions import evaluate_condition
 from orchestrator.definition.registry import FunctionRegistry
 from orchestrator.definition.spec import ApprovalParams, LLMParams, PythonParams, StepSpec
 from orchestrator.definition.templates import TEMPLATE_TIMEOUT_S, render
-from orchestrator.engine.deltas import AttemptStream, DeltaSink
+from orchestrator.engine.delta_sink import DeltaSink
+from orchestrator.engine.deltas import AttemptStream
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError, WorkflowDefinitionError
 from orchestrator.llm import LLMRequest, parse_structured, structured_output_instruction
 from orchestrator.llm.gateway import CallContext, LLMGateway

@@ -27,6 +27,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 _ASSETS = {
     "app.css": "text/css; charset=utf-8",
     "common.js": "text/javascript; charset=utf-8",
+    "conversation.js": "text/javascript; charset=utf-8",
     "dag.js": "text/javascript; charset=utf-8",
     "gantt.js": "text/javascript; charset=utf-8",
     "layout.js": "text/javascript; charset=utf-8",

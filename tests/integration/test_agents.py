@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
 from orchestrator import Client
+from orchestrator.definition.files import load_workflow_file
 from orchestrator.dev.local_workers import LocalWorkers
 from tests.integration.helpers import wait_for, workflow
+from tests.integration.test_cli import orchestrator
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -55,6 +59,26 @@ def test_an_agent_loops_over_builtins_and_a_registered_tool_until_it_ends_its_tu
     events = [e for e in client.store.events(view["run_id"]) if e.type in {"agent_turn", "tool_call"}]
     assert [e.type for e in events].count("agent_turn") == 3
     assert [e.data["name"] for e in events if e.type == "tool_call"] == [c["name"] for c in output["tool_calls"]]
+
+
+def test_watch_shows_the_agents_conversation_turn_by_turn(
+    redis_url: str, client: Client, workers: LocalWorkers, tmp_path: Path, unique: str
+) -> None:
+    script = [[{"name": "calculator", "input": {"expression": "6*7"}}]]
+    path = tmp_path / "agent.json"
+    step = agent(["calculator"], script, stream=True, simulate={"tool_calls": script, "latency_s": 1.0})
+    path.write_text(json.dumps(workflow(f"agent_watch_{unique}", step)))
+    run_id = client.submit(load_workflow_file(path))
+
+    watched = orchestrator("watch", run_id, redis_url=redis_url)
+
+    assert watched.returncode == 0, watched.stderr
+    shown = watched.stdout
+    text = client.status(run_id)["steps"]["agent"]["output"]["text"]
+    assert "agent · conversation" in shown
+    assert '→ calculator {"expression":"6*7"}' in shown
+    assert '← calculator: {"result":42}' in shown
+    assert " ".join(text.split())[:60] in " ".join(shown.split()), "the last turn's text is in the conversation"
 
 
 def test_a_validation_error_is_returned_to_the_model_and_the_loop_goes_on(
@@ -141,3 +165,23 @@ def test_a_workflow_tool_runs_a_child_and_answers_with_its_outputs_counting_its_
     assert tool_call["output"] == {"verdict": child["steps"]["verdict"]["output"]}
     assert child["steps"]["verdict"]["output"]["text"].startswith("Regarding")
     assert view["llm_calls"] == step["output"]["turns"] + 1, "the child's LLM call counts in the parent's"
+
+
+def test_the_research_team_example_runs_on_workers_with_its_fact_check_child_run_linked(
+    client: Client, workers: LocalWorkers
+) -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    client.wait(client.submit(load_workflow_file(examples / "fact_check.yaml"), {"claim": "two tides a day"}))
+
+    run_id = client.submit(load_workflow_file(examples / "research_team.yaml"), {"topic": "tides"})
+    view = client.wait(run_id, timeout=90)
+
+    assert view["status"] == "succeeded", view["error"]
+    supervisor = view["steps"]["supervisor"]
+    (call,) = [c for c in supervisor["output"]["tool_calls"] if c["name"] == "workflow:fact_check"]
+    children = [client.status(r["run_id"]) for r in client.runs(workflow="fact_check")]
+    (child,) = [c for c in children if (c.get("parent") or {}).get("run_id") == run_id]
+    assert child["status"] == "succeeded"
+    assert child["parent"]["step"] == "supervisor"
+    assert call["output"] == {"verdict": child["steps"]["verdict"]["output"]}
+    assert view["llm_calls"] > supervisor["output"]["turns"], "the child's turns count in the parent's"

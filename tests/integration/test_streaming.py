@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -10,12 +11,18 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
+import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect as ws_connect
 
 from orchestrator import Client
+from orchestrator.api.streams import EventHubs, Subscription
 from orchestrator.definition.files import load_workflow_file
 from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.engine.delta_sink import RedisDeltaSink
+from orchestrator.engine.deltas import Delta
+from orchestrator.state import keys
 from tests.integration.helpers import wait_for, workflow
 from tests.integration.test_api import ADMIN, READ, ApiServer, bearer, finished
 from tests.integration.test_cli import orchestrator
@@ -233,14 +240,65 @@ def test_the_durable_event_stream_keeps_step_events_only(
 def test_watch_shows_the_streamed_text(
     redis_url: str, client: Client, workers: LocalWorkers, tmp_path: Path, unique: str
 ) -> None:
+    # An approval gate holds the streaming step until the watch follows the run's deltas (a CLI can take seconds to
+    # start on a loaded machine; a step that ended before it joined has no text so far to show).
+    definition = streaming(f"stream_watch_{unique}", latency=4.0)
+    gate = {"name": "gate", "uses": "approval", "with": {"approvers": ["alice"]}}
+    definition["steps"] = [gate, {**definition["steps"][0], "depends_on": ["gate"]}]
     path = tmp_path / "stream.json"
-    path.write_text(json.dumps(streaming(f"stream_watch_{unique}", latency=4.0)))
+    path.write_text(json.dumps(definition))
     run_id = client.submit(load_workflow_file(path))
+    finished: dict[str, Any] = {}
+    watcher = threading.Thread(
+        target=lambda: finished.update(proc=orchestrator("watch", run_id, redis_url=redis_url)), daemon=True
+    )
+    watcher.start()
+    channel = keys.deltas_channel(run_id)
+    wait_for(lambda: client.store.client.pubsub_numsub(channel)[0][1] > 0, timeout=60, what="watch to follow deltas")
+    client.approve(run_id, "gate", by="alice")
+    watcher.join(timeout=120)
 
-    watched = orchestrator("watch", run_id, redis_url=redis_url)
-
+    watched = finished["proc"]
     text = client.status(run_id)["steps"]["write"]["output"]["text"]
     shown = " ".join(watched.stdout.split())
     assert watched.returncode == 0, watched.stderr
     assert "write ▸" in shown
     assert " ".join(text.split()[-8:]) in shown, "the end of the streamed text is on screen"
+
+
+def test_a_client_that_falls_behind_the_hub_gets_the_text_coalesced_not_dropped(redis_url: str, unique: str) -> None:
+    run_id = f"slow_{unique}"
+    sink = RedisDeltaSink(redis.Redis.from_url(redis_url))
+    sink.client.hset(keys.run_key(run_id), "status", "running")
+    pieces = [f"token{n} " for n in range(3000)]
+
+    async def scenario() -> tuple[Subscription, list[Delta]]:
+        aredis = aioredis.Redis.from_url(redis_url)
+        hubs = EventHubs(aredis, block_ms=200)
+        hub = await hubs.open(run_id)
+        subscription = hub.subscribe(limit=200)
+        offset = 0
+        for piece in pieces:  # the publisher far ahead of a client that reads nothing meanwhile
+            sink.publish(run_id, Delta("llm_delta", "write", None, 1, piece, offset))
+            offset += len(piece)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while subscription.coalesced + subscription.pending < len(pieces) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        received = []
+        while subscription.pending:
+            item = await subscription.next()
+            assert isinstance(item, Delta)
+            received.append(item)
+        hubs.release(hub)
+        await hubs.close()
+        await aredis.aclose()
+        return subscription, received
+
+    subscription, received = asyncio.run(scenario())
+
+    assert not subscription.dropped, "deltas never drop a client"
+    assert "".join(d.text for d in received) == "".join(pieces), "no text lost"
+    assert len(received) < len(pieces) / 10, "what it fell behind on came in a few pieces"
+    sink.finish(run_id, "write", None, 1)
+    sink.client.delete(keys.run_key(run_id))

@@ -10,6 +10,7 @@ from fastapi import HTTPException
 
 from orchestrator.api.sse import sse_frame, start_after
 from orchestrator.api.streams import Subscription, ends_run
+from orchestrator.engine.deltas import Delta
 from orchestrator.engine.events import Event
 
 pytestmark = pytest.mark.timeout(30)
@@ -91,3 +92,73 @@ def test_a_waiting_consumer_wakes_for_the_next_event() -> None:
         return got.seq if got else None
 
     assert asyncio.run(scenario()) == 42
+
+
+def _drain(subscription: Subscription) -> list[Event | Delta]:
+    async def scenario() -> list[Event | Delta]:
+        taken: list[Event | Delta] = []
+        while subscription.pending:
+            item = await subscription.next()
+            assert item is not None
+            taken.append(item)
+        return taken
+
+    return asyncio.run(scenario())
+
+
+def _piece(step: str, offset: int, text: str, attempt: int = 1) -> Delta:
+    return Delta("llm_delta", step, None, attempt, text, offset)
+
+
+def test_a_client_that_falls_behind_gets_its_missed_deltas_as_one_piece_and_is_not_dropped() -> None:
+    subscription = Subscription(limit=3, position=0)
+    pieces = [f"w{n} " for n in range(5000)]
+    offset = 0
+    for n, piece in enumerate(pieces):
+        subscription.on_delta(_piece("write", offset, piece))
+        offset += len(piece)
+        if n == 2500:
+            subscription.on_event(event(1, "step_started", "other"))
+
+    taken = _drain(subscription)
+
+    assert not subscription.dropped
+    assert [type(item).__name__ for item in taken] == ["Delta", "Event"], "one piece, then the event after it"
+    first = taken[0]
+    assert isinstance(first, Delta)
+    assert (first.offset, first.text) == (0, "".join(pieces)), "the text so far since the last delivered position"
+    assert subscription.coalesced == 4999
+
+
+def test_text_taken_by_the_client_is_not_extended_and_a_reset_or_a_gap_starts_a_new_piece() -> None:
+    subscription = Subscription(limit=3, position=0)
+    subscription.on_delta(_piece("write", 0, "ab"))
+    subscription.on_delta(_piece("write", 2, "cd"))
+    subscription.on_delta(_piece("other", 0, "x"))
+    first = _drain(subscription)
+    subscription.on_delta(_piece("write", 4, "ef"))
+    subscription.on_delta(Delta("llm_reset", "write", None, 1))
+    subscription.on_delta(_piece("write", 0, "gh"))
+    subscription.on_delta(_piece("write", 9, "lost before"))  # a gap (pub/sub lost some): never glued on
+    subscription.on_delta(_piece("write", 0, "again", attempt=2))
+
+    later = _drain(subscription)
+
+    assert [(d.step, d.text) for d in first if isinstance(d, Delta)] == [("write", "abcd"), ("other", "x")]
+    assert [(d.type, d.attempt, d.offset, d.text) for d in later if isinstance(d, Delta)] == [
+        ("llm_delta", 1, 4, "ef"),
+        ("llm_reset", 1, 0, ""),
+        ("llm_delta", 1, 0, "gh"),
+        ("llm_delta", 1, 9, "lost before"),
+        ("llm_delta", 2, 0, "again"),
+    ]
+
+
+def test_events_past_the_limit_still_drop_a_client_whatever_deltas_it_holds() -> None:
+    subscription = Subscription(limit=2, position=0)
+    subscription.on_delta(_piece("write", 0, "ab"))
+    for seq in (1, 2, 3):
+        subscription.on_event(event(seq))
+
+    assert subscription.dropped
+    assert subscription.pending == 0

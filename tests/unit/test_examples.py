@@ -59,3 +59,28 @@ def test_the_long_form_article_maps_its_outline_loops_its_editor_and_publishes_t
         assert child["parent"]["step"] == f"publish_{channel}"
         assert channel in child["inputs"]["channel"]
         assert set(step["output"]) == {"adapt", "post"}
+
+
+def _example(name: str) -> Any:
+    return parse_workflow(yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text()))
+
+
+def test_the_research_team_delegates_the_fact_check_to_a_child_run_and_streams_its_brief(client: Client) -> None:
+    checked = client.wait(client.submit(_example("fact_check"), {"claim": "two tides a day"}), timeout=30)
+    assert checked["status"] == "succeeded", checked["error"]
+
+    run_id = client.submit(_example("research_team"), {"topic": "tides"})
+    view = client.wait(run_id, timeout=45)
+
+    assert view["status"] == "succeeded", view["error"]
+    supervisor = view["steps"]["supervisor"]["output"]
+    calls = {call["name"]: call for call in supervisor["tool_calls"]}
+    assert set(calls) == {"notes.read", "workflow:fact_check", "calculator", "notes.write"}
+    fact_check = calls["workflow:fact_check"]
+    assert "error" not in fact_check, fact_check
+    children = [client.status(r["run_id"]) for r in client.runs(workflow="fact_check")]
+    (child,) = [c for c in children if c.get("parent", {}).get("run_id") == run_id]
+    assert child["status"] == "succeeded"
+    assert child["parent"]["step"] == "supervisor"
+    assert fact_check["output"] == {"verdict": child["steps"]["verdict"]["output"]}
+    assert view["steps"]["publish"]["output"]["text"]

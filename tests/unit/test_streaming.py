@@ -13,7 +13,8 @@ from rich.console import Console
 from orchestrator.definition.registry import FunctionRegistry
 from orchestrator.definition.workflow import parse_workflow
 from orchestrator.dev.offline_server import serve_offline_api
-from orchestrator.engine.deltas import AttemptStream, Delta, DeltaFilter, RedisDeltaSink, TextStream, attempt_member
+from orchestrator.engine.delta_sink import RedisDeltaSink
+from orchestrator.engine.deltas import AttemptStream, Delta, DeltaFilter, TextStream, attempt_member
 from orchestrator.engine.steps import StepContext, StepExecutor
 from orchestrator.errors import RetryableStepError
 from orchestrator.llm.anthropic import AnthropicClient
@@ -139,10 +140,12 @@ def test_the_redis_sink_keeps_the_text_so_far_publishes_each_delta_and_forgets_i
 
     sink.publish("run1", Delta("llm_delta", "write", None, 1, "Hello ", 0))
     sink.publish("run1", Delta("llm_delta", "write", None, 1, "world", 6))
+    sink.flush()
     assert r.get(keys.stream_text_key("run1", member)) == "Hello world"
     assert r.smembers(keys.stream_texts_key("run1")) == {member}
     assert 0 < r.ttl(keys.stream_text_key("run1", member)) <= 60
     sink.publish("run1", Delta("llm_delta", "write", None, 1, ", and more", 11))
+    sink.flush()
     assert r.get(keys.stream_text_key("run1", member)) == "Hello world", "the text so far is bounded"
 
     published: list[str] = []

@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
+from orchestrator.engine.deltas import Delta
 from orchestrator.engine.events import Event
 from orchestrator.watch import WatchView
 
@@ -112,3 +113,50 @@ def test_a_map_step_row_shows_its_items_done_of_total() -> None:
 
     assert view.steps["m"].note == "3 of 10 items"
     assert view.steps["m"].status == "running"
+
+
+def test_an_agent_steps_conversation_grows_with_its_turns_tool_calls_and_streamed_text() -> None:
+    view = _view()
+    view.apply(_event(1, "step_started", "a", 1, ts=10.0))
+    view.apply(
+        _event(
+            2,
+            "agent_turn",
+            "a",
+            1,
+            turn=1,
+            text="Let me compute.",
+            calls=[
+                {"id": "t1", "name": "calculator", "input": '{"expression":"6*7"}'},
+            ],
+        )
+    )
+    assert view.steps["a"].status == "running", "a turn is no change of the step's status"
+    first = _render(view)
+    assert "turn 1: Let me compute." in first
+    assert '→ calculator {"expression":"6*7"}' in first
+    assert "← calculator" not in first
+
+    view.apply(_event(3, "tool_call", "a", 1, turn=1, id="t1", name="calculator", error=False, result='{"result":42}'))
+    view.apply_delta(Delta("llm_reset", "a", None, 1))
+    view.apply_delta(Delta("llm_delta", "a", None, 1, "The answer is", 0))
+    second = _render(view)
+    assert '← calculator: {"result":42}' in second
+    assert "… The answer is" in second, "the turn being written shows under the conversation"
+
+    view.apply(_event(4, "agent_turn", "a", 1, turn=2, text="The answer is 42.", calls=[]))
+    view.apply(_event(5, "step_succeeded", "a", 1, ts=12.0))
+    last = _render(view)
+    assert "turn 2: The answer is 42." in last
+    assert "… The answer is" not in last, "a finished turn's text is shown once, in its line"
+    assert view.steps["a"].status == "succeeded"
+
+
+def test_a_failed_tool_call_is_marked_and_long_values_are_cut_to_a_line() -> None:
+    view = _view()
+    view.apply(_event(1, "agent_turn", "b", 1, turn=1, text="x" * 500, calls=[]))
+    view.apply(_event(2, "tool_call", "b", 1, turn=1, id="t", name="lookup", error=True, result="boom"))
+    lines = view.talk["b"]
+    assert lines[-1] == "  ✗ lookup: boom"
+    assert len(lines[0]) == 160
+    assert lines[0].endswith("…")

@@ -4,6 +4,7 @@ import {
   FINISHED_RUN, FINISHED_STEP, api, el, formatDuration, formatTime, messageOf, setupTokenForm, showMessage,
   statusClass, token,
 } from "./common.js";
+import { conversationOf, renderConversation } from "./conversation.js";
 import { drawDag } from "./dag.js";
 import { criticalPath, drawTimeline, timelineOf } from "./gantt.js";
 import { renderProgress, renderRunFacts, stepFacts, stepMoneyFacts } from "./summary.js";
@@ -37,6 +38,7 @@ let pollTimer = null;
 let reloadTimer = null;
 // A map step's item events that end an item, and the counter each moves it to.
 const ITEM_ENDS = { item_succeeded: "succeeded", item_failed: "failed" };
+const AGENT_EVENTS = ["agent_turn", "tool_call"];
 const waits = new Map(); // step → data of its last step_waiting event: {approvers, message, timeout_s}
 let deciding = false;
 const events = []; // every event applied, in seq order: {type, step, attempt, ts (ms), data}, for the timeline
@@ -95,6 +97,7 @@ function onEvent(message) {
   const type = event.type || message.type;
   events.push({ type, step: event.step, attempt: event.attempt, ts: Date.parse(event.ts), data: event.data || {} });
   if (type === "step_waiting" && event.step) waits.set(event.step, event.data || {});
+  if (type === "agent_turn" && event.step) streamed.delete(event.step); // the turn's text is in its event now
   if (!view) return scheduleReload();
   const items = event.step && view.steps[event.step]?.items;
   if (items && ITEM_ENDS[type]) {
@@ -132,11 +135,17 @@ function onDelta(message) {
   if (name === selected && view?.steps[name]) renderStreamed(view.steps[name]);
 }
 
-// The panel shows the step's output once it has one, else what it has streamed so far.
+// The panel shows the step's output once it has one, else what it has streamed so far; an agent's streamed text
+// is the turn it is writing, shown at the end of its conversation.
 function renderStreamed(step) {
-  const live = (step.output === null || step.output === undefined) && streamed.has(selected);
+  const agent = step.kind === "agent";
+  const live = !agent && (step.output === null || step.output === undefined) && streamed.has(selected);
   $("panel-output").textContent = live ? streamed.get(selected) : pretty(step.output);
   $("panel-output").classList.toggle("streaming", live);
+  $("conversation").hidden = !agent;
+  if (!agent) return;
+  const writing = FINISHED_STEP.has(step.status) ? "" : streamed.get(selected) || "";
+  renderConversation($("conversation-turns"), conversationOf(events, selected), writing);
 }
 
 // What an event tells about a step's times, tokens and cost before the next snapshot brings them.
@@ -158,7 +167,9 @@ function openStream() {
   // EventSource cannot send headers: the token goes in the query string. It resends Last-Event-ID on reconnects.
   const query = token() ? `?token=${encodeURIComponent(token())}` : "";
   source = new EventSource(endpoint(`/events${query}`));
-  const types = [...Object.keys(STEP_EVENTS), ...Object.keys(RUN_EVENTS), ...Object.keys(ITEM_ENDS), "item_started"];
+  const types = [
+    ...Object.keys(STEP_EVENTS), ...Object.keys(RUN_EVENTS), ...Object.keys(ITEM_ENDS), "item_started", ...AGENT_EVENTS,
+  ];
   for (const type of types) {
     source.addEventListener(type, onEvent);
   }
