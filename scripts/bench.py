@@ -954,7 +954,7 @@ def measure(cfg: Config) -> dict[str, Any]:
         client = Client(Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": TASKS_MODULE}))
         workers = pool_workers(client.app, cfg, env, logs)
         print(f"redis {server.url}; starting {cfg.workers} workers (logs in {logs})", file=sys.stderr)
-        with running(workers, grace=10):
+        with running(workers, grace=10, timeout=180):  # a busy machine can take minutes to boot them
             bench = Bench(cfg, client, server.url, records, CpuProbe(workers, server.pid))
             bench.code_at_start = code_before
             results = bench.run()
