@@ -25,6 +25,9 @@ over ``--reps`` repetitions:
     canvas for such a DAG without a result backend, so as a reference both run a chain as deep as the DAG of the same
     sleeping steps: what the per-level hop alone costs on this machine.
 
+(e) what a finished run keeps in Redis (``MEMORY USAGE`` of its keys, :mod:`scripts.harness.footprint`): bytes per
+    finished step beyond the outputs' own JSON, by key and by hash field, over the no-op and ``python`` chains.
+
 It also reads each process's CPU time from ``/proc`` around every window (worker main processes, pool children,
 redis-server, this client), so a throughput gap on a CPU-bound machine can be traced to where the CPU goes. Other
 processes on the machine add noise: ours and raw runs are interleaved (rotating order) so they share it.
@@ -63,6 +66,7 @@ from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.engine.status import RunView
 from orchestrator.state import keys
 from scripts.harness import cli, probes
+from scripts.harness.footprint import finished_run_bytes, print_footprint
 from scripts.harness.lifecycle import log_dir, pool_workers, private_redis, record_dir, run_main, running, worker_env
 from scripts.harness.records import Record, RecordReader
 from scripts.harness.report import REPO_ROOT, Progress, fmt, print_table, ts, versions, write_results
@@ -314,6 +318,7 @@ class ChainRep:
     service: list[float] = field(default_factory=list)
     window: Window | None = None
     steps: int = 0
+    run_ids: list[str] = field(default_factory=list)
 
 
 class Bench:
@@ -427,6 +432,7 @@ class Bench:
 
         run_id, window = self.measure(work)
         rep.window = window.merged(rep.window)
+        rep.run_ids.append(run_id)
         steps = self.view(run_id)["steps"]
         for i in range(len(spec.steps)):
             step = steps[f"s{i}"]
@@ -635,6 +641,10 @@ class Bench:
             self.log("MONITOR pass (commands inside Lua)")
             monitor = self.monitor_pass()
         results = summarise(cfg, chains=chain_reps, fan=fan, dags=dags, sleeps=sleeps, monitor=monitor, idle=self.idle)
+        results["finished_run"] = {
+            name: finished_run_bytes(self.stats, [r for rep in chain_reps[name] for r in rep.run_ids])
+            for name in ("ours", "ours_python")
+        }
         results["anomalies"] = self.anomalies
         return results
 
@@ -878,6 +888,8 @@ def print_report(results: dict[str, Any]) -> None:
             continue
         print(f"  {cmd:<18}{o:8.2f}{lua.get(cmd, 0.0):8.2f}{r:8.2f}")
     print(f"  {'total':<18}{sum(ours.values()):8.2f}{sum(lua.values()):8.2f}{sum(raw.values()):8.2f}")
+    print("Redis a finished no-op chain keeps (MEMORY USAGE):")
+    print_footprint(results["finished_run"]["ours"], {})
     fm = results["fanout_medians"]
     print()
     print(
@@ -942,7 +954,7 @@ def measure(cfg: Config) -> dict[str, Any]:
         client = Client(Settings.from_env({"REDIS_URL": server.url, "ORCH_IMPORTS": TASKS_MODULE}))
         workers = pool_workers(client.app, cfg, env, logs)
         print(f"redis {server.url}; starting {cfg.workers} workers (logs in {logs})", file=sys.stderr)
-        with running(workers, grace=10):
+        with running(workers, grace=10, timeout=180):  # a busy machine can take minutes to boot them
             bench = Bench(cfg, client, server.url, records, CpuProbe(workers, server.pid))
             bench.code_at_start = code_before
             results = bench.run()

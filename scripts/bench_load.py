@@ -16,6 +16,10 @@ default, ``--llm-concurrency`` slots) and one prefork ``cpu`` worker (``--cpu-co
   runs at that moment are charged at the per-finished figure), and per finished run once all have finished (retention
   keeps them: outputs, events, reply cache); the peak of what the runs in flight hold (used memory less the finished
   runs at the per-finished figure, over the samples);
+- a finished run's keys by ``MEMORY USAGE`` (a sample of 50 runs, :mod:`scripts.harness.footprint`): bytes per
+  finished step beyond the outputs' own JSON, by key and by hash field;
+- Redis commands per step: ``total_commands_processed`` less the benchmark's own polls, and by name from
+  ``INFO commandstats`` (both count the commands run inside Lua scripts);
 - worker RSS (``/proc``: peak ``VmHWM`` and final ``VmRSS``) and CPU seconds per process role;
 - the ratio to the **floor**: the same number of raw Celery tasks through the same two workers, published the same
   way (from the same number of threads, all at once): one ``bench.raw_sleep`` of the same latency per ``llm`` step on
@@ -68,6 +72,7 @@ from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.engine.status import RunView
 from orchestrator.state import keys
 from scripts.harness import cli, probes
+from scripts.harness.footprint import finished_run_bytes, print_footprint
 from scripts.harness.lifecycle import log_dir, private_redis, record_dir, run_main, running, worker_env
 from scripts.harness.records import RecordReader
 from scripts.harness.report import Progress, fmt, ts, versions, write_results
@@ -260,6 +265,8 @@ class LoadBench:
         self.log = Progress()
         self.worker_errors: dict[str, int] = {}
         self.polled = 0  # commands this benchmark sent to follow the runs, taken out of the per-step count
+        self.polled_hmget = 0  # of which HMGETs (the only polls commandstats counts: it leaves INFO out)
+        self.commands: dict[str, int] = {}  # commandstats over the load (commands inside Lua included)
 
     @contextmanager
     def workers(self) -> Iterator[tuple[LocalWorkers, LocalWorkers]]:
@@ -302,8 +309,9 @@ class LoadBench:
         base_memory = probes.used_memory(self.stats)
         samples: list[Sample] = []
         progress = Submitted()
+        self.stats.config_resetstat()  # commandstats from here (total_commands_processed too: read just after)
         cpu_before = meter.snapshot()
-        self.polled = 0
+        self.polled = self.polled_hmget = 0
         self.log(f"ours: submitting {cfg.runs} runs from {cfg.submit_threads} threads")
 
         def submit(i: int) -> str:
@@ -327,6 +335,8 @@ class LoadBench:
         if errors:
             raise errors[0]
         cpu_used = Probes.delta(cpu_before, meter.snapshot())
+        self.commands = probes.commandstats(self.stats)
+        self.commands["hmget"] = self.commands.get("hmget", 0) - self.polled_hmget
         after_memory = probes.used_memory(self.stats)
         self.log(f"ours: all {len(finished)} runs ended; reading their status")
         return self._summarise_ours(
@@ -362,6 +372,7 @@ class LoadBench:
                 if row["status"] in FINISHED:
                     finished[row["run_id"]] = row
             self.polled += len(pending) + (1 if samples is not None else 0)  # HMGETs and INFO memory
+            self.polled_hmget += len(pending)
             if samples is not None:
                 rss = probes.workers_memory_mb(llm)["main_rss_mb"] if llm is not None else 0.0
                 samples.append(Sample(time.time(), seen, len(finished), probes.used_memory(self.stats), rss))
@@ -404,7 +415,7 @@ class LoadBench:
         # What the runs not yet finished hold (state, events, messages), at its largest: priorities move this peak.
         in_flight_peak = max(s.used_memory - base_memory - s.finished * per_finished for s in samples)
         detail = self._step_detail(list(finished)[:: max(1, len(finished) // 500)])
-        per_key = self._memory_by_key(list(finished)[:: max(1, len(finished) // 50)])
+        footprint = finished_run_bytes(self.stats, list(finished)[:: max(1, len(finished) // 50)])
         return {
             "runs": len(rows),
             "statuses": dict(statuses),
@@ -432,7 +443,10 @@ class LoadBench:
                 "max_used_memory_mb": round(max(s.used_memory for s in samples) / 2**20, 1),
                 "in_flight_memory_peak_mb": round(in_flight_peak / 2**20, 1),
                 "commands_per_step": round((cpu_used.pop("redis_commands") - self.polled) / steps, 1),
-                "finished_run_bytes_by_key": per_key,
+                "commands_by_name_per_step": {
+                    name: round(n / steps, 2) for name, n in sorted(self.commands.items(), key=lambda kv: -kv[1])
+                },
+                "finished_run": footprint,
             },
             "cpu_s": cpu_used,
             "cpu_ms_per_step": round(sum(v for k, v in cpu_used.items() if k != "bench_client") / steps * 1000, 3),
@@ -441,15 +455,6 @@ class LoadBench:
             "steps_detail": detail,
             "timeline": [_timeline_point(s, samples[0].t) for s in samples],
         }
-
-    def _memory_by_key(self, run_ids: list[str]) -> dict[str, int]:
-        """``MEMORY USAGE`` of a finished run's keys, averaged over a sample: its hash, events, reply cache."""
-        names = {"run_hash": keys.run_key, "events_stream": keys.events_key, "reply_cache": keys.llm_run_cache_key}
-        totals = dict.fromkeys(names, 0)
-        for run_id in run_ids:
-            for label, key_of in names.items():
-                totals[label] += int(self.stats.memory_usage(key_of(run_id), samples=0) or 0)
-        return {label: round(total / max(1, len(run_ids))) for label, total in totals.items()}
 
     def _step_detail(self, run_ids: list[str]) -> dict[str, Any]:
         """Step latencies from the status JSON of a sample of runs: execution (started → finished) and queueing."""
@@ -728,7 +733,7 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
         f"  Redis peak: {peak_mb} MB; runs in flight {in_flight_mb} MB at most (finished runs at the per-finished "
         "figure taken off)"
     )
-    print(f"  a finished run's keys (bytes): {redis_['finished_run_bytes_by_key']}")
+    print_footprint(redis_["finished_run"], redis_["commands_by_name_per_step"])
     llm_mem, cpu_mem = ours["llm_worker_memory"], ours["cpu_worker_memory"]
     print(
         f"  worker RSS: llm {llm_mem['main_rss_mb']} MB (peak {llm_mem['main_peak_mb']} MB, "

@@ -485,6 +485,41 @@ def submitted_record(definition_hash: str, last_submitted: float, record: dict[s
     }
 
 
+ENDED_SCRATCH_FIELDS = (
+    "task",
+    "lease",
+    "pending",
+    "attempt_started_at",
+    "force",
+    "attempt_base",
+    "deferred_until",
+    "deferral",
+)
+"""Step fields a run drops when it ends (``lua/_ended.lua``): per-attempt scratch no reader needs any more.
+
+A resume writes each of them afresh for the steps it resets; the status JSON reads none of them for an ended run.
+"""
+
+ENDED_IF_EMPTY_FIELDS = ("cache_key", "cached")
+"""Step fields an ended run drops while they say nothing (``''``, or ``cached`` other than ``'1'``)."""
+
+ENDED_RUN_IF_EMPTY_FIELDS = ("idempotency_key", "timeout_s")
+"""Run fields an ended run drops when ``''``."""
+
+
+def compact_ended(fields: dict[str, str]) -> None:
+    """Drop what an ended run keeps for no reader, as ``lua/_ended.lua`` does (the memory store's twin)."""
+    for name in list(fields):
+        suffix = name.rsplit(":", 1)[1] if name.startswith("s:") else None
+        value = fields[name]
+        if (
+            suffix in ENDED_SCRATCH_FIELDS
+            or (suffix in ENDED_IF_EMPTY_FIELDS and (value == "" or (suffix == "cached" and value != "1")))
+            or (suffix is None and name in ENDED_RUN_IF_EMPTY_FIELDS and value == "")
+        ):
+            del fields[name]
+
+
 LOOP_FIELDS = ("iterations", "until_met", "loop_key", "loop_gen", "loop_output")
 """The step fields a loop checkpoint writes (``iterations`` and ``until_met`` are also the status JSON's)."""
 

@@ -13,6 +13,5 @@ events_from(head[3])
 emit(run, events, now, 'run_failed', '', 0, '{"reason":' .. cjson.encode(message) .. ',"error":' .. cjson.encode(message) .. ',"failed_steps":[]}')
 redis.call('HSET', run, 'status', 'failed', 'finished_at', now, 'error', message, 'first_failure', '(dispatch)',
   'seq', _seq)
-redis.call('EXPIRE', run, retention)
-redis.call('EXPIRE', events, retention)
+ended(run, events, retention)
 return {'ok', head[2]}

@@ -112,8 +112,7 @@ if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
     data = '{"error":' .. cjson.encode(why[1] or 'run failed') .. ',"failed_steps":' .. (why[2] or '[]') .. '}'
   end
   emit(run, events, now, 'run_' .. status, '', 0, data)
-  redis.call('EXPIRE', run, retention)
-  redis.call('EXPIRE', events, retention)
+  ended(run, events, retention)
   if status == 'succeeded' then redis.call('DEL', KEYS[3]) end
   out[2] = status
 end

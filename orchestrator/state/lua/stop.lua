@@ -28,6 +28,5 @@ for i = 5, #ARGV do
 end
 emit(run, events, now, 'run_' .. final, '', 0, cjson.encode({reason = reason}))
 emitted(run)
-redis.call('EXPIRE', run, retention)
-redis.call('EXPIRE', events, retention)
+ended(run, events, retention)
 return out

@@ -65,7 +65,7 @@ class RunControl(MemoryStateCore):
                     if was in ("running", "queued"):
                         interrupted.append((step, fields.get(p + "task") or ""))
             self._emit(run, stamp, f"run_{status.value}", data=json.dumps({"reason": reason}, separators=_COMPACT))
-            run.expires_at = now + self.retention_s
+            self._ended(run, now)
             for step, task_id in interrupted:
                 if task_id:
                     self._leases.pop(keys.lease_member(run_id, step, task_id), None)

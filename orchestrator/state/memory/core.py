@@ -23,6 +23,7 @@ from orchestrator.state import keys
 from orchestrator.state.base import (
     MAX_SUBMITTED_DEFINITIONS,
     SUMMARY_FIELDS,
+    compact_ended,
     needs_failure_error,
     run_failed_data,
     submitted_record,
@@ -252,7 +253,7 @@ class MemoryStateCore:
             run.fields.update(
                 {"status": "failed", "finished_at": stamp, "error": message, "first_failure": "(dispatch)"}
             )
-            run.expires_at = now + self.retention_s
+            self._ended(run, now)
             self._deadlines.pop(keys.deadline_member(run_id, run.fields.get("gen", "")), None)
 
     # -- events ------------------------------------------------------------------------------------------------------
@@ -345,6 +346,11 @@ class MemoryStateCore:
             del self._runs[run_id]
             return None
         return run
+
+    def _ended(self, run: _Run, now: float) -> None:
+        """A run ended: keep it for the retention from ``now``, without what no reader needs (``lua/_ended.lua``)."""
+        compact_ended(run.fields)
+        run.expires_at = now + self.retention_s
 
     @staticmethod
     def _owns(fields: dict[str, str], attempt: Attempt) -> bool:

@@ -175,7 +175,7 @@ class StepTransitions(ItemTransitions):
                 if run_status == "failed":
                     data = run_failed_data(fields.get("failure"), _json_list(fields.get("failed_steps")))
                 self._emit(run, stamp, f"run_{run_status}", data=data)
-                run.expires_at = now + self.retention_s
+                self._ended(run, now)
                 self._deadlines.pop(keys.deadline_member(attempt.run_id, attempt.generation), None)
             task_ids = {child: uuid.uuid4().hex for child in released}
             for child, task_id in task_ids.items():

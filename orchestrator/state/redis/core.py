@@ -84,14 +84,18 @@ _WITH_EVENTS = {
     "child_wait",
 }
 
+_ENDING = {"finish", "stop", "fail_dispatch"}
+
 
 def _load_lua(name: str) -> str:
     lua = resources.files("orchestrator.state").joinpath("lua")
     body = lua.joinpath(f"{name}.lua").read_text()
     # Scripts cannot include one another: the event helpers are prepended to every script that emits, the item
-    # helpers to every item script.
+    # helpers to every item script, the end-of-run compaction to the scripts that end a run.
     if name.startswith("item_"):
         body = lua.joinpath("_items.lua").read_text() + body
+    if name in _ENDING:
+        body = lua.joinpath("_ended.lua").read_text() + body
     return lua.joinpath("_events.lua").read_text() + body if name in _WITH_EVENTS else body
 
 
