@@ -1,6 +1,6 @@
 """Hypothesis settings shared by the fuzz tests, scaled by ``ORCH_FUZZ_SCALE``.
 
-The suite runs a quarter of each fuzzer's full case count (at least 20) so it stays within its time budget; the
+The suite runs a quarter of each fuzzer's full case count (at least 10) so it stays within its time budget; the
 full-size run is ``bash scripts/fuzz.sh`` (``ORCH_FUZZ_SCALE=1``), and a larger scale fuzzes longer still.
 """
 
@@ -25,8 +25,8 @@ def fuzz_scale() -> float:
 
 
 def fuzz_examples(full: int) -> int:
-    """How many cases a fuzzer whose full size is ``full`` runs at the current scale (at least 20, or ``full``)."""
-    return max(min(full, 20), round(full * fuzz_scale()))
+    """How many cases a fuzzer whose full size is ``full`` runs at the current scale (at least 10, or ``full``)."""
+    return max(min(full, 10), round(full * fuzz_scale()))
 
 
 def fuzz(full: int, **extra: Any) -> Any:
