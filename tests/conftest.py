@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -59,9 +60,19 @@ def private_redis(**options: Any) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """``ORCH_TEST_REDIS_URL`` when given, else a private redis-server on a random free port."""
+    """``ORCH_TEST_REDIS_URL`` when given, else a private redis-server on a random free port.
+
+    Under pytest-xdist every process has a session of its own, so each starts its own server; a given server is
+    shared instead, and each process then takes database N for its worker ``gwN`` (modules use 9 and up).
+    """
     given = os.environ.get("ORCH_TEST_REDIS_URL")
     if given:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        if worker.startswith("gw"):
+            index = int(worker[2:])
+            if index >= 9:
+                pytest.fail(f"ORCH_TEST_REDIS_URL serves at most 9 xdist processes (databases 0-8), not {worker}")
+            given = urlsplit(given)._replace(path=f"/{index}").geturl()
         yield given
         return
     with private_redis() as server:

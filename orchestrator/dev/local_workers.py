@@ -89,11 +89,16 @@ class LocalWorkers:
         """Start ``count`` workers and wait until every one answers a ping.
 
         Raises:
-            RuntimeError: When one exits or they do not answer within ``timeout``.
+            RuntimeError: When one exits or they do not answer within ``timeout`` (those started are stopped first).
         """
-        for _ in range(self.count):
-            self.start_one()
-        self.wait_ready(list(self.processes), timeout)
+        try:
+            for _ in range(self.count):
+                self.start_one()
+            self.wait_ready(list(self.processes), timeout)
+        except BaseException:
+            # A worker that never answered is still a process: stop what was started rather than leak it.
+            self.stop(grace=5.0)
+            raise
         return self
 
     def wait_ready(self, names: Sequence[str], timeout: float = 60.0) -> None:

@@ -1,6 +1,7 @@
 """The HTTP API under hostile requests, fuzzed in-process against the real test Redis: random bodies, definitions,
 inputs, headers, paths and query strings. Every answer is a non-5xx status with a JSON body (``detail`` on errors),
-and a refused request writes nothing: no run, no stored definition, no idempotency key. About 1,100 cases in all.
+and a refused request writes nothing: no run, no stored definition, no idempotency key. About 1,100 cases at full
+size (``bash scripts/fuzz.sh``); the suite runs a quarter (``tests/fuzzing.py``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from urllib.parse import quote
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from orchestrator import Client
 from orchestrator.api import ApiAuth, StreamLimits, create_app
 from orchestrator.api.auth import Principal, Scope
 from orchestrator.state import keys
+from tests.fuzzing import fuzz
 from tests.unit.test_fuzz_workflows import junk, mutated_base, names, workflow_dicts
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -32,16 +34,6 @@ AUTH = ApiAuth(
     )
 )
 ERROR_CODES = {400, 401, 403, 404, 405, 409, 413, 415, 422}
-
-
-def fuzz(examples: int) -> Any:
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-    )
 
 
 @pytest.fixture(scope="module")

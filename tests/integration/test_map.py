@@ -148,23 +148,24 @@ def test_a_worker_killed_mid_map_loses_no_item_and_reruns_none_that_succeeded(
     client: Client, redis_url: str, redis_client: redis.Redis, unique: str
 ) -> None:
     queue = f"map_kill_{unique}"
+    count = 400  # hundreds of items still to run when the kill lands
     log_dir = ARTIFACTS / "worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {"REDIS_URL": redis_url, **WORKER_ENV, "ORCH_QUEUED_GRACE_S": "1"}
     with LocalWorkers(client.app, count=2, concurrency=2, queues=(queue,), env=env, log_dir=log_dir) as pool:
         spec = workflow(f"map_kill_{unique}", _map_py("m", "inputs.xs", seconds=0.003, queue=queue), inputs=XS)
-        run_id = client.submit(spec, {"xs": list(range(1000))})
+        run_id = client.submit(spec, {"xs": list(range(count))})
         wait_for(
-            lambda: client.status(run_id)["steps"]["m"].get("items", {}).get("succeeded", 0) >= 150,
+            lambda: client.status(run_id)["steps"]["m"].get("items", {}).get("succeeded", 0) >= count // 4,
             what="a share of the items to succeed",
         )
         pool.kill(next(iter(pool.processes)))
         view = client.wait(run_id, timeout=80)
 
     assert view["status"] == "succeeded"
-    assert [item["index"] for item in view["steps"]["m"]["output"]] == list(range(1000))
+    assert [item["index"] for item in view["steps"]["m"]["output"]] == list(range(count))
     runs = _executions(redis_client, run_id, "m")
-    assert sorted(runs) == list(range(1000))
+    assert sorted(runs) == list(range(count))
     twice = {index for index, n in runs.items() if n > 1}
     records = {r["index"]: r for r in _records(client, run_id, "m")}
     # An item runs again only when its worker died before recording it: then its first attempt was lost.

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.definition.inputs import validate_inputs
@@ -24,6 +24,7 @@ from orchestrator.definition.jsonschemas import MAX_VALIDATION_STEPS
 from orchestrator.definition.spec import parse_workflow
 from orchestrator.errors import InputValidationError, NonRetryableStepError, WorkflowDefinitionError
 from orchestrator.llm import parse_structured
+from tests.fuzzing import fuzz
 from tests.integration.helpers import wait_for
 
 # Python's re takes seconds on this pair, doubling with each extra "a"; RE2 answers in microseconds.
@@ -383,7 +384,7 @@ def module_schema_server() -> Iterator[SchemaServer]:
 
 
 @pytest.mark.timeout(300)
-@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(300)
 @given(template=SCHEMAS, value=VALUES)
 def test_fuzzed_schemas_are_refused_in_one_line_or_validate_without_fetching_or_backtracking(
     module_schema_server: SchemaServer, template: dict[str, Any], value: Any

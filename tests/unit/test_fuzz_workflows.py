@@ -4,7 +4,8 @@ RecursionError.
 
 Cases are generated around the real shape (names, ``depends_on``, cycles, unknown keys, wrong types, huge strings,
 deep nesting, odd unicode, odd Jinja, conditions), as data, as YAML and JSON text (also mutated byte by byte), and
-through ``orchestrator validate FILE``. About 1,500 cases in all.
+through ``orchestrator validate FILE``. About 1,500 cases at full size (``bash scripts/fuzz.sh``); the suite runs a
+quarter (``tests/fuzzing.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.cli import main
@@ -38,21 +39,11 @@ from orchestrator.errors import (
     OrchestratorError,
     WorkflowDefinitionError,
 )
+from tests.fuzzing import fuzz
 
 pytestmark = pytest.mark.timeout(180)
 
 T = TypeVar("T")
-
-
-def fuzz(examples: int) -> Any:
-    """Hypothesis settings for ``examples`` cases: no deadline (the first parse imports lazily), no example database."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-    )
 
 
 REGISTRY = FunctionRegistry()
