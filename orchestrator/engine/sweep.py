@@ -8,13 +8,14 @@ durable (a sorted set in Redis): one that passed while no worker ran fires when 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import redis
 
 from orchestrator.definition.spec import ApprovalParams
 from orchestrator.domain import RunStatus, StopOutcome
-from orchestrator.engine.backlog import queue_depths
+from orchestrator.engine.backlog import oldest_sent_at
 from orchestrator.engine.control import DEADLINE_REASON, decide_step, stop_run
 from orchestrator.engine.runtime import Runtime
 from orchestrator.errors import DecisionRefusedError, DefinitionNotFoundError, ErrorRecord, RunNotFoundError
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 MAX_BACKLOG_GRACES = 8
 """While the step queues hold a backlog, a step nobody claimed is sent again only after this many graces."""
+SENT_CLOCK_MARGIN_S = 2.0
+"""How much later than its step was queued a message may have been sent (the publish follows the transition that
+queued the step by milliseconds, and clocks of hosts differ a little): the sweeper holds a copy back only while a
+message sent before that could still be waiting."""
 
 
 def sweep_once(runtime: Runtime, owner: str) -> int:
@@ -78,21 +83,30 @@ def _recover_lost_item(runtime: Runtime, member: str, lost: ErrorRecord, backlog
 
 
 def _backlog_wait_s(runtime: Runtime) -> float:
-    """How long a step nobody claimed may wait before it is sent again, while messages wait in the step queues.
+    """How long since it was queued a step nobody claimed may wait before it is sent again, given the step queues.
 
-    A step whose dispatch hold ran out while its queue still holds messages has most likely not been reached yet
-    (10,000 runs submitted at once keep roots waiting longer than any grace): sending copies would only lengthen the
-    queue. So while a backlog is seen the hold is extended, up to ``MAX_BACKLOG_GRACES`` graces since the step was
-    queued; a lost message then waits that long at most. 0 (resend now) when the queues are empty or cannot be read.
+    A step whose dispatch hold ran out may not have been reached yet: 10,000 runs submitted at once keep roots
+    waiting longer than any grace, and sending copies would only lengthen the queue. But a step queue is first in,
+    first out, so its message can only still be waiting if the oldest message waiting now was sent before it. So the
+    hold of a step queued up to ``SENT_CLOCK_MARGIN_S`` after the oldest waiting message was sent is extended (a
+    queued step's message is sent right after), up to ``MAX_BACKLOG_GRACES`` graces since the step was queued; a step
+    queued later than that has no message left in the queues: it was lost with a worker, or never published, and is
+    sent again at once. A busy system with short queues therefore resends a lost message after one grace, not after
+    eight, and a backlog that really holds the step still sends no copy. 0 (resend now) when the queues are empty or
+    cannot be read.
     """
     broker = runtime.broker
     if broker is None:
         return 0.0
     try:
-        depths = queue_depths(broker, (runtime.settings.llm_queue, runtime.settings.cpu_queue))
+        oldest = oldest_sent_at(broker, (runtime.settings.llm_queue, runtime.settings.cpu_queue))
     except redis.RedisError:
         return 0.0
-    return MAX_BACKLOG_GRACES * runtime.settings.queued_grace_s if any(depths.values()) else 0.0
+    if oldest is None:
+        return 0.0
+    # reclaim extends the hold while (now - queued_at) < this, that is while queued_at > oldest - margin.
+    waited = max(0.0, time.time() - oldest + SENT_CLOCK_MARGIN_S)
+    return min(MAX_BACKLOG_GRACES * runtime.settings.queued_grace_s, waited)
 
 
 def _fire_deadlines(runtime: Runtime) -> int:
