@@ -36,7 +36,25 @@ def sweep_once(runtime: Runtime, owner: str) -> int:
     """One sweep: re-dispatch lost steps, time out runs past their deadline; returns how many actions it took."""
     if not runtime.store.try_sweeper_lock(owner, runtime.settings.sweep_interval_s * 0.9):
         return 0
-    return _recover_lost_steps(runtime) + _fire_deadlines(runtime) + _fire_approval_timeouts(runtime)
+    return (
+        _recover_dead_owners(runtime)
+        + _recover_lost_steps(runtime)
+        + _fire_deadlines(runtime)
+        + _fire_approval_timeouts(runtime)
+    )
+
+
+def _recover_dead_owners(runtime: Runtime) -> int:
+    """Re-queue at once the attempts of processes whose heartbeat ran out (:mod:`orchestrator.engine.leases`)."""
+    count = 0
+    for dead in runtime.store.dead_owners():
+        members = runtime.store.owned(dead)
+        for member in members:
+            count += _recover(runtime, member, backlog_wait_s=0.0, owner_dead=True)
+        runtime.store.forget_owner(dead, members)
+        if members:
+            log.warning("process %s stopped beating; recovered its %d attempts", dead, len(members))
+    return count
 
 
 def _recover_lost_steps(runtime: Runtime) -> int:
@@ -44,33 +62,49 @@ def _recover_lost_steps(runtime: Runtime) -> int:
     expired = runtime.store.expired_leases()
     backlog_wait_s = _backlog_wait_s(runtime) if expired else 0.0
     for member in expired:
-        _, step, old_task = keys.parse_lease_member(member)
-        lost: ErrorRecord = {
-            "type": "worker_lost",
-            "status": None,
-            "message": f"worker lost during attempt (task {old_task})",
-        }
-        if keys.parse_item_unit(step)[1] is not None:
-            count += _recover_lost_item(runtime, member, lost, backlog_wait_s)
-            continue
-        found = runtime.store.reclaim(
-            member, uuid.uuid4().hex, lost, grace_s=runtime.settings.queued_grace_s, backlog_wait_s=backlog_wait_s
-        )
-        if found is None:
-            continue
-        spec = runtime.store.load_definition(found.definition_hash)
-        runtime.publisher.publish(
-            spec, run_id=found.run_id, steps=[step], generation=found.generation, task_ids={step: found.task_id}
-        )
-        log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
-        count += 1
+        count += _recover(runtime, member, backlog_wait_s=backlog_wait_s)
     return count
 
 
-def _recover_lost_item(runtime: Runtime, member: str, lost: ErrorRecord, backlog_wait_s: float) -> int:
+def _recover(runtime: Runtime, member: str, *, backlog_wait_s: float, owner_dead: bool = False) -> int:
+    """Re-queue or resend the attempt behind a lease index ``member``; 1 when a message went out."""
+    _, step, old_task = keys.parse_lease_member(member)
+    lost: ErrorRecord = {
+        "type": "worker_lost",
+        "status": None,
+        "message": f"worker lost during attempt (task {old_task})",
+    }
+    if keys.parse_item_unit(step)[1] is not None:
+        return _recover_lost_item(runtime, member, lost, backlog_wait_s, owner_dead)
+    found = runtime.store.reclaim(
+        member,
+        uuid.uuid4().hex,
+        lost,
+        grace_s=runtime.settings.queued_grace_s,
+        backlog_wait_s=backlog_wait_s,
+        owner_dead=owner_dead,
+    )
+    if found is None:
+        return 0
+    spec = runtime.store.load_definition(found.definition_hash)
+    runtime.publisher.publish(
+        spec, run_id=found.run_id, steps=[step], generation=found.generation, task_ids={step: found.task_id}
+    )
+    log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
+    return 1
+
+
+def _recover_lost_item(
+    runtime: Runtime, member: str, lost: ErrorRecord, backlog_wait_s: float, owner_dead: bool
+) -> int:
     # An item of a map step: re-queued or sent again by its own script, published as a one-item group.
     found = runtime.store.reclaim_item(
-        member, uuid.uuid4().hex, lost, grace_s=runtime.settings.queued_grace_s, backlog_wait_s=backlog_wait_s
+        member,
+        uuid.uuid4().hex,
+        lost,
+        grace_s=runtime.settings.queued_grace_s,
+        backlog_wait_s=backlog_wait_s,
+        owner_dead=owner_dead,
     )
     if found is None:
         return 0
