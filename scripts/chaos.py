@@ -370,7 +370,8 @@ def run_chaos(
             log_dir=config.log_dir,
         )
         stack.callback(pool.stop)
-        pool.start(timeout=120)
+        # Several minutes: on a 2-core machine busy with other work, three workers importing everything take long.
+        pool.start(timeout=300)
         killer = _Killer(pool, config.kill_every, random.Random(config.seed + 1))
         killer.start()
         stack.callback(killer.stop)

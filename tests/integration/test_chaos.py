@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import ARTIFACTS
 from tests.conftest import private_redis as start_private_redis
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

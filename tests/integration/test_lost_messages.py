@@ -28,7 +28,7 @@ from orchestrator.state import keys
 from tests.conftest import private_redis as start_private_redis
 from tests.integration.helpers import wait_for, workflow
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 GRACE_S = SENT_CLOCK_MARGIN_S + 0.5
 SPEC = workflow("lost_message", {"name": "a", "uses": "noop"})
