@@ -9,9 +9,10 @@ Everything runs on this machine: a private ``redis-server`` and ``--workers`` re
    ``INFO commandstats`` (every command, those run inside Lua scripts included) is reset once they all run and read
    ``--window`` seconds later. The Celery workers' own traffic (their ``BRPOP`` loops, events, pidbox) is in the total,
    the same before and after a change; the per-command figures show what moved.
-2. Recovery, ``--reps`` times: a run of one long step starts; its whole worker (main process and pool children) is
-   SIGKILLed; the figure is the time from the kill to the step's next ``step_started`` event, on a surviving worker.
-   A new worker then takes the dead one's place.
+2. Recovery, ``--reps`` times: a run of one long step starts; ``--kill-after`` seconds into it (an LLM call or a
+   tool that has been running a while; 0 kills it as soon as it starts) its whole worker (main process and pool
+   children) is SIGKILLed; the figure is the time from the kill to the step's next ``step_started`` event, on a
+   surviving worker. A new worker then takes the dead one's place.
 
 ::
 
@@ -60,6 +61,7 @@ class RecoveryConfig:
     steps: int = 4
     window_s: float = 20.0
     reps: int = 3
+    kill_after_s: float = 5.0
     loglevel: str = "WARNING"
 
 
@@ -99,22 +101,24 @@ def healthy_traffic(client: Client, raw: redis.Redis, config: RecoveryConfig) ->
     }
 
 
-def one_recovery(client: Client, raw: redis.Redis, pool: LocalWorkers, index: int) -> float:
+def one_recovery(client: Client, raw: redis.Redis, pool: LocalWorkers, index: int, kill_after_s: float) -> float:
     """Kill the worker running a long step; seconds until the step runs again elsewhere."""
     run_id = client.submit(spec(120), {})
     first: Any = wait_until(lambda: raw.lindex(pids_key(run_id), 0), 300, "the step to start")
     pid = int(first)
     wait_until(lambda: any(pid in pool.pool_children(n) for n in pool.processes), 10, "the step's worker")
     (victim,) = [name for name in pool.processes if pid in pool.pool_children(name)]
+    started = min(e.ts for e in client.store.events(run_id) if e.type == "step_started")
+    time.sleep(max(0.0, started + kill_after_s - time.time()))  # the step's age at the kill, by design
     killed = time.time()
     pool.kill(victim)
     del pool.processes[victim]
     wait_until(lambda: raw.llen(pids_key(run_id)) >= 2, 300, "the step to run again")
     restarted = [e for e in client.store.events(run_id) if e.type == "step_started" and e.attempt == 2]
     client.cancel(run_id)
-    # A new worker takes the dead one's place; the next kill needs only a survivor, so it is not waited for.
-    pool.start_one(index)
     recovered = restarted[0].ts - killed
+    # A new worker takes the dead one's place before the next kill (a busy machine can take minutes to start one).
+    pool.wait_ready([pool.start_one(index)], timeout=300)
     print(f"  worker SIGKILL -> step running again: {recovered:.2f} s", flush=True)
     return recovered
 
@@ -135,7 +139,9 @@ def measure(config: RecoveryConfig, redis_url: str) -> dict[str, Any]:
         pool.start(timeout=300)
         traffic = healthy_traffic(client, raw, config)
         print(f"  healthy: {traffic['commands_per_s']:.1f} commands/s", flush=True)
-        recoveries = [one_recovery(client, raw, pool, config.workers + 1 + i) for i in range(config.reps)]
+        recoveries = [
+            one_recovery(client, raw, pool, config.workers + 1 + i, config.kill_after_s) for i in range(config.reps)
+        ]
     finally:
         pool.stop()
         control.close()
@@ -144,6 +150,7 @@ def measure(config: RecoveryConfig, redis_url: str) -> dict[str, Any]:
         "healthy": traffic,
         "recovery_s": [round(r, 2) for r in recoveries],
         "recovery_median_s": round(median(recoveries), 2),
+        "kill_after_s": config.kill_after_s,
         "lease_s": settings.lease_s,
         "sweep_interval_s": settings.sweep_interval_s,
     }
@@ -157,6 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="long steps running while healthy")
     parser.add_argument("--window", type=float, default=defaults.window_s, help="seconds of healthy traffic read")
     parser.add_argument("--reps", type=int, default=defaults.reps, help="recoveries measured (median reported)")
+    parser.add_argument(
+        "--kill-after", type=float, default=defaults.kill_after_s, help="the step's age when its worker is killed"
+    )
     return parser.parse_args(argv)
 
 
@@ -168,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         window_s=10.0 if args.quick else args.window,
         reps=max(1, args.reps),
+        kill_after_s=max(0.0, args.kill_after),
         loglevel=args.loglevel,
     )
 
@@ -182,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"worker SIGKILL -> step running again: median {results['recovery_median_s']:.2f} s of "
-            f"{results['recovery_s']} (lease {results['lease_s']:g} s, sweep every {results['sweep_interval_s']:g} s)"
+            f"{results['recovery_s']} (killed {results['kill_after_s']:g} s into the step; lease "
+            f"{results['lease_s']:g} s, sweep every {results['sweep_interval_s']:g} s)"
         )
         write_results(
             args.json, {**results, "config": asdict(config), "command": cli.command("scripts.bench_recovery", argv)}
