@@ -32,12 +32,6 @@ def private_redis() -> Iterator[str]:
         yield server.url
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="regression found at the end of the 2026-12-01 session, not yet fixed: in 1 of 3 fresh-clone CI runs one "
-    "of 40 runs stalled under worker SIGKILLs with a step 'queued', no task id, its hold still in the lease index and "
-    "no message for it; the other promises held. Kept running so that the report shows it; to be fixed first.",
-)
 def test_runs_succeed_and_record_each_output_once_while_workers_are_sigkilled(
     chaos: ModuleType, private_redis: str
 ) -> None:
