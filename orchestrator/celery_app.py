@@ -8,6 +8,7 @@ registers no task, so a producer never imports the worker package. Workers build
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from celery.app.amqp import AMQP
 from celery.canvas import Signature
 
 from orchestrator.definition.spec import TOP_LEVEL, StepKind, WorkflowSpec
+from orchestrator.engine.backlog import SENT_AT_HEADER
 from orchestrator.engine.coordinator import queue_for
 from orchestrator.engine.priorities import REDIS_PRIORITY_SEPARATOR, REDIS_PRIORITY_STEPS, message_priority, step_level
 from orchestrator.errors import BrokerUnavailableError
@@ -158,9 +160,8 @@ class CeleryPublisher:
             options["time_limit"] = step_spec.timeout_s + 10
         if task_id is not None:
             options["task_id"] = task_id
-        headers = dispatch_headers(run_id)
-        if headers:
-            options["headers"] = headers
+        # When it was sent: the sweeper tells by it whether a step's lost message could still be waiting in a queue.
+        options["headers"] = {**dispatch_headers(run_id), SENT_AT_HEADER: f"{time.time():.3f}"}
         args: tuple[str, ...] = (run_id, spec.definition_hash, step, generation)
         if index is not None:
             args += (str(index),)

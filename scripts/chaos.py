@@ -354,7 +354,9 @@ def run_chaos(
     if config.redis_kill_every > 0 and server is None:
         raise ValueError("killing Redis needs the RedisServer it runs as")
     rng = random.Random(config.seed)
-    client = Client(Settings.from_env({"REDIS_URL": redis_url}))
+    # The client holds the roots it submits for ORCH_QUEUED_GRACE_S, as workers hold the steps they release: with the
+    # default (300 s) a root message lost to a kill right after the submit waited 5 minutes, far past the stall timeout.
+    client = Client(Settings.from_env({"REDIS_URL": redis_url, "ORCH_QUEUED_GRACE_S": str(config.queued_grace_s)}))
     with ExitStack() as stack:
         provider = OfflineAPIServer().start()
         stack.callback(provider.stop)
@@ -370,7 +372,8 @@ def run_chaos(
             log_dir=config.log_dir,
         )
         stack.callback(pool.stop)
-        pool.start(timeout=120)
+        # Several minutes: on a 2-core machine busy with other work, three workers importing everything take long.
+        pool.start(timeout=300)
         killer = _Killer(pool, config.kill_every, random.Random(config.seed + 1))
         killer.start()
         stack.callback(killer.stop)

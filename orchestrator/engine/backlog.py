@@ -3,10 +3,15 @@
 A step queue on Redis is several lists, one per priority level
 (:func:`orchestrator.engine.priorities.redis_queue_lists`); its depth is their sum. A broker that is not Redis
 (RabbitMQ, kombu's ``sentinel://`` form) cannot be read here: its depths are unknown (``None``).
+
+Each step message carries the time it was sent (:data:`SENT_AT_HEADER`), so the sweeper can also tell how long the
+oldest message of a queue has waited (:func:`oldest_sent_at`): kombu pushes on one end of a list and workers pop
+from the other, so every message sent before the oldest one still waiting has already been taken.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import redis
@@ -15,9 +20,11 @@ from orchestrator.engine.priorities import redis_queue_lists
 from orchestrator.infra.redis_url import is_redis_url, sync_client
 from orchestrator.infra.settings import Settings
 
-__all__ = ["broker_for", "queue_depths", "redis_broker_client"]
+__all__ = ["SENT_AT_HEADER", "broker_for", "oldest_sent_at", "queue_depths", "redis_broker_client"]
 
 SOCKET_TIMEOUT_S = 5.0
+SENT_AT_HEADER = "orch_sent_at"
+"""The message header holding when a step message was sent (epoch seconds, the publisher's clock)."""
 
 
 def redis_broker_client(url: str) -> redis.Redis | None:
@@ -44,3 +51,26 @@ def queue_depths(broker: redis.Redis, queues: Sequence[str]) -> dict[str, int]:
     lengths = pipe.execute()
     per_queue = len(redis_queue_lists(""))
     return {queue: sum(int(n) for n in lengths[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(queues)}
+
+
+def oldest_sent_at(broker: redis.Redis, queues: Sequence[str]) -> float | None:
+    """When the oldest message still waiting in ``queues`` was sent, in one round trip; ``None`` when all are empty.
+
+    The oldest message of each priority list is the one workers take next. A message without a readable
+    :data:`SENT_AT_HEADER` (sent by a plain Celery client, or by an older producer) counts as sent at 0, as old as
+    can be: a caller that holds copies back while old messages wait then holds them back, as it would without this.
+    """
+    pipe = broker.pipeline(transaction=False)
+    for queue in queues:
+        for name in redis_queue_lists(queue):
+            pipe.lindex(name, -1)
+    sent = [_sent_at(raw) for raw in pipe.execute() if raw is not None]
+    return min(sent, default=None)
+
+
+def _sent_at(raw: bytes | str) -> float:
+    try:
+        value = json.loads(raw)["headers"][SENT_AT_HEADER]
+        return float(value)
+    except (ValueError, TypeError, KeyError):
+        return 0.0

@@ -1,14 +1,28 @@
-"""Per-attempt leases: a heartbeat keeps the leases of running attempts alive while their process lives.
+"""Process liveness: one heartbeat per process covers every attempt it runs, and a dead process's attempts are
+recovered as soon as its heartbeat runs out.
 
-A worker that dies stops renewing; the sweeper (:mod:`orchestrator.engine.sweep`) re-queues its attempts once their
-leases run out, so a step lost with its worker runs again within ``lease_s + sweep_interval_s``, not after the broker's
-visibility timeout, and an attempt that is alive, however long it runs, is never started twice.
+Each process that runs attempts is an *owner* (``host:pid:random``). A claim gives the attempt a short lease of its own
+(``lease_s``, in the lease index as before). An attempt still running a third of a lease later is *covered*: it joins
+its owner's set (``orch:owned:{OWNER}``) and its lease is pushed out to a backstop (``BACKSTOP_LEASES`` leases,
+renewed when a third of it is left). From then on the process's one beat, every third of a lease, keeps all of its
+attempts alive: ``ZADD orch:owners OWNER now+lease_s``, one command however many attempts it runs, where a renewal per
+attempt (a script per run) used to go out every third of a lease. A process with nothing covered does not beat.
+
+The sweeper (:mod:`orchestrator.engine.sweep`) re-queues the attempts of an owner whose beat ran out at once
+(``reclaim(..., owner_dead=True)`` skips the backstop), so a step lost with its worker runs again within about
+``lease_s + sweep_interval_s``. Everything else is as before: an attempt shorter than a third of a lease never beats
+and is recovered by its claim lease; the backstop recovers anything whose owner record were lost; a task id guards
+every transition, so a process taken for dead that was only stalled finds its finish refused.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
+import uuid
 from collections import defaultdict
 
 from orchestrator.domain import Attempt
@@ -16,42 +30,97 @@ from orchestrator.state import StateStore, keys
 
 log = logging.getLogger(__name__)
 
+BACKSTOP_LEASES = 20
+"""A covered attempt's own lease, in leases: the process's beat keeps it alive; this only recovers it should the owner
+record be lost."""
+
+
+def lease_member(attempt: Attempt) -> str:
+    """The attempt's member in the lease index (an item of a map step as ``STEP#INDEX``)."""
+    return keys.lease_member(attempt.run_id, keys.item_unit(attempt.step, attempt.index), attempt.task_id)
+
 
 class LeaseKeeper:
-    """Renews the leases of this process's running attempts every third of the lease."""
+    """Beats for this process every third of the lease while it covers attempts (see the module docstring).
 
-    def __init__(self, store: StateStore, lease_s: float) -> None:
+    Args:
+        store: Where the beat, the covered attempts and their leases are kept.
+        lease_s: The claim lease, and how long one beat keeps the process known alive.
+        owner: This process's owner id (default: host, pid and a random part).
+    """
+
+    def __init__(self, store: StateStore, lease_s: float, owner: str | None = None) -> None:
         self.store = store
         self.lease_s = lease_s
-        self._active: dict[Attempt, None] = {}
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._active: dict[Attempt, float] = {}  # attempt -> when held (monotonic)
+        self._covered: dict[Attempt, float] = {}  # attempt -> when its backstop was last set (monotonic)
+        self._left: set[str] = set()  # members of ended covered attempts, still in the owner's set
+        self._beating = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
+    @property
+    def backstop_s(self) -> float:
+        """A covered attempt's own lease."""
+        return self.lease_s * BACKSTOP_LEASES
+
     def hold(self, attempt: Attempt) -> None:
-        """Start keeping a claimed attempt's lease (the claim set it and indexed it)."""
+        """Start keeping a claimed attempt alive (its claim lease covers it until the keeper's next beat)."""
         with self._lock:
-            self._active[attempt] = None
+            self._active[attempt] = time.monotonic()
             if self._thread is None:
-                self._thread = threading.Thread(target=self._beat, name="orchestrator-leases", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="orchestrator-leases", daemon=True)
                 self._thread.start()
 
     def release(self, attempt: Attempt) -> None:
-        """Stop keeping an attempt's lease (its finish or retry already removed it from the index)."""
+        """Stop keeping an attempt alive (its finish or retry already took it out of the lease index)."""
         with self._lock:
             self._active.pop(attempt, None)
+            if self._covered.pop(attempt, None) is not None:
+                self._left.add(lease_member(attempt))
 
-    def _beat(self) -> None:
+    def _run(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
-            with self._lock:
-                active = list(self._active)
-            if not active:
-                continue
-            grouped: dict[str, list[tuple[str, str]]] = defaultdict(list)
-            for a in active:
-                grouped[a.run_id].append((keys.item_unit(a.step, a.index), a.task_id))
             try:
-                self.store.renew(dict(grouped), self.lease_s)
+                self.beat()
             except Exception:
                 # A Redis blip must not kill the heartbeat; the next beat tries again well inside the lease.
-                log.exception("lease renewal failed")
+                log.exception("heartbeat failed")
+
+    def beat(self) -> None:
+        """One beat: cover attempts held for a third of a lease (or whose backstop is a third gone), drop ended ones
+        from the owner's set, and mark the process alive while it covers any; nothing while it covers none."""
+        now = time.monotonic()
+        third = self.lease_s / 3
+        with self._lock:
+            due = [
+                a
+                for a, held in self._active.items()
+                if now - held >= third and now - self._covered.get(a, -self.backstop_s) >= self.backstop_s / 3
+            ]
+            joined = [lease_member(a) for a in due if a not in self._covered]
+            left = sorted(self._left)
+            covering = bool(self._covered) or bool(due)
+        if not covering and not left and not self._beating:
+            return
+        self.store.keep_owner(self.owner, self.lease_s if covering else 0.0, joined=joined, left=left)
+        self._beating = covering
+        if due:
+            grouped: dict[str, list[tuple[str, str]]] = defaultdict(list)
+            for a in due:
+                grouped[a.run_id].append((keys.item_unit(a.step, a.index), a.task_id))
+            self.store.renew(dict(grouped), self.backstop_s)
+        with self._lock:
+            self._left.difference_update(left)
+            for a in due:
+                if a in self._active:
+                    self._covered[a] = now
+                else:
+                    # Ended while this beat covered it: out of the owner's set at the next beat.
+                    self._left.add(lease_member(a))
+
+    def stop(self) -> None:
+        """Stop beating (the thread ends at its next wake-up)."""
+        self._stop.set()

@@ -8,13 +8,14 @@ durable (a sorted set in Redis): one that passed while no worker ran fires when 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import redis
 
 from orchestrator.definition.spec import ApprovalParams
 from orchestrator.domain import RunStatus, StopOutcome
-from orchestrator.engine.backlog import queue_depths
+from orchestrator.engine.backlog import oldest_sent_at
 from orchestrator.engine.control import DEADLINE_REASON, decide_step, stop_run
 from orchestrator.engine.runtime import Runtime
 from orchestrator.errors import DecisionRefusedError, DefinitionNotFoundError, ErrorRecord, RunNotFoundError
@@ -25,13 +26,35 @@ log = logging.getLogger(__name__)
 
 MAX_BACKLOG_GRACES = 8
 """While the step queues hold a backlog, a step nobody claimed is sent again only after this many graces."""
+SENT_CLOCK_MARGIN_S = 2.0
+"""How much later than its step was queued a message may have been sent (the publish follows the transition that
+queued the step by milliseconds, and clocks of hosts differ a little): the sweeper holds a copy back only while a
+message sent before that could still be waiting."""
 
 
 def sweep_once(runtime: Runtime, owner: str) -> int:
     """One sweep: re-dispatch lost steps, time out runs past their deadline; returns how many actions it took."""
     if not runtime.store.try_sweeper_lock(owner, runtime.settings.sweep_interval_s * 0.9):
         return 0
-    return _recover_lost_steps(runtime) + _fire_deadlines(runtime) + _fire_approval_timeouts(runtime)
+    return (
+        _recover_dead_owners(runtime)
+        + _recover_lost_steps(runtime)
+        + _fire_deadlines(runtime)
+        + _fire_approval_timeouts(runtime)
+    )
+
+
+def _recover_dead_owners(runtime: Runtime) -> int:
+    """Re-queue at once the attempts of processes whose heartbeat ran out (:mod:`orchestrator.engine.leases`)."""
+    count = 0
+    for dead in runtime.store.dead_owners():
+        members = runtime.store.owned(dead)
+        for member in members:
+            count += _recover(runtime, member, backlog_wait_s=0.0, owner_dead=True)
+        runtime.store.forget_owner(dead, members)
+        if members:
+            log.warning("process %s stopped beating; recovered its %d attempts", dead, len(members))
+    return count
 
 
 def _recover_lost_steps(runtime: Runtime) -> int:
@@ -39,33 +62,49 @@ def _recover_lost_steps(runtime: Runtime) -> int:
     expired = runtime.store.expired_leases()
     backlog_wait_s = _backlog_wait_s(runtime) if expired else 0.0
     for member in expired:
-        _, step, old_task = keys.parse_lease_member(member)
-        lost: ErrorRecord = {
-            "type": "worker_lost",
-            "status": None,
-            "message": f"worker lost during attempt (task {old_task})",
-        }
-        if keys.parse_item_unit(step)[1] is not None:
-            count += _recover_lost_item(runtime, member, lost, backlog_wait_s)
-            continue
-        found = runtime.store.reclaim(
-            member, uuid.uuid4().hex, lost, grace_s=runtime.settings.queued_grace_s, backlog_wait_s=backlog_wait_s
-        )
-        if found is None:
-            continue
-        spec = runtime.store.load_definition(found.definition_hash)
-        runtime.publisher.publish(
-            spec, run_id=found.run_id, steps=[step], generation=found.generation, task_ids={step: found.task_id}
-        )
-        log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
-        count += 1
+        count += _recover(runtime, member, backlog_wait_s=backlog_wait_s)
     return count
 
 
-def _recover_lost_item(runtime: Runtime, member: str, lost: ErrorRecord, backlog_wait_s: float) -> int:
+def _recover(runtime: Runtime, member: str, *, backlog_wait_s: float, owner_dead: bool = False) -> int:
+    """Re-queue or resend the attempt behind a lease index ``member``; 1 when a message went out."""
+    _, step, old_task = keys.parse_lease_member(member)
+    lost: ErrorRecord = {
+        "type": "worker_lost",
+        "status": None,
+        "message": f"worker lost during attempt (task {old_task})",
+    }
+    if keys.parse_item_unit(step)[1] is not None:
+        return _recover_lost_item(runtime, member, lost, backlog_wait_s, owner_dead)
+    found = runtime.store.reclaim(
+        member,
+        uuid.uuid4().hex,
+        lost,
+        grace_s=runtime.settings.queued_grace_s,
+        backlog_wait_s=backlog_wait_s,
+        owner_dead=owner_dead,
+    )
+    if found is None:
+        return 0
+    spec = runtime.store.load_definition(found.definition_hash)
+    runtime.publisher.publish(
+        spec, run_id=found.run_id, steps=[step], generation=found.generation, task_ids={step: found.task_id}
+    )
+    log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
+    return 1
+
+
+def _recover_lost_item(
+    runtime: Runtime, member: str, lost: ErrorRecord, backlog_wait_s: float, owner_dead: bool
+) -> int:
     # An item of a map step: re-queued or sent again by its own script, published as a one-item group.
     found = runtime.store.reclaim_item(
-        member, uuid.uuid4().hex, lost, grace_s=runtime.settings.queued_grace_s, backlog_wait_s=backlog_wait_s
+        member,
+        uuid.uuid4().hex,
+        lost,
+        grace_s=runtime.settings.queued_grace_s,
+        backlog_wait_s=backlog_wait_s,
+        owner_dead=owner_dead,
     )
     if found is None:
         return 0
@@ -78,21 +117,30 @@ def _recover_lost_item(runtime: Runtime, member: str, lost: ErrorRecord, backlog
 
 
 def _backlog_wait_s(runtime: Runtime) -> float:
-    """How long a step nobody claimed may wait before it is sent again, while messages wait in the step queues.
+    """How long since it was queued a step nobody claimed may wait before it is sent again, given the step queues.
 
-    A step whose dispatch hold ran out while its queue still holds messages has most likely not been reached yet
-    (10,000 runs submitted at once keep roots waiting longer than any grace): sending copies would only lengthen the
-    queue. So while a backlog is seen the hold is extended, up to ``MAX_BACKLOG_GRACES`` graces since the step was
-    queued; a lost message then waits that long at most. 0 (resend now) when the queues are empty or cannot be read.
+    A step whose dispatch hold ran out may not have been reached yet: 10,000 runs submitted at once keep roots
+    waiting longer than any grace, and sending copies would only lengthen the queue. But a step queue is first in,
+    first out, so its message can only still be waiting if the oldest message waiting now was sent before it. So the
+    hold of a step queued up to ``SENT_CLOCK_MARGIN_S`` after the oldest waiting message was sent is extended (a
+    queued step's message is sent right after), up to ``MAX_BACKLOG_GRACES`` graces since the step was queued; a step
+    queued later than that has no message left in the queues: it was lost with a worker, or never published, and is
+    sent again at once. A busy system with short queues therefore resends a lost message after one grace, not after
+    eight, and a backlog that really holds the step still sends no copy. 0 (resend now) when the queues are empty or
+    cannot be read.
     """
     broker = runtime.broker
     if broker is None:
         return 0.0
     try:
-        depths = queue_depths(broker, (runtime.settings.llm_queue, runtime.settings.cpu_queue))
+        oldest = oldest_sent_at(broker, (runtime.settings.llm_queue, runtime.settings.cpu_queue))
     except redis.RedisError:
         return 0.0
-    return MAX_BACKLOG_GRACES * runtime.settings.queued_grace_s if any(depths.values()) else 0.0
+    if oldest is None:
+        return 0.0
+    # reclaim extends the hold while (now - queued_at) < this, that is while queued_at > oldest - margin.
+    waited = max(0.0, time.time() - oldest + SENT_CLOCK_MARGIN_S)
+    return min(MAX_BACKLOG_GRACES * runtime.settings.queued_grace_s, waited)
 
 
 def _fire_deadlines(runtime: Runtime) -> int:

@@ -47,8 +47,9 @@ class Settings:
         imports: ``ORCH_IMPORTS``: comma-separated modules defining workflows and functions, imported by
             workers and by the CLI (like Celery's ``imports``).
         retention_s: ``ORCH_RETENTION_S``: how long a finished run's state is kept (default 7 days).
-        lease_s: ``ORCH_LEASE_S``: a running attempt's lease; renewed every third of it by a heartbeat. A step
-            whose worker died is re-dispatched within ``lease_s + sweep_interval_s``.
+        lease_s: ``ORCH_LEASE_S``: a claimed attempt's lease, and how long one heartbeat of the process running
+            attempts keeps it known alive (it beats every third of it). A step whose worker died is re-dispatched
+            within about ``lease_s + sweep_interval_s``.
         sweep_interval_s: ``ORCH_SWEEP_INTERVAL_S``: how often workers look for expired leases and deadlines.
         queued_grace_s: ``ORCH_QUEUED_GRACE_S``: how long a delayed retry or a re-dispatched step may wait in the
             queue before the sweeper sends it again (a copy that arrives late finds the step taken).
@@ -107,7 +108,7 @@ class Settings:
     anthropic_base_url: str | None = None
     imports: tuple[str, ...] = ()
     retention_s: int = 7 * 24 * 3600
-    lease_s: float = 15.0
+    lease_s: float = 6.0
     sweep_interval_s: float = 5.0
     queued_grace_s: float = 300.0
     outage_patience_s: float = 300.0

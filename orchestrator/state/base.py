@@ -6,6 +6,8 @@ import json
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from orchestrator.definition.spec import WorkflowSpec
     from orchestrator.engine.events import Event
     from orchestrator.errors import DeferralRecord, ErrorRecord
@@ -238,8 +240,44 @@ class StateStore(ItemStore, Protocol):
         """Lease index members (``run|step|task``) whose lease ran out, oldest first, at most ``limit``."""
         ...
 
+    def keep_owner(self, owner: str, alive_s: float, *, joined: Sequence[str] = (), left: Sequence[str] = ()) -> None:
+        """Mark the process ``owner`` alive for ``alive_s`` from now and update the attempts it covers.
+
+        Args:
+            owner: The process's id (:class:`orchestrator.engine.leases.LeaseKeeper`).
+            alive_s: How long it is known alive without another beat; 0 when it runs nothing more: it leaves the
+                owners index (a process that is idle is never taken for dead).
+            joined: Lease index members it now covers; added before the beat is recorded.
+            left: Lease index members it no longer covers (their attempts ended).
+        """
+        ...
+
+    def dead_owners(self, limit: int = 100) -> list[str]:
+        """Owners whose heartbeat ran out, at most ``limit``."""
+        ...
+
+    def owned(self, owner: str) -> list[str]:
+        """The lease index members that ``owner`` covers."""
+        ...
+
+    def owner_alive(self, owner: str) -> bool:
+        """Whether ``owner``'s heartbeat is current."""
+        ...
+
+    def forget_owner(self, owner: str, members: Sequence[str]) -> None:
+        """Drop a dead owner once the attempts it covered (``members``) were recovered; if it beat again
+        meanwhile, it stays, with whatever it covers besides ``members``."""
+        ...
+
     def reclaim(
-        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+        self,
+        member: str,
+        new_task_id: str,
+        error: ErrorRecord,
+        *,
+        grace_s: float,
+        backlog_wait_s: float = 0.0,
+        owner_dead: bool = False,
     ) -> ReclaimedStep | None:
         """Recover the step behind an expired lease.
 
@@ -253,6 +291,9 @@ class StateStore(ItemStore, Protocol):
         ``backlog_wait_s`` > 0 says the step queues hold a backlog: a step nobody has claimed is then likely still
         waiting in it, so its hold is extended by ``grace_s`` instead of sending a copy, until the step has waited
         ``backlog_wait_s`` since it was queued.
+
+        ``owner_dead`` says the process running the attempt stopped beating (:meth:`dead_owners`): a ``running``
+        step is then re-queued without waiting for its lease.
 
         Returns:
             What to publish, or ``None`` when there is nothing to do.

@@ -129,7 +129,14 @@ class ItemStore(Protocol):
         ...
 
     def reclaim_item(
-        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+        self,
+        member: str,
+        new_task_id: str,
+        error: ErrorRecord,
+        *,
+        grace_s: float,
+        backlog_wait_s: float = 0.0,
+        owner_dead: bool = False,
     ) -> ReclaimedItem | None:
         """Recover the item behind an expired lease index ``member``, by the rules of :meth:`StateStore.reclaim`."""
         ...

@@ -13,6 +13,8 @@ DEADLINES = f"{PREFIX}:deadlines"
 APPROVALS = f"{PREFIX}:approvals"
 RUNS_INDEX = f"{PREFIX}:runs"
 SWEEPER_LOCK = f"{PREFIX}:sweeper:lock"
+# Processes running attempts: owner id -> until when it is known alive (a sorted set, refreshed by its heartbeat).
+OWNERS = f"{PREFIX}:owners"
 EVENTS = f"{PREFIX}:events"
 # Definitions submitted lately (``orchestrator workflows``): hash -> last submitted (a sorted set) and hash -> its
 # name, version and first submit (a hash); one hash tag, so one script keeps both.
@@ -79,6 +81,11 @@ def parse_lease_member(member: str) -> tuple[str, str, str]:
     """Split a lease index member into run id, step and task id."""
     run_id, step, task_id = member.split("|", 2)
     return run_id, step, task_id
+
+
+def owned_key(owner: str) -> str:
+    """The set of lease index members (attempts) that the process ``owner`` runs and keeps alive by its heartbeat."""
+    return f"{PREFIX}:owned:{{{owner}}}"
 
 
 def deadline_member(run_id: str, generation: str) -> str:

@@ -2110,3 +2110,58 @@ def test_a_tool_calls_children_count_their_spend_once_each_and_never_take_the_ru
     fields = backend.store.run_fields("run1")
     assert (fields["llm_spent_nusd"], fields["llm_calls"], fields["llm_output_tokens"]) == ("1000", "4", "40")
     assert (fields["s:agent:status"], fields["s:agent:task"]) == ("running", "task-agent")
+
+
+# -- process liveness (engine/leases.py) -----------------------------------------------------------------------------
+
+MEMBER = keys.lease_member("run1", "a", "t1")
+
+
+def test_a_dead_owners_running_attempt_is_requeued_without_waiting_for_its_lease(backend: Backend) -> None:
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=LONG_LEASE_S).outcome == ClaimOutcome.OK
+    backend.store.keep_owner("proc-1", SHORT_LEASE_S, joined=[MEMBER])
+    assert backend.store.owner_alive("proc-1")
+    assert backend.store.dead_owners() == []
+
+    assert backend.wait_past(SHORT_LEASE_S, lambda: backend.store.dead_owners() == ["proc-1"])
+    assert backend.store.owned("proc-1") == [MEMBER]
+    # Its own lease still runs: without the owner's death it is live.
+    assert backend.store.reclaim(MEMBER, "t2", LOST, grace_s=LONG_LEASE_S) is None
+    got = backend.store.reclaim(MEMBER, "t2", LOST, grace_s=LONG_LEASE_S, owner_dead=True)
+
+    assert got == ReclaimedStep("run1", "a", SINGLE.definition_hash, "1", "t2")
+    assert (step_fields(backend, "a")["status"], step_fields(backend, "a")["task"]) == ("queued", "t2")
+    backend.store.forget_owner("proc-1", [MEMBER])
+    assert backend.store.dead_owners() == []
+    assert backend.store.owned("proc-1") == []
+
+
+def test_a_dead_owners_finished_attempt_is_left_alone(backend: Backend) -> None:
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1")).outcome == ClaimOutcome.OK
+    finish(backend, SINGLE, attempt("a", "t1"), StepOutcome.SUCCEEDED)
+
+    assert backend.store.reclaim(MEMBER, "t2", LOST, grace_s=LONG_LEASE_S, owner_dead=True) is None
+    assert step_fields(backend, "a")["status"] == "succeeded"
+
+
+def test_an_idle_owner_leaves_the_index_and_is_never_taken_for_dead(backend: Backend) -> None:
+    backend.store.keep_owner("proc-1", SHORT_LEASE_S, joined=[MEMBER])
+    backend.store.keep_owner("proc-1", 0.0, left=[MEMBER])
+
+    assert backend.wait_past(SHORT_LEASE_S, lambda: backend.store.dead_owners() == [])
+    assert not backend.store.owner_alive("proc-1")
+    assert backend.store.owned("proc-1") == []
+
+
+def test_an_owner_that_beat_again_before_it_was_forgotten_keeps_its_new_attempts(backend: Backend) -> None:
+    other = keys.lease_member("run1", "b", "t9")
+    backend.store.keep_owner("proc-1", SHORT_LEASE_S, joined=[MEMBER])
+    assert backend.wait_past(SHORT_LEASE_S, lambda: backend.store.dead_owners() == ["proc-1"])
+    backend.store.keep_owner("proc-1", LONG_LEASE_S, joined=[other])
+
+    backend.store.forget_owner("proc-1", [MEMBER])
+
+    assert backend.store.owner_alive("proc-1")
+    assert backend.store.owned("proc-1") == [other]

@@ -1,15 +1,19 @@
-"""The sweeper holds back copies of unclaimed steps while the step queues (any priority list) hold a backlog."""
+"""The sweeper holds back copies of unclaimed steps while the step queues (any priority list) hold a backlog that
+their messages could still be waiting in: one whose oldest message was sent before they were queued."""
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any, cast
 
 import fakeredis
 import redis
 
+from orchestrator.engine.backlog import SENT_AT_HEADER
 from orchestrator.engine.priorities import redis_queue_lists
 from orchestrator.engine.runtime import Runtime
-from orchestrator.engine.sweep import MAX_BACKLOG_GRACES, _backlog_wait_s
+from orchestrator.engine.sweep import MAX_BACKLOG_GRACES, SENT_CLOCK_MARGIN_S, _backlog_wait_s
 from orchestrator.infra.settings import Settings
 
 
@@ -35,3 +39,32 @@ def test_a_broker_that_cannot_be_read_never_holds_copies_back() -> None:
     assert _backlog_wait_s(_runtime(None)) == 0.0
     unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     assert _backlog_wait_s(_runtime(unreachable)) == 0.0
+
+
+def message(sent_at: float) -> bytes:
+    return json.dumps({"body": "", "headers": {"id": "t", SENT_AT_HEADER: f"{sent_at:.3f}"}}).encode()
+
+
+def test_only_steps_queued_before_the_oldest_waiting_message_was_sent_are_held_back() -> None:
+    broker = fakeredis.FakeRedis()
+    oldest = time.time() - 12.0
+    broker.lpush("llm", message(oldest))
+    broker.lpush("cpu", message(oldest + 5))
+    broker.lpush("cpu", message(oldest + 10))  # newer, behind it: the list's oldest is what counts
+
+    wait = _backlog_wait_s(_runtime(broker))
+
+    # Held back while (now - queued_at) < wait: steps queued up to the margin after the oldest message was sent.
+    assert 12.0 + SENT_CLOCK_MARGIN_S <= wait <= 12.0 + SENT_CLOCK_MARGIN_S + 1.0
+
+
+def test_a_queue_that_turns_over_quickly_holds_back_only_steps_queued_moments_ago() -> None:
+    broker = fakeredis.FakeRedis()
+    broker.lpush("cpu", message(time.time()))
+    assert SENT_CLOCK_MARGIN_S <= _backlog_wait_s(_runtime(broker)) <= SENT_CLOCK_MARGIN_S + 1.0
+
+
+def test_a_backlog_holds_copies_back_for_eight_graces_at_most() -> None:
+    broker = fakeredis.FakeRedis()
+    broker.lpush("cpu", message(time.time() - 3600))
+    assert _backlog_wait_s(_runtime(broker)) == MAX_BACKLOG_GRACES * 30.0

@@ -3,11 +3,13 @@
 -- task id, unless the step queues hold a backlog it is likely still waiting in (backlog_wait_s > 0): then it is held
 -- until it has waited backlog_wait_s since it was queued.
 -- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the step's item hash. ARGV: step, index, expected_task,
--- new_task, error_json, grace_s, backlog_wait_s.
+-- new_task, error_json, grace_s, backlog_wait_s, owner_dead ('1': the process running it stopped beating; its lease
+-- is not waited for).
 -- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease}; {"skip"}.
 local run, events, items = KEYS[1], KEYS[2], KEYS[3]
 local step, index, expected, new_task, err = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local grace, backlog_wait = tonumber(ARGV[6]), tonumber(ARGV[7] or '0')
+local owner_dead = ARGV[8] == '1'
 local p = 's:' .. step .. ':'
 local f = index .. ':'
 local head = redis.call('HMGET', run, 'status', 'def_hash', 'gen', p .. 'status', 'seq')
@@ -18,7 +20,7 @@ if status ~= 'running' and status ~= 'queued' then return {'skip'} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local lease = tonumber(row[3] or '')
-if lease and lease > now then return {'live', row[3]} end
+if lease and lease > now and not (owner_dead and status == 'running') then return {'live', row[3]} end
 local until_ = string.format('%.6f', now + grace)
 if status == 'queued' then
   local since = tonumber(row[4] or now)

@@ -7,14 +7,17 @@
 --            the lost message carried.
 --   unclaimed, while the step queues hold a backlog (backlog_wait_s > 0): the message is likely still waiting in it,
 --            so the hold is extended by grace_s instead, until the step has waited backlog_wait_s since it was queued.
+--   running, owner_dead ('1'): the process that ran it stopped beating (a dead owner, see engine/leases.py): its lease
+--            is not waited for, the attempt is re-queued at once.
 -- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, expected_task, new_task, error_json, grace_s,
--- backlog_wait_s.
+-- backlog_wait_s, owner_dead.
 -- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease} while the lease holds;
 -- {"skip"} when the attempt is finished, stale or not the expected one.
 local MAX_BACKOFF = 8
 local run, events = KEYS[1], KEYS[2]
 local step, expected, new_task, err, grace = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local backlog_wait = tonumber(ARGV[6] or '0')
+local owner_dead = ARGV[7] == '1'
 local p = 's:' .. step .. ':'
 local head = redis.call('HMGET', run, 'status', p .. 'status', p .. 'task', p .. 'lease', p .. 'errors', 'def_hash',
   'gen', p .. 'queued_at', 'created_at')
@@ -26,7 +29,7 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local lease = tonumber(head[4] or '')
-if lease and lease > now then return {'live', head[4]} end
+if lease and lease > now and not (owner_dead and status == 'running') then return {'live', head[4]} end
 -- A map step expanded in this generation runs as its items: its own lease only watches for a lost finish. While
 -- items are unfinished it is extended; once all have ended, it is re-queued below and its next attempt finishes it.
 if status == 'running' then

@@ -11,12 +11,13 @@ from orchestrator.state.memory.control import RunControl
 from orchestrator.state.memory.core import EVENTS_MAXLEN, GLOBAL_EVENTS_MAXLEN, MAX_RESEND_BACKOFF
 from orchestrator.state.memory.iterations import IterationCheckpoints
 from orchestrator.state.memory.journal import AgentJournals
+from orchestrator.state.memory.owners import ProcessOwners
 from orchestrator.state.memory.steps import StepTransitions
 
 __all__ = ["EVENTS_MAXLEN", "GLOBAL_EVENTS_MAXLEN", "MAX_RESEND_BACKOFF", "MemoryStateStore"]
 
 
-class MemoryStateStore(RunControl, StepTransitions, IterationCheckpoints, AgentJournals, ChildRuns):
+class MemoryStateStore(RunControl, StepTransitions, IterationCheckpoints, AgentJournals, ChildRuns, ProcessOwners):
     """Run and step state in this process, with the semantics of :class:`~orchestrator.state.RedisStateStore`.
 
     Args:

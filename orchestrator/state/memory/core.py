@@ -96,6 +96,8 @@ class MemoryStateCore:
         self._submitted: dict[str, tuple[float, str, int, float]] = {}
         self._idempotency: dict[str, tuple[str, float]] = {}
         self._leases: dict[str, float] = {}
+        self._owners: dict[str, float] = {}
+        self._owned: dict[str, set[str]] = {}
         self._deadlines: dict[str, float] = {}
         self._approvals: dict[str, float] = {}
         self._sweeper_lock: tuple[str, float] | None = None

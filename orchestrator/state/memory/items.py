@@ -270,7 +270,14 @@ class ItemTransitions(MemoryStateCore):
             return True
 
     def reclaim_item(
-        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+        self,
+        member: str,
+        new_task_id: str,
+        error: ErrorRecord,
+        *,
+        grace_s: float,
+        backlog_wait_s: float = 0.0,
+        owner_dead: bool = False,
     ) -> ReclaimedItem | None:
         """Recover the item behind an expired lease (see ``lua/item_reclaim.lua``)."""
         run_id, unit, task_id = keys.parse_lease_member(member)
@@ -292,6 +299,8 @@ class ItemTransitions(MemoryStateCore):
                 self._leases.pop(member, None)
                 return None
             lease = _float_or_none(items.get(f + "lease") or "")
+            if owner_dead and status == "running":
+                lease = None
             until = _stamp(now + grace_s)
             since = _float_or_none(items.get(f + "queued_at") or "")
             waiting = status == "queued" and backlog_wait_s > 0 and now - (since or now) < backlog_wait_s

@@ -335,7 +335,14 @@ class StepTransitions(ItemTransitions):
             return _due(self._leases, self._clock(), limit)
 
     def reclaim(
-        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+        self,
+        member: str,
+        new_task_id: str,
+        error: ErrorRecord,
+        *,
+        grace_s: float,
+        backlog_wait_s: float = 0.0,
+        owner_dead: bool = False,
     ) -> ReclaimedStep | None:
         """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
 
@@ -364,7 +371,7 @@ class StepTransitions(ItemTransitions):
                 return None
             raw_lease = fields.get(p + "lease") or ""
             lease = _float_or_none(raw_lease)
-            if lease is not None and lease > now:
+            if lease is not None and lease > now and not (owner_dead and status == "running"):
                 self._leases[member] = float(raw_lease)
                 return None
             if status == "running" and map_unfinished(fields, step):

@@ -6,12 +6,15 @@ from orchestrator.state.redis.core import CONNECTION_WAIT_S, GLOBAL_EVENTS_MAXLE
 from orchestrator.state.redis.items import ItemTransitions
 from orchestrator.state.redis.iterations import IterationCheckpoints
 from orchestrator.state.redis.journal import AgentJournals
+from orchestrator.state.redis.owners import ProcessOwners
 from orchestrator.state.redis.steps import StepTransitions
 
 __all__ = ["CONNECTION_WAIT_S", "GLOBAL_EVENTS_MAXLEN", "MAX_CONNECTIONS", "RedisStateStore"]
 
 
-class RedisStateStore(RunControl, StepTransitions, IterationCheckpoints, AgentJournals, ChildRuns, ItemTransitions):
+class RedisStateStore(
+    RunControl, StepTransitions, IterationCheckpoints, AgentJournals, ChildRuns, ProcessOwners, ItemTransitions
+):
     """Run and step state in Redis.
 
     Args:

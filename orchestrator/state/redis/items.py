@@ -141,12 +141,19 @@ class ItemTransitions(RedisStateCore):
         return True
 
     def reclaim_item(
-        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+        self,
+        member: str,
+        new_task_id: str,
+        error: ErrorRecord,
+        *,
+        grace_s: float,
+        backlog_wait_s: float = 0.0,
+        owner_dead: bool = False,
     ) -> ReclaimedItem | None:
         """Recover the item behind an expired lease (see ``lua/item_reclaim.lua``)."""
         run_id, unit, task_id = keys.parse_lease_member(member)
         step, index = keys.parse_item_unit(unit)
-        argv: list[Any] = [step, index, task_id, new_task_id, dumps(error), grace_s, backlog_wait_s]
+        argv: list[Any] = [step, index, task_id, new_task_id, dumps(error), grace_s, backlog_wait_s, int(owner_dead)]
         reply = [_text(x) for x in self._item_script("item_reclaim", run_id, step, argv)]
         if reply[0] == "live":
             self.client.zadd(keys.LEASES, {member: float(reply[1])})

@@ -208,7 +208,14 @@ class StepTransitions(RedisStateCore):
         return [_text(m) for m in self.client.zrangebyscore(keys.LEASES, "-inf", now, start=0, num=limit)]
 
     def reclaim(
-        self, member: str, new_task_id: str, error: ErrorRecord, *, grace_s: float, backlog_wait_s: float = 0.0
+        self,
+        member: str,
+        new_task_id: str,
+        error: ErrorRecord,
+        *,
+        grace_s: float,
+        backlog_wait_s: float = 0.0,
+        owner_dead: bool = False,
     ) -> ReclaimedStep | None:
         """Recover the step behind an expired lease (see ``lua/reclaim.lua``).
 
@@ -216,7 +223,7 @@ class StepTransitions(RedisStateCore):
             What to publish, or ``None`` when there is nothing to do (the lease is live again, or the attempt ended).
         """
         run_id, step, task_id = keys.parse_lease_member(member)
-        argv: list[Any] = [step, task_id, new_task_id, json.dumps(error), grace_s, backlog_wait_s]
+        argv: list[Any] = [step, task_id, new_task_id, json.dumps(error), grace_s, backlog_wait_s, int(owner_dead)]
         reply = [_text(x) for x in self._scripts["reclaim"](keys=_run_keys(run_id), args=argv)]
         if reply[0] == "live":
             # The heartbeat renewed it after we read the index: keep it findable at its new expiry.
