@@ -43,9 +43,10 @@ def test_runs_succeed_and_record_each_output_once_while_workers_are_sigkilled(
 
     report = chaos.run_chaos(config, private_redis)
 
-    # Each kill waits for its replacement to be ready, so a loaded machine fits fewer kills into the session; what
-    # matters is that kills cut steps off mid-flight and those steps ran again.
-    assert report.kills >= 2, "workers were really killed while runs were in flight"
+    # Each kill waits for its replacement to be ready, so a loaded machine (a replacement can take a minute to start)
+    # may fit only one kill into the session; what matters is that kills cut steps off mid-flight and those steps
+    # ran again.
+    assert report.kills >= 1, "workers were really killed while runs were in flight"
     assert report.steps_rerun >= 1, "a killed worker's step ran again elsewhere"
     assert report.problems() == []
     assert report.succeeded == report.runs == 40
