@@ -40,6 +40,13 @@ def count_calls(ctx: StepContext, **_: Any) -> dict[str, Any]:
     return {"calls": n, "upstream": sorted(ctx)}
 
 
+@function("tests.count_on_broker")
+def count_on_broker(ctx: StepContext, **_: Any) -> dict[str, Any]:
+    """Like ``tests.count_calls``, but counted in the broker's Redis: it stays up while a state node is killed."""
+    n = sync_client(os.environ["ORCH_BROKER_URL"]).incr(f"test:calls:{ctx.run_id}:{ctx.step}")
+    return {"calls": n}
+
+
 @function("tests.fail")
 def fail(ctx: StepContext, **_: Any) -> None:
     """Fail with a bug-like exception (non-retryable)."""

@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, Protocol
 
 import redis
 
+from orchestrator.infra.redis_cluster import queue_publish
 from orchestrator.state import keys
 
 __all__ = [
@@ -206,7 +207,7 @@ class RedisDeltaSink:
                 pipe.expire(text_key, self.ttl_s)
                 pipe.sadd(texts_key, member)
                 pipe.expire(texts_key, self.ttl_s)
-        pipe.publish(keys.deltas_channel(run_id), delta.encode())
+        queue_publish(pipe, keys.deltas_channel(run_id), delta.encode())
         self._execute(pipe, run_id)
 
     def finish(self, run_id: str, step: str, index: int | None, attempt: int) -> None:

@@ -3,9 +3,17 @@
 A run's state lives in one hash whose name carries the run id as a hash tag (``orch:{RUN}``), so the whole run sits
 on one Redis Cluster slot and every transition is a single-key Lua script. Fields of a step are ``s:STEP:FIELD``
 (step names are identifiers, so the colon is unambiguous).
+
+The global indices (leases, deadlines, approvals, runs, the global event stream, the sweeper's turn) are one key each
+on a single Redis. With ``ORCH_SHARDS=N`` above 1 each is split into N buckets: bucket K of every index shares the hash
+tag ``{shard-K}``, and a run's entries go to bucket :func:`shard_of` (its run id's CRC-32 mod N), so in a Redis Cluster
+the indices' load spreads over the slots of N tags instead of one hot slot. ``shard`` below is ``None`` for the
+single-bucket names, which are exactly those of a store without shards.
 """
 
 from __future__ import annotations
+
+import zlib
 
 PREFIX = "orch"
 LEASES = f"{PREFIX}:leases"
@@ -18,6 +26,50 @@ EVENTS = f"{PREFIX}:events"
 # name, version and first submit (a hash); one hash tag, so one script keeps both.
 SUBMITTED_DEFINITIONS = f"{PREFIX}:{{defs}}:submitted"
 SUBMITTED_RECORDS = f"{PREFIX}:{{defs}}:records"
+
+
+def shard_of(run_id: str, shards: int) -> int | None:
+    """The bucket of the global indices that holds ``run_id``'s entries (``None``: the indices are not split)."""
+    return None if shards <= 1 else zlib.crc32(run_id.encode()) % shards
+
+
+def all_shards(shards: int) -> list[int | None]:
+    """Every bucket of the global indices, for sweeps and listings that read them all."""
+    return [None] if shards <= 1 else list(range(shards))
+
+
+def _sharded(name: str, shard: int | None) -> str:
+    return f"{PREFIX}:{name}" if shard is None else f"{PREFIX}:{{shard-{shard}}}:{name}"
+
+
+def leases_key(shard: int | None) -> str:
+    """The lease index (members :func:`lease_member`, scored by expiry) of one bucket."""
+    return _sharded("leases", shard)
+
+
+def deadlines_key(shard: int | None) -> str:
+    """The workflow deadline index (members :func:`deadline_member`) of one bucket."""
+    return _sharded("deadlines", shard)
+
+
+def approvals_key(shard: int | None) -> str:
+    """The approval timeout index (members :func:`approval_member`) of one bucket."""
+    return _sharded("approvals", shard)
+
+
+def runs_index_key(shard: int | None) -> str:
+    """The runs index (run ids scored by creation time) of one bucket."""
+    return _sharded("runs", shard)
+
+
+def global_events_key(shard: int | None) -> str:
+    """The capped stream of run-level events dashboards follow, of one bucket."""
+    return _sharded("events", shard)
+
+
+def sweeper_lock_key(shard: int | None) -> str:
+    """The sweeper's turn on one bucket (whoever holds it sweeps that bucket for an interval)."""
+    return _sharded("sweeper:lock", shard)
 
 
 def run_key(run_id: str) -> str:
