@@ -161,7 +161,7 @@ def _waiting_pool(wait_s: float) -> type[redis.BlockingConnectionPool]:
     # redis-py hands a cluster's connection options to plain clients too, which know no ``timeout``: it goes here.
     class WaitingPool(redis.BlockingConnectionPool):
         def __init__(self, **kwargs: Any) -> None:
-            super().__init__(timeout=wait_s, **kwargs)
+            super().__init__(timeout=wait_s, **kwargs)  # type: ignore[no-untyped-call]
 
     return WaitingPool
 
