@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 import redis.asyncio.cluster as acluster
 import redis.cluster
 
+from orchestrator.errors import StoreUnavailableError
 from orchestrator.infra.redis_url import RedisUrlError, host_port, url_options
 
 __all__ = [
@@ -139,6 +140,7 @@ def cluster_client(
 
     Raises:
         RedisUrlError: A malformed cluster URL.
+        StoreUnavailableError: No seed node answers (redis-py reads the slot map when the client is built).
     """
     parsed = parse_cluster_url(url)
     pool: dict[str, Any] = {}
@@ -147,14 +149,26 @@ def cluster_client(
         if wait_s is not None:
             pool["connection_pool_class"] = _waiting_pool(wait_s)
     options.pop("health_check_interval", None)
-    client = redis.cluster.RedisCluster(
-        startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in parsed.nodes],  # type: ignore[no-untyped-call]
-        **parsed.node_kwargs(),
-        **pool,
-        **options,
-    )
+    try:
+        client = redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in parsed.nodes],  # type: ignore[no-untyped-call]
+            **parsed.node_kwargs(),
+            **pool,
+            **options,
+        )
+    except (redis.exceptions.RedisClusterException, redis.RedisError) as exc:
+        # redis-py asks a seed node for the slot map here, at construction, unlike a plain client's first command.
+        raise StoreUnavailableError(f"cannot reach the Redis Cluster at {_nodes(parsed)}: {_first_line(exc)}") from None
     # Duck-typed: RedisCluster has every command the store uses, and pipelines that split by node.
     return cast(redis.Redis, client)
+
+
+def _nodes(parsed: ClusterUrl) -> str:
+    return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in parsed.nodes)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _waiting_pool(wait_s: float) -> type[redis.BlockingConnectionPool]:

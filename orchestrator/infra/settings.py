@@ -22,7 +22,7 @@ from orchestrator.infra.redis_url import (
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
-MAX_SHARDS = 1024
+MAX_SHARDS = 256
 """``ORCH_SHARDS`` at most: each shard is a few sorted sets every sweep reads."""
 
 PRIORITY_MODES = ("depth", "off")
@@ -52,8 +52,9 @@ class Settings:
             kombu's other transports; a URL without a known scheme is refused at start.
         shards: ``ORCH_SHARDS``: how many buckets each global index (leases, deadlines, approvals, runs, the
             global event stream) is split into, each under its own hash tag, so that in a Redis Cluster their load
-            spreads over the masters instead of one hot slot; each is swept on its own. 1 (default) keeps one key per
-            index, as on a single Redis; on a cluster take a few per master (e.g. 16 for 3 masters). Changing it
+            spreads over the masters instead of one hot slot; a sweep reads every bucket in one round trip. 1
+            (default) keeps one key per index, as on a single Redis; on a cluster take about 4 per master (12 for 3
+            masters). Changing it
             later leaves entries in the old buckets unswept: set it once, before the first run.
         anthropic_api_key: ``ANTHROPIC_API_KEY``; when absent LLM steps use the offline provider.
         anthropic_base_url: ``ANTHROPIC_BASE_URL``: another Messages API endpoint.

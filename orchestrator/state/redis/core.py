@@ -20,7 +20,7 @@ from redis.commands.core import Script
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.engine.events import Event
 from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError, StoreUnavailableError
-from orchestrator.infra.redis_cluster import cluster_client, is_cluster_url, queue_evalsha
+from orchestrator.infra.redis_cluster import cluster_client, is_cluster_client, is_cluster_url, queue_evalsha
 from orchestrator.infra.redis_url import blocking_pool
 from orchestrator.state import keys
 from orchestrator.state.base import (
@@ -197,7 +197,7 @@ class RedisStateCore:
 
     # -- the global indices, one bucket per run (``keys.shard_of``) ----------------------------------------------
 
-    def _shard(self, run_id: str) -> int | None:
+    def _shard(self, run_id: str) -> str | None:
         return keys.shard_of(run_id, self.shards)
 
     def _leases(self, run_id: str) -> str:
@@ -216,21 +216,33 @@ class RedisStateCore:
             out.setdefault(self._leases(keys.parse_lease_member(member)[0]), {})[member] = score
         return out
 
-    def _due(self, index: Callable[[int | None], str], now: float, limit: int) -> list[str]:
-        """Members of every bucket of ``index`` due by ``now``: at most ``limit`` in all, one round trip."""
+    def _due(self, index: Callable[[str | None], str], now: float, limit: int) -> list[str]:
+        """Members of every bucket of ``index`` due by ``now``, oldest first: at most ``limit``, one round trip."""
+        if self.shards <= 1:
+            return [_text(m) for m in self.client.zrangebyscore(index(None), "-inf", now, start=0, num=limit)]
         pipe = self.client.pipeline(transaction=False)
         for shard in keys.all_shards(self.shards):
-            pipe.zrangebyscore(index(shard), "-inf", now, start=0, num=limit)
-        due = [_text(m) for rows in pipe.execute() for m in rows]
-        return due[:limit]
+            pipe.zrangebyscore(index(shard), "-inf", now, start=0, num=limit, withscores=True)
+        due = sorted((score, _text(member)) for rows in pipe.execute() for member, score in rows)
+        return [member for _, member in due[:limit]]
 
-    def _pipeline(self, *commands: Callable[[Pipeline], Any]) -> list[Any]:
-        """Run commands in one round trip, scripts by EVALSHA alone.
+    def _pipeline(
+        self, *commands: Callable[[Pipeline], Any], after: tuple[Callable[[Pipeline], Any], ...] = ()
+    ) -> list[Any]:
+        """Run commands in one round trip, scripts by EVALSHA alone; ``after`` once the others have been applied.
 
         redis-py's own script objects add a SCRIPT EXISTS round trip before every pipeline that holds one; a step
         attempt runs two such pipelines, so that doubled its round trips. Scripts are loaded once when Redis says it
         does not know one (first use, or after a restart or SCRIPT FLUSH); every command here is safe to repeat.
+
+        One Redis applies a pipeline in order, so ``after`` simply ends it. A cluster pipeline sends each node its
+        commands together, nodes in order of first use: an index entry removed after a script would reach the index's
+        node with the entry added before it, ahead of the script on the run's node, and a worker dying in between
+        would leave a running step that no index holds. In a cluster ``after`` is therefore a second round trip.
         """
+        if after and is_cluster_client(self.client):
+            return self._pipeline(*commands) + self._pipeline(*after)
+        commands = (*commands, *after)
         for tries_left in (1, 0):
             pipe = self.client.pipeline(transaction=False)
             for command in commands:

@@ -111,8 +111,8 @@ class StepTransitions(RedisStateCore):
             members = {keys.lease_member(run_id, c, t): due for c, t in held.items()}
             commands.append(lambda pipe: pipe.zadd(self._leases(run_id), cast(Any, members)))
         commands.append(lambda pipe: self._evalsha(pipe, "finish", run_id, argv))
-        commands.append(lambda pipe: pipe.zrem(self._leases(run_id), keys.lease_member(run_id, step, task_id)))
-        replies = self._pipeline(*commands)
+        own = keys.lease_member(run_id, step, task_id)
+        replies = self._pipeline(*commands, after=(lambda pipe: pipe.zrem(self._leases(run_id), own),))
         reply = [_text(x) for x in replies[1 if held else 0]]
         ok = reply[0] == "ok"
         count = int(reply[2]) if ok else 0
