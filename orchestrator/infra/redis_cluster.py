@@ -207,6 +207,11 @@ def queue_evalsha(pipe: Any, sha: str, numkeys: int, *keys_and_args: Any) -> Any
     redis-py's cluster pipeline refuses its ``evalsha`` method, yet routes the raw command by its keys (which share
     one slot in every script of ours), so the raw command is what both kinds get.
     """
+    if isinstance(pipe, redis.cluster.ClusterPipeline) and numkeys:
+        # Named, its node: else the cluster pipeline asks a node for the keys (COMMAND GETKEYS) on every EVALSHA,
+        # always the same node, which then took half again the others' commands. A redirect re-routes it by its keys.
+        node = pipe.get_node_from_key(keys_and_args[0])  # type: ignore[no-untyped-call]
+        return pipe.execute_command("EVALSHA", sha, numkeys, *keys_and_args, target_nodes=node)  # type: ignore[no-untyped-call]
     return pipe.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
 
 
