@@ -91,9 +91,14 @@ class LocalWorkers:
         Raises:
             RuntimeError: When one exits or they do not answer within ``timeout``.
         """
-        for _ in range(self.count):
-            self.start_one()
-        self.wait_ready(list(self.processes), timeout)
+        try:
+            for _ in range(self.count):
+                self.start_one()
+            self.wait_ready(list(self.processes), timeout)
+        except BaseException:
+            # A context manager whose __enter__ raised is never exited: the workers started so far end here.
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, names: Sequence[str], timeout: float = 60.0) -> None:

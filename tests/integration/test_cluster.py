@@ -66,8 +66,13 @@ def client(env: dict[str, str]) -> Client:
 @pytest.fixture(scope="module")
 def cluster_workers(client: Client, env: dict[str, str]) -> Iterator[LocalWorkers]:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    with LocalWorkers(client.app, count=2, concurrency=4, env=env, log_dir=LOG_DIR) as pool:
+    pool = LocalWorkers(client.app, count=2, concurrency=4, env=env, log_dir=LOG_DIR)
+    # Six Redis nodes and eight pool processes on two busy cores: starting may take a while.
+    pool.start(timeout=180)
+    try:
         yield pool
+    finally:
+        pool.stop()
 
 
 def _node(port: int) -> redis.Redis:
