@@ -29,6 +29,7 @@ PAGE = ROOT / "docs" / "configuration.md"
 SEE_ALSO = {
     "REDIS_URL": "operations.md#redis-sentinel-tested",
     "ORCH_BROKER_URL": "operations.md#rabbitmq-as-the-broker-redis-for-state-tested",
+    "ORCH_SHARDS": "cluster.md#what-runs-where",
     "ORCH_LEASE_S": "architecture.md#leases-instead-of-the-visibility-timeout",
     "ORCH_QUEUED_GRACE_S": "reliability.md#a-message-lost-before-any-claim-is-sent-again",
     "ORCH_OUTAGE_PATIENCE_S": "reliability.md#redis-restarts",

@@ -87,7 +87,9 @@ class Client:
             self._app = app if app is not None else create_app(self.settings)
             self.publisher = CeleryPublisher(self._app, self.settings)
             settings = self.settings
-            self.store = store or RedisStateStore.from_url(settings.redis_url, retention_s=settings.retention_s)
+            self.store = store or RedisStateStore.from_url(
+                settings.redis_url, retention_s=settings.retention_s, shards=settings.shards
+            )
         # Definition hashes that passed check_workflow here: it parses every template twice, which was more than
         # half of a submit's CPU, and a definition that passed once passes again (registries only grow).
         self._checked: set[str] = set()

@@ -34,6 +34,11 @@ It exits 1 when any check fails::
     python -m scripts.chaos              # 1,000 runs
     python -m scripts.chaos --quick      # 50 runs: a smoke run, about a minute
     python -m scripts.chaos --redis-kill-every 15   # Redis SIGKILLed too, about every 15 s
+    python -m scripts.chaos --cluster               # state in a 3-master Redis Cluster, a master SIGKILLed every 20 s
+
+With ``--cluster`` the state lives in a private Redis Cluster (3 masters, 3 replicas, ``ORCH_SHARDS=12``) and the
+broker in a plain Redis; ``--redis-kill-every`` (default 20 s there) then SIGKILLs a random master, whose replica takes
+over, and starts the killed node again ``--redis-down`` seconds later, when it rejoins as a replica.
 
 Workers import its two step functions from ``scripts.steps.chaos`` (``ORCH_IMPORTS=scripts.steps.chaos``).
 """
@@ -69,6 +74,7 @@ import scripts.steps.chaos  # noqa: F401  (registers the step functions here too
 from orchestrator import Client, Settings
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.dev.offline_server import OfflineAPIServer
+from orchestrator.dev.redis_cluster import RedisClusterServers
 from orchestrator.dev.redis_server import RedisServer
 from orchestrator.engine.events import Event, EventType
 from orchestrator.errors import StoreUnavailableError
@@ -329,9 +335,44 @@ class _RedisKiller(threading.Thread):
             self.server.start()
 
 
-def worker_env(config: ChaosConfig, redis_url: str, provider_url: str) -> dict[str, str]:
+class _MasterKiller(_RedisKiller):
+    """SIGKILLs a random master of a Redis Cluster every ``every`` seconds (jittered); its replica takes over, and the
+    killed node is started again ``down_s`` later, when it rejoins as a replica."""
+
+    def __init__(self, cluster: RedisClusterServers, every: float, down_s: float, rng: random.Random) -> None:
+        super().__init__(cluster.nodes[0], every, down_s, rng)
+        self.cluster = cluster
+        self.name = "chaos-master-killer"
+        self._killed: RedisServer | None = None
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.wait(self.every * self.rng.uniform(0.5, 1.5)):
+                port = self.rng.choice(self.cluster.master_ports())
+                self._killed = next(node for node in self.cluster.nodes if node.port == port)
+                self._killed.kill()
+                self.kills += 1
+                self.cluster.wait_ready(timeout_s=60)
+                # Down this long on purpose (a wait by design, not a synchronisation), then back as a replica.
+                self._stop_event.wait(self.down_s)
+                self._killed.start()
+                self._killed = None
+                self.cluster.wait_ready(timeout_s=60)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+        if self._killed is not None and self._killed.pid is None:
+            self._killed.start()
+
+
+def worker_env(config: ChaosConfig, redis_url: str, provider_url: str, broker_url: str | None = None) -> dict[str, str]:
     """The environment of the chaos workers."""
     return {
+        **({"ORCH_BROKER_URL": broker_url, "ORCH_SHARDS": "12"} if broker_url else {}),
         "REDIS_URL": redis_url,
         "ORCH_IMPORTS": "scripts.steps.chaos",
         "ANTHROPIC_API_KEY": "chaos-offline-key",
@@ -344,30 +385,40 @@ def worker_env(config: ChaosConfig, redis_url: str, provider_url: str) -> dict[s
 
 
 def run_chaos(
-    config: ChaosConfig, redis_url: str, *, server: RedisServer | None = None, progress: bool = False
+    config: ChaosConfig,
+    redis_url: str,
+    *,
+    server: RedisServer | None = None,
+    progress: bool = False,
+    cluster: RedisClusterServers | None = None,
+    broker_url: str | None = None,
 ) -> ChaosReport:
     """Run a chaos session on the (empty, private) Redis at ``redis_url`` and check what it left behind.
 
+    With ``cluster`` (whose URL ``redis_url`` is) and ``broker_url``, ``redis_kill_every`` kills masters of the cluster.
+
     Raises:
-        ValueError: ``redis_kill_every`` without the ``server`` to kill.
+        ValueError: ``redis_kill_every`` without the ``server`` or ``cluster`` to kill.
     """
-    if config.redis_kill_every > 0 and server is None:
+    if config.redis_kill_every > 0 and server is None and cluster is None:
         raise ValueError("killing Redis needs the RedisServer it runs as")
     rng = random.Random(config.seed)
     # The client holds the roots it submits for ORCH_QUEUED_GRACE_S, as workers hold the steps they release: with the
     # default (300 s) a root message lost to a kill right after the submit waited 5 minutes, far past the stall timeout.
-    client = Client(Settings.from_env({"REDIS_URL": redis_url, "ORCH_QUEUED_GRACE_S": str(config.queued_grace_s)}))
+    env = worker_env(config, redis_url, "", broker_url)
+    client_env = {k: v for k, v in env.items() if k in {"REDIS_URL", "ORCH_BROKER_URL", "ORCH_SHARDS"}}
+    client = Client(Settings.from_env({**client_env, "ORCH_QUEUED_GRACE_S": str(config.queued_grace_s)}))
     with ExitStack() as stack:
         provider = OfflineAPIServer().start()
         stack.callback(provider.stop)
         # Pings for the workers go through their own app: the killer thread must not share the client's connections.
-        control = Celery("chaos-control", broker=redis_url)
+        control = Celery("chaos-control", broker=broker_url or redis_url)
         stack.callback(control.close)
         pool = LocalWorkers(
             control,
             count=config.workers,
             concurrency=config.concurrency,
-            env=worker_env(config, redis_url, provider.base_url),
+            env=worker_env(config, redis_url, provider.base_url, broker_url),
             loglevel=config.loglevel,
             log_dir=config.log_dir,
         )
@@ -377,8 +428,14 @@ def run_chaos(
         killer = _Killer(pool, config.kill_every, random.Random(config.seed + 1))
         killer.start()
         stack.callback(killer.stop)
-        redis_killer = None
-        if server is not None and config.redis_kill_every > 0:
+        redis_killer: _RedisKiller | None = None
+        if cluster is not None and config.redis_kill_every > 0:
+            redis_killer = _MasterKiller(
+                cluster, config.redis_kill_every, config.redis_down_s, random.Random(config.seed + 2)
+            )
+            redis_killer.start()
+            stack.callback(redis_killer.stop)
+        elif server is not None and config.redis_kill_every > 0:
             redis_killer = _RedisKiller(
                 server, config.redis_kill_every, config.redis_down_s, random.Random(config.seed + 2)
             )
@@ -476,8 +533,10 @@ def _drive(
 def _diagnose(client: Client, run_id: str, kills: list[float]) -> dict[str, Any]:
     """Where a stalled run's unfinished steps are: status, task id, lease, messages for it, kills near its release."""
     view = client.status(run_id)
-    raw = client.store.client  # type: ignore[attr-defined]
-    leases = {m.decode() for m in raw.zrange(keys.LEASES, 0, -1)}
+    store: Any = client.store
+    leases = {m.decode() for m in store.client.zrange(store._leases(run_id), 0, -1)}
+    # The messages are in the broker, which is the state's Redis unless ORCH_BROKER_URL names another.
+    raw: Any = redis.Redis.from_url(client.settings.effective_broker_url)
     # Celery's argsrepr header names the run and the step in plain text (the body is base64).
     messages = [m.decode() for q in ("llm", "cpu") for m in raw.lrange(q, 0, -1)]
     messages += [m.decode() for m in raw.hvals("unacked")]
@@ -587,7 +646,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--redis-down", type=float, default=defaults.redis_down_s, help="seconds Redis stays down")
     parser.add_argument("--log-dir", type=Path, help="keep each worker's log here")
+    parser.add_argument(
+        "--cluster", action="store_true", help="state in a 3-master Redis Cluster; Redis kills hit its masters"
+    )
     args = parser.parse_args(argv)
+    if args.cluster and args.redis_kill_every == defaults.redis_kill_every:
+        args.redis_kill_every = 20.0
     if args.runs is None:
         args.runs = QUICK_RUNS if args.quick else defaults.runs
     return args
@@ -616,7 +680,11 @@ def main(argv: list[str] | None = None) -> int:
         # With an append-only file synced before each write is acknowledged, as in compose: a killed Redis loses
         # nothing.
         with private_redis(appendonly=True, appendfsync="always") as server:
-            report = run_chaos(config, server.url, server=server, progress=True)
+            if args.cluster:
+                with RedisClusterServers() as cluster:
+                    report = run_chaos(config, cluster.url, progress=True, cluster=cluster, broker_url=server.url)
+            else:
+                report = run_chaos(config, server.url, server=server, progress=True)
             version = redis.Redis.from_url(server.url).info("server").get("redis_version")
         print_report(report, config)
         write_results(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -38,6 +39,18 @@ def count_calls(ctx: StepContext, **_: Any) -> dict[str, Any]:
     """Count executions in Redis, so a test can prove a step ran exactly once."""
     n = _redis().incr(f"test:calls:{ctx.run_id}:{ctx.step}")
     return {"calls": n, "upstream": sorted(ctx)}
+
+
+@function("tests.count_on_broker")
+def count_on_broker(ctx: StepContext, **_: Any) -> dict[str, Any]:
+    """Like ``tests.count_calls``, but counted in the broker's Redis: it stays up while a state node is killed."""
+    n = _broker().incr(f"test:calls:{ctx.run_id}:{ctx.step}")
+    return {"calls": n}
+
+
+@functools.cache
+def _broker() -> redis.Redis:
+    return sync_client(os.environ["ORCH_BROKER_URL"])
 
 
 @function("tests.fail")

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from orchestrator.engine.deltas import Delta, texts_as_deltas
+from orchestrator.infra.redis_cluster import is_cluster_client
 from orchestrator.state import keys
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class DeltaFeed:
 
     def __init__(self, redis: aioredis.Redis, run_id: str, deliver: Callable[[Delta], None]) -> None:
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        # A cluster carries a run's deltas on the shard of its channel (SPUBLISH, see ``queue_publish``).
+        self._sharded = is_cluster_client(redis)
         self._channel = keys.deltas_channel(run_id)
         self._run_id = run_id
         self._deliver = deliver
@@ -60,7 +63,10 @@ class DeltaFeed:
         Raises:
             redis.RedisError: Redis does not answer.
         """
-        await self._pubsub.subscribe(self._channel)
+        if self._sharded:
+            await self._pubsub.ssubscribe(self._channel)
+        else:
+            await self._pubsub.subscribe(self._channel)
         self._task = asyncio.get_running_loop().create_task(self._read(), name=f"delta-feed-{self._run_id}")
 
     async def stop(self) -> None:
@@ -72,11 +78,22 @@ class DeltaFeed:
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
 
+    async def _next_message(self) -> dict[str, Any] | None:
+        if self._sharded:
+            get_sharded: Any = self._pubsub.get_sharded_message  # type: ignore[attr-defined]  # ClusterPubSub only
+            reply: Any = await get_sharded(ignore_subscribe_messages=True, timeout=_GET_TIMEOUT_S)
+            if reply is None:
+                # With no message pending it returns at once: wait here as the plain read would.
+                await asyncio.sleep(0.05)
+            return cast(dict[str, Any] | None, reply)
+        plain: Any = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=_GET_TIMEOUT_S)
+        return cast(dict[str, Any] | None, plain)
+
     async def _read(self) -> None:
         backoff = 0.1
         while True:
             try:
-                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=_GET_TIMEOUT_S)
+                message = await self._next_message()
             except RedisError as exc:
                 # redis-py reconnects and subscribes again on the next read; deltas sent meanwhile are lost (a
                 # client's text then has a gap until the step ends and its output holds the whole text).
@@ -85,7 +102,7 @@ class DeltaFeed:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
-            if message is None or message.get("type") != "message":
+            if message is None or message.get("type") not in {"message", "smessage"}:
                 continue
             delta = Delta.decode(message["data"])
             if delta is not None:

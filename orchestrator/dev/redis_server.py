@@ -114,6 +114,7 @@ class RedisServer:
             acknowledged), ``everysec`` (Redis's default) or ``no``; ``None`` leaves Redis's default.
         password: Sets ``requirepass``; it also appears in ``url``.
         dir: The data directory; ``None`` uses a temporary directory owned, and removed by ``stop()``, by this object.
+        extra_args: More ``redis-server`` options, e.g. ``("--cluster-enabled", "yes")``.
 
     Raises:
         ValueError: ``appendfsync`` is not one of Redis's three policies.
@@ -132,6 +133,7 @@ class RedisServer:
         appendfsync: str | None = None,
         password: str | None = None,
         dir: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         if appendfsync not in {None, "always", "everysec", "no"}:
             raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
@@ -141,6 +143,7 @@ class RedisServer:
         self._appendfsync = appendfsync
         self._password = password
         self._dir = dir
+        self._extra_args = tuple(extra_args)
         self._owned_dir: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -241,6 +244,7 @@ class RedisServer:
             args += ["--appendfsync", self._appendfsync]
         if self._password is not None:
             args += ["--requirepass", self._password]
+        args += self._extra_args
         # The log goes to a file, not a pipe nobody reads: a full pipe would block the server.
         process = subprocess.Popen(
             args,
@@ -271,6 +275,13 @@ class RedisServer:
         if self._owned_dir is None:
             self._owned_dir = tempfile.mkdtemp(prefix="orchestrator-redis-")
         return self._owned_dir
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would: no AOF flush, no goodbye to its peers (chaos tests)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
 
     def _terminate(self, grace: float = _STOP_GRACE) -> None:
         """End the child process: SIGTERM (Redis then flushes its AOF), SIGKILL after ``grace`` seconds."""

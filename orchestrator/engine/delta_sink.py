@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import redis
 
 from orchestrator.engine.deltas import COALESCE_S, MAX_TEXT_SO_FAR_CHARS, TEXT_TTL_S, Delta, attempt_member
+from orchestrator.infra.redis_cluster import queue_publish
 from orchestrator.state import keys
 
 __all__ = ["DeltaSink", "RedisDeltaSink"]
@@ -113,7 +114,10 @@ class RedisDeltaSink:
                 return
             pipe = self.client.pipeline(transaction=False)
             for name, args in commands:
-                getattr(pipe, name)(*args)
+                if name == "publish":
+                    queue_publish(pipe, *args)  # SPUBLISH in a cluster
+                else:
+                    getattr(pipe, name)(*args)
             try:
                 pipe.execute()
             except redis.RedisError as exc:

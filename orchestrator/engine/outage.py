@@ -10,6 +10,7 @@ from typing import TypeVar
 import redis
 
 from orchestrator.errors import BrokerUnavailableError, StoreUnavailableError
+from orchestrator.infra.redis_cluster import CLUSTER_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,8 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.TimeoutError,
     # A master demoted behind a proxy or a managed endpoint answers READONLY until the address moves to the new one.
     redis.exceptions.ReadOnlyError,
+    # A Redis Cluster failing over: no master for a slot yet, or redirects that ran out before the map settled.
+    *CLUSTER_ERRORS,
     BrokerUnavailableError,
 )
 """Redis (the state store and the broker) not answering, or still loading its data after a restart."""

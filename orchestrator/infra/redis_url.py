@@ -41,6 +41,7 @@ __all__ = [
     "REDIS_SCHEMES",
     "SENTINEL_SCHEMES",
     "BlockingSentinelConnectionPool",
+    "CLUSTER_STATE_SCHEMES",
     "BrokerConnection",
     "RedisUrlError",
     "SentinelUrl",
@@ -49,6 +50,7 @@ __all__ = [
     "broker_connection",
     "check_memory_url",
     "check_url_form",
+    "host_port",
     "is_memory_url",
     "is_redis_url",
     "is_sentinel_url",
@@ -56,10 +58,13 @@ __all__ = [
     "redact_url",
     "require_shared_store",
     "sync_client",
+    "url_options",
     "url_secrets",
 ]
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_STATE_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
+"""A Redis Cluster (:mod:`orchestrator.infra.redis_cluster`): for state only, never the broker."""
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "sentinel", *SENTINEL_SCHEMES})
 """URL schemes of a Redis server (kombu's own ``sentinel://`` included): anything else is another kind of broker."""
 DEFAULT_SENTINEL_PORT = 26379
@@ -75,7 +80,7 @@ _REDIS_FORMS = (
     "redis+sentinel://HOST:26379/MASTER_NAME, rediss+sentinel://"
 )
 _FORMS = {
-    "REDIS_URL": f"{_REDIS_FORMS}, memory:// (one process)",
+    "REDIS_URL": f"{_REDIS_FORMS}, redis+cluster://HOST:6379[,HOST:6379]/, rediss+cluster://, memory:// (one process)",
     "ORCH_BROKER_URL": f"amqp://USER:PASSWORD@HOST:5672// (RabbitMQ), amqps://, {_REDIS_FORMS}, or a kombu transport",
 }
 _EXAMPLE = "redis+sentinel://[:PASSWORD@]HOST:26379[,HOST:26379]/MASTER_NAME[/DB]"
@@ -171,8 +176,13 @@ def check_url_form(url: str, variable: str) -> None:
     for part in url.split(";") if broker else [url]:
         match = _SCHEME.match(part.strip())
         scheme = match.group(1).lower() if match else None
-        if scheme in REDIS_SCHEMES - {"sentinel"} or (scheme == "memory" and not broker):
+        if scheme in REDIS_SCHEMES - {"sentinel"} or (scheme in {"memory", *CLUSTER_STATE_SCHEMES} and not broker):
             continue
+        if scheme in CLUSTER_STATE_SCHEMES:
+            raise RedisUrlError(
+                f"{variable}={redact_url(part.strip())!r}: Celery's Redis transport cannot use a Redis Cluster; "
+                "name a plain Redis, a Sentinel URL or RabbitMQ as the broker"
+            )
         if broker and scheme is not None and _kombu_transport(scheme):
             continue
         # A scheme-less URL is redacted as if it had one, so a ``:PASSWORD@`` in it is hidden too.
@@ -248,23 +258,28 @@ def _userinfo(userinfo: str) -> tuple[str | None, str | None]:
 def _sentinels(hosts: str) -> tuple[tuple[str, int], ...]:
     if not hosts.strip():
         raise RedisUrlError(f"the Sentinel URL names no Sentinel host; expected {_EXAMPLE}")
-    return tuple(_host_port(part.strip()) for part in hosts.split(","))
+    return tuple(host_port(part.strip(), "Sentinel", DEFAULT_SENTINEL_PORT) for part in hosts.split(","))
 
 
-def _host_port(part: str) -> tuple[str, int]:
+def host_port(part: str, kind: str, default_port: int) -> tuple[str, int]:
+    """``HOST[:PORT]`` or ``[IPV6][:PORT]`` of a multi-host URL, ``default_port`` when none is given.
+
+    Raises:
+        RedisUrlError: Naming the ``kind`` of host (``Sentinel``, ``cluster node``) and what is wrong.
+    """
     if part.startswith("["):
         host, bracket, tail = part[1:].partition("]")
         if not bracket or (tail and not tail.startswith(":")):
-            raise RedisUrlError(f"bad Sentinel host {part!r}: an IPv6 address goes in brackets, [::1]:26379")
+            raise RedisUrlError(f"bad {kind} host {part!r}: an IPv6 address goes in brackets, [::1]:{default_port}")
         port = tail[1:]
     else:
         host, _, port = part.partition(":")
     if not host:
-        raise RedisUrlError(f"bad Sentinel host {part!r}: empty host name (hosts are separated by single commas)")
+        raise RedisUrlError(f"bad {kind} host {part!r}: empty host name (hosts are separated by single commas)")
     if not port:
-        return host, DEFAULT_SENTINEL_PORT
+        return host, default_port
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise RedisUrlError(f"bad Sentinel port in {part!r}: a port is a number from 1 to 65535")
+        raise RedisUrlError(f"bad {kind} port in {part!r}: a port is a number from 1 to 65535")
     return host, int(port)
 
 
@@ -288,13 +303,22 @@ def _master_and_db(path: str) -> tuple[str, int]:
 
 
 def _options(query: str, tls: bool) -> dict[str, Any]:
+    return url_options(query, tls, "Sentinel", "sentinel", _AUTH_OPTIONS)
+
+
+def url_options(query: str, tls: bool, kind: str, scheme: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The ``?OPTION=VALUE`` of a multi-host URL: ``ssl_*`` (only over TLS) and the ``extra`` names.
+
+    Raises:
+        RedisUrlError: An unknown option, or an ``ssl_*`` one without TLS, naming it.
+    """
     options: dict[str, Any] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
         if name in _SSL_OPTIONS and not tls:
-            raise RedisUrlError(f"option {name} needs TLS: use rediss+sentinel:// instead of redis+sentinel://")
-        if name not in _SSL_OPTIONS and name not in _AUTH_OPTIONS:
-            known = ", ".join((*_AUTH_OPTIONS, *_SSL_OPTIONS))
-            raise RedisUrlError(f"unknown Sentinel URL option {name!r}; known: {known}")
+            raise RedisUrlError(f"option {name} needs TLS: use rediss+{scheme}:// instead of redis+{scheme}://")
+        if name not in _SSL_OPTIONS and name not in extra:
+            known = ", ".join((*extra, *_SSL_OPTIONS))
+            raise RedisUrlError(f"unknown {kind} URL option {name!r}; known: {known}")
         options[name] = value.lower() in {"1", "true", "yes", "on"} if name == "ssl_check_hostname" else value
     return options
 
@@ -329,7 +353,8 @@ class BlockingSentinelConnectionPool(redis.sentinel.SentinelConnectionPool, redi
 
 
 def sync_client(url: str, **options: Any) -> redis.Redis:
-    """A redis-py client for ``url``: ``Redis.from_url`` for a plain URL, the Sentinels' master for a Sentinel URL.
+    """A redis-py client for ``url``: ``Redis.from_url`` for a plain URL, the Sentinels' master for a Sentinel URL,
+    a ``RedisCluster`` for a cluster URL (:mod:`orchestrator.infra.redis_cluster`).
 
     Args:
         url: A ``redis://``, ``rediss://``, ``unix://`` or Sentinel URL.
@@ -338,6 +363,10 @@ def sync_client(url: str, **options: Any) -> redis.Redis:
     Raises:
         RedisUrlError: A malformed Sentinel URL.
     """
+    if _is_cluster(url):
+        from orchestrator.infra.redis_cluster import cluster_client
+
+        return cluster_client(url, **options)
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, **options)
     parsed = parse_sentinel_url(url)
@@ -366,11 +395,15 @@ def blocking_pool(url: str, *, max_connections: int, timeout: float, **options: 
 
 
 def async_client(url: str, **options: Any) -> aioredis.Redis:
-    """An asyncio redis-py client for ``url``, plain or through Sentinel (see ``sync_client``).
+    """An asyncio redis-py client for ``url``, plain, through Sentinel or a cluster (see ``sync_client``).
 
     Raises:
         RedisUrlError: A malformed Sentinel URL.
     """
+    if _is_cluster(url):
+        from orchestrator.infra.redis_cluster import async_cluster_client
+
+        return async_cluster_client(url, **options)
     if not is_sentinel_url(url):
         return aioredis.Redis.from_url(url, **options)
     parsed = parse_sentinel_url(url)
@@ -383,6 +416,10 @@ def async_client(url: str, **options: Any) -> aioredis.Redis:
         **options,
     )
     return cast(aioredis.Redis, master)
+
+
+def _is_cluster(url: str) -> bool:
+    return urlsplit(url.strip()).scheme.lower() in CLUSTER_STATE_SCHEMES
 
 
 class _AsyncSentinelConnectionPool(asentinel.SentinelConnectionPool):

@@ -9,15 +9,21 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from orchestrator.infra.redis_cluster import is_cluster_url, parse_cluster_url
 from orchestrator.infra.redis_url import (
+    RedisUrlError,
     check_memory_url,
     check_url_form,
     is_memory_url,
     is_sentinel_url,
     parse_sentinel_url,
+    redact_url,
 )
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+MAX_SHARDS = 256
+"""``ORCH_SHARDS`` at most: each shard is a few sorted sets every sweep reads."""
 
 PRIORITY_MODES = ("depth", "off")
 """``ORCH_PRIORITIES`` values: ``depth`` sends each step with its DAG depth as priority, ``off`` sends none (FIFO)."""
@@ -39,9 +45,17 @@ class Settings:
             refused by workers, the API server and the sweeper service (see the architecture page). A URL without
             one of ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``, ``rediss+sentinel://``,
             ``memory://`` is refused at start in one line naming the accepted forms.
+            ``redis+cluster://HOST:PORT[,HOST:PORT...]/`` (``rediss+cluster://`` with TLS) keeps state in a Redis
+            Cluster; ``ORCH_BROKER_URL`` must then name the broker.
         broker_url: ``ORCH_BROKER_URL``: a different broker (e.g. RabbitMQ, or Redis through Sentinel), defaults to
-            ``redis_url``. Takes the Redis forms (not ``memory://``), ``amqp://``, ``amqps://`` and kombu's other
-            transports; a URL without a known scheme is refused at start.
+            ``redis_url``. Takes the Redis forms (not ``memory://``, not a cluster), ``amqp://``, ``amqps://`` and
+            kombu's other transports; a URL without a known scheme is refused at start.
+        shards: ``ORCH_SHARDS``: how many buckets each global index (leases, deadlines, approvals, runs, the
+            global event stream) is split into, each under its own hash tag, so that in a Redis Cluster their load
+            spreads over the masters instead of one hot slot; a sweep reads every bucket in one round trip. 1
+            (default) keeps one key per index, as on a single Redis; on a cluster take about 4 per master (12 for 3
+            masters). Changing it
+            later leaves entries in the old buckets unswept: set it once, before the first run.
         anthropic_api_key: ``ANTHROPIC_API_KEY``; when absent LLM steps use the offline provider.
         anthropic_base_url: ``ANTHROPIC_BASE_URL``: another Messages API endpoint.
         imports: ``ORCH_IMPORTS``: comma-separated modules defining workflows and functions, imported by
@@ -137,6 +151,7 @@ class Settings:
     rabbitmq_priority_queues: bool = False
     inprocess_threads: int = 8
     map_max_items: int = 10_000
+    shards: int = 1
     redis_url_explicit: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +164,15 @@ class Settings:
         for url in (self.redis_url, self.broker_url):
             if url is not None and is_sentinel_url(url):
                 parse_sentinel_url(url)
+        if is_cluster_url(self.redis_url):
+            parse_cluster_url(self.redis_url)
+            if self.broker_url is None:
+                raise RedisUrlError(
+                    f"REDIS_URL={redact_url(self.redis_url)!r} is a Redis Cluster, which holds state but cannot be "
+                    "Celery's broker: set ORCH_BROKER_URL to a plain Redis, a Sentinel URL or RabbitMQ"
+                )
+        if self.shards < 1 or self.shards > MAX_SHARDS:
+            raise ValueError(f"ORCH_SHARDS must be from 1 to {MAX_SHARDS}, not {self.shards}")
         if is_memory_url(self.redis_url) and self.broker_url is not None:
             raise ValueError(
                 "ORCH_BROKER_URL cannot be used with REDIS_URL=memory://: that process runs its own steps "
@@ -209,6 +233,7 @@ class Settings:
             "rabbitmq_priority_queues": "ORCH_RABBITMQ_PRIORITY_QUEUES",
             "inprocess_threads": "ORCH_INPROCESS_THREADS",
             "map_max_items": "ORCH_MAP_MAX_ITEMS",
+            "shards": "ORCH_SHARDS",
         }
         kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, object] = {}

@@ -26,6 +26,7 @@ import redis
 from redis.client import Pipeline
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.infra.redis_cluster import queue_evalsha, script_args
 from orchestrator.state import keys
 
 __all__ = ["Admission", "Limit", "RateLimits", "RedisGovernor", "from_nano_usd", "to_nano_usd"]
@@ -201,9 +202,9 @@ class RedisGovernor:
         queue = self.client.pipeline(transaction=False) if pipe is None else pipe
         if limit.tpm or cooldown_s > 0:
             args: list[Any] = [limit.tpm, tokens_estimated, tokens_used, 0, cooldown_s]
-            queue.evalsha(self._settle.sha, 1, keys.llm_limiter_key(model), *args)
+            queue_evalsha(queue, self._settle.sha, 1, keys.llm_limiter_key(model), *args)
         args = ["settle", to_nano_usd(worst_case_usd), to_nano_usd(cost_usd), "1" if billed else "0", *tokens_in_out]
-        queue.evalsha(self._budget.sha, 1, keys.run_key(run_id), *args)
+        queue_evalsha(queue, self._budget.sha, 1, keys.run_key(run_id), *args)
         if pipe is None:
             self.execute(queue)
 
@@ -214,7 +215,7 @@ class RedisGovernor:
         Redis does not know (first use since a restart or ``SCRIPT FLUSH``) is loaded and its command alone run
         again: the others have been applied, and a settle must not be counted twice.
         """
-        commands = [args for args, _ in pipe.command_stack]
+        commands = [script_args(command) for command in pipe.command_stack]
         replies = pipe.execute(raise_on_error=False)
         for index, reply in enumerate(replies):
             if isinstance(reply, redis.exceptions.NoScriptError):

@@ -3,9 +3,21 @@
 A run's state lives in one hash whose name carries the run id as a hash tag (``orch:{RUN}``), so the whole run sits
 on one Redis Cluster slot and every transition is a single-key Lua script. Fields of a step are ``s:STEP:FIELD``
 (step names are identifiers, so the colon is unambiguous).
+
+The global indices (leases, deadlines, approvals, runs, the global event stream, the sweeper's turn) are one key each
+on a single Redis. With ``ORCH_SHARDS=N`` above 1 each is split into N buckets: bucket K of every index shares the hash
+tag :func:`shard_tag` (``{shard-K-J}``), and a run's entries go to bucket :func:`shard_of` (its run id's CRC-32 mod N),
+so in a Redis Cluster the indices' load spreads over the slots of N tags instead of one hot slot. ``shard`` below is a
+bucket's tag, or ``None`` for the single-bucket names, which are exactly those of a store without shards.
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
+import zlib
+
+from redis.crc import key_slot
 
 PREFIX = "orch"
 LEASES = f"{PREFIX}:leases"
@@ -20,6 +32,71 @@ EVENTS = f"{PREFIX}:events"
 # name, version and first submit (a hash); one hash tag, so one script keeps both.
 SUBMITTED_DEFINITIONS = f"{PREFIX}:{{defs}}:submitted"
 SUBMITTED_RECORDS = f"{PREFIX}:{{defs}}:records"
+
+
+SLOTS = 16384
+"""Hash slots of a Redis Cluster."""
+
+
+def shard_of(run_id: str, shards: int) -> str | None:
+    """The tag of the global indices' bucket holding ``run_id``'s entries (``None``: the indices are not split)."""
+    return None if shards <= 1 else shard_tag(zlib.crc32(run_id.encode()) % shards, shards)
+
+
+def all_shards(shards: int) -> list[str | None]:
+    """The tag of every bucket of the global indices, for sweeps and listings that read them all."""
+    return [None] if shards <= 1 else [shard_tag(k, shards) for k in range(shards)]
+
+
+@functools.cache
+def shard_tag(shard: int, shards: int) -> str:
+    """The hash tag of bucket ``shard`` of ``shards``: ``shard-K-J``, the first ``J`` whose slot lies in the K-th of
+    ``shards`` equal slot ranges.
+
+    Tags named ``shard-K`` alone land where CRC16 puts them (12 of them fell 7, 3 and 2 on three masters); these are
+    spread evenly over the slots, so on a cluster whose masters hold contiguous equal ranges (what ``redis-cli
+    --cluster create`` makes) each master gets its share of buckets.
+    """
+    low, high = shard * SLOTS // shards, (shard + 1) * SLOTS // shards
+    for attempt in itertools.count():
+        tag = f"shard-{shard}-{attempt}"
+        if low <= key_slot(tag.encode()) < high:
+            return tag
+    raise AssertionError("unreachable")
+
+
+def _sharded(name: str, shard: str | None) -> str:
+    return f"{PREFIX}:{name}" if shard is None else f"{PREFIX}:{{{shard}}}:{name}"
+
+
+def leases_key(shard: str | None) -> str:
+    """The lease index (members :func:`lease_member`, scored by expiry) of one bucket."""
+    return _sharded("leases", shard)
+
+
+def deadlines_key(shard: str | None) -> str:
+    """The workflow deadline index (members :func:`deadline_member`) of one bucket."""
+    return _sharded("deadlines", shard)
+
+
+def approvals_key(shard: str | None) -> str:
+    """The approval timeout index (members :func:`approval_member`) of one bucket."""
+    return _sharded("approvals", shard)
+
+
+def runs_index_key(shard: str | None) -> str:
+    """The runs index (run ids scored by creation time) of one bucket."""
+    return _sharded("runs", shard)
+
+
+def global_events_key(shard: str | None) -> str:
+    """The capped stream of run-level events dashboards follow, of one bucket."""
+    return _sharded("events", shard)
+
+
+def sweeper_lock_key(shard: str | None) -> str:
+    """The sweeper's turn on one bucket (whoever holds it sweeps that bucket for an interval)."""
+    return _sharded("sweeper:lock", shard)
 
 
 def run_key(run_id: str) -> str:

@@ -30,6 +30,7 @@ from orchestrator.engine.backlog import broker_for, queue_depths
 from orchestrator.infra.redis_url import sync_client
 from orchestrator.infra.settings import Settings
 from orchestrator.state import keys
+from orchestrator.state.redis.core import newest_run_ids
 
 __all__ = ["DEFAULT_RUN_SCAN", "IN_FLIGHT_STATUSES", "ClusterCollector"]
 
@@ -49,6 +50,7 @@ class ClusterCollector(Collector):
         broker: The broker's Redis, or ``None`` when the broker is not Redis (no queue depth then).
         queues: The step queues to measure.
         run_scan: How many of the newest runs to look at for runs in flight.
+        shards: Buckets of the runs index (``ORCH_SHARDS``).
     """
 
     def __init__(
@@ -58,8 +60,10 @@ class ClusterCollector(Collector):
         queues: Sequence[str],
         *,
         run_scan: int = DEFAULT_RUN_SCAN,
+        shards: int = 1,
     ) -> None:
         self.store = store
+        self.shards = shards
         self.broker = broker
         self.queues = tuple(dict.fromkeys(queues))
         self.run_scan = run_scan
@@ -70,7 +74,8 @@ class ClusterCollector(Collector):
         store = sync_client(
             settings.redis_url, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S
         )
-        return cls(store, broker_for(settings, store), (settings.llm_queue, settings.cpu_queue), run_scan=run_scan)
+        queues = (settings.llm_queue, settings.cpu_queue)
+        return cls(store, broker_for(settings, store), queues, run_scan=run_scan, shards=settings.shards)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         """The families, without reading Redis (so registering the collector costs nothing)."""
@@ -111,7 +116,7 @@ class ClusterCollector(Collector):
 
     def _runs_in_flight(self) -> dict[str, int]:
         counts = dict.fromkeys(IN_FLIGHT_STATUSES, 0)
-        run_ids = self.store.zrevrange(keys.RUNS_INDEX, 0, self.run_scan - 1)
+        run_ids = newest_run_ids(self.store, self.shards, self.run_scan)
         if not run_ids:
             return counts
         pipe = self.store.pipeline(transaction=False)

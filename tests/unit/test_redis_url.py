@@ -1,13 +1,24 @@
-"""Redis URLs: the ``redis+sentinel://`` form parsed with errors that name the problem, the clients and Celery
-settings built from it, plain URLs left exactly as they were, and no password in any message or log line."""
+"""Redis URLs: the ``redis+sentinel://`` and ``redis+cluster://`` forms parsed with errors that name the problem, the
+clients and Celery settings built from them, plain URLs left exactly as they were, and no password in any message or
+log line."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import redis
 import redis.sentinel
 
 from orchestrator.celery_app import celery_config as from_settings
+from orchestrator.errors import StoreUnavailableError
+from orchestrator.infra.redis_cluster import (
+    DEFAULT_CLUSTER_PORT,
+    ClusterUrl,
+    cluster_client,
+    is_cluster_url,
+    parse_cluster_url,
+)
 from orchestrator.infra.redis_url import (
     DEFAULT_SENTINEL_PORT,
     BlockingSentinelConnectionPool,
@@ -269,3 +280,80 @@ def test_the_metrics_collector_reads_state_and_queue_depth_through_sentinel_with
     assert separate.broker is not None
     assert separate.broker.connection_pool.service_name == "q"
     assert separate.broker.connection_pool.connection_kwargs["db"] == 4
+
+
+# -- Redis Cluster -----------------------------------------------------------------------------------------------------
+
+CLUSTER_URL = f"redis+cluster://app:{QUOTED}@n1:7000,n2,[::1]:7002/"
+
+
+def test_a_cluster_url_names_every_seed_node_and_the_credentials() -> None:
+    parsed = parse_cluster_url(CLUSTER_URL)
+
+    assert parsed.nodes == (("n1", 7000), ("n2", DEFAULT_CLUSTER_PORT), ("::1", 7002))
+    assert (parsed.username, parsed.password, parsed.tls) == ("app", PASSWORD, False)
+    assert PASSWORD not in repr(parsed)
+    assert is_cluster_url(CLUSTER_URL)
+    assert not is_cluster_url("redis://n1:7000/0")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis+cluster://h", ClusterUrl((("h", 6379),))),
+        ("REDIS+CLUSTER://h:1,g:2/", ClusterUrl((("h", 1), ("g", 2)))),
+        ("redis+cluster://:pw@h/", ClusterUrl((("h", 6379),), password="pw")),
+        (
+            "rediss+cluster://h/?ssl_cert_reqs=required&ssl_check_hostname=false",
+            ClusterUrl(
+                (("h", 6379),), tls=True, ssl_options=(("ssl_cert_reqs", "required"), ("ssl_check_hostname", False))
+            ),
+        ),
+    ],
+)
+def test_good_cluster_urls_parse(url: str, expected: ClusterUrl) -> None:
+    assert parse_cluster_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+cluster:///", "names no node"),
+        ("redis+cluster://h/1", "only database 0"),
+        ("redis+cluster://h:99999/", "bad cluster node port"),
+        ("redis+cluster://h,,g/", "empty host name"),
+        ("redis+cluster://h/?ssl_ca_certs=/x", "needs TLS: use rediss+cluster://"),
+        ("redis+cluster://h/?db=2", "unknown cluster URL option 'db'"),
+    ],
+)
+def test_a_malformed_cluster_url_is_refused_naming_the_problem(url: str, problem: str) -> None:
+    with pytest.raises(RedisUrlError, match=re.escape(problem)):
+        parse_cluster_url(url)
+
+
+def test_a_cluster_url_for_state_needs_a_broker_of_its_own_and_is_refused_as_the_broker() -> None:
+    with pytest.raises(RedisUrlError, match="set ORCH_BROKER_URL") as no_broker:
+        Settings.from_env({"REDIS_URL": CLUSTER_URL})
+    with pytest.raises(RedisUrlError, match="cannot use a Redis Cluster") as as_broker:
+        Settings.from_env({"REDIS_URL": "redis://state:6379/0", "ORCH_BROKER_URL": CLUSTER_URL})
+    settings = Settings.from_env({"REDIS_URL": CLUSTER_URL, "ORCH_BROKER_URL": "redis://broker:6379/0"})
+
+    assert settings.effective_broker_url == "redis://broker:6379/0"
+    assert len(str(as_broker.value).splitlines()) == 1
+    for refused in (no_broker, as_broker):
+        assert PASSWORD not in str(refused.value)
+        assert QUOTED not in str(refused.value)
+
+
+def test_a_cluster_that_does_not_answer_is_a_store_outage_naming_it_without_its_password() -> None:
+    with pytest.raises(StoreUnavailableError, match="cannot reach the Redis Cluster") as refused:
+        cluster_client(f"redis+cluster://:{QUOTED}@127.0.0.1:1/", socket_connect_timeout=0.5)
+
+    assert QUOTED not in str(refused.value)
+    assert PASSWORD not in str(refused.value)
+
+
+@pytest.mark.parametrize("shards", ["0", "257", "-1"])
+def test_orch_shards_outside_its_range_is_refused(shards: str) -> None:
+    with pytest.raises(ValueError, match=f"ORCH_SHARDS must be from 1 to 256, not {shards}"):
+        Settings.from_env({"ORCH_SHARDS": shards})

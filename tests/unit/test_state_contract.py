@@ -112,7 +112,8 @@ class Backend:
         if self.clock is not None:
             return MemoryStateStore(retention_s=retention_s, clock=self.clock)
         assert self.client is not None
-        return RedisStateStore(self.client, retention_s=retention_s)
+        assert isinstance(self.store, RedisStateStore)
+        return RedisStateStore(self.client, retention_s=retention_s, shards=self.store.shards)
 
     def assert_expires_in(self, run_id: str, seconds: float) -> None:
         """The run is there now and goes away ``seconds`` from now (Redis: its TTL says so)."""
@@ -157,7 +158,11 @@ class Backend:
     def announced(self) -> list[dict[str, str]]:
         """The global stream of run-level events, oldest first."""
         if self.client is not None:
-            rows: Any = self.client.xrange(keys.EVENTS)
+            assert isinstance(self.store, RedisStateStore)
+            rows: list[Any] = []
+            for shard in keys.all_shards(self.store.shards):
+                rows += self.client.xrange(keys.global_events_key(shard))
+            rows.sort(key=lambda row: tuple(int(part) for part in row[0].split(b"-")))
             return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in rows]
         assert isinstance(self.store, MemoryStateStore)
         return self.store.announcements()
@@ -186,15 +191,17 @@ def contract_redis() -> Iterator[redis.Redis]:
         server.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-sharded"])
 def backend(request: pytest.FixtureRequest) -> Backend:
-    """Each test runs once per store; the Redis one starts from an empty database."""
+    """Each test runs once per store; the Redis ones start from an empty database; ``redis-sharded`` splits the
+    global indices into 4 buckets (``ORCH_SHARDS=4``), which must change nothing a caller sees."""
     if request.param == "memory":
         clock = FakeClock()
         return Backend("memory", MemoryStateStore(retention_s=RETENTION_S, clock=clock), clock=clock)
     client: redis.Redis = request.getfixturevalue("contract_redis")
     client.flushdb()
-    return Backend("redis", RedisStateStore(client, retention_s=RETENTION_S), client=client)
+    shards = 4 if request.param == "redis-sharded" else 1
+    return Backend("redis", RedisStateStore(client, retention_s=RETENTION_S, shards=shards), client=client)
 
 
 # -- workflows and shorthands --------------------------------------------------------------------------------------

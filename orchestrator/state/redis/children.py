@@ -23,7 +23,7 @@ class ChildRuns(RedisStateCore):
         run_id, step = attempt.run_id, attempt.step
         argv: list[Any] = [step, attempt.generation, attempt.task_id, child_run_id]
         reply = [_text(x) for x in self._scripts["child_wait"](keys=_run_keys(run_id), args=argv)]
-        self.client.zrem(keys.LEASES, keys.lease_member(run_id, step, attempt.task_id))
+        self.client.zrem(self._leases(run_id), keys.lease_member(run_id, step, attempt.task_id))
         return reply[0] == "ok"
 
     def child_ended(
@@ -54,8 +54,8 @@ class ChildRuns(RedisStateCore):
             return False
         member = keys.lease_member(link.run_id, link.step, task_id)
         # Indexed before the script: a process dying between the take-over and the finish leaves a lease to expire.
-        self.client.zadd(keys.LEASES, {member: time.time() + lease_s})
+        self.client.zadd(self._leases(link.run_id), {member: time.time() + lease_s})
         reply = [_text(x) for x in self._scripts["child_done"](keys=[keys.run_key(link.run_id)], args=argv)]
         if reply[0] != "ok":
-            self.client.zrem(keys.LEASES, member)
+            self.client.zrem(self._leases(link.run_id), member)
         return reply[0] == "ok"

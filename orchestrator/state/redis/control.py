@@ -41,12 +41,12 @@ class RunControl(RedisStateCore):
         members = [keys.lease_member(run_id, s, t) for s, t in interrupted if t]
         pipe = self.client.pipeline(transaction=False)
         if members:
-            pipe.zrem(keys.LEASES, *members)
+            pipe.zrem(self._leases(run_id), *members)
         # The ended run's timers go with it: a deadline or an approval timeout left behind would fire into a later
         # generation (or linger in the index for as long as the workflow's timeout).
-        pipe.zrem(keys.DEADLINES, keys.deadline_member(run_id, stopped_gen))
+        pipe.zrem(self._deadlines(run_id), keys.deadline_member(run_id, stopped_gen))
         if steps:
-            pipe.zrem(keys.APPROVALS, *(keys.approval_member(run_id, stopped_gen, step) for step in steps))
+            pipe.zrem(self._approvals(run_id), *(keys.approval_member(run_id, stopped_gen, step) for step in steps))
         pipe.execute()
         return StopResult(outcome=StopOutcome.OK, detail=reply[1], interrupted=interrupted)
 
@@ -78,22 +78,24 @@ class RunControl(RedisStateCore):
             # Timers of the generation left behind must not fire into the new one; fresh ones are set as steps wait.
             old = plan.expected_generation
             pipe = self.client.pipeline(transaction=False)
-            pipe.zrem(keys.DEADLINES, keys.deadline_member(run_id, old))
+            pipe.zrem(self._deadlines(run_id), keys.deadline_member(run_id, old))
             if plan.resets:
-                pipe.zrem(keys.APPROVALS, *(keys.approval_member(run_id, old, step) for step, _, _ in plan.resets))
+                pipe.zrem(
+                    self._approvals(run_id), *(keys.approval_member(run_id, old, step) for step, _, _ in plan.resets)
+                )
             if reply[2]:
-                pipe.zadd(keys.DEADLINES, {keys.deadline_member(run_id, reply[1]): float(reply[2])})
+                pipe.zadd(self._deadlines(run_id), {keys.deadline_member(run_id, reply[1]): float(reply[2])})
             pipe.execute()
         return ResumeResult(outcome, generation=reply[1])
 
     def add_deadline(self, run_id: str, generation: str, at: float) -> None:
         """Schedule the run's workflow deadline (durable: swept by any worker, whenever one runs)."""
-        self.client.zadd(keys.DEADLINES, {keys.deadline_member(run_id, generation): at})
+        self.client.zadd(self._deadlines(run_id), {keys.deadline_member(run_id, generation): at})
 
     def due_deadlines(self, limit: int = 500) -> list[tuple[str, str]]:
         """``(run_id, generation)`` of deadlines that have passed, by Redis's clock."""
         seconds, micros = self.client.time()
-        members = self.client.zrangebyscore(keys.DEADLINES, "-inf", seconds + micros / 1e6, start=0, num=limit)
+        members = self._due(keys.deadlines_key, seconds + micros / 1e6, limit)
         out: list[tuple[str, str]] = []
         for member in members:
             run_id, _, generation = _text(member).partition("|")
@@ -102,7 +104,7 @@ class RunControl(RedisStateCore):
 
     def drop_deadline(self, run_id: str, generation: str) -> None:
         """Forget a deadline that fired or no longer applies."""
-        self.client.zrem(keys.DEADLINES, keys.deadline_member(run_id, generation))
+        self.client.zrem(self._deadlines(run_id), keys.deadline_member(run_id, generation))
 
     # -- approvals -----------------------------------------------------------------------------------------------
 
@@ -116,9 +118,11 @@ class RunControl(RedisStateCore):
         argv: list[Any] = [step, attempt.generation, attempt.task_id, json.dumps(data), timeout_s or ""]
         reply = [_text(x) for x in self._scripts["wait"](keys=_run_keys(run_id), args=argv)]
         pipe = self.client.pipeline(transaction=False)
-        pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, attempt.task_id))
+        pipe.zrem(self._leases(run_id), keys.lease_member(run_id, step, attempt.task_id))
         if reply[0] == "ok" and reply[1]:
-            pipe.zadd(keys.APPROVALS, {keys.approval_member(run_id, attempt.generation, step): float(reply[1])})
+            pipe.zadd(
+                self._approvals(run_id), {keys.approval_member(run_id, attempt.generation, step): float(reply[1])}
+            )
         pipe.execute()
         return reply[0] == "ok"
 
@@ -148,15 +152,17 @@ class RunControl(RedisStateCore):
         if outcome != DecisionOutcome.OK:
             return DecisionResult(outcome, generation=reply[1] if len(reply) > 1 else "")
         pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(keys.LEASES, {keys.lease_member(run_id, step, decision.task_id): time.time() + decision.lease_s})
-        pipe.zrem(keys.APPROVALS, keys.approval_member(run_id, reply[1], step))
+        pipe.zadd(
+            self._leases(run_id), {keys.lease_member(run_id, step, decision.task_id): time.time() + decision.lease_s}
+        )
+        pipe.zrem(self._approvals(run_id), keys.approval_member(run_id, reply[1], step))
         pipe.execute()
         return DecisionResult(DecisionOutcome.OK, generation=reply[1])
 
     def due_approvals(self, limit: int = 500) -> list[tuple[str, str, str]]:
         """``(run_id, generation, step)`` of approval waits whose timeout passed, by Redis's clock."""
         seconds, micros = self.client.time()
-        members = self.client.zrangebyscore(keys.APPROVALS, "-inf", seconds + micros / 1e6, start=0, num=limit)
+        members = self._due(keys.approvals_key, seconds + micros / 1e6, limit)
         out: list[tuple[str, str, str]] = []
         for member in members:
             run_id, generation, step = _text(member).split("|", 2)
@@ -165,4 +171,4 @@ class RunControl(RedisStateCore):
 
     def drop_approval(self, run_id: str, generation: str, step: str) -> None:
         """Forget an approval timeout that fired or no longer applies."""
-        self.client.zrem(keys.APPROVALS, keys.approval_member(run_id, generation, step))
+        self.client.zrem(self._approvals(run_id), keys.approval_member(run_id, generation, step))

@@ -20,6 +20,7 @@ from redis.commands.core import Script
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.engine.events import Event
 from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError, StoreUnavailableError
+from orchestrator.infra.redis_cluster import cluster_client, is_cluster_client, is_cluster_url, queue_evalsha
 from orchestrator.infra.redis_url import blocking_pool
 from orchestrator.state import keys
 from orchestrator.state.base import (
@@ -112,6 +113,17 @@ def _event(run_id: str, entry_id: Any, fields: dict[Any, Any]) -> Event:
     return Event.from_stream(run_id, _text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
 
 
+def newest_run_ids(client: redis.Redis, shards: int, limit: int, offset: int = 0) -> list[str]:
+    """The newest run ids first, after the ``offset`` newest, merged from every bucket of the runs index."""
+    if shards <= 1:
+        return [_text(r) for r in client.zrevrange(keys.runs_index_key(None), offset, offset + limit - 1)]
+    pipe = client.pipeline(transaction=False)
+    for shard in keys.all_shards(shards):
+        pipe.zrevrange(keys.runs_index_key(shard), 0, offset + limit - 1, withscores=True)
+    ranked = sorted(((score, _text(r)) for rows in pipe.execute() for r, score in rows), reverse=True)
+    return [run_id for _, run_id in ranked[offset : offset + limit]]
+
+
 def _run_keys(run_id: str) -> list[str]:
     return [keys.run_key(run_id), keys.events_key(run_id)]
 
@@ -127,10 +139,19 @@ class RedisStateCore:
         client: A redis-py client (``decode_responses`` off or on, either works).
         retention_s: How long a finished run is kept.
         definition_ttl_s: How long a stored workflow definition lives after its last submit.
+        shards: Buckets of each global index (``ORCH_SHARDS``; see :mod:`orchestrator.state.keys`).
     """
 
-    def __init__(self, client: redis.Redis, *, retention_s: int = 7 * 24 * 3600, definition_ttl_s: int | None = None):
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        retention_s: int = 7 * 24 * 3600,
+        definition_ttl_s: int | None = None,
+        shards: int = 1,
+    ):
         self.client = client
+        self.shards = shards
         self.retention_s = retention_s
         # A run can outlive its retention while still running (approvals can wait for days): keep it 4x as long.
         self.active_ttl_s = retention_s * 4
@@ -148,9 +169,20 @@ class RedisStateCore:
         threads worker with ``-c`` above about 100 got that on claims and finishes under load. Through Sentinel, each
         new connection goes to the master the Sentinels name at that moment.
 
+        In a Redis Cluster (``redis+cluster://``) each node gets such a pool.
+
         Raises:
-            RedisUrlError: A malformed Sentinel URL.
+            RedisUrlError: A malformed Sentinel or cluster URL.
         """
+        if is_cluster_url(url):
+            client = cluster_client(
+                url,
+                max_connections=max_connections,
+                wait_s=CONNECTION_WAIT_S,
+                socket_connect_timeout=5,
+                socket_timeout=30,
+            )
+            return cls(client, **kwargs)
         pool = blocking_pool(
             url,
             max_connections=max_connections,
@@ -165,15 +197,56 @@ class RedisStateCore:
         run_keys = _run_keys(run_id)
         if script == "finish":
             run_keys.append(keys.llm_run_cache_key(run_id))
-        return pipe.evalsha(self._scripts[script].sha, len(run_keys), *run_keys, *argv)
+        return queue_evalsha(pipe, self._scripts[script].sha, len(run_keys), *run_keys, *argv)
 
-    def _pipeline(self, *commands: Callable[[Pipeline], Any]) -> list[Any]:
-        """Run commands in one round trip, scripts by EVALSHA alone.
+    # -- the global indices, one bucket per run (``keys.shard_of``) ----------------------------------------------
+
+    def _shard(self, run_id: str) -> str | None:
+        return keys.shard_of(run_id, self.shards)
+
+    def _leases(self, run_id: str) -> str:
+        return keys.leases_key(self._shard(run_id))
+
+    def _deadlines(self, run_id: str) -> str:
+        return keys.deadlines_key(self._shard(run_id))
+
+    def _approvals(self, run_id: str) -> str:
+        return keys.approvals_key(self._shard(run_id))
+
+    def _lease_buckets(self, members: dict[str, float]) -> dict[str, dict[str, float]]:
+        """Lease index members (with their scores) grouped by the bucket each belongs in."""
+        out: dict[str, dict[str, float]] = {}
+        for member, score in members.items():
+            out.setdefault(self._leases(keys.parse_lease_member(member)[0]), {})[member] = score
+        return out
+
+    def _due(self, index: Callable[[str | None], str], now: float, limit: int) -> list[str]:
+        """Members of every bucket of ``index`` due by ``now``, oldest first: at most ``limit``, one round trip."""
+        if self.shards <= 1:
+            return [_text(m) for m in self.client.zrangebyscore(index(None), "-inf", now, start=0, num=limit)]
+        pipe = self.client.pipeline(transaction=False)
+        for shard in keys.all_shards(self.shards):
+            pipe.zrangebyscore(index(shard), "-inf", now, start=0, num=limit, withscores=True)
+        due = sorted((score, _text(member)) for rows in pipe.execute() for member, score in rows)
+        return [member for _, member in due[:limit]]
+
+    def _pipeline(
+        self, *commands: Callable[[Pipeline], Any], after: tuple[Callable[[Pipeline], Any], ...] = ()
+    ) -> list[Any]:
+        """Run commands in one round trip, scripts by EVALSHA alone; ``after`` once the others have been applied.
 
         redis-py's own script objects add a SCRIPT EXISTS round trip before every pipeline that holds one; a step
         attempt runs two such pipelines, so that doubled its round trips. Scripts are loaded once when Redis says it
         does not know one (first use, or after a restart or SCRIPT FLUSH); every command here is safe to repeat.
+
+        One Redis applies a pipeline in order, so ``after`` simply ends it. A cluster pipeline sends each node its
+        commands together, nodes in order of first use: an index entry removed after a script would reach the index's
+        node with the entry added before it, ahead of the script on the run's node, and a worker dying in between
+        would leave a running step that no index holds. In a cluster ``after`` is therefore a second round trip.
         """
+        if after and is_cluster_client(self.client):
+            return self._pipeline(*commands) + self._pipeline(*after)
+        commands = (*commands, *after)
         for tries_left in (1, 0):
             pipe = self.client.pipeline(transaction=False)
             for command in commands:
@@ -181,6 +254,8 @@ class RedisStateCore:
             try:
                 return pipe.execute()
             except redis.exceptions.NoScriptError:
+                # In a cluster, a replica promoted by a failover starts with no scripts: SCRIPT LOAD goes to every
+                # master.
                 if not tries_left:
                     raise
                 for script in self._scripts.values():
@@ -213,7 +288,7 @@ class RedisStateCore:
         index = [keys.SUBMITTED_DEFINITIONS, keys.SUBMITTED_RECORDS]
         self._pipeline(
             lambda pipe: pipe.set(keys.definition_key(spec.definition_hash), body, ex=self.definition_ttl_s),
-            lambda pipe: pipe.evalsha(self._scripts["note_definition"].sha, 2, *index, *note),
+            lambda pipe: queue_evalsha(pipe, self._scripts["note_definition"].sha, 2, *index, *note),
         )
         with self._lock:
             self._definitions[spec.definition_hash] = spec
@@ -286,11 +361,12 @@ class RedisStateCore:
         if created is None:
             return False
         score = float(_text(created))
+        runs = keys.runs_index_key(self._shard(run_id))
         pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(keys.RUNS_INDEX, {run_id: score})
-        pipe.zremrangebyscore(keys.RUNS_INDEX, "-inf", score - self.active_ttl_s)
+        pipe.zadd(runs, {run_id: score})
+        pipe.zremrangebyscore(runs, "-inf", score - self.active_ttl_s)
         if spec.timeout_s is not None:
-            pipe.zadd(keys.DEADLINES, {keys.deadline_member(run_id, "1"): score + spec.timeout_s})
+            pipe.zadd(self._deadlines(run_id), {keys.deadline_member(run_id, "1"): score + spec.timeout_s})
         pipe.execute()
         return True
 
@@ -329,7 +405,7 @@ class RedisStateCore:
 
     def list_run_ids(self, limit: int = 100, offset: int = 0) -> list[str]:
         """The newest run ids first, after the ``offset`` newest."""
-        return [_text(r) for r in self.client.zrevrange(keys.RUNS_INDEX, offset, offset + limit - 1)]
+        return newest_run_ids(self.client, self.shards, limit, offset)
 
     def submitted_definitions(self) -> list[dict[str, Any]]:
         """Definitions submitted lately, most recent first (one round trip)."""
@@ -352,7 +428,7 @@ class RedisStateCore:
         raw = self._scripts["fail_dispatch"](keys=_run_keys(run_id), args=[message, self.retention_s])
         reply = [_text(x) for x in raw]
         if reply[0] == "ok":
-            self.client.zrem(keys.DEADLINES, keys.deadline_member(run_id, reply[1]))
+            self.client.zrem(self._deadlines(run_id), keys.deadline_member(run_id, reply[1]))
 
     # -- events --------------------------------------------------------------------------------------------------
 
@@ -369,11 +445,13 @@ class RedisStateCore:
         return [_event(run_id, entry_id, fields) for _, rows in reply or [] for entry_id, fields in rows]
 
     def announce(self, run_id: str, event_type: str, workflow: str) -> None:
-        """Append a run-level event to the global stream dashboards follow (``orch:events``, capped)."""
+        """Append a run-level event to the global stream dashboards follow (``orch:events``, capped; one per bucket)."""
         self.client.xadd(
-            keys.EVENTS, {"run_id": run_id, "type": event_type, "workflow": workflow}, maxlen=GLOBAL_EVENTS_MAXLEN
+            keys.global_events_key(self._shard(run_id)),
+            {"run_id": run_id, "type": event_type, "workflow": workflow},
+            maxlen=GLOBAL_EVENTS_MAXLEN // max(1, self.shards),
         )
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` (one worker sweeps per interval)."""
-        return bool(self.client.set(keys.SWEEPER_LOCK, owner, nx=True, px=max(1, int(ttl_s * 1000))))
+        return bool(self.client.set(keys.sweeper_lock_key(None), owner, nx=True, px=max(1, int(ttl_s * 1000))))

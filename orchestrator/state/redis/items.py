@@ -19,6 +19,7 @@ from orchestrator.domain import (
     StepOutcome,
 )
 from orchestrator.errors import ErrorRecord
+from orchestrator.infra.redis_cluster import queue_evalsha
 from orchestrator.state import keys
 from orchestrator.state.items import ITEM_FIELDS, ItemRecord, dumps, item_record, page_bounds
 from orchestrator.state.redis.core import RedisStateCore, _text
@@ -45,7 +46,7 @@ class ItemTransitions(RedisStateCore):
         if publish:
             due = time.time() + grace_s
             held = {keys.lease_member(run_id, keys.item_unit(step, i), t): due for i, t in publish}
-            self.client.zadd(keys.LEASES, cast(Any, held))
+            self.client.zadd(self._leases(run_id), cast(Any, held))
 
     def expand_items(
         self, attempt: Attempt, items: list[str], result_keys: list[str], *, max_parallel: int, grace_s: float
@@ -61,7 +62,7 @@ class ItemTransitions(RedisStateCore):
         publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2))
         step_member = keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)
         # The step's own entry now watches for a lost finish of the step (reclaim.lua extends it while items run).
-        self.client.zadd(keys.LEASES, {step_member: time.time() + grace_s})
+        self.client.zadd(self._leases(attempt.run_id), {step_member: time.time() + grace_s})
         self._hold_items(attempt.run_id, attempt.step, publish, grace_s)
         ended, total = int(reply[1]), int(reply[2])
         return ItemDispatch(
@@ -80,13 +81,13 @@ class ItemTransitions(RedisStateCore):
         argv += [len(upstream), *upstream]
         script = self._scripts["item_claim"]
         replies = self._pipeline(
-            lambda pipe: pipe.zadd(keys.LEASES, {member: time.time() + lease_s}),
-            lambda pipe: pipe.evalsha(script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+            lambda pipe: pipe.zadd(self._leases(attempt.run_id), {member: time.time() + lease_s}),
+            lambda pipe: queue_evalsha(pipe, script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
         )
         reply = [_text(x) for x in replies[1]]
         outcome = ClaimOutcome(reply[0])
         if outcome != ClaimOutcome.OK and not (outcome == ClaimOutcome.BUSY and reply[1:2] == ["own"]):
-            self.client.zrem(keys.LEASES, member)
+            self.client.zrem(self._leases(attempt.run_id), member)
         if outcome != ClaimOutcome.OK:
             return ItemClaim(outcome=outcome, detail=reply[1] if len(reply) > 1 else "")
         rows = reply[10:]
@@ -118,8 +119,8 @@ class ItemTransitions(RedisStateCore):
         argv += ["" if output is None else dumps(output), "" if error is None else dumps(error), uuid.uuid4().hex[:16]]
         script = self._scripts["item_finish"]
         replies = self._pipeline(
-            lambda pipe: pipe.evalsha(script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
-            lambda pipe: pipe.zrem(keys.LEASES, _member(attempt)),
+            lambda pipe: queue_evalsha(pipe, script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+            lambda pipe: pipe.zrem(self._leases(attempt.run_id), _member(attempt)),
         )
         reply = [_text(x) for x in replies[0]]
         if reply[0] != "ok":
@@ -137,7 +138,7 @@ class ItemTransitions(RedisStateCore):
         lease = self._item_script("item_retry", attempt.run_id, attempt.step, argv)
         if lease is None:
             return False
-        self.client.zadd(keys.LEASES, {_member(attempt): float(_text(lease))})
+        self.client.zadd(self._leases(attempt.run_id), {_member(attempt): float(_text(lease))})
         return True
 
     def reclaim_item(
@@ -156,12 +157,12 @@ class ItemTransitions(RedisStateCore):
         argv: list[Any] = [step, index, task_id, new_task_id, dumps(error), grace_s, backlog_wait_s, int(owner_dead)]
         reply = [_text(x) for x in self._item_script("item_reclaim", run_id, step, argv)]
         if reply[0] == "live":
-            self.client.zadd(keys.LEASES, {member: float(reply[1])})
+            self.client.zadd(self._leases(run_id), {member: float(reply[1])})
             return None
         pipe = self.client.pipeline(transaction=False)
-        pipe.zrem(keys.LEASES, member)
+        pipe.zrem(self._leases(run_id), member)
         if reply[0] == "ok":
-            pipe.zadd(keys.LEASES, {keys.lease_member(run_id, unit, reply[3]): float(reply[4])})
+            pipe.zadd(self._leases(run_id), {keys.lease_member(run_id, unit, reply[3]): float(reply[4])})
         pipe.execute()
         if reply[0] != "ok" or index is None:
             return None
@@ -177,8 +178,8 @@ class ItemTransitions(RedisStateCore):
         argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, child_run_id]
         script = self._scripts["item_wait"]
         replies = self._pipeline(
-            lambda pipe: pipe.evalsha(script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
-            lambda pipe: pipe.zrem(keys.LEASES, _member(attempt)),
+            lambda pipe: queue_evalsha(pipe, script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+            lambda pipe: pipe.zrem(self._leases(attempt.run_id), _member(attempt)),
         )
         return _text(replies[0][0]) == "ok"
 
@@ -193,7 +194,7 @@ class ItemTransitions(RedisStateCore):
         if reply[0] != "ok":
             return False
         attempt = Attempt(link.run_id, link.step, link.generation, task_id, link.index)
-        self.client.zadd(keys.LEASES, {_member(attempt): float(reply[1])})
+        self.client.zadd(self._leases(attempt.run_id), {_member(attempt): float(reply[1])})
         return True
 
     def waiting_children(self, run_id: str, step: str) -> list[str]:
@@ -251,5 +252,5 @@ def renew_items(store: RedisStateCore, items: dict[tuple[str, str], list[tuple[i
         for (item, task_id), flag in zip(pairs, reply[1:], strict=True):
             if int(flag):
                 index[keys.lease_member(run_id, keys.item_unit(step, item), task_id)] = now + lease_s
-    if index:
-        store.client.zadd(keys.LEASES, cast(Any, index), xx=True)
+    for bucket, members in store._lease_buckets(index).items():
+        store.client.zadd(bucket, cast(Any, members), xx=True)

@@ -38,13 +38,13 @@ class StepTransitions(RedisStateCore):
         member = keys.lease_member(run_id, step, task_id)
         argv: list[Any] = [step, generation, task_id, lease_s, len(upstream), *upstream, len(children), *children]
         replies = self._pipeline(
-            lambda pipe: pipe.zadd(keys.LEASES, {member: time.time() + lease_s}),
+            lambda pipe: pipe.zadd(self._leases(run_id), {member: time.time() + lease_s}),
             lambda pipe: self._evalsha(pipe, "claim", run_id, argv),
         )
         reply = [_text(x) for x in replies[1]]
         outcome = ClaimOutcome(reply[0])
         if outcome != ClaimOutcome.OK and not (outcome == ClaimOutcome.BUSY and reply[1:2] == ["own"]):
-            self.client.zrem(keys.LEASES, member)
+            self.client.zrem(self._leases(run_id), member)
         if outcome == ClaimOutcome.OK:
             rows = reply[9:]
             return Claim(
@@ -109,10 +109,10 @@ class StepTransitions(RedisStateCore):
         commands: list[Callable[[Pipeline], Any]] = []
         if held:
             members = {keys.lease_member(run_id, c, t): due for c, t in held.items()}
-            commands.append(lambda pipe: pipe.zadd(keys.LEASES, cast(Any, members)))
+            commands.append(lambda pipe: pipe.zadd(self._leases(run_id), cast(Any, members)))
         commands.append(lambda pipe: self._evalsha(pipe, "finish", run_id, argv))
-        commands.append(lambda pipe: pipe.zrem(keys.LEASES, keys.lease_member(run_id, step, task_id)))
-        replies = self._pipeline(*commands)
+        own = keys.lease_member(run_id, step, task_id)
+        replies = self._pipeline(*commands, after=(lambda pipe: pipe.zrem(self._leases(run_id), own),))
         reply = [_text(x) for x in replies[1 if held else 0]]
         ok = reply[0] == "ok"
         count = int(reply[2]) if ok else 0
@@ -125,9 +125,9 @@ class StepTransitions(RedisStateCore):
         if stale or ended:
             pipe = self.client.pipeline(transaction=False)
             if stale:
-                pipe.zrem(keys.LEASES, *stale)
+                pipe.zrem(self._leases(run_id), *stale)
             if ended:
-                pipe.zrem(keys.DEADLINES, keys.deadline_member(run_id, generation))
+                pipe.zrem(self._deadlines(run_id), keys.deadline_member(run_id, generation))
             pipe.execute()
         if not ok:
             return FinishResult(recorded=False)
@@ -144,7 +144,7 @@ class StepTransitions(RedisStateCore):
         if task_ids:
             due = time.time() + grace_s
             members = {keys.lease_member(run_id, s, t): due for s, t in task_ids.items()}
-            self.client.zadd(keys.LEASES, cast(Any, members))
+            self.client.zadd(self._leases(run_id), cast(Any, members))
 
     def retry(self, attempt: Attempt, error: ErrorRecord, *, countdown_s: float, grace_s: float) -> bool:
         """Record a retryable error and put the step back to ``queued`` for ``countdown_s``.
@@ -157,7 +157,7 @@ class StepTransitions(RedisStateCore):
         lease = self._scripts["retry"](keys=_run_keys(run_id), args=argv)
         if lease is None:
             return False
-        self.client.zadd(keys.LEASES, {keys.lease_member(run_id, step, task_id): float(_text(lease))})
+        self.client.zadd(self._leases(run_id), {keys.lease_member(run_id, step, task_id): float(_text(lease))})
         return True
 
     def defer(self, attempt: Attempt, deferral: DeferralRecord, *, countdown_s: float, grace_s: float) -> bool:
@@ -170,7 +170,7 @@ class StepTransitions(RedisStateCore):
         lease = self._scripts["defer"](keys=_run_keys(run_id), args=argv)
         if lease is None:
             return False
-        self.client.zadd(keys.LEASES, {keys.lease_member(run_id, step, task_id): float(_text(lease))})
+        self.client.zadd(self._leases(run_id), {keys.lease_member(run_id, step, task_id): float(_text(lease))})
         return True
 
     def renew(self, leases: dict[str, list[tuple[str, str]]], lease_s: float) -> list[tuple[str, str, str, bool]]:
@@ -197,15 +197,15 @@ class StepTransitions(RedisStateCore):
                 out.append((run_id, step, task_id, bool(int(flag))))
                 if int(flag):
                     index[keys.lease_member(run_id, step, task_id)] = now + lease_s
-        if index:
-            self.client.zadd(keys.LEASES, cast(Any, index), xx=True)
+        for bucket, members in self._lease_buckets(index).items():
+            self.client.zadd(bucket, cast(Any, members), xx=True)
         return out
 
     def expired_leases(self, limit: int = 500) -> list[str]:
         """Lease index members whose lease ran out, by Redis's clock."""
         seconds, micros = self.client.time()
         now = seconds + micros / 1e6
-        return [_text(m) for m in self.client.zrangebyscore(keys.LEASES, "-inf", now, start=0, num=limit)]
+        return self._due(keys.leases_key, now, limit)
 
     def reclaim(
         self,
@@ -227,12 +227,12 @@ class StepTransitions(RedisStateCore):
         reply = [_text(x) for x in self._scripts["reclaim"](keys=_run_keys(run_id), args=argv)]
         if reply[0] == "live":
             # The heartbeat renewed it after we read the index: keep it findable at its new expiry.
-            self.client.zadd(keys.LEASES, {member: float(reply[1])})
+            self.client.zadd(self._leases(run_id), {member: float(reply[1])})
             return None
         pipe = self.client.pipeline(transaction=False)
-        pipe.zrem(keys.LEASES, member)
+        pipe.zrem(self._leases(run_id), member)
         if reply[0] == "ok":
-            pipe.zadd(keys.LEASES, {keys.lease_member(run_id, step, reply[3]): float(reply[4])})
+            pipe.zadd(self._leases(run_id), {keys.lease_member(run_id, step, reply[3]): float(reply[4])})
         pipe.execute()
         if reply[0] != "ok":
             return None

@@ -1,0 +1,161 @@
+"""State in a real Redis Cluster: six ``redis-server`` processes on loopback (3 masters, 3 replicas), a plain Redis as
+the broker (``ORCH_BROKER_URL``), real worker processes and the real API.
+
+Checked: a workflow runs with its run on one slot and the global indices split over the masters (``ORCH_SHARDS``);
+the API serves status, the event stream and streamed text (sharded pub/sub) through the cluster; SIGKILL of a master
+with 50 runs in flight (its replica promoted): every run succeeds, none is lost, no step runs twice.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+
+from orchestrator import Client, Settings
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.dev.redis_cluster import RedisClusterServers
+from orchestrator.dev.redis_server import RedisServer
+from orchestrator.errors import StoreUnavailableError
+from orchestrator.state import keys
+from tests.conftest import ARTIFACTS, IN_CI, WORKER_ENV, private_redis
+from tests.integration.helpers import py, wait_for, workflow
+from tests.integration.test_api import ADMIN, ApiServer, bearer, finished
+from tests.integration.test_streaming import deltas_of, frames, streaming
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+SHARDS = 6
+LOG_DIR = ARTIFACTS / "worker-logs"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    servers = RedisClusterServers()
+    try:
+        servers.start()
+    except StoreUnavailableError as exc:
+        if IN_CI:
+            pytest.fail(f"no Redis Cluster (CI=true: the cluster tests must run): {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[RedisServer]:
+    with private_redis() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def env(cluster: RedisClusterServers, broker: RedisServer) -> dict[str, str]:
+    return {**WORKER_ENV, "REDIS_URL": cluster.url, "ORCH_BROKER_URL": broker.url, "ORCH_SHARDS": str(SHARDS)}
+
+
+@pytest.fixture(scope="module")
+def client(env: dict[str, str]) -> Client:
+    return Client(Settings.from_env(env))
+
+
+@pytest.fixture(scope="module")
+def cluster_workers(client: Client, env: dict[str, str]) -> Iterator[LocalWorkers]:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    pool = LocalWorkers(client.app, count=2, concurrency=4, env=env, log_dir=LOG_DIR)
+    # Six Redis nodes and eight pool processes on two busy cores: starting may take a while.
+    pool.start(timeout=180)
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+def _node(port: int) -> redis.Redis:
+    return redis.Redis(port=port, decode_responses=True, socket_timeout=5)
+
+
+def test_a_workflow_runs_on_a_cluster_with_its_run_on_one_master_and_the_indices_on_all(
+    cluster: RedisClusterServers, client: Client, cluster_workers: LocalWorkers, unique: str
+) -> None:
+    definition = workflow(
+        f"cluster_{unique}",
+        py("a", "tests.count_on_broker"),
+        py("b", "tests.count_on_broker", "a"),
+        py("c", "tests.count_on_broker", "a"),
+        py("d", "tests.count_on_broker", "b", "c"),
+    )
+    run_ids = [client.submit(definition) for _ in range(12)]
+
+    views = [client.wait(run_id, timeout=60) for run_id in run_ids]
+
+    assert [view["status"] for view in views] == ["succeeded"] * len(run_ids)
+    owner = cluster.master_of(keys.run_key(run_ids[0]))
+    assert _node(owner.port).hget(keys.run_key(run_ids[0]), "status") == "succeeded"
+    assert _node(owner.port).exists(keys.events_key(run_ids[0])), "the run's events live on the run's slot"
+    holders = collections.Counter(cluster.master_of(keys.runs_index_key(s)).port for s in keys.all_shards(SHARDS))
+    assert sorted(holders.values()) == [2, 2, 2], "the runs index is split evenly over the masters"
+    assert set(client.store.list_run_ids(limit=100)) >= set(run_ids)
+    assert not any(client.store.expired_leases()), "every lease was released"
+
+
+def test_the_api_serves_status_events_and_streamed_text_through_the_cluster(
+    client: Client, cluster_workers: LocalWorkers, unique: str
+) -> None:
+    with (
+        ApiServer(client) as server,
+        httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers=bearer(ADMIN), timeout=30) as api,
+    ):
+        run_id = api.post("/runs", json={"definition": streaming(f"cluster_stream_{unique}", latency=1.5)}).json()[
+            "run_id"
+        ]
+        with api.stream("GET", f"/runs/{run_id}/events") as response:
+            received = list(frames(response))
+        view = finished(api, run_id)
+        listed = api.get("/runs", params={"workflow": f"cluster_stream_{unique}"}).json()
+
+    assert view["status"] == "succeeded"
+    assert [f["event"] for f in received if f["event"] in {"run_started", "run_succeeded"}][-1] == "run_succeeded"
+    deltas = deltas_of(received)
+    assert len(deltas) >= 3, "streamed text reached the client through sharded pub/sub"
+    assert "".join(data["text"] for _, data in deltas) == view["steps"]["write"]["output"]["text"]
+    assert run_id in str(listed)
+
+
+def test_a_master_killed_with_50_runs_in_flight_loses_nothing_and_runs_no_step_twice(
+    cluster: RedisClusterServers,
+    broker: RedisServer,
+    client: Client,
+    cluster_workers: LocalWorkers,
+    unique: str,
+) -> None:
+    definition = workflow(
+        f"cluster_failover_{unique}",
+        py("a", "tests.sleep", seconds=0.2),
+        py("b", "tests.count_on_broker", "a"),
+        py("c", "tests.sleep", "b", seconds=0.2),
+        py("d", "tests.count_on_broker", "c"),
+    )
+    run_ids = [client.submit(definition) for _ in range(50)]
+    victim_key = keys.run_key(run_ids[0])
+    wait_for(
+        lambda: sum(client.status(r)["steps"]["a"]["status"] == "succeeded" for r in run_ids) >= 5,
+        timeout=60,
+        what="some runs to be half way",
+    )
+
+    killed = cluster.kill_master_of(victim_key)
+    cluster.wait_ready(timeout_s=30)
+
+    assert cluster.master_of(victim_key).port != killed.port, "the replica took over"
+    views = [client.wait(run_id, timeout=120) for run_id in run_ids]
+    assert [view["status"] for view in views].count("succeeded") == len(run_ids), [v["status"] for v in views]
+    counter = _node(broker.port)
+    calls = [int(counter.get(f"test:calls:{run_id}:{step}") or 0) for run_id in run_ids for step in "bd"]
+    assert calls == [1] * len(calls), "each counted step ran exactly once"
+    for view in views:
+        assert all(step["attempts"] == 1 for step in view["steps"].values()), view
