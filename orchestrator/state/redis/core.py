@@ -44,6 +44,7 @@ _SCRIPTS = (
     "decide",
     "fail_dispatch",
     "note_definition",
+    "beat",
     "iterate",
     "item_expand",
     "item_claim",

@@ -6,9 +6,12 @@ the lease index members it runs. See :mod:`orchestrator.engine.leases` for how t
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from redis.client import Pipeline
+
+from orchestrator.infra.redis_cluster import queue_evalsha
 from orchestrator.state import keys
 from orchestrator.state.redis.core import RedisStateCore, _text
 
@@ -19,17 +22,19 @@ class ProcessOwners(RedisStateCore):
     def keep_owner(self, owner: str, alive_s: float, *, joined: Sequence[str] = (), left: Sequence[str] = ()) -> None:
         """Mark ``owner`` alive for ``alive_s`` from now (0: it runs nothing more and leaves the index), and add
         ``joined`` to or drop ``left`` from the attempts it covers."""
-        pipe = self.client.pipeline(transaction=False)
+        commands: list[Callable[[Pipeline], Any]] = []
         # Joined before the heartbeat lands: a sweeper never sees the owner live without its attempts.
         if joined:
-            pipe.sadd(keys.owned_key(owner), *joined)
+            commands.append(lambda pipe: pipe.sadd(keys.owned_key(owner), *joined))
         if left:
-            pipe.srem(keys.owned_key(owner), *left)
+            commands.append(lambda pipe: pipe.srem(keys.owned_key(owner), *left))
         if alive_s > 0:
-            pipe.zadd(keys.OWNERS, {owner: time.time() + alive_s})
+            # Stamped by Redis's clock, which the sweeper reads: a worker's own clock may run seconds apart.
+            beat = self._scripts["beat"].sha
+            commands.append(lambda pipe: queue_evalsha(pipe, beat, 1, keys.OWNERS, owner, alive_s))
         else:
-            pipe.zrem(keys.OWNERS, owner)
-        pipe.execute()
+            commands.append(lambda pipe: pipe.zrem(keys.OWNERS, owner))
+        self._pipeline(*commands)
 
     def dead_owners(self, limit: int = 100) -> list[str]:
         """Owners whose heartbeat ran out, by Redis's clock."""
