@@ -20,7 +20,6 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.definition.agent import AgentParams
@@ -30,7 +29,7 @@ from orchestrator.definition.spec import StepSpec, WorkflowSpec
 from orchestrator.definition.subflow import WorkflowLookup, WorkflowParams, child_spec, render_inputs
 from orchestrator.domain import Attempt, ChildTotals, Claim, ParentLink, RunStatus, StepOutcome
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, resume_run, stop_run
-from orchestrator.engine.mapping import record_item
+from orchestrator.engine.mapping import RecordParts, record_item
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.status import run_view
@@ -249,7 +248,7 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
     tool = parent_step is not None and isinstance(parent_step.params, AgentParams)
     if link.index is not None and not tool:
         if store.child_item_ended(link, child_run_id, totals, task_id=token, lease_s=settings.lease_s):
-            parts = _Parts(publisher, settings, store)
+            parts = RecordParts(publisher, settings, store)
             _finish_item(parts, parent_spec, link, token, child=(child_run_id, fields))
         return
     # An agent's workflow:NAME call: its spend counts, but the agent's attempt (running) takes the outcome itself.
@@ -271,17 +270,8 @@ def _parent_timed_out(publisher: StepPublisher, store: StateStore, link: ParentL
     return True
 
 
-@dataclass(frozen=True)
-class _Parts:
-    """What :func:`~orchestrator.engine.mapping.record_item` needs, outside a worker's runtime."""
-
-    publisher: StepPublisher
-    settings: Settings
-    store: StateStore
-
-
 def _finish_item(
-    parts: _Parts, spec: WorkflowSpec, link: ParentLink, token: str, *, child: tuple[str, dict[str, str]]
+    parts: RecordParts, spec: WorkflowSpec, link: ParentLink, token: str, *, child: tuple[str, dict[str, str]]
 ) -> None:
     """Finish a taken-over item with its child's outcome (``child``: its id and fields), then refill and, after the
     last item, finish the step."""

@@ -23,7 +23,8 @@ if ITEM_ENDED[status] then return {'done', status} end
 if head[1] ~= 'running' then return {'inactive', head[1]} end
 if head[5] and head[5] ~= '' and now > tonumber(head[5]) then return {'inactive', 'deadline'} end
 if head[3] ~= 'running' then return {'inactive', 'step ' .. (head[3] or '')} end
-if status == 'pending' then return {'busy'} end
+-- Pending: not queued yet; waiting: parked for its child or a decision (a redelivered message must not restart it).
+if status == 'pending' or status == 'waiting' then return {'busy'} end
 if status == 'queued' and row[2] and row[2] ~= '' and row[2] ~= task then return {'superseded'} end
 if status == 'running' then return {'busy', row[2] == task and 'own' or ''} end
 

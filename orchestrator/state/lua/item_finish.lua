@@ -15,7 +15,7 @@ if head[1] ~= gen or row[1] ~= 'running' or row[2] ~= task then return {'stale'}
 local t = redis.call('TIME')
 local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
 redis.call('HSET', items, f .. 'status', outcome, f .. 'finished_at', now, f .. 'lease', '')
-if outcome == 'succeeded' and output ~= '' then
+if output ~= '' then
   redis.call('HSET', items, f .. 'output', output)
 else
   redis.call('HDEL', items, f .. 'output')

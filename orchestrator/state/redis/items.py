@@ -9,9 +9,13 @@ import uuid
 from typing import Any, cast
 
 from orchestrator.domain import (
+    MAX_AUDIT_ENTRIES,
     Attempt,
     ChildTotals,
     ClaimOutcome,
+    Decision,
+    DecisionOutcome,
+    DecisionResult,
     ItemClaim,
     ItemDispatch,
     ParentLink,
@@ -167,13 +171,51 @@ class ItemTransitions(RedisStateCore):
 
     def wait_item_child(self, attempt: Attempt, child_run_id: str) -> bool:
         """Park a running item waiting for its child run (see ``lua/item_wait.lua``)."""
-        argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, child_run_id]
+        return self._wait_item(attempt, [child_run_id, "", ""]) is not None
+
+    def wait_item_decision(self, attempt: Attempt, data: dict[str, Any], timeout_s: float | None) -> bool:
+        """Park a running item of an approval map step waiting for a decision (see ``lua/item_wait.lua``); its
+        timeout enters the approval index under the item's unit (``STEP#INDEX``)."""
+        decide_by = self._wait_item(attempt, ["", dumps(data), timeout_s or ""])
+        if decide_by:
+            unit = keys.item_unit(attempt.step, attempt.index)
+            self.client.zadd(
+                keys.APPROVALS, {keys.approval_member(attempt.run_id, attempt.generation, unit): float(decide_by)}
+            )
+        return decide_by is not None
+
+    def _wait_item(self, attempt: Attempt, extra: list[Any]) -> str | None:
+        argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, *extra]
         script = self._scripts["item_wait"]
         replies = self._pipeline(
             lambda pipe: pipe.evalsha(script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
             lambda pipe: pipe.zrem(keys.LEASES, _member(attempt)),
         )
-        return _text(replies[0][0]) == "ok"
+        reply = [_text(x) for x in replies[0]]
+        return reply[1] if reply[0] == "ok" else None
+
+    def decide_item(self, run_id: str, step: str, index: int, decision: Decision) -> DecisionResult:
+        """Record a decision on one waiting item; the first allowed one wins (see ``lua/item_decide.lua``).
+
+        Returns:
+            As :meth:`StateStore.decide`, for the item: on ``OK`` it runs under ``decision.task_id`` (lease indexed)
+            for the caller to finish with :meth:`finish_item`.
+        """
+        argv: list[Any] = [step, index, decision.decision, decision.by, decision.comment]
+        argv += ["1" if decision.allowed else "0", decision.task_id, decision.lease_s, decision.generation]
+        argv += [MAX_AUDIT_ENTRIES]
+        reply = [_text(x) for x in self._item_script("item_decide", run_id, step, argv)]
+        outcome = DecisionOutcome(reply[0])
+        if outcome == DecisionOutcome.NOT_WAITING:
+            return DecisionResult(outcome, detail=reply[1])
+        if outcome != DecisionOutcome.OK:
+            return DecisionResult(outcome, generation=reply[1] if len(reply) > 1 else "")
+        unit = keys.item_unit(step, index)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(keys.LEASES, {keys.lease_member(run_id, unit, decision.task_id): time.time() + decision.lease_s})
+        pipe.zrem(keys.APPROVALS, keys.approval_member(run_id, reply[1], unit))
+        pipe.execute()
+        return DecisionResult(DecisionOutcome.OK, generation=reply[1])
 
     def child_item_ended(
         self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
