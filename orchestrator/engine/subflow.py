@@ -35,6 +35,7 @@ from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.status import run_view
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import (
+    DeferralRecord,
     ErrorRecord,
     InputValidationError,
     NonRetryableStepError,
@@ -159,26 +160,41 @@ def run_workflow_step(runtime: Runtime, step: StepSpec, attempt: Attempt, ctx: S
         NonRetryableStepError: The child's workflow is unknown, its inputs do not render or fit its schema, or runs
             would nest too deep.
     """
+    fields = runtime.store.run_fields(attempt.run_id)
+    child = fields.get(keys.step_field(step.name, "child_run_id")) or None
+    return park_on_child(runtime, step, attempt, ctx, fields, child=None if claim.force else child, index=None)
+
+
+def park_on_child(
+    runtime: Runtime,
+    step: StepSpec,
+    attempt: Attempt,
+    ctx: StepContext,
+    fields: dict[str, str],
+    *,
+    child: str | None,
+    index: int | None,
+) -> str:
+    """Continue ``child`` (resumed when it failed, was cancelled or timed out), or start a new one rendered from
+    ``ctx`` when ``None`` or gone; park the step waiting for it. ``index``: a repeated step's iteration (the child's
+    ``parent.index``, part of its idempotency key), else ``None``. ``fields``: the parent run's."""
     params = step.params
     assert isinstance(params, WorkflowParams), f"step {step.name!r} is not a workflow step"
     store = runtime.store
-    fields = store.run_fields(attempt.run_id)
-    child = fields.get(keys.step_field(step.name, "child_run_id")) or None
-    status = _status_of(store, child) if child is not None and not claim.force else None
-    if status is None:
+    status = _status_of(store, child) if child is not None else None
+    if child is None or status is None:
         try:
             target = child_spec(params, workflow_lookup(store), step=step.name)
         except WorkflowDefinitionError as exc:
             raise NonRetryableStepError(str(exc), kind="unknown_workflow") from None
         inputs = render_inputs(params.inputs, ctx.template_context(), timeout_s=runtime.settings.template_timeout_s)
         child = start_child(
-            runtime, attempt.run_id, step.name, None, ref=target, inputs=inputs, generation=attempt.generation
+            runtime, attempt.run_id, step.name, index, ref=target, inputs=inputs, generation=attempt.generation
         )
     else:
-        assert child is not None
         # Continued in this generation: its end must complete this generation's step.
         depth = int(fields.get("depth") or 1) + 1
-        link = ParentLink(attempt.run_id, step.name, None, attempt.generation, depth)
+        link = ParentLink(attempt.run_id, step.name, index, attempt.generation, depth)
         store.link_parent(child, link, budget_cap_nusd=_budget_left(store, fields))
     if not store.wait_for_child(attempt, child):
         return "stale attempt: not parked"
@@ -244,9 +260,11 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
         return
     parent_spec = store.load_definition(parent["def_hash"])
     parent_step = parent_spec.steps_by_name.get(link.step)
-    # An index means a map item's child, unless the step is an agent (its workflow:NAME calls carry an index too).
+    # An index means a map item's child, unless the step is an agent (its workflow:NAME calls carry an index too) or
+    # repeats (the index is the iteration).
     tool = parent_step is not None and isinstance(parent_step.params, AgentParams)
-    if link.index is not None and not tool:
+    repeated = parent_step is not None and parent_step.repeat is not None
+    if link.index is not None and not tool and not repeated:
         if store.child_item_ended(link, child_run_id, totals, task_id=token, lease_s=settings.lease_s):
             parts = RecordParts(publisher, settings, store)
             _finish_item(parts, parent_spec, link, token, child=(child_run_id, fields))
@@ -257,7 +275,18 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
     if _parent_timed_out(publisher, store, link, view_status):
         return
     attempt = Attempt(link.run_id, link.step, link.generation, token)
-    outcome, output, error = _child_outcome(store, child_run_id, fields)
+    if repeated and view_status == RunStatus.SUCCEEDED:
+        # A worker checkpoints the iteration, tests ``until`` and starts the next child: the step goes back to its
+        # queue (the attempt given back, as for a deferral), lease-indexed so a lost message is sent again.
+        message = f"child run {child_run_id} ended iteration {link.index}"
+        deferral: DeferralRecord = {"reason": "next_iteration", "model": "", "message": message}
+        if store.defer(attempt, deferral, countdown_s=0.0, grace_s=settings.queued_grace_s):
+            task_ids = {link.step: token}
+            publisher.publish(
+                parent_spec, run_id=link.run_id, steps=(link.step,), generation=link.generation, task_ids=task_ids
+            )
+        return
+    outcome, output, error = child_outcome(store, child_run_id, fields)
     record_outcome(publisher, settings, store, parent_spec, attempt, outcome=outcome, output=output, error=error)
 
 
@@ -278,13 +307,13 @@ def _finish_item(
     child_run_id, fields = child
     if _parent_timed_out(parts.publisher, parts.store, link, RunStatus(fields["status"])):
         return
-    outcome, output, error = _child_outcome(parts.store, child_run_id, fields)
+    outcome, output, error = child_outcome(parts.store, child_run_id, fields)
     attempt = Attempt(link.run_id, link.step, link.generation, token, link.index)
     _, what = record_item(parts, spec, attempt, outcome, output=output, error=error)
     log.info("run %s step %s item %s: child run %s ended: %s", link.run_id, link.step, link.index, child_run_id, what)
 
 
-def _child_outcome(
+def child_outcome(
     store: StateStore, child_run_id: str, fields: dict[str, str]
 ) -> tuple[StepOutcome, dict[str, Any] | None, ErrorRecord | None]:
     """An ended child's outcome as its parent's: its step outputs by name, or an error naming it."""
