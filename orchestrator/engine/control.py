@@ -279,6 +279,10 @@ def stop_run(
     if result.outcome == StopOutcome.OK:
         from orchestrator.engine import subflow  # it builds on this module (record_outcome, resume_run)
 
+        # A step that parked on its child after ``fields`` was read and before the stop: its child too.
+        after = store.run_fields(run_id)
+        late = (v for k, v in after.items() if k.endswith(":child_run_id") and v and fields.get(k) != v)
+        children += sorted(set(late))
         subflow.stop_children(publisher, settings, store, fields, status, items=children)
         subflow.child_ended(publisher, settings, store, run_id)
     return result

@@ -142,6 +142,8 @@ def start_child(
     link = ParentLink(parent_run, step, index, gen, depth)
     store.link_parent(child, link, budget_cap_nusd=_budget_left(store, parent))
     _cap_deadline(store, child, parent)
+    if stop_orphan(runtime, parent_run, child):
+        return child  # the parent was cancelled (or timed out) meanwhile: its stop may not have seen this child
     if created:
         runtime.publisher.publish(spec, run_id=child, steps=spec.start_steps, generation="1", task_ids=held)
         store.announce(child, "run_started", spec.name)
@@ -176,8 +178,9 @@ def park_on_child(
     index: int | None,
 ) -> str:
     """Continue ``child`` (resumed when it failed, was cancelled or timed out), or start a new one rendered from
-    ``ctx`` when ``None`` or gone; park the step waiting for it. ``index``: a repeated step's iteration (the child's
-    ``parent.index``, part of its idempotency key), else ``None``. ``fields``: the parent run's."""
+    ``ctx`` when ``None`` or gone; park the step (or the item, for an item's ``attempt``) waiting for it. ``index``:
+    the item's index, or a repeated step's iteration (the child's ``parent.index``, part of its idempotency key),
+    else ``None``. ``fields``: the parent run's."""
     params = step.params
     assert isinstance(params, WorkflowParams), f"step {step.name!r} is not a workflow step"
     store = runtime.store
@@ -196,39 +199,59 @@ def park_on_child(
         depth = int(fields.get("depth") or 1) + 1
         link = ParentLink(attempt.run_id, step.name, index, attempt.generation, depth)
         store.link_parent(child, link, budget_cap_nusd=_budget_left(store, fields))
-    if not store.wait_for_child(attempt, child):
+    item = attempt.index is not None
+    if not (store.wait_item_child(attempt, child) if item else store.wait_for_child(attempt, child)):
+        # A cancel that landed between the start and the park did not see the child: stop it here.
+        stop_orphan(runtime, attempt.run_id, child)
         return "stale attempt: not parked"
     if status in _RESUMABLE:
         _resume_child(runtime, child, fields)
     # The child may have ended before the step waited (or it had already): take its outcome now. The store lets
     # only one caller take the step over, so the child's own end racing this is harmless.
     child_ended(runtime.publisher, runtime.settings, store, child)
-    return f"waiting for child run {child}"
+    return f"{'item ' if item else ''}waiting for child run {child}"
+
+
+def stop_orphan(runtime: Runtime, parent_run: str, child: str) -> bool:
+    """Stop ``child`` the way its parent stopped when the parent is no longer running (cancelled or timed out while
+    the child was being started or parked); returns whether it did. A parent still running keeps the child (a stale
+    park there is a re-queued attempt, which finds the child again)."""
+    status = runtime.store.run_fields(parent_run).get("status")
+    if status not in (RunStatus.CANCELLED.value, RunStatus.TIMED_OUT.value):
+        return False
+    reason = f"parent run {parent_run} was {status.replace('_', ' ')}"
+    try:
+        stop_run(runtime.publisher, runtime.store, child, RunStatus(status), reason, settings=runtime.settings)
+    except RunNotFoundError:
+        return False
+    log.info("child run %s stopped: %s", child, reason)
+    return True
 
 
 def run_workflow_item(runtime: Runtime, step: StepSpec, attempt: Attempt, ctx: StepContext) -> str:
     """The attempt of one item of a ``workflow`` map step: start or find its child (idempotent per parent run, step,
     item index and generation), park the item waiting for it, and end.
 
+    After a resume, the child an earlier generation's item started and that did not succeed is continued (resumed
+    when it failed, was cancelled or timed out) rather than replaced, unless ``resume --from`` named the step.
+
     Raises:
         NonRetryableStepError: As :func:`run_workflow_step`.
     """
-    params = step.params
-    assert isinstance(params, WorkflowParams), f"step {step.name!r} is not a workflow step"
-    store = runtime.store
-    try:
-        target = child_spec(params, workflow_lookup(store), step=step.name)
-    except WorkflowDefinitionError as exc:
-        raise NonRetryableStepError(str(exc), kind="unknown_workflow") from None
-    inputs = render_inputs(params.inputs, ctx.template_context(), timeout_s=runtime.settings.template_timeout_s)
-    child = start_child(
-        runtime, attempt.run_id, step.name, attempt.index, ref=target, inputs=inputs, generation=attempt.generation
-    )
-    if not store.wait_item_child(attempt, child):
-        return "stale attempt: not parked"
-    # As for a step: the child may have ended before the item waited.
-    child_ended(runtime.publisher, runtime.settings, store, child)
-    return f"item waiting for child run {child}"
+    fields = runtime.store.run_fields(attempt.run_id)
+    child = _earlier_child(runtime.store, attempt, fields)
+    return park_on_child(runtime, step, attempt, ctx, fields, child=child, index=attempt.index)
+
+
+def _earlier_child(store: StateStore, attempt: Attempt, fields: dict[str, str]) -> str | None:
+    """The child an item's earlier generation started and that did not succeed (``None``: start a new one)."""
+    assert attempt.index is not None, "an item's attempt"
+    if fields.get(keys.step_field(attempt.step, "force")) == "1":
+        return None
+    records = store.item_records(attempt.run_id, attempt.step, offset=attempt.index, limit=1)
+    child = records[0].get("child_run_id") if records else None
+    status = _status_of(store, child) if child else None
+    return child if status is not None and status != RunStatus.SUCCEEDED.value else None
 
 
 def child_ended(publisher: StepPublisher, settings: Settings | None, store: StateStore, child_run_id: str) -> None:

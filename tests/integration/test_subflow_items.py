@@ -1,0 +1,82 @@
+"""Workflow map steps on real workers: resume continues each failed child, cancel reaches every child, a redelivered
+parent step never starts a second child."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from orchestrator import Client
+from orchestrator.dev.local_workers import LocalWorkers
+from orchestrator.engine.runtime import build_runtime
+from orchestrator.engine.subflow import start_child
+from tests.integration.helpers import py, wait_for, workflow
+from tests.integration.test_subflow import child
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def _gated_map(unique: str, function: str = "tests.gate", **args: Any) -> dict[str, Any]:
+    inline = child(f"item_child_{unique}", py("work", function, **args))
+    per_item = {
+        "name": "per_item",
+        "uses": "workflow",
+        "for_each": "['a', 'b']",
+        "with": {"definition": inline, "inputs": {"text": "{{ item }}"}},
+    }
+    return workflow(f"map_parent_{unique}", per_item)
+
+
+def test_resume_of_a_workflow_map_resumes_each_failed_child_instead_of_starting_another(
+    client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
+) -> None:
+    run_id = client.submit(_gated_map(unique))
+    view = client.wait(run_id, timeout=40)
+    assert view["status"] == "failed"
+    children = [r["child_run_id"] for r in client.items(run_id, "per_item")["items"]]
+    assert [client.status(c)["status"] for c in children] == ["failed", "failed"]
+
+    for c in children:
+        redis_client.set(f"test:fixed:{c}", "1", ex=300)
+    client.resume(run_id)
+    view = client.wait(run_id, timeout=40)
+
+    assert view["status"] == "succeeded", view
+    records = client.items(run_id, "per_item")["items"]
+    assert [r["child_run_id"] for r in records] == children, "the same children, resumed"
+    assert [client.status(c)["generation"] for c in children] == [2, 2]
+    assert view["steps"]["per_item"]["output"] == [{"work": {"fixed": True}}] * 2
+    started = [e for e in client.store.events(run_id) if e.type == "item_waiting"]
+    assert {e.data["child_run_id"] for e in started} == set(children), "no other child was ever started"
+
+
+def test_cancelling_a_parent_cancels_the_running_children_of_its_map_items_and_a_late_one(
+    client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    run_id = client.submit(_gated_map(unique, "tests.sleep", seconds=20))
+    wait_for(lambda: client.status(run_id)["steps"]["per_item"]["items"]["waiting"] == 2, what="both items waiting")
+    children = [r["child_run_id"] for r in client.items(run_id, "per_item")["items"]]
+    for c in children:
+        wait_for(lambda c=c: client.status(c)["steps"]["work"]["status"] == "running", what="the child's step")
+
+    client.cancel(run_id)
+
+    assert [client.status(c)["status"] for c in children] == ["cancelled", "cancelled"]
+    assert [client.status(c)["steps"]["work"]["status"] for c in children] == ["cancelled", "cancelled"]
+    assert client.status(run_id)["steps"]["per_item"]["items"]["cancelled"] == 2
+    # An item that started its child just as the cancel landed (what its attempt does next): the child is stopped
+    # at once, never left running.
+    runtime = build_runtime(client.settings, client.publisher)
+    late = start_child(
+        runtime,
+        run_id,
+        "per_item",
+        7,
+        ref=client.resolve(_gated_map(unique)["steps"][0]["with"]["definition"]),
+        inputs={"text": "late"},
+        generation="1",
+    )
+    assert late not in children
+    assert client.status(late)["status"] == "cancelled"
