@@ -148,7 +148,12 @@ def record_item(
     done = retry_through_outage(
         f"{attempt}: record {outcome.value}",
         lambda: runtime.store.finish_item(
-            attempt, outcome, output=output, error=error, grace_s=runtime.settings.queued_grace_s
+            attempt,
+            outcome,
+            output=output,
+            error=error,
+            grace_s=runtime.settings.queued_grace_s,
+            may_refill=bool(spec.steps_by_name[attempt.step].max_parallel),
         ),
         patience_s=runtime.settings.outage_patience_s,
     )

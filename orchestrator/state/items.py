@@ -114,12 +114,14 @@ class ItemStore(Protocol):
         output: Any = None,
         error: ErrorRecord | None = None,
         grace_s: float = 300.0,
+        may_refill: bool = True,
     ) -> ItemDispatch:
         """Record a running item's final outcome and queue the pending items its place frees (``max_parallel``).
         ``output`` is kept whatever the outcome (an approval item's rejection keeps its decision).
 
         ``all_ended`` says this was the last unfinished item: the caller finishes the step. The attempt leaves the
-        lease index; the items queued enter it as :meth:`expand_items` says.
+        lease index once the items queued are in it (as :meth:`expand_items` says); ``may_refill`` ``False`` (the
+        step has no ``max_parallel``, so nothing can be queued) lets it leave at once.
         """
         ...
 

@@ -12,8 +12,9 @@ from orchestrator import Client
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.engine.runtime import build_runtime
 from orchestrator.engine.subflow import start_child
+from tests.conftest import ARTIFACTS, WORKER_ENV
 from tests.integration.helpers import py, wait_for, workflow
-from tests.integration.test_subflow import child
+from tests.integration.test_subflow import child, compose
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -80,3 +81,25 @@ def test_cancelling_a_parent_cancels_the_running_children_of_its_map_items_and_a
     )
     assert late not in children
     assert client.status(late)["status"] == "cancelled"
+
+
+def test_a_parent_step_redelivered_after_its_worker_was_killed_right_after_start_child_starts_no_second_child(
+    client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
+) -> None:
+    queue, once = f"killer_{unique}", f"test:killed:{unique}"
+    env = {**WORKER_ENV, "REDIS_URL": client.settings.redis_url, "TEST_KILL_ONCE_KEY": once}
+    env["ORCH_IMPORTS"] = f"{env['ORCH_IMPORTS']},tests.kill_after_start_child"
+    inline = child(f"once_{unique}", py("work", "tests.count_calls"))
+    step = {**compose("compose", {"definition": inline, "inputs": {"text": "x"}}), "queue": queue}
+    with LocalWorkers(client.app, count=1, concurrency=1, env=env, queues=(queue,), log_dir=ARTIFACTS):
+        run_id = client.submit(workflow(f"killed_parent_{unique}", step))
+        view = client.wait(run_id, timeout=120)
+
+    killed_child = redis_client.get(once)
+    assert killed_child is not None, "the process running the parent step was killed right after start_child"
+    assert view["status"] == "succeeded", view
+    assert view["steps"]["compose"]["child_run_id"] == killed_child, "the redelivered step found the same child"
+    events = client.store.events(run_id)
+    assert sum(e.type == "step_started" for e in events) >= 2, "the step ran again after the kill"
+    assert redis_client.get(f"test:calls:{killed_child}:work") == "1"
+    assert {e.data["child_run_id"] for e in events if e.type == "step_waiting"} == {killed_child}, "one child only"

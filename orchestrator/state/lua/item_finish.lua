@@ -1,7 +1,8 @@
 -- Record an item's final outcome and queue the next pending items into the places it frees.
 -- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the step's item hash. ARGV: step, generation, task_id, index,
 -- outcome, output_json ('' for none), error_json ('' for none), task_prefix.
--- Refills happen here, atomically with the finish, and the finishing worker publishes them: no process polls.
+-- Refills happen here, atomically with the finish, and the finishing worker publishes them: no process polls. The
+-- item's "refill" field names them (index,task_id,...) until its lease entry is gone.
 -- Returns {"stale"} | {"ok", last ('1' when this was the step's last unfinished item, else ''), step_task,
 -- index, task_id, ...} (the items to publish).
 local run, events, items = KEYS[1], KEYS[2], KEYS[3]
@@ -28,6 +29,9 @@ if err ~= '' then detail = '{"index":' .. index .. ',"error":' .. err .. '}' end
 emit(run, events, now, 'item_' .. outcome, step, tonumber(row[3]) or 0, detail)
 emitted(run)
 local out = {'ok', '', head[4] or ''}
-if head[2] == 'running' then take(run, items, p, room(run, p), prefix, now, out) end
+if head[2] == 'running' and take(run, items, p, room(run, p), prefix, now, out) > 0 then
+  -- What this finish queued, for item_reclaim.lua should its worker die before holding them in the lease index.
+  redis.call('HSET', items, f .. 'refill', table.concat(out, ',', 4))
+end
 if head[2] == 'running' and ended_count(run, p) >= tonumber(head[5] or '0') then out[2] = '1' end
 return out

@@ -211,6 +211,7 @@ class ItemTransitions(MemoryStateCore):
         output: Any = None,
         error: ErrorRecord | None = None,
         grace_s: float = 300.0,
+        may_refill: bool = True,
     ) -> ItemDispatch:
         """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``)."""
         p = keys.step_prefix(attempt.step)

@@ -54,19 +54,39 @@ class ItemTransitions(RedisStateCore):
     def expand_items(
         self, attempt: Attempt, items: list[str], result_keys: list[str], *, max_parallel: int, grace_s: float
     ) -> ItemDispatch:
-        """Expand a claimed map step into its items (see ``lua/item_expand.lua``)."""
+        """Expand a claimed map step into its items (see ``lua/item_expand.lua``).
+
+        The items a first expansion queues (the first ``max_parallel``, or all) are covered in the lease index in the
+        same round trip, before the script: their task ids are the prefix sent here and their index, so a worker
+        dying between the expansion and the publish leaves the sweeper every one of them to send. Covers that the
+        script did not use (items kept from an earlier generation) are dropped after it.
+        """
+        prefix = uuid.uuid4().hex[:16]
         argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, max_parallel, grace_s]
-        argv += [uuid.uuid4().hex[:16], len(items)]
+        argv += [prefix, len(items)]
         for item, key in zip(items, result_keys, strict=True):
             argv += [item, key]
-        reply = [_text(x) for x in self._item_script("item_expand", attempt.run_id, attempt.step, argv)]
+        step_member = keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)
+        first = min(len(items), max_parallel or len(items))
+        covered = {i: f"{prefix}.{i}" for i in range(first)}
+        due = time.time() + grace_s
+        # The step's own entry now watches for a lost finish of the step (reclaim.lua extends it while items run).
+        held: dict[str, float] = {self._item_member(attempt, i, t): due for i, t in covered.items()}
+        held[step_member] = due
+        script = self._scripts["item_expand"]
+        replies = self._pipeline(
+            lambda pipe: pipe.zadd(keys.LEASES, cast(Any, held)),
+            lambda pipe: pipe.evalsha(script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+        )
+        reply = [_text(x) for x in replies[1]]
+        publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2)) if reply[0] == "ok" else ()
+        unused = [self._item_member(attempt, i, t) for i, t in covered.items() if (i, t) not in set(publish)]
+        if unused:
+            self.client.zrem(keys.LEASES, *unused)
         if reply[0] != "ok":
             return ItemDispatch(recorded=False)
-        publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2))
-        step_member = keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)
-        # The step's own entry now watches for a lost finish of the step (reclaim.lua extends it while items run).
-        self.client.zadd(keys.LEASES, {step_member: time.time() + grace_s})
-        self._hold_items(attempt.run_id, attempt.step, publish, grace_s)
+        # Items past the first cover (a resume keeping earlier successes): held now, after the script.
+        self._hold_items(attempt.run_id, attempt.step, tuple(p for p in publish if p[0] not in covered), grace_s)
         ended, total = int(reply[1]), int(reply[2])
         return ItemDispatch(
             recorded=True,
@@ -76,6 +96,10 @@ class ItemTransitions(RedisStateCore):
             ended=ended,
             total=total,
         )
+
+    @staticmethod
+    def _item_member(attempt: Attempt, index: int, task_id: str) -> str:
+        return keys.lease_member(attempt.run_id, keys.item_unit(attempt.step, index), task_id)
 
     def claim_item(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...]) -> ItemClaim:
         """Start an attempt of one item (see ``lua/item_claim.lua``); the attempt enters the lease index first."""
@@ -116,20 +140,32 @@ class ItemTransitions(RedisStateCore):
         output: Any = None,
         error: ErrorRecord | None = None,
         grace_s: float = 300.0,
+        may_refill: bool = True,
     ) -> ItemDispatch:
-        """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``)."""
+        """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``).
+
+        With ``may_refill`` (the step has ``max_parallel``) the item's own lease entry is kept until the items it
+        queued are held: a worker dying in between leaves that entry to fall due, and its reclaim holds them then
+        (``lua/item_reclaim.lua``). Without it nothing can be queued, and the entry goes in the same round trip.
+        """
         argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, outcome.value]
         argv += ["" if output is None else dumps(output), "" if error is None else dumps(error), uuid.uuid4().hex[:16]]
         script = self._scripts["item_finish"]
-        replies = self._pipeline(
-            lambda pipe: pipe.evalsha(script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
-            lambda pipe: pipe.zrem(keys.LEASES, _member(attempt)),
-        )
-        reply = [_text(x) for x in replies[0]]
+        commands = [lambda pipe: pipe.evalsha(script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv)]
+        if not may_refill:
+            commands.append(lambda pipe: pipe.zrem(keys.LEASES, _member(attempt)))
+        reply = [_text(x) for x in self._pipeline(*commands)[0]]
+        publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2)) if reply[0] == "ok" else ()
+        if may_refill:
+            pipe = self.client.pipeline(transaction=False)
+            if publish:
+                due = time.time() + grace_s
+                pipe.zadd(keys.LEASES, {self._item_member(attempt, i, t): due for i, t in publish})
+                pipe.hdel(keys.items_key(attempt.run_id, attempt.step), f"{attempt.index}:refill")
+            pipe.zrem(keys.LEASES, _member(attempt))
+            pipe.execute()
         if reply[0] != "ok":
             return ItemDispatch(recorded=False)
-        publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2))
-        self._hold_items(attempt.run_id, attempt.step, publish, grace_s)
         return ItemDispatch(recorded=True, publish=publish, all_ended=reply[1] == "1", step_task=reply[2])
 
     def retry_item(
@@ -152,6 +188,20 @@ class ItemTransitions(RedisStateCore):
         step, index = keys.parse_item_unit(unit)
         argv: list[Any] = [step, index, task_id, new_task_id, dumps(error), grace_s, backlog_wait_s]
         reply = [_text(x) for x in self._item_script("item_reclaim", run_id, step, argv)]
+        if reply[0] == "refill":
+            # The item finished but its worker died before holding the items its finish queued: hold them now, due
+            # at once, for the next sweep to send.
+            now = time.time()
+            pipe = self.client.pipeline(transaction=False)
+            refills = {
+                keys.lease_member(run_id, keys.item_unit(step, int(i)), t): now
+                for i, t in zip(reply[1::2], reply[2::2], strict=True)
+            }
+            if refills:
+                pipe.zadd(keys.LEASES, cast(Any, refills))
+            pipe.zrem(keys.LEASES, member)
+            pipe.execute()
+            return None
         if reply[0] == "live":
             self.client.zadd(keys.LEASES, {member: float(reply[1])})
             return None
@@ -204,18 +254,30 @@ class ItemTransitions(RedisStateCore):
         argv: list[Any] = [step, index, decision.decision, decision.by, decision.comment]
         argv += ["1" if decision.allowed else "0", decision.task_id, decision.lease_s, decision.generation]
         argv += [MAX_AUDIT_ENTRIES]
-        reply = [_text(x) for x in self._item_script("item_decide", run_id, step, argv)]
+        taken = Attempt(run_id, step, decision.generation, decision.task_id, index)
+        reply = self._taken_over(taken, decision.lease_s, "item_decide", argv)
         outcome = DecisionOutcome(reply[0])
         if outcome == DecisionOutcome.NOT_WAITING:
             return DecisionResult(outcome, detail=reply[1])
         if outcome != DecisionOutcome.OK:
             return DecisionResult(outcome, generation=reply[1] if len(reply) > 1 else "")
-        unit = keys.item_unit(step, index)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(keys.LEASES, {keys.lease_member(run_id, unit, decision.task_id): time.time() + decision.lease_s})
-        pipe.zrem(keys.APPROVALS, keys.approval_member(run_id, reply[1], unit))
-        pipe.execute()
+        self.client.zrem(keys.APPROVALS, keys.approval_member(run_id, reply[1], keys.item_unit(step, index)))
         return DecisionResult(DecisionOutcome.OK, generation=reply[1])
+
+    def _taken_over(self, attempt: Attempt, lease_s: float, script: str, argv: list[Any]) -> list[str]:
+        """Run a script that may take a waiting item over under ``attempt``'s task id, its lease entry written first
+        in the same round trip (a process dying right after the take-over leaves the sweeper the item to re-queue);
+        the entry is dropped again when the script did not take it over."""
+        member = _member(attempt)
+        sha = self._scripts[script].sha
+        replies = self._pipeline(
+            lambda pipe: pipe.zadd(keys.LEASES, {member: time.time() + lease_s}),
+            lambda pipe: pipe.evalsha(sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+        )
+        reply = [_text(x) for x in replies[1]]
+        if reply[0] != "ok":
+            self.client.zrem(keys.LEASES, member)
+        return reply
 
     def child_item_ended(
         self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
@@ -224,12 +286,8 @@ class ItemTransitions(RedisStateCore):
         assert link.index is not None, "the child of a step, not of an item"
         argv: list[Any] = [link.step, link.generation, link.index, child_run_id, task_id, lease_s]
         argv += [totals.spent_nusd, totals.calls, totals.input_tokens, totals.output_tokens]
-        reply = [_text(x) for x in self._item_script("item_child_done", link.run_id, link.step, argv)]
-        if reply[0] != "ok":
-            return False
-        attempt = Attempt(link.run_id, link.step, link.generation, task_id, link.index)
-        self.client.zadd(keys.LEASES, {_member(attempt): float(reply[1])})
-        return True
+        taken = Attempt(link.run_id, link.step, link.generation, task_id, link.index)
+        return self._taken_over(taken, lease_s, "item_child_done", argv)[0] == "ok"
 
     def waiting_children(self, run_id: str, step: str) -> list[str]:
         """The child runs the step's items wait for (one pipeline)."""
