@@ -30,9 +30,10 @@ if status == 'running' then return {'busy', row[2] == task and 'own' or ''} end
 
 local attempts = (tonumber(row[3]) or 0) + 1
 local stamp = string.format('%.6f', now)
-redis.call('HSET', items, f .. 'status', 'running', f .. 'task', task, f .. 'lease',
-  string.format('%.6f', now + lease_s), f .. 'attempts', attempts)
-if not row[7] then redis.call('HSET', items, f .. 'started_at', stamp) end
+local set = {f .. 'status', 'running', f .. 'task', task, f .. 'lease', string.format('%.6f', now + lease_s),
+  f .. 'attempts', attempts}
+if not row[7] then set[#set + 1] = f .. 'started_at' set[#set + 1] = stamp end
+redis.call('HSET', items, unpack(set))
 count_move(run, p, 'queued', 'running')
 events_from(head[6])
 emit(run, events, stamp, 'item_started', step, attempts, '{"index":' .. index .. '}')

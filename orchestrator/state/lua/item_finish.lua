@@ -15,13 +15,16 @@ local row = redis.call('HMGET', items, f .. 'status', f .. 'task', f .. 'attempt
 if head[1] ~= gen or row[1] ~= 'running' or row[2] ~= task then return {'stale'} end
 local t = redis.call('TIME')
 local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
-redis.call('HSET', items, f .. 'status', outcome, f .. 'finished_at', now, f .. 'lease', '')
+-- An ended item keeps only what its record shows (and its task, for item_reclaim.lua): lease and queued_at go.
+local set = {f .. 'status', outcome, f .. 'finished_at', now}
+if output ~= '' then set[#set + 1] = f .. 'output' set[#set + 1] = output end
+if err ~= '' then set[#set + 1] = f .. 'error' set[#set + 1] = err end
+redis.call('HSET', items, unpack(set))
 if output ~= '' then
-  redis.call('HSET', items, f .. 'output', output)
+  redis.call('HDEL', items, f .. 'lease', f .. 'queued_at')
 else
-  redis.call('HDEL', items, f .. 'output')
+  redis.call('HDEL', items, f .. 'lease', f .. 'queued_at', f .. 'output')
 end
-if err ~= '' then redis.call('HSET', items, f .. 'error', err) end
 count_move(run, p, 'running', outcome)
 events_from(head[3])
 local detail = '{"index":' .. index .. '}'
