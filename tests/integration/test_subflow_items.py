@@ -57,7 +57,8 @@ def test_cancelling_a_parent_cancels_the_running_children_of_its_map_items_and_a
     client: Client, workers: LocalWorkers, unique: str
 ) -> None:
     run_id = client.submit(_gated_map(unique, "tests.sleep", seconds=20))
-    wait_for(lambda: client.status(run_id)["steps"]["per_item"]["items"]["waiting"] == 2, what="both items waiting")
+    waiting = lambda: (client.status(run_id)["steps"]["per_item"].get("items") or {}).get("waiting")  # noqa: E731
+    wait_for(lambda: waiting() == 2, what="both items waiting")
     children = [r["child_run_id"] for r in client.items(run_id, "per_item")["items"]]
     for c in children:
         wait_for(lambda c=c: client.status(c)["steps"]["work"]["status"] == "running", what="the child's step")
