@@ -75,7 +75,7 @@ def _map_run(client: Client, items: int, latency: float) -> float:
         step = {**step, "uses": "llm", "with": prompt}
     definition = {"name": f"bench_map_{uuid.uuid4().hex[:6]}", "inputs": {"xs": {"type": "array"}}, "steps": [step]}
     run_id = client.submit(definition, {"xs": list(range(items))})
-    view = client.wait(run_id, timeout=max(120.0, items / 20))
+    view = client.wait(run_id, timeout=max(120.0, items / 5))
     if view["status"] != "succeeded":
         raise RuntimeError(f"map run {run_id} ended {view['status']}: {view['error']}")
     return ts(view["steps"]["m"]["finished_at"]) - ts(view["created_at"])
@@ -90,7 +90,7 @@ def _raw_group(client: Client, reader: RecordReader, items: int, latency: float)
         tasks = [client.app.signature("bench.raw_noop", args=(tag, i), immutable=True) for i in range(items)]
     start = time.time()
     group(tasks).apply_async(queue=client.settings.cpu_queue)
-    records = reader.wait(tag, items, timeout=max(120.0, items / 20), poll_s=0.05)
+    records = reader.wait(tag, items, timeout=max(120.0, items / 5), poll_s=0.05)
     return max(r.end for r in records) - start
 
 
