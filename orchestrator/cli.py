@@ -286,19 +286,21 @@ def resume(run_id: str, from_step: str | None, wait: bool, as_json: bool, allow_
     sys.exit(0 if view["status"] == "succeeded" else EXIT_FAILED_RUN)
 
 
-def _decide(decision: str, run_id: str, step: str, who: str, comment: str) -> None:
+def _decide(decision: str, run_id: str, step: str, who: str, comment: str, *, item: int | None) -> None:
     if is_reserved(who):
         _fail(f"--as: {reserved_message(who)}")
     client = _client(_settings())
+    decide = client.approve if decision == "approve" else client.reject
     try:
-        if decision == "approve":
-            record = client.approve(run_id, step, by=who, comment=comment)
-        else:
-            record = client.reject(run_id, step, by=who, comment=comment)
+        record = decide(run_id, step, by=who, comment=comment, item=item)
     except OrchestratorError as exc:
         _fail(str(exc), 1)
     verb = "approved" if record["approved"] else "rejected"
-    click.echo(f"{step}: {verb} by {record['by']}" + (f" ({comment})" if comment else ""))
+    name = step if item is None else f"{step}[{item}]"
+    click.echo(f"{name}: {verb} by {record['by']}" + (f" ({comment})" if comment else ""))
+
+
+_ITEM_HELP = "The item to decide, on an approval map step (for_each): one decision per item."
 
 
 @main.command()
@@ -306,9 +308,10 @@ def _decide(decision: str, run_id: str, step: str, who: str, comment: str) -> No
 @click.argument("step")
 @click.option("--as", "who", required=True, help="Who decides; must be one of the step's approvers.")
 @click.option("--comment", default="", help="Why (kept in the audit trail).")
-def approve(run_id: str, step: str, who: str, comment: str) -> None:
+@click.option("--item", type=click.IntRange(min=0), default=None, help=_ITEM_HELP)
+def approve(run_id: str, step: str, who: str, comment: str, item: int | None) -> None:
     """Approve a waiting approval step."""
-    _decide("approve", run_id, step, who, comment)
+    _decide("approve", run_id, step, who, comment, item=item)
 
 
 @main.command()
@@ -316,9 +319,10 @@ def approve(run_id: str, step: str, who: str, comment: str) -> None:
 @click.argument("step")
 @click.option("--as", "who", required=True, help="Who decides; must be one of the step's approvers.")
 @click.option("--comment", default="", help="Why (kept in the audit trail).")
-def reject(run_id: str, step: str, who: str, comment: str) -> None:
+@click.option("--item", type=click.IntRange(min=0), default=None, help=_ITEM_HELP)
+def reject(run_id: str, step: str, who: str, comment: str, item: int | None) -> None:
     """Reject a waiting approval step."""
-    _decide("reject", run_id, step, who, comment)
+    _decide("reject", run_id, step, who, comment, item=item)
 
 
 @main.command("runs")

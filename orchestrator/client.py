@@ -371,19 +371,30 @@ class Client:
             allow_definition_change=allow_definition_change,
         )
 
-    def approve(self, run_id: str, step: str, *, by: str, comment: str = "") -> dict[str, Any]:
+    def approve(self, run_id: str, step: str, *, by: str, comment: str = "", item: int | None = None) -> dict[str, Any]:
         """Approve a waiting approval step as ``by``; its dependents are released at once.
+
+        On an approval map step, ``item`` names the item decided (one decision per item).
 
         Raises:
             RunNotFoundError: No such run.
             WorkflowDefinitionError: No such step, or not an approval step.
             DecisionRefusedError: ``by`` is not an approver, or the step is not waiting (decided already …).
+            InputValidationError: ``item`` missing on a map step, or given on another.
         """
         return decide_step(
-            self.publisher, self.settings, self.store, run_id, step, decision="approve", by=by, comment=comment
+            self.publisher,
+            self.settings,
+            self.store,
+            run_id,
+            step,
+            decision="approve",
+            by=by,
+            comment=comment,
+            item=item,
         )
 
-    def reject(self, run_id: str, step: str, *, by: str, comment: str = "") -> dict[str, Any]:
+    def reject(self, run_id: str, step: str, *, by: str, comment: str = "", item: int | None = None) -> dict[str, Any]:
         """Reject a waiting approval step as ``by``: it fails (its output says ``approved: false``).
 
         Raises:
@@ -392,7 +403,15 @@ class Client:
             DecisionRefusedError: ``by`` is not an approver, or the step is not waiting.
         """
         return decide_step(
-            self.publisher, self.settings, self.store, run_id, step, decision="reject", by=by, comment=comment
+            self.publisher,
+            self.settings,
+            self.store,
+            run_id,
+            step,
+            decision="reject",
+            by=by,
+            comment=comment,
+            item=item,
         )
 
     def stream(self, run_id: str, *, after: int = 0, until_end: bool = True, poll_s: float = 5.0) -> Iterator[Event]:

@@ -3,6 +3,7 @@
 Usage::
 
     python -m scripts.bench_map [--quick] [--items 10000] [--workers 2] [--concurrency 2] [--json PATH]
+    python -m scripts.bench_map --llm-latency 1 --pool threads --concurrency 50   # 1 s offline LLM items
 
 It starts a private ``redis-server`` and ``--workers`` real worker processes importing ``scripts.steps.bench``, so
 the raw tasks run on the very same processes, app configuration and broker as the map's items. For each side it
@@ -66,25 +67,30 @@ def _measure(
     }
 
 
-def _map_run(client: Client, items: int) -> float:
-    definition = {
-        "name": f"bench_map_{uuid.uuid4().hex[:6]}",
-        "inputs": {"xs": {"type": "array"}},
-        "steps": [{"name": "m", "uses": "noop", "for_each": "inputs.xs"}],
-    }
+def _map_run(client: Client, items: int, latency: float) -> float:
+    step: dict[str, Any] = {"name": "m", "uses": "noop", "for_each": "inputs.xs"}
+    if latency:
+        # An offline LLM call answering after ``latency`` seconds; each item's prompt differs (no reply cache hit).
+        prompt = {"prompt": "Item {{ item }}: one line", "max_tokens": 20, "simulate": {"latency_s": latency}}
+        step = {**step, "uses": "llm", "with": prompt}
+    definition = {"name": f"bench_map_{uuid.uuid4().hex[:6]}", "inputs": {"xs": {"type": "array"}}, "steps": [step]}
     run_id = client.submit(definition, {"xs": list(range(items))})
-    view = client.wait(run_id, timeout=max(120.0, items / 20))
+    view = client.wait(run_id, timeout=max(120.0, items / 5))
     if view["status"] != "succeeded":
         raise RuntimeError(f"map run {run_id} ended {view['status']}: {view['error']}")
     return ts(view["steps"]["m"]["finished_at"]) - ts(view["created_at"])
 
 
-def _raw_group(client: Client, reader: RecordReader, items: int) -> float:
+def _raw_group(client: Client, reader: RecordReader, items: int, latency: float) -> float:
     tag = f"map{uuid.uuid4().hex[:6]}"
-    tasks = [client.app.signature("bench.raw_noop", args=(tag, i), immutable=True) for i in range(items)]
+    if latency:
+        # The raw side waits as long as the LLM call without making one: the ratio bounds our overhead from above.
+        tasks = [client.app.signature("bench.raw_sleep", args=(tag, i, latency), immutable=True) for i in range(items)]
+    else:
+        tasks = [client.app.signature("bench.raw_noop", args=(tag, i), immutable=True) for i in range(items)]
     start = time.time()
     group(tasks).apply_async(queue=client.settings.cpu_queue)
-    records = reader.wait(tag, items, timeout=max(120.0, items / 20), poll_s=0.05)
+    records = reader.wait(tag, items, timeout=max(120.0, items / 5), poll_s=0.05)
     return max(r.end for r in records) - start
 
 
@@ -98,12 +104,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         stats = redis.Redis.from_url(server.url)
         reader = RecordReader(records)
         with running(pool_workers(client.app, args, env, log_dir(NAME, fresh=True)), grace=10) as workers:
-            ours = _measure(stats, workers, server.pid, items, lambda: _map_run(client, items))
-            raw = _measure(stats, workers, server.pid, items, lambda: _raw_group(client, reader, items))
+            latency = args.llm_latency
+            ours = _measure(stats, workers, server.pid, items, lambda: _map_run(client, items, latency))
+            raw = _measure(stats, workers, server.pid, items, lambda: _raw_group(client, reader, items, latency))
         meta = versions(server.url)
     return {
         "command": command(f"scripts.{NAME}", args.argv),
         "items": items,
+        "llm_latency_s": args.llm_latency,
         "workers": args.workers,
         "concurrency": args.concurrency,
         "pool": args.pool,
@@ -128,7 +136,9 @@ def report(results: dict[str, Any]) -> None:
     ):
         ratio = ours[key] / raw[key] if raw[key] else None
         rows.append([label, fmt(ours[key]), fmt(raw[key]), fmt(ratio)])
-    print(f"{results['items']} no-op items, {results['workers']} workers x {results['concurrency']} {results['pool']}")
+    latency = results.get("llm_latency_s") or 0
+    kind = f"{latency:g} s offline LLM" if latency else "no-op"
+    print(f"{results['items']} {kind} items, {results['workers']} workers x {results['concurrency']} {results['pool']}")
     print_table(rows)
 
 
@@ -137,6 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli = parser(__doc__, name=NAME, quick="1,000 items instead of 10,000")
     add_workers(cli, workers=2, concurrency=2, pool="prefork")
     cli.add_argument("--items", type=int, default=None, help="items on each side (default 10,000)")
+    cli.add_argument(
+        "--llm-latency",
+        type=float,
+        default=0.0,
+        help="items are offline LLM calls answering after this many seconds, against raw tasks sleeping as long "
+        "(default 0: no-op items against raw no-ops)",
+    )
     args = cli.parse_args(argv)
     args.argv = argv
 

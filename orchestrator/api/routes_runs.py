@@ -160,13 +160,13 @@ def decide_step(
     """Approve or reject a step waiting for a human decision, as the token's principal (never a name in the body).
 
     403 when the principal is not one of the step's approvers, 409 when the step is not waiting (decided already,
-    not reached yet, or the run ended); every attempt is audited either way.
+    not reached yet, or the run ended); every attempt is audited either way. An approval map step is decided one
+    item at a time: ``item`` names it (422 when missing there or given elsewhere).
     """
     client = api_context(request).client
     try:
-        if body.decision == "approve":
-            return client.approve(run_id, step, by=principal.name, comment=body.comment or "")
-        return client.reject(run_id, step, by=principal.name, comment=body.comment or "")
+        decide = client.approve if body.decision == "approve" else client.reject
+        return decide(run_id, step, by=principal.name, comment=body.comment or "", item=body.item)
     except WorkflowDefinitionError as exc:
         raise HTTPException(404, str(exc)) from None
     except DecisionRefusedError as exc:

@@ -67,6 +67,8 @@ class DecideStep(_Body):
 
     decision: Literal["approve", "reject"]
     comment: str | None = Field(default=None, max_length=MAX_DECISION_COMMENT_CHARS)
+    item: int | None = Field(default=None, ge=0, le=1_000_000)
+    """The item decided, on an approval map step (``for_each``): one decision per item."""
 
 
 class TokenCounts(BaseModel):

@@ -25,8 +25,9 @@ DEFAULT_MAX_ITEMS = 10_000
 MAX_PARALLEL_LIMIT = 10_000
 """The largest ``max_parallel`` a step may ask for."""
 
-MAP_KINDS = frozenset({"llm", "python", "noop", "workflow"})
-"""Step kinds that take ``for_each`` (a ``workflow`` step's items each start a child run)."""
+MAP_KINDS = frozenset({"llm", "python", "noop", "workflow", "approval"})
+"""Step kinds that take ``for_each`` (a ``workflow`` step's items each start a child run, an ``approval`` step's
+each wait for a decision of their own)."""
 
 ITEM_NAMES = frozenset({"item", "index", "count"})
 """What a map step's templates see besides ``inputs`` and ``steps``: the item, its 0-based index and the count."""

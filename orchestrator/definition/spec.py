@@ -284,9 +284,9 @@ class StepSpec(_Frozen):
 
     @model_validator(mode="after")
     def _repeatable(self) -> StepSpec:
-        if self.repeat is not None and self.uses in {StepKind.APPROVAL, StepKind.AGENT, StepKind.WORKFLOW}:
-            # An approval and a workflow step end their attempt to wait (a human, a child run): a loop would have to
-            # park between iterations. An agent is a loop already, with its own journal.
+        if self.repeat is not None and self.uses in {StepKind.APPROVAL, StepKind.AGENT}:
+            # An approval ends its attempt to wait for a human: a loop would have to park between iterations. An
+            # agent is a loop already, with its own journal. (A workflow step's iterations are child runs.)
             raise ValueError(f"repeat is not supported on {self.uses.value} steps")
         return self
 

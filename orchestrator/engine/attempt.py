@@ -39,6 +39,7 @@ from orchestrator.engine.repeat import run_repeated
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.engine.subflow import run_workflow_step
+from orchestrator.engine.subflow_repeat import run_repeated_workflow_step
 from orchestrator.errors import (
     DefinitionNotFoundError,
     ErrorRecord,
@@ -194,9 +195,7 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
             scope.finish("waiting")
             return _wait_for_decision(runtime, step.params, attempt, ctx)
         if isinstance(step.params, WorkflowParams):
-            waiting = run_workflow_step(runtime, step, attempt, ctx, claim)
-            scope.finish("waiting")
-            return waiting
+            return _run_workflow(runtime, spec, attempt, claim, ctx=ctx, scope=scope)
         key = result_key(step, claim.inputs, claim.parent_output)
         if step.cache and not claim.force and claim.cache_key == key:
             # Resumed with the same definition and inputs as the result it already has: never pay for it twice.
@@ -241,6 +240,21 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
     if isinstance(output, dict) and isinstance(output.get("cost_usd"), float):
         scope.cost_usd = output["cost_usd"]
     return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output, cache_key=key)
+
+
+def _run_workflow(
+    runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim, *, ctx: StepContext, scope: AttemptScope
+) -> str:
+    # A workflow step waits for its child run; a repeated one records its output once its loop has ended.
+    step = spec.steps_by_name[attempt.step]
+    if step.repeat is None:
+        waiting: str | None = run_workflow_step(runtime, step, attempt, ctx, claim)
+    else:
+        waiting, output = run_repeated_workflow_step(runtime, step, attempt, ctx, claim)
+        if waiting is None:
+            return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output)
+    scope.finish("waiting")
+    return waiting or ""
 
 
 def _gave_up(claim: Claim) -> ErrorRecord:

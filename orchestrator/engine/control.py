@@ -137,8 +137,12 @@ def decide_step(
     comment: str = "",
     timed_out: bool = False,
     generation: str = "",
+    item: int | None = None,
 ) -> dict[str, Any]:
     """Approve or reject a waiting approval step as ``by``; the first allowed decision wins.
+
+    An approval map step (``for_each``) takes one decision per item: ``item`` names it (required there, refused
+    elsewhere); the item then finishes with the decision, and the step's output is the ordered list of them.
 
     ``decision`` is ``approve`` or ``reject`` by one of the step's approvers. Only the sweeper passes
     ``timed_out=True``, with what the timeout decides (``timeout:approve``, ``timeout:reject``, ``timeout:fail``) and
@@ -150,7 +154,8 @@ def decide_step(
         The decision as recorded (the step's output).
 
     Raises:
-        InputValidationError: ``comment`` is longer than ``MAX_DECISION_COMMENT_CHARS``; nothing is written.
+        InputValidationError: ``comment`` is longer than ``MAX_DECISION_COMMENT_CHARS``, or ``item`` is missing on a
+            map step or given on another; nothing is written.
         ValueError: ``decision`` does not fit ``timed_out`` (a ``timeout:`` decision needs the flag and vice versa).
         RunNotFoundError: No such run.
         DefinitionNotFoundError: The run's workflow definition is no longer stored.
@@ -176,10 +181,19 @@ def decide_step(
             f"step {step!r} is not waiting for a decision (it is a {step_spec.uses.value} step, not an approval)",
             reason="not_waiting",
         )
+    if is_map(step_spec) != (item is not None):
+        raise InputValidationError(
+            f"step {step!r} is a map step: name the item to decide (item, --item)"
+            if item is None
+            else f"step {step!r} is not a map step: it has no item {item}"
+        )
     # The timeout's audit name grants nothing by itself: a step listing "timeout" as an approver gains no backdoor.
     allowed = timed_out or (by != TIMEOUT_PRINCIPAL and by in step_spec.params.approvers)
     token = f"decision-{uuid.uuid4().hex}"
-    result = store.decide(run_id, step, Decision(decision, by, comment, allowed, token, generation=generation))
+    ruling = Decision(decision, by, comment, allowed, token, generation=generation)
+    result = store.decide(run_id, step, ruling) if item is None else store.decide_item(run_id, step, item, ruling)
+    if item is not None:
+        step = f"{step}[{item}]"  # what the refusals below name
     outcome = result.outcome
     if outcome == DecisionOutcome.MISSING:
         raise RunNotFoundError(run_id)
@@ -204,21 +218,24 @@ def decide_step(
         )
     verdict = decision.removeprefix("timeout:")
     record = {"approved": verdict == "approve", "decision": decision, "by": by, "comment": comment}
-    attempt = Attempt(run_id, step, result.generation, token)
-    if verdict == "approve":
-        record_outcome(publisher, settings, store, spec, attempt, outcome=StepOutcome.SUCCEEDED, output=record)
-    else:
+    error: ErrorRecord | None = None
+    if verdict != "approve":
         kind = "approval_timeout" if verdict == "fail" else "rejected"
         message = "no decision before the approval timeout" if verdict == "fail" else f"rejected by {by}"
-        error: ErrorRecord = {
+        error = {
             "type": kind,
             "status": None,
             "message": message + (f": {comment}" if comment else ""),
             "retryable": False,
         }
-        record_outcome(
-            publisher, settings, store, spec, attempt, outcome=StepOutcome.FAILED, output=record, error=error
-        )
+    outcome_ = StepOutcome.SUCCEEDED if error is None else StepOutcome.FAILED
+    attempt = Attempt(run_id, step_spec.name, result.generation, token, item)
+    if item is not None:
+        from orchestrator.engine.mapping import RecordParts, record_item  # the map engine imports this module
+
+        record_item(RecordParts(publisher, settings, store), spec, attempt, outcome_, output=record, error=error)
+    else:
+        record_outcome(publisher, settings, store, spec, attempt, outcome=outcome_, output=record, error=error)
     return record
 
 
@@ -262,6 +279,10 @@ def stop_run(
     if result.outcome == StopOutcome.OK:
         from orchestrator.engine import subflow  # it builds on this module (record_outcome, resume_run)
 
+        # A step that parked on its child after ``fields`` was read and before the stop: its child too.
+        after = store.run_fields(run_id)
+        late = (v for k, v in after.items() if k.endswith(":child_run_id") and v and fields.get(k) != v)
+        children += sorted(set(late))
         subflow.stop_children(publisher, settings, store, fields, status, items=children)
         subflow.child_ended(publisher, settings, store, run_id)
     return result

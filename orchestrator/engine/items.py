@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from orchestrator import telemetry
 from orchestrator.definition.mapping import is_map
-from orchestrator.definition.spec import StepKind, StepSpec, WorkflowSpec
+from orchestrator.definition.spec import ApprovalParams, StepKind, StepSpec, WorkflowSpec
 from orchestrator.domain import Attempt, ClaimOutcome, ItemClaim, RunStatus, StepOutcome
 from orchestrator.engine.attempt import Delivery, attempt_info, error_record
 from orchestrator.engine.control import DEADLINE_REASON, stop_run
@@ -104,6 +104,10 @@ def _run_claimed_item(
             what = run_workflow_item(runtime, step, attempt, ctx)
             scope.finish("waiting")
             return what
+        if isinstance(step.params, ApprovalParams):
+            what = _wait_for_decision(runtime, step.params, attempt, ctx)
+            scope.finish("waiting")
+            return what
         call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, step=attempt.step)
         try:
             output = run_item(runtime, step, ctx, call)
@@ -134,6 +138,17 @@ def _run_claimed_item(
     if isinstance(output, dict) and isinstance(output.get("cost_usd"), float):
         scope.cost_usd = output["cost_usd"]
     return _finish(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output)
+
+
+def _wait_for_decision(runtime: Runtime, params: ApprovalParams, attempt: Attempt, ctx: StepContext) -> str:
+    # One decision per item: the item's attempt ends here, holding no worker slot while a human decides.
+    message = runtime.executor.approval_message(params, ctx)
+    data: dict[str, Any] = {"index": attempt.index, "approvers": list(params.approvers), "message": message}
+    data["timeout_s"] = params.timeout_s
+    parked = _patiently(
+        runtime, f"{attempt}: wait", lambda: runtime.store.wait_item_decision(attempt, data, params.timeout_s)
+    )
+    return "item waiting for a decision" if parked else "stale attempt: not parked"
 
 
 def _requeue(runtime: Runtime, attempt: Attempt, error: ErrorRecord | None, countdown: float, *, counted: bool) -> bool:

@@ -14,10 +14,11 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orchestrator.definition.conditions import evaluate_value
-from orchestrator.definition.spec import StepSpec, WorkflowSpec
+from orchestrator.definition.spec import StepKind, StepSpec, WorkflowSpec
 from orchestrator.domain import Attempt, Claim, StepOutcome
 from orchestrator.engine.control import record_outcome
 from orchestrator.engine.coordinator import result_key
@@ -45,6 +46,15 @@ class Parts(Protocol):
 
     @property
     def publisher(self) -> StepPublisher: ...
+
+
+@dataclass(frozen=True)
+class RecordParts:
+    """What :func:`record_item` needs, outside a worker's runtime (a child run's end, a human decision)."""
+
+    publisher: StepPublisher
+    settings: Settings
+    store: StateStore
 
 
 def map_items(runtime: Runtime, step: StepSpec, ctx: StepContext) -> list[Any]:
@@ -138,7 +148,12 @@ def record_item(
     done = retry_through_outage(
         f"{attempt}: record {outcome.value}",
         lambda: runtime.store.finish_item(
-            attempt, outcome, output=output, error=error, grace_s=runtime.settings.queued_grace_s
+            attempt,
+            outcome,
+            output=output,
+            error=error,
+            grace_s=runtime.settings.queued_grace_s,
+            may_refill=bool(spec.steps_by_name[attempt.step].max_parallel),
         ),
         patience_s=runtime.settings.outage_patience_s,
     )
@@ -167,6 +182,7 @@ def finish_map(runtime: Parts, spec: WorkflowSpec, step_attempt: Attempt) -> str
     """Finish a map step whose items have all ended: the ordered outputs, or a failure naming the first item that
     did not succeed. ``step_attempt`` names the step's own task (the one that expanded it)."""
     run_id, step = step_attempt.run_id, step_attempt.step
+    step_spec = spec.steps_by_name[step]
     outputs, unsuccessful = retry_through_outage(
         f"{step_attempt}: read items",
         lambda: runtime.store.item_outputs(run_id, step),
@@ -193,7 +209,8 @@ def finish_map(runtime: Parts, spec: WorkflowSpec, step_attempt: Attempt) -> str
             spec,
             step_attempt,
             outcome=outcome,
-            output=outputs if outcome == StepOutcome.SUCCEEDED else None,
+            # An approval map step's output is its decisions, a rejection's included.
+            output=outputs if outcome == StepOutcome.SUCCEEDED or step_spec.uses == StepKind.APPROVAL else None,
             error=error,
         ),
         patience_s=runtime.settings.outage_patience_s,

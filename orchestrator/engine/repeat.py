@@ -65,7 +65,7 @@ def run_repeated(
     last = continued_from(found, repeat, key=key, generation=attempt.generation, force=force)
     if last is not None and loop_ended(last, repeat):
         # The worker before finished the loop but died before recording the step.
-        return _result(step, repeat, last)
+        return loop_result(step, repeat, last)
     deadline = time.monotonic() + step.timeout_s if step.timeout_s else None
     iteration = last.iteration if last is not None else 0
     previous = last.output if last is not None else None
@@ -86,7 +86,7 @@ def run_repeated(
             log.info("%s: stale after iteration %d; the loop stops", attempt, iteration)
             return output
         if loop_ended(checkpoint, repeat):
-            return _result(step, repeat, checkpoint)
+            return loop_result(step, repeat, checkpoint)
         previous = output
 
 
@@ -122,7 +122,12 @@ def loop_ended(checkpoint: IterationCheckpoint, repeat: RepeatSpec) -> bool:
     return checkpoint.until_met or checkpoint.iteration >= repeat.max_iterations
 
 
-def _result(step: StepSpec, repeat: RepeatSpec, last: IterationCheckpoint) -> Any:
+def loop_result(step: StepSpec, repeat: RepeatSpec, last: IterationCheckpoint) -> Any:
+    """The output of a loop that ended at ``last``.
+
+    Raises:
+        NonRetryableStepError: ``max_iterations`` when ``until`` never held and ``on_exhausted`` is ``fail``.
+    """
     if last.until_met or repeat.on_exhausted == "succeed":
         return last.output
     until = repeat.until if repeat.until is not None else repeat.until_function

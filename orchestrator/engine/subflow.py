@@ -20,7 +20,6 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.definition.agent import AgentParams
@@ -30,12 +29,13 @@ from orchestrator.definition.spec import StepSpec, WorkflowSpec
 from orchestrator.definition.subflow import WorkflowLookup, WorkflowParams, child_spec, render_inputs
 from orchestrator.domain import Attempt, ChildTotals, Claim, ParentLink, RunStatus, StepOutcome
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, resume_run, stop_run
-from orchestrator.engine.mapping import record_item
+from orchestrator.engine.mapping import RecordParts, record_item
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.status import run_view
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import (
+    DeferralRecord,
     ErrorRecord,
     InputValidationError,
     NonRetryableStepError,
@@ -142,6 +142,8 @@ def start_child(
     link = ParentLink(parent_run, step, index, gen, depth)
     store.link_parent(child, link, budget_cap_nusd=_budget_left(store, parent))
     _cap_deadline(store, child, parent)
+    if stop_orphan(runtime, parent_run, child):
+        return child  # the parent was cancelled (or timed out) meanwhile: its stop may not have seen this child
     if created:
         runtime.publisher.publish(spec, run_id=child, steps=spec.start_steps, generation="1", task_ids=held)
         store.announce(child, "run_started", spec.name)
@@ -160,60 +162,96 @@ def run_workflow_step(runtime: Runtime, step: StepSpec, attempt: Attempt, ctx: S
         NonRetryableStepError: The child's workflow is unknown, its inputs do not render or fit its schema, or runs
             would nest too deep.
     """
+    fields = runtime.store.run_fields(attempt.run_id)
+    child = fields.get(keys.step_field(step.name, "child_run_id")) or None
+    return park_on_child(runtime, step, attempt, ctx, fields, child=None if claim.force else child, index=None)
+
+
+def park_on_child(
+    runtime: Runtime,
+    step: StepSpec,
+    attempt: Attempt,
+    ctx: StepContext,
+    fields: dict[str, str],
+    *,
+    child: str | None,
+    index: int | None,
+) -> str:
+    """Continue ``child`` (resumed when it failed, was cancelled or timed out), or start a new one rendered from
+    ``ctx`` when ``None`` or gone; park the step (or the item, for an item's ``attempt``) waiting for it. ``index``:
+    the item's index, or a repeated step's iteration (the child's ``parent.index``, part of its idempotency key),
+    else ``None``. ``fields``: the parent run's."""
     params = step.params
     assert isinstance(params, WorkflowParams), f"step {step.name!r} is not a workflow step"
     store = runtime.store
-    fields = store.run_fields(attempt.run_id)
-    child = fields.get(keys.step_field(step.name, "child_run_id")) or None
-    status = _status_of(store, child) if child is not None and not claim.force else None
-    if status is None:
+    status = _status_of(store, child) if child is not None else None
+    if child is None or status is None:
         try:
             target = child_spec(params, workflow_lookup(store), step=step.name)
         except WorkflowDefinitionError as exc:
             raise NonRetryableStepError(str(exc), kind="unknown_workflow") from None
         inputs = render_inputs(params.inputs, ctx.template_context(), timeout_s=runtime.settings.template_timeout_s)
         child = start_child(
-            runtime, attempt.run_id, step.name, None, ref=target, inputs=inputs, generation=attempt.generation
+            runtime, attempt.run_id, step.name, index, ref=target, inputs=inputs, generation=attempt.generation
         )
     else:
-        assert child is not None
         # Continued in this generation: its end must complete this generation's step.
         depth = int(fields.get("depth") or 1) + 1
-        link = ParentLink(attempt.run_id, step.name, None, attempt.generation, depth)
+        link = ParentLink(attempt.run_id, step.name, index, attempt.generation, depth)
         store.link_parent(child, link, budget_cap_nusd=_budget_left(store, fields))
-    if not store.wait_for_child(attempt, child):
+    item = attempt.index is not None
+    if not (store.wait_item_child(attempt, child) if item else store.wait_for_child(attempt, child)):
+        # A cancel that landed between the start and the park did not see the child: stop it here.
+        stop_orphan(runtime, attempt.run_id, child)
         return "stale attempt: not parked"
     if status in _RESUMABLE:
         _resume_child(runtime, child, fields)
     # The child may have ended before the step waited (or it had already): take its outcome now. The store lets
     # only one caller take the step over, so the child's own end racing this is harmless.
     child_ended(runtime.publisher, runtime.settings, store, child)
-    return f"waiting for child run {child}"
+    return f"{'item ' if item else ''}waiting for child run {child}"
+
+
+def stop_orphan(runtime: Runtime, parent_run: str, child: str) -> bool:
+    """Stop ``child`` the way its parent stopped when the parent is no longer running (cancelled or timed out while
+    the child was being started or parked); returns whether it did. A parent still running keeps the child (a stale
+    park there is a re-queued attempt, which finds the child again)."""
+    status = runtime.store.run_fields(parent_run).get("status")
+    if status not in (RunStatus.CANCELLED.value, RunStatus.TIMED_OUT.value):
+        return False
+    reason = f"parent run {parent_run} was {status.replace('_', ' ')}"
+    try:
+        stop_run(runtime.publisher, runtime.store, child, RunStatus(status), reason, settings=runtime.settings)
+    except RunNotFoundError:
+        return False
+    log.info("child run %s stopped: %s", child, reason)
+    return True
 
 
 def run_workflow_item(runtime: Runtime, step: StepSpec, attempt: Attempt, ctx: StepContext) -> str:
     """The attempt of one item of a ``workflow`` map step: start or find its child (idempotent per parent run, step,
     item index and generation), park the item waiting for it, and end.
 
+    After a resume, the child an earlier generation's item started and that did not succeed is continued (resumed
+    when it failed, was cancelled or timed out) rather than replaced, unless ``resume --from`` named the step.
+
     Raises:
         NonRetryableStepError: As :func:`run_workflow_step`.
     """
-    params = step.params
-    assert isinstance(params, WorkflowParams), f"step {step.name!r} is not a workflow step"
-    store = runtime.store
-    try:
-        target = child_spec(params, workflow_lookup(store), step=step.name)
-    except WorkflowDefinitionError as exc:
-        raise NonRetryableStepError(str(exc), kind="unknown_workflow") from None
-    inputs = render_inputs(params.inputs, ctx.template_context(), timeout_s=runtime.settings.template_timeout_s)
-    child = start_child(
-        runtime, attempt.run_id, step.name, attempt.index, ref=target, inputs=inputs, generation=attempt.generation
-    )
-    if not store.wait_item_child(attempt, child):
-        return "stale attempt: not parked"
-    # As for a step: the child may have ended before the item waited.
-    child_ended(runtime.publisher, runtime.settings, store, child)
-    return f"item waiting for child run {child}"
+    fields = runtime.store.run_fields(attempt.run_id)
+    child = _earlier_child(runtime.store, attempt, fields)
+    return park_on_child(runtime, step, attempt, ctx, fields, child=child, index=attempt.index)
+
+
+def _earlier_child(store: StateStore, attempt: Attempt, fields: dict[str, str]) -> str | None:
+    """The child an item's earlier generation started and that did not succeed (``None``: start a new one)."""
+    assert attempt.index is not None, "an item's attempt"
+    if fields.get(keys.step_field(attempt.step, "force")) == "1":
+        return None
+    records = store.item_records(attempt.run_id, attempt.step, offset=attempt.index, limit=1)
+    child = records[0].get("child_run_id") if records else None
+    status = _status_of(store, child) if child else None
+    return child if status is not None and status != RunStatus.SUCCEEDED.value else None
 
 
 def child_ended(publisher: StepPublisher, settings: Settings | None, store: StateStore, child_run_id: str) -> None:
@@ -245,11 +283,13 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
         return
     parent_spec = store.load_definition(parent["def_hash"])
     parent_step = parent_spec.steps_by_name.get(link.step)
-    # An index means a map item's child, unless the step is an agent (its workflow:NAME calls carry an index too).
+    # An index means a map item's child, unless the step is an agent (its workflow:NAME calls carry an index too) or
+    # repeats (the index is the iteration).
     tool = parent_step is not None and isinstance(parent_step.params, AgentParams)
-    if link.index is not None and not tool:
+    repeated = parent_step is not None and parent_step.repeat is not None
+    if link.index is not None and not tool and not repeated:
         if store.child_item_ended(link, child_run_id, totals, task_id=token, lease_s=settings.lease_s):
-            parts = _Parts(publisher, settings, store)
+            parts = RecordParts(publisher, settings, store)
             _finish_item(parts, parent_spec, link, token, child=(child_run_id, fields))
         return
     # An agent's workflow:NAME call: its spend counts, but the agent's attempt (running) takes the outcome itself.
@@ -258,7 +298,18 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
     if _parent_timed_out(publisher, store, link, view_status):
         return
     attempt = Attempt(link.run_id, link.step, link.generation, token)
-    outcome, output, error = _child_outcome(store, child_run_id, fields)
+    if repeated and view_status == RunStatus.SUCCEEDED:
+        # A worker checkpoints the iteration, tests ``until`` and starts the next child: the step goes back to its
+        # queue (the attempt given back, as for a deferral), lease-indexed so a lost message is sent again.
+        message = f"child run {child_run_id} ended iteration {link.index}"
+        deferral: DeferralRecord = {"reason": "next_iteration", "model": "", "message": message}
+        if store.defer(attempt, deferral, countdown_s=0.0, grace_s=settings.queued_grace_s):
+            task_ids = {link.step: token}
+            publisher.publish(
+                parent_spec, run_id=link.run_id, steps=(link.step,), generation=link.generation, task_ids=task_ids
+            )
+        return
+    outcome, output, error = child_outcome(store, child_run_id, fields)
     record_outcome(publisher, settings, store, parent_spec, attempt, outcome=outcome, output=output, error=error)
 
 
@@ -271,30 +322,21 @@ def _parent_timed_out(publisher: StepPublisher, store: StateStore, link: ParentL
     return True
 
 
-@dataclass(frozen=True)
-class _Parts:
-    """What :func:`~orchestrator.engine.mapping.record_item` needs, outside a worker's runtime."""
-
-    publisher: StepPublisher
-    settings: Settings
-    store: StateStore
-
-
 def _finish_item(
-    parts: _Parts, spec: WorkflowSpec, link: ParentLink, token: str, *, child: tuple[str, dict[str, str]]
+    parts: RecordParts, spec: WorkflowSpec, link: ParentLink, token: str, *, child: tuple[str, dict[str, str]]
 ) -> None:
     """Finish a taken-over item with its child's outcome (``child``: its id and fields), then refill and, after the
     last item, finish the step."""
     child_run_id, fields = child
     if _parent_timed_out(parts.publisher, parts.store, link, RunStatus(fields["status"])):
         return
-    outcome, output, error = _child_outcome(parts.store, child_run_id, fields)
+    outcome, output, error = child_outcome(parts.store, child_run_id, fields)
     attempt = Attempt(link.run_id, link.step, link.generation, token, link.index)
     _, what = record_item(parts, spec, attempt, outcome, output=output, error=error)
     log.info("run %s step %s item %s: child run %s ended: %s", link.run_id, link.step, link.index, child_run_id, what)
 
 
-def _child_outcome(
+def child_outcome(
     store: StateStore, child_run_id: str, fields: dict[str, str]
 ) -> tuple[StepOutcome, dict[str, Any] | None, ErrorRecord | None]:
     """An ended child's outcome as its parent's: its step outputs by name, or an error naming it."""

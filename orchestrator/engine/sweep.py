@@ -18,7 +18,13 @@ from orchestrator.domain import RunStatus, StopOutcome
 from orchestrator.engine.backlog import oldest_sent_at
 from orchestrator.engine.control import DEADLINE_REASON, decide_step, stop_run
 from orchestrator.engine.runtime import Runtime
-from orchestrator.errors import DecisionRefusedError, DefinitionNotFoundError, ErrorRecord, RunNotFoundError
+from orchestrator.errors import (
+    DecisionRefusedError,
+    DefinitionNotFoundError,
+    ErrorRecord,
+    InputValidationError,
+    RunNotFoundError,
+)
 from orchestrator.principals import TIMEOUT_PRINCIPAL
 from orchestrator.state import keys
 
@@ -167,7 +173,8 @@ def _fire_deadlines(runtime: Runtime) -> int:
 
 def _fire_approval_timeouts(runtime: Runtime) -> int:
     count = 0
-    for run_id, generation, step in runtime.store.due_approvals():
+    for run_id, generation, unit in runtime.store.due_approvals():
+        step, item = keys.parse_item_unit(unit)  # an approval map step's items wait each under its own unit
         try:
             spec = runtime.store.load_definition(runtime.store.run_fields(run_id)["def_hash"])
             params = spec.steps_by_name[step].params
@@ -182,9 +189,10 @@ def _fire_approval_timeouts(runtime: Runtime) -> int:
                 by=TIMEOUT_PRINCIPAL,
                 timed_out=True,
                 generation=generation,
+                item=item,
             )
             count += 1
-        except (RunNotFoundError, DefinitionNotFoundError, DecisionRefusedError, KeyError):
+        except (RunNotFoundError, DefinitionNotFoundError, DecisionRefusedError, InputValidationError, KeyError):
             pass  # decided meanwhile, or the run ended or expired: nothing left to time out
-        runtime.store.drop_approval(run_id, generation, step)
+        runtime.store.drop_approval(run_id, generation, unit)
     return count

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from orchestrator.domain import (
         Attempt,
         ChildTotals,
+        Decision,
+        DecisionResult,
         ItemClaim,
         ItemDispatch,
         ParentLink,
@@ -112,11 +114,14 @@ class ItemStore(Protocol):
         output: Any = None,
         error: ErrorRecord | None = None,
         grace_s: float = 300.0,
+        may_refill: bool = True,
     ) -> ItemDispatch:
         """Record a running item's final outcome and queue the pending items its place frees (``max_parallel``).
+        ``output`` is kept whatever the outcome (an approval item's rejection keeps its decision).
 
         ``all_ended`` says this was the last unfinished item: the caller finishes the step. The attempt leaves the
-        lease index; the items queued enter it as :meth:`expand_items` says.
+        lease index once the items queued are in it (as :meth:`expand_items` says); ``may_refill`` ``False`` (the
+        step has no ``max_parallel``, so nothing can be queued) lets it leave at once.
         """
         ...
 
@@ -149,6 +154,17 @@ class ItemStore(Protocol):
         """Park a running item of a ``workflow`` map step as ``waiting`` for its child run: no task, no lease (the
         sweeper leaves it alone), still one of ``max_parallel``; the attempt leaves the lease index. ``False`` when
         the attempt is stale."""
+        ...
+
+    def wait_item_decision(self, attempt: Attempt, data: dict[str, Any], timeout_s: float | None) -> bool:
+        """Park a running item of an ``approval`` map step as ``waiting`` for a human decision on it, as
+        :meth:`wait_item_child` parks one for its child (``data``: the ``item_waiting`` event's, with ``index``);
+        its timeout, if any, is indexed under the item's unit. ``False`` when the attempt is stale."""
+        ...
+
+    def decide_item(self, run_id: str, step: str, index: int, decision: Decision) -> DecisionResult:
+        """Record a decision on item ``index`` of an approval map step, by the rules of :meth:`StateStore.decide`
+        (audited per item); on ``OK`` the item runs under ``decision.task_id`` for the caller to finish."""
         ...
 
     def child_item_ended(

@@ -172,3 +172,31 @@ def test_a_workflow_map_runs_a_child_per_channel_and_counts_their_spend(
         assert output[index] == {"post": child_view["steps"]["post"]["output"]}
     # Each child's LLM call counts once in the parent's cost: the draft's and one per channel.
     assert view["llm_calls"] == 3
+
+
+def test_a_repeated_workflow_step_runs_one_child_per_iteration_each_seeing_the_previous(
+    client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    inline = child(f"round_{unique}", SUMMARY)
+    text = "Round {{ iteration }} after {{ previous.summary.text if previous else 'nothing' }}"
+    loop = {
+        **compose("rounds", {"definition": inline, "inputs": {"text": text}}),
+        "repeat": {"until": "'Round 3' in output.summary.text", "max_iterations": 5},
+    }
+    spec = workflow(f"rounds_{unique}", loop, {"name": "after", "uses": "noop", "depends_on": ["rounds"]})
+
+    run_id = client.submit(spec)
+    view = client.wait(run_id, timeout=50)
+
+    assert view["status"] == "succeeded", view
+    step = view["steps"]["rounds"]
+    assert (step["iterations"], step["until_met"]) == (3, True)
+    children = [e.data["child_run_id"] for e in client.store.events(run_id) if e.type == "step_waiting"]
+    assert len(children) == len(set(children)) == 3, "one child run per iteration, none started twice"
+    texts = [client.status(c)["inputs"]["text"] for c in children]
+    assert texts[0] == "Round 1 after nothing"
+    assert texts[1].startswith('Round 2 after Regarding "Summarise Round 1 after nothing')
+    assert [client.status(c)["parent"]["index"] for c in children] == [1, 2, 3]
+    assert step["output"] == {"summary": client.status(children[2])["steps"]["summary"]["output"]}
+    iterations = [e.data["iteration"] for e in client.store.events(run_id) if e.type == "step_iteration"]
+    assert iterations == [1, 2, 3], "each finished iteration checkpointed once"

@@ -163,8 +163,9 @@ def test_cancel_stops_every_unfinished_item() -> None:
 def test_validation_rejects_a_bad_for_each_naming_the_step() -> None:
     with pytest.raises(WorkflowDefinitionError, match="step 'm': for_each refers to 'os'"):
         check_workflow(parse_workflow(workflow(_map("os.environ"))))
-    with pytest.raises(WorkflowDefinitionError, match=r"step 'm'.*for_each is not supported on approval steps"):
-        parse_workflow(workflow({"name": "m", "uses": "approval", "for_each": "[1]", "with": {"approvers": ["a"]}}))
+    with pytest.raises(WorkflowDefinitionError, match=r"step 'm'.*for_each is not supported on agent steps"):
+        parse_workflow(workflow({"name": "m", "uses": "agent", "for_each": "[1]", "with": {"prompt": "hi"}}))
+    parse_workflow(workflow({"name": "m", "uses": "approval", "for_each": "[1]", "with": {"approvers": ["a"]}}))
     with pytest.raises(WorkflowDefinitionError, match=r"step 'm'.*max_parallel needs for_each"):
         parse_workflow(workflow({"name": "m", "uses": "noop", "max_parallel": 2}))
     with pytest.raises(WorkflowDefinitionError, match="max_parallel"):

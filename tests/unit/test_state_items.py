@@ -4,6 +4,7 @@ and a resume that keeps the items that succeeded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 
@@ -214,3 +215,69 @@ def test_stop_cancels_a_waiting_item_without_a_task_to_interrupt(backend: Backen
     backend.store.stop("run1", RunStatus.CANCELLED, "test", ("m", "after"))
     assert backend.store.stop_items("run1", "m", "1") == []
     assert (counts(backend)["cancelled"], counts(backend)["waiting"]) == (1, 0)
+
+
+def _die_after_first_round_trip(store: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the worker "die" right after its next pipeline reached Redis: every later command raises."""
+    real = store._pipeline  # type: ignore[attr-defined]
+
+    def then_die(*commands: object) -> object:
+        replies = real(*commands)
+        monkeypatch.setattr(store.client, "pipeline", _dead)  # type: ignore[attr-defined]
+        monkeypatch.setattr(store.client, "zadd", _dead)  # type: ignore[attr-defined]
+        monkeypatch.setattr(store.client, "zrem", _dead)  # type: ignore[attr-defined]
+        return replies
+
+    monkeypatch.setattr(store, "_pipeline", then_die)
+
+
+def _dead(*_: object, **__: object) -> None:
+    raise ConnectionError("the worker died here")
+
+
+def test_items_an_expansion_queues_are_in_the_lease_index_before_any_publish(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if backend.client is None:
+        pytest.skip("a window of the Redis store: between its round trips")
+    start(backend, MAP, inputs={"xs": []})
+    at = Attempt("run1", "m", "1", "task-m")
+    backend.store.claim(at, lease_s=LONG_LEASE_S, upstream=(), children=MAP.graph.children["m"])
+    _die_after_first_round_trip(backend.store, monkeypatch)
+    with contextlib.suppress(ConnectionError):  # dead or not, nothing after the first round trip may be needed
+        backend.store.expand_items(at, [json.dumps(i) for i in range(3)], [""] * 3, max_parallel=2, grace_s=GRACE_S)
+    monkeypatch.undo()
+
+    queued = {i: backend.client.hget(keys.items_key("run1", "m"), f"{i}:task") for i in range(3)}
+    assert queued[2] in (None, b"", "")
+    for i in (0, 1):
+        task = queued[i].decode() if isinstance(queued[i], bytes) else queued[i]
+        assert backend.client.zscore(keys.LEASES, keys.lease_member("run1", f"m#{i}", str(task))) is not None
+
+
+def test_a_refill_lost_with_its_finishing_worker_is_held_and_sent_by_the_sweeper(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if backend.client is None:
+        pytest.skip("a window of the Redis store: between its round trips")
+    start(backend, MAP, inputs={"xs": []})
+    task0 = expand(backend, MAP, 3, max_parallel=1).publish[0][1]
+    backend.store.claim_item(item(0, task0), lease_s=SHORT_LEASE_S, upstream=())
+    _die_after_first_round_trip(backend.store, monkeypatch)
+    with pytest.raises(ConnectionError):
+        backend.store.finish_item(item(0, task0), StepOutcome.SUCCEEDED, output={"i": 0}, grace_s=GRACE_S)
+    monkeypatch.undo()
+    raw = backend.client.hget(keys.items_key("run1", "m"), "1:task")
+    task1 = raw.decode() if isinstance(raw, bytes) else str(raw)
+    refill = keys.lease_member("run1", "m#1", task1)
+    assert backend.client.zscore(keys.LEASES, refill) is None, "the refill was queued but never held"
+
+    own = keys.lease_member("run1", "m#0", task0)
+    assert backend.wait_past(SHORT_LEASE_S, lambda: own in backend.store.expired_leases())
+    assert backend.store.reclaim_item(own, "task-x", LOST, grace_s=GRACE_S) is None
+    assert own not in backend.store.expired_leases()
+    assert refill in backend.store.expired_leases(), "held by the finished item's reclaim, due at once"
+    found = backend.store.reclaim_item(refill, "task-y", LOST, grace_s=GRACE_S)
+    assert found is not None
+    assert (found.index, found.task_id) == (1, task1), "sent again under the task id its lost message carried"
+    assert counts(backend)["succeeded"] == 1

@@ -133,12 +133,34 @@ def test_workflow_and_definition_together_are_refused() -> None:
         parse_workflow(parent_workflow("p", both))
 
 
-def test_repeat_on_a_workflow_step_is_refused() -> None:
-    spec = parent_workflow("p", {"workflow": "x"})
-    spec["steps"][1]["repeat"] = {"until": "true", "max_iterations": 2}
+def test_repeat_on_a_workflow_step_runs_a_child_per_iteration_until_it_holds(client: Client) -> None:
+    inline = child_workflow(name("round"))
+    text = "Round {{ iteration }} after {{ previous.summary.text if previous else 'nothing' }}"
+    spec = parent_workflow(name("p"), {"definition": inline, "inputs": {"text": text}})
+    spec["steps"][1]["repeat"] = {"until": "'Round 2' in output.summary.text", "max_iterations": 4}
 
-    with pytest.raises(WorkflowDefinitionError, match="repeat is not supported on workflow steps"):
-        parse_workflow(spec)
+    run_id = client.submit(spec)
+    view = client.wait(run_id, timeout=30)
+
+    assert view["status"] == "succeeded", view
+    assert (view["steps"]["compose"]["iterations"], view["steps"]["compose"]["until_met"]) == (2, True)
+    children = [e.data["child_run_id"] for e in client.store.events(run_id) if e.type == "step_waiting"]
+    assert len(set(children)) == 2
+    assert client.status(children[1])["inputs"]["text"].startswith("Round 2 after Regarding")
+    with pytest.raises(WorkflowDefinitionError, match="repeat is not supported on approval steps"):
+        parse_workflow(
+            {
+                "name": "a",
+                "steps": [
+                    {
+                        "name": "r",
+                        "uses": "approval",
+                        "with": {"approvers": ["x"]},
+                        "repeat": {"until": "true", "max_iterations": 2},
+                    }
+                ],
+            }
+        )
 
 
 # -- runs on the in-memory backend ------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ local function take(run, items, p, n, prefix, now, out)
     local f = cursor .. ':'
     if redis.call('HGET', items, f .. 'status') == 'pending' then
       local task = prefix .. '.' .. cursor
-      redis.call('HSET', items, f .. 'status', 'queued', f .. 'task', task, f .. 'queued_at', now, f .. 'lease', '')
+      -- No lease field: a pending item has none (expand clears a reset one's), and none reads as expired.
+      redis.call('HSET', items, f .. 'status', 'queued', f .. 'task', task, f .. 'queued_at', now)
       out[#out + 1] = cursor
       out[#out + 1] = task
       taken = taken + 1

@@ -23,15 +23,17 @@ if ITEM_ENDED[status] then return {'done', status} end
 if head[1] ~= 'running' then return {'inactive', head[1]} end
 if head[5] and head[5] ~= '' and now > tonumber(head[5]) then return {'inactive', 'deadline'} end
 if head[3] ~= 'running' then return {'inactive', 'step ' .. (head[3] or '')} end
-if status == 'pending' then return {'busy'} end
+-- Pending: not queued yet; waiting: parked for its child or a decision (a redelivered message must not restart it).
+if status == 'pending' or status == 'waiting' then return {'busy'} end
 if status == 'queued' and row[2] and row[2] ~= '' and row[2] ~= task then return {'superseded'} end
 if status == 'running' then return {'busy', row[2] == task and 'own' or ''} end
 
 local attempts = (tonumber(row[3]) or 0) + 1
 local stamp = string.format('%.6f', now)
-redis.call('HSET', items, f .. 'status', 'running', f .. 'task', task, f .. 'lease',
-  string.format('%.6f', now + lease_s), f .. 'attempts', attempts)
-if not row[7] then redis.call('HSET', items, f .. 'started_at', stamp) end
+local set = {f .. 'status', 'running', f .. 'task', task, f .. 'lease', string.format('%.6f', now + lease_s),
+  f .. 'attempts', attempts}
+if not row[7] then set[#set + 1] = f .. 'started_at' set[#set + 1] = stamp end
+redis.call('HSET', items, unpack(set))
 count_move(run, p, 'queued', 'running')
 events_from(head[6])
 emit(run, events, stamp, 'item_started', step, attempts, '{"index":' .. index .. '}')

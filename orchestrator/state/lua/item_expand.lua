@@ -23,12 +23,21 @@ if head[4] == gen then
   return out
 end
 local kept = 0
+-- Never expanded before: no item has a field yet, and absent fields read as empty (task, lease) or 0 (attempts,
+-- base), so a fresh item is written with what it has, no read and no clearing (two fields fewer per item kept).
+local fresh = not head[5]
 for i = 0, count - 1 do
   local f = i .. ':'
   local item, key = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
-  local row = redis.call('HMGET', items, f .. 'status', f .. 'key', f .. 'attempts')
+  local row = fresh and {} or redis.call('HMGET', items, f .. 'status', f .. 'key', f .. 'attempts')
   if row[1] == 'succeeded' and key ~= '' and row[2] == key then
     kept = kept + 1
+  elseif not row[1] then
+    if key ~= '' then
+      redis.call('HSET', items, f .. 'status', 'pending', f .. 'item', item, f .. 'key', key)
+    else
+      redis.call('HSET', items, f .. 'status', 'pending', f .. 'item', item)
+    end
   else
     redis.call('HSET', items, f .. 'status', 'pending', f .. 'item', item, f .. 'key', key, f .. 'task', '',
       f .. 'lease', '', f .. 'attempts', row[3] or 0, f .. 'base', row[3] or 0)

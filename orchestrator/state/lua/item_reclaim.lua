@@ -5,7 +5,10 @@
 -- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the step's item hash. ARGV: step, index, expected_task,
 -- new_task, error_json, grace_s, backlog_wait_s, owner_dead ('1': the process running it stopped beating; its lease
 -- is not waited for).
--- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease}; {"skip"}.
+-- An ended item whose finish queued refills ("refill" field) and whose lease entry is still there: its worker died
+-- before holding them.
+-- Returns {"ok", def_hash, generation, task_id, lease} to publish; {"live", lease}; {"skip"};
+-- {"refill", index, task_id, ...} (the refills to hold).
 local run, events, items = KEYS[1], KEYS[2], KEYS[3]
 local step, index, expected, new_task, err = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local grace, backlog_wait = tonumber(ARGV[6]), tonumber(ARGV[7] or '0')
@@ -13,9 +16,27 @@ local owner_dead = ARGV[8] == '1'
 local p = 's:' .. step .. ':'
 local f = index .. ':'
 local head = redis.call('HMGET', run, 'status', 'def_hash', 'gen', p .. 'status', 'seq')
-local row = redis.call('HMGET', items, f .. 'status', f .. 'task', f .. 'lease', f .. 'queued_at', f .. 'attempts')
+local row = redis.call('HMGET', items, f .. 'status', f .. 'task', f .. 'lease', f .. 'queued_at', f .. 'attempts',
+  f .. 'refill')
 local status = row[1]
 if head[1] ~= 'running' or head[4] ~= 'running' or row[2] ~= expected then return {'skip'} end
+if ITEM_ENDED[status] and row[6] and row[6] ~= '' then
+  -- Finished, but its worker died before holding the items its finish queued: those still queued under the task
+  -- it gave them are returned, to be held and sent again.
+  local out = {'refill'}
+  local pairs_ = {}
+  for v in string.gmatch(row[6], '[^,]+') do pairs_[#pairs_ + 1] = v end
+  for i = 1, #pairs_ - 1, 2 do
+    local g = pairs_[i] .. ':'
+    local other = redis.call('HMGET', items, g .. 'status', g .. 'task')
+    if other[1] == 'queued' and other[2] == pairs_[i + 1] then
+      out[#out + 1] = pairs_[i]
+      out[#out + 1] = pairs_[i + 1]
+    end
+  end
+  redis.call('HDEL', items, f .. 'refill')
+  return out
+end
 if status ~= 'running' and status ~= 'queued' then return {'skip'} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6

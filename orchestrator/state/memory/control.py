@@ -208,20 +208,7 @@ class RunControl(MemoryStateCore):
             elif run_status != "running" or status != "waiting":
                 outcome = f"refused: not waiting ({run_status if status == 'waiting' else status})"
             if run_status in _STOPPABLE_RUN:
-                audit = _json_list(fields.get(p + "audit"))
-                audit.append(
-                    {
-                        "at": stamp,
-                        "by": decision.by,
-                        "decision": decision.decision,
-                        "comment": decision.comment,
-                        "outcome": outcome,
-                    }
-                )
-                while len(audit) > MAX_AUDIT_ENTRIES:
-                    oldest = next((i for i, entry in enumerate(audit) if entry["outcome"] != "accepted"), 0)
-                    del audit[oldest]
-                fields[p + "audit"] = json.dumps(audit, separators=_COMPACT)
+                fields[p + "audit"] = audited(fields.get(p + "audit"), decision, stamp, outcome)
             if not decision.allowed:
                 return DecisionResult(DecisionOutcome.FORBIDDEN)
             if outcome != "accepted":
@@ -254,3 +241,14 @@ class RunControl(MemoryStateCore):
         """Forget an approval timeout that fired or no longer applies."""
         with self._lock:
             self._approvals.pop(keys.approval_member(run_id, generation, step), None)
+
+
+def audited(raw: str | None, decision: Decision, stamp: str, outcome: str) -> str:
+    """An audit trail (JSON) with ``decision`` appended, bounded as ``lua/decide.lua`` bounds it."""
+    audit = _json_list(raw)
+    entry = {"at": stamp, "by": decision.by, "decision": decision.decision, "comment": decision.comment}
+    audit.append({**entry, "outcome": outcome})
+    while len(audit) > MAX_AUDIT_ENTRIES:
+        oldest = next((i for i, old in enumerate(audit) if old["outcome"] != "accepted"), 0)
+        del audit[oldest]
+    return json.dumps(audit, separators=_COMPACT)

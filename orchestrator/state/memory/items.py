@@ -10,6 +10,9 @@ from orchestrator.domain import (
     Attempt,
     ChildTotals,
     ClaimOutcome,
+    Decision,
+    DecisionOutcome,
+    DecisionResult,
     ItemClaim,
     ItemDispatch,
     ParentLink,
@@ -19,6 +22,7 @@ from orchestrator.domain import (
 from orchestrator.errors import ErrorRecord
 from orchestrator.state import keys
 from orchestrator.state.items import ITEM_FIELDS, ITEM_STATUSES, ItemRecord, dumps, item_record, page_bounds
+from orchestrator.state.memory.control import audited
 from orchestrator.state.memory.core import MemoryStateCore, _float_or_none, _increment, _Run, _stamp
 
 _ENDED = frozenset({"succeeded", "failed", "skipped", "cancelled"})
@@ -59,7 +63,7 @@ def _item_refusal(fields: dict[str, str], p: str, item: tuple[str, str], task_id
         return ItemClaim(ClaimOutcome.INACTIVE, detail="deadline")
     if fields.get(p + "status") != "running":
         return ItemClaim(ClaimOutcome.INACTIVE, detail=f"step {fields.get(p + 'status', '')}")
-    if status == "pending":
+    if status in ("pending", "waiting"):
         return ItemClaim(ClaimOutcome.BUSY)
     if status == "queued" and owner and owner != task_id:
         return ItemClaim(ClaimOutcome.SUPERSEDED)
@@ -207,6 +211,7 @@ class ItemTransitions(MemoryStateCore):
         output: Any = None,
         error: ErrorRecord | None = None,
         grace_s: float = 300.0,
+        may_refill: bool = True,
     ) -> ItemDispatch:
         """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``)."""
         p = keys.step_prefix(attempt.step)
@@ -221,7 +226,7 @@ class ItemTransitions(MemoryStateCore):
                 return ItemDispatch(recorded=False)
             stamp = _stamp(now)
             items.update({f + "status": outcome.value, f + "finished_at": stamp, f + "lease": ""})
-            if outcome == StepOutcome.SUCCEEDED and output is not None:
+            if output is not None:
                 items[f + "output"] = dumps(output)
             else:
                 items.pop(f + "output", None)
@@ -351,6 +356,13 @@ class ItemTransitions(MemoryStateCore):
 
     def wait_item_child(self, attempt: Attempt, child_run_id: str) -> bool:
         """Park a running item waiting for its child run (see ``lua/item_wait.lua``)."""
+        return self._wait_item(attempt, child_run_id, {"index": attempt.index, "child_run_id": child_run_id}, None)
+
+    def wait_item_decision(self, attempt: Attempt, data: dict[str, Any], timeout_s: float | None) -> bool:
+        """Park a running item of an approval map step waiting for a decision (see ``lua/item_wait.lua``)."""
+        return self._wait_item(attempt, "", data, timeout_s)
+
+    def _wait_item(self, attempt: Attempt, child_run_id: str, data: dict[str, Any], timeout_s: float | None) -> bool:
         f = f"{attempt.index}:"
         with self._lock:
             now = self._clock()
@@ -361,14 +373,54 @@ class ItemTransitions(MemoryStateCore):
             if run is None or items is None or run.fields.get(keys.step_field(attempt.step, "status")) != "running":
                 return False
             stamp = _stamp(now)
-            if items.get(f + "child_run_id") != child_run_id:
-                items[f + "child_counted"] = ""
-            items.update({f + "status": "waiting", f + "task": "", f + "lease": "", f + "child_run_id": child_run_id})
+            items.update({f + "status": "waiting", f + "task": "", f + "lease": ""})
+            if child_run_id:
+                if items.get(f + "child_run_id") != child_run_id:
+                    items[f + "child_counted"] = ""
+                items[f + "child_run_id"] = child_run_id
+            else:
+                items[f + "decide_by"] = _stamp(now + timeout_s) if timeout_s else ""
+                if timeout_s:
+                    self._approvals[keys.approval_member(attempt.run_id, attempt.generation, unit)] = now + timeout_s
             _move(run.fields, attempt.step, "running", "waiting")
-            data = json.dumps({"index": attempt.index, "child_run_id": child_run_id}, separators=(",", ":"))
             number = int(items.get(f + "attempts") or 0)
-            self._emit(run, stamp, "item_waiting", attempt.step, attempt=number, data=data)
+            self._emit(run, stamp, "item_waiting", attempt.step, attempt=number, data=dumps(data))
             return True
+
+    def decide_item(self, run_id: str, step: str, index: int, decision: Decision) -> DecisionResult:
+        """Audit a decision on one item; the first allowed one on a waiting item wins (``lua/item_decide.lua``)."""
+        f, p = f"{index}:", keys.step_prefix(step)
+        with self._lock:
+            now = self._clock()
+            run = self._live(run_id, now)
+            fields = run.fields if run is not None else {}
+            if run is None or "status" not in fields or p + "status" not in fields:
+                return DecisionResult(DecisionOutcome.MISSING)
+            if decision.generation != "" and fields.get("gen") != decision.generation:
+                return DecisionResult(DecisionOutcome.STALE, generation=fields.get("gen", ""))
+            items = self._items(run, step)
+            expanded = fields.get(p + "map_gen") == fields.get("gen") and f + "status" in items
+            status = items.get(f + "status", "pending") if expanded else "pending"
+            waiting = status == "waiting" and not items.get(f + "child_run_id")
+            outcome = "accepted"
+            if not decision.allowed:
+                outcome = "refused: not an approver"
+            elif fields["status"] != "running" or fields[p + "status"] != "running" or not waiting:
+                outcome = f"refused: not waiting ({fields['status'] if waiting else status})"
+            if fields["status"] in ("running", "waiting", "pending") and expanded:
+                items[f + "audit"] = audited(items.get(f + "audit"), decision, _stamp(now), outcome)
+            if not decision.allowed:
+                return DecisionResult(DecisionOutcome.FORBIDDEN)
+            if outcome != "accepted":
+                return DecisionResult(DecisionOutcome.NOT_WAITING, detail=fields["status"] if waiting else status)
+            lease = now + decision.lease_s
+            items.update({f + "status": "running", f + "task": decision.task_id, f + "lease": _stamp(lease)})
+            items[f + "decide_by"] = ""
+            _move(fields, step, "waiting", "running")
+            unit = keys.item_unit(step, index)
+            self._leases[keys.lease_member(run_id, unit, decision.task_id)] = lease
+            self._approvals.pop(keys.approval_member(run_id, fields["gen"], unit), None)
+            return DecisionResult(DecisionOutcome.OK, generation=fields["gen"])
 
     def child_item_ended(
         self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float

@@ -54,6 +54,7 @@ _SCRIPTS = (
     "item_stop",
     "item_renew",
     "item_wait",
+    "item_decide",
     "item_child_done",
     "journal",
     "child_wait",

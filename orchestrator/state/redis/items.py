@@ -9,9 +9,13 @@ import uuid
 from typing import Any, cast
 
 from orchestrator.domain import (
+    MAX_AUDIT_ENTRIES,
     Attempt,
     ChildTotals,
     ClaimOutcome,
+    Decision,
+    DecisionOutcome,
+    DecisionResult,
     ItemClaim,
     ItemDispatch,
     ParentLink,
@@ -51,19 +55,39 @@ class ItemTransitions(RedisStateCore):
     def expand_items(
         self, attempt: Attempt, items: list[str], result_keys: list[str], *, max_parallel: int, grace_s: float
     ) -> ItemDispatch:
-        """Expand a claimed map step into its items (see ``lua/item_expand.lua``)."""
+        """Expand a claimed map step into its items (see ``lua/item_expand.lua``).
+
+        The items a first expansion queues (the first ``max_parallel``, or all) are covered in the lease index in the
+        same round trip, before the script: their task ids are the prefix sent here and their index, so a worker
+        dying between the expansion and the publish leaves the sweeper every one of them to send. Covers that the
+        script did not use (items kept from an earlier generation) are dropped after it.
+        """
+        prefix = uuid.uuid4().hex[:16]
         argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, max_parallel, grace_s]
-        argv += [uuid.uuid4().hex[:16], len(items)]
+        argv += [prefix, len(items)]
         for item, key in zip(items, result_keys, strict=True):
             argv += [item, key]
-        reply = [_text(x) for x in self._item_script("item_expand", attempt.run_id, attempt.step, argv)]
+        step_member = keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)
+        first = min(len(items), max_parallel or len(items))
+        covered = {i: f"{prefix}.{i}" for i in range(first)}
+        due = time.time() + grace_s
+        # The step's own entry now watches for a lost finish of the step (reclaim.lua extends it while items run).
+        held: dict[str, float] = {self._item_member(attempt, i, t): due for i, t in covered.items()}
+        held[step_member] = due
+        script = self._scripts["item_expand"]
+        replies = self._pipeline(
+            lambda pipe: pipe.zadd(self._leases(attempt.run_id), cast(Any, held)),
+            lambda pipe: queue_evalsha(pipe, script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+        )
+        reply = [_text(x) for x in replies[1]]
+        publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2)) if reply[0] == "ok" else ()
+        unused = [self._item_member(attempt, i, t) for i, t in covered.items() if (i, t) not in set(publish)]
+        if unused:
+            self.client.zrem(self._leases(attempt.run_id), *unused)
         if reply[0] != "ok":
             return ItemDispatch(recorded=False)
-        publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2))
-        step_member = keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)
-        # The step's own entry now watches for a lost finish of the step (reclaim.lua extends it while items run).
-        self.client.zadd(self._leases(attempt.run_id), {step_member: time.time() + grace_s})
-        self._hold_items(attempt.run_id, attempt.step, publish, grace_s)
+        # Items past the first cover (a resume keeping earlier successes): held now, after the script.
+        self._hold_items(attempt.run_id, attempt.step, tuple(p for p in publish if p[0] not in covered), grace_s)
         ended, total = int(reply[1]), int(reply[2])
         return ItemDispatch(
             recorded=True,
@@ -73,6 +97,10 @@ class ItemTransitions(RedisStateCore):
             ended=ended,
             total=total,
         )
+
+    @staticmethod
+    def _item_member(attempt: Attempt, index: int, task_id: str) -> str:
+        return keys.lease_member(attempt.run_id, keys.item_unit(attempt.step, index), task_id)
 
     def claim_item(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...]) -> ItemClaim:
         """Start an attempt of one item (see ``lua/item_claim.lua``); the attempt enters the lease index first."""
@@ -113,20 +141,32 @@ class ItemTransitions(RedisStateCore):
         output: Any = None,
         error: ErrorRecord | None = None,
         grace_s: float = 300.0,
+        may_refill: bool = True,
     ) -> ItemDispatch:
-        """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``)."""
+        """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``).
+
+        With ``may_refill`` (the step has ``max_parallel``) the item's own lease entry is kept until the items it
+        queued are held: a worker dying in between leaves that entry to fall due, and its reclaim holds them then
+        (``lua/item_reclaim.lua``). Without it nothing can be queued, and the entry goes in the same round trip.
+        """
         argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, outcome.value]
         argv += ["" if output is None else dumps(output), "" if error is None else dumps(error), uuid.uuid4().hex[:16]]
         script = self._scripts["item_finish"]
-        replies = self._pipeline(
-            lambda pipe: queue_evalsha(pipe, script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
-            lambda pipe: pipe.zrem(self._leases(attempt.run_id), _member(attempt)),
-        )
-        reply = [_text(x) for x in replies[0]]
+        leases = self._leases(attempt.run_id)
+        release = (lambda pipe: pipe.zrem(leases, _member(attempt)),)
+        finish = (lambda pipe: queue_evalsha(pipe, script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),)
+        reply = [_text(x) for x in self._pipeline(*finish, after=() if may_refill else release)[0]]
+        publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2)) if reply[0] == "ok" else ()
+        if may_refill and publish:
+            due = time.time() + grace_s
+            held = {self._item_member(attempt, i, t): due for i, t in publish}
+            marker = keys.items_key(attempt.run_id, attempt.step), f"{attempt.index}:refill"
+            # The refills are held before the marker and the item's own entry go (in a cluster, a round trip later).
+            self._pipeline(lambda pipe: pipe.zadd(leases, held), after=(lambda pipe: pipe.hdel(*marker), *release))
+        elif may_refill:
+            self._pipeline(*release)
         if reply[0] != "ok":
             return ItemDispatch(recorded=False)
-        publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2))
-        self._hold_items(attempt.run_id, attempt.step, publish, grace_s)
         return ItemDispatch(recorded=True, publish=publish, all_ended=reply[1] == "1", step_task=reply[2])
 
     def retry_item(
@@ -156,6 +196,20 @@ class ItemTransitions(RedisStateCore):
         step, index = keys.parse_item_unit(unit)
         argv: list[Any] = [step, index, task_id, new_task_id, dumps(error), grace_s, backlog_wait_s, int(owner_dead)]
         reply = [_text(x) for x in self._item_script("item_reclaim", run_id, step, argv)]
+        if reply[0] == "refill":
+            # The item finished but its worker died before holding the items its finish queued: hold them now, due
+            # at once, for the next sweep to send.
+            now = time.time()
+            pipe = self.client.pipeline(transaction=False)
+            refills = {
+                keys.lease_member(run_id, keys.item_unit(step, int(i)), t): now
+                for i, t in zip(reply[1::2], reply[2::2], strict=True)
+            }
+            if refills:
+                pipe.zadd(self._leases(run_id), cast(Any, refills))
+            pipe.zrem(self._leases(run_id), member)
+            pipe.execute()
+            return None
         if reply[0] == "live":
             self.client.zadd(self._leases(run_id), {member: float(reply[1])})
             return None
@@ -175,13 +229,62 @@ class ItemTransitions(RedisStateCore):
 
     def wait_item_child(self, attempt: Attempt, child_run_id: str) -> bool:
         """Park a running item waiting for its child run (see ``lua/item_wait.lua``)."""
-        argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, child_run_id]
+        return self._wait_item(attempt, [child_run_id, "", ""]) is not None
+
+    def wait_item_decision(self, attempt: Attempt, data: dict[str, Any], timeout_s: float | None) -> bool:
+        """Park a running item of an approval map step waiting for a decision (see ``lua/item_wait.lua``); its
+        timeout enters the approval index under the item's unit (``STEP#INDEX``)."""
+        decide_by = self._wait_item(attempt, ["", dumps(data), timeout_s or ""])
+        if decide_by:
+            unit = keys.item_unit(attempt.step, attempt.index)
+            member = keys.approval_member(attempt.run_id, attempt.generation, unit)
+            self.client.zadd(self._approvals(attempt.run_id), {member: float(decide_by)})
+        return decide_by is not None
+
+    def _wait_item(self, attempt: Attempt, extra: list[Any]) -> str | None:
+        argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, *extra]
         script = self._scripts["item_wait"]
         replies = self._pipeline(
             lambda pipe: queue_evalsha(pipe, script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
             lambda pipe: pipe.zrem(self._leases(attempt.run_id), _member(attempt)),
         )
-        return _text(replies[0][0]) == "ok"
+        reply = [_text(x) for x in replies[0]]
+        return reply[1] if reply[0] == "ok" else None
+
+    def decide_item(self, run_id: str, step: str, index: int, decision: Decision) -> DecisionResult:
+        """Record a decision on one waiting item; the first allowed one wins (see ``lua/item_decide.lua``).
+
+        Returns:
+            As :meth:`StateStore.decide`, for the item: on ``OK`` it runs under ``decision.task_id`` (lease indexed)
+            for the caller to finish with :meth:`finish_item`.
+        """
+        argv: list[Any] = [step, index, decision.decision, decision.by, decision.comment]
+        argv += ["1" if decision.allowed else "0", decision.task_id, decision.lease_s, decision.generation]
+        argv += [MAX_AUDIT_ENTRIES]
+        taken = Attempt(run_id, step, decision.generation, decision.task_id, index)
+        reply = self._taken_over(taken, decision.lease_s, "item_decide", argv)
+        outcome = DecisionOutcome(reply[0])
+        if outcome == DecisionOutcome.NOT_WAITING:
+            return DecisionResult(outcome, detail=reply[1])
+        if outcome != DecisionOutcome.OK:
+            return DecisionResult(outcome, generation=reply[1] if len(reply) > 1 else "")
+        self.client.zrem(self._approvals(run_id), keys.approval_member(run_id, reply[1], keys.item_unit(step, index)))
+        return DecisionResult(DecisionOutcome.OK, generation=reply[1])
+
+    def _taken_over(self, attempt: Attempt, lease_s: float, script: str, argv: list[Any]) -> list[str]:
+        """Run a script that may take a waiting item over under ``attempt``'s task id, its lease entry written first
+        in the same round trip (a process dying right after the take-over leaves the sweeper the item to re-queue);
+        the entry is dropped again when the script did not take it over."""
+        member = _member(attempt)
+        sha = self._scripts[script].sha
+        replies = self._pipeline(
+            lambda pipe: pipe.zadd(self._leases(attempt.run_id), {member: time.time() + lease_s}),
+            lambda pipe: queue_evalsha(pipe, sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+        )
+        reply = [_text(x) for x in replies[1]]
+        if reply[0] != "ok":
+            self.client.zrem(self._leases(attempt.run_id), member)
+        return reply
 
     def child_item_ended(
         self, link: ParentLink, child_run_id: str, totals: ChildTotals, *, task_id: str, lease_s: float
@@ -190,12 +293,8 @@ class ItemTransitions(RedisStateCore):
         assert link.index is not None, "the child of a step, not of an item"
         argv: list[Any] = [link.step, link.generation, link.index, child_run_id, task_id, lease_s]
         argv += [totals.spent_nusd, totals.calls, totals.input_tokens, totals.output_tokens]
-        reply = [_text(x) for x in self._item_script("item_child_done", link.run_id, link.step, argv)]
-        if reply[0] != "ok":
-            return False
-        attempt = Attempt(link.run_id, link.step, link.generation, task_id, link.index)
-        self.client.zadd(self._leases(attempt.run_id), {_member(attempt): float(reply[1])})
-        return True
+        taken = Attempt(link.run_id, link.step, link.generation, task_id, link.index)
+        return self._taken_over(taken, lease_s, "item_child_done", argv)[0] == "ok"
 
     def waiting_children(self, run_id: str, step: str) -> list[str]:
         """The child runs the step's items wait for (one pipeline)."""
