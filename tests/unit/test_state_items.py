@@ -221,8 +221,8 @@ def _die_after_first_round_trip(store: object, monkeypatch: pytest.MonkeyPatch) 
     """Make the worker "die" right after its next pipeline reached Redis: every later command raises."""
     real = store._pipeline  # type: ignore[attr-defined]
 
-    def then_die(*commands: object) -> object:
-        replies = real(*commands)
+    def then_die(*commands: object, after: tuple[object, ...] = ()) -> object:
+        replies = real(*commands, after=after)
         monkeypatch.setattr(store.client, "pipeline", _dead)  # type: ignore[attr-defined]
         monkeypatch.setattr(store.client, "zadd", _dead)  # type: ignore[attr-defined]
         monkeypatch.setattr(store.client, "zrem", _dead)  # type: ignore[attr-defined]
@@ -252,7 +252,10 @@ def test_items_an_expansion_queues_are_in_the_lease_index_before_any_publish(
     assert queued[2] in (None, b"", "")
     for i in (0, 1):
         task = queued[i].decode() if isinstance(queued[i], bytes) else queued[i]
-        assert backend.client.zscore(keys.LEASES, keys.lease_member("run1", f"m#{i}", str(task))) is not None
+        assert (
+            backend.client.zscore(backend.store._leases("run1"), keys.lease_member("run1", f"m#{i}", str(task)))
+            is not None
+        )
 
 
 def test_a_refill_lost_with_its_finishing_worker_is_held_and_sent_by_the_sweeper(
@@ -270,7 +273,7 @@ def test_a_refill_lost_with_its_finishing_worker_is_held_and_sent_by_the_sweeper
     raw = backend.client.hget(keys.items_key("run1", "m"), "1:task")
     task1 = raw.decode() if isinstance(raw, bytes) else str(raw)
     refill = keys.lease_member("run1", "m#1", task1)
-    assert backend.client.zscore(keys.LEASES, refill) is None, "the refill was queued but never held"
+    assert backend.client.zscore(backend.store._leases("run1"), refill) is None, "the refill was queued but never held"
 
     own = keys.lease_member("run1", "m#0", task0)
     assert backend.wait_past(SHORT_LEASE_S, lambda: own in backend.store.expired_leases())
