@@ -83,7 +83,7 @@ for i = 13, #ARGV do
   if release(child, early[child], outcome) and cancel[child] and redis.call('HGET', run, 's:' .. child .. ':pending') ~= '0' then
     for _, parent in ipairs(cancel[child]) do
       local q = 's:' .. parent .. ':'
-      local row = redis.call('HMGET', run, q .. 'status', q .. 'task')
+      local row = redis.call('HMGET', run, q .. 'status', q .. 'task', q .. 'carrier')
       local st = row[1]
       if st == 'pending' or st == 'queued' or st == 'running' or st == 'waiting' then
         redis.call('HSET', run, q .. 'status', 'cancelled', q .. 'finished_at', now, q .. 'lease', '')
@@ -91,6 +91,10 @@ for i = 13, #ARGV do
         redis.call('HINCRBY', run, 'remaining', -1)
         cancelled[#cancelled + 1] = parent
         cancelled[#cancelled + 1] = (st == 'running' or st == 'queued') and (row[2] or '') or ''
+        if st == 'running' and row[3] and row[3] ~= '' then
+          cancelled[#cancelled + 1] = parent
+          cancelled[#cancelled + 1] = row[3]
+        end
         for _, pair in ipairs(after[parent] or {}) do release(pair[1], pair[2], 'cancelled') end
       end
     end
