@@ -89,15 +89,20 @@ class CeleryLocalSteps:
             ("task-started", {"uuid": attempt.task_id}),
         )
 
-    def ended(self, attempt: Attempt, result: str, failure: str | None) -> None:
-        """Announce the step's end: ``task-failed`` with :class:`StepFailed` when it failed for good."""
+    def ended(self, attempt: Attempt, result: str, failure: str | None, *, more: bool = False) -> None:
+        """Announce the step's end: ``task-failed`` with :class:`StepFailed` when it failed for good.
+
+        With ``more`` it goes out with the next step's announcement (one publish for both).
+        """
         began = self._started.pop(attempt.task_id, None)
+        event: tuple[str, dict[str, Any]]
         if failure is not None:
             exc = StepFailed(failure, step=attempt.step)
-            self._send(("task-failed", {"uuid": attempt.task_id, "exception": repr(exc), "traceback": ""}))
+            event = ("task-failed", {"uuid": attempt.task_id, "exception": repr(exc), "traceback": ""})
         else:
             runtime = time.monotonic() - began if began is not None else None
-            self._send(("task-succeeded", {"uuid": attempt.task_id, "result": repr(result), "runtime": runtime}))
+            event = ("task-succeeded", {"uuid": attempt.task_id, "result": repr(result), "runtime": runtime})
+        self._send(event, flush=not more)
 
     def resend(self, spec: WorkflowSpec, attempt: Attempt, countdown_s: float, reason: str) -> None:
         """Send the step's message under its task id, due in ``countdown_s``, and announce the retry."""
@@ -108,11 +113,12 @@ class CeleryLocalSteps:
         )
         signature.apply_async(countdown=countdown_s)
 
-    def _send(self, *events: tuple[str, dict[str, Any]]) -> None:
+    def _send(self, *events: tuple[str, dict[str, Any]], flush: bool = True) -> None:
         dispatcher = self._dispatcher()
         for kind, fields in events:
             dispatcher.send(kind, **fields)
-        dispatcher.flush(errors=False)
+        if flush:
+            dispatcher.flush(errors=False)
 
     def _dispatcher(self) -> EventDispatcher:
         # One per process, built after the fork (a connection must not cross processes); its buffer is shared by

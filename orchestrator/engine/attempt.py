@@ -168,7 +168,7 @@ def _continue_locally(runtime: Runtime, spec: WorkflowSpec, parent: Attempt, hop
             log.warning("%s: left to its lease: %s: %s", attempt, type(exc).__name__, exc)
             local.ended(attempt, "left to its lease", f"{type(exc).__name__}: {exc}")
             return
-        local.ended(attempt, result, failure)
+        local.ended(attempt, result, failure, more=hop.step is not None and bool(hop.task_id))
 
 
 def _claim(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, carrier: str = "") -> Claim:

@@ -61,8 +61,11 @@ class LocalSteps(Protocol):
     def started(self, spec: WorkflowSpec, attempt: Attempt, delivery: Delivery) -> None:
         """The step is about to be claimed here: announce it as sent, received and started (Flower sees it)."""
 
-    def ended(self, attempt: Attempt, result: str, failure: str | None) -> None:
-        """The step's attempt ended here (``failure`` when it failed for good): announce it."""
+    def ended(self, attempt: Attempt, result: str, failure: str | None, *, more: bool = False) -> None:
+        """The step's attempt ended here (``failure`` when it failed for good): announce it.
+
+        ``more``: another step starts here at once, so the announcement may go out with that one's.
+        """
 
     def resend(self, spec: WorkflowSpec, attempt: Attempt, countdown_s: float, reason: str) -> None:
         """The attempt was retried or deferred: send its message, under its task id, due in ``countdown_s``.
