@@ -85,15 +85,20 @@ class LocalWorkers:
             self.processes[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         return name
 
-    def start(self, timeout: float = 60.0) -> LocalWorkers:
-        """Start ``count`` workers and wait until every one answers a ping.
+    def start(self, timeout: float = 180.0) -> LocalWorkers:
+        """Start ``count`` workers and wait until every one answers a ping (on a busy 2-core machine a worker can
+        take a minute to import and connect); workers that did not all answer are stopped again.
 
         Raises:
             RuntimeError: When one exits or they do not answer within ``timeout``.
         """
         for _ in range(self.count):
             self.start_one()
-        self.wait_ready(list(self.processes), timeout)
+        try:
+            self.wait_ready(list(self.processes), timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, names: Sequence[str], timeout: float = 60.0) -> None:
