@@ -21,7 +21,7 @@ from orchestrator.definition.spec import TOP_LEVEL, StepKind, WorkflowSpec
 from orchestrator.engine.coordinator import queue_for
 from orchestrator.engine.priorities import REDIS_PRIORITY_SEPARATOR, REDIS_PRIORITY_STEPS, message_priority, step_level
 from orchestrator.errors import BrokerUnavailableError
-from orchestrator.infra.kombu_redis import transport_for
+from orchestrator.infra import kombu_redis
 from orchestrator.infra.redis_url import broker_connection, require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.tracing import dispatch_headers
@@ -40,11 +40,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     require_shared_store(settings.redis_url, "Celery workers and producers")
     # A Sentinel URL becomes kombu's ``sentinel://`` URLs plus the master name (and TLS) in transport options.
     broker = broker_connection(settings.effective_broker_url)
-    transport = transport_for(broker.url)
     return {
         "broker_url": broker.url,
-        # kombu's Redis transport, reusing one redis-py client per channel (see orchestrator.infra.kombu_redis).
-        **({"broker_transport": transport} if transport is not None else {}),
         # Step state and outputs live in the orchestrator's own Redis hashes; Celery results would only cost commands.
         "result_backend": None,
         "task_ignore_result": True,
@@ -106,6 +103,7 @@ class ShadowNamedAMQP(AMQP):
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app that sends step messages and registers no task (the producers' app)."""
     settings = settings or Settings.from_env()
+    kombu_redis.install()
     app = Celery("orchestrator", amqp=ShadowNamedAMQP)
     app.config_from_object(celery_config(settings))
     return app

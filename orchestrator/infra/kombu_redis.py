@@ -4,17 +4,19 @@ kombu builds a new ``redis.Redis`` for every publish, acknowledgement and task e
 (``Channel.conn_or_acquire``), and redis-py copies about 170 response callbacks into each new client: about 0.3 ms of
 CPU on this machine, several times per step, on every worker and producer. A client takes a connection from the
 channel's pool per command and is safe to share between threads, so the channel keeps one (rebuilt if the channel
-replaces its pool). Everything else is kombu's. Used for ``redis://`` brokers (:func:`transport_for`).
+replaces its pool). Everything else is kombu's. :func:`install` makes it what ``redis://`` broker URLs resolve to
+in this process (kombu's registry of transport names), so URLs, Flower and ``celery -A`` stay as they are.
 """
 
 from __future__ import annotations
 
 from typing import Any, cast
 
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 TRANSPORT = "orchestrator.infra.kombu_redis:Transport"
-"""The transport's import path, as Celery's ``broker_transport`` names it."""
+"""The transport's import path, as kombu's registry of transport names holds it."""
 
 
 class Channel(kombu_redis.Channel):
@@ -39,6 +41,6 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-def transport_for(url: str) -> str | None:
-    """The ``broker_transport`` for a broker URL: this module's for ``redis://``, else ``None`` (kombu's own)."""
-    return TRANSPORT if url.startswith("redis://") else None
+def install() -> None:
+    """Resolve ``redis://`` broker URLs to :class:`Transport` in this process (idempotent)."""
+    TRANSPORT_ALIASES["redis"] = TRANSPORT
