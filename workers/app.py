@@ -43,6 +43,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     require_shared_store(settings.redis_url, "a worker")
     app = celery_app.create_app(settings)
+    # Task events published a window at a time (workers/consumer.py).
+    app.conf.worker_consumer = "workers.consumer:BatchingConsumer"
     holder = RuntimeHolder(
         settings,
         lambda: CeleryPublisher(app, settings),
