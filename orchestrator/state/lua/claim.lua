@@ -16,9 +16,15 @@ local p = 's:' .. step .. ':'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 
-local head = redis.call('HMGET', run, 'status', 'gen', p .. 'status', p .. 'task', p .. 'lease', p .. 'attempts',
-  p .. 'errors', 'inputs', p .. 'attempt_base', p .. 'cache_key', p .. 'force', 'deadline', 'seq', p .. 'queued_at',
-  'created_at', p .. 'carrier')
+-- One HMGET reads the run, the step and the parents' status and output (fields 17 onwards).
+local want = {'status', 'gen', p .. 'status', p .. 'task', p .. 'lease', p .. 'attempts', p .. 'errors', 'inputs',
+  p .. 'attempt_base', p .. 'cache_key', p .. 'force', 'deadline', 'seq', p .. 'queued_at', 'created_at', p .. 'carrier'}
+for i = 1, n_parents do
+  local q = 's:' .. ARGV[5 + i] .. ':'
+  want[#want + 1] = q .. 'status'
+  want[#want + 1] = q .. 'output'
+end
+local head = redis.call('HMGET', run, unpack(want))
 local run_status, run_gen, status, owner, lease, attempts = head[1], head[2], head[3], head[4], head[5], head[6]
 if not run_status or not status then return {'missing'} end
 if run_gen ~= gen then return {'stale'} end
@@ -62,14 +68,5 @@ redis.call('HSET', run, unpack(fields))
 
 local out = {'ok', attempts, string.format('%.6f', now), head[7] or '', head[8] or '{}', head[9] or '0',
   head[10] or '', head[11] or '', head[14] or head[15] or ''}
-if n_parents > 0 then
-  local want = {}
-  for i = 1, n_parents do
-    local q = 's:' .. ARGV[5 + i] .. ':'
-    want[#want + 1] = q .. 'status'
-    want[#want + 1] = q .. 'output'
-  end
-  local rows = redis.call('HMGET', run, unpack(want))
-  for i = 1, #rows do out[#out + 1] = rows[i] or '' end
-end
+for i = 17, 16 + 2 * n_parents do out[#out + 1] = head[i] or '' end
 return out
