@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, TypeVar
 
 from orchestrator import telemetry
@@ -33,7 +32,7 @@ from orchestrator.engine.coordinator import (
     should_retry,
     upstream_reads,
 )
-from orchestrator.engine.local import Continuation, Delivery
+from orchestrator.engine.local import Continuation, Delivery, continue_locally
 from orchestrator.engine.mapping import map_items, start_map
 from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
 from orchestrator.engine.repeat import run_repeated
@@ -97,7 +96,7 @@ def execute_attempt(
     hop = Continuation(delivery, runtime.local) if runtime.local is not None else None
     result, failure = _execute(runtime, spec, attempt, delivery, hop)
     if hop is not None and hop.task_id:
-        _continue_locally(runtime, spec, attempt, hop)
+        continue_locally(spec, attempt, hop, lambda a, d, h: _execute(runtime, spec, a, d, h))
     if raise_failure and failure is not None:
         raise StepFailed(failure, step=attempt.step)
     return result
@@ -141,34 +140,6 @@ def _execute(
     finally:
         runtime.leases.release(attempt)
     return result, scope.failure
-
-
-def _continue_locally(runtime: Runtime, spec: WorkflowSpec, parent: Attempt, hop: Continuation) -> None:
-    """Run the child each finish kept in this slot, one after another (see :mod:`orchestrator.engine.local`)."""
-    local = hop.local
-    carrier = hop.delivery.carrier or parent.task_id
-    while hop.step is not None and hop.task_id:
-        attempt = Attempt(parent.run_id, hop.step, parent.generation, hop.task_id)
-        delivery = replace(hop.delivery, headers=hop.headers, due_at=None, carrier=carrier)
-        hop = Continuation(delivery, local)
-        local.started(spec, attempt, delivery)
-        try:
-            result, failure = _execute(runtime, spec, attempt, delivery, hop)
-        except (RetryableStepError, StepDeferred) as exc:
-            # Recorded as retried or deferred, holding its lease past the countdown: its message goes to the broker.
-            try:
-                local.resend(spec, attempt, exc.countdown or 0.0, str(exc))
-            except Exception:
-                log.exception(
-                    "%s: its retry message was not sent; the sweeper sends it once its lease runs out", attempt
-                )
-            return
-        except Exception as exc:
-            # An outage past the patience: the attempt keeps its lease, which recovers it (as for a message's).
-            log.warning("%s: left to its lease: %s: %s", attempt, type(exc).__name__, exc)
-            local.ended(attempt, "left to its lease", f"{type(exc).__name__}: {exc}")
-            return
-        local.ended(attempt, result, failure, more=hop.step is not None and bool(hop.task_id))
 
 
 def _claim(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, carrier: str = "") -> Claim:

@@ -10,11 +10,16 @@ Celery; a runtime without one publishes every child.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.domain import Attempt
+from orchestrator.errors import RetryableStepError, StepDeferred
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,3 +78,35 @@ class LocalSteps(Protocol):
         Raises:
             BrokerUnavailableError: The broker did not answer.
         """
+
+
+Execute = Callable[[Attempt, Delivery, "Continuation"], tuple[str, str | None]]
+"""Claims and runs one attempt here: what happened, and its failure summary when it failed for good."""
+
+
+def continue_locally(spec: WorkflowSpec, parent: Attempt, hop: Continuation, execute: Execute) -> None:
+    """Run the child each finish kept in this slot, one after another, announcing each through ``hop.local``.
+
+    A kept step that must retry or wait is recorded so by ``execute`` and its message sent to the broker; one that
+    meets an outage past the patience is left to its lease, as a message's attempt would be.
+    """
+    local = hop.local
+    carrier = hop.delivery.carrier or parent.task_id
+    while hop.step is not None and hop.task_id:
+        attempt = Attempt(parent.run_id, hop.step, parent.generation, hop.task_id)
+        delivery = replace(hop.delivery, headers=hop.headers, due_at=None, carrier=carrier)
+        hop = Continuation(delivery, local)
+        local.started(spec, attempt, delivery)
+        try:
+            result, failure = execute(attempt, delivery, hop)
+        except (RetryableStepError, StepDeferred) as exc:
+            try:
+                local.resend(spec, attempt, exc.countdown or 0.0, str(exc))
+            except Exception:
+                log.exception("%s: its retry was not sent; the sweeper sends it once its lease runs out", attempt)
+            return
+        except Exception as exc:
+            log.warning("%s: left to its lease: %s: %s", attempt, type(exc).__name__, exc)
+            local.ended(attempt, "left to its lease", f"{type(exc).__name__}: {exc}")
+            return
+        local.ended(attempt, result, failure, more=hop.step is not None and bool(hop.task_id))
