@@ -53,11 +53,14 @@ class CeleryLocalSteps:
         self._flushed = 0.0
 
     def accepts(self, spec: WorkflowSpec, step: str, delivery: Delivery) -> bool:
-        """Same queue as the message this slot runs, no signal-enforced time limit on either, and not stopping."""
+        """Same queue as the message this slot runs, no signal-enforced time limit on either, not stopping, and
+        priorities by depth (running a child at once is depth first; ``ORCH_PRIORITIES=off`` keeps arrival order)."""
         if worker_state.should_stop is not None or worker_state.should_terminate is not None:
             return False
-        child = spec.steps_by_name[step]
         settings = self.publisher.settings
+        if settings.priorities == "off":
+            return False  # first in, first out asked for: a released child queues behind what came before it
+        child = spec.steps_by_name[step]
         if not delivery.queue or queue_for(child, settings.llm_queue, settings.cpu_queue) != delivery.queue:
             return False
         if child.timeout_s is not None and child.uses not in {StepKind.LLM, StepKind.AGENT}:
