@@ -23,6 +23,7 @@ from orchestrator.engine.backlog import SENT_AT_HEADER
 from orchestrator.engine.coordinator import queue_for
 from orchestrator.engine.priorities import REDIS_PRIORITY_SEPARATOR, REDIS_PRIORITY_STEPS, message_priority, step_level
 from orchestrator.errors import BrokerUnavailableError
+from orchestrator.infra import kombu_redis
 from orchestrator.infra.redis_url import broker_connection, require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.tracing import dispatch_headers
@@ -104,6 +105,7 @@ class ShadowNamedAMQP(AMQP):
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app that sends step messages and registers no task (the producers' app)."""
     settings = settings or Settings.from_env()
+    kombu_redis.install()
     app = Celery("orchestrator", amqp=ShadowNamedAMQP)
     app.config_from_object(celery_config(settings))
     return app

@@ -337,7 +337,7 @@ class Client:
         """
         result = stop_run(self.publisher, self.store, run_id, RunStatus.CANCELLED, "cancelled", settings=self.settings)
         if result.outcome == StopOutcome.OK:
-            running = [step for step, _ in result.interrupted]
+            running = list(dict.fromkeys(step for step, _ in result.interrupted))
             message = f"cancelled run {run_id}" + (f"; interrupted {', '.join(running)}" if running else "")
             return {"run_id": run_id, "status": "cancelled", "cancelled": True, "message": message}
         if result.outcome == StopOutcome.MISSING:

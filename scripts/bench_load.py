@@ -292,13 +292,13 @@ class LoadBench:
             log_dir=self.logs,
             loglevel=cfg.loglevel,
         )
-        with running(llm, grace=30, timeout=120), running(cpu, grace=30, timeout=120):
+        with running(llm, grace=30, timeout=300), running(cpu, grace=30, timeout=300):
             yield llm, cpu
 
     def warm_up(self) -> None:
         """A few runs and raw tasks, so imports, connections and script loading are paid before measuring."""
         ids = [self.client.submit(self.spec, {"topic": f"warm-up {i}"}) for i in range(4)]
-        self._wait_runs(ids, timeout=120, samples=None)
+        self._wait_runs(ids, timeout=300, samples=None)
         self._floor_pass("warm-up", 8)
 
     # -- ours --
@@ -603,7 +603,7 @@ class PoolBench:
             loglevel=cfg.loglevel,
         )
         started = time.monotonic()
-        workers.start(timeout=120)
+        workers.start(timeout=300)
         out: dict[str, Any] = {"pool": pool, "rep": rep, "start_s": round(time.monotonic() - started, 2)}
         try:  # not `running`: how long the pool takes to stop is one of the figures
             meter = Probes(workers, None, self.redis_pid, self.stats)

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning, SoftTimeLimitExceeded
@@ -26,6 +26,7 @@ from orchestrator.engine.runtime import RuntimeHolder
 from orchestrator.infra.redis_url import require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.logs import Redactor, configure_logging
+from workers.local import CeleryLocalSteps
 from workers.metrics import WorkerMetricsEndpoint
 from workers.sweeper import Sweeper
 from workers.tasks import register_tasks
@@ -42,7 +43,14 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     require_shared_store(settings.redis_url, "a worker")
     app = celery_app.create_app(settings)
-    holder = RuntimeHolder(settings, lambda: CeleryPublisher(app, settings), interrupts=(SoftTimeLimitExceeded,))
+    # Task events published a window at a time (workers/consumer.py).
+    app.conf.worker_consumer = "workers.consumer:BatchingConsumer"
+    holder = RuntimeHolder(
+        settings,
+        lambda: CeleryPublisher(app, settings),
+        interrupts=(SoftTimeLimitExceeded,),
+        local=lambda publisher: CeleryLocalSteps(app, cast(CeleryPublisher, publisher)),
+    )
     app.orchestrator_runtime = holder  # type: ignore[attr-defined]
     register_tasks(app, holder)
     app.steps["worker"].add(Sweeper)

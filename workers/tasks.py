@@ -25,8 +25,9 @@ from celery.exceptions import Reject
 
 from orchestrator.celery_app import STEP_TASK
 from orchestrator.domain import Attempt
-from orchestrator.engine.attempt import Delivery, execute_attempt
+from orchestrator.engine.attempt import execute_attempt
 from orchestrator.engine.items import execute_item
+from orchestrator.engine.local import Delivery
 from orchestrator.engine.runtime import RuntimeHolder
 from orchestrator.errors import RetryableStepError, StepFailed
 

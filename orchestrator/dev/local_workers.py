@@ -85,8 +85,9 @@ class LocalWorkers:
             self.processes[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         return name
 
-    def start(self, timeout: float = 60.0) -> LocalWorkers:
-        """Start ``count`` workers and wait until every one answers a ping.
+    def start(self, timeout: float = 180.0) -> LocalWorkers:
+        """Start ``count`` workers and wait until every one answers a ping (on a busy 2-core machine a worker can
+        take a minute to import and connect); workers that did not all answer are stopped again.
 
         Raises:
             RuntimeError: When one exits or they do not answer within ``timeout`` (those started are stopped first).

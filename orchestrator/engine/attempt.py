@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from orchestrator import telemetry
@@ -33,6 +32,7 @@ from orchestrator.engine.coordinator import (
     should_retry,
     upstream_reads,
 )
+from orchestrator.engine.local import Continuation, Delivery, continue_locally
 from orchestrator.engine.mapping import map_items, start_map
 from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
 from orchestrator.engine.repeat import run_repeated
@@ -55,15 +55,6 @@ from orchestrator.telemetry import AttemptScope
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What the broker says about a message: its queue, headers (trace context) and, when delayed, when it was due."""
-
-    queue: str = ""
-    headers: dict[str, Any] = field(default_factory=dict)
-    due_at: float | None = None
 
 
 def execute_attempt(
@@ -102,7 +93,21 @@ def execute_attempt(
     if attempt.step not in spec.steps_by_name:
         log.warning("dropping %s: workflow %s has no step %r", attempt, spec.name, attempt.step)
         return "dropped: unknown step"
-    claim = _claim(runtime, spec, attempt)
+    delivery = delivery or Delivery()
+    hop = Continuation(delivery, runtime.local) if runtime.local is not None else None
+    result, failure = _execute(runtime, spec, attempt, delivery, hop)
+    if hop is not None and hop.task_id:
+        continue_locally(spec, attempt, hop, lambda a, d, h: _execute(runtime, spec, a, d, h))
+    if raise_failure and failure is not None:
+        raise StepFailed(failure, step=attempt.step)
+    return result
+
+
+def _execute(
+    runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, delivery: Delivery, hop: Continuation | None
+) -> tuple[str, str | None]:
+    # One attempt, claimed here: what happened, and the failure summary when it failed for good.
+    claim = _claim(runtime, spec, attempt, delivery.carrier)
     if claim.outcome == ClaimOutcome.DONE:
         if claim.unclaimed_children:
             # A redelivery after the finishing worker died between recording and publishing: publish again
@@ -112,7 +117,7 @@ def execute_attempt(
                 f"{attempt}: publish",
                 lambda: publish_children(runtime, spec, attempt, claim.unclaimed_children),
             )
-        return f"duplicate delivery of finished step ({claim.detail})"
+        return f"duplicate delivery of finished step ({claim.detail})", None
     if claim.outcome == ClaimOutcome.INACTIVE and claim.detail == "deadline":
         # Past the workflow deadline: time the run out now rather than wait for the next sweep.
         stop_run(
@@ -124,23 +129,21 @@ def execute_attempt(
             generation=attempt.generation,
             settings=runtime.settings,
         )
-        return "dropped: the run is past its deadline"
+        return "dropped: the run is past its deadline", None
     if claim.outcome != ClaimOutcome.OK:
         log.info("dropping %s: %s %s", attempt, claim.outcome, claim.detail)
-        return f"dropped: {claim.outcome}"
-    info = attempt_info(spec, attempt, claim, delivery or Delivery())
+        return f"dropped: {claim.outcome}", None
+    info = attempt_info(spec, attempt, claim, delivery)
     runtime.leases.hold(attempt)
     try:
         with telemetry.step_attempt(info) as scope:
-            result = run_claimed(runtime, spec, attempt, claim, scope)
+            result = run_claimed(runtime, spec, attempt, claim, scope, hop=hop)
     finally:
         runtime.leases.release(attempt)
-    if raise_failure and scope.failure is not None:
-        raise StepFailed(scope.failure, step=attempt.step)
-    return result
+    return result, scope.failure
 
 
-def _claim(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt) -> Claim:
+def _claim(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, carrier: str = "") -> Claim:
     children = spec.graph.children[attempt.step]
     upstream = upstream_reads(spec, attempt.step)
     # A claim lost to an outage would leave the step queued with no message: wait for Redis instead. Repeating it
@@ -148,7 +151,9 @@ def _claim(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt) -> Claim:
     return _retry_through_outage(
         runtime,
         f"{attempt}: claim",
-        lambda: runtime.store.claim(attempt, lease_s=runtime.settings.lease_s, upstream=upstream, children=children),
+        lambda: runtime.store.claim(
+            attempt, lease_s=runtime.settings.lease_s, upstream=upstream, children=children, carrier=carrier
+        ),
     )
 
 
@@ -171,24 +176,35 @@ def attempt_info(
     )
 
 
-def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Claim, scope: AttemptScope) -> str:
-    """Decide, run and record an attempt this process has claimed; see :func:`execute_attempt`."""
+def run_claimed(
+    runtime: Runtime,
+    spec: WorkflowSpec,
+    attempt: Attempt,
+    claim: Claim,
+    scope: AttemptScope,
+    *,
+    hop: Continuation | None = None,
+) -> str:
+    """Decide, run and record an attempt this process has claimed; see :func:`execute_attempt`.
+
+    ``hop``, when given, may keep one released child to run next in this slot.
+    """
     step = spec.steps_by_name[attempt.step]
     try:
         skip = decide_start(step, claim.parent_status)
         if skip is not None:
-            return finish_attempt(runtime, spec, attempt, skip, scope)
+            return finish_attempt(runtime, spec, attempt, skip, scope, local=hop)
         # The retry budget is per generation (a resume grants it afresh); the attempt number is the run's own. A map
         # step's attempts only expand it (its items retry on their own), so they have no budget to run out of.
         if claim.generation_attempt > step.retry.max_attempts and not is_map(step):
-            return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, error=_gave_up(claim))
+            return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=_gave_up(claim))
         ctx = StepContext(attempt.run_id, attempt.step, claim.attempt, claim.inputs, claim.parent_output)
         if not runtime.executor.should_run(step, ctx):
-            return finish_attempt(runtime, spec, attempt, StepOutcome.SKIPPED, scope)
+            return finish_attempt(runtime, spec, attempt, StepOutcome.SKIPPED, scope, local=hop)
         if is_map(step):
             items = map_items(runtime, step, ctx)
             if not items:
-                return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=[])
+                return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, local=hop, output=[])
             scope.finish("mapped")
             return start_map(runtime, spec, attempt, claim, items)
         if isinstance(step.params, ApprovalParams):
@@ -199,7 +215,9 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
         key = result_key(step, claim.inputs, claim.parent_output)
         if step.cache and not claim.force and claim.cache_key == key:
             # Resumed with the same definition and inputs as the result it already has: never pay for it twice.
-            return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, cache_key=key, cached=True)
+            return finish_attempt(
+                runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, local=hop, cache_key=key, cached=True
+            )
         call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, fresh=claim.force, step=attempt.step)
         try:
             if step.repeat is not None:
@@ -218,13 +236,15 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
     except RetryableStepError as exc:
         error = error_record(exc, claim.attempt)
         if not should_retry(step.retry, claim.generation_attempt, exc.kind):
-            return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error)
+            return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=error)
         exc.countdown = retry_delay(step.retry, claim.generation_attempt, exc.retry_after, runtime.settings.retry_cap_s)
         if not _schedule_retry(runtime, attempt, exc, error, scope):
             return "stale attempt: not retried"
         raise
     except StepError as exc:
-        return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error_record(exc, claim.attempt))
+        return finish_attempt(
+            runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=error_record(exc, claim.attempt)
+        )
     except OUTAGE_ERRORS as exc:
         # Redis went away under the step (the LLM gateway's cache and limits live there): not the step's fault,
         # so not a failure. The attempt keeps its lease; once Redis is back and the lease has run out, the sweeper
@@ -236,10 +256,10 @@ def run_claimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: C
         log.exception("%s: internal error", attempt)
         internal = NonRetryableStepError(f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
         error = error_record(internal, claim.attempt)
-        return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error)
+        return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=error)
     if isinstance(output, dict) and isinstance(output.get("cost_usd"), float):
         scope.cost_usd = output["cost_usd"]
-    return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output, cache_key=key)
+    return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, local=hop, output=output, cache_key=key)
 
 
 def _run_workflow(
@@ -322,16 +342,33 @@ def publish_children(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, ste
 
 
 def finish_attempt(
-    runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, outcome: StepOutcome, scope: AttemptScope, **details: Any
+    runtime: Runtime,
+    spec: WorkflowSpec,
+    attempt: Attempt,
+    outcome: StepOutcome,
+    scope: AttemptScope,
+    *,
+    local: Continuation | None = None,
+    **details: Any,
 ) -> str:
-    """Record the attempt's final outcome (waiting out an outage) and publish the children it released."""
+    """Record the attempt's final outcome (waiting out an outage) and publish the children it released.
+
+    With ``local``, one released child may be kept to run next in this slot (see :mod:`orchestrator.engine.local`).
+    """
     interrupted = False
 
     def record() -> bool:
         nonlocal interrupted
         try:
             return record_outcome(
-                runtime.publisher, runtime.settings, runtime.store, spec, attempt, outcome=outcome, **details
+                runtime.publisher,
+                runtime.settings,
+                runtime.store,
+                spec,
+                attempt,
+                outcome=outcome,
+                local=local,
+                **details,
             )
         except OUTAGE_ERRORS:
             interrupted = True

@@ -21,6 +21,7 @@ from orchestrator.domain import (
     StopResult,
 )
 from orchestrator.engine.coordinator import failure_summary, plan_resume
+from orchestrator.engine.local import Continuation
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.triggers import release_rules
 from orchestrator.errors import (
@@ -54,9 +55,13 @@ def record_outcome(
     error: ErrorRecord | None = None,
     cache_key: str = "",
     cached: bool = False,
+    local: Continuation | None = None,
 ) -> bool:
     """Record a step attempt's final outcome, dispatch the children it released, interrupt the parents a
     ``cancel_others`` child cancelled, announce the run's end.
+
+    With ``local``, one released child this worker slot may run is kept there instead of published (see
+    :mod:`orchestrator.engine.local`).
 
     Returns:
         ``False`` when the attempt was stale and nothing was recorded.
@@ -77,9 +82,15 @@ def record_outcome(
         return False
     if outcome == StepOutcome.FAILED:
         log.error("%s: %s", attempt.run_id, failure_summary(attempt.step, error))
+    kept = local.keep(spec, result.released) if local is not None and result.released else None
+    released = tuple(step for step in result.released if step != kept)
     publisher.publish(
-        spec, run_id=attempt.run_id, steps=result.released, generation=attempt.generation, task_ids=result.task_ids
+        spec, run_id=attempt.run_id, steps=released, generation=attempt.generation, task_ids=result.task_ids
     )
+    if local is not None and kept is not None:
+        # Its trace parent is this attempt, as its message's would have been.
+        local.headers = tracing.dispatch_headers(attempt.run_id)
+        local.task_id = result.task_ids[kept]
     if result.cancelled:
         # Parents a cancel_others step overtook: interrupted as a run cancel interrupts its steps. A queued one
         # finds itself cancelled when claimed and never starts.

@@ -26,8 +26,9 @@ from dataclasses import dataclass, replace
 
 from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.domain import Attempt
-from orchestrator.engine.attempt import Delivery, execute_attempt
+from orchestrator.engine.attempt import execute_attempt
 from orchestrator.engine.items import execute_item
+from orchestrator.engine.local import Delivery
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.engine.sweep import sweep_once
 from orchestrator.errors import RetryableStepError

@@ -17,9 +17,10 @@ from orchestrator import telemetry
 from orchestrator.definition.mapping import is_map
 from orchestrator.definition.spec import ApprovalParams, StepKind, StepSpec, WorkflowSpec
 from orchestrator.domain import Attempt, ClaimOutcome, ItemClaim, RunStatus, StepOutcome
-from orchestrator.engine.attempt import Delivery, attempt_info, error_record
+from orchestrator.engine.attempt import attempt_info, error_record
 from orchestrator.engine.control import DEADLINE_REASON, stop_run
 from orchestrator.engine.coordinator import retry_delay, should_retry, upstream_reads
+from orchestrator.engine.local import Delivery
 from orchestrator.engine.mapping import record_item
 from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
 from orchestrator.engine.runtime import Runtime

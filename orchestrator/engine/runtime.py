@@ -14,6 +14,7 @@ from orchestrator.definition.registry import functions, import_modules
 from orchestrator.engine.backlog import broker_for
 from orchestrator.engine.delta_sink import RedisDeltaSink
 from orchestrator.engine.leases import LeaseKeeper
+from orchestrator.engine.local import LocalSteps
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.steps import StepExecutor
 from orchestrator.infra.settings import Settings
@@ -33,6 +34,7 @@ class Runtime:
         interrupts: What the worker pool raises inside a step to stop it at its time limit (Celery's
             ``SoftTimeLimitExceeded`` on prefork); an attempt that sees one records a timeout.
         broker: The broker's Redis, to read queue depths; ``None`` when the broker is not Redis.
+        local: Lets a finishing step run a child it released in its own slot (a worker's); ``None`` publishes all.
     """
 
     settings: Settings
@@ -42,6 +44,7 @@ class Runtime:
     publisher: StepPublisher
     broker: redis.Redis | None = None
     interrupts: tuple[type[BaseException], ...] = field(default=())
+    local: LocalSteps | None = None
 
 
 class RuntimeHolder:
@@ -51,6 +54,7 @@ class RuntimeHolder:
         settings: Where Redis is, limits, the LLM provider.
         publisher: Builds the process's publisher (called once per process).
         interrupts: See :attr:`Runtime.interrupts`.
+        local: Builds :attr:`Runtime.local` from the process's publisher (``None``: every child is published).
     """
 
     def __init__(
@@ -59,10 +63,12 @@ class RuntimeHolder:
         publisher: Callable[[], StepPublisher],
         *,
         interrupts: tuple[type[BaseException], ...] = (),
+        local: Callable[[StepPublisher], LocalSteps] | None = None,
     ) -> None:
         self.settings = settings
         self._publisher = publisher
         self._interrupts = interrupts
+        self._local = local
         self._runtime: Runtime | None = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -71,7 +77,11 @@ class RuntimeHolder:
         """This process's runtime."""
         with self._lock:
             if self._runtime is None or self._pid != os.getpid():
-                self._runtime = build_runtime(self.settings, self._publisher(), interrupts=self._interrupts)
+                publisher = self._publisher()
+                runtime = build_runtime(self.settings, publisher, interrupts=self._interrupts)
+                if self._local is not None:
+                    runtime.local = self._local(publisher)
+                self._runtime = runtime
                 self._pid = os.getpid()
             return self._runtime
 

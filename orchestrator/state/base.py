@@ -134,7 +134,15 @@ class StateStore(ItemStore, Protocol):
         """Fail a run whose first tasks could not be published (``error`` = ``message``), keep it for the retention."""
         ...
 
-    def claim(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
+    def claim(
+        self,
+        attempt: Attempt,
+        *,
+        lease_s: float,
+        upstream: tuple[str, ...],
+        children: tuple[str, ...],
+        carrier: str = "",
+    ) -> Claim:
         """Start an attempt of a step if this message may run it; the only way a step starts running.
 
         In order: an unknown run or step is ``missing``; another generation is ``stale``; a finished step is
@@ -149,6 +157,8 @@ class StateStore(ItemStore, Protocol):
             lease_s: How long the attempt may go without :meth:`renew` before the sweeper may reclaim it.
             upstream: Steps whose status and output the attempt needs.
             children: The step's children, for a duplicate delivery of a finished step to find lost dispatches.
+            carrier: The task id of the message whose worker slot runs the step, when it continues locally after its
+                parent (``""`` otherwise); stopping the run lists it among the task ids to interrupt.
         """
         ...
 

@@ -69,7 +69,7 @@ def pool_workers(app: Any, cfg: Any, env: dict[str, str], logs: Path) -> LocalWo
 
 
 @contextmanager
-def running(workers: LocalWorkers, *, grace: float, timeout: float = 60.0) -> Iterator[LocalWorkers]:
+def running(workers: LocalWorkers, *, grace: float, timeout: float = 180.0) -> Iterator[LocalWorkers]:
     """Start ``workers``, wait until each answers a ping, and stop them when the block ends.
 
     Args:

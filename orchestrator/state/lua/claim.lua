@@ -1,5 +1,7 @@
 -- Claim a step for one attempt: the only way a step starts running.
--- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, generation, task_id, lease_s, n_parents, parents..., n_children, children...
+-- KEYS[1] run hash, KEYS[2] its event stream. ARGV: step, generation, task_id, lease_s, n_parents, parents..., n_children,
+-- children..., carrier (optional: the task id of the message whose worker slot runs this step, when it continues
+-- locally after its parent; a cancel revokes it too, so a prefork worker interrupts the step).
 -- Returns {outcome, ...}:
 --   {"ok", attempt, now, errors, inputs, attempt_base, cache_key, force, queued_at, p1_status, p1_output, ...}  run it
 -- Attempts are numbered over the run's whole life (a resume does not start over: status, events and error records
@@ -14,9 +16,15 @@ local p = 's:' .. step .. ':'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 
-local head = redis.call('HMGET', run, 'status', 'gen', p .. 'status', p .. 'task', p .. 'lease', p .. 'attempts',
-  p .. 'errors', 'inputs', p .. 'attempt_base', p .. 'cache_key', p .. 'force', 'deadline', 'seq', p .. 'queued_at',
-  'created_at')
+-- One HMGET reads the run, the step and the parents' status and output (fields 17 onwards).
+local want = {'status', 'gen', p .. 'status', p .. 'task', p .. 'lease', p .. 'attempts', p .. 'errors', 'inputs',
+  p .. 'attempt_base', p .. 'cache_key', p .. 'force', 'deadline', 'seq', p .. 'queued_at', 'created_at', p .. 'carrier'}
+for i = 1, n_parents do
+  local q = 's:' .. ARGV[5 + i] .. ':'
+  want[#want + 1] = q .. 'status'
+  want[#want + 1] = q .. 'output'
+end
+local head = redis.call('HMGET', run, unpack(want))
 local run_status, run_gen, status, owner, lease, attempts = head[1], head[2], head[3], head[4], head[5], head[6]
 if not run_status or not status then return {'missing'} end
 if run_gen ~= gen then return {'stale'} end
@@ -43,6 +51,11 @@ if status == 'running' then return {'busy', owner == task and 'own' or ''} end
 attempts = (tonumber(attempts) or 0) + 1
 local fields = {p .. 'status', 'running', p .. 'task', task, p .. 'lease', string.format('%.6f', now + lease_s),
   p .. 'attempts', attempts, p .. 'attempt_started_at', string.format('%.6f', now)}
+local carrier = ARGV[7 + n_parents + n_children] or ''
+if carrier ~= '' or head[16] then
+  fields[#fields + 1] = p .. 'carrier'
+  fields[#fields + 1] = carrier
+end
 if attempts == 1 or not redis.call('HGET', run, p .. 'started_at') then
   fields[#fields + 1] = p .. 'started_at'
   fields[#fields + 1] = string.format('%.6f', now)
@@ -55,14 +68,5 @@ redis.call('HSET', run, unpack(fields))
 
 local out = {'ok', attempts, string.format('%.6f', now), head[7] or '', head[8] or '{}', head[9] or '0',
   head[10] or '', head[11] or '', head[14] or head[15] or ''}
-if n_parents > 0 then
-  local want = {}
-  for i = 1, n_parents do
-    local q = 's:' .. ARGV[5 + i] .. ':'
-    want[#want + 1] = q .. 'status'
-    want[#want + 1] = q .. 'output'
-  end
-  local rows = redis.call('HMGET', run, unpack(want))
-  for i = 1, #rows do out[#out + 1] = rows[i] or '' end
-end
+for i = 17, 16 + 2 * n_parents do out[#out + 1] = head[i] or '' end
 return out

@@ -40,7 +40,7 @@ if err ~= '' then
   fields[#fields + 1] = p .. 'errors'
   fields[#fields + 1] = cjson.encode(errors)
 end
-redis.call('HSET', run, unpack(fields))
+-- The step's own fields are written last, with the run's event counter (one HSET): nothing below reads them.
 local attempt = tonumber(head[5]) or 0
 local detail = err
 if outcome == 'succeeded' then
@@ -82,16 +82,23 @@ for i = 13, #ARGV do
   local child = ARGV[i]
   if release(child, early[child], outcome) and cancel[child] and redis.call('HGET', run, 's:' .. child .. ':pending') ~= '0' then
     for _, parent in ipairs(cancel[child]) do
-      local q = 's:' .. parent .. ':'
-      local row = redis.call('HMGET', run, q .. 'status', q .. 'task')
-      local st = row[1]
-      if st == 'pending' or st == 'queued' or st == 'running' or st == 'waiting' then
-        redis.call('HSET', run, q .. 'status', 'cancelled', q .. 'finished_at', now, q .. 'lease', '')
-        emit(run, events, now, 'step_cancelled', parent, 0, cjson.encode({reason = 'step ' .. child .. ' fired first'}))
-        redis.call('HINCRBY', run, 'remaining', -1)
-        cancelled[#cancelled + 1] = parent
-        cancelled[#cancelled + 1] = (st == 'running' or st == 'queued') and (row[2] or '') or ''
-        for _, pair in ipairs(after[parent] or {}) do release(pair[1], pair[2], 'cancelled') end
+      -- This step has ended (its own fields are written below, so its status still reads as running here).
+      if parent ~= step then
+        local q = 's:' .. parent .. ':'
+        local row = redis.call('HMGET', run, q .. 'status', q .. 'task', q .. 'carrier')
+        local st = row[1]
+        if st == 'pending' or st == 'queued' or st == 'running' or st == 'waiting' then
+          redis.call('HSET', run, q .. 'status', 'cancelled', q .. 'finished_at', now, q .. 'lease', '')
+          emit(run, events, now, 'step_cancelled', parent, 0, cjson.encode({reason = 'step ' .. child .. ' fired first'}))
+          redis.call('HINCRBY', run, 'remaining', -1)
+          cancelled[#cancelled + 1] = parent
+          cancelled[#cancelled + 1] = (st == 'running' or st == 'queued') and (row[2] or '') or ''
+          if st == 'running' and row[3] and row[3] ~= '' then
+            cancelled[#cancelled + 1] = parent
+            cancelled[#cancelled + 1] = row[3]
+          end
+          for _, pair in ipairs(after[parent] or {}) do release(pair[1], pair[2], 'cancelled') end
+        end
       end
     end
   end
@@ -104,7 +111,10 @@ for _, value in ipairs(cancelled) do out[#out + 1] = value end
 if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
   local failures = tonumber(redis.call('HGET', run, 'leaf_failures') or '0')
   local status = failures > 0 and 'failed' or 'succeeded'
-  redis.call('HSET', run, 'status', status, 'finished_at', now)
+  fields[#fields + 1] = 'status'
+  fields[#fields + 1] = status
+  fields[#fields + 1] = 'finished_at'
+  fields[#fields + 1] = now
   local data = ''
   if status == 'failed' then
     local why = redis.call('HMGET', run, 'failure', 'failed_steps')
@@ -116,5 +126,7 @@ if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
   if status == 'succeeded' then redis.call('DEL', KEYS[3]) end
   out[2] = status
 end
-emitted(run)
+fields[#fields + 1] = 'seq'
+fields[#fields + 1] = _seq
+redis.call('HSET', run, unpack(fields))
 return out

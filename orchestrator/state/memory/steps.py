@@ -32,11 +32,20 @@ class StepTransitions(ItemTransitions):
 
     # -- step transitions ----------------------------------------------------------------------------------------
 
-    def claim(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
+    def claim(
+        self,
+        attempt: Attempt,
+        *,
+        lease_s: float,
+        upstream: tuple[str, ...],
+        children: tuple[str, ...],
+        carrier: str = "",
+    ) -> Claim:
         """Start an attempt of a step if this message may run it (see ``lua/claim.lua``).
 
         As in Redis, the attempt enters the lease index (at the clock plus ``lease_s``) before the claim, and leaves
-        it again when the claim is anything but ``ok``.
+        it again when the claim is anything but ``ok``. ``carrier`` is not kept: nothing interrupts an in-memory
+        store's steps (a thread cannot be).
         """
         member = keys.lease_member(attempt.run_id, attempt.step, attempt.task_id)
         with self._lock:

@@ -25,18 +25,29 @@ class StepTransitions(RedisStateCore):
 
     # -- step transitions ----------------------------------------------------------------------------------------
 
-    def claim(self, attempt: Attempt, *, lease_s: float, upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
+    def claim(
+        self,
+        attempt: Attempt,
+        *,
+        lease_s: float,
+        upstream: tuple[str, ...],
+        children: tuple[str, ...],
+        carrier: str = "",
+    ) -> Claim:
         """Start an attempt of a step if this message may run it (see ``lua/claim.lua``).
 
         The attempt enters the lease index in the same round trip, before the claim: a worker that dies right after
         claiming can then never leave a running step the sweeper cannot see.
 
         ``upstream`` names the steps whose status and output the attempt needs; ``children`` lets a duplicate
-        delivery of a finished step find children whose dispatch was lost.
+        delivery of a finished step find children whose dispatch was lost. ``carrier`` is the task id of the message
+        whose worker slot runs the step when it continues locally after its parent (a cancel revokes it too).
         """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
         member = keys.lease_member(run_id, step, task_id)
         argv: list[Any] = [step, generation, task_id, lease_s, len(upstream), *upstream, len(children), *children]
+        if carrier:
+            argv.append(carrier)
         replies = self._pipeline(
             lambda pipe: pipe.zadd(self._leases(run_id), {member: time.time() + lease_s}),
             lambda pipe: self._evalsha(pipe, "claim", run_id, argv),

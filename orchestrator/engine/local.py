@@ -1,0 +1,112 @@
+"""Continuing locally: a finishing step runs one of the children it released in its own worker slot.
+
+The hop from a step to its child then skips the broker (publish, receive, acknowledge): the finish holds the child
+in the lease index under a fresh task id as for any release, and instead of publishing it, the same worker claims it
+under that task id at once and runs it. The other released children still fan out as messages. This is Temporal's
+eager activity dispatch and Celery's own chain optimisation. The broker side of it (whether a child may run here,
+and telling Flower about a step no message carried) is a :class:`LocalSteps`, the worker's, so nothing here knows
+Celery; a runtime without one publishes every child.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from orchestrator.definition.spec import WorkflowSpec
+from orchestrator.domain import Attempt
+from orchestrator.errors import RetryableStepError, StepDeferred
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the broker says about a message: its queue, headers (trace context) and, when delayed, when it was due.
+
+    Attributes:
+        carrier: The task id of the message a locally continued step runs in (``""`` for a step its own message
+            carries).
+    """
+
+    queue: str = ""
+    headers: dict[str, Any] = field(default_factory=dict)
+    due_at: float | None = None
+    carrier: str = ""
+
+
+@dataclass
+class Continuation:
+    """Offered to a finishing attempt: the released child it keeps to run in its own slot, if any."""
+
+    delivery: Delivery
+    local: LocalSteps
+    step: str | None = None
+    task_id: str = ""
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def keep(self, spec: WorkflowSpec, released: tuple[str, ...]) -> str | None:
+        """Pick the first released child this slot may run (its queue, no time limit); remember it."""
+        self.step = None
+        for step in released:
+            if self.local.accepts(spec, step, self.delivery):
+                self.step = step
+                return step
+        return None
+
+
+class LocalSteps(Protocol):
+    """The broker's side of running a released child in the finishing step's slot."""
+
+    def accepts(self, spec: WorkflowSpec, step: str, delivery: Delivery) -> bool:
+        """Whether ``step`` may run in the slot of the message ``delivery`` describes (same queue, not stopping)."""
+
+    def started(self, spec: WorkflowSpec, attempt: Attempt, delivery: Delivery) -> None:
+        """The step is about to be claimed here: announce it as sent, received and started (Flower sees it)."""
+
+    def ended(self, attempt: Attempt, result: str, failure: str | None, *, more: bool = False) -> None:
+        """The step's attempt ended here (``failure`` when it failed for good): announce it.
+
+        ``more``: another step starts here at once, so the announcement may go out with that one's.
+        """
+
+    def resend(self, spec: WorkflowSpec, attempt: Attempt, countdown_s: float, reason: str) -> None:
+        """The attempt was retried or deferred: send its message, under its task id, due in ``countdown_s``.
+
+        Raises:
+            BrokerUnavailableError: The broker did not answer.
+        """
+
+
+Execute = Callable[[Attempt, Delivery, "Continuation"], tuple[str, str | None]]
+"""Claims and runs one attempt here: what happened, and its failure summary when it failed for good."""
+
+
+def continue_locally(spec: WorkflowSpec, parent: Attempt, hop: Continuation, execute: Execute) -> None:
+    """Run the child each finish kept in this slot, one after another, announcing each through ``hop.local``.
+
+    A kept step that must retry or wait is recorded so by ``execute`` and its message sent to the broker; one that
+    meets an outage past the patience is left to its lease, as a message's attempt would be.
+    """
+    local = hop.local
+    carrier = hop.delivery.carrier or parent.task_id
+    while hop.step is not None and hop.task_id:
+        attempt = Attempt(parent.run_id, hop.step, parent.generation, hop.task_id)
+        delivery = replace(hop.delivery, headers=hop.headers, due_at=None, carrier=carrier)
+        hop = Continuation(delivery, local)
+        local.started(spec, attempt, delivery)
+        try:
+            result, failure = execute(attempt, delivery, hop)
+        except (RetryableStepError, StepDeferred) as exc:
+            try:
+                local.resend(spec, attempt, exc.countdown or 0.0, str(exc))
+            except Exception:
+                log.exception("%s: its retry was not sent; the sweeper sends it once its lease runs out", attempt)
+            return
+        except Exception as exc:
+            log.warning("%s: left to its lease: %s: %s", attempt, type(exc).__name__, exc)
+            local.ended(attempt, "left to its lease", f"{type(exc).__name__}: {exc}")
+            return
+        local.ended(attempt, result, failure, more=hop.step is not None and bool(hop.task_id))

@@ -1,0 +1,182 @@
+"""Continuing locally: a finishing step runs a child it released in its own slot, skipping the broker for that hop.
+
+The engine runs against the in-memory store with a recording publisher (see ``test_engine_attempt``) and a
+recording :class:`LocalSteps` standing in for the worker's side; the carrier's revoke path runs on Redis.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+import redis
+
+from orchestrator.definition.spec import WorkflowSpec, parse_workflow
+from orchestrator.domain import Attempt, RunStatus, StepOutcome
+from orchestrator.engine.attempt import execute_attempt
+from orchestrator.engine.local import Delivery
+from orchestrator.engine.runtime import Runtime
+from orchestrator.errors import StepFailed
+from orchestrator.state import RedisStateStore
+from tests.unit.test_engine_attempt import (
+    Message,
+    RecordingPublisher,
+    drive,
+    make_runtime,
+    run_status,
+    start,
+    step_status,
+    workflow,
+)
+
+QUEUE = "cpu"
+
+
+@dataclass
+class RecordingLocalSteps:
+    """The worker's side, as lists: which steps it lets run here and what it announced."""
+
+    allowed: set[str] | None = None
+    announced: list[tuple[str, str, str]] = field(default_factory=list)
+    resent: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def accepts(self, spec: WorkflowSpec, step: str, delivery: Delivery) -> bool:
+        return self.allowed is None or step in self.allowed
+
+    def started(self, spec: WorkflowSpec, attempt: Attempt, delivery: Delivery) -> None:
+        assert delivery.carrier, "a local step names the message whose slot runs it"
+        self.announced.append(("started", attempt.step, attempt.task_id))
+
+    def ended(self, attempt: Attempt, result: str, failure: str | None, *, more: bool = False) -> None:
+        self.announced.append(("failed" if failure else "ended", attempt.step, attempt.task_id))
+
+    def resend(self, spec: WorkflowSpec, attempt: Attempt, countdown_s: float, reason: str) -> None:
+        self.resent.append((attempt.step, attempt.task_id, countdown_s))
+
+
+def local_runtime(allowed: set[str] | None = None) -> tuple[Runtime, RecordingPublisher, RecordingLocalSteps]:
+    runtime, publisher = make_runtime()
+    local = RecordingLocalSteps(allowed)
+    runtime.local = local
+    return runtime, publisher, local
+
+
+def deliver(runtime: Runtime, message: Message, *, raise_failure: bool = False) -> str:
+    attempt = Attempt(message.run_id, message.step, message.generation, message.task_id)
+    delivery = Delivery(queue=QUEUE)
+    return execute_attempt(runtime, attempt, message.definition_hash, delivery, raise_failure=raise_failure)
+
+
+def chain(*names: str) -> dict[str, object]:
+    steps = [{"name": n, "uses": "noop", **({"depends_on": [names[i - 1]]} if i else {})} for i, n in enumerate(names)]
+    return workflow(*steps)
+
+
+def test_a_chain_runs_in_the_slot_of_its_first_message_and_each_step_is_announced_under_its_held_task_id() -> None:
+    runtime, publisher, local = local_runtime()
+    run_id = start(runtime, publisher, chain("a", "b", "c"))
+
+    assert deliver(runtime, publisher.sent.pop(0)) == "succeeded"
+
+    assert publisher.sent == [], "no message was published for b or c"
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+    assert [(kind, step) for kind, step, _ in local.announced] == [
+        ("started", "b"),
+        ("ended", "b"),
+        ("started", "c"),
+        ("ended", "c"),
+    ]
+    fields = runtime.store.run_fields(run_id)
+    assert {task for _, _, task in local.announced} == {fields["s:b:task"], fields["s:c:task"]}
+    seqs = [event.seq for event in runtime.store.events(run_id)]
+    assert seqs == list(range(1, len(seqs) + 1)), "the run's events stay gapless"
+
+
+def test_of_several_released_children_one_runs_here_and_the_others_are_published() -> None:
+    runtime, publisher, _ = local_runtime()
+    run_id = start(
+        runtime,
+        publisher,
+        workflow(
+            {"name": "a", "uses": "noop"},
+            *({"name": n, "uses": "noop", "depends_on": ["a"]} for n in ("x", "y", "z")),
+        ),
+    )
+
+    deliver(runtime, publisher.sent.pop(0))
+
+    assert [m.step for m in publisher.sent] == ["y", "z"]
+    assert step_status(runtime, run_id, "x") == "succeeded"
+    drive(runtime, publisher)
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+
+
+def test_a_child_the_worker_refuses_here_is_published_as_a_message() -> None:
+    runtime, publisher, local = local_runtime(allowed=set())
+    start(runtime, publisher, chain("a", "b"))
+
+    deliver(runtime, publisher.sent.pop(0))
+
+    assert [m.step for m in publisher.sent] == ["b"]
+    assert local.announced == []
+
+
+def test_a_local_step_that_must_retry_is_recorded_and_resent_with_its_countdown_not_raised() -> None:
+    runtime, publisher, local = local_runtime()
+    run_id = start(
+        runtime,
+        publisher,
+        workflow(
+            {"name": "a", "uses": "noop"},
+            {
+                "name": "b",
+                "uses": "llm",
+                "depends_on": ["a"],
+                "with": {"prompt": "hi", "simulate": {"errors": ["overloaded"]}},
+            },
+        ),
+    )
+
+    assert deliver(runtime, publisher.sent.pop(0)) == "succeeded"
+
+    [(step, task_id, countdown)] = local.resent
+    assert step == "b"
+    assert countdown >= 0
+    assert task_id == runtime.store.run_fields(run_id)["s:b:task"]
+    assert step_status(runtime, run_id, "b") == "queued"
+
+
+def test_a_carrier_whose_step_failed_for_good_runs_the_kept_child_first_then_raises_step_failed() -> None:
+    runtime, publisher, _ = local_runtime()
+    run_id = start(
+        runtime,
+        publisher,
+        workflow(
+            {"name": "a", "uses": "llm", "with": {"prompt": "hi", "simulate": {"errors": ["bad_request"]}}},
+            {"name": "cleanup", "uses": "noop", "depends_on": ["a"], "trigger_rule": "all_done"},
+        ),
+    )
+
+    with pytest.raises(StepFailed):
+        deliver(runtime, publisher.sent.pop(0), raise_failure=True)
+
+    assert step_status(runtime, run_id, "cleanup") == "succeeded"
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+
+
+def test_stopping_a_run_interrupts_a_local_step_through_the_message_that_carries_it(redis_client: redis.Redis) -> None:
+    store = RedisStateStore(redis_client, retention_s=60)
+    spec = parse_workflow(chain("a", "b"))
+    run_id = uuid.uuid4().hex
+    store.save_definition(spec)
+    assert store.create_run(run_id, spec, {}, None)
+    root = Attempt(run_id, "a", "1", "carrier-task")
+    store.claim(root, lease_s=30, upstream=(), children=("b",))
+    finished = store.finish(root, StepOutcome.SUCCEEDED, output=None, children=("b",))
+    child = Attempt(run_id, "b", "1", finished.task_ids["b"])
+    store.claim(child, lease_s=30, upstream=("a",), children=(), carrier="carrier-task")
+
+    result = store.stop(run_id, RunStatus.CANCELLED, "test", tuple(spec.steps_by_name))
+
+    assert {task for _, task in result.interrupted} == {child.task_id, "carrier-task"}
