@@ -545,6 +545,7 @@ ENDED_SCRATCH_FIELDS = (
     "attempt_base",
     "deferred_until",
     "deferral",
+    "carrier",
 )
 """Step fields a run drops when it ends (``lua/_ended.lua``): per-attempt scratch no reader needs any more.
 

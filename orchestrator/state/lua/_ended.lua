@@ -6,7 +6,7 @@
 -- run's few dozen events never fill. A run with more events than ENDED_REWRITE_EVENTS keeps its stream as it is:
 -- the rewrite would cost more than the one node's slack it saves.
 local ENDED_SCRATCH = {task = true, lease = true, pending = true, attempt_started_at = true, force = true,
-  attempt_base = true, deferred_until = true, deferral = true}
+  attempt_base = true, deferred_until = true, deferral = true, carrier = true}
 local ENDED_IF_EMPTY = {cache_key = true, cached = true}
 local ENDED_RUN_IF_EMPTY = {idempotency_key = true, timeout_s = true}
 local ENDED_REWRITE_EVENTS = 1000

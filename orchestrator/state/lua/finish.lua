@@ -122,11 +122,12 @@ if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
     data = '{"error":' .. cjson.encode(why[1] or 'run failed') .. ',"failed_steps":' .. (why[2] or '[]') .. '}'
   end
   emit(run, events, now, 'run_' .. status, '', 0, data)
-  ended(run, events, retention)
   if status == 'succeeded' then redis.call('DEL', KEYS[3]) end
   out[2] = status
 end
 fields[#fields + 1] = 'seq'
 fields[#fields + 1] = _seq
 redis.call('HSET', run, unpack(fields))
+-- Compacted after the one HSET above, which writes the step's own scratch (its lease, cleared) too.
+if out[2] ~= '' then ended(run, events, retention) end
 return out
