@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, Self
 
@@ -45,6 +45,8 @@ _SCRIPTS = (
     "fail_dispatch",
     "note_definition",
     "beat",
+    "sweepers",
+    "sweep_hold",
     "iterate",
     "item_expand",
     "item_claim",
@@ -221,12 +223,20 @@ class RedisStateCore:
             out.setdefault(self._leases(keys.parse_lease_member(member)[0]), {})[member] = score
         return out
 
-    def _due(self, index: Callable[[str | None], str], now: float, limit: int) -> list[str]:
-        """Members of every bucket of ``index`` due by ``now``, oldest first: at most ``limit``, one round trip."""
-        if self.shards <= 1:
-            return [_text(m) for m in self.client.zrangebyscore(index(None), "-inf", now, start=0, num=limit)]
+    def _due(
+        self,
+        index: Callable[[str | None], str],
+        now: float,
+        limit: int,
+        buckets: Sequence[str | None] | None = None,
+    ) -> list[str]:
+        """Members of ``buckets`` of ``index`` (default: all) due by ``now``, oldest first: at most ``limit``, one
+        round trip."""
+        shards = keys.all_shards(self.shards) if buckets is None else list(buckets)
+        if len(shards) == 1:
+            return [_text(m) for m in self.client.zrangebyscore(index(shards[0]), "-inf", now, start=0, num=limit)]
         pipe = self.client.pipeline(transaction=False)
-        for shard in keys.all_shards(self.shards):
+        for shard in shards:
             pipe.zrangebyscore(index(shard), "-inf", now, start=0, num=limit, withscores=True)
         due = sorted((score, _text(member)) for rows in pipe.execute() for member, score in rows)
         return [member for _, member in due[:limit]]
