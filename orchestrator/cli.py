@@ -75,8 +75,9 @@ def _client(settings: Settings, *, runs_here: bool = False) -> Any:
             "use `orchestrator submit --wait` (or --watch), or set REDIS_URL to a Redis server"
         )
 
-    client = Client(settings)
     try:
+        # A cluster client reads the slot map when it is built: one that finds no seed node fails here, the same way.
+        client = Client(settings)
         client.store.ping()
     except StoreUnavailableError:
         where = redact_url(settings.redis_url).rsplit("@", 1)[-1]

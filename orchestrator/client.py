@@ -88,7 +88,10 @@ class Client:
             self.publisher = CeleryPublisher(self._app, self.settings)
             settings = self.settings
             self.store = store or RedisStateStore.from_url(
-                settings.redis_url, retention_s=settings.retention_s, shards=settings.shards
+                settings.redis_url,
+                retention_s=settings.retention_s,
+                shards=settings.shards,
+                wait_replicas=settings.wait_replicas,
             )
         # Definition hashes that passed check_workflow here: it parses every template twice, which was more than
         # half of a submit's CPU, and a definition that passed once passes again (registries only grow).

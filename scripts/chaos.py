@@ -595,8 +595,8 @@ def _successes(events: list[Event]) -> Counter[tuple[str, int]]:
     return counts
 
 
-def print_report(report: ChaosReport, config: ChaosConfig) -> None:
-    """The human-readable summary."""
+def print_report(report: ChaosReport, config: ChaosConfig, *, cluster: bool = False) -> None:
+    """The human-readable summary; ``cluster``: Redis kills hit a cluster's masters, not a single Redis."""
     print(
         f"runs: {report.succeeded}/{report.runs} succeeded in {report.seconds:.1f} s "
         f"({report.runs / report.seconds:.1f} runs/s), {len(report.stuck)} stalled"
@@ -605,7 +605,12 @@ def print_report(report: ChaosReport, config: ChaosConfig) -> None:
         f"workers: {config.workers} x {config.concurrency} slots; {report.kills} SIGKILLs of a whole worker "
         f"(about one every {config.kill_every:g} s); {report.worker_exits} exited on their own and were restarted"
     )
-    if config.redis_kill_every > 0:
+    if config.redis_kill_every > 0 and cluster:
+        print(
+            f"redis cluster: {report.redis_kills} SIGKILLs of a master (about one every {config.redis_kill_every:g} "
+            f"s); its replica took over, and the killed node rejoined as a replica {config.redis_down_s:g} s later"
+        )
+    elif config.redis_kill_every > 0:
         print(
             f"redis: {report.redis_kills} SIGKILLs (about one every {config.redis_kill_every:g} s, down "
             f"{config.redis_down_s:g} s each, restarted from its AOF)"
@@ -642,9 +647,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--redis-kill-every",
         type=float,
         default=defaults.redis_kill_every,
-        help="mean seconds between SIGKILLs of Redis itself (0: none); it restarts from its AOF",
+        help="mean seconds between SIGKILLs of Redis itself (0: none); it restarts from its AOF (with --cluster: of a "
+        "master, whose replica takes over)",
     )
-    parser.add_argument("--redis-down", type=float, default=defaults.redis_down_s, help="seconds Redis stays down")
+    parser.add_argument(
+        "--redis-down", type=float, default=defaults.redis_down_s, help="seconds Redis (a master) stays down"
+    )
     parser.add_argument("--log-dir", type=Path, help="keep each worker's log here")
     parser.add_argument(
         "--cluster", action="store_true", help="state in a 3-master Redis Cluster; Redis kills hit its masters"
@@ -686,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 report = run_chaos(config, server.url, server=server, progress=True)
             version = redis.Redis.from_url(server.url).info("server").get("redis_version")
-        print_report(report, config)
+        print_report(report, config, cluster=args.cluster)
         write_results(
             args.json,
             {

@@ -97,7 +97,10 @@ def build_runtime(
     """A runtime on Redis at ``settings.redis_url`` (or ``store``), with the LLM gateway the settings describe."""
     import_modules(settings.imports)
     redis_store = store or RedisStateStore.from_url(
-        settings.redis_url, retention_s=settings.retention_s, shards=settings.shards
+        settings.redis_url,
+        retention_s=settings.retention_s,
+        shards=settings.shards,
+        wait_replicas=settings.wait_replicas,
     )
     client = redis_store.client if isinstance(redis_store, RedisStateStore) else None
     if client is not None:

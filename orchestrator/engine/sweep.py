@@ -1,8 +1,13 @@
 """The sweep: recovers steps whose worker was lost, fires workflow deadlines and approval timeouts.
 
 It runs in every worker's main process (a Celery bootstep, :mod:`workers.sweeper`) and in ``orchestrator sweeper``
-(:mod:`orchestrator.engine.sweep_service`); a short Redis lock lets one process sweep per interval. Deadlines are
-durable (a sorted set in Redis): one that passed while no worker ran fires when the first sweep runs.
+(:mod:`orchestrator.engine.sweep_service`). With one bucket per global index (``ORCH_SHARDS=1``) a short Redis lock lets
+one process sweep per interval. With ``ORCH_SHARDS=N`` above 1 each bucket is swept on its own: the live sweepers
+split the N buckets between them (:meth:`~orchestrator.state.StateStore.sweep_buckets`), each sweeping the expired
+leases, deadlines and approval timeouts of the buckets it holds, so the sweep's work and Redis traffic spread over
+sweepers and masters; a stopped sweeper's buckets are taken over within a few intervals. The owners index
+(``orch:owners``, one key) is swept by whoever holds the first bucket. Deadlines are durable (a sorted set in Redis):
+one that passed while no worker ran fires when the first sweep runs.
 """
 
 from __future__ import annotations
@@ -40,13 +45,15 @@ message sent before that could still be waiting."""
 
 def sweep_once(runtime: Runtime, owner: str) -> int:
     """One sweep: re-dispatch lost steps, time out runs past their deadline; returns how many actions it took."""
-    if not runtime.store.try_sweeper_lock(owner, runtime.settings.sweep_interval_s * 0.9):
+    buckets = runtime.store.sweep_buckets(owner, runtime.settings.sweep_interval_s)
+    if not buckets:
         return 0
+    owners = _recover_dead_owners(runtime) if keys.all_shards(runtime.settings.shards)[0] in buckets else 0
     return (
-        _recover_dead_owners(runtime)
-        + _recover_lost_steps(runtime)
-        + _fire_deadlines(runtime)
-        + _fire_approval_timeouts(runtime)
+        owners
+        + _recover_lost_steps(runtime, buckets)
+        + _fire_deadlines(runtime, buckets)
+        + _fire_approval_timeouts(runtime, buckets)
     )
 
 
@@ -63,9 +70,9 @@ def _recover_dead_owners(runtime: Runtime) -> int:
     return count
 
 
-def _recover_lost_steps(runtime: Runtime) -> int:
+def _recover_lost_steps(runtime: Runtime, buckets: list[str | None]) -> int:
     count = 0
-    expired = runtime.store.expired_leases()
+    expired = runtime.store.expired_leases(buckets=buckets)
     backlog_wait_s = _backlog_wait_s(runtime) if expired else 0.0
     for member in expired:
         count += _recover(runtime, member, backlog_wait_s=backlog_wait_s)
@@ -149,9 +156,9 @@ def _backlog_wait_s(runtime: Runtime) -> float:
     return min(MAX_BACKLOG_GRACES * runtime.settings.queued_grace_s, waited)
 
 
-def _fire_deadlines(runtime: Runtime) -> int:
+def _fire_deadlines(runtime: Runtime, buckets: list[str | None]) -> int:
     count = 0
-    for run_id, generation in runtime.store.due_deadlines():
+    for run_id, generation in runtime.store.due_deadlines(buckets=buckets):
         try:
             result = stop_run(
                 runtime.publisher,
@@ -171,9 +178,9 @@ def _fire_deadlines(runtime: Runtime) -> int:
     return count
 
 
-def _fire_approval_timeouts(runtime: Runtime) -> int:
+def _fire_approval_timeouts(runtime: Runtime, buckets: list[str | None]) -> int:
     count = 0
-    for run_id, generation, unit in runtime.store.due_approvals():
+    for run_id, generation, unit in runtime.store.due_approvals(buckets=buckets):
         step, item = keys.parse_item_unit(unit)  # an approval map step's items wait each under its own unit
         try:
             spec = runtime.store.load_definition(runtime.store.run_fields(run_id)["def_hash"])

@@ -3,8 +3,9 @@
 Every worker already runs the sweeper as a Celery bootstep (:mod:`workers.sweeper`). This process runs the same
 :func:`~orchestrator.engine.sweep.sweep_once` on its own, so deadlines and approval timeouts fire and lost steps are
 sent again while no worker is up: every worker scaled to zero, crash-looping, or being redeployed. It takes the same
-Redis lock as the workers' sweepers, so running it next to them never sweeps twice in one interval; it consumes no
-queue.
+Redis lock as the workers' sweepers, so running it next to them never sweeps twice in one interval; with
+``ORCH_SHARDS`` above 1 it is one more sweeper to split the buckets with, so several of these processes spread the
+sweep between them and take over each other's buckets when one stops. It consumes no queue.
 
 Liveness: given a heartbeat file, the service updates the file's modification time after every sweep that reached
 Redis (whether or not it won the lock), so a container healthcheck can tell a sweeper that is stuck or cut off from
@@ -59,7 +60,8 @@ class SweepService:
         self._stop = threading.Event()
 
     def sweep(self) -> int:
-        """One sweep, when this process wins the interval's lock; returns how many actions it took.
+        """One sweep of the buckets this process holds (with one bucket: when it wins the interval's lock); returns how
+        many actions it took.
 
         Raises:
             redis.RedisError: When Redis does not answer (the heartbeat is then left as it was).

@@ -230,3 +230,18 @@ def script_args(command: Any) -> tuple[Any, ...]:
     """The arguments of one queued pipeline command (plain pipelines keep ``(args, options)``, cluster ones objects)."""
     args = getattr(command, "args", None)
     return tuple(args) if args is not None else tuple(command[0])
+
+
+def queue_wait(pipe: Any, key: str, replicas: int, timeout_ms: int) -> int:
+    """Queue ``WAIT replicas timeout_ms`` on ``pipe`` right after the writes to ``key``'s node; returns its position
+    among the pipeline's replies.
+
+    ``WAIT`` covers the writes made before it on the same connection: a cluster pipeline sends each node its commands
+    in order on one connection, so the command is named the node of ``key``, where the write before it went.
+    """
+    if isinstance(pipe, redis.cluster.ClusterPipeline):
+        node = pipe.get_node_from_key(key)  # type: ignore[no-untyped-call]
+        pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)  # type: ignore[no-untyped-call]
+    else:
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+    return len(pipe) - 1

@@ -24,6 +24,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 MAX_SHARDS = 256
 """``ORCH_SHARDS`` at most: each shard is a few sorted sets every sweep reads."""
+MAX_WAIT_REPLICAS = 16
+"""``ORCH_WAIT_REPLICAS`` at most."""
 
 PRIORITY_MODES = ("depth", "off")
 """``ORCH_PRIORITIES`` values: ``depth`` sends each step with its DAG depth as priority, ``off`` sends none (FIFO)."""
@@ -52,10 +54,14 @@ class Settings:
             kombu's other transports; a URL without a known scheme is refused at start.
         shards: ``ORCH_SHARDS``: how many buckets each global index (leases, deadlines, approvals, runs, the
             global event stream) is split into, each under its own hash tag, so that in a Redis Cluster their load
-            spreads over the masters instead of one hot slot; a sweep reads every bucket in one round trip. 1
-            (default) keeps one key per index, as on a single Redis; on a cluster take about 4 per master (12 for 3
-            masters). Changing it
-            later leaves entries in the old buckets unswept: set it once, before the first run.
+            spreads over the masters instead of one hot slot; the sweepers split the buckets between them, each
+            sweeping its own. 1 (default) keeps one key per index, as on a single Redis; on a cluster take about 4
+            per master (12 for 3 masters). Changing it later leaves entries in the old buckets unswept: set it
+            once, before the first run.
+        wait_replicas: ``ORCH_WAIT_REPLICAS``: after every step claim and finish, wait (Redis ``WAIT``, at most 1 s)
+            until this many replicas of the run's master have its writes, which narrows what a failover can lose
+            (replication is asynchronous) at one replica round trip per transition. 0 (default) does not wait; it
+            is no guarantee either way (see docs/cluster.md).
         anthropic_api_key: ``ANTHROPIC_API_KEY``; when absent LLM steps use the offline provider.
         anthropic_base_url: ``ANTHROPIC_BASE_URL``: another Messages API endpoint.
         imports: ``ORCH_IMPORTS``: comma-separated modules defining workflows and functions, imported by
@@ -152,6 +158,7 @@ class Settings:
     inprocess_threads: int = 8
     map_max_items: int = 10_000
     shards: int = 1
+    wait_replicas: int = 0
     redis_url_explicit: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -173,6 +180,8 @@ class Settings:
                 )
         if self.shards < 1 or self.shards > MAX_SHARDS:
             raise ValueError(f"ORCH_SHARDS must be from 1 to {MAX_SHARDS}, not {self.shards}")
+        if self.wait_replicas < 0 or self.wait_replicas > MAX_WAIT_REPLICAS:
+            raise ValueError(f"ORCH_WAIT_REPLICAS must be from 0 to {MAX_WAIT_REPLICAS}, not {self.wait_replicas}")
         if is_memory_url(self.redis_url) and self.broker_url is not None:
             raise ValueError(
                 "ORCH_BROKER_URL cannot be used with REDIS_URL=memory://: that process runs its own steps "
@@ -234,6 +243,7 @@ class Settings:
             "inprocess_threads": "ORCH_INPROCESS_THREADS",
             "map_max_items": "ORCH_MAP_MAX_ITEMS",
             "shards": "ORCH_SHARDS",
+            "wait_replicas": "ORCH_WAIT_REPLICAS",
         }
         kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, object] = {}

@@ -246,8 +246,9 @@ class StateStore(ItemStore, Protocol):
         """
         ...
 
-    def expired_leases(self, limit: int = 500) -> list[str]:
-        """Lease index members (``run|step|task``) whose lease ran out, oldest first, at most ``limit``."""
+    def expired_leases(self, limit: int = 500, buckets: Sequence[str | None] | None = None) -> list[str]:
+        """Lease index members (``run|step|task``) whose lease ran out, oldest first, at most ``limit``; only those of
+        ``buckets`` (:meth:`sweep_buckets`) when given."""
         ...
 
     def keep_owner(self, owner: str, alive_s: float, *, joined: Sequence[str] = (), left: Sequence[str] = ()) -> None:
@@ -332,7 +333,7 @@ class StateStore(ItemStore, Protocol):
         """Schedule a run's workflow deadline."""
         ...
 
-    def due_deadlines(self, limit: int = 500) -> list[tuple[str, str]]:
+    def due_deadlines(self, limit: int = 500, buckets: Sequence[str | None] | None = None) -> list[tuple[str, str]]:
         """``(run_id, generation)`` of deadlines that have passed."""
         ...
 
@@ -361,7 +362,9 @@ class StateStore(ItemStore, Protocol):
         """
         ...
 
-    def due_approvals(self, limit: int = 500) -> list[tuple[str, str, str]]:
+    def due_approvals(
+        self, limit: int = 500, buckets: Sequence[str | None] | None = None
+    ) -> list[tuple[str, str, str]]:
         """``(run_id, generation, step)`` of approval waits whose timeout passed."""
         ...
 
@@ -477,6 +480,16 @@ class StateStore(ItemStore, Protocol):
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` seconds; ``False`` while anyone (``owner`` too) holds it."""
+        ...
+
+    def sweep_buckets(self, owner: str, interval_s: float) -> list[str | None]:
+        """The buckets of the global indices (:mod:`orchestrator.state.keys`) the sweeper ``owner``, sweeping every
+        ``interval_s``, sweeps this turn; ``[]`` for none.
+
+        One bucket (``ORCH_SHARDS=1``): ``[None]`` when ``owner`` wins the turn (:meth:`try_sweeper_lock` for 0.9
+        interval). Several: each live sweeper holds its share of them, renewed every turn (see
+        :mod:`orchestrator.engine.sweep`).
+        """
         ...
 
 

@@ -27,6 +27,9 @@ RUNS_INDEX = f"{PREFIX}:runs"
 SWEEPER_LOCK = f"{PREFIX}:sweeper:lock"
 # Processes running attempts: owner id -> until when it is known alive (a sorted set, refreshed by its heartbeat).
 OWNERS = f"{PREFIX}:owners"
+# Sweeper processes (``ORCH_SHARDS`` above 1): owner id -> until when it is known alive; each holds its share of the
+# buckets (:func:`sweeper_lock_key`).
+SWEEPERS = f"{PREFIX}:sweepers"
 EVENTS = f"{PREFIX}:events"
 # Definitions submitted lately (``orchestrator workflows``): hash -> last submitted (a sorted set) and hash -> its
 # name, version and first submit (a hash); one hash tag, so one script keeps both.
@@ -95,7 +98,8 @@ def global_events_key(shard: str | None) -> str:
 
 
 def sweeper_lock_key(shard: str | None) -> str:
-    """The sweeper's turn on one bucket (whoever holds it sweeps that bucket for an interval)."""
+    """The sweeper's turn (one bucket), or with ``ORCH_SHARDS`` above 1 a sweeper's hold on one bucket: whoever holds it
+    sweeps that bucket."""
     return _sharded("sweeper:lock", shard)
 
 

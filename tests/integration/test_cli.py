@@ -33,9 +33,9 @@ STEP_FIELDS = {"status", "attempts", "started_at", "finished_at", "output", "err
 TRANSIENT_KEYS = {keys.SWEEPER_LOCK, keys.LEASES}
 
 
-def orchestrator(*args: str, redis_url: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m orchestrator.cli ARGS`` the way a user would, with REDIS_URL and ORCH_IMPORTS set."""
-    env = {**os.environ, "REDIS_URL": redis_url, "ORCH_IMPORTS": IMPORTS}
+def orchestrator(*args: str, redis_url: str, timeout: float = 90, **settings: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m orchestrator.cli ARGS`` as a user would, with REDIS_URL, ORCH_IMPORTS and ``settings`` set."""
+    env = {**os.environ, "REDIS_URL": redis_url, "ORCH_IMPORTS": IMPORTS, **settings}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args],
@@ -292,6 +292,20 @@ def test_a_redis_that_does_not_answer_is_reported_without_a_traceback(
     args = ("status", "some-run") if command == "status" else ("submit", tiny_file)
 
     proc = orchestrator(*args, redis_url=f"redis://127.0.0.1:{closed_port}/0", timeout=60)
+
+    assert_clean_failure(proc, "does not answer", f"127.0.0.1:{closed_port}")
+
+
+@pytest.mark.parametrize("command", ["status", "submit"])
+def test_a_redis_cluster_with_no_seed_node_answering_is_reported_as_a_plain_redis_is(
+    closed_port: int, redis_url: str, tiny_file: str, command: str
+) -> None:
+    # A cluster client fails when it is built (it reads the slot map), a plain one at its first command: one line each.
+    args = ("status", "some-run") if command == "status" else ("submit", tiny_file)
+
+    proc = orchestrator(
+        *args, redis_url=f"redis+cluster://127.0.0.1:{closed_port}", timeout=60, ORCH_BROKER_URL=redis_url
+    )
 
     assert_clean_failure(proc, "does not answer", f"127.0.0.1:{closed_port}")
 

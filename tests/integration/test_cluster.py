@@ -20,7 +20,7 @@ from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.dev.redis_cluster import RedisClusterServers
 from orchestrator.dev.redis_server import RedisServer
 from orchestrator.errors import StoreUnavailableError
-from orchestrator.state import keys
+from orchestrator.state import RedisStateStore, keys
 from tests.conftest import ARTIFACTS, IN_CI, WORKER_ENV, private_redis
 from tests.integration.helpers import py, wait_for, workflow
 from tests.integration.test_api import ADMIN, ApiServer, bearer, finished
@@ -77,6 +77,25 @@ def cluster_workers(client: Client, env: dict[str, str]) -> Iterator[LocalWorker
 
 def _node(port: int) -> redis.Redis:
     return redis.Redis(port=port, decode_responses=True, socket_timeout=5)
+
+
+def test_two_sweepers_split_the_buckets_over_the_masters_and_one_takes_over_the_others(
+    cluster: RedisClusterServers,
+) -> None:
+    # First in the module: no worker runs yet, so a and b are the only sweepers.
+    store = RedisStateStore.from_url(cluster.url, shards=SHARDS)
+    interval_s = 1.0
+    store.sweep_buckets("a", interval_s)
+    store.sweep_buckets("b", interval_s)
+    store.sweep_buckets("a", interval_s)  # two live: a frees what it holds beyond its share
+    held_by_a, held_by_b = store.sweep_buckets("a", interval_s), store.sweep_buckets("b", interval_s)
+    assert len(held_by_a) == len(held_by_b) == SHARDS // 2
+    assert sorted(map(str, held_by_a + held_by_b)) == sorted(map(str, keys.all_shards(SHARDS)))
+    # The bucket tags lie in equal slot ranges, so each sweeper's buckets sit on more than one master.
+    masters = {cluster.master_of(keys.leases_key(shard)).port for shard in held_by_a}
+    assert len(masters) > 1
+
+    wait_for(lambda: len(store.sweep_buckets("a", interval_s)) == SHARDS, timeout=15, what="a to take b's buckets")
 
 
 def test_a_workflow_runs_on_a_cluster_with_its_run_on_one_master_and_the_indices_on_all(

@@ -357,3 +357,9 @@ def test_a_cluster_that_does_not_answer_is_a_store_outage_naming_it_without_its_
 def test_orch_shards_outside_its_range_is_refused(shards: str) -> None:
     with pytest.raises(ValueError, match=f"ORCH_SHARDS must be from 1 to 256, not {shards}"):
         Settings.from_env({"ORCH_SHARDS": shards})
+
+
+@pytest.mark.parametrize("replicas", ["17", "-1"])
+def test_orch_wait_replicas_outside_its_range_is_refused(replicas: str) -> None:
+    with pytest.raises(ValueError, match=f"ORCH_WAIT_REPLICAS must be from 0 to 16, not {replicas}"):
+        Settings.from_env({"ORCH_WAIT_REPLICAS": replicas})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.domain import (
@@ -145,7 +146,7 @@ class RunControl(MemoryStateCore):
         with self._lock:
             self._deadlines[keys.deadline_member(run_id, generation)] = at
 
-    def due_deadlines(self, limit: int = 500) -> list[tuple[str, str]]:
+    def due_deadlines(self, limit: int = 500, buckets: Sequence[str | None] | None = None) -> list[tuple[str, str]]:
         """``(run_id, generation)`` of deadlines that have passed, oldest first."""
         with self._lock:
             members = _due(self._deadlines, self._clock(), limit)
@@ -227,7 +228,9 @@ class RunControl(MemoryStateCore):
             self._approvals.pop(keys.approval_member(run_id, fields["gen"], step), None)
             return DecisionResult(DecisionOutcome.OK, generation=fields["gen"])
 
-    def due_approvals(self, limit: int = 500) -> list[tuple[str, str, str]]:
+    def due_approvals(
+        self, limit: int = 500, buckets: Sequence[str | None] | None = None
+    ) -> list[tuple[str, str, str]]:
         """``(run_id, generation, step)`` of approval waits whose timeout passed, oldest first."""
         with self._lock:
             members = _due(self._approvals, self._clock(), limit)

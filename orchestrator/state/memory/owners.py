@@ -47,3 +47,7 @@ class ProcessOwners(MemoryStateCore):
                 self._owned.pop(owner, None)
             if self._owners.get(owner, 0.0) <= self._clock():
                 self._owners.pop(owner, None)
+
+    def sweep_buckets(self, owner: str, interval_s: float) -> list[str | None]:
+        """``[None]`` when ``owner`` wins the sweeper turn: one store, one bucket."""
+        return [None] if self.try_sweeper_lock(owner, interval_s * 0.9) else []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, ReleaseRules, StepOutcome
@@ -338,7 +338,7 @@ class StepTransitions(ItemTransitions):
                     out.append((run_id, step, task_id, ours))
         return out
 
-    def expired_leases(self, limit: int = 500) -> list[str]:
+    def expired_leases(self, limit: int = 500, buckets: Sequence[str | None] | None = None) -> list[str]:
         """Lease index members whose lease ran out, oldest first."""
         with self._lock:
             return _due(self._leases, self._clock(), limit)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.domain import (
@@ -92,10 +93,10 @@ class RunControl(RedisStateCore):
         """Schedule the run's workflow deadline (durable: swept by any worker, whenever one runs)."""
         self.client.zadd(self._deadlines(run_id), {keys.deadline_member(run_id, generation): at})
 
-    def due_deadlines(self, limit: int = 500) -> list[tuple[str, str]]:
+    def due_deadlines(self, limit: int = 500, buckets: Sequence[str | None] | None = None) -> list[tuple[str, str]]:
         """``(run_id, generation)`` of deadlines that have passed, by Redis's clock."""
         seconds, micros = self.client.time()
-        members = self._due(keys.deadlines_key, seconds + micros / 1e6, limit)
+        members = self._due(keys.deadlines_key, seconds + micros / 1e6, limit, buckets)
         out: list[tuple[str, str]] = []
         for member in members:
             run_id, _, generation = _text(member).partition("|")
@@ -159,10 +160,12 @@ class RunControl(RedisStateCore):
         pipe.execute()
         return DecisionResult(DecisionOutcome.OK, generation=reply[1])
 
-    def due_approvals(self, limit: int = 500) -> list[tuple[str, str, str]]:
+    def due_approvals(
+        self, limit: int = 500, buckets: Sequence[str | None] | None = None
+    ) -> list[tuple[str, str, str]]:
         """``(run_id, generation, step)`` of approval waits whose timeout passed, by Redis's clock."""
         seconds, micros = self.client.time()
-        members = self._due(keys.approvals_key, seconds + micros / 1e6, limit)
+        members = self._due(keys.approvals_key, seconds + micros / 1e6, limit, buckets)
         out: list[tuple[str, str, str]] = []
         for member in members:
             run_id, generation, step = _text(member).split("|", 2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, Self
 
@@ -20,7 +20,13 @@ from redis.commands.core import Script
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.engine.events import Event
 from orchestrator.errors import DefinitionNotFoundError, RunNotFoundError, StoreUnavailableError
-from orchestrator.infra.redis_cluster import cluster_client, is_cluster_client, is_cluster_url, queue_evalsha
+from orchestrator.infra.redis_cluster import (
+    cluster_client,
+    is_cluster_client,
+    is_cluster_url,
+    queue_evalsha,
+    queue_wait,
+)
 from orchestrator.infra.redis_url import blocking_pool
 from orchestrator.state import keys
 from orchestrator.state.base import (
@@ -45,6 +51,8 @@ _SCRIPTS = (
     "fail_dispatch",
     "note_definition",
     "beat",
+    "sweepers",
+    "sweep_hold",
     "iterate",
     "item_expand",
     "item_claim",
@@ -88,6 +96,12 @@ _WITH_EVENTS = {
 }
 
 _ENDING = {"finish", "stop", "fail_dispatch"}
+
+
+WAITED_SCRIPTS = ("claim", "finish")
+"""The transitions after which ``wait_replicas`` waits for replicas: a lost claim or finish runs a step again."""
+WAIT_TIMEOUT_MS = 1000
+"""How long one ``WAIT`` may hold a transition when too few replicas answer."""
 
 
 def _load_lua(name: str) -> str:
@@ -142,6 +156,8 @@ class RedisStateCore:
         retention_s: How long a finished run is kept.
         definition_ttl_s: How long a stored workflow definition lives after its last submit.
         shards: Buckets of each global index (``ORCH_SHARDS``; see :mod:`orchestrator.state.keys`).
+        wait_replicas: ``ORCH_WAIT_REPLICAS``: after every claim and finish, wait (``WAIT``, at most
+            ``WAIT_TIMEOUT_MS``) until this many replicas have the run's writes; 0 (the default) does not wait.
     """
 
     def __init__(
@@ -151,9 +167,12 @@ class RedisStateCore:
         retention_s: int = 7 * 24 * 3600,
         definition_ttl_s: int | None = None,
         shards: int = 1,
+        wait_replicas: int = 0,
     ):
         self.client = client
         self.shards = shards
+        self.wait_replicas = wait_replicas
+        self._waits = threading.local()  # positions of the WAIT replies in the pipeline being built, per thread
         self.retention_s = retention_s
         # A run can outlive its retention while still running (approvals can wait for days): keep it 4x as long.
         self.active_ttl_s = retention_s * 4
@@ -199,7 +218,10 @@ class RedisStateCore:
         run_keys = _run_keys(run_id)
         if script == "finish":
             run_keys.append(keys.llm_run_cache_key(run_id))
-        return queue_evalsha(pipe, self._scripts[script].sha, len(run_keys), *run_keys, *argv)
+        reply = queue_evalsha(pipe, self._scripts[script].sha, len(run_keys), *run_keys, *argv)
+        if self.wait_replicas and script in WAITED_SCRIPTS:
+            self._waits.positions.append(queue_wait(pipe, run_keys[0], self.wait_replicas, WAIT_TIMEOUT_MS))
+        return reply
 
     # -- the global indices, one bucket per run (``keys.shard_of``) ----------------------------------------------
 
@@ -222,12 +244,20 @@ class RedisStateCore:
             out.setdefault(self._leases(keys.parse_lease_member(member)[0]), {})[member] = score
         return out
 
-    def _due(self, index: Callable[[str | None], str], now: float, limit: int) -> list[str]:
-        """Members of every bucket of ``index`` due by ``now``, oldest first: at most ``limit``, one round trip."""
-        if self.shards <= 1:
-            return [_text(m) for m in self.client.zrangebyscore(index(None), "-inf", now, start=0, num=limit)]
+    def _due(
+        self,
+        index: Callable[[str | None], str],
+        now: float,
+        limit: int,
+        buckets: Sequence[str | None] | None = None,
+    ) -> list[str]:
+        """Members of ``buckets`` of ``index`` (default: all) due by ``now``, oldest first: at most ``limit``, one
+        round trip."""
+        shards = keys.all_shards(self.shards) if buckets is None else list(buckets)
+        if len(shards) == 1:
+            return [_text(m) for m in self.client.zrangebyscore(index(shards[0]), "-inf", now, start=0, num=limit)]
         pipe = self.client.pipeline(transaction=False)
-        for shard in keys.all_shards(self.shards):
+        for shard in shards:
             pipe.zrangebyscore(index(shard), "-inf", now, start=0, num=limit, withscores=True)
         due = sorted((score, _text(member)) for rows in pipe.execute() for member, score in rows)
         return [member for _, member in due[:limit]]
@@ -251,10 +281,14 @@ class RedisStateCore:
         commands = (*commands, *after)
         for tries_left in (1, 0):
             pipe = self.client.pipeline(transaction=False)
+            waits: list[int] = []
+            self._waits.positions = waits
             for command in commands:
                 command(pipe)
             try:
-                return pipe.execute()
+                replies = pipe.execute()
+                # The replicas' count is not the caller's business: WAIT gives up after its timeout either way.
+                return [reply for i, reply in enumerate(replies) if i not in waits] if waits else replies
             except redis.exceptions.NoScriptError:
                 # In a cluster, a replica promoted by a failover starts with no scripts: SCRIPT LOAD goes to every
                 # master.

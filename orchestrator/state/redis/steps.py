@@ -6,7 +6,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from redis.client import Pipeline
@@ -212,11 +212,11 @@ class StepTransitions(RedisStateCore):
             self.client.zadd(bucket, cast(Any, members), xx=True)
         return out
 
-    def expired_leases(self, limit: int = 500) -> list[str]:
+    def expired_leases(self, limit: int = 500, buckets: Sequence[str | None] | None = None) -> list[str]:
         """Lease index members whose lease ran out, by Redis's clock."""
         seconds, micros = self.client.time()
         now = seconds + micros / 1e6
-        return self._due(keys.leases_key, now, limit)
+        return self._due(keys.leases_key, now, limit, buckets)
 
     def reclaim(
         self,
