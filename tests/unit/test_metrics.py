@@ -7,7 +7,7 @@ import multiprocessing
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -245,7 +245,37 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_the_worker_endpoint_adds_up_the_metrics_of_every_pool_process() -> None:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def in_fresh_process(scenario: Callable[[], Any]) -> Any:
+    """Run ``scenario`` in a fresh interpreter and return what it returns.
+
+    The scenarios fork, which is only safe from a process with no other threads: a thread holding a lock at the fork
+    (pytest-xdist's execnet threads, a sink or keeper thread an earlier test started) leaves the child waiting on it
+    for ever. A spawned process runs the scenario on its only thread.
+    """
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    process = spawn.Process(target=_report, args=(scenario, results))
+    process.start()
+    try:
+        outcome, value = results.get(timeout=120)
+    finally:
+        process.join(timeout=30)
+    if outcome == "raised":
+        raise AssertionError(f"the scenario raised in its own process: {value}")
+    return value
+
+
+def _report(scenario: Callable[[], Any], results: Any) -> None:
+    try:
+        results.put(("returned", scenario()))
+    except Exception as exc:  # reported to the test, which fails with it
+        results.put(("raised", repr(exc)))
+
+
+def _endpoint_adds_up_pool_processes() -> tuple[int, int | None, list[int | None], Samples, bool]:
     port = free_port()
     settings = replace(Settings(), metrics_port=port, metrics_addr="127.0.0.1", redis_url=closed_redis_url())
     endpoint = WorkerMetricsEndpoint(settings)
@@ -257,22 +287,28 @@ def test_the_worker_endpoint_adds_up_the_metrics_of_every_pool_process() -> None
     for child in children:
         child.start()
     for child in children:
-        child.join(timeout=30)
+        child.join(timeout=60)
     endpoint.start()
     try:
         found = scrape(port)
-        assert endpoint.port == port
+        served_on = endpoint.port
     finally:
         endpoint.stop()
+    return port, served_on, [child.exitcode for child in children], found, os.path.exists(directory)
 
-    assert [child.exitcode for child in children] == [0, 0]
+
+def test_the_worker_endpoint_adds_up_the_metrics_of_every_pool_process() -> None:
+    port, served_on, exitcodes, found, directory_left = in_fresh_process(_endpoint_adds_up_pool_processes)
+
+    assert served_on == port
+    assert exitcodes == [0, 0]
     labels = (("error_type", ""), ("kind", "llm"), ("outcome", "succeeded"), ("step", "summarise"))
     assert found[("orchestrator_step_attempts_total", (*labels, ("workflow", "digest")))] == 6
     llm = (("model", "claude-haiku-4-5"), ("workflow", "digest"))
     assert found[("orchestrator_llm_tokens_total", (llm[0], ("token_type", "input"), llm[1]))] == 200
     assert found[("orchestrator_llm_cost_usd_total", llm)] == 1.0
     assert not [name for name, _ in found if name.startswith("orchestrator_cluster")], "the API exports those"
-    assert not os.path.exists(directory), "the private directory goes with the worker"
+    assert not directory_left, "the private directory goes with the worker"
 
 
 def test_a_worker_asked_to_exports_the_cluster_gauges_too() -> None:
@@ -287,7 +323,7 @@ def test_a_worker_asked_to_exports_the_cluster_gauges_too() -> None:
         with_cluster.stop()
 
 
-def test_a_pool_process_forked_after_the_endpoint_started_closes_its_copy_of_the_socket() -> None:
+def _forked_child_closes_the_socket() -> tuple[str, int]:
     port = free_port()
     endpoint = WorkerMetricsEndpoint(
         replace(Settings(), metrics_port=port, metrics_addr="127.0.0.1", redis_url=closed_redis_url())
@@ -300,11 +336,17 @@ def test_a_pool_process_forked_after_the_endpoint_started_closes_its_copy_of_the
         result = fork.Queue()
         child = fork.Process(target=_close_inherited_socket, args=(endpoint, endpoint._server.socket.fileno(), result))
         child.start()
-        child.join(timeout=30)
-        assert result.get(timeout=10) == "closed"
-        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200, "the parent still serves"
+        child.join(timeout=60)
+        return result.get(timeout=10), httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code
     finally:
         endpoint.stop()
+
+
+def test_a_pool_process_forked_after_the_endpoint_started_closes_its_copy_of_the_socket() -> None:
+    in_child, parent_status = in_fresh_process(_forked_child_closes_the_socket)
+
+    assert in_child == "closed"
+    assert parent_status == 200, "the parent still serves"
 
 
 def test_a_taken_port_leaves_the_worker_running_without_metrics(caplog: pytest.LogCaptureFixture) -> None:
