@@ -140,13 +140,15 @@ class CeleryPublisher:
         generation: str,
         task_id: str | None = None,
         index: int | None = None,
+        sent_at: float | None = None,
     ) -> Signature:
         """The immutable signature of one step attempt, routed by kind and named ``workflow.step`` for Flower.
 
         With ``ORCH_PRIORITIES=depth`` it carries the step's priority (:mod:`orchestrator.engine.priorities`),
         which Celery keeps on retries. An item of a map step (``index``) carries its index as a fifth argument and
         is named ``workflow.step[index]``. Dispatched inside a traced span of the same run (a step attempt, the run's
-        root), its headers carry that span as the W3C ``traceparent``.
+        root), its headers carry that span as the W3C ``traceparent``. ``sent_at`` (default now) is the time its
+        publish began, stamped on every message of one group alike.
         """
         settings = self.settings
         step_spec = spec.steps_by_name[step]
@@ -163,7 +165,8 @@ class CeleryPublisher:
         if task_id is not None:
             options["task_id"] = task_id
         # When it was sent: the sweeper tells by it whether a step's lost message could still be waiting in a queue.
-        options["headers"] = {**dispatch_headers(run_id), SENT_AT_HEADER: f"{time.time():.3f}"}
+        sent = time.time() if sent_at is None else sent_at
+        options["headers"] = {**dispatch_headers(run_id), SENT_AT_HEADER: f"{sent:.3f}"}
         args: tuple[str, ...] = (run_id, spec.definition_hash, step, generation)
         if index is not None:
             args += (str(index),)
@@ -185,9 +188,10 @@ class CeleryPublisher:
         """
         if not steps:
             return
-        ids = task_ids or {}
+        ids, sent = task_ids or {}, time.time()
         signatures = [
-            self.signature(spec, run_id=run_id, step=s, generation=generation, task_id=ids.get(s)) for s in steps
+            self.signature(spec, run_id=run_id, step=s, generation=generation, task_id=ids.get(s), sent_at=sent)
+            for s in steps
         ]
         with _broker_errors(f"run {run_id}: publish {', '.join(steps)}"):
             if len(signatures) == 1:
@@ -205,8 +209,14 @@ class CeleryPublisher:
         """
         if not items:
             return
+        # One stamp for the whole group, taken before it is built: building and sending 10,000 messages takes
+        # seconds, and a later message stamped later than its item was queued (past SENT_CLOCK_MARGIN_S) made the
+        # sweeper take every item still waiting behind it for lost and send it again.
+        sent = time.time()
         signatures = [
-            self.signature(spec, run_id=run_id, step=step, generation=generation, task_id=task_id, index=index)
+            self.signature(
+                spec, run_id=run_id, step=step, generation=generation, task_id=task_id, index=index, sent_at=sent
+            )
             for index, task_id in items
         ]
         with _broker_errors(f"run {run_id}: publish {len(items)} items of {step}"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -51,12 +52,13 @@ def expand(
     keys_: list[str] | None = None,
     generation: str = "1",
     task: str = "task-m",
+    grace_s: float = GRACE_S,
 ) -> ItemDispatch:
     at = Attempt("run1", "m", generation, task)
     got = backend.store.claim(at, lease_s=LONG_LEASE_S, upstream=(), children=spec.graph.children["m"])
     assert got.outcome == ClaimOutcome.OK, got
     items = [json.dumps(f"x{i}") for i in range(n)]
-    return backend.store.expand_items(at, items, keys_ or [""] * n, max_parallel=max_parallel, grace_s=GRACE_S)
+    return backend.store.expand_items(at, items, keys_ or [""] * n, max_parallel=max_parallel, grace_s=grace_s)
 
 
 def item(index: int, task: str, generation: str = "1") -> Attempt:
@@ -165,6 +167,44 @@ def test_a_lost_item_is_requeued_under_a_new_task_by_the_sweeper(backend: Backen
     assert (found.step, found.index, found.task_id) == ("m", 0, "task-new")
     assert counts(backend)["queued"] == 1
     assert backend.store.claim_item(item(0, "task-new"), lease_s=LONG_LEASE_S, upstream=()).attempt == 2
+
+
+def due_within(backend: Backend, seconds: float, member: str) -> bool:
+    """Whether ``member`` falls due in the lease index within ``seconds`` from now (Redis: polled to a deadline)."""
+    if backend.clock is not None:
+        backend.clock.advance(seconds)
+        return member in backend.store.expired_leases()
+    deadline = backend.now() + seconds
+    while backend.now() < deadline:
+        if member in backend.store.expired_leases():
+            return True
+        time.sleep(0.02)
+    return member in backend.store.expired_leases()
+
+
+def test_a_backlog_holds_a_queued_item_a_grace_at_a_time_and_resends_it_once_per_wait(backend: Backend) -> None:
+    # A map sends its items in one burst, so while they wait the oldest waiting message is their own and the
+    # sweeper's backlog wait is about the time since they were queued: a hold only to its end brought all of a
+    # 10,000-item map's waiting items back at every sweep.
+    grace = 1.0
+    start(backend, MAP, inputs={"xs": []})
+    queued = backend.now()
+    task = expand(backend, MAP, 1, grace_s=grace).publish[0][1]
+    member = keys.lease_member("run1", "m#0", task)
+    assert backend.wait_past(grace, lambda: member in backend.store.expired_leases())
+    wait = backend.now() - queued + 0.1
+    assert backend.store.reclaim_item(member, "task-new", LOST, grace_s=grace, backlog_wait_s=wait) is None
+    assert not due_within(backend, grace / 2, member)
+    # Waited past the backlog wait (the cap of a long backlog): sent again under its own task id, once.
+    assert backend.wait_past(grace, lambda: member in backend.store.expired_leases())
+    found = backend.store.reclaim_item(member, "task-new", LOST, grace_s=grace, backlog_wait_s=0.1)
+    assert found is not None
+    assert found.task_id == task
+    # The copy sent now may be waiting in turn: the same wait holds it again rather than resending at every grace.
+    assert backend.wait_past(grace, lambda: member in backend.store.expired_leases())
+    assert backend.store.reclaim_item(member, "task-new", LOST, grace_s=grace, backlog_wait_s=2 * grace) is None
+    assert counts(backend)["queued"] == 1
+    assert backend.store.claim_item(item(0, task), lease_s=LONG_LEASE_S, upstream=()).attempt == 1
 
 
 def test_a_resume_keeps_items_that_succeeded_under_the_same_key_and_requeues_the_rest(backend: Backend) -> None:

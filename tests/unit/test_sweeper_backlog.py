@@ -3,13 +3,18 @@ their messages could still be waiting in: one whose oldest message was sent befo
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from types import SimpleNamespace
 from typing import Any, cast
 
 import fakeredis
+import pytest
 import redis
+from celery import Celery
 
+from orchestrator import celery_app, parse_workflow
 from orchestrator.engine.backlog import SENT_AT_HEADER
 from orchestrator.engine.priorities import redis_queue_lists
 from orchestrator.engine.runtime import Runtime
@@ -68,3 +73,19 @@ def test_a_backlog_holds_copies_back_for_eight_graces_at_most() -> None:
     broker = fakeredis.FakeRedis()
     broker.lpush("cpu", message(time.time() - 3600))
     assert _backlog_wait_s(_runtime(broker)) == MAX_BACKLOG_GRACES * 30.0
+
+
+def test_every_message_of_a_maps_group_carries_the_time_its_publish_began(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Building and sending 10,000 item messages takes seconds: stamped one by one, the later ones looked sent long
+    # after their items were queued, and once they were the oldest waiting the sweeper resent every item behind them.
+    clock = iter(itertools.count(1_700_000_000.0, 1.0))  # each reading a second later
+    monkeypatch.setattr(celery_app.time, "time", lambda: next(clock))
+    sent: list[Any] = []
+    monkeypatch.setattr(celery_app, "group", lambda sigs: SimpleNamespace(apply_async=lambda: sent.extend(sigs)))
+    spec = parse_workflow({"name": "map", "steps": [{"name": "m", "uses": "noop", "for_each": "inputs.xs"}]})
+    publisher = celery_app.CeleryPublisher(Celery("t", set_as_current=False), Settings.from_env({}))
+
+    publisher.publish_items(spec, run_id="r", step="m", generation="1", items=[(i, f"t.{i}") for i in range(50)])
+
+    assert len(sent) == 50
+    assert {s.options["headers"][SENT_AT_HEADER] for s in sent} == {"1700000000.000"}

@@ -1,7 +1,7 @@
 -- Recover an item behind an expired lease (reclaim.lua's rules, per item): a running item whose worker died is
 -- re-queued under new_task (the error recorded); a queued one whose message was lost is sent again under its own
 -- task id, unless the step queues hold a backlog it is likely still waiting in (backlog_wait_s > 0): then it is held
--- until it has waited backlog_wait_s since it was queued.
+-- for another grace, until it has waited backlog_wait_s since it was queued (or last sent).
 -- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the step's item hash. ARGV: step, index, expected_task,
 -- new_task, error_json, grace_s, backlog_wait_s, owner_dead ('1': the process running it stopped beating; its lease
 -- is not waited for).
@@ -46,13 +46,15 @@ local until_ = string.format('%.6f', now + grace)
 if status == 'queued' then
   local since = tonumber(row[4] or now)
   if backlog_wait > 0 and now - since < backlog_wait then
-    -- Held to the end of the backlog wait at once: a map queues thousands of items, each looked at twice, not once
-    -- per grace.
-    local held = string.format('%.6f', since + backlog_wait)
-    redis.call('HSET', items, f .. 'lease', held)
-    return {'live', held}
+    -- Held for another grace, as reclaim.lua holds a step: the backlog wait of a map's own burst of messages is
+    -- about the time since its items were queued, so holding them only to its end would bring thousands of them
+    -- back at every sweep.
+    redis.call('HSET', items, f .. 'lease', until_)
+    return {'live', until_}
   end
-  redis.call('HSET', items, f .. 'lease', until_)
+  -- Sent again: the copy sent now is the one that may be waiting (queued_at is when its message was sent), so a
+  -- long backlog resends it again only once it has waited as long again, not at every grace.
+  redis.call('HSET', items, f .. 'lease', until_, f .. 'queued_at', string.format('%.6f', now))
   return {'ok', head[2], head[3], expected, until_}
 end
 local stamp = string.format('%.6f', now)

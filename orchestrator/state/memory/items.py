@@ -310,18 +310,16 @@ class ItemTransitions(MemoryStateCore):
             since = _float_or_none(items.get(f + "queued_at") or "")
             waiting = status == "queued" and backlog_wait_s > 0 and now - (since or now) < backlog_wait_s
             if (lease is not None and lease > now) or waiting:
-                held = (
-                    items[f + "lease"] if lease is not None and lease > now else _stamp((since or now) + backlog_wait_s)
-                )
+                held = items[f + "lease"] if lease is not None and lease > now else until
                 items[f + "lease"] = held
                 self._leases[member] = float(held)
                 return None
             publish = task_id
-            items[f + "lease"] = until
+            items.update({f + "lease": until, f + "queued_at": _stamp(now)})  # a resent copy is queued anew
             if status == "running":
                 publish = new_task_id
                 raw = json.dumps(error)
-                items.update({f + "status": "queued", f + "task": new_task_id, f + "queued_at": _stamp(now)})
+                items.update({f + "status": "queued", f + "task": new_task_id})
                 items[f + "error"] = raw
                 _move(run.fields, step, "running", "queued")
                 number = int(items.get(f + "attempts") or 0)
