@@ -2180,3 +2180,18 @@ def test_an_owner_that_beat_again_before_it_was_forgotten_keeps_its_new_attempts
 
     assert backend.store.owner_alive("proc-1")
     assert backend.store.owned("proc-1") == [other]
+
+
+def test_a_heartbeat_from_a_host_whose_clock_runs_behind_is_judged_by_redis_clock(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if backend.client is None:
+        pytest.skip("the in-memory store has one clock")
+    from orchestrator.state.redis import owners
+
+    skewed = time.time
+    monkeypatch.setattr(owners.time, "time", lambda: skewed() - 30.0)  # this host is 30 s behind Redis
+    backend.store.keep_owner("proc-1", 6.0)
+
+    assert backend.store.owner_alive("proc-1"), "alive for 6 s by Redis's clock, not dead 24 s ago"
+    assert "proc-1" not in backend.store.dead_owners()

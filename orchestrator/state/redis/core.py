@@ -50,7 +50,6 @@ _SCRIPTS = (
     "decide",
     "fail_dispatch",
     "note_definition",
-    "beat",
     "sweepers",
     "sweep_hold",
     "iterate",
