@@ -227,7 +227,9 @@ def test_a_fan_out_with_a_retried_llm_step_runs_through_rabbitmq_with_state_in_r
             retry={"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2},
         ),
         llm("draft", "start", latency=1.0),
-        py("crunch", "tests.sleep", "start", seconds=1.0),
+        # Longer than draft: started at once in the finishing slot (it continues locally), it must still be running
+        # when draft, sent through RabbitMQ to the other worker, starts.
+        py("crunch", "tests.sleep", "start", seconds=2.0),
         py("join", "tests.count_calls", "flaky", "draft", "crunch"),
     )
     view = client.wait(client.submit(spec), timeout=60)
