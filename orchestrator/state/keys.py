@@ -113,6 +113,12 @@ def events_key(run_id: str) -> str:
     return f"{PREFIX}:{{{run_id}}}:events"
 
 
+def large_values_key(run_id: str) -> str:
+    """An ended run's values too long for a compact hash (its steps' outputs, mostly), packed in one string (same
+    hash tag as the run; see ``lua/_ended.lua``)."""
+    return f"{PREFIX}:{{{run_id}}}:large"
+
+
 def definition_key(definition_hash: str) -> str:
     """A workflow definition, stored by hash so any worker executes exactly what was submitted."""
     return f"{PREFIX}:def:{definition_hash}"
