@@ -23,6 +23,7 @@ from orchestrator.state.base import (
     ENDED_SCRATCH_FIELDS,
     SUMMARY_FIELDS,
 )
+from orchestrator.state.redis.core import ENDED_PACKED_FIELDS
 from tests.unit import test_state_contract as contract
 from tests.unit.test_state_contract import (
     CHAIN,
@@ -165,6 +166,10 @@ def test_the_lua_compaction_drops_what_the_memory_store_drops() -> None:
     assert table("ENDED_IF_EMPTY") == set(ENDED_IF_EMPTY_FIELDS)
     assert table("ENDED_RUN_IF_EMPTY") == set(ENDED_RUN_IF_EMPTY_FIELDS)
     assert table("ENDED_KEEP") == set(SUMMARY_FIELDS)  # a listing reads them from the hash alone
+    body = re.search(r"local ENDED_PACKED = \{(.*?)\}", lua, re.S)
+    assert body is not None
+    packed = dict(re.findall(r"(\w+) = (\d)", body.group(1)))
+    assert tuple(sorted(packed, key=lambda name: packed[name])) == ENDED_PACKED_FIELDS
 
 
 # Longer than a listpack's values (64 bytes), with a character UTF-8 spells in two bytes and the packing's own marks.
@@ -188,8 +193,13 @@ def test_an_ended_runs_long_values_read_back_whole_and_its_hash_is_compact(backe
     assert view["inputs"] == {"topic": "t" * 100}
     assert "large" not in backend.store.run_fields("run1")
     assert scratch_left(backend) == []
+    assert (step_fields(backend, "a")["attempts"], step_fields(backend, "b")["attempts"]) == ("1", "1")
+    assert float(step_fields(backend, "b")["started_at"]) <= float(step_fields(backend, "b")["finished_at"])
     if backend.client is not None:
         assert encoding(backend, keys.run_key("run1")) == "listpack"
+        stored = backend.client.hgetall(keys.run_key("run1"))
+        assert b"s:a:" in stored  # one field for an ended step's count and times
+        assert b"s:a:attempts" not in stored
         # The long values expire with the run.
         pipe = backend.client.pipeline(transaction=True)
         pipe.pttl(keys.run_key("run1"))
@@ -233,8 +243,9 @@ def test_a_field_written_after_the_run_ended_wins_over_its_packed_value(backend:
     start(backend, CHAIN)
     succeed(backend, CHAIN, "a", BIG_A, "")
     succeed(backend, CHAIN, "b", BIG_B, "")
-    client.hset(keys.run_key("run1"), keys.step_field("b", "output"), '{"text":"newer"}')
-    assert run_view(backend.store.run_fields("run1"), CHAIN)["steps"]["b"]["output"] == {"text": "newer"}
+    client.hset(keys.run_key("run1"), mapping={keys.step_field("b", "output"): '{"text":"newer"}', "s:b:attempts": 7})
+    view = run_view(backend.store.run_fields("run1"), CHAIN)
+    assert (view["steps"]["b"]["output"], view["steps"]["b"]["attempts"]) == ({"text": "newer"}, 7)
 
 
 def test_the_packed_values_keep_any_bytes_of_names_and_values() -> None:

@@ -157,6 +157,9 @@ def _text(value: Any) -> str:
 LARGE_MARK = "large"
 """The run hash's field naming the token of its large values (``keys.large_values_key``, ``lua/_ended.lua``)."""
 
+ENDED_PACKED_FIELDS = ("attempts", "queued_at", "started_at", "finished_at")
+"""An ended step's fields ``lua/_ended.lua`` packs into its field ``s:STEP:`` (``|`` between them, in this order)."""
+
 READ_TRIES = 3
 """Reads of the run hash and its large values before :meth:`RedisStateCore.run_fields` settles for the hash alone."""
 
@@ -179,10 +182,22 @@ def unpack_large(blob: bytes | str) -> tuple[str, dict[str, str]]:
     return token.decode(), fields
 
 
+def unpack_steps(fields: dict[str, str]) -> dict[str, str]:
+    """``fields`` with each ended step's packed field (``s:STEP:``) spread back into its :data:`ENDED_PACKED_FIELDS`
+    (a field of the same name already there is the newer)."""
+    packed = [name for name in fields if name.startswith("s:") and name.endswith(":")]
+    for name in packed:
+        for suffix, value in zip(ENDED_PACKED_FIELDS, fields.pop(name).split("|"), strict=False):
+            if value:
+                fields.setdefault(name + suffix, value)
+    return fields
+
+
 def ended_fields(client: Any, run_id: str) -> dict[str, str] | None:
     """The run's fields (``None``: no such run), its large values merged back in when it ended (``lua/_ended.lua``).
 
-    The hash is read first; only an ended run with large values costs a second read, of its large values, which
+    The hash is read first (its ended steps' packed fields spread back out); only an ended run with large values
+    costs a second read, of its large values, which
     belong to the hash read when they carry its token. A resume between the two reads puts them back into the hash
     and deletes them, so the reads start over (at most :data:`READ_TRIES` times; then the hash alone).
     """
@@ -194,13 +209,13 @@ def ended_fields(client: Any, run_id: str) -> dict[str, str] | None:
         fields = {_text(k): _text(v) for k, v in raw.items()}
         token = fields.pop(LARGE_MARK, None)
         if token is None:
-            return fields
+            return unpack_steps(fields)
         blob = client.get(keys.large_values_key(run_id))
         if blob is not None:
             stored, large = unpack_large(blob)
             if stored == token:
-                return {**large, **fields}  # a field written into the hash after the run ended is the newer
-    return fields
+                return unpack_steps({**large, **fields})  # a field written into the hash after the run ended is newer
+    return unpack_steps(fields)
 
 
 class RedisStateCore:
