@@ -1,7 +1,8 @@
 -- Start a new generation of a finished run from its checkpoint. The caller computed which steps to reset from the
 -- state it read at generation expected_gen; if another resume won meanwhile, the generation moved and this refuses.
--- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] its large values (_ended.lua). ARGV: expected_gen, allowed_statuses (comma-separated), active_ttl_s,
---   forced_step ('' none), new definition hash ('' keeps it), then step, status, pending triples to reset.
+-- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] its large values (_ended.lua). ARGV: expected_gen,
+--   allowed_statuses (comma-separated), active_ttl_s, forced_step ('' none), new definition hash ('' keeps it), then
+--   step, status, pending triples to reset.
 -- Returns {"ok", new_generation, deadline_or_empty}, {"conflict", generation} or {"refused", run_status}.
 local run, events = KEYS[1], KEYS[2]
 local expected, allowed, ttl, forced, definition = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]

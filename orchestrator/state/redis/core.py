@@ -197,9 +197,9 @@ def ended_fields(client: Any, run_id: str) -> dict[str, str] | None:
     """The run's fields (``None``: no such run), its large values merged back in when it ended (``lua/_ended.lua``).
 
     The hash is read first (its ended steps' packed fields spread back out); only an ended run with large values
-    costs a second read, of its large values, which
-    belong to the hash read when they carry its token. A resume between the two reads puts them back into the hash
-    and deletes them, so the reads start over (at most :data:`READ_TRIES` times; then the hash alone).
+    costs a second read, of its large values, which belong to the hash read when they carry its token. A resume
+    between the two reads puts them back into the hash and deletes them, so the reads start over (at most
+    :data:`READ_TRIES` times; then the hash alone).
     """
     fields: dict[str, str] = {}
     for _ in range(READ_TRIES):
@@ -515,7 +515,8 @@ class RedisStateCore:
                 replies = iter(pipe.execute())
                 for row in failed:
                     field = keys.step_field(row["first_failure"], "error")
-                    error, blob = next(replies), next(replies) if row[LARGE_MARK] else None
+                    error = next(replies)
+                    blob = next(replies) if row[LARGE_MARK] else None
                     if error is None and blob is not None:
                         error = unpack_large(blob)[1].get(field)
                     row["failure_error"] = "" if error is None else _text(error)
