@@ -27,7 +27,7 @@ from dataclasses import replace
 
 from orchestrator.definition.spec import WorkflowSpec
 from orchestrator.domain import Attempt
-from orchestrator.engine.local import Continuation, Execute, continue_locally
+from orchestrator.engine.local import Continuation, Delivery, Execute, LocalSteps, continue_locally
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,48 @@ def run_passengers(
 
     Each is claimed under its own task id with the message as its carrier and announced through ``hop.local``
     (and may itself continue locally, as any step run here). When the slot may run no more (the worker is stopping,
-    or its run of local steps is long enough), the rest are sent as messages under their task ids.
+    or its run of local steps is long enough), the rest are sent as messages under their task ids. The steps' task
+    events go out together, once per event window and when the batch ends.
     """
+    local = _HeldBack(hop.local)
+    try:
+        _run(spec, carrier, passengers=passengers, hop=replace(hop, local=local), execute=execute, publish=publish)
+    finally:
+        hop.local.flush()
+
+
+class _HeldBack:
+    """The slot's :class:`LocalSteps`, holding each step's end announcement for the next one's publish: a batch's
+    task events go out once per event window (and once at its end) rather than once per step."""
+
+    def __init__(self, local: LocalSteps) -> None:
+        self.local = local
+
+    def accepts(self, spec: WorkflowSpec, step: str, delivery: Delivery) -> bool:
+        return self.local.accepts(spec, step, delivery)
+
+    def started(self, spec: WorkflowSpec, attempt: Attempt, delivery: Delivery) -> None:
+        self.local.started(spec, attempt, delivery)
+
+    def ended(self, attempt: Attempt, result: str, failure: str | None, *, more: bool = False) -> None:
+        self.local.ended(attempt, result, failure, more=True)
+
+    def resend(self, spec: WorkflowSpec, attempt: Attempt, countdown_s: float, reason: str) -> None:
+        self.local.resend(spec, attempt, countdown_s, reason)
+
+    def flush(self) -> None:
+        self.local.flush()
+
+
+def _run(
+    spec: WorkflowSpec,
+    carrier: Attempt,
+    *,
+    passengers: Sequence[tuple[str, str]],
+    hop: Continuation,
+    execute: Execute,
+    publish: Publish,
+) -> None:
     local = hop.local
     delivery = replace(hop.delivery, due_at=None, carrier=hop.delivery.carrier or carrier.task_id)
     for i, (step, task_id) in enumerate(passengers):

@@ -96,9 +96,10 @@ def test_each_step_of_a_batch_is_claimed_under_its_own_task_id_carried_by_the_me
     carrier = messages[0].task_id
     assert claims == [(m.step, m.task_id, "" if i == 0 else carrier) for i, m in enumerate(messages)]
     assert publisher.sent == [], "no step of the batch went out as a message of its own"
-    assert local.announced == [(kind, m.step, m.task_id) for m in messages[1:] for kind in ("started", "ended")], (
-        "each carried step is announced (the message's own step is Celery's to announce)"
-    )
+    assert local.announced == [
+        *((kind, m.step, m.task_id) for m in messages[1:] for kind in ("started", "ended")),
+        ("flushed", "", ""),
+    ], "each carried step is announced (the message's own step is Celery's to announce), all sent once it ends"
     assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
     seqs = [event.seq for event in runtime.store.events(run_id)]
     assert seqs == list(range(1, len(seqs) + 1)), "the run's events stay gapless"
