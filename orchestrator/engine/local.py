@@ -79,6 +79,9 @@ class LocalSteps(Protocol):
             BrokerUnavailableError: The broker did not answer.
         """
 
+    def flush(self) -> None:
+        """Send the announcements held back (``more``) now: a batch of steps has ended (never raises)."""
+
 
 Execute = Callable[[Attempt, Delivery, "Continuation"], tuple[str, str | None]]
 """Claims and runs one attempt here: what happened, and its failure summary when it failed for good."""
