@@ -96,6 +96,8 @@ _WITH_EVENTS = {
 
 _ENDING = {"finish", "stop", "fail_dispatch"}
 
+_DECIDING = {"decide", "item_decide"}
+
 
 WAITED_SCRIPTS = ("claim", "finish")
 """The transitions after which ``wait_replicas`` waits for replicas: a lost claim or finish runs a step again."""
@@ -108,7 +110,9 @@ def _load_lua(name: str) -> str:
     body = lua.joinpath(f"{name}.lua").read_text()
     # Scripts cannot include one another: the event helpers are prepended to every script that emits, the item
     # helpers to every item script, the end-of-run compaction to the scripts that end a run and to the resume, which
-    # undoes it.
+    # undoes it, the audit trail to the scripts that record a decision.
+    if name in _DECIDING:
+        body = lua.joinpath("_decide.lua").read_text() + body
     if name.startswith("item_"):
         body = lua.joinpath("_items.lua").read_text() + body
     if name in _ENDING or name == "resume":
