@@ -10,9 +10,11 @@ outputs, or a failure naming the items that did not succeed. Nothing here knows 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,6 +35,9 @@ from orchestrator.state.base import StateStore
 log = logging.getLogger(__name__)
 
 _COMPACT = (",", ":")
+
+PUBLISH_CHUNK = 500
+"""The most item messages one group sends: a long map is published a group at a time (see :func:`publish_items`)."""
 
 
 class Parts(Protocol):
@@ -167,12 +172,39 @@ def record_item(
 
 
 def publish_items(runtime: Parts, spec: WorkflowSpec, attempt: Attempt, items: Sequence[tuple[int, str]]) -> None:
-    """Send the items a transition queued (held in the lease index already, so a lost publish is resent)."""
-    if items:
+    """Send the items a transition queued (held in the lease index already, so a lost publish is resent).
+
+    A long list goes in groups of ``PUBLISH_CHUNK``, every message stamped with the time the first group's publish
+    began (as one group's are: see :meth:`~orchestrator.engine.publisher.StepPublisher.publish_items`). Sending
+    thousands of messages can outlast the grace the transition held the items for, so every half grace the items not
+    sent yet are held for another grace (:meth:`~orchestrator.state.items.ItemStore.extend_item_holds`): the sweeper
+    sends no copy of an item whose publish is still under way. One group must take less than half a grace to send
+    (500 messages, about half a second; 5 s on a loaded broker, against the 300 s default grace).
+    """
+    grace_s = runtime.settings.queued_grace_s
+    sent_at = time.time()
+    held_at = time.monotonic()
+    for start in range(0, len(items), PUBLISH_CHUNK):
+        now = time.monotonic()
+        if start and now - held_at >= grace_s / 2:
+            rest = items[start:]
+            retry_through_outage(
+                f"{attempt}: hold {len(rest)} items",
+                functools.partial(runtime.store.extend_item_holds, attempt.run_id, attempt.step, rest, grace_s=grace_s),
+                patience_s=runtime.settings.outage_patience_s,
+            )
+            held_at = now
+        chunk = items[start : start + PUBLISH_CHUNK]
         retry_through_outage(
-            f"{attempt}: publish {len(items)} items",
-            lambda: runtime.publisher.publish_items(
-                spec, run_id=attempt.run_id, step=attempt.step, generation=attempt.generation, items=items
+            f"{attempt}: publish {len(chunk)} items",
+            functools.partial(
+                runtime.publisher.publish_items,
+                spec,
+                run_id=attempt.run_id,
+                step=attempt.step,
+                generation=attempt.generation,
+                items=chunk,
+                sent_at=sent_at,
             ),
             patience_s=runtime.settings.outage_patience_s,
         )

@@ -62,6 +62,7 @@ _SCRIPTS = (
     "item_renew",
     "item_wait",
     "item_decide",
+    "item_hold",
     "item_child_done",
     "journal",
     "child_wait",
