@@ -38,6 +38,8 @@ _COMPACT = (",", ":")
 
 PUBLISH_CHUNK = 500
 """The most item messages one group sends: a long map is published a group at a time (see :func:`publish_items`)."""
+FIRST_PUBLISH_CHUNK = 100
+"""The first group's size, before the broker's pace is known."""
 
 
 class Parts(Protocol):
@@ -174,17 +176,19 @@ def record_item(
 def publish_items(runtime: Parts, spec: WorkflowSpec, attempt: Attempt, items: Sequence[tuple[int, str]]) -> None:
     """Send the items a transition queued (held in the lease index already, so a lost publish is resent).
 
-    A long list goes in groups of ``PUBLISH_CHUNK``, every message stamped with the time the first group's publish
-    began (as one group's are: see :meth:`~orchestrator.engine.publisher.StepPublisher.publish_items`). Sending
-    thousands of messages can outlast the grace the transition held the items for, so every half grace the items not
-    sent yet are held for another grace (:meth:`~orchestrator.state.items.ItemStore.extend_item_holds`): the sweeper
-    sends no copy of an item whose publish is still under way. One group must take less than half a grace to send
-    (500 messages, about half a second; 5 s on a loaded broker, against the 300 s default grace).
+    A long list goes a group at a time, every message stamped with the time the first group's publish began (as one
+    group's are: see :meth:`~orchestrator.engine.publisher.StepPublisher.publish_items`). Sending thousands of
+    messages can outlast the grace the transition held the items for, so every half grace the items not sent yet are
+    held for another grace (:meth:`~orchestrator.state.items.ItemStore.extend_item_holds`): the sweeper sends no copy
+    of an item whose publish is still under way. A group is as large as the broker's pace lets it be sent in a
+    quarter grace (``FIRST_PUBLISH_CHUNK`` first, ``PUBLISH_CHUNK`` at most), so the holds are renewed in time
+    however slow the broker.
     """
     grace_s = runtime.settings.queued_grace_s
     sent_at = time.time()
     held_at = time.monotonic()
-    for start in range(0, len(items), PUBLISH_CHUNK):
+    start, size = 0, min(FIRST_PUBLISH_CHUNK, PUBLISH_CHUNK)
+    while start < len(items):
         now = time.monotonic()
         if start and now - held_at >= grace_s / 2:
             rest = items[start:]
@@ -194,7 +198,8 @@ def publish_items(runtime: Parts, spec: WorkflowSpec, attempt: Attempt, items: S
                 patience_s=runtime.settings.outage_patience_s,
             )
             held_at = now
-        chunk = items[start : start + PUBLISH_CHUNK]
+        chunk = items[start : start + size]
+        began = time.monotonic()
         retry_through_outage(
             f"{attempt}: publish {len(chunk)} items",
             functools.partial(
@@ -208,6 +213,9 @@ def publish_items(runtime: Parts, spec: WorkflowSpec, attempt: Attempt, items: S
             ),
             patience_s=runtime.settings.outage_patience_s,
         )
+        start += len(chunk)
+        took = time.monotonic() - began
+        size = PUBLISH_CHUNK if took <= 0 else max(1, min(PUBLISH_CHUNK, int(len(chunk) * grace_s / 4 / took)))
 
 
 def finish_map(runtime: Parts, spec: WorkflowSpec, step_attempt: Attempt) -> str:
