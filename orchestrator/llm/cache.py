@@ -19,7 +19,7 @@ from redis.client import Pipeline
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
 from orchestrator.state import keys
 
-__all__ = ["ReplyCache", "request_digest"]
+__all__ = ["ReplyCache", "decode_reply", "encode_reply", "request_digest"]
 
 
 def request_digest(request: LLMRequest, iteration: int | None = None) -> str:
@@ -57,7 +57,7 @@ class ReplyCache:
         raw = self.client.hget(keys.llm_run_cache_key(run_id), digest)
         if raw is None and shared:
             raw = self.client.get(keys.llm_shared_cache_key(digest))
-        return None if raw is None else _decode(raw)
+        return None if raw is None else decode_reply(raw)
 
     def put(
         self, run_id: str, digest: str, response: LLMResponse, *, shared: bool, pipe: Pipeline | None = None
@@ -67,7 +67,7 @@ class ReplyCache:
         Args:
             pipe: Queue the commands on this pipeline for the caller to run; by default they run at once.
         """
-        body = json.dumps(asdict(response), separators=(",", ":"))
+        body = encode_reply(response)
         queue = self.client.pipeline(transaction=False) if pipe is None else pipe
         queue.hset(keys.llm_run_cache_key(run_id), digest, body)
         queue.expire(keys.llm_run_cache_key(run_id), self.run_ttl_s)
@@ -77,7 +77,13 @@ class ReplyCache:
             queue.execute()
 
 
-def _decode(raw: Any) -> LLMResponse:
+def encode_reply(response: LLMResponse) -> str:
+    """A reply as the JSON the cache stores."""
+    return json.dumps(asdict(response), separators=(",", ":"))
+
+
+def decode_reply(raw: Any) -> LLMResponse:
+    """A reply from the JSON the cache stored."""
     data = json.loads(raw)
     return LLMResponse(
         text=data["text"],
