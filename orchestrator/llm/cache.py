@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from typing import Any
 
 import redis
@@ -78,8 +77,25 @@ class ReplyCache:
 
 
 def encode_reply(response: LLMResponse) -> str:
-    """A reply as the JSON the cache stores."""
-    return json.dumps(asdict(response), separators=(",", ":"))
+    """A reply as the JSON the cache stores (``dataclasses.asdict``'s, without its deep copy of every block)."""
+    usage = response.usage
+    return json.dumps(
+        {
+            "text": response.text,
+            "model": response.model,
+            "usage": {
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+                "cache_read_input_tokens": usage.cache_read_input_tokens,
+            },
+            "stop_reason": response.stop_reason,
+            "request_id": response.request_id,
+            "extra": response.extra,
+            "content": response.content,
+        },
+        separators=(",", ":"),
+    )
 
 
 def decode_reply(raw: Any) -> LLMResponse:

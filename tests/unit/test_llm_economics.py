@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import uuid
 from typing import Any
@@ -13,7 +15,7 @@ import redis
 from orchestrator.errors import NonRetryableStepError, OrchestratorError, RetryableStepError, StepDeferred
 from orchestrator.llm import governor as governor_module
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
-from orchestrator.llm.cache import ReplyCache, request_digest
+from orchestrator.llm.cache import ReplyCache, decode_reply, encode_reply, request_digest
 from orchestrator.llm.gateway import CallContext, LLMGateway
 from orchestrator.llm.governor import Limit, RateLimits, RedisGovernor, from_nano_usd, to_nano_usd
 from orchestrator.llm.pricing import PriceTable
@@ -477,3 +479,37 @@ def test_a_folded_admission_books_waiting_callers_and_gives_a_refused_budgets_re
     r.delete(keys.llm_limiter_key(HAIKU))
     assert _open(strict, poor, "x", worst_case=2, budget=1) == "budget_exceeded"
     assert _open(strict, run, "y") == "ok", "the refused call's request went back to the bucket"
+
+
+def test_a_stored_reply_reads_back_as_it_was_with_every_field() -> None:
+    reply = LLMResponse(
+        "text",
+        HAIKU,
+        LLMUsage(1, 2, cache_creation_input_tokens=3, cache_read_input_tokens=4),
+        stop_reason="tool_use",
+        request_id="req_1",
+        extra={"message_id": "msg_1"},
+        content=({"type": "tool_use", "id": "t1", "name": "search", "input": {"q": "x"}},),
+    )
+    assert decode_reply(encode_reply(reply)) == reply
+    assert json.loads(encode_reply(reply)) == json.loads(json.dumps(dataclasses.asdict(reply)))
+    assert set(json.loads(encode_reply(reply))) == {f.name for f in dataclasses.fields(LLMResponse)}
+
+
+@pytest.mark.parametrize("folds", [True, False], ids=["folded", "unfolded"])
+def test_a_model_priced_at_zero_settles_and_stores_its_reply(redis_client: redis.Redis, folds: bool) -> None:
+    # A real Redis: there Lua's -0 reaches HINCRBY as "-0", which it refuses (fakeredis's Lua does not show it).
+    governor = RedisGovernor(redis_client, RateLimits())
+    governor.folds = folds
+    gateway = LLMGateway(
+        FakeProvider(),
+        prices=PriceTable.from_json('{"claude-free": {"input": 0, "output": 0}}'),
+        governor=governor,
+        cache=ReplyCache(redis_client, run_ttl_s=60, shared_ttl_s=60),
+    )
+    run = _run(redis_client, f"free-{uuid.uuid4().hex[:8]}")
+    ctx = CallContext(run, "wf", budget_usd=1.0)
+    assert gateway.complete(_request(model="claude-free"), ctx).cost_usd == 0.0
+    fields = redis_client.hgetall(keys.run_key(run))
+    assert (fields["llm_held_nusd"], fields["llm_spent_nusd"], fields["llm_calls"]) == ("0", "0", "1")
+    assert gateway.complete(_request(model="claude-free"), ctx).cached
