@@ -3,6 +3,10 @@
 In order: a stored reply for the same request is used if there is one (cost 0); otherwise the governor admits the
 call (cool-down, rate limits, budget) or says how long to wait; the provider is called once; the call is settled
 with its real usage and cost; the reply is stored before anything else can fail.
+
+On a single Redis the lookup and the admission are one script and the settlement and the storing another
+(``RedisGovernor.open_call`` and ``close_call``): two round trips per call. On a Redis Cluster, whose slots keep a
+run's keys and a model's limiter apart, they are the separate commands they were: four.
 """
 
 from __future__ import annotations
