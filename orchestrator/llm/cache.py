@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from typing import Any
 
 import redis
@@ -19,7 +18,7 @@ from redis.client import Pipeline
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
 from orchestrator.state import keys
 
-__all__ = ["ReplyCache", "request_digest"]
+__all__ = ["ReplyCache", "decode_reply", "encode_reply", "request_digest"]
 
 
 def request_digest(request: LLMRequest, iteration: int | None = None) -> str:
@@ -57,7 +56,7 @@ class ReplyCache:
         raw = self.client.hget(keys.llm_run_cache_key(run_id), digest)
         if raw is None and shared:
             raw = self.client.get(keys.llm_shared_cache_key(digest))
-        return None if raw is None else _decode(raw)
+        return None if raw is None else decode_reply(raw)
 
     def put(
         self, run_id: str, digest: str, response: LLMResponse, *, shared: bool, pipe: Pipeline | None = None
@@ -67,7 +66,7 @@ class ReplyCache:
         Args:
             pipe: Queue the commands on this pipeline for the caller to run; by default they run at once.
         """
-        body = json.dumps(asdict(response), separators=(",", ":"))
+        body = encode_reply(response)
         queue = self.client.pipeline(transaction=False) if pipe is None else pipe
         queue.hset(keys.llm_run_cache_key(run_id), digest, body)
         queue.expire(keys.llm_run_cache_key(run_id), self.run_ttl_s)
@@ -77,7 +76,30 @@ class ReplyCache:
             queue.execute()
 
 
-def _decode(raw: Any) -> LLMResponse:
+def encode_reply(response: LLMResponse) -> str:
+    """A reply as the JSON the cache stores (``dataclasses.asdict``'s, without its deep copy of every block)."""
+    usage = response.usage
+    return json.dumps(
+        {
+            "text": response.text,
+            "model": response.model,
+            "usage": {
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+                "cache_read_input_tokens": usage.cache_read_input_tokens,
+            },
+            "stop_reason": response.stop_reason,
+            "request_id": response.request_id,
+            "extra": response.extra,
+            "content": response.content,
+        },
+        separators=(",", ":"),
+    )
+
+
+def decode_reply(raw: Any) -> LLMResponse:
+    """A reply from the JSON the cache stored."""
     data = json.loads(raw)
     return LLMResponse(
         text=data["text"],

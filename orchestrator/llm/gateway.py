@@ -3,6 +3,10 @@
 In order: a stored reply for the same request is used if there is one (cost 0); otherwise the governor admits the
 call (cool-down, rate limits, budget) or says how long to wait; the provider is called once; the call is settled
 with its real usage and cost; the reply is stored before anything else can fail.
+
+On a single Redis the lookup and the admission are one script and the settlement and the storing another
+(``RedisGovernor.open_call`` and ``close_call``): two round trips per call. On a Redis Cluster, whose slots keep a
+run's keys and a model's limiter apart, they are the separate commands they were: four.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from dataclasses import dataclass
 from orchestrator import telemetry
 from orchestrator.errors import NonRetryableStepError, StepDeferred, StepError
 from orchestrator.llm.base import LLMClient, LLMRequest, LLMResponse, TextCallback
-from orchestrator.llm.cache import ReplyCache, request_digest
-from orchestrator.llm.governor import RedisGovernor
+from orchestrator.llm.cache import ReplyCache, decode_reply, encode_reply, request_digest
+from orchestrator.llm.governor import Admission, RedisGovernor, ReplyStore
 from orchestrator.llm.pricing import PriceTable, estimate_input_tokens
 
 __all__ = ["CallContext", "GatewayReply", "LLMGateway"]
@@ -119,23 +123,84 @@ class LLMGateway:
         """
         digest = request_digest(request, ctx.iteration)
         shared = ctx.reply_cache == "shared"
+        folded = self.governor is not None and self.governor.folds
+        if folded:
+            # One round trip opens the call (cache, cool-down, rate limit, budget) and one closes it.
+            return self._complete_folded(request, ctx, on_text, digest)
         if self.cache is not None and ctx.reply_cache != "off" and not ctx.fresh:
             stored = self.cache.get(ctx.run_id, digest, shared=shared)
             if stored is not None:
-                usage = stored.usage
-                telemetry.llm_call(
-                    telemetry.LLMCallRecord(
-                        ctx.workflow, request.model, usage.input_tokens, usage.output_tokens, 0.0, cached=True
-                    )
-                )
-                if on_text is not None and stored.text:
-                    on_text(stored.text)
-                return GatewayReply(stored, 0.0, cached=True)
+                return self._cached(request, ctx, stored, on_text)
         estimated_input = estimate_input_tokens(request.input_text, request.system)
         tokens = estimated_input + request.max_tokens
         worst_case = self.prices.worst_case(request.model, estimated_input, request.max_tokens)
         if self.governor is not None:
-            self._admit(request, ctx, tokens, worst_case, caller=f"{ctx.run_id}:{ctx.step}:{digest[:16]}")
+            admission = self.governor.admit(
+                run_id=ctx.run_id,
+                model=request.model,
+                tokens=tokens,
+                worst_case_usd=worst_case,
+                budget_usd=ctx.budget_usd,
+                caller=_caller(ctx, digest),
+            )
+            self._check(request, ctx, admission, worst_case)
+        return self._call(request, ctx, on_text, tokens, worst_case, digest=digest, reply=None)
+
+    def _complete_folded(
+        self, request: LLMRequest, ctx: CallContext, on_text: TextCallback | None, digest: str
+    ) -> GatewayReply:
+        assert self.governor is not None
+        reply: ReplyStore | None = None
+        if self.cache is not None and ctx.reply_cache != "off":
+            reply = ReplyStore(
+                digest,
+                lookup=not ctx.fresh,
+                shared=ctx.reply_cache == "shared",
+                run_ttl_s=self.cache.run_ttl_s,
+                shared_ttl_s=self.cache.shared_ttl_s,
+            )
+        estimated_input = estimate_input_tokens(request.input_text, request.system)
+        tokens = estimated_input + request.max_tokens
+        worst_case = self.prices.worst_case(request.model, estimated_input, request.max_tokens)
+        admission, stored = self.governor.open_call(
+            run_id=ctx.run_id,
+            model=request.model,
+            tokens=tokens,
+            worst_case_usd=worst_case,
+            budget_usd=ctx.budget_usd,
+            caller=_caller(ctx, digest),
+            reply=reply,
+        )
+        if stored is not None:
+            return self._cached(request, ctx, decode_reply(stored), on_text)
+        self._check(request, ctx, admission, worst_case)
+        return self._call(request, ctx, on_text, tokens, worst_case, digest=digest, reply=reply)
+
+    def _cached(
+        self, request: LLMRequest, ctx: CallContext, stored: LLMResponse, on_text: TextCallback | None
+    ) -> GatewayReply:
+        usage = stored.usage
+        telemetry.llm_call(
+            telemetry.LLMCallRecord(
+                ctx.workflow, request.model, usage.input_tokens, usage.output_tokens, 0.0, cached=True
+            )
+        )
+        if on_text is not None and stored.text:
+            on_text(stored.text)
+        return GatewayReply(stored, 0.0, cached=True)
+
+    def _call(
+        self,
+        request: LLMRequest,
+        ctx: CallContext,
+        on_text: TextCallback | None,
+        tokens: int,
+        worst_case: float,
+        *,
+        digest: str,
+        reply: ReplyStore | None,
+    ) -> GatewayReply:
+        """Make the admitted call, then settle it and store its reply whatever happened."""
         started = time.monotonic()
         billed = False
         used = cost = 0.0
@@ -167,21 +232,45 @@ class LLMGateway:
             # Settling the call and storing its reply take one round trip together.
             in_out = (response.usage.input_tokens, response.usage.output_tokens) if response is not None else (0, 0)
             settle = _Settlement(tokens, int(used), worst_case, cost, billed, cooldown, in_out)
-            self._close(request, ctx, settle, digest=digest, response=response, shared=shared)
+            if self.governor is not None and self.governor.folds:
+                self._close_folded(request, ctx, settle, reply=reply, response=response)
+            else:
+                self._close(request, ctx, settle, digest=digest, response=response, shared=ctx.reply_cache == "shared")
         assert response is not None
         self._record(ctx, request, response, duration_s=time.monotonic() - started, cost=priced)
         return GatewayReply(response, priced, cached=False)
 
-    def _admit(self, request: LLMRequest, ctx: CallContext, tokens: int, worst_case: float, *, caller: str) -> None:
+    def _close_folded(
+        self,
+        request: LLMRequest,
+        ctx: CallContext,
+        settle: _Settlement,
+        *,
+        reply: ReplyStore | None,
+        response: LLMResponse | None,
+    ) -> None:
+        """Settle an opened call and store its reply (if any) in one script."""
         assert self.governor is not None
-        admission = self.governor.admit(
-            run_id=ctx.run_id,
-            model=request.model,
-            tokens=tokens,
-            worst_case_usd=worst_case,
-            budget_usd=ctx.budget_usd,
-            caller=caller,
-        )
+        try:
+            self.governor.close_call(
+                run_id=ctx.run_id,
+                model=request.model,
+                tokens_estimated=settle.tokens,
+                tokens_used=settle.used,
+                worst_case_usd=settle.worst_case,
+                cost_usd=settle.cost,
+                billed=settle.billed,
+                cooldown_s=settle.cooldown,
+                tokens_in_out=settle.tokens_in_out,
+                reply=reply,
+                body=encode_reply(response) if response is not None and reply is not None else None,
+            )
+        except Exception:
+            # The call has happened; losing its accounting or its stored reply must not lose the reply itself.
+            log.warning("could not settle or store an LLM call of run %s", ctx.run_id, exc_info=True)
+
+    def _check(self, request: LLMRequest, ctx: CallContext, admission: Admission, worst_case: float) -> None:
+        """Raise what an admission other than ``ok`` means for the step."""
         if admission.outcome == "budget_exceeded":
             raise NonRetryableStepError(
                 f"the run's LLM budget of {_dollars(ctx.budget_usd)} is spent: "
@@ -269,6 +358,11 @@ class LLMGateway:
                 response_model=response.model if response is not None else None,
             )
         )
+
+
+def _caller(ctx: CallContext, digest: str) -> str:
+    """The caller's name in a rate limit's bookings: the run, the step and the request."""
+    return f"{ctx.run_id}:{ctx.step}:{digest[:16]}"
 
 
 def _dollars(budget_usd: float | None) -> str:

@@ -26,10 +26,10 @@ import redis
 from redis.client import Pipeline
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.infra.redis_cluster import queue_evalsha, script_args
+from orchestrator.infra.redis_cluster import is_cluster_client, queue_evalsha, script_args
 from orchestrator.state import keys
 
-__all__ = ["Admission", "Limit", "RateLimits", "RedisGovernor", "from_nano_usd", "to_nano_usd"]
+__all__ = ["Admission", "Limit", "RateLimits", "RedisGovernor", "ReplyStore", "from_nano_usd", "to_nano_usd"]
 
 NANO = 1_000_000_000
 
@@ -127,6 +127,25 @@ class Admission:
     spent_usd: float = 0.0
 
 
+@dataclass(frozen=True)
+class ReplyStore:
+    """Where :meth:`RedisGovernor.open_call` looks a reply up and :meth:`RedisGovernor.close_call` stores it.
+
+    Attributes:
+        digest: The request's digest (:func:`~orchestrator.llm.cache.request_digest`).
+        lookup: Look the reply up first (else only store it).
+        shared: Across runs too (``reply_cache: shared``).
+        run_ttl_s: How long the run's replies are kept after the last one was stored.
+        shared_ttl_s: How long a reply shared across runs is kept.
+    """
+
+    digest: str
+    lookup: bool
+    shared: bool
+    run_ttl_s: int
+    shared_ttl_s: int
+
+
 class RedisGovernor:
     """Admission and settlement of LLM calls against Redis.
 
@@ -139,9 +158,17 @@ class RedisGovernor:
         self.client = client
         self.limits = limits or RateLimits()
         lua = resources.files("orchestrator.llm").joinpath("lua")
-        self._admit = client.register_script(lua.joinpath("admit.lua").read_text())
-        self._settle = client.register_script(lua.joinpath("settle.lua").read_text())
-        self._budget = client.register_script(lua.joinpath("budget.lua").read_text())
+        sources = {name: lua.joinpath(f"{name}.lua").read_text() for name in ("admit", "settle", "budget")}
+        self._admit = client.register_script(sources["admit"])
+        self._settle = client.register_script(sources["settle"])
+        self._budget = client.register_script(sources["budget"])
+        # A call's cache lookup, admission and hold in one script, its settlement and stored reply in another: the
+        # three scripts above become functions of both, so the rules stay theirs. Their keys span the run's slot and
+        # the model's, so a Redis Cluster keeps the unfolded path (several round trips).
+        self.folds = not is_cluster_client(client)
+        library = "".join(f"local function {name}(KEYS, ARGV)\n{source}\nend\n" for name, source in sources.items())
+        self._open = client.register_script(library + lua.joinpath("open.lua").read_text())
+        self._close = client.register_script(library + lua.joinpath("close.lua").read_text())
 
     def admit(
         self,
@@ -176,6 +203,96 @@ class RedisGovernor:
             spent = from_nano_usd(int(_text(reply[1])) + int(_text(reply[2])))
             return Admission("budget_exceeded", spent_usd=spent)
         return Admission("ok")
+
+    def open_call(
+        self,
+        *,
+        run_id: str,
+        model: str,
+        tokens: int,
+        worst_case_usd: float,
+        budget_usd: float | None,
+        caller: str,
+        reply: ReplyStore | None = None,
+    ) -> tuple[Admission, str | bytes | None]:
+        """:meth:`admit`, after looking the reply up in the cache, in one round trip (single Redis only: see
+        :attr:`folds`).
+
+        Returns:
+            The admission and ``None``; or, when ``reply`` is looked up and stored, ``ok`` and the stored reply's JSON
+            (nothing is then counted or held, and no :meth:`close_call` follows).
+        """
+        limit = self.limits.for_model(model)
+        lookup = "0" if reply is None or not reply.lookup else ("2" if reply.shared else "1")
+        digest = reply.digest if reply is not None else ""
+        budget = -1 if budget_usd is None else to_nano_usd(budget_usd)
+        answer = self._open(
+            keys=[
+                keys.run_key(run_id),
+                keys.llm_run_cache_key(run_id),
+                keys.llm_shared_cache_key(digest),
+                keys.llm_limiter_key(model),
+                keys.llm_booking_key(model, caller),
+            ],
+            args=[
+                *(lookup, digest, limit.rpm, limit.tpm, tokens, limit.capacity, "1" if caller else "0"),
+                *(to_nano_usd(worst_case_usd), budget),
+            ],
+        )
+        outcome = _text(answer[0])
+        if outcome == "cached":
+            return Admission("ok"), answer[1]
+        if outcome == "budget_exceeded":
+            spent = from_nano_usd(int(_text(answer[1])) + int(_text(answer[2])))
+            return Admission(outcome, spent_usd=spent), None
+        if outcome != "ok":
+            return Admission(outcome, wait_s=float(_text(answer[1]))), None
+        return Admission("ok"), None
+
+    def close_call(
+        self,
+        *,
+        run_id: str,
+        model: str,
+        tokens_estimated: int,
+        tokens_used: int,
+        worst_case_usd: float,
+        cost_usd: float,
+        billed: bool,
+        cooldown_s: float = 0.0,
+        tokens_in_out: tuple[int, int] = (0, 0),
+        reply: ReplyStore | None = None,
+        body: str | None = None,
+    ) -> None:
+        """:meth:`settle` an opened call and store its reply ``body`` (JSON) where ``reply`` says, in one round trip
+        (single Redis only: see :attr:`folds`)."""
+        limit = self.limits.for_model(model)
+        store = "0" if reply is None or body is None else ("2" if reply.shared else "1")
+        digest = reply.digest if reply is not None else ""
+        self._close(
+            keys=[
+                keys.run_key(run_id),
+                keys.llm_limiter_key(model),
+                keys.llm_run_cache_key(run_id),
+                keys.llm_shared_cache_key(digest),
+            ],
+            args=[
+                "1" if limit.tpm or cooldown_s > 0 else "0",
+                limit.tpm,
+                tokens_estimated,
+                tokens_used,
+                cooldown_s,
+                to_nano_usd(worst_case_usd),
+                to_nano_usd(cost_usd),
+                "1" if billed else "0",
+                *tokens_in_out,
+                store,
+                digest,
+                body if body is not None and store != "0" else "",
+                reply.run_ttl_s if reply is not None else 0,
+                reply.shared_ttl_s if reply is not None else 0,
+            ],
+        )
 
     def settle(
         self,

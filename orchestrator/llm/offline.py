@@ -25,6 +25,7 @@ latency spread over the deltas, so the SDK's own stream parser runs and yields t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -223,7 +224,7 @@ class _MessagesCall:
         stream = body.get("stream") is True
         return cls(model, system, prompt, max_tokens, simulate, attempt, tuple(messages), tuple(tools), stream)
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
         key = json.dumps([self.model, self.system, self.prompt, self.max_tokens], ensure_ascii=False)
         return hashlib.sha256(key.encode()).digest()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
+import uuid
 from typing import Any
 
 import fakeredis
@@ -10,8 +13,9 @@ import pytest
 import redis
 
 from orchestrator.errors import NonRetryableStepError, OrchestratorError, RetryableStepError, StepDeferred
+from orchestrator.llm import governor as governor_module
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
-from orchestrator.llm.cache import ReplyCache, request_digest
+from orchestrator.llm.cache import ReplyCache, decode_reply, encode_reply, request_digest
 from orchestrator.llm.gateway import CallContext, LLMGateway
 from orchestrator.llm.governor import Limit, RateLimits, RedisGovernor, from_nano_usd, to_nano_usd
 from orchestrator.llm.pricing import PriceTable
@@ -20,8 +24,12 @@ from orchestrator.state import keys
 HAIKU = "claude-haiku-4-5"
 
 
-@pytest.fixture
-def r() -> redis.Redis:
+@pytest.fixture(params=["folded", "unfolded"])
+def r(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> redis.Redis:
+    """A Redis; the gateway opens and closes each call with one script each (``folded``), or, as on a Redis
+    Cluster, with the separate scripts and commands (``unfolded``)."""
+    if request.param == "unfolded":
+        monkeypatch.setattr(governor_module, "is_cluster_client", lambda client: True)
     return fakeredis.FakeRedis()
 
 
@@ -344,3 +352,164 @@ def test_the_run_cost_sums_what_the_provider_billed(r: redis.Redis) -> None:
     spent = from_nano_usd(int(r.hget(keys.run_key("run1"), "llm_spent_nusd") or 0))
     assert spent == pytest.approx(sum(costs), abs=1e-9)
     assert r.hget(keys.run_key("run1"), "llm_held_nusd") == b"0"
+
+
+# -- one round trip to open a call, one to close it -------------------------------------------------------------------
+
+
+class CountingRedis(fakeredis.FakeRedis):
+    """Counts the commands (and pipelines) sent: each is one round trip."""
+
+    sent = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        type(self).sent += 1
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        type(self).sent += 1
+        return super().pipeline(transaction, shard_hint)
+
+
+def test_a_call_opens_in_one_round_trip_and_closes_in_another_and_a_cached_one_takes_one() -> None:
+    r = CountingRedis()
+    provider = FakeProvider()
+    gateway = _gateway(r, provider, {HAIKU: Limit(rpm=100, tpm=100_000)})
+    ctx = CallContext(_run(r), "wf", budget_usd=1.0, step="s")
+    gateway.complete(_request(), ctx)  # loads the scripts
+    CountingRedis.sent = 0
+    gateway.complete(_request("another"), ctx)
+    assert CountingRedis.sent == 2
+    CountingRedis.sent = 0
+    assert gateway.complete(_request("another"), ctx).cached
+    assert CountingRedis.sent == 1
+    fields = r.hgetall(keys.run_key("run1"))
+    assert (fields[b"llm_calls"], fields[b"llm_held_nusd"]) == (b"2", b"0")
+
+
+def test_a_folded_call_after_redis_forgot_its_scripts_is_counted_once() -> None:
+    r = fakeredis.FakeRedis()
+    provider = FakeProvider()
+    gateway = _gateway(r, provider, {HAIKU: Limit(tpm=10_000)})
+    ctx = CallContext(_run(r), "wf", budget_usd=1.0)
+    gateway.complete(_request("one"), ctx)
+    r.script_flush()
+    gateway.complete(_request("two"), ctx)
+    fields = r.hgetall(keys.run_key("run1"))
+    assert (fields[b"llm_calls"], fields[b"llm_held_nusd"], fields[b"llm_input_tokens"]) == (b"2", b"0", b"2000")
+    assert r.hlen(keys.llm_run_cache_key("run1")) == 2
+
+
+def test_a_cached_reply_is_served_even_while_the_model_cools_down_or_the_budget_is_spent(r: redis.Redis) -> None:
+    provider = FakeProvider()
+    gateway = _gateway(r, provider, {HAIKU: Limit(rpm=1)})
+    ctx = CallContext(_run(r), "wf", budget_usd=0.002)
+    first = gateway.complete(_request(), ctx)
+    RedisGovernor(r).cool_down(HAIKU, 30)
+    again = gateway.complete(_request(), ctx)
+    assert again.cached
+    assert again.response == first.response
+    assert len(provider.calls) == 1
+    with pytest.raises(StepDeferred):
+        gateway.complete(_request("new"), ctx)
+    # A fresh call (resume --from) asks the provider even with a reply stored: here it must wait like any other.
+    with pytest.raises(StepDeferred):
+        gateway.complete(_request(), CallContext("run1", "wf", budget_usd=0.002, fresh=True))
+
+
+def _open(gov: RedisGovernor, run: str, caller: str, *, worst_case: float = 0.0, budget: float | None = None) -> str:
+    admission, stored = gov.open_call(
+        run_id=run, model=HAIKU, tokens=10, worst_case_usd=worst_case, budget_usd=budget, caller=caller
+    )
+    assert stored is None
+    return admission.outcome
+
+
+def test_folded_admissions_under_concurrency_never_pass_the_rate_limit_or_the_budget(
+    redis_client: redis.Redis,
+) -> None:
+    # A real Redis, 40 threads at once, each with its own client (as separate workers would be).
+    model = f"claude-test-{uuid.uuid4().hex[:8]}"
+    limited = f"limited-{uuid.uuid4().hex[:8]}"
+    budgeted = f"budgeted-{uuid.uuid4().hex[:8]}"
+    url = redis_client.connection_pool.connection_kwargs
+    for run in (limited, budgeted):
+        redis_client.hset(keys.run_key(run), mapping={"status": "running"})
+    # One request a minute refills: within the test the bucket's 5 are all there are.
+    limits = RateLimits({model: Limit(rpm=1, burst=5)})
+    outcomes: dict[str, list[str]] = {limited: [], budgeted: []}
+    lock = threading.Lock()
+    start = threading.Barrier(40)
+
+    def ask(index: int) -> None:
+        gov = RedisGovernor(redis.Redis(host=url["host"], port=url["port"]), limits)
+        start.wait()
+        run = limited if index % 2 else budgeted
+        admission, _ = gov.open_call(
+            run_id=run,
+            model=model if run == limited else HAIKU,
+            tokens=10,
+            worst_case_usd=0.1,
+            budget_usd=None if run == limited else 0.55,
+            caller=f"c{index}",
+        )
+        with lock:
+            outcomes[run].append(admission.outcome)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(set(outcomes[limited])) == ["ok", "rate_limit"]
+    assert outcomes[limited].count("ok") == 5
+    assert outcomes[budgeted].count("ok") == 5, "0.55 holds five calls of 0.1, never six"
+    assert outcomes[budgeted].count("budget_exceeded") == 15
+    assert redis_client.hget(keys.run_key(budgeted), "llm_held_nusd") == str(to_nano_usd(0.5))
+
+
+def test_a_folded_admission_books_waiting_callers_and_gives_a_refused_budgets_request_back(r: redis.Redis) -> None:
+    gov = RedisGovernor(r, RateLimits({HAIKU: Limit(rpm=60, burst=1)}))
+    run = _run(r)
+    assert _open(gov, run, "a") == "ok"
+    assert _open(gov, run, "b") == "rate_limit"
+    assert _open(gov, run, "b") == "ok", "b's booked place lets it through when it comes back"
+    poor = _run(r, "poor")
+    strict = RedisGovernor(r, RateLimits({HAIKU: Limit(rpm=1)}))
+    r.delete(keys.llm_limiter_key(HAIKU))
+    assert _open(strict, poor, "x", worst_case=2, budget=1) == "budget_exceeded"
+    assert _open(strict, run, "y") == "ok", "the refused call's request went back to the bucket"
+
+
+def test_a_stored_reply_reads_back_as_it_was_with_every_field() -> None:
+    reply = LLMResponse(
+        "text",
+        HAIKU,
+        LLMUsage(1, 2, cache_creation_input_tokens=3, cache_read_input_tokens=4),
+        stop_reason="tool_use",
+        request_id="req_1",
+        extra={"message_id": "msg_1"},
+        content=({"type": "tool_use", "id": "t1", "name": "search", "input": {"q": "x"}},),
+    )
+    assert decode_reply(encode_reply(reply)) == reply
+    assert json.loads(encode_reply(reply)) == json.loads(json.dumps(dataclasses.asdict(reply)))
+    assert set(json.loads(encode_reply(reply))) == {f.name for f in dataclasses.fields(LLMResponse)}
+
+
+@pytest.mark.parametrize("folds", [True, False], ids=["folded", "unfolded"])
+def test_a_model_priced_at_zero_settles_and_stores_its_reply(redis_client: redis.Redis, folds: bool) -> None:
+    # A real Redis: there Lua's -0 reaches HINCRBY as "-0", which it refuses (fakeredis's Lua does not show it).
+    governor = RedisGovernor(redis_client, RateLimits())
+    governor.folds = folds
+    gateway = LLMGateway(
+        FakeProvider(),
+        prices=PriceTable.from_json('{"claude-free": {"input": 0, "output": 0}}'),
+        governor=governor,
+        cache=ReplyCache(redis_client, run_ttl_s=60, shared_ttl_s=60),
+    )
+    run = _run(redis_client, f"free-{uuid.uuid4().hex[:8]}")
+    ctx = CallContext(run, "wf", budget_usd=1.0)
+    assert gateway.complete(_request(model="claude-free"), ctx).cost_usd == 0.0
+    fields = redis_client.hgetall(keys.run_key(run))
+    assert (fields["llm_held_nusd"], fields["llm_spent_nusd"], fields["llm_calls"]) == ("0", "0", "1")
+    assert gateway.complete(_request(model="claude-free"), ctx).cached

@@ -21,7 +21,8 @@ if op == 'reserve' then
 end
 local real = tonumber(ARGV[3])
 if not redis.call('HGET', run, 'status') then return {0, '0'} end
-redis.call('HINCRBY', run, 'llm_held_nusd', -amount)
+-- 0 - amount, not -amount: Lua's -0 reaches Redis as "-0", which HINCRBY refuses.
+redis.call('HINCRBY', run, 'llm_held_nusd', 0 - amount)
 local spent = redis.call('HINCRBY', run, 'llm_spent_nusd', real)
 if ARGV[4] == '1' then
   redis.call('HINCRBY', run, 'llm_calls', 1)
