@@ -4,9 +4,12 @@
 -- now: Redis's clock (a number). parents, children: lists of step names. pending: run-hash fields the calling script
 -- has decided but not written yet (finish.lua writes its fields in one HSET at its end), read in place of the hash's.
 -- write: the list the claim appends its field writes to; the caller HSETs them with the run's "seq".
-local function claim_step(run, events, now, step, gen, task, lease_s, parents, children, carrier, pending, write)
+-- head: the claim's read (claim_reads), when the caller made it already (finish.lua, in its own first HMGET).
+
+-- What a claim reads of the run hash, in one HMGET: the run, the step and the parents' status and output (fields 18
+-- onwards).
+local function claim_reads(step, parents)
   local p = 's:' .. step .. ':'
-  -- One HMGET reads the run, the step and the parents' status and output (fields 18 onwards).
   local want = {'status', 'gen', p .. 'status', p .. 'task', p .. 'lease', p .. 'attempts', p .. 'errors', 'inputs',
     p .. 'attempt_base', p .. 'cache_key', p .. 'force', 'deadline', 'seq', p .. 'queued_at', 'created_at',
     p .. 'carrier', p .. 'started_at'}
@@ -15,7 +18,13 @@ local function claim_step(run, events, now, step, gen, task, lease_s, parents, c
     want[#want + 1] = q .. 'status'
     want[#want + 1] = q .. 'output'
   end
-  local head = redis.call('HMGET', run, unpack(want))
+  return want
+end
+
+local function claim_step(run, events, now, step, gen, task, lease_s, parents, children, carrier, pending, write, head)
+  local p = 's:' .. step .. ':'
+  local want = claim_reads(step, parents)
+  head = head or redis.call('HMGET', run, unpack(want))
   for i, name in ipairs(want) do
     if pending[name] ~= nil then head[i] = pending[name] end
   end

@@ -22,8 +22,31 @@ local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local output, err, retention, cache_key, cached = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
 local n_keep = tonumber(ARGV[13])
 local first_child = 14 + n_keep
+-- The keep request's candidates by name, each with the arguments claim.lua would get.
+local candidates, n_candidates, only, i = {}, 0, nil, 16
+while i < first_child do
+  local c = {task = ARGV[i + 1], parents = {}, children = {}}
+  local n_parents = tonumber(ARGV[i + 2])
+  for j = 1, n_parents do c.parents[j] = ARGV[i + 2 + j] end
+  local n_children = tonumber(ARGV[i + 3 + n_parents])
+  for j = 1, n_children do c.children[j] = ARGV[i + 3 + n_parents + j] end
+  candidates[ARGV[i]] = c
+  n_candidates, only = n_candidates + 1, ARGV[i]
+  i = i + 4 + n_parents + n_children
+end
+-- One candidate and no cancel_others child (the common case: a chain): nothing below writes what its claim reads
+-- but its release and this step's own fields, so the claim's read joins this one and its release joins the one HSET.
+if n_candidates ~= 1 or (ARGV[11] ~= '' and next(cjson.decode(ARGV[11]).cancel or {}) ~= nil) then only = nil end
 local p = 's:' .. step .. ':'
-local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts', 'seq')
+local head, early_read = nil, nil
+if only then
+  head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts', 'seq',
+    unpack(claim_reads(only, candidates[only].parents)))
+  early_read = {}
+  for j = 7, #head do early_read[#early_read + 1] = head[j] end
+else
+  head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts', 'seq')
+end
 if head[1] ~= gen or head[2] ~= 'running' or head[3] ~= task then return {'stale'} end
 events_from(head[6])
 
@@ -78,8 +101,13 @@ end
 local function release(child, on, what)
   local c = 's:' .. child .. ':'
   local left = redis.call('HINCRBY', run, c .. 'pending', -1)
-  if (left == 0 or fires(on, what)) and redis.call('HGET', run, c .. 'status') == 'pending' then
-    redis.call('HSET', run, c .. 'status', 'queued', c .. 'queued_at', now)
+  local status = child == only and early_read[3] or redis.call('HGET', run, c .. 'status')
+  if (left == 0 or fires(on, what)) and status == 'pending' then
+    if child == only then
+      for _, value in ipairs({c .. 'status', 'queued', c .. 'queued_at', now}) do fields[#fields + 1] = value end
+    else
+      redis.call('HSET', run, c .. 'status', 'queued', c .. 'queued_at', now)
+    end
     emit(run, events, now, 'step_queued', child, 0, '')
     released[#released + 1] = child
     return true
@@ -135,17 +163,7 @@ if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
   out[2] = status
 end
 if n_keep > 0 and out[2] == '' then
-  -- The candidates by name, each with the arguments claim.lua would get; the first released one is claimed.
-  local candidates, i = {}, 16
-  while i < first_child do
-    local c = {task = ARGV[i + 1], parents = {}, children = {}}
-    local n_parents = tonumber(ARGV[i + 2])
-    for j = 1, n_parents do c.parents[j] = ARGV[i + 2 + j] end
-    local n_children = tonumber(ARGV[i + 3 + n_parents])
-    for j = 1, n_children do c.children[j] = ARGV[i + 3 + n_parents + j] end
-    candidates[ARGV[i]] = c
-    i = i + 4 + n_parents + n_children
-  end
+  -- The first released candidate is claimed.
   local kept = nil
   for _, name in ipairs(released) do
     if candidates[name] then kept = name break end
@@ -156,7 +174,7 @@ if n_keep > 0 and out[2] == '' then
     local pending = {}
     for j = 1, #fields, 2 do pending[fields[j]] = fields[j + 1] end
     local reply = claim_step(run, events, tonumber(t[1]) + tonumber(t[2]) / 1e6, kept, gen, c.task,
-      tonumber(ARGV[14]), c.parents, c.children, ARGV[15], pending, fields)
+      tonumber(ARGV[14]), c.parents, c.children, ARGV[15], pending, fields, kept == only and early_read or nil)
     for _, value in ipairs(reply) do out[#out + 1] = value end
   end
 end
