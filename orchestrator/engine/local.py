@@ -11,6 +11,7 @@ Celery; a runtime without one publishes every child.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,10 @@ from orchestrator.engine.coordinator import upstream_reads
 from orchestrator.errors import RetryableStepError, StepDeferred
 
 log = logging.getLogger(__name__)
+
+MAX_CANDIDATES = 8
+"""Children a finish is offered to keep at most: a 1→500 fan-out releases all of them at once and keeps the first,
+so naming the other 499 (each its claim's arguments, and a lease index entry to re-score) would buy nothing."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +67,12 @@ class Continuation:
         self, spec: WorkflowSpec, attempt: Attempt, releasable: tuple[str, ...], lease_s: float
     ) -> KeepRequest | None:
         """What the finish of ``attempt`` is to claim for this slot: the children it may release that this slot may
-        run (their queue, no time limit), in order; ``None`` when there is none."""
+        run (their queue, no time limit), in order, the first ``MAX_CANDIDATES`` of them; ``None`` when there is
+        none."""
+        accepted = (step for step in releasable if self.local.accepts(spec, step, self.delivery))
         candidates = tuple(
             KeepCandidate(step, upstream_reads(spec, step), spec.graph.children[step])
-            for step in releasable
-            if self.local.accepts(spec, step, self.delivery)
+            for step in itertools.islice(accepted, MAX_CANDIDATES)
         )
         if not candidates:
             return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis
@@ -15,7 +16,7 @@ import redis
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.domain import Attempt, ClaimOutcome, FinishResult, RunStatus, StepOutcome
 from orchestrator.engine.attempt import execute_attempt
-from orchestrator.engine.local import Delivery
+from orchestrator.engine.local import MAX_CANDIDATES, Delivery
 from orchestrator.engine.runtime import Runtime
 from orchestrator.errors import StepFailed
 from orchestrator.state import RedisStateStore
@@ -200,3 +201,27 @@ def test_stopping_a_run_interrupts_a_local_step_through_the_message_that_carries
     result = store.stop(run_id, RunStatus.CANCELLED, "test", tuple(spec.steps_by_name))
 
     assert {task for _, task in result.interrupted} == {child.task_id, "carrier-task"}
+
+
+def test_a_wide_fan_out_offers_its_finish_only_the_first_few_children_to_keep() -> None:
+    runtime, publisher, _ = local_runtime()
+    names = [f"x{i}" for i in range(MAX_CANDIDATES + 5)]
+    start(
+        runtime,
+        publisher,
+        workflow({"name": "a", "uses": "noop"}, *({"name": n, "uses": "noop", "depends_on": ["a"]} for n in names)),
+    )
+    offered: list[tuple[str, ...]] = []
+    real_finish = runtime.store.finish
+
+    def finish(attempt: Attempt, *args: object, **kwargs: Any) -> FinishResult:
+        keep = kwargs.get("keep")
+        offered.append(tuple(c.step for c in keep.candidates) if keep is not None else ())
+        return real_finish(attempt, *args, **kwargs)  # type: ignore[arg-type]
+
+    runtime.store.finish = finish  # type: ignore[method-assign]
+
+    deliver(runtime, publisher.sent.pop(0))
+
+    assert offered[0] == tuple(names[:MAX_CANDIDATES])
+    assert [m.step for m in publisher.sent] == names[1:], "the first is kept, the others are published"
