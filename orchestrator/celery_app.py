@@ -9,7 +9,7 @@ registers no task, so a producer never imports the worker package. Workers build
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +20,7 @@ from celery.canvas import Signature
 
 from orchestrator.definition.spec import TOP_LEVEL, StepKind, WorkflowSpec
 from orchestrator.engine.backlog import SENT_AT_HEADER
+from orchestrator.engine.batches import batch_size, plan_batches
 from orchestrator.engine.coordinator import queue_for
 from orchestrator.engine.priorities import REDIS_PRIORITY_SEPARATOR, REDIS_PRIORITY_STEPS, message_priority, step_level
 from orchestrator.errors import BrokerUnavailableError
@@ -30,6 +31,9 @@ from orchestrator.telemetry.tracing import dispatch_headers
 
 STEP_TASK = "orchestrator.run_step"
 """The step task's registered name: the producers' messages and the workers' task must agree on it."""
+
+BATCH_KWARG = "batch"
+"""The keyword argument of a step message carrying the other steps of its batch, ``[[step, task_id], ...]``."""
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -125,11 +129,15 @@ class CeleryPublisher:
     Args:
         app: The Celery app to send with (a producer's or a worker's).
         settings: Queues, priorities and the broker URL.
+        slots: How many worker slots are known to take steps; given, a fan-out wider than twice that is sent as
+            batches of several steps a message (:mod:`orchestrator.engine.batches`). Only workers give it: they
+            alone run a batch's other steps.
     """
 
-    def __init__(self, app: Celery, settings: Settings) -> None:
+    def __init__(self, app: Celery, settings: Settings, *, slots: Callable[[], int] | None = None) -> None:
         self.app = app
         self.settings = settings
+        self.slots = slots
 
     def signature(
         self,
@@ -141,6 +149,7 @@ class CeleryPublisher:
         task_id: str | None = None,
         index: int | None = None,
         sent_at: float | None = None,
+        passengers: Sequence[tuple[str, str]] = (),
     ) -> Signature:
         """The immutable signature of one step attempt, routed by kind and named ``workflow.step`` for Flower.
 
@@ -148,7 +157,8 @@ class CeleryPublisher:
         which Celery keeps on retries. An item of a map step (``index``) carries its index as a fifth argument and
         is named ``workflow.step[index]``. Dispatched inside a traced span of the same run (a step attempt, the run's
         root), its headers carry that span as the W3C ``traceparent``. ``sent_at`` (default now) is the time its
-        publish began, stamped on every message of one group alike.
+        publish began, stamped on every message of one group alike. ``passengers``, ``(step, task_id)`` pairs of the
+        same queue and priority, ride along as a batch (``batch`` keyword argument), run after it in its slot.
         """
         settings = self.settings
         step_spec = spec.steps_by_name[step]
@@ -170,7 +180,24 @@ class CeleryPublisher:
         args: tuple[str, ...] = (run_id, spec.definition_hash, step, generation)
         if index is not None:
             args += (str(index),)
-        return self.app.signature(STEP_TASK, args=args, options=options, immutable=True)
+        kwargs = {BATCH_KWARG: [list(pair) for pair in passengers]} if passengers else {}
+        return self.app.signature(STEP_TASK, args=args, kwargs=kwargs, options=options, immutable=True)
+
+    def _batches(self, spec: WorkflowSpec, steps: Sequence[str], ids: Mapping[str, str]) -> list[tuple[str, ...]]:
+        # Batches only for a fan-out wider than the known slots can take, of steps with task ids held by their finish.
+        if self.slots is None or len(steps) <= 1 or self.settings.priorities == "off":
+            return [(step,) for step in steps]
+        size = batch_size(len(steps), self.slots())
+        return plan_batches(steps, size, lambda step: self._batch_group(spec, step, ids))
+
+    def _batch_group(self, spec: WorkflowSpec, step: str, ids: Mapping[str, str]) -> tuple[str, int] | None:
+        step_spec = spec.steps_by_name[step]
+        if step not in ids or (
+            step_spec.timeout_s is not None and step_spec.uses not in {StepKind.LLM, StepKind.AGENT}
+        ):
+            return None
+        queue = queue_for(step_spec, self.settings.llm_queue, self.settings.cpu_queue)
+        return queue, step_level(spec, step)
 
     def publish(
         self,
@@ -181,7 +208,8 @@ class CeleryPublisher:
         generation: str,
         task_ids: Mapping[str, str] | None = None,
     ) -> None:
-        """Send the steps that became ready together: one signature, or a ``group`` fanning out across workers.
+        """Send the steps that became ready together: one signature, or a ``group`` fanning out across workers (in
+        batches of several steps a message when wider than the known slots can take; see ``slots``).
 
         Raises:
             BrokerUnavailableError: The broker did not answer.
@@ -190,8 +218,16 @@ class CeleryPublisher:
             return
         ids, sent = task_ids or {}, time.time()
         signatures = [
-            self.signature(spec, run_id=run_id, step=s, generation=generation, task_id=ids.get(s), sent_at=sent)
-            for s in steps
+            self.signature(
+                spec,
+                run_id=run_id,
+                step=batch[0],
+                generation=generation,
+                task_id=ids.get(batch[0]),
+                sent_at=sent,
+                passengers=[(s, ids[s]) for s in batch[1:]],
+            )
+            for batch in self._batches(spec, steps, ids)
         ]
         with _broker_errors(f"run {run_id}: publish {', '.join(steps)}"):
             if len(signatures) == 1:

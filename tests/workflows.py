@@ -34,6 +34,19 @@ def report_pid_then_sleep(ctx: StepContext, seconds: float = 5.0, **_: Any) -> d
     return {"pid": os.getpid(), "attempt": ctx.attempt}
 
 
+@function("tests.report_message_then_sleep")
+def report_message_then_sleep(ctx: StepContext, seconds: float = 0.0, **_: Any) -> dict[str, Any]:
+    """Publish this process's pid, the attempt and the Celery message it runs in (``PID:ATTEMPT:TASK_ID:STEP`` of
+    the message's own step, which differs from this step's when it rides in another's batch), then sleep."""
+    from celery import current_task
+
+    request = current_task.request if current_task else None
+    carrier = f"{request.id}:{request.args[2]}" if request is not None and request.args else ":"
+    _redis().rpush(f"test:pids:{ctx.run_id}:{ctx.step}", f"{os.getpid()}:{ctx.attempt}:{carrier}")
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "attempt": ctx.attempt}
+
+
 @function("tests.count_calls")
 def count_calls(ctx: StepContext, **_: Any) -> dict[str, Any]:
     """Count executions in Redis, so a test can prove a step ran exactly once."""

@@ -8,6 +8,7 @@ import sys
 import warnings
 from typing import Any, cast
 
+import redis
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning, SoftTimeLimitExceeded
 from celery.signals import (
@@ -25,9 +26,11 @@ from orchestrator.celery_app import CeleryPublisher
 from orchestrator.engine.runtime import RuntimeHolder
 from orchestrator.infra.redis_url import require_shared_store
 from orchestrator.infra.settings import Settings
+from orchestrator.state import RedisStateStore
 from orchestrator.telemetry.logs import Redactor, configure_logging
 from workers.local import CeleryLocalSteps
 from workers.metrics import WorkerMetricsEndpoint
+from workers.slots import KnownSlots
 from workers.sweeper import Sweeper
 from workers.tasks import register_tasks
 
@@ -45,9 +48,11 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = celery_app.create_app(settings)
     # Task events published a window at a time (workers/consumer.py).
     app.conf.worker_consumer = "workers.consumer:BatchingConsumer"
+    # A fan-out wider than the live workers' slots can take goes out in batches (orchestrator/engine/batches.py).
+    slots = KnownSlots(lambda: _store_client(holder))
     holder = RuntimeHolder(
         settings,
-        lambda: CeleryPublisher(app, settings),
+        lambda: CeleryPublisher(app, settings, slots=slots),
         interrupts=(SoftTimeLimitExceeded,),
         local=lambda publisher: CeleryLocalSteps(app, cast(CeleryPublisher, publisher)),
     )
@@ -57,6 +62,13 @@ def create_app(settings: Settings | None = None) -> Celery:
     _warm_up(holder)
     _observe(app, settings)
     return app
+
+
+def _store_client(holder: RuntimeHolder) -> redis.Redis:
+    store = holder.get().store
+    if not isinstance(store, RedisStateStore):
+        raise TypeError("a worker's state store is Redis")
+    return store.client
 
 
 def _warm_up(holder: RuntimeHolder) -> None:

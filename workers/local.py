@@ -115,6 +115,12 @@ class CeleryLocalSteps:
         )
         signature.apply_async(countdown=countdown_s)
 
+    def flush(self) -> None:
+        """Publish the buffered events now (a batch has ended)."""
+        if self._events is not None and self._pid == os.getpid():
+            self._events.flush(errors=False)
+            self._flushed = time.monotonic()
+
     def _send(self, *events: tuple[str, dict[str, Any]], flush: bool = True) -> None:
         dispatcher = self._dispatcher()
         for kind, fields in events:

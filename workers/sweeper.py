@@ -1,4 +1,5 @@
-"""The sweeper bootstep: every worker's main process runs :func:`orchestrator.engine.sweep.sweep_once`."""
+"""The sweeper bootstep: every worker's main process runs :func:`orchestrator.engine.sweep.sweep_once`, and says how
+many slots it runs (:mod:`workers.slots`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from celery import bootsteps
 from orchestrator.engine.outage import OutageLog
 from orchestrator.engine.runtime import RuntimeHolder
 from orchestrator.engine.sweep import sweep_once
+from orchestrator.state import RedisStateStore
+from workers.slots import ALIVE_INTERVALS, announce_slots
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +28,20 @@ class Sweeper(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._hostname, self._slots = "", 0
+
+    def _announce(self, holder: RuntimeHolder, alive_s: float) -> None:
+        # Its slots, for a finishing step to size its fan-out's batches by (workers/slots.py).
+        store = holder.get().store
+        if isinstance(store, RedisStateStore) and self._slots > 0:
+            announce_slots(store.client, self._hostname, self._slots, alive_s)
 
     def start(self, worker: Any) -> None:
         holder: RuntimeHolder = worker.app.orchestrator_runtime
         owner = f"{worker.hostname}:{uuid.uuid4().hex[:8]}"
+
+        slots = int(getattr(worker, "concurrency", 0) or 0)
+        self._hostname, self._slots = str(worker.hostname), slots
 
         def loop() -> None:
             interval = holder.settings.sweep_interval_s
@@ -36,6 +49,7 @@ class Sweeper(bootsteps.StartStopStep):
             # Sweep at once on start: a deadline that passed while no worker ran fires now, not an interval later.
             while True:
                 outage.run(lambda: sweep_once(holder.get(), owner))
+                outage.run(lambda: self._announce(holder, ALIVE_INTERVALS * interval))
                 if self._stop.wait(interval):
                     return
 
@@ -44,3 +58,8 @@ class Sweeper(bootsteps.StartStopStep):
 
     def stop(self, worker: Any) -> None:
         self._stop.set()
+        holder: RuntimeHolder = worker.app.orchestrator_runtime
+        try:
+            self._announce(holder, 0.0)
+        except Exception as exc:
+            log.warning("could not withdraw this worker's slots (%s); they lapse on their own", exc)

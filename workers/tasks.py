@@ -23,9 +23,10 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Reject
 
-from orchestrator.celery_app import STEP_TASK
+from orchestrator.celery_app import BATCH_KWARG, STEP_TASK
 from orchestrator.domain import Attempt
-from orchestrator.engine.attempt import execute_attempt
+from orchestrator.engine.attempt import execute_attempt, execute_batch
+from orchestrator.engine.batches import passengers_of
 from orchestrator.engine.items import execute_item
 from orchestrator.engine.local import Delivery
 from orchestrator.engine.runtime import RuntimeHolder
@@ -52,6 +53,10 @@ class StepTask(Task[Any, Any]):
         exc = kwargs.get("exc")
         if isinstance(exc, RetryableStepError) and exc.countdown is not None:
             kwargs["countdown"] = exc.countdown
+        sent = self.request.kwargs or {}
+        if BATCH_KWARG in sent and "kwargs" not in kwargs:
+            # A batch's other steps ran in this slot already: the retried message carries its own step alone.
+            kwargs["kwargs"] = {k: v for k, v in sent.items() if k != BATCH_KWARG}
         return super().retry(*args, **kwargs)
 
 
@@ -60,19 +65,27 @@ def register_tasks(app: Celery, runtime: RuntimeHolder) -> Task[Any, Any]:
 
     @app.task(bind=True, base=StepTask, name=STEP_TASK, shared=False)
     def run_step(self: StepTask, *args: Any, **kwargs: Any) -> str:
-        """``run_step(run_id, definition_hash, step, generation[, index])``, all strings, as the publisher sends it
-        (``index``, a map step's item, in decimal digits)."""
+        """``run_step(run_id, definition_hash, step, generation[, index], batch=[[step, task_id], ...])``, all
+        strings, as the publisher sends it (``index``, a map step's item, in decimal digits; ``batch``, the other
+        steps of a batch message)."""
         # Anyone who can write to the broker can send anything: a message not shaped like ours is refused for good
         # (rejected without requeueing, so never redelivered), with the reason in the log.
         try:
+            passengers = passengers_of(kwargs.pop(BATCH_KWARG)) if BATCH_KWARG in kwargs else ()
             run_id, definition_hash, step, generation, index = step_args(args, kwargs)
+            if passengers and index is not None:
+                raise ValueError("a map step's item carries no batch")
         except ValueError as exc:
             log.error("rejecting malformed step message %s: %s", self.request.id, exc)
             raise Reject(f"malformed step message: {exc}", requeue=False) from None
         attempt = Attempt(run_id, step, generation, str(self.request.id), index)
         if index is not None:
             return execute_item(runtime.get(), attempt, definition_hash, _delivery(self.request))
-        return execute_attempt(runtime.get(), attempt, definition_hash, _delivery(self.request), raise_failure=True)
+        delivery = _delivery(self.request)
+        if passengers:
+            # A batch (orchestrator/engine/batches.py): the message's own step, then the others in this slot.
+            return execute_batch(runtime.get(), attempt, definition_hash, delivery, passengers, raise_failure=True)
+        return execute_attempt(runtime.get(), attempt, definition_hash, delivery, raise_failure=True)
 
     return run_step
 

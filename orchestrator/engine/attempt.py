@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from orchestrator import telemetry
@@ -23,6 +23,7 @@ from orchestrator.definition.mapping import is_map
 from orchestrator.definition.spec import ApprovalParams, WorkflowSpec
 from orchestrator.definition.subflow import WorkflowParams
 from orchestrator.domain import Attempt, Claim, ClaimOutcome, ItemClaim, RunStatus, StepOutcome
+from orchestrator.engine.batches import run_passengers
 from orchestrator.engine.control import DEADLINE_REASON, record_outcome, stop_run
 from orchestrator.engine.coordinator import (
     decide_start,
@@ -408,3 +409,63 @@ def finish_attempt(
 
 def _retry_through_outage(runtime: Runtime, what: str, call: Callable[[], T]) -> T:
     return retry_through_outage(what, call, patience_s=runtime.settings.outage_patience_s)
+
+
+def execute_batch(
+    runtime: Runtime,
+    attempt: Attempt,
+    definition_hash: str,
+    delivery: Delivery,
+    passengers: Sequence[tuple[str, str]],
+    *,
+    raise_failure: bool = False,
+) -> str:
+    """Run a batch message (:mod:`orchestrator.engine.batches`): its own step as :func:`execute_attempt` does, then
+    each ``(step, task_id)`` it carries, in this slot, whatever became of the first.
+
+    Raises:
+        StepFailed: With ``raise_failure``, when the message's own step failed for good (after the others ran).
+        RetryableStepError: Or :class:`StepDeferred`, for the message's own step (after the others ran).
+        redis.exceptions.ConnectionError: Or another outage error past the patience; the others are then left to
+            their dispatch holds.
+    """
+    try:
+        result = execute_attempt(runtime, attempt, definition_hash, delivery, raise_failure=raise_failure)
+    except (RetryableStepError, StepFailed):
+        _run_passengers(runtime, attempt, definition_hash, delivery, passengers)
+        raise
+    _run_passengers(runtime, attempt, definition_hash, delivery, passengers)
+    return result
+
+
+def _run_passengers(
+    runtime: Runtime, carrier: Attempt, definition_hash: str, delivery: Delivery, passengers: Sequence[tuple[str, str]]
+) -> None:
+    if not passengers:
+        return
+    try:
+        spec = runtime.store.load_definition(definition_hash)
+    except DefinitionNotFoundError:
+        return  # the message's own step was dropped for it already, and logged
+    unknown = [step for step, _ in passengers if step not in spec.steps_by_name]
+    if unknown:
+        log.warning("dropping %s's batch: workflow %s has no step %s", carrier, spec.name, ", ".join(unknown))
+        return
+
+    def publish(steps: Sequence[str], task_ids: Mapping[str, str]) -> None:
+        runtime.publisher.publish(
+            spec, run_id=carrier.run_id, steps=steps, generation=carrier.generation, task_ids=task_ids
+        )
+
+    if runtime.local is None:
+        publish([s for s, _ in passengers], dict(passengers))
+        return
+    hop = Continuation(delivery, runtime.local)
+    run_passengers(
+        spec,
+        carrier,
+        passengers=passengers,
+        hop=hop,
+        execute=lambda a, d, h, c: _execute(runtime, spec, a, d, hop=h, claim=c),
+        publish=publish,
+    )

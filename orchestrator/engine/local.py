@@ -81,7 +81,7 @@ class Continuation:
     @property
     def kept(self) -> bool:
         """Whether the finish kept a child for this slot (claimed: run it next)."""
-        return self.step is not None and self.claim is not None
+        return self.step is not None and bool(self.task_id)
 
     def take(self, result: FinishResult) -> None:
         """Remember the child the finish kept (and its claim), if any."""
@@ -114,22 +114,32 @@ class LocalSteps(Protocol):
             BrokerUnavailableError: The broker did not answer.
         """
 
+    def flush(self) -> None:
+        """Send the announcements held back (``more``) now: a batch of steps has ended (never raises)."""
 
-Execute = Callable[[Attempt, Delivery, "Continuation", Claim], tuple[str, str | None]]
-"""Runs one attempt here, claimed already: what happened, and its failure summary when it failed for good."""
+
+Execute = Callable[[Attempt, Delivery, "Continuation", Claim | None], tuple[str, str | None]]
+"""Runs one attempt here (claimed already, or claiming it when not): what happened, and its failure summary when it
+failed for good."""
 
 
-def continue_locally(spec: WorkflowSpec, parent: Attempt, hop: Continuation, execute: Execute) -> None:
+def continue_locally(spec: WorkflowSpec, parent: Attempt, hop: Continuation, execute: Execute) -> int:
     """Run the child each finish kept in this slot, one after another, announcing each through ``hop.local``.
 
     A kept step that must retry or wait is recorded so by ``execute`` and its message sent to the broker; one that
-    meets an outage past the patience is left to its lease, as a message's attempt would be.
+    meets an outage past the patience is left to its lease, as a message's attempt would be. A kept step comes
+    claimed by its parent's finish; one without a claim (a batch's passenger) is claimed by ``execute``.
+
+    Returns:
+        The slot's count of local steps (``Delivery.hops``) after the last one run.
     """
     local = hop.local
     carrier = hop.delivery.carrier or parent.task_id
-    while hop.step is not None and hop.claim is not None:
+    hops = hop.delivery.hops
+    while hop.step is not None and hop.task_id:
         attempt = Attempt(parent.run_id, hop.step, parent.generation, hop.task_id)
         claim = hop.claim
+        hops = hop.delivery.hops + 1
         delivery = replace(hop.delivery, headers=hop.headers, due_at=None, carrier=carrier, hops=hop.delivery.hops + 1)
         hop = Continuation(delivery, local)
         local.started(spec, attempt, delivery)
@@ -140,9 +150,10 @@ def continue_locally(spec: WorkflowSpec, parent: Attempt, hop: Continuation, exe
                 local.resend(spec, attempt, exc.countdown or 0.0, str(exc))
             except Exception:
                 log.exception("%s: its retry was not sent; the sweeper sends it once its lease runs out", attempt)
-            return
+            return hops
         except Exception as exc:
             log.warning("%s: left to its lease: %s: %s", attempt, type(exc).__name__, exc)
             local.ended(attempt, "left to its lease", f"{type(exc).__name__}: {exc}")
-            return
+            return hops
         local.ended(attempt, result, failure, more=hop.kept)
+    return hops

@@ -30,6 +30,9 @@ OWNERS = f"{PREFIX}:owners"
 # Sweeper processes (``ORCH_SHARDS`` above 1): owner id -> until when it is known alive; each holds its share of the
 # buckets (:func:`sweeper_lock_key`).
 SWEEPERS = f"{PREFIX}:sweepers"
+# Workers and their slots (``HOSTNAME CONCURRENCY``) -> until when each is known alive (a sorted set, refreshed by its
+# sweeper bootstep): how wide a fan-out must be before it is sent in batches (:mod:`orchestrator.engine.batches`).
+WORKER_SLOTS = f"{PREFIX}:worker_slots"
 EVENTS = f"{PREFIX}:events"
 # Definitions submitted lately (``orchestrator workflows``): hash -> last submitted (a sorted set) and hash -> its
 # name, version and first submit (a hash); one hash tag, so one script keeps both.
@@ -111,6 +114,12 @@ def run_key(run_id: str) -> str:
 def events_key(run_id: str) -> str:
     """The run's event stream (same hash tag as the run: one slot, one script can write both)."""
     return f"{PREFIX}:{{{run_id}}}:events"
+
+
+def large_values_key(run_id: str) -> str:
+    """An ended run's values too long for a compact hash (its steps' outputs, mostly), packed in one string (same
+    hash tag as the run; see ``lua/_ended.lua``)."""
+    return f"{PREFIX}:{{{run_id}}}:large"
 
 
 def definition_key(definition_hash: str) -> str:

@@ -1,8 +1,9 @@
 """What a finished run keeps in Redis, per step, beyond its steps' own output JSON (``MEMORY USAGE`` per key).
 
-The figure issue 17 tracks: a finished run's keys (its hash, event stream, reply cache and notes) cost what the
-outputs cost plus an overhead per step; the overhead is what the engine adds. Step outputs are the ``s:STEP:output``
-fields of the run hash, counted at their JSON length.
+The figure issue 17 tracks: a finished run's keys (its hash, its large values, event stream, reply cache and notes)
+cost what the outputs cost plus an overhead per step; the overhead is what the engine adds. Step outputs are the
+``s:STEP:output`` fields of the run (in its hash, or among its large values once it ended: ``lua/_ended.lua``),
+counted at their JSON length.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 import redis
 
 from orchestrator.state import keys
+from orchestrator.state.redis.core import LARGE_MARK, unpack_large
 
 RUN_KEYS: dict[str, Callable[[str], str]] = {
     "run_hash": keys.run_key,
+    "large_values": keys.large_values_key,
     "events_stream": keys.events_key,
     "reply_cache": keys.llm_run_cache_key,
     "notes": keys.notes_key,
@@ -28,8 +31,9 @@ def finished_run_bytes(stats: redis.Redis, run_ids: Sequence[str]) -> dict[str, 
     """Bytes per finished step of the runs' keys (``MEMORY USAGE ... SAMPLES 0``), with the outputs taken out.
 
     Returns ``bytes_per_step_beyond_output`` (the figure), ``bytes_per_step_by_key``, ``output_json_bytes_per_step``,
-    ``bytes_per_run``, ``steps_per_run``, ``events_per_step`` and ``hash_bytes_per_step_by_field`` (the run hash's
-    field names and values, by step field suffix or run field name, before Redis's own overhead).
+    ``bytes_per_run``, ``steps_per_run``, ``events_per_step`` and ``hash_bytes_per_step_by_field`` (the run's
+    field names and values, in its hash or among its large values, by step field suffix or run field name, before
+    Redis's own overhead).
     """
     by_key: Counter[str] = Counter()
     by_field: Counter[str] = Counter()
@@ -41,12 +45,16 @@ def finished_run_bytes(stats: redis.Redis, run_ids: Sequence[str]) -> dict[str, 
             for key_of in RUN_KEYS.values():
                 pipe.memory_usage(key_of(run_id), samples=0)
             pipe.hgetall(keys.run_key(run_id))
+            pipe.get(keys.large_values_key(run_id))
             pipe.xlen(keys.events_key(run_id))
         replies = iter(pipe.execute())
         for _run_id in chunk:
             for label in RUN_KEYS:
                 by_key[label] += int(next(replies) or 0)
-            fields: dict[Any, Any] = next(replies)
+            fields: dict[Any, Any] = {_text(k): v for k, v in next(replies).items()}
+            large = next(replies)
+            if fields.pop(LARGE_MARK, None) is not None and large is not None:
+                fields = {**unpack_large(large)[1], **fields}
             events += int(next(replies) or 0)
             for name, value in fields.items():
                 text, size = _text(name), len(_bytes(name)) + len(_bytes(value))

@@ -107,15 +107,18 @@ def test_a_workflow_runs_on_a_cluster_with_its_run_on_one_master_and_the_indices
         py("b", "tests.count_on_broker", "a"),
         py("c", "tests.count_on_broker", "a"),
         py("d", "tests.count_on_broker", "b", "c"),
+        py("e", "tests.big_output", "d", size=300),
     )
     run_ids = [client.submit(definition) for _ in range(12)]
 
     views = [client.wait(run_id, timeout=60) for run_id in run_ids]
 
     assert [view["status"] for view in views] == ["succeeded"] * len(run_ids)
+    assert [view["steps"]["e"]["output"] for view in views] == ["x" * 300] * len(run_ids)
     owner = cluster.master_of(keys.run_key(run_ids[0]))
     assert _node(owner.port).hget(keys.run_key(run_ids[0]), "status") == "succeeded"
     assert _node(owner.port).exists(keys.events_key(run_ids[0])), "the run's events live on the run's slot"
+    assert _node(owner.port).exists(keys.large_values_key(run_ids[0])), "so do its long values once it ended"
     holders = collections.Counter(cluster.master_of(keys.runs_index_key(s)).port for s in keys.all_shards(SHARDS))
     assert sorted(holders.values()) == [2, 2, 2], "the runs index is split evenly over the masters"
     assert set(client.store.list_run_ids(limit=100)) >= set(run_ids)

@@ -149,6 +149,32 @@ def test_flower_shows_each_step_as_workflow_dot_step_succeeded_on_our_workers(
         assert run_id in task["args"], "the step's arguments name its run"
 
 
+def test_flower_shows_every_step_of_a_fan_out_sent_in_batches_each_under_its_own_task_id(
+    flower: httpx.Client, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    # Two slots here: a fan-out of 12 is wider than twice that, so it goes out in batches of several steps a message.
+    name = f"flower_batch_{unique}"
+    width = 12
+    spec = workflow(name, py("root", "tests.sleep"), *(py(f"leaf{i}", "tests.sleep", "root") for i in range(width)))
+    run_id = client.submit(spec)
+    assert client.wait(run_id, timeout=60)["status"] == "succeeded"
+    expected = {f"{name}.root", *(f"{name}.leaf{i}" for i in range(width))}
+
+    def ours() -> dict[str, Any] | None:
+        tasks = flower.get("/api/tasks", auth=AUTH).json()
+        mine = {t["name"]: t for t in tasks.values() if str(t.get("name", "")).startswith(f"{name}.")}
+        done = set(mine) == expected and all(t["state"] == "SUCCESS" for t in mine.values())
+        return mine if done else None
+
+    tasks = wait_in_flower(flower, ours, "Flower to report every step of the batches as succeeded")
+
+    assert tasks is not None
+    assert len({t["uuid"] for t in tasks.values()}) == len(expected), "each step under its own task id"
+    assert any("batch" in str(t.get("kwargs")) for t in tasks.values()), "some message carried a batch"
+    for task in tasks.values():
+        assert task["worker"] in workers.processes
+
+
 def test_flower_shows_a_step_that_failed_for_good_as_failure_and_a_retried_one_as_success(
     flower: httpx.Client, client: Client, unique: str
 ) -> None:

@@ -55,6 +55,9 @@ class RecordingLocalSteps:
     def resend(self, spec: WorkflowSpec, attempt: Attempt, countdown_s: float, reason: str) -> None:
         self.resent.append((attempt.step, attempt.task_id, countdown_s))
 
+    def flush(self) -> None:
+        self.announced.append(("flushed", "", ""))
+
 
 def local_runtime(allowed: set[str] | None = None) -> tuple[Runtime, RecordingPublisher, RecordingLocalSteps]:
     runtime, publisher = make_runtime()

@@ -1,7 +1,8 @@
 """The store contract for an ended run, against both stores: it keeps what its readers need and nothing more.
 
 A run that ends (succeeded, failed, cancelled, or failed at dispatch) drops its steps' per-attempt scratch fields;
-its status JSON, events and resume are as before. In Redis its event stream is rewritten at its exact size.
+its status JSON, events and resume are as before. In Redis its event stream is rewritten at its exact size, and its
+values longer than 64 bytes move beside its hash (``keys.large_values_key``), which becomes a listpack again.
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ import pytest
 
 from orchestrator.domain import ClaimOutcome, ResumeOutcome, RunStatus, StepOutcome
 from orchestrator.engine.events import Event
-from orchestrator.engine.status import run_view
+from orchestrator.engine.status import run_summary, run_view
 from orchestrator.state import keys
-from orchestrator.state.base import ENDED_IF_EMPTY_FIELDS, ENDED_RUN_IF_EMPTY_FIELDS, ENDED_SCRATCH_FIELDS
+from orchestrator.state.base import (
+    ENDED_IF_EMPTY_FIELDS,
+    ENDED_RUN_IF_EMPTY_FIELDS,
+    ENDED_SCRATCH_FIELDS,
+    SUMMARY_FIELDS,
+)
+from orchestrator.state.redis.core import ENDED_PACKED_FIELDS
 from tests.unit import test_state_contract as contract
 from tests.unit.test_state_contract import (
     CHAIN,
@@ -158,3 +165,95 @@ def test_the_lua_compaction_drops_what_the_memory_store_drops() -> None:
     assert table("ENDED_SCRATCH") == set(ENDED_SCRATCH_FIELDS)
     assert table("ENDED_IF_EMPTY") == set(ENDED_IF_EMPTY_FIELDS)
     assert table("ENDED_RUN_IF_EMPTY") == set(ENDED_RUN_IF_EMPTY_FIELDS)
+    assert table("ENDED_KEEP") == set(SUMMARY_FIELDS)  # a listing reads them from the hash alone
+    body = re.search(r"local ENDED_PACKED = \{(.*?)\}", lua, re.S)
+    assert body is not None
+    packed = dict(re.findall(r"(\w+) = (\d)", body.group(1)))
+    assert tuple(sorted(packed, key=lambda name: packed[name])) == ENDED_PACKED_FIELDS
+
+
+# Longer than a listpack's values (64 bytes), with a character UTF-8 spells in two bytes and the packing's own marks.
+BIG_A = {"text": "é:1\n" * 40, "n": 1}
+BIG_B = {"text": "b" * 300}
+LONG_ERROR = {"type": "error", "message": "broken: " + "x" * 200}
+
+
+def encoding(backend: Backend, key: str) -> str:
+    assert backend.client is not None
+    return str(backend.client.object("encoding", key), "ascii")
+
+
+def test_an_ended_runs_long_values_read_back_whole_and_its_hash_is_compact(backend: Backend) -> None:
+    start(backend, CHAIN, inputs={"topic": "t" * 100})
+    succeed(backend, CHAIN, "a", BIG_A, "ka")
+    succeed(backend, CHAIN, "b", BIG_B, "")
+
+    view = run_view(backend.store.run_fields("run1"), CHAIN)
+    assert (view["steps"]["a"]["output"], view["steps"]["b"]["output"]) == (BIG_A, BIG_B)
+    assert view["inputs"] == {"topic": "t" * 100}
+    assert "large" not in backend.store.run_fields("run1")
+    assert scratch_left(backend) == []
+    assert (step_fields(backend, "a")["attempts"], step_fields(backend, "b")["attempts"]) == ("1", "1")
+    assert float(step_fields(backend, "b")["started_at"]) <= float(step_fields(backend, "b")["finished_at"])
+    if backend.client is not None:
+        assert encoding(backend, keys.run_key("run1")) == "listpack"
+        stored = backend.client.hgetall(keys.run_key("run1"))
+        assert b"s:a:" in stored  # one field for an ended step's count and times
+        assert b"s:a:attempts" not in stored
+        # The long values expire with the run.
+        pipe = backend.client.pipeline(transaction=True)
+        pipe.pttl(keys.run_key("run1"))
+        pipe.pttl(keys.large_values_key("run1"))
+        run_ttl, large_ttl = pipe.execute()
+        assert abs(run_ttl - large_ttl) <= 5, (run_ttl, large_ttl)
+    backend.assert_events_expire_with_run("run1", RETENTION_S)
+
+
+def test_a_failed_run_with_long_values_lists_its_error_and_resumes_with_its_outputs(backend: Backend) -> None:
+    start(backend, CHAIN)
+    succeed(backend, CHAIN, "a", BIG_A, "ka")
+    b = attempt("b")
+    assert claim(backend, CHAIN, b).outcome == ClaimOutcome.OK
+    assert finish(backend, CHAIN, b, StepOutcome.FAILED, error=LONG_ERROR).run_status == "failed"
+
+    row = backend.store.run_summaries(["run1"])[0]
+    assert set(row) == {*SUMMARY_FIELDS, "failure_error"}
+    assert run_summary(row)["error"] == run_view(backend.store.run_fields("run1"), CHAIN)["error"]
+    assert "broken: xxx" in str(run_summary(row)["error"])
+    if backend.client is not None:
+        assert backend.client.exists(keys.large_values_key("run1"))
+
+    assert backend.store.resume("run1", resume_plan(("b", "queued", 0))).outcome == ResumeOutcome.OK
+    if backend.client is not None:
+        assert not backend.client.exists(keys.large_values_key("run1"))
+    got = claim(backend, CHAIN, attempt("b", "b2", generation="2"))
+    assert got.outcome == ClaimOutcome.OK
+    assert got.parent_output == {"a": BIG_A}
+    assert [e["message"] for e in got.errors] == [LONG_ERROR["message"]]
+    assert finish(backend, CHAIN, attempt("b", "b2", generation="2"), output=BIG_B).run_status == "succeeded"
+    view = run_view(backend.store.run_fields("run1"), CHAIN)
+    assert (view["status"], view["steps"]["a"]["output"], view["steps"]["b"]["output"]) == ("succeeded", BIG_A, BIG_B)
+    assert gapless(backend.store.events("run1"))
+
+
+def test_a_field_written_after_the_run_ended_wins_over_its_packed_value(backend: Backend) -> None:
+    client = backend.client
+    if client is None:
+        pytest.skip("Redis only: the memory store keeps one map")
+    start(backend, CHAIN)
+    succeed(backend, CHAIN, "a", BIG_A, "")
+    succeed(backend, CHAIN, "b", BIG_B, "")
+    client.hset(keys.run_key("run1"), mapping={keys.step_field("b", "output"): '{"text":"newer"}', "s:b:attempts": 7})
+    view = run_view(backend.store.run_fields("run1"), CHAIN)
+    assert (view["steps"]["b"]["output"], view["steps"]["b"]["attempts"]) == ({"text": "newer"}, 7)
+
+
+def test_the_packed_values_keep_any_bytes_of_names_and_values() -> None:
+    from orchestrator.state.redis.core import unpack_large
+
+    fields = {"s:a:output": "é:1\n\n:x", "": "", "inputs": "1:"}
+    blob = b"7\n" + b"".join(
+        b"%d:%s%d:%s" % (len(n.encode()), n.encode(), len(v.encode()), v.encode()) for n, v in fields.items()
+    )
+    assert unpack_large(blob) == ("7", fields)
+    assert unpack_large(blob.decode()) == ("7", fields)  # a client with decode_responses on

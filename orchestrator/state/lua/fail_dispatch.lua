@@ -1,6 +1,7 @@
 -- Fail a run whose first tasks could not be published (the broker did not answer), with the run's final event in
 -- the same step: a client following its events sees it end instead of waiting for ever.
--- KEYS[1] run hash, KEYS[2] its event stream. ARGV: message, retention_s.
+-- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] its large values once ended (_ended.lua). ARGV: message,
+-- retention_s.
 -- Returns {"ok", generation}, {"finished", status} when the run had ended already, or {"missing"}.
 local run, events = KEYS[1], KEYS[2]
 local message, retention = ARGV[1], tonumber(ARGV[2])

@@ -1,7 +1,8 @@
 -- Start a new generation of a finished run from its checkpoint. The caller computed which steps to reset from the
 -- state it read at generation expected_gen; if another resume won meanwhile, the generation moved and this refuses.
--- KEYS[1] run hash, KEYS[2] its event stream. ARGV: expected_gen, allowed_statuses (comma-separated), active_ttl_s,
---   forced_step ('' none), new definition hash ('' keeps it), then step, status, pending triples to reset.
+-- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] its large values (_ended.lua). ARGV: expected_gen,
+--   allowed_statuses (comma-separated), active_ttl_s, forced_step ('' none), new definition hash ('' keeps it), then
+--   step, status, pending triples to reset.
 -- Returns {"ok", new_generation, deadline_or_empty}, {"conflict", generation} or {"refused", run_status}.
 local run, events = KEYS[1], KEYS[2]
 local expected, allowed, ttl, forced, definition = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
@@ -9,6 +10,8 @@ local head = redis.call('HMGET', run, 'status', 'gen')
 if not head[1] then return {'refused', 'missing'} end
 if head[2] ~= expected then return {'conflict', head[2]} end
 if not string.find(',' .. allowed .. ',', ',' .. head[1] .. ',', 1, true) then return {'refused', head[1]} end
+-- An ended run keeps its long values beside its hash (_ended.lua): back into the hash before anything reads them.
+ended_unpack(run)
 local gen = tostring(tonumber(expected) + 1)
 local t0 = redis.call('TIME')
 local stamp = string.format('%.6f', tonumber(t0[1]) + tonumber(t0[2]) / 1e6)

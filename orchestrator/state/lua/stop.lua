@@ -1,6 +1,7 @@
 -- End a run early: cancelled by a user or timed out at its deadline. No step starts after this returns: every
 -- claim checks the run's status. Finished steps keep their outputs; unfinished ones become "cancelled".
--- KEYS[1] run hash, KEYS[2] its event stream. ARGV: final_status, reason, retention_s, expected_generation ('' for any), steps...
+-- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] its large values once ended (_ended.lua).
+-- ARGV: final_status, reason, retention_s, expected_generation ('' for any), steps...
 -- Returns {"ok", stopped_at, generation, step, task_id, ...} for the steps that were running (to interrupt; a step
 -- running locally after its parent is listed twice, the second time with its carrier's task id),
 -- {"finished", status} when the run had already ended, {"stale"} for another generation, {"missing"}.

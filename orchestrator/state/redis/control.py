@@ -21,7 +21,7 @@ from orchestrator.domain import (
     StopResult,
 )
 from orchestrator.state import keys
-from orchestrator.state.redis.core import RedisStateCore, _run_keys, _text
+from orchestrator.state.redis.core import RedisStateCore, _ending_keys, _run_keys, _text
 
 
 class RunControl(RedisStateCore):
@@ -34,7 +34,7 @@ class RunControl(RedisStateCore):
     ) -> StopResult:
         """End a run early (``cancelled`` or ``timed_out``; see ``lua/stop.lua``)."""
         argv: list[Any] = [status.value, reason, self.retention_s, generation, *steps]
-        reply = [_text(x) for x in self._scripts["stop"](keys=_run_keys(run_id), args=argv)]
+        reply = [_text(x) for x in self._scripts["stop"](keys=_ending_keys(run_id), args=argv)]
         if reply[0] != StopOutcome.OK:
             return StopResult(outcome=StopOutcome(reply[0]), detail=reply[1] if len(reply) > 1 else "")
         stopped_gen, pairs = reply[2], reply[3:]
@@ -71,7 +71,7 @@ class RunControl(RedisStateCore):
 
         for step, status, pending in plan.resets:
             argv += [step, status, pending]
-        reply = [_text(x) for x in self._scripts["resume"](keys=_run_keys(run_id), args=argv)]
+        reply = [_text(x) for x in self._scripts["resume"](keys=_ending_keys(run_id), args=argv)]
         outcome = ResumeOutcome(reply[0])
         if outcome == ResumeOutcome.REFUSED:
             return ResumeResult(outcome, detail=reply[1])

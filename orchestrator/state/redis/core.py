@@ -109,11 +109,11 @@ def _load_lua(name: str) -> str:
     lua = resources.files("orchestrator.state").joinpath("lua")
     body = lua.joinpath(f"{name}.lua").read_text()
     # Scripts cannot include one another: the event helpers are prepended to every script that emits, the item
-    # helpers to every item script, the end-of-run compaction to the scripts that end a run, the claim to the claim
-    # and to the finish (which claims the child its slot keeps).
+    # helpers to every item script, the end-of-run compaction to the scripts that end a run and to the resume, which
+    # undoes it, the claim to the claim and to the finish (which claims the child its slot keeps).
     if name.startswith("item_"):
         body = lua.joinpath("_items.lua").read_text() + body
-    if name in _ENDING:
+    if name in _ENDING or name == "resume":
         body = lua.joinpath("_ended.lua").read_text() + body
     if name in _CLAIMING:
         body = lua.joinpath("_claim.lua").read_text() + body
@@ -148,8 +148,78 @@ def _run_keys(run_id: str) -> list[str]:
     return [keys.run_key(run_id), keys.events_key(run_id)]
 
 
+def _ending_keys(run_id: str) -> list[str]:
+    """The keys of a script that ends a run or resumes one: the run's, and where its large values go once it ended
+    (``lua/_ended.lua`` names that key after the run's; listed so that Redis Cluster knows every key a script uses)."""
+    return [*_run_keys(run_id), keys.large_values_key(run_id)]
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+LARGE_MARK = "large"
+"""The run hash's field naming the token of its large values (``keys.large_values_key``, ``lua/_ended.lua``)."""
+
+ENDED_PACKED_FIELDS = ("attempts", "queued_at", "started_at", "finished_at")
+"""An ended step's fields ``lua/_ended.lua`` packs into its field ``s:STEP:`` (``|`` between them, in this order)."""
+
+READ_TRIES = 3
+"""Reads of the run hash and its large values before :meth:`RedisStateCore.run_fields` settles for the hash alone."""
+
+
+def unpack_large(blob: bytes | str) -> tuple[str, dict[str, str]]:
+    """The token and the fields of an ended run's large values, as ``lua/_ended.lua`` packs them: ``TOKEN\\n`` then
+    ``LEN:NAME`` and ``LEN:VALUE`` (byte lengths) for each field."""
+    data = blob.encode() if isinstance(blob, str) else blob
+    token, _, rest = data.partition(b"\n")
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(rest):
+        pair: list[str] = []
+        for _ in range(2):
+            colon = rest.index(b":", pos)
+            end = colon + 1 + int(rest[pos:colon])
+            pair.append(rest[colon + 1 : end].decode())
+            pos = end
+        fields[pair[0]] = pair[1]
+    return token.decode(), fields
+
+
+def unpack_steps(fields: dict[str, str]) -> dict[str, str]:
+    """``fields`` with each ended step's packed field (``s:STEP:``) spread back into its :data:`ENDED_PACKED_FIELDS`
+    (a field of the same name already there is the newer)."""
+    packed = [name for name in fields if name.startswith("s:") and name.endswith(":")]
+    for name in packed:
+        for suffix, value in zip(ENDED_PACKED_FIELDS, fields.pop(name).split("|"), strict=False):
+            if value:
+                fields.setdefault(name + suffix, value)
+    return fields
+
+
+def ended_fields(client: Any, run_id: str) -> dict[str, str] | None:
+    """The run's fields (``None``: no such run), its large values merged back in when it ended (``lua/_ended.lua``).
+
+    The hash is read first (its ended steps' packed fields spread back out); only an ended run with large values
+    costs a second read, of its large values, which belong to the hash read when they carry its token. A resume
+    between the two reads puts them back into the hash and deletes them, so the reads start over (at most
+    :data:`READ_TRIES` times; then the hash alone).
+    """
+    fields: dict[str, str] = {}
+    for _ in range(READ_TRIES):
+        raw = client.hgetall(keys.run_key(run_id))
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        token = fields.pop(LARGE_MARK, None)
+        if token is None:
+            return unpack_steps(fields)
+        blob = client.get(keys.large_values_key(run_id))
+        if blob is not None:
+            stored, large = unpack_large(blob)
+            if stored == token:
+                return unpack_steps({**large, **fields})  # a field written into the hash after the run ended is newer
+    return unpack_steps(fields)
 
 
 class RedisStateCore:
@@ -222,6 +292,8 @@ class RedisStateCore:
         run_keys = _run_keys(run_id)
         if script == "finish":
             run_keys.append(keys.llm_run_cache_key(run_id))
+        if script in _ENDING:
+            run_keys.append(keys.large_values_key(run_id))
         reply = queue_evalsha(pipe, self._scripts[script].sha, len(run_keys), *run_keys, *argv)
         if self.wait_replicas and script in WAITED_SCRIPTS:
             self._waits.positions.append(queue_wait(pipe, run_keys[0], self.wait_replicas, WAIT_TIMEOUT_MS))
@@ -416,10 +488,10 @@ class RedisStateCore:
         Raises:
             RunNotFoundError: When the run does not exist (or expired).
         """
-        raw = self.client.hgetall(keys.run_key(run_id))
-        if not raw:
+        fields = ended_fields(self.client, run_id)
+        if fields is None:
             raise RunNotFoundError(run_id)
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return fields
 
     def run_summaries(self, run_ids: list[str]) -> list[dict[str, str]]:
         """The summary fields of each run still kept, in order: one round trip per 500 runs (two with failures)."""
@@ -427,19 +499,33 @@ class RedisStateCore:
         for start in range(0, len(run_ids), 500):
             pipe = self.client.pipeline(transaction=False)
             for run_id in run_ids[start : start + 500]:
-                pipe.hmget(keys.run_key(run_id), list(SUMMARY_FIELDS))
+                pipe.hmget(keys.run_key(run_id), [*SUMMARY_FIELDS, LARGE_MARK])
             rows = [
-                {name: "" if v is None else _text(v) for name, v in zip(SUMMARY_FIELDS, row, strict=True)}
+                {
+                    name: "" if v is None else _text(v)
+                    for name, v in zip((*SUMMARY_FIELDS, LARGE_MARK), row, strict=True)
+                }
                 for row in pipe.execute()
                 if row[0] is not None  # expired since the index was read
             ]
             failed = [row for row in rows if needs_failure_error(row)]
             if failed:
+                # An ended run's step error is among its large values when longer than a compact hash takes.
                 pipe = self.client.pipeline(transaction=False)
                 for row in failed:
                     pipe.hget(keys.run_key(row["run_id"]), keys.step_field(row["first_failure"], "error"))
-                for row, error in zip(failed, pipe.execute(), strict=True):
+                    if row[LARGE_MARK]:
+                        pipe.get(keys.large_values_key(row["run_id"]))
+                replies = iter(pipe.execute())
+                for row in failed:
+                    field = keys.step_field(row["first_failure"], "error")
+                    error = next(replies)
+                    blob = next(replies) if row[LARGE_MARK] else None
+                    if error is None and blob is not None:
+                        error = unpack_large(blob)[1].get(field)
                     row["failure_error"] = "" if error is None else _text(error)
+            for row in rows:
+                del row[LARGE_MARK]
             out += rows
         return out
 
@@ -465,7 +551,7 @@ class RedisStateCore:
 
         One script (``lua/fail_dispatch.lua``), so the run never sits ``running`` nor ends without its final event.
         """
-        raw = self._scripts["fail_dispatch"](keys=_run_keys(run_id), args=[message, self.retention_s])
+        raw = self._scripts["fail_dispatch"](keys=_ending_keys(run_id), args=[message, self.retention_s])
         reply = [_text(x) for x in raw]
         if reply[0] == "ok":
             self.client.zrem(self._deadlines(run_id), keys.deadline_member(run_id, reply[1]))
