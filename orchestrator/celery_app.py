@@ -236,19 +236,27 @@ class CeleryPublisher:
                 group(signatures).apply_async()
 
     def publish_items(
-        self, spec: WorkflowSpec, *, run_id: str, step: str, generation: str, items: Sequence[tuple[int, str]]
+        self,
+        spec: WorkflowSpec,
+        *,
+        run_id: str,
+        step: str,
+        generation: str,
+        items: Sequence[tuple[int, str]],
+        sent_at: float | None = None,
     ) -> None:
-        """Send items of a map step as one ``group``, each under its task id (held in the lease index already).
+        """Send items of a map step as one ``group``, each under its task id (held in the lease index already), all
+        stamped ``sent_at`` (default now).
 
         Raises:
             BrokerUnavailableError: The broker did not answer.
         """
         if not items:
             return
-        # One stamp for the whole group, taken before it is built: building and sending 10,000 messages takes
-        # seconds, and a later message stamped later than its item was queued (past SENT_CLOCK_MARGIN_S) made the
-        # sweeper take every item still waiting behind it for lost and send it again.
-        sent = time.time()
+        # One stamp for the whole group (and for every group of one long list), taken before it is built: building
+        # and sending 10,000 messages takes seconds, and a later message stamped later than its item was queued (past
+        # SENT_CLOCK_MARGIN_S) made the sweeper take every item still waiting behind it for lost and send it again.
+        sent = time.time() if sent_at is None else sent_at
         signatures = [
             self.signature(
                 spec, run_id=run_id, step=step, generation=generation, task_id=task_id, index=index, sent_at=sent

@@ -100,9 +100,17 @@ class InProcessPublisher:
             self._put(_Message(run_id, spec.definition_hash, step, generation, ids.get(step) or uuid.uuid4().hex))
 
     def publish_items(
-        self, spec: WorkflowSpec, *, run_id: str, step: str, generation: str, items: Sequence[tuple[int, str]]
+        self,
+        spec: WorkflowSpec,
+        *,
+        run_id: str,
+        step: str,
+        generation: str,
+        items: Sequence[tuple[int, str]],
+        sent_at: float | None = None,
     ) -> None:
-        """Queue a map step's items for this process's threads."""
+        """Queue a map step's items for this process's threads (no broker: ``sent_at`` is for the sweeper's backlog
+        rule, which has no queue to read here)."""
         for index, task_id in items:
             self._put(_Message(run_id, spec.definition_hash, step, generation, task_id, index=index))
 

@@ -10,9 +10,11 @@ outputs, or a failure naming the items that did not succeed. Nothing here knows 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,6 +35,11 @@ from orchestrator.state.base import StateStore
 log = logging.getLogger(__name__)
 
 _COMPACT = (",", ":")
+
+PUBLISH_CHUNK = 500
+"""The most item messages one group sends: a long map is published a group at a time (see :func:`publish_items`)."""
+FIRST_PUBLISH_CHUNK = 100
+"""The first group's size, before the broker's pace is known."""
 
 
 class Parts(Protocol):
@@ -167,15 +174,48 @@ def record_item(
 
 
 def publish_items(runtime: Parts, spec: WorkflowSpec, attempt: Attempt, items: Sequence[tuple[int, str]]) -> None:
-    """Send the items a transition queued (held in the lease index already, so a lost publish is resent)."""
-    if items:
+    """Send the items a transition queued (held in the lease index already, so a lost publish is resent).
+
+    A long list goes a group at a time, every message stamped with the time the first group's publish began (as one
+    group's are: see :meth:`~orchestrator.engine.publisher.StepPublisher.publish_items`). Sending thousands of
+    messages can outlast the grace the transition held the items for, so every half grace the items not sent yet are
+    held for another grace (:meth:`~orchestrator.state.items.ItemStore.extend_item_holds`): the sweeper sends no copy
+    of an item whose publish is still under way. A group is as large as the broker's pace lets it be sent in a
+    quarter grace (``FIRST_PUBLISH_CHUNK`` first, ``PUBLISH_CHUNK`` at most), so the holds are renewed in time
+    however slow the broker.
+    """
+    grace_s = runtime.settings.queued_grace_s
+    sent_at = time.time()
+    held_at = time.monotonic()
+    start, size = 0, min(FIRST_PUBLISH_CHUNK, PUBLISH_CHUNK)
+    while start < len(items):
+        now = time.monotonic()
+        if start and now - held_at >= grace_s / 2:
+            rest = items[start:]
+            retry_through_outage(
+                f"{attempt}: hold {len(rest)} items",
+                functools.partial(runtime.store.extend_item_holds, attempt.run_id, attempt.step, rest, grace_s=grace_s),
+                patience_s=runtime.settings.outage_patience_s,
+            )
+            held_at = now
+        chunk = items[start : start + size]
+        began = time.monotonic()
         retry_through_outage(
-            f"{attempt}: publish {len(items)} items",
-            lambda: runtime.publisher.publish_items(
-                spec, run_id=attempt.run_id, step=attempt.step, generation=attempt.generation, items=items
+            f"{attempt}: publish {len(chunk)} items",
+            functools.partial(
+                runtime.publisher.publish_items,
+                spec,
+                run_id=attempt.run_id,
+                step=attempt.step,
+                generation=attempt.generation,
+                items=chunk,
+                sent_at=sent_at,
             ),
             patience_s=runtime.settings.outage_patience_s,
         )
+        start += len(chunk)
+        took = time.monotonic() - began
+        size = PUBLISH_CHUNK if took <= 0 else max(1, min(PUBLISH_CHUNK, int(len(chunk) * grace_s / 4 / took)))
 
 
 def finish_map(runtime: Parts, spec: WorkflowSpec, step_attempt: Attempt) -> str:

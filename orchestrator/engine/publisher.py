@@ -33,9 +33,19 @@ class StepPublisher(Protocol):
         """
 
     def publish_items(
-        self, spec: WorkflowSpec, *, run_id: str, step: str, generation: str, items: Sequence[tuple[int, str]]
+        self,
+        spec: WorkflowSpec,
+        *,
+        run_id: str,
+        step: str,
+        generation: str,
+        items: Sequence[tuple[int, str]],
+        sent_at: float | None = None,
     ) -> None:
         """Send items of a map step, ``(index, task_id)`` each, as one group fanning out across workers.
+
+        ``sent_at`` (epoch seconds, default now) is when the publish of the whole list began, stamped on every
+        message alike: a long list is sent a group at a time, all with the first group's stamp.
 
         Raises:
             BrokerUnavailableError: The broker did not answer.

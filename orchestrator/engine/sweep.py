@@ -19,7 +19,7 @@ import uuid
 import redis
 
 from orchestrator.definition.spec import ApprovalParams
-from orchestrator.domain import RunStatus, StopOutcome
+from orchestrator.domain import ReclaimedItem, RunStatus, StopOutcome
 from orchestrator.engine.backlog import oldest_sent_at
 from orchestrator.engine.control import DEADLINE_REASON, decide_step, stop_run
 from orchestrator.engine.runtime import Runtime
@@ -87,9 +87,10 @@ def _recover(runtime: Runtime, member: str, *, backlog_wait_s: float, owner_dead
         "status": None,
         "message": f"worker lost during attempt (task {old_task})",
     }
-    if keys.parse_item_unit(step)[1] is not None:
-        return _recover_lost_item(runtime, member, lost, backlog_wait_s, owner_dead)
-    found = runtime.store.reclaim(
+    # An item of a map step is re-queued or sent again by its own script, and published as a one-item group.
+    is_item = keys.parse_item_unit(step)[1] is not None
+    reclaim = runtime.store.reclaim_item if is_item else runtime.store.reclaim
+    found = reclaim(
         member,
         uuid.uuid4().hex,
         lost,
@@ -100,32 +101,17 @@ def _recover(runtime: Runtime, member: str, *, backlog_wait_s: float, owner_dead
     if found is None:
         return 0
     spec = runtime.store.load_definition(found.definition_hash)
-    runtime.publisher.publish(
-        spec, run_id=found.run_id, steps=[step], generation=found.generation, task_ids={step: found.task_id}
-    )
-    log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
-    return 1
-
-
-def _recover_lost_item(
-    runtime: Runtime, member: str, lost: ErrorRecord, backlog_wait_s: float, owner_dead: bool
-) -> int:
-    # An item of a map step: re-queued or sent again by its own script, published as a one-item group.
-    found = runtime.store.reclaim_item(
-        member,
-        uuid.uuid4().hex,
-        lost,
-        grace_s=runtime.settings.queued_grace_s,
-        backlog_wait_s=backlog_wait_s,
-        owner_dead=owner_dead,
-    )
-    if found is None:
-        return 0
-    spec = runtime.store.load_definition(found.definition_hash)
-    runtime.publisher.publish_items(
-        spec, run_id=found.run_id, step=found.step, generation=found.generation, items=[(found.index, found.task_id)]
-    )
-    log.warning("re-dispatched %s/%s[%d] as task %s", found.run_id, found.step, found.index, found.task_id)
+    if isinstance(found, ReclaimedItem):
+        item = (found.index, found.task_id)
+        runtime.publisher.publish_items(
+            spec, run_id=found.run_id, step=found.step, generation=found.generation, items=[item]
+        )
+        log.warning("re-dispatched %s/%s[%d] as task %s", found.run_id, found.step, found.index, found.task_id)
+    else:
+        runtime.publisher.publish(
+            spec, run_id=found.run_id, steps=[step], generation=found.generation, task_ids={step: found.task_id}
+        )
+        log.warning("re-dispatched %s/%s as task %s after its worker was lost", found.run_id, step, found.task_id)
     return 1
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import unquote
 
 import redis
 import redis.asyncio as aioredis
@@ -30,7 +29,7 @@ import redis.asyncio.cluster as acluster
 import redis.cluster
 
 from orchestrator.errors import StoreUnavailableError
-from orchestrator.infra.redis_url import RedisUrlError, host_port, url_options
+from orchestrator.infra.redis_url import RedisUrlError, host_port, split_multi_host_url, url_options
 
 __all__ = [
     "CLUSTER_SCHEMES",
@@ -98,31 +97,23 @@ def parse_cluster_url(url: str) -> ClusterUrl:
         RedisUrlError: Naming what is wrong: the scheme, a host or port, a path, an option. The password never
             appears in the message.
     """
-    scheme, _, rest = url.strip().partition("://")
-    if scheme.lower() not in CLUSTER_SCHEMES:
-        raise RedisUrlError(f"a cluster URL starts with redis+cluster:// or rediss+cluster://, not {scheme!r}://")
-    netloc, _, path_and_query = rest.partition("/")
-    path, _, query = path_and_query.partition("?")
-    netloc, _, query_in_netloc = netloc.partition("?")
-    userinfo, at, hosts = netloc.rpartition("@")
-    user, _, password = userinfo.partition(":") if at else ("", "", "")
-    if "@" in path:
+    parts = split_multi_host_url(url, CLUSTER_SCHEMES, "cluster")
+    if "@" in parts.path:
         raise RedisUrlError(
             "the cluster URL has '@' after its hosts: percent-encode '/' (%2F) and '@' (%40) in a password"
         )
-    if path.strip("/"):
+    if parts.path.strip("/"):
         raise RedisUrlError(
-            f"a Redis Cluster has only database 0: the cluster URL's path must be / or empty, not /{path}"
+            f"a Redis Cluster has only database 0: the cluster URL's path must be / or empty, not /{parts.path}"
         )
-    if not hosts.strip():
+    if not parts.hosts.strip():
         raise RedisUrlError(f"the cluster URL names no node; expected {_EXAMPLE}")
-    tls = scheme.lower() == "rediss+cluster"
     return ClusterUrl(
-        nodes=tuple(host_port(part.strip(), "cluster node", DEFAULT_CLUSTER_PORT) for part in hosts.split(",")),
-        username=unquote(user) or None,
-        password=unquote(password) or None,
-        tls=tls,
-        ssl_options=tuple(url_options(query or query_in_netloc, tls, "cluster", "cluster").items()),
+        nodes=tuple(host_port(part.strip(), "cluster node", DEFAULT_CLUSTER_PORT) for part in parts.hosts.split(",")),
+        username=parts.username,
+        password=parts.password,
+        tls=parts.tls,
+        ssl_options=tuple(url_options(parts.query, parts.tls, "cluster", "cluster").items()),
     )
 
 

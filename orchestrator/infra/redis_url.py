@@ -225,34 +225,66 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         RedisUrlError: Naming what is wrong: the scheme, a host or port, the master name, the database, an option.
             The password never appears in the message.
     """
-    scheme, _, rest = url.strip().partition("://")
-    if scheme.lower() not in SENTINEL_SCHEMES:
-        raise RedisUrlError(f"a Sentinel URL starts with redis+sentinel:// or rediss+sentinel://, not {scheme!r}://")
-    netloc, _, path_and_query = rest.partition("/")
-    path, _, query = path_and_query.partition("?")
-    netloc, _, query_in_netloc = netloc.partition("?")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username, password = _userinfo(userinfo) if at else (None, None)
-    tls = scheme.lower() == "rediss+sentinel"
-    master_name, db = _master_and_db(path)
-    options = _options(query or query_in_netloc, tls)
+    parts = split_multi_host_url(url, SENTINEL_SCHEMES, "Sentinel")
+    master_name, db = _master_and_db(parts.path)
+    options = _options(parts.query, parts.tls)
     return SentinelUrl(
-        sentinels=_sentinels(hosts),
+        sentinels=_sentinels(parts.hosts),
         master_name=master_name,
         db=db,
-        username=username,
-        password=password,
+        username=parts.username,
+        password=parts.password,
         sentinel_username=options.pop("sentinel_username", None),
         sentinel_password=options.pop("sentinel_password", None),
-        tls=tls,
+        tls=parts.tls,
         ssl_options=tuple(options.items()),
     )
 
 
-def _userinfo(userinfo: str) -> tuple[str | None, str | None]:
+@dataclass(frozen=True)
+class MultiHostUrl:
+    """A multi-host URL (Sentinel, cluster) split into its parts, before each kind reads its path and options.
+
+    Attributes:
+        tls: Whether the scheme is the ``rediss+`` one.
+        username: From the user info, unquoted; ``None`` when absent.
+        password: Likewise.
+        hosts: The comma-separated ``HOST[:PORT]`` list, as written.
+        path: What follows the first ``/`` after the hosts, without the query.
+        query: The query string (after the path, or right after the hosts).
+    """
+
+    tls: bool
+    username: str | None
+    password: str | None
+    hosts: str
+    path: str
+    query: str
+
+
+def split_multi_host_url(url: str, schemes: tuple[str, str], kind: str) -> MultiHostUrl:
+    """Split ``url``, whose scheme must be one of ``schemes`` (plain, then TLS), into its parts.
+
+    Raises:
+        RedisUrlError: The scheme is not one of ``schemes`` (the message names ``kind``).
+    """
+    scheme, _, rest = url.strip().partition("://")
+    if scheme.lower() not in schemes:
+        raise RedisUrlError(f"a {kind} URL starts with {schemes[0]}:// or {schemes[1]}://, not {scheme!r}://")
+    netloc, _, path_and_query = rest.partition("/")
+    path, _, query = path_and_query.partition("?")
+    netloc, _, query_in_netloc = netloc.partition("?")
+    userinfo, at, hosts = netloc.rpartition("@")
     # As redis-py reads ``redis://NAME@host``: a name without a colon is a user, not a password.
-    user, _, password = userinfo.partition(":")
-    return unquote(user) or None, unquote(password) or None
+    user, _, password = userinfo.partition(":") if at else ("", "", "")
+    return MultiHostUrl(
+        tls=scheme.lower() == schemes[1],
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+        hosts=hosts,
+        path=path,
+        query=query or query_in_netloc,
+    )
 
 
 def _sentinels(hosts: str) -> tuple[tuple[str, int], ...]:

@@ -9,6 +9,7 @@ retried, reclaimed and finished like a step (``lua/item_*.lua``), under the task
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NotRequired, Protocol
 
 from typing_extensions import TypedDict
@@ -144,6 +145,13 @@ class ItemStore(Protocol):
         owner_dead: bool = False,
     ) -> ReclaimedItem | None:
         """Recover the item behind an expired lease index ``member``, by the rules of :meth:`StateStore.reclaim`."""
+        ...
+
+    def extend_item_holds(self, run_id: str, step: str, items: Sequence[tuple[int, str]], *, grace_s: float) -> None:
+        """Hold ``items`` (``(index, task_id)`` each) for ``grace_s`` from now while their publish is under way: each
+        still ``queued`` under its task id gets that lease (in the lease index too), so the sweeper sends no copy of
+        an item a long publish has not reached yet. Its ``queued_at`` stays. The others (claimed, sent again under
+        another id, ended) are left alone."""
         ...
 
     def stop_items(self, run_id: str, step: str, generation: str) -> list[str]:

@@ -570,3 +570,50 @@ def test_the_web_routes_serve_only_the_page_files_under_a_strict_content_policy(
         assert http.get("/ui/static/__init__.py").status_code == 404
         assert http.get("/ui/static/..%2F__init__.py").status_code == 404
     assert app.openapi()["paths"] == {}, "pages stay out of the API's schema"
+
+
+def test_each_item_of_an_approval_map_step_is_approved_or_rejected_on_the_run_page(
+    page: Page, settings: Settings, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    expect = _expect()
+    editor = "web-item-editor-token"
+    auth = ApiAuth.parse(json.dumps({editor: {"principal": "editor", "scopes": ["read", "approve"]}}))
+    review = {
+        "name": "review",
+        "uses": "approval",
+        "for_each": "inputs.posts",
+        "with": {"approvers": ["editor"], "message": "Publish {{ item }} ({{ index + 1 }} of {{ count }})?"},
+    }
+    spec = workflow(f"web_item_approval_{unique}", review, inputs={"posts": {"type": "array"}})
+    run_id = client.submit(spec, {"posts": ["apples", "boats", "clouds"]})
+    with _serve(_with_web_page(create_app(settings, client, auth=auth))) as url:
+        page.goto(f"{url}/ui/runs/{run_id}")
+        _enter_token(page, editor)
+        page.locator('[data-step="review"]').click()
+        rows = page.locator("#item-decisions li")
+        expect(rows).to_have_count(3, timeout=WAIT_MS)
+        expect(page.locator("#approval-facts")).to_contain_text("3 waiting, 0 of 3 decided")
+        expect(page.locator("#approval-facts")).to_contain_text("editor")
+        expect(rows.nth(1)).to_contain_text('Item 1 "boats"')
+        expect(rows.nth(1)).to_contain_text("Publish boats (2 of 3)?")
+        expect(page.locator("#decision-buttons")).to_be_hidden()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-item-approval-waiting.png"), full_page=True)
+
+        page.locator("#decision-comment").fill("not this one")
+        page.locator('#item-decisions li[data-item="1"] button[value="reject"]').click()
+        expect(page.locator("#decision-result")).to_have_text("review item 1 rejected by editor")
+        expect(rows).to_have_count(2, timeout=WAIT_MS)
+        expect(page.locator('#item-decisions li[data-item="1"]')).to_have_count(0)
+        for index in (0, 2):
+            page.locator(f'#item-decisions li[data-item="{index}"] button[value="approve"]').click()
+            expect(page.locator("#decision-result")).to_have_text(f"review item {index} approved by editor")
+        expect(page.locator('[data-step="review"]')).to_have_attribute("data-status", "failed", timeout=WAIT_MS)
+        expect(page.locator("#decision-form")).to_be_hidden()
+        page.screenshot(path=str(ARTIFACTS / "web-item-approval.png"), full_page=True)
+    output = client.status(run_id)["steps"]["review"]["output"]
+    assert [(o["approved"], o["decision"], o["by"], o["comment"]) for o in output] == [
+        (True, "approve", "editor", ""),
+        (False, "reject", "editor", "not this one"),
+        (True, "approve", "editor", ""),
+    ]

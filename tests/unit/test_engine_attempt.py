@@ -60,7 +60,14 @@ class RecordingPublisher:
             self.sent.append(Message(run_id, step, generation, task_id, spec.definition_hash))
 
     def publish_items(
-        self, spec: WorkflowSpec, *, run_id: str, step: str, generation: str, items: Sequence[tuple[int, str]]
+        self,
+        spec: WorkflowSpec,
+        *,
+        run_id: str,
+        step: str,
+        generation: str,
+        items: Sequence[tuple[int, str]],
+        sent_at: float | None = None,
     ) -> None:
         for index, task_id in items:
             self.sent.append(Message(run_id, step, generation, task_id, spec.definition_hash, index))

@@ -324,3 +324,34 @@ def test_a_refill_lost_with_its_finishing_worker_is_held_and_sent_by_the_sweeper
     assert found is not None
     assert (found.index, found.task_id) == (1, task1), "sent again under the task id its lost message carried"
     assert counts(backend)["succeeded"] == 1
+
+
+def test_items_held_while_their_publish_is_under_way_fall_due_a_grace_later_and_others_are_left_alone(
+    backend: Backend,
+) -> None:
+    # A long map is published a group at a time: the items not sent yet when the expansion's holds are about to fall
+    # due are held for another grace, so the sweeper does not take them for lost.
+    grace = 1.0
+    start(backend, MAP, inputs={"xs": []})
+    tasks = dict(expand(backend, MAP, 3, grace_s=grace).publish)
+    backend.store.claim_item(item(0, tasks[0]), lease_s=LONG_LEASE_S, upstream=())
+    members = {i: keys.lease_member("run1", f"m#{i}", t) for i, t in tasks.items()}
+    assert backend.wait_past(grace, lambda: {members[1], members[2]} <= set(backend.store.expired_leases()))
+
+    # Item 2 is named under a task it no longer has (sent again meanwhile): not this publish's to hold.
+    backend.store.extend_item_holds("run1", "m", [(0, tasks[0]), (1, tasks[1]), (2, "task-old")], grace_s=grace)
+
+    due = set(backend.store.expired_leases())
+    assert members[1] not in due
+    assert members[2] in due
+    assert members[0] not in due  # running under its claim's lease, untouched
+    assert backend.store.reclaim_item(members[1], "task-new", LOST, grace_s=grace) is None
+    resent = backend.store.reclaim_item(members[2], "task-new", LOST, grace_s=grace)
+    assert resent is not None
+    assert resent.task_id == tasks[2]
+    # A grace after the hold, an item whose message never came is sent again as any other.
+    assert backend.wait_past(grace, lambda: members[1] in backend.store.expired_leases())
+    found = backend.store.reclaim_item(members[1], "task-new", LOST, grace_s=grace)
+    assert found is not None
+    assert found.task_id == tasks[1]
+    assert counts(backend)["running"] == 1

@@ -15,27 +15,16 @@ local p = 's:' .. step .. ':'
 local head = redis.call('HMGET', run, 'status', 'gen', p .. 'status', p .. 'audit')
 if not head[1] or not head[3] then return {'missing'} end
 if expected ~= '' and head[2] ~= expected then return {'stale', head[2]} end
-local t = redis.call('TIME')
-local clock = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local now = string.format('%.6f', clock)
+local clock, now = decision_clock()
 local outcome = 'accepted'
 if allowed ~= '1' then
   outcome = 'refused: not an approver'
 elseif head[1] ~= 'running' or head[3] ~= 'waiting' then
   outcome = 'refused: not waiting (' .. (head[3] == 'waiting' and head[1] or head[3]) .. ')'
 end
-local live = head[1] == 'running' or head[1] == 'waiting' or head[1] == 'pending'
-if live then
-  local audit = cjson.decode(head[4] ~= false and head[4] ~= '' and head[4] or '[]')
-  audit[#audit + 1] = {at = now, by = who, decision = decision, comment = comment, outcome = outcome}
-  while #audit > max_audit do
-    local oldest = 1
-    for i = 1, #audit do
-      if audit[i].outcome ~= 'accepted' then oldest = i break end
-    end
-    table.remove(audit, oldest)
-  end
-  redis.call('HSET', run, p .. 'audit', cjson.encode(audit))
+if run_live(head[1]) then
+  audit_decision(run, p .. 'audit', head[4], max_audit,
+    {at = now, by = who, decision = decision, comment = comment, outcome = outcome})
 end
 if allowed ~= '1' then return {'forbidden'} end
 if outcome ~= 'accepted' then return {'not_waiting', head[3]} end

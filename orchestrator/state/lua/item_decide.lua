@@ -17,9 +17,7 @@ if expected ~= '' and head[2] ~= expected then return {'stale', head[2]} end
 local row = redis.call('HMGET', items, f .. 'status', f .. 'audit', f .. 'child_run_id')
 local status = row[1]
 if head[4] ~= head[2] or not status then status = 'pending' end
-local t = redis.call('TIME')
-local clock = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local now = string.format('%.6f', clock)
+local clock, now = decision_clock()
 local outcome = 'accepted'
 local waiting = status == 'waiting' and not (row[3] and row[3] ~= '')
 if allowed ~= '1' then
@@ -27,18 +25,9 @@ if allowed ~= '1' then
 elseif head[1] ~= 'running' or head[3] ~= 'running' or not waiting then
   outcome = 'refused: not waiting (' .. (waiting and head[1] or status) .. ')'
 end
-local live = head[1] == 'running' or head[1] == 'waiting' or head[1] == 'pending'
-if live and row[1] then
-  local audit = cjson.decode(row[2] ~= false and row[2] ~= '' and row[2] or '[]')
-  audit[#audit + 1] = {at = now, by = who, decision = decision, comment = comment, outcome = outcome}
-  while #audit > max_audit do
-    local oldest = 1
-    for i = 1, #audit do
-      if audit[i].outcome ~= 'accepted' then oldest = i break end
-    end
-    table.remove(audit, oldest)
-  end
-  redis.call('HSET', items, f .. 'audit', cjson.encode(audit))
+if run_live(head[1]) and row[1] then
+  audit_decision(items, f .. 'audit', row[2], max_audit,
+    {at = now, by = who, decision = decision, comment = comment, outcome = outcome})
 end
 if allowed ~= '1' then return {'forbidden'} end
 if outcome ~= 'accepted' then return {'not_waiting', waiting and head[1] or status} end

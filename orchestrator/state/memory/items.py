@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.domain import (
@@ -330,6 +331,21 @@ class ItemTransitions(MemoryStateCore):
             return ReclaimedItem(
                 run_id, step, index, run.fields.get("def_hash", ""), run.fields.get("gen", ""), publish
             )
+
+    def extend_item_holds(self, run_id: str, step: str, items: Sequence[tuple[int, str]], *, grace_s: float) -> None:
+        """Hold queued items for another grace (see ``lua/item_hold.lua``)."""
+        with self._lock:
+            now = self._clock()
+            run = self._live(run_id, now)
+            if run is None:
+                return
+            rows = self._items(run, step)
+            until = _stamp(now + grace_s)
+            for index, task_id in items:
+                f = f"{index}:"
+                if rows.get(f + "status") == "queued" and rows.get(f + "task") == task_id:
+                    rows[f + "lease"] = until
+                    self._leases[keys.lease_member(run_id, keys.item_unit(step, index), task_id)] = float(until)
 
     def stop_items(self, run_id: str, step: str, generation: str) -> list[str]:
         """Cancel a stopped run's unfinished items (see ``lua/item_stop.lua``); the task ids to interrupt."""

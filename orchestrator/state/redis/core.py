@@ -62,6 +62,7 @@ _SCRIPTS = (
     "item_renew",
     "item_wait",
     "item_decide",
+    "item_hold",
     "item_child_done",
     "journal",
     "child_wait",
@@ -96,6 +97,8 @@ _WITH_EVENTS = {
 
 _ENDING = {"finish", "stop", "fail_dispatch"}
 
+_DECIDING = {"decide", "item_decide"}
+
 _CLAIMING = {"claim", "finish"}
 
 
@@ -110,7 +113,10 @@ def _load_lua(name: str) -> str:
     body = lua.joinpath(f"{name}.lua").read_text()
     # Scripts cannot include one another: the event helpers are prepended to every script that emits, the item
     # helpers to every item script, the end-of-run compaction to the scripts that end a run and to the resume, which
-    # undoes it, the claim to the claim and to the finish (which claims the child its slot keeps).
+    # undoes it, the audit trail to the scripts that record a decision, the claim to the claim and to the finish
+    # (which claims the child its slot keeps).
+    if name in _DECIDING:
+        body = lua.joinpath("_decide.lua").read_text() + body
     if name.startswith("item_"):
         body = lua.joinpath("_items.lua").read_text() + body
     if name in _ENDING or name == "resume":

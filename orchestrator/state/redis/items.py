@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, cast
 
 from orchestrator.domain import (
@@ -221,6 +222,23 @@ class ItemTransitions(RedisStateCore):
         if reply[0] != "ok" or index is None:
             return None
         return ReclaimedItem(run_id, step, index, definition_hash=reply[1], generation=reply[2], task_id=reply[3])
+
+    def extend_item_holds(self, run_id: str, step: str, items: Sequence[tuple[int, str]], *, grace_s: float) -> None:
+        """Hold queued items for another grace (see ``lua/item_hold.lua``); the lease index follows the script: a
+        sweep between the two finds their leases live and holds them itself."""
+        if not items:
+            return
+        argv: list[Any] = [grace_s]
+        for index, task_id in items:
+            argv += [index, task_id]
+        reply = [_text(x) for x in self._item_script("item_hold", run_id, step, argv)]
+        due = float(reply[0])
+        held = {
+            keys.lease_member(run_id, keys.item_unit(step, int(i)), t): due
+            for i, t in zip(reply[1::2], reply[2::2], strict=True)
+        }
+        if held:
+            self.client.zadd(self._leases(run_id), cast(Any, held))
 
     def stop_items(self, run_id: str, step: str, generation: str) -> list[str]:
         """Cancel a stopped run's unfinished items (see ``lua/item_stop.lua``); the task ids to interrupt."""

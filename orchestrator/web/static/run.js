@@ -1,5 +1,6 @@
 // One run: its DAG coloured live from the SSE stream, its timeline of attempts, cost, tokens and budget, a step's
-// details on click, cancel and resume, and the approve / reject form of an approval step that waits for a human.
+// details on click, cancel and resume, and the approve / reject form of an approval step that waits for a human (an
+// approval map step: a row per waiting item, each with its own buttons).
 import {
   FINISHED_RUN, FINISHED_STEP, api, el, formatDuration, formatTime, messageOf, setupTokenForm, showMessage,
   statusClass, token,
@@ -40,6 +41,10 @@ let reloadTimer = null;
 const ITEM_ENDS = { item_succeeded: "succeeded", item_failed: "failed" };
 const AGENT_EVENTS = ["agent_turn", "tool_call"];
 const waits = new Map(); // step → data of its last step_waiting event: {approvers, message, timeout_s}
+const itemWaits = new Map(); // "step#index" → data of the item's last item_waiting event: {index, approvers, message}
+const ITEM_PAGE = 1000; // item records per request (the API's most)
+const MAX_ITEM_PAGES = 10; // a map step has 10,000 items at most (ORCH_MAP_MAX_ITEMS)
+let waitingItems = { step: null, records: [] }; // the selected approval map step's items waiting for a decision
 let deciding = false;
 const events = []; // every event applied, in seq order: {type, step, attempt, ts (ms), data}, for the timeline
 // A streaming step's text so far (since its last llm_reset), by step; every (re)connect starts with the text so far.
@@ -70,13 +75,33 @@ let loadFailed = false;
 async function reload() {
   const asOf = seenSeq;
   try {
-    applySnapshot(await api(endpoint()), asOf);
+    const snapshot = await api(endpoint());
+    const name = selected;
+    if (isItemApproval(snapshot.steps[name])) waitingItems = { step: name, records: await waitingRecords(name) };
+    applySnapshot(snapshot, asOf);
     if (loadFailed) showMessage($("message"), "");
     loadFailed = false;
   } catch (error) {
     showMessage($("message"), `Cannot load run ${runId}: ${error.message}`, "error");
     loadFailed = true;
   }
+}
+
+// An approval step with for_each: one decision per item.
+function isItemApproval(step) {
+  return step?.kind === "approval" && Boolean(step.items);
+}
+
+// The item records of map step `name` that wait for a decision, a page at a time.
+async function waitingRecords(name) {
+  const records = [];
+  for (let page = 0; page < MAX_ITEM_PAGES; page += 1) {
+    const offset = page * ITEM_PAGE;
+    const answer = await api(endpoint(`/steps/${encodeURIComponent(name)}/items?offset=${offset}&limit=${ITEM_PAGE}`));
+    records.push(...(answer.items || []).filter((record) => record.status === "waiting"));
+    if (offset + ITEM_PAGE >= (answer.total ?? 0)) break;
+  }
+  return records;
 }
 
 function scheduleReload() {
@@ -97,9 +122,12 @@ function onEvent(message) {
   const type = event.type || message.type;
   events.push({ type, step: event.step, attempt: event.attempt, ts: Date.parse(event.ts), data: event.data || {} });
   if (type === "step_waiting" && event.step) waits.set(event.step, event.data || {});
+  if (type === "item_waiting" && event.step) itemWaits.set(`${event.step}#${event.data?.index}`, event.data || {});
   if (type === "agent_turn" && event.step) streamed.delete(event.step); // the turn's text is in its event now
   if (!view) return scheduleReload();
   const items = event.step && view.steps[event.step]?.items;
+  // The selected approval map step's list of waiting items changes with its items' events.
+  if (event.step === selected && type.startsWith("item_") && isItemApproval(view.steps[selected])) scheduleReload();
   if (items && ITEM_ENDS[type]) {
     // A map step's item ended: move it between the counters until the next snapshot brings them.
     items[ITEM_ENDS[type]] += 1;
@@ -168,7 +196,8 @@ function openStream() {
   const query = token() ? `?token=${encodeURIComponent(token())}` : "";
   source = new EventSource(endpoint(`/events${query}`));
   const types = [
-    ...Object.keys(STEP_EVENTS), ...Object.keys(RUN_EVENTS), ...Object.keys(ITEM_ENDS), "item_started", ...AGENT_EVENTS,
+    ...Object.keys(STEP_EVENTS), ...Object.keys(RUN_EVENTS), ...Object.keys(ITEM_ENDS), "item_started", "item_waiting",
+    ...AGENT_EVENTS,
   ];
   for (const type of types) {
     source.addEventListener(type, onEvent);
@@ -296,23 +325,40 @@ function renderPanel() {
   renderApproval(step);
 }
 
-// An approval step: what the approvers are asked, the decision form while it waits, and every decision attempt.
+// An approval step: what the approvers are asked, the decision form while it waits, and every decision attempt; an
+// approval map step: its waiting items, each with what it asks and its own buttons (each item keeps its own audit).
 function renderApproval(step) {
   const approval = step.kind === "approval" ? step.approval || {} : null;
   $("approval").hidden = !approval;
   if (!approval) return;
-  const asked = { ...approval, ...waits.get(selected) }; // the event's data, else what the status JSON may carry
-  $("approval-message").textContent = asked.message || "";
-  $("approval-message").hidden = !asked.message;
+  const perItem = isItemApproval(step);
+  const asked = perItem ? { ...firstItemWait(step) } : { ...approval, ...waits.get(selected) };
+  $("approval-message").textContent = perItem ? "" : asked.message || "";
+  $("approval-message").hidden = perItem || !asked.message;
   const facts = [["Approvers", [].concat(asked.approvers ?? []).join(", ") || "—"]];
+  if (perItem) {
+    const { total = 0, waiting = 0, succeeded = 0, failed = 0, skipped = 0, cancelled = 0 } = step.items;
+    facts.push(["Items", `${waiting} waiting, ${succeeded + failed + skipped + cancelled} of ${total} decided`]);
+  }
   if (approval.waiting_since) facts.push(["Waiting since", formatTime(approval.waiting_since)]);
   if (approval.decide_by) facts.push(["Decide by", formatTime(approval.decide_by)]);
   const decided = approval.decision;
   if (decided) facts.push(["Decision", `${decided.decision} by ${decided.by}, ${formatTime(decided.at)}`]);
   $("approval-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
-  $("decision-form").hidden = step.status !== "waiting";
+  const records = perItem && waitingItems.step === selected ? waitingItems.records : [];
+  $("decision-form").hidden = perItem ? !records.length : step.status !== "waiting";
+  $("decision-buttons").hidden = perItem;
   $("approve").disabled = deciding;
   $("reject").disabled = deciding;
+  $("item-decisions").hidden = !perItem;
+  // Rebuilt only when the list changes: a row replaced under the pointer would swallow a click.
+  const rows = records.map((record) => [record.index, itemWaits.has(`${selected}#${record.index}`)]);
+  const shown = JSON.stringify([selected, deciding, rows]);
+  if ($("item-decisions").dataset.shown !== shown) {
+    $("item-decisions").dataset.shown = shown;
+    $("item-decisions").replaceChildren(...records.map((record) => itemRow(record)));
+  }
+  $("audit-section").hidden = perItem;
   const audit = approval.audit || [];
   $("audit-empty").hidden = audit.length > 0;
   $("audit").hidden = !audit.length;
@@ -324,6 +370,25 @@ function renderApproval(step) {
         entry.comment ? el("q", {}, entry.comment) : null,
       ),
     ),
+  );
+}
+
+// What the first waiting item asked (the approvers are the step's, the same for every item).
+function firstItemWait(step) {
+  const first = waitingItems.step === selected ? waitingItems.records[0] : undefined;
+  return (first && itemWaits.get(`${selected}#${first.index}`)) || {};
+}
+
+// One waiting item: its index, its value, what it asks, and its buttons (submitting the form with its index).
+function itemRow(record) {
+  const message = itemWaits.get(`${selected}#${record.index}`)?.message;
+  const button = (decision, label, cls) =>
+    el("button", { type: "submit", value: decision, class: cls, "data-item": record.index, disabled: deciding }, label);
+  return el("li", { "data-item": record.index },
+    el("div", {}, el("strong", {}, `Item ${record.index}`), " ", el("code", {}, JSON.stringify(record.item))),
+    message ? el("div", { class: "approval-message" }, message) : null,
+    el("div", { class: "decision-buttons" },
+      button("approve", "Approve", "approve"), button("reject", "Reject", "danger")),
   );
 }
 
@@ -360,15 +425,18 @@ $("resume-from").addEventListener("click", () =>
   control("/resume", { from_step: selected }, (a) => `resumed from ${selected} (generation ${a?.generation ?? "?"})`),
 );
 // Decides as the principal of the token (or the API's anonymous loopback principal); shows the API's answer.
-async function decide(decision) {
+// `item`: the index of an approval map step's item, else undefined.
+async function decide(decision, item) {
   const step = selected;
   deciding = true;
   render();
   try {
     const body = { decision, comment: $("decision-comment").value.trim() };
+    if (item !== undefined) body.item = item;
     const answer = await api(endpoint(`/steps/${encodeURIComponent(step)}/decision`), { method: "POST", body });
     const verdict = answer?.approved ? "approved" : "rejected";
-    showMessage($("decision-result"), `${step} ${verdict} by ${answer?.by ?? "?"}`, "ok");
+    const what = item === undefined ? step : `${step} item ${item}`;
+    showMessage($("decision-result"), `${what} ${verdict} by ${answer?.by ?? "?"}`, "ok");
     $("decision-comment").value = "";
   } catch (error) {
     showMessage($("decision-result"), `Could not ${decision}: ${error.message}`, "error");
@@ -382,7 +450,10 @@ async function decide(decision) {
 $("decision-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const decision = event.submitter?.value;
-  if (selected && (decision === "approve" || decision === "reject")) decide(decision);
+  const item = event.submitter?.dataset.item;
+  if (selected && (decision === "approve" || decision === "reject")) {
+    decide(decision, item === undefined ? undefined : Number(item));
+  }
 });
 $("panel-close").addEventListener("click", () => {
   selected = null;
