@@ -285,6 +285,9 @@ class FinishResult:
             ``grace_s`` from now, so the sweeper sends the child again should its message be lost before any claim.
         cancelled: ``(step, task_id)`` of parents cancelled by a ``cancel_others`` child this finish released (the
             task id is empty for a step no worker had claimed): to interrupt, as a run cancel does.
+        kept: With a :class:`KeepRequest`: the released child claimed for the finishing slot (under its
+            ``task_ids`` entry), not to be published; ``None`` when no candidate was released.
+        kept_claim: The claim of ``kept``, as :meth:`StateStore.claim` would have answered it.
     """
 
     recorded: bool
@@ -292,6 +295,36 @@ class FinishResult:
     released: tuple[str, ...] = ()
     task_ids: dict[str, str] = field(default_factory=dict)
     cancelled: tuple[tuple[str, str], ...] = ()
+    kept: str | None = None
+    kept_claim: Claim | None = None
+
+
+@dataclass(frozen=True)
+class KeepCandidate:
+    """A child a finishing slot could run next, with what its claim needs (as :meth:`StateStore.claim` takes it)."""
+
+    step: str
+    upstream: tuple[str, ...] = ()
+    children: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KeepRequest:
+    """Asked of a finish by a worker slot that can run one released child next ("continuing locally").
+
+    The finish claims the first child it releases, in release order, that is among ``candidates``, in the same
+    transition: under the task id it holds the child with, with ``lease_s`` and ``carrier``, exactly as
+    :meth:`StateStore.claim` would claim it. The other released children are held and published as usual.
+
+    Attributes:
+        candidates: The children this slot may run (those a ``LocalSteps`` accepts).
+        lease_s: The kept attempt's claim lease.
+        carrier: The task id of the message whose slot runs the kept child.
+    """
+
+    candidates: tuple[KeepCandidate, ...]
+    lease_s: float
+    carrier: str
 
 
 @dataclass(frozen=True)

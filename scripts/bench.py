@@ -9,10 +9,14 @@ import ``scripts.steps.bench`` (``ORCH_IMPORTS=scripts.steps.bench``), so the ra
 on the very same app configuration, pool processes and broker as the orchestrator's steps. It measures, as medians
 over ``--reps`` repetitions:
 
-(a) dependency done → dependent started, p50 and p99: for the orchestrator from the status JSON (parent
-    ``finished_at`` → child ``started_at``, both Redis ``TIME`` inside the Lua scripts) over chains of no-op steps
-    (and, for information, ``python`` steps); for raw Celery over a ``chain`` of tiny tasks that record
-    ``time.time()`` at start and end (hop = next start - previous end).
+(a) the hop from one step to the next, p50 and p99, over chains. A ``noop`` step runs no code of its own, so its
+    hop is taken from one step's end to the next one's end: for the orchestrator from the status JSON (parent
+    ``finished_at`` → child ``finished_at``, Redis ``TIME`` inside the finish scripts), for raw Celery over a
+    ``chain`` of tiny tasks that record ``time.time()`` at start and end (next end - previous end). The ``python``
+    chain's steps record their start and end as the raw tasks do, and both hops there are next start - previous end:
+    the function's return to the next function's call. (A parent's finish claims the child its slot keeps in the
+    same script, so a locally continued child's ``started_at`` is its parent's ``finished_at``: that difference says
+    nothing of the hop.)
 (b) Redis commands per executed step (``INFO commandstats`` summed after ``CONFIG RESETSTAT``; commands run inside
     Lua scripts count, as commandstats counts them), with the idle workers' background rate (BRPOP timeouts,
     heartbeats, sweeper) subtracted and the benchmark's own status polls removed; broken down by command, with a
@@ -143,13 +147,13 @@ def parse_args(argv: Sequence[str] | None) -> Config:
 
 def chain_spec(length: int, kind: str, sleep_s: float = 0.0) -> WorkflowSpec:
     """``s0 → s1 → …`` of ``noop`` steps, or of ``python`` steps calling ``bench.noop`` (``bench.sleep`` when
-    ``sleep_s`` is given)."""
+    ``sleep_s`` is given), which record their start and end as the raw tasks do (tag: the run id)."""
     steps: list[dict[str, Any]] = []
     for i in range(length):
         step: dict[str, Any] = {"name": f"s{i}", "uses": kind, "depends_on": [f"s{i - 1}"] if i else []}
         if kind == "python":
-            call = {"function": "bench.sleep", "args": {"seconds": sleep_s}} if sleep_s else {"function": "bench.noop"}
-            step["with"] = call
+            args: dict[str, Any] = {"record": True, **({"seconds": sleep_s} if sleep_s else {})}
+            step["with"] = {"function": "bench.sleep" if sleep_s else "bench.noop", "args": args}
         steps.append(step)
     suffix = f"_sleep{int(sleep_s * 1000)}ms" if sleep_s else ""
     return parse_workflow({"name": f"bench_chain_{kind}_{length}{suffix}", "steps": steps})
@@ -315,6 +319,7 @@ class MonitorTap(threading.Thread):
 @dataclass
 class ChainRep:
     hops: list[float] = field(default_factory=list)
+    cycles: list[float] = field(default_factory=list)  # one step's end → the next one's end
     service: list[float] = field(default_factory=list)
     window: Window | None = None
     steps: int = 0
@@ -438,7 +443,10 @@ class Bench:
             step = steps[f"s{i}"]
             rep.service.append(ts(step["finished_at"]) - ts(step["started_at"]))
             if i:
-                rep.hops.append(ts(step["started_at"]) - ts(steps[f"s{i - 1}"]["finished_at"]))
+                rep.cycles.append(ts(step["finished_at"]) - ts(steps[f"s{i - 1}"]["finished_at"]))
+        if spec.steps[0].uses == "python":
+            records = self.records.wait(run_id, len(spec.steps), timeout=30.0, poll_s=self.cfg.poll_s)
+            rep.hops += [b.start - a.end for a, b in itertools.pairwise(records)]
         rep.steps += len(spec.steps)
 
     def chain_raw(self, rep: ChainRep) -> None:
@@ -449,6 +457,7 @@ class Bench:
             rep.service.append(rec.end - rec.start)
             if i:
                 rep.hops.append(rec.start - records[i - 1].end)
+                rep.cycles.append(rec.end - records[i - 1].end)
         rep.steps += len(records)
 
     def fanout_ours(self) -> dict[str, Any]:
@@ -529,12 +538,13 @@ class Bench:
         """Reference for (d): a chain as deep as the DAG, of the same sleeping steps."""
         view, _polls, _t, _s = self.run_ours(self.sleep_chain)
         steps = [view["steps"][f"s{i}"] for i in range(len(self.sleep_chain.steps))]
+        records = self.records.wait(view["run_id"], len(steps), timeout=60.0, poll_s=self.cfg.poll_s)
         cp = len(steps) * self.cfg.step_s
         last = ts(steps[-1]["finished_at"])
         return {
             "ratio_created": (last - ts(view["created_at"])) / cp,
             "ratio_first_start": (last - ts(steps[0]["started_at"])) / cp,
-            "hops_ms": [(ts(b["started_at"]) - ts(a["finished_at"])) * 1e3 for a, b in itertools.pairwise(steps)],
+            "hops_ms": [(b.start - a.end) * 1e3 for a, b in itertools.pairwise(records)],
         }
 
     def sleep_chain_raw(self) -> dict[str, Any]:
@@ -654,6 +664,7 @@ class Bench:
 
 def _chain_summary(reps: list[ChainRep]) -> dict[str, Any]:
     pooled = [h for r in reps for h in r.hops]
+    cycles = [r for r in reps if r.cycles]
     per_step = [r.window.total_net / r.steps for r in reps if r.window]
     commands: dict[str, list[float]] = defaultdict(list)
     for r in reps:
@@ -669,6 +680,8 @@ def _chain_summary(reps: list[ChainRep]) -> dict[str, Any]:
         "hop_p99_ms_pooled": percentile(pooled, 0.99) * 1e3,
         "hop_max_ms_pooled": max(pooled) * 1e3 if pooled else math.nan,
         "hops_per_rep": len(reps[0].hops) if reps else 0,
+        "cycle_p50_ms": median(percentile(r.cycles, 0.5) * 1e3 for r in cycles) if cycles else math.nan,
+        "cycle_p99_ms": median(percentile(r.cycles, 0.99) * 1e3 for r in cycles) if cycles else math.nan,
         "service_p50_ms": median(percentile(r.service, 0.5) * 1e3 for r in reps),
         "commands_per_step": median(per_step),
         "commands_per_step_reps": per_step,
@@ -725,23 +738,24 @@ def summarise(
     sleep_hop_r = median(h for x in sleeps["raw"] for h in x["hops_ms"])
     slots = cfg.workers * cfg.concurrency
     p50, p99 = raw["hop_p50_ms"], raw["hop_p99_ms"]
+    c50, c99 = raw["cycle_p50_ms"], raw["cycle_p99_ms"]
     cmds = ours["commands_per_step"]
     metrics: dict[str, dict[str, Any]] = {
         "a_hop_p50": _metric(
-            ours["hop_p50_ms"],
-            p50,
+            ours["cycle_p50_ms"],
+            c50,
             target="≤ 1.3x raw",
-            passed=ours["hop_p50_ms"] <= 1.3 * p50,
+            passed=ours["cycle_p50_ms"] <= 1.3 * c50,
             unit="ms",
-            note="no-op chain",
+            note="no-op chain, one step's end to the next one's end",
         ),
         "a_hop_p99": _metric(
-            ours["hop_p99_ms"],
-            p99,
+            ours["cycle_p99_ms"],
+            c99,
             target="≤ 1.5x raw",
-            passed=ours["hop_p99_ms"] <= 1.5 * p99,
+            passed=ours["cycle_p99_ms"] <= 1.5 * c99,
             unit="ms",
-            note="no-op chain",
+            note="no-op chain, one step's end to the next one's end",
         ),
         "a_hop_p50_python": _metric(
             py["hop_p50_ms"],
@@ -749,7 +763,7 @@ def summarise(
             target="≤ 1.3x raw",
             passed=py["hop_p50_ms"] <= 1.3 * p50,
             unit="ms",
-            note="python chain (info)",
+            note="python chain (info), function return to the next call",
         ),
         "a_hop_p99_python": _metric(
             py["hop_p99_ms"],

@@ -48,7 +48,6 @@ class CeleryLocalSteps:
         self._lock = threading.Lock()
         self._events: EventDispatcher | None = None
         self._pid = 0
-        self._hops = threading.local()
         self._started: dict[str, float] = {}
         self._flushed = 0.0
 
@@ -68,14 +67,10 @@ class CeleryLocalSteps:
         request = self.app.current_task.request if self.app.current_task else None
         if request is None or any(request.timelimit or ()):
             return False
-        hops = 0 if not delivery.carrier else getattr(self._hops, "count", 0)
-        if hops >= MAX_LOCAL_HOPS:
-            return False
-        self._hops.count = hops + 1
-        return True
+        return delivery.hops < MAX_LOCAL_HOPS
 
     def started(self, spec: WorkflowSpec, attempt: Attempt, delivery: Delivery) -> None:
-        """Announce the step as sent, received and started, in one publish."""
+        """Announce the step (claimed by its parent's finish) as sent, received and started, in one publish."""
         args = saferepr((attempt.run_id, spec.definition_hash, attempt.step, attempt.generation))
         fields: dict[str, Any] = {
             "uuid": attempt.task_id,

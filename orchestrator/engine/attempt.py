@@ -96,19 +96,27 @@ def execute_attempt(
         return "dropped: unknown step"
     delivery = delivery or Delivery()
     hop = Continuation(delivery, runtime.local) if runtime.local is not None else None
-    result, failure = _execute(runtime, spec, attempt, delivery, hop)
-    if hop is not None and hop.task_id:
-        continue_locally(spec, attempt, hop, lambda a, d, h: _execute(runtime, spec, a, d, h))
+    result, failure = _execute(runtime, spec, attempt, delivery, hop=hop)
+    if hop is not None and hop.kept:
+        continue_locally(spec, attempt, hop, lambda a, d, h, c: _execute(runtime, spec, a, d, hop=h, claim=c))
     if raise_failure and failure is not None:
         raise StepFailed(failure, step=attempt.step)
     return result
 
 
 def _execute(
-    runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, delivery: Delivery, hop: Continuation | None
+    runtime: Runtime,
+    spec: WorkflowSpec,
+    attempt: Attempt,
+    delivery: Delivery,
+    *,
+    hop: Continuation | None,
+    claim: Claim | None = None,
 ) -> tuple[str, str | None]:
-    # One attempt, claimed here: what happened, and the failure summary when it failed for good.
-    claim = _claim(runtime, spec, attempt, delivery.carrier)
+    # One attempt, claimed here (or by its parent's finish, continuing locally): what happened, and the failure
+    # summary when it failed for good.
+    if claim is None:
+        claim = _claim(runtime, spec, attempt, delivery.carrier)
     if claim.outcome == ClaimOutcome.DONE:
         if claim.unclaimed_children:
             # A redelivery after the finishing worker died between recording and publishing: publish again
@@ -458,6 +466,6 @@ def _run_passengers(
         carrier,
         passengers=passengers,
         hop=hop,
-        execute=lambda a, d, h: _execute(runtime, spec, a, d, h),
+        execute=lambda a, d, h, c: _execute(runtime, spec, a, d, hop=h, claim=c),
         publish=publish,
     )

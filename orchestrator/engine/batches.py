@@ -133,10 +133,11 @@ def _run(
 ) -> None:
     local = hop.local
     delivery = replace(hop.delivery, due_at=None, carrier=hop.delivery.carrier or carrier.task_id)
+    hops = hop.delivery.hops
     for i, (step, task_id) in enumerate(passengers):
         # The first is asked about as the message's own child would be, which starts the slot's count of local steps
         # afresh; each after it counts on (a batch and the chains its steps continue stay within the slot's bound).
-        if not local.accepts(spec, step, delivery if i else hop.delivery):
+        if not local.accepts(spec, step, replace(delivery, hops=hops) if i else hop.delivery):
             rest = passengers[i:]
             log.info("%s: sending %d steps of its batch on as messages", carrier, len(rest))
             try:
@@ -144,8 +145,10 @@ def _run(
             except Exception:
                 log.exception("%s: the rest of its batch was not sent; the sweeper sends it", carrier)
             return
-        kept = Continuation(delivery, local, step=step, task_id=task_id, headers=hop.delivery.headers)
-        continue_locally(spec, carrier, kept, execute)
+        kept = Continuation(
+            replace(delivery, hops=hops), local, step=step, task_id=task_id, headers=hop.delivery.headers
+        )
+        hops = continue_locally(spec, carrier, kept, execute)
 
 
 def passengers_of(raw: object, limit: int = MAX_BATCH) -> tuple[tuple[str, str], ...]:

@@ -36,7 +36,7 @@ from orchestrator.errors import (
 from orchestrator.infra.settings import Settings
 from orchestrator.principals import TIMEOUT_PRINCIPAL, reserved_message
 from orchestrator.state import keys
-from orchestrator.state.base import StateStore
+from orchestrator.state.base import StateStore, releasable
 from orchestrator.telemetry import tracing
 
 DEADLINE_REASON = "the workflow deadline passed"
@@ -67,6 +67,9 @@ def record_outcome(
         ``False`` when the attempt was stale and nothing was recorded.
     """
     children = spec.graph.children[attempt.step]
+    rules = release_rules(spec, attempt.step)
+    # The finish claims the child this slot keeps in the same transition (one round trip for a local hop).
+    keep = local.request(spec, attempt, releasable(children, rules), settings.lease_s) if local is not None else None
     result = store.finish(
         attempt,
         outcome,
@@ -76,21 +79,22 @@ def record_outcome(
         cache_key=cache_key,
         cached=cached,
         grace_s=settings.queued_grace_s,
-        rules=release_rules(spec, attempt.step),
+        rules=rules,
+        keep=keep,
     )
     if not result.recorded:
         return False
     if outcome == StepOutcome.FAILED:
         log.error("%s: %s", attempt.run_id, failure_summary(attempt.step, error))
-    kept = local.keep(spec, result.released) if local is not None and result.released else None
-    released = tuple(step for step in result.released if step != kept)
+    released = tuple(step for step in result.released if step != result.kept)
     publisher.publish(
         spec, run_id=attempt.run_id, steps=released, generation=attempt.generation, task_ids=result.task_ids
     )
-    if local is not None and kept is not None:
-        # Its trace parent is this attempt, as its message's would have been.
-        local.headers = tracing.dispatch_headers(attempt.run_id)
-        local.task_id = result.task_ids[kept]
+    if local is not None:
+        local.take(result)
+        if result.kept is not None:
+            # Its trace parent is this attempt, as its message's would have been.
+            local.headers = tracing.dispatch_headers(attempt.run_id)
     if result.cancelled:
         # Parents a cancel_others step overtook: interrupted as a run cancel interrupts its steps. A queued one
         # finds itself cancelled when claimed and never starts.

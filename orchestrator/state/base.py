@@ -21,6 +21,7 @@ from orchestrator.domain import (
     DecisionResult,
     FinishResult,
     IterationCheckpoint,
+    KeepRequest,
     ParentLink,
     ReclaimedStep,
     ReleaseRules,
@@ -174,6 +175,7 @@ class StateStore(ItemStore, Protocol):
         cached: bool = False,
         grace_s: float = 300.0,
         rules: ReleaseRules | None = None,
+        keep: KeepRequest | None = None,
     ) -> FinishResult:
         """Record a running attempt's final outcome and release the children it decides.
 
@@ -193,6 +195,11 @@ class StateStore(ItemStore, Protocol):
         from now. The attempt leaves the lease index in every case. Each released child enters it under a fresh task
         id (``FinishResult.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish,
         or a message lost in the broker, leaves the sweeper a step to send again.
+
+        With ``keep``, the first released child among its candidates is claimed in the same transition, as
+        :meth:`claim` would claim it under its task id (``FinishResult.kept`` and ``kept_claim``): its lease index
+        entry is then the attempt's lease, or gone when the claim was refused. Its ``step_queued`` and
+        ``step_started`` events follow this step's.
 
         Returns:
             ``FinishResult(recorded=False)`` when the attempt is stale (other generation, step not running, or owned by

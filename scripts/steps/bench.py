@@ -66,12 +66,18 @@ def raw_fanout(tag: str, count: int) -> None:
 
 
 @function("bench.noop")
-def noop(ctx: StepContext, **_: Any) -> None:
-    """A python step doing nothing."""
-    return None
+def noop(ctx: StepContext, record: bool = False, **_: Any) -> None:
+    """A python step doing nothing; with ``record``, it records its start and end as a raw task does (tag: its run,
+    index: its number in a chain of steps ``s0``, ``s1``, …)."""
+    if record:
+        now = time.time()
+        _record(ctx.run_id, int(ctx.step.removeprefix("s")), now, now)
 
 
 @function("bench.sleep")
-def sleep(ctx: StepContext, seconds: float = 0.2, **_: Any) -> None:
-    """A python step sleeping ``seconds``."""
+def sleep(ctx: StepContext, seconds: float = 0.2, record: bool = False, **_: Any) -> None:
+    """A python step sleeping ``seconds``; ``record`` as for :func:`noop`."""
+    start = time.time()
     time.sleep(seconds)
+    if record:
+        _record(ctx.run_id, int(ctx.step.removeprefix("s")), start, time.time())

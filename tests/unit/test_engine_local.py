@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis
 
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
-from orchestrator.domain import Attempt, RunStatus, StepOutcome
+from orchestrator.domain import Attempt, ClaimOutcome, FinishResult, RunStatus, StepOutcome
 from orchestrator.engine.attempt import execute_attempt
-from orchestrator.engine.local import Delivery
+from orchestrator.engine.local import MAX_CANDIDATES, Delivery
 from orchestrator.engine.runtime import Runtime
 from orchestrator.errors import StepFailed
 from orchestrator.state import RedisStateStore
@@ -79,18 +80,30 @@ def chain(*names: str) -> dict[str, object]:
 def test_a_chain_runs_in_the_slot_of_its_first_message_and_each_step_is_announced_under_its_held_task_id() -> None:
     runtime, publisher, local = local_runtime()
     run_id = start(runtime, publisher, chain("a", "b", "c"))
-    # The claims' task ids, read as they happen: an ended run drops each step's task field.
+    # The task ids each finish claimed its kept child under, read as they happen (an ended run drops each step's task
+    # field), and the separate claims made: none for a kept child, which its parent's finish claims.
     claimed: dict[str, str] = {}
-    real_claim = runtime.store.claim
+    separately: list[str] = []
+    real_claim, real_finish = runtime.store.claim, runtime.store.finish
 
     def claim(attempt: Attempt, *args: object, **kwargs: object) -> object:
-        claimed[attempt.step] = attempt.task_id
+        separately.append(attempt.step)
         return real_claim(attempt, *args, **kwargs)  # type: ignore[arg-type]
 
+    def finish(attempt: Attempt, *args: object, **kwargs: object) -> FinishResult:
+        result = real_finish(attempt, *args, **kwargs)  # type: ignore[arg-type]
+        if result.kept is not None:
+            assert result.kept_claim is not None
+            assert result.kept_claim.outcome == ClaimOutcome.OK
+            claimed[result.kept] = result.task_ids[result.kept]
+        return result
+
     runtime.store.claim = claim  # type: ignore[method-assign]
+    runtime.store.finish = finish  # type: ignore[method-assign]
 
     assert deliver(runtime, publisher.sent.pop(0)) == "succeeded"
 
+    assert separately == ["a"], "b and c were claimed by their parents' finishes"
     assert publisher.sent == [], "no message was published for b or c"
     assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
     assert [(kind, step) for kind, step, _ in local.announced] == [
@@ -191,3 +204,27 @@ def test_stopping_a_run_interrupts_a_local_step_through_the_message_that_carries
     result = store.stop(run_id, RunStatus.CANCELLED, "test", tuple(spec.steps_by_name))
 
     assert {task for _, task in result.interrupted} == {child.task_id, "carrier-task"}
+
+
+def test_a_wide_fan_out_offers_its_finish_only_the_first_few_children_to_keep() -> None:
+    runtime, publisher, _ = local_runtime()
+    names = [f"x{i}" for i in range(MAX_CANDIDATES + 5)]
+    start(
+        runtime,
+        publisher,
+        workflow({"name": "a", "uses": "noop"}, *({"name": n, "uses": "noop", "depends_on": ["a"]} for n in names)),
+    )
+    offered: list[tuple[str, ...]] = []
+    real_finish = runtime.store.finish
+
+    def finish(attempt: Attempt, *args: object, **kwargs: Any) -> FinishResult:
+        keep = kwargs.get("keep")
+        offered.append(tuple(c.step for c in keep.candidates) if keep is not None else ())
+        return real_finish(attempt, *args, **kwargs)  # type: ignore[arg-type]
+
+    runtime.store.finish = finish  # type: ignore[method-assign]
+
+    deliver(runtime, publisher.sent.pop(0))
+
+    assert offered[0] == tuple(names[:MAX_CANDIDATES])
+    assert [m.step for m in publisher.sent] == names[1:], "the first is kept, the others are published"

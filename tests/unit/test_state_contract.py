@@ -29,6 +29,8 @@ from orchestrator.domain import (
     DecisionOutcome,
     DecisionResult,
     IterationCheckpoint,
+    KeepCandidate,
+    KeepRequest,
     ParentLink,
     ReclaimedStep,
     ResumeOutcome,
@@ -2195,3 +2197,114 @@ def test_a_heartbeat_from_a_host_whose_clock_runs_behind_is_judged_by_redis_cloc
 
     assert backend.store.owner_alive("proc-1"), "alive for 6 s by Redis's clock, not dead 24 s ago"
     assert "proc-1" not in backend.store.dead_owners()
+
+
+# -- continuing locally: the finish claims the child its slot keeps ------------------------------------------------
+
+
+def keep_request(spec: WorkflowSpec, *steps: str, lease_s: float = LONG_LEASE_S, carrier: str = "") -> KeepRequest:
+    """Ask a finish to claim the first of ``steps`` it releases (each with its parents to read, as a claim)."""
+    candidates = tuple(KeepCandidate(s, spec.graph.parents[s], spec.graph.children[s]) for s in steps)
+    return KeepRequest(candidates, lease_s, carrier or "t-carrier")
+
+
+def test_a_finish_asked_to_keep_a_child_claims_it_as_a_claim_would_with_its_events_in_order(backend: Backend) -> None:
+    spec = workflow("keep", {"a": [], "b": ["a"], "c": ["b"]})
+    start(backend, spec, inputs={"topic": "owls"})
+    a = attempt("a", "ta")
+    assert claim(backend, spec, a).outcome == ClaimOutcome.OK
+    journal = Journal(backend)
+    journal.seen = backend.store.events("run1")
+
+    got: list[Any] = []
+    told_ = journal.record(
+        lambda: got.append(finish(backend, spec, a, output={"text": "hoot"}, keep=keep_request(spec, "b")))
+    )
+
+    [result] = got
+    assert result.released == ("b",)
+    assert result.kept == "b"
+    kept = result.kept_claim
+    assert kept.outcome == ClaimOutcome.OK
+    assert (kept.attempt, kept.generation_attempt, kept.inputs) == (1, 1, {"topic": "owls"})
+    assert kept.parent_status == {"a": "succeeded"}
+    assert kept.parent_output == {"a": {"text": "hoot"}}
+    assert told_ == [("step_succeeded", "a", 1, {}), queued("b"), started("b")]
+    fields = step_fields(backend, "b")
+    assert (fields["status"], fields["task"], fields["attempts"]) == ("running", result.task_ids["b"], "1")
+    assert float(fields["lease"]) == pytest.approx(kept.now + LONG_LEASE_S, abs=0.01)
+    assert float(fields["started_at"]) == pytest.approx(kept.now, abs=0.01)
+    assert kept.queued_at == pytest.approx(kept.now, abs=0.01)
+    # The kept attempt is a claimed one like any other: a copy of its message is busy, and it finishes.
+    b = attempt("b", result.task_ids["b"])
+    assert claim(backend, spec, b).outcome == ClaimOutcome.BUSY
+    assert finish(backend, spec, b).released == ("c",)
+
+
+def test_a_kept_child_is_in_the_lease_index_with_its_claim_lease_and_the_others_with_the_grace(
+    backend: Backend,
+) -> None:
+    spec = workflow("fan", {"a": [], "b": ["a"], "c": ["a"], "d": ["a"]})
+    start(backend, spec)
+    a = attempt("a", "ta")
+    assert claim(backend, spec, a).outcome == ClaimOutcome.OK
+
+    result = finish(backend, spec, a, grace_s=GRACE_S, keep=keep_request(spec, "c", "b", lease_s=SHORT_LEASE_S))
+
+    # The first released candidate in release order is kept, whatever order the request names them in.
+    assert (result.released, result.kept) == (("b", "c", "d"), "b")
+    assert step_fields(backend, "c")["status"] == "queued"
+    kept = keys.lease_member("run1", "b", result.task_ids["b"])
+    assert backend.wait_past(SHORT_LEASE_S, lambda: kept in backend.store.expired_leases())
+    assert backend.store.expired_leases() == [kept], "the children to publish keep their grace"
+
+
+def test_a_finish_keeps_no_child_it_does_not_release_and_none_when_the_run_ends(backend: Backend) -> None:
+    start(backend, DIAMOND)
+    a = attempt("a", "ta")
+    claim(backend, DIAMOND, a)
+    result = finish(backend, DIAMOND, a, keep=keep_request(DIAMOND, "c"))
+    assert result.kept == "c"
+    b = attempt("b", result.task_ids["b"])
+    assert claim(backend, DIAMOND, b).outcome == ClaimOutcome.OK
+
+    result = finish(backend, DIAMOND, b, keep=keep_request(DIAMOND, "d"))
+
+    assert (result.released, result.kept, result.kept_claim) == ((), None, None)
+    assert step_fields(backend, "d")["status"] == "pending"
+    c = attempt("c", backend.store.run_fields("run1")["s:c:task"])
+    assert finish(backend, DIAMOND, c, keep=keep_request(DIAMOND, "d")).kept == "d"
+    d = attempt("d", backend.store.run_fields("run1")["s:d:task"])
+    last = finish(backend, DIAMOND, d, keep=keep_request(DIAMOND, "a"))
+    assert (last.run_status, last.kept) == ("succeeded", None)
+
+
+def test_a_kept_childs_refused_claim_leaves_it_queued_and_out_of_the_lease_index(backend: Backend) -> None:
+    spec = timed(CHAIN, 0.5)
+    start(backend, spec)
+    a = attempt("a", "ta")
+    assert claim(backend, spec, a).outcome == ClaimOutcome.OK
+    assert backend.wait_past(0.5, lambda: backend.now() > float(backend.store.run_fields("run1")["deadline"]))
+
+    result = finish(backend, spec, a, keep=keep_request(spec, "b", lease_s=SHORT_LEASE_S))
+
+    assert result.kept == "b"
+    assert (result.kept_claim.outcome, result.kept_claim.detail) == (ClaimOutcome.INACTIVE, "deadline")
+    assert step_fields(backend, "b")["status"] == "queued"
+    # A claim made after it, with the same lease: once it is overdue, the kept child's entry would be too.
+    start(backend, SINGLE, "sentinel")
+    sentinel_at = attempt("a", "t-sentinel", run_id="sentinel")
+    assert claim(backend, SINGLE, sentinel_at, lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.OK
+    sentinel = keys.lease_member("sentinel", "a", "t-sentinel")
+    assert backend.wait_past(SHORT_LEASE_S, lambda: sentinel in backend.store.expired_leases())
+    assert backend.store.expired_leases() == [sentinel]
+
+
+def test_a_stale_finish_asked_to_keep_a_child_claims_nothing(backend: Backend) -> None:
+    start(backend, CHAIN)
+    assert claim(backend, CHAIN, attempt("a", "ta")).outcome == ClaimOutcome.OK
+
+    result = finish(backend, CHAIN, attempt("a", "t-other"), keep=keep_request(CHAIN, "b"))
+
+    assert (result.recorded, result.kept, result.kept_claim) == (False, None, None)
+    assert step_fields(backend, "b")["status"] == "pending"

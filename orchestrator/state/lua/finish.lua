@@ -3,19 +3,50 @@
 -- step will ask again; a failed run keeps it, so a resume pays for no reply twice). ARGV: step, generation, task_id,
 -- outcome, output_json ('' keeps the stored output: a cache hit), error_json, retention_s, cache_key, cached ('1' or
 -- ''), success_detail_json ('' for none), rules_json ('' for none: see ReleaseRules), failure (the one-line summary
--- of a 'failed' outcome, else ''), children...
+-- of a 'failed' outcome, else ''), n_keep (how many arguments the keep request that follows takes; 0 for none),
+-- [keep request: lease_s, carrier, then per candidate: step, task_id, n_parents, parents..., n_children,
+-- children...], children...
+-- With a keep request ("continuing locally"), the first released child that is a candidate is claimed at once under
+-- its task id, as claim.lua would claim it (claim_step, _claim.lua): the worker slot runs it next with no round trip
+-- of its own, and its step_queued and step_started events follow this step's in one script.
 -- A child is released (queued) when its last parent ends, or at once when its rule fires on this outcome
 -- (rules.early); either way only while it is still "pending", so a step is queued exactly once however its parents
 -- race. A child with cancel_others released early cancels its other parents still unfinished (rules.cancel), which
 -- end for their own children as "cancelled" (rules.after). Only a failed or upstream_failed leaf (a step without
 -- children) fails the run, as in Airflow: the run's state follows its leaves. A failed run's "run_failed" event
 -- carries {"error": the first failure's summary, "failed_steps": [every step that failed, in order]}.
--- Returns {"stale"} or {"ok", run_status_or_empty, n_released, released_child..., cancelled_step, task_id, ...}.
+-- Returns {"stale"} or {"ok", run_status_or_empty, n_released, released_child..., n_cancelled, cancelled_step,
+-- task_id, ..., kept_child_or_empty, claim_reply...} (n_cancelled counts the entries that follow it).
 local run, events = KEYS[1], KEYS[2]
 local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local output, err, retention, cache_key, cached = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
+local n_keep = tonumber(ARGV[13])
+local first_child = 14 + n_keep
+-- The keep request's candidates by name, each with the arguments claim.lua would get.
+local candidates, n_candidates, only, i = {}, 0, nil, 16
+while i < first_child do
+  local c = {task = ARGV[i + 1], parents = {}, children = {}}
+  local n_parents = tonumber(ARGV[i + 2])
+  for j = 1, n_parents do c.parents[j] = ARGV[i + 2 + j] end
+  local n_children = tonumber(ARGV[i + 3 + n_parents])
+  for j = 1, n_children do c.children[j] = ARGV[i + 3 + n_parents + j] end
+  candidates[ARGV[i]] = c
+  n_candidates, only = n_candidates + 1, ARGV[i]
+  i = i + 4 + n_parents + n_children
+end
+-- One candidate and no cancel_others child (the common case: a chain): nothing below writes what its claim reads
+-- but its release and this step's own fields, so the claim's read joins this one and its release joins the one HSET.
+if n_candidates ~= 1 or (ARGV[11] ~= '' and next(cjson.decode(ARGV[11]).cancel or {}) ~= nil) then only = nil end
 local p = 's:' .. step .. ':'
-local head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts', 'seq')
+local head, early_read = nil, nil
+if only then
+  head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts', 'seq',
+    unpack(claim_reads(only, candidates[only].parents)))
+  early_read = {}
+  for j = 7, #head do early_read[#early_read + 1] = head[j] end
+else
+  head = redis.call('HMGET', run, 'gen', p .. 'status', p .. 'task', p .. 'errors', p .. 'attempts', 'seq')
+end
 if head[1] ~= gen or head[2] ~= 'running' or head[3] ~= task then return {'stale'} end
 events_from(head[6])
 
@@ -56,7 +87,7 @@ if outcome == 'failed' or outcome == 'upstream_failed' then
     failed[#failed + 1] = step
     redis.call('HSET', run, 'failed_steps', cjson.encode(failed))
   end
-  if #ARGV < 13 then redis.call('HINCRBY', run, 'leaf_failures', 1) end
+  if #ARGV < first_child then redis.call('HINCRBY', run, 'leaf_failures', 1) end
 end
 
 local rules = ARGV[11] ~= '' and cjson.decode(ARGV[11]) or {}
@@ -70,15 +101,20 @@ end
 local function release(child, on, what)
   local c = 's:' .. child .. ':'
   local left = redis.call('HINCRBY', run, c .. 'pending', -1)
-  if (left == 0 or fires(on, what)) and redis.call('HGET', run, c .. 'status') == 'pending' then
-    redis.call('HSET', run, c .. 'status', 'queued', c .. 'queued_at', now)
+  local status = child == only and early_read[3] or redis.call('HGET', run, c .. 'status')
+  if (left == 0 or fires(on, what)) and status == 'pending' then
+    if child == only then
+      for _, value in ipairs({c .. 'status', 'queued', c .. 'queued_at', now}) do fields[#fields + 1] = value end
+    else
+      redis.call('HSET', run, c .. 'status', 'queued', c .. 'queued_at', now)
+    end
     emit(run, events, now, 'step_queued', child, 0, '')
     released[#released + 1] = child
     return true
   end
   return false
 end
-for i = 13, #ARGV do
+for i = first_child, #ARGV do
   local child = ARGV[i]
   if release(child, early[child], outcome) and cancel[child] and redis.call('HGET', run, 's:' .. child .. ':pending') ~= '0' then
     for _, parent in ipairs(cancel[child]) do
@@ -106,6 +142,7 @@ end
 
 local out = {'ok', '', #released}
 for _, name in ipairs(released) do out[#out + 1] = name end
+out[#out + 1] = #cancelled
 for _, value in ipairs(cancelled) do out[#out + 1] = value end
 
 if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
@@ -124,6 +161,22 @@ if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
   emit(run, events, now, 'run_' .. status, '', 0, data)
   if status == 'succeeded' then redis.call('DEL', KEYS[3]) end
   out[2] = status
+end
+if n_keep > 0 and out[2] == '' then
+  -- The first released candidate is claimed.
+  local kept = nil
+  for _, name in ipairs(released) do
+    if candidates[name] then kept = name break end
+  end
+  out[#out + 1] = kept or ''
+  if kept then
+    local c = candidates[kept]
+    local pending = {}
+    for j = 1, #fields, 2 do pending[fields[j]] = fields[j + 1] end
+    local reply = claim_step(run, events, tonumber(t[1]) + tonumber(t[2]) / 1e6, kept, gen, c.task,
+      tonumber(ARGV[14]), c.parents, c.children, ARGV[15], pending, fields, kept == only and early_read or nil)
+    for _, value in ipairs(reply) do out[#out + 1] = value end
+  end
 end
 fields[#fields + 1] = 'seq'
 fields[#fields + 1] = _seq

@@ -99,6 +99,8 @@ _ENDING = {"finish", "stop", "fail_dispatch"}
 
 _DECIDING = {"decide", "item_decide"}
 
+_CLAIMING = {"claim", "finish"}
+
 
 WAITED_SCRIPTS = ("claim", "finish")
 """The transitions after which ``wait_replicas`` waits for replicas: a lost claim or finish runs a step again."""
@@ -111,13 +113,16 @@ def _load_lua(name: str) -> str:
     body = lua.joinpath(f"{name}.lua").read_text()
     # Scripts cannot include one another: the event helpers are prepended to every script that emits, the item
     # helpers to every item script, the end-of-run compaction to the scripts that end a run and to the resume, which
-    # undoes it, the audit trail to the scripts that record a decision.
+    # undoes it, the audit trail to the scripts that record a decision, the claim to the claim and to the finish
+    # (which claims the child its slot keeps).
     if name in _DECIDING:
         body = lua.joinpath("_decide.lua").read_text() + body
     if name.startswith("item_"):
         body = lua.joinpath("_items.lua").read_text() + body
     if name in _ENDING or name == "resume":
         body = lua.joinpath("_ended.lua").read_text() + body
+    if name in _CLAIMING:
+        body = lua.joinpath("_claim.lua").read_text() + body
     return lua.joinpath("_events.lua").read_text() + body if name in _WITH_EVENTS else body
 
 

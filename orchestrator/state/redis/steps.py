@@ -11,7 +11,16 @@ from typing import Any, cast
 
 from redis.client import Pipeline
 
-from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, ReclaimedStep, ReleaseRules, StepOutcome
+from orchestrator.domain import (
+    Attempt,
+    Claim,
+    ClaimOutcome,
+    FinishResult,
+    KeepRequest,
+    ReclaimedStep,
+    ReleaseRules,
+    StepOutcome,
+)
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.state import keys
 from orchestrator.state.base import failure_line, releasable, rules_json, success_detail
@@ -52,32 +61,10 @@ class StepTransitions(RedisStateCore):
             lambda pipe: pipe.zadd(self._leases(run_id), {member: time.time() + lease_s}),
             lambda pipe: self._evalsha(pipe, "claim", run_id, argv),
         )
-        reply = [_text(x) for x in replies[1]]
-        outcome = ClaimOutcome(reply[0])
-        if outcome != ClaimOutcome.OK and not (outcome == ClaimOutcome.BUSY and reply[1:2] == ["own"]):
+        got = _claim_reply([_text(x) for x in replies[1]], upstream, children)
+        if not _keeps_lease(got):
             self.client.zrem(self._leases(run_id), member)
-        if outcome == ClaimOutcome.OK:
-            rows = reply[9:]
-            return Claim(
-                outcome=ClaimOutcome.OK,
-                attempt=int(reply[1]),
-                generation_attempt=int(reply[1]) - int(reply[5] or 0),
-                now=float(reply[2]),
-                errors=json.loads(reply[3]) if reply[3] else [],
-                inputs=json.loads(reply[4]),
-                cache_key=reply[6],
-                force=reply[7] == "1",
-                queued_at=float(reply[8]) if reply[8] else None,
-                parent_status={p: rows[2 * i] for i, p in enumerate(upstream)},
-                parent_output={
-                    p: json.loads(rows[2 * i + 1]) if rows[2 * i + 1] else None for i, p in enumerate(upstream)
-                },
-            )
-        if outcome == ClaimOutcome.DONE:
-            rows = reply[2:]
-            waiting = tuple(c for i, c in enumerate(children) if rows[2 * i] == "queued" and rows[2 * i + 1] == "")
-            return Claim(outcome=ClaimOutcome.DONE, detail=reply[1], unclaimed_children=waiting)
-        return Claim(outcome=outcome, detail=reply[1] if len(reply) > 1 else "")
+        return got
 
     def finish(
         self,
@@ -91,12 +78,24 @@ class StepTransitions(RedisStateCore):
         cached: bool = False,
         grace_s: float = 300.0,
         rules: ReleaseRules | None = None,
+        keep: KeepRequest | None = None,
     ) -> FinishResult:
         """Record a final outcome and release the children it decides (see ``lua/finish.lua``).
 
-        ``cached`` marks a success served from the step's stored result (its output is then kept as it is).
+        ``cached`` marks a success served from the step's stored result (its output is then kept as it is). With
+        ``keep``, the same script claims the first released candidate for this slot (one round trip for the hop).
         """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
+        # Each step this finish may release is covered in the lease index before the script runs, under the task id
+        # its message will carry: a worker dying between the finish and the publish, or a message lost in the
+        # broker, leaves the sweeper something to send again.
+        held = {child: uuid.uuid4().hex for child in releasable(children, rules)}
+        candidates = {c.step: c for c in keep.candidates if c.step in held} if keep is not None else {}
+        keep_argv: list[Any] = []
+        if keep is not None and candidates:
+            keep_argv = [keep.lease_s, keep.carrier]
+            for c in candidates.values():
+                keep_argv += [c.step, held[c.step], len(c.upstream), *c.upstream, len(c.children), *c.children]
         argv: list[Any] = [
             step,
             generation,
@@ -110,16 +109,18 @@ class StepTransitions(RedisStateCore):
             success_detail(output),
             rules_json(rules),
             failure_line(attempt.step, outcome, error),
+            len(keep_argv),
+            *keep_argv,
             *children,
         ]
-        # Each step this finish may release is covered in the lease index before the script runs, under the task id
-        # its message will carry: a worker dying between the finish and the publish, or a message lost in the
-        # broker, leaves the sweeper something to send again.
-        held = {child: uuid.uuid4().hex for child in releasable(children, rules)}
-        due = time.time() + grace_s
+        clock = time.time()
+        # A candidate the script may claim is entered with the claim's lease, as a claim enters it; one released but
+        # not kept gets the grace back below, before its message is published.
+        lease_due = clock + keep.lease_s if keep is not None else clock
+        due = {c: lease_due if c in candidates else clock + grace_s for c in held}
         commands: list[Callable[[Pipeline], Any]] = []
         if held:
-            members = {keys.lease_member(run_id, c, t): due for c, t in held.items()}
+            members = {keys.lease_member(run_id, c, t): due[c] for c, t in held.items()}
             commands.append(lambda pipe: pipe.zadd(self._leases(run_id), cast(Any, members)))
         commands.append(lambda pipe: self._evalsha(pipe, "finish", run_id, argv))
         own = keys.lease_member(run_id, step, task_id)
@@ -128,15 +129,29 @@ class StepTransitions(RedisStateCore):
         ok = reply[0] == "ok"
         count = int(reply[2]) if ok else 0
         released = tuple(reply[3 : 3 + count])
-        rest = reply[3 + count :]
+        n_cancelled = int(reply[3 + count]) if ok else 0
+        rest = reply[4 + count : 4 + count + n_cancelled]
         cancelled = tuple((rest[i], rest[i + 1]) for i in range(0, len(rest), 2))
+        kept: str | None = None
+        kept_claim: Claim | None = None
+        tail = reply[4 + count + n_cancelled :]
+        if ok and tail and tail[0]:
+            kept = tail[0]
+            kept_claim = _claim_reply(tail[1:], candidates[kept].upstream, candidates[kept].children)
         stale = [keys.lease_member(run_id, c, t) for c, t in held.items() if c not in released]
         stale += [keys.lease_member(run_id, s, t) for s, t in cancelled if t]
+        if kept is not None and kept_claim is not None and not _keeps_lease(kept_claim):
+            stale.append(keys.lease_member(run_id, kept, held[kept]))
+        regrace = {
+            keys.lease_member(run_id, c, held[c]): clock + grace_s for c in released if c in candidates and c != kept
+        }
         ended = ok and reply[1] != ""
-        if stale or ended:
+        if stale or ended or regrace:
             pipe = self.client.pipeline(transaction=False)
             if stale:
                 pipe.zrem(self._leases(run_id), *stale)
+            if regrace:
+                pipe.zadd(self._leases(run_id), cast(Any, regrace), xx=True)
             if ended:
                 pipe.zrem(self._deadlines(run_id), keys.deadline_member(run_id, generation))
             pipe.execute()
@@ -148,6 +163,8 @@ class StepTransitions(RedisStateCore):
             released=released,
             task_ids={c: held[c] for c in released},
             cancelled=cancelled,
+            kept=kept,
+            kept_claim=kept_claim,
         )
 
     def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
@@ -248,3 +265,33 @@ class StepTransitions(RedisStateCore):
         if reply[0] != "ok":
             return None
         return ReclaimedStep(run_id=run_id, step=step, definition_hash=reply[1], generation=reply[2], task_id=reply[3])
+
+
+def _claim_reply(reply: list[str], upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
+    """A claim as ``claim_step`` (``lua/_claim.lua``) answered it, from ``claim.lua`` or within ``finish.lua``."""
+    outcome = ClaimOutcome(reply[0])
+    if outcome == ClaimOutcome.OK:
+        rows = reply[9:]
+        return Claim(
+            outcome=ClaimOutcome.OK,
+            attempt=int(reply[1]),
+            generation_attempt=int(reply[1]) - int(reply[5] or 0),
+            now=float(reply[2]),
+            errors=json.loads(reply[3]) if reply[3] else [],
+            inputs=json.loads(reply[4]),
+            cache_key=reply[6],
+            force=reply[7] == "1",
+            queued_at=float(reply[8]) if reply[8] else None,
+            parent_status={p: rows[2 * i] for i, p in enumerate(upstream)},
+            parent_output={p: json.loads(rows[2 * i + 1]) if rows[2 * i + 1] else None for i, p in enumerate(upstream)},
+        )
+    if outcome == ClaimOutcome.DONE:
+        rows = reply[2:]
+        waiting = tuple(c for i, c in enumerate(children) if rows[2 * i] == "queued" and rows[2 * i + 1] == "")
+        return Claim(outcome=ClaimOutcome.DONE, detail=reply[1], unclaimed_children=waiting)
+    return Claim(outcome=outcome, detail=reply[1] if len(reply) > 1 else "")
+
+
+def _keeps_lease(claim: Claim) -> bool:
+    """Whether a claim leaves its attempt's lease index entry in place: it started, or the attempt runs already."""
+    return claim.outcome == ClaimOutcome.OK or (claim.outcome == ClaimOutcome.BUSY and claim.detail == "own")
