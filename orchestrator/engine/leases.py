@@ -13,6 +13,12 @@ The sweeper (:mod:`orchestrator.engine.sweep`) re-queues the attempts of an owne
 ``lease_s + sweep_interval_s``. Everything else is as before: an attempt shorter than a third of a lease never beats
 and is recovered by its claim lease; the backstop recovers anything whose owner record were lost; a task id guards
 every transition, so a process taken for dead that was only stalled finds its finish refused.
+
+The beat has its own thread, but a process can starve it: a threads pool of hundreds of busy slots on a loaded machine
+hands each thread the GIL rarely, and a 10,000-run benchmark saw the llm worker's beat thread miss a whole lease
+several times (1,312 live steps re-dispatched). So the threads that claim and finish attempts beat too: a hold or a
+release that finds the last beat half a lease old sends it itself (at most one thread at a time). A healthy beat
+thread always beats first, so this adds no traffic; a starved one is stood in for by whichever slot runs next.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ class LeaseKeeper:
         self._covered: dict[Attempt, float] = {}  # attempt -> when its backstop was last set (monotonic)
         self._left: set[str] = set()  # members of ended covered attempts, still in the owner's set
         self._beating = False
+        self._last_beat = time.monotonic()
         self._lock = threading.Lock()
+        self._beat_lock = threading.Lock()  # one beat at a time, from the thread or a slot standing in
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -73,6 +81,7 @@ class LeaseKeeper:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="orchestrator-leases", daemon=True)
                 self._thread.start()
+        self._stand_in()
 
     def release(self, attempt: Attempt) -> None:
         """Stop keeping an attempt alive (its finish or retry already took it out of the lease index)."""
@@ -80,19 +89,34 @@ class LeaseKeeper:
             self._active.pop(attempt, None)
             if self._covered.pop(attempt, None) is not None:
                 self._left.add(lease_member(attempt))
+        self._stand_in()
+
+    def _stand_in(self) -> None:
+        """Beat from this slot if the beat thread is half a lease late (starved; see the module docstring)."""
+        if time.monotonic() - self._last_beat < self.lease_s / 2 or self._stop.is_set():
+            return
+        self._beat_guarded()
 
     def _run(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
-            try:
-                self.beat()
-            except Exception:
-                # A Redis blip must not kill the heartbeat; the next beat tries again well inside the lease.
-                log.exception("heartbeat failed")
+            self._beat_guarded()
+
+    def _beat_guarded(self) -> None:
+        if not self._beat_lock.acquire(blocking=False):
+            return  # another thread is beating
+        try:
+            self.beat()
+        except Exception:
+            # A Redis blip must not kill the heartbeat; the next beat tries again well inside the lease.
+            log.exception("heartbeat failed")
+        finally:
+            self._beat_lock.release()
 
     def beat(self) -> None:
         """One beat: cover attempts held for a third of a lease (or whose backstop is a third gone), drop ended ones
         from the owner's set, and mark the process alive while it covers any; nothing while it covers none."""
         now = time.monotonic()
+        self._last_beat = now
         third = self.lease_s / 3
         with self._lock:
             due = [

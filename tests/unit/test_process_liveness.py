@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from orchestrator.domain import ClaimOutcome
+from orchestrator.engine import leases
 from orchestrator.engine.leases import BACKSTOP_LEASES, LeaseKeeper, lease_member
 from orchestrator.state import MemoryStateStore, keys
 from tests.integration.helpers import wait_for
@@ -50,3 +53,54 @@ def test_the_keeper_sends_nothing_for_an_attempt_shorter_than_a_third_of_a_lease
 
     assert store.owned("proc-1") == []
     assert not store.owner_alive("proc-1")
+
+
+class _Clock:
+    """Stands in for the keeper's ``time`` module: monotonic time moves only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_slot_beats_for_a_starved_beat_thread_not_for_a_healthy_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(leases, "time", clock)
+    store = MemoryStateStore()
+    start(Backend("memory", store), SINGLE)
+    lease_s = 6.0
+    long = attempt("a", "t1")
+    assert store.claim(long, lease_s=lease_s, upstream=(), children=()).outcome == ClaimOutcome.OK
+    beats: list[float] = []
+    keep_owner = store.keep_owner
+
+    def counted(owner: str, lease: float, **kw: list[str]) -> None:
+        beats.append(clock.now)
+        keep_owner(owner, lease, **kw)
+
+    monkeypatch.setattr(store, "keep_owner", counted)
+    keeper = LeaseKeeper(store, lease_s, owner="proc-1")
+    monkeypatch.setattr(keeper, "_run", lambda: None)  # the beat thread never gets the GIL
+    keeper.hold(long)
+
+    # Other slots come and go while the beat thread is a quarter of a lease late: nothing is sent for it.
+    clock.now += lease_s / 4
+    keeper.hold(attempt("b", "t2"))
+    keeper.release(attempt("b", "t2"))
+    assert beats == []
+
+    # Half a lease without a beat: the next slot to claim or finish beats, covering the long attempt.
+    clock.now += lease_s / 4
+    keeper.hold(attempt("c", "t3"))
+    assert beats == [clock.now]
+    assert store.owned("proc-1") == [lease_member(long)]
+    assert store.owner_alive("proc-1")
+
+    # One beat per half lease, not one per slot.
+    keeper.release(attempt("c", "t3"))
+    assert len(beats) == 1
+    clock.now += lease_s / 2
+    keeper.release(attempt("c", "t3"))
+    assert len(beats) == 2
