@@ -16,7 +16,7 @@ every transition, so a process taken for dead that was only stalled finds its fi
 
 The beat has its own thread, but a process can starve it: a threads pool of hundreds of busy slots on a loaded machine
 hands each thread the GIL rarely, and a 10,000-run benchmark saw the llm worker's beat thread miss a whole lease
-several times (1,312 live steps re-dispatched). So the threads that claim and finish attempts beat too: a hold or a
+five times (1,293 live steps re-dispatched). So the threads that claim and finish attempts beat too: a hold or a
 release that finds the last beat half a lease old sends it itself (at most one thread at a time). A healthy beat
 thread always beats first, so this adds no traffic; a starved one is stood in for by whichever slot runs next.
 """
