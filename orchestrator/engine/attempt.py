@@ -12,6 +12,7 @@ set) or its own bookkeeping (:class:`~orchestrator.errors.StepDeferred`), and, a
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -115,6 +116,7 @@ def _execute(
 ) -> tuple[str, str | None]:
     # One attempt, claimed here (or by its parent's finish, continuing locally): what happened, and the failure
     # summary when it failed for good.
+    claimed_since = time.monotonic()  # the claim's lease runs from here, not from when this thread gets its reply
     if claim is None:
         claim = _claim(runtime, spec, attempt, delivery.carrier)
     if claim.outcome == ClaimOutcome.DONE:
@@ -143,7 +145,7 @@ def _execute(
         log.info("dropping %s: %s %s", attempt, claim.outcome, claim.detail)
         return f"dropped: {claim.outcome}", None
     info = attempt_info(spec, attempt, claim, delivery)
-    runtime.leases.hold(attempt)
+    runtime.leases.hold(attempt, since=claimed_since)
     try:
         with telemetry.step_attempt(info) as scope:
             result = run_claimed(runtime, spec, attempt, claim, scope, hop=hop)

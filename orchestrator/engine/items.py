@@ -10,6 +10,7 @@ follow the step's policy per item, under the item's own task id.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,6 +59,7 @@ def execute_item(runtime: Runtime, attempt: Attempt, definition_hash: str, deliv
         log.warning("dropping %s: workflow %s has no map step %r", attempt, spec.name, attempt.step)
         return "dropped: not a map step"
     upstream = upstream_reads(spec, attempt.step)
+    claimed_since = time.monotonic()  # the claim's lease runs from here (see LeaseKeeper.hold)
     claim = _patiently(
         runtime,
         f"{attempt}: claim",
@@ -69,7 +71,7 @@ def execute_item(runtime: Runtime, attempt: Attempt, definition_hash: str, deliv
     if claim.outcome != ClaimOutcome.OK:
         return f"dropped item: {claim.outcome} {claim.detail}".rstrip()
     info = attempt_info(spec, attempt, claim, delivery or Delivery())
-    runtime.leases.hold(attempt)
+    runtime.leases.hold(attempt, since=claimed_since)
     try:
         with telemetry.step_attempt(info) as scope:
             return _run_claimed_item(runtime, spec, attempt, claim, scope)

@@ -74,10 +74,15 @@ class LeaseKeeper:
         """A covered attempt's own lease."""
         return self.lease_s * BACKSTOP_LEASES
 
-    def hold(self, attempt: Attempt) -> None:
-        """Start keeping a claimed attempt alive (its claim lease covers it until the keeper's next beat)."""
+    def hold(self, attempt: Attempt, *, since: float | None = None) -> None:
+        """Start keeping a claimed attempt alive (its claim lease covers it until the keeper's next beat).
+
+        Args:
+            since: When the claim was sent (``time.monotonic()``; default now). Its lease runs from then, and a starved
+                thread may get the claim's reply seconds later: the cover is due a third of a lease after ``since``.
+        """
         with self._lock:
-            self._active[attempt] = time.monotonic()
+            self._active[attempt] = time.monotonic() if since is None else since
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="orchestrator-leases", daemon=True)
                 self._thread.start()

@@ -104,3 +104,25 @@ def test_a_slot_beats_for_a_starved_beat_thread_not_for_a_healthy_one(monkeypatc
     clock.now += lease_s / 2
     keeper.release(attempt("c", "t3"))
     assert len(beats) == 2
+
+
+def test_the_cover_is_due_a_third_of_a_lease_after_the_claim_was_sent_not_after_its_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(leases, "time", clock)
+    store = MemoryStateStore()
+    start(Backend("memory", store), SINGLE)
+    lease_s = 6.0
+    held = attempt("a", "t1")
+    assert store.claim(held, lease_s=lease_s, upstream=(), children=()).outcome == ClaimOutcome.OK
+    keeper = LeaseKeeper(store, lease_s, owner="proc-1")
+    keeper.stop()  # beats are driven by hand below
+
+    # The claim went out 3 s ago; its thread got the reply only now. The next beat must cover it (held from "now",
+    # it would wait another third of a lease, while 3 s of its 6 s claim lease are gone).
+    keeper.hold(held, since=clock.now - lease_s / 2)
+    keeper.beat()
+
+    assert store.owned("proc-1") == [lease_member(held)]
+    assert store.owner_alive("proc-1")
