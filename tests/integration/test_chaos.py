@@ -55,14 +55,6 @@ def test_runs_succeed_and_record_each_output_once_while_workers_are_sigkilled(
     assert report.extra_paid_calls <= report.in_flight_bound
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known gap, also on the code before this round (08f4142): in about 1 session in 3, one of 30 runs stays "
-    "'running' after Redis SIGKILLs; the other promises (no output twice, paid calls bounded) hold. Measured with "
-    "python -m scripts.chaos --redis-kill-every 4, where 3 of 3 sessions passed. Likely the worker-SIGKILL stall's "
-    "causes (the driver's client held roots for 300 s; a busy queue delayed resends by 8 graces), both fixed since; "
-    "not re-measured: on a 2-core machine at load 25 the workers never stayed up between kills.",
-)
 def test_runs_succeed_and_record_each_output_once_while_redis_and_workers_are_sigkilled(chaos: ModuleType) -> None:
     log_dir = ARTIFACTS / "chaos-redis-worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
