@@ -64,6 +64,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
+            # kombu's ack emulation on Redis (the ``unacked`` hash and index): a copy of each message taken, for the
+            # visibility timeout to hand back. The lease index covers every step message sooner, so by default it is
+            # off; kombu then keeps unacknowledged messages in memory and requeues them on close, reject or warm
+            # shutdown all the same. Other transports ignore the option.
+            "ack_emulation": settings.broker_unacked_index,
             # Redis: kombu's default priority lists, pinned, since a producer and a consumer that disagree strand
             # messages; ``queue_order_strategy`` stays round robin (it orders queues, not priorities).
             "priority_steps": list(REDIS_PRIORITY_STEPS),
