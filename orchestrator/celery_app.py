@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 import kombu.exceptions
@@ -64,6 +65,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
+            # kombu's ack emulation on Redis (the ``unacked`` hash and index): a copy of each message taken, for the
+            # visibility timeout to hand back. The lease index covers every step message sooner, so by default it is
+            # off; kombu then keeps unacknowledged messages in memory and requeues them on close, reject or warm
+            # shutdown all the same. Other transports ignore the option.
+            "ack_emulation": settings.broker_unacked_index,
             # Redis: kombu's default priority lists, pinned, since a producer and a consumer that disagree strand
             # messages; ``queue_order_strategy`` stays round robin (it orders queues, not priorities).
             "priority_steps": list(REDIS_PRIORITY_STEPS),
@@ -97,13 +103,80 @@ class ShadowNamedAMQP(AMQP):
     renamed the step in Flower, and a failed step then hid as ``orchestrator.run_step``.
     """
 
+    buffered_events: Callable[[], Any] | None = None
+    """Set by a worker's consumer (``workers/consumer.py``): its task-event dispatcher, when this process has a
+    buffering one (its main process, with an event loop), else ``None``. See :meth:`task_event_buffer`."""
+
+    def task_event_buffer(self) -> Any | None:
+        """The worker's buffered task-event dispatcher, if this process has one: events sent to it go out with the
+        worker's own task events, a window at a time, instead of one ``PUBLISH`` each. ``task-sent`` events of the
+        messages this process publishes go there."""
+        source = self.buffered_events
+        buffered = source() if source is not None else None
+        if buffered is not None and buffered.enabled and "task" in (buffered.buffer_group or ()):
+            return buffered
+        return None
+
     def as_task_v2(self, *args: Any, **kwargs: Any) -> Any:
-        """The message, with its sent event named like its ``shadow`` header."""
+        """The message, with its sent event named like its ``shadow`` header.
+
+        Its shown arguments (``argsrepr`` and ``kwargsrepr``, in its headers and sent event) are their plain ``repr``
+        when they are short strings in tuples, lists and dicts, as a step message's are: what Celery's ``saferepr``
+        makes of them, at a fraction of its cost. Anything else is left to ``saferepr``.
+        """
+        if len(args) >= 4:  # Celery passes (task_id, name, args, kwargs, ...) by position
+            shown = (("argsrepr", args[2], self.argsrepr_maxsize), ("kwargsrepr", args[3], self.kwargsrepr_maxsize))
+            for name, value, max_chars in shown:
+                if kwargs.get(name) is None:
+                    kwargs[name] = _plain_repr(value, max_chars)
         message = super().as_task_v2(*args, **kwargs)
         shadow = message.headers.get("shadow")
         if shadow and message.sent_event is not None:
             message.sent_event["name"] = shadow
         return message
+
+    @cached_property
+    def _event_dispatcher(self) -> Any:
+        # Celery publishes each sent event through this dispatcher, with the message's producer (Celery's own is a
+        # disabled dispatcher, since it publishes with the producer given).
+        return _SentEvents(self, self.app.events.Dispatcher(enabled=False))
+
+
+def _plain_repr(value: object, max_chars: int) -> str | None:
+    """``repr(value)`` if ``value`` is strings in at most three levels of tuples, lists and string-keyed dicts
+    (there ``saferepr`` gives the same) and it is at most ``max_chars`` long (``saferepr`` would truncate it); else
+    ``None``."""
+
+    def plain(item: object, level: int) -> bool:
+        if isinstance(item, str):
+            return True
+        if level >= 3:
+            return False
+        if isinstance(item, tuple | list):
+            return all(plain(x, level + 1) for x in item)
+        if isinstance(item, dict):
+            return all(isinstance(k, str) and plain(v, level + 1) for k, v in item.items())
+        return False
+
+    if value is None or not plain(value, 0):
+        return None
+    shown = repr(value)
+    return shown if len(shown) <= max_chars else None
+
+
+class _SentEvents:
+    """Publishes ``task-sent`` events as Celery does, or buffers them with a worker's own task events."""
+
+    def __init__(self, amqp: ShadowNamedAMQP, plain: Any) -> None:
+        self._amqp = amqp
+        self._plain = plain
+
+    def publish(self, type: str, fields: dict[str, Any], producer: Any, **kwargs: Any) -> Any:
+        """Buffer the event with the worker's task events when there are such, else publish it with ``producer``."""
+        buffered = self._amqp.task_event_buffer()
+        if buffered is not None:
+            return buffered.send(type, **fields)
+        return self._plain.publish(type, fields, producer, **kwargs)
 
 
 def create_app(settings: Settings | None = None) -> Celery:

@@ -9,6 +9,7 @@ Flower learning of a task up to that much later.
 
 from __future__ import annotations
 
+import os
 from typing import Any, cast
 
 from celery.worker.consumer import Consumer
@@ -18,9 +19,27 @@ EVENT_FLUSH_S = 0.01
 
 
 class BatchingConsumer(Consumer):
-    """Celery's consumer, flushing buffered task events every :data:`EVENT_FLUSH_S` at most."""
+    """Celery's consumer, flushing buffered task events every :data:`EVENT_FLUSH_S` at most.
+
+    The ``task-sent`` events of the messages its worker publishes (released steps, retries) join the same buffer
+    (:attr:`orchestrator.celery_app.ShadowNamedAMQP.buffered_events`).
+    """
 
     _flush_due = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pid = os.getpid()
+        amqp = cast(Any, self).app.amqp
+        if hasattr(amqp, "buffered_events"):
+            amqp.buffered_events = self._buffered_events
+
+    def _buffered_events(self) -> Any:
+        # Only in this process: a prefork child has a copy of the consumer, without its event loop or connection.
+        if os.getpid() != self._pid:
+            return None
+        # Set by Celery's Events bootstep, replaced at each reconnection; buffering only with an event loop.
+        return getattr(self, "event_dispatcher", None)
 
     def on_send_event_buffered(self) -> Any:
         """Schedule one flush for the window instead of one per loop turn."""

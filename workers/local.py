@@ -21,7 +21,7 @@ from celery.events.dispatcher import EventDispatcher
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
-from orchestrator.celery_app import CeleryPublisher
+from orchestrator.celery_app import CeleryPublisher, ShadowNamedAMQP
 from orchestrator.definition.spec import StepKind, WorkflowSpec
 from orchestrator.domain import Attempt
 from orchestrator.engine.coordinator import queue_for
@@ -116,12 +116,19 @@ class CeleryLocalSteps:
         signature.apply_async(countdown=countdown_s)
 
     def flush(self) -> None:
-        """Publish the buffered events now (a batch has ended)."""
+        """Publish the buffered events now (a batch has ended); with the worker's own buffer, its window does."""
         if self._events is not None and self._pid == os.getpid():
             self._events.flush(errors=False)
             self._flushed = time.monotonic()
 
     def _send(self, *events: tuple[str, dict[str, Any]], flush: bool = True) -> None:
+        worker_buffer = self.app.amqp.task_event_buffer() if isinstance(self.app.amqp, ShadowNamedAMQP) else None
+        if worker_buffer is not None:
+            # The worker's main process (threads pool): its consumer publishes these with its own events, a window
+            # at a time.
+            for kind, fields in events:
+                worker_buffer.send(kind, **fields)
+            return
         dispatcher = self._dispatcher()
         for kind, fields in events:
             dispatcher.send(kind, **fields)

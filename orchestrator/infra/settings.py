@@ -77,6 +77,13 @@ class Settings:
             before it gives up a state transition or a publish (the step's lease then lets the sweeper take over).
         visibility_timeout_s: ``ORCH_VISIBILITY_TIMEOUT_S``: Redis broker visibility timeout; longer than any
             retry countdown or LLM call so Redis itself never redelivers a message that is still being worked.
+            Only read with ``broker_unacked_index``.
+        broker_unacked_index: ``ORCH_BROKER_UNACKED_INDEX``: on a Redis broker, have kombu also copy every message a
+            worker takes into its ``unacked`` hash and index (and delete it there at the acknowledgement), to put it
+            back after ``visibility_timeout_s`` if the worker dies. Off by default: the lease index already covers
+            every step message (a dead worker's steps are sent again after their lease or ``queued_grace_s``, far
+            sooner), and the copy cost two round trips and a JSON encoding of the message per step; a worker
+            stopping or losing its connection still hands back the messages it took and has not acknowledged.
         max_input_bytes: ``ORCH_MAX_INPUT_BYTES``: cap on a run's serialized inputs.
         max_output_bytes: ``ORCH_MAX_OUTPUT_BYTES``: cap on one step's serialized output.
         max_prompt_bytes: ``ORCH_MAX_PROMPT_BYTES``: cap on an ``llm`` step's rendered prompt and system prompt
@@ -133,6 +140,7 @@ class Settings:
     queued_grace_s: float = 300.0
     outage_patience_s: float = 300.0
     visibility_timeout_s: int = 6 * 3600
+    broker_unacked_index: bool = False
     max_input_bytes: int = 256 * 1024
     max_output_bytes: int = 1024 * 1024
     max_prompt_bytes: int = 4 * 1024 * 1024
@@ -218,6 +226,7 @@ class Settings:
             "queued_grace_s": "ORCH_QUEUED_GRACE_S",
             "outage_patience_s": "ORCH_OUTAGE_PATIENCE_S",
             "visibility_timeout_s": "ORCH_VISIBILITY_TIMEOUT_S",
+            "broker_unacked_index": "ORCH_BROKER_UNACKED_INDEX",
             "max_input_bytes": "ORCH_MAX_INPUT_BYTES",
             "max_output_bytes": "ORCH_MAX_OUTPUT_BYTES",
             "max_prompt_bytes": "ORCH_MAX_PROMPT_BYTES",

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import redis
+from celery import Celery
 
 from orchestrator.engine.priorities import redis_queue_lists
 
@@ -68,3 +69,15 @@ def ts(value: str) -> float:
 def queue_length(client: redis.Redis, queue: str) -> int:
     """Messages waiting in ``queue`` on the Redis broker: the sum of its priority lists."""
     return sum(int(client.llen(name)) for name in redis_queue_lists(queue))
+
+
+def held_by_workers(app: Celery, task_id: str | None = None) -> bool:
+    """Whether a worker holds a message it took and has not acknowledged (``task_id``'s, or any): reserved or running.
+
+    The Redis broker keeps no copy of a taken message (``ORCH_BROKER_UNACKED_INDEX`` is off), so only the workers
+    know of it.
+    """
+    inspect = app.control.inspect(timeout=1.0)
+    if task_id is not None:
+        return any(task_id in tasks for tasks in (inspect.query_task(task_id) or {}).values())
+    return any(tasks for replies in (inspect.reserved(), inspect.active()) for tasks in (replies or {}).values())

@@ -137,10 +137,12 @@ def test_flower_shows_each_step_as_workflow_dot_step_succeeded_on_our_workers(
     def ours() -> dict[str, Any] | None:
         tasks = flower.get("/api/tasks", auth=AUTH).json()
         mine = {t["name"]: t for t in tasks.values() if str(t.get("name", "")).startswith(f"{name}.")}
-        done = set(mine) == expected and all(t["state"] == "SUCCESS" for t in mine.values())
+        # Sent too: the client's message, and those the workers published (their task-sent events buffered with
+        # the workers' other task events).
+        done = set(mine) == expected and all(t["state"] == "SUCCESS" and t.get("sent") for t in mine.values())
         return mine if done else None
 
-    tasks = wait_in_flower(flower, ours, "Flower to report every step as succeeded")
+    tasks = wait_in_flower(flower, ours, "Flower to report every step as sent and succeeded")
 
     assert tasks is not None
     assert set(tasks) == expected

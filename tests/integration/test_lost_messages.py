@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from kombu import Exchange, Queue
 
 from orchestrator import Client, Settings
 from orchestrator.celery_app import CeleryPublisher, create_app
@@ -103,3 +104,26 @@ def test_a_step_still_waiting_behind_an_older_backlog_is_not_sent_twice(
     assert client.store.run_fields(waiting_run)[keys.step_field("a", "lease")]
     assert member not in runtime.store.expired_leases(), "its hold was extended, not resent"
     assert not [e for e in client.store.events(waiting_run) if (e.data or {}).get("resent")]
+
+
+def test_a_message_taken_and_not_acknowledged_has_no_copy_in_redis_and_goes_back_to_its_queue_on_close(
+    settings: Settings, unique: str
+) -> None:
+    # Our broker settings (ORCH_BROKER_UNACKED_INDEX off): kombu keeps a taken message in memory only, and a worker
+    # that stops or loses its connection hands it back; a SIGKILLed one leaves it to the lease index.
+    app = create_app(settings)
+    redis_client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    queue = Queue(f"probe_{unique}", Exchange(f"probe_{unique}"), f"probe_{unique}")
+    taken: list[object] = []
+    with app.connection_for_write() as connection:
+        with connection.Producer() as producer:
+            producer.publish({"step": unique}, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue])
+        with connection.Consumer(queue, callbacks=[lambda _body, message: taken.append(message)]):
+            connection.drain_events(timeout=10)
+
+        assert len(taken) == 1
+        assert redis_client.llen(queue.name) == 0
+        assert not any(unique in value for value in redis_client.hvals("unacked")), "no copy in kombu's unacked hash"
+
+    assert redis_client.llen(queue.name) == 1, "handed back when the connection closed"
+    assert unique in redis_client.lindex(queue.name, 0)

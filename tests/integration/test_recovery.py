@@ -13,7 +13,7 @@ import redis
 from orchestrator import Client
 from orchestrator.dev.local_workers import LocalWorkers
 from tests.conftest import ARTIFACTS, WORKER_ENV
-from tests.integration.helpers import py, wait_for, workflow
+from tests.integration.helpers import held_by_workers, py, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -102,8 +102,11 @@ def test_a_duplicate_delivery_of_a_finished_step_neither_reruns_nor_overwrites_i
 
     marker = uuid.uuid4().hex
     client.publisher.publish(spec, run_id=run_id, steps=["once"], generation="1", task_ids={"once": marker})
-    # With late acks a message leaves the queue and kombu's unacked hash only once its task has returned.
-    wait_for(lambda: not _in_broker(redis_client, marker), what="the duplicate to be processed and acked")
+    # With late acks a worker holds the message until its task has returned.
+    wait_for(
+        lambda: not _in_broker(redis_client, marker) and not held_by_workers(client.app, marker),
+        what="the duplicate to be processed and acked",
+    )
 
     after = client.status(run_id)
     assert redis_client.get(f"test:calls:{run_id}:once") == "1"

@@ -223,11 +223,21 @@ def test_a_plain_broker_url_reaches_celery_unchanged(url: str) -> None:
     # Only the visibility timeout and kombu's pinned priority lists: no Sentinel options.
     assert config["broker_transport_options"] == {
         "visibility_timeout": Settings().visibility_timeout_s,
+        "ack_emulation": False,
         "priority_steps": [0, 3, 6, 9],
         "sep": "\x06\x16",
     }
     assert "broker_use_ssl" not in config
     assert broker_connection(url).transport_options == {}
+
+
+def test_kombus_unacked_index_on_redis_is_off_unless_asked_for() -> None:
+    # The lease index covers every step message; the index would cost two round trips per message (docs/reliability).
+    assert from_settings(Settings.from_env({}))["broker_transport_options"]["ack_emulation"] is False
+    asked = Settings.from_env({"ORCH_BROKER_UNACKED_INDEX": "true"})
+
+    assert asked.broker_unacked_index is True
+    assert from_settings(asked)["broker_transport_options"]["ack_emulation"] is True
 
 
 # -- no password in messages or logs -----------------------------------------------------------------------------------
