@@ -71,13 +71,17 @@ def queue_length(client: redis.Redis, queue: str) -> int:
     return sum(int(client.llen(name)) for name in redis_queue_lists(queue))
 
 
-def held_by_workers(app: Celery, task_id: str | None = None) -> bool:
-    """Whether a worker holds a message it took and has not acknowledged (``task_id``'s, or any): reserved or running.
+def held_by_workers(app: Celery, marker: str | None = None) -> bool:
+    """Whether a worker holds a message it took and has not acknowledged (one mentioning ``marker``, a task or run
+    id, or any): reserved, scheduled (a countdown) or running.
 
     The Redis broker keeps no copy of a taken message (``ORCH_BROKER_UNACKED_INDEX`` is off), so only the workers
     know of it.
     """
     inspect = app.control.inspect(timeout=1.0)
-    if task_id is not None:
-        return any(task_id in tasks for tasks in (inspect.query_task(task_id) or {}).values())
-    return any(tasks for replies in (inspect.reserved(), inspect.active()) for tasks in (replies or {}).values())
+    held = [task for replies in (inspect.reserved(), inspect.scheduled(), inspect.active()) for task in _tasks(replies)]
+    return any(marker is None or marker in str(task) for task in held)
+
+
+def _tasks(replies: dict[str, list[Any]] | None) -> list[Any]:
+    return [task for tasks in (replies or {}).values() for task in tasks]

@@ -16,7 +16,7 @@ import redis
 
 from orchestrator import Client
 from orchestrator.dev.local_workers import LocalWorkers
-from tests.integration.helpers import py, wait_for, workflow
+from tests.integration.helpers import held_by_workers, py, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -95,9 +95,10 @@ def test_cancelling_a_run_mid_batch_interrupts_the_running_step_and_starts_none_
     client.cancel(run_id)
 
     def settled() -> bool:
-        pending = redis_client.lrange("cpu", 0, -1) + redis_client.hvals("unacked")
-        running = [s for s, v in client.status(run_id)["steps"].items() if v["status"] == "running"]
-        return not running and not any(run_id in message for message in pending)
+        if any(v["status"] == "running" for v in client.status(run_id)["steps"].values()):
+            return False
+        queued = redis_client.lrange("cpu", 0, -1)
+        return not any(run_id in message for message in queued) and not held_by_workers(client.app, run_id)
 
     # Once nothing of the run waits in the broker or runs, nothing of it can start any more.
     wait_for(settled, timeout=30, what="the cancelled run's messages to drain")

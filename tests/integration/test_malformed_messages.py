@@ -84,10 +84,10 @@ def _logged(setup: Setup, marker: str, levels: set[str], saying: str = "") -> li
 
 
 def _in_broker(setup: Setup, marker: str) -> bool:
-    """Whether any queued or unacknowledged message mentions ``marker``."""
+    """Whether any queued message, or one a worker took and has not acknowledged, mentions ``marker``."""
     raw = setup.raw
-    messages = raw.lrange("llm", 0, -1) + raw.lrange("cpu", 0, -1) + raw.hvals("unacked")
-    return any(marker in message for message in messages)
+    messages = raw.lrange("llm", 0, -1) + raw.lrange("cpu", 0, -1)
+    return any(marker in message for message in messages) or held_by_workers(setup.client.app, marker)
 
 
 def _received(setup: Setup, task_id: str) -> int:

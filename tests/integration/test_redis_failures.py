@@ -87,7 +87,7 @@ def _stranded(client: Client, url: str, run_ids: list[str]) -> dict[str, Any]:
     """The unfinished steps of unfinished runs: status, task id, whether a lease or a broker message covers them."""
     with redis.Redis.from_url(url, decode_responses=True) as raw:
         leases = raw.zrange(keys.LEASES, 0, -1)
-        messages = raw.lrange("llm", 0, -1) + raw.lrange("cpu", 0, -1) + raw.hvals("unacked")
+        messages = raw.lrange("llm", 0, -1) + raw.lrange("cpu", 0, -1)
     out: dict[str, Any] = {}
     for run_id in run_ids:
         fields = client.store.run_fields(run_id)

@@ -12,7 +12,7 @@ from orchestrator import Client
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.errors import RunStateError, WorkflowDefinitionError
 from orchestrator.state import keys
-from tests.integration.helpers import llm, py, ts, wait_for, workflow
+from tests.integration.helpers import held_by_workers, llm, py, ts, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -21,11 +21,11 @@ def calls(r: redis.Redis, run_id: str, step: str) -> int:
     return int(r.get(f"test:calls:{run_id}:{step}") or 0)
 
 
-def _drained(r: redis.Redis, run_id: str) -> bool:
-    # Every message of the run was consumed and acknowledged (late acks: only after its task returned). Messages of
-    # workers other tests killed stay unacked for the visibility timeout, so only this run's count.
-    pending = r.lrange("cpu", 0, -1) + r.lrange("llm", 0, -1) + r.hvals("unacked")
-    return not any(run_id in message for message in pending)
+def _drained(client: Client, r: redis.Redis, run_id: str) -> bool:
+    # Every message of the run was consumed and acknowledged (late acks: only after its task returned): none queued,
+    # none held by a worker.
+    queued = r.lrange("cpu", 0, -1) + r.lrange("llm", 0, -1)
+    return not any(run_id in message for message in queued) and not held_by_workers(client.app, run_id)
 
 
 # -- resume -----------------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_a_late_message_from_the_previous_generation_changes_nothing(
     client.wait(run_id, timeout=30)
 
     client.publisher.publish(spec, run_id=run_id, steps=["a", "g"], generation="1")
-    wait_for(lambda: _drained(redis_client, run_id), what="the late messages to be consumed")
+    wait_for(lambda: _drained(client, redis_client, run_id), what="the late messages to be consumed")
 
     view = client.status(run_id)
     assert view["status"] == "succeeded"
@@ -265,7 +265,7 @@ def test_cancel_during_a_fan_out_starts_nothing_afterwards_and_keeps_finished_ou
     )
 
     outcome = client.cancel(run_id)
-    wait_for(lambda: _drained(redis_client, run_id), timeout=60, what="every message to be consumed")
+    wait_for(lambda: _drained(client, redis_client, run_id), timeout=60, what="every message to be consumed")
 
     view = client.status(run_id)
     stopped = ts(view["stopped_at"])
@@ -393,7 +393,7 @@ def test_cancel_while_steps_are_being_released_leaves_no_step_behind(
     run_id = client.submit(workflow(f"release_race_{unique}", *(s for layer in layers for s in layer)))
     wait_for(lambda: any(s["status"] == "succeeded" for s in client.status(run_id)["steps"].values()), what="progress")
     client.cancel(run_id)
-    wait_for(lambda: _drained(redis_client, run_id), timeout=60, what="every message to be consumed")
+    wait_for(lambda: _drained(client, redis_client, run_id), timeout=60, what="every message to be consumed")
 
     view = client.status(run_id)
     stopped = ts(view["stopped_at"])

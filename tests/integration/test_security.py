@@ -28,7 +28,7 @@ from orchestrator.dev.redis_server import RedisServer, find_redis_server
 from orchestrator.errors import StoreUnavailableError, WorkflowDefinitionError
 from orchestrator.state import keys
 from tests.conftest import ARTIFACTS, WORKER_ENV
-from tests.integration.helpers import llm, py, wait_for, workflow
+from tests.integration.helpers import held_by_workers, llm, py, wait_for, workflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -77,7 +77,7 @@ def test_a_pickled_step_message_is_refused_unread_and_the_workers_keep_working(
     assert celeryconfig_accepts() == ["json"]
     # Celery logs the refused body, not the headers: the run id inside it identifies our message.
     refusal = wait_for(lambda: logged(workers, run_id, "untrusted content of type pickle"), what="the refusal logged")
-    wait_for(lambda: not in_broker(redis_client, task_id), what="the message to leave the broker")
+    wait_for(lambda: not in_broker(client, redis_client, task_id), what="the message to leave the broker")
     assert "ContentDisallowed" in refusal[0]
     assert not canary.exists(), "the pickle was never deserialized"
     assert redis_client.hgetall(keys.run_key(run_id)) == before, "the run did not change"
@@ -96,9 +96,10 @@ def logged(workers: LocalWorkers, *needles: str) -> list[str]:
     return [line for line in lines if all(needle in line for needle in needles)]
 
 
-def in_broker(r: redis.Redis, marker: str) -> bool:
-    """Whether a queued or unacknowledged message mentions ``marker``."""
-    return any(marker in m for m in [*r.lrange("cpu", 0, -1), *r.lrange("llm", 0, -1), *r.hvals("unacked")])
+def in_broker(client: Client, r: redis.Redis, marker: str) -> bool:
+    """Whether a queued message, or one a worker took and has not acknowledged, mentions ``marker``."""
+    queued = [*r.lrange("cpu", 0, -1), *r.lrange("llm", 0, -1)]
+    return any(marker in m for m in queued) or held_by_workers(client.app, marker)
 
 
 def celeryconfig_accepts() -> list[str]:
