@@ -2189,14 +2189,54 @@ def test_a_heartbeat_from_a_host_whose_clock_runs_behind_is_judged_by_redis_cloc
 ) -> None:
     if backend.client is None:
         pytest.skip("the in-memory store has one clock")
-    from orchestrator.state.redis import owners
+    from orchestrator.state.redis import clock
 
     skewed = time.time
-    monkeypatch.setattr(owners.time, "time", lambda: skewed() - 30.0)  # this host is 30 s behind Redis
+    monkeypatch.setattr(clock.time, "time", lambda: skewed() - 30.0)  # this host is 30 s behind Redis
     backend.store.keep_owner("proc-1", 6.0)
 
     assert backend.store.owner_alive("proc-1"), "alive for 6 s by Redis's clock, not dead 24 s ago"
     assert "proc-1" not in backend.store.dead_owners()
+
+
+def test_a_sweep_acts_only_on_what_redis_clock_says_is_due(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    if backend.client is None:
+        pytest.skip("the in-memory store has one clock")
+    assert isinstance(backend.store, RedisStateStore)
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=20.0).outcome == ClaimOutcome.OK
+    backend.store.keep_owner("proc-1", 6.0, joined=[MEMBER])
+    redis_clock = backend.store.clock
+    # The process's estimate of Redis's clock runs 30 s ahead (however it came to): it finds both due, and neither is.
+    monkeypatch.setattr(redis_clock, "now", lambda: redis_clock.read() + 30.0)
+
+    assert backend.store.dead_owners() == [], "alive for 6 s by Redis's clock, whatever this process thinks"
+    assert backend.store.expired_leases() == []
+
+
+def test_a_sweep_that_finds_nothing_due_reads_redis_clock_once_a_minute(backend: Backend) -> None:
+    if backend.client is None:
+        pytest.skip("the in-memory store has one clock")
+    assert isinstance(backend.store, RedisStateStore)
+    reads = 0
+    time_command = backend.store.client.time
+
+    def counted() -> Any:
+        nonlocal reads
+        reads += 1
+        return time_command()
+
+    backend.store.client.time = counted  # type: ignore[method-assign]
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=LONG_LEASE_S).outcome == ClaimOutcome.OK
+    for _ in range(5):
+        backend.store.keep_owner("proc-1", 6.0, joined=[MEMBER])
+        assert backend.store.dead_owners() == []
+        assert backend.store.expired_leases() == []
+        assert backend.store.due_deadlines() == []
+        assert backend.store.due_approvals() == []
+
+    assert reads == 1, "one TIME sets the offset; the beats and the sweeps use it"
 
 
 # -- continuing locally: the finish claims the child its slot keeps ------------------------------------------------

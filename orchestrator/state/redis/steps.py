@@ -231,9 +231,7 @@ class StepTransitions(RedisStateCore):
 
     def expired_leases(self, limit: int = 500, buckets: Sequence[str | None] | None = None) -> list[str]:
         """Lease index members whose lease ran out, by Redis's clock."""
-        seconds, micros = self.client.time()
-        now = seconds + micros / 1e6
-        return self._due(keys.leases_key, now, limit, buckets)
+        return self._due(keys.leases_key, limit, buckets)
 
     def reclaim(
         self,
