@@ -984,6 +984,25 @@ def test_renew_never_revives_the_lease_of_a_run_that_is_not_running(backend: Bac
     assert backend.store.renew({"run1": [("a", "t1")]}, LONG_LEASE_S) == [("run1", "a", "t1", False)]
 
 
+def test_a_renewal_reads_each_step_once_and_takes_its_time_from_the_process_clock(backend: Backend) -> None:
+    if backend.client is None:
+        pytest.skip("the in-memory store sends no commands")
+    assert isinstance(backend.store, RedisStateStore)
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.OK
+    backend.store.clock.read()  # the offset, read once a minute at most
+    backend.client.config_resetstat()
+
+    assert backend.store.renew({"run1": [("a", "t1")]}, LONG_LEASE_S) == [("run1", "a", "t1", True)]
+
+    stats = backend.client.info("commandstats")
+    calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items() if k != "cmdstat_config|resetstat"}
+    assert calls == {"evalsha": 1, "hmget": 1, "hset": 1, "zadd": 1}
+    assert float(step_fields(backend, "a")["lease"]) == pytest.approx(backend.now() + LONG_LEASE_S, abs=1.0)
+    indexed = backend.client.zscore(backend.store._leases("run1"), keys.lease_member("run1", "a", "t1"))
+    assert indexed == pytest.approx(float(step_fields(backend, "a")["lease"]), abs=1e-3)
+
+
 def test_a_reclaim_refused_for_a_live_lease_keeps_the_attempt_findable_by_the_sweeper(backend: Backend) -> None:
     # The race: the sweeper reads an overdue index entry; the heartbeat then renews the lease; the sweeper's reclaim
     # sees a live lease and refuses. If the refusal also dropped the index entry, later heartbeats (ZADD XX) could not
