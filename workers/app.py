@@ -13,6 +13,7 @@ from celery.exceptions import CPendingDeprecationWarning, SoftTimeLimitExceeded
 from celery.signals import (
     celeryd_after_setup,
     setup_logging,
+    task_revoked,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -31,7 +32,7 @@ from workers.local import CeleryLocalSteps
 from workers.metrics import WorkerMetricsEndpoint
 from workers.slots import KnownSlots
 from workers.sweeper import Sweeper
-from workers.tasks import register_tasks
+from workers.tasks import register_tasks, resend_passengers
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def create_app(settings: Settings | None = None) -> Celery:
         local=lambda publisher: CeleryLocalSteps(app, cast(CeleryPublisher, publisher)),
     )
     app.orchestrator_runtime = holder  # type: ignore[attr-defined]
-    register_tasks(app, holder)
+    step_task = register_tasks(app, holder)
+    # A revoked batch message takes its other steps with it: they go out again (workers/tasks.py).
+    task_revoked.connect(lambda request, **_: resend_passengers(holder, request), sender=step_task, weak=False)
     app.steps["worker"].add(Sweeper)
     _warm_up(holder)
     _observe(app, settings)

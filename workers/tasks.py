@@ -11,7 +11,8 @@ What Celery (and so Flower, task events and their exporters) sees of each step a
   :class:`~orchestrator.errors.StepFailed` is raised: listed in ``throws``, so the worker logs one line without a
   traceback; not in ``autoretry_for``, so it is never retried; and with ``acks_late`` the message is acknowledged
   as any failure is (``acks_on_failure_or_timeout``), never redelivered.
-- ``REVOKED``: a running attempt interrupted by ``cancel`` (prefork terminates it).
+- ``REVOKED``: a running attempt interrupted by ``cancel`` (prefork terminates it). The other steps of a revoked
+  batch message are sent again (:func:`resend_passengers`).
 """
 
 from __future__ import annotations
@@ -124,6 +125,30 @@ def step_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str, 
         raise ValueError(f"index must be decimal digits (at most {MAX_ITEM_INDEX_DIGITS}); got {raw[:20]!r}")
     index = int(raw) if raw is not None else None
     return values["run_id"], values["definition_hash"], values["step"], values["generation"], index
+
+
+def resend_passengers(runtime: RuntimeHolder, request: Any) -> int:
+    """Send again, one step a message, the other steps of a revoked batch message; returns how many went out.
+
+    A revoke is aimed at one step (``cancel_others``, a cancel, a deadline), but Celery acknowledges the whole message:
+    a batch dropped before it started, or its slot terminated mid-step, would leave its other steps to the sweeper's
+    grace. Sent again under their own task ids, each is claimed once: one that ran already, or whose run was cancelled
+    with it, is dropped by its claim as any duplicate is.
+    """
+    sent = dict(request.kwargs or {})
+    if request.task != STEP_TASK or BATCH_KWARG not in sent:
+        return 0
+    try:
+        passengers = passengers_of(sent.pop(BATCH_KWARG))
+        run_id, definition_hash, _, generation, _ = step_args(tuple(request.args or ()), sent)
+    except ValueError:
+        return 0  # a malformed message, refused when it ran
+    active = runtime.get()
+    spec = active.store.load_definition(definition_hash)
+    for step, task_id in passengers:
+        active.publisher.publish(spec, run_id=run_id, steps=(step,), generation=generation, task_ids={step: task_id})
+    log.info("batch message %s revoked: sent its %d other steps again", request.id, len(passengers))
+    return len(passengers)
 
 
 def _delivery(request: Any) -> Delivery:

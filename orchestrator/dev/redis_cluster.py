@@ -50,6 +50,9 @@ class RedisClusterServers:
             str(node_timeout_ms),
             "--cluster-config-file",
             "nodes.conf",
+            # A replica syncs at once rather than after the default 5 s wait for more replicas to share the transfer.
+            "--repl-diskless-sync-delay",
+            "0",
             *extra_args,
         )
 
@@ -80,7 +83,8 @@ class RedisClusterServers:
         return self
 
     def wait_ready(self, timeout_s: float = _READY_TIMEOUT_S) -> None:
-        """Wait until every running node says ``cluster_state:ok`` and every slot has a master that answers.
+        """Wait until every running node says ``cluster_state:ok``, every slot has a master that answers and every
+        replica has synced with its master (a replica that never synced does not take over when its master dies).
 
         Raises:
             StoreUnavailableError: Not so after ``timeout_s``.
@@ -90,9 +94,14 @@ class RedisClusterServers:
         while time.monotonic() < deadline:
             try:
                 states = [self._client(node).cluster("info") for node in self._running()]
-                if all(_field(state, "cluster_state") == "ok" for state in states) and self._masters_agree():
+                if not all(_field(state, "cluster_state") == "ok" for state in states):
+                    last = "cluster_state not ok on every node"
+                elif not self._masters_agree():
+                    last = "the nodes do not yet agree on the masters"
+                elif not self._replicas_synced():
+                    last = "a replica has not synced with its master"
+                else:
                     return
-                last = "cluster_state not ok on every node"
             except redis.RedisError as exc:
                 last = str(exc)
             time.sleep(0.1)
@@ -145,6 +154,13 @@ class RedisClusterServers:
             slots = self._client(node).cluster("slots")
             views.append(sorted((int(row[0]), int(row[2][1])) for row in slots))
         return all(view == views[0] for view in views) and all(port in alive for _, port in views[0])
+
+    def _replicas_synced(self) -> bool:
+        for node in self._running():
+            replication = self._client(node).info("replication")
+            if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
+                return False
+        return True
 
     @staticmethod
     def _client(node: RedisServer) -> redis.Redis:

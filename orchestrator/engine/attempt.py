@@ -366,30 +366,18 @@ def finish_attempt(
 
     With ``local``, one released child may be kept to run next in this slot (see :mod:`orchestrator.engine.local`).
     """
-    interrupted = False
 
     def record() -> bool:
-        nonlocal interrupted
-        try:
-            return record_outcome(
-                runtime.publisher,
-                runtime.settings,
-                runtime.store,
-                spec,
-                attempt,
-                outcome=outcome,
-                local=local,
-                **details,
-            )
-        except OUTAGE_ERRORS:
-            interrupted = True
-            raise
+        return record_outcome(
+            runtime.publisher, runtime.settings, runtime.store, spec, attempt, outcome=outcome, local=local, **details
+        )
 
     recorded = _retry_through_outage(runtime, f"{attempt}: record {outcome.value}", record)
-    if interrupted and not recorded:
-        # The outage may have hidden our own finish: applied, but its reply or the children's publish lost, so the
-        # repeat was refused as stale. Claiming again tells, as for a redelivered message: a finished step's
-        # released children that no message has claimed are published again (duplicates are dropped by the claim).
+    if not recorded:
+        # Refused as stale, which may hide our own finish: applied, but its reply lost to a dropped connection, and
+        # the finish sent again (by us through an outage, or by redis-py itself in a cluster) found it done. Claiming
+        # again tells, as for a redelivered message: a finished step's released children that no message has claimed
+        # are published again (duplicates are dropped by the claim). Rare, so its round trip costs nothing healthy.
         children = spec.graph.children[attempt.step]
         claim = _retry_through_outage(
             runtime,

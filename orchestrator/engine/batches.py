@@ -14,8 +14,9 @@ task id given by its finish, and steps of different queues or priorities (each b
 larger than :data:`MAX_BATCH`, and small enough that every known slot gets work twice over.
 
 Nothing is lost by it: every passenger keeps the dispatch hold its finish gave it, so a worker that dies mid-batch
-leaves the unstarted ones to the message's redelivery or, failing that, the sweeper; a duplicate is dropped by its
-claim as any duplicate message is.
+leaves the unstarted ones to the message's redelivery or, failing that, the sweeper; a revoked batch message has its
+passengers sent again by the worker (``workers.tasks.resend_passengers``); a duplicate is dropped by its claim as any
+duplicate message is.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from orchestrator import telemetry
 from orchestrator.errors import NonRetryableStepError, StepDeferred, StepError
 from orchestrator.llm.base import LLMClient, LLMRequest, LLMResponse, TextCallback
 from orchestrator.llm.cache import ReplyCache, decode_reply, encode_reply, request_digest
-from orchestrator.llm.governor import Admission, RedisGovernor, ReplyStore
+from orchestrator.llm.governor import Admission, RedisGovernor, ReplyStore, Settlement
 from orchestrator.llm.pricing import PriceTable, estimate_input_tokens
 
 __all__ = ["CallContext", "GatewayReply", "LLMGateway"]
@@ -68,19 +68,6 @@ class GatewayReply:
     response: LLMResponse
     cost_usd: float | None
     cached: bool
-
-
-@dataclass(frozen=True)
-class _Settlement:
-    """What an admitted call used: tokens estimated and used, worst-case and real cost, and a cool-down to start."""
-
-    tokens: int
-    used: int
-    worst_case: float
-    cost: float
-    billed: bool
-    cooldown: float
-    tokens_in_out: tuple[int, int] = (0, 0)
 
 
 class LLMGateway:
@@ -231,43 +218,34 @@ class LLMGateway:
         finally:
             # Settling the call and storing its reply take one round trip together.
             in_out = (response.usage.input_tokens, response.usage.output_tokens) if response is not None else (0, 0)
-            settle = _Settlement(tokens, int(used), worst_case, cost, billed, cooldown, in_out)
+            call = Settlement(
+                run_id=ctx.run_id,
+                model=request.model,
+                tokens_estimated=tokens,
+                tokens_used=int(used),
+                worst_case_usd=worst_case,
+                cost_usd=cost,
+                billed=billed,
+                cooldown_s=cooldown,
+                tokens_in_out=in_out,
+            )
             if self.governor is not None and self.governor.folds:
-                self._close_folded(request, ctx, settle, reply=reply, response=response)
+                self._close_folded(call, reply=reply, response=response)
             else:
-                self._close(request, ctx, settle, digest=digest, response=response, shared=ctx.reply_cache == "shared")
+                self._close(ctx, call, digest=digest, response=response, shared=ctx.reply_cache == "shared")
         assert response is not None
         self._record(ctx, request, response, duration_s=time.monotonic() - started, cost=priced)
         return GatewayReply(response, priced, cached=False)
 
-    def _close_folded(
-        self,
-        request: LLMRequest,
-        ctx: CallContext,
-        settle: _Settlement,
-        *,
-        reply: ReplyStore | None,
-        response: LLMResponse | None,
-    ) -> None:
+    def _close_folded(self, call: Settlement, *, reply: ReplyStore | None, response: LLMResponse | None) -> None:
         """Settle an opened call and store its reply (if any) in one script."""
         assert self.governor is not None
         try:
-            self.governor.close_call(
-                run_id=ctx.run_id,
-                model=request.model,
-                tokens_estimated=settle.tokens,
-                tokens_used=settle.used,
-                worst_case_usd=settle.worst_case,
-                cost_usd=settle.cost,
-                billed=settle.billed,
-                cooldown_s=settle.cooldown,
-                tokens_in_out=settle.tokens_in_out,
-                reply=reply,
-                body=encode_reply(response) if response is not None and reply is not None else None,
-            )
+            body = encode_reply(response) if response is not None and reply is not None else None
+            self.governor.close_call(call, reply=reply, body=body)
         except Exception:
             # The call has happened; losing its accounting or its stored reply must not lose the reply itself.
-            log.warning("could not settle or store an LLM call of run %s", ctx.run_id, exc_info=True)
+            log.warning("could not settle or store an LLM call of run %s", call.run_id, exc_info=True)
 
     def _check(self, request: LLMRequest, ctx: CallContext, admission: Admission, worst_case: float) -> None:
         """Raise what an admission other than ``ok`` means for the step."""
@@ -296,9 +274,8 @@ class LLMGateway:
 
     def _close(
         self,
-        request: LLMRequest,
         ctx: CallContext,
-        settle: _Settlement,
+        call: Settlement,
         *,
         digest: str,
         response: LLMResponse | None,
@@ -311,18 +288,7 @@ class LLMGateway:
             return
         pipe = owner.client.pipeline(transaction=False)
         if self.governor is not None:
-            self.governor.settle(
-                run_id=ctx.run_id,
-                model=request.model,
-                tokens_estimated=settle.tokens,
-                tokens_used=settle.used,
-                worst_case_usd=settle.worst_case,
-                cost_usd=settle.cost,
-                billed=settle.billed,
-                cooldown_s=settle.cooldown,
-                tokens_in_out=settle.tokens_in_out,
-                pipe=pipe,
-            )
+            self.governor.settle(call, pipe=pipe)
         if cache is not None and response is not None:
             cache.put(ctx.run_id, digest, response, shared=shared, pipe=pipe)
         try:

@@ -29,7 +29,16 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.infra.redis_cluster import is_cluster_client, queue_evalsha, script_args
 from orchestrator.state import keys
 
-__all__ = ["Admission", "Limit", "RateLimits", "RedisGovernor", "ReplyStore", "from_nano_usd", "to_nano_usd"]
+__all__ = [
+    "Admission",
+    "Limit",
+    "RateLimits",
+    "RedisGovernor",
+    "ReplyStore",
+    "Settlement",
+    "from_nano_usd",
+    "to_nano_usd",
+]
 
 NANO = 1_000_000_000
 
@@ -146,6 +155,33 @@ class ReplyStore:
     shared_ttl_s: int
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """What an admitted call used, to charge to the model's rate limit and the run's budget.
+
+    Attributes:
+        run_id: The run paying.
+        model: The model called.
+        tokens_estimated: The tokens counted when the call was admitted.
+        tokens_used: The tokens the reply used (0 when the call failed).
+        worst_case_usd: The cost held against the budget when the call was admitted.
+        cost_usd: The call's real cost.
+        billed: The provider answered, so the call counts towards the run's calls and tokens.
+        cooldown_s: A provider's ``retry-after`` that pauses every worker's calls to the model; 0 for none.
+        tokens_in_out: The reply's input and output tokens, added to the run's totals when ``billed``.
+    """
+
+    run_id: str
+    model: str
+    tokens_estimated: int
+    tokens_used: int
+    worst_case_usd: float
+    cost_usd: float
+    billed: bool
+    cooldown_s: float = 0.0
+    tokens_in_out: tuple[int, int] = (0, 0)
+
+
 class RedisGovernor:
     """Admission and settlement of LLM calls against Redis.
 
@@ -249,43 +285,29 @@ class RedisGovernor:
             return Admission(outcome, wait_s=float(_text(answer[1]))), None
         return Admission("ok"), None
 
-    def close_call(
-        self,
-        *,
-        run_id: str,
-        model: str,
-        tokens_estimated: int,
-        tokens_used: int,
-        worst_case_usd: float,
-        cost_usd: float,
-        billed: bool,
-        cooldown_s: float = 0.0,
-        tokens_in_out: tuple[int, int] = (0, 0),
-        reply: ReplyStore | None = None,
-        body: str | None = None,
-    ) -> None:
+    def close_call(self, call: Settlement, *, reply: ReplyStore | None = None, body: str | None = None) -> None:
         """:meth:`settle` an opened call and store its reply ``body`` (JSON) where ``reply`` says, in one round trip
         (single Redis only: see :attr:`folds`)."""
-        limit = self.limits.for_model(model)
+        limit = self.limits.for_model(call.model)
         store = "0" if reply is None or body is None else ("2" if reply.shared else "1")
         digest = reply.digest if reply is not None else ""
         self._close(
             keys=[
-                keys.run_key(run_id),
-                keys.llm_limiter_key(model),
-                keys.llm_run_cache_key(run_id),
+                keys.run_key(call.run_id),
+                keys.llm_limiter_key(call.model),
+                keys.llm_run_cache_key(call.run_id),
                 keys.llm_shared_cache_key(digest),
             ],
             args=[
-                "1" if limit.tpm or cooldown_s > 0 else "0",
+                "1" if limit.tpm or call.cooldown_s > 0 else "0",
                 limit.tpm,
-                tokens_estimated,
-                tokens_used,
-                cooldown_s,
-                to_nano_usd(worst_case_usd),
-                to_nano_usd(cost_usd),
-                "1" if billed else "0",
-                *tokens_in_out,
+                call.tokens_estimated,
+                call.tokens_used,
+                call.cooldown_s,
+                to_nano_usd(call.worst_case_usd),
+                to_nano_usd(call.cost_usd),
+                "1" if call.billed else "0",
+                *call.tokens_in_out,
                 store,
                 digest,
                 body if body is not None and store != "0" else "",
@@ -294,34 +316,22 @@ class RedisGovernor:
             ],
         )
 
-    def settle(
-        self,
-        *,
-        run_id: str,
-        model: str,
-        tokens_estimated: int,
-        tokens_used: int,
-        worst_case_usd: float,
-        cost_usd: float,
-        billed: bool,
-        cooldown_s: float = 0.0,
-        tokens_in_out: tuple[int, int] = (0, 0),
-        pipe: Pipeline | None = None,
-    ) -> None:
+    def settle(self, call: Settlement, *, pipe: Pipeline | None = None) -> None:
         """Close an admitted call: charge its real tokens and cost, and start a cool-down if the provider asked.
 
         Args:
-            tokens_in_out: The reply's input and output tokens, added to the run's totals when ``billed``.
+            call: What the call used.
             pipe: Queue the commands on this pipeline, for the caller to run with :meth:`execute` (so the reply can
                 be stored in the same round trip); by default they run at once.
         """
-        limit = self.limits.for_model(model)
+        limit = self.limits.for_model(call.model)
         queue = self.client.pipeline(transaction=False) if pipe is None else pipe
-        if limit.tpm or cooldown_s > 0:
-            args: list[Any] = [limit.tpm, tokens_estimated, tokens_used, 0, cooldown_s]
-            queue_evalsha(queue, self._settle.sha, 1, keys.llm_limiter_key(model), *args)
-        args = ["settle", to_nano_usd(worst_case_usd), to_nano_usd(cost_usd), "1" if billed else "0", *tokens_in_out]
-        queue_evalsha(queue, self._budget.sha, 1, keys.run_key(run_id), *args)
+        if limit.tpm or call.cooldown_s > 0:
+            args: list[Any] = [limit.tpm, call.tokens_estimated, call.tokens_used, 0, call.cooldown_s]
+            queue_evalsha(queue, self._settle.sha, 1, keys.llm_limiter_key(call.model), *args)
+        held, cost = to_nano_usd(call.worst_case_usd), to_nano_usd(call.cost_usd)
+        args = ["settle", held, cost, "1" if call.billed else "0", *call.tokens_in_out]
+        queue_evalsha(queue, self._budget.sha, 1, keys.run_key(call.run_id), *args)
         if pipe is None:
             self.execute(queue)
 

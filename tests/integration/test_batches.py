@@ -106,3 +106,26 @@ def test_cancelling_a_run_mid_batch_interrupts_the_running_step_and_starts_none_
     assert view["status"] == "cancelled"
     assert len(started) < WIDTH, "the steps not yet started when it was cancelled never started"
     assert all(view["steps"][f"leaf{i}"]["status"] != "succeeded" or f"leaf{i}" in started for i in range(WIDTH))
+
+
+def test_a_step_cancelled_by_cancel_others_takes_none_of_its_batch_with_it(
+    client: Client, workers: LocalWorkers, redis_client: redis.Redis, unique: str
+) -> None:
+    # The root's slot keeps its first child (k); the others go in batches of 3 in release order: [slow, p0, p1],
+    # [fast, p2, p3], ... When fast ends, the join cancels slow, running or not yet started, and Celery drops slow's
+    # whole message: p0 and p1 must still run now, not after the sweeper's grace (300 s here, past this test's timeout).
+    kept = py("k", "tests.count_calls", "root", queue="cpu")
+    slow = py("slow", "tests.report_message_then_sleep", "root", seconds=20, queue="cpu")
+    fast = py("fast", "tests.count_calls", "root", queue="cpu")
+    rest = [py(f"p{i}", "tests.report_message_then_sleep", "root", queue="cpu") for i in range(WIDTH - 2)]
+    join = {**py("answer", "tests.count_calls", "fast", "slow"), "trigger_rule": "one_success", "cancel_others": True}
+    run_id = client.submit(
+        workflow(f"batch_hedge_{unique}", py("root", "tests.count_calls"), kept, slow, *rest[:2], fast, *rest[2:], join)
+    )
+
+    view = client.wait(run_id, timeout=60)
+
+    assert view["status"] == "succeeded"
+    assert (view["steps"]["slow"]["status"], view["steps"]["answer"]["status"]) == ("cancelled", "succeeded")
+    assert [len(records(redis_client, run_id, p)) for p in ("p0", "p1")] == [1, 1], "each ran once"
+    assert all(view["steps"][f"p{i}"]["attempts"] == 1 for i in range(WIDTH - 2))

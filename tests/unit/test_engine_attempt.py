@@ -16,7 +16,7 @@ import redis
 
 from orchestrator.definition.registry import FunctionRegistry
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
-from orchestrator.domain import Attempt, RunStatus, StepStatus
+from orchestrator.domain import Attempt, FinishResult, RunStatus, StepStatus
 from orchestrator.engine.attempt import execute_attempt
 from orchestrator.engine.control import resume_run
 from orchestrator.engine.items import execute_item
@@ -383,6 +383,31 @@ def test_an_outage_while_recording_is_waited_out_and_the_finish_lands_once() -> 
 
     assert drive(runtime, publisher) == ["succeeded"]
     assert calls["n"] == 2
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+
+
+def test_a_finish_refused_after_it_was_applied_unseen_still_publishes_the_children_it_released() -> None:
+    # The reply of an applied finish lost on a dropped connection, the finish sent again and refused as stale, with
+    # no error to tell: the children it released must still go out.
+    runtime, publisher = make_runtime()
+    store = runtime.store
+    real_finish = store.finish
+
+    def applied_unseen(*args: Any, **kwargs: Any) -> FinishResult:
+        real_finish(*args, **kwargs)
+        return FinishResult(recorded=False)
+
+    store.finish = applied_unseen  # type: ignore[method-assign]
+    run_id = start(
+        runtime,
+        publisher,
+        workflow({"name": "a", "uses": "noop"}, {"name": "b", "uses": "noop", "depends_on": ["a"]}),
+    )
+    deliver(runtime, publisher.sent.pop(0))
+
+    assert [m.step for m in publisher.sent] == ["b"]
+    store.finish = real_finish  # type: ignore[method-assign]
+    assert drive(runtime, publisher) == ["succeeded"]
     assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
 
 

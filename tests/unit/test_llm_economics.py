@@ -17,7 +17,7 @@ from orchestrator.llm import governor as governor_module
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
 from orchestrator.llm.cache import ReplyCache, decode_reply, encode_reply, request_digest
 from orchestrator.llm.gateway import CallContext, LLMGateway
-from orchestrator.llm.governor import Limit, RateLimits, RedisGovernor, from_nano_usd, to_nano_usd
+from orchestrator.llm.governor import Limit, RateLimits, RedisGovernor, Settlement, from_nano_usd, to_nano_usd
 from orchestrator.llm.pricing import PriceTable
 from orchestrator.state import keys
 
@@ -169,7 +169,9 @@ def test_tokens_per_minute_count_the_estimate_and_settle_the_real_use(r: redis.R
     assert refused.wait_s > 30  # 600 tokens short at 1000 per minute
     # The first call used only 100 of its 800: settling gives 700 back, and the second call fits.
     gov.settle(
-        run_id=run, model=HAIKU, tokens_estimated=800, tokens_used=100, worst_case_usd=0, cost_usd=0, billed=True
+        Settlement(
+            run_id=run, model=HAIKU, tokens_estimated=800, tokens_used=100, worst_case_usd=0, cost_usd=0, billed=True
+        )
     )
     assert gov.admit(run_id=run, model=HAIKU, tokens=800, worst_case_usd=0, budget_usd=None).outcome == "ok"
 
@@ -194,7 +196,9 @@ def test_a_budget_holds_worst_cases_settles_real_costs_and_refuses_for_good(r: r
     assert refused.outcome == "budget_exceeded"
     assert refused.spent_usd == pytest.approx(0.6)
     gov.settle(
-        run_id=run, model=HAIKU, tokens_estimated=1, tokens_used=1, worst_case_usd=0.6, cost_usd=0.1, billed=True
+        Settlement(
+            run_id=run, model=HAIKU, tokens_estimated=1, tokens_used=1, worst_case_usd=0.6, cost_usd=0.1, billed=True
+        )
     )
     fields = {k.decode(): v.decode() for k, v in r.hgetall(keys.run_key(run)).items()}
     assert fields["llm_held_nusd"] == "0"
@@ -216,7 +220,15 @@ def test_a_settle_after_redis_forgot_its_scripts_is_counted_once(r: redis.Redis)
     r.script_load(gov._budget.script)
 
     gov.settle(
-        run_id=run, model=HAIKU, tokens_estimated=800, tokens_used=100, worst_case_usd=0.5, cost_usd=0.2, billed=True
+        Settlement(
+            run_id=run,
+            model=HAIKU,
+            tokens_estimated=800,
+            tokens_used=100,
+            worst_case_usd=0.5,
+            cost_usd=0.2,
+            billed=True,
+        )
     )
 
     fields = {k.decode(): v.decode() for k, v in r.hgetall(keys.run_key(run)).items()}

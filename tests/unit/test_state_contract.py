@@ -2318,6 +2318,43 @@ def test_a_kept_child_is_in_the_lease_index_with_its_claim_lease_and_the_others_
     assert backend.store.expired_leases() == [kept], "the children to publish keep their grace"
 
 
+def test_a_finish_sent_again_after_its_reply_was_lost_leaves_the_child_it_kept_to_the_sweeper(
+    backend: Backend,
+) -> None:
+    # A connection that drops after Redis applied a finish loses only the reply; the finish goes again (redis-py
+    # itself does so in a cluster) and is refused as stale. The child the first one claimed for the slot that never
+    # heard of it must stay in the lease index, or nothing would ever run it.
+    if backend.client is None:
+        pytest.skip("a reply lost on the wire is a Redis matter")
+    assert isinstance(backend.store, RedisStateStore)
+    store, client = backend.store, backend.client
+    real = store._evalsha
+
+    def applied_before(pipe: Any, script: str, run_id: str, argv: list[Any]) -> Any:
+        if script == "finish":
+            lost = client.pipeline(transaction=False)
+            real(lost, script, run_id, argv)
+            lost.execute()
+        return real(pipe, script, run_id, argv)
+
+    store._evalsha = applied_before  # type: ignore[method-assign]
+    spec = workflow("chain3", {"a": [], "b": ["a"], "c": ["b"]})
+    start(backend, spec)
+    a = attempt("a", "ta")
+    assert claim(backend, spec, a).outcome == ClaimOutcome.OK
+
+    result = finish(backend, spec, a, keep=keep_request(spec, "b", lease_s=SHORT_LEASE_S))
+
+    assert not result.recorded
+    b = step_fields(backend, "b")
+    assert b["status"] == "running", "the first finish kept b for a slot that never learned of it"
+    cover = keys.lease_member("run1", "b", b["task"])
+    assert backend.wait_past(SHORT_LEASE_S, lambda: cover in store.expired_leases())
+    again = store.reclaim(cover, "t-again", LOST, grace_s=GRACE_S)
+    assert again is not None, "the sweeper sends b again once its lease ran out"
+    assert again.task_id == "t-again"
+
+
 def test_a_finish_keeps_no_child_it_does_not_release_and_none_when_the_run_ends(backend: Backend) -> None:
     start(backend, DIAMOND)
     a = attempt("a", "ta")

@@ -357,22 +357,30 @@ class RedisStateCore:
         return [member for _, member in due[:limit]]
 
     def _pipeline(
-        self, *commands: Callable[[Pipeline], Any], after: tuple[Callable[[Pipeline], Any], ...] = ()
+        self,
+        *commands: Callable[[Pipeline], Any],
+        before: tuple[Callable[[Pipeline], Any], ...] = (),
+        after: tuple[Callable[[Pipeline], Any], ...] = (),
     ) -> list[Any]:
-        """Run commands in one round trip, scripts by EVALSHA alone; ``after`` once the others have been applied.
+        """Run commands in one round trip, scripts by EVALSHA alone; ``before`` applied ahead of them and ``after``
+        once they have been applied. The replies come in that order: ``before``'s, the commands', ``after``'s.
 
         redis-py's own script objects add a SCRIPT EXISTS round trip before every pipeline that holds one; a step
         attempt runs two such pipelines, so that doubled its round trips. Scripts are loaded once when Redis says it
         does not know one (first use, or after a restart or SCRIPT FLUSH); every command here is safe to repeat.
 
-        One Redis applies a pipeline in order, so ``after`` simply ends it. A cluster pipeline sends each node its
-        commands together, nodes in order of first use: an index entry removed after a script would reach the index's
-        node with the entry added before it, ahead of the script on the run's node, and a worker dying in between
-        would leave a running step that no index holds. In a cluster ``after`` is therefore a second round trip.
+        One Redis applies a pipeline in order, so ``before`` simply starts it and ``after`` ends it. A cluster
+        pipeline sends each node its commands together, nodes in order of first use: an index entry removed after a
+        script would reach the index's node with the entry added before it, ahead of the script on the run's node, and
+        a worker dying in between would leave a running step that no index holds. Nor does a cluster pipeline keep
+        order when a node fails: redis-py sends a command that met a connection error again on its own once the
+        others were applied, so an index entry meant to go first can land after the script, or never. In a cluster
+        ``before`` and ``after`` are therefore round trips of their own.
         """
-        if after and is_cluster_client(self.client):
-            return self._pipeline(*commands) + self._pipeline(*after)
-        commands = (*commands, *after)
+        if (before or after) and is_cluster_client(self.client):
+            first = self._pipeline(*before) if before else []
+            return first + self._pipeline(*commands) + (self._pipeline(*after) if after else [])
+        commands = (*before, *commands, *after)
         for tries_left in (1, 0):
             pipe = self.client.pipeline(transaction=False)
             waits: list[int] = []

@@ -77,8 +77,8 @@ class ItemTransitions(RedisStateCore):
         held[step_member] = due
         script = self._scripts["item_expand"]
         replies = self._pipeline(
-            lambda pipe: pipe.zadd(self._leases(attempt.run_id), cast(Any, held)),
             lambda pipe: queue_evalsha(pipe, script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+            before=(lambda pipe: pipe.zadd(self._leases(attempt.run_id), cast(Any, held)),),
         )
         reply = [_text(x) for x in replies[1]]
         publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2)) if reply[0] == "ok" else ()
@@ -110,8 +110,8 @@ class ItemTransitions(RedisStateCore):
         argv += [len(upstream), *upstream]
         script = self._scripts["item_claim"]
         replies = self._pipeline(
-            lambda pipe: pipe.zadd(self._leases(attempt.run_id), {member: time.time() + lease_s}),
             lambda pipe: queue_evalsha(pipe, script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+            before=(lambda pipe: pipe.zadd(self._leases(attempt.run_id), {member: time.time() + lease_s}),),
         )
         reply = [_text(x) for x in replies[1]]
         outcome = ClaimOutcome(reply[0])
@@ -296,8 +296,8 @@ class ItemTransitions(RedisStateCore):
         member = _member(attempt)
         sha = self._scripts[script].sha
         replies = self._pipeline(
-            lambda pipe: pipe.zadd(self._leases(attempt.run_id), {member: time.time() + lease_s}),
             lambda pipe: queue_evalsha(pipe, sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),
+            before=(lambda pipe: pipe.zadd(self._leases(attempt.run_id), {member: time.time() + lease_s}),),
         )
         reply = [_text(x) for x in replies[1]]
         if reply[0] != "ok":

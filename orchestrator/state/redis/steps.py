@@ -58,8 +58,8 @@ class StepTransitions(RedisStateCore):
         if carrier:
             argv.append(carrier)
         replies = self._pipeline(
-            lambda pipe: pipe.zadd(self._leases(run_id), {member: time.time() + lease_s}),
             lambda pipe: self._evalsha(pipe, "claim", run_id, argv),
+            before=(lambda pipe: pipe.zadd(self._leases(run_id), {member: time.time() + lease_s}),),
         )
         got = _claim_reply([_text(x) for x in replies[1]], upstream, children)
         if not _keeps_lease(got):
@@ -118,13 +118,16 @@ class StepTransitions(RedisStateCore):
         # not kept gets the grace back below, before its message is published.
         lease_due = clock + keep.lease_s if keep is not None else clock
         due = {c: lease_due if c in candidates else clock + grace_s for c in held}
-        commands: list[Callable[[Pipeline], Any]] = []
+        before: tuple[Callable[[Pipeline], Any], ...] = ()
         if held:
             members = {keys.lease_member(run_id, c, t): due[c] for c, t in held.items()}
-            commands.append(lambda pipe: pipe.zadd(self._leases(run_id), cast(Any, members)))
-        commands.append(lambda pipe: self._evalsha(pipe, "finish", run_id, argv))
+            before = (lambda pipe: pipe.zadd(self._leases(run_id), cast(Any, members)),)
         own = keys.lease_member(run_id, step, task_id)
-        replies = self._pipeline(*commands, after=(lambda pipe: pipe.zrem(self._leases(run_id), own),))
+        replies = self._pipeline(
+            lambda pipe: self._evalsha(pipe, "finish", run_id, argv),
+            before=before,
+            after=(lambda pipe: pipe.zrem(self._leases(run_id), own),),
+        )
         reply = [_text(x) for x in replies[1 if held else 0]]
         ok = reply[0] == "ok"
         count = int(reply[2]) if ok else 0
@@ -138,7 +141,10 @@ class StepTransitions(RedisStateCore):
         if ok and tail and tail[0]:
             kept = tail[0]
             kept_claim = _claim_reply(tail[1:], candidates[kept].upstream, candidates[kept].children)
-        stale = [keys.lease_member(run_id, c, t) for c, t in held.items() if c not in released]
+        # A refused finish keeps its covers: it may be this very finish applied once already, its reply lost to a
+        # connection that dropped (redis-py then sends it again), with its children released and one perhaps claimed
+        # for this slot under these task ids. The sweeper drops a cover whose task no step holds when it falls due.
+        stale = [keys.lease_member(run_id, c, t) for c, t in held.items() if ok and c not in released]
         stale += [keys.lease_member(run_id, s, t) for s, t in cancelled if t]
         if kept is not None and kept_claim is not None and not _keeps_lease(kept_claim):
             stale.append(keys.lease_member(run_id, kept, held[kept]))
