@@ -56,8 +56,8 @@ def announce_slots(store: RedisStateStore, hostname: str, concurrency: int, aliv
 
 
 class SlotsBeat:
-    """A worker's announcements, sent from its sweeper's turns: on the first, then once every
-    :data:`ANNOUNCE_INTERVALS` sweep intervals (sooner after one that failed).
+    """A worker's announcements, sent from its sweeper's turns when :meth:`due`: on the first, then once every
+    :data:`ANNOUNCE_INTERVALS` sweep intervals (at the next turn after one that failed).
 
     Args:
         hostname: The worker's name.
@@ -75,19 +75,20 @@ class SlotsBeat:
         self._clock = clock
         self._said_at = float("-inf")
 
-    def turn(self, store: RedisStateStore) -> bool:
-        """Announce the slots if they are due; whether it did.
+    def due(self) -> bool:
+        """Whether this turn should announce the slots: the first one, then every :data:`ANNOUNCE_INTERVALS`."""
+        # Half an interval early at most: a turn that comes a little sooner than the last one's cadence still says so.
+        return self._clock() - self._said_at >= (ANNOUNCE_INTERVALS - 0.5) * self.interval_s
+
+    def say(self, store: RedisStateStore) -> None:
+        """Announce the slots, counted for :data:`ALIVE_INTERVALS` sweep intervals.
 
         Raises:
-            redis.RedisError: Redis did not answer (the next turn tries again).
+            redis.RedisError: Redis did not answer (the slots are due again at the next turn).
         """
         now = self._clock()
-        # Half an interval early at most: a turn that comes a little sooner than the last one's cadence still says so.
-        if now - self._said_at < (ANNOUNCE_INTERVALS - 0.5) * self.interval_s:
-            return False
         announce_slots(store, self.hostname, self.concurrency, ALIVE_INTERVALS * self.interval_s)
         self._said_at = now
-        return True
 
     def withdraw(self, store: RedisStateStore) -> None:
         """Remove the worker's slots (it stops).

@@ -41,14 +41,16 @@ class Sweeper(bootsteps.StartStopStep):
         def announce() -> None:
             store = holder.get().store
             if slots is not None and isinstance(store, RedisStateStore):
-                slots.turn(store)
+                slots.say(store)
 
         def loop() -> None:
             outage = OutageLog("sweep", log)
             # Sweep at once on start: a deadline that passed while no worker ran fires now, not an interval later.
             while True:
                 outage.run(lambda: sweep_once(holder.get(), owner))
-                outage.run(announce)
+                # Only a turn that talks to Redis is run as one: a turn with nothing to say would end an outage.
+                if slots is not None and slots.due():
+                    outage.run(announce)
                 if self._stop.wait(interval):
                     return
 

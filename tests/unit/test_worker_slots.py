@@ -59,7 +59,7 @@ def test_the_live_workers_slots_are_summed_and_a_lapsed_workers_are_not(store: R
 
 def test_a_worker_that_stops_withdraws_its_slots_at_once(store: RedisStateStore) -> None:
     beat = SlotsBeat("celery@a", 4, INTERVAL_S)
-    assert beat.turn(store)
+    beat.say(store)
     assert live_slots(store) == 4
 
     beat.withdraw(store)
@@ -75,7 +75,9 @@ def test_a_worker_says_so_on_its_first_turn_then_every_other_interval_and_stays_
     beat = SlotsBeat("celery@a", 4, INTERVAL_S, clock=monotonic)
     said = []
     for _ in range(7):  # a turn every interval and a bit (the sweep itself takes time)
-        said.append(beat.turn(store))
+        said.append(beat.due())
+        if said[-1]:
+            beat.say(store)
         monotonic.advance(INTERVAL_S + 0.1)
 
     assert said == [True, False, True, False, True, False, True]
@@ -96,20 +98,23 @@ def test_a_turn_after_a_failed_announcement_tries_again(
         raise redis.ConnectionError("Redis is away")
 
     monkeypatch.setattr(store.client, "zadd", refused)
+    assert beat.due()
     with pytest.raises(redis.ConnectionError):
-        beat.turn(store)
+        beat.say(store)
     monkeypatch.undo()
     monotonic.advance(INTERVAL_S)
 
-    assert beat.turn(store), "not two intervals later: the last turn said nothing"
+    assert beat.due(), "not two intervals later: the last turn said nothing"
+    beat.say(store)
     assert live_slots(store) == 4
+    assert not beat.due()
 
 
 def test_announcing_and_reading_the_slots_send_no_time_of_their_own(store: RedisStateStore) -> None:
     store.clock.read()  # the process's offset from Redis's clock, read once a minute at most
     store.client.config_resetstat()
 
-    SlotsBeat("celery@a", 4, INTERVAL_S).turn(store)
+    SlotsBeat("celery@a", 4, INTERVAL_S).say(store)
     assert live_slots(store) == 4
 
     assert commands(store.client) == {"zadd": 1, "zrange": 1}
