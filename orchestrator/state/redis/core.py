@@ -35,7 +35,7 @@ from orchestrator.state.base import (
     needs_failure_error,
     submitted_record,
 )
-from orchestrator.state.redis.clock import RedisClock
+from orchestrator.state.redis.clock import CLOCK_STEP_S, RedisClock
 
 _SCRIPTS = (
     "create",
@@ -336,12 +336,13 @@ class RedisStateCore:
     ) -> list[str]:
         """Members of ``buckets`` of ``index`` (default: all) due by Redis's clock, oldest first, at most ``limit``.
 
-        The process's estimate of Redis's clock (:class:`~orchestrator.state.redis.clock.RedisClock`) picks them, so a
-        sweep that finds nothing due sends no ``TIME``; what it finds is checked against one ``TIME`` before anything
-        acts on it, so a local clock stepped forward since the offset was read never makes an entry due early.
+        The process's estimate of Redis's clock (:class:`~orchestrator.state.redis.clock.RedisClock`), plus its margin
+        of error, picks the candidates, so a sweep that finds nothing due sends no ``TIME``; what it finds is checked
+        against one ``TIME`` before anything acts on it, so the estimate's error neither makes an entry due early nor
+        hides one that is due.
         """
         shards = keys.all_shards(self.shards) if buckets is None else list(buckets)
-        estimate = self.clock.now()
+        estimate = self.clock.now() + CLOCK_STEP_S
         if len(shards) == 1:
             found = [self.client.zrangebyscore(index(shards[0]), "-inf", estimate, start=0, num=limit, withscores=True)]
         else:
