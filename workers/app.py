@@ -8,7 +8,6 @@ import sys
 import warnings
 from typing import Any, cast
 
-import redis
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning, SoftTimeLimitExceeded
 from celery.signals import (
@@ -50,7 +49,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     # Task events published a window at a time (workers/consumer.py).
     app.conf.worker_consumer = "workers.consumer:BatchingConsumer"
     # A fan-out wider than the live workers' slots can take goes out in batches (orchestrator/engine/batches.py).
-    slots = KnownSlots(lambda: _store_client(holder))
+    slots = KnownSlots(lambda: _redis_store(holder))
     holder = RuntimeHolder(
         settings,
         lambda: CeleryPublisher(app, settings, slots=slots),
@@ -67,11 +66,11 @@ def create_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-def _store_client(holder: RuntimeHolder) -> redis.Redis:
+def _redis_store(holder: RuntimeHolder) -> RedisStateStore:
     store = holder.get().store
     if not isinstance(store, RedisStateStore):
         raise TypeError("a worker's state store is Redis")
-    return store.client
+    return store
 
 
 def _warm_up(holder: RuntimeHolder) -> None:

@@ -14,7 +14,7 @@ from orchestrator.engine.outage import OutageLog
 from orchestrator.engine.runtime import RuntimeHolder
 from orchestrator.engine.sweep import sweep_once
 from orchestrator.state import RedisStateStore
-from workers.slots import ALIVE_INTERVALS, announce_slots
+from workers.slots import SlotsBeat
 
 log = logging.getLogger(__name__)
 
@@ -28,28 +28,29 @@ class Sweeper(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._hostname, self._slots = "", 0
-
-    def _announce(self, holder: RuntimeHolder, alive_s: float) -> None:
-        # Its slots, for a finishing step to size its fan-out's batches by (workers/slots.py).
-        store = holder.get().store
-        if isinstance(store, RedisStateStore) and self._slots > 0:
-            announce_slots(store.client, self._hostname, self._slots, alive_s)
+        self._slots: SlotsBeat | None = None
 
     def start(self, worker: Any) -> None:
         holder: RuntimeHolder = worker.app.orchestrator_runtime
         owner = f"{worker.hostname}:{uuid.uuid4().hex[:8]}"
+        interval = holder.settings.sweep_interval_s
+        concurrency = int(getattr(worker, "concurrency", 0) or 0)
+        # Its slots, for a finishing step to size its fan-out's batches by (workers/slots.py).
+        slots = self._slots = SlotsBeat(str(worker.hostname), concurrency, interval) if concurrency > 0 else None
 
-        slots = int(getattr(worker, "concurrency", 0) or 0)
-        self._hostname, self._slots = str(worker.hostname), slots
+        def announce() -> None:
+            store = holder.get().store
+            if slots is not None and isinstance(store, RedisStateStore):
+                slots.say(store)
 
         def loop() -> None:
-            interval = holder.settings.sweep_interval_s
             outage = OutageLog("sweep", log)
             # Sweep at once on start: a deadline that passed while no worker ran fires now, not an interval later.
             while True:
                 outage.run(lambda: sweep_once(holder.get(), owner))
-                outage.run(lambda: self._announce(holder, ALIVE_INTERVALS * interval))
+                # Only a turn that talks to Redis is run as one: a turn with nothing to say would end an outage.
+                if slots is not None and slots.due():
+                    outage.run(announce)
                 if self._stop.wait(interval):
                     return
 
@@ -60,6 +61,8 @@ class Sweeper(bootsteps.StartStopStep):
         self._stop.set()
         holder: RuntimeHolder = worker.app.orchestrator_runtime
         try:
-            self._announce(holder, 0.0)
+            store = holder.get().store
+            if self._slots is not None and isinstance(store, RedisStateStore):
+                self._slots.withdraw(store)
         except Exception as exc:
             log.warning("could not withdraw this worker's slots (%s); they lapse on their own", exc)

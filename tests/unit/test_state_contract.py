@@ -984,6 +984,25 @@ def test_renew_never_revives_the_lease_of_a_run_that_is_not_running(backend: Bac
     assert backend.store.renew({"run1": [("a", "t1")]}, LONG_LEASE_S) == [("run1", "a", "t1", False)]
 
 
+def test_a_renewal_reads_each_step_once_and_takes_its_time_from_the_process_clock(backend: Backend) -> None:
+    if backend.client is None:
+        pytest.skip("the in-memory store sends no commands")
+    assert isinstance(backend.store, RedisStateStore)
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.OK
+    backend.store.clock.read()  # the offset, read once a minute at most
+    backend.client.config_resetstat()
+
+    assert backend.store.renew({"run1": [("a", "t1")]}, LONG_LEASE_S) == [("run1", "a", "t1", True)]
+
+    stats = backend.client.info("commandstats")
+    calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items() if k != "cmdstat_config|resetstat"}
+    assert calls == {"evalsha": 1, "hmget": 1, "hset": 1, "zadd": 1}
+    assert float(step_fields(backend, "a")["lease"]) == pytest.approx(backend.now() + LONG_LEASE_S, abs=1.0)
+    indexed = backend.client.zscore(backend.store._leases("run1"), keys.lease_member("run1", "a", "t1"))
+    assert indexed == pytest.approx(float(step_fields(backend, "a")["lease"]), abs=1e-3)
+
+
 def test_a_reclaim_refused_for_a_live_lease_keeps_the_attempt_findable_by_the_sweeper(backend: Backend) -> None:
     # The race: the sweeper reads an overdue index entry; the heartbeat then renews the lease; the sweeper's reclaim
     # sees a live lease and refuses. If the refusal also dropped the index entry, later heartbeats (ZADD XX) could not
@@ -2189,14 +2208,73 @@ def test_a_heartbeat_from_a_host_whose_clock_runs_behind_is_judged_by_redis_cloc
 ) -> None:
     if backend.client is None:
         pytest.skip("the in-memory store has one clock")
-    from orchestrator.state.redis import owners
+    from orchestrator.state.redis import clock
 
     skewed = time.time
-    monkeypatch.setattr(owners.time, "time", lambda: skewed() - 30.0)  # this host is 30 s behind Redis
+    monkeypatch.setattr(clock.time, "time", lambda: skewed() - 30.0)  # this host is 30 s behind Redis
     backend.store.keep_owner("proc-1", 6.0)
 
     assert backend.store.owner_alive("proc-1"), "alive for 6 s by Redis's clock, not dead 24 s ago"
     assert "proc-1" not in backend.store.dead_owners()
+
+
+def test_a_sweep_acts_only_on_what_redis_clock_says_is_due(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    if backend.client is None:
+        pytest.skip("the in-memory store has one clock")
+    assert isinstance(backend.store, RedisStateStore)
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=20.0).outcome == ClaimOutcome.OK
+    backend.store.keep_owner("proc-1", 6.0, joined=[MEMBER])
+    redis_clock = backend.store.clock
+    # The process's estimate of Redis's clock runs 30 s ahead (however it came to): it finds both due, and neither is.
+    monkeypatch.setattr(redis_clock, "now", lambda: redis_clock.read() + 30.0)
+
+    assert backend.store.dead_owners() == [], "alive for 6 s by Redis's clock, whatever this process thinks"
+    assert backend.store.expired_leases() == []
+
+
+def test_a_sweep_finds_what_just_fell_due_though_its_estimate_of_redis_clock_runs_a_little_behind(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if backend.client is None:
+        pytest.skip("the in-memory store has one clock")
+    assert isinstance(backend.store, RedisStateStore)
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=SHORT_LEASE_S).outcome == ClaimOutcome.OK
+    member = keys.lease_member("run1", "a", "t1")
+    due_at = backend.client.zscore(backend.store._leases("run1"), member)
+    assert due_at is not None
+    assert backend.wait_past(SHORT_LEASE_S, lambda: backend.now() >= due_at)
+    redis_clock = backend.store.clock
+    # A reply read late by a busy process puts the estimate behind by its delay: the sweep must still see the lease.
+    monkeypatch.setattr(redis_clock, "now", lambda: redis_clock.read() - 0.3)
+
+    assert member in backend.store.expired_leases()
+
+
+def test_a_sweep_that_finds_nothing_due_reads_redis_clock_once_a_minute(backend: Backend) -> None:
+    if backend.client is None:
+        pytest.skip("the in-memory store has one clock")
+    assert isinstance(backend.store, RedisStateStore)
+    reads = 0
+    time_command = backend.store.client.time
+
+    def counted() -> Any:
+        nonlocal reads
+        reads += 1
+        return time_command()
+
+    backend.store.client.time = counted  # type: ignore[method-assign]
+    start(backend, SINGLE)
+    assert claim(backend, SINGLE, attempt("a", "t1"), lease_s=LONG_LEASE_S).outcome == ClaimOutcome.OK
+    for _ in range(5):
+        backend.store.keep_owner("proc-1", 6.0, joined=[MEMBER])
+        assert backend.store.dead_owners() == []
+        assert backend.store.expired_leases() == []
+        assert backend.store.due_deadlines() == []
+        assert backend.store.due_approvals() == []
+
+    assert reads == 1, "one TIME sets the offset; the beats and the sweeps use it"
 
 
 # -- continuing locally: the finish claims the child its slot keeps ------------------------------------------------

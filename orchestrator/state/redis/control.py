@@ -95,8 +95,7 @@ class RunControl(RedisStateCore):
 
     def due_deadlines(self, limit: int = 500, buckets: Sequence[str | None] | None = None) -> list[tuple[str, str]]:
         """``(run_id, generation)`` of deadlines that have passed, by Redis's clock."""
-        seconds, micros = self.client.time()
-        members = self._due(keys.deadlines_key, seconds + micros / 1e6, limit, buckets)
+        members = self._due(keys.deadlines_key, limit, buckets)
         out: list[tuple[str, str]] = []
         for member in members:
             run_id, _, generation = _text(member).partition("|")
@@ -164,8 +163,7 @@ class RunControl(RedisStateCore):
         self, limit: int = 500, buckets: Sequence[str | None] | None = None
     ) -> list[tuple[str, str, str]]:
         """``(run_id, generation, step)`` of approval waits whose timeout passed, by Redis's clock."""
-        seconds, micros = self.client.time()
-        members = self._due(keys.approvals_key, seconds + micros / 1e6, limit, buckets)
+        members = self._due(keys.approvals_key, limit, buckets)
         out: list[tuple[str, str, str]] = []
         for member in members:
             run_id, generation, step = _text(member).split("|", 2)

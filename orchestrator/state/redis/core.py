@@ -11,7 +11,7 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import redis
 from redis.client import Pipeline
@@ -35,6 +35,7 @@ from orchestrator.state.base import (
     needs_failure_error,
     submitted_record,
 )
+from orchestrator.state.redis.clock import CLOCK_STEP_S, RedisClock
 
 _SCRIPTS = (
     "create",
@@ -250,6 +251,7 @@ class RedisStateCore:
         wait_replicas: int = 0,
     ):
         self.client = client
+        self.clock = RedisClock(client)
         self.shards = shards
         self.wait_replicas = wait_replicas
         self._waits = threading.local()  # positions of the WAIT replies in the pipeline being built, per thread
@@ -329,19 +331,30 @@ class RedisStateCore:
     def _due(
         self,
         index: Callable[[str | None], str],
-        now: float,
         limit: int,
         buckets: Sequence[str | None] | None = None,
     ) -> list[str]:
-        """Members of ``buckets`` of ``index`` (default: all) due by ``now``, oldest first: at most ``limit``, one
-        round trip."""
+        """Members of ``buckets`` of ``index`` (default: all) due by Redis's clock, oldest first, at most ``limit``.
+
+        The process's estimate of Redis's clock (:class:`~orchestrator.state.redis.clock.RedisClock`), plus its margin
+        of error, picks the candidates, so a sweep that finds nothing due sends no ``TIME``; what it finds is checked
+        against one ``TIME`` before anything acts on it, so the estimate's error neither makes an entry due early nor
+        hides one that is due.
+        """
         shards = keys.all_shards(self.shards) if buckets is None else list(buckets)
+        estimate = self.clock.now() + CLOCK_STEP_S
         if len(shards) == 1:
-            return [_text(m) for m in self.client.zrangebyscore(index(shards[0]), "-inf", now, start=0, num=limit)]
-        pipe = self.client.pipeline(transaction=False)
-        for shard in shards:
-            pipe.zrangebyscore(index(shard), "-inf", now, start=0, num=limit, withscores=True)
-        due = sorted((score, _text(member)) for rows in pipe.execute() for member, score in rows)
+            found = [self.client.zrangebyscore(index(shards[0]), "-inf", estimate, start=0, num=limit, withscores=True)]
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for shard in shards:
+                pipe.zrangebyscore(index(shard), "-inf", estimate, start=0, num=limit, withscores=True)
+            found = pipe.execute()
+        rows = [row for rows in cast(list[list[tuple[bytes | str, float]]], found) for row in rows]
+        if not rows:
+            return []
+        now = self.clock.read()
+        due = sorted((float(score), _text(member)) for member, score in rows if float(score) <= now)
         return [member for _, member in due[:limit]]
 
     def _pipeline(

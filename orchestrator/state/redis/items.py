@@ -360,14 +360,14 @@ class ItemTransitions(RedisStateCore):
 def renew_items(store: RedisStateCore, items: dict[tuple[str, str], list[tuple[int, str]]], lease_s: float) -> None:
     """Extend the leases of running items, grouped by ``(run_id, step)`` (see ``lua/item_renew.lua``)."""
     index: dict[str, float] = {}
+    lease_end = store.clock.now() + lease_s
     for (run_id, step), pairs in items.items():
-        argv: list[Any] = [lease_s]
+        argv: list[Any] = [f"{lease_end:.6f}"]
         for item, task_id in pairs:
             argv += [item, task_id]
         reply = store._scripts["item_renew"](keys=_item_keys(run_id, step), args=argv)
-        now = float(_text(reply[0]))
-        for (item, task_id), flag in zip(pairs, reply[1:], strict=True):
+        for (item, task_id), flag in zip(pairs, reply, strict=True):
             if int(flag):
-                index[keys.lease_member(run_id, keys.item_unit(step, item), task_id)] = now + lease_s
+                index[keys.lease_member(run_id, keys.item_unit(step, item), task_id)] = lease_end
     for bucket, members in store._lease_buckets(index).items():
         store.client.zadd(bucket, cast(Any, members), xx=True)

@@ -12,7 +12,6 @@ others release theirs, a turn later; a stopped one's buckets are free once its h
 
 from __future__ import annotations
 
-import time
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,29 +27,8 @@ HOLD_INTERVALS = 3
 renewal: a stopped sweeper's buckets are taken by the others within this many intervals and one more."""
 
 
-CLOCK_CHECK_S = 60.0
-"""How often a process re-reads its offset from Redis's clock (one TIME), which heartbeats are stamped by."""
-
-
 class ProcessOwners(RedisStateCore):
     """Process heartbeats and the attempts they cover, in one round trip each."""
-
-    _clock: tuple[float, float] = (float("-inf"), 0.0)  # (checked at, by this host's clock; Redis's clock minus it)
-
-    def _redis_now(self) -> float:
-        """Redis's clock, through this process's offset from it.
-
-        The sweeper judges heartbeats by Redis's clock, and a worker host's clock may run seconds apart: stamped by its
-        own, a live process could look dead and its steps run twice. The offset is re-read every ``CLOCK_CHECK_S``
-        rather than a TIME per heartbeat, so a healthy worker sends no more than the heartbeat itself.
-        """
-        local = time.time()
-        checked, offset = self._clock
-        if local - checked > CLOCK_CHECK_S:
-            seconds, micros = self.client.time()
-            offset = seconds + micros / 1e6 - time.time()
-            self._clock = (local, offset)
-        return local + offset
 
     def keep_owner(self, owner: str, alive_s: float, *, joined: Sequence[str] = (), left: Sequence[str] = ()) -> None:
         """Mark ``owner`` alive for ``alive_s`` from now (0: it runs nothing more and leaves the index), and add
@@ -62,17 +40,15 @@ class ProcessOwners(RedisStateCore):
         if left:
             commands.append(lambda pipe: pipe.srem(keys.owned_key(owner), *left))
         if alive_s > 0:
-            until = self._redis_now() + alive_s
+            until = self.clock.now() + alive_s
             commands.append(lambda pipe: pipe.zadd(keys.OWNERS, {owner: until}))
         else:
             commands.append(lambda pipe: pipe.zrem(keys.OWNERS, owner))
         self._pipeline(*commands)
 
     def dead_owners(self, limit: int = 100) -> list[str]:
-        """Owners whose heartbeat ran out, by Redis's clock."""
-        seconds, micros = self.client.time()
-        now = seconds + micros / 1e6
-        return [_text(m) for m in self.client.zrangebyscore(keys.OWNERS, "-inf", now, start=0, num=limit)]
+        """Owners whose heartbeat ran out, by Redis's clock (no ``TIME`` while none did: ``RedisStateCore._due``)."""
+        return self._due(lambda _: keys.OWNERS, limit, [None])
 
     def owned(self, owner: str) -> list[str]:
         """The lease index members ``owner`` covers."""

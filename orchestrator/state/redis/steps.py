@@ -216,9 +216,10 @@ class StepTransitions(RedisStateCore):
         if items:
             renew_items(self, items, lease_s)
         order = list(leases.items())
+        lease_end = self.clock.now() + lease_s
         calls = []
         for run_id, pairs in order:
-            argv: list[Any] = [lease_s]
+            argv: list[Any] = [f"{lease_end:.6f}"]
             for step, task_id in pairs:
                 argv += [step, task_id]
             calls.append(functools.partial(self._evalsha, script="renew", run_id=run_id, argv=argv))
@@ -226,20 +227,17 @@ class StepTransitions(RedisStateCore):
         out: list[tuple[str, str, str, bool]] = []
         index: dict[str, float] = {}
         for (run_id, pairs), reply in zip(order, replies, strict=True):
-            now = float(_text(reply[0]))
-            for (step, task_id), flag in zip(pairs, reply[1:], strict=True):
+            for (step, task_id), flag in zip(pairs, reply, strict=True):
                 out.append((run_id, step, task_id, bool(int(flag))))
                 if int(flag):
-                    index[keys.lease_member(run_id, step, task_id)] = now + lease_s
+                    index[keys.lease_member(run_id, step, task_id)] = lease_end
         for bucket, members in self._lease_buckets(index).items():
             self.client.zadd(bucket, cast(Any, members), xx=True)
         return out
 
     def expired_leases(self, limit: int = 500, buckets: Sequence[str | None] | None = None) -> list[str]:
         """Lease index members whose lease ran out, by Redis's clock."""
-        seconds, micros = self.client.time()
-        now = seconds + micros / 1e6
-        return self._due(keys.leases_key, now, limit, buckets)
+        return self._due(keys.leases_key, limit, buckets)
 
     def reclaim(
         self,
