@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from orchestrator.domain import ClaimOutcome
+from orchestrator.domain import Attempt, ClaimOutcome
 from orchestrator.engine import leases
 from orchestrator.engine.leases import BACKSTOP_LEASES, LeaseKeeper, lease_member
 from orchestrator.state import MemoryStateStore, keys
@@ -65,14 +65,20 @@ class _Clock:
         return self.now
 
 
-def test_a_slot_beats_for_a_starved_beat_thread_not_for_a_healthy_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def _claimed(monkeypatch: pytest.MonkeyPatch, lease_s: float) -> tuple[_Clock, MemoryStateStore, Attempt]:
+    """A store on a clock the test moves, with step ``a`` of a run claimed under task ``t1``."""
     clock = _Clock()
     monkeypatch.setattr(leases, "time", clock)
     store = MemoryStateStore()
     start(Backend("memory", store), SINGLE)
+    claimed = attempt("a", "t1")
+    assert store.claim(claimed, lease_s=lease_s, upstream=(), children=()).outcome == ClaimOutcome.OK
+    return clock, store, claimed
+
+
+def test_a_slot_beats_for_a_starved_beat_thread_not_for_a_healthy_one(monkeypatch: pytest.MonkeyPatch) -> None:
     lease_s = 6.0
-    long = attempt("a", "t1")
-    assert store.claim(long, lease_s=lease_s, upstream=(), children=()).outcome == ClaimOutcome.OK
+    clock, store, long = _claimed(monkeypatch, lease_s)
     beats: list[float] = []
     keep_owner = store.keep_owner
 
@@ -109,13 +115,8 @@ def test_a_slot_beats_for_a_starved_beat_thread_not_for_a_healthy_one(monkeypatc
 def test_the_cover_is_due_a_third_of_a_lease_after_the_claim_was_sent_not_after_its_reply(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = _Clock()
-    monkeypatch.setattr(leases, "time", clock)
-    store = MemoryStateStore()
-    start(Backend("memory", store), SINGLE)
     lease_s = 6.0
-    held = attempt("a", "t1")
-    assert store.claim(held, lease_s=lease_s, upstream=(), children=()).outcome == ClaimOutcome.OK
+    clock, store, held = _claimed(monkeypatch, lease_s)
     keeper = LeaseKeeper(store, lease_s, owner="proc-1")
     keeper.stop()  # beats are driven by hand below
 
