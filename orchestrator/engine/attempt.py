@@ -120,14 +120,8 @@ def _execute(
     if claim is None:
         claim = _claim(runtime, spec, attempt, delivery.carrier)
     if claim.outcome == ClaimOutcome.DONE:
-        if claim.unclaimed_children:
-            # A redelivery after the finishing worker died between recording and publishing: publish again
-            # (a duplicate message is dropped by the claim, so this is safe).
-            _retry_through_outage(
-                runtime,
-                f"{attempt}: publish",
-                lambda: publish_children(runtime, spec, attempt, claim.unclaimed_children),
-            )
+        # A redelivery after the finishing worker died between recording and publishing: publish again.
+        _publish_unclaimed(runtime, spec, attempt, claim)
         return f"duplicate delivery of finished step ({claim.detail})", None
     if claim.outcome == ClaimOutcome.INACTIVE and claim.detail == "deadline":
         # Past the workflow deadline: time the run out now rather than wait for the next sweep.
@@ -384,17 +378,24 @@ def finish_attempt(
             f"{attempt}: check",
             lambda: runtime.store.claim(attempt, lease_s=runtime.settings.lease_s, upstream=(), children=children),
         )
-        if claim.outcome == ClaimOutcome.DONE and claim.unclaimed_children:
-            _retry_through_outage(
-                runtime,
-                f"{attempt}: publish",
-                lambda: publish_children(runtime, spec, attempt, claim.unclaimed_children),
-            )
+        if claim.outcome == ClaimOutcome.DONE:
+            _publish_unclaimed(runtime, spec, attempt, claim)
     error = details.get("error")
     scope.finish(outcome.value if recorded else "stale", error.get("type") if error else None)
     if recorded and outcome == StepOutcome.FAILED:
         scope.failure = failure_summary(attempt.step, error)
     return outcome.value if recorded else "stale attempt: not recorded"
+
+
+def _publish_unclaimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, done: Claim) -> None:
+    """Publish again the children a finished step released that no message has claimed (their dispatch may have been
+    lost); a duplicate message is dropped by its claim, so this is safe."""
+    if done.unclaimed_children:
+        _retry_through_outage(
+            runtime,
+            f"{attempt}: publish",
+            lambda: publish_children(runtime, spec, attempt, done.unclaimed_children),
+        )
 
 
 def _retry_through_outage(runtime: Runtime, what: str, call: Callable[[], T]) -> T:
