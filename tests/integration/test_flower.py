@@ -184,7 +184,10 @@ def test_flower_shows_a_step_that_failed_for_good_as_failure_and_a_retried_one_a
     spec = workflow(
         name,
         llm("doomed", errors=("bad_request",)),
-        llm("flaky", errors=("server_error",), retry={"max_attempts": 3, "backoff_s": 0.05, "backoff_max_s": 0.1}),
+        # A second's backoff: Flower keeps the last state it heard of a task id, and a retry's next attempt that ended
+        # before its first attempt's worker reported the retry (a countdown of milliseconds, a busy worker) would
+        # leave it shown as RETRY.
+        llm("flaky", errors=("server_error",), retry={"max_attempts": 3, "backoff_s": 1.0, "jitter": False}),
         llm("after", "doomed"),
     )
     run_id = client.submit(spec)
