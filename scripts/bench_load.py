@@ -22,10 +22,19 @@ default, ``--llm-concurrency`` slots) and one prefork ``cpu`` worker (``--cpu-co
   ``INFO commandstats`` (both count the commands run inside Lua scripts);
 - worker RSS (``/proc``: peak ``VmHWM`` and final ``VmRSS``) and CPU seconds per process role;
 - the ratio to the **floor**: the same number of raw Celery tasks through the same two workers, published the same
-  way (from the same number of threads, all at once): one ``bench.raw_sleep`` of the same latency per ``llm`` step on
-  the ``llm`` queue and one ``bench.raw_noop`` per ``python`` step on the ``cpu`` queue, with no dependencies between
-  them. That is what Celery alone costs to move the same messages with the same sleeps on the same pools: an upper
-  bound for any orchestration on top. It runs in two halves, before and after ours, so it shares the machine's drift.
+  way (from the same number of threads, all at once), with no dependencies between them: one raw task per ``llm``
+  step on the ``llm`` queue and one ``bench.raw_noop`` per ``python`` step on the ``cpu`` queue. Two floors
+  (``--floor``, both by default):
+
+  - ``llm``: each ``llm`` step's raw task (``bench.raw_llm``) makes the very call the step makes (its prompt as the
+    step renders it, from a warm-up run's outputs; the same model, ``max_tokens``, system prompt and simulated
+    latency) through the same offline provider, the real Anthropic SDK over an in-process transport. That is Celery
+    alone running the same LLM calls: what is left above it is the orchestration (state, leases, events, templates,
+    the gateway's cache, limits and budget), which is what the ratio is about.
+  - ``sleep``: ``bench.raw_sleep`` of the step's latency, no call: Celery alone moving the messages. Ours pays the
+    SDK and the simulated provider (about 0.9 ms of CPU a call on this machine) on top of the orchestration here.
+
+  Each runs in two halves, before and after ours, so it shares the machine's drift.
 
 **The pools** (``--pools threads,gevent``). One worker process per pool, ``-P POOL -c --concurrency`` on the ``llm``
 queue, ``--steps`` single-step runs of one ``llm`` step (1 s simulated latency), and the same number of raw
@@ -68,8 +77,12 @@ from typing import Any
 import redis
 
 from orchestrator import Client, Settings, WorkflowSpec, parse_workflow
+from orchestrator.definition.spec import LLMParams
+from orchestrator.definition.templates import render
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.engine.status import RunView
+from orchestrator.engine.steps import StepContext
+from orchestrator.llm.structured import structured_output_instruction
 from orchestrator.state import keys
 from scripts.harness import cli, probes
 from scripts.harness.footprint import finished_run_bytes, print_footprint
@@ -81,6 +94,7 @@ from scripts.harness.stats import delta, percentile
 
 LOGS = "bench-load-logs"
 IMPORTS = "examples.content_pipeline,scripts.steps.bench"
+FLOORS = ("llm", "sleep")
 LLM_QUEUE, CPU_QUEUE = "llm", "cpu"
 
 
@@ -97,7 +111,7 @@ class Config:
     llm_workers: int
     cpu_concurrency: int
     submit_threads: int
-    floor: bool
+    floors: tuple[str, ...]
     timeout_s: float
     sample_s: float
     pools: tuple[str, ...]
@@ -118,7 +132,13 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--llm-workers", type=int, default=1, help="llm worker processes (default 1)")
     parser.add_argument("--cpu-concurrency", type=int, default=2, help="cpu worker prefork processes (default 2)")
     parser.add_argument("--submit-threads", type=int, default=4, help="threads calling Client.submit (default 4)")
-    parser.add_argument("--no-floor", action="store_true", help="skip the raw Celery floor")
+    parser.add_argument(
+        "--floor",
+        choices=("both", *FLOORS, "none"),
+        default="both",
+        help="the raw Celery floor: llm (the same LLM calls), sleep (sleeps of their latency), both (default), none",
+    )
+    parser.add_argument("--no-floor", action="store_true", help="skip the raw Celery floor (as --floor none)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the runs may take (default 3600)")
     parser.add_argument("--sample-s", type=float, default=2.0, help="seconds between progress samples (default 2)")
     parser.add_argument("--pools", default="", help="compare these pools instead (e.g. threads,gevent)")
@@ -148,7 +168,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         llm_workers=ns.llm_workers,
         cpu_concurrency=ns.cpu_concurrency,
         submit_threads=max(1, ns.submit_threads),
-        floor=not ns.no_floor,
+        floors=() if ns.no_floor or ns.floor == "none" else FLOORS if ns.floor == "both" else (ns.floor,),
         timeout_s=ns.timeout,
         sample_s=ns.sample_s,
         pools=tuple(p for p in ns.pools.split(",") if p),
@@ -191,6 +211,35 @@ def single_llm_spec(latency_s: float) -> WorkflowSpec:
             ],
         }
     )
+
+
+def llm_requests(spec: WorkflowSpec, run: RunView) -> list[dict[str, Any]]:
+    """The LLM calls a finished run of ``spec`` made, one per ``llm`` step in order, as ``LLMRequest`` fields: each
+    step's prompt and system prompt rendered from the run's inputs and its dependencies' outputs as the step renders
+    them (the structured-output instruction appended to the system prompt when it has a schema)."""
+    requests: list[dict[str, Any]] = []
+    for step in spec.steps:
+        params = step.params
+        if not isinstance(params, LLMParams):
+            continue
+        outputs = {dep: run["steps"][dep]["output"] for dep in step.depends_on}
+        variables = StepContext(run["run_id"], step.name, 1, run["inputs"], outputs).template_context()
+        system = render(params.system, variables) if params.system else None
+        if params.output_schema is not None:
+            instruction = structured_output_instruction(params.output_schema)
+            system = f"{system}\n\n{instruction}" if system else instruction
+        simulate = params.simulate.model_dump(exclude_none=True) if params.simulate else None
+        requests.append(
+            {
+                "model": params.model,
+                "prompt": render(params.prompt, variables),
+                "max_tokens": params.max_tokens,
+                "system": system,
+                "temperature": params.temperature,
+                "simulate": simulate,
+            }
+        )
+    return requests
 
 
 def step_latency_s(spec: WorkflowSpec) -> float:
@@ -264,6 +313,7 @@ class LoadBench:
         self.cpu_steps = len(self.spec.steps) - self.llm_steps
         self.log = Progress()
         self.worker_errors: dict[str, int] = {}
+        self.llm_requests: list[dict[str, Any]] = []  # the LLM calls of one run, for the llm floor
         self.polled = 0  # commands this benchmark sent to follow the runs, taken out of the per-step count
         self.polled_hmget = 0  # of which HMGETs (the only polls commandstats counts: it leaves INFO out)
         self.commands: dict[str, int] = {}  # commandstats over the load (commands inside Lua included)
@@ -299,7 +349,9 @@ class LoadBench:
         """A few runs and raw tasks, so imports, connections and script loading are paid before measuring."""
         ids = [self.client.submit(self.spec, {"topic": f"warm-up {i}"}) for i in range(4)]
         self._wait_runs(ids, timeout=300, samples=None)
-        self._floor_pass("warm-up", 8)
+        self.llm_requests = llm_requests(self.spec, self.client.status(ids[0]))
+        for kind in self.cfg.floors:
+            self._floor_pass(f"warm-up-{kind}", 8, kind)
 
     # -- ours --
 
@@ -477,14 +529,18 @@ class LoadBench:
 
     # -- the floor --
 
-    def _floor_pass(self, tag: str, runs: int) -> dict[str, Any]:
-        """Publish ``runs`` x (one raw sleep per llm step, one raw no-op per cpu step) and wait for all of them."""
+    def _floor_pass(self, tag: str, runs: int, kind: str) -> dict[str, Any]:
+        """Publish ``runs`` x (one raw LLM call or sleep per llm step, one raw no-op per cpu step) and wait for all of
+        them."""
         send = self.client.app.send_task  # explicit app: a shared task in a thread would use Celery's default app
         per_run = self.llm_steps + self.cpu_steps
         total = runs * per_run
 
         def publish(i: int) -> str:
-            if i % per_run < self.llm_steps:
+            k = i % per_run
+            if k < self.llm_steps and kind == "llm":
+                send("bench.raw_llm", (tag, i, self.llm_requests[k]), queue=LLM_QUEUE)
+            elif k < self.llm_steps:
                 send("bench.raw_sleep", (tag, i, self.latency_s), queue=LLM_QUEUE)
             else:
                 send("bench.raw_noop", (tag, i), queue=CPU_QUEUE)
@@ -500,18 +556,18 @@ class LoadBench:
             "tasks_per_s": round(total / makespan, 1),
         }
 
-    def floor(self, llm: LocalWorkers, cpu: LocalWorkers, half: str, runs: int) -> dict[str, Any]:
+    def floor(self, llm: LocalWorkers, cpu: LocalWorkers, kind: str, half: str, runs: int) -> dict[str, Any]:
         meter = Probes(llm, cpu, self.redis_pid, self.stats)
         before = meter.snapshot()
-        self.log(f"floor ({half}): {runs * (self.llm_steps + self.cpu_steps)} raw tasks")
-        result = self._floor_pass(f"floor-{half}-{uuid.uuid4().hex[:8]}", runs)
+        self.log(f"{kind} floor ({half}): {runs * (self.llm_steps + self.cpu_steps)} raw tasks")
+        result = self._floor_pass(f"floor-{kind}-{half}-{uuid.uuid4().hex[:8]}", runs, kind)
         used = Probes.delta(before, meter.snapshot())
         result["commands_per_task"] = round(used.pop("redis_commands") / result["tasks"], 1)
         result["cpu_s"] = used
         result["cpu_ms_per_task"] = round(
             sum(v for k, v in used.items() if k != "bench_client") / result["tasks"] * 1000, 3
         )
-        self.log(f"floor ({half}): {result['tasks_per_s']} tasks/s")
+        self.log(f"{kind} floor ({half}): {result['tasks_per_s']} tasks/s")
         return result
 
     def run(self) -> dict[str, Any]:
@@ -522,25 +578,24 @@ class LoadBench:
                 f"cpu -P prefork -c {cfg.cpu_concurrency}"
             )
             self.warm_up()
-            floor: list[dict[str, Any]] = []
+            floors: dict[str, list[dict[str, Any]]] = {kind: [] for kind in cfg.floors}
             first_half = cfg.runs // 2
-            if cfg.floor:
-                floor.append(self.floor(llm, cpu, "before", first_half))
+            for kind in cfg.floors:
+                floors[kind].append(self.floor(llm, cpu, kind, "before", first_half))
             ours = self.ours(llm, cpu)
-            if cfg.floor:
-                floor.append(self.floor(llm, cpu, "after", cfg.runs - first_half))
+            for kind in reversed(cfg.floors):  # the floors surround ours in mirror order: each shares its drift
+                floors[kind].append(self.floor(llm, cpu, kind, "after", cfg.runs - first_half))
         self.worker_errors = scan_logs(self.logs)
-        result: dict[str, Any] = {"ours": ours, "floor": floor}
-        if floor:
-            tasks = sum(f["tasks"] for f in floor)
-            seconds = sum(f["makespan_s"] for f in floor)
-            cpu_ms = sum(f["cpu_ms_per_task"] * f["tasks"] for f in floor) / tasks
-            result["floor_total"] = {
+        result: dict[str, Any] = {"ours": ours, "floors": {}}
+        for kind, passes in floors.items():
+            tasks = sum(f["tasks"] for f in passes)
+            seconds = sum(f["makespan_s"] for f in passes)
+            cpu_ms = sum(f["cpu_ms_per_task"] * f["tasks"] for f in passes) / tasks
+            result["floors"][kind] = {
+                "passes": passes,
                 "tasks": tasks,
                 "tasks_per_s": round(tasks / seconds, 1),
                 "cpu_ms_per_task": round(cpu_ms, 3),
-            }
-            result["ratio"] = {
                 "throughput_ours_over_floor": round(ours["steps_per_s"] / (tasks / seconds), 3),
                 "cpu_per_step_ours_over_floor": round(ours["cpu_ms_per_step"] / cpu_ms, 2),
             }
@@ -741,18 +796,16 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
         f"{cpu_mem['children_rss_mb']} MB"
     )
     print(f"  CPU s: {ours['cpu_s']}; {ours['cpu_ms_per_step']} ms per step (workers + Redis)")
-    if results.get("floor"):
-        total = results["floor_total"]
-        for half in results["floor"]:
+    for kind, total in results.get("floors", {}).items():
+        for half in total["passes"]:
             print(
-                f"  floor pass: {half['tasks']} raw tasks, {half['tasks_per_s']} tasks/s, {half['cpu_ms_per_task']} "
-                f"ms CPU per task, {half['commands_per_task']} commands per task"
+                f"  {kind} floor pass: {half['tasks']} raw tasks, {half['tasks_per_s']} tasks/s, "
+                f"{half['cpu_ms_per_task']} ms CPU per task, {half['commands_per_task']} commands per task"
             )
-        ratio = results["ratio"]
         print(
-            f"  floor: {total['tasks_per_s']} tasks/s, {total['cpu_ms_per_task']} ms CPU per task; ours / floor: "
-            f"throughput {ratio['throughput_ours_over_floor']}x, CPU per step "
-            f"{ratio['cpu_per_step_ours_over_floor']}x"
+            f"  {kind} floor: {total['tasks_per_s']} tasks/s, {total['cpu_ms_per_task']} ms CPU per task; ours / "
+            f"floor: throughput {total['throughput_ours_over_floor']}x, CPU per step "
+            f"{total['cpu_per_step_ours_over_floor']}x"
         )
     if results.get("worker_log_problems"):
         print(f"  worker log error lines: {results['worker_log_problems']}")

@@ -12,15 +12,20 @@ Raw tasks record their start and end times (``time.time()``) by appending one li
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import IO, Any
 
 from celery import group, shared_task
 
 from orchestrator import StepContext, function
+from orchestrator.llm.base import LLMRequest
+from orchestrator.llm.offline import OfflineClient
 from scripts.harness.records import RECORD_DIR_ENV
 
 _sinks: dict[int, IO[str]] = {}
+_clients: dict[int, OfflineClient] = {}
+_clients_lock = threading.Lock()
 
 
 def _record(tag: str, index: int, start: float, end: float) -> None:
@@ -51,6 +56,27 @@ def raw_sleep(tag: str, index: int, seconds: float) -> None:
     time.sleep(seconds)
     end = time.time()
     _record(tag, index, start, end)
+
+
+@shared_task(name="bench.raw_llm", ignore_result=True)
+def raw_llm(tag: str, index: int, request: dict[str, Any]) -> None:
+    """Make one LLM call as an ``llm`` step makes it, with none of the orchestration: ``request`` is an
+    :class:`~orchestrator.llm.base.LLMRequest`'s fields (the prompt already rendered), sent through the offline
+    provider (the real Anthropic SDK over an in-process transport, one client per process as a worker's gateway has).
+    Records when it started and ended."""
+    start = time.time()
+    _client().complete(LLMRequest(**request))
+    end = time.time()
+    _record(tag, index, start, end)
+
+
+def _client() -> OfflineClient:
+    pid = os.getpid()
+    client = _clients.get(pid)
+    if client is None:
+        with _clients_lock:
+            client = _clients.setdefault(pid, OfflineClient())
+    return client
 
 
 @shared_task(name="bench.raw_fanout", ignore_result=True)
