@@ -28,6 +28,7 @@ from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.status import MAX_LIST_OFFSET, RunPage, RunSummary, RunView, run_summary, run_view
 from orchestrator.engine.subflow import workflow_lookup
 from orchestrator.errors import RunNotFoundError, StoreUnavailableError, WorkflowDefinitionError
+from orchestrator.infra.ids import new_id
 from orchestrator.infra.redis_url import RedisUrlError, is_memory_url
 from orchestrator.infra.settings import Settings
 from orchestrator.state import MemoryStateStore, RedisStateStore, StateStore, keys
@@ -173,7 +174,7 @@ class Client:
                 if bound != run_id:
                     return bound
             self.store.save_definition(spec)
-            held = {step: uuid.uuid4().hex for step in spec.start_steps}
+            held = {step: new_id() for step in spec.start_steps}
             self.store.hold_dispatch(run_id, held, self.settings.queued_grace_s)
             self.store.create_run(run_id, spec, filled, idempotency_key)
         except redis.RedisError as exc:

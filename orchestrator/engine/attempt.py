@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -51,6 +50,7 @@ from orchestrator.errors import (
     StepError,
     StepFailed,
 )
+from orchestrator.infra.ids import new_id
 from orchestrator.llm.gateway import CallContext
 from orchestrator.telemetry import AttemptScope
 
@@ -341,7 +341,7 @@ def error_record(exc: StepError, attempt: int) -> ErrorRecord:
 
 def publish_children(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, steps: tuple[str, ...]) -> None:
     """Publish released steps again under fresh task ids, each held first so a lost publish is resent."""
-    held = {step: uuid.uuid4().hex for step in steps}
+    held = {step: new_id() for step in steps}
     runtime.store.hold_dispatch(attempt.run_id, held, runtime.settings.queued_grace_s)
     runtime.publisher.publish(spec, run_id=attempt.run_id, steps=steps, generation=attempt.generation, task_ids=held)
 

@@ -12,7 +12,6 @@ counters and not chords").
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from orchestrator.definition.templates import referenced_steps
 from orchestrator.domain import ResumePlan, RunStatus, StepOutcome, StepStatus
 from orchestrator.engine.triggers import Verdict, decide
 from orchestrator.errors import WorkflowDefinitionError
+from orchestrator.infra.digests import sha256
 
 
 def decide_start(step: StepSpec, parent_status: Mapping[str, str]) -> StepOutcome | None:
@@ -123,7 +123,7 @@ def result_key(step: StepSpec, inputs: Mapping[str, Any], upstream_outputs: Mapp
     """
     material = {"step": step.definition_hash, "inputs": inputs, "upstream": upstream_outputs}
     canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    return sha256(canonical.encode()).hexdigest()[:32]
 
 
 RESUMABLE = (RunStatus.FAILED.value, RunStatus.CANCELLED.value, RunStatus.TIMED_OUT.value)

@@ -32,6 +32,7 @@ from orchestrator.engine.local import Delivery
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.engine.sweep import sweep_once
 from orchestrator.errors import RetryableStepError
+from orchestrator.infra.ids import new_id
 from orchestrator.infra.settings import Settings
 from orchestrator.state import MemoryStateStore
 
@@ -97,7 +98,7 @@ class InProcessPublisher:
         """Queue the steps for this process's threads (after :meth:`close`, nothing is queued any more)."""
         ids = task_ids or {}
         for step in steps:
-            self._put(_Message(run_id, spec.definition_hash, step, generation, ids.get(step) or uuid.uuid4().hex))
+            self._put(_Message(run_id, spec.definition_hash, step, generation, ids.get(step) or new_id()))
 
     def publish_items(
         self,

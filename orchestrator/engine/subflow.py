@@ -44,6 +44,7 @@ from orchestrator.errors import (
     UnknownWorkflowError,
     WorkflowDefinitionError,
 )
+from orchestrator.infra.ids import new_id
 from orchestrator.infra.settings import Settings
 from orchestrator.llm.governor import to_nano_usd
 from orchestrator.state import keys
@@ -136,7 +137,7 @@ def start_child(
     # A redelivered attempt gets the id its predecessor reserved, and creates the run if that one died before.
     child = store.reserve_idempotency_key(key, uuid.uuid4().hex)
     store.save_definition(spec)
-    held = {name: uuid.uuid4().hex for name in spec.start_steps}
+    held = {name: new_id() for name in spec.start_steps}
     store.hold_dispatch(child, held, settings.queued_grace_s)
     created = store.create_run(child, spec, filled, key)
     link = ParentLink(parent_run, step, index, gen, depth)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 import redis
 
@@ -30,6 +29,7 @@ from orchestrator.errors import (
     InputValidationError,
     RunNotFoundError,
 )
+from orchestrator.infra.ids import new_id
 from orchestrator.principals import TIMEOUT_PRINCIPAL
 from orchestrator.state import keys
 
@@ -92,7 +92,7 @@ def _recover(runtime: Runtime, member: str, *, backlog_wait_s: float, owner_dead
     reclaim = runtime.store.reclaim_item if is_item else runtime.store.reclaim
     found = reclaim(
         member,
-        uuid.uuid4().hex,
+        new_id(),
         lost,
         grace_s=runtime.settings.queued_grace_s,
         backlog_wait_s=backlog_wait_s,

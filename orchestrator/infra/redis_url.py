@@ -34,6 +34,7 @@ import redis.asyncio.sentinel as asentinel
 import redis.sentinel
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.infra.redis_pool import QuickReusePool
 
 __all__ = [
     "DEFAULT_SENTINEL_PORT",
@@ -376,11 +377,12 @@ def url_secrets(url: str) -> list[str]:
     return [secret for raw in found if raw for secret in dict.fromkeys((raw, unquote(raw)))]
 
 
-class BlockingSentinelConnectionPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+class BlockingSentinelConnectionPool(redis.sentinel.SentinelConnectionPool, QuickReusePool):
     """Sentinel-discovered master connections in a blocking pool.
 
     redis-py's ``SentinelConnectionPool`` fails a command with ``Too many connections`` once ``max_connections`` are
-    in use; here, as in ``BlockingConnectionPool``, a thread waits up to ``timeout`` seconds for a free one.
+    in use; here, as in ``BlockingConnectionPool``, a thread waits up to ``timeout`` seconds for a free one. A
+    connection back from a command moments ago is handed out without polling it (:mod:`orchestrator.infra.redis_pool`).
     """
 
 
@@ -407,7 +409,8 @@ def sync_client(url: str, **options: Any) -> redis.Redis:
 
 
 def blocking_pool(url: str, *, max_connections: int, timeout: float, **options: Any) -> redis.ConnectionPool:
-    """A connection pool for ``url`` where a thread that finds every connection in use waits for one.
+    """A connection pool for ``url`` where a thread that finds every connection in use waits for one, and a
+    connection back from a command moments ago is handed out without polling it (:mod:`orchestrator.infra.redis_pool`).
 
     Args:
         url: A ``redis://``, ``rediss://``, ``unix://`` or Sentinel URL.
@@ -419,7 +422,7 @@ def blocking_pool(url: str, *, max_connections: int, timeout: float, **options: 
         RedisUrlError: A malformed Sentinel URL.
     """
     if not is_sentinel_url(url):
-        return redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout, **options)
+        return QuickReusePool.from_url(url, max_connections=max_connections, timeout=timeout, **options)
     parsed = parse_sentinel_url(url)
     manager = _sentinel(parsed)
     kwargs = {**parsed.master_kwargs(), **options, "max_connections": max_connections, "timeout": timeout}

@@ -20,6 +20,7 @@ import httpx2
 from anthropic.types import Message
 
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError
+from orchestrator.infra.ids import new_id
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage, TextCallback
 
 __all__ = ["AnthropicClient", "classify_error"]
@@ -53,6 +54,15 @@ _STREAM_ERROR_STATUS: Final[Mapping[str, int]] = MappingProxyType(
 )
 
 
+class _SDK(anthropic.Anthropic):
+    """The SDK's client, drawing the key it keeps per request for its own retries without a system call."""
+
+    def _idempotency_key(self) -> str:
+        # The SDK's is a uuid4 (an os.urandom system call, so a GIL hand-off in a threads worker) for every request,
+        # though the Messages API takes no idempotency header and the SDK sends none: it only has to be unique.
+        return f"stainless-python-retry-{new_id()}"
+
+
 class AnthropicClient:
     """An :class:`~orchestrator.llm.base.LLMClient` that calls the Messages API through the official SDK.
 
@@ -73,9 +83,7 @@ class AnthropicClient:
         http_client: httpx2.Client | None = None,
         timeout_s: float = 120.0,
     ) -> None:
-        self._sdk = anthropic.Anthropic(
-            api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s, http_client=http_client
-        )
+        self._sdk = _SDK(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s, http_client=http_client)
 
     def complete(self, request: LLMRequest, on_text: TextCallback | None = None) -> LLMResponse:
         """Make exactly one Messages API call, streamed when ``on_text`` is given.

@@ -41,6 +41,7 @@ from typing import Any, Final
 
 import httpx2
 
+from orchestrator.infra.digests import sha256
 from orchestrator.llm.anthropic import ATTEMPT_HEADER, SIMULATE_HEADER, AnthropicClient
 from orchestrator.llm.offline_agent import agent_tool_uses, conversation_text
 from orchestrator.llm.structured import structured_output_instruction
@@ -227,7 +228,7 @@ class _MessagesCall:
     @functools.cached_property
     def digest(self) -> bytes:
         key = json.dumps([self.model, self.system, self.prompt, self.max_tokens], ensure_ascii=False)
-        return hashlib.sha256(key.encode()).digest()
+        return sha256(key.encode()).digest()
 
     @property
     def request_id(self) -> str:
@@ -396,7 +397,7 @@ def _sse(event: str, data: Mapping[str, Any]) -> bytes:
 
 
 def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256(text.encode()).hexdigest()
 
 
 def _text_of(content: object) -> str:

@@ -19,6 +19,7 @@ from orchestrator.infra.redis_cluster import (
     is_cluster_url,
     parse_cluster_url,
 )
+from orchestrator.infra.redis_pool import QuickReusePool
 from orchestrator.infra.redis_url import (
     DEFAULT_SENTINEL_PORT,
     BlockingSentinelConnectionPool,
@@ -152,6 +153,8 @@ def test_the_state_store_gets_a_blocking_pool_on_the_sentinels_master_without_co
 
     assert isinstance(pool, BlockingSentinelConnectionPool)
     assert isinstance(pool, redis.BlockingConnectionPool)
+    assert isinstance(pool, QuickReusePool)
+    assert issubclass(pool.connection_class, redis.sentinel.SentinelManagedConnection)
     assert (pool.service_name, pool.max_connections, pool.timeout) == ("mymaster", 7, 30.0)
     assert pool.connection_kwargs["password"] == PASSWORD
     assert pool.connection_kwargs["db"] == 2
@@ -162,13 +165,14 @@ def test_the_state_store_gets_a_blocking_pool_on_the_sentinels_master_without_co
     assert {s.connection_pool.connection_kwargs["password"] for s in sentinels} == {SENTINEL_PASSWORD}
 
 
-def test_a_plain_url_still_gets_redis_pys_own_blocking_pool_and_client() -> None:
+def test_a_plain_url_still_gets_redis_pys_blocking_pool_its_connections_and_its_own_client() -> None:
     pool = blocking_pool("rediss://:pw@h:6380/3", max_connections=5, timeout=2.0, socket_timeout=9)
     client = sync_client("redis://h:6379/1", socket_timeout=4)
 
-    assert type(pool) is redis.BlockingConnectionPool
+    assert type(pool) is QuickReusePool
+    assert isinstance(pool, redis.BlockingConnectionPool)
     assert (pool.max_connections, pool.timeout, pool.connection_kwargs["db"]) == (5, 2.0, 3)
-    assert pool.connection_class is redis.SSLConnection
+    assert issubclass(pool.connection_class, redis.SSLConnection)
     assert type(client.connection_pool) is redis.ConnectionPool
     assert client.connection_pool.connection_kwargs["socket_timeout"] == 4
 

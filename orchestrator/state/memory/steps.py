@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ from orchestrator.domain import (
     StepOutcome,
 )
 from orchestrator.errors import DeferralRecord, ErrorRecord
+from orchestrator.infra.ids import new_id
 from orchestrator.state import keys
 from orchestrator.state.base import failure_line, run_failed_data, success_detail
 from orchestrator.state.items import split_item_leases
@@ -197,7 +197,7 @@ class StepTransitions(ItemTransitions):
                 self._emit(run, stamp, f"run_{run_status}", data=data)
                 self._ended(run, now)
                 self._deadlines.pop(keys.deadline_member(attempt.run_id, attempt.generation), None)
-            task_ids = {child: uuid.uuid4().hex for child in released}
+            task_ids = {child: new_id() for child in released}
             for child, task_id in task_ids.items():
                 self._leases[keys.lease_member(attempt.run_id, child, task_id)] = now + grace_s
             for step, task_id in cancelled:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -22,6 +21,7 @@ from orchestrator.domain import (
     StepOutcome,
 )
 from orchestrator.errors import DeferralRecord, ErrorRecord
+from orchestrator.infra.ids import new_id
 from orchestrator.state import keys
 from orchestrator.state.base import failure_line, releasable, rules_json, success_detail
 from orchestrator.state.items import split_item_leases
@@ -89,7 +89,7 @@ class StepTransitions(RedisStateCore):
         # Each step this finish may release is covered in the lease index before the script runs, under the task id
         # its message will carry: a worker dying between the finish and the publish, or a message lost in the
         # broker, leaves the sweeper something to send again.
-        held = {child: uuid.uuid4().hex for child in releasable(children, rules)}
+        held = {child: new_id() for child in releasable(children, rules)}
         candidates = {c.step: c for c in keep.candidates if c.step in held} if keep is not None else {}
         keep_argv: list[Any] = []
         if keep is not None and candidates:
