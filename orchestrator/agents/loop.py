@@ -313,6 +313,10 @@ def run_agent(
             if not uses or reply.response.stop_reason != "tool_use":
                 return loop.transcript.output(params.model)
             messages.append({"role": "assistant", "content": content})
+            if call.outbox is not None:
+                # Tools can take long and start child runs, whose budget is what this run has left: the turn is
+                # settled before they run, not with the next turn's open.
+                call.outbox.flush()
             messages.append(
                 {"role": "user", "content": [loop.run_call(turn, n, use, toolset) for n, use in enumerate(uses)]}
             )

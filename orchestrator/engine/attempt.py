@@ -52,6 +52,7 @@ from orchestrator.errors import (
 )
 from orchestrator.infra.ids import new_id
 from orchestrator.llm.gateway import CallContext
+from orchestrator.llm.outbox import CallOutbox
 from orchestrator.telemetry import AttemptScope
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,25 @@ def run_claimed(
 
     ``hop``, when given, may keep one released child to run next in this slot.
     """
+    # The attempt's LLM calls leave their closes here, for its next write to Redis to carry (the finish, or the next
+    # call's open); what no write took is sent when the attempt ends.
+    outbox = CallOutbox()
+    try:
+        return _run_claimed(runtime, spec, attempt, claim, scope=scope, hop=hop, outbox=outbox)
+    finally:
+        outbox.flush()
+
+
+def _run_claimed(
+    runtime: Runtime,
+    spec: WorkflowSpec,
+    attempt: Attempt,
+    claim: Claim,
+    *,
+    scope: AttemptScope,
+    hop: Continuation | None,
+    outbox: CallOutbox,
+) -> str:
     step = spec.steps_by_name[attempt.step]
     try:
         skip = decide_start(step, claim.parent_status)
@@ -223,7 +243,9 @@ def run_claimed(
             return finish_attempt(
                 runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, local=hop, cache_key=key, cached=True
             )
-        call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, fresh=claim.force, step=attempt.step)
+        call = CallContext(
+            attempt.run_id, spec.name, budget_usd=spec.budget_usd, fresh=claim.force, step=attempt.step, outbox=outbox
+        )
         try:
             if step.repeat is not None:
                 output = run_repeated(runtime, step, attempt, ctx, call, key=key, force=claim.force)
@@ -235,21 +257,24 @@ def run_claimed(
         except runtime.interrupts:
             raise RetryableStepError(f"step exceeded its timeout of {step.timeout_s}s", kind="timeout") from None
     except StepDeferred as exc:
+        outbox.flush()  # a retry or a deferral takes no owed writes: they go first, on their own
         if not _defer(runtime, attempt, exc, scope):
             return "stale attempt: not deferred"
         raise
     except RetryableStepError as exc:
         error = error_record(exc, claim.attempt)
         if not should_retry(step.retry, claim.generation_attempt, exc.kind):
-            return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=error)
+            return finish_attempt(
+                runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=error, owed=outbox
+            )
+        outbox.flush()
         exc.countdown = retry_delay(step.retry, claim.generation_attempt, exc.retry_after, runtime.settings.retry_cap_s)
         if not _schedule_retry(runtime, attempt, exc, error, scope):
             return "stale attempt: not retried"
         raise
     except StepError as exc:
-        return finish_attempt(
-            runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=error_record(exc, claim.attempt)
-        )
+        error = error_record(exc, claim.attempt)
+        return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=error, owed=outbox)
     except OUTAGE_ERRORS as exc:
         # Redis went away under the step (the LLM gateway's cache and limits live there): not the step's fault,
         # so not a failure. The attempt keeps its lease; once Redis is back and the lease has run out, the sweeper
@@ -261,10 +286,12 @@ def run_claimed(
         log.exception("%s: internal error", attempt)
         internal = NonRetryableStepError(f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
         error = error_record(internal, claim.attempt)
-        return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=error)
+        return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=error, owed=outbox)
     if isinstance(output, dict) and isinstance(output.get("cost_usd"), float):
         scope.cost_usd = output["cost_usd"]
-    return finish_attempt(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, local=hop, output=output, cache_key=key)
+    return finish_attempt(
+        runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, local=hop, output=output, cache_key=key, owed=outbox
+    )
 
 
 def _run_workflow(

@@ -37,6 +37,7 @@ from orchestrator.infra.settings import Settings
 from orchestrator.principals import TIMEOUT_PRINCIPAL, reserved_message
 from orchestrator.state import keys
 from orchestrator.state.base import StateStore, releasable
+from orchestrator.state.owed import OwedWrites
 from orchestrator.telemetry import tracing
 
 DEADLINE_REASON = "the workflow deadline passed"
@@ -56,12 +57,14 @@ def record_outcome(
     cache_key: str = "",
     cached: bool = False,
     local: Continuation | None = None,
+    owed: OwedWrites | None = None,
 ) -> bool:
     """Record a step attempt's final outcome, dispatch the children it released, interrupt the parents a
     ``cancel_others`` child cancelled, announce the run's end.
 
     With ``local``, one released child this worker slot may run is kept there instead of published (see
-    :mod:`orchestrator.engine.local`).
+    :mod:`orchestrator.engine.local`). What the attempt ``owed`` Redis (its LLM calls' closes) goes ahead of the
+    finish, in its round trip.
 
     Returns:
         ``False`` when the attempt was stale and nothing was recorded.
@@ -81,6 +84,7 @@ def record_outcome(
         grace_s=settings.queued_grace_s,
         rules=rules,
         keep=keep,
+        owed=owed,
     )
     if not result.recorded:
         return False

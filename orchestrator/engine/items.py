@@ -36,6 +36,8 @@ from orchestrator.errors import (
     StepError,
 )
 from orchestrator.llm.gateway import CallContext
+from orchestrator.llm.outbox import CallOutbox
+from orchestrator.state.owed import OwedWrites
 from orchestrator.telemetry import AttemptScope
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,17 @@ def run_item(runtime: Runtime, step: StepSpec, ctx: StepContext, call: CallConte
 def _run_claimed_item(
     runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: ItemClaim, scope: AttemptScope
 ) -> str:
+    # The item's LLM calls leave their closes for its record to carry (see orchestrator.engine.attempt.run_claimed).
+    outbox = CallOutbox()
+    try:
+        return _run_item_attempt(runtime, spec, attempt, claim, scope, outbox=outbox)
+    finally:
+        outbox.flush()
+
+
+def _run_item_attempt(
+    runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: ItemClaim, scope: AttemptScope, *, outbox: CallOutbox
+) -> str:
     step = spec.steps_by_name[attempt.step]
     try:
         if claim.generation_attempt > step.retry.max_attempts:
@@ -111,12 +124,13 @@ def _run_claimed_item(
             what = _wait_for_decision(runtime, step.params, attempt, ctx)
             scope.finish("waiting")
             return what
-        call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, step=attempt.step)
+        call = CallContext(attempt.run_id, spec.name, budget_usd=spec.budget_usd, step=attempt.step, outbox=outbox)
         try:
             output = run_item(runtime, step, ctx, call)
         except runtime.interrupts:
             raise RetryableStepError(f"step exceeded its timeout of {step.timeout_s}s", kind="timeout") from None
     except StepDeferred as exc:
+        outbox.flush()  # a requeue takes no owed writes: they go first, on their own
         if not _requeue(runtime, attempt, None, exc.countdown or 0.0, counted=False):
             return "stale attempt: not deferred"
         scope.finish("deferred", exc.reason)
@@ -124,23 +138,26 @@ def _run_claimed_item(
     except RetryableStepError as exc:
         error = error_record(exc, claim.attempt)
         if not should_retry(step.retry, claim.generation_attempt, exc.kind):
-            return _finish(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error)
+            return _finish(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error, owed=outbox)
+        outbox.flush()
         exc.countdown = retry_delay(step.retry, claim.generation_attempt, exc.retry_after, runtime.settings.retry_cap_s)
         if not _requeue(runtime, attempt, error, exc.countdown, counted=True):
             return "stale attempt: not retried"
         scope.finish("retry", exc.kind)
         raise
     except StepError as exc:
-        return _finish(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error_record(exc, claim.attempt))
+        error = error_record(exc, claim.attempt)
+        return _finish(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error, owed=outbox)
     except OUTAGE_ERRORS:
         raise
     except Exception as exc:
         log.exception("%s: internal error", attempt)
         internal = NonRetryableStepError(f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
-        return _finish(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error_record(internal, claim.attempt))
+        error = error_record(internal, claim.attempt)
+        return _finish(runtime, spec, attempt, StepOutcome.FAILED, scope, error=error, owed=outbox)
     if isinstance(output, dict) and isinstance(output.get("cost_usd"), float):
         scope.cost_usd = output["cost_usd"]
-    return _finish(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output)
+    return _finish(runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, output=output, owed=outbox)
 
 
 def _wait_for_decision(runtime: Runtime, params: ApprovalParams, attempt: Attempt, ctx: StepContext) -> str:
@@ -172,9 +189,10 @@ def _finish(
     *,
     output: Any = None,
     error: ErrorRecord | None = None,
+    owed: OwedWrites | None = None,
 ) -> str:
     """Record the item's outcome (:func:`~orchestrator.engine.mapping.record_item`) and close its telemetry."""
-    recorded, what = record_item(runtime, spec, attempt, outcome, output=output, error=error)
+    recorded, what = record_item(runtime, spec, attempt, outcome, output=output, error=error, owed=owed)
     scope.finish(outcome.value if recorded else "stale", error.get("type") if error else None)
     return what
 

@@ -31,6 +31,7 @@ from orchestrator.engine.steps import StepContext
 from orchestrator.errors import ErrorRecord, NonRetryableStepError
 from orchestrator.infra.settings import Settings
 from orchestrator.state.base import StateStore
+from orchestrator.state.owed import OwedWrites
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +147,11 @@ def record_item(
     *,
     output: Any = None,
     error: ErrorRecord | None = None,
+    owed: OwedWrites | None = None,
 ) -> tuple[bool, str]:
     """Record an item's outcome, publish the items it let start, and finish the step after its last item.
+
+    What the item's attempt ``owed`` Redis (its LLM calls' closes) goes ahead of the record, in its round trip.
 
     Returns:
         Whether the outcome was recorded (``False``: a stale attempt), and what happened, for the worker log.
@@ -161,6 +165,7 @@ def record_item(
             error=error,
             grace_s=runtime.settings.queued_grace_s,
             may_refill=bool(spec.steps_by_name[attempt.step].max_parallel),
+            owed=owed,
         ),
         patience_s=runtime.settings.outage_patience_s,
     )

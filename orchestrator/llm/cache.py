@@ -2,8 +2,9 @@
 
 Within a run (the default) replies live in a hash next to the run's own (same Redis Cluster slot), kept as long as
 finished runs are; across runs (opt-in, ``reply_cache: shared``) in a key per request with their own time to live.
-A reply is stored the moment it arrives, before the step records its result: a worker killed in between leaves
-the reply for the redelivered attempt.
+A reply is stored before the step records its result, at the latest in the same round trip, ahead of the record
+(:mod:`orchestrator.llm.outbox`): a worker killed once the record is sent leaves the reply for whoever needs it
+again.
 """
 
 from __future__ import annotations

@@ -5,8 +5,11 @@ call (cool-down, rate limits, budget) or says how long to wait; the provider is 
 with its real usage and cost; the reply is stored before anything else can fail.
 
 On a single Redis the lookup and the admission are one script and the settlement and the storing another
-(``RedisGovernor.open_call`` and ``close_call``): two round trips per call. On a Redis Cluster, whose slots keep a
-run's keys and a model's limiter apart, they are the separate commands they were: four.
+(``RedisGovernor.open_call`` and ``close_call``): two round trips per call. A call whose context carries an outbox
+(a step attempt's: :mod:`orchestrator.llm.outbox`) leaves its close there, for the attempt's next write to Redis to
+carry ahead of its own commands (the step's finish, or the next call's open): one round trip of its own per call.
+On a Redis Cluster, whose slots keep a run's keys and a model's limiter apart, they are the separate commands they
+were: four.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from orchestrator.errors import NonRetryableStepError, StepDeferred, StepError
 from orchestrator.llm.base import LLMClient, LLMRequest, LLMResponse, TextCallback
 from orchestrator.llm.cache import ReplyCache, decode_reply, encode_reply, request_digest
 from orchestrator.llm.governor import Admission, RedisGovernor, ReplyStore, Settlement
+from orchestrator.llm.outbox import CallOutbox
 from orchestrator.llm.pricing import PriceTable, estimate_input_tokens
 
 __all__ = ["CallContext", "GatewayReply", "LLMGateway"]
@@ -44,6 +48,9 @@ class CallContext:
         step: The step calling (with the run and the request, it names the caller's booking in a rate limit).
         iteration: A repeated step's iteration: part of the reply cache's key (see
             :func:`~orchestrator.llm.cache.request_digest`).
+        outbox: Where a call's close waits for the attempt's next write to Redis (single Redis only; see
+            :mod:`orchestrator.llm.outbox`); ``None`` sends each close at once. Whoever gives one flushes it when
+            the attempt ends.
     """
 
     run_id: str
@@ -53,6 +60,7 @@ class CallContext:
     fresh: bool = False
     step: str = ""
     iteration: int | None = None
+    outbox: CallOutbox | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,8 @@ class LLMGateway:
             budget_usd=ctx.budget_usd,
             caller=_caller(ctx, digest),
             reply=reply,
+            # An earlier call of the attempt is settled first, in the same round trip: this one sees its spend.
+            owed=ctx.outbox.take(self.governor.client) if ctx.outbox is not None else (),
         )
         if stored is not None:
             return self._cached(request, ctx, decode_reply(stored), on_text)
@@ -230,19 +240,30 @@ class LLMGateway:
                 tokens_in_out=in_out,
             )
             if self.governor is not None and self.governor.folds:
-                self._close_folded(call, reply=reply, response=response)
+                self._close_folded(call, reply=reply, response=response, outbox=ctx.outbox)
             else:
                 self._close(ctx, call, digest=digest, response=response, shared=ctx.reply_cache == "shared")
         assert response is not None
         self._record(ctx, request, response, duration_s=time.monotonic() - started, cost=priced)
         return GatewayReply(response, priced, cached=False)
 
-    def _close_folded(self, call: Settlement, *, reply: ReplyStore | None, response: LLMResponse | None) -> None:
-        """Settle an opened call and store its reply (if any) in one script."""
+    def _close_folded(
+        self,
+        call: Settlement,
+        *,
+        reply: ReplyStore | None,
+        response: LLMResponse | None,
+        outbox: CallOutbox | None,
+    ) -> None:
+        """Settle an opened call and store its reply (if any) in one script: now, or with the attempt's next write
+        when there is an ``outbox``."""
         assert self.governor is not None
         try:
             body = encode_reply(response) if response is not None and reply is not None else None
-            self.governor.close_call(call, reply=reply, body=body)
+            if outbox is not None:
+                outbox.put(self.governor.pending_close(call, reply=reply, body=body))
+            else:
+                self.governor.close_call(call, reply=reply, body=body)
         except Exception:
             # The call has happened; losing its accounting or its stored reply must not lose the reply itself.
             log.warning("could not settle or store an LLM call of run %s", call.run_id, exc_info=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -27,7 +27,9 @@ from redis.client import Pipeline
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.infra.redis_cluster import is_cluster_client, queue_evalsha, script_args
+from orchestrator.llm.outbox import PendingClose
 from orchestrator.state import keys
+from orchestrator.state.owed import OwedWrite
 
 __all__ = [
     "Admission",
@@ -250,9 +252,13 @@ class RedisGovernor:
         budget_usd: float | None,
         caller: str,
         reply: ReplyStore | None = None,
+        owed: Sequence[OwedWrite] = (),
     ) -> tuple[Admission, str | bytes | None]:
         """:meth:`admit`, after looking the reply up in the cache, in one round trip (single Redis only: see
         :attr:`folds`).
+
+        ``owed`` writes (an earlier call's close, :mod:`orchestrator.llm.outbox`) go first in the same round trip, so
+        Redis settles that call before it admits this one.
 
         Returns:
             The admission and ``None``; or, when ``reply`` is looked up and stored, ``ok`` and the stored reply's JSON
@@ -262,19 +268,18 @@ class RedisGovernor:
         lookup = "0" if reply is None or not reply.lookup else ("2" if reply.shared else "1")
         digest = reply.digest if reply is not None else ""
         budget = -1 if budget_usd is None else to_nano_usd(budget_usd)
-        answer = self._open(
-            keys=[
-                keys.run_key(run_id),
-                keys.llm_run_cache_key(run_id),
-                keys.llm_shared_cache_key(digest),
-                keys.llm_limiter_key(model),
-                keys.llm_booking_key(model, caller),
-            ],
-            args=[
-                *(lookup, digest, limit.rpm, limit.tpm, tokens, limit.capacity, "1" if caller else "0"),
-                *(to_nano_usd(worst_case_usd), budget),
-            ],
-        )
+        names = [
+            keys.run_key(run_id),
+            keys.llm_run_cache_key(run_id),
+            keys.llm_shared_cache_key(digest),
+            keys.llm_limiter_key(model),
+            keys.llm_booking_key(model, caller),
+        ]
+        args = [
+            *(lookup, digest, limit.rpm, limit.tpm, tokens, limit.capacity, "1" if caller else "0"),
+            *(to_nano_usd(worst_case_usd), budget),
+        ]
+        answer = self._open(keys=names, args=args) if not owed else self._open_after(owed, names, args)
         outcome = _text(answer[0])
         if outcome == "cached":
             return Admission("ok"), answer[1]
@@ -285,20 +290,46 @@ class RedisGovernor:
             return Admission(outcome, wait_s=float(_text(answer[1]))), None
         return Admission("ok"), None
 
+    def _open_after(self, owed: Sequence[OwedWrite], names: list[str], args: list[Any]) -> Any:
+        """Run the open script after ``owed``, in one pipeline; each owed write takes its own reply."""
+        pipe = self.client.pipeline(transaction=False)
+        for write in owed:
+            write.queue(pipe)
+        queue_evalsha(pipe, self._open.sha, len(names), *names, *args)
+        replies = pipe.execute(raise_on_error=False)
+        for write, reply in zip(owed, replies, strict=False):
+            write.answered(reply)
+        answer = replies[-1]
+        if isinstance(answer, redis.exceptions.NoScriptError):
+            return self._open(keys=names, args=args)  # not applied: the script object loads it and runs it
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
     def close_call(self, call: Settlement, *, reply: ReplyStore | None = None, body: str | None = None) -> None:
         """:meth:`settle` an opened call and store its reply ``body`` (JSON) where ``reply`` says, in one round trip
         (single Redis only: see :attr:`folds`)."""
+        pending = self.pending_close(call, reply=reply, body=body)
+        self._close(keys=list(pending.keys), args=list(pending.args))
+
+    def pending_close(
+        self, call: Settlement, *, reply: ReplyStore | None = None, body: str | None = None
+    ) -> PendingClose:
+        """:meth:`close_call`'s script, not sent: for an attempt's next write to carry
+        (:mod:`orchestrator.llm.outbox`)."""
         limit = self.limits.for_model(call.model)
         store = "0" if reply is None or body is None else ("2" if reply.shared else "1")
         digest = reply.digest if reply is not None else ""
-        self._close(
-            keys=[
+        return PendingClose(
+            self.client,
+            self._close,
+            keys=(
                 keys.run_key(call.run_id),
                 keys.llm_limiter_key(call.model),
                 keys.llm_run_cache_key(call.run_id),
                 keys.llm_shared_cache_key(digest),
-            ],
-            args=[
+            ),
+            args=(
                 "1" if limit.tpm or call.cooldown_s > 0 else "0",
                 limit.tpm,
                 call.tokens_estimated,
@@ -313,7 +344,8 @@ class RedisGovernor:
                 body if body is not None and store != "0" else "",
                 reply.run_ttl_s if reply is not None else 0,
                 reply.shared_ttl_s if reply is not None else 0,
-            ],
+            ),
+            run_id=call.run_id,
         )
 
     def settle(self, call: Settlement, *, pipe: Pipeline | None = None) -> None:

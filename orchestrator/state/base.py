@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from orchestrator.definition.spec import WorkflowSpec
     from orchestrator.engine.events import Event
     from orchestrator.errors import DeferralRecord, ErrorRecord
+    from orchestrator.state.owed import OwedWrites
 
 
 from orchestrator.domain import (
@@ -176,6 +177,7 @@ class StateStore(ItemStore, Protocol):
         grace_s: float = 300.0,
         rules: ReleaseRules | None = None,
         keep: KeepRequest | None = None,
+        owed: OwedWrites | None = None,
     ) -> FinishResult:
         """Record a running attempt's final outcome and release the children it decides.
 
@@ -200,6 +202,9 @@ class StateStore(ItemStore, Protocol):
         :meth:`claim` would claim it under its task id (``FinishResult.kept`` and ``kept_claim``): its lease index
         entry is then the attempt's lease, or gone when the claim was refused. Its ``step_queued`` and
         ``step_started`` events follow this step's.
+
+        What the attempt ``owed`` Redis (its LLM calls' closes, :mod:`orchestrator.state.owed`) is applied before the
+        transition, in its round trip when the store can share it, and is sent whether or not the attempt is stale.
 
         Returns:
             ``FinishResult(recorded=False)`` when the attempt is stale (other generation, step not running, or owned by

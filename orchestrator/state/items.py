@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         StepOutcome,
     )
     from orchestrator.errors import ErrorRecord
+    from orchestrator.state.owed import OwedWrites
 
 ITEM_STATUSES = ("pending", "queued", "running", "waiting", "succeeded", "failed", "skipped", "cancelled")
 """Every status an item can have; the step keeps a counter of each (``s:STEP:items_STATUS``)."""
@@ -116,13 +117,15 @@ class ItemStore(Protocol):
         error: ErrorRecord | None = None,
         grace_s: float = 300.0,
         may_refill: bool = True,
+        owed: OwedWrites | None = None,
     ) -> ItemDispatch:
         """Record a running item's final outcome and queue the pending items its place frees (``max_parallel``).
         ``output`` is kept whatever the outcome (an approval item's rejection keeps its decision).
 
         ``all_ended`` says this was the last unfinished item: the caller finishes the step. The attempt leaves the
         lease index once the items queued are in it (as :meth:`expand_items` says); ``may_refill`` ``False`` (the
-        step has no ``max_parallel``, so nothing can be queued) lets it leave at once.
+        step has no ``max_parallel``, so nothing can be queued) lets it leave at once. What the attempt ``owed``
+        Redis is applied first, as :meth:`StateStore.finish` says.
         """
         ...
 

@@ -261,8 +261,8 @@ def _die_after_first_round_trip(store: object, monkeypatch: pytest.MonkeyPatch) 
     """Make the worker "die" right after its next pipeline reached Redis: every later command raises."""
     real = store._pipeline  # type: ignore[attr-defined]
 
-    def then_die(*commands: object, before: tuple[object, ...] = (), after: tuple[object, ...] = ()) -> object:
-        replies = real(*commands, before=before, after=after)
+    def then_die(*commands: object, **options: object) -> object:
+        replies = real(*commands, **options)
         monkeypatch.setattr(store.client, "pipeline", _dead)  # type: ignore[attr-defined]
         monkeypatch.setattr(store.client, "zadd", _dead)  # type: ignore[attr-defined]
         monkeypatch.setattr(store.client, "zrem", _dead)  # type: ignore[attr-defined]

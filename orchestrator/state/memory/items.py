@@ -25,6 +25,7 @@ from orchestrator.state import keys
 from orchestrator.state.items import ITEM_FIELDS, ITEM_STATUSES, ItemRecord, dumps, item_record, page_bounds
 from orchestrator.state.memory.control import audited
 from orchestrator.state.memory.core import MemoryStateCore, _float_or_none, _increment, _Run, _stamp
+from orchestrator.state.owed import OwedWrites
 
 _ENDED = frozenset({"succeeded", "failed", "skipped", "cancelled"})
 _ITEM_KEYS = ("status", "item", "key", "task", "lease", "attempts", "base", "output", "error", "started_at")
@@ -213,8 +214,12 @@ class ItemTransitions(MemoryStateCore):
         error: ErrorRecord | None = None,
         grace_s: float = 300.0,
         may_refill: bool = True,
+        owed: OwedWrites | None = None,
     ) -> ItemDispatch:
-        """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``)."""
+        """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``); what the
+        attempt ``owed`` a Redis is sent on its own first."""
+        if owed is not None:
+            owed.flush()
         p = keys.step_prefix(attempt.step)
         f = f"{attempt.index}:"
         member = keys.lease_member(attempt.run_id, keys.item_unit(attempt.step, attempt.index), attempt.task_id)

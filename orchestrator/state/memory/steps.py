@@ -34,6 +34,7 @@ from orchestrator.state.memory.core import (
     _stamp,
 )
 from orchestrator.state.memory.items import ItemTransitions, map_unfinished
+from orchestrator.state.owed import OwedWrites
 
 
 class StepTransitions(ItemTransitions):
@@ -138,13 +139,17 @@ class StepTransitions(ItemTransitions):
         grace_s: float = 300.0,
         rules: ReleaseRules | None = None,
         keep: KeepRequest | None = None,
+        owed: OwedWrites | None = None,
     ) -> FinishResult:
         """Record a final outcome and release the children it decides (see ``lua/finish.lua``).
 
         A success stores ``output`` (``None`` keeps the stored output: a cached result) and ``cache_key``; any other
         outcome replaces the output, so a failure is never served as a cached result. With ``keep``, the first
-        released candidate is claimed under the same lock, as :meth:`claim` would claim it.
+        released candidate is claimed under the same lock, as :meth:`claim` would claim it. What the attempt ``owed``
+        a Redis is sent on its own first: this store has no round trip to share.
         """
+        if owed is not None:
+            owed.flush()
         p = keys.step_prefix(attempt.step)
         raw_output = "" if output is None else json.dumps(output, separators=_COMPACT)
         raw_error = "" if error is None else json.dumps(error, separators=_COMPACT)

@@ -35,6 +35,7 @@ from orchestrator.state.base import (
     needs_failure_error,
     submitted_record,
 )
+from orchestrator.state.owed import OwedWrite, OwedWrites
 from orchestrator.state.redis.clock import CLOCK_STEP_S, RedisClock
 
 _SCRIPTS = (
@@ -362,9 +363,13 @@ class RedisStateCore:
         *commands: Callable[[Pipeline], Any],
         before: tuple[Callable[[Pipeline], Any], ...] = (),
         after: tuple[Callable[[Pipeline], Any], ...] = (),
+        owed: OwedWrites | None = None,
     ) -> list[Any]:
         """Run commands in one round trip, scripts by EVALSHA alone; ``before`` applied ahead of them and ``after``
         once they have been applied. The replies come in that order: ``before``'s, the commands', ``after``'s.
+
+        What the attempt ``owed`` Redis (:mod:`orchestrator.state.owed`) goes first of all, sent once: each write
+        takes its own reply, and its error is not the transition's. In a cluster it is sent on its own first.
 
         redis-py's own script objects add a SCRIPT EXISTS round trip before every pipeline that holds one; a step
         attempt runs two such pipelines, so that doubled its round trips. Scripts are loaded once when Redis says it
@@ -378,18 +383,27 @@ class RedisStateCore:
         others were applied, so an index entry meant to go first can land after the script, or never. In a cluster
         ``before`` and ``after`` are therefore round trips of their own.
         """
-        if (before or after) and is_cluster_client(self.client):
+        cluster = is_cluster_client(self.client)
+        writes = [] if owed is None else owed.take(None if cluster else self.client)
+        if (before or after) and cluster:
             first = self._pipeline(*before) if before else []
             return first + self._pipeline(*commands) + (self._pipeline(*after) if after else [])
         commands = (*before, *commands, *after)
         for tries_left in (1, 0):
             pipe = self.client.pipeline(transaction=False)
+            for write in writes:
+                write.queue(pipe)
             waits: list[int] = []
             self._waits.positions = waits
             for command in commands:
                 command(pipe)
             try:
-                replies = pipe.execute()
+                if writes:
+                    sent, writes = writes, []  # sent once: a second try runs the transition's own commands only
+                    replies = self._after_owed(sent, pipe)
+                    waits = [i - len(sent) for i in waits]
+                else:
+                    replies = pipe.execute()
                 # The replicas' count is not the caller's business: WAIT gives up after its timeout either way.
                 return [reply for i, reply in enumerate(replies) if i not in waits] if waits else replies
             except redis.exceptions.NoScriptError:
@@ -400,6 +414,19 @@ class RedisStateCore:
                 for script in self._scripts.values():
                     self.client.script_load(script.script)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _after_owed(writes: list[OwedWrite], pipe: Pipeline) -> list[Any]:
+        """Execute ``pipe``, whose first commands are ``writes``: each takes its reply, and the others' come back
+        (positions counted from the first of them) or raise their first error, as ``execute`` would."""
+        replies = pipe.execute(raise_on_error=False)
+        for write, reply in zip(writes, replies, strict=False):
+            write.answered(reply)
+        rest = list(replies[len(writes) :])
+        error = next((reply for reply in rest if isinstance(reply, Exception)), None)
+        if error is not None:
+            raise error
+        return rest
 
     def ping(self) -> None:
         """Check that Redis answers.

@@ -27,6 +27,7 @@ from orchestrator.errors import ErrorRecord
 from orchestrator.infra.redis_cluster import queue_evalsha
 from orchestrator.state import keys
 from orchestrator.state.items import ITEM_FIELDS, ItemRecord, dumps, item_record, page_bounds
+from orchestrator.state.owed import OwedWrites
 from orchestrator.state.redis.core import RedisStateCore, _text
 
 _CHUNK = 1000
@@ -143,12 +144,14 @@ class ItemTransitions(RedisStateCore):
         error: ErrorRecord | None = None,
         grace_s: float = 300.0,
         may_refill: bool = True,
+        owed: OwedWrites | None = None,
     ) -> ItemDispatch:
         """Record an item's outcome and queue the items its place frees (see ``lua/item_finish.lua``).
 
         With ``may_refill`` (the step has ``max_parallel``) the item's own lease entry is kept until the items it
         queued are held: a worker dying in between leaves that entry to fall due, and its reclaim holds them then
         (``lua/item_reclaim.lua``). Without it nothing can be queued, and the entry goes in the same round trip.
+        What the attempt ``owed`` Redis (its LLM calls' closes) goes first in the script's round trip.
         """
         argv: list[Any] = [attempt.step, attempt.generation, attempt.task_id, attempt.index, outcome.value]
         argv += ["" if output is None else dumps(output), "" if error is None else dumps(error), uuid.uuid4().hex[:16]]
@@ -156,7 +159,8 @@ class ItemTransitions(RedisStateCore):
         leases = self._leases(attempt.run_id)
         release = (lambda pipe: pipe.zrem(leases, _member(attempt)),)
         finish = (lambda pipe: queue_evalsha(pipe, script.sha, 3, *_item_keys(attempt.run_id, attempt.step), *argv),)
-        reply = [_text(x) for x in self._pipeline(*finish, after=() if may_refill else release)[0]]
+        replies = self._pipeline(*finish, after=() if may_refill else release, owed=owed)
+        reply = [_text(x) for x in replies[0]]
         publish = tuple((int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2)) if reply[0] == "ok" else ()
         if may_refill and publish:
             due = time.time() + grace_s

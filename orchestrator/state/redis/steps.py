@@ -25,6 +25,7 @@ from orchestrator.infra.ids import new_id
 from orchestrator.state import keys
 from orchestrator.state.base import failure_line, releasable, rules_json, success_detail
 from orchestrator.state.items import split_item_leases
+from orchestrator.state.owed import OwedWrites
 from orchestrator.state.redis.core import RedisStateCore, _run_keys, _text
 from orchestrator.state.redis.items import renew_items
 
@@ -79,11 +80,13 @@ class StepTransitions(RedisStateCore):
         grace_s: float = 300.0,
         rules: ReleaseRules | None = None,
         keep: KeepRequest | None = None,
+        owed: OwedWrites | None = None,
     ) -> FinishResult:
         """Record a final outcome and release the children it decides (see ``lua/finish.lua``).
 
         ``cached`` marks a success served from the step's stored result (its output is then kept as it is). With
         ``keep``, the same script claims the first released candidate for this slot (one round trip for the hop).
+        What the attempt ``owed`` Redis (its LLM calls' closes) goes first in the same round trip.
         """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
         # Each step this finish may release is covered in the lease index before the script runs, under the task id
@@ -127,6 +130,7 @@ class StepTransitions(RedisStateCore):
             lambda pipe: self._evalsha(pipe, "finish", run_id, argv),
             before=before,
             after=(lambda pipe: pipe.zrem(self._leases(run_id), own),),
+            owed=owed,
         )
         reply = [_text(x) for x in replies[1 if held else 0]]
         ok = reply[0] == "ok"
