@@ -288,6 +288,8 @@ class FinishResult:
         kept: With a :class:`KeepRequest`: the released child claimed for the finishing slot (under its
             ``task_ids`` entry), not to be published; ``None`` when no candidate was released.
         kept_claim: The claim of ``kept``, as :meth:`StateStore.claim` would have answered it.
+        kept_more: With a :class:`KeepRequest` whose ``most`` is above 1: the other released children claimed for
+            this worker (each with its claim, in release order), to run in its other threads.
     """
 
     recorded: bool
@@ -297,6 +299,7 @@ class FinishResult:
     cancelled: tuple[tuple[str, str], ...] = ()
     kept: str | None = None
     kept_claim: Claim | None = None
+    kept_more: dict[str, Claim] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -312,19 +315,22 @@ class KeepCandidate:
 class KeepRequest:
     """Asked of a finish by a worker slot that can run one released child next ("continuing locally").
 
-    The finish claims the first child it releases, in release order, that is among ``candidates``, in the same
-    transition: under the task id it holds the child with, with ``lease_s`` and ``carrier``, exactly as
+    The finish claims the first ``most`` children it releases, in release order, that are among ``candidates``, in
+    the same transition: each under the task id it holds the child with, with ``lease_s`` and ``carrier``, exactly as
     :meth:`StateStore.claim` would claim it. The other released children are held and published as usual.
 
     Attributes:
         candidates: The children this slot may run (those a ``LocalSteps`` accepts).
-        lease_s: The kept attempt's claim lease.
+        lease_s: The kept attempts' claim lease.
         carrier: The task id of the message whose slot runs the kept child.
+        most: How many of them to claim at most: the first runs in this slot, each other in another thread of the
+            same worker (1 for a worker that can take no extra work).
     """
 
     candidates: tuple[KeepCandidate, ...]
     lease_s: float
     carrier: str
+    most: int = 1
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from orchestrator.infra.redis_url import require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.state import RedisStateStore
 from orchestrator.telemetry.logs import Redactor, configure_logging
-from workers.local import CeleryLocalSteps
+from workers.local import CeleryLocalSteps, ThreadsBootstep, WorkerThreads
 from workers.metrics import WorkerMetricsEndpoint
 from workers.slots import KnownSlots
 from workers.sweeper import Sweeper
@@ -50,17 +50,21 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.conf.worker_consumer = "workers.consumer:BatchingConsumer"
     # A fan-out wider than the live workers' slots can take goes out in batches (orchestrator/engine/batches.py).
     slots = KnownSlots(lambda: _redis_store(holder))
+    # The threads pool's executor, once the pool exists: a finish there keeps several children (workers/local.py).
+    threads = WorkerThreads()
     holder = RuntimeHolder(
         settings,
         lambda: CeleryPublisher(app, settings, slots=slots),
         interrupts=(SoftTimeLimitExceeded,),
-        local=lambda publisher: CeleryLocalSteps(app, cast(CeleryPublisher, publisher)),
+        local=lambda publisher: CeleryLocalSteps(app, cast(CeleryPublisher, publisher), threads),
     )
     app.orchestrator_runtime = holder  # type: ignore[attr-defined]
+    app.orchestrator_threads = threads  # type: ignore[attr-defined]
     step_task = register_tasks(app, holder)
     # A revoked batch message takes its other steps with it: they go out again (workers/tasks.py).
     task_revoked.connect(lambda request, **_: resend_passengers(holder, request), sender=step_task, weak=False)
     app.steps["worker"].add(Sweeper)
+    app.steps["worker"].add(ThreadsBootstep)
     _warm_up(holder)
     _observe(app, settings)
     return app

@@ -7,16 +7,25 @@ id the finish gave it and named ``WORKFLOW.STEP``. The events are buffered and p
 ``task.multi`` events, which Flower and every event receiver read), at most once per 10 ms window while a chain runs
 and at its end, so a local hop costs one publish or less where a message costs a push, a pop, an acknowledgement and
 four event publishes.
+
+On the threads pool a finish may keep several children (:meth:`CeleryLocalSteps.spare`): the first runs in the
+slot, each other is submitted to the pool's own executor (:class:`WorkerThreads`), which never runs more threads
+than the worker's concurrency, and queues it ahead of the messages the consumer hands over later. Prefork and solo
+slots keep one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
+from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.events.dispatcher import EventDispatcher
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
@@ -29,9 +38,100 @@ from orchestrator.engine.local import Delivery
 from orchestrator.errors import StepFailed
 from workers.consumer import EVENT_FLUSH_S
 
+log = logging.getLogger(__name__)
+
 MAX_LOCAL_HOPS = 100
 """Steps one message's slot runs one after another at most; the next child is then published (a worker stopping
 warm waits for the chain, so it must stay short)."""
+
+
+class WorkerThreads:
+    """The threads pool's executor, for the children a finish keeps beyond its slot's own.
+
+    Attached by the :class:`ThreadsBootstep` once the pool exists (never for prefork, solo or gevent: they take no
+    work but a message's). At most the pool's limit of handed-over children wait for a thread at a time.
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._limit = 0
+        self._waiting = 0
+        self._lock = threading.Condition()
+        self._here = threading.local()
+
+    def attach(self, pool: Any) -> None:
+        """Take the worker's pool, if it is the threads pool."""
+        if isinstance(pool, ThreadsPool):
+            self._executor, self._limit = getattr(pool, "executor"), int(pool.limit)  # noqa: B009 (Celery types it not)
+
+    def detach(self, wait_s: float) -> None:
+        """Hand no more children over, and wait up to ``wait_s`` for those handed over to start (the pool drops
+        what has not started when it stops: those are left to their leases)."""
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            self._executor = None
+            while self._waiting > 0 and self._lock.wait(max(0.0, deadline - time.monotonic())):
+                pass
+            if self._waiting:
+                log.warning("%d kept steps did not start before the pool stopped; left to their leases", self._waiting)
+
+    def spare(self) -> int:
+        """How many more children may be handed over now."""
+        if self._executor is None:
+            return 0
+        return max(0, self._limit - self._waiting)
+
+    def spawn(self, job: Callable[[], None]) -> bool:
+        """Submit ``job`` to the pool's executor; ``False`` when it takes no more (not attached, or shut down)."""
+        executor = self._executor
+        if executor is None:
+            return False
+        with self._lock:
+            self._waiting += 1
+        try:
+            future = executor.submit(self._run, job)
+        except RuntimeError:  # the executor has shut down
+            self._started()
+            return False
+        future.add_done_callback(self._dropped)
+        return True
+
+    @property
+    def in_spawned(self) -> bool:
+        """Whether this thread runs a handed-over child (no message, so no request, carries it)."""
+        return bool(getattr(self._here, "spawned", False))
+
+    def _run(self, job: Callable[[], None]) -> None:
+        self._started()
+        self._here.spawned = True
+        try:
+            job()
+        finally:
+            self._here.spawned = False
+
+    def _started(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            self._lock.notify_all()
+
+    def _dropped(self, future: Future[None]) -> None:
+        if future.cancelled():
+            self._started()
+            log.warning("a kept step waiting for a thread was dropped as the pool stopped; left to its lease")
+
+
+class ThreadsBootstep(bootsteps.StartStopStep):
+    """Gives the worker's :class:`WorkerThreads` its pool once the pool exists, and takes it back before the pool
+    stops (waiting a lease at most for the children handed over to start)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def start(self, worker: Any) -> None:
+        worker.app.orchestrator_threads.attach(worker.pool)
+
+    def stop(self, worker: Any) -> None:
+        threads: WorkerThreads = worker.app.orchestrator_threads
+        threads.detach(worker.app.orchestrator_runtime.settings.lease_s)
 
 
 class CeleryLocalSteps:
@@ -40,11 +140,13 @@ class CeleryLocalSteps:
     Args:
         app: The worker's app (its event dispatcher and its current task's request).
         publisher: Sends a locally run step's message when it is retried or deferred.
+        threads: The threads pool's executor, when the worker runs one (more children kept per finish).
     """
 
-    def __init__(self, app: Celery, publisher: CeleryPublisher) -> None:
+    def __init__(self, app: Celery, publisher: CeleryPublisher, threads: WorkerThreads | None = None) -> None:
         self.app = app
         self.publisher = publisher
+        self.threads = threads
         self._lock = threading.Lock()
         self._events: EventDispatcher | None = None
         self._pid = 0
@@ -65,9 +167,23 @@ class CeleryLocalSteps:
         if child.timeout_s is not None and child.uses not in {StepKind.LLM, StepKind.AGENT}:
             return False  # prefork's time limits are per message: the carrier's would not fit this step
         request = self.app.current_task.request if self.app.current_task else None
-        if request is None or any(request.timelimit or ()):
+        if request is None:
+            # A child handed to another thread runs with no message: kept only where no time limit applies.
+            if self.threads is None or not self.threads.in_spawned:
+                return False
+        elif any(request.timelimit or ()):
             return False
         return delivery.hops < MAX_LOCAL_HOPS
+
+    def spare(self) -> int:
+        """The threads pool's room for handed-over children (0 on other pools, or when stopping)."""
+        if self.threads is None or worker_state.should_stop is not None or worker_state.should_terminate is not None:
+            return 0
+        return self.threads.spare()
+
+    def spawn(self, job: Callable[[], None]) -> bool:
+        """Submit ``job`` to the threads pool's executor (``False`` on other pools)."""
+        return self.threads is not None and self.threads.spawn(job)
 
     def started(self, spec: WorkflowSpec, attempt: Attempt, delivery: Delivery) -> None:
         """Announce the step (claimed by its parent's finish) as sent, received and started, in one publish."""

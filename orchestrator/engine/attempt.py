@@ -97,7 +97,7 @@ def execute_attempt(
         log.warning("dropping %s: workflow %s has no step %r", attempt, spec.name, attempt.step)
         return "dropped: unknown step"
     delivery = delivery or Delivery()
-    hop = Continuation(delivery, runtime.local) if runtime.local is not None else None
+    hop = Continuation(delivery, runtime.local, leases=runtime.leases) if runtime.local is not None else None
     result, failure = _execute(runtime, spec, attempt, delivery, hop=hop)
     if hop is not None and hop.kept:
         continue_locally(spec, attempt, hop, lambda a, d, h, c: _execute(runtime, spec, a, d, hop=h, claim=c))
@@ -478,7 +478,7 @@ def _run_passengers(
     if runtime.local is None:
         publish([s for s, _ in passengers], dict(passengers))
         return
-    hop = Continuation(delivery, runtime.local)
+    hop = Continuation(delivery, runtime.local, leases=runtime.leases)
     run_passengers(
         spec,
         carrier,

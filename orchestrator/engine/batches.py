@@ -122,6 +122,12 @@ class _HeldBack:
     def flush(self) -> None:
         self.local.flush()
 
+    def spare(self) -> int:
+        return self.local.spare()
+
+    def spawn(self, job: Callable[[], None]) -> bool:
+        return self.local.spawn(job)
+
 
 def _run(
     spec: WorkflowSpec,
@@ -147,7 +153,12 @@ def _run(
                 log.exception("%s: the rest of its batch was not sent; the sweeper sends it", carrier)
             return
         kept = Continuation(
-            replace(delivery, hops=hops), local, step=step, task_id=task_id, headers=hop.delivery.headers
+            replace(delivery, hops=hops),
+            local,
+            step=step,
+            task_id=task_id,
+            headers=hop.delivery.headers,
+            leases=hop.leases,
         )
         hops = continue_locally(spec, carrier, kept, execute)
 

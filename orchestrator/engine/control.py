@@ -62,9 +62,9 @@ def record_outcome(
     """Record a step attempt's final outcome, dispatch the children it released, interrupt the parents a
     ``cancel_others`` child cancelled, announce the run's end.
 
-    With ``local``, one released child this worker slot may run is kept there instead of published (see
-    :mod:`orchestrator.engine.local`). What the attempt ``owed`` Redis (its LLM calls' closes) goes ahead of the
-    finish, in its round trip.
+    With ``local``, released children this worker may run are kept there instead of published: one for this slot,
+    and on a threads pool more for its other threads (see :mod:`orchestrator.engine.local`). What the attempt
+    ``owed`` Redis (its LLM calls' closes) goes ahead of the finish, in its round trip.
 
     Returns:
         ``False`` when the attempt was stale and nothing was recorded.
@@ -90,7 +90,7 @@ def record_outcome(
         return False
     if outcome == StepOutcome.FAILED:
         log.error("%s: %s", attempt.run_id, failure_summary(attempt.step, error))
-    released = tuple(step for step in result.released if step != result.kept)
+    released = tuple(step for step in result.released if step != result.kept and step not in result.kept_more)
     publisher.publish(
         spec, run_id=attempt.run_id, steps=released, generation=attempt.generation, task_ids=result.task_ids
     )

@@ -80,9 +80,12 @@ class LeaseKeeper:
         Args:
             since: When the claim was sent (``time.monotonic()``; default now). Its lease runs from then, and a starved
                 thread may get the claim's reply seconds later: the cover is due a third of a lease after ``since``.
+                An attempt held already keeps its earlier time (a child its parent's finish kept for another thread
+                is held when it is handed over, and again by the thread that runs it).
         """
+        at = time.monotonic() if since is None else since
         with self._lock:
-            self._active[attempt] = time.monotonic() if since is None else since
+            self._active[attempt] = min(at, self._active.get(attempt, at))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="orchestrator-leases", daemon=True)
                 self._thread.start()

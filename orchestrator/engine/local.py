@@ -7,19 +7,33 @@ then runs it. The other released children still fan out as messages. This is Tem
 eager activity dispatch and Celery's own chain optimisation. The broker side of it (whether a child may run here,
 and telling Flower about a step no message carried) is a :class:`LocalSteps`, the worker's, so nothing here knows
 Celery; a runtime without one publishes every child.
+
+A worker that can take extra work (a threads pool: :meth:`LocalSteps.spare`) has its finish keep several released
+children in the same transition (``KeepRequest.most``): the first runs in this slot as above, and each other is
+handed to another of the worker's threads (:meth:`LocalSteps.spawn`) as a chain of its own, which may keep its own
+children in turn. A fan-out of three after a step then costs no message at all. A handed-over child is claimed
+already, so it is held in the lease keeper from its finish's claim (:class:`~orchestrator.engine.leases.LeaseKeeper`):
+however long it waits for a free thread, the process's beat keeps it alive, and should the process die it is
+recovered by the owner's lapse as any attempt is. If it cannot be handed over (the pool is stopping) this slot runs
+it at once, then its own; if its thread never gets to it (the pool stopped first), it is left to its lease. It
+retries and defers as any local step (its message sent by :meth:`LocalSteps.resend`), and anything its thread meets
+is logged and leaves it to its lease, never ending the thread.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from orchestrator.definition.spec import WorkflowSpec
-from orchestrator.domain import Attempt, Claim, FinishResult, KeepCandidate, KeepRequest
+from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, KeepCandidate, KeepRequest
 from orchestrator.engine.coordinator import upstream_reads
+from orchestrator.engine.leases import LeaseKeeper
 from orchestrator.errors import RetryableStepError, StepDeferred
 
 log = logging.getLogger(__name__)
@@ -46,14 +60,27 @@ class Delivery:
     hops: int = 0
 
 
+@dataclass(frozen=True)
+class Kept:
+    """A released child its parent's finish claimed for this worker beyond the one its slot runs next."""
+
+    step: str
+    task_id: str
+    claim: Claim
+
+
 @dataclass
 class Continuation:
-    """Offered to a finishing attempt: the released child it keeps to run in its own slot, if any.
+    """Offered to a finishing attempt: the released child it keeps to run in its own slot, if any, and the others it
+    keeps for the worker's other threads.
 
     Attributes:
         step: The kept child, once the finish claimed it.
         task_id: The task id it was claimed under.
         claim: The finish's claim of it (whatever its outcome: the slot then handles it as a message's claim).
+        others: The other children the finish claimed, each to run in another thread of this worker.
+        leases: The process's lease keeper: holds each of ``others`` from its claim until a thread runs it.
+        claimed_at: When the finish that kept them was sent (``time.monotonic()``): their claim leases run from then.
     """
 
     delivery: Delivery
@@ -62,13 +89,17 @@ class Continuation:
     task_id: str = ""
     headers: dict[str, Any] = field(default_factory=dict)
     claim: Claim | None = None
+    others: tuple[Kept, ...] = ()
+    leases: LeaseKeeper | None = None
+    claimed_at: float = 0.0
 
     def request(
         self, spec: WorkflowSpec, attempt: Attempt, releasable: tuple[str, ...], lease_s: float
     ) -> KeepRequest | None:
         """What the finish of ``attempt`` is to claim for this slot: the children it may release that this slot may
         run (their queue, no time limit), in order, the first ``MAX_CANDIDATES`` of them; ``None`` when there is
-        none."""
+        none. It claims as many of them as the worker can start now (this slot's one, and what
+        :meth:`LocalSteps.spare` allows beyond it)."""
         accepted = (step for step in releasable if self.local.accepts(spec, step, self.delivery))
         candidates = tuple(
             KeepCandidate(step, upstream_reads(spec, step), spec.graph.children[step])
@@ -76,7 +107,9 @@ class Continuation:
         )
         if not candidates:
             return None
-        return KeepRequest(candidates, lease_s, self.delivery.carrier or attempt.task_id)
+        most = 1 + (min(self.local.spare(), len(candidates) - 1) if len(candidates) > 1 else 0)
+        self.claimed_at = time.monotonic()
+        return KeepRequest(candidates, lease_s, self.delivery.carrier or attempt.task_id, most=most)
 
     @property
     def kept(self) -> bool:
@@ -84,10 +117,11 @@ class Continuation:
         return self.step is not None and bool(self.task_id)
 
     def take(self, result: FinishResult) -> None:
-        """Remember the child the finish kept (and its claim), if any."""
+        """Remember the children the finish kept (and their claims), if any."""
         self.step = result.kept
         self.task_id = result.task_ids[result.kept] if result.kept is not None else ""
         self.claim = result.kept_claim
+        self.others = tuple(Kept(step, result.task_ids[step], claim) for step, claim in result.kept_more.items())
 
 
 class LocalSteps(Protocol):
@@ -117,6 +151,15 @@ class LocalSteps(Protocol):
     def flush(self) -> None:
         """Send the announcements held back (``more``) now: a batch of steps has ended (never raises)."""
 
+    def spare(self) -> int:
+        """How many released children beyond the slot's own this worker may take now, each to run in another of its
+        threads (0 for a worker that runs one step per slot: prefork, or one stopping)."""
+
+    def spawn(self, job: Callable[[], None]) -> bool:
+        """Run ``job`` in another thread of this worker, after the work already handed to its threads (never more
+        threads than its concurrency); ``False`` when it cannot (the caller then runs it itself). ``job`` never
+        raises."""
+
 
 Execute = Callable[[Attempt, Delivery, "Continuation", Claim | None], tuple[str, str | None]]
 """Runs one attempt here (claimed already, or claiming it when not): what happened, and its failure summary when it
@@ -124,7 +167,9 @@ failed for good."""
 
 
 def continue_locally(spec: WorkflowSpec, parent: Attempt, hop: Continuation, execute: Execute) -> int:
-    """Run the child each finish kept in this slot, one after another, announcing each through ``hop.local``.
+    """Run the child each finish kept in this slot, one after another, announcing each through ``hop.local``; the
+    other children a finish kept go to the worker's other threads (:meth:`LocalSteps.spawn`) before its slot's own
+    runs.
 
     A kept step that must retry or wait is recorded so by ``execute`` and its message sent to the broker; one that
     meets an outage past the patience is left to its lease, as a message's attempt would be. A kept step comes
@@ -137,11 +182,12 @@ def continue_locally(spec: WorkflowSpec, parent: Attempt, hop: Continuation, exe
     carrier = hop.delivery.carrier or parent.task_id
     hops = hop.delivery.hops
     while hop.step is not None and hop.task_id:
+        _spawn_others(spec, parent, hop, execute)
         attempt = Attempt(parent.run_id, hop.step, parent.generation, hop.task_id)
         claim = hop.claim
         hops = hop.delivery.hops + 1
         delivery = replace(hop.delivery, headers=hop.headers, due_at=None, carrier=carrier, hops=hop.delivery.hops + 1)
-        hop = Continuation(delivery, local)
+        hop = Continuation(delivery, local, leases=hop.leases)
         local.started(spec, attempt, delivery)
         try:
             result, failure = execute(attempt, delivery, hop, claim)
@@ -157,3 +203,44 @@ def continue_locally(spec: WorkflowSpec, parent: Attempt, hop: Continuation, exe
             return hops
         local.ended(attempt, result, failure, more=hop.kept)
     return hops
+
+
+def _spawn_others(spec: WorkflowSpec, parent: Attempt, hop: Continuation, execute: Execute) -> None:
+    """Hand each of the other children the finish kept to another thread of this worker, as a chain of its own.
+
+    Each is held in the lease keeper from its claim (``hop.claimed_at``), so a wait for a free thread never lets the
+    sweeper take it for lost while this process lives; a process that dies leaves it to its lease, as any attempt.
+    """
+    for kept in hop.others:
+        attempt = Attempt(parent.run_id, kept.step, parent.generation, kept.task_id)
+        if hop.leases is not None and kept.claim.outcome == ClaimOutcome.OK:
+            hop.leases.hold(attempt, since=hop.claimed_at)
+        chain = Continuation(
+            hop.delivery,
+            hop.local,
+            step=kept.step,
+            task_id=kept.task_id,
+            headers=hop.headers,
+            claim=kept.claim,
+            leases=hop.leases,
+        )
+        job = functools.partial(_run_spawned, spec, parent, chain, execute, attempt)
+        if not hop.local.spawn(job):
+            job()
+    hop.others = ()
+
+
+def _run_spawned(spec: WorkflowSpec, parent: Attempt, chain: Continuation, execute: Execute, attempt: Attempt) -> None:
+    """Run a kept child handed to another thread, and the chain it continues; never raises (a pool thread must not
+    end on it silently): what goes wrong is logged and the attempt left to its lease."""
+    try:
+        continue_locally(spec, parent, chain, execute)
+    except Exception:
+        log.exception("%s: run in another thread, it failed there; left to its lease", attempt)
+    finally:
+        if chain.leases is not None:
+            chain.leases.release(attempt)  # a no-op once it ran: its own run released it
+        try:
+            chain.local.flush()
+        except Exception:
+            log.exception("%s: its task events were not sent", attempt)

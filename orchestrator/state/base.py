@@ -198,10 +198,11 @@ class StateStore(ItemStore, Protocol):
         id (``FinishResult.task_ids``), due ``grace_s`` from now: a worker dying between this call and the publish,
         or a message lost in the broker, leaves the sweeper a step to send again.
 
-        With ``keep``, the first released child among its candidates is claimed in the same transition, as
-        :meth:`claim` would claim it under its task id (``FinishResult.kept`` and ``kept_claim``): its lease index
-        entry is then the attempt's lease, or gone when the claim was refused. Its ``step_queued`` and
-        ``step_started`` events follow this step's.
+        With ``keep``, the first ``keep.most`` released children among its candidates, in release order, are claimed
+        in the same transition, each as :meth:`claim` would claim it under its task id (``FinishResult.kept`` and
+        ``kept_claim`` for the first, ``kept_more`` for the others): each one's lease index entry is then the
+        attempt's lease, or gone when its claim was refused. Their ``step_queued`` and ``step_started`` events follow
+        this step's.
 
         What the attempt ``owed`` Redis (its LLM calls' closes, :mod:`orchestrator.state.owed`) is applied before the
         transition, in its round trip when the store can share it, and is sent whether or not the attempt is stale.

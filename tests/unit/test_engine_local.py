@@ -6,7 +6,10 @@ recording :class:`LocalSteps` standing in for the worker's side; the carrier's r
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,11 +39,28 @@ QUEUE = "cpu"
 
 @dataclass
 class RecordingLocalSteps:
-    """The worker's side, as lists: which steps it lets run here and what it announced."""
+    """The worker's side, as lists: which steps it lets run here, what it announced, and the jobs handed to its other
+    threads (``threads`` of them; run by the test, as a thread of the pool would)."""
 
     allowed: set[str] | None = None
     announced: list[tuple[str, str, str]] = field(default_factory=list)
     resent: list[tuple[str, str, float]] = field(default_factory=list)
+    threads: int = 0
+    jobs: list[Callable[[], None]] = field(default_factory=list)
+    refuse_spawn: bool = False
+
+    def spare(self) -> int:
+        return max(0, self.threads - len(self.jobs))
+
+    def spawn(self, job: Callable[[], None]) -> bool:
+        if self.refuse_spawn:
+            return False
+        self.jobs.append(job)
+        return True
+
+    def run_jobs(self) -> None:
+        while self.jobs:
+            self.jobs.pop(0)()
 
     def accepts(self, spec: WorkflowSpec, step: str, delivery: Delivery) -> bool:
         return self.allowed is None or step in self.allowed
@@ -59,9 +79,11 @@ class RecordingLocalSteps:
         self.announced.append(("flushed", "", ""))
 
 
-def local_runtime(allowed: set[str] | None = None) -> tuple[Runtime, RecordingPublisher, RecordingLocalSteps]:
+def local_runtime(
+    allowed: set[str] | None = None, threads: int = 0
+) -> tuple[Runtime, RecordingPublisher, RecordingLocalSteps]:
     runtime, publisher = make_runtime()
-    local = RecordingLocalSteps(allowed)
+    local = RecordingLocalSteps(allowed, threads=threads)
     runtime.local = local
     return runtime, publisher, local
 
@@ -228,3 +250,149 @@ def test_a_wide_fan_out_offers_its_finish_only_the_first_few_children_to_keep() 
 
     assert offered[0] == tuple(names[:MAX_CANDIDATES])
     assert [m.step for m in publisher.sent] == names[1:], "the first is kept, the others are published"
+
+
+# -- several kept children: the first in the slot, the others in the worker's other threads --------------------------
+
+
+def fan_out(*children: dict[str, Any]) -> dict[str, object]:
+    return workflow({"name": "a", "uses": "noop"}, *({"depends_on": ["a"], **c} for c in children))
+
+
+NOOPS = tuple({"name": n, "uses": "noop"} for n in ("x", "y", "z"))
+
+
+def test_a_finish_keeps_as_many_children_as_the_worker_has_spare_threads_and_hands_them_over_claimed() -> None:
+    runtime, publisher, local = local_runtime(threads=2)
+    run_id = start(runtime, publisher, fan_out(*NOOPS))
+    separately: list[str] = []
+    real_claim = runtime.store.claim
+
+    def claim(attempt: Attempt, *args: object, **kwargs: object) -> object:
+        separately.append(attempt.step)
+        return real_claim(attempt, *args, **kwargs)  # type: ignore[arg-type]
+
+    runtime.store.claim = claim  # type: ignore[method-assign]
+
+    deliver(runtime, publisher.sent.pop(0))
+
+    assert publisher.sent == [], "no message for any of the three"
+    assert step_status(runtime, run_id, "x") == "succeeded", "the first ran in the slot"
+    assert len(local.jobs) == 2
+    assert [step_status(runtime, run_id, s) for s in ("y", "z")] == ["running", "running"], "claimed by the finish"
+    local.run_jobs()
+    assert separately == ["a"], "the finish claimed every child"
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+    assert sorted(step for kind, step, _ in local.announced if kind == "started") == ["x", "y", "z"]
+    assert sorted(step for kind, step, _ in local.announced if kind == "ended") == ["x", "y", "z"]
+    seqs = [event.seq for event in runtime.store.events(run_id)]
+    assert seqs == list(range(1, len(seqs) + 1)), "the run's events stay gapless"
+
+
+def test_a_worker_with_fewer_spare_threads_than_children_keeps_that_many_and_publishes_the_rest() -> None:
+    runtime, publisher, local = local_runtime(threads=1)
+    run_id = start(runtime, publisher, fan_out(*NOOPS))
+
+    deliver(runtime, publisher.sent.pop(0))
+
+    assert [m.step for m in publisher.sent] == ["z"]
+    assert len(local.jobs) == 1
+    local.run_jobs()
+    drive(runtime, publisher)
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+
+
+def test_a_worker_with_no_spare_thread_keeps_one_child_as_before() -> None:
+    runtime, publisher, local = local_runtime(threads=0)
+    start(runtime, publisher, fan_out(*NOOPS))
+
+    deliver(runtime, publisher.sent.pop(0))
+
+    assert [m.step for m in publisher.sent] == ["y", "z"]
+    assert local.jobs == []
+
+
+def test_a_handed_over_child_is_held_in_the_lease_keeper_from_its_claim_until_it_has_run() -> None:
+    runtime, publisher, local = local_runtime(threads=1)
+    run_id = start(runtime, publisher, fan_out(*NOOPS[:2]))
+    before = time.monotonic()
+
+    deliver(runtime, publisher.sent.pop(0))
+
+    [(held, since)] = [(a, t) for a, t in runtime.leases._active.items() if a.step == "y"]
+    assert held.task_id == runtime.store.run_fields(run_id)["s:y:task"]
+    assert before <= since <= time.monotonic(), "its lease is counted from the finish that claimed it"
+    local.run_jobs()
+    assert runtime.leases._active == {}, "released once it ran"
+    assert step_status(runtime, run_id, "y") == "succeeded"
+
+
+def test_a_handed_over_child_keeps_its_own_children_and_hands_on_more() -> None:
+    runtime, publisher, local = local_runtime(threads=4)
+    run_id = start(
+        runtime,
+        publisher,
+        workflow(
+            {"name": "a", "uses": "noop"},
+            {"name": "x", "uses": "noop", "depends_on": ["a"]},
+            {"name": "y", "uses": "noop", "depends_on": ["a"]},
+            *({"name": n, "uses": "noop", "depends_on": ["y"]} for n in ("y1", "y2")),
+        ),
+    )
+
+    deliver(runtime, publisher.sent.pop(0))
+    local.run_jobs()
+
+    assert publisher.sent == []
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+    assert sorted(step for kind, step, _ in local.announced if kind == "ended") == ["x", "y", "y1", "y2"]
+
+
+def test_a_child_the_worker_cannot_hand_over_runs_in_the_slot_instead() -> None:
+    runtime, publisher, local = local_runtime(threads=2)
+    local.refuse_spawn = True
+    run_id = start(runtime, publisher, fan_out(*NOOPS))
+
+    deliver(runtime, publisher.sent.pop(0))
+
+    assert publisher.sent == []
+    assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+
+
+def test_a_handed_over_child_that_must_retry_is_resent_as_its_own_message() -> None:
+    runtime, publisher, local = local_runtime(threads=1)
+    overloaded = {"prompt": "hi", "simulate": {"errors": ["overloaded"]}}
+    run_id = start(
+        runtime, publisher, fan_out({"name": "x", "uses": "noop"}, {"name": "y", "uses": "llm", "with": overloaded})
+    )
+
+    deliver(runtime, publisher.sent.pop(0))
+    local.run_jobs()
+
+    [(step, task_id, _)] = local.resent
+    assert (step, task_id) == ("y", runtime.store.run_fields(run_id)["s:y:task"])
+    assert step_status(runtime, run_id, "y") == "queued"
+    assert runtime.leases._active == {}
+
+
+def test_a_handed_over_child_that_breaks_its_thread_is_logged_and_left_to_its_lease(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runtime, publisher, local = local_runtime(threads=1)
+    run_id = start(runtime, publisher, fan_out(*NOOPS[:2]))
+    deliver(runtime, publisher.sent.pop(0))
+    real_started = local.started
+
+    def broken(spec: WorkflowSpec, attempt: Attempt, delivery: Delivery) -> None:
+        if attempt.step == "y":
+            raise RuntimeError("events lost")
+        real_started(spec, attempt, delivery)
+
+    local.started = broken  # type: ignore[method-assign]
+
+    with caplog.at_level(logging.ERROR):
+        local.run_jobs()  # a pool thread's job: it must not raise
+
+    assert "events lost" in caplog.text
+    assert step_status(runtime, run_id, "y") == "running", "left to its lease: the sweeper sends it again"
+    assert runtime.leases._active == {}

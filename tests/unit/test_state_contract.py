@@ -2280,10 +2280,12 @@ def test_a_sweep_that_finds_nothing_due_reads_redis_clock_once_a_minute(backend:
 # -- continuing locally: the finish claims the child its slot keeps ------------------------------------------------
 
 
-def keep_request(spec: WorkflowSpec, *steps: str, lease_s: float = LONG_LEASE_S, carrier: str = "") -> KeepRequest:
-    """Ask a finish to claim the first of ``steps`` it releases (each with its parents to read, as a claim)."""
+def keep_request(
+    spec: WorkflowSpec, *steps: str, lease_s: float = LONG_LEASE_S, carrier: str = "", most: int = 1
+) -> KeepRequest:
+    """Ask a finish to claim the first ``most`` of ``steps`` it releases (each with its parents to read, as a claim)."""
     candidates = tuple(KeepCandidate(s, spec.graph.parents[s], spec.graph.children[s]) for s in steps)
-    return KeepRequest(candidates, lease_s, carrier or "t-carrier")
+    return KeepRequest(candidates, lease_s, carrier or "t-carrier", most=most)
 
 
 def test_a_finish_asked_to_keep_a_child_claims_it_as_a_claim_would_with_its_events_in_order(backend: Backend) -> None:
@@ -2335,6 +2337,80 @@ def test_a_kept_child_is_in_the_lease_index_with_its_claim_lease_and_the_others_
     kept = keys.lease_member("run1", "b", result.task_ids["b"])
     assert backend.wait_past(SHORT_LEASE_S, lambda: kept in backend.store.expired_leases())
     assert backend.store.expired_leases() == [kept], "the children to publish keep their grace"
+
+
+def test_a_finish_asked_to_keep_several_claims_the_first_released_candidates_each_as_a_claim_would(
+    backend: Backend,
+) -> None:
+    spec = workflow("fan4", {"a": [], "b": ["a"], "c": ["a"], "d": ["a"], "e": ["a"], "f": ["e"]})
+    start(backend, spec, inputs={"topic": "owls"})
+    a = attempt("a", "ta")
+    assert claim(backend, spec, a).outcome == ClaimOutcome.OK
+    journal = Journal(backend)
+    journal.seen = backend.store.events("run1")
+
+    got: list[Any] = []
+    told_ = journal.record(
+        lambda: got.append(
+            finish(backend, spec, a, output={"text": "hoot"}, keep=keep_request(spec, "e", "c", "b", most=2))
+        )
+    )
+
+    [result] = got
+    # Released b, c, d, e; candidates b, c, e: the first two in release order are claimed, e is left to publish.
+    assert result.released == ("b", "c", "d", "e")
+    assert (result.kept, list(result.kept_more)) == ("b", ["c"])
+    for step, kept in (("b", result.kept_claim), ("c", result.kept_more["c"])):
+        assert kept.outcome == ClaimOutcome.OK
+        assert (kept.attempt, kept.inputs, kept.parent_output) == (1, {"topic": "owls"}, {"a": {"text": "hoot"}})
+        fields = step_fields(backend, step)
+        assert (fields["status"], fields["task"]) == ("running", result.task_ids[step])
+        assert float(fields["lease"]) == pytest.approx(kept.now + LONG_LEASE_S, abs=0.01)
+    assert [step_fields(backend, s)["status"] for s in ("d", "e")] == ["queued", "queued"]
+    assert told_ == [
+        ("step_succeeded", "a", 1, {}),
+        queued("b"),
+        queued("c"),
+        queued("d"),
+        queued("e"),
+        started("b"),
+        started("c"),
+    ]
+    # Each is a claimed attempt like any other: a copy of its message is busy, and it finishes.
+    c = attempt("c", result.task_ids["c"])
+    assert claim(backend, spec, c).outcome == ClaimOutcome.BUSY
+    assert finish(backend, spec, c).recorded
+
+
+def test_children_kept_beyond_the_first_are_in_the_lease_index_with_their_claim_lease_and_the_rest_with_the_grace(
+    backend: Backend,
+) -> None:
+    spec = workflow("fan", {"a": [], "b": ["a"], "c": ["a"], "d": ["a"]})
+    start(backend, spec)
+    a = attempt("a", "ta")
+    assert claim(backend, spec, a).outcome == ClaimOutcome.OK
+
+    result = finish(
+        backend, spec, a, grace_s=GRACE_S, keep=keep_request(spec, "b", "c", "d", lease_s=SHORT_LEASE_S, most=2)
+    )
+
+    assert (result.kept, list(result.kept_more)) == ("b", ["c"])
+    kept = {keys.lease_member("run1", s, result.task_ids[s]) for s in ("b", "c")}
+    assert backend.wait_past(SHORT_LEASE_S, lambda: kept <= set(backend.store.expired_leases()))
+    assert set(backend.store.expired_leases()) == kept, "d, to publish, keeps its grace"
+
+
+def test_a_keep_request_for_several_claims_only_those_the_finish_releases(backend: Backend) -> None:
+    start(backend, DIAMOND)
+    a = attempt("a", "ta")
+    claim(backend, DIAMOND, a)
+
+    result = finish(backend, DIAMOND, a, keep=keep_request(DIAMOND, "b", "c", "d", most=5))
+
+    assert (result.released, result.kept, list(result.kept_more)) == (("b", "c"), "b", ["c"])
+    assert step_fields(backend, "d")["status"] == "pending"
+    seqs = [event.seq for event in backend.store.events("run1")]
+    assert seqs == list(range(1, len(seqs) + 1)), "the run's events stay gapless"
 
 
 def test_a_finish_sent_again_after_its_reply_was_lost_leaves_the_child_it_kept_to_the_sweeper(

@@ -4,11 +4,12 @@
 -- outcome, output_json ('' keeps the stored output: a cache hit), error_json, retention_s, cache_key, cached ('1' or
 -- ''), success_detail_json ('' for none), rules_json ('' for none: see ReleaseRules), failure (the one-line summary
 -- of a 'failed' outcome, else ''), n_keep (how many arguments the keep request that follows takes; 0 for none),
--- [keep request: lease_s, carrier, then per candidate: step, task_id, n_parents, parents..., n_children,
+-- [keep request: lease_s, carrier, most, then per candidate: step, task_id, n_parents, parents..., n_children,
 -- children...], children...
--- With a keep request ("continuing locally"), the first released child that is a candidate is claimed at once under
--- its task id, as claim.lua would claim it (claim_step, _claim.lua): the worker slot runs it next with no round trip
--- of its own, and its step_queued and step_started events follow this step's in one script.
+-- With a keep request ("continuing locally"), the first `most` released children that are candidates are claimed at
+-- once, each under its task id, as claim.lua would claim it (claim_step, _claim.lua): the worker slot runs the first
+-- next, and the worker's other threads the others, with no round trip of their own; their step_queued and
+-- step_started events follow this step's in one script.
 -- A child is released (queued) when its last parent ends, or at once when its rule fires on this outcome
 -- (rules.early); either way only while it is still "pending", so a step is queued exactly once however its parents
 -- race. A child with cancel_others released early cancels its other parents still unfinished (rules.cancel), which
@@ -16,14 +17,15 @@
 -- children) fails the run, as in Airflow: the run's state follows its leaves. A failed run's "run_failed" event
 -- carries {"error": the first failure's summary, "failed_steps": [every step that failed, in order]}.
 -- Returns {"stale"} or {"ok", run_status_or_empty, n_released, released_child..., n_cancelled, cancelled_step,
--- task_id, ..., kept_child_or_empty, claim_reply...} (n_cancelled counts the entries that follow it).
+-- task_id, ..., n_kept, (kept_child, n_reply, claim_reply...)...} (n_cancelled counts the entries that follow it;
+-- n_kept and what follows only with a keep request).
 local run, events = KEYS[1], KEYS[2]
 local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local output, err, retention, cache_key, cached = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
 local n_keep = tonumber(ARGV[13])
 local first_child = 14 + n_keep
 -- The keep request's candidates by name, each with the arguments claim.lua would get.
-local candidates, n_candidates, only, i = {}, 0, nil, 16
+local candidates, n_candidates, only, i = {}, 0, nil, 17
 while i < first_child do
   local c = {task = ARGV[i + 1], parents = {}, children = {}}
   local n_parents = tonumber(ARGV[i + 2])
@@ -163,18 +165,21 @@ if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
   out[2] = status
 end
 if n_keep > 0 and out[2] == '' then
-  -- The first released candidate is claimed.
-  local kept = nil
+  -- The first `most` released candidates are claimed, in release order; each claim reads what the ones before wrote.
+  local most, kept = tonumber(ARGV[16]), {}
   for _, name in ipairs(released) do
-    if candidates[name] then kept = name break end
+    if #kept >= most then break end
+    if candidates[name] then kept[#kept + 1] = name end
   end
-  out[#out + 1] = kept or ''
-  if kept then
-    local c = candidates[kept]
+  out[#out + 1] = #kept
+  for _, name in ipairs(kept) do
+    local c = candidates[name]
     local pending = {}
     for j = 1, #fields, 2 do pending[fields[j]] = fields[j + 1] end
-    local reply = claim_step(run, events, tonumber(t[1]) + tonumber(t[2]) / 1e6, kept, gen, c.task,
-      tonumber(ARGV[14]), c.parents, c.children, ARGV[15], pending, fields, kept == only and early_read or nil)
+    local reply = claim_step(run, events, tonumber(t[1]) + tonumber(t[2]) / 1e6, name, gen, c.task,
+      tonumber(ARGV[14]), c.parents, c.children, ARGV[15], pending, fields, name == only and early_read or nil)
+    out[#out + 1] = name
+    out[#out + 1] = #reply
     for _, value in ipairs(reply) do out[#out + 1] = value end
   end
 end

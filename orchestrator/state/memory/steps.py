@@ -145,8 +145,8 @@ class StepTransitions(ItemTransitions):
 
         A success stores ``output`` (``None`` keeps the stored output: a cached result) and ``cache_key``; any other
         outcome replaces the output, so a failure is never served as a cached result. With ``keep``, the first
-        released candidate is claimed under the same lock, as :meth:`claim` would claim it. What the attempt ``owed``
-        a Redis is sent on its own first: this store has no round trip to share.
+        ``keep.most`` released candidates are claimed under the same lock, as :meth:`claim` would claim them. What the
+        attempt ``owed`` a Redis is sent on its own first: this store has no round trip to share.
         """
         if owed is not None:
             owed.flush()
@@ -207,32 +207,35 @@ class StepTransitions(ItemTransitions):
                 self._leases[keys.lease_member(attempt.run_id, child, task_id)] = now + grace_s
             for step, task_id in cancelled:
                 self._leases.pop(keys.lease_member(attempt.run_id, step, task_id), None)
-            kept, kept_claim = self._keep(attempt, keep if run_status is None else None, released, task_ids, now)
+            claims = self._keep(attempt, keep if run_status is None else None, released, task_ids, now)
             return FinishResult(
                 recorded=True,
                 run_status=run_status,
                 released=tuple(released),
                 task_ids=task_ids,
                 cancelled=tuple(cancelled),
-                kept=kept,
-                kept_claim=kept_claim,
+                kept=next(iter(claims), None),
+                kept_claim=next(iter(claims.values()), None),
+                kept_more=dict(list(claims.items())[1:]),
             )
 
     def _keep(
         self, parent: Attempt, keep: KeepRequest | None, released: list[str], task_ids: dict[str, str], now: float
-    ) -> tuple[str | None, Claim | None]:
-        """The claim of the child a finish keeps for its slot (``claim_step`` in ``lua/finish.lua``), under the lock."""
-        candidates = {c.step: c for c in keep.candidates} if keep is not None else {}
-        kept = next((child for child in released if child in candidates), None)
-        if keep is None or kept is None:
-            return None, None
-        member = keys.lease_member(parent.run_id, kept, task_ids[kept])
-        self._leases[member] = now + keep.lease_s
-        child = Attempt(parent.run_id, kept, parent.generation, task_ids[kept])
-        got = self._claim(child, keep.lease_s, candidates[kept].upstream, candidates[kept].children)
-        if got.outcome != ClaimOutcome.OK:
-            self._leases.pop(member, None)
-        return kept, got
+    ) -> dict[str, Claim]:
+        """The claims of the children a finish keeps for its worker (``claim_step`` in ``lua/finish.lua``), in
+        release order, under the lock."""
+        if keep is None:
+            return {}
+        candidates = {c.step: c for c in keep.candidates}
+        claims: dict[str, Claim] = {}
+        for kept in [child for child in released if child in candidates][: max(1, keep.most)]:
+            member = keys.lease_member(parent.run_id, kept, task_ids[kept])
+            self._leases[member] = now + keep.lease_s
+            child = Attempt(parent.run_id, kept, parent.generation, task_ids[kept])
+            claims[kept] = self._claim(child, keep.lease_s, candidates[kept].upstream, candidates[kept].children)
+            if claims[kept].outcome != ClaimOutcome.OK:
+                self._leases.pop(member, None)
+        return claims
 
     def _release(
         self, run: _Run, stamp: str, outcome: str, children: tuple[str, ...], rules: ReleaseRules

@@ -15,6 +15,7 @@ from orchestrator.domain import (
     Claim,
     ClaimOutcome,
     FinishResult,
+    KeepCandidate,
     KeepRequest,
     ReclaimedStep,
     ReleaseRules,
@@ -85,8 +86,8 @@ class StepTransitions(RedisStateCore):
         """Record a final outcome and release the children it decides (see ``lua/finish.lua``).
 
         ``cached`` marks a success served from the step's stored result (its output is then kept as it is). With
-        ``keep``, the same script claims the first released candidate for this slot (one round trip for the hop).
-        What the attempt ``owed`` Redis (its LLM calls' closes) goes first in the same round trip.
+        ``keep``, the same script claims the first ``keep.most`` released candidates for this worker (one round trip
+        for the hop). What the attempt ``owed`` Redis (its LLM calls' closes) goes first in the same round trip.
         """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
         # Each step this finish may release is covered in the lease index before the script runs, under the task id
@@ -96,7 +97,7 @@ class StepTransitions(RedisStateCore):
         candidates = {c.step: c for c in keep.candidates if c.step in held} if keep is not None else {}
         keep_argv: list[Any] = []
         if keep is not None and candidates:
-            keep_argv = [keep.lease_s, keep.carrier]
+            keep_argv = [keep.lease_s, keep.carrier, max(1, keep.most)]
             for c in candidates.values():
                 keep_argv += [c.step, held[c.step], len(c.upstream), *c.upstream, len(c.children), *c.children]
         argv: list[Any] = [
@@ -139,21 +140,18 @@ class StepTransitions(RedisStateCore):
         n_cancelled = int(reply[3 + count]) if ok else 0
         rest = reply[4 + count : 4 + count + n_cancelled]
         cancelled = tuple((rest[i], rest[i + 1]) for i in range(0, len(rest), 2))
-        kept: str | None = None
-        kept_claim: Claim | None = None
-        tail = reply[4 + count + n_cancelled :]
-        if ok and tail and tail[0]:
-            kept = tail[0]
-            kept_claim = _claim_reply(tail[1:], candidates[kept].upstream, candidates[kept].children)
+        claims = _kept_claims(reply[4 + count + n_cancelled :], candidates) if ok else {}
         # A refused finish keeps its covers: it may be this very finish applied once already, its reply lost to a
-        # connection that dropped (redis-py then sends it again), with its children released and one perhaps claimed
-        # for this slot under these task ids. The sweeper drops a cover whose task no step holds when it falls due.
+        # connection that dropped (redis-py then sends it again), with its children released and some perhaps
+        # claimed for this slot under these task ids. The sweeper drops a cover whose task no step holds when it
+        # falls due.
         stale = [keys.lease_member(run_id, c, t) for c, t in held.items() if ok and c not in released]
         stale += [keys.lease_member(run_id, s, t) for s, t in cancelled if t]
-        if kept is not None and kept_claim is not None and not _keeps_lease(kept_claim):
-            stale.append(keys.lease_member(run_id, kept, held[kept]))
+        stale += [keys.lease_member(run_id, c, held[c]) for c, got in claims.items() if not _keeps_lease(got)]
         regrace = {
-            keys.lease_member(run_id, c, held[c]): clock + grace_s for c in released if c in candidates and c != kept
+            keys.lease_member(run_id, c, held[c]): clock + grace_s
+            for c in released
+            if c in candidates and c not in claims
         }
         ended = ok and reply[1] != ""
         if stale or ended or regrace:
@@ -173,8 +171,9 @@ class StepTransitions(RedisStateCore):
             released=released,
             task_ids={c: held[c] for c in released},
             cancelled=cancelled,
-            kept=kept,
-            kept_claim=kept_claim,
+            kept=next(iter(claims), None),
+            kept_claim=next(iter(claims.values()), None),
+            kept_more=dict(list(claims.items())[1:]),
         )
 
     def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
@@ -298,6 +297,22 @@ def _claim_reply(reply: list[str], upstream: tuple[str, ...], children: tuple[st
         waiting = tuple(c for i, c in enumerate(children) if rows[2 * i] == "queued" and rows[2 * i + 1] == "")
         return Claim(outcome=ClaimOutcome.DONE, detail=reply[1], unclaimed_children=waiting)
     return Claim(outcome=outcome, detail=reply[1] if len(reply) > 1 else "")
+
+
+def _kept_claims(tail: list[str], candidates: dict[str, KeepCandidate]) -> dict[str, Claim]:
+    """The children ``finish.lua`` claimed for the slot, in release order: ``n_kept, (child, n_reply, reply...)...``
+    (nothing without a keep request)."""
+    claims: dict[str, Claim] = {}
+    if not tail:
+        return claims
+    at = 1
+    for _ in range(int(tail[0])):
+        child, size = tail[at], int(tail[at + 1])
+        claims[child] = _claim_reply(
+            tail[at + 2 : at + 2 + size], candidates[child].upstream, candidates[child].children
+        )
+        at += 2 + size
+    return claims
 
 
 def _keeps_lease(claim: Claim) -> bool:
