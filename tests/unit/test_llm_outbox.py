@@ -6,6 +6,7 @@ script went, and the run's budget fields show that every call was settled exactl
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import pytest
 import redis
 from redis.client import Pipeline
 
+from orchestrator.agents.tools import ToolContext, tool
 from orchestrator.domain import Attempt, StepOutcome
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.errors import NonRetryableStepError, RetryableStepError
@@ -28,6 +30,13 @@ from orchestrator.state import MemoryStateStore, RedisStateStore, keys
 from tests.unit.test_engine_attempt import SETTINGS, RecordingPublisher, deliver, run_status, start, workflow
 
 HAIKU = "claude-haiku-4-5"
+
+
+@tool(name="tests.unit.outbox_spend")
+def outbox_spend(ctx: ToolContext) -> dict[str, Any]:
+    """The run's LLM spend and hold as a tool sees them."""
+    fields = ctx.store.run_fields(ctx.run_id)
+    return {"held": fields.get("llm_held_nusd"), "calls": fields.get("llm_calls")}
 
 
 @dataclass
@@ -322,3 +331,27 @@ def test_a_map_items_close_goes_first_in_the_round_trip_of_the_items_record(
     fields = _llm_fields(rt, run_id)
     assert (fields["llm_calls"], fields["llm_held_nusd"]) == ("2", "0")
     assert run_status(rt, run_id) == "succeeded"
+
+
+def test_an_agents_turn_is_settled_before_its_tools_run_and_its_last_turn_with_its_finish(
+    runtime: tuple[Runtime, RecordingPublisher], round_trips: RoundTrips
+) -> None:
+    rt, publisher = runtime
+    script = [[{"name": "tests.unit.outbox_spend", "input": {}}]]
+    step = {
+        "name": "a",
+        "uses": "agent",
+        "with": {"prompt": "go", "tools": ["tests.unit.outbox_spend"], "simulate": {"tool_calls": script}},
+    }
+    run_id = start(rt, publisher, {**workflow(step), "budget_usd": 1})
+    close, finish = _scripts(rt)
+
+    assert deliver(rt, publisher.sent.pop(0)) == "succeeded"
+
+    output = json.loads(rt.store.run_fields(run_id)["s:a:output"])
+    assert output["tool_calls"][0]["output"] == {"held": "0", "calls": "1"}, "the tool sees the first turn settled"
+    carrying = round_trips.with_script(close)
+    assert len(carrying) == 2, round_trips.trips
+    assert f"EVALSHA {finish}" in carrying[-1], "the last turn's close goes with the finish"
+    fields = _llm_fields(rt, run_id)
+    assert (fields["llm_calls"], fields["llm_held_nusd"]) == ("2", "0")
