@@ -62,7 +62,8 @@ class WorkerThreads:
     def attach(self, pool: Any) -> None:
         """Take the worker's pool, if it is the threads pool."""
         if isinstance(pool, ThreadsPool):
-            self._executor, self._limit = getattr(pool, "executor"), int(pool.limit)  # noqa: B009 (Celery types it not)
+            # getattr: the executor is not in the pool's type as mypy sees it.
+            self._executor, self._limit = getattr(pool, "executor"), int(pool.limit)  # noqa: B009
 
     def detach(self, wait_s: float) -> None:
         """Hand no more children over, and wait up to ``wait_s`` for those handed over to start (the pool drops

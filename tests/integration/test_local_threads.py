@@ -32,16 +32,27 @@ def routed(settings: Settings, unique: str) -> Client:
     return Client(replace(settings, llm_queue=f"llm_{unique}", cpu_queue=f"cpu_{unique}"))
 
 
-@pytest.fixture
-def threads_worker(routed: Client, redis_url: str) -> LocalWorkers:
+def threads_workers(routed: Client, redis_url: str, concurrency: int) -> LocalWorkers:
+    """One threads worker on the private llm queue (not started)."""
     log_dir = ARTIFACTS / "worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     settings = routed.settings
     env = {"REDIS_URL": redis_url, **WORKER_ENV, "ORCH_LLM_QUEUE": settings.llm_queue}
     env["ORCH_CPU_QUEUE"] = settings.cpu_queue
     return LocalWorkers(
-        routed.app, count=1, pool="threads", concurrency=8, queues=(settings.llm_queue,), env=env, log_dir=Path(log_dir)
+        routed.app,
+        count=1,
+        pool="threads",
+        concurrency=concurrency,
+        queues=(settings.llm_queue,),
+        env=env,
+        log_dir=Path(log_dir),
     )
+
+
+@pytest.fixture
+def threads_worker(routed: Client, redis_url: str) -> LocalWorkers:
+    return threads_workers(routed, redis_url, 8)
 
 
 @pytest.fixture
@@ -123,3 +134,24 @@ def test_children_handed_to_the_threads_of_a_worker_that_is_killed_are_recovered
     for child in CHILDREN:
         assert view["steps"][child]["attempts"] == 2
         assert view["steps"][child]["errors"][0]["type"] == "worker_lost"
+
+
+def test_a_worker_stopping_warm_runs_the_child_it_handed_to_a_thread_before_its_pool_stops(
+    routed: Client, redis_url: str, unique: str
+) -> None:
+    # One thread: blog_post's finish keeps one child for the slot and hands one over, which waits for the slot's
+    # thread; the third goes out as a message, which this worker will not take before it stops.
+    worker = threads_workers(routed, redis_url, 1)
+    with worker:
+        run_id = routed.submit(fan_out(f"threads_stop_{unique}", 2.0))
+        wait_for(
+            lambda: [routed.status(run_id)["steps"][c]["status"] for c in CHILDREN].count("running") == 2,
+            timeout=30,
+            what="two children claimed by blog_post's finish",
+        )
+        kept = [c for c in CHILDREN if routed.status(run_id)["steps"][c]["status"] == "running"]
+        worker.stop(grace=30)
+
+    view = routed.status(run_id)
+    for child in kept:
+        assert (view["steps"][child]["status"], view["steps"][child]["attempts"]) == ("succeeded", 1)
