@@ -25,7 +25,6 @@ latency spread over the deltas, so the SDK's own stream parser runs and yields t
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -225,10 +224,15 @@ class _MessagesCall:
         stream = body.get("stream") is True
         return cls(model, system, prompt, max_tokens, simulate, attempt, tuple(messages), tuple(tools), stream)
 
-    @functools.cached_property
+    @property
     def digest(self) -> bytes:
-        key = json.dumps([self.model, self.system, self.prompt, self.max_tokens], ensure_ascii=False)
-        return sha256(key.encode()).digest()
+        # Kept in the instance by hand: Python 3.11's functools.cached_property computes under one lock shared by
+        # every instance, which the threads of a threads worker then queue on.
+        digest: bytes | None = self.__dict__.get("_digest")
+        if digest is None:
+            key = json.dumps([self.model, self.system, self.prompt, self.max_tokens], ensure_ascii=False)
+            digest = self.__dict__["_digest"] = sha256(key.encode()).digest()
+        return digest
 
     @property
     def request_id(self) -> str:
