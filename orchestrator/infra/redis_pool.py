@@ -1,4 +1,4 @@
-"""A blocking connection pool that hands out a connection back from a command moments ago without polling it first.
+"""Connection pools that hand out a connection back from a command moments ago without polling it first.
 
 Before redis-py's pool hands out a connection it polls the socket (``Connection.can_read``): data waiting there means
 either a reply left unread by an earlier command, which the next command would take for its own, or the server
