@@ -261,6 +261,8 @@ def child_ended(publisher: StepPublisher, settings: Settings | None, store: Stat
     Called wherever a run ends; safe to call twice: the spend counts once and the step is finished once.
     """
     settings = settings or Settings()
+    if store.run_parent(child_run_id) is None:
+        return  # no child run: the common case costs one field, not the whole ended run
     try:
         fields = store.run_fields(child_run_id)
     except RunNotFoundError:

@@ -1,4 +1,4 @@
-"""A blocking connection pool that hands out a connection back from a command moments ago without polling it first.
+"""Connection pools that hand out a connection back from a command moments ago without polling it first.
 
 Before redis-py's pool hands out a connection it polls the socket (``Connection.can_read``): data waiting there means
 either a reply left unread by an earlier command, which the next command would take for its own, or the server
@@ -14,10 +14,14 @@ whatever the server answered (only a response callback raising could stop it hal
 store pipelines have callbacks that parse integers and strings). Pub/sub connections, the only ones that read with
 ``disconnect_on_error=False``, are disconnected before they go back to the pool.
 
-What the skipped poll could still find is a server closing the connection in those moments: a restart, a failover,
-``CLIENT KILL``. The command sent on it then fails with ``ConnectionError`` (the server never saw it), as any command
-in flight at that moment fails; the store treats both alike, as an outage. Redis's own idle ``timeout`` (whole seconds,
-at least 1) cannot close a connection idle for less than :data:`QUICK_REUSE_S`.
+What the skipped poll could still find is a server closing the connection within those milliseconds. A restart cannot
+be it: the new server answers only after the old one closed every connection, longer ago than the window (a restart
+here takes over 100 ms), so the first command after it finds its connection polled, closed and replaced, as before.
+``CLIENT KILL``, a proxy or the network cutting the connection just then fails the one command sent on it with
+``ConnectionError`` (the server never saw it), as any command in flight at that moment fails; the store treats both
+alike, as an outage. Under load a connection is back in the pool for far less than the window (the llm worker skips
+about three polls in four); a quiet process polls as redis-py does. Redis's own idle ``timeout`` (whole seconds) cannot
+close a connection idle for less than the window.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from typing import Any
 
 import redis
 
-QUICK_REUSE_S = 0.25
-"""A connection back in the pool for less than this many seconds is handed out without polling its socket."""
+QUICK_REUSE_S = 0.005
+"""A connection back in the pool for less than this many seconds is handed out without polling its socket: shorter
+than any restart of a Redis server, longer than most connections wait in the pool of a busy worker."""
 
 
 class _QuickReuse:

@@ -121,6 +121,11 @@ class StateStore(ItemStore, Protocol):
         """
         ...
 
+    def run_parent(self, run_id: str) -> str | None:
+        """The parent run of a child run (started by a ``uses: workflow`` step), read alone; ``None`` for a run that
+        is no child or is not kept. What a run's end asks first, so that a run with no parent costs one field."""
+        ...
+
     def list_run_ids(self, limit: int = 100, offset: int = 0) -> list[str]:
         """Run ids, newest first, at most ``limit`` of them after skipping the ``offset`` newest."""
         ...

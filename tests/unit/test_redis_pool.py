@@ -13,6 +13,7 @@ import redis
 from orchestrator.infra import redis_pool
 from orchestrator.infra.kombu_redis import install
 from orchestrator.infra.redis_url import blocking_pool
+from tests.conftest import private_redis
 
 
 def _one_connection(redis_url: str, socket_timeout: float) -> redis.Redis:
@@ -55,6 +56,7 @@ def _kill(redis_url: str, victim: redis.Redis) -> None:
 def test_a_connection_back_from_a_command_moments_ago_is_handed_out_without_a_poll(
     pooled: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(redis_pool, "QUICK_REUSE_S", 60.0)  # "moments ago", however slow this machine is today
     pooled.ping()
     polls = _polls(monkeypatch)
 
@@ -90,8 +92,9 @@ def test_a_command_timed_out_before_its_reply_leaves_no_reply_behind_for_the_nex
 
 
 def test_a_connection_the_server_closed_between_two_quick_commands_fails_one_command_then_reconnects(
-    pooled: redis.Redis, redis_url: str
+    pooled: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(redis_pool, "QUICK_REUSE_S", 60.0)  # the kill lands within the window, however long it takes
     pooled.ping()
     _kill(redis_url, pooled)
 
@@ -117,3 +120,16 @@ def test_kombus_publishes_and_acknowledgements_go_through_a_quick_reuse_pool_and
         finally:
             queue.clear()
             queue.close()
+
+
+def test_a_command_right_after_a_redis_restart_goes_out_on_a_new_connection() -> None:
+    # The old server closed the pooled connection; the new one answers only after a restart far longer than the
+    # window, so the connection is polled, found closed and replaced before the command is sent.
+    with private_redis() as server:
+        client = _one_connection(server.url, 5)
+        client.ping()
+        started = time.monotonic()
+        server.restart()
+        assert time.monotonic() - started > redis_pool.QUICK_REUSE_S
+        assert client.echo("after the restart") == b"after the restart"
+        client.connection_pool.disconnect()

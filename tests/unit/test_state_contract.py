@@ -2499,3 +2499,21 @@ def test_a_stale_finish_asked_to_keep_a_child_claims_nothing(backend: Backend) -
 
     assert (result.recorded, result.kept, result.kept_claim) == (False, None, None)
     assert step_fields(backend, "b")["status"] == "pending"
+
+
+def test_a_runs_parent_is_read_alone_and_outlives_the_runs_end(backend: Backend) -> None:
+    """A run's end asks ``run_parent`` before anything else: ``None`` for a run that is no child (or not kept), the
+    parent's id for a child, also once the child ended and its long values moved out of its hash."""
+    parent_id = "0123456789abcdef0123456789abcdef"  # run ids are uuid4 hex
+    start(backend, SINGLE, parent_id)
+    child_id = start(backend, SINGLE, "fedcba9876543210fedcba9876543210")
+    assert backend.store.run_parent(parent_id) is None
+    assert backend.store.run_parent("no-such-run") is None
+    backend.store.link_parent(child_id, ParentLink(parent_id, "a", None, "1", 2))
+    assert backend.store.run_parent(child_id) == parent_id
+    at = attempt("a", run_id=child_id)
+    assert claim(backend, SINGLE, at).outcome == ClaimOutcome.OK
+    result = finish(backend, SINGLE, at, output={"text": "x" * 500})  # long: moved out of the ended run's hash
+    assert result.run_status == "succeeded"
+    assert backend.store.run_parent(child_id) == parent_id
+    assert backend.store.run_fields(child_id)["parent_run"] == parent_id

@@ -230,6 +230,12 @@ class MemoryStateCore:
                     row["failure_error"] = run.fields.get(keys.step_field(row["first_failure"], "error"), "")
             return rows
 
+    def run_parent(self, run_id: str) -> str | None:
+        """The run's ``parent_run``, if it is a child run still kept."""
+        with self._lock:
+            run = self._live(run_id, self._clock())
+            return (run.fields.get("parent_run") or None) if run is not None else None
+
     def list_run_ids(self, limit: int = 100, offset: int = 0) -> list[str]:
         """The newest run ids first (like Redis's index, it may name runs whose retention expired)."""
         with self._lock:

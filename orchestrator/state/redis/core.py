@@ -547,6 +547,12 @@ class RedisStateCore:
             raise RunNotFoundError(run_id)
         return fields
 
+    def run_parent(self, run_id: str) -> str | None:
+        """The run's ``parent_run`` (one ``HGET``): a run id, so never moved out of an ended run's hash with its
+        large values (``lua/_ended.lua`` moves only values longer than 64 bytes)."""
+        raw = self.client.hget(keys.run_key(run_id), "parent_run")
+        return _text(raw) or None if raw is not None else None
+
     def run_summaries(self, run_ids: list[str]) -> list[dict[str, str]]:
         """The summary fields of each run still kept, in order: one round trip per 500 runs (two with failures)."""
         out: list[dict[str, str]] = []
