@@ -102,6 +102,12 @@ def _llm_fields(runtime: Runtime, run_id: str) -> dict[str, str]:
     return {k: v for k, v in runtime.store.run_fields(run_id).items() if k.startswith("llm_")}
 
 
+def _start_failing(rt: Runtime, publisher: RecordingPublisher, error: str) -> str:
+    """Start a run (budget $1) of one llm step whose first call fails with the simulated ``error``."""
+    step = {"name": "a", "uses": "llm", "with": {"prompt": "hi", "simulate": {"errors": [error]}}}
+    return start(rt, publisher, {**workflow(step), "budget_usd": 1})
+
+
 def test_an_llm_steps_close_goes_first_in_the_round_trip_of_its_finish(
     runtime: tuple[Runtime, RecordingPublisher], round_trips: RoundTrips
 ) -> None:
@@ -128,8 +134,7 @@ def test_a_call_that_failed_for_good_is_settled_with_the_steps_failure(
     runtime: tuple[Runtime, RecordingPublisher], round_trips: RoundTrips
 ) -> None:
     rt, publisher = runtime
-    step = {"name": "a", "uses": "llm", "with": {"prompt": "hi", "simulate": {"errors": ["bad_request"]}}}
-    run_id = start(rt, publisher, {**workflow(step), "budget_usd": 1})
+    run_id = _start_failing(rt, publisher, "bad_request")
     close, finish = _scripts(rt)
 
     assert deliver(rt, publisher.sent.pop(0)) == "failed"
@@ -145,8 +150,7 @@ def test_a_call_that_failed_for_now_is_settled_before_the_step_is_queued_again(
     runtime: tuple[Runtime, RecordingPublisher], round_trips: RoundTrips
 ) -> None:
     rt, publisher = runtime
-    step = {"name": "a", "uses": "llm", "with": {"prompt": "hi", "simulate": {"errors": ["overloaded"]}}}
-    run_id = start(rt, publisher, {**workflow(step), "budget_usd": 1})
+    run_id = _start_failing(rt, publisher, "overloaded")
     close, _ = _scripts(rt)
     assert isinstance(rt.store, RedisStateStore)
     retry = rt.store._scripts["retry"].sha

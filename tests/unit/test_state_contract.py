@@ -2288,13 +2288,20 @@ def keep_request(
     return KeepRequest(candidates, lease_s, carrier or "t-carrier", most=most)
 
 
-def test_a_finish_asked_to_keep_a_child_claims_it_as_a_claim_would_with_its_events_in_order(backend: Backend) -> None:
-    spec = workflow("keep", {"a": [], "b": ["a"], "c": ["b"]})
+def started_root(backend: Backend, spec: WorkflowSpec) -> tuple[Attempt, Journal]:
+    """Start a run of ``spec`` (inputs ``topic: owls``) and claim its root ``a``; the journal has seen every event so
+    far."""
     start(backend, spec, inputs={"topic": "owls"})
     a = attempt("a", "ta")
     assert claim(backend, spec, a).outcome == ClaimOutcome.OK
     journal = Journal(backend)
     journal.seen = backend.store.events("run1")
+    return a, journal
+
+
+def test_a_finish_asked_to_keep_a_child_claims_it_as_a_claim_would_with_its_events_in_order(backend: Backend) -> None:
+    spec = workflow("keep", {"a": [], "b": ["a"], "c": ["b"]})
+    a, journal = started_root(backend, spec)
 
     got: list[Any] = []
     told_ = journal.record(
@@ -2325,9 +2332,7 @@ def test_a_kept_child_is_in_the_lease_index_with_its_claim_lease_and_the_others_
     backend: Backend,
 ) -> None:
     spec = workflow("fan", {"a": [], "b": ["a"], "c": ["a"], "d": ["a"]})
-    start(backend, spec)
-    a = attempt("a", "ta")
-    assert claim(backend, spec, a).outcome == ClaimOutcome.OK
+    a, _ = started_root(backend, spec)
 
     result = finish(backend, spec, a, grace_s=GRACE_S, keep=keep_request(spec, "c", "b", lease_s=SHORT_LEASE_S))
 
@@ -2343,11 +2348,7 @@ def test_a_finish_asked_to_keep_several_claims_the_first_released_candidates_eac
     backend: Backend,
 ) -> None:
     spec = workflow("fan4", {"a": [], "b": ["a"], "c": ["a"], "d": ["a"], "e": ["a"], "f": ["e"]})
-    start(backend, spec, inputs={"topic": "owls"})
-    a = attempt("a", "ta")
-    assert claim(backend, spec, a).outcome == ClaimOutcome.OK
-    journal = Journal(backend)
-    journal.seen = backend.store.events("run1")
+    a, journal = started_root(backend, spec)
 
     got: list[Any] = []
     told_ = journal.record(
@@ -2386,9 +2387,7 @@ def test_children_kept_beyond_the_first_are_in_the_lease_index_with_their_claim_
     backend: Backend,
 ) -> None:
     spec = workflow("fan", {"a": [], "b": ["a"], "c": ["a"], "d": ["a"]})
-    start(backend, spec)
-    a = attempt("a", "ta")
-    assert claim(backend, spec, a).outcome == ClaimOutcome.OK
+    a, _ = started_root(backend, spec)
 
     result = finish(
         backend, spec, a, grace_s=GRACE_S, keep=keep_request(spec, "b", "c", "d", lease_s=SHORT_LEASE_S, most=2)

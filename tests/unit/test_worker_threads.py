@@ -33,6 +33,18 @@ def blocker(gate: threading.Event, ran: list[str], name: str) -> object:
     return job
 
 
+def two_running_one_waiting(pool: ThreadsPool) -> tuple[WorkerThreads, threading.Event, list[str]]:
+    """Three blocking jobs handed to the two threads of ``pool``: two run (their names in the list), one waits until
+    the event is set."""
+    threads = WorkerThreads()
+    threads.attach(pool)
+    gate, ran = threading.Event(), []
+    for name in ("a", "b", "c"):
+        threads.spawn(blocker(gate, ran, name))  # type: ignore[arg-type]
+    wait_for(lambda: len(ran) == 2, what="two jobs to start")
+    return threads, gate, ran
+
+
 def test_a_worker_without_a_threads_pool_has_no_room_and_takes_nothing() -> None:
     threads = WorkerThreads()
     threads.attach(PreforkPool(limit=2))
@@ -70,12 +82,7 @@ def test_a_job_runs_marked_as_handed_over_so_it_may_keep_children_without_a_mess
 
 
 def test_a_detached_worker_waits_for_handed_over_children_to_start_and_takes_no_more(pool: ThreadsPool) -> None:
-    threads = WorkerThreads()
-    threads.attach(pool)
-    gate, ran = threading.Event(), []
-    for name in ("a", "b", "c"):
-        threads.spawn(blocker(gate, ran, name))  # type: ignore[arg-type]
-    wait_for(lambda: len(ran) == 2, what="two jobs to start")
+    threads, gate, ran = two_running_one_waiting(pool)
     threading.Timer(0.2, gate.set).start()
 
     threads.detach(wait_s=10)
@@ -88,12 +95,7 @@ def test_a_detached_worker_waits_for_handed_over_children_to_start_and_takes_no_
 def test_a_child_the_pool_drops_as_it_stops_is_logged_and_frees_its_room(
     pool: ThreadsPool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    threads = WorkerThreads()
-    threads.attach(pool)
-    gate, ran = threading.Event(), []
-    for name in ("a", "b", "c"):
-        threads.spawn(blocker(gate, ran, name))  # type: ignore[arg-type]
-    wait_for(lambda: len(ran) == 2, what="two jobs to start")
+    threads, gate, ran = two_running_one_waiting(pool)
     assert threads.spare() == 1
 
     pool.executor.shutdown(wait=False, cancel_futures=True)  # as the pool's on_stop does, with "c" still waiting
