@@ -285,11 +285,10 @@ class FinishResult:
             ``grace_s`` from now, so the sweeper sends the child again should its message be lost before any claim.
         cancelled: ``(step, task_id)`` of parents cancelled by a ``cancel_others`` child this finish released (the
             task id is empty for a step no worker had claimed): to interrupt, as a run cancel does.
-        kept: With a :class:`KeepRequest`: the released child claimed for the finishing slot (under its
-            ``task_ids`` entry), not to be published; ``None`` when no candidate was released.
-        kept_claim: The claim of ``kept``, as :meth:`StateStore.claim` would have answered it.
-        kept_more: With a :class:`KeepRequest` whose ``most`` is above 1: the other released children claimed for
-            this worker (each with its claim, in release order), to run in its other threads.
+        kept_claims: With a :class:`KeepRequest`: the released children claimed for this worker (each under its
+            ``task_ids`` entry, not to be published), in release order, each with its claim as
+            :meth:`StateStore.claim` would have answered it. The first runs in the finishing slot (:attr:`kept`), the
+            others (:attr:`kept_more`, when ``most`` is above 1) in the worker's other threads.
     """
 
     recorded: bool
@@ -297,9 +296,22 @@ class FinishResult:
     released: tuple[str, ...] = ()
     task_ids: dict[str, str] = field(default_factory=dict)
     cancelled: tuple[tuple[str, str], ...] = ()
-    kept: str | None = None
-    kept_claim: Claim | None = None
-    kept_more: dict[str, Claim] = field(default_factory=dict)
+    kept_claims: dict[str, Claim] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> str | None:
+        """The child claimed for the finishing slot; ``None`` when no candidate was released."""
+        return next(iter(self.kept_claims), None)
+
+    @property
+    def kept_claim(self) -> Claim | None:
+        """The claim of :attr:`kept`."""
+        return next(iter(self.kept_claims.values()), None)
+
+    @property
+    def kept_more(self) -> dict[str, Claim]:
+        """The other children claimed for this worker, with their claims, in release order."""
+        return dict(list(self.kept_claims.items())[1:])
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def record_outcome(
         return False
     if outcome == StepOutcome.FAILED:
         log.error("%s: %s", attempt.run_id, failure_summary(attempt.step, error))
-    released = tuple(step for step in result.released if step != result.kept and step not in result.kept_more)
+    released = tuple(step for step in result.released if step not in result.kept_claims)
     publisher.publish(
         spec, run_id=attempt.run_id, steps=released, generation=attempt.generation, task_ids=result.task_ids
     )

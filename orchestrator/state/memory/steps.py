@@ -214,9 +214,7 @@ class StepTransitions(ItemTransitions):
                 released=tuple(released),
                 task_ids=task_ids,
                 cancelled=tuple(cancelled),
-                kept=next(iter(claims), None),
-                kept_claim=next(iter(claims.values()), None),
-                kept_more=dict(list(claims.items())[1:]),
+                kept_claims=claims,
             )
 
     def _keep(

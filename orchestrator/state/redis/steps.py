@@ -171,9 +171,7 @@ class StepTransitions(RedisStateCore):
             released=released,
             task_ids={c: held[c] for c in released},
             cancelled=cancelled,
-            kept=next(iter(claims), None),
-            kept_claim=next(iter(claims.values()), None),
-            kept_more=dict(list(claims.items())[1:]),
+            kept_claims=claims,
         )
 
     def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
