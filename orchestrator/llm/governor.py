@@ -27,6 +27,7 @@ from redis.client import Pipeline
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.infra.redis_cluster import is_cluster_client, queue_evalsha, script_args
+from orchestrator.infra.redis_roundtrip import execute, run_script
 from orchestrator.llm.outbox import PendingClose
 from orchestrator.state import keys
 from orchestrator.state.owed import OwedWrite
@@ -279,7 +280,7 @@ class RedisGovernor:
             *(lookup, digest, limit.rpm, limit.tpm, tokens, limit.capacity, "1" if caller else "0"),
             *(to_nano_usd(worst_case_usd), budget),
         ]
-        answer = self._open(keys=names, args=args) if not owed else self._open_after(owed, names, args)
+        answer = run_script(self.client, self._open, names, args) if not owed else self._open_after(owed, names, args)
         outcome = _text(answer[0])
         if outcome == "cached":
             return Admission("ok"), answer[1]
@@ -296,12 +297,12 @@ class RedisGovernor:
         for write in owed:
             write.queue(pipe)
         queue_evalsha(pipe, self._open.sha, len(names), *names, *args)
-        replies = pipe.execute(raise_on_error=False)
+        replies = execute(pipe, raise_on_error=False)
         for write, reply in zip(owed, replies, strict=False):
             write.answered(reply)
         answer = replies[-1]
         if isinstance(answer, redis.exceptions.NoScriptError):
-            return self._open(keys=names, args=args)  # not applied: the script object loads it and runs it
+            return run_script(self.client, self._open, names, args)  # not applied: loaded and run again
         if isinstance(answer, Exception):
             raise answer
         return answer
@@ -310,7 +311,7 @@ class RedisGovernor:
         """:meth:`settle` an opened call and store its reply ``body`` (JSON) where ``reply`` says, in one round trip
         (single Redis only: see :attr:`folds`)."""
         pending = self.pending_close(call, reply=reply, body=body)
-        self._close(keys=list(pending.keys), args=list(pending.args))
+        run_script(self.client, self._close, pending.keys, pending.args)
 
     def pending_close(
         self, call: Settlement, *, reply: ReplyStore | None = None, body: str | None = None
@@ -375,7 +376,7 @@ class RedisGovernor:
         again: the others have been applied, and a settle must not be counted twice.
         """
         commands = [script_args(command) for command in pipe.command_stack]
-        replies = pipe.execute(raise_on_error=False)
+        replies = execute(pipe, raise_on_error=False)
         for index, reply in enumerate(replies):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 args = commands[index]

@@ -22,6 +22,7 @@ import redis
 from redis.commands.core import Script
 
 from orchestrator.infra.redis_cluster import queue_evalsha
+from orchestrator.infra.redis_roundtrip import run_script
 from orchestrator.state.owed import OwedWrite
 
 __all__ = ["CallOutbox", "PendingClose"]
@@ -54,14 +55,14 @@ class PendingClose:
     def answered(self, reply: Any) -> None:
         """Take the queued close's reply: a script Redis forgot is sent again alone; an error is logged."""
         if isinstance(reply, redis.exceptions.NoScriptError):
-            self.send()  # not applied: the script object loads it and runs it
+            self.send()  # not applied: loaded and run again
         elif isinstance(reply, Exception):
             _lost(self.run_id, reply)
 
     def send(self) -> None:
         """Run the close on its own round trip; an error is logged, never raised (the reply is the step's)."""
         try:
-            self.script(keys=list(self.keys), args=list(self.args), client=self.client)
+            run_script(self.client, self.script, self.keys, self.args)
         except Exception as exc:
             _lost(self.run_id, exc)
 

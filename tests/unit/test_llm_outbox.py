@@ -20,6 +20,7 @@ from orchestrator.agents.tools import ToolContext, tool
 from orchestrator.domain import Attempt, StepOutcome
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.errors import NonRetryableStepError, RetryableStepError
+from orchestrator.infra import redis_roundtrip
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
 from orchestrator.llm.cache import ReplyCache
 from orchestrator.llm.gateway import CallContext, LLMGateway
@@ -61,7 +62,7 @@ def _name(args: tuple[Any, ...]) -> str:
 @pytest.fixture
 def round_trips(monkeypatch: pytest.MonkeyPatch) -> RoundTrips:
     recorded = RoundTrips()
-    execute, command = Pipeline.execute, redis.Redis.execute_command
+    execute, command, lean = Pipeline.execute, redis.Redis.execute_command, redis_roundtrip._round_trip
 
     def pipeline_execute(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
         recorded.add([_name(c[0]) for c in self.command_stack])
@@ -71,8 +72,13 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> RoundTrips:
         recorded.add([_name(args)])
         return command(self, *args, **kwargs)
 
+    def lean_round_trip(owner: redis.Redis, commands: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        recorded.add([_name(args) for args, _ in commands])
+        return lean(owner, commands)
+
     monkeypatch.setattr(Pipeline, "execute", pipeline_execute)
     monkeypatch.setattr(redis.Redis, "execute_command", execute_command)
+    monkeypatch.setattr(redis_roundtrip, "_round_trip", lean_round_trip)
     return recorded
 
 

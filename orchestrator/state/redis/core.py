@@ -27,6 +27,7 @@ from orchestrator.infra.redis_cluster import (
     queue_evalsha,
     queue_wait,
 )
+from orchestrator.infra.redis_roundtrip import execute, run_command
 from orchestrator.infra.redis_url import blocking_pool
 from orchestrator.state import keys
 from orchestrator.state.base import (
@@ -403,7 +404,7 @@ class RedisStateCore:
                     replies = self._after_owed(sent, pipe)
                     waits = [i - len(sent) for i in waits]
                 else:
-                    replies = pipe.execute()
+                    replies = execute(pipe)
                 # The replicas' count is not the caller's business: WAIT gives up after its timeout either way.
                 return [reply for i, reply in enumerate(replies) if i not in waits] if waits else replies
             except redis.exceptions.NoScriptError:
@@ -419,7 +420,7 @@ class RedisStateCore:
     def _after_owed(writes: list[OwedWrite], pipe: Pipeline) -> list[Any]:
         """Execute ``pipe``, whose first commands are ``writes``: each takes its reply, and the others' come back
         (positions counted from the first of them) or raise their first error, as ``execute`` would."""
-        replies = pipe.execute(raise_on_error=False)
+        replies = execute(pipe, raise_on_error=False)
         for write, reply in zip(writes, replies, strict=False):
             write.answered(reply)
         rest = list(replies[len(writes) :])
@@ -550,7 +551,7 @@ class RedisStateCore:
     def run_parent(self, run_id: str) -> str | None:
         """The run's ``parent_run`` (one ``HGET``): a run id, so never moved out of an ended run's hash with its
         large values (``lua/_ended.lua`` moves only values longer than 64 bytes)."""
-        raw = self.client.hget(keys.run_key(run_id), "parent_run")
+        raw = run_command(self.client, "HGET", keys.run_key(run_id), "parent_run")
         return _text(raw) or None if raw is not None else None
 
     def run_summaries(self, run_ids: list[str]) -> list[dict[str, str]]:
@@ -632,11 +633,11 @@ class RedisStateCore:
 
     def announce(self, run_id: str, event_type: str, workflow: str) -> None:
         """Append a run-level event to the global stream dashboards follow (``orch:events``, capped; one per bucket)."""
-        self.client.xadd(
-            keys.global_events_key(self._shard(run_id)),
-            {"run_id": run_id, "type": event_type, "workflow": workflow},
-            maxlen=GLOBAL_EVENTS_MAXLEN // max(1, self.shards),
-        )
+        maxlen = GLOBAL_EVENTS_MAXLEN // max(1, self.shards)
+        stream = keys.global_events_key(self._shard(run_id))
+        fields = ("run_id", run_id, "type", event_type, "workflow", workflow)
+        # ``client.xadd(stream, fields, maxlen=maxlen)``'s command, in a lean round trip.
+        run_command(self.client, "XADD", stream, "MAXLEN", "~", maxlen, "*", *fields)
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` (one worker sweeps per interval)."""

@@ -23,6 +23,7 @@ from orchestrator.domain import (
 )
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.infra.ids import new_id
+from orchestrator.infra.redis_roundtrip import execute
 from orchestrator.state import keys
 from orchestrator.state.base import failure_line, releasable, rules_json, success_detail
 from orchestrator.state.items import split_item_leases
@@ -162,7 +163,7 @@ class StepTransitions(RedisStateCore):
                 pipe.zadd(self._leases(run_id), cast(Any, regrace), xx=True)
             if ended:
                 pipe.zrem(self._deadlines(run_id), keys.deadline_member(run_id, generation))
-            pipe.execute()
+            execute(pipe)
         if not ok:
             return FinishResult(recorded=False)
         return FinishResult(
