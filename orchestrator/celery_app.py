@@ -422,6 +422,11 @@ class CeleryPublisher:
         options.pop("expires", None)
         ignore_result = options.pop("ignore_result", None)
         options = amqp.router.route(options, STEP_TASK, message.args, message.kwargs, task)
+        queue = options.get("queue")
+        if queue is not None and hash(queue) in producer.connection.declared_entities:
+            # Declared on this connection already: kombu would find so only after binding a copy of the queue to the
+            # channel, for every message. A new connection starts with none declared, so the first still declares.
+            options["declare"] = []
         root_id = parent_id = None
         parent: Any = app.current_worker_task
         if parent:

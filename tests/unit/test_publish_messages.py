@@ -174,3 +174,28 @@ def test_a_message_of_a_worker_carries_the_running_task_as_root_and_parent(captu
     assert (first["group"], first["group_index"], second["group_index"]) == (second["group"], 0, 1)
     assert first["id"] != second["id"], "a step published without a task id gets a fresh one"
     assert first["ignore_result"] is True, "the registered task's own options"
+
+
+def test_a_queue_is_declared_on_the_first_publish_of_a_connection_and_not_asked_about_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = make_app(worker=True)
+    asked: list[str] = []
+    maybe_declare = Producer.maybe_declare
+
+    def counted(self: Producer, entity: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(entity.name)
+        return maybe_declare(self, entity, *args, **kwargs)
+
+    monkeypatch.setattr(Producer, "maybe_declare", counted)
+    publisher = CeleryPublisher(app, Settings.from_env({}))
+
+    for run_id in ("r1", "r2", "r3"):
+        publisher.publish(SPEC, run_id=run_id, steps=("root",), generation="1")
+
+    assert asked.count("cpu") == 1, "declared once on the connection, then known to be"
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue("cpu", no_ack=True)
+        received = [queue.get(timeout=1).payload[0][0] for _ in range(3)]
+        queue.close()
+    assert received == ["r1", "r2", "r3"], "every message reached the queue"
