@@ -12,12 +12,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import kombu.exceptions
 from celery import Celery, group
 from celery.app.amqp import AMQP
 from celery.canvas import Signature
+from celery.utils import uuid
 
 from orchestrator.definition.spec import TOP_LEVEL, StepKind, WorkflowSpec
 from orchestrator.engine.backlog import SENT_AT_HEADER
@@ -142,6 +143,14 @@ class ShadowNamedAMQP(AMQP):
         return _SentEvents(self, self.app.events.Dispatcher(enabled=False))
 
 
+class _StepMessage(NamedTuple):
+    """One step message before it is sent: the step task's arguments and its Celery options."""
+
+    args: tuple[str, ...]
+    kwargs: dict[str, Any]
+    options: dict[str, Any]
+
+
 def _plain_repr(value: object, max_chars: int) -> str | None:
     """``repr(value)`` if ``value`` is strings in at most three levels of tuples, lists and string-keyed dicts
     (there ``saferepr`` gives the same) and it is at most ``max_chars`` long (``saferepr`` would truncate it); else
@@ -224,7 +233,32 @@ class CeleryPublisher:
         sent_at: float | None = None,
         passengers: Sequence[tuple[str, str]] = (),
     ) -> Signature:
-        """The immutable signature of one step attempt, routed by kind and named ``workflow.step`` for Flower.
+        """The immutable signature of one step attempt (:meth:`message` as Celery canvas)."""
+        message = self.message(
+            spec,
+            run_id=run_id,
+            step=step,
+            generation=generation,
+            task_id=task_id,
+            index=index,
+            sent_at=sent_at,
+            passengers=passengers,
+        )
+        return self._signature(message)
+
+    def message(
+        self,
+        spec: WorkflowSpec,
+        *,
+        run_id: str,
+        step: str,
+        generation: str,
+        task_id: str | None = None,
+        index: int | None = None,
+        sent_at: float | None = None,
+        passengers: Sequence[tuple[str, str]] = (),
+    ) -> _StepMessage:
+        """The message of one step attempt, routed by kind and named ``workflow.step`` for Flower.
 
         With ``ORCH_PRIORITIES=depth`` it carries the step's priority (:mod:`orchestrator.engine.priorities`),
         which Celery keeps on retries. An item of a map step (``index``) carries its index as a fifth argument and
@@ -254,7 +288,12 @@ class CeleryPublisher:
         if index is not None:
             args += (str(index),)
         kwargs = {BATCH_KWARG: [list(pair) for pair in passengers]} if passengers else {}
-        return self.app.signature(STEP_TASK, args=args, kwargs=kwargs, options=options, immutable=True)
+        return _StepMessage(args, kwargs, options)
+
+    def _signature(self, message: _StepMessage) -> Signature:
+        return self.app.signature(
+            STEP_TASK, args=message.args, kwargs=message.kwargs, options=message.options, immutable=True
+        )
 
     def _batches(self, spec: WorkflowSpec, steps: Sequence[str], ids: Mapping[str, str]) -> list[tuple[str, ...]]:
         # Batches only for a fan-out wider than the known slots can take, of steps with task ids held by their finish.
@@ -290,8 +329,8 @@ class CeleryPublisher:
         if not steps:
             return
         ids, sent = task_ids or {}, time.time()
-        signatures = [
-            self.signature(
+        messages = [
+            self.message(
                 spec,
                 run_id=run_id,
                 step=batch[0],
@@ -303,10 +342,7 @@ class CeleryPublisher:
             for batch in self._batches(spec, steps, ids)
         ]
         with _broker_errors(f"run {run_id}: publish {', '.join(steps)}"):
-            if len(signatures) == 1:
-                signatures[0].apply_async()
-            else:
-                group(signatures).apply_async()
+            self._send(messages)
 
     def publish_items(
         self,
@@ -330,17 +366,112 @@ class CeleryPublisher:
         # and sending 10,000 messages takes seconds, and a later message stamped later than its item was queued (past
         # SENT_CLOCK_MARGIN_S) made the sweeper take every item still waiting behind it for lost and send it again.
         sent = time.time() if sent_at is None else sent_at
-        signatures = [
-            self.signature(
+        messages = [
+            self.message(
                 spec, run_id=run_id, step=step, generation=generation, task_id=task_id, index=index, sent_at=sent
             )
             for index, task_id in items
         ]
         with _broker_errors(f"run {run_id}: publish {len(items)} items of {step}"):
-            if len(signatures) == 1:
-                signatures[0].apply_async()
-            else:
-                group(signatures).apply_async()
+            self._send(messages)
+
+    def _send(self, messages: Sequence[_StepMessage]) -> None:
+        """Send ``messages`` as ``Signature.apply_async`` (one) or ``group.apply_async`` (several) would send them,
+        without building either: each message is made by ``app.amqp.create_task_message`` and sent by
+        ``app.amqp.send_task_message`` (signals, ``task-sent`` events and publish retries included), all on one
+        producer from the app's pool.
+
+        What Celery's path adds is kept: several messages share a fresh group id, each with its index in it; the
+        registered step task's execution options (a worker's) go under each message's own; the task a worker is
+        running is the root and parent of what it sends. What is left out only fed result objects, which nothing
+        reads here (no result backend): the ``AsyncResult`` and ``GroupResult`` and the parent task's trail of them.
+        A configuration this does not cover (eager mode; a task-level ``expires``) goes through Celery's canvas.
+        """
+        app = self.app
+        # The worker's registered step task, whose execution options Task.apply_async puts under the message's.
+        task: Any = app.tasks.get(STEP_TASK)
+        preset: dict[str, Any] = dict(task._get_exec_options()) if task is not None else {}
+        if app.conf.task_always_eager or preset.get("expires") is not None:
+            self._send_canvas(messages)
+            return
+        if task is not None:
+            preset.setdefault("ignore_result", task.ignore_result)
+        group_id = uuid() if len(messages) > 1 else None
+        with app.producer_or_acquire() as producer:
+            for index, message in enumerate(messages):
+                self._send_one(producer, task, message, preset, group=(group_id, None if group_id is None else index))
+
+    def _send_one(
+        self,
+        producer: Any,
+        task: Any,
+        message: _StepMessage,
+        preset: dict[str, Any],
+        *,
+        group: tuple[str | None, int | None],
+    ) -> None:
+        """One message, as ``app.send_task`` makes and sends it (Celery 5.7, ``celery/app/base.py``); ``group``: its
+        group id and index in it (``None`` each for a message sent alone)."""
+        app, amqp = self.app, self.app.amqp
+        group_id, group_index = group
+        options = {**preset, **message.options}
+        task_id = options.pop("task_id", None) or uuid()
+        shadow = options.pop("shadow", None)
+        time_limit = options.pop("time_limit", None)
+        soft_time_limit = options.pop("soft_time_limit", None)
+        options.pop("expires", None)
+        ignore_result = options.pop("ignore_result", None)
+        options = amqp.router.route(options, STEP_TASK, message.args, message.kwargs, task)
+        queue = options.get("queue")
+        if queue is not None and hash(queue) in producer.connection.declared_entities:
+            # Declared on this connection already: kombu would find so only after binding a copy of the queue to the
+            # channel, for every message. A new connection starts with none declared, so the first still declares.
+            options["declare"] = []
+        root_id = parent_id = None
+        parent: Any = app.current_worker_task
+        if parent:
+            root_id = parent.request.root_id or parent.request.id
+            parent_id = parent.request.id
+            if app.conf.task_inherit_parent_priority:
+                options.setdefault("priority", parent.request.delivery_info.get("priority"))
+        created = amqp.create_task_message(
+            task_id,
+            STEP_TASK,
+            message.args,
+            message.kwargs,
+            None,  # countdown
+            None,  # eta
+            group_id,
+            group_index,
+            None,  # expires
+            0,  # retries
+            None,  # chord
+            None,  # callbacks
+            None,  # errbacks
+            app.thread_oid,
+            time_limit,
+            soft_time_limit,
+            app.conf.task_send_sent_event,
+            root_id,
+            parent_id,
+            shadow,
+            None,  # chain
+            ignore_result=ignore_result,
+            replaced_task_nesting=0,
+            **options,
+        )
+        with producer.connection._reraise_as_library_errors():
+            if not ignore_result:
+                app.backend.on_task_call(producer, task_id)
+            amqp.send_task_message(producer, STEP_TASK, created, **options)
+
+    def _send_canvas(self, messages: Sequence[_StepMessage]) -> None:
+        """Send ``messages`` through Celery's canvas: one signature, or a ``group``."""
+        signatures = [self._signature(message) for message in messages]
+        if len(signatures) == 1:
+            signatures[0].apply_async()
+        else:
+            group(signatures).apply_async()
 
     def revoke(self, task_ids: Sequence[str]) -> None:
         """Interrupt the attempts running under ``task_ids`` (prefork: SIGTERM; thread pools cannot be).

@@ -289,6 +289,8 @@ class FinishResult:
             ``task_ids`` entry, not to be published), in release order, each with its claim as
             :meth:`StateStore.claim` would have answered it. The first runs in the finishing slot (:attr:`kept`), the
             others (:attr:`kept_more`, when ``most`` is above 1) in the worker's other threads.
+        parent_run: When this step ended a child run (``uses: workflow``): its parent run's id, so that the run's end
+            tells its parent step without reading the run again; else ``None``.
     """
 
     recorded: bool
@@ -297,6 +299,7 @@ class FinishResult:
     task_ids: dict[str, str] = field(default_factory=dict)
     cancelled: tuple[tuple[str, str], ...] = ()
     kept_claims: dict[str, Claim] = field(default_factory=dict)
+    parent_run: str | None = None
 
     @property
     def kept(self) -> str | None:

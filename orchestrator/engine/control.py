@@ -60,7 +60,7 @@ def record_outcome(
     owed: OwedWrites | None = None,
 ) -> bool:
     """Record a step attempt's final outcome, dispatch the children it released, interrupt the parents a
-    ``cancel_others`` child cancelled, announce the run's end.
+    ``cancel_others`` child cancelled; at the run's end (announced by the finish itself), tell a parent run.
 
     With ``local``, released children this worker may run are kept there instead of published: one for this slot,
     and on a threads pool more for its other threads (see :mod:`orchestrator.engine.local`). What the attempt
@@ -106,17 +106,17 @@ def record_outcome(
         publisher.revoke([task for _, task in result.cancelled if task])
     if result.run_status is not None:
         log.info("run %s %s", attempt.run_id, result.run_status)
-        store.announce(attempt.run_id, f"run_{result.run_status}", spec.name)
         trace_run_end(store, attempt.run_id)
-        _tell_parent(publisher, settings, store, attempt.run_id)
+        if result.parent_run is not None:
+            _tell_parent(publisher, settings, store, attempt.run_id)
     return True
 
 
 def _tell_parent(publisher: StepPublisher, settings: Settings, store: StateStore, run_id: str) -> None:
-    """A run ended: when it is a child run (``uses: workflow``), its parent's step takes its outcome."""
+    """A child run (``uses: workflow``) ended: its parent's step takes its outcome."""
     from orchestrator.engine import subflow  # it builds on this module (record_outcome, resume_run)
 
-    subflow.child_ended(publisher, settings, store, run_id)
+    subflow.child_ended(publisher, settings, store, run_id, child=True)
 
 
 def trace_run_end(store: StateStore, run_id: str) -> None:

@@ -255,13 +255,21 @@ def _earlier_child(store: StateStore, attempt: Attempt, fields: dict[str, str]) 
     return child if status is not None and status != RunStatus.SUCCEEDED.value else None
 
 
-def child_ended(publisher: StepPublisher, settings: Settings | None, store: StateStore, child_run_id: str) -> None:
+def child_ended(
+    publisher: StepPublisher,
+    settings: Settings | None,
+    store: StateStore,
+    child_run_id: str,
+    *,
+    child: bool = False,
+) -> None:
     """Hand an ended child's outcome to its parent step (nothing for a run that is no child, or still going).
 
-    Called wherever a run ends; safe to call twice: the spend counts once and the step is finished once.
+    Called wherever a run ends; safe to call twice: the spend counts once and the step is finished once. ``child``:
+    the caller knows the run has a parent (a finish answers it), so it is not asked again.
     """
     settings = settings or Settings()
-    if store.run_parent(child_run_id) is None:
+    if not child and store.run_parent(child_run_id) is None:
         return  # no child run: the common case costs one field, not the whole ended run
     try:
         fields = store.run_fields(child_run_id)

@@ -209,6 +209,10 @@ class StateStore(ItemStore, Protocol):
         attempt's lease, or gone when its claim was refused. Their ``step_queued`` and ``step_started`` events follow
         this step's.
 
+        A finish that ends the run also drops its workflow deadline and announces its end on the global stream
+        (``run_succeeded`` or ``run_failed``, as :meth:`announce` would, after the run's own event), in the same
+        transition where the store can; ``FinishResult.parent_run`` then names the run's parent when it is a child.
+
         What the attempt ``owed`` Redis (its LLM calls' closes, :mod:`orchestrator.state.owed`) is applied before the
         transition, in its round trip when the store can share it, and is sent whether or not the attempt is stale.
 

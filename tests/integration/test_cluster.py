@@ -109,6 +109,7 @@ def test_a_workflow_runs_on_a_cluster_with_its_run_on_one_master_and_the_indices
         py("c", "tests.count_on_broker", "a"),
         py("d", "tests.count_on_broker", "b", "c"),
         py("e", "tests.big_output", "d", size=300),
+        timeout_s=600,
     )
     run_ids = [client.submit(definition) for _ in range(12)]
 
@@ -124,6 +125,13 @@ def test_a_workflow_runs_on_a_cluster_with_its_run_on_one_master_and_the_indices
     assert sorted(holders.values()) == [2, 2, 2], "the runs index is split evenly over the masters"
     assert set(client.store.list_run_ids(limit=100)) >= set(run_ids)
     assert not any(client.store.expired_leases()), "every lease was released"
+    # The deadline index and the global stream live on other slots than the run: its end reaches both all the same.
+    for run_id in run_ids:
+        bucket = keys.shard_of(run_id, SHARDS)
+        assert client.store.client.zscore(keys.deadlines_key(bucket), keys.deadline_member(run_id, "1")) is None
+        entries = [fields for _, fields in client.store.client.xrange(keys.global_events_key(bucket))]
+        types = [fields[b"type"] for fields in entries if fields[b"run_id"] == run_id.encode()]
+        assert types == [b"run_started", b"run_succeeded"], run_id
 
 
 def test_the_api_serves_status_events_and_streamed_text_through_the_cluster(

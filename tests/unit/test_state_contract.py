@@ -1856,6 +1856,31 @@ def test_run_level_events_are_announced_in_one_global_stream_in_order(backend: B
         assert backend.announced() == expected
 
 
+@pytest.mark.parametrize("outcome", [StepOutcome.SUCCEEDED, StepOutcome.FAILED])
+def test_the_finish_that_ends_a_run_announces_its_end_once_and_drops_its_deadline(
+    backend: Backend, outcome: StepOutcome
+) -> None:
+    spec = CHAIN
+    start(backend, spec)
+    backend.store.add_deadline("run1", "1", backend.now() - 1)  # due already: listed until the run's end drops it
+    assert run_step(backend, spec, "a").run_status is None
+    assert backend.announced() == [], "a step that leaves the run going announces nothing"
+    b = attempt("b")
+    assert claim(backend, spec, b).outcome == ClaimOutcome.OK
+
+    assert backend.store.due_deadlines() == [("run1", "1")]
+    result = finish(backend, spec, b, outcome)
+    again = finish(backend, spec, b, outcome)
+
+    assert (result.run_status, result.parent_run) == (outcome.value, None)
+    assert not again.recorded
+    assert backend.announced() == [{"run_id": "run1", "type": f"run_{outcome.value}", "workflow": "chain"}]
+    # Its own event came first: a reader of the announcement finds the run ended.
+    assert backend.store.events("run1")[-1].type == f"run_{outcome.value}"
+    assert backend.store.run_fields("run1")["status"] == outcome.value
+    assert backend.store.due_deadlines() == [], "the deadline left with the run"
+
+
 # -- hostile input: bounded audits, timers that end with their run, one attempt count (issue 12) -----------------
 
 
@@ -2424,12 +2449,12 @@ def test_a_finish_sent_again_after_its_reply_was_lost_leaves_the_child_it_kept_t
     store, client = backend.store, backend.client
     real = store._evalsha
 
-    def applied_before(pipe: Any, script: str, run_id: str, argv: list[Any]) -> Any:
+    def applied_before(pipe: Any, script: str, run_id: str, argv: list[Any], **more: Any) -> Any:
         if script == "finish":
             lost = client.pipeline(transaction=False)
-            real(lost, script, run_id, argv)
+            real(lost, script, run_id, argv, **more)
             lost.execute()
-        return real(pipe, script, run_id, argv)
+        return real(pipe, script, run_id, argv, **more)
 
     store._evalsha = applied_before  # type: ignore[method-assign]
     spec = workflow("chain3", {"a": [], "b": ["a"], "c": ["b"]})
@@ -2513,6 +2538,6 @@ def test_a_runs_parent_is_read_alone_and_outlives_the_runs_end(backend: Backend)
     at = attempt("a", run_id=child_id)
     assert claim(backend, SINGLE, at).outcome == ClaimOutcome.OK
     result = finish(backend, SINGLE, at, output={"text": "x" * 500})  # long: moved out of the ended run's hash
-    assert result.run_status == "succeeded"
+    assert (result.run_status, result.parent_run) == ("succeeded", parent_id), "the finish answers the parent"
     assert backend.store.run_parent(child_id) == parent_id
     assert backend.store.run_fields(child_id)["parent_run"] == parent_id

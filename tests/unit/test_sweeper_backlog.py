@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from types import SimpleNamespace
 from typing import Any, cast
 
 import fakeredis
@@ -81,7 +80,7 @@ def test_every_message_of_a_maps_group_carries_the_time_its_publish_began(monkey
     clock = iter(itertools.count(1_700_000_000.0, 1.0))  # each reading a second later
     monkeypatch.setattr(celery_app.time, "time", lambda: next(clock))
     sent: list[Any] = []
-    monkeypatch.setattr(celery_app, "group", lambda sigs: SimpleNamespace(apply_async=lambda: sent.extend(sigs)))
+    monkeypatch.setattr(celery_app.CeleryPublisher, "_send", lambda self, messages: sent.extend(messages))
     spec = parse_workflow({"name": "map", "steps": [{"name": "m", "uses": "noop", "for_each": "inputs.xs"}]})
     publisher = celery_app.CeleryPublisher(Celery("t", set_as_current=False), Settings.from_env({}))
 

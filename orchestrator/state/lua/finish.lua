@@ -1,9 +1,12 @@
 -- Record a step's final outcome, release its children, and close the run when nothing is left.
 -- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the run's LLM reply cache (dropped when the run succeeds: no
--- step will ask again; a failed run keeps it, so a resume pays for no reply twice). ARGV: step, generation, task_id,
--- outcome, output_json ('' keeps the stored output: a cache hit), error_json, retention_s, cache_key, cached ('1' or
--- ''), success_detail_json ('' for none), rules_json ('' for none: see ReleaseRules), failure (the one-line summary
--- of a 'failed' outcome, else ''), n_keep (how many arguments the keep request that follows takes; 0 for none),
+-- step will ask again; a failed run keeps it, so a resume pays for no reply twice), KEYS[4] where the ended run's large
+-- values go (_ended.lua); on a single Redis only (a cluster keeps them on other slots, so the caller does it): KEYS[5]
+-- the run's bucket of the deadline index, KEYS[6] its bucket of the global stream of run-level events.
+-- ARGV: step, generation, task_id, outcome, output_json ('' keeps the stored output: a cache hit), error_json,
+-- retention_s, cache_key, cached ('1' or ''), success_detail_json ('' for none), rules_json ('' for none: see
+-- ReleaseRules), failure (the one-line summary of a 'failed' outcome, else ''), run_id, the run's deadline index
+-- member, the global stream's MAXLEN, n_keep (how many arguments the keep request that follows takes; 0 for none),
 -- [keep request: lease_s, carrier, most, then per candidate: step, task_id, n_parents, parents..., n_children,
 -- children...], children...
 -- With a keep request ("continuing locally"), the first `most` released children that are candidates are claimed at
@@ -16,16 +19,19 @@
 -- end for their own children as "cancelled" (rules.after). Only a failed or upstream_failed leaf (a step without
 -- children) fails the run, as in Airflow: the run's state follows its leaves. A failed run's "run_failed" event
 -- carries {"error": the first failure's summary, "failed_steps": [every step that failed, in order]}.
+-- When the run ends here, with KEYS[5] and KEYS[6] its deadline leaves the index and its end is announced on the
+-- global stream ({run_id, type: "run_" .. status, workflow}, as RedisStateCore.announce writes it), after its own
+-- run_* event; without them the caller does both.
 -- Returns {"stale"} or {"ok", run_status_or_empty, n_released, released_child..., n_cancelled, cancelled_step,
--- task_id, ..., n_kept, (kept_child, n_reply, claim_reply...)...} (n_cancelled counts the entries that follow it;
--- n_kept and what follows only with a keep request).
+-- task_id, ..., then either (the run ended) parent_run_or_empty, workflow, or (a keep request) n_kept, (kept_child,
+-- n_reply, claim_reply...)...} (n_cancelled counts the entries that follow it).
 local run, events = KEYS[1], KEYS[2]
 local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local output, err, retention, cache_key, cached = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
-local n_keep = tonumber(ARGV[13])
-local first_child = 14 + n_keep
+local n_keep = tonumber(ARGV[16])
+local first_child = 17 + n_keep
 -- The keep request's candidates by name, each with the arguments claim.lua would get.
-local candidates, n_candidates, only, i = {}, 0, nil, 17
+local candidates, n_candidates, only, i = {}, 0, nil, 20
 while i < first_child do
   local c = {task = ARGV[i + 1], parents = {}, children = {}}
   local n_parents = tonumber(ARGV[i + 2])
@@ -166,7 +172,7 @@ if redis.call('HINCRBY', run, 'remaining', -1) == 0 then
 end
 if n_keep > 0 and out[2] == '' then
   -- The first `most` released candidates are claimed, in release order; each claim reads what the ones before wrote.
-  local most, kept = tonumber(ARGV[16]), {}
+  local most, kept = tonumber(ARGV[19]), {}
   for _, name in ipairs(released) do
     if #kept >= most then break end
     if candidates[name] then kept[#kept + 1] = name end
@@ -177,7 +183,7 @@ if n_keep > 0 and out[2] == '' then
     local pending = {}
     for j = 1, #fields, 2 do pending[fields[j]] = fields[j + 1] end
     local reply = claim_step(run, events, tonumber(t[1]) + tonumber(t[2]) / 1e6, name, gen, c.task,
-      tonumber(ARGV[14]), c.parents, c.children, ARGV[15], pending, fields, name == only and early_read or nil)
+      tonumber(ARGV[17]), c.parents, c.children, ARGV[18], pending, fields, name == only and early_read or nil)
     out[#out + 1] = name
     out[#out + 1] = #reply
     for _, value in ipairs(reply) do out[#out + 1] = value end
@@ -187,5 +193,16 @@ fields[#fields + 1] = 'seq'
 fields[#fields + 1] = _seq
 redis.call('HSET', run, unpack(fields))
 -- Compacted after the one HSET above, which writes the step's own scratch (its lease, cleared) too.
-if out[2] ~= '' then ended(run, events, retention) end
+if out[2] ~= '' then
+  ended(run, events, retention)
+  -- Read after the compaction, which keeps both (a run id and a workflow name are short values).
+  local link = redis.call('HMGET', run, 'parent_run', 'workflow')
+  if KEYS[6] then
+    redis.call('ZREM', KEYS[5], ARGV[14])
+    redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[15], '*', 'run_id', ARGV[13], 'type', 'run_' .. out[2],
+      'workflow', link[2] or '')
+  end
+  out[#out + 1] = link[1] or ''
+  out[#out + 1] = link[2] or ''
+end
 return out

@@ -192,16 +192,9 @@ class StepTransitions(ItemTransitions):
                     _increment(fields, "leaf_failures", 1)
 
             released, cancelled = self._release(run, stamp, outcome.value, children, rules or ReleaseRules())
-            run_status: str | None = None
+            run_status, parent_run = None, None
             if _increment(fields, "remaining", -1) == 0:
-                run_status = "failed" if int(fields.get("leaf_failures") or 0) > 0 else "succeeded"
-                fields.update({"status": run_status, "finished_at": stamp})
-                data = ""
-                if run_status == "failed":
-                    data = run_failed_data(fields.get("failure"), _json_list(fields.get("failed_steps")))
-                self._emit(run, stamp, f"run_{run_status}", data=data)
-                self._ended(run, now)
-                self._deadlines.pop(keys.deadline_member(attempt.run_id, attempt.generation), None)
+                run_status, parent_run = self._end_run(run, attempt, stamp, now)
             task_ids = {child: new_id() for child in released}
             for child, task_id in task_ids.items():
                 self._leases[keys.lease_member(attempt.run_id, child, task_id)] = now + grace_s
@@ -215,7 +208,25 @@ class StepTransitions(ItemTransitions):
                 task_ids=task_ids,
                 cancelled=tuple(cancelled),
                 kept_claims=claims,
+                parent_run=parent_run,
             )
+
+    def _end_run(self, run: _Run, attempt: Attempt, stamp: str, now: float) -> tuple[str, str | None]:
+        """End the run whose last step ``attempt`` finished, under the lock: its status and event, its compaction,
+        its deadline dropped and its end announced (``lua/finish.lua``). Returns its status and its parent run."""
+        fields = run.fields
+        status = "failed" if int(fields.get("leaf_failures") or 0) > 0 else "succeeded"
+        fields.update({"status": status, "finished_at": stamp})
+        data = ""
+        if status == "failed":
+            data = run_failed_data(fields.get("failure"), _json_list(fields.get("failed_steps")))
+        self._emit(run, stamp, f"run_{status}", data=data)
+        parent_run = fields.get("parent_run") or None
+        announced = {"run_id": attempt.run_id, "type": f"run_{status}", "workflow": fields["workflow"]}
+        self._ended(run, now)
+        self._deadlines.pop(keys.deadline_member(attempt.run_id, attempt.generation), None)
+        self._announcements.append(announced)
+        return status, parent_run
 
     def _keep(
         self, parent: Attempt, keep: KeepRequest | None, released: list[str], task_ids: dict[str, str], now: float

@@ -298,12 +298,15 @@ class RedisStateCore:
         )
         return cls(redis.Redis(connection_pool=pool), **kwargs)
 
-    def _evalsha(self, pipe: Pipeline, script: str, run_id: str, argv: list[Any]) -> Any:
+    def _evalsha(
+        self, pipe: Pipeline, script: str, run_id: str, argv: list[Any], *, more_keys: Sequence[str] = ()
+    ) -> Any:
         run_keys = _run_keys(run_id)
         if script == "finish":
             run_keys.append(keys.llm_run_cache_key(run_id))
         if script in _ENDING:
             run_keys.append(keys.large_values_key(run_id))
+        run_keys += more_keys
         reply = queue_evalsha(pipe, self._scripts[script].sha, len(run_keys), *run_keys, *argv)
         if self.wait_replicas and script in WAITED_SCRIPTS:
             self._waits.positions.append(queue_wait(pipe, run_keys[0], self.wait_replicas, WAIT_TIMEOUT_MS))
@@ -633,11 +636,20 @@ class RedisStateCore:
 
     def announce(self, run_id: str, event_type: str, workflow: str) -> None:
         """Append a run-level event to the global stream dashboards follow (``orch:events``, capped; one per bucket)."""
-        maxlen = GLOBAL_EVENTS_MAXLEN // max(1, self.shards)
-        stream = keys.global_events_key(self._shard(run_id))
-        fields = ("run_id", run_id, "type", event_type, "workflow", workflow)
-        # ``client.xadd(stream, fields, maxlen=maxlen)``'s command, in a lean round trip.
-        run_command(self.client, "XADD", stream, "MAXLEN", "~", maxlen, "*", *fields)
+        self._announce(self.client, run_id, event_type, workflow)
+
+    def _announce(self, client: Any, run_id: str, event_type: str, workflow: str) -> Any:
+        """:meth:`announce` on ``client``, a client or a pipeline (``lua/finish.lua`` writes a run's end alike)."""
+        return client.xadd(
+            keys.global_events_key(self._shard(run_id)),
+            {"run_id": run_id, "type": event_type, "workflow": workflow},
+            maxlen=self._announced_maxlen,
+        )
+
+    @property
+    def _announced_maxlen(self) -> int:
+        """The global stream's cap, per bucket."""
+        return GLOBAL_EVENTS_MAXLEN // max(1, self.shards)
 
     def try_sweeper_lock(self, owner: str, ttl_s: float) -> bool:
         """Take the cluster-wide sweeper turn for ``ttl_s`` (one worker sweeps per interval)."""

@@ -23,6 +23,7 @@ from orchestrator.domain import (
 )
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.infra.ids import new_id
+from orchestrator.infra.redis_cluster import is_cluster_client
 from orchestrator.infra.redis_roundtrip import execute
 from orchestrator.state import keys
 from orchestrator.state.base import failure_line, releasable, rules_json, success_detail
@@ -89,6 +90,10 @@ class StepTransitions(RedisStateCore):
         ``cached`` marks a success served from the step's stored result (its output is then kept as it is). With
         ``keep``, the same script claims the first ``keep.most`` released candidates for this worker (one round trip
         for the hop). What the attempt ``owed`` Redis (its LLM calls' closes) goes first in the same round trip.
+
+        When the run ends, the script also drops its deadline and announces its end, and answers its parent run: on
+        a single Redis the run's end costs no round trip of its own. In a cluster the deadline index and the global
+        stream live on other slots than the run, so one more round trip does both.
         """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
         # Each step this finish may release is covered in the lease index before the script runs, under the task id
@@ -114,6 +119,9 @@ class StepTransitions(RedisStateCore):
             success_detail(output),
             rules_json(rules),
             failure_line(attempt.step, outcome, error),
+            run_id,
+            keys.deadline_member(run_id, generation),
+            self._announced_maxlen,
             len(keep_argv),
             *keep_argv,
             *children,
@@ -128,8 +136,11 @@ class StepTransitions(RedisStateCore):
             members = {keys.lease_member(run_id, c, t): due[c] for c, t in held.items()}
             before = (lambda pipe: pipe.zadd(self._leases(run_id), cast(Any, members)),)
         own = keys.lease_member(run_id, step, task_id)
+        cluster = is_cluster_client(self.client)
+        # The run's end, written by the script itself where it may touch keys of other slots (a single Redis).
+        run_end = () if cluster else (self._deadlines(run_id), keys.global_events_key(self._shard(run_id)))
         replies = self._pipeline(
-            lambda pipe: self._evalsha(pipe, "finish", run_id, argv),
+            lambda pipe: self._evalsha(pipe, "finish", run_id, argv, more_keys=run_end),
             before=before,
             after=(lambda pipe: pipe.zrem(self._leases(run_id), own),),
             owed=owed,
@@ -141,7 +152,11 @@ class StepTransitions(RedisStateCore):
         n_cancelled = int(reply[3 + count]) if ok else 0
         rest = reply[4 + count : 4 + count + n_cancelled]
         cancelled = tuple((rest[i], rest[i + 1]) for i in range(0, len(rest), 2))
-        claims = _kept_claims(reply[4 + count + n_cancelled :], candidates) if ok else {}
+        tail = reply[4 + count + n_cancelled :]
+        ended = ok and reply[1] != ""
+        # An ended run answers its parent run and workflow; a run going on, the children it kept for the slot.
+        parent_run, workflow = (tail[0], tail[1]) if ended else ("", "")
+        claims = _kept_claims(tail, candidates) if ok and not ended else {}
         # A refused finish keeps its covers: it may be this very finish applied once already, its reply lost to a
         # connection that dropped (redis-py then sends it again), with its children released and some perhaps
         # claimed for this slot under these task ids. The sweeper drops a cover whose task no step holds when it
@@ -154,15 +169,15 @@ class StepTransitions(RedisStateCore):
             for c in released
             if c in candidates and c not in claims
         }
-        ended = ok and reply[1] != ""
-        if stale or ended or regrace:
+        if stale or regrace or (ended and cluster):
             pipe = self.client.pipeline(transaction=False)
             if stale:
                 pipe.zrem(self._leases(run_id), *stale)
             if regrace:
                 pipe.zadd(self._leases(run_id), cast(Any, regrace), xx=True)
-            if ended:
+            if ended and cluster:
                 pipe.zrem(self._deadlines(run_id), keys.deadline_member(run_id, generation))
+                self._announce(pipe, run_id, f"run_{reply[1]}", workflow)
             execute(pipe)
         if not ok:
             return FinishResult(recorded=False)
@@ -173,6 +188,7 @@ class StepTransitions(RedisStateCore):
             task_ids={c: held[c] for c in released},
             cancelled=cancelled,
             kept_claims=claims,
+            parent_run=parent_run or None,
         )
 
     def hold_dispatch(self, run_id: str, task_ids: dict[str, str], grace_s: float) -> None:
