@@ -20,6 +20,7 @@ from orchestrator.definition.registry import functions
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import NonRetryableStepError
+from orchestrator.infra import redis_roundtrip
 from orchestrator.state import RedisStateStore, keys
 from tests.unit.test_engine_attempt import SETTINGS, RecordingPublisher, deliver, drive, run_status, start, workflow
 
@@ -68,7 +69,7 @@ def _text(value: Any) -> str:
 @pytest.fixture
 def commands(monkeypatch: pytest.MonkeyPatch) -> Commands:
     recorded = Commands()
-    execute, command = Pipeline.execute, redis.Redis.execute_command
+    execute, command, lean = Pipeline.execute, redis.Redis.execute_command, redis_roundtrip._round_trip
 
     def pipeline_execute(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
         recorded.add([tuple(c[0]) for c in self.command_stack])
@@ -78,8 +79,13 @@ def commands(monkeypatch: pytest.MonkeyPatch) -> Commands:
         recorded.add([args])
         return command(self, *args, **kwargs)
 
+    def lean_round_trip(owner: redis.Redis, commands: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        recorded.add([tuple(args) for args, _ in commands])
+        return lean(owner, commands)
+
     monkeypatch.setattr(Pipeline, "execute", pipeline_execute)
     monkeypatch.setattr(redis.Redis, "execute_command", execute_command)
+    monkeypatch.setattr(redis_roundtrip, "_round_trip", lean_round_trip)
     return recorded
 
 
