@@ -127,9 +127,11 @@ class Continuation:
         )
         if not candidates:
             return None
-        if self.open_ahead is not None:
-            candidates = tuple(self._open_ahead(self.open_ahead, c) for c in candidates)
         most = 1 + (min(self.local.spare(), len(candidates) - 1) if len(candidates) > 1 else 0)
+        if self.open_ahead is not None:
+            # The finish claims the first ``most`` it releases: as a rule these (an open for another would be void).
+            ahead = tuple(self._open_ahead(self.open_ahead, c) for c in candidates[:most])
+            candidates = ahead + candidates[most:]
         self.claimed_at = time.monotonic()
         return KeepRequest(candidates, lease_s, self.delivery.carrier or attempt.task_id, most=most)
 

@@ -237,7 +237,7 @@ class StepExecutor:
             request = self.llm_request(step, step.params, ctx, None)
         except StepError:
             return None  # the attempt meets it itself, and fails or retries as it should
-        return self.llm.pre_open(request, self.llm_call(step, step.params, call), task_id)
+        return self.llm.pre_open(request, self.llm_call(step, step.params, call), task_id, basis=ctx)
 
     def attempt_stream(self, ctx: StepContext, index: int | None = None) -> AttemptStream | None:
         """The stream an attempt's LLM calls send their text into (``None`` when this executor streams nowhere).
@@ -264,7 +264,7 @@ class StepExecutor:
         # timeout is one deadline for the whole attempt: rendering stops at it, each LLM call gets what is left.
         if deadline is None and step.timeout_s:
             deadline = time.monotonic() + step.timeout_s
-        request = self.llm_request(step, params, ctx, deadline)
+        request = self._request_ahead(step, ctx, call, deadline) or self.llm_request(step, params, ctx, deadline)
         prompt = request.prompt
         # Passed only when streaming: gateways written before streaming take no ``on_text``.
         streaming = {"on_text": stream.on_text} if stream is not None else {}
@@ -332,6 +332,17 @@ class StepExecutor:
             simulate=params.simulate.model_dump(exclude_none=True) if params.simulate else None,
             timeout_s=_time_left(step, deadline) if deadline is not None else self.llm_timeout_s,
         )
+
+    def _request_ahead(
+        self, step: StepSpec, ctx: StepContext, call: CallContext, deadline: float | None
+    ) -> LLMRequest | None:
+        """The request its parent's finish rendered for this attempt, when the attempt sees what it foresaw."""
+        foretold = call.opened.foretold if call.opened is not None else None
+        if foretold is None or foretold.basis != ctx:
+            return None
+        if deadline is None:
+            return foretold.request
+        return replace(foretold.request, timeout_s=_time_left(step, deadline))
 
     def render_prompt(
         self, prompt_template: str, system_template: str | None, ctx: StepContext, deadline: float | None

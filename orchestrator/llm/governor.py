@@ -28,7 +28,7 @@ from redis.client import Pipeline
 from orchestrator.errors import OrchestratorError
 from orchestrator.infra.redis_cluster import is_cluster_client, queue_evalsha, script_args
 from orchestrator.llm.outbox import PendingClose
-from orchestrator.llm.preopen import RESERVE_ARG, PreOpen
+from orchestrator.llm.preopen import RESERVE_ARG, Foretold, PreOpen
 from orchestrator.state import keys
 from orchestrator.state.owed import OwedWrite
 
@@ -254,33 +254,30 @@ class RedisGovernor:
         caller: str,
         reply: ReplyStore | None = None,
         owed: Sequence[OwedWrite] = (),
-        opened: PreOpen | None = None,
+        ahead: Sequence[Any] | None = None,
     ) -> tuple[Admission, str | bytes | None]:
         """:meth:`admit`, after looking the reply up in the cache, in one round trip (single Redis only: see
         :attr:`folds`).
 
         ``owed`` writes (an earlier call's close, :mod:`orchestrator.llm.outbox`) go first in the same round trip, so
-        Redis settles that call before it admits this one. An ``opened`` call (opened ahead in the parent's finish:
-        :mod:`orchestrator.llm.preopen`) answers instead when it is this very open, with no round trip; else what it
-        holds is given back first in the round trip, then this call is opened.
+        Redis settles that call before it admits this one. ``ahead`` is this very open's answer, opened ahead in the
+        parent's finish (:mod:`orchestrator.llm.preopen`): nothing is then sent.
 
         Returns:
             The admission and ``None``; or, when ``reply`` is looked up and stored, ``ok`` and the stored reply's JSON
             (nothing is then counted or held, and no :meth:`close_call` follows).
         """
-        names, args = self._open_plan(
-            run_id=run_id,
-            model=model,
-            tokens=tokens,
-            worst_case_usd=worst_case_usd,
-            budget_usd=budget_usd,
-            caller=caller,
-            reply=reply,
-        )
-        answer = opened.take(names, args) if opened is not None else None
+        answer = ahead
         if answer is None:
-            back = opened.give_back() if opened is not None else None
-            owed = [back, *owed] if back is not None else owed
+            names, args = self._open_plan(
+                run_id=run_id,
+                model=model,
+                tokens=tokens,
+                worst_case_usd=worst_case_usd,
+                budget_usd=budget_usd,
+                caller=caller,
+                reply=reply,
+            )
             answer = self._open(keys=names, args=args) if not owed else self._open_after(owed, names, args)
         outcome = _text(answer[0])
         if outcome == "cached":
@@ -304,6 +301,7 @@ class RedisGovernor:
         reply: ReplyStore | None,
         step: str,
         task_id: str,
+        foretold: Foretold,
     ) -> PreOpen:
         """:meth:`open_call`'s script for a child ``step`` a finish is to claim under ``task_id``, not sent: for the
         finish's pipeline to carry after its own script (see :mod:`orchestrator.llm.preopen`)."""
@@ -326,6 +324,7 @@ class RedisGovernor:
             guard=(keys.step_field(step, "status"), keys.step_field(step, "task"), task_id),
             give_back=lambda: self.pending_close(unused, refund=True),
             run_id=run_id,
+            foretold=foretold,
         )
 
     def _open_plan(

@@ -7,12 +7,15 @@ right after ``finish.lua`` in the finish's pipeline, guarded by the claim the fi
 not claim (under the task id it was to be claimed with) is not opened at all. The child's call then takes the
 answer instead of opening again, one round trip fewer per local hop.
 
-The call the child really makes decides: the gateway computes its open's keys and arguments as ever and takes the
-answer only when they are the very ones opened ahead (:meth:`PreOpen.take`); the prediction can only cost a round
-trip, never change an answer. An admission the child does not take (another request, a resumed step that needs no
-call, an attempt that stops first) is given back as the budget refusal gives one back: the worst case held is
-released and the request and tokens go back to the rate limit (:meth:`PreOpen.give_back`). An open ahead never books
-a place in a rate limit: a child told to wait opens again itself, and books then.
+The call the child really makes decides: the gateway takes the answer only when the request and the caller's fields
+that decide the open (:attr:`Foretold.fits`) are the very ones opened ahead (:meth:`PreOpen.take`); the prediction can
+only cost a round trip, never change an answer. What the open was worked out from travels with it (:class:`Foretold`):
+a child that sees what its parent foresaw (:attr:`Foretold.basis`) neither renders its prompt nor prices it again.
+
+An admission the child does not take (another request, a resumed step that needs no call, an attempt that stops
+first) is given back as the budget refusal gives one back: the worst case held is released and the request and tokens
+go back to the rate limit (:meth:`PreOpen.give_back`). An open ahead never books a place in a rate limit: a child
+told to wait opens again itself, and books then.
 """
 
 from __future__ import annotations
@@ -20,15 +23,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.commands.core import Script
 
 from orchestrator.infra.redis_cluster import queue_evalsha
+from orchestrator.llm.base import LLMRequest
 from orchestrator.llm.outbox import PendingClose
 
-__all__ = ["HOLDING", "PreOpen", "RESERVE_ARG"]
+__all__ = ["HOLDING", "RESERVE_ARG", "Foretold", "PreOpen"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,26 @@ HOLDING = "ok"
 """The only answer that holds something (a request, tokens, the worst case) until it is closed or given back."""
 
 _USED = frozenset({"ok", "cached", "cooldown", "budget_exceeded"})
+
+
+@dataclass(frozen=True)
+class Foretold:
+    """What a call opened ahead was worked out from, so the call that fits it need not work it out again.
+
+    Attributes:
+        request: The request, as the child's attempt is foreseen to send it (its ``timeout_s`` the default).
+        fits: The request's and the caller's fields that decide the open (see ``LLMGateway``): a call with these
+            same ones opens exactly this.
+        digest: The request's digest.
+        plan: The gateway's reply store, tokens and worst case for it.
+        basis: What the request was rendered from (the step's context), for the step to tell it sees the same.
+    """
+
+    request: LLMRequest
+    fits: tuple[Any, ...]
+    digest: str
+    plan: tuple[Any, int, float]
+    basis: Any = None
 
 
 class PreOpen:
@@ -52,6 +77,7 @@ class PreOpen:
         guard: The child's status field, its task field, and the task id the finish claims it under.
         give_back: Builds the close that gives an ``ok`` admission back whole.
         run_id: The run paying (for the log).
+        foretold: What it was worked out from.
     """
 
     def __init__(
@@ -64,6 +90,7 @@ class PreOpen:
         guard: tuple[str, str, str],
         give_back: Callable[[], PendingClose],
         run_id: str,
+        foretold: Foretold,
     ) -> None:
         self.client = client
         self._script = script
@@ -72,6 +99,7 @@ class PreOpen:
         self._guard = guard
         self._give_back = give_back
         self._run_id = run_id
+        self.foretold = foretold
         self._answer: list[Any] | None = None
         self._lock = threading.Lock()
 
@@ -93,14 +121,11 @@ class PreOpen:
         with self._lock:
             return self._answer is not None and _text(self._answer[0]) == HOLDING
 
-    def take(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any] | None:
-        """The answer, once, when ``keys`` and ``args`` are the very open that was sent ahead (but for the reserve
-        flag); else ``None`` and the answer stays, for :meth:`give_back`."""
-        wanted = list(args)
-        if len(wanted) > RESERVE_ARG:
-            wanted[RESERVE_ARG] = self._args[RESERVE_ARG] if len(self._args) > RESERVE_ARG else wanted[RESERVE_ARG]
+    def take(self, fits: tuple[Any, ...]) -> list[Any] | None:
+        """The answer, once, when ``fits`` are those it was opened for (:attr:`Foretold.fits`); else ``None`` and the
+        answer stays, for :meth:`give_back`."""
         with self._lock:
-            if self._answer is None or tuple(keys) != self._keys or tuple(wanted) != self._args:
+            if self._answer is None or fits != self.foretold.fits:
                 return None
             answer, self._answer = self._answer, None
             return answer

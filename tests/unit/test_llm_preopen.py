@@ -93,11 +93,22 @@ def _llm_fields(rt: Runtime, run_id: str) -> dict[str, str]:
 
 
 def test_a_local_chain_of_llm_steps_opens_each_kept_childs_call_in_its_parents_finish(
-    local_runtime: tuple[Runtime, RecordingPublisher, RecordingLocalSteps], round_trips: RoundTrips, model: str
+    local_runtime: tuple[Runtime, RecordingPublisher, RecordingLocalSteps],
+    round_trips: RoundTrips,
+    model: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rt, publisher, _ = local_runtime
     run_id = start(rt, publisher, _chain(model), topic="otters")
     opened, finish = _open_sha(rt), _finish_sha(rt)
+    rendered: list[str] = []
+    render = rt.executor.render_prompt
+
+    def counted(prompt: str, *args: Any) -> tuple[str, str | None]:
+        rendered.append(prompt)
+        return render(prompt, *args)
+
+    monkeypatch.setattr(rt.executor, "render_prompt", counted)
     round_trips.trips.clear()
 
     assert deliver(rt, publisher.sent.pop(0)) == "succeeded"
@@ -115,6 +126,7 @@ def test_a_local_chain_of_llm_steps_opens_each_kept_childs_call_in_its_parents_f
     assert RPM - 3 <= _requests(rt, model) < RPM - 2.5
     outputs = {s: rt.store.run_fields(run_id)[keys.step_field(s, "output")] for s in "abc"}
     assert all(json.loads(out)["text"] for out in outputs.values())
+    assert len(rendered) == 3, "each prompt rendered once: a child uses what its parent rendered for it"
 
 
 def test_a_kept_child_that_makes_no_call_gives_back_what_was_opened_for_it(
