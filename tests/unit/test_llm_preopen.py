@@ -260,3 +260,21 @@ def test_an_open_ahead_for_a_step_not_claimed_under_its_task_id_does_nothing(
     assert fields.get("llm_held_nusd", "0") == "0"
     assert _requests(rt, model) == RPM, "nothing was counted"
     assert rt.store.run_fields(run_id)[keys.step_field("a", "status")] == "queued"
+
+
+def test_only_the_children_the_finish_is_to_claim_are_opened_ahead(
+    local_runtime: tuple[Runtime, RecordingPublisher, RecordingLocalSteps], round_trips: RoundTrips, model: str
+) -> None:
+    rt, publisher, _ = local_runtime  # a slot with no spare thread: the finish keeps one child
+    steps = (_llm("a", model, "Hi."), _llm("b", model, "B: {{ steps.a.output.text }}", "a"))
+    run_id = start(rt, publisher, {**workflow(*steps, _llm("c", model, "C: {{ steps.a.output.text }}", "a"))})
+    opened, finish = _open_sha(rt), _finish_sha(rt)
+    round_trips.trips.clear()
+
+    assert deliver(rt, publisher.sent.pop(0)) == "succeeded"
+
+    riding = [trip for trip in round_trips.trips if opened in trip and finish in trip]
+    assert [trip.count(opened) for trip in riding] == [1], riding
+    assert [m.step for m in publisher.sent] == ["c"]
+    fields = _llm_fields(rt, run_id)
+    assert (fields.get("llm_held_nusd", "0"), fields["llm_calls"]) == ("0", "2")
