@@ -319,11 +319,16 @@ class FinishResult:
 
 @dataclass(frozen=True)
 class KeepCandidate:
-    """A child a finishing slot could run next, with what its claim needs (as :meth:`StateStore.claim` takes it)."""
+    """A child a finishing slot could run next, with what its claim needs (as :meth:`StateStore.claim` takes it).
+
+    ``task_id``, when given, is the task id the finish holds (and claims) it under, in place of a fresh one: what is
+    sent for it in the finish's round trip can then name it (:mod:`orchestrator.llm.preopen`).
+    """
 
     step: str
     upstream: tuple[str, ...] = ()
     children: tuple[str, ...] = ()
+    task_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ set) or its own bookkeeping (:class:`~orchestrator.errors.StepDeferred`), and, a
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from orchestrator.engine.coordinator import (
 from orchestrator.engine.local import Continuation, Delivery, continue_locally
 from orchestrator.engine.mapping import map_items, start_map
 from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
+from orchestrator.engine.preopen import attempt_call, open_ahead
 from orchestrator.engine.repeat import run_repeated
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
@@ -51,7 +53,6 @@ from orchestrator.errors import (
     StepFailed,
 )
 from orchestrator.infra.ids import new_id
-from orchestrator.llm.gateway import CallContext
 from orchestrator.llm.outbox import CallOutbox
 from orchestrator.telemetry import AttemptScope
 
@@ -243,9 +244,7 @@ def _run_claimed(
             return finish_attempt(
                 runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, local=hop, cache_key=key, cached=True
             )
-        call = CallContext(
-            attempt.run_id, spec.name, budget_usd=spec.budget_usd, fresh=claim.force, step=attempt.step, outbox=outbox
-        )
+        call = attempt_call(spec, attempt, fresh=claim.force, outbox=outbox, opened=hop.opened if hop else None)
         try:
             if step.repeat is not None:
                 output = run_repeated(runtime, step, attempt, ctx, call, key=key, force=claim.force)
@@ -287,8 +286,27 @@ def _run_claimed(
         internal = NonRetryableStepError(f"internal error: {type(exc).__name__}: {exc}", kind="internal_error")
         error = error_record(internal, claim.attempt)
         return finish_attempt(runtime, spec, attempt, StepOutcome.FAILED, scope, local=hop, error=error, owed=outbox)
+    return _succeeded(runtime, spec, attempt, scope, hop=hop, ctx=ctx, output=output, key=key, outbox=outbox)
+
+
+def _succeeded(
+    runtime: Runtime,
+    spec: WorkflowSpec,
+    attempt: Attempt,
+    scope: AttemptScope,
+    *,
+    hop: Continuation | None,
+    ctx: StepContext,
+    output: Any,
+    key: str,
+    outbox: CallOutbox,
+) -> str:
+    # A step that ran succeeded: record it, and the LLM calls' closes it owes.
     if isinstance(output, dict) and isinstance(output.get("cost_usd"), float):
         scope.cost_usd = output["cost_usd"]
+    if hop is not None:
+        # The children it keeps may have their first LLM call opened in its finish's round trip.
+        hop.open_ahead = functools.partial(open_ahead, runtime, spec, parent=attempt, ctx=ctx, output=output)
     return finish_attempt(
         runtime, spec, attempt, StepOutcome.SUCCEEDED, scope, local=hop, output=output, cache_key=key, owed=outbox
     )

@@ -85,6 +85,8 @@ def record_outcome(
         rules=rules,
         keep=keep,
         owed=owed,
+        # The kept children's first LLM calls, opened after the script that claims them (orchestrator.llm.preopen).
+        then=local.following() if local is not None else (),
     )
     if not result.recorded:
         return False

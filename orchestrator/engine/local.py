@@ -18,6 +18,10 @@ recovered by the owner's lapse as any attempt is. If it cannot be handed over (t
 it at once, then its own; if its thread never gets to it (the pool stopped first), it is left to its lease. It
 retries and defers as any local step (its message sent by :meth:`LocalSteps.resend`), and anything its thread meets
 is logged and leaves it to its lease, never ending the thread.
+
+A kept ``llm`` child's first LLM call is opened in the same round trip as the finish that claims it (the
+continuation's ``open_ahead``: :mod:`orchestrator.engine.preopen`, :mod:`orchestrator.llm.preopen`), and handed to
+its attempt with its claim; what its attempt does not take is given back once it has run.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from orchestrator.domain import Attempt, Claim, ClaimOutcome, FinishResult, Keep
 from orchestrator.engine.coordinator import upstream_reads
 from orchestrator.engine.leases import LeaseKeeper
 from orchestrator.errors import RetryableStepError, StepDeferred
+from orchestrator.infra.ids import new_id
+from orchestrator.llm.preopen import PreOpen
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +66,20 @@ class Delivery:
     hops: int = 0
 
 
+OpenAhead = Callable[[str, str], PreOpen | None]
+"""Opens a kept child's first LLM call ahead: given the child and the task id the finish is to claim it under, the
+open for the finish's round trip, or ``None``."""
+
+
 @dataclass(frozen=True)
 class Kept:
-    """A released child its parent's finish claimed for this worker beyond the one its slot runs next."""
+    """A released child its parent's finish claimed for this worker beyond the one its slot runs next (``opened``:
+    its first LLM call, opened by that finish)."""
 
     step: str
     task_id: str
     claim: Claim
+    opened: PreOpen | None = None
 
 
 @dataclass
@@ -81,6 +94,9 @@ class Continuation:
         others: The other children the finish claimed, each to run in another thread of this worker.
         leases: The process's lease keeper: holds each of ``others`` from its claim until a thread runs it.
         claimed_at: When the finish that kept them was sent (``time.monotonic()``): their claim leases run from then.
+        opened: The first LLM call of the attempt this continuation is offered to, opened by its parent's finish.
+        open_ahead: Set once the attempt succeeded: opens a kept child's first LLM call in the finish.
+        kept_open: ``step``'s first LLM call, opened by the finish that kept it.
     """
 
     delivery: Delivery
@@ -92,6 +108,10 @@ class Continuation:
     others: tuple[Kept, ...] = ()
     leases: LeaseKeeper | None = None
     claimed_at: float = 0.0
+    opened: PreOpen | None = None
+    open_ahead: OpenAhead | None = None
+    kept_open: PreOpen | None = None
+    _opens: dict[str, PreOpen] = field(default_factory=dict)
 
     def request(
         self, spec: WorkflowSpec, attempt: Attempt, releasable: tuple[str, ...], lease_s: float
@@ -108,8 +128,28 @@ class Continuation:
         if not candidates:
             return None
         most = 1 + (min(self.local.spare(), len(candidates) - 1) if len(candidates) > 1 else 0)
+        if self.open_ahead is not None:
+            # The finish claims the first ``most`` it releases: as a rule these (an open for another would be void).
+            ahead = tuple(self._open_ahead(self.open_ahead, c) for c in candidates[:most])
+            candidates = ahead + candidates[most:]
         self.claimed_at = time.monotonic()
         return KeepRequest(candidates, lease_s, self.delivery.carrier or attempt.task_id, most=most)
+
+    def _open_ahead(self, open_ahead: OpenAhead, candidate: KeepCandidate) -> KeepCandidate:
+        """``candidate`` under the task id its first LLM call is opened ahead for, when it is."""
+        stale = self._opens.pop(candidate.step, None)
+        if stale is not None:
+            _give_back(stale)  # a finish asked again (through an outage): its first request's opens are void
+        task_id = new_id()
+        opened = open_ahead(candidate.step, task_id)
+        if opened is None:
+            return candidate
+        self._opens[candidate.step] = opened
+        return replace(candidate, task_id=task_id)
+
+    def following(self) -> tuple[PreOpen, ...]:
+        """The opens for the finish to send after its own script (see :mod:`orchestrator.llm.preopen`)."""
+        return tuple(self._opens.values())
 
     @property
     def kept(self) -> bool:
@@ -121,7 +161,13 @@ class Continuation:
         self.step = result.kept
         self.task_id = result.task_ids[result.kept] if result.kept is not None else ""
         self.claim = result.kept_claim
-        self.others = tuple(Kept(step, result.task_ids[step], claim) for step, claim in result.kept_more.items())
+        opens, self._opens = self._opens, {}
+        self.kept_open = opens.pop(result.kept, None) if result.kept is not None else None
+        self.others = tuple(
+            Kept(step, result.task_ids[step], claim, opens.pop(step, None)) for step, claim in result.kept_more.items()
+        )
+        for opened in opens.values():
+            _give_back(opened)  # not claimed, so not opened (the open's guard): nothing to send, as a rule
 
 
 class LocalSteps(Protocol):
@@ -187,8 +233,13 @@ def continue_locally(spec: WorkflowSpec, parent: Attempt, hop: Continuation, exe
         claim = hop.claim
         hops = hop.delivery.hops + 1
         delivery = replace(hop.delivery, headers=hop.headers, due_at=None, carrier=carrier, hops=hop.delivery.hops + 1)
-        hop = Continuation(delivery, local, leases=hop.leases)
-        local.started(spec, attempt, delivery)
+        hop = Continuation(delivery, local, leases=hop.leases, opened=hop.kept_open)
+        try:
+            local.started(spec, attempt, delivery)
+        except BaseException:
+            if hop.opened is not None:
+                _give_back(hop.opened)
+            raise
         try:
             result, failure = execute(attempt, delivery, hop, claim)
         except (RetryableStepError, StepDeferred) as exc:
@@ -201,6 +252,9 @@ def continue_locally(spec: WorkflowSpec, parent: Attempt, hop: Continuation, exe
             log.warning("%s: left to its lease: %s: %s", attempt, type(exc).__name__, exc)
             local.ended(attempt, "left to its lease", f"{type(exc).__name__}: {exc}")
             return hops
+        finally:
+            if hop.opened is not None:
+                _give_back(hop.opened)  # what its attempt did not take (none, as a rule)
         local.ended(attempt, result, failure, more=hop.kept)
     return hops
 
@@ -223,6 +277,7 @@ def _spawn_others(spec: WorkflowSpec, parent: Attempt, hop: Continuation, execut
             headers=hop.headers,
             claim=kept.claim,
             leases=hop.leases,
+            kept_open=kept.opened,
         )
         job = functools.partial(_run_spawned, spec, parent, chain, execute, attempt)
         if not hop.local.spawn(job):
@@ -240,7 +295,16 @@ def _run_spawned(spec: WorkflowSpec, parent: Attempt, chain: Continuation, execu
     finally:
         if chain.leases is not None:
             chain.leases.release(attempt)  # a no-op once it ran: its own run released it
+        if chain.kept_open is not None:
+            _give_back(chain.kept_open)  # a no-op once it ran: its attempt took it or gave it back
         try:
             chain.local.flush()
         except Exception:
             log.exception("%s: its task events were not sent", attempt)
+
+
+def _give_back(opened: PreOpen) -> None:
+    """Give back what a call opened ahead holds, at once (never raises: what is lost is logged)."""
+    back = opened.give_back()
+    if back is not None:
+        back.send()

@@ -17,6 +17,7 @@ from orchestrator.engine.deltas import AttemptStream
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError, WorkflowDefinitionError
 from orchestrator.llm import LLMRequest, parse_structured, structured_output_instruction
 from orchestrator.llm.gateway import CallContext, LLMGateway
+from orchestrator.llm.preopen import PreOpen
 
 MAX_APPROVAL_MESSAGE_CHARS = 20_000
 """The longest rendered approval message: it is stored with the run and shown to people, not sent to a model."""
@@ -207,10 +208,7 @@ class StepExecutor:
             NonRetryableStepError: A permanent one (including an output over the size cap, or a spent budget).
         """
         if isinstance(step.params, LLMParams):
-            if not step.cache:
-                call = replace(call, reply_cache="off")
-            else:
-                call = replace(call, reply_cache=step.params.reply_cache)
+            call = self.llm_call(step, step.params, call)
             stream = self.attempt_stream(ctx) if step.params.stream else None
             if stream is None:
                 output = self._run_llm(step, step.params, ctx, call, deadline)
@@ -223,6 +221,23 @@ class StepExecutor:
             output = None
         self.check_output(output)
         return output
+
+    @staticmethod
+    def llm_call(step: StepSpec, params: LLMParams, call: CallContext) -> CallContext:
+        """The context an ``llm`` step's calls go with: the run's, with the step's reply cache."""
+        return replace(call, reply_cache=params.reply_cache if step.cache else "off")
+
+    def pre_open(self, step: StepSpec, ctx: StepContext, call: CallContext, task_id: str) -> PreOpen | None:
+        """The first LLM call of an ``llm`` step's attempt seeing ``ctx``, opened ahead in the finish that claims it
+        under ``task_id`` (see :mod:`orchestrator.llm.preopen`), rendered as :meth:`run` renders it; ``None`` for
+        another step, a prompt that does not render, or a gateway that opens no call ahead."""
+        if not isinstance(step.params, LLMParams):
+            return None
+        try:
+            request = self.llm_request(step, step.params, ctx, None)
+        except StepError:
+            return None  # the attempt meets it itself, and fails or retries as it should
+        return self.llm.pre_open(request, self.llm_call(step, step.params, call), task_id, basis=ctx)
 
     def attempt_stream(self, ctx: StepContext, index: int | None = None) -> AttemptStream | None:
         """The stream an attempt's LLM calls send their text into (``None`` when this executor streams nowhere).
@@ -249,20 +264,8 @@ class StepExecutor:
         # timeout is one deadline for the whole attempt: rendering stops at it, each LLM call gets what is left.
         if deadline is None and step.timeout_s:
             deadline = time.monotonic() + step.timeout_s
-        prompt, system = self.render_prompt(params.prompt, params.system, ctx, deadline)
-        if params.output_schema is not None:
-            instruction = structured_output_instruction(params.output_schema)
-            system = f"{system}\n\n{instruction}" if system else instruction
-        request = LLMRequest(
-            model=params.model,
-            prompt=prompt,
-            max_tokens=params.max_tokens,
-            system=system,
-            temperature=params.temperature,
-            attempt=ctx.attempt,
-            simulate=params.simulate.model_dump(exclude_none=True) if params.simulate else None,
-            timeout_s=_time_left(step, deadline) if deadline is not None else self.llm_timeout_s,
-        )
+        request = self._request_ahead(step, ctx, call, deadline) or self.llm_request(step, params, ctx, deadline)
+        prompt = request.prompt
         # Passed only when streaming: gateways written before streaming take no ``on_text``.
         streaming = {"on_text": stream.on_text} if stream is not None else {}
         reply = self.llm.complete(request, call, **streaming)
@@ -306,6 +309,40 @@ class StepExecutor:
                 output.update(text=repaired.text, word_count=len(repaired.text.split()), repaired=True)
                 output["data"] = parse_structured(repaired.text, params.output_schema)
         return output
+
+    def llm_request(self, step: StepSpec, params: LLMParams, ctx: StepContext, deadline: float | None) -> LLMRequest:
+        """An ``llm`` step's request as its attempt seeing ``ctx`` sends it: the one way it is built, for the call
+        and for the call opened ahead (:meth:`pre_open`).
+
+        Raises:
+            NonRetryableStepError: As :meth:`render_prompt`.
+            RetryableStepError: ``timeout`` when ``deadline`` has passed.
+        """
+        prompt, system = self.render_prompt(params.prompt, params.system, ctx, deadline)
+        if params.output_schema is not None:
+            instruction = structured_output_instruction(params.output_schema)
+            system = f"{system}\n\n{instruction}" if system else instruction
+        return LLMRequest(
+            model=params.model,
+            prompt=prompt,
+            max_tokens=params.max_tokens,
+            system=system,
+            temperature=params.temperature,
+            attempt=ctx.attempt,
+            simulate=params.simulate.model_dump(exclude_none=True) if params.simulate else None,
+            timeout_s=_time_left(step, deadline) if deadline is not None else self.llm_timeout_s,
+        )
+
+    def _request_ahead(
+        self, step: StepSpec, ctx: StepContext, call: CallContext, deadline: float | None
+    ) -> LLMRequest | None:
+        """The request its parent's finish rendered for this attempt, when the attempt sees what it foresaw."""
+        foretold = call.opened.foretold if call.opened is not None else None
+        if foretold is None or foretold.basis != ctx:
+            return None
+        if deadline is None:
+            return foretold.request
+        return replace(foretold.request, timeout_s=_time_left(step, deadline))
 
     def render_prompt(
         self, prompt_template: str, system_template: str | None, ctx: StepContext, deadline: float | None

@@ -8,6 +8,8 @@ On a single Redis the lookup and the admission are one script and the settlement
 (``RedisGovernor.open_call`` and ``close_call``): two round trips per call. A call whose context carries an outbox
 (a step attempt's: :mod:`orchestrator.llm.outbox`) leaves its close there, for the attempt's next write to Redis to
 carry ahead of its own commands (the step's finish, or the next call's open): one round trip of its own per call.
+A child continued locally after its parent may find its call opened already, in its parent's finish
+(:mod:`orchestrator.llm.preopen`): none.
 On a Redis Cluster, whose slots keep a run's keys and a model's limiter apart, they are the separate commands they
 were: four.
 """
@@ -18,6 +20,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator import telemetry
 from orchestrator.errors import NonRetryableStepError, StepDeferred, StepError
@@ -25,6 +28,7 @@ from orchestrator.llm.base import LLMClient, LLMRequest, LLMResponse, TextCallba
 from orchestrator.llm.cache import ReplyCache, decode_reply, encode_reply, request_digest
 from orchestrator.llm.governor import Admission, RedisGovernor, ReplyStore, Settlement
 from orchestrator.llm.outbox import CallOutbox
+from orchestrator.llm.preopen import Foretold, PreOpen
 from orchestrator.llm.pricing import PriceTable, estimate_input_tokens
 
 __all__ = ["CallContext", "GatewayReply", "LLMGateway"]
@@ -51,6 +55,9 @@ class CallContext:
         outbox: Where a call's close waits for the attempt's next write to Redis (single Redis only; see
             :mod:`orchestrator.llm.outbox`); ``None`` sends each close at once. Whoever gives one flushes it when
             the attempt ends.
+        opened: The attempt's first call, opened ahead in its parent's finish (:mod:`orchestrator.llm.preopen`):
+            the call takes its answer when it is that very open. Whoever gives one gives back what it still holds
+            when the attempt ends.
     """
 
     run_id: str
@@ -61,6 +68,7 @@ class CallContext:
     step: str = ""
     iteration: int | None = None
     outbox: CallOutbox | None = None
+    opened: PreOpen | None = None
 
 
 @dataclass(frozen=True)
@@ -116,12 +124,12 @@ class LLMGateway:
             NonRetryableStepError: ``budget_exceeded``, or the provider's permanent errors.
             RetryableStepError: The provider's transient errors (a ``retry-after`` also cools the model down).
         """
-        digest = request_digest(request, ctx.iteration)
-        shared = ctx.reply_cache == "shared"
         folded = self.governor is not None and self.governor.folds
         if folded:
             # One round trip opens the call (cache, cool-down, rate limit, budget) and one closes it.
-            return self._complete_folded(request, ctx, on_text, digest)
+            return self._complete_folded(request, ctx, on_text)
+        digest = request_digest(request, ctx.iteration)
+        shared = ctx.reply_cache == "shared"
         if self.cache is not None and ctx.reply_cache != "off" and not ctx.fresh:
             stored = self.cache.get(ctx.run_id, digest, shared=shared)
             if stored is not None:
@@ -141,10 +149,31 @@ class LLMGateway:
             self._check(request, ctx, admission, worst_case)
         return self._call(request, ctx, on_text, tokens, worst_case, digest=digest, reply=None)
 
-    def _complete_folded(
-        self, request: LLMRequest, ctx: CallContext, on_text: TextCallback | None, digest: str
-    ) -> GatewayReply:
-        assert self.governor is not None
+    def pre_open(self, request: LLMRequest, ctx: CallContext, task_id: str, basis: Any = None) -> PreOpen | None:
+        """The open :meth:`complete` would send for ``request``, not sent, guarded by the claim of ``ctx.step``
+        under ``task_id``: for the finish that claims it to carry (:mod:`orchestrator.llm.preopen`). ``None`` where
+        calls are not opened in one script (no governor, a Redis Cluster). ``basis``: what the request was built
+        from (:attr:`~orchestrator.llm.preopen.Foretold.basis`)."""
+        if self.governor is None or not self.governor.folds:
+            return None
+        digest = request_digest(request, ctx.iteration)
+        reply, tokens, worst_case = self._plan(request, ctx, digest)
+        foretold = Foretold(request, _fits(request, ctx), digest, (reply, tokens, worst_case), basis)
+        return self.governor.pre_open(
+            run_id=ctx.run_id,
+            model=request.model,
+            tokens=tokens,
+            worst_case_usd=worst_case,
+            budget_usd=ctx.budget_usd,
+            caller=_caller(ctx, digest),
+            reply=reply,
+            step=ctx.step,
+            task_id=task_id,
+            foretold=foretold,
+        )
+
+    def _plan(self, request: LLMRequest, ctx: CallContext, digest: str) -> tuple[ReplyStore | None, int, float]:
+        """Where a folded call's reply is looked up and stored, its tokens counted and its worst case held."""
         reply: ReplyStore | None = None
         if self.cache is not None and ctx.reply_cache != "off":
             reply = ReplyStore(
@@ -157,6 +186,22 @@ class LLMGateway:
         estimated_input = estimate_input_tokens(request.input_text, request.system)
         tokens = estimated_input + request.max_tokens
         worst_case = self.prices.worst_case(request.model, estimated_input, request.max_tokens)
+        return reply, tokens, worst_case
+
+    def _complete_folded(self, request: LLMRequest, ctx: CallContext, on_text: TextCallback | None) -> GatewayReply:
+        assert self.governor is not None
+        opened, ahead = ctx.opened, None
+        fits = _fits(request, ctx) if opened is not None else ()
+        if opened is not None and fits == opened.foretold.fits:
+            # Opened ahead in the parent's finish for this very call: worked out there, answered there (as a rule).
+            digest, (reply, tokens, worst_case) = opened.foretold.digest, opened.foretold.plan
+            ahead = opened.take(fits)
+        else:
+            digest = request_digest(request, ctx.iteration)
+            reply, tokens, worst_case = self._plan(request, ctx, digest)
+        # What was opened ahead and not taken is given back first, in this open's round trip.
+        back = opened.give_back() if opened is not None and ahead is None else None
+        owed = ctx.outbox.take(self.governor.client) if ctx.outbox is not None and ahead is None else []
         admission, stored = self.governor.open_call(
             run_id=ctx.run_id,
             model=request.model,
@@ -166,7 +211,8 @@ class LLMGateway:
             caller=_caller(ctx, digest),
             reply=reply,
             # An earlier call of the attempt is settled first, in the same round trip: this one sees its spend.
-            owed=ctx.outbox.take(self.governor.client) if ctx.outbox is not None else (),
+            owed=[back, *owed] if back is not None else owed,
+            ahead=ahead,
         )
         if stored is not None:
             return self._cached(request, ctx, decode_reply(stored), on_text)
@@ -345,6 +391,15 @@ class LLMGateway:
                 response_model=response.model if response is not None else None,
             )
         )
+
+
+def _fits(request: LLMRequest, ctx: CallContext) -> tuple[Any, ...]:
+    """What decides a call's open: the request's digested fields, and who calls with what budget and cache."""
+    return (
+        *(request.model, request.system, request.prompt, request.max_tokens, request.temperature),
+        *(request.messages, request.tools),
+        *(ctx.run_id, ctx.step, ctx.iteration, ctx.budget_usd, ctx.reply_cache, ctx.fresh),
+    )
 
 
 def _caller(ctx: CallContext, digest: str) -> str:

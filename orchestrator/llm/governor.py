@@ -29,6 +29,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.infra.redis_cluster import is_cluster_client, queue_evalsha, script_args
 from orchestrator.infra.redis_roundtrip import execute, run_script
 from orchestrator.llm.outbox import PendingClose
+from orchestrator.llm.preopen import RESERVE_ARG, Foretold, PreOpen
 from orchestrator.state import keys
 from orchestrator.state.owed import OwedWrite
 
@@ -254,17 +255,94 @@ class RedisGovernor:
         caller: str,
         reply: ReplyStore | None = None,
         owed: Sequence[OwedWrite] = (),
+        ahead: Sequence[Any] | None = None,
     ) -> tuple[Admission, str | bytes | None]:
         """:meth:`admit`, after looking the reply up in the cache, in one round trip (single Redis only: see
         :attr:`folds`).
 
         ``owed`` writes (an earlier call's close, :mod:`orchestrator.llm.outbox`) go first in the same round trip, so
-        Redis settles that call before it admits this one.
+        Redis settles that call before it admits this one. ``ahead`` is this very open's answer, opened ahead in the
+        parent's finish (:mod:`orchestrator.llm.preopen`): nothing is then sent.
 
         Returns:
             The admission and ``None``; or, when ``reply`` is looked up and stored, ``ok`` and the stored reply's JSON
             (nothing is then counted or held, and no :meth:`close_call` follows).
         """
+        answer = ahead
+        if answer is None:
+            names, args = self._open_plan(
+                run_id=run_id,
+                model=model,
+                tokens=tokens,
+                worst_case_usd=worst_case_usd,
+                budget_usd=budget_usd,
+                caller=caller,
+                reply=reply,
+            )
+            if owed:
+                answer = self._open_after(owed, names, args)
+            else:
+                answer = run_script(self.client, self._open, names, args)
+        outcome = _text(answer[0])
+        if outcome == "cached":
+            return Admission("ok"), answer[1]
+        if outcome == "budget_exceeded":
+            spent = from_nano_usd(int(_text(answer[1])) + int(_text(answer[2])))
+            return Admission(outcome, spent_usd=spent), None
+        if outcome != "ok":
+            return Admission(outcome, wait_s=float(_text(answer[1]))), None
+        return Admission("ok"), None
+
+    def pre_open(
+        self,
+        *,
+        run_id: str,
+        model: str,
+        tokens: int,
+        worst_case_usd: float,
+        budget_usd: float | None,
+        caller: str,
+        reply: ReplyStore | None,
+        step: str,
+        task_id: str,
+        foretold: Foretold,
+    ) -> PreOpen:
+        """:meth:`open_call`'s script for a child ``step`` a finish is to claim under ``task_id``, not sent: for the
+        finish's pipeline to carry after its own script (see :mod:`orchestrator.llm.preopen`)."""
+        names, args = self._open_plan(
+            run_id=run_id,
+            model=model,
+            tokens=tokens,
+            worst_case_usd=worst_case_usd,
+            budget_usd=budget_usd,
+            caller=caller,
+            reply=reply,
+        )
+        args[RESERVE_ARG] = "0"  # a child told to wait opens again itself, and books its place then
+        unused = Settlement(run_id, model, tokens, 0, worst_case_usd, 0.0, billed=False)
+        return PreOpen(
+            self.client,
+            self._open,
+            keys=names,
+            args=args,
+            guard=(keys.step_field(step, "status"), keys.step_field(step, "task"), task_id),
+            give_back=lambda: self.pending_close(unused, refund=True),
+            run_id=run_id,
+            foretold=foretold,
+        )
+
+    def _open_plan(
+        self,
+        *,
+        run_id: str,
+        model: str,
+        tokens: int,
+        worst_case_usd: float,
+        budget_usd: float | None,
+        caller: str,
+        reply: ReplyStore | None,
+    ) -> tuple[list[str], list[Any]]:
+        """``open.lua``'s keys and arguments for a call."""
         limit = self.limits.for_model(model)
         lookup = "0" if reply is None or not reply.lookup else ("2" if reply.shared else "1")
         digest = reply.digest if reply is not None else ""
@@ -280,16 +358,7 @@ class RedisGovernor:
             *(lookup, digest, limit.rpm, limit.tpm, tokens, limit.capacity, "1" if caller else "0"),
             *(to_nano_usd(worst_case_usd), budget),
         ]
-        answer = run_script(self.client, self._open, names, args) if not owed else self._open_after(owed, names, args)
-        outcome = _text(answer[0])
-        if outcome == "cached":
-            return Admission("ok"), answer[1]
-        if outcome == "budget_exceeded":
-            spent = from_nano_usd(int(_text(answer[1])) + int(_text(answer[2])))
-            return Admission(outcome, spent_usd=spent), None
-        if outcome != "ok":
-            return Admission(outcome, wait_s=float(_text(answer[1]))), None
-        return Admission("ok"), None
+        return names, args
 
     def _open_after(self, owed: Sequence[OwedWrite], names: list[str], args: list[Any]) -> Any:
         """Run the open script after ``owed``, in one pipeline; each owed write takes its own reply."""
@@ -314,11 +383,13 @@ class RedisGovernor:
         run_script(self.client, self._close, pending.keys, pending.args)
 
     def pending_close(
-        self, call: Settlement, *, reply: ReplyStore | None = None, body: str | None = None
+        self, call: Settlement, *, reply: ReplyStore | None = None, body: str | None = None, refund: bool = False
     ) -> PendingClose:
         """:meth:`close_call`'s script, not sent: for an attempt's next write to carry
-        (:mod:`orchestrator.llm.outbox`)."""
+        (:mod:`orchestrator.llm.outbox`). With ``refund``, the call was opened but never made: its request goes
+        back to the rate limit too, as when the budget refuses a call."""
         limit = self.limits.for_model(call.model)
+        settles = limit.tpm or call.cooldown_s > 0 or (refund and limit.rpm)
         store = "0" if reply is None or body is None else ("2" if reply.shared else "1")
         digest = reply.digest if reply is not None else ""
         return PendingClose(
@@ -331,7 +402,7 @@ class RedisGovernor:
                 keys.llm_shared_cache_key(digest),
             ),
             args=(
-                "1" if limit.tpm or call.cooldown_s > 0 else "0",
+                "1" if settles else "0",
                 limit.tpm,
                 call.tokens_estimated,
                 call.tokens_used,
@@ -345,6 +416,7 @@ class RedisGovernor:
                 body if body is not None and store != "0" else "",
                 reply.run_ttl_s if reply is not None else 0,
                 reply.shared_ttl_s if reply is not None else 0,
+                1 if refund else 0,
             ),
             run_id=call.run_id,
         )

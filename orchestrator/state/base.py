@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from orchestrator.definition.spec import WorkflowSpec
     from orchestrator.engine.events import Event
     from orchestrator.errors import DeferralRecord, ErrorRecord
-    from orchestrator.state.owed import OwedWrites
+    from orchestrator.state.owed import OwedWrite, OwedWrites
 
 
 from orchestrator.domain import (
@@ -183,6 +183,7 @@ class StateStore(ItemStore, Protocol):
         rules: ReleaseRules | None = None,
         keep: KeepRequest | None = None,
         owed: OwedWrites | None = None,
+        then: Sequence[OwedWrite] = (),
     ) -> FinishResult:
         """Record a running attempt's final outcome and release the children it decides.
 
@@ -215,6 +216,9 @@ class StateStore(ItemStore, Protocol):
 
         What the attempt ``owed`` Redis (its LLM calls' closes, :mod:`orchestrator.state.owed`) is applied before the
         transition, in its round trip when the store can share it, and is sent whether or not the attempt is stale.
+        ``then``'s writes (the opens of kept children's LLM calls, :mod:`orchestrator.llm.preopen`) are queued after
+        it in the same round trip, each taking its own reply, where the store shares one with their Redis; elsewhere
+        they are not sent (nothing then waits for them).
 
         Returns:
             ``FinishResult(recorded=False)`` when the attempt is stale (other generation, step not running, or owned by

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -2322,6 +2322,20 @@ def started_root(backend: Backend, spec: WorkflowSpec) -> tuple[Attempt, Journal
     journal = Journal(backend)
     journal.seen = backend.store.events("run1")
     return a, journal
+
+
+def test_a_finish_holds_and_claims_a_candidate_under_the_task_id_it_names(backend: Backend) -> None:
+    spec = workflow("keep", {"a": [], "b": ["a"], "c": ["a"]})
+    a, _ = started_root(backend, spec)
+    named = keep_request(spec, "b", "c", most=2)
+    named = replace(named, candidates=(replace(named.candidates[0], task_id="t-named"), named.candidates[1]))
+
+    result = finish(backend, spec, a, output={"text": "hoot"}, keep=named)
+
+    assert result.task_ids["b"] == "t-named"
+    assert result.task_ids["c"] not in ("", "t-named"), "a candidate naming none gets a fresh one"
+    assert step_fields(backend, "b")["task"] == "t-named"
+    assert result.kept_claims["b"].outcome == ClaimOutcome.OK
 
 
 def test_a_finish_asked_to_keep_a_child_claims_it_as_a_claim_would_with_its_events_in_order(backend: Backend) -> None:

@@ -34,7 +34,7 @@ from orchestrator.state.memory.core import (
     _stamp,
 )
 from orchestrator.state.memory.items import ItemTransitions, map_unfinished
-from orchestrator.state.owed import OwedWrites
+from orchestrator.state.owed import OwedWrite, OwedWrites
 
 
 class StepTransitions(ItemTransitions):
@@ -140,13 +140,14 @@ class StepTransitions(ItemTransitions):
         rules: ReleaseRules | None = None,
         keep: KeepRequest | None = None,
         owed: OwedWrites | None = None,
+        then: Sequence[OwedWrite] = (),
     ) -> FinishResult:
         """Record a final outcome and release the children it decides (see ``lua/finish.lua``).
 
         A success stores ``output`` (``None`` keeps the stored output: a cached result) and ``cache_key``; any other
         outcome replaces the output, so a failure is never served as a cached result. With ``keep``, the first
         ``keep.most`` released candidates are claimed under the same lock, as :meth:`claim` would claim them. What the
-        attempt ``owed`` a Redis is sent on its own first: this store has no round trip to share.
+        attempt ``owed`` a Redis is sent on its own first: this store has no round trip to share, nor sends ``then``.
         """
         if owed is not None:
             owed.flush()
@@ -195,7 +196,8 @@ class StepTransitions(ItemTransitions):
             run_status, parent_run = None, None
             if _increment(fields, "remaining", -1) == 0:
                 run_status, parent_run = self._end_run(run, attempt, stamp, now)
-            task_ids = {child: new_id() for child in released}
+            chosen = {c.step: c.task_id for c in keep.candidates if c.task_id} if keep is not None else {}
+            task_ids = {child: chosen.get(child) or new_id() for child in released}
             for child, task_id in task_ids.items():
                 self._leases[keys.lease_member(attempt.run_id, child, task_id)] = now + grace_s
             for step, task_id in cancelled:

@@ -368,12 +368,15 @@ class RedisStateCore:
         before: tuple[Callable[[Pipeline], Any], ...] = (),
         after: tuple[Callable[[Pipeline], Any], ...] = (),
         owed: OwedWrites | None = None,
+        then: Sequence[OwedWrite] = (),
     ) -> list[Any]:
         """Run commands in one round trip, scripts by EVALSHA alone; ``before`` applied ahead of them and ``after``
         once they have been applied. The replies come in that order: ``before``'s, the commands', ``after``'s.
 
         What the attempt ``owed`` Redis (:mod:`orchestrator.state.owed`) goes first of all, sent once: each write
         takes its own reply, and its error is not the transition's. In a cluster it is sent on its own first.
+        ``then``'s writes go last of all, sent once, each taking its own reply as an owed write does; only those of
+        this store's own client (``client`` attribute) and on a single Redis: the others are not sent.
 
         redis-py's own script objects add a SCRIPT EXISTS round trip before every pipeline that holds one; a step
         attempt runs two such pipelines, so that doubled its round trips. Scripts are loaded once when Redis says it
@@ -389,6 +392,7 @@ class RedisStateCore:
         """
         cluster = is_cluster_client(self.client)
         writes = [] if owed is None else owed.take(None if cluster else self.client)
+        trailing = [] if cluster else [write for write in then if getattr(write, "client", None) is self.client]
         if (before or after) and cluster:
             first = self._pipeline(*before) if before else []
             return first + self._pipeline(*commands) + (self._pipeline(*after) if after else [])
@@ -401,10 +405,13 @@ class RedisStateCore:
             self._waits.positions = waits
             for command in commands:
                 command(pipe)
+            for write in trailing:
+                write.queue(pipe)
             try:
-                if writes:
+                if writes or trailing:
                     sent, writes = writes, []  # sent once: a second try runs the transition's own commands only
-                    replies = self._after_owed(sent, pipe)
+                    last, trailing = trailing, []
+                    replies = self._around_owed(sent, last, pipe)
                     waits = [i - len(sent) for i in waits]
                 else:
                     replies = execute(pipe)
@@ -420,13 +427,17 @@ class RedisStateCore:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _after_owed(writes: list[OwedWrite], pipe: Pipeline) -> list[Any]:
-        """Execute ``pipe``, whose first commands are ``writes``: each takes its reply, and the others' come back
-        (positions counted from the first of them) or raise their first error, as ``execute`` would."""
+    def _around_owed(writes: list[OwedWrite], last: list[OwedWrite], pipe: Pipeline) -> list[Any]:
+        """Execute ``pipe``, whose first commands are ``writes`` and last ``last``: each takes its reply, and the
+        others' come back (positions counted from the first of them) or raise their first error, as ``execute``
+        would."""
         replies = execute(pipe, raise_on_error=False)
         for write, reply in zip(writes, replies, strict=False):
             write.answered(reply)
-        rest = list(replies[len(writes) :])
+        ends = len(replies) - len(last)
+        for write, reply in zip(last, replies[ends:], strict=True):
+            write.answered(reply)
+        rest = list(replies[len(writes) : ends])
         error = next((reply for reply in rest if isinstance(reply, Exception)), None)
         if error is not None:
             raise error

@@ -28,7 +28,7 @@ from orchestrator.infra.redis_roundtrip import execute
 from orchestrator.state import keys
 from orchestrator.state.base import failure_line, releasable, rules_json, success_detail
 from orchestrator.state.items import split_item_leases
-from orchestrator.state.owed import OwedWrites
+from orchestrator.state.owed import OwedWrite, OwedWrites
 from orchestrator.state.redis.core import RedisStateCore, _run_keys, _text
 from orchestrator.state.redis.items import renew_items
 
@@ -84,12 +84,14 @@ class StepTransitions(RedisStateCore):
         rules: ReleaseRules | None = None,
         keep: KeepRequest | None = None,
         owed: OwedWrites | None = None,
+        then: Sequence[OwedWrite] = (),
     ) -> FinishResult:
         """Record a final outcome and release the children it decides (see ``lua/finish.lua``).
 
         ``cached`` marks a success served from the step's stored result (its output is then kept as it is). With
         ``keep``, the same script claims the first ``keep.most`` released candidates for this worker (one round trip
-        for the hop). What the attempt ``owed`` Redis (its LLM calls' closes) goes first in the same round trip.
+        for the hop). What the attempt ``owed`` Redis (its LLM calls' closes) goes first in the same round trip, and
+        ``then``'s writes (kept children's LLM opens) last, after the script that claims them.
 
         When the run ends, the script also drops its deadline and announces its end, and answers its parent run: on
         a single Redis the run's end costs no round trip of its own. In a cluster the deadline index and the global
@@ -99,7 +101,8 @@ class StepTransitions(RedisStateCore):
         # Each step this finish may release is covered in the lease index before the script runs, under the task id
         # its message will carry: a worker dying between the finish and the publish, or a message lost in the
         # broker, leaves the sweeper something to send again.
-        held = {child: new_id() for child in releasable(children, rules)}
+        chosen = {c.step: c.task_id for c in keep.candidates if c.task_id} if keep is not None else {}
+        held = {child: chosen.get(child) or new_id() for child in releasable(children, rules)}
         candidates = {c.step: c for c in keep.candidates if c.step in held} if keep is not None else {}
         keep_argv: list[Any] = []
         if keep is not None and candidates:
@@ -144,6 +147,7 @@ class StepTransitions(RedisStateCore):
             before=before,
             after=(lambda pipe: pipe.zrem(self._leases(run_id), own),),
             owed=owed,
+            then=then,
         )
         reply = [_text(x) for x in replies[1 if held else 0]]
         ok = reply[0] == "ok"
