@@ -120,7 +120,25 @@ def test_flower_sees_each_locally_run_step_as_a_message_carried_task(worker: Wor
     run_chain(worker.local, workflow)
     worker.consumer._flush_window()
 
-    events = worker.published.events()
+    assert len(worker.published.messages) == 1
+    assert_seen_as_tasks(worker.app, workflow, worker.published.events(), HOSTNAME)
+
+
+def test_a_prefork_childs_locally_run_steps_are_seen_alike_through_its_own_dispatcher(worker: Worker) -> None:
+    # A prefork child has no event loop: no worker buffer, and its own dispatcher publishes a chain's events.
+    worker.app.amqp.buffered_events = None
+    dispatcher: Any = worker.local._dispatcher()
+    dispatcher.producer = published = Published()
+    workflow = spec()
+    run_chain(worker.local, workflow)
+
+    assert published.messages, "published by the end of the chain"
+    assert_seen_as_tasks(worker.app, workflow, published.events(), dispatcher.hostname)
+
+
+def assert_seen_as_tasks(app: Celery, workflow: WorkflowSpec, events: list[dict[str, Any]], hostname: str) -> None:
+    """``events`` announce run_chain's three steps as Celery announces a message's task, and Flower's state ends
+    with each in the state and with the fields a message's task would have."""
     assert [(e["type"], e["uuid"]) for e in events] == [
         (kind, f"task-{step}")
         for step, end in (("draft", "task-succeeded"), ("edit", "task-succeeded"), ("review", "task-failed"))
@@ -128,13 +146,13 @@ def test_flower_sees_each_locally_run_step_as_a_message_carried_task(worker: Wor
     ]
     for event in events:
         assert set(event) >= STAMPED, event
-        assert (event["hostname"], event["utcoffset"], event["pid"]) == (HOSTNAME, utcoffset(), os.getpid())
+        assert (event["hostname"], event["utcoffset"], event["pid"]) == (hostname, utcoffset(), os.getpid())
     clocks = [e["clock"] for e in events]
     assert clocks == sorted(set(clocks)), "each event has its own clock value, in the order sent"
     received = [e for e in events if e["type"] == "task-received"]
     assert all(set(e) - STAMPED == RECEIVED for e in received)
 
-    state = flower_view(worker.app, events)
+    state = flower_view(app, events)
     for step in ("draft", "edit", "review"):
         task = state.tasks[f"task-{step}"]
         args = repr(("run-7f3a", workflow.definition_hash, step, "1"))
@@ -147,7 +165,7 @@ def test_flower_sees_each_locally_run_step_as_a_message_carried_task(worker: Wor
             None,
         )
         assert (task.root_id, task.parent_id, task.exchange, task.routing_key) == (f"task-{step}", None, "", "llm")
-        assert (task.client, task.worker.hostname) == (HOSTNAME, HOSTNAME)
+        assert (task.client, task.worker.hostname) == (hostname, hostname)
         assert None not in (task.sent, task.received, task.started)
         assert task.sent <= task.received <= task.started
     for step in ("draft", "edit"):
