@@ -9,8 +9,10 @@ Flower learning of a task up to that much later.
 The first event of a window opens it on the loop's thread, waking the loop when a pool thread sent it: a timer
 entered from a pool thread waits for the loop's poll to end (a second or more on a quiet worker), while the buffer
 kept growing until Celery's size limit made the sending thread publish. The limit is raised to
-:data:`EVENT_BUFFER_LIMIT`, so on a busy worker the window, not the size, ends a batch. :func:`buffer_task_events`
-adds events built elsewhere (the task events of locally run steps, ``workers/local.py``) to the same buffer.
+:data:`EVENT_BUFFER_LIMIT`, so on a busy worker the window, not the size, ends a batch. What is buffered when Celery
+replaces the dispatcher (a broker reconnection) or shuts down, which it would drop, is published.
+:func:`buffer_task_events` adds events built elsewhere (the task events of locally run steps, ``workers/local.py``) to
+the same buffer.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class BatchingConsumer(Consumer):
 
     _flush_due = False
     _dispatcher: EventDispatcher | None = None
+    _closed: EventDispatcher | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._open_window_promise = promise(self._open_window)
@@ -62,9 +65,20 @@ class BatchingConsumer(Consumer):
 
     @event_dispatcher.setter
     def event_dispatcher(self, dispatcher: EventDispatcher | None) -> None:
-        if dispatcher is not None:
-            cast(Any, dispatcher).buffer_limit = EVENT_BUFFER_LIMIT  # not in Celery's type stubs
+        left: list[dict[str, Any]] = []
+        if dispatcher is None:
+            # Closed (a reconnection, or shutdown): the task events it still buffers go out with the next one.
+            self._closed = self._dispatcher or self._closed
+        else:
+            target = cast(Any, dispatcher)  # Celery's type stubs leave out most of its attributes
+            target.buffer_limit = EVENT_BUFFER_LIMIT
+            if self._closed is not None:
+                left = cast(Any, self._closed)._group_buffer.pop("task", None) or []
+                self._closed = None
         self._dispatcher = dispatcher
+        if left:
+            cast(Any, dispatcher)._group_buffer["task"][:0] = left
+            self.on_send_event_buffered()
 
     def _buffered_events(self) -> Any:
         # Only in this process: a prefork child has a copy of the consumer, without its event loop or connection.

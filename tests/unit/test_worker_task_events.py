@@ -21,6 +21,7 @@ import pytest
 from celery import Celery, states
 from celery.events.state import State
 from celery.utils.time import utcoffset
+from kombu import Producer
 from kombu.asynchronous import Hub
 from kombu.utils.json import dumps, loads
 
@@ -202,6 +203,31 @@ def test_the_events_still_buffered_when_the_worker_shuts_down_are_published(work
 
     assert [key for key, _ in worker.published.messages] == ["task.multi"]
     assert len(worker.published.events()) == 12
+
+
+def test_the_events_buffered_when_the_broker_connection_is_lost_go_out_after_it_is_back(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = Published()
+    monkeypatch.setattr(Producer, "publish", lambda producer, body, **options: published.publish(body, **options))
+    run_chain(worker.local, spec())
+
+    # What Celery's consumer does when it reconnects: its Events bootstep closes the dispatcher and makes another.
+    events_step = worker.consumer.blueprint.steps["celery.worker.consumer.events.Events"]
+    events_step.start(worker.consumer)
+    worker.consumer._flush_window()
+
+    assert [e["type"] for e in published.events()] == [
+        "task-sent",
+        "task-received",
+        "task-started",
+        "task-succeeded",
+    ] * 2 + [
+        "task-sent",
+        "task-received",
+        "task-started",
+        "task-failed",
+    ]
 
 
 @pytest.fixture
