@@ -34,8 +34,8 @@ EVENT_FLUSH_S = 0.01
 """How long buffered task events wait to be published together."""
 
 EVENT_BUFFER_LIMIT = 500
-"""Buffered task events that are published at once, before their window ends (Celery's default is 24: about two
-steps' worth on a busy threads worker, which then published from a pool thread in most windows)."""
+"""Buffered task events that are published at once, before their window ends (Celery's default, 24, is a few steps'
+worth: on a busy threads worker most batches were then published by a pool thread before their window ended)."""
 
 
 class BatchingConsumer(Consumer):
