@@ -27,7 +27,6 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.events.dispatcher import EventDispatcher
-from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
 from orchestrator.celery_app import CeleryPublisher, ShadowNamedAMQP
@@ -36,7 +35,7 @@ from orchestrator.domain import Attempt
 from orchestrator.engine.coordinator import queue_for
 from orchestrator.engine.local import Delivery
 from orchestrator.errors import StepFailed
-from workers.consumer import EVENT_FLUSH_S
+from workers.consumer import EVENT_FLUSH_S, buffer_task_events
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +187,9 @@ class CeleryLocalSteps:
 
     def started(self, spec: WorkflowSpec, attempt: Attempt, delivery: Delivery) -> None:
         """Announce the step (claimed by its parent's finish) as sent, received and started, in one publish."""
-        args = saferepr((attempt.run_id, spec.definition_hash, attempt.step, attempt.generation))
+        # A step's arguments are strings: shown as their repr, as a step message's own are (ShadowNamedAMQP), where
+        # Celery's saferepr would give the same at several times the cost.
+        args = repr((attempt.run_id, spec.definition_hash, attempt.step, attempt.generation))
         fields: dict[str, Any] = {
             "uuid": attempt.task_id,
             "name": f"{spec.name}.{attempt.step}",
@@ -239,16 +240,15 @@ class CeleryLocalSteps:
             self._flushed = time.monotonic()
 
     def _send(self, *events: tuple[str, dict[str, Any]], flush: bool = True) -> None:
-        worker_buffer = self.app.amqp.task_event_buffer() if isinstance(self.app.amqp, ShadowNamedAMQP) else None
+        amqp = self.app.amqp
+        worker_buffer = amqp.task_event_buffer() if isinstance(amqp, ShadowNamedAMQP) else None
         if worker_buffer is not None:
             # The worker's main process (threads pool): its consumer publishes these with its own events, a window
             # at a time.
-            for kind, fields in events:
-                worker_buffer.send(kind, **fields)
+            buffer_task_events(worker_buffer, *events)
             return
         dispatcher = self._dispatcher()
-        for kind, fields in events:
-            dispatcher.send(kind, **fields)
+        buffer_task_events(dispatcher, *events)
         if flush:
             dispatcher.flush(errors=False)
             self._flushed = time.monotonic()
