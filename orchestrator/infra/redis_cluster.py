@@ -189,7 +189,26 @@ def async_cluster_client(url: str, **options: Any) -> aioredis.Redis:
 
 def is_cluster_client(client: object) -> bool:
     """Whether ``client`` (sync or asyncio, a client or a pipeline) talks to a Redis Cluster."""
-    return isinstance(client, (redis.cluster.RedisCluster, acluster.RedisCluster, acluster.ClusterPipeline))
+    return _of_kind(client, _CLUSTER_CLIENTS)
+
+
+def _is_cluster_pipeline(pipe: object) -> bool:
+    return _of_kind(pipe, _CLUSTER_PIPELINES)
+
+
+_CLUSTER_CLIENTS = (redis.cluster.RedisCluster, acluster.RedisCluster, acluster.ClusterPipeline)
+_CLUSTER_PIPELINES = (redis.cluster.ClusterPipeline,)
+_KINDS: dict[tuple[type, tuple[type, ...]], bool] = {}
+
+
+def _of_kind(value: object, kinds: tuple[type, ...]) -> bool:
+    """``isinstance(value, kinds)``, remembered by ``value``'s type: redis-py's classes derive from typing Protocols,
+    whose ``isinstance`` costs some microseconds each time, and the hot paths ask on every round trip."""
+    key = (type(value), kinds)
+    known = _KINDS.get(key)
+    if known is None:
+        known = _KINDS[key] = isinstance(value, kinds)
+    return known
 
 
 def queue_evalsha(pipe: Any, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
@@ -198,7 +217,7 @@ def queue_evalsha(pipe: Any, sha: str, numkeys: int, *keys_and_args: Any) -> Any
     redis-py's cluster pipeline refuses its ``evalsha`` method, yet routes the raw command by its keys (which share
     one slot in every script of ours), so the raw command is what both kinds get.
     """
-    if isinstance(pipe, redis.cluster.ClusterPipeline) and numkeys:
+    if _is_cluster_pipeline(pipe) and numkeys:
         # Named, its node: else the cluster pipeline asks a node for the keys (COMMAND GETKEYS) on every EVALSHA,
         # always the same node, which then took half again the others' commands. A redirect re-routes it by its keys.
         node = pipe.get_node_from_key(keys_and_args[0])  # type: ignore[no-untyped-call]
@@ -212,7 +231,7 @@ def queue_publish(pipe: Any, channel: str, message: Any) -> Any:
     A plain ``PUBLISH`` in a cluster is broadcast to every node over the cluster bus; a sharded channel lives on the
     slot of its name, which for a run's channel is the run's slot.
     """
-    if isinstance(pipe, redis.cluster.ClusterPipeline):
+    if _is_cluster_pipeline(pipe):
         return pipe.execute_command("SPUBLISH", channel, message)  # type: ignore[no-untyped-call]
     return pipe.publish(channel, message)
 
@@ -230,7 +249,7 @@ def queue_wait(pipe: Any, key: str, replicas: int, timeout_ms: int) -> int:
     ``WAIT`` covers the writes made before it on the same connection: a cluster pipeline sends each node its commands
     in order on one connection, so the command is named the node of ``key``, where the write before it went.
     """
-    if isinstance(pipe, redis.cluster.ClusterPipeline):
+    if _is_cluster_pipeline(pipe):
         node = pipe.get_node_from_key(key)  # type: ignore[no-untyped-call]
         pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)  # type: ignore[no-untyped-call]
     else:
