@@ -21,7 +21,7 @@ Celery's Redis transport cannot use a cluster: with a cluster URL for state, ``O
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -192,7 +192,7 @@ def is_cluster_client(client: object) -> bool:
     return _of_kind(client, _CLUSTER_CLIENTS)
 
 
-def _is_cluster_pipeline(pipe: object) -> bool:
+def _is_cluster_pipeline(pipe: object) -> TypeGuard[redis.cluster.ClusterPipeline]:
     return _of_kind(pipe, _CLUSTER_PIPELINES)
 
 
