@@ -59,7 +59,11 @@ NESTING_ERRORS = (RecursionError, SyntaxError)
 
 @lru_cache(maxsize=1024)
 def _compile(source: str) -> Any:
-    return _ENV.from_string(source)
+    template = _ENV.from_string(source)
+    # Jinja chains the template's globals to the environment's (a ChainMap, copied key by key in Python on every
+    # render); ours never change once built, so each template keeps them as one plain dict.
+    template.globals = dict(template.globals)
+    return template
 
 
 def unsafe_name(tree: nodes.Node) -> str | None:
