@@ -32,12 +32,14 @@ def routed(settings: Settings, unique: str) -> Client:
     return Client(replace(settings, llm_queue=f"llm_{unique}", cpu_queue=f"cpu_{unique}"))
 
 
-def threads_workers(routed: Client, redis_url: str, concurrency: int) -> LocalWorkers:
-    """One threads worker on the private llm queue (not started)."""
+def threads_workers(routed: Client, redis_url: str, concurrency: int, *, lease_s: float | None = None) -> LocalWorkers:
+    """One threads worker on the private llm queue (not started); ``lease_s`` in place of the tests' short lease."""
     log_dir = ARTIFACTS / "worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     settings = routed.settings
     env = {"REDIS_URL": redis_url, **WORKER_ENV, "ORCH_LLM_QUEUE": settings.llm_queue}
+    if lease_s is not None:
+        env["ORCH_LEASE_S"] = str(lease_s)
     env["ORCH_CPU_QUEUE"] = settings.cpu_queue
     return LocalWorkers(
         routed.app,
@@ -140,8 +142,10 @@ def test_a_worker_stopping_warm_runs_the_child_it_handed_to_a_thread_before_its_
     routed: Client, redis_url: str, unique: str
 ) -> None:
     # One thread: blog_post's finish keeps one child for the slot and hands one over, which waits for the slot's
-    # thread; the third goes out as a message, which this worker will not take before it stops.
-    worker = threads_workers(routed, redis_url, 1)
+    # thread; the third goes out as a message, which this worker will not take before it stops. A lease longer than
+    # the tests' 3 s: on a loaded machine the keeper's first cover of the waiting child could come after a 3 s claim
+    # lease ran out (the sweeper then sends it again), which is not what this test is about.
+    worker = threads_workers(routed, redis_url, 1, lease_s=15)
     with worker:
         run_id = routed.submit(fan_out(f"threads_stop_{unique}", 2.0))
         wait_for(
