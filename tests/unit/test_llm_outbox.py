@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import redis
-from redis.client import Pipeline
 
 from orchestrator.agents.tools import ToolContext, tool
 from orchestrator.domain import Attempt, StepOutcome
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.errors import NonRetryableStepError, RetryableStepError
-from orchestrator.infra import redis_roundtrip
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
 from orchestrator.llm.cache import ReplyCache
 from orchestrator.llm.gateway import CallContext, LLMGateway
@@ -28,6 +25,7 @@ from orchestrator.llm.governor import RateLimits, RedisGovernor
 from orchestrator.llm.outbox import CallOutbox
 from orchestrator.llm.pricing import PriceTable, estimate_input_tokens
 from orchestrator.state import MemoryStateStore, RedisStateStore, keys
+from tests.unit.round_trips import RoundTrips, record_round_trips
 from tests.unit.test_engine_attempt import SETTINGS, RecordingPublisher, deliver, run_status, start, workflow
 
 HAIKU = "claude-haiku-4-5"
@@ -40,46 +38,9 @@ def outbox_spend(ctx: ToolContext) -> dict[str, Any]:
     return {"held": fields.get("llm_held_nusd"), "calls": fields.get("llm_calls")}
 
 
-@dataclass
-class RoundTrips:
-    """Every round trip to Redis: a pipeline's commands, or one command alone (scripts by their SHA)."""
-
-    trips: list[list[str]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, names: list[str]) -> None:
-        with self.lock:
-            self.trips.append(names)
-
-    def with_script(self, sha: str) -> list[list[str]]:
-        return [trip for trip in self.trips if f"EVALSHA {sha}" in trip]
-
-
-def _name(args: tuple[Any, ...]) -> str:
-    return f"EVALSHA {args[1]}" if args[0] == "EVALSHA" else str(args[0])
-
-
 @pytest.fixture
 def round_trips(monkeypatch: pytest.MonkeyPatch) -> RoundTrips:
-    recorded = RoundTrips()
-    execute, command, lean = Pipeline.execute, redis.Redis.execute_command, redis_roundtrip._round_trip
-
-    def pipeline_execute(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
-        recorded.add([_name(c[0]) for c in self.command_stack])
-        return execute(self, *args, **kwargs)
-
-    def execute_command(self: redis.Redis, *args: Any, **kwargs: Any) -> Any:
-        recorded.add([_name(args)])
-        return command(self, *args, **kwargs)
-
-    def lean_round_trip(owner: redis.Redis, commands: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
-        recorded.add([_name(args) for args, _ in commands])
-        return lean(owner, commands)
-
-    monkeypatch.setattr(Pipeline, "execute", pipeline_execute)
-    monkeypatch.setattr(redis.Redis, "execute_command", execute_command)
-    monkeypatch.setattr(redis_roundtrip, "_round_trip", lean_round_trip)
-    return recorded
+    return record_round_trips(monkeypatch)
 
 
 @pytest.fixture
@@ -165,7 +126,7 @@ def test_a_call_that_failed_for_now_is_settled_before_the_step_is_queued_again(
     with pytest.raises(RetryableStepError):
         deliver(rt, message)
 
-    flat = [name for trip in round_trips.trips for name in trip]
+    flat = [name for trip in round_trips.names() for name in trip]
     assert flat.count(f"EVALSHA {close}") == 1
     assert flat.index(f"EVALSHA {close}") < flat.index(f"EVALSHA {retry}"), "settled before the retry is recorded"
     assert _llm_fields(rt, run_id)["llm_held_nusd"] == "0"
@@ -245,7 +206,7 @@ def test_without_an_outbox_a_call_is_closed_at_once(redis_url: str, round_trips:
 
     gateway.complete(LLMRequest(model=HAIKU, prompt="hello", max_tokens=200), CallContext(run_id, "wf", step="a"))
 
-    assert round_trips.trips[-1] == [f"EVALSHA {governor._close.sha}"]
+    assert round_trips.names()[-1] == [f"EVALSHA {governor._close.sha}"]
     assert client.hget(keys.run_key(run_id), "llm_held_nusd") == b"0"
 
 

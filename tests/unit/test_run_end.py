@@ -7,21 +7,18 @@ command the worker sends is recorded with its arguments.
 
 from __future__ import annotations
 
-import threading
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis
-from redis.client import Pipeline
 
 from orchestrator.definition.registry import functions
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import NonRetryableStepError
-from orchestrator.infra import redis_roundtrip
 from orchestrator.state import RedisStateStore, keys
+from tests.unit.round_trips import RoundTrips, record_round_trips, text
 from tests.unit.test_engine_attempt import SETTINGS, RecordingPublisher, deliver, drive, run_status, start, workflow
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,58 +32,15 @@ FAILING = f"run_end_test.fail_{uuid.uuid4().hex[:8]}"
 functions.register(_fail, FAILING)
 
 
-@dataclass
-class Commands:
-    """Every round trip to Redis: the commands of a pipeline, or one command alone, each with its arguments."""
-
-    trips: list[list[tuple[Any, ...]]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, commands: list[tuple[Any, ...]]) -> None:
-        with self.lock:
-            self.trips.append(commands)
-
-    def after(self, sha: str, key: str | None = None) -> list[list[tuple[Any, ...]]]:
-        """The round trips after the last one that ran the script ``sha`` (on ``key``, its first key, if given)."""
-
-        def runs(c: tuple[Any, ...]) -> bool:
-            return c[:2] == ("EVALSHA", sha) and (key is None or _text(c[3]) == key)
-
-        last = max(i for i, trip in enumerate(self.trips) if any(runs(c) for c in trip))
-        return self.trips[last + 1 :]
-
-
 def reading(trips: list[list[tuple[Any, ...]]], field: str) -> list[tuple[Any, ...]]:
     """The ``HGET`` and ``HMGET`` commands of ``trips`` that read ``field``."""
     reads = (c for trip in trips for c in trip if c[0] in ("HGET", "HMGET"))
-    return [c for c in reads if field in (_text(a) for a in c[2:])]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return [c for c in reads if field in (text(a) for a in c[2:])]
 
 
 @pytest.fixture
-def commands(monkeypatch: pytest.MonkeyPatch) -> Commands:
-    recorded = Commands()
-    execute, command, lean = Pipeline.execute, redis.Redis.execute_command, redis_roundtrip._round_trip
-
-    def pipeline_execute(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
-        recorded.add([tuple(c[0]) for c in self.command_stack])
-        return execute(self, *args, **kwargs)
-
-    def execute_command(self: redis.Redis, *args: Any, **kwargs: Any) -> Any:
-        recorded.add([args])
-        return command(self, *args, **kwargs)
-
-    def lean_round_trip(owner: redis.Redis, commands: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
-        recorded.add([tuple(args) for args, _ in commands])
-        return lean(owner, commands)
-
-    monkeypatch.setattr(Pipeline, "execute", pipeline_execute)
-    monkeypatch.setattr(redis.Redis, "execute_command", execute_command)
-    monkeypatch.setattr(redis_roundtrip, "_round_trip", lean_round_trip)
-    return recorded
+def commands(monkeypatch: pytest.MonkeyPatch) -> RoundTrips:
+    return record_round_trips(monkeypatch)
 
 
 @pytest.fixture
@@ -108,13 +62,13 @@ def _store(rt: Runtime) -> RedisStateStore:
 def announced(rt: Runtime, run_id: str) -> list[dict[str, str]]:
     """The global stream's entries for ``run_id``, oldest first."""
     rows: Any = _store(rt).client.xrange(keys.global_events_key(None))
-    entries = [{_text(k): _text(v) for k, v in fields.items()} for _, fields in rows]
+    entries = [{text(k): text(v) for k, v in fields.items()} for _, fields in rows]
     return [entry for entry in entries if entry["run_id"] == run_id]
 
 
 @pytest.mark.parametrize("outcome", ["succeeded", "failed"])
 def test_a_runs_last_step_ends_it_in_the_round_trip_of_its_finish(
-    runtime: tuple[Runtime, RecordingPublisher], commands: Commands, outcome: str
+    runtime: tuple[Runtime, RecordingPublisher], commands: RoundTrips, outcome: str
 ) -> None:
     rt, publisher = runtime
     store = _store(rt)
@@ -136,7 +90,7 @@ def test_a_runs_last_step_ends_it_in_the_round_trip_of_its_finish(
 
 
 def test_a_child_runs_end_still_finishes_its_parents_step_and_each_run_is_announced_once(
-    runtime: tuple[Runtime, RecordingPublisher], commands: Commands
+    runtime: tuple[Runtime, RecordingPublisher], commands: RoundTrips
 ) -> None:
     rt, publisher = runtime
     child = {"name": f"child_{uuid.uuid4().hex[:8]}", "steps": [{"name": "inner", "uses": "noop"}]}
