@@ -57,7 +57,6 @@ import argparse
 import contextlib
 import json
 import random
-import signal
 import threading
 import time
 from collections import Counter
@@ -316,10 +315,9 @@ class _RedisKiller(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stop_event.wait(self.every * self.rng.uniform(0.5, 1.5)):
-                pid = self.server.pid
-                if pid is None:
+                if self.server.pid is None:
                     raise RuntimeError("redis-server exited on its own")
-                os.kill(pid, signal.SIGKILL)
+                self.server.kill()  # SIGKILL, and reaped: its start below cannot find it still running
                 self.kills += 1
                 # The outage itself: Redis stays down this long (a wait by design, not a synchronisation).
                 self._stop_event.wait(self.down_s)

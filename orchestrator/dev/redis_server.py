@@ -146,6 +146,7 @@ class RedisServer:
         self._extra_args = tuple(extra_args)
         self._owned_dir: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._ran = False  # started once already: a restart keeps the port
 
     @property
     def port(self) -> int:
@@ -205,14 +206,16 @@ class RedisServer:
         if self._dir is None and self._owned_dir is None:
             self._owned_dir = tempfile.mkdtemp(prefix="orchestrator-redis-")
         # A random port is only free when probed: another process may bind it before redis-server does. Retrying on
-        # a fresh port fixes that race; a port chosen by the caller is tried once, since retrying cannot free it.
-        attempts = _PORT_ATTEMPTS if self._requested_port is None else 1
+        # a fresh port fixes that race; a port chosen by the caller is tried once, since retrying cannot free it. A
+        # restart keeps the port it ran on (its clients know no other) and tries it again as often.
+        attempts = _PORT_ATTEMPTS if self._requested_port is None or self._ran else 1
         failure = ""
         for _ in range(attempts):
-            if self._requested_port is None and (self._port is None or failure):
+            if self._requested_port is None and not self._ran and (self._port is None or failure):
                 self._port = _free_port()
             failure = self._launch(binary, timeout)
             if not failure:
+                self._ran = True
                 atexit.register(self.stop)
                 return self
         if self._owned_dir is not None:

@@ -164,6 +164,24 @@ def test_start_retries_on_another_port_when_the_probed_one_was_taken(monkeypatch
             assert _pings(server.url)
 
 
+def test_a_restart_whose_first_launch_fails_comes_back_on_its_own_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its clients know only that port: a restart on a fresh one (as a first start retries) left them refused for good.
+    with RedisServer(appendonly=True) as server:
+        port = server.port
+        _client(server.url).set("survivor", "yes")
+        server.kill()
+        real_launch = server._launch
+        failures = iter(["a launch that failed"])
+        monkeypatch.setattr(
+            server, "_launch", lambda binary, timeout: next(failures, None) or real_launch(binary, timeout)
+        )
+
+        server.start()
+
+        assert server.port == port
+        assert _client(f"redis://127.0.0.1:{port}/0").get("survivor") == b"yes"
+
+
 def test_a_fixed_port_that_is_taken_fails_with_the_server_log() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
