@@ -23,9 +23,10 @@ from orchestrator.llm.gateway import CallContext
 from orchestrator.llm.governor import RedisGovernor
 from orchestrator.llm.preopen import PreOpen
 from orchestrator.state import RedisStateStore, keys
+from tests.unit.round_trips import RoundTrips
 from tests.unit.test_engine_attempt import SETTINGS, RecordingPublisher, run_status, start, workflow
 from tests.unit.test_engine_local import RecordingLocalSteps, deliver
-from tests.unit.test_llm_outbox import RoundTrips, round_trips
+from tests.unit.test_llm_outbox import round_trips
 
 __all__ = ["round_trips"]  # the fixture, used by name
 
@@ -114,7 +115,7 @@ def test_a_local_chain_of_llm_steps_opens_each_kept_childs_call_in_its_parents_f
     assert deliver(rt, publisher.sent.pop(0)) == "succeeded"
 
     assert run_status(rt, run_id) == "succeeded"
-    with_open = [trip for trip in round_trips.trips if opened in trip]
+    with_open = [trip for trip in round_trips.names() if opened in trip]
     alone = [trip for trip in with_open if finish not in trip]
     assert len(alone) == 1, with_open  # the first step's own open; b's and c's rode their parents' finishes
     riding = [trip for trip in with_open if finish in trip]
@@ -151,7 +152,7 @@ def test_a_kept_child_that_makes_no_call_gives_back_what_was_opened_for_it(
     deliver(rt, publisher.sent.pop(0))
 
     opened, finish = _open_sha(rt), _finish_sha(rt)
-    assert any(opened in trip and finish in trip for trip in round_trips.trips), "b's call was opened ahead"
+    assert any(opened in trip and finish in trip for trip in round_trips.names()), "b's call was opened ahead"
     fields = _llm_fields(rt, run_id)
     assert fields["llm_held_nusd"] == "0", "its worst case is no longer held"
     assert fields["llm_calls"] == "1"
@@ -179,7 +180,7 @@ def test_a_kept_child_whose_request_differs_gives_the_open_back_and_opens_its_ow
     assert deliver(rt, publisher.sent.pop(0)) == "succeeded"
 
     opened, finish = _open_sha(rt), _finish_sha(rt)
-    alone = [trip for trip in round_trips.trips if opened in trip and finish not in trip]
+    alone = [trip for trip in round_trips.names() if opened in trip and finish not in trip]
     assert len(alone) == 3, "b and c open their own calls"
     close = f"EVALSHA {rt.executor.llm.governor._close.sha}"  # type: ignore[union-attr]
     assert all(close in trip and trip.index(close) < trip.index(opened) for trip in alone[1:]), (
@@ -204,7 +205,7 @@ def test_a_reply_the_open_ahead_finds_in_the_cache_is_served_as_a_cached_reply(
     assert deliver(rt, publisher.sent.pop(0)) == "succeeded"
 
     opened, finish = _open_sha(rt), _finish_sha(rt)
-    assert len([trip for trip in round_trips.trips if opened in trip and finish not in trip]) == 1
+    assert len([trip for trip in round_trips.names() if opened in trip and finish not in trip]) == 1
     for step in "bc":
         output = json.loads(rt.store.run_fields(second)[keys.step_field(step, "output")])
         assert output["reply_cached"] is True
@@ -232,7 +233,7 @@ def test_a_child_its_parents_finish_does_not_release_is_not_opened(
     assert deliver(rt, first) == "succeeded"
 
     opened, finish = _open_sha(rt), _finish_sha(rt)
-    assert not any(opened in trip and finish in trip for trip in round_trips.trips), "c reads b: not foretold"
+    assert not any(opened in trip and finish in trip for trip in round_trips.names()), "c reads b: not foretold"
     fields = _llm_fields(rt, run_id)
     assert (fields["llm_held_nusd"], fields["llm_calls"]) == ("0", "1")
 
@@ -273,7 +274,7 @@ def test_only_the_children_the_finish_is_to_claim_are_opened_ahead(
 
     assert deliver(rt, publisher.sent.pop(0)) == "succeeded"
 
-    riding = [trip for trip in round_trips.trips if opened in trip and finish in trip]
+    riding = [trip for trip in round_trips.names() if opened in trip and finish in trip]
     assert [trip.count(opened) for trip in riding] == [1], riding
     assert [m.step for m in publisher.sent] == ["c"]
     fields = _llm_fields(rt, run_id)
