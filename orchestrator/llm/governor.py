@@ -279,8 +279,7 @@ class RedisGovernor:
                 caller=caller,
                 reply=reply,
             )
-            opened = self._open_after(owed, names, args) if owed else None
-            answer = opened if opened is not None else run_script(self.client, self._open, names, args)
+            answer = self._open_after(owed, names, args) if owed else run_script(self.client, self._open, names, args)
         outcome = _text(answer[0])
         if outcome == "cached":
             return Admission("ok"), answer[1]
