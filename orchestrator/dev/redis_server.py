@@ -218,7 +218,8 @@ class RedisServer:
                 self._ran = True
                 atexit.register(self.stop)
                 return self
-        if self._owned_dir is not None:
+        # A failed restart keeps the data (and the log saying why): a later start loads it rather than come up empty.
+        if self._owned_dir is not None and not self._ran:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
             self._owned_dir = None
         raise StoreUnavailableError(f"could not start {binary}: {failure}")
