@@ -19,7 +19,8 @@ default, ``--llm-concurrency`` slots) and one prefork ``cpu`` worker (``--cpu-co
 - a finished run's keys by ``MEMORY USAGE`` (a sample of 50 runs, :mod:`scripts.harness.footprint`): bytes per
   finished step beyond the outputs' own JSON, by key and by hash field;
 - Redis commands per step: ``total_commands_processed`` less the benchmark's own polls, and by name from
-  ``INFO commandstats`` (both count the commands run inside Lua scripts);
+  ``INFO commandstats`` (both count the commands run inside Lua scripts); socket reads per step
+  (``total_reads_processed``, about one per client round trip, the submit and the benchmark's polls included);
 - worker RSS (``/proc``: peak ``VmHWM`` and final ``VmRSS``) and CPU seconds per process role;
 - the ratio to the **floor**: the same number of raw Celery tasks through the same two workers, published the same
   way (from the same number of threads, all at once), with no dependencies between them: one raw task per ``llm``
@@ -272,6 +273,7 @@ class Probes:
         if self.cpu is not None:
             out["cpu_worker_main"], out["cpu_worker_children"] = probes.workers_cpu_s(self.cpu)
         out["redis_commands"] = float(probes.total_commands(self.stats))
+        out["redis_reads"] = float(probes.total_reads(self.stats))
         return out
 
     @staticmethod
@@ -495,6 +497,7 @@ class LoadBench:
                 "max_used_memory_mb": round(max(s.used_memory for s in samples) / 2**20, 1),
                 "in_flight_memory_peak_mb": round(in_flight_peak / 2**20, 1),
                 "commands_per_step": round((cpu_used.pop("redis_commands") - self.polled) / steps, 1),
+                "reads_per_step": round(cpu_used.pop("redis_reads") / steps, 2),
                 "commands_by_name_per_step": {
                     name: round(n / steps, 2) for name, n in sorted(self.commands.items(), key=lambda kv: -kv[1])
                 },
@@ -563,6 +566,7 @@ class LoadBench:
         result = self._floor_pass(f"floor-{kind}-{half}-{uuid.uuid4().hex[:8]}", runs, kind)
         used = Probes.delta(before, meter.snapshot())
         result["commands_per_task"] = round(used.pop("redis_commands") / result["tasks"], 1)
+        result["reads_per_task"] = round(used.pop("redis_reads") / result["tasks"], 2)
         result["cpu_s"] = used
         result["cpu_ms_per_task"] = round(
             sum(v for k, v in used.items() if k != "bench_client") / result["tasks"] * 1000, 3
@@ -781,7 +785,8 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
     print(
         f"  Redis: {redis_['bytes_per_in_flight_run']} B per in-flight run ({redis_['peak_in_flight_runs']} in "
         f"flight, {redis_['used_memory_at_peak_mb']} MB), {redis_['bytes_per_finished_run']} B per finished run "
-        f"({redis_['used_memory_after_mb']} MB after); {redis_['commands_per_step']} commands per step"
+        f"({redis_['used_memory_after_mb']} MB after); {redis_['commands_per_step']} commands and "
+        f"{redis_['reads_per_step']} socket reads (about one a round trip) per step"
     )
     peak_mb, in_flight_mb = redis_["max_used_memory_mb"], redis_["in_flight_memory_peak_mb"]
     print(
@@ -800,7 +805,8 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
         for half in total["passes"]:
             print(
                 f"  {kind} floor pass: {half['tasks']} raw tasks, {half['tasks_per_s']} tasks/s, "
-                f"{half['cpu_ms_per_task']} ms CPU per task, {half['commands_per_task']} commands per task"
+                f"{half['cpu_ms_per_task']} ms CPU per task, {half['commands_per_task']} commands and "
+                f"{half['reads_per_task']} socket reads per task"
             )
         print(
             f"  {kind} floor: {total['tasks_per_s']} tasks/s, {total['cpu_ms_per_task']} ms CPU per task; ours / "

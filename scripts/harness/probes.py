@@ -129,6 +129,11 @@ def total_commands(stats: redis.Redis) -> int:
     return int(stats.info("stats")["total_commands_processed"])
 
 
+def total_reads(stats: redis.Redis) -> int:
+    """``INFO stats`` ``total_reads_processed``: the socket reads Redis made, about one per client round trip."""
+    return int(stats.info("stats")["total_reads_processed"])
+
+
 def connected_clients(stats: redis.Redis) -> int:
     """``INFO clients`` ``connected_clients``; -1 when Redis does not answer."""
     try:
