@@ -2,13 +2,19 @@
 -- KEYS[1] run hash, KEYS[2] its event stream, KEYS[3] the run's LLM reply cache (dropped when the run succeeds: no
 -- step will ask again; a failed run keeps it, so a resume pays for no reply twice), KEYS[4] where the ended run's large
 -- values go (_ended.lua); on a single Redis only (a cluster keeps them on other slots, so the caller does it): KEYS[5]
--- the run's bucket of the deadline index, KEYS[6] its bucket of the global stream of run-level events.
+-- the run's bucket of the deadline index, KEYS[6] its bucket of the global stream of run-level events, KEYS[7] its
+-- bucket of the lease index.
 -- ARGV: step, generation, task_id, outcome, output_json ('' keeps the stored output: a cache hit), error_json,
 -- retention_s, cache_key, cached ('1' or ''), success_detail_json ('' for none), rules_json ('' for none: see
 -- ReleaseRules), failure (the one-line summary of a 'failed' outcome, else ''), run_id, the run's deadline index
 -- member, the global stream's MAXLEN, n_keep (how many arguments the keep request that follows takes; 0 for none),
 -- [keep request: lease_s, carrier, most, then per candidate: step, task_id, n_parents, parents..., n_children,
--- children...], children...
+-- children...], [with KEYS[7]: the covers: lease due, grace due, n_covers, then per step this finish may release:
+-- step, task_id], children...
+-- With KEYS[7], each step released here enters the lease index under the task id its message (or its kept claim)
+-- carries, in this script: due at the lease when the script claims it for the slot, else at the grace (its message
+-- is published after the reply). A step not released, or kept but refused, enters nothing. Without KEYS[7] the
+-- caller covers every step it may release before the script and takes back what it did not.
 -- With a keep request ("continuing locally"), the first `most` released children that are candidates are claimed at
 -- once, each under its task id, as claim.lua would claim it (claim_step, _claim.lua): the worker slot runs the first
 -- next, and the worker's other threads the others, with no round trip of their own; their step_queued and
@@ -32,7 +38,7 @@ local n_keep = tonumber(ARGV[16])
 local first_child = 17 + n_keep
 -- The keep request's candidates by name, each with the arguments claim.lua would get.
 local candidates, n_candidates, only, i = {}, 0, nil, 20
-while i < first_child do
+while i < 17 + n_keep do
   local c = {task = ARGV[i + 1], parents = {}, children = {}}
   local n_parents = tonumber(ARGV[i + 2])
   for j = 1, n_parents do c.parents[j] = ARGV[i + 2 + j] end
@@ -41,6 +47,14 @@ while i < first_child do
   candidates[ARGV[i]] = c
   n_candidates, only = n_candidates + 1, ARGV[i]
   i = i + 4 + n_parents + n_children
+end
+-- The covers of the steps this finish may release, by name (KEYS[7] only).
+local covers, lease_due, grace_due = nil, nil, nil
+if KEYS[7] then
+  lease_due, grace_due, covers = ARGV[first_child], ARGV[first_child + 1], {}
+  local n_covers = tonumber(ARGV[first_child + 2])
+  for j = first_child + 3, first_child + 1 + 2 * n_covers, 2 do covers[ARGV[j]] = ARGV[j + 1] end
+  first_child = first_child + 3 + 2 * n_covers
 end
 -- One candidate and no cancel_others child (the common case: a chain): nothing below writes what its claim reads
 -- but its release and this step's own fields, so the claim's read joins this one and its release joins the one HSET.
@@ -100,7 +114,7 @@ end
 
 local rules = ARGV[11] ~= '' and cjson.decode(ARGV[11]) or {}
 local early, cancel, after = rules.early or {}, rules.cancel or {}, rules.after or {}
-local released, cancelled = {}, {}
+local released, cancelled, claimed = {}, {}, {}
 local function fires(on, what)
   for _, o in ipairs(on or {}) do if o == what then return true end end
   return false
@@ -187,7 +201,18 @@ if n_keep > 0 and out[2] == '' then
     out[#out + 1] = name
     out[#out + 1] = #reply
     for _, value in ipairs(reply) do out[#out + 1] = value end
+    claimed[name] = reply[1] == 'ok'
   end
+end
+if covers and #released > 0 then
+  local members = {}
+  for _, name in ipairs(released) do
+    if covers[name] and claimed[name] ~= false then
+      members[#members + 1] = claimed[name] and lease_due or grace_due
+      members[#members + 1] = ARGV[13] .. '|' .. name .. '|' .. covers[name]
+    end
+  end
+  if #members > 0 then redis.call('ZADD', KEYS[7], unpack(members)) end
 end
 fields[#fields + 1] = 'seq'
 fields[#fields + 1] = _seq

@@ -98,9 +98,11 @@ class StepTransitions(RedisStateCore):
         stream live on other slots than the run, so one more round trip does both.
         """
         run_id, step, generation, task_id = attempt.run_id, attempt.step, attempt.generation, attempt.task_id
-        # Each step this finish may release is covered in the lease index before the script runs, under the task id
-        # its message will carry: a worker dying between the finish and the publish, or a message lost in the
-        # broker, leaves the sweeper something to send again.
+        # Each step this finish releases is covered in the lease index, under the task id its message will carry: a
+        # worker dying between the finish and the publish, or a message lost in the broker, leaves the sweeper
+        # something to send again. On a single Redis the script covers the steps it releases itself; in a cluster
+        # (the index on another slot) every step it may release is covered before it, and the rest taken back.
+        cluster = is_cluster_client(self.client)
         chosen = {c.step: c.task_id for c in keep.candidates if c.task_id} if keep is not None else {}
         held = {child: chosen.get(child) or new_id() for child in releasable(children, rules)}
         candidates = {c.step: c for c in keep.candidates if c.step in held} if keep is not None else {}
@@ -127,29 +129,34 @@ class StepTransitions(RedisStateCore):
             self._announced_maxlen,
             len(keep_argv),
             *keep_argv,
-            *children,
         ]
         clock = time.time()
         # A candidate the script may claim is entered with the claim's lease, as a claim enters it; one released but
-        # not kept gets the grace back below, before its message is published.
+        # not kept with the grace, as its message is published after the reply.
         lease_due = clock + keep.lease_s if keep is not None else clock
-        due = {c: lease_due if c in candidates else clock + grace_s for c in held}
         before: tuple[Callable[[Pipeline], Any], ...] = ()
-        if held:
+        if not cluster:
+            argv += [lease_due, clock + grace_s, len(held), *(x for pair in held.items() for x in pair)]
+        elif held:
+            due = {c: lease_due if c in candidates else clock + grace_s for c in held}
             members = {keys.lease_member(run_id, c, t): due[c] for c, t in held.items()}
             before = (lambda pipe: pipe.zadd(self._leases(run_id), cast(Any, members)),)
-        own = keys.lease_member(run_id, step, task_id)
-        cluster = is_cluster_client(self.client)
-        # The run's end, written by the script itself where it may touch keys of other slots (a single Redis).
-        run_end = () if cluster else (self._deadlines(run_id), keys.global_events_key(self._shard(run_id)))
+        argv += children
+        # The run's end and the covers, written by the script itself where it may touch keys of other slots (a
+        # single Redis).
+        run_end = (
+            ()
+            if cluster
+            else (self._deadlines(run_id), keys.global_events_key(self._shard(run_id)), self._leases(run_id))
+        )
         replies = self._pipeline(
             lambda pipe: self._evalsha(pipe, "finish", run_id, argv, more_keys=run_end),
             before=before,
-            after=(lambda pipe: pipe.zrem(self._leases(run_id), own),),
+            after=(lambda pipe: pipe.zrem(self._leases(run_id), keys.lease_member(run_id, step, task_id)),),
             owed=owed,
             then=then,
         )
-        reply = [_text(x) for x in replies[1 if held else 0]]
+        reply = [_text(x) for x in replies[1 if before else 0]]
         ok = reply[0] == "ok"
         count = int(reply[2]) if ok else 0
         released = tuple(reply[3 : 3 + count])
@@ -165,14 +172,15 @@ class StepTransitions(RedisStateCore):
         # connection that dropped (redis-py then sends it again), with its children released and some perhaps
         # claimed for this slot under these task ids. The sweeper drops a cover whose task no step holds when it
         # falls due.
-        stale = [keys.lease_member(run_id, c, t) for c, t in held.items() if ok and c not in released]
-        stale += [keys.lease_member(run_id, s, t) for s, t in cancelled if t]
-        stale += [keys.lease_member(run_id, c, held[c]) for c, got in claims.items() if not _keeps_lease(got)]
-        regrace = {
-            keys.lease_member(run_id, c, held[c]): clock + grace_s
-            for c in released
-            if c in candidates and c not in claims
-        }
+        stale = [keys.lease_member(run_id, s, t) for s, t in cancelled if t]
+        regrace: dict[str, float] = {}
+        if cluster and ok:
+            stale += _uncovered(run_id, held, released, claims)
+            regrace = {
+                keys.lease_member(run_id, c, held[c]): clock + grace_s
+                for c in released
+                if c in candidates and c not in claims
+            }
         if stale or regrace or (ended and cluster):
             pipe = self.client.pipeline(transaction=False)
             if stale:
@@ -332,6 +340,13 @@ def _kept_claims(tail: list[str], candidates: dict[str, KeepCandidate]) -> dict[
         )
         at += 2 + size
     return claims
+
+
+def _uncovered(run_id: str, held: dict[str, str], released: tuple[str, ...], claims: dict[str, Claim]) -> list[str]:
+    """The covers a finish put in the lease index ahead of its script (a cluster) that must go again: of the steps it
+    did not release, and of those it kept for the slot whose claim was refused."""
+    gone = [keys.lease_member(run_id, c, t) for c, t in held.items() if c not in released]
+    return gone + [keys.lease_member(run_id, c, held[c]) for c, got in claims.items() if not _keeps_lease(got)]
 
 
 def _keeps_lease(claim: Claim) -> bool:
