@@ -12,6 +12,12 @@ On the threads pool a finish may keep several children (:meth:`CeleryLocalSteps.
 slot, each other is submitted to the pool's own executor (:class:`WorkerThreads`), which never runs more threads
 than the worker's concurrency, and queues it ahead of the messages the consumer hands over later. Prefork and solo
 slots keep one.
+
+As many handed-over children as the worker has threads may wait for one; while the worker's queues hold messages
+nobody has taken (a backlog, read once a second at most: :class:`~orchestrator.engine.backlog.QueueBacklog`), up to
+:data:`BACKLOG_EXTRA` times as many more. Every worker is busy then, so a child kept here waits no longer than its
+message would, and costs no publish, pop, claim or LLM admission of its own; without a backlog another worker may
+have a free thread, and the child goes out as a message.
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ from celery.worker import state as worker_state
 from orchestrator.celery_app import CeleryPublisher, ShadowNamedAMQP
 from orchestrator.definition.spec import StepKind, WorkflowSpec
 from orchestrator.domain import Attempt
+from orchestrator.engine.backlog import QueueBacklog
 from orchestrator.engine.coordinator import queue_for
 from orchestrator.engine.local import Delivery
 from orchestrator.errors import StepFailed
 from workers.consumer import EVENT_FLUSH_S, buffer_task_events
 
 log = logging.getLogger(__name__)
+
+BACKLOG_EXTRA = 3
+"""While the worker's queues hold a backlog, handed-over children that may wait for a thread beyond the pool's
+concurrency, as a multiple of it: with those, as many as Celery's default prefetch (4 a slot) would reserve."""
 
 MAX_LOCAL_HOPS = 100
 """Steps one message's slot runs one after another at most; the next child is then published (a worker stopping
@@ -48,21 +59,25 @@ class WorkerThreads:
     """The threads pool's executor, for the children a finish keeps beyond its slot's own.
 
     Attached by the :class:`ThreadsBootstep` once the pool exists (never for prefork, solo or gevent: they take no
-    work but a message's). At most the pool's limit of handed-over children wait for a thread at a time.
+    work but a message's). At most the pool's limit of handed-over children wait for a thread at a time, and up to
+    :data:`BACKLOG_EXTRA` times as many more while ``backlog`` (the worker's queues) holds messages.
     """
 
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._limit = 0
         self._waiting = 0
+        self._backlog: QueueBacklog | None = None
         self._lock = threading.Condition()
         self._here = threading.local()
 
-    def attach(self, pool: Any) -> None:
-        """Take the worker's pool, if it is the threads pool."""
+    def attach(self, pool: Any, backlog: QueueBacklog | None = None) -> None:
+        """Take the worker's pool, if it is the threads pool, and what waits in its queues (``None``: unknown, a
+        broker that is not Redis)."""
         if isinstance(pool, ThreadsPool):
             # getattr: the executor is not in the pool's type as mypy sees it.
             self._executor, self._limit = getattr(pool, "executor"), int(pool.limit)  # noqa: B009
+            self._backlog = backlog
 
     def detach(self, wait_s: float) -> None:
         """Hand no more children over, and wait up to ``wait_s`` for those handed over to start (the pool drops
@@ -79,7 +94,10 @@ class WorkerThreads:
         """How many more children may be handed over now."""
         if self._executor is None:
             return 0
-        return max(0, self._limit - self._waiting)
+        room, waiting = self._limit, self._waiting
+        if waiting >= room and self._backlog is not None:
+            room += min(self._backlog.waiting(), BACKLOG_EXTRA * self._limit)  # read only when it decides
+        return max(0, room - waiting)
 
     def spawn(self, job: Callable[[], None]) -> bool:
         """Submit ``job`` to the pool's executor; ``False`` when it takes no more (not attached, or shut down)."""
@@ -127,7 +145,9 @@ class ThreadsBootstep(bootsteps.StartStopStep):
     requires = ("celery.worker.components:Pool",)
 
     def start(self, worker: Any) -> None:
-        worker.app.orchestrator_threads.attach(worker.pool)
+        broker = worker.app.orchestrator_runtime.get().broker
+        queues = tuple(worker.app.amqp.queues.consume_from or ())
+        worker.app.orchestrator_threads.attach(worker.pool, QueueBacklog(broker, queues) if broker is not None else None)
 
     def stop(self, worker: Any) -> None:
         threads: WorkerThreads = worker.app.orchestrator_threads

@@ -12,7 +12,10 @@ from the other, so every message sent before the oldest one still waiting has al
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
 
 import redis
 
@@ -20,7 +23,16 @@ from orchestrator.engine.priorities import redis_queue_lists
 from orchestrator.infra.redis_url import is_redis_url, sync_client
 from orchestrator.infra.settings import Settings
 
-__all__ = ["SENT_AT_HEADER", "broker_for", "oldest_sent_at", "queue_depths", "redis_broker_client"]
+__all__ = [
+    "SENT_AT_HEADER",
+    "QueueBacklog",
+    "broker_for",
+    "oldest_sent_at",
+    "queue_depths",
+    "redis_broker_client",
+]
+
+log = logging.getLogger(__name__)
 
 SOCKET_TIMEOUT_S = 5.0
 SENT_AT_HEADER = "orch_sent_at"
@@ -74,3 +86,44 @@ def _sent_at(raw: bytes | str) -> float:
         return float(value)
     except (ValueError, TypeError, KeyError):
         return 0.0
+
+
+class QueueBacklog:
+    """The messages waiting in some queues, read at most once per ``refresh_s`` (one round trip) and remembered
+    between reads; safe to share between threads (one reads, the others take the last value meanwhile).
+
+    Args:
+        broker: The broker's Redis.
+        queues: The queues whose messages are added up.
+        refresh_s: How long a read is trusted.
+        clock: Seconds, monotonic (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        broker: redis.Redis,
+        queues: Sequence[str],
+        *,
+        refresh_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.broker = broker
+        self.queues = tuple(queues)
+        self.refresh_s = refresh_s
+        self._clock = clock
+        self._read_at = float("-inf")
+        self._waiting = 0
+        self._reading = threading.Lock()
+
+    def waiting(self) -> int:
+        """The messages waiting in the queues as last read (0 when Redis did not answer)."""
+        if self._clock() - self._read_at >= self.refresh_s and self._reading.acquire(blocking=False):
+            try:
+                self._waiting = sum(queue_depths(self.broker, self.queues).values()) if self.queues else 0
+            except redis.RedisError as exc:
+                log.debug("cannot read the depth of %s: %s", ", ".join(self.queues), exc)
+                self._waiting = 0
+            finally:
+                self._read_at = self._clock()
+                self._reading.release()
+        return self._waiting
