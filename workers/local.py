@@ -14,10 +14,11 @@ than the worker's concurrency, and queues it ahead of the messages the consumer 
 slots keep one.
 
 As many handed-over children as the worker has threads may wait for one; while the worker's queues hold messages
-nobody has taken (a backlog, read once a second at most: :class:`~orchestrator.engine.backlog.QueueBacklog`), up to
-:data:`BACKLOG_EXTRA` times as many more. Every worker is busy then, so a child kept here waits no longer than its
-message would, and costs no publish, pop, claim or LLM admission of its own; without a backlog another worker may
-have a free thread, and the child goes out as a message.
+nobody has taken (a backlog, read once a second at most: :class:`~orchestrator.engine.backlog.QueueBacklog`), as
+many more as that backlog, up to :data:`BACKLOG_EXTRA` times the threads. A kept child waits for a thread of this
+worker rather than a slot of any worker, which no worker has free while a backlog lasts, and costs no publish, pop,
+claim or LLM admission of its own; without a backlog another worker may have a free thread, and the child goes out
+as a message.
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ class ThreadsBootstep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         broker = worker.app.orchestrator_runtime.get().broker
         queues = tuple(worker.app.amqp.queues.consume_from or ())
-        worker.app.orchestrator_threads.attach(worker.pool, QueueBacklog(broker, queues) if broker is not None else None)
+        backlog = QueueBacklog(broker, queues) if broker is not None else None
+        worker.app.orchestrator_threads.attach(worker.pool, backlog)
 
     def stop(self, worker: Any) -> None:
         threads: WorkerThreads = worker.app.orchestrator_threads

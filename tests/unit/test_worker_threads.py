@@ -1,17 +1,22 @@
 """The threads pool's room for the children a finish keeps beyond its slot's own (``workers/local.py``).
 
-Runs against Celery's real threads pool (its ``ThreadPoolExecutor``), with jobs that wait on events the test sets.
+Runs against Celery's real threads pool (its ``ThreadPoolExecutor``), with jobs that wait on events the test sets,
+and the backlog reader against a real Redis.
 """
 
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis
 from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.concurrency.thread import TaskPool as ThreadsPool
 
+from orchestrator.engine.backlog import QueueBacklog
+from orchestrator.engine.priorities import redis_queue_lists
 from tests.integration.helpers import wait_for
 from workers.local import WorkerThreads
 
@@ -104,3 +109,61 @@ def test_a_child_the_pool_drops_as_it_stops_is_logged_and_frees_its_room(
     assert "left to its lease" in caplog.text
     assert ran == ["a", "b"]
     gate.set()
+
+
+class FixedBacklog:
+    """A backlog reader standing in for :class:`QueueBacklog`, counting its reads."""
+
+    def __init__(self, waiting: int) -> None:
+        self.value, self.reads = waiting, 0
+
+    def waiting(self) -> int:
+        self.reads += 1
+        return self.value
+
+
+def test_while_the_queues_hold_a_backlog_more_children_may_wait_up_to_four_times_the_threads(
+    pool: ThreadsPool,
+) -> None:
+    backlog = FixedBacklog(0)
+    threads = WorkerThreads()
+    threads.attach(pool, backlog)  # type: ignore[arg-type]
+    gate, ran = threading.Event(), []
+    assert threads.spare() == 2
+    assert backlog.reads == 0, "under the pool's own limit the backlog is not read"
+    for name in ("a", "b", "c", "d"):
+        assert threads.spawn(blocker(gate, ran, name))  # type: ignore[arg-type]
+    wait_for(lambda: len(ran) == 2, what="two jobs to take the pool's two threads")
+
+    assert threads.spare() == 0, "no backlog: another worker may have a free thread"
+    backlog.value = 3
+    assert threads.spare() == 3, "each waiting message is room for one more"
+    backlog.value = 100
+    assert threads.spare() == 2 * 3, "up to three times the pool's threads beyond its own limit"
+    gate.set()
+    wait_for(lambda: len(ran) == 4, what="the waiting jobs to run")
+
+
+def test_the_backlog_is_read_in_one_round_trip_at_most_once_per_refresh(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    queue = f"backlog-{uuid.uuid4().hex[:8]}"
+    lists = redis_queue_lists(queue)
+    now = [0.0]
+    backlog = QueueBacklog(client, (queue,), refresh_s=1.0, clock=lambda: now[0])
+    try:
+        client.rpush(lists[0], "m1", "m2")
+        client.rpush(lists[-1], "m3")
+        assert backlog.waiting() == 3, "every priority list of the queue counts"
+
+        client.rpush(lists[0], "m4")
+        now[0] = 0.5
+        assert backlog.waiting() == 3, "trusted for the refresh interval"
+        now[0] = 1.0
+        assert backlog.waiting() == 4
+    finally:
+        client.delete(*lists)
+
+
+def test_a_backlog_redis_cannot_tell_counts_as_none() -> None:
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    assert QueueBacklog(dead, ("llm",)).waiting() == 0
