@@ -13,7 +13,7 @@ slot, each other is submitted to the pool's own executor (:class:`WorkerThreads`
 than the worker's concurrency, and queues it ahead of the messages the consumer hands over later. Prefork and solo
 slots keep one.
 
-As many handed-over children as the worker has threads may wait for one; while the worker's queues hold messages
+As many handed-over children as the worker has threads may wait for one; while the child's queue holds messages
 nobody has taken (a backlog, read once a second at most: :class:`~orchestrator.engine.backlog.QueueBacklog`), as
 many more as that backlog, up to :data:`BACKLOG_EXTRA` times the threads. A kept child waits for a thread of this
 worker rather than a slot of any worker, which no worker has free while a backlog lasts, and costs no publish, pop,
@@ -91,13 +91,13 @@ class WorkerThreads:
             if self._waiting:
                 log.warning("%d kept steps did not start before the pool stopped; left to their leases", self._waiting)
 
-    def spare(self) -> int:
-        """How many more children may be handed over now."""
+    def spare(self, queue: str = "") -> int:
+        """How many more children (of ``queue``) may be handed over now."""
         if self._executor is None:
             return 0
         room, waiting = self._limit, self._waiting
-        if waiting >= room and self._backlog is not None:
-            room += min(self._backlog.waiting(), BACKLOG_EXTRA * self._limit)  # read only when it decides
+        if waiting >= room and self._backlog is not None and queue:
+            room += min(self._backlog.waiting(queue), BACKLOG_EXTRA * self._limit)  # read only when it decides
         return max(0, room - waiting)
 
     def spawn(self, job: Callable[[], None]) -> bool:
@@ -146,9 +146,15 @@ class ThreadsBootstep(bootsteps.StartStopStep):
     requires = ("celery.worker.components:Pool",)
 
     def start(self, worker: Any) -> None:
-        broker = worker.app.orchestrator_runtime.get().broker
-        queues = tuple(worker.app.amqp.queues.consume_from or ())
-        backlog = QueueBacklog(broker, queues) if broker is not None else None
+        backlog = None
+        if isinstance(worker.pool, ThreadsPool):
+            try:
+                broker = worker.app.orchestrator_runtime.get().broker
+            except Exception as exc:  # Redis may not answer yet (a cluster client connects as it is built)
+                log.warning("children kept beyond the pool's threads ignore the queues' backlog: %s", exc)
+                broker = None
+            if broker is not None:
+                backlog = QueueBacklog(broker, tuple(worker.app.amqp.queues.consume_from or ()))
         worker.app.orchestrator_threads.attach(worker.pool, backlog)
 
     def stop(self, worker: Any) -> None:
@@ -197,11 +203,11 @@ class CeleryLocalSteps:
             return False
         return delivery.hops < MAX_LOCAL_HOPS
 
-    def spare(self) -> int:
-        """The threads pool's room for handed-over children (0 on other pools, or when stopping)."""
+    def spare(self, queue: str) -> int:
+        """The threads pool's room for handed-over children of ``queue`` (0 on other pools, or when stopping)."""
         if self.threads is None or worker_state.should_stop is not None or worker_state.should_terminate is not None:
             return 0
-        return self.threads.spare()
+        return self.threads.spare(queue)
 
     def spawn(self, job: Callable[[], None]) -> bool:
         """Submit ``job`` to the threads pool's executor (``False`` on other pools)."""

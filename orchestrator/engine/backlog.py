@@ -89,8 +89,8 @@ def _sent_at(raw: bytes | str) -> float:
 
 
 class QueueBacklog:
-    """The messages waiting in some queues, read at most once per ``refresh_s`` (one round trip) and remembered
-    between reads; safe to share between threads (one reads, the others take the last value meanwhile).
+    """The messages waiting in each of some queues, all read at most once per ``refresh_s`` (one round trip) and
+    remembered between reads; safe to share between threads (one reads, the others take the last values meanwhile).
 
     Args:
         broker: The broker's Redis.
@@ -112,18 +112,26 @@ class QueueBacklog:
         self.refresh_s = refresh_s
         self._clock = clock
         self._read_at = float("-inf")
-        self._waiting = 0
+        self._waiting: dict[str, int] = {}
         self._reading = threading.Lock()
 
-    def waiting(self) -> int:
-        """The messages waiting in the queues as last read (0 when Redis did not answer)."""
-        if self._clock() - self._read_at >= self.refresh_s and self._reading.acquire(blocking=False):
+    def waiting(self, queue: str) -> int:
+        """The messages waiting in ``queue`` as last read (0 for a queue not read, or when Redis did not answer)."""
+        if self._stale() and self._reading.acquire(blocking=False):
             try:
-                self._waiting = sum(queue_depths(self.broker, self.queues).values()) if self.queues else 0
-            except redis.RedisError as exc:
-                log.debug("cannot read the depth of %s: %s", ", ".join(self.queues), exc)
-                self._waiting = 0
+                if self._stale():  # another thread may have read meanwhile
+                    self._read()
             finally:
-                self._read_at = self._clock()
                 self._reading.release()
-        return self._waiting
+        return self._waiting.get(queue, 0)
+
+    def _read(self) -> None:
+        try:
+            self._waiting = queue_depths(self.broker, self.queues) if self.queues else {}
+        except Exception as exc:  # advisory: no error of a read may reach the step asking
+            log.debug("cannot read the depth of %s: %s", ", ".join(self.queues), exc)
+            self._waiting = {}
+        self._read_at = self._clock()
+
+    def _stale(self) -> bool:
+        return self._clock() - self._read_at >= self.refresh_s

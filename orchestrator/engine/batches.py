@@ -122,8 +122,8 @@ class _HeldBack:
     def flush(self) -> None:
         self.local.flush()
 
-    def spare(self) -> int:
-        return self.local.spare()
+    def spare(self, queue: str) -> int:
+        return self.local.spare(queue)
 
     def spawn(self, job: Callable[[], None]) -> bool:
         return self.local.spawn(job)

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 8
 """Children a finish is offered to keep at most: a 1→500 fan-out releases all of them at once and keeps the first,
-so naming the other 499 (each its claim's arguments, and a lease index entry to re-score) would buy nothing."""
+so naming the other 499 (each its claim's arguments) would buy nothing."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ class Continuation:
         )
         if not candidates:
             return None
-        most = 1 + (min(self.local.spare(), len(candidates) - 1) if len(candidates) > 1 else 0)
+        room = self.local.spare(self.delivery.queue) if len(candidates) > 1 else 0
+        most = 1 + min(room, len(candidates) - 1)
         if self.open_ahead is not None:
             # The finish claims the first ``most`` it releases: as a rule these (an open for another would be void).
             ahead = tuple(self._open_ahead(self.open_ahead, c) for c in candidates[:most])
@@ -197,9 +198,9 @@ class LocalSteps(Protocol):
     def flush(self) -> None:
         """Send the announcements held back (``more``) now: a batch of steps has ended (never raises)."""
 
-    def spare(self) -> int:
-        """How many released children beyond the slot's own this worker may take now, each to run in another of its
-        threads (0 for a worker that runs one step per slot: prefork, or one stopping)."""
+    def spare(self, queue: str) -> int:
+        """How many released children of ``queue`` beyond the slot's own this worker may take now, each to run in
+        another of its threads (0 for a worker that runs one step per slot: prefork, or one stopping)."""
 
     def spawn(self, job: Callable[[], None]) -> bool:
         """Run ``job`` in another thread of this worker, after the work already handed to its threads (never more

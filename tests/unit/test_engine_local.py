@@ -49,7 +49,7 @@ class RecordingLocalSteps:
     jobs: list[Callable[[], None]] = field(default_factory=list)
     refuse_spawn: bool = False
 
-    def spare(self) -> int:
+    def spare(self, queue: str) -> int:
         return max(0, self.threads - len(self.jobs))
 
     def spawn(self, job: Callable[[], None]) -> bool:

@@ -12,6 +12,7 @@ import pytest
 from orchestrator.definition.spec import WorkflowSpec, parse_workflow
 from orchestrator.domain import Attempt, ClaimOutcome, FinishResult, StepOutcome
 from orchestrator.engine.triggers import release_rules
+from orchestrator.state import keys
 from tests.unit import test_state_contract as contract
 from tests.unit.test_state_contract import LONG_LEASE_S, Backend, attempt, start, step_fields
 
@@ -143,7 +144,19 @@ def test_a_cancelled_parent_ends_for_its_other_children_as_cancelled(backend: Ba
     start(backend, spec)
     claim(backend, spec, attempt("slow"))
 
-    assert set(run_step(backend, spec, "fast", StepOutcome.SUCCEEDED).released) == {"join", "audit"}
+    fast = attempt("fast")
+    claim(backend, spec, fast)
+    first = backend.store.finish(
+        fast,
+        StepOutcome.SUCCEEDED,
+        children=spec.graph.children["fast"],
+        rules=release_rules(spec, "fast"),
+        grace_s=contract.SHORT_LEASE_S,
+    )
+    assert set(first.released) == {"join", "audit"}
+    # The grandchild released through the cancelled parent is covered too, under the task id it is published with.
+    covers = {keys.lease_member("run1", s, first.task_ids[s]) for s in ("join", "audit")}
+    assert backend.wait_past(contract.SHORT_LEASE_S, lambda: covers <= set(backend.store.expired_leases()))
     run_step(backend, spec, "join", StepOutcome.SUCCEEDED)
     assert run_step(backend, spec, "audit", StepOutcome.SUCCEEDED).run_status == "succeeded"
 

@@ -112,14 +112,14 @@ def test_a_child_the_pool_drops_as_it_stops_is_logged_and_frees_its_room(
 
 
 class FixedBacklog:
-    """A backlog reader standing in for :class:`QueueBacklog`, counting its reads."""
+    """A backlog reader standing in for :class:`QueueBacklog`: ``value`` messages in queue ``q``, reads counted."""
 
     def __init__(self, waiting: int) -> None:
         self.value, self.reads = waiting, 0
 
-    def waiting(self) -> int:
+    def waiting(self, queue: str) -> int:
         self.reads += 1
-        return self.value
+        return self.value if queue == "q" else 0
 
 
 def test_while_the_queues_hold_a_backlog_more_children_may_wait_up_to_four_times_the_threads(
@@ -129,17 +129,18 @@ def test_while_the_queues_hold_a_backlog_more_children_may_wait_up_to_four_times
     threads = WorkerThreads()
     threads.attach(pool, backlog)  # type: ignore[arg-type]
     gate, ran = threading.Event(), []
-    assert threads.spare() == 2
+    assert threads.spare("q") == 2
     assert backlog.reads == 0, "under the pool's own limit the backlog is not read"
     for name in ("a", "b", "c", "d"):
         assert threads.spawn(blocker(gate, ran, name))  # type: ignore[arg-type]
     wait_for(lambda: len(ran) == 2, what="two jobs to take the pool's two threads")
 
-    assert threads.spare() == 0, "no backlog: another worker may have a free thread"
+    assert threads.spare("q") == 0, "no backlog: another worker may have a free thread"
     backlog.value = 3
-    assert threads.spare() == 3, "each waiting message is room for one more"
+    assert threads.spare("q") == 3, "each waiting message is room for one more"
+    assert threads.spare("other") == 0, "only the child's own queue counts"
     backlog.value = 100
-    assert threads.spare() == 2 * 3, "up to three times the pool's threads beyond its own limit"
+    assert threads.spare("q") == 2 * 3, "up to three times the pool's threads beyond its own limit"
     gate.set()
     wait_for(lambda: len(ran) == 4, what="the waiting jobs to run")
 
@@ -148,22 +149,26 @@ def test_the_backlog_is_read_in_one_round_trip_at_most_once_per_refresh(redis_ur
     client = redis.Redis.from_url(redis_url)
     queue = f"backlog-{uuid.uuid4().hex[:8]}"
     lists = redis_queue_lists(queue)
+    other = f"{queue}-other"
     now = [0.0]
-    backlog = QueueBacklog(client, (queue,), refresh_s=1.0, clock=lambda: now[0])
+    backlog = QueueBacklog(client, (queue, other), refresh_s=1.0, clock=lambda: now[0])
     try:
         client.rpush(lists[0], "m1", "m2")
         client.rpush(lists[-1], "m3")
-        assert backlog.waiting() == 3, "every priority list of the queue counts"
+        client.rpush(other, "x")
+        assert backlog.waiting(queue) == 3, "every priority list of the queue counts"
+        assert backlog.waiting(other) == 1
+        assert backlog.waiting("not-read") == 0
 
         client.rpush(lists[0], "m4")
         now[0] = 0.5
-        assert backlog.waiting() == 3, "trusted for the refresh interval"
+        assert backlog.waiting(queue) == 3, "trusted for the refresh interval"
         now[0] = 1.0
-        assert backlog.waiting() == 4
+        assert backlog.waiting(queue) == 4
     finally:
-        client.delete(*lists)
+        client.delete(*lists, other)
 
 
 def test_a_backlog_redis_cannot_tell_counts_as_none() -> None:
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    assert QueueBacklog(dead, ("llm",)).waiting() == 0
+    assert QueueBacklog(dead, ("llm",)).waiting("llm") == 0

@@ -168,9 +168,10 @@ class StepTransitions(RedisStateCore):
         # An ended run answers its parent run and workflow; a run going on, the children it kept for the slot.
         parent_run, workflow = (tail[0], tail[1]) if ended else ("", "")
         claims = _kept_claims(tail, candidates) if ok and not ended else {}
-        # A refused finish keeps its covers: it may be this very finish applied once already, its reply lost to a
-        # connection that dropped (redis-py then sends it again), with its children released and some perhaps
-        # claimed for this slot under these task ids. The sweeper drops a cover whose task no step holds when it
+        # A refused finish leaves the covers in place (written by a first application of this very finish, or in a
+        # cluster ahead of this one): it may be this finish applied once already, its reply lost to a connection
+        # that dropped (redis-py then sends it again), with its children released and some perhaps claimed for this
+        # slot under these task ids. The sweeper drops a cover whose task no step holds when it
         # falls due.
         stale = [keys.lease_member(run_id, s, t) for s, t in cancelled if t]
         regrace: dict[str, float] = {}
