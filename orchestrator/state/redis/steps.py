@@ -171,8 +171,7 @@ class StepTransitions(RedisStateCore):
         # A refused finish leaves the covers in place (written by a first application of this very finish, or in a
         # cluster ahead of this one): it may be this finish applied once already, its reply lost to a connection
         # that dropped (redis-py then sends it again), with its children released and some perhaps claimed for this
-        # slot under these task ids. The sweeper drops a cover whose task no step holds when it
-        # falls due.
+        # slot under these task ids. The sweeper drops a cover whose task no step holds when it falls due.
         stale = [keys.lease_member(run_id, s, t) for s, t in cancelled if t]
         regrace: dict[str, float] = {}
         if cluster and ok:
