@@ -48,8 +48,8 @@ from workers.consumer import EVENT_FLUSH_S, buffer_task_events
 log = logging.getLogger(__name__)
 
 BACKLOG_EXTRA = 3
-"""While the worker's queues hold a backlog, handed-over children that may wait for a thread beyond the pool's
-concurrency, as a multiple of it: with those, as many as Celery's default prefetch (4 a slot) would reserve."""
+"""While a child's queue holds a backlog, handed-over children that may wait for a thread beyond the pool's
+concurrency, as a multiple of it at most: with those, as many as Celery's default prefetch (4 a slot) would reserve."""
 
 MAX_LOCAL_HOPS = 100
 """Steps one message's slot runs one after another at most; the next child is then published (a worker stopping
@@ -61,7 +61,7 @@ class WorkerThreads:
 
     Attached by the :class:`ThreadsBootstep` once the pool exists (never for prefork, solo or gevent: they take no
     work but a message's). At most the pool's limit of handed-over children wait for a thread at a time, and up to
-    :data:`BACKLOG_EXTRA` times as many more while ``backlog`` (the worker's queues) holds messages.
+    :data:`BACKLOG_EXTRA` times as many more while the child's queue holds messages (``backlog``).
     """
 
     def __init__(self) -> None:

@@ -94,7 +94,7 @@ class QueueBacklog:
 
     Args:
         broker: The broker's Redis.
-        queues: The queues whose messages are added up.
+        queues: The queues read, each on its own (its priority lists added up).
         refresh_s: How long a read is trusted.
         clock: Seconds, monotonic (tests pass their own).
     """

@@ -38,7 +38,7 @@ local n_keep = tonumber(ARGV[16])
 local first_child = 17 + n_keep
 -- The keep request's candidates by name, each with the arguments claim.lua would get.
 local candidates, n_candidates, only, i = {}, 0, nil, 20
-while i < 17 + n_keep do
+while i < first_child do
   local c = {task = ARGV[i + 1], parents = {}, children = {}}
   local n_parents = tonumber(ARGV[i + 2])
   for j = 1, n_parents do c.parents[j] = ARGV[i + 2 + j] end
