@@ -9,7 +9,9 @@ Each way sends a claim-like round trip (``EVALSHA`` of a one-line script with tw
 ``EVALSHA`` alone for the script calls) ``--per-batch`` times per batch; the ways take turns batch by batch, so a
 noisy neighbour hits them alike, and each reports the median (and quartiles) over ``--batches`` batches of this
 process's CPU (``time.process_time``, user and system) per round trip. ``raw`` is the floor: the same commands packed
-by redis-py's connection, sent and read by hand on a pooled connection, with no error handling at all. With
+by redis-py's connection, sent and read by hand on a pooled connection, with no error handling at all. ``lean,
+Python's timeout`` is the lean round trip on a pool whose sockets keep Python's timeout (a poll before each send and
+read), as the store's did before its pools took the timeout to the kernel (:mod:`orchestrator.infra.redis_pool`). With
 ``--threads N`` every batch runs on N threads at once (the store's pool of 100 connections shared, as in a threads
 worker), so the GIL's hand-overs count too.
 """
@@ -33,14 +35,14 @@ from scripts.harness.stats import median, percentile
 SCRIPT = "return 1"
 
 
-def _ways(client: redis.Redis) -> dict[str, Callable[[], Any]]:
+def _ways(client: redis.Redis, polled: redis.Redis) -> dict[str, Callable[[], Any]]:
     pool: Any = client.connection_pool
     script = client.register_script(SCRIPT)
     client.script_load(SCRIPT)
     claim = ("EVALSHA", script.sha, 2, "bench:a", "bench:b", "x", "y", 3)
 
-    def queued() -> Any:
-        pipe = client.pipeline(transaction=False)
+    def queued(on: redis.Redis = client) -> Any:
+        pipe = on.pipeline(transaction=False)
         pipe.execute_command(*claim)  # type: ignore[no-untyped-call]
         pipe.zadd("bench:z", {"m": 1.0})
         return pipe
@@ -55,6 +57,7 @@ def _ways(client: redis.Redis) -> dict[str, Callable[[], Any]]:
     return {
         "pipeline.execute": lambda: queued().execute(),
         "lean execute": lambda: execute(queued()),
+        "lean, Python's timeout": lambda: execute(queued(polled)),
         "raw send/read": raw,
         "Script()": lambda: script(keys=["bench:a", "bench:b"], args=["x", "y", 3]),
         "lean run_script": lambda: run_script(client, script, ["bench:a", "bench:b"], ["x", "y", 3]),
@@ -93,7 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with private_redis() as server:
             pool = blocking_pool(server.url, max_connections=100, timeout=30, socket_timeout=30)
             client = redis.Redis(connection_pool=pool)
-            ways = _ways(client)
+            # The same pool with the timeout left to Python, as before the store's pools took it to the kernel: a
+            # poll before every send and every read.
+            old = blocking_pool(server.url, max_connections=100, timeout=30, socket_timeout=30)
+            old.connection_kwargs.update(socket_timeout=30, kernel_timeout=None)
+            ways = _ways(client, redis.Redis(connection_pool=old))
             for way in ways.values():  # connections made, code warm
                 _batch(way, 50, args.threads)
             samples: dict[str, list[float]] = {name: [] for name in ways}
@@ -101,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, way in ways.items():
                     samples[name].append(_batch(way, per_batch, args.threads) * 1e6)
             pool.disconnect()
+            old.disconnect()
         results = {
             name: {"median_us": median(us), "p25_us": percentile(us, 0.25), "p75_us": percentile(us, 0.75)}
             for name, us in samples.items()

@@ -22,10 +22,19 @@ here takes over 100 ms), so the first command after it finds its connection poll
 alike, as an outage. Under load a connection is back in the pool for far less than the window (the llm worker skips
 about three polls in four); a quiet process polls as redis-py does. Redis's own idle ``timeout`` (whole seconds) cannot
 close a connection idle for less than the window.
+
+The same pools enforce a ``socket_timeout`` in the kernel (``SO_RCVTIMEO``/``SO_SNDTIMEO``) on a socket Python sees
+as blocking. Python polls a socket with a timeout before every send and every receive, and each poll lets go of the
+GIL as the send or receive itself does: twice the GIL handoffs per round trip. In a threads worker of 500 busy
+threads that cost about 40 us of CPU and five context switches per round trip (``/tmp``-free measure in
+``docs/benchmarks.md``). A command Redis leaves unanswered still fails after the timeout, with redis-py's
+``TimeoutError``, and its connection is dropped, as before. TLS connections keep Python's timeout.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from typing import Any
 
@@ -50,23 +59,68 @@ class _QuickReuse:
         return can_read
 
 
+class _KernelTimeout:
+    """Mixed into the pool's connection class: ``kernel_timeout`` seconds set as the socket's ``SO_RCVTIMEO`` and
+    ``SO_SNDTIMEO`` (the connection's own ``socket_timeout`` is then ``None``), and the kernel's "no data in time"
+    (``EAGAIN`` on a blocking socket, which redis-py reports as a connection error) raised as redis-py's
+    ``TimeoutError``."""
+
+    kernel_timeout: float | None = None
+
+    def __init__(self, *args: Any, kernel_timeout: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kernel_timeout = kernel_timeout
+
+    def _connect(self) -> socket.socket:
+        sock: socket.socket = super()._connect()  # type: ignore[misc]  # the class this is mixed into has it
+        if self.kernel_timeout:
+            seconds = int(self.kernel_timeout)
+            timeval = struct.pack("ll", seconds, int((self.kernel_timeout - seconds) * 1_000_000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        return sock
+
+    def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().send_packed_command(*args, **kwargs)  # type: ignore[misc]
+        except redis.ConnectionError as exc:
+            raise self._timed_out(exc, "writing to") from exc
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.ConnectionError as exc:
+            raise self._timed_out(exc, "reading from") from exc
+
+    def _timed_out(self, exc: redis.ConnectionError, doing: str) -> redis.ConnectionError | redis.TimeoutError:
+        if self.kernel_timeout and isinstance(exc.__context__, BlockingIOError):
+            return redis.TimeoutError(f"Timeout {doing} socket: Redis silent for {self.kernel_timeout}s")
+        return exc
+
+
 _classes: dict[type[Any], type[Any]] = {}
 
 
-def _quick_reuse(connection_class: type[Any]) -> type[Any]:
+def _connection_class(connection_class: type[Any]) -> type[Any]:
     if issubclass(connection_class, _QuickReuse):
         return connection_class
     if connection_class not in _classes:
-        _classes[connection_class] = type(connection_class.__name__, (_QuickReuse, connection_class), {})
+        mixins = (_QuickReuse,) if issubclass(connection_class, redis.SSLConnection) else (_QuickReuse, _KernelTimeout)
+        _classes[connection_class] = type(connection_class.__name__, (*mixins, connection_class), {})
     return _classes[connection_class]
 
 
 class _QuickReusePool:
     """Mixed into a redis-py pool: stamps each connection it takes back, with a connection class that reads the
-    stamp."""
+    stamp and, but for TLS, takes the socket timeout to the kernel."""
 
     def __init__(self, connection_class: type[Any] = redis.Connection, **kwargs: Any) -> None:
-        super().__init__(connection_class=_quick_reuse(connection_class), **kwargs)  # type: ignore[call-arg]
+        connection_class = _connection_class(connection_class)
+        timeout = kwargs.get("socket_timeout")
+        if timeout and issubclass(connection_class, _KernelTimeout):
+            kwargs.setdefault("socket_connect_timeout", timeout)  # redis-py's default for it is the socket timeout
+            kwargs.update(socket_timeout=None, kernel_timeout=timeout)
+        super().__init__(connection_class=connection_class, **kwargs)  # type: ignore[call-arg]
 
     def release(self, connection: Any) -> None:
         # Stamped before it is back in the queue, where another thread can take it at once.

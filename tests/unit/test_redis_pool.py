@@ -1,10 +1,14 @@
 """The store's connection pool: a connection back from a command moments ago goes out again without a poll of its
-socket, and no reply of an earlier command, cut short by an error, can reach a later one."""
+socket, no reply of an earlier command, cut short by an error, can reach a later one, and the socket timeout is the
+kernel's."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import kombu
 import pytest
@@ -12,6 +16,7 @@ import redis
 
 from orchestrator.infra import redis_pool
 from orchestrator.infra.kombu_redis import install
+from orchestrator.infra.redis_roundtrip import run_command
 from orchestrator.infra.redis_url import blocking_pool
 from tests.conftest import private_redis
 
@@ -133,3 +138,48 @@ def test_a_command_right_after_a_redis_restart_goes_out_on_a_new_connection() ->
         assert time.monotonic() - started > redis_pool.QUICK_REUSE_S
         assert client.echo("after the restart") == b"after the restart"
         client.connection_pool.disconnect()
+
+
+def _timeval(sock: socket.socket, option: int) -> float:
+    seconds, micros = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("ll")))
+    return float(seconds + micros / 1e6)
+
+
+def test_the_store_pools_sockets_block_in_python_and_leave_the_timeout_to_the_kernel(redis_url: str) -> None:
+    # A socket with a Python timeout is polled before every send and every read (each poll a GIL hand-over).
+    client = _one_connection(redis_url, 2.5)
+    client.ping()
+    pool: Any = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        sock = connection._sock
+        assert sock.gettimeout() is None
+        assert _timeval(sock, socket.SO_RCVTIMEO) == 2.5
+        assert _timeval(sock, socket.SO_SNDTIMEO) == 2.5
+    finally:
+        pool.release(connection)
+        pool.disconnect()
+
+
+def test_a_server_that_never_answers_fails_the_command_with_a_timeout_and_the_connection_is_dropped() -> None:
+    accepted: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(5)
+        port = server.getsockname()[1]
+        client = _one_connection(f"redis://127.0.0.1:{port}/0", 0.3)
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(redis.TimeoutError, match=r"Redis silent for 0\.3s"):
+                run_command(client, "PING")
+            assert time.monotonic() - started >= 0.29
+            accepted.append(server.accept()[0])  # each attempt on a new connection: the silent one was dropped
+        assert len(accepted) == 2
+        for sock in accepted:
+            sock.close()
+        client.connection_pool.disconnect()
+
+
+def test_tls_connections_keep_pythons_socket_timeout() -> None:
+    pool = blocking_pool("rediss://127.0.0.1:1/0", max_connections=1, timeout=1, socket_timeout=7)
+    assert pool.connection_kwargs["socket_timeout"] == 7
+    assert "kernel_timeout" not in pool.connection_kwargs

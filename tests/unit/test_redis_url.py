@@ -158,7 +158,9 @@ def test_the_state_store_gets_a_blocking_pool_on_the_sentinels_master_without_co
     assert (pool.service_name, pool.max_connections, pool.timeout) == ("mymaster", 7, 30.0)
     assert pool.connection_kwargs["password"] == PASSWORD
     assert pool.connection_kwargs["db"] == 2
-    assert pool.connection_kwargs["socket_timeout"] == 30
+    # The socket timeout is the kernel's (orchestrator.infra.redis_pool), on the master's connections too.
+    assert (pool.connection_kwargs["socket_timeout"], pool.connection_kwargs["kernel_timeout"]) == (None, 30)
+    assert pool.make_connection().kernel_timeout == 30
     assert pool.connection_kwargs["health_check_interval"] == 30
     sentinels = pool.sentinel_manager.sentinels
     assert [s.connection_pool.connection_kwargs["port"] for s in sentinels] == [26379, 26380, 26379]
