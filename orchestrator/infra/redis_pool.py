@@ -25,8 +25,8 @@ close a connection idle for less than the window.
 
 The same pools enforce a ``socket_timeout`` in the kernel (``SO_RCVTIMEO``/``SO_SNDTIMEO``) on a socket Python sees
 as blocking. Python polls a socket with a timeout before every send and every receive, and each poll lets go of the
-GIL as the send or receive itself does: twice the GIL handoffs per round trip. In a threads worker of 500 busy
-threads that cost about 40 us of CPU and five context switches per round trip (``/tmp``-free measure in
+GIL as the send or receive itself does: twice the GIL hand-overs per round trip. With 200 threads contending for
+the GIL that cost about 50 us of client CPU per round trip (``python -m scripts.bench_roundtrip --threads 200``,
 ``docs/benchmarks.md``). A command Redis leaves unanswered still fails after the timeout, with redis-py's
 ``TimeoutError``, and its connection is dropped, as before. TLS connections keep Python's timeout.
 """
