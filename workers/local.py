@@ -91,12 +91,12 @@ class WorkerThreads:
             if self._waiting:
                 log.warning("%d kept steps did not start before the pool stopped; left to their leases", self._waiting)
 
-    def spare(self, queue: str = "") -> int:
+    def spare(self, queue: str) -> int:
         """How many more children (of ``queue``) may be handed over now."""
         if self._executor is None:
             return 0
         room, waiting = self._limit, self._waiting
-        if waiting >= room and self._backlog is not None and queue:
+        if waiting >= room and self._backlog is not None:
             room += min(self._backlog.waiting(queue), BACKLOG_EXTRA * self._limit)  # read only when it decides
         return max(0, room - waiting)
 

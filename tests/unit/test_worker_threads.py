@@ -54,7 +54,7 @@ def test_a_worker_without_a_threads_pool_has_no_room_and_takes_nothing() -> None
     threads = WorkerThreads()
     threads.attach(PreforkPool(limit=2))
 
-    assert threads.spare() == 0
+    assert threads.spare("q") == 0
     assert threads.spawn(lambda: None) is False
 
 
@@ -62,16 +62,16 @@ def test_children_waiting_for_a_thread_use_up_the_room_until_they_start(pool: Th
     threads = WorkerThreads()
     threads.attach(pool)
     gate, ran = threading.Event(), []
-    assert threads.spare() == 2
+    assert threads.spare("q") == 2
 
     for name in ("a", "b", "c", "d"):
         assert threads.spawn(blocker(gate, ran, name))  # type: ignore[arg-type]
 
     wait_for(lambda: len(ran) == 2, what="two jobs to take the pool's two threads")
-    assert threads.spare() == 0, "two wait for a thread: as many as the pool has"
+    assert threads.spare("q") == 0, "two wait for a thread: as many as the pool has"
     gate.set()
     wait_for(lambda: len(ran) == 4, what="the waiting jobs to run")
-    assert threads.spare() == 2
+    assert threads.spare("q") == 2
 
 
 def test_a_job_runs_marked_as_handed_over_so_it_may_keep_children_without_a_message(pool: ThreadsPool) -> None:
@@ -93,7 +93,7 @@ def test_a_detached_worker_waits_for_handed_over_children_to_start_and_takes_no_
     threads.detach(wait_s=10)
 
     assert "c" in ran, "the waiting child started before the pool was let go"
-    assert threads.spare() == 0
+    assert threads.spare("q") == 0
     assert threads.spawn(lambda: None) is False
 
 
@@ -101,11 +101,11 @@ def test_a_child_the_pool_drops_as_it_stops_is_logged_and_frees_its_room(
     pool: ThreadsPool, caplog: pytest.LogCaptureFixture
 ) -> None:
     threads, gate, ran = two_running_one_waiting(pool)
-    assert threads.spare() == 1
+    assert threads.spare("q") == 1
 
     pool.executor.shutdown(wait=False, cancel_futures=True)  # as the pool's on_stop does, with "c" still waiting
 
-    assert threads.spare() == 2, "nothing waits any more"
+    assert threads.spare("q") == 2, "nothing waits any more"
     assert "left to its lease" in caplog.text
     assert ran == ["a", "b"]
     gate.set()
