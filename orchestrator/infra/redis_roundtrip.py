@@ -80,11 +80,14 @@ def run_command(client: redis.Redis, *args: Any) -> Any:
     return _one(client, args)
 
 
-def run_script(client: redis.Redis, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+def run_script(
+    client: redis.Redis, script: Script, keys: Sequence[Any], args: Sequence[Any], *, load_first: Sequence[Script] = ()
+) -> Any:
     """``script(keys=keys, args=args, client=client)`` in one lean round trip by ``EVALSHA``.
 
     A script Redis does not know (``NOSCRIPT``: first use since a restart or ``SCRIPT FLUSH``) was not run: it is
-    loaded and sent again, as redis-py's ``Script`` does.
+    loaded and sent again, as redis-py's ``Script`` does; ``load_first`` are loaded ahead of it, for scripts that
+    must be known wherever it is.
 
     Raises:
         redis.exceptions.ResponseError: The script's error reply.
@@ -96,6 +99,8 @@ def run_script(client: redis.Redis, script: Script, keys: Sequence[Any], args: S
     try:
         return _one(client, ("EVALSHA", script.sha, len(keys), *keys, *args))
     except redis.exceptions.NoScriptError:
+        for other in load_first:
+            client.script_load(other.script)
         script.sha = client.script_load(script.script)
         return _one(client, ("EVALSHA", script.sha, len(keys), *keys, *args))
 

@@ -31,7 +31,7 @@ from orchestrator.infra.redis_roundtrip import execute, run_script
 from orchestrator.llm.outbox import PendingClose
 from orchestrator.llm.preopen import RESERVE_ARG, Foretold, PreOpen
 from orchestrator.state import keys
-from orchestrator.state.owed import OwedWrite
+from orchestrator.state.owed import OwedWrite, sent_again
 
 __all__ = [
     "Admission",
@@ -279,7 +279,11 @@ class RedisGovernor:
                 caller=caller,
                 reply=reply,
             )
-            answer = self._open_after(owed, names, args) if owed else run_script(self.client, self._open, names, args)
+            if owed:
+                unused = Settlement(run_id, model, tokens, 0, worst_case_usd, 0.0, billed=False)
+                answer = self._open_after(owed, names, args, unused)
+            else:
+                answer = self._run_open(names, args)
         outcome = _text(answer[0])
         if outcome == "cached":
             return Admission("ok"), answer[1]
@@ -357,8 +361,15 @@ class RedisGovernor:
         ]
         return names, args
 
-    def _open_after(self, owed: Sequence[OwedWrite], names: list[str], args: list[Any]) -> Any:
-        """Run the open script after ``owed``, in one pipeline; each owed write takes its own reply."""
+    def _open_after(self, owed: Sequence[OwedWrite], names: list[str], args: list[Any], unused: Settlement) -> Any:
+        """Run the open script after ``owed``, in one pipeline; each owed write takes its own reply.
+
+        An owed close Redis did not know went after the open (:func:`~orchestrator.state.owed.sent_again`), which did
+        not see that call settled nor its reply stored: an admission is given back (``unused``) and the open run
+        again, now after it. A wait stands (the step asks again once it is over), and so does a budget's refusal,
+        which is for good; loading the close with the open (:meth:`_run_open`) leaves that only to a ``SCRIPT FLUSH``
+        or restart landing between the two loads.
+        """
         pipe = self.client.pipeline(transaction=False)
         for write in owed:
             write.queue(pipe)
@@ -368,10 +379,19 @@ class RedisGovernor:
             write.answered(reply)
         answer = replies[-1]
         if isinstance(answer, redis.exceptions.NoScriptError):
-            return run_script(self.client, self._open, names, args)  # not applied: loaded and run again
+            return self._run_open(names, args)  # not applied: loaded and run again
         if isinstance(answer, Exception):
             raise answer
+        outcome = _text(answer[0])
+        if sent_again(replies[:-1]) and outcome == "ok":
+            self.pending_close(unused, refund=True).send()
+            return self._run_open(names, args)
         return answer
+
+    def _run_open(self, names: list[str], args: list[Any]) -> Any:
+        # Whoever loads the open loads the close first: an open never runs where Redis would refuse the close owed
+        # ahead of it in the same round trip, and so apply the open first (see _open_after).
+        return run_script(self.client, self._open, names, args, load_first=(self._close,))
 
     def close_call(self, call: Settlement, *, reply: ReplyStore | None = None, body: str | None = None) -> None:
         """:meth:`settle` an opened call and store its reply ``body`` (JSON) where ``reply`` says, in one round trip

@@ -32,6 +32,7 @@ from redis.commands.core import Script
 from orchestrator.infra.redis_cluster import queue_evalsha
 from orchestrator.llm.base import LLMRequest
 from orchestrator.llm.outbox import PendingClose
+from orchestrator.state.owed import Overtaken
 
 __all__ = ["HOLDING", "RESERVE_ARG", "Foretold", "PreOpen"]
 
@@ -108,8 +109,17 @@ class PreOpen:
         queue_evalsha(pipe, self._script.sha, len(self._keys), *self._keys, *self._args, *self._guard)
 
     def answered(self, reply: Any) -> None:
-        """Take the open's reply; a child not claimed, a script Redis forgot or an error leave nothing to take."""
-        if isinstance(reply, list | tuple) and reply and _text(reply[0]) in _USED:
+        """Take the open's reply; a child not claimed, a script Redis forgot or an error leave nothing to take.
+
+        An open applied ahead of a close the finish owed (:class:`~orchestrator.state.owed.Overtaken`: Redis did not
+        know the close's script and it went after) did not see that call settled nor its reply stored: it is given
+        back at once, and the child opens its call itself.
+        """
+        if isinstance(reply, Overtaken):
+            if _held(reply.reply):
+                self._give_back().send()
+            log.info("an LLM call of run %s opened ahead of an earlier call's close: given back", self._run_id)
+        elif isinstance(reply, list | tuple) and reply and _text(reply[0]) in _USED:
             with self._lock:
                 self._answer = list(reply)
         elif isinstance(reply, Exception):
@@ -119,7 +129,7 @@ class PreOpen:
     def holds(self) -> bool:
         """Whether an admission is held for the child and not taken yet."""
         with self._lock:
-            return self._answer is not None and _text(self._answer[0]) == HOLDING
+            return _held(self._answer)
 
     def take(self, fits: tuple[Any, ...]) -> list[Any] | None:
         """The answer, once, when ``fits`` are those it was opened for (:attr:`Foretold.fits`); else ``None`` and the
@@ -134,9 +144,11 @@ class PreOpen:
         """The close that gives back an admission not taken (``None`` when nothing is held); at most once."""
         with self._lock:
             answer, self._answer = self._answer, None
-        if answer is None or _text(answer[0]) != HOLDING:
-            return None
-        return self._give_back()
+        return self._give_back() if _held(answer) else None
+
+
+def _held(answer: Any) -> bool:
+    return isinstance(answer, list | tuple) and bool(answer) and _text(answer[0]) == HOLDING
 
 
 def _text(value: Any) -> str:

@@ -8,13 +8,22 @@ queues them first on its own pipeline: Redis applies them before the transition,
 
 A write is sent at most once, as it was on its own: taken out of its outbox when queued, its reply handed back to it
 (an error is its own, never the transition's).
+
+Redis applies a round trip in order, with one exception: an owed write by a script Redis does not know (``NOSCRIPT``:
+first use since a restart or ``SCRIPT FLUSH``) is not applied and is sent again alone, after everything its round
+trip held (:func:`sent_again`). A write queued after it that depends on it (an LLM call's open, which must see the
+call before it settled and its reply stored) then learns it came first (:class:`Overtaken`) and makes up for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["OwedWrite", "OwedWrites"]
+import redis
+
+__all__ = ["OwedWrite", "OwedWrites", "Overtaken", "sent_again"]
 
 
 class OwedWrite(Protocol):
@@ -47,3 +56,21 @@ class OwedWrites(Protocol):
     def flush(self) -> None:
         """Send every owed write now, on its own round trip (never raises)."""
         ...
+
+
+@dataclass(frozen=True)
+class Overtaken:
+    """The reply of a write Redis applied ahead of an owed write it had to send again (:func:`sent_again`): what the
+    write saw lacks that owed write's effect.
+
+    Attributes:
+        reply: The write's own reply.
+    """
+
+    reply: Any
+
+
+def sent_again(replies: Sequence[Any]) -> bool:
+    """Whether any of these owed writes' ``replies`` says Redis did not know its script: that write was not applied,
+    and is sent again once the whole round trip has been applied (see :meth:`OwedWrite.answered`)."""
+    return any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies)

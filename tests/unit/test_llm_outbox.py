@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,3 +327,57 @@ def test_an_agents_turn_is_settled_before_its_tools_run_and_its_last_turn_with_i
     assert f"EVALSHA {finish}" in carrying[-1], "the last turn's close goes with the finish"
     fields = _llm_fields(rt, run_id)
     assert (fields["llm_calls"], fields["llm_held_nusd"]) == ("2", "0")
+
+
+class CountingProvider(TinyProvider):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        self.calls += 1
+        return super().complete(request)
+
+
+def test_an_open_redis_applied_before_a_close_it_had_forgotten_is_given_back_and_opened_again(
+    redis_url: str, round_trips: RoundTrips
+) -> None:
+    # Redis knows the open script, not the close (an operator loaded one, or a restart landed between the two
+    # loads): the first call's close, first in the second call's round trip, is refused and sent again after the
+    # second call's open, which missed the reply the close stores.
+    client = redis.Redis.from_url(redis_url)
+    run_id = f"outbox-overtaken-{id(round_trips)}"
+    client.hset(keys.run_key(run_id), mapping={"status": "running"})
+    governor = RedisGovernor(client, RateLimits())
+    provider = CountingProvider()
+    cache = ReplyCache(client, run_ttl_s=60, shared_ttl_s=60)
+    gateway = LLMGateway(provider, prices=PriceTable(), governor=governor, cache=cache)
+    request = LLMRequest(model=HAIKU, prompt="hello", max_tokens=200)
+    outbox = CallOutbox()
+    client.script_flush()
+    client.script_load(governor._open.script)
+
+    gateway.complete(request, CallContext(run_id, "wf", budget_usd=1, step="a", outbox=outbox))
+    again = gateway.complete(request, CallContext(run_id, "wf", budget_usd=1, step="b", outbox=outbox))
+    outbox.flush()
+
+    opens = [trip for trip in round_trips.names() if f"EVALSHA {governor._open.sha}" in trip]
+    assert [len(trip) for trip in opens] == [1, 2, 1], "the second open is run again after the close"
+    assert again.cached, "and is answered the first call's reply"
+    assert provider.calls == 1
+    assert client.hget(keys.run_key(run_id), "llm_held_nusd") == b"0", "what it held the first time is given back"
+    assert client.hget(keys.run_key(run_id), "llm_calls") == b"1"
+
+
+def test_a_governor_that_loads_the_open_script_loads_the_close_first(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    run_id = f"outbox-loads-{uuid.uuid4().hex}"
+    client.hset(keys.run_key(run_id), mapping={"status": "running"})
+    governor = RedisGovernor(client, RateLimits())
+    client.script_flush()
+
+    admission, _ = governor.open_call(
+        run_id=run_id, model=HAIKU, tokens=10, worst_case_usd=0.0, budget_usd=None, caller=""
+    )
+
+    assert admission.outcome == "ok"
+    assert client.script_exists(governor._open.sha, governor._close.sha) == [True, True]

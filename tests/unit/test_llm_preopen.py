@@ -279,3 +279,43 @@ def test_only_the_children_the_finish_is_to_claim_are_opened_ahead(
     assert [m.step for m in publisher.sent] == ["c"]
     fields = _llm_fields(rt, run_id)
     assert (fields.get("llm_held_nusd", "0"), fields["llm_calls"]) == ("0", "2")
+
+
+def test_an_open_ahead_redis_applied_before_the_close_it_had_forgotten_is_given_back_and_the_cache_answers(
+    local_runtime: tuple[Runtime, RecordingPublisher, RecordingLocalSteps],
+    round_trips: RoundTrips,
+    model: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # After a restart another worker has loaded the open script again, not yet the close: a's close, first in its
+    # finish's round trip, is refused and sent again after b's open ahead, which then missed a's stored reply.
+    rt, publisher, _ = local_runtime
+    steps = (_llm("a", model, "The same question."), _llm("b", model, "The same question.", "a"))
+    run_id = start(rt, publisher, {**workflow(*steps), "budget_usd": 5})
+    gateway = rt.executor.llm
+    governor = gateway.governor
+    assert isinstance(governor, RedisGovernor)
+    assert isinstance(rt.store, RedisStateStore)
+    client, real = rt.store.client, gateway.complete
+
+    def complete_then_forget_the_close(*args: Any, **kwargs: Any) -> Any:
+        reply = real(*args, **kwargs)
+        if not client.script_exists(governor._close.sha)[0]:
+            return reply
+        client.script_flush()
+        for script in (*rt.store._scripts.values(), governor._open):
+            client.script_load(script.script)
+        return reply
+
+    monkeypatch.setattr(gateway, "complete", complete_then_forget_the_close)
+    round_trips.trips.clear()
+
+    assert deliver(rt, publisher.sent.pop(0)) == "succeeded"
+
+    opened, finish = _open_sha(rt), _finish_sha(rt)
+    assert any(opened in trip and finish in trip for trip in round_trips.names()), "b's call was opened ahead"
+    output = json.loads(rt.store.run_fields(run_id)[keys.step_field("b", "output")])
+    assert output.get("reply_cached") is True, "b is answered a's reply, stored by the close sent again"
+    fields = _llm_fields(rt, run_id)
+    assert (fields["llm_held_nusd"], fields["llm_calls"]) == ("0", "1"), "the open ahead was given back"
+    assert RPM - 1 <= _requests(rt, model) < RPM - 0.5, "its request is back in the rate limit"

@@ -36,7 +36,7 @@ from orchestrator.state.base import (
     needs_failure_error,
     submitted_record,
 )
-from orchestrator.state.owed import OwedWrite, OwedWrites
+from orchestrator.state.owed import Overtaken, OwedWrite, OwedWrites, sent_again
 from orchestrator.state.redis.clock import CLOCK_STEP_S, RedisClock
 
 _SCRIPTS = (
@@ -375,7 +375,8 @@ class RedisStateCore:
 
         What the attempt ``owed`` Redis (:mod:`orchestrator.state.owed`) goes first of all, sent once: each write
         takes its own reply, and its error is not the transition's. In a cluster it is sent on its own first.
-        ``then``'s writes go last of all, sent once, each taking its own reply as an owed write does; only those of
+        ``then``'s writes go last of all, sent once, each taking its own reply as an owed write does (wrapped in
+        :class:`~orchestrator.state.owed.Overtaken` when an owed write was sent again after them); only those of
         this store's own client (``client`` attribute) and on a single Redis: the others are not sent.
 
         redis-py's own script objects add a SCRIPT EXISTS round trip before every pipeline that holds one; a step
@@ -434,9 +435,11 @@ class RedisStateCore:
         replies = execute(pipe, raise_on_error=False)
         for write, reply in zip(writes, replies, strict=False):
             write.answered(reply)
+        # An owed write sent again went after ``last``'s: each is told, to make up for what it did not see.
+        overtaken = sent_again(replies[: len(writes)])
         ends = len(replies) - len(last)
         for write, reply in zip(last, replies[ends:], strict=True):
-            write.answered(reply)
+            write.answered(Overtaken(reply) if overtaken else reply)
         rest = list(replies[len(writes) : ends])
         error = next((reply for reply in rest if isinstance(reply, Exception)), None)
         if error is not None:
