@@ -11,7 +11,6 @@ outputs, or a failure naming the items that did not succeed. Nothing here knows 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import ErrorRecord, NonRetryableStepError
+from orchestrator.infra.digests import sha256
 from orchestrator.infra.settings import Settings
 from orchestrator.state.base import StateStore
 from orchestrator.state.owed import OwedWrites
@@ -123,7 +123,7 @@ def start_map(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Cla
         raise NonRetryableStepError(f"step {step.name!r}: an item is not JSON: {exc}", kind="invalid_items") from None
     # ``resume --from`` this step (force) re-runs every item; ``cache: false`` never keeps one.
     base = result_key(step, claim.inputs, claim.parent_output) if step.cache and not claim.force else ""
-    keys = [hashlib.sha256(f"{base}|{text}".encode()).hexdigest()[:32] if base else "" for text in texts]
+    keys = [sha256(f"{base}|{text}".encode()).hexdigest()[:32] if base else "" for text in texts]
     expanded = retry_through_outage(
         f"{attempt}: expand",
         lambda: runtime.store.expand_items(

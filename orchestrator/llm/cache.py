@@ -9,13 +9,13 @@ again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 import redis
 from redis.client import Pipeline
 
+from orchestrator.infra.digests import sha256
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
 from orchestrator.state import keys
 
@@ -35,7 +35,7 @@ def request_digest(request: LLMRequest, iteration: int | None = None) -> str:
         body.append(iteration)
     if request.messages is not None or request.tools is not None:
         body.append({"messages": request.messages, "tools": request.tools})
-    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+    return sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
 
 class ReplyCache:
