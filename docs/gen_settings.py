@@ -148,7 +148,7 @@ def _samples(field: dataclasses.Field[Any]) -> list[str]:
     if kind == "int":
         return ["7"]
     if kind == "float":
-        return ["7.5"]
+        return ["7.5", "0.5"]
     # A string may be checked (a URL, an enum); try values until one is accepted.
     return ["off", "redis://sample.invalid:1/0", "sample.module", "sample"]
 

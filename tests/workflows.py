@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from typing import Any
 
@@ -21,9 +22,9 @@ def _redis() -> redis.Redis:
 
 @function("tests.sleep")
 def sleep(ctx: StepContext, seconds: float = 0.0, **_: Any) -> dict[str, Any]:
-    """Sleep, then report who ran it."""
+    """Sleep, then report who ran it (and the process's switch interval, ``ORCH_GIL_SWITCH_S``)."""
     time.sleep(seconds)
-    return {"step": ctx.step, "slept": seconds, "pid": os.getpid()}
+    return {"step": ctx.step, "slept": seconds, "pid": os.getpid(), "switch_s": sys.getswitchinterval()}
 
 
 @function("tests.report_pid_then_sleep")

@@ -123,6 +123,8 @@ def _observe(app: Celery, settings: Settings) -> None:
 
     def prepare(sender: Any, **_: Any) -> None:
         if sender.app is app:
+            # Before the pool starts (a prefork pool's processes inherit it); process-wide, so only a worker's.
+            sys.setswitchinterval(settings.gil_switch_s)
             endpoint.prepare()
 
     def serve(sender: Any, **_: Any) -> None:

@@ -26,6 +26,9 @@ MAX_SHARDS = 256
 """``ORCH_SHARDS`` at most: each shard is a few sorted sets every sweep reads."""
 MAX_WAIT_REPLICAS = 16
 """``ORCH_WAIT_REPLICAS`` at most."""
+MIN_GIL_SWITCH_S, MAX_GIL_SWITCH_S = 0.001, 1.0
+"""``ORCH_GIL_SWITCH_S`` bounds: below a millisecond threads hand over more often than Python's default; above a
+second a busy thread would hold the heartbeat and the broker's consumer up for that long."""
 
 PRIORITY_MODES = ("depth", "off")
 """``ORCH_PRIORITIES`` values: ``depth`` sends each step with its DAG depth as priority, ``off`` sends none (FIFO)."""
@@ -127,6 +130,11 @@ class Settings:
             its step (not retried).
         inprocess_threads: ``ORCH_INPROCESS_THREADS``: with ``REDIS_URL=memory://``, how many steps the process runs
             at once on its own threads.
+        gil_switch_s: ``ORCH_GIL_SWITCH_S``: a worker's Python switch interval (``sys.setswitchinterval``): how
+            long a thread runs before a thread waiting for the interpreter makes it hand over. A threads worker's
+            hundreds of slots mostly wait on I/O and hand the interpreter over at each wait anyway; Python's 5 ms
+            also forced hand-overs in between, which at 500 slots cost CPU and let a step's run time stretch (see
+            docs/benchmarks.md). Default 0.05; from 0.001 to 1.
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -164,6 +172,7 @@ class Settings:
     priorities: str = "depth"
     rabbitmq_priority_queues: bool = False
     inprocess_threads: int = 8
+    gil_switch_s: float = 0.05
     map_max_items: int = 10_000
     shards: int = 1
     wait_replicas: int = 0
@@ -195,6 +204,9 @@ class Settings:
                 "ORCH_BROKER_URL cannot be used with REDIS_URL=memory://: that process runs its own steps "
                 "without a broker; unset one of them"
             )
+        if not MIN_GIL_SWITCH_S <= self.gil_switch_s <= MAX_GIL_SWITCH_S:
+            bounds = f"from {MIN_GIL_SWITCH_S} to {MAX_GIL_SWITCH_S} seconds"
+            raise ValueError(f"ORCH_GIL_SWITCH_S must be {bounds}, not {self.gil_switch_s}")
         if self.inprocess_threads < 1:
             raise ValueError(f"ORCH_INPROCESS_THREADS must be at least 1, not {self.inprocess_threads}")
         if self.map_max_items < 0:
@@ -210,7 +222,8 @@ class Settings:
 
         Raises:
             ValueError: A number that does not parse, an unknown ``ORCH_PRIORITIES``, an ``ORCH_METRICS_MAX_SERIES``
-                or ``ORCH_INPROCESS_THREADS`` below 1, ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a URL
+                or ``ORCH_INPROCESS_THREADS`` below 1, an ``ORCH_GIL_SWITCH_S`` out of its bounds,
+                ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a URL
                 without a scheme, with an unknown one, or a malformed Sentinel or ``memory:`` URL (``RedisUrlError``).
         """
         env = os.environ if environ is None else environ
@@ -250,6 +263,7 @@ class Settings:
             "priorities": "ORCH_PRIORITIES",
             "rabbitmq_priority_queues": "ORCH_RABBITMQ_PRIORITY_QUEUES",
             "inprocess_threads": "ORCH_INPROCESS_THREADS",
+            "gil_switch_s": "ORCH_GIL_SWITCH_S",
             "map_max_items": "ORCH_MAP_MAX_ITEMS",
             "shards": "ORCH_SHARDS",
             "wait_replicas": "ORCH_WAIT_REPLICAS",

@@ -59,6 +59,7 @@ def test_llm_steps_run_on_the_threads_worker_and_python_steps_on_the_prefork_wor
 ) -> None:
     llm_queue, cpu_queue = queues
     side_queue = f"side_{unique}"
+    worker_env = {**worker_env, "ORCH_GIL_SWITCH_S": "0.037"}
     spec = workflow(
         f"routing_{unique}",
         llm("draft"),
@@ -106,6 +107,9 @@ def test_llm_steps_run_on_the_threads_worker_and_python_steps_on_the_prefork_wor
     assert view["status"] == "succeeded", view["error"]
     # A threads pool runs the step in the worker's own process.
     assert view["steps"]["side"]["output"]["pid"] == side_process.pid
+    # Both pools run steps at the worker's switch interval (a prefork pool's processes inherit it).
+    assert view["steps"]["side"]["output"]["switch_s"] == pytest.approx(0.037)
+    assert view["steps"]["check"]["output"]["switch_s"] == pytest.approx(0.037)
 
 
 def test_a_threads_worker_runs_as_many_llm_steps_at_once_as_it_has_threads_each_exactly_once(

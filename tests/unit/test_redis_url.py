@@ -379,3 +379,14 @@ def test_orch_shards_outside_its_range_is_refused(shards: str) -> None:
 def test_orch_wait_replicas_outside_its_range_is_refused(replicas: str) -> None:
     with pytest.raises(ValueError, match=f"ORCH_WAIT_REPLICAS must be from 0 to 16, not {replicas}"):
         Settings.from_env({"ORCH_WAIT_REPLICAS": replicas})
+
+
+@pytest.mark.parametrize("seconds", ["0", "0.0005", "2", "nan", "inf"])
+def test_orch_gil_switch_s_outside_its_range_is_refused(seconds: str) -> None:
+    with pytest.raises(ValueError, match=f"ORCH_GIL_SWITCH_S must be from 0.001 to 1.0 seconds, not {float(seconds)}"):
+        Settings.from_env({"ORCH_GIL_SWITCH_S": seconds})
+
+
+def test_a_worker_hands_the_interpreter_over_every_50_ms_unless_told() -> None:
+    assert Settings.from_env({}).gil_switch_s == 0.05
+    assert Settings.from_env({"ORCH_GIL_SWITCH_S": "0.005"}).gil_switch_s == 0.005
