@@ -222,9 +222,9 @@ class Settings:
 
         Raises:
             ValueError: A number that does not parse, an unknown ``ORCH_PRIORITIES``, an ``ORCH_METRICS_MAX_SERIES``
-                or ``ORCH_INPROCESS_THREADS`` below 1, an ``ORCH_GIL_SWITCH_S`` out of its bounds,
-                ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a URL
-                without a scheme, with an unknown one, or a malformed Sentinel or ``memory:`` URL (``RedisUrlError``).
+                or ``ORCH_INPROCESS_THREADS`` below 1, an ``ORCH_GIL_SWITCH_S`` out of its bounds, ``ORCH_BROKER_URL``
+                with ``REDIS_URL=memory://``, or a URL without a scheme, with an unknown one, or a malformed Sentinel
+                or ``memory:`` URL (``RedisUrlError``).
         """
         env = os.environ if environ is None else environ
         names = {
