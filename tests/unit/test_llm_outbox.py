@@ -158,6 +158,15 @@ def test_a_close_owed_to_redis_is_applied_once_when_redis_has_forgotten_every_sc
     assert (fields["llm_calls"], fields["llm_held_nusd"]) == ("1", "0"), "applied once, not lost nor doubled"
 
 
+def _governed(redis_url: str, run_id: str, provider: Any) -> tuple[redis.Redis, RedisGovernor, LLMGateway]:
+    """A running run's LLM gateway on a real Redis, with a governor and a reply cache: the client, governor, gateway."""
+    client = redis.Redis.from_url(redis_url)
+    client.hset(keys.run_key(run_id), mapping={"status": "running"})
+    governor = RedisGovernor(client, RateLimits())
+    cache = ReplyCache(client, run_ttl_s=60, shared_ttl_s=60)
+    return client, governor, LLMGateway(provider, prices=PriceTable(), governor=governor, cache=cache)
+
+
 class TinyProvider:
     """Answers every call with one input and one output token (far below the worst case held for it)."""
 
@@ -168,13 +177,8 @@ class TinyProvider:
 def test_a_second_call_of_an_attempt_sees_the_first_calls_real_spend_and_both_go_in_three_round_trips(
     redis_url: str, round_trips: RoundTrips
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
     run_id = f"outbox-{id(round_trips)}"
-    client.hset(keys.run_key(run_id), mapping={"status": "running"})
-    governor = RedisGovernor(client, RateLimits())
-    gateway = LLMGateway(
-        TinyProvider(), prices=PriceTable(), governor=governor, cache=ReplyCache(client, run_ttl_s=60, shared_ttl_s=60)
-    )
+    client, governor, gateway = _governed(redis_url, run_id, TinyProvider())
     request = LLMRequest(model=HAIKU, prompt="hello", max_tokens=200)
     worst = PriceTable().worst_case(HAIKU, estimate_input_tokens("hello"), 200)
     # Room for one worst case and a half: the second call fits only once the first is settled at its real cost.
@@ -344,13 +348,9 @@ def test_an_open_redis_applied_before_a_close_it_had_forgotten_is_given_back_and
     # Redis knows the open script, not the close (an operator loaded one, or a restart landed between the two
     # loads): the first call's close, first in the second call's round trip, is refused and sent again after the
     # second call's open, which missed the reply the close stores.
-    client = redis.Redis.from_url(redis_url)
-    run_id = f"outbox-overtaken-{id(round_trips)}"
-    client.hset(keys.run_key(run_id), mapping={"status": "running"})
-    governor = RedisGovernor(client, RateLimits())
     provider = CountingProvider()
-    cache = ReplyCache(client, run_ttl_s=60, shared_ttl_s=60)
-    gateway = LLMGateway(provider, prices=PriceTable(), governor=governor, cache=cache)
+    run_id = f"outbox-overtaken-{id(round_trips)}"
+    client, governor, gateway = _governed(redis_url, run_id, provider)
     request = LLMRequest(model=HAIKU, prompt="hello", max_tokens=200)
     outbox = CallOutbox()
     client.script_flush()

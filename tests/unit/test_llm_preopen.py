@@ -287,8 +287,9 @@ def test_an_open_ahead_redis_applied_before_the_close_it_had_forgotten_is_given_
     model: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # After a restart another worker has loaded the open script again, not yet the close: a's close, first in its
-    # finish's round trip, is refused and sent again after b's open ahead, which then missed a's stored reply.
+    # Redis knows the open script, not the close (an operator loaded one, or a restart landed between the two loads):
+    # a's close, first in its finish's round trip, is refused and sent again after b's open ahead, which then missed
+    # a's stored reply.
     rt, publisher, _ = local_runtime
     steps = (_llm("a", model, "The same question."), _llm("b", model, "The same question.", "a"))
     run_id = start(rt, publisher, {**workflow(*steps), "budget_usd": 5})
