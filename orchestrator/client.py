@@ -171,15 +171,17 @@ class Client:
         try:
             if idempotency_key:
                 bound = self.store.reserve_idempotency_key(idempotency_key, run_id)
-                if bound != run_id:
+                if bound != run_id and self.store.run_summaries([bound]):
                     return bound
+                # A key bound to no run yet: an earlier submit with it stopped (Redis went away) or is under way.
+                # This one creates that run; the create script lets one of them make it, and only that one publishes.
+                run_id = bound
             self.store.save_definition(spec)
             held = {step: new_id() for step in spec.start_steps}
             self.store.hold_dispatch(run_id, held, self.settings.queued_grace_s)
-            self.store.create_run(run_id, spec, filled, idempotency_key)
+            if not self.store.create_run(run_id, spec, filled, idempotency_key):
+                return run_id
         except redis.RedisError as exc:
-            if idempotency_key:
-                self._unbind(idempotency_key, run_id)
             raise StoreUnavailableError(f"cannot reach Redis to create the run: {exc}") from exc
         try:
             with submit_span(run_id, spec.name):
@@ -200,20 +202,6 @@ class Client:
                 ) from exc
             raise StoreUnavailableError(f"cannot publish to the broker: {exc}") from exc
         return run_id
-
-    def _unbind(self, idempotency_key: str, run_id: str) -> None:
-        """Free a reserved idempotency key whose run was never created, so the producer's retry creates one.
-
-        The key and the run live on different Redis slots, so they cannot be written in one script: a creation that
-        failed half way is undone here instead. A run that was created (its reply lost) keeps the key: the sweeper
-        starts it from its dispatch hold, and a retry must find it, not make a second one.
-        """
-        try:
-            if not self.store.run_summaries([run_id]):
-                self.store.release_idempotency_key(idempotency_key, run_id)
-        except redis.RedisError:
-            # Redis is still away: the binding stays until the key's TTL (the submit reports the outage).
-            pass
 
     def status(self, run_id: str) -> RunView:
         """The run's status JSON (see README, "Status JSON").

@@ -1,9 +1,9 @@
 """Hostile input against the state store (issue 12, items 6, 8, 11, 12, 13 and 16), end to end.
 
-Stale approval timers, an unbounded audit, an idempotency key bound to a run never created, a dispatch failure
-without a final event, deadlines outliving their runs, and attempt numbers that disagree after a resume. The
-store-level rules are in the contract suite (``tests/unit/test_state_contract.py``); these tests go through the
-client, the API's body model and real workers.
+Stale approval timers, an unbounded audit, an idempotency key bound to a run never created (and two submits racing
+on one key), a dispatch failure without a final event, deadlines outliving their runs, and attempt numbers that
+disagree after a resume. The store-level rules are in the contract suite (``tests/unit/test_state_contract.py``);
+these tests go through the client, the API's body model and real workers.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def test_an_approval_timeout_set_before_a_cancel_does_not_decide_the_resumed_run
 # -- submit and dispatch failures -----------------------------------------------------------------------------------
 
 
-def test_a_submit_that_fails_on_redis_frees_its_idempotency_key_for_the_retry(
-    client: Client, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, unique: str
+def test_a_submit_cut_off_by_redis_leaves_its_key_to_the_retry_which_creates_that_run(
+    client: Client, workers: LocalWorkers, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, unique: str
 ) -> None:
     spec = workflow(f"idem_{unique}", py("a", "tests.count_calls"))
     key = f"order-{unique}"
@@ -121,15 +121,54 @@ def test_a_submit_that_fails_on_redis_frees_its_idempotency_key_for_the_retry(
         raise redis.ConnectionError("Redis went away")
 
     with monkeypatch.context() as patch:
-        patch.setattr(client.store, "create_run", redis_fails)
+        # Redis goes away after the key is bound and before the run is made; it is still away for any clean-up.
+        for name in ("create_run", "run_summaries", "release_idempotency_key"):
+            patch.setattr(client.store, name, redis_fails)
         with pytest.raises(StoreUnavailableError):
             client.submit(spec, idempotency_key=key)
-    assert redis_client.get(keys.idempotency_key(key)) is None
+    bound = redis_client.get(keys.idempotency_key(key))
+    assert isinstance(bound, str)
+    assert not redis_client.exists(keys.run_key(bound))
 
     run_id = client.submit(spec, idempotency_key=key)
 
-    assert client.status(run_id)["run_id"] == run_id
+    assert run_id == bound, "the retry makes the run its key names rather than answer with a run that does not exist"
     assert client.submit(spec, idempotency_key=key) == run_id
+    view = client.wait(run_id, timeout=30)
+    assert view["status"] == "succeeded"
+    assert view["steps"]["a"]["output"]["calls"] == 1
+
+
+def test_two_submits_racing_on_one_key_make_one_run_and_start_it_once(
+    client: Client, workers: LocalWorkers, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    spec = workflow(f"idem_race_{unique}", py("a", "tests.count_calls"))
+    key = f"order-{unique}"
+    create, publish = client.store.create_run, client.publisher.publish
+    published: list[str] = []
+    second: list[str] = []
+    calls = iter(range(2))
+
+    def other_submit_first(*args: Any, **kwargs: Any) -> bool:
+        # The first submit has bound the key and not yet made the run when the second one arrives and makes it.
+        if next(calls) == 0:
+            second.append(client.submit(spec, idempotency_key=key))
+        return create(*args, **kwargs)
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        published.append(kwargs["run_id"])
+        publish(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(client.store, "create_run", other_submit_first)
+        patch.setattr(client.publisher, "publish", counted)
+        first = client.submit(spec, idempotency_key=key)
+
+    assert second == [first]
+    assert published == [first], "only the submit that made the run publishes its first steps"
+    view = client.wait(first, timeout=30)
+    assert view["status"] == "succeeded"
+    assert view["steps"]["a"]["output"]["calls"] == 1
 
 
 def test_a_run_whose_dispatch_failed_ends_its_event_stream_with_run_failed(
