@@ -308,7 +308,12 @@ def test_a_delayed_retry_held_by_a_killed_worker_goes_back_to_the_queue_at_once(
         (first,) = pool.processes
 
         def retry_held() -> bool:
-            scheduled = client.app.control.inspect(destination=[first], timeout=1.0).scheduled() or {}
+            # Celery publishes the retry before it acknowledges the first message: killed in between, the worker would
+            # hand both back. The first is acknowledged right after it leaves the worker's active requests.
+            inspect = client.app.control.inspect(destination=[first], timeout=1.0)
+            if (inspect.active() or {}).get(first, [None]):
+                return False
+            scheduled = inspect.scheduled() or {}
             return any(entry["request"]["args"][2] == "paced" for entry in scheduled.get(first, []))
 
         wait_for(retry_held, timeout=30, what="the worker to hold the delayed retry until its ETA")
