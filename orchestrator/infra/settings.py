@@ -134,7 +134,7 @@ class Settings:
             long a thread runs before a thread waiting for the interpreter makes it hand over. A threads worker's
             hundreds of slots mostly wait on I/O and hand the interpreter over at each wait anyway; Python's 5 ms
             also forced hand-overs in between, which at 500 slots cost CPU and let a step's run time stretch (see
-            docs/benchmarks.md). Default 0.05; from 0.001 to 1.
+            docs/benchmarks.md). Default 0.1; from 0.001 to 1.
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -172,7 +172,7 @@ class Settings:
     priorities: str = "depth"
     rabbitmq_priority_queues: bool = False
     inprocess_threads: int = 8
-    gil_switch_s: float = 0.05
+    gil_switch_s: float = 0.1
     map_max_items: int = 10_000
     shards: int = 1
     wait_replicas: int = 0

@@ -387,6 +387,6 @@ def test_orch_gil_switch_s_outside_its_range_is_refused(seconds: str) -> None:
         Settings.from_env({"ORCH_GIL_SWITCH_S": seconds})
 
 
-def test_a_worker_hands_the_interpreter_over_every_50_ms_unless_told() -> None:
-    assert Settings.from_env({}).gil_switch_s == 0.05
+def test_a_worker_hands_the_interpreter_over_every_100_ms_unless_told() -> None:
+    assert Settings.from_env({}).gil_switch_s == 0.1
     assert Settings.from_env({"ORCH_GIL_SWITCH_S": "0.005"}).gil_switch_s == 0.005
