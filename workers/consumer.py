@@ -8,11 +8,12 @@ Flower learning of a task up to that much later.
 
 The first event of a window opens it on the loop's thread, waking the loop when a pool thread sent it: a timer
 entered from a pool thread waits for the loop's poll to end (a second or more on a quiet worker), while the buffer
-kept growing until Celery's size limit made the sending thread publish. The limit is raised to
-:data:`EVENT_BUFFER_LIMIT`, so on a busy worker the window, not the size, ends a batch. What is buffered when Celery
-replaces the dispatcher (a broker reconnection) or shuts down, which it would drop, is published.
-:func:`buffer_task_events` adds events built elsewhere (the task events of locally run steps, ``workers/local.py``) to
-the same buffer.
+kept growing until Celery's size limit made the sending thread publish. Only the loop publishes: the limit is raised
+to :data:`EVENT_BUFFER_LIMIT`, a safety valve for a loop that stopped turning, and a thread that finds it reached
+while a publish is under way leaves the buffer to the next window instead of queueing behind that publish. What is
+buffered when Celery replaces the dispatcher (a broker reconnection) or shuts down, which it would drop, is
+published. :func:`buffer_task_events` adds events built elsewhere (the task events of locally run steps,
+``workers/local.py``) to the same buffer.
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ log = logging.getLogger(__name__)
 EVENT_FLUSH_S = 0.01
 """How long buffered task events wait to be published together."""
 
-EVENT_BUFFER_LIMIT = 500
-"""Buffered task events that are published at once, before their window ends (Celery's default, 24, is a few steps'
-worth: on a busy threads worker most batches were then published by a pool thread before their window ended)."""
+EVENT_BUFFER_LIMIT = 20_000
+"""Buffered task events at which the thread sending one publishes them itself, before their window ends: a few
+megabytes, never reached while the loop turns.
+
+Celery's default, 24, is a few steps' worth: on a busy threads worker most batches were then published by pool
+threads. With 500, the llm worker of ``scripts/bench_load.py`` (500 threads) had over 200 of them waiting at once,
+most of the time, on the dispatcher's lock: a batch stays in the buffer until its publish is done (Celery drops only
+what it published), so while the loop published a large one every thread that sent an event found the buffer full
+and queued behind it to publish the next few, each a round trip under the lock."""
 
 
 class BatchingConsumer(Consumer):
@@ -140,7 +147,8 @@ def buffer_task_events(dispatcher: EventDispatcher, *events: tuple[str, dict[str
     # another thread flushes.
     buffered: list[dict[str, Any]] = target._group_buffer["task"]
     buffered.extend(stamped)
-    if len(buffered) >= target.buffer_limit:
+    if len(buffered) >= target.buffer_limit and not target.mutex.locked():
+        # Unless a publish is under way (it holds the lock): the next window takes these.
         target.flush()
     elif target.on_send_buffered:
         target.on_send_buffered()

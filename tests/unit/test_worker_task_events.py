@@ -205,6 +205,33 @@ def test_the_events_still_buffered_when_the_worker_shuts_down_are_published(work
     assert len(worker.published.events()) == 12
 
 
+def test_a_thread_that_fills_the_buffer_while_the_loop_publishes_leaves_it_to_the_next_window(worker: Worker) -> None:
+    # A batch stays in the buffer until its publish is done: every thread sending an event meanwhile found the buffer
+    # full and queued on the dispatcher's lock behind that publish (over 200 of 500 threads at a time, under load).
+    dispatcher: Any = worker.consumer.event_dispatcher
+    dispatcher.buffer_limit = 12
+    workflow = spec()
+    chain = threading.Thread(target=run_chain, args=(worker.local, workflow), daemon=True)
+    with dispatcher.mutex:  # the loop publishing a batch
+        chain.start()
+        chain.join(timeout=10)
+        finished_during_the_publish = not chain.is_alive()
+    chain.join(timeout=10)
+
+    assert finished_during_the_publish, "the thread waited for the loop's publish"
+    assert worker.published.messages == [], "nor did it publish once the lock was free"
+    assert worker.consumer._flush_due, "a window is open for what it buffered"
+    worker.consumer._flush_window()
+    assert [key for key, _ in worker.published.messages] == ["task.multi"]
+    assert len(worker.published.events()) == 12
+
+    # With no publish under way, a full buffer is still published by the thread that filled it (a loop that stopped).
+    worker.consumer._flush_due = True  # a window that never ends
+    run_chain(worker.local, workflow)
+    assert len(worker.published.messages) == 2
+    assert len(worker.published.events()) == 24
+
+
 def test_the_events_buffered_when_the_broker_connection_is_lost_go_out_after_it_is_back(
     worker: Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
