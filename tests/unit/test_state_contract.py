@@ -2422,6 +2422,55 @@ def test_a_finish_asked_to_keep_several_claims_the_first_released_candidates_eac
     assert finish(backend, spec, c).recorded
 
 
+def test_kept_children_get_the_finished_steps_output_without_redis_sending_it_back_to_each(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = workflow("fan", {"a": [], "x": [], "b": ["a", "x"], "c": ["a"]})
+    start(backend, spec, inputs={"topic": "owls"})
+    succeed(backend, spec, "x", {"text": "other"}, "kx")
+    a = attempt("a", "ta")
+    assert claim(backend, spec, a).outcome == ClaimOutcome.OK
+    tails: list[list[str]] = []
+    if backend.name == "redis":
+        from orchestrator.state.redis import steps as redis_steps
+
+        kept_claims = redis_steps._kept_claims
+
+        def spy(tail: list[str], *args: Any) -> Any:
+            tails.append(tail)
+            return kept_claims(tail, *args)
+
+        monkeypatch.setattr(redis_steps, "_kept_claims", spy)
+    output = {"text": "hoot " * 400}
+
+    result = finish(backend, spec, a, output=output, keep=keep_request(spec, "b", "c", most=2))
+
+    assert (result.kept, list(result.kept_more)) == ("b", ["c"])
+    assert result.kept_claim.parent_output == {"a": output, "x": {"text": "other"}}
+    assert result.kept_more["c"].parent_output == {"a": output}
+    if tails:
+        # Each claim's place for a's output holds "=", x's its stored value.
+        [tail] = tails
+        assert tail.count("=") == 2
+        assert json.dumps(output, separators=(",", ":")) not in tail
+        assert '{"text":"other"}' in tail
+
+
+def test_a_cached_finish_hands_its_kept_child_the_stored_output(backend: Backend) -> None:
+    start(backend, CHAIN)
+    succeed(backend, CHAIN, "a", {"x": 1}, "ka")
+    succeed(backend, CHAIN, "b", {"y": 2}, "kb")
+    plan = resume_plan(("a", "queued", 0), ("b", "pending", 1), allowed=(*RESUMABLE, "succeeded"), forced="a")
+    assert backend.store.resume("run1", plan).outcome == ResumeOutcome.OK
+    a = attempt("a", "a2", generation="2")
+    assert claim(backend, CHAIN, a).outcome == ClaimOutcome.OK
+
+    result = finish(backend, CHAIN, a, cache_key="ka", cached=True, keep=keep_request(CHAIN, "b"))
+
+    assert result.kept == "b"
+    assert result.kept_claim.parent_output == {"a": {"x": 1}}
+
+
 def test_children_kept_beyond_the_first_are_in_the_lease_index_with_their_claim_lease_and_the_rest_with_the_grace(
     backend: Backend,
 ) -> None:

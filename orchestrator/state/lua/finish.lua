@@ -30,7 +30,9 @@
 -- run_* event; without them the caller does both.
 -- Returns {"stale"} or {"ok", run_status_or_empty, n_released, released_child..., n_cancelled, cancelled_step,
 -- task_id, ..., then either (the run ended) parent_run_or_empty, workflow, or (a keep request) n_kept, (kept_child,
--- n_reply, claim_reply...)...} (n_cancelled counts the entries that follow it).
+-- n_reply, claim_reply...)...} (n_cancelled counts the entries that follow it). A kept child's claim reply holds '='
+-- in place of this step's output when output_json gave it (the caller has it: a fan-out's claims would each carry it
+-- back).
 local run, events = KEYS[1], KEYS[2]
 local step, gen, task, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local output, err, retention, cache_key, cached = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
@@ -198,6 +200,12 @@ if n_keep > 0 and out[2] == '' then
     for j = 1, #fields, 2 do pending[fields[j]] = fields[j + 1] end
     local reply = claim_step(run, events, tonumber(t[1]) + tonumber(t[2]) / 1e6, name, gen, c.task,
       tonumber(ARGV[17]), c.parents, c.children, ARGV[18], pending, fields, name == only and early_read or nil)
+    if reply[1] == 'ok' and output ~= '' then
+      -- This step's own output, which the caller sent: '=' in its place rather than the value back.
+      for j, parent in ipairs(c.parents) do
+        if parent == step then reply[9 + 2 * j] = '=' end
+      end
+    end
     out[#out + 1] = name
     out[#out + 1] = #reply
     for _, value in ipairs(reply) do out[#out + 1] = value end

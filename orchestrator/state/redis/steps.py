@@ -116,7 +116,7 @@ class StepTransitions(RedisStateCore):
             generation,
             task_id,
             outcome.value,
-            "" if output is None else json.dumps(output, separators=(",", ":")),
+            (output_json := "" if output is None else json.dumps(output, separators=(",", ":"))),
             "" if error is None else json.dumps(error, separators=(",", ":")),
             self.retention_s,
             cache_key,
@@ -167,7 +167,7 @@ class StepTransitions(RedisStateCore):
         ended = ok and reply[1] != ""
         # An ended run answers its parent run and workflow; a run going on, the children it kept for the slot.
         parent_run, workflow = (tail[0], tail[1]) if ended else ("", "")
-        claims = _kept_claims(tail, candidates) if ok and not ended else {}
+        claims = _kept_claims(tail, candidates, output_json) if ok and not ended else {}
         # A refused finish leaves the covers in place (written by a first application of this very finish, or in a
         # cluster ahead of this one): it may be this finish applied once already, its reply lost to a connection
         # that dropped (redis-py then sends it again), with its children released and some perhaps claimed for this
@@ -301,8 +301,11 @@ class StepTransitions(RedisStateCore):
         return ReclaimedStep(run_id=run_id, step=step, definition_hash=reply[1], generation=reply[2], task_id=reply[3])
 
 
-def _claim_reply(reply: list[str], upstream: tuple[str, ...], children: tuple[str, ...]) -> Claim:
-    """A claim as ``claim_step`` (``lua/_claim.lua``) answered it, from ``claim.lua`` or within ``finish.lua``."""
+def _claim_reply(
+    reply: list[str], upstream: tuple[str, ...], children: tuple[str, ...], parent_json: str = ""
+) -> Claim:
+    """A claim as ``claim_step`` (``lua/_claim.lua``) answered it, from ``claim.lua`` or within ``finish.lua``
+    (where ``=`` stands for the output of the finishing parent, ``parent_json``)."""
     outcome = ClaimOutcome(reply[0])
     if outcome == ClaimOutcome.OK:
         rows = reply[9:]
@@ -317,7 +320,7 @@ def _claim_reply(reply: list[str], upstream: tuple[str, ...], children: tuple[st
             force=reply[7] == "1",
             queued_at=float(reply[8]) if reply[8] else None,
             parent_status={p: rows[2 * i] for i, p in enumerate(upstream)},
-            parent_output={p: json.loads(rows[2 * i + 1]) if rows[2 * i + 1] else None for i, p in enumerate(upstream)},
+            parent_output={p: _output(rows[2 * i + 1], parent_json) for i, p in enumerate(upstream)},
         )
     if outcome == ClaimOutcome.DONE:
         rows = reply[2:]
@@ -326,9 +329,15 @@ def _claim_reply(reply: list[str], upstream: tuple[str, ...], children: tuple[st
     return Claim(outcome=outcome, detail=reply[1] if len(reply) > 1 else "")
 
 
-def _kept_claims(tail: list[str], candidates: dict[str, KeepCandidate]) -> dict[str, Claim]:
+def _output(stored: str, parent_json: str) -> Any:
+    if stored == "=":
+        stored = parent_json
+    return json.loads(stored) if stored else None
+
+
+def _kept_claims(tail: list[str], candidates: dict[str, KeepCandidate], output_json: str) -> dict[str, Claim]:
     """The children ``finish.lua`` claimed for the slot, in release order: ``n_kept, (child, n_reply, reply...)...``
-    (nothing without a keep request)."""
+    (nothing without a keep request); ``output_json``: what the finish wrote as its step's output."""
     claims: dict[str, Claim] = {}
     if not tail:
         return claims
@@ -336,7 +345,7 @@ def _kept_claims(tail: list[str], candidates: dict[str, KeepCandidate]) -> dict[
     for _ in range(int(tail[0])):
         child, size = tail[at], int(tail[at + 1])
         claims[child] = _claim_reply(
-            tail[at + 2 : at + 2 + size], candidates[child].upstream, candidates[child].children
+            tail[at + 2 : at + 2 + size], candidates[child].upstream, candidates[child].children, output_json
         )
         at += 2 + size
     return claims
