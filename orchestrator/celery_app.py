@@ -26,7 +26,7 @@ from orchestrator.engine.batches import batch_size, plan_batches
 from orchestrator.engine.coordinator import queue_for
 from orchestrator.engine.priorities import REDIS_PRIORITY_SEPARATOR, REDIS_PRIORITY_STEPS, message_priority, step_level
 from orchestrator.errors import BrokerUnavailableError
-from orchestrator.infra import kombu_redis
+from orchestrator.infra import event_json, kombu_redis
 from orchestrator.infra.redis_url import broker_connection, require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.telemetry.tracing import dispatch_headers
@@ -48,6 +48,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     require_shared_store(settings.redis_url, "Celery workers and producers")
     # A Sentinel URL becomes kombu's ``sentinel://`` URLs plus the master name (and TLS) in transport options.
     broker = broker_connection(settings.effective_broker_url)
+    event_json.register()
     return {
         "broker_url": broker.url,
         # Step state and outputs live in the orchestrator's own Redis hashes; Celery results would only cost commands.
@@ -89,6 +90,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Flower and event consumers see every task, with its sent time.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
+        # The same JSON, encoded by orjson (every receiver decodes it as JSON).
+        "event_serializer": event_json.EVENT_SERIALIZER,
         "worker_hijack_root_logger": False,
         "imports": list(settings.imports),
         **({"broker_use_ssl": dict(broker.use_ssl)} if broker.use_ssl is not None else {}),
