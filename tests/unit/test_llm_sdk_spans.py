@@ -3,7 +3,6 @@ tracer provider receives them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,7 +14,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from orchestrator.llm.anthropic import sdk_span_options
 from orchestrator.llm.base import LLMRequest
 from orchestrator.llm.offline import OfflineClient
-from orchestrator.telemetry import trace_provider
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -36,27 +34,7 @@ def tracers_asked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return asked
 
 
-@pytest.fixture
-def orchestrator_tracing() -> Iterator[None]:
-    trace_provider.configure(SimpleSpanProcessor(InMemorySpanExporter()))
-    try:
-        yield
-    finally:
-        trace_provider.reset()
-
-
-@pytest.fixture
-def orchestrator_tracing_off() -> Iterator[None]:
-    trace_provider.configure()
-    try:
-        yield
-    finally:
-        trace_provider.reset()
-
-
-def test_with_no_tracing_anywhere_the_sdk_makes_no_span_for_a_call(
-    orchestrator_tracing_off: None, tracers_asked: list[str]
-) -> None:
+def test_with_no_tracing_anywhere_the_sdk_makes_no_span_for_a_call(tracing_off: None, tracers_asked: list[str]) -> None:
     assert sdk_span_options() == {"open_telemetry": False}
     client = OfflineClient()
 
@@ -67,7 +45,7 @@ def test_with_no_tracing_anywhere_the_sdk_makes_no_span_for_a_call(
 
 
 def test_with_the_orchestrators_tracing_on_the_sdk_keeps_its_default(
-    orchestrator_tracing: None, tracers_asked: list[str]
+    spans: InMemorySpanExporter, tracers_asked: list[str]
 ) -> None:
     assert sdk_span_options() == {}
     client = OfflineClient()
@@ -78,7 +56,7 @@ def test_with_the_orchestrators_tracing_on_the_sdk_keeps_its_default(
 
 
 def test_an_applications_global_tracer_provider_receives_the_sdks_span_of_each_call(
-    orchestrator_tracing_off: None, monkeypatch: pytest.MonkeyPatch
+    tracing_off: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

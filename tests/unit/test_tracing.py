@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery import Celery
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
@@ -26,26 +24,6 @@ from tests.unit.test_engine_attempt import SETTINGS, drive, make_runtime, start
 from tests.unit.test_engine_attempt import workflow as engine_workflow
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Tracing on, into memory, for this test only."""
-    exporter = InMemorySpanExporter()
-    trace_provider.configure(SimpleSpanProcessor(exporter))
-    try:
-        yield exporter
-    finally:
-        trace_provider.reset()
-
-
-@pytest.fixture
-def tracing_off() -> Iterator[None]:
-    trace_provider.configure()
-    try:
-        yield
-    finally:
-        trace_provider.reset()
 
 
 def _info(run_id: str, step: str = "draft", headers: dict[str, Any] | None = None, **extra: Any) -> AttemptInfo:
