@@ -146,7 +146,7 @@ def _samples(field: dataclasses.Field[Any]) -> list[str]:
     if kind == "bool":
         return ["false" if field.default else "true"]
     if kind == "int":
-        return ["7"]
+        return ["7", "700"]
     if kind == "float":
         return ["7.5", "0.5"]
     # A string may be checked (a URL, an enum); try values until one is accepted.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import time
@@ -22,9 +23,17 @@ def _redis() -> redis.Redis:
 
 @function("tests.sleep")
 def sleep(ctx: StepContext, seconds: float = 0.0, **_: Any) -> dict[str, Any]:
-    """Sleep, then report who ran it (and the process's switch interval, ``ORCH_GIL_SWITCH_S``)."""
+    """Sleep, then report who ran it (and the process's switch interval and collector settings, ``ORCH_GIL_SWITCH_S``
+    and ``ORCH_GC_THRESHOLD``)."""
     time.sleep(seconds)
-    return {"step": ctx.step, "slept": seconds, "pid": os.getpid(), "switch_s": sys.getswitchinterval()}
+    return {
+        "step": ctx.step,
+        "slept": seconds,
+        "pid": os.getpid(),
+        "switch_s": sys.getswitchinterval(),
+        "gc_threshold": gc.get_threshold()[0],
+        "gc_frozen": gc.get_freeze_count(),
+    }
 
 
 @function("tests.report_pid_then_sleep")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -100,6 +101,18 @@ def _warm_up(holder: RuntimeHolder) -> None:
     worker_process_init.connect(build_runtime, weak=False)
 
 
+def tune_collector(threshold: int) -> None:
+    """Collect the youngest objects once allocations outnumber frees by ``threshold`` (``ORCH_GC_THRESHOLD``; the
+    older generations' ratios kept), and leave what the worker holds at start (modules, the app, the registries) to
+    no collection again (``gc.freeze``).
+
+    Called before the pool starts, so a prefork pool's processes inherit both, and their collections leave the
+    parent's pages unwritten.
+    """
+    gc.set_threshold(threshold, *gc.get_threshold()[1:])
+    gc.freeze()
+
+
 def _observe(app: Celery, settings: Settings) -> None:
     """Logging and the metrics endpoint of a worker of ``app`` (``celery -A workers worker``).
 
@@ -125,6 +138,7 @@ def _observe(app: Celery, settings: Settings) -> None:
         if sender.app is app:
             # Before the pool starts (a prefork pool's processes inherit it); process-wide, so only a worker's.
             sys.setswitchinterval(settings.gil_switch_s)
+            tune_collector(settings.gc_threshold)
             endpoint.prepare()
 
     def serve(sender: Any, **_: Any) -> None:

@@ -59,7 +59,7 @@ def test_llm_steps_run_on_the_threads_worker_and_python_steps_on_the_prefork_wor
 ) -> None:
     llm_queue, cpu_queue = queues
     side_queue = f"side_{unique}"
-    worker_env = {**worker_env, "ORCH_GIL_SWITCH_S": "0.037"}
+    worker_env = {**worker_env, "ORCH_GIL_SWITCH_S": "0.037", "ORCH_GC_THRESHOLD": "4321"}
     spec = workflow(
         f"routing_{unique}",
         llm("draft"),
@@ -110,6 +110,10 @@ def test_llm_steps_run_on_the_threads_worker_and_python_steps_on_the_prefork_wor
     # Both pools run steps at the worker's switch interval (a prefork pool's processes inherit it).
     assert view["steps"]["side"]["output"]["switch_s"] == pytest.approx(0.037)
     assert view["steps"]["check"]["output"]["switch_s"] == pytest.approx(0.037)
+    # And with the worker's collector threshold, what the worker held at start frozen out of collections.
+    for step in ("side", "check"):
+        assert view["steps"][step]["output"]["gc_threshold"] == 4321
+        assert view["steps"][step]["output"]["gc_frozen"] > 1000
 
 
 def test_a_threads_worker_runs_as_many_llm_steps_at_once_as_it_has_threads_each_exactly_once(

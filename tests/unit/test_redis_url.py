@@ -390,3 +390,14 @@ def test_orch_gil_switch_s_outside_its_range_is_refused(seconds: str) -> None:
 def test_a_worker_hands_the_interpreter_over_every_100_ms_unless_told() -> None:
     assert Settings.from_env({}).gil_switch_s == 0.1
     assert Settings.from_env({"ORCH_GIL_SWITCH_S": "0.005"}).gil_switch_s == 0.005
+
+
+@pytest.mark.parametrize("threshold", ["0", "99", "1000001", "-700"])
+def test_orch_gc_threshold_outside_its_range_is_refused(threshold: str) -> None:
+    with pytest.raises(ValueError, match=f"ORCH_GC_THRESHOLD must be from 100 to 1000000, not {int(threshold)}$"):
+        Settings.from_env({"ORCH_GC_THRESHOLD": threshold})
+
+
+def test_a_worker_collects_its_youngest_objects_every_20000_allocations_unless_told() -> None:
+    assert Settings.from_env({}).gc_threshold == 20_000
+    assert Settings.from_env({"ORCH_GC_THRESHOLD": "700"}).gc_threshold == 700
