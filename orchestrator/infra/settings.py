@@ -31,7 +31,7 @@ MIN_GIL_SWITCH_S, MAX_GIL_SWITCH_S = 0.001, 1.0
 second a busy thread would hold the heartbeat and the broker's consumer up for that long."""
 MIN_GC_THRESHOLD, MAX_GC_THRESHOLD = 100, 1_000_000
 """``ORCH_GC_THRESHOLD`` bounds: below a hundred the collector would run every few allocations; above a million a
-collection of the youngest objects would hold the interpreter for a second or more."""
+collection of the youngest objects would hold the interpreter for most of a second."""
 
 PRIORITY_MODES = ("depth", "off")
 """``ORCH_PRIORITIES`` values: ``depth`` sends each step with its DAG depth as priority, ``off`` sends none (FIFO)."""
@@ -142,8 +142,9 @@ class Settings:
             (``gc.set_threshold``), which also sets how often the older ones are collected. Python's 700 made a
             busy threads worker spend 7.6% of its CPU in the cyclic garbage collector, most of it scanning the whole
             heap with the interpreter held for 200 ms at a time; at 20,000 it spends about 2.4%, in pauses of about
-            25 ms, and garbage in cycles waits a little longer to be freed. Workers also freeze what they hold at
-            start (``gc.freeze``), so that no collection scans it again. Default 20,000; from 100 to 1,000,000.
+            25 ms (one in ten about 90 ms), and garbage in cycles waits a little longer to be freed. Workers also
+            freeze what they hold at start (``gc.freeze``), so that no collection scans it again. Default 20,000;
+            from 100 to 1,000,000.
     """
 
     redis_url: str = DEFAULT_REDIS_URL
