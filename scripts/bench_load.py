@@ -85,15 +85,16 @@ from orchestrator.engine.status import RunView
 from orchestrator.engine.steps import StepContext
 from orchestrator.llm.structured import structured_output_instruction
 from orchestrator.state import keys
-from scripts.harness import cli, probes
+from scripts.harness import cli, cpu_sections, probes
 from scripts.harness.footprint import finished_run_bytes, print_footprint
 from scripts.harness.lifecycle import log_dir, private_redis, record_dir, run_main, running, worker_env
 from scripts.harness.records import RecordReader
-from scripts.harness.report import Progress, fmt, ts, versions, write_results
+from scripts.harness.report import ARTIFACTS, Progress, fmt, ts, versions, write_results
 from scripts.harness.runs import FINISHED, Submitted, burst, wait_until
 from scripts.harness.stats import delta, percentile
 
 LOGS = "bench-load-logs"
+SECTIONS = "bench-load-sections"  # the llm worker's CPU by section (--cpu-sections)
 IMPORTS = "examples.content_pipeline,scripts.steps.bench"
 FLOORS = ("llm", "sleep")
 LLM_QUEUE, CPU_QUEUE = "llm", "cpu"
@@ -121,6 +122,7 @@ class Config:
     reps: int
     loglevel: str
     worker_env: dict[str, str]
+    cpu_sections: bool
     quick: bool
     out: Path
 
@@ -159,9 +161,16 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         metavar="NAME=VALUE",
         help="extra worker environment, e.g. ORCH_LEASE_S=30 (repeatable)",
     )
+    parser.add_argument(
+        "--cpu-sections",
+        action="store_true",
+        help="the llm worker's thread CPU by section, per LLM call, ours and the floor (scripts/harness/cpu_sections)",
+    )
     ns = parser.parse_args(argv)
     quick = bool(ns.quick)
     extra = {"ORCH_PRIORITIES": ns.priorities, **dict(item.split("=", 1) for item in ns.worker_env)}
+    if ns.cpu_sections:
+        extra |= {cpu_sections.DIR_ENV: str(ARTIFACTS / SECTIONS), "ORCH_IMPORTS": f"{IMPORTS},{cpu_sections.__name__}"}
     return Config(
         runs=ns.runs or (300 if quick else 10_000),
         llm_pool=ns.llm_pool,
@@ -178,6 +187,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         reps=ns.reps or (1 if quick else 3),
         loglevel=ns.loglevel,
         worker_env=extra,
+        cpu_sections=bool(ns.cpu_sections),
         quick=quick,
         out=ns.json,
     )
@@ -363,6 +373,7 @@ class LoadBench:
         base_memory = probes.used_memory(self.stats)
         samples: list[Sample] = []
         progress = Submitted()
+        sections = self._sections() if cfg.cpu_sections else None
         self.stats.config_resetstat()  # commandstats from here (total_commands_processed too: read just after)
         cpu_before = meter.snapshot()
         self.polled = self.polled_hmget = 0
@@ -389,11 +400,12 @@ class LoadBench:
         if errors:
             raise errors[0]
         cpu_used = Probes.delta(cpu_before, meter.snapshot())
+        sections_used = cpu_sections.per_llm_call(sections, self._sections()) if sections is not None else None
         self.commands = probes.commandstats(self.stats)
         self.commands["hmget"] = self.commands.get("hmget", 0) - self.polled_hmget
         after_memory = probes.used_memory(self.stats)
         self.log(f"ours: all {len(finished)} runs ended; reading their status")
-        return self._summarise_ours(
+        summary = self._summarise_ours(
             progress=progress,
             finished=finished,
             samples=samples,
@@ -403,6 +415,13 @@ class LoadBench:
             llm=llm,
             cpu=cpu,
         )
+        if sections_used is not None:
+            summary["cpu_sections"] = sections_used
+        return summary
+
+    def _sections(self) -> dict[str, Any]:
+        """The llm workers' CPU by section so far (``--cpu-sections``), written after this call began."""
+        return cpu_sections.read_totals(ARTIFACTS / SECTIONS, LLM_QUEUE, newer_than=time.time())
 
     def _wait_runs(
         self,
@@ -561,10 +580,12 @@ class LoadBench:
 
     def floor(self, llm: LocalWorkers, cpu: LocalWorkers, kind: str, half: str, runs: int) -> dict[str, Any]:
         meter = Probes(llm, cpu, self.redis_pid, self.stats)
-        before = meter.snapshot()
+        before, sections = meter.snapshot(), self._sections() if self.cfg.cpu_sections else None
         self.log(f"{kind} floor ({half}): {runs * (self.llm_steps + self.cpu_steps)} raw tasks")
         result = self._floor_pass(f"floor-{kind}-{half}-{uuid.uuid4().hex[:8]}", runs, kind)
         used = Probes.delta(before, meter.snapshot())
+        if sections is not None:
+            result["cpu_sections"] = cpu_sections.per_llm_call(sections, self._sections())
         result["commands_per_task"] = round(used.pop("redis_commands") / result["tasks"], 1)
         result["reads_per_task"] = round(used.pop("redis_reads") / result["tasks"], 2)
         result["cpu_s"] = used
@@ -813,8 +834,46 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
             f"floor: throughput {total['throughput_ours_over_floor']}x, CPU per step "
             f"{total['cpu_per_step_ours_over_floor']}x"
         )
+    if "cpu_sections" in ours:
+        print_sections(
+            ours["cpu_sections"],
+            [p.get("cpu_sections", {}) for p in results["floors"].get("llm", {}).get("passes", [])],
+        )
     if results.get("worker_log_problems"):
         print(f"  worker log error lines: {results['worker_log_problems']}")
+
+
+def print_sections(ours: dict[str, Any], floor_passes: list[dict[str, Any]]) -> None:
+    """The llm worker's thread CPU by section per LLM call, ours beside the ``llm`` floor (its passes pooled)."""
+    floor = pool_sections([p for p in floor_passes if p.get("llm_calls")])
+    print(
+        f"  llm worker CPU per LLM call (--cpu-sections; thread CPU, sections inclusive, ms and calls per LLM call): "
+        f"process ours {ours.get('process_ms')} ms, floor {floor.get('process_ms', '-')} ms"
+    )
+    labels = sorted(set(ours.get("sections", {})) | set(floor.get("sections", {})))
+    for label in labels:
+        mine, raw = ours.get("sections", {}).get(label), floor.get("sections", {}).get(label)
+        cells = [f"{s['ms']:.3f} ms ({s['calls']:.2f})" if s else "-" for s in (mine, raw)]
+        print(f"    {label:14s} ours {cells[0]:>18s}   floor {cells[1]:>18s}")
+
+
+def pool_sections(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several :func:`cpu_sections.per_llm_call` figures as one, weighted by their LLM calls."""
+    calls = sum(p["llm_calls"] for p in passes)
+    if not calls:
+        return {}
+    out: dict[str, Any] = {"llm_calls": calls, "process_ms": 0.0, "sections": {}}
+    for p in passes:
+        weight = p["llm_calls"] / calls
+        out["process_ms"] += p["process_ms"] * weight
+        for label, s in p["sections"].items():
+            entry = out["sections"].setdefault(label, {"ms": 0.0, "calls": 0.0})
+            entry["ms"] += s["ms"] * weight
+            entry["calls"] += s["calls"] * weight
+    out["process_ms"] = round(out["process_ms"], 3)
+    for s in out["sections"].values():
+        s["ms"], s["calls"] = round(s["ms"], 3), round(s["calls"], 2)
+    return out
 
 
 def print_pools(cfg: Config, results: dict[str, Any]) -> None:
@@ -864,6 +923,8 @@ def measure(cfg: Config) -> dict[str, Any]:
     """Start Redis, run the load (or the pools) with its workers, stop everything."""
     load_before = os.getloadavg()
     logs = log_dir(LOGS, fresh=True)  # scanned for errors afterwards: this run's logs only
+    if cfg.cpu_sections:
+        log_dir(SECTIONS, fresh=True)  # this run's workers' totals only
     with record_dir("orchestrator-bench-load-") as records, private_redis() as server:
         settings = Settings.from_env(
             {"REDIS_URL": server.url, "ORCH_IMPORTS": IMPORTS, "ORCH_PRIORITIES": cfg.worker_env["ORCH_PRIORITIES"]}

@@ -1,0 +1,103 @@
+"""The benchmark's CPU accounting by section (``bench_load --cpu-sections``): wrapping, totals, the per-call figures."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from scripts.harness.cpu_sections import Section, install, per_llm_call, read_totals
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _Client:
+    def complete(self, rounds: int) -> int:
+        return sum(i * i for i in range(rounds))
+
+
+def _spin(rounds: int) -> int:
+    return sum(i for i in range(rounds))
+
+
+@pytest.fixture
+def target(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    module = types.ModuleType("sections_target")
+    module.Client = type("Client", (_Client,), {})  # type: ignore[attr-defined]
+    module.spin = _spin  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module
+
+
+SECTIONS = (
+    Section("sdk_call", "sections_target", "Client.complete"),
+    Section("spin", "sections_target", "spin"),
+    Section("threads_only", "sections_target", "spin", threads_only=True),
+)
+
+
+def test_each_thread_s_calls_and_cpu_add_up_and_reach_the_file(target: types.ModuleType, tmp_path: Path) -> None:
+    accounting = install(tmp_path, SECTIONS, argv=["celery", "worker", "--pool=prefork", "--queues=llm,other"])
+    try:
+
+        def work() -> None:
+            client = target.Client()
+            for _ in range(5):
+                client.complete(20_000)
+            target.spin(1)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        totals = accounting.totals()
+        assert totals["sdk_call"][1] == 20
+        assert totals["spin"][1] == 4
+        assert "threads_only" not in totals  # a prefork worker: the function is left as it was
+        assert totals["sdk_call"][0] > totals["spin"][0] > 0
+        written = read_totals(tmp_path, "llm", newer_than=time.time())
+        assert written["sections"]["sdk_call"][1] == 20
+        assert written["process_cpu_s"] > 0
+    finally:
+        accounting.stop()
+
+
+def test_a_threads_worker_also_gets_the_threads_only_sections(target: types.ModuleType, tmp_path: Path) -> None:
+    accounting = install(tmp_path, SECTIONS, argv=["--pool=threads", "--queues=llm"])
+    try:
+        target.spin(10)
+        assert accounting.totals()["threads_only"][1] == 1
+        assert accounting.totals()["spin"][1] == 1  # the wrapper inside the other wrapper
+    finally:
+        accounting.stop()
+
+
+def test_waiting_for_a_queue_no_worker_serves_times_out(target: types.ModuleType, tmp_path: Path) -> None:
+    accounting = install(tmp_path, SECTIONS, argv=["--queues=cpu"])
+    try:
+        with pytest.raises(TimeoutError, match="'llm'"):
+            read_totals(tmp_path, "llm", newer_than=time.time(), timeout_s=0.3)
+    finally:
+        accounting.stop()
+
+
+def test_figures_are_per_llm_call_between_two_readings() -> None:
+    before = {"process_cpu_s": 10.0, "sections": {"sdk_call": [1.0, 100], "finish": [0.5, 100], "idle": [1.0, 3]}}
+    after = {
+        "process_cpu_s": 12.5,
+        "sections": {"sdk_call": [2.2, 1100], "finish": [0.85, 1100], "publish": [0.1, 250], "idle": [1.0, 3]},
+    }
+    figures = per_llm_call(before, after)
+    assert figures["llm_calls"] == 1000
+    assert figures["process_ms"] == 2.5
+    assert figures["sections"] == {
+        "sdk_call": {"ms": 1.2, "calls": 1.0},
+        "finish": {"ms": 0.35, "calls": 1.0},
+        "publish": {"ms": 0.1, "calls": 0.25},
+    }
+    assert per_llm_call(after, after) == {"llm_calls": 0}
