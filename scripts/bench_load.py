@@ -37,6 +37,10 @@ default, ``--llm-concurrency`` slots) and one prefork ``cpu`` worker (``--cpu-co
 
   Each runs in two halves, before and after ours, so it shares the machine's drift.
 
+- with ``--cpu-sections``, the llm worker's CPU per LLM call, ours beside the ``llm`` floor: the whole process's and
+  each section's (the SDK call, the finish, round trips, publishes, Celery's task …), by the calling threads' own
+  CPU clocks (:mod:`scripts.harness.cpu_sections`; about 2 us a wrapped call, 1% of a step).
+
 **The pools** (``--pools threads,gevent``). One worker process per pool, ``-P POOL -c --concurrency`` on the ``llm``
 queue, ``--steps`` single-step runs of one ``llm`` step (1 s simulated latency), and the same number of raw
 ``bench.raw_sleep(1)`` tasks on the same worker, interleaved over ``--reps`` repetitions (rotating order), medians
@@ -49,6 +53,7 @@ Usage::
     python -m scripts.bench_load --quick                  # 300 runs, about 2 minutes
     python -m scripts.bench_load --pools threads,gevent   # the pool comparison, about 3 minutes
     python -m scripts.bench_load --quick --priorities off # first in, first out, for comparison
+    python -m scripts.bench_load --runs 4000 --floor llm --cpu-sections   # where each millisecond goes
 
 gevent must be installed for ``-P gevent`` (``pip install gevent``). Results go to ``test-artifacts/bench_load.json``
 (``--json PATH``); worker logs to ``test-artifacts/bench-load-logs/``. It exits 1 when a run did not succeed.

@@ -12,7 +12,7 @@ figures compare like for like. Sections nest (a finish's round trip is in ``roun
 inclusive. py-spy's ``--gil`` samples are no substitute: they charge a thread for the moments it holds the GIL, and
 with hundreds of threads that favours code right after a system call.
 
-Two clock reads per wrapped call cost about a microsecond each: keep the list short.
+A wrapped call costs about 2 us more (two clock reads); a step makes some fifteen, about 1% of its CPU.
 """
 
 from __future__ import annotations
