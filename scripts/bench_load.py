@@ -171,11 +171,23 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         action="store_true",
         help="the llm worker's thread CPU by section, per LLM call, ours and the floor (scripts/harness/cpu_sections)",
     )
+    parser.add_argument(
+        "--section",
+        action="append",
+        default=[],
+        metavar="LABEL=MODULE:ATTR",
+        help="with --cpu-sections, another function to account, e.g. pack=orchestrator.infra.redis_roundtrip:_pack",
+    )
     ns = parser.parse_args(argv)
     quick = bool(ns.quick)
     extra = {"ORCH_PRIORITIES": ns.priorities, **dict(item.split("=", 1) for item in ns.worker_env)}
     if ns.cpu_sections:
-        extra |= {cpu_sections.DIR_ENV: str(ARTIFACTS / SECTIONS), "ORCH_IMPORTS": f"{IMPORTS},{cpu_sections.__name__}"}
+        cpu_sections.parse_sections(",".join(ns.section))  # a malformed one fails here, not in the workers
+        extra |= {
+            cpu_sections.DIR_ENV: str(ARTIFACTS / SECTIONS),
+            cpu_sections.MORE_ENV: ",".join(ns.section),
+            "ORCH_IMPORTS": f"{extra.get('ORCH_IMPORTS', IMPORTS)},{cpu_sections.__name__}",
+        }
     return Config(
         runs=ns.runs or (300 if quick else 10_000),
         llm_pool=ns.llm_pool,

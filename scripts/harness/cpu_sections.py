@@ -28,9 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DIR_ENV", "SECTIONS", "Accounting", "Section", "install", "per_llm_call", "read_totals"]
+__all__ = [
+    "DIR_ENV",
+    "MORE_ENV",
+    "SECTIONS",
+    "Accounting",
+    "Section",
+    "install",
+    "parse_sections",
+    "per_llm_call",
+    "read_totals",
+]
 
 DIR_ENV = "ORCH_BENCH_SECTIONS"
+MORE_ENV = "ORCH_BENCH_SECTIONS_MORE"
+"""More sections than :data:`SECTIONS`, as ``LABEL=MODULE:ATTR`` separated by commas (``bench_load --section``)."""
 WRITE_EVERY_S = 0.25
 LLM_CALL = "sdk_call"
 """The section counting LLM calls, the unit every figure is divided by."""
@@ -65,6 +77,23 @@ SECTIONS: tuple[Section, ...] = (
     Section("local_events", "workers.local", "CeleryLocalSteps.ended"),
     Section("task_events", "workers.consumer", "BatchingConsumer._flush_window"),
 )
+
+
+def parse_sections(text: str) -> tuple[Section, ...]:
+    """``LABEL=MODULE:ATTR,...`` as sections (``ATTR`` may be ``Class.method``).
+
+    Raises:
+        ValueError: One is not of that form.
+    """
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        label, _, target = item.partition("=")
+        module, _, attr = target.partition(":")
+        if not (label and module and attr):
+            raise ValueError(f"a section is LABEL=MODULE:ATTR, not {item!r}")
+        out.append(Section(label, module, attr))
+    return tuple(out)
+
 
 Totals = dict[str, list[float]]
 """Section label → ``[cpu_s, calls]``."""
@@ -216,4 +245,4 @@ def per_llm_call(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[st
 
 
 if os.environ.get(DIR_ENV):  # imported by a benchmark's worker
-    install(Path(os.environ[DIR_ENV]))
+    install(Path(os.environ[DIR_ENV]), SECTIONS + parse_sections(os.environ.get(MORE_ENV, "")))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.harness.cpu_sections import Section, install, per_llm_call, read_totals
+from scripts.harness.cpu_sections import Section, install, parse_sections, per_llm_call, read_totals
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -101,3 +101,13 @@ def test_figures_are_per_llm_call_between_two_readings() -> None:
         "publish": {"ms": 0.1, "calls": 0.25},
     }
     assert per_llm_call(after, after) == {"llm_calls": 0}
+
+
+def test_more_sections_are_read_from_label_module_attr() -> None:
+    assert parse_sections(" pack=orchestrator.infra.redis_roundtrip:_pack, open=a.b:C.d ,") == (
+        Section("pack", "orchestrator.infra.redis_roundtrip", "_pack"),
+        Section("open", "a.b", "C.d"),
+    )
+    assert parse_sections("") == ()
+    with pytest.raises(ValueError, match=r"'pack=orchestrator\.infra'"):
+        parse_sections("pack=orchestrator.infra")
