@@ -86,7 +86,7 @@ class DeltaCounter(threading.Thread):
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        self.pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]  # redis-py leaves it unannotated
         self.pubsub.psubscribe("orch:*:deltas")
         self.count = 0
         self.first = self.last = 0.0

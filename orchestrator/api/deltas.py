@@ -76,11 +76,11 @@ class DeltaFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # redis-py leaves it unannotated
 
     async def _next_message(self) -> dict[str, Any] | None:
         if self._sharded:
-            get_sharded: Any = self._pubsub.get_sharded_message  # type: ignore[attr-defined]  # ClusterPubSub only
+            get_sharded: Any = self._pubsub.get_sharded_message  # type: ignore[attr-defined, unused-ignore]  # ClusterPubSub only
             reply: Any = await get_sharded(ignore_subscribe_messages=True, timeout=_GET_TIMEOUT_S)
             if reply is None:
                 # With no message pending it returns at once: wait here as the plain read would.

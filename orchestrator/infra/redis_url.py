@@ -404,7 +404,7 @@ def sync_client(url: str, **options: Any) -> redis.Redis:
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, **options)
     parsed = parse_sentinel_url(url)
-    master = _sentinel(parsed).master_for(parsed.master_name, **parsed.master_kwargs(), **options)  # type: ignore[no-untyped-call]
+    master = _sentinel(parsed).master_for(parsed.master_name, **parsed.master_kwargs(), **options)  # type: ignore[no-untyped-call, unused-ignore]
     return cast(redis.Redis, master)
 
 
@@ -442,7 +442,7 @@ def async_client(url: str, **options: Any) -> aioredis.Redis:
     if not is_sentinel_url(url):
         return aioredis.Redis.from_url(url, **options)
     parsed = parse_sentinel_url(url)
-    manager = asentinel.Sentinel(parsed.sentinels, sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call]
+    manager = asentinel.Sentinel(parsed.sentinels, sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call, unused-ignore]
     master = manager.master_for(
         parsed.master_name,
         redis_class=aioredis.Redis,
@@ -466,7 +466,7 @@ class _AsyncSentinelConnectionPool(asentinel.SentinelConnectionPool):
 
 
 def _sentinel(parsed: SentinelUrl) -> redis.sentinel.Sentinel:
-    return redis.sentinel.Sentinel(parsed.sentinels, sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call]
+    return redis.sentinel.Sentinel(parsed.sentinels, sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call, unused-ignore]
 
 
 @dataclass(frozen=True)
