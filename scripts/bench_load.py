@@ -181,8 +181,15 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     ns = parser.parse_args(argv)
     quick = bool(ns.quick)
     extra = {"ORCH_PRIORITIES": ns.priorities, **dict(item.split("=", 1) for item in ns.worker_env)}
+    if ns.cpu_sections and ns.pools:
+        parser.error("--cpu-sections measures the load, not --pools")
+    if ns.section and not ns.cpu_sections:
+        parser.error("--section goes with --cpu-sections")
     if ns.cpu_sections:
-        cpu_sections.parse_sections(",".join(ns.section))  # a malformed one fails here, not in the workers
+        try:
+            cpu_sections.parse_sections(",".join(ns.section))  # a malformed one fails here, not in the workers
+        except ValueError as exc:
+            parser.error(str(exc))
         extra |= {
             cpu_sections.DIR_ENV: str(ARTIFACTS / SECTIONS),
             cpu_sections.MORE_ENV: ",".join(ns.section),

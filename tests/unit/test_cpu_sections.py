@@ -111,3 +111,32 @@ def test_more_sections_are_read_from_label_module_attr() -> None:
     assert parse_sections("") == ()
     with pytest.raises(ValueError, match=r"'pack=orchestrator\.infra'"):
         parse_sections("pack=orchestrator.infra")
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--section", "pack=a:b"], "--section goes with --cpu-sections"),
+        (["--cpu-sections", "--section", "pack=a"], "a section is LABEL=MODULE:ATTR, not 'pack=a'"),
+        (["--cpu-sections", "--pools", "threads"], "--cpu-sections measures the load, not --pools"),
+    ],
+)
+def test_the_load_benchmark_refuses_sections_it_cannot_measure(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scripts.bench_load import parse_args
+
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(error)
+
+
+def test_the_load_benchmark_passes_its_sections_to_the_workers() -> None:
+    from scripts.bench_load import IMPORTS, parse_args
+
+    cfg = parse_args(["--cpu-sections", "--section", "pack=orchestrator.infra.redis_roundtrip:_pack"])
+    assert cfg.cpu_sections
+    assert cfg.worker_env["ORCH_IMPORTS"] == f"{IMPORTS},scripts.harness.cpu_sections"
+    assert cfg.worker_env["ORCH_BENCH_SECTIONS_MORE"] == "pack=orchestrator.infra.redis_roundtrip:_pack"
+    assert cfg.worker_env["ORCH_BENCH_SECTIONS"].endswith("bench-load-sections")
