@@ -18,6 +18,7 @@ A wrapped call costs about 2 us more (two clock reads); a step makes some fiftee
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -179,6 +180,16 @@ class Accounting:
                 return
 
 
+def _wrapped(owner: Any, name: str, label: str, accounts: _Accounts) -> Any:
+    """``owner.name`` accounted under ``label``, a static or class method of a class kept as such."""
+    raw = inspect.getattr_static(owner, name)
+    if isinstance(raw, staticmethod):
+        return staticmethod(_accounted(raw.__func__, label, accounts))
+    if isinstance(raw, classmethod):
+        return classmethod(_accounted(raw.__func__, label, accounts))
+    return _accounted(getattr(owner, name), label, accounts)
+
+
 def install(directory: Path, sections: Iterable[Section] = SECTIONS, *, argv: list[str] | None = None) -> Accounting:
     """Wrap ``sections`` (``threads_only`` ones only in a worker started with ``--pool=threads``) and write their
     totals to ``directory`` every :data:`WRITE_EVERY_S`, under this process's id and the worker's ``--queues``."""
@@ -192,7 +203,7 @@ def install(directory: Path, sections: Iterable[Section] = SECTIONS, *, argv: li
         *parents, name = section.attr.split(".")
         for part in parents:
             owner = getattr(owner, part)
-        setattr(owner, name, _accounted(getattr(owner, name), section.label, accounts))
+        setattr(owner, name, _wrapped(owner, name, section.label, accounts))
     queues = next((a.split("=", 1)[1] for a in argv if a.startswith("--queues=")), "")
     directory.mkdir(parents=True, exist_ok=True)
     return Accounting(accounts, directory / f"sections-{os.getpid()}.json", queues)

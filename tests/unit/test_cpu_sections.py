@@ -19,6 +19,14 @@ class _Client:
     def complete(self, rounds: int) -> int:
         return sum(i * i for i in range(rounds))
 
+    @staticmethod
+    def plain(value: int) -> int:
+        return value + 1
+
+    @classmethod
+    def named(cls, value: int) -> str:
+        return f"{cls.__name__}:{value}"
+
 
 def _spin(rounds: int) -> int:
     return sum(i for i in range(rounds))
@@ -140,3 +148,19 @@ def test_the_load_benchmark_passes_its_sections_to_the_workers() -> None:
     assert cfg.worker_env["ORCH_IMPORTS"] == f"{IMPORTS},scripts.harness.cpu_sections"
     assert cfg.worker_env["ORCH_BENCH_SECTIONS_MORE"] == "pack=orchestrator.infra.redis_roundtrip:_pack"
     assert cfg.worker_env["ORCH_BENCH_SECTIONS"].endswith("bench-load-sections")
+
+
+def test_static_and_class_methods_stay_what_they_were(target: types.ModuleType, tmp_path: Path) -> None:
+    sections = (
+        Section("plain", "sections_target", "Client.plain"),
+        Section("named", "sections_target", "Client.named"),
+    )
+    accounting = install(tmp_path, sections, argv=[])
+    try:
+        client = target.Client()
+        assert client.plain(1) == target.Client.plain(1) == 2
+        assert client.named(3) == target.Client.named(3) == "Client:3"
+        assert accounting.totals()["plain"][1] == 2
+        assert accounting.totals()["named"][1] == 2
+    finally:
+        accounting.stop()
