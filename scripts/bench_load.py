@@ -186,13 +186,14 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     if ns.section and not ns.cpu_sections:
         parser.error("--section goes with --cpu-sections")
     if ns.cpu_sections:
+        more = ",".join(ns.section)
         try:
-            cpu_sections.parse_sections(",".join(ns.section))  # a malformed one fails here, not in the workers
+            cpu_sections.parse_sections(more)  # a malformed one fails here, not in the workers
         except ValueError as exc:
             parser.error(str(exc))
         extra |= {
             cpu_sections.DIR_ENV: str(ARTIFACTS / SECTIONS),
-            cpu_sections.MORE_ENV: ",".join(ns.section),
+            cpu_sections.MORE_ENV: more,
             "ORCH_IMPORTS": f"{extra.get('ORCH_IMPORTS', IMPORTS)},{cpu_sections.__name__}",
         }
     return Config(
@@ -604,7 +605,8 @@ class LoadBench:
 
     def floor(self, llm: LocalWorkers, cpu: LocalWorkers, kind: str, half: str, runs: int) -> dict[str, Any]:
         meter = Probes(llm, cpu, self.redis_pid, self.stats)
-        before, sections = meter.snapshot(), self._sections() if self.cfg.cpu_sections else None
+        before = meter.snapshot()
+        sections = self._sections() if self.cfg.cpu_sections else None
         self.log(f"{kind} floor ({half}): {runs * (self.llm_steps + self.cpu_steps)} raw tasks")
         result = self._floor_pass(f"floor-{kind}-{half}-{uuid.uuid4().hex[:8]}", runs, kind)
         used = Probes.delta(before, meter.snapshot())

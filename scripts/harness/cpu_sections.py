@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,17 @@ Totals = dict[str, list[float]]
 """Section label → ``[cpu_s, calls]``."""
 
 
+def _summed(many: Iterable[Mapping[str, Sequence[float]]]) -> Totals:
+    """Several totals (of threads, of processes) added up, section by section."""
+    out: Totals = {}
+    for totals in many:
+        for label, (cpu, calls) in list(totals.items()):
+            entry = out.setdefault(label, [0.0, 0.0])
+            entry[0] += cpu
+            entry[1] += calls
+    return out
+
+
 class _Accounts:
     """Per-thread totals (no lock on the hot path), summed when written."""
 
@@ -119,13 +130,7 @@ class _Accounts:
     def summed(self) -> Totals:
         with self._lock:
             threads = list(self._all)
-        out: Totals = {}
-        for totals in threads:
-            for label, (cpu, calls) in list(totals.items()):
-                entry = out.setdefault(label, [0.0, 0.0])
-                entry[0] += cpu
-                entry[1] += calls
-        return out
+        return _summed(threads)
 
 
 def _accounted(fn: Callable[..., Any], label: str, accounts: _Accounts) -> Callable[..., Any]:
@@ -228,12 +233,7 @@ def read_totals(directory: Path, queue: str, *, newer_than: float, timeout_s: fl
         if time.monotonic() > deadline:
             raise TimeoutError(f"no fresh CPU sections from the {queue!r} workers in {directory}")
         time.sleep(WRITE_EVERY_S / 2)
-    sections: Totals = {}
-    for record in records:
-        for label, (cpu, calls) in record["sections"].items():
-            entry = sections.setdefault(label, [0.0, 0.0])
-            entry[0] += cpu
-            entry[1] += calls
+    sections = _summed(r["sections"] for r in records)
     return {"process_cpu_s": sum(r["process_cpu_s"] for r in records), "sections": sections}
 
 
