@@ -35,7 +35,10 @@ default, ``--llm-concurrency`` slots) and one prefork ``cpu`` worker (``--cpu-co
   - ``sleep``: ``bench.raw_sleep`` of the step's latency, no call: Celery alone moving the messages. Ours pays the
     SDK and the simulated provider (about 0.9 ms of CPU a call on this machine) on top of the orchestration here.
 
-  Each runs in two halves, before and after ours, so it shares the machine's drift.
+  Each runs in two halves, before and after ours, so it shares the machine's drift. Neither pass is polled: the
+  floor's tasks write their times to files, and ours are followed through the run-end announcements of the global
+  stream (``orch:events``, one read per sample, as a dashboard follows them), each run's summary read once when all
+  have ended (:class:`~scripts.harness.runs.RunEnds`).
 
 - with ``--cpu-sections``, the llm worker's CPU per LLM call, ours beside the ``llm`` floor: the whole process's and
   each section's (the SDK call, the finish, round trips, publishes, Celery's task …), by the calling threads' own
@@ -95,13 +98,15 @@ from scripts.harness.footprint import finished_run_bytes, print_footprint
 from scripts.harness.lifecycle import log_dir, private_redis, record_dir, run_main, running, worker_env
 from scripts.harness.records import RecordReader
 from scripts.harness.report import ARTIFACTS, Progress, fmt, ts, versions, write_results
-from scripts.harness.runs import FINISHED, Submitted, burst, wait_until
+from scripts.harness.runs import FINISHED, RunEnds, Submitted, burst, wait_until
 from scripts.harness.stats import delta, percentile
 
 LOGS = "bench-load-logs"
 SECTIONS = "bench-load-sections"  # the llm worker's CPU by section (--cpu-sections)
 IMPORTS = "examples.content_pipeline,scripts.steps.bench"
 FLOORS = ("llm", "sleep")
+ENDS_SILENT_S = 30.0
+"""Seconds without a run-end announcement, runs still going, after which the wait reads every pending run's status."""
 LLM_QUEUE, CPU_QUEUE = "llm", "cpu"
 
 
@@ -352,7 +357,8 @@ class LoadBench:
         self.worker_errors: dict[str, int] = {}
         self.llm_requests: list[dict[str, Any]] = []  # the LLM calls of one run, for the llm floor
         self.polled = 0  # commands this benchmark sent to follow the runs, taken out of the per-step count
-        self.polled_hmget = 0  # of which HMGETs (the only polls commandstats counts: it leaves INFO out)
+        # Of which those commandstats counts (it leaves INFO out), by name.
+        self.polled_by_name: collections.Counter[str] = collections.Counter()
         self.commands: dict[str, int] = {}  # commandstats over the load (commands inside Lua included)
 
     @contextmanager
@@ -401,7 +407,10 @@ class LoadBench:
         sections = self._sections() if cfg.cpu_sections else None
         self.stats.config_resetstat()  # commandstats from here (total_commands_processed too: read just after)
         cpu_before = meter.snapshot()
-        self.polled = self.polled_hmget = 0
+        self.polled = 0
+        self.polled_by_name.clear()
+        ends = RunEnds(self.stats, self.client.settings.shards)  # before the first submit: only these runs' ends
+        self._polled(ends.commands, "xrevrange")
         self.log(f"ours: submitting {cfg.runs} runs from {cfg.submit_threads} threads")
 
         def submit(i: int) -> str:
@@ -420,14 +429,17 @@ class LoadBench:
 
         thread = threading.Thread(target=submitter, name="bench-submitter", daemon=True)
         thread.start()
-        finished = self._wait_runs(progress.ids, timeout=cfg.timeout_s, samples=samples, llm=llm, submitting=done)
+        finished = self._wait_runs(
+            progress.ids, timeout=cfg.timeout_s, samples=samples, llm=llm, submitting=done, ends=ends
+        )
         thread.join()
         if errors:
             raise errors[0]
         cpu_used = Probes.delta(cpu_before, meter.snapshot())
         sections_used = cpu_sections.per_llm_call(sections, self._sections()) if sections is not None else None
         self.commands = probes.commandstats(self.stats)
-        self.commands["hmget"] = self.commands.get("hmget", 0) - self.polled_hmget
+        for name, count in self.polled_by_name.items():
+            self.commands[name] = self.commands.get(name, 0) - count
         after_memory = probes.used_memory(self.stats)
         self.log(f"ours: all {len(finished)} runs ended; reading their status")
         summary = self._summarise_ours(
@@ -456,35 +468,66 @@ class LoadBench:
         samples: list[Sample] | None,
         llm: LocalWorkers | None = None,
         submitting: threading.Event | None = None,
+        ends: RunEnds | None = None,
     ) -> dict[str, dict[str, str]]:
-        """Poll the runs' summaries until every one has ended (and submission is over); sample progress meanwhile."""
+        """Wait until every run has ended (and submission is over), sampling progress meanwhile; returns each run's
+        summary.
+
+        With ``ends`` the runs' end announcements tell which have ended, and the summaries are read once, when all
+        have (the measured pass: polling each pending run's status would load Redis and this process, and so the
+        machine the workers share, as the floor's pass is not). Should announcements stop coming for
+        :data:`ENDS_SILENT_S` while runs remain (a trimmed stream), or the summaries find a run still going, it polls
+        each pending run's summary instead.
+        """
         deadline = time.monotonic() + timeout
         finished: dict[str, dict[str, str]] = {}
         seen = 0
-        last_log = 0.0
+        last_log = last_end = 0.0
         while True:
             submitted = len(ids)
-            pending = [r for r in ids[:submitted] if r not in finished]
             seen = submitted
-            for row in self.client.store.run_summaries(pending):
-                if row["status"] in FINISHED:
-                    finished[row["run_id"]] = row
-            self.polled += len(pending) + (1 if samples is not None else 0)  # HMGETs and INFO memory
-            self.polled_hmget += len(pending)
-            if samples is not None:
-                rss = probes.workers_memory_mb(llm)["main_rss_mb"] if llm is not None else 0.0
-                samples.append(Sample(time.time(), seen, len(finished), probes.used_memory(self.stats), rss))
             over = submitting is None or submitting.is_set()
+            if ends is not None:
+                before = ends.commands
+                if ends.poll() or not last_end:
+                    last_end = time.monotonic()
+                self._polled(ends.commands - before, "xread")
+                silent = time.monotonic() - last_end > ENDS_SILENT_S
+                if not ((over and len(ends.ended) >= len(ids)) or silent):
+                    ended = len(ends.ended)
+                else:
+                    ended = self._read_summaries(ids, finished)
+                    if ended < len(ids):
+                        ends = None  # announcements missed: poll the pending runs from now on
+            else:
+                ended = self._read_summaries(ids, finished)
+            if samples is not None:
+                self._polled(1, "")  # INFO memory
+                rss = probes.workers_memory_mb(llm)["main_rss_mb"] if llm is not None else 0.0
+                samples.append(Sample(time.time(), seen, ended, probes.used_memory(self.stats), rss))
             if over and len(finished) >= len(ids):
                 return finished
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(ids) - len(finished)} runs still going after {timeout}s (logs: {self.logs})")
+                raise TimeoutError(f"{len(ids) - ended} runs still going after {timeout}s (logs: {self.logs})")
             if samples is not None and time.monotonic() - last_log > 15:
                 last_log = time.monotonic()
-                self.log(
-                    f"ours: {seen} submitted, {len(finished)} finished, Redis {samples[-1].used_memory / 2**20:.0f} MB"
-                )
+                self.log(f"ours: {seen} submitted, {ended} finished, Redis {samples[-1].used_memory / 2**20:.0f} MB")
             time.sleep(self.cfg.sample_s if samples is not None else 0.2)
+
+    def _read_summaries(self, ids: list[str], finished: dict[str, dict[str, str]]) -> int:
+        """Read the summary of each run not known to have finished into ``finished``; returns how many have."""
+        pending = [r for r in ids if r not in finished]
+        for row in self.client.store.run_summaries(pending):
+            if row["status"] in FINISHED:
+                finished[row["run_id"]] = row
+        self._polled(len(pending), "hmget")
+        return len(finished)
+
+    def _polled(self, commands: int, name: str) -> None:
+        """Count commands sent to follow the runs (``name`` as commandstats names them, ``""`` if it does not)."""
+        self.polled += commands
+        if name:
+            self.polled_by_name[name] += commands
 
     def _summarise_ours(
         self,
