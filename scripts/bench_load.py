@@ -475,32 +475,29 @@ class LoadBench:
 
         With ``ends`` the runs' end announcements tell which have ended, and the summaries are read once, when all
         have (the measured pass: polling each pending run's status would load Redis and this process, and so the
-        machine the workers share, as the floor's pass is not). Should announcements stop coming for
-        :data:`ENDS_SILENT_S` while runs remain (a trimmed stream), or the summaries find a run still going, it polls
-        each pending run's summary instead.
+        machine the workers share, as the floor's pass is not). They are read too after :data:`ENDS_SILENT_S` without
+        an announcement while runs remain; should they find more runs ended than were announced (a trimmed stream),
+        or a run still going once all were announced, it polls each pending run's summary from then on.
         """
         deadline = time.monotonic() + timeout
         finished: dict[str, dict[str, str]] = {}
-        seen = 0
         last_log = last_end = 0.0
         while True:
-            submitted = len(ids)
-            seen = submitted
+            seen = len(ids)
             over = submitting is None or submitting.is_set()
-            if ends is not None:
+            if ends is None:
+                ended = self._read_summaries(ids, finished)
+            else:
                 before = ends.commands
                 if ends.poll() or not last_end:
                     last_end = time.monotonic()
                 self._polled(ends.commands - before, "xread")
-                silent = time.monotonic() - last_end > ENDS_SILENT_S
-                if not ((over and len(ends.ended) >= len(ids)) or silent):
-                    ended = len(ends.ended)
-                else:
+                ended = len(ends.ended)
+                if (over and ended >= len(ids)) or time.monotonic() - last_end > ENDS_SILENT_S:
+                    last_end = time.monotonic()
                     ended = self._read_summaries(ids, finished)
-                    if ended < len(ids):
+                    if ended > len(ends.ended) or (over and ended < len(ids)):
                         ends = None  # announcements missed: poll the pending runs from now on
-            else:
-                ended = self._read_summaries(ids, finished)
             if samples is not None:
                 self._polled(1, "")  # INFO memory
                 rss = probes.workers_memory_mb(llm)["main_rss_mb"] if llm is not None else 0.0
