@@ -47,6 +47,29 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def context_switches(pid: int | None) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of the process's threads so far, summed over
+    ``/proc/PID/task/*/status`` (a thread that has exited takes its own counts with it)."""
+    voluntary = involuntary = 0
+    if pid is None:
+        return 0, 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for task in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                involuntary += int(line.split()[1])
+    return voluntary, involuntary
+
+
 def open_fds(pid: int) -> int:
     """How many file descriptors the process holds."""
     try:
@@ -81,6 +104,15 @@ def workers_cpu_s(workers: LocalWorkers) -> tuple[float, float]:
         main += cpu_s(process.pid)
         children += sum(cpu_s(child) for child in workers.pool_children(name))
     return main, children
+
+
+def workers_context_switches(workers: LocalWorkers) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of the workers' main processes' threads so far."""
+    voluntary = involuntary = 0
+    for process in list(workers.processes.values()):
+        v, i = context_switches(process.pid)
+        voluntary, involuntary = voluntary + v, involuntary + i
+    return voluntary, involuntary
 
 
 def workers_memory_mb(workers: LocalWorkers) -> dict[str, Any]:
