@@ -149,8 +149,8 @@ def _samples(field: dataclasses.Field[Any]) -> list[str]:
         return ["7", "700"]
     if kind == "float":
         return ["7.5", "0.5"]
-    # A string may be checked (a URL, an enum); try values until one is accepted.
-    return ["off", "redis://sample.invalid:1/0", "sample.module", "sample"]
+    # A string may be checked (a URL, an enum, a CPU list); try values until one is accepted.
+    return ["off", "redis://sample.invalid:1/0", "sample.module", "sample", "0"]
 
 
 def check_env_names(settings_cls: type[Any], documented: dict[str, tuple[str, str]]) -> None:

@@ -91,6 +91,7 @@ from orchestrator.definition.templates import render
 from orchestrator.dev.local_workers import LocalWorkers
 from orchestrator.engine.status import RunView
 from orchestrator.engine.steps import StepContext
+from orchestrator.infra.cpus import worker_cpus
 from orchestrator.llm.structured import structured_output_instruction
 from orchestrator.state import keys
 from scripts.harness import cli, cpu_sections, probes
@@ -108,6 +109,8 @@ FLOORS = ("llm", "sleep")
 ENDS_SILENT_S = 30.0
 """Seconds without a run-end announcement, runs still going, after which the wait reads every pending run's status."""
 LLM_QUEUE, CPU_QUEUE = "llm", "cpu"
+SWITCHES = ("llm_voluntary_switches", "llm_involuntary_switches")
+"""The llm worker's context switches in a probe's snapshot (its threads', from ``/proc``)."""
 
 
 # -- configuration -----------------------------------------------------------------------------------------------------
@@ -132,6 +135,7 @@ class Config:
     reps: int
     loglevel: str
     worker_env: dict[str, str]
+    llm_cpus: str | None
     cpu_sections: bool
     quick: bool
     out: Path
@@ -143,6 +147,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--llm-pool", default="threads", help="pool of the llm worker (default threads)")
     parser.add_argument("--llm-concurrency", type=int, default=None, help="llm worker slots (default 500, quick 200)")
     parser.add_argument("--llm-workers", type=int, default=1, help="llm worker processes (default 1)")
+    parser.add_argument(
+        "--llm-cpus",
+        default=None,
+        metavar="CPUS",
+        help="pin the llm worker (every llm process) to these CPUs, ORCH_WORKER_CPUS, e.g. 1 (default: unpinned)",
+    )
     parser.add_argument("--cpu-concurrency", type=int, default=2, help="cpu worker prefork processes (default 2)")
     parser.add_argument("--submit-threads", type=int, default=4, help="threads calling Client.submit (default 4)")
     parser.add_argument(
@@ -186,6 +196,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     ns = parser.parse_args(argv)
     quick = bool(ns.quick)
     extra = {"ORCH_PRIORITIES": ns.priorities, **dict(item.split("=", 1) for item in ns.worker_env)}
+    if ns.llm_cpus is not None:
+        try:
+            worker_cpus(ns.llm_cpus)  # one this machine lacks fails here, not in the worker
+        except ValueError as exc:
+            parser.error(str(exc))
     if ns.cpu_sections and ns.pools:
         parser.error("--cpu-sections measures the load, not --pools")
     if ns.section and not ns.cpu_sections:
@@ -206,6 +221,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         llm_pool=ns.llm_pool,
         llm_concurrency=ns.llm_concurrency or (200 if quick else 500),
         llm_workers=ns.llm_workers,
+        llm_cpus=ns.llm_cpus,
         cpu_concurrency=ns.cpu_concurrency,
         submit_threads=max(1, ns.submit_threads),
         floors=() if ns.no_floor or ns.floor == "none" else FLOORS if ns.floor == "both" else (ns.floor,),
@@ -312,6 +328,8 @@ class Probes:
         }
         if self.cpu is not None:
             out["cpu_worker_main"], out["cpu_worker_children"] = probes.workers_cpu_s(self.cpu)
+        voluntary, involuntary = probes.workers_context_switches(self.llm)
+        out[SWITCHES[0]], out[SWITCHES[1]] = float(voluntary), float(involuntary)
         out["redis_commands"] = float(probes.total_commands(self.stats))
         out["redis_reads"] = float(probes.total_reads(self.stats))
         return out
@@ -368,7 +386,7 @@ class LoadBench:
         llm = LocalWorkers(
             self.client.app,
             count=cfg.llm_workers,
-            env=env,
+            env=env if cfg.llm_cpus is None else {**env, "ORCH_WORKER_CPUS": cfg.llm_cpus},
             pool=cfg.llm_pool,
             concurrency=cfg.llm_concurrency,
             queues=(LLM_QUEUE,),
@@ -587,6 +605,7 @@ class LoadBench:
                 },
                 "finished_run": footprint,
             },
+            "llm_worker_switches_per_call": _switches(cpu_used, len(rows) * self.llm_steps),
             "cpu_s": cpu_used,
             "cpu_ms_per_step": round(sum(v for k, v in cpu_used.items() if k != "bench_client") / steps * 1000, 3),
             "llm_worker_memory": probes.workers_memory_mb(llm),
@@ -654,6 +673,8 @@ class LoadBench:
             result["cpu_sections"] = cpu_sections.per_llm_call(sections, self._sections())
         result["commands_per_task"] = round(used.pop("redis_commands") / result["tasks"], 1)
         result["reads_per_task"] = round(used.pop("redis_reads") / result["tasks"], 2)
+        calls = result["tasks"] * self.llm_steps // (self.llm_steps + self.cpu_steps)
+        result["llm_worker_switches_per_call"] = _switches(used, calls)
         result["cpu_s"] = used
         result["cpu_ms_per_task"] = round(
             sum(v for k, v in used.items() if k != "bench_client") / result["tasks"] * 1000, 3
@@ -665,7 +686,7 @@ class LoadBench:
         cfg = self.cfg
         with self.workers() as (llm, cpu):
             self.log(
-                f"workers up: llm {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}, "
+                f"workers up: llm {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}{_pinned(cfg)}, "
                 f"cpu -P prefork -c {cfg.cpu_concurrency}"
             )
             self.warm_up()
@@ -692,6 +713,18 @@ class LoadBench:
             }
         result["worker_log_problems"] = self.worker_errors
         return result
+
+
+def _pinned(cfg: Config) -> str:
+    return "" if cfg.llm_cpus is None else f" on CPU {cfg.llm_cpus}"
+
+
+def _switches(used: dict[str, float], calls: int) -> dict[str, float]:
+    """The llm worker's context switches per LLM call, voluntary and involuntary, taken out of ``used``."""
+    return {
+        name.removeprefix("llm_").removesuffix("_switches"): round(used.pop(name) / max(1, calls), 1)
+        for name in SWITCHES
+    }
 
 
 def _timeline_point(sample: Sample, t0: float) -> dict[str, Any]:
@@ -850,7 +883,7 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
     redis_ = ours["redis"]
     print(
         f"\n{ours['runs']} content-pipeline runs ({ours['steps']} steps, 1 s simulated LLM latency): "
-        f"llm worker {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}, "
+        f"llm worker {cfg.llm_workers}x -P {cfg.llm_pool} -c {cfg.llm_concurrency}{_pinned(cfg)}, "
         f"cpu worker -P prefork -c {cfg.cpu_concurrency}, "
         f"priorities {cfg.worker_env['ORCH_PRIORITIES']}"
     )
@@ -888,12 +921,17 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
         f"{cpu_mem['children_rss_mb']} MB"
     )
     print(f"  CPU s: {ours['cpu_s']}; {ours['cpu_ms_per_step']} ms per step (workers + Redis)")
+    switches = ours["llm_worker_switches_per_call"]
+    print(
+        f"  llm worker context switches per LLM call: {switches['voluntary']} voluntary, {switches['involuntary']} "
+        "involuntary"
+    )
     for kind, total in results.get("floors", {}).items():
         for half in total["passes"]:
             print(
                 f"  {kind} floor pass: {half['tasks']} raw tasks, {half['tasks_per_s']} tasks/s, "
                 f"{half['cpu_ms_per_task']} ms CPU per task, {half['commands_per_task']} commands and "
-                f"{half['reads_per_task']} socket reads per task"
+                f"{half['reads_per_task']} socket reads per task" + _switches_line(half)
             )
         print(
             f"  {kind} floor: {total['tasks_per_s']} tasks/s, {total['cpu_ms_per_task']} ms CPU per task; ours / "
@@ -907,6 +945,13 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
         )
     if results.get("worker_log_problems"):
         print(f"  worker log error lines: {results['worker_log_problems']}")
+
+
+def _switches_line(floor_pass: dict[str, Any]) -> str:
+    switches = floor_pass.get("llm_worker_switches_per_call")
+    if not switches:
+        return ""
+    return f"; llm worker switches per call {switches['voluntary']} + {switches['involuntary']}"
 
 
 def print_sections(ours: dict[str, Any], floor_passes: list[dict[str, Any]]) -> None:

@@ -23,8 +23,8 @@ def _redis() -> redis.Redis:
 
 @function("tests.sleep")
 def sleep(ctx: StepContext, seconds: float = 0.0, **_: Any) -> dict[str, Any]:
-    """Sleep, then report who ran it (and the process's switch interval and collector settings, ``ORCH_GIL_SWITCH_S``
-    and ``ORCH_GC_THRESHOLD``)."""
+    """Sleep, then report who ran it (and the process's switch interval, collector settings and CPUs,
+    ``ORCH_GIL_SWITCH_S``, ``ORCH_GC_THRESHOLD`` and ``ORCH_WORKER_CPUS``)."""
     time.sleep(seconds)
     return {
         "step": ctx.step,
@@ -33,6 +33,7 @@ def sleep(ctx: StepContext, seconds: float = 0.0, **_: Any) -> dict[str, Any]:
         "switch_s": sys.getswitchinterval(),
         "gc_threshold": gc.get_threshold()[0],
         "gc_frozen": gc.get_freeze_count(),
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
 
 

@@ -25,6 +25,7 @@ from celery.signals import (
 from orchestrator import celery_app
 from orchestrator.celery_app import CeleryPublisher
 from orchestrator.engine.runtime import RuntimeHolder
+from orchestrator.infra.cpus import apply_cpus, worker_cpus
 from orchestrator.infra.redis_url import require_shared_store
 from orchestrator.infra.settings import Settings
 from orchestrator.state import RedisStateStore
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Celery:
 
     Raises:
         RedisUrlError: ``REDIS_URL`` is ``memory://``: a worker cannot see the runs of another process's memory.
+        ValueError: ``ORCH_WORKER_CPUS`` names a CPU this process may not run on.
     """
     settings = settings or Settings.from_env()
     require_shared_store(settings.redis_url, "a worker")
@@ -123,6 +125,7 @@ def _observe(app: Celery, settings: Settings) -> None:
     else ``--loglevel``, with step attempt fields and secrets redacted.
     """
     endpoint = WorkerMetricsEndpoint(settings)
+    cpus = worker_cpus(settings.worker_cpus)  # checked here, at import: a CPU it may not use stops the worker
 
     def configure(loglevel: int | None = None, logfile: str | None = None, **_: Any) -> None:
         configure_logging(
@@ -139,6 +142,8 @@ def _observe(app: Celery, settings: Settings) -> None:
             # Before the pool starts (a prefork pool's processes inherit it); process-wide, so only a worker's.
             sys.setswitchinterval(settings.gil_switch_s)
             tune_collector(settings.gc_threshold)
+            if cpus is not None:
+                apply_cpus(cpus)
             endpoint.prepare()
 
     def serve(sender: Any, **_: Any) -> None:

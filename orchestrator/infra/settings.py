@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from orchestrator.infra.cpus import parse_cpus
 from orchestrator.infra.redis_cluster import is_cluster_url, parse_cluster_url
 from orchestrator.infra.redis_url import (
     RedisUrlError,
@@ -145,6 +146,12 @@ class Settings:
             25 ms (one in ten about 90 ms), and garbage in cycles waits a little longer to be freed. Workers also
             freeze what they hold at start (``gc.freeze``), so that no collection scans it again. Default 20,000;
             from 100 to 1,000,000.
+        worker_cpus: ``ORCH_WORKER_CPUS``: the CPUs a worker process runs on, a Linux CPU list (``1``, ``0,2``,
+            ``2-3``): its threads, and a prefork pool's processes, stay there. A threads worker runs Python on one
+            CPU at a time and hands the interpreter between its threads at every wait; pinned to one CPU, the
+            hand-over does not wake another CPU and move the interpreter's state between caches (see
+            docs/operations.md). Unset: wherever the system puts it. A worker refuses to start on a CPU it may not
+            use.
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -184,6 +191,7 @@ class Settings:
     inprocess_threads: int = 8
     gil_switch_s: float = 0.1
     gc_threshold: int = 20_000
+    worker_cpus: str | None = None
     map_max_items: int = 10_000
     shards: int = 1
     wait_replicas: int = 0
@@ -221,6 +229,8 @@ class Settings:
         if not MIN_GC_THRESHOLD <= self.gc_threshold <= MAX_GC_THRESHOLD:
             bounds = f"from {MIN_GC_THRESHOLD} to {MAX_GC_THRESHOLD}"
             raise ValueError(f"ORCH_GC_THRESHOLD must be {bounds}, not {self.gc_threshold}")
+        if self.worker_cpus is not None:
+            parse_cpus(self.worker_cpus)
         if self.inprocess_threads < 1:
             raise ValueError(f"ORCH_INPROCESS_THREADS must be at least 1, not {self.inprocess_threads}")
         if self.map_max_items < 0:
@@ -237,8 +247,9 @@ class Settings:
         Raises:
             ValueError: A number that does not parse, an unknown ``ORCH_PRIORITIES``, an ``ORCH_METRICS_MAX_SERIES``
                 or ``ORCH_INPROCESS_THREADS`` below 1, an ``ORCH_GIL_SWITCH_S`` or ``ORCH_GC_THRESHOLD`` out of its
-                bounds, ``ORCH_BROKER_URL`` with ``REDIS_URL=memory://``, or a URL without a scheme, with an unknown
-                one, or a malformed Sentinel or ``memory:`` URL (``RedisUrlError``).
+                bounds, an ``ORCH_WORKER_CPUS`` that is not a CPU list, ``ORCH_BROKER_URL`` with
+                ``REDIS_URL=memory://``, or a URL without a scheme, with an unknown one, or a malformed Sentinel or
+                ``memory:`` URL (``RedisUrlError``).
         """
         env = os.environ if environ is None else environ
         names = {
@@ -279,6 +290,7 @@ class Settings:
             "inprocess_threads": "ORCH_INPROCESS_THREADS",
             "gil_switch_s": "ORCH_GIL_SWITCH_S",
             "gc_threshold": "ORCH_GC_THRESHOLD",
+            "worker_cpus": "ORCH_WORKER_CPUS",
             "map_max_items": "ORCH_MAP_MAX_ITEMS",
             "shards": "ORCH_SHARDS",
             "wait_replicas": "ORCH_WAIT_REPLICAS",

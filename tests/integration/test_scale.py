@@ -3,6 +3,7 @@ pieces (one state store, one SDK client, one lease heartbeat per process) under 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -59,7 +60,8 @@ def test_llm_steps_run_on_the_threads_worker_and_python_steps_on_the_prefork_wor
 ) -> None:
     llm_queue, cpu_queue = queues
     side_queue = f"side_{unique}"
-    worker_env = {**worker_env, "ORCH_GIL_SWITCH_S": "0.037", "ORCH_GC_THRESHOLD": "4321"}
+    cpu = max(os.sched_getaffinity(0))
+    worker_env = {**worker_env, "ORCH_GIL_SWITCH_S": "0.037", "ORCH_GC_THRESHOLD": "4321", "ORCH_WORKER_CPUS": str(cpu)}
     spec = workflow(
         f"routing_{unique}",
         llm("draft"),
@@ -110,10 +112,12 @@ def test_llm_steps_run_on_the_threads_worker_and_python_steps_on_the_prefork_wor
     # Both pools run steps at the worker's switch interval (a prefork pool's processes inherit it).
     assert view["steps"]["side"]["output"]["switch_s"] == pytest.approx(0.037)
     assert view["steps"]["check"]["output"]["switch_s"] == pytest.approx(0.037)
-    # And with the worker's collector threshold, what the worker held at start frozen out of collections.
+    # And with the worker's collector threshold, what the worker held at start frozen out of collections, on the
+    # worker's CPU.
     for step in ("side", "check"):
         assert view["steps"][step]["output"]["gc_threshold"] == 4321
         assert view["steps"][step]["output"]["gc_frozen"] > 1000
+        assert view["steps"][step]["output"]["cpus"] == [cpu]
 
 
 def test_a_threads_worker_runs_as_many_llm_steps_at_once_as_it_has_threads_each_exactly_once(
