@@ -3,8 +3,8 @@
 A threads worker runs Python on one CPU at a time (the interpreter lock), and its hundreds of threads hand the lock
 to one another at every wait. Between threads on different CPUs each hand-over wakes the other CPU and moves the
 interpreter's state into its caches; pinned to one CPU, the same hand-over stays on it. On this project's 2-core
-benchmark machine that cut a 500-thread llm worker's CPU per step by about a sixth (docs/benchmarks.md). A prefork
-worker's processes inherit the list.
+benchmark machine that raised a 500-thread llm worker's steps/s by about 7% (docs/benchmarks.md). A prefork worker's
+processes inherit the list.
 """
 
 from __future__ import annotations
