@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Final
 
 __all__ = ["MAX_CPU", "apply_cpus", "parse_cpus", "worker_cpus"]
@@ -80,6 +79,6 @@ def apply_cpus(cpus: frozenset[int]) -> None:
 
 def _threads() -> list[int]:
     try:
-        return [int(name) for name in os.listdir(Path("/proc/self/task"))]
+        return [int(name) for name in os.listdir("/proc/self/task")]
     except OSError:
         return []

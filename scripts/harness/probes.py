@@ -18,6 +18,7 @@ from orchestrator.dev.local_workers import LocalWorkers
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # Commands a benchmark sends itself around a counting window, left out of ``commandstats``.
 OWN_COMMANDS = frozenset({"info", "config|resetstat", "echo", "client|info", "monitor"})
+SWITCH_FIELDS = ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")
 
 
 # -- /proc ---------------------------------------------------------------------------------------------------------
@@ -36,37 +37,37 @@ def cpu_s(pid: int | None) -> float:
 
 def proc_status(pid: int) -> dict[str, int]:
     """``VmRSS`` and ``VmHWM`` (peak RSS) in kB, and ``Threads``, from ``/proc/PID/status``."""
+    return _status_fields(f"/proc/{pid}/status", ("VmRSS", "VmHWM", "Threads"))
+
+
+def _status_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
+    """The first number of each of the ``names`` fields of a ``/proc`` status file (none when it cannot be read)."""
     out: dict[str, int] = {}
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in {"VmRSS", "VmHWM", "Threads"}:
-                out[name] = int(value.split()[0])
+        lines = Path(path).read_text().splitlines()
     except OSError:
-        pass
+        return out
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name in names:
+            out[name] = int(value.split()[0])
     return out
 
 
 def context_switches(pid: int | None) -> tuple[int, int]:
     """Voluntary and involuntary context switches of the process's threads so far, summed over
     ``/proc/PID/task/*/status`` (a thread that has exited takes its own counts with it)."""
-    voluntary = involuntary = 0
     if pid is None:
         return 0, 0
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return 0, 0
+    voluntary = involuntary = 0
     for task in tasks:
-        try:
-            text = Path(f"/proc/{pid}/task/{task}/status").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("voluntary_ctxt_switches:"):
-                voluntary += int(line.split()[1])
-            elif line.startswith("nonvoluntary_ctxt_switches:"):
-                involuntary += int(line.split()[1])
+        counts = _status_fields(f"/proc/{pid}/task/{task}/status", SWITCH_FIELDS)
+        voluntary += counts.get(SWITCH_FIELDS[0], 0)
+        involuntary += counts.get(SWITCH_FIELDS[1], 0)
     return voluntary, involuntary
 
 
