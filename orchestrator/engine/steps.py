@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -15,6 +14,7 @@ from orchestrator.definition.templates import TEMPLATE_TIMEOUT_S, render
 from orchestrator.engine.delta_sink import DeltaSink
 from orchestrator.engine.deltas import AttemptStream
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError, WorkflowDefinitionError
+from orchestrator.infra.json_text import compact
 from orchestrator.llm import LLMRequest, parse_structured, structured_output_instruction
 from orchestrator.llm.gateway import CallContext, LLMGateway
 from orchestrator.llm.preopen import PreOpen
@@ -400,7 +400,7 @@ class StepExecutor:
             NonRetryableStepError: ``invalid_output`` or ``output_too_large``.
         """
         try:
-            size = len(json.dumps(output, separators=(",", ":")).encode())
+            size = len(compact(output).encode())
         except (TypeError, ValueError) as exc:
             raise NonRetryableStepError(f"output is not JSON-serialisable: {exc}", kind="invalid_output") from None
         if size > self.max_output_bytes:

@@ -92,7 +92,7 @@ class Settings:
             sooner), and the copy cost two round trips and a JSON encoding of the message per step; a worker
             stopping or losing its connection still hands back the messages it took and has not acknowledged.
         max_input_bytes: ``ORCH_MAX_INPUT_BYTES``: cap on a run's serialized inputs.
-        max_output_bytes: ``ORCH_MAX_OUTPUT_BYTES``: cap on one step's serialized output.
+        max_output_bytes: ``ORCH_MAX_OUTPUT_BYTES``: cap on one step's serialized output (compact JSON, UTF-8).
         max_prompt_bytes: ``ORCH_MAX_PROMPT_BYTES``: cap on an ``llm`` step's rendered prompt and system prompt
             together (UTF-8); a larger one fails the step (``prompt_too_large``) before any LLM call.
         max_steps: ``ORCH_MAX_STEPS``: cap on steps per workflow.

@@ -16,6 +16,7 @@ import redis
 from redis.client import Pipeline
 
 from orchestrator.infra.digests import sha256
+from orchestrator.infra.json_text import compact
 from orchestrator.llm.base import LLMRequest, LLMResponse, LLMUsage
 from orchestrator.state import keys
 
@@ -80,7 +81,7 @@ class ReplyCache:
 def encode_reply(response: LLMResponse) -> str:
     """A reply as the JSON the cache stores (``dataclasses.asdict``'s, without its deep copy of every block)."""
     usage = response.usage
-    return json.dumps(
+    return compact(
         {
             "text": response.text,
             "model": response.model,
@@ -94,8 +95,7 @@ def encode_reply(response: LLMResponse) -> str:
             "request_id": response.request_id,
             "extra": response.extra,
             "content": response.content,
-        },
-        separators=(",", ":"),
+        }
     )
 
 

@@ -33,6 +33,7 @@ from orchestrator.domain import (
     StopResult,
 )
 from orchestrator.engine.coordinator import failure_summary
+from orchestrator.infra.json_text import compact
 from orchestrator.state.items import ItemStore
 
 SUMMARY_FIELDS = (
@@ -538,7 +539,7 @@ def success_detail(output: Any) -> str:
     detail = {"usage": output["usage"], "cost_usd": output.get("cost_usd")}
     if output.get("reply_cached"):
         detail["reply_cached"] = True
-    return json.dumps(detail, separators=(",", ":"))
+    return compact(detail)
 
 
 def rules_json(rules: ReleaseRules | None) -> str:

@@ -23,6 +23,7 @@ from orchestrator.domain import (
 )
 from orchestrator.errors import DeferralRecord, ErrorRecord
 from orchestrator.infra.ids import new_id
+from orchestrator.infra.json_text import compact
 from orchestrator.infra.redis_cluster import is_cluster_client
 from orchestrator.infra.redis_roundtrip import execute
 from orchestrator.state import keys
@@ -116,8 +117,8 @@ class StepTransitions(RedisStateCore):
             generation,
             task_id,
             outcome.value,
-            (output_json := "" if output is None else json.dumps(output, separators=(",", ":"))),
-            "" if error is None else json.dumps(error, separators=(",", ":")),
+            (output_json := "" if output is None else compact(output)),
+            "" if error is None else compact(error),
             self.retention_s,
             cache_key,
             "1" if cached else "",
