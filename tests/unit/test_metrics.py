@@ -154,6 +154,29 @@ def test_deferrals_are_counted_by_model_and_reason() -> None:
     assert value("orchestrator_step_deferrals_total", **labels, reason="cooldown") == 1
 
 
+def test_a_familys_child_is_built_once_per_label_values_and_counts_what_every_use_adds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    family = metrics._metrics().llm_tokens
+    built: list[tuple[str, ...]] = []
+    labels = family.labels
+    monkeypatch.setattr(family, "labels", lambda *values: built.append(values) or labels(*values))
+
+    for _ in range(3):
+        telemetry.llm_call(LLMCallRecord("digest", "claude-haiku-4-5", 10, 5, 0.01))
+    telemetry.llm_call(LLMCallRecord("digest", "claude-sonnet-4-5", 7, 0, 0.01))
+
+    assert built == [
+        ("digest", "claude-haiku-4-5", "input"),
+        ("digest", "claude-haiku-4-5", "output"),
+        ("digest", "claude-sonnet-4-5", "input"),
+    ]
+    tokens = {"workflow": "digest", "model": "claude-haiku-4-5"}
+    assert value("orchestrator_llm_tokens_total", **tokens, token_type="input") == 30
+    assert value("orchestrator_llm_tokens_total", **tokens, token_type="output") == 15
+    assert value("orchestrator_llm_tokens_total", workflow="digest", model="claude-sonnet-4-5", token_type="input") == 7
+
+
 def test_no_label_carries_a_run_id_and_label_values_are_capped() -> None:
     metrics.record_attempt(AttemptScope(attempt(workflow="w" * 500), outcome="failed", error_kind="exception"))
     telemetry.llm_call(LLMCallRecord("digest", "claude-haiku-4-5", 10, 5, 0.01))
