@@ -87,7 +87,7 @@ def execute_attempt(
     """
     try:
         spec = _retry_through_outage(
-            runtime, f"{attempt}: load its definition", lambda: runtime.store.load_definition(definition_hash)
+            runtime, attempt, "load its definition", lambda: runtime.store.load_definition(definition_hash)
         )
     except DefinitionNotFoundError:
         log.warning(
@@ -157,7 +157,8 @@ def _claim(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, carrier: str 
     # after a lost reply is safe: the step is then ours and running ("busy", "own"), and its lease recovers it.
     return _retry_through_outage(
         runtime,
-        f"{attempt}: claim",
+        attempt,
+        "claim",
         lambda: runtime.store.claim(
             attempt, lease_s=runtime.settings.lease_s, upstream=upstream, children=children, carrier=carrier
         ),
@@ -339,7 +340,8 @@ def _defer(runtime: Runtime, attempt: Attempt, exc: StepDeferred, scope: Attempt
     record = exc.to_deferral()
     if not _retry_through_outage(
         runtime,
-        f"{attempt}: defer",
+        attempt,
+        "defer",
         lambda: runtime.store.defer(attempt, record, countdown_s=wait, grace_s=runtime.settings.queued_grace_s),
     ):
         return False
@@ -354,7 +356,8 @@ def _schedule_retry(
     countdown = exc.countdown or 0.0
     if not _retry_through_outage(
         runtime,
-        f"{attempt}: retry",
+        attempt,
+        "retry",
         lambda: runtime.store.retry(attempt, error, countdown_s=countdown, grace_s=runtime.settings.queued_grace_s),
     ):
         return False
@@ -368,7 +371,7 @@ def _wait_for_decision(runtime: Runtime, params: ApprovalParams, attempt: Attemp
     message = runtime.executor.approval_message(params, ctx)
     data = {"approvers": list(params.approvers), "message": message, "timeout_s": params.timeout_s}
     if not _retry_through_outage(
-        runtime, f"{attempt}: wait", lambda: runtime.store.wait_for_decision(attempt, data, params.timeout_s)
+        runtime, attempt, "wait", lambda: runtime.store.wait_for_decision(attempt, data, params.timeout_s)
     ):
         return "stale attempt: not parked"
     return "waiting for a decision"
@@ -411,7 +414,7 @@ def finish_attempt(
             runtime.publisher, runtime.settings, runtime.store, spec, attempt, outcome=outcome, local=local, **details
         )
 
-    recorded = _retry_through_outage(runtime, f"{attempt}: record {outcome.value}", record)
+    recorded = _retry_through_outage(runtime, attempt, f"record {outcome.value}", record)
     if not recorded:
         # Refused as stale, which may hide our own finish: applied, but its reply lost to a dropped connection, and
         # the finish sent again (by us through an outage, or by redis-py itself in a cluster) found it done. Claiming
@@ -420,7 +423,8 @@ def finish_attempt(
         children = spec.graph.children[attempt.step]
         claim = _retry_through_outage(
             runtime,
-            f"{attempt}: check",
+            attempt,
+            "check",
             lambda: runtime.store.claim(attempt, lease_s=runtime.settings.lease_s, upstream=(), children=children),
         )
         if claim.outcome == ClaimOutcome.DONE:
@@ -438,13 +442,28 @@ def _publish_unclaimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, d
     if done.unclaimed_children:
         _retry_through_outage(
             runtime,
-            f"{attempt}: publish",
+            attempt,
+            "publish",
             lambda: publish_children(runtime, spec, attempt, done.unclaimed_children),
         )
 
 
-def _retry_through_outage(runtime: Runtime, what: str, call: Callable[[], T]) -> T:
-    return retry_through_outage(what, call, patience_s=runtime.settings.outage_patience_s)
+def _retry_through_outage(runtime: Runtime, attempt: Attempt, doing: str, call: Callable[[], T]) -> T:
+    return retry_through_outage(_Doing(attempt, doing), call, patience_s=runtime.settings.outage_patience_s)
+
+
+class _Doing:
+    """An attempt's transition as an outage's log line names it ("ATTEMPT: claim"), spelt out only when one is
+    written: formatting the attempt took more Python than the rest of a healthy claim's."""
+
+    __slots__ = ("attempt", "doing")
+
+    def __init__(self, attempt: Attempt, doing: str) -> None:
+        self.attempt = attempt
+        self.doing = doing
+
+    def __str__(self) -> str:
+        return f"{self.attempt}: {self.doing}"
 
 
 def execute_batch(

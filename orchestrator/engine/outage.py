@@ -29,8 +29,9 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
 _LOGGED_AS_OUTAGE: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, StoreUnavailableError)
 
 
-def retry_through_outage(what: str, call: Callable[[], T], *, patience_s: float) -> T:
-    """``call()``, repeated while Redis (or the broker) does not answer, for up to ``patience_s``.
+def retry_through_outage(what: object, call: Callable[[], T], *, patience_s: float) -> T:
+    """``call()``, repeated while Redis (or the broker) does not answer, for up to ``patience_s``; ``what`` names
+    the call in the log line of each repeat (formatted with ``%s`` only then).
 
     A transition given up half way strands a step: a claim that fails leaves it queued with its message already
     taken, a publish that fails leaves released children with no message. Nothing can move while Redis is down

@@ -366,7 +366,7 @@ def test_a_resumed_step_whose_inputs_match_its_stored_result_reuses_it() -> None
     assert (fields.get("s:a:cached", ""), fields["s:b:cached"]) == ("", "1")
 
 
-def test_an_outage_while_recording_is_waited_out_and_the_finish_lands_once() -> None:
+def test_an_outage_while_recording_is_waited_out_and_the_finish_lands_once(caplog: pytest.LogCaptureFixture) -> None:
     runtime, publisher = make_runtime()
     store = runtime.store
     real_finish = store.finish
@@ -384,6 +384,11 @@ def test_an_outage_while_recording_is_waited_out_and_the_finish_lands_once() -> 
     assert drive(runtime, publisher) == ["succeeded"]
     assert calls["n"] == 2
     assert run_status(runtime, run_id) == RunStatus.SUCCEEDED
+    # The log line names the attempt and what it was doing.
+    [line] = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+    assert run_id in line
+    assert "step='a'" in line
+    assert ": record succeeded: Redis does not answer (Redis went away); trying again in 0.1s" in line
 
 
 def test_a_finish_refused_after_it_was_applied_unseen_still_publishes_the_children_it_released() -> None:
