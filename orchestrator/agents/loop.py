@@ -31,7 +31,7 @@ from orchestrator.agents.tools import Tool, ToolContext, ToolInputError, api_nam
 from orchestrator.definition.agent import AgentParams
 from orchestrator.definition.spec import StepSpec
 from orchestrator.domain import Attempt
-from orchestrator.engine.outage import retry_through_outage
+from orchestrator.engine.outage import Doing, retry_through_outage
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepDeferred, StepError
@@ -151,7 +151,7 @@ class _Loop:
         body = json.dumps({**entry, "gen": self.attempt.generation, "key": self.key}, separators=(",", ":"))
         event_data = json.dumps(data, separators=(",", ":")) if data is not None else ""
         recorded = retry_through_outage(
-            f"{self.attempt}: journal {entry_id}",
+            Doing(self.attempt, f"journal {entry_id}"),
             lambda: self.runtime.store.record_journal_entry(
                 self.attempt, entry_id, body, event=event, event_data=event_data
             ),
@@ -342,7 +342,7 @@ def _journal(runtime: Runtime, attempt: Attempt, key: str, force: bool) -> dict[
     """The entries this attempt replays: its generation's, or an earlier one's under the same result key unless
     ``resume --from`` named the step."""
     raw = retry_through_outage(
-        f"{attempt}: read its journal",
+        Doing(attempt, "read its journal"),
         lambda: runtime.store.journal(attempt.run_id, attempt.step),
         patience_s=runtime.settings.outage_patience_s,
     )

@@ -36,7 +36,7 @@ from orchestrator.engine.coordinator import (
 )
 from orchestrator.engine.local import Continuation, Delivery, continue_locally
 from orchestrator.engine.mapping import map_items, start_map
-from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
+from orchestrator.engine.outage import OUTAGE_ERRORS, Doing, retry_through_outage
 from orchestrator.engine.preopen import attempt_call, open_ahead
 from orchestrator.engine.repeat import run_repeated
 from orchestrator.engine.runtime import Runtime
@@ -449,21 +449,7 @@ def _publish_unclaimed(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, d
 
 
 def _retry_through_outage(runtime: Runtime, attempt: Attempt, doing: str, call: Callable[[], T]) -> T:
-    return retry_through_outage(_Doing(attempt, doing), call, patience_s=runtime.settings.outage_patience_s)
-
-
-class _Doing:
-    """An attempt's transition as an outage's log line names it ("ATTEMPT: claim"), spelt out only when one is
-    written: formatting the attempt took more Python than the rest of a healthy claim's."""
-
-    __slots__ = ("attempt", "doing")
-
-    def __init__(self, attempt: Attempt, doing: str) -> None:
-        self.attempt = attempt
-        self.doing = doing
-
-    def __str__(self) -> str:
-        return f"{self.attempt}: {self.doing}"
+    return retry_through_outage(Doing(attempt, doing), call, patience_s=runtime.settings.outage_patience_s)
 
 
 def execute_batch(

@@ -23,7 +23,7 @@ from orchestrator.engine.control import DEADLINE_REASON, stop_run
 from orchestrator.engine.coordinator import retry_delay, should_retry, upstream_reads
 from orchestrator.engine.local import Delivery
 from orchestrator.engine.mapping import record_item
-from orchestrator.engine.outage import OUTAGE_ERRORS, retry_through_outage
+from orchestrator.engine.outage import OUTAGE_ERRORS, Doing, retry_through_outage
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.engine.subflow import run_workflow_item
@@ -53,7 +53,7 @@ def execute_item(runtime: Runtime, attempt: Attempt, definition_hash: str, deliv
         redis.exceptions.ConnectionError: Or another outage error, when Redis stayed away past the patience.
     """
     try:
-        spec = _patiently(runtime, f"{attempt}: load", lambda: runtime.store.load_definition(definition_hash))
+        spec = _patiently(runtime, attempt, "load", lambda: runtime.store.load_definition(definition_hash))
     except DefinitionNotFoundError:
         return "dropped: unknown definition"
     step = spec.steps_by_name.get(attempt.step)
@@ -64,7 +64,8 @@ def execute_item(runtime: Runtime, attempt: Attempt, definition_hash: str, deliv
     claimed_since = time.monotonic()  # the claim's lease runs from here (see LeaseKeeper.hold)
     claim = _patiently(
         runtime,
-        f"{attempt}: claim",
+        attempt,
+        "claim",
         lambda: runtime.store.claim_item(attempt, lease_s=runtime.settings.lease_s, upstream=upstream),
     )
     if claim.outcome == ClaimOutcome.INACTIVE and claim.detail == "deadline":
@@ -166,7 +167,7 @@ def _wait_for_decision(runtime: Runtime, params: ApprovalParams, attempt: Attemp
     data: dict[str, Any] = {"index": attempt.index, "approvers": list(params.approvers), "message": message}
     data["timeout_s"] = params.timeout_s
     parked = _patiently(
-        runtime, f"{attempt}: wait", lambda: runtime.store.wait_item_decision(attempt, data, params.timeout_s)
+        runtime, attempt, "wait", lambda: runtime.store.wait_item_decision(attempt, data, params.timeout_s)
     )
     return "item waiting for a decision" if parked else "stale attempt: not parked"
 
@@ -175,7 +176,8 @@ def _requeue(runtime: Runtime, attempt: Attempt, error: ErrorRecord | None, coun
     grace = runtime.settings.queued_grace_s
     return _patiently(
         runtime,
-        f"{attempt}: requeue",
+        attempt,
+        "requeue",
         lambda: runtime.store.retry_item(attempt, error, countdown_s=countdown, grace_s=grace, counted=counted),
     )
 
@@ -197,5 +199,5 @@ def _finish(
     return what
 
 
-def _patiently(runtime: Runtime, what: str, call: Callable[[], T]) -> T:
-    return retry_through_outage(what, call, patience_s=runtime.settings.outage_patience_s)
+def _patiently(runtime: Runtime, attempt: Attempt, doing: str, call: Callable[[], T]) -> T:
+    return retry_through_outage(Doing(attempt, doing), call, patience_s=runtime.settings.outage_patience_s)

@@ -23,7 +23,7 @@ from orchestrator.definition.spec import StepKind, StepSpec, WorkflowSpec
 from orchestrator.domain import Attempt, Claim, StepOutcome
 from orchestrator.engine.control import record_outcome
 from orchestrator.engine.coordinator import result_key
-from orchestrator.engine.outage import retry_through_outage
+from orchestrator.engine.outage import Doing, retry_through_outage
 from orchestrator.engine.publisher import StepPublisher
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
@@ -125,7 +125,7 @@ def start_map(runtime: Runtime, spec: WorkflowSpec, attempt: Attempt, claim: Cla
     base = result_key(step, claim.inputs, claim.parent_output) if step.cache and not claim.force else ""
     keys = [sha256(f"{base}|{text}".encode()).hexdigest()[:32] if base else "" for text in texts]
     expanded = retry_through_outage(
-        f"{attempt}: expand",
+        Doing(attempt, "expand"),
         lambda: runtime.store.expand_items(
             attempt, texts, keys, max_parallel=step.max_parallel or 0, grace_s=runtime.settings.queued_grace_s
         ),
@@ -157,7 +157,7 @@ def record_item(
         Whether the outcome was recorded (``False``: a stale attempt), and what happened, for the worker log.
     """
     done = retry_through_outage(
-        f"{attempt}: record {outcome.value}",
+        Doing(attempt, f"record {outcome.value}"),
         lambda: runtime.store.finish_item(
             attempt,
             outcome,
@@ -198,7 +198,7 @@ def publish_items(runtime: Parts, spec: WorkflowSpec, attempt: Attempt, items: S
         if start and now - held_at >= grace_s / 2:
             rest = items[start:]
             retry_through_outage(
-                f"{attempt}: hold {len(rest)} items",
+                Doing(attempt, f"hold {len(rest)} items"),
                 functools.partial(runtime.store.extend_item_holds, attempt.run_id, attempt.step, rest, grace_s=grace_s),
                 patience_s=runtime.settings.outage_patience_s,
             )
@@ -206,7 +206,7 @@ def publish_items(runtime: Parts, spec: WorkflowSpec, attempt: Attempt, items: S
         chunk = items[start : start + size]
         began = time.monotonic()
         retry_through_outage(
-            f"{attempt}: publish {len(chunk)} items",
+            Doing(attempt, f"publish {len(chunk)} items"),
             functools.partial(
                 runtime.publisher.publish_items,
                 spec,
@@ -229,7 +229,7 @@ def finish_map(runtime: Parts, spec: WorkflowSpec, step_attempt: Attempt) -> str
     run_id, step = step_attempt.run_id, step_attempt.step
     step_spec = spec.steps_by_name[step]
     outputs, unsuccessful = retry_through_outage(
-        f"{step_attempt}: read items",
+        Doing(step_attempt, "read items"),
         lambda: runtime.store.item_outputs(run_id, step),
         patience_s=runtime.settings.outage_patience_s,
     )
@@ -246,7 +246,7 @@ def finish_map(runtime: Parts, spec: WorkflowSpec, step_attempt: Attempt) -> str
             "retryable": False,
         }
     recorded = retry_through_outage(
-        f"{step_attempt}: record {outcome.value}",
+        Doing(step_attempt, f"record {outcome.value}"),
         lambda: record_outcome(
             runtime.publisher,
             runtime.settings,

@@ -29,6 +29,20 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
 _LOGGED_AS_OUTAGE: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, StoreUnavailableError)
 
 
+class Doing:
+    """What an attempt is doing, as an outage's log line names it ("ATTEMPT: claim"), spelt out only when one is
+    written: formatting the attempt took more Python than the rest of a healthy claim."""
+
+    __slots__ = ("attempt", "doing")
+
+    def __init__(self, attempt: object, doing: str) -> None:
+        self.attempt = attempt
+        self.doing = doing
+
+    def __str__(self) -> str:
+        return f"{self.attempt}: {self.doing}"
+
+
 def retry_through_outage(what: object, call: Callable[[], T], *, patience_s: float) -> T:
     """``call()``, repeated while Redis (or the broker) does not answer, for up to ``patience_s``; ``what`` names
     the call in the log line of each repeat (formatted with ``%s`` only then).

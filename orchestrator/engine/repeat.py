@@ -19,7 +19,7 @@ from typing import Any
 from orchestrator.definition.repeat import RepeatSpec
 from orchestrator.definition.spec import StepSpec
 from orchestrator.domain import Attempt, IterationCheckpoint
-from orchestrator.engine.outage import retry_through_outage
+from orchestrator.engine.outage import Doing, retry_through_outage
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import StepContext
 from orchestrator.errors import NonRetryableStepError
@@ -58,7 +58,7 @@ def run_repeated(
     repeat = step.repeat
     assert repeat is not None, f"step {step.name!r} does not repeat"
     found = retry_through_outage(
-        f"{attempt}: read its loop checkpoint",
+        Doing(attempt, "read its loop checkpoint"),
         lambda: runtime.store.iteration_checkpoint(attempt.run_id, attempt.step),
         patience_s=runtime.settings.outage_patience_s,
     )
@@ -93,7 +93,7 @@ def run_repeated(
 def _record(runtime: Runtime, attempt: Attempt, checkpoint: IterationCheckpoint) -> bool:
     # Repeating the script after a lost reply is safe: the same checkpoint again, under the same guard (told twice).
     return retry_through_outage(
-        f"{attempt}: checkpoint iteration {checkpoint.iteration}",
+        Doing(attempt, f"checkpoint iteration {checkpoint.iteration}"),
         lambda: runtime.store.record_iteration(attempt, checkpoint),
         patience_s=runtime.settings.outage_patience_s,
     )
