@@ -23,19 +23,18 @@ import orjson
 from kombu.serialization import registry  # type: ignore[attr-defined]  # not in kombu's type stubs
 from kombu.utils.json import dumps as kombu_dumps
 
+from orchestrator.infra.json_text import AS_STDLIB
+
 EVENT_SERIALIZER = "orjson"
 """The serializer's name in kombu's registry, Celery's ``event_serializer``."""
 
 CONTENT_TYPE = "application/json"
 
-_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
-"""What orjson would encode differently from kombu is passed to ``default``, which refuses it (kombu then encodes)."""
-
 
 def dumps(data: Any) -> bytes | str:
     """``data`` as JSON: orjson's bytes, or kombu's ``json`` text where orjson would differ or cannot."""
     try:
-        return orjson.dumps(data, option=_OPTIONS)
+        return orjson.dumps(data, option=AS_STDLIB)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return kombu_dumps(data)
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 
-__all__ = ["compact"]
+__all__ = ["AS_STDLIB", "compact"]
 
-_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
-"""Types orjson would encode where the standard library refuses or differs are passed to ``default``: there is none,
-so orjson refuses them and the standard library decides."""
+AS_STDLIB = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+"""orjson's options that pass to ``default`` the types it would encode where the standard library (and kombu's
+``json``) refuses or differs; given no ``default``, orjson refuses them and the caller's fallback decides."""
 
 
 def compact(value: Any) -> str:
@@ -38,6 +38,6 @@ def compact(value: Any) -> str:
         ValueError: ``value`` refers to itself (the standard library's message).
     """
     try:
-        return orjson.dumps(value, option=_OPTIONS).decode()
+        return orjson.dumps(value, option=AS_STDLIB).decode()
     except TypeError:  # orjson.JSONEncodeError is a TypeError: unsupported, too deep or circular
         return json.dumps(value, separators=(",", ":"))

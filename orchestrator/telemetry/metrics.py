@@ -162,13 +162,13 @@ class StepMetrics:
             ["workflow", "model"],
             registry=registry,
         )
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
 
     def child(self, family: MetricWrapperBase, *values: str) -> Any:
         """``family.labels(*values)``, remembered: ``prometheus_client`` checks the values and takes a lock on every
         ``labels()`` call, about 1% of the ``llm`` worker's CPU at eight calls a step. As many children are kept as
         the family itself keeps (the label budget bounds them)."""
-        key = (id(family), values)
+        key = (family, values)
         found = self._children.get(key)
         if found is None:
             found = self._children.setdefault(key, family.labels(*values))
