@@ -21,7 +21,9 @@ default, ``--llm-concurrency`` slots) and one prefork ``cpu`` worker (``--cpu-co
 - Redis commands per step: ``total_commands_processed`` less the benchmark's own polls, and by name from
   ``INFO commandstats`` (both count the commands run inside Lua scripts); socket reads per step
   (``total_reads_processed``, about one per client round trip, the submit and the benchmark's polls included);
-- worker RSS (``/proc``: peak ``VmHWM`` and final ``VmRSS``) and CPU seconds per process role;
+- worker RSS (``/proc``: peak ``VmHWM`` and final ``VmRSS``) and CPU seconds per process role; how many CPUs the
+  ``llm`` worker kept busy over the makespan, ours and each floor pass (one threads process near 1.0 is bound by its
+  own CPU: its throughput then follows its CPU per step);
 - the ratio to the **floor**: the same number of raw Celery tasks through the same two workers, published the same
   way (from the same number of threads, all at once), with no dependencies between them: one raw task per ``llm``
   step on the ``llm`` queue and one ``bench.raw_noop`` per ``python`` step on the ``cpu`` queue. Two floors
@@ -606,6 +608,7 @@ class LoadBench:
                 "finished_run": footprint,
             },
             "llm_worker_switches_per_call": _switches(cpu_used, len(rows) * self.llm_steps),
+            "llm_worker_cpus_busy": _busy(cpu_used, makespan),
             "cpu_s": cpu_used,
             "cpu_ms_per_step": round(sum(v for k, v in cpu_used.items() if k != "bench_client") / steps * 1000, 3),
             "llm_worker_memory": probes.workers_memory_mb(llm),
@@ -675,6 +678,7 @@ class LoadBench:
         result["reads_per_task"] = round(used.pop("redis_reads") / result["tasks"], 2)
         calls = result["tasks"] * self.llm_steps // (self.llm_steps + self.cpu_steps)
         result["llm_worker_switches_per_call"] = _switches(used, calls)
+        result["llm_worker_cpus_busy"] = _busy(used, result["makespan_s"])
         result["cpu_s"] = used
         result["cpu_ms_per_task"] = round(
             sum(v for k, v in used.items() if k != "bench_client") / result["tasks"] * 1000, 3
@@ -725,6 +729,12 @@ def _switches(used: dict[str, float], calls: int) -> dict[str, float]:
         name.removeprefix("llm_").removesuffix("_switches"): round(used.pop(name) / max(1, calls), 1)
         for name in SWITCHES
     }
+
+
+def _busy(used: dict[str, float], seconds: float) -> float:
+    """How many CPUs the llm worker kept busy on average over ``seconds`` (1.0: one CPU all the time; its processes
+    summed). One threads process near 1.0 is bound by its own CPU: its throughput then follows its CPU per step."""
+    return round(used.get("llm_worker", 0.0) / max(seconds, 1e-9), 2)
 
 
 def _timeline_point(sample: Sample, t0: float) -> dict[str, Any]:
@@ -924,7 +934,7 @@ def print_load(cfg: Config, results: dict[str, Any]) -> None:
     switches = ours["llm_worker_switches_per_call"]
     print(
         f"  llm worker context switches per LLM call: {switches['voluntary']} voluntary, {switches['involuntary']} "
-        "involuntary"
+        f"involuntary; busy {ours['llm_worker_cpus_busy']} CPUs over the makespan"
     )
     for kind, total in results.get("floors", {}).items():
         for half in total["passes"]:
@@ -951,7 +961,10 @@ def _switches_line(floor_pass: dict[str, Any]) -> str:
     switches = floor_pass.get("llm_worker_switches_per_call")
     if not switches:
         return ""
-    return f"; llm worker switches per call {switches['voluntary']} + {switches['involuntary']}"
+    return (
+        f"; llm worker switches per call {switches['voluntary']} + {switches['involuntary']}, busy "
+        f"{floor_pass.get('llm_worker_cpus_busy', '-')} CPUs"
+    )
 
 
 def print_sections(ours: dict[str, Any], floor_passes: list[dict[str, Any]]) -> None:
