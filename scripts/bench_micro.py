@@ -1,4 +1,5 @@
-"""Microbenchmarks of a worker's CPU for two things issue 17 trimmed: publishing step messages, and a run's end.
+"""Microbenchmarks of a worker's CPU for three things issue 17 trimmed: publishing step messages, a run's end, and
+reading an LLM reply.
 
 ``publish``: CPU per published message, Celery canvas (``Signature.apply_async`` / ``group.apply_async``, what the
 publisher did before) against the direct path (``CeleryPublisher._send``), alternated in one process, as a worker
@@ -9,8 +10,13 @@ rounds.
 through the engine (``execute_attempt``) with the run's deadline set. Run once per code version (``PYTHONPATH`` picks
 the tree) and compare; round trips per run are counted too.
 
+``llm-reply``: CPU per LLM call through the offline provider (the real Anthropic SDK over an in-process transport, no
+simulated latency), the reply read by the SDK's own parse (``messages.create``, what the client did before) against
+the client's (``AnthropicClient.complete``: pydantic validates the reply's bytes), alternated in one process.
+
     python -m scripts.bench_micro publish [--rounds 15] [--n 400]
     python -m scripts.bench_micro run-end [--rounds 15] [--n 200]
+    python -m scripts.bench_micro llm-reply [--rounds 15] [--n 300]
 """
 
 from __future__ import annotations
@@ -150,14 +156,53 @@ def bench_run_end(rounds: int, n: int) -> dict[str, Any]:
         }
 
 
+def bench_llm_reply(rounds: int, n: int) -> dict[str, Any]:
+    from orchestrator.llm.anthropic import _to_response
+    from orchestrator.llm.base import LLMRequest
+    from orchestrator.llm.offline import OfflineClient
+
+    client = OfflineClient()
+    # A blog post step's call: a prompt of some 2 KB, a reply of up to 900 tokens.
+    prompt = "Write a blog post from:\n" + "a fact " * 300
+    request = LLMRequest(model="claude-sonnet-4-5", prompt=prompt, max_tokens=900)
+    sdk: Any = client._sdk
+    arguments = {"model": request.model, "max_tokens": request.max_tokens}
+    messages = [{"role": "user", "content": request.prompt}]
+
+    def sdk_parse() -> None:
+        message = sdk.messages.create(**arguments, messages=messages)
+        _to_response(message, message._request_id)
+
+    def ours() -> None:
+        client.complete(request)
+
+    paths: dict[str, Callable[[], None]] = {"sdk_parse": sdk_parse, "ours": ours}
+    per_call: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, call in paths.items():
+
+            def work(call: Callable[[], None] = call) -> None:
+                for _ in range(n):
+                    call()
+
+            per_call[name].append(_cpu(work) / n * 1e6)
+    return {
+        "us_cpu_per_call_median": {k: round(statistics.median(v), 1) for k, v in per_call.items()},
+        "rounds": rounds,
+        "calls_per_round": n,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["publish", "run-end"])
+    parser.add_argument("scenario", choices=["publish", "run-end", "llm-reply"])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--n", type=int, default=0, help="publishes or runs per round (default 400 / 200)")
+    parser.add_argument("--n", type=int, default=0, help="publishes, runs or calls per round (default 400 / 200 / 300)")
     args = parser.parse_args()
     if args.scenario == "publish":
         result = bench_publish(args.rounds, args.n or 400)
+    elif args.scenario == "llm-reply":
+        result = bench_llm_reply(args.rounds, args.n or 300)
     else:
         result = bench_run_end(args.rounds, args.n or 200)
     result["load_average"] = os.getloadavg()
