@@ -10,14 +10,14 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pytest
 
 from orchestrator.errors import NonRetryableStepError, RetryableStepError, StepError
 from orchestrator.llm import AnthropicClient, LLMRequest, OfflineClient, classify_error
-from tests.fake_anthropic import FakeAnthropicServer, FakeReply, closed_port_url, error_body, fake_anthropic_server
+from tests.fake_anthropic import FakeAnthropicServer, FakeReply, closed_port_url, error_body
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -45,18 +45,6 @@ def failing_call(client: AnthropicClient, request: LLMRequest) -> StepError:
     with pytest.raises(StepError) as caught:
         client.complete(request)
     return caught.value
-
-
-@pytest.fixture
-def server() -> Iterator[FakeAnthropicServer]:
-    with fake_anthropic_server() as fake:
-        yield fake
-
-
-@pytest.fixture
-def sdk_client(server: FakeAnthropicServer) -> Iterator[AnthropicClient]:
-    with AnthropicClient(api_key="test-key", base_url=server.base_url, timeout_s=10) as client:
-        yield client
 
 
 # --- (a) through the offline provider -------------------------------------------------------------------------------
@@ -229,10 +217,10 @@ SDK_MATRIX = [
 
 @pytest.mark.parametrize(("failure", "expected"), SDK_MATRIX)
 def test_an_http_error_from_the_service_becomes_the_matching_step_error(
-    server: FakeAnthropicServer, sdk_client: AnthropicClient, failure: HttpFailure, expected: Expected
+    anthropic_server: FakeAnthropicServer, sdk_client: AnthropicClient, failure: HttpFailure, expected: Expected
 ) -> None:
     body = error_body(failure.error_type, "the provider says no", request_id="req_body")
-    server.reply(FakeReply(failure.status, body, {"request-id": "req_header", **failure.headers}))
+    anthropic_server.reply(FakeReply(failure.status, body, {"request-id": "req_header", **failure.headers}))
 
     error = failing_call(sdk_client, LLMRequest(model=MODEL, prompt="hello"))
 
@@ -242,10 +230,10 @@ def test_an_http_error_from_the_service_becomes_the_matching_step_error(
 
 
 def test_a_retry_after_http_date_becomes_the_seconds_until_then(
-    server: FakeAnthropicServer, sdk_client: AnthropicClient
+    anthropic_server: FakeAnthropicServer, sdk_client: AnthropicClient
 ) -> None:
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
-    server.reply(FakeReply(429, error_body("rate_limit_error"), {"retry-after": when}))
+    anthropic_server.reply(FakeReply(429, error_body("rate_limit_error"), {"retry-after": when}))
 
     error = failing_call(sdk_client, LLMRequest(model=MODEL, prompt="hello"))
 
@@ -258,9 +246,11 @@ def test_a_retry_after_http_date_becomes_the_seconds_until_then(
 
 
 def test_an_error_without_a_request_id_header_names_the_one_in_its_body(
-    server: FakeAnthropicServer, sdk_client: AnthropicClient
+    anthropic_server: FakeAnthropicServer, sdk_client: AnthropicClient
 ) -> None:
-    server.reply(FakeReply(400, error_body("invalid_request_error", "max_tokens: too large", request_id="req_b")))
+    anthropic_server.reply(
+        FakeReply(400, error_body("invalid_request_error", "max_tokens: too large", request_id="req_b"))
+    )
 
     error = failing_call(sdk_client, LLMRequest(model=MODEL, prompt="hello"))
 
@@ -270,9 +260,9 @@ def test_an_error_without_a_request_id_header_names_the_one_in_its_body(
 
 
 def test_a_plain_text_error_page_keeps_its_text_in_the_message(
-    server: FakeAnthropicServer, sdk_client: AnthropicClient
+    anthropic_server: FakeAnthropicServer, sdk_client: AnthropicClient
 ) -> None:
-    server.reply(FakeReply(502, "upstream connect error"))
+    anthropic_server.reply(FakeReply(502, "upstream connect error"))
 
     error = failing_call(sdk_client, LLMRequest(model=MODEL, prompt="hello"))
 
@@ -286,24 +276,24 @@ def test_a_refused_connection_is_a_retryable_connection_error() -> None:
     assert_classified(error, Expected(RetryableStepError, "connection", None))
 
 
-def test_a_server_slower_than_the_request_timeout_is_a_retryable_timeout(server: FakeAnthropicServer) -> None:
-    server.reply(FakeReply(delay_s=10))
-    with AnthropicClient(api_key="test-key", base_url=server.base_url, timeout_s=10) as client:
+def test_a_server_slower_than_the_request_timeout_is_a_retryable_timeout(anthropic_server: FakeAnthropicServer) -> None:
+    anthropic_server.reply(FakeReply(delay_s=10))
+    with AnthropicClient(api_key="test-key", base_url=anthropic_server.base_url, timeout_s=10) as client:
         error = failing_call(client, LLMRequest(model=MODEL, prompt="hello", timeout_s=0.3))
     assert_classified(error, Expected(RetryableStepError, "timeout", None))
-    assert len(server.requests) == 1
+    assert len(anthropic_server.requests) == 1
 
 
 @pytest.mark.parametrize("status", [408, 409, 429, 500, 503, 529])
 def test_the_sdk_sends_exactly_one_request_per_call_even_when_it_would_retry(
-    server: FakeAnthropicServer, sdk_client: AnthropicClient, status: int
+    anthropic_server: FakeAnthropicServer, sdk_client: AnthropicClient, status: int
 ) -> None:
-    server.reply(FakeReply(status, error_body("api_error"), {"retry-after": "0"}))
+    anthropic_server.reply(FakeReply(status, error_body("api_error"), {"retry-after": "0"}))
 
     with pytest.raises(RetryableStepError):
         sdk_client.complete(LLMRequest(model=MODEL, prompt="hello"))
 
-    assert len(server.requests) == 1
+    assert len(anthropic_server.requests) == 1
 
 
 def test_an_exception_the_sdk_did_not_raise_is_non_retryable() -> None:
@@ -316,11 +306,11 @@ def test_an_exception_the_sdk_did_not_raise_is_non_retryable() -> None:
 
 
 def test_a_request_is_sent_as_one_user_message_with_the_system_prompt(
-    server: FakeAnthropicServer, sdk_client: AnthropicClient
+    anthropic_server: FakeAnthropicServer, sdk_client: AnthropicClient
 ) -> None:
     sdk_client.complete(LLMRequest(model=MODEL, prompt="Write a haiku", max_tokens=50, system="Be terse."))
 
-    (sent,) = server.requests
+    (sent,) = anthropic_server.requests
     assert sent.path == "/v1/messages"
     assert sent.body == {
         "model": MODEL,
@@ -333,30 +323,32 @@ def test_a_request_is_sent_as_one_user_message_with_the_system_prompt(
 
 
 def test_a_temperature_is_sent_only_when_the_request_sets_one(
-    server: FakeAnthropicServer, sdk_client: AnthropicClient
+    anthropic_server: FakeAnthropicServer, sdk_client: AnthropicClient
 ) -> None:
     sdk_client.complete(LLMRequest(model=MODEL, prompt="a"))
     sdk_client.complete(LLMRequest(model=MODEL, prompt="b", temperature=0.2))
 
-    without, with_temperature = server.requests
+    without, with_temperature = anthropic_server.requests
     assert "temperature" not in without.body
     assert "system" not in without.body
     assert with_temperature.body["temperature"] == 0.2
 
 
 def test_simulation_directives_travel_as_headers_only_when_present(
-    server: FakeAnthropicServer, sdk_client: AnthropicClient
+    anthropic_server: FakeAnthropicServer, sdk_client: AnthropicClient
 ) -> None:
     simulate = {"latency_s": 0, "errors": ["rate_limit", None], "note": "café"}
     sdk_client.complete(LLMRequest(model=MODEL, prompt="hello", attempt=3, simulate=simulate))
 
-    (sent,) = server.requests
+    (sent,) = anthropic_server.requests
     assert json.loads(sent.headers["x-orch-simulate"]) == simulate
     assert " " not in sent.headers["x-orch-simulate"]
     assert sent.headers["x-orch-attempt"] == "3"
 
 
-def test_the_reply_is_read_into_an_llm_response(server: FakeAnthropicServer, sdk_client: AnthropicClient) -> None:
+def test_the_reply_is_read_into_an_llm_response(
+    anthropic_server: FakeAnthropicServer, sdk_client: AnthropicClient
+) -> None:
     body = {
         "id": "msg_42",
         "type": "message",
@@ -371,7 +363,7 @@ def test_the_reply_is_read_into_an_llm_response(server: FakeAnthropicServer, sdk
         "stop_sequence": None,
         "usage": {"input_tokens": 21, "output_tokens": 4},
     }
-    server.reply(FakeReply(200, body, {"request-id": "req_ok"}))
+    anthropic_server.reply(FakeReply(200, body, {"request-id": "req_ok"}))
 
     response = sdk_client.complete(LLMRequest(model=MODEL, prompt="hello"))
 
