@@ -11,7 +11,7 @@ import anthropic
 import pytest
 
 from orchestrator.llm import AnthropicClient, LLMRequest
-from tests.fake_anthropic import FakeAnthropicServer, FakeReply, message_body
+from tests.fake_anthropic import FakeAnthropicServer, FakeReply
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,7 +35,7 @@ def joins(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_calls_go_to_the_base_urls_path_which_is_joined_once(
     anthropic_server: FakeAnthropicServer, joins: list[str]
 ) -> None:
-    anthropic_server.queue(*(FakeReply(body=message_body()) for _ in range(3)))
+    anthropic_server.queue(*(FakeReply() for _ in range(3)))
     with AnthropicClient(api_key="test-key", base_url=f"{anthropic_server.base_url}/proxy", timeout_s=10) as client:
         for _ in range(3):
             assert client.complete(REQUEST).text == "Hello"
@@ -44,7 +44,7 @@ def test_calls_go_to_the_base_urls_path_which_is_joined_once(
 
 
 def test_a_replaced_base_url_is_joined_afresh(anthropic_server: FakeAnthropicServer, joins: list[str]) -> None:
-    anthropic_server.queue(*(FakeReply(body=message_body()) for _ in range(2)))
+    anthropic_server.queue(*(FakeReply() for _ in range(2)))
     with AnthropicClient(api_key="test-key", base_url=f"{anthropic_server.base_url}/one", timeout_s=10) as client:
         client.complete(REQUEST)
         client._sdk.base_url = f"{anthropic_server.base_url}/two"
