@@ -457,6 +457,65 @@ def test_a_failed_run_shows_its_progress_by_outcome(
     assert widths[1] == pytest.approx(widths[2], rel=0.1)
 
 
+# Counts the page's fetches until what each answered has been read (its JSON or text): when none is left, every
+# answer has been applied, since the page applies one in the same turn as it finishes reading it.
+_TRACK_FETCHES = """(() => {
+  const fetch = window.fetch;
+  window.__pending = new Set();
+  const track = (promise) => {
+    window.__pending.add(promise);
+    promise.finally(() => window.__pending.delete(promise)).catch(() => {});
+    return promise;
+  };
+  window.fetch = (...args) => track(fetch(...args).then((response) => {
+    for (const read of ["json", "text"]) {
+      const original = response[read].bind(response);
+      response[read] = () => track(original());
+    }
+    return response;
+  }));
+})();"""
+
+
+def test_a_status_answer_older_than_the_one_shown_is_dropped(
+    page: Page, base_url: str, client: Client, workers: LocalWorkers, unique: str
+) -> None:
+    # The page's first load, its reloads on events and its polls overlap: an answer to an earlier request arriving
+    # after a later one's put the run back as it was (steps queued again) until the next poll, 15 s later.
+    expect = _expect()
+    run_id = client.submit(
+        workflow(f"web_order_{unique}", py("a", "tests.sleep", seconds=0.0), py("b", "tests.sleep", "a"))
+    )
+    assert client.wait(run_id, timeout=60)["status"] == "succeeded"
+    held: list[Any] = []
+
+    def hold_the_first(route: Any) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.add_init_script(_TRACK_FETCHES)
+    page.route(re.compile(rf"^{re.escape(base_url)}/runs/{run_id}$"), hold_the_first)
+    page.goto(f"{base_url}/ui/runs/{run_id}")
+    expect(page.locator("#run-status")).to_have_text("succeeded", timeout=WAIT_MS)
+    expect(page.locator("#progress-text")).to_have_text("2 succeeded")
+    assert len(held) == 1, "the page answered its first load from a later request"
+
+    first = held[0]
+    earlier = first.fetch().json()
+    earlier["status"] = "running"
+    for step in earlier["steps"].values():
+        step["status"] = "queued"
+    first.fulfill(status=200, content_type="application/json", body=json.dumps(earlier))
+    page.wait_for_function("() => window.__pending.size === 0", timeout=WAIT_MS)
+
+    # Read once, not awaited: a poll would put a wrong page right within seconds.
+    shown = page.evaluate("""() => [document.querySelector("#run-status").textContent,
+                                    document.querySelector("#progress-text").textContent]""")
+    assert shown == ["succeeded", "2 succeeded"]
+
+
 # Every edge's path, sampled every 2 px: the points inside a box other than its own two ends.
 _EDGES_THROUGH_BOXES = """() => {
   const boxes = [...document.querySelectorAll("#dag [data-step]")].map((g) => {

@@ -71,13 +71,20 @@ function applySnapshot(snapshot, asOf) {
 }
 
 let loadFailed = false;
+// Reloads overlap (the first load, the stream's events, polling) and their answers may come back in any order: one
+// asked for before the last applied is older than it, and is dropped.
+let reloadsAsked = 0;
+let reloadApplied = 0;
 
 async function reload() {
   const asOf = seenSeq;
+  const asked = ++reloadsAsked;
   try {
     const snapshot = await api(endpoint());
     const name = selected;
     if (isItemApproval(snapshot.steps[name])) waitingItems = { step: name, records: await waitingRecords(name) };
+    if (asked < reloadApplied) return;
+    reloadApplied = asked;
     applySnapshot(snapshot, asOf);
     if (loadFailed) showMessage($("message"), "");
     loadFailed = false;
