@@ -69,11 +69,8 @@ def _get(url: str, key: str) -> bytes | None:
 
 
 def _pings(url: str) -> bool:
-    client = _client(url)
-    try:
+    with _client(url) as client:
         return bool(client.ping())
-    finally:
-        client.close()
 
 
 def _alive(pid: int) -> bool:
