@@ -5,9 +5,13 @@ Two measurements, each on a private Redis with real ``celery -A workers worker``
 
 **The load** (default). ``--runs`` runs (10,000) of the seed's content pipeline, ``demo_pipeline``: research →
 blog post → social posts, newsletter and SEO in parallel → final review; five ``llm`` steps with 1 s of simulated
-latency (the offline provider) and one ``python`` step. They go through one ``llm`` worker (``--llm-pool``, threads by
-default, ``--llm-concurrency`` slots) and one prefork ``cpu`` worker (``--cpu-concurrency`` processes), submitted with
-``Client.submit`` from ``--submit-threads`` threads. Reported:
+latency (the offline provider) and one ``python`` step. They go through the ``llm`` worker (``--llm-pool``, threads by
+default) and one prefork ``cpu`` worker (``--cpu-concurrency`` processes), submitted with ``Client.submit`` from
+``--submit-threads`` threads. The ``llm`` worker is deployed as Operations recommends, one threads process per CPU
+(``--llm-workers``, default the CPUs this process may run on), its 500 slots shared out between them
+(``--llm-concurrency`` slots each; 200 in all with ``--quick``); ``--llm-workers 1`` puts them all in one process,
+whose single interpreter lock then caps its steps/s (docs/benchmarks.md, "The llm worker bound by its own CPU").
+Reported:
 
 - submit rate (runs/s) and ``Client.submit`` latency;
 - throughput (steps/s, first ``created_at`` → last ``finished_at``) and run latency p50/p99 (``created_at`` →
@@ -58,6 +62,7 @@ Usage::
     python -m scripts.bench_load --quick                  # 300 runs, about 2 minutes
     python -m scripts.bench_load --pools threads,gevent   # the pool comparison, about 3 minutes
     python -m scripts.bench_load --quick --priorities off # first in, first out, for comparison
+    python -m scripts.bench_load --floor llm --llm-workers 1    # the 500 threads in one process: one GIL's ceiling
     python -m scripts.bench_load --runs 4000 --floor llm --cpu-sections   # where each millisecond goes
 
 gevent must be installed for ``-P gevent`` (``pip install gevent``). Results go to ``test-artifacts/bench_load.json``
@@ -147,8 +152,18 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser = cli.parser(__doc__, name="bench_load", quick="300 runs, 200 pool steps, 1 rep: a couple of minutes")
     parser.add_argument("--runs", type=int, default=None, help="content-pipeline runs (default 10000, quick 300)")
     parser.add_argument("--llm-pool", default="threads", help="pool of the llm worker (default threads)")
-    parser.add_argument("--llm-concurrency", type=int, default=None, help="llm worker slots (default 500, quick 200)")
-    parser.add_argument("--llm-workers", type=int, default=1, help="llm worker processes (default 1)")
+    parser.add_argument(
+        "--llm-concurrency",
+        type=int,
+        default=None,
+        help="slots of each llm worker process (default 500 in all, quick 200, shared out between the processes)",
+    )
+    parser.add_argument(
+        "--llm-workers",
+        type=int,
+        default=None,
+        help="llm worker processes (default one per CPU this process may run on, as docs/operations.md recommends)",
+    )
     parser.add_argument(
         "--llm-cpus",
         default=None,
@@ -197,6 +212,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     )
     ns = parser.parse_args(argv)
     quick = bool(ns.quick)
+    llm_workers = available_cpus() if ns.llm_workers is None else ns.llm_workers
+    if llm_workers < 1:
+        parser.error(f"--llm-workers must be at least 1, not {llm_workers}")
+    if ns.llm_concurrency is not None and ns.llm_concurrency < 1:
+        parser.error(f"--llm-concurrency must be at least 1, not {ns.llm_concurrency}")
     extra = {"ORCH_PRIORITIES": ns.priorities, **dict(item.split("=", 1) for item in ns.worker_env)}
     if ns.llm_cpus is not None:
         try:
@@ -221,8 +241,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     return Config(
         runs=ns.runs or (300 if quick else 10_000),
         llm_pool=ns.llm_pool,
-        llm_concurrency=ns.llm_concurrency or (200 if quick else 500),
-        llm_workers=ns.llm_workers,
+        llm_concurrency=ns.llm_concurrency or -(-(200 if quick else 500) // llm_workers),  # each process's share
+        llm_workers=llm_workers,
         llm_cpus=ns.llm_cpus,
         cpu_concurrency=ns.cpu_concurrency,
         submit_threads=max(1, ns.submit_threads),
@@ -717,6 +737,13 @@ class LoadBench:
             }
         result["worker_log_problems"] = self.worker_errors
         return result
+
+
+def available_cpus() -> int:
+    """How many CPUs this process may run on (its affinity set: a container's cpuset, a ``taskset``), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def _pinned(cfg: Config) -> str:
