@@ -318,8 +318,8 @@ def test_a_streamed_turn_with_tool_calls_keeps_the_same_blocks_as_an_unstreamed_
 
 
 def test_the_local_messages_api_streams_over_a_real_socket_as_the_reply_is_made() -> None:
-    with serve_offline_api() as server:
-        client = AnthropicClient(api_key="test", base_url=server.base_url)
+    # The client closed with the server: its kept-alive socket left to the collector warns in a later test.
+    with serve_offline_api() as server, AnthropicClient(api_key="test", base_url=server.base_url) as client:
         request = LLMRequest(model=HAIKU, prompt="Write about rivers", max_tokens=100, simulate={"latency_s": 1.0})
         started, arrivals, pieces = time.monotonic(), [], []
 
